@@ -1,0 +1,77 @@
+//! A minimal Riemann TCP client: send events, run queries. Used by the `send`
+//! and `query` subcommands (and by tests and tools).
+
+use std::io;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message;
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::event::Event;
+use crate::proto::{self, Msg, PbQuery};
+use crate::tcp;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connection failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("server closed the connection before replying")]
+    Closed,
+    #[error("undecodable reply: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("server error: {0}")]
+    Server(String),
+}
+
+pub struct Client {
+    framed: Framed<TcpStream, LengthDelimitedCodec>,
+}
+
+impl Client {
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
+        let socket = TcpStream::connect(addr).await?;
+        socket.set_nodelay(true)?;
+        Ok(Self {
+            framed: Framed::new(socket, tcp::codec(tcp::DEFAULT_MAX_FRAME)),
+        })
+    }
+
+    pub async fn send(&mut self, events: &[Event]) -> Result<(), ClientError> {
+        self.call(Msg {
+            events: events.iter().map(proto::to_pb).collect(),
+            ..Msg::default()
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn query(&mut self, query: &str) -> Result<Vec<Event>, ClientError> {
+        let reply = self
+            .call(Msg {
+                query: Some(PbQuery {
+                    string: Some(query.to_owned()),
+                }),
+                ..Msg::default()
+            })
+            .await?;
+        // Replies always carry times, so "now" is never used here.
+        Ok(reply
+            .events
+            .into_iter()
+            .map(|e| proto::from_pb(e, 0))
+            .collect())
+    }
+
+    async fn call(&mut self, msg: Msg) -> Result<Msg, ClientError> {
+        self.framed.send(Bytes::from(msg.encode_to_vec())).await?;
+        let frame = self.framed.next().await.ok_or(ClientError::Closed)??;
+        let reply = Msg::decode(frame.freeze())?;
+        if reply.ok == Some(true) {
+            Ok(reply)
+        } else {
+            Err(ClientError::Server(reply.error.unwrap_or_default()))
+        }
+    }
+}

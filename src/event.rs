@@ -1,0 +1,163 @@
+//! The one `Event` type every part of vigil speaks. Wire formats (protobuf, JSON)
+//! convert to and from it at the edges; nothing inside sees them.
+
+use crate::clock::{MICROS_PER_SEC, Micros};
+
+/// `state` value that marks an index entry whose TTL ran out.
+pub const STATE_EXPIRED: &str = "expired";
+
+/// Field names that belong to the event itself; an attribute may not shadow them,
+/// so the query language always means the same thing by a name.
+pub const RESERVED_FIELDS: &[&str] = &[
+    "host",
+    "service",
+    "state",
+    "description",
+    "metric",
+    "metric_f",
+    "metric_d",
+    "metric_sint64",
+    "tags",
+    "time",
+    "time_micros",
+    "ttl",
+];
+
+/// A metric keeps the kind the sender chose, so integers round-trip exactly.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Metric {
+    Int(i64),
+    Float(f64),
+}
+
+impl Metric {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            Metric::Int(i) => i as f64,
+            Metric::Float(f) => f,
+        }
+    }
+}
+
+impl std::fmt::Display for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Metric::Int(i) => write!(f, "{i}"),
+            Metric::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Event {
+    pub host: Option<String>,
+    pub service: Option<String>,
+    pub state: Option<String>,
+    /// Microseconds since the epoch. Always set: ingest stamps arrival time when
+    /// the sender gave none.
+    pub time: Micros,
+    pub description: Option<String>,
+    pub tags: Vec<String>,
+    pub metric: Option<Metric>,
+    /// Seconds; `None` means "the index's default TTL".
+    pub ttl: Option<f32>,
+    /// In the order the sender gave them; a later duplicate key wins on lookup.
+    pub attributes: Vec<(String, String)>,
+}
+
+impl Event {
+    pub fn host_str(&self) -> &str {
+        self.host.as_deref().unwrap_or("")
+    }
+
+    pub fn service_str(&self) -> &str {
+        self.service.as_deref().unwrap_or("")
+    }
+
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sets an attribute, replacing an existing one of the same key.
+    pub fn set_attribute(&mut self, key: &str, value: String) {
+        match self.attributes.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.attributes.push((key.to_owned(), value)),
+        }
+    }
+
+    pub fn is_expired_state(&self) -> bool {
+        self.state.as_deref() == Some(STATE_EXPIRED)
+    }
+
+    /// Event time as (possibly fractional) seconds, the unit rules and queries use.
+    pub fn time_secs(&self) -> f64 {
+        self.time as f64 / MICROS_PER_SEC as f64
+    }
+
+    /// The notice the index emits when this entry's TTL has run out: identity,
+    /// tags and attributes kept so rules can still route it; the stale metric and
+    /// description are not.
+    pub fn into_expired(self, now: Micros) -> Event {
+        Event {
+            state: Some(STATE_EXPIRED.to_owned()),
+            time: now,
+            description: None,
+            metric: None,
+            ..self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_lookup_prefers_the_last_duplicate() {
+        let mut e = Event::default();
+        e.attributes.push(("env".into(), "a".into()));
+        e.attributes.push(("env".into(), "b".into()));
+        assert_eq!(e.attribute("env"), Some("b"));
+        assert_eq!(e.attribute("missing"), None);
+    }
+
+    #[test]
+    fn set_attribute_replaces_in_place() {
+        let mut e = Event::default();
+        e.set_attribute("env", "a".into());
+        e.set_attribute("env", "b".into());
+        assert_eq!(e.attributes, vec![("env".to_owned(), "b".to_owned())]);
+    }
+
+    #[test]
+    fn expired_notice_keeps_identity_tags_and_attributes() {
+        let e = Event {
+            host: Some("h".into()),
+            service: Some("s".into()),
+            state: Some("ok".into()),
+            time: 10,
+            description: Some("d".into()),
+            tags: vec!["t".into()],
+            metric: Some(Metric::Float(1.0)),
+            ttl: Some(5.0),
+            attributes: vec![("k".into(), "v".into())],
+        };
+        let x = e.clone().into_expired(99);
+        assert_eq!(x.state.as_deref(), Some("expired"));
+        assert_eq!(x.time, 99);
+        assert_eq!((x.host_str(), x.service_str()), ("h", "s"));
+        assert_eq!(x.tags, e.tags);
+        assert_eq!(x.attributes, e.attributes);
+        assert_eq!(x.metric, None);
+        assert!(x.is_expired_state());
+    }
+}

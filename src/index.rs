@@ -1,0 +1,467 @@
+//! The index: the latest event per `(host, service)`, with TTL expiry.
+//!
+//! Sharded by key hash so ingest never takes a global lock. Each shard keeps its
+//! entries in a hash table and their expiry deadlines in an ordered set, so an
+//! expiry pass touches only what is due instead of scanning everything.
+//!
+//! Deadlines are re-armed lazily: a refresh that pushes an entry's deadline later
+//! (the common case: an agent reporting every few seconds) only updates the entry;
+//! when its old slot in the deadline set comes due, the entry is found alive and
+//! re-scheduled once. Each entry holds exactly one slot in the set.
+
+use std::collections::BTreeSet;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use parking_lot::Mutex;
+
+use crate::clock::{Micros, secs_to_micros};
+use crate::event::Event;
+use crate::query::Query;
+
+/// Riemann's default when an event carries no TTL.
+pub const DEFAULT_TTL_SECS: f64 = 60.0;
+
+const SHARDS: usize = 64;
+
+/// How many due deadlines an expiry pass handles per shard lock, so a mass expiry
+/// never holds a shard away from ingest for long.
+const EXPIRE_CHUNK: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct IndexConfig {
+    /// TTL in seconds for events that carry none.
+    pub default_ttl: f64,
+    /// Refuse (and count) new keys beyond this many entries; `None` is unbounded.
+    pub max_entries: Option<usize>,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: DEFAULT_TTL_SECS,
+            max_entries: None,
+        }
+    }
+}
+
+/// What [`Index::insert`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    Added,
+    Replaced,
+    /// The event had state `expired`: its key was deleted (or was absent).
+    Removed,
+    /// A new key while the index was full.
+    Refused,
+}
+
+pub struct Index {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: DefaultHashBuilder,
+    config: IndexConfig,
+    len: AtomicUsize,
+    refused: AtomicU64,
+    expired: AtomicU64,
+}
+
+#[derive(Default)]
+struct Shard {
+    entries: HashTable<Entry>,
+    /// `(deadline, entry id, key hash)`; the id makes elements unique, the hash
+    /// finds the entry again without storing its key twice.
+    deadlines: BTreeSet<(Micros, u64, u64)>,
+    next_id: u64,
+}
+
+struct Entry {
+    event: Event,
+    id: u64,
+    /// When the current event's TTL runs out.
+    deadline: Micros,
+    /// Where this entry sits in `Shard::deadlines`; never later than `deadline`.
+    scheduled: Micros,
+}
+
+impl Index {
+    pub fn new(config: IndexConfig) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: DefaultHashBuilder::default(),
+            config,
+            len: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// New keys refused because the index was full, since start.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Entries removed by TTL expiry, since start.
+    pub fn expired_total(&self) -> u64 {
+        self.expired.load(Ordering::Relaxed)
+    }
+
+    fn hash(&self, host: &str, service: &str) -> u64 {
+        self.hasher.hash_one((host, service))
+    }
+
+    fn shard(&self, hash: u64) -> &Mutex<Shard> {
+        // Middle bits: hashbrown uses the low bits for buckets and the top 7 for
+        // tags, so picking shards by either would cluster entries inside a shard.
+        &self.shards[(hash >> 32) as usize % SHARDS]
+    }
+
+    fn deadline(&self, event: &Event) -> Micros {
+        let ttl = match event.ttl {
+            Some(ttl) if !ttl.is_nan() => f64::from(ttl),
+            _ => self.config.default_ttl,
+        };
+        event.time.saturating_add(secs_to_micros(ttl))
+    }
+
+    /// Stores `event` as the latest for its key; an `expired` event deletes the key.
+    pub fn insert(&self, event: Event) -> Insert {
+        let hash = self.hash(event.host_str(), event.service_str());
+        let mut shard = self.shard(hash).lock();
+        let shard = &mut *shard;
+        let found = shard
+            .entries
+            .find_entry(hash, |e| same_key(&e.event, &event));
+        if event.is_expired_state() {
+            if let Ok(occupied) = found {
+                let (entry, _) = occupied.remove();
+                shard.deadlines.remove(&(entry.scheduled, entry.id, hash));
+                self.len.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Insert::Removed;
+        }
+        let deadline = self.deadline(&event);
+        match found {
+            Ok(mut occupied) => {
+                let entry = occupied.get_mut();
+                entry.event = event;
+                entry.deadline = deadline;
+                if deadline < entry.scheduled {
+                    shard.deadlines.remove(&(entry.scheduled, entry.id, hash));
+                    shard.deadlines.insert((deadline, entry.id, hash));
+                    entry.scheduled = deadline;
+                }
+                Insert::Replaced
+            }
+            Err(_) => {
+                if !self.reserve_slot() {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    return Insert::Refused;
+                }
+                let id = shard.next_id;
+                shard.next_id += 1;
+                shard.deadlines.insert((deadline, id, hash));
+                let hasher = &self.hasher;
+                shard.entries.insert_unique(
+                    hash,
+                    Entry {
+                        event,
+                        id,
+                        deadline,
+                        scheduled: deadline,
+                    },
+                    |e| hasher.hash_one((e.event.host_str(), e.event.service_str())),
+                );
+                Insert::Added
+            }
+        }
+    }
+
+    fn reserve_slot(&self) -> bool {
+        match self.config.max_entries {
+            None => {
+                self.len.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(max) => self
+                .len
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok(),
+        }
+    }
+
+    /// The entry for exactly this key: a hash lookup, never a scan.
+    pub fn get(&self, host: &str, service: &str) -> Option<Event> {
+        let hash = self.hash(host, service);
+        let shard = self.shard(hash).lock();
+        shard
+            .entries
+            .find(hash, |e| {
+                e.event.host_str() == host && e.event.service_str() == service
+            })
+            .map(|e| e.event.clone())
+    }
+
+    /// Every entry the query matches. `host = X and service = Y` is a direct lookup.
+    pub fn query(&self, query: &Query) -> Vec<Event> {
+        if let Some((host, service)) = query.exact_key() {
+            return self
+                .get(host, service)
+                .filter(|e| query.matches(e))
+                .into_iter()
+                .collect();
+        }
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            out.extend(
+                shard
+                    .entries
+                    .iter()
+                    .filter(|e| query.matches(&e.event))
+                    .map(|e| e.event.clone()),
+            );
+        }
+        out
+    }
+
+    /// Removes every entry whose deadline is before `now` and returns the
+    /// `expired` notices for them, to be run back through the streams.
+    pub fn expire(&self, now: Micros) -> Vec<Event> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            while self.expire_chunk(&mut shard.lock(), now, &mut out) {}
+        }
+        self.expired.fetch_add(out.len() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Handles up to [`EXPIRE_CHUNK`] due deadlines; true if more may be due.
+    fn expire_chunk(&self, shard: &mut Shard, now: Micros, out: &mut Vec<Event>) -> bool {
+        for _ in 0..EXPIRE_CHUNK {
+            let Some(&(scheduled, id, hash)) = shard.deadlines.first() else {
+                return false;
+            };
+            // Riemann expires when `now - time > ttl`, i.e. strictly after the deadline.
+            if scheduled >= now {
+                return false;
+            }
+            shard.deadlines.pop_first();
+            let Ok(occupied) = shard.entries.find_entry(hash, |e| e.id == id) else {
+                continue;
+            };
+            if occupied.get().deadline < now {
+                let (entry, _) = occupied.remove();
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                out.push(entry.event.into_expired(now));
+            } else {
+                // Refreshed since it was scheduled: re-arm at the real deadline.
+                let entry = occupied.into_mut();
+                entry.scheduled = entry.deadline;
+                shard.deadlines.insert((entry.deadline, id, hash));
+            }
+        }
+        true
+    }
+}
+
+fn same_key(a: &Event, b: &Event) -> bool {
+    a.host_str() == b.host_str() && a.service_str() == b.service_str()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::MICROS_PER_SEC;
+    use crate::event::Metric;
+
+    const T0: Micros = 1_700_000_000 * MICROS_PER_SEC;
+
+    fn event(host: &str, service: &str, time: Micros, ttl: Option<f32>) -> Event {
+        Event {
+            host: Some(host.into()),
+            service: Some(service.into()),
+            state: Some("ok".into()),
+            time,
+            ttl,
+            metric: Some(Metric::Int(1)),
+            ..Event::default()
+        }
+    }
+
+    fn secs(s: i64) -> Micros {
+        s * MICROS_PER_SEC
+    }
+
+    #[test]
+    fn insert_replace_and_get() {
+        let index = Index::new(IndexConfig::default());
+        assert_eq!(index.insert(event("a", "x", T0, None)), Insert::Added);
+        let mut newer = event("a", "x", T0 + 1, None);
+        newer.metric = Some(Metric::Float(2.5));
+        assert_eq!(index.insert(newer.clone()), Insert::Replaced);
+        assert_eq!(index.insert(event("a", "y", T0, None)), Insert::Added);
+        assert_eq!(index.len(), 2);
+        assert_eq!(index.get("a", "x"), Some(newer));
+        assert_eq!(index.get("b", "x"), None);
+    }
+
+    #[test]
+    fn missing_host_and_empty_host_share_a_key() {
+        let index = Index::new(IndexConfig::default());
+        let mut e = event("", "x", T0, None);
+        e.host = None;
+        index.insert(e);
+        assert!(index.get("", "x").is_some());
+    }
+
+    #[test]
+    fn expires_strictly_after_ttl_and_emits_expired() {
+        let index = Index::new(IndexConfig::default());
+        let mut e = event("a", "x", T0, Some(10.0));
+        e.tags = vec!["keep".into()];
+        index.insert(e);
+        assert!(
+            index.expire(T0 + secs(10)).is_empty(),
+            "not before time + ttl"
+        );
+        let expired = index.expire(T0 + secs(10) + 1);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].state.as_deref(), Some("expired"));
+        assert_eq!(expired[0].time, T0 + secs(10) + 1);
+        assert_eq!(expired[0].tags, vec!["keep".to_owned()]);
+        assert_eq!(index.get("a", "x"), None);
+        assert_eq!(index.len(), 0);
+        assert_eq!(index.expired_total(), 1);
+        assert!(index.expire(T0 + secs(100)).is_empty(), "expires once");
+    }
+
+    #[test]
+    fn default_ttl_applies_without_event_ttl() {
+        let index = Index::new(IndexConfig {
+            default_ttl: 5.0,
+            max_entries: None,
+        });
+        index.insert(event("a", "x", T0, None));
+        assert!(index.expire(T0 + secs(5)).is_empty());
+        assert_eq!(index.expire(T0 + secs(6)).len(), 1);
+    }
+
+    #[test]
+    fn refresh_postpones_expiry() {
+        let index = Index::new(IndexConfig::default());
+        index.insert(event("a", "x", T0, Some(10.0)));
+        index.insert(event("a", "x", T0 + secs(8), Some(10.0)));
+        assert!(
+            index.expire(T0 + secs(11)).is_empty(),
+            "re-armed, not expired"
+        );
+        assert!(index.get("a", "x").is_some());
+        assert!(index.expire(T0 + secs(18)).is_empty());
+        assert_eq!(index.expire(T0 + secs(19)).len(), 1);
+    }
+
+    #[test]
+    fn shorter_ttl_brings_expiry_forward() {
+        let index = Index::new(IndexConfig::default());
+        index.insert(event("a", "x", T0, Some(100.0)));
+        index.insert(event("a", "x", T0, Some(1.0)));
+        assert_eq!(index.expire(T0 + secs(2)).len(), 1);
+        assert!(
+            index.expire(T0 + secs(200)).is_empty(),
+            "old slot was dropped"
+        );
+    }
+
+    #[test]
+    fn expired_state_deletes_the_key() {
+        let index = Index::new(IndexConfig::default());
+        index.insert(event("a", "x", T0, None));
+        let mut gone = event("a", "x", T0, None);
+        gone.state = Some("expired".into());
+        assert_eq!(index.insert(gone.clone()), Insert::Removed);
+        assert_eq!(index.len(), 0);
+        assert!(
+            index.expire(T0 + secs(1000)).is_empty(),
+            "no ghost deadline"
+        );
+        assert_eq!(index.insert(gone), Insert::Removed, "absent key is fine");
+    }
+
+    #[test]
+    fn cap_refuses_and_counts_new_keys_but_updates_existing() {
+        let index = Index::new(IndexConfig {
+            default_ttl: 60.0,
+            max_entries: Some(2),
+        });
+        assert_eq!(index.insert(event("a", "1", T0, None)), Insert::Added);
+        assert_eq!(index.insert(event("a", "2", T0, None)), Insert::Added);
+        assert_eq!(index.insert(event("a", "3", T0, None)), Insert::Refused);
+        assert_eq!(
+            index.insert(event("a", "1", T0 + 1, None)),
+            Insert::Replaced
+        );
+        assert_eq!((index.len(), index.refused_total()), (2, 1));
+        assert!(index.get("a", "3").is_none());
+    }
+
+    #[test]
+    fn odd_ttls_never_overflow() {
+        let index = Index::new(IndexConfig::default());
+        index.insert(event("a", "inf", T0, Some(f32::INFINITY)));
+        index.insert(event("a", "nan", T0, Some(f32::NAN)));
+        index.insert(event("a", "neg", T0, Some(-5.0)));
+        index.insert(event("a", "late", i64::MAX, Some(f32::MAX)));
+        let expired: Vec<_> = index
+            .expire(T0 + 1)
+            .into_iter()
+            .map(|e| e.service)
+            .collect();
+        assert_eq!(expired, vec![Some("neg".to_owned())]);
+        // NaN falls back to the default TTL.
+        let expired = index.expire(T0 + secs(61));
+        assert_eq!(expired[0].service.as_deref(), Some("nan"));
+        assert!(index.get("a", "inf").is_some() && index.get("a", "late").is_some());
+    }
+
+    #[test]
+    fn mass_expiry_crosses_chunks() {
+        let index = Index::new(IndexConfig::default());
+        let n = SHARDS * EXPIRE_CHUNK * 2;
+        for i in 0..n {
+            index.insert(event("h", &i.to_string(), T0, Some(1.0)));
+        }
+        assert_eq!(index.expire(T0 + secs(2)).len(), n);
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn query_scans_and_exact_key_looks_up() {
+        let index = Index::new(IndexConfig::default());
+        index.insert(event("a", "cpu user", T0, None));
+        index.insert(event("a", "cpu system", T0, None));
+        index.insert(event("b", "disk", T0, None));
+        let q = Query::parse(r#"service =~ "cpu%""#).unwrap();
+        let mut services: Vec<_> = index.query(&q).into_iter().map(|e| e.service).collect();
+        services.sort();
+        assert_eq!(
+            services,
+            vec![Some("cpu system".to_owned()), Some("cpu user".to_owned())]
+        );
+        let q = Query::parse(r#"host = "b" and service = "disk""#).unwrap();
+        assert!(q.exact_key().is_some());
+        assert_eq!(index.query(&q).len(), 1);
+        let q = Query::parse(r#"host = "b" and service = "nope""#).unwrap();
+        assert!(index.query(&q).is_empty());
+    }
+}

@@ -1,0 +1,101 @@
+//! Riemann's JSON form of an event (as its WebSocket/SSE transports and
+//! `riemann-client query -j` show it): standard field names, missing fields as
+//! `null`, time as ISO 8601 UTC with milliseconds, attributes as extra keys.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+
+use crate::clock::Micros;
+use crate::event::{Event, Metric};
+
+pub fn to_json(e: &Event) -> Value {
+    let mut map = Map::new();
+    // Attributes first so a standard field can never be shadowed by one.
+    for (k, v) in &e.attributes {
+        map.insert(k.clone(), Value::String(v.clone()));
+    }
+    let text = |s: &Option<String>| s.clone().map_or(Value::Null, Value::String);
+    map.insert("host".into(), text(&e.host));
+    map.insert("service".into(), text(&e.service));
+    map.insert("state".into(), text(&e.state));
+    map.insert("description".into(), text(&e.description));
+    map.insert(
+        "metric".into(),
+        match e.metric {
+            Some(Metric::Int(i)) => Value::from(i),
+            // NaN and infinities have no JSON form.
+            Some(Metric::Float(f)) => {
+                serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+            }
+            None => Value::Null,
+        },
+    );
+    map.insert(
+        "tags".into(),
+        Value::Array(e.tags.iter().cloned().map(Value::String).collect()),
+    );
+    map.insert("time".into(), Value::String(iso8601(e.time)));
+    map.insert(
+        "ttl".into(),
+        e.ttl
+            .and_then(|t| serde_json::Number::from_f64(f64::from(t)))
+            .map_or(Value::Null, Value::Number),
+    );
+    Value::Object(map)
+}
+
+/// Microseconds since the epoch as `2024-01-02T03:04:05.678Z`. Times outside
+/// years 1970..=9999 (garbage from broken agents) are clamped, not rejected.
+pub fn iso8601(time: Micros) -> String {
+    const MAX_MILLIS: u64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+    let millis = u64::try_from(time.div_euclid(1000))
+        .unwrap_or(0)
+        .min(MAX_MILLIS);
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(millis)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn riemann_shape_with_nulls_and_attributes() {
+        let e = Event {
+            host: Some("h".into()),
+            service: Some("s".into()),
+            time: 1_500_000,
+            tags: vec!["t".into()],
+            metric: Some(Metric::Float(0.5)),
+            attributes: vec![("env".into(), "prod".into())],
+            ..Event::default()
+        };
+        assert_eq!(
+            to_json(&e),
+            json!({
+                "host": "h", "service": "s", "state": null, "description": null,
+                "metric": 0.5, "tags": ["t"], "time": "1970-01-01T00:00:01.500Z",
+                "ttl": null, "env": "prod"
+            })
+        );
+    }
+
+    #[test]
+    fn integer_metric_stays_integer_and_nan_is_null() {
+        let mut e = Event {
+            metric: Some(Metric::Int(3)),
+            ..Event::default()
+        };
+        assert_eq!(to_json(&e)["metric"], json!(3));
+        e.metric = Some(Metric::Float(f64::NAN));
+        assert_eq!(to_json(&e)["metric"], Value::Null);
+    }
+
+    #[test]
+    fn out_of_range_times_are_clamped() {
+        assert_eq!(iso8601(-5), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(iso8601(1_700_000_000_123_456), "2023-11-14T22:13:20.123Z");
+    }
+}

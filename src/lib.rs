@@ -1,0 +1,31 @@
+//! vigil: a Riemann-compatible stream event processor.
+//!
+//! # Layout
+//! Data flows one way: **ingest → event → streams → index**; a query reads the index.
+//!
+//! - [`event`]: the one core `Event` type.
+//! - [`clock`]: injected time, so expiry (and later windows and rates) run on a virtual clock in tests.
+//! - [`proto`]: the Riemann protobuf schema and conversions at the edge.
+//! - [`tcp`], [`udp`]: the Riemann transports (framing, accept loop, datagrams).
+//! - [`ingest`]: what a decoded `Msg` means, shared by both transports.
+//! - [`streams`]: the pipeline interface every batch of events goes through.
+//! - [`index`]: the latest event per `(host, service)`, with TTL expiry.
+//! - [`query`]: Riemann's query language, compiled to a predicate.
+//! - [`server`]: starts and stops the tasks above.
+//! - [`client`]: a small Riemann TCP client.
+//! - [`json`]: Riemann's JSON form of an event.
+//! - [`stats`]: counters of what vigil itself did.
+
+pub mod client;
+pub mod clock;
+pub mod event;
+pub mod index;
+pub mod ingest;
+pub mod json;
+pub mod proto;
+pub mod query;
+pub mod server;
+pub mod stats;
+pub mod streams;
+pub mod tcp;
+pub mod udp;

@@ -1,0 +1,216 @@
+//! The `vigil` command: `run` the server, `send` an event, `query` the index.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use vigil::client::Client;
+use vigil::clock::{Clock, SystemClock};
+use vigil::event::{Event, Metric};
+use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
+use vigil::server::{Server, ServerConfig};
+use vigil::streams::IndexEverything;
+use vigil::{json, tcp, udp};
+
+#[derive(Parser)]
+#[command(
+    name = "vigil",
+    version,
+    about = "A Riemann-compatible stream event processor"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: Riemann protocol over TCP and UDP, index with TTL expiry.
+    Run(RunArgs),
+    /// Send one event over TCP and wait for the server's acknowledgement.
+    Send(SendArgs),
+    /// Query the index; prints one JSON event per line.
+    Query {
+        /// A Riemann query, e.g. 'service =~ "cpu%" and metric > 0.9'.
+        query: String,
+        /// Server address.
+        #[arg(default_value = "127.0.0.1:5555")]
+        addr: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Rule file. Without it, every event is indexed.
+    #[arg(long)]
+    rules: Option<PathBuf>,
+    /// TCP listen address (Riemann protocol).
+    #[arg(long, default_value = "127.0.0.1:5555")]
+    tcp: SocketAddr,
+    /// UDP listen address; defaults to the address and port TCP bound.
+    #[arg(long)]
+    udp: Option<SocketAddr>,
+    /// Largest TCP frame accepted, in bytes; a larger length prefix closes the connection.
+    #[arg(long, default_value_t = tcp::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// Largest UDP datagram accepted, in bytes.
+    #[arg(long, default_value_t = udp::DEFAULT_MAX_DATAGRAM)]
+    max_datagram: usize,
+    /// TTL in seconds for events that carry none.
+    #[arg(long, default_value_t = DEFAULT_TTL_SECS)]
+    default_ttl: f64,
+    /// How often the index is swept for expired entries (e.g. 250ms, 1s).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    expiry_interval: Duration,
+    /// Refuse new index keys beyond this many entries (counted); unbounded by default.
+    #[arg(long)]
+    max_index: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    service: Option<String>,
+    #[arg(long)]
+    state: Option<String>,
+    /// An integer is sent as an integer metric, anything else as a float.
+    #[arg(long)]
+    metric: Option<String>,
+    /// Comma-separated tags.
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
+    /// Seconds.
+    #[arg(long)]
+    ttl: Option<f32>,
+    #[arg(long)]
+    description: Option<String>,
+    /// An attribute as key=value; repeatable.
+    #[arg(long = "attr", value_parser = parse_attr)]
+    attributes: Vec<(String, String)>,
+    /// Server address.
+    #[arg(default_value = "127.0.0.1:5555")]
+    addr: String,
+}
+
+fn parse_attr(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got `{s}`"))
+}
+
+fn parse_metric(s: &str) -> anyhow::Result<Metric> {
+    if let Ok(i) = s.parse::<i64>() {
+        return Ok(Metric::Int(i));
+    }
+    s.parse::<f64>()
+        .map(Metric::Float)
+        .with_context(|| format!("--metric `{s}` is not a number"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Send(args) => send(args).await,
+            Command::Query { query, addr } => query_cmd(&query, &addr).await,
+        }
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.rules.is_some() {
+        bail!("--rules: rule files are not supported by this build yet");
+    }
+    let clock = Arc::new(SystemClock);
+    let index = Arc::new(Index::new(IndexConfig {
+        default_ttl: args.default_ttl,
+        max_entries: args.max_index,
+    }));
+    let streams = Arc::new(IndexEverything::new(index.clone()));
+    let config = ServerConfig {
+        tcp: args.tcp,
+        udp: args.udp,
+        max_frame: args.max_frame,
+        max_datagram: args.max_datagram,
+        expiry_interval: args.expiry_interval,
+    };
+    let server = Server::start(config, index, streams, clock)
+        .await
+        .context("starting the listeners")?;
+    tracing::info!(tcp = %server.tcp_addr, udp = %server.udp_addr, "listening");
+    wait_for_signal().await?;
+    tracing::info!("Shutting down.");
+    let stats = server.stats.clone();
+    server.shutdown(Duration::from_secs(10)).await;
+    tracing::info!(counters = ?stats.snapshot(), "Stopped.");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<()> {
+    let event = Event {
+        host: args.host,
+        service: args.service,
+        state: args.state,
+        time: SystemClock.now(),
+        description: args.description,
+        tags: args.tags,
+        metric: args.metric.as_deref().map(parse_metric).transpose()?,
+        ttl: args.ttl,
+        attributes: args.attributes,
+    };
+    let mut client = Client::connect(&args.addr)
+        .await
+        .with_context(|| format!("connecting to {}", args.addr))?;
+    client.send(&[event]).await?;
+    Ok(())
+}
+
+async fn query_cmd(query: &str, addr: &str) -> anyhow::Result<()> {
+    let mut client = Client::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    for event in client.query(query).await? {
+        println!("{}", json::to_json(&event));
+    }
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! The Riemann wire schema (generated from `proto/riemann.proto`) and the edge
+//! conversions between its `Event` and vigil's core [`Event`](crate::event::Event).
+//! Nothing past ingest and the client sees protobuf types.
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::clock::{MICROS_PER_SEC, Micros};
+use crate::event::{Event, Metric, RESERVED_FIELDS};
+
+#[allow(clippy::all)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/riemann.rs"));
+}
+
+pub use generated::{Attribute, Event as PbEvent, Msg, Query as PbQuery};
+
+/// The encoded body of `Msg{ok: true}`: field 2, varint 1. Clients check exactly this.
+pub const ACK_BODY: &[u8] = &[0x10, 0x01];
+
+pub fn ack() -> Bytes {
+    Bytes::from_static(ACK_BODY)
+}
+
+/// Encodes `Msg{ok: false, error}`.
+pub fn error_reply(error: impl Into<String>) -> Bytes {
+    Msg {
+        ok: Some(false),
+        error: Some(error.into()),
+        ..Msg::default()
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// Encodes `Msg{ok: true, events}`.
+pub fn events_reply(events: &[Event]) -> Bytes {
+    Msg {
+        ok: Some(true),
+        events: events.iter().map(to_pb).collect(),
+        ..Msg::default()
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// Converts a wire event, stamping `now` when the sender gave no time.
+pub fn from_pb(pb: PbEvent, now: Micros) -> Event {
+    // Prefer the precise field; `time` is whole seconds.
+    let time = match (pb.time_micros, pb.time) {
+        (Some(us), _) => us,
+        (None, Some(s)) => s.saturating_mul(MICROS_PER_SEC),
+        (None, None) => now,
+    };
+    let metric = match (pb.metric_sint64, pb.metric_d, pb.metric_f) {
+        (Some(i), _, _) => Some(Metric::Int(i)),
+        (None, Some(d), _) => Some(Metric::Float(d)),
+        (None, None, Some(f)) => Some(Metric::Float(f64::from(f))),
+        (None, None, None) => None,
+    };
+    let attributes = pb
+        .attributes
+        .into_iter()
+        .filter(|a| !RESERVED_FIELDS.contains(&a.key.as_str()))
+        .map(|a| (a.key, a.value.unwrap_or_default()))
+        .collect();
+    Event {
+        host: pb.host,
+        service: pb.service,
+        state: pb.state,
+        time,
+        description: pb.description,
+        tags: pb.tags,
+        metric,
+        ttl: pb.ttl,
+        attributes,
+    }
+}
+
+/// Encodes as Riemann does: `metric_f` always (old clients read only that), plus
+/// the exact kind; both `time` and `time_micros`.
+pub fn to_pb(e: &Event) -> PbEvent {
+    let (metric_sint64, metric_d, metric_f) = match e.metric {
+        Some(Metric::Int(i)) => (Some(i), None, Some(i as f32)),
+        Some(Metric::Float(f)) => (None, Some(f), Some(f as f32)),
+        None => (None, None, None),
+    };
+    PbEvent {
+        time: Some(e.time.div_euclid(MICROS_PER_SEC)),
+        time_micros: Some(e.time),
+        state: e.state.clone(),
+        service: e.service.clone(),
+        host: e.host.clone(),
+        description: e.description.clone(),
+        tags: e.tags.clone(),
+        ttl: e.ttl,
+        attributes: e
+            .attributes
+            .iter()
+            .map(|(k, v)| Attribute {
+                key: k.clone(),
+                value: Some(v.clone()),
+            })
+            .collect(),
+        metric_sint64,
+        metric_d,
+        metric_f,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(bytes: &[u8]) -> Msg {
+        Msg::decode(bytes).expect("valid Msg")
+    }
+
+    #[test]
+    fn ack_is_field_two_true() {
+        let encoded = Msg {
+            ok: Some(true),
+            ..Msg::default()
+        }
+        .encode_to_vec();
+        assert_eq!(encoded, ACK_BODY);
+        assert_eq!(decode(&ack()).ok, Some(true));
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// A `Msg` body captured from riemann-c-client 1.10.4:
+    /// `riemann-client send -T -h web1 -S "http req" -s ok -d 3.25 -t tagA -a env=prod -L 60 -D desc`.
+    /// No time, metric_d, and the client's own `x-client` attribute.
+    const C_CLIENT_MSG: &str = "325912026f6b1a0868747470207265712204776562312a04646573633a0474\
+        61674145000070424a1c0a08782d636c69656e7412107269656d616e6e2d632d636c69656e744a0b0a03656e\
+        76120470726f64710000000000000a40";
+
+    /// A `Msg` body captured from ruby-riemann-client 0.2.3:
+    /// `c.tcp << {host: "web1", service: "rb", state: "ok", metric: 2, tags: ["t1"], ttl: 30, env: "prod"}`.
+    /// Whole-second time, metric_sint64 plus metric_f.
+    const RUBY_CLIENT_MSG: &str = "32310890ab9ad80612026f6b1a0272622204776562313a02743145000\
+        0f0414a0b0a03656e76120470726f6468047d00000040";
+
+    #[test]
+    fn decodes_c_client_bytes_and_stamps_arrival_time() {
+        let msg = decode(&unhex(C_CLIENT_MSG));
+        assert_eq!(msg.events.len(), 1);
+        let e = from_pb(msg.events[0].clone(), 42);
+        assert_eq!(e.time, 42);
+        assert_eq!((e.host_str(), e.service_str()), ("web1", "http req"));
+        assert_eq!(e.state.as_deref(), Some("ok"));
+        assert_eq!(e.description.as_deref(), Some("desc"));
+        assert_eq!(e.tags, vec!["tagA".to_owned()]);
+        assert_eq!(e.metric, Some(Metric::Float(3.25)));
+        assert_eq!(e.ttl, Some(60.0));
+        assert_eq!(e.attribute("env"), Some("prod"));
+        assert_eq!(e.attribute("x-client"), Some("riemann-c-client"));
+        // Re-encoding and decoding again loses nothing.
+        let again = Msg::decode(events_reply(std::slice::from_ref(&e))).unwrap();
+        assert_eq!(from_pb(again.events[0].clone(), 0), e);
+    }
+
+    #[test]
+    fn decodes_ruby_client_bytes() {
+        let msg = decode(&unhex(RUBY_CLIENT_MSG));
+        let e = from_pb(msg.events[0].clone(), 42);
+        assert_eq!(e.time, 1_795_593_616_000_000);
+        assert_eq!(e.metric, Some(Metric::Int(2)), "sint64 wins over metric_f");
+        assert_eq!(e.ttl, Some(30.0));
+        assert_eq!(e.tags, vec!["t1".to_owned()]);
+        assert_eq!(e.attribute("env"), Some("prod"));
+    }
+
+    /// collectd sends both `time` and `time_micros` (and sometimes a garbage
+    /// `time`): the micros win.
+    #[test]
+    fn time_micros_wins_over_time() {
+        let pb = PbEvent {
+            time: Some(-77),
+            time_micros: Some(1_700_000_000_123_456),
+            ..PbEvent::default()
+        };
+        assert_eq!(from_pb(pb, 0).time, 1_700_000_000_123_456);
+        let pb = PbEvent {
+            time: Some(1_700_000_000),
+            ..PbEvent::default()
+        };
+        assert_eq!(from_pb(pb, 0).time, 1_700_000_000_000_000);
+        let pb = PbEvent {
+            time: Some(i64::MAX),
+            ..PbEvent::default()
+        };
+        assert_eq!(from_pb(pb, 0).time, i64::MAX, "saturates, never overflows");
+    }
+
+    #[test]
+    fn metric_precedence_is_sint64_then_d_then_f() {
+        let pb = PbEvent {
+            metric_sint64: Some(-5),
+            metric_d: Some(2.0),
+            metric_f: Some(3.0),
+            ..PbEvent::default()
+        };
+        assert_eq!(from_pb(pb, 0).metric, Some(Metric::Int(-5)));
+        let pb = PbEvent {
+            metric_d: Some(2.5),
+            metric_f: Some(3.0),
+            ..PbEvent::default()
+        };
+        assert_eq!(from_pb(pb, 0).metric, Some(Metric::Float(2.5)));
+        let pb = PbEvent {
+            metric_f: Some(1.5),
+            ..PbEvent::default()
+        };
+        assert_eq!(from_pb(pb, 0).metric, Some(Metric::Float(1.5)));
+    }
+
+    #[test]
+    fn reserved_attribute_names_are_dropped() {
+        let pb = PbEvent {
+            attributes: vec![
+                Attribute {
+                    key: "ttl".into(),
+                    value: Some("9".into()),
+                },
+                Attribute {
+                    key: "host".into(),
+                    value: Some("x".into()),
+                },
+                Attribute {
+                    key: "plugin".into(),
+                    value: None,
+                },
+            ],
+            ..PbEvent::default()
+        };
+        let e = from_pb(pb, 0);
+        assert_eq!(e.attributes, vec![("plugin".to_owned(), String::new())]);
+    }
+
+    #[test]
+    fn encodes_like_riemann_and_round_trips() {
+        let e = Event {
+            host: Some("h".into()),
+            service: Some("s".into()),
+            state: Some("ok".into()),
+            time: 1_700_000_000_250_000,
+            description: Some("d".into()),
+            tags: vec!["a".into(), "b".into()],
+            metric: Some(Metric::Int(7)),
+            ttl: Some(30.0),
+            attributes: vec![("env".into(), "prod".into())],
+        };
+        let pb = to_pb(&e);
+        assert_eq!(pb.time, Some(1_700_000_000));
+        assert_eq!(pb.time_micros, Some(1_700_000_000_250_000));
+        assert_eq!(
+            (pb.metric_sint64, pb.metric_d, pb.metric_f),
+            (Some(7), None, Some(7.0))
+        );
+        let bytes = pb.encode_to_vec();
+        let back = from_pb(PbEvent::decode(bytes.as_slice()).unwrap(), 0);
+        assert_eq!(back, e);
+
+        let float = Event {
+            metric: Some(Metric::Float(0.25)),
+            ..e
+        };
+        let pb = to_pb(&float);
+        assert_eq!(
+            (pb.metric_sint64, pb.metric_d, pb.metric_f),
+            (None, Some(0.25), Some(0.25))
+        );
+        assert_eq!(from_pb(pb, 0), float);
+    }
+
+    #[test]
+    fn negative_time_encodes_floor_seconds() {
+        let e = Event {
+            time: -1,
+            ..Event::default()
+        };
+        assert_eq!(to_pb(&e).time, Some(-1));
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error_not_a_panic() {
+        assert!(Msg::decode(&[0xff, 0xff, 0xff][..]).is_err());
+        assert!(
+            Msg::decode(&[0x32, 0x05, 0x22][..]).is_err(),
+            "truncated event"
+        );
+    }
+}

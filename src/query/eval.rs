@@ -1,0 +1,384 @@
+//! The compiled predicate tree and its evaluation against an [`Event`]. Everything
+//! costly (regexes, LIKE patterns, field-name lookup) is resolved at compile time, so
+//! `eval` only borrows from the event and the tree.
+
+use std::cmp::Ordering;
+
+use regex::Regex;
+
+use crate::event::{Event, Metric};
+
+/// A field reference, resolved from its name once at parse time.
+#[derive(Debug, Clone)]
+pub(super) enum Field {
+    Host,
+    Service,
+    State,
+    Description,
+    /// `metric` and `metric_f` both name the metric, whatever its kind.
+    Metric,
+    Ttl,
+    /// The event time in (fractional) seconds.
+    Time,
+    Attribute(String),
+}
+
+impl Field {
+    pub(super) fn named(name: &str) -> Field {
+        match name {
+            "host" => Field::Host,
+            "service" => Field::Service,
+            "state" => Field::State,
+            "description" => Field::Description,
+            "metric" | "metric_f" => Field::Metric,
+            "ttl" => Field::Ttl,
+            "time" => Field::Time,
+            other => Field::Attribute(other.to_owned()),
+        }
+    }
+
+    fn get<'e>(&self, event: &'e Event) -> Val<'e> {
+        let text = |s: &'e Option<String>| s.as_deref().map_or(Val::Nil, Val::Str);
+        match self {
+            Field::Host => text(&event.host),
+            Field::Service => text(&event.service),
+            Field::State => text(&event.state),
+            Field::Description => text(&event.description),
+            Field::Metric => match event.metric {
+                Some(Metric::Int(i)) => Val::Int(i),
+                Some(Metric::Float(f)) => Val::Float(f),
+                None => Val::Nil,
+            },
+            Field::Ttl => event.ttl.map_or(Val::Nil, |t| Val::Float(f64::from(t))),
+            Field::Time => Val::Float(event.time_secs()),
+            Field::Attribute(name) => event.attribute(name).map_or(Val::Nil, Val::Str),
+        }
+    }
+}
+
+/// A literal written in the query.
+#[derive(Debug, Clone)]
+pub(super) enum Lit {
+    Nil,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Operand {
+    Lit(Lit),
+    Field(Field),
+}
+
+impl Operand {
+    /// A value standing alone is a truth test: a field means "is present", a
+    /// literal is decided now.
+    pub(super) fn truthiness(self) -> Node {
+        match self {
+            Operand::Field(field) => Node::Present(field),
+            Operand::Lit(Lit::Nil | Lit::Bool(false)) => Node::Const(false),
+            Operand::Lit(_) => Node::Const(true),
+        }
+    }
+
+    fn get<'a>(&'a self, event: &'a Event) -> Val<'a> {
+        match self {
+            Operand::Field(field) => field.get(event),
+            Operand::Lit(Lit::Nil) => Val::Nil,
+            Operand::Lit(Lit::Bool(b)) => Val::Bool(*b),
+            Operand::Lit(Lit::Int(i)) => Val::Int(*i),
+            Operand::Lit(Lit::Float(f)) => Val::Float(*f),
+            Operand::Lit(Lit::Str(s)) => Val::Str(s),
+        }
+    }
+}
+
+/// A runtime value, borrowed so that evaluation never allocates.
+#[derive(Debug, Clone, Copy)]
+enum Val<'a> {
+    Nil,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+}
+
+impl Val<'_> {
+    fn as_number(self) -> Option<f64> {
+        match self {
+            Val::Int(i) => Some(i as f64),
+            Val::Float(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+fn equal(a: Val<'_>, b: Val<'_>) -> bool {
+    match (a, b) {
+        (Val::Nil, Val::Nil) => true,
+        (Val::Bool(x), Val::Bool(y)) => x == y,
+        (Val::Str(x), Val::Str(y)) => x == y,
+        // Exact for two integers; otherwise as floats, so `metric = 1` matches 1.0.
+        (Val::Int(x), Val::Int(y)) => x == y,
+        _ => matches!((a.as_number(), b.as_number()), (Some(x), Some(y)) if x == y),
+    }
+}
+
+/// Ordering is defined only between numbers; `None` (NaN, or any other kind) makes
+/// every ordering comparison false.
+fn order(a: Val<'_>, b: Val<'_>) -> Option<Ordering> {
+    match (a, b) {
+        (Val::Int(x), Val::Int(y)) => Some(x.cmp(&y)),
+        _ => a.as_number()?.partial_cmp(&b.as_number()?),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    fn apply(self, a: Val<'_>, b: Val<'_>) -> bool {
+        match self {
+            CmpOp::Eq => equal(a, b),
+            CmpOp::Ne => !equal(a, b),
+            CmpOp::Lt => order(a, b) == Some(Ordering::Less),
+            CmpOp::Le => matches!(order(a, b), Some(Ordering::Less | Ordering::Equal)),
+            CmpOp::Gt => order(a, b) == Some(Ordering::Greater),
+            CmpOp::Ge => matches!(order(a, b), Some(Ordering::Greater | Ordering::Equal)),
+        }
+    }
+}
+
+/// An SQL LIKE pattern where only `%` is special, stored as the literal pieces
+/// between the `%`s.
+#[derive(Debug, Clone)]
+pub(super) struct LikePattern {
+    pieces: Vec<String>,
+}
+
+impl LikePattern {
+    pub(super) fn new(pattern: &str) -> Self {
+        Self {
+            pieces: pattern.split('%').map(str::to_owned).collect(),
+        }
+    }
+
+    fn matches(&self, text: &str) -> bool {
+        let [first, middle @ .., last] = self.pieces.as_slice() else {
+            // No `%` at all: the whole text must equal the pattern.
+            return self.pieces.first().is_some_and(|p| p == text);
+        };
+        let Some(rest) = text.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        // Strip the suffix before searching the middle pieces so they cannot overlap it.
+        let Some(mut rest) = rest.strip_suffix(last.as_str()) else {
+            return false;
+        };
+        // Leftmost placement of each middle piece leaves the most room for the rest.
+        for piece in middle {
+            match rest.find(piece.as_str()) {
+                Some(at) => rest = &rest[at + piece.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Node {
+    Const(bool),
+    Present(Field),
+    Tagged(String),
+    Compare {
+        left: Operand,
+        op: CmpOp,
+        right: Operand,
+    },
+    Like {
+        left: Operand,
+        pattern: LikePattern,
+    },
+    Regex {
+        left: Operand,
+        regex: Regex,
+    },
+    Not(Box<Node>),
+    /// And/Or keep their operands flat so a long chain costs no recursion.
+    And(Vec<Node>),
+    Or(Vec<Node>),
+}
+
+impl Node {
+    /// Conjunction of `terms`, splicing in nested conjunctions (from parentheses).
+    pub(super) fn all(terms: Vec<Node>) -> Node {
+        Self::join(terms, Node::And, |n| match n {
+            Node::And(inner) => Ok(inner),
+            other => Err(other),
+        })
+    }
+
+    /// Disjunction of `terms`, splicing in nested disjunctions.
+    pub(super) fn any(terms: Vec<Node>) -> Node {
+        Self::join(terms, Node::Or, |n| match n {
+            Node::Or(inner) => Ok(inner),
+            other => Err(other),
+        })
+    }
+
+    fn join(
+        terms: Vec<Node>,
+        make: fn(Vec<Node>) -> Node,
+        unwrap_same: fn(Node) -> Result<Vec<Node>, Node>,
+    ) -> Node {
+        let terms = match <[Node; 1]>::try_from(terms) {
+            Ok([only]) => return only,
+            Err(terms) => terms,
+        };
+        let mut flat = Vec::with_capacity(terms.len());
+        for term in terms {
+            match unwrap_same(term) {
+                Ok(inner) => flat.extend(inner),
+                Err(other) => flat.push(other),
+            }
+        }
+        make(flat)
+    }
+
+    pub(super) fn eval(&self, event: &Event) -> bool {
+        match self {
+            Node::Const(b) => *b,
+            Node::Present(field) => !matches!(field.get(event), Val::Nil),
+            Node::Tagged(tag) => event.has_tag(tag),
+            Node::Compare { left, op, right } => op.apply(left.get(event), right.get(event)),
+            Node::Like { left, pattern } => {
+                matches!(left.get(event), Val::Str(s) if pattern.matches(s))
+            }
+            Node::Regex { left, regex } => {
+                matches!(left.get(event), Val::Str(s) if regex.is_match(s))
+            }
+            Node::Not(inner) => !inner.eval(event),
+            Node::And(terms) => terms.iter().all(|t| t.eval(event)),
+            Node::Or(terms) => terms.iter().any(|t| t.eval(event)),
+        }
+    }
+
+    /// `(host, service)` when the tree is exactly `host = "X" and service = "Y"`.
+    pub(super) fn exact_key(&self) -> Option<(&str, &str)> {
+        let Node::And(terms) = self else { return None };
+        let [a, b] = terms.as_slice() else {
+            return None;
+        };
+        match (a.field_equals()?, b.field_equals()?) {
+            ((Field::Host, host), (Field::Service, service))
+            | ((Field::Service, service), (Field::Host, host)) => Some((host, service)),
+            _ => None,
+        }
+    }
+
+    /// `(field, "literal")` for `field = "literal"` in either operand order.
+    fn field_equals(&self) -> Option<(&Field, &str)> {
+        match self {
+            Node::Compare {
+                left,
+                op: CmpOp::Eq,
+                right,
+            } => match (left, right) {
+                (Operand::Field(f), Operand::Lit(Lit::Str(s)))
+                | (Operand::Lit(Lit::Str(s)), Operand::Field(f)) => Some((f, s)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn like(pattern: &str, text: &str) -> bool {
+        LikePattern::new(pattern).matches(text)
+    }
+
+    #[test]
+    fn like_edge_cases() {
+        assert!(like("%", ""));
+        assert!(like("%", "anything"));
+        assert!(like("a%", "a"));
+        assert!(like("a%", "abc"));
+        assert!(!like("a%", "ba"));
+        assert!(like("%a", "cba"));
+        assert!(!like("%a", "ab"));
+        assert!(like("%a%b%", "ab"));
+        assert!(like("%a%b%", "xxaxxbxx"));
+        assert!(!like("%a%b%", "ba"));
+        assert!(like("a%a", "aa"));
+        assert!(!like("a%a", "a"), "prefix and suffix must not overlap");
+        assert!(like("a%b%b", "abb"));
+        assert!(!like("a%b%b", "ab"));
+        assert!(like("%%", "x"));
+        // `_` and regex metacharacters are literal.
+        assert!(like("a_c", "a_c"));
+        assert!(!like("a_c", "abc"));
+        assert!(like("a.c%", "a.cd"));
+        assert!(!like("a.c", "abc"));
+        // No `%`: exact match, anchored both ends.
+        assert!(like("", ""));
+        assert!(!like("", "a"));
+        assert!(like("abc", "abc"));
+        assert!(!like("abc", "abcd"));
+        assert!(!like("abc", "xabc"));
+        assert!(like("ü%", "über"));
+    }
+
+    #[test]
+    fn equality_mixes_numeric_kinds() {
+        assert!(equal(Val::Int(1), Val::Float(1.0)));
+        assert!(equal(Val::Float(1.0), Val::Int(1)));
+        assert!(equal(Val::Int(i64::MAX), Val::Int(i64::MAX)));
+        assert!(
+            !equal(Val::Int(i64::MAX), Val::Int(i64::MAX - 1)),
+            "ints compare exactly"
+        );
+        assert!(!equal(Val::Float(f64::NAN), Val::Float(f64::NAN)));
+        assert!(equal(Val::Nil, Val::Nil));
+        assert!(!equal(Val::Nil, Val::Int(0)));
+        assert!(!equal(Val::Str("1"), Val::Int(1)));
+        assert!(!equal(Val::Bool(true), Val::Int(1)));
+    }
+
+    #[test]
+    fn ordering_needs_two_numbers() {
+        assert!(CmpOp::Lt.apply(Val::Int(1), Val::Float(1.5)));
+        assert!(CmpOp::Le.apply(Val::Int(2), Val::Int(2)));
+        assert!(CmpOp::Ge.apply(Val::Float(f64::INFINITY), Val::Int(i64::MAX)));
+        assert!(!CmpOp::Lt.apply(Val::Str("a"), Val::Str("b")));
+        assert!(!CmpOp::Gt.apply(Val::Nil, Val::Int(0)));
+        for op in [CmpOp::Lt, CmpOp::Le, CmpOp::Gt, CmpOp::Ge] {
+            assert!(!op.apply(Val::Float(f64::NAN), Val::Int(0)));
+            assert!(!op.apply(Val::Int(0), Val::Float(f64::NAN)));
+        }
+    }
+
+    #[test]
+    fn join_flattens_and_unwraps() {
+        let n = Node::all(vec![Node::Const(true)]);
+        assert!(matches!(n, Node::Const(true)));
+        let n = Node::all(vec![
+            Node::And(vec![Node::Const(true), Node::Const(true)]),
+            Node::Or(vec![Node::Const(true), Node::Const(false)]),
+        ]);
+        assert!(matches!(&n, Node::And(t) if t.len() == 3));
+    }
+}

@@ -1,0 +1,593 @@
+//! The Riemann query language: the public [`Query`] type (parse once, match many
+//! events) and its [`QueryError`]. Parsing lives in `parser`, the compiled tree and
+//! its evaluation in `eval`.
+
+mod eval;
+mod parser;
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::event::Event;
+
+/// A parsed and compiled predicate. Cheap to evaluate: no allocation per `matches`.
+#[derive(Debug, Clone)]
+pub struct Query {
+    root: eval::Node,
+    text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("parse error at column {column}: {message}")]
+pub struct QueryError {
+    /// Byte offset into the parsed text.
+    pub offset: usize,
+    /// 1-based, counted in characters.
+    pub column: usize,
+    pub message: String,
+}
+
+impl Query {
+    /// Parses `text`, which must hold one predicate and nothing else but whitespace.
+    pub fn parse(text: &str) -> Result<Query, QueryError> {
+        Ok(Self::from_parsed(text, parser::parse(text, true)?))
+    }
+
+    /// Parses the longest predicate at the start of `input` (leading whitespace
+    /// allowed) and stops in front of the first token that cannot continue it.
+    /// Returns the query and the byte offset of that token (`input.len()` if none),
+    /// so whitespace after the predicate counts as consumed.
+    pub fn parse_prefix(input: &str) -> Result<(Query, usize), QueryError> {
+        let parsed = parser::parse(input, false)?;
+        let consumed = parsed.consumed;
+        Ok((Self::from_parsed(input, parsed), consumed))
+    }
+
+    fn from_parsed(source: &str, parsed: parser::Parsed) -> Query {
+        Query {
+            root: parsed.node,
+            text: source[parsed.text].to_owned(),
+        }
+    }
+
+    pub fn matches(&self, event: &Event) -> bool {
+        self.root.eval(event)
+    }
+
+    /// `Some((host, service))` when the query is exactly `host = "X" and service = "Y"`
+    /// (either order, either operand order, possibly parenthesised), so the index can
+    /// look the pair up directly instead of scanning.
+    pub fn exact_key(&self) -> Option<(&str, &str)> {
+        self.root.exact_key()
+    }
+
+    /// The source text of the predicate, without surrounding whitespace.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Display for Query {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for Query {
+    type Err = QueryError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Query::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Metric;
+
+    fn event() -> Event {
+        Event {
+            host: Some("web-1".into()),
+            service: Some("cpu user".into()),
+            state: Some("ok".into()),
+            time: 1_500_000,
+            description: Some("all \"good\"\n".into()),
+            tags: vec!["prod".into(), "tag with space".into()],
+            metric: Some(Metric::Float(0.5)),
+            ttl: Some(60.0),
+            attributes: vec![("env".into(), "staging".into()), ("n".into(), "3".into())],
+        }
+    }
+
+    fn q(text: &str) -> Query {
+        Query::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+    }
+
+    fn check(text: &str, event: &Event) -> bool {
+        q(text).matches(event)
+    }
+
+    #[track_caller]
+    fn assert_all(event: &Event, yes: &[&str], no: &[&str]) {
+        for text in yes {
+            assert!(check(text, event), "{text:?} should match");
+        }
+        for text in no {
+            assert!(!check(text, event), "{text:?} should not match");
+        }
+    }
+
+    #[test]
+    fn string_fields_and_attributes() {
+        let e = event();
+        assert_all(
+            &e,
+            &[
+                r#"host = "web-1""#,
+                r#""web-1" = host"#,
+                r#"service = "cpu user""#,
+                r#"state != "critical""#,
+                r#"description = "all \"good\"\n""#,
+                r#"env = "staging""#,
+                r#"n = "3""#,
+                r#"missing = nil"#,
+                r#"missing = null"#,
+                r#"missing != "x""#,
+            ],
+            &[
+                r#"host = "web-2""#,
+                r#"host != "web-1""#,
+                r#"state = "OK""#,
+                r#"env = "prod""#,
+                r#"n = 3"#,
+                r#"missing = "x""#,
+                r#"host = nil"#,
+                r#"host < "x""#,
+                r#"host >= "web-1""#,
+            ],
+        );
+    }
+
+    #[test]
+    fn numeric_fields() {
+        let e = event();
+        assert_all(
+            &e,
+            &[
+                "metric = 0.5",
+                "metric_f = 0.5",
+                "metric > 0",
+                "metric >= 0.5",
+                "metric <= 0.5",
+                "metric < 1",
+                "metric != 1",
+                "ttl = 60",
+                "ttl > 59.9",
+                "time = 1.5",
+                "time > 1",
+                "time < 2",
+                "1 < 2",
+                "-1 < 0",
+                "2.5e1 = 25",
+            ],
+            &[
+                "metric = 1",
+                "metric > 0.5",
+                "metric < 0.5",
+                "metric = \"0.5\"",
+                "ttl < 60",
+                "time = 1",
+            ],
+        );
+    }
+
+    #[test]
+    fn integer_and_float_metrics_compare_as_numbers() {
+        let mut e = event();
+        e.metric = Some(Metric::Float(1.0));
+        assert!(check("metric = 1", &e));
+        assert!(check("metric = 1.0", &e));
+        assert!(!check("metric != 1", &e));
+        e.metric = Some(Metric::Int(1));
+        assert!(check("metric = 1", &e));
+        assert!(check("metric = 1.0", &e));
+        e.metric = Some(Metric::Int(9_007_199_254_740_993));
+        assert!(check("metric = 9007199254740993", &e));
+        assert!(
+            !check("metric = 9007199254740992", &e),
+            "int vs int is exact"
+        );
+        assert!(check("metric > 9007199254740992", &e));
+    }
+
+    #[test]
+    fn nil_handling() {
+        let e = Event::default();
+        assert_all(
+            &e,
+            &[
+                "metric = nil",
+                "ttl = nil",
+                "host = null",
+                "nil = nil",
+                "metric != 0",
+                "host != \"a\"",
+                "not metric",
+                "not host",
+                "time",
+                "time = 0",
+            ],
+            &[
+                "metric",
+                "host",
+                "metric > 0",
+                "metric < 0",
+                "metric <= 0",
+                "nil < 1",
+                "nil = false",
+                "host =~ \"%\"",
+            ],
+        );
+    }
+
+    #[test]
+    fn infinity_and_nan() {
+        let mut e = event();
+        e.metric = Some(Metric::Float(f64::INFINITY));
+        assert_all(
+            &e,
+            &["metric = Infinity", "metric > 1e300", "metric > -Infinity"],
+            &["metric < Infinity"],
+        );
+        e.metric = Some(Metric::Float(f64::NAN));
+        assert_all(
+            &e,
+            &["metric != NaN", "metric != 1", "metric", "NaN"],
+            &[
+                "metric = NaN",
+                "metric < 1",
+                "metric > 1",
+                "metric <= NaN",
+                "metric >= -Infinity",
+                "-NaN = -NaN",
+            ],
+        );
+    }
+
+    #[test]
+    fn truthiness_of_bare_values() {
+        let e = event();
+        assert_all(
+            &e,
+            &[
+                "true",
+                "host",
+                "env",
+                "\"x\"",
+                "\"\"",
+                "0",
+                "-1.5",
+                "metric",
+                "ttl",
+                "true = true",
+            ],
+            &[
+                "false",
+                "nil",
+                "null",
+                "missing",
+                "description2",
+                "true = false",
+                "true = 1",
+            ],
+        );
+        assert!(check("true", &Event::default()));
+    }
+
+    #[test]
+    fn like_and_regex() {
+        let e = event();
+        assert_all(
+            &e,
+            &[
+                r#"service =~ "cpu%""#,
+                r#"service =~ "%user""#,
+                r#"service =~ "%""#,
+                r#"host =~ "web-_""#.replace('_', "1").as_str(),
+                r#"env =~ "st%g%g""#,
+                r#""abc" =~ "a%c""#,
+                r#"service ~= "^cpu""#,
+                r#"service ~= "u.e""#,
+                r#"host ~= "\\d$""#,
+                r#"description ~= "\n""#,
+                r#"host ~= "(a+)+$|web""#,
+            ],
+            &[
+                r#"service =~ "cpu""#,
+                r#"service =~ "user%""#,
+                r#"service =~ """#,
+                r#"host =~ "web_1""#,
+                r#"metric =~ "%""#,
+                r#"missing =~ "%""#,
+                r#"service ~= "^user""#,
+                r#"metric ~= ".""#,
+                r#"missing ~= """#,
+            ],
+        );
+    }
+
+    #[test]
+    fn pathological_regex_is_linear() {
+        let mut e = event();
+        e.host = Some(format!("{}!", "a".repeat(50_000)));
+        let started = std::time::Instant::now();
+        assert!(!check(r#"host ~= "^(a+)+$""#, &e));
+        assert!(check(r#"host ~= "(a+)+!""#, &e));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let e = Query::parse(r#"host ~= "\\w{1000}{1000}""#).unwrap_err();
+        assert!(
+            e.message.starts_with("invalid regex: too large"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.column, 9);
+    }
+
+    #[test]
+    fn tagged() {
+        let e = event();
+        assert_all(
+            &e,
+            &[
+                r#"tagged "prod""#,
+                r#"tagged "tag with space""#,
+                r#"not tagged "dev""#,
+            ],
+            &[
+                r#"tagged "dev""#,
+                r#"tagged "pro""#,
+                r#"tagged "prod" and tagged "dev""#,
+            ],
+        );
+    }
+
+    #[test]
+    fn precedence() {
+        // `a or b and c` is `a or (b and c)`.
+        assert!(check("true or false and false", &Event::default()));
+        assert!(!check("(true or false) and false", &Event::default()));
+        // `not a and b` is `(not a) and b`.
+        assert!(!check("not false and false", &Event::default()));
+        assert!(check("not (false and false)", &Event::default()));
+        assert!(check("not not true", &Event::default()));
+        assert!(check("false or false or true", &Event::default()));
+        assert!(check("not false or false and true", &Event::default()));
+        let e = event();
+        assert!(check(
+            r#"state = "x" or host = "web-1" and tagged "prod""#,
+            &e
+        ));
+        assert!(!check(r#"state = "ok" and host = "x" or not metric"#, &e));
+    }
+
+    #[test]
+    fn keywords_are_lowercase_and_whole_words() {
+        let attributes = [("AND", "1"), ("android", "2"), ("nothing", "3")];
+        let e = Event {
+            attributes: attributes
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .to_vec(),
+            ..Event::default()
+        };
+        assert!(check("AND and android and nothing", &e));
+        assert!(check(r#"nothing = "3""#, &e));
+        assert!(Query::parse("host AND service").is_err());
+        assert!(Query::parse("TRUE").is_ok(), "an attribute, not a keyword");
+        assert!(!check("TRUE", &e));
+    }
+
+    #[test]
+    fn commas_and_whitespace() {
+        let e = event();
+        assert!(check(",host,=,\"web-1\",and\ttagged\r\n\"prod\",,", &e));
+        assert!(check("(host)and(metric)", &e));
+        assert!(check("not(missing)", &e));
+    }
+
+    #[test]
+    fn text_display_and_from_str() {
+        let query: Query = "  host = \"a\" and\n metric > 1 , ".parse().unwrap();
+        assert_eq!(query.as_str(), "host = \"a\" and\n metric > 1");
+        assert_eq!(query.to_string(), query.as_str());
+        let err = "host =".parse::<Query>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "parse error at column 7: expected a value after `=`, found end of input"
+        );
+        assert_eq!(err.offset, 6);
+    }
+
+    #[test]
+    fn parse_prefix_stops_before_the_block() {
+        let input = r#"metric > 300 or state = "expired" { ... }"#;
+        let (query, consumed) = Query::parse_prefix(input).unwrap();
+        assert_eq!(&input[consumed..], "{ ... }");
+        assert_eq!(query.as_str(), r#"metric > 300 or state = "expired""#);
+        let mut e = event();
+        assert!(!query.matches(&e));
+        e.state = Some("expired".into());
+        assert!(query.matches(&e));
+
+        let (query, consumed) = Query::parse_prefix("  (tagged \"a\")\n{").unwrap();
+        assert_eq!((query.as_str(), consumed), ("(tagged \"a\")", 15));
+        let (query, consumed) = Query::parse_prefix("host").unwrap();
+        assert_eq!((query.as_str(), consumed), ("host", 4));
+        // A value cannot follow a complete comparison, nor can an unterminated string.
+        let (query, consumed) = Query::parse_prefix("host = \"a\" \"b\"").unwrap();
+        assert_eq!((query.as_str(), consumed), ("host = \"a\"", 11));
+        let (_, consumed) = Query::parse_prefix("host = \"a\" \"b").unwrap();
+        assert_eq!(consumed, 11);
+        let (_, consumed) = Query::parse_prefix("\"ü\" = \"é\" } x").unwrap();
+        assert_eq!(consumed, "\"ü\" = \"é\" ".len());
+
+        // Errors inside the predicate are still errors, with offsets into `input`.
+        let e = Query::parse_prefix("  metric > 300 or { }").unwrap_err();
+        assert_eq!(
+            (e.offset, e.column, e.message.as_str()),
+            (18, 19, "expected a value, found `{`")
+        );
+        let e = Query::parse_prefix("{").unwrap_err();
+        assert_eq!(e.column, 1);
+    }
+
+    #[test]
+    fn exact_key() {
+        for text in [
+            r#"host = "a" and service = "b""#,
+            r#"service = "b" and host = "a""#,
+            r#""a" = host and "b" = service"#,
+            r#"(host = "a" and service = "b")"#,
+            r#"((host = "a") and ("b" = service))"#,
+        ] {
+            assert_eq!(q(text).exact_key(), Some(("a", "b")), "{text}");
+        }
+        for text in [
+            r#"host = "a" or service = "b""#,
+            r#"host =~ "a" and service = "b""#,
+            r#"host = "a" and service = "b" and state = "ok""#,
+            r#"(host = "a" and service = "b") and tagged "x""#,
+            r#"host = "a" and host = "b""#,
+            r#"host = "a" and service != "b""#,
+            r#"host = "a" and service = 1"#,
+            r#"host = "a" and not service = "b""#,
+            r#"not (host = "a" and service = "b")"#,
+            r#"host = "a""#,
+            r#"host = service and service = "b""#,
+        ] {
+            assert_eq!(q(text).exact_key(), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn long_chains_evaluate_without_deep_recursion() {
+        let text = vec![r#"host = "web-1""#; 100_000].join(" and ");
+        assert!(check(&text, &event()));
+        let text = format!("{} or true", vec!["false"; 100_000].join(" or "));
+        assert!(check(&text, &event()));
+    }
+
+    /// Deterministic fuzzing: random token soups must never panic, errors must
+    /// point inside the input, and successful parses must round-trip via Display.
+    #[test]
+    fn fuzz_never_panics_and_round_trips() {
+        const PIECES: &[&str] = &[
+            "host",
+            "service",
+            "metric",
+            "ttl",
+            "time",
+            "env",
+            "state",
+            "and",
+            "or",
+            "not",
+            "tagged",
+            "true",
+            "false",
+            "nil",
+            "null",
+            "=",
+            "!=",
+            "<",
+            ">",
+            "<=",
+            ">=",
+            "=~",
+            "~=",
+            "(",
+            ")",
+            "\"a%\"",
+            "\"%b\"",
+            "\"web-1\"",
+            "\"(a+)+$\"",
+            "\"[\"",
+            "\"\\q\"",
+            "\"unterminated",
+            "\\",
+            "1",
+            "-2.5e3",
+            "0.5",
+            "Infinity",
+            "-Infinity",
+            "NaN",
+            "99999999999999999999",
+            " ",
+            " ",
+            ",",
+            "\n",
+            "{",
+            "}",
+            "ü",
+            "-",
+            ".",
+            "\"",
+            "e",
+            "_x",
+        ];
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let samples = [event(), Event::default()];
+        let mut parsed = 0;
+        for _ in 0..20_000 {
+            let len = next() % 12;
+            let mut text = String::new();
+            for _ in 0..len {
+                let r = next();
+                if r % 5 == 0 {
+                    // Raw characters, including some that start no token.
+                    text.push(char::from(
+                        b" ()\"\\=<>!~%,.-_aZ9{}"[(r >> 8) as usize % 20],
+                    ));
+                } else {
+                    text.push_str(PIECES[(r >> 8) as usize % PIECES.len()]);
+                    if r & 0x10 != 0 {
+                        text.push(' ');
+                    }
+                }
+            }
+            match Query::parse(&text) {
+                Ok(query) => {
+                    parsed += 1;
+                    let again = Query::parse(&query.to_string()).expect("Display must re-parse");
+                    assert_eq!(again.as_str(), query.as_str());
+                    for e in &samples {
+                        assert_eq!(again.matches(e), query.matches(e), "{text:?}");
+                    }
+                }
+                Err(e) => {
+                    assert!(text.is_char_boundary(e.offset), "{text:?}: {e:?}");
+                    assert_eq!(e.column, text[..e.offset].chars().count() + 1);
+                }
+            }
+            match Query::parse_prefix(&text) {
+                Ok((query, consumed)) => {
+                    assert!(text.is_char_boundary(consumed), "{text:?}");
+                    assert!(text[..consumed].contains(query.as_str()));
+                    let again = Query::parse(query.as_str()).expect("a prefix must parse alone");
+                    assert_eq!(again.as_str(), query.as_str());
+                }
+                Err(e) => assert!(text.is_char_boundary(e.offset), "{text:?}: {e:?}"),
+            }
+        }
+        assert!(
+            parsed > 1_000,
+            "the fuzz alphabet should yield many valid queries, got {parsed}"
+        );
+    }
+}

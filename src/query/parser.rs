@@ -1,0 +1,598 @@
+//! Query text to a compiled [`Node`] tree: a nom-based lexer and a recursive-descent
+//! parser for `not` > `and` > `or`. `and`/`or` chains are read in loops, and
+//! parentheses and `not` are capped at [`MAX_DEPTH`], so no input can exhaust the stack.
+
+use std::ops::Range;
+
+use nom::IResult;
+use nom::branch::alt;
+use nom::bytes::complete::{tag, take_while};
+use nom::character::complete::{char, digit1, one_of, satisfy};
+use nom::combinator::{opt, recognize, value};
+use nom::sequence::{pair, tuple};
+use regex::RegexBuilder;
+
+use super::QueryError;
+use super::eval::{CmpOp, Field, LikePattern, Lit, Node, Operand};
+
+/// How many parentheses and `not`s may be open at once.
+const MAX_DEPTH: usize = 64;
+
+/// Compiled-size cap for `~=` patterns; a query is user input.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Cmp(CmpOp),
+    Like,
+    Regex,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    LParen,
+    RParen,
+    Op(Op),
+    /// Identifier or keyword; the text is the token's span.
+    Word,
+    Str(String),
+    Num(Lit),
+    /// A character that starts no token, e.g. the `{` after a rule's predicate.
+    Other,
+    End,
+    /// A malformed token (e.g. an unterminated string). Only an error if the
+    /// parser needs it, so `parse_prefix` can stop in front of it instead.
+    Invalid(QueryError),
+}
+
+#[derive(Debug, Clone)]
+struct Token {
+    kind: Kind,
+    start: usize,
+    end: usize,
+}
+
+/// Commas are whitespace, as in Riemann.
+fn is_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\r' | '\n' | ',')
+}
+
+fn operator(input: &str) -> IResult<&str, Op> {
+    // Two-character operators first so `<=` is not read as `<`.
+    alt((
+        value(Op::Cmp(CmpOp::Ne), tag("!=")),
+        value(Op::Cmp(CmpOp::Le), tag("<=")),
+        value(Op::Cmp(CmpOp::Ge), tag(">=")),
+        value(Op::Like, tag("=~")),
+        value(Op::Regex, tag("~=")),
+        value(Op::Cmp(CmpOp::Eq), tag("=")),
+        value(Op::Cmp(CmpOp::Lt), tag("<")),
+        value(Op::Cmp(CmpOp::Gt), tag(">")),
+    ))(input)
+}
+
+fn word(input: &str) -> IResult<&str, &str> {
+    recognize(pair(
+        satisfy(|c| c.is_ascii_alphabetic() || c == '_'),
+        take_while(|c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')),
+    ))(input)
+}
+
+/// A number starting with `-` or a digit; unsigned `Infinity`/`NaN` are lexed as words.
+fn number(input: &str) -> IResult<&str, &str> {
+    alt((
+        tag("-Infinity"),
+        tag("-NaN"),
+        recognize(tuple((
+            opt(char('-')),
+            digit1,
+            opt(pair(char('.'), digit1)),
+            opt(tuple((one_of("eE"), opt(one_of("+-")), digit1))),
+        ))),
+    ))(input)
+}
+
+fn error_at(src: &str, offset: usize, message: impl Into<String>) -> QueryError {
+    QueryError {
+        offset,
+        column: src[..offset].chars().count() + 1,
+        message: message.into(),
+    }
+}
+
+fn number_literal(text: &str) -> Result<Lit, String> {
+    match text {
+        "-Infinity" => Ok(Lit::Float(f64::NEG_INFINITY)),
+        "-NaN" => Ok(Lit::Float(f64::NAN)),
+        _ if text.contains(['.', 'e', 'E']) => text
+            .parse()
+            .map(Lit::Float)
+            .map_err(|_| format!("invalid number `{text}`")),
+        // Integers stay exact; silently widening to a float would lose digits.
+        _ => text
+            .parse()
+            .map(Lit::Int)
+            .map_err(|_| format!("integer `{text}` does not fit in 64 bits")),
+    }
+}
+
+/// The string literal whose opening quote is at `start`.
+fn string(src: &str, start: usize) -> Token {
+    let body = start + 1;
+    let mut out = String::new();
+    let mut chars = src[body..].char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => {
+                return Token {
+                    kind: Kind::Str(out),
+                    start,
+                    end: body + i + 1,
+                };
+            }
+            '\\' => match chars.next() {
+                Some((_, '"')) => out.push('"'),
+                Some((_, '\\')) => out.push('\\'),
+                Some((_, 'n')) => out.push('\n'),
+                Some((_, 't')) => out.push('\t'),
+                Some((_, 'r')) => out.push('\r'),
+                Some((_, other)) => {
+                    let error = error_at(
+                        src,
+                        body + i,
+                        format!("unknown escape `\\{other}` in string"),
+                    );
+                    return Token {
+                        kind: Kind::Invalid(error),
+                        start,
+                        end: start,
+                    };
+                }
+                None => break,
+            },
+            c => out.push(c),
+        }
+    }
+    let error = error_at(src, start, "unterminated string");
+    Token {
+        kind: Kind::Invalid(error),
+        start,
+        end: start,
+    }
+}
+
+/// The token at or after byte `from`.
+fn lex(src: &str, from: usize) -> Token {
+    let rest = src[from..].trim_start_matches(is_space);
+    let start = src.len() - rest.len();
+    let token = |kind, len| Token {
+        kind,
+        start,
+        end: start + len,
+    };
+    let Some(first) = rest.chars().next() else {
+        return token(Kind::End, 0);
+    };
+    match first {
+        '(' => return token(Kind::LParen, 1),
+        ')' => return token(Kind::RParen, 1),
+        '"' => return string(src, start),
+        _ => {}
+    }
+    if let Ok((after, op)) = operator(rest) {
+        return token(Kind::Op(op), rest.len() - after.len());
+    }
+    if let Ok((_, text)) = word(rest) {
+        let kind = match text {
+            "Infinity" => Kind::Num(Lit::Float(f64::INFINITY)),
+            "NaN" => Kind::Num(Lit::Float(f64::NAN)),
+            _ => Kind::Word,
+        };
+        return token(kind, text.len());
+    }
+    if let Ok((_, text)) = number(rest) {
+        let kind = match number_literal(text) {
+            Ok(lit) => Kind::Num(lit),
+            Err(message) => Kind::Invalid(error_at(src, start, message)),
+        };
+        return token(kind, text.len());
+    }
+    token(Kind::Other, first.len_utf8())
+}
+
+/// A successful parse of a predicate at the start of the input.
+pub(super) struct Parsed {
+    pub node: Node,
+    /// Byte range of the predicate's own text (no surrounding whitespace).
+    pub text: Range<usize>,
+    /// Byte offset of the first token after the predicate (or the input's length).
+    pub consumed: usize,
+}
+
+/// Parses the longest predicate at the start of `src`; with `whole`, anything after
+/// it is an error.
+pub(super) fn parse(src: &str, whole: bool) -> Result<Parsed, QueryError> {
+    let mut parser = Parser {
+        src,
+        next: lex(src, 0),
+        depth: 0,
+        last_end: 0,
+    };
+    let start = parser.next.start;
+    let node = parser.disjunction()?;
+    if whole && !matches!(parser.next.kind, Kind::End) {
+        return Err(parser.unexpected_after_end());
+    }
+    Ok(Parsed {
+        node,
+        text: start..parser.last_end,
+        consumed: parser.next.start,
+    })
+}
+
+struct Parser<'a> {
+    src: &'a str,
+    /// One token of lookahead.
+    next: Token,
+    /// Parentheses and `not`s currently open.
+    depth: usize,
+    /// End of the last consumed token.
+    last_end: usize,
+}
+
+impl Parser<'_> {
+    fn advance(&mut self) -> Token {
+        let following = lex(self.src, self.next.end);
+        let token = std::mem::replace(&mut self.next, following);
+        self.last_end = token.end;
+        token
+    }
+
+    fn text(&self, token: &Token) -> &str {
+        &self.src[token.start..token.end]
+    }
+
+    fn next_is_word(&self, word: &str) -> bool {
+        matches!(self.next.kind, Kind::Word) && self.text(&self.next) == word
+    }
+
+    fn describe_next(&self) -> String {
+        const MAX_CHARS: usize = 24;
+        if matches!(self.next.kind, Kind::End) {
+            return "end of input".to_owned();
+        }
+        let text = self.text(&self.next);
+        match text.char_indices().nth(MAX_CHARS) {
+            Some((cut, _)) => format!("`{}…`", &text[..cut]),
+            None => format!("`{text}`"),
+        }
+    }
+
+    /// "expected X, found Y" at the next token; a malformed token reports its own error.
+    fn expected(&self, what: &str) -> QueryError {
+        match &self.next.kind {
+            Kind::Invalid(error) => error.clone(),
+            _ => error_at(
+                self.src,
+                self.next.start,
+                format!("expected {what}, found {}", self.describe_next()),
+            ),
+        }
+    }
+
+    fn unexpected_after_end(&self) -> QueryError {
+        match &self.next.kind {
+            Kind::Invalid(error) => error.clone(),
+            _ => error_at(
+                self.src,
+                self.next.start,
+                format!(
+                    "unexpected {} after the end of the predicate",
+                    self.describe_next()
+                ),
+            ),
+        }
+    }
+
+    /// Opens one nesting level at the next token (a `(` or `not`).
+    fn enter(&mut self) -> Result<(), QueryError> {
+        if self.depth >= MAX_DEPTH {
+            let message = format!("nested too deeply (max {MAX_DEPTH})");
+            return Err(error_at(self.src, self.next.start, message));
+        }
+        self.depth += 1;
+        Ok(())
+    }
+
+    fn disjunction(&mut self) -> Result<Node, QueryError> {
+        let mut terms = vec![self.conjunction()?];
+        while self.next_is_word("or") {
+            self.advance();
+            terms.push(self.conjunction()?);
+        }
+        Ok(Node::any(terms))
+    }
+
+    fn conjunction(&mut self) -> Result<Node, QueryError> {
+        let mut terms = vec![self.negation()?];
+        while self.next_is_word("and") {
+            self.advance();
+            terms.push(self.negation()?);
+        }
+        Ok(Node::all(terms))
+    }
+
+    fn negation(&mut self) -> Result<Node, QueryError> {
+        if !self.next_is_word("not") {
+            return self.primary();
+        }
+        self.enter()?;
+        self.advance();
+        let inner = self.negation()?;
+        self.depth -= 1;
+        Ok(Node::Not(Box::new(inner)))
+    }
+
+    fn primary(&mut self) -> Result<Node, QueryError> {
+        if matches!(self.next.kind, Kind::LParen) {
+            self.enter()?;
+            self.advance();
+            let inner = self.disjunction()?;
+            if !matches!(self.next.kind, Kind::RParen) {
+                return Err(self.expected("`)`"));
+            }
+            self.advance();
+            self.depth -= 1;
+            return Ok(inner);
+        }
+        if self.next_is_word("tagged") {
+            self.advance();
+            let Kind::Str(tag) = self.next.kind.clone() else {
+                return Err(self.expected("a string after `tagged`"));
+            };
+            self.advance();
+            return Ok(Node::Tagged(tag));
+        }
+        let left = self.operand("a value")?;
+        let Kind::Op(op) = self.next.kind else {
+            return Ok(left.truthiness());
+        };
+        let op_token = self.advance();
+        let op_text = self.text(&op_token).to_owned();
+        match op {
+            Op::Cmp(op) => {
+                let right = self.operand(&format!("a value after `{op_text}`"))?;
+                Ok(Node::Compare { left, op, right })
+            }
+            Op::Like | Op::Regex => {
+                let Kind::Str(pattern) = self.next.kind.clone() else {
+                    return Err(self.expected(&format!("a string pattern after `{op_text}`")));
+                };
+                let pattern_token = self.advance();
+                if matches!(op, Op::Like) {
+                    return Ok(Node::Like {
+                        left,
+                        pattern: LikePattern::new(&pattern),
+                    });
+                }
+                let regex = RegexBuilder::new(&pattern)
+                    .size_limit(REGEX_SIZE_LIMIT)
+                    .build()
+                    .map_err(|e| error_at(self.src, pattern_token.start, regex_message(&e)))?;
+                Ok(Node::Regex { left, regex })
+            }
+        }
+    }
+
+    fn operand(&mut self, what: &str) -> Result<Operand, QueryError> {
+        let operand = match &self.next.kind {
+            Kind::Str(s) => Operand::Lit(Lit::Str(s.clone())),
+            Kind::Num(n) => Operand::Lit(n.clone()),
+            Kind::Word => match self.text(&self.next) {
+                "true" => Operand::Lit(Lit::Bool(true)),
+                "false" => Operand::Lit(Lit::Bool(false)),
+                "nil" | "null" => Operand::Lit(Lit::Nil),
+                "and" | "or" | "not" | "tagged" => return Err(self.expected(what)),
+                name => Operand::Field(Field::named(name)),
+            },
+            _ => return Err(self.expected(what)),
+        };
+        self.advance();
+        Ok(operand)
+    }
+}
+
+/// One line for an error column: the regex crate's syntax errors are multi-line
+/// drawings of the pattern; keep only their final "error: ..." line.
+fn regex_message(error: &regex::Error) -> String {
+    match error {
+        regex::Error::Syntax(text) => {
+            let last = text.lines().last().unwrap_or_default();
+            format!("invalid regex: {}", last.trim_start_matches("error: "))
+        }
+        regex::Error::CompiledTooBig(limit) => {
+            format!("invalid regex: too large (compiled size limit {limit} bytes)")
+        }
+        other => format!("invalid regex: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(src: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        loop {
+            let token = lex(src, from);
+            let text = &src[token.start..token.end];
+            match token.kind {
+                Kind::End => return out,
+                Kind::Invalid(e) => {
+                    out.push(format!("invalid@{}", e.offset));
+                    return out;
+                }
+                Kind::Str(s) => out.push(format!("str:{s}")),
+                Kind::Num(Lit::Int(i)) => out.push(format!("int:{i}")),
+                Kind::Num(Lit::Float(f)) => out.push(format!("float:{f}")),
+                _ => out.push(text.to_owned()),
+            }
+            from = token.end;
+        }
+    }
+
+    fn err(src: &str) -> QueryError {
+        match parse(src, true) {
+            Ok(_) => panic!("{src:?} should not parse"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn lexes_operators_words_and_numbers() {
+        assert_eq!(
+            kinds("a<=1,b>=2 c!=-3 d=~\"x\" e~=\"y\" f<g>h=i"),
+            [
+                "a", "<=", "int:1", "b", ">=", "int:2", "c", "!=", "int:-3", "d", "=~", "str:x",
+                "e", "~=", "str:y", "f", "<", "g", ">", "h", "=", "i"
+            ]
+        );
+        assert_eq!(
+            kinds("1.5 -2e3 1E-2 Infinity -Infinity NaN Infinityx a.b-c_d"),
+            [
+                "float:1.5",
+                "float:-2000",
+                "float:0.01",
+                "float:inf",
+                "float:-inf",
+                "float:NaN",
+                "Infinityx",
+                "a.b-c_d"
+            ]
+        );
+        assert_eq!(kinds("( ) { -"), ["(", ")", "{", "-"]);
+    }
+
+    #[test]
+    fn lexes_string_escapes() {
+        assert_eq!(kinds(r#""a\"b\\c\nd\te\rf""#), ["str:a\"b\\c\nd\te\rf"]);
+        assert_eq!(kinds(r#""ü""#), ["str:ü"]);
+        assert_eq!(kinds(r#""ab\q""#), ["invalid@3"]);
+        assert_eq!(kinds(r#"x "abc"#), ["x", "invalid@2"]);
+        assert_eq!(kinds(r#""abc\"#), ["invalid@0"]);
+    }
+
+    #[test]
+    fn integers_stay_exact_or_fail() {
+        assert!(matches!(
+            parse("9223372036854775807", true).unwrap().node,
+            Node::Const(true)
+        ));
+        let e = err("metric = 9223372036854775808");
+        assert_eq!(
+            (e.column, e.message.as_str()),
+            (10, "integer `9223372036854775808` does not fit in 64 bits")
+        );
+    }
+
+    #[track_caller]
+    fn assert_err(src: &str, column: usize, message: &str) {
+        let e = err(src);
+        assert_eq!(
+            (e.column, e.message.as_str()),
+            (column, message),
+            "for {src:?}"
+        );
+    }
+
+    #[test]
+    fn error_messages_and_columns() {
+        assert_err("", 1, "expected a value, found end of input");
+        assert_err("{", 1, "expected a value, found `{`");
+        assert_err(
+            "host = ",
+            8,
+            "expected a value after `=`, found end of input",
+        );
+        assert_err("host = and", 8, "expected a value after `=`, found `and`");
+        assert_err(
+            "host = \"a\" and",
+            15,
+            "expected a value, found end of input",
+        );
+        assert_err("tagged 1", 8, "expected a string after `tagged`, found `1`");
+        assert_err(
+            "host =~ x",
+            9,
+            "expected a string pattern after `=~`, found `x`",
+        );
+        assert_err(
+            "host ~= 1",
+            9,
+            "expected a string pattern after `~=`, found `1`",
+        );
+        assert_err("(host", 6, "expected `)`, found end of input");
+        assert_err(
+            "host xyz",
+            6,
+            "unexpected `xyz` after the end of the predicate",
+        );
+        assert_err("host )", 6, "unexpected `)` after the end of the predicate");
+        assert_err("host = \"ab", 8, "unterminated string");
+        assert_err("host = \"a\\x\"", 10, "unknown escape `\\x` in string");
+        assert_err(
+            "host ~= \"[\"",
+            9,
+            "invalid regex: unclosed character class",
+        );
+        assert_err("a or \"é\" \"x", 10, "unterminated string");
+        assert_err(
+            "state = \"ok\" \"a much too long token indeed\"",
+            14,
+            "unexpected `\"a much too long token i…` after the end of the predicate",
+        );
+        // Byte offset and char column differ after multi-byte characters.
+        let e = err("\"üüü\" xyz");
+        assert_eq!((e.offset, e.column), (9, 7));
+    }
+
+    #[test]
+    fn nesting_is_capped() {
+        let ok = format!("{}host{}", "(".repeat(MAX_DEPTH), ")".repeat(MAX_DEPTH));
+        assert!(parse(&ok, true).is_ok());
+        let ok = format!("{}host", "not ".repeat(MAX_DEPTH));
+        assert!(parse(&ok, true).is_ok());
+
+        let e = err(&format!(
+            "{}host{}",
+            "(".repeat(MAX_DEPTH + 1),
+            ")".repeat(MAX_DEPTH + 1)
+        ));
+        assert_eq!(
+            (e.column, e.message.as_str()),
+            (MAX_DEPTH + 1, "nested too deeply (max 64)")
+        );
+        let e = err(&"(".repeat(10_000));
+        assert_eq!(e.message, "nested too deeply (max 64)");
+        let e = err(&"not ".repeat(10_000));
+        assert_eq!(e.message, "nested too deeply (max 64)");
+        // Mixed: each `not` and `(` counts.
+        let e = err(&"not (".repeat(40));
+        assert_eq!(e.column, 5 * 32 + 1);
+    }
+
+    #[test]
+    fn long_chains_are_flat() {
+        let src = vec!["host"; 50_000].join(" and ");
+        let Node::And(terms) = parse(&src, true).unwrap().node else {
+            panic!("expected And")
+        };
+        assert_eq!(terms.len(), 50_000);
+        let src = vec!["a = 1 and b"; 20_000].join(" or ");
+        let Node::Or(terms) = parse(&src, true).unwrap().node else {
+            panic!("expected Or")
+        };
+        assert_eq!(terms.len(), 20_000);
+    }
+}

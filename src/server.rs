@@ -1,0 +1,140 @@
+//! Wires a running vigil together: binds the listeners, spawns the TCP, UDP and
+//! expiry tasks around one shared [`Ingest`], and shuts them down on request.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::SharedClock;
+use crate::index::Index;
+use crate::ingest::Ingest;
+use crate::stats::Stats;
+use crate::streams::Streams;
+use crate::{tcp, udp};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub tcp: SocketAddr,
+    /// `None` binds UDP on the same address (and port) TCP got.
+    pub udp: Option<SocketAddr>,
+    pub max_frame: usize,
+    pub max_datagram: usize,
+    /// How often the index is swept for expired entries.
+    pub expiry_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            tcp: SocketAddr::from(([127, 0, 0, 1], 5555)),
+            udp: None,
+            max_frame: tcp::DEFAULT_MAX_FRAME,
+            max_datagram: udp::DEFAULT_MAX_DATAGRAM,
+            expiry_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A started server; dropping it does not stop it, [`Server::shutdown`] does.
+pub struct Server {
+    pub tcp_addr: SocketAddr,
+    pub udp_addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    pub async fn start(
+        config: ServerConfig,
+        index: Arc<Index>,
+        streams: Arc<dyn Streams>,
+        clock: SharedClock,
+    ) -> io::Result<Server> {
+        let listener = TcpListener::bind(config.tcp).await?;
+        let tcp_addr = listener.local_addr()?;
+        let udp_socket = UdpSocket::bind(config.udp.unwrap_or(tcp_addr)).await?;
+        let udp_addr = udp_socket.local_addr()?;
+
+        let stats = Arc::new(Stats::default());
+        let ingest = Arc::new(Ingest {
+            index: index.clone(),
+            streams: streams.clone(),
+            clock: clock.clone(),
+            stats: stats.clone(),
+        });
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(tcp::serve(
+            listener,
+            ingest.clone(),
+            config.max_frame,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(udp::serve(
+            udp_socket,
+            ingest,
+            config.max_datagram,
+            shutdown.clone(),
+        ));
+        tracker.spawn(expire_periodically(
+            index,
+            streams,
+            clock,
+            config.expiry_interval,
+            shutdown.clone(),
+        ));
+        Ok(Server {
+            tcp_addr,
+            udp_addr,
+            stats,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// Stops accepting, ends every connection at its next frame boundary and
+    /// waits (up to `grace`) for the tasks to finish.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "Tasks still running after the shutdown grace period."
+            );
+        }
+    }
+}
+
+/// Expired entries go back through the streams, like any other event.
+async fn expire_periodically(
+    index: Arc<Index>,
+    streams: Arc<dyn Streams>,
+    clock: SharedClock,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let expired = index.expire(clock.now());
+        if !expired.is_empty() {
+            tracing::debug!(count = expired.len(), "Expired index entries.");
+            streams.process(expired);
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The processing pipeline interface: ingest hands each decoded `Msg` (and the
+//! index hands each batch of expired entries) to a [`Streams`] as one batch.
+//! What happens to the events — indexing, routing to outputs — is the
+//! implementation's business; transports know nothing of it.
+
+use std::sync::Arc;
+
+use crate::event::Event;
+use crate::index::Index;
+
+pub trait Streams: Send + Sync + 'static {
+    /// Runs one batch through the pipeline. Must not block on I/O: it is called
+    /// inline on the connection that read the batch.
+    fn process(&self, events: Vec<Event>);
+}
+
+/// The pipeline with no rules: every event goes to the index.
+pub struct IndexEverything {
+    index: Arc<Index>,
+}
+
+impl IndexEverything {
+    pub fn new(index: Arc<Index>) -> Self {
+        Self { index }
+    }
+}
+
+impl Streams for IndexEverything {
+    fn process(&self, events: Vec<Event>) {
+        for event in events {
+            self.index.insert(event);
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! The server in-process on ephemeral ports, driven over real sockets: framing,
+//! replies, bad input and expiry. (Real third-party clients: `interop_*.rs`.)
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prost::Message;
+
+use vigil::client::Client;
+use vigil::clock::{MICROS_PER_SEC, ManualClock, SharedClock};
+use vigil::event::{Event, Metric};
+use vigil::index::{Index, IndexConfig};
+use vigil::proto::{Msg, PbEvent, PbQuery};
+use vigil::server::{Server, ServerConfig};
+use vigil::stats::Stats;
+use vigil::streams::{IndexEverything, Streams};
+
+const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
+
+/// Indexes everything and remembers every event it saw.
+struct Recording {
+    inner: IndexEverything,
+    seen: Mutex<Vec<Event>>,
+}
+
+impl Streams for Recording {
+    fn process(&self, events: Vec<Event>) {
+        self.seen.lock().extend(events.iter().cloned());
+        self.inner.process(events);
+    }
+}
+
+struct Harness {
+    server: Server,
+    index: Arc<Index>,
+    clock: Arc<ManualClock>,
+    streams: Arc<Recording>,
+}
+
+impl Harness {
+    async fn start(config: ServerConfig) -> Harness {
+        let clock = Arc::new(ManualClock::new(T0));
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let streams = Arc::new(Recording {
+            inner: IndexEverything::new(index.clone()),
+            seen: Mutex::default(),
+        });
+        let config = ServerConfig {
+            tcp: "127.0.0.1:0".parse().unwrap(),
+            expiry_interval: Duration::from_millis(10),
+            ..config
+        };
+        let shared: SharedClock = clock.clone();
+        let server = Server::start(config, index.clone(), streams.clone(), shared)
+            .await
+            .expect("server starts");
+        Harness {
+            server,
+            index,
+            clock,
+            streams,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.tcp_addr
+    }
+
+    /// A fresh client can still send and read back an event.
+    async fn assert_serves(&self) {
+        let mut client = Client::connect(self.addr()).await.expect("connects");
+        let event = Event {
+            host: Some("fresh".into()),
+            service: Some("probe".into()),
+            time: T0,
+            ..Event::default()
+        };
+        client.send(&[event]).await.expect("acked");
+        let found = client
+            .query(r#"host = "fresh" and service = "probe""#)
+            .await
+            .expect("query answered");
+        assert_eq!(found.len(), 1);
+    }
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+fn read_reply(stream: &mut TcpStream) -> Msg {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).expect("reply length");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).expect("reply body");
+    Msg::decode(body.as_slice()).expect("reply decodes")
+}
+
+fn raw(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+fn events_msg(events: Vec<PbEvent>) -> Vec<u8> {
+    Msg {
+        events,
+        ..Msg::default()
+    }
+    .encode_to_vec()
+}
+
+fn pb_event(host: &str, service: &str) -> PbEvent {
+    PbEvent {
+        host: Some(host.into()),
+        service: Some(service.into()),
+        ..PbEvent::default()
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_is_exactly_field_two_and_pipelined_replies_keep_order() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let addr = h.addr();
+    let replies = blocking(move || {
+        let mut s = raw(addr);
+        // Three frames in one write: events, a query, a bad query.
+        let mut bytes = frame(&events_msg(vec![pb_event("a", "one")]));
+        let query = |q: &str| {
+            Msg {
+                query: Some(PbQuery {
+                    string: Some(q.into()),
+                }),
+                ..Msg::default()
+            }
+            .encode_to_vec()
+        };
+        bytes.extend(frame(&query(r#"service = "one""#)));
+        bytes.extend(frame(&query("service = = ")));
+        s.write_all(&bytes).unwrap();
+        let mut first = [0u8; 6];
+        s.read_exact(&mut first).unwrap();
+        (first, read_reply(&mut s), read_reply(&mut s))
+    })
+    .await;
+    assert_eq!(replies.0, [0, 0, 0, 2, 0x10, 0x01]);
+    assert_eq!(replies.1.ok, Some(true));
+    assert_eq!(replies.1.events.len(), 1);
+    assert_eq!(replies.1.events[0].host.as_deref(), Some("a"));
+    assert_eq!(replies.2.ok, Some(false));
+    assert!(
+        replies
+            .2
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("parse error"),
+        "{:?}",
+        replies.2.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_time_is_stamped_with_arrival_and_metric_kinds_survive() {
+    let h = Harness::start(ServerConfig::default()).await;
+    h.clock.set(T0 + 123);
+    let mut client = Client::connect(h.addr()).await.unwrap();
+    let addr = h.addr();
+    blocking(move || {
+        let mut s = raw(addr);
+        let mut int = pb_event("m", "int");
+        int.metric_sint64 = Some(-7);
+        let mut float = pb_event("m", "float");
+        float.metric_f = Some(0.5);
+        s.write_all(&frame(&events_msg(vec![int, float]))).unwrap();
+        assert_eq!(read_reply(&mut s).ok, Some(true));
+    })
+    .await;
+    let mut found = client.query(r#"host = "m""#).await.unwrap();
+    found.sort_by(|a, b| a.service.cmp(&b.service));
+    assert_eq!(found[0].metric, Some(Metric::Float(0.5)));
+    assert_eq!(found[1].metric, Some(Metric::Int(-7)));
+    assert!(found.iter().all(|e| e.time == T0 + 123));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_protobuf_gets_an_error_and_the_connection_stays_usable() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let addr = h.addr();
+    let (bad, good) = blocking(move || {
+        let mut s = raw(addr);
+        s.write_all(&frame(&[0xff, 0xff, 0xff, 0xff])).unwrap();
+        let bad = read_reply(&mut s);
+        s.write_all(&frame(&events_msg(vec![pb_event("after", "garbage")])))
+            .unwrap();
+        (bad, read_reply(&mut s))
+    })
+    .await;
+    assert_eq!(bad.ok, Some(false));
+    assert!(bad.error.unwrap().starts_with("invalid message"));
+    assert_eq!(good.ok, Some(true));
+    assert!(h.index.get("after", "garbage").is_some());
+    assert_eq!(Stats::get(&h.server.stats.decode_errors), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_length_prefix_gets_an_error_and_close_without_allocating() {
+    let h = Harness::start(ServerConfig {
+        max_frame: 1024,
+        ..ServerConfig::default()
+    })
+    .await;
+    let addr = h.addr();
+    let (reply, eof) = blocking(move || {
+        let mut s = raw(addr);
+        // Claims 4 GiB; only the prefix is ever sent.
+        s.write_all(&[0xff, 0xff, 0xff, 0xff]).unwrap();
+        let reply = read_reply(&mut s);
+        let mut rest = Vec::new();
+        let eof = s.read_to_end(&mut rest).map(|_| rest.len());
+        (reply, eof)
+    })
+    .await;
+    assert_eq!(reply.ok, Some(false));
+    assert!(reply.error.unwrap().contains("maximum size of 1024 bytes"));
+    assert_eq!(eof.unwrap(), 0, "closed after the error reply");
+    assert_eq!(Stats::get(&h.server.stats.frames_oversized), 1);
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_frame_and_random_bytes_are_counted_and_harmless() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let addr = h.addr();
+    blocking(move || {
+        // Promise 100 bytes, send 10, hang up.
+        let mut s = raw(addr);
+        s.write_all(&[0, 0, 0, 100]).unwrap();
+        s.write_all(&[0x32; 10]).unwrap();
+        drop(s);
+        // Deterministic noise: a plausible small length, then junk.
+        let mut s = raw(addr);
+        let mut x: u32 = 0x9e37_79b9;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        s.write_all(&[0, 0, 0, 64]).unwrap();
+        s.write_all(&noise).unwrap();
+        drop(s);
+    })
+    .await;
+    wait_for(|| Stats::get(&h.server.stats.frames_truncated) >= 1).await;
+    h.assert_serves().await;
+    let stats = &h.server.stats;
+    assert!(Stats::get(&stats.decode_errors) + Stats::get(&stats.frames_oversized) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tags_are_accepted_and_read_back() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut e = pb_event("many", "tags");
+    e.tags = (0..10_000).map(|i| format!("tag{i}")).collect();
+    let mut client = Client::connect(h.addr()).await.unwrap();
+    let addr = h.addr();
+    let reply = blocking(move || {
+        let mut s = raw(addr);
+        s.write_all(&frame(&events_msg(vec![e]))).unwrap();
+        read_reply(&mut s)
+    })
+    .await;
+    assert_eq!(reply.ok, Some(true));
+    let found = client.query(r#"tagged "tag9999""#).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].tags.len(), 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_events_are_indexed_and_garbage_is_counted() {
+    let h = Harness::start(ServerConfig {
+        max_datagram: 512,
+        ..ServerConfig::default()
+    })
+    .await;
+    let udp = h.server.udp_addr;
+    blocking(move || {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.send_to(&[0xff, 0x00, 0x13], udp).unwrap();
+        s.send_to(&[0u8; 2048], udp).unwrap();
+        s.send_to(&events_msg(vec![pb_event("u", "dp")]), udp)
+            .unwrap();
+    })
+    .await;
+    wait_for(|| h.index.get("u", "dp").is_some()).await;
+    let stats = &h.server.stats;
+    wait_for(|| Stats::get(&stats.udp_datagrams) == 3).await;
+    assert_eq!(Stats::get(&stats.decode_errors), 1);
+    assert_eq!(Stats::get(&stats.udp_oversized), 1);
+    assert_eq!(Stats::get(&stats.udp_events), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_expiry_removes_the_entry_and_runs_expired_through_the_streams() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut client = Client::connect(h.addr()).await.unwrap();
+    let event = Event {
+        host: Some("short".into()),
+        service: Some("lived".into()),
+        state: Some("ok".into()),
+        time: T0,
+        ttl: Some(1.0),
+        tags: vec!["keep".into()],
+        ..Event::default()
+    };
+    client.send(&[event]).await.unwrap();
+    assert_eq!(client.query(r#"host = "short""#).await.unwrap().len(), 1);
+
+    h.clock.advance(MICROS_PER_SEC + 1);
+    wait_for(|| h.index.get("short", "lived").is_none()).await;
+    assert!(client.query(r#"host = "short""#).await.unwrap().is_empty());
+    let seen = h.streams.seen.lock().clone();
+    let expired: Vec<_> = seen.iter().filter(|e| e.is_expired_state()).collect();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].service.as_deref(), Some("lived"));
+    assert_eq!(expired[0].time, T0 + MICROS_PER_SEC + 1);
+    assert_eq!(expired[0].tags, vec!["keep".to_owned()]);
+}
+
+/// Polls a condition the server reaches asynchronously; fails after 10 s.
+async fn wait_for(mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "condition not reached in 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
