@@ -104,6 +104,11 @@ impl Index {
         self.len() == 0
     }
 
+    /// TTL in seconds applied to events that carry none.
+    pub fn default_ttl(&self) -> f64 {
+        self.config.default_ttl
+    }
+
     /// New keys refused because the index was full, since start.
     pub fn refused_total(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)

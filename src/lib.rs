@@ -24,6 +24,7 @@ pub mod ingest;
 pub mod json;
 pub mod proto;
 pub mod query;
+pub mod rules;
 pub mod server;
 pub mod stats;
 pub mod streams;

@@ -1,5 +1,5 @@
 //! Wires a running vigil together: binds the listeners, spawns the TCP, UDP and
-//! expiry tasks around one shared [`Ingest`], and shuts them down on request.
+//! timer tasks around one shared [`Ingest`], and shuts them down on request.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,8 +24,8 @@ pub struct ServerConfig {
     pub udp: Option<SocketAddr>,
     pub max_frame: usize,
     pub max_datagram: usize,
-    /// How often the index is swept for expired entries.
-    pub expiry_interval: Duration,
+    /// How often timers run: index expiry, then the time-based rule stages.
+    pub tick: Duration,
 }
 
 impl Default for ServerConfig {
@@ -35,7 +35,7 @@ impl Default for ServerConfig {
             udp: None,
             max_frame: tcp::DEFAULT_MAX_FRAME,
             max_datagram: udp::DEFAULT_MAX_DATAGRAM,
-            expiry_interval: Duration::from_secs(1),
+            tick: Duration::from_millis(100),
         }
     }
 }
@@ -83,11 +83,11 @@ impl Server {
             config.max_datagram,
             shutdown.clone(),
         ));
-        tracker.spawn(expire_periodically(
+        tracker.spawn(run_timers(
             index,
             streams,
             clock,
-            config.expiry_interval,
+            config.tick,
             shutdown.clone(),
         ));
         Ok(Server {
@@ -116,8 +116,9 @@ impl Server {
     }
 }
 
-/// Expired entries go back through the streams, like any other event.
-async fn expire_periodically(
+/// Each tick: expired index entries go back through the streams like any other
+/// event, then the streams' own timers (rates, windows) get their turn.
+async fn run_timers(
     index: Arc<Index>,
     streams: Arc<dyn Streams>,
     clock: SharedClock,
@@ -136,5 +137,6 @@ async fn expire_periodically(
             tracing::debug!(count = expired.len(), "Expired index entries.");
             streams.process(expired);
         }
+        streams.tick();
     }
 }

@@ -12,6 +12,10 @@ pub trait Streams: Send + Sync + 'static {
     /// Runs one batch through the pipeline. Must not block on I/O: it is called
     /// inline on the connection that read the batch.
     fn process(&self, events: Vec<Event>);
+
+    /// Time has passed: time-based stages (rates, windows) emit what is due.
+    /// Called periodically by the server's timer, and by tests on a virtual clock.
+    fn tick(&self) {}
 }
 
 /// The pipeline with no rules: every event goes to the index.

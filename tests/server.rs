@@ -50,7 +50,7 @@ impl Harness {
         });
         let config = ServerConfig {
             tcp: "127.0.0.1:0".parse().unwrap(),
-            expiry_interval: Duration::from_millis(10),
+            tick: Duration::from_millis(10),
             ..config
         };
         let shared: SharedClock = clock.clone();

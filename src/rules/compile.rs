@@ -1,0 +1,1001 @@
+//! Turns a parsed rule file into a tree of stream nodes before any event flows:
+//! resolves names (streams, outputs, `env(…)`), checks every argument's type and
+//! range, and reports every problem it finds with the span it came from.
+
+use std::collections::BTreeMap;
+
+use crate::clock::Micros;
+use crate::event::Metric;
+use crate::query::Query;
+
+use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
+use super::diag::{Diagnostic, closest};
+use super::nodes::{
+    By, Changed, Children, Ddt, Drop, Ewma, EwmaMode, Field, FieldSet, Fold, FoldKind, IndexNode,
+    Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Scale, Split, Stable, Tag,
+    Throttle, Where, Window, WindowKind, With,
+};
+use super::outputs::{OutputKind, OutputSpec, PAGERDUTY_URL};
+
+/// Every stream name the language knows (for "did you mean" hints).
+const STREAMS: &[&str] = &[
+    "index",
+    "reinject",
+    "drop",
+    "with",
+    "default",
+    "by",
+    "rate",
+    "throttle",
+    "changed",
+    "changed_state",
+    "expired",
+    "not_expired",
+    "over",
+    "under",
+    "within",
+    "fixed_time_window",
+    "moving_time_window",
+    "fixed_event_window",
+    "moving_event_window",
+    "coalesce",
+    "percentiles",
+    "ewma",
+    "ewma_timeless",
+    "ddt",
+    "stable",
+    "scale",
+    "tag",
+    "log",
+    "sum",
+    "mean",
+    "min",
+    "max",
+    "count",
+];
+
+const OUTPUT_TYPES: &[&str] = &["pagerduty", "webhook", "graphite", "forward"];
+
+/// A compiled rule file.
+pub struct Compiled {
+    pub outputs: Vec<OutputSpec>,
+    /// The top-level streams; `Output` nodes refer to `outputs` by position.
+    pub roots: Children,
+    /// Problems that do not stop the file from running (e.g. an unset `env(…)`
+    /// when compiling for `vigil check`).
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// What an unset `env("NAME")` means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvPolicy {
+    /// An error: a pager without its key must not start silently (`vigil run`).
+    Strict,
+    /// A warning, with a placeholder value, so `vigil check` and `vigil test` can
+    /// validate a file where its secrets are absent.
+    Lenient,
+}
+
+pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnostic>> {
+    let mut c = Compiler {
+        env,
+        outputs: Vec::new(),
+        output_names: BTreeMap::new(),
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    for decl in &file.outputs {
+        if c.output_names.contains_key(&decl.name.name) {
+            c.error(
+                decl.name.span.clone(),
+                format!("output `{}` is declared twice", decl.name.name),
+            );
+            continue;
+        }
+        if STREAMS.contains(&decl.name.name.as_str()) {
+            c.error(
+                decl.name.span.clone(),
+                format!(
+                    "output name `{}` is a stream name; choose another",
+                    decl.name.name
+                ),
+            );
+            continue;
+        }
+        if let Some(kind) = c.output_kind(&decl.kind, &decl.args) {
+            c.output_names
+                .insert(decl.name.name.clone(), c.outputs.len());
+            c.outputs.push(OutputSpec {
+                name: decl.name.name.clone(),
+                kind,
+            });
+        }
+    }
+    let roots = c.block(&file.streams);
+    if c.errors.is_empty() {
+        Ok(Compiled {
+            outputs: c.outputs,
+            roots,
+            warnings: c.warnings,
+        })
+    } else {
+        c.errors.sort_by_key(|d| d.span.start);
+        Err(c.errors)
+    }
+}
+
+struct Compiler {
+    env: EnvPolicy,
+    outputs: Vec<OutputSpec>,
+    output_names: BTreeMap<String, usize>,
+    errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
+}
+
+/// Arguments bound to a stream's or output's parameter names.
+struct Bound<'v> {
+    values: BTreeMap<&'static str, &'v Value>,
+    /// Where to point when a required argument is missing.
+    call_span: Span,
+}
+
+impl<'v> Bound<'v> {
+    fn get(&self, name: &str) -> Option<&'v Value> {
+        self.values.get(name).copied()
+    }
+}
+
+impl Compiler {
+    fn error(&mut self, span: Span, message: impl Into<String>) {
+        self.errors.push(Diagnostic::new(span, message));
+    }
+
+    fn error_hint(&mut self, span: Span, message: impl Into<String>, hint: impl Into<String>) {
+        self.errors
+            .push(Diagnostic::new(span, message).with_hint(hint));
+    }
+
+    // ---- arguments -------------------------------------------------------
+
+    /// Binds positional arguments to `params` in order and named ones by name;
+    /// anything else is an error naming what is accepted.
+    fn bind<'v>(
+        &mut self,
+        what: &str,
+        args: &'v [Arg],
+        params: &[&'static str],
+        call_span: &Span,
+    ) -> Option<Bound<'v>> {
+        let mut values = BTreeMap::new();
+        let mut ok = true;
+        let mut position = 0;
+        for arg in args {
+            let param = match &arg.name {
+                Some(name) => match params.iter().find(|p| **p == name.name) {
+                    Some(p) => *p,
+                    None => {
+                        let expected = if params.is_empty() {
+                            format!("`{what}` takes no parameters")
+                        } else {
+                            format!("`{what}` takes {}", list(params))
+                        };
+                        match closest(&name.name, params.iter().copied()) {
+                            Some(guess) => self.error_hint(
+                                name.span.clone(),
+                                format!("unknown parameter `{}` for `{what}`", name.name),
+                                format!("did you mean `{guess}`? ({expected})"),
+                            ),
+                            None => self.error_hint(
+                                name.span.clone(),
+                                format!("unknown parameter `{}` for `{what}`", name.name),
+                                expected,
+                            ),
+                        }
+                        ok = false;
+                        continue;
+                    }
+                },
+                None => {
+                    let Some(p) = params.get(position) else {
+                        self.error(
+                            arg.span.clone(),
+                            format!(
+                                "too many arguments for `{what}` (it takes {})",
+                                if params.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    list(params)
+                                }
+                            ),
+                        );
+                        ok = false;
+                        continue;
+                    };
+                    position += 1;
+                    *p
+                }
+            };
+            if values.insert(param, &arg.value).is_some() {
+                self.error(arg.span.clone(), format!("`{param}` is given twice"));
+                ok = false;
+            }
+        }
+        ok.then_some(Bound {
+            values,
+            call_span: call_span.clone(),
+        })
+    }
+
+    fn require<'v>(&mut self, what: &str, bound: &Bound<'v>, name: &str) -> Option<&'v Value> {
+        let value = bound.get(name);
+        if value.is_none() {
+            self.error(bound.call_span.clone(), format!("`{what}` needs `{name}`"));
+        }
+        value
+    }
+
+    fn string(&mut self, v: &Value) -> Option<String> {
+        match &v.kind {
+            ValueKind::String(s) => Some(s.clone()),
+            ValueKind::Env(name) => match (std::env::var(name), self.env) {
+                (Ok(value), _) => Some(value),
+                (Err(_), EnvPolicy::Lenient) => {
+                    self.warnings.push(
+                        Diagnostic::new(
+                            v.span.clone(),
+                            format!("environment variable `{name}` is not set"),
+                        )
+                        .with_hint("`vigil run` will refuse to start until it is"),
+                    );
+                    Some(format!("<unset {name}>"))
+                }
+                (Err(_), EnvPolicy::Strict) => {
+                    self.error_hint(
+                        v.span.clone(),
+                        format!("environment variable `{name}` is not set"),
+                        "set it before starting vigil",
+                    );
+                    None
+                }
+            },
+            _ => self.expected(v, "a string"),
+        }
+    }
+
+    fn optional_string(&mut self, v: Option<&Value>) -> Option<Option<String>> {
+        match v {
+            None => Some(None),
+            Some(v) if v.kind == ValueKind::Null => Some(None),
+            Some(v) => self.string(v).map(Some),
+        }
+    }
+
+    fn number(&mut self, v: &Value) -> Option<f64> {
+        match v.kind {
+            ValueKind::Number(n) if n.is_finite() => Some(n),
+            _ => self.expected(v, "a number"),
+        }
+    }
+
+    fn count(&mut self, v: &Value) -> Option<u64> {
+        match v.kind {
+            ValueKind::Number(n) if n >= 1.0 && n.fract() == 0.0 && n <= 1e12 => Some(n as u64),
+            _ => self.expected(v, "a whole number of at least 1"),
+        }
+    }
+
+    fn duration(&mut self, v: &Value) -> Option<Micros> {
+        match v.kind {
+            ValueKind::Duration(d) if d > 0 => Some(d),
+            ValueKind::Duration(_) => self.expected(v, "a duration above zero"),
+            _ => self.expected(v, "a duration such as 500ms, 5s, 2m or 1h"),
+        }
+    }
+
+    fn port(&mut self, v: Option<&Value>, default: u16) -> Option<u16> {
+        match v {
+            None => Some(default),
+            Some(v) => match v.kind {
+                ValueKind::Number(n) if (1.0..=65535.0).contains(&n) && n.fract() == 0.0 => {
+                    Some(n as u16)
+                }
+                _ => self.expected(v, "a port number (1-65535)"),
+            },
+        }
+    }
+
+    fn ident_or_string(&mut self, v: &Value) -> Option<String> {
+        match &v.kind {
+            ValueKind::Ident(s) | ValueKind::String(s) => Some(s.clone()),
+            _ => self.expected(v, "a field name"),
+        }
+    }
+
+    fn expected<T>(&mut self, v: &Value, what: &str) -> Option<T> {
+        self.error(
+            v.span.clone(),
+            format!("expected {what}, found {}", describe(&v.kind)),
+        );
+        None
+    }
+
+    // ---- outputs ---------------------------------------------------------
+
+    fn output_kind(&mut self, kind: &Ident, args: &[Arg]) -> Option<OutputKind> {
+        let span = kind.span.clone();
+        let params: &[&'static str] = match kind.name.as_str() {
+            "pagerduty" => &["routing_key", "url", "dedup_key", "resend_interval"],
+            "webhook" => &["url", "headers", "body"],
+            "graphite" => &["host", "port", "prefix", "path"],
+            "forward" => &["host", "port"],
+            other => {
+                let hint = match closest(other, OUTPUT_TYPES.iter().copied()) {
+                    Some(guess) => format!("did you mean `{guess}`?"),
+                    None => format!("output types: {}", list(OUTPUT_TYPES)),
+                };
+                self.error_hint(span, format!("unknown output type `{other}`"), hint);
+                return None;
+            }
+        };
+        let what = kind.name.as_str();
+        let b = self.bind(what, args, params, &span)?;
+        let kind = match what {
+            "pagerduty" => {
+                let key = self.require(what, &b, "routing_key");
+                let routing_key = self.string(key?)?;
+                let url = self
+                    .optional_string(b.get("url"))?
+                    .unwrap_or_else(|| PAGERDUTY_URL.to_owned());
+                let dedup_key = self.optional_string(b.get("dedup_key"))?;
+                let resend_interval = match b.get("resend_interval") {
+                    Some(v) => Some(self.duration(v)?),
+                    None => None,
+                };
+                OutputKind::PagerDuty {
+                    routing_key,
+                    url,
+                    dedup_key,
+                    resend_interval,
+                }
+            }
+            "webhook" => {
+                let url = self.require(what, &b, "url");
+                let url = self.string(url?)?;
+                let mut headers = BTreeMap::new();
+                if let Some(v) = b.get("headers") {
+                    let ValueKind::Map(entries) = &v.kind else {
+                        return self.expected(v, "a map like {\"X-Token\": \"…\"}");
+                    };
+                    for (k, value) in entries {
+                        let value = self.string(value)?;
+                        headers.insert(k.name.clone(), value);
+                    }
+                }
+                let body = self.optional_string(b.get("body"))?;
+                OutputKind::Webhook { url, headers, body }
+            }
+            "graphite" => OutputKind::Graphite {
+                host: self
+                    .optional_string(b.get("host"))?
+                    .unwrap_or_else(|| "127.0.0.1".to_owned()),
+                port: self.port(b.get("port"), 2003)?,
+                prefix: self.optional_string(b.get("prefix"))?,
+                path: self.optional_string(b.get("path"))?,
+            },
+            _ => {
+                let host = self.require(what, &b, "host");
+                OutputKind::Forward {
+                    host: self.string(host?)?,
+                    port: self.port(b.get("port"), 5555)?,
+                }
+            }
+        };
+        Some(kind)
+    }
+
+    // ---- streams ---------------------------------------------------------
+
+    fn block(&mut self, stmts: &[Stmt]) -> Children {
+        Children(stmts.iter().filter_map(|s| self.stmt(s)).collect())
+    }
+
+    fn body(&mut self, name: &Ident, body: Option<&Block>) -> Option<Children> {
+        match body {
+            Some(block) => Some(self.block(&block.stmts)),
+            None => {
+                self.error_hint(
+                    name.span.clone(),
+                    format!("`{}` needs a block of streams to pass events to", name.name),
+                    format!("write `{} {{ index }}` or similar", name.name),
+                );
+                None
+            }
+        }
+    }
+
+    fn stmt(&mut self, stmt: &Stmt) -> Option<Box<dyn Node>> {
+        match stmt {
+            Stmt::Where {
+                pred,
+                body,
+                else_body,
+                ..
+            } => Some(Box::new(Where {
+                pred: pred.clone(),
+                then: self.block(&body.stmts),
+                otherwise: else_body
+                    .as_ref()
+                    .map(|b| self.block(&b.stmts))
+                    .unwrap_or_default(),
+            })),
+            Stmt::Split {
+                clauses, default, ..
+            } => Some(Box::new(Split {
+                clauses: clauses
+                    .iter()
+                    .map(|c| (c.pred.clone(), self.block(&c.body.stmts)))
+                    .collect(),
+                default: default
+                    .as_ref()
+                    .map(|b| self.block(&b.stmts))
+                    .unwrap_or_default(),
+            })),
+            Stmt::Call {
+                name,
+                args,
+                body,
+                else_body,
+                span,
+            } => {
+                if let Some(else_body) = else_body {
+                    self.error(
+                        else_body.span.clone(),
+                        format!(
+                            "`else` only follows `where` or `split`, not `{}`",
+                            name.name
+                        ),
+                    );
+                }
+                self.call(
+                    name,
+                    args.as_deref().unwrap_or_default(),
+                    body.as_ref(),
+                    span,
+                )
+            }
+        }
+    }
+
+    fn call(
+        &mut self,
+        name: &Ident,
+        args: &[Arg],
+        body: Option<&Block>,
+        span: &Span,
+    ) -> Option<Box<dyn Node>> {
+        let n = name.name.as_str();
+        if let Some(&id) = self.output_names.get(n) {
+            self.leaf(name, args, body)?;
+            return Some(Box::new(Output { id }));
+        }
+        let node: Box<dyn Node> = match n {
+            "index" => {
+                self.leaf(name, args, body)?;
+                Box::new(IndexNode {})
+            }
+            "reinject" => {
+                self.leaf(name, args, body)?;
+                Box::new(Reinject {})
+            }
+            "drop" => {
+                self.leaf(name, args, body)?;
+                Box::new(Drop {})
+            }
+            "log" => {
+                if let Some(b) = body {
+                    self.error(b.span.clone(), "`log` takes no block");
+                }
+                let b = self.bind(n, args, &["level"], span)?;
+                let level = match b.get("level") {
+                    None => tracing::Level::INFO,
+                    Some(v) => match &v.kind {
+                        ValueKind::Ident(l) | ValueKind::String(l) => match l.parse() {
+                            Ok(level) => level,
+                            Err(_) => {
+                                return self
+                                    .expected(v, "a log level (error, warn, info, debug, trace)");
+                            }
+                        },
+                        _ => {
+                            return self
+                                .expected(v, "a log level (error, warn, info, debug, trace)");
+                        }
+                    },
+                };
+                Box::new(Log { level })
+            }
+            "with" | "default" => {
+                let sets = self.field_sets(n, args)?;
+                let children = self.body(name, body)?;
+                Box::new(With {
+                    sets,
+                    only_missing: n == "default",
+                    children,
+                })
+            }
+            "expired" | "not_expired" => {
+                self.bind(n, args, &[], span)?;
+                let children = self.body(name, body)?;
+                let pred = Query::parse(r#"state = "expired""#).expect("constant query parses");
+                let (then, otherwise) = if n == "expired" {
+                    (children, Children::default())
+                } else {
+                    (Children::default(), children)
+                };
+                Box::new(Where {
+                    pred,
+                    then,
+                    otherwise,
+                })
+            }
+            "over" | "under" => {
+                let b = self.bind(n, args, &["threshold"], span)?;
+                let threshold = self.require(n, &b, "threshold");
+                let x = self.number(threshold?)?;
+                let children = self.body(name, body)?;
+                let (min, max) = if n == "over" {
+                    (Some(x), None)
+                } else {
+                    (None, Some(x))
+                };
+                Box::new(MetricTest {
+                    min,
+                    max,
+                    inclusive: false,
+                    children,
+                })
+            }
+            "within" => {
+                let b = self.bind(n, args, &["min", "max"], span)?;
+                let (lo, hi) = (self.require(n, &b, "min"), self.require(n, &b, "max"));
+                let (lo, hi) = (self.number(lo?)?, self.number(hi?)?);
+                if lo > hi {
+                    self.error(
+                        span.clone(),
+                        format!("`within({lo}, {hi})`: min is above max"),
+                    );
+                }
+                let children = self.body(name, body)?;
+                Box::new(MetricTest {
+                    min: Some(lo),
+                    max: Some(hi),
+                    inclusive: true,
+                    children,
+                })
+            }
+            "scale" => {
+                let b = self.bind(n, args, &["factor"], span)?;
+                let v = self.require(n, &b, "factor")?;
+                let x = self.number(v)?;
+                let factor = if x.fract() == 0.0 && x.abs() < 9e15 {
+                    Metric::Int(x as i64)
+                } else {
+                    Metric::Float(x)
+                };
+                let children = self.body(name, body)?;
+                Box::new(Scale { factor, children })
+            }
+            "tag" => {
+                let b = self.bind(n, args, &["tags"], span)?;
+                let v = self.require(n, &b, "tags")?;
+                let tags = match &v.kind {
+                    ValueKind::String(s) => vec![s.clone()],
+                    ValueKind::List(items) => self.strings(items)?,
+                    _ => return self.expected(v, "a tag or a list of tags"),
+                };
+                let children = self.body(name, body)?;
+                Box::new(Tag { tags, children })
+            }
+            "by" => {
+                let fields = self.by_fields(name, args)?;
+                let horizon = body.map_or(0, |b| horizon(&b.stmts));
+                let children = self.body(name, body)?;
+                Box::new(By::new(fields, children, horizon))
+            }
+            "changed" => {
+                let b = self.bind(n, args, &["field"], span)?;
+                let field = match b.get("field") {
+                    Some(v) => Field::named(&self.ident_or_string(v)?),
+                    None => Field::State,
+                };
+                let children = self.body(name, body)?;
+                Box::new(Changed::new(field, children))
+            }
+            "changed_state" => {
+                self.bind(n, args, &[], span)?;
+                let children = self.body(name, body)?;
+                let changed: Box<dyn Node> = Box::new(Changed::new(Field::State, children));
+                Box::new(By::new(
+                    vec![Field::Host, Field::Service],
+                    Children(vec![changed]),
+                    0,
+                ))
+            }
+            "rate" => {
+                let interval = self.one_duration(n, args, span)?;
+                let children = self.body(name, body)?;
+                Box::new(Rate::new(interval, children))
+            }
+            "throttle" => {
+                let b = self.bind(n, args, &["count", "interval"], span)?;
+                let (c, i) = (
+                    self.require(n, &b, "count"),
+                    self.require(n, &b, "interval"),
+                );
+                let (count, interval) = (self.count(c?)?, self.duration(i?)?);
+                let children = self.body(name, body)?;
+                Box::new(Throttle::new(count, interval, children))
+            }
+            "stable" => {
+                let b = self.bind(n, args, &["interval", "field"], span)?;
+                let interval = self.require(n, &b, "interval");
+                let interval = self.duration(interval?)?;
+                let field = match b.get("field") {
+                    Some(v) => Field::named(&self.ident_or_string(v)?),
+                    None => Field::State,
+                };
+                let children = self.body(name, body)?;
+                Box::new(Stable::new(interval, field, children))
+            }
+            "ewma" => {
+                let interval = self.one_duration_named(n, args, "halflife", span)?;
+                let children = self.body(name, body)?;
+                Box::new(Ewma::new(EwmaMode::HalfLife(interval), children))
+            }
+            "ewma_timeless" => {
+                let b = self.bind(n, args, &["r"], span)?;
+                let v = self.require(n, &b, "r")?;
+                let r = self.number(v)?;
+                if !(0.0..=1.0).contains(&r) {
+                    return self.expected(v, "a weight between 0 and 1");
+                }
+                let children = self.body(name, body)?;
+                Box::new(Ewma::new(EwmaMode::Timeless(r), children))
+            }
+            "ddt" => {
+                self.bind(n, args, &[], span)?;
+                let children = self.body(name, body)?;
+                Box::new(Ddt::new(children))
+            }
+            "percentiles" => {
+                let b = self.bind(n, args, &["interval", "points"], span)?;
+                let (i, p) = (
+                    self.require(n, &b, "interval"),
+                    self.require(n, &b, "points"),
+                );
+                let interval = self.duration(i?)?;
+                let p = p?;
+                let ValueKind::List(items) = &p.kind else {
+                    return self.expected(p, "a list of quantiles like [0.5, 0.95, 0.99]");
+                };
+                let mut points = Vec::new();
+                for item in items {
+                    match item.kind {
+                        ValueKind::Number(q) if (0.0..=1.0).contains(&q) => points.push(q),
+                        _ => return self.expected(item, "a quantile between 0 and 1"),
+                    }
+                }
+                let children = self.body(name, body)?;
+                Box::new(Percentiles::new(interval, points, children))
+            }
+            "fixed_time_window" | "moving_time_window" | "coalesce" => {
+                let dt = self.one_duration(n, args, span)?;
+                let kind = match n {
+                    "fixed_time_window" => WindowKind::FixedTime(dt),
+                    "moving_time_window" => WindowKind::MovingTime(dt),
+                    _ => WindowKind::Coalesce(dt),
+                };
+                let folds = self.folds(name, body)?;
+                Box::new(Window::new(kind, folds))
+            }
+            "fixed_event_window" | "moving_event_window" => {
+                let b = self.bind(n, args, &["count"], span)?;
+                let v = self.require(n, &b, "count")?;
+                let count = self.count(v)?;
+                let count = usize::try_from(count)
+                    .unwrap_or(usize::MAX)
+                    .min(super::nodes::WINDOW_MAX);
+                let kind = if n == "fixed_event_window" {
+                    WindowKind::FixedCount(count)
+                } else {
+                    WindowKind::MovingCount(count)
+                };
+                let folds = self.folds(name, body)?;
+                Box::new(Window::new(kind, folds))
+            }
+            "sum" | "mean" | "min" | "max" | "count" => {
+                self.error_hint(
+                    name.span.clone(),
+                    format!("`{n}` folds a window of events and cannot stand here"),
+                    format!("put it directly inside a window, e.g. `fixed_time_window(1m) {{ {n} {{ index }} }}`"),
+                );
+                return None;
+            }
+            unknown => {
+                self.unknown_stream(name, unknown, args, body);
+                return None;
+            }
+        };
+        Some(node)
+    }
+
+    fn unknown_stream(&mut self, name: &Ident, unknown: &str, args: &[Arg], body: Option<&Block>) {
+        let outputs: Vec<&str> = self.output_names.keys().map(String::as_str).collect();
+        let candidates = STREAMS.iter().copied().chain(outputs.iter().copied());
+        let hint = match closest(unknown, candidates) {
+            Some(guess) => Some(format!("did you mean `{guess}`?")),
+            // A bare name without arguments or block was most likely meant as an output.
+            None if args.is_empty() && body.is_none() => Some(if outputs.is_empty() {
+                "no outputs are declared; declare one with `output NAME = TYPE(…)`".to_owned()
+            } else {
+                format!("declared outputs: {}", list(&outputs))
+            }),
+            None => None,
+        };
+        let message = if args.is_empty() && body.is_none() {
+            format!("unknown stream or output `{unknown}`")
+        } else {
+            format!("unknown stream `{unknown}`")
+        };
+        match hint {
+            Some(hint) => self.error_hint(name.span.clone(), message, hint),
+            None => self.error(name.span.clone(), message),
+        }
+    }
+
+    /// Leaf stages take no arguments and no block.
+    fn leaf(&mut self, name: &Ident, args: &[Arg], body: Option<&Block>) -> Option<()> {
+        let mut ok = true;
+        if let Some(arg) = args.first() {
+            self.error(
+                arg.span.clone(),
+                format!("`{}` takes no arguments", name.name),
+            );
+            ok = false;
+        }
+        if let Some(b) = body {
+            self.error_hint(
+                b.span.clone(),
+                format!("`{}` takes no block: events end here", name.name),
+                "to send events on as well, list the next stream beside it",
+            );
+            ok = false;
+        }
+        ok.then_some(())
+    }
+
+    fn one_duration(&mut self, what: &str, args: &[Arg], span: &Span) -> Option<Micros> {
+        self.one_duration_named(what, args, "interval", span)
+    }
+
+    fn one_duration_named(
+        &mut self,
+        what: &str,
+        args: &[Arg],
+        param: &'static str,
+        span: &Span,
+    ) -> Option<Micros> {
+        let b = self.bind(what, args, &[param], span)?;
+        let v = self.require(what, &b, param)?;
+        self.duration(v)
+    }
+
+    fn strings(&mut self, items: &[Value]) -> Option<Vec<String>> {
+        items.iter().map(|v| self.string(v)).collect()
+    }
+
+    fn folds(&mut self, name: &Ident, body: Option<&Block>) -> Option<Vec<Fold>> {
+        let Some(block) = body else {
+            self.body(name, None);
+            return None;
+        };
+        let mut folds = Vec::new();
+        for stmt in &block.stmts {
+            let kind = match stmt {
+                Stmt::Call {
+                    name: fold_name,
+                    args,
+                    body,
+                    ..
+                } => {
+                    let kind = match fold_name.name.as_str() {
+                        "sum" => FoldKind::Sum,
+                        "mean" => FoldKind::Mean,
+                        "min" => FoldKind::Min,
+                        "max" => FoldKind::Max,
+                        "count" => FoldKind::Count,
+                        _ => {
+                            self.not_a_fold(&name.name, stmt.span());
+                            continue;
+                        }
+                    };
+                    if let Some(arg) = args.as_ref().and_then(|a| a.first()) {
+                        self.error(
+                            arg.span.clone(),
+                            format!("`{}` takes no arguments", fold_name.name),
+                        );
+                    }
+                    let Some(children) = self.body(fold_name, body.as_ref()) else {
+                        continue;
+                    };
+                    Fold { kind, children }
+                }
+                other => {
+                    self.not_a_fold(&name.name, other.span());
+                    continue;
+                }
+            };
+            folds.push(kind);
+        }
+        Some(folds)
+    }
+
+    fn not_a_fold(&mut self, window: &str, span: &Span) {
+        self.error_hint(
+            span.clone(),
+            format!("`{window}` emits windows of events; only a fold can take them"),
+            "use one of: sum, mean, min, max, count — e.g. `mean { index }`",
+        );
+    }
+
+    fn by_fields(&mut self, name: &Ident, args: &[Arg]) -> Option<Vec<Field>> {
+        if args.is_empty() {
+            self.error_hint(
+                name.span.clone(),
+                "`by` needs at least one field",
+                "e.g. `by(host, service) { … }`",
+            );
+            return None;
+        }
+        let mut fields = Vec::new();
+        for arg in args {
+            if let Some(n) = &arg.name {
+                self.error(n.span.clone(), "`by` takes field names, not `name: value`");
+                return None;
+            }
+            fields.push(Field::named(&self.ident_or_string(&arg.value)?));
+        }
+        Some(fields)
+    }
+
+    fn field_sets(&mut self, what: &str, args: &[Arg]) -> Option<Vec<FieldSet>> {
+        let mut sets = Vec::new();
+        let mut ok = true;
+        for arg in args {
+            let Some(field) = &arg.name else {
+                self.error_hint(
+                    arg.span.clone(),
+                    format!("`{what}` takes `field: value` pairs"),
+                    format!("e.g. `{what}(state: \"ok\", ttl: 60)`"),
+                );
+                ok = false;
+                continue;
+            };
+            match self.field_set(field, &arg.value) {
+                Some(set) => sets.push(set),
+                None => ok = false,
+            }
+        }
+        ok.then_some(sets)
+    }
+
+    fn field_set(&mut self, field: &Ident, v: &Value) -> Option<FieldSet> {
+        let null = v.kind == ValueKind::Null;
+        Some(match field.name.as_str() {
+            "host" => FieldSet::Host(self.optional_string(Some(v))?),
+            "service" => FieldSet::Service(self.optional_string(Some(v))?),
+            "state" => FieldSet::State(self.optional_string(Some(v))?),
+            "description" => FieldSet::Description(self.optional_string(Some(v))?),
+            "metric" if null => FieldSet::Metric(None),
+            "metric" => {
+                let x = self.number(v)?;
+                FieldSet::Metric(Some(if x.fract() == 0.0 && x.abs() < 9e15 {
+                    Metric::Int(x as i64)
+                } else {
+                    Metric::Float(x)
+                }))
+            }
+            "ttl" if null => FieldSet::Ttl(None),
+            "ttl" => FieldSet::Ttl(Some(self.number(v)? as f32)),
+            "tags" => match &v.kind {
+                ValueKind::Null => FieldSet::Tags(Vec::new()),
+                ValueKind::List(items) => FieldSet::Tags(self.strings(items)?),
+                _ => return self.expected(v, "a list of tags"),
+            },
+            "time" | "metric_f" | "metric_d" | "metric_sint64" | "time_micros" => {
+                self.error(
+                    field.span.clone(),
+                    format!("`{}` cannot be set by rules", field.name),
+                );
+                return None;
+            }
+            attribute => FieldSet::Attribute(
+                attribute.to_owned(),
+                match &v.kind {
+                    ValueKind::Null => None,
+                    ValueKind::Number(n) => Some(n.to_string()),
+                    ValueKind::Bool(b) => Some(b.to_string()),
+                    _ => Some(self.string(v)?),
+                },
+            ),
+        })
+    }
+}
+
+/// The longest duration written anywhere in a subtree: how long a `by` group
+/// must stay alive after its last event for its windows and timers to finish.
+fn horizon(stmts: &[Stmt]) -> Micros {
+    fn value(v: &Value) -> Micros {
+        match &v.kind {
+            ValueKind::Duration(d) => *d,
+            ValueKind::List(items) => items.iter().map(value).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    stmts
+        .iter()
+        .map(|s| match s {
+            Stmt::Call {
+                args,
+                body,
+                else_body,
+                ..
+            } => {
+                let own = args
+                    .iter()
+                    .flatten()
+                    .map(|a| value(&a.value))
+                    .max()
+                    .unwrap_or(0);
+                let inner = body.iter().chain(else_body).map(|b| horizon(&b.stmts));
+                inner.fold(own, Micros::max)
+            }
+            Stmt::Where {
+                body, else_body, ..
+            } => body_horizon(Some(body)).max(body_horizon(else_body.as_ref())),
+            Stmt::Split {
+                clauses, default, ..
+            } => clauses
+                .iter()
+                .map(|c| horizon(&c.body.stmts))
+                .fold(body_horizon(default.as_ref()), Micros::max),
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn body_horizon(block: Option<&Block>) -> Micros {
+    block.map_or(0, |b| horizon(&b.stmts))
+}
+
+fn list(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe(kind: &ValueKind) -> &'static str {
+    match kind {
+        ValueKind::Number(_) => "a number",
+        ValueKind::String(_) => "a string",
+        ValueKind::Duration(_) => "a duration",
+        ValueKind::Bool(_) => "a boolean",
+        ValueKind::Null => "null",
+        ValueKind::List(_) => "a list",
+        ValueKind::Map(_) => "a map",
+        ValueKind::Env(_) => "env(…)",
+        ValueKind::Ident(_) => "a name",
+    }
+}

@@ -1,0 +1,42 @@
+//! Rule files: the language operators write to say what happens to every event.
+//!
+//! - [`ast`]: the syntax tree, with a span on every node.
+//! - [`parser`]: source text → [`ast::RuleFile`] (nom).
+//! - [`diag`]: errors rendered as `FILE:LINE:COL: message` with the source line and a caret.
+//! - [`compile`]: AST → a tree of stream [`nodes`], validating every name and argument.
+//! - [`engine`]: runs the tree as the server's `Streams`.
+//! - [`outputs`]: declared outputs and their bounded queues.
+//! - [`testing`]: `vigil test`, the `test "…" { … }` blocks on a virtual clock.
+
+pub mod ast;
+pub mod compile;
+pub mod diag;
+pub mod engine;
+pub mod nodes;
+pub mod outputs;
+pub mod parser;
+pub mod testing;
+
+pub use compile::{Compiled, EnvPolicy};
+pub use diag::Diagnostic;
+
+/// The rules `vigil run` uses when given no `--rules`: index everything.
+pub const DEFAULT_RULES: &str = include_str!("../../rules/default.vigil");
+pub const DEFAULT_RULES_NAME: &str = "<embedded rules/default.vigil>";
+
+/// A rule file parsed and compiled, or every problem found, rendered for humans.
+pub fn load(name: &str, source: &str, env: EnvPolicy) -> Result<(ast::RuleFile, Compiled), String> {
+    let file = parser::parse(source).map_err(|d| d.render(name, source))?;
+    match compile::compile(&file, env) {
+        Ok(compiled) => Ok((file, compiled)),
+        Err(errors) => Err(render_all(&errors, name, source)),
+    }
+}
+
+pub fn render_all(diagnostics: &[Diagnostic], name: &str, source: &str) -> String {
+    diagnostics
+        .iter()
+        .map(|d| d.render(name, source))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

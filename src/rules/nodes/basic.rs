@@ -1,0 +1,282 @@
+//! Stateless stages: filters (`where`, `split`, `over`…), field edits (`with`,
+//! `default`, `scale`, `tag`) and sinks (`index`, `reinject`, outputs, `log`,
+//! `drop`). None of them holds state, so none of them locks.
+
+use crate::event::{Event, Metric};
+use crate::query::Query;
+
+use super::{Children, Cx, Node};
+
+/// `where PRED { … } else { … }`
+pub struct Where {
+    pub pred: Query,
+    pub then: Children,
+    pub otherwise: Children,
+}
+
+impl Node for Where {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        if self.pred.matches(&event) {
+            self.then.event(event, cx);
+        } else {
+            self.otherwise.event(event, cx);
+        }
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.then.tick(cx);
+        self.otherwise.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Where {
+            pred: self.pred.clone(),
+            then: self.then.fresh(),
+            otherwise: self.otherwise.fresh(),
+        })
+    }
+}
+
+/// `split { when PRED { … } … else { … } }`: the first matching clause wins.
+pub struct Split {
+    pub clauses: Vec<(Query, Children)>,
+    pub default: Children,
+}
+
+impl Node for Split {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        match self.clauses.iter().find(|(pred, _)| pred.matches(&event)) {
+            Some((_, children)) => children.event(event, cx),
+            None => self.default.event(event, cx),
+        }
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        for (_, children) in &self.clauses {
+            children.tick(cx);
+        }
+        self.default.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Split {
+            clauses: self
+                .clauses
+                .iter()
+                .map(|(p, c)| (p.clone(), c.fresh()))
+                .collect(),
+            default: self.default.fresh(),
+        })
+    }
+}
+
+/// One field assignment of `with`/`default`; `None` values remove the field.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldSet {
+    Host(Option<String>),
+    Service(Option<String>),
+    State(Option<String>),
+    Description(Option<String>),
+    Metric(Option<Metric>),
+    Ttl(Option<f32>),
+    Tags(Vec<String>),
+    Attribute(String, Option<String>),
+}
+
+impl FieldSet {
+    fn is_missing_in(&self, e: &Event) -> bool {
+        match self {
+            FieldSet::Host(_) => e.host.is_none(),
+            FieldSet::Service(_) => e.service.is_none(),
+            FieldSet::State(_) => e.state.is_none(),
+            FieldSet::Description(_) => e.description.is_none(),
+            FieldSet::Metric(_) => e.metric.is_none(),
+            FieldSet::Ttl(_) => e.ttl.is_none(),
+            FieldSet::Tags(_) => e.tags.is_empty(),
+            FieldSet::Attribute(k, _) => e.attribute(k).is_none(),
+        }
+    }
+
+    fn apply(&self, e: &mut Event) {
+        match self {
+            FieldSet::Host(v) => e.host.clone_from(v),
+            FieldSet::Service(v) => e.service.clone_from(v),
+            FieldSet::State(v) => e.state.clone_from(v),
+            FieldSet::Description(v) => e.description.clone_from(v),
+            FieldSet::Metric(v) => e.metric = *v,
+            FieldSet::Ttl(v) => e.ttl = *v,
+            FieldSet::Tags(v) => e.tags.clone_from(v),
+            FieldSet::Attribute(k, Some(v)) => e.set_attribute(k, v.clone()),
+            FieldSet::Attribute(k, None) => e.attributes.retain(|(key, _)| key != k),
+        }
+    }
+}
+
+/// `with(field: value, …)` sets fields; `default(…)` only fills missing ones.
+pub struct With {
+    pub sets: Vec<FieldSet>,
+    pub only_missing: bool,
+    pub children: Children,
+}
+
+impl Node for With {
+    fn event(&self, mut event: Event, cx: &mut Cx) {
+        for set in &self.sets {
+            if !self.only_missing || set.is_missing_in(&event) {
+                set.apply(&mut event);
+            }
+        }
+        self.children.event(event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(With {
+            sets: self.sets.clone(),
+            only_missing: self.only_missing,
+            children: self.children.fresh(),
+        })
+    }
+}
+
+/// `over(x)`, `under(x)`, `within(a, b)`: events whose metric is in range; events
+/// without a metric never pass.
+pub struct MetricTest {
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// `over`/`under` are strict, `within` is inclusive (as in Riemann).
+    pub inclusive: bool,
+    pub children: Children,
+}
+
+impl MetricTest {
+    fn passes(&self, m: f64) -> bool {
+        let above = |lo: f64| if self.inclusive { m >= lo } else { m > lo };
+        let below = |hi: f64| if self.inclusive { m <= hi } else { m < hi };
+        self.min.is_none_or(above) && self.max.is_none_or(below)
+    }
+}
+
+impl Node for MetricTest {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        if event.metric.is_some_and(|m| self.passes(m.as_f64())) {
+            self.children.event(event, cx);
+        }
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(MetricTest {
+            min: self.min,
+            max: self.max,
+            inclusive: self.inclusive,
+            children: self.children.fresh(),
+        })
+    }
+}
+
+/// `scale(x)`: multiplies the metric; integer × integer stays an integer.
+pub struct Scale {
+    pub factor: Metric,
+    pub children: Children,
+}
+
+impl Node for Scale {
+    fn event(&self, mut event: Event, cx: &mut Cx) {
+        event.metric = event.metric.map(|m| match (m, self.factor) {
+            (Metric::Int(a), Metric::Int(b)) => a
+                .checked_mul(b)
+                .map_or(Metric::Float(a as f64 * b as f64), Metric::Int),
+            (m, f) => Metric::Float(m.as_f64() * f.as_f64()),
+        });
+        self.children.event(event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Scale {
+            factor: self.factor,
+            children: self.children.fresh(),
+        })
+    }
+}
+
+/// `tag("x")` / `tag(["a", "b"])`: adds tags the event lacks.
+pub struct Tag {
+    pub tags: Vec<String>,
+    pub children: Children,
+}
+
+impl Node for Tag {
+    fn event(&self, mut event: Event, cx: &mut Cx) {
+        for tag in &self.tags {
+            if !event.has_tag(tag) {
+                event.tags.push(tag.clone());
+            }
+        }
+        self.children.event(event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Tag {
+            tags: self.tags.clone(),
+            children: self.children.fresh(),
+        })
+    }
+}
+
+/// Leaf stages: they consume the event and have no children.
+macro_rules! leaf {
+    ($name:ident $(, $field:ident : $ty:ty)* ; |$self:ident, $event:ident, $cx:ident| $body:block) => {
+        #[derive(Clone)]
+        pub struct $name { $(pub $field: $ty),* }
+
+        impl Node for $name {
+            fn event(&$self, $event: Event, $cx: &mut Cx) $body
+            fn tick(&self, _cx: &mut Cx) {}
+            fn fresh(&self) -> Box<dyn Node> {
+                Box::new(self.clone())
+            }
+        }
+    };
+}
+
+leaf!(Index; |self, event, cx| {
+    cx.index.insert(event);
+});
+
+leaf!(Reinject; |self, event, cx| {
+    cx.reinjected.push(event);
+});
+
+leaf!(Drop; |self, event, _cx| {
+    let _ = event;
+});
+
+leaf!(Output, id: usize; |self, event, cx| {
+    cx.outputs[self.id].push(event);
+});
+
+leaf!(Log, level: tracing::Level; |self, event, _cx| {
+    let json = crate::json::to_json(&event);
+    match self.level {
+        tracing::Level::ERROR => tracing::error!(target: "vigil::rules", event = %json),
+        tracing::Level::WARN => tracing::warn!(target: "vigil::rules", event = %json),
+        tracing::Level::INFO => tracing::info!(target: "vigil::rules", event = %json),
+        tracing::Level::DEBUG => tracing::debug!(target: "vigil::rules", event = %json),
+        tracing::Level::TRACE => tracing::trace!(target: "vigil::rules", event = %json),
+    }
+});

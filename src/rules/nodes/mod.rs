@@ -1,0 +1,124 @@
+//! The runtime of compiled rules: a tree of stream nodes. Each node receives an
+//! event, maybe changes or holds it, and passes it to its children — the shape of
+//! a Riemann stream. Nodes with state keep it behind their own small lock, so
+//! there is no lock around the whole tree.
+//!
+//! Time: nodes read "now" from the [`Cx`] (arrival time on the injected clock) and
+//! are driven by [`Node::tick`] so timers fire even when no event arrives.
+
+use std::sync::Arc;
+
+use crate::clock::Micros;
+use crate::event::{Event, Metric};
+use crate::index::Index;
+
+mod basic;
+mod stateful;
+mod window;
+
+pub use basic::{
+    Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Reinject, Scale, Split, Tag,
+    Where, With,
+};
+pub use stateful::{By, Changed, Ddt, Ewma, EwmaMode, Rate, Stable, Throttle};
+pub use window::{Fold, FoldKind, Percentiles, WINDOW_MAX, Window, WindowKind};
+
+/// Where an output stage hands events; the outputs module implements the queue.
+pub trait OutputSink: Send + Sync {
+    /// Must not block: a full queue drops (and counts) instead.
+    fn push(&self, event: Event);
+}
+
+/// What a node may touch while handling one event or tick.
+pub struct Cx<'a> {
+    pub now: Micros,
+    pub index: &'a Index,
+    pub outputs: &'a [Arc<dyn OutputSink>],
+    /// Events `reinject` sent back to the top; the engine runs them after the batch.
+    pub reinjected: &'a mut Vec<Event>,
+}
+
+pub trait Node: Send + Sync {
+    fn event(&self, event: Event, cx: &mut Cx);
+
+    /// Time passes: emit what is due, then pass the tick on to the children.
+    fn tick(&self, cx: &mut Cx);
+
+    /// A copy of this subtree with fresh, empty state, for each `by` group.
+    fn fresh(&self) -> Box<dyn Node>;
+}
+
+/// A node's children: every event goes to each of them.
+#[derive(Default)]
+pub struct Children(pub Vec<Box<dyn Node>>);
+
+impl Children {
+    pub fn event(&self, event: Event, cx: &mut Cx) {
+        // Clone for all but the last child; most nodes have one.
+        if let Some((last, rest)) = self.0.split_last() {
+            for child in rest {
+                child.event(event.clone(), cx);
+            }
+            last.event(event, cx);
+        }
+    }
+
+    pub fn tick(&self, cx: &mut Cx) {
+        for child in &self.0 {
+            child.tick(cx);
+        }
+    }
+
+    pub fn fresh(&self) -> Children {
+        Children(self.0.iter().map(|c| c.fresh()).collect())
+    }
+}
+
+/// An event field a stage reads by name (`by`, `changed`, `stable`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field {
+    Host,
+    Service,
+    State,
+    Description,
+    Metric,
+    Ttl,
+    Attribute(String),
+}
+
+impl Field {
+    pub fn named(name: &str) -> Field {
+        match name {
+            "host" => Field::Host,
+            "service" => Field::Service,
+            "state" => Field::State,
+            "description" => Field::Description,
+            "metric" => Field::Metric,
+            "ttl" => Field::Ttl,
+            other => Field::Attribute(other.to_owned()),
+        }
+    }
+
+    /// The field's value as text, `None` when absent; numbers compare by their
+    /// canonical text, which is exact for equality.
+    pub fn value(&self, e: &Event) -> Option<String> {
+        match self {
+            Field::Host => e.host.clone(),
+            Field::Service => e.service.clone(),
+            Field::State => e.state.clone(),
+            Field::Description => e.description.clone(),
+            Field::Metric => e.metric.map(|m| m.to_string()),
+            Field::Ttl => e.ttl.map(|t| t.to_string()),
+            Field::Attribute(k) => e.attribute(k).map(str::to_owned),
+        }
+    }
+}
+
+/// Seconds as f64, for dividing metrics by durations.
+pub fn as_secs(d: Micros) -> f64 {
+    d as f64 / 1e6
+}
+
+pub fn metric_f64(e: &Event) -> Option<f64> {
+    e.metric.map(Metric::as_f64)
+}

@@ -1,0 +1,432 @@
+//! Stages that remember: `rate`, `by`, `throttle`, `changed`, `stable`, `ewma`,
+//! `ddt`. Each keeps its state behind its own lock; timers run on arrival time
+//! (the injected clock), except `ddt` and `ewma(halflife)`, which measure the
+//! gaps between the events' own times.
+
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+
+use crate::clock::{Micros, secs_to_micros};
+use crate::event::{Event, Metric};
+
+use super::{Children, Cx, Field, Node, as_secs, metric_f64};
+
+/// How many missed intervals a timer catches up on after a stall (one event each)
+/// before skipping ahead: a frozen process must not wake up to a flood.
+const MAX_CATCH_UP: u32 = 16;
+
+/// `rate(dt)`: the sum of metrics per second over each `dt`, emitted every `dt`
+/// from the timer (0 when nothing arrived) until the latest event has expired.
+pub struct Rate {
+    pub interval: Micros,
+    pub children: Children,
+    pub state: Mutex<RateState>,
+}
+
+#[derive(Default)]
+pub struct RateState {
+    sum: f64,
+    /// The latest event: template for what is emitted, and its TTL bounds how
+    /// long the rate keeps reporting.
+    latest: Option<Event>,
+    window_end: Micros,
+}
+
+impl Rate {
+    pub fn new(interval: Micros, children: Children) -> Self {
+        Self {
+            interval,
+            children,
+            state: Mutex::default(),
+        }
+    }
+
+    fn flush(&self, cx: &mut Cx) {
+        let mut due = Vec::new();
+        {
+            let mut s = self.state.lock();
+            let mut rounds = 0;
+            while s.latest.is_some() && cx.now >= s.window_end {
+                let latest = s.latest.as_ref().expect("checked above");
+                let mut out = latest.clone();
+                out.metric = Some(Metric::Float(s.sum / as_secs(self.interval)));
+                out.time = s.window_end;
+                let ttl = latest.ttl.map_or(cx.index.default_ttl(), f64::from);
+                let expired = latest.time.saturating_add(secs_to_micros(ttl)) < s.window_end;
+                s.sum = 0.0;
+                s.window_end = s.window_end.saturating_add(self.interval);
+                if expired {
+                    // The series went silent: stop reporting until it speaks again.
+                    s.latest = None;
+                    break;
+                }
+                due.push(out);
+                rounds += 1;
+                if rounds == MAX_CATCH_UP {
+                    s.window_end = cx.now.saturating_add(self.interval);
+                }
+            }
+        }
+        for event in due {
+            self.children.event(event, cx);
+        }
+    }
+}
+
+impl Node for Rate {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        self.flush(cx);
+        let Some(metric) = metric_f64(&event) else {
+            return;
+        };
+        let mut s = self.state.lock();
+        if s.latest.is_none() {
+            s.window_end = cx.now.saturating_add(self.interval);
+        }
+        s.sum += metric;
+        s.latest = Some(event);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.flush(cx);
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Rate::new(self.interval, self.children.fresh()))
+    }
+}
+
+/// `by(fields…) { … }`: an independent copy of the children per distinct value
+/// of the fields. Groups idle longer than `idle_after` (the longest window in the
+/// subtree) or than their last event's TTL are freed — Riemann never frees them.
+pub struct By {
+    pub fields: Vec<Field>,
+    pub prototype: Children,
+    pub idle_after: Micros,
+    pub groups: Mutex<HashMap<Vec<Option<String>>, Group>>,
+}
+
+pub struct Group {
+    children: Children,
+    /// When the group may be freed if no event comes first.
+    free_at: Micros,
+}
+
+impl By {
+    pub fn new(fields: Vec<Field>, prototype: Children, idle_after: Micros) -> Self {
+        Self {
+            fields,
+            prototype,
+            idle_after,
+            groups: Mutex::default(),
+        }
+    }
+
+    pub fn group_count(&self) -> usize {
+        self.groups.lock().len()
+    }
+}
+
+impl Node for By {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        let key: Vec<_> = self.fields.iter().map(|f| f.value(&event)).collect();
+        let ttl = event.ttl.map_or(cx.index.default_ttl(), f64::from);
+        let free_at = cx
+            .now
+            .saturating_add(secs_to_micros(ttl).max(self.idle_after));
+        let mut groups = self.groups.lock();
+        let group = groups.entry(key).or_insert_with(|| Group {
+            children: self.prototype.fresh(),
+            free_at,
+        });
+        group.free_at = free_at;
+        // The lock is held while the group runs so each group sees its events in
+        // order; groups of other `by` nodes have their own locks.
+        group.children.event(event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        let mut groups = self.groups.lock();
+        groups.retain(|_, g| g.free_at >= cx.now);
+        for group in groups.values() {
+            group.children.tick(cx);
+        }
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(By::new(
+            self.fields.clone(),
+            self.prototype.fresh(),
+            self.idle_after,
+        ))
+    }
+}
+
+/// `throttle(n, dt)`: at most `n` events per `dt`; the rest are dropped.
+pub struct Throttle {
+    pub limit: u64,
+    pub interval: Micros,
+    pub children: Children,
+    /// (window start, events passed in it)
+    pub state: Mutex<(Micros, u64)>,
+}
+
+impl Throttle {
+    pub fn new(limit: u64, interval: Micros, children: Children) -> Self {
+        Self {
+            limit,
+            interval,
+            children,
+            state: Mutex::new((Micros::MIN, 0)),
+        }
+    }
+}
+
+impl Node for Throttle {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        let pass = {
+            let mut s = self.state.lock();
+            if cx.now.saturating_sub(s.0) >= self.interval {
+                *s = (cx.now, 0);
+            }
+            s.1 += 1;
+            s.1 <= self.limit
+        };
+        if pass {
+            self.children.event(event, cx);
+        }
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Throttle::new(
+            self.limit,
+            self.interval,
+            self.children.fresh(),
+        ))
+    }
+}
+
+/// `changed(field)`: passes an event only when the field differs from the
+/// previous event's (the first event passes unless its value is absent, as
+/// Riemann's default `init` of nil). Wrap in `by` for per-series transitions.
+pub struct Changed {
+    pub field: Field,
+    pub children: Children,
+    pub last: Mutex<Option<String>>,
+}
+
+impl Changed {
+    pub fn new(field: Field, children: Children) -> Self {
+        Self {
+            field,
+            children,
+            last: Mutex::default(),
+        }
+    }
+}
+
+impl Node for Changed {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        let value = self.field.value(&event);
+        let changed = {
+            let mut last = self.last.lock();
+            let changed = *last != value;
+            *last = value;
+            changed
+        };
+        if changed {
+            self.children.event(event, cx);
+        }
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Changed::new(self.field.clone(), self.children.fresh()))
+    }
+}
+
+/// Most events `stable` holds while waiting for a value to settle; beyond it the
+/// oldest are dropped, so a flapping flood cannot grow memory.
+pub const STABLE_BUFFER_MAX: usize = 10_000;
+
+/// `stable(dt[, field])`: passes events only once the field (default `state`)
+/// has held the same value for `dt`, then releases everything held meanwhile.
+pub struct Stable {
+    pub interval: Micros,
+    pub field: Field,
+    pub children: Children,
+    pub state: Mutex<StableState>,
+}
+
+#[derive(Default)]
+pub struct StableState {
+    value: Option<Option<String>>,
+    since: Micros,
+    held: Vec<Event>,
+}
+
+impl Stable {
+    pub fn new(interval: Micros, field: Field, children: Children) -> Self {
+        Self {
+            interval,
+            field,
+            children,
+            state: Mutex::default(),
+        }
+    }
+
+    /// Releases the held events if the value has been stable long enough.
+    fn release(&self, s: &mut StableState, now: Micros) -> Vec<Event> {
+        if s.value.is_some() && now.saturating_sub(s.since) >= self.interval {
+            std::mem::take(&mut s.held)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+impl Node for Stable {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        let value = self.field.value(&event);
+        let out = {
+            let mut s = self.state.lock();
+            if s.value.as_ref() != Some(&value) {
+                s.value = Some(value);
+                s.since = cx.now;
+                s.held.clear();
+            }
+            if s.held.len() == STABLE_BUFFER_MAX {
+                s.held.remove(0);
+            }
+            s.held.push(event);
+            self.release(&mut s, cx.now)
+        };
+        for event in out {
+            self.children.event(event, cx);
+        }
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        let out = self.release(&mut self.state.lock(), cx.now);
+        for event in out {
+            self.children.event(event, cx);
+        }
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Stable::new(
+            self.interval,
+            self.field.clone(),
+            self.children.fresh(),
+        ))
+    }
+}
+
+/// `ewma(halflife)` weighs by the time between events (event time);
+/// `ewma_timeless(r)` weighs each event by `r`. Both emit every event with the
+/// smoothed metric.
+pub struct Ewma {
+    pub mode: EwmaMode,
+    pub children: Children,
+    /// (smoothed value, time of the last event)
+    pub state: Mutex<Option<(f64, Micros)>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum EwmaMode {
+    HalfLife(Micros),
+    Timeless(f64),
+}
+
+impl Ewma {
+    pub fn new(mode: EwmaMode, children: Children) -> Self {
+        Self {
+            mode,
+            children,
+            state: Mutex::default(),
+        }
+    }
+}
+
+impl Node for Ewma {
+    fn event(&self, mut event: Event, cx: &mut Cx) {
+        let Some(m) = metric_f64(&event) else {
+            return;
+        };
+        let smoothed = {
+            let mut s = self.state.lock();
+            let next = match (*s, self.mode) {
+                (None, _) => m,
+                (Some((prev, _)), EwmaMode::Timeless(r)) => r * m + (1.0 - r) * prev,
+                (Some((prev, at)), EwmaMode::HalfLife(half)) => {
+                    let gap = as_secs(event.time.saturating_sub(at).max(0));
+                    let weight = 1.0 - 0.5f64.powf(gap / as_secs(half));
+                    weight * m + (1.0 - weight) * prev
+                }
+            };
+            *s = Some((next, event.time));
+            next
+        };
+        event.metric = Some(Metric::Float(smoothed));
+        self.children.event(event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Ewma::new(self.mode, self.children.fresh()))
+    }
+}
+
+/// `ddt`: the rate of change per second between consecutive events (event
+/// time), e.g. a counter turned into a rate. The first event only primes it.
+pub struct Ddt {
+    pub children: Children,
+    pub last: Mutex<Option<(f64, Micros)>>,
+}
+
+impl Ddt {
+    pub fn new(children: Children) -> Self {
+        Self {
+            children,
+            last: Mutex::default(),
+        }
+    }
+}
+
+impl Node for Ddt {
+    fn event(&self, mut event: Event, cx: &mut Cx) {
+        let Some(m) = metric_f64(&event) else {
+            return;
+        };
+        let previous = self.last.lock().replace((m, event.time));
+        let Some((prev, at)) = previous else {
+            return;
+        };
+        let gap = as_secs(event.time.saturating_sub(at));
+        if gap <= 0.0 {
+            return;
+        }
+        event.metric = Some(Metric::Float((m - prev) / gap));
+        self.children.event(event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Ddt::new(self.children.fresh()))
+    }
+}

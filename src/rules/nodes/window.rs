@@ -1,0 +1,348 @@
+//! Stages that collect events into windows and fold each window into one event:
+//! time and event-count windows, `coalesce`, and `percentiles`. Time windows
+//! run on arrival time and are closed by the timer, so a window ends on time even
+//! when no later event comes (Riemann waits for the next event).
+//!
+//! Every buffer is bounded; past the bound the oldest events are dropped and
+//! counted in the log when the window closes.
+
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+
+use crate::clock::{Micros, secs_to_micros};
+use crate::event::{Event, Metric};
+
+use super::{Children, Cx, Node, metric_f64};
+
+/// Most events one window holds.
+pub const WINDOW_MAX: usize = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoldKind {
+    Sum,
+    Mean,
+    Min,
+    Max,
+    Count,
+}
+
+/// A fold under a window: turns the window's events into one event.
+pub struct Fold {
+    pub kind: FoldKind,
+    pub children: Children,
+}
+
+impl Fold {
+    fn window(&self, events: &[Event], cx: &mut Cx) {
+        if let Some(event) = fold(self.kind, events) {
+            self.children.event(event, cx);
+        }
+    }
+
+    fn fresh(&self) -> Fold {
+        Fold {
+            kind: self.kind,
+            children: self.children.fresh(),
+        }
+    }
+}
+
+/// Folds over the events that have a metric (`count` counts every event); the
+/// latest event is the template, `min`/`max` return the extreme event itself.
+pub fn fold(kind: FoldKind, events: &[Event]) -> Option<Event> {
+    let template = events.last()?;
+    let metrics = || events.iter().filter_map(metric_f64);
+    let metric = match kind {
+        FoldKind::Count => Metric::Int(events.len() as i64),
+        FoldKind::Sum => Metric::Float(metrics().reduce(|a, b| a + b)?),
+        FoldKind::Mean => {
+            let (sum, n) = metrics().fold((0.0, 0u32), |(s, n), m| (s + m, n + 1));
+            if n == 0 {
+                return None;
+            }
+            Metric::Float(sum / f64::from(n))
+        }
+        FoldKind::Min | FoldKind::Max => {
+            let pick = |a: &&Event, b: &&Event| {
+                let (a, b) = (metric_f64(a).unwrap_or(0.0), metric_f64(b).unwrap_or(0.0));
+                a.total_cmp(&b)
+            };
+            let with_metric = events.iter().filter(|e| e.metric.is_some());
+            let extreme = if kind == FoldKind::Min {
+                with_metric.min_by(pick)
+            } else {
+                with_metric.max_by(pick)
+            };
+            return extreme.cloned();
+        }
+    };
+    let mut out = template.clone();
+    out.metric = Some(metric);
+    Some(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// Consecutive windows of `dt`, starting at the first event.
+    FixedTime(Micros),
+    /// On every event, the events of the last `dt`.
+    MovingTime(Micros),
+    /// Every `n` events.
+    FixedCount(usize),
+    /// On every event, the last `n` events.
+    MovingCount(usize),
+    /// Every `dt`, the latest event of each (host, service) seen.
+    Coalesce(Micros),
+}
+
+pub struct Window {
+    pub kind: WindowKind,
+    pub folds: Vec<Fold>,
+    pub state: Mutex<WindowState>,
+}
+
+#[derive(Default)]
+pub struct WindowState {
+    /// With arrival times, for the time-based kinds.
+    events: VecDeque<(Micros, Event)>,
+    latest: HashMap<(String, String), Event>,
+    /// When the current fixed window (or coalesce period) closes.
+    window_end: Option<Micros>,
+    dropped: u64,
+}
+
+impl Window {
+    pub fn new(kind: WindowKind, folds: Vec<Fold>) -> Self {
+        Self {
+            kind,
+            folds,
+            state: Mutex::default(),
+        }
+    }
+
+    fn emit(&self, windows: Vec<Vec<Event>>, cx: &mut Cx) {
+        for events in windows {
+            for fold in &self.folds {
+                fold.window(&events, cx);
+            }
+        }
+    }
+
+    /// Closes the windows that are due at `now`.
+    fn due(&self, s: &mut WindowState, now: Micros, default_ttl: f64) -> Vec<Vec<Event>> {
+        let mut out = Vec::new();
+        match self.kind {
+            WindowKind::FixedTime(dt) => {
+                while let Some(end) = s.window_end.filter(|end| now >= *end) {
+                    let (inside, later): (Vec<_>, Vec<_>) =
+                        s.events.drain(..).partition(|(at, _)| *at < end);
+                    s.events.extend(later);
+                    if !inside.is_empty() {
+                        out.push(inside.into_iter().map(|(_, e)| e).collect());
+                    }
+                    // Idle: the next window starts with the next event.
+                    s.window_end = (!s.events.is_empty()).then(|| end.saturating_add(dt));
+                }
+            }
+            WindowKind::Coalesce(dt) => {
+                if let Some(end) = s.window_end.filter(|end| now >= *end) {
+                    let current: Vec<Event> = s.latest.values().cloned().collect();
+                    // Expired (by state or TTL) entries are emitted once, then forgotten.
+                    s.latest.retain(|_, e| {
+                        let ttl = e.ttl.map_or(default_ttl, f64::from);
+                        !e.is_expired_state() && e.time.saturating_add(secs_to_micros(ttl)) >= now
+                    });
+                    out.push(current);
+                    s.window_end = (!s.latest.is_empty()).then(|| end.max(now).saturating_add(dt));
+                }
+            }
+            WindowKind::MovingTime(_) | WindowKind::FixedCount(_) | WindowKind::MovingCount(_) => {}
+        }
+        if s.dropped > 0 {
+            tracing::warn!(
+                dropped = s.dropped,
+                max = WINDOW_MAX,
+                "Window overflowed; oldest events dropped."
+            );
+            s.dropped = 0;
+        }
+        out
+    }
+
+    fn push(s: &mut WindowState, now: Micros, event: Event) {
+        if s.events.len() == WINDOW_MAX {
+            s.events.pop_front();
+            s.dropped += 1;
+        }
+        s.events.push_back((now, event));
+    }
+}
+
+impl Node for Window {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        let now = cx.now;
+        let windows = {
+            let mut s = self.state.lock();
+            let mut out = self.due(&mut s, now, cx.index.default_ttl());
+            match self.kind {
+                WindowKind::FixedTime(dt) => {
+                    s.window_end.get_or_insert(now.saturating_add(dt));
+                    Self::push(&mut s, now, event);
+                }
+                WindowKind::MovingTime(dt) => {
+                    Self::push(&mut s, now, event);
+                    let horizon = now.saturating_sub(dt);
+                    while s.events.front().is_some_and(|(at, _)| *at <= horizon) {
+                        s.events.pop_front();
+                    }
+                    out.push(s.events.iter().map(|(_, e)| e.clone()).collect());
+                }
+                WindowKind::FixedCount(n) => {
+                    Self::push(&mut s, now, event);
+                    if s.events.len() >= n {
+                        out.push(s.events.drain(..).map(|(_, e)| e).collect());
+                    }
+                }
+                WindowKind::MovingCount(n) => {
+                    Self::push(&mut s, now, event);
+                    while s.events.len() > n {
+                        s.events.pop_front();
+                    }
+                    out.push(s.events.iter().map(|(_, e)| e.clone()).collect());
+                }
+                WindowKind::Coalesce(dt) => {
+                    s.window_end.get_or_insert(now.saturating_add(dt));
+                    let key = (event.host_str().to_owned(), event.service_str().to_owned());
+                    if s.latest.len() < WINDOW_MAX || s.latest.contains_key(&key) {
+                        s.latest.insert(key, event);
+                    } else {
+                        s.dropped += 1;
+                    }
+                }
+            }
+            out
+        };
+        self.emit(windows, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        let windows = self.due(&mut self.state.lock(), cx.now, cx.index.default_ttl());
+        self.emit(windows, cx);
+        for fold in &self.folds {
+            fold.children.tick(cx);
+        }
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Window::new(
+            self.kind,
+            self.folds.iter().map(Fold::fresh).collect(),
+        ))
+    }
+}
+
+/// `percentiles(dt, [0.5, 0.95, 0.99])`: every `dt`, one event per point with
+/// service `"<service> <point>"` and the metric at that quantile (nearest rank,
+/// as Riemann). Samples beyond [`WINDOW_MAX`] are reservoir-sampled.
+pub struct Percentiles {
+    pub interval: Micros,
+    pub points: Vec<f64>,
+    pub children: Children,
+    pub state: Mutex<PercentileState>,
+}
+
+#[derive(Default)]
+pub struct PercentileState {
+    samples: Vec<f64>,
+    seen: u64,
+    latest: Option<Event>,
+    window_end: Option<Micros>,
+    rng: u64,
+}
+
+impl Percentiles {
+    pub fn new(interval: Micros, points: Vec<f64>, children: Children) -> Self {
+        Self {
+            interval,
+            points,
+            children,
+            state: Mutex::new(PercentileState {
+                rng: 0x2545_f491_4f6c_dd1d,
+                ..PercentileState::default()
+            }),
+        }
+    }
+
+    fn due(&self, s: &mut PercentileState, now: Micros) -> Vec<Event> {
+        let Some(end) = s.window_end.filter(|end| now >= *end) else {
+            return Vec::new();
+        };
+        let mut samples = std::mem::take(&mut s.samples);
+        s.seen = 0;
+        s.window_end = None;
+        let Some(template) = s.latest.take() else {
+            return Vec::new();
+        };
+        samples.sort_by(f64::total_cmp);
+        self.points
+            .iter()
+            .map(|&q| {
+                let rank = ((q * samples.len() as f64) as usize).min(samples.len() - 1);
+                let mut out = template.clone();
+                out.service = Some(format!("{} {q}", template.service_str()));
+                out.metric = Some(Metric::Float(samples[rank]));
+                out.time = end;
+                out
+            })
+            .collect()
+    }
+}
+
+impl Node for Percentiles {
+    fn event(&self, event: Event, cx: &mut Cx) {
+        let out = {
+            let mut s = self.state.lock();
+            let out = self.due(&mut s, cx.now);
+            if let Some(m) = metric_f64(&event) {
+                s.window_end
+                    .get_or_insert(cx.now.saturating_add(self.interval));
+                s.seen += 1;
+                if s.samples.len() < WINDOW_MAX {
+                    s.samples.push(m);
+                } else {
+                    // Reservoir sampling keeps a uniform sample of the whole window.
+                    s.rng ^= s.rng << 13;
+                    s.rng ^= s.rng >> 7;
+                    s.rng ^= s.rng << 17;
+                    let slot = (s.rng % s.seen) as usize;
+                    if slot < WINDOW_MAX {
+                        s.samples[slot] = m;
+                    }
+                }
+                s.latest = Some(event);
+            }
+            out
+        };
+        for e in out {
+            self.children.event(e, cx);
+        }
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        let out = self.due(&mut self.state.lock(), cx.now);
+        for e in out {
+            self.children.event(e, cx);
+        }
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Percentiles::new(
+            self.interval,
+            self.points.clone(),
+            self.children.fresh(),
+        ))
+    }
+}

@@ -1,0 +1,322 @@
+//! `vigil test`: runs the `test "…" { … }` blocks of a rule file against fresh
+//! rules on a virtual clock, with every output recorded instead of delivered.
+//!
+//! `at 5s` moves the clock forward in [`TICK`] steps, expiring the index and
+//! ticking the timers at each step, exactly as the server's timer would.
+//! `expect TARGET {fields}` passes when something TARGET (the index, or an
+//! output) holds or received matches every field given; `expect no` inverts it.
+
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+
+use crate::clock::{Clock, MICROS_PER_SEC, ManualClock, Micros, SharedClock, secs_to_micros};
+use crate::event::{Event, Metric};
+use crate::index::{Index, IndexConfig};
+use crate::json::to_json;
+use crate::query::Query;
+use crate::streams::Streams;
+
+use super::ast::{Ident, RuleFile, TestAction, TestCase, Value, ValueKind};
+use super::compile::{EnvPolicy, compile};
+use super::diag::Diagnostic;
+use super::engine::Rules;
+use super::nodes::OutputSink;
+use super::outputs::Recorder;
+
+/// Virtual time at the start of every test: 2024-01-01T00:00:00Z.
+pub const TEST_EPOCH: Micros = 1_704_067_200 * MICROS_PER_SEC;
+
+/// The timer's step while virtual time advances.
+pub const TICK: Micros = 100_000;
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub name: String,
+    /// Empty when the test passed.
+    pub failures: Vec<String>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// Runs every test of an already parsed file. Errors that make a test
+/// meaningless (an unknown expect target) are returned as diagnostics.
+pub fn run_tests(file: &RuleFile) -> Result<Vec<Outcome>, Vec<Diagnostic>> {
+    let outputs: Vec<String> = file.outputs.iter().map(|o| o.name.name.clone()).collect();
+    let unknown: Vec<Diagnostic> = file
+        .tests
+        .iter()
+        .flat_map(|t| &t.steps)
+        .filter_map(|step| match &step.action {
+            TestAction::Expect { target, .. }
+                if target.name != "index" && !outputs.contains(&target.name) =>
+            {
+                Some(unknown_target(target, &outputs))
+            }
+            _ => None,
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(unknown);
+    }
+    file.tests.iter().map(|t| run_one(file, t)).collect()
+}
+
+fn unknown_target(target: &Ident, outputs: &[String]) -> Diagnostic {
+    let mut known = vec!["index".to_owned()];
+    known.extend(outputs.iter().cloned());
+    Diagnostic::new(
+        target.span.clone(),
+        format!("`expect {}`: no such output", target.name),
+    )
+    .with_hint(format!("expect can check: {}", known.join(", ")))
+}
+
+/// Fresh rules on a virtual clock with every output recorded; also the
+/// harness of the stream stages' unit tests.
+pub(crate) struct Bench {
+    pub clock: Arc<ManualClock>,
+    pub index: Arc<Index>,
+    pub rules: Rules,
+    pub recorders: Vec<(String, Arc<Recorder>)>,
+}
+
+impl Bench {
+    pub fn new(file: &RuleFile) -> Result<Bench, Vec<Diagnostic>> {
+        let compiled = compile(file, EnvPolicy::Lenient)?;
+        let clock = Arc::new(ManualClock::new(TEST_EPOCH));
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let recorders: Vec<(String, Arc<Recorder>)> = compiled
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), Arc::new(Recorder::default())))
+            .collect();
+        let sinks: Vec<Arc<dyn OutputSink>> = recorders
+            .iter()
+            .map(|(_, r)| r.clone() as Arc<dyn OutputSink>)
+            .collect();
+        let shared: SharedClock = clock.clone();
+        let rules = Rules::new(compiled.roots, sinks, index.clone(), shared);
+        Ok(Bench {
+            clock,
+            index,
+            rules,
+            recorders,
+        })
+    }
+
+    /// Moves virtual time to `target` in [`TICK`] steps, running expiry and timers.
+    pub fn advance_to(&self, target: Micros) {
+        while self.clock.now() < target {
+            let next = (self.clock.now() + TICK).min(target);
+            self.clock.set(next);
+            let expired = self.index.expire(next);
+            if !expired.is_empty() {
+                self.rules.process(expired);
+            }
+            self.rules.tick();
+        }
+    }
+
+    /// The index's entries, or everything an output received.
+    pub fn seen_by(&self, target: &str) -> Vec<Event> {
+        if target == "index" {
+            return self
+                .index
+                .query(&Query::parse("true").expect("constant query"));
+        }
+        self.recorders
+            .iter()
+            .find(|(name, _)| name == target)
+            .map(|(_, r)| r.events.lock().clone())
+            .unwrap_or_default()
+    }
+}
+
+fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>> {
+    let bench = Bench::new(file)?;
+    let mut failures = Vec::new();
+    for step in &test.steps {
+        if let Some(at) = step.at {
+            let target = TEST_EPOCH.saturating_add(at);
+            if target < bench.clock.now() {
+                failures.push(format!(
+                    "`at {}s` is earlier than the previous step; steps must move forward in time",
+                    at as f64 / 1e6
+                ));
+                break;
+            }
+            bench.advance_to(target);
+        }
+        match &step.action {
+            TestAction::Send(value) => match event_from(value, bench.clock.now()) {
+                Ok(event) => bench.rules.process(vec![event]),
+                Err(e) => {
+                    failures.push(format!("send: {e}"));
+                    break;
+                }
+            },
+            TestAction::Expect {
+                target,
+                fields,
+                negated,
+            } => {
+                if let Err(e) = expect(&bench, &target.name, fields, *negated) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    Ok(Outcome {
+        name: test.name.clone(),
+        failures,
+    })
+}
+
+fn expect(bench: &Bench, target: &str, fields: &Value, negated: bool) -> Result<(), String> {
+    let ValueKind::Map(wanted) = &fields.kind else {
+        return Err(format!("expect {target}: expected a map of fields"));
+    };
+    let wanted: Vec<(String, Json)> = wanted
+        .iter()
+        .map(|(k, v)| (k.name.clone(), to_plain_json(v)))
+        .collect();
+    let seen: Vec<Json> = bench.seen_by(target).iter().map(to_json).collect();
+    let matching = seen.iter().filter(|e| matches(e, &wanted)).count();
+    let want = Json::Object(wanted.iter().cloned().collect());
+    match (negated, matching) {
+        (false, 0) => Err(format!(
+            "expected {target} to have an event matching\n      {want}\n{}",
+            closest_diff(&seen, &wanted, target)
+        )),
+        (true, n) if n > 0 => Err(format!(
+            "expected {target} to have no event matching\n      {want}\n    but {n} matched"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Explains the failure with the candidate that matched the most fields.
+fn closest_diff(seen: &[Json], wanted: &[(String, Json)], target: &str) -> String {
+    let Some(best) = seen.iter().max_by_key(|e| {
+        wanted
+            .iter()
+            .filter(|(k, v)| field_matches(e.get(k), v))
+            .count()
+    }) else {
+        return format!("    but {target} has nothing");
+    };
+    let mut out = format!(
+        "    {} event(s) in {target}; the closest differs in:",
+        seen.len()
+    );
+    for (k, v) in wanted {
+        let actual = best.get(k).cloned().unwrap_or(Json::Null);
+        if !field_matches(Some(&actual), v) {
+            out.push_str(&format!("\n      {k}: expected {v}, got {actual}"));
+        }
+    }
+    out
+}
+
+fn matches(event: &Json, wanted: &[(String, Json)]) -> bool {
+    wanted.iter().all(|(k, v)| field_matches(event.get(k), v))
+}
+
+fn field_matches(actual: Option<&Json>, wanted: &Json) -> bool {
+    match (actual.unwrap_or(&Json::Null), wanted) {
+        (Json::Number(a), Json::Number(b)) => {
+            let (a, b) = (
+                a.as_f64().unwrap_or(f64::NAN),
+                b.as_f64().unwrap_or(f64::NAN),
+            );
+            (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+        }
+        (a, b) => a == b,
+    }
+}
+
+fn to_plain_json(v: &Value) -> Json {
+    match &v.kind {
+        ValueKind::Number(n) => serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number),
+        ValueKind::String(s) | ValueKind::Ident(s) => Json::String(s.clone()),
+        ValueKind::Duration(d) => Json::from(*d as f64 / 1e6),
+        ValueKind::Bool(b) => Json::Bool(*b),
+        ValueKind::Null => Json::Null,
+        ValueKind::List(items) => Json::Array(items.iter().map(to_plain_json).collect()),
+        ValueKind::Map(entries) => Json::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.name.clone(), to_plain_json(v)))
+                .collect(),
+        ),
+        ValueKind::Env(name) => Json::String(std::env::var(name).unwrap_or_default()),
+    }
+}
+
+/// Builds the event a `send {…}` step describes; `time` defaults to now.
+fn event_from(v: &Value, now: Micros) -> Result<Event, String> {
+    let ValueKind::Map(entries) = &v.kind else {
+        return Err("expected a map of event fields".into());
+    };
+    let mut event = Event {
+        time: now,
+        ..Event::default()
+    };
+    for (key, value) in entries {
+        let text = || match &value.kind {
+            ValueKind::String(s) => Ok(Some(s.clone())),
+            ValueKind::Null => Ok(None),
+            _ => Err(format!("`{}` must be a string", key.name)),
+        };
+        match key.name.as_str() {
+            "host" => event.host = text()?,
+            "service" => event.service = text()?,
+            "state" => event.state = text()?,
+            "description" => event.description = text()?,
+            "metric" => {
+                event.metric = match value.kind {
+                    ValueKind::Number(n) if n.fract() == 0.0 && n.abs() < 9e15 => {
+                        Some(Metric::Int(n as i64))
+                    }
+                    ValueKind::Number(n) => Some(Metric::Float(n)),
+                    ValueKind::Null => None,
+                    _ => return Err("`metric` must be a number".into()),
+                }
+            }
+            "ttl" => match value.kind {
+                ValueKind::Number(n) => event.ttl = Some(n as f32),
+                ValueKind::Duration(d) => event.ttl = Some(d as f32 / 1e6),
+                _ => return Err("`ttl` must be a number of seconds".into()),
+            },
+            "time" => match value.kind {
+                // Seconds since the test started, like `at`.
+                ValueKind::Number(n) => event.time = TEST_EPOCH + secs_to_micros(n),
+                ValueKind::Duration(d) => event.time = TEST_EPOCH + d,
+                _ => return Err("`time` must be seconds since the test started".into()),
+            },
+            "tags" => match &value.kind {
+                ValueKind::List(items) => {
+                    event.tags = items
+                        .iter()
+                        .map(|t| match &t.kind {
+                            ValueKind::String(s) => Ok(s.clone()),
+                            _ => Err("`tags` must be a list of strings".to_owned()),
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
+                _ => return Err("`tags` must be a list of strings".into()),
+            },
+            attribute => match &value.kind {
+                ValueKind::String(s) => event.set_attribute(attribute, s.clone()),
+                ValueKind::Number(n) => event.set_attribute(attribute, n.to_string()),
+                _ => return Err(format!("attribute `{attribute}` must be a string")),
+            },
+        }
+    }
+    Ok(event)
+}

@@ -1,0 +1,177 @@
+//! The operator commands as operators run them: `vigil check`, `vigil test`,
+//! and `vigil run` refusing bad rules — exit codes and exact output.
+
+use std::process::{Command, Output};
+
+fn vigil(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("VIGIL_PAGERDUTY_KEY")
+        .output()
+        .expect("vigil runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn shipped_rule_files() -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| format!("rules/{}", e.unwrap().file_name().to_string_lossy()))
+        .filter(|f| f.ends_with(".vigil"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 3,
+        "rules/ ships the default and examples: {files:?}"
+    );
+    files
+}
+
+#[test]
+fn every_shipped_rule_file_checks_clean() {
+    let files = shipped_rule_files();
+    let args: Vec<&str> = ["check"]
+        .into_iter()
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let out = vigil(&args);
+    assert!(out.status.success(), "{}", stdout(&out));
+    for file in &files {
+        assert!(
+            stdout(&out).contains(&format!("{file}: ok")),
+            "{}",
+            stdout(&out)
+        );
+    }
+}
+
+#[test]
+fn every_shipped_rule_file_passes_its_tests() {
+    let files = shipped_rule_files();
+    let args: Vec<&str> = ["test"]
+        .into_iter()
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let out = vigil(&args);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    assert!(text.trim_end().ends_with(", 0 failed"), "{text}");
+    assert!(
+        text.contains("PASS rules/rabbitmq.vigil: a backlog over 300 pages critical"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_reports_every_error_with_position_caret_and_hint() {
+    let out = vigil(&["check", "tests/fixtures/broken.vigil"]);
+    assert_eq!(out.status.code(), Some(1));
+    let expected = "\
+tests/fixtures/broken.vigil:1:44: unknown parameter `rout` for `pagerduty`
+    output pager = pagerduty(routing_key: \"k\", rout: 1)
+                                               ^^^^
+  hint: `pagerduty` takes `routing_key`, `url`, `dedup_key`, `resend_interval`
+tests/fixtures/broken.vigil:2:16: unknown output type `graphit`
+    output graph = graphit(host: \"x\")
+                   ^^^^^^^
+  hint: did you mean `graphite`?
+tests/fixtures/broken.vigil:4:8: expected a duration such as 500ms, 5s, 2m or 1h, found a number
+      rate(5) { index }
+           ^
+tests/fixtures/broken.vigil:5:27: `fixed_time_window` emits windows of events; only a fold can take them
+      fixed_time_window(1m) { index }
+                              ^^^^^
+  hint: use one of: sum, mean, min, max, count — e.g. `mean { index }`
+tests/fixtures/broken.vigil:6:3: `mean` folds a window of events and cannot stand here
+      mean { index }
+      ^^^^
+  hint: put it directly inside a window, e.g. `fixed_time_window(1m) { mean { index } }`
+tests/fixtures/broken.vigil:7:3: unknown stream or output `pagr`
+      pagr
+      ^^^^
+  hint: no outputs are declared; declare one with `output NAME = TYPE(…)`
+tests/fixtures/broken.vigil:8:13: expected a number, found a string
+      with(ttl: \"x\") { index }
+                ^^^
+";
+    assert_eq!(stdout(&out), expected);
+}
+
+#[test]
+fn check_suggests_the_declared_outputs_for_a_misspelled_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.vigil");
+    std::fs::write(
+        &path,
+        "output pager = webhook(url: \"http://x\")\nstreams {\n  pagr\n  zzz\n}\n",
+    )
+    .unwrap();
+    let out = vigil(&["check", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.contains(":3:3: unknown stream or output `pagr`"),
+        "{text}"
+    );
+    assert!(text.contains("hint: did you mean `pager`?"), "{text}");
+    assert!(
+        text.contains(":4:3: unknown stream or output `zzz`"),
+        "{text}"
+    );
+    assert!(text.contains("hint: declared outputs: `pager`"), "{text}");
+}
+
+#[test]
+fn test_prints_a_diff_for_a_failing_expectation_and_exits_1() {
+    let out = vigil(&["test", "tests/fixtures/failing_test.vigil"]);
+    assert_eq!(out.status.code(), Some(1));
+    let expected = "\
+FAIL tests/fixtures/failing_test.vigil: expects the wrong state
+    expected pager to have an event matching
+      {\"host\":\"a\",\"metric\":5.0,\"state\":\"warning\"}
+    1 event(s) in pager; the closest differs in:
+      state: expected \"warning\", got \"critical\"
+PASS tests/fixtures/failing_test.vigil: passes
+1 passed, 1 failed
+";
+    assert_eq!(stdout(&out), expected);
+}
+
+#[test]
+fn run_refuses_rules_with_errors_and_unset_secrets() {
+    let out = vigil(&[
+        "run",
+        "--rules",
+        "tests/fixtures/broken.vigil",
+        "--tcp",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tests/fixtures/broken.vigil:2:16: unknown output type `graphit`"),
+        "{err}"
+    );
+    assert!(err.contains("the rules have errors; not starting"), "{err}");
+
+    let out = vigil(&[
+        "run",
+        "--rules",
+        "rules/rabbitmq.vigil",
+        "--tcp",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "rules/rabbitmq.vigil:3:39: environment variable `VIGIL_PAGERDUTY_KEY` is not set"
+        ),
+        "{err}"
+    );
+}
