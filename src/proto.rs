@@ -147,6 +147,12 @@ mod tests {
     const RUBY_CLIENT_MSG: &str = "32310890ab9ad80612026f6b1a0272622204776562313a02743145000\
         0f0414a0b0a03656e76120470726f6468047d00000040";
 
+    /// A `Msg` body captured from the Python `riemann-client` 7.0.0 (PyPI):
+    /// `riemann-client -T tcp send -s "py svc" -S ok -h pyhost -m 1.5 -l 30 -d "py desc" -t pytag -a env=prod`.
+    /// No time at all and only `metric_f`.
+    const PYTHON_CLIENT_MSG: &str = "323b12026f6b1a0670792073766322067079686f73742a07707920646573\
+        633a057079746167450000f0414a0b0a03656e76120470726f647d0000c03f";
+
     #[test]
     fn decodes_c_client_bytes_and_stamps_arrival_time() {
         let msg = decode(&unhex(C_CLIENT_MSG));
@@ -175,6 +181,41 @@ mod tests {
         assert_eq!(e.ttl, Some(30.0));
         assert_eq!(e.tags, vec!["t1".to_owned()]);
         assert_eq!(e.attribute("env"), Some("prod"));
+    }
+
+    #[test]
+    fn decodes_python_client_bytes() {
+        let msg = decode(&unhex(PYTHON_CLIENT_MSG));
+        let e = from_pb(msg.events[0].clone(), 42);
+        assert_eq!(e.time, 42, "no time sent: arrival time");
+        assert_eq!((e.host_str(), e.service_str()), ("pyhost", "py svc"));
+        assert_eq!(e.metric, Some(Metric::Float(1.5)), "metric_f only");
+        assert_eq!(e.ttl, Some(30.0));
+        assert_eq!(e.description.as_deref(), Some("py desc"));
+        assert_eq!(e.tags, vec!["pytag".to_owned()]);
+        assert_eq!(e.attribute("env"), Some("prod"));
+    }
+
+    /// A whole batch captured from collectd 5.12 `write_riemann` (`Batch true`):
+    /// both `time` and `time_micros`, `metric_d`, tags and many attributes.
+    #[test]
+    fn decodes_a_collectd_batch() {
+        let msg = decode(include_bytes!(
+            "../tests/fixtures/collectd-write_riemann.msg"
+        ));
+        assert!(msg.events.len() > 10, "a batch, got {}", msg.events.len());
+        for pb in msg.events {
+            let micros = pb.time_micros;
+            let e = from_pb(pb, 0);
+            assert_eq!(Some(e.time), micros, "time_micros wins");
+            assert!(
+                matches!(e.metric, Some(Metric::Float(_))),
+                "metric_d: {e:?}"
+            );
+            assert!(e.has_tag("collectd"));
+            assert_eq!(e.attribute("env"), Some("test"));
+            assert!(e.attribute("plugin").is_some());
+        }
     }
 
     /// collectd sends both `time` and `time_micros` (and sometimes a garbage
