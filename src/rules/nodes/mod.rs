@@ -16,6 +16,9 @@ mod basic;
 mod stateful;
 mod window;
 
+#[cfg(test)]
+mod tests;
+
 pub use basic::{
     Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Reinject, Scale, Split, Tag,
     Where, With,

@@ -30,6 +30,9 @@ pub struct RateState {
     /// long the rate keeps reporting.
     latest: Option<Event>,
     window_end: Micros,
+    /// An event arrived in the current window: it is reported even if the
+    /// series has expired by the time the window closes.
+    pending: bool,
 }
 
 impl Rate {
@@ -53,10 +56,12 @@ impl Rate {
                 out.time = s.window_end;
                 let ttl = latest.ttl.map_or(cx.index.default_ttl(), f64::from);
                 let expired = latest.time.saturating_add(secs_to_micros(ttl)) < s.window_end;
+                let pending = std::mem::take(&mut s.pending);
                 s.sum = 0.0;
                 s.window_end = s.window_end.saturating_add(self.interval);
-                if expired {
-                    // The series went silent: stop reporting until it speaks again.
+                if expired && !pending {
+                    // The series went silent (and this window got nothing): stop
+                    // reporting until it speaks again.
                     s.latest = None;
                     break;
                 }
@@ -84,6 +89,7 @@ impl Node for Rate {
             s.window_end = cx.now.saturating_add(self.interval);
         }
         s.sum += metric;
+        s.pending = true;
         s.latest = Some(event);
     }
 
@@ -148,10 +154,11 @@ impl Node for By {
 
     fn tick(&self, cx: &mut Cx) {
         let mut groups = self.groups.lock();
-        groups.retain(|_, g| g.free_at >= cx.now);
+        // Tick before freeing: a group's last window may be due on this very tick.
         for group in groups.values() {
             group.children.tick(cx);
         }
+        groups.retain(|_, g| g.free_at >= cx.now);
     }
 
     fn fresh(&self) -> Box<dyn Node> {

@@ -1,0 +1,801 @@
+//! Unit tests of the stream stages: small rule sources compiled and run on the
+//! virtual clock of [`Bench`], asserting exactly what reaches the output `out`.
+
+use std::sync::atomic::Ordering;
+
+use crate::clock::{Clock, Micros, secs_to_micros};
+use crate::event::{Event, Metric};
+use crate::rules::engine::MAX_REINJECT_ROUNDS;
+use crate::rules::parser::parse;
+use crate::rules::testing::{Bench, TEST_EPOCH};
+use crate::streams::Streams;
+
+/// Fresh rules with one output, `out`, around the given streams.
+fn bench(streams: &str) -> Bench {
+    let src = format!("output out = forward(host: \"x\")\nstreams {{\n{streams}\n}}");
+    let file = parse(&src).unwrap_or_else(|e| panic!("{e:?}"));
+    Bench::new(&file).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+/// `secs` after the start of the test.
+fn at(secs: f64) -> Micros {
+    TEST_EPOCH + secs_to_micros(secs)
+}
+
+/// An event stamped with the bench's current time.
+fn ev(b: &Bench, host: &str, service: &str) -> Event {
+    Event {
+        host: Some(host.to_owned()),
+        service: Some(service.to_owned()),
+        time: b.clock.now(),
+        ..Event::default()
+    }
+}
+
+fn with_metric(mut e: Event, m: Metric) -> Event {
+    e.metric = Some(m);
+    e
+}
+
+fn with_state(mut e: Event, state: &str) -> Event {
+    e.state = Some(state.to_owned());
+    e
+}
+
+fn with_ttl(mut e: Event, ttl: f32) -> Event {
+    e.ttl = Some(ttl);
+    e
+}
+
+fn metric_ev(b: &Bench, service: &str, m: f64) -> Event {
+    with_metric(ev(b, "h", service), float_or_int(m))
+}
+
+fn float_or_int(m: f64) -> Metric {
+    if m.fract() == 0.0 {
+        Metric::Int(m as i64)
+    } else {
+        Metric::Float(m)
+    }
+}
+
+fn send(b: &Bench, e: Event) {
+    b.rules.process(vec![e]);
+}
+
+fn out(b: &Bench) -> Vec<Event> {
+    b.seen_by("out")
+}
+
+/// The metrics `out` received, in order (`None` for events without one).
+fn out_metrics(b: &Bench) -> Vec<Option<Metric>> {
+    out(b).iter().map(|e| e.metric).collect()
+}
+
+fn out_f64(b: &Bench) -> Vec<f64> {
+    out(b)
+        .iter()
+        .map(|e| e.metric.expect("event without metric").as_f64())
+        .collect()
+}
+
+fn out_states(b: &Bench) -> Vec<Option<String>> {
+    out(b).iter().map(|e| e.state.clone()).collect()
+}
+
+fn out_descriptions(b: &Bench) -> Vec<(String, Option<String>)> {
+    out(b)
+        .iter()
+        .map(|e| (e.service_str().to_owned(), e.description.clone()))
+        .collect()
+}
+
+// ---- rate ------------------------------------------------------------------
+
+#[test]
+fn rate_reports_sum_per_second_then_zero_then_stops_after_expiry() {
+    let b = bench("rate(5s) { out }");
+    for i in 1..=10 {
+        b.advance_to(at(0.4 * f64::from(i - 1)));
+        send(&b, with_ttl(metric_ev(&b, "req", f64::from(i)), 8.0));
+    }
+    b.advance_to(at(4.9));
+    assert!(out(&b).is_empty(), "nothing before the first 5 s pass");
+
+    b.advance_to(at(5.0));
+    let seen = out(&b);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].metric, Some(Metric::Float(11.0)));
+    assert_eq!(seen[0].time, at(5.0));
+    assert_eq!(seen[0].service.as_deref(), Some("req"));
+
+    // The latest event (t=3.6 s, ttl 8 s) lives until 11.6 s: 0 at 10 s, then stop.
+    b.advance_to(at(30.0));
+    let seen = out(&b);
+    assert_eq!(
+        out_metrics(&b),
+        vec![Some(Metric::Float(11.0)), Some(Metric::Float(0.0))]
+    );
+    assert_eq!(seen[1].time, at(10.0));
+}
+
+#[test]
+fn rate_reports_a_window_whose_latest_event_expired_before_it_closed() {
+    // Two events with a 2 s TTL in a 10 s window: the window's sum is still
+    // reported once (as Riemann's timer would), then the series stops.
+    let b = bench("rate(10s) { out }");
+    send(&b, with_ttl(metric_ev(&b, "req", 2.0), 2.0));
+    b.advance_to(at(1.0));
+    send(&b, with_ttl(metric_ev(&b, "req", 3.0), 2.0));
+    b.advance_to(at(40.0));
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Float(0.5))]);
+    assert_eq!(out(&b)[0].time, at(10.0));
+}
+
+// ---- where / split -----------------------------------------------------------
+
+#[test]
+fn where_sends_matches_to_its_body_and_the_rest_to_else() {
+    let b = bench(
+        r#"where service = "a" { with(description: "then") { out } } else { with(description: "else") { out } }"#,
+    );
+    send(&b, ev(&b, "h", "a"));
+    send(&b, ev(&b, "h", "b"));
+    send(&b, ev(&b, "h", "a"));
+    assert_eq!(
+        out_descriptions(&b),
+        vec![
+            ("a".into(), Some("then".into())),
+            ("b".into(), Some("else".into())),
+            ("a".into(), Some("then".into())),
+        ]
+    );
+}
+
+#[test]
+fn split_first_matching_clause_wins_with_default() {
+    let b = bench(
+        r#"split {
+             when metric <= 5 { with(state: "ok") { out } }
+             when metric <= 60 { with(state: "warning") { out } }
+             when metric > 60 { with(state: "critical") { out } }
+             else { with(state: "unknown") { out } }
+           }"#,
+    );
+    for m in [0.5, 5.0, 5.5, 60.0, 60.5, 1000.0] {
+        send(&b, metric_ev(&b, "clock offset", m));
+    }
+    send(&b, ev(&b, "h", "clock offset")); // no metric: no clause matches
+    let states: Vec<_> = out_states(&b).into_iter().map(Option::unwrap).collect();
+    assert_eq!(
+        states,
+        [
+            "ok", "ok", "warning", "warning", "critical", "critical", "unknown"
+        ]
+    );
+}
+
+// ---- with / default ----------------------------------------------------------
+
+#[test]
+fn with_sets_removes_and_replaces_fields() {
+    let b = bench(
+        r#"with(state: "critical", description: null, tags: ["a", "b"], team: "ops", metric: 7, ttl: 30, old: null) { out }"#,
+    );
+    let mut e = with_state(metric_ev(&b, "disk", 1.5), "ok");
+    e.description = Some("was here".into());
+    e.tags = vec!["x".into()];
+    e.attributes = vec![("old".into(), "1".into()), ("keep".into(), "2".into())];
+    send(&b, e);
+    let seen = out(&b);
+    assert_eq!(seen.len(), 1);
+    let e = &seen[0];
+    assert_eq!(e.state.as_deref(), Some("critical"));
+    assert_eq!(e.description, None);
+    assert_eq!(e.tags, vec!["a".to_owned(), "b".to_owned()]);
+    assert_eq!(e.attribute("team"), Some("ops"));
+    assert_eq!(e.attribute("old"), None);
+    assert_eq!(e.attribute("keep"), Some("2"));
+    assert_eq!(e.metric, Some(Metric::Int(7)));
+    assert_eq!(e.ttl, Some(30.0));
+    assert_eq!(e.host.as_deref(), Some("h"));
+    assert_eq!(e.service.as_deref(), Some("disk"));
+}
+
+#[test]
+fn default_fills_only_missing_fields() {
+    let b = bench(r#"default(state: "ok", ttl: 60, metric: 1, tags: ["d"], team: "ops") { out }"#);
+    let mut full = with_ttl(with_state(metric_ev(&b, "full", 5.0), "critical"), 10.0);
+    full.tags = vec!["t".into()];
+    full.set_attribute("team", "dev".into());
+    send(&b, full);
+    send(&b, ev(&b, "h", "empty"));
+    let seen = out(&b);
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].state.as_deref(), Some("critical"));
+    assert_eq!(seen[0].ttl, Some(10.0));
+    assert_eq!(seen[0].metric, Some(Metric::Int(5)));
+    assert_eq!(seen[0].tags, vec!["t".to_owned()]);
+    assert_eq!(seen[0].attribute("team"), Some("dev"));
+    assert_eq!(seen[1].state.as_deref(), Some("ok"));
+    assert_eq!(seen[1].ttl, Some(60.0));
+    assert_eq!(seen[1].metric, Some(Metric::Int(1)));
+    assert_eq!(seen[1].tags, vec!["d".to_owned()]);
+    assert_eq!(seen[1].attribute("team"), Some("ops"));
+}
+
+// ---- by ----------------------------------------------------------------------
+
+#[test]
+fn by_keeps_independent_state_per_key() {
+    let b = bench("by(host) { fixed_event_window(2) { count { out } } }");
+    send(&b, ev(&b, "a", "s"));
+    send(&b, ev(&b, "b", "s"));
+    assert!(out(&b).is_empty(), "one event per host: no window is full");
+    send(&b, ev(&b, "a", "s"));
+    send(&b, ev(&b, "b", "s"));
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| (e.host_str().to_owned(), e.metric))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("a".into(), Some(Metric::Int(2))),
+            ("b".into(), Some(Metric::Int(2)))
+        ]
+    );
+}
+
+#[test]
+fn by_two_fields_groups_on_both() {
+    let b = bench("by(host, service) { fixed_event_window(2) { count { out } } }");
+    send(&b, ev(&b, "a", "x"));
+    send(&b, ev(&b, "a", "y"));
+    send(&b, ev(&b, "b", "x"));
+    send(&b, ev(&b, "a", "x"));
+    send(&b, ev(&b, "a", "y"));
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| {
+            (
+                e.host_str().to_owned(),
+                e.service_str().to_owned(),
+                e.metric,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("a".into(), "x".into(), Some(Metric::Int(2))),
+            ("a".into(), "y".into(), Some(Metric::Int(2))),
+        ]
+    );
+}
+
+#[test]
+fn by_frees_idle_groups_after_their_ttl() {
+    // A fresh group has no memory of the previous state, so `changed` passes again.
+    let b = bench("by(host) { changed(state) { out } }");
+    let ok = |b: &Bench, host: &str| with_ttl(with_state(ev(b, host, "s"), "ok"), 10.0);
+    send(&b, ok(&b, "a")); // passes: first
+    b.advance_to(at(1.0));
+    send(&b, ok(&b, "a")); // same state: group alive until 11 s
+    send(&b, ok(&b, "b")); // another group: passes
+    b.advance_to(at(10.5));
+    send(&b, ok(&b, "a")); // still alive (and now until 20.5 s)
+    b.advance_to(at(21.0));
+    send(&b, ok(&b, "a")); // group was freed: passes again
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| (e.host_str().to_owned(), e.time))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("a".into(), at(0.0)),
+            ("b".into(), at(1.0)),
+            ("a".into(), at(21.0))
+        ]
+    );
+}
+
+#[test]
+fn by_frees_a_group_and_its_window_state() {
+    let b = bench("by(host) { fixed_event_window(2) { count { out } } }");
+    send(&b, with_ttl(ev(&b, "a", "s"), 5.0));
+    b.advance_to(at(6.0)); // freed at 5.1 s, half-full window with it
+    send(&b, with_ttl(ev(&b, "a", "s"), 5.0));
+    assert!(out(&b).is_empty(), "the window restarted in a fresh group");
+    send(&b, with_ttl(ev(&b, "a", "s"), 5.0));
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Int(2))]);
+}
+
+#[test]
+fn by_keeps_a_group_alive_for_its_longest_window() {
+    // TTL 1 s, but the group must live until its 10 s window has closed.
+    let b = bench("by(host) { fixed_time_window(10s) { count { out } } }");
+    send(&b, with_ttl(ev(&b, "a", "s"), 1.0));
+    b.advance_to(at(20.0));
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Int(1))]);
+}
+
+#[test]
+fn by_closes_a_due_window_before_freeing_its_group() {
+    // The server's timer ticks independently of arrivals: a tick just after the
+    // group's free time is also the first after its window's end. The window
+    // must be emitted, not freed with the group.
+    let b = bench("by(host) { fixed_time_window(10s) { count { out } } }");
+    send(&b, with_ttl(ev(&b, "a", "s"), 1.0));
+    b.clock.set(at(9.95));
+    b.rules.tick();
+    assert!(out(&b).is_empty());
+    b.clock.set(at(10.05));
+    b.rules.tick();
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Int(1))]);
+    // ...and the group is gone afterwards: a new event starts a new window.
+    b.clock.set(at(10.15));
+    b.rules.tick();
+    send(&b, with_ttl(ev(&b, "a", "s"), 1.0));
+    b.advance_to(at(20.1));
+    assert_eq!(
+        out(&b).len(),
+        1,
+        "the window started at 10.15 s has not closed yet"
+    );
+    b.advance_to(at(20.2));
+    assert_eq!(
+        out_metrics(&b),
+        vec![Some(Metric::Int(1)), Some(Metric::Int(1))]
+    );
+}
+
+// ---- changed -----------------------------------------------------------------
+
+#[test]
+fn changed_passes_only_transitions() {
+    let b = bench("changed(state) { out }");
+    send(&b, ev(&b, "h", "s")); // no state: like Riemann's nil init, not a change
+    for state in ["ok", "ok", "critical", "critical", "ok"] {
+        send(&b, with_state(ev(&b, "h", "s"), state));
+    }
+    send(&b, ev(&b, "h", "s")); // state removed: a change
+    assert_eq!(
+        out_states(&b),
+        vec![
+            Some("ok".into()),
+            Some("critical".into()),
+            Some("ok".into()),
+            None
+        ]
+    );
+}
+
+#[test]
+fn changed_state_is_per_host_and_service() {
+    let b = bench("changed_state { out }");
+    let e =
+        |b: &Bench, host: &str, service: &str, state: &str| with_state(ev(b, host, service), state);
+    send(&b, e(&b, "a", "s", "ok")); // first of a/s
+    send(&b, e(&b, "b", "s", "ok")); // first of b/s
+    send(&b, e(&b, "a", "s", "ok"));
+    send(&b, e(&b, "b", "s", "critical")); // b/s changed
+    send(&b, e(&b, "a", "t", "ok")); // first of a/t
+    send(&b, e(&b, "a", "s", "critical")); // a/s changed
+    send(&b, e(&b, "a", "t", "ok"));
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}={}",
+                e.host_str(),
+                e.service_str(),
+                e.state.as_deref().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        ["a/s=ok", "b/s=ok", "b/s=critical", "a/t=ok", "a/s=critical"]
+    );
+}
+
+// ---- throttle ----------------------------------------------------------------
+
+#[test]
+fn throttle_passes_n_per_window() {
+    let b = bench("throttle(2, 10s) { out }");
+    for t in [0.0, 1.0, 2.0, 9.9, 10.0, 11.0, 12.0, 19.9, 20.0] {
+        b.advance_to(at(t));
+        send(&b, metric_ev(&b, "s", t));
+    }
+    assert_eq!(out_f64(&b), vec![0.0, 1.0, 10.0, 11.0, 20.0]);
+}
+
+// ---- filters and edits -------------------------------------------------------
+
+#[test]
+fn expired_and_not_expired_split_on_state() {
+    let b = bench(
+        r#"expired { with(description: "E") { out } }
+           not_expired { with(description: "N") { out } }"#,
+    );
+    send(&b, with_state(ev(&b, "h", "a"), "expired"));
+    send(&b, with_state(ev(&b, "h", "b"), "ok"));
+    send(&b, ev(&b, "h", "c"));
+    assert_eq!(
+        out_descriptions(&b),
+        vec![
+            ("a".into(), Some("E".into())),
+            ("b".into(), Some("N".into())),
+            ("c".into(), Some("N".into())),
+        ]
+    );
+}
+
+#[test]
+fn over_is_strict_and_needs_a_metric() {
+    let b = bench("over(5) { out }");
+    for m in [4.0, 5.0, 5.5, 6.0] {
+        send(&b, metric_ev(&b, "s", m));
+    }
+    send(&b, ev(&b, "h", "s"));
+    assert_eq!(out_f64(&b), vec![5.5, 6.0]);
+}
+
+#[test]
+fn under_is_strict_and_needs_a_metric() {
+    let b = bench("under(5) { out }");
+    for m in [-1.0, 4.5, 5.0, 6.0] {
+        send(&b, metric_ev(&b, "s", m));
+    }
+    send(&b, ev(&b, "h", "s"));
+    assert_eq!(out_f64(&b), vec![-1.0, 4.5]);
+}
+
+#[test]
+fn within_is_inclusive() {
+    let b = bench("within(1, 3) { out }");
+    for m in [0.9, 1.0, 2.0, 3.0, 3.1] {
+        send(&b, metric_ev(&b, "s", m));
+    }
+    send(&b, ev(&b, "h", "s"));
+    assert_eq!(out_f64(&b), vec![1.0, 2.0, 3.0]);
+}
+
+#[test]
+fn scale_keeps_integers_integral_and_floats_float() {
+    let b = bench("scale(2) { out }");
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(3)));
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Float(1.5)));
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(i64::MAX)));
+    send(&b, ev(&b, "h", "s"));
+    assert_eq!(
+        out_metrics(&b),
+        vec![
+            Some(Metric::Int(6)),
+            Some(Metric::Float(3.0)),
+            Some(Metric::Float(i64::MAX as f64 * 2.0)),
+            None,
+        ]
+    );
+
+    let b = bench("scale(0.5) { out }");
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(3)));
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Float(1.5))]);
+}
+
+#[test]
+fn tag_adds_missing_tags_once() {
+    let b = bench(r#"tag("x") { out }"#);
+    let mut tagged = ev(&b, "h", "s");
+    tagged.tags = vec!["y".into()];
+    send(&b, tagged.clone());
+    tagged.tags = vec!["x".into()];
+    send(&b, tagged);
+    let tags: Vec<_> = out(&b).into_iter().map(|e| e.tags).collect();
+    assert_eq!(
+        tags,
+        vec![vec!["y".to_owned(), "x".to_owned()], vec!["x".to_owned()]]
+    );
+
+    let b = bench(r#"tag(["a", "b"]) { out }"#);
+    send(&b, ev(&b, "h", "s"));
+    assert_eq!(out(&b)[0].tags, vec!["a".to_owned(), "b".to_owned()]);
+}
+
+#[test]
+fn drop_ends_the_event() {
+    let b = bench(r#"where service = "a" { drop } else { out }"#);
+    send(&b, ev(&b, "h", "a"));
+    send(&b, ev(&b, "h", "b"));
+    let services: Vec<_> = out(&b).iter().map(|e| e.service_str().to_owned()).collect();
+    assert_eq!(services, ["b"]);
+}
+
+#[test]
+fn reinject_goes_back_to_the_top() {
+    let b = bench(
+        r#"where service = "a" { with(service: "b") { reinject } }
+           where service = "b" { out }"#,
+    );
+    send(&b, with_metric(ev(&b, "h", "a"), Metric::Int(1)));
+    send(&b, with_metric(ev(&b, "h", "b"), Metric::Int(2)));
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| (e.service_str().to_owned(), e.metric))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("b".into(), Some(Metric::Int(1))),
+            ("b".into(), Some(Metric::Int(2)))
+        ]
+    );
+    assert_eq!(b.rules.stats.reinject_overflow.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_reinject_loop_terminates_and_is_counted() {
+    let b = bench("out\nreinject");
+    send(&b, ev(&b, "h", "loop"));
+    // Once on arrival, then once per allowed round; what is left is dropped.
+    assert_eq!(out(&b).len(), 1 + MAX_REINJECT_ROUNDS);
+    assert_eq!(b.rules.stats.reinject_overflow.load(Ordering::Relaxed), 1);
+    send(&b, ev(&b, "h", "loop"));
+    assert_eq!(b.rules.stats.reinject_overflow.load(Ordering::Relaxed), 2);
+}
+
+// ---- windows -----------------------------------------------------------------
+
+#[test]
+fn fixed_time_window_is_closed_by_the_timer() {
+    let b = bench("fixed_time_window(10s) { sum { out } }");
+    for (t, m) in [(0.0, 1.0), (3.0, 2.0), (9.9, 3.0)] {
+        b.advance_to(at(t));
+        send(&b, metric_ev(&b, "s", m));
+    }
+    b.advance_to(at(9.95));
+    assert!(out(&b).is_empty());
+    b.advance_to(at(10.0)); // no event comes: the tick closes the window
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Float(6.0))]);
+
+    // Idle: the next window starts with the next event.
+    b.advance_to(at(12.0));
+    send(&b, metric_ev(&b, "s", 5.0));
+    b.advance_to(at(21.9));
+    assert_eq!(out(&b).len(), 1);
+    b.advance_to(at(22.0));
+    assert_eq!(
+        out_metrics(&b),
+        vec![Some(Metric::Float(6.0)), Some(Metric::Float(5.0))]
+    );
+    b.advance_to(at(60.0));
+    assert_eq!(out(&b).len(), 2, "no empty windows are emitted");
+}
+
+#[test]
+fn moving_time_window_counts_the_last_interval() {
+    let b = bench("moving_time_window(10s) { count { out } }");
+    for t in [0.0, 5.0, 9.9, 10.0, 15.5, 30.0] {
+        b.advance_to(at(t));
+        send(&b, ev(&b, "h", "s"));
+    }
+    let counts: Vec<_> = out_f64(&b);
+    // At 10 s the event of 0 s is exactly 10 s old and drops out.
+    assert_eq!(counts, vec![1.0, 2.0, 3.0, 3.0, 3.0, 1.0]);
+}
+
+#[test]
+fn fixed_event_window_means_every_n_events() {
+    let b = bench("fixed_event_window(3) { mean { out } }");
+    for m in [1.0, 2.0, 3.0, 4.0, 5.0] {
+        send(&b, metric_ev(&b, "s", m));
+    }
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Float(2.0))]);
+    send(&b, metric_ev(&b, "s", 9.0));
+    assert_eq!(
+        out_metrics(&b),
+        vec![Some(Metric::Float(2.0)), Some(Metric::Float(6.0))]
+    );
+}
+
+#[test]
+fn moving_event_window_max_returns_the_largest_event() {
+    let b = bench("moving_event_window(2) { max { out } }");
+    for (m, d) in [(5, "five"), (1, "one"), (3, "three"), (2, "two")] {
+        let mut e = with_metric(ev(&b, "h", "s"), Metric::Int(m));
+        e.description = Some(d.into());
+        send(&b, e);
+    }
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| (e.metric, e.description.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (Some(Metric::Int(5)), "five".into()),
+            (Some(Metric::Int(5)), "five".into()),
+            (Some(Metric::Int(3)), "three".into()),
+            (Some(Metric::Int(3)), "three".into()),
+        ]
+    );
+}
+
+#[test]
+fn min_returns_the_smallest_event_ignoring_missing_metrics() {
+    let b = bench("fixed_event_window(3) { min { out } }");
+    send(&b, metric_ev(&b, "four", 4.0));
+    send(&b, metric_ev(&b, "two", 2.0));
+    send(&b, metric_ev(&b, "seven", 7.0));
+    send(&b, ev(&b, "h", "none"));
+    send(&b, metric_ev(&b, "three", 3.0));
+    send(&b, metric_ev(&b, "five", 5.0));
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| (e.service_str().to_owned(), e.metric))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("two".into(), Some(Metric::Int(2))),
+            ("three".into(), Some(Metric::Int(3)))
+        ]
+    );
+}
+
+#[test]
+fn coalesce_emits_latest_per_series_and_forgets_expired_ones() {
+    let b = bench("coalesce(5s) { count { out } }");
+    send(&b, with_ttl(ev(&b, "a", "x"), 60.0));
+    send(&b, with_ttl(ev(&b, "b", "x"), 60.0));
+    b.advance_to(at(1.0));
+    send(&b, with_ttl(ev(&b, "a", "x"), 60.0)); // replaces a/x
+    b.advance_to(at(10.0));
+    b.advance_to(at(11.0));
+    send(&b, with_state(ev(&b, "c", "x"), "expired"));
+    b.advance_to(at(20.0));
+    b.advance_to(at(21.0));
+    send(&b, with_ttl(ev(&b, "d", "x"), 2.0)); // expired by TTL at 23 s
+    b.advance_to(at(30.0));
+    // 5, 10: a, b. 15: a, b, c (expired: emitted once). 20: a, b.
+    // 25: a, b, d (TTL ran out: emitted once). 30: a, b.
+    assert_eq!(out_f64(&b), vec![2.0, 2.0, 3.0, 2.0, 3.0, 2.0]);
+}
+
+#[test]
+fn percentiles_use_nearest_rank() {
+    let b = bench("percentiles(10s, [0.5, 0.95, 0.99]) { out }");
+    for i in 0..100 {
+        // A permutation of 1..=100, so the stage has to sort.
+        send(&b, metric_ev(&b, "lat", f64::from((i * 37) % 100 + 1)));
+    }
+    b.advance_to(at(9.9));
+    assert!(out(&b).is_empty());
+    b.advance_to(at(10.0));
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| (e.service_str().to_owned(), e.metric, e.time))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("lat 0.5".into(), Some(Metric::Float(51.0)), at(10.0)),
+            ("lat 0.95".into(), Some(Metric::Float(96.0)), at(10.0)),
+            ("lat 0.99".into(), Some(Metric::Float(100.0)), at(10.0)),
+        ]
+    );
+    b.advance_to(at(30.0));
+    assert_eq!(out(&b).len(), 3, "an empty interval emits nothing");
+}
+
+// ---- ewma / ddt --------------------------------------------------------------
+
+#[test]
+fn ewma_timeless_weighs_each_event_by_r() {
+    let b = bench("ewma_timeless(0.5) { out }");
+    for m in [10.0, 20.0, 30.0] {
+        send(&b, metric_ev(&b, "s", m));
+    }
+    send(&b, ev(&b, "h", "s")); // no metric: skipped
+    assert_eq!(out_f64(&b), vec![10.0, 15.0, 22.5]);
+}
+
+#[test]
+fn ewma_weighs_by_event_time_and_halflife() {
+    let b = bench("ewma(10s) { out }");
+    // All arrive now; only their own times differ.
+    let mut e = metric_ev(&b, "s", 10.0);
+    send(&b, e.clone());
+    e.metric = Some(Metric::Int(20));
+    e.time = at(10.0); // one half-life: weight 0.5
+    send(&b, e.clone());
+    e.metric = Some(Metric::Int(35));
+    e.time = at(30.0); // two half-lives: weight 0.75
+    send(&b, e);
+    assert_eq!(out_f64(&b), vec![10.0, 15.0, 30.0]);
+}
+
+#[test]
+fn ddt_is_the_change_per_second_of_event_time() {
+    let b = bench("ddt { out }");
+    let mut e = metric_ev(&b, "counter", 100.0);
+    send(&b, e.clone()); // primes only
+    assert!(out(&b).is_empty());
+    e.metric = Some(Metric::Int(160));
+    e.time = at(10.0);
+    send(&b, e.clone());
+    e.metric = Some(Metric::Int(175));
+    e.time = at(15.0);
+    send(&b, e);
+    assert_eq!(
+        out_metrics(&b),
+        vec![Some(Metric::Float(6.0)), Some(Metric::Float(3.0))]
+    );
+}
+
+// ---- stable ------------------------------------------------------------------
+
+#[test]
+fn stable_holds_until_settled_and_discards_flaps() {
+    let b = bench("stable(5s) { out }");
+    let e = |b: &Bench, state: &str, m: i64| {
+        with_metric(with_state(ev(b, "h", "s"), state), Metric::Int(m))
+    };
+    for (t, m) in [(0.0, 1), (1.0, 2), (2.0, 3)] {
+        b.advance_to(at(t));
+        send(&b, e(&b, "ok", m));
+    }
+    b.advance_to(at(4.9));
+    assert!(out(&b).is_empty(), "held until ok has lasted 5 s");
+    b.advance_to(at(5.0)); // released by the timer
+    assert_eq!(out_f64(&b), vec![1.0, 2.0, 3.0]);
+
+    b.advance_to(at(6.0));
+    send(&b, e(&b, "ok", 4)); // still stable: passes at once
+    assert_eq!(out_f64(&b), vec![1.0, 2.0, 3.0, 4.0]);
+
+    b.advance_to(at(7.0));
+    send(&b, e(&b, "critical", 5)); // held
+    b.advance_to(at(8.0));
+    send(&b, e(&b, "ok", 6)); // flap: critical discarded, ok held from 8 s
+    b.advance_to(at(12.9));
+    assert_eq!(out(&b).len(), 4);
+    b.advance_to(at(13.0));
+    assert_eq!(out_f64(&b), vec![1.0, 2.0, 3.0, 4.0, 6.0]);
+    b.advance_to(at(30.0));
+    assert_eq!(out(&b).len(), 5, "the flap is never emitted");
+}
+
+// ---- index -------------------------------------------------------------------
+
+#[test]
+fn index_stores_and_expired_entries_come_back_through_the_rules() {
+    let b = bench("index\nexpired { out }");
+    send(&b, with_ttl(metric_ev(&b, "disk", 42.0), 5.0));
+    let indexed = b.seen_by("index");
+    assert_eq!(indexed.len(), 1);
+    assert_eq!(indexed[0].metric, Some(Metric::Int(42)));
+    assert_eq!(indexed[0].service.as_deref(), Some("disk"));
+
+    b.advance_to(at(5.0));
+    assert!(out(&b).is_empty(), "expires strictly after its TTL");
+    assert_eq!(b.seen_by("index").len(), 1);
+
+    b.advance_to(at(5.1));
+    let seen = out(&b);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].state.as_deref(), Some("expired"));
+    assert_eq!(seen[0].host.as_deref(), Some("h"));
+    assert_eq!(seen[0].service.as_deref(), Some("disk"));
+    assert_eq!(seen[0].metric, None);
+    assert_eq!(seen[0].time, at(5.1));
+    assert!(
+        b.seen_by("index").is_empty(),
+        "the expired notice removed the entry"
+    );
+    b.advance_to(at(20.0));
+    assert_eq!(out(&b).len(), 1);
+}
