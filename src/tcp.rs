@@ -83,7 +83,8 @@ async fn handle(
         // Answer every frame already buffered, then flush once.
         loop {
             match next {
-                None => return Ok(()),
+                // The peer finished sending: it may still be reading replies.
+                None => return SinkExt::<Bytes>::flush(&mut framed).await,
                 Some(Ok(frame)) => {
                     Stats::incr(&ingest.stats.tcp_messages);
                     let reply = ingest.handle_frame(frame.freeze(), Transport::Tcp);

@@ -172,6 +172,26 @@ async fn ack_is_exactly_field_two_and_pipelined_replies_keep_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_still_arrive_after_the_client_stops_writing() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let addr = h.addr();
+    let replies = blocking(move || {
+        let mut s = raw(addr);
+        let mut bytes = Vec::new();
+        for i in 0..3 {
+            bytes.extend(frame(&events_msg(vec![pb_event("half", &i.to_string())])));
+        }
+        s.write_all(&bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        all
+    })
+    .await;
+    assert_eq!(replies, [0, 0, 0, 2, 0x10, 0x01].repeat(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_time_is_stamped_with_arrival_and_metric_kinds_survive() {
     let h = Harness::start(ServerConfig::default()).await;
     h.clock.set(T0 + 123);
