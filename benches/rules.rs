@@ -8,8 +8,8 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use vigil::clock::{ManualClock, SharedClock};
 use vigil::event::{Event, Metric};
 use vigil::index::{Index, IndexConfig};
+use vigil::outputs::OutputSink;
 use vigil::rules::engine::Rules;
-use vigil::rules::nodes::OutputSink;
 use vigil::rules::{self, EnvPolicy};
 use vigil::streams::Streams;
 

@@ -48,6 +48,52 @@ impl std::fmt::Display for Metric {
     }
 }
 
+/// A field of an event by name, as queries and rules refer to it: the standard
+/// fields, or else an attribute. Resolved once when a query or rule compiles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field {
+    Host,
+    Service,
+    State,
+    Description,
+    /// `metric` and `metric_f` both name the metric, whatever its kind.
+    Metric,
+    Ttl,
+    /// The event time in (fractional) seconds.
+    Time,
+    Attribute(String),
+}
+
+impl Field {
+    pub fn named(name: &str) -> Field {
+        match name {
+            "host" => Field::Host,
+            "service" => Field::Service,
+            "state" => Field::State,
+            "description" => Field::Description,
+            "metric" | "metric_f" => Field::Metric,
+            "ttl" => Field::Ttl,
+            "time" => Field::Time,
+            other => Field::Attribute(other.to_owned()),
+        }
+    }
+
+    /// The field's value as text, `None` when absent; numbers by their
+    /// canonical text, which is exact for equality (`by`, `changed`).
+    pub fn text(&self, e: &Event) -> Option<String> {
+        match self {
+            Field::Host => e.host.clone(),
+            Field::Service => e.service.clone(),
+            Field::State => e.state.clone(),
+            Field::Description => e.description.clone(),
+            Field::Metric => e.metric.map(|m| m.to_string()),
+            Field::Ttl => e.ttl.map(|t| t.to_string()),
+            Field::Time => Some(e.time.to_string()),
+            Field::Attribute(k) => e.attribute(k).map(str::to_owned),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Event {
     pub host: Option<String>,

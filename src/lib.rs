@@ -1,7 +1,8 @@
 //! vigil: a Riemann-compatible stream event processor.
 //!
 //! # Layout
-//! Data flows one way: **ingest → event → streams → index**; a query reads the index.
+//! Data flows one way: **ingest → event → streams (rules) → index / outputs**;
+//! a query reads the index.
 //!
 //! - [`event`]: the one core `Event` type.
 //! - [`clock`]: injected time, so expiry (and later windows and rates) run on a virtual clock in tests.
@@ -11,6 +12,8 @@
 //! - [`streams`]: the pipeline interface every batch of events goes through.
 //! - [`index`]: the latest event per `(host, service)`, with TTL expiry.
 //! - [`query`]: Riemann's query language, compiled to a predicate.
+//! - [`rules`]: the rule language: parser, compiler, stream stages, `vigil check`/`vigil test`.
+//! - [`outputs`]: pager, graph, push and forward outputs behind bounded queues.
 //! - [`server`]: starts and stops the tasks above.
 //! - [`client`]: a small Riemann TCP client.
 //! - [`json`]: Riemann's JSON form of an event.
@@ -22,6 +25,7 @@ pub mod event;
 pub mod index;
 pub mod ingest;
 pub mod json;
+pub mod outputs;
 pub mod proto;
 pub mod query;
 pub mod rules;

@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
 
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::event::{Event, Metric};
 use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
+use vigil::outputs::{self, OutputSink};
 use vigil::rules::engine::Rules;
-use vigil::rules::nodes::OutputSink;
-use vigil::rules::{self, DEFAULT_RULES, DEFAULT_RULES_NAME, EnvPolicy, outputs, testing};
+use vigil::rules::{self, DEFAULT_RULES, DEFAULT_RULES_NAME, EnvPolicy, testing};
 use vigil::server::{Server, ServerConfig};
 use vigil::stats::Stats;
 use vigil::{json, tcp, udp};
@@ -174,18 +175,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         default_ttl: args.default_ttl,
         max_entries: args.max_index,
     }));
-    let queues: Vec<_> = compiled
+    let outputs_shutdown = CancellationToken::new();
+    let (queues, output_tasks): (Vec<_>, Vec<_>) = compiled
         .outputs
         .iter()
-        .map(outputs::spawn_counting)
-        .collect();
-    if !queues.is_empty() {
-        let names: Vec<_> = compiled.outputs.iter().map(|o| o.name.as_str()).collect();
-        tracing::warn!(
-            outputs = ?names,
-            "Output delivery is not built yet: events reaching these outputs are queued and counted, not sent."
-        );
-    }
+        .map(|spec| outputs::start(spec, outputs_shutdown.clone()))
+        .unzip();
     let sinks = queues
         .iter()
         .map(|q| q.clone() as Arc<dyn OutputSink>)
@@ -211,6 +206,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("Shutting down.");
     let stats = server.stats.clone();
     server.shutdown(Duration::from_secs(10)).await;
+    // Outputs deliver what is already queued, within the same grace period.
+    outputs_shutdown.cancel();
+    let flushed = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all(output_tasks),
+    )
+    .await;
+    if flushed.is_err() {
+        tracing::warn!("Outputs still delivering after 10 s; stopping anyway.");
+    }
     let delivered: Vec<_> = queues
         .iter()
         .map(|q| {

@@ -1,68 +1,61 @@
-//! Outputs as rule files declare them (`output pager = pagerduty(…)`): their
-//! validated settings, and the bounded queue a stream hands events to.
+//! Outputs: where rules send events beyond the index — pagers (PagerDuty Events
+//! v2, paging webhooks), graphs (Graphite), push webhooks, and forwarding to
+//! another vigil or Riemann.
 //!
-//! Handing over never blocks the stream tree: a full queue drops the event and
-//! counts it. Delivery to the real downstreams (PagerDuty, Graphite, webhooks,
-//! forwarding) is not built yet; until it is, each queue's consumer only counts
-//! what it takes, so `accepted = delivered + dropped + queued` still holds.
+//! Each declared output is its own task behind a bounded queue. A stream hands
+//! an event over with a non-blocking push; a full queue drops it and counts it,
+//! so a slow or dead downstream never slows ingest or another output. Every
+//! event handed over is accounted for:
+//! `accepted = delivered + dropped + queued + in_flight`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-use crate::clock::Micros;
 use crate::event::Event;
 
-use super::nodes::OutputSink;
-
-/// PagerDuty's public Events API v2 endpoint.
-pub const PAGERDUTY_URL: &str = "https://events.pagerduty.com/v2/enqueue";
+pub mod forward;
+pub mod graphite;
+pub mod http;
+pub mod pagerduty;
+pub mod template;
+pub mod webhook;
 
 /// Pages must not be lost while the process lives: their queue is large.
 pub const PAGER_QUEUE: usize = 100_000;
 pub const DEFAULT_QUEUE: usize = 10_000;
 
+/// Where a stream hands events for an output.
+pub trait OutputSink: Send + Sync {
+    /// Must not block: a full queue drops (and counts) instead.
+    fn push(&self, event: Event);
+}
+
+/// An output's type and settings, as a rule file declares them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutputKind {
-    PagerDuty {
-        routing_key: String,
-        url: String,
-        dedup_key: Option<String>,
-        resend_interval: Option<Micros>,
-    },
-    Webhook {
-        url: String,
-        headers: BTreeMap<String, String>,
-        body: Option<String>,
-    },
-    Graphite {
-        host: String,
-        port: u16,
-        prefix: Option<String>,
-        path: Option<String>,
-    },
-    Forward {
-        host: String,
-        port: u16,
-    },
+    PagerDuty(pagerduty::Config),
+    Webhook(webhook::Config),
+    Graphite(graphite::Config),
+    Forward(forward::Config),
 }
 
 impl OutputKind {
     pub fn type_name(&self) -> &'static str {
         match self {
-            OutputKind::PagerDuty { .. } => "pagerduty",
-            OutputKind::Webhook { .. } => "webhook",
-            OutputKind::Graphite { .. } => "graphite",
-            OutputKind::Forward { .. } => "forward",
+            OutputKind::PagerDuty(_) => "pagerduty",
+            OutputKind::Webhook(_) => "webhook",
+            OutputKind::Graphite(_) => "graphite",
+            OutputKind::Forward(_) => "forward",
         }
     }
 
     pub fn queue_capacity(&self) -> usize {
         match self {
-            OutputKind::PagerDuty { .. } => PAGER_QUEUE,
+            OutputKind::PagerDuty(_) => PAGER_QUEUE,
             _ => DEFAULT_QUEUE,
         }
     }
@@ -74,66 +67,193 @@ pub struct OutputSpec {
     pub kind: OutputKind,
 }
 
-/// Per-output accounting: `accepted = delivered + dropped + queued`.
+/// Per-output accounting. `queued` is read from the queue itself, so the
+/// identity `accepted = delivered + dropped + queued + in_flight` holds
+/// whenever nothing is moving.
 #[derive(Debug, Default)]
 pub struct OutputStats {
+    /// Handed to the output by the streams.
     pub accepted: AtomicU64,
+    /// Confirmed by the downstream (or written to its socket, for Graphite).
     pub delivered: AtomicU64,
+    /// Given up on: queue full, refused by the downstream, or over a buffer bound.
     pub dropped: AtomicU64,
+    /// Taken from the queue, not yet delivered or dropped.
+    pub in_flight: AtomicU64,
+    /// Attempts repeated after a failure.
+    pub retries: AtomicU64,
 }
 
-impl OutputStats {
-    pub fn queued(&self) -> u64 {
-        let accepted = self.accepted.load(Ordering::Acquire);
-        accepted
-            .saturating_sub(self.delivered.load(Ordering::Acquire))
-            .saturating_sub(self.dropped.load(Ordering::Acquire))
-    }
-}
-
-/// The bounded queue in front of one output.
-pub struct QueueSink {
+/// The bounded queue in front of one output; what the streams push to.
+pub struct Queue {
     pub name: String,
     pub stats: Arc<OutputStats>,
     tx: mpsc::Sender<Event>,
+    /// Set while pushes are being dropped, so the overflow is logged once.
+    overflowing: AtomicBool,
 }
 
-impl OutputSink for QueueSink {
+impl Queue {
+    /// Events waiting in the queue.
+    pub fn queued(&self) -> u64 {
+        (self.tx.max_capacity() - self.tx.capacity()) as u64
+    }
+}
+
+impl OutputSink for Queue {
     fn push(&self, event: Event) {
         self.stats.accepted.fetch_add(1, Ordering::AcqRel);
-        if self.tx.try_send(event).is_err() {
-            self.stats.dropped.fetch_add(1, Ordering::AcqRel);
-            tracing::warn!(output = %self.name, "Output queue full; event dropped.");
+        if self.tx.try_send(event).is_ok() {
+            if self.overflowing.swap(false, Ordering::AcqRel) {
+                tracing::warn!(output = %self.name, "Output queue accepting again.");
+            }
+            return;
+        }
+        self.stats.dropped.fetch_add(1, Ordering::AcqRel);
+        // Loud once per overflow, not once per event: the counter has the total.
+        if !self.overflowing.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                output = %self.name,
+                capacity = self.tx.max_capacity(),
+                "Output queue full; dropping events until it drains (counted in `dropped`)."
+            );
         }
     }
 }
 
-/// Starts the queue for `spec` with a consumer that counts what it takes (no
-/// delivery yet). Must be called inside a tokio runtime.
-pub fn spawn_counting(spec: &OutputSpec) -> Arc<QueueSink> {
-    let (tx, mut rx) = mpsc::channel::<Event>(spec.kind.queue_capacity());
-    let stats = Arc::new(OutputStats::default());
-    let consumer_stats = stats.clone();
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            consumer_stats.delivered.fetch_add(1, Ordering::AcqRel);
+/// The consuming end of an output's queue, with its accounting.
+pub struct Delivery {
+    pub name: String,
+    pub stats: Arc<OutputStats>,
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Delivery {
+    /// Waits for the next event, then takes whatever else is already queued,
+    /// up to `max` in all; they count as in flight. `None` once the queue is
+    /// closed and empty.
+    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Event>> {
+        let mut batch = Vec::with_capacity(max.min(1024));
+        if self.rx.recv_many(&mut batch, max.max(1)).await == 0 {
+            return None;
         }
-    });
-    Arc::new(QueueSink {
-        name: spec.name.clone(),
-        stats,
+        self.stats
+            .in_flight
+            .fetch_add(batch.len() as u64, Ordering::AcqRel);
+        Some(batch)
+    }
+
+    /// `n` in-flight events reached the downstream.
+    pub fn delivered(&self, n: usize) {
+        self.settle(n, &self.stats.delivered);
+    }
+
+    /// `n` in-flight events were given up on.
+    pub fn dropped(&self, n: usize) {
+        self.settle(n, &self.stats.dropped);
+    }
+
+    fn settle(&self, n: usize, counter: &AtomicU64) {
+        counter.fetch_add(n as u64, Ordering::AcqRel);
+        self.stats.in_flight.fetch_sub(n as u64, Ordering::AcqRel);
+    }
+
+    pub fn retried(&self) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A queue and the delivery end that drains it.
+pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let stats = Arc::new(OutputStats::default());
+    let queue = Arc::new(Queue {
+        name: name.to_owned(),
+        stats: stats.clone(),
         tx,
-    })
+        overflowing: AtomicBool::new(false),
+    });
+    let delivery = Delivery {
+        name: name.to_owned(),
+        stats,
+        rx,
+    };
+    (queue, delivery)
 }
 
-/// Records everything it is given; what `vigil test` uses in place of delivery.
-#[derive(Default)]
-pub struct Recorder {
-    pub events: Mutex<Vec<Event>>,
+/// Starts the output's delivery task. Once `shutdown` is cancelled the task
+/// delivers what is already queued (the caller bounds how long it waits for
+/// the returned handle) and ends. Must be called inside a tokio runtime.
+pub fn start(spec: &OutputSpec, shutdown: CancellationToken) -> (Arc<Queue>, JoinHandle<()>) {
+    let (queue, delivery) = queue(&spec.name, spec.kind.queue_capacity());
+    let task = match spec.kind.clone() {
+        OutputKind::PagerDuty(config) => tokio::spawn(pagerduty::run(
+            config,
+            delivery,
+            http::RetryPolicy::pager(),
+            shutdown,
+        )),
+        OutputKind::Webhook(config) => tokio::spawn(webhook::run(
+            config,
+            delivery,
+            http::RetryPolicy::push(),
+            shutdown,
+        )),
+        OutputKind::Graphite(config) => tokio::spawn(graphite::run(config, delivery, shutdown)),
+        OutputKind::Forward(config) => tokio::spawn(forward::run(config, delivery, shutdown)),
+    };
+    (queue, task)
 }
 
-impl OutputSink for Recorder {
-    fn push(&self, event: Event) {
-        self.events.lock().push(event);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accounted(queue: &Queue) -> bool {
+        let s = &queue.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+        get(&s.accepted) == get(&s.delivered) + get(&s.dropped) + queue.queued() + get(&s.in_flight)
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_every_event_stays_accounted_for() {
+        let (queue, mut delivery) = queue("test", 2);
+        for _ in 0..5 {
+            queue.push(Event::default());
+        }
+        assert_eq!(queue.stats.accepted.load(Ordering::Acquire), 5);
+        assert_eq!(queue.stats.dropped.load(Ordering::Acquire), 3);
+        assert_eq!(queue.queued(), 2);
+        assert!(accounted(&queue));
+
+        let batch = delivery.next_batch(10).await.unwrap();
+        assert_eq!(batch.len(), 2);
+        assert_eq!(
+            (
+                queue.queued(),
+                queue.stats.in_flight.load(Ordering::Acquire)
+            ),
+            (0, 2)
+        );
+        assert!(accounted(&queue));
+
+        delivery.delivered(1);
+        delivery.dropped(1);
+        assert_eq!(queue.stats.delivered.load(Ordering::Acquire), 1);
+        assert_eq!(queue.stats.dropped.load(Ordering::Acquire), 4);
+        assert_eq!(queue.stats.in_flight.load(Ordering::Acquire), 0);
+        assert!(accounted(&queue));
+    }
+
+    #[tokio::test]
+    async fn batches_take_what_is_queued_up_to_the_limit() {
+        let (queue, mut delivery) = queue("test", 100);
+        for _ in 0..7 {
+            queue.push(Event::default());
+        }
+        assert_eq!(delivery.next_batch(5).await.unwrap().len(), 5);
+        assert_eq!(delivery.next_batch(5).await.unwrap().len(), 2);
+        drop(queue);
+        assert!(delivery.next_batch(5).await.is_none(), "closed and empty");
     }
 }

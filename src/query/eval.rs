@@ -6,53 +6,24 @@ use std::cmp::Ordering;
 
 use regex::Regex;
 
-use crate::event::{Event, Metric};
+use crate::event::{Event, Field, Metric};
 
-/// A field reference, resolved from its name once at parse time.
-#[derive(Debug, Clone)]
-pub(super) enum Field {
-    Host,
-    Service,
-    State,
-    Description,
-    /// `metric` and `metric_f` both name the metric, whatever its kind.
-    Metric,
-    Ttl,
-    /// The event time in (fractional) seconds.
-    Time,
-    Attribute(String),
-}
-
-impl Field {
-    pub(super) fn named(name: &str) -> Field {
-        match name {
-            "host" => Field::Host,
-            "service" => Field::Service,
-            "state" => Field::State,
-            "description" => Field::Description,
-            "metric" | "metric_f" => Field::Metric,
-            "ttl" => Field::Ttl,
-            "time" => Field::Time,
-            other => Field::Attribute(other.to_owned()),
-        }
-    }
-
-    fn get<'e>(&self, event: &'e Event) -> Val<'e> {
-        let text = |s: &'e Option<String>| s.as_deref().map_or(Val::Nil, Val::Str);
-        match self {
-            Field::Host => text(&event.host),
-            Field::Service => text(&event.service),
-            Field::State => text(&event.state),
-            Field::Description => text(&event.description),
-            Field::Metric => match event.metric {
-                Some(Metric::Int(i)) => Val::Int(i),
-                Some(Metric::Float(f)) => Val::Float(f),
-                None => Val::Nil,
-            },
-            Field::Ttl => event.ttl.map_or(Val::Nil, |t| Val::Float(f64::from(t))),
-            Field::Time => Val::Float(event.time_secs()),
-            Field::Attribute(name) => event.attribute(name).map_or(Val::Nil, Val::Str),
-        }
+/// The value of a field, borrowed from the event.
+fn value<'e>(field: &Field, event: &'e Event) -> Val<'e> {
+    let text = |s: &'e Option<String>| s.as_deref().map_or(Val::Nil, Val::Str);
+    match field {
+        Field::Host => text(&event.host),
+        Field::Service => text(&event.service),
+        Field::State => text(&event.state),
+        Field::Description => text(&event.description),
+        Field::Metric => match event.metric {
+            Some(Metric::Int(i)) => Val::Int(i),
+            Some(Metric::Float(f)) => Val::Float(f),
+            None => Val::Nil,
+        },
+        Field::Ttl => event.ttl.map_or(Val::Nil, |t| Val::Float(f64::from(t))),
+        Field::Time => Val::Float(event.time_secs()),
+        Field::Attribute(name) => event.attribute(name).map_or(Val::Nil, Val::Str),
     }
 }
 
@@ -85,7 +56,7 @@ impl Operand {
 
     fn get<'a>(&'a self, event: &'a Event) -> Val<'a> {
         match self {
-            Operand::Field(field) => field.get(event),
+            Operand::Field(field) => value(field, event),
             Operand::Lit(Lit::Nil) => Val::Nil,
             Operand::Lit(Lit::Bool(b)) => Val::Bool(*b),
             Operand::Lit(Lit::Int(i)) => Val::Int(*i),
@@ -258,7 +229,7 @@ impl Node {
     pub(super) fn eval(&self, event: &Event) -> bool {
         match self {
             Node::Const(b) => *b,
-            Node::Present(field) => !matches!(field.get(event), Val::Nil),
+            Node::Present(field) => !matches!(value(field, event), Val::Nil),
             Node::Tagged(tag) => event.has_tag(tag),
             Node::Compare { left, op, right } => op.apply(left.get(event), right.get(event)),
             Node::Like { left, pattern } => {

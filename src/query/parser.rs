@@ -13,7 +13,8 @@ use nom::sequence::{pair, tuple};
 use regex::RegexBuilder;
 
 use super::QueryError;
-use super::eval::{CmpOp, Field, LikePattern, Lit, Node, Operand};
+use super::eval::{CmpOp, LikePattern, Lit, Node, Operand};
+use crate::event::Field;
 
 /// How many parentheses and `not`s may be open at once.
 const MAX_DEPTH: usize = 64;

@@ -15,7 +15,8 @@ use super::nodes::{
     Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Scale, Split, Stable, Tag,
     Throttle, Where, Window, WindowKind, With,
 };
-use super::outputs::{OutputKind, OutputSpec, PAGERDUTY_URL};
+use crate::outputs::template::Template;
+use crate::outputs::{OutputKind, OutputSpec, forward, graphite, pagerduty, webhook};
 
 /// Every stream name the language knows (for "did you mean" hints).
 const STREAMS: &[&str] = &[
@@ -270,6 +271,21 @@ impl Compiler {
         }
     }
 
+    /// An optional `{field}` template; `Some(None)` when absent.
+    fn template(&mut self, v: Option<&Value>) -> Option<Option<Template>> {
+        let Some(v) = v else {
+            return Some(None);
+        };
+        let text = self.string(v)?;
+        match Template::parse(&text) {
+            Ok(t) => Some(Some(t)),
+            Err(e) => {
+                self.error(v.span.clone(), e.to_string());
+                None
+            }
+        }
+    }
+
     fn number(&mut self, v: &Value) -> Option<f64> {
         match v.kind {
             ValueKind::Number(n) if n.is_finite() => Some(n),
@@ -345,18 +361,18 @@ impl Compiler {
                 let routing_key = self.string(key?)?;
                 let url = self
                     .optional_string(b.get("url"))?
-                    .unwrap_or_else(|| PAGERDUTY_URL.to_owned());
-                let dedup_key = self.optional_string(b.get("dedup_key"))?;
+                    .unwrap_or_else(|| pagerduty::DEFAULT_URL.to_owned());
+                let dedup_key = self.template(b.get("dedup_key"))?;
                 let resend_interval = match b.get("resend_interval") {
-                    Some(v) => Some(self.duration(v)?),
-                    None => None,
+                    Some(v) => std::time::Duration::from_micros(self.duration(v)? as u64),
+                    None => pagerduty::DEFAULT_RESEND_INTERVAL,
                 };
-                OutputKind::PagerDuty {
+                OutputKind::PagerDuty(pagerduty::Config {
                     routing_key,
                     url,
                     dedup_key,
                     resend_interval,
-                }
+                })
             }
             "webhook" => {
                 let url = self.require(what, &b, "url");
@@ -371,23 +387,23 @@ impl Compiler {
                         headers.insert(k.name.clone(), value);
                     }
                 }
-                let body = self.optional_string(b.get("body"))?;
-                OutputKind::Webhook { url, headers, body }
+                let body = self.template(b.get("body"))?;
+                OutputKind::Webhook(webhook::Config { url, headers, body })
             }
-            "graphite" => OutputKind::Graphite {
+            "graphite" => OutputKind::Graphite(graphite::Config {
                 host: self
                     .optional_string(b.get("host"))?
                     .unwrap_or_else(|| "127.0.0.1".to_owned()),
                 port: self.port(b.get("port"), 2003)?,
                 prefix: self.optional_string(b.get("prefix"))?,
-                path: self.optional_string(b.get("path"))?,
-            },
+                path: self.template(b.get("path"))?,
+            }),
             _ => {
                 let host = self.require(what, &b, "host");
-                OutputKind::Forward {
+                OutputKind::Forward(forward::Config {
                     host: self.string(host?)?,
                     port: self.port(b.get("port"), 5555)?,
-                }
+                })
             }
         };
         Some(kind)

@@ -11,7 +11,9 @@ use crate::event::Event;
 use crate::index::Index;
 use crate::streams::Streams;
 
-use super::nodes::{Children, Cx, OutputSink};
+use crate::outputs::OutputSink;
+
+use super::nodes::{Children, Cx};
 
 /// Rounds of `reinject` one batch may take. A rule that reinjects what it
 /// reinjects would otherwise loop forever; past this the events are dropped

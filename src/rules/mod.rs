@@ -1,11 +1,10 @@
 //! Rule files: the language operators write to say what happens to every event.
 //!
 //! - [`ast`]: the syntax tree, with a span on every node.
-//! - [`parser`]: source text → [`ast::RuleFile`] (nom).
+//! - [`parser`]: source text → [`ast::RuleFile`].
 //! - [`diag`]: errors rendered as `FILE:LINE:COL: message` with the source line and a caret.
 //! - [`compile`]: AST → a tree of stream [`nodes`], validating every name and argument.
 //! - [`engine`]: runs the tree as the server's `Streams`.
-//! - [`outputs`]: declared outputs and their bounded queues.
 //! - [`testing`]: `vigil test`, the `test "…" { … }` blocks on a virtual clock.
 
 pub mod ast;
@@ -13,7 +12,6 @@ pub mod compile;
 pub mod diag;
 pub mod engine;
 pub mod nodes;
-pub mod outputs;
 pub mod parser;
 pub mod testing;
 

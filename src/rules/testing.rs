@@ -8,12 +8,14 @@
 
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde_json::Value as Json;
 
 use crate::clock::{Clock, MICROS_PER_SEC, ManualClock, Micros, SharedClock, secs_to_micros};
 use crate::event::{Event, Metric};
 use crate::index::{Index, IndexConfig};
 use crate::json::to_json;
+use crate::outputs::OutputSink;
 use crate::query::Query;
 use crate::streams::Streams;
 
@@ -21,8 +23,6 @@ use super::ast::{Ident, RuleFile, TestAction, TestCase, Value, ValueKind};
 use super::compile::{EnvPolicy, compile};
 use super::diag::Diagnostic;
 use super::engine::Rules;
-use super::nodes::OutputSink;
-use super::outputs::Recorder;
 
 /// Virtual time at the start of every test: 2024-01-01T00:00:00Z.
 pub const TEST_EPOCH: Micros = 1_704_067_200 * MICROS_PER_SEC;
@@ -74,6 +74,18 @@ fn unknown_target(target: &Ident, outputs: &[String]) -> Diagnostic {
         format!("`expect {}`: no such output", target.name),
     )
     .with_hint(format!("expect can check: {}", known.join(", ")))
+}
+
+/// Records everything it is given, in place of delivery.
+#[derive(Default)]
+pub struct Recorder {
+    pub events: Mutex<Vec<Event>>,
+}
+
+impl OutputSink for Recorder {
+    fn push(&self, event: Event) {
+        self.events.lock().push(event);
+    }
 }
 
 /// Fresh rules on a virtual clock with every output recorded; also the

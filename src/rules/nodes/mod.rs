@@ -9,8 +9,10 @@
 use std::sync::Arc;
 
 use crate::clock::Micros;
+pub use crate::event::Field;
 use crate::event::{Event, Metric};
 use crate::index::Index;
+use crate::outputs::OutputSink;
 
 mod basic;
 mod stateful;
@@ -25,12 +27,6 @@ pub use basic::{
 };
 pub use stateful::{By, Changed, Ddt, Ewma, EwmaMode, Rate, Stable, Throttle};
 pub use window::{Fold, FoldKind, Percentiles, WINDOW_MAX, Window, WindowKind};
-
-/// Where an output stage hands events; the outputs module implements the queue.
-pub trait OutputSink: Send + Sync {
-    /// Must not block: a full queue drops (and counts) instead.
-    fn push(&self, event: Event);
-}
 
 /// What a node may touch while handling one event or tick.
 pub struct Cx<'a> {
@@ -74,46 +70,6 @@ impl Children {
 
     pub fn fresh(&self) -> Children {
         Children(self.0.iter().map(|c| c.fresh()).collect())
-    }
-}
-
-/// An event field a stage reads by name (`by`, `changed`, `stable`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Field {
-    Host,
-    Service,
-    State,
-    Description,
-    Metric,
-    Ttl,
-    Attribute(String),
-}
-
-impl Field {
-    pub fn named(name: &str) -> Field {
-        match name {
-            "host" => Field::Host,
-            "service" => Field::Service,
-            "state" => Field::State,
-            "description" => Field::Description,
-            "metric" => Field::Metric,
-            "ttl" => Field::Ttl,
-            other => Field::Attribute(other.to_owned()),
-        }
-    }
-
-    /// The field's value as text, `None` when absent; numbers compare by their
-    /// canonical text, which is exact for equality.
-    pub fn value(&self, e: &Event) -> Option<String> {
-        match self {
-            Field::Host => e.host.clone(),
-            Field::Service => e.service.clone(),
-            Field::State => e.state.clone(),
-            Field::Description => e.description.clone(),
-            Field::Metric => e.metric.map(|m| m.to_string()),
-            Field::Ttl => e.ttl.map(|t| t.to_string()),
-            Field::Attribute(k) => e.attribute(k).map(str::to_owned),
-        }
     }
 }
 

@@ -136,7 +136,7 @@ impl By {
 
 impl Node for By {
     fn event(&self, event: Event, cx: &mut Cx) {
-        let key: Vec<_> = self.fields.iter().map(|f| f.value(&event)).collect();
+        let key: Vec<_> = self.fields.iter().map(|f| f.text(&event)).collect();
         let ttl = event.ttl.map_or(cx.index.default_ttl(), f64::from);
         let free_at = cx
             .now
@@ -239,7 +239,7 @@ impl Changed {
 
 impl Node for Changed {
     fn event(&self, event: Event, cx: &mut Cx) {
-        let value = self.field.value(&event);
+        let value = self.field.text(&event);
         let changed = {
             let mut last = self.last.lock();
             let changed = *last != value;
@@ -302,7 +302,7 @@ impl Stable {
 
 impl Node for Stable {
     fn event(&self, event: Event, cx: &mut Cx) {
-        let value = self.field.value(&event);
+        let value = self.field.text(&event);
         let out = {
             let mut s = self.state.lock();
             if s.value.as_ref() != Some(&value) {

@@ -1,0 +1,320 @@
+//! Riemann-protocol load generator, and a null sink to measure the machine's
+//! limit in the same run.
+//!
+//!     cargo run --release --example loadgen -- tcp --conns 2 --batch 100 --window 8 --keys 100000 --secs 10 127.0.0.1:5555
+//!     cargo run --release --example loadgen -- latency --secs 60 127.0.0.1:5555
+//!     cargo run --release --example loadgen -- udp --batch 10 --secs 10 127.0.0.1:5555
+//!     cargo run --release --example loadgen -- null-sink 127.0.0.1:5599
+//!
+//! Messages are encoded once before the run and cycled, so the generator
+//! spends its time on the socket, not on protobuf.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+use vigil::proto::{Attribute, Msg, PbEvent};
+
+#[derive(Parser)]
+#[command(about = "Riemann-protocol load generator")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Pipelined TCP load; reports acked events per second.
+    Tcp(Load),
+    /// One event per Msg, one in flight; reports latency percentiles.
+    Latency {
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+        addr: SocketAddr,
+    },
+    /// UDP datagrams of `batch` events as fast as the socket takes them; reports sent.
+    Udp(Load),
+    /// Acks every frame without decoding it: the machine's limit for the same load.
+    NullSink { addr: SocketAddr },
+}
+
+#[derive(clap::Args, Clone)]
+struct Load {
+    /// Connections (TCP) or sockets (UDP).
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+    /// Events per Msg.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Messages in flight per connection (TCP).
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Distinct (host, service) keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: usize,
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    addr: SocketAddr,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.mode {
+            Mode::Tcp(load) => tcp(load).await,
+            Mode::Latency { secs, keys, addr } => latency(secs, keys, addr).await,
+            Mode::Udp(load) => udp(load).await,
+            Mode::NullSink { addr } => null_sink(addr).await,
+        }
+    })
+}
+
+/// Pre-encoded Msg bodies covering `keys` distinct keys, `batch` events each.
+fn messages(batch: usize, keys: usize) -> Vec<Bytes> {
+    let per_cycle = keys.div_ceil(batch).clamp(1, 4096);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    (0..per_cycle)
+        .map(|m| {
+            let events = (0..batch)
+                .map(|i| {
+                    let key = (m * batch + i) % keys.max(1);
+                    PbEvent {
+                        host: Some(format!("host{}", key / 10)),
+                        service: Some(format!("service {}", key % 10)),
+                        state: Some("ok".into()),
+                        time_micros: Some(now),
+                        ttl: Some(300.0),
+                        tags: vec!["load".into()],
+                        metric_d: Some(key as f64),
+                        attributes: vec![Attribute {
+                            key: "gen".into(),
+                            value: Some("loadgen".into()),
+                        }],
+                        ..PbEvent::default()
+                    }
+                })
+                .collect();
+            Msg {
+                events,
+                ..Msg::default()
+            }
+            .encode_to_vec()
+            .into()
+        })
+        .collect()
+}
+
+fn framed(body: &Bytes) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + body.len());
+    out.put_u32(body.len() as u32);
+    out.put_slice(body);
+    out.freeze()
+}
+
+async fn tcp(load: Load) -> anyhow::Result<()> {
+    let frames: Arc<Vec<Bytes>> =
+        Arc::new(messages(load.batch, load.keys).iter().map(framed).collect());
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..load.conns {
+        let stream = TcpStream::connect(load.addr).await?;
+        stream.set_nodelay(true)?;
+        tasks.push(tokio::spawn(connection(
+            stream,
+            frames.clone(),
+            c,
+            load.window,
+            acked.clone(),
+            stop.clone(),
+        )));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(load.secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let msgs = acked.load(Ordering::Relaxed);
+    let events = msgs * load.batch as u64;
+    println!(
+        "tcp conns={} batch={} window={} keys={}: {} events acked in {:.1} s = {:.0} events/s ({:.0} msgs/s)",
+        load.conns,
+        load.batch,
+        load.window,
+        load.keys,
+        events,
+        elapsed,
+        events as f64 / elapsed,
+        msgs as f64 / elapsed
+    );
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// Keeps `window` frames in flight: the writer waits for permits, the reader
+/// returns one per reply.
+async fn connection(
+    stream: TcpStream,
+    frames: Arc<Vec<Bytes>>,
+    offset: usize,
+    window: usize,
+    acked: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let permits = Arc::new(Semaphore::new(window));
+    let reader_permits = permits.clone();
+    let reader = tokio::spawn(async move {
+        let mut read = BufReader::with_capacity(64 * 1024, read);
+        loop {
+            let len = read.read_u32().await? as usize;
+            let mut body = vec![0u8; len];
+            read.read_exact(&mut body).await?;
+            acked.fetch_add(1, Ordering::Relaxed);
+            reader_permits.add_permits(1);
+        }
+        #[allow(unreachable_code)]
+        Ok::<_, std::io::Error>(())
+    });
+    let mut next = offset;
+    let mut out = BytesMut::new();
+    while !stop.load(Ordering::Relaxed) {
+        permits.acquire().await?.forget();
+        // Write every frame the window allows in one go.
+        let mut n = 1;
+        while let Ok(p) = permits.try_acquire() {
+            p.forget();
+            n += 1;
+        }
+        for _ in 0..n {
+            out.extend_from_slice(&frames[next % frames.len()]);
+            next += 1;
+        }
+        write.write_all(&out).await?;
+        out.clear();
+    }
+    reader.abort();
+    Ok(())
+}
+
+async fn latency(secs: u64, keys: usize, addr: SocketAddr) -> anyhow::Result<()> {
+    let frames: Vec<Bytes> = messages(1, keys).iter().map(framed).collect();
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut reply = vec![0u8; 64];
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let sent = Instant::now();
+        stream.write_all(&frames[i % frames.len()]).await?;
+        let len = stream.read_u32().await? as usize;
+        if len > reply.len() {
+            reply.resize(len, 0);
+        }
+        stream.read_exact(&mut reply[..len]).await?;
+        hist.record(sent.elapsed().as_micros().max(1) as u64)?;
+        i += 1;
+    }
+    println!(
+        "latency over {secs} s, {} requests: p50={}us p99={}us p99.9={}us max={}us",
+        hist.len(),
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.max()
+    );
+    Ok(())
+}
+
+async fn udp(load: Load) -> anyhow::Result<()> {
+    let bodies = messages(load.batch, load.keys);
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..load.conns {
+        let socket = UdpSocket::bind("127.0.0.1:0").await?;
+        socket.connect(load.addr).await?;
+        let (bodies, sent, stop) = (bodies.clone(), sent.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                if socket.send(&bodies[i % bodies.len()]).await.is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(load.secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let datagrams = sent.load(Ordering::Relaxed);
+    println!(
+        "udp sockets={} batch={}: {} datagrams = {} events sent in {} s = {:.0} events/s",
+        load.conns,
+        load.batch,
+        datagrams,
+        datagrams * load.batch as u64,
+        load.secs,
+        (datagrams * load.batch as u64) as f64 / load.secs as f64
+    );
+    Ok(())
+}
+
+async fn null_sink(addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    println!("null sink listening on {}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::with_capacity(64 * 1024, read);
+            let mut skip = vec![0u8; 64 * 1024];
+            let mut acks = Vec::new();
+            loop {
+                let Ok(len) = read.read_u32().await else {
+                    return;
+                };
+                let mut left = len as usize;
+                while left > 0 {
+                    let n = left.min(skip.len());
+                    if read.read_exact(&mut skip[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                acks.extend_from_slice(&[0, 0, 0, 2, 0x10, 0x01]);
+                // One write per read batch, like vigil.
+                if read.buffer().len() < 4 {
+                    if write.write_all(&acks).await.is_err() {
+                        return;
+                    }
+                    acks.clear();
+                }
+            }
+        });
+    }
+}

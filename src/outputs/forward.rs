@@ -1,0 +1,525 @@
+//! Forwarding to another vigil or Riemann over the Riemann TCP protocol.
+//!
+//! Events travel in batches: one `Msg` carries up to [`BATCH_MAX`] events, and a
+//! small batch lingers up to [`LINGER`] for company. A batch counts as delivered
+//! only once the downstream acks it; on a connection error or an ack timeout the
+//! task reconnects with backoff and sends the same batch again (at least once).
+//! Meanwhile the queue fills and its overflow is dropped and counted upstream.
+//! A batch the downstream answers `ok: false` to is retried too, but dropped
+//! after [`MAX_REFUSALS`] attempts, so one poison batch cannot stall the output.
+
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use super::Delivery;
+use crate::client::{Client, ClientError};
+use crate::event::Event;
+
+/// Most events per `Msg`.
+pub const BATCH_MAX: usize = 1000;
+/// How long a batch short of `BATCH_MAX` waits for more events.
+pub const LINGER: Duration = Duration::from_millis(50);
+/// Longest wait for an ack (or a connection); past it the connection is dropped.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A batch the downstream keeps refusing (`ok: false`) is dropped after this many attempts.
+pub const MAX_REFUSALS: u32 = 4;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+}
+
+/// Timings, separate from `Config` so tests can shrink them.
+#[derive(Debug, Clone)]
+struct Tuning {
+    batch_max: usize,
+    linger: Duration,
+    ack_timeout: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            batch_max: BATCH_MAX,
+            linger: LINGER,
+            ack_timeout: ACK_TIMEOUT,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The downstream answered `ok: false`; the connection stays usable.
+    #[error("downstream refused the batch: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Client(ClientError),
+    /// The connection may still deliver a late reply, so it is abandoned.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Server(message) => Failure::Refused(message),
+            other => Failure::Client(other),
+        }
+    }
+}
+
+/// Delivers the queue until it closes; once `shutdown` is cancelled, delivers
+/// only what is already queued, then returns.
+pub async fn run(config: Config, delivery: Delivery, shutdown: CancellationToken) {
+    run_tuned(config, Tuning::default(), delivery, shutdown).await;
+}
+
+async fn run_tuned(
+    config: Config,
+    tuning: Tuning,
+    mut delivery: Delivery,
+    shutdown: CancellationToken,
+) {
+    let mut link = Link::new(&config, tuning, &delivery.name);
+    let max = link.tuning.batch_max;
+    loop {
+        // Only the cancel-safe wait races shutdown: a lingering batch already
+        // holds events, and dropping it would lose them.
+        let batch = tokio::select! {
+            batch = delivery.next_batch(max) => batch,
+            () = shutdown.cancelled() => break,
+        };
+        let Some(batch) = batch else { return };
+        let batch = linger(&mut delivery, batch, &link.tuning).await;
+        link.deliver(&batch, &delivery).await;
+    }
+    // Shutting down: deliver what is already queued, without waiting for more.
+    while let Some(batch) = delivery.next_batch(max).now_or_never().flatten() {
+        link.deliver(&batch, &delivery).await;
+    }
+}
+
+/// Tops up `batch` until `linger` has passed or it is full. A busy queue fills
+/// it at once, so this adds no latency under load.
+async fn linger(delivery: &mut Delivery, mut batch: Vec<Event>, tuning: &Tuning) -> Vec<Event> {
+    let deadline = Instant::now() + tuning.linger;
+    while batch.len() < tuning.batch_max {
+        let more = delivery.next_batch(tuning.batch_max - batch.len());
+        match timeout_at(deadline, more).await {
+            Ok(Some(more)) => batch.extend(more),
+            // Closed (the caller's next wait says so) or out of time.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// The connection to the downstream, reopened as needed, and its failure state.
+struct Link {
+    output: String,
+    addr: String,
+    tuning: Tuning,
+    client: Option<Client>,
+    backoff: Duration,
+    /// Whether the outage has been logged, so it is logged once, not per attempt.
+    down: bool,
+}
+
+impl Link {
+    fn new(config: &Config, tuning: Tuning, output: &str) -> Self {
+        Self {
+            output: output.to_owned(),
+            addr: format!("{}:{}", config.host, config.port),
+            backoff: tuning.backoff_min,
+            tuning,
+            client: None,
+            down: false,
+        }
+    }
+
+    /// Sends `batch` until it is acked, retrying with backoff. Only a batch the
+    /// downstream keeps refusing is given up on; an unreachable downstream is
+    /// waited for (the queue bounds what piles up meanwhile).
+    async fn deliver(&mut self, batch: &[Event], delivery: &Delivery) {
+        let mut refusals = 0;
+        loop {
+            match self.attempt(batch).await {
+                Ok(()) => {
+                    self.recovered();
+                    delivery.delivered(batch.len());
+                    return;
+                }
+                Err(Failure::Refused(message)) => {
+                    refusals += 1;
+                    if refusals == MAX_REFUSALS {
+                        tracing::error!(
+                            output = %self.output,
+                            addr = %self.addr,
+                            events = batch.len(),
+                            error = %message,
+                            "Downstream keeps refusing a batch; dropped it."
+                        );
+                        delivery.dropped(batch.len());
+                        return;
+                    }
+                    tracing::debug!(
+                        output = %self.output,
+                        addr = %self.addr,
+                        error = %message,
+                        "Downstream refused a batch; retrying."
+                    );
+                }
+                Err(e) => self.lost(&e),
+            }
+            delivery.retried();
+            self.back_off().await;
+        }
+    }
+
+    /// Waits before the next attempt: 100 ms doubling up to 5 s, by default.
+    async fn back_off(&mut self) {
+        sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(self.tuning.backoff_max);
+    }
+
+    /// One send of `batch`, connecting first when there is no connection.
+    async fn attempt(&mut self, batch: &[Event]) -> Result<(), Failure> {
+        let wait = self.tuning.ack_timeout;
+        let mut client = match self.client.take() {
+            Some(client) => client,
+            None => timeout(wait, Client::connect(self.addr.as_str()))
+                .await
+                .map_err(|_| Failure::Timeout(wait))??,
+        };
+        let sent = timeout(wait, client.send(batch))
+            .await
+            .map_err(|_| Failure::Timeout(wait))?;
+        // Only an answered request leaves the connection in step for the next one.
+        if matches!(sent, Ok(()) | Err(ClientError::Server(_))) {
+            self.client = Some(client);
+        }
+        Ok(sent?)
+    }
+
+    /// The connection failed (and is gone): log the outage once.
+    fn lost(&mut self, error: &Failure) {
+        if self.down {
+            tracing::debug!(
+                output = %self.output,
+                addr = %self.addr,
+                %error,
+                "Forward attempt failed."
+            );
+        } else {
+            self.down = true;
+            tracing::warn!(
+                output = %self.output,
+                addr = %self.addr,
+                %error,
+                "Downstream unreachable; retrying with backoff."
+            );
+        }
+    }
+
+    fn recovered(&mut self) {
+        self.backoff = self.tuning.backoff_min;
+        if self.down {
+            self.down = false;
+            tracing::info!(
+                output = %self.output,
+                addr = %self.addr,
+                "Downstream reachable again."
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+    use tokio_util::codec::Framed;
+
+    use super::*;
+    use crate::clock::{MICROS_PER_SEC, ManualClock, SharedClock};
+    use crate::event::Metric;
+    use crate::index::{Index, IndexConfig};
+    use crate::outputs::{OutputSink, OutputStats, Queue, queue};
+    use crate::server::{Server, ServerConfig};
+    use crate::streams::IndexEverything;
+    use crate::{proto, tcp};
+
+    const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
+
+    fn fast() -> Tuning {
+        Tuning {
+            linger: Duration::from_millis(20),
+            ack_timeout: Duration::from_millis(300),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(50),
+            ..Tuning::default()
+        }
+    }
+
+    /// An event with every field set, distinct per `i`.
+    fn event(i: usize) -> Event {
+        Event {
+            host: Some("web1".into()),
+            service: Some(format!("svc {i}")),
+            state: Some("ok".into()),
+            time: T0 + i as i64,
+            description: Some("forwarded".into()),
+            tags: vec!["a".into(), "b".into()],
+            metric: Some(Metric::Int(i as i64)),
+            ttl: Some(60.0),
+            attributes: [("env".to_owned(), "prod".to_owned())].into(),
+        }
+    }
+
+    /// A vigil server indexing everything it receives.
+    async fn downstream(addr: SocketAddr) -> (Server, Arc<Index>) {
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let clock: SharedClock = Arc::new(ManualClock::new(T0));
+        let config = ServerConfig {
+            tcp: addr,
+            ..ServerConfig::default()
+        };
+        let streams = Arc::new(IndexEverything::new(index.clone()));
+        let server = Server::start(config, index.clone(), streams, clock)
+            .await
+            .expect("downstream starts");
+        (server, index)
+    }
+
+    fn any_port() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    /// A queue with `n` events already in it, and the forward task draining it.
+    fn forward(
+        addr: SocketAddr,
+        tuning: Tuning,
+        n: usize,
+    ) -> (Arc<Queue>, JoinHandle<()>, CancellationToken) {
+        let (queue, delivery) = queue("fwd", 10_000);
+        (0..n).for_each(|i| queue.push(event(i)));
+        let config = Config {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_tuned(config, tuning, delivery, shutdown.clone()));
+        (queue, task, shutdown)
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Acquire)
+    }
+
+    fn assert_accounted(queue: &Queue) {
+        let s: &OutputStats = &queue.stats;
+        let settled = get(&s.delivered) + get(&s.dropped) + queue.queued() + get(&s.in_flight);
+        assert_eq!(
+            get(&s.accepted),
+            settled,
+            "accepted = delivered + dropped + queued + in_flight"
+        );
+    }
+
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    enum Reply {
+        Ack,
+        Refuse,
+        Silent,
+    }
+
+    /// A scripted downstream: `script(n)` answers the n-th `Msg` (counted
+    /// across connections). Returns its address and how many connections it saw.
+    async fn scripted(script: fn(usize) -> Reply) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind(any_port()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let frames = Arc::new(AtomicUsize::new(0));
+        let seen = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::AcqRel);
+                let frames = frames.clone();
+                tokio::spawn(async move {
+                    let mut framed = Framed::new(socket, tcp::codec(tcp::DEFAULT_MAX_FRAME));
+                    while let Some(Ok(_)) = framed.next().await {
+                        let reply = match script(frames.fetch_add(1, Ordering::AcqRel)) {
+                            Reply::Ack => proto::ack(),
+                            Reply::Refuse => proto::error_reply("busy"),
+                            Reply::Silent => continue,
+                        };
+                        if framed.send(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    #[tokio::test]
+    async fn many_events_travel_in_few_messages_with_fields_intact() {
+        let (server, index) = downstream(any_port()).await;
+        let (queue, _task, _shutdown) = forward(server.tcp_addr, Tuning::default(), 2500);
+
+        wait_until("all delivered", || get(&queue.stats.delivered) == 2500).await;
+        assert_eq!(get(&server.stats.tcp_messages), 3, "batches of up to 1000");
+        assert_eq!(index.len(), 2500);
+        assert_eq!(index.get("web1", "svc 7"), Some(event(7)));
+        assert_eq!(get(&queue.stats.retries), 0);
+        assert_accounted(&queue);
+    }
+
+    #[tokio::test]
+    async fn a_small_batch_lingers_for_more_events() {
+        let (server, index) = downstream(any_port()).await;
+        let tuning = Tuning {
+            linger: Duration::from_millis(500),
+            ..fast()
+        };
+        let (queue, _task, _shutdown) = forward(server.tcp_addr, tuning, 0);
+        for i in 0..20 {
+            queue.push(event(i));
+            sleep(Duration::from_millis(2)).await;
+        }
+
+        wait_until("all delivered", || get(&queue.stats.delivered) == 20).await;
+        assert!(
+            get(&server.stats.tcp_messages) <= 2,
+            "not one Msg per event"
+        );
+        assert_eq!(index.len(), 20);
+        assert_accounted(&queue);
+    }
+
+    #[tokio::test]
+    async fn events_queued_while_the_downstream_is_down_arrive_once_it_listens() {
+        // A free port, nothing listening on it yet.
+        let addr = TcpListener::bind(any_port())
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (queue, _task, _shutdown) = forward(addr, fast(), 50);
+        wait_until("a few failed attempts", || get(&queue.stats.retries) >= 3).await;
+        assert_eq!(get(&queue.stats.delivered), 0);
+        assert_accounted(&queue);
+
+        let (_server, index) = downstream(addr).await;
+        wait_until("all delivered", || get(&queue.stats.delivered) == 50).await;
+        assert_eq!(index.len(), 50);
+        assert_eq!(get(&queue.stats.dropped), 0);
+        assert_accounted(&queue);
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_retried_on_the_same_connection() {
+        let (addr, connections) =
+            scripted(|n| if n < 2 { Reply::Refuse } else { Reply::Ack }).await;
+        let (queue, _task, _shutdown) = forward(addr, fast(), 10);
+
+        wait_until("all delivered", || get(&queue.stats.delivered) == 10).await;
+        assert_eq!(get(&queue.stats.retries), 2);
+        assert_eq!(connections.load(Ordering::Acquire), 1);
+        assert_accounted(&queue);
+    }
+
+    #[tokio::test]
+    async fn a_batch_refused_every_time_is_dropped() {
+        let (addr, _) = scripted(|_| Reply::Refuse).await;
+        let (queue, _task, _shutdown) = forward(addr, fast(), 10);
+
+        wait_until("the batch is dropped", || get(&queue.stats.dropped) == 10).await;
+        assert_eq!(get(&queue.stats.retries), u64::from(MAX_REFUSALS - 1));
+        assert_eq!(get(&queue.stats.delivered), 0);
+        assert_accounted(&queue);
+    }
+
+    #[tokio::test]
+    async fn an_unacked_batch_times_out_and_is_resent_on_a_new_connection() {
+        let (addr, connections) =
+            scripted(|n| if n == 0 { Reply::Silent } else { Reply::Ack }).await;
+        let (queue, _task, _shutdown) = forward(addr, fast(), 10);
+
+        wait_until("all delivered", || get(&queue.stats.delivered) == 10).await;
+        assert_eq!(get(&queue.stats.retries), 1);
+        assert_eq!(connections.load(Ordering::Acquire), 2);
+        assert_accounted(&queue);
+    }
+
+    #[tokio::test]
+    async fn shutdown_delivers_what_is_queued_then_returns() {
+        let (server, index) = downstream(any_port()).await;
+        let (queue, task, shutdown) = forward(server.tcp_addr, Tuning::default(), 2500);
+        shutdown.cancel();
+
+        timeout(Duration::from_secs(10), task)
+            .await
+            .expect("returns without waiting for more events")
+            .unwrap();
+        assert_eq!(get(&queue.stats.delivered), 2500);
+        assert_eq!(index.len(), 2500);
+        assert_accounted(&queue);
+    }
+
+    #[tokio::test]
+    async fn shutdown_while_a_batch_lingers_still_delivers_it() {
+        let (server, _index) = downstream(any_port()).await;
+        let tuning = Tuning {
+            linger: Duration::from_millis(300),
+            ..fast()
+        };
+        let (queue, task, shutdown) = forward(server.tcp_addr, tuning, 10);
+        sleep(Duration::from_millis(50)).await;
+        assert_eq!(get(&queue.stats.in_flight), 10, "the batch is lingering");
+        shutdown.cancel();
+
+        timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(get(&queue.stats.delivered), 10);
+        assert_accounted(&queue);
+    }
+
+    #[tokio::test]
+    async fn a_closed_queue_ends_the_task() {
+        let (server, _index) = downstream(any_port()).await;
+        let (queue, task, _shutdown) = forward(server.tcp_addr, fast(), 5);
+        let stats = queue.stats.clone();
+        drop(queue);
+
+        timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(get(&stats.delivered), 5);
+    }
+}

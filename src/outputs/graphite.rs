@@ -1,0 +1,611 @@
+//! Graphite (carbon) plaintext protocol over TCP: one `path value seconds\n`
+//! line per event with a metric.
+//!
+//! Paths follow Riemann by default: host labels reversed (`a.b.com` →
+//! `com.b.a`), then the service's words (`cpu user` → `cpu.user`), with a
+//! trailing percentile written without its `0.` (`0.95` → `95`). A `path`
+//! template replaces that layout; its dots separate segments.
+//!
+//! Every segment is sanitised to `[A-Za-z0-9_-]` (anything else becomes `_`)
+//! and empty segments are left out: carbon turns segments into directory and
+//! file names, and other characters either break that or Graphite's queries.
+//!
+//! Dropped (and counted): events without a metric, with a NaN or infinite
+//! one, or with an empty path (nothing to graph); and points beyond
+//! [`BUFFER_LINES`] while carbon is unreachable (the newest ones: a queue
+//! keeps its order). Delivered means written to the socket: the plaintext
+//! protocol has no acknowledgement.
+//!
+//! Lines go out in batches of up to 1000, one write each. A failed write
+//! keeps its whole batch for the next connection: carbon overwrites a point
+//! sent twice, so resending a partly written batch does no harm.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use super::Delivery;
+use super::template::Template;
+use crate::clock::MICROS_PER_SEC;
+use crate::event::{Event, Metric};
+
+/// Points kept while carbon is unreachable (about 6 MB of lines).
+pub const BUFFER_LINES: usize = 100_000;
+/// Events taken from the queue, and lines written, at a time.
+const BATCH: usize = 1000;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Riemann reconnects every 5 s; so do we at worst.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A blackholed host must not stall the output for minutes.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A carbon that stopped reading counts as down.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown keeps trying to flush; less than the caller's bound, so
+/// what is left is counted as dropped rather than left in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    /// Prepended to every path, e.g. `vigil.prod`.
+    pub prefix: Option<String>,
+    /// By default Riemann's layout: reversed host labels, then the service.
+    pub path: Option<Template>,
+}
+
+pub async fn run(config: Config, delivery: Delivery, shutdown: CancellationToken) {
+    Graphite::new(config, BUFFER_LINES)
+        .drive(delivery, shutdown)
+        .await;
+}
+
+// ---- lines -----------------------------------------------------------------
+
+/// The carbon line for an event, or `None` when it has nothing graphable.
+fn line(config: &Config, event: &Event) -> Option<String> {
+    let value = value(event.metric?)?;
+    let path = path(config, event)?;
+    let secs = event.time.div_euclid(MICROS_PER_SEC);
+    Some(format!("{path} {value} {secs}\n"))
+}
+
+/// Integers as integers; floats in their shortest exact form. Carbon cannot
+/// store NaN or infinities.
+fn value(metric: Metric) -> Option<String> {
+    match metric {
+        Metric::Int(i) => Some(i.to_string()),
+        Metric::Float(f) if f.is_finite() => Some(f.to_string()),
+        Metric::Float(_) => None,
+    }
+}
+
+/// The sanitised dotted path (prefix first), or `None` when it is empty.
+fn path(config: &Config, event: &Event) -> Option<String> {
+    let prefix = config.prefix.as_deref().unwrap_or("");
+    let body = match &config.path {
+        Some(template) => template.render(event),
+        None => riemann_path(event),
+    };
+    let mut out = String::new();
+    for segment in prefix.split('.').chain(body.split('.')) {
+        if segment.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push('.');
+        }
+        push_sanitized(&mut out, segment);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Riemann's default layout, still unsanitised: `web1.example.com` + `cpu
+/// user 0.95` → `com.example.web1.cpu.user.95`.
+fn riemann_path(event: &Event) -> String {
+    let mut out = String::new();
+    for label in event.host_str().split('.').rev() {
+        out.push_str(label);
+        out.push('.');
+    }
+    let mut words: Vec<&str> = event.service_str().split(' ').collect();
+    if let Some(last) = words.last_mut() {
+        *last = percentile(last).unwrap_or(last);
+    }
+    out.push_str(&words.join("."));
+    out
+}
+
+/// `0.95` → `95`: the dot would otherwise split a percentile in two.
+fn percentile(word: &str) -> Option<&str> {
+    let digits = word.strip_prefix("0.")?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then_some(digits)
+}
+
+fn push_sanitized(out: &mut String, segment: &str) {
+    let safe = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    out.extend(segment.chars().map(|c| if safe(c) { c } else { '_' }));
+}
+
+// ---- delivery ----------------------------------------------------------------
+
+/// The output's state: lines not yet written, and the connection to carbon.
+struct Graphite {
+    config: Config,
+    /// Lines taken from the queue and not yet written; each one is an event
+    /// in flight.
+    pending: VecDeque<String>,
+    /// The most lines `pending` holds ([`BUFFER_LINES`] outside tests).
+    capacity: usize,
+    conn: Option<TcpStream>,
+    /// No connection attempt before this.
+    retry_at: Instant,
+    backoff: Duration,
+    /// Set while carbon is unreachable, so an outage is logged once.
+    down_since: Option<Instant>,
+    /// Whether this outage has already overflowed (logged once).
+    overflowed: bool,
+    /// Reused for each write, so a batch costs one allocation at most.
+    scratch: Vec<u8>,
+}
+
+impl Graphite {
+    fn new(config: Config, capacity: usize) -> Self {
+        Graphite {
+            config,
+            pending: VecDeque::new(),
+            capacity,
+            conn: None,
+            retry_at: Instant::now(),
+            backoff: BACKOFF_MIN,
+            down_since: None,
+            overflowed: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    async fn drive(mut self, mut delivery: Delivery, shutdown: CancellationToken) {
+        loop {
+            if self.due() {
+                self.send(&delivery).await;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                batch = delivery.next_batch(BATCH) => match batch {
+                    Some(events) => self.buffer(&events, &delivery),
+                    None => break,
+                },
+                () = sleep_until(self.retry_at), if !self.pending.is_empty() => {}
+            }
+        }
+        self.finish(&mut delivery).await;
+    }
+
+    /// Something to write and no backoff in the way.
+    fn due(&self) -> bool {
+        !self.pending.is_empty() && Instant::now() >= self.retry_at
+    }
+
+    /// Formats the events into `pending`, dropping what cannot be graphed and
+    /// what does not fit.
+    fn buffer(&mut self, events: &[Event], delivery: &Delivery) {
+        let mut ungraphable = 0;
+        let mut overflow = 0;
+        for event in events {
+            match line(&self.config, event) {
+                None => ungraphable += 1,
+                Some(_) if self.pending.len() >= self.capacity => overflow += 1,
+                Some(l) => self.pending.push_back(l),
+            }
+        }
+        if ungraphable > 0 {
+            delivery.dropped(ungraphable);
+            tracing::debug!(output = %delivery.name, count = ungraphable, "Events without a graphable metric or path dropped.");
+        }
+        if overflow > 0 {
+            delivery.dropped(overflow);
+            if !self.overflowed {
+                self.overflowed = true;
+                tracing::error!(output = %delivery.name, capacity = self.capacity, "Graphite buffer full; dropping new points until carbon is back.");
+            }
+        }
+    }
+
+    /// Writes `pending` in batches, connecting first if needed. On failure the
+    /// unwritten lines stay pending and the next attempt waits out a backoff.
+    async fn send(&mut self, delivery: &Delivery) {
+        while !self.pending.is_empty() {
+            let result = match self.connect().await {
+                Ok(()) => {
+                    let conn = self.conn.as_mut().expect("connected");
+                    write_batch(conn, &self.pending, &mut self.scratch).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                    delivery.delivered(n);
+                    self.recovered(delivery);
+                }
+                Err(e) => return self.failed(delivery, &e),
+            }
+        }
+    }
+
+    /// Keeps the open connection or opens one. A connection carbon has closed
+    /// is replaced before it silently swallows a write.
+    async fn connect(&mut self) -> std::io::Result<()> {
+        if self.conn.as_ref().is_some_and(peer_closed) {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            let addr = (self.config.host.as_str(), self.config.port);
+            let stream = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .map_err(|_| std::io::ErrorKind::TimedOut)??;
+            // Batches are already coalesced; Nagle would only add latency.
+            stream.set_nodelay(true)?;
+            self.conn = Some(stream);
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self, delivery: &Delivery, error: &std::io::Error) {
+        self.conn = None;
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        delivery.retried();
+        if self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+            tracing::warn!(output = %delivery.name, host = %self.config.host, port = self.config.port, %error, "Carbon unreachable; buffering points and reconnecting.");
+        }
+    }
+
+    fn recovered(&mut self, delivery: &Delivery) {
+        self.backoff = BACKOFF_MIN;
+        if let Some(since) = self.down_since.take() {
+            self.overflowed = false;
+            tracing::info!(output = %delivery.name, outage_secs = since.elapsed().as_secs_f64(), "Carbon reachable again.");
+        }
+    }
+
+    /// After shutdown: takes what is still queued, tries to write everything
+    /// for a while, then counts the rest as dropped.
+    async fn finish(mut self, delivery: &mut Delivery) {
+        while let Some(Some(events)) = delivery.next_batch(BATCH).now_or_never() {
+            self.buffer(&events, delivery);
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !self.pending.is_empty() && Instant::now() < deadline {
+            sleep_until(self.retry_at.min(deadline)).await;
+            let _ = timeout_at(deadline, self.send(delivery)).await;
+        }
+        if !self.pending.is_empty() {
+            delivery.dropped(self.pending.len());
+            tracing::error!(output = %delivery.name, count = self.pending.len(), "Carbon unreachable at shutdown; points dropped.");
+        }
+    }
+}
+
+/// Writes up to `BATCH` lines from the front of `pending` in one write;
+/// returns how many.
+async fn write_batch(
+    conn: &mut TcpStream,
+    pending: &VecDeque<String>,
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    let n = pending.len().min(BATCH);
+    scratch.clear();
+    for line in pending.iter().take(n) {
+        scratch.extend_from_slice(line.as_bytes());
+    }
+    let write = async {
+        conn.write_all(scratch).await?;
+        conn.flush().await
+    };
+    timeout(WRITE_TIMEOUT, write)
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)??;
+    Ok(n)
+}
+
+/// Carbon never talks back, so a readable socket means it closed (or reset)
+/// the connection.
+fn peer_closed(conn: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(conn.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::outputs::{OutputSink, Queue, queue};
+
+    const T0: i64 = 1_700_000_000;
+
+    fn config(port: u16) -> Config {
+        Config {
+            host: "127.0.0.1".into(),
+            port,
+            prefix: None,
+            path: None,
+        }
+    }
+
+    fn event(host: &str, service: &str, metric: Option<Metric>) -> Event {
+        Event {
+            host: Some(host.into()),
+            service: Some(service.into()),
+            metric,
+            time: T0 * MICROS_PER_SEC + 999_999,
+            ..Event::default()
+        }
+    }
+
+    fn point(i: i64) -> Event {
+        event("web1", &format!("s{i}"), Some(Metric::Int(i)))
+    }
+
+    fn default_path(host: &str, service: &str) -> Option<String> {
+        path(&config(0), &event(host, service, None))
+    }
+
+    #[test]
+    fn default_path_reverses_host_labels_and_splits_the_service_on_spaces() {
+        let p = default_path("web1.example.com", "cpu user");
+        assert_eq!(p.as_deref(), Some("com.example.web1.cpu.user"));
+    }
+
+    #[test]
+    fn trailing_percentiles_lose_their_leading_zero() {
+        let p = default_path("web1", "api latency 0.95");
+        assert_eq!(p.as_deref(), Some("web1.api.latency.95"));
+        let p = default_path("web1", "api latency 0.999");
+        assert_eq!(p.as_deref(), Some("web1.api.latency.999"));
+        // Only a trailing `0.<digits>` is a percentile.
+        let p = default_path("web1", "0.5 ratio");
+        assert_eq!(p.as_deref(), Some("web1.0.5.ratio"));
+    }
+
+    #[test]
+    fn unsafe_characters_become_underscores_and_empty_segments_vanish() {
+        let p = default_path("web 1", "disk  /var/lib:é");
+        assert_eq!(p.as_deref(), Some("web_1.disk._var_lib__"));
+        assert_eq!(default_path("", "cpu").as_deref(), Some("cpu"));
+        assert_eq!(default_path("", ""), None, "nothing to graph");
+    }
+
+    #[test]
+    fn prefix_comes_first_and_is_sanitised_too() {
+        let mut c = config(0);
+        c.prefix = Some("vigil.prod env".into());
+        let p = path(&c, &event("a.b.com", "cpu", None));
+        assert_eq!(p.as_deref(), Some("vigil.prod_env.com.b.a.cpu"));
+    }
+
+    #[test]
+    fn a_template_sets_the_layout_and_its_dots_separate_segments() {
+        let mut c = config(0);
+        c.prefix = Some("vigil".into());
+        c.path = Some(Template::parse("servers.{host}.{env}.{service}.{missing}").unwrap());
+        let mut e = event("web1", "cpu user", None);
+        e.set_attribute("env", "prod/eu".into());
+        assert_eq!(
+            path(&c, &e).as_deref(),
+            Some("vigil.servers.web1.prod_eu.cpu_user")
+        );
+    }
+
+    #[test]
+    fn lines_carry_integers_exact_floats_and_whole_seconds() {
+        let c = config(0);
+        let line_of = |m: Metric| line(&c, &event("web1", "cpu", Some(m)));
+        assert_eq!(
+            line_of(Metric::Int(42)).unwrap(),
+            "web1.cpu 42 1700000000\n"
+        );
+        assert_eq!(
+            line_of(Metric::Int(-7)).unwrap(),
+            "web1.cpu -7 1700000000\n"
+        );
+        assert_eq!(
+            line_of(Metric::Float(0.1 + 0.2)).unwrap(),
+            "web1.cpu 0.30000000000000004 1700000000\n"
+        );
+        assert_eq!(
+            line_of(Metric::Float(2.5)).unwrap(),
+            "web1.cpu 2.5 1700000000\n"
+        );
+        assert_eq!(
+            line_of(Metric::Float(1e-7)).unwrap(),
+            "web1.cpu 0.0000001 1700000000\n"
+        );
+    }
+
+    #[test]
+    fn events_without_a_finite_metric_have_no_line() {
+        let c = config(0);
+        assert_eq!(line(&c, &event("web1", "cpu", None)), None);
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(
+                line(&c, &event("web1", "cpu", Some(Metric::Float(bad)))),
+                None
+            );
+        }
+    }
+
+    // ---- delivery against a local listener ----------------------------------
+
+    struct Counts {
+        delivered: u64,
+        dropped: u64,
+        in_flight: u64,
+    }
+
+    fn counts(q: &Queue) -> Counts {
+        let s = &q.stats;
+        Counts {
+            delivered: s.delivered.load(Ordering::Acquire),
+            dropped: s.dropped.load(Ordering::Acquire),
+            in_flight: s.in_flight.load(Ordering::Acquire),
+        }
+    }
+
+    async fn wait_for(q: &Queue, what: &str, ok: impl Fn(&Counts) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ok(&counts(q)) {
+            let c = counts(q);
+            assert!(
+                Instant::now() < deadline,
+                "{what}: delivered {} dropped {} in flight {} queued {}",
+                c.delivered,
+                c.dropped,
+                c.in_flight,
+                q.queued()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts the output with a small buffer against `port`.
+    fn start(
+        port: u16,
+        capacity: usize,
+    ) -> (Arc<Queue>, CancellationToken, tokio::task::JoinHandle<()>) {
+        let (q, delivery) = queue("graphite-test", 100);
+        let shutdown = CancellationToken::new();
+        let task =
+            tokio::spawn(Graphite::new(config(port), capacity).drive(delivery, shutdown.clone()));
+        (q, shutdown, task)
+    }
+
+    /// A port nothing listens on (until a test binds it again).
+    async fn closed_port() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    async fn read_lines(listener: &TcpListener, n: usize) -> (Vec<String>, BufReader<TcpStream>) {
+        let read = async {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut lines = Vec::new();
+            while lines.len() < n {
+                let mut l = String::new();
+                assert_ne!(
+                    reader.read_line(&mut l).await.unwrap(),
+                    0,
+                    "closed after {lines:?}"
+                );
+                lines.push(l);
+            }
+            (lines, reader)
+        };
+        timeout(Duration::from_secs(10), read)
+            .await
+            .expect("lines within 10 s")
+    }
+
+    #[tokio::test]
+    async fn writes_lines_and_counts_them_delivered() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (q, _shutdown, _task) = start(listener.local_addr().unwrap().port(), 10);
+        q.push(point(1));
+        q.push(event("web1", "no metric", None));
+        q.push(point(2));
+        let (lines, _conn) = read_lines(&listener, 2).await;
+        assert_eq!(lines, ["web1.s1 1 1700000000\n", "web1.s2 2 1700000000\n"]);
+        wait_for(&q, "2 delivered, 1 dropped", |c| {
+            c.delivered == 2 && c.dropped == 1 && c.in_flight == 0
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_outage_buffers_up_to_the_bound_then_delivers_the_buffer() {
+        let port = closed_port().await;
+        let (q, _shutdown, _task) = start(port, 5);
+        for i in 0..8 {
+            q.push(point(i));
+        }
+        wait_for(&q, "5 buffered, 3 dropped", |c| {
+            c.in_flight == 5 && c.dropped == 3
+        })
+        .await;
+
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let (lines, _conn) = read_lines(&listener, 5).await;
+        assert_eq!(
+            lines[0], "web1.s0 0 1700000000\n",
+            "oldest first, newest dropped"
+        );
+        assert_eq!(lines[4], "web1.s4 4 1700000000\n");
+        wait_for(&q, "5 delivered", |c| c.delivered == 5 && c.in_flight == 0).await;
+        assert!(q.stats.retries.load(Ordering::Acquire) >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_carbon_closed_is_replaced_without_losing_points() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (q, _shutdown, _task) = start(listener.local_addr().unwrap().port(), 10);
+        q.push(point(1));
+        let (lines, first) = read_lines(&listener, 1).await;
+        assert_eq!(lines, ["web1.s1 1 1700000000\n"]);
+        drop(first);
+        // Let the close reach the output before the next point.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        q.push(point(2));
+        let (lines, _second) = read_lines(&listener, 1).await;
+        assert_eq!(lines, ["web1.s2 2 1700000000\n"]);
+        wait_for(&q, "2 delivered", |c| c.delivered == 2 && c.in_flight == 0).await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_flushes_what_is_queued() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (q, shutdown, task) = start(listener.local_addr().unwrap().port(), 10);
+        shutdown.cancel();
+        for i in 0..3 {
+            q.push(point(i));
+        }
+        let (lines, _conn) = read_lines(&listener, 3).await;
+        assert_eq!(lines.len(), 3);
+        timeout(Duration::from_secs(10), task)
+            .await
+            .expect("ends")
+            .unwrap();
+        let c = counts(&q);
+        assert_eq!((c.delivered, c.dropped, c.in_flight), (3, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn shutdown_with_carbon_down_counts_the_buffer_as_dropped() {
+        let (q, shutdown, task) = start(closed_port().await, 10);
+        for i in 0..3 {
+            q.push(point(i));
+        }
+        wait_for(&q, "3 buffered", |c| c.in_flight == 3).await;
+        shutdown.cancel();
+        timeout(SHUTDOWN_GRACE * 2, task)
+            .await
+            .expect("ends within the grace")
+            .unwrap();
+        let c = counts(&q);
+        assert_eq!((c.delivered, c.dropped, c.in_flight), (0, 3, 0));
+    }
+}

@@ -1,0 +1,424 @@
+//! HTTP delivery shared by the PagerDuty and webhook outputs: POST with
+//! retries on connection errors, 429 and 5xx (exponential backoff with full
+//! jitter, honouring `Retry-After`), and no retry on other 4xx.
+//!
+//! Also the loop shape both outputs share: [`next_batch`] waits for events
+//! until shutdown, then hands out only what is already queued.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::{Client, Response, StatusCode};
+use tokio_util::sync::CancellationToken;
+
+use super::Delivery;
+use crate::event::Event;
+
+/// Events taken from the queue at once; they are still sent one by one.
+const BATCH: usize = 256;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much of a refusal's body goes into the log.
+const LOGGED_BODY: usize = 512;
+
+/// How hard to try before giving up on one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// `None`: retry until it succeeds or the process stops (pages).
+    pub max_attempts: Option<u32>,
+}
+
+impl RetryPolicy {
+    /// A page is never given up on while the process lives.
+    pub fn pager() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+            max_attempts: None,
+        }
+    }
+
+    /// Push notifications are worth a few tries, not a blocked queue.
+    pub fn push() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            max_attempts: Some(6),
+        }
+    }
+
+    /// The wait before retry number `retry` (1-based): the server's
+    /// `Retry-After` when it gave one, else full jitter over an exponentially
+    /// growing window; both capped by `max_backoff`.
+    fn backoff(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        let wait = retry_after.unwrap_or_else(|| {
+            let window = self
+                .initial_backoff
+                .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
+                .min(self.max_backoff);
+            window.mul_f64(rand::random::<f64>())
+        });
+        wait.min(self.max_backoff)
+    }
+
+    fn exhausted(&self, attempts: u32) -> bool {
+        self.max_attempts.is_some_and(|max| attempts >= max)
+    }
+}
+
+/// Why an output cannot send at all.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("invalid header `{name}`: {reason}")]
+    Header { name: String, reason: String },
+}
+
+/// Why one attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    /// Without its URL, which may carry a secret (webhook tokens).
+    #[error("{}", with_causes(.0))]
+    Transport(reqwest::Error),
+    #[error("HTTP {status}: {body}")]
+    Status {
+        status: StatusCode,
+        body: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl AttemptError {
+    /// Connection trouble, timeouts, throttling and server errors pass; a
+    /// request the server refused (or one that cannot be built) will not.
+    fn retryable(&self) -> bool {
+        match self {
+            AttemptError::Transport(e) => !e.is_builder(),
+            AttemptError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    || *status == StatusCode::REQUEST_TIMEOUT
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AttemptError::Status { retry_after, .. } => *retry_after,
+            AttemptError::Transport(_) => None,
+        }
+    }
+}
+
+/// One request to make, as often as it takes.
+pub struct Payload<'a> {
+    pub url: &'a str,
+    pub content_type: &'static str,
+    /// Sent after `content_type`, so a configured `Content-Type` wins.
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+}
+
+/// What became of one event's request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Dropped,
+}
+
+/// Sends payloads for one output, retrying as its policy says.
+pub struct Poster {
+    client: Client,
+    retry: RetryPolicy,
+    shutdown: CancellationToken,
+    /// Set when a last attempt during shutdown failed: the downstream is down
+    /// and the caller's grace period is better spent not waiting on it.
+    given_up: bool,
+    /// Events dropped unsent since then, reported once by [`Poster::finish`].
+    unsent: usize,
+}
+
+impl Poster {
+    pub fn new(retry: RetryPolicy, shutdown: CancellationToken) -> Result<Poster, SetupError> {
+        let client = Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("vigil/", env!("CARGO_PKG_VERSION")))
+            // A redirected POST may silently become a GET: report it instead.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Poster {
+            client,
+            retry,
+            shutdown,
+            given_up: false,
+            unsent: 0,
+        })
+    }
+
+    /// Sends one event's payload and settles it in `delivery` (delivered or
+    /// dropped); every retry is counted there too.
+    pub async fn post(&mut self, delivery: &Delivery, payload: &Payload<'_>) -> Outcome {
+        let outcome = self.attempts(delivery, payload).await;
+        match outcome {
+            Outcome::Delivered => delivery.delivered(1),
+            Outcome::Dropped => delivery.dropped(1),
+        }
+        outcome
+    }
+
+    async fn attempts(&mut self, delivery: &Delivery, payload: &Payload<'_>) -> Outcome {
+        let output = delivery.name.as_str();
+        if self.given_up {
+            self.unsent += 1;
+            return Outcome::Dropped;
+        }
+        let mut attempts = 0;
+        loop {
+            // Once shutting down, this attempt is the last one.
+            let last = self.shutdown.is_cancelled();
+            attempts += 1;
+            let Err(error) = self.attempt(payload).await else {
+                return Outcome::Delivered;
+            };
+            // URLs stay out of the logs: a webhook's may carry a token.
+            if !error.retryable() {
+                tracing::error!(output, %error, "Event refused by the downstream; dropped.");
+                return Outcome::Dropped;
+            }
+            if last {
+                self.given_up = true;
+                tracing::error!(
+                    output, %error, attempts,
+                    "Delivery failed while shutting down; event dropped."
+                );
+                return Outcome::Dropped;
+            }
+            if self.retry.exhausted(attempts) {
+                tracing::error!(
+                    output, %error, attempts,
+                    "Delivery failed; giving up, event dropped."
+                );
+                return Outcome::Dropped;
+            }
+            let wait = self.retry.backoff(attempts, error.retry_after());
+            tracing::warn!(output, %error, attempts, ?wait, "Delivery failed; retrying.");
+            delivery.retried();
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// Reports, once, what shutdown left unsent.
+    pub fn finish(self, output: &str) {
+        if self.unsent > 0 {
+            tracing::error!(
+                output,
+                dropped = self.unsent,
+                "Events dropped unsent at shutdown: the downstream was failing."
+            );
+        }
+    }
+
+    async fn attempt(&self, payload: &Payload<'_>) -> Result<(), AttemptError> {
+        let response = self
+            .client
+            .post(payload.url)
+            .header(CONTENT_TYPE, payload.content_type)
+            .headers(payload.headers.clone())
+            .body(payload.body.clone())
+            .send()
+            .await
+            .map_err(|e| AttemptError::Transport(e.without_url()))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let retry_after = retry_after(response.headers());
+        Err(AttemptError::Status {
+            status,
+            body: body_start(response).await,
+            retry_after,
+        })
+    }
+}
+
+/// `error sending request: client error (Connect): tcp connect error: …`:
+/// reqwest's own message alone rarely says what went wrong.
+fn with_causes(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// The first bytes of a response body, for the log; never reads a huge body.
+async fn body_start(mut response: Response) -> String {
+    let mut start = Vec::new();
+    while start.len() < LOGGED_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => start.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    let truncated = start.len() > LOGGED_BODY;
+    start.truncate(LOGGED_BODY);
+    let mut text = String::from_utf8_lossy(&start).into_owned();
+    if truncated {
+        text.push('…');
+    }
+    text
+}
+
+/// Configured headers, checked once rather than on every request.
+pub fn header_map(headers: &BTreeMap<String, String>) -> Result<HeaderMap, SetupError> {
+    let invalid = |name: &str, reason: String| SetupError::Header {
+        name: name.to_owned(),
+        reason,
+    };
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let key =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| invalid(name, e.to_string()))?;
+        let value = HeaderValue::from_str(value).map_err(|e| invalid(name, e.to_string()))?;
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+/// The next events to send: waits for them until `shutdown` is cancelled,
+/// then takes only what is already queued. `None` when there is nothing more
+/// to do.
+pub async fn next_batch(
+    delivery: &mut Delivery,
+    shutdown: &CancellationToken,
+) -> Option<Vec<Event>> {
+    if !shutdown.is_cancelled() {
+        tokio::select! {
+            batch = delivery.next_batch(BATCH) => return batch,
+            () = shutdown.cancelled() => {}
+        }
+    }
+    // Yielding first gives the task a fresh cooperative budget, so a queued
+    // event is ready on the first poll and never mistaken for an empty queue.
+    tokio::task::yield_now().await;
+    delivery.next_batch(BATCH).now_or_never().flatten()
+}
+
+/// Runs an output that cannot send at all: every event is dropped, so the
+/// accounting stays whole and the failure stays visible.
+pub async fn refuse_all(mut delivery: Delivery, shutdown: CancellationToken, error: SetupError) {
+    let output = delivery.name.clone();
+    tracing::error!(output, %error, "Output cannot send; every event will be dropped.");
+    while let Some(batch) = next_batch(&mut delivery, &shutdown).await {
+        tracing::error!(
+            output,
+            count = batch.len(),
+            "Events dropped: the output cannot send."
+        );
+        delivery.dropped(batch.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            max_attempts: Some(3),
+        }
+    }
+
+    #[test]
+    fn backoff_stays_within_the_growing_window_and_the_cap() {
+        let p = policy();
+        for _ in 0..100 {
+            assert!(p.backoff(1, None) <= Duration::from_millis(100));
+            assert!(p.backoff(3, None) <= Duration::from_millis(400));
+            assert!(p.backoff(40, None) <= Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn retry_after_wins_but_is_capped() {
+        let p = policy();
+        assert_eq!(
+            p.backoff(1, Some(Duration::from_millis(700))),
+            Duration::from_millis(700)
+        );
+        assert_eq!(
+            p.backoff(1, Some(Duration::from_secs(90))),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn attempts_run_out_only_with_a_limit() {
+        assert!(!policy().exhausted(2));
+        assert!(policy().exhausted(3));
+        assert!(!RetryPolicy::pager().exhausted(u32::MAX));
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        let wait = retry_after(&h).unwrap();
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(
+            retry_after(&h),
+            Some(Duration::ZERO),
+            "a past date means now"
+        );
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn invalid_headers_are_named() {
+        let ok = BTreeMap::from([("X-Token".to_owned(), "t".to_owned())]);
+        assert_eq!(header_map(&ok).unwrap()["x-token"], "t");
+        let bad = BTreeMap::from([("X Token".to_owned(), "t".to_owned())]);
+        assert!(
+            header_map(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("`X Token`")
+        );
+    }
+}

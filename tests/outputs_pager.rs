@@ -1,0 +1,650 @@
+//! The PagerDuty and webhook outputs against a local HTTP receiver (axum on
+//! 127.0.0.1:0) that records every request and answers as scripted: the
+//! outputs driven in-process through their queues, plus one end-to-end run of
+//! the real binary fed by riemann-client.
+
+mod common;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use vigil::event::{Event, Metric};
+use vigil::outputs::http::RetryPolicy;
+use vigil::outputs::template::Template;
+use vigil::outputs::{self, OutputSink, OutputStats, Queue, pagerduty, webhook};
+
+/// Bound on waiting for something the outputs should do within milliseconds.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// The receiver
+// ---------------------------------------------------------------------------
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Seen {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// An answer to give: status, headers, body.
+#[derive(Debug, Clone)]
+struct Reply(u16, Vec<(&'static str, &'static str)>, &'static str);
+
+/// PagerDuty's answer to an accepted event.
+fn accepted() -> Reply {
+    Reply(
+        202,
+        vec![],
+        r#"{"status":"success","message":"Event processed"}"#,
+    )
+}
+
+#[derive(Default)]
+struct Script {
+    seen: Vec<Seen>,
+    /// Answers for the next requests, in order; then `otherwise`.
+    next: VecDeque<Reply>,
+    otherwise: Option<Reply>,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    url: String,
+    script: Arc<Mutex<Script>>,
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let script = Arc::new(Mutex::new(Script::default()));
+        let app = Router::new().fallback(record).with_state(script.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v2/enqueue", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Receiver { url, script }
+    }
+
+    fn reply_next(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.script.lock().unwrap().next.extend(replies);
+    }
+
+    fn reply_always(&self, reply: Reply) {
+        self.script.lock().unwrap().otherwise = Some(reply);
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.script.lock().unwrap().seen.clone()
+    }
+
+    /// Waits until at least `n` requests arrived; returns all of them.
+    async fn wait_for(&self, n: usize) -> Vec<Seen> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let seen = self.seen();
+            if seen.len() >= n {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} requests within {WAIT:?}, got {seen:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn record(
+    State(script): State<Arc<Mutex<Script>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut script = script.lock().unwrap();
+    script.seen.push(Seen {
+        at: Instant::now(),
+        method,
+        path: uri.path().to_owned(),
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    });
+    let Reply(status, headers, body) = script
+        .next
+        .pop_front()
+        .or_else(|| script.otherwise.clone())
+        .unwrap_or_else(accepted);
+    let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
+    for (name, value) in headers {
+        response.headers_mut().insert(name, value.parse().unwrap());
+    }
+    response
+}
+
+// ---------------------------------------------------------------------------
+// Driving an output in-process
+// ---------------------------------------------------------------------------
+
+fn fast(max_attempts: Option<u32>) -> RetryPolicy {
+    RetryPolicy {
+        initial_backoff: Duration::from_millis(10),
+        // Above the 1 s Retry-After the 429 test asks for.
+        max_backoff: Duration::from_secs(2),
+        max_attempts,
+    }
+}
+
+fn pager_config(url: &str) -> pagerduty::Config {
+    pagerduty::Config {
+        routing_key: "R0UT1NGKEY".into(),
+        url: url.into(),
+        dedup_key: None,
+        resend_interval: Duration::from_secs(3600),
+    }
+}
+
+/// A running output: its queue, its shutdown switch and its task.
+struct Running {
+    queue: Arc<Queue>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    fn pager(config: pagerduty::Config) -> Running {
+        let (queue, delivery) = outputs::queue("pager", 100);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(pagerduty::run(
+            config,
+            delivery,
+            fast(None),
+            shutdown.clone(),
+        ));
+        Running {
+            queue,
+            shutdown,
+            task,
+        }
+    }
+
+    fn webhook(config: webhook::Config, max_attempts: u32) -> Running {
+        let (queue, delivery) = outputs::queue("push", 100);
+        let shutdown = CancellationToken::new();
+        let policy = fast(Some(max_attempts));
+        let task = tokio::spawn(webhook::run(config, delivery, policy, shutdown.clone()));
+        Running {
+            queue,
+            shutdown,
+            task,
+        }
+    }
+
+    fn count(&self, pick: fn(&OutputStats) -> &AtomicU64) -> u64 {
+        pick(&self.queue.stats).load(Ordering::Acquire)
+    }
+
+    fn delivered(&self) -> u64 {
+        self.count(|s| &s.delivered)
+    }
+
+    fn dropped(&self) -> u64 {
+        self.count(|s| &s.dropped)
+    }
+
+    fn retries(&self) -> u64 {
+        self.count(|s| &s.retries)
+    }
+
+    /// Waits until every accepted event is settled, then checks the identity.
+    async fn settled(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let idle = self.queue.queued() == 0 && self.count(|s| &s.in_flight) == 0;
+            if idle {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "events still unsettled after {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.assert_accounted();
+    }
+
+    fn assert_accounted(&self) {
+        let (accepted, in_flight) = (self.count(|s| &s.accepted), self.count(|s| &s.in_flight));
+        let (delivered, dropped, queued) = (self.delivered(), self.dropped(), self.queue.queued());
+        assert_eq!(
+            accepted,
+            delivered + dropped + queued + in_flight,
+            "accepted {accepted} != delivered {delivered} + dropped {dropped} \
+             + queued {queued} + in flight {in_flight}"
+        );
+    }
+
+    /// Cancels shutdown and waits for the task to end.
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("the output ends soon after shutdown")
+            .expect("the output task does not panic");
+    }
+}
+
+fn event(service: &str, state: &str) -> Event {
+    Event {
+        host: Some("web1".into()),
+        service: Some(service.into()),
+        state: Some(state.into()),
+        time: 1_700_000_000_123_456,
+        description: Some("root is full".into()),
+        tags: vec!["prod".into()],
+        metric: Some(Metric::Float(0.97)),
+        ttl: Some(60.0),
+        attributes: vec![("team".into(), "ops".into())],
+    }
+}
+
+// ---------------------------------------------------------------------------
+// PagerDuty
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn critical_triggers_and_ok_resolves_the_same_incident() {
+    let rx = Receiver::start().await;
+    let out = Running::pager(pager_config(&rx.url));
+    out.queue.push(event("disk /", "critical"));
+    out.queue.push(event("disk /", "ok"));
+    let seen = rx.wait_for(2).await;
+
+    assert_eq!(
+        seen[0].json(),
+        json!({
+            "routing_key": "R0UT1NGKEY",
+            "event_action": "trigger",
+            "dedup_key": "web1/disk /",
+            "payload": {
+                "summary": "web1 disk / is critical (0.97)",
+                "source": "web1",
+                "severity": "critical",
+                "timestamp": "2023-11-14T22:13:20.123Z",
+                "component": "disk /",
+                "class": "critical",
+                "custom_details": {
+                    "description": "root is full",
+                    "metric": 0.97,
+                    "tags": ["prod"],
+                    "attributes": {"team": "ops"}
+                }
+            }
+        })
+    );
+    assert_eq!(
+        seen[1].json(),
+        json!({"routing_key": "R0UT1NGKEY", "event_action": "resolve", "dedup_key": "web1/disk /"})
+    );
+    assert_eq!(seen[0].json()["dedup_key"], seen[1].json()["dedup_key"]);
+    for s in &seen {
+        assert_eq!((&s.method, s.path.as_str()), (&Method::POST, "/v2/enqueue"));
+        assert_eq!(s.header("content-type"), "application/json");
+    }
+    out.settled().await;
+    assert_eq!((out.delivered(), out.dropped(), out.retries()), (2, 0, 0));
+}
+
+#[tokio::test]
+async fn warning_and_expired_trigger_with_their_severities() {
+    let rx = Receiver::start().await;
+    let out = Running::pager(pager_config(&rx.url));
+    out.queue.push(event("cpu", "warning"));
+    let mut silent = event("heartbeat", "expired");
+    silent.metric = None;
+    out.queue.push(silent);
+    let seen = rx.wait_for(2).await;
+
+    let (warning, expired) = (seen[0].json(), seen[1].json());
+    assert_eq!(warning["event_action"], "trigger");
+    assert_eq!(warning["payload"]["severity"], "warning");
+    assert_eq!(expired["event_action"], "trigger");
+    assert_eq!(expired["payload"]["severity"], "error");
+    assert_eq!(expired["payload"]["summary"], "web1 heartbeat is expired");
+    assert_eq!(expired["dedup_key"], "web1/heartbeat");
+    out.settled().await;
+}
+
+#[tokio::test]
+async fn a_custom_dedup_key_template_is_used_for_trigger_and_resolve() {
+    let rx = Receiver::start().await;
+    let mut config = pager_config(&rx.url);
+    config.dedup_key = Some(Template::parse("{team}:{service}").unwrap());
+    let out = Running::pager(config);
+    out.queue.push(event("disk /", "critical"));
+    out.queue.push(event("disk /", "ok"));
+    let seen = rx.wait_for(2).await;
+    assert_eq!(seen[0].json()["dedup_key"], "ops:disk /");
+    assert_eq!(seen[1].json()["dedup_key"], "ops:disk /");
+    out.settled().await;
+}
+
+#[tokio::test]
+async fn a_server_error_is_retried_until_accepted() {
+    let rx = Receiver::start().await;
+    rx.reply_next([Reply(500, vec![], "oops"), accepted()]);
+    let out = Running::pager(pager_config(&rx.url));
+    out.queue.push(event("disk /", "critical"));
+    let seen = rx.wait_for(2).await;
+    assert_eq!(seen[0].body, seen[1].body, "the retry sends the same page");
+    out.settled().await;
+    assert_eq!((out.delivered(), out.dropped(), out.retries()), (1, 0, 1));
+}
+
+#[tokio::test]
+async fn throttling_is_retried_after_the_retry_after_delay() {
+    let rx = Receiver::start().await;
+    rx.reply_next([Reply(429, vec![("retry-after", "1")], "slow down")]);
+    let out = Running::pager(pager_config(&rx.url));
+    out.queue.push(event("disk /", "critical"));
+    let seen = rx.wait_for(2).await;
+    let waited = seen[1].at - seen[0].at;
+    assert!(
+        waited >= Duration::from_secs(1),
+        "retried after {waited:?}, before Retry-After"
+    );
+    out.settled().await;
+    assert_eq!((out.delivered(), out.retries()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_refused_page_is_not_retried_and_counts_as_dropped() {
+    let rx = Receiver::start().await;
+    rx.reply_next([Reply(400, vec![], r#"{"status":"invalid event"}"#)]);
+    let out = Running::pager(pager_config(&rx.url));
+    out.queue.push(event("disk /", "critical"));
+    out.settled().await;
+    // Room for a wrong retry to show up (the fast policy waits ≤ 10 ms).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rx.seen().len(), 1);
+    assert_eq!((out.delivered(), out.dropped(), out.retries()), (0, 1, 0));
+}
+
+#[tokio::test]
+async fn open_incidents_are_not_re_triggered_nor_unknown_ones_resolved() {
+    let rx = Receiver::start().await;
+    let out = Running::pager(pager_config(&rx.url));
+    out.queue.push(event("never triggered", "ok"));
+    out.queue.push(event("disk /", "critical"));
+    out.queue.push(event("disk /", "critical"));
+    out.queue.push(event("disk /", "ok"));
+    out.queue.push(event("disk /", "ok"));
+    out.settled().await;
+
+    let actions: Vec<_> = rx
+        .seen()
+        .iter()
+        .map(|s| s.json()["event_action"].clone())
+        .collect();
+    assert_eq!(
+        actions,
+        ["trigger", "resolve"],
+        "only the first trigger and resolve are sent"
+    );
+    // Suppressed pages need no sending: delivered, not dropped.
+    assert_eq!((out.delivered(), out.dropped()), (5, 0));
+}
+
+#[tokio::test]
+async fn a_change_of_severity_is_sent_within_the_resend_interval() {
+    let rx = Receiver::start().await;
+    let out = Running::pager(pager_config(&rx.url));
+    for state in ["warning", "critical", "critical"] {
+        out.queue.push(event("disk /", state));
+    }
+    out.settled().await;
+    let severities: Vec<_> = rx
+        .seen()
+        .iter()
+        .map(|s| s.json()["payload"]["severity"].clone())
+        .collect();
+    assert_eq!(
+        severities,
+        ["warning", "critical"],
+        "an escalation is news; a repeat is not"
+    );
+}
+
+#[tokio::test]
+async fn a_trigger_is_re_sent_after_the_resend_interval() {
+    let rx = Receiver::start().await;
+    let mut config = pager_config(&rx.url);
+    config.resend_interval = Duration::from_millis(100);
+    let out = Running::pager(config);
+    out.queue.push(event("disk /", "critical"));
+    rx.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    out.queue.push(event("disk /", "critical"));
+    rx.wait_for(2).await;
+    out.settled().await;
+    assert_eq!(out.delivered(), 2);
+}
+
+#[tokio::test]
+async fn states_that_are_not_paged_are_dropped_unsent() {
+    let rx = Receiver::start().await;
+    let out = Running::pager(pager_config(&rx.url));
+    out.queue.push(event("disk /", "flapping"));
+    out.queue.push(Event::default());
+    out.settled().await;
+    assert!(rx.seen().is_empty());
+    assert_eq!((out.delivered(), out.dropped()), (0, 2));
+}
+
+#[tokio::test]
+async fn shutdown_delivers_what_is_already_queued_then_ends() {
+    let rx = Receiver::start().await;
+    let (queue, delivery) = outputs::queue("pager", 100);
+    for service in ["a", "b", "c"] {
+        queue.push(event(service, "critical"));
+    }
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let run = pagerduty::run(pager_config(&rx.url), delivery, fast(None), shutdown);
+    // The queue stays open (streams still hold it): the run must not wait for more.
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("ends once the queue is drained");
+    assert_eq!(rx.seen().len(), 3);
+    assert_eq!(queue.stats.delivered.load(Ordering::Acquire), 3);
+}
+
+#[tokio::test]
+async fn shutdown_with_the_downstream_failing_drops_after_one_last_attempt() {
+    let rx = Receiver::start().await;
+    rx.reply_always(Reply(503, vec![], "unavailable"));
+    let mut out = Running::pager(pager_config(&rx.url));
+    for service in ["a", "b", "c"] {
+        out.queue.push(event(service, "critical"));
+    }
+    rx.wait_for(2).await; // retrying the first page, as a pager must
+    out.stop().await;
+    assert_eq!(
+        out.dropped(),
+        3,
+        "the failing page and the two queued behind it"
+    );
+    assert_eq!(out.delivered(), 0);
+    out.assert_accounted();
+    let pages: Vec<_> = rx
+        .seen()
+        .iter()
+        .map(|s| s.json()["dedup_key"].clone())
+        .collect();
+    assert!(
+        pages.iter().all(|k| k == "web1/a"),
+        "no attempts for the rest: {pages:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Webhook
+// ---------------------------------------------------------------------------
+
+fn webhook_config(url: &str, body: Option<&str>) -> webhook::Config {
+    webhook::Config {
+        url: url.into(),
+        headers: BTreeMap::from([
+            ("X-Token".to_owned(), "s3cret".to_owned()),
+            ("X-Source".to_owned(), "vigil".to_owned()),
+        ]),
+        body: body.map(|b| Template::parse(b).unwrap()),
+    }
+}
+
+#[tokio::test]
+async fn webhook_posts_riemann_json_with_the_configured_headers() {
+    let rx = Receiver::start().await;
+    let out = Running::webhook(webhook_config(&rx.url, None), 3);
+    out.queue.push(event("disk /", "critical"));
+    let seen = rx.wait_for(1).await;
+
+    assert_eq!(
+        seen[0].json(),
+        json!({
+            "host": "web1", "service": "disk /", "state": "critical",
+            "description": "root is full", "metric": 0.97, "tags": ["prod"],
+            "time": "2023-11-14T22:13:20.123Z", "ttl": 60.0, "team": "ops"
+        })
+    );
+    assert_eq!(seen[0].method, Method::POST);
+    assert_eq!(seen[0].header("content-type"), "application/json");
+    assert_eq!(seen[0].header("x-token"), "s3cret");
+    assert_eq!(seen[0].header("x-source"), "vigil");
+    out.settled().await;
+    assert_eq!(out.delivered(), 1);
+}
+
+#[tokio::test]
+async fn webhook_body_template_is_rendered_as_text() {
+    let rx = Receiver::start().await;
+    let config = webhook_config(
+        &rx.url,
+        Some("{host} {service} is {state} ({metric}) for {team}"),
+    );
+    let out = Running::webhook(config, 3);
+    out.queue.push(event("disk /", "warning"));
+    let seen = rx.wait_for(1).await;
+    assert_eq!(seen[0].body, "web1 disk / is warning (0.97) for ops");
+    assert_eq!(seen[0].header("content-type"), "text/plain; charset=utf-8");
+    assert_eq!(seen[0].header("x-token"), "s3cret");
+    out.settled().await;
+}
+
+#[tokio::test]
+async fn a_configured_content_type_wins() {
+    let rx = Receiver::start().await;
+    let mut config = webhook_config(&rx.url, Some(r#"{{"text": "{host} is {state}"}}"#));
+    config
+        .headers
+        .insert("Content-Type".into(), "application/json".into());
+    let out = Running::webhook(config, 3);
+    out.queue.push(event("disk /", "critical"));
+    let seen = rx.wait_for(1).await;
+    assert_eq!(seen[0].json(), json!({"text": "web1 is critical"}));
+    assert_eq!(seen[0].header("content-type"), "application/json");
+    out.settled().await;
+}
+
+#[tokio::test]
+async fn a_webhook_with_an_invalid_header_drops_every_event() {
+    let rx = Receiver::start().await;
+    let mut config = webhook_config(&rx.url, None);
+    config.headers.insert("X Bad".into(), "v".into());
+    let out = Running::webhook(config, 3);
+    out.queue.push(event("disk /", "critical"));
+    out.settled().await;
+    assert!(rx.seen().is_empty());
+    assert_eq!((out.delivered(), out.dropped()), (0, 1));
+}
+
+#[tokio::test]
+async fn webhook_gives_up_after_its_attempts() {
+    let rx = Receiver::start().await;
+    rx.reply_always(Reply(502, vec![], "bad gateway"));
+    let out = Running::webhook(webhook_config(&rx.url, None), 3);
+    out.queue.push(event("disk /", "critical"));
+    out.settled().await;
+    assert_eq!(rx.seen().len(), 3);
+    assert_eq!((out.delivered(), out.dropped(), out.retries()), (0, 1, 2));
+}
+
+// ---------------------------------------------------------------------------
+// End to end
+// ---------------------------------------------------------------------------
+
+/// riemann-client → vigil (`changed_state { pager }`) → the receiver.
+#[test]
+fn riemann_client_states_page_and_resolve_through_the_binary() {
+    common::require_peer("riemann-client");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rx = runtime.block_on(Receiver::start());
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("pager.vigil");
+    let source = format!(
+        r#"output pager = pagerduty(routing_key: "k", url: "{}")
+
+streams {{
+  changed_state {{ pager }}
+}}
+"#,
+        rx.url
+    );
+    std::fs::write(&rules, source).unwrap();
+    let vigil = common::Vigil::start(&["--rules", rules.to_str().unwrap()]);
+
+    let (ip, port) = (vigil.host_str(), vigil.port_str());
+    for state in ["critical", "ok"] {
+        let args = [
+            "send", "-T", "-h", "web1", "-S", "disk /", "-s", state, "-d", "0.97", &ip, &port,
+        ];
+        let out = common::run_cmd("riemann-client", &args, common::CMD_TIMEOUT);
+        common::expect_success(&format!("riemann-client {args:?}"), &out);
+    }
+    let seen = runtime.block_on(rx.wait_for(2));
+    let (trigger, resolve) = (seen[0].json(), seen[1].json());
+    assert_eq!(trigger["event_action"], "trigger", "{trigger}");
+    assert_eq!(trigger["routing_key"], "k");
+    assert_eq!(
+        trigger["payload"]["summary"],
+        "web1 disk / is critical (0.97)"
+    );
+    assert_eq!(resolve["event_action"], "resolve", "{resolve}");
+    assert_eq!(trigger["dedup_key"], resolve["dedup_key"]);
+    assert_eq!(seen.len(), 2, "nothing else paged: {seen:#?}");
+}
