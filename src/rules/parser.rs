@@ -1,10 +1,24 @@
-//! Rule-file text to the [`RuleFile`] syntax tree: a hand-written recursive-descent
-//! parser straight over the source (no separate token stream), so every node and
-//! every error carries an exact byte span. Predicates after `where`/`when` are handed
-//! to [`Query::parse_prefix`]. Blocks, lists and maps are capped at [`MAX_DEPTH`]
-//! levels, so no input can exhaust the stack. The first error ends the parse.
+//! Rule-file text to the [`RuleFile`] syntax tree, built from `nom` combinators straight
+//! over the source (no separate token stream). Every parser skips the whitespace and
+//! `#` comments before its first token, never after its last, so a node's span runs
+//! from its first token to where the remaining input starts. Predicates after
+//! `where`/`when` are handed to [`Query::parse_prefix`]. Blocks, lists and maps are
+//! capped at [`MAX_DEPTH`] levels, so no input can exhaust the stack.
+//!
+//! Errors: a mismatch (`nom::Err::Error`) only lets `alt`, `opt` and loops try the next
+//! choice. Once a keyword or an opening bracket commits to a construct, errors are
+//! `nom::Err::Failure` carrying the final [`Diagnostic`], and the first one ends the parse.
 
 use std::fmt::Display;
+
+use nom::branch::alt;
+use nom::bytes::complete::{take_till, take_while, take_while1};
+use nom::character::complete::{char, digit1, none_of, one_of, satisfy};
+use nom::combinator::{cond, cut, eof, map, map_res, opt, peek, recognize, value, verify};
+use nom::error::{ErrorKind, FromExternalError, ParseError};
+use nom::multi::{fold_many0, many0_count};
+use nom::sequence::{pair, preceded, terminated, tuple};
+use nom::{Finish, IResult};
 
 use super::ast::{
     Arg, Block, Ident, OutputDecl, RuleFile, Span, Stmt, TestAction, TestCase, TestStep, Value,
@@ -25,38 +39,78 @@ const KEYWORDS: &[&str] = &[
 /// The top-level item keywords, for "did you mean" hints.
 const ITEMS: [&str; 3] = ["output", "streams", "test"];
 
-/// What the query language skips between tokens (it treats commas as whitespace).
-fn is_query_space(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\r' | '\n' | ',')
-}
-
 /// Parses a whole rule file; the error is the first syntax error found.
 pub fn parse(source: &str) -> Result<RuleFile, Diagnostic> {
+    let parser = Parser { src: source };
     // Editors on Windows may save a byte-order mark; it is not part of the text.
-    let start = if source.starts_with('\u{feff}') {
-        '\u{feff}'.len_utf8()
-    } else {
-        0
-    };
-    Parser {
-        src: source,
-        pos: start,
-        last_end: start,
-        depth: 0,
+    let text = source.strip_prefix('\u{feff}').unwrap_or(source);
+    match parser.file(text).finish() {
+        Ok((_, file)) => Ok(file),
+        Err(Error::Fatal(diagnostic)) => Err(*diagnostic),
+        // Only reachable if a committed parser leaks a mismatch through `cut`.
+        Err(Error::Mismatch(at)) => {
+            let (span, found) = parser.found(parser.offset(skip_trivia(at)));
+            Err(Diagnostic::new(span, format!("unexpected {found}")))
+        }
     }
-    .file()
 }
 
-type Parsed<T> = Result<T, Diagnostic>;
+/// The parsers' error type.
+enum Error<'a> {
+    /// Nothing matched at this input: the caller may try something else.
+    Mismatch(&'a str),
+    /// The error to report; travels as `nom::Err::Failure`. Boxed to keep every
+    /// parser's result small: the grammar recurses, so that is stack per level.
+    Fatal(Box<Diagnostic>),
+}
 
-struct Parser<'a> {
-    src: &'a str,
-    /// Where reading continues; may sit after whitespace and comments already skipped.
-    pos: usize,
-    /// End of the last consumed token: spans end here, never in trailing trivia.
-    last_end: usize,
-    /// Blocks, lists and maps currently open.
-    depth: usize,
+impl<'a> ParseError<&'a str> for Error<'a> {
+    fn from_error_kind(input: &'a str, _: ErrorKind) -> Self {
+        Error::Mismatch(input)
+    }
+
+    fn append(_: &'a str, _: ErrorKind, other: Self) -> Self {
+        other
+    }
+}
+
+/// Lets `map_res` report a diagnostic (it arrives as `nom::Err::Error`, so `cut` it).
+impl<'a> FromExternalError<&'a str, Diagnostic> for Error<'a> {
+    fn from_external_error(_: &'a str, _: ErrorKind, diagnostic: Diagnostic) -> Self {
+        Error::Fatal(Box::new(diagnostic))
+    }
+}
+
+type PResult<'a, O> = IResult<&'a str, O, Error<'a>>;
+
+fn fail<'a, O>(diagnostic: Diagnostic) -> PResult<'a, O> {
+    Err(nom::Err::Failure(Error::Fatal(Box::new(diagnostic))))
+}
+
+/// Commits to `parser`: where it does not match, fails with `error(input)`.
+fn or_fail<'a, O>(
+    mut parser: impl FnMut(&'a str) -> PResult<'a, O>,
+    error: impl Fn(&'a str) -> Diagnostic,
+) -> impl FnMut(&'a str) -> PResult<'a, O> {
+    move |input| match parser(input) {
+        Err(nom::Err::Error(_)) => fail(error(input)),
+        result => result,
+    }
+}
+
+// ---- lexical layer ----------------------------------------------------------------
+
+/// Whitespace and `#` comments, which run to the end of the line.
+fn trivia(input: &str) -> PResult<'_, ()> {
+    let comment = recognize(pair(char('#'), take_till(|c| c == '\n')));
+    value(
+        (),
+        many0_count(alt((take_while1(char::is_whitespace), comment))),
+    )(input)
+}
+
+fn skip_trivia(input: &str) -> &str {
+    trivia(input).map_or(input, |(rest, ())| rest)
 }
 
 fn is_ident_start(c: char) -> bool {
@@ -67,102 +121,159 @@ fn is_ident_continue(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_'
 }
 
+/// An identifier right at the input.
+fn ident(input: &str) -> PResult<'_, &str> {
+    recognize(pair(satisfy(is_ident_start), take_while(is_ident_continue)))(input)
+}
+
+/// The identifier `word`, after trivia.
+fn keyword<'a>(word: &'static str) -> impl FnMut(&'a str) -> PResult<'a, &'a str> {
+    verify(preceded(trivia, ident), move |found: &str| found == word)
+}
+
+/// The character `c`, after trivia.
+fn punct<'a>(c: char) -> impl FnMut(&'a str) -> PResult<'a, char> {
+    preceded(trivia, char(c))
+}
+
+/// A number literal right at the input: `-`? digits, then an optional fraction and
+/// exponent (each only when digits follow).
+fn number_literal(input: &str) -> PResult<'_, &str> {
+    recognize(tuple((
+        opt(char('-')),
+        digit1,
+        opt(pair(char('.'), digit1)),
+        opt(tuple((one_of("eE"), opt(one_of("+-")), digit1))),
+    )))(input)
+}
+
+/// What the query language skips between tokens (it treats commas as whitespace).
+fn is_query_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\r' | '\n' | ',')
+}
+
 fn did_you_mean(found: &str, candidates: &[&'static str]) -> Option<String> {
     closest(found, candidates.iter().copied()).map(|word| format!("did you mean `{word}`?"))
 }
 
+// ---- bracketed sequences ------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+enum Sep {
+    /// `,` between items, optional after the last.
+    Comma,
+    /// An optional `;` after each item.
+    Semicolon,
+    None,
+}
+
+/// A bracketed sequence; `what` names it in errors.
+#[derive(Clone, Copy)]
+struct Brackets {
+    open: char,
+    close: char,
+    what: &'static str,
+    sep: Sep,
+    /// Counts towards [`MAX_DEPTH`].
+    nests: bool,
+}
+
+const BLOCK: Brackets = Brackets {
+    open: '{',
+    close: '}',
+    what: "block",
+    sep: Sep::Semicolon,
+    nests: true,
+};
+const TEST: Brackets = Brackets {
+    what: "test",
+    ..BLOCK
+};
+const SPLIT: Brackets = Brackets {
+    what: "`split`",
+    sep: Sep::None,
+    ..BLOCK
+};
+const MAP: Brackets = Brackets {
+    what: "map",
+    sep: Sep::Comma,
+    ..BLOCK
+};
+const LIST: Brackets = Brackets {
+    open: '[',
+    close: ']',
+    what: "list",
+    sep: Sep::Comma,
+    nests: true,
+};
+const ARGS: Brackets = Brackets {
+    open: '(',
+    close: ')',
+    what: "argument list",
+    sep: Sep::Comma,
+    nests: false,
+};
+
+/// A top-level item.
+enum Item {
+    Output(OutputDecl),
+    Streams(Vec<Stmt>),
+    Test(TestCase),
+}
+
+/// One clause of a `split`.
+enum Clause {
+    When(WhenClause),
+    Else(Block),
+}
+
+/// The grammar. `depth` arguments count the blocks, lists and maps already open.
+struct Parser<'a> {
+    src: &'a str,
+}
+
 impl<'a> Parser<'a> {
-    // ---- low-level reading -------------------------------------------------------
-
-    fn peek(&self) -> Option<char> {
-        self.src[self.pos..].chars().next()
+    /// Byte offset of `rest`, a suffix of the source.
+    fn offset(&self, rest: &str) -> usize {
+        self.src.len() - rest.len()
     }
 
-    fn bump(&mut self, bytes: usize) {
-        self.pos += bytes;
-        self.last_end = self.pos;
-    }
-
-    /// The position after any whitespace and `#` comments starting at `from`.
-    fn trivia_end(&self, from: usize) -> usize {
-        let mut pos = from;
-        loop {
-            let rest = &self.src[pos..];
-            let trimmed = rest.trim_start();
-            pos += rest.len() - trimmed.len();
-            if !trimmed.starts_with('#') {
-                return pos;
-            }
-            pos += trimmed.find('\n').unwrap_or(trimmed.len());
+    /// `parser` after trivia, with the span of what it read.
+    fn spanned<O>(
+        &self,
+        mut parser: impl FnMut(&'a str) -> PResult<'a, O>,
+    ) -> impl FnMut(&'a str) -> PResult<'a, (O, Span)> {
+        move |input| {
+            let input = skip_trivia(input);
+            let (rest, output) = parser(input)?;
+            Ok((rest, (output, self.offset(input)..self.offset(rest))))
         }
     }
 
-    fn skip_trivia(&mut self) {
-        self.pos = self.trivia_end(self.pos);
-    }
-
-    /// Skips trivia and reports whether the next character is `c`.
-    fn at_char(&mut self, c: char) -> bool {
-        self.skip_trivia();
-        self.peek() == Some(c)
-    }
-
-    fn eat_char(&mut self, c: char) -> bool {
-        let found = self.at_char(c);
-        if found {
-            self.bump(c.len_utf8());
-        }
-        found
-    }
-
-    /// The identifier starting exactly at `at`, without consuming it.
-    fn ident_at(&self, at: usize) -> Option<&'a str> {
-        let rest = &self.src[at..];
-        if !rest.starts_with(is_ident_start) {
-            return None;
-        }
-        let len = rest.find(|c| !is_ident_continue(c)).unwrap_or(rest.len());
-        Some(&rest[..len])
-    }
-
-    /// Skips trivia and returns the identifier that follows, without consuming it.
-    fn peek_ident(&mut self) -> Option<&'a str> {
-        self.skip_trivia();
-        self.ident_at(self.pos)
-    }
-
-    fn at_word(&mut self, word: &str) -> bool {
-        self.peek_ident() == Some(word)
-    }
-
-    /// Consumes `word`, which the caller has just peeked.
-    fn take_ident(&mut self, word: &str) -> Ident {
-        let start = self.pos;
-        self.bump(word.len());
-        Ident {
-            name: word.to_owned(),
-            span: start..self.pos,
-        }
-    }
-
-    fn line_of(&self, offset: usize) -> usize {
-        line_col(self.src, offset).0
+    /// Commits to `parser`, failing with "expected `expected`, found …" where it does
+    /// not match.
+    fn expect<O>(
+        &self,
+        expected: impl Display,
+        parser: impl FnMut(&'a str) -> PResult<'a, O>,
+    ) -> impl FnMut(&'a str) -> PResult<'a, O> {
+        or_fail(parser, move |input| self.unexpected(input, &expected))
     }
 
     // ---- errors ------------------------------------------------------------------
 
-    /// The span and description of the token at `pos` (trivia already skipped). At
-    /// the end of the file the span is an empty one right after the last text, so the
-    /// caret lands where something is missing rather than on a blank last line.
-    fn found(&self) -> (Span, String) {
+    /// The span and description of the token at `at`. At the end of the file the
+    /// span is an empty one right after the last text, so the caret lands where
+    /// something is missing rather than on a blank last line.
+    fn found(&self, at: usize) -> (Span, String) {
         const MAX_CHARS: usize = 24;
-        let rest = &self.src[self.pos..];
+        let rest = &self.src[at..];
         let Some(first) = rest.chars().next() else {
             let end = self.src.trim_end().len();
             return (end..end, "end of file".to_owned());
         };
         let len = if first == '"' {
-            return (self.pos..self.pos + 1, "a string".to_owned());
+            return (at..at + 1, "a string".to_owned());
         } else if is_ident_continue(first)
             || (first == '-' && rest[1..].starts_with(|c: char| c.is_ascii_digit()))
         {
@@ -178,318 +289,343 @@ impl<'a> Parser<'a> {
             Some((cut, _)) => format!("`{}…`", &text[..cut]),
             None => format!("`{text}`"),
         };
-        (self.pos..self.pos + len, shown)
+        (at..at + len, shown)
     }
 
-    /// "expected X, found Y" at the next token.
-    fn unexpected(&mut self, expected: impl Display) -> Diagnostic {
-        self.skip_trivia();
-        let (span, found) = self.found();
+    /// "expected X, found Y" at the token after trivia.
+    fn unexpected(&self, input: &str, expected: impl Display) -> Diagnostic {
+        let (span, found) = self.found(self.offset(skip_trivia(input)));
         Diagnostic::new(span, format!("expected {expected}, found {found}"))
-    }
-
-    /// The error for a bracket opened at `open` that the file never closes.
-    fn unclosed(&mut self, close: char, what: &str, open: usize) -> Diagnostic {
-        let line = self.line_of(open);
-        self.unexpected(format_args!(
-            "`{close}` to close the {what} opened at line {line}"
-        ))
-    }
-
-    /// Skips trivia and reports whether `close` comes next; the end of the file
-    /// there is an error about the `what` opened at `open`.
-    fn at_close(&mut self, close: char, what: &str, open: usize) -> Parsed<bool> {
-        if self.at_char(close) {
-            return Ok(true);
-        }
-        if self.peek().is_none() {
-            return Err(self.unclosed(close, what, open));
-        }
-        Ok(false)
-    }
-
-    /// After an element of a list opened at `open`: a `,`, or the `close` that ends
-    /// the list (left for the caller's loop to consume).
-    fn separator(&mut self, close: char, what: &str, open: usize) -> Parsed<()> {
-        if self.eat_char(',') || self.at_close(close, what, open)? {
-            return Ok(());
-        }
-        Err(self.unexpected(format_args!("`,` or `{close}` in the {what}")))
-    }
-
-    /// Opens one nesting level at the bracket at `open`.
-    fn enter(&mut self, open: usize) -> Parsed<()> {
-        if self.depth >= MAX_DEPTH {
-            return Err(Diagnostic::new(
-                open..open + 1,
-                format!("nested too deeply (max {MAX_DEPTH})"),
-            ));
-        }
-        self.depth += 1;
-        Ok(())
     }
 
     // ---- top level ---------------------------------------------------------------
 
-    fn file(mut self) -> Parsed<RuleFile> {
-        let mut file = RuleFile::default();
-        loop {
-            let start = self.trivia_end(self.pos);
-            let Some(word) = self.peek_ident() else {
-                if self.peek().is_none() {
-                    return Ok(file);
+    fn file(&self, input: &'a str) -> PResult<'a, RuleFile> {
+        let items = fold_many0(
+            |input| self.item(input),
+            RuleFile::default,
+            |mut file, item| {
+                match item {
+                    Item::Output(output) => file.outputs.push(output),
+                    Item::Streams(stmts) => file.streams.extend(stmts),
+                    Item::Test(test) => file.tests.push(test),
                 }
-                return Err(self.unexpected("`output`, `streams` or `test`"));
-            };
-            match word {
-                "output" => file.outputs.push(self.output(start)?),
-                "streams" => {
-                    self.bump(word.len());
-                    let block = self.block("`streams` block")?;
-                    file.streams.extend(block.stmts);
-                }
-                "test" => file.tests.push(self.test(start)?),
-                other => {
-                    let hint = did_you_mean(other, &ITEMS).unwrap_or_else(|| {
-                        "a rule file holds `output`, `streams` and `test` items; \
-                         streams go inside `streams { … }`"
-                            .to_owned()
-                    });
-                    return Err(Diagnostic::new(
-                        start..start + other.len(),
-                        format!("unknown item `{other}`"),
-                    )
-                    .with_hint(hint));
-                }
-            }
-        }
+                file
+            },
+        );
+        terminated(
+            items,
+            self.expect("`output`, `streams` or `test`", preceded(trivia, eof)),
+        )(input)
     }
 
-    /// `output NAME = KIND(args)`; `start` is at `output`.
-    fn output(&mut self, start: usize) -> Parsed<OutputDecl> {
-        self.bump("output".len());
-        let Some(word) = self.peek_ident() else {
-            return Err(self.unexpected("a name for the output"));
-        };
-        if KEYWORDS.contains(&word) {
-            return Err(Diagnostic::new(
-                self.pos..self.pos + word.len(),
-                format!("`{word}` is a keyword and cannot name an output"),
-            ));
-        }
-        let name = self.take_ident(word);
-        if !self.eat_char('=') {
-            return Err(self.unexpected("`=` after the output's name"));
-        }
-        let Some(word) = self.peek_ident() else {
-            return Err(self.unexpected("an output kind, e.g. `graphite`"));
-        };
-        let kind = self.take_ident(word);
-        if !self.at_char('(') {
-            return Err(self.unexpected("`(` after the output kind").with_hint(
-                "write `output NAME = KIND(args)`, with `()` when there are no arguments",
-            ));
-        }
-        let args = self.args()?;
-        Ok(OutputDecl {
-            name,
-            kind,
-            args,
-            span: start..self.last_end,
-        })
+    fn item(&self, input: &'a str) -> PResult<'a, Item> {
+        let output = self.spanned(preceded(keyword("output"), cut(|i| self.output(i))));
+        let streams = preceded(
+            keyword("streams"),
+            cut(|i| self.block(i, 0, "`streams` block")),
+        );
+        let test = self.spanned(preceded(keyword("test"), cut(|i| self.test(i))));
+        alt((
+            map(output, |((name, kind, args), span)| {
+                Item::Output(OutputDecl {
+                    name,
+                    kind,
+                    args,
+                    span,
+                })
+            }),
+            map(streams, |block| Item::Streams(block.stmts)),
+            map(test, |((name, steps), span)| {
+                Item::Test(TestCase { name, steps, span })
+            }),
+            |i| self.unknown_item(i),
+        ))(input)
     }
 
-    /// `test "name" { step* }`; `start` is at `test`.
-    fn test(&mut self, start: usize) -> Parsed<TestCase> {
-        self.bump("test".len());
-        if !self.at_char('"') {
-            return Err(self.unexpected("the test's name as a string, e.g. `test \"pages\" {`"));
+    /// Any other word where an item goes.
+    fn unknown_item(&self, input: &'a str) -> PResult<'a, Item> {
+        let (_, (word, span)) = self.spanned(ident)(input)?;
+        let hint = did_you_mean(word, &ITEMS).unwrap_or_else(|| {
+            "a rule file holds `output`, `streams` and `test` items; \
+             streams go inside `streams { … }`"
+                .to_owned()
+        });
+        fail(Diagnostic::new(span, format!("unknown item `{word}`")).with_hint(hint))
+    }
+
+    /// `NAME = KIND(args)`, after `output`.
+    fn output(&self, input: &'a str) -> PResult<'a, (Ident, Ident, Vec<Arg>)> {
+        let (input, name) = self.expect("a name for the output", |i| self.name(i))(input)?;
+        if KEYWORDS.contains(&name.name.as_str()) {
+            let message = format!("`{}` is a keyword and cannot name an output", name.name);
+            return fail(Diagnostic::new(name.span, message));
         }
-        let name = self.string()?;
-        if !self.at_char('{') {
-            return Err(self.unexpected("`{` to open the test"));
-        }
-        let open = self.pos;
-        self.enter(open)?;
-        self.bump(1);
-        let mut steps = Vec::new();
-        loop {
-            if self.at_close('}', "test", open)? {
-                break;
-            }
-            steps.push(self.step()?);
-            self.eat_char(';');
-        }
-        self.bump(1);
-        self.depth -= 1;
-        Ok(TestCase {
-            name,
-            steps,
-            span: start..self.last_end,
-        })
+        let (input, _) = self.expect("`=` after the output's name", punct('='))(input)?;
+        let (input, kind) =
+            self.expect("an output kind, e.g. `graphite`", |i| self.name(i))(input)?;
+        let (input, args) = or_fail(
+            |i| self.args(i, 0),
+            |i| {
+                self.unexpected(i, "`(` after the output kind").with_hint(
+                    "write `output NAME = KIND(args)`, with `()` when there are no arguments",
+                )
+            },
+        )(input)?;
+        Ok((input, (name, kind, args)))
+    }
+
+    /// `"name" { step* }`, after `test`.
+    fn test(&self, input: &'a str) -> PResult<'a, (String, Vec<TestStep>)> {
+        let name = self.expect(
+            "the test's name as a string, e.g. `test \"pages\" {`",
+            |i| self.string(i),
+        );
+        let steps = self.expect("`{` to open the test", |i| {
+            self.seq(i, TEST, 0, |i, _| self.step(i, 1))
+        });
+        pair(name, map(steps, |(steps, _)| steps))(input)
     }
 
     /// `[at DURATION] (send VALUE | expect [no] TARGET VALUE)`.
-    fn step(&mut self) -> Parsed<TestStep> {
-        let start = self.pos;
-        let at = if self.at_word("at") {
-            self.bump("at".len());
-            let value = self.value()?;
-            let ValueKind::Duration(micros) = value.kind else {
-                return Err(Diagnostic::new(
-                    value.span,
-                    "expected a duration after `at`, e.g. `at 5s`",
-                )
-                .with_hint("durations take a unit: ms, s, m, h or d"));
-            };
-            Some(micros)
-        } else {
-            None
+    fn step(&self, input: &'a str, depth: usize) -> PResult<'a, TestStep> {
+        let duration = |value: Value| match value.kind {
+            ValueKind::Duration(micros) => Ok(micros),
+            _ => Err(
+                Diagnostic::new(value.span, "expected a duration after `at`, e.g. `at 5s`")
+                    .with_hint("durations take a unit: ms, s, m, h or d"),
+            ),
         };
-        let action = match self.peek_ident() {
-            Some("send") => {
-                self.bump("send".len());
-                TestAction::Send(self.value()?)
-            }
-            Some("expect") => {
-                self.bump("expect".len());
-                // `no` negates only when a target follows; `expect no {…}` targets `no`.
-                let negated = self.peek_ident() == Some("no")
-                    && self.ident_at(self.trivia_end(self.pos + 2)).is_some();
-                if negated {
-                    self.bump("no".len());
-                }
-                let Some(word) = self.peek_ident() else {
-                    return Err(self.unexpected("`index` or an output name after `expect`"));
-                };
-                let target = self.take_ident(word);
-                TestAction::Expect {
-                    target,
-                    fields: self.value()?,
-                    negated,
-                }
-            }
-            Some(other) => {
-                let span = self.pos..self.pos + other.len();
-                let hint = did_you_mean(other, &["send", "expect", "at"]).unwrap_or_else(|| {
-                    "a step is `send {…}` or `expect TARGET {…}`, optionally after `at DURATION`"
-                        .to_owned()
-                });
-                return Err(
-                    Diagnostic::new(span, format!("unknown test step `{other}`")).with_hint(hint),
-                );
-            }
-            None => return Err(self.unexpected("`send`, `expect` or `}`")),
-        };
-        Ok(TestStep {
-            at,
-            action,
-            span: start..self.last_end,
-        })
+        let at = preceded(
+            keyword("at"),
+            cut(map_res(|i| self.value(i, depth), duration)),
+        );
+        let action = self.expect(
+            "`send`, `expect` or `}`",
+            alt((
+                map(
+                    preceded(keyword("send"), cut(|i| self.value(i, depth))),
+                    TestAction::Send,
+                ),
+                preceded(keyword("expect"), cut(|i| self.expectation(i, depth))),
+                |i| self.unknown_step(i),
+            )),
+        );
+        map(
+            self.spanned(pair(opt(at), action)),
+            |((at, action), span)| TestStep { at, action, span },
+        )(input)
+    }
+
+    /// `[no] TARGET VALUE`, after `expect`.
+    fn expectation(&self, input: &'a str, depth: usize) -> PResult<'a, TestAction> {
+        // `no` negates only when a target follows; `expect no {…}` targets `no`.
+        let (input, no) = opt(terminated(keyword("no"), peek(preceded(trivia, ident))))(input)?;
+        let (input, target) =
+            self.expect("`index` or an output name after `expect`", |i| self.name(i))(input)?;
+        let (input, fields) = self.value(input, depth)?;
+        Ok((
+            input,
+            TestAction::Expect {
+                target,
+                fields,
+                negated: no.is_some(),
+            },
+        ))
+    }
+
+    /// Any other word where a test step goes.
+    fn unknown_step(&self, input: &'a str) -> PResult<'a, TestAction> {
+        let (_, (word, span)) = self.spanned(ident)(input)?;
+        let hint = did_you_mean(word, &["send", "expect", "at"]).unwrap_or_else(|| {
+            "a step is `send {…}` or `expect TARGET {…}`, optionally after `at DURATION`".to_owned()
+        });
+        fail(Diagnostic::new(span, format!("unknown test step `{word}`")).with_hint(hint))
     }
 
     // ---- statements --------------------------------------------------------------
 
-    /// `{ stmt* }`; `what` names the block in errors.
-    fn block(&mut self, what: &str) -> Parsed<Block> {
-        if !self.at_char('{') {
-            return Err(self.unexpected(format_args!("`{{` to open the {what}")));
-        }
-        let open = self.pos;
-        self.enter(open)?;
-        self.bump(1);
-        let mut stmts = Vec::new();
-        loop {
-            if self.at_close('}', "block", open)? {
-                break;
-            }
-            let stmt = self.stmt(&stmts)?;
-            stmts.push(stmt);
-            self.eat_char(';');
-        }
-        self.bump(1);
-        self.depth -= 1;
-        Ok(Block {
-            stmts,
-            span: open..self.last_end,
-        })
+    /// `{ stmt* }`, required here; `what` names the block in errors.
+    fn block(&self, input: &'a str, depth: usize, what: &str) -> PResult<'a, Block> {
+        or_fail(
+            |i| self.body(i, depth),
+            |i| self.unexpected(i, format_args!("`{{` to open the {what}")),
+        )(input)
     }
 
-    /// One statement at `pos` (trivia skipped); `before` are the block's earlier
-    /// statements, used to explain a misspelt `where`.
-    fn stmt(&mut self, before: &[Stmt]) -> Parsed<Stmt> {
-        let start = self.pos;
-        let Some(word) = self.ident_at(start) else {
-            return Err(self.not_a_stream(before));
-        };
-        let word_span = start..start + word.len();
-        match word {
-            "where" => {
-                self.bump(word.len());
-                let (pred, pred_span) = self.predicate(word)?;
-                let body = self.block("`where` body")?;
-                let else_body = self.else_block()?;
-                Ok(Stmt::Where {
+    /// `{ stmt* }`, or a mismatch if no `{` comes next.
+    fn body(&self, input: &'a str, depth: usize) -> PResult<'a, Block> {
+        let (input, (stmts, span)) = self.seq(input, BLOCK, depth, |i, before| {
+            self.stmt(i, before, depth + 1)
+        })?;
+        Ok((input, Block { stmts, span }))
+    }
+
+    /// `else { … }`, if an `else` comes next.
+    fn else_block(&self, input: &'a str, depth: usize) -> PResult<'a, Option<Block>> {
+        opt(preceded(
+            keyword("else"),
+            cut(|i| self.block(i, depth, "`else` body")),
+        ))(input)
+    }
+
+    /// One statement; `before` are the block's earlier statements, used to explain a
+    /// misspelt `where`.
+    fn stmt(&self, input: &'a str, before: &[Stmt], depth: usize) -> PResult<'a, Stmt> {
+        or_fail(
+            alt((
+                |i| self.where_stmt(i, depth),
+                |i| self.split(i, depth),
+                |i| self.misplaced_keyword(i),
+                |i| self.call(i, depth),
+            )),
+            |i| self.not_a_stream(i, before),
+        )(input)
+    }
+
+    /// `where PREDICATE { … } [else { … }]`
+    fn where_stmt(&self, input: &'a str, depth: usize) -> PResult<'a, Stmt> {
+        let rest = tuple((
+            |i| self.predicate(i, "where"),
+            |i| self.block(i, depth, "`where` body"),
+            |i| self.else_block(i, depth),
+        ));
+        map(
+            self.spanned(preceded(keyword("where"), cut(rest))),
+            |(((pred, pred_span), body, else_body), span)| Stmt::Where {
+                pred,
+                pred_span,
+                body,
+                else_body,
+                span,
+            },
+        )(input)
+    }
+
+    /// `split { (when PREDICATE { … })* [else { … }] }`
+    fn split(&self, input: &'a str, depth: usize) -> PResult<'a, Stmt> {
+        let clauses = self.expect("`{` after `split`", |i| {
+            self.seq(i, SPLIT, depth, |i, before| {
+                self.clause(i, before, depth + 1)
+            })
+        });
+        let (input, ((clauses, _), span)) =
+            self.spanned(preceded(keyword("split"), cut(clauses)))(input)?;
+        let mut default = None;
+        let clauses = clauses
+            .into_iter()
+            .filter_map(|clause| match clause {
+                Clause::When(when) => Some(when),
+                Clause::Else(block) => {
+                    default = Some(block);
+                    None
+                }
+            })
+            .collect();
+        Ok((
+            input,
+            Stmt::Split {
+                clauses,
+                default,
+                span,
+            },
+        ))
+    }
+
+    /// `when PREDICATE { … }` or `else { … }`, which must come last.
+    fn clause(&self, input: &'a str, before: &[Clause], depth: usize) -> PResult<'a, Clause> {
+        if let Some(Clause::Else(_)) = before.last() {
+            return fail(
+                self.unexpected(input, "`}` to close the `split`")
+                    .with_hint("`else` must be the last clause of `split`"),
+            );
+        }
+        let when = pair(
+            |i| self.predicate(i, "when"),
+            |i| self.block(i, depth, "`when` body"),
+        );
+        let when = map(
+            preceded(keyword("when"), cut(when)),
+            |((pred, pred_span), body)| {
+                Clause::When(WhenClause {
                     pred,
                     pred_span,
                     body,
-                    else_body,
-                    span: start..self.last_end,
                 })
+            },
+        );
+        let otherwise = preceded(
+            keyword("else"),
+            cut(|i| self.block(i, depth, "`else` body")),
+        );
+        or_fail(alt((when, map(otherwise, Clause::Else))), |i| {
+            let diagnostic = self.unexpected(i, "`when`, `else` or `}` in `split`");
+            let word = preceded(trivia, ident)(i).ok();
+            match word.and_then(|(_, word)| did_you_mean(word, &["when", "else"])) {
+                Some(hint) => diagnostic.with_hint(hint),
+                None => diagnostic,
             }
-            "split" => self.split(start),
-            "else" => Err(
-                Diagnostic::new(word_span, "`else` without a preceding block").with_hint(
+        })(input)
+    }
+
+    /// The keywords that cannot start a statement, as errors; a mismatch for any other
+    /// input.
+    fn misplaced_keyword(&self, input: &'a str) -> PResult<'a, Stmt> {
+        let (_, (word, span)) = self.spanned(ident)(input)?;
+        match word {
+            "else" => fail(
+                Diagnostic::new(span, "`else` without a preceding block").with_hint(
                     "`else { … }` goes right after the `}` of a `where` or a stream's block",
                 ),
             ),
-            "when" => Err(Diagnostic::new(word_span, "`when` outside `split`")
-                .with_hint("write `split { when PREDICATE { … } … }`")),
-            "output" | "streams" | "test" => Err(Diagnostic::new(
-                word_span,
-                format!("`{word}` is only allowed at the top level of a file"),
-            )
-            .with_hint("is a `}` missing before it?")),
-            _ => {
-                let name = self.take_ident(word);
-                let args = if self.at_char('(') {
-                    Some(self.args()?)
-                } else {
-                    None
-                };
-                let body = if self.at_char('{') {
-                    Some(self.block("block")?)
-                } else {
-                    None
-                };
-                // The compiler decides which streams accept an `else`.
-                let else_body = if body.is_some() {
-                    self.else_block()?
-                } else {
-                    None
-                };
-                Ok(Stmt::Call {
-                    name,
-                    args,
-                    body,
-                    else_body,
-                    span: start..self.last_end,
-                })
-            }
+            "when" => fail(
+                Diagnostic::new(span, "`when` outside `split`")
+                    .with_hint("write `split { when PREDICATE { … } … }`"),
+            ),
+            "output" | "streams" | "test" => fail(
+                Diagnostic::new(
+                    span,
+                    format!("`{word}` is only allowed at the top level of a file"),
+                )
+                .with_hint("is a `}` missing before it?"),
+            ),
+            _ => Err(nom::Err::Error(Error::Mismatch(input))),
         }
+    }
+
+    /// `name`, `name(args)`, `name(args) { … }`, `name { … } else { … }`, …
+    fn call(&self, input: &'a str, depth: usize) -> PResult<'a, Stmt> {
+        let parts = |input| {
+            let (input, name) = self.name(input)?;
+            let (input, args) = opt(|i| self.args(i, depth))(input)?;
+            let (input, body) = opt(|i| self.body(i, depth))(input)?;
+            // The compiler decides which streams accept an `else`.
+            let (input, else_body) = cond(body.is_some(), |i| self.else_block(i, depth))(input)?;
+            Ok((input, (name, args, body, else_body.flatten())))
+        };
+        map(
+            self.spanned(parts),
+            |((name, args, body, else_body), span)| Stmt::Call {
+                name,
+                args,
+                body,
+                else_body,
+                span,
+            },
+        )(input)
     }
 
     /// The error for something that cannot start a statement. A predicate-looking
     /// token after a bare name like `wher` on the same line is most likely a
     /// misspelt `where`.
-    fn not_a_stream(&mut self, before: &[Stmt]) -> Diagnostic {
-        let diagnostic = self.unexpected("a stream or `}`");
-        let same_line = before
+    fn not_a_stream(&self, input: &str, before: &[Stmt]) -> Diagnostic {
+        let diagnostic = self.unexpected(input, "a stream or `}`");
+        let at = self.offset(skip_trivia(input));
+        let hint = before
             .iter()
             .rev()
-            .take_while(|stmt| !self.src[stmt.span().end..self.pos].contains('\n'));
-        let hint = same_line
-            .filter_map(|stmt| match stmt {
+            .take_while(|stmt| !self.src[stmt.span().end..at].contains('\n'))
+            .find_map(|stmt| match stmt {
                 Stmt::Call {
                     name,
                     args: None,
@@ -497,93 +633,28 @@ impl<'a> Parser<'a> {
                     ..
                 } => did_you_mean(&name.name, &["where"]),
                 _ => None,
-            })
-            .next();
+            });
         match hint {
             Some(hint) => diagnostic.with_hint(hint),
             None => diagnostic,
         }
     }
 
-    fn else_block(&mut self) -> Parsed<Option<Block>> {
-        if !self.at_word("else") {
-            return Ok(None);
-        }
-        self.bump("else".len());
-        Ok(Some(self.block("`else` body")?))
-    }
-
-    /// `split { (when PRED block)* [else block] }`; `start` is at `split`.
-    fn split(&mut self, start: usize) -> Parsed<Stmt> {
-        self.bump("split".len());
-        if !self.at_char('{') {
-            return Err(self.unexpected("`{` after `split`"));
-        }
-        let open = self.pos;
-        self.enter(open)?;
-        self.bump(1);
-        let mut clauses = Vec::new();
-        let mut default = None;
-        loop {
-            if self.at_close('}', "`split`", open)? {
-                break;
-            }
-            if default.is_some() {
-                return Err(self
-                    .unexpected("`}` to close the `split`")
-                    .with_hint("`else` must be the last clause of `split`"));
-            }
-            match self.peek_ident() {
-                Some("when") => {
-                    self.bump("when".len());
-                    let (pred, pred_span) = self.predicate("when")?;
-                    let body = self.block("`when` body")?;
-                    clauses.push(WhenClause {
-                        pred,
-                        pred_span,
-                        body,
-                    });
-                }
-                Some("else") => {
-                    self.bump("else".len());
-                    default = Some(self.block("`else` body")?);
-                }
-                word => {
-                    let hint = word.and_then(|word| did_you_mean(word, &["when", "else"]));
-                    let diagnostic = self.unexpected("`when`, `else` or `}` in `split`");
-                    return Err(match hint {
-                        Some(hint) => diagnostic.with_hint(hint),
-                        None => diagnostic,
-                    });
-                }
-            }
-        }
-        self.bump(1);
-        self.depth -= 1;
-        Ok(Stmt::Split {
-            clauses,
-            default,
-            span: start..self.last_end,
-        })
-    }
-
     /// The predicate after `keyword`, up to the first token that cannot continue it.
-    fn predicate(&mut self, keyword: &str) -> Parsed<(Query, Span)> {
-        self.skip_trivia();
-        let start = self.pos;
-        match Query::parse_prefix(&self.src[start..]) {
+    fn predicate(&self, input: &'a str, keyword: &str) -> PResult<'a, (Query, Span)> {
+        let input = skip_trivia(input);
+        let start = self.offset(input);
+        match Query::parse_prefix(input) {
             Ok((query, consumed)) => {
-                let text = &self.src[start..start + consumed];
+                let text = &input[..consumed];
                 let leading = text.len() - text.trim_start_matches(is_query_space).len();
-                let end = start + text.trim_end_matches(is_query_space).len();
-                self.pos = end;
-                self.last_end = end;
-                Ok((query, start + leading..end))
+                let len = text.trim_end_matches(is_query_space).len();
+                Ok((&input[len..], (query, start + leading..start + len)))
             }
             Err(error) => {
                 let at = (start + error.offset).min(self.src.len());
                 let len = self.src[at..].chars().next().map_or(0, char::len_utf8);
-                Err(Diagnostic::new(
+                fail(Diagnostic::new(
                     at..at + len,
                     format!("invalid `{keyword}` predicate: {}", error.message),
                 ))
@@ -591,226 +662,219 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// `( [arg (, arg)* [,]] )`, at the `(`.
-    fn args(&mut self) -> Parsed<Vec<Arg>> {
-        let open = self.pos;
-        self.bump(1);
-        let mut args = Vec::new();
-        loop {
-            if self.at_close(')', "argument list", open)? {
-                break;
-            }
-            args.push(self.arg()?);
-            self.separator(')', "argument list", open)?;
-        }
-        self.bump(1);
-        Ok(args)
+    /// `( [arg (, arg)* [,]] )`, or a mismatch if no `(` comes next.
+    fn args(&self, input: &'a str, depth: usize) -> PResult<'a, Vec<Arg>> {
+        let (input, (args, _)) = self.seq(input, ARGS, depth, |i, _| self.arg(i, depth))?;
+        Ok((input, args))
     }
 
-    /// `name: value` or a positional `value` (trivia skipped).
-    fn arg(&mut self) -> Parsed<Arg> {
-        let start = self.pos;
-        let name = match self.ident_at(start) {
-            Some(word) if self.src[self.trivia_end(start + word.len())..].starts_with(':') => {
-                let name = self.take_ident(word);
-                self.eat_char(':');
-                Some(name)
+    /// `name: value` or a positional `value`.
+    fn arg(&self, input: &'a str, depth: usize) -> PResult<'a, Arg> {
+        let label = terminated(|i| self.name(i), punct(':'));
+        map(
+            self.spanned(pair(opt(label), |i| self.value(i, depth))),
+            |((name, value), span)| Arg { name, value, span },
+        )(input)
+    }
+
+    fn name(&self, input: &'a str) -> PResult<'a, Ident> {
+        map(self.spanned(ident), |(name, span)| Ident {
+            name: name.to_owned(),
+            span,
+        })(input)
+    }
+
+    /// `open item* close`, with `brackets.sep` between the items, or a mismatch if
+    /// `brackets.open` does not come next. `item` also gets the items read so far.
+    fn seq<O>(
+        &self,
+        input: &'a str,
+        brackets: Brackets,
+        depth: usize,
+        mut item: impl FnMut(&'a str, &[O]) -> PResult<'a, O>,
+    ) -> PResult<'a, (Vec<O>, Span)> {
+        let Brackets {
+            open,
+            close,
+            what,
+            sep,
+            nests,
+        } = brackets;
+        let (mut input, _) = punct(open)(input)?;
+        let open_at = self.offset(input) - open.len_utf8();
+        if nests && depth >= MAX_DEPTH {
+            let message = format!("nested too deeply (max {MAX_DEPTH})");
+            return fail(Diagnostic::new(open_at..open_at + 1, message));
+        }
+        let mut items = Vec::new();
+        loop {
+            if let (rest, Some(_)) = opt(punct(close))(input)? {
+                return Ok((rest, (items, open_at..self.offset(rest))));
             }
-            _ => None,
-        };
-        let value = self.value()?;
-        Ok(Arg {
-            name,
-            value,
-            span: start..self.last_end,
-        })
+            if skip_trivia(input).is_empty() {
+                let line = line_col(self.src, open_at).0;
+                let expected = format_args!("`{close}` to close the {what} opened at line {line}");
+                return fail(self.unexpected(input, expected));
+            }
+            let (rest, next) = cut(|i| item(i, &items))(input)?;
+            items.push(next);
+            input = match sep {
+                Sep::Comma => {
+                    let end = alt((
+                        value((), punct(',')),
+                        value((), peek(punct(close))),
+                        value((), preceded(trivia, eof)),
+                    ));
+                    let error =
+                        |i| self.unexpected(i, format_args!("`,` or `{close}` in the {what}"));
+                    or_fail(end, error)(rest)?.0
+                }
+                Sep::Semicolon => opt(punct(';'))(rest)?.0,
+                Sep::None => rest,
+            };
+        }
     }
 
     // ---- values ------------------------------------------------------------------
 
-    fn value(&mut self) -> Parsed<Value> {
-        self.skip_trivia();
-        let start = self.pos;
-        let kind = match self.peek() {
-            Some('"') => ValueKind::String(self.string()?),
-            Some('[') => self.list()?,
-            Some('{') => self.map()?,
-            Some(c) if c == '-' || c.is_ascii_digit() => self.number()?,
-            Some(c) if is_ident_start(c) => self.word_value()?,
-            _ => return Err(self.unexpected("a value")),
-        };
-        Ok(Value {
-            kind,
-            span: start..self.last_end,
-        })
+    fn value(&self, input: &'a str, depth: usize) -> PResult<'a, Value> {
+        let kind = alt((
+            map(|i| self.string(i), ValueKind::String),
+            |i| self.list(i, depth),
+            |i| self.map_value(i, depth),
+            |i| self.number(i),
+            |i| self.word_value(i),
+        ));
+        map(
+            self.spanned(self.expect("a value", kind)),
+            |(kind, span)| Value { kind, span },
+        )(input)
     }
 
     /// A value spelt as a word: a constant, `env("NAME")` or a bare name.
-    fn word_value(&mut self) -> Parsed<ValueKind> {
-        let word = self.ident_at(self.pos).unwrap_or_default();
-        self.bump(word.len());
-        Ok(match word {
+    fn word_value(&self, input: &'a str) -> PResult<'a, ValueKind> {
+        let name = self.expect(
+            "the variable's name as a string, e.g. `env(\"KEY\")`",
+            |i| self.string(i),
+        );
+        let close = self.expect("`)` after the variable's name", punct(')'));
+        let env = preceded(
+            pair(keyword("env"), punct('(')),
+            cut(terminated(name, close)),
+        );
+        let word = map(preceded(trivia, ident), |word| match word {
             "true" => ValueKind::Bool(true),
             "false" => ValueKind::Bool(false),
             "null" | "nil" => ValueKind::Null,
-            "env" if self.eat_char('(') => {
-                if !self.at_char('"') {
-                    return Err(
-                        self.unexpected("the variable's name as a string, e.g. `env(\"KEY\")`")
-                    );
-                }
-                let name = self.string()?;
-                if !self.eat_char(')') {
-                    return Err(self.unexpected("`)` after the variable's name"));
-                }
-                ValueKind::Env(name)
-            }
             _ => ValueKind::Ident(word.to_owned()),
-        })
+        });
+        alt((map(env, ValueKind::Env), word))(input)
     }
 
-    /// A double-quoted string at `pos`; strings end on their own line.
-    fn string(&mut self) -> Parsed<String> {
-        let start = self.pos;
-        let mut out = String::new();
-        let mut chars = self.src[start + 1..].char_indices();
-        while let Some((i, c)) = chars.next() {
-            let at = start + 1 + i;
-            match c {
-                '"' => {
-                    self.bump(at + 1 - start);
-                    return Ok(out);
-                }
-                '\n' => break,
-                '\\' => match chars.next() {
-                    Some((_, '"')) => out.push('"'),
-                    Some((_, '\\')) => out.push('\\'),
-                    Some((_, 'n')) => out.push('\n'),
-                    Some((_, 't')) => out.push('\t'),
-                    Some((_, 'r')) => out.push('\r'),
-                    Some((_, '\n')) | None => break,
-                    Some((_, other)) => {
-                        return Err(Diagnostic::new(
-                            at..at + 1 + other.len_utf8(),
-                            format!("unknown escape `\\{other}` in string"),
-                        )
-                        .with_hint(r#"the escapes are \" \\ \n \t and \r"#));
-                    }
-                },
-                c => out.push(c),
-            }
-        }
-        let line_end = self.src[start..]
-            .find('\n')
-            .map_or(self.src.len(), |i| start + i);
-        Err(Diagnostic::new(start..line_end, "unterminated string")
-            .with_hint(r#"close it with `"` on the same line; write a line break as \n"#))
+    /// A double-quoted string; strings end on their own line.
+    fn string(&self, input: &'a str) -> PResult<'a, String> {
+        let (body, _) = punct('"')(input)?;
+        let start = self.offset(body) - 1;
+        // A line break or the end of the file after `\` leaves the string unterminated.
+        let unknown = |rest: &'a str| {
+            let (_, other) = none_of("\n")(rest)?;
+            let at = self.offset(rest) - 1;
+            fail(
+                Diagnostic::new(
+                    at..at + 1 + other.len_utf8(),
+                    format!("unknown escape `\\{other}` in string"),
+                )
+                .with_hint(r#"the escapes are \" \\ \n \t and \r"#),
+            )
+        };
+        let escape = preceded(
+            char('\\'),
+            alt((
+                value("\"", char('"')),
+                value("\\", char('\\')),
+                value("\n", char('n')),
+                value("\t", char('t')),
+                value("\r", char('r')),
+                unknown,
+            )),
+        );
+        let piece = alt((take_while1(|c| !matches!(c, '"' | '\\' | '\n')), escape));
+        let text = fold_many0(piece, String::new, |mut text, piece| {
+            text.push_str(piece);
+            text
+        });
+        let unterminated = |_| {
+            let line_end = self.src[start..]
+                .find('\n')
+                .map_or(self.src.len(), |i| start + i);
+            Diagnostic::new(start..line_end, "unterminated string")
+                .with_hint(r#"close it with `"` on the same line; write a line break as \n"#)
+        };
+        terminated(text, or_fail(char('"'), unterminated))(body)
     }
 
     /// A number, or a duration when a unit follows it directly (`500ms`, `1.5s`).
-    fn number(&mut self) -> Parsed<ValueKind> {
-        let start = self.pos;
-        let bytes = self.src.as_bytes();
-        let digits_from = |i: usize| {
-            bytes[i.min(bytes.len())..]
-                .iter()
-                .take_while(|b| b.is_ascii_digit())
-                .count()
-        };
-        let mut end = start + usize::from(bytes[start] == b'-');
-        let integer = digits_from(end);
-        if integer == 0 {
-            return Err(Diagnostic::new(
-                start..start + 1,
-                "expected a digit after `-`",
-            ));
-        }
-        end += integer;
-        if bytes.get(end) == Some(&b'.') && digits_from(end + 1) > 0 {
-            end += 1 + digits_from(end + 1);
-        }
-        if matches!(bytes.get(end), Some(b'e' | b'E')) {
-            let sign = usize::from(matches!(bytes.get(end + 1), Some(b'+' | b'-')));
-            let exponent = digits_from(end + 1 + sign);
-            if exponent > 0 {
-                end += 1 + sign + exponent;
-            }
-        }
-        let unit_len = self.src[end..]
-            .find(|c: char| !is_ident_continue(c))
-            .unwrap_or(self.src.len() - end);
-        let text = &self.src[start..end];
-        let unit = &self.src[end..end + unit_len];
-        self.bump(end + unit_len - start);
-        if unit.is_empty() {
-            return match text.parse::<f64>() {
-                Ok(number) if number.is_finite() => Ok(ValueKind::Number(number)),
-                _ => Err(Diagnostic::new(
-                    start..end,
-                    format!("number `{text}` is out of range"),
-                )),
-            };
-        }
-        let Some(per_unit) = micros_per_unit(unit) else {
-            return Err(Diagnostic::new(
-                end..end + unit_len,
-                format!("unknown duration unit `{unit}` (use ms, s, m, h or d)"),
-            ));
-        };
-        duration_micros(text, per_unit)
-            .map(ValueKind::Duration)
-            .map_err(|message| Diagnostic::new(start..self.last_end, message))
+    fn number(&self, input: &'a str) -> PResult<'a, ValueKind> {
+        let (input, _) =
+            preceded(trivia, peek(satisfy(|c| c == '-' || c.is_ascii_digit())))(input)?;
+        let start = self.offset(input);
+        let literal = or_fail(pair(number_literal, take_while(is_ident_continue)), |_| {
+            Diagnostic::new(start..start + 1, "expected a digit after `-`")
+        });
+        cut(map_res(literal, |(text, unit)| {
+            number_kind(start, text, unit)
+        }))(input)
     }
 
-    fn list(&mut self) -> Parsed<ValueKind> {
-        let open = self.pos;
-        self.enter(open)?;
-        self.bump(1);
-        let mut items = Vec::new();
-        loop {
-            if self.at_close(']', "list", open)? {
-                break;
-            }
-            items.push(self.value()?);
-            self.separator(']', "list", open)?;
-        }
-        self.bump(1);
-        self.depth -= 1;
-        Ok(ValueKind::List(items))
+    fn list(&self, input: &'a str, depth: usize) -> PResult<'a, ValueKind> {
+        let (input, (items, _)) = self.seq(input, LIST, depth, |i, _| self.value(i, depth + 1))?;
+        Ok((input, ValueKind::List(items)))
     }
 
     /// `{key: value, …}`; keys are names or strings.
-    fn map(&mut self) -> Parsed<ValueKind> {
-        let open = self.pos;
-        self.enter(open)?;
-        self.bump(1);
-        let mut entries = Vec::new();
-        loop {
-            if self.at_close('}', "map", open)? {
-                break;
-            }
-            let key_start = self.pos;
-            let key = if let Some(word) = self.ident_at(key_start) {
-                self.take_ident(word)
-            } else if self.peek() == Some('"') {
-                let name = self.string()?;
-                Ident {
-                    name,
-                    span: key_start..self.last_end,
-                }
-            } else {
-                return Err(self.unexpected("a key (a name or a string)"));
-            };
-            if !self.eat_char(':') {
-                return Err(self.unexpected(format_args!("`:` after the key `{}`", key.name)));
-            }
-            entries.push((key, self.value()?));
-            self.separator('}', "map", open)?;
-        }
-        self.bump(1);
-        self.depth -= 1;
-        Ok(ValueKind::Map(entries))
+    fn map_value(&self, input: &'a str, depth: usize) -> PResult<'a, ValueKind> {
+        let (input, (entries, _)) = self.seq(input, MAP, depth, |i, _| self.entry(i, depth + 1))?;
+        Ok((input, ValueKind::Map(entries)))
     }
+
+    fn entry(&self, input: &'a str, depth: usize) -> PResult<'a, (Ident, Value)> {
+        let quoted = map(self.spanned(|i| self.string(i)), |(name, span)| Ident {
+            name,
+            span,
+        });
+        let (input, key) = self.expect(
+            "a key (a name or a string)",
+            alt((|i| self.name(i), quoted)),
+        )(input)?;
+        let (input, _) = or_fail(punct(':'), |i| {
+            self.unexpected(i, format_args!("`:` after the key `{}`", key.name))
+        })(input)?;
+        let (input, value) = self.value(input, depth)?;
+        Ok((input, (key, value)))
+    }
+}
+
+/// The value of a number literal `text` at byte `start`, with its `unit` (if any).
+fn number_kind(start: usize, text: &str, unit: &str) -> Result<ValueKind, Diagnostic> {
+    let end = start + text.len();
+    if unit.is_empty() {
+        return match text.parse::<f64>() {
+            Ok(number) if number.is_finite() => Ok(ValueKind::Number(number)),
+            _ => Err(Diagnostic::new(
+                start..end,
+                format!("number `{text}` is out of range"),
+            )),
+        };
+    }
+    let Some(per_unit) = micros_per_unit(unit) else {
+        return Err(Diagnostic::new(
+            end..end + unit.len(),
+            format!("unknown duration unit `{unit}` (use ms, s, m, h or d)"),
+        ));
+    };
+    duration_micros(text, per_unit)
+        .map(ValueKind::Duration)
+        .map_err(|message| Diagnostic::new(start..end + unit.len(), message))
 }
 
 fn micros_per_unit(unit: &str) -> Option<Micros> {
@@ -1623,6 +1687,74 @@ test "backlog pages" {
         assert!(
             error("test \"t\" { expect {} }")
                 .contains("expected `index` or an output name after `expect`, found `{`")
+        );
+    }
+
+    #[test]
+    fn error_messages_of_the_less_common_mistakes() {
+        let cases = [
+            (
+                "streams { x([1 2]) }",
+                "1:16: expected `,` or `]` in the list, found `2`",
+            ),
+            ("streams { x(-) }", "1:13: expected a digit after `-`"),
+            ("streams { x(\"a\\\n\") }", "1:13: unterminated string"),
+            (
+                "streams { x(env(KEY)) }",
+                "1:17: expected the variable's name as a string, e.g. `env(\"KEY\")`, found `KEY`",
+            ),
+            (
+                "streams { x(env(\"K\" 1)) }",
+                "1:21: expected `)` after the variable's name, found `1`",
+            ),
+            (
+                "output o k()",
+                "1:10: expected `=` after the output's name, found `k`",
+            ),
+            (
+                "output o = k",
+                "1:13: expected `(` after the output kind, found end of file",
+            ),
+            (
+                "streams { split x }",
+                "1:17: expected `{` after `split`, found `x`",
+            ),
+            (
+                "streams { where x }",
+                "1:19: expected `{` to open the `where` body, found `}`",
+            ),
+            (
+                "streams { a } }",
+                "1:15: expected `output`, `streams` or `test`, found `}`",
+            ),
+            (
+                "test \"t\" { at 1s }",
+                "1:18: expected `send`, `expect` or `}`, found `}`",
+            ),
+            (
+                "streams { \u{feff} }",
+                "1:11: expected a stream or `}`, found `\u{feff}`",
+            ),
+            (
+                "output o = k({1: 2})",
+                "1:15: expected a key (a name or a string), found `1`",
+            ),
+            (
+                "streams { split { when a { } els { } } }",
+                "1:30: expected `when`, `else` or `}` in `split`, found `els`",
+            ),
+        ];
+        for (src, expected) in cases {
+            let rendered = error(src);
+            let first = rendered.lines().next().unwrap();
+            assert_eq!(first, format!("rules/x.vigil:{expected}"), "{src:?}");
+        }
+        assert!(error("output o = k").ends_with(
+            "hint: write `output NAME = KIND(args)`, with `()` when there are no arguments"
+        ));
+        assert!(
+            error("streams { split { when a { } els { } } }")
+                .ends_with("hint: did you mean `else`?")
         );
     }
 
