@@ -94,7 +94,7 @@ impl Field {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, PartialEq, Default)]
 pub struct Event {
     pub host: Option<String>,
     pub service: Option<String>,
@@ -109,6 +109,45 @@ pub struct Event {
     pub ttl: Option<f32>,
     /// In the order the sender gave them; a later duplicate key wins on lookup.
     pub attributes: Vec<(String, String)>,
+}
+
+/// `clone_from` reuses the target's allocations field by field: the index and
+/// the stateful stages overwrite a kept event with each new one for the same
+/// series, which then costs no allocation when the strings fit.
+impl Clone for Event {
+    fn clone(&self) -> Self {
+        Event {
+            host: self.host.clone(),
+            service: self.service.clone(),
+            state: self.state.clone(),
+            time: self.time,
+            description: self.description.clone(),
+            tags: self.tags.clone(),
+            metric: self.metric,
+            ttl: self.ttl,
+            attributes: self.attributes.clone(),
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.host.clone_from(&source.host);
+        self.service.clone_from(&source.service);
+        self.state.clone_from(&source.state);
+        self.time = source.time;
+        self.description.clone_from(&source.description);
+        self.tags.clone_from(&source.tags);
+        self.metric = source.metric;
+        self.ttl = source.ttl;
+        // Tuples do not reuse on `clone_from`; do it per half.
+        self.attributes.truncate(source.attributes.len());
+        let kept = self.attributes.len();
+        for ((k, v), (sk, sv)) in self.attributes.iter_mut().zip(&source.attributes) {
+            k.clone_from(sk);
+            v.clone_from(sv);
+        }
+        self.attributes
+            .extend_from_slice(&source.attributes[kept..]);
+    }
 }
 
 impl Event {
@@ -174,6 +213,32 @@ mod tests {
         e.attributes.push(("env".into(), "b".into()));
         assert_eq!(e.attribute("env"), Some("b"));
         assert_eq!(e.attribute("missing"), None);
+    }
+
+    #[test]
+    fn clone_from_copies_every_field() {
+        let source = Event {
+            host: Some("h".into()),
+            service: None,
+            state: Some("ok".into()),
+            time: 7,
+            description: Some("d".into()),
+            tags: vec!["a".into()],
+            metric: Some(Metric::Int(3)),
+            ttl: Some(1.0),
+            attributes: vec![("k".into(), "v".into()), ("k2".into(), "v2".into())],
+        };
+        let mut longer = Event {
+            service: Some("old".into()),
+            tags: vec!["x".into(), "y".into()],
+            attributes: vec![("a".into(), "b".into()); 3],
+            ..Event::default()
+        };
+        longer.clone_from(&source);
+        assert_eq!(longer, source);
+        let mut shorter = Event::default();
+        shorter.clone_from(&source);
+        assert_eq!(shorter, source);
     }
 
     #[test]

@@ -137,14 +137,15 @@ impl Index {
         event.time.saturating_add(secs_to_micros(ttl))
     }
 
-    /// Stores `event` as the latest for its key; an `expired` event deletes the key.
-    pub fn insert(&self, event: Event) -> Insert {
+    /// Stores a copy of `event` as the latest for its key (reusing the previous
+    /// copy's allocations); an `expired` event deletes the key.
+    pub fn insert(&self, event: &Event) -> Insert {
         let hash = self.hash(event.host_str(), event.service_str());
         let mut shard = self.shard(hash).lock();
         let shard = &mut *shard;
         let found = shard
             .entries
-            .find_entry(hash, |e| same_key(&e.event, &event));
+            .find_entry(hash, |e| same_key(&e.event, event));
         if event.is_expired_state() {
             if let Ok(occupied) = found {
                 let (entry, _) = occupied.remove();
@@ -153,11 +154,11 @@ impl Index {
             }
             return Insert::Removed;
         }
-        let deadline = self.deadline(&event);
+        let deadline = self.deadline(event);
         match found {
             Ok(mut occupied) => {
                 let entry = occupied.get_mut();
-                entry.event = event;
+                entry.event.clone_from(event);
                 entry.deadline = deadline;
                 if deadline < entry.scheduled {
                     shard.deadlines.remove(&(entry.scheduled, entry.id, hash));
@@ -178,7 +179,7 @@ impl Index {
                 shard.entries.insert_unique(
                     hash,
                     Entry {
-                        event,
+                        event: event.clone(),
                         id,
                         deadline,
                         scheduled: deadline,
@@ -311,11 +312,11 @@ mod tests {
     #[test]
     fn insert_replace_and_get() {
         let index = Index::new(IndexConfig::default());
-        assert_eq!(index.insert(event("a", "x", T0, None)), Insert::Added);
+        assert_eq!(index.insert(&event("a", "x", T0, None)), Insert::Added);
         let mut newer = event("a", "x", T0 + 1, None);
         newer.metric = Some(Metric::Float(2.5));
-        assert_eq!(index.insert(newer.clone()), Insert::Replaced);
-        assert_eq!(index.insert(event("a", "y", T0, None)), Insert::Added);
+        assert_eq!(index.insert(&newer.clone()), Insert::Replaced);
+        assert_eq!(index.insert(&event("a", "y", T0, None)), Insert::Added);
         assert_eq!(index.len(), 2);
         assert_eq!(index.get("a", "x"), Some(newer));
         assert_eq!(index.get("b", "x"), None);
@@ -326,7 +327,7 @@ mod tests {
         let index = Index::new(IndexConfig::default());
         let mut e = event("", "x", T0, None);
         e.host = None;
-        index.insert(e);
+        index.insert(&e);
         assert!(index.get("", "x").is_some());
     }
 
@@ -335,7 +336,7 @@ mod tests {
         let index = Index::new(IndexConfig::default());
         let mut e = event("a", "x", T0, Some(10.0));
         e.tags = vec!["keep".into()];
-        index.insert(e);
+        index.insert(&e);
         assert!(
             index.expire(T0 + secs(10)).is_empty(),
             "not before time + ttl"
@@ -357,7 +358,7 @@ mod tests {
             default_ttl: 5.0,
             max_entries: None,
         });
-        index.insert(event("a", "x", T0, None));
+        index.insert(&event("a", "x", T0, None));
         assert!(index.expire(T0 + secs(5)).is_empty());
         assert_eq!(index.expire(T0 + secs(6)).len(), 1);
     }
@@ -365,8 +366,8 @@ mod tests {
     #[test]
     fn refresh_postpones_expiry() {
         let index = Index::new(IndexConfig::default());
-        index.insert(event("a", "x", T0, Some(10.0)));
-        index.insert(event("a", "x", T0 + secs(8), Some(10.0)));
+        index.insert(&event("a", "x", T0, Some(10.0)));
+        index.insert(&event("a", "x", T0 + secs(8), Some(10.0)));
         assert!(
             index.expire(T0 + secs(11)).is_empty(),
             "re-armed, not expired"
@@ -379,8 +380,8 @@ mod tests {
     #[test]
     fn shorter_ttl_brings_expiry_forward() {
         let index = Index::new(IndexConfig::default());
-        index.insert(event("a", "x", T0, Some(100.0)));
-        index.insert(event("a", "x", T0, Some(1.0)));
+        index.insert(&event("a", "x", T0, Some(100.0)));
+        index.insert(&event("a", "x", T0, Some(1.0)));
         assert_eq!(index.expire(T0 + secs(2)).len(), 1);
         assert!(
             index.expire(T0 + secs(200)).is_empty(),
@@ -391,16 +392,16 @@ mod tests {
     #[test]
     fn expired_state_deletes_the_key() {
         let index = Index::new(IndexConfig::default());
-        index.insert(event("a", "x", T0, None));
+        index.insert(&event("a", "x", T0, None));
         let mut gone = event("a", "x", T0, None);
         gone.state = Some("expired".into());
-        assert_eq!(index.insert(gone.clone()), Insert::Removed);
+        assert_eq!(index.insert(&gone.clone()), Insert::Removed);
         assert_eq!(index.len(), 0);
         assert!(
             index.expire(T0 + secs(1000)).is_empty(),
             "no ghost deadline"
         );
-        assert_eq!(index.insert(gone), Insert::Removed, "absent key is fine");
+        assert_eq!(index.insert(&gone), Insert::Removed, "absent key is fine");
     }
 
     #[test]
@@ -409,11 +410,11 @@ mod tests {
             default_ttl: 60.0,
             max_entries: Some(2),
         });
-        assert_eq!(index.insert(event("a", "1", T0, None)), Insert::Added);
-        assert_eq!(index.insert(event("a", "2", T0, None)), Insert::Added);
-        assert_eq!(index.insert(event("a", "3", T0, None)), Insert::Refused);
+        assert_eq!(index.insert(&event("a", "1", T0, None)), Insert::Added);
+        assert_eq!(index.insert(&event("a", "2", T0, None)), Insert::Added);
+        assert_eq!(index.insert(&event("a", "3", T0, None)), Insert::Refused);
         assert_eq!(
-            index.insert(event("a", "1", T0 + 1, None)),
+            index.insert(&event("a", "1", T0 + 1, None)),
             Insert::Replaced
         );
         assert_eq!((index.len(), index.refused_total()), (2, 1));
@@ -423,10 +424,10 @@ mod tests {
     #[test]
     fn odd_ttls_never_overflow() {
         let index = Index::new(IndexConfig::default());
-        index.insert(event("a", "inf", T0, Some(f32::INFINITY)));
-        index.insert(event("a", "nan", T0, Some(f32::NAN)));
-        index.insert(event("a", "neg", T0, Some(-5.0)));
-        index.insert(event("a", "late", i64::MAX, Some(f32::MAX)));
+        index.insert(&event("a", "inf", T0, Some(f32::INFINITY)));
+        index.insert(&event("a", "nan", T0, Some(f32::NAN)));
+        index.insert(&event("a", "neg", T0, Some(-5.0)));
+        index.insert(&event("a", "late", i64::MAX, Some(f32::MAX)));
         let expired: Vec<_> = index
             .expire(T0 + 1)
             .into_iter()
@@ -444,7 +445,7 @@ mod tests {
         let index = Index::new(IndexConfig::default());
         let n = SHARDS * EXPIRE_CHUNK * 2;
         for i in 0..n {
-            index.insert(event("h", &i.to_string(), T0, Some(1.0)));
+            index.insert(&event("h", &i.to_string(), T0, Some(1.0)));
         }
         assert_eq!(index.expire(T0 + secs(2)).len(), n);
         assert!(index.is_empty());
@@ -453,9 +454,9 @@ mod tests {
     #[test]
     fn query_scans_and_exact_key_looks_up() {
         let index = Index::new(IndexConfig::default());
-        index.insert(event("a", "cpu user", T0, None));
-        index.insert(event("a", "cpu system", T0, None));
-        index.insert(event("b", "disk", T0, None));
+        index.insert(&event("a", "cpu user", T0, None));
+        index.insert(&event("a", "cpu system", T0, None));
+        index.insert(&event("b", "disk", T0, None));
         let q = Query::parse(r#"service =~ "cpu%""#).unwrap();
         let mut services: Vec<_> = index.query(&q).into_iter().map(|e| e.service).collect();
         services.sort();

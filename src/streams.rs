@@ -31,7 +31,7 @@ impl IndexEverything {
 
 impl Streams for IndexEverything {
     fn process(&self, events: Vec<Event>) {
-        for event in events {
+        for event in &events {
             self.index.insert(event);
         }
     }

@@ -75,7 +75,7 @@ impl Rules {
                 outputs: &self.outputs,
                 reinjected: &mut reinjected,
             };
-            for event in batch {
+            for event in &batch {
                 self.guarded(|| self.roots.event(event, &mut cx));
             }
         }
@@ -103,7 +103,7 @@ impl Rules {
 impl Streams for Rules {
     fn process(&self, events: Vec<Event>) {
         self.run(|cx| {
-            for event in events {
+            for event in &events {
                 self.guarded(|| self.roots.event(event, cx));
             }
         });

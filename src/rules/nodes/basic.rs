@@ -15,8 +15,8 @@ pub struct Where {
 }
 
 impl Node for Where {
-    fn event(&self, event: Event, cx: &mut Cx) {
-        if self.pred.matches(&event) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        if self.pred.matches(event) {
             self.then.event(event, cx);
         } else {
             self.otherwise.event(event, cx);
@@ -44,8 +44,8 @@ pub struct Split {
 }
 
 impl Node for Split {
-    fn event(&self, event: Event, cx: &mut Cx) {
-        match self.clauses.iter().find(|(pred, _)| pred.matches(&event)) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        match self.clauses.iter().find(|(pred, _)| pred.matches(event)) {
             Some((_, children)) => children.event(event, cx),
             None => self.default.event(event, cx),
         }
@@ -120,13 +120,19 @@ pub struct With {
 }
 
 impl Node for With {
-    fn event(&self, mut event: Event, cx: &mut Cx) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let applies = |set: &FieldSet, e: &Event| !self.only_missing || set.is_missing_in(e);
+        // `default` on an event that lacks nothing passes it on as it is.
+        if !self.sets.iter().any(|set| applies(set, event)) {
+            return self.children.event(event, cx);
+        }
+        let mut event = event.clone();
         for set in &self.sets {
-            if !self.only_missing || set.is_missing_in(&event) {
+            if applies(set, &event) {
                 set.apply(&mut event);
             }
         }
-        self.children.event(event, cx);
+        self.children.event(&event, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {
@@ -161,7 +167,7 @@ impl MetricTest {
 }
 
 impl Node for MetricTest {
-    fn event(&self, event: Event, cx: &mut Cx) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
         if event.metric.is_some_and(|m| self.passes(m.as_f64())) {
             self.children.event(event, cx);
         }
@@ -188,14 +194,15 @@ pub struct Scale {
 }
 
 impl Node for Scale {
-    fn event(&self, mut event: Event, cx: &mut Cx) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let mut event = event.clone();
         event.metric = event.metric.map(|m| match (m, self.factor) {
             (Metric::Int(a), Metric::Int(b)) => a
                 .checked_mul(b)
                 .map_or(Metric::Float(a as f64 * b as f64), Metric::Int),
             (m, f) => Metric::Float(m.as_f64() * f.as_f64()),
         });
-        self.children.event(event, cx);
+        self.children.event(&event, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {
@@ -217,13 +224,17 @@ pub struct Tag {
 }
 
 impl Node for Tag {
-    fn event(&self, mut event: Event, cx: &mut Cx) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        if self.tags.iter().all(|tag| event.has_tag(tag)) {
+            return self.children.event(event, cx);
+        }
+        let mut event = event.clone();
         for tag in &self.tags {
             if !event.has_tag(tag) {
                 event.tags.push(tag.clone());
             }
         }
-        self.children.event(event, cx);
+        self.children.event(&event, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {
@@ -245,7 +256,7 @@ macro_rules! leaf {
         pub struct $name { $(pub $field: $ty),* }
 
         impl Node for $name {
-            fn event(&$self, $event: Event, $cx: &mut Cx) $body
+            fn event(&$self, $event: &Event, $cx: &mut Cx) $body
             fn tick(&self, _cx: &mut Cx) {}
             fn fresh(&self) -> Box<dyn Node> {
                 Box::new(self.clone())
@@ -259,7 +270,7 @@ leaf!(Index; |self, event, cx| {
 });
 
 leaf!(Reinject; |self, event, cx| {
-    cx.reinjected.push(event);
+    cx.reinjected.push(event.clone());
 });
 
 leaf!(Drop; |self, event, _cx| {
@@ -267,11 +278,11 @@ leaf!(Drop; |self, event, _cx| {
 });
 
 leaf!(Output, id: usize; |self, event, cx| {
-    cx.outputs[self.id].push(event);
+    cx.outputs[self.id].push(event.clone());
 });
 
 leaf!(Log, level: tracing::Level; |self, event, _cx| {
-    let json = crate::json::to_json(&event);
+    let json = crate::json::to_json(event);
     match self.level {
         tracing::Level::ERROR => tracing::error!(target: "vigil::rules", event = %json),
         tracing::Level::WARN => tracing::warn!(target: "vigil::rules", event = %json),

@@ -38,7 +38,9 @@ pub struct Cx<'a> {
 }
 
 pub trait Node: Send + Sync {
-    fn event(&self, event: Event, cx: &mut Cx);
+    /// Events are borrowed: filters pass them on untouched, and only a stage
+    /// that changes or keeps an event pays for a copy.
+    fn event(&self, event: &Event, cx: &mut Cx);
 
     /// Time passes: emit what is due, then pass the tick on to the children.
     fn tick(&self, cx: &mut Cx);
@@ -52,13 +54,9 @@ pub trait Node: Send + Sync {
 pub struct Children(pub Vec<Box<dyn Node>>);
 
 impl Children {
-    pub fn event(&self, event: Event, cx: &mut Cx) {
-        // Clone for all but the last child; most nodes have one.
-        if let Some((last, rest)) = self.0.split_last() {
-            for child in rest {
-                child.event(event.clone(), cx);
-            }
-            last.event(event, cx);
+    pub fn event(&self, event: &Event, cx: &mut Cx) {
+        for child in &self.0 {
+            child.event(event, cx);
         }
     }
 

@@ -72,16 +72,16 @@ impl Rate {
                 }
             }
         }
-        for event in due {
+        for event in &due {
             self.children.event(event, cx);
         }
     }
 }
 
 impl Node for Rate {
-    fn event(&self, event: Event, cx: &mut Cx) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
         self.flush(cx);
-        let Some(metric) = metric_f64(&event) else {
+        let Some(metric) = metric_f64(event) else {
             return;
         };
         let mut s = self.state.lock();
@@ -90,7 +90,11 @@ impl Node for Rate {
         }
         s.sum += metric;
         s.pending = true;
-        s.latest = Some(event);
+        // Reuses the previous template's allocations.
+        match &mut s.latest {
+            Some(latest) => latest.clone_from(event),
+            None => s.latest = Some(event.clone()),
+        }
     }
 
     fn tick(&self, cx: &mut Cx) {
@@ -135,8 +139,8 @@ impl By {
 }
 
 impl Node for By {
-    fn event(&self, event: Event, cx: &mut Cx) {
-        let key: Vec<_> = self.fields.iter().map(|f| f.text(&event)).collect();
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let key: Vec<_> = self.fields.iter().map(|f| f.text(event)).collect();
         let ttl = event.ttl.map_or(cx.index.default_ttl(), f64::from);
         let free_at = cx
             .now
@@ -191,7 +195,7 @@ impl Throttle {
 }
 
 impl Node for Throttle {
-    fn event(&self, event: Event, cx: &mut Cx) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
         let pass = {
             let mut s = self.state.lock();
             if cx.now.saturating_sub(s.0) >= self.interval {
@@ -238,8 +242,8 @@ impl Changed {
 }
 
 impl Node for Changed {
-    fn event(&self, event: Event, cx: &mut Cx) {
-        let value = self.field.text(&event);
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let value = self.field.text(event);
         let changed = {
             let mut last = self.last.lock();
             let changed = *last != value;
@@ -301,8 +305,8 @@ impl Stable {
 }
 
 impl Node for Stable {
-    fn event(&self, event: Event, cx: &mut Cx) {
-        let value = self.field.text(&event);
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let value = self.field.text(event);
         let out = {
             let mut s = self.state.lock();
             if s.value.as_ref() != Some(&value) {
@@ -313,17 +317,17 @@ impl Node for Stable {
             if s.held.len() == STABLE_BUFFER_MAX {
                 s.held.remove(0);
             }
-            s.held.push(event);
+            s.held.push(event.clone());
             self.release(&mut s, cx.now)
         };
-        for event in out {
+        for event in &out {
             self.children.event(event, cx);
         }
     }
 
     fn tick(&self, cx: &mut Cx) {
         let out = self.release(&mut self.state.lock(), cx.now);
-        for event in out {
+        for event in &out {
             self.children.event(event, cx);
         }
         self.children.tick(cx);
@@ -365,8 +369,8 @@ impl Ewma {
 }
 
 impl Node for Ewma {
-    fn event(&self, mut event: Event, cx: &mut Cx) {
-        let Some(m) = metric_f64(&event) else {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let Some(m) = metric_f64(event) else {
             return;
         };
         let smoothed = {
@@ -383,8 +387,9 @@ impl Node for Ewma {
             *s = Some((next, event.time));
             next
         };
+        let mut event = event.clone();
         event.metric = Some(Metric::Float(smoothed));
-        self.children.event(event, cx);
+        self.children.event(&event, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {
@@ -413,8 +418,8 @@ impl Ddt {
 }
 
 impl Node for Ddt {
-    fn event(&self, mut event: Event, cx: &mut Cx) {
-        let Some(m) = metric_f64(&event) else {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let Some(m) = metric_f64(event) else {
             return;
         };
         let previous = self.last.lock().replace((m, event.time));
@@ -425,8 +430,9 @@ impl Node for Ddt {
         if gap <= 0.0 {
             return;
         }
+        let mut event = event.clone();
         event.metric = Some(Metric::Float((m - prev) / gap));
-        self.children.event(event, cx);
+        self.children.event(&event, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {

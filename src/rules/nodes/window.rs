@@ -37,7 +37,7 @@ pub struct Fold {
 impl Fold {
     fn window(&self, events: &[Event], cx: &mut Cx) {
         if let Some(event) = fold(self.kind, events) {
-            self.children.event(event, cx);
+            self.children.event(&event, cx);
         }
     }
 
@@ -181,7 +181,7 @@ impl Window {
 }
 
 impl Node for Window {
-    fn event(&self, event: Event, cx: &mut Cx) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
         let now = cx.now;
         let windows = {
             let mut s = self.state.lock();
@@ -189,10 +189,10 @@ impl Node for Window {
             match self.kind {
                 WindowKind::FixedTime(dt) => {
                     s.window_end.get_or_insert(now.saturating_add(dt));
-                    Self::push(&mut s, now, event);
+                    Self::push(&mut s, now, event.clone());
                 }
                 WindowKind::MovingTime(dt) => {
-                    Self::push(&mut s, now, event);
+                    Self::push(&mut s, now, event.clone());
                     let horizon = now.saturating_sub(dt);
                     while s.events.front().is_some_and(|(at, _)| *at <= horizon) {
                         s.events.pop_front();
@@ -200,13 +200,13 @@ impl Node for Window {
                     out.push(s.events.iter().map(|(_, e)| e.clone()).collect());
                 }
                 WindowKind::FixedCount(n) => {
-                    Self::push(&mut s, now, event);
+                    Self::push(&mut s, now, event.clone());
                     if s.events.len() >= n {
                         out.push(s.events.drain(..).map(|(_, e)| e).collect());
                     }
                 }
                 WindowKind::MovingCount(n) => {
-                    Self::push(&mut s, now, event);
+                    Self::push(&mut s, now, event.clone());
                     while s.events.len() > n {
                         s.events.pop_front();
                     }
@@ -216,7 +216,7 @@ impl Node for Window {
                     s.window_end.get_or_insert(now.saturating_add(dt));
                     let key = (event.host_str().to_owned(), event.service_str().to_owned());
                     if s.latest.len() < WINDOW_MAX || s.latest.contains_key(&key) {
-                        s.latest.insert(key, event);
+                        s.latest.insert(key, event.clone());
                     } else {
                         s.dropped += 1;
                     }
@@ -301,11 +301,11 @@ impl Percentiles {
 }
 
 impl Node for Percentiles {
-    fn event(&self, event: Event, cx: &mut Cx) {
+    fn event(&self, event: &Event, cx: &mut Cx) {
         let out = {
             let mut s = self.state.lock();
             let out = self.due(&mut s, cx.now);
-            if let Some(m) = metric_f64(&event) {
+            if let Some(m) = metric_f64(event) {
                 s.window_end
                     .get_or_insert(cx.now.saturating_add(self.interval));
                 s.seen += 1;
@@ -321,18 +321,21 @@ impl Node for Percentiles {
                         s.samples[slot] = m;
                     }
                 }
-                s.latest = Some(event);
+                match &mut s.latest {
+                    Some(latest) => latest.clone_from(event),
+                    None => s.latest = Some(event.clone()),
+                }
             }
             out
         };
-        for e in out {
+        for e in &out {
             self.children.event(e, cx);
         }
     }
 
     fn tick(&self, cx: &mut Cx) {
         let out = self.due(&mut self.state.lock(), cx.now);
-        for e in out {
+        for e in &out {
             self.children.event(e, cx);
         }
         self.children.tick(cx);
