@@ -62,7 +62,7 @@ fn acceptance_file(c: &mut Criterion) {
                 clock.advance(1_000);
                 batch(1_700_000_000_000_000)
             },
-            |events| rules.process(events),
+            |events| rules.process(&events),
             BatchSize::SmallInput,
         )
     });

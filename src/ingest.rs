@@ -5,14 +5,15 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use prost::Message;
 
 use crate::clock::SharedClock;
+use crate::event::Event;
 use crate::index::Index;
-use crate::proto::{self, Msg};
+use crate::proto;
 use crate::query::Query;
 use crate::stats::Stats;
 use crate::streams::Streams;
+use crate::wire;
 
 /// Which transport a message came over, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,27 +31,24 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Handles one frame body and returns the encoded reply body.
-    pub fn handle_frame(&self, body: Bytes, transport: Transport) -> Bytes {
-        let msg = match Msg::decode(body) {
-            Ok(msg) => msg,
+    /// Handles one frame body and returns the encoded reply body. `events` is
+    /// the connection's decode buffer: reused from message to message, so a
+    /// steady stream of events decodes without allocating.
+    pub fn handle_frame(
+        &self,
+        body: &[u8],
+        transport: Transport,
+        events: &mut Vec<Event>,
+    ) -> Bytes {
+        let request = match wire::decode_msg(body, self.clock.now(), events) {
+            Ok(request) => request,
             Err(e) => {
                 Stats::incr(&self.stats.decode_errors);
                 tracing::debug!(?transport, error = %e, "Undecodable message.");
                 return proto::error_reply(format!("invalid message: {e}"));
             }
         };
-        self.handle_msg(msg, transport)
-    }
-
-    fn handle_msg(&self, msg: Msg, transport: Transport) -> Bytes {
-        if !msg.events.is_empty() {
-            let now = self.clock.now();
-            let events: Vec<_> = msg
-                .events
-                .into_iter()
-                .map(|pb| proto::from_pb(pb, now))
-                .collect();
+        if !events.is_empty() {
             let counter = match transport {
                 Transport::Tcp => &self.stats.tcp_events,
                 Transport::Udp => &self.stats.udp_events,
@@ -59,10 +57,8 @@ impl Ingest {
             self.streams.process(events);
         }
         // Riemann answers a query even when the same Msg also carried events.
-        match msg.query {
-            Some(query) if transport == Transport::Tcp => {
-                self.answer(query.string.as_deref().unwrap_or_default())
-            }
+        match request.query {
+            Some(query) if transport == Transport::Tcp => self.answer(&query),
             _ => proto::ack(),
         }
     }

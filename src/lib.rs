@@ -15,6 +15,7 @@
 //! - [`rules`]: the rule language: parser, compiler, stream stages, `vigil check`/`vigil test`.
 //! - [`outputs`]: pager, graph, push and forward outputs behind bounded queues.
 //! - [`server`]: starts and stops the tasks above.
+//! - [`snapshot`]: the index saved to disk and loaded again across restarts.
 //! - [`client`]: a small Riemann TCP client.
 //! - [`json`]: Riemann's JSON form of an event.
 //! - [`stats`]: counters of what vigil itself did.
@@ -30,7 +31,9 @@ pub mod proto;
 pub mod query;
 pub mod rules;
 pub mod server;
+pub mod snapshot;
 pub mod stats;
 pub mod streams;
 pub mod tcp;
 pub mod udp;
+pub mod wire;

@@ -135,7 +135,7 @@ async fn run_timers(
         let expired = index.expire(clock.now());
         if !expired.is_empty() {
             tracing::debug!(count = expired.len(), "Expired index entries.");
-            streams.process(expired);
+            streams.process(&expired);
         }
         streams.tick();
     }

@@ -10,8 +10,9 @@ use crate::index::Index;
 
 pub trait Streams: Send + Sync + 'static {
     /// Runs one batch through the pipeline. Must not block on I/O: it is called
-    /// inline on the connection that read the batch.
-    fn process(&self, events: Vec<Event>);
+    /// inline on the connection that read the batch. The events are borrowed:
+    /// the caller reuses the buffer (and its allocations) for the next batch.
+    fn process(&self, events: &[Event]);
 
     /// Time has passed: time-based stages (rates, windows) emit what is due.
     /// Called periodically by the server's timer, and by tests on a virtual clock.
@@ -30,8 +31,8 @@ impl IndexEverything {
 }
 
 impl Streams for IndexEverything {
-    fn process(&self, events: Vec<Event>) {
-        for event in &events {
+    fn process(&self, events: &[Event]) {
+        for event in events {
             self.index.insert(event);
         }
     }

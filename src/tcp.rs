@@ -75,6 +75,7 @@ async fn handle(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut framed = Framed::new(socket, codec(max_frame));
+    let mut events = Vec::new();
     loop {
         let mut next = tokio::select! {
             next = framed.next() => next,
@@ -87,7 +88,7 @@ async fn handle(
                 None => return SinkExt::<Bytes>::flush(&mut framed).await,
                 Some(Ok(frame)) => {
                     Stats::incr(&ingest.stats.tcp_messages);
-                    let reply = ingest.handle_frame(frame.freeze(), Transport::Tcp);
+                    let reply = ingest.handle_frame(&frame, Transport::Tcp, &mut events);
                     framed.feed(reply).await?;
                 }
                 Some(Err(e)) => return fail(&mut framed, ingest, e, max_frame).await,

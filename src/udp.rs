@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +23,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut buf = vec![0u8; RECV_BUFFER];
+    let mut events = Vec::new();
     loop {
         let received = tokio::select! {
             received = socket.recv_from(&mut buf) => received,
@@ -43,6 +43,6 @@ pub async fn serve(
             continue;
         }
         // The reply (ack or error) is discarded: UDP senders never hear back.
-        ingest.handle_frame(Bytes::copy_from_slice(&buf[..len]), Transport::Udp);
+        ingest.handle_frame(&buf[..len], Transport::Udp, &mut events);
     }
 }

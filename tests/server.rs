@@ -27,7 +27,7 @@ struct Recording {
 }
 
 impl Streams for Recording {
-    fn process(&self, events: Vec<Event>) {
+    fn process(&self, events: &[Event]) {
         self.seen.lock().extend(events.iter().cloned());
         self.inner.process(events);
     }

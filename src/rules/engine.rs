@@ -1,10 +1,17 @@
 //! Runs compiled rules as the server's [`Streams`]: each batch goes through the
 //! top-level streams, `reinject`ed events go round again, and the timer's tick
 //! reaches every time-based stage.
+//!
+//! The running [`Tree`] sits behind an [`ArcSwap`] so a reload can replace it
+//! while the server keeps calling the same `Streams`: each batch (or tick)
+//! loads the tree once and finishes on it, the next batch sees the new one.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 
 use crate::clock::SharedClock;
 use crate::event::Event;
@@ -27,11 +34,23 @@ pub struct RuleStats {
     /// Events on which a stage failed (panicked); the event is dropped, the
     /// rules keep running.
     pub errors: AtomicU64,
+    /// Rule files swapped in by a reload.
+    pub reloads: AtomicU64,
+    /// Reloads refused because the file did not load; the old rules kept running.
+    pub reload_failures: AtomicU64,
+}
+
+/// One compiled rule file as it runs: its stages, and the outputs its
+/// `Output` stages address by position.
+pub struct Tree {
+    pub roots: Children,
+    pub outputs: Vec<Arc<dyn OutputSink>>,
 }
 
 pub struct Rules {
-    roots: Children,
-    outputs: Vec<Arc<dyn OutputSink>>,
+    current: ArcSwap<Tree>,
+    /// Serialises reloads: state moves out of the tree being replaced once.
+    replacing: Mutex<()>,
     index: Arc<Index>,
     clock: SharedClock,
     pub stats: RuleStats,
@@ -46,21 +65,36 @@ impl Rules {
         clock: SharedClock,
     ) -> Self {
         Self {
-            roots,
-            outputs,
+            current: ArcSwap::from_pointee(Tree { roots, outputs }),
+            replacing: Mutex::new(()),
             index,
             clock,
             stats: RuleStats::default(),
         }
     }
 
-    /// Runs `work` with a context, then the events it reinjected, round by round.
-    fn run(&self, work: impl FnOnce(&mut Cx)) {
+    /// Swaps in a newly compiled tree: each stage whose definition and place are
+    /// unchanged first takes over its predecessor's state. Returns the replaced
+    /// tree; batches that loaded it before the swap may still be running on it
+    /// (they hold a reference), so its outputs are retired once it is unused.
+    pub fn replace(&self, roots: Children, outputs: Vec<Arc<dyn OutputSink>>) -> Arc<Tree> {
+        let _one_at_a_time = self.replacing.lock();
+        let new = Tree { roots, outputs };
+        let old = self.current.load_full();
+        new.roots.adopt(&old.roots);
+        self.current.store(Arc::new(new));
+        self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+        old
+    }
+
+    /// Runs `work` on `tree` with a context, then the events it reinjected,
+    /// round by round, on the same tree.
+    fn run(&self, tree: &Tree, work: impl FnOnce(&mut Cx)) {
         let mut reinjected = Vec::new();
         let mut cx = Cx {
             now: self.clock.now(),
             index: &self.index,
-            outputs: &self.outputs,
+            outputs: &tree.outputs,
             reinjected: &mut reinjected,
         };
         work(&mut cx);
@@ -72,11 +106,11 @@ impl Rules {
             let mut cx = Cx {
                 now: self.clock.now(),
                 index: &self.index,
-                outputs: &self.outputs,
+                outputs: &tree.outputs,
                 reinjected: &mut reinjected,
             };
             for event in &batch {
-                self.guarded(|| self.roots.event(event, &mut cx));
+                self.guarded(|| tree.roots.event(event, &mut cx));
             }
         }
         if !reinjected.is_empty() {
@@ -101,15 +135,17 @@ impl Rules {
 }
 
 impl Streams for Rules {
-    fn process(&self, events: Vec<Event>) {
-        self.run(|cx| {
-            for event in &events {
-                self.guarded(|| self.roots.event(event, cx));
+    fn process(&self, events: &[Event]) {
+        let tree = self.current.load();
+        self.run(&tree, |cx| {
+            for event in events {
+                self.guarded(|| tree.roots.event(event, cx));
             }
         });
     }
 
     fn tick(&self) {
-        self.run(|cx| self.guarded(|| self.roots.tick(cx)));
+        let tree = self.current.load();
+        self.run(&tree, |cx| self.guarded(|| tree.roots.tick(cx)));
     }
 }

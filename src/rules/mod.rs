@@ -5,6 +5,7 @@
 //! - [`diag`]: errors rendered as `FILE:LINE:COL: message` with the source line and a caret.
 //! - [`compile`]: AST → a tree of stream [`nodes`], validating every name and argument.
 //! - [`engine`]: runs the tree as the server's `Streams`.
+//! - [`reload`]: `SIGHUP` swaps in an edited rule file, keeping unchanged stages' state.
 //! - [`testing`]: `vigil test`, the `test "…" { … }` blocks on a virtual clock.
 
 pub mod ast;
@@ -13,6 +14,7 @@ pub mod diag;
 pub mod engine;
 pub mod nodes;
 pub mod parser;
+pub mod reload;
 pub mod testing;
 
 pub use compile::{Compiled, EnvPolicy};

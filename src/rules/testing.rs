@@ -128,7 +128,7 @@ impl Bench {
             self.clock.set(next);
             let expired = self.index.expire(next);
             if !expired.is_empty() {
-                self.rules.process(expired);
+                self.rules.process(&expired);
             }
             self.rules.tick();
         }
@@ -166,7 +166,7 @@ fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>>
         }
         match &step.action {
             TestAction::Send(value) => match event_from(value, bench.clock.now()) {
-                Ok(event) => bench.rules.process(vec![event]),
+                Ok(event) => bench.rules.process(&[event]),
                 Err(e) => {
                     failures.push(format!("send: {e}"));
                     break;

@@ -60,6 +60,13 @@ impl Vigil {
     pub fn start_with_env(extra_args: &[&str], envs: &[(&str, &str)]) -> Vigil {
         let bin = env!("CARGO_BIN_EXE_vigil");
         let mut args: Vec<&str> = vec!["run", "--tcp", "127.0.0.1:0", "--log-format", "json"];
+        // Tests run in the source tree: never share its default `vigil-data`.
+        if !extra_args
+            .iter()
+            .any(|a| *a == "--data-dir" || *a == "--no-snapshot")
+        {
+            args.push("--no-snapshot");
+        }
         args.extend_from_slice(extra_args);
         let mut child = Command::new(bin)
             .args(&args)
@@ -159,6 +166,11 @@ impl Vigil {
         }
     }
 
+    /// The server's process id, e.g. to send it a signal.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The TCP port (UDP uses the same one unless `--udp` was given).
     pub fn port(&self) -> u16 {
         self.tcp.port()
@@ -183,6 +195,35 @@ impl Vigil {
     pub fn logs(&self) -> String {
         let ring = self.log.lock().unwrap_or_else(|e| e.into_inner());
         ring.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Send SIGTERM and wait (up to 30 s) for the process to exit; its status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.pid().to_string();
+        run_ok("kill", &["-TERM", &pid], CMD_TIMEOUT);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Ok(None) => panic!(
+                    "vigil did not exit within 30 s of SIGTERM; last log lines:\n{}",
+                    self.logs()
+                ),
+                Err(e) => panic!("cannot wait for vigil: {e}"),
+            }
+        }
+    }
+
+    /// SIGKILL (no shutdown at all) and reap.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL vigil");
+        self.child.wait().expect("reap vigil");
+    }
+
+    /// Poll (up to `timeout`) until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.logs().contains(needle).then_some(())).is_some()
     }
 
     /// Panic (with the server's log) when the server process has exited.

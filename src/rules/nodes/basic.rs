@@ -1,11 +1,13 @@
 //! Stateless stages: filters (`where`, `split`, `over`…), field edits (`with`,
 //! `default`, `scale`, `tag`) and sinks (`index`, `reinject`, outputs, `log`,
-//! `drop`). None of them holds state, so none of them locks.
+//! `drop`). None of them holds state, so none of them locks; on reload they
+//! only pass [`Node::adopt`] on to their children when their own definition is
+//! unchanged.
 
 use crate::event::{Event, Metric};
 use crate::query::Query;
 
-use super::{Children, Cx, Node};
+use super::{Children, Cx, Node, same};
 
 /// `where PRED { … } else { … }`
 pub struct Where {
@@ -34,6 +36,13 @@ impl Node for Where {
             then: self.then.fresh(),
             otherwise: self.otherwise.fresh(),
         })
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Where>(old).filter(|o| o.pred.as_str() == self.pred.as_str()) {
+            self.then.adopt(&old.then);
+            self.otherwise.adopt(&old.otherwise);
+        }
     }
 }
 
@@ -67,6 +76,25 @@ impl Node for Split {
                 .collect(),
             default: self.default.fresh(),
         })
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        let Some(old) = same::<Split>(old) else {
+            return;
+        };
+        // A clause sees the same events only if every clause up to it is unchanged.
+        let unchanged = self
+            .clauses
+            .iter()
+            .zip(&old.clauses)
+            .take_while(|((new, _), (old, _))| new.as_str() == old.as_str())
+            .count();
+        for ((_, new), (_, old)) in self.clauses.iter().zip(&old.clauses).take(unchanged) {
+            new.adopt(old);
+        }
+        if unchanged == self.clauses.len() && unchanged == old.clauses.len() {
+            self.default.adopt(&old.default);
+        }
     }
 }
 
@@ -146,6 +174,14 @@ impl Node for With {
             children: self.children.fresh(),
         })
     }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) =
+            same::<With>(old).filter(|o| o.sets == self.sets && o.only_missing == self.only_missing)
+        {
+            self.children.adopt(&old.children);
+        }
+    }
 }
 
 /// `over(x)`, `under(x)`, `within(a, b)`: events whose metric is in range; events
@@ -185,6 +221,14 @@ impl Node for MetricTest {
             children: self.children.fresh(),
         })
     }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<MetricTest>(old)
+            .filter(|o| (o.min, o.max, o.inclusive) == (self.min, self.max, self.inclusive))
+        {
+            self.children.adopt(&old.children);
+        }
+    }
 }
 
 /// `scale(x)`: multiplies the metric; integer × integer stays an integer.
@@ -214,6 +258,12 @@ impl Node for Scale {
             factor: self.factor,
             children: self.children.fresh(),
         })
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Scale>(old).filter(|o| o.factor == self.factor) {
+            self.children.adopt(&old.children);
+        }
     }
 }
 
@@ -247,6 +297,12 @@ impl Node for Tag {
             children: self.children.fresh(),
         })
     }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Tag>(old).filter(|o| o.tags == self.tags) {
+            self.children.adopt(&old.children);
+        }
+    }
 }
 
 /// Leaf stages: they consume the event and have no children.
@@ -261,6 +317,7 @@ macro_rules! leaf {
             fn fresh(&self) -> Box<dyn Node> {
                 Box::new(self.clone())
             }
+            fn adopt(&self, _old: &dyn Node) {}
         }
     };
 }

@@ -5,8 +5,15 @@
 //!
 //! Time: nodes read "now" from the [`Cx`] (arrival time on the injected clock) and
 //! are driven by [`Node::tick`] so timers fire even when no event arrives.
+//!
+//! Reload: [`Node::adopt`] moves the state of a running tree into a freshly
+//! compiled one, stage by stage, where the stage is unchanged (see
+//! [`crate::rules::reload`]).
 
+use std::any::Any;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::clock::Micros;
 pub use crate::event::Field;
@@ -37,7 +44,18 @@ pub struct Cx<'a> {
     pub reinjected: &'a mut Vec<Event>,
 }
 
-pub trait Node: Send + Sync {
+/// Lets [`Node::adopt`] see whether the old stage is of its own kind.
+pub trait AsAny {
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+pub trait Node: AsAny + Send + Sync {
     /// Events are borrowed: filters pass them on untouched, and only a stage
     /// that changes or keeps an event pays for a copy.
     fn event(&self, event: &Event, cx: &mut Cx);
@@ -47,6 +65,22 @@ pub trait Node: Send + Sync {
 
     /// A copy of this subtree with fresh, empty state, for each `by` group.
     fn fresh(&self) -> Box<dyn Node>;
+
+    /// On reload: if `old` (the stage at the same place in the running tree) is
+    /// the same kind of stage with the same definition, takes over its state,
+    /// then lets the children do the same with `old`'s children. Called on a
+    /// tree that receives no events yet.
+    fn adopt(&self, old: &dyn Node);
+}
+
+/// `old` as a stage of type `T`, if it is one.
+pub fn same<T: 'static>(old: &dyn Node) -> Option<&T> {
+    old.as_any().downcast_ref()
+}
+
+/// Moves `old`'s state into `new`; `old` is left with `new`'s empty state.
+pub fn take_over<T>(new: &Mutex<T>, old: &Mutex<T>) {
+    std::mem::swap(&mut *new.lock(), &mut *old.lock());
 }
 
 /// A node's children: every event goes to each of them.
@@ -68,6 +102,14 @@ impl Children {
 
     pub fn fresh(&self) -> Children {
         Children(self.0.iter().map(|c| c.fresh()).collect())
+    }
+
+    /// Pairs children by position: a stage inserted or removed shifts the
+    /// ones after it, which then start fresh.
+    pub fn adopt(&self, old: &Children) {
+        for (new, old) in self.0.iter().zip(&old.0) {
+            new.adopt(old.as_ref());
+        }
     }
 }
 

@@ -2,6 +2,9 @@
 //! `ddt`. Each keeps its state behind its own lock; timers run on arrival time
 //! (the injected clock), except `ddt` and `ewma(halflife)`, which measure the
 //! gaps between the events' own times.
+//!
+//! On reload a stage takes over its predecessor's state when its kind and
+//! parameters are unchanged ([`Node::adopt`]).
 
 use hashbrown::HashMap;
 use parking_lot::Mutex;
@@ -9,7 +12,7 @@ use parking_lot::Mutex;
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 
-use super::{Children, Cx, Field, Node, as_secs, metric_f64};
+use super::{Children, Cx, Field, Node, as_secs, metric_f64, same, take_over};
 
 /// How many missed intervals a timer catches up on after a stall (one event each)
 /// before skipping ahead: a frozen process must not wake up to a flood.
@@ -105,6 +108,13 @@ impl Node for Rate {
     fn fresh(&self) -> Box<dyn Node> {
         Box::new(Rate::new(self.interval, self.children.fresh()))
     }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Rate>(old).filter(|o| o.interval == self.interval) {
+            take_over(&self.state, &old.state);
+            self.children.adopt(&old.children);
+        }
+    }
 }
 
 /// `by(fields…) { … }`: an independent copy of the children per distinct value
@@ -172,6 +182,27 @@ impl Node for By {
             self.idle_after,
         ))
     }
+
+    /// Each group is rebuilt from the new prototype and adopts its old copy
+    /// stage by stage, so an edit inside the block keeps the groups and the
+    /// state of the unchanged stages in them.
+    fn adopt(&self, old: &dyn Node) {
+        let Some(old) = same::<By>(old).filter(|o| o.fields == self.fields) else {
+            return;
+        };
+        let mut groups = self.groups.lock();
+        for (key, old_group) in old.groups.lock().drain() {
+            let children = self.prototype.fresh();
+            children.adopt(&old_group.children);
+            groups.insert(
+                key,
+                Group {
+                    children,
+                    free_at: old_group.free_at,
+                },
+            );
+        }
+    }
 }
 
 /// `throttle(n, dt)`: at most `n` events per `dt`; the rest are dropped.
@@ -220,6 +251,15 @@ impl Node for Throttle {
             self.children.fresh(),
         ))
     }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) =
+            same::<Throttle>(old).filter(|o| (o.limit, o.interval) == (self.limit, self.interval))
+        {
+            take_over(&self.state, &old.state);
+            self.children.adopt(&old.children);
+        }
+    }
 }
 
 /// `changed(field)`: passes an event only when the field differs from the
@@ -261,6 +301,13 @@ impl Node for Changed {
 
     fn fresh(&self) -> Box<dyn Node> {
         Box::new(Changed::new(self.field.clone(), self.children.fresh()))
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Changed>(old).filter(|o| o.field == self.field) {
+            take_over(&self.last, &old.last);
+            self.children.adopt(&old.children);
+        }
     }
 }
 
@@ -340,6 +387,15 @@ impl Node for Stable {
             self.children.fresh(),
         ))
     }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) =
+            same::<Stable>(old).filter(|o| o.interval == self.interval && o.field == self.field)
+        {
+            take_over(&self.state, &old.state);
+            self.children.adopt(&old.children);
+        }
+    }
 }
 
 /// `ewma(halflife)` weighs by the time between events (event time);
@@ -352,7 +408,7 @@ pub struct Ewma {
     pub state: Mutex<Option<(f64, Micros)>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum EwmaMode {
     HalfLife(Micros),
     Timeless(f64),
@@ -399,6 +455,13 @@ impl Node for Ewma {
     fn fresh(&self) -> Box<dyn Node> {
         Box::new(Ewma::new(self.mode, self.children.fresh()))
     }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Ewma>(old).filter(|o| o.mode == self.mode) {
+            take_over(&self.state, &old.state);
+            self.children.adopt(&old.children);
+        }
+    }
 }
 
 /// `ddt`: the rate of change per second between consecutive events (event
@@ -441,5 +504,12 @@ impl Node for Ddt {
 
     fn fresh(&self) -> Box<dyn Node> {
         Box::new(Ddt::new(self.children.fresh()))
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Ddt>(old) {
+            take_over(&self.last, &old.last);
+            self.children.adopt(&old.children);
+        }
     }
 }

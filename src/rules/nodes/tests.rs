@@ -60,7 +60,7 @@ fn float_or_int(m: f64) -> Metric {
 }
 
 fn send(b: &Bench, e: Event) {
-    b.rules.process(vec![e]);
+    b.rules.process(&[e]);
 }
 
 fn out(b: &Bench) -> Vec<Event> {

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 
-use super::{Children, Cx, Node, metric_f64};
+use super::{Children, Cx, Node, metric_f64, same, take_over};
 
 /// Most events one window holds.
 pub const WINDOW_MAX: usize = 100_000;
@@ -241,6 +241,20 @@ impl Node for Window {
             self.folds.iter().map(Fold::fresh).collect(),
         ))
     }
+
+    /// The buffered events carry over when the window kind and size are
+    /// unchanged; each fold adopts its old counterpart if it folds the same way.
+    fn adopt(&self, old: &dyn Node) {
+        let Some(old) = same::<Window>(old).filter(|o| o.kind == self.kind) else {
+            return;
+        };
+        take_over(&self.state, &old.state);
+        for (new, old) in self.folds.iter().zip(&old.folds) {
+            if new.kind == old.kind {
+                new.children.adopt(&old.children);
+            }
+        }
+    }
 }
 
 /// `percentiles(dt, [0.5, 0.95, 0.99])`: every `dt`, one event per point with
@@ -347,5 +361,14 @@ impl Node for Percentiles {
             self.points.clone(),
             self.children.fresh(),
         ))
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Percentiles>(old)
+            .filter(|o| o.interval == self.interval && o.points == self.points)
+        {
+            take_over(&self.state, &old.state);
+            self.children.adopt(&old.children);
+        }
     }
 }

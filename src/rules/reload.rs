@@ -1,0 +1,326 @@
+//! Hot reload: on `SIGHUP`, `vigil run` re-reads its rule file, validates and
+//! compiles it exactly as at start-up, and swaps it in; batches already running
+//! finish on the old rules, the next ones use the new ([`Rules::replace`]). A
+//! file that does not load is rejected with the same `FILE:LINE:COL`
+//! diagnostics as `vigil check`, logged and counted in
+//! `RuleStats::reload_failures`, and the old rules keep running.
+//!
+//! # What carries over
+//! Riemann drops all stream state on reload; vigil keeps it for every stage
+//! that did not change. The old and new trees are walked side by side
+//! ([`Node::adopt`](super::nodes::Node::adopt)): a stage takes over its
+//! predecessor's state when it sits at the same position among its siblings,
+//! has the same kind and the same compiled parameters (after `env(…)`;
+//! `where`/`split` predicates by their text), and every stage above it passed
+//! the same test. This walk stands in for a per-stage identity hash: it needs
+//! nothing stored in the stages. Whitespace, comments and edits elsewhere in
+//! the file do not matter; edits below a stage do not reset it.
+//! - `rate`: the partial sum, the window's end and the latest event.
+//! - `by`, `changed_state`: every group; each is rebuilt from the new block
+//!   and its unchanged stages take over the group's old state.
+//! - `changed`: the last value, so a repeated value does not fire again.
+//! - `throttle`, `stable`, `ewma`, `ewma_timeless`, `ddt`: their counters,
+//!   held events and last values.
+//! - Time, event-count and `coalesce` windows, `percentiles`: the buffered
+//!   events or samples and when the window closes; a fold keeps its place if
+//!   its kind is unchanged.
+//! - The index always: it lives outside the rules.
+//! - An output whose declaration is identical (name, type and every argument):
+//!   its queue, delivery task, connection and counters.
+//!
+//! # What does not
+//! - A stage whose kind or parameters changed, that moved (a statement
+//!   inserted or removed before it shifts it), or below such a stage: fresh.
+//! - An output that was removed or whose declaration changed: it stops taking
+//!   events, delivers what it already queued (once no batch still runs on the
+//!   old rules), and ends; a changed one starts again with empty counters.
+//! - Events a batch processes on the old rules while the state moves out of
+//!   them (briefly: it is moved, not copied): a stage already emptied sees
+//!   them alone, and what they change there is lost. Avoiding it would take a
+//!   lock on every batch.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::outputs::{self, OutputSink, OutputSpec, Queue};
+use crate::stats::Stats;
+
+use super::engine::{RuleStats, Rules, Tree};
+use super::{Compiled, EnvPolicy};
+
+/// Loads a rule file meant to replace the running one. On failure the
+/// rendered diagnostics are logged, counted, and returned.
+pub fn prepare(
+    stats: &RuleStats,
+    name: &str,
+    source: &str,
+    env: EnvPolicy,
+) -> Result<Compiled, String> {
+    super::load(name, source, env)
+        .map(|(_, compiled)| compiled)
+        .map_err(|rendered| reject(stats, name, rendered))
+}
+
+fn reject(stats: &RuleStats, name: &str, reason: String) -> String {
+    stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(rules = %name, diagnostics = %reason, "Reload rejected; the running rules stay.");
+    reason
+}
+
+/// One started output.
+struct Running {
+    spec: OutputSpec,
+    queue: Arc<Queue>,
+    /// A child of the process-wide output shutdown, so one output can stop alone.
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The outputs a running vigil delivers to, kept up to date across reloads.
+pub struct Outputs {
+    running: Vec<Running>,
+    /// Removed outputs still delivering what they queued.
+    retiring: Vec<JoinHandle<()>>,
+    shutdown: CancellationToken,
+}
+
+impl Outputs {
+    /// Starts one delivery task per declaration; cancelling `shutdown` makes
+    /// them all deliver what is queued and end. Must run inside tokio.
+    pub fn start(specs: &[OutputSpec], shutdown: CancellationToken) -> Self {
+        let mut outputs = Self {
+            running: Vec::new(),
+            retiring: Vec::new(),
+            shutdown,
+        };
+        outputs.update(specs);
+        outputs
+    }
+
+    /// The queues in declaration order: what `Output` stages address.
+    pub fn sinks(&self) -> Vec<Arc<dyn OutputSink>> {
+        self.running
+            .iter()
+            .map(|r| r.queue.clone() as Arc<dyn OutputSink>)
+            .collect()
+    }
+
+    /// Makes the running outputs match `specs`: identical declarations keep
+    /// their queue, the others start. Returns the ones no longer declared.
+    fn update(&mut self, specs: &[OutputSpec]) -> Vec<Running> {
+        let mut old: Vec<Option<Running>> = std::mem::take(&mut self.running)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for spec in specs {
+            let kept = old
+                .iter_mut()
+                .find(|r| r.as_ref().is_some_and(|r| r.spec == *spec))
+                .and_then(Option::take);
+            let running = kept.unwrap_or_else(|| {
+                let stop = self.shutdown.child_token();
+                let (queue, task) = outputs::start(spec, stop.clone());
+                tracing::info!(output = %spec.name, kind = spec.kind.type_name(), "Output started.");
+                Running {
+                    spec: spec.clone(),
+                    queue,
+                    stop,
+                    task,
+                }
+            });
+            self.running.push(running);
+        }
+        old.into_iter().flatten().collect()
+    }
+}
+
+/// Re-reads the rule file on demand (`SIGHUP`) and swaps it in.
+pub struct Reloader {
+    /// `None` when running the embedded default rules: nothing to re-read.
+    path: Option<PathBuf>,
+    rules: Arc<Rules>,
+    outputs: Mutex<Outputs>,
+}
+
+impl Reloader {
+    pub fn new(path: Option<PathBuf>, rules: Arc<Rules>, outputs: Outputs) -> Self {
+        Self {
+            path,
+            rules,
+            outputs: Mutex::new(outputs),
+        }
+    }
+
+    /// Reloads on every `SIGHUP` from now on. The handler is installed before
+    /// this returns, so a signal right after start-up cannot kill the process.
+    pub fn on_sighup(self: &Arc<Self>) -> io::Result<JoinHandle<()>> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = signal(SignalKind::hangup())?;
+        let this = self.clone();
+        Ok(tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                // Logged and counted inside; the old rules keep running.
+                let _ = this.reload();
+            }
+        }))
+    }
+
+    /// Re-reads, validates and swaps in the rule file. Must run inside tokio.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.path else {
+            tracing::warn!(
+                "Reload ignored: running the embedded rules; start with --rules FILE to reload."
+            );
+            return Ok(());
+        };
+        let name = path.display().to_string();
+        let stats = &self.rules.stats;
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| reject(stats, &name, format!("{name}: cannot read: {e}")))?;
+        let compiled = prepare(stats, &name, &source, EnvPolicy::Strict)?;
+        let mut outputs = self.outputs.lock();
+        let removed = outputs.update(&compiled.outputs);
+        let old = self.rules.replace(compiled.roots, outputs.sinks());
+        tracing::info!(
+            rules = %name,
+            outputs = outputs.running.len(),
+            outputs_stopped = removed.len(),
+            "Rules reloaded."
+        );
+        outputs.retiring.retain(|task| !task.is_finished());
+        if !removed.is_empty() {
+            let retire = retire(old, removed, outputs.shutdown.clone());
+            outputs.retiring.push(tokio::spawn(retire));
+        }
+        Ok(())
+    }
+
+    /// At shutdown, once the outputs' token is cancelled: waits (up to
+    /// `grace`) for every output, removed ones included, to deliver what it
+    /// queued; returns each current output's (name, accepted, dropped).
+    pub async fn finish_outputs(&self, grace: Duration) -> Vec<(String, u64, u64)> {
+        let (running, retiring) = {
+            let mut outputs = self.outputs.lock();
+            let outputs = &mut *outputs;
+            (
+                std::mem::take(&mut outputs.running),
+                std::mem::take(&mut outputs.retiring),
+            )
+        };
+        let queues: Vec<_> = running.iter().map(|r| r.queue.clone()).collect();
+        let tasks = running.into_iter().map(|r| r.task).chain(retiring);
+        if tokio::time::timeout(grace, futures_util::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "Outputs still delivering after the grace period; stopping anyway."
+            );
+        }
+        queues
+            .iter()
+            .map(|q| {
+                let s = &q.stats;
+                (
+                    q.name.clone(),
+                    Stats::get(&s.accepted),
+                    Stats::get(&s.dropped),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Stops removed outputs once no batch runs on the tree that pushes to them,
+/// so every event it pushed is queued (and accounted for) before they drain.
+async fn retire(old: Arc<Tree>, removed: Vec<Running>, shutdown: CancellationToken) {
+    // The swap turned the batches' borrowed references into counted ones.
+    while Arc::strong_count(&old) > 1 && !shutdown.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(old);
+    for r in &removed {
+        r.stop.cancel();
+    }
+    for r in removed {
+        // A failed task has already logged why; the counters below still hold.
+        let _ = r.task.await;
+        let s = &r.queue.stats;
+        tracing::info!(
+            output = %r.spec.name,
+            accepted = Stats::get(&s.accepted),
+            delivered = Stats::get(&s.delivered),
+            dropped = Stats::get(&s.dropped),
+            "Output removed by a reload; drained and stopped."
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outputs::{OutputKind, forward};
+    use crate::rules::nodes::Children;
+
+    fn forward_to(name: &str, port: u16) -> OutputSpec {
+        OutputSpec {
+            name: name.to_owned(),
+            kind: OutputKind::Forward(forward::Config {
+                host: "127.0.0.1".to_owned(),
+                port,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn unchanged_outputs_keep_their_queue_and_removed_ones_stop_once_unused() {
+        let shutdown = CancellationToken::new();
+        let mut outputs = Outputs::start(&[forward_to("a", 1), forward_to("b", 2)], shutdown);
+        let (a, b) = (
+            outputs.running[0].queue.clone(),
+            outputs.running[1].queue.clone(),
+        );
+
+        let removed = outputs.update(&[forward_to("a", 1), forward_to("b", 3), forward_to("c", 4)]);
+        let names: Vec<_> = outputs
+            .running
+            .iter()
+            .map(|r| r.spec.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert!(
+            Arc::ptr_eq(&outputs.running[0].queue, &a),
+            "identical: kept"
+        );
+        assert!(
+            !Arc::ptr_eq(&outputs.running[1].queue, &b),
+            "changed: restarted"
+        );
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].queue.name, "b");
+
+        let stop = removed[0].stop.clone();
+        let old = Arc::new(Tree {
+            roots: Children::default(),
+            outputs: vec![b],
+        });
+        let batch_still_running = old.clone();
+        let retiring = tokio::spawn(retire(old, removed, CancellationToken::new()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!stop.is_cancelled(), "a batch may still push to it");
+        drop(batch_still_running);
+        tokio::time::timeout(Duration::from_secs(5), retiring)
+            .await
+            .expect("retired once unused")
+            .expect("no panic");
+        assert!(stop.is_cancelled());
+    }
+}

@@ -1,0 +1,523 @@
+//! Index snapshots: the index is written to `--data-dir` periodically and at
+//! shutdown, and loaded at start, so a restart forgets nothing and a `kill -9`
+//! loses at most one snapshot interval. Entries whose TTL ran out while vigil
+//! was down are loaded too: the first timer tick expires them through the
+//! rules, so a host that died during the restart is still noticed.
+//!
+//! # Format (version 1, integers little-endian)
+//!
+//! ```text
+//! "VIGILIDX"  u32 version
+//! { u32 length, protobuf Event (proto::to_pb) } × count
+//! u64 count   u32 CRC32 of every byte before it
+//! ```
+//!
+//! The checksum is verified before any entry is decoded, so a truncated or
+//! corrupted file is rejected as a whole: a snapshot loads entirely or not at all.
+//! Files are replaced atomically (temp file in the same directory, fsync, rename).
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Buf;
+use prost::Message;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::Event;
+use crate::index::Index;
+use crate::proto::{PbEvent, from_pb, to_pb};
+
+/// The snapshot's name inside the data directory.
+pub const FILE_NAME: &str = "index.snapshot";
+const TEMP_NAME: &str = "index.snapshot.tmp";
+
+const MAGIC: &[u8; 8] = b"VIGILIDX";
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = MAGIC.len() + 4;
+/// Entry count (u64) and CRC32 (u32).
+const TRAILER_LEN: usize = 8 + 4;
+/// The smallest possible entry: its length prefix.
+const MIN_ENTRY_LEN: usize = 4;
+
+/// Why a snapshot could not be read or written. Causes are part of the message
+/// (not `#[source]`) because the logs show only the message.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: io::Error },
+    #[error("too short to be a snapshot ({0} bytes): truncated")]
+    TooShort(usize),
+    #[error("not a vigil index snapshot (bad magic)")]
+    BadMagic,
+    #[error("unsupported snapshot version {0} (this vigil reads version {VERSION})")]
+    UnsupportedVersion(u32),
+    #[error(
+        "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): truncated or corrupted"
+    )]
+    Checksum { stored: u32, computed: u32 },
+    #[error("entry {entry}: length {len} runs past the end of the entries ({left} bytes left)")]
+    BadLength { entry: usize, len: u32, left: usize },
+    #[error("entry {entry}: length prefix cut short ({left} bytes left)")]
+    CutShort { entry: usize, left: usize },
+    #[error("entry {entry} does not decode: {cause}")]
+    Decode {
+        entry: usize,
+        cause: prost::DecodeError,
+    },
+    #[error("the trailer counts {expected} entries but the file holds {found}")]
+    CountMismatch { expected: u64, found: usize },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
+    move |cause| SnapshotError::Io {
+        path: path.to_owned(),
+        cause,
+    }
+}
+
+/// Writes `events` as a snapshot to `out`.
+pub fn encode(events: &[Event], out: impl Write) -> io::Result<()> {
+    let mut out = CrcWriter {
+        inner: out,
+        crc: crc32fast::Hasher::new(),
+    };
+    out.write_all(MAGIC)?;
+    out.write_all(&VERSION.to_le_bytes())?;
+    let mut buf = Vec::new();
+    for event in events {
+        buf.clear();
+        to_pb(event)
+            .encode(&mut buf)
+            .expect("a Vec grows to fit any message");
+        let len = u32::try_from(buf.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "event over 4 GiB"))?;
+        out.write_all(&len.to_le_bytes())?;
+        out.write_all(&buf)?;
+    }
+    out.write_all(&(events.len() as u64).to_le_bytes())?;
+    let crc = out.crc.finalize();
+    out.inner.write_all(&crc.to_le_bytes())
+}
+
+/// Passes bytes through, checksumming them on the way, so the file is written
+/// in one streaming pass without a second in-memory copy.
+struct CrcWriter<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Parses a whole snapshot. Allocation is bounded by the input's size, whatever
+/// its length prefixes and count claim.
+pub fn decode(bytes: &[u8]) -> Result<Vec<Event>, SnapshotError> {
+    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+        return Err(SnapshotError::TooShort(bytes.len()));
+    }
+    let (header, rest) = bytes.split_at(HEADER_LEN);
+    let (magic, mut version) = header.split_at(MAGIC.len());
+    if magic != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    // The version comes before the checksum: a newer layout may checksum differently.
+    let version = version.get_u32_le();
+    if version != VERSION {
+        return Err(SnapshotError::UnsupportedVersion(version));
+    }
+    let (covered, mut stored) = bytes.split_at(bytes.len() - 4);
+    let (stored, computed) = (stored.get_u32_le(), crc32fast::hash(covered));
+    if stored != computed {
+        return Err(SnapshotError::Checksum { stored, computed });
+    }
+    let (mut body, mut count) = rest[..rest.len() - 4].split_at(rest.len() - TRAILER_LEN);
+    let expected = count.get_u64_le();
+    let fits = body.len() / MIN_ENTRY_LEN;
+    let mut events = Vec::with_capacity(usize::try_from(expected).map_or(fits, |n| n.min(fits)));
+    while body.has_remaining() {
+        let entry = events.len();
+        let left = body.len();
+        if left < 4 {
+            return Err(SnapshotError::CutShort { entry, left });
+        }
+        let len = body.get_u32_le();
+        let Some(len) = usize::try_from(len).ok().filter(|&n| n <= body.len()) else {
+            return Err(SnapshotError::BadLength {
+                entry,
+                len,
+                left: body.len(),
+            });
+        };
+        let pb = PbEvent::decode(&body[..len])
+            .map_err(|cause| SnapshotError::Decode { entry, cause })?;
+        body.advance(len);
+        // Every stored event has `time_micros`, so "now" is never used.
+        events.push(from_pb(pb, 0));
+    }
+    if events.len() as u64 != expected {
+        return Err(SnapshotError::CountMismatch {
+            expected,
+            found: events.len(),
+        });
+    }
+    Ok(events)
+}
+
+/// Atomically replaces the snapshot in `dir` (which must exist): a crash
+/// mid-write leaves the previous snapshot in place.
+pub fn write(dir: &Path, events: &[Event]) -> Result<(), SnapshotError> {
+    let temp = dir.join(TEMP_NAME);
+    let file = File::create(&temp).map_err(io_error(&temp))?;
+    let mut out = BufWriter::new(file);
+    encode(events, &mut out).map_err(io_error(&temp))?;
+    let file = out
+        .into_inner()
+        .map_err(|e| io_error(&temp)(e.into_error()))?;
+    file.sync_all().map_err(io_error(&temp))?;
+    let path = dir.join(FILE_NAME);
+    fs::rename(&temp, &path).map_err(io_error(&path))?;
+    // The rename itself is durable only once the directory is synced.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// The snapshot in `dir`; `None` when there is none yet.
+pub fn read(dir: &Path) -> Result<Option<Vec<Event>>, SnapshotError> {
+    let path = dir.join(FILE_NAME);
+    match fs::read(&path) {
+        Ok(bytes) => decode(&bytes).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(&path)(e)),
+    }
+}
+
+/// Loads the snapshot in `dir` into `index`. Never fails: a snapshot that cannot
+/// be read is logged with the reason and vigil starts with an empty index.
+pub fn restore(index: &Index, dir: &Path) {
+    let started = Instant::now();
+    match read(dir) {
+        Ok(None) => tracing::info!(
+            dir = %dir.display(),
+            "No index snapshot yet; starting with an empty index."
+        ),
+        Ok(Some(events)) => {
+            for event in &events {
+                index.insert(event);
+            }
+            tracing::info!(
+                entries = events.len(),
+                elapsed = ?started.elapsed(),
+                "Loaded the index snapshot."
+            );
+        }
+        Err(error) => tracing::error!(
+            path = %dir.join(FILE_NAME).display(),
+            %error,
+            "Ignoring the unreadable index snapshot; starting with an empty index."
+        ),
+    }
+}
+
+/// How a snapshot write went.
+#[derive(Debug, Clone, Copy)]
+pub struct Saved {
+    pub entries: usize,
+    pub elapsed: Duration,
+}
+
+/// Copies the index (one shard at a time) and writes it, all on a blocking
+/// thread so neither the copy nor the I/O holds up the async workers.
+pub async fn save(index: Arc<Index>, dir: PathBuf) -> Result<Saved, SnapshotError> {
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let events = index.entries();
+        write(&dir, &events)?;
+        Ok(Saved {
+            entries: events.len(),
+            elapsed: started.elapsed(),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// Snapshots for a running server: loaded at start, written every interval
+/// and once more by [`Snapshots::finish`].
+pub struct Snapshots {
+    index: Arc<Index>,
+    dir: PathBuf,
+    stop: CancellationToken,
+    periodic: JoinHandle<()>,
+}
+
+impl Snapshots {
+    /// Creates `dir` if needed, loads its snapshot into `index` and starts the
+    /// periodic writes. Call before the server starts, so no event is missed.
+    pub fn start(index: Arc<Index>, dir: PathBuf, every: Duration) -> Result<Self, SnapshotError> {
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        restore(&index, &dir);
+        let stop = CancellationToken::new();
+        let periodic = tokio::spawn(periodic(index.clone(), dir.clone(), every, stop.clone()));
+        Ok(Self {
+            index,
+            dir,
+            stop,
+            periodic,
+        })
+    }
+
+    /// Stops the periodic writes and writes the final snapshot. Call once
+    /// ingest and the timers have stopped, so it holds the final index.
+    pub async fn finish(self) -> Result<Saved, SnapshotError> {
+        self.stop.cancel();
+        // Waits for a periodic write in progress: both use the same temp file.
+        if let Err(e) = self.periodic.await {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        let saved = save(self.index, self.dir.clone()).await?;
+        tracing::info!(
+            entries = saved.entries,
+            elapsed = ?saved.elapsed,
+            path = %self.dir.join(FILE_NAME).display(),
+            "Wrote the index snapshot."
+        );
+        Ok(saved)
+    }
+}
+
+async fn periodic(index: Arc<Index>, dir: PathBuf, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        // Not raced against `stop`: a write always runs to its end.
+        match save(index.clone(), dir.clone()).await {
+            Ok(saved) => tracing::debug!(
+                entries = saved.entries,
+                elapsed = ?saved.elapsed,
+                "Wrote a periodic index snapshot."
+            ),
+            Err(error) => tracing::warn!(%error, "Periodic index snapshot failed."),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::MICROS_PER_SEC;
+    use crate::event::Metric;
+    use crate::index::IndexConfig;
+
+    const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
+
+    fn sample() -> Vec<Event> {
+        vec![
+            Event {
+                host: Some("web1".into()),
+                service: Some("cpu".into()),
+                state: Some("ok".into()),
+                time: T0 + 123_456,
+                description: Some("user + system".into()),
+                tags: vec!["a".into(), "b".into()],
+                metric: Some(Metric::Float(0.25)),
+                ttl: Some(30.5),
+                attributes: vec![("env".into(), "prod".into()), ("dc".into(), "x".into())],
+            },
+            Event {
+                host: Some("web2".into()),
+                service: Some("requests".into()),
+                time: T0 - 1,
+                metric: Some(Metric::Int(i64::MIN)),
+                ..Event::default()
+            },
+            Event {
+                service: Some("no host, no metric, no ttl".into()),
+                time: -5,
+                ..Event::default()
+            },
+        ]
+    }
+
+    fn encoded(events: &[Event]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(events, &mut out).unwrap();
+        out
+    }
+
+    /// Re-seals a hand-edited snapshot with a valid checksum.
+    fn reseal(bytes: &mut [u8]) {
+        let n = bytes.len() - 4;
+        let crc = crc32fast::hash(&bytes[..n]);
+        bytes[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn round_trips_every_field() {
+        let events = sample();
+        assert_eq!(decode(&encoded(&events)).unwrap(), events);
+        assert_eq!(decode(&encoded(&[])).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn writes_atomically_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            read(dir.path()).unwrap().is_none(),
+            "missing: empty, no error"
+        );
+        write(dir.path(), &sample()).unwrap();
+        write(dir.path(), &sample()[..1]).unwrap();
+        assert_eq!(read(dir.path()).unwrap().unwrap(), &sample()[..1]);
+        assert!(!dir.path().join(TEMP_NAME).exists());
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = encoded(&sample());
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "truncated to {len} bytes");
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_an_error() {
+        let bytes = encoded(&sample());
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x40;
+            let err = decode(&bad).unwrap_err();
+            match at {
+                0..8 => assert!(matches!(err, SnapshotError::BadMagic), "{at}: {err}"),
+                8..12 => assert!(
+                    matches!(err, SnapshotError::UnsupportedVersion(_)),
+                    "{at}: {err}"
+                ),
+                _ => assert!(matches!(err, SnapshotError::Checksum { .. }), "{at}: {err}"),
+            }
+        }
+    }
+
+    #[test]
+    fn absurd_length_prefix_is_an_error_not_an_allocation() {
+        let mut bytes = encoded(&sample());
+        bytes[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        reseal(&mut bytes);
+        let err = decode(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SnapshotError::BadLength {
+                    entry: 0,
+                    len: u32::MAX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn absurd_count_is_an_error_not_an_allocation() {
+        let mut bytes = encoded(&sample());
+        let at = bytes.len() - TRAILER_LEN;
+        bytes[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        reseal(&mut bytes);
+        assert!(matches!(
+            decode(&bytes),
+            Err(SnapshotError::CountMismatch {
+                expected: u64::MAX,
+                found: 3
+            })
+        ));
+    }
+
+    /// A sealed snapshot around a hand-made entries section.
+    fn sealed(entries: &[u8], count: u64) -> Vec<u8> {
+        let mut bytes = encoded(&[]);
+        bytes.truncate(HEADER_LEN);
+        bytes.extend_from_slice(entries);
+        bytes.extend_from_slice(&count.to_le_bytes());
+        bytes.extend_from_slice(&[0; 4]);
+        reseal(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn garbled_entries_are_errors() {
+        let undecodable = [3, 0, 0, 0, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            decode(&sealed(&undecodable, 1)),
+            Err(SnapshotError::Decode { entry: 0, .. })
+        ));
+        assert!(matches!(
+            decode(&sealed(&[1, 0], 1)),
+            Err(SnapshotError::CutShort { entry: 0, left: 2 })
+        ));
+        assert!(decode(&sealed(&[], 0)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn other_files_and_versions_are_refused() {
+        let mut bytes = encoded(&sample());
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(
+            decode(&bytes),
+            Err(SnapshotError::UnsupportedVersion(2))
+        ));
+        assert!(matches!(
+            decode(b"not a snapshot at all, really"),
+            Err(SnapshotError::BadMagic)
+        ));
+    }
+
+    #[test]
+    fn restore_loads_and_skips_bad_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::new(IndexConfig::default());
+        restore(&index, dir.path());
+        assert!(index.is_empty(), "no snapshot");
+        fs::write(dir.path().join(FILE_NAME), b"VIGILIDX garbage").unwrap();
+        restore(&index, dir.path());
+        assert!(index.is_empty(), "bad snapshot skipped");
+        write(dir.path(), &sample()).unwrap();
+        restore(&index, dir.path());
+        assert_eq!(index.len(), 3);
+        assert_eq!(index.get("web1", "cpu"), Some(sample()[0].clone()));
+    }
+
+    #[tokio::test]
+    async fn save_then_finish_writes_the_final_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let snapshots =
+            Snapshots::start(index.clone(), dir.path().into(), Duration::from_secs(3600)).unwrap();
+        for event in sample() {
+            index.insert(&event);
+        }
+        let saved = snapshots.finish().await.unwrap();
+        assert_eq!(saved.entries, 3);
+        let mut back = read(dir.path()).unwrap().unwrap();
+        back.sort_by_key(|e| e.time);
+        let mut want = sample();
+        want.sort_by_key(|e| e.time);
+        assert_eq!(back, want);
+    }
+}

@@ -1,0 +1,582 @@
+//! Decoding a Riemann `Msg` straight into core [`Event`]s: the ingest hot path.
+//!
+//! prost would decode into its generated structs first, then vigil would move
+//! every field into an `Event` and rebuild the attribute list. Here each
+//! protobuf field lands directly in its final place, and events decoded into a
+//! reused buffer keep their string allocations from one message to the next,
+//! so a connection in steady state decodes without allocating.
+//!
+//! Semantics match prost + [`proto::from_pb`](crate::proto::from_pb) exactly
+//! (a test compares them on random inputs): proto2 last-value-wins for
+//! scalars, repeated fields append, unknown fields are skipped, `Msg.states`
+//! is ignored, and a known field with the wrong wire type is an error.
+
+use crate::clock::{MICROS_PER_SEC, Micros};
+use crate::event::{Event, Metric, RESERVED_FIELDS};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message truncated")]
+    Truncated,
+    #[error("varint longer than 10 bytes")]
+    VarintOverflow,
+    #[error("field {0} is not valid UTF-8")]
+    InvalidUtf8(&'static str),
+    #[error("field {field} has the wrong wire type {wire_type}")]
+    WireType { field: &'static str, wire_type: u8 },
+    #[error("unsupported wire type {0}")]
+    UnsupportedWireType(u8),
+    #[error("field number 0 is invalid")]
+    ZeroTag,
+}
+
+/// What a `Msg` asked for, besides its events.
+#[derive(Debug, Default, PartialEq)]
+pub struct Request {
+    /// The query string, when the `Msg` carried a query.
+    pub query: Option<String>,
+}
+
+/// Decodes `body` (a whole `Msg`) into `events`, reusing the events already
+/// there (and their allocations); on return `events` holds exactly the
+/// message's events. Events without a time get `now`.
+pub fn decode_msg(
+    body: &[u8],
+    now: Micros,
+    events: &mut Vec<Event>,
+) -> Result<Request, DecodeError> {
+    let mut used = 0;
+    let mut request = Request::default();
+    let mut r = reader(body);
+    let result = (|| {
+        while let Some((field, wire)) = r.key()? {
+            match field {
+                5 => merge_query(r.len_delimited("query", wire)?, &mut request.query)?,
+                6 => {
+                    let bytes = r.len_delimited("events", wire)?;
+                    if used == events.len() {
+                        events.push(Event::default());
+                    }
+                    decode_event(bytes, now, &mut events[used])?;
+                    used += 1;
+                }
+                // ok (2), error (3) and the deprecated states (4) mean nothing
+                // to a server, but are validated as prost would, so both
+                // decoders accept exactly the same messages.
+                2 => r.varint_field("ok", wire).map(drop)?,
+                3 => r
+                    .len_delimited("error", wire)
+                    .and_then(|b| utf8("error", b))
+                    .map(drop)?,
+                4 => validate_state(r.len_delimited("states", wire)?)?,
+                _ => r.skip(wire)?,
+            }
+        }
+        Ok(())
+    })();
+    events.truncate(used);
+    result.map(|()| request)
+}
+
+/// A repeated `query` field merges into the first, as protobuf says.
+fn merge_query(body: &[u8], query: &mut Option<String>) -> Result<(), DecodeError> {
+    let query = query.get_or_insert_with(String::new);
+    let mut r = reader(body);
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1 => replace(
+                query,
+                utf8("query.string", r.len_delimited("query.string", wire)?)?,
+            ),
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok(())
+}
+
+/// The deprecated `State` message: checked, then ignored.
+fn validate_state(body: &[u8]) -> Result<(), DecodeError> {
+    let mut r = reader(body);
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1 | 6 => r.varint_field("states", wire).map(drop)?,
+            2..=5 | 7 => r
+                .len_delimited("states", wire)
+                .and_then(|b| utf8("states", b))
+                .map(drop)?,
+            8 => r.fixed32_field("states", wire).map(drop)?,
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok(())
+}
+
+/// Overwrites `e` with the event encoded in `body`.
+fn decode_event(body: &[u8], now: Micros, e: &mut Event) -> Result<(), DecodeError> {
+    let mut r = reader(body);
+    let (mut time, mut time_micros) = (None, None);
+    let (mut sint64, mut double, mut float) = (None, None, None);
+    let mut tags = 0;
+    let mut attributes = 0;
+    let mut seen = Seen::default();
+    e.ttl = None;
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1 => time = Some(r.varint_field("time", wire)? as i64),
+            2 => set_text(
+                &mut e.state,
+                &mut seen.state,
+                "state",
+                r.len_delimited("state", wire)?,
+            )?,
+            3 => set_text(
+                &mut e.service,
+                &mut seen.service,
+                "service",
+                r.len_delimited("service", wire)?,
+            )?,
+            4 => set_text(
+                &mut e.host,
+                &mut seen.host,
+                "host",
+                r.len_delimited("host", wire)?,
+            )?,
+            5 => set_text(
+                &mut e.description,
+                &mut seen.description,
+                "description",
+                r.len_delimited("description", wire)?,
+            )?,
+            7 => {
+                let tag = utf8("tags", r.len_delimited("tags", wire)?)?;
+                reuse_push(&mut e.tags, tags, tag);
+                tags += 1;
+            }
+            8 => e.ttl = Some(f32::from_bits(r.fixed32_field("ttl", wire)?)),
+            9 => {
+                let (key, value) = decode_attribute(r.len_delimited("attributes", wire)?)?;
+                // Names of standard fields are dropped, as Riemann does.
+                if !RESERVED_FIELDS.contains(&key) {
+                    if attributes == e.attributes.len() {
+                        e.attributes.push((String::new(), String::new()));
+                    }
+                    let slot = &mut e.attributes[attributes];
+                    replace(&mut slot.0, key);
+                    replace(&mut slot.1, value);
+                    attributes += 1;
+                }
+            }
+            10 => time_micros = Some(r.varint_field("time_micros", wire)? as i64),
+            13 => {
+                let v = r.varint_field("metric_sint64", wire)?;
+                sint64 = Some(((v >> 1) as i64) ^ -((v & 1) as i64));
+            }
+            14 => double = Some(f64::from_bits(r.fixed64_field("metric_d", wire)?)),
+            15 => float = Some(f32::from_bits(r.fixed32_field("metric_f", wire)?)),
+            _ => r.skip(wire)?,
+        }
+    }
+    for (field, seen) in [
+        (&mut e.host, seen.host),
+        (&mut e.service, seen.service),
+        (&mut e.state, seen.state),
+        (&mut e.description, seen.description),
+    ] {
+        if !seen {
+            *field = None;
+        }
+    }
+    e.tags.truncate(tags);
+    e.attributes.truncate(attributes);
+    e.time = match (time_micros, time) {
+        (Some(us), _) => us,
+        (None, Some(s)) => s.saturating_mul(MICROS_PER_SEC),
+        (None, None) => now,
+    };
+    e.metric = match (sint64, double, float) {
+        (Some(i), _, _) => Some(Metric::Int(i)),
+        (None, Some(d), _) => Some(Metric::Float(d)),
+        (None, None, Some(f)) => Some(Metric::Float(f64::from(f))),
+        (None, None, None) => None,
+    };
+    Ok(())
+}
+
+/// Which optional strings the encoded event set (the rest become `None`).
+#[derive(Default)]
+struct Seen {
+    host: bool,
+    service: bool,
+    state: bool,
+    description: bool,
+}
+
+fn decode_attribute(body: &[u8]) -> Result<(&str, &str), DecodeError> {
+    let mut r = reader(body);
+    let (mut key, mut value) = ("", "");
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1 => key = utf8("attributes.key", r.len_delimited("attributes.key", wire)?)?,
+            2 => {
+                value = utf8(
+                    "attributes.value",
+                    r.len_delimited("attributes.value", wire)?,
+                )?
+            }
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok((key, value))
+}
+
+fn utf8<'a>(field: &'static str, bytes: &'a [u8]) -> Result<&'a str, DecodeError> {
+    std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8(field))
+}
+
+fn replace(target: &mut String, value: &str) {
+    target.clear();
+    target.push_str(value);
+}
+
+fn set_text(
+    target: &mut Option<String>,
+    seen: &mut bool,
+    field: &'static str,
+    bytes: &[u8],
+) -> Result<(), DecodeError> {
+    let text = utf8(field, bytes)?;
+    match target {
+        Some(s) => replace(s, text),
+        None => *target = Some(text.to_owned()),
+    }
+    *seen = true;
+    Ok(())
+}
+
+fn reuse_push(list: &mut Vec<String>, at: usize, value: &str) {
+    match list.get_mut(at) {
+        Some(slot) => replace(slot, value),
+        None => list.push(value.to_owned()),
+    }
+}
+
+/// Protobuf wire types.
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const LEN: u8 = 2;
+const START_GROUP: u8 = 3;
+const END_GROUP: u8 = 4;
+const FIXED32: u8 = 5;
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    /// The number of the field whose key was read last (to match group ends).
+    field: u64,
+}
+
+/// Nesting allowed for unknown groups, as prost's recursion limit.
+const MAX_GROUP_DEPTH: u32 = 100;
+
+fn reader(buf: &[u8]) -> Reader<'_> {
+    Reader { buf, field: 0 }
+}
+
+impl<'a> Reader<'a> {
+    /// The next field's number and wire type, or `None` at the end.
+    fn key(&mut self) -> Result<Option<(u64, u8)>, DecodeError> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        // Field numbers are 29 bits; prost rejects larger keys the same way.
+        if key > u64::from(u32::MAX) {
+            return Err(DecodeError::VarintOverflow);
+        }
+        let field = key >> 3;
+        if field == 0 {
+            return Err(DecodeError::ZeroTag);
+        }
+        let wire = (key & 7) as u8;
+        if wire > FIXED32 {
+            return Err(DecodeError::UnsupportedWireType(wire));
+        }
+        self.field = field;
+        Ok(Some((field, wire)))
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for (i, &byte) in self.buf.iter().enumerate().take(10) {
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte < 0x80 {
+                // The 10th byte may only carry the top bit of a u64.
+                if i == 9 && byte > 1 {
+                    return Err(DecodeError::VarintOverflow);
+                }
+                self.buf = &self.buf[i + 1..];
+                return Ok(value);
+            }
+        }
+        Err(if self.buf.len() >= 10 {
+            DecodeError::VarintOverflow
+        } else {
+            DecodeError::Truncated
+        })
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn expect(field: &'static str, wire: u8, expected: u8) -> Result<(), DecodeError> {
+        if wire == expected {
+            Ok(())
+        } else {
+            Err(DecodeError::WireType {
+                field,
+                wire_type: wire,
+            })
+        }
+    }
+
+    fn varint_field(&mut self, field: &'static str, wire: u8) -> Result<u64, DecodeError> {
+        Self::expect(field, wire, VARINT)?;
+        self.varint()
+    }
+
+    fn fixed32_field(&mut self, field: &'static str, wire: u8) -> Result<u32, DecodeError> {
+        Self::expect(field, wire, FIXED32)?;
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn fixed64_field(&mut self, field: &'static str, wire: u8) -> Result<u64, DecodeError> {
+        Self::expect(field, wire, FIXED64)?;
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn len_delimited(&mut self, field: &'static str, wire: u8) -> Result<&'a [u8], DecodeError> {
+        Self::expect(field, wire, LEN)?;
+        let len = self.varint()?;
+        self.take(usize::try_from(len).map_err(|_| DecodeError::Truncated)?)
+    }
+
+    fn skip(&mut self, wire: u8) -> Result<(), DecodeError> {
+        self.skip_nested(wire, 0)
+    }
+
+    /// Skips an unknown field; a (deprecated) group is skipped whole, up to its
+    /// matching end, as prost does.
+    fn skip_nested(&mut self, wire: u8, depth: u32) -> Result<(), DecodeError> {
+        match wire {
+            VARINT => self.varint().map(drop),
+            FIXED64 => self.take(8).map(drop),
+            LEN => {
+                let len = self.varint()?;
+                self.take(usize::try_from(len).map_err(|_| DecodeError::Truncated)?)
+                    .map(drop)
+            }
+            FIXED32 => self.take(4).map(drop),
+            START_GROUP => {
+                if depth >= MAX_GROUP_DEPTH {
+                    return Err(DecodeError::UnsupportedWireType(wire));
+                }
+                let group = self.field;
+                loop {
+                    let Some((field, inner)) = self.key()? else {
+                        return Err(DecodeError::Truncated);
+                    };
+                    if inner == END_GROUP {
+                        return if field == group {
+                            Ok(())
+                        } else {
+                            Err(DecodeError::UnsupportedWireType(inner))
+                        };
+                    }
+                    self.skip_nested(inner, depth + 1)?;
+                }
+            }
+            other => Err(DecodeError::UnsupportedWireType(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::proto::{self, Attribute, Msg, PbEvent, PbQuery};
+
+    /// prost + `from_pb`: the reference this decoder must agree with.
+    fn reference(body: &[u8], now: Micros) -> Option<(Vec<Event>, Option<String>)> {
+        let msg = Msg::decode(body).ok()?;
+        let query = msg.query.map(|q| q.string.unwrap_or_default());
+        Some((
+            msg.events
+                .into_iter()
+                .map(|e| proto::from_pb(e, now))
+                .collect(),
+            query,
+        ))
+    }
+
+    fn ours(
+        body: &[u8],
+        now: Micros,
+        events: &mut Vec<Event>,
+    ) -> Option<(Vec<Event>, Option<String>)> {
+        let request = decode_msg(body, now, events).ok()?;
+        Some((events.clone(), request.query))
+    }
+
+    fn full_event(i: i64) -> PbEvent {
+        PbEvent {
+            time: Some(1_700_000_000 + i),
+            time_micros: (i % 2 == 0).then_some(1_700_000_000_123_456 + i),
+            state: Some("ok".into()),
+            service: Some(format!("svc {i}")),
+            host: Some("host".into()),
+            description: (i % 3 == 0).then(|| "d".into()),
+            tags: (0..i % 4).map(|t| format!("t{t}")).collect(),
+            ttl: Some(30.5),
+            attributes: vec![
+                Attribute {
+                    key: "env".into(),
+                    value: Some("prod".into()),
+                },
+                Attribute {
+                    key: "ttl".into(),
+                    value: Some("dropped".into()),
+                },
+                Attribute {
+                    key: "novalue".into(),
+                    value: None,
+                },
+            ],
+            metric_sint64: (i % 3 == 1).then_some(-i),
+            metric_d: (i % 3 != 1).then_some(i as f64 * 0.25),
+            metric_f: Some(1.5),
+        }
+    }
+
+    #[test]
+    fn agrees_with_prost_on_full_messages_and_reuses_the_buffer() {
+        let mut events = Vec::new();
+        for n in [3usize, 1, 5, 0, 2] {
+            let msg = Msg {
+                events: (0..n as i64).map(full_event).collect(),
+                query: (n == 2).then(|| PbQuery {
+                    string: Some("service = \"x\"".into()),
+                }),
+                ..Msg::default()
+            };
+            let body = msg.encode_to_vec();
+            assert_eq!(ours(&body, 7, &mut events), reference(&body, 7), "n = {n}");
+            assert_eq!(events.len(), n);
+        }
+    }
+
+    #[test]
+    fn a_shorter_event_after_a_longer_one_leaves_nothing_behind() {
+        let mut events = Vec::new();
+        let long = Msg {
+            events: vec![full_event(3)],
+            ..Msg::default()
+        }
+        .encode_to_vec();
+        let short = Msg {
+            events: vec![PbEvent {
+                service: Some("only".into()),
+                ..PbEvent::default()
+            }],
+            ..Msg::default()
+        }
+        .encode_to_vec();
+        decode_msg(&long, 1, &mut events).unwrap();
+        decode_msg(&short, 1, &mut events).unwrap();
+        assert_eq!(events, reference(&short, 1).unwrap().0);
+        assert_eq!(events[0].host, None);
+        assert!(events[0].tags.is_empty() && events[0].attributes.is_empty());
+    }
+
+    #[test]
+    fn agrees_with_prost_on_mutated_and_random_bytes() {
+        let seed = Msg {
+            events: (0..4).map(full_event).collect(),
+            query: Some(PbQuery {
+                string: Some("true".into()),
+            }),
+            ..Msg::default()
+        }
+        .encode_to_vec();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut events = Vec::new();
+        let mut agreed_ok = 0;
+        for round in 0..20_000 {
+            let mut body = seed.clone();
+            match round % 3 {
+                0 => {
+                    for _ in 0..1 + next() % 4 {
+                        let at = (next() as usize) % body.len();
+                        body[at] = next() as u8;
+                    }
+                }
+                1 => body.truncate((next() as usize) % (body.len() + 1)),
+                _ => body = (0..next() % 64).map(|_| next() as u8).collect(),
+            }
+            let expected = reference(&body, 9);
+            let got = ours(&body, 9, &mut events);
+            // NaN metrics compare unequal; compare their encodings instead.
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{expected:?}"),
+                "input {body:02x?}"
+            );
+            agreed_ok += usize::from(expected.is_some());
+        }
+        assert!(
+            agreed_ok > 1000,
+            "the mutations must also exercise successful decodes"
+        );
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong() {
+        assert_eq!(
+            decode_msg(&[0x32, 0x05, 0x22], 0, &mut Vec::new()),
+            Err(DecodeError::Truncated)
+        );
+        // Field 6 (events) with wire type 0.
+        assert_eq!(
+            decode_msg(&[0x30, 0x01], 0, &mut Vec::new()),
+            Err(DecodeError::WireType {
+                field: "events",
+                wire_type: 0
+            })
+        );
+        // An event whose host (field 4) is invalid UTF-8.
+        assert_eq!(
+            decode_msg(&[0x32, 0x03, 0x22, 0x01, 0xff], 0, &mut Vec::new()),
+            Err(DecodeError::InvalidUtf8("host"))
+        );
+        assert_eq!(
+            decode_msg(&[0xff; 11], 0, &mut Vec::new()),
+            Err(DecodeError::VarintOverflow)
+        );
+    }
+}

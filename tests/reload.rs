@@ -1,0 +1,288 @@
+//! Hot reload. In-process on a virtual clock: unchanged stages keep their
+//! state (asserted by value), changed ones start fresh, a broken file keeps the
+//! running rules and is counted, the index survives. Then the real binary:
+//! `SIGHUP` swaps in an edited file and refuses a broken one.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use common::{
+    CMD_TIMEOUT, VISIBLE_TIMEOUT, Vigil, parse_event_array, run_ok, str_field, wait_until,
+};
+use vigil::clock::{Clock, ManualClock, SharedClock, secs_to_micros};
+use vigil::event::{Event, Metric};
+use vigil::index::{Index, IndexConfig};
+use vigil::outputs::OutputSink;
+use vigil::rules::engine::Rules;
+use vigil::rules::testing::{Recorder, TEST_EPOCH, TICK};
+use vigil::rules::{self, EnvPolicy, reload};
+use vigil::streams::Streams;
+
+const NAME: &str = "reload.vigil";
+
+/// A rule file with one output, `out`, around the given streams.
+fn file(streams: &str) -> String {
+    format!("output out = forward(host: \"127.0.0.1\")\nstreams {{\n{streams}\n}}\n")
+}
+
+/// Rules running on a virtual clock, `out` recorded across reloads.
+struct Live {
+    clock: Arc<ManualClock>,
+    index: Arc<Index>,
+    rules: Rules,
+    out: Arc<Recorder>,
+}
+
+impl Live {
+    fn start(streams: &str) -> Live {
+        let (_, compiled) =
+            rules::load(NAME, &file(streams), EnvPolicy::Strict).unwrap_or_else(|e| panic!("{e}"));
+        let clock = Arc::new(ManualClock::new(TEST_EPOCH));
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let out = Arc::new(Recorder::default());
+        let shared: SharedClock = clock.clone();
+        let rules = Rules::new(compiled.roots, vec![out.clone()], index.clone(), shared);
+        Live {
+            clock,
+            index,
+            rules,
+            out,
+        }
+    }
+
+    fn reload(&self, streams: &str) {
+        self.reload_source(&file(streams))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn reload_source(&self, source: &str) -> Result<(), String> {
+        let compiled = reload::prepare(&self.rules.stats, NAME, source, EnvPolicy::Strict)?;
+        let sinks: Vec<Arc<dyn OutputSink>> = compiled
+            .outputs
+            .iter()
+            .map(|_| self.out.clone() as Arc<dyn OutputSink>)
+            .collect();
+        self.rules.replace(compiled.roots, sinks);
+        Ok(())
+    }
+
+    /// Moves virtual time to `secs` after the start in timer steps, as the
+    /// server's timer would.
+    fn advance_to(&self, secs: f64) {
+        let target = TEST_EPOCH + secs_to_micros(secs);
+        while self.clock.now() < target {
+            let next = (self.clock.now() + TICK).min(target);
+            self.clock.set(next);
+            let expired = self.index.expire(next);
+            if !expired.is_empty() {
+                self.rules.process(&expired);
+            }
+            self.rules.tick();
+        }
+    }
+
+    fn send(&self, host: &str, metric: Option<f64>, state: Option<&str>) {
+        self.rules.process(&[Event {
+            host: Some(host.to_owned()),
+            service: Some("svc".to_owned()),
+            state: state.map(str::to_owned),
+            metric: metric.map(Metric::Float),
+            time: self.clock.now(),
+            ..Event::default()
+        }]);
+    }
+
+    fn out(&self) -> Vec<Event> {
+        self.out.events.lock().clone()
+    }
+
+    fn out_metrics(&self) -> Vec<f64> {
+        self.out()
+            .iter()
+            .map(|e| e.metric.expect("metric").as_f64())
+            .collect()
+    }
+
+    fn out_hosts(&self) -> Vec<String> {
+        self.out().iter().map(|e| e.host_str().to_owned()).collect()
+    }
+}
+
+#[test]
+fn an_unchanged_rate_keeps_its_partial_sum() {
+    let live = Live::start("  rate(5s) { out }");
+    live.send("h", Some(10.0), None);
+    live.advance_to(1.0);
+    live.send("h", Some(20.0), None);
+    live.advance_to(1.5);
+    // Same rate at the same place; a comment and a new stage after it.
+    live.reload("  # per second\n  rate(5s) { out }\n  index");
+    live.advance_to(2.0);
+    live.send("h", Some(5.0), None);
+    live.advance_to(5.0);
+    assert_eq!(live.out_metrics(), vec![(10.0 + 20.0 + 5.0) / 5.0]);
+    assert_eq!(live.rules.stats.reloads.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_changed_rate_starts_fresh() {
+    let live = Live::start("  rate(5s) { out }");
+    live.send("h", Some(10.0), None);
+    live.send("h", Some(20.0), None);
+    live.advance_to(1.5);
+    live.reload("  rate(10s) { out }");
+    live.advance_to(2.0);
+    live.send("h", Some(5.0), None);
+    live.advance_to(6.0);
+    assert_eq!(
+        live.out_metrics(),
+        Vec::<f64>::new(),
+        "the old window is gone"
+    );
+    live.advance_to(12.0);
+    assert_eq!(live.out_metrics(), vec![5.0 / 10.0]);
+}
+
+#[test]
+fn a_broken_file_keeps_the_running_rules_and_is_counted() {
+    let live = Live::start("  with(state: \"old\") { out }");
+    let broken = file("  with(state: \"new\") { out }\n  wth(state: \"x\") { index }");
+    let diagnostics = live.reload_source(&broken).unwrap_err();
+    assert!(
+        diagnostics.starts_with("reload.vigil:4:3: unknown stream `wth`\n"),
+        "{diagnostics}"
+    );
+    assert!(
+        diagnostics.contains("\n      wth(state: \"x\") { index }\n      ^^^"),
+        "{diagnostics}"
+    );
+    assert_eq!(live.rules.stats.reload_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(live.rules.stats.reloads.load(Ordering::Relaxed), 0);
+
+    live.send("h", None, None);
+    assert_eq!(live.out()[0].state.as_deref(), Some("old"));
+
+    live.reload("  with(state: \"new\") { out }");
+    live.send("h", None, None);
+    assert_eq!(live.out()[1].state.as_deref(), Some("new"));
+}
+
+#[test]
+fn the_index_survives_a_reload() {
+    let live = Live::start("  index");
+    live.send("a", Some(1.0), None);
+    live.send("b", Some(2.0), None);
+    live.reload("  drop");
+    live.send("c", Some(3.0), None);
+    let mut hosts: Vec<_> = live
+        .index
+        .entries()
+        .iter()
+        .map(|e| e.host_str().to_owned())
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts, ["a", "b"], "kept, and the new rules drop `c`");
+}
+
+#[test]
+fn by_groups_keep_their_changed_state() {
+    let live = Live::start("  by(host) { changed(state) { out } }");
+    live.send("a", None, Some("ok"));
+    live.send("b", None, Some("ok"));
+    assert_eq!(live.out_hosts(), ["a", "b"]);
+    // An edit inside the `by` block keeps the groups and their unchanged stages.
+    live.reload("  by(host) {\n    changed(state) { out }\n    index\n  }");
+    live.send("a", None, Some("ok"));
+    live.send("b", None, Some("ok"));
+    assert_eq!(live.out_hosts(), ["a", "b"], "repeats do not fire again");
+    live.send("a", None, Some("critical"));
+    live.send("c", None, Some("ok"));
+    assert_eq!(live.out_hosts(), ["a", "b", "a", "c"]);
+}
+
+#[test]
+fn a_time_window_keeps_its_events_and_a_new_fold_gets_them() {
+    let live = Live::start("  fixed_time_window(10s) { count { out } }");
+    live.send("h", Some(1.0), None);
+    live.send("h", Some(2.0), None);
+    live.advance_to(3.0);
+    live.reload("  fixed_time_window(10s) {\n    count { out }\n    sum { out }\n  }");
+    live.send("h", Some(4.0), None);
+    live.advance_to(10.0);
+    assert_eq!(live.out_metrics(), vec![3.0, 7.0]);
+}
+
+// ---------------------------------------------------------------------------
+// The real binary
+// ---------------------------------------------------------------------------
+
+fn vigil(args: &[&str]) -> String {
+    run_ok(env!("CARGO_BIN_EXE_vigil"), args, CMD_TIMEOUT)
+}
+
+fn hangup(v: &Vigil) {
+    run_ok("kill", &["-HUP", &v.pid().to_string()], CMD_TIMEOUT);
+}
+
+/// Sends an event for `service`, then returns its state as the index has it.
+fn send_and_query(v: &Vigil, service: &str) -> Option<String> {
+    let addr = v.tcp.to_string();
+    vigil(&[
+        "send",
+        "--host",
+        "h",
+        "--service",
+        service,
+        "--state",
+        "ok",
+        &addr,
+    ]);
+    let query = format!("service = \"{service}\"");
+    let events = parse_event_array(&vigil(&["query", &query, &addr])).expect("query prints JSON");
+    events
+        .first()
+        .and_then(|e| str_field(e, "state"))
+        .map(str::to_owned)
+}
+
+fn wait_for_log(v: &Vigil, text: &str) {
+    wait_until(VISIBLE_TIMEOUT, || v.logs().contains(text).then_some(()))
+        .unwrap_or_else(|| panic!("no `{text}` in the log:\n{}", v.logs()));
+}
+
+fn write(path: &Path, source: &str) {
+    std::fs::write(path, source).expect("write the rule file");
+}
+
+#[test]
+fn sighup_reloads_the_rule_file_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("rules.vigil");
+    let path_str = path.to_str().expect("utf-8 path");
+    write(&path, "streams {\n  index\n}\n");
+    let mut v = Vigil::start(&["--rules", path_str, "--no-snapshot"]);
+    assert_eq!(send_and_query(&v, "before").as_deref(), Some("ok"));
+
+    write(
+        &path,
+        "streams {\n  with(state: \"reloaded\") { index }\n}\n",
+    );
+    hangup(&v);
+    wait_for_log(&v, "Rules reloaded.");
+    assert_eq!(send_and_query(&v, "after").as_deref(), Some("reloaded"));
+
+    write(&path, "streams {\n  with(state: \"broken\" { index }\n}\n");
+    hangup(&v);
+    wait_for_log(&v, "Reload rejected");
+    v.assert_alive();
+    let diagnostic = format!("{path_str}:2:24: expected `,` or `)` in the argument list");
+    assert!(
+        v.logs().contains(&diagnostic),
+        "no `{diagnostic}` in:\n{}",
+        v.logs()
+    );
+    assert_eq!(send_and_query(&v, "still").as_deref(), Some("reloaded"));
+}

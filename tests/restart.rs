@@ -1,0 +1,263 @@
+//! Restarts of the real binary: the index survives SIGTERM (final snapshot) and
+//! `kill -9` (periodic snapshot), entries that ran out while vigil was down
+//! expire through the rules, and a corrupted snapshot is reported and skipped.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{VISIBLE_TIMEOUT, Vigil, wait_until};
+use vigil::client::Client;
+use vigil::clock::{Clock, MICROS_PER_SEC, SystemClock};
+use vigil::event::{Event, Metric};
+use vigil::snapshot;
+
+fn block_on<T>(f: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn send(v: &Vigil, events: &[Event]) {
+    block_on(async {
+        let mut client = Client::connect(v.tcp).await.expect("connects");
+        client.send(events).await.expect("acked");
+    });
+}
+
+/// The matching events, sorted by host and service.
+fn query(v: &Vigil, q: &str) -> Vec<Event> {
+    let mut events = block_on(async {
+        let mut client = Client::connect(v.tcp).await.expect("connects");
+        client.query(q).await.expect("query answered")
+    });
+    sort(&mut events);
+    events
+}
+
+fn sort(events: &mut [Event]) {
+    events.sort_by(|a, b| (a.host_str(), a.service_str()).cmp(&(b.host_str(), b.service_str())));
+}
+
+fn dir_arg(dir: &Path) -> &str {
+    dir.to_str().expect("UTF-8 temp path")
+}
+
+/// Every field kind, times with microseconds, TTLs long enough to outlive the test.
+fn sample(now: i64) -> Vec<Event> {
+    let mut events = vec![
+        Event {
+            host: Some("web1".into()),
+            service: Some("http req".into()),
+            state: Some("ok".into()),
+            time: now + 123,
+            description: Some("requests per second".into()),
+            tags: vec!["web".into(), "prod".into()],
+            metric: Some(Metric::Int(-42)),
+            ttl: Some(3600.5),
+            attributes: vec![("env".into(), "prod".into()), ("rack".into(), "r7".into())],
+        },
+        Event {
+            host: Some("web1".into()),
+            service: Some("cpu".into()),
+            state: Some("warning".into()),
+            time: now - 7,
+            metric: Some(Metric::Float(0.875)),
+            ttl: Some(3600.0),
+            ..Event::default()
+        },
+        Event {
+            host: Some("db1".into()),
+            service: Some("no metric".into()),
+            time: now,
+            ..Event::default()
+        },
+    ];
+    sort(&mut events);
+    events
+}
+
+#[test]
+fn sigterm_writes_a_snapshot_that_the_next_start_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--data-dir", dir_arg(dir.path()), "--default-ttl", "3600"];
+    let events = sample(SystemClock.now());
+
+    let mut v = Vigil::start(&args);
+    send(&v, &events);
+    assert_eq!(query(&v, "true"), events);
+    let status = v.terminate();
+    assert!(status.success(), "exit status {status}:\n{}", v.logs());
+    assert!(
+        v.wait_for_log("Wrote the index snapshot.", VISIBLE_TIMEOUT),
+        "{}",
+        v.logs()
+    );
+    drop(v);
+
+    let v = Vigil::start(&args);
+    assert!(
+        v.logs().contains("Loaded the index snapshot."),
+        "{}",
+        v.logs()
+    );
+    assert_eq!(query(&v, "true"), events, "every field intact");
+}
+
+#[test]
+fn kill_9_keeps_what_the_last_periodic_snapshot_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--data-dir",
+        dir_arg(dir.path()),
+        "--default-ttl",
+        "3600",
+        "--snapshot-interval",
+        "500ms",
+    ];
+    let events = sample(SystemClock.now());
+
+    let mut v = Vigil::start(&args);
+    send(&v, &events);
+    let held = wait_until(VISIBLE_TIMEOUT, || {
+        let mut held = snapshot::read(dir.path()).ok()??;
+        sort(&mut held);
+        (held == events).then_some(held)
+    });
+    assert!(
+        held.is_some(),
+        "no periodic snapshot with the events:\n{}",
+        v.logs()
+    );
+    v.kill9();
+    drop(v);
+
+    let v = Vigil::start(&args);
+    assert_eq!(query(&v, "true"), events);
+}
+
+#[test]
+fn an_entry_that_ran_out_while_down_expires_through_the_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.vigil");
+    // A re-indexed event in state `expired` would delete its key: change the state.
+    std::fs::write(
+        &rules,
+        r#"streams {
+  index
+  expired { with(service: "saw expired", state: "seen", ttl: 3600) { index } }
+}
+"#,
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "--data-dir",
+        dir_arg(&data),
+        "--rules",
+        dir_arg(&rules),
+        "--default-ttl",
+        "3600",
+    ];
+    let now = SystemClock.now();
+    let ttl = 3.0;
+    let dying = Event {
+        host: Some("db1".into()),
+        service: Some("heartbeat".into()),
+        state: Some("ok".into()),
+        time: now,
+        ttl: Some(ttl),
+        ..Event::default()
+    };
+    let alive = Event {
+        host: Some("db2".into()),
+        service: Some("heartbeat".into()),
+        state: Some("ok".into()),
+        time: now,
+        ..Event::default()
+    };
+
+    let mut v = Vigil::start(&args);
+    send(&v, &[dying.clone(), alive.clone()]);
+    assert!(v.terminate().success(), "{}", v.logs());
+    let held = snapshot::read(&data).unwrap().expect("a snapshot");
+    assert!(
+        held.contains(&dying),
+        "expired before the snapshot; the test needs a longer TTL: {held:?}"
+    );
+    drop(v);
+
+    // Down until the TTL has passed.
+    let deadline = now + (f64::from(ttl) * MICROS_PER_SEC as f64) as i64;
+    while SystemClock.now() <= deadline + 200_000 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let v = Vigil::start(&args);
+    let seen = wait_until(VISIBLE_TIMEOUT, || {
+        let seen = query(&v, r#"service = "saw expired""#);
+        (!seen.is_empty()).then_some(seen)
+    })
+    .unwrap_or_else(|| panic!("the rules never saw the expiry:\n{}", v.logs()));
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        (seen[0].host_str(), seen[0].state.as_deref()),
+        ("db1", Some("seen"))
+    );
+    assert!(seen[0].time > deadline, "expired after the restart");
+    assert_eq!(query(&v, r#"service = "heartbeat""#), vec![alive]);
+}
+
+#[test]
+fn a_corrupted_snapshot_is_reported_and_vigil_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    snapshot::write(dir.path(), &sample(SystemClock.now())).unwrap();
+    let path = dir.path().join(snapshot::FILE_NAME);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let args = ["--data-dir", dir_arg(dir.path())];
+    let mut v = Vigil::start(&args);
+    let logs = v.logs();
+    assert!(
+        logs.contains("Ignoring the unreadable index snapshot")
+            && logs.contains("checksum mismatch"),
+        "{logs}"
+    );
+    assert_eq!(query(&v, "true"), vec![]);
+
+    // It carries on as usual and replaces the bad snapshot on shutdown.
+    let event = Event {
+        host: Some("after".into()),
+        service: Some("corruption".into()),
+        time: SystemClock.now(),
+        ttl: Some(3600.0),
+        ..Event::default()
+    };
+    send(&v, std::slice::from_ref(&event));
+    assert!(v.terminate().success(), "{}", v.logs());
+    assert_eq!(snapshot::read(dir.path()).unwrap(), Some(vec![event]));
+}
+
+#[test]
+fn no_snapshot_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "--data-dir",
+        dir_arg(&data),
+        "--no-snapshot",
+        "--snapshot-interval",
+        "100ms",
+    ];
+    let mut v = Vigil::start(&args);
+    send(&v, &sample(SystemClock.now()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(v.terminate().success(), "{}", v.logs());
+    assert!(!data.exists(), "--no-snapshot created {}", data.display());
+}
