@@ -11,6 +11,7 @@
 
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -18,6 +19,7 @@ use parking_lot::Mutex;
 
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::Event;
+use crate::pubsub::Pubsub;
 use crate::query::Query;
 
 /// Riemann's default when an event carries no TTL.
@@ -59,6 +61,8 @@ pub enum Insert {
 
 pub struct Index {
     shards: Box<[Mutex<Shard>]>,
+    /// Live subscribers see every stored event and every expiry.
+    pubsub: Arc<Pubsub>,
     hasher: DefaultHashBuilder,
     config: IndexConfig,
     len: AtomicUsize,
@@ -88,6 +92,7 @@ impl Index {
     pub fn new(config: IndexConfig) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            pubsub: Pubsub::new(),
             hasher: DefaultHashBuilder::default(),
             config,
             len: AtomicUsize::new(0),
@@ -102,6 +107,11 @@ impl Index {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Where subscriptions to what the index stores and expires are made.
+    pub fn pubsub(&self) -> &Arc<Pubsub> {
+        &self.pubsub
     }
 
     /// TTL in seconds applied to events that carry none.
@@ -140,6 +150,15 @@ impl Index {
     /// Stores a copy of `event` as the latest for its key (reusing the previous
     /// copy's allocations); an `expired` event deletes the key.
     pub fn insert(&self, event: &Event) -> Insert {
+        let outcome = self.store(event);
+        // Published outside the shard lock: subscribers never slow the shard.
+        if matches!(outcome, Insert::Added | Insert::Replaced) {
+            self.pubsub.publish(event);
+        }
+        outcome
+    }
+
+    fn store(&self, event: &Event) -> Insert {
         let hash = self.hash(event.host_str(), event.service_str());
         let mut shard = self.shard(hash).lock();
         let shard = &mut *shard;
@@ -259,6 +278,9 @@ impl Index {
             while self.expire_chunk(&mut shard.lock(), now, &mut out) {}
         }
         self.expired.fetch_add(out.len() as u64, Ordering::Relaxed);
+        for event in &out {
+            self.pubsub.publish(event);
+        }
         out
     }
 
@@ -475,6 +497,31 @@ mod tests {
             .collect();
         services.sort_unstable();
         assert_eq!(services, (0..n).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn subscribers_see_stored_and_expired_events_but_not_refusals() {
+        let index = Index::new(IndexConfig {
+            default_ttl: 60.0,
+            max_entries: Some(1),
+        });
+        let mut sub = index
+            .pubsub()
+            .subscribe(Query::parse(r#"host = "a""#).unwrap(), 10);
+        index.insert(&event("a", "x", T0, Some(1.0)));
+        index.insert(&event("a", "refused", T0, None));
+        index.insert(&event("b", "x", T0, None));
+        index.expire(T0 + secs(2));
+        let states: Vec<_> = std::iter::from_fn(|| sub.rx.try_recv().ok())
+            .map(|e| (e.service.unwrap(), e.state.unwrap()))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("x".to_owned(), "ok".to_owned()),
+                ("x".to_owned(), "expired".to_owned())
+            ]
+        );
     }
 
     #[test]

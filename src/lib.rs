@@ -11,6 +11,7 @@
 //! - [`ingest`]: what a decoded `Msg` means, shared by both transports.
 //! - [`streams`]: the pipeline interface every batch of events goes through.
 //! - [`index`]: the latest event per `(host, service)`, with TTL expiry.
+//! - [`pubsub`]: live subscriptions to what the index stores and expires.
 //! - [`query`]: Riemann's query language, compiled to a predicate.
 //! - [`rules`]: the rule language: parser, compiler, stream stages, `vigil check`/`vigil test`.
 //! - [`outputs`]: pager, graph, push and forward outputs behind bounded queues.
@@ -28,6 +29,7 @@ pub mod ingest;
 pub mod json;
 pub mod outputs;
 pub mod proto;
+pub mod pubsub;
 pub mod query;
 pub mod rules;
 pub mod server;

@@ -1,0 +1,192 @@
+//! Live subscriptions to the index: every event the index stores, and every
+//! `expired` notice it emits, goes to each subscriber whose query matches it,
+//! through that subscriber's bounded queue.
+//!
+//! Publishing never waits: a subscriber whose queue is full is disconnected
+//! (and counted) rather than allowed to slow ingest. With no subscribers the
+//! cost on the ingest path is one atomic load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+
+use crate::event::Event;
+use crate::query::Query;
+
+/// Queue length per subscriber unless the caller asks otherwise.
+pub const DEFAULT_CAPACITY: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub struct PubsubStats {
+    /// Events handed to subscribers.
+    pub delivered: AtomicU64,
+    /// Subscribers disconnected because their queue was full.
+    pub disconnected_slow: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct Pubsub {
+    subscribers: RwLock<Vec<Subscriber>>,
+    /// Mirrors `subscribers.len()` so publishing can skip the lock when empty.
+    count: AtomicUsize,
+    next_id: AtomicU64,
+    pub stats: PubsubStats,
+}
+
+struct Subscriber {
+    id: u64,
+    query: Query,
+    tx: mpsc::Sender<Event>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// One subscriber's end. Dropping it unsubscribes.
+pub struct Subscription {
+    pub rx: mpsc::Receiver<Event>,
+    id: u64,
+    lagged: Arc<AtomicBool>,
+    pubsub: Arc<Pubsub>,
+}
+
+impl Subscription {
+    /// True once the subscriber was dropped for being too slow; its receiver
+    /// then ends.
+    pub fn lagged(&self) -> bool {
+        self.lagged.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.pubsub.remove(self.id);
+    }
+}
+
+impl Pubsub {
+    pub fn new() -> Arc<Pubsub> {
+        Arc::new(Pubsub::default())
+    }
+
+    pub fn subscribe(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let mut subscribers = self.subscribers.write();
+        subscribers.push(Subscriber {
+            id,
+            query,
+            tx,
+            lagged: lagged.clone(),
+        });
+        self.count.store(subscribers.len(), Ordering::Release);
+        Subscription {
+            rx,
+            id,
+            lagged,
+            pubsub: self.clone(),
+        }
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Offers `event` to every subscriber whose query matches it.
+    pub fn publish(&self, event: &Event) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut slow = Vec::new();
+        for sub in self.subscribers.read().iter() {
+            if !sub.query.matches(event) {
+                continue;
+            }
+            match sub.tx.try_send(event.clone()) {
+                Ok(()) => {
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => slow.push(sub.id),
+                // The receiver is gone; its Subscription's drop removes it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        for id in slow {
+            if let Some(sub) = self.remove(id) {
+                sub.lagged.store(true, Ordering::Release);
+                self.stats.disconnected_slow.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(query = %sub.query, "Subscriber too slow; disconnected.");
+            }
+        }
+    }
+
+    fn remove(&self, id: u64) -> Option<Subscriber> {
+        let mut subscribers = self.subscribers.write();
+        let at = subscribers.iter().position(|s| s.id == id)?;
+        let sub = subscribers.swap_remove(at);
+        self.count.store(subscribers.len(), Ordering::Release);
+        Some(sub)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(service: &str) -> Event {
+        Event {
+            service: Some(service.into()),
+            ..Event::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn matching_events_reach_their_subscribers_only() {
+        let pubsub = Pubsub::new();
+        let mut cpu = pubsub.subscribe(Query::parse(r#"service =~ "cpu%""#).unwrap(), 10);
+        let mut all = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        pubsub.publish(&event("cpu user"));
+        pubsub.publish(&event("disk"));
+        assert_eq!(
+            cpu.rx.recv().await.unwrap().service.as_deref(),
+            Some("cpu user")
+        );
+        assert!(cpu.rx.try_recv().is_err());
+        assert_eq!(
+            all.rx.recv().await.unwrap().service.as_deref(),
+            Some("cpu user")
+        );
+        assert_eq!(
+            all.rx.recv().await.unwrap().service.as_deref(),
+            Some("disk")
+        );
+        assert_eq!(pubsub.stats.delivered.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_full_subscriber_is_disconnected_and_counted() {
+        let pubsub = Pubsub::new();
+        let mut slow = pubsub.subscribe(Query::parse("true").unwrap(), 2);
+        for i in 0..5 {
+            pubsub.publish(&event(&i.to_string()));
+        }
+        assert!(slow.lagged());
+        assert_eq!(pubsub.subscribers(), 0);
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
+        // What was queued is still readable, then the stream ends.
+        assert!(slow.rx.recv().await.is_some());
+        assert!(slow.rx.recv().await.is_some());
+        assert!(slow.rx.recv().await.is_none());
+    }
+
+    #[test]
+    fn dropping_a_subscription_unsubscribes() {
+        let pubsub = Pubsub::new();
+        let sub = pubsub.subscribe(Query::parse("true").unwrap(), 1);
+        assert_eq!(pubsub.subscribers(), 1);
+        drop(sub);
+        assert_eq!(pubsub.subscribers(), 0);
+        pubsub.publish(&event("x"));
+    }
+}
