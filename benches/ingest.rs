@@ -16,6 +16,7 @@ use vigil::proto::{Attribute, Msg, PbEvent};
 use vigil::rules::engine::Rules;
 use vigil::rules::{self, EnvPolicy};
 use vigil::stats::Stats;
+use vigil::wire::Limits;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -69,6 +70,7 @@ fn bench_rules_ingest() -> (Arc<ManualClock>, Ingest) {
         streams,
         clock: shared,
         stats: Arc::new(Stats::default()),
+        limits: Limits::DEFAULT,
     };
     (clock, ingest)
 }

@@ -21,6 +21,7 @@ use vigil::proto::{Attribute, Msg, PbEvent};
 use vigil::rules::engine::Rules;
 use vigil::rules::{self, EnvPolicy};
 use vigil::stats::Stats;
+use vigil::wire::Limits;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -84,6 +85,7 @@ fn main() {
         )),
         clock: shared,
         stats: Arc::new(Stats::default()),
+        limits: Limits::DEFAULT,
     };
     for first in (0..KEYS).step_by(1000) {
         ingest.handle_frame(&msg(first, 1000), Transport::Tcp, &mut Vec::new());

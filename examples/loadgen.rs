@@ -86,7 +86,10 @@ fn main() -> anyhow::Result<()> {
 
 /// Pre-encoded Msg bodies covering `keys` distinct keys, `batch` events each.
 fn messages(batch: usize, keys: usize) -> Vec<Bytes> {
-    let per_cycle = keys.div_ceil(batch).clamp(1, 4096);
+    // Enough messages to touch every key, within ~2 M pre-encoded events.
+    let per_cycle = keys
+        .div_ceil(batch)
+        .clamp(1, (2_000_000 / batch.max(1)).max(1));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

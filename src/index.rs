@@ -72,7 +72,10 @@ pub struct Index {
 
 #[derive(Default)]
 struct Shard {
-    entries: HashTable<Entry>,
+    /// Boxed: a hash table is up to half empty after it grows, and empty
+    /// buckets then cost a pointer instead of a whole entry (measured: 658 →
+    /// about 420 bytes of RSS per entry at a million keys).
+    entries: HashTable<Box<Entry>>,
     /// `(deadline, entry id, key hash)`; the id makes elements unique, the hash
     /// finds the entry again without storing its key twice.
     deadlines: BTreeSet<(Micros, u64, u64)>,
@@ -197,12 +200,12 @@ impl Index {
                 let hasher = &self.hasher;
                 shard.entries.insert_unique(
                     hash,
-                    Entry {
+                    Box::new(Entry {
                         event: event.clone(),
                         id,
                         deadline,
                         scheduled: deadline,
-                    },
+                    }),
                     |e| hasher.hash_one((e.event.host_str(), e.event.service_str())),
                 );
                 Insert::Added

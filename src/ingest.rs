@@ -1,8 +1,10 @@
 //! What a decoded Riemann `Msg` means, independent of the transport that carried
 //! it: its events go to the streams as one batch, its query is answered from the
-//! index. TCP and UDP both call into here.
+//! index. TCP and UDP both call into here. A message over the [`Limits`] is
+//! refused whole (no event of it is processed) with an error naming the limit.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 
@@ -13,7 +15,7 @@ use crate::proto;
 use crate::query::Query;
 use crate::stats::Stats;
 use crate::streams::Streams;
-use crate::wire;
+use crate::wire::{self, DecodeError, Limit, Limits};
 
 /// Which transport a message came over, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,7 @@ pub struct Ingest {
     pub streams: Arc<dyn Streams>,
     pub clock: SharedClock,
     pub stats: Arc<Stats>,
+    pub limits: Limits,
 }
 
 impl Ingest {
@@ -40,8 +43,14 @@ impl Ingest {
         transport: Transport,
         events: &mut Vec<Event>,
     ) -> Bytes {
-        let request = match wire::decode_msg(body, self.clock.now(), events) {
+        let request = match wire::decode_msg(body, self.clock.now(), &self.limits, events) {
             Ok(request) => request,
+            // Refused whole: none of its events go anywhere.
+            Err(DecodeError::Exceeded(e)) => {
+                Stats::incr(self.limit_counter(e.limit));
+                tracing::debug!(?transport, error = %e, "Message over a limit refused.");
+                return proto::error_reply(e.to_string());
+            }
             Err(e) => {
                 Stats::incr(&self.stats.decode_errors);
                 tracing::debug!(?transport, error = %e, "Undecodable message.");
@@ -60,6 +69,15 @@ impl Ingest {
         match request.query {
             Some(query) if transport == Transport::Tcp => self.answer(&query),
             _ => proto::ack(),
+        }
+    }
+
+    fn limit_counter(&self, limit: Limit) -> &AtomicU64 {
+        match limit {
+            Limit::Events => &self.stats.msgs_over_max_events,
+            Limit::Tags => &self.stats.msgs_over_max_tags,
+            Limit::Attributes => &self.stats.msgs_over_max_attributes,
+            Limit::String => &self.stats.msgs_over_max_string,
         }
     }
 

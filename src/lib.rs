@@ -7,7 +7,9 @@
 //! - [`event`]: the one core `Event` type.
 //! - [`clock`]: injected time, so expiry (and later windows and rates) run on a virtual clock in tests.
 //! - [`proto`]: the Riemann protobuf schema and conversions at the edge.
-//! - [`tcp`], [`udp`]: the Riemann transports (framing, accept loop, datagrams).
+//! - [`tcp`], [`udp`]: the Riemann transports (framing, accept loop, connection limits, datagrams).
+//! - [`tls`]: TLS for the TCP transport (certificates from PEM, optional client certificates).
+//! - [`grpc`]: the gRPC API (`proto/vigil.proto`): send, query, subscribe.
 //! - [`ingest`]: what a decoded `Msg` means, shared by both transports.
 //! - [`streams`]: the pipeline interface every batch of events goes through.
 //! - [`index`]: the latest event per `(host, service)`, with TTL expiry.
@@ -20,10 +22,14 @@
 //! - [`client`]: a small Riemann TCP client.
 //! - [`json`]: Riemann's JSON form of an event.
 //! - [`stats`]: counters of what vigil itself did.
+//! - [`selfmetrics`]: vigil's own numbers: rule latency, one sample for `/metrics`, self-metric events.
+//! - [`http`]: the HTTP surface: index queries, WebSocket/SSE subscriptions, `POST /events`, `/metrics`, `/health`.
 
 pub mod client;
 pub mod clock;
 pub mod event;
+pub mod grpc;
+pub mod http;
 pub mod index;
 pub mod ingest;
 pub mod json;
@@ -32,10 +38,12 @@ pub mod proto;
 pub mod pubsub;
 pub mod query;
 pub mod rules;
+pub mod selfmetrics;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
 pub mod streams;
 pub mod tcp;
+pub mod tls;
 pub mod udp;
 pub mod wire;

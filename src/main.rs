@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -12,12 +12,18 @@ use tokio_util::sync::CancellationToken;
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::event::{Event, Metric};
+use vigil::grpc::Grpc;
+use vigil::http::{HttpConfig, HttpServer};
 use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
 use vigil::rules::engine::Rules;
 use vigil::rules::reload::{Outputs, Reloader};
 use vigil::rules::{self, DEFAULT_RULES, DEFAULT_RULES_NAME, EnvPolicy, testing};
+use vigil::selfmetrics::{self, Emitter, Histogram, Telemetry, TimedStreams};
 use vigil::server::{Server, ServerConfig};
 use vigil::snapshot::Snapshots;
+use vigil::streams::Streams;
+use vigil::tls::{self, TlsListener};
+use vigil::wire::Limits;
 use vigil::{json, tcp, udp};
 
 /// glibc's malloc and free were a third of ingest's time in a profile
@@ -48,7 +54,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: Riemann protocol over TCP and UDP, index with TTL expiry.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send one event over TCP and wait for the server's acknowledgement.
     Send(SendArgs),
     /// Check rule files: prints every error as FILE:LINE:COL with the source line; exit 1 if any.
@@ -88,6 +94,38 @@ struct RunArgs {
     /// Largest UDP datagram accepted, in bytes.
     #[arg(long, default_value_t = udp::DEFAULT_MAX_DATAGRAM)]
     max_datagram: usize,
+    /// Most TCP connections open at once (plain and TLS together); more are closed at once, counted.
+    #[arg(long, default_value_t = tcp::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
+    max_connections: usize,
+    /// Close a TCP connection that has not completed a frame within this long of its previous
+    /// one (idle or slowloris); also bounds TLS handshakes and writing replies (e.g. 60s).
+    #[arg(long, default_value = "60s", value_parser = parse_interval)]
+    read_timeout: Duration,
+    /// Refuse (whole, with an error reply) a Msg with more events than this.
+    #[arg(long, default_value_t = Limits::DEFAULT.max_events)]
+    max_events_per_msg: usize,
+    /// Refuse a Msg with an event carrying more tags than this.
+    #[arg(long, default_value_t = Limits::DEFAULT.max_tags)]
+    max_tags: usize,
+    /// Refuse a Msg with an event carrying more attributes than this.
+    #[arg(long, default_value_t = Limits::DEFAULT.max_attributes)]
+    max_attributes: usize,
+    /// Refuse a Msg with a string (host, service, state, description, tag, attribute, query)
+    /// longer than this many bytes.
+    #[arg(long, default_value_t = Limits::DEFAULT.max_string)]
+    max_string: usize,
+    /// TLS listen address (Riemann's TLS port); TLS is on when --tls-cert and --tls-key are given.
+    #[arg(long, default_value = tls::DEFAULT_ADDR)]
+    tls: SocketAddr,
+    /// Server certificate chain (PEM) for TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM): TLS clients must present a certificate signed by one.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// TTL in seconds for events that carry none.
     #[arg(long, default_value_t = DEFAULT_TTL_SECS)]
     default_ttl: f64,
@@ -106,12 +144,63 @@ struct RunArgs {
     /// How often the index snapshot is rewritten, bounding what a crash loses (e.g. 30s, 5m).
     #[arg(long, default_value = "30s", value_parser = parse_interval)]
     snapshot_interval: Duration,
+    /// HTTP listen address: GET /index (JSON, WebSocket, SSE), POST /events, /metrics, /health.
+    #[arg(long, default_value = vigil::http::DEFAULT_ADDR)]
+    http: SocketAddr,
+    /// Serve no HTTP (--sse still starts its own listener).
+    #[arg(long)]
+    no_http: bool,
+    /// Also serve SSE subscriptions (GET /index?query=…) on this address, like Riemann's port 5558.
+    #[arg(long)]
+    sse: Option<SocketAddr>,
+    /// Bearer token every HTTP endpoint but /health requires (WebSocket clients may pass ?token=).
+    #[arg(long, env = "VIGIL_HTTP_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
+    /// How often vigil sends its own metrics through the rules as events (0 disables).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    self_metrics_interval: Duration,
+    /// `host` of the self-metric events; defaults to this machine's hostname.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// gRPC listen address (proto/vigil.proto: send, query, subscribe); off unless given.
+    /// --max-frame also bounds each gRPC message.
+    #[arg(long)]
+    grpc: Option<SocketAddr>,
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        parsed => parsed.map_err(|e| e.to_string()),
+    }
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s) {
         Ok(d) if d.is_zero() => Err("must be longer than zero".to_owned()),
         parsed => parsed.map_err(|e| e.to_string()),
+    }
+}
+
+impl RunArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_events: self.max_events_per_msg,
+            max_tags: self.max_tags,
+            max_attributes: self.max_attributes,
+            max_string: self.max_string,
+        }
+    }
+
+    fn tls_listener(&self) -> anyhow::Result<Option<TlsListener>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let acceptor = tls::acceptor(cert, key, self.tls_ca.as_deref())?;
+        Ok(Some(TlsListener {
+            addr: self.tls,
+            acceptor,
+        }))
     }
 }
 
@@ -163,7 +252,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(*args).await,
             Command::Send(args) => send(args).await,
             Command::Query { query, addr } => query_cmd(&query, &addr).await,
             Command::Check { files } => exit_with(check(&files)),
@@ -215,6 +304,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         clock.clone(),
     ));
     let reloader = Arc::new(Reloader::new(args.rules.clone(), streams.clone(), outputs));
+    // Every batch is timed, whichever transport brought it: /metrics reports it.
+    let latency = Arc::new(Histogram::default());
+    let rules = streams;
+    let streams: Arc<dyn Streams> = Arc::new(TimedStreams::new(rules.clone(), latency.clone()));
     let hangups = reloader
         .on_sighup()
         .context("installing the SIGHUP handler")?;
@@ -223,19 +316,94 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         udp: args.udp,
         max_frame: args.max_frame,
         max_datagram: args.max_datagram,
+        max_connections: args.max_connections,
+        read_timeout: args.read_timeout,
+        limits: args.limits(),
+        tls: args.tls_listener().context("setting up TLS")?,
         tick: args.tick,
     };
     // Installed before `listening`: until then SIGTERM would kill vigil outright,
     // skipping the shutdown (and its snapshot).
     let stop = shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
-    let server = Server::start(config, index.clone(), streams, clock)
+    let server = Server::start(config, index.clone(), streams.clone(), clock.clone())
         .await
         .context("starting the listeners")?;
-    tracing::info!(tcp = %server.tcp_addr, udp = %server.udp_addr, rules = %name, "listening");
+    let telemetry = Arc::new(Telemetry {
+        stats: server.stats.clone(),
+        index: index.clone(),
+        rules,
+        reloader: reloader.clone(),
+        latency,
+        started: Instant::now(),
+    });
+    let http_config = HttpConfig {
+        addr: (!args.no_http).then_some(args.http),
+        sse: args.sse,
+        token: args.http_token.clone(),
+        ..HttpConfig::default()
+    };
+    let http = HttpServer::start(
+        http_config,
+        telemetry.clone(),
+        streams.clone(),
+        clock.clone(),
+    )
+    .await
+    .context("starting the HTTP listeners (--no-http disables them)")?;
+    let stop_self_metrics = CancellationToken::new();
+    let interval = args.self_metrics_interval;
+    let self_metrics = (!interval.is_zero()).then(|| {
+        let host = args.node_name.clone().unwrap_or_else(selfmetrics::hostname);
+        let emitter = Emitter::new(host, interval, clock.now(), telemetry.sample());
+        tokio::spawn(selfmetrics::run(
+            telemetry,
+            streams.clone(),
+            clock.clone(),
+            emitter,
+            interval,
+            stop_self_metrics.clone(),
+        ))
+    });
+    let grpc = match args.grpc {
+        Some(addr) => Some(
+            Grpc::start(
+                addr,
+                args.max_frame,
+                index.clone(),
+                streams,
+                clock,
+                server.stats.clone(),
+            )
+            .await
+            .context("starting the gRPC listener")?,
+        ),
+        None => None,
+    };
+    tracing::info!(
+        tcp = %server.tcp_addr,
+        udp = %server.udp_addr,
+        http = http.addr.map(tracing::field::display),
+        sse = http.sse_addr.map(tracing::field::display),
+        tls = server.tls_addr.map(tracing::field::display),
+        grpc = grpc.as_ref().map(|g| tracing::field::display(g.addr)),
+        rules = %name,
+        "listening"
+    );
     stop.await;
     tracing::info!("Shutting down.");
+    // No new events from HTTP or the self-metrics once ingest stops below.
+    http.shutdown(Duration::from_secs(10)).await;
+    stop_self_metrics.cancel();
+    if let Some(task) = self_metrics {
+        let _ = task.await;
+    }
     let stats = server.stats.clone();
-    server.shutdown(Duration::from_secs(10)).await;
+    let grpc_shutdown = async {
+        if let Some(grpc) = grpc {
+            grpc.shutdown(Duration::from_secs(10)).await;
+        }
+    };
+    tokio::join!(server.shutdown(Duration::from_secs(10)), grpc_shutdown);
     // Ingest and the timers have stopped: the index is final.
     let snapshot = match snapshots {
         Some(snapshots) => snapshots.finish().await.map(drop),

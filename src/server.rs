@@ -1,5 +1,6 @@
-//! Wires a running vigil together: binds the listeners, spawns the TCP, UDP and
-//! timer tasks around one shared [`Ingest`], and shuts them down on request.
+//! Wires a running vigil together: binds the listeners, spawns the TCP (plain
+//! and, when configured, TLS), UDP and timer tasks around one shared
+//! [`Ingest`], and shuts them down on request.
 
 use std::io;
 use std::net::SocketAddr;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +17,8 @@ use crate::index::Index;
 use crate::ingest::Ingest;
 use crate::stats::Stats;
 use crate::streams::Streams;
+use crate::tls::TlsListener;
+use crate::wire::Limits;
 use crate::{tcp, udp};
 
 #[derive(Debug, Clone)]
@@ -24,6 +28,15 @@ pub struct ServerConfig {
     pub udp: Option<SocketAddr>,
     pub max_frame: usize,
     pub max_datagram: usize,
+    /// Open TCP connections at once, plain and TLS together.
+    pub max_connections: usize,
+    /// Longest wait for a frame to complete (and for a TLS handshake, and for
+    /// replies to be written).
+    pub read_timeout: Duration,
+    /// What one `Msg` may carry, over TCP, TLS and UDP alike.
+    pub limits: Limits,
+    /// A second TCP listener speaking TLS; plain TCP keeps listening.
+    pub tls: Option<TlsListener>,
     /// How often timers run: index expiry, then the time-based rule stages.
     pub tick: Duration,
 }
@@ -35,6 +48,10 @@ impl Default for ServerConfig {
             udp: None,
             max_frame: tcp::DEFAULT_MAX_FRAME,
             max_datagram: udp::DEFAULT_MAX_DATAGRAM,
+            max_connections: tcp::DEFAULT_MAX_CONNECTIONS,
+            read_timeout: tcp::DEFAULT_READ_TIMEOUT,
+            limits: Limits::DEFAULT,
+            tls: None,
             tick: Duration::from_millis(100),
         }
     }
@@ -44,6 +61,8 @@ impl Default for ServerConfig {
 pub struct Server {
     pub tcp_addr: SocketAddr,
     pub udp_addr: SocketAddr,
+    /// Where TLS listens, when configured.
+    pub tls_addr: Option<SocketAddr>,
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -60,6 +79,11 @@ impl Server {
         let tcp_addr = listener.local_addr()?;
         let udp_socket = UdpSocket::bind(config.udp.unwrap_or(tcp_addr)).await?;
         let udp_addr = udp_socket.local_addr()?;
+        let tls = match config.tls {
+            Some(tls) => Some((TcpListener::bind(tls.addr).await?, tls.acceptor)),
+            None => None,
+        };
+        let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
 
         let stats = Arc::new(Stats::default());
         let ingest = Arc::new(Ingest {
@@ -67,16 +91,24 @@ impl Server {
             streams: streams.clone(),
             clock: clock.clone(),
             stats: stats.clone(),
+            limits: config.limits,
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(tcp::serve(
-            listener,
-            ingest.clone(),
-            config.max_frame,
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        let conns = Arc::new(tcp::Connections {
+            ingest: ingest.clone(),
+            max_frame: config.max_frame,
+            read_timeout: config.read_timeout,
+            permits: Arc::new(Semaphore::new(
+                config.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        });
+        tracker.spawn(tcp::serve(listener, conns.clone(), None));
+        if let Some((listener, acceptor)) = tls {
+            tracker.spawn(tcp::serve(listener, conns, Some(acceptor)));
+        }
         tracker.spawn(udp::serve(
             udp_socket,
             ingest,
@@ -93,6 +125,7 @@ impl Server {
         Ok(Server {
             tcp_addr,
             udp_addr,
+            tls_addr,
             stats,
             shutdown,
             tracker,

@@ -25,6 +25,16 @@ counters! {
     tcp_connections,
     /// TCP connections open now.
     tcp_connections_open,
+    /// TCP connections refused (accepted and closed at once) over `--max-connections`.
+    tcp_connections_refused,
+    /// TCP connections closed for not completing a frame within `--read-timeout`.
+    tcp_read_timeouts,
+    /// TCP connections closed because replies could not be written within `--read-timeout`.
+    tcp_write_timeouts,
+    /// TLS handshakes completed (these connections count in `tcp_connections` too).
+    tls_connections,
+    /// TLS handshakes that failed or did not finish within `--read-timeout`.
+    tls_handshake_failures,
     /// `Msg` frames read over TCP.
     tcp_messages,
     /// Events received over TCP.
@@ -33,6 +43,10 @@ counters! {
     udp_datagrams,
     /// Events received over UDP.
     udp_events,
+    /// `Msg`s received over gRPC (`Send` and `SendBatch`).
+    grpc_messages,
+    /// Events received over gRPC.
+    grpc_events,
     /// Frames or datagrams whose protobuf did not decode.
     decode_errors,
     /// TCP length prefixes over the maximum frame size (connection closed).
@@ -41,10 +55,26 @@ counters! {
     frames_truncated,
     /// UDP datagrams over the maximum datagram size, dropped.
     udp_oversized,
+    /// `Msg`s refused for more events than `--max-events-per-msg`.
+    msgs_over_max_events,
+    /// `Msg`s refused for an event with more tags than `--max-tags`.
+    msgs_over_max_tags,
+    /// `Msg`s refused for an event with more attributes than `--max-attributes`.
+    msgs_over_max_attributes,
+    /// `Msg`s refused for a string longer than `--max-string`.
+    msgs_over_max_string,
     /// Queries answered.
     queries,
     /// Queries refused because they did not parse.
     query_errors,
+    /// Events accepted by `POST /events`.
+    http_events,
+    /// `POST /events` lines refused (bad JSON or a field of the wrong type).
+    http_event_errors,
+    /// HTTP requests refused for a missing or wrong bearer token.
+    http_unauthorized,
+    /// WebSocket and SSE subscriptions opened.
+    subscriptions,
 }
 
 impl Stats {

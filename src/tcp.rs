@@ -1,28 +1,52 @@
-//! Riemann over TCP: the accept loop and the per-connection handler.
+//! Riemann over TCP, plain or TLS: the accept loops and the per-connection
+//! handler (one, generic over the stream).
 //!
 //! Framing is a 4-byte big-endian length then a protobuf `Msg`, both ways. Every
 //! `Msg` gets exactly one reply, in order; clients pipeline, so replies to all
 //! frames already buffered are written with one flush.
+//!
+//! Bounds, so no client can hold resources indefinitely:
+//! - at most `max_connections` open at once, plain and TLS together; one more
+//!   is accepted and closed at once, and counted;
+//! - each frame must be complete within `read_timeout` of the previous one (or
+//!   of the connection opening): trickling bytes does not extend it, so it
+//!   closes slowloris and idle clients alike. The TLS handshake, and writing a
+//!   batch of replies to a client that does not read, get the same bound.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{
     Framed, LengthDelimitedCodec, length_delimited::LengthDelimitedCodecError,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::event::Event;
 use crate::ingest::{Ingest, Transport};
 use crate::proto;
 use crate::stats::Stats;
 
 /// Riemann has no limit; one oversized prefix must not make vigil allocate it.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Far above any real fleet's agents, far below the default fd limit of a
+/// service (each connection is one descriptor).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Riemann clients send at least every few seconds; a minute of silence is
+/// a dead or hostile peer.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Refusals are logged at most this often; the counter has every one.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The wire framing, shared with the client.
 pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
@@ -33,99 +57,188 @@ pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    ingest: Arc<Ingest>,
-    max_frame: usize,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
+/// What every connection needs, shared by the plain and the TLS listener.
+pub struct Connections {
+    pub ingest: Arc<Ingest>,
+    pub max_frame: usize,
+    pub read_timeout: Duration,
+    /// One permit per open connection: `max_connections` in all.
+    pub permits: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+type RiemannFramed<S> = Framed<S, LengthDelimitedCodec>;
+
+/// Accepts until shutdown; with `tls`, each connection handshakes first.
+pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<TlsAcceptor>) {
+    let mut next_refusal_log = Instant::now();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => return,
+            () = conns.shutdown.cancelled() => return,
         };
-        match accepted {
-            Ok((socket, peer)) => {
-                let _ = socket.set_nodelay(true);
-                Stats::incr(&ingest.stats.tcp_connections);
-                let ingest = ingest.clone();
-                let shutdown = shutdown.clone();
-                tracker.spawn(async move {
-                    Stats::incr(&ingest.stats.tcp_connections_open);
-                    if let Err(e) = handle(socket, &ingest, max_frame, shutdown).await {
-                        tracing::debug!(%peer, error = %e, "Connection ended with an error.");
-                    }
-                    Stats::decr(&ingest.stats.tcp_connections_open);
-                });
-            }
+        let (socket, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning on the error.
                 tracing::warn!(error = %e, "Accept failed; backing off.");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
+        };
+        let Ok(permit) = conns.permits.clone().try_acquire_owned() else {
+            // Dropping the socket closes it: the client sees EOF at once.
+            Stats::incr(&conns.ingest.stats.tcp_connections_refused);
+            if Instant::now() >= next_refusal_log {
+                next_refusal_log = Instant::now() + REFUSAL_LOG_INTERVAL;
+                tracing::warn!(
+                    %peer,
+                    refused = Stats::get(&conns.ingest.stats.tcp_connections_refused),
+                    "Connection limit reached; refusing new connections (see --max-connections)."
+                );
+            }
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        Stats::incr(&conns.ingest.stats.tcp_connections);
+        let task_conns = conns.clone();
+        let tls = tls.clone();
+        conns.tracker.spawn(async move {
+            let stats = &task_conns.ingest.stats;
+            Stats::incr(&stats.tcp_connections_open);
+            let result = match tls {
+                None => task_conns.handle(socket, peer).await,
+                Some(acceptor) => task_conns.handle_tls(&acceptor, socket, peer).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "Connection ended with an error.");
+            }
+            Stats::decr(&stats.tcp_connections_open);
+            drop(permit);
+        });
     }
 }
 
-async fn handle(
-    socket: TcpStream,
-    ingest: &Ingest,
-    max_frame: usize,
-    shutdown: CancellationToken,
-) -> io::Result<()> {
-    let mut framed = Framed::new(socket, codec(max_frame));
-    let mut events = Vec::new();
-    loop {
-        let mut next = tokio::select! {
-            next = framed.next() => next,
-            () = shutdown.cancelled() => return Ok(()),
+impl Connections {
+    async fn handle_tls(
+        &self,
+        acceptor: &TlsAcceptor,
+        socket: TcpStream,
+        peer: SocketAddr,
+    ) -> io::Result<()> {
+        let stats = &self.ingest.stats;
+        let handshake = tokio::select! {
+            handshake = tokio::time::timeout(self.read_timeout, acceptor.accept(socket)) => handshake,
+            () = self.shutdown.cancelled() => return Ok(()),
         };
-        // Answer every frame already buffered, then flush once.
+        let stream = match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                Stats::incr(&stats.tls_handshake_failures);
+                tracing::debug!(%peer, error = %e, "TLS handshake failed.");
+                return Ok(());
+            }
+            Err(_) => {
+                Stats::incr(&stats.tls_handshake_failures);
+                tracing::debug!(%peer, "TLS handshake timed out.");
+                return Ok(());
+            }
+        };
+        Stats::incr(&stats.tls_connections);
+        self.handle(stream, peer).await
+    }
+
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+    ) -> io::Result<()> {
+        let mut framed = Framed::new(stream, codec(self.max_frame));
+        let mut events = Vec::new();
+        // Reset only when a frame completes, never by a byte arriving.
+        let deadline = tokio::time::sleep(self.read_timeout);
+        tokio::pin!(deadline);
+        loop {
+            let next = tokio::select! {
+                next = framed.next() => next,
+                () = &mut deadline => {
+                    Stats::incr(&self.ingest.stats.tcp_read_timeouts);
+                    tracing::debug!(%peer, timeout = ?self.read_timeout, "No complete frame in time; closing the connection.");
+                    return Ok(());
+                }
+                () = self.shutdown.cancelled() => return Ok(()),
+            };
+            let answered = self.answer(&mut framed, next, &mut events);
+            match tokio::time::timeout(self.read_timeout, answered).await {
+                Ok(Ok(true)) => deadline.as_mut().reset(Instant::now() + self.read_timeout),
+                Ok(done) => return done.map(drop),
+                Err(_) => {
+                    Stats::incr(&self.ingest.stats.tcp_write_timeouts);
+                    tracing::debug!(%peer, timeout = ?self.read_timeout, "Client not reading its replies; closing the connection.");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Answers `next` and every further frame already buffered, then flushes
+    /// once. `false` when the connection is done.
+    async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        framed: &mut RiemannFramed<S>,
+        mut next: Option<io::Result<BytesMut>>,
+        events: &mut Vec<Event>,
+    ) -> io::Result<bool> {
         loop {
             match next {
                 // The peer finished sending: it may still be reading replies.
-                None => return SinkExt::<Bytes>::flush(&mut framed).await,
+                None => {
+                    SinkExt::<Bytes>::flush(framed).await?;
+                    return Ok(false);
+                }
                 Some(Ok(frame)) => {
-                    Stats::incr(&ingest.stats.tcp_messages);
-                    let reply = ingest.handle_frame(&frame, Transport::Tcp, &mut events);
+                    Stats::incr(&self.ingest.stats.tcp_messages);
+                    let reply = self.ingest.handle_frame(&frame, Transport::Tcp, events);
                     framed.feed(reply).await?;
                 }
-                Some(Err(e)) => return fail(&mut framed, ingest, e, max_frame).await,
+                Some(Err(e)) => return self.fail(framed, e).await.map(|()| false),
             }
             match framed.next().now_or_never() {
                 Some(more) => next = more,
                 None => break,
             }
         }
-        SinkExt::<Bytes>::flush(&mut framed).await?;
+        SinkExt::<Bytes>::flush(framed).await?;
+        Ok(true)
     }
-}
 
-/// A framing error leaves the stream unsynchronised: say why (when the client can
-/// still hear it) and close.
-async fn fail(
-    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
-    ingest: &Ingest,
-    error: io::Error,
-    max_frame: usize,
-) -> io::Result<()> {
-    let oversized = error
-        .get_ref()
-        .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>());
-    if oversized {
-        Stats::incr(&ingest.stats.frames_oversized);
-        tracing::info!("Frame over the {max_frame}-byte limit; closing the connection.");
-        let reply: Bytes = proto::error_reply(format!(
-            "frame exceeds the maximum size of {max_frame} bytes"
-        ));
-        framed.send(reply).await?;
-        return Ok(());
+    /// A framing error leaves the stream unsynchronised: say why (when the
+    /// client can still hear it) and close.
+    async fn fail<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        framed: &mut RiemannFramed<S>,
+        error: io::Error,
+    ) -> io::Result<()> {
+        let max_frame = self.max_frame;
+        let stats = &self.ingest.stats;
+        let oversized = error
+            .get_ref()
+            .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>());
+        if oversized {
+            Stats::incr(&stats.frames_oversized);
+            tracing::info!("Frame over the {max_frame}-byte limit; closing the connection.");
+            let reply: Bytes = proto::error_reply(format!(
+                "frame exceeds the maximum size of {max_frame} bytes"
+            ));
+            framed.send(reply).await?;
+            return Ok(());
+        }
+        if error.kind() == io::ErrorKind::Other {
+            // tokio-util's "bytes remaining on stream": EOF in the middle of a frame.
+            Stats::incr(&stats.frames_truncated);
+            return Ok(());
+        }
+        Err(error)
     }
-    if error.kind() == io::ErrorKind::Other {
-        // tokio-util's "bytes remaining on stream": EOF in the middle of a frame.
-        Stats::incr(&ingest.stats.frames_truncated);
-        return Ok(());
-    }
-    Err(error)
 }

@@ -10,6 +10,10 @@
 //! (a test compares them on random inputs): proto2 last-value-wins for
 //! scalars, repeated fields append, unknown fields are skipped, `Msg.states`
 //! is ignored, and a known field with the wrong wire type is an error.
+//!
+//! [`Limits`] are checked as fields are decoded, before anything is copied:
+//! the event, tag or attribute over its limit is never stored, and a string
+//! over `max_string` is refused by its length alone.
 
 use crate::clock::{MICROS_PER_SEC, Micros};
 use crate::event::{Event, Metric, RESERVED_FIELDS};
@@ -28,6 +32,104 @@ pub enum DecodeError {
     UnsupportedWireType(u8),
     #[error("field number 0 is invalid")]
     ZeroTag,
+    #[error("{0}")]
+    Exceeded(Exceeded),
+}
+
+impl From<Exceeded> for DecodeError {
+    fn from(e: Exceeded) -> Self {
+        DecodeError::Exceeded(e)
+    }
+}
+
+/// Bounds on one `Msg`, so a single frame cannot make vigil keep (in the
+/// reused decode buffers) or process more than an operator allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_events: usize,
+    pub max_tags: usize,
+    pub max_attributes: usize,
+    /// In bytes, for every string kept: host, service, state, description,
+    /// each tag, attribute key and value, and the query.
+    pub max_string: usize,
+}
+
+impl Limits {
+    /// Generous for any real agent (Riemann itself has no limits).
+    pub const DEFAULT: Limits = Limits {
+        max_events: 100_000,
+        max_tags: 10_000,
+        max_attributes: 10_000,
+        max_string: 1024 * 1024,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Which of the [`Limits`] a message went over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Events,
+    Tags,
+    Attributes,
+    String,
+}
+
+impl Limit {
+    /// The `vigil run` flag that sets it, so the error tells what to raise.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Limit::Events => "--max-events-per-msg",
+            Limit::Tags => "--max-tags",
+            Limit::Attributes => "--max-attributes",
+            Limit::String => "--max-string",
+        }
+    }
+}
+
+/// A message over one of the [`Limits`]; displays as the error reply, e.g.
+/// `event 3: 100000 tags exceeds --max-tags 10000`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exceeded {
+    pub limit: Limit,
+    /// The offending event's position in the `Msg`, from 0.
+    pub event: Option<usize>,
+    /// What went over: `events`, `tags`, `attributes` or a string field's name.
+    pub what: &'static str,
+    /// How many there were, or the string's length in bytes.
+    pub size: usize,
+    pub max: usize,
+}
+
+impl std::fmt::Display for Exceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(i) = self.event {
+            write!(f, "event {i}: ")?;
+        }
+        let (what, size, flag, max) = (self.what, self.size, self.limit.flag(), self.max);
+        match self.limit {
+            Limit::String => write!(f, "{what} of {size} bytes exceeds {flag} {max}"),
+            _ => write!(f, "{size} {what} exceeds {flag} {max}"),
+        }
+    }
+}
+
+impl Exceeded {
+    /// Too many occurrences of `field` in `body`; they are counted (only now,
+    /// on the way out) so the reply says how many there really were.
+    fn count(limit: Limit, what: &'static str, body: &[u8], field: u64, max: usize) -> Self {
+        Exceeded {
+            limit,
+            event: None,
+            what,
+            size: count_fields(body, field),
+            max,
+        }
+    }
 }
 
 /// What a `Msg` asked for, besides its events.
@@ -39,10 +141,12 @@ pub struct Request {
 
 /// Decodes `body` (a whole `Msg`) into `events`, reusing the events already
 /// there (and their allocations); on return `events` holds exactly the
-/// message's events. Events without a time get `now`.
+/// message's events. Events without a time get `now`. A message over one of
+/// the `limits` is an [`DecodeError::Exceeded`] error, like any other.
 pub fn decode_msg(
     body: &[u8],
     now: Micros,
+    limits: &Limits,
     events: &mut Vec<Event>,
 ) -> Result<Request, DecodeError> {
     let mut used = 0;
@@ -51,13 +155,24 @@ pub fn decode_msg(
     let result = (|| {
         while let Some((field, wire)) = r.key()? {
             match field {
-                5 => merge_query(r.len_delimited("query", wire)?, &mut request.query)?,
+                5 => merge_query(r.len_delimited("query", wire)?, limits, &mut request.query)?,
                 6 => {
                     let bytes = r.len_delimited("events", wire)?;
+                    if used == limits.max_events {
+                        let max = limits.max_events;
+                        return Err(Exceeded::count(Limit::Events, "events", body, 6, max).into());
+                    }
                     if used == events.len() {
                         events.push(Event::default());
                     }
-                    decode_event(bytes, now, &mut events[used])?;
+                    decode_event(bytes, now, limits, &mut events[used]).map_err(|e| match e {
+                        DecodeError::Exceeded(e) => Exceeded {
+                            event: Some(used),
+                            ..e
+                        }
+                        .into(),
+                        other => other,
+                    })?;
                     used += 1;
                 }
                 // ok (2), error (3) and the deprecated states (4) mean nothing
@@ -79,14 +194,18 @@ pub fn decode_msg(
 }
 
 /// A repeated `query` field merges into the first, as protobuf says.
-fn merge_query(body: &[u8], query: &mut Option<String>) -> Result<(), DecodeError> {
+fn merge_query(
+    body: &[u8],
+    limits: &Limits,
+    query: &mut Option<String>,
+) -> Result<(), DecodeError> {
     let query = query.get_or_insert_with(String::new);
     let mut r = reader(body);
     while let Some((field, wire)) = r.key()? {
         match field {
             1 => replace(
                 query,
-                utf8("query.string", r.len_delimited("query.string", wire)?)?,
+                text("query", r.len_delimited("query.string", wire)?, limits)?,
             ),
             _ => r.skip(wire)?,
         }
@@ -112,12 +231,18 @@ fn validate_state(body: &[u8]) -> Result<(), DecodeError> {
 }
 
 /// Overwrites `e` with the event encoded in `body`.
-fn decode_event(body: &[u8], now: Micros, e: &mut Event) -> Result<(), DecodeError> {
+fn decode_event(
+    body: &[u8],
+    now: Micros,
+    limits: &Limits,
+    e: &mut Event,
+) -> Result<(), DecodeError> {
     let mut r = reader(body);
     let (mut time, mut time_micros) = (None, None);
     let (mut sint64, mut double, mut float) = (None, None, None);
     let mut tags = 0;
-    let mut attributes = 0;
+    // Stored attributes, and all decoded (the limit counts dropped ones too).
+    let (mut attributes, mut attribute_fields) = (0, 0);
     let mut seen = Seen::default();
     e.ttl = None;
     while let Some((field, wire)) = r.key()? {
@@ -126,35 +251,41 @@ fn decode_event(body: &[u8], now: Micros, e: &mut Event) -> Result<(), DecodeErr
             2 => set_text(
                 &mut e.state,
                 &mut seen.state,
-                "state",
-                r.len_delimited("state", wire)?,
-            )?,
+                text("state", r.len_delimited("state", wire)?, limits)?,
+            ),
             3 => set_text(
                 &mut e.service,
                 &mut seen.service,
-                "service",
-                r.len_delimited("service", wire)?,
-            )?,
+                text("service", r.len_delimited("service", wire)?, limits)?,
+            ),
             4 => set_text(
                 &mut e.host,
                 &mut seen.host,
-                "host",
-                r.len_delimited("host", wire)?,
-            )?,
+                text("host", r.len_delimited("host", wire)?, limits)?,
+            ),
             5 => set_text(
                 &mut e.description,
                 &mut seen.description,
-                "description",
-                r.len_delimited("description", wire)?,
-            )?,
+                text("description", r.len_delimited("description", wire)?, limits)?,
+            ),
             7 => {
-                let tag = utf8("tags", r.len_delimited("tags", wire)?)?;
-                reuse_push(&mut e.tags, tags, tag);
+                let tag = r.len_delimited("tags", wire)?;
+                if tags == limits.max_tags {
+                    let max = limits.max_tags;
+                    return Err(Exceeded::count(Limit::Tags, "tags", body, 7, max).into());
+                }
+                reuse_push(&mut e.tags, tags, text("tag", tag, limits)?);
                 tags += 1;
             }
             8 => e.ttl = Some(f32::from_bits(r.fixed32_field("ttl", wire)?)),
             9 => {
-                let (key, value) = decode_attribute(r.len_delimited("attributes", wire)?)?;
+                let attribute = r.len_delimited("attributes", wire)?;
+                if attribute_fields == limits.max_attributes {
+                    let (what, max) = ("attributes", limits.max_attributes);
+                    return Err(Exceeded::count(Limit::Attributes, what, body, 9, max).into());
+                }
+                attribute_fields += 1;
+                let (key, value) = decode_attribute(attribute, limits)?;
                 // Names of standard fields are dropped, as Riemann does.
                 if !RESERVED_FIELDS.contains(&key) {
                     if attributes == e.attributes.len() {
@@ -211,17 +342,21 @@ struct Seen {
     description: bool,
 }
 
-fn decode_attribute(body: &[u8]) -> Result<(&str, &str), DecodeError> {
+fn decode_attribute<'a>(
+    body: &'a [u8],
+    limits: &Limits,
+) -> Result<(&'a str, &'a str), DecodeError> {
     let mut r = reader(body);
     let (mut key, mut value) = ("", "");
     while let Some((field, wire)) = r.key()? {
         match field {
-            1 => key = utf8("attributes.key", r.len_delimited("attributes.key", wire)?)?,
+            1 => {
+                let bytes = r.len_delimited("attributes.key", wire)?;
+                key = text("attributes.key", bytes, limits)?;
+            }
             2 => {
-                value = utf8(
-                    "attributes.value",
-                    r.len_delimited("attributes.value", wire)?,
-                )?
+                let bytes = r.len_delimited("attributes.value", wire)?;
+                value = text("attributes.value", bytes, limits)?;
             }
             _ => r.skip(wire)?,
         }
@@ -233,24 +368,44 @@ fn utf8<'a>(field: &'static str, bytes: &'a [u8]) -> Result<&'a str, DecodeError
     std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8(field))
 }
 
+/// A string vigil keeps: within `max_string`, then valid UTF-8.
+fn text<'a>(field: &'static str, bytes: &'a [u8], limits: &Limits) -> Result<&'a str, DecodeError> {
+    if bytes.len() > limits.max_string {
+        return Err(DecodeError::Exceeded(Exceeded {
+            limit: Limit::String,
+            event: None,
+            what: field,
+            size: bytes.len(),
+            max: limits.max_string,
+        }));
+    }
+    utf8(field, bytes)
+}
+
+/// How many times `wanted` occurs in `body`, up to the first malformed field.
+fn count_fields(body: &[u8], wanted: u64) -> usize {
+    let mut r = reader(body);
+    let mut n = 0;
+    while let Ok(Some((field, wire))) = r.key() {
+        n += usize::from(field == wanted);
+        if r.skip(wire).is_err() {
+            break;
+        }
+    }
+    n
+}
+
 fn replace(target: &mut String, value: &str) {
     target.clear();
     target.push_str(value);
 }
 
-fn set_text(
-    target: &mut Option<String>,
-    seen: &mut bool,
-    field: &'static str,
-    bytes: &[u8],
-) -> Result<(), DecodeError> {
-    let text = utf8(field, bytes)?;
+fn set_text(target: &mut Option<String>, seen: &mut bool, text: &str) {
     match target {
         Some(s) => replace(s, text),
         None => *target = Some(text.to_owned()),
     }
     *seen = true;
-    Ok(())
 }
 
 fn reuse_push(list: &mut Vec<String>, at: usize, value: &str) {
@@ -434,7 +589,7 @@ mod tests {
         now: Micros,
         events: &mut Vec<Event>,
     ) -> Option<(Vec<Event>, Option<String>)> {
-        let request = decode_msg(body, now, events).ok()?;
+        let request = decode_msg(body, now, &Limits::DEFAULT, events).ok()?;
         Some((events.clone(), request.query))
     }
 
@@ -501,8 +656,8 @@ mod tests {
             ..Msg::default()
         }
         .encode_to_vec();
-        decode_msg(&long, 1, &mut events).unwrap();
-        decode_msg(&short, 1, &mut events).unwrap();
+        decode_msg(&long, 1, &Limits::DEFAULT, &mut events).unwrap();
+        decode_msg(&short, 1, &Limits::DEFAULT, &mut events).unwrap();
         assert_eq!(events, reference(&short, 1).unwrap().0);
         assert_eq!(events[0].host, None);
         assert!(events[0].tags.is_empty() && events[0].attributes.is_empty());
@@ -558,12 +713,12 @@ mod tests {
     #[test]
     fn errors_name_what_is_wrong() {
         assert_eq!(
-            decode_msg(&[0x32, 0x05, 0x22], 0, &mut Vec::new()),
+            decode_msg(&[0x32, 0x05, 0x22], 0, &Limits::DEFAULT, &mut Vec::new()),
             Err(DecodeError::Truncated)
         );
         // Field 6 (events) with wire type 0.
         assert_eq!(
-            decode_msg(&[0x30, 0x01], 0, &mut Vec::new()),
+            decode_msg(&[0x30, 0x01], 0, &Limits::DEFAULT, &mut Vec::new()),
             Err(DecodeError::WireType {
                 field: "events",
                 wire_type: 0
@@ -571,12 +726,114 @@ mod tests {
         );
         // An event whose host (field 4) is invalid UTF-8.
         assert_eq!(
-            decode_msg(&[0x32, 0x03, 0x22, 0x01, 0xff], 0, &mut Vec::new()),
+            decode_msg(
+                &[0x32, 0x03, 0x22, 0x01, 0xff],
+                0,
+                &Limits::DEFAULT,
+                &mut Vec::new()
+            ),
             Err(DecodeError::InvalidUtf8("host"))
         );
         assert_eq!(
-            decode_msg(&[0xff; 11], 0, &mut Vec::new()),
+            decode_msg(&[0xff; 11], 0, &Limits::DEFAULT, &mut Vec::new()),
             Err(DecodeError::VarintOverflow)
         );
+    }
+
+    fn limited(msg: &Msg, limits: Limits) -> Result<Request, DecodeError> {
+        decode_msg(&msg.encode_to_vec(), 0, &limits, &mut Vec::new())
+    }
+
+    fn tiny() -> Limits {
+        Limits {
+            max_events: 2,
+            max_tags: 3,
+            max_attributes: 1,
+            max_string: 8,
+        }
+    }
+
+    #[test]
+    fn limits_name_the_event_the_real_count_and_the_flag() {
+        let tagged = PbEvent {
+            tags: (0..10).map(|i| i.to_string()).collect(),
+            ..PbEvent::default()
+        };
+        let msg = Msg {
+            events: vec![PbEvent::default(), tagged],
+            ..Msg::default()
+        };
+        let e = limited(&msg, tiny()).unwrap_err();
+        assert_eq!(e.to_string(), "event 1: 10 tags exceeds --max-tags 3");
+
+        let msg = Msg {
+            events: vec![PbEvent::default(); 5],
+            ..Msg::default()
+        };
+        let e = limited(&msg, tiny()).unwrap_err();
+        assert_eq!(e.to_string(), "5 events exceeds --max-events-per-msg 2");
+
+        let described = PbEvent {
+            description: Some("x".repeat(9)),
+            ..PbEvent::default()
+        };
+        let msg = Msg {
+            events: vec![described],
+            ..Msg::default()
+        };
+        let e = limited(&msg, tiny()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "event 0: description of 9 bytes exceeds --max-string 8"
+        );
+
+        let attribute = |key: &str| Attribute {
+            key: key.into(),
+            value: Some("v".into()),
+        };
+        // A reserved name is dropped, but still counts against the limit.
+        let attributed = PbEvent {
+            attributes: vec![attribute("ttl"), attribute("a")],
+            ..PbEvent::default()
+        };
+        let msg = Msg {
+            events: vec![attributed],
+            ..Msg::default()
+        };
+        let e = limited(&msg, tiny()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "event 0: 2 attributes exceeds --max-attributes 1"
+        );
+
+        let msg = Msg {
+            query: Some(PbQuery {
+                string: Some("host = \"long\"".into()),
+            }),
+            ..Msg::default()
+        };
+        let e = limited(&msg, tiny()).unwrap_err();
+        assert_eq!(e.to_string(), "query of 13 bytes exceeds --max-string 8");
+    }
+
+    #[test]
+    fn exactly_at_the_limits_is_accepted() {
+        let full = PbEvent {
+            tags: (0..3).map(|i| i.to_string()).collect(),
+            host: Some("x".repeat(8)),
+            attributes: vec![Attribute {
+                key: "k".into(),
+                value: Some("12345678".into()),
+            }],
+            ..PbEvent::default()
+        };
+        let msg = Msg {
+            events: vec![full.clone(), full],
+            ..Msg::default()
+        };
+        let mut events = Vec::new();
+        decode_msg(&msg.encode_to_vec(), 0, &tiny(), &mut events).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].tags.len(), 3);
     }
 }

@@ -158,6 +158,12 @@ impl Reloader {
         }
     }
 
+    /// The current outputs' queues, in declaration order, for their counters.
+    pub fn output_queues(&self) -> Vec<Arc<Queue>> {
+        let outputs = self.outputs.lock();
+        outputs.running.iter().map(|r| r.queue.clone()).collect()
+    }
+
     /// Reloads on every `SIGHUP` from now on. The handler is installed before
     /// this returns, so a signal right after start-up cannot kill the process.
     pub fn on_sighup(self: &Arc<Self>) -> io::Result<JoinHandle<()>> {

@@ -44,7 +44,19 @@ pub struct Vigil {
     child: Child,
     pub tcp: SocketAddr,
     pub udp: SocketAddr,
+    /// Set when started with `--grpc`.
+    pub grpc: Option<SocketAddr>,
+    /// The HTTP listener (an ephemeral port unless the test chose one); `None` with `--no-http`.
+    pub http: Option<SocketAddr>,
     log: LogRing,
+}
+
+/// The addresses a `listening` log line announces.
+struct Listening {
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    grpc: Option<SocketAddr>,
+    http: Option<SocketAddr>,
 }
 
 impl Vigil {
@@ -66,6 +78,17 @@ impl Vigil {
             .any(|a| *a == "--data-dir" || *a == "--no-snapshot")
         {
             args.push("--no-snapshot");
+        }
+        // Never the fixed default port (tests run in parallel), and no
+        // self-metric events in the index unless a test asks for them.
+        if !extra_args
+            .iter()
+            .any(|a| *a == "--http" || *a == "--no-http")
+        {
+            args.extend(["--http", "127.0.0.1:0"]);
+        }
+        if !extra_args.contains(&"--self-metrics-interval") {
+            args.extend(["--self-metrics-interval", "0"]);
         }
         args.extend_from_slice(extra_args);
         let mut child = Command::new(bin)
@@ -128,11 +151,11 @@ impl Vigil {
 
         let deadline = Instant::now() + START_TIMEOUT;
         let mut seen = Vec::new();
-        let (tcp, udp) = loop {
+        let listening = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => match parse_listening(&line) {
-                    Some(Ok(addrs)) => break addrs,
+                    Some(Ok(listening)) => break listening,
                     Some(Err(msg)) => {
                         let _ = child.kill();
                         let _ = child.wait();
@@ -160,8 +183,10 @@ impl Vigil {
         };
         Vigil {
             child,
-            tcp,
-            udp,
+            tcp: listening.tcp,
+            udp: listening.udp,
+            grpc: listening.grpc,
+            http: listening.http,
             log,
         }
     }
@@ -252,9 +277,9 @@ impl Drop for Vigil {
     }
 }
 
-/// Parse one tracing-subscriber JSON line; return (tcp, udp) when it is the
+/// Parse one tracing-subscriber JSON line; return its addresses when it is the
 /// `listening` line. Non-JSON lines are ignored.
-fn parse_listening(line: &str) -> Option<Result<(SocketAddr, SocketAddr), String>> {
+fn parse_listening(line: &str) -> Option<Result<Listening, String>> {
     let v: Value = serde_json::from_str(line.trim()).ok()?;
     let fields = v.get("fields").unwrap_or(&v);
     if fields.get("message").and_then(Value::as_str) != Some("listening") {
@@ -275,7 +300,12 @@ fn parse_listening(line: &str) -> Option<Result<(SocketAddr, SocketAddr), String
             "`listening` line without a parsable udp field: {line}"
         )));
     };
-    Some(Ok((tcp, udp)))
+    Some(Ok(Listening {
+        tcp,
+        udp,
+        grpc: addr("grpc"),
+        http: addr("http"),
+    }))
 }
 
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {

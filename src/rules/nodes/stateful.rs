@@ -47,34 +47,37 @@ impl Rate {
         }
     }
 
-    fn flush(&self, cx: &mut Cx) {
+    /// The windows that closed by `cx.now`, as events to emit (the caller
+    /// emits them after releasing the lock).
+    fn due(&self, s: &mut RateState, cx: &Cx) -> Vec<Event> {
         let mut due = Vec::new();
-        {
-            let mut s = self.state.lock();
-            let mut rounds = 0;
-            while s.latest.is_some() && cx.now >= s.window_end {
-                let latest = s.latest.as_ref().expect("checked above");
-                let mut out = latest.clone();
-                out.metric = Some(Metric::Float(s.sum / as_secs(self.interval)));
-                out.time = s.window_end;
-                let ttl = latest.ttl.map_or(cx.index.default_ttl(), f64::from);
-                let expired = latest.time.saturating_add(secs_to_micros(ttl)) < s.window_end;
-                let pending = std::mem::take(&mut s.pending);
-                s.sum = 0.0;
-                s.window_end = s.window_end.saturating_add(self.interval);
-                if expired && !pending {
-                    // The series went silent (and this window got nothing): stop
-                    // reporting until it speaks again.
-                    s.latest = None;
-                    break;
-                }
-                due.push(out);
-                rounds += 1;
-                if rounds == MAX_CATCH_UP {
-                    s.window_end = cx.now.saturating_add(self.interval);
-                }
+        let mut rounds = 0;
+        while s.latest.is_some() && cx.now >= s.window_end {
+            let latest = s.latest.as_ref().expect("checked above");
+            let mut out = latest.clone();
+            out.metric = Some(Metric::Float(s.sum / as_secs(self.interval)));
+            out.time = s.window_end;
+            let ttl = latest.ttl.map_or(cx.index.default_ttl(), f64::from);
+            let expired = latest.time.saturating_add(secs_to_micros(ttl)) < s.window_end;
+            let pending = std::mem::take(&mut s.pending);
+            s.sum = 0.0;
+            s.window_end = s.window_end.saturating_add(self.interval);
+            if expired && !pending {
+                // The series went silent (and this window got nothing): stop
+                // reporting until it speaks again.
+                s.latest = None;
+                break;
+            }
+            due.push(out);
+            rounds += 1;
+            if rounds == MAX_CATCH_UP {
+                s.window_end = cx.now.saturating_add(self.interval);
             }
         }
+        due
+    }
+
+    fn emit(&self, due: Vec<Event>, cx: &mut Cx) {
         for event in &due {
             self.children.event(event, cx);
         }
@@ -83,25 +86,30 @@ impl Rate {
 
 impl Node for Rate {
     fn event(&self, event: &Event, cx: &mut Cx) {
-        self.flush(cx);
-        let Some(metric) = metric_f64(event) else {
-            return;
+        // One lock per event: closing due windows and adding this one together.
+        let due = {
+            let mut s = self.state.lock();
+            let due = self.due(&mut s, cx);
+            if let Some(metric) = metric_f64(event) {
+                if s.latest.is_none() {
+                    s.window_end = cx.now.saturating_add(self.interval);
+                }
+                s.sum += metric;
+                s.pending = true;
+                // Reuses the previous template's allocations.
+                match &mut s.latest {
+                    Some(latest) => latest.clone_from(event),
+                    None => s.latest = Some(event.clone()),
+                }
+            }
+            due
         };
-        let mut s = self.state.lock();
-        if s.latest.is_none() {
-            s.window_end = cx.now.saturating_add(self.interval);
-        }
-        s.sum += metric;
-        s.pending = true;
-        // Reuses the previous template's allocations.
-        match &mut s.latest {
-            Some(latest) => latest.clone_from(event),
-            None => s.latest = Some(event.clone()),
-        }
+        self.emit(due, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {
-        self.flush(cx);
+        let due = self.due(&mut self.state.lock(), cx);
+        self.emit(due, cx);
         self.children.tick(cx);
     }
 

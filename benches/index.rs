@@ -1,0 +1,83 @@
+//! The index at a million keys: upserting into it, and one expiry pass that
+//! removes all of them.
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+use vigil::clock::MICROS_PER_SEC;
+use vigil::event::{Event, Metric};
+use vigil::index::{Index, IndexConfig};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A million keys when benchmarking; `cargo test` only checks that the bench
+/// runs, on a small index.
+fn keys() -> usize {
+    if std::env::args().any(|a| a == "--bench") {
+        1_000_000
+    } else {
+        10_000
+    }
+}
+const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
+
+fn event(k: usize, ttl: f32) -> Event {
+    Event {
+        host: Some(format!("host{}", k / 10)),
+        service: Some(format!("service {}", k % 10)),
+        state: Some("ok".into()),
+        time: T0,
+        ttl: Some(ttl),
+        metric: Some(Metric::Float(k as f64)),
+        tags: vec!["load".into()],
+        ..Event::default()
+    }
+}
+
+fn full_index(ttl: f32) -> Index {
+    let index = Index::new(IndexConfig::default());
+    for k in 0..keys() {
+        index.insert(&event(k, ttl));
+    }
+    index
+}
+
+fn index(c: &mut Criterion) {
+    let mut group = c.benchmark_group("index_1m");
+    group.sample_size(10);
+
+    let index = full_index(60.0);
+    let updates: Vec<Event> = (0..10_000)
+        .map(|i| event(i * 7919 % keys(), 60.0))
+        .collect();
+    group.throughput(Throughput::Elements(updates.len() as u64));
+    group.bench_function("upsert_existing_10k", |b| {
+        b.iter(|| {
+            for e in &updates {
+                index.insert(e);
+            }
+        })
+    });
+    drop(index);
+
+    group.throughput(Throughput::Elements(keys() as u64));
+    group.bench_function("expire_all", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let index = full_index(1.0);
+                let started = Instant::now();
+                let expired = index.expire(T0 + 2 * MICROS_PER_SEC);
+                total += started.elapsed();
+                assert_eq!(expired.len(), keys());
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, index);
+criterion_main!(benches);

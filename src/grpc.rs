@@ -1,0 +1,244 @@
+//! The gRPC API (`proto/vigil.proto`): `Send`/`SendBatch` feed the rules exactly
+//! as a Riemann TCP frame does, `Query` reads the index, `Subscribe` streams the
+//! index's current matches and then its live updates from [`pubsub`](crate::pubsub).
+//!
+//! Off unless `--grpc` is given. It runs beside the Riemann listeners with its
+//! own shutdown token: cancelling it ends the open streams with `UNAVAILABLE`,
+//! so a graceful HTTP/2 shutdown is not held up by a subscriber that never leaves.
+
+// tonic's API hands `Status` around by value throughout.
+#![allow(clippy::result_large_err)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt, stream};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::clock::SharedClock;
+use crate::event::Event;
+use crate::index::Index;
+use crate::proto::{self, PbEvent};
+use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
+use crate::query::Query;
+use crate::stats::Stats;
+use crate::streams::Streams;
+
+/// The generated code names Riemann's `Event` as `super::riemann::Event`.
+mod riemann {
+    pub use crate::proto::PbEvent as Event;
+}
+
+/// Code generated from `proto/vigil.proto`.
+#[allow(clippy::all)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/vigil.rs"));
+}
+
+pub use pb::vigil_client::VigilClient;
+pub use pb::{Ack, Msg, QueryRequest, QueryResponse};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// What every call needs; shared by the connections.
+struct Shared {
+    index: Arc<Index>,
+    streams: Arc<dyn Streams>,
+    clock: SharedClock,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Clone)]
+struct Service(Arc<Shared>);
+
+fn shutting_down() -> Status {
+    Status::unavailable("vigil is shutting down")
+}
+
+impl Shared {
+    /// The same path as a Riemann TCP frame: arrival time for events without
+    /// one, counted, then the rules, as one batch.
+    fn accept(&self, msg: Msg) -> Ack {
+        Stats::incr(&self.stats.grpc_messages);
+        if !msg.events.is_empty() {
+            let now = self.clock.now();
+            let events: Vec<Event> = msg
+                .events
+                .into_iter()
+                .map(|pb| proto::from_pb(pb, now))
+                .collect();
+            Stats::add(&self.stats.grpc_events, events.len() as u64);
+            self.streams.process(&events);
+        }
+        Ack {
+            ok: true,
+            error: String::new(),
+        }
+    }
+
+    fn parse(&self, text: &str) -> Result<Query, Status> {
+        Query::parse(text).map_err(|e| {
+            Stats::incr(&self.stats.query_errors);
+            tracing::debug!(query = text, error = %e, "gRPC query refused.");
+            // "parse error at column N: …": the column is in the message.
+            Status::invalid_argument(e.to_string())
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::vigil_server::Vigil for Service {
+    type SendStream = ResponseStream<Ack>;
+    type SubscribeStream = ResponseStream<PbEvent>;
+
+    async fn send(
+        &self,
+        request: Request<Streaming<Msg>>,
+    ) -> Result<Response<Self::SendStream>, Status> {
+        // Acks are produced as the Msgs are read, so they come back in order.
+        let acks = stream::unfold(
+            Some((request.into_inner(), self.0.clone())),
+            |state| async move {
+                let (mut msgs, shared) = state?;
+                let next = tokio::select! {
+                    next = msgs.next() => next?,
+                    () = shared.shutdown.cancelled() => Err(shutting_down()),
+                };
+                match next {
+                    Ok(msg) => Some((Ok(shared.accept(msg)), Some((msgs, shared)))),
+                    // An undecodable or oversized Msg ends the call.
+                    Err(status) => Some((Err(status), None)),
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(acks)))
+    }
+
+    async fn send_batch(&self, request: Request<Msg>) -> Result<Response<Ack>, Status> {
+        Ok(Response::new(self.0.accept(request.into_inner())))
+    }
+
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        let query = self.0.parse(&request.get_ref().query)?;
+        Stats::incr(&self.0.stats.queries);
+        let events = self
+            .0
+            .index
+            .query(&query)
+            .iter()
+            .map(proto::to_pb)
+            .collect();
+        Ok(Response::new(QueryResponse { events }))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let query = self.0.parse(&request.get_ref().query)?;
+        // Subscribed before the snapshot is taken: an event indexed in between
+        // may arrive twice, but none is missed.
+        let subscription = self
+            .0
+            .index
+            .pubsub()
+            .subscribe(query.clone(), DEFAULT_CAPACITY);
+        let current = self.0.index.query(&query);
+        tracing::debug!(query = %query, current = current.len(), "gRPC subscriber joined.");
+        let current = stream::iter(current.into_iter().map(|e| Ok(proto::to_pb(&e))));
+        let live = stream::unfold(
+            Some((subscription, self.0.shutdown.clone())),
+            |state| async move {
+                let (mut subscription, shutdown) = state?;
+                tokio::select! {
+                    event = subscription.rx.recv() => match event {
+                        Some(e) => Some((Ok(proto::to_pb(&e)), Some((subscription, shutdown)))),
+                        None => Some((Err(ended(&subscription)), None)),
+                    },
+                    () = shutdown.cancelled() => Some((Err(shutting_down()), None)),
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(current.chain(live))))
+    }
+}
+
+/// Why a subscription's queue closed: pubsub drops a subscriber that falls
+/// behind rather than slow ingest down.
+fn ended(subscription: &Subscription) -> Status {
+    if subscription.lagged() {
+        Status::resource_exhausted("subscriber too slow: its queue filled up")
+    } else {
+        Status::internal("subscription closed")
+    }
+}
+
+/// A running gRPC listener; [`Grpc::shutdown`] stops it.
+pub struct Grpc {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Grpc {
+    /// Binds `addr` and serves. `max_message` bounds each decoded request
+    /// message, as `--max-frame` bounds a TCP frame.
+    pub async fn start(
+        addr: SocketAddr,
+        max_message: usize,
+        index: Arc<Index>,
+        streams: Arc<dyn Streams>,
+        clock: SharedClock,
+        stats: Arc<Stats>,
+    ) -> io::Result<Grpc> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let service = pb::vigil_server::VigilServer::new(Service(Arc::new(Shared {
+            index,
+            streams,
+            clock,
+            stats,
+            shutdown: shutdown.clone(),
+        })))
+        .max_decoding_message_size(max_message);
+        // Acks and subscription events are small writes that should not wait for Nagle.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let server = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "gRPC server failed.");
+            }
+        });
+        Ok(Grpc {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Ends every open stream, stops accepting and waits (up to `grace`) for
+    /// the calls in flight to finish.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shutdown.cancel();
+        if tokio::time::timeout(grace, self.task).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "gRPC calls still running after the shutdown grace period."
+            );
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! `POST`/`PUT /events`: newline-delimited JSON events, for agents that cannot
+//! speak protobuf. Each non-blank line is answered, in order, with `{}` or
+//! `{"error": "…"}` naming the field at fault; the accepted events then go
+//! through the pipeline as one batch, like a TCP message's.
+//!
+//! Fields are Riemann's JSON names (`metric_f`, `metric_d` and `metric_sint64`
+//! also name the metric). `time` is ISO 8601 UTC (`2024-01-02T03:04:05.678Z`)
+//! or seconds since the epoch, `time_micros` microseconds; without either the
+//! event gets its arrival time. Any other key is an attribute.
+
+use std::time::UNIX_EPOCH;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::{AppState, error};
+use crate::clock::{Micros, secs_to_micros};
+use crate::event::{Event, Metric};
+use crate::stats::Stats;
+
+/// Largest body accepted (as TCP's default maximum frame).
+pub(super) const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Most lines one request may carry, so one request cannot monopolise ingest.
+const MAX_LINES: usize = 100_000;
+
+pub(super) async fn post(State(state): State<AppState>, body: Bytes) -> Response {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "body is not UTF-8"}),
+        );
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() > MAX_LINES {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": format!("more than {MAX_LINES} lines; split the request")}),
+        );
+    }
+    let arrival = state.clock.now();
+    let mut events = Vec::with_capacity(lines.len());
+    let mut answers = String::with_capacity(lines.len() * 3);
+    for line in lines {
+        match parse_line(line, arrival) {
+            Ok(event) => {
+                events.push(event);
+                answers.push_str("{}\n");
+            }
+            Err(reason) => {
+                answers.push_str(&json!({ "error": reason }).to_string());
+                answers.push('\n');
+            }
+        }
+    }
+    let stats = state.stats();
+    let refused = answers.lines().count() - events.len();
+    Stats::add(&stats.http_events, events.len() as u64);
+    Stats::add(&stats.http_event_errors, refused as u64);
+    if refused > 0 {
+        tracing::debug!(
+            refused,
+            accepted = events.len(),
+            "POST /events refused lines."
+        );
+    }
+    if !events.is_empty() {
+        state.streams.process(&events);
+    }
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], answers).into_response()
+}
+
+/// One line as an event, or why not.
+fn parse_line(line: &str, arrival: Micros) -> Result<Event, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(fields) = value else {
+        return Err("an event must be a JSON object".to_owned());
+    };
+    to_event(fields, arrival)
+}
+
+fn to_event(fields: Map<String, Value>, arrival: Micros) -> Result<Event, String> {
+    let mut event = Event {
+        time: arrival,
+        ..Event::default()
+    };
+    for (key, value) in fields {
+        if value.is_null() {
+            continue;
+        }
+        match key.as_str() {
+            "host" => event.host = Some(text(&key, value)?),
+            "service" => event.service = Some(text(&key, value)?),
+            "state" => event.state = Some(text(&key, value)?),
+            "description" => event.description = Some(text(&key, value)?),
+            "metric" | "metric_f" | "metric_d" | "metric_sint64" => {
+                event.metric = Some(metric(&key, &value)?);
+            }
+            "tags" => event.tags = tags(value)?,
+            "time" => event.time = time(&value)?,
+            "time_micros" => {
+                event.time = value.as_i64().ok_or("time_micros must be an integer")?;
+            }
+            "ttl" => {
+                event.ttl = Some(value.as_f64().ok_or("ttl must be a number")? as f32);
+            }
+            _ => {
+                let value = match value {
+                    Value::String(s) => s,
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => return Err(format!("attribute {key} must be a string")),
+                };
+                event.attributes.push((key, value));
+            }
+        }
+    }
+    Ok(event)
+}
+
+fn text(key: &str, value: Value) -> Result<String, String> {
+    match value {
+        Value::String(s) => Ok(s),
+        _ => Err(format!("{key} must be a string")),
+    }
+}
+
+fn metric(key: &str, value: &Value) -> Result<Metric, String> {
+    if let Some(i) = value.as_i64() {
+        return Ok(Metric::Int(i));
+    }
+    value
+        .as_f64()
+        .map(Metric::Float)
+        .ok_or_else(|| format!("{key} must be a number"))
+}
+
+fn tags(value: Value) -> Result<Vec<String>, String> {
+    let fail = || "tags must be an array of strings".to_owned();
+    let Value::Array(items) = value else {
+        return Err(fail());
+    };
+    items
+        .into_iter()
+        .map(|t| match t {
+            Value::String(s) => Ok(s),
+            _ => Err(fail()),
+        })
+        .collect()
+}
+
+fn time(value: &Value) -> Result<Micros, String> {
+    const EXPECTED: &str =
+        "time must be ISO 8601 UTC (e.g. 2024-01-02T03:04:05.678Z) or seconds since the epoch";
+    match value {
+        Value::Number(n) => n
+            .as_f64()
+            .map(secs_to_micros)
+            .ok_or_else(|| EXPECTED.to_owned()),
+        Value::String(s) => {
+            // `+00:00` is the same instant as `Z`, which is all humantime reads.
+            let utc = s
+                .strip_suffix("+00:00")
+                .map_or(s.clone(), |t| format!("{t}Z"));
+            let at = humantime::parse_rfc3339_weak(&utc).map_err(|_| EXPECTED.to_owned())?;
+            Ok(match at.duration_since(UNIX_EPOCH) {
+                Ok(after) => micros(after.as_micros()),
+                Err(before) => -micros(before.duration().as_micros()),
+            })
+        }
+        _ => Err(EXPECTED.to_owned()),
+    }
+}
+
+fn micros(m: u128) -> Micros {
+    Micros::try_from(m).unwrap_or(Micros::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::MICROS_PER_SEC;
+
+    #[test]
+    fn a_full_event_with_attributes() {
+        let line = r#"{"host":"h","service":"s","state":"ok","description":"d","metric":2.5,
+            "tags":["a","b"],"time":"2023-11-14T22:13:20.123Z","ttl":30,"env":"prod","n":3}"#;
+        let e = parse_line(&line.replace('\n', ""), 0).unwrap();
+        assert_eq!(
+            (e.host_str(), e.service_str(), e.state.as_deref()),
+            ("h", "s", Some("ok"))
+        );
+        assert_eq!(e.metric, Some(Metric::Float(2.5)));
+        assert_eq!(e.tags, vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(e.time, 1_700_000_000_123_000);
+        assert_eq!(e.ttl, Some(30.0));
+        assert_eq!(e.attribute("env"), Some("prod"));
+        assert_eq!(e.attribute("n"), Some("3"));
+    }
+
+    #[test]
+    fn times_in_every_accepted_form() {
+        let t = |line: &str| parse_line(line, 42).unwrap().time;
+        assert_eq!(
+            t(r#"{"time": 1700000000.5}"#),
+            1_700_000_000 * MICROS_PER_SEC + 500_000
+        );
+        assert_eq!(
+            t(r#"{"time": "2023-11-14T22:13:20+00:00"}"#),
+            1_700_000_000 * MICROS_PER_SEC
+        );
+        assert_eq!(t(r#"{"time_micros": 7}"#), 7);
+        assert_eq!(t(r#"{"host": "h"}"#), 42, "arrival time");
+        assert_eq!(t(r#"{"time": null}"#), 42);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = |line: &str| parse_line(line, 0).unwrap_err();
+        assert_eq!(err(r#"{"metric": "high"}"#), "metric must be a number");
+        assert_eq!(err(r#"{"host": 1}"#), "host must be a string");
+        assert_eq!(err(r#"{"tags": "a"}"#), "tags must be an array of strings");
+        assert_eq!(err(r#"{"ttl": "1"}"#), "ttl must be a number");
+        assert!(err(r#"{"time": "yesterday"}"#).starts_with("time must be ISO 8601"));
+        assert_eq!(
+            err(r#"{"env": {"a": 1}}"#),
+            "attribute env must be a string"
+        );
+        assert_eq!(err("[1]"), "an event must be a JSON object");
+        assert!(err("{nope").starts_with("invalid JSON"));
+    }
+}

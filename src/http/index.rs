@@ -1,0 +1,166 @@
+//! `GET /index?query=…`: what the index holds that matches, in Riemann's JSON
+//! form. A plain request gets a JSON array; a WebSocket upgrade gets each match
+//! as one text frame, then (with `subscribe=true`) every matching event as it
+//! is indexed or expires; `Accept: text/event-stream` gets the same as SSE
+//! (`data: <json>`), snapshot then live.
+//!
+//! A subscriber whose queue fills is dropped by the pubsub (counted there):
+//! its WebSocket gets close code 1013 with the reason, its SSE stream ends.
+
+use std::convert::Infallible;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Query as Params, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{self, KeepAlive, Sse};
+use axum::response::{IntoResponse, Json, Response};
+use futures_util::{StreamExt, stream};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AppState, error};
+use crate::event::Event;
+use crate::json;
+use crate::query::Query;
+use crate::stats::Stats;
+
+#[derive(Deserialize)]
+pub(super) struct IndexParams {
+    query: Option<String>,
+    #[serde(default)]
+    subscribe: bool,
+}
+
+pub(super) async fn get_index(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+    Params(params): Params<IndexParams>,
+) -> Response {
+    let query = match parse(&state, params.query.as_deref()) {
+        Ok(query) => query,
+        Err(body) => return error(StatusCode::BAD_REQUEST, body),
+    };
+    if let Ok(upgrade) = upgrade {
+        return upgrade.on_upgrade(move |socket| websocket(socket, state, query, params.subscribe));
+    }
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_sse {
+        return event_stream(state, query);
+    }
+    let events: Vec<_> = state
+        .telemetry
+        .index
+        .query(&query)
+        .iter()
+        .map(json::to_json)
+        .collect();
+    Json(events).into_response()
+}
+
+/// The SSE-only listener's `/index`, whatever the `Accept` header says.
+pub(super) async fn get_sse(
+    State(state): State<AppState>,
+    Params(params): Params<IndexParams>,
+) -> Response {
+    match parse(&state, params.query.as_deref()) {
+        Ok(query) => event_stream(state, query),
+        Err(body) => error(StatusCode::BAD_REQUEST, body),
+    }
+}
+
+/// The query, or the body of a 400 answer naming what is wrong and where.
+fn parse(state: &AppState, text: Option<&str>) -> Result<Query, serde_json::Value> {
+    let Some(text) = text else {
+        return Err(json!({"error": "missing the `query` parameter"}));
+    };
+    match Query::parse(text) {
+        Ok(query) => {
+            Stats::incr(&state.stats().queries);
+            Ok(query)
+        }
+        Err(e) => {
+            Stats::incr(&state.stats().query_errors);
+            Err(json!({"error": e.to_string(), "message": e.message, "column": e.column}))
+        }
+    }
+}
+
+fn frame(event: &Event) -> Message {
+    Message::Text(json::to_json(event).to_string().into())
+}
+
+async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscribe: bool) {
+    let subscription = subscribe.then(|| state.subscribe(&query));
+    for event in state.telemetry.index.query(&query) {
+        if socket.send(frame(&event)).await.is_err() {
+            return;
+        }
+    }
+    let Some(mut subscription) = subscription else {
+        close(socket, close_code::NORMAL, "snapshot sent").await;
+        return;
+    };
+    tracing::debug!(%query, "WebSocket subscriber connected.");
+    loop {
+        tokio::select! {
+            event = subscription.rx.recv() => match event {
+                Some(event) => {
+                    if socket.send(frame(&event)).await.is_err() {
+                        return;
+                    }
+                }
+                // Only the pubsub ends a live subscription: it fell behind.
+                None => {
+                    close(socket, close_code::AGAIN, "subscriber too slow; disconnected").await;
+                    return;
+                }
+            },
+            incoming = socket.recv() => match incoming {
+                // Clients have nothing to say; reading notices when they leave.
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+            () = state.shutdown.cancelled() => {
+                close(socket, close_code::AWAY, "server shutting down").await;
+                return;
+            }
+        }
+    }
+}
+
+async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    // The peer may already be gone; nothing more to tell it then.
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+/// Snapshot then live, as Server-Sent Events, until the subscriber falls
+/// behind or the server shuts down.
+fn event_stream(state: AppState, query: Query) -> Response {
+    tracing::debug!(%query, "SSE subscriber connected.");
+    let subscription = state.subscribe(&query);
+    let snapshot = state.telemetry.index.query(&query);
+    let live = stream::unfold(subscription, |mut subscription| async move {
+        let event = subscription.rx.recv().await?;
+        Some((event, subscription))
+    });
+    let events = stream::iter(snapshot)
+        .chain(live)
+        .map(|event| {
+            Ok::<_, Infallible>(sse::Event::default().data(json::to_json(&event).to_string()))
+        })
+        .take_until(state.shutdown.cancelled_owned());
+    // Keep-alive comments make a departed client's connection fail (and its
+    // subscription go) even when no event matches for a long time.
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,233 @@
+//! `GET /metrics`: vigil's own counters and gauges in the Prometheus text
+//! exposition format (version 0.0.4), written by hand from one [`Sample`].
+//!
+//! Every [`Stats`](crate::stats::Stats) field appears as `vigil_<field>_total`
+//! (a counter), except those counting what is open now (`*_open`), which are
+//! gauges named `vigil_<field>`; new fields show up without changes here.
+
+use std::fmt::{Display, Write};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use crate::selfmetrics::{LATENCY_BUCKETS_NANOS, Sample};
+
+pub(super) async fn get(State(state): State<AppState>) -> Response {
+    let text = render(&state.telemetry.sample());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// The exposition of `s`.
+fn render(s: &Sample) -> String {
+    let mut out = Exposition::default();
+    for &(field, value) in &s.counters {
+        match field.strip_suffix("_open") {
+            Some(_) => out.family(&format!("vigil_{field}"), "gauge", ""),
+            None => out.family(&format!("vigil_{field}_total"), "counter", ""),
+        }
+        out.value("", value);
+    }
+
+    out.single(
+        "vigil_index_size",
+        "gauge",
+        "Entries in the index.",
+        s.index_size,
+    );
+    let expired = "Index entries removed by TTL expiry.";
+    out.single("vigil_index_expired_total", "counter", expired, s.expired);
+    let refused = "New index keys refused because the index was full.";
+    out.single("vigil_index_refused_total", "counter", refused, s.refused);
+
+    let subs = "Live WebSocket/SSE subscribers.";
+    out.single("vigil_subscribers", "gauge", subs, s.subscribers);
+    let delivered = "Events handed to subscribers.";
+    out.single(
+        "vigil_subscriber_events_total",
+        "counter",
+        delivered,
+        s.subscriber_events,
+    );
+    let slow = "Subscribers disconnected because their queue was full.";
+    out.single(
+        "vigil_subscribers_disconnected_slow_total",
+        "counter",
+        slow,
+        s.slow_disconnects,
+    );
+
+    type Field = fn(&crate::selfmetrics::OutputSample) -> u64;
+    let outputs: [(&str, &str, &str, Field); 6] = [
+        (
+            "vigil_output_accepted_total",
+            "counter",
+            "Events handed to the output by the rules.",
+            |o| o.accepted,
+        ),
+        (
+            "vigil_output_delivered_total",
+            "counter",
+            "Events confirmed by the downstream.",
+            |o| o.delivered,
+        ),
+        (
+            "vigil_output_dropped_total",
+            "counter",
+            "Events given up on.",
+            |o| o.dropped,
+        ),
+        (
+            "vigil_output_retries_total",
+            "counter",
+            "Delivery attempts repeated after a failure.",
+            |o| o.retries,
+        ),
+        (
+            "vigil_output_queued",
+            "gauge",
+            "Events waiting in the output's queue.",
+            |o| o.queued,
+        ),
+        (
+            "vigil_output_in_flight",
+            "gauge",
+            "Events taken from the queue, not yet settled.",
+            |o| o.in_flight,
+        ),
+    ];
+    for (name, kind, help, field) in outputs {
+        out.family(name, kind, help);
+        for o in &s.outputs {
+            out.value(&format!("{{output=\"{}\"}}", escape(&o.name)), field(o));
+        }
+    }
+
+    let name = "vigil_streams_latency_seconds";
+    out.family(
+        name,
+        "histogram",
+        "Time the rules took per batch of events.",
+    );
+    let mut cumulative = 0;
+    for (i, count) in s.latency.counts.iter().enumerate() {
+        cumulative += count;
+        let le = LATENCY_BUCKETS_NANOS
+            .get(i)
+            .map_or("+Inf".to_owned(), |&n| (n as f64 / 1e9).to_string());
+        out.line(&format!("{name}_bucket{{le=\"{le}\"}}"), cumulative);
+    }
+    out.line(&format!("{name}_sum"), s.latency.sum_nanos as f64 / 1e9);
+    out.line(&format!("{name}_count"), cumulative);
+
+    let reloads = "Rule files swapped in by a reload.";
+    out.single("vigil_rules_reloads_total", "counter", reloads, s.reloads);
+    let failures = "Reloads refused because the rule file did not load.";
+    out.single(
+        "vigil_rules_reload_failures_total",
+        "counter",
+        failures,
+        s.reload_failures,
+    );
+    let errors = "Events on which a rule stage failed.";
+    out.single("vigil_rules_errors_total", "counter", errors, s.rule_errors);
+    let overflow = "Events dropped after too many reinject rounds.";
+    out.single(
+        "vigil_rules_reinject_overflow_total",
+        "counter",
+        overflow,
+        s.reinject_overflow,
+    );
+    let uptime = "Seconds since vigil started.";
+    out.single(
+        "vigil_uptime_seconds",
+        "gauge",
+        uptime,
+        s.uptime.as_secs_f64(),
+    );
+    out.text
+}
+
+/// Label values may hold any text; these three must be escaped.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', r"\\")
+        .replace('"', "\\\"")
+        .replace('\n', r"\n")
+}
+
+#[derive(Default)]
+struct Exposition {
+    text: String,
+    /// The family samples from [`Exposition::value`] belong to.
+    family: String,
+}
+
+impl Exposition {
+    /// Starts a metric family; `help` may be empty.
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        if !help.is_empty() {
+            let _ = writeln!(self.text, "# HELP {name} {help}");
+        }
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+        name.clone_into(&mut self.family);
+    }
+
+    /// A sample of the family just started, under its own name.
+    fn value(&mut self, labels: &str, value: impl Display) {
+        let _ = writeln!(self.text, "{}{labels} {value}", self.family);
+    }
+
+    fn line(&mut self, series: &str, value: impl Display) {
+        let _ = writeln!(self.text, "{series} {value}");
+    }
+
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl Display) {
+        self.family(name, kind, help);
+        self.line(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selfmetrics::{Histogram, OutputSample};
+    use std::time::Duration;
+
+    #[test]
+    fn renders_counters_gauges_labels_and_histogram() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(3));
+        h.observe(Duration::from_secs(9));
+        let sample = Sample {
+            counters: vec![("tcp_events", 7), ("tcp_connections_open", 2)],
+            outputs: vec![OutputSample {
+                name: "pa\"ger".into(),
+                dropped: 4,
+                ..OutputSample::default()
+            }],
+            latency: h.snapshot(),
+            ..Sample::default()
+        };
+        let text = render(&sample);
+        for line in [
+            "# TYPE vigil_tcp_events_total counter\nvigil_tcp_events_total 7\n",
+            "# TYPE vigil_tcp_connections_open gauge\nvigil_tcp_connections_open 2\n",
+            "vigil_output_dropped_total{output=\"pa\\\"ger\"} 4\n",
+            "vigil_streams_latency_seconds_bucket{le=\"0.000005\"} 1\n",
+            "vigil_streams_latency_seconds_bucket{le=\"5\"} 1\n",
+            "vigil_streams_latency_seconds_bucket{le=\"+Inf\"} 2\n",
+            "vigil_streams_latency_seconds_count 2\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from\n{text}");
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! vigil's own numbers: a lock-free latency histogram around the rule pipeline,
+//! one [`Sample`] of every counter and gauge (what `GET /metrics` exposes), and
+//! the self-metric events emitted every interval into the same pipeline, as
+//! Riemann does, so operators alert on vigil with ordinary rules.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{MICROS_PER_SEC, Micros, SharedClock};
+use crate::event::{Event, Metric};
+use crate::index::Index;
+use crate::rules::engine::Rules;
+use crate::rules::reload::Reloader;
+use crate::stats::Stats;
+use crate::streams::Streams;
+
+/// Upper bounds of the latency buckets, in nanoseconds (5 µs … 5 s); one more
+/// bucket above the last catches everything slower.
+pub const LATENCY_BUCKETS_NANOS: [u64; 19] = [
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+];
+
+const BUCKETS: usize = LATENCY_BUCKETS_NANOS.len() + 1;
+
+/// Fixed-bucket histogram: one atomic add per observation, never a lock, so it
+/// can sit on the ingest path.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BUCKETS_NANOS.partition_point(|&le| le < nanos);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            counts: self.counts.each_ref().map(|c| c.load(Ordering::Relaxed)),
+            sum_nanos: self.sum_nanos.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A histogram's counts at one moment: per bucket (not cumulative), the last
+/// one unbounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    pub counts: [u64; BUCKETS],
+    pub sum_nanos: u64,
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// What was observed between `earlier` and this snapshot.
+    pub fn since(&self, earlier: &HistogramSnapshot) -> HistogramSnapshot {
+        let mut counts = self.counts;
+        for (c, e) in counts.iter_mut().zip(earlier.counts) {
+            *c = c.saturating_sub(e);
+        }
+        HistogramSnapshot {
+            counts,
+            sum_nanos: self.sum_nanos.saturating_sub(earlier.sum_nanos),
+        }
+    }
+
+    /// The `q` quantile, interpolated linearly inside its bucket as
+    /// Prometheus's `histogram_quantile` does; `None` when nothing was observed.
+    /// The unbounded bucket answers with the largest bound.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0u64;
+        for (i, &n) in self.counts.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let Some(&upper) = LATENCY_BUCKETS_NANOS.get(i) else {
+                    break;
+                };
+                let lower = if i == 0 {
+                    0
+                } else {
+                    LATENCY_BUCKETS_NANOS[i - 1]
+                };
+                let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+                let nanos = lower as f64 + within * (upper - lower) as f64;
+                return Some(Duration::from_nanos(nanos as u64));
+            }
+            below += n;
+        }
+        LATENCY_BUCKETS_NANOS
+            .last()
+            .map(|&n| Duration::from_nanos(n))
+    }
+}
+
+/// The pipeline with each batch timed: what the server (and HTTP, and the
+/// self-metrics) hand events to, wrapped around the rules.
+pub struct TimedStreams {
+    inner: Arc<dyn Streams>,
+    latency: Arc<Histogram>,
+}
+
+impl TimedStreams {
+    pub fn new(inner: Arc<dyn Streams>, latency: Arc<Histogram>) -> Self {
+        Self { inner, latency }
+    }
+}
+
+impl Streams for TimedStreams {
+    fn process(&self, events: &[Event]) {
+        let started = Instant::now();
+        self.inner.process(events);
+        self.latency.observe(started.elapsed());
+    }
+
+    fn tick(&self) {
+        self.inner.tick();
+    }
+}
+
+/// Where every number vigil reports about itself is read from.
+pub struct Telemetry {
+    pub stats: Arc<Stats>,
+    pub index: Arc<Index>,
+    pub rules: Arc<Rules>,
+    /// Holds the current outputs (they change on reload).
+    pub reloader: Arc<Reloader>,
+    pub latency: Arc<Histogram>,
+    pub started: Instant,
+}
+
+/// One output's counters (see `OutputStats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputSample {
+    pub name: String,
+    pub accepted: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub queued: u64,
+    pub in_flight: u64,
+    pub retries: u64,
+}
+
+/// Every counter and gauge, read once.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    /// [`Stats`] by field name.
+    pub counters: Vec<(&'static str, u64)>,
+    pub index_size: u64,
+    pub expired: u64,
+    pub refused: u64,
+    pub subscribers: u64,
+    pub subscriber_events: u64,
+    pub slow_disconnects: u64,
+    pub outputs: Vec<OutputSample>,
+    pub latency: HistogramSnapshot,
+    pub reloads: u64,
+    pub reload_failures: u64,
+    pub rule_errors: u64,
+    pub reinject_overflow: u64,
+    pub uptime: Duration,
+}
+
+impl Sample {
+    /// A [`Stats`] counter by field name (0 if there is none).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |&(_, v)| v)
+    }
+}
+
+impl Telemetry {
+    pub fn sample(&self) -> Sample {
+        let pubsub = self.index.pubsub();
+        let rules = &self.rules.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Sample {
+            counters: self.stats.snapshot(),
+            index_size: self.index.len() as u64,
+            expired: self.index.expired_total(),
+            refused: self.index.refused_total(),
+            subscribers: pubsub.subscribers() as u64,
+            subscriber_events: get(&pubsub.stats.delivered),
+            slow_disconnects: get(&pubsub.stats.disconnected_slow),
+            outputs: self
+                .reloader
+                .output_queues()
+                .iter()
+                .map(|q| OutputSample {
+                    name: q.name.clone(),
+                    accepted: get(&q.stats.accepted),
+                    delivered: get(&q.stats.delivered),
+                    dropped: get(&q.stats.dropped),
+                    queued: q.queued(),
+                    in_flight: get(&q.stats.in_flight),
+                    retries: get(&q.stats.retries),
+                })
+                .collect(),
+            latency: self.latency.snapshot(),
+            reloads: get(&rules.reloads),
+            reload_failures: get(&rules.reload_failures),
+            rule_errors: get(&rules.errors),
+            reinject_overflow: get(&rules.reinject_overflow),
+            uptime: self.started.elapsed(),
+        }
+    }
+}
+
+/// Rates reported as `<service>` from the delta of a [`Stats`] counter.
+const COUNTER_RATES: [(&str, &str); 4] = [
+    ("vigil tcp events/s", "tcp_events"),
+    ("vigil udp events/s", "udp_events"),
+    ("vigil grpc events/s", "grpc_events"),
+    ("vigil http events/s", "http_events"),
+];
+
+/// Turns successive samples into self-metric events. Rates divide counter
+/// deltas by the time between samples on the injected clock.
+pub struct Emitter {
+    host: String,
+    ttl: f32,
+    /// The sample the next rates are computed from, and when it was taken.
+    previous: (Micros, Sample),
+}
+
+impl Emitter {
+    /// `baseline` is taken at start-up (before any listener accepts), so the
+    /// first interval's rates count everything that arrived in it.
+    pub fn new(host: String, interval: Duration, now: Micros, baseline: Sample) -> Self {
+        Self {
+            host,
+            ttl: 2.0 * interval.as_secs_f32(),
+            previous: (now, baseline),
+        }
+    }
+
+    /// The events for `sample`, taken at `now`.
+    pub fn events(&mut self, now: Micros, sample: Sample) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut emit = |service: String, metric: Metric| {
+            out.push(Event {
+                host: Some(self.host.clone()),
+                service: Some(service),
+                state: Some("ok".to_owned()),
+                time: now,
+                tags: vec!["vigil".to_owned()],
+                metric: Some(metric),
+                ttl: Some(self.ttl),
+                ..Event::default()
+            });
+        };
+        let gauge = |n: u64| Metric::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        emit("vigil index size".to_owned(), gauge(sample.index_size));
+        emit("vigil subscribers".to_owned(), gauge(sample.subscribers));
+        for o in &sample.outputs {
+            let name = &o.name;
+            emit(format!("vigil output {name} accepted"), gauge(o.accepted));
+            emit(format!("vigil output {name} delivered"), gauge(o.delivered));
+            emit(format!("vigil output {name} dropped"), gauge(o.dropped));
+            emit(format!("vigil output {name} queued"), gauge(o.queued));
+        }
+        let (then, before) = &self.previous;
+        let secs = (now - then) as f64 / MICROS_PER_SEC as f64;
+        // A clock that did not move (or went back) gives no rate.
+        if secs > 0.0 {
+            let rate = |now: u64, then: u64| Metric::Float(now.saturating_sub(then) as f64 / secs);
+            for (service, counter) in COUNTER_RATES {
+                let metric = rate(sample.counter(counter), before.counter(counter));
+                emit(service.to_owned(), metric);
+            }
+            emit(
+                "vigil expired/s".to_owned(),
+                rate(sample.expired, before.expired),
+            );
+        }
+        // Latency of the batches in this interval, in milliseconds like Riemann's.
+        let p99 = sample.latency.since(&before.latency).quantile(0.99);
+        let millis = p99.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        emit(
+            "vigil streams latency p99".to_owned(),
+            Metric::Float(millis),
+        );
+        self.previous = (now, sample);
+        out
+    }
+}
+
+/// Every `interval`, samples `telemetry` and runs the self-metric events
+/// through `streams`, until `shutdown`.
+pub async fn run(
+    telemetry: Arc<Telemetry>,
+    streams: Arc<dyn Streams>,
+    clock: SharedClock,
+    mut emitter: Emitter,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    // The first tick is one interval away: the emitter's baseline is "now".
+    let first = tokio::time::Instant::now() + interval;
+    let mut tick = tokio::time::interval_at(first, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let events = emitter.events(clock.now(), telemetry.sample());
+        tracing::trace!(count = events.len(), "Self-metric events.");
+        streams.process(&events);
+    }
+}
+
+/// This machine's name, the default `host` of self-metric events.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Micros = 1_700_000_000 * MICROS_PER_SEC;
+
+    fn metric(events: &[Event], service: &str) -> Option<f64> {
+        events
+            .iter()
+            .find(|e| e.service_str() == service)
+            .map(|e| e.metric.unwrap().as_f64())
+    }
+
+    #[test]
+    fn observations_land_in_their_bucket_and_quantiles_interpolate() {
+        let h = Histogram::default();
+        for _ in 0..99 {
+            h.observe(Duration::from_micros(3));
+        }
+        h.observe(Duration::from_millis(7));
+        let s = h.snapshot();
+        assert_eq!(s.count(), 100);
+        assert_eq!(s.counts[0], 99, "≤ 5 µs");
+        assert_eq!(s.counts[10], 1, "5 ms < 7 ms ≤ 10 ms");
+        assert!(s.quantile(0.5).unwrap() <= Duration::from_micros(5));
+        let p999 = s.quantile(0.999).unwrap();
+        assert!(p999 > Duration::from_millis(5) && p999 <= Duration::from_millis(10));
+        assert_eq!(HistogramSnapshot::default().quantile(0.99), None);
+
+        h.observe(Duration::from_secs(60));
+        assert_eq!(h.snapshot().counts[BUCKETS - 1], 1, "beyond every bound");
+        let only_slow = h.snapshot().since(&s);
+        assert_eq!(only_slow.count(), 1);
+        assert_eq!(only_slow.quantile(0.99), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn rate_counters_exist_in_stats() {
+        let names: Vec<_> = Stats::default()
+            .snapshot()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for (_, counter) in COUNTER_RATES {
+            assert!(names.contains(&counter), "{counter}");
+        }
+    }
+
+    #[test]
+    fn rates_come_from_deltas_over_the_clock_and_outputs_are_reported() {
+        let mut sample = Sample {
+            counters: vec![("tcp_events", 100), ("udp_events", 0)],
+            index_size: 3,
+            expired: 10,
+            outputs: vec![OutputSample {
+                name: "pager".into(),
+                accepted: 4,
+                dropped: 1,
+                ..OutputSample::default()
+            }],
+            ..Sample::default()
+        };
+        let mut emitter = Emitter::new("node-1".into(), Duration::from_secs(5), T0, sample.clone());
+        let first = emitter.events(T0, sample.clone());
+        assert_eq!(metric(&first, "vigil index size"), Some(3.0));
+        assert_eq!(metric(&first, "vigil output pager dropped"), Some(1.0));
+        assert_eq!(
+            metric(&first, "vigil tcp events/s"),
+            None,
+            "no time passed: no rate"
+        );
+        assert_eq!(metric(&first, "vigil streams latency p99"), Some(0.0));
+        let e = &first[0];
+        assert_eq!((e.host_str(), e.ttl, e.time), ("node-1", Some(10.0), T0));
+        assert_eq!(e.tags, vec!["vigil".to_owned()]);
+
+        sample.counters[0].1 = 150;
+        sample.expired = 12;
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(800));
+        sample.latency = h.snapshot();
+        let second = emitter.events(T0 + 10 * MICROS_PER_SEC, sample);
+        assert_eq!(metric(&second, "vigil tcp events/s"), Some(5.0));
+        assert_eq!(metric(&second, "vigil udp events/s"), Some(0.0));
+        assert_eq!(metric(&second, "vigil expired/s"), Some(0.2));
+        let p99 = metric(&second, "vigil streams latency p99").unwrap();
+        assert!(p99 > 0.5 && p99 <= 1.0, "{p99} ms");
+    }
+}

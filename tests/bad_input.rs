@@ -1,0 +1,800 @@
+//! Hostile and malformed input, in-process over real sockets: each test checks
+//! that the right counter moved and that a fresh client is still served right
+//! after. (SIGHUP with a syntax error in the rule file: `tests/reload.rs`.)
+//!
+//! File descriptors: the idle-connection test holds 2 000 connections, both
+//! ends in this process (~4 000 fds). It raises the soft `RLIMIT_NOFILE` to
+//! the hard limit when needed and, should even that be too low, uses as many
+//! connections as fit (printed).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use vigil::client::Client;
+use vigil::clock::{MICROS_PER_SEC, ManualClock, SharedClock};
+use vigil::event::{Event, Metric};
+use vigil::index::{Index, IndexConfig};
+use vigil::outputs::{self, OutputSink, Queue};
+use vigil::proto::{Attribute, Msg, PbEvent, PbQuery};
+use vigil::rules::engine::Rules;
+use vigil::rules::{self, EnvPolicy};
+use vigil::server::{Server, ServerConfig};
+use vigil::stats::Stats;
+use vigil::streams::{IndexEverything, Streams};
+use vigil::wire::Limits;
+
+const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
+/// Bound on every wait for the server; never reached when things work.
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    server: Server,
+    index: Arc<Index>,
+    clock: Arc<ManualClock>,
+}
+
+impl Harness {
+    async fn start(config: ServerConfig) -> Harness {
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let streams = Arc::new(IndexEverything::new(index.clone()));
+        Self::with_streams(config, index, streams).await
+    }
+
+    async fn with_streams(
+        config: ServerConfig,
+        index: Arc<Index>,
+        streams: Arc<dyn Streams>,
+    ) -> Harness {
+        let clock = Arc::new(ManualClock::new(T0));
+        let config = ServerConfig {
+            tcp: "127.0.0.1:0".parse().unwrap(),
+            tick: Duration::from_millis(10),
+            ..config
+        };
+        let shared: SharedClock = clock.clone();
+        let server = Server::start(config, index.clone(), streams, shared)
+            .await
+            .expect("server starts");
+        Harness {
+            server,
+            index,
+            clock,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.tcp_addr
+    }
+
+    fn count(&self, pick: fn(&Stats) -> &AtomicU64) -> u64 {
+        Stats::get(pick(&self.server.stats))
+    }
+
+    /// Polls until the counter reaches `want`; panics after [`WAIT`].
+    async fn wait_count(&self, pick: fn(&Stats) -> &AtomicU64, want: u64) {
+        let deadline = Instant::now() + WAIT;
+        while self.count(pick) != want {
+            assert!(
+                Instant::now() < deadline,
+                "counter at {} instead of {want} after {WAIT:?}",
+                self.count(pick)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A fresh client can still send and read back an event.
+    async fn assert_serves(&self) {
+        let mut client = tokio::time::timeout(WAIT, Client::connect(self.addr()))
+            .await
+            .expect("connects in time")
+            .expect("connects");
+        let event = Event {
+            host: Some("fresh".into()),
+            service: Some("probe".into()),
+            time: T0,
+            ..Event::default()
+        };
+        client.send(&[event]).await.expect("acked");
+        let found = client
+            .query(r#"host = "fresh" and service = "probe""#)
+            .await
+            .expect("query answered");
+        assert_eq!(found.len(), 1);
+    }
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.expect("connects")
+}
+
+/// Reads one reply frame; panics after [`WAIT`] or on EOF.
+async fn read_reply(stream: &mut TcpStream) -> Msg {
+    tokio::time::timeout(WAIT, async {
+        let len = stream.read_u32().await.expect("reply length");
+        let mut body = vec![0u8; len as usize];
+        stream.read_exact(&mut body).await.expect("reply body");
+        Msg::decode(body.as_slice()).expect("reply decodes")
+    })
+    .await
+    .expect("reply in time")
+}
+
+/// Writes one frame and reads its reply.
+async fn exchange(stream: &mut TcpStream, body: &[u8]) -> Msg {
+    stream.write_all(&frame(body)).await.unwrap();
+    read_reply(stream).await
+}
+
+/// Resolves once the server closes the connection (EOF or reset), after
+/// discarding whatever it sent first; panics after `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) {
+    let mut sink = [0u8; 4096];
+    let closed = tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    closed.await.expect("the server closes the connection");
+}
+
+fn events_msg(events: Vec<PbEvent>) -> Vec<u8> {
+    Msg {
+        events,
+        ..Msg::default()
+    }
+    .encode_to_vec()
+}
+
+fn query_msg(query: &str) -> Vec<u8> {
+    Msg {
+        query: Some(PbQuery {
+            string: Some(query.into()),
+        }),
+        ..Msg::default()
+    }
+    .encode_to_vec()
+}
+
+fn pb_event(host: &str, service: &str) -> PbEvent {
+    PbEvent {
+        host: Some(host.into()),
+        service: Some(service.into()),
+        ..PbEvent::default()
+    }
+}
+
+fn error_of(reply: &Msg) -> &str {
+    assert_eq!(reply.ok, Some(false), "an error reply: {reply:?}");
+    reply.error.as_deref().expect("an error message")
+}
+
+/// Deterministic noise.
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_length_prefix_gets_an_error_and_a_close() {
+    let h = Harness::start(ServerConfig {
+        max_frame: 1024,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut s = connect(h.addr()).await;
+    // Claims 4 GiB; only the prefix is ever sent, so nothing may be allocated for it.
+    s.write_all(&[0xff; 4]).await.unwrap();
+    let reply = read_reply(&mut s).await;
+    assert!(error_of(&reply).contains("maximum size of 1024 bytes"));
+    closed_within(&mut s, WAIT).await;
+    assert_eq!(h.count(|s| &s.frames_oversized), 1);
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_length_prefix_is_an_empty_msg_and_is_acked() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut s = connect(h.addr()).await;
+    let reply = exchange(&mut s, &[]).await;
+    assert_eq!(reply.ok, Some(true));
+    assert_eq!(h.count(|s| &s.tcp_messages), 1);
+    // The same connection goes on.
+    let reply = exchange(&mut s, &events_msg(vec![pb_event("after", "empty")])).await;
+    assert_eq!(reply.ok, Some(true));
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_frame_then_close_is_counted() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut s = connect(h.addr()).await;
+    // Promises 100 bytes, sends 10, hangs up.
+    s.write_all(&[0, 0, 0, 100]).await.unwrap();
+    s.write_all(&[0x32; 10]).await.unwrap();
+    drop(s);
+    h.wait_count(|s| &s.frames_truncated, 1).await;
+    assert_eq!(h.count(|s| &s.tcp_messages), 0);
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_are_refused_and_counted() {
+    let h = Harness::start(ServerConfig {
+        max_frame: 64 * 1024,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut s = connect(h.addr()).await;
+    // Noise as a length prefix too: most likely far over the frame limit.
+    s.write_all(&noise(8192)).await.unwrap();
+    closed_within(&mut s, WAIT).await;
+    let refused = |h: &Harness| {
+        h.count(|s| &s.frames_oversized)
+            + h.count(|s| &s.decode_errors)
+            + h.count(|s| &s.frames_truncated)
+    };
+    assert!(refused(&h) >= 1, "{:?}", h.server.stats.snapshot());
+    assert!(h.index.is_empty(), "nothing from the noise was indexed");
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_protobuf_in_a_valid_frame_gets_an_error_and_the_connection_goes_on() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut s = connect(h.addr()).await;
+    let reply = exchange(&mut s, &noise(300)).await;
+    assert!(error_of(&reply).starts_with("invalid message"));
+    assert_eq!(h.count(|s| &s.decode_errors), 1);
+    let reply = exchange(&mut s, &events_msg(vec![pb_event("after", "garbage")])).await;
+    assert_eq!(reply.ok, Some(true));
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_is_refused_naming_the_field() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut s = connect(h.addr()).await;
+    // Msg.events[0].service (field 3) = 0xff 0xfe.
+    let body = [0x32, 0x04, 0x1a, 0x02, 0xff, 0xfe];
+    let reply = exchange(&mut s, &body).await;
+    assert_eq!(
+        error_of(&reply),
+        "invalid message: field service is not valid UTF-8"
+    );
+    assert_eq!(h.count(|s| &s.decode_errors), 1);
+    assert!(h.index.is_empty());
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_and_infinite_metrics_are_stored_queryable_and_json_null() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut s = connect(h.addr()).await;
+    let metrics = [
+        ("nan", f64::NAN),
+        ("inf", f64::INFINITY),
+        ("-inf", f64::NEG_INFINITY),
+    ];
+    let events = metrics
+        .iter()
+        .map(|(service, m)| PbEvent {
+            metric_d: Some(*m),
+            ..pb_event("odd", service)
+        })
+        .collect();
+    assert_eq!(exchange(&mut s, &events_msg(events)).await.ok, Some(true));
+
+    let mut client = Client::connect(h.addr()).await.unwrap();
+    let found = client.query(r#"host = "odd""#).await.unwrap();
+    assert_eq!(found.len(), 3);
+    for (service, m) in metrics {
+        let e = found.iter().find(|e| e.service_str() == service).unwrap();
+        match e.metric {
+            Some(Metric::Float(f)) => assert!(f.is_nan() == m.is_nan() && (m.is_nan() || f == m)),
+            other => panic!("{service}: metric {other:?}"),
+        }
+        assert_eq!(vigil::json::to_json(e)["metric"], serde_json::Value::Null);
+    }
+    // Comparisons against them answer (NaN matches nothing), without error.
+    let big = client
+        .query(r#"host = "odd" and metric > 0"#)
+        .await
+        .unwrap();
+    assert_eq!(big.len(), 1, "only +inf is > 0: {big:?}");
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_nan_and_huge_ttls_never_break_expiry() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut s = connect(h.addr()).await;
+    let ttls = [
+        ("negative", -5.0),
+        ("nan", f32::NAN),
+        ("huge", f32::MAX),
+        ("infinite", f32::INFINITY),
+    ];
+    let events = ttls
+        .iter()
+        .map(|(service, ttl)| PbEvent {
+            time: Some(T0 / MICROS_PER_SEC),
+            ttl: Some(*ttl),
+            ..pb_event("ttl", service)
+        })
+        .collect();
+    assert_eq!(exchange(&mut s, &events_msg(events)).await.ok, Some(true));
+    h.clock.advance(MICROS_PER_SEC);
+    // The negative TTL is already over; NaN falls back to the default (60 s).
+    let deadline = Instant::now() + WAIT;
+    while h.index.get("ttl", "negative").is_some() {
+        assert!(Instant::now() < deadline, "the negative TTL expires");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for service in ["nan", "huge", "infinite"] {
+        assert!(h.index.get("ttl", service).is_some(), "{service} kept");
+    }
+    h.clock.advance(61 * MICROS_PER_SEC);
+    let deadline = Instant::now() + WAIT;
+    while h.index.get("ttl", "nan").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the NaN TTL expires by the default"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(h.index.get("ttl", "huge").is_some());
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_tags_are_refused_by_the_default_limit_and_the_msg_is_atomic() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut tagged = pb_event("many", "tags");
+    tagged.tags = (0..100_000).map(|i| format!("t{i}")).collect();
+    // The good event before it is refused with it: the Msg is all or nothing.
+    let body = events_msg(vec![pb_event("many", "fine"), tagged]);
+    let mut s = connect(h.addr()).await;
+    let reply = exchange(&mut s, &body).await;
+    let max = Limits::DEFAULT.max_tags;
+    assert_eq!(
+        error_of(&reply),
+        format!("event 1: 100000 tags exceeds --max-tags {max}")
+    );
+    assert_eq!(h.count(|s| &s.msgs_over_max_tags), 1);
+    assert!(h.index.is_empty());
+    assert_eq!(h.count(|s| &s.tcp_events), 0);
+    // The connection stays usable.
+    let reply = exchange(&mut s, &events_msg(vec![pb_event("many", "later")])).await;
+    assert_eq!(reply.ok, Some(true));
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_megabyte_description_is_refused_by_max_string() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut long = pb_event("long", "description");
+    long.description = Some("d".repeat(10 * 1024 * 1024));
+    let mut s = connect(h.addr()).await;
+    let reply = exchange(&mut s, &events_msg(vec![long])).await;
+    let max = Limits::DEFAULT.max_string;
+    assert_eq!(
+        error_of(&reply),
+        format!("event 0: description of 10485760 bytes exceeds --max-string {max}")
+    );
+    assert_eq!(h.count(|s| &s.msgs_over_max_string), 1);
+    assert!(h.index.is_empty());
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_events_or_attributes_are_refused_by_their_limits() {
+    let h = Harness::start(ServerConfig {
+        limits: Limits {
+            max_events: 100,
+            max_attributes: 10,
+            ..Limits::DEFAULT
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut s = connect(h.addr()).await;
+    let many = (0..101).map(|i| pb_event("n", &i.to_string())).collect();
+    let reply = exchange(&mut s, &events_msg(many)).await;
+    assert_eq!(
+        error_of(&reply),
+        "101 events exceeds --max-events-per-msg 100"
+    );
+    let mut attributed = pb_event("n", "attributes");
+    attributed.attributes = (0..11)
+        .map(|i| Attribute {
+            key: format!("k{i}"),
+            value: Some("v".into()),
+        })
+        .collect();
+    let reply = exchange(&mut s, &events_msg(vec![attributed])).await;
+    assert_eq!(
+        error_of(&reply),
+        "event 0: 11 attributes exceeds --max-attributes 10"
+    );
+    assert_eq!(h.count(|s| &s.msgs_over_max_events), 1);
+    assert_eq!(h.count(|s| &s.msgs_over_max_attributes), 1);
+    assert!(h.index.is_empty());
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_in_one_msg_are_all_indexed() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let events = (0..10_000)
+        .map(|i| pb_event("bulk", &i.to_string()))
+        .collect();
+    let mut s = connect(h.addr()).await;
+    let reply = exchange(&mut s, &events_msg(events)).await;
+    assert_eq!(reply.ok, Some(true));
+    assert_eq!(h.index.len(), 10_000);
+    assert_eq!(h.count(|s| &s.tcp_events), 10_000);
+    h.assert_serves().await;
+}
+
+/// Raises the soft fd limit towards `wanted`; returns the limit now in force.
+fn raise_fd_limit(wanted: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid, owned struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+    limit.rlim_cur
+}
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_connections_are_held_and_a_fresh_client_is_served() {
+    const WANTED: usize = 2_000;
+    // Both ends of each connection live in this process, plus some headroom.
+    let limit = raise_fd_limit(2 * WANTED as u64 + 256);
+    let n = WANTED.min((limit as usize).saturating_sub(256) / 2);
+    if n < WANTED {
+        eprintln!("fd limit {limit}: holding {n} connections instead of {WANTED}");
+    }
+    let h = Harness::start(ServerConfig::default()).await;
+    let before = resident_bytes();
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(connect(h.addr()).await);
+    }
+    h.wait_count(|s| &s.tcp_connections_open, n as u64).await;
+    h.assert_serves().await;
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 256 * 1024 * 1024,
+        "{n} idle connections grew the process by {grown} bytes"
+    );
+    assert_eq!(h.count(|s| &s.tcp_connections_refused), 0);
+    drop(idle);
+    h.wait_count(|s| &s.tcp_connections_open, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_max_connections_are_closed_at_once_and_counted() {
+    let h = Harness::start(ServerConfig {
+        max_connections: 100,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(connect(h.addr()).await);
+    }
+    h.wait_count(|s| &s.tcp_connections_open, 100).await;
+    // The kernel completes the handshake; vigil accepts, then closes at once.
+    let mut refused = connect(h.addr()).await;
+    closed_within(&mut refused, WAIT).await;
+    assert_eq!(h.count(|s| &s.tcp_connections_refused), 1);
+    // The held ones still work.
+    let reply = exchange(&mut held[0], &events_msg(vec![pb_event("held", "0")])).await;
+    assert_eq!(reply.ok, Some(true));
+    // A slot freed is a slot for a fresh client.
+    held.pop();
+    h.wait_count(|s| &s.tcp_connections_open, 99).await;
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_closed_after_the_read_timeout_while_a_steady_one_stays() {
+    let timeout = Duration::from_secs(2);
+    let h = Harness::start(ServerConfig {
+        read_timeout: timeout,
+        ..ServerConfig::default()
+    })
+    .await;
+    let started = Instant::now();
+    // One byte per second of a 100-byte frame: it would take 104 s to complete.
+    let mut slow = connect(h.addr()).await;
+    let slowloris = async {
+        let mut bytes = [0u8, 0, 0, 100].into_iter().chain(std::iter::repeat(0x32));
+        loop {
+            if slow.write_all(&[bytes.next().unwrap()]).await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(_)) => panic!("no reply to an incomplete frame"),
+                Err(_) => assert!(started.elapsed() < WAIT, "slowloris still connected"),
+            }
+        }
+    };
+    // Never sends a byte.
+    let mut idle = connect(h.addr()).await;
+    // A complete frame every 500 ms for 3 s: longer than the timeout, never idle that long.
+    let mut steady = connect(h.addr()).await;
+    let steady_client = async {
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let reply = exchange(
+                &mut steady,
+                &events_msg(vec![pb_event("steady", &i.to_string())]),
+            )
+            .await;
+            assert_eq!(reply.ok, Some(true), "frame {i} answered");
+        }
+    };
+    tokio::join!(slowloris, steady_client, closed_within(&mut idle, WAIT));
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(3),
+        "the steady client ran its course"
+    );
+    assert_eq!(
+        h.count(|s| &s.tcp_read_timeouts),
+        2,
+        "the slowloris and the idle one"
+    );
+    assert_eq!(
+        h.count(|s| &s.tcp_connections_open),
+        1,
+        "only the steady one is left"
+    );
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_closed_after_the_timeout() {
+    let h = Harness::start(ServerConfig {
+        read_timeout: Duration::from_secs(1),
+        ..ServerConfig::default()
+    })
+    .await;
+    // 2 000 events of 4 KiB: each `true` query answers ~8 MB.
+    let events = (0..2_000)
+        .map(|i| PbEvent {
+            description: Some("x".repeat(4096)),
+            ..pb_event("big", &i.to_string())
+        })
+        .collect();
+    let mut s = connect(h.addr()).await;
+    assert_eq!(exchange(&mut s, &events_msg(events)).await.ok, Some(true));
+    // Ten pipelined queries, never read: far more than the socket buffers hold.
+    let queries: Vec<u8> = (0..10).flat_map(|_| frame(&query_msg("true"))).collect();
+    s.write_all(&queries).await.unwrap();
+    h.wait_count(|s| &s.tcp_write_timeouts, 1).await;
+    h.wait_count(|s| &s.tcp_connections_open, 0).await;
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_garbage_oversized_and_over_limit_datagrams_are_counted() {
+    let h = Harness::start(ServerConfig {
+        max_datagram: 1024,
+        limits: Limits {
+            max_tags: 10,
+            ..Limits::DEFAULT
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let udp = h.server.udp_addr;
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(&noise(100), udp).await.unwrap();
+    s.send_to(&[0u8; 4096], udp).await.unwrap();
+    let mut tagged = pb_event("u", "tagged");
+    tagged.tags = (0..11).map(|i| i.to_string()).collect();
+    s.send_to(&events_msg(vec![tagged]), udp).await.unwrap();
+    s.send_to(&events_msg(vec![pb_event("u", "dp")]), udp)
+        .await
+        .unwrap();
+    h.wait_count(|s| &s.udp_datagrams, 4).await;
+    assert_eq!(h.count(|s| &s.decode_errors), 1);
+    assert_eq!(h.count(|s| &s.udp_oversized), 1);
+    assert_eq!(h.count(|s| &s.msgs_over_max_tags), 1);
+    assert_eq!(h.count(|s| &s.udp_events), 1);
+    assert!(h.index.get("u", "dp").is_some());
+    assert!(h.index.get("u", "tagged").is_none());
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_nested_ten_thousand_deep_gets_an_error_and_the_connection_goes_on() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut s = connect(h.addr()).await;
+    let deep = format!("{}true{}", "(".repeat(10_000), ")".repeat(10_000));
+    let reply = exchange(&mut s, &query_msg(&deep)).await;
+    assert!(
+        error_of(&reply).contains("nested too deeply"),
+        "{:?}",
+        reply.error
+    );
+    assert_eq!(h.count(|s| &s.query_errors), 1);
+    let reply = exchange(&mut s, &query_msg("true")).await;
+    assert_eq!(reply.ok, Some(true));
+    h.assert_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catastrophic_backtracking_regex_answers_quickly() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let mut s = connect(h.addr()).await;
+    let evil = format!("{}b", "a".repeat(100_000));
+    let events = vec![pb_event("re", &evil), pb_event("re", "aaaa")];
+    assert_eq!(exchange(&mut s, &events_msg(events)).await.ok, Some(true));
+    let started = Instant::now();
+    let reply = exchange(&mut s, &query_msg(r#"host = "re" and service ~= "(a+)+$""#)).await;
+    let took = started.elapsed();
+    assert_eq!(reply.ok, Some(true));
+    let services: Vec<_> = reply.events.iter().map(|e| e.service.as_deref()).collect();
+    assert_eq!(services, [Some("aaaa")]);
+    // A backtracking engine needs ~2^100000 steps; a linear one microseconds.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    h.assert_serves().await;
+}
+
+/// A port nothing listens on (bound, then released).
+fn dead_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Carbon and PagerDuty down while events keep coming: ingest must keep
+/// acking at its usual pace while both outputs retry. Four seconds rather than
+/// the 30 s of a real outage: the outputs are decoupled by bounded queues that
+/// never block a stream, so the only thing a longer outage adds is more
+/// retries of the same kind; 4 s covers several of each (the pager's backoff
+/// starts at 500 ms, carbon's reconnect at 100 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_keeps_acking_while_carbon_and_the_pager_are_down() {
+    let source = format!(
+        "output graph = graphite(host: \"127.0.0.1\", port: {})\n\
+         output pager = pagerduty(routing_key: \"k\", url: \"http://127.0.0.1:{}/v2/enqueue\")\n\
+         streams {{\n  index\n  graph\n  pager\n}}\n",
+        dead_port(),
+        dead_port()
+    );
+    let (_, compiled) = rules::load("down.vigil", &source, EnvPolicy::Strict).expect("compiles");
+    let stop = CancellationToken::new();
+    let started: Vec<(Arc<Queue>, _)> = compiled
+        .outputs
+        .iter()
+        .map(|spec| outputs::start(spec, stop.clone()))
+        .collect();
+    let queues: Vec<Arc<Queue>> = started.iter().map(|(q, _)| q.clone()).collect();
+    let sinks = queues
+        .iter()
+        .map(|q| q.clone() as Arc<dyn OutputSink>)
+        .collect();
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let clock: SharedClock = Arc::new(ManualClock::new(T0));
+    let rules = Arc::new(Rules::new(compiled.roots, sinks, index.clone(), clock));
+    let h = Harness::with_streams(ServerConfig::default(), index, rules).await;
+
+    let mut client = Client::connect(h.addr()).await.unwrap();
+    let outage = Instant::now();
+    let mut sent = 0u64;
+    while outage.elapsed() < Duration::from_secs(4) {
+        let event = Event {
+            host: Some("down".into()),
+            service: Some(format!("svc {sent}")),
+            state: Some("critical".into()),
+            metric: Some(Metric::Float(1.0)),
+            time: T0,
+            ..Event::default()
+        };
+        let acked = tokio::time::timeout(Duration::from_secs(1), client.send(&[event])).await;
+        acked.expect("acked within a second").expect("acked");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.index.len() as u64, sent);
+    for queue in &queues {
+        let stats = &queue.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+        assert_eq!(
+            get(&stats.accepted),
+            sent,
+            "{}: every event handed over",
+            queue.name
+        );
+        assert_eq!(
+            get(&stats.delivered),
+            0,
+            "{}: nothing delivered",
+            queue.name
+        );
+        assert!(
+            get(&stats.retries) >= 2,
+            "{}: retried: {stats:?}",
+            queue.name
+        );
+    }
+    stop.cancel();
+    for (_, task) in started {
+        task.abort();
+    }
+    h.assert_serves().await;
+}
+
+/// `vigil check` on rule files nested far past the 64-level cap: blocks, and
+/// parentheses in a condition. A clean error, never a stack overflow.
+#[test]
+fn deeply_nested_rule_files_fail_vigil_check_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = format!(
+        "streams {{\n{}index\n{}}}\n",
+        "where true {\n".repeat(10_000),
+        "}\n".repeat(10_000)
+    );
+    let parens = format!(
+        "streams {{\n  where {}true{} {{ index }}\n}}\n",
+        "(".repeat(10_000),
+        ")".repeat(10_000)
+    );
+    for (name, text) in [("blocks", blocks), ("parens", parens)] {
+        let path = dir.path().join(format!("{name}.vigil"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["check", path.to_str().unwrap()])
+            .output()
+            .expect("vigil check runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stdout}");
+        assert!(
+            stdout.contains("nested too deeply (max 64)"),
+            "{name}: {stdout}"
+        );
+    }
+}

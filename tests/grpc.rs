@@ -1,0 +1,358 @@
+//! The gRPC API (`proto/vigil.proto`) through a tonic client: against the real
+//! binary started with `--grpc`, and in-process where the test needs to reach
+//! inside (counters, a subscriber that falls behind).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt, stream};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+use common::Vigil;
+use vigil::client::Client;
+use vigil::clock::{Clock, MICROS_PER_SEC, SystemClock};
+use vigil::event::{Event, Metric};
+use vigil::grpc::{Ack, Grpc, Msg, QueryRequest, VigilClient};
+use vigil::index::{Index, IndexConfig};
+use vigil::proto::{PbEvent, from_pb, to_pb};
+use vigil::query::Query;
+use vigil::stats::Stats;
+use vigil::streams::IndexEverything;
+
+/// Bound on every wait for a reply or a streamed event.
+const WAIT: Duration = Duration::from_secs(10);
+
+fn start_vigil() -> (Vigil, SocketAddr) {
+    let vigil = Vigil::start(&["--grpc", "127.0.0.1:0", "--tick", "50ms"]);
+    let grpc = vigil.grpc.expect("`listening` carries the grpc address");
+    (vigil, grpc)
+}
+
+async fn connect(addr: SocketAddr) -> VigilClient<Channel> {
+    VigilClient::connect(format!("http://{addr}"))
+        .await
+        .expect("gRPC client connects")
+}
+
+/// The next item of a stream, failing the test instead of hanging.
+async fn next<T>(stream: &mut (impl Stream<Item = T> + Unpin)) -> Option<T> {
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("a reply within the timeout")
+}
+
+async fn next_event(events: &mut Streaming<PbEvent>) -> Event {
+    let pb = next(events)
+        .await
+        .expect("the stream is still open")
+        .expect("an event, not an error");
+    from_pb(pb, 0)
+}
+
+async fn query(client: &mut VigilClient<Channel>, query: &str) -> Result<Vec<Event>, Status> {
+    let reply = client
+        .query(QueryRequest {
+            query: query.to_owned(),
+        })
+        .await?;
+    Ok(reply
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|pb| from_pb(pb, 0))
+        .collect())
+}
+
+fn msg(events: &[Event]) -> Msg {
+    Msg {
+        events: events.iter().map(to_pb).collect(),
+    }
+}
+
+fn event(host: &str, service: &str) -> Event {
+    Event {
+        host: Some(host.into()),
+        service: Some(service.into()),
+        state: Some("ok".into()),
+        time: SystemClock.now(),
+        ..Event::default()
+    }
+}
+
+fn assert_ok(ack: &Ack) {
+    assert!(ack.ok, "ack not ok: {ack:?}");
+    assert!(ack.error.is_empty(), "ack with an error: {ack:?}");
+}
+
+#[tokio::test]
+async fn send_acks_each_msg_in_order_and_query_returns_every_field() {
+    let (_vigil, addr) = start_vigil();
+    let mut client = connect(addr).await;
+    let now = SystemClock.now();
+    let int = Event {
+        host: Some("grpc-send".into()),
+        service: Some("int".into()),
+        state: Some("warning".into()),
+        time: now - 5 * MICROS_PER_SEC + 250_000,
+        description: Some("an integer".into()),
+        tags: vec!["a".into(), "b".into()],
+        metric: Some(Metric::Int(-42)),
+        ttl: Some(300.0),
+        attributes: vec![("env".into(), "prod".into()), ("team".into(), "db".into())],
+    };
+    let float = Event {
+        service: Some("float".into()),
+        metric: Some(Metric::Float(0.125)),
+        ttl: Some(120.5),
+        tags: vec!["c".into()],
+        attributes: vec![("region".into(), "eu".into())],
+        ..int.clone()
+    };
+    // No time: vigil stamps the arrival time.
+    let untimed = PbEvent {
+        host: Some("grpc-send".into()),
+        service: Some("untimed".into()),
+        ..PbEvent::default()
+    };
+
+    // Each Msg is sent only once the previous one is acknowledged, and its
+    // event is in the index by then: one Ack per Msg, in order.
+    let (tx, rx) = mpsc::channel(1);
+    let outbound = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut acks = client
+        .send(outbound)
+        .await
+        .expect("Send starts")
+        .into_inner();
+    let msgs = [
+        msg(std::slice::from_ref(&int)),
+        msg(std::slice::from_ref(&float)),
+        Msg {
+            events: vec![untimed],
+        },
+    ];
+    for (i, m) in msgs.into_iter().enumerate() {
+        tx.send(m).await.unwrap();
+        let ack = next(&mut acks)
+            .await
+            .expect("an ack")
+            .expect("not an error");
+        assert_ok(&ack);
+        let indexed = query(&mut client, r#"host = "grpc-send""#).await.unwrap();
+        assert_eq!(indexed.len(), i + 1, "after ack {i}: {indexed:?}");
+    }
+    drop(tx);
+    assert!(next(&mut acks).await.is_none(), "exactly one ack per Msg");
+
+    let mut indexed = query(&mut client, r#"host = "grpc-send""#).await.unwrap();
+    indexed.sort_by(|a, b| a.service.cmp(&b.service));
+    assert_eq!(indexed[0], float);
+    assert_eq!(indexed[1], int);
+    let stamped = &indexed[2];
+    assert_eq!(stamped.service.as_deref(), Some("untimed"));
+    assert!(
+        (stamped.time - now).abs() < 60 * MICROS_PER_SEC,
+        "arrival time stamped: {stamped:?}"
+    );
+
+    // The unary form goes the same way.
+    let ack = client
+        .send_batch(msg(&[event("grpc-send", "batch")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ok(&ack);
+    let found = query(&mut client, r#"service = "batch""#).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+}
+
+#[tokio::test]
+async fn a_bad_query_is_invalid_argument_with_the_column() {
+    let (_vigil, addr) = start_vigil();
+    let mut client = connect(addr).await;
+    let text = r#"service = "x" and and"#;
+    let column = Query::parse(text).unwrap_err().column;
+    for status in [
+        query(&mut client, text).await.unwrap_err(),
+        client
+            .subscribe(QueryRequest {
+                query: text.to_owned(),
+            })
+            .await
+            .map(drop)
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(&format!("column {column}")),
+            "the parser's column in {status:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn subscribe_sends_current_matches_then_live_events() {
+    let (vigil, addr) = start_vigil();
+    let mut client = connect(addr).await;
+    let mut tcp = Client::connect(vigil.tcp).await.expect("TCP connects");
+    tcp.send(&[event("sub", "before")]).await.unwrap();
+
+    let mut events = client
+        .subscribe(QueryRequest {
+            query: r#"host = "sub""#.to_owned(),
+        })
+        .await
+        .expect("Subscribe starts")
+        .into_inner();
+    assert_eq!(
+        next_event(&mut events).await.service.as_deref(),
+        Some("before"),
+        "the current match first"
+    );
+
+    // Over the Riemann protocol: a non-matching event, then a matching one.
+    tcp.send(&[event("elsewhere", "ignored")]).await.unwrap();
+    let live = Event {
+        metric: Some(Metric::Float(2.5)),
+        tags: vec!["live".into()],
+        ..event("sub", "after")
+    };
+    tcp.send(std::slice::from_ref(&live)).await.unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        live,
+        "only the matching event"
+    );
+}
+
+#[tokio::test]
+async fn an_expiring_event_reaches_subscribers_as_expired() {
+    let (vigil, addr) = start_vigil();
+    let mut client = connect(addr).await;
+    let mut events = client
+        .subscribe(QueryRequest {
+            query: r#"host = "ttl""#.to_owned(),
+        })
+        .await
+        .expect("Subscribe starts")
+        .into_inner();
+    let mut tcp = Client::connect(vigil.tcp).await.expect("TCP connects");
+    let short = Event {
+        ttl: Some(0.2),
+        ..event("ttl", "short")
+    };
+    tcp.send(std::slice::from_ref(&short)).await.unwrap();
+
+    assert_eq!(next_event(&mut events).await, short, "indexed");
+    let expired = next_event(&mut events).await;
+    assert_eq!(expired.state.as_deref(), Some("expired"), "{expired:?}");
+    assert_eq!(expired.service.as_deref(), Some("short"));
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_with_unavailable() {
+    let (mut vigil, addr) = start_vigil();
+    let mut client = connect(addr).await;
+    let mut events = client
+        .subscribe(QueryRequest {
+            query: r#"host = "nobody""#.to_owned(),
+        })
+        .await
+        .expect("Subscribe starts")
+        .into_inner();
+    // The subscription is registered once the server answered the call.
+    let status = tokio::task::spawn_blocking(move || vigil.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "clean exit: {status:?}");
+    let end = next(&mut events).await.expect("a final status");
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+}
+
+/// In-process, indexing everything: for the counters and limits.
+async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) {
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let stats = Arc::new(Stats::default());
+    let grpc = Grpc::start(
+        "127.0.0.1:0".parse().unwrap(),
+        max_message,
+        index.clone(),
+        Arc::new(IndexEverything::new(index.clone())),
+        Arc::new(SystemClock),
+        stats.clone(),
+    )
+    .await
+    .expect("gRPC listener starts");
+    (grpc, index, stats)
+}
+
+#[tokio::test]
+async fn a_message_over_the_limit_is_refused() {
+    let (grpc, index, stats) = start_in_process(1024).await;
+    let mut client = connect(grpc.addr).await;
+    let big = Event {
+        description: Some("x".repeat(2048)),
+        ..event("big", "x")
+    };
+    let status = client.send_batch(msg(&[big])).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(index.is_empty());
+    assert_eq!(Stats::get(&stats.grpc_messages), 0);
+    // The connection is still usable for messages within the limit.
+    let ack = client
+        .send_batch(msg(&[event("small", "x")]))
+        .await
+        .unwrap();
+    assert_ok(ack.get_ref());
+    assert_eq!(index.len(), 1);
+    grpc.shutdown(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_ends_with_resource_exhausted() {
+    let (grpc, index, stats) = start_in_process(64 * 1024 * 1024).await;
+    let mut client = connect(grpc.addr).await;
+    let mut events = client
+        .subscribe(QueryRequest {
+            query: "true".to_owned(),
+        })
+        .await
+        .expect("Subscribe starts")
+        .into_inner();
+
+    // Not reading: HTTP/2 flow control stops the server's writes, then the
+    // subscriber's queue fills and pubsub drops it.
+    const BATCHES: u64 = 4;
+    const PER_BATCH: u64 = 50_000;
+    let batch = msg(&vec![event("flood", "x"); PER_BATCH as usize]);
+    for _ in 0..BATCHES {
+        let ack = client.send_batch(batch.clone()).await.unwrap().into_inner();
+        assert_ok(&ack);
+    }
+    assert_eq!(Stats::get(&stats.grpc_messages), BATCHES);
+    assert_eq!(Stats::get(&stats.grpc_events), BATCHES * PER_BATCH);
+    assert_eq!(
+        index
+            .pubsub()
+            .stats
+            .disconnected_slow
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    let mut received = 0u64;
+    let end = loop {
+        match next(&mut events).await.expect("ends with a status") {
+            Ok(_) => received += 1,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    assert!(received < BATCHES * PER_BATCH, "dropped before the end");
+    grpc.shutdown(WAIT).await;
+}

@@ -1,0 +1,617 @@
+//! The HTTP surface end to end against the real binary: WebSocket and SSE
+//! subscriptions with real client libraries (tokio-tungstenite, reqwest),
+//! plain JSON queries, `POST /events`, the bearer token and `/metrics` parsed
+//! by a Prometheus text parser. Slow subscribers and shutdown run in-process,
+//! where the subscriber queue can be made tiny.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use reqwest::{StatusCode, Url};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+use common::*;
+use vigil::client::Client;
+use vigil::clock::{Clock, SharedClock, SystemClock};
+use vigil::event::{Event, Metric};
+use vigil::http::{HttpConfig, HttpServer};
+use vigil::index::{Index, IndexConfig};
+use vigil::rules::engine::Rules;
+use vigil::rules::reload::{Outputs, Reloader};
+use vigil::rules::{self, DEFAULT_RULES, DEFAULT_RULES_NAME, EnvPolicy};
+use vigil::selfmetrics::Telemetry;
+use vigil::stats::Stats;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn event(host: &str, service: &str, ttl: f32, metric: i64) -> Event {
+    Event {
+        host: Some(host.into()),
+        service: Some(service.into()),
+        state: Some("ok".into()),
+        time: SystemClock.now(),
+        metric: Some(Metric::Int(metric)),
+        ttl: Some(ttl),
+        ..Event::default()
+    }
+}
+
+async fn send(v: &Vigil, events: &[Event]) {
+    let mut client = Client::connect(v.tcp).await.expect("tcp connects");
+    client.send(events).await.expect("events acknowledged");
+}
+
+fn http_addr(v: &Vigil) -> SocketAddr {
+    v.http.expect("the listening line names the http address")
+}
+
+fn url(scheme: &str, addr: SocketAddr, path: &str, params: &[(&str, &str)]) -> Url {
+    Url::parse_with_params(&format!("{scheme}://{addr}{path}"), params).unwrap()
+}
+
+/// The next text frame as JSON; `None` once the server closed (with its frame).
+async fn next_json(ws: &mut Ws) -> Result<Value, Option<(u16, String)>> {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time");
+        match message {
+            Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
+            Some(Ok(Message::Close(frame))) => {
+                return Err(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+fn key(e: &Value) -> (&str, &str, &str) {
+    (
+        e["host"].as_str().unwrap_or_default(),
+        e["service"].as_str().unwrap_or_default(),
+        e["state"].as_str().unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_sends_the_snapshot_then_live_matches_and_expiry() {
+    let v = Vigil::start(&[]);
+    send(
+        &v,
+        &[event("ws", "a", 60.0, 1), event("other", "a", 60.0, 1)],
+    )
+    .await;
+
+    let query = [("query", r#"host = "ws""#), ("subscribe", "true")];
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(url("ws", http_addr(&v), "/index", &query).as_str())
+            .await
+            .expect("websocket handshake");
+    let first = next_json(&mut ws).await.expect("snapshot frame");
+    assert_eq!(key(&first), ("ws", "a", "ok"));
+    assert_eq!(first["metric"], 1);
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+
+    send(&v, &[event("other", "b", 1.0, 2), event("ws", "b", 1.0, 2)]).await;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|e: &Value| key(e) == ("ws", "b", "expired"))
+    {
+        seen.push(next_json(&mut ws).await.expect("live frame"));
+    }
+    let keys: Vec<_> = seen.iter().map(key).collect();
+    assert_eq!(keys[0], ("ws", "b", "ok"), "live event first: {keys:?}");
+    assert!(keys.iter().all(|k| k.0 == "ws"), "only matches: {keys:?}");
+    ws.close(None).await.unwrap();
+
+    // Without subscribe: the snapshot, then a normal close.
+    let (mut ws, _) = tokio_tungstenite::connect_async(
+        url(
+            "ws",
+            http_addr(&v),
+            "/index",
+            &[("query", r#"host = "ws""#)],
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(key(&next_json(&mut ws).await.unwrap()), ("ws", "a", "ok"));
+    let closed = next_json(&mut ws).await.unwrap_err();
+    assert_eq!(closed.map(|c| c.0), Some(1000));
+}
+
+/// Reads `data:` payloads from a streaming response.
+struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    async fn open(url: Url, accept: bool) -> SseReader {
+        let mut request = reqwest::Client::new().get(url);
+        if accept {
+            request = request.header("Accept", "text/event-stream");
+        }
+        let response = request.send().await.expect("SSE request");
+        assert_eq!(response.status(), StatusCode::OK);
+        let kind = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(kind.starts_with("text/event-stream"), "{kind}");
+        SseReader {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Value {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                // Keep-alive comments carry no data.
+                if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    return serde_json::from_str(data).unwrap();
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(WAIT, self.response.chunk())
+                .await
+                .expect("an SSE event in time")
+                .expect("stream readable")
+                .expect("stream still open");
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+}
+
+/// The `sse` address from the `listening` log line.
+fn sse_addr(v: &Vigil) -> SocketAddr {
+    let logs = v.logs();
+    logs.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "listening")
+        .and_then(|l| l["fields"]["sse"].as_str()?.parse().ok())
+        .expect("listening line with an sse address")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_streams_the_snapshot_then_live_matches_on_both_listeners() {
+    let v = Vigil::start(&["--sse", "127.0.0.1:0"]);
+    send(
+        &v,
+        &[event("sse", "a", 60.0, 1), event("other", "a", 60.0, 1)],
+    )
+    .await;
+    let query = [("query", r#"host = "sse""#)];
+    let mut main = SseReader::open(url("http", http_addr(&v), "/index", &query), true).await;
+    let mut riemann = SseReader::open(url("http", sse_addr(&v), "/index", &query), false).await;
+    for stream in [&mut main, &mut riemann] {
+        assert_eq!(key(&stream.next().await), ("sse", "a", "ok"));
+    }
+
+    send(
+        &v,
+        &[event("other", "b", 1.0, 2), event("sse", "b", 1.0, 2)],
+    )
+    .await;
+    for stream in [&mut main, &mut riemann] {
+        let live = stream.next().await;
+        assert_eq!(
+            key(&live),
+            ("sse", "b", "ok"),
+            "non-matching events skipped"
+        );
+        assert_eq!(live["metric"], 2);
+        assert_eq!(key(&stream.next().await), ("sse", "b", "expired"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_get_answers_json_and_a_bad_query_gets_400_with_its_column() {
+    let v = Vigil::start(&[]);
+    let mut e = event("json", "disk", 60.0, 5);
+    e.attributes.push(("env".into(), "prod".into()));
+    e.tags.push("t".into());
+    send(&v, &[e, event("other", "disk", 60.0, 5)]).await;
+
+    let http = reqwest::Client::new();
+    let response = http
+        .get(url(
+            "http",
+            http_addr(&v),
+            "/index",
+            &[("query", r#"host = "json""#)],
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let events: Vec<Value> = response.json().await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(key(e), ("json", "disk", "ok"));
+    assert_eq!(
+        (e["env"].as_str(), e["tags"][0].as_str()),
+        (Some("prod"), Some("t"))
+    );
+    assert_eq!(
+        (e["ttl"].as_f64(), e["description"].is_null()),
+        (Some(60.0), true)
+    );
+
+    let response = http
+        .get(url(
+            "http",
+            http_addr(&v),
+            "/index",
+            &[("query", "service =")],
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["column"], 10, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("column 10"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn posted_events_are_answered_per_line_and_queryable_over_tcp() {
+    let v = Vigil::start(&[]);
+    let now = SystemClock.now();
+    let secs = now as f64 / 1e6;
+    let body = [
+        format!(
+            r#"{{"host":"agent","service":"cpu","metric":0.5,"time":"{}","tags":["x"],"rack":"r1"}}"#,
+            vigil::json::iso8601(now)
+        ),
+        r#"{"host":"agent","service":"load","metric":"high"}"#.to_owned(),
+        String::new(),
+        format!(r#"{{"host":"agent","service":"mem","metric":3,"time":{secs},"ttl":120}}"#),
+        "not json".to_owned(),
+        r#"{"host":"agent","service":"disk","state":"warning","tags":"x"}"#.to_owned(),
+        r#"{"host":"agent","service":"net"}"#.to_owned(),
+    ]
+    .join("\n");
+    let response = reqwest::Client::new()
+        .post(url("http", http_addr(&v), "/events", &[]))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answers: Vec<Value> = response
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let errors: Vec<_> = answers.iter().map(|a| a["error"].as_str()).collect();
+    assert_eq!(
+        answers.len(),
+        6,
+        "one answer per non-blank line: {answers:?}"
+    );
+    assert_eq!(answers[0], serde_json::json!({}));
+    assert_eq!(errors[1], Some("metric must be a number"));
+    assert!(
+        errors[3].unwrap().starts_with("invalid JSON"),
+        "{answers:?}"
+    );
+    assert_eq!(errors[4], Some("tags must be an array of strings"));
+    assert_eq!([errors[0], errors[2], errors[5]], [None, None, None]);
+
+    let mut client = Client::connect(v.tcp).await.unwrap();
+    let mut indexed = client.query(r#"host = "agent""#).await.unwrap();
+    indexed.sort_by(|a, b| a.service.cmp(&b.service));
+    let services: Vec<_> = indexed.iter().map(|e| e.service_str()).collect();
+    assert_eq!(services, ["cpu", "mem", "net"]);
+    let (cpu, mem, net) = (&indexed[0], &indexed[1], &indexed[2]);
+    assert_eq!(cpu.metric, Some(Metric::Float(0.5)));
+    assert_eq!(cpu.time / 1000, now / 1000, "ISO time to the millisecond");
+    assert_eq!(
+        (cpu.tags.clone(), cpu.attribute("rack")),
+        (vec!["x".to_owned()], Some("r1"))
+    );
+    assert_eq!((mem.metric, mem.ttl), (Some(Metric::Int(3)), Some(120.0)));
+    assert!((mem.time - now).abs() < 2, "numeric seconds");
+    assert!(net.time >= now, "arrival time when none was given");
+
+    // PUT is the same endpoint.
+    let response = reqwest::Client::new()
+        .put(url("http", http_addr(&v), "/events", &[]))
+        .body(r#"{"host":"agent","service":"put"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.text().await.unwrap(), "{}\n");
+    assert_eq!(client.query(r#"service = "put""#).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bearer_token_guards_everything_but_health() {
+    let v = Vigil::start_with_env(&[], &[("VIGIL_HTTP_TOKEN", "s3cret")]);
+    let addr = http_addr(&v);
+    let http = reqwest::Client::new();
+    let status =
+        |request: reqwest::RequestBuilder| async move { request.send().await.unwrap().status() };
+    let metrics = url("http", addr, "/metrics", &[]);
+    assert_eq!(
+        status(http.get(metrics.clone())).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status(http.get(metrics.clone()).bearer_auth("wrong")).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status(http.get(metrics.clone()).bearer_auth("s3cret")).await,
+        StatusCode::OK
+    );
+    let events = url("http", addr, "/events", &[]);
+    assert_eq!(
+        status(http.post(events).body("{}")).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let health = http
+        .get(url("http", addr, "/health", &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(
+        (health["status"].as_str(), health["index"].as_u64()),
+        (Some("ok"), Some(0))
+    );
+    assert!(health["uptime_s"].is_u64());
+
+    // WebSocket clients that cannot set headers pass the token in the URL.
+    let query = [("query", "true")];
+    let refused =
+        tokio_tungstenite::connect_async(url("ws", addr, "/index", &query).as_str()).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED.as_u16());
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    let with_token = [("query", "true"), ("token", "s3cret")];
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(url("ws", addr, "/index", &with_token).as_str())
+            .await
+            .expect("token in the URL accepted");
+    assert_eq!(
+        next_json(&mut ws).await.unwrap_err().map(|c| c.0),
+        Some(1000)
+    );
+}
+
+/// `/metrics` parsed with a Prometheus text parser.
+async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let text = reqwest::get(url("http", addr, "/metrics", &[]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+/// Scrapes until `done` holds (panics with `what` after a while).
+async fn scrape_until(
+    addr: SocketAddr,
+    what: &str,
+    done: impl Fn(&prometheus_parse::Scrape) -> bool,
+) -> prometheus_parse::Scrape {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = scrape(addr).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: not seen in {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn value(scrape: &prometheus_parse::Scrape, name: &str, output: Option<&str>) -> Option<f64> {
+    use prometheus_parse::Value::{Counter, Gauge, Untyped};
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.get("output") == output)
+        .map(|s| match s.value {
+            Counter(v) | Gauge(v) | Untyped(v) => v,
+            _ => panic!("{name} is not a single value"),
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_was_sent() {
+    let downstream = Vigil::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("forward.vigil");
+    let port = downstream.port();
+    let source = format!(
+        "output next = forward(host: \"127.0.0.1\", port: {port})\nstreams {{\n  index\n  next\n}}\n"
+    );
+    std::fs::write(&rules, &source).unwrap();
+    let v = Vigil::start(&["--rules", rules.to_str().unwrap()]);
+    let addr = http_addr(&v);
+
+    let events: Vec<_> = (0..7)
+        .map(|i| event("m", &format!("s{i}"), 60.0, i))
+        .collect();
+    send(&v, &events[..3]).await;
+    send(&v, &events[3..]).await;
+    let body =
+        "{\"host\":\"m\",\"service\":\"h1\"}\n{\"metric\":[]}\n{\"host\":\"m\",\"service\":\"h2\"}";
+    reqwest::Client::new()
+        .post(url("http", addr, "/events", &[]))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+
+    let s = scrape_until(addr, "all 9 events delivered downstream", |s| {
+        value(s, "vigil_output_delivered_total", Some("next")) == Some(9.0)
+    })
+    .await;
+    let get = |name: &str| value(&s, name, None).unwrap_or_else(|| panic!("{name} missing"));
+    assert_eq!(get("vigil_tcp_events_total"), 7.0);
+    assert_eq!(get("vigil_tcp_messages_total"), 2.0);
+    assert_eq!(get("vigil_http_events_total"), 2.0);
+    assert_eq!(get("vigil_http_event_errors_total"), 1.0);
+    assert_eq!(get("vigil_decode_errors_total"), 0.0);
+    assert_eq!(get("vigil_index_size"), 9.0);
+    assert_eq!(get("vigil_index_expired_total"), 0.0);
+    assert_eq!(get("vigil_subscribers"), 0.0);
+    assert_eq!(get("vigil_subscribers_disconnected_slow_total"), 0.0);
+    assert_eq!(
+        value(&s, "vigil_output_accepted_total", Some("next")),
+        Some(9.0)
+    );
+    assert_eq!(
+        value(&s, "vigil_output_dropped_total", Some("next")),
+        Some(0.0)
+    );
+    assert_eq!(value(&s, "vigil_output_queued", Some("next")), Some(0.0));
+    assert_eq!(value(&s, "vigil_output_in_flight", Some("next")), Some(0.0));
+    let latency = s
+        .samples
+        .iter()
+        .find(|s| s.metric == "vigil_streams_latency_seconds")
+        .expect("latency histogram");
+    let prometheus_parse::Value::Histogram(buckets) = &latency.value else {
+        panic!("not a histogram: {latency:?}");
+    };
+    let all = buckets
+        .iter()
+        .find(|b| b.less_than.is_infinite())
+        .unwrap()
+        .count;
+    assert!(
+        all >= 3.0,
+        "two TCP batches and one HTTP batch at least: {buckets:?}"
+    );
+
+    // Reloads, good and bad, are counted.
+    let pid = v.pid().to_string();
+    run_ok("kill", &["-HUP", &pid], CMD_TIMEOUT);
+    scrape_until(addr, "reload counted", |s| {
+        value(s, "vigil_rules_reloads_total", None) == Some(1.0)
+    })
+    .await;
+    std::fs::write(&rules, "streams {\n  nonsense\n}\n").unwrap();
+    run_ok("kill", &["-HUP", &pid], CMD_TIMEOUT);
+    scrape_until(addr, "failed reload counted", |s| {
+        value(s, "vigil_rules_reload_failures_total", None) == Some(1.0)
+    })
+    .await;
+}
+
+/// Everything in-process on a tiny subscriber queue.
+async fn in_process(capacity: usize) -> (HttpServer, Arc<Index>) {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let (_, compiled) = rules::load(DEFAULT_RULES_NAME, DEFAULT_RULES, EnvPolicy::Strict).unwrap();
+    let rules = Arc::new(Rules::new(
+        compiled.roots,
+        vec![],
+        index.clone(),
+        clock.clone(),
+    ));
+    let outputs = Outputs::start(&[], CancellationToken::new());
+    let telemetry = Arc::new(Telemetry {
+        stats: Arc::new(Stats::default()),
+        index: index.clone(),
+        rules: rules.clone(),
+        reloader: Arc::new(Reloader::new(None, rules.clone(), outputs)),
+        latency: Arc::default(),
+        started: Instant::now(),
+    });
+    let config = HttpConfig {
+        addr: Some("127.0.0.1:0".parse().unwrap()),
+        subscriber_capacity: capacity,
+        ..HttpConfig::default()
+    };
+    let http = HttpServer::start(config, telemetry, rules, clock)
+        .await
+        .unwrap();
+    (http, index)
+}
+
+async fn subscribe_all(http: &HttpServer, index: &Index) -> Ws {
+    let query = [("query", "true"), ("subscribe", "true")];
+    let (ws, _) =
+        tokio_tungstenite::connect_async(url("ws", http.addr.unwrap(), "/index", &query).as_str())
+            .await
+            .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while index.pubsub().subscribers() == 0 {
+        assert!(Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_subscriber_is_disconnected_with_a_reason_and_counted() {
+    let (http, index) = in_process(1).await;
+    let mut ws = subscribe_all(&http, &index).await;
+    // Published from this thread far faster than the server can write frames.
+    for i in 0..10_000 {
+        index.insert(&event("flood", &i.to_string(), 60.0, i));
+    }
+    let closed = loop {
+        if let Err(closed) = next_json(&mut ws).await {
+            break closed;
+        }
+    };
+    let (code, reason) = closed.expect("a close frame");
+    assert_eq!(code, u16::from(CloseCode::Again));
+    assert!(reason.contains("too slow"), "{reason}");
+    let stats = &index.pubsub().stats;
+    assert_eq!(
+        stats
+            .disconnected_slow
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(index.pubsub().subscribers(), 0);
+    let s = scrape(http.addr.unwrap()).await;
+    assert_eq!(
+        value(&s, "vigil_subscribers_disconnected_slow_total", None),
+        Some(1.0)
+    );
+    http.shutdown(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_closes_live_subscriptions() {
+    let (http, index) = in_process(100).await;
+    let mut ws = subscribe_all(&http, &index).await;
+    let shutdown = tokio::spawn(http.shutdown(WAIT));
+    let closed = next_json(&mut ws).await.unwrap_err();
+    assert_eq!(closed.map(|c| c.0), Some(u16::from(CloseCode::Away)));
+    tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
+}
