@@ -7,9 +7,10 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message;
 use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 
 use crate::event::Event;
+use crate::frame::{FrameCodec, FrameError};
 use crate::proto::{self, Msg, PbQuery};
 use crate::tcp;
 
@@ -19,6 +20,8 @@ pub enum ClientError {
     Io(#[from] io::Error),
     #[error("server closed the connection before replying")]
     Closed,
+    #[error("bad reply framing: {0}")]
+    Frame(#[from] FrameError),
     #[error("undecodable reply: {0}")]
     Decode(#[from] prost::DecodeError),
     #[error("server error: {0}")]
@@ -26,7 +29,7 @@ pub enum ClientError {
 }
 
 pub struct Client {
-    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    framed: Framed<TcpStream, FrameCodec>,
 }
 
 impl Client {

@@ -7,6 +7,7 @@
 //! - [`event`]: the one core `Event` type.
 //! - [`clock`]: injected time, so expiry (and later windows and rates) run on a virtual clock in tests.
 //! - [`proto`]: the Riemann protobuf schema and conversions at the edge.
+//! - [`frame`]: the Riemann TCP framing (length prefix), growing only as bytes arrive.
 //! - [`tcp`], [`udp`]: the Riemann transports (framing, accept loop, connection limits, datagrams).
 //! - [`tls`]: TLS for the TCP transport (certificates from PEM, optional client certificates).
 //! - [`grpc`]: the gRPC API (`proto/vigil.proto`): send, query, subscribe.
@@ -28,6 +29,7 @@
 pub mod client;
 pub mod clock;
 pub mod event;
+pub mod frame;
 pub mod grpc;
 pub mod http;
 pub mod index;

@@ -25,19 +25,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{
-    Framed, LengthDelimitedCodec, length_delimited::LengthDelimitedCodecError,
-};
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::event::Event;
+pub use crate::frame::DEFAULT_MAX_FRAME;
+use crate::frame::{FrameCodec, FrameError};
 use crate::ingest::{Ingest, Transport};
 use crate::proto;
 use crate::stats::Stats;
 
-/// Riemann has no limit; one oversized prefix must not make vigil allocate it.
-pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Far above any real fleet's agents, far below the default fd limit of a
 /// service (each connection is one descriptor).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -49,12 +47,8 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The wire framing, shared with the client.
-pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .big_endian()
-        .length_field_length(4)
-        .max_frame_length(max_frame)
-        .new_codec()
+pub fn codec(max_frame: usize) -> FrameCodec {
+    FrameCodec::new(max_frame)
 }
 
 /// What every connection needs, shared by the plain and the TLS listener.
@@ -68,7 +62,7 @@ pub struct Connections {
     pub tracker: TaskTracker,
 }
 
-type RiemannFramed<S> = Framed<S, LengthDelimitedCodec>;
+type RiemannFramed<S> = Framed<S, FrameCodec>;
 
 /// Accepts until shutdown; with `tls`, each connection handshakes first.
 pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<TlsAcceptor>) {
@@ -187,7 +181,7 @@ impl Connections {
     async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         framed: &mut RiemannFramed<S>,
-        mut next: Option<io::Result<BytesMut>>,
+        mut next: Option<Result<BytesMut, FrameError>>,
         events: &mut Vec<Event>,
     ) -> io::Result<bool> {
         loop {
@@ -218,27 +212,26 @@ impl Connections {
     async fn fail<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         framed: &mut RiemannFramed<S>,
-        error: io::Error,
+        error: FrameError,
     ) -> io::Result<()> {
-        let max_frame = self.max_frame;
         let stats = &self.ingest.stats;
-        let oversized = error
-            .get_ref()
-            .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>());
-        if oversized {
-            Stats::incr(&stats.frames_oversized);
-            tracing::info!("Frame over the {max_frame}-byte limit; closing the connection.");
-            let reply: Bytes = proto::error_reply(format!(
-                "frame exceeds the maximum size of {max_frame} bytes"
-            ));
-            framed.send(reply).await?;
-            return Ok(());
+        match error {
+            FrameError::Oversized { len, max } => {
+                Stats::incr(&stats.frames_oversized);
+                tracing::info!(
+                    len,
+                    max,
+                    "Frame over the size limit; closing the connection."
+                );
+                let reply: Bytes =
+                    proto::error_reply(format!("frame exceeds the maximum size of {max} bytes"));
+                framed.send(reply).await
+            }
+            FrameError::Truncated => {
+                Stats::incr(&stats.frames_truncated);
+                Ok(())
+            }
+            FrameError::Io(e) => Err(e),
         }
-        if error.kind() == io::ErrorKind::Other {
-            // tokio-util's "bytes remaining on stream": EOF in the middle of a frame.
-            Stats::incr(&stats.frames_truncated);
-            return Ok(());
-        }
-        Err(error)
     }
 }
