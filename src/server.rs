@@ -135,17 +135,26 @@ impl Server {
     /// Stops accepting, ends every connection at its next frame boundary and
     /// waits (up to `grace`) for the tasks to finish.
     pub async fn shutdown(self, grace: Duration) {
-        self.shutdown.cancel();
-        self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                ?grace,
-                "Tasks still running after the shutdown grace period."
-            );
-        }
+        stop_tasks(&self.shutdown, &self.tracker, grace, "server").await;
+    }
+}
+
+/// Cancels `shutdown`, then waits up to `grace` for every task `tracker`
+/// tracks; what is still running then is logged and left to the runtime.
+pub async fn stop_tasks(
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+    grace: Duration,
+    what: &'static str,
+) {
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            what,
+            "Tasks still running after the shutdown grace period."
+        );
     }
 }
 

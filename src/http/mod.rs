@@ -137,17 +137,7 @@ impl HttpServer {
     /// Closes subscriptions, stops accepting and waits (up to `grace`) for
     /// requests in progress.
     pub async fn shutdown(self, grace: Duration) {
-        self.shutdown.cancel();
-        self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                ?grace,
-                "HTTP requests still running after the grace period."
-            );
-        }
+        crate::server::stop_tasks(&self.shutdown, &self.tracker, grace, "http").await;
     }
 }
 
