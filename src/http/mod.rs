@@ -3,7 +3,8 @@
 //! ([`events`]), `GET /metrics` ([`metrics`]) and `GET /health`. Optionally a
 //! second listener serves only SSE on `/index`, like Riemann's port 5558.
 //!
-//! With a bearer token configured every endpoint but `/health` requires it,
+//! With a bearer token configured every endpoint but `/health` and the
+//! dashboard's static files (which hold no data) requires it,
 //! as `Authorization: Bearer …` or, for WebSocket clients that cannot set
 //! headers, `?token=…`.
 
@@ -45,7 +46,7 @@ pub struct HttpConfig {
     pub addr: Option<SocketAddr>,
     /// SSE-only listener for Riemann's SSE clients.
     pub sse: Option<SocketAddr>,
-    /// Required by every endpoint but `/health` when set.
+    /// Required by every endpoint but `/health` and the dashboard's static files when set.
     pub token: Option<String>,
     /// Queue length per WebSocket/SSE subscriber; a full queue disconnects it.
     pub subscriber_capacity: usize,

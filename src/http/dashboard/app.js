@@ -13,7 +13,7 @@
 const CELL_W = 112;
 const CELL_H = 42;
 const HEAD_W = 180;
-const HEAD_H = 30;
+const HEAD_H = 40;
 const OVERSCAN = 2; // extra rows/columns rendered around the view
 
 const HISTORY = 60; // metric values kept per cell for the sparkline
@@ -63,6 +63,7 @@ let services = []; // column order
 let axesDirty = false;
 let liveCount = 0; // entries whose last event was not `expired`
 let carried = new Map(); // key -> metric history kept across a reconnect's reset
+let versionSeq = 0; // entry versions are unique, so a recycled cell element is never mistaken as current
 
 const keyOf = (host, service) => (host ?? NONE) + '\u0000' + (service ?? NONE);
 const axisCompare = (a, b) => (a === null ? (b === null ? 0 : -1) : b === null ? 1 : collator.compare(a, b));
@@ -98,7 +99,7 @@ function apply(text) {
     liveCount--; // counted again below unless it expired now
   }
   entry.event = ev;
-  entry.version++;
+  entry.version = ++versionSeq;
   entry.expiredAt = expired ? Date.now() : 0;
   if (!expired) liveCount++;
   if (typeof ev.metric === 'number' && !expired) {
@@ -241,7 +242,8 @@ function render() {
       let cell = cellEls.get(key);
       if (cell) cellEls.delete(key);
       else cell = spare.pop() ?? newCell();
-      if (cell._key !== key || cell._version !== entry.version) fillCell(cell, key, entry);
+      const stale = cell._key !== key || cell._version !== entry.version;
+      if (stale || cell.classList.contains('selected') !== (key === selectedKey)) fillCell(cell, key, entry);
       if (cell._r !== r || cell._c !== c) {
         cell.style.transform = `translate(${c * CELL_W}px, ${r * CELL_H}px)`;
         cell._r = r;
@@ -310,7 +312,9 @@ function renderLabels(r0, r1, c0, c1) {
     const d = document.createElement('div');
     d.className = 'label';
     d.style.left = `${HEAD_W + c * CELL_W}px`;
-    d.textContent = d.title = label(services[c], 'service');
+    const text = document.createElement('span');
+    text.textContent = d.title = label(services[c], 'service');
+    d.append(text);
     cols.append(d);
   }
   const rows = document.createDocumentFragment();
@@ -337,6 +341,7 @@ function select(key) {
   const cell = cellEls.get(key);
   if (cell) cell.classList.add('selected');
   renderDetails();
+  if (cell) reveal(cell._r, cell._c); // the panel may have narrowed the grid over it
 }
 
 function closeDetails() {
@@ -438,9 +443,12 @@ function drawSparkline(values) {
     `last ${values.length} value${values.length === 1 ? '' : 's'} · min ${formatMetric(min)} · max ${formatMetric(max)}`;
 }
 
-// Keep "N s ago" current while the panel is open.
+// Keep "N s ago" current while the panel is open (only that text: a
+// selection elsewhere in the panel survives).
 setInterval(() => {
-  if (selectedKey !== null && !el.details.hidden) renderDetails();
+  const entry = selectedKey !== null && !el.details.hidden && entries.get(selectedKey);
+  const dd = el.fields.querySelector('dd[data-field="time"]');
+  if (entry && dd) dd.textContent = describeTime(entry.event.time);
 }, 1000);
 
 // ---------------------------------------------------------------------------
