@@ -130,7 +130,7 @@ struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_TTL_SECS)]
     default_ttl: f64,
     /// How often timers run: index expiry and time-based rule stages (e.g. 100ms, 1s).
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "100ms", value_parser = parse_interval)]
     tick: Duration,
     /// Refuse new index keys beyond this many entries (counted); unbounded by default.
     #[arg(long)]
