@@ -273,21 +273,61 @@ impl Index {
         out
     }
 
-    /// Removes every entry whose deadline is before `now` and returns the
-    /// `expired` notices for them, to be run back through the streams.
-    pub fn expire(&self, now: Micros) -> Vec<Event> {
-        let mut out = Vec::new();
+    /// Removes every entry whose deadline is before `now` and hands the
+    /// `expired` notices for them to `emit` (to be run back through the
+    /// streams), a chunk at a time, shard by shard: no shard is locked while
+    /// `emit` runs, and a mass expiry holds at most one shard's notices at
+    /// once. Returns how many expired.
+    pub fn expire(&self, now: Micros, mut emit: impl FnMut(&[Event])) -> usize {
+        let mut expired = Vec::with_capacity(EXPIRE_CHUNK);
+        let mut total = 0;
         for shard in self.shards.iter() {
-            while self.expire_chunk(&mut shard.lock(), now, &mut out) {}
+            let more = self.expire_chunk(&mut shard.lock(), now, &mut expired);
+            if more {
+                self.sweep(&mut shard.lock(), now, &mut expired);
+            }
+            for chunk in expired.chunks(EXPIRE_CHUNK) {
+                self.expired
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                for event in chunk {
+                    self.pubsub.publish(event);
+                }
+                emit(chunk);
+            }
+            total += expired.len();
+            expired.clear();
         }
-        self.expired.fetch_add(out.len() as u64, Ordering::Relaxed);
-        for event in &out {
-            self.pubsub.publish(event);
-        }
-        out
+        total
     }
 
-    /// Handles up to [`EXPIRE_CHUNK`] due deadlines; true if more may be due.
+    /// A mass expiry (more than a chunk due in one shard): walks the shard's
+    /// table in memory order once, instead of chasing each due deadline to an
+    /// entry at a random address. The shard is locked for one pass over it.
+    fn sweep(&self, shard: &mut Shard, now: Micros, out: &mut Vec<Event>) {
+        let not_due = shard.deadlines.split_off(&(now, 0, 0));
+        // The due slots are all settled below: expired, or re-armed.
+        shard.deadlines = not_due;
+        let deadlines = &mut shard.deadlines;
+        let hasher = &self.hasher;
+        let mut removed = 0;
+        shard.entries.retain(|entry| {
+            if entry.deadline < now {
+                out.push(std::mem::take(&mut entry.event).into_expired(now));
+                removed += 1;
+                return false;
+            }
+            if entry.scheduled < now {
+                entry.scheduled = entry.deadline;
+                let hash = hasher.hash_one((entry.event.host_str(), entry.event.service_str()));
+                deadlines.insert((entry.deadline, entry.id, hash));
+            }
+            true
+        });
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+    }
+
+    /// Handles up to [`EXPIRE_CHUNK`] due deadlines one by one; true if more
+    /// may be due.
     fn expire_chunk(&self, shard: &mut Shard, now: Micros, out: &mut Vec<Event>) -> bool {
         for _ in 0..EXPIRE_CHUNK {
             let Some(&(scheduled, id, hash)) = shard.deadlines.first() else {
@@ -327,6 +367,12 @@ mod tests {
     use crate::event::Metric;
 
     const T0: Micros = 1_700_000_000 * MICROS_PER_SEC;
+
+    fn expire_all(index: &Index, now: Micros) -> Vec<Event> {
+        let mut out = Vec::new();
+        index.expire(now, |chunk| out.extend_from_slice(chunk));
+        out
+    }
 
     fn event(host: &str, service: &str, time: Micros, ttl: Option<f32>) -> Event {
         Event {
@@ -373,10 +419,10 @@ mod tests {
         e.tags = vec!["keep".into()];
         index.insert(&e);
         assert!(
-            index.expire(T0 + secs(10)).is_empty(),
+            expire_all(&index, T0 + secs(10)).is_empty(),
             "not before time + ttl"
         );
-        let expired = index.expire(T0 + secs(10) + 1);
+        let expired = expire_all(&index, T0 + secs(10) + 1);
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].state.as_deref(), Some("expired"));
         assert_eq!(expired[0].time, T0 + secs(10) + 1);
@@ -384,7 +430,10 @@ mod tests {
         assert_eq!(index.get("a", "x"), None);
         assert_eq!(index.len(), 0);
         assert_eq!(index.expired_total(), 1);
-        assert!(index.expire(T0 + secs(100)).is_empty(), "expires once");
+        assert!(
+            expire_all(&index, T0 + secs(100)).is_empty(),
+            "expires once"
+        );
     }
 
     #[test]
@@ -394,8 +443,8 @@ mod tests {
             max_entries: None,
         });
         index.insert(&event("a", "x", T0, None));
-        assert!(index.expire(T0 + secs(5)).is_empty());
-        assert_eq!(index.expire(T0 + secs(6)).len(), 1);
+        assert!(expire_all(&index, T0 + secs(5)).is_empty());
+        assert_eq!(expire_all(&index, T0 + secs(6)).len(), 1);
     }
 
     #[test]
@@ -404,12 +453,12 @@ mod tests {
         index.insert(&event("a", "x", T0, Some(10.0)));
         index.insert(&event("a", "x", T0 + secs(8), Some(10.0)));
         assert!(
-            index.expire(T0 + secs(11)).is_empty(),
+            expire_all(&index, T0 + secs(11)).is_empty(),
             "re-armed, not expired"
         );
         assert!(index.get("a", "x").is_some());
-        assert!(index.expire(T0 + secs(18)).is_empty());
-        assert_eq!(index.expire(T0 + secs(19)).len(), 1);
+        assert!(expire_all(&index, T0 + secs(18)).is_empty());
+        assert_eq!(expire_all(&index, T0 + secs(19)).len(), 1);
     }
 
     #[test]
@@ -417,9 +466,9 @@ mod tests {
         let index = Index::new(IndexConfig::default());
         index.insert(&event("a", "x", T0, Some(100.0)));
         index.insert(&event("a", "x", T0, Some(1.0)));
-        assert_eq!(index.expire(T0 + secs(2)).len(), 1);
+        assert_eq!(expire_all(&index, T0 + secs(2)).len(), 1);
         assert!(
-            index.expire(T0 + secs(200)).is_empty(),
+            expire_all(&index, T0 + secs(200)).is_empty(),
             "old slot was dropped"
         );
     }
@@ -433,7 +482,7 @@ mod tests {
         assert_eq!(index.insert(&gone.clone()), Insert::Removed);
         assert_eq!(index.len(), 0);
         assert!(
-            index.expire(T0 + secs(1000)).is_empty(),
+            expire_all(&index, T0 + secs(1000)).is_empty(),
             "no ghost deadline"
         );
         assert_eq!(index.insert(&gone), Insert::Removed, "absent key is fine");
@@ -463,14 +512,13 @@ mod tests {
         index.insert(&event("a", "nan", T0, Some(f32::NAN)));
         index.insert(&event("a", "neg", T0, Some(-5.0)));
         index.insert(&event("a", "late", i64::MAX, Some(f32::MAX)));
-        let expired: Vec<_> = index
-            .expire(T0 + 1)
+        let expired: Vec<_> = expire_all(&index, T0 + 1)
             .into_iter()
             .map(|e| e.service)
             .collect();
         assert_eq!(expired, vec![Some("neg".to_owned())]);
         // NaN falls back to the default TTL.
-        let expired = index.expire(T0 + secs(61));
+        let expired = expire_all(&index, T0 + secs(61));
         assert_eq!(expired[0].service.as_deref(), Some("nan"));
         assert!(index.get("a", "inf").is_some() && index.get("a", "late").is_some());
     }
@@ -482,7 +530,7 @@ mod tests {
         for i in 0..n {
             index.insert(&event("h", &i.to_string(), T0, Some(1.0)));
         }
-        assert_eq!(index.expire(T0 + secs(2)).len(), n);
+        assert_eq!(expire_all(&index, T0 + secs(2)).len(), n);
         assert!(index.is_empty());
     }
 
@@ -514,7 +562,7 @@ mod tests {
         index.insert(&event("a", "x", T0, Some(1.0)));
         index.insert(&event("a", "refused", T0, None));
         index.insert(&event("b", "x", T0, None));
-        index.expire(T0 + secs(2));
+        expire_all(&index, T0 + secs(2));
         let states: Vec<_> = std::iter::from_fn(|| sub.rx.try_recv().ok())
             .map(|e| (e.service.unwrap(), e.state.unwrap()))
             .collect();
@@ -525,6 +573,33 @@ mod tests {
                 ("x".to_owned(), "expired".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn mass_expiry_keeps_and_rearms_refreshed_entries() {
+        let index = Index::new(IndexConfig::default());
+        let n = SHARDS * EXPIRE_CHUNK * 2;
+        for i in 0..n {
+            index.insert(&event("h", &i.to_string(), T0, Some(1.0)));
+        }
+        // Every other key reports again before the mass expiry.
+        for i in (0..n).step_by(2) {
+            index.insert(&event("h", &i.to_string(), T0 + secs(5), Some(10.0)));
+        }
+        let expired = expire_all(&index, T0 + secs(2));
+        assert_eq!(expired.len(), n / 2);
+        assert!(
+            expired
+                .iter()
+                .all(|e| e.service_str().parse::<usize>().unwrap() % 2 == 1)
+        );
+        assert_eq!(index.len(), n / 2);
+        assert!(
+            expire_all(&index, T0 + secs(15)).is_empty(),
+            "re-armed at their deadline"
+        );
+        assert_eq!(expire_all(&index, T0 + secs(15) + 1).len(), n / 2);
+        assert!(index.is_empty());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::SharedClock;
+use crate::cluster::Cluster;
 use crate::index::Index;
 use crate::ingest::Ingest;
 use crate::stats::Stats;
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsListener>,
     /// How often timers run: index expiry, then the time-based rule stages.
     pub tick: Duration,
+    /// `--cluster`: events go to the cluster (acked once stored), queries fan out.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +56,7 @@ impl Default for ServerConfig {
             limits: Limits::DEFAULT,
             tls: None,
             tick: Duration::from_millis(100),
+            cluster: None,
         }
     }
 }
@@ -92,6 +96,7 @@ impl Server {
             clock: clock.clone(),
             stats: stats.clone(),
             limits: config.limits,
+            cluster: config.cluster,
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -174,10 +179,9 @@ async fn run_timers(
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let expired = index.expire(clock.now());
-        if !expired.is_empty() {
-            tracing::debug!(count = expired.len(), "Expired index entries.");
-            streams.process(&expired);
+        let expired = index.expire(clock.now(), |expired| streams.process(expired));
+        if expired > 0 {
+            tracing::debug!(count = expired, "Expired index entries.");
         }
         streams.tick();
     }

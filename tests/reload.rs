@@ -76,10 +76,8 @@ impl Live {
         while self.clock.now() < target {
             let next = (self.clock.now() + TICK).min(target);
             self.clock.set(next);
-            let expired = self.index.expire(next);
-            if !expired.is_empty() {
-                self.rules.process(&expired);
-            }
+            self.index
+                .expire(next, |expired| self.rules.process(expired));
             self.rules.tick();
         }
     }
