@@ -1,0 +1,1 @@
+description = "all \"good\"\n"

@@ -1,0 +1,1 @@
+host = "web-1" and service = "cpu user"

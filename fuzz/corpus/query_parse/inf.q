@@ -1,0 +1,1 @@
+metric < Infinity and metric > -Infinity or metric = NaN

@@ -1,0 +1,1 @@
+service =~ "cpu%" or not tagged "prod"

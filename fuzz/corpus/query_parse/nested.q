@@ -1,0 +1,1 @@
+((host = "a" or host = "b") and (state = "ok" or not (metric >= 1)))

@@ -1,0 +1,1 @@
+(env = nil) or description != null

@@ -1,0 +1,1 @@
+metric > -2.5e3 and ttl <= 60 and time < 99999999999999999999

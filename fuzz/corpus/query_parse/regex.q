@@ -1,0 +1,1 @@
+service ~= "^cpu (user|sys)$"

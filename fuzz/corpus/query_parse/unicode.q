@@ -1,0 +1,1 @@
+host = "ü" and attr_x = "é"

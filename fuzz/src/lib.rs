@@ -1,0 +1,300 @@
+//! The bodies of vigil's fuzz targets, one function per `fuzz_targets/*.rs`.
+//!
+//! Each must never panic on any input except where it asserts a property of vigil
+//! (an assertion failure is a bug found). This file uses only vigil's public API
+//! and crates vigil itself depends on (`bytes`, `prost`, `tokio-util`), so the main
+//! crate's `tests/fuzz_corpus.rs` compiles this very file (`#[path]`) and replays
+//! every committed `fuzz/corpus/<target>/` file through the same checks on stable
+//! Rust, without cargo-fuzz: keep it free of anything else.
+
+use bytes::BytesMut;
+use prost::Message;
+use tokio_util::codec::Decoder;
+use vigil::event::{Event, Metric};
+use vigil::proto::{self, Msg, PbEvent};
+use vigil::query::Query;
+use vigil::rules::{self, EnvPolicy};
+use vigil::wire::{self, Limits};
+
+/// The frame limit the frame decoder target runs with.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// The arrival time stamped on events that carry none.
+const NOW: i64 = 1_700_000_000_123_456;
+
+/// What one simulated connection read: frames in order, then how it ended.
+#[derive(Debug, PartialEq)]
+struct Read {
+    frames: Vec<Vec<u8>>,
+    /// `None`: clean EOF on a frame boundary. `Some(text)`: the framing error
+    /// `Framed` would have returned (oversized frame, or EOF mid-frame).
+    error: Option<String>,
+}
+
+/// Feeds `data` to the TCP codec `chunk` bytes at a time, as `Framed` does: decode
+/// until it wants more, read more, and at EOF `decode_eof` until it is done. A
+/// framing error ends the connection.
+fn read_frames(data: &[u8], chunk: usize) -> Read {
+    let mut codec = vigil::tcp::codec(MAX_FRAME);
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    for piece in data.chunks(chunk.max(1)) {
+        buf.extend_from_slice(piece);
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    assert!(frame.len() <= MAX_FRAME, "frame over the limit");
+                    frames.push(frame.to_vec());
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Read {
+                        frames,
+                        error: Some(e.to_string()),
+                    };
+                }
+            }
+        }
+    }
+    loop {
+        match codec.decode_eof(&mut buf) {
+            Ok(Some(frame)) => frames.push(frame.to_vec()),
+            Ok(None) => {
+                return Read {
+                    frames,
+                    error: None,
+                };
+            }
+            Err(e) => {
+                return Read {
+                    frames,
+                    error: Some(e.to_string()),
+                };
+            }
+        }
+    }
+}
+
+/// Target `frame_decoder`: arbitrary bytes from a TCP peer, through the framing,
+/// then each frame as ingest takes it (`wire::decode_msg` into a reused buffer,
+/// checked against prost, the query parsed). Framing must not depend on how TCP
+/// segmented the bytes.
+pub fn frame_decoder(data: &[u8]) {
+    let whole = read_frames(data, data.len());
+    let bytewise = read_frames(data, 1);
+    assert_eq!(whole, bytewise, "framing depends on segmentation");
+    let consumed: usize = whole.frames.iter().map(|f| 4 + f.len()).sum();
+    assert!(consumed <= data.len());
+    if whole.error.is_none() {
+        // Anything left over at EOF is a truncated frame and must be reported,
+        // including a lone length prefix (tokio-util's `LengthDelimitedCodec`
+        // took those 4 bytes out of the buffer and called it a clean EOF:
+        // corpus/frame_decoder/eof-after-length-prefix.frame).
+        assert_eq!(consumed, data.len(), "clean EOF left bytes unread");
+    }
+    // One reused buffer, as a connection keeps one.
+    let mut events = Vec::new();
+    for frame in whole.frames {
+        ingest_frame(&frame, &mut events);
+    }
+}
+
+/// No limits: what the wire decoder accepts must be exactly what prost accepts.
+const UNLIMITED: Limits = Limits {
+    max_events: usize::MAX,
+    max_tags: usize::MAX,
+    max_attributes: usize::MAX,
+    max_string: usize::MAX,
+};
+
+/// A frame as ingest decodes it (`wire::decode_msg` into a reused buffer),
+/// checked against prost + `from_pb`: both accept with the same events and
+/// query, or both refuse. With the default limits the decoder may refuse
+/// more, never decode differently.
+fn ingest_frame(frame: &[u8], events: &mut Vec<Event>) {
+    let reference = Msg::decode(frame).map(|msg| {
+        let events: Vec<Event> = msg
+            .events
+            .into_iter()
+            .map(|pb| proto::from_pb(pb, NOW))
+            .collect();
+        (events, msg.query.map(|q| q.string.unwrap_or_default()))
+    });
+    let ours = wire::decode_msg(frame, NOW, &UNLIMITED, events);
+    match (ours, reference) {
+        (Ok(request), Ok((expected, query))) => {
+            assert_eq!(events.len(), expected.len(), "event count");
+            for (a, b) in events.iter().zip(&expected) {
+                assert_same_event(a, b);
+            }
+            assert_eq!(request.query, query, "query");
+            if let Some(query) = request.query {
+                let _ = Query::parse(&query);
+            }
+            let mut limited = Vec::new();
+            if wire::decode_msg(frame, NOW, &Limits::DEFAULT, &mut limited).is_ok() {
+                assert_eq!(limited.len(), events.len(), "limits changed the decoding");
+            }
+        }
+        (Err(e), Err(_)) => {
+            // The reply ingest sends back must itself be a valid Msg.
+            let reply = proto::error_reply(format!("invalid message: {e}"));
+            let back = Msg::decode(reply).expect("error_reply decodes");
+            assert_eq!(back.ok, Some(false));
+        }
+        (ours, reference) => panic!(
+            "wire decoder and prost disagree: {:?} vs {:?}",
+            ours.map(|_| ()),
+            reference.map(|_| ())
+        ),
+    }
+}
+
+/// Field-by-field equality with floats compared by bits, so NaN round-trips count.
+fn assert_same_event(a: &Event, b: &Event) {
+    assert_eq!(a.host, b.host);
+    assert_eq!(a.service, b.service);
+    assert_eq!(a.state, b.state);
+    assert_eq!(a.time, b.time);
+    assert_eq!(a.description, b.description);
+    assert_eq!(a.tags, b.tags);
+    let bits = |m: Option<Metric>| {
+        m.map(|m| match m {
+            Metric::Int(i) => (0, i as u64),
+            Metric::Float(f) => (1, f.to_bits()),
+        })
+    };
+    assert_eq!(
+        bits(a.metric),
+        bits(b.metric),
+        "{:?} vs {:?}",
+        a.metric,
+        b.metric
+    );
+    assert_eq!(a.ttl.map(f32::to_bits), b.ttl.map(f32::to_bits), "ttl");
+    assert_eq!(a.attributes, b.attributes);
+}
+
+/// Target `proto_roundtrip`: a `Msg` body → vigil events → `events_reply` →
+/// decoded again. Everything vigil keeps of an event must survive, the arrival
+/// time must no longer matter (the time travelled), and encoding is deterministic.
+pub fn proto_roundtrip(data: &[u8]) {
+    let Ok(msg) = Msg::decode(data) else {
+        return;
+    };
+    let events: Vec<Event> = msg
+        .events
+        .into_iter()
+        .map(|pb| proto::from_pb(pb, NOW))
+        .collect();
+    let reply = proto::events_reply(&events);
+    let again = Msg::decode(reply.clone()).expect("events_reply must decode");
+    assert_eq!(again.ok, Some(true));
+    assert_eq!(again.events.len(), events.len());
+    let back: Vec<Event> = again
+        .events
+        .into_iter()
+        .map(|pb| proto::from_pb(pb, NOW + 1))
+        .collect();
+    for (a, b) in events.iter().zip(&back) {
+        assert_same_event(a, b);
+        // One event on its own, through `to_pb` and the wire, too.
+        let single =
+            PbEvent::decode(proto::to_pb(a).encode_to_vec().as_slice()).expect("to_pb must decode");
+        assert_same_event(a, &proto::from_pb(single, NOW - 1));
+    }
+    assert_eq!(
+        proto::events_reply(&back),
+        reply,
+        "encoding is not deterministic"
+    );
+}
+
+/// Events the query target evaluates every parsed query against.
+fn sample_events() -> Vec<Event> {
+    vec![
+        Event::default(),
+        Event {
+            host: Some("web-1".into()),
+            service: Some("cpu user".into()),
+            state: Some("ok".into()),
+            time: 1_500_000,
+            description: Some("all \"good\"\n".into()),
+            tags: vec!["prod".into(), "tag with space".into()],
+            metric: Some(Metric::Float(0.5)),
+            ttl: Some(60.0),
+            attributes: vec![("env".into(), "staging".into()), ("n".into(), "3".into())],
+        },
+        Event {
+            host: Some(String::new()),
+            service: Some("ü%_\\.*".into()),
+            state: Some("critical".into()),
+            time: i64::MIN,
+            description: None,
+            tags: vec![String::new()],
+            metric: Some(Metric::Float(f64::NAN)),
+            ttl: Some(f32::INFINITY),
+            attributes: vec![(String::new(), String::new()), ("a".into(), "1".into())],
+        },
+        Event {
+            time: i64::MAX,
+            metric: Some(Metric::Int(i64::MAX)),
+            ttl: Some(-1.0),
+            ..Event::default()
+        },
+    ]
+}
+
+/// Target `query_parse`: `Query::parse` and `Query::parse_prefix` on any text.
+/// Errors point inside the text; a parsed query's `Display` re-parses to the
+/// same query (same text, same compiled tree, same answers); `matches` never panics.
+pub fn query_parse(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let events = sample_events();
+    match Query::parse(text) {
+        Ok(query) => {
+            let again = Query::parse(&query.to_string()).expect("Display must re-parse");
+            assert_eq!(again.as_str(), query.as_str());
+            assert_eq!(format!("{again:?}"), format!("{query:?}"), "{text:?}");
+            assert_eq!(again.exact_key(), query.exact_key());
+            for e in &events {
+                assert_eq!(again.matches(e), query.matches(e), "{text:?} on {e:?}");
+            }
+        }
+        Err(e) => {
+            assert!(text.is_char_boundary(e.offset), "{text:?}: {e:?}");
+            assert!(e.offset <= text.len(), "{text:?}: {e:?}");
+            assert_eq!(e.column, text[..e.offset].chars().count() + 1, "{text:?}");
+        }
+    }
+    match Query::parse_prefix(text) {
+        Ok((query, consumed)) => {
+            assert!(text.is_char_boundary(consumed), "{text:?}");
+            assert!(text[..consumed].contains(query.as_str()), "{text:?}");
+            let again = Query::parse(query.as_str()).expect("a prefix must parse alone");
+            assert_eq!(again.as_str(), query.as_str());
+            for e in &events {
+                assert_eq!(again.matches(e), query.matches(e), "{text:?} on {e:?}");
+            }
+        }
+        Err(e) => assert!(text.is_char_boundary(e.offset), "{text:?}: {e:?}"),
+    }
+}
+
+/// Target `rules_load`: a rule file parsed and compiled as `vigil check` does
+/// (`EnvPolicy::Lenient`). Any outcome but a panic is fine; a failure renders
+/// as a non-empty message.
+pub fn rules_load(data: &[u8]) {
+    let Ok(source) = std::str::from_utf8(data) else {
+        return;
+    };
+    match rules::load("fuzz.vigil", source, EnvPolicy::Lenient) {
+        Ok((_file, compiled)) => {
+            let warnings = rules::render_all(&compiled.warnings, "fuzz.vigil", source);
+            std::hint::black_box(warnings);
+        }
+        Err(rendered) => assert!(!rendered.is_empty(), "an error renders as nothing"),
+    }
+}
