@@ -71,6 +71,7 @@ fn bench_rules_ingest() -> (Arc<ManualClock>, Ingest) {
         clock: shared,
         stats: Arc::new(Stats::default()),
         limits: Limits::DEFAULT,
+        cluster: None,
     };
     (clock, ingest)
 }

@@ -86,6 +86,7 @@ fn main() {
         clock: shared,
         stats: Arc::new(Stats::default()),
         limits: Limits::DEFAULT,
+        cluster: None,
     };
     for first in (0..KEYS).step_by(1000) {
         ingest.handle_frame(&msg(first, 1000), Transport::Tcp, &mut Vec::new());

@@ -65,6 +65,9 @@ struct Load {
     keys: usize,
     #[arg(long, default_value_t = 10)]
     secs: u64,
+    /// Events per second across all connections (TCP); 0 sends as fast as acks allow.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     addr: SocketAddr,
 }
 
@@ -141,11 +144,17 @@ async fn tcp(load: Load) -> anyhow::Result<()> {
     for c in 0..load.conns {
         let stream = TcpStream::connect(load.addr).await?;
         stream.set_nodelay(true)?;
+        // A paced connection sends one Msg per period.
+        let period = (load.rate > 0).then(|| {
+            let msgs_per_sec = load.rate as f64 / (load.batch * load.conns) as f64;
+            Duration::from_secs_f64(1.0 / msgs_per_sec)
+        });
         tasks.push(tokio::spawn(connection(
             stream,
             frames.clone(),
             c,
             load.window,
+            period,
             acked.clone(),
             stop.clone(),
         )));
@@ -180,6 +189,7 @@ async fn connection(
     frames: Arc<Vec<Bytes>>,
     offset: usize,
     window: usize,
+    period: Option<Duration>,
     acked: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
@@ -200,11 +210,17 @@ async fn connection(
     });
     let mut next = offset;
     let mut out = BytesMut::new();
+    let mut pace = period.map(tokio::time::interval);
     while !stop.load(Ordering::Relaxed) {
+        if let Some(pace) = pace.as_mut() {
+            pace.tick().await;
+        }
         permits.acquire().await?.forget();
-        // Write every frame the window allows in one go.
+        // Unpaced, write every frame the window allows in one go.
         let mut n = 1;
-        while let Ok(p) = permits.try_acquire() {
+        while pace.is_none()
+            && let Ok(p) = permits.try_acquire()
+        {
             p.forget();
             n += 1;
         }

@@ -23,6 +23,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::clock::SharedClock;
+use crate::cluster::Cluster;
 use crate::event::Event;
 use crate::index::Index;
 use crate::proto::{self, PbEvent};
@@ -54,6 +55,8 @@ struct Shared {
     clock: SharedClock,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
+    /// Set in cluster mode: `Query` fans out to every node.
+    cluster: Option<Arc<Cluster>>,
 }
 
 #[derive(Clone)]
@@ -132,13 +135,14 @@ impl pb::vigil_server::Vigil for Service {
     ) -> Result<Response<QueryResponse>, Status> {
         let query = self.0.parse(&request.get_ref().query)?;
         Stats::incr(&self.0.stats.queries);
-        let events = self
-            .0
-            .index
-            .query(&query)
-            .iter()
-            .map(proto::to_pb)
-            .collect();
+        let found = match &self.0.cluster {
+            Some(cluster) => cluster
+                .query(&request.get_ref().query)
+                .await
+                .map_err(Status::unavailable)?,
+            None => self.0.index.query(&query),
+        };
+        let events = found.iter().map(proto::to_pb).collect();
         Ok(Response::new(QueryResponse { events }))
     }
 
@@ -202,6 +206,19 @@ impl Grpc {
         clock: SharedClock,
         stats: Arc<Stats>,
     ) -> io::Result<Grpc> {
+        Self::start_clustered(addr, max_message, index, streams, clock, stats, None).await
+    }
+
+    /// Like [`Grpc::start`]; with a cluster, `Query` answers for every node.
+    pub async fn start_clustered(
+        addr: SocketAddr,
+        max_message: usize,
+        index: Arc<Index>,
+        streams: Arc<dyn Streams>,
+        clock: SharedClock,
+        stats: Arc<Stats>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> io::Result<Grpc> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
@@ -211,6 +228,7 @@ impl Grpc {
             clock,
             stats,
             shutdown: shutdown.clone(),
+            cluster,
         })))
         .max_decoding_message_size(max_message);
         // Acks and subscription events are small writes that should not wait for Nagle.

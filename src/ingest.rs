@@ -2,13 +2,19 @@
 //! it: its events go to the streams as one batch, its query is answered from the
 //! index. TCP and UDP both call into here. A message over the [`Limits`] is
 //! refused whole (no event of it is processed) with an error naming the limit.
+//!
+//! In cluster mode ([`Ingest::cluster`]) events go to JetStream instead of the
+//! local streams, and the ack waits until JetStream has stored them; queries
+//! fan out to every node.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 
 use crate::clock::SharedClock;
+use crate::cluster::Cluster;
 use crate::event::Event;
 use crate::index::Index;
 use crate::proto;
@@ -16,6 +22,27 @@ use crate::query::Query;
 use crate::stats::Stats;
 use crate::streams::Streams;
 use crate::wire::{self, DecodeError, Limit, Limits};
+
+/// A frame's reply: ready now, or once the cluster has stored its events.
+pub enum Reply {
+    Ready(Bytes),
+    Later(Pin<Box<dyn Future<Output = Bytes> + Send>>),
+}
+
+impl Reply {
+    pub async fn wait(self) -> Bytes {
+        match self {
+            Reply::Ready(reply) => reply,
+            Reply::Later(reply) => reply.await,
+        }
+    }
+}
+
+/// The error reply for events the cluster did not store: the agent resends.
+fn not_stored(transport: Transport, error: String) -> Bytes {
+    tracing::warn!(?transport, %error, "Events not acked: the cluster did not store them.");
+    proto::error_reply(error)
+}
 
 /// Which transport a message came over, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,9 +58,35 @@ pub struct Ingest {
     pub clock: SharedClock,
     pub stats: Arc<Stats>,
     pub limits: Limits,
+    /// Set by `--cluster`: events are published to the cluster, queries fan out.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Ingest {
+    /// Handles one frame body and returns the encoded reply body: locally, or
+    /// through the cluster when there is one.
+    pub async fn handle(
+        &self,
+        body: &[u8],
+        transport: Transport,
+        events: &mut Vec<Event>,
+    ) -> Bytes {
+        self.begin(body, transport, events).await.wait().await
+    }
+
+    /// Starts handling one frame: locally the reply is ready at once; in a
+    /// cluster the events are sent and the reply waits for JetStream, so a
+    /// connection may begin its next frames meanwhile.
+    pub async fn begin(&self, body: &[u8], transport: Transport, events: &mut Vec<Event>) -> Reply {
+        match &self.cluster {
+            None => Reply::Ready(self.handle_frame(body, transport, events)),
+            Some(cluster) => {
+                self.begin_clustered(cluster.clone(), body, transport, events)
+                    .await
+            }
+        }
+    }
+
     /// Handles one frame body and returns the encoded reply body. `events` is
     /// the connection's decode buffer: reused from message to message, so a
     /// steady stream of events decodes without allocating.
@@ -43,18 +96,90 @@ impl Ingest {
         transport: Transport,
         events: &mut Vec<Event>,
     ) -> Bytes {
+        let request = match self.decode(body, transport, events) {
+            Ok(request) => request,
+            Err(reply) => return reply,
+        };
+        if !events.is_empty() {
+            self.streams.process(events);
+        }
+        // Riemann answers a query even when the same Msg also carried events.
+        match request.query {
+            Some(query) if transport == Transport::Tcp => self.answer(&query),
+            _ => proto::ack(),
+        }
+    }
+
+    /// Like [`Ingest::handle_frame`], but the events are acked only once the
+    /// cluster stored them, and a query is answered by every node.
+    async fn begin_clustered(
+        &self,
+        cluster: Arc<Cluster>,
+        body: &[u8],
+        transport: Transport,
+        events: &mut Vec<Event>,
+    ) -> Reply {
+        let request = match self.decode(body, transport, events) {
+            Ok(request) => request,
+            Err(reply) => return Reply::Ready(reply),
+        };
+        let stored = if events.is_empty() {
+            None
+        } else {
+            match cluster.send(events).await {
+                Ok(stored) => Some(stored),
+                Err(e) => return Reply::Ready(not_stored(transport, e)),
+            }
+        };
+        let query = match request.query {
+            Some(text) if transport == Transport::Tcp => Some(match Query::parse(&text) {
+                Ok(_) => {
+                    Stats::incr(&self.stats.queries);
+                    Ok(text)
+                }
+                Err(e) => {
+                    Stats::incr(&self.stats.query_errors);
+                    Err(e.to_string())
+                }
+            }),
+            _ => None,
+        };
+        Reply::Later(Box::pin(async move {
+            if let Some(stored) = stored
+                && let Err(e) = stored.await
+            {
+                return not_stored(transport, e);
+            }
+            match query {
+                None => proto::ack(),
+                Some(Err(e)) => proto::error_reply(e),
+                Some(Ok(text)) => match cluster.query(&text).await {
+                    Ok(found) => proto::events_reply(&found),
+                    Err(e) => proto::error_reply(e),
+                },
+            }
+        }))
+    }
+
+    /// Decodes and counts a frame; a refused one becomes its error reply.
+    fn decode(
+        &self,
+        body: &[u8],
+        transport: Transport,
+        events: &mut Vec<Event>,
+    ) -> Result<wire::Request, Bytes> {
         let request = match wire::decode_msg(body, self.clock.now(), &self.limits, events) {
             Ok(request) => request,
             // Refused whole: none of its events go anywhere.
             Err(DecodeError::Exceeded(e)) => {
                 Stats::incr(self.limit_counter(e.limit));
                 tracing::debug!(?transport, error = %e, "Message over a limit refused.");
-                return proto::error_reply(e.to_string());
+                return Err(proto::error_reply(e.to_string()));
             }
             Err(e) => {
                 Stats::incr(&self.stats.decode_errors);
                 tracing::debug!(?transport, error = %e, "Undecodable message.");
-                return proto::error_reply(format!("invalid message: {e}"));
+                return Err(proto::error_reply(format!("invalid message: {e}")));
             }
         };
         if !events.is_empty() {
@@ -63,13 +188,8 @@ impl Ingest {
                 Transport::Udp => &self.stats.udp_events,
             };
             Stats::add(counter, events.len() as u64);
-            self.streams.process(events);
         }
-        // Riemann answers a query even when the same Msg also carried events.
-        match request.query {
-            Some(query) if transport == Transport::Tcp => self.answer(&query),
-            _ => proto::ack(),
-        }
+        Ok(request)
     }
 
     fn limit_counter(&self, limit: Limit) -> &AtomicU64 {

@@ -18,6 +18,7 @@
 //! - [`query`]: Riemann's query language, compiled to a predicate.
 //! - [`rules`]: the rule language: parser, compiler, stream stages, `vigil check`/`vigil test`.
 //! - [`outputs`]: pager, graph, push and forward outputs behind bounded queues.
+//! - [`cluster`]: scale-out over NATS JetStream: sharded ingest, shard leases, query fan-out.
 //! - [`server`]: starts and stops the tasks above.
 //! - [`snapshot`]: the index saved to disk and loaded again across restarts.
 //! - [`client`]: a small Riemann TCP client.
@@ -28,6 +29,7 @@
 
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod event;
 pub mod frame;
 pub mod grpc;

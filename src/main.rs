@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
+use vigil::cluster::{Cluster, ClusterConfig, Publishing};
 use vigil::event::{Event, Metric};
 use vigil::grpc::Grpc;
 use vigil::http::{HttpConfig, HttpServer};
@@ -166,6 +167,25 @@ struct RunArgs {
     /// --max-frame also bounds each gRPC message.
     #[arg(long)]
     grpc: Option<SocketAddr>,
+    /// Run as one node of a cluster coordinated through this NATS JetStream server
+    /// (e.g. nats://127.0.0.1:4222; docs/cluster.md). Snapshots are off: JetStream keeps the events.
+    #[arg(long, requires = "node_id")]
+    cluster: Option<String>,
+    /// This node's id, unique among the cluster's live nodes.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Shards hosts are spread over; every node of a cluster must use the same number.
+    #[arg(long, default_value_t = 64, value_parser = parse_positive)]
+    shards: usize,
+    /// How long JetStream keeps events; must cover the longest TTL or window in the rules.
+    #[arg(long, default_value = "1h", value_parser = parse_interval)]
+    cluster_retention: Duration,
+    /// A node's shard leases lapse this long after its last renewal (so survivors take over).
+    #[arg(long, default_value = "6s", value_parser = parse_interval)]
+    cluster_lease_ttl: Duration,
+    /// How often leases are renewed and shards rebalanced; well under --cluster-lease-ttl.
+    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    cluster_renew: Duration,
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -190,6 +210,18 @@ impl RunArgs {
             max_attributes: self.max_attributes,
             max_string: self.max_string,
         }
+    }
+
+    fn cluster_config(&self) -> Option<ClusterConfig> {
+        Some(ClusterConfig {
+            url: self.cluster.clone()?,
+            node_id: self.node_id.clone()?,
+            shards: u32::try_from(self.shards).unwrap_or(u32::MAX),
+            retention: self.cluster_retention,
+            lease_ttl: self.cluster_lease_ttl,
+            renew: self.cluster_renew,
+            query_timeout: Duration::from_secs(2),
+        })
     }
 
     fn tls_listener(&self) -> anyhow::Result<Option<TlsListener>> {
@@ -285,9 +317,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         default_ttl: args.default_ttl,
         max_entries: args.max_index,
     }));
+    let cluster_config = args.cluster_config();
     // Loaded before the server starts: entries that ran out while vigil was
-    // down expire on the first timer tick, through the rules.
-    let snapshots = if args.no_snapshot {
+    // down expire on the first timer tick, through the rules. In a cluster
+    // JetStream is the durable state; a snapshot would bring back hosts of
+    // shards this node may no longer own.
+    let snapshots = if args.no_snapshot || cluster_config.is_some() {
         None
     } else {
         Some(
@@ -311,7 +346,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let hangups = reloader
         .on_sighup()
         .context("installing the SIGHUP handler")?;
+    let cluster = match cluster_config {
+        Some(config) => Some(
+            Cluster::start(config, index.clone(), streams.clone(), clock.clone())
+                .await
+                .context("joining the cluster")?,
+        ),
+        None => None,
+    };
+    let (cluster, cluster_tasks) = cluster.unzip();
+    // HTTP and gRPC ingest publish to the cluster too (their acks do not wait).
+    let published: Arc<dyn Streams> = match &cluster {
+        Some(cluster) => Arc::new(Publishing(cluster.clone())),
+        None => streams.clone(),
+    };
     let config = ServerConfig {
+        cluster: cluster.clone(),
         tcp: args.tcp,
         udp: args.udp,
         max_frame: args.max_frame,
@@ -340,12 +390,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         addr: (!args.no_http).then_some(args.http),
         sse: args.sse,
         token: args.http_token.clone(),
+        cluster: cluster.clone(),
         ..HttpConfig::default()
     };
     let http = HttpServer::start(
         http_config,
         telemetry.clone(),
-        streams.clone(),
+        published.clone(),
         clock.clone(),
     )
     .await
@@ -366,13 +417,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let grpc = match args.grpc {
         Some(addr) => Some(
-            Grpc::start(
+            Grpc::start_clustered(
                 addr,
                 args.max_frame,
                 index.clone(),
-                streams,
+                published,
                 clock,
                 server.stats.clone(),
+                cluster,
             )
             .await
             .context("starting the gRPC listener")?,
@@ -404,6 +456,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     tokio::join!(server.shutdown(Duration::from_secs(10)), grpc_shutdown);
+    // Ingest has stopped: hand this node's shards to the others.
+    if let Some(tasks) = cluster_tasks {
+        tasks.shutdown(Duration::from_secs(10)).await;
+    }
     // Ingest and the timers have stopped: the index is final.
     let snapshot = match snapshots {
         Some(snapshots) => snapshots.finish().await.map(drop),

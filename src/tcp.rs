@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::event::Event;
 pub use crate::frame::DEFAULT_MAX_FRAME;
 use crate::frame::{FrameCodec, FrameError};
-use crate::ingest::{Ingest, Transport};
+use crate::ingest::{Ingest, Reply, Transport};
 use crate::proto;
 use crate::stats::Stats;
 
@@ -177,32 +177,46 @@ impl Connections {
     }
 
     /// Answers `next` and every further frame already buffered, then flushes
-    /// once. `false` when the connection is done.
+    /// once. `false` when the connection is done. In a cluster the buffered
+    /// frames' events are all sent before their acks are awaited (replies
+    /// stay in order), so a pipelining client is not held to one JetStream
+    /// round trip per frame.
     async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         framed: &mut RiemannFramed<S>,
         mut next: Option<Result<BytesMut, FrameError>>,
         events: &mut Vec<Event>,
     ) -> io::Result<bool> {
+        let mut later = Vec::new();
         loop {
             match next {
                 // The peer finished sending: it may still be reading replies.
                 None => {
+                    feed_all(framed, later).await?;
                     SinkExt::<Bytes>::flush(framed).await?;
                     return Ok(false);
                 }
                 Some(Ok(frame)) => {
                     Stats::incr(&self.ingest.stats.tcp_messages);
-                    let reply = self.ingest.handle_frame(&frame, Transport::Tcp, events);
-                    framed.feed(reply).await?;
+                    match self.ingest.begin(&frame, Transport::Tcp, events).await {
+                        Reply::Ready(reply) if later.is_empty() => framed.feed(reply).await?,
+                        reply => later.push(reply),
+                    }
                 }
-                Some(Err(e)) => return self.fail(framed, e).await.map(|()| false),
+                Some(Err(e)) => {
+                    feed_all(framed, later).await?;
+                    return self.fail(framed, e).await.map(|()| false);
+                }
+            }
+            if later.len() >= MAX_PENDING {
+                break;
             }
             match framed.next().now_or_never() {
                 Some(more) => next = more,
                 None => break,
             }
         }
+        feed_all(framed, later).await?;
         SinkExt::<Bytes>::flush(framed).await?;
         Ok(true)
     }
@@ -234,4 +248,18 @@ impl Connections {
             FrameError::Io(e) => Err(e),
         }
     }
+}
+
+/// Frames of one connection whose replies may wait on the cluster at once.
+const MAX_PENDING: usize = 64;
+
+/// Writes the replies, in order, as each becomes ready.
+async fn feed_all<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut RiemannFramed<S>,
+    replies: Vec<Reply>,
+) -> io::Result<()> {
+    for reply in replies {
+        framed.feed(reply.wait().await).await?;
+    }
+    Ok(())
 }

@@ -43,6 +43,8 @@ pub async fn serve(
             continue;
         }
         // The reply (ack or error) is discarded: UDP senders never hear back.
-        ingest.handle_frame(&buf[..len], Transport::Udp, &mut events);
+        ingest
+            .handle(&buf[..len], Transport::Udp, &mut events)
+            .await;
     }
 }

@@ -30,6 +30,9 @@ pub(super) struct IndexParams {
     query: Option<String>,
     #[serde(default)]
     subscribe: bool,
+    /// In a cluster: only this node's entries, without the fan-out.
+    #[serde(default)]
+    local: bool,
 }
 
 pub(super) async fn get_index(
@@ -52,13 +55,18 @@ pub(super) async fn get_index(
     if wants_sse {
         return event_stream(state, query);
     }
-    let events: Vec<_> = state
-        .telemetry
-        .index
-        .query(&query)
-        .iter()
-        .map(json::to_json)
-        .collect();
+    let found = match (&state.cluster, params.local) {
+        (Some(cluster), false) => {
+            // Parsed above, so the text is there.
+            let text = params.query.as_deref().unwrap_or_default();
+            match cluster.query(text).await {
+                Ok(found) => found,
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
+            }
+        }
+        _ => state.telemetry.index.query(&query),
+    };
+    let events: Vec<_> = found.iter().map(json::to_json).collect();
     Json(events).into_response()
 }
 

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::SharedClock;
+use crate::cluster::Cluster;
 use crate::pubsub::{self, Subscription};
 use crate::query::Query;
 use crate::selfmetrics::Telemetry;
@@ -50,6 +51,8 @@ pub struct HttpConfig {
     pub token: Option<String>,
     /// Queue length per WebSocket/SSE subscriber; a full queue disconnects it.
     pub subscriber_capacity: usize,
+    /// Set in cluster mode: `GET /index` answers for every node (unless `local=true`).
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Default for HttpConfig {
@@ -59,6 +62,7 @@ impl Default for HttpConfig {
             sse: None,
             token: None,
             subscriber_capacity: pubsub::DEFAULT_CAPACITY,
+            cluster: None,
         }
     }
 }
@@ -72,6 +76,7 @@ struct AppState {
     clock: SharedClock,
     token: Option<Arc<str>>,
     subscriber_capacity: usize,
+    cluster: Option<Arc<Cluster>>,
     /// Cancelled at shutdown: ends live subscriptions, which would otherwise
     /// keep their connections open forever.
     shutdown: CancellationToken,
@@ -116,6 +121,7 @@ impl HttpServer {
             clock,
             token: config.token.map(Arc::from),
             subscriber_capacity: config.subscriber_capacity,
+            cluster: config.cluster,
             shutdown: shutdown.clone(),
         };
         let tracker = TaskTracker::new();

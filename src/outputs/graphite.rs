@@ -199,9 +199,14 @@ impl Graphite {
         let mut ungraphable = 0;
         let mut overflow = 0;
         for event in events {
+            // Full (carbon down): drop before formatting, so an outage costs
+            // ingest's cores as little as possible.
+            if self.pending.len() >= self.capacity {
+                overflow += 1;
+                continue;
+            }
             match line(&self.config, event) {
                 None => ungraphable += 1,
-                Some(_) if self.pending.len() >= self.capacity => overflow += 1,
                 Some(l) => self.pending.push_back(l),
             }
         }

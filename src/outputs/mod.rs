@@ -28,6 +28,21 @@ pub mod webhook;
 pub const PAGER_QUEUE: usize = 100_000;
 pub const DEFAULT_QUEUE: usize = 10_000;
 
+thread_local! {
+    /// Set while [`suppressed`] runs its closure on this thread.
+    static SUPPRESSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (a batch through the rules) with every output push on this thread
+/// ignored: a cluster node replaying a shard it took over rebuilds rule state
+/// without paging again what the previous owner already paged.
+pub fn suppressed<R>(f: impl FnOnce() -> R) -> R {
+    SUPPRESSED.with(|s| s.set(true));
+    let result = f();
+    SUPPRESSED.with(|s| s.set(false));
+    result
+}
+
 /// Where a stream hands events for an output.
 pub trait OutputSink: Send + Sync {
     /// Must not block: a full queue drops (and counts) instead.
@@ -102,6 +117,9 @@ impl Queue {
 
 impl OutputSink for Queue {
     fn push(&self, event: Event) {
+        if SUPPRESSED.with(std::cell::Cell::get) {
+            return;
+        }
         self.stats.accepted.fetch_add(1, Ordering::AcqRel);
         if self.tx.try_send(event).is_ok() {
             if self.overflowing.swap(false, Ordering::AcqRel) {

@@ -1,0 +1,395 @@
+//! Scale-out across machines (`vigil run --cluster nats://…`), over NATS
+//! JetStream. See `docs/cluster.md` for the whole design.
+//!
+//! - Ingest: every node accepts agent traffic; a `Msg`'s events are grouped by
+//!   shard (a fixed FNV-1a hash of the host, so every node agrees) and each
+//!   group is published as one protobuf `Msg` to `vigil.events.<shard>`. The
+//!   agent is acked only once JetStream has stored every group.
+//! - Ownership ([`ownership`]): each shard is leased by one live node through a
+//!   KV bucket with a TTL; the owner replays and then follows its shards through
+//!   the local rules and index, so all state for a host lives on one node.
+//! - Queries: any node fans a query out on `vigil.query` and merges the answers.
+//!
+//! Without `--cluster` none of this runs and nothing else changes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use prost::Message as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::SharedClock;
+use crate::event::Event;
+use crate::index::Index;
+use crate::proto::{self, Msg};
+use crate::query::Query;
+use crate::streams::Streams;
+
+pub mod ownership;
+
+/// The JetStream stream that holds every shard's events.
+pub const STREAM: &str = "VIGIL_EVENTS";
+/// Shard `n`'s events are published to `vigil.events.<n>`.
+pub const SUBJECT_PREFIX: &str = "vigil.events";
+/// Where queries are fanned out; every node answers from its own index.
+pub const QUERY_SUBJECT: &str = "vigil.query";
+
+/// What `vigil run --cluster …` configures.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// NATS server URL(s), comma-separated.
+    pub url: String,
+    /// Unique among the live nodes: it names this node's leases and heartbeat.
+    pub node_id: String,
+    /// Number of shards; every node of a cluster must use the same.
+    pub shards: u32,
+    /// How long JetStream keeps events: a taker-over replays this much history,
+    /// so it must cover the longest TTL or window in the rules.
+    pub retention: Duration,
+    /// A lease (and a heartbeat) not renewed for this long lapses.
+    pub lease_ttl: Duration,
+    /// How often leases and the heartbeat are renewed (and shards rebalanced).
+    pub renew: Duration,
+    /// How long a fanned-out query waits for the other nodes' answers.
+    pub query_timeout: Duration,
+}
+
+/// The stable shard of a host: FNV-1a (fixed, unlike Rust's seeded hasher),
+/// so every node and every restart agrees. A missing host is the empty one.
+pub fn shard_of(host: &str, shards: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in host.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(shards.max(1))) as u32
+}
+
+fn subject(shard: u32) -> String {
+    format!("{SUBJECT_PREFIX}.{shard}")
+}
+
+/// A running cluster membership: publishes ingest, fans out queries.
+pub struct Cluster {
+    config: ClusterConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// Live nodes as of the last heartbeat round: how many answers a query waits for.
+    members: AtomicUsize,
+    index: Arc<Index>,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.config.node_id)
+            .field("shards", &self.config.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cluster's background tasks; [`Running::shutdown`] hands this node's
+/// shards back before it goes.
+pub struct Running {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop.cancel();
+        let all = futures_util::future::join_all(self.tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "Cluster tasks still running after the grace period."
+            );
+        }
+    }
+}
+
+impl Cluster {
+    /// Connects (retrying until NATS answers), makes sure the stream and the KV
+    /// buckets exist, then starts the query responder and the ownership loop.
+    /// `streams` is the local pipeline the owned shards are fed through.
+    pub async fn start(
+        config: ClusterConfig,
+        index: Arc<Index>,
+        streams: Arc<dyn Streams>,
+        clock: SharedClock,
+    ) -> anyhow::Result<(Arc<Cluster>, Running)> {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("vigil-{}", config.node_id))
+            .retry_on_initial_connect()
+            // Reconnect for ever: a NATS restart must not end the node.
+            .max_reconnects(None)
+            .connect(config.url.as_str())
+            .await
+            .with_context(|| format!("connecting to NATS at {}", config.url))?;
+        let js = jetstream::new(client.clone());
+        let events_config = stream::Config {
+            name: STREAM.to_owned(),
+            subjects: vec![format!("{SUBJECT_PREFIX}.*")],
+            max_age: config.retention,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let events = js
+            .get_or_create_stream(events_config.clone())
+            .await
+            .context("creating the JetStream events stream")?;
+        // A node started with another --cluster-retention wins: the last one set it.
+        if events.cached_info().config.max_age != config.retention {
+            js.update_stream(events_config)
+                .await
+                .context("updating the events stream's retention")?;
+        }
+        let buckets = ownership::Buckets::open(&js, &config).await?;
+        let cluster = Arc::new(Cluster {
+            config,
+            client,
+            js,
+            members: AtomicUsize::new(1),
+            index,
+        });
+        let stop = CancellationToken::new();
+        let responder = cluster
+            .client
+            .subscribe(QUERY_SUBJECT)
+            .await
+            .context("subscribing to cluster queries")?;
+        let tasks = vec![
+            tokio::spawn(answer_queries(cluster.clone(), responder, stop.clone())),
+            tokio::spawn(ownership::run(
+                cluster.clone(),
+                buckets,
+                streams,
+                clock,
+                stop.clone(),
+            )),
+        ];
+        tracing::info!(
+            node = %cluster.config.node_id,
+            shards = cluster.config.shards,
+            url = %cluster.config.url,
+            "Joined the cluster."
+        );
+        Ok((cluster, Running { stop, tasks }))
+    }
+
+    /// Publishes `events`, one JetStream message per shard, and returns once
+    /// JetStream has stored them all: only then may the agent be acked.
+    pub async fn publish(&self, events: &[Event]) -> Result<(), String> {
+        self.send(events).await?.await
+    }
+
+    /// Sends `events` (one JetStream message per shard) and returns what
+    /// resolves once JetStream has stored them all. Split from the wait so a
+    /// connection can send the next frames before this one's acks arrive.
+    pub async fn send(
+        &self,
+        events: &[Event],
+    ) -> Result<impl Future<Output = Result<(), String>> + Send + 'static, String> {
+        let mut groups: HashMap<u32, Msg> = HashMap::new();
+        for event in events {
+            groups
+                .entry(shard_of(event.host_str(), self.config.shards))
+                .or_default()
+                .events
+                .push(proto::to_pb(event));
+        }
+        // All sent first, then all acks awaited: one round trip, not one per shard.
+        let mut pending = Vec::with_capacity(groups.len());
+        for (shard, msg) in groups {
+            let payload = Bytes::from(msg.encode_to_vec());
+            let ack = self
+                .js
+                .publish(subject(shard), payload)
+                .await
+                .map_err(|e| format!("cluster publish failed: {e}"))?;
+            pending.push(ack);
+        }
+        Ok(async move {
+            for ack in pending {
+                ack.await
+                    .map_err(|e| format!("cluster publish not confirmed: {e}"))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `query` on every live node (this one included) and merges the
+    /// answers: one event per `(host, service)`, the latest by time. A node
+    /// that does not answer within the timeout is left out (and logged).
+    pub async fn query(&self, query: &str) -> Result<Vec<Event>, String> {
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| format!("cluster query failed: {e}"))?;
+        self.client
+            .publish_with_reply(QUERY_SUBJECT, inbox, Bytes::from(query.to_owned()))
+            .await
+            .map_err(|e| format!("cluster query failed: {e}"))?;
+        let expected = self.members.load(Ordering::Relaxed).max(1);
+        let mut merged: HashMap<(Option<String>, Option<String>), Event> = HashMap::new();
+        let mut answered = 0;
+        let deadline = tokio::time::sleep(self.config.query_timeout);
+        tokio::pin!(deadline);
+        while answered < expected {
+            let reply = tokio::select! {
+                reply = replies.next() => reply,
+                () = &mut deadline => {
+                    tracing::warn!(answered, expected, "Cluster query timed out waiting for nodes.");
+                    break;
+                }
+            };
+            let Some(reply) = reply else { break };
+            // A node's answer may come in parts; only its last one counts it in.
+            let more = reply
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(MORE).is_some());
+            if !more {
+                answered += 1;
+            }
+            let msg = Msg::decode(reply.payload).map_err(|e| format!("bad query answer: {e}"))?;
+            if msg.ok != Some(true) {
+                return Err(msg.error.unwrap_or_default());
+            }
+            for pb in msg.events {
+                let event = proto::from_pb(pb, 0);
+                let key = (event.host.clone(), event.service.clone());
+                match merged.get(&key) {
+                    Some(kept) if kept.time >= event.time => {}
+                    _ => {
+                        merged.insert(key, event);
+                    }
+                }
+            }
+        }
+        if answered == 0 {
+            return Err("no cluster node answered the query".to_owned());
+        }
+        Ok(merged.into_values().collect())
+    }
+
+    fn set_members(&self, live: usize) {
+        self.members.store(live, Ordering::Relaxed);
+    }
+}
+
+/// Answers `vigil.query` from this node's own index.
+async fn answer_queries(
+    cluster: Arc<Cluster>,
+    mut requests: async_nats::Subscriber,
+    stop: CancellationToken,
+) {
+    loop {
+        let request = tokio::select! {
+            request = requests.next() => request,
+            () = stop.cancelled() => return,
+        };
+        let Some(request) = request else { return };
+        let Some(reply) = request.reply else { continue };
+        let parsed = std::str::from_utf8(&request.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|text| Query::parse(text).map_err(|e| e.to_string()));
+        let parts = match parsed {
+            Ok(query) => answer_parts(&cluster.index.query(&query)),
+            Err(e) => vec![proto::error_reply(e)],
+        };
+        let last = parts.len() - 1;
+        for (i, part) in parts.into_iter().enumerate() {
+            let sent = if i < last {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(MORE, "1");
+                cluster
+                    .client
+                    .publish_with_headers(reply.clone(), headers, part)
+                    .await
+            } else {
+                cluster.client.publish(reply.clone(), part).await
+            };
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "Could not answer a cluster query.");
+                break;
+            }
+        }
+    }
+}
+
+/// Header on every part of a query answer but the last.
+const MORE: &str = "Vigil-More";
+/// Events per answer part: a part must stay under NATS's max payload (1 MiB
+/// by default), and Riemann events are rarely over a few hundred bytes.
+const PART_EVENTS: usize = 1000;
+
+/// A query answer split into `Msg`s of at most [`PART_EVENTS`] events; at
+/// least one, so an empty answer still counts the node in.
+fn answer_parts(events: &[Event]) -> Vec<Bytes> {
+    if events.is_empty() {
+        return vec![proto::events_reply(&[])];
+    }
+    events
+        .chunks(PART_EVENTS)
+        .map(proto::events_reply)
+        .collect()
+}
+
+/// The pipeline for transports whose reply does not wait (`POST /events`,
+/// gRPC): events are published in the background; a failure is logged.
+pub struct Publishing(pub Arc<Cluster>);
+
+impl Streams for Publishing {
+    fn process(&self, events: &[Event]) {
+        let cluster = self.0.clone();
+        let events = events.to_vec();
+        tokio::spawn(async move {
+            if let Err(e) = cluster.publish(&events).await {
+                tracing::warn!(error = %e, count = events.len(), "Events lost: cluster publish failed.");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_is_stable_and_in_range() {
+        // Fixed values: a change here would move every host to another shard.
+        assert_eq!(shard_of("", 64), (0xcbf2_9ce4_8422_2325u64 % 64) as u32);
+        assert_eq!(shard_of("web1", 64), shard_of("web1", 64));
+        for i in 0..1000 {
+            assert!(shard_of(&format!("host-{i}"), 7) < 7);
+        }
+    }
+
+    #[test]
+    fn answers_are_split_into_parts_under_the_payload_limit() {
+        assert_eq!(answer_parts(&[]).len(), 1, "an empty answer still answers");
+        let events = vec![Event::default(); 2 * PART_EVENTS + 1];
+        assert_eq!(answer_parts(&events).len(), 3);
+    }
+
+    #[test]
+    fn replayed_batches_reach_no_output() {
+        use crate::outputs::{self, OutputSink};
+        let (queue, _delivery) = outputs::queue("pager", 10);
+        outputs::suppressed(|| queue.push(Event::default()));
+        assert_eq!(queue.queued(), 0);
+        queue.push(Event::default());
+        assert_eq!(queue.queued(), 1, "outputs are live again afterwards");
+    }
+}

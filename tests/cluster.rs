@@ -1,0 +1,446 @@
+//! Scale-out across machines: real `vigil run --cluster` nodes around a real
+//! `nats-server -js` on loopback (docs/cluster.md).
+//!
+//! Each test starts its own nats-server (free port, temp store dir, killed on
+//! drop) and its own nodes. The tests run one at a time: each has three
+//! nodes and a NATS server on a small machine, and the takeover bounds they
+//! check are about time.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use common::{Vigil, wait_until};
+use vigil::client::Client;
+use vigil::clock::{Clock, SystemClock};
+use vigil::event::Event;
+use vigil::grpc::{QueryRequest, VigilClient};
+
+/// Survivors must own a dead node's shards within this (lease TTL 6 s plus a
+/// renew round), and have replayed them; the slack is for a debug build on
+/// a busy machine.
+const TAKEOVER: Duration = Duration::from_secs(15);
+/// Bound for anything else to settle.
+const SETTLE: Duration = Duration::from_secs(30);
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `nats-server -js` child; killed (and reaped) on drop.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> Nats {
+        common::require_peer("nats-server");
+        let mut nats = Nats {
+            child: None,
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+        };
+        nats.spawn();
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server on the same port and store dir, waits until it accepts.
+    fn spawn(&mut self) {
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("-sd")
+            .arg(self.store.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .expect("nats-server accepts connections");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn node(nats: &Nats, id: &str, extra: &[&str]) -> Vigil {
+    let url = nats.url();
+    let mut args = vec!["--cluster", &url, "--node-id", id];
+    args.extend_from_slice(extra);
+    Vigil::start(&args)
+}
+
+fn event(host: &str, service: &str, state: &str) -> Event {
+    Event {
+        host: Some(host.to_owned()),
+        service: Some(service.to_owned()),
+        state: Some(state.to_owned()),
+        time: SystemClock.now(),
+        // Longer than any test: nothing expires under the assertions.
+        ttl: Some(600.0),
+        ..Event::default()
+    }
+}
+
+/// Sends `events` through `node` in batches of 100; every batch must be acked.
+fn send(node: &Vigil, events: &[Event]) {
+    let addr = node.tcp;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = Client::connect(addr).await.unwrap();
+        for batch in events.chunks(100) {
+            client.send(batch).await.expect("batch acked");
+        }
+    });
+}
+
+/// Every entry a TCP query on `node` returns (fanned out to the cluster).
+fn query_all(node: &Vigil) -> Vec<Event> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = Client::connect(node.tcp).await.unwrap();
+        client.query("true").await.unwrap_or_default()
+    })
+}
+
+/// The `(host, service)` keys `node` holds itself (`GET /index?local=true`).
+fn local_keys(node: &Vigil) -> Keys {
+    let url = format!(
+        "http://{}/index?query=true&local=true",
+        node.http.expect("HTTP on")
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let body: serde_json::Value =
+        runtime.block_on(async { reqwest::get(&url).await.unwrap().json().await.unwrap() });
+    body.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["host"].as_str().unwrap_or_default().to_owned(),
+                e["service"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+type Keys = BTreeSet<(String, String)>;
+
+/// Each node's own keys, when together they hold exactly `want`, each once.
+fn partition(nodes: &[&Vigil], want: usize) -> Option<Vec<Keys>> {
+    let per_node: Vec<_> = nodes.iter().map(|n| local_keys(n)).collect();
+    let total: usize = per_node.iter().map(BTreeSet::len).sum();
+    let union: BTreeSet<_> = per_node.iter().flatten().collect();
+    (total == want && union.len() == want).then_some(per_node)
+}
+
+/// Waits until the nodes together hold exactly `want` keys, each on one node.
+fn wait_partitioned(nodes: &[&Vigil], want: usize) -> Vec<Keys> {
+    wait_until(SETTLE, || partition(nodes, want)).unwrap_or_else(|| {
+        let sizes: Vec<_> = nodes.iter().map(|n| local_keys(n).len()).collect();
+        panic!("nodes never held {want} keys, each once: local sizes {sizes:?}")
+    })
+}
+
+/// A webhook receiver counting pages by host.
+#[derive(Clone, Default)]
+struct Pager {
+    pages: Arc<Mutex<Vec<String>>>,
+}
+
+async fn record(State(pager): State<Pager>, body: Bytes) -> &'static str {
+    let page: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let host = page["host"].as_str().unwrap_or("?").to_owned();
+    pager.pages.lock().unwrap().push(host);
+    "ok"
+}
+
+impl Pager {
+    /// Starts the receiver on its own runtime thread; returns it and its URL.
+    fn start() -> (Pager, String) {
+        let pager = Pager::default();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/page", listener.local_addr().unwrap());
+        let app = Router::new().fallback(record).with_state(pager.clone());
+        thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        (pager, url)
+    }
+
+    fn pages(&self) -> Vec<String> {
+        self.pages.lock().unwrap().clone()
+    }
+
+    /// Waits for `n` pages, then a while longer for any extra one; all of them.
+    fn settle_at(&self, n: usize) -> Vec<String> {
+        wait_until(SETTLE, || (self.pages().len() >= n).then_some(()))
+            .unwrap_or_else(|| panic!("only {} of {n} pages arrived", self.pages().len()));
+        thread::sleep(Duration::from_secs(3));
+        self.pages()
+    }
+}
+
+fn assert_each_once(pages: &[String], hosts: &BTreeSet<String>) {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for host in pages {
+        *counts.entry(host).or_default() += 1;
+    }
+    let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "paged more than once: {doubled:?}");
+    let paged: BTreeSet<String> = counts.keys().map(|h| (*h).to_owned()).collect();
+    assert_eq!(&paged, hosts, "exactly these hosts page");
+}
+
+/// Pages once when a host's disk goes from ok to critical.
+fn pager_rules(dir: &Path, url: &str) -> std::path::PathBuf {
+    let path = dir.join("pager.vigil");
+    let source = format!(
+        r#"output pager = webhook(url: "{url}")
+
+streams {{
+  index
+  changed_state {{
+    where state = "critical" {{ pager }}
+  }}
+}}
+"#
+    );
+    std::fs::write(&path, source).unwrap();
+    path
+}
+
+/// `ok` then `critical` for each host: one transition each.
+fn turn_critical(hosts: &BTreeSet<String>) -> (Vec<Event>, Vec<Event>) {
+    let ok = hosts.iter().map(|h| event(h, "disk", "ok")).collect();
+    let critical = hosts.iter().map(|h| event(h, "disk", "critical")).collect();
+    (ok, critical)
+}
+
+#[test]
+fn three_nodes_split_the_hosts_and_each_answers_for_all() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let nodes: Vec<Vigil> = (1..=3)
+        .map(|i| node(&nats, &format!("n{i}"), &["--grpc", "127.0.0.1:0"]))
+        .collect();
+    let events: Vec<Event> = (0..1000)
+        .flat_map(|h| (0..5).map(move |s| event(&format!("host-{h}"), &format!("svc-{s}"), "ok")))
+        .collect();
+    send(&nodes[0], &events);
+
+    for (i, node) in nodes.iter().enumerate() {
+        let found = wait_until(SETTLE, || {
+            let found = query_all(node);
+            (found.len() == 5000).then_some(found)
+        });
+        assert!(
+            found.is_some(),
+            "node {i} never answered with all 5000 entries"
+        );
+    }
+    // HTTP and gRPC queries fan out too.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let http = format!("http://{}/index?query=true", nodes[1].http.unwrap());
+    let via_http: Vec<serde_json::Value> =
+        runtime.block_on(async { reqwest::get(&http).await.unwrap().json().await.unwrap() });
+    assert_eq!(via_http.len(), 5000, "HTTP GET /index");
+    let grpc = format!("http://{}", nodes[2].grpc.expect("gRPC on"));
+    let via_grpc = runtime.block_on(async {
+        let mut client = VigilClient::connect(grpc).await.unwrap();
+        let request = QueryRequest {
+            query: "true".to_owned(),
+        };
+        client.query(request).await.unwrap().into_inner().events
+    });
+    assert_eq!(via_grpc.len(), 5000, "gRPC Query");
+    let per_node = wait_partitioned(&nodes.iter().collect::<Vec<_>>(), 5000);
+    // A host's entries all live on one node.
+    let mut owner: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, keys) in per_node.iter().enumerate() {
+        assert!(
+            !keys.is_empty(),
+            "node {i} holds nothing: shards not spread"
+        );
+        for (host, _) in keys {
+            let first = *owner.entry(host.clone()).or_insert(i);
+            assert_eq!(first, i, "{host} lives on nodes {first} and {i}");
+        }
+    }
+    assert_eq!(owner.len(), 1000);
+}
+
+#[test]
+fn pages_fire_once_across_a_node_kill_and_a_rejoin() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let (pager, url) = Pager::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = pager_rules(dir.path(), &url);
+    let rules = rules.to_str().unwrap();
+    let mut nodes: Vec<Vigil> = (1..=3)
+        .map(|i| node(&nats, &format!("n{i}"), &["--rules", rules]))
+        .collect();
+
+    let first: BTreeSet<String> = (0..100).map(|h| format!("web-{h}")).collect();
+    let (ok, critical) = turn_critical(&first);
+    send(&nodes[0], &ok);
+    send(&nodes[0], &critical);
+    assert_each_once(&pager.settle_at(100), &first);
+    // Ownership settled: every node holds some of the hosts.
+    let per_node = wait_partitioned(&nodes.iter().collect::<Vec<_>>(), 100);
+    assert!(per_node.iter().all(|keys| !keys.is_empty()), "{per_node:?}");
+
+    nodes[2].kill9();
+    let killed = Instant::now();
+    // After the kill: still critical (no new page: the taker-over rebuilt the
+    // state by replay), and 100 more hosts turning critical (one page each).
+    let second: BTreeSet<String> = (0..100).map(|h| format!("db-{h}")).collect();
+    let (ok2, critical2) = turn_critical(&second);
+    send(&nodes[0], &critical);
+    send(&nodes[0], &ok2);
+    send(&nodes[0], &critical2);
+    let survivors = [&nodes[0], &nodes[1]];
+    wait_until(TAKEOVER, || {
+        survivors
+            .iter()
+            .all(|n| query_all(n).len() == 200)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("queries incomplete {TAKEOVER:?} after the kill"));
+    println!(
+        "all 200 entries answered {:?} after the kill",
+        killed.elapsed()
+    );
+    let all: BTreeSet<String> = first.union(&second).cloned().collect();
+    assert_each_once(&pager.settle_at(200), &all);
+
+    // The node comes back: it takes some shards again, nothing pages again.
+    nodes[2] = node(&nats, "n3", &["--rules", rules]);
+    wait_until(SETTLE, || {
+        partition(&nodes.iter().collect::<Vec<_>>(), 200).filter(|per_node| !per_node[2].is_empty())
+    })
+    .expect("the restarted node owns some hosts again, each host on one node");
+    assert_eq!(query_all(&nodes[2]).len(), 200);
+    thread::sleep(Duration::from_secs(3));
+    assert_each_once(&pager.pages(), &all);
+}
+
+#[test]
+fn acked_events_survive_a_nats_restart() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut nats = Nats::start();
+    let nodes: Vec<Vigil> = (1..=2)
+        .map(|i| node(&nats, &format!("n{i}"), &[]))
+        .collect();
+    let addr = nodes[0].tcp;
+    // The agent: batches of 10 new hosts, retried (on a new connection if
+    // need be) until acked; it stops after a bounded time.
+    let agent = thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let (mut acked, mut errors) = (Vec::new(), 0usize);
+            let mut slowest = Duration::ZERO;
+            let stop = Instant::now() + Duration::from_secs(14);
+            let mut client = None;
+            let mut batch = 0;
+            while Instant::now() < stop {
+                let hosts: Vec<String> = (0..10).map(|i| format!("agent-{batch}-{i}")).collect();
+                let events: Vec<Event> = hosts.iter().map(|h| event(h, "up", "ok")).collect();
+                if client.is_none() {
+                    client = Client::connect(addr).await.ok();
+                }
+                let started = Instant::now();
+                let sent = match client.as_mut() {
+                    Some(c) => tokio::time::timeout(Duration::from_secs(10), c.send(&events)).await,
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                slowest = slowest.max(started.elapsed());
+                match sent {
+                    Ok(Ok(())) => {
+                        acked.extend(hosts);
+                        batch += 1;
+                    }
+                    _ => {
+                        errors += 1;
+                        client = None;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (acked, errors, slowest)
+        })
+    });
+    thread::sleep(Duration::from_secs(3));
+    nats.kill();
+    thread::sleep(Duration::from_secs(3));
+    nats.spawn();
+    let (acked, errors, slowest) = agent.join().unwrap();
+    println!(
+        "acked {} events, {errors} errors or timeouts, slowest ack {slowest:?}",
+        acked.len()
+    );
+    assert!(
+        acked.len() > 100,
+        "the agent got through before and after: {}",
+        acked.len()
+    );
+    let missing = wait_until(SETTLE, || {
+        let found: BTreeSet<String> = query_all(&nodes[1])
+            .into_iter()
+            .filter_map(|e| e.host)
+            .collect();
+        let missing: Vec<_> = acked.iter().filter(|h| !found.contains(*h)).collect();
+        missing.is_empty().then_some(())
+    });
+    assert!(
+        missing.is_some(),
+        "acked events lost; node logs:\n{}\n---\n{}",
+        nodes[0].logs(),
+        nodes[1].logs()
+    );
+}
