@@ -7,6 +7,8 @@
 //! the hard limit when needed and, should even that be too low, uses as many
 //! connections as fit (printed).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,97 +27,10 @@ use vigil::outputs::{self, OutputSink, Queue};
 use vigil::proto::{Attribute, Msg, PbEvent, PbQuery};
 use vigil::rules::engine::Rules;
 use vigil::rules::{self, EnvPolicy};
-use vigil::server::{Server, ServerConfig};
-use vigil::stats::Stats;
-use vigil::streams::{IndexEverything, Streams};
+use vigil::server::ServerConfig;
 use vigil::wire::Limits;
 
-const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
-/// Bound on every wait for the server; never reached when things work.
-const WAIT: Duration = Duration::from_secs(10);
-
-struct Harness {
-    server: Server,
-    index: Arc<Index>,
-    clock: Arc<ManualClock>,
-}
-
-impl Harness {
-    async fn start(config: ServerConfig) -> Harness {
-        let index = Arc::new(Index::new(IndexConfig::default()));
-        let streams = Arc::new(IndexEverything::new(index.clone()));
-        Self::with_streams(config, index, streams).await
-    }
-
-    async fn with_streams(
-        config: ServerConfig,
-        index: Arc<Index>,
-        streams: Arc<dyn Streams>,
-    ) -> Harness {
-        let clock = Arc::new(ManualClock::new(T0));
-        let config = ServerConfig {
-            tcp: "127.0.0.1:0".parse().unwrap(),
-            tick: Duration::from_millis(10),
-            ..config
-        };
-        let shared: SharedClock = clock.clone();
-        let server = Server::start(config, index.clone(), streams, shared)
-            .await
-            .expect("server starts");
-        Harness {
-            server,
-            index,
-            clock,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.server.tcp_addr
-    }
-
-    fn count(&self, pick: fn(&Stats) -> &AtomicU64) -> u64 {
-        Stats::get(pick(&self.server.stats))
-    }
-
-    /// Polls until the counter reaches `want`; panics after [`WAIT`].
-    async fn wait_count(&self, pick: fn(&Stats) -> &AtomicU64, want: u64) {
-        let deadline = Instant::now() + WAIT;
-        while self.count(pick) != want {
-            assert!(
-                Instant::now() < deadline,
-                "counter at {} instead of {want} after {WAIT:?}",
-                self.count(pick)
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// A fresh client can still send and read back an event.
-    async fn assert_serves(&self) {
-        let mut client = tokio::time::timeout(WAIT, Client::connect(self.addr()))
-            .await
-            .expect("connects in time")
-            .expect("connects");
-        let event = Event {
-            host: Some("fresh".into()),
-            service: Some("probe".into()),
-            time: T0,
-            ..Event::default()
-        };
-        client.send(&[event]).await.expect("acked");
-        let found = client
-            .query(r#"host = "fresh" and service = "probe""#)
-            .await
-            .expect("query answered");
-        assert_eq!(found.len(), 1);
-    }
-}
-
-fn frame(body: &[u8]) -> Vec<u8> {
-    let mut out = (body.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(body);
-    out
-}
+use common::inproc::{Harness, T0, WAIT, frame};
 
 async fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).await.expect("connects")

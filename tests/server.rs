@@ -1,6 +1,8 @@
 //! The server in-process on ephemeral ports, driven over real sockets: framing,
 //! replies, bad input and expiry. (Real third-party clients: `interop_*.rs`.)
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
@@ -10,15 +12,15 @@ use parking_lot::Mutex;
 use prost::Message;
 
 use vigil::client::Client;
-use vigil::clock::{MICROS_PER_SEC, ManualClock, SharedClock};
+use vigil::clock::MICROS_PER_SEC;
 use vigil::event::{Event, Metric};
 use vigil::index::{Index, IndexConfig};
 use vigil::proto::{Msg, PbEvent, PbQuery};
-use vigil::server::{Server, ServerConfig};
+use vigil::server::ServerConfig;
 use vigil::stats::Stats;
 use vigil::streams::{IndexEverything, Streams};
 
-const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
+use common::inproc::{Harness, T0, frame};
 
 /// Indexes everything and remembers every event it saw.
 struct Recording {
@@ -31,66 +33,6 @@ impl Streams for Recording {
         self.seen.lock().extend(events.iter().cloned());
         self.inner.process(events);
     }
-}
-
-struct Harness {
-    server: Server,
-    index: Arc<Index>,
-    clock: Arc<ManualClock>,
-    streams: Arc<Recording>,
-}
-
-impl Harness {
-    async fn start(config: ServerConfig) -> Harness {
-        let clock = Arc::new(ManualClock::new(T0));
-        let index = Arc::new(Index::new(IndexConfig::default()));
-        let streams = Arc::new(Recording {
-            inner: IndexEverything::new(index.clone()),
-            seen: Mutex::default(),
-        });
-        let config = ServerConfig {
-            tcp: "127.0.0.1:0".parse().unwrap(),
-            tick: Duration::from_millis(10),
-            ..config
-        };
-        let shared: SharedClock = clock.clone();
-        let server = Server::start(config, index.clone(), streams.clone(), shared)
-            .await
-            .expect("server starts");
-        Harness {
-            server,
-            index,
-            clock,
-            streams,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.server.tcp_addr
-    }
-
-    /// A fresh client can still send and read back an event.
-    async fn assert_serves(&self) {
-        let mut client = Client::connect(self.addr()).await.expect("connects");
-        let event = Event {
-            host: Some("fresh".into()),
-            service: Some("probe".into()),
-            time: T0,
-            ..Event::default()
-        };
-        client.send(&[event]).await.expect("acked");
-        let found = client
-            .query(r#"host = "fresh" and service = "probe""#)
-            .await
-            .expect("query answered");
-        assert_eq!(found.len(), 1);
-    }
-}
-
-fn frame(body: &[u8]) -> Vec<u8> {
-    let mut out = (body.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(body);
-    out
 }
 
 fn read_reply(stream: &mut TcpStream) -> Msg {
@@ -336,7 +278,12 @@ async fn udp_events_are_indexed_and_garbage_is_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_expiry_removes_the_entry_and_runs_expired_through_the_streams() {
-    let h = Harness::start(ServerConfig::default()).await;
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let streams = Arc::new(Recording {
+        inner: IndexEverything::new(index.clone()),
+        seen: Mutex::default(),
+    });
+    let h = Harness::with_streams(ServerConfig::default(), index, streams.clone()).await;
     let mut client = Client::connect(h.addr()).await.unwrap();
     let event = Event {
         host: Some("short".into()),
@@ -353,7 +300,7 @@ async fn ttl_expiry_removes_the_entry_and_runs_expired_through_the_streams() {
     h.clock.advance(MICROS_PER_SEC + 1);
     wait_for(|| h.index.get("short", "lived").is_none()).await;
     assert!(client.query(r#"host = "short""#).await.unwrap().is_empty());
-    let seen = h.streams.seen.lock().clone();
+    let seen = streams.seen.lock().clone();
     let expired: Vec<_> = seen.iter().filter(|e| e.is_expired_state()).collect();
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].service.as_deref(), Some("lived"));
