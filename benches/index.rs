@@ -1,6 +1,7 @@
 //! The index at a million keys: upserting into it, and one expiry pass that
 //! removes all of them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -79,5 +80,35 @@ fn index(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, index);
+/// Ingest during a mass expiry: while a million keys expire, another thread
+/// upserts other keys. Printed, not asserted: how many upserts went in and
+/// the longest single one (the wait for a shard the expiry holds).
+fn ingest_during_expiry(_: &mut Criterion) {
+    let index = full_index(1.0);
+    let fresh: Vec<Event> = (0..100_000).map(|i| event(keys() + i, 60.0)).collect();
+    let expiring = AtomicBool::new(true);
+    let (took, (upserts, longest)) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let (mut upserts, mut longest) = (0, Duration::ZERO);
+            while expiring.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                index.insert(&fresh[upserts % fresh.len()]);
+                longest = longest.max(started.elapsed());
+                upserts += 1;
+            }
+            (upserts, longest)
+        });
+        let started = Instant::now();
+        index.expire(T0 + 2 * MICROS_PER_SEC, |_| {});
+        let took = started.elapsed();
+        expiring.store(false, Ordering::Relaxed);
+        (took, writer.join().unwrap())
+    });
+    println!(
+        "index_1m/ingest_during_expire_all: {} keys expired in {took:.1?}; meanwhile {upserts} upserts, the longest {longest:.1?}",
+        keys()
+    );
+}
+
+criterion_group!(benches, index, ingest_during_expiry);
 criterion_main!(benches);

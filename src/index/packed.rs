@@ -1,0 +1,412 @@
+//! The latest event of an index key packed into one heap block, with the
+//! entry's slot in its shard's deadline set.
+//!
+//! An `Event` spreads over up to a dozen heap blocks (each string and list its
+//! own) behind a 176-byte struct; a million of them cost ~475 bytes of RSS
+//! apiece. Packed, an entry is a fixed header and its strings back to back in a
+//! single boxed slice (~80 bytes for a typical agent event). Entries are
+//! unpacked only on the way out: queries, snapshots and expiry notices, into
+//! `Event`s whose allocations the caller may reuse.
+//!
+//! Layout (integers little-endian, lengths and counts LEB128):
+//!
+//! ```text
+//! scheduled i64 | time i64 | metric 8 bytes | ttl f32 | flags u8
+//! host | service | [state] | [description] | tags: n, n × str | attributes: n, n × (str, str)
+//! ```
+//!
+//! `host` and `service` are always written (empty when absent, with a flag
+//! telling absent from empty) so the key is found without parsing further.
+
+use crate::clock::Micros;
+use crate::event::{Event, Metric, STATE_EXPIRED};
+
+const SCHEDULED: usize = 0;
+const TIME: usize = 8;
+const METRIC: usize = 16;
+const TTL: usize = 24;
+const FLAGS: usize = 28;
+const HEADER: usize = 29;
+
+const HAS_HOST: u8 = 1;
+const HAS_SERVICE: u8 = 1 << 1;
+const HAS_STATE: u8 = 1 << 2;
+const HAS_DESCRIPTION: u8 = 1 << 3;
+const HAS_TTL: u8 = 1 << 4;
+const METRIC_INT: u8 = 1 << 5;
+const METRIC_FLOAT: u8 = 1 << 6;
+
+pub struct Packed(Box<[u8]>);
+
+impl Packed {
+    pub fn new(event: &Event, scheduled: Micros) -> Packed {
+        let mut bytes = vec![0; packed_len(event)].into_boxed_slice();
+        write_event(&mut bytes, event);
+        let mut packed = Packed(bytes);
+        packed.set_scheduled(scheduled);
+        packed
+    }
+
+    /// Overwrites the stored event, in place when the new one packs to the
+    /// same length (an agent's next report usually does: same names, new
+    /// numbers). The scheduled slot is kept.
+    pub fn replace(&mut self, event: &Event) {
+        let len = packed_len(event);
+        if len != self.0.len() {
+            let mut bytes = vec![0; len].into_boxed_slice();
+            bytes[..TIME].copy_from_slice(&self.0[..TIME]);
+            self.0 = bytes;
+        }
+        write_event(&mut self.0, event);
+    }
+
+    /// Where the entry sits in its shard's deadline set.
+    pub fn scheduled(&self) -> Micros {
+        self.read_i64(SCHEDULED)
+    }
+
+    pub fn set_scheduled(&mut self, at: Micros) {
+        self.0[SCHEDULED..SCHEDULED + 8].copy_from_slice(&at.to_le_bytes());
+    }
+
+    /// `(host, service)` as bytes; an absent field reads as empty, as in
+    /// [`Event::host_str`].
+    pub fn key(&self) -> (&[u8], &[u8]) {
+        let mut r = Reader::at(&self.0, HEADER);
+        (r.bytes(), r.bytes())
+    }
+
+    /// A copy of the stored event.
+    pub fn to_event(&self) -> Event {
+        let mut event = Event::default();
+        self.unpack_into(&mut event);
+        event
+    }
+
+    /// Overwrites `out` with the stored event, reusing its allocations.
+    pub fn unpack_into(&self, out: &mut Event) {
+        self.unpack(out, None);
+    }
+
+    /// Overwrites `out` with the `expired` notice for the stored event (see
+    /// [`Event::into_expired`]), reusing its allocations.
+    pub fn unpack_expired_into(&self, now: Micros, out: &mut Event) {
+        self.unpack(out, Some(now));
+    }
+
+    /// A notice (`expired_at`) skips what [`Event::into_expired`] drops
+    /// instead of copying it out first.
+    fn unpack(&self, out: &mut Event, expired_at: Option<Micros>) {
+        let flags = self.0[FLAGS];
+        let mut r = Reader::at(&self.0, HEADER);
+        set_opt(&mut out.host, r.str(), flags & HAS_HOST != 0);
+        set_opt(&mut out.service, r.str(), flags & HAS_SERVICE != 0);
+        let state = (flags & HAS_STATE != 0).then(|| r.str());
+        let description = (flags & HAS_DESCRIPTION != 0).then(|| r.bytes());
+        read_tags(&mut r, &mut out.tags);
+        read_attributes(&mut r, &mut out.attributes);
+        out.ttl = (flags & HAS_TTL != 0).then(|| {
+            let bits: [u8; 4] = self.0[TTL..TTL + 4].try_into().unwrap_or_default();
+            f32::from_le_bytes(bits)
+        });
+        if let Some(now) = expired_at {
+            set_opt(&mut out.state, STATE_EXPIRED, true);
+            out.time = now;
+            out.description = None;
+            out.metric = None;
+            return;
+        }
+        set_opt(&mut out.state, state.unwrap_or(""), state.is_some());
+        let description = description.map(Reader::utf8);
+        set_opt(
+            &mut out.description,
+            description.unwrap_or(""),
+            description.is_some(),
+        );
+        out.time = self.read_i64(TIME);
+        out.metric = if flags & METRIC_INT != 0 {
+            Some(Metric::Int(self.read_i64(METRIC)))
+        } else if flags & METRIC_FLOAT != 0 {
+            Some(Metric::Float(f64::from_bits(self.read_i64(METRIC) as u64)))
+        } else {
+            None
+        };
+    }
+
+    /// See `warm` in the index.
+    pub fn first_byte(&self) -> u8 {
+        self.0[0]
+    }
+
+    fn read_i64(&self, at: usize) -> i64 {
+        let bits: [u8; 8] = self.0[at..at + 8].try_into().unwrap_or_default();
+        i64::from_le_bytes(bits)
+    }
+}
+
+fn packed_len(e: &Event) -> usize {
+    let opt = |s: &Option<String>| s.as_deref().map_or(0, str_len);
+    HEADER
+        + str_len(e.host_str())
+        + str_len(e.service_str())
+        + opt(&e.state)
+        + opt(&e.description)
+        + varint_len(e.tags.len())
+        + e.tags.iter().map(|t| str_len(t)).sum::<usize>()
+        + varint_len(e.attributes.len())
+        + e.attributes
+            .iter()
+            .map(|(k, v)| str_len(k) + str_len(v))
+            .sum::<usize>()
+}
+
+fn str_len(s: &str) -> usize {
+    varint_len(s.len()) + s.len()
+}
+
+fn varint_len(mut n: usize) -> usize {
+    let mut len = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len += 1;
+    }
+    len
+}
+
+/// Writes everything but the scheduled slot; `out` is exactly
+/// `packed_len(e)` long.
+fn write_event(out: &mut [u8], e: &Event) {
+    let mut flags = 0;
+    for (present, flag) in [
+        (e.host.is_some(), HAS_HOST),
+        (e.service.is_some(), HAS_SERVICE),
+        (e.state.is_some(), HAS_STATE),
+        (e.description.is_some(), HAS_DESCRIPTION),
+        (e.ttl.is_some(), HAS_TTL),
+    ] {
+        if present {
+            flags |= flag;
+        }
+    }
+    let metric_bits = match e.metric {
+        Some(Metric::Int(i)) => {
+            flags |= METRIC_INT;
+            i
+        }
+        Some(Metric::Float(f)) => {
+            flags |= METRIC_FLOAT;
+            f.to_bits() as i64
+        }
+        None => 0,
+    };
+    out[TIME..TIME + 8].copy_from_slice(&e.time.to_le_bytes());
+    out[METRIC..METRIC + 8].copy_from_slice(&metric_bits.to_le_bytes());
+    out[TTL..TTL + 4].copy_from_slice(&e.ttl.unwrap_or(0.0).to_le_bytes());
+    out[FLAGS] = flags;
+    let mut w = Writer { out, pos: HEADER };
+    w.str(e.host_str());
+    w.str(e.service_str());
+    for s in [&e.state, &e.description].into_iter().flatten() {
+        w.str(s);
+    }
+    w.varint(e.tags.len());
+    for tag in &e.tags {
+        w.str(tag);
+    }
+    w.varint(e.attributes.len());
+    for (k, v) in &e.attributes {
+        w.str(k);
+        w.str(v);
+    }
+}
+
+struct Writer<'a> {
+    out: &'a mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn varint(&mut self, mut n: usize) {
+        while n >= 0x80 {
+            self.out[self.pos] = (n as u8) | 0x80;
+            self.pos += 1;
+            n >>= 7;
+        }
+        self.out[self.pos] = n as u8;
+        self.pos += 1;
+    }
+
+    fn str(&mut self, s: &str) {
+        self.varint(s.len());
+        self.out[self.pos..self.pos + s.len()].copy_from_slice(s.as_bytes());
+        self.pos += s.len();
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn at(buf: &'a [u8], pos: usize) -> Self {
+        Reader { buf, pos }
+    }
+
+    fn varint(&mut self) -> usize {
+        let mut n = 0;
+        let mut shift = 0;
+        loop {
+            let byte = self.buf[self.pos];
+            self.pos += 1;
+            n |= usize::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return n;
+            }
+            shift += 7;
+        }
+    }
+
+    fn bytes(&mut self) -> &'a [u8] {
+        let len = self.varint();
+        let bytes = &self.buf[self.pos..self.pos + len];
+        self.pos += len;
+        bytes
+    }
+
+    fn str(&mut self) -> &'a str {
+        Self::utf8(self.bytes())
+    }
+
+    fn utf8(bytes: &[u8]) -> &str {
+        // Only `write_event` fills these buffers, copying from `&str`s, so
+        // the bytes are always UTF-8 and the fallback is never taken.
+        std::str::from_utf8(bytes).unwrap_or_default()
+    }
+}
+
+fn set_opt(slot: &mut Option<String>, value: &str, present: bool) {
+    match (slot, present) {
+        (Some(s), true) => {
+            s.clear();
+            s.push_str(value);
+        }
+        (slot @ None, true) => *slot = Some(value.to_owned()),
+        (slot, false) => *slot = None,
+    }
+}
+
+fn set_string(slot: &mut String, value: &str) {
+    slot.clear();
+    slot.push_str(value);
+}
+
+fn read_tags(r: &mut Reader<'_>, tags: &mut Vec<String>) {
+    let n = r.varint();
+    tags.truncate(n);
+    let kept = tags.len();
+    for tag in tags.iter_mut() {
+        set_string(tag, r.str());
+    }
+    tags.extend((kept..n).map(|_| r.str().to_owned()));
+}
+
+fn read_attributes(r: &mut Reader<'_>, attributes: &mut Vec<(String, String)>) {
+    let n = r.varint();
+    attributes.truncate(n);
+    let kept = attributes.len();
+    for (k, v) in attributes.iter_mut() {
+        set_string(k, r.str());
+        set_string(v, r.str());
+    }
+    attributes.extend((kept..n).map(|_| (r.str().to_owned(), r.str().to_owned())));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> Event {
+        Event {
+            host: Some("web-1".into()),
+            service: Some("cpu user".into()),
+            state: Some("warning".into()),
+            time: 1_700_000_000_123_456,
+            description: Some("ünïcode and a long ".repeat(20)),
+            tags: vec!["a".into(), "".into(), "x".repeat(300)],
+            metric: Some(Metric::Float(0.25)),
+            ttl: Some(12.5),
+            attributes: vec![("env".into(), "prod".into()), ("env".into(), "".into())],
+        }
+    }
+
+    #[test]
+    fn round_trips_every_field_and_every_absence() {
+        let mut int = full();
+        int.metric = Some(Metric::Int(-7));
+        let cases = [
+            full(),
+            int,
+            Event::default(),
+            Event {
+                host: Some(String::new()),
+                service: None,
+                time: -1,
+                ..Event::default()
+            },
+        ];
+        for event in cases {
+            let packed = Packed::new(&event, 42);
+            assert_eq!(packed.to_event(), event);
+            assert_eq!(packed.0.len(), packed_len(&event), "exactly sized");
+            assert_eq!(packed.scheduled(), 42);
+            assert_eq!(
+                packed.key(),
+                (event.host_str().as_bytes(), event.service_str().as_bytes())
+            );
+        }
+    }
+
+    #[test]
+    fn unpack_reuses_a_bigger_or_smaller_event() {
+        let packed = Packed::new(&full(), 0);
+        let mut small = Event {
+            tags: vec!["only".into()],
+            ..Event::default()
+        };
+        packed.unpack_into(&mut small);
+        assert_eq!(small, full());
+        let mut out = full();
+        out.tags.extend(["b".to_owned(), "c".to_owned()]);
+        out.attributes.push(("k".into(), "v".into()));
+        let bare = Packed::new(&Event::default(), 0);
+        bare.unpack_into(&mut out);
+        assert_eq!(out, Event::default());
+    }
+
+    #[test]
+    fn replace_keeps_the_slot_in_place_or_regrown() {
+        let mut packed = Packed::new(&full(), 10);
+        packed.set_scheduled(5);
+        let mut same_len = full();
+        same_len.metric = Some(Metric::Float(9.0));
+        same_len.time += 1;
+        let block = packed.0.as_ptr();
+        packed.replace(&same_len);
+        assert_eq!(packed.0.as_ptr(), block, "same length: no new block");
+        assert_eq!(packed.to_event(), same_len);
+        let mut longer = full();
+        longer.tags.push("new".into());
+        packed.replace(&longer);
+        assert_eq!(packed.to_event(), longer);
+        assert_eq!(packed.scheduled(), 5);
+    }
+
+    #[test]
+    fn expired_notice_matches_into_expired() {
+        let packed = Packed::new(&full(), 0);
+        let mut out = Event::default();
+        packed.unpack_expired_into(99, &mut out);
+        assert_eq!(out, full().into_expired(99));
+    }
+}
