@@ -81,26 +81,57 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
 
 /// Writes `events` as a snapshot to `out`.
 pub fn encode(events: &[Event], out: impl Write) -> io::Result<()> {
-    let mut out = CrcWriter {
-        inner: out,
-        crc: crc32fast::Hasher::new(),
-    };
-    out.write_all(MAGIC)?;
-    out.write_all(&VERSION.to_le_bytes())?;
-    let mut buf = Vec::new();
-    for event in events {
-        buf.clear();
-        to_pb(event)
-            .encode(&mut buf)
-            .expect("a Vec grows to fit any message");
-        let len = u32::try_from(buf.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "event over 4 GiB"))?;
-        out.write_all(&len.to_le_bytes())?;
-        out.write_all(&buf)?;
+    let mut encoder = Encoder::new(out)?;
+    encoder.push(events)?;
+    encoder.finish().map(drop)
+}
+
+/// Writes a snapshot as its entries come, a batch at a time, so a big index
+/// is never copied out whole (at a million keys that copy alone would more
+/// than double the process's memory every snapshot interval).
+pub struct Encoder<W: Write> {
+    out: CrcWriter<W>,
+    buf: Vec<u8>,
+    count: u64,
+}
+
+impl<W: Write> Encoder<W> {
+    pub fn new(out: W) -> io::Result<Self> {
+        let mut out = CrcWriter {
+            inner: out,
+            crc: crc32fast::Hasher::new(),
+        };
+        out.write_all(MAGIC)?;
+        out.write_all(&VERSION.to_le_bytes())?;
+        Ok(Encoder {
+            out,
+            buf: Vec::new(),
+            count: 0,
+        })
     }
-    out.write_all(&(events.len() as u64).to_le_bytes())?;
-    let crc = out.crc.finalize();
-    out.inner.write_all(&crc.to_le_bytes())
+
+    pub fn push(&mut self, events: &[Event]) -> io::Result<()> {
+        for event in events {
+            self.buf.clear();
+            to_pb(event)
+                .encode(&mut self.buf)
+                .expect("a Vec grows to fit any message");
+            let len = u32::try_from(self.buf.len())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "event over 4 GiB"))?;
+            self.out.write_all(&len.to_le_bytes())?;
+            self.out.write_all(&self.buf)?;
+        }
+        self.count += events.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the trailer; returns how many entries the snapshot holds.
+    pub fn finish(mut self) -> io::Result<u64> {
+        self.out.write_all(&self.count.to_le_bytes())?;
+        let crc = self.out.crc.finalize();
+        self.out.inner.write_all(&crc.to_le_bytes())?;
+        Ok(self.count)
+    }
 }
 
 /// Passes bytes through, checksumming them on the way, so the file is written
@@ -179,10 +210,20 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Event>, SnapshotError> {
 /// Atomically replaces the snapshot in `dir` (which must exist): a crash
 /// mid-write leaves the previous snapshot in place.
 pub fn write(dir: &Path, events: &[Event]) -> Result<(), SnapshotError> {
+    write_from(dir, |encoder| encoder.push(events)).map(drop)
+}
+
+/// Like [`write`], with the entries pushed by `fill`; returns how many.
+fn write_from(
+    dir: &Path,
+    fill: impl FnOnce(&mut Encoder<&mut BufWriter<File>>) -> io::Result<()>,
+) -> Result<u64, SnapshotError> {
     let temp = dir.join(TEMP_NAME);
     let file = File::create(&temp).map_err(io_error(&temp))?;
     let mut out = BufWriter::new(file);
-    encode(events, &mut out).map_err(io_error(&temp))?;
+    let mut encoder = Encoder::new(&mut out).map_err(io_error(&temp))?;
+    fill(&mut encoder).map_err(io_error(&temp))?;
+    let entries = encoder.finish().map_err(io_error(&temp))?;
     let file = out
         .into_inner()
         .map_err(|e| io_error(&temp)(e.into_error()))?;
@@ -192,7 +233,8 @@ pub fn write(dir: &Path, events: &[Event]) -> Result<(), SnapshotError> {
     // The rename itself is durable only once the directory is synced.
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))
+        .map_err(io_error(dir))?;
+    Ok(entries)
 }
 
 /// The snapshot in `dir`; `None` when there is none yet.
@@ -239,15 +281,16 @@ pub struct Saved {
     pub elapsed: Duration,
 }
 
-/// Copies the index (one shard at a time) and writes it, all on a blocking
-/// thread so neither the copy nor the I/O holds up the async workers.
+/// Writes the index one shard at a time, on a blocking thread so neither the
+/// copying nor the I/O holds up the async workers.
 pub async fn save(index: Arc<Index>, dir: PathBuf) -> Result<Saved, SnapshotError> {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let events = index.entries();
-        write(&dir, &events)?;
+        let entries = write_from(&dir, |encoder| {
+            index.for_each_shard(|events| encoder.push(events))
+        })?;
         Ok(Saved {
-            entries: events.len(),
+            entries: entries as usize,
             elapsed: started.elapsed(),
         })
     })
