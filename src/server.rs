@@ -179,10 +179,19 @@ async fn run_timers(
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let expired = index.expire(clock.now(), |expired| streams.process(expired));
-        if expired > 0 {
-            tracing::debug!(count = expired, "Expired index entries.");
+        // On a blocking thread: a mass expiry (a rack going silent) runs
+        // thousands of notices through the rules, which must not hold an
+        // async worker and the connections queued on it.
+        let (index, streams, clock) = (index.clone(), streams.clone(), clock.clone());
+        let ticked = tokio::task::spawn_blocking(move || {
+            let expired = index.expire(clock.now(), |expired| streams.process(expired));
+            streams.tick();
+            expired
+        });
+        match ticked.await {
+            Ok(0) => {}
+            Ok(expired) => tracing::debug!(count = expired, "Expired index entries."),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
-        streams.tick();
     }
 }
