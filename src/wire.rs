@@ -149,7 +149,24 @@ pub fn decode_msg(
     limits: &Limits,
     events: &mut Vec<Event>,
 ) -> Result<Request, DecodeError> {
-    let mut used = 0;
+    let (result, end) = decode_msg_at(body, now, limits, events, 0);
+    events.truncate(end);
+    result
+}
+
+/// Like [`decode_msg`], but the message's events land in `events[start..end]`
+/// (`end` is returned with the request) and the events after them are left
+/// in place, so several messages decode one after another into one buffer
+/// and every slot keeps its allocations for the next time. On an error the
+/// slots from `start` hold garbage; the caller reuses them.
+pub fn decode_msg_at(
+    body: &[u8],
+    now: Micros,
+    limits: &Limits,
+    events: &mut Vec<Event>,
+    start: usize,
+) -> (Result<Request, DecodeError>, usize) {
+    let mut used = start;
     let mut request = Request::default();
     let mut r = reader(body);
     let result = (|| {
@@ -158,7 +175,7 @@ pub fn decode_msg(
                 5 => merge_query(r.len_delimited("query", wire)?, limits, &mut request.query)?,
                 6 => {
                     let bytes = r.len_delimited("events", wire)?;
-                    if used == limits.max_events {
+                    if used - start == limits.max_events {
                         let max = limits.max_events;
                         return Err(Exceeded::count(Limit::Events, "events", body, 6, max).into());
                     }
@@ -167,7 +184,7 @@ pub fn decode_msg(
                     }
                     decode_event(bytes, now, limits, &mut events[used]).map_err(|e| match e {
                         DecodeError::Exceeded(e) => Exceeded {
-                            event: Some(used),
+                            event: Some(used - start),
                             ..e
                         }
                         .into(),
@@ -189,8 +206,7 @@ pub fn decode_msg(
         }
         Ok(())
     })();
-    events.truncate(used);
-    result.map(|()| request)
+    (result.map(|()| request), used)
 }
 
 /// A repeated `query` field merges into the first, as protobuf says.
