@@ -7,7 +7,8 @@
 //!
 //! Fills an index of 100 000 keys, then runs MSGS messages of BATCH events each
 //! through decode + `rules/bench.vigil` + index, like a TCP connection minus the
-//! syscalls. Instructions per event = collected Ir / (MSGS × BATCH).
+//! syscalls: PER_READ messages (default 1) at a time, as a connection handles
+//! the frames of one read. Instructions per event = collected Ir / (MSGS × BATCH).
 
 use bytes::Bytes;
 
@@ -23,11 +24,12 @@ mod workload;
 use workload::{KEYS, bench_rules_ingest, msg};
 
 #[inline(never)]
-fn measured(ingest: &Ingest, clock: &ManualClock, bodies: &[Bytes]) {
-    let mut events = Vec::new();
-    for body in bodies {
+fn measured(ingest: &Ingest, clock: &ManualClock, bodies: &[Bytes], per_read: usize) {
+    let (mut events, mut replies) = (Vec::new(), Vec::new());
+    for read in bodies.chunks(per_read) {
         clock.advance(1);
-        ingest.handle_frame(body, Transport::Tcp, &mut events);
+        ingest.handle_frames(read, Transport::Tcp, &mut events, &mut replies);
+        replies.clear();
     }
 }
 
@@ -35,6 +37,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let batch: usize = args.next().map_or(100, |a| a.parse().expect("BATCH"));
     let msgs: usize = args.next().map_or(1000, |a| a.parse().expect("MSGS"));
+    let per_read: usize = args.next().map_or(1, |a| a.parse().expect("PER_READ"));
     let (clock, ingest) = bench_rules_ingest();
     for first in (0..KEYS).step_by(1000) {
         ingest.handle_frame(&msg(first, 1000), Transport::Tcp, &mut Vec::new());
@@ -42,7 +45,7 @@ fn main() {
     let bodies: Vec<Bytes> = (0..msgs)
         .map(|i| msg(i * batch * 7919 % KEYS, batch))
         .collect();
-    measured(&ingest, &clock, &bodies);
+    measured(&ingest, &clock, &bodies, per_read);
     println!(
         "{} events through the rules; index holds {}",
         msgs * batch,

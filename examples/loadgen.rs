@@ -3,6 +3,7 @@
 //!
 //!     cargo run --release --example loadgen -- tcp --conns 2 --batch 100 --window 8 --keys 100000 --secs 10 127.0.0.1:5555
 //!     cargo run --release --example loadgen -- latency --secs 60 127.0.0.1:5555
+//!     cargo run --release --example loadgen -- latency --secs 60 --spikes 1000 127.0.0.1:5555
 //!     cargo run --release --example loadgen -- udp --batch 10 --secs 10 127.0.0.1:5555
 //!     cargo run --release --example loadgen -- null-sink 127.0.0.1:5599
 //!
@@ -41,6 +42,10 @@ enum Mode {
         secs: u64,
         #[arg(long, default_value_t = 1000)]
         keys: usize,
+        /// Also print when (Unix time) each round trip over this many microseconds
+        /// happened, to correlate stalls with the server's periodic work.
+        #[arg(long)]
+        spikes: Option<u64>,
         addr: SocketAddr,
     },
     /// UDP datagrams of `batch` events as fast as the socket takes them; reports sent.
@@ -80,7 +85,12 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.mode {
             Mode::Tcp(load) => tcp(load).await,
-            Mode::Latency { secs, keys, addr } => latency(secs, keys, addr).await,
+            Mode::Latency {
+                secs,
+                keys,
+                spikes,
+                addr,
+            } => latency(secs, keys, spikes, addr).await,
             Mode::Udp(load) => udp(load).await,
             Mode::NullSink { addr } => null_sink(addr).await,
         }
@@ -235,7 +245,12 @@ async fn connection(
     Ok(())
 }
 
-async fn latency(secs: u64, keys: usize, addr: SocketAddr) -> anyhow::Result<()> {
+async fn latency(
+    secs: u64,
+    keys: usize,
+    spikes: Option<u64>,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
     let frames: Vec<Bytes> = messages(1, keys).iter().map(framed).collect();
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
@@ -243,6 +258,8 @@ async fn latency(secs: u64, keys: usize, addr: SocketAddr) -> anyhow::Result<()>
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut reply = vec![0u8; 64];
     let mut i = 0;
+    // Printed after the run, so the printing does not cause spikes of its own.
+    let mut slow = Vec::new();
     while Instant::now() < deadline {
         let sent = Instant::now();
         stream.write_all(&frames[i % frames.len()]).await?;
@@ -251,8 +268,16 @@ async fn latency(secs: u64, keys: usize, addr: SocketAddr) -> anyhow::Result<()>
             reply.resize(len, 0);
         }
         stream.read_exact(&mut reply[..len]).await?;
-        hist.record(sent.elapsed().as_micros().max(1) as u64)?;
+        let micros = sent.elapsed().as_micros().max(1) as u64;
+        hist.record(micros)?;
+        if spikes.is_some_and(|over| micros > over) {
+            slow.push((std::time::SystemTime::now(), micros));
+        }
         i += 1;
+    }
+    for (at, micros) in slow {
+        let at = at.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+        println!("spike: {micros}us ending at {at:.6}");
     }
     println!(
         "latency over {secs} s, {} requests: p50={}us p99={}us p99.9={}us max={}us",

@@ -1,7 +1,12 @@
 //! What a decoded Riemann `Msg` means, independent of the transport that carried
-//! it: its events go to the streams as one batch, its query is answered from the
-//! index. TCP and UDP both call into here. A message over the [`Limits`] is
-//! refused whole (no event of it is processed) with an error naming the limit.
+//! it: its events go to the streams, its query is answered from the index. TCP
+//! and UDP both call into here. A message over the [`Limits`] is refused whole
+//! (no event of it is processed) with an error naming the limit.
+//!
+//! The `Msg`s one TCP read brought are handled as one batch: one clock read,
+//! one call into the streams for all their events (a query first has the
+//! events before it processed), so a pipelining client of small messages does
+//! not pay the pipeline's fixed cost per message.
 //!
 //! In cluster mode ([`Ingest::cluster`]) events go to JetStream instead of the
 //! local streams, and the ack waits until JetStream has stored them; queries
@@ -13,7 +18,7 @@ use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 
-use crate::clock::SharedClock;
+use crate::clock::{Micros, SharedClock};
 use crate::cluster::Cluster;
 use crate::event::Event;
 use crate::index::Index;
@@ -49,6 +54,27 @@ fn not_stored(transport: Transport, error: String) -> Bytes {
 pub enum Transport {
     Tcp,
     Udp,
+}
+
+/// Frames of one read decoded into a connection's event buffer, whose events
+/// go through the streams together: one clock read, one pipeline call.
+struct Batch {
+    /// The time given to events that carry none.
+    now: Micros,
+    /// `events[..pending]` are decoded and not yet processed.
+    pending: usize,
+    /// How many slots of the buffer this batch filled at most.
+    used: usize,
+}
+
+impl Batch {
+    fn new(now: Micros) -> Self {
+        Self {
+            now,
+            pending: 0,
+            used: 0,
+        }
+    }
 }
 
 /// Shared handles every connection needs.
@@ -87,6 +113,47 @@ impl Ingest {
         }
     }
 
+    /// [`Ingest::begin`] for the frames a connection read at once, pushing one
+    /// reply per frame, in order, to `replies`. Locally their events go
+    /// through the streams as one batch before any reply is ready.
+    pub async fn begin_all<B: AsRef<[u8]>>(
+        &self,
+        frames: &[B],
+        transport: Transport,
+        events: &mut Vec<Event>,
+        replies: &mut Vec<Reply>,
+    ) {
+        match &self.cluster {
+            None => self.handle_frames(frames, transport, events, replies),
+            Some(cluster) => {
+                for body in frames {
+                    let reply = self
+                        .begin_clustered(cluster.clone(), body.as_ref(), transport, events)
+                        .await;
+                    replies.push(reply);
+                }
+            }
+        }
+    }
+
+    /// Handles the frames a connection read at once: their events go through
+    /// the streams as one batch, and one reply per frame, in order, is pushed
+    /// to `replies` (all ready: there is no cluster to wait for).
+    pub fn handle_frames<B: AsRef<[u8]>>(
+        &self,
+        frames: &[B],
+        transport: Transport,
+        events: &mut Vec<Event>,
+        replies: &mut Vec<Reply>,
+    ) {
+        let mut batch = Batch::new(self.clock.now());
+        for body in frames {
+            let reply = self.add(&mut batch, body.as_ref(), transport, events);
+            replies.push(Reply::Ready(reply));
+        }
+        self.finish(batch, events);
+    }
+
     /// Handles one frame body and returns the encoded reply body. `events` is
     /// the connection's decode buffer: reused from message to message, so a
     /// steady stream of events decodes without allocating.
@@ -96,18 +163,55 @@ impl Ingest {
         transport: Transport,
         events: &mut Vec<Event>,
     ) -> Bytes {
-        let request = match self.decode(body, transport, events) {
+        let mut batch = Batch::new(self.clock.now());
+        let reply = self.add(&mut batch, body, transport, events);
+        self.finish(batch, events);
+        reply
+    }
+
+    /// Decodes one frame into the batch and returns its reply. Its events
+    /// wait for [`Ingest::finish`], unless it carries a query: then the
+    /// batch so far (this frame included) is processed first, so the answer
+    /// sees it.
+    fn add(
+        &self,
+        batch: &mut Batch,
+        body: &[u8],
+        transport: Transport,
+        events: &mut Vec<Event>,
+    ) -> Bytes {
+        let (decoded, end) =
+            wire::decode_msg_at(body, batch.now, &self.limits, events, batch.pending);
+        batch.used = batch.used.max(end);
+        let request = match self.counted(decoded, transport, end - batch.pending) {
             Ok(request) => request,
+            // Refused whole: its slots are reused by the next frame.
             Err(reply) => return reply,
         };
-        if !events.is_empty() {
-            self.streams.process(events);
-        }
+        batch.pending = end;
         // Riemann answers a query even when the same Msg also carried events.
         match request.query {
-            Some(query) if transport == Transport::Tcp => self.answer(&query),
+            Some(query) if transport == Transport::Tcp => {
+                self.process(batch, events);
+                self.answer(&query)
+            }
             _ => proto::ack(),
         }
+    }
+
+    /// Runs the batch's pending events through the streams.
+    fn process(&self, batch: &mut Batch, events: &[Event]) {
+        if batch.pending > 0 {
+            self.streams.process(&events[..batch.pending]);
+            batch.pending = 0;
+        }
+    }
+
+    /// Processes what is pending and keeps as many decoded events (with their
+    /// allocations) as the batch used, for the next one.
+    fn finish(&self, mut batch: Batch, events: &mut Vec<Event>) {
+        self.process(&mut batch, events);
+        events.truncate(batch.used);
     }
 
     /// Like [`Ingest::handle_frame`], but the events are acked only once the
@@ -168,7 +272,19 @@ impl Ingest {
         transport: Transport,
         events: &mut Vec<Event>,
     ) -> Result<wire::Request, Bytes> {
-        let request = match wire::decode_msg(body, self.clock.now(), &self.limits, events) {
+        let decoded = wire::decode_msg(body, self.clock.now(), &self.limits, events);
+        self.counted(decoded, transport, events.len())
+    }
+
+    /// Counts a decoded frame of `decoded_events` events; a refused one
+    /// becomes its error reply.
+    fn counted(
+        &self,
+        decoded: Result<wire::Request, DecodeError>,
+        transport: Transport,
+        decoded_events: usize,
+    ) -> Result<wire::Request, Bytes> {
+        let request = match decoded {
             Ok(request) => request,
             // Refused whole: none of its events go anywhere.
             Err(DecodeError::Exceeded(e)) => {
@@ -182,12 +298,12 @@ impl Ingest {
                 return Err(proto::error_reply(format!("invalid message: {e}")));
             }
         };
-        if !events.is_empty() {
+        if decoded_events > 0 {
             let counter = match transport {
                 Transport::Tcp => &self.stats.tcp_events,
                 Transport::Udp => &self.stats.udp_events,
             };
-            Stats::add(counter, events.len() as u64);
+            Stats::add(counter, decoded_events as u64);
         }
         Ok(request)
     }

@@ -1,5 +1,6 @@
-//! The processing pipeline interface: ingest hands each decoded `Msg` (and the
-//! index hands each batch of expired entries) to a [`Streams`] as one batch.
+//! The processing pipeline interface: ingest hands each decoded `Msg` (or the
+//! `Msg`s of one TCP read; the index, each batch of expired entries) to a
+//! [`Streams`] as one batch.
 //! What happens to the events — indexing, routing to outputs — is the
 //! implementation's business; transports know nothing of it.
 

@@ -149,7 +149,7 @@ impl Connections {
         peer: SocketAddr,
     ) -> io::Result<()> {
         let mut framed = Framed::new(stream, codec(self.max_frame));
-        let mut events = Vec::new();
+        let mut buffers = Buffers::default();
         // Reset only when a frame completes, never by a byte arriving.
         let deadline = tokio::time::sleep(self.read_timeout);
         tokio::pin!(deadline);
@@ -163,7 +163,7 @@ impl Connections {
                 }
                 () = self.shutdown.cancelled() => return Ok(()),
             };
-            let answered = self.answer(&mut framed, next, &mut events);
+            let answered = self.answer(&mut framed, next, &mut buffers);
             match tokio::time::timeout(self.read_timeout, answered).await {
                 Ok(Ok(true)) => deadline.as_mut().reset(Instant::now() + self.read_timeout),
                 Ok(done) => return done.map(drop),
@@ -177,48 +177,57 @@ impl Connections {
     }
 
     /// Answers `next` and every further frame already buffered, then flushes
-    /// once. `false` when the connection is done. In a cluster the buffered
-    /// frames' events are all sent before their acks are awaited (replies
-    /// stay in order), so a pipelining client is not held to one JetStream
-    /// round trip per frame.
+    /// once. `false` when the connection is done. The frames' events go
+    /// through the rules as one batch; in a cluster the buffered frames'
+    /// events are all sent before their acks are awaited (replies stay in
+    /// order), so a pipelining client is not held to one JetStream round trip
+    /// per frame.
     async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         framed: &mut RiemannFramed<S>,
         mut next: Option<Result<BytesMut, FrameError>>,
-        events: &mut Vec<Event>,
+        buffers: &mut Buffers,
     ) -> io::Result<bool> {
-        let mut later = Vec::new();
-        loop {
+        let Buffers {
+            events,
+            frames,
+            replies,
+        } = buffers;
+        let mut bytes = 0;
+        // Only frames already complete in the read buffer join, and boundedly,
+        // so a batch holds neither much memory nor its first reply for long.
+        let after = loop {
             match next {
-                // The peer finished sending: it may still be reading replies.
-                None => {
-                    feed_all(framed, later).await?;
-                    SinkExt::<Bytes>::flush(framed).await?;
-                    return Ok(false);
-                }
                 Some(Ok(frame)) => {
-                    Stats::incr(&self.ingest.stats.tcp_messages);
-                    match self.ingest.begin(&frame, Transport::Tcp, events).await {
-                        Reply::Ready(reply) if later.is_empty() => framed.feed(reply).await?,
-                        reply => later.push(reply),
-                    }
+                    bytes += frame.len();
+                    frames.push(frame);
                 }
-                Some(Err(e)) => {
-                    feed_all(framed, later).await?;
-                    return self.fail(framed, e).await.map(|()| false);
-                }
+                None => break After::Eof,
+                Some(Err(e)) => break After::Failed(e),
             }
-            if later.len() >= MAX_PENDING {
-                break;
+            if frames.len() >= MAX_BATCH_FRAMES || bytes >= MAX_BATCH_BYTES {
+                break After::More;
             }
             match framed.next().now_or_never() {
                 Some(more) => next = more,
-                None => break,
+                None => break After::More,
             }
+        };
+        Stats::add(&self.ingest.stats.tcp_messages, frames.len() as u64);
+        self.ingest
+            .begin_all(frames, Transport::Tcp, events, replies)
+            .await;
+        // Views into the read buffer: released before it is read into again.
+        frames.clear();
+        for reply in replies.drain(..) {
+            framed.feed(reply.wait().await).await?;
         }
-        feed_all(framed, later).await?;
-        SinkExt::<Bytes>::flush(framed).await?;
-        Ok(true)
+        match after {
+            After::More => SinkExt::<Bytes>::flush(framed).await.map(|()| true),
+            // The peer finished sending: it may still be reading replies.
+            After::Eof => SinkExt::<Bytes>::flush(framed).await.map(|()| false),
+            After::Failed(e) => self.fail(framed, e).await.map(|()| false),
+        }
     }
 
     /// A framing error leaves the stream unsynchronised: say why (when the
@@ -250,16 +259,27 @@ impl Connections {
     }
 }
 
-/// Frames of one connection whose replies may wait on the cluster at once.
-const MAX_PENDING: usize = 64;
+/// Frames of one connection handled as one batch (and, in a cluster, whose
+/// replies may wait on JetStream at once).
+const MAX_BATCH_FRAMES: usize = 64;
+/// Bytes of frames in one batch beyond which no further frame joins it.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-/// Writes the replies, in order, as each becomes ready.
-async fn feed_all<S: AsyncRead + AsyncWrite + Unpin>(
-    framed: &mut RiemannFramed<S>,
+/// What ended a batch of frames.
+enum After {
+    /// The batch is full, or no further frame is complete yet.
+    More,
+    /// The peer closed its side.
+    Eof,
+    Failed(FrameError),
+}
+
+/// A connection's buffers, reused from batch to batch so a steady stream of
+/// frames is handled without allocating.
+#[derive(Default)]
+struct Buffers {
+    /// Decoded events (their strings' allocations are reused too).
+    events: Vec<Event>,
+    frames: Vec<BytesMut>,
     replies: Vec<Reply>,
-) -> io::Result<()> {
-    for reply in replies {
-        framed.feed(reply.wait().await).await?;
-    }
-    Ok(())
 }

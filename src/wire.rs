@@ -4,7 +4,9 @@
 //! every field into an `Event` and rebuild the attribute list. Here each
 //! protobuf field lands directly in its final place, and events decoded into a
 //! reused buffer keep their string allocations from one message to the next,
-//! so a connection in steady state decodes without allocating.
+//! so a connection in steady state decodes without allocating; a string equal
+//! to what its slot already holds (a steady stream's states, tags and
+//! attributes) is neither validated again nor copied.
 //!
 //! Semantics match prost + [`proto::from_pb`](crate::proto::from_pb) exactly
 //! (a test compares them on random inputs): proto2 last-value-wins for
@@ -149,7 +151,24 @@ pub fn decode_msg(
     limits: &Limits,
     events: &mut Vec<Event>,
 ) -> Result<Request, DecodeError> {
-    let mut used = 0;
+    let (result, end) = decode_msg_at(body, now, limits, events, 0);
+    events.truncate(end);
+    result
+}
+
+/// Like [`decode_msg`], but the message's events land in `events[start..end]`
+/// (`end` is returned with the request) and the events after them are left
+/// in place, so several messages decode one after another into one buffer
+/// and every slot keeps its allocations for the next time. On an error the
+/// slots from `start` hold garbage; the caller reuses them.
+pub fn decode_msg_at(
+    body: &[u8],
+    now: Micros,
+    limits: &Limits,
+    events: &mut Vec<Event>,
+    start: usize,
+) -> (Result<Request, DecodeError>, usize) {
+    let mut used = start;
     let mut request = Request::default();
     let mut r = reader(body);
     let result = (|| {
@@ -158,7 +177,7 @@ pub fn decode_msg(
                 5 => merge_query(r.len_delimited("query", wire)?, limits, &mut request.query)?,
                 6 => {
                     let bytes = r.len_delimited("events", wire)?;
-                    if used == limits.max_events {
+                    if used - start == limits.max_events {
                         let max = limits.max_events;
                         return Err(Exceeded::count(Limit::Events, "events", body, 6, max).into());
                     }
@@ -167,7 +186,7 @@ pub fn decode_msg(
                     }
                     decode_event(bytes, now, limits, &mut events[used]).map_err(|e| match e {
                         DecodeError::Exceeded(e) => Exceeded {
-                            event: Some(used),
+                            event: Some(used - start),
                             ..e
                         }
                         .into(),
@@ -189,8 +208,7 @@ pub fn decode_msg(
         }
         Ok(())
     })();
-    events.truncate(used);
-    result.map(|()| request)
+    (result.map(|()| request), used)
 }
 
 /// A repeated `query` field merges into the first, as protobuf says.
@@ -248,33 +266,35 @@ fn decode_event(
     while let Some((field, wire)) = r.key()? {
         match field {
             1 => time = Some(r.varint_field("time", wire)? as i64),
-            2 => set_text(
-                &mut e.state,
-                &mut seen.state,
-                text("state", r.len_delimited("state", wire)?, limits)?,
-            ),
+            2 => set_text(&mut e.state, &mut seen.state, "state", &mut r, wire, limits)?,
             3 => set_text(
                 &mut e.service,
                 &mut seen.service,
-                text("service", r.len_delimited("service", wire)?, limits)?,
-            ),
-            4 => set_text(
-                &mut e.host,
-                &mut seen.host,
-                text("host", r.len_delimited("host", wire)?, limits)?,
-            ),
+                "service",
+                &mut r,
+                wire,
+                limits,
+            )?,
+            4 => set_text(&mut e.host, &mut seen.host, "host", &mut r, wire, limits)?,
             5 => set_text(
                 &mut e.description,
                 &mut seen.description,
-                text("description", r.len_delimited("description", wire)?, limits)?,
-            ),
+                "description",
+                &mut r,
+                wire,
+                limits,
+            )?,
             7 => {
                 let tag = r.len_delimited("tags", wire)?;
                 if tags == limits.max_tags {
                     let max = limits.max_tags;
                     return Err(Exceeded::count(Limit::Tags, "tags", body, 7, max).into());
                 }
-                reuse_push(&mut e.tags, tags, text("tag", tag, limits)?);
+                if tags == e.tags.len() {
+                    e.tags.push(String::new());
+                }
+                let slot = &mut e.tags[tags];
+                text_for("tag", tag, limits, slot)?.store(slot);
                 tags += 1;
             }
             8 => e.ttl = Some(f32::from_bits(r.fixed32_field("ttl", wire)?)),
@@ -285,15 +305,19 @@ fn decode_event(
                     return Err(Exceeded::count(Limit::Attributes, what, body, 9, max).into());
                 }
                 attribute_fields += 1;
-                let (key, value) = decode_attribute(attribute, limits)?;
+                if attributes == e.attributes.len() {
+                    e.attributes.push((String::new(), String::new()));
+                }
+                let slot = &mut e.attributes[attributes];
+                let (key, value) = decode_attribute(attribute, limits, slot)?;
+                let name = match key {
+                    Text::Same => slot.0.as_str(),
+                    Text::New(name) => name,
+                };
                 // Names of standard fields are dropped, as Riemann does.
-                if !RESERVED_FIELDS.contains(&key) {
-                    if attributes == e.attributes.len() {
-                        e.attributes.push((String::new(), String::new()));
-                    }
-                    let slot = &mut e.attributes[attributes];
-                    replace(&mut slot.0, key);
-                    replace(&mut slot.1, value);
+                if !RESERVED_FIELDS.contains(&name) {
+                    key.store(&mut slot.0);
+                    value.store(&mut slot.1);
                     attributes += 1;
                 }
             }
@@ -342,26 +366,59 @@ struct Seen {
     description: bool,
 }
 
+/// An attribute's key and value, each compared with what `slot` holds.
 fn decode_attribute<'a>(
     body: &'a [u8],
     limits: &Limits,
-) -> Result<(&'a str, &'a str), DecodeError> {
+    slot: &(String, String),
+) -> Result<(Text<'a>, Text<'a>), DecodeError> {
     let mut r = reader(body);
-    let (mut key, mut value) = ("", "");
+    let (mut key, mut value) = (Text::New(""), Text::New(""));
     while let Some((field, wire)) = r.key()? {
         match field {
             1 => {
                 let bytes = r.len_delimited("attributes.key", wire)?;
-                key = text("attributes.key", bytes, limits)?;
+                key = text_for("attributes.key", bytes, limits, &slot.0)?;
             }
             2 => {
                 let bytes = r.len_delimited("attributes.value", wire)?;
-                value = text("attributes.value", bytes, limits)?;
+                value = text_for("attributes.value", bytes, limits, &slot.1)?;
             }
             _ => r.skip(wire)?,
         }
     }
     Ok((key, value))
+}
+
+/// A string field decoded for a reused slot.
+#[derive(Clone, Copy)]
+enum Text<'a> {
+    /// Exactly what the slot holds already: valid UTF-8 (it is a `String`),
+    /// so neither validated again nor copied. Most fields of a steady stream
+    /// (state, tags, attributes) repeat from one event to the next.
+    Same,
+    New(&'a str),
+}
+
+impl Text<'_> {
+    fn store(self, slot: &mut String) {
+        if let Text::New(text) = self {
+            replace(slot, text);
+        }
+    }
+}
+
+/// [`text`] for a field that goes to a slot now holding `held`.
+fn text_for<'a>(
+    field: &'static str,
+    bytes: &'a [u8],
+    limits: &Limits,
+    held: &str,
+) -> Result<Text<'a>, DecodeError> {
+    if bytes.len() <= limits.max_string && bytes == held.as_bytes() {
+        return Ok(Text::Same);
+    }
+    text(field, bytes, limits).map(Text::New)
 }
 
 fn utf8<'a>(field: &'static str, bytes: &'a [u8]) -> Result<&'a str, DecodeError> {
@@ -400,19 +457,22 @@ fn replace(target: &mut String, value: &str) {
     target.push_str(value);
 }
 
-fn set_text(target: &mut Option<String>, seen: &mut bool, text: &str) {
+/// Decodes the optional string `field` of an event into `target`.
+fn set_text(
+    target: &mut Option<String>,
+    seen: &mut bool,
+    field: &'static str,
+    r: &mut Reader<'_>,
+    wire: u8,
+    limits: &Limits,
+) -> Result<(), DecodeError> {
+    let bytes = r.len_delimited(field, wire)?;
     match target {
-        Some(s) => replace(s, text),
-        None => *target = Some(text.to_owned()),
+        Some(held) => text_for(field, bytes, limits, held)?.store(held),
+        None => *target = Some(text(field, bytes, limits)?.to_owned()),
     }
     *seen = true;
-}
-
-fn reuse_push(list: &mut Vec<String>, at: usize, value: &str) {
-    match list.get_mut(at) {
-        Some(slot) => replace(slot, value),
-        None => list.push(value.to_owned()),
-    }
+    Ok(())
 }
 
 /// Protobuf wire types.
@@ -460,6 +520,17 @@ impl<'a> Reader<'a> {
     }
 
     fn varint(&mut self) -> Result<u64, DecodeError> {
+        // Keys and most lengths fit in one byte: skip the general loop for them.
+        if let Some((&byte, rest)) = self.buf.split_first()
+            && byte < 0x80
+        {
+            self.buf = rest;
+            return Ok(u64::from(byte));
+        }
+        self.long_varint()
+    }
+
+    fn long_varint(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for (i, &byte) in self.buf.iter().enumerate().take(10) {
             value |= u64::from(byte & 0x7f) << (7 * i);
@@ -661,6 +732,43 @@ mod tests {
         assert_eq!(events, reference(&short, 1).unwrap().0);
         assert_eq!(events[0].host, None);
         assert!(events[0].tags.is_empty() && events[0].attributes.is_empty());
+    }
+
+    #[test]
+    fn strings_a_slot_already_holds_are_kept_and_others_still_checked() {
+        let event = |state: &str, tag: &str, key: &str| PbEvent {
+            state: Some(state.into()),
+            tags: vec![tag.into()],
+            attributes: vec![Attribute {
+                key: key.into(),
+                value: Some("v".into()),
+            }],
+            ..PbEvent::default()
+        };
+        let body = |e: PbEvent| {
+            Msg {
+                events: vec![e],
+                ..Msg::default()
+            }
+            .encode_to_vec()
+        };
+        let mut events = Vec::new();
+        for (state, tag, key) in [("ok", "t", "k"), ("ok", "t", "k"), ("ok", "u", "k")] {
+            let b = body(event(state, tag, key));
+            assert_eq!(ours(&b, 1, &mut events), reference(&b, 1));
+        }
+        // A slot holding a reserved name (only a caller could put it there)
+        // does not let that name through.
+        events[0].attributes[0].0 = "ttl".into();
+        let b = body(event("ok", "t", "ttl"));
+        assert_eq!(ours(&b, 1, &mut events), reference(&b, 1));
+        assert!(events[0].attributes.is_empty());
+        // A differing string is still validated.
+        let mut b = body(event("ok", "x", "k"));
+        let at = b.iter().position(|&c| c == b'x').unwrap();
+        b[at] = 0xff;
+        let got = decode_msg(&b, 1, &Limits::DEFAULT, &mut events);
+        assert_eq!(got, Err(DecodeError::InvalidUtf8("tag")));
     }
 
     #[test]

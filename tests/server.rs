@@ -113,6 +113,60 @@ async fn ack_is_exactly_field_two_and_pipelined_replies_keep_order() {
     );
 }
 
+/// Frames that arrive together are processed as one batch: a refused frame
+/// still gets its own error and none of its events go anywhere, the frames
+/// around it are acked in order, and a query sees every event before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_frames_are_one_batch_but_a_refused_frame_stays_out() {
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let streams = Arc::new(Recording {
+        inner: IndexEverything::new(index.clone()),
+        seen: Mutex::default(),
+    });
+    let config = ServerConfig {
+        limits: vigil::wire::Limits {
+            max_events: 2,
+            ..vigil::wire::Limits::DEFAULT
+        },
+        ..ServerConfig::default()
+    };
+    let h = Harness::with_streams(config, index, streams.clone()).await;
+    let addr = h.addr();
+    let replies = blocking(move || {
+        let mut s = raw(addr);
+        let mut bytes = frame(&events_msg(vec![pb_event("a", "x")]));
+        let three = ["r1", "r2", "r3"].map(|host| pb_event(host, "x")).to_vec();
+        bytes.extend(frame(&events_msg(three)));
+        bytes.extend(frame(&events_msg(vec![pb_event("b", "x")])));
+        let query = Msg {
+            query: Some(PbQuery {
+                string: Some(r#"service = "x""#.into()),
+            }),
+            ..Msg::default()
+        };
+        bytes.extend(frame(&query.encode_to_vec()));
+        bytes.extend(frame(&events_msg(vec![pb_event("c", "x")])));
+        s.write_all(&bytes).unwrap();
+        (0..5).map(|_| read_reply(&mut s)).collect::<Vec<_>>()
+    })
+    .await;
+    let ok: Vec<_> = replies.iter().map(|r| r.ok).collect();
+    assert_eq!(
+        ok,
+        [Some(true), Some(false), Some(true), Some(true), Some(true)]
+    );
+    assert_eq!(
+        replies[1].error.as_deref(),
+        Some("3 events exceeds --max-events-per-msg 2")
+    );
+    let mut found: Vec<_> = replies[3].events.iter().map(|e| e.host.clone()).collect();
+    found.sort();
+    assert_eq!(found, [Some("a".to_owned()), Some("b".to_owned())]);
+    let hosts: Vec<_> = streams.seen.lock().iter().map(|e| e.host.clone()).collect();
+    let expected = ["a", "b", "c"].map(|h| Some(h.to_owned()));
+    assert_eq!(hosts, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_still_arrive_after_the_client_stops_writing() {
     let h = Harness::start(ServerConfig::default()).await;
