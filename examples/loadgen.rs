@@ -73,6 +73,9 @@ struct Load {
     /// Events per second across all connections (TCP); 0 sends as fast as acks allow.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// The events' TTL in seconds (short, to make the index expire them all at once).
+    #[arg(long, default_value_t = DEFAULT_TTL)]
+    ttl: f32,
     addr: SocketAddr,
 }
 
@@ -97,8 +100,10 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+const DEFAULT_TTL: f32 = 300.0;
+
 /// Pre-encoded Msg bodies covering `keys` distinct keys, `batch` events each.
-fn messages(batch: usize, keys: usize) -> Vec<Bytes> {
+fn messages(batch: usize, keys: usize, ttl: f32) -> Vec<Bytes> {
     // Enough messages to touch every key, within ~2 M pre-encoded events.
     let per_cycle = keys
         .div_ceil(batch)
@@ -117,7 +122,7 @@ fn messages(batch: usize, keys: usize) -> Vec<Bytes> {
                         service: Some(format!("service {}", key % 10)),
                         state: Some("ok".into()),
                         time_micros: Some(now),
-                        ttl: Some(300.0),
+                        ttl: Some(ttl),
                         tags: vec!["load".into()],
                         metric_d: Some(key as f64),
                         attributes: vec![Attribute {
@@ -146,8 +151,12 @@ fn framed(body: &Bytes) -> Bytes {
 }
 
 async fn tcp(load: Load) -> anyhow::Result<()> {
-    let frames: Arc<Vec<Bytes>> =
-        Arc::new(messages(load.batch, load.keys).iter().map(framed).collect());
+    let frames: Arc<Vec<Bytes>> = Arc::new(
+        messages(load.batch, load.keys, load.ttl)
+            .iter()
+            .map(framed)
+            .collect(),
+    );
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -251,7 +260,7 @@ async fn latency(
     spikes: Option<u64>,
     addr: SocketAddr,
 ) -> anyhow::Result<()> {
-    let frames: Vec<Bytes> = messages(1, keys).iter().map(framed).collect();
+    let frames: Vec<Bytes> = messages(1, keys, DEFAULT_TTL).iter().map(framed).collect();
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -291,7 +300,7 @@ async fn latency(
 }
 
 async fn udp(load: Load) -> anyhow::Result<()> {
-    let bodies = messages(load.batch, load.keys);
+    let bodies = messages(load.batch, load.keys, load.ttl);
     let sent = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();

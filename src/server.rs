@@ -184,13 +184,16 @@ async fn run_timers(
         // async worker and the connections queued on it.
         let (index, streams, clock) = (index.clone(), streams.clone(), clock.clone());
         let ticked = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let expired = index.expire(clock.now(), |expired| streams.process(expired));
             streams.tick();
-            expired
+            (expired, started.elapsed())
         });
         match ticked.await {
-            Ok(0) => {}
-            Ok(expired) => tracing::debug!(count = expired, "Expired index entries."),
+            Ok((0, _)) => {}
+            Ok((expired, elapsed)) => {
+                tracing::debug!(count = expired, ?elapsed, "Expired index entries.");
+            }
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
