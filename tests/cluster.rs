@@ -444,3 +444,146 @@ fn acked_events_survive_a_nats_restart() {
         nodes[1].logs()
     );
 }
+
+/// The `(host, service)` → metric of `events`, for comparing values.
+fn metrics_by_key(events: &[Event]) -> BTreeMap<(String, String), Option<f64>> {
+    events
+        .iter()
+        .map(|e| {
+            let key = (e.host_str().to_owned(), e.service_str().to_owned());
+            (key, e.metric.map(|m| m.as_f64()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_subscriber_on_one_node_sees_every_nodes_changes() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let nodes: Vec<Vigil> = (1..=3)
+        .map(|i| node(&nats, &format!("n{i}"), &["--grpc", "127.0.0.1:0"]))
+        .collect();
+    let hosts: Vec<String> = (0..60).map(|h| format!("sub-{h}")).collect();
+    let before: Vec<Event> = hosts.iter().map(|h| event(h, "cpu", "ok")).collect();
+    send(&nodes[0], &before);
+    let per_node = wait_until(SETTLE, || {
+        partition(&nodes.iter().collect::<Vec<_>>(), 60)
+            .filter(|per_node| per_node.iter().all(|keys| !keys.is_empty()))
+    })
+    .expect("every node owns some of the hosts, each host on one node");
+    // Hosts the subscriber's node (node 2) does not own: their changes must
+    // come from the other owners.
+    let elsewhere: Vec<String> = per_node[0]
+        .iter()
+        .chain(&per_node[2])
+        .map(|(host, _)| host.clone())
+        .collect();
+
+    let grpc = format!("http://{}", nodes[1].grpc.expect("gRPC on"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut stream = runtime.block_on(async {
+        let mut client = VigilClient::connect(grpc).await.unwrap();
+        let request = QueryRequest {
+            query: r#"service = "cpu""#.to_owned(),
+        };
+        client.subscribe(request).await.unwrap().into_inner()
+    });
+    let next = |stream: &mut tonic::Streaming<vigil::proto::PbEvent>| {
+        runtime.block_on(async {
+            let pb = tokio::time::timeout(SETTLE, stream.message())
+                .await
+                .expect("an event within the bound")
+                .expect("the stream goes on")
+                .expect("the stream goes on");
+            vigil::proto::from_pb(pb, 0)
+        })
+    };
+    // The snapshot: every node's entries, not only node 2's.
+    let snapshot: Vec<Event> = (0..60).map(|_| next(&mut stream)).collect();
+    assert_eq!(metrics_by_key(&snapshot), metrics_by_key(&before));
+
+    // Live: new metrics for hosts other nodes own, sent through node 1, and
+    // one that expires on its owner.
+    let updates: Vec<Event> = elsewhere
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Event {
+            metric: Some(vigil::event::Metric::Int(i as i64 + 1)),
+            ..event(h, "cpu", "ok")
+        })
+        .collect();
+    let short = Event {
+        ttl: Some(1.0),
+        ..event(&elsewhere[0], "cpu", "warning")
+    };
+    send(&nodes[0], &updates);
+    send(&nodes[0], std::slice::from_ref(&short));
+    let mut live = Vec::new();
+    let mut expired = None;
+    while expired.is_none() {
+        let event = next(&mut stream);
+        if event.state.as_deref() == Some("expired") {
+            expired = Some(event);
+        } else {
+            live.push(event);
+        }
+    }
+    let expired = expired.unwrap();
+    assert_eq!(expired.host_str(), elsewhere[0]);
+    assert_eq!(expired.service_str(), "cpu");
+    // Each update (then the short-lived one) arrived, with its value.
+    let mut want = metrics_by_key(&updates);
+    want.insert((elsewhere[0].clone(), "cpu".to_owned()), None);
+    assert_eq!(metrics_by_key(&live), want);
+    assert_eq!(
+        live.iter()
+            .filter(|e| e.state.as_deref() == Some("warning"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn http_events_are_acked_only_once_stored() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut nats = Nats::start();
+    let node = node(&nats, "n1", &[]);
+    let url = format!("http://{}/events", node.http.unwrap());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::builder().timeout(SETTLE).build().unwrap();
+    let post = |host: &str| {
+        let body = format!(r#"{{"host":"{host}","service":"http","metric":7,"ttl":600}}"#);
+        runtime.block_on(async {
+            client
+                .post(&url)
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    // Stored means processed by the owner soon after (it follows the stream).
+    let stored = |host: &str| {
+        wait_until(SETTLE, || {
+            query_all(&node)
+                .iter()
+                .any(|e| e.host_str() == host && e.metric.map(|m| m.as_f64()) == Some(7.0))
+                .then_some(())
+        })
+        .is_some()
+    };
+
+    assert_eq!(post("before").unwrap(), reqwest::StatusCode::OK);
+    assert!(stored("before"), "queryable once the POST was answered");
+
+    nats.kill();
+    let refused = post("while-down").expect("an answer, not a hang");
+    assert_eq!(refused, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+
+    nats.spawn();
+    wait_until(SETTLE, || {
+        (post("after").ok() == Some(reqwest::StatusCode::OK)).then_some(())
+    })
+    .expect("accepted again once NATS is back");
+    assert!(stored("after"), "queryable once the POST was answered");
+}

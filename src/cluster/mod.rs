@@ -9,6 +9,8 @@
 //!   KV bucket with a TTL; the owner replays and then follows its shards through
 //!   the local rules and index, so all state for a host lives on one node.
 //! - Queries: any node fans a query out on `vigil.query` and merges the answers.
+//! - Subscriptions ([`feed`]): owners forward index changes to the nodes whose
+//!   subscribers want them, only while some node declared interest.
 //!
 //! Without `--cluster` none of this runs and nothing else changes.
 
@@ -30,9 +32,11 @@ use crate::clock::SharedClock;
 use crate::event::Event;
 use crate::index::Index;
 use crate::proto::{self, Msg};
+use crate::pubsub::Pubsub;
 use crate::query::Query;
 use crate::streams::Streams;
 
+pub mod feed;
 pub mod ownership;
 
 /// The JetStream stream that holds every shard's events.
@@ -85,6 +89,8 @@ pub struct Cluster {
     /// Live nodes as of the last heartbeat round: how many answers a query waits for.
     members: AtomicUsize,
     index: Arc<Index>,
+    /// This node's cluster-wide subscribers (see [`feed`]).
+    feed: Arc<Pubsub>,
 }
 
 impl fmt::Debug for Cluster {
@@ -159,6 +165,7 @@ impl Cluster {
             js,
             members: AtomicUsize::new(1),
             index,
+            feed: Pubsub::new(),
         });
         let stop = CancellationToken::new();
         let responder = cluster
@@ -166,8 +173,21 @@ impl Cluster {
             .subscribe(QUERY_SUBJECT)
             .await
             .context("subscribing to cluster queries")?;
+        let interests = cluster
+            .client
+            .subscribe(feed::INTEREST_SUBJECT)
+            .await
+            .context("subscribing to subscription interests")?;
+        let changes = cluster
+            .client
+            .subscribe(feed::changes_subject(&cluster.config.node_id))
+            .await
+            .context("subscribing to forwarded changes")?;
         let tasks = vec![
             tokio::spawn(answer_queries(cluster.clone(), responder, stop.clone())),
+            tokio::spawn(feed::tap(cluster.clone(), interests, stop.clone())),
+            tokio::spawn(feed::receive(cluster.clone(), changes, stop.clone())),
+            tokio::spawn(feed::announce(cluster.clone(), stop.clone())),
             tokio::spawn(ownership::run(
                 cluster.clone(),
                 buckets,
@@ -344,22 +364,6 @@ fn answer_parts(events: &[Event]) -> Vec<Bytes> {
         .chunks(PART_EVENTS)
         .map(proto::events_reply)
         .collect()
-}
-
-/// The pipeline for transports whose reply does not wait (`POST /events`,
-/// gRPC): events are published in the background; a failure is logged.
-pub struct Publishing(pub Arc<Cluster>);
-
-impl Streams for Publishing {
-    fn process(&self, events: &[Event]) {
-        let cluster = self.0.clone();
-        let events = events.to_vec();
-        tokio::spawn(async move {
-            if let Err(e) = cluster.publish(&events).await {
-                tracing::warn!(error = %e, count = events.len(), "Events lost: cluster publish failed.");
-            }
-        });
-    }
 }
 
 #[cfg(test)]
