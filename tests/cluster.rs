@@ -177,6 +177,19 @@ fn wait_partitioned(nodes: &[&Vigil], want: usize) -> Vec<Keys> {
     })
 }
 
+/// Waits until every node owns some of the `want` keys, each on one node,
+/// and the split stayed the same over more than a renew round: rebalancing
+/// is over.
+fn wait_settled(nodes: &[&Vigil], want: usize) -> Vec<Keys> {
+    let split = || partition(nodes, want).filter(|per_node| per_node.iter().all(|k| !k.is_empty()));
+    wait_until(SETTLE, || {
+        let before = split()?;
+        thread::sleep(Duration::from_secs(3));
+        (split()? == before).then_some(before)
+    })
+    .expect("every node owns some of the hosts, each on one node, and it stays so")
+}
+
 /// A webhook receiver counting pages by host.
 #[derive(Clone, Default)]
 struct Pager {
@@ -466,11 +479,7 @@ fn a_subscriber_on_one_node_sees_every_nodes_changes() {
     let hosts: Vec<String> = (0..60).map(|h| format!("sub-{h}")).collect();
     let before: Vec<Event> = hosts.iter().map(|h| event(h, "cpu", "ok")).collect();
     send(&nodes[0], &before);
-    let per_node = wait_until(SETTLE, || {
-        partition(&nodes.iter().collect::<Vec<_>>(), 60)
-            .filter(|per_node| per_node.iter().all(|keys| !keys.is_empty()))
-    })
-    .expect("every node owns some of the hosts, each host on one node");
+    let per_node = wait_settled(&nodes.iter().collect::<Vec<_>>(), 60);
     // Hosts the subscriber's node (node 2) does not own: their changes must
     // come from the other owners.
     let elsewhere: Vec<String> = per_node[0]
