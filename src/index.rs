@@ -278,13 +278,25 @@ impl Index {
     /// streams), a chunk at a time, shard by shard: no shard is locked while
     /// `emit` runs, and a mass expiry holds at most one shard's notices at
     /// once. Returns how many expired.
-    pub fn expire(&self, now: Micros, mut emit: impl FnMut(&[Event])) -> usize {
+    pub fn expire(&self, now: Micros, emit: impl FnMut(&[Event])) -> usize {
+        self.expire_where(now, |_| true, emit)
+    }
+
+    /// Like [`Index::expire`], but an entry `may_expire` refuses stays (due,
+    /// and looked at again by the next pass): a cluster node holds back the
+    /// expiry of a shard it is replaying or handing over.
+    pub fn expire_where(
+        &self,
+        now: Micros,
+        may_expire: impl Fn(&Event) -> bool,
+        mut emit: impl FnMut(&[Event]),
+    ) -> usize {
         let mut expired = Vec::with_capacity(EXPIRE_CHUNK);
         let mut total = 0;
         for shard in self.shards.iter() {
-            let more = self.expire_chunk(&mut shard.lock(), now, &mut expired);
+            let more = self.expire_chunk(&mut shard.lock(), now, &may_expire, &mut expired);
             if more {
-                self.sweep(&mut shard.lock(), now, &mut expired);
+                self.sweep(&mut shard.lock(), now, &may_expire, &mut expired);
             }
             for chunk in expired.chunks(EXPIRE_CHUNK) {
                 self.expired
@@ -303,7 +315,13 @@ impl Index {
     /// A mass expiry (more than a chunk due in one shard): walks the shard's
     /// table in memory order once, instead of chasing each due deadline to an
     /// entry at a random address. The shard is locked for one pass over it.
-    fn sweep(&self, shard: &mut Shard, now: Micros, out: &mut Vec<Event>) {
+    fn sweep(
+        &self,
+        shard: &mut Shard,
+        now: Micros,
+        may_expire: &impl Fn(&Event) -> bool,
+        out: &mut Vec<Event>,
+    ) {
         let not_due = shard.deadlines.split_off(&(now, 0, 0));
         // The due slots are all settled below: expired, or re-armed.
         shard.deadlines = not_due;
@@ -311,7 +329,7 @@ impl Index {
         let hasher = &self.hasher;
         let mut removed = 0;
         shard.entries.retain(|entry| {
-            if entry.deadline < now {
+            if entry.deadline < now && may_expire(&entry.event) {
                 out.push(std::mem::take(&mut entry.event).into_expired(now));
                 removed += 1;
                 return false;
@@ -328,20 +346,34 @@ impl Index {
 
     /// Handles up to [`EXPIRE_CHUNK`] due deadlines one by one; true if more
     /// may be due.
-    fn expire_chunk(&self, shard: &mut Shard, now: Micros, out: &mut Vec<Event>) -> bool {
+    fn expire_chunk(
+        &self,
+        shard: &mut Shard,
+        now: Micros,
+        may_expire: &impl Fn(&Event) -> bool,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        // Due but held back: their slots go back after the loop, which would
+        // otherwise meet them again at once.
+        let mut held = Vec::new();
+        let mut more = true;
         for _ in 0..EXPIRE_CHUNK {
             let Some(&(scheduled, id, hash)) = shard.deadlines.first() else {
-                return false;
+                more = false;
+                break;
             };
             // Riemann expires when `now - time > ttl`, i.e. strictly after the deadline.
             if scheduled >= now {
-                return false;
+                more = false;
+                break;
             }
             shard.deadlines.pop_first();
             let Ok(occupied) = shard.entries.find_entry(hash, |e| e.id == id) else {
                 continue;
             };
-            if occupied.get().deadline < now {
+            if occupied.get().deadline < now && !may_expire(&occupied.get().event) {
+                held.push((scheduled, id, hash));
+            } else if occupied.get().deadline < now {
                 let (entry, _) = occupied.remove();
                 self.len.fetch_sub(1, Ordering::Relaxed);
                 out.push(entry.event.into_expired(now));
@@ -352,7 +384,8 @@ impl Index {
                 shard.deadlines.insert((entry.deadline, id, hash));
             }
         }
-        true
+        shard.deadlines.extend(held);
+        more
     }
 }
 
@@ -434,6 +467,43 @@ mod tests {
             expire_all(&index, T0 + secs(100)).is_empty(),
             "expires once"
         );
+    }
+
+    #[test]
+    fn held_entries_stay_until_allowed_to_expire() {
+        let index = Index::new(IndexConfig::default());
+        index.insert(&event("held", "x", T0, Some(1.0)));
+        index.insert(&event("free", "x", T0, Some(1.0)));
+        let later = T0 + secs(5);
+        let held = |e: &Event| e.host_str() != "held";
+        let mut out = Vec::new();
+        assert_eq!(
+            index.expire_where(later, held, |c| out.extend_from_slice(c)),
+            1
+        );
+        assert_eq!(out[0].host_str(), "free");
+        assert!(index.get("held", "x").is_some(), "held back, still indexed");
+        out.clear();
+        assert_eq!(
+            index.expire_where(later, held, |c| out.extend_from_slice(c)),
+            0
+        );
+        assert_eq!(expire_all(&index, later).len(), 1, "expires once allowed");
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn a_mass_expiry_holds_back_too() {
+        let index = Index::new(IndexConfig::default());
+        let n = SHARDS * EXPIRE_CHUNK * 2;
+        for i in 0..n {
+            let host = if i % 2 == 0 { "held" } else { "free" };
+            index.insert(&event(host, &i.to_string(), T0, Some(1.0)));
+        }
+        let expired = index.expire_where(T0 + secs(5), |e| e.host_str() == "free", |_| {});
+        assert_eq!(expired, n / 2);
+        assert_eq!(index.len(), n / 2);
+        assert_eq!(expire_all(&index, T0 + secs(5)).len(), n / 2);
     }
 
     #[test]

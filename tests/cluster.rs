@@ -596,3 +596,106 @@ fn http_events_are_acked_only_once_stored() {
     .expect("accepted again once NATS is back");
     assert!(stored("after"), "queryable once the POST was answered");
 }
+
+/// Pages every expiry.
+fn expiry_rules(dir: &Path, url: &str) -> std::path::PathBuf {
+    let path = dir.join("expiry.vigil");
+    let source = format!(
+        r#"output pager = webhook(url: "{url}")
+
+streams {{
+  index
+  where state = "expired" {{ pager }}
+}}
+"#
+    );
+    std::fs::write(&path, source).unwrap();
+    path
+}
+
+#[test]
+fn an_expiry_the_old_owner_paged_is_not_paged_again_after_replay() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let (pager, url) = Pager::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = expiry_rules(dir.path(), &url);
+    let rules = rules.to_str().unwrap();
+    let mut first = node(&nats, "n1", &["--rules", rules]);
+    let gone = Event {
+        ttl: Some(1.0),
+        ..event("gone", "disk", "ok")
+    };
+    send(&first, &[gone]);
+    assert_eq!(pager.settle_at(1), vec!["gone".to_owned()]);
+    // Still indexed when the node hands over; expires on the next owner.
+    let later = Event {
+        ttl: Some(10.0),
+        ..event("later", "disk", "ok")
+    };
+    send(&first, &[later]);
+    first.terminate();
+
+    // The next owner replays both: `gone` ran out before n1's last expiry
+    // pass (n1 paged it), `later` has not.
+    let second = node(&nats, "n2", &["--rules", rules]);
+    wait_until(SETTLE, || (local_keys(&second).len() == 1).then_some(()))
+        .expect("the next owner replayed the shard");
+    assert_eq!(
+        local_keys(&second),
+        Keys::from([("later".to_owned(), "disk".to_owned())]),
+        "the expired entry is gone, quietly"
+    );
+    let pages = pager.settle_at(2);
+    assert_each_once(
+        &pages,
+        &BTreeSet::from(["gone".to_owned(), "later".to_owned()]),
+    );
+    assert!(local_keys(&second).is_empty());
+}
+
+fn signal(node: &Vigil, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(node.pid()).unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+#[test]
+fn a_paused_node_does_not_page_for_shards_taken_over_meanwhile() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let (pager, url) = Pager::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = pager_rules(dir.path(), &url);
+    let rules = rules.to_str().unwrap();
+    let nodes: Vec<Vigil> = (1..=2)
+        .map(|i| node(&nats, &format!("n{i}"), &["--rules", rules]))
+        .collect();
+    let hosts: BTreeSet<String> = (0..60).map(|h| format!("app-{h}")).collect();
+    let (ok, critical) = turn_critical(&hosts);
+    send(&nodes[0], &ok);
+    wait_until(SETTLE, || {
+        partition(&nodes.iter().collect::<Vec<_>>(), 60)
+            .filter(|per_node| per_node.iter().all(|keys| !keys.is_empty()))
+    })
+    .expect("both nodes own some hosts");
+
+    // Node 2 stops (as if cut off) for longer than the lease TTL: node 1
+    // takes its shards, and the hosts turn critical there.
+    signal(&nodes[1], libc::SIGSTOP);
+    wait_until(SETTLE, || (local_keys(&nodes[0]).len() == 60).then_some(()))
+        .expect("node 1 took the paused node's shards over");
+    send(&nodes[0], &critical);
+    assert_each_once(&pager.settle_at(60), &hosts);
+
+    // Node 2 resumes with the critical events for its old shards delivered
+    // but its lease deadline long gone: it must not run them.
+    signal(&nodes[1], libc::SIGCONT);
+    wait_until(SETTLE, || {
+        partition(&nodes.iter().collect::<Vec<_>>(), 60)
+            .filter(|per_node| per_node.iter().all(|keys| !keys.is_empty()))
+    })
+    .expect("node 2 rejoined and owns some hosts again");
+    thread::sleep(Duration::from_secs(3));
+    assert_each_once(&pager.pages(), &hosts);
+}

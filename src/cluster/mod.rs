@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -28,7 +28,7 @@ use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::SharedClock;
+use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
 use crate::index::Index;
 use crate::proto::{self, Msg};
@@ -37,6 +37,7 @@ use crate::query::Query;
 use crate::streams::Streams;
 
 pub mod feed;
+pub mod lease;
 pub mod ownership;
 
 /// The JetStream stream that holds every shard's events.
@@ -91,6 +92,11 @@ pub struct Cluster {
     index: Arc<Index>,
     /// This node's cluster-wide subscribers (see [`feed`]).
     feed: Arc<Pubsub>,
+    /// Local lease deadlines and paused expiry, per shard.
+    leases: lease::Leases,
+    /// The `now` of the last index expiry pass: entries of live shards whose
+    /// TTL ran out before it have been expired here. Saved with progress.
+    expired_until: AtomicI64,
 }
 
 impl fmt::Debug for Cluster {
@@ -160,12 +166,18 @@ impl Cluster {
         }
         let buckets = ownership::Buckets::open(&js, &config).await?;
         let cluster = Arc::new(Cluster {
-            config,
             client,
             js,
             members: AtomicUsize::new(1),
             index,
             feed: Pubsub::new(),
+            leases: lease::Leases::new(
+                Arc::new(MonotonicClock::default()),
+                config.shards,
+                config.lease_ttl,
+            ),
+            expired_until: AtomicI64::new(0),
+            config,
         });
         let stop = CancellationToken::new();
         let responder = cluster
@@ -301,6 +313,21 @@ impl Cluster {
             return Err("no cluster node answered the query".to_owned());
         }
         Ok(merged.into_values().collect())
+    }
+
+    /// The index expiry pass in cluster mode: entries of shards whose expiry
+    /// is paused (replaying, handed back, past the lease deadline) stay; the
+    /// rest expire through `emit` as on a single node.
+    pub fn expire(&self, now: Micros, emit: impl FnMut(&[Event])) -> usize {
+        let shards = self.config.shards;
+        let may_expire = |e: &Event| self.leases.may_expire(shard_of(e.host_str(), shards));
+        let expired = self.index.expire_where(now, may_expire, emit);
+        self.expired_until.store(now, Ordering::Release);
+        expired
+    }
+
+    fn expired_until(&self) -> Micros {
+        self.expired_until.load(Ordering::Acquire)
     }
 
     fn set_members(&self, live: usize) {
