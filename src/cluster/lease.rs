@@ -75,14 +75,17 @@ impl Leases {
             .store(sent.saturating_add(self.valid_for), Ordering::Release);
     }
 
-    /// A renewal sent at `sent` succeeded. An older one never shortens the deadline.
+    /// A renewal sent at `sent` succeeded. An older one never shortens the
+    /// deadline, and one answered after the deadline passed does not revive
+    /// it: the shard was given up (and forgotten) at the deadline.
     pub fn renewed(&self, shard: u32, sent: Micros) {
         let until = sent.saturating_add(self.valid_for);
+        let now = self.clock.now();
         let _ = self
             .shard(shard)
             .until
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (held != NOT_HELD && until > held).then_some(until)
+                (held != NOT_HELD && now < held && until > held).then_some(until)
             });
     }
 
@@ -179,7 +182,7 @@ mod tests {
         leases.taken(2, t0, false);
         clock.advance(2 * SEC);
         let renew_sent = clock.now();
-        clock.advance(3 * SEC); // A slow answer: 5 s after the take.
+        clock.advance(2 * SEC + SEC / 2); // A slow answer, 4.5 s after the take.
         leases.renewed(2, renew_sent);
         assert!(leases.valid(2));
         // A late-arriving older renewal does not pull the deadline back.
@@ -188,6 +191,9 @@ mod tests {
         assert!(leases.valid(2));
         clock.set(renew_sent + 4_800_000);
         assert!(!leases.valid(2));
+        // A renewal sent just before the deadline but answered after it.
+        leases.renewed(2, renew_sent + 4_799_000);
+        assert!(!leases.valid(2), "a fenced shard stays given up");
         // Renewing a shard not held does not take it.
         leases.renewed(3, clock.now());
         assert!(!leases.valid(3));
