@@ -273,6 +273,31 @@ impl Index {
         out
     }
 
+    /// Removes every entry `select` picks, quietly: no expiry notice, nothing
+    /// to subscribers (a cluster node forgetting a shard it no longer owns).
+    /// One shard locked at a time; returns how many went.
+    pub fn remove_where(&self, select: impl Fn(&Event) -> bool) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let shard = &mut *shard;
+            let before = shard.entries.len();
+            let deadlines = &mut shard.deadlines;
+            let hasher = &self.hasher;
+            shard.entries.retain(|entry| {
+                if !select(&entry.event) {
+                    return true;
+                }
+                let hash = hasher.hash_one((entry.event.host_str(), entry.event.service_str()));
+                deadlines.remove(&(entry.scheduled, entry.id, hash));
+                false
+            });
+            removed += before - shard.entries.len();
+        }
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+
     /// Removes every entry whose deadline is before `now` and hands the
     /// `expired` notices for them to `emit` (to be run back through the
     /// streams), a chunk at a time, shard by shard: no shard is locked while
@@ -490,6 +515,24 @@ mod tests {
         );
         assert_eq!(expire_all(&index, later).len(), 1, "expires once allowed");
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn removed_entries_leave_no_deadline_behind() {
+        let index = Index::new(IndexConfig::default());
+        let mut sub = index.pubsub().subscribe(Query::parse("true").unwrap(), 100);
+        for i in 0..100 {
+            let host = if i % 4 == 0 { "gone" } else { "kept" };
+            index.insert(&event(host, &i.to_string(), T0, Some(1.0)));
+        }
+        while sub.rx.try_recv().is_ok() {}
+        assert_eq!(index.remove_where(|e| e.host_str() == "gone"), 25);
+        assert_eq!(index.len(), 75);
+        assert!(index.get("gone", "0").is_none());
+        assert!(sub.rx.try_recv().is_err(), "quietly");
+        let expired = expire_all(&index, T0 + secs(5));
+        assert_eq!(expired.len(), 75);
+        assert!(expired.iter().all(|e| e.host_str() == "kept"));
     }
 
     #[test]

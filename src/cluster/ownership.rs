@@ -226,26 +226,40 @@ impl Owner {
     /// Renews every lease and saves progress. A lease found held by someone
     /// else (or lapsed), or whose local deadline passed, is dropped; a
     /// transport error keeps it for the next round (the deadline still runs).
+    /// The renewals (and the saves) go out together: a round takes about one
+    /// round trip, not one per shard, so a busy NATS does not make the
+    /// deadlines pass.
     async fn renew(&mut self) {
         let node = Bytes::from(self.node().to_owned());
-        let leases = &self.cluster.leases;
-        let mut lost = Vec::new();
-        for (&shard, owned) in &mut self.owned {
-            if !leases.valid(shard) {
-                tracing::warn!(
-                    shard,
-                    "Lease deadline passed without a renewal; shard dropped."
-                );
-                lost.push(shard);
+        let cluster = self.cluster.clone();
+        let leases = &cluster.leases;
+        let (store, progress_store) = (&self.buckets.leases, &self.buckets.progress);
+        let mut lost: Vec<u32> = self
+            .owned
+            .keys()
+            .copied()
+            .filter(|&shard| !leases.valid(shard))
+            .collect();
+        for shard in &lost {
+            tracing::warn!(
+                shard,
+                "Lease deadline passed without a renewal; shard dropped."
+            );
+        }
+        let sent = leases.now();
+        let renewals = self
+            .owned
+            .iter()
+            .filter(|(shard, _)| !lost.contains(shard))
+            .map(|(&shard, owned)| {
+                let (node, revision) = (node.clone(), owned.revision);
+                async move { (shard, store.update(key(shard), node, revision).await) }
+            });
+        for (shard, renewed) in futures_util::future::join_all(renewals).await {
+            let Some(owned) = self.owned.get_mut(&shard) else {
                 continue;
-            }
-            let sent = leases.now();
-            match self
-                .buckets
-                .leases
-                .update(key(shard), node.clone(), owned.revision)
-                .await
-            {
+            };
+            match renewed {
                 Ok(revision) => {
                     owned.revision = revision;
                     leases.renewed(shard, sent);
@@ -253,37 +267,39 @@ impl Owner {
                 // Ours at another revision (an earlier update that timed out
                 // went through): renewed next round; its write time is unknown,
                 // so the deadline does not move now.
-                Err(e) => match self.buckets.leases.entry(key(shard)).await {
+                Err(e) => match store.entry(key(shard)).await {
                     Ok(Some(entry)) if entry.operation == Operation::Put && entry.value == node => {
                         owned.revision = entry.revision;
                     }
                     Ok(_) => {
                         tracing::warn!(shard, error = %e, "Lease lost (lapsed or taken over); dropping the shard.");
                         lost.push(shard);
-                        continue;
                     }
                     Err(e) => {
                         tracing::warn!(shard, error = %e, "Lease renewal failed; keeping the shard for now.");
-                        continue;
                     }
                 },
             }
-            // Only a shard past its replay has progress (and expiry) of its own.
-            if !leases.live(shard) {
-                continue;
-            }
-            let progress = Progress {
-                seq: owned.processed.load(Ordering::Acquire).max(owned.floor),
-                at: self.cluster.expired_until(),
-            };
-            if progress != owned.saved
-                && self
-                    .buckets
-                    .progress
-                    .put(key(shard), progress.encode())
-                    .await
-                    .is_ok()
-            {
+        }
+        // Only a shard past its replay has progress (and expiry) of its own.
+        let at = cluster.expired_until();
+        let saves = self
+            .owned
+            .iter()
+            .filter(|(shard, _)| leases.live(**shard) && !lost.contains(shard))
+            .filter_map(|(&shard, owned)| {
+                let progress = Progress {
+                    seq: owned.processed.load(Ordering::Acquire).max(owned.floor),
+                    at,
+                };
+                // A future does nothing until polled: building it is free.
+                (progress != owned.saved).then_some(async move {
+                    let saved = progress_store.put(key(shard), progress.encode()).await;
+                    (shard, progress, saved.is_ok())
+                })
+            });
+        for (shard, progress, saved) in futures_util::future::join_all(saves).await {
+            if let Some(owned) = self.owned.get_mut(&shard).filter(|_| saved) {
                 owned.saved = progress;
             }
         }
@@ -291,12 +307,10 @@ impl Owner {
             if let Some(owned) = self.owned.remove(&shard) {
                 owned.stop.cancel();
                 let _ = owned.task.await;
-                forget(&self.cluster.index, shard, self.cluster.config.shards);
+                forget(&cluster.index, shard, cluster.config.shards);
                 leases.dropped(shard);
                 // Frees it at once if it is still ours on the server.
-                let _ = self
-                    .buckets
-                    .leases
+                let _ = store
                     .delete_expect_revision(key(shard), Some(owned.revision))
                     .await;
             }
@@ -408,16 +422,10 @@ impl Owner {
 }
 
 /// Drops this node's index entries of a shard it no longer owns: the new
-/// owner has them, and a host's entries must live on one node only.
+/// owner has them, and a host's entries must live on one node only. Not an
+/// expiry: nothing goes through the rules or to subscribers.
 fn forget(index: &Index, shard: u32, shards: u32) {
-    let mut forgotten = 0;
-    for mut event in index.entries() {
-        if shard_of(event.host_str(), shards) == shard {
-            event.state = Some("expired".to_owned());
-            index.insert(&event);
-            forgotten += 1;
-        }
-    }
+    let forgotten = index.remove_where(|e| shard_of(e.host_str(), shards) == shard);
     tracing::debug!(shard, forgotten, "Forgot a released shard's entries.");
 }
 
