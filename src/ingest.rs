@@ -123,14 +123,7 @@ impl Ingest {
             Ok(request) => request,
             Err(reply) => return Reply::Ready(reply),
         };
-        let stored = if events.is_empty() {
-            None
-        } else {
-            match cluster.send(events).await {
-                Ok(stored) => Some(stored),
-                Err(e) => return Reply::Ready(not_stored(transport, e)),
-            }
-        };
+        let stored = (!events.is_empty()).then(|| cluster.send(events));
         let query = match request.query {
             Some(text) if transport == Transport::Tcp => Some(match Query::parse(&text) {
                 Ok(_) => {

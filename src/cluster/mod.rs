@@ -3,7 +3,8 @@
 //!
 //! - Ingest: every node accepts agent traffic; a `Msg`'s events are grouped by
 //!   shard (a fixed FNV-1a hash of the host, so every node agrees) and each
-//!   group is published as one protobuf `Msg` to `vigil.events.<shard>`. The
+//!   group is published as one protobuf `Msg` to `vigil.events.<shard>`,
+//!   coalesced with other senders' events for the shard ([`batcher`]). The
 //!   agent is acked only once JetStream has stored every group.
 //! - Ownership ([`ownership`]): each shard is leased by one live node through a
 //!   KV bucket with a TTL; the owner replays and then follows its shards through
@@ -36,6 +37,7 @@ use crate::pubsub::Pubsub;
 use crate::query::Query;
 use crate::streams::Streams;
 
+pub mod batcher;
 pub mod feed;
 pub mod lease;
 pub mod ownership;
@@ -87,6 +89,8 @@ pub struct Cluster {
     config: ClusterConfig,
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Publishes ingest per shard, coalescing concurrent senders.
+    batcher: Arc<batcher::Batcher>,
     /// Live nodes as of the last heartbeat round: how many answers a query waits for.
     members: AtomicUsize,
     index: Arc<Index>,
@@ -167,6 +171,7 @@ impl Cluster {
         let buckets = ownership::Buckets::open(&js, &config).await?;
         let cluster = Arc::new(Cluster {
             client,
+            batcher: Arc::new(batcher::Batcher::new(js.clone(), config.shards)),
             js,
             members: AtomicUsize::new(1),
             index,
@@ -217,19 +222,19 @@ impl Cluster {
         Ok((cluster, Running { stop, tasks }))
     }
 
-    /// Publishes `events`, one JetStream message per shard, and returns once
-    /// JetStream has stored them all: only then may the agent be acked.
+    /// Publishes `events` (grouped per shard) and returns once JetStream has
+    /// stored them all: only then may the agent be acked.
     pub async fn publish(&self, events: &[Event]) -> Result<(), String> {
-        self.send(events).await?.await
+        self.send(events).await
     }
 
-    /// Sends `events` (one JetStream message per shard) and returns what
+    /// Queues `events` for JetStream, one part per shard, and returns what
     /// resolves once JetStream has stored them all. Split from the wait so a
     /// connection can send the next frames before this one's acks arrive.
-    pub async fn send(
+    pub fn send(
         &self,
         events: &[Event],
-    ) -> Result<impl Future<Output = Result<(), String>> + Send + 'static, String> {
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static {
         let mut groups: HashMap<u32, Msg> = HashMap::new();
         for event in events {
             groups
@@ -238,24 +243,20 @@ impl Cluster {
                 .events
                 .push(proto::to_pb(event));
         }
-        // All sent first, then all acks awaited: one round trip, not one per shard.
-        let mut pending = Vec::with_capacity(groups.len());
-        for (shard, msg) in groups {
-            let payload = Bytes::from(msg.encode_to_vec());
-            let ack = self
-                .js
-                .publish(subject(shard), payload)
-                .await
-                .map_err(|e| format!("cluster publish failed: {e}"))?;
-            pending.push(ack);
-        }
-        Ok(async move {
-            for ack in pending {
-                ack.await
-                    .map_err(|e| format!("cluster publish not confirmed: {e}"))?;
+        let stored: Vec<_> = groups
+            .into_iter()
+            .map(|(shard, msg)| {
+                let part = Bytes::from(msg.encode_to_vec());
+                self.batcher.enqueue(shard, part)
+            })
+            .collect();
+        async move {
+            for part in stored {
+                part.await
+                    .map_err(|_| "cluster publisher stopped".to_owned())??;
             }
             Ok(())
-        })
+        }
     }
 
     /// Runs `query` on every live node (this one included) and merges the
