@@ -80,10 +80,7 @@ impl Ingest {
     pub async fn begin(&self, body: &[u8], transport: Transport, events: &mut Vec<Event>) -> Reply {
         match &self.cluster {
             None => Reply::Ready(self.handle_frame(body, transport, events)),
-            Some(cluster) => {
-                self.begin_clustered(cluster.clone(), body, transport, events)
-                    .await
-            }
+            Some(cluster) => self.begin_clustered(cluster.clone(), body, transport, events),
         }
     }
 
@@ -112,7 +109,7 @@ impl Ingest {
 
     /// Like [`Ingest::handle_frame`], but the events are acked only once the
     /// cluster stored them, and a query is answered by every node.
-    async fn begin_clustered(
+    fn begin_clustered(
         &self,
         cluster: Arc<Cluster>,
         body: &[u8],
