@@ -163,9 +163,7 @@ pub(super) async fn run(
         }
     }
     let shards: Vec<u32> = owner.owned.keys().copied().collect();
-    for shard in shards {
-        owner.release(shard).await;
-    }
+    owner.release(shards).await;
     let node = owner.cluster.config.node_id.clone();
     if let Err(e) = owner.buckets.nodes.delete(&node).await {
         tracing::debug!(error = %e, "Could not remove the heartbeat.");
@@ -214,9 +212,7 @@ impl Owner {
                 releasing = extras.len(),
                 "Rebalancing: releasing shards."
             );
-            for shard in extras {
-                self.release(shard).await;
-            }
+            self.release(extras).await;
         } else if self.owned.len() < target {
             self.acquire(target).await;
         }
@@ -379,46 +375,52 @@ impl Owner {
         }
     }
 
-    /// Hands a shard back gracefully: pause its expiry, stop following, save
-    /// where we got to, delete the lease, and forget the shard's index entries.
-    async fn release(&mut self, shard: u32) {
-        let Some(owned) = self.owned.remove(&shard) else {
-            return;
-        };
-        let leases = &self.cluster.leases;
-        let live = leases.live(shard);
-        // Read before pausing: every expiry up to here ran; one in flight may
-        // page again on the next owner (at least once, never lost).
-        let at = self.cluster.expired_until();
-        leases.pause(shard);
-        owned.stop.cancel();
-        let _ = owned.task.await;
-        let progress = Progress {
-            seq: owned.processed.load(Ordering::Acquire).max(owned.floor),
-            at,
-        };
-        // Still replaying: the previous owner's progress stands.
-        if live
-            && progress != owned.saved
-            && let Err(e) = self
-                .buckets
-                .progress
-                .put(key(shard), progress.encode())
-                .await
-        {
-            tracing::warn!(shard, error = %e, "Could not save progress; the next owner may page again.");
-        }
-        if let Err(e) = self
-            .buckets
-            .leases
-            .delete_expect_revision(key(shard), Some(owned.revision))
-            .await
-        {
-            tracing::debug!(shard, error = %e, "Could not delete the lease; it will lapse.");
-        }
-        forget(&self.cluster.index, shard, self.cluster.config.shards);
-        leases.dropped(shard);
+    /// Hands shards back gracefully, all at once: each pauses its expiry,
+    /// stops following, saves where it got to, deletes its lease and forgets
+    /// its index entries. Together, so handing back many shards (shutdown)
+    /// takes a few round trips, not a few per shard: no shard's local
+    /// deadline passes (which would skip its progress save) on the way.
+    async fn release(&mut self, shards: Vec<u32>) {
+        let cluster = self.cluster.clone();
+        let buckets = &self.buckets;
+        let handed = shards.into_iter().filter_map(|shard| {
+            let owned = self.owned.remove(&shard)?;
+            Some(hand_back(&cluster, buckets, shard, owned))
+        });
+        futures_util::future::join_all(handed.collect::<Vec<_>>()).await;
     }
+}
+
+/// One shard of [`Owner::release`].
+async fn hand_back(cluster: &Cluster, buckets: &Buckets, shard: u32, owned: Owned) {
+    let leases = &cluster.leases;
+    let live = leases.live(shard);
+    // Read before pausing: every expiry up to here ran; one in flight may
+    // page again on the next owner (at least once, never lost).
+    let at = cluster.expired_until();
+    leases.pause(shard);
+    owned.stop.cancel();
+    let _ = owned.task.await;
+    let progress = Progress {
+        seq: owned.processed.load(Ordering::Acquire).max(owned.floor),
+        at,
+    };
+    // Still replaying: the previous owner's progress stands.
+    if live
+        && progress != owned.saved
+        && let Err(e) = buckets.progress.put(key(shard), progress.encode()).await
+    {
+        tracing::warn!(shard, error = %e, "Could not save progress; the next owner may page again.");
+    }
+    if let Err(e) = buckets
+        .leases
+        .delete_expect_revision(key(shard), Some(owned.revision))
+        .await
+    {
+        tracing::debug!(shard, error = %e, "Could not delete the lease; it will lapse.");
+    }
+    forget(&cluster.index, shard, cluster.config.shards);
+    leases.dropped(shard);
 }
 
 /// Drops this node's index entries of a shard it no longer owns: the new
