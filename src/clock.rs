@@ -29,6 +29,28 @@ impl Clock for SystemClock {
     }
 }
 
+/// Microseconds since this clock was made, from the OS's monotonic clock:
+/// for measuring durations (lease deadlines) that must not jump with the
+/// wall clock. Not a time of day.
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    start: std::time::Instant,
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Micros {
+        i64::try_from(self.start.elapsed().as_micros()).unwrap_or(i64::MAX)
+    }
+}
+
 /// A clock that only moves when told to; for tests and `vigil test`.
 #[derive(Debug, Default)]
 pub struct ManualClock {
@@ -76,6 +98,14 @@ mod tests {
         assert_eq!(clock.now(), 15);
         clock.set(1);
         assert_eq!(clock.now(), 1);
+    }
+
+    #[test]
+    fn monotonic_clock_never_goes_back() {
+        let clock = MonotonicClock::default();
+        let first = clock.now();
+        assert!(first >= 0);
+        assert!(clock.now() >= first);
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! Off unless `--grpc` is given. It runs beside the Riemann listeners with its
 //! own shutdown token: cancelling it ends the open streams with `UNAVAILABLE`,
 //! so a graceful HTTP/2 shutdown is not held up by a subscriber that never leaves.
+//!
+//! In a cluster `Send`/`SendBatch` ack once JetStream stored the events (an
+//! `ok: false` ack with the error otherwise: resend), and `Query` and
+//! `Subscribe` cover every node.
 
 // tonic's API hands `Status` around by value throughout.
 #![allow(clippy::result_large_err)]
@@ -55,7 +59,8 @@ struct Shared {
     clock: SharedClock,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
-    /// Set in cluster mode: `Query` fans out to every node.
+    /// Set in cluster mode: events go to JetStream, `Query` and `Subscribe`
+    /// cover every node.
     cluster: Option<Arc<Cluster>>,
 }
 
@@ -68,8 +73,8 @@ fn shutting_down() -> Status {
 
 impl Shared {
     /// The same path as a Riemann TCP frame: arrival time for events without
-    /// one, counted, then the rules, as one batch.
-    fn accept(&self, msg: Msg) -> Ack {
+    /// one, counted, then the rules as one batch (or, in a cluster, JetStream).
+    async fn accept(&self, msg: Msg) -> Ack {
         Stats::incr(&self.stats.grpc_messages);
         if !msg.events.is_empty() {
             let now = self.clock.now();
@@ -79,7 +84,15 @@ impl Shared {
                 .map(|pb| proto::from_pb(pb, now))
                 .collect();
             Stats::add(&self.stats.grpc_events, events.len() as u64);
-            self.streams.process(&events);
+            match &self.cluster {
+                Some(cluster) => {
+                    if let Err(error) = cluster.publish(&events).await {
+                        tracing::warn!(%error, count = events.len(), "gRPC events not stored by the cluster.");
+                        return Ack { ok: false, error };
+                    }
+                }
+                None => self.streams.process(&events),
+            }
         }
         Ack {
             ok: true,
@@ -116,7 +129,10 @@ impl pb::vigil_server::Vigil for Service {
                     () = shared.shutdown.cancelled() => Err(shutting_down()),
                 };
                 match next {
-                    Ok(msg) => Some((Ok(shared.accept(msg)), Some((msgs, shared)))),
+                    Ok(msg) => {
+                        let ack = shared.accept(msg).await;
+                        Some((Ok(ack), Some((msgs, shared))))
+                    }
                     // An undecodable or oversized Msg ends the call.
                     Err(status) => Some((Err(status), None)),
                 }
@@ -126,7 +142,7 @@ impl pb::vigil_server::Vigil for Service {
     }
 
     async fn send_batch(&self, request: Request<Msg>) -> Result<Response<Ack>, Status> {
-        Ok(Response::new(self.0.accept(request.into_inner())))
+        Ok(Response::new(self.0.accept(request.into_inner()).await))
     }
 
     async fn query(
@@ -153,12 +169,21 @@ impl pb::vigil_server::Vigil for Service {
         let query = self.0.parse(&request.get_ref().query)?;
         // Subscribed before the snapshot is taken: an event indexed in between
         // may arrive twice, but none is missed.
-        let subscription = self
-            .0
-            .index
-            .pubsub()
-            .subscribe(query.clone(), DEFAULT_CAPACITY);
-        let current = self.0.index.query(&query);
+        let (subscription, current) = match &self.0.cluster {
+            Some(cluster) => {
+                let subscription = cluster.subscribe(query.clone(), DEFAULT_CAPACITY).await;
+                let current = cluster
+                    .query(query.as_str())
+                    .await
+                    .map_err(Status::unavailable)?;
+                (subscription, current)
+            }
+            None => {
+                let pubsub = self.0.index.pubsub();
+                let subscription = pubsub.subscribe(query.clone(), DEFAULT_CAPACITY);
+                (subscription, self.0.index.query(&query))
+            }
+        };
         tracing::debug!(query = %query, current = current.len(), "gRPC subscriber joined.");
         let current = stream::iter(current.into_iter().map(|e| Ok(proto::to_pb(&e))));
         let live = stream::unfold(
@@ -209,7 +234,8 @@ impl Grpc {
         Self::start_clustered(addr, max_message, index, streams, clock, stats, None).await
     }
 
-    /// Like [`Grpc::start`]; with a cluster, `Query` answers for every node.
+    /// Like [`Grpc::start`]; with a cluster, events go to JetStream and
+    /// `Query` and `Subscribe` cover every node.
     pub async fn start_clustered(
         addr: SocketAddr,
         max_message: usize,

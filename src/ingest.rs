@@ -97,26 +97,23 @@ impl Ingest {
         transport: Transport,
         events: &mut Vec<Event>,
     ) -> Bytes {
-        self.begin(body, transport, events).await.wait().await
+        self.begin(body, transport, events).wait().await
     }
 
     /// Starts handling one frame: locally the reply is ready at once; in a
     /// cluster the events are sent and the reply waits for JetStream, so a
     /// connection may begin its next frames meanwhile.
-    pub async fn begin(&self, body: &[u8], transport: Transport, events: &mut Vec<Event>) -> Reply {
+    pub fn begin(&self, body: &[u8], transport: Transport, events: &mut Vec<Event>) -> Reply {
         match &self.cluster {
             None => Reply::Ready(self.handle_frame(body, transport, events)),
-            Some(cluster) => {
-                self.begin_clustered(cluster.clone(), body, transport, events)
-                    .await
-            }
+            Some(cluster) => self.begin_clustered(cluster.clone(), body, transport, events),
         }
     }
 
     /// [`Ingest::begin`] for the frames a connection read at once, pushing one
     /// reply per frame, in order, to `replies`. Locally their events go
     /// through the streams as one batch before any reply is ready.
-    pub async fn begin_all<B: AsRef<[u8]>>(
+    pub fn begin_all<B: AsRef<[u8]>>(
         &self,
         frames: &[B],
         transport: Transport,
@@ -127,9 +124,8 @@ impl Ingest {
             None => self.handle_frames(frames, transport, events, replies),
             Some(cluster) => {
                 for body in frames {
-                    let reply = self
-                        .begin_clustered(cluster.clone(), body.as_ref(), transport, events)
-                        .await;
+                    let reply =
+                        self.begin_clustered(cluster.clone(), body.as_ref(), transport, events);
                     replies.push(reply);
                 }
             }
@@ -216,7 +212,7 @@ impl Ingest {
 
     /// Like [`Ingest::handle_frame`], but the events are acked only once the
     /// cluster stored them, and a query is answered by every node.
-    async fn begin_clustered(
+    fn begin_clustered(
         &self,
         cluster: Arc<Cluster>,
         body: &[u8],
@@ -227,14 +223,7 @@ impl Ingest {
             Ok(request) => request,
             Err(reply) => return Reply::Ready(reply),
         };
-        let stored = if events.is_empty() {
-            None
-        } else {
-            match cluster.send(events).await {
-                Ok(stored) => Some(stored),
-                Err(e) => return Reply::Ready(not_stored(transport, e)),
-            }
-        };
+        let stored = (!events.is_empty()).then(|| cluster.send(events));
         let query = match request.query {
             Some(text) if transport == Transport::Tcp => Some(match Query::parse(&text) {
                 Ok(_) => {

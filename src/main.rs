@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
-use vigil::cluster::{Cluster, ClusterConfig, Publishing};
+use vigil::cluster::{Cluster, ClusterConfig};
 use vigil::event::{Event, Metric};
 use vigil::grpc::Grpc;
 use vigil::http::{HttpConfig, HttpServer};
@@ -355,11 +355,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let (cluster, cluster_tasks) = cluster.unzip();
-    // HTTP and gRPC ingest publish to the cluster too (their acks do not wait).
-    let published: Arc<dyn Streams> = match &cluster {
-        Some(cluster) => Arc::new(Publishing(cluster.clone())),
-        None => streams.clone(),
-    };
     let config = ServerConfig {
         cluster: cluster.clone(),
         tcp: args.tcp,
@@ -381,6 +376,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let telemetry = Arc::new(Telemetry {
         stats: server.stats.clone(),
         index: index.clone(),
+        subscribers: match &cluster {
+            Some(cluster) => cluster.feed().clone(),
+            None => index.pubsub().clone(),
+        },
         rules,
         reloader: reloader.clone(),
         latency,
@@ -396,7 +395,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let http = HttpServer::start(
         http_config,
         telemetry.clone(),
-        published.clone(),
+        streams.clone(),
         clock.clone(),
     )
     .await
@@ -421,7 +420,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 addr,
                 args.max_frame,
                 index.clone(),
-                published,
+                streams.clone(),
                 clock,
                 server.stats.clone(),
                 cluster,

@@ -3,8 +3,11 @@
 //! through that subscriber's bounded queue.
 //!
 //! Publishing never waits: a subscriber whose queue is full is disconnected
-//! (and counted) rather than allowed to slow ingest. With no subscribers the
-//! cost on the ingest path is one atomic load.
+//! (and counted) rather than allowed to slow ingest; a lossy subscriber (the
+//! cluster's tap, which forwards changes to other nodes) loses the event
+//! instead, also counted. With no subscribers the cost on the ingest path is
+//! one atomic load. Nothing is published while a replay runs its batch under
+//! [`outputs::suppressed`]: subscribers see live changes only.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -13,6 +16,7 @@ use parking_lot::RwLock;
 use tokio::sync::mpsc;
 
 use crate::event::Event;
+use crate::outputs;
 use crate::query::Query;
 
 /// Queue length per subscriber unless the caller asks otherwise.
@@ -24,6 +28,8 @@ pub struct PubsubStats {
     pub delivered: AtomicU64,
     /// Subscribers disconnected because their queue was full.
     pub disconnected_slow: AtomicU64,
+    /// Events a lossy subscriber's full queue could not take.
+    pub dropped: AtomicU64,
 }
 
 #[derive(Default)]
@@ -40,6 +46,8 @@ struct Subscriber {
     query: Query,
     tx: mpsc::Sender<Event>,
     lagged: Arc<AtomicBool>,
+    /// A full queue drops the event instead of disconnecting the subscriber.
+    lossy: bool,
 }
 
 /// One subscriber's end. Dropping it unsubscribes.
@@ -70,6 +78,16 @@ impl Pubsub {
     }
 
     pub fn subscribe(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
+        self.add(query, capacity, false)
+    }
+
+    /// Like [`Pubsub::subscribe`], but a full queue loses (and counts) the
+    /// event instead of disconnecting: for a forwarder that must stay attached.
+    pub fn subscribe_lossy(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
+        self.add(query, capacity, true)
+    }
+
+    fn add(self: &Arc<Self>, query: Query, capacity: usize, lossy: bool) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let lagged = Arc::new(AtomicBool::new(false));
@@ -79,6 +97,7 @@ impl Pubsub {
             query,
             tx,
             lagged: lagged.clone(),
+            lossy,
         });
         self.count.store(subscribers.len(), Ordering::Release);
         Subscription {
@@ -93,9 +112,22 @@ impl Pubsub {
         self.count.load(Ordering::Acquire)
     }
 
+    /// The distinct queries of the current subscribers, as text.
+    pub fn queries(&self) -> Vec<String> {
+        let mut queries: Vec<String> = self
+            .subscribers
+            .read()
+            .iter()
+            .map(|s| s.query.as_str().to_owned())
+            .collect();
+        queries.sort_unstable();
+        queries.dedup();
+        queries
+    }
+
     /// Offers `event` to every subscriber whose query matches it.
     pub fn publish(&self, event: &Event) {
-        if self.count.load(Ordering::Acquire) == 0 {
+        if self.count.load(Ordering::Acquire) == 0 || outputs::is_suppressed() {
             return;
         }
         let mut slow = Vec::new();
@@ -106,6 +138,9 @@ impl Pubsub {
             match sub.tx.try_send(event.clone()) {
                 Ok(()) => {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) if sub.lossy => {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => slow.push(sub.id),
                 // The receiver is gone; its Subscription's drop removes it.
@@ -178,6 +213,34 @@ mod tests {
         assert!(slow.rx.recv().await.is_some());
         assert!(slow.rx.recv().await.is_some());
         assert!(slow.rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_full_lossy_subscriber_loses_events_but_stays() {
+        let pubsub = Pubsub::new();
+        let mut tap = pubsub.subscribe_lossy(Query::parse("true").unwrap(), 2);
+        for i in 0..5 {
+            pubsub.publish(&event(&i.to_string()));
+        }
+        assert!(!tap.lagged());
+        assert_eq!(pubsub.subscribers(), 1);
+        assert_eq!(pubsub.stats.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(tap.rx.recv().await.unwrap().service.as_deref(), Some("0"));
+        assert_eq!(tap.rx.recv().await.unwrap().service.as_deref(), Some("1"));
+        pubsub.publish(&event("later"));
+        assert_eq!(
+            tap.rx.recv().await.unwrap().service.as_deref(),
+            Some("later")
+        );
+    }
+
+    #[test]
+    fn replayed_batches_reach_no_subscriber() {
+        let pubsub = Pubsub::new();
+        let mut sub = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        outputs::suppressed(|| pubsub.publish(&event("replayed")));
+        assert!(sub.rx.try_recv().is_err());
+        assert_eq!(pubsub.queries(), vec!["true".to_owned()]);
     }
 
     #[test]

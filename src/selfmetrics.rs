@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{MICROS_PER_SEC, Micros, SharedClock};
 use crate::event::{Event, Metric};
 use crate::index::Index;
+use crate::pubsub::Pubsub;
 use crate::rules::engine::Rules;
 use crate::rules::reload::Reloader;
 use crate::stats::Stats;
@@ -153,6 +154,9 @@ impl Streams for TimedStreams {
 pub struct Telemetry {
     pub stats: Arc<Stats>,
     pub index: Arc<Index>,
+    /// Where WebSocket/SSE/gRPC subscribers are: the index's pubsub, or in a
+    /// cluster the node's feed of every node's changes.
+    pub subscribers: Arc<Pubsub>,
     pub rules: Arc<Rules>,
     /// Holds the current outputs (they change on reload).
     pub reloader: Arc<Reloader>,
@@ -183,6 +187,8 @@ pub struct Sample {
     pub subscribers: u64,
     pub subscriber_events: u64,
     pub slow_disconnects: u64,
+    /// Index changes a cluster owner could not forward to other nodes' subscribers.
+    pub forward_dropped: u64,
     pub outputs: Vec<OutputSample>,
     pub latency: HistogramSnapshot,
     pub reloads: u64,
@@ -204,7 +210,7 @@ impl Sample {
 
 impl Telemetry {
     pub fn sample(&self) -> Sample {
-        let pubsub = self.index.pubsub();
+        let pubsub = &self.subscribers;
         let rules = &self.rules.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Sample {
@@ -215,6 +221,7 @@ impl Telemetry {
             subscribers: pubsub.subscribers() as u64,
             subscriber_events: get(&pubsub.stats.delivered),
             slow_disconnects: get(&pubsub.stats.disconnected_slow),
+            forward_dropped: get(&self.index.pubsub().stats.dropped),
             outputs: self
                 .reloader
                 .output_queues()

@@ -96,7 +96,7 @@ impl Server {
             clock: clock.clone(),
             stats: stats.clone(),
             limits: config.limits,
-            cluster: config.cluster,
+            cluster: config.cluster.clone(),
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -122,6 +122,7 @@ impl Server {
         ));
         tracker.spawn(run_timers(
             index,
+            config.cluster,
             streams,
             clock,
             config.tick,
@@ -164,9 +165,11 @@ pub async fn stop_tasks(
 }
 
 /// Each tick: expired index entries go back through the streams like any other
-/// event, then the streams' own timers (rates, windows) get their turn.
+/// event (in a cluster, only those of shards running here), then the streams'
+/// own timers (rates, windows) get their turn.
 async fn run_timers(
     index: Arc<Index>,
+    cluster: Option<Arc<Cluster>>,
     streams: Arc<dyn Streams>,
     clock: SharedClock,
     interval: Duration,
@@ -182,10 +185,19 @@ async fn run_timers(
         // On a blocking thread: a mass expiry (a rack going silent) runs
         // thousands of notices through the rules, which must not hold an
         // async worker and the connections queued on it.
-        let (index, streams, clock) = (index.clone(), streams.clone(), clock.clone());
+        let (index, cluster, streams, clock) = (
+            index.clone(),
+            cluster.clone(),
+            streams.clone(),
+            clock.clone(),
+        );
         let ticked = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let expired = index.expire(clock.now(), |expired| streams.process(expired));
+            let emit = |expired: &[_]| streams.process(expired);
+            let expired = match &cluster {
+                Some(cluster) => cluster.expire(clock.now(), emit),
+                None => index.expire(clock.now(), emit),
+            };
             streams.tick();
             (expired, started.elapsed())
         });

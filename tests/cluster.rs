@@ -177,6 +177,19 @@ fn wait_partitioned(nodes: &[&Vigil], want: usize) -> Vec<Keys> {
     })
 }
 
+/// Waits until every node owns some of the `want` keys, each on one node,
+/// and the split stayed the same over more than a renew round: rebalancing
+/// is over.
+fn wait_settled(nodes: &[&Vigil], want: usize) -> Vec<Keys> {
+    let split = || partition(nodes, want).filter(|per_node| per_node.iter().all(|k| !k.is_empty()));
+    wait_until(SETTLE, || {
+        let before = split()?;
+        thread::sleep(Duration::from_secs(3));
+        (split()? == before).then_some(before)
+    })
+    .expect("every node owns some of the hosts, each on one node, and it stays so")
+}
+
 /// A webhook receiver counting pages by host.
 #[derive(Clone, Default)]
 struct Pager {
@@ -443,4 +456,246 @@ fn acked_events_survive_a_nats_restart() {
         nodes[0].logs(),
         nodes[1].logs()
     );
+}
+
+/// The `(host, service)` → metric of `events`, for comparing values.
+fn metrics_by_key(events: &[Event]) -> BTreeMap<(String, String), Option<f64>> {
+    events
+        .iter()
+        .map(|e| {
+            let key = (e.host_str().to_owned(), e.service_str().to_owned());
+            (key, e.metric.map(|m| m.as_f64()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_subscriber_on_one_node_sees_every_nodes_changes() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let nodes: Vec<Vigil> = (1..=3)
+        .map(|i| node(&nats, &format!("n{i}"), &["--grpc", "127.0.0.1:0"]))
+        .collect();
+    let hosts: Vec<String> = (0..60).map(|h| format!("sub-{h}")).collect();
+    let before: Vec<Event> = hosts.iter().map(|h| event(h, "cpu", "ok")).collect();
+    send(&nodes[0], &before);
+    let per_node = wait_settled(&nodes.iter().collect::<Vec<_>>(), 60);
+    // Hosts the subscriber's node (node 2) does not own: their changes must
+    // come from the other owners.
+    let elsewhere: Vec<String> = per_node[0]
+        .iter()
+        .chain(&per_node[2])
+        .map(|(host, _)| host.clone())
+        .collect();
+
+    let grpc = format!("http://{}", nodes[1].grpc.expect("gRPC on"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut stream = runtime.block_on(async {
+        let mut client = VigilClient::connect(grpc).await.unwrap();
+        let request = QueryRequest {
+            query: r#"service = "cpu""#.to_owned(),
+        };
+        client.subscribe(request).await.unwrap().into_inner()
+    });
+    let next = |stream: &mut tonic::Streaming<vigil::proto::PbEvent>| {
+        runtime.block_on(async {
+            let pb = tokio::time::timeout(SETTLE, stream.message())
+                .await
+                .expect("an event within the bound")
+                .expect("the stream goes on")
+                .expect("the stream goes on");
+            vigil::proto::from_pb(pb, 0)
+        })
+    };
+    // The snapshot: every node's entries, not only node 2's.
+    let snapshot: Vec<Event> = (0..60).map(|_| next(&mut stream)).collect();
+    assert_eq!(metrics_by_key(&snapshot), metrics_by_key(&before));
+
+    // Live: new metrics for hosts other nodes own, sent through node 1, and
+    // one that expires on its owner.
+    let updates: Vec<Event> = elsewhere
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Event {
+            metric: Some(vigil::event::Metric::Int(i as i64 + 1)),
+            ..event(h, "cpu", "ok")
+        })
+        .collect();
+    let short = Event {
+        ttl: Some(1.0),
+        ..event(&elsewhere[0], "cpu", "warning")
+    };
+    send(&nodes[0], &updates);
+    send(&nodes[0], std::slice::from_ref(&short));
+    let mut live = Vec::new();
+    let mut expired = None;
+    while expired.is_none() {
+        let event = next(&mut stream);
+        if event.state.as_deref() == Some("expired") {
+            expired = Some(event);
+        } else {
+            live.push(event);
+        }
+    }
+    let expired = expired.unwrap();
+    assert_eq!(expired.host_str(), elsewhere[0]);
+    assert_eq!(expired.service_str(), "cpu");
+    // Each update (then the short-lived one) arrived, with its value.
+    let mut want = metrics_by_key(&updates);
+    want.insert((elsewhere[0].clone(), "cpu".to_owned()), None);
+    assert_eq!(metrics_by_key(&live), want);
+    assert_eq!(
+        live.iter()
+            .filter(|e| e.state.as_deref() == Some("warning"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn http_events_are_acked_only_once_stored() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut nats = Nats::start();
+    let node = node(&nats, "n1", &[]);
+    let url = format!("http://{}/events", node.http.unwrap());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::builder().timeout(SETTLE).build().unwrap();
+    let post = |host: &str| {
+        let body = format!(r#"{{"host":"{host}","service":"http","metric":7,"ttl":600}}"#);
+        runtime.block_on(async {
+            client
+                .post(&url)
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    // Stored means processed by the owner soon after (it follows the stream).
+    let stored = |host: &str| {
+        wait_until(SETTLE, || {
+            query_all(&node)
+                .iter()
+                .any(|e| e.host_str() == host && e.metric.map(|m| m.as_f64()) == Some(7.0))
+                .then_some(())
+        })
+        .is_some()
+    };
+
+    assert_eq!(post("before").unwrap(), reqwest::StatusCode::OK);
+    assert!(stored("before"), "queryable once the POST was answered");
+
+    nats.kill();
+    let refused = post("while-down").expect("an answer, not a hang");
+    assert_eq!(refused, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+
+    nats.spawn();
+    wait_until(SETTLE, || {
+        (post("after").ok() == Some(reqwest::StatusCode::OK)).then_some(())
+    })
+    .expect("accepted again once NATS is back");
+    assert!(stored("after"), "queryable once the POST was answered");
+}
+
+/// Pages every expiry.
+fn expiry_rules(dir: &Path, url: &str) -> std::path::PathBuf {
+    let path = dir.join("expiry.vigil");
+    let source = format!(
+        r#"output pager = webhook(url: "{url}")
+
+streams {{
+  index
+  where state = "expired" {{ pager }}
+}}
+"#
+    );
+    std::fs::write(&path, source).unwrap();
+    path
+}
+
+#[test]
+fn an_expiry_the_old_owner_paged_is_not_paged_again_after_replay() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let (pager, url) = Pager::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = expiry_rules(dir.path(), &url);
+    let rules = rules.to_str().unwrap();
+    let mut first = node(&nats, "n1", &["--rules", rules]);
+    let gone = Event {
+        ttl: Some(1.0),
+        ..event("gone", "disk", "ok")
+    };
+    send(&first, &[gone]);
+    assert_eq!(pager.settle_at(1), vec!["gone".to_owned()]);
+    // Still indexed when the node hands over; expires on the next owner.
+    let later = Event {
+        ttl: Some(10.0),
+        ..event("later", "disk", "ok")
+    };
+    send(&first, &[later]);
+    first.terminate();
+
+    // The next owner replays both: `gone` ran out before n1's last expiry
+    // pass (n1 paged it), `later` has not.
+    let second = node(&nats, "n2", &["--rules", rules]);
+    wait_until(SETTLE, || (local_keys(&second).len() == 1).then_some(()))
+        .expect("the next owner replayed the shard");
+    assert_eq!(
+        local_keys(&second),
+        Keys::from([("later".to_owned(), "disk".to_owned())]),
+        "the expired entry is gone, quietly"
+    );
+    let pages = pager.settle_at(2);
+    assert_each_once(
+        &pages,
+        &BTreeSet::from(["gone".to_owned(), "later".to_owned()]),
+    );
+    assert!(local_keys(&second).is_empty());
+}
+
+fn signal(node: &Vigil, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(node.pid()).unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+#[test]
+fn a_paused_node_does_not_page_for_shards_taken_over_meanwhile() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let (pager, url) = Pager::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = pager_rules(dir.path(), &url);
+    let rules = rules.to_str().unwrap();
+    let nodes: Vec<Vigil> = (1..=2)
+        .map(|i| node(&nats, &format!("n{i}"), &["--rules", rules]))
+        .collect();
+    let hosts: BTreeSet<String> = (0..60).map(|h| format!("app-{h}")).collect();
+    let (ok, critical) = turn_critical(&hosts);
+    send(&nodes[0], &ok);
+    wait_until(SETTLE, || {
+        partition(&nodes.iter().collect::<Vec<_>>(), 60)
+            .filter(|per_node| per_node.iter().all(|keys| !keys.is_empty()))
+    })
+    .expect("both nodes own some hosts");
+
+    // Node 2 stops (as if cut off) for longer than the lease TTL: node 1
+    // takes its shards, and the hosts turn critical there.
+    signal(&nodes[1], libc::SIGSTOP);
+    wait_until(SETTLE, || (local_keys(&nodes[0]).len() == 60).then_some(()))
+        .expect("node 1 took the paused node's shards over");
+    send(&nodes[0], &critical);
+    assert_each_once(&pager.settle_at(60), &hosts);
+
+    // Node 2 resumes with the critical events for its old shards delivered
+    // but its lease deadline long gone: it must not run them.
+    signal(&nodes[1], libc::SIGCONT);
+    wait_until(SETTLE, || {
+        partition(&nodes.iter().collect::<Vec<_>>(), 60)
+            .filter(|per_node| per_node.iter().all(|keys| !keys.is_empty()))
+    })
+    .expect("node 2 rejoined and owns some hosts again");
+    thread::sleep(Duration::from_secs(3));
+    assert_each_once(&pager.pages(), &hosts);
 }

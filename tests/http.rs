@@ -544,6 +544,7 @@ async fn in_process(capacity: usize) -> (HttpServer, Arc<Index>) {
     let telemetry = Arc::new(Telemetry {
         stats: Arc::new(Stats::default()),
         index: index.clone(),
+        subscribers: index.pubsub().clone(),
         rules: rules.clone(),
         reloader: Arc::new(Reloader::new(None, rules.clone(), outputs)),
         latency: Arc::default(),

@@ -177,7 +177,7 @@ fn the_index_survives_a_reload() {
     live.send("c", Some(3.0), None);
     let mut hosts: Vec<_> = live
         .index
-        .entries()
+        .query(&vigil::query::Query::parse("true").unwrap())
         .iter()
         .map(|e| e.host_str().to_owned())
         .collect();

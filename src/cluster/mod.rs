@@ -3,19 +3,22 @@
 //!
 //! - Ingest: every node accepts agent traffic; a `Msg`'s events are grouped by
 //!   shard (a fixed FNV-1a hash of the host, so every node agrees) and each
-//!   group is published as one protobuf `Msg` to `vigil.events.<shard>`. The
+//!   group is published as one protobuf `Msg` to `vigil.events.<shard>`,
+//!   coalesced with other senders' events for the shard ([`batcher`]). The
 //!   agent is acked only once JetStream has stored every group.
 //! - Ownership ([`ownership`]): each shard is leased by one live node through a
 //!   KV bucket with a TTL; the owner replays and then follows its shards through
 //!   the local rules and index, so all state for a host lives on one node.
 //! - Queries: any node fans a query out on `vigil.query` and merges the answers.
+//! - Subscriptions ([`feed`]): owners forward index changes to the nodes whose
+//!   subscribers want them, only while some node declared interest.
 //!
 //! Without `--cluster` none of this runs and nothing else changes.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -26,13 +29,17 @@ use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::SharedClock;
+use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
 use crate::index::Index;
 use crate::proto::{self, Msg};
+use crate::pubsub::Pubsub;
 use crate::query::Query;
 use crate::streams::Streams;
 
+pub mod batcher;
+pub mod feed;
+pub mod lease;
 pub mod ownership;
 
 /// The JetStream stream that holds every shard's events.
@@ -82,9 +89,18 @@ pub struct Cluster {
     config: ClusterConfig,
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Publishes ingest per shard, coalescing concurrent senders.
+    batcher: Arc<batcher::Batcher>,
     /// Live nodes as of the last heartbeat round: how many answers a query waits for.
     members: AtomicUsize,
     index: Arc<Index>,
+    /// This node's cluster-wide subscribers (see [`feed`]).
+    feed: Arc<Pubsub>,
+    /// Local lease deadlines and paused expiry, per shard.
+    leases: lease::Leases,
+    /// The `now` of the last index expiry pass: entries of live shards whose
+    /// TTL ran out before it have been expired here. Saved with progress.
+    expired_until: AtomicI64,
 }
 
 impl fmt::Debug for Cluster {
@@ -154,11 +170,19 @@ impl Cluster {
         }
         let buckets = ownership::Buckets::open(&js, &config).await?;
         let cluster = Arc::new(Cluster {
-            config,
             client,
+            batcher: Arc::new(batcher::Batcher::new(js.clone(), config.shards)),
             js,
             members: AtomicUsize::new(1),
             index,
+            feed: Pubsub::new(),
+            leases: lease::Leases::new(
+                Arc::new(MonotonicClock::default()),
+                config.shards,
+                config.lease_ttl,
+            ),
+            expired_until: AtomicI64::new(0),
+            config,
         });
         let stop = CancellationToken::new();
         let responder = cluster
@@ -166,8 +190,21 @@ impl Cluster {
             .subscribe(QUERY_SUBJECT)
             .await
             .context("subscribing to cluster queries")?;
+        let interests = cluster
+            .client
+            .subscribe(feed::INTEREST_SUBJECT)
+            .await
+            .context("subscribing to subscription interests")?;
+        let changes = cluster
+            .client
+            .subscribe(feed::changes_subject(&cluster.config.node_id))
+            .await
+            .context("subscribing to forwarded changes")?;
         let tasks = vec![
             tokio::spawn(answer_queries(cluster.clone(), responder, stop.clone())),
+            tokio::spawn(feed::tap(cluster.clone(), interests, stop.clone())),
+            tokio::spawn(feed::receive(cluster.clone(), changes, stop.clone())),
+            tokio::spawn(feed::announce(cluster.clone(), stop.clone())),
             tokio::spawn(ownership::run(
                 cluster.clone(),
                 buckets,
@@ -185,19 +222,19 @@ impl Cluster {
         Ok((cluster, Running { stop, tasks }))
     }
 
-    /// Publishes `events`, one JetStream message per shard, and returns once
-    /// JetStream has stored them all: only then may the agent be acked.
+    /// Publishes `events` (grouped per shard) and returns once JetStream has
+    /// stored them all: only then may the agent be acked.
     pub async fn publish(&self, events: &[Event]) -> Result<(), String> {
-        self.send(events).await?.await
+        self.send(events).await
     }
 
-    /// Sends `events` (one JetStream message per shard) and returns what
+    /// Queues `events` for JetStream, one part per shard, and returns what
     /// resolves once JetStream has stored them all. Split from the wait so a
     /// connection can send the next frames before this one's acks arrive.
-    pub async fn send(
+    pub fn send(
         &self,
         events: &[Event],
-    ) -> Result<impl Future<Output = Result<(), String>> + Send + 'static, String> {
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static {
         let mut groups: HashMap<u32, Msg> = HashMap::new();
         for event in events {
             groups
@@ -206,24 +243,20 @@ impl Cluster {
                 .events
                 .push(proto::to_pb(event));
         }
-        // All sent first, then all acks awaited: one round trip, not one per shard.
-        let mut pending = Vec::with_capacity(groups.len());
-        for (shard, msg) in groups {
-            let payload = Bytes::from(msg.encode_to_vec());
-            let ack = self
-                .js
-                .publish(subject(shard), payload)
-                .await
-                .map_err(|e| format!("cluster publish failed: {e}"))?;
-            pending.push(ack);
-        }
-        Ok(async move {
-            for ack in pending {
-                ack.await
-                    .map_err(|e| format!("cluster publish not confirmed: {e}"))?;
+        let stored: Vec<_> = groups
+            .into_iter()
+            .map(|(shard, msg)| {
+                let part = Bytes::from(msg.encode_to_vec());
+                self.batcher.enqueue(shard, part)
+            })
+            .collect();
+        async move {
+            for part in stored {
+                part.await
+                    .map_err(|_| "cluster publisher stopped".to_owned())??;
             }
             Ok(())
-        })
+        }
     }
 
     /// Runs `query` on every live node (this one included) and merges the
@@ -281,6 +314,21 @@ impl Cluster {
             return Err("no cluster node answered the query".to_owned());
         }
         Ok(merged.into_values().collect())
+    }
+
+    /// The index expiry pass in cluster mode: entries of shards whose expiry
+    /// is paused (replaying, handed back, past the lease deadline) stay; the
+    /// rest expire through `emit` as on a single node.
+    pub fn expire(&self, now: Micros, emit: impl FnMut(&[Event])) -> usize {
+        let shards = self.config.shards;
+        let may_expire = |host: &str| self.leases.may_expire(shard_of(host, shards));
+        let expired = self.index.expire_where(now, may_expire, emit);
+        self.expired_until.store(now, Ordering::Release);
+        expired
+    }
+
+    fn expired_until(&self) -> Micros {
+        self.expired_until.load(Ordering::Acquire)
     }
 
     fn set_members(&self, live: usize) {
@@ -344,22 +392,6 @@ fn answer_parts(events: &[Event]) -> Vec<Bytes> {
         .chunks(PART_EVENTS)
         .map(proto::events_reply)
         .collect()
-}
-
-/// The pipeline for transports whose reply does not wait (`POST /events`,
-/// gRPC): events are published in the background; a failure is logged.
-pub struct Publishing(pub Arc<Cluster>);
-
-impl Streams for Publishing {
-    fn process(&self, events: &[Event]) {
-        let cluster = self.0.clone();
-        let events = events.to_vec();
-        tokio::spawn(async move {
-            if let Err(e) = cluster.publish(&events).await {
-                tracing::warn!(error = %e, count = events.len(), "Events lost: cluster publish failed.");
-            }
-        });
-    }
 }
 
 #[cfg(test)]

@@ -6,14 +6,19 @@
 //! - `vigil_leases`: `shard.<n>` = owner's node id. Taken with `create` (only if
 //!   absent), renewed with `update` at the revision we hold, so two nodes can
 //!   never both renew one lease; an unrenewed lease lapses with the bucket TTL.
-//! - `vigil_progress`: `shard.<n>` = the last stream sequence the owner ran
-//!   through its rules (no TTL). A new owner replays the shard from the start
-//!   of retention to rebuild index and rule state, with outputs suppressed up
-//!   to that sequence: what the previous owner already paged is not paged again.
+//! - `vigil_progress`: `shard.<n>` = `<seq> <micros>`: the last stream
+//!   sequence the owner ran through its rules, and the wall time up to which
+//!   it expired the shard's index entries (no TTL). A new owner replays the
+//!   shard from the start of retention to rebuild index and rule state, with
+//!   outputs suppressed up to that sequence; its expiry of the shard waits
+//!   for the replay, and entries whose TTL ran out before that time expire
+//!   suppressed: what the previous owner already paged is not paged again.
 //!
 //! Every renew interval each node heartbeats, counts the live nodes, renews
 //! its leases, then moves toward its share `ceil(shards / live)`: releasing
 //! extras (gracefully: progress saved, lease deleted) or taking free shards.
+//! A shard whose local lease deadline ([`lease`](super::lease)) passes stops
+//! at once (fenced), renewed or not.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,7 +36,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, ClusterConfig, STREAM, shard_of, subject};
-use crate::clock::SharedClock;
+use crate::clock::{Micros, SharedClock};
 use crate::index::Index;
 use crate::outputs;
 use crate::proto::{self, Msg};
@@ -82,13 +87,43 @@ fn key(shard: u32) -> String {
     format!("shard.{shard}")
 }
 
+/// A shard's entry in `vigil_progress`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Progress {
+    /// The last stream sequence run through the rules.
+    seq: u64,
+    /// Wall micros: the shard's entries whose TTL ran out before this were
+    /// expired (and their expiry reported) by the owner that saved it.
+    at: Micros,
+}
+
+impl Progress {
+    fn encode(self) -> Bytes {
+        format!("{} {}", self.seq, self.at).into()
+    }
+
+    /// `<seq> <micros>`, or a bare `<seq>` as saved before expiry was tracked.
+    fn decode(value: &[u8]) -> Option<Progress> {
+        let text = std::str::from_utf8(value).ok()?;
+        let mut parts = text.split(' ');
+        let seq = parts.next()?.parse().ok()?;
+        let at = match parts.next() {
+            Some(at) => at.parse().ok()?,
+            None => 0,
+        };
+        Some(Progress { seq, at })
+    }
+}
+
 /// A shard this node holds the lease of, and the task following it.
 struct Owned {
     revision: u64,
     /// Last stream sequence run through the rules.
     processed: Arc<AtomicU64>,
+    /// Where the replay stops suppressing outputs.
+    floor: u64,
     /// What `vigil_progress` last got.
-    saved: u64,
+    saved: Progress,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -128,9 +163,7 @@ pub(super) async fn run(
         }
     }
     let shards: Vec<u32> = owner.owned.keys().copied().collect();
-    for shard in shards {
-        owner.release(shard).await;
-    }
+    owner.release(shards).await;
     let node = owner.cluster.config.node_id.clone();
     if let Err(e) = owner.buckets.nodes.delete(&node).await {
         tracing::debug!(error = %e, "Could not remove the heartbeat.");
@@ -179,9 +212,7 @@ impl Owner {
                 releasing = extras.len(),
                 "Rebalancing: releasing shards."
             );
-            for shard in extras {
-                self.release(shard).await;
-            }
+            self.release(extras).await;
         } else if self.owned.len() < target {
             self.acquire(target).await;
         }
@@ -189,50 +220,95 @@ impl Owner {
     }
 
     /// Renews every lease and saves progress. A lease found held by someone
-    /// else (or lapsed) is dropped; a transport error keeps it for the next round.
+    /// else (or lapsed), or whose local deadline passed, is dropped; a
+    /// transport error keeps it for the next round (the deadline still runs).
+    /// The renewals (and the saves) go out together: a round takes about one
+    /// round trip, not one per shard, so a busy NATS does not make the
+    /// deadlines pass.
     async fn renew(&mut self) {
         let node = Bytes::from(self.node().to_owned());
-        let mut lost = Vec::new();
-        for (&shard, owned) in &mut self.owned {
-            match self
-                .buckets
-                .leases
-                .update(key(shard), node.clone(), owned.revision)
-                .await
-            {
-                Ok(revision) => owned.revision = revision,
-                Err(e) => match self.buckets.leases.entry(key(shard)).await {
+        let cluster = self.cluster.clone();
+        let leases = &cluster.leases;
+        let (store, progress_store) = (&self.buckets.leases, &self.buckets.progress);
+        let mut lost: Vec<u32> = self
+            .owned
+            .keys()
+            .copied()
+            .filter(|&shard| !leases.valid(shard))
+            .collect();
+        for shard in &lost {
+            tracing::warn!(
+                shard,
+                "Lease deadline passed without a renewal; shard dropped."
+            );
+        }
+        let sent = leases.now();
+        let renewals = self
+            .owned
+            .iter()
+            .filter(|(shard, _)| !lost.contains(shard))
+            .map(|(&shard, owned)| {
+                let (node, revision) = (node.clone(), owned.revision);
+                async move { (shard, store.update(key(shard), node, revision).await) }
+            });
+        for (shard, renewed) in futures_util::future::join_all(renewals).await {
+            let Some(owned) = self.owned.get_mut(&shard) else {
+                continue;
+            };
+            match renewed {
+                Ok(revision) => {
+                    owned.revision = revision;
+                    leases.renewed(shard, sent);
+                }
+                // Ours at another revision (an earlier update that timed out
+                // went through): renewed next round; its write time is unknown,
+                // so the deadline does not move now.
+                Err(e) => match store.entry(key(shard)).await {
                     Ok(Some(entry)) if entry.operation == Operation::Put && entry.value == node => {
                         owned.revision = entry.revision;
                     }
                     Ok(_) => {
                         tracing::warn!(shard, error = %e, "Lease lost (lapsed or taken over); dropping the shard.");
                         lost.push(shard);
-                        continue;
                     }
                     Err(e) => {
                         tracing::warn!(shard, error = %e, "Lease renewal failed; keeping the shard for now.");
-                        continue;
                     }
                 },
             }
-            let processed = owned.processed.load(Ordering::Acquire);
-            if processed > owned.saved
-                && self
-                    .buckets
-                    .progress
-                    .put(key(shard), processed.to_string().into())
-                    .await
-                    .is_ok()
-            {
-                owned.saved = processed;
+        }
+        // Only a shard past its replay has progress (and expiry) of its own.
+        let at = cluster.expired_until();
+        let saves = self
+            .owned
+            .iter()
+            .filter(|(shard, _)| leases.live(**shard) && !lost.contains(shard))
+            .filter_map(|(&shard, owned)| {
+                let progress = Progress {
+                    seq: owned.processed.load(Ordering::Acquire).max(owned.floor),
+                    at,
+                };
+                // A future does nothing until polled: building it is free.
+                (progress != owned.saved).then_some(async move {
+                    let saved = progress_store.put(key(shard), progress.encode()).await;
+                    (shard, progress, saved.is_ok())
+                })
+            });
+        for (shard, progress, saved) in futures_util::future::join_all(saves).await {
+            if let Some(owned) = self.owned.get_mut(&shard).filter(|_| saved) {
+                owned.saved = progress;
             }
         }
         for shard in lost {
             if let Some(owned) = self.owned.remove(&shard) {
                 owned.stop.cancel();
                 let _ = owned.task.await;
-                forget(&self.cluster.index, shard, self.cluster.config.shards);
+                forget(&cluster.index, shard, cluster.config.shards);
+                leases.dropped(shard);
+                // Frees it at once if it is still ours on the server.
+                let _ = store
+                    .delete_expect_revision(key(shard), Some(owned.revision))
+                    .await;
             }
         }
     }
@@ -252,13 +328,12 @@ impl Owner {
             if self.owned.contains_key(&shard) {
                 continue;
             }
+            let sent = self.cluster.leases.now();
             let Ok(revision) = self.buckets.leases.create(key(shard), node.clone()).await else {
                 continue;
             };
             let floor = match self.buckets.progress.get(key(shard)).await {
-                Ok(value) => value
-                    .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok())
-                    .unwrap_or(0),
+                Ok(value) => value.and_then(|v| Progress::decode(&v)).unwrap_or_default(),
                 Err(e) => {
                     // Without the floor a replay could re-page: give the lease back.
                     tracing::warn!(shard, error = %e, "Cannot read shard progress; not taking it now.");
@@ -270,6 +345,7 @@ impl Owner {
                     continue;
                 }
             };
+            self.cluster.leases.taken(shard, sent, floor.seq > 0);
             let processed = Arc::new(AtomicU64::new(0));
             let stop = CancellationToken::new();
             let task = tokio::spawn(follow(
@@ -286,6 +362,7 @@ impl Owner {
                 Owned {
                     revision,
                     processed,
+                    floor: floor.seq,
                     saved: floor,
                     stop,
                     task,
@@ -298,57 +375,76 @@ impl Owner {
         }
     }
 
-    /// Hands a shard back gracefully: stop following, save where we got to,
-    /// delete the lease, and forget the shard's index entries.
-    async fn release(&mut self, shard: u32) {
-        let Some(owned) = self.owned.remove(&shard) else {
-            return;
-        };
-        owned.stop.cancel();
-        let _ = owned.task.await;
-        let processed = owned.processed.load(Ordering::Acquire);
-        if processed > owned.saved
-            && let Err(e) = self
-                .buckets
-                .progress
-                .put(key(shard), processed.to_string().into())
-                .await
-        {
-            tracing::warn!(shard, error = %e, "Could not save progress; the next owner may page again.");
-        }
-        if let Err(e) = self
-            .buckets
-            .leases
-            .delete_expect_revision(key(shard), Some(owned.revision))
-            .await
-        {
-            tracing::debug!(shard, error = %e, "Could not delete the lease; it will lapse.");
-        }
-        forget(&self.cluster.index, shard, self.cluster.config.shards);
+    /// Hands shards back gracefully, all at once: each pauses its expiry,
+    /// stops following, saves where it got to, deletes its lease and forgets
+    /// its index entries. Together, so handing back many shards (shutdown)
+    /// takes a few round trips, not a few per shard: no shard's local
+    /// deadline passes (which would skip its progress save) on the way.
+    async fn release(&mut self, shards: Vec<u32>) {
+        let cluster = self.cluster.clone();
+        let buckets = &self.buckets;
+        let handed = shards.into_iter().filter_map(|shard| {
+            let owned = self.owned.remove(&shard)?;
+            Some(hand_back(&cluster, buckets, shard, owned))
+        });
+        futures_util::future::join_all(handed.collect::<Vec<_>>()).await;
     }
+}
+
+/// One shard of [`Owner::release`].
+async fn hand_back(cluster: &Cluster, buckets: &Buckets, shard: u32, owned: Owned) {
+    let leases = &cluster.leases;
+    let live = leases.live(shard);
+    // Read before pausing: every expiry up to here ran; one in flight may
+    // page again on the next owner (at least once, never lost).
+    let at = cluster.expired_until();
+    leases.pause(shard);
+    owned.stop.cancel();
+    let _ = owned.task.await;
+    let progress = Progress {
+        seq: owned.processed.load(Ordering::Acquire).max(owned.floor),
+        at,
+    };
+    // Still replaying: the previous owner's progress stands.
+    if live
+        && progress != owned.saved
+        && let Err(e) = buckets.progress.put(key(shard), progress.encode()).await
+    {
+        tracing::warn!(shard, error = %e, "Could not save progress; the next owner may page again.");
+    }
+    if let Err(e) = buckets
+        .leases
+        .delete_expect_revision(key(shard), Some(owned.revision))
+        .await
+    {
+        tracing::debug!(shard, error = %e, "Could not delete the lease; it will lapse.");
+    }
+    forget(&cluster.index, shard, cluster.config.shards);
+    leases.dropped(shard);
 }
 
 /// Drops this node's index entries of a shard it no longer owns: the new
-/// owner has them, and a host's entries must live on one node only.
+/// owner has them, and a host's entries must live on one node only. Not an
+/// expiry: nothing goes through the rules or to subscribers.
 fn forget(index: &Index, shard: u32, shards: u32) {
-    let mut forgotten = 0;
-    for mut event in index.entries() {
-        if shard_of(event.host_str(), shards) == shard {
-            event.state = Some("expired".to_owned());
-            index.insert(&event);
-            forgotten += 1;
-        }
-    }
+    let forgotten = index.remove_where(|host| shard_of(host, shards) == shard);
     tracing::debug!(shard, forgotten, "Forgot a released shard's entries.");
 }
 
-/// Follows one shard until `stop`: replays it from the start of retention,
-/// then stays live, re-subscribing after the last processed sequence when
-/// the consumer fails (e.g. NATS restarted).
+/// How following a shard ended.
+enum Ended {
+    Stopped,
+    /// The local lease deadline passed: another node may own it soon.
+    Fenced,
+}
+
+/// Follows one shard until `stop` or its lease deadline: replays it from the
+/// start of retention, then stays live, re-subscribing after the last
+/// processed sequence when the consumer fails (e.g. NATS restarted).
 async fn follow(
     cluster: Arc<Cluster>,
     shard: u32,
-    floor: u64,
+    floor: Progress,
     processed: Arc<AtomicU64>,
     streams: Arc<dyn Streams>,
     clock: SharedClock,
@@ -356,16 +452,26 @@ async fn follow(
 ) {
     tracing::debug!(
         shard,
-        replay_until = floor,
+        replay_until = floor.seq,
         "Following a shard (outputs suppressed while replaying)."
     );
-    let mut live = floor == 0;
+    let mut live = floor.seq == 0;
     loop {
         let followed = consume(
             &cluster, shard, floor, &processed, &*streams, &clock, &stop, &mut live,
         );
         match followed.await {
-            Ok(()) => return,
+            Ok(Ended::Stopped) => return,
+            Ok(Ended::Fenced) => {
+                // Gone from the index before anyone else can take the lease,
+                // so nothing of it expires (or pages) here any more.
+                forget(&cluster.index, shard, cluster.config.shards);
+                tracing::warn!(
+                    shard,
+                    "Lease deadline passed without a renewal; stopped running the shard."
+                );
+                return;
+            }
             Err(e) => {
                 tracing::warn!(shard, error = %e, "Shard consumer failed; resuming.");
                 tokio::select! {
@@ -377,17 +483,37 @@ async fn follow(
     }
 }
 
+/// The replay reached the previous owner's progress: entries whose TTL ran
+/// out before its last expiry pass were expired (and reported) by it, so they
+/// go quietly; then the shard's expiry runs here.
+fn catch_up(cluster: &Cluster, shard: u32, floor: Progress, streams: &dyn Streams) {
+    let shards = cluster.config.shards;
+    let ours = |host: &str| shard_of(host, shards) == shard;
+    let quiet = outputs::suppressed(|| {
+        cluster
+            .index
+            .expire_where(floor.at, ours, |chunk| streams.process(chunk))
+    });
+    cluster.leases.caught_up(shard);
+    tracing::debug!(
+        shard,
+        seq = floor.seq,
+        expired_quietly = quiet,
+        "Shard replay caught up; outputs live."
+    );
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn consume(
     cluster: &Cluster,
     shard: u32,
-    floor: u64,
+    floor: Progress,
     processed: &AtomicU64,
     streams: &dyn Streams,
     clock: &SharedClock,
     stop: &CancellationToken,
     live: &mut bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let stream = cluster.js.get_stream(STREAM).await?;
     let deliver_policy = match processed.load(Ordering::Acquire) {
         0 => DeliverPolicy::All,
@@ -395,21 +521,43 @@ async fn consume(
             start_sequence: seq + 1,
         },
     };
-    let consumer = stream
+    let mut consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: subject(shard),
             deliver_policy,
             ..Default::default()
         })
         .await?;
+    // Nothing (left) to replay: e.g. retention dropped the shard's history.
+    if !*live && consumer.info().await?.num_pending == 0 {
+        catch_up(cluster, shard, floor, streams);
+        *live = true;
+    }
     let mut messages = consumer.messages().await?;
+    let leases = &cluster.leases;
     loop {
         let message = tokio::select! {
             message = messages.next() => message,
-            () = stop.cancelled() => return Ok(()),
+            () = stop.cancelled() => return Ok(Ended::Stopped),
+            () = tokio::time::sleep(leases.remaining(shard)) => {
+                if leases.valid(shard) {
+                    continue; // Renewed meanwhile.
+                }
+                return Ok(Ended::Fenced);
+            }
         };
+        // Checked per message too: after a pause (SIGSTOP, a stalled VM) a
+        // message and the deadline are ready at once.
+        if !leases.valid(shard) {
+            return Ok(Ended::Fenced);
+        }
         let message = message.ok_or_else(|| anyhow!("consumer ended"))??;
-        let seq = message.info().map_err(|e| anyhow!("{e}"))?.stream_sequence;
+        let info = message.info().map_err(|e| anyhow!("{e}"))?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        if !*live && seq > floor.seq {
+            catch_up(cluster, shard, floor, streams);
+            *live = true;
+        }
         match Msg::decode(message.payload.clone()) {
             Ok(msg) => {
                 let now = clock.now();
@@ -418,14 +566,10 @@ async fn consume(
                     .into_iter()
                     .map(|pb| proto::from_pb(pb, now))
                     .collect();
-                if seq <= floor {
-                    outputs::suppressed(|| streams.process(&events));
-                } else {
-                    if !*live {
-                        *live = true;
-                        tracing::debug!(shard, seq, "Shard replay caught up; outputs live.");
-                    }
+                if *live {
                     streams.process(&events);
+                } else {
+                    outputs::suppressed(|| streams.process(&events));
                 }
             }
             Err(e) => {
@@ -433,5 +577,30 @@ async fn consume(
             }
         }
         processed.store(seq, Ordering::Release);
+        if !*live && (seq >= floor.seq || pending == 0) {
+            catch_up(cluster, shard, floor, streams);
+            *live = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_round_trips_and_reads_the_old_form() {
+        let progress = Progress {
+            seq: 42,
+            at: 1_700_000_000_000_000,
+        };
+        assert_eq!(Progress::decode(&progress.encode()), Some(progress));
+        assert_eq!(
+            Progress::decode(b"17"),
+            Some(Progress { seq: 17, at: 0 }),
+            "saved by an older vigil"
+        );
+        assert_eq!(Progress::decode(b"x"), None);
+        assert_eq!(Progress::decode(b"1 y"), None);
     }
 }

@@ -1,7 +1,9 @@
 //! `POST`/`PUT /events`: newline-delimited JSON events, for agents that cannot
 //! speak protobuf. Each non-blank line is answered, in order, with `{}` or
 //! `{"error": "…"}` naming the field at fault; the accepted events then go
-//! through the pipeline as one batch, like a TCP message's.
+//! through the pipeline as one batch, like a TCP message's. In a cluster the
+//! reply waits until JetStream stored them; if it did not, the answer is
+//! `503` with `{"error": …}` and the client should resend.
 //!
 //! Fields are Riemann's JSON names (`metric_f`, `metric_d` and `metric_sint64`
 //! also name the metric). `time` is ISO 8601 UTC (`2024-01-02T03:04:05.678Z`)
@@ -67,7 +69,15 @@ pub(super) async fn post(State(state): State<AppState>, body: Bytes) -> Response
         );
     }
     if !events.is_empty() {
-        state.streams.process(&events);
+        match &state.cluster {
+            Some(cluster) => {
+                if let Err(e) = cluster.publish(&events).await {
+                    tracing::warn!(error = %e, count = events.len(), "POST /events not stored by the cluster.");
+                    return error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e }));
+                }
+            }
+            None => state.streams.process(&events),
+        }
     }
     ([(header::CONTENT_TYPE, "application/x-ndjson")], answers).into_response()
 }

@@ -2,7 +2,9 @@
 //! form. A plain request gets a JSON array; a WebSocket upgrade gets each match
 //! as one text frame, then (with `subscribe=true`) every matching event as it
 //! is indexed or expires; `Accept: text/event-stream` gets the same as SSE
-//! (`data: <json>`), snapshot then live.
+//! (`data: <json>`), snapshot then live. In a cluster the snapshot and the
+//! live updates cover every node (`local=true`: this node's index only, for
+//! plain requests).
 //!
 //! A subscriber whose queue fills is dropped by the pubsub (counted there):
 //! its WebSocket gets close code 1013 with the reason, its SSE stream ends.
@@ -53,18 +55,11 @@ pub(super) async fn get_index(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_sse {
-        return event_stream(state, query);
+        return event_stream(state, query).await;
     }
-    let found = match (&state.cluster, params.local) {
-        (Some(cluster), false) => {
-            // Parsed above, so the text is there.
-            let text = params.query.as_deref().unwrap_or_default();
-            match cluster.query(text).await {
-                Ok(found) => found,
-                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
-            }
-        }
-        _ => state.telemetry.index.query(&query),
+    let found = match state.snapshot(&query, params.local).await {
+        Ok(found) => found,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
     };
     let events: Vec<_> = found.iter().map(json::to_json).collect();
     Json(events).into_response()
@@ -76,7 +71,7 @@ pub(super) async fn get_sse(
     Params(params): Params<IndexParams>,
 ) -> Response {
     match parse(&state, params.query.as_deref()) {
-        Ok(query) => event_stream(state, query),
+        Ok(query) => event_stream(state, query).await,
         Err(body) => error(StatusCode::BAD_REQUEST, body),
     }
 }
@@ -103,8 +98,15 @@ fn frame(event: &Event) -> Message {
 }
 
 async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscribe: bool) {
-    let subscription = subscribe.then(|| state.subscribe(&query));
-    for event in state.telemetry.index.query(&query) {
+    let subscription = match subscribe {
+        true => Some(state.subscribe(&query).await),
+        false => None,
+    };
+    let Ok(snapshot) = state.snapshot(&query, false).await else {
+        close(socket, close_code::ERROR, "cluster query failed").await;
+        return;
+    };
+    for event in snapshot {
         if socket.send(frame(&event)).await.is_err() {
             return;
         }
@@ -152,10 +154,13 @@ async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
 
 /// Snapshot then live, as Server-Sent Events, until the subscriber falls
 /// behind or the server shuts down.
-fn event_stream(state: AppState, query: Query) -> Response {
+async fn event_stream(state: AppState, query: Query) -> Response {
     tracing::debug!(%query, "SSE subscriber connected.");
-    let subscription = state.subscribe(&query);
-    let snapshot = state.telemetry.index.query(&query);
+    let subscription = state.subscribe(&query).await;
+    let snapshot = match state.snapshot(&query, false).await {
+        Ok(snapshot) => snapshot,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
+    };
     let live = stream::unfold(subscription, |mut subscription| async move {
         let event = subscription.rx.recv().await?;
         Some((event, subscription))

@@ -64,6 +64,13 @@ fn render(s: &Sample) -> String {
         slow,
         s.slow_disconnects,
     );
+    let forward = "Index changes a cluster owner dropped instead of forwarding to subscribers.";
+    out.single(
+        "vigil_cluster_forward_dropped_total",
+        "counter",
+        forward,
+        s.forward_dropped,
+    );
 
     type Field = fn(&crate::selfmetrics::OutputSample) -> u64;
     let outputs: [(&str, &str, &str, Field); 6] = [

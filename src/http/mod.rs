@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
+use crate::event::Event;
 use crate::pubsub::{self, Subscription};
 use crate::query::Query;
 use crate::selfmetrics::Telemetry;
@@ -71,7 +72,8 @@ impl Default for HttpConfig {
 #[derive(Clone)]
 struct AppState {
     telemetry: Arc<Telemetry>,
-    /// Where `POST /events` sends what it accepts: the server's pipeline.
+    /// Where `POST /events` sends what it accepts without a cluster: the
+    /// server's pipeline.
     streams: Arc<dyn Streams>,
     clock: SharedClock,
     token: Option<Arc<str>>,
@@ -88,13 +90,31 @@ impl AppState {
     }
 
     /// A live subscription, counted; made before the snapshot is taken so no
-    /// event falls between the two (one may arrive in both).
-    fn subscribe(&self, query: &Query) -> Subscription {
+    /// event falls between the two (one may arrive in both). In a cluster it
+    /// sees every node's changes.
+    async fn subscribe(&self, query: &Query) -> Subscription {
         Stats::incr(&self.stats().subscriptions);
-        self.telemetry
-            .index
-            .pubsub()
-            .subscribe(query.clone(), self.subscriber_capacity)
+        match &self.cluster {
+            Some(cluster) => {
+                cluster
+                    .subscribe(query.clone(), self.subscriber_capacity)
+                    .await
+            }
+            None => self
+                .telemetry
+                .index
+                .pubsub()
+                .subscribe(query.clone(), self.subscriber_capacity),
+        }
+    }
+
+    /// What the index holds that matches: every node's in a cluster, unless
+    /// `local`.
+    async fn snapshot(&self, query: &Query, local: bool) -> Result<Vec<Event>, String> {
+        match (&self.cluster, local) {
+            (Some(cluster), false) => cluster.query(query.as_str()).await,
+            _ => Ok(self.telemetry.index.query(query)),
+        }
     }
 }
 

@@ -37,7 +37,8 @@ const SHARDS: usize = 64;
 
 /// How many due deadlines an expiry pass handles per shard lock, so a mass expiry
 /// never holds a shard away from ingest for long.
-const EXPIRE_CHUNK: usize = 1024;
+/// (Small under test, so tests cross chunks with a few thousand keys.)
+const EXPIRE_CHUNK: usize = if cfg!(test) { 64 } else { 1024 };
 
 #[derive(Debug, Clone)]
 pub struct IndexConfig {
@@ -288,21 +289,59 @@ impl Index {
         Ok(())
     }
 
-    /// A copy of every entry. Locks one shard at a time, so
-    /// ingest only ever waits for one shard's copy, never for the whole index.
-    pub fn entries(&self) -> Vec<Event> {
-        let mut out = Vec::with_capacity(self.len());
+    /// Removes every entry of the hosts `select` picks, quietly: no expiry
+    /// notice, nothing to subscribers (a cluster node forgetting a shard it no
+    /// longer owns). One shard locked at a time; returns how many went.
+    pub fn remove_where(&self, select: impl Fn(&str) -> bool) -> usize {
+        let mut removed = 0;
         for shard in self.shards.iter() {
-            out.extend(shard.lock().entries.iter().map(|e| e.packed.to_event()));
+            let mut shard = shard.lock();
+            let shard = &mut *shard;
+            let before = shard.entries.len();
+            let deadlines = &mut shard.deadlines;
+            let hasher = &self.hasher;
+            shard.entries.retain(|entry| {
+                if !select(entry.packed.host()) {
+                    return true;
+                }
+                let hash = hasher.hash_one(entry.packed.key());
+                deadlines.remove(&(entry.packed.scheduled(), hash));
+                false
+            });
+            removed += before - shard.entries.len();
         }
-        out
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
     }
 
     /// Removes every entry whose deadline is before `now` and hands the
     /// `expired` notices for them to `emit` (to be run back through the
     /// streams), a chunk at a time, shard by shard: no shard is locked while
     /// notices are made or `emit` runs. Returns how many expired.
-    pub fn expire(&self, now: Micros, mut emit: impl FnMut(&[Event])) -> usize {
+    pub fn expire(&self, now: Micros, emit: impl FnMut(&[Event])) -> usize {
+        self.expire_held(now, None, emit)
+    }
+
+    /// Like [`Index::expire`], but the entries of hosts `may_expire` refuses
+    /// stay (due, and looked at again by the next pass): a cluster node holds
+    /// back the expiry of a shard it is replaying or handing over.
+    pub fn expire_where(
+        &self,
+        now: Micros,
+        may_expire: impl Fn(&str) -> bool,
+        emit: impl FnMut(&[Event]),
+    ) -> usize {
+        self.expire_held(now, Some(&may_expire), emit)
+    }
+
+    /// `may_expire` is optional, not "always true", so a plain expiry never
+    /// reads an entry's block to find its host.
+    fn expire_held(
+        &self,
+        now: Micros,
+        may_expire: Option<&dyn Fn(&str) -> bool>,
+        mut emit: impl FnMut(&[Event]),
+    ) -> usize {
         let mut due = Vec::with_capacity(EXPIRE_CHUNK);
         // Reused chunk after chunk, so a mass expiry allocates the notices'
         // strings once, not once per entry.
@@ -311,13 +350,17 @@ impl Index {
         for shard in self.shards.iter() {
             let mut locked = shard.lock();
             if mass_expiry(&locked, now) {
-                self.sweep(&mut locked, now, &mut due);
+                self.sweep(&mut locked, now, may_expire, &mut due);
             } else {
-                while self.expire_chunk(&mut locked, now, &mut due) {
+                // Slots of held entries go back once the pass is over: put
+                // back at once, the next chunk would meet them again.
+                let mut held = Vec::new();
+                while self.expire_chunk(&mut locked, now, may_expire, &mut due, &mut held) {
                     // Let ingest in between chunks.
                     drop(locked);
                     locked = shard.lock();
                 }
+                locked.deadlines.extend(held);
             }
             drop(locked);
             total += due.len();
@@ -340,7 +383,13 @@ impl Index {
     /// A mass expiry (see [`mass_expiry`]): walks the shard's table in memory
     /// order once, instead of chasing each due deadline to an entry at a
     /// random address. The shard is locked for one pass over it.
-    fn sweep(&self, shard: &mut Shard, now: Micros, out: &mut Vec<Packed>) {
+    fn sweep(
+        &self,
+        shard: &mut Shard,
+        now: Micros,
+        may_expire: Option<&dyn Fn(&str) -> bool>,
+        out: &mut Vec<Packed>,
+    ) {
         let not_due = shard.deadlines.split_off(&(now, 0));
         // The due slots are all settled below: expired, or re-armed.
         shard.deadlines = not_due;
@@ -348,9 +397,11 @@ impl Index {
         let hasher = &self.hasher;
         let before = out.len();
         let expired = shard.entries.extract_if(|entry| {
-            if entry.deadline < now {
+            if entry.deadline < now && may_expire.is_none_or(|may| may(entry.packed.host())) {
                 return true;
             }
+            // Refreshed, or held (then re-armed at its past deadline: due
+            // again at the next pass).
             if entry.packed.scheduled() < now {
                 let hash = hasher.hash_one(entry.packed.key());
                 let slot = schedule(deadlines, entry.deadline, hash);
@@ -363,8 +414,15 @@ impl Index {
     }
 
     /// Handles up to [`EXPIRE_CHUNK`] due deadlines one by one; true if more
-    /// may be due.
-    fn expire_chunk(&self, shard: &mut Shard, now: Micros, out: &mut Vec<Packed>) -> bool {
+    /// may be due. The slots of held entries are taken out into `held`.
+    fn expire_chunk(
+        &self,
+        shard: &mut Shard,
+        now: Micros,
+        may_expire: Option<&dyn Fn(&str) -> bool>,
+        out: &mut Vec<Packed>,
+        held: &mut Vec<(Micros, u64)>,
+    ) -> bool {
         for _ in 0..EXPIRE_CHUNK {
             let Some(&(scheduled, hash)) = shard.deadlines.first() else {
                 return false;
@@ -380,7 +438,10 @@ impl Index {
             else {
                 continue;
             };
-            if occupied.get().deadline < now {
+            let entry = occupied.get();
+            if entry.deadline < now && may_expire.is_some_and(|may| !may(entry.packed.host())) {
+                held.push((scheduled, hash));
+            } else if entry.deadline < now {
                 let (entry, _) = occupied.remove();
                 self.len.fetch_sub(1, Ordering::Relaxed);
                 out.push(entry.packed);
@@ -612,22 +673,6 @@ mod tests {
     }
 
     #[test]
-    fn entries_copies_every_shard() {
-        let index = Index::new(IndexConfig::default());
-        let n = SHARDS * 4;
-        for i in 0..n {
-            index.insert(&event("h", &i.to_string(), T0, None));
-        }
-        let mut services: Vec<usize> = index
-            .entries()
-            .iter()
-            .map(|e| e.service_str().parse().unwrap())
-            .collect();
-        services.sort_unstable();
-        assert_eq!(services, (0..n).collect::<Vec<_>>());
-    }
-
-    #[test]
     fn subscribers_see_stored_and_expired_events_but_not_refusals() {
         let index = Index::new(IndexConfig {
             default_ttl: 60.0,
@@ -773,5 +818,80 @@ mod tests {
             Err("disk full")
         });
         assert_eq!((stopped, calls), (Err("disk full"), 1));
+    }
+
+    #[test]
+    fn held_entries_stay_until_allowed_to_expire() {
+        let index = Index::new(IndexConfig::default());
+        index.insert(&event("held", "x", T0, Some(1.0)));
+        index.insert(&event("free", "x", T0, Some(1.0)));
+        let later = T0 + secs(5);
+        let held = |host: &str| host != "held";
+        let mut out = Vec::new();
+        assert_eq!(
+            index.expire_where(later, held, |c| out.extend_from_slice(c)),
+            1
+        );
+        assert_eq!(out[0].host_str(), "free");
+        assert!(index.get("held", "x").is_some(), "held back, still indexed");
+        out.clear();
+        assert_eq!(
+            index.expire_where(later, held, |c| out.extend_from_slice(c)),
+            0
+        );
+        assert_eq!(expire_all(&index, later).len(), 1, "expires once allowed");
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn held_entries_beyond_a_chunk_do_not_stall_the_pass() {
+        let index = Index::new(IndexConfig::default());
+        // Few due among many (one by one), and more held per shard than a
+        // chunk: the pass must end, and the held keys expire later.
+        let n = SHARDS * EXPIRE_CHUNK * 40;
+        for i in 0..n {
+            let (host, ttl) = if i % 20 == 0 {
+                ("held", 1.0)
+            } else {
+                ("kept", 100.0)
+            };
+            index.insert(&event(host, &i.to_string(), T0, Some(ttl)));
+        }
+        let later = T0 + secs(5);
+        assert_eq!(index.expire_where(later, |host| host != "held", |_| {}), 0);
+        assert_eq!(index.len(), n);
+        assert_eq!(expire_all(&index, later).len(), n / 20);
+    }
+
+    #[test]
+    fn removed_entries_leave_no_deadline_behind() {
+        let index = Index::new(IndexConfig::default());
+        let mut sub = index.pubsub().subscribe(Query::parse("true").unwrap(), 100);
+        for i in 0..100 {
+            let host = if i % 4 == 0 { "gone" } else { "kept" };
+            index.insert(&event(host, &i.to_string(), T0, Some(1.0)));
+        }
+        while sub.rx.try_recv().is_ok() {}
+        assert_eq!(index.remove_where(|host| host == "gone"), 25);
+        assert_eq!(index.len(), 75);
+        assert!(index.get("gone", "0").is_none());
+        assert!(sub.rx.try_recv().is_err(), "quietly");
+        let expired = expire_all(&index, T0 + secs(5));
+        assert_eq!(expired.len(), 75);
+        assert!(expired.iter().all(|e| e.host_str() == "kept"));
+    }
+
+    #[test]
+    fn a_mass_expiry_holds_back_too() {
+        let index = Index::new(IndexConfig::default());
+        let n = SHARDS * EXPIRE_CHUNK * 2;
+        for i in 0..n {
+            let host = if i % 2 == 0 { "held" } else { "free" };
+            index.insert(&event(host, &i.to_string(), T0, Some(1.0)));
+        }
+        let expired = index.expire_where(T0 + secs(5), |host| host == "free", |_| {});
+        assert_eq!(expired, n / 2);
+        assert_eq!(index.len(), n / 2);
+        assert_eq!(expire_all(&index, T0 + secs(5)).len(), n / 2);
     }
 }

@@ -76,6 +76,11 @@ impl Packed {
         (r.bytes(), r.bytes())
     }
 
+    /// The stored event's host; empty when it has none.
+    pub fn host(&self) -> &str {
+        Reader::at(&self.0, HEADER).str()
+    }
+
     /// A copy of the stored event.
     pub fn to_event(&self) -> Event {
         let mut event = Event::default();

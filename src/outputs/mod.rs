@@ -43,6 +43,12 @@ pub fn suppressed<R>(f: impl FnOnce() -> R) -> R {
     result
 }
 
+/// True inside [`suppressed`]: a replayed batch, whose changes were already
+/// reported by the previous owner.
+pub fn is_suppressed() -> bool {
+    SUPPRESSED.with(std::cell::Cell::get)
+}
+
 /// Where a stream hands events for an output.
 pub trait OutputSink: Send + Sync {
     /// Must not block: a full queue drops (and counts) instead.
@@ -117,7 +123,7 @@ impl Queue {
 
 impl OutputSink for Queue {
     fn push(&self, event: Event) {
-        if SUPPRESSED.with(std::cell::Cell::get) {
+        if is_suppressed() {
             return;
         }
         self.stats.accepted.fetch_add(1, Ordering::AcqRel);
