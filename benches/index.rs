@@ -1,5 +1,5 @@
-//! The index at a million keys: upserting into it, and one expiry pass that
-//! removes all of them.
+//! The index at a million keys: upserting into it, a query that scans it,
+//! and one expiry pass that removes all of them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -9,6 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use vigil::clock::MICROS_PER_SEC;
 use vigil::event::{Event, Metric};
 use vigil::index::{Index, IndexConfig};
+use vigil::query::Query;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -61,9 +62,16 @@ fn index(c: &mut Criterion) {
             }
         })
     });
+
+    // A query no key lookup answers reads every entry (dashboards, `GET
+    // /index`): each is unpacked and matched, a tenth of them copied out.
+    let scan = Query::parse(r#"service = "service 3""#).unwrap();
+    group.throughput(Throughput::Elements(keys() as u64));
+    group.bench_function("query_scan", |b| {
+        b.iter(|| assert_eq!(index.query(&scan).len(), keys() / 10))
+    });
     drop(index);
 
-    group.throughput(Throughput::Elements(keys() as u64));
     group.bench_function("expire_all", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
