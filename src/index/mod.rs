@@ -9,7 +9,7 @@
 //! when its old slot in the deadline set comes due, the entry is found alive and
 //! re-scheduled once. Each entry holds exactly one slot in the set.
 //!
-//! Entries are stored packed, one heap block each (see [`packed`]): the
+//! Entries are stored packed, one heap block each (see `packed.rs`): the
 //! index is the one place that keeps an event per key for hours, so it keeps
 //! them small, and unpacks on the way out.
 
@@ -263,7 +263,7 @@ impl Index {
     }
 
     /// Every entry, a shard at a time: each shard is unpacked under its lock
-    /// (its blocks warmed a chunk at a time, see [`warm`]) into one buffer
+    /// (its blocks warmed a chunk at a time, see `warm`) into one buffer
     /// reused from shard to shard, and `f` runs with no lock held. A snapshot
     /// of a million keys so holds 1/64th of them as events.
     pub fn for_each_shard<E>(&self, mut f: impl FnMut(&[Event]) -> Result<(), E>) -> Result<(), E> {
