@@ -79,24 +79,17 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
     }
 }
 
-/// Writes `events` as a snapshot to `out`.
-pub fn encode(events: &[Event], out: impl Write) -> io::Result<()> {
-    let mut encoder = Encoder::new(out)?;
-    encoder.push(events)?;
-    encoder.finish().map(drop)
-}
-
 /// Writes a snapshot as its entries come, a batch at a time, so a big index
 /// is never copied out whole (at a million keys that copy alone would more
 /// than double the process's memory every snapshot interval).
-pub struct Encoder<W: Write> {
+struct Encoder<W: Write> {
     out: CrcWriter<W>,
     buf: Vec<u8>,
     count: u64,
 }
 
 impl<W: Write> Encoder<W> {
-    pub fn new(out: W) -> io::Result<Self> {
+    fn new(out: W) -> io::Result<Self> {
         let mut out = CrcWriter {
             inner: out,
             crc: crc32fast::Hasher::new(),
@@ -110,7 +103,7 @@ impl<W: Write> Encoder<W> {
         })
     }
 
-    pub fn push(&mut self, events: &[Event]) -> io::Result<()> {
+    fn push(&mut self, events: &[Event]) -> io::Result<()> {
         for event in events {
             self.buf.clear();
             to_pb(event)
@@ -126,7 +119,7 @@ impl<W: Write> Encoder<W> {
     }
 
     /// Writes the trailer; returns how many entries the snapshot holds.
-    pub fn finish(mut self) -> io::Result<u64> {
+    fn finish(mut self) -> io::Result<u64> {
         self.out.write_all(&self.count.to_le_bytes())?;
         let crc = self.out.crc.finalize();
         self.out.inner.write_all(&crc.to_le_bytes())?;
@@ -401,7 +394,9 @@ mod tests {
 
     fn encoded(events: &[Event]) -> Vec<u8> {
         let mut out = Vec::new();
-        encode(events, &mut out).unwrap();
+        let mut encoder = Encoder::new(&mut out).unwrap();
+        encoder.push(events).unwrap();
+        encoder.finish().unwrap();
         out
     }
 
