@@ -222,21 +222,9 @@ pub struct Grpc {
 
 impl Grpc {
     /// Binds `addr` and serves. `max_message` bounds each decoded request
-    /// message, as `--max-frame` bounds a TCP frame.
+    /// message, as `--max-frame` bounds a TCP frame. With a cluster, events
+    /// go to JetStream and `Query` and `Subscribe` cover every node.
     pub async fn start(
-        addr: SocketAddr,
-        max_message: usize,
-        index: Arc<Index>,
-        streams: Arc<dyn Streams>,
-        clock: SharedClock,
-        stats: Arc<Stats>,
-    ) -> io::Result<Grpc> {
-        Self::start_clustered(addr, max_message, index, streams, clock, stats, None).await
-    }
-
-    /// Like [`Grpc::start`]; with a cluster, events go to JetStream and
-    /// `Query` and `Subscribe` cover every node.
-    pub async fn start_clustered(
         addr: SocketAddr,
         max_message: usize,
         index: Arc<Index>,

@@ -416,7 +416,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let grpc = match args.grpc {
         Some(addr) => Some(
-            Grpc::start_clustered(
+            Grpc::start(
                 addr,
                 args.max_frame,
                 index.clone(),

@@ -285,6 +285,7 @@ async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) 
         Arc::new(IndexEverything::new(index.clone())),
         Arc::new(SystemClock),
         stats.clone(),
+        None,
     )
     .await
     .expect("gRPC listener starts");
