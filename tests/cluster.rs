@@ -10,7 +10,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -245,22 +244,41 @@ fn assert_each_once(pages: &[String], hosts: &BTreeSet<String>) {
     assert_eq!(&paged, hosts, "exactly these hosts page");
 }
 
-/// Pages once when a host's disk goes from ok to critical.
-fn pager_rules(dir: &Path, url: &str) -> std::path::PathBuf {
-    let path = dir.join("pager.vigil");
+/// A pager receiver and a rules file (in a temp dir kept as long as this)
+/// that indexes everything and pages it from the given streams.
+struct Paging {
+    pager: Pager,
+    rules: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Pages once per host turning critical.
+const PAGE_ON_CRITICAL: &str = r#"changed_state {
+    where state = "critical" { pager }
+  }"#;
+
+/// Pages each expiry.
+const PAGE_ON_EXPIRY: &str = r#"where state = "expired" { pager }"#;
+
+fn paging(streams: &str) -> Paging {
+    let (pager, url) = Pager::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("paging.vigil");
     let source = format!(
         r#"output pager = webhook(url: "{url}")
 
 streams {{
   index
-  changed_state {{
-    where state = "critical" {{ pager }}
-  }}
+  {streams}
 }}
 "#
     );
     std::fs::write(&path, source).unwrap();
-    path
+    Paging {
+        pager,
+        rules: path.to_str().unwrap().to_owned(),
+        _dir: dir,
+    }
 }
 
 /// `ok` then `critical` for each host: one transition each.
@@ -328,10 +346,8 @@ fn three_nodes_split_the_hosts_and_each_answers_for_all() {
 fn pages_fire_once_across_a_node_kill_and_a_rejoin() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let nats = Nats::start();
-    let (pager, url) = Pager::start();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = pager_rules(dir.path(), &url);
-    let rules = rules.to_str().unwrap();
+    let Paging { pager, rules, _dir } = paging(PAGE_ON_CRITICAL);
+    let rules = rules.as_str();
     let mut nodes: Vec<Vigil> = (1..=3)
         .map(|i| node(&nats, &format!("n{i}"), &["--rules", rules]))
         .collect();
@@ -598,30 +614,12 @@ fn http_events_are_acked_only_once_stored() {
     assert!(stored("after"), "queryable once the POST was answered");
 }
 
-/// Pages every expiry.
-fn expiry_rules(dir: &Path, url: &str) -> std::path::PathBuf {
-    let path = dir.join("expiry.vigil");
-    let source = format!(
-        r#"output pager = webhook(url: "{url}")
-
-streams {{
-  index
-  where state = "expired" {{ pager }}
-}}
-"#
-    );
-    std::fs::write(&path, source).unwrap();
-    path
-}
-
 #[test]
 fn an_expiry_the_old_owner_paged_is_not_paged_again_after_replay() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let nats = Nats::start();
-    let (pager, url) = Pager::start();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = expiry_rules(dir.path(), &url);
-    let rules = rules.to_str().unwrap();
+    let Paging { pager, rules, _dir } = paging(PAGE_ON_EXPIRY);
+    let rules = rules.as_str();
     let mut first = node(&nats, "n1", &["--rules", rules]);
     let gone = Event {
         ttl: Some(1.0),
@@ -665,10 +663,8 @@ fn signal(node: &Vigil, signal: libc::c_int) {
 fn a_paused_node_does_not_page_for_shards_taken_over_meanwhile() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let nats = Nats::start();
-    let (pager, url) = Pager::start();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = pager_rules(dir.path(), &url);
-    let rules = rules.to_str().unwrap();
+    let Paging { pager, rules, _dir } = paging(PAGE_ON_CRITICAL);
+    let rules = rules.as_str();
     let nodes: Vec<Vigil> = (1..=2)
         .map(|i| node(&nats, &format!("n{i}"), &["--rules", rules]))
         .collect();
