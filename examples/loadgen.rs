@@ -6,6 +6,7 @@
 //!     cargo run --release --example loadgen -- latency --secs 60 --spikes 1000 127.0.0.1:5555
 //!     cargo run --release --example loadgen -- udp --batch 10 --secs 10 127.0.0.1:5555
 //!     cargo run --release --example loadgen -- null-sink 127.0.0.1:5599
+//!     cargo run --release --example loadgen -- null-sink --reply-batch 12 127.0.0.1:5599
 //!
 //! Messages are encoded once before the run and cycled, so the generator
 //! spends its time on the socket, not on protobuf.
@@ -17,11 +18,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::{Parser, Subcommand};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
+use tokio_util::codec::Framed;
 
 use vigil::proto::{Attribute, Msg, PbEvent};
 
@@ -51,7 +54,12 @@ enum Mode {
     /// UDP datagrams of `batch` events as fast as the socket takes them; reports sent.
     Udp(Load),
     /// Acks every frame without decoding it: the machine's limit for the same load.
-    NullSink { addr: SocketAddr },
+    NullSink {
+        /// Frames answered with one write at most; vigil's own by default.
+        #[arg(long, default_value_t = vigil::tcp::MAX_BATCH_FRAMES)]
+        reply_batch: usize,
+        addr: SocketAddr,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -81,10 +89,13 @@ struct Load {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // The null sink runs on a runtime shaped like vigil's (a worker per
+    // core); the load generator keeps to one worker.
+    if !matches!(cli.mode, Mode::NullSink { .. }) {
+        runtime.worker_threads(1);
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async {
         match cli.mode {
             Mode::Tcp(load) => tcp(load).await,
@@ -95,7 +106,7 @@ fn main() -> anyhow::Result<()> {
                 addr,
             } => latency(secs, keys, spikes, addr).await,
             Mode::Udp(load) => udp(load).await,
-            Mode::NullSink { addr } => null_sink(addr).await,
+            Mode::NullSink { reply_batch, addr } => null_sink(reply_batch, addr).await,
         }
     })
 }
@@ -336,36 +347,34 @@ async fn udp(load: Load) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn null_sink(addr: SocketAddr) -> anyhow::Result<()> {
+/// vigil's TCP connection handler minus the ingest: the same framing, the
+/// same batching of buffered frames (at most `reply_batch`) and one flush per
+/// batch, each frame acked without being decoded. The gap between the two is
+/// what decoding, the rules and the index cost.
+async fn null_sink(reply_batch: usize, addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     println!("null sink listening on {}", listener.local_addr()?);
+    let ack = Bytes::from_static(&[0x10, 0x01]);
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
+        let ack = ack.clone();
         tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut read = BufReader::with_capacity(64 * 1024, read);
-            let mut skip = vec![0u8; 64 * 1024];
-            let mut acks = Vec::new();
-            loop {
-                let Ok(len) = read.read_u32().await else {
-                    return;
-                };
-                let mut left = len as usize;
-                while left > 0 {
-                    let n = left.min(skip.len());
-                    if read.read_exact(&mut skip[..n]).await.is_err() {
-                        return;
-                    }
-                    left -= n;
+            let mut framed = Framed::new(stream, vigil::tcp::codec(vigil::tcp::DEFAULT_MAX_FRAME));
+            while let Some(Ok(_)) = framed.next().await {
+                let mut frames = 1;
+                while frames < reply_batch
+                    && let Some(Some(Ok(_))) = framed.next().now_or_never()
+                {
+                    frames += 1;
                 }
-                acks.extend_from_slice(&[0, 0, 0, 2, 0x10, 0x01]);
-                // One write per read batch, like vigil.
-                if read.buffer().len() < 4 {
-                    if write.write_all(&acks).await.is_err() {
+                for _ in 0..frames {
+                    if framed.feed(ack.clone()).await.is_err() {
                         return;
                     }
-                    acks.clear();
+                }
+                if SinkExt::<Bytes>::flush(&mut framed).await.is_err() {
+                    return;
                 }
             }
         });
