@@ -354,11 +354,9 @@ async fn udp(load: Load) -> anyhow::Result<()> {
 async fn null_sink(reply_batch: usize, addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     println!("null sink listening on {}", listener.local_addr()?);
-    let ack = Bytes::from_static(&[0x10, 0x01]);
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
-        let ack = ack.clone();
         tokio::spawn(async move {
             let mut framed = Framed::new(stream, vigil::tcp::codec(vigil::tcp::DEFAULT_MAX_FRAME));
             while let Some(Ok(_)) = framed.next().await {
@@ -369,7 +367,7 @@ async fn null_sink(reply_batch: usize, addr: SocketAddr) -> anyhow::Result<()> {
                     frames += 1;
                 }
                 for _ in 0..frames {
-                    if framed.feed(ack.clone()).await.is_err() {
+                    if framed.feed(vigil::proto::ack()).await.is_err() {
                         return;
                     }
                 }
