@@ -5,6 +5,7 @@
 //!     cargo run --release --example loadgen -- latency --secs 60 127.0.0.1:5555
 //!     cargo run --release --example loadgen -- latency --secs 60 --spikes 1000 127.0.0.1:5555
 //!     cargo run --release --example loadgen -- udp --batch 10 --secs 10 127.0.0.1:5555
+//!     cargo run --release --example loadgen -- stall --secs 60
 //!     cargo run --release --example loadgen -- null-sink 127.0.0.1:5599
 //!     cargo run --release --example loadgen -- null-sink --reply-batch 12 127.0.0.1:5599
 //!
@@ -53,6 +54,12 @@ enum Mode {
     },
     /// UDP datagrams of `batch` events as fast as the socket takes them; reports sent.
     Udp(Load),
+    /// A thread that only reads the clock; reports its longest gap. No server's
+    /// latency max on this machine can be below the stalls it shows.
+    Stall {
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
     /// Acks every frame without decoding it: the machine's limit for the same load.
     NullSink {
         /// Frames answered with one write at most; vigil's own by default.
@@ -107,6 +114,11 @@ fn main() -> anyhow::Result<()> {
             } => latency(secs, keys, spikes, addr).await,
             Mode::Udp(load) => udp(load).await,
             Mode::NullSink { reply_batch, addr } => null_sink(reply_batch, addr).await,
+            // Blocks this thread, which nothing else needs meanwhile.
+            Mode::Stall { secs } => {
+                stall(secs);
+                Ok(())
+            }
         }
     })
 }
@@ -308,6 +320,27 @@ async fn latency(
         hist.max()
     );
     Ok(())
+}
+
+/// Spins on the clock for `secs`: any gap between two reads is time the
+/// machine (scheduler, interrupts, hypervisor) took this thread off its core.
+fn stall(secs: u64) {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let (mut last, mut longest) = (start, Duration::ZERO);
+    let (mut over_1ms, mut over_5ms) = (0, 0);
+    while last < deadline {
+        let now = Instant::now();
+        let gap = now - last;
+        longest = longest.max(gap);
+        over_1ms += u32::from(gap >= Duration::from_millis(1));
+        over_5ms += u32::from(gap >= Duration::from_millis(5));
+        last = now;
+    }
+    println!(
+        "stall over {secs} s: longest gap {}us; gaps >= 1 ms: {over_1ms}, >= 5 ms: {over_5ms}",
+        longest.as_micros()
+    );
 }
 
 async fn udp(load: Load) -> anyhow::Result<()> {
