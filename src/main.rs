@@ -168,7 +168,7 @@ struct RunArgs {
     #[arg(long)]
     grpc: Option<SocketAddr>,
     /// Run as one node of a cluster coordinated through this NATS JetStream server
-    /// (e.g. nats://127.0.0.1:4222; docs/cluster.md). Snapshots are off: JetStream keeps the events.
+    /// (e.g. nats://127.0.0.1:4222; src/cluster/README.md). Snapshots are off: JetStream keeps the events.
     #[arg(long, requires = "node_id")]
     cluster: Option<String>,
     /// This node's id, unique among the cluster's live nodes.

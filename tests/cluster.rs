@@ -1,5 +1,5 @@
 //! Scale-out across machines: real `vigil run --cluster` nodes around a real
-//! `nats-server -js` on loopback (docs/cluster.md).
+//! `nats-server -js` on loopback (src/cluster/README.md).
 //!
 //! Each test starts its own nats-server (free port, temp store dir, killed on
 //! drop) and its own nodes. The tests run one at a time: each has three

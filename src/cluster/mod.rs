@@ -1,5 +1,5 @@
 //! Scale-out across machines (`vigil run --cluster nats://…`), over NATS
-//! JetStream. See `docs/cluster.md` for the whole design.
+//! JetStream. See `README.md` beside this file for the whole design.
 //!
 //! - Ingest: every node accepts agent traffic; a `Msg`'s events are grouped by
 //!   shard (a fixed FNV-1a hash of the host, so every node agrees) and each
