@@ -35,6 +35,7 @@ use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
 use crate::query::Query;
 use crate::stats::Stats;
 use crate::streams::Streams;
+use crate::write_deadline::{Deadline, WriteDeadline};
 
 /// The generated code names Riemann's `Event` as `super::riemann::Event`.
 mod riemann {
@@ -213,6 +214,15 @@ fn ended(subscription: &Subscription) -> Status {
     }
 }
 
+/// What bounds a gRPC client.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcLimits {
+    /// Largest decoded request message, as `--max-frame` bounds a TCP frame.
+    pub max_message: usize,
+    /// A connection whose client reads nothing for this long is closed.
+    pub write_timeout: Duration,
+}
+
 /// A running gRPC listener; [`Grpc::shutdown`] stops it.
 pub struct Grpc {
     pub addr: SocketAddr,
@@ -221,12 +231,11 @@ pub struct Grpc {
 }
 
 impl Grpc {
-    /// Binds `addr` and serves. `max_message` bounds each decoded request
-    /// message, as `--max-frame` bounds a TCP frame. With a cluster, events
-    /// go to JetStream and `Query` and `Subscribe` cover every node.
+    /// Binds `addr` and serves within `limits`. With a cluster, events go to
+    /// JetStream and `Query` and `Subscribe` cover every node.
     pub async fn start(
         addr: SocketAddr,
-        max_message: usize,
+        limits: GrpcLimits,
         index: Arc<Index>,
         streams: Arc<dyn Streams>,
         clock: SharedClock,
@@ -236,6 +245,11 @@ impl Grpc {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let deadline = Deadline {
+            timeout: limits.write_timeout,
+            stats: stats.clone(),
+            counter: |stats| &stats.grpc_write_timeouts,
+        };
         let service = pb::vigil_server::VigilServer::new(Service(Arc::new(Shared {
             index,
             streams,
@@ -244,9 +258,11 @@ impl Grpc {
             shutdown: shutdown.clone(),
             cluster,
         })))
-        .max_decoding_message_size(max_message);
+        .max_decoding_message_size(limits.max_message);
         // Acks and subscription events are small writes that should not wait for Nagle.
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(move |accepted| accepted.map(|io| WriteDeadline::new(io, deadline.clone())));
         let server = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());

@@ -26,6 +26,7 @@
 //! - [`stats`]: counters of what vigil itself did.
 //! - [`selfmetrics`]: vigil's own numbers: rule latency, one sample for `/metrics`, self-metric events.
 //! - [`http`]: the HTTP surface: index queries, WebSocket/SSE subscriptions, `POST /events`, `/metrics`, `/health`.
+//! - [`write_deadline`]: how long an HTTP or gRPC peer may leave vigil's writes unread.
 
 pub mod client;
 pub mod clock;
@@ -51,3 +52,4 @@ pub mod tcp;
 pub mod tls;
 pub mod udp;
 pub mod wire;
+pub mod write_deadline;

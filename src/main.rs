@@ -13,7 +13,7 @@ use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::cluster::{Cluster, ClusterConfig};
 use vigil::event::{Event, Metric};
-use vigil::grpc::Grpc;
+use vigil::grpc::{Grpc, GrpcLimits};
 use vigil::http::{HttpConfig, HttpServer};
 use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
 use vigil::rules::engine::Rules;
@@ -99,7 +99,8 @@ struct RunArgs {
     #[arg(long, default_value_t = tcp::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
     max_connections: usize,
     /// Close a TCP connection that has not completed a frame within this long of its previous
-    /// one (idle or slowloris); also bounds TLS handshakes and writing replies (e.g. 60s).
+    /// one (idle or slowloris); also bounds TLS handshakes and writing replies, and how long an
+    /// HTTP or gRPC client may read nothing of a response or subscription (e.g. 60s).
     #[arg(long, default_value = "60s", value_parser = parse_interval)]
     read_timeout: Duration,
     /// Refuse (whole, with an error reply) a Msg with more events than this.
@@ -390,6 +391,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         sse: args.sse,
         token: args.http_token.clone(),
         cluster: cluster.clone(),
+        write_timeout: args.read_timeout,
         ..HttpConfig::default()
     };
     let http = HttpServer::start(
@@ -418,7 +420,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(addr) => Some(
             Grpc::start(
                 addr,
-                args.max_frame,
+                GrpcLimits {
+                    max_message: args.max_frame,
+                    write_timeout: args.read_timeout,
+                },
                 index.clone(),
                 streams.clone(),
                 clock,

@@ -73,6 +73,11 @@ counters! {
     http_event_errors,
     /// HTTP requests refused for a missing or wrong bearer token.
     http_unauthorized,
+    /// HTTP connections (responses, WebSocket and SSE subscribers) closed because
+    /// the client read nothing for `--read-timeout`.
+    http_write_timeouts,
+    /// gRPC connections closed because the client read nothing for `--read-timeout`.
+    grpc_write_timeouts,
     /// WebSocket and SSE subscriptions opened.
     subscriptions,
 }

@@ -4,11 +4,16 @@
 
 mod common;
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt, stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
@@ -17,7 +22,7 @@ use common::Vigil;
 use vigil::client::Client;
 use vigil::clock::{Clock, MICROS_PER_SEC, SystemClock};
 use vigil::event::{Event, Metric};
-use vigil::grpc::{Ack, Grpc, Msg, QueryRequest, VigilClient};
+use vigil::grpc::{Ack, Grpc, GrpcLimits, Msg, QueryRequest, VigilClient};
 use vigil::index::{Index, IndexConfig};
 use vigil::proto::{PbEvent, from_pb, to_pb};
 use vigil::query::Query;
@@ -276,11 +281,19 @@ async fn shutdown_ends_open_streams_with_unavailable() {
 
 /// In-process, indexing everything: for the counters and limits.
 async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) {
+    start_within(GrpcLimits {
+        max_message,
+        write_timeout: Duration::from_secs(60),
+    })
+    .await
+}
+
+async fn start_within(limits: GrpcLimits) -> (Grpc, Arc<Index>, Arc<Stats>) {
     let index = Arc::new(Index::new(IndexConfig::default()));
     let stats = Arc::new(Stats::default());
     let grpc = Grpc::start(
         "127.0.0.1:0".parse().unwrap(),
-        max_message,
+        limits,
         index.clone(),
         Arc::new(IndexEverything::new(index.clone())),
         Arc::new(SystemClock),
@@ -356,4 +369,89 @@ async fn a_subscriber_that_falls_behind_ends_with_resource_exhausted() {
     assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
     assert!(received < BATCHES * PER_BATCH, "dropped before the end");
     grpc.shutdown(WAIT).await;
+}
+
+/// A socket this side never reads, while its writes still go out.
+struct Unread(TcpStream);
+
+impl AsyncRead for Unread {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for Unread {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout() {
+    let (grpc, index, stats) = start_within(GrpcLimits {
+        max_message: 1 << 20,
+        write_timeout: Duration::from_secs(1),
+    })
+    .await;
+    // 2 000 events of 4 KiB: the answer to `true` is ~8 MB.
+    for i in 0..2_000 {
+        index.insert(&Event {
+            description: Some("x".repeat(4096)),
+            ..event("big", &i.to_string())
+        });
+    }
+    // HTTP/2 windows as large as the answer, so only TCP can hold the server
+    // back, and a socket never read: the server's writes wait on it.
+    let tcp = TcpStream::connect(grpc.addr).await.unwrap();
+    let (mut h2, connection) = h2::client::Builder::new()
+        .initial_window_size(1 << 30)
+        .initial_connection_window_size(1 << 30)
+        .handshake::<_, bytes::Bytes>(Unread(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let call = axum::http::Request::post(format!("http://{}/vigil.Vigil/Query", grpc.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (_answer, mut body) = h2.send_request(call, false).unwrap();
+    let request = prost::Message::encode_to_vec(&QueryRequest {
+        query: "true".to_owned(),
+    });
+    // A gRPC message: not compressed, its length, the protobuf.
+    let mut message = vec![0];
+    message.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    message.extend_from_slice(&request);
+    body.send_data(message.into(), true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Stats::get(&stats.grpc_write_timeouts) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled connection was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(Stats::get(&stats.grpc_write_timeouts), 1);
+    // Everyone else is still served.
+    let mut client = connect(grpc.addr).await;
+    let found = query(&mut client, r#"service = "7""#).await.unwrap();
+    assert_eq!(found.len(), 1);
+    grpc.shutdown(Duration::from_secs(5)).await;
 }

@@ -531,6 +531,15 @@ async fn metrics_count_what_was_sent() {
 
 /// Everything in-process on a tiny subscriber queue.
 async fn in_process(capacity: usize) -> (HttpServer, Arc<Index>) {
+    in_process_with(HttpConfig {
+        subscriber_capacity: capacity,
+        ..HttpConfig::default()
+    })
+    .await
+}
+
+/// Everything in-process, `config` listening on an ephemeral port.
+async fn in_process_with(config: HttpConfig) -> (HttpServer, Arc<Index>) {
     let clock: SharedClock = Arc::new(SystemClock);
     let index = Arc::new(Index::new(IndexConfig::default()));
     let (_, compiled) = rules::load(DEFAULT_RULES_NAME, DEFAULT_RULES, EnvPolicy::Strict).unwrap();
@@ -552,8 +561,7 @@ async fn in_process(capacity: usize) -> (HttpServer, Arc<Index>) {
     });
     let config = HttpConfig {
         addr: Some("127.0.0.1:0".parse().unwrap()),
-        subscriber_capacity: capacity,
-        ..HttpConfig::default()
+        ..config
     };
     let http = HttpServer::start(config, telemetry, rules, clock)
         .await
@@ -615,4 +623,51 @@ async fn shutdown_closes_live_subscriptions() {
     let closed = next_json(&mut ws).await.unwrap_err();
     assert_eq!(closed.map(|c| c.0), Some(u16::from(CloseCode::Away)));
     tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_its_response_is_closed_after_the_write_timeout() {
+    let (http, index) = in_process_with(HttpConfig {
+        write_timeout: Duration::from_secs(1),
+        ..HttpConfig::default()
+    })
+    .await;
+    let addr = http.addr.unwrap();
+    // 2 000 events of 4 KiB: the JSON answer to `true` is ~8 MB, far more
+    // than the socket buffers hold.
+    for i in 0..2_000 {
+        index.insert(&Event {
+            description: Some("x".repeat(4096)),
+            ..event("big", &i.to_string(), 60.0, i)
+        });
+    }
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /index?query=true HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, request.as_bytes())
+        .await
+        .unwrap();
+    scrape_until(addr, "the stalled connection timed out", |s| {
+        value(s, "vigil_http_write_timeouts_total", None) == Some(1.0)
+    })
+    .await;
+    // Closed by the server: what the buffers held, then the end, short of the answer.
+    let mut received = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut stalled, &mut received);
+    let _ = tokio::time::timeout(WAIT, read)
+        .await
+        .expect("the server closed the connection");
+    assert!(
+        received.len() < 8_000_000,
+        "only part of the answer: {} bytes",
+        received.len()
+    );
+    // Everyone else is still served.
+    let answer: Value = reqwest::get(url("http", addr, "/index", &[("query", "service = \"7\"")]))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer.as_array().map(Vec::len), Some(1));
+    http.shutdown(WAIT).await;
 }

@@ -38,6 +38,7 @@ use crate::query::Query;
 use crate::selfmetrics::Telemetry;
 use crate::stats::Stats;
 use crate::streams::Streams;
+use crate::write_deadline::{Deadline, DeadlineListener};
 
 /// Riemann's WebSocket port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:5556";
@@ -54,6 +55,9 @@ pub struct HttpConfig {
     pub subscriber_capacity: usize,
     /// Set in cluster mode: `GET /index` answers for every node (unless `local=true`).
     pub cluster: Option<Arc<Cluster>>,
+    /// A connection whose client reads nothing of a response or subscription
+    /// for this long is closed.
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -64,6 +68,7 @@ impl Default for HttpConfig {
             token: None,
             subscriber_capacity: pubsub::DEFAULT_CAPACITY,
             cluster: None,
+            write_timeout: crate::tcp::DEFAULT_READ_TIMEOUT,
         }
     }
 }
@@ -135,6 +140,11 @@ impl HttpServer {
         clock: SharedClock,
     ) -> io::Result<HttpServer> {
         let shutdown = CancellationToken::new();
+        let deadline = Deadline {
+            timeout: config.write_timeout,
+            stats: telemetry.stats.clone(),
+            counter: |stats| &stats.http_write_timeouts,
+        };
         let state = AppState {
             telemetry,
             streams,
@@ -146,11 +156,15 @@ impl HttpServer {
         };
         let tracker = TaskTracker::new();
         let addr = match config.addr {
-            Some(addr) => Some(listen(addr, router(state.clone()), &shutdown, &tracker).await?),
+            Some(addr) => {
+                Some(listen(addr, router(state.clone()), &deadline, &shutdown, &tracker).await?)
+            }
             None => None,
         };
         let sse_addr = match config.sse {
-            Some(addr) => Some(listen(addr, sse_router(state), &shutdown, &tracker).await?),
+            Some(addr) => {
+                Some(listen(addr, sse_router(state), &deadline, &shutdown, &tracker).await?)
+            }
             None => None,
         };
         Ok(HttpServer {
@@ -172,11 +186,16 @@ impl HttpServer {
 async fn listen(
     addr: SocketAddr,
     router: Router,
+    deadline: &Deadline,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let listener = DeadlineListener {
+        listener,
+        deadline: deadline.clone(),
+    };
     let serve =
         axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tracker.spawn(async move {
