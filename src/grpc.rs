@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::bounded::Bounds;
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::event::Event;
@@ -35,7 +36,6 @@ use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
 use crate::query::Query;
 use crate::stats::Stats;
 use crate::streams::Streams;
-use crate::write_deadline::{Deadline, WriteDeadline};
 
 /// The generated code names Riemann's `Event` as `super::riemann::Event`.
 mod riemann {
@@ -219,6 +219,8 @@ fn ended(subscription: &Subscription) -> Status {
 pub struct GrpcLimits {
     /// Largest decoded request message, as `--max-frame` bounds a TCP frame.
     pub max_message: usize,
+    /// Connections open at once; more are closed at once.
+    pub max_connections: usize,
     /// A connection whose client reads nothing for this long is closed.
     pub write_timeout: Duration,
 }
@@ -245,11 +247,13 @@ impl Grpc {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
-        let deadline = Deadline {
-            timeout: limits.write_timeout,
-            stats: stats.clone(),
-            counter: |stats| &stats.grpc_write_timeouts,
-        };
+        let bounds = Bounds::new(
+            limits.max_connections,
+            limits.write_timeout,
+            stats.clone(),
+            |stats| &stats.grpc_connections_refused,
+            |stats| &stats.grpc_write_timeouts,
+        );
         let service = pb::vigil_server::VigilServer::new(Service(Arc::new(Shared {
             index,
             streams,
@@ -262,7 +266,13 @@ impl Grpc {
         // Acks and subscription events are small writes that should not wait for Nagle.
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
-            .map(move |accepted| accepted.map(|io| WriteDeadline::new(io, deadline.clone())));
+            .filter_map(move |accepted| {
+                let admitted = match accepted {
+                    Ok(io) => bounds.admit(io).map(Ok),
+                    Err(e) => Some(Err(e)),
+                };
+                std::future::ready(admitted)
+            });
         let server = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());

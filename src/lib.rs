@@ -26,8 +26,9 @@
 //! - [`stats`]: counters of what vigil itself did.
 //! - [`selfmetrics`]: vigil's own numbers: rule latency, one sample for `/metrics`, self-metric events.
 //! - [`http`]: the HTTP surface: index queries, WebSocket/SSE subscriptions, `POST /events`, `/metrics`, `/health`.
-//! - [`write_deadline`]: how long an HTTP or gRPC peer may leave vigil's writes unread.
+//! - [`bounded`]: bounds on HTTP and gRPC connections: how many, and how long a peer may leave writes unread.
 
+pub mod bounded;
 pub mod client;
 pub mod clock;
 pub mod cluster;
@@ -52,4 +53,3 @@ pub mod tcp;
 pub mod tls;
 pub mod udp;
 pub mod wire;
-pub mod write_deadline;

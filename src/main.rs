@@ -95,7 +95,8 @@ struct RunArgs {
     /// Largest UDP datagram accepted, in bytes.
     #[arg(long, default_value_t = udp::DEFAULT_MAX_DATAGRAM)]
     max_datagram: usize,
-    /// Most TCP connections open at once (plain and TLS together); more are closed at once, counted.
+    /// Most connections open at once on each listener: Riemann TCP (plain and TLS together), HTTP,
+    /// the SSE listener, gRPC; more are closed at once, counted.
     #[arg(long, default_value_t = tcp::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
     max_connections: usize,
     /// Close a TCP connection that has not completed a frame within this long of its previous
@@ -391,6 +392,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         sse: args.sse,
         token: args.http_token.clone(),
         cluster: cluster.clone(),
+        max_connections: args.max_connections,
         write_timeout: args.read_timeout,
         ..HttpConfig::default()
     };
@@ -422,6 +424,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 addr,
                 GrpcLimits {
                     max_message: args.max_frame,
+                    max_connections: args.max_connections,
                     write_timeout: args.read_timeout,
                 },
                 index.clone(),

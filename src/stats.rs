@@ -73,9 +73,13 @@ counters! {
     http_event_errors,
     /// HTTP requests refused for a missing or wrong bearer token.
     http_unauthorized,
+    /// HTTP connections refused (accepted and closed at once) over `--max-connections`.
+    http_connections_refused,
     /// HTTP connections (responses, WebSocket and SSE subscribers) closed because
     /// the client read nothing for `--read-timeout`.
     http_write_timeouts,
+    /// gRPC connections refused (accepted and closed at once) over `--max-connections`.
+    grpc_connections_refused,
     /// gRPC connections closed because the client read nothing for `--read-timeout`.
     grpc_write_timeouts,
     /// WebSocket and SSE subscriptions opened.

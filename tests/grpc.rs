@@ -283,6 +283,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
 async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) {
     start_within(GrpcLimits {
         max_message,
+        max_connections: 100,
         write_timeout: Duration::from_secs(60),
     })
     .await
@@ -406,6 +407,7 @@ impl AsyncWrite for Unread {
 async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout() {
     let (grpc, index, stats) = start_within(GrpcLimits {
         max_message: 1 << 20,
+        max_connections: 100,
         write_timeout: Duration::from_secs(1),
     })
     .await;
@@ -453,5 +455,45 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
     let mut client = connect(grpc.addr).await;
     let found = query(&mut client, r#"service = "7""#).await.unwrap();
     assert_eq!(found.len(), 1);
+    grpc.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
+    let (grpc, _index, stats) = start_within(GrpcLimits {
+        max_message: 1 << 20,
+        max_connections: 1,
+        write_timeout: Duration::from_secs(60),
+    })
+    .await;
+    let holder = TcpStream::connect(grpc.addr).await.unwrap();
+    let refused = Channel::from_shared(format!("http://{}", grpc.addr))
+        .unwrap()
+        .connect()
+        .await;
+    match refused {
+        Err(_) => {}
+        Ok(channel) => {
+            let answer = VigilClient::new(channel)
+                .query(QueryRequest {
+                    query: "true".to_owned(),
+                })
+                .await;
+            assert!(answer.is_err(), "served over the limit: {answer:?}");
+        }
+    }
+    assert!(Stats::get(&stats.grpc_connections_refused) >= 1);
+    // Once the holder leaves, its permit serves the next client.
+    drop(holder);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(mut client) = VigilClient::connect(format!("http://{}", grpc.addr)).await
+            && query(&mut client, "true").await.is_ok()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     grpc.shutdown(Duration::from_secs(5)).await;
 }

@@ -531,15 +531,16 @@ async fn metrics_count_what_was_sent() {
 
 /// Everything in-process on a tiny subscriber queue.
 async fn in_process(capacity: usize) -> (HttpServer, Arc<Index>) {
-    in_process_with(HttpConfig {
+    let (http, index, _) = in_process_with(HttpConfig {
         subscriber_capacity: capacity,
         ..HttpConfig::default()
     })
-    .await
+    .await;
+    (http, index)
 }
 
 /// Everything in-process, `config` listening on an ephemeral port.
-async fn in_process_with(config: HttpConfig) -> (HttpServer, Arc<Index>) {
+async fn in_process_with(config: HttpConfig) -> (HttpServer, Arc<Index>, Arc<Stats>) {
     let clock: SharedClock = Arc::new(SystemClock);
     let index = Arc::new(Index::new(IndexConfig::default()));
     let (_, compiled) = rules::load(DEFAULT_RULES_NAME, DEFAULT_RULES, EnvPolicy::Strict).unwrap();
@@ -550,8 +551,9 @@ async fn in_process_with(config: HttpConfig) -> (HttpServer, Arc<Index>) {
         clock.clone(),
     ));
     let outputs = Outputs::start(&[], CancellationToken::new());
+    let stats = Arc::new(Stats::default());
     let telemetry = Arc::new(Telemetry {
-        stats: Arc::new(Stats::default()),
+        stats: stats.clone(),
         index: index.clone(),
         subscribers: index.pubsub().clone(),
         rules: rules.clone(),
@@ -566,7 +568,7 @@ async fn in_process_with(config: HttpConfig) -> (HttpServer, Arc<Index>) {
     let http = HttpServer::start(config, telemetry, rules, clock)
         .await
         .unwrap();
-    (http, index)
+    (http, index, stats)
 }
 
 async fn subscribe_all(http: &HttpServer, index: &Index) -> Ws {
@@ -627,7 +629,7 @@ async fn shutdown_closes_live_subscriptions() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_never_reads_its_response_is_closed_after_the_write_timeout() {
-    let (http, index) = in_process_with(HttpConfig {
+    let (http, index, _) = in_process_with(HttpConfig {
         write_timeout: Duration::from_secs(1),
         ..HttpConfig::default()
     })
@@ -669,5 +671,41 @@ async fn a_client_that_never_reads_its_response_is_closed_after_the_write_timeou
         .await
         .unwrap();
     assert_eq!(answer.as_array().map(Vec::len), Some(1));
+    http.shutdown(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
+    let (http, _index, stats) = in_process_with(HttpConfig {
+        max_connections: 2,
+        ..HttpConfig::default()
+    })
+    .await;
+    let addr = http.addr.unwrap();
+    // Two idle clients hold both places.
+    let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut third, &mut buf))
+        .await
+        .expect("closed at once, not left waiting");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed: {read:?}");
+    assert_eq!(
+        stats
+            .http_connections_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Once one leaves, its place serves the next client.
+    drop(first);
+    let deadline = Instant::now() + WAIT;
+    while !reqwest::get(url("http", addr, "/health", &[]))
+        .await
+        .is_ok_and(|r| r.status() == StatusCode::OK)
+    {
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     http.shutdown(WAIT).await;
 }

@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bounded::{BoundedListener, Bounds};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::event::Event;
@@ -38,7 +39,6 @@ use crate::query::Query;
 use crate::selfmetrics::Telemetry;
 use crate::stats::Stats;
 use crate::streams::Streams;
-use crate::write_deadline::{Deadline, DeadlineListener};
 
 /// Riemann's WebSocket port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:5556";
@@ -55,6 +55,8 @@ pub struct HttpConfig {
     pub subscriber_capacity: usize,
     /// Set in cluster mode: `GET /index` answers for every node (unless `local=true`).
     pub cluster: Option<Arc<Cluster>>,
+    /// Connections open at once on each listener; more are closed at once.
+    pub max_connections: usize,
     /// A connection whose client reads nothing of a response or subscription
     /// for this long is closed.
     pub write_timeout: Duration,
@@ -68,6 +70,7 @@ impl Default for HttpConfig {
             token: None,
             subscriber_capacity: pubsub::DEFAULT_CAPACITY,
             cluster: None,
+            max_connections: crate::tcp::DEFAULT_MAX_CONNECTIONS,
             write_timeout: crate::tcp::DEFAULT_READ_TIMEOUT,
         }
     }
@@ -140,10 +143,16 @@ impl HttpServer {
         clock: SharedClock,
     ) -> io::Result<HttpServer> {
         let shutdown = CancellationToken::new();
-        let deadline = Deadline {
-            timeout: config.write_timeout,
-            stats: telemetry.stats.clone(),
-            counter: |stats| &stats.http_write_timeouts,
+        let stats = telemetry.stats.clone();
+        // Each listener has its own budget of connections.
+        let bounds = || {
+            Bounds::new(
+                config.max_connections,
+                config.write_timeout,
+                stats.clone(),
+                |stats| &stats.http_connections_refused,
+                |stats| &stats.http_write_timeouts,
+            )
         };
         let state = AppState {
             telemetry,
@@ -157,13 +166,13 @@ impl HttpServer {
         let tracker = TaskTracker::new();
         let addr = match config.addr {
             Some(addr) => {
-                Some(listen(addr, router(state.clone()), &deadline, &shutdown, &tracker).await?)
+                Some(listen(addr, router(state.clone()), bounds(), &shutdown, &tracker).await?)
             }
             None => None,
         };
         let sse_addr = match config.sse {
             Some(addr) => {
-                Some(listen(addr, sse_router(state), &deadline, &shutdown, &tracker).await?)
+                Some(listen(addr, sse_router(state), bounds(), &shutdown, &tracker).await?)
             }
             None => None,
         };
@@ -186,16 +195,13 @@ impl HttpServer {
 async fn listen(
     addr: SocketAddr,
     router: Router,
-    deadline: &Deadline,
+    bounds: Bounds,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let listener = DeadlineListener {
-        listener,
-        deadline: deadline.clone(),
-    };
+    let listener = BoundedListener { listener, bounds };
     let serve =
         axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tracker.spawn(async move {

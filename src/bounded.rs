@@ -1,12 +1,16 @@
-//! A bound on how long a peer may leave vigil's writes unread, for the
-//! connections hyper and tonic drive (HTTP, WebSocket, SSE, gRPC).
+//! Bounds on the connections hyper and tonic drive (HTTP, WebSocket, SSE,
+//! gRPC), as the Riemann TCP handler has its own: how many may be open at
+//! once, and how long a peer may leave vigil's writes unread.
 //!
-//! Those servers write a response, or a subscriber's next event, and wait as
-//! long as the peer's receive window stays full: a client that stops reading
-//! without closing, or a peer that vanished, would hold its connection task,
-//! socket and buffers forever. [`WriteDeadline`] fails a write (or flush) that
-//! has made no progress for `timeout`, which ends the connection; the Riemann
-//! TCP handler bounds its replies the same way (`--read-timeout`).
+//! - Over `max_connections` open, a new connection is accepted and closed at
+//!   once, and counted: a flood of idle clients cannot take every file
+//!   descriptor (and with them the agents' listeners).
+//! - Those servers write a response, or a subscriber's next event, and wait
+//!   as long as the peer's receive window stays full: a client that stops
+//!   reading without closing, or a peer that vanished, would hold its
+//!   connection task, socket and buffers forever. A write (or flush) that
+//!   made no progress for `write_timeout` fails instead, which ends the
+//!   connection, and is counted.
 
 use std::future::Future;
 use std::io;
@@ -19,44 +23,73 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::stats::Stats;
 
-/// How long a write may wait on the peer, and the counter of [`Stats`] a
-/// connection ended for it bumps.
+/// The bounds of one listener, and the counters of [`Stats`] they bump.
 #[derive(Clone)]
-pub struct Deadline {
-    pub timeout: Duration,
+pub struct Bounds {
+    pub write_timeout: Duration,
+    /// One permit per open connection.
+    pub permits: Arc<Semaphore>,
     pub stats: Arc<Stats>,
-    pub counter: fn(&Stats) -> &AtomicU64,
+    pub refused: fn(&Stats) -> &AtomicU64,
+    pub write_timeouts: fn(&Stats) -> &AtomicU64,
 }
 
-/// `io` whose writes fail once the peer has accepted nothing for the
-/// deadline's timeout.
-pub struct WriteDeadline<IO> {
+impl Bounds {
+    pub fn new(
+        max_connections: usize,
+        write_timeout: Duration,
+        stats: Arc<Stats>,
+        refused: fn(&Stats) -> &AtomicU64,
+        write_timeouts: fn(&Stats) -> &AtomicU64,
+    ) -> Self {
+        Self {
+            write_timeout,
+            permits: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
+            stats,
+            refused,
+            write_timeouts,
+        }
+    }
+
+    /// `io` as a bounded connection, or `None` (counted; dropping `io`
+    /// closes it) when as many are open as allowed.
+    pub fn admit<IO>(&self, io: IO) -> Option<Bounded<IO>> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            Stats::incr((self.refused)(&self.stats));
+            return None;
+        };
+        Some(Bounded {
+            io,
+            bounds: self.clone(),
+            _permit: permit,
+            stalled: None,
+            expired: false,
+        })
+    }
+}
+
+/// An admitted connection: it holds one permit until dropped, and its writes
+/// fail once the peer has accepted nothing for the write timeout.
+pub struct Bounded<IO> {
     io: IO,
-    deadline: Deadline,
+    bounds: Bounds,
+    _permit: OwnedSemaphorePermit,
     /// Armed while a write waits on the peer; disarmed when one progresses.
     stalled: Option<Pin<Box<Sleep>>>,
     /// The deadline passed: every later wait fails at once, counted once.
     expired: bool,
 }
 
-impl<IO> WriteDeadline<IO> {
-    pub fn new(io: IO, deadline: Deadline) -> Self {
-        Self {
-            io,
-            deadline,
-            stalled: None,
-            expired: false,
-        }
-    }
-
+impl<IO> Bounded<IO> {
     /// What a pending write or flush becomes: still pending, or an error once
     /// the deadline passed.
     fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let timeout = self.deadline.timeout;
+        let timeout = self.bounds.write_timeout;
         if !self.expired {
             let sleep = self
                 .stalled
@@ -65,7 +98,7 @@ impl<IO> WriteDeadline<IO> {
                 return Poll::Pending;
             }
             self.expired = true;
-            Stats::incr((self.deadline.counter)(&self.deadline.stats));
+            Stats::incr((self.bounds.write_timeouts)(&self.bounds.stats));
         }
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -88,7 +121,7 @@ impl<IO> WriteDeadline<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for WriteDeadline<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for Bounded<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -98,7 +131,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for WriteDeadline<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Bounded<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -136,22 +169,23 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
     }
 }
 
-/// A TCP listener for `axum::serve` whose connections carry a write deadline.
-pub struct DeadlineListener {
+/// A TCP listener for `axum::serve` whose connections are [`Bounded`].
+pub struct BoundedListener {
     pub listener: TcpListener,
-    pub deadline: Deadline,
+    pub bounds: Bounds,
 }
 
-impl axum::serve::Listener for DeadlineListener {
-    type Io = WriteDeadline<TcpStream>;
+impl axum::serve::Listener for BoundedListener {
+    type Io = Bounded<TcpStream>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.listener.accept().await {
-                Ok((stream, peer)) => {
-                    return (WriteDeadline::new(stream, self.deadline.clone()), peer);
-                }
+                Ok((stream, peer)) => match self.bounds.admit(stream) {
+                    Some(io) => return (io, peer),
+                    None => tracing::debug!(%peer, "HTTP connection limit reached; refused."),
+                },
                 Err(e) => {
                     // Usually EMFILE: back off instead of spinning on the error.
                     tracing::warn!(error = %e, "HTTP accept failed; backing off.");
@@ -166,7 +200,7 @@ impl axum::serve::Listener for DeadlineListener {
     }
 }
 
-impl tonic::transport::server::Connected for WriteDeadline<TcpStream> {
+impl tonic::transport::server::Connected for Bounded<TcpStream> {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -179,20 +213,32 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn deadline(secs: u64) -> Deadline {
-        Deadline {
-            timeout: Duration::from_secs(secs),
-            stats: Arc::default(),
-            counter: |s| &s.http_write_timeouts,
-        }
+    fn bounds(max_connections: usize, write_timeout_secs: u64) -> Bounds {
+        Bounds::new(
+            max_connections,
+            Duration::from_secs(write_timeout_secs),
+            Arc::default(),
+            |s| &s.http_connections_refused,
+            |s| &s.http_write_timeouts,
+        )
+    }
+
+    #[test]
+    fn connections_over_the_limit_are_refused_until_one_closes() {
+        let bounds = bounds(2, 60);
+        let first = bounds.admit(()).expect("under the limit");
+        let _second = bounds.admit(()).expect("at the limit");
+        assert!(bounds.admit(()).is_none());
+        assert_eq!(Stats::get(&bounds.stats.http_connections_refused), 1);
+        drop(first);
+        assert!(bounds.admit(()).is_some(), "its permit came back");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_write_the_peer_never_reads_fails_after_the_timeout() {
         let (ours, _theirs) = tokio::io::duplex(64);
-        let deadline = deadline(5);
-        let stats = deadline.stats.clone();
-        let mut io = WriteDeadline::new(ours, deadline);
+        let bounds = bounds(1, 5);
+        let mut io = bounds.admit(ours).unwrap();
         let started = tokio::time::Instant::now();
         let error = io.write_all(&[0; 1024]).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
@@ -203,15 +249,14 @@ mod tests {
             io::ErrorKind::TimedOut
         );
         assert_eq!(started.elapsed(), Duration::from_secs(5));
-        assert_eq!(Stats::get(&stats.http_write_timeouts), 1);
+        assert_eq!(Stats::get(&bounds.stats.http_write_timeouts), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_reader_that_keeps_reading_is_never_timed_out() {
         let (ours, mut theirs) = tokio::io::duplex(64);
-        let deadline = deadline(5);
-        let stats = deadline.stats.clone();
-        let mut io = WriteDeadline::new(ours, deadline);
+        let bounds = bounds(1, 5);
+        let mut io = bounds.admit(ours).unwrap();
         // 64 bytes every 4 s: each write waits on the reader, never 5 s.
         let reader = tokio::spawn(async move {
             let mut buf = [0; 64];
@@ -225,6 +270,6 @@ mod tests {
         io.write_all(&[0; 1024]).await.unwrap();
         drop(io);
         assert_eq!(reader.await.unwrap(), 1024);
-        assert_eq!(Stats::get(&stats.http_write_timeouts), 0);
+        assert_eq!(Stats::get(&bounds.stats.http_write_timeouts), 0);
     }
 }
