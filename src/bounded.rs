@@ -181,16 +181,10 @@ impl axum::serve::Listener for BoundedListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            match self.listener.accept().await {
-                Ok((stream, peer)) => match self.bounds.admit(stream) {
-                    Some(io) => return (io, peer),
-                    None => tracing::debug!(%peer, "HTTP connection limit reached; refused."),
-                },
-                Err(e) => {
-                    // Usually EMFILE: back off instead of spinning on the error.
-                    tracing::warn!(error = %e, "HTTP accept failed; backing off.");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+            let (stream, peer) = crate::tcp::accept(&self.listener, "http").await;
+            match self.bounds.admit(stream) {
+                Some(io) => return (io, peer),
+                None => tracing::debug!(%peer, "HTTP connection limit reached; refused."),
             }
         }
     }

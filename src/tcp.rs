@@ -68,18 +68,9 @@ type RiemannFramed<S> = Framed<S, FrameCodec>;
 pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<TlsAcceptor>) {
     let mut next_refusal_log = Instant::now();
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let (socket, peer) = tokio::select! {
+            accepted = accept(&listener, "riemann") => accepted,
             () = conns.shutdown.cancelled() => return,
-        };
-        let (socket, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Usually EMFILE: back off instead of spinning on the error.
-                tracing::warn!(error = %e, "Accept failed; backing off.");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
         };
         let Ok(permit) = conns.permits.clone().try_acquire_owned() else {
             // Dropping the socket closes it: the client sees EOF at once.
@@ -111,6 +102,20 @@ pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<T
             Stats::decr(&stats.tcp_connections_open);
             drop(permit);
         });
+    }
+}
+
+/// The next connection of `listener`. Accept errors (usually EMFILE) are
+/// logged and retried after a pause instead of spun on.
+pub async fn accept(listener: &TcpListener, what: &'static str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "Accept failed; backing off.");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use common::Vigil;
+use common::inproc::wait_stat;
 use vigil::client::Client;
 use vigil::clock::{Clock, MICROS_PER_SEC, SystemClock};
 use vigil::event::{Event, Metric};
@@ -442,15 +443,7 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
     message.extend_from_slice(&(request.len() as u32).to_be_bytes());
     message.extend_from_slice(&request);
     body.send_data(message.into(), true).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while Stats::get(&stats.grpc_write_timeouts) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stalled connection was not closed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(Stats::get(&stats.grpc_write_timeouts), 1);
+    wait_stat(&stats, |s| &s.grpc_write_timeouts, 1).await;
     // Everyone else is still served.
     let mut client = connect(grpc.addr).await;
     let found = query(&mut client, r#"service = "7""#).await.unwrap();

@@ -65,15 +65,7 @@ impl Harness {
 
     /// Polls until the counter reaches `want`; panics after [`WAIT`].
     pub async fn wait_count(&self, pick: fn(&Stats) -> &AtomicU64, want: u64) {
-        let deadline = Instant::now() + WAIT;
-        while self.count(pick) != want {
-            assert!(
-                Instant::now() < deadline,
-                "counter at {} instead of {want} after {WAIT:?}",
-                self.count(pick)
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_stat(&self.server.stats, pick, want).await;
     }
 
     /// A fresh client can still send and read back an event.
@@ -94,6 +86,19 @@ impl Harness {
             .await
             .expect("query answered");
         assert_eq!(found.len(), 1);
+    }
+}
+
+/// Polls until the counter of `stats` reaches `want`; panics after [`WAIT`].
+pub async fn wait_stat(stats: &Stats, pick: fn(&Stats) -> &AtomicU64, want: u64) {
+    let deadline = Instant::now() + WAIT;
+    while Stats::get(pick(stats)) != want {
+        assert!(
+            Instant::now() < deadline,
+            "counter at {} instead of {want} after {WAIT:?}",
+            Stats::get(pick(stats))
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
