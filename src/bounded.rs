@@ -1,10 +1,16 @@
 //! Bounds on the connections hyper and tonic drive (HTTP, WebSocket, SSE,
 //! gRPC), as the Riemann TCP handler has its own: how many may be open at
-//! once, and how long a peer may leave vigil's writes unread.
+//! once, how long a new one may stay silent, and how long a peer may leave
+//! vigil's writes unread.
 //!
 //! - Over `max_connections` open, a new connection is accepted and closed at
 //!   once, and counted: a flood of idle clients cannot take every file
 //!   descriptor (and with them the agents' listeners).
+//! - A connection whose first byte has not come `read_timeout` after its
+//!   first read began fails that read, which ends it, and is counted. hyper
+//!   waits for the first bytes (to tell HTTP/1 from HTTP/2) and tonic for the
+//!   HTTP/2 preface with no limit of their own; what a client may take after
+//!   that is bounded by the servers (request heads, keepalive pings).
 //! - Those servers write a response, or a subscriber's next event, and wait
 //!   as long as the peer's receive window stays full: a client that stops
 //!   reading without closing, or a peer that vanished, would hold its
@@ -14,95 +20,160 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::stats::Stats;
 
+/// The counters of [`Stats`] one kind of listener bumps.
+#[derive(Clone, Copy)]
+pub struct Counters {
+    pub refused: fn(&Stats) -> &AtomicU64,
+    pub read_timeouts: fn(&Stats) -> &AtomicU64,
+    pub write_timeouts: fn(&Stats) -> &AtomicU64,
+}
+
+impl Counters {
+    pub const HTTP: Counters = Counters {
+        refused: |stats| &stats.http_connections_refused,
+        read_timeouts: |stats| &stats.http_read_timeouts,
+        write_timeouts: |stats| &stats.http_write_timeouts,
+    };
+    pub const GRPC: Counters = Counters {
+        refused: |stats| &stats.grpc_connections_refused,
+        read_timeouts: |stats| &stats.grpc_read_timeouts,
+        write_timeouts: |stats| &stats.grpc_write_timeouts,
+    };
+}
+
 /// The bounds of one listener, and the counters of [`Stats`] they bump.
 #[derive(Clone)]
 pub struct Bounds {
+    pub read_timeout: Duration,
     pub write_timeout: Duration,
     /// One permit per open connection.
     pub permits: Arc<Semaphore>,
     pub stats: Arc<Stats>,
-    pub refused: fn(&Stats) -> &AtomicU64,
-    pub write_timeouts: fn(&Stats) -> &AtomicU64,
+    pub counters: Counters,
 }
 
 impl Bounds {
     pub fn new(
         max_connections: usize,
+        read_timeout: Duration,
         write_timeout: Duration,
         stats: Arc<Stats>,
-        refused: fn(&Stats) -> &AtomicU64,
-        write_timeouts: fn(&Stats) -> &AtomicU64,
+        counters: Counters,
     ) -> Self {
         Self {
+            read_timeout,
             write_timeout,
             permits: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
             stats,
-            refused,
-            write_timeouts,
+            counters,
         }
+    }
+
+    /// Counts one connection closed for a request that never arrived whole.
+    pub fn read_timed_out(&self) {
+        Stats::incr((self.counters.read_timeouts)(&self.stats));
     }
 
     /// `io` as a bounded connection, or `None` (counted; dropping `io`
     /// closes it) when as many are open as allowed.
     pub fn admit<IO>(&self, io: IO) -> Option<Bounded<IO>> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            Stats::incr((self.refused)(&self.stats));
+            Stats::incr((self.counters.refused)(&self.stats));
             return None;
         };
         Some(Bounded {
             io,
             bounds: self.clone(),
             _permit: permit,
-            stalled: None,
-            expired: false,
+            silent: Deadline::default(),
+            heard: false,
+            stalled: Deadline::default(),
         })
     }
 }
 
-/// An admitted connection: it holds one permit until dropped, and its writes
+/// An admitted connection: it holds one permit until dropped, its reads fail
+/// if its first byte does not come within the read timeout, and its writes
 /// fail once the peer has accepted nothing for the write timeout.
 pub struct Bounded<IO> {
     io: IO,
     bounds: Bounds,
     _permit: OwnedSemaphorePermit,
+    /// Armed by the first read that waits; never again once a byte came.
+    silent: Deadline,
+    heard: bool,
     /// Armed while a write waits on the peer; disarmed when one progresses.
-    stalled: Option<Pin<Box<Sleep>>>,
-    /// The deadline passed: every later wait fails at once, counted once.
+    stalled: Deadline,
+}
+
+/// A timer armed by the first wait (no timer at all for I/O that never
+/// waits); once it has gone off, every later wait fails at once.
+#[derive(Default)]
+struct Deadline {
+    timer: Option<Pin<Box<Sleep>>>,
     expired: bool,
+}
+
+impl Deadline {
+    /// Ready once `limit` has passed since the first call after a disarm;
+    /// the first time it is, `expired` is counted.
+    fn poll(&mut self, limit: Duration, expired: &AtomicU64, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.expired {
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.expired = true;
+            Stats::incr(expired);
+        }
+        Poll::Ready(())
+    }
+
+    fn disarm(&mut self) {
+        self.timer = None;
+    }
 }
 
 impl<IO> Bounded<IO> {
     /// What a pending write or flush becomes: still pending, or an error once
     /// the deadline passed.
     fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let timeout = self.bounds.write_timeout;
-        if !self.expired {
-            let sleep = self
-                .stalled
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            self.expired = true;
-            Stats::incr((self.bounds.write_timeouts)(&self.bounds.stats));
-        }
+        let (timeout, bounds) = (self.bounds.write_timeout, &self.bounds);
+        let counter = (bounds.counters.write_timeouts)(&bounds.stats);
+        ready!(self.stalled.poll(timeout, counter, cx));
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("the peer read nothing for {timeout:?}"),
+        )))
+    }
+
+    /// What a pending read becomes: still pending, or, before the first byte
+    /// came, an error once the read timeout passed.
+    fn silent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.heard {
+            return Poll::Pending;
+        }
+        let (timeout, bounds) = (self.bounds.read_timeout, &self.bounds);
+        let counter = (bounds.counters.read_timeouts)(&bounds.stats);
+        ready!(self.silent.poll(timeout, counter, cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer sent nothing for {timeout:?}"),
         )))
     }
 
@@ -114,7 +185,7 @@ impl<IO> Bounded<IO> {
         match done {
             Poll::Pending => self.stalled(cx),
             ready => {
-                self.stalled = None;
+                self.stalled.disarm();
                 ready
             }
         }
@@ -127,7 +198,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Bounded<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Pending => this.silent(cx),
+            ready => {
+                // A byte, the end or an error: the silence is over either way.
+                this.heard = true;
+                this.silent.disarm();
+                ready
+            }
+        }
     }
 }
 
@@ -169,31 +249,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Bounded<IO> {
     }
 }
 
-/// A TCP listener for `axum::serve` whose connections are [`Bounded`].
-pub struct BoundedListener {
-    pub listener: TcpListener,
-    pub bounds: Bounds,
-}
-
-impl axum::serve::Listener for BoundedListener {
-    type Io = Bounded<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (stream, peer) = crate::tcp::accept(&self.listener, "http").await;
-            match self.bounds.admit(stream) {
-                Some(io) => return (io, peer),
-                None => tracing::debug!(%peer, "HTTP connection limit reached; refused."),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-}
-
 impl tonic::transport::server::Connected for Bounded<TcpStream> {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
@@ -207,19 +262,19 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn bounds(max_connections: usize, write_timeout_secs: u64) -> Bounds {
+    fn bounds(max_connections: usize, read_timeout_secs: u64, write_timeout_secs: u64) -> Bounds {
         Bounds::new(
             max_connections,
+            Duration::from_secs(read_timeout_secs),
             Duration::from_secs(write_timeout_secs),
             Arc::default(),
-            |s| &s.http_connections_refused,
-            |s| &s.http_write_timeouts,
+            Counters::HTTP,
         )
     }
 
     #[test]
     fn connections_over_the_limit_are_refused_until_one_closes() {
-        let bounds = bounds(2, 60);
+        let bounds = bounds(2, 60, 60);
         let first = bounds.admit(()).expect("under the limit");
         let _second = bounds.admit(()).expect("at the limit");
         assert!(bounds.admit(()).is_none());
@@ -231,7 +286,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_write_the_peer_never_reads_fails_after_the_timeout() {
         let (ours, _theirs) = tokio::io::duplex(64);
-        let bounds = bounds(1, 5);
+        let bounds = bounds(1, 60, 5);
         let mut io = bounds.admit(ours).unwrap();
         let started = tokio::time::Instant::now();
         let error = io.write_all(&[0; 1024]).await.unwrap_err();
@@ -249,7 +304,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_reader_that_keeps_reading_is_never_timed_out() {
         let (ours, mut theirs) = tokio::io::duplex(64);
-        let bounds = bounds(1, 5);
+        let bounds = bounds(1, 60, 5);
         let mut io = bounds.admit(ours).unwrap();
         // 64 bytes every 4 s: each write waits on the reader, never 5 s.
         let reader = tokio::spawn(async move {
@@ -265,5 +320,46 @@ mod tests {
         drop(io);
         assert_eq!(reader.await.unwrap(), 1024);
         assert_eq!(Stats::get(&bounds.stats.http_write_timeouts), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_silent_from_the_start_fails_the_read_after_the_timeout() {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let bounds = bounds(1, 5, 60);
+        let mut io = bounds.admit(ours).unwrap();
+        let started = tokio::time::Instant::now();
+        let mut buf = [0; 8];
+        let error = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // Done: the next read fails at once, and is not counted again.
+        assert_eq!(
+            io.read(&mut buf).await.unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(Stats::get(&bounds.stats.http_read_timeouts), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_a_peer_has_spoken_reads_wait_as_long_as_it_takes() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let bounds = bounds(1, 5, 60);
+        let mut io = bounds.admit(ours).unwrap();
+        let peer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            theirs.write_all(b"a").await.unwrap();
+            // Then quiet for far longer than the timeout (an idle WebSocket
+            // subscriber, a kept-alive connection: their servers bound those).
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            theirs.write_all(b"b").await.unwrap();
+            theirs
+        });
+        let mut buf = [0; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        assert_eq!(&buf[..1], b"b");
+        drop(peer.await.unwrap());
+        assert_eq!(Stats::get(&bounds.stats.http_read_timeouts), 0);
     }
 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::bounded::Bounds;
+use crate::bounded::{Bounds, Counters};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::event::Event;
@@ -223,6 +223,9 @@ pub struct GrpcLimits {
     pub max_connections: usize,
     /// A connection whose client reads nothing for this long is closed.
     pub write_timeout: Duration,
+    /// A connection whose client sends nothing for this long after opening it,
+    /// or leaves a keepalive ping unanswered this long, is closed.
+    pub read_timeout: Duration,
 }
 
 /// A running gRPC listener; [`Grpc::shutdown`] stops it.
@@ -249,10 +252,10 @@ impl Grpc {
         let shutdown = CancellationToken::new();
         let bounds = Bounds::new(
             limits.max_connections,
+            limits.read_timeout,
             limits.write_timeout,
             stats.clone(),
-            |stats| &stats.grpc_connections_refused,
-            |stats| &stats.grpc_write_timeouts,
+            Counters::GRPC,
         );
         let service = pb::vigil_server::VigilServer::new(Service(Arc::new(Shared {
             index,
@@ -273,7 +276,11 @@ impl Grpc {
                 };
                 std::future::ready(admitted)
             });
+        // A peer that vanished without closing leaves an idle HTTP/2
+        // connection no write ever fails on: a ping it cannot answer ends it.
         let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(limits.read_timeout))
+            .http2_keepalive_timeout(Some(limits.read_timeout))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         let task = tokio::spawn(async move {

@@ -100,8 +100,10 @@ struct RunArgs {
     #[arg(long, default_value_t = tcp::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
     max_connections: usize,
     /// Close a TCP connection that has not completed a frame within this long of its previous
-    /// one (idle or slowloris); also bounds TLS handshakes and writing replies, and how long an
-    /// HTTP or gRPC client may read nothing of a response or subscription (e.g. 60s).
+    /// one (idle or slowloris); also bounds TLS handshakes and writing replies, how long an
+    /// HTTP or gRPC client may read nothing of a response or subscription, send nothing after
+    /// connecting, take over an HTTP/1 request head or a posted body, or leave an HTTP/2
+    /// keepalive ping unanswered (e.g. 60s).
     #[arg(long, default_value = "60s", value_parser = parse_interval)]
     read_timeout: Duration,
     /// Refuse (whole, with an error reply) a Msg with more events than this.
@@ -394,6 +396,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cluster: cluster.clone(),
         max_connections: args.max_connections,
         write_timeout: args.read_timeout,
+        read_timeout: args.read_timeout,
         ..HttpConfig::default()
     };
     let http = HttpServer::start(
@@ -426,6 +429,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     max_message: args.max_frame,
                     max_connections: args.max_connections,
                     write_timeout: args.read_timeout,
+                    read_timeout: args.read_timeout,
                 },
                 index.clone(),
                 streams.clone(),

@@ -78,10 +78,16 @@ counters! {
     /// HTTP connections (responses, WebSocket and SSE subscribers) closed because
     /// the client read nothing for `--read-timeout`.
     http_write_timeouts,
+    /// HTTP connections closed because a request (its head, or a posted body)
+    /// did not arrive within `--read-timeout`, idle keep-alive ones included.
+    http_read_timeouts,
     /// gRPC connections refused (accepted and closed at once) over `--max-connections`.
     grpc_connections_refused,
     /// gRPC connections closed because the client read nothing for `--read-timeout`.
     grpc_write_timeouts,
+    /// gRPC connections closed because the client sent nothing within
+    /// `--read-timeout` of connecting.
+    grpc_read_timeouts,
     /// WebSocket and SSE subscriptions opened.
     subscriptions,
 }

@@ -12,14 +12,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt, stream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use common::Vigil;
-use common::inproc::wait_stat;
+use common::inproc::{read_until_closed, wait_stat};
 use vigil::client::Client;
 use vigil::clock::{Clock, MICROS_PER_SEC, SystemClock};
 use vigil::event::{Event, Metric};
@@ -286,6 +286,7 @@ async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) 
         max_message,
         max_connections: 100,
         write_timeout: Duration::from_secs(60),
+        read_timeout: Duration::from_secs(60),
     })
     .await
 }
@@ -410,6 +411,7 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
         max_message: 1 << 20,
         max_connections: 100,
         write_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(60),
     })
     .await;
     // 2 000 events of 4 KiB: the answer to `true` is ~8 MB.
@@ -451,12 +453,67 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
     grpc.shutdown(Duration::from_secs(5)).await;
 }
 
+/// In-process, with a read timeout of a second.
+async fn start_impatient() -> (Grpc, Arc<Index>, Arc<Stats>) {
+    start_within(GrpcLimits {
+        max_message: 1 << 20,
+        max_connections: 100,
+        write_timeout: Duration::from_secs(60),
+        read_timeout: Duration::from_secs(1),
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_nothing_is_closed_after_the_read_timeout() {
+    let (grpc, index, stats) = start_impatient().await;
+    let mut silent = TcpStream::connect(grpc.addr).await.unwrap();
+    read_until_closed(&mut silent).await;
+    assert_eq!(Stats::get(&stats.grpc_read_timeouts), 1);
+    // A client that speaks is served.
+    index.insert(&event("web1", "cpu"));
+    let mut client = connect(grpc.addr).await;
+    assert_eq!(query(&mut client, "true").await.unwrap().len(), 1);
+    grpc.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_pings_is_closed() {
+    let (grpc, _index, _stats) = start_impatient().await;
+    // A valid HTTP/2 start (preface, then empty SETTINGS), then silence: a
+    // peer that vanished without closing.
+    let mut gone = TcpStream::connect(grpc.addr).await.unwrap();
+    gone.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let received = read_until_closed(&mut gone).await;
+    // Among what the server sent before closing: a PING (frame type 6).
+    assert!(
+        frame_types(&received).contains(&6),
+        "frames: {:?}",
+        frame_types(&received)
+    );
+    grpc.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The types of the HTTP/2 frames in `bytes`, in order.
+fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + len).min(bytes.len())..];
+    }
+    types
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
     let (grpc, _index, stats) = start_within(GrpcLimits {
         max_message: 1 << 20,
         max_connections: 1,
         write_timeout: Duration::from_secs(60),
+        read_timeout: Duration::from_secs(60),
     })
     .await;
     let holder = TcpStream::connect(grpc.addr).await.unwrap();

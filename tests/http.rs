@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
+use common::inproc::read_until_closed;
 use common::*;
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
@@ -671,6 +672,86 @@ async fn a_client_that_never_reads_its_response_is_closed_after_the_write_timeou
         .await
         .unwrap();
     assert_eq!(answer.as_array().map(Vec::len), Some(1));
+    http.shutdown(WAIT).await;
+}
+
+async fn text_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    String::from_utf8_lossy(&read_until_closed(stream).await).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_never_finish_a_request_are_closed_after_the_read_timeout() {
+    let (http, _index, _) = in_process_with(HttpConfig {
+        read_timeout: Duration::from_secs(1),
+        ..HttpConfig::default()
+    })
+    .await;
+    let addr = http.addr.unwrap();
+    let open = |sends: &'static [u8]| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, sends)
+            .await
+            .unwrap();
+        stream
+    };
+    let mut silent = open(b"").await;
+    let mut half_head = open(b"GET /health HTTP/1.1\r\nHost: vigil\r\n").await;
+    let mut half_body =
+        open(b"POST /events HTTP/1.1\r\nHost: vigil\r\nContent-Length: 100\r\n\r\n{\"host\": ")
+            .await;
+    // Answered once, then asks nothing more on its kept-alive connection.
+    let mut idle = open(b"GET /health HTTP/1.1\r\nHost: vigil\r\n\r\n").await;
+
+    assert_eq!(text_until_closed(&mut silent).await, "");
+    let answer = text_until_closed(&mut half_head).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    let answer = text_until_closed(&mut half_body).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let answer = text_until_closed(&mut idle).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    scrape_until(addr, "all four counted", |s| {
+        value(s, "vigil_http_read_timeouts_total", None) == Some(4.0)
+    })
+    .await;
+    http.shutdown(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_subscriber_that_stops_answering_pings_is_closed() {
+    let (http, index, _) = in_process_with(HttpConfig {
+        read_timeout: Duration::from_secs(1),
+        ..HttpConfig::default()
+    })
+    .await;
+    let addr = http.addr.unwrap();
+    // A live subscriber: its library answers pings as long as it reads.
+    let mut live = subscribe_all(&http, &index).await;
+    let live = tokio::spawn(async move { next_json(&mut live).await });
+    // A departed one: upgraded, then not a byte more.
+    let mut gone = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let upgrade = "GET /index?query=true&subscribe=true HTTP/1.1\r\nHost: vigil\r\n\
+        Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut gone, upgrade.as_bytes())
+        .await
+        .unwrap();
+    let received = read_until_closed(&mut gone).await;
+    assert!(received.starts_with(b"HTTP/1.1 101"));
+    // Its close frame (opcode 8, unmasked) with code 1001, "going away".
+    assert!(
+        received
+            .windows(4)
+            .any(|w| w[0] == 0x88 && w[2..] == [0x03, 0xe9]),
+        "{received:?}"
+    );
+    scrape_until(addr, "the departed subscriber counted", |s| {
+        value(s, "vigil_http_read_timeouts_total", None) == Some(1.0)
+    })
+    .await;
+    // The live one is still subscribed.
+    index.insert(&event("after", "1", 60.0, 1));
+    let got = live.await.unwrap().expect("still subscribed");
+    assert_eq!(key(&got), ("after", "1", "ok"));
     http.shutdown(WAIT).await;
 }
 

@@ -13,7 +13,7 @@
 use std::time::UNIX_EPOCH;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
@@ -28,7 +28,23 @@ pub(super) const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Most lines one request may carry, so one request cannot monopolise ingest.
 const MAX_LINES: usize = 100_000;
 
-pub(super) async fn post(State(state): State<AppState>, body: Bytes) -> Response {
+pub(super) async fn post(State(state): State<AppState>, request: Request) -> Response {
+    // The whole body within the read timeout of its head: a client that
+    // trickles it (or stops) cannot hold the connection.
+    let body = match tokio::time::timeout(state.read_timeout, Bytes::from_request(request, &state))
+        .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(rejection)) => return rejection.into_response(),
+        Err(_) => {
+            Stats::incr(&state.stats().http_read_timeouts);
+            let after = state.read_timeout;
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"error": format!("the body did not arrive within {after:?}")}),
+            );
+        }
+    };
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(
             StatusCode::BAD_REQUEST,

@@ -8,6 +8,12 @@
 //!
 //! A subscriber whose queue fills is dropped by the pubsub (counted there):
 //! its WebSocket gets close code 1013 with the reason, its SSE stream ends.
+//!
+//! A departed subscriber must not hold its connection while no event matches:
+//! a WebSocket one is pinged every read timeout and closed (1001, counted as
+//! a read timeout) when it sent nothing, not even the pong, since the
+//! previous ping; an SSE one gets keep-alive comments, which fail once the
+//! peer is gone.
 
 use std::convert::Infallible;
 
@@ -116,8 +122,23 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
         return;
     };
     tracing::debug!(%query, "WebSocket subscriber connected.");
+    let quiet = state.read_timeout;
+    let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + quiet, quiet);
+    // Whether the client sent anything since the last ping.
+    let mut heard = true;
     loop {
         tokio::select! {
+            _ = pings.tick() => {
+                if !heard {
+                    Stats::incr(&state.stats().http_read_timeouts);
+                    close(socket, close_code::AWAY, "no answer to ping").await;
+                    return;
+                }
+                heard = false;
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
             event = subscription.rx.recv() => match event {
                 Some(event) => {
                     if socket.send(frame(&event)).await.is_err() {
@@ -131,9 +152,9 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
                 }
             },
             incoming = socket.recv() => match incoming {
-                // Clients have nothing to say; reading notices when they leave.
+                // Clients have nothing to say but pongs; reading notices when they leave.
                 Some(Ok(Message::Close(_)) | Err(_)) | None => return,
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => heard = true,
             },
             () = state.shutdown.cancelled() => {
                 close(socket, close_code::AWAY, "server shutting down").await;

@@ -15,6 +15,7 @@ mod metrics;
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,13 +25,16 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bounded::{BoundedListener, Bounds};
+use crate::bounded::{Bounded, Bounds, Counters};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::event::Event;
@@ -60,6 +64,11 @@ pub struct HttpConfig {
     /// A connection whose client reads nothing of a response or subscription
     /// for this long is closed.
     pub write_timeout: Duration,
+    /// A connection is closed when its client sends nothing for this long
+    /// after connecting, takes longer over a request head (from its first
+    /// byte or the previous answer) or a posted body, or leaves an HTTP/2 or
+    /// WebSocket ping unanswered for as long.
+    pub read_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -72,6 +81,7 @@ impl Default for HttpConfig {
             cluster: None,
             max_connections: crate::tcp::DEFAULT_MAX_CONNECTIONS,
             write_timeout: crate::tcp::DEFAULT_READ_TIMEOUT,
+            read_timeout: crate::tcp::DEFAULT_READ_TIMEOUT,
         }
     }
 }
@@ -87,6 +97,8 @@ struct AppState {
     token: Option<Arc<str>>,
     subscriber_capacity: usize,
     cluster: Option<Arc<Cluster>>,
+    /// How long a posted body may take to arrive after its head.
+    read_timeout: Duration,
     /// Cancelled at shutdown: ends live subscriptions, which would otherwise
     /// keep their connections open forever.
     shutdown: CancellationToken,
@@ -148,10 +160,10 @@ impl HttpServer {
         let bounds = || {
             Bounds::new(
                 config.max_connections,
+                config.read_timeout,
                 config.write_timeout,
                 stats.clone(),
-                |stats| &stats.http_connections_refused,
-                |stats| &stats.http_write_timeouts,
+                Counters::HTTP,
             )
         };
         let state = AppState {
@@ -161,6 +173,7 @@ impl HttpServer {
             token: config.token.map(Arc::from),
             subscriber_capacity: config.subscriber_capacity,
             cluster: config.cluster,
+            read_timeout: config.read_timeout,
             shutdown: shutdown.clone(),
         };
         let tracker = TaskTracker::new();
@@ -191,7 +204,15 @@ impl HttpServer {
     }
 }
 
-/// Binds `addr` and serves `router` on it until `shutdown`.
+/// Binds `addr` and serves `router` on it until `shutdown`, each connection
+/// [`Bounded`] and on the tracker (so shutdown waits for requests in flight).
+///
+/// Served with hyper directly rather than `axum::serve`, which sets no timer:
+/// hyper's header read timeout then never runs, and a client that opens a
+/// connection and never finishes a request head (slowloris), or leaves a
+/// kept-alive connection idle, would hold it forever. Here a request head
+/// must arrive within the read timeout of the connection's first byte or of
+/// the previous answer, and an HTTP/2 peer must answer keepalive pings.
 async fn listen(
     addr: SocketAddr,
     router: Router,
@@ -201,15 +222,73 @@ async fn listen(
 ) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let listener = BoundedListener { listener, bounds };
-    let serve =
-        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let mut hyper = auto::Builder::new(TokioExecutor::new());
+    hyper
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(bounds.read_timeout);
+    hyper
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(bounds.read_timeout)
+        .keep_alive_timeout(bounds.read_timeout)
+        // WebSockets over HTTP/2, as `axum::serve` allows.
+        .enable_connect_protocol();
+    let hyper = Arc::new(hyper);
+    let (shutdown, connections) = (shutdown.clone(), tracker.clone());
     tracker.spawn(async move {
-        if let Err(e) = serve.await {
-            tracing::error!(addr = %bound, error = %e, "HTTP listener failed.");
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = crate::tcp::accept(&listener, "http") => accepted,
+                () = shutdown.cancelled() => return,
+            };
+            let Some(io) = bounds.admit(stream) else {
+                tracing::debug!(%peer, "HTTP connection limit reached; refused.");
+                continue;
+            };
+            let connection = serve_connection(
+                hyper.clone(),
+                io,
+                router.clone(),
+                bounds.clone(),
+                shutdown.clone(),
+            );
+            connections.spawn(connection);
         }
     });
     Ok(bound)
+}
+
+/// One connection, until the client leaves, a bound closes it, or
+/// `shutdown`: then the request in flight is answered and the connection
+/// closed.
+async fn serve_connection(
+    hyper: Arc<auto::Builder<TokioExecutor>>,
+    io: Bounded<TcpStream>,
+    router: Router,
+    bounds: Bounds,
+    shutdown: CancellationToken,
+) {
+    let connection =
+        hyper.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(router));
+    let mut connection = pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = ended {
+        // The header read timeout; a silent connection's (see `bounded`)
+        // is an I/O error, counted where it happened.
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            bounds.read_timed_out();
+        }
+        tracing::debug!(error = %e, "HTTP connection ended with an error.");
+    }
 }
 
 /// Every endpoint on the main HTTP listener.

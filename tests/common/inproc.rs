@@ -102,6 +102,18 @@ pub async fn wait_stat(stats: &Stats, pick: fn(&Stats) -> &AtomicU64, want: u64)
     }
 }
 
+/// What the server sent before it closed `stream`; panics if it is still
+/// open after [`WAIT`].
+pub async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut received = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(stream, &mut received);
+    // An error is a reset: closed all the same.
+    let _ = tokio::time::timeout(WAIT, read)
+        .await
+        .expect("the server closed the connection");
+    received
+}
+
 /// `body` with its 4-byte big-endian length prefix.
 pub fn frame(body: &[u8]) -> Vec<u8> {
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
