@@ -6,6 +6,7 @@
 //!     cargo run --release --example loadgen -- latency --secs 60 --spikes 1000 127.0.0.1:5555
 //!     cargo run --release --example loadgen -- udp --batch 10 --secs 10 127.0.0.1:5555
 //!     cargo run --release --example loadgen -- stall --secs 60
+//!     cargo run --release --example loadgen -- memory --mb 16
 //!     cargo run --release --example loadgen -- null-sink 127.0.0.1:5599
 //!     cargo run --release --example loadgen -- null-sink --reply-batch 12 127.0.0.1:5599
 //!
@@ -60,11 +61,22 @@ enum Mode {
         #[arg(long, default_value_t = 10)]
         secs: u64,
     },
+    /// Random reads that each wait for the one before, over `mb` MiB:
+    /// what one cache miss costs on this machine (an index update for a key
+    /// that fell out of the cache pays at least one).
+    Memory {
+        #[arg(long, default_value_t = 16)]
+        mb: usize,
+    },
     /// Acks every frame without decoding it: the machine's limit for the same load.
     NullSink {
         /// Frames answered with one write at most; vigil's own by default.
         #[arg(long, default_value_t = vigil::tcp::MAX_BATCH_FRAMES)]
         reply_batch: usize,
+        /// CPU work per frame, in nanoseconds of a calibrated arithmetic loop
+        /// that touches no memory: how much a server may spend per message.
+        #[arg(long, default_value_t = 0)]
+        work_ns: u64,
         addr: SocketAddr,
     },
 }
@@ -113,10 +125,18 @@ fn main() -> anyhow::Result<()> {
                 addr,
             } => latency(secs, keys, spikes, addr).await,
             Mode::Udp(load) => udp(load).await,
-            Mode::NullSink { reply_batch, addr } => null_sink(reply_batch, addr).await,
+            Mode::NullSink {
+                reply_batch,
+                work_ns,
+                addr,
+            } => null_sink(reply_batch, work_ns, addr).await,
             // Blocks this thread, which nothing else needs meanwhile.
             Mode::Stall { secs } => {
                 stall(secs);
+                Ok(())
+            }
+            Mode::Memory { mb } => {
+                memory(mb);
                 Ok(())
             }
         }
@@ -343,6 +363,40 @@ fn stall(secs: u64) {
     );
 }
 
+/// A pointer chase: one cache line per slot, the slots linked in one random
+/// cycle, so every read's address comes from the read before and no two
+/// overlap. The time per read is the latency of the level `mb` spills to.
+fn memory(mb: usize) {
+    use rand::seq::SliceRandom;
+
+    #[derive(Clone, Copy)]
+    #[repr(align(64))]
+    struct Line {
+        next: usize,
+    }
+    let slots = (mb * 1024 * 1024 / size_of::<Line>()).max(2);
+    let mut order: Vec<usize> = (0..slots).collect();
+    order.shuffle(&mut rand::rng());
+    let mut lines = vec![Line { next: 0 }; slots];
+    for pair in order.windows(2) {
+        lines[pair[0]].next = pair[1];
+    }
+    lines[order[slots - 1]].next = order[0];
+    const READS: u32 = 20_000_000;
+    let mut at = order[0];
+    // Once round the cycle first, so the timed reads find what a warm process would.
+    for _ in 0..slots {
+        at = lines[at].next;
+    }
+    let start = Instant::now();
+    for _ in 0..READS {
+        at = lines[at].next;
+    }
+    let per_read = start.elapsed() / READS;
+    std::hint::black_box(at);
+    println!("memory over {mb} MiB: {per_read:?} per dependent read");
+}
+
 async fn udp(load: Load) -> anyhow::Result<()> {
     let bodies = messages(load.batch, load.keys, load.ttl);
     let sent = Arc::new(AtomicU64::new(0));
@@ -384,9 +438,14 @@ async fn udp(load: Load) -> anyhow::Result<()> {
 /// same batching of buffered frames (at most `reply_batch`) and one flush per
 /// batch, each frame acked without being decoded. The gap between the two is
 /// what decoding, the rules and the index cost.
-async fn null_sink(reply_batch: usize, addr: SocketAddr) -> anyhow::Result<()> {
+async fn null_sink(reply_batch: usize, work_ns: u64, addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    println!("null sink listening on {}", listener.local_addr()?);
+    let work = Work::calibrated(work_ns);
+    println!(
+        "null sink listening on {}; {} loop rounds of work per frame",
+        listener.local_addr()?,
+        work.rounds
+    );
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
@@ -399,6 +458,7 @@ async fn null_sink(reply_batch: usize, addr: SocketAddr) -> anyhow::Result<()> {
                 {
                     frames += 1;
                 }
+                work.run(frames);
                 for _ in 0..frames {
                     if framed.feed(vigil::proto::ack()).await.is_err() {
                         return;
@@ -410,4 +470,45 @@ async fn null_sink(reply_batch: usize, addr: SocketAddr) -> anyhow::Result<()> {
             }
         });
     }
+}
+
+/// A fixed amount of CPU work per frame: rounds of a dependent arithmetic
+/// chain, calibrated at start so one frame's rounds take `ns` nanoseconds.
+#[derive(Clone, Copy)]
+struct Work {
+    rounds: u64,
+}
+
+impl Work {
+    fn calibrated(ns: u64) -> Work {
+        if ns == 0 {
+            return Work { rounds: 0 };
+        }
+        const PROBE: u64 = 50_000_000;
+        // The fastest of a few probes: the machine's stalls only ever add time.
+        let fastest = (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                spin(PROBE);
+                start.elapsed()
+            })
+            .min()
+            .expect("five probes");
+        let per_round_ns = fastest.as_nanos() as f64 / PROBE as f64;
+        Work {
+            rounds: (ns as f64 / per_round_ns).round() as u64,
+        }
+    }
+
+    fn run(self, frames: usize) {
+        spin(self.rounds * frames as u64);
+    }
+}
+
+fn spin(rounds: u64) {
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..rounds {
+        x = x.rotate_left(5) ^ x.wrapping_mul(31);
+    }
+    std::hint::black_box(x);
 }
