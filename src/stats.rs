@@ -55,6 +55,9 @@ counters! {
     frames_truncated,
     /// UDP datagrams over the maximum datagram size, dropped.
     udp_oversized,
+    /// UDP datagrams the kernel dropped before vigil read them (the socket's
+    /// receive buffer was full), as Linux counts them; read every second.
+    udp_receive_drops,
     /// `Msg`s refused for more events than `--max-events-per-msg`.
     msgs_over_max_events,
     /// `Msg`s refused for an event with more tags than `--max-tags`.
@@ -103,6 +106,11 @@ impl Stats {
 
     pub fn decr(counter: &AtomicU64) {
         counter.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// For a count kept elsewhere (the kernel's), copied in.
+    pub fn set(counter: &AtomicU64, n: u64) {
+        counter.store(n, Ordering::Relaxed);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

@@ -1,9 +1,17 @@
 //! Riemann over UDP: one bare `Msg` per datagram, never a reply. What cannot be
 //! used is counted and dropped.
+//!
+//! So are the datagrams that never reach vigil: when a burst outruns it, the
+//! kernel drops what no longer fits in the socket's receive buffer. Linux
+//! counts those per socket (the `drops` column of `/proc/net/udp`); vigil
+//! copies that count into `udp_receive_drops` every second, so a sender's
+//! losses show on `/metrics` like every other refusal.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::{Ingest, Transport};
@@ -16,6 +24,9 @@ pub const DEFAULT_MAX_DATAGRAM: usize = 16 * 1024;
 /// datagram is seen whole and counted rather than silently truncated.
 const RECV_BUFFER: usize = 64 * 1024;
 
+/// How often the kernel's count of dropped datagrams is read.
+const DROPS_REFRESH: Duration = Duration::from_secs(1);
+
 pub async fn serve(
     socket: UdpSocket,
     ingest: Arc<Ingest>,
@@ -24,9 +35,18 @@ pub async fn serve(
 ) {
     let mut buf = vec![0u8; RECV_BUFFER];
     let mut events = Vec::new();
+    let inode = socket_inode(&socket);
+    let mut refresh = tokio::time::interval(DROPS_REFRESH);
+    refresh.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
         let received = tokio::select! {
             received = socket.recv_from(&mut buf) => received,
+            _ = refresh.tick(), if inode.is_some() => {
+                if let Some(drops) = inode.and_then(kernel_drops) {
+                    Stats::set(&ingest.stats.udp_receive_drops, drops);
+                }
+                continue;
+            }
             () = shutdown.cancelled() => return,
         };
         let len = match received {
@@ -46,5 +66,76 @@ pub async fn serve(
         ingest
             .handle(&buf[..len], Transport::Udp, &mut events)
             .await;
+    }
+}
+
+/// The inode that names `socket` in `/proc/net/udp`; `None` off Linux.
+fn socket_inode(socket: &UdpSocket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).ok()?;
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// How many datagrams the kernel dropped for the socket `inode` since it was
+/// bound (its receive buffer was full), from `/proc/net/udp` or `udp6`.
+fn kernel_drops(inode: u64) -> Option<u64> {
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .find_map(|table| {
+            let table = std::fs::read_to_string(table).ok()?;
+            drops_of(&table, inode)
+        })
+}
+
+/// The `drops` column (the last) of the line for `inode` (the tenth column).
+fn drops_of(table: &str, inode: u64) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        if columns.get(9)?.parse::<u64>().ok()? != inode {
+            return None;
+        }
+        columns.last()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_are_read_from_the_line_of_the_socket() {
+        let table = "\
+   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+ 4073: 0100007F:15EB 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 98222 2 00000000600115ca 0
+ 4074: 0100007F:15EC 00000000:0000 07 00000000:00030000 00:00000000 00000000     0        0 98230 2 00000000700115ca 1742
+";
+        assert_eq!(drops_of(table, 98230), Some(1742));
+        assert_eq!(drops_of(table, 98222), Some(0));
+        assert_eq!(drops_of(table, 1), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn what_overflows_an_unread_socket_is_counted_by_the_kernel() {
+        let unread = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let inode = socket_inode(&unread).expect("the socket's inode");
+        assert_eq!(kernel_drops(inode), Some(0));
+        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sender.connect(unread.local_addr().unwrap()).await.unwrap();
+        let sent = 5_000;
+        for _ in 0..sent {
+            sender.send(&[0; 1024]).await.unwrap();
+        }
+        let mut queued = 0;
+        while unread.try_recv(&mut [0; 2048]).is_ok() {
+            queued += 1;
+        }
+        let drops = kernel_drops(inode).unwrap();
+        assert!(queued > 0 && drops > 0, "queued {queued}, dropped {drops}");
+        assert_eq!(queued + drops, sent);
     }
 }

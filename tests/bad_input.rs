@@ -28,6 +28,7 @@ use vigil::proto::{Attribute, Msg, PbEvent, PbQuery};
 use vigil::rules::engine::Rules;
 use vigil::rules::{self, EnvPolicy};
 use vigil::server::ServerConfig;
+use vigil::streams::{IndexEverything, Streams};
 use vigil::wire::Limits;
 
 use common::inproc::{Harness, T0, WAIT, frame};
@@ -562,6 +563,44 @@ async fn udp_garbage_oversized_and_over_limit_datagrams_are_counted() {
     assert!(h.index.get("u", "dp").is_some());
     assert!(h.index.get("u", "tagged").is_none());
     h.assert_serves().await;
+}
+
+/// The pipeline at a millisecond per batch: a UDP burst outruns it.
+struct Slow(IndexEverything);
+
+impl Streams for Slow {
+    fn process(&self, events: &[Event]) {
+        std::thread::sleep(Duration::from_millis(1));
+        self.0.process(events);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_datagrams_a_burst_overflows_are_counted_as_dropped() {
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let slow = Arc::new(Slow(IndexEverything::new(index.clone())));
+    let h = Harness::with_streams(ServerConfig::default(), index, slow).await;
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.connect(h.server.udp_addr).await.unwrap();
+    let sent = 3_000;
+    let datagram = events_msg(vec![pb_event("burst", "udp")]);
+    for _ in 0..sent {
+        s.send(&datagram).await.unwrap();
+    }
+    // Each one was either read (and counted) or dropped by the kernel (and
+    // counted once vigil next reads the kernel's count).
+    let accounted = || h.count(|s| &s.udp_datagrams) + h.count(|s| &s.udp_receive_drops);
+    let deadline = Instant::now() + WAIT;
+    while accounted() != sent {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {sent} datagrams accounted for",
+            accounted()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(h.count(|s| &s.udp_receive_drops) > 0);
+    assert!(h.index.get("burst", "udp").is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
