@@ -129,8 +129,8 @@ struct Deadline {
 
 impl Deadline {
     /// Ready once `limit` has passed since the first call after a disarm;
-    /// the first time it is, `expired` is counted.
-    fn poll(&mut self, limit: Duration, expired: &AtomicU64, cx: &mut Context<'_>) -> Poll<()> {
+    /// the first time it is, `counter` is bumped.
+    fn poll(&mut self, limit: Duration, counter: &AtomicU64, cx: &mut Context<'_>) -> Poll<()> {
         if !self.expired {
             let timer = self
                 .timer
@@ -139,7 +139,7 @@ impl Deadline {
                 return Poll::Pending;
             }
             self.expired = true;
-            Stats::incr(expired);
+            Stats::incr(counter);
         }
         Poll::Ready(())
     }

@@ -3,7 +3,8 @@
 //! `{"error": "…"}` naming the field at fault; the accepted events then go
 //! through the pipeline as one batch, like a TCP message's. In a cluster the
 //! reply waits until JetStream stored them; if it did not, the answer is
-//! `503` with `{"error": …}` and the client should resend.
+//! `503` with `{"error": …}` and the client should resend. A body that has
+//! not arrived whole within the read timeout of its head gets `408`.
 //!
 //! Fields are Riemann's JSON names (`metric_f`, `metric_d` and `metric_sint64`
 //! also name the metric). `time` is ISO 8601 UTC (`2024-01-02T03:04:05.678Z`)
