@@ -98,8 +98,7 @@ impl Bounds {
             io,
             bounds: self.clone(),
             _permit: permit,
-            silent: Deadline::default(),
-            heard: false,
+            silent: Some(Deadline::default()),
             stalled: Deadline::default(),
         })
     }
@@ -112,9 +111,8 @@ pub struct Bounded<IO> {
     io: IO,
     bounds: Bounds,
     _permit: OwnedSemaphorePermit,
-    /// Armed by the first read that waits; never again once a byte came.
-    silent: Deadline,
-    heard: bool,
+    /// Armed by the first read that waits; `None` once a byte came.
+    silent: Option<Deadline>,
     /// Armed while a write waits on the peer; disarmed when one progresses.
     stalled: Deadline,
 }
@@ -165,12 +163,12 @@ impl<IO> Bounded<IO> {
     /// What a pending read becomes: still pending, or, before the first byte
     /// came, an error once the read timeout passed.
     fn silent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.heard {
+        let Some(silent) = &mut self.silent else {
             return Poll::Pending;
-        }
+        };
         let (timeout, bounds) = (self.bounds.read_timeout, &self.bounds);
         let counter = (bounds.counters.read_timeouts)(&bounds.stats);
-        ready!(self.silent.poll(timeout, counter, cx));
+        ready!(silent.poll(timeout, counter, cx));
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("the peer sent nothing for {timeout:?}"),
@@ -203,8 +201,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Bounded<IO> {
             Poll::Pending => this.silent(cx),
             ready => {
                 // A byte, the end or an error: the silence is over either way.
-                this.heard = true;
-                this.silent.disarm();
+                this.silent = None;
                 ready
             }
         }
