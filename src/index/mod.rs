@@ -11,7 +11,10 @@
 //!
 //! Entries are stored packed, one heap block each (see `packed.rs`): the
 //! index is the one place that keeps an event per key for hours, so it keeps
-//! them small, and unpacks on the way out.
+//! them small, and unpacks on the way out. Each shard's table (`table.rs`)
+//! lets the streams prefetch a key's slot a few events before its update
+//! ([`Index::prefetch`]): among a hundred thousand keys or more, the update
+//! would otherwise wait on main memory.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -19,7 +22,7 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::DefaultHashBuilder;
 use parking_lot::Mutex;
 
 use crate::clock::{Micros, secs_to_micros};
@@ -28,8 +31,10 @@ use crate::pubsub::Pubsub;
 use crate::query::Query;
 
 mod packed;
+mod table;
 
 use packed::Packed;
+use table::{Entry, SlotHint, Table};
 
 /// Riemann's default when an event carries no TTL.
 pub const DEFAULT_TTL_SECS: f64 = 60.0;
@@ -71,6 +76,8 @@ pub enum Insert {
 
 pub struct Index {
     shards: Box<[Mutex<Shard>]>,
+    /// Where each shard's table is, beside it: read without its lock.
+    hints: Box<[SlotHint]>,
     /// Live subscribers see every stored event and every expiry.
     pubsub: Arc<Pubsub>,
     hasher: DefaultHashBuilder,
@@ -82,26 +89,18 @@ pub struct Index {
 
 #[derive(Default)]
 struct Shard {
-    entries: HashTable<Entry>,
+    entries: Table,
     /// `(scheduled, key hash)`. A slot already taken by another entry with
     /// the same hash is moved a microsecond earlier (see [`schedule`]), so
     /// a slot names exactly one entry without storing an id or the key.
     deadlines: BTreeSet<(Micros, u64)>,
 }
 
-struct Entry {
-    /// When the stored event's TTL runs out. Kept beside the pointer, not in
-    /// the packed block, so an expiry sweep reads the table front to back
-    /// and touches only the blocks of entries that expire.
-    deadline: Micros,
-    /// One heap block (see [`packed`]).
-    packed: Packed,
-}
-
 impl Index {
     pub fn new(config: IndexConfig) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hints: (0..SHARDS).map(|_| SlotHint::default()).collect(),
             pubsub: Pubsub::new(),
             hasher: DefaultHashBuilder::default(),
             config,
@@ -145,10 +144,22 @@ impl Index {
         self.hasher.hash_one((host, service))
     }
 
+    fn shard_of(hash: u64) -> usize {
+        // Middle bits: a shard's table uses the low bits for slots, so picking
+        // shards by them would cluster entries inside a shard.
+        (hash >> 32) as usize % SHARDS
+    }
+
     fn shard(&self, hash: u64) -> &Mutex<Shard> {
-        // Middle bits: hashbrown uses the low bits for buckets and the top 7 for
-        // tags, so picking shards by either would cluster entries inside a shard.
-        &self.shards[(hash >> 32) as usize % SHARDS]
+        &self.shards[Self::shard_of(hash)]
+    }
+
+    /// Starts loading the table slot where `event` would be stored, so that
+    /// an [`Index::insert`] of it a few events later finds it in the cache.
+    /// Takes no lock; a hint only.
+    pub fn prefetch(&self, event: &Event) {
+        let hash = self.hash(event.host_str().as_bytes(), event.service_str().as_bytes());
+        self.hints[Self::shard_of(hash)].prefetch(hash);
     }
 
     fn deadline(&self, event: &Event) -> Micros {
@@ -175,19 +186,17 @@ impl Index {
         let hash = self.hash(key.0, key.1);
         let mut shard = self.shard(hash).lock();
         let shard = &mut *shard;
-        let found = shard.entries.find_entry(hash, |e| e.packed.key() == key);
+        let found = shard.entries.find(hash, |e| e.packed.key() == key);
         if event.is_expired_state() {
-            if let Ok(occupied) = found {
-                let (entry, _) = occupied.remove();
+            if let Some(entry) = found.and_then(|slot| shard.entries.remove(slot)) {
                 shard.deadlines.remove(&(entry.packed.scheduled(), hash));
                 self.len.fetch_sub(1, Ordering::Relaxed);
             }
             return Insert::Removed;
         }
         let deadline = self.deadline(event);
-        match found {
-            Ok(mut occupied) => {
-                let entry = occupied.get_mut();
+        match found.and_then(|slot| shard.entries.get_mut(slot)) {
+            Some(entry) => {
                 entry.packed.replace(event);
                 entry.deadline = deadline;
                 let scheduled = entry.packed.scheduled();
@@ -198,20 +207,18 @@ impl Index {
                 }
                 Insert::Replaced
             }
-            Err(_) => {
+            None => {
                 if !self.reserve_slot() {
                     self.refused.fetch_add(1, Ordering::Relaxed);
                     return Insert::Refused;
                 }
                 let slot = schedule(&mut shard.deadlines, deadline, hash);
-                let entry = Entry {
+                shard.entries.insert_new(Entry {
+                    hash,
                     deadline,
                     packed: Packed::new(event, slot),
-                };
-                let hasher = &self.hasher;
-                shard
-                    .entries
-                    .insert_unique(hash, entry, |e| hasher.hash_one(e.packed.key()));
+                });
+                self.hints[Self::shard_of(hash)].update(&shard.entries);
                 Insert::Added
             }
         }
@@ -237,10 +244,8 @@ impl Index {
         let key = (host.as_bytes(), service.as_bytes());
         let hash = self.hash(key.0, key.1);
         let shard = self.shard(hash).lock();
-        shard
-            .entries
-            .find(hash, |e| e.packed.key() == key)
-            .map(|e| e.packed.to_event())
+        let slot = shard.entries.find(hash, |e| e.packed.key() == key)?;
+        shard.entries.get(slot).map(|e| e.packed.to_event())
     }
 
     /// Every entry the query matches. `host = X and service = Y` is a direct lookup.
@@ -300,18 +305,14 @@ impl Index {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             let shard = &mut *shard;
-            let before = shard.entries.len();
             let deadlines = &mut shard.deadlines;
-            let hasher = &self.hasher;
-            shard.entries.retain(|entry| {
-                if !select(entry.packed.host()) {
-                    return true;
-                }
-                let hash = hasher.hash_one(entry.packed.key());
-                deadlines.remove(&(entry.packed.scheduled(), hash));
-                false
-            });
-            removed += before - shard.entries.len();
+            shard.entries.retain(
+                |entry| !select(entry.packed.host()),
+                |entry| {
+                    deadlines.remove(&(entry.packed.scheduled(), entry.hash));
+                    removed += 1;
+                },
+            );
         }
         self.len.fetch_sub(removed, Ordering::Relaxed);
         removed
@@ -397,22 +398,22 @@ impl Index {
         // The due slots are all settled below: expired, or re-armed.
         shard.deadlines = not_due;
         let deadlines = &mut shard.deadlines;
-        let hasher = &self.hasher;
         let before = out.len();
-        let expired = shard.entries.extract_if(|entry| {
-            if entry.deadline < now && may_expire.is_none_or(|may| may(entry.packed.host())) {
-                return true;
-            }
-            // Refreshed, or held (then re-armed at its past deadline: due
-            // again at the next pass).
-            if entry.packed.scheduled() < now {
-                let hash = hasher.hash_one(entry.packed.key());
-                let slot = schedule(deadlines, entry.deadline, hash);
-                entry.packed.set_scheduled(slot);
-            }
-            false
-        });
-        out.extend(expired.map(|entry| entry.packed));
+        shard.entries.retain(
+            |entry| {
+                if entry.deadline < now && may_expire.is_none_or(|may| may(entry.packed.host())) {
+                    return false;
+                }
+                // Refreshed, or held (then re-armed at its past deadline: due
+                // again at the next pass).
+                if entry.packed.scheduled() < now {
+                    let slot = schedule(deadlines, entry.deadline, entry.hash);
+                    entry.packed.set_scheduled(slot);
+                }
+                true
+            },
+            |entry| out.push(entry.packed),
+        );
         self.len.fetch_sub(out.len() - before, Ordering::Relaxed);
     }
 
@@ -435,22 +436,24 @@ impl Index {
                 return false;
             }
             shard.deadlines.pop_first();
-            let Ok(occupied) = shard
+            let Some(slot) = shard
                 .entries
-                .find_entry(hash, |e| e.packed.scheduled() == scheduled)
+                .find(hash, |e| e.packed.scheduled() == scheduled)
             else {
                 continue;
             };
-            let entry = occupied.get();
+            let Some(entry) = shard.entries.get_mut(slot) else {
+                continue;
+            };
             if entry.deadline < now && may_expire.is_some_and(|may| !may(entry.packed.host())) {
                 held.push((scheduled, hash));
             } else if entry.deadline < now {
-                let (entry, _) = occupied.remove();
-                self.len.fetch_sub(1, Ordering::Relaxed);
-                out.push(entry.packed);
+                if let Some(entry) = shard.entries.remove(slot) {
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                    out.push(entry.packed);
+                }
             } else {
                 // Refreshed since it was scheduled: re-arm at the real deadline.
-                let entry = occupied.into_mut();
                 let slot = schedule(&mut shard.deadlines, entry.deadline, hash);
                 entry.packed.set_scheduled(slot);
             }

@@ -22,6 +22,12 @@ use crate::outputs::OutputSink;
 
 use super::nodes::{Children, Cx};
 
+/// How many events ahead of the one going through the rules the index is
+/// asked to prefetch the slot of (see [`Index::prefetch`]): far enough for
+/// the load to arrive, near enough to stay in the cache. Rule files nearly
+/// always index what they receive; one that does not pays a hash per event.
+const PREFETCH_AHEAD: usize = 4;
+
 /// Rounds of `reinject` one batch may take. A rule that reinjects what it
 /// reinjects would otherwise loop forever; past this the events are dropped
 /// and counted.
@@ -137,8 +143,14 @@ impl Rules {
 impl Streams for Rules {
     fn process(&self, events: &[Event]) {
         let tree = self.current.load();
+        for event in events.iter().take(PREFETCH_AHEAD) {
+            self.index.prefetch(event);
+        }
         self.run(&tree, |cx| {
-            for event in events {
+            for (i, event) in events.iter().enumerate() {
+                if let Some(ahead) = events.get(i + PREFETCH_AHEAD) {
+                    self.index.prefetch(ahead);
+                }
                 self.guarded(|| tree.roots.event(event, cx));
             }
         });

@@ -1,0 +1,381 @@
+//! One index shard's hash table: open addressing with linear probing over a
+//! flat array of entries, each holding its key's hash beside the pointer to
+//! its packed block.
+//!
+//! Why not `hashbrown`: an index update among 100 K keys or more waits on
+//! main memory, and `hashbrown` reads three lines in a row for it (control
+//! bytes, bucket, block) with no way to learn any of their addresses ahead.
+//! Here an entry's slot is at a known place (`hash & mask`), so the index can
+//! prefetch it a few events early ([`SlotHint`]); the stored hash
+//! sends almost every probe that is not the key past it without reading its
+//! block, and lets the table grow without reading any block at all.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::clock::Micros;
+
+use super::packed::Packed;
+
+/// Grown when more than this share of slots is taken: linear probing stays
+/// short (2.5 slots on average for a present key at the worst) while a slot
+/// is 32 bytes, two to a cache line.
+const MAX_LOAD_NUM: usize = 3;
+const MAX_LOAD_DEN: usize = 4;
+
+const INITIAL_SLOTS: usize = 16;
+
+pub struct Entry {
+    /// The key's hash, as the index computes it.
+    pub hash: u64,
+    /// When the stored event's TTL runs out. Kept beside the pointer, not in
+    /// the packed block, so an expiry sweep reads the table front to back
+    /// and touches only the blocks of entries that expire.
+    pub deadline: Micros,
+    /// One heap block (see `packed.rs`).
+    pub packed: Packed,
+}
+
+#[derive(Default)]
+pub struct Table {
+    /// Empty, or a power of two long with at least one `None`.
+    slots: Vec<Option<Entry>>,
+    len: usize,
+}
+
+impl Table {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
+    }
+
+    fn home(&self, hash: u64) -> usize {
+        hash as usize & self.mask()
+    }
+
+    /// The slot of the entry with this hash that `is_key` accepts.
+    pub fn find(&self, hash: u64, is_key: impl Fn(&Entry) -> bool) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = self.home(hash);
+        loop {
+            match &self.slots[i] {
+                None => return None,
+                Some(entry) if entry.hash == hash && is_key(entry) => return Some(i),
+                Some(_) => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// The entry in a slot [`Table::find`] returned.
+    pub fn get(&self, slot: usize) -> Option<&Entry> {
+        self.slots.get(slot)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, slot: usize) -> Option<&mut Entry> {
+        self.slots.get_mut(slot)?.as_mut()
+    }
+
+    /// Adds an entry whose key is not in the table.
+    pub fn insert_new(&mut self, entry: Entry) {
+        if (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
+            self.grow();
+        }
+        self.place(entry);
+        self.len += 1;
+    }
+
+    /// Puts `entry` in the first free slot from its home.
+    fn place(&mut self, entry: Entry) {
+        let mask = self.mask();
+        let mut i = self.home(entry.hash);
+        while self.slots[i].is_some() {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = Some(entry);
+    }
+
+    /// Doubles the slots; entries are placed again by their stored hash,
+    /// without their blocks being read.
+    fn grow(&mut self) {
+        let slots = (self.slots.len() * 2).max(INITIAL_SLOTS);
+        let old = std::mem::replace(&mut self.slots, (0..slots).map(|_| None).collect());
+        for entry in old.into_iter().flatten() {
+            self.place(entry);
+        }
+    }
+
+    /// Takes the entry out of `slot` and closes the gap: each following entry
+    /// of the run that may sit earlier (its home is not after the gap) moves
+    /// back, so every entry stays reachable from its home without a tombstone.
+    pub fn remove(&mut self, slot: usize) -> Option<Entry> {
+        let removed = self.slots.get_mut(slot)?.take()?;
+        self.len -= 1;
+        let mask = self.mask();
+        let mut gap = slot;
+        let mut next = (gap + 1) & mask;
+        while let Some(entry) = &self.slots[next] {
+            let from_home = next.wrapping_sub(self.home(entry.hash)) & mask;
+            let from_gap = next.wrapping_sub(gap) & mask;
+            if from_home >= from_gap {
+                self.slots[gap] = self.slots[next].take();
+                gap = next;
+            }
+            next = (next + 1) & mask;
+        }
+        Some(removed)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.slots.iter().flatten()
+    }
+
+    /// Keeps the entries `keep` accepts (it may change them, not their hash)
+    /// and hands the others to `removed`, in one pass over the slots and a
+    /// second one only when something went: every remaining entry is placed
+    /// again from its home, which lands it at or before where it was. Cheaper
+    /// than closing each gap as it opens when much goes.
+    pub fn retain(
+        &mut self,
+        mut keep: impl FnMut(&mut Entry) -> bool,
+        mut removed: impl FnMut(Entry),
+    ) {
+        // A slot free before anything goes: no run of entries crosses it, so
+        // starting just after it each entry's home is at or before it, and it
+        // is placed again once, after every entry before it in its run.
+        let Some(free) = self.slots.iter().position(Option::is_none) else {
+            return;
+        };
+        let before = self.len;
+        for slot in &mut self.slots {
+            if slot.as_mut().is_some_and(|entry| !keep(entry))
+                && let Some(entry) = slot.take()
+            {
+                self.len -= 1;
+                removed(entry);
+            }
+        }
+        if self.len == before {
+            return;
+        }
+        let mask = self.mask();
+        for offset in 1..self.slots.len() {
+            let i = (free + offset) & mask;
+            if let Some(entry) = self.slots[i].take() {
+                self.place(entry);
+            }
+        }
+    }
+}
+
+/// Where a table's slots are, readable without its shard's lock, so the
+/// index can prefetch a key's home slot a few events before it needs it. A
+/// table that grows in between only makes that prefetch useless.
+#[derive(Default)]
+pub struct SlotHint {
+    base: AtomicUsize,
+    mask: AtomicUsize,
+}
+
+impl SlotHint {
+    /// Called with the shard locked, after anything that may have moved the slots.
+    pub fn update(&self, table: &Table) {
+        let base = if table.slots.is_empty() {
+            0
+        } else {
+            table.slots.as_ptr() as usize
+        };
+        self.base.store(base, Ordering::Relaxed);
+        self.mask.store(table.mask(), Ordering::Relaxed);
+    }
+
+    /// Starts loading the home slot of `hash` into the cache.
+    pub fn prefetch(&self, hash: u64) {
+        let base = self.base.load(Ordering::Relaxed);
+        let mask = self.mask.load(Ordering::Relaxed);
+        if base != 0 {
+            prefetch(base.wrapping_add((hash as usize & mask) * size_of::<Option<Entry>>()));
+        }
+    }
+}
+
+/// Asks the CPU to start loading the cache line at `address`.
+fn prefetch(address: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint to the cache: it reads nothing the
+    // program sees and never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(address as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    fn entry(hash: u64, name: &str) -> Entry {
+        let event = Event {
+            host: Some(name.into()),
+            ..Event::default()
+        };
+        Entry {
+            hash,
+            deadline: 0,
+            packed: Packed::new(&event, 0),
+        }
+    }
+
+    fn find(table: &Table, hash: u64, name: &str) -> Option<usize> {
+        table.find(hash, |e| e.packed.host() == name)
+    }
+
+    /// Every entry reachable from its home: no gap between them.
+    fn assert_reachable(table: &Table) {
+        for entry in table.iter() {
+            let slot = find(table, entry.hash, entry.packed.host()).expect("reachable");
+            assert_eq!(table.get(slot).map(|e| e.hash), Some(entry.hash));
+        }
+    }
+
+    #[test]
+    fn colliding_hashes_are_told_apart_by_key() {
+        let mut table = Table::default();
+        table.insert_new(entry(7, "a"));
+        table.insert_new(entry(7, "b"));
+        table.insert_new(entry(7 + 16, "c"));
+        assert_eq!(table.len(), 3);
+        let a = find(&table, 7, "a").unwrap();
+        let b = find(&table, 7, "b").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(table.get(b).unwrap().packed.host(), "b");
+        assert_eq!(find(&table, 7, "c"), None, "same slot run, other hash");
+        assert!(find(&table, 23, "c").is_some());
+    }
+
+    #[test]
+    fn removal_keeps_the_rest_of_a_run_reachable_across_the_wrap() {
+        let mut table = Table::default();
+        // Homes 14 and 15 of 16 slots: the run wraps to slots 0 and 1.
+        for (hash, name) in [(14, "a"), (15, "b"), (14, "c"), (15, "d"), (1, "e")] {
+            table.insert_new(entry(hash, name));
+        }
+        let a = find(&table, 14, "a").unwrap();
+        assert_eq!(table.remove(a).unwrap().packed.host(), "a");
+        assert_eq!(find(&table, 14, "a"), None);
+        assert_reachable(&table);
+        assert_eq!(table.len(), 4);
+        assert!(table.remove(a + 100).is_none());
+    }
+
+    #[test]
+    fn growing_keeps_every_entry() {
+        let mut table = Table::default();
+        for i in 0..1000u64 {
+            table.insert_new(entry(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), &i.to_string()));
+        }
+        assert_eq!(table.len(), 1000);
+        assert!(table.slots.len() * MAX_LOAD_NUM >= 1000 * MAX_LOAD_DEN);
+        assert_reachable(&table);
+    }
+
+    #[test]
+    fn retain_hands_out_the_rest_and_leaves_the_kept_reachable() {
+        let mut table = Table::default();
+        // Few distinct homes: long runs that wrap, so placing again matters.
+        for i in 0..40u64 {
+            table.insert_new(entry(i % 5 + 60, &i.to_string()));
+        }
+        let mut removed = Vec::new();
+        table.retain(
+            |e| e.packed.host().parse::<u64>().unwrap() % 3 != 0,
+            |e| removed.push(e.packed.host().to_string()),
+        );
+        assert_eq!(removed.len(), 14);
+        assert_eq!(table.len(), 26);
+        assert_reachable(&table);
+        for i in (0..40u64).filter(|i| i % 3 == 0) {
+            assert_eq!(find(&table, i % 5 + 60, &i.to_string()), None);
+        }
+    }
+
+    /// Random inserts, removals and retains with few distinct homes, checked
+    /// against a `HashMap` after every step.
+    #[test]
+    fn agrees_with_a_map_under_random_operations() {
+        let mut table = Table::default();
+        let mut model = std::collections::HashMap::new();
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for step in 0..3000 {
+            let key = next() % 300;
+            // Many keys per hash, homes at both ends of the table: runs that
+            // wrap around into runs from the start.
+            let hash = if key % 2 == 0 {
+                u64::MAX - key % 5
+            } else {
+                key % 5 * 3
+            };
+            let name = key.to_string();
+            match next() % 10 {
+                0..=5 if find(&table, hash, &name).is_none() => {
+                    table.insert_new(entry(hash, &name));
+                    model.insert(key, hash);
+                }
+                6..=8 => {
+                    if let Some(slot) = find(&table, hash, &name) {
+                        table.remove(slot);
+                        assert!(model.remove(&key).is_some());
+                    }
+                }
+                9 => {
+                    let salt = next();
+                    table.retain(
+                        |e| (e.packed.host().parse::<u64>().unwrap() ^ salt) % 4 != 0,
+                        |e| assert!(model.remove(&e.packed.host().parse().unwrap()).is_some()),
+                    );
+                }
+                _ => {}
+            }
+            assert_eq!(table.len(), model.len());
+            for (key, hash) in &model {
+                assert!(
+                    find(&table, *hash, &key.to_string()).is_some(),
+                    "step {step}: {key} lost"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_hint_points_at_the_home_slot() {
+        let mut table = Table::default();
+        let hint = SlotHint::default();
+        hint.update(&table);
+        assert_eq!(
+            hint.base.load(Ordering::Relaxed),
+            0,
+            "no slots: no prefetch"
+        );
+        hint.prefetch(3);
+        table.insert_new(entry(3, "a"));
+        hint.update(&table);
+        let base = table.slots.as_ptr() as usize;
+        assert_eq!(hint.base.load(Ordering::Relaxed), base);
+        assert_eq!(hint.mask.load(Ordering::Relaxed), 15);
+        assert_eq!(size_of::<Option<Entry>>(), 32, "two slots to a cache line");
+        hint.prefetch(u64::MAX);
+    }
+}
