@@ -3,10 +3,11 @@
 //! and UDP both call into here. A message over the [`Limits`] is refused whole
 //! (no event of it is processed) with an error naming the limit.
 //!
-//! The `Msg`s one TCP read brought are handled as one batch: one clock read,
-//! one call into the streams for all their events (a query first has the
-//! events before it processed), so a pipelining client of small messages does
-//! not pay the pipeline's fixed cost per message.
+//! The `Msg`s one TCP read brought (or the datagrams queued on the UDP socket)
+//! are handled as one batch: one clock read, one call into the streams for
+//! all their events (a query first has the events before it processed), so a
+//! pipelining client of small messages does not pay the pipeline's fixed
+//! cost per message.
 //!
 //! In cluster mode ([`Ingest::cluster`]) events go to JetStream instead of the
 //! local streams, and the ack waits until JetStream has stored them; queries
@@ -89,30 +90,11 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Handles one frame body and returns the encoded reply body: locally, or
-    /// through the cluster when there is one.
-    pub async fn handle(
-        &self,
-        body: &[u8],
-        transport: Transport,
-        events: &mut Vec<Event>,
-    ) -> Bytes {
-        self.begin(body, transport, events).wait().await
-    }
-
-    /// Starts handling one frame: locally the reply is ready at once; in a
-    /// cluster the events are sent and the reply waits for JetStream, so a
-    /// connection may begin its next frames meanwhile.
-    pub fn begin(&self, body: &[u8], transport: Transport, events: &mut Vec<Event>) -> Reply {
-        match &self.cluster {
-            None => Reply::Ready(self.handle_frame(body, transport, events)),
-            Some(cluster) => self.begin_clustered(cluster.clone(), body, transport, events),
-        }
-    }
-
-    /// [`Ingest::begin`] for the frames a connection read at once, pushing one
-    /// reply per frame, in order, to `replies`. Locally their events go
-    /// through the streams as one batch before any reply is ready.
+    /// Starts handling the frames a connection (or a UDP socket) read at
+    /// once, pushing one reply per frame, in order, to `replies`. Locally
+    /// their events go through the streams as one batch and every reply is
+    /// ready at once; in a cluster the events are sent and each reply waits
+    /// for JetStream, so a connection may read its next frames meanwhile.
     pub fn begin_all<B: AsRef<[u8]>>(
         &self,
         frames: &[B],

@@ -603,6 +603,83 @@ async fn udp_datagrams_a_burst_overflows_are_counted_as_dropped() {
     assert!(h.index.get("burst", "udp").is_some());
 }
 
+/// Indexes everything and records each batch's size; the first batch is
+/// held for a while, so what is sent meanwhile queues on the socket.
+struct HoldFirst {
+    inner: IndexEverything,
+    batches: parking_lot::Mutex<Vec<usize>>,
+    holding: tokio::sync::Notify,
+}
+
+impl Streams for HoldFirst {
+    fn process(&self, events: &[Event]) {
+        let first = {
+            let mut batches = self.batches.lock();
+            batches.push(events.len());
+            batches.len() == 1
+        };
+        if first {
+            self.holding.notify_one();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.inner.process(events);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_datagrams_queued_together_are_one_batch_and_a_bad_one_costs_only_itself() {
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let streams = Arc::new(HoldFirst {
+        inner: IndexEverything::new(index.clone()),
+        batches: Default::default(),
+        holding: Default::default(),
+    });
+    let config = ServerConfig {
+        max_datagram: 1024,
+        limits: Limits {
+            max_tags: 10,
+            ..Limits::DEFAULT
+        },
+        ..ServerConfig::default()
+    };
+    let h = Harness::with_streams(config, index, streams.clone()).await;
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.connect(h.server.udp_addr).await.unwrap();
+    s.send(&events_msg(vec![pb_event("q", "first")]))
+        .await
+        .unwrap();
+    streams.holding.notified().await;
+    let mut tagged = pb_event("q", "tagged");
+    tagged.tags = (0..11).map(|i| i.to_string()).collect();
+    for datagram in [
+        noise(100),
+        events_msg(vec![pb_event("q", "b")]),
+        vec![0u8; 4096],
+        events_msg(vec![pb_event("q", "c"), pb_event("q", "d")]),
+        events_msg(vec![tagged]),
+    ] {
+        s.send(&datagram).await.unwrap();
+    }
+    let deadline = Instant::now() + WAIT;
+    while h.index.get("q", "d").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the queued datagrams never indexed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*streams.batches.lock(), [1, 3], "b, c and d in one batch");
+    assert_eq!(h.count(|s| &s.udp_events), 4);
+    for service in ["first", "b", "c", "d"] {
+        assert!(h.index.get("q", service).is_some(), "{service} indexed");
+    }
+    assert!(h.index.get("q", "tagged").is_none());
+    assert_eq!(h.count(|s| &s.udp_datagrams), 6);
+    assert_eq!(h.count(|s| &s.decode_errors), 1);
+    assert_eq!(h.count(|s| &s.udp_oversized), 1);
+    assert_eq!(h.count(|s| &s.msgs_over_max_tags), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_nested_ten_thousand_deep_gets_an_error_and_the_connection_goes_on() {
     let h = Harness::start(ServerConfig::default()).await;
