@@ -28,8 +28,9 @@ pub struct Entry {
     /// The key's hash, as the index computes it.
     pub hash: u64,
     /// When the stored event's TTL runs out. Kept beside the pointer, not in
-    /// the packed block, so an expiry sweep reads the table front to back
-    /// and touches only the blocks of entries that expire.
+    /// the packed block, so an expiry sweep tells what expires by reading
+    /// the table front to back (a kept entry's block is read only to see
+    /// whether its slot in the deadline set came due).
     pub deadline: Micros,
     /// One heap block (see `packed.rs`).
     pub packed: Packed,
