@@ -95,9 +95,9 @@ impl Ingest {
     /// their events go through the streams as one batch and every reply is
     /// ready at once; in a cluster the events are sent and each reply waits
     /// for JetStream, so a connection may read its next frames meanwhile.
-    pub fn begin_all<B: AsRef<[u8]>>(
+    pub fn begin_all(
         &self,
-        frames: &[B],
+        frames: impl IntoIterator<Item = impl AsRef<[u8]>>,
         transport: Transport,
         events: &mut Vec<Event>,
         replies: &mut Vec<Reply>,
@@ -117,9 +117,9 @@ impl Ingest {
     /// Handles the frames a connection read at once: their events go through
     /// the streams as one batch, and one reply per frame, in order, is pushed
     /// to `replies` (all ready: there is no cluster to wait for).
-    pub fn handle_frames<B: AsRef<[u8]>>(
+    pub fn handle_frames(
         &self,
-        frames: &[B],
+        frames: impl IntoIterator<Item = impl AsRef<[u8]>>,
         transport: Transport,
         events: &mut Vec<Event>,
         replies: &mut Vec<Reply>,

@@ -220,7 +220,7 @@ impl Connections {
         };
         Stats::add(&self.ingest.stats.tcp_messages, frames.len() as u64);
         self.ingest
-            .begin_all(frames, Transport::Tcp, events, replies);
+            .begin_all(frames.iter(), Transport::Tcp, events, replies);
         // Views into the read buffer: released before it is read into again.
         frames.clear();
         for reply in replies.drain(..) {

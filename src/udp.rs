@@ -76,8 +76,8 @@ pub async fn serve(
                 ),
             }
         }
-        let frames: Vec<&[u8]> = batch.datagrams.iter().map(|at| &buf[at.clone()]).collect();
-        ingest.begin_all(&frames, Transport::Udp, &mut events, &mut replies);
+        let datagrams = batch.datagrams.iter().map(|at| &buf[at.clone()]);
+        ingest.begin_all(datagrams, Transport::Udp, &mut events, &mut replies);
         // The replies (acks or errors) are discarded: UDP senders never hear
         // back. In a cluster they are awaited, so a burst waits for JetStream.
         for reply in replies.drain(..) {
