@@ -213,12 +213,14 @@ impl Index {
                     return Insert::Refused;
                 }
                 let slot = schedule(&mut shard.deadlines, deadline, hash);
-                shard.entries.insert_new(Entry {
+                let moved = shard.entries.insert_new(Entry {
                     hash,
                     deadline,
                     packed: Packed::new(event, slot),
                 });
-                self.hints[Self::shard_of(hash)].update(&shard.entries);
+                if moved {
+                    self.hints[Self::shard_of(hash)].update(&shard.entries);
+                }
                 Insert::Added
             }
         }

@@ -81,13 +81,16 @@ impl Table {
         self.slots.get_mut(slot)?.as_mut()
     }
 
-    /// Adds an entry whose key is not in the table.
-    pub fn insert_new(&mut self, entry: Entry) {
-        if (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
+    /// Adds an entry whose key is not in the table; true when the slots
+    /// moved to make room (a [`SlotHint`] of the table is then stale).
+    pub fn insert_new(&mut self, entry: Entry) -> bool {
+        let grows = (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM;
+        if grows {
             self.grow();
         }
         self.place(entry);
         self.len += 1;
+        grows
     }
 
     /// Puts `entry` in the first free slot from its home.
@@ -183,7 +186,8 @@ pub struct SlotHint {
 }
 
 impl SlotHint {
-    /// Called with the shard locked, after anything that may have moved the slots.
+    /// Called with the shard locked, after the slots moved: only then, since
+    /// other cores read the hint on every event.
     pub fn update(&self, table: &Table) {
         let base = if table.slots.is_empty() {
             0
@@ -371,7 +375,11 @@ mod tests {
             "no slots: no prefetch"
         );
         hint.prefetch(3);
-        table.insert_new(entry(3, "a"));
+        assert!(
+            table.insert_new(entry(3, "a")),
+            "the first slots are allocated"
+        );
+        assert!(!table.insert_new(entry(4, "b")));
         hint.update(&table);
         let base = table.slots.as_ptr() as usize;
         assert_eq!(hint.base.load(Ordering::Relaxed), base);
