@@ -31,7 +31,7 @@ use vigil::server::ServerConfig;
 use vigil::streams::{IndexEverything, Streams};
 use vigil::wire::Limits;
 
-use common::inproc::{Harness, T0, WAIT, frame};
+use common::inproc::{Harness, T0, WAIT, frame, wait_until};
 
 async fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).await.expect("connects")
@@ -265,23 +265,20 @@ async fn negative_nan_and_huge_ttls_never_break_expiry() {
     assert_eq!(exchange(&mut s, &events_msg(events)).await.ok, Some(true));
     h.clock.advance(MICROS_PER_SEC);
     // The negative TTL is already over; NaN falls back to the default (60 s).
-    let deadline = Instant::now() + WAIT;
-    while h.index.get("ttl", "negative").is_some() {
-        assert!(Instant::now() < deadline, "the negative TTL expires");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(
+        || h.index.get("ttl", "negative").is_none(),
+        || "the negative TTL not expired".into(),
+    )
+    .await;
     for service in ["nan", "huge", "infinite"] {
         assert!(h.index.get("ttl", service).is_some(), "{service} kept");
     }
     h.clock.advance(61 * MICROS_PER_SEC);
-    let deadline = Instant::now() + WAIT;
-    while h.index.get("ttl", "nan").is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "the NaN TTL expires by the default"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(
+        || h.index.get("ttl", "nan").is_none(),
+        || "the NaN TTL not expired by the default".into(),
+    )
+    .await;
     assert!(h.index.get("ttl", "huge").is_some());
     h.assert_serves().await;
 }
@@ -590,15 +587,11 @@ async fn udp_datagrams_a_burst_overflows_are_counted_as_dropped() {
     // Each one was either read (and counted) or dropped by the kernel (and
     // counted once vigil next reads the kernel's count).
     let accounted = || h.count(|s| &s.udp_datagrams) + h.count(|s| &s.udp_receive_drops);
-    let deadline = Instant::now() + WAIT;
-    while accounted() != sent {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {sent} datagrams accounted for",
-            accounted()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        || accounted() == sent,
+        || format!("{} of {sent} datagrams accounted for", accounted()),
+    )
+    .await;
     assert!(h.count(|s| &s.udp_receive_drops) > 0);
     assert!(h.index.get("burst", "udp").is_some());
 }
@@ -660,14 +653,11 @@ async fn udp_datagrams_queued_together_are_one_batch_and_a_bad_one_costs_only_it
     ] {
         s.send(&datagram).await.unwrap();
     }
-    let deadline = Instant::now() + WAIT;
-    while h.index.get("q", "d").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the queued datagrams never indexed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        || h.index.get("q", "d").is_some(),
+        || "the queued datagrams not indexed".into(),
+    )
+    .await;
     assert_eq!(*streams.batches.lock(), [1, 3], "b, c and d in one batch");
     assert_eq!(h.count(|s| &s.udp_events), 4);
     for service in ["first", "b", "c", "d"] {

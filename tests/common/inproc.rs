@@ -91,13 +91,18 @@ impl Harness {
 
 /// Polls until the counter of `stats` reaches `want`; panics after [`WAIT`].
 pub async fn wait_stat(stats: &Stats, pick: fn(&Stats) -> &AtomicU64, want: u64) {
+    wait_until(
+        || Stats::get(pick(stats)) == want,
+        || format!("counter at {} instead of {want}", Stats::get(pick(stats))),
+    )
+    .await;
+}
+
+/// Polls until `done`; panics after [`WAIT`] saying `what` is still so.
+pub async fn wait_until(done: impl Fn() -> bool, what: impl Fn() -> String) {
     let deadline = Instant::now() + WAIT;
-    while Stats::get(pick(stats)) != want {
-        assert!(
-            Instant::now() < deadline,
-            "counter at {} instead of {want} after {WAIT:?}",
-            Stats::get(pick(stats))
-        );
+    while !done() {
+        assert!(Instant::now() < deadline, "{} after {WAIT:?}", what());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
