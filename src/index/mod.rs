@@ -1,8 +1,9 @@
 //! The index: the latest event per `(host, service)`, with TTL expiry.
 //!
 //! Sharded by key hash so ingest never takes a global lock. Each shard keeps its
-//! entries in a hash table and their expiry deadlines in an ordered set, so an
-//! expiry pass touches only what is due instead of scanning everything.
+//! entries in a hash table and their expiry deadlines in an ordered set
+//! (`deadlines.rs`), so an expiry pass touches only what is due instead of
+//! scanning everything.
 //!
 //! Deadlines are re-armed lazily: a refresh that pushes an entry's deadline later
 //! (the common case: an agent reporting every few seconds) only updates the entry;
@@ -16,7 +17,6 @@
 //! ([`Index::prefetch`]): among a hundred thousand keys or more, the update
 //! would otherwise wait on main memory.
 
-use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -30,9 +30,11 @@ use crate::event::Event;
 use crate::pubsub::Pubsub;
 use crate::query::Query;
 
+mod deadlines;
 mod packed;
 mod table;
 
+use deadlines::{Deadlines, Slot};
 use packed::Packed;
 use table::{Entry, SlotHint, Table};
 
@@ -93,7 +95,7 @@ struct Shard {
     /// `(scheduled, key hash)`. A slot already taken by another entry with
     /// the same hash is moved a microsecond earlier (see [`schedule`]), so
     /// a slot names exactly one entry without storing an id or the key.
-    deadlines: BTreeSet<(Micros, u64)>,
+    deadlines: Deadlines,
 }
 
 impl Index {
@@ -366,7 +368,9 @@ impl Index {
                     drop(locked);
                     locked = shard.lock();
                 }
-                locked.deadlines.extend(held);
+                for slot in held {
+                    locked.deadlines.insert(slot);
+                }
             }
             drop(locked);
             total += due.len();
@@ -396,9 +400,8 @@ impl Index {
         may_expire: Option<&dyn Fn(&str) -> bool>,
         out: &mut Vec<Packed>,
     ) {
-        let not_due = shard.deadlines.split_off(&(now, 0));
         // The due slots are all settled below: expired, or re-armed.
-        shard.deadlines = not_due;
+        shard.deadlines.remove_before(&(now, 0));
         let deadlines = &mut shard.deadlines;
         let before = out.len();
         shard.entries.retain(
@@ -427,10 +430,10 @@ impl Index {
         now: Micros,
         may_expire: Option<&dyn Fn(&str) -> bool>,
         out: &mut Vec<Packed>,
-        held: &mut Vec<(Micros, u64)>,
+        held: &mut Vec<Slot>,
     ) -> bool {
         for _ in 0..EXPIRE_CHUNK {
-            let Some(&(scheduled, hash)) = shard.deadlines.first() else {
+            let Some((scheduled, hash)) = shard.deadlines.first() else {
                 return false;
             };
             // Riemann expires when `now - time > ttl`, i.e. strictly after the deadline.
@@ -466,15 +469,10 @@ impl Index {
 
 /// More than a sixteenth of the shard is due: one pass over its whole table
 /// then costs less than finding each due entry on its own (a cache miss
-/// each). Counts due deadlines only as far as it needs to tell, so the
-/// common tick, with nothing or little due, costs next to nothing.
+/// each). Counted from the deadline runs' lengths, so the common tick, with
+/// nothing or little due, costs next to nothing.
 fn mass_expiry(shard: &Shard, now: Micros) -> bool {
-    shard
-        .deadlines
-        .iter()
-        .take_while(|&&(at, _)| at < now)
-        .nth(shard.entries.len() / 16)
-        .is_some()
+    shard.deadlines.count_before(&(now, 0)) > shard.entries.len() / 16
 }
 
 /// Reads one byte of each entry's block before any is unpacked: the loads
@@ -490,13 +488,26 @@ fn warm<'a>(entries: impl Iterator<Item = &'a Packed>) {
 /// the same key hash (a 64-bit collision) holds that slot. Earlier is safe: a
 /// slot that comes due before the deadline only re-arms the entry. Only at the
 /// very start of time, where every entry is long due anyway, does it go later.
-fn schedule(deadlines: &mut BTreeSet<(Micros, u64)>, due: Micros, hash: u64) -> Micros {
+fn schedule(deadlines: &mut Deadlines, due: Micros, hash: u64) -> Micros {
     let earlier = (Micros::MIN..=due).rev();
     let later = due.saturating_add(1)..=Micros::MAX;
     earlier
         .chain(later)
         .find(|&at| deadlines.insert((at, hash)))
         .unwrap_or(due)
+}
+
+/// Asks the CPU to start loading the cache line at `address`.
+fn prefetch(address: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint to the cache: it reads nothing the
+    // program sees and never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(address as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
 }
 
 #[cfg(test)]
@@ -754,7 +765,7 @@ mod tests {
 
     #[test]
     fn schedule_takes_the_latest_free_slot_at_or_before_the_deadline() {
-        let mut deadlines = BTreeSet::new();
+        let mut deadlines = Deadlines::default();
         assert_eq!(schedule(&mut deadlines, 100, 7), 100);
         assert_eq!(schedule(&mut deadlines, 100, 7), 99, "same hash, same time");
         assert_eq!(schedule(&mut deadlines, 100, 8), 100, "another hash");

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::clock::Micros;
 
 use super::packed::Packed;
+use super::prefetch;
 
 /// Grown when more than this share of slots is taken: linear probing stays
 /// short (2.5 slots on average for a present key at the worst) while a slot
@@ -206,19 +207,6 @@ impl SlotHint {
             prefetch(base.wrapping_add((hash as usize & mask) * size_of::<Option<Entry>>()));
         }
     }
-}
-
-/// Asks the CPU to start loading the cache line at `address`.
-fn prefetch(address: usize) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint to the cache: it reads nothing the
-    // program sees and never faults, whatever the address.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(address as *const i8);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = address;
 }
 
 #[cfg(test)]
