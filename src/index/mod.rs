@@ -48,6 +48,11 @@ const SHARDS: usize = 64;
 /// (Small under test, so tests cross chunks with a few thousand keys.)
 const EXPIRE_CHUNK: usize = if cfg!(test) { 64 } else { 1024 };
 
+/// Expiry notices are made and handed on this many at a time: the notices'
+/// strings, reused batch after batch, then stay in the core's cache (with
+/// 1 024, `index_1m/expire_all` measured ~10 % slower).
+const NOTICE_BATCH: usize = 256;
+
 #[derive(Debug, Clone)]
 pub struct IndexConfig {
     /// TTL in seconds for events that carry none.
@@ -375,7 +380,7 @@ impl Index {
             drop(locked);
             total += due.len();
             self.expired.fetch_add(due.len() as u64, Ordering::Relaxed);
-            for chunk in due.chunks(EXPIRE_CHUNK) {
+            for chunk in due.chunks(NOTICE_BATCH) {
                 warm(chunk.iter());
                 notices.resize_with(chunk.len().max(notices.len()), Event::default);
                 let notices = &mut notices[..chunk.len()];
