@@ -265,10 +265,10 @@ impl<'a> Reader<'a> {
     }
 
     /// For reading many strings: checks all the rest of the block as UTF-8
-    /// at once, which it is unless a length or count needs two varint bytes
-    /// (one of at least 128), and then slices strings out of it without
-    /// checking each (one check of ~40 bytes costs less than four short ones;
-    /// unpacking is most of an expiry).
+    /// at once (text whenever every length and count is below 128, a
+    /// one-byte varint, which is ASCII), then slices strings out of it
+    /// without checking each: one check of ~40 bytes costs less than four
+    /// short ones, and unpacking is most of an expiry.
     fn at_checked(buf: &'a [u8], pos: usize) -> Self {
         let checked = std::str::from_utf8(&buf[pos..])
             .ok()
@@ -313,8 +313,8 @@ impl<'a> Reader<'a> {
 
     fn text(&self, span: Range<usize>) -> &'a str {
         match self.checked {
-            // Both ends border a varint byte below 128 or the block's end:
-            // character boundaries, so `get` always finds the string.
+            // Each string is text on its own, so within text its ends are
+            // character boundaries, and `get` always finds it.
             Some((text, base)) => text
                 .get(span.start - base..span.end - base)
                 .unwrap_or_default(),
