@@ -32,13 +32,12 @@ pub struct Deadlines {
     /// Each non-empty, sorted, holding capacity for [`RUN`] slots, and
     /// wholly before the next.
     runs: Vec<Vec<Slot>>,
-    len: usize,
 }
 
 impl Deadlines {
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.len
+        self.runs.iter().map(Vec::len).sum()
     }
 
     pub fn first(&self) -> Option<Slot> {
@@ -82,7 +81,6 @@ impl Deadlines {
         }
         self.runs[run].insert(at, slot);
         self.firsts[run] = self.runs[run][0];
-        self.len += 1;
         true
     }
 
@@ -102,7 +100,6 @@ impl Deadlines {
         run.push(slot);
         self.runs.push(run);
         self.firsts.push(slot);
-        self.len += 1;
     }
 
     /// Takes `slot` out; false if it was not there.
@@ -116,7 +113,6 @@ impl Deadlines {
             return false;
         };
         self.runs[run].remove(at);
-        self.len -= 1;
         self.settle(run);
         true
     }
@@ -124,7 +120,6 @@ impl Deadlines {
     pub fn pop_first(&mut self) -> Option<Slot> {
         let run = self.runs.first_mut()?;
         let first = run.remove(0);
-        self.len -= 1;
         self.settle(0);
         Some(first)
     }
@@ -144,15 +139,12 @@ impl Deadlines {
     /// without reading them.
     pub fn remove_before(&mut self, at: &Slot) {
         let boundary = self.run_of(at);
-        let whole: usize = self.runs[..boundary].iter().map(Vec::len).sum();
         self.runs.drain(..boundary);
         self.firsts.drain(..boundary);
-        self.len -= whole;
         if let Some(run) = self.runs.first_mut() {
             let cut = run.partition_point(|slot| slot < at);
             if cut > 0 {
                 run.drain(..cut);
-                self.len -= cut;
                 self.settle(0);
             }
         }
@@ -193,7 +185,7 @@ mod tests {
 
     use super::*;
 
-    /// Every invariant the type's fields state, and `len` agreeing.
+    /// Every invariant the type's fields state.
     fn assert_sound(set: &Deadlines) {
         assert_eq!(set.firsts.len(), set.runs.len());
         let mut previous: Option<Slot> = None;
@@ -209,7 +201,6 @@ mod tests {
                 previous = Some(*slot);
             }
         }
-        assert_eq!(set.len, set.runs.iter().map(Vec::len).sum::<usize>());
     }
 
     fn contents(set: &Deadlines) -> Vec<Slot> {
