@@ -53,3 +53,6 @@ pub mod tcp;
 pub mod tls;
 pub mod udp;
 pub mod wire;
+
+#[cfg(test)]
+mod test_rng;

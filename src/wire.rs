@@ -781,13 +781,7 @@ mod tests {
             ..Msg::default()
         }
         .encode_to_vec();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::test_rng::xorshift(0x9e37_79b9_7f4a_7c15);
         let mut events = Vec::new();
         let mut agreed_ok = 0;
         for round in 0..20_000 {

@@ -262,13 +262,7 @@ mod tests {
     fn agrees_with_a_btreeset() {
         let mut set = Deadlines::default();
         let mut model = BTreeSet::new();
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::test_rng::xorshift(0x2545_f491_4f6c_dd1d);
         for step in 0..20_000 {
             let slot = ((next() % 200) as Micros, next() % 3);
             match next() % 10 {

@@ -305,13 +305,7 @@ mod tests {
     fn agrees_with_a_map_under_random_operations() {
         let mut table = Table::default();
         let mut model = std::collections::HashMap::new();
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::test_rng::xorshift(0x2545_F491_4F6C_DD1D);
         for step in 0..3000 {
             let key = next() % 300;
             // Many keys per hash, homes at both ends of the table: runs that

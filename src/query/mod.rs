@@ -535,13 +535,7 @@ mod tests {
             "e",
             "_x",
         ];
-        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::test_rng::xorshift(0x9E37_79B9_7F4A_7C15);
         let samples = [event(), Event::default()];
         let mut parsed = 0;
         for _ in 0..20_000 {
