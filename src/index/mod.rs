@@ -362,11 +362,11 @@ impl Index {
         let mut total = 0;
         for shard in self.shards.iter() {
             let mut locked = shard.lock();
-            if mass_expiry(&locked, now) {
+            let due_now = locked.deadlines.count_before(&(now, 0));
+            if mass_expiry(due_now, locked.entries.len()) {
                 // Room for the due entries is made with the lock let go: a
                 // large allocation's slow path, growing `due` under it, was
                 // seen to keep ingest waiting 26–54 ms on the development VM.
-                let due_now = locked.deadlines.count_before(&(now, 0));
                 if due.capacity() - due.len() < due_now {
                     drop(locked);
                     due.reserve(due_now);
@@ -481,12 +481,12 @@ impl Index {
     }
 }
 
-/// More than a sixteenth of the shard is due: one pass over its whole table
-/// then costs less than finding each due entry on its own (a cache miss
-/// each). Counted from the deadline runs' lengths, so the common tick, with
-/// nothing or little due, costs next to nothing.
-fn mass_expiry(shard: &Shard, now: Micros) -> bool {
-    shard.deadlines.count_before(&(now, 0)) > shard.entries.len() / 16
+/// More than a sixteenth of the shard's entries are due: one pass over its
+/// whole table then costs less than finding each due entry on its own (a
+/// cache miss each). `due` is counted from the deadline runs' lengths, so
+/// the common tick, with nothing or little due, costs next to nothing.
+fn mass_expiry(due: usize, entries: usize) -> bool {
+    due > entries / 16
 }
 
 /// Reads one byte of each entry's block before any is unpacked: the loads
@@ -803,7 +803,11 @@ mod tests {
         let one_by_one = index
             .shards
             .iter()
-            .filter(|shard| !mass_expiry(&shard.lock(), T0 + secs(3)))
+            .filter(|shard| {
+                let shard = shard.lock();
+                let due = shard.deadlines.count_before(&(T0 + secs(3), 0));
+                !mass_expiry(due, shard.entries.len())
+            })
             .count();
         assert!(one_by_one > SHARDS / 2, "{one_by_one} shards one by one");
         let expired = expire_all(&index, T0 + secs(3));
