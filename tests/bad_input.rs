@@ -31,7 +31,7 @@ use vigil::server::ServerConfig;
 use vigil::streams::{IndexEverything, Streams};
 use vigil::wire::Limits;
 
-use common::inproc::{Harness, T0, WAIT, frame, wait_until};
+use common::inproc::{Harness, T0, WAIT, frame, noise, wait_until};
 
 async fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).await.expect("connects")
@@ -99,19 +99,6 @@ fn pb_event(host: &str, service: &str) -> PbEvent {
 fn error_of(reply: &Msg) -> &str {
     assert_eq!(reply.ok, Some(false), "an error reply: {reply:?}");
     reply.error.as_deref().expect("an error message")
-}
-
-/// Deterministic noise.
-fn noise(n: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

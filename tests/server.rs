@@ -20,7 +20,7 @@ use vigil::server::ServerConfig;
 use vigil::stats::Stats;
 use vigil::streams::{IndexEverything, Streams};
 
-use common::inproc::{Harness, T0, frame};
+use common::inproc::{Harness, T0, frame, noise};
 
 /// Indexes everything and remembers every event it saw.
 struct Recording {
@@ -267,17 +267,8 @@ async fn truncated_frame_and_random_bytes_are_counted_and_harmless() {
         drop(s);
         // Deterministic noise: a plausible small length, then junk.
         let mut s = raw(addr);
-        let mut x: u32 = 0x9e37_79b9;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect();
         s.write_all(&[0, 0, 0, 64]).unwrap();
-        s.write_all(&noise).unwrap();
+        s.write_all(&noise(4096)).unwrap();
         drop(s);
     })
     .await;
