@@ -1,5 +1,6 @@
 //! The index at a million keys: upserting into it, a query that scans it,
-//! filling it with new keys, and one expiry pass that removes all of them.
+//! filling it with new keys, one expiry pass that removes all of them, and
+//! how ingest fares while scans or that expiry run.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -105,35 +106,54 @@ fn index(c: &mut Criterion) {
     group.finish();
 }
 
-/// Ingest during a mass expiry: while a million keys expire, another thread
-/// upserts other keys. Printed, not asserted: how many upserts went in and
-/// the longest single one (the wait for a shard the expiry holds).
-fn ingest_during_expiry(_: &mut Criterion) {
-    let index = full_index(1.0);
+/// Ingest while the index is busy elsewhere: `work` runs on this thread
+/// while another upserts keys the index does not hold yet, one at a time.
+/// Printed, not asserted: how long `work` took, how many upserts went in, how
+/// many of them took over 1 ms (waiting for a shard `work` held) and the
+/// longest single one.
+fn ingest_during(name: &str, index: &Index, work: impl FnOnce() -> String) {
     let fresh: Vec<Event> = (0..100_000).map(|i| event(keys() + i, 60.0)).collect();
-    let expiring = AtomicBool::new(true);
-    let (took, (upserts, longest)) = std::thread::scope(|s| {
+    let busy = AtomicBool::new(true);
+    let (took, done, (upserts, slow, longest)) = std::thread::scope(|s| {
         let writer = s.spawn(|| {
-            let (mut upserts, mut longest) = (0, Duration::ZERO);
-            while expiring.load(Ordering::Relaxed) {
+            let (mut upserts, mut slow, mut longest) = (0, 0, Duration::ZERO);
+            while busy.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 index.insert(&fresh[upserts % fresh.len()]);
-                longest = longest.max(started.elapsed());
+                let took = started.elapsed();
+                slow += usize::from(took > Duration::from_millis(1));
+                longest = longest.max(took);
                 upserts += 1;
             }
-            (upserts, longest)
+            (upserts, slow, longest)
         });
         let started = Instant::now();
-        index.expire(T0 + 2 * MICROS_PER_SEC, |_| {});
+        let done = work();
         let took = started.elapsed();
-        expiring.store(false, Ordering::Relaxed);
-        (took, writer.join().unwrap())
+        busy.store(false, Ordering::Relaxed);
+        (took, done, writer.join().unwrap())
     });
     println!(
-        "index_1m/ingest_during_expire_all: {} keys expired in {took:.1?}; meanwhile {upserts} upserts, the longest {longest:.1?}",
-        keys()
+        "index_1m/{name}: {done} in {took:.1?}; meanwhile {upserts} upserts, {slow} over 1 ms, the longest {longest:.1?}"
     );
 }
 
-criterion_group!(benches, index, ingest_during_expiry);
+/// Ingest during a mass expiry of a million keys, and during queries that
+/// read every entry (what a dashboard polling `GET /index` does).
+fn ingest_during_expiry_and_scans(_: &mut Criterion) {
+    let index = full_index(60.0);
+    ingest_during("ingest_during_query_scan", &index, || {
+        let scan = Query::parse(r#"service = "service 3""#).unwrap();
+        let found: usize = (0..5).map(|_| index.query(&scan).len()).sum();
+        format!("5 scans found {found} events")
+    });
+    drop(index);
+    let index = full_index(1.0);
+    ingest_during("ingest_during_expire_all", &index, || {
+        let expired = index.expire(T0 + 2 * MICROS_PER_SEC, |_| {});
+        format!("{expired} keys expired")
+    });
+}
+
+criterion_group!(benches, index, ingest_during_expiry_and_scans);
 criterion_main!(benches);

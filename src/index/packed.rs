@@ -64,7 +64,7 @@ impl Packed {
 
     /// Where the entry sits in its shard's deadline set.
     pub fn scheduled(&self) -> Micros {
-        self.read_i64(SCHEDULED)
+        read_i64(&self.0, SCHEDULED)
     }
 
     pub fn set_scheduled(&mut self, at: Micros) {
@@ -92,61 +92,130 @@ impl Packed {
 
     /// Overwrites `out` with the stored event, reusing its allocations.
     pub fn unpack_into(&self, out: &mut Event) {
-        self.unpack(out, None);
+        unpack(&self.0, out, None);
     }
 
     /// Overwrites `out` with the `expired` notice for the stored event (see
     /// [`Event::into_expired`]), reusing its allocations.
     pub fn unpack_expired_into(&self, now: Micros, out: &mut Event) {
-        self.unpack(out, Some(now));
-    }
-
-    /// A notice (`expired_at`) skips what [`Event::into_expired`] drops
-    /// instead of copying it out first.
-    fn unpack(&self, out: &mut Event, expired_at: Option<Micros>) {
-        let flags = self.0[FLAGS];
-        let mut r = Reader::at_checked(&self.0, HEADER);
-        set_opt(&mut out.host, r.str(), flags & HAS_HOST != 0);
-        set_opt(&mut out.service, r.str(), flags & HAS_SERVICE != 0);
-        // Read as text only if kept: a notice drops both.
-        let state = (flags & HAS_STATE != 0).then(|| r.span());
-        let description = (flags & HAS_DESCRIPTION != 0).then(|| r.span());
-        read_tags(&mut r, &mut out.tags);
-        read_attributes(&mut r, &mut out.attributes);
-        out.ttl = (flags & HAS_TTL != 0).then(|| {
-            let bits: [u8; 4] = self.0[TTL..TTL + 4].try_into().unwrap_or_default();
-            f32::from_le_bytes(bits)
-        });
-        if let Some(now) = expired_at {
-            set_opt(&mut out.state, STATE_EXPIRED, true);
-            out.time = now;
-            out.description = None;
-            out.metric = None;
-            return;
-        }
-        for (slot, span) in [(&mut out.state, state), (&mut out.description, description)] {
-            let text = span.map(|span| r.text(span));
-            set_opt(slot, text.unwrap_or(""), text.is_some());
-        }
-        out.time = self.read_i64(TIME);
-        out.metric = if flags & METRIC_INT != 0 {
-            Some(Metric::Int(self.read_i64(METRIC)))
-        } else if flags & METRIC_FLOAT != 0 {
-            Some(Metric::Float(f64::from_bits(self.read_i64(METRIC) as u64)))
-        } else {
-            None
-        };
+        unpack(&self.0, out, Some(now));
     }
 
     /// See `warm` in the index.
     pub fn first_byte(&self) -> u8 {
         self.0[0]
     }
+}
 
-    fn read_i64(&self, at: usize) -> i64 {
-        let bits: [u8; 8] = self.0[at..at + 8].try_into().unwrap_or_default();
-        i64::from_le_bytes(bits)
+/// Packed blocks copied back to back: a scan copies a shard's blocks under
+/// its lock (a `memcpy` each, into room made beforehand) and unpacks them
+/// once the lock is released, so the lock is not held while strings are
+/// copied out and allocated.
+#[derive(Default)]
+pub struct Copies {
+    bytes: Vec<u8>,
+    /// Where each block ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Copies {
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
     }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Appends a copy of `packed` if there is room for it without
+    /// allocating; false (and nothing copied) otherwise.
+    pub fn push(&mut self, packed: &Packed) -> bool {
+        let fits = self.ends.len() < self.ends.capacity()
+            && packed.0.len() <= self.bytes.capacity() - self.bytes.len();
+        if fits {
+            self.bytes.extend_from_slice(&packed.0);
+            self.ends.push(self.bytes.len());
+        }
+        fits
+    }
+
+    /// Makes room for `blocks` blocks after a [`Copies::push`] found none,
+    /// (the shard held `blocks`), and clears the copies. Their size is judged
+    /// by the blocks copied so far, and when bytes ran out they at least
+    /// double, so retrying always ends.
+    pub fn grow_for(&mut self, blocks: usize) {
+        let out_of_slots = self.ends.len() == self.ends.capacity();
+        let average = self
+            .bytes
+            .len()
+            .div_ceil(self.ends.len().max(1))
+            .max(HEADER);
+        // A quarter more: the shard may grow before it is locked again.
+        let blocks = blocks + blocks / 4 + 1;
+        let mut bytes = blocks * average;
+        if !out_of_slots {
+            bytes = bytes.max(2 * self.bytes.capacity());
+        }
+        self.clear();
+        // More than the shard held, so more than the slots that ran out.
+        self.ends.reserve(blocks);
+        self.bytes.reserve(bytes);
+    }
+
+    /// Unpacks the copies, in order, into the first [`Copies::len`] events of
+    /// `out`, reusing their allocations.
+    pub fn unpack_into(&self, out: &mut [Event]) {
+        let mut start = 0;
+        for (&end, event) in self.ends.iter().zip(out) {
+            unpack(&self.bytes[start..end], event, None);
+            start = end;
+        }
+    }
+}
+
+/// A notice (`expired_at`) skips what [`Event::into_expired`] drops instead
+/// of copying it out first.
+fn unpack(block: &[u8], out: &mut Event, expired_at: Option<Micros>) {
+    let flags = block[FLAGS];
+    let mut r = Reader::at_checked(block, HEADER);
+    set_opt(&mut out.host, r.str(), flags & HAS_HOST != 0);
+    set_opt(&mut out.service, r.str(), flags & HAS_SERVICE != 0);
+    // Read as text only if kept: a notice drops both.
+    let state = (flags & HAS_STATE != 0).then(|| r.span());
+    let description = (flags & HAS_DESCRIPTION != 0).then(|| r.span());
+    read_tags(&mut r, &mut out.tags);
+    read_attributes(&mut r, &mut out.attributes);
+    out.ttl = (flags & HAS_TTL != 0).then(|| {
+        let bits: [u8; 4] = block[TTL..TTL + 4].try_into().unwrap_or_default();
+        f32::from_le_bytes(bits)
+    });
+    if let Some(now) = expired_at {
+        set_opt(&mut out.state, STATE_EXPIRED, true);
+        out.time = now;
+        out.description = None;
+        out.metric = None;
+        return;
+    }
+    for (slot, span) in [(&mut out.state, state), (&mut out.description, description)] {
+        let text = span.map(|span| r.text(span));
+        set_opt(slot, text.unwrap_or(""), text.is_some());
+    }
+    out.time = read_i64(block, TIME);
+    out.metric = if flags & METRIC_INT != 0 {
+        Some(Metric::Int(read_i64(block, METRIC)))
+    } else if flags & METRIC_FLOAT != 0 {
+        Some(Metric::Float(
+            f64::from_bits(read_i64(block, METRIC) as u64),
+        ))
+    } else {
+        None
+    };
+}
+
+fn read_i64(block: &[u8], at: usize) -> i64 {
+    let bits: [u8; 8] = block[at..at + 8].try_into().unwrap_or_default();
+    i64::from_le_bytes(bits)
 }
 
 fn packed_len(e: &Event) -> usize {
@@ -382,6 +451,32 @@ mod tests {
             ttl: Some(12.5),
             attributes: vec![("env".into(), "prod".into()), ("env".into(), "".into())],
         }
+    }
+
+    #[test]
+    fn copies_take_blocks_only_into_room_made_beforehand() {
+        // Growing blocks, then a huge one: the size judged from the ones
+        // before it falls short, every time alike.
+        let events: Vec<Event> = (0..40)
+            .map(|i| Event {
+                description: Some("d".repeat(if i < 39 { i * i } else { 100_000 })),
+                ..full()
+            })
+            .collect();
+        let blocks: Vec<Packed> = events.iter().map(|e| Packed::new(e, 0)).collect();
+        let mut copies = Copies::default();
+        assert!(!copies.push(&blocks[0]), "no room made yet");
+        assert_eq!(copies.len(), 0);
+        let mut tries = 1;
+        while !blocks.iter().all(|b| copies.push(b)) {
+            copies.grow_for(blocks.len());
+            tries += 1;
+            assert!(tries < 20, "room must grow until everything fits");
+        }
+        assert!(tries > 2, "the first guess fell short: {tries} tries");
+        let mut out = vec![Event::default(); copies.len()];
+        copies.unpack_into(&mut out);
+        assert_eq!(out, events);
     }
 
     #[test]

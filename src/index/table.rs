@@ -135,7 +135,7 @@ impl Table {
         Some(removed)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> + Clone {
         self.slots.iter().flatten()
     }
 
