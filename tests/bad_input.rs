@@ -539,12 +539,19 @@ async fn udp_garbage_oversized_and_over_limit_datagrams_are_counted() {
     s.send_to(&events_msg(vec![pb_event("u", "dp")]), udp)
         .await
         .unwrap();
-    h.wait_count(|s| &s.udp_datagrams, 4).await;
-    assert_eq!(h.count(|s| &s.decode_errors), 1);
+    // Datagrams are counted as they are read, before they are decoded: wait
+    // for what decoding counts.
+    h.wait_count(|s| &s.decode_errors, 1).await;
+    h.wait_count(|s| &s.msgs_over_max_tags, 1).await;
+    h.wait_count(|s| &s.udp_events, 1).await;
+    assert_eq!(h.count(|s| &s.udp_datagrams), 4);
     assert_eq!(h.count(|s| &s.udp_oversized), 1);
-    assert_eq!(h.count(|s| &s.msgs_over_max_tags), 1);
-    assert_eq!(h.count(|s| &s.udp_events), 1);
-    assert!(h.index.get("u", "dp").is_some());
+    // Indexed once the rest of its batch is decoded too.
+    wait_until(
+        || h.index.get("u", "dp").is_some(),
+        || "u/dp not indexed".into(),
+    )
+    .await;
     assert!(h.index.get("u", "tagged").is_none());
     h.assert_serves().await;
 }
