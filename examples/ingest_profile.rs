@@ -28,7 +28,7 @@ fn measured(ingest: &Ingest, clock: &ManualClock, bodies: &[Bytes], per_read: us
     let (mut events, mut replies) = (Vec::new(), Vec::new());
     for read in bodies.chunks(per_read) {
         clock.advance(1);
-        ingest.handle_frames(read, Transport::Tcp, &mut events, &mut replies);
+        ingest.handle_frames(&mut read.iter(), Transport::Tcp, &mut events, &mut replies);
         replies.clear();
     }
 }

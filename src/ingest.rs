@@ -7,7 +7,9 @@
 //! are handled as one batch: one clock read, one call into the streams for
 //! all their events (a query first has the events before it processed), so a
 //! pipelining client of small messages does not pay the pipeline's fixed
-//! cost per message.
+//! cost per message. A query that scans the index runs on a blocking thread
+//! (see [`crate::blocking`]) and ends its batch: the frames after it wait for
+//! its answer.
 //!
 //! In cluster mode ([`Ingest::cluster`]) events go to JetStream instead of the
 //! local streams, and the ack waits until JetStream has stored them; queries
@@ -19,6 +21,7 @@ use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 
+use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::clock::{Micros, SharedClock};
 use crate::cluster::Cluster;
 use crate::event::Event;
@@ -91,13 +94,18 @@ pub struct Ingest {
 
 impl Ingest {
     /// Starts handling the frames a connection (or a UDP socket) read at
-    /// once, pushing one reply per frame, in order, to `replies`. Locally
-    /// their events go through the streams as one batch and every reply is
-    /// ready at once; in a cluster the events are sent and each reply waits
-    /// for JetStream, so a connection may read its next frames meanwhile.
-    pub fn begin_all(
+    /// once, taking them from `frames` and pushing one reply per frame, in
+    /// order, to `replies`. Locally their events go through the streams as
+    /// one batch; in a cluster the events are sent and each reply waits for
+    /// JetStream, so a connection may read its next frames meanwhile.
+    ///
+    /// Locally it stops after a query that scans the index: that reply
+    /// scans on a blocking thread once awaited, and the caller awaits the
+    /// replies before handing over the frames left in `frames`, so the
+    /// query sees exactly the events sent before it.
+    pub fn begin_all<B: AsRef<[u8]>>(
         &self,
-        frames: impl IntoIterator<Item = impl AsRef<[u8]>>,
+        frames: &mut impl Iterator<Item = B>,
         transport: Transport,
         events: &mut Vec<Event>,
         replies: &mut Vec<Reply>,
@@ -114,12 +122,11 @@ impl Ingest {
         }
     }
 
-    /// Handles the frames a connection read at once: their events go through
-    /// the streams as one batch, and one reply per frame, in order, is pushed
-    /// to `replies` (all ready: there is no cluster to wait for).
-    pub fn handle_frames(
+    /// The local part of [`Ingest::begin_all`]: the events of the frames
+    /// taken go through the streams as one batch.
+    pub fn handle_frames<B: AsRef<[u8]>>(
         &self,
-        frames: impl IntoIterator<Item = impl AsRef<[u8]>>,
+        frames: &mut impl Iterator<Item = B>,
         transport: Transport,
         events: &mut Vec<Event>,
         replies: &mut Vec<Reply>,
@@ -127,20 +134,24 @@ impl Ingest {
         let mut batch = Batch::new(self.clock.now());
         for body in frames {
             let reply = self.add(&mut batch, body.as_ref(), transport, events);
-            replies.push(Reply::Ready(reply));
+            let scans = matches!(reply, Reply::Later(_));
+            replies.push(reply);
+            if scans {
+                break;
+            }
         }
         self.finish(batch, events);
     }
 
-    /// Handles one frame body and returns the encoded reply body. `events` is
-    /// the connection's decode buffer: reused from message to message, so a
+    /// Handles one frame body and returns its reply. `events` is the
+    /// connection's decode buffer: reused from message to message, so a
     /// steady stream of events decodes without allocating.
     pub fn handle_frame(
         &self,
         body: &[u8],
         transport: Transport,
         events: &mut Vec<Event>,
-    ) -> Bytes {
+    ) -> Reply {
         let mut batch = Batch::new(self.clock.now());
         let reply = self.add(&mut batch, body, transport, events);
         self.finish(batch, events);
@@ -157,14 +168,14 @@ impl Ingest {
         body: &[u8],
         transport: Transport,
         events: &mut Vec<Event>,
-    ) -> Bytes {
+    ) -> Reply {
         let (decoded, end) =
             wire::decode_msg_at(body, batch.now, &self.limits, events, batch.pending);
         batch.used = batch.used.max(end);
         let request = match self.counted(decoded, transport, end - batch.pending) {
             Ok(request) => request,
             // Refused whole: its slots are reused by the next frame.
-            Err(reply) => return reply,
+            Err(reply) => return Reply::Ready(reply),
         };
         batch.pending = end;
         // Riemann answers a query even when the same Msg also carried events.
@@ -173,7 +184,7 @@ impl Ingest {
                 self.process(batch, events);
                 self.answer(&query)
             }
-            _ => proto::ack(),
+            _ => Reply::Ready(proto::ack()),
         }
     }
 
@@ -288,16 +299,25 @@ impl Ingest {
         }
     }
 
-    fn answer(&self, text: &str) -> Bytes {
-        match Query::parse(text) {
-            Ok(query) => {
-                Stats::incr(&self.stats.queries);
-                proto::events_reply(&self.index.query(&query))
-            }
+    /// A key lookup is answered at once; a query that scans the index is
+    /// answered by a blocking thread when the reply is awaited.
+    fn answer(&self, text: &str) -> Reply {
+        let query = match Query::parse(text) {
+            Ok(query) => query,
             Err(e) => {
                 Stats::incr(&self.stats.query_errors);
-                proto::error_reply(e.to_string())
+                return Reply::Ready(proto::error_reply(e.to_string()));
             }
+        };
+        Stats::incr(&self.stats.queries);
+        if query.exact_key().is_some() {
+            return Reply::Ready(proto::events_reply(&self.index.query(&query)));
         }
+        let index = self.index.clone();
+        Reply::Later(Box::pin(async move {
+            off_workers(move || proto::events_reply(&index.query(&query)))
+                .await
+                .unwrap_or_else(|| proto::error_reply(SHUTTING_DOWN))
+        }))
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::blocking::off_workers;
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::index::Index;
@@ -191,7 +192,7 @@ async fn run_timers(
             streams.clone(),
             clock.clone(),
         );
-        let ticked = tokio::task::spawn_blocking(move || {
+        let ticked = off_workers(move || {
             let started = std::time::Instant::now();
             let emit = |expired: &[_]| streams.process(expired);
             let expired = match &cluster {
@@ -201,12 +202,9 @@ async fn run_timers(
             streams.tick();
             (expired, started.elapsed())
         });
-        match ticked.await {
-            Ok((0, _)) => {}
-            Ok((expired, elapsed)) => {
-                tracing::debug!(count = expired, ?elapsed, "Expired index entries.");
-            }
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        // `None`: the runtime is shutting down.
+        if let Some((expired @ 1.., elapsed)) = ticked.await {
+            tracing::debug!(count = expired, ?elapsed, "Expired index entries.");
         }
     }
 }

@@ -219,13 +219,18 @@ impl Connections {
             }
         };
         Stats::add(&self.ingest.stats.tcp_messages, frames.len() as u64);
-        self.ingest
-            .begin_all(frames.iter(), Transport::Tcp, events, replies);
+        let mut unhandled = frames.iter();
+        // More than one round only after a query that scans the index: the
+        // frames after it are handled once it is answered.
+        while unhandled.len() > 0 {
+            self.ingest
+                .begin_all(&mut unhandled, Transport::Tcp, events, replies);
+            for reply in replies.drain(..) {
+                framed.feed(reply.wait().await).await?;
+            }
+        }
         // Views into the read buffer: released before it is read into again.
         frames.clear();
-        for reply in replies.drain(..) {
-            framed.feed(reply.wait().await).await?;
-        }
         match after {
             After::More => SinkExt::<Bytes>::flush(framed).await.map(|()| true),
             // The peer finished sending: it may still be reading replies.

@@ -76,8 +76,9 @@ pub async fn serve(
                 ),
             }
         }
-        let datagrams = batch.datagrams.iter().map(|at| &buf[at.clone()]);
-        ingest.begin_all(datagrams, Transport::Udp, &mut events, &mut replies);
+        // Queries are not answered over UDP, so one call takes every datagram.
+        let mut datagrams = batch.datagrams.iter().map(|at| &buf[at.clone()]);
+        ingest.begin_all(&mut datagrams, Transport::Udp, &mut events, &mut replies);
         // The replies (acks or errors) are discarded: UDP senders never hear
         // back. In a cluster they are awaited, so a burst waits for JetStream.
         for reply in replies.drain(..) {
