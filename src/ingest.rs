@@ -32,7 +32,8 @@ use crate::stats::Stats;
 use crate::streams::Streams;
 use crate::wire::{self, DecodeError, Limit, Limits};
 
-/// A frame's reply: ready now, or once the cluster has stored its events.
+/// A frame's reply: ready now, or later: once the cluster has stored its
+/// events, or once a blocking thread has scanned the index for its query.
 pub enum Reply {
     Ready(Bytes),
     Later(Pin<Box<dyn Future<Output = Bytes> + Send>>),
