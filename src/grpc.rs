@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::blocking::{SHUTTING_DOWN, off_workers};
+use crate::blocking::SHUTTING_DOWN;
 use crate::bounded::{Bounds, Counters};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
@@ -158,12 +158,12 @@ impl pb::vigil_server::Vigil for Service {
                 .query(&request.get_ref().query)
                 .await
                 .map_err(Status::unavailable)?,
-            None => {
-                let index = self.0.index.clone();
-                off_workers(move || index.query(&query))
-                    .await
-                    .ok_or_else(|| Status::unavailable(SHUTTING_DOWN))?
-            }
+            None => self
+                .0
+                .index
+                .query_then(&query, |found| found)
+                .await
+                .ok_or_else(|| Status::unavailable(SHUTTING_DOWN))?,
         };
         let events = found.iter().map(proto::to_pb).collect();
         Ok(Response::new(QueryResponse { events }))
@@ -188,9 +188,7 @@ impl pb::vigil_server::Vigil for Service {
             None => {
                 let pubsub = self.0.index.pubsub();
                 let subscription = pubsub.subscribe(query.clone(), DEFAULT_CAPACITY);
-                let (index, query) = (self.0.index.clone(), query.clone());
-                let current = off_workers(move || index.query(&query))
-                    .await
+                let current = (self.0.index.query_then(&query, |found| found).await)
                     .ok_or_else(|| Status::unavailable(SHUTTING_DOWN))?;
                 (subscription, current)
             }

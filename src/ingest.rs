@@ -21,7 +21,7 @@ use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 
-use crate::blocking::{SHUTTING_DOWN, off_workers};
+use crate::blocking::SHUTTING_DOWN;
 use crate::clock::{Micros, SharedClock};
 use crate::cluster::Cluster;
 use crate::event::Event;
@@ -316,8 +316,9 @@ impl Ingest {
         }
         let index = self.index.clone();
         Reply::Later(Box::pin(async move {
-            off_workers(move || proto::events_reply(&index.query(&query)))
-                .await
+            (index
+                .query_then(&query, |found| proto::events_reply(&found))
+                .await)
                 .unwrap_or_else(|| proto::error_reply(SHUTTING_DOWN))
         }))
     }

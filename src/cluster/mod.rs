@@ -29,7 +29,7 @@ use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::blocking::{SHUTTING_DOWN, off_workers};
+use crate::blocking::SHUTTING_DOWN;
 use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
 use crate::index::Index;
@@ -354,12 +354,10 @@ async fn answer_queries(
             .map_err(|e| e.to_string())
             .and_then(|text| Query::parse(text).map_err(|e| e.to_string()));
         let parts = match parsed {
-            Ok(query) => {
-                let index = cluster.index.clone();
-                off_workers(move || answer_parts(&index.query(&query)))
-                    .await
-                    .unwrap_or_else(|| vec![proto::error_reply(SHUTTING_DOWN)])
-            }
+            Ok(query) => (cluster.index)
+                .query_then(&query, |found| answer_parts(&found))
+                .await
+                .unwrap_or_else(|| vec![proto::error_reply(SHUTTING_DOWN)]),
             Err(e) => vec![proto::error_reply(e)],
         };
         let last = parts.len() - 1;

@@ -135,8 +135,8 @@ impl AppState {
         self.snapshot_then(query, local, |found| found).await
     }
 
-    /// [`AppState::snapshot`], then `then` on what it found. The local scan
-    /// and `then` run on a blocking thread (see [`crate::blocking`]): at a
+    /// [`AppState::snapshot`], then `then` on what it found. A local scan and
+    /// `then` run on a blocking thread (see [`crate::blocking`]): at a
     /// million keys either can take a fifth of a second.
     async fn snapshot_then<T: Send + 'static>(
         &self,
@@ -144,14 +144,14 @@ impl AppState {
         local: bool,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<T, String> {
-        let remote = match (&self.cluster, local) {
-            (Some(cluster), false) => Some(cluster.query(query.as_str()).await?),
-            _ => None,
+        let done = match (&self.cluster, local) {
+            (Some(cluster), false) => {
+                let found = cluster.query(query.as_str()).await?;
+                off_workers(move || then(found)).await
+            }
+            _ => self.telemetry.index.query_then(query, then).await,
         };
-        let (index, query) = (self.telemetry.index.clone(), query.clone());
-        off_workers(move || then(remote.unwrap_or_else(|| index.query(&query))))
-            .await
-            .ok_or_else(|| SHUTTING_DOWN.to_owned())
+        done.ok_or_else(|| SHUTTING_DOWN.to_owned())
     }
 }
 

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use hashbrown::DefaultHashBuilder;
 use parking_lot::Mutex;
 
+use crate::blocking::off_workers;
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::Event;
 use crate::pubsub::Pubsub;
@@ -274,6 +275,21 @@ impl Index {
         });
         let Ok(()) = scanned;
         out
+    }
+
+    /// [`Index::query`] for async callers, then `then` on what it found: a key
+    /// lookup right away, a scan and `then` on a blocking thread (see
+    /// [`crate::blocking`]). `None` only when the runtime shut down first.
+    pub async fn query_then<T: Send + 'static>(
+        self: &Arc<Self>,
+        query: &Query,
+        then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
+    ) -> Option<T> {
+        if query.exact_key().is_some() {
+            return Some(then(self.query(query)));
+        }
+        let (index, query) = (self.clone(), query.clone());
+        off_workers(move || then(index.query(&query))).await
     }
 
     /// Every entry, a shard at a time: each shard's blocks are copied under
