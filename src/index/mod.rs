@@ -71,6 +71,10 @@ impl Default for IndexConfig {
     }
 }
 
+/// An event's key as [`Index::key_hash`] hashed it; only the index makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash(u64);
+
 /// What [`Index::insert`] did with an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Insert {
@@ -162,12 +166,17 @@ impl Index {
         &self.shards[Self::shard_of(hash)]
     }
 
-    /// Starts loading the table slot where `event` would be stored, so that
-    /// an [`Index::insert`] of it a few events later finds it in the cache.
-    /// Takes no lock; a hint only.
-    pub fn prefetch(&self, event: &Event) {
-        let hash = self.hash(event.host_str().as_bytes(), event.service_str().as_bytes());
-        self.hints[Self::shard_of(hash)].prefetch(hash);
+    /// The hash of `event`'s key, for a caller that both prefetches and
+    /// inserts the event: one hash instead of two.
+    pub fn key_hash(&self, event: &Event) -> KeyHash {
+        KeyHash(self.hash(event.host_str().as_bytes(), event.service_str().as_bytes()))
+    }
+
+    /// Starts loading the table slot of the key that hashed to `hash`, so
+    /// that an insert of it a few events later finds it in the cache. Takes
+    /// no lock; a hint only.
+    pub fn prefetch(&self, hash: KeyHash) {
+        self.hints[Self::shard_of(hash.0)].prefetch(hash.0);
     }
 
     fn deadline(&self, event: &Event) -> Micros {
@@ -181,7 +190,13 @@ impl Index {
     /// Stores a copy of `event` as the latest for its key (reusing the previous
     /// copy's allocations); an `expired` event deletes the key.
     pub fn insert(&self, event: &Event) -> Insert {
-        let outcome = self.store(event);
+        self.insert_hashed(event, self.key_hash(event))
+    }
+
+    /// [`Index::insert`] of an event whose [`Index::key_hash`] is `hash`.
+    pub fn insert_hashed(&self, event: &Event, hash: KeyHash) -> Insert {
+        debug_assert_eq!(hash, self.key_hash(event), "the hash of another key");
+        let outcome = self.store(event, hash.0);
         // Published outside the shard lock: subscribers never slow the shard.
         if matches!(outcome, Insert::Added | Insert::Replaced) {
             self.pubsub.publish(event);
@@ -189,9 +204,8 @@ impl Index {
         outcome
     }
 
-    fn store(&self, event: &Event) -> Insert {
+    fn store(&self, event: &Event, hash: u64) -> Insert {
         let key = (event.host_str().as_bytes(), event.service_str().as_bytes());
-        let hash = self.hash(key.0, key.1);
         let mut shard = self.shard(hash).lock();
         let shard = &mut *shard;
         let found = shard.entries.find(hash, |e| e.packed.key() == key);

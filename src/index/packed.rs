@@ -49,17 +49,24 @@ impl Packed {
         packed
     }
 
-    /// Overwrites the stored event, in place when the new one packs to the
-    /// same length (an agent's next report usually does: same names, new
-    /// numbers). The scheduled slot is kept.
+    /// Overwrites the stored event with `event`, which has the same key (the
+    /// entry was found by it): header and what follows the key are rewritten,
+    /// in place when they pack to the same length (an agent's next report
+    /// usually does: same names, new numbers). The scheduled slot is kept.
     pub fn replace(&mut self, event: &Event) {
-        let len = packed_len(event);
+        debug_assert!(
+            self.key() == (event.host_str().as_bytes(), event.service_str().as_bytes()),
+            "replace keeps the key"
+        );
+        let key_end = self.key_end();
+        let len = key_end + after_key_len(event);
         if len != self.0.len() {
             let mut bytes = vec![0; len].into_boxed_slice();
-            bytes[..TIME].copy_from_slice(&self.0[..TIME]);
+            bytes[..key_end].copy_from_slice(&self.0[..key_end]);
             self.0 = bytes;
         }
-        write_event(&mut self.0, event);
+        write_header(&mut self.0, event);
+        write_after_key(&mut self.0, key_end, event);
     }
 
     /// Where the entry sits in its shard's deadline set.
@@ -76,6 +83,14 @@ impl Packed {
     pub fn key(&self) -> (&[u8], &[u8]) {
         let mut r = Reader::at(&self.0, HEADER);
         (r.bytes(), r.bytes())
+    }
+
+    /// Where what follows `(host, service)` starts.
+    fn key_end(&self) -> usize {
+        let mut r = Reader::at(&self.0, HEADER);
+        r.span();
+        r.span();
+        r.pos
     }
 
     /// The stored event's host; empty when it has none.
@@ -219,11 +234,12 @@ fn read_i64(block: &[u8], at: usize) -> i64 {
 }
 
 fn packed_len(e: &Event) -> usize {
+    HEADER + str_len(e.host_str()) + str_len(e.service_str()) + after_key_len(e)
+}
+
+fn after_key_len(e: &Event) -> usize {
     let opt = |s: &Option<String>| s.as_deref().map_or(0, str_len);
-    HEADER
-        + str_len(e.host_str())
-        + str_len(e.service_str())
-        + opt(&e.state)
+    opt(&e.state)
         + opt(&e.description)
         + varint_len(e.tags.len())
         + e.tags.iter().map(|t| str_len(t)).sum::<usize>()
@@ -250,6 +266,19 @@ fn varint_len(mut n: usize) -> usize {
 /// Writes everything but the scheduled slot; `out` is exactly
 /// `packed_len(e)` long.
 fn write_event(out: &mut [u8], e: &Event) {
+    write_header(out, e);
+    let mut w = Writer {
+        out: &mut *out,
+        pos: HEADER,
+    };
+    w.str(e.host_str());
+    w.str(e.service_str());
+    let key_end = w.pos;
+    write_after_key(out, key_end, e);
+}
+
+/// Time, metric, TTL and the flags.
+fn write_header(out: &mut [u8], e: &Event) {
     let mut flags = 0;
     for (present, flag) in [
         (e.host.is_some(), HAS_HOST),
@@ -277,9 +306,12 @@ fn write_event(out: &mut [u8], e: &Event) {
     out[METRIC..METRIC + 8].copy_from_slice(&metric_bits.to_le_bytes());
     out[TTL..TTL + 4].copy_from_slice(&e.ttl.unwrap_or(0.0).to_le_bytes());
     out[FLAGS] = flags;
-    let mut w = Writer { out, pos: HEADER };
-    w.str(e.host_str());
-    w.str(e.service_str());
+}
+
+/// State, description, tags and attributes, from `pos` (the key's end) to
+/// the end of `out`.
+fn write_after_key(out: &mut [u8], pos: usize, e: &Event) {
+    let mut w = Writer { out, pos };
     for s in [&e.state, &e.description].into_iter().flatten() {
         w.str(s);
     }
@@ -553,7 +585,30 @@ mod tests {
         longer.tags.push("new".into());
         packed.replace(&longer);
         assert_eq!(packed.to_event(), longer);
+        let shorter = Event {
+            state: None,
+            description: None,
+            tags: Vec::new(),
+            ..full()
+        };
+        packed.replace(&shorter);
+        assert_eq!(packed.to_event(), shorter);
+        assert_eq!(packed.0.len(), packed_len(&shorter), "exactly sized");
         assert_eq!(packed.scheduled(), 5);
+        // An absent host is the same key as an empty one; the flag follows.
+        let mut empty_host = Packed::new(
+            &Event {
+                host: Some(String::new()),
+                ..full()
+            },
+            1,
+        );
+        let no_host = Event {
+            host: None,
+            ..full()
+        };
+        empty_host.replace(&no_host);
+        assert_eq!(empty_host.to_event(), no_host);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use regex::Regex;
 use crate::event::{Event, Field, Metric};
 
 /// The value of a field, borrowed from the event.
+#[inline]
 fn value<'e>(field: &Field, event: &'e Event) -> Val<'e> {
     let text = |s: &'e Option<String>| s.as_deref().map_or(Val::Nil, Val::Str);
     match field {

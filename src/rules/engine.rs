@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use crate::clock::SharedClock;
 use crate::event::Event;
-use crate::index::Index;
+use crate::index::{Index, KeyHash};
 use crate::streams::Streams;
 
 use crate::outputs::OutputSink;
@@ -102,6 +102,7 @@ impl Rules {
             index: &self.index,
             outputs: &tree.outputs,
             reinjected: &mut reinjected,
+            hashed: None,
         };
         work(&mut cx);
         for _ in 0..MAX_REINJECT_ROUNDS {
@@ -114,6 +115,7 @@ impl Rules {
                 index: &self.index,
                 outputs: &tree.outputs,
                 reinjected: &mut reinjected,
+                hashed: None,
             };
             for event in &batch {
                 self.guarded(|| tree.roots.event(event, &mut cx));
@@ -143,16 +145,27 @@ impl Rules {
 impl Streams for Rules {
     fn process(&self, events: &[Event]) {
         let tree = self.current.load();
-        for event in events.iter().take(PREFETCH_AHEAD) {
-            self.index.prefetch(event);
+        // Each event's key is hashed once, PREFETCH_AHEAD events before the
+        // event runs: to prefetch its slot, then (through `Cx`) to index it.
+        let mut ahead = [None; PREFETCH_AHEAD];
+        let hash_ahead = |ahead: &mut [Option<KeyHash>; PREFETCH_AHEAD], i: usize| {
+            if let Some(event) = events.get(i) {
+                let hash = self.index.key_hash(event);
+                self.index.prefetch(hash);
+                ahead[i % PREFETCH_AHEAD] = Some(hash);
+            }
+        };
+        for i in 0..PREFETCH_AHEAD {
+            hash_ahead(&mut ahead, i);
         }
         self.run(&tree, |cx| {
             for (i, event) in events.iter().enumerate() {
-                if let Some(ahead) = events.get(i + PREFETCH_AHEAD) {
-                    self.index.prefetch(ahead);
-                }
+                let hash = ahead[i % PREFETCH_AHEAD].take();
+                hash_ahead(&mut ahead, i + PREFETCH_AHEAD);
+                cx.hashed = hash.map(|hash| (event as *const Event, hash));
                 self.guarded(|| tree.roots.event(event, cx));
             }
+            cx.hashed = None;
         });
     }
 

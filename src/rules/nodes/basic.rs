@@ -323,7 +323,7 @@ macro_rules! leaf {
 }
 
 leaf!(Index; |self, event, cx| {
-    cx.index.insert(event);
+    cx.index.insert_hashed(event, cx.key_hash(event));
 });
 
 leaf!(Reinject; |self, event, cx| {

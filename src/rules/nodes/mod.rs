@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use crate::clock::Micros;
 pub use crate::event::Field;
 use crate::event::{Event, Metric};
-use crate::index::Index;
+use crate::index::{Index, KeyHash};
 use crate::outputs::OutputSink;
 
 mod basic;
@@ -42,6 +42,21 @@ pub struct Cx<'a> {
     pub outputs: &'a [Arc<dyn OutputSink>],
     /// Events `reinject` sent back to the top; the engine runs them after the batch.
     pub reinjected: &'a mut Vec<Event>,
+    /// The event the engine is running through the tree, and its key's hash
+    /// (the engine hashed it to prefetch its index slot). Its address is only
+    /// compared: a stage that passes the event on as it came gets the hash.
+    pub hashed: Option<(*const Event, KeyHash)>,
+}
+
+impl Cx<'_> {
+    /// `event`'s key hash: the engine's, when `event` is the very event it
+    /// hashed (borrowed, so unchanged), else computed.
+    pub fn key_hash(&self, event: &Event) -> KeyHash {
+        match self.hashed {
+            Some((hashed, hash)) if std::ptr::eq(hashed, event) => hash,
+            _ => self.index.key_hash(event),
+        }
+    }
 }
 
 /// Lets [`Node::adopt`] see whether the old stage is of its own kind.

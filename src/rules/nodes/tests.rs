@@ -799,3 +799,38 @@ fn index_stores_and_expired_entries_come_back_through_the_rules() {
     b.advance_to(at(20.0));
     assert_eq!(out(&b).len(), 1);
 }
+
+#[test]
+fn a_batch_is_indexed_under_each_events_own_key_even_when_a_stage_changes_it() {
+    // The engine hashes each key ahead of the event to prefetch its slot and
+    // hands that hash to `index`; an event changed on the way must not use it.
+    let b = bench(
+        r#"index
+        where host = "h2" { with(service: "moved") { index } }
+        default(state: "ok") { index }"#,
+    );
+    let batch: Vec<Event> = (0..10)
+        .map(|i| ev(&b, &format!("h{i}"), &format!("s{i}")))
+        .collect();
+    b.rules.process(&batch);
+    let mut keys: Vec<(String, String, Option<String>)> = b
+        .index
+        .query(&crate::query::Query::parse("true").unwrap())
+        .into_iter()
+        .map(|e| (e.host_str().to_owned(), e.service_str().to_owned(), e.state))
+        .collect();
+    keys.sort();
+    let mut expected: Vec<_> = (0..10)
+        .map(|i| (format!("h{i}"), format!("s{i}"), Some("ok".to_owned())))
+        .collect();
+    expected.push(("h2".into(), "moved".into(), None));
+    expected.sort();
+    assert_eq!(keys, expected);
+    for i in 0..10 {
+        let service = format!("s{i}");
+        assert!(
+            b.index.get(&format!("h{i}"), &service).is_some(),
+            "{service}"
+        );
+    }
+}
