@@ -16,6 +16,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -168,8 +169,17 @@ impl Connections {
                 }
                 () = self.shutdown.cancelled() => return Ok(()),
             };
-            let answered = self.answer(&mut framed, next, &mut buffers);
-            match tokio::time::timeout(self.read_timeout, answered).await {
+            let after = self.answer(&mut framed, next, &mut buffers).await;
+            // Only the writing waits on the client, so only it is bounded by
+            // the timeout, and the timer is armed only when a write is held
+            // up (nearly never), not once per batch.
+            let written = self.write(&mut framed, &mut buffers.out, after);
+            tokio::pin!(written);
+            let written = match futures_util::poll!(&mut written) {
+                Poll::Ready(written) => Ok(written),
+                Poll::Pending => tokio::time::timeout(self.read_timeout, written).await,
+            };
+            match written {
                 Ok(Ok(true)) => deadline.as_mut().reset(Instant::now() + self.read_timeout),
                 Ok(done) => return done.map(drop),
                 Err(_) => {
@@ -181,22 +191,24 @@ impl Connections {
         }
     }
 
-    /// Answers `next` and every further frame already buffered, then flushes
-    /// once. `false` when the connection is done. The frames' events go
+    /// Handles `next` and every further frame already buffered: their
+    /// replies, in order, land in `buffers.out`. The frames' events go
     /// through the rules as one batch; in a cluster the buffered frames'
     /// events are all sent before their acks are awaited (replies stay in
     /// order), so a pipelining client is not held to one JetStream round trip
-    /// per frame.
+    /// per frame. A reply waits only on the server (a scan, the cluster),
+    /// never on the client.
     async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         framed: &mut RiemannFramed<S>,
         mut next: Option<Result<BytesMut, FrameError>>,
         buffers: &mut Buffers,
-    ) -> io::Result<bool> {
+    ) -> After {
         let Buffers {
             events,
             frames,
             replies,
+            out,
         } = buffers;
         let mut bytes = 0;
         // Only frames already complete in the read buffer join, and boundedly,
@@ -226,11 +238,24 @@ impl Connections {
             self.ingest
                 .begin_all(&mut unhandled, Transport::Tcp, events, replies);
             for reply in replies.drain(..) {
-                framed.feed(reply.wait().await).await?;
+                out.push(reply.wait().await);
             }
         }
         // Views into the read buffer: released before it is read into again.
         frames.clear();
+        after
+    }
+
+    /// Writes the replies with one flush. `false` when the connection is done.
+    async fn write<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        framed: &mut RiemannFramed<S>,
+        out: &mut Vec<Bytes>,
+        after: After,
+    ) -> io::Result<bool> {
+        for reply in out.drain(..) {
+            framed.feed(reply).await?;
+        }
         match after {
             After::More => SinkExt::<Bytes>::flush(framed).await.map(|()| true),
             // The peer finished sending: it may still be reading replies.
@@ -295,4 +320,6 @@ struct Buffers {
     events: Vec<Event>,
     frames: Vec<BytesMut>,
     replies: Vec<Reply>,
+    /// The replies of a batch, written together.
+    out: Vec<Bytes>,
 }
