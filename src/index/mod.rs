@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use hashbrown::DefaultHashBuilder;
 use parking_lot::Mutex;
+use tokio::sync::Semaphore;
 
 use crate::blocking::off_workers;
 use crate::clock::{Micros, secs_to_micros};
@@ -97,6 +98,10 @@ pub struct Index {
     len: AtomicUsize,
     refused: AtomicU64,
     expired: AtomicU64,
+    /// Scans [`Index::query_then`] runs at once: one per core. More would
+    /// not finish sooner, only hold more results (a million events each at
+    /// a million keys) in memory, so further askers wait their turn.
+    scans: Semaphore,
 }
 
 #[derive(Default)]
@@ -119,6 +124,7 @@ impl Index {
             len: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            scans: Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
         }
     }
 
@@ -293,7 +299,8 @@ impl Index {
 
     /// [`Index::query`] for async callers, then `then` on what it found: a key
     /// lookup right away, a scan and `then` on a blocking thread (see
-    /// [`crate::blocking`]). `None` only when the runtime shut down first.
+    /// [`crate::blocking`]), as many at once as there are cores. `None` only
+    /// when the runtime shut down first.
     pub async fn query_then<T: Send + 'static>(
         self: &Arc<Self>,
         query: &Query,
@@ -302,6 +309,8 @@ impl Index {
         if query.exact_key().is_some() {
             return Some(then(self.query(query)));
         }
+        // Never closed, so acquiring fails never.
+        let _turn = self.scans.acquire().await.ok()?;
         let (index, query) = (self.clone(), query.clone());
         off_workers(move || then(index.query(&query))).await
     }
@@ -604,6 +613,30 @@ mod tests {
 
     fn secs(s: i64) -> Micros {
         s * MICROS_PER_SEC
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scans_wait_for_a_turn_and_key_lookups_do_not() {
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        for service in ["a", "b", "c"] {
+            index.insert(&event("h", service, T0, None));
+        }
+        let all = index.scans.available_permits() as u32;
+        let busy = index.scans.acquire_many(all).await.unwrap();
+        let lookup = Query::parse(r#"host = "h" and service = "b""#).unwrap();
+        assert_eq!(
+            index.query_then(&lookup, |found| found.len()).await,
+            Some(1)
+        );
+        let scan = Query::parse("true").unwrap();
+        let waiting = tokio::spawn({
+            let index = index.clone();
+            async move { index.query_then(&scan, |found| found.len()).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "every core is scanning already");
+        drop(busy);
+        assert_eq!(waiting.await.unwrap(), Some(3));
     }
 
     #[test]
