@@ -1,7 +1,7 @@
 //! Work too long for an async worker, moved to tokio's blocking pool: a scan
-//! of a big index (a query no key lookup answers) or an expiry tick would
-//! otherwise hold the worker, and every connection queued on it, for as long
-//! as it runs. With two workers and a million keys, one `GET /index` scan
+//! of a big index (a query no key lookup answers), a snapshot write or an
+//! expiry tick would otherwise hold the worker, and every connection queued
+//! on it, for as long as it runs. With two workers and a million keys, one `GET /index` scan
 //! made a TCP round trip wait 207 ms (BENCHMARKS.md, "Queries off the async
 //! workers").
 

@@ -27,6 +27,7 @@ use prost::Message;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::blocking::off_workers;
 use crate::event::Event;
 use crate::index::Index;
 use crate::proto::{PbEvent, from_pb, to_pb};
@@ -70,6 +71,8 @@ pub enum SnapshotError {
     },
     #[error("the trailer counts {expected} entries but the file holds {found}")]
     CountMismatch { expected: u64, found: usize },
+    #[error("not written: the runtime shut down before the write could start")]
+    ShutDown,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
@@ -277,7 +280,7 @@ pub struct Saved {
 /// Writes the index one shard at a time, on a blocking thread so neither the
 /// copying nor the I/O holds up the async workers.
 pub async fn save(index: Arc<Index>, dir: PathBuf) -> Result<Saved, SnapshotError> {
-    tokio::task::spawn_blocking(move || {
+    off_workers(move || {
         let started = Instant::now();
         let entries = write_from(&dir, |encoder| {
             index.for_each_shard(|events| encoder.push(events))
@@ -288,7 +291,7 @@ pub async fn save(index: Arc<Index>, dir: PathBuf) -> Result<Saved, SnapshotErro
         })
     })
     .await
-    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    .ok_or(SnapshotError::ShutDown)?
 }
 
 /// Snapshots for a running server: loaded at start, written every interval
