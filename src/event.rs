@@ -202,9 +202,57 @@ impl Event {
     }
 }
 
+/// `a == b` for the short strings events are made of (names, states, tags:
+/// mostly under 32 bytes), compared inline: a call to `memcmp` costs more
+/// than the comparison itself at these lengths, and the hot path makes about
+/// a dozen per event (the decoder against what a slot holds, the index
+/// against a stored key, the rules' filters).
+#[inline]
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    // Overlapping loads of the first and last bytes cover every length in a
+    // bracket with two comparisons.
+    fn u32_at(s: &[u8], at: usize) -> u32 {
+        u32::from_ne_bytes(s[at..at + 4].try_into().expect("4 bytes"))
+    }
+    fn u64_at(s: &[u8], at: usize) -> u64 {
+        u64::from_ne_bytes(s[at..at + 8].try_into().expect("8 bytes"))
+    }
+    match n {
+        0 => true,
+        1..4 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..8 => u32_at(a, 0) == u32_at(b, 0) && u32_at(a, n - 4) == u32_at(b, n - 4),
+        8..=16 => u64_at(a, 0) == u64_at(b, 0) && u64_at(a, n - 8) == u64_at(b, n - 8),
+        17..=32 => {
+            u64_at(a, 0) == u64_at(b, 0)
+                && u64_at(a, 8) == u64_at(b, 8)
+                && u64_at(a, n - 16) == u64_at(b, n - 16)
+                && u64_at(a, n - 8) == u64_at(b, n - 8)
+        }
+        _ => a == b,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_bytes_agrees_with_eq_at_every_length_and_difference() {
+        for len in 0..48usize {
+            let a: Vec<u8> = (0..len).map(|i| i as u8 + 1).collect();
+            assert!(same_bytes(&a, &a.clone()), "len {len}");
+            for at in 0..len {
+                let mut b = a.clone();
+                b[at] ^= 0x40;
+                assert!(!same_bytes(&a, &b), "len {len}, differing at {at}");
+            }
+            assert!(!same_bytes(&a, &a[..len.saturating_sub(1)]) || len == 0);
+        }
+    }
 
     #[test]
     fn attribute_lookup_prefers_the_last_duplicate() {

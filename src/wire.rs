@@ -18,7 +18,7 @@
 //! over `max_string` is refused by its length alone.
 
 use crate::clock::{MICROS_PER_SEC, Micros};
-use crate::event::{Event, Metric, RESERVED_FIELDS};
+use crate::event::{Event, Metric, RESERVED_FIELDS, same_bytes};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -415,7 +415,7 @@ fn text_for<'a>(
     limits: &Limits,
     held: &str,
 ) -> Result<Text<'a>, DecodeError> {
-    if bytes.len() <= limits.max_string && bytes == held.as_bytes() {
+    if bytes.len() <= limits.max_string && same_bytes(bytes, held.as_bytes()) {
         return Ok(Text::Same);
     }
     text(field, bytes, limits).map(Text::New)

@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 
 use crate::blocking::off_workers;
 use crate::clock::{Micros, secs_to_micros};
-use crate::event::Event;
+use crate::event::{Event, same_bytes};
 use crate::pubsub::Pubsub;
 use crate::query::Query;
 
@@ -214,7 +214,7 @@ impl Index {
         let key = (event.host_str().as_bytes(), event.service_str().as_bytes());
         let mut shard = self.shard(hash).lock();
         let shard = &mut *shard;
-        let found = shard.entries.find(hash, |e| e.packed.key() == key);
+        let found = shard.entries.find(hash, |e| is_key(&e.packed, key));
         if event.is_expired_state() {
             if let Some(entry) = found.and_then(|slot| shard.entries.remove(slot)) {
                 shard.deadlines.remove(&(entry.packed.scheduled(), hash));
@@ -274,7 +274,7 @@ impl Index {
         let key = (host.as_bytes(), service.as_bytes());
         let hash = self.hash(key.0, key.1);
         let shard = self.shard(hash).lock();
-        let slot = shard.entries.find(hash, |e| e.packed.key() == key)?;
+        let slot = shard.entries.find(hash, |e| is_key(&e.packed, key))?;
         shard.entries.get(slot).map(|e| e.packed.to_event())
     }
 
@@ -583,6 +583,12 @@ fn prefetch(address: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = address;
+}
+
+/// Whether `packed` is stored under `key`.
+fn is_key(packed: &Packed, key: (&[u8], &[u8])) -> bool {
+    let (host, service) = packed.key();
+    same_bytes(service, key.1) && same_bytes(host, key.0)
 }
 
 #[cfg(test)]

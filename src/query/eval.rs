@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 
 use regex::Regex;
 
-use crate::event::{Event, Field, Metric};
+use crate::event::{Event, Field, Metric, same_bytes};
 
 /// The value of a field, borrowed from the event.
 #[inline]
@@ -91,7 +91,7 @@ fn equal(a: Val<'_>, b: Val<'_>) -> bool {
     match (a, b) {
         (Val::Nil, Val::Nil) => true,
         (Val::Bool(x), Val::Bool(y)) => x == y,
-        (Val::Str(x), Val::Str(y)) => x == y,
+        (Val::Str(x), Val::Str(y)) => same_bytes(x.as_bytes(), y.as_bytes()),
         // Exact for two integers; otherwise as floats, so `metric = 1` matches 1.0.
         (Val::Int(x), Val::Int(y)) => x == y,
         _ => matches!((a.as_number(), b.as_number()), (Some(x), Some(y)) if x == y),
@@ -149,11 +149,11 @@ impl LikePattern {
             // No `%` at all: the whole text must equal the pattern.
             return self.pieces.first().is_some_and(|p| p == text);
         };
-        let Some(rest) = text.strip_prefix(first.as_str()) else {
+        let Some(rest) = strip_prefix(text, first) else {
             return false;
         };
         // Strip the suffix before searching the middle pieces so they cannot overlap it.
-        let Some(mut rest) = rest.strip_suffix(last.as_str()) else {
+        let Some(mut rest) = strip_suffix(rest, last) else {
             return false;
         };
         // Leftmost placement of each middle piece leaves the most room for the rest.
@@ -165,6 +165,18 @@ impl LikePattern {
         }
         true
     }
+}
+
+/// `str::strip_prefix`, compared with [`same_bytes`].
+fn strip_prefix<'t>(text: &'t str, prefix: &str) -> Option<&'t str> {
+    let head = text.as_bytes().get(..prefix.len())?;
+    same_bytes(head, prefix.as_bytes()).then(|| &text[prefix.len()..])
+}
+
+/// `str::strip_suffix`, compared with [`same_bytes`].
+fn strip_suffix<'t>(text: &'t str, suffix: &str) -> Option<&'t str> {
+    let cut = text.len().checked_sub(suffix.len())?;
+    same_bytes(&text.as_bytes()[cut..], suffix.as_bytes()).then(|| &text[..cut])
 }
 
 #[derive(Debug, Clone)]
