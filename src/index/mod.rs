@@ -338,17 +338,20 @@ impl Index {
     /// longer owns). One shard locked at a time; returns how many went.
     pub fn remove_where(&self, select: impl Fn(&str) -> bool) -> usize {
         let mut removed = 0;
-        for shard in self.shards.iter() {
+        for (shard, hint) in self.shards.iter().zip(self.hints.iter()) {
             let mut shard = shard.lock();
             let shard = &mut *shard;
             let deadlines = &mut shard.deadlines;
-            shard.entries.retain(
+            let moved = shard.entries.retain(
                 |entry| !select(entry.packed.host()),
                 |entry| {
                     deadlines.remove(&(entry.packed.scheduled(), entry.hash));
                     removed += 1;
                 },
             );
+            if moved {
+                hint.update(&shard.entries);
+            }
         }
         self.len.fetch_sub(removed, Ordering::Relaxed);
         removed
@@ -387,7 +390,7 @@ impl Index {
         // strings once, not once per entry.
         let mut notices: Vec<Event> = Vec::new();
         let mut total = 0;
-        for shard in self.shards.iter() {
+        for (shard, hint) in self.shards.iter().zip(self.hints.iter()) {
             let mut locked = shard.lock();
             let due_now = locked.deadlines.count_before(&(now, 0));
             if mass_expiry(due_now, locked.entries.len()) {
@@ -399,7 +402,9 @@ impl Index {
                     due.reserve(due_now);
                     locked = shard.lock();
                 }
-                self.sweep(&mut locked, now, may_expire, &mut due);
+                if self.sweep(&mut locked, now, may_expire, &mut due) {
+                    hint.update(&locked.entries);
+                }
             } else {
                 // Slots of held entries go back once the pass is over: put
                 // back at once, the next chunk would meet them again.
@@ -433,19 +438,20 @@ impl Index {
 
     /// A mass expiry (see [`mass_expiry`]): walks the shard's table in memory
     /// order once, instead of chasing each due deadline to an entry at a
-    /// random address. The shard is locked for one pass over it.
+    /// random address. The shard is locked for one pass over it. True when
+    /// the table's slots moved (it shrank: see [`Table::retain`]).
     fn sweep(
         &self,
         shard: &mut Shard,
         now: Micros,
         may_expire: Option<&dyn Fn(&str) -> bool>,
         out: &mut Vec<Packed>,
-    ) {
+    ) -> bool {
         // The due slots are all settled below: expired, or re-armed.
         shard.deadlines.remove_before(&(now, 0));
         let deadlines = &mut shard.deadlines;
         let before = out.len();
-        shard.entries.retain(
+        let moved = shard.entries.retain(
             |entry| {
                 if entry.deadline < now && may_expire.is_none_or(|may| may(entry.packed.host())) {
                     return false;
@@ -461,6 +467,7 @@ impl Index {
             |entry| out.push(entry.packed),
         );
         self.len.fetch_sub(out.len() - before, Ordering::Relaxed);
+        moved
     }
 
     /// Handles up to [`EXPIRE_CHUNK`] due deadlines one by one; true if more
@@ -794,6 +801,13 @@ mod tests {
         services.sort_unstable();
         assert_eq!(services, (0..n).collect::<Vec<_>>());
         assert!(index.is_empty());
+        // The emptied tables gave their slots back and take keys again.
+        for i in 0..10 {
+            index.insert(&event("h", &i.to_string(), T0 + secs(3), None));
+        }
+        assert_eq!(index.len(), 10);
+        assert!(index.get("h", "7").is_some());
+        assert_eq!(index.query(&Query::parse("true").unwrap()).len(), 10);
     }
 
     #[test]

@@ -104,10 +104,14 @@ impl Table {
         self.slots[i] = Some(entry);
     }
 
-    /// Doubles the slots; entries are placed again by their stored hash,
-    /// without their blocks being read.
+    /// Doubles the slots.
     fn grow(&mut self) {
-        let slots = (self.slots.len() * 2).max(INITIAL_SLOTS);
+        self.resize((self.slots.len() * 2).max(INITIAL_SLOTS));
+    }
+
+    /// Moves every entry into `slots` new slots, placed again by its stored
+    /// hash without its block being read.
+    fn resize(&mut self, slots: usize) {
         let old = std::mem::replace(&mut self.slots, (0..slots).map(|_| None).collect());
         for entry in old.into_iter().flatten() {
             self.place(entry);
@@ -144,16 +148,21 @@ impl Table {
     /// second one only when something went: every remaining entry is placed
     /// again from its home, which lands it at or before where it was. Cheaper
     /// than closing each gap as it opens when much goes.
+    ///
+    /// When so much went that the rest would fit a quarter of the slots (a
+    /// mass expiry), they move to a table of that size instead, which can
+    /// still take twice as many before it grows: the memory of a million
+    /// expired keys is given back. Returns true when the slots moved.
     pub fn retain(
         &mut self,
         mut keep: impl FnMut(&mut Entry) -> bool,
         mut removed: impl FnMut(Entry),
-    ) {
+    ) -> bool {
         // A slot free before anything goes: no run of entries crosses it, so
         // starting just after it each entry's home is at or before it, and it
         // is placed again once, after every entry before it in its run.
         let Some(free) = self.slots.iter().position(Option::is_none) else {
-            return;
+            return false;
         };
         let before = self.len;
         for slot in &mut self.slots {
@@ -165,7 +174,12 @@ impl Table {
             }
         }
         if self.len == before {
-            return;
+            return false;
+        }
+        let fit = slots_for(2 * self.len);
+        if fit <= self.slots.len() / 4 {
+            self.resize(fit);
+            return true;
         }
         let mask = self.mask();
         for offset in 1..self.slots.len() {
@@ -174,7 +188,21 @@ impl Table {
                 self.place(entry);
             }
         }
+        false
     }
+}
+
+/// The fewest slots (none, or a power of two from [`INITIAL_SLOTS`]) that
+/// hold `entries` within the load limit.
+fn slots_for(entries: usize) -> usize {
+    if entries == 0 {
+        return 0;
+    }
+    let mut slots = INITIAL_SLOTS;
+    while entries * MAX_LOAD_DEN > slots * MAX_LOAD_NUM {
+        slots *= 2;
+    }
+    slots
 }
 
 /// Where a table's slots are, readable without its shard's lock, so the
@@ -297,6 +325,34 @@ mod tests {
         for i in (0..40u64).filter(|i| i % 3 == 0) {
             assert_eq!(find(&table, i % 5 + 60, &i.to_string()), None);
         }
+    }
+
+    #[test]
+    fn a_retain_that_leaves_little_gives_the_slots_back() {
+        let mut table = Table::default();
+        let hash = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for i in 0..10_000u64 {
+            table.insert_new(entry(hash(i), &i.to_string()));
+        }
+        let full = table.slots.len();
+        let some_gone = |e: &mut Entry| e.packed.host().parse::<u64>().unwrap() % 4 != 0;
+        assert!(!table.retain(some_gone, drop), "a quarter went: no move");
+        assert_eq!(table.slots.len(), full);
+
+        let few = |e: &mut Entry| e.packed.host().parse::<u64>().unwrap() < 100;
+        assert!(table.retain(few, drop), "the slots moved");
+        assert_eq!(table.len(), 75);
+        assert_eq!(table.slots.len(), 256, "room for twice the 75 left");
+        assert_reachable(&table);
+        for i in (0..100u64).filter(|i| i % 4 != 0) {
+            assert!(find(&table, hash(i), &i.to_string()).is_some(), "{i}");
+        }
+
+        assert!(table.retain(|_| false, drop));
+        assert_eq!((table.len(), table.slots.len()), (0, 0));
+        assert!(find(&table, hash(1), "1").is_none());
+        table.insert_new(entry(hash(1), "1"));
+        assert!(find(&table, hash(1), "1").is_some());
     }
 
     /// Random inserts, removals and retains with few distinct homes, checked
