@@ -1,9 +1,9 @@
 //! Work too long for an async worker, moved to tokio's blocking pool: a scan
 //! of a big index (a query no key lookup answers), a snapshot write or an
 //! expiry tick would otherwise hold the worker, and every connection queued
-//! on it, for as long as it runs. With two workers and a million keys, one `GET /index` scan
-//! made a TCP round trip wait 207 ms (BENCHMARKS.md, "Queries off the async
-//! workers").
+//! on it, for as long as it runs. With two workers and a million keys, one
+//! `GET /index` scan made a TCP round trip wait 207 ms (BENCHMARKS.md,
+//! "Queries off the async workers").
 
 /// Runs `work` on a blocking thread and waits for it. A panic in `work`
 /// resumes in the caller; `None` only when the runtime shut down before

@@ -27,7 +27,7 @@
 //! - [`selfmetrics`]: vigil's own numbers: rule latency, one sample for `/metrics`, self-metric events.
 //! - [`http`]: the HTTP surface: index queries, WebSocket/SSE subscriptions, `POST /events`, `/metrics`, `/health`.
 //! - [`bounded`]: bounds on HTTP and gRPC connections: how many, and how long a peer may leave writes unread.
-//! - [`blocking`]: long work (index scans, the expiry tick) kept off the async workers.
+//! - [`blocking`]: long work (index scans, snapshot writes, the expiry tick) kept off the async workers.
 
 pub mod blocking;
 pub mod bounded;
