@@ -1,6 +1,8 @@
 //! The ingest path per `Msg`: framing + protobuf decode, then decode + rules
 //! (`rules/bench.vigil`) + index, for 100-event and 1-event messages over
 //! 100 000 distinct keys — everything a TCP connection does but the syscalls.
+//! Decoding a 1-event `Msg` alone (vigil's decoder and prost's) is the least
+//! work any server must do per message of the 1-event scenario.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -9,6 +11,7 @@ use tokio_util::codec::Decoder;
 
 use vigil::ingest::Transport;
 use vigil::proto::Msg;
+use vigil::wire::Limits;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -31,6 +34,23 @@ fn ingest(c: &mut Criterion) {
             let mut buf = BytesMut::from(&framed[..]);
             let frame = codec.decode(&mut buf).unwrap().unwrap();
             Msg::decode(frame.freeze()).unwrap()
+        })
+    });
+
+    group.throughput(Throughput::Elements(1));
+    let bodies: Vec<Bytes> = (0..KEYS).step_by(7).map(|k| msg(k, 1)).collect();
+    let mut next = 0;
+    let mut events = Vec::new();
+    group.bench_function("decode_1", |b| {
+        b.iter(|| {
+            next = (next + 1) % bodies.len();
+            vigil::wire::decode_msg(&bodies[next], 0, &Limits::DEFAULT, &mut events).unwrap()
+        })
+    });
+    group.bench_function("prost_decode_1", |b| {
+        b.iter(|| {
+            next = (next + 1) % bodies.len();
+            Msg::decode(&bodies[next][..]).unwrap()
         })
     });
 

@@ -9,6 +9,7 @@
 //!     cargo run --release --example loadgen -- memory --mb 16
 //!     cargo run --release --example loadgen -- null-sink 127.0.0.1:5599
 //!     cargo run --release --example loadgen -- null-sink --reply-batch 12 127.0.0.1:5599
+//!     cargo run --release --example loadgen -- null-sink --reply-batch 12 --decode 127.0.0.1:5599
 //!
 //! Messages are encoded once before the run and cycled, so the generator
 //! spends its time on the socket, not on protobuf.
@@ -77,6 +78,11 @@ enum Mode {
         /// that touches no memory: how much a server may spend per message.
         #[arg(long, default_value_t = 0)]
         work_ns: u64,
+        /// Decode each frame with vigil's decoder (into a reused buffer, as
+        /// vigil does) before acking it: the least work any server must do
+        /// per message, without rules or index.
+        #[arg(long)]
+        decode: bool,
         addr: SocketAddr,
     },
 }
@@ -128,8 +134,9 @@ fn main() -> anyhow::Result<()> {
             Mode::NullSink {
                 reply_batch,
                 work_ns,
+                decode,
                 addr,
-            } => null_sink(reply_batch, work_ns, addr).await,
+            } => null_sink(reply_batch, work_ns, decode, addr).await,
             // Blocks this thread, which nothing else needs meanwhile.
             Mode::Stall { secs } => {
                 stall(secs);
@@ -438,7 +445,12 @@ async fn udp(load: Load) -> anyhow::Result<()> {
 /// same batching of buffered frames (at most `reply_batch`) and one flush per
 /// batch, each frame acked without being decoded. The gap between the two is
 /// what decoding, the rules and the index cost.
-async fn null_sink(reply_batch: usize, work_ns: u64, addr: SocketAddr) -> anyhow::Result<()> {
+async fn null_sink(
+    reply_batch: usize,
+    work_ns: u64,
+    decode: bool,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     let work = Work::calibrated(work_ns);
     println!(
@@ -451,11 +463,25 @@ async fn null_sink(reply_batch: usize, work_ns: u64, addr: SocketAddr) -> anyhow
         stream.set_nodelay(true)?;
         tokio::spawn(async move {
             let mut framed = Framed::new(stream, vigil::tcp::codec(vigil::tcp::DEFAULT_MAX_FRAME));
-            while let Some(Ok(_)) = framed.next().await {
+            let mut events = Vec::new();
+            let limits = vigil::wire::Limits::DEFAULT;
+            let mut failed = false;
+            let mut decoded = |frame: &[u8]| {
+                if decode
+                    && let Err(e) = vigil::wire::decode_msg(frame, 0, &limits, &mut events)
+                    && !std::mem::replace(&mut failed, true)
+                {
+                    // Acked all the same (this is a yardstick), but said once.
+                    eprintln!("null sink: a frame did not decode: {e}");
+                }
+            };
+            while let Some(Ok(frame)) = framed.next().await {
+                decoded(&frame);
                 let mut frames = 1;
                 while frames < reply_batch
-                    && let Some(Some(Ok(_))) = framed.next().now_or_never()
+                    && let Some(Some(Ok(frame))) = framed.next().now_or_never()
                 {
+                    decoded(&frame);
                     frames += 1;
                 }
                 work.run(frames);
