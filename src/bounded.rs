@@ -5,7 +5,9 @@
 //!
 //! - Over `max_connections` open, a new connection is accepted and closed at
 //!   once, and counted: a flood of idle clients cannot take every file
-//!   descriptor (and with them the agents' listeners).
+//!   descriptor (and with them the agents' listeners). A warning says so at
+//!   most every ten seconds per listener ([`RefusalLog`], which the Riemann
+//!   TCP listeners share).
 //! - A connection whose first byte has not come `read_timeout` after its
 //!   first read began fails that read, which ends it, and is counted. hyper
 //!   waits for the first bytes (to tell HTTP/1 from HTTP/2) and tonic for the
@@ -26,16 +28,55 @@ use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::stats::Stats;
+
+/// Refusals are logged at most this often; the counter has every one.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One permit per connection allowed open at once (tokio's semaphore holds
+/// at most [`Semaphore::MAX_PERMITS`]).
+pub fn connection_permits(max_connections: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)))
+}
+
+/// Warns that a listener is refusing connections at its limit, at most once
+/// per [`REFUSAL_LOG_INTERVAL`]: a flood must not flood the log too.
+#[derive(Default)]
+pub struct RefusalLog {
+    next: Mutex<Option<Instant>>,
+}
+
+impl RefusalLog {
+    /// Call on each refusal, with the counter's total; true if it was logged.
+    pub fn refused(&self, listener: &'static str, refused: u64) -> bool {
+        let now = Instant::now();
+        {
+            let mut next = self.next.lock();
+            if next.is_some_and(|next| now < next) {
+                return false;
+            }
+            *next = Some(now + REFUSAL_LOG_INTERVAL);
+        }
+        tracing::warn!(
+            listener,
+            refused,
+            "Connection limit reached; refusing new connections (see --max-connections)."
+        );
+        true
+    }
+}
 
 /// The counters of [`Stats`] one kind of listener bumps.
 #[derive(Clone, Copy)]
 pub struct Counters {
+    /// The listener, as its refusal warnings name it.
+    pub listener: &'static str,
     pub refused: fn(&Stats) -> &AtomicU64,
     pub read_timeouts: fn(&Stats) -> &AtomicU64,
     pub write_timeouts: fn(&Stats) -> &AtomicU64,
@@ -43,11 +84,13 @@ pub struct Counters {
 
 impl Counters {
     pub const HTTP: Counters = Counters {
+        listener: "http",
         refused: |stats| &stats.http_connections_refused,
         read_timeouts: |stats| &stats.http_read_timeouts,
         write_timeouts: |stats| &stats.http_write_timeouts,
     };
     pub const GRPC: Counters = Counters {
+        listener: "grpc",
         refused: |stats| &stats.grpc_connections_refused,
         read_timeouts: |stats| &stats.grpc_read_timeouts,
         write_timeouts: |stats| &stats.grpc_write_timeouts,
@@ -63,6 +106,7 @@ pub struct Bounds {
     pub permits: Arc<Semaphore>,
     pub stats: Arc<Stats>,
     pub counters: Counters,
+    refusals: Arc<RefusalLog>,
 }
 
 impl Bounds {
@@ -76,9 +120,10 @@ impl Bounds {
         Self {
             read_timeout,
             write_timeout,
-            permits: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
+            permits: connection_permits(max_connections),
             stats,
             counters,
+            refusals: Arc::default(),
         }
     }
 
@@ -91,7 +136,10 @@ impl Bounds {
     /// closes it) when as many are open as allowed.
     pub fn admit<IO>(&self, io: IO) -> Option<Bounded<IO>> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            Stats::incr((self.counters.refused)(&self.stats));
+            let refused = (self.counters.refused)(&self.stats);
+            Stats::incr(refused);
+            self.refusals
+                .refused(self.counters.listener, Stats::get(refused));
             return None;
         };
         Some(Bounded {
@@ -276,8 +324,21 @@ mod tests {
         let _second = bounds.admit(()).expect("at the limit");
         assert!(bounds.admit(()).is_none());
         assert_eq!(Stats::get(&bounds.stats.http_connections_refused), 1);
+        assert!(bounds.refusals.next.lock().is_some(), "and warned of");
         drop(first);
         assert!(bounds.admit(()).is_some(), "its permit came back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_logged_once_per_interval() {
+        let log = RefusalLog::default();
+        assert!(log.refused("http", 1), "the first is said");
+        assert!(!log.refused("http", 2));
+        tokio::time::advance(REFUSAL_LOG_INTERVAL - Duration::from_millis(1)).await;
+        assert!(!log.refused("http", 3), "not before the interval is over");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(log.refused("http", 4));
+        assert!(!log.refused("http", 5));
     }
 
     #[tokio::test(start_paused = true)]

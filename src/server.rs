@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::blocking::off_workers;
+use crate::bounded::{self, RefusalLog};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::index::Index;
@@ -105,9 +105,8 @@ impl Server {
             ingest: ingest.clone(),
             max_frame: config.max_frame,
             read_timeout: config.read_timeout,
-            permits: Arc::new(Semaphore::new(
-                config.max_connections.min(Semaphore::MAX_PERMITS),
-            )),
+            permits: bounded::connection_permits(config.max_connections),
+            refusals: RefusalLog::default(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         });

@@ -30,6 +30,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bounded::RefusalLog;
 use crate::event::Event;
 pub use crate::frame::DEFAULT_MAX_FRAME;
 use crate::frame::{FrameCodec, FrameError};
@@ -44,9 +45,6 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// a dead or hostile peer.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Refusals are logged at most this often; the counter has every one.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
 /// The wire framing, shared with the client.
 pub fn codec(max_frame: usize) -> FrameCodec {
     FrameCodec::new(max_frame)
@@ -59,6 +57,8 @@ pub struct Connections {
     pub read_timeout: Duration,
     /// One permit per open connection: `max_connections` in all.
     pub permits: Arc<Semaphore>,
+    /// Shared by the plain and the TLS listener, like the permits.
+    pub refusals: RefusalLog,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -67,7 +67,6 @@ type RiemannFramed<S> = Framed<S, FrameCodec>;
 
 /// Accepts until shutdown; with `tls`, each connection handshakes first.
 pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<TlsAcceptor>) {
-    let mut next_refusal_log = Instant::now();
     loop {
         let (socket, peer) = tokio::select! {
             accepted = accept(&listener, "riemann") => accepted,
@@ -75,15 +74,9 @@ pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<T
         };
         let Ok(permit) = conns.permits.clone().try_acquire_owned() else {
             // Dropping the socket closes it: the client sees EOF at once.
-            Stats::incr(&conns.ingest.stats.tcp_connections_refused);
-            if Instant::now() >= next_refusal_log {
-                next_refusal_log = Instant::now() + REFUSAL_LOG_INTERVAL;
-                tracing::warn!(
-                    %peer,
-                    refused = Stats::get(&conns.ingest.stats.tcp_connections_refused),
-                    "Connection limit reached; refusing new connections (see --max-connections)."
-                );
-            }
+            let refused = &conns.ingest.stats.tcp_connections_refused;
+            Stats::incr(refused);
+            conns.refusals.refused("riemann", Stats::get(refused));
             continue;
         };
         let _ = socket.set_nodelay(true);
