@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Encoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -231,7 +231,11 @@ impl Connections {
             self.ingest
                 .begin_all(&mut unhandled, Transport::Tcp, events, replies);
             for reply in replies.drain(..) {
-                out.push(reply.wait().await);
+                out.push(match reply {
+                    // An ack, nearly always: no future to build and poll.
+                    Reply::Ready(reply) => reply,
+                    later => later.wait().await,
+                });
             }
         }
         // Views into the read buffer: released before it is read into again.
@@ -246,8 +250,11 @@ impl Connections {
         out: &mut Vec<Bytes>,
         after: After,
     ) -> io::Result<bool> {
+        // Encoded straight into the write buffer, which the flush below
+        // empties: `feed` would check for room once per (few-byte) reply.
+        let mut codec = *framed.codec();
         for reply in out.drain(..) {
-            framed.feed(reply).await?;
+            codec.encode(reply, framed.write_buffer_mut())?;
         }
         match after {
             After::More => SinkExt::<Bytes>::flush(framed).await.map(|()| true),
