@@ -53,8 +53,10 @@ pub struct RefusalLog {
 }
 
 impl RefusalLog {
-    /// Call on each refusal, with the counter's total; true if it was logged.
-    pub fn refused(&self, listener: &'static str, refused: u64) -> bool {
+    /// Counts one refusal in `counter`; true if it was also logged.
+    pub fn refused(&self, listener: &'static str, counter: &AtomicU64) -> bool {
+        Stats::incr(counter);
+        let refused = Stats::get(counter);
         let now = Instant::now();
         {
             let mut next = self.next.lock();
@@ -136,10 +138,8 @@ impl Bounds {
     /// closes it) when as many are open as allowed.
     pub fn admit<IO>(&self, io: IO) -> Option<Bounded<IO>> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            let refused = (self.counters.refused)(&self.stats);
-            Stats::incr(refused);
-            self.refusals
-                .refused(self.counters.listener, Stats::get(refused));
+            let counter = (self.counters.refused)(&self.stats);
+            self.refusals.refused(self.counters.listener, counter);
             return None;
         };
         Some(Bounded {
@@ -331,14 +331,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn refusals_are_logged_once_per_interval() {
-        let log = RefusalLog::default();
-        assert!(log.refused("http", 1), "the first is said");
-        assert!(!log.refused("http", 2));
+        let (log, counter) = (RefusalLog::default(), AtomicU64::new(0));
+        assert!(log.refused("http", &counter), "the first is said");
+        assert!(!log.refused("http", &counter));
         tokio::time::advance(REFUSAL_LOG_INTERVAL - Duration::from_millis(1)).await;
-        assert!(!log.refused("http", 3), "not before the interval is over");
+        assert!(
+            !log.refused("http", &counter),
+            "not before the interval is over"
+        );
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(log.refused("http", 4));
-        assert!(!log.refused("http", 5));
+        assert!(log.refused("http", &counter));
+        assert!(!log.refused("http", &counter));
+        assert_eq!(Stats::get(&counter), 5, "every refusal counted");
     }
 
     #[tokio::test(start_paused = true)]
