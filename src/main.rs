@@ -16,6 +16,7 @@ use vigil::event::{Event, Metric};
 use vigil::grpc::{Grpc, GrpcLimits};
 use vigil::http::{HttpConfig, HttpServer};
 use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
+use vigil::outputs::Kept;
 use vigil::rules::engine::Rules;
 use vigil::rules::reload::{Outputs, Reloader};
 use vigil::rules::{self, DEFAULT_RULES, DEFAULT_RULES_NAME, EnvPolicy, testing};
@@ -334,8 +335,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("preparing --data-dir (--no-snapshot disables snapshots)")?,
         )
     };
+    // The pagers' open incidents are kept beside the index snapshot, and, like
+    // it, not in a cluster (where shards, and their incidents, move).
+    let kept = match snapshots {
+        Some(_) => Kept::in_dir(args.data_dir.clone()),
+        None => Kept::default(),
+    };
     let outputs_shutdown = CancellationToken::new();
-    let outputs = Outputs::start(&compiled.outputs, outputs_shutdown.clone());
+    let outputs = Outputs::start(&compiled.outputs, kept, outputs_shutdown.clone());
     let streams = Arc::new(Rules::new(
         compiled.roots,
         outputs.sinks(),

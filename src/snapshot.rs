@@ -214,23 +214,37 @@ fn write_from(
     dir: &Path,
     fill: impl FnOnce(&mut Encoder<&mut BufWriter<File>>) -> io::Result<()>,
 ) -> Result<u64, SnapshotError> {
-    let temp = dir.join(TEMP_NAME);
+    replace_file(dir, FILE_NAME, TEMP_NAME, |out| {
+        let mut encoder = Encoder::new(out)?;
+        fill(&mut encoder)?;
+        encoder.finish()
+    })
+}
+
+/// Atomically replaces `dir/name` (`dir` must exist) with what `fill`
+/// writes: through the temp file `dir/temp`, synced, then renamed over it,
+/// so a crash mid-write leaves the previous file in place.
+pub(crate) fn replace_file<T>(
+    dir: &Path,
+    name: &str,
+    temp: &str,
+    fill: impl FnOnce(&mut BufWriter<File>) -> io::Result<T>,
+) -> Result<T, SnapshotError> {
+    let temp = dir.join(temp);
     let file = File::create(&temp).map_err(io_error(&temp))?;
     let mut out = BufWriter::new(file);
-    let mut encoder = Encoder::new(&mut out).map_err(io_error(&temp))?;
-    fill(&mut encoder).map_err(io_error(&temp))?;
-    let entries = encoder.finish().map_err(io_error(&temp))?;
+    let written = fill(&mut out).map_err(io_error(&temp))?;
     let file = out
         .into_inner()
         .map_err(|e| io_error(&temp)(e.into_error()))?;
     file.sync_all().map_err(io_error(&temp))?;
-    let path = dir.join(FILE_NAME);
+    let path = dir.join(name);
     fs::rename(&temp, &path).map_err(io_error(&path))?;
     // The rename itself is durable only once the directory is synced.
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))?;
-    Ok(entries)
+    Ok(written)
 }
 
 /// The snapshot in `dir`; `None` when there is none yet.

@@ -23,7 +23,7 @@ use vigil::client::Client;
 use vigil::clock::{MICROS_PER_SEC, ManualClock, SharedClock};
 use vigil::event::{Event, Metric};
 use vigil::index::{Index, IndexConfig};
-use vigil::outputs::{self, OutputSink, Queue};
+use vigil::outputs::{self, Kept, OutputSink, Queue};
 use vigil::proto::{Attribute, Msg, PbEvent, PbQuery};
 use vigil::rules::engine::Rules;
 use vigil::rules::{self, EnvPolicy};
@@ -718,11 +718,11 @@ async fn ingest_keeps_acking_while_carbon_and_the_pager_are_down() {
         dead_port()
     );
     let (_, compiled) = rules::load("down.vigil", &source, EnvPolicy::Strict).expect("compiles");
-    let stop = CancellationToken::new();
+    let (stop, kept) = (CancellationToken::new(), Kept::default());
     let started: Vec<(Arc<Queue>, _)> = compiled
         .outputs
         .iter()
-        .map(|spec| outputs::start(spec, stop.clone()))
+        .map(|spec| outputs::start(spec, &kept, stop.clone()))
         .collect();
     let queues: Vec<Arc<Queue>> = started.iter().map(|(q, _)| q.clone()).collect();
     let sinks = queues

@@ -24,6 +24,7 @@ use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::event::{Event, Metric};
 use vigil::http::{HttpConfig, HttpServer};
 use vigil::index::{Index, IndexConfig};
+use vigil::outputs::Kept;
 use vigil::rules::engine::Rules;
 use vigil::rules::reload::{Outputs, Reloader};
 use vigil::rules::{self, DEFAULT_RULES, DEFAULT_RULES_NAME, EnvPolicy};
@@ -551,7 +552,7 @@ async fn in_process_with(config: HttpConfig) -> (HttpServer, Arc<Index>, Arc<Sta
         index.clone(),
         clock.clone(),
     ));
-    let outputs = Outputs::start(&[], CancellationToken::new());
+    let outputs = Outputs::start(&[], Kept::default(), CancellationToken::new());
     let stats = Arc::new(Stats::default());
     let telemetry = Arc::new(Telemetry {
         stats: stats.clone(),

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,8 +22,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vigil::event::{Event, Metric};
 use vigil::outputs::http::RetryPolicy;
+use vigil::outputs::incidents::{self, Memory};
 use vigil::outputs::template::Template;
-use vigil::outputs::{self, OutputSink, OutputStats, Queue, pagerduty, webhook};
+use vigil::outputs::{
+    self, Kept, OutputKind, OutputSink, OutputSpec, OutputStats, Queue, pagerduty, webhook,
+};
 
 /// Bound on waiting for something the outputs should do within milliseconds.
 const WAIT: Duration = Duration::from_secs(10);
@@ -176,11 +180,22 @@ struct Running {
     task: JoinHandle<()>,
 }
 
+/// Open incidents of output `pager`, saved to `file` if there is one.
+fn memory(config: &pagerduty::Config, file: Option<PathBuf>) -> Arc<Memory> {
+    let max = pagerduty::MAX_OPEN;
+    Arc::new(Memory::load("pager", file, &config.routing_key, max))
+}
+
 impl Running {
     fn pager(config: pagerduty::Config) -> Running {
+        Running::pager_remembering(memory(&config, None), config)
+    }
+
+    fn pager_remembering(memory: Arc<Memory>, config: pagerduty::Config) -> Running {
         let (queue, delivery) = outputs::queue("pager", 100);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(pagerduty::run(
+            memory,
             config,
             delivery,
             fast(None),
@@ -420,6 +435,97 @@ async fn open_incidents_are_not_re_triggered_nor_unknown_ones_resolved() {
     assert_eq!((out.delivered(), out.dropped()), (5, 0));
 }
 
+/// The page actions the receiver saw, in order.
+fn actions(rx: &Receiver) -> Vec<String> {
+    rx.seen()
+        .iter()
+        .map(|s| {
+            let page = s.json();
+            format!(
+                "{} {}",
+                page["event_action"].as_str().unwrap(),
+                page["dedup_key"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_incident_open_before_a_restart_is_resolved_after_it() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let config = pager_config(&rx.url);
+    let mut before =
+        Running::pager_remembering(memory(&config, Some(file.clone())), config.clone());
+    before.queue.push(event("disk /", "critical"));
+    before.queue.push(event("cpu", "critical"));
+    before.queue.push(event("cpu", "ok"));
+    before.settled().await;
+    before.stop().await;
+
+    // A new process: only the file is left.
+    let after = Running::pager_remembering(memory(&config, Some(file)), config);
+    after.queue.push(event("disk /", "critical")); // still open: not re-sent
+    after.queue.push(event("cpu", "ok")); // resolved before the restart
+    after.queue.push(event("disk /", "ok"));
+    after.settled().await;
+    assert_eq!(
+        actions(&rx),
+        [
+            "trigger web1/disk /",
+            "trigger web1/cpu",
+            "resolve web1/cpu",
+            "resolve web1/disk /"
+        ]
+    );
+    assert_eq!((after.delivered(), after.dropped()), (3, 0));
+}
+
+#[tokio::test]
+async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
+    let rx = Receiver::start().await;
+    let spec = |routing_key: &str| OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::PagerDuty(pagerduty::Config {
+            routing_key: routing_key.into(),
+            ..pager_config(&rx.url)
+        }),
+    };
+    let kept = Kept::default();
+    let stop = CancellationToken::new();
+    let (first, task) = outputs::start(&spec("k1"), &kept, stop.child_token());
+    first.push(event("disk /", "critical"));
+    first.push(event("cpu", "critical"));
+    rx.wait_for(2).await;
+    drop(first);
+    // A reload changed something else (here the URL's spelling): same key.
+    let mut changed = spec("k1");
+    if let OutputKind::PagerDuty(config) = &mut changed.kind {
+        config.url = config.url.replace("127.0.0.1", "localhost");
+    }
+    let (second, _) = outputs::start(&changed, &kept, stop.child_token());
+    second.push(event("disk /", "ok"));
+    rx.wait_for(3).await;
+    // Another routing key is another PagerDuty service: nothing of it is open.
+    let (third, _) = outputs::start(&spec("k2"), &kept, stop.child_token());
+    third.push(event("cpu", "ok"));
+    third.push(event("cpu", "critical"));
+    rx.wait_for(4).await;
+    assert_eq!(
+        actions(&rx),
+        [
+            "trigger web1/disk /",
+            "trigger web1/cpu",
+            "resolve web1/disk /",
+            "trigger web1/cpu"
+        ]
+    );
+    assert_eq!(rx.seen()[3].json()["routing_key"], "k2");
+    stop.cancel();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_change_of_severity_is_sent_within_the_resend_interval() {
     let rx = Receiver::start().await;
@@ -475,7 +581,14 @@ async fn shutdown_delivers_what_is_already_queued_then_ends() {
     }
     let shutdown = CancellationToken::new();
     shutdown.cancel();
-    let run = pagerduty::run(pager_config(&rx.url), delivery, fast(None), shutdown);
+    let config = pager_config(&rx.url);
+    let run = pagerduty::run(
+        memory(&config, None),
+        config,
+        delivery,
+        fast(None),
+        shutdown,
+    );
     // The queue stays open (streams still hold it): the run must not wait for more.
     tokio::time::timeout(WAIT, run)
         .await
@@ -647,4 +760,57 @@ streams {{
     assert_eq!(resolve["event_action"], "resolve", "{resolve}");
     assert_eq!(trigger["dedup_key"], resolve["dedup_key"]);
     assert_eq!(seen.len(), 2, "nothing else paged: {seen:#?}");
+}
+
+/// An incident opened before a restart of the binary is resolved after it:
+/// the open incidents are saved beside the index snapshot.
+#[test]
+fn the_binary_resolves_after_a_restart_what_it_triggered_before() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rx = runtime.block_on(Receiver::start());
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("pager.vigil");
+    let source = format!(
+        "output pager = pagerduty(routing_key: \"k\", url: \"{}\")\n\
+         streams {{\n  changed_state {{ pager }}\n}}\n",
+        rx.url
+    );
+    std::fs::write(&rules, source).unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "--rules",
+        rules.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let send = |vigil: &common::Vigil, state: &str| {
+        runtime.block_on(async {
+            let mut client = vigil::client::Client::connect(vigil.tcp).await.unwrap();
+            let mut e = event("disk /", state);
+            e.time = 0; // arrival time
+            client.send(&[e]).await.unwrap();
+        })
+    };
+
+    let mut first = common::Vigil::start(&args);
+    send(&first, "critical");
+    runtime.block_on(rx.wait_for(1));
+    assert!(first.terminate().success());
+    assert!(
+        data.join("pagerduty-pager.json").exists(),
+        "saved in the data directory"
+    );
+
+    let second = common::Vigil::start(&args);
+    send(&second, "ok");
+    let seen = runtime.block_on(rx.wait_for(2));
+    let (trigger, resolve) = (seen[0].json(), seen[1].json());
+    assert_eq!(trigger["event_action"], "trigger", "{trigger}");
+    assert_eq!(resolve["event_action"], "resolve", "{resolve}");
+    assert_eq!(trigger["dedup_key"], resolve["dedup_key"]);
+    assert!(
+        second.logs().contains("Open PagerDuty incidents loaded."),
+        "{}",
+        second.logs()
+    );
 }

@@ -8,9 +8,12 @@
 //! event handed over is accounted for:
 //! `accepted = delivered + dropped + queued + in_flight`.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +23,7 @@ use crate::event::Event;
 pub mod forward;
 pub mod graphite;
 pub mod http;
+pub mod incidents;
 pub mod pagerduty;
 pub mod template;
 pub mod webhook;
@@ -205,13 +209,54 @@ pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
     (queue, delivery)
 }
 
+/// What outputs keep beyond one task: each PagerDuty output's open
+/// incidents, by output name. A reload that redeclares the output (with the
+/// same routing key) hands them to its new task; with a directory they are
+/// also saved there, so a restart keeps them too.
+#[derive(Default)]
+pub struct Kept {
+    dir: Option<PathBuf>,
+    pagers: Mutex<HashMap<String, Arc<incidents::Memory>>>,
+}
+
+impl Kept {
+    /// Kept in `dir` (which must exist) as well as in memory.
+    pub fn in_dir(dir: PathBuf) -> Kept {
+        Kept {
+            dir: Some(dir),
+            pagers: Mutex::default(),
+        }
+    }
+
+    fn pager(&self, name: &str, config: &pagerduty::Config) -> Arc<incidents::Memory> {
+        let mut pagers = self.pagers.lock();
+        if let Some(memory) = pagers.get(name).filter(|m| m.serves(&config.routing_key)) {
+            return memory.clone();
+        }
+        let file = self.dir.as_ref().map(|dir| incidents::file_in(dir, name));
+        let memory = Arc::new(incidents::Memory::load(
+            name,
+            file,
+            &config.routing_key,
+            pagerduty::MAX_OPEN,
+        ));
+        pagers.insert(name.to_owned(), memory.clone());
+        memory
+    }
+}
+
 /// Starts the output's delivery task. Once `shutdown` is cancelled the task
 /// delivers what is already queued (the caller bounds how long it waits for
 /// the returned handle) and ends. Must be called inside a tokio runtime.
-pub fn start(spec: &OutputSpec, shutdown: CancellationToken) -> (Arc<Queue>, JoinHandle<()>) {
+pub fn start(
+    spec: &OutputSpec,
+    kept: &Kept,
+    shutdown: CancellationToken,
+) -> (Arc<Queue>, JoinHandle<()>) {
     let (queue, delivery) = queue(&spec.name, spec.kind.queue_capacity());
     let task = match spec.kind.clone() {
         OutputKind::PagerDuty(config) => tokio::spawn(pagerduty::run(
+            kept.pager(&spec.name, &config),
             config,
             delivery,
             http::RetryPolicy::pager(),

@@ -6,28 +6,32 @@
 //! unless the `dedup_key` template says otherwise, so the resolve closes the
 //! incident the trigger opened.
 //!
-//! Paging hygiene, from a map of the incidents this process triggered:
+//! Paging hygiene, from the incidents this output triggered and has not
+//! resolved (kept across reloads and, with a data directory, restarts: see
+//! [`super::incidents`]):
 //! - a trigger for an open incident is re-sent at most every
 //!   `resend_interval`, unless its severity changed; a suppressed one counts
 //!   as delivered (PagerDuty already has it);
 //! - a resolve is sent only for an incident vigil triggered; a suppressed one
-//!   counts as delivered too, as nothing needed sending. The map is in memory,
-//!   so after a restart an incident left open is resolved by hand.
+//!   counts as delivered too, as nothing needed sending.
 //!
-//! The map is bounded ([`MAX_OPEN`]); beyond it the least recently triggered
+//! They are bounded ([`MAX_OPEN`]); beyond it the least recently triggered
 //! incident is forgotten.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::HeaderMap;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Delivery;
 use super::http::{self, Outcome, Payload, Poster, RetryPolicy};
+use super::incidents::Memory;
 use super::template::Template;
 use crate::event::{Event, Metric};
 
@@ -60,8 +64,9 @@ enum Action {
     Resolve,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Severity {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Severity {
     Critical,
     Error,
     Warning,
@@ -88,8 +93,12 @@ fn action(state: Option<&str>) -> Option<Action> {
     }
 }
 
-/// Pages for each queued event until shutdown, then for what is already queued.
+/// Pages for each queued event until shutdown, then for what is already
+/// queued. `memory` holds the incidents open so far (from an earlier task of
+/// this output, or saved before a restart) and is saved after every batch
+/// that changed it.
 pub async fn run(
+    memory: Arc<Memory>,
     config: Config,
     mut delivery: Delivery,
     retry: RetryPolicy,
@@ -100,14 +109,18 @@ pub async fn run(
         Err(error) => return http::refuse_all(delivery, shutdown, error).await,
     };
     let mut pager = Pager {
-        open: Incidents::new(MAX_OPEN),
+        memory,
         poster,
         no_headers: HeaderMap::new(),
         config,
     };
     while let Some(batch) = http::next_batch(&mut delivery, &shutdown).await {
+        let mut changed = false;
         for event in batch {
-            pager.page(&delivery, &event).await;
+            changed |= pager.page(&delivery, &event).await;
+        }
+        if changed {
+            pager.memory.save().await;
         }
     }
     pager.poster.finish(&delivery.name);
@@ -116,25 +129,26 @@ pub async fn run(
 struct Pager {
     config: Config,
     poster: Poster,
-    open: Incidents,
+    memory: Arc<Memory>,
     no_headers: HeaderMap,
 }
 
 impl Pager {
-    /// Sends (or suppresses) one event's page and settles it in `delivery`.
-    async fn page(&mut self, delivery: &Delivery, event: &Event) {
+    /// Sends (or suppresses) one event's page and settles it in `delivery`;
+    /// true when that opened, re-sent or resolved an incident.
+    async fn page(&mut self, delivery: &Delivery, event: &Event) -> bool {
         let Some(action) = action(event.state.as_deref()) else {
             let state = event.state.as_deref();
             tracing::debug!(output = %delivery.name, ?state, "State not paged; event dropped.");
             delivery.dropped(1);
-            return;
+            return false;
         };
         let key = self.dedup_key(event);
         let now = Instant::now();
         if self.suppressed(action, &key, now) {
             tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
             delivery.delivered(1);
-            return;
+            return false;
         }
         let body = match action {
             Action::Trigger(severity) => trigger(&self.config.routing_key, &key, severity, event),
@@ -146,19 +160,22 @@ impl Pager {
             headers: &self.no_headers,
             body: Bytes::from(body.to_string()),
         };
-        if self.poster.post(delivery, &payload).await == Outcome::Delivered {
-            match action {
-                Action::Trigger(severity) => self.open.triggered(key, severity, now),
-                Action::Resolve => self.open.resolved(&key),
-            }
+        if self.poster.post(delivery, &payload).await != Outcome::Delivered {
+            return false;
         }
+        let mut open = self.memory.incidents();
+        match action {
+            Action::Trigger(severity) => open.triggered(key, severity, now),
+            Action::Resolve => open.resolved(&key),
+        }
+        true
     }
 
     /// Hygiene: no re-trigger within the resend interval (unless the
     /// severity changed: an escalation is news), no resolve for an incident
-    /// this process did not trigger.
+    /// this output did not trigger.
     fn suppressed(&self, action: Action, key: &str, now: Instant) -> bool {
-        match (action, self.open.get(key)) {
+        match (action, self.memory.incidents().get(key)) {
             (Action::Trigger(severity), Some(open)) => {
                 open.severity == severity
                     && now.duration_since(open.sent) < self.config.resend_interval
@@ -265,7 +282,7 @@ fn bounded_key(mut key: String) -> String {
 }
 
 /// A hash that stays the same across builds and restarts, unlike std's.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -279,62 +296,6 @@ fn truncate(text: &mut String, max: usize) {
             .find(|&i| text.is_char_boundary(i))
             .unwrap_or(0);
         text.truncate(cut);
-    }
-}
-
-/// The incidents this process triggered, by dedup key; bounded, forgetting
-/// the least recently triggered first.
-struct Incidents {
-    max: usize,
-    open: HashMap<String, Open>,
-    /// Keys by the sequence number of their last trigger: oldest first.
-    order: BTreeMap<u64, String>,
-    next: u64,
-}
-
-/// An incident's last trigger.
-struct Open {
-    sent: Instant,
-    severity: Severity,
-    /// Its key in `Incidents::order`.
-    seq: u64,
-}
-
-impl Incidents {
-    fn new(max: usize) -> Incidents {
-        Incidents {
-            max,
-            open: HashMap::new(),
-            order: BTreeMap::new(),
-            next: 0,
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<&Open> {
-        self.open.get(key)
-    }
-
-    fn triggered(&mut self, key: String, severity: Severity, now: Instant) {
-        self.resolved(&key);
-        if self.open.len() >= self.max {
-            if let Some((_, oldest)) = self.order.pop_first() {
-                self.open.remove(&oldest);
-            }
-        }
-        self.order.insert(self.next, key.clone());
-        let open = Open {
-            sent: now,
-            severity,
-            seq: self.next,
-        };
-        self.open.insert(key, open);
-        self.next += 1;
-    }
-
-    fn resolved(&mut self, key: &str) {
-        if let Some(open) = self.open.remove(key) {
-            self.order.remove(&open.seq);
-        }
     }
 }
 
@@ -426,19 +387,5 @@ mod tests {
         assert!(a.len() <= MAX_DEDUP_KEY && b.len() <= MAX_DEDUP_KEY);
         assert_ne!(a, b);
         assert_eq!(bounded_key("web1/cpu".into()), "web1/cpu");
-    }
-
-    #[test]
-    fn open_incidents_are_bounded_forgetting_the_oldest() {
-        let mut open = Incidents::new(2);
-        let (now, severity) = (Instant::now(), Severity::Critical);
-        open.triggered("a".into(), severity, now);
-        open.triggered("b".into(), severity, now);
-        open.triggered("a".into(), severity, now); // a is now the most recent
-        open.triggered("c".into(), severity, now);
-        assert!(open.get("b").is_none());
-        assert!(open.get("a").is_some() && open.get("c").is_some());
-        open.resolved("a");
-        assert_eq!((open.open.len(), open.order.len()), (1, 1));
     }
 }

@@ -49,7 +49,7 @@ use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::outputs::{self, OutputSink, OutputSpec, Queue};
+use crate::outputs::{self, Kept, OutputSink, OutputSpec, Queue};
 use crate::stats::Stats;
 
 use super::engine::{RuleStats, Rules, Tree};
@@ -88,16 +88,19 @@ pub struct Outputs {
     running: Vec<Running>,
     /// Removed outputs still delivering what they queued.
     retiring: Vec<JoinHandle<()>>,
+    /// What a redeclared output takes over from the one it replaces.
+    kept: Kept,
     shutdown: CancellationToken,
 }
 
 impl Outputs {
     /// Starts one delivery task per declaration; cancelling `shutdown` makes
     /// them all deliver what is queued and end. Must run inside tokio.
-    pub fn start(specs: &[OutputSpec], shutdown: CancellationToken) -> Self {
+    pub fn start(specs: &[OutputSpec], kept: Kept, shutdown: CancellationToken) -> Self {
         let mut outputs = Self {
             running: Vec::new(),
             retiring: Vec::new(),
+            kept,
             shutdown,
         };
         outputs.update(specs);
@@ -126,7 +129,7 @@ impl Outputs {
                 .and_then(Option::take);
             let running = kept.unwrap_or_else(|| {
                 let stop = self.shutdown.child_token();
-                let (queue, task) = outputs::start(spec, stop.clone());
+                let (queue, task) = outputs::start(spec, &self.kept, stop.clone());
                 tracing::info!(output = %spec.name, kind = spec.kind.type_name(), "Output started.");
                 Running {
                     spec: spec.clone(),
@@ -289,7 +292,11 @@ mod tests {
     #[tokio::test]
     async fn unchanged_outputs_keep_their_queue_and_removed_ones_stop_once_unused() {
         let shutdown = CancellationToken::new();
-        let mut outputs = Outputs::start(&[forward_to("a", 1), forward_to("b", 2)], shutdown);
+        let mut outputs = Outputs::start(
+            &[forward_to("a", 1), forward_to("b", 2)],
+            Kept::default(),
+            shutdown,
+        );
         let (a, b) = (
             outputs.running[0].queue.clone(),
             outputs.running[1].queue.clone(),

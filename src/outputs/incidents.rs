@@ -1,0 +1,417 @@
+//! The incidents a PagerDuty output triggered and has not resolved: what lets
+//! it re-send a trigger only after its resend interval and send a resolve
+//! only for an incident it opened.
+//!
+//! They outlive the output's task. A reload that redeclares the output hands
+//! the new task the same [`Memory`] (see [`super::Kept`]), and with a data
+//! directory they are saved to `pagerduty-<output>.json` after every batch
+//! that changed them and loaded when the output starts, so an incident open
+//! before a restart is still resolved when its series turns `ok`. A crash
+//! loses at most the batch being paged.
+//!
+//! The file holds no routing key (a secret), only its hash: incidents saved
+//! under another routing key cannot be resolved through this one, and are
+//! left out with a warning.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::pagerduty::{Severity, fnv1a};
+use crate::blocking::off_workers;
+use crate::snapshot::{self, SnapshotError};
+
+/// The file's layout; a file of another version is not loaded.
+const VERSION: u32 = 1;
+/// Larger than any file `MAX_OPEN` incidents make (keys are ≤ 255 bytes):
+/// anything bigger is not ours, and is not read into memory.
+const MAX_FILE: u64 = 64 * 1024 * 1024;
+
+/// The incidents open in PagerDuty by dedup key; bounded, forgetting the
+/// least recently triggered first.
+pub(super) struct Incidents {
+    max: usize,
+    open: HashMap<String, Open>,
+    /// Keys by the sequence number of their last trigger: oldest first.
+    order: BTreeMap<u64, String>,
+    next: u64,
+}
+
+/// An incident's last trigger.
+pub(super) struct Open {
+    pub(super) sent: Instant,
+    pub(super) severity: Severity,
+    /// Its key in `Incidents::order`.
+    seq: u64,
+}
+
+impl Incidents {
+    pub(super) fn new(max: usize) -> Incidents {
+        Incidents {
+            max,
+            open: HashMap::new(),
+            order: BTreeMap::new(),
+            next: 0,
+        }
+    }
+
+    pub(super) fn get(&self, key: &str) -> Option<&Open> {
+        self.open.get(key)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub(super) fn triggered(&mut self, key: String, severity: Severity, now: Instant) {
+        self.resolved(&key);
+        if self.open.len() >= self.max
+            && let Some((_, oldest)) = self.order.pop_first()
+        {
+            self.open.remove(&oldest);
+        }
+        self.order.insert(self.next, key.clone());
+        let open = Open {
+            sent: now,
+            severity,
+            seq: self.next,
+        };
+        self.open.insert(key, open);
+        self.next += 1;
+    }
+
+    pub(super) fn resolved(&mut self, key: &str) {
+        if let Some(open) = self.open.remove(key) {
+            self.order.remove(&open.seq);
+        }
+    }
+
+    /// Oldest trigger first, each with how long ago it was sent.
+    fn oldest_first(&self, now: Instant) -> impl Iterator<Item = (&str, &Open, Duration)> {
+        self.order.values().map(move |key| {
+            let open = &self.open[key];
+            (key.as_str(), open, now.saturating_duration_since(open.sent))
+        })
+    }
+}
+
+/// The saved form.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    version: u32,
+    /// `fnv1a` of the routing key, as 16 hex digits.
+    routing_key_hash: String,
+    /// Oldest trigger first.
+    incidents: Vec<SavedIncident>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedIncident {
+    dedup_key: String,
+    severity: Severity,
+    /// When the trigger was sent, in seconds since the epoch.
+    sent: f64,
+}
+
+/// One output's open incidents, and where they are saved.
+pub struct Memory {
+    /// The output's name, for the logs.
+    output: String,
+    file: Option<PathBuf>,
+    routing_key_hash: String,
+    incidents: Mutex<Incidents>,
+    /// Held through a whole save, so saves land in the order they read the
+    /// incidents: the newest state is the one left on disk.
+    saving: Mutex<()>,
+}
+
+impl Memory {
+    /// The memory of output `output` paging with `routing_key`: what `file`
+    /// holds when it was saved under the same routing key, else empty. A
+    /// file that cannot be read is logged with the reason and left for the
+    /// next save to replace; nothing here fails.
+    pub fn load(output: &str, file: Option<PathBuf>, routing_key: &str, max: usize) -> Memory {
+        let memory = Memory {
+            output: output.to_owned(),
+            routing_key_hash: key_hash(routing_key),
+            incidents: Mutex::new(Incidents::new(max)),
+            saving: Mutex::new(()),
+            file,
+        };
+        if let Some(file) = &memory.file {
+            match read(file) {
+                Ok(Some(saved)) => memory.restore(file, saved),
+                Ok(None) => {}
+                Err(error) => tracing::warn!(
+                    output,
+                    %error,
+                    "Open PagerDuty incidents not loaded; an incident left open before the \
+                     restart must be resolved by hand."
+                ),
+            }
+        }
+        memory
+    }
+
+    fn restore(&self, file: &Path, saved: Saved) {
+        let output = &self.output;
+        if saved.routing_key_hash != self.routing_key_hash {
+            tracing::warn!(
+                output,
+                file = %file.display(),
+                incidents = saved.incidents.len(),
+                "Open PagerDuty incidents were saved under another routing key; this output \
+                 cannot resolve them: resolve them by hand."
+            );
+            return;
+        }
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut incidents = self.incidents.lock();
+        for incident in saved.incidents {
+            let sent = UNIX_EPOCH + Duration::try_from_secs_f64(incident.sent).unwrap_or_default();
+            let age = wall.duration_since(sent).unwrap_or_default();
+            let sent = now.checked_sub(age).unwrap_or(now);
+            incidents.triggered(incident.dedup_key, incident.severity, sent);
+        }
+        tracing::info!(
+            output,
+            incidents = incidents.len(),
+            "Open PagerDuty incidents loaded."
+        );
+    }
+
+    /// Whether this memory serves an output paging with `routing_key`.
+    pub fn serves(&self, routing_key: &str) -> bool {
+        self.routing_key_hash == key_hash(routing_key)
+    }
+
+    pub(super) fn incidents(&self) -> parking_lot::MutexGuard<'_, Incidents> {
+        self.incidents.lock()
+    }
+
+    /// Writes the incidents to the file, if there is one, off the async
+    /// workers. A failure is logged: paging goes on, from memory.
+    pub(super) async fn save(self: &Arc<Self>) {
+        let Some(file) = self.file.clone() else {
+            return;
+        };
+        let memory = self.clone();
+        if let Some(Err(error)) = off_workers(move || memory.write(&file)).await {
+            tracing::warn!(output = %self.output, %error, "Open PagerDuty incidents not saved.");
+        }
+    }
+
+    fn write(&self, file: &Path) -> Result<(), SnapshotError> {
+        let _in_order = self.saving.lock();
+        let saved = {
+            let incidents = self.incidents.lock();
+            let (now, wall) = (Instant::now(), SystemTime::now());
+            let since_epoch = |age| {
+                wall.checked_sub(age)
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0.0, |d| d.as_secs_f64())
+            };
+            Saved {
+                version: VERSION,
+                routing_key_hash: self.routing_key_hash.clone(),
+                incidents: incidents
+                    .oldest_first(now)
+                    .map(|(key, open, age)| SavedIncident {
+                        dedup_key: key.to_owned(),
+                        severity: open.severity,
+                        sent: since_epoch(age),
+                    })
+                    .collect(),
+            }
+        };
+        let (dir, name) = split(file);
+        let temp = format!("{name}.tmp");
+        snapshot::replace_file(dir, name, &temp, |out| {
+            serde_json::to_writer(&mut *out, &saved).map_err(io::Error::from)?;
+            out.write_all(b"\n")
+        })
+    }
+}
+
+/// The file of output `output` in `dir`. Output names are identifiers; any
+/// other character becomes `_` all the same, so the name stays one file.
+pub fn file_in(dir: &Path, output: &str) -> PathBuf {
+    let name: String = output
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' => c,
+            _ => '_',
+        })
+        .collect();
+    dir.join(format!("pagerduty-{name}.json"))
+}
+
+fn split(file: &Path) -> (&Path, &str) {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("file_in names the file in UTF-8");
+    (dir, name)
+}
+
+fn key_hash(routing_key: &str) -> String {
+    format!("{:016x}", fnv1a(routing_key.as_bytes()))
+}
+
+/// Why saved incidents were not loaded.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: io::Error },
+    #[error("{}: {size} bytes, more than a pager saves ({MAX_FILE})", path.display())]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("{}: not saved incidents: {cause}", path.display())]
+    Json {
+        path: PathBuf,
+        cause: serde_json::Error,
+    },
+    #[error("{}: version {version}; this vigil reads version {VERSION}", path.display())]
+    Version { path: PathBuf, version: u32 },
+}
+
+/// The saved incidents; `None` when nothing was saved yet.
+fn read(file: &Path) -> Result<Option<Saved>, LoadError> {
+    let path = || file.to_owned();
+    let io = |cause| LoadError::Io {
+        path: path(),
+        cause,
+    };
+    let size = match std::fs::metadata(file) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    if size > MAX_FILE {
+        return Err(LoadError::TooLarge { path: path(), size });
+    }
+    let bytes = std::fs::read(file).map_err(io)?;
+    let saved: Saved = serde_json::from_slice(&bytes).map_err(|cause| LoadError::Json {
+        path: path(),
+        cause,
+    })?;
+    if saved.version != VERSION {
+        let version = saved.version;
+        return Err(LoadError::Version {
+            path: path(),
+            version,
+        });
+    }
+    Ok(Some(saved))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_incidents_are_bounded_forgetting_the_oldest() {
+        let mut open = Incidents::new(2);
+        let (now, severity) = (Instant::now(), Severity::Critical);
+        open.triggered("a".into(), severity, now);
+        open.triggered("b".into(), severity, now);
+        open.triggered("a".into(), severity, now); // a is now the most recent
+        open.triggered("c".into(), severity, now);
+        assert!(open.get("b").is_none());
+        assert!(open.get("a").is_some() && open.get("c").is_some());
+        open.resolved("a");
+        assert_eq!((open.open.len(), open.order.len()), (1, 1));
+    }
+
+    fn keys(memory: &Memory) -> Vec<(String, Severity)> {
+        let incidents = memory.incidents();
+        incidents
+            .oldest_first(Instant::now())
+            .map(|(key, open, _)| (key.to_owned(), open.severity))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn saved_incidents_load_in_order_with_their_severity_and_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let memory = Arc::new(Memory::load("pager", Some(file.clone()), "key", 10));
+        {
+            let mut incidents = memory.incidents();
+            let now = Instant::now();
+            let hour_ago = now.checked_sub(Duration::from_secs(3600)).unwrap();
+            incidents.triggered("web1/disk".into(), Severity::Critical, hour_ago);
+            incidents.triggered("web2/cpu".into(), Severity::Warning, now);
+            incidents.triggered("web3/gone".into(), Severity::Error, now);
+            incidents.resolved("web2/cpu");
+        }
+        memory.save().await;
+
+        let loaded = Memory::load("pager", Some(file.clone()), "key", 10);
+        assert_eq!(
+            keys(&loaded),
+            [
+                ("web1/disk".to_owned(), Severity::Critical),
+                ("web3/gone".to_owned(), Severity::Error)
+            ]
+        );
+        let age = Instant::now() - loaded.incidents().get("web1/disk").unwrap().sent;
+        assert!(
+            (3599..=3610).contains(&age.as_secs()),
+            "triggered an hour ago, not {age:?}"
+        );
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains("\"key\""),
+            "the routing key is not saved: {text}"
+        );
+        // Fewer than saved fit: the most recent are kept.
+        let small = Memory::load("pager", Some(file), "key", 1);
+        assert_eq!(keys(&small), [("web3/gone".to_owned(), Severity::Error)]);
+    }
+
+    #[tokio::test]
+    async fn another_routing_key_a_bad_file_or_none_start_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        assert!(keys(&Memory::load("pager", Some(file.clone()), "key", 10)).is_empty());
+
+        let memory = Arc::new(Memory::load("pager", Some(file.clone()), "key", 10));
+        memory
+            .incidents()
+            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+        memory.save().await;
+        let other = Memory::load("pager", Some(file.clone()), "another key", 10);
+        assert!(keys(&other).is_empty());
+        assert!(!other.serves("key") && other.serves("another key"));
+
+        for garbage in ["", "{", r#"{"version": 2}"#, "[1, 2]"] {
+            std::fs::write(&file, garbage).unwrap();
+            assert!(keys(&Memory::load("pager", Some(file.clone()), "key", 10)).is_empty());
+        }
+        let error = read(&file).unwrap_err().to_string();
+        assert!(
+            error.contains("pagerduty-pager.json: not saved incidents"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn file_names_stay_in_the_directory() {
+        let dir = Path::new("/data");
+        assert_eq!(
+            file_in(dir, "pager"),
+            Path::new("/data/pagerduty-pager.json")
+        );
+        assert_eq!(
+            file_in(dir, "../../etc/x"),
+            Path::new("/data/pagerduty-______etc_x.json")
+        );
+    }
+}
