@@ -141,6 +141,12 @@ struct RunArgs {
     /// Refuse new index keys beyond this many entries (counted); unbounded by default.
     #[arg(long)]
     max_index: Option<usize>,
+    /// Let the kernel back vigil's memory with transparent huge pages: a full
+    /// index is ~10 % faster, but a fresh huge page can stall the thread that
+    /// first touches it for tens of milliseconds while the index grows
+    /// (BENCHMARKS.md, "Huge pages"). Off by default.
+    #[arg(long)]
+    huge_pages: bool,
     /// Where the index snapshot is kept (created if missing).
     #[arg(long, default_value = "vigil-data")]
     data_dir: PathBuf,
@@ -298,6 +304,17 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// Transparent huge pages on or off for the whole process from now on (see
+/// `--huge-pages`; set either way, as the flag is inherited from the parent).
+/// Off, the memory the index grows into comes in 4 KiB pages, each quick to
+/// fault in.
+fn huge_pages(on: bool) {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::thread::disable_transparent_huge_pages(!on) {
+        tracing::warn!(%error, on, "Could not set the transparent huge pages of this process.");
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -311,6 +328,7 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    huge_pages(args.huge_pages);
     let (name, source) = match &args.rules {
         Some(path) => (path.display().to_string(), read(path)?),
         None => (DEFAULT_RULES_NAME.to_owned(), DEFAULT_RULES.to_owned()),

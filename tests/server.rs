@@ -361,3 +361,19 @@ async fn wait_for(mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The binary runs with transparent huge pages off unless `--huge-pages`
+/// (a fresh huge page stalls the thread that touches it while the index
+/// grows: BENCHMARKS.md, "Huge pages"), set either way whatever it inherited.
+#[test]
+fn transparent_huge_pages_are_off_unless_asked_for() {
+    let thp_enabled = |vigil: &common::Vigil| {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", vigil.pid())).unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("THP_enabled:"));
+        line.expect("Linux ≥ 5.0 reports THP_enabled")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(thp_enabled(&common::Vigil::start(&[])), "0");
+    assert_eq!(thp_enabled(&common::Vigil::start(&["--huge-pages"])), "1");
+}
