@@ -69,7 +69,7 @@ fn index(c: &mut Criterion) {
     let scan = Query::parse(r#"service = "service 3""#).unwrap();
     group.throughput(Throughput::Elements(keys() as u64));
     group.bench_function("query_scan", |b| {
-        b.iter(|| assert_eq!(index.query(&scan).len(), keys() / 10))
+        b.iter(|| assert_eq!(index.query(&scan).unwrap().len(), keys() / 10))
     });
     drop(index);
 
@@ -144,7 +144,7 @@ fn ingest_during_expiry_and_scans(_: &mut Criterion) {
     let index = full_index(60.0);
     ingest_during("ingest_during_query_scan", &index, || {
         let scan = Query::parse(r#"service = "service 3""#).unwrap();
-        let found: usize = (0..5).map(|_| index.query(&scan).len()).sum();
+        let found: usize = (0..5).map(|_| index.query(&scan).unwrap().len()).sum();
         format!("5 scans found {found} events")
     });
     drop(index);

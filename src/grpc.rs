@@ -26,12 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::blocking::SHUTTING_DOWN;
 use crate::bounded::{Bounds, Counters};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::event::Event;
-use crate::index::Index;
+use crate::index::{Index, QueryError};
 use crate::proto::{self, PbEvent};
 use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
 use crate::query::Query;
@@ -110,6 +109,17 @@ impl Shared {
             Status::invalid_argument(e.to_string())
         })
     }
+
+    /// The status of a query the index did not answer (a refusal counted).
+    fn refused(&self, e: QueryError) -> Status {
+        match e {
+            QueryError::TooMany { .. } => {
+                Stats::incr(&self.stats.query_errors);
+                Status::resource_exhausted(e.to_string())
+            }
+            QueryError::ShuttingDown => Status::unavailable(e.to_string()),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -163,7 +173,7 @@ impl pb::vigil_server::Vigil for Service {
                 .index
                 .query_then(&query, |found| found)
                 .await
-                .ok_or_else(|| Status::unavailable(SHUTTING_DOWN))?,
+                .map_err(|e| self.0.refused(e))?,
         };
         let events = found.iter().map(proto::to_pb).collect();
         Ok(Response::new(QueryResponse { events }))
@@ -189,7 +199,7 @@ impl pb::vigil_server::Vigil for Service {
                 let pubsub = self.0.index.pubsub();
                 let subscription = pubsub.subscribe(query.clone(), DEFAULT_CAPACITY);
                 let current = (self.0.index.query_then(&query, |found| found).await)
-                    .ok_or_else(|| Status::unavailable(SHUTTING_DOWN))?;
+                    .map_err(|e| self.0.refused(e))?;
                 (subscription, current)
             }
         };

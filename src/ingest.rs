@@ -21,11 +21,10 @@ use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 
-use crate::blocking::SHUTTING_DOWN;
 use crate::clock::{Micros, SharedClock};
 use crate::cluster::Cluster;
 use crate::event::Event;
-use crate::index::Index;
+use crate::index::{Index, QueryError};
 use crate::proto;
 use crate::query::Query;
 use crate::stats::Stats;
@@ -312,14 +311,26 @@ impl Ingest {
         };
         Stats::incr(&self.stats.queries);
         if query.exact_key().is_some() {
-            return Reply::Ready(proto::events_reply(&self.index.query(&query)));
+            let answer = self
+                .index
+                .query(&query)
+                .map(|found| proto::events_reply(&found));
+            return Reply::Ready(replied(&self.stats, answer));
         }
-        let index = self.index.clone();
+        let (index, stats) = (self.index.clone(), self.stats.clone());
         Reply::Later(Box::pin(async move {
-            (index
-                .query_then(&query, |found| proto::events_reply(&found))
-                .await)
-                .unwrap_or_else(|| proto::error_reply(SHUTTING_DOWN))
+            let answer = (index.query_then(&query, |found| proto::events_reply(&found))).await;
+            replied(&stats, answer)
         }))
     }
+}
+
+/// A query's answer, or its error as a reply (a refused one counted).
+fn replied(stats: &Stats, answer: Result<Bytes, QueryError>) -> Bytes {
+    answer.unwrap_or_else(|e| {
+        if let QueryError::TooMany { .. } = e {
+            Stats::incr(&stats.query_errors);
+        }
+        proto::error_reply(e.to_string())
+    })
 }

@@ -141,6 +141,11 @@ struct RunArgs {
     /// Refuse new index keys beyond this many entries (counted); unbounded by default.
     #[arg(long)]
     max_index: Option<usize>,
+    /// Refuse (with an error naming this flag) a query that matches more index
+    /// entries than this, over TCP, HTTP and gRPC: an answer is held whole
+    /// until its asker has read it.
+    #[arg(long, default_value_t = 100_000, value_parser = parse_positive)]
+    max_query_results: usize,
     /// Let the kernel back vigil's memory with transparent huge pages: a full
     /// index is ~10 % faster, but a fresh huge page can stall the thread that
     /// first touches it for tens of milliseconds while the index grows
@@ -339,6 +344,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let index = Arc::new(Index::new(IndexConfig {
         default_ttl: args.default_ttl,
         max_entries: args.max_index,
+        max_query_results: Some(args.max_query_results),
     }));
     let cluster_config = args.cluster_config();
     // Loaded before the server starts: entries that ran out while vigil was

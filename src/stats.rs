@@ -68,7 +68,8 @@ counters! {
     msgs_over_max_string,
     /// Queries answered.
     queries,
-    /// Queries refused because they did not parse.
+    /// Queries refused: they did not parse, or matched more index entries
+    /// than `--max-query-results`.
     query_errors,
     /// Events accepted by `POST /events`.
     http_events,

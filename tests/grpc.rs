@@ -202,6 +202,32 @@ async fn a_bad_query_is_invalid_argument_with_the_column() {
 }
 
 #[tokio::test]
+async fn a_query_over_the_result_limit_is_resource_exhausted() {
+    let vigil = Vigil::start(&["--grpc", "127.0.0.1:0", "--max-query-results", "1"]);
+    let mut client = connect(vigil.grpc.unwrap()).await;
+    let ack = client
+        .send_batch(msg(&[event("a", "x"), event("b", "x")]))
+        .await
+        .unwrap();
+    assert_ok(ack.get_ref());
+    let request = || QueryRequest {
+        query: r#"service = "x""#.to_owned(),
+    };
+    let subscribed = client.subscribe(request()).await.map(drop);
+    for status in [
+        query(&mut client, &request().query).await.unwrap_err(),
+        subscribed.unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("--max-query-results 1"),
+            "{status:?}"
+        );
+    }
+    assert_eq!(query(&mut client, r#"host = "a""#).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn subscribe_sends_current_matches_then_live_events() {
     let (vigil, addr) = start_vigil();
     let mut client = connect(addr).await;

@@ -178,6 +178,7 @@ fn the_index_survives_a_reload() {
     let mut hosts: Vec<_> = live
         .index
         .query(&vigil::query::Query::parse("true").unwrap())
+        .unwrap()
         .iter()
         .map(|e| e.host_str().to_owned())
         .collect();

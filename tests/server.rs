@@ -377,3 +377,45 @@ fn transparent_huge_pages_are_off_unless_asked_for() {
     assert_eq!(thp_enabled(&common::Vigil::start(&[])), "0");
     assert_eq!(thp_enabled(&common::Vigil::start(&["--huge-pages"])), "1");
 }
+
+/// A query matching more than `--max-query-results` entries is refused with
+/// an error naming the flag, over TCP and HTTP, and counted; narrower ones
+/// and key lookups are answered.
+#[test]
+fn queries_over_the_result_limit_are_refused_with_the_flag_named() {
+    let vigil = common::Vigil::start(&["--max-query-results", "3"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let events: Vec<Event> = (0..5)
+        .map(|i| Event {
+            host: Some(format!("web{i}")),
+            service: Some(if i < 3 { "cpu" } else { "disk" }.into()),
+            ..Event::default()
+        })
+        .collect();
+    let expected = "the query matches more than 3 events (--max-query-results 3); narrow it";
+    runtime.block_on(async {
+        let mut client = Client::connect(vigil.tcp).await.unwrap();
+        client.send(&events).await.unwrap();
+        let refused = client.query("true").await.unwrap_err().to_string();
+        assert_eq!(refused, format!("server error: {expected}"));
+        assert_eq!(client.query(r#"service = "cpu""#).await.unwrap().len(), 3);
+        let one = r#"host = "web4" and service = "disk""#;
+        assert_eq!(client.query(one).await.unwrap().len(), 1);
+    });
+    let http = vigil.http.unwrap();
+    let get = |path: &str| {
+        runtime.block_on(async {
+            let response = reqwest::get(format!("http://{http}{path}")).await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        })
+    };
+    let (status, body) = get("/index?query=true");
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body, serde_json::json!({ "error": expected }).to_string());
+    assert_eq!(get("/index?query=service%20%3D%20%22disk%22").0, 200);
+    let (_, metrics) = get("/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "vigil_query_errors_total 2"),
+        "{metrics}"
+    );
+}

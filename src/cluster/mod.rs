@@ -29,10 +29,9 @@ use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::blocking::SHUTTING_DOWN;
 use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
-use crate::index::Index;
+use crate::index::{Index, QueryError};
 use crate::proto::{self, Msg};
 use crate::pubsub::Pubsub;
 use crate::query::Query;
@@ -314,6 +313,12 @@ impl Cluster {
         if answered == 0 {
             return Err("no cluster node answered the query".to_owned());
         }
+        // Each node kept within the limit; together they may not have.
+        if let Some(limit) = self.index.max_query_results()
+            && merged.len() > limit
+        {
+            return Err(QueryError::TooMany { limit }.to_string());
+        }
         Ok(merged.into_values().collect())
     }
 
@@ -357,7 +362,7 @@ async fn answer_queries(
             Ok(query) => (cluster.index)
                 .query_then(&query, |found| answer_parts(&found))
                 .await
-                .unwrap_or_else(|| vec![proto::error_reply(SHUTTING_DOWN)]),
+                .unwrap_or_else(|e| vec![proto::error_reply(e.to_string())]),
             Err(e) => vec![proto::error_reply(e)],
         };
         let last = parts.len() - 1;

@@ -70,7 +70,7 @@ pub(super) async fn get_index(
     };
     match state.snapshot_then(&query, params.local, to_body).await {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
+        Err((status, e)) => error(status, json!({ "error": e })),
     }
 }
 
@@ -111,9 +111,17 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
         true => Some(state.subscribe(&query).await),
         false => None,
     };
-    let Ok(snapshot) = state.snapshot(&query, false).await else {
-        close(socket, close_code::ERROR, "cluster query failed").await;
-        return;
+    let snapshot = match state.snapshot(&query, false).await {
+        Ok(snapshot) => snapshot,
+        Err((StatusCode::UNPROCESSABLE_ENTITY, _)) => {
+            let reason = "the query matches more events than --max-query-results";
+            close(socket, close_code::POLICY, reason).await;
+            return;
+        }
+        Err(_) => {
+            close(socket, close_code::ERROR, "the query failed").await;
+            return;
+        }
     };
     for event in snapshot {
         if socket.send(frame(&event)).await.is_err() {
@@ -183,7 +191,7 @@ async fn event_stream(state: AppState, query: Query) -> Response {
     let subscription = state.subscribe(&query).await;
     let snapshot = match state.snapshot(&query, false).await {
         Ok(snapshot) => snapshot,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
+        Err((status, e)) => return error(status, json!({ "error": e })),
     };
     let live = stream::unfold(subscription, |mut subscription| async move {
         let event = subscription.rx.recv().await?;

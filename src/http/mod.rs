@@ -39,6 +39,7 @@ use crate::bounded::{Bounded, Bounds, Counters};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::event::Event;
+use crate::index::QueryError;
 use crate::pubsub::{self, Subscription};
 use crate::query::Query;
 use crate::selfmetrics::Telemetry;
@@ -130,8 +131,12 @@ impl AppState {
     }
 
     /// What the index holds that matches: every node's in a cluster, unless
-    /// `local`.
-    async fn snapshot(&self, query: &Query, local: bool) -> Result<Vec<Event>, String> {
+    /// `local`. The error is the status to answer with, and why.
+    async fn snapshot(
+        &self,
+        query: &Query,
+        local: bool,
+    ) -> Result<Vec<Event>, (StatusCode, String)> {
         self.snapshot_then(query, local, |found| found).await
     }
 
@@ -143,15 +148,22 @@ impl AppState {
         query: &Query,
         local: bool,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
-    ) -> Result<T, String> {
-        let done = match (&self.cluster, local) {
+    ) -> Result<T, (StatusCode, String)> {
+        let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
+        match (&self.cluster, local) {
             (Some(cluster), false) => {
-                let found = cluster.query(query.as_str()).await?;
-                off_workers(move || then(found)).await
+                let found = cluster.query(query.as_str()).await.map_err(unavailable)?;
+                (off_workers(move || then(found)).await)
+                    .ok_or_else(|| unavailable(SHUTTING_DOWN.to_owned()))
             }
-            _ => self.telemetry.index.query_then(query, then).await,
-        };
-        done.ok_or_else(|| SHUTTING_DOWN.to_owned())
+            _ => (self.telemetry.index.query_then(query, then).await).map_err(|e| match e {
+                QueryError::TooMany { .. } => {
+                    Stats::incr(&self.stats().query_errors);
+                    (StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+                }
+                QueryError::ShuttingDown => unavailable(e.to_string()),
+            }),
+        }
     }
 }
 

@@ -17,7 +17,6 @@
 //! ([`Index::prefetch`]): among a hundred thousand keys or more, the update
 //! would otherwise wait on main memory.
 
-use std::convert::Infallible;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -26,7 +25,7 @@ use hashbrown::DefaultHashBuilder;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
-use crate::blocking::off_workers;
+use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, same_bytes};
 use crate::pubsub::Pubsub;
@@ -61,6 +60,9 @@ pub struct IndexConfig {
     pub default_ttl: f64,
     /// Refuse (and count) new keys beyond this many entries; `None` is unbounded.
     pub max_entries: Option<usize>,
+    /// Refuse a query that matches more entries than this; `None` is
+    /// unbounded. An answer is held whole until its asker has read it.
+    pub max_query_results: Option<usize>,
 }
 
 impl Default for IndexConfig {
@@ -68,8 +70,18 @@ impl Default for IndexConfig {
         Self {
             default_ttl: DEFAULT_TTL_SECS,
             max_entries: None,
+            max_query_results: None,
         }
     }
+}
+
+/// Why a query of the index was not answered with events.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QueryError {
+    #[error("the query matches more than {limit} events (--max-query-results {limit}); narrow it")]
+    TooMany { limit: usize },
+    #[error("{SHUTTING_DOWN}")]
+    ShuttingDown,
 }
 
 /// An event's key as [`Index::key_hash`] hashed it; only the index makes one.
@@ -139,6 +151,11 @@ impl Index {
     /// Where subscriptions to what the index stores and expires are made.
     pub fn pubsub(&self) -> &Arc<Pubsub> {
         &self.pubsub
+    }
+
+    /// Most entries a query may match; `None` when unbounded.
+    pub fn max_query_results(&self) -> Option<usize> {
+        self.config.max_query_results
     }
 
     /// TTL in seconds applied to events that carry none.
@@ -278,41 +295,46 @@ impl Index {
         shard.entries.get(slot).map(|e| e.packed.to_event())
     }
 
-    /// Every entry the query matches. `host = X and service = Y` is a direct lookup.
-    pub fn query(&self, query: &Query) -> Vec<Event> {
+    /// Every entry the query matches, or [`QueryError::TooMany`] once more
+    /// than `max_query_results` do (the scan stops there). `host = X and
+    /// service = Y` is a direct lookup.
+    pub fn query(&self, query: &Query) -> Result<Vec<Event>, QueryError> {
         if let Some((host, service)) = query.exact_key() {
-            return self
+            return Ok(self
                 .get(host, service)
                 .filter(|e| query.matches(e))
                 .into_iter()
-                .collect();
+                .collect());
         }
+        let limit = self.config.max_query_results.unwrap_or(usize::MAX);
         let mut out = Vec::new();
         // Matched with no lock held; only matches are copied out.
-        let scanned: Result<(), Infallible> = self.for_each_shard(|events| {
+        self.for_each_shard(|events| {
             out.extend(events.iter().filter(|e| query.matches(e)).cloned());
-            Ok(())
-        });
-        let Ok(()) = scanned;
-        out
+            match out.len() > limit {
+                true => Err(QueryError::TooMany { limit }),
+                false => Ok(()),
+            }
+        })?;
+        Ok(out)
     }
 
     /// [`Index::query`] for async callers, then `then` on what it found: a key
     /// lookup right away, a scan and `then` on a blocking thread (see
-    /// [`crate::blocking`]), as many at once as there are cores. `None` only
-    /// when the runtime shut down first.
+    /// [`crate::blocking`]), as many at once as there are cores.
     pub async fn query_then<T: Send + 'static>(
         self: &Arc<Self>,
         query: &Query,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
-    ) -> Option<T> {
+    ) -> Result<T, QueryError> {
         if query.exact_key().is_some() {
-            return Some(then(self.query(query)));
+            return self.query(query).map(then);
         }
         // Never closed, so acquiring fails never.
-        let _turn = self.scans.acquire().await.ok()?;
+        let _turn = (self.scans.acquire().await).map_err(|_| QueryError::ShuttingDown)?;
         let (index, query) = (self.clone(), query.clone());
-        off_workers(move || then(index.query(&query))).await
+        (off_workers(move || index.query(&query).map(then)).await)
+            .unwrap_or(Err(QueryError::ShuttingDown))
     }
 
     /// Every entry, a shard at a time: each shard's blocks are copied under
@@ -637,10 +659,7 @@ mod tests {
         let all = index.scans.available_permits() as u32;
         let busy = index.scans.acquire_many(all).await.unwrap();
         let lookup = Query::parse(r#"host = "h" and service = "b""#).unwrap();
-        assert_eq!(
-            index.query_then(&lookup, |found| found.len()).await,
-            Some(1)
-        );
+        assert_eq!(index.query_then(&lookup, |found| found.len()).await, Ok(1));
         let scan = Query::parse("true").unwrap();
         let waiting = tokio::spawn({
             let index = index.clone();
@@ -649,7 +668,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(!waiting.is_finished(), "every core is scanning already");
         drop(busy);
-        assert_eq!(waiting.await.unwrap(), Some(3));
+        assert_eq!(waiting.await.unwrap(), Ok(3));
     }
 
     #[test]
@@ -703,6 +722,7 @@ mod tests {
         let index = Index::new(IndexConfig {
             default_ttl: 5.0,
             max_entries: None,
+            max_query_results: None,
         });
         index.insert(&event("a", "x", T0, None));
         assert!(expire_all(&index, T0 + secs(5)).is_empty());
@@ -755,6 +775,7 @@ mod tests {
         let index = Index::new(IndexConfig {
             default_ttl: 60.0,
             max_entries: Some(2),
+            max_query_results: None,
         });
         assert_eq!(index.insert(&event("a", "1", T0, None)), Insert::Added);
         assert_eq!(index.insert(&event("a", "2", T0, None)), Insert::Added);
@@ -807,7 +828,10 @@ mod tests {
         }
         assert_eq!(index.len(), 10);
         assert!(index.get("h", "7").is_some());
-        assert_eq!(index.query(&Query::parse("true").unwrap()).len(), 10);
+        assert_eq!(
+            index.query(&Query::parse("true").unwrap()).unwrap().len(),
+            10
+        );
     }
 
     #[test]
@@ -815,6 +839,7 @@ mod tests {
         let index = Index::new(IndexConfig {
             default_ttl: 60.0,
             max_entries: Some(1),
+            max_query_results: None,
         });
         let mut sub = index
             .pubsub()
@@ -869,7 +894,8 @@ mod tests {
         index.insert(&event("a", "cpu system", T0, None));
         index.insert(&event("b", "disk", T0, None));
         let q = Query::parse(r#"service =~ "cpu%""#).unwrap();
-        let mut services: Vec<_> = index.query(&q).into_iter().map(|e| e.service).collect();
+        let found = index.query(&q).unwrap();
+        let mut services: Vec<_> = found.into_iter().map(|e| e.service).collect();
         services.sort();
         assert_eq!(
             services,
@@ -877,9 +903,36 @@ mod tests {
         );
         let q = Query::parse(r#"host = "b" and service = "disk""#).unwrap();
         assert!(q.exact_key().is_some());
-        assert_eq!(index.query(&q).len(), 1);
+        assert_eq!(index.query(&q).unwrap().len(), 1);
         let q = Query::parse(r#"host = "b" and service = "nope""#).unwrap();
-        assert!(index.query(&q).is_empty());
+        assert!(index.query(&q).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_query_matching_more_than_the_limit_is_refused() {
+        let index = Arc::new(Index::new(IndexConfig {
+            max_query_results: Some(100),
+            ..IndexConfig::default()
+        }));
+        // Spread over every shard, so the scan must stop partway.
+        for i in 0..1000 {
+            let service = if i < 100 { "hundred" } else { "rest" };
+            index.insert(&event(&format!("h{i}"), service, T0, None));
+        }
+        let hundred = Query::parse(r#"service = "hundred""#).unwrap();
+        assert_eq!(index.query(&hundred).map(|found| found.len()), Ok(100));
+        let all = Query::parse("true").unwrap();
+        let refused = Err(QueryError::TooMany { limit: 100 });
+        assert_eq!(index.query(&all).map(|found| found.len()), refused);
+        let counted = index.query_then(&all, |found| found.len()).await;
+        assert_eq!(counted, refused);
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            "the query matches more than 100 events (--max-query-results 100); narrow it"
+        );
+        // A lookup of one key is never over any limit.
+        let one = Query::parse(r#"host = "h5" and service = "hundred""#).unwrap();
+        assert_eq!(index.query(&one).map(|found| found.len()), Ok(1));
     }
 
     #[test]

@@ -816,6 +816,7 @@ fn a_batch_is_indexed_under_each_events_own_key_even_when_a_stage_changes_it() {
     let mut keys: Vec<(String, String, Option<String>)> = b
         .index
         .query(&crate::query::Query::parse("true").unwrap())
+        .unwrap()
         .into_iter()
         .map(|e| (e.host_str().to_owned(), e.service_str().to_owned(), e.state))
         .collect();
