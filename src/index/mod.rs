@@ -922,12 +922,13 @@ mod tests {
         let hundred = Query::parse(r#"service = "hundred""#).unwrap();
         assert_eq!(index.query(&hundred).map(|found| found.len()), Ok(100));
         let all = Query::parse("true").unwrap();
-        let refused = Err(QueryError::TooMany { limit: 100 });
+        let too_many = QueryError::TooMany { limit: 100 };
+        let refused = Err(too_many.clone());
         assert_eq!(index.query(&all).map(|found| found.len()), refused);
         let counted = index.query_then(&all, |found| found.len()).await;
         assert_eq!(counted, refused);
         assert_eq!(
-            refused.unwrap_err().to_string(),
+            too_many.to_string(),
             "the query matches more than 100 events (--max-query-results 100); narrow it"
         );
         // A lookup of one key is never over any limit.
