@@ -786,9 +786,7 @@ fn the_binary_resolves_after_a_restart_what_it_triggered_before() {
     let send = |vigil: &common::Vigil, state: &str| {
         runtime.block_on(async {
             let mut client = vigil::client::Client::connect(vigil.tcp).await.unwrap();
-            let mut e = event("disk /", state);
-            e.time = 0; // arrival time
-            client.send(&[e]).await.unwrap();
+            client.send(&[event("disk /", state)]).await.unwrap();
         })
     };
 

@@ -385,10 +385,13 @@ fn transparent_huge_pages_are_off_unless_asked_for() {
 fn queries_over_the_result_limit_are_refused_with_the_flag_named() {
     let vigil = common::Vigil::start(&["--max-query-results", "3"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    // Timed now, so none expires before the queries.
+    let now = (common::now_secs() * 1e6) as i64;
     let events: Vec<Event> = (0..5)
         .map(|i| Event {
             host: Some(format!("web{i}")),
             service: Some(if i < 3 { "cpu" } else { "disk" }.into()),
+            time: now,
             ..Event::default()
         })
         .collect();
