@@ -236,6 +236,9 @@ impl Index {
             if let Some(entry) = found.and_then(|slot| shard.entries.remove(slot)) {
                 shard.deadlines.remove(&(entry.packed.scheduled(), hash));
                 self.len.fetch_sub(1, Ordering::Relaxed);
+                if shard.entries.shrink_if_sparse() {
+                    self.hints[Self::shard_of(hash)].update(&shard.entries);
+                }
             }
             return Insert::Removed;
         }
@@ -438,6 +441,10 @@ impl Index {
                 }
                 for slot in held {
                     locked.deadlines.insert(slot);
+                }
+                // Keys expiring a few at a time give their slots back too.
+                if locked.entries.shrink_if_sparse() {
+                    hint.update(&locked.entries);
                 }
             }
             drop(locked);
@@ -906,6 +913,57 @@ mod tests {
         assert_eq!(index.query(&q).unwrap().len(), 1);
         let q = Query::parse(r#"host = "b" and service = "nope""#).unwrap();
         assert!(index.query(&q).unwrap().is_empty());
+    }
+
+    fn slots(index: &Index) -> usize {
+        index.shards.iter().map(|s| s.lock().entries.slots()).sum()
+    }
+
+    /// Keys that go a few at a time (each expiry too small for a sweep, or an
+    /// `expired` event) give the table's slots back as a sweep does.
+    #[test]
+    fn tables_shrink_when_keys_go_a_few_at_a_time() {
+        let index = Index::new(IndexConfig::default());
+        // 2 % of what is left expires at each second: never a sixteenth of
+        // a shard, so each expiry takes the due entries one by one.
+        let (mut left, mut second, mut i) = (64_000, 1, 0);
+        while left > 3_200 {
+            for _ in 0..(left / 50).max(1) {
+                index.insert(&event("h", &i.to_string(), T0, Some(second as f32)));
+                (i, left) = (i + 1, left - 1);
+            }
+            second += 1;
+        }
+        for _ in 0..left {
+            index.insert(&event("h", &i.to_string(), T0, Some(1e6)));
+            i += 1;
+        }
+        let full = slots(&index);
+        for s in 1..=second {
+            index.expire(T0 + secs(s) + 1, |_| {});
+        }
+        assert_eq!(index.len(), left);
+        assert!(
+            slots(&index) * 4 <= full,
+            "{} of {full} slots kept",
+            slots(&index)
+        );
+
+        let kept = slots(&index);
+        for j in i - left..i - 64 {
+            index.insert(&Event {
+                state: Some(crate::event::STATE_EXPIRED.into()),
+                ..event("h", &j.to_string(), T0, None)
+            });
+        }
+        assert_eq!(index.len(), 64);
+        assert!(
+            slots(&index) * 8 <= kept,
+            "{} of {kept} slots kept",
+            slots(&index)
+        );
+        let q = Query::parse("true").unwrap();
+        assert_eq!(index.query(&q).unwrap().len(), 64);
     }
 
     #[tokio::test]

@@ -49,6 +49,11 @@ impl Table {
         self.len
     }
 
+    #[cfg(test)]
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
     fn mask(&self) -> usize {
         self.slots.len().wrapping_sub(1)
     }
@@ -139,6 +144,20 @@ impl Table {
         Some(removed)
     }
 
+    /// When the entries would fit a quarter of the slots, moves them to a
+    /// table that can still take twice as many before it grows: the memory
+    /// of keys gone, by a mass expiry or one [`Table::remove`] at a time, is
+    /// given back, and a table never swings between growing and shrinking.
+    /// True when the slots moved (a [`SlotHint`] of the table is then stale).
+    pub fn shrink_if_sparse(&mut self) -> bool {
+        let fit = slots_for(2 * self.len);
+        if fit > self.slots.len() / 4 {
+            return false;
+        }
+        self.resize(fit);
+        true
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Entry> + Clone {
         self.slots.iter().flatten()
     }
@@ -150,9 +169,8 @@ impl Table {
     /// than closing each gap as it opens when much goes.
     ///
     /// When so much went that the rest would fit a quarter of the slots (a
-    /// mass expiry), they move to a table of that size instead, which can
-    /// still take twice as many before it grows: the memory of a million
-    /// expired keys is given back. Returns true when the slots moved.
+    /// mass expiry), they move to a smaller table instead (see
+    /// [`Table::shrink_if_sparse`]). Returns true when the slots moved.
     pub fn retain(
         &mut self,
         mut keep: impl FnMut(&mut Entry) -> bool,
@@ -176,9 +194,7 @@ impl Table {
         if self.len == before {
             return false;
         }
-        let fit = slots_for(2 * self.len);
-        if fit <= self.slots.len() / 4 {
-            self.resize(fit);
+        if self.shrink_if_sparse() {
             return true;
         }
         let mask = self.mask();
@@ -353,6 +369,37 @@ mod tests {
         assert!(find(&table, hash(1), "1").is_none());
         table.insert_new(entry(hash(1), "1"));
         assert!(find(&table, hash(1), "1").is_some());
+    }
+
+    #[test]
+    fn a_table_emptied_one_removal_at_a_time_gives_the_slots_back() {
+        let mut table = Table::default();
+        let hash = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for i in 0..10_000u64 {
+            table.insert_new(entry(hash(i), &i.to_string()));
+        }
+        assert_eq!(table.slots.len(), 16_384);
+        let mut sizes = Vec::new();
+        for i in 100..10_000u64 {
+            let slot = find(&table, hash(i), &i.to_string()).unwrap();
+            table.remove(slot).unwrap();
+            if table.shrink_if_sparse() {
+                sizes.push((table.len(), table.slots.len()));
+            }
+        }
+        // Each time the rest fit a quarter of the slots: room for twice them.
+        assert_eq!(sizes, [(1_536, 4_096), (384, 1_024)]);
+        assert_eq!(table.len(), 100);
+        assert_reachable(&table);
+        for i in 0..100u64 {
+            assert!(find(&table, hash(i), &i.to_string()).is_some(), "{i}");
+        }
+        // Growing back needs twice the entries left: no swinging.
+        let slots = table.slots.len();
+        for i in 100..200u64 {
+            table.insert_new(entry(hash(i), &i.to_string()));
+        }
+        assert_eq!(table.slots.len(), slots);
     }
 
     /// Random inserts, removals and retains with few distinct homes, checked
