@@ -34,7 +34,6 @@ use crate::proto::{PbEvent, from_pb, to_pb};
 
 /// The snapshot's name inside the data directory.
 pub const FILE_NAME: &str = "index.snapshot";
-const TEMP_NAME: &str = "index.snapshot.tmp";
 
 const MAGIC: &[u8; 8] = b"VIGILIDX";
 const VERSION: u32 = 1;
@@ -214,23 +213,21 @@ fn write_from(
     dir: &Path,
     fill: impl FnOnce(&mut Encoder<&mut BufWriter<File>>) -> io::Result<()>,
 ) -> Result<u64, SnapshotError> {
-    replace_file(dir, FILE_NAME, TEMP_NAME, |out| {
+    replace_file(&dir.join(FILE_NAME), |out| {
         let mut encoder = Encoder::new(out)?;
         fill(&mut encoder)?;
         encoder.finish()
     })
 }
 
-/// Atomically replaces `dir/name` (`dir` must exist) with what `fill`
-/// writes: through the temp file `dir/temp`, synced, then renamed over it,
-/// so a crash mid-write leaves the previous file in place.
+/// Atomically replaces the file at `path` (its directory must exist) with
+/// what `fill` writes: through [`temp_of`] beside it, synced, then renamed
+/// over it, so a crash mid-write leaves the previous file in place.
 pub(crate) fn replace_file<T>(
-    dir: &Path,
-    name: &str,
-    temp: &str,
+    path: &Path,
     fill: impl FnOnce(&mut BufWriter<File>) -> io::Result<T>,
 ) -> Result<T, SnapshotError> {
-    let temp = dir.join(temp);
+    let temp = temp_of(path);
     let file = File::create(&temp).map_err(io_error(&temp))?;
     let mut out = BufWriter::new(file);
     let written = fill(&mut out).map_err(io_error(&temp))?;
@@ -238,13 +235,20 @@ pub(crate) fn replace_file<T>(
         .into_inner()
         .map_err(|e| io_error(&temp)(e.into_error()))?;
     file.sync_all().map_err(io_error(&temp))?;
-    let path = dir.join(name);
-    fs::rename(&temp, &path).map_err(io_error(&path))?;
+    fs::rename(&temp, path).map_err(io_error(path))?;
     // The rename itself is durable only once the directory is synced.
+    let dir = path.parent().unwrap_or(Path::new("."));
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))?;
     Ok(written)
+}
+
+/// Where [`replace_file`] writes `path`'s next content first.
+fn temp_of(path: &Path) -> PathBuf {
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    PathBuf::from(temp)
 }
 
 /// The snapshot in `dir`; `None` when there is none yet.
@@ -441,7 +445,7 @@ mod tests {
         write(dir.path(), &sample()).unwrap();
         write(dir.path(), &sample()[..1]).unwrap();
         assert_eq!(read(dir.path()).unwrap().unwrap(), &sample()[..1]);
-        assert!(!dir.path().join(TEMP_NAME).exists());
+        assert!(!temp_of(&dir.path().join(FILE_NAME)).exists());
     }
 
     #[test]

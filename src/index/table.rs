@@ -270,6 +270,20 @@ mod tests {
         }
     }
 
+    /// A well-spread hash of `i`.
+    fn spread(i: u64) -> u64 {
+        i.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// A table of `n` entries, the `i`th named `i` with hash `spread(i)`.
+    fn numbered(n: u64) -> Table {
+        let mut table = Table::default();
+        for i in 0..n {
+            table.insert_new(entry(spread(i), &i.to_string()));
+        }
+        table
+    }
+
     fn find(table: &Table, hash: u64, name: &str) -> Option<usize> {
         table.find(hash, |e| e.packed.host() == name)
     }
@@ -314,10 +328,7 @@ mod tests {
 
     #[test]
     fn growing_keeps_every_entry() {
-        let mut table = Table::default();
-        for i in 0..1000u64 {
-            table.insert_new(entry(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), &i.to_string()));
-        }
+        let table = numbered(1000);
         assert_eq!(table.len(), 1000);
         assert!(table.slots.len() * MAX_LOAD_NUM >= 1000 * MAX_LOAD_DEN);
         assert_reachable(&table);
@@ -345,11 +356,7 @@ mod tests {
 
     #[test]
     fn a_retain_that_leaves_little_gives_the_slots_back() {
-        let mut table = Table::default();
-        let hash = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        for i in 0..10_000u64 {
-            table.insert_new(entry(hash(i), &i.to_string()));
-        }
+        let mut table = numbered(10_000);
         let full = table.slots.len();
         let some_gone = |e: &mut Entry| e.packed.host().parse::<u64>().unwrap() % 4 != 0;
         assert!(!table.retain(some_gone, drop), "a quarter went: no move");
@@ -361,27 +368,23 @@ mod tests {
         assert_eq!(table.slots.len(), 256, "room for twice the 75 left");
         assert_reachable(&table);
         for i in (0..100u64).filter(|i| i % 4 != 0) {
-            assert!(find(&table, hash(i), &i.to_string()).is_some(), "{i}");
+            assert!(find(&table, spread(i), &i.to_string()).is_some(), "{i}");
         }
 
         assert!(table.retain(|_| false, drop));
         assert_eq!((table.len(), table.slots.len()), (0, 0));
-        assert!(find(&table, hash(1), "1").is_none());
-        table.insert_new(entry(hash(1), "1"));
-        assert!(find(&table, hash(1), "1").is_some());
+        assert!(find(&table, spread(1), "1").is_none());
+        table.insert_new(entry(spread(1), "1"));
+        assert!(find(&table, spread(1), "1").is_some());
     }
 
     #[test]
     fn a_table_emptied_one_removal_at_a_time_gives_the_slots_back() {
-        let mut table = Table::default();
-        let hash = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        for i in 0..10_000u64 {
-            table.insert_new(entry(hash(i), &i.to_string()));
-        }
+        let mut table = numbered(10_000);
         assert_eq!(table.slots.len(), 16_384);
         let mut sizes = Vec::new();
         for i in 100..10_000u64 {
-            let slot = find(&table, hash(i), &i.to_string()).unwrap();
+            let slot = find(&table, spread(i), &i.to_string()).unwrap();
             table.remove(slot).unwrap();
             if table.shrink_if_sparse() {
                 sizes.push((table.len(), table.slots.len()));
@@ -392,12 +395,12 @@ mod tests {
         assert_eq!(table.len(), 100);
         assert_reachable(&table);
         for i in 0..100u64 {
-            assert!(find(&table, hash(i), &i.to_string()).is_some(), "{i}");
+            assert!(find(&table, spread(i), &i.to_string()).is_some(), "{i}");
         }
         // Growing back needs twice the entries left: no swinging.
         let slots = table.slots.len();
         for i in 100..200u64 {
-            table.insert_new(entry(hash(i), &i.to_string()));
+            table.insert_new(entry(spread(i), &i.to_string()));
         }
         assert_eq!(table.slots.len(), slots);
     }

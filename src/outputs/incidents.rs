@@ -230,9 +230,7 @@ impl Memory {
                     .collect(),
             }
         };
-        let (dir, name) = split(file);
-        let temp = format!("{name}.tmp");
-        snapshot::replace_file(dir, name, &temp, |out| {
+        snapshot::replace_file(file, |out| {
             serde_json::to_writer(&mut *out, &saved).map_err(io::Error::from)?;
             out.write_all(b"\n")
         })
@@ -250,15 +248,6 @@ pub fn file_in(dir: &Path, output: &str) -> PathBuf {
         })
         .collect();
     dir.join(format!("pagerduty-{name}.json"))
-}
-
-fn split(file: &Path) -> (&Path, &str) {
-    let dir = file.parent().unwrap_or(Path::new("."));
-    let name = file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("file_in names the file in UTF-8");
-    (dir, name)
 }
 
 fn key_hash(routing_key: &str) -> String {
