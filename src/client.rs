@@ -9,6 +9,7 @@ use prost::Message;
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio_util::codec::Framed;
 
+use crate::dial;
 use crate::event::Event;
 use crate::frame::{FrameCodec, FrameError};
 use crate::proto::{self, Msg, PbQuery};
@@ -34,7 +35,7 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
-        let socket = TcpStream::connect(addr).await?;
+        let socket = dial::connect(addr).await?;
         socket.set_nodelay(true)?;
         Ok(Self {
             framed: Framed::new(socket, tcp::codec(tcp::DEFAULT_MAX_FRAME)),

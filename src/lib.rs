@@ -34,6 +34,7 @@ pub mod bounded;
 pub mod client;
 pub mod clock;
 pub mod cluster;
+pub mod dial;
 pub mod event;
 pub mod frame;
 pub mod grpc;

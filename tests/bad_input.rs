@@ -699,10 +699,14 @@ async fn a_catastrophic_backtracking_regex_answers_quickly() {
     h.assert_serves().await;
 }
 
-/// A port nothing listens on (bound, then released).
-fn dead_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+/// A port nothing listens on, held for as long as the socket lives: bound but
+/// never listening, so connections to it are refused and no other socket (a
+/// parallel test's listener, a connection's own source port) can take it.
+fn dead_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 /// Carbon and PagerDuty down for 30 s while events keep coming: ingest must
@@ -710,12 +714,11 @@ fn dead_port() -> u16 {
 /// their bounded queues.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_keeps_acking_while_carbon_and_the_pager_are_down() {
+    let ((_carbon, carbon_port), (_pager, pager_port)) = (dead_port(), dead_port());
     let source = format!(
-        "output graph = graphite(host: \"127.0.0.1\", port: {})\n\
-         output pager = pagerduty(routing_key: \"k\", url: \"http://127.0.0.1:{}/v2/enqueue\")\n\
-         streams {{\n  index\n  graph\n  pager\n}}\n",
-        dead_port(),
-        dead_port()
+        "output graph = graphite(host: \"127.0.0.1\", port: {carbon_port})\n\
+         output pager = pagerduty(routing_key: \"k\", url: \"http://127.0.0.1:{pager_port}/v2/enqueue\")\n\
+         streams {{\n  index\n  graph\n  pager\n}}\n"
     );
     let (_, compiled) = rules::load("down.vigil", &source, EnvPolicy::Strict).expect("compiles");
     let (stop, kept) = (CancellationToken::new(), Kept::default());

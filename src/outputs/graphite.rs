@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::Delivery;
 use super::template::Template;
 use crate::clock::MICROS_PER_SEC;
+use crate::dial;
 use crate::event::{Event, Metric};
 
 /// Points kept while carbon is unreachable (about 6 MB of lines).
@@ -253,7 +254,7 @@ impl Graphite {
         }
         if self.conn.is_none() {
             let addr = (self.config.host.as_str(), self.config.port);
-            let stream = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            let stream = timeout(CONNECT_TIMEOUT, dial::connect(addr))
                 .await
                 .map_err(|_| std::io::ErrorKind::TimedOut)??;
             // Batches are already coalesced; Nagle would only add latency.
