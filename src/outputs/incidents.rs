@@ -3,7 +3,8 @@
 //! only for an incident it opened.
 //!
 //! They outlive the output's task. A reload that redeclares the output hands
-//! the new task the same [`Memory`] (see [`super::Kept`]), and with a data
+//! the new task the same [`Memory`] (see [`super::Kept`]), or an empty one
+//! taking over its file when the routing key changed, and with a data
 //! directory they are saved to `pagerduty-<output>.json` after every batch
 //! that changed them and loaded when the output starts, so an incident open
 //! before a restart is still resolved when its series turns `ok`. A crash
@@ -17,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -127,8 +129,12 @@ pub struct Memory {
     routing_key_hash: String,
     incidents: Mutex<Incidents>,
     /// Held through a whole save, so saves land in the order they read the
-    /// incidents: the newest state is the one left on disk.
-    saving: Mutex<()>,
+    /// incidents: the newest state is the one left on disk. Shared with the
+    /// memory that replaces this one, which saves to the same file.
+    saving: Arc<Mutex<()>>,
+    /// Another routing key's memory took over the file: this one's task may
+    /// still be draining, but it no longer saves.
+    replaced: AtomicBool,
 }
 
 impl Memory {
@@ -141,7 +147,8 @@ impl Memory {
             output: output.to_owned(),
             routing_key_hash: key_hash(routing_key),
             incidents: Mutex::new(Incidents::new(max)),
-            saving: Mutex::new(()),
+            saving: Arc::default(),
+            replaced: AtomicBool::new(false),
             file,
         };
         if let Some(file) = &memory.file {
@@ -186,6 +193,31 @@ impl Memory {
         );
     }
 
+    /// The memory of the same output paging with another `routing_key`,
+    /// saving to the same file from now on, never at the same time as this
+    /// one. It starts empty: this one's incidents cannot be resolved through
+    /// another key.
+    pub fn replaced_by(&self, routing_key: &str) -> Memory {
+        self.replaced.store(true, Ordering::Release);
+        let incidents = self.incidents.lock();
+        if incidents.len() > 0 {
+            tracing::warn!(
+                output = %self.output,
+                incidents = incidents.len(),
+                "The routing key changed; the open PagerDuty incidents of the previous one \
+                 cannot be resolved through it: resolve them by hand."
+            );
+        }
+        Memory {
+            output: self.output.clone(),
+            file: self.file.clone(),
+            routing_key_hash: key_hash(routing_key),
+            incidents: Mutex::new(Incidents::new(incidents.max)),
+            saving: self.saving.clone(),
+            replaced: AtomicBool::new(false),
+        }
+    }
+
     /// Whether this memory serves an output paging with `routing_key`.
     pub fn serves(&self, routing_key: &str) -> bool {
         self.routing_key_hash == key_hash(routing_key)
@@ -209,6 +241,9 @@ impl Memory {
 
     fn write(&self, file: &Path) -> Result<(), SnapshotError> {
         let _in_order = self.saving.lock();
+        if self.replaced.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let saved = {
             let incidents = self.incidents.lock();
             let (now, wall) = (Instant::now(), SystemTime::now());
@@ -389,6 +424,32 @@ mod tests {
             error.contains("pagerduty-pager.json: not saved incidents"),
             "{error}"
         );
+    }
+
+    /// A reload that changed the routing key: the retiring task, still
+    /// draining, must not overwrite the new key's incidents.
+    #[tokio::test]
+    async fn a_replaced_memory_no_longer_saves_over_its_successor() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let first = Arc::new(Memory::load("pager", Some(file.clone()), "k1", 10));
+        let now = Instant::now();
+        first
+            .incidents()
+            .triggered("web1/disk".into(), Severity::Critical, now);
+        let second = Arc::new(first.replaced_by("k2"));
+        assert!(keys(&second).is_empty() && second.serves("k2"));
+        second
+            .incidents()
+            .triggered("web2/cpu".into(), Severity::Warning, now);
+        second.save().await;
+        first
+            .incidents()
+            .triggered("web3/gone".into(), Severity::Error, now);
+        first.save().await;
+
+        let loaded = Memory::load("pager", Some(file), "k2", 10);
+        assert_eq!(keys(&loaded), [("web2/cpu".to_owned(), Severity::Warning)]);
     }
 
     #[test]

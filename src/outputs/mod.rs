@@ -230,16 +230,16 @@ impl Kept {
 
     fn pager(&self, name: &str, config: &pagerduty::Config) -> Arc<incidents::Memory> {
         let mut pagers = self.pagers.lock();
-        if let Some(memory) = pagers.get(name).filter(|m| m.serves(&config.routing_key)) {
-            return memory.clone();
-        }
-        let file = self.dir.as_ref().map(|dir| incidents::file_in(dir, name));
-        let memory = Arc::new(incidents::Memory::load(
-            name,
-            file,
-            &config.routing_key,
-            pagerduty::MAX_OPEN,
-        ));
+        let memory = match pagers.get(name) {
+            Some(memory) if memory.serves(&config.routing_key) => return memory.clone(),
+            Some(previous) => Arc::new(previous.replaced_by(&config.routing_key)),
+            None => Arc::new(incidents::Memory::load(
+                name,
+                self.dir.as_ref().map(|dir| incidents::file_in(dir, name)),
+                &config.routing_key,
+                pagerduty::MAX_OPEN,
+            )),
+        };
         pagers.insert(name.to_owned(), memory.clone());
         memory
     }
