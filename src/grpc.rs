@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::bounded::{Bounds, Counters};
 use crate::clock::SharedClock;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
 use crate::index::{Index, QueryError};
 use crate::proto::{self, PbEvent};
@@ -120,6 +120,14 @@ impl Shared {
             QueryError::ShuttingDown => Status::unavailable(e.to_string()),
         }
     }
+
+    /// The status of a query the cluster did not answer.
+    fn cluster_refused(&self, e: ClusterQueryError) -> Status {
+        match e {
+            ClusterQueryError::Refused(e) => self.refused(e),
+            ClusterQueryError::Unavailable(e) => Status::unavailable(e),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -167,7 +175,7 @@ impl pb::vigil_server::Vigil for Service {
             Some(cluster) => cluster
                 .query(&request.get_ref().query)
                 .await
-                .map_err(Status::unavailable)?,
+                .map_err(|e| self.0.cluster_refused(e))?,
             None => self
                 .0
                 .index
@@ -192,7 +200,7 @@ impl pb::vigil_server::Vigil for Service {
                 let current = cluster
                     .query(query.as_str())
                     .await
-                    .map_err(Status::unavailable)?;
+                    .map_err(|e| self.0.cluster_refused(e))?;
                 (subscription, current)
             }
             None => {

@@ -22,7 +22,7 @@ use std::sync::atomic::AtomicU64;
 use bytes::Bytes;
 
 use crate::clock::{Micros, SharedClock};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
 use crate::index::{Index, QueryError};
 use crate::proto;
@@ -230,6 +230,7 @@ impl Ingest {
             }),
             _ => None,
         };
+        let stats = self.stats.clone();
         Reply::Later(Box::pin(async move {
             if let Some(stored) = stored
                 && let Err(e) = stored.await
@@ -241,7 +242,8 @@ impl Ingest {
                 Some(Err(e)) => proto::error_reply(e),
                 Some(Ok(text)) => match cluster.query(&text).await {
                     Ok(found) => proto::events_reply(&found),
-                    Err(e) => proto::error_reply(e),
+                    Err(ClusterQueryError::Refused(e)) => replied(&stats, Err(e)),
+                    Err(e) => proto::error_reply(e.to_string()),
                 },
             }
         }))

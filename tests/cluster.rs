@@ -144,10 +144,20 @@ fn local_keys(node: &Vigil) -> Keys {
         node.http.expect("HTTP on")
     );
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let body: serde_json::Value =
-        runtime.block_on(async { reqwest::get(&url).await.unwrap().json().await.unwrap() });
-    body.as_array()
-        .unwrap()
+    let body: serde_json::Value = runtime.block_on(async {
+        reqwest::get(&url)
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default()
+    });
+    // A refusal (over `--max-query-results` while shards move) holds nothing
+    // the caller can wait on.
+    let Some(entries) = body.as_array() else {
+        return Keys::new();
+    };
+    entries
         .iter()
         .map(|e| {
             (
@@ -340,6 +350,61 @@ fn three_nodes_split_the_hosts_and_each_answers_for_all() {
         }
     }
     assert_eq!(owner.len(), 1000);
+}
+
+/// The status and body of `GET /index?query=…` on `node`, fanned out.
+fn http_query(node: &Vigil, query: &str) -> (reqwest::StatusCode, String) {
+    let url = format!("http://{}/index", node.http.expect("HTTP on"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let answer = client
+            .get(&url)
+            .query(&[("query", query)])
+            .send()
+            .await
+            .unwrap();
+        (answer.status(), answer.text().await.unwrap())
+    })
+}
+
+/// A query over `--max-query-results` is the asker's error (HTTP 422, a TCP
+/// error naming the flag), not the cluster being unavailable: whether a node
+/// refused it (alone, it holds all 60 entries) or only the merged answer is
+/// over the limit (two nodes, ~30 each).
+#[test]
+fn a_query_over_the_result_limit_is_refused_as_the_askers_error() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let limit = ["--max-query-results", "50"];
+    let first = node(&nats, "n1", &limit);
+    let events: Vec<Event> = (0..60)
+        .map(|h| event(&format!("host-{h}"), "cpu", "ok"))
+        .collect();
+    send(&first, &events);
+    let refused = |node: &Vigil| {
+        wait_until(SETTLE, || {
+            let (status, body) = http_query(node, "true");
+            (status == reqwest::StatusCode::UNPROCESSABLE_ENTITY).then_some(body)
+        })
+    };
+    let body = refused(&first).expect("refused by the node holding all 60");
+    assert!(body.contains("--max-query-results 50"), "{body}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let over_tcp = runtime.block_on(async {
+        let mut client = Client::connect(first.tcp).await.unwrap();
+        client.query("true").await.map(|found| found.len())
+    });
+    let error = over_tcp.expect_err("refused over TCP").to_string();
+    assert!(error.contains("--max-query-results 50"), "{error}");
+    let (status, body) = http_query(&first, r#"host = "host-7""#);
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+
+    let second = node(&nats, "n2", &limit);
+    let per_node = wait_settled(&[&first, &second], 60);
+    assert!(per_node.iter().all(|keys| keys.len() <= 50), "{per_node:?}");
+    let body = refused(&second).expect("the merged 60 refused");
+    assert!(body.contains("--max-query-results 50"), "{body}");
 }
 
 #[test]

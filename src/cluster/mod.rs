@@ -262,17 +262,16 @@ impl Cluster {
     /// Runs `query` on every live node (this one included) and merges the
     /// answers: one event per `(host, service)`, the latest by time. A node
     /// that does not answer within the timeout is left out (and logged).
-    pub async fn query(&self, query: &str) -> Result<Vec<Event>, String> {
+    pub async fn query(&self, query: &str) -> Result<Vec<Event>, ClusterQueryError> {
+        let failed = |e: &dyn fmt::Display| {
+            ClusterQueryError::Unavailable(format!("cluster query failed: {e}"))
+        };
         let inbox = self.client.new_inbox();
-        let mut replies = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| format!("cluster query failed: {e}"))?;
+        let mut replies = (self.client.subscribe(inbox.clone()).await).map_err(|e| failed(&e))?;
         self.client
             .publish_with_reply(QUERY_SUBJECT, inbox, Bytes::from(query.to_owned()))
             .await
-            .map_err(|e| format!("cluster query failed: {e}"))?;
+            .map_err(|e| failed(&e))?;
         let expected = self.members.load(Ordering::Relaxed).max(1);
         let mut merged: HashMap<(Option<String>, Option<String>), Event> = HashMap::new();
         let mut answered = 0;
@@ -288,16 +287,20 @@ impl Cluster {
             };
             let Some(reply) = reply else { break };
             // A node's answer may come in parts; only its last one counts it in.
-            let more = reply
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get(MORE).is_some());
-            if !more {
+            let header = |name| reply.headers.as_ref().and_then(|h| h.get(name));
+            if header(MORE).is_none() {
                 answered += 1;
             }
-            let msg = Msg::decode(reply.payload).map_err(|e| format!("bad query answer: {e}"))?;
+            if let Some(limit) = header(TOO_MANY).and_then(|l| l.as_str().parse().ok()) {
+                return Err(QueryError::TooMany { limit }.into());
+            }
+            let msg = Msg::decode(reply.payload).map_err(|e| {
+                ClusterQueryError::Unavailable(format!("bad cluster query answer: {e}"))
+            })?;
             if msg.ok != Some(true) {
-                return Err(msg.error.unwrap_or_default());
+                return Err(ClusterQueryError::Unavailable(
+                    msg.error.unwrap_or_default(),
+                ));
             }
             for pb in msg.events {
                 let event = proto::from_pb(pb, 0);
@@ -311,13 +314,15 @@ impl Cluster {
             }
         }
         if answered == 0 {
-            return Err("no cluster node answered the query".to_owned());
+            return Err(ClusterQueryError::Unavailable(
+                "no cluster node answered the query".to_owned(),
+            ));
         }
         // Each node kept within the limit; together they may not have.
         if let Some(limit) = self.index.max_query_results()
             && merged.len() > limit
         {
-            return Err(QueryError::TooMany { limit }.to_string());
+            return Err(QueryError::TooMany { limit }.into());
         }
         Ok(merged.into_values().collect())
     }
@@ -358,24 +363,38 @@ async fn answer_queries(
         let parsed = std::str::from_utf8(&request.payload)
             .map_err(|e| e.to_string())
             .and_then(|text| Query::parse(text).map_err(|e| e.to_string()));
+        // A refusal over the limit is marked, so the asking node refuses the
+        // same way (the asker's error, not the cluster's).
+        let mut refusal = None;
         let parts = match parsed {
             Ok(query) => (cluster.index)
                 .query_then(&query, |found| answer_parts(&found))
                 .await
-                .unwrap_or_else(|e| vec![proto::error_reply(e.to_string())]),
+                .unwrap_or_else(|e| {
+                    if let QueryError::TooMany { limit } = e {
+                        refusal = Some((TOO_MANY, limit.to_string()));
+                    }
+                    vec![proto::error_reply(e.to_string())]
+                }),
             Err(e) => vec![proto::error_reply(e)],
         };
         let last = parts.len() - 1;
         for (i, part) in parts.into_iter().enumerate() {
-            let sent = if i < last {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(MORE, "1");
-                cluster
-                    .client
-                    .publish_with_headers(reply.clone(), headers, part)
-                    .await
+            let header = if i < last {
+                Some((MORE, "1".to_owned()))
             } else {
-                cluster.client.publish(reply.clone(), part).await
+                refusal.take()
+            };
+            let sent = match header {
+                Some((name, value)) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(name, value.as_str());
+                    let client = &cluster.client;
+                    client
+                        .publish_with_headers(reply.clone(), headers, part)
+                        .await
+                }
+                None => cluster.client.publish(reply.clone(), part).await,
             };
             if let Err(e) = sent {
                 tracing::debug!(error = %e, "Could not answer a cluster query.");
@@ -387,6 +406,21 @@ async fn answer_queries(
 
 /// Header on every part of a query answer but the last.
 const MORE: &str = "Vigil-More";
+/// Header on a node's refusal of a query matching more than its limit (the
+/// value).
+const TOO_MANY: &str = "Vigil-Too-Many";
+
+/// Why a query across the cluster was not answered with events.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterQueryError {
+    /// Refused as a single node would: a node's answer, or the merged one,
+    /// matched more than the limit.
+    #[error(transparent)]
+    Refused(#[from] QueryError),
+    /// NATS, the nodes, or their answers failed.
+    #[error("{0}")]
+    Unavailable(String),
+}
 /// Events per answer part: a part must stay under NATS's max payload (1 MiB
 /// by default), and Riemann events are rarely over a few hundred bytes.
 const PART_EVENTS: usize = 1000;

@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::bounded::{Bounded, Bounds, Counters};
 use crate::clock::SharedClock;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
 use crate::index::QueryError;
 use crate::pubsub::{self, Subscription};
@@ -150,19 +150,23 @@ impl AppState {
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<T, (StatusCode, String)> {
         let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
+        let refused = |e: QueryError| match e {
+            QueryError::TooMany { .. } => {
+                Stats::incr(&self.stats().query_errors);
+                (StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            }
+            QueryError::ShuttingDown => unavailable(e.to_string()),
+        };
         match (&self.cluster, local) {
             (Some(cluster), false) => {
-                let found = cluster.query(query.as_str()).await.map_err(unavailable)?;
+                let found = (cluster.query(query.as_str()).await).map_err(|e| match e {
+                    ClusterQueryError::Refused(e) => refused(e),
+                    ClusterQueryError::Unavailable(e) => unavailable(e),
+                })?;
                 (off_workers(move || then(found)).await)
                     .ok_or_else(|| unavailable(SHUTTING_DOWN.to_owned()))
             }
-            _ => (self.telemetry.index.query_then(query, then).await).map_err(|e| match e {
-                QueryError::TooMany { .. } => {
-                    Stats::incr(&self.stats().query_errors);
-                    (StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
-                }
-                QueryError::ShuttingDown => unavailable(e.to_string()),
-            }),
+            _ => (self.telemetry.index.query_then(query, then).await).map_err(refused),
         }
     }
 }
