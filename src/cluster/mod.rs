@@ -389,8 +389,7 @@ async fn answer_queries(
                 Some((name, value)) => {
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert(name, value.as_str());
-                    let client = &cluster.client;
-                    client
+                    (cluster.client)
                         .publish_with_headers(reply.clone(), headers, part)
                         .await
                 }
@@ -409,6 +408,9 @@ const MORE: &str = "Vigil-More";
 /// Header on a node's refusal of a query matching more than its limit (the
 /// value).
 const TOO_MANY: &str = "Vigil-Too-Many";
+/// Events per answer part: a part must stay under NATS's max payload (1 MiB
+/// by default), and Riemann events are rarely over a few hundred bytes.
+const PART_EVENTS: usize = 1000;
 
 /// Why a query across the cluster was not answered with events.
 #[derive(Debug, thiserror::Error)]
@@ -421,9 +423,6 @@ pub enum ClusterQueryError {
     #[error("{0}")]
     Unavailable(String),
 }
-/// Events per answer part: a part must stay under NATS's max payload (1 MiB
-/// by default), and Riemann events are rarely over a few hundred bytes.
-const PART_EVENTS: usize = 1000;
 
 /// A query answer split into `Msg`s of at most [`PART_EVENTS`] events; at
 /// least one, so an empty answer still counts the node in.
