@@ -210,8 +210,9 @@ pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
 }
 
 /// What outputs keep beyond one task: each PagerDuty output's open
-/// incidents, by output name. A reload that redeclares the output (with the
-/// same routing key) hands them to its new task; with a directory they are
+/// incidents, by output name. A reload that redeclares the output with the
+/// same routing key hands them to its new task (with another key, the new
+/// task starts empty and takes over the file); with a directory they are
 /// also saved there, so a restart keeps them too.
 #[derive(Default)]
 pub struct Kept {
