@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -48,6 +47,29 @@ pub const STREAM: &str = "VIGIL_EVENTS";
 pub const SUBJECT_PREFIX: &str = "vigil.events";
 /// Where queries are fanned out; every node answers from its own index.
 pub const QUERY_SUBJECT: &str = "vigil.query";
+
+/// A NATS or JetStream call that failed, and what it was for. The cause is
+/// part of the message, so a log line with `%error` says all of it.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}: {cause}")]
+pub struct NatsError {
+    doing: String,
+    cause: async_nats::Error,
+}
+
+/// Adds what a NATS call was for to its error.
+pub(crate) trait Doing<T> {
+    fn doing(self, doing: impl Into<String>) -> Result<T, NatsError>;
+}
+
+impl<T, E: Into<async_nats::Error>> Doing<T> for Result<T, E> {
+    fn doing(self, doing: impl Into<String>) -> Result<T, NatsError> {
+        self.map_err(|cause| NatsError {
+            doing: doing.into(),
+            cause: cause.into(),
+        })
+    }
+}
 
 /// What `vigil run --cluster …` configures.
 #[derive(Debug, Clone)]
@@ -141,7 +163,7 @@ impl Cluster {
         index: Arc<Index>,
         streams: Arc<dyn Streams>,
         clock: SharedClock,
-    ) -> anyhow::Result<(Arc<Cluster>, Running)> {
+    ) -> Result<(Arc<Cluster>, Running), NatsError> {
         let client = async_nats::ConnectOptions::new()
             .name(format!("vigil-{}", config.node_id))
             .retry_on_initial_connect()
@@ -149,7 +171,7 @@ impl Cluster {
             .max_reconnects(None)
             .connect(config.url.as_str())
             .await
-            .with_context(|| format!("connecting to NATS at {}", config.url))?;
+            .doing(format!("connecting to NATS at {}", config.url))?;
         let js = jetstream::new(client.clone());
         let events_config = stream::Config {
             name: STREAM.to_owned(),
@@ -161,12 +183,12 @@ impl Cluster {
         let events = js
             .get_or_create_stream(events_config.clone())
             .await
-            .context("creating the JetStream events stream")?;
+            .doing("creating the JetStream events stream")?;
         // A node started with another --cluster-retention wins: the last one set it.
         if events.cached_info().config.max_age != config.retention {
             js.update_stream(events_config)
                 .await
-                .context("updating the events stream's retention")?;
+                .doing("updating the events stream's retention")?;
         }
         let buckets = ownership::Buckets::open(&js, &config).await?;
         let cluster = Arc::new(Cluster {
@@ -189,17 +211,17 @@ impl Cluster {
             .client
             .subscribe(QUERY_SUBJECT)
             .await
-            .context("subscribing to cluster queries")?;
+            .doing("subscribing to cluster queries")?;
         let interests = cluster
             .client
             .subscribe(feed::INTEREST_SUBJECT)
             .await
-            .context("subscribing to subscription interests")?;
+            .doing("subscribing to subscription interests")?;
         let changes = cluster
             .client
             .subscribe(feed::changes_subject(&cluster.config.node_id))
             .await
-            .context("subscribing to forwarded changes")?;
+            .doing("subscribing to forwarded changes")?;
         let tasks = vec![
             tokio::spawn(answer_queries(cluster.clone(), responder, stop.clone())),
             tokio::spawn(feed::tap(cluster.clone(), interests, stop.clone())),
@@ -439,6 +461,21 @@ fn answer_parts(events: &[Event]) -> Vec<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nats_error_says_what_failed_and_why() {
+        let refused: Result<(), std::io::Error> = Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+        let error = refused
+            .doing("connecting to NATS at nats://x:4222")
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "connecting to NATS at nats://x:4222: connection refused"
+        );
+    }
 
     #[test]
     fn shard_is_stable_and_in_range() {

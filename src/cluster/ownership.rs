@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::kv::{Operation, Store};
 use async_nats::jetstream::{self, stream};
@@ -35,7 +34,7 @@ use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, ClusterConfig, STREAM, shard_of, subject};
+use super::{Cluster, ClusterConfig, Doing as _, NatsError, STREAM, shard_of, subject};
 use crate::clock::{Micros, SharedClock};
 use crate::index::Index;
 use crate::outputs;
@@ -50,7 +49,7 @@ pub struct Buckets {
 }
 
 impl Buckets {
-    pub async fn open(js: &jetstream::Context, config: &ClusterConfig) -> anyhow::Result<Self> {
+    pub async fn open(js: &jetstream::Context, config: &ClusterConfig) -> Result<Self, NatsError> {
         Ok(Self {
             nodes: open(js, "vigil_nodes", config.lease_ttl).await?,
             leases: open(js, "vigil_leases", config.lease_ttl).await?,
@@ -63,7 +62,7 @@ impl Buckets {
 /// Opens a KV bucket, creating its stream first when missing. The stream is
 /// made by hand with the KV layout (`create_key_value` first asks for account
 /// info in a form nats-server 2.9 does not answer).
-async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> anyhow::Result<Store> {
+async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<Store, NatsError> {
     js.get_or_create_stream(stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
@@ -77,10 +76,10 @@ async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> anyhow:
         ..Default::default()
     })
     .await
-    .map_err(|e| anyhow!("creating the KV bucket {name}: {e}"))?;
+    .doing(format!("creating the KV bucket {name}"))?;
     js.get_key_value(name)
         .await
-        .map_err(|e| anyhow!("opening the KV bucket {name}: {e}"))
+        .doing(format!("opening the KV bucket {name}"))
 }
 
 fn key(shard: u32) -> String {
@@ -176,22 +175,22 @@ impl Owner {
         &self.cluster.config.node_id
     }
 
-    async fn round(&mut self) -> anyhow::Result<()> {
+    async fn round(&mut self) -> Result<(), NatsError> {
         let node = self.node().to_owned();
         self.buckets
             .nodes
             .put(&node, Bytes::new())
             .await
-            .context("heartbeat")?;
+            .doing("heartbeat")?;
         let live: Vec<String> = self
             .buckets
             .nodes
             .keys()
             .await
-            .context("listing nodes")?
+            .doing("listing nodes")?
             .try_collect()
             .await
-            .context("listing nodes")?;
+            .doing("listing nodes")?;
         let live = live.len().max(1);
         self.cluster.set_members(live);
         self.renew().await;
@@ -513,8 +512,12 @@ async fn consume(
     clock: &SharedClock,
     stop: &CancellationToken,
     live: &mut bool,
-) -> anyhow::Result<Ended> {
-    let stream = cluster.js.get_stream(STREAM).await?;
+) -> Result<Ended, NatsError> {
+    let stream = cluster
+        .js
+        .get_stream(STREAM)
+        .await
+        .doing("getting the events stream")?;
     let deliver_policy = match processed.load(Ordering::Acquire) {
         0 => DeliverPolicy::All,
         seq => DeliverPolicy::ByStartSequence {
@@ -527,13 +530,21 @@ async fn consume(
             deliver_policy,
             ..Default::default()
         })
-        .await?;
+        .await
+        .doing("following the shard")?;
     // Nothing (left) to replay: e.g. retention dropped the shard's history.
-    if !*live && consumer.info().await?.num_pending == 0 {
+    if !*live
+        && consumer
+            .info()
+            .await
+            .doing("asking what is left to replay")?
+            .num_pending
+            == 0
+    {
         catch_up(cluster, shard, floor, streams);
         *live = true;
     }
-    let mut messages = consumer.messages().await?;
+    let mut messages = consumer.messages().await.doing("reading the shard")?;
     let leases = &cluster.leases;
     loop {
         let message = tokio::select! {
@@ -551,8 +562,12 @@ async fn consume(
         if !leases.valid(shard) {
             return Ok(Ended::Fenced);
         }
-        let message = message.ok_or_else(|| anyhow!("consumer ended"))??;
-        let info = message.info().map_err(|e| anyhow!("{e}"))?;
+        // Static texts: this runs per message, and the log line names the shard.
+        let message = message
+            .ok_or_else(|| async_nats::Error::from("the consumer ended"))
+            .and_then(|message| message.map_err(Into::into))
+            .doing("reading the shard")?;
+        let info = message.info().doing("reading a message's stream info")?;
         let (seq, pending) = (info.stream_sequence, info.pending);
         if !*live && seq > floor.seq {
             catch_up(cluster, shard, floor, streams);
