@@ -1,7 +1,7 @@
 //! Scale-out across machines: real `vigil run --cluster` nodes around a real
 //! `nats-server -js` on loopback (src/cluster/README.md).
 //!
-//! Each test starts its own nats-server (free port, temp store dir, killed on
+//! Each test starts its own nats-server (a port it picks, temp store dir, killed on
 //! drop) and its own nodes. The tests run one at a time: each has three
 //! nodes and a NATS server on a small machine, and the takeover bounds they
 //! check are about time.
@@ -33,14 +33,6 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A `nats-server -js` child; killed (and reaped) on drop.
 struct Nats {
     child: Option<Child>,
@@ -49,14 +41,32 @@ struct Nats {
 }
 
 impl Nats {
+    /// The first start picks its own free port (`-p -1`) and says which in a
+    /// ports file: a port chosen here and released for it to bind could be
+    /// taken by another socket meanwhile.
     fn start() -> Nats {
         common::require_peer("nats-server");
+        let store = tempfile::tempdir().unwrap();
+        let ports = store.path().join("ports");
+        std::fs::create_dir(&ports).unwrap();
         let mut nats = Nats {
             child: None,
-            port: free_port(),
-            store: tempfile::tempdir().unwrap(),
+            port: 0,
+            store,
         };
-        nats.spawn();
+        let child = nats
+            .command("-1")
+            .arg("--ports_file_dir")
+            .arg(&ports)
+            .spawn();
+        let child = child.expect("spawn nats-server");
+        let file = ports.join(format!("nats-server_{}.ports", child.id()));
+        nats.child = Some(child);
+        nats.port = wait_until(Duration::from_secs(10), || {
+            client_port(&std::fs::read_to_string(&file).ok()?)
+        })
+        .unwrap_or_else(|| panic!("nats-server wrote no ports file {}", file.display()));
+        nats.wait_accepting();
         nats
     }
 
@@ -64,18 +74,27 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Starts the server on the same port and store dir, waits until it accepts.
+    /// Starts the server again on the same port and store dir, as a restarted
+    /// NATS comes back where its clients reconnect.
     fn spawn(&mut self) {
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
+        let child = self.command(&self.port.to_string()).spawn();
+        self.child = Some(child.expect("spawn nats-server"));
+        self.wait_accepting();
+    }
+
+    fn command(&self, port: &str) -> Command {
+        let mut command = Command::new("nats-server");
+        command
+            .args(["-js", "-a", "127.0.0.1", "-p", port])
             .arg("-sd")
-            .arg(self.store.path())
+            .arg(self.store.path().join("store"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nats-server");
-        self.child = Some(child);
+            .stderr(Stdio::null());
+        command
+    }
+
+    fn wait_accepting(&self) {
         let port = self.port;
         wait_until(Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
@@ -89,6 +108,14 @@ impl Nats {
             let _ = child.wait();
         }
     }
+}
+
+/// The client port from a nats-server ports file:
+/// `{"nats":["nats://127.0.0.1:41765"],…}`.
+fn client_port(ports_file: &str) -> Option<u16> {
+    let ports: serde_json::Value = serde_json::from_str(ports_file).ok()?;
+    let url = ports["nats"].get(0)?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
 }
 
 impl Drop for Nats {

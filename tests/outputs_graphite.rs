@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -21,10 +21,16 @@ const CARBON_START: Duration = Duration::from_secs(20);
 /// reconnect backoff (at most 5 s).
 const POINT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A free local port: bound, then released for the peer to take.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+/// A port held for carbon: bound (never listening) with address and port
+/// reuse, which carbon's own listeners set too, so carbon can bind it while
+/// no other socket, nor a connection's source port, can take it first.
+fn reserved_port() -> (tokio::net::TcpSocket, u16) {
+    let holder = tokio::net::TcpSocket::new_v4().unwrap();
+    holder.set_reuseaddr(true).unwrap();
+    holder.set_reuseport(true).unwrap();
+    holder.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = holder.local_addr().unwrap().port();
+    (holder, port)
 }
 
 /// One carbon-cache, with its config and storage in `dir`. Stopped on drop.
@@ -32,6 +38,8 @@ struct Carbon {
     dir: PathBuf,
     line_port: u16,
     child: Option<Child>,
+    /// Held for carbon's whole life, restarts included.
+    _ports: [tokio::net::TcpSocket; 3],
 }
 
 impl Carbon {
@@ -40,13 +48,15 @@ impl Carbon {
         require_peer("timeout");
         let conf = dir.join("conf");
         std::fs::create_dir_all(&conf).unwrap();
-        let line_port = free_port();
+        let (line, line_port) = reserved_port();
+        let (pickle, pickle_port) = reserved_port();
+        let (query, query_port) = reserved_port();
         let template = std::fs::read_to_string(Path::new(FIXTURES).join("carbon.conf.in")).unwrap();
         let rendered = template
             .replace("@DIR@", dir.to_str().expect("utf-8 temp dir"))
             .replace("@LINE_PORT@", &line_port.to_string())
-            .replace("@PICKLE_PORT@", &free_port().to_string())
-            .replace("@QUERY_PORT@", &free_port().to_string());
+            .replace("@PICKLE_PORT@", &pickle_port.to_string())
+            .replace("@QUERY_PORT@", &query_port.to_string());
         std::fs::write(conf.join("carbon.conf"), rendered).unwrap();
         for file in ["storage-schemas.conf", "storage-aggregation.conf"] {
             std::fs::copy(Path::new(FIXTURES).join(file), conf.join(file)).unwrap();
@@ -55,6 +65,7 @@ impl Carbon {
             dir: dir.to_owned(),
             line_port,
             child: None,
+            _ports: [line, pickle, query],
         };
         carbon.spawn();
         carbon

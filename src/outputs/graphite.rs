@@ -336,7 +336,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use tokio::io::{AsyncBufReadExt, BufReader};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpSocket};
 
     use super::*;
     use crate::outputs::{OutputSink, Queue, queue};
@@ -500,9 +500,16 @@ mod tests {
     }
 
     /// A port nothing listens on (until a test binds it again).
-    async fn closed_port() -> u16 {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap().port()
+    /// A port nothing listens on, held by a bound socket the caller keeps:
+    /// no other socket (nor a connection's source port) can take it, yet a
+    /// test can still listen on it later (the holder allows address reuse).
+    fn closed_port() -> (TcpSocket, u16) {
+        let holder = TcpSocket::new_v4().unwrap();
+        holder.set_reuseaddr(true).unwrap();
+        holder.set_reuseport(true).unwrap();
+        holder.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = holder.local_addr().unwrap().port();
+        (holder, port)
     }
 
     async fn read_lines(listener: &TcpListener, n: usize) -> (Vec<String>, BufReader<TcpStream>) {
@@ -543,7 +550,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_outage_buffers_up_to_the_bound_then_delivers_the_buffer() {
-        let port = closed_port().await;
+        let (_holder, port) = closed_port();
         let (q, _shutdown, _task) = start(port, 5);
         for i in 0..8 {
             q.push(point(i));
@@ -601,7 +608,8 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_with_carbon_down_counts_the_buffer_as_dropped() {
-        let (q, shutdown, task) = start(closed_port().await, 10);
+        let (_holder, port) = closed_port();
+        let (q, shutdown, task) = start(port, 10);
         for i in 0..3 {
             q.push(point(i));
         }
