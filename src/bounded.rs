@@ -19,6 +19,11 @@
 //!   connection task, socket and buffers forever. A write (or flush) that
 //!   made no progress for `write_timeout` fails instead, which ends the
 //!   connection, and is counted.
+//! - A peer that vanished (host down, link cut) acknowledges nothing, yet
+//!   small writes (an SSE keep-alive, a quiet subscription) fit in the send
+//!   buffer and never stall, and the kernel retransmits to it for about 15
+//!   minutes. [`limit_unacked`] has the kernel end such a connection sooner
+//!   (the graphite output uses it too: carbon acknowledges nothing else).
 
 use std::future::Future;
 use std::io;
@@ -38,6 +43,23 @@ use crate::stats::Stats;
 
 /// Refusals are logged at most this often; the counter has every one.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Has the kernel end `stream` once data sent on it has gone unacknowledged
+/// for twice `write_timeout` (`TCP_USER_TIMEOUT`). Twice, so that a peer that
+/// only stopped reading (its window closed, which also counts as unacked)
+/// is ended, and counted, by the write timeout first. A no-op off Linux.
+pub fn limit_unacked(stream: &TcpStream, write_timeout: Duration) {
+    #[cfg(target_os = "linux")]
+    {
+        let millis = write_timeout.saturating_mul(2).as_millis();
+        let millis = u32::try_from(millis).unwrap_or(u32::MAX);
+        if let Err(error) = rustix::net::sockopt::set_tcp_user_timeout(stream, millis) {
+            tracing::debug!(%error, "Could not set TCP_USER_TIMEOUT.");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (stream, write_timeout);
+}
 
 /// One permit per connection allowed open at once (tokio's semaphore holds
 /// at most [`Semaphore::MAX_PERMITS`]).
@@ -306,6 +328,20 @@ impl tonic::transport::server::Connected for Bounded<TcpStream> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn unacked_data_is_given_up_on_after_twice_the_write_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let unset = rustix::net::sockopt::tcp_user_timeout(&stream).unwrap();
+        assert_eq!(unset, 0, "the kernel's default: retransmit for ~15 min");
+        limit_unacked(&stream, Duration::from_secs(3));
+        let set = rustix::net::sockopt::tcp_user_timeout(&stream).unwrap();
+        assert_eq!(set, 6_000);
+    }
 
     fn bounds(max_connections: usize, read_timeout_secs: u64, write_timeout_secs: u64) -> Bounds {
         Bounds::new(

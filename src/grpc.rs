@@ -297,7 +297,10 @@ impl Grpc {
             .with_nodelay(Some(true))
             .filter_map(move |accepted| {
                 let admitted = match accepted {
-                    Ok(io) => bounds.admit(io).map(Ok),
+                    Ok(io) => {
+                        crate::bounded::limit_unacked(&io, bounds.write_timeout);
+                        bounds.admit(io).map(Ok)
+                    }
                     Err(e) => Some(Err(e)),
                 };
                 std::future::ready(admitted)

@@ -275,6 +275,7 @@ async fn listen(
                 accepted = crate::tcp::accept(&listener, "http") => accepted,
                 () = shutdown.cancelled() => return,
             };
+            crate::bounded::limit_unacked(&stream, bounds.write_timeout);
             let Some(io) = bounds.admit(stream) else {
                 tracing::debug!(%peer, "HTTP connection limit reached; refused.");
                 continue;

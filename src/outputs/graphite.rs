@@ -259,6 +259,9 @@ impl Graphite {
                 .map_err(|_| std::io::ErrorKind::TimedOut)??;
             // Batches are already coalesced; Nagle would only add latency.
             stream.set_nodelay(true)?;
+            // Carbon acks nothing but TCP: points written to a carbon that
+            // vanished count as delivered, so give up on it soon.
+            crate::bounded::limit_unacked(&stream, WRITE_TIMEOUT);
             self.conn = Some(stream);
         }
         Ok(())
