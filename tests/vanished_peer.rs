@@ -1,0 +1,190 @@
+//! Peers that vanish without closing (host down, link cut) answer nothing,
+//! not even with TCP acknowledgements. This test makes such peers in a
+//! network namespace of its own: they sit on 127.0.0.2, and once their
+//! connections are up a routing rule blackholes everything sent there.
+//! vigil must give up on them within twice its write timeout (its
+//! `TCP_USER_TIMEOUT`), where the kernel alone would retransmit to them for
+//! about 15 minutes:
+//! - the graphite output's carbon: points written into it count as
+//!   delivered, and a few a second never fill the send buffer, so no write
+//!   ever stalls;
+//! - an SSE subscriber whose query matches nothing: its keep-alives never
+//!   stall either.
+//!
+//! `harness = false`: `main` enters the namespace before any thread starts,
+//! so every thread and child (vigil too) lives in it. Needs root or
+//! unprivileged user namespaces, and iproute2's `ip`.
+
+mod common;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{Vigil, require_peer, run_ok};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
+use vigil::client::Client;
+use vigil::clock::{Clock, SystemClock};
+use vigil::event::{Event, Metric};
+
+/// Where the vanishing peers live.
+const VANISHING: &str = "127.0.0.2";
+/// Twice vigil's graphite write timeout (10 s) is 20 s; twice the
+/// `--read-timeout` below plus SSE's 15 s keep-alive interval is 19 s.
+const GIVE_UP_WITHIN: Duration = Duration::from_secs(60);
+
+fn main() {
+    enter_network_namespace();
+    ip(&["link", "set", "lo", "up"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(a_vanished_carbon_and_subscriber_are_given_up_on());
+    println!("test a_vanished_carbon_and_subscriber_are_given_up_on ... ok");
+}
+
+fn enter_network_namespace() {
+    // SAFETY: plain syscalls; no other thread exists yet, as a new user
+    // namespace requires.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) == 0 {
+            return;
+        }
+        // Not root: in a new user namespace this process is, for its
+        // network namespace and for the `ip` commands it runs.
+        let (uid, gid) = (libc::getuid(), libc::getgid());
+        if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0 {
+            panic!(
+                "cannot make a network namespace (needs root or unprivileged user namespaces): {}",
+                io::Error::last_os_error()
+            );
+        }
+        std::fs::write("/proc/self/setgroups", "deny").unwrap();
+        std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")).unwrap();
+        std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")).unwrap();
+    }
+}
+
+fn ip(args: &[&str]) {
+    run_ok(require_peer("ip"), args, Duration::from_secs(10));
+}
+
+/// From now on nothing sent to [`VANISHING`] arrives. The local routing
+/// table, which answers for all of 127/8, moves after a rule that drops it.
+fn vanish() {
+    ip(&["rule", "add", "pref", "100", "lookup", "local"]);
+    ip(&["rule", "del", "pref", "0", "lookup", "local"]);
+    ip(&["rule", "add", "pref", "10", "to", VANISHING, "blackhole"]);
+}
+
+async fn a_vanished_carbon_and_subscriber_are_given_up_on() {
+    let carbon = TcpListener::bind((VANISHING, 0)).await.unwrap();
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    let port = carbon.local_addr().unwrap().port();
+    std::fs::write(
+        rules.path(),
+        format!(
+            "output graph = graphite(host: \"{VANISHING}\", port: {port})\nstreams {{ graph }}\n"
+        ),
+    )
+    .unwrap();
+    let vigil = Vigil::start(&[
+        "--rules",
+        rules.path().to_str().unwrap(),
+        "--read-timeout",
+        "2s",
+    ]);
+    let http = vigil.http.expect("HTTP listener");
+
+    // A point every 100 ms, for the whole test.
+    let tcp = vigil.tcp;
+    let sender = tokio::spawn(async move {
+        let mut client = Client::connect(tcp).await.unwrap();
+        for i in 0.. {
+            let event = Event {
+                host: Some("web1".to_owned()),
+                service: Some("load".to_owned()),
+                metric: Some(Metric::Int(i)),
+                time: SystemClock.now(),
+                ..Event::default()
+            };
+            client.send(&[event]).await.expect("acked");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let (mut from_vigil, _) = carbon.accept().await.unwrap();
+    let mut lines = Vec::new();
+    while lines.iter().filter(|&&b| b == b'\n').count() < 3 {
+        assert_ne!(from_vigil.read_buf(&mut lines).await.unwrap(), 0);
+    }
+
+    let _subscriber = subscribe_sse(http).await;
+    assert_eq!(gauge(http, "vigil_subscribers").await, 1.0);
+    let retries = || gauge(http, "vigil_output_retries_total");
+    assert_eq!(retries().await, 0.0, "carbon is up");
+
+    vanish();
+    let vanished = Instant::now();
+    let (mut carbon_given_up, mut subscriber_given_up) = (None, None);
+    while carbon_given_up.is_none() || subscriber_given_up.is_none() {
+        assert!(
+            vanished.elapsed() < GIVE_UP_WITHIN,
+            "still holding on after {GIVE_UP_WITHIN:?}: carbon given up {carbon_given_up:?}, \
+             subscriber {subscriber_given_up:?}\n{}",
+            vigil.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if carbon_given_up.is_none() && retries().await >= 1.0 {
+            carbon_given_up = Some(vanished.elapsed());
+        }
+        if subscriber_given_up.is_none() && gauge(http, "vigil_subscribers").await == 0.0 {
+            subscriber_given_up = Some(vanished.elapsed());
+        }
+    }
+    println!(
+        "carbon given up after {carbon_given_up:?}, the subscriber after {subscriber_given_up:?}"
+    );
+    sender.abort();
+}
+
+/// An SSE subscription from [`VANISHING`], its response head read.
+async fn subscribe_sse(http: SocketAddr) -> tokio::net::TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{VANISHING}:0").parse().unwrap())
+        .unwrap();
+    let mut stream = socket.connect(http).await.unwrap();
+    // A query nothing matches: only keep-alives will flow.
+    let request = "GET /index?query=service%20%3D%20%22nothing%22 HTTP/1.1\r\n\
+                   Host: vigil\r\nAccept: text/event-stream\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        assert_ne!(stream.read_buf(&mut head).await.unwrap(), 0);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    stream
+}
+
+/// One sample of `/metrics` (the graphite output's for output metrics).
+async fn gauge(http: SocketAddr, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"));
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{name}: {other:?}"),
+    }
+}
