@@ -27,6 +27,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -75,8 +76,9 @@ pub struct RefusalLog {
 }
 
 impl RefusalLog {
-    /// Counts one refusal in `counter`; true if it was also logged.
-    pub fn refused(&self, listener: &'static str, counter: &AtomicU64) -> bool {
+    /// Counts one refusal (of `peer`) in `counter`; true if it was also
+    /// logged. The warning names that one peer: in a flood, one of many.
+    pub fn refused(&self, listener: &'static str, peer: SocketAddr, counter: &AtomicU64) -> bool {
         Stats::incr(counter);
         let refused = Stats::get(counter);
         let now = Instant::now();
@@ -90,6 +92,7 @@ impl RefusalLog {
         tracing::warn!(
             listener,
             refused,
+            %peer,
             "Connection limit reached; refusing new connections (see --max-connections)."
         );
         true
@@ -156,12 +159,12 @@ impl Bounds {
         Stats::incr((self.counters.read_timeouts)(&self.stats));
     }
 
-    /// `io` as a bounded connection, or `None` (counted; dropping `io`
-    /// closes it) when as many are open as allowed.
-    pub fn admit<IO>(&self, io: IO) -> Option<Bounded<IO>> {
+    /// `io`, from `peer`, as a bounded connection, or `None` (counted;
+    /// dropping `io` closes it) when as many are open as allowed.
+    pub fn admit<IO>(&self, io: IO, peer: SocketAddr) -> Option<Bounded<IO>> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             let counter = (self.counters.refused)(&self.stats);
-            self.refusals.refused(self.counters.listener, counter);
+            self.refusals.refused(self.counters.listener, peer, counter);
             return None;
         };
         Some(Bounded {
@@ -329,6 +332,11 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    const PEER: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        40000,
+    ));
+
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn unacked_data_is_given_up_on_after_twice_the_write_timeout() {
@@ -356,28 +364,28 @@ mod tests {
     #[test]
     fn connections_over_the_limit_are_refused_until_one_closes() {
         let bounds = bounds(2, 60, 60);
-        let first = bounds.admit(()).expect("under the limit");
-        let _second = bounds.admit(()).expect("at the limit");
-        assert!(bounds.admit(()).is_none());
+        let first = bounds.admit((), PEER).expect("under the limit");
+        let _second = bounds.admit((), PEER).expect("at the limit");
+        assert!(bounds.admit((), PEER).is_none());
         assert_eq!(Stats::get(&bounds.stats.http_connections_refused), 1);
         assert!(bounds.refusals.next.lock().is_some(), "and warned of");
         drop(first);
-        assert!(bounds.admit(()).is_some(), "its permit came back");
+        assert!(bounds.admit((), PEER).is_some(), "its permit came back");
     }
 
     #[tokio::test(start_paused = true)]
     async fn refusals_are_logged_once_per_interval() {
         let (log, counter) = (RefusalLog::default(), AtomicU64::new(0));
-        assert!(log.refused("http", &counter), "the first is said");
-        assert!(!log.refused("http", &counter));
+        assert!(log.refused("http", PEER, &counter), "the first is said");
+        assert!(!log.refused("http", PEER, &counter));
         tokio::time::advance(REFUSAL_LOG_INTERVAL - Duration::from_millis(1)).await;
         assert!(
-            !log.refused("http", &counter),
+            !log.refused("http", PEER, &counter),
             "not before the interval is over"
         );
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(log.refused("http", &counter));
-        assert!(!log.refused("http", &counter));
+        assert!(log.refused("http", PEER, &counter));
+        assert!(!log.refused("http", PEER, &counter));
         assert_eq!(Stats::get(&counter), 5, "every refusal counted");
     }
 
@@ -385,7 +393,7 @@ mod tests {
     async fn a_write_the_peer_never_reads_fails_after_the_timeout() {
         let (ours, _theirs) = tokio::io::duplex(64);
         let bounds = bounds(1, 60, 5);
-        let mut io = bounds.admit(ours).unwrap();
+        let mut io = bounds.admit(ours, PEER).unwrap();
         let started = tokio::time::Instant::now();
         let error = io.write_all(&[0; 1024]).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
@@ -403,7 +411,7 @@ mod tests {
     async fn a_slow_reader_that_keeps_reading_is_never_timed_out() {
         let (ours, mut theirs) = tokio::io::duplex(64);
         let bounds = bounds(1, 60, 5);
-        let mut io = bounds.admit(ours).unwrap();
+        let mut io = bounds.admit(ours, PEER).unwrap();
         // 64 bytes every 4 s: each write waits on the reader, never 5 s.
         let reader = tokio::spawn(async move {
             let mut buf = [0; 64];
@@ -424,7 +432,7 @@ mod tests {
     async fn a_peer_silent_from_the_start_fails_the_read_after_the_timeout() {
         let (ours, _theirs) = tokio::io::duplex(64);
         let bounds = bounds(1, 5, 60);
-        let mut io = bounds.admit(ours).unwrap();
+        let mut io = bounds.admit(ours, PEER).unwrap();
         let started = tokio::time::Instant::now();
         let mut buf = [0; 8];
         let error = io.read(&mut buf).await.unwrap_err();
@@ -443,7 +451,7 @@ mod tests {
     async fn once_a_peer_has_spoken_reads_wait_as_long_as_it_takes() {
         let (ours, mut theirs) = tokio::io::duplex(64);
         let bounds = bounds(1, 5, 60);
-        let mut io = bounds.admit(ours).unwrap();
+        let mut io = bounds.admit(ours, PEER).unwrap();
         let peer = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(4)).await;
             theirs.write_all(b"a").await.unwrap();

@@ -297,10 +297,14 @@ impl Grpc {
             .with_nodelay(Some(true))
             .filter_map(move |accepted| {
                 let admitted = match accepted {
-                    Ok(io) => {
-                        crate::bounded::limit_unacked(&io, bounds.write_timeout);
-                        bounds.admit(io).map(Ok)
-                    }
+                    Ok(io) => match io.peer_addr() {
+                        Ok(peer) => {
+                            crate::bounded::limit_unacked(&io, bounds.write_timeout);
+                            bounds.admit(io, peer).map(Ok)
+                        }
+                        // Without a peer address the connection is already gone.
+                        Err(_) => None,
+                    },
                     Err(e) => Some(Err(e)),
                 };
                 std::future::ready(admitted)

@@ -75,7 +75,7 @@ pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<T
         let Ok(permit) = conns.permits.clone().try_acquire_owned() else {
             // Dropping the socket closes it: the client sees EOF at once.
             let refused = &conns.ingest.stats.tcp_connections_refused;
-            conns.refusals.refused("riemann", refused);
+            conns.refusals.refused("riemann", peer, refused);
             continue;
         };
         let _ = socket.set_nodelay(true);

@@ -422,3 +422,28 @@ fn queries_over_the_result_limit_are_refused_with_the_flag_named() {
         "{metrics}"
     );
 }
+
+/// The warning of a listener at its limit says which peer it refused.
+#[test]
+fn the_connection_limit_warning_names_the_refused_peer() {
+    let vigil = common::Vigil::start(&["--max-connections", "1"]);
+    // Admitted for sure once it has had an answer.
+    let mut held = raw(vigil.tcp);
+    held.write_all(&frame(&events_msg(vec![pb_event("web1", "cpu")])))
+        .unwrap();
+    assert_eq!(read_reply(&mut held).ok, Some(true));
+
+    let mut refused = raw(vigil.tcp);
+    let at = refused.local_addr().unwrap().to_string();
+    assert_eq!(refused.read(&mut [0; 1]).unwrap(), 0, "closed at once");
+    let warning = common::wait_until(Duration::from_secs(10), || {
+        let logs = vigil.logs();
+        let line = logs
+            .lines()
+            .find(|l| l.contains("Connection limit reached"))?;
+        Some(serde_json::from_str::<serde_json::Value>(line).unwrap())
+    })
+    .expect("a refusal warning");
+    assert_eq!(warning["fields"]["listener"], "riemann");
+    assert_eq!(warning["fields"]["peer"].as_str(), Some(at.as_str()));
+}

@@ -276,7 +276,7 @@ async fn listen(
                 () = shutdown.cancelled() => return,
             };
             crate::bounded::limit_unacked(&stream, bounds.write_timeout);
-            let Some(io) = bounds.admit(stream) else {
+            let Some(io) = bounds.admit(stream, peer) else {
                 tracing::debug!(%peer, "HTTP connection limit reached; refused.");
                 continue;
             };
