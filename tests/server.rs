@@ -416,9 +416,26 @@ fn queries_over_the_result_limit_are_refused_with_the_flag_named() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(body, serde_json::json!({ "error": expected }).to_string());
     assert_eq!(get("/index?query=service%20%3D%20%22disk%22").0, 200);
+    // A WebSocket subscription's snapshot too: closed with the same words.
+    let closed = runtime.block_on(async {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let url = format!("ws://{http}/index?query=true&subscribe=true");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(other)) => panic!("before the close: {other:?}"),
+                ended => panic!("no close frame: {ended:?}"),
+            }
+        }
+    });
+    let closed = closed.expect("a close frame");
+    assert_eq!(u16::from(closed.code), 1008, "policy violation");
+    assert_eq!(closed.reason.as_str(), expected);
     let (_, metrics) = get("/metrics");
     assert!(
-        metrics.lines().any(|l| l == "vigil_query_errors_total 2"),
+        metrics.lines().any(|l| l == "vigil_query_errors_total 3"),
         "{metrics}"
     );
 }

@@ -113,13 +113,13 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
     };
     let snapshot = match state.snapshot(&query, false).await {
         Ok(snapshot) => snapshot,
-        Err((StatusCode::UNPROCESSABLE_ENTITY, _)) => {
-            let reason = "the query matches more events than --max-query-results";
-            close(socket, close_code::POLICY, reason).await;
-            return;
-        }
-        Err(_) => {
-            close(socket, close_code::ERROR, "the query failed").await;
+        Err((status, error)) => {
+            let code = match status {
+                // The asker's: over --max-query-results.
+                StatusCode::UNPROCESSABLE_ENTITY => close_code::POLICY,
+                _ => close_code::ERROR,
+            };
+            close(socket, code, close_reason(error)).await;
             return;
         }
     };
@@ -175,13 +175,28 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
     }
 }
 
-async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
+async fn close(mut socket: WebSocket, code: u16, reason: impl Into<Utf8Bytes>) {
     let frame = CloseFrame {
         code,
-        reason: Utf8Bytes::from_static(reason),
+        reason: reason.into(),
     };
     // The peer may already be gone; nothing more to tell it then.
     let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+/// A close frame's reason holds at most 123 bytes (a control frame's 125,
+/// less the code's two): longer text is cut at a character boundary.
+const MAX_CLOSE_REASON: usize = 123;
+
+fn close_reason(mut text: String) -> String {
+    if text.len() > MAX_CLOSE_REASON {
+        let end = (0..=MAX_CLOSE_REASON)
+            .rev()
+            .find(|&end| text.is_char_boundary(end))
+            .unwrap_or(0);
+        text.truncate(end);
+    }
+    text
 }
 
 /// Snapshot then live, as Server-Sent Events, until the subscriber falls
@@ -208,4 +223,20 @@ async fn event_stream(state: AppState, query: Query) -> Response {
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_close_reason_is_cut_to_123_bytes_on_a_character_boundary() {
+        let short = "the query matches more than 3 events (--max-query-results 3); narrow it";
+        assert_eq!(close_reason(short.to_owned()), short);
+        assert_eq!(close_reason("x".repeat(200)), "x".repeat(123));
+        // 'é' is two bytes: 61 of them are 122 bytes, the 62nd would end at 124.
+        let cut = close_reason("é".repeat(100));
+        assert_eq!(cut, "é".repeat(61));
+        assert_eq!(cut.len(), 122);
+    }
 }
