@@ -23,7 +23,9 @@
 //!   small writes (an SSE keep-alive, a quiet subscription) fit in the send
 //!   buffer and never stall, and the kernel retransmits to it for about 15
 //!   minutes. [`limit_unacked`] has the kernel end such a connection sooner
-//!   (the graphite output uses it too: carbon acknowledges nothing else).
+//!   (the graphite output uses it too, and [`unacked_bytes`] to count as
+//!   delivered only what carbon's TCP acknowledged: carbon acknowledges
+//!   nothing else).
 
 use std::future::Future;
 use std::io;
@@ -60,6 +62,25 @@ pub fn limit_unacked(stream: &TcpStream, write_timeout: Duration) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (stream, write_timeout);
+}
+
+/// Bytes written to `stream` that its peer has not acknowledged yet (sent or
+/// not: `SIOCOUTQ`). Always 0 off Linux, where written means delivered.
+pub fn unacked_bytes(stream: &TcpStream) -> io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::ioctl::{Getter, Opcode, ioctl};
+        const SIOCOUTQ: Opcode = linux_raw_sys::ioctl::TIOCOUTQ as Opcode;
+        // SAFETY: on a socket SIOCOUTQ (the same number as TIOCOUTQ) writes
+        // one int, which is what the getter provides room for.
+        let bytes = unsafe { ioctl(stream, Getter::<SIOCOUTQ, rustix::ffi::c_int>::new()) }?;
+        Ok(usize::try_from(bytes).unwrap_or(0))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = stream;
+        Ok(0)
+    }
 }
 
 /// One permit per connection allowed open at once (tokio's semaphore holds

@@ -1,5 +1,5 @@
 //! The Riemann wire schema (generated from `proto/riemann.proto`) and the edge
-//! conversions between its `Event` and vigil's core [`Event`](crate::event::Event).
+//! conversions between its `Event` and vigil's core [`Event`].
 //! Nothing past ingest and the client sees protobuf types.
 
 use bytes::Bytes;

@@ -5,11 +5,13 @@
 //! vigil must give up on them within twice its write timeout (its
 //! `TCP_USER_TIMEOUT`), where the kernel alone would retransmit to them for
 //! about 15 minutes:
-//! - the graphite output's carbon: points written into it count as
-//!   delivered, and a few a second never fill the send buffer, so no write
-//!   ever stalls;
+//! - the graphite output's carbon: a few points a second never fill the
+//!   send buffer, so no write ever stalls;
 //! - an SSE subscriber whose query matches nothing: its keep-alives never
 //!   stall either.
+//!
+//! Once carbon is back, every point reaches it: those its TCP had not
+//! acknowledged when it vanished are sent again.
 //!
 //! `harness = false`: `main` enters the namespace before any thread starts,
 //! so every thread and child (vigil too) lives in it. Needs root or
@@ -17,8 +19,11 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Vigil, require_peer, run_ok};
@@ -39,8 +44,8 @@ fn main() {
     ip(&["link", "set", "lo", "up"]);
     let started = Instant::now();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(a_vanished_carbon_and_subscriber_are_given_up_on());
-    println!("test a_vanished_carbon_and_subscriber_are_given_up_on ... ok");
+    runtime.block_on(a_vanished_carbon_and_subscriber_are_given_up_on_and_no_point_is_lost());
+    println!("test a_vanished_carbon_and_subscriber_are_given_up_on_and_no_point_is_lost ... ok");
     // libtest's summary line, which scripts/test adds up; a failure panics
     // before it, and the non-zero exit fails the run.
     println!(
@@ -83,7 +88,12 @@ fn vanish() {
     ip(&["rule", "add", "pref", "10", "to", VANISHING, "blackhole"]);
 }
 
-async fn a_vanished_carbon_and_subscriber_are_given_up_on() {
+/// [`VANISHING`] is reachable again.
+fn come_back() {
+    ip(&["rule", "del", "pref", "10"]);
+}
+
+async fn a_vanished_carbon_and_subscriber_are_given_up_on_and_no_point_is_lost() {
     let carbon = TcpListener::bind((VANISHING, 0)).await.unwrap();
     let rules = tempfile::NamedTempFile::new().unwrap();
     let port = carbon.local_addr().unwrap().port();
@@ -102,8 +112,11 @@ async fn a_vanished_carbon_and_subscriber_are_given_up_on() {
     ]);
     let http = vigil.http.expect("HTTP listener");
 
-    // A point every 100 ms, for the whole test.
+    // A point every 100 ms until carbon is back; `last_acked` is the
+    // newest one vigil took.
     let tcp = vigil.tcp;
+    let last_acked = Arc::new(AtomicI64::new(-1));
+    let acked = Arc::clone(&last_acked);
     let sender = tokio::spawn(async move {
         let mut client = Client::connect(tcp).await.unwrap();
         for i in 0.. {
@@ -115,6 +128,7 @@ async fn a_vanished_carbon_and_subscriber_are_given_up_on() {
                 ..Event::default()
             };
             client.send(&[event]).await.expect("acked");
+            acked.store(i, Ordering::Release);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
@@ -150,7 +164,49 @@ async fn a_vanished_carbon_and_subscriber_are_given_up_on() {
     println!(
         "carbon given up after {carbon_given_up:?}, the subscriber after {subscriber_given_up:?}"
     );
+
+    // What the first connection brought before carbon vanished.
+    while let Ok(read) =
+        tokio::time::timeout(Duration::from_millis(500), from_vigil.read_buf(&mut lines)).await
+    {
+        assert_ne!(read.unwrap(), 0, "vigil closed the first connection");
+    }
+    come_back();
+    let (mut again, _) = tokio::time::timeout(GIVE_UP_WITHIN, carbon.accept())
+        .await
+        .expect("vigil reconnects to carbon once it is back")
+        .unwrap();
     sender.abort();
+    let _ = sender.await;
+    let last = last_acked.load(Ordering::Acquire);
+    let mut received = values(&lines);
+    let mut more = Vec::new();
+    while !received.contains(&last) {
+        let read = tokio::time::timeout(GIVE_UP_WITHIN, again.read_buf(&mut more))
+            .await
+            .unwrap_or_else(|_| panic!("point {last} never came; got {received:?}"));
+        assert_ne!(read.unwrap(), 0, "vigil closed the second connection");
+        let complete = more.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        received.extend(values(&more[..complete]));
+        more.drain(..complete);
+    }
+    let missing: Vec<i64> = (0..=last).filter(|i| !received.contains(i)).collect();
+    assert!(missing.is_empty(), "lost points {missing:?} of 0..={last}");
+    assert_eq!(gauge(http, "vigil_output_dropped_total").await, 0.0);
+    println!("all {} points reached carbon", last + 1);
+}
+
+/// The values of carbon plaintext lines (`path value timestamp`).
+fn values(lines: &[u8]) -> BTreeSet<i64> {
+    String::from_utf8_lossy(lines)
+        .lines()
+        .map(|line| {
+            let value = line.split(' ').nth(1);
+            value
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("line {line:?}"))
+        })
+        .collect()
 }
 
 /// An SSE subscription from [`VANISHING`], its response head read.

@@ -13,12 +13,16 @@
 //! Dropped (and counted): events without a metric, with a NaN or infinite
 //! one, or with an empty path (nothing to graph); and points beyond
 //! [`BUFFER_LINES`] while carbon is unreachable (the newest ones: a queue
-//! keeps its order). Delivered means written to the socket: the plaintext
-//! protocol has no acknowledgement.
+//! keeps its order).
 //!
-//! Lines go out in batches of up to 1000, one write each. A failed write
-//! keeps its whole batch for the next connection: carbon overwrites a point
-//! sent twice, so resending a partly written batch does no harm.
+//! The plaintext protocol has no acknowledgement, so a point counts as
+//! delivered once carbon's TCP acknowledged its bytes (on Linux; elsewhere
+//! once written). Lines go out in batches of up to 1000, one write each.
+//! When a connection fails, every line not yet acknowledged on it, and a
+//! partly written batch, go out again on the next: carbon overwrites a point
+//! sent twice, so a repeat does no harm, and a carbon that vanished (see
+//! [`limit_unacked`](crate::bounded::limit_unacked)) loses nothing that
+//! had not reached it.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -31,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Delivery;
 use super::template::Template;
+use crate::bounded::unacked_bytes;
 use crate::clock::MICROS_PER_SEC;
 use crate::dial;
 use crate::event::{Event, Metric};
@@ -46,6 +51,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A carbon that stopped reading counts as down.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often acknowledgements are checked while lines wait for them and
+/// nothing is being written.
+const ACK_POLL: Duration = Duration::from_millis(200);
 /// How long shutdown keeps trying to flush; less than the caller's bound, so
 /// what is left is counted as dropped rather than left in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -135,13 +143,22 @@ fn push_sanitized(out: &mut String, segment: &str) {
 
 // ---- delivery ----------------------------------------------------------------
 
-/// The output's state: lines not yet written, and the connection to carbon.
+/// The output's state: lines not yet written, lines written but not yet
+/// acknowledged, and the connection to carbon.
 struct Graphite {
     config: Config,
     /// Lines taken from the queue and not yet written; each one is an event
     /// in flight.
     pending: VecDeque<String>,
-    /// The most lines `pending` holds ([`BUFFER_LINES`] outside tests).
+    /// Lines written on the current connection whose bytes carbon's TCP has
+    /// not acknowledged yet, oldest first; also in flight.
+    unacked: VecDeque<String>,
+    /// The bytes of `unacked`.
+    unacked_bytes: usize,
+    /// When to look for acknowledgements next while lines wait for them.
+    ack_check_at: Instant,
+    /// The most lines `pending` and `unacked` hold together
+    /// ([`BUFFER_LINES`] outside tests).
     capacity: usize,
     conn: Option<TcpStream>,
     /// No connection attempt before this.
@@ -160,6 +177,9 @@ impl Graphite {
         Graphite {
             config,
             pending: VecDeque::new(),
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            ack_check_at: Instant::now(),
             capacity,
             conn: None,
             retry_at: Instant::now(),
@@ -184,6 +204,9 @@ impl Graphite {
                     None => break,
                 },
                 () = sleep_until(self.retry_at), if !self.pending.is_empty() => {}
+                () = sleep_until(self.ack_check_at), if !self.unacked.is_empty() => {
+                    self.check_acks(&delivery);
+                }
             }
         }
         self.finish(&mut delivery).await;
@@ -202,7 +225,7 @@ impl Graphite {
         for event in events {
             // Full (carbon down): drop before formatting, so an outage costs
             // ingest's cores as little as possible.
-            if self.pending.len() >= self.capacity {
+            if self.pending.len() + self.unacked.len() >= self.capacity {
                 overflow += 1;
                 continue;
             }
@@ -237,12 +260,47 @@ impl Graphite {
             };
             match result {
                 Ok(n) => {
-                    self.pending.drain(..n);
-                    delivery.delivered(n);
+                    for line in self.pending.drain(..n) {
+                        self.unacked_bytes += line.len();
+                        self.unacked.push_back(line);
+                    }
                     self.recovered(delivery);
+                    self.check_acks(delivery);
                 }
                 Err(e) => return self.failed(delivery, &e),
             }
+        }
+    }
+
+    /// Counts as delivered the written lines carbon's TCP has acknowledged;
+    /// a connection found closed or failed fails as a write would.
+    fn check_acks(&mut self, delivery: &Delivery) {
+        self.ack_check_at = Instant::now() + ACK_POLL;
+        let Some(conn) = &self.conn else { return };
+        // Read before looking for a failure: a reset empties the queue,
+        // which would look like everything acknowledged.
+        let outstanding = match unacked_bytes(conn) {
+            Ok(outstanding) => outstanding,
+            Err(e) => return self.failed(delivery, &e),
+        };
+        if peer_closed(conn) {
+            // Its queue may have been dropped already: resend rather than guess.
+            let closed = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+            return self.failed(delivery, &closed);
+        }
+        let mut acked = self.unacked_bytes.saturating_sub(outstanding);
+        let mut lines = 0;
+        while let Some(line) = self.unacked.front() {
+            if line.len() > acked {
+                break;
+            }
+            acked -= line.len();
+            self.unacked_bytes -= line.len();
+            self.unacked.pop_front();
+            lines += 1;
+        }
+        if lines > 0 {
+            delivery.delivered(lines);
         }
     }
 
@@ -269,6 +327,11 @@ impl Graphite {
 
     fn failed(&mut self, delivery: &Delivery, error: &std::io::Error) {
         self.conn = None;
+        // Not acknowledged, so perhaps never arrived: first in line again.
+        while let Some(line) = self.unacked.pop_back() {
+            self.pending.push_front(line);
+        }
+        self.unacked_bytes = 0;
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         delivery.retried();
@@ -293,13 +356,23 @@ impl Graphite {
             self.buffer(&events, delivery);
         }
         let deadline = Instant::now() + SHUTDOWN_GRACE;
-        while !self.pending.is_empty() && Instant::now() < deadline {
-            sleep_until(self.retry_at.min(deadline)).await;
-            let _ = timeout_at(deadline, self.send(delivery)).await;
+        loop {
+            if !self.pending.is_empty() {
+                sleep_until(self.retry_at.min(deadline)).await;
+                let _ = timeout_at(deadline, self.send(delivery)).await;
+            } else if !self.unacked.is_empty() {
+                sleep_until(self.ack_check_at.min(deadline)).await;
+                self.check_acks(delivery);
+            }
+            let done = self.pending.is_empty() && self.unacked.is_empty();
+            if done || Instant::now() >= deadline {
+                break;
+            }
         }
-        if !self.pending.is_empty() {
-            delivery.dropped(self.pending.len());
-            tracing::error!(output = %delivery.name, count = self.pending.len(), "Carbon unreachable at shutdown; points dropped.");
+        let left = self.pending.len() + self.unacked.len();
+        if left > 0 {
+            delivery.dropped(left);
+            tracing::error!(output = %delivery.name, count = left, "Carbon unreachable at shutdown, or not acknowledging; points dropped.");
         }
     }
 }
@@ -502,7 +575,6 @@ mod tests {
         (q, shutdown, task)
     }
 
-    /// A port nothing listens on (until a test binds it again).
     /// A port nothing listens on, held by a bound socket the caller keeps:
     /// no other socket (nor a connection's source port) can take it, yet a
     /// test can still listen on it later (the holder allows address reuse).
@@ -571,6 +643,58 @@ mod tests {
         );
         assert_eq!(lines[4], "web1.s4 4 1700000000\n");
         wait_for(&q, "5 delivered", |c| c.delivered == 5 && c.in_flight == 0).await;
+        assert!(q.stats.retries.load(Ordering::Acquire) >= 1);
+    }
+
+    /// Carbon's kernel takes a few KiB and then its window stays shut (it
+    /// never reads); when the connection is reset, exactly the lines it had
+    /// not acknowledged go out again on the next one.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn lines_carbon_did_not_acknowledge_are_sent_again_on_the_next_connection() {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(4).unwrap();
+        let (q, _shutdown, _task) = start(listener.local_addr().unwrap().port(), 10_000);
+        const POINTS: i64 = 2000;
+        let mut stalled = None;
+        for chunk in (0..POINTS).collect::<Vec<_>>().chunks(100) {
+            for &i in chunk {
+                q.push(point(i));
+            }
+            if stalled.is_none() {
+                // The output connects once it has something to send.
+                let accepted = timeout(Duration::from_secs(10), listener.accept()).await;
+                stalled = Some(accepted.expect("connected within 10 s").unwrap().0);
+            }
+            wait_for(&q, "taken from the queue", |_| q.queued() == 0).await;
+        }
+        let stalled = stalled.unwrap();
+        // Only acknowledged lines are delivered, and the window stays shut.
+        wait_for(&q, "the window shut", |c| c.delivered > 0).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let acknowledged = counts(&q).delivered;
+        assert!(acknowledged < POINTS as u64 / 2, "{acknowledged}");
+        assert_eq!(
+            counts(&q).delivered,
+            acknowledged,
+            "no further acknowledgement"
+        );
+
+        // Unread data makes the close a reset.
+        rustix::net::sockopt::set_socket_linger(&stalled, Some(Duration::ZERO)).unwrap();
+        drop(stalled);
+        let expected = POINTS as u64 - acknowledged;
+        let (lines, _conn) = read_lines(&listener, expected as usize).await;
+        let first = acknowledged as i64;
+        for (line, i) in lines.iter().zip(first..) {
+            assert_eq!(line, &format!("web1.s{i} {i} 1700000000\n"));
+        }
+        wait_for(&q, "all delivered", |c| {
+            c.delivered == POINTS as u64 && c.dropped == 0 && c.in_flight == 0
+        })
+        .await;
         assert!(q.stats.retries.load(Ordering::Acquire) >= 1);
     }
 

@@ -99,7 +99,7 @@ pub struct OutputSpec {
 pub struct OutputStats {
     /// Handed to the output by the streams.
     pub accepted: AtomicU64,
-    /// Confirmed by the downstream (or written to its socket, for Graphite).
+    /// Confirmed by the downstream (for Graphite, by carbon's TCP).
     pub delivered: AtomicU64,
     /// Given up on: queue full, refused by the downstream, or over a buffer bound.
     pub dropped: AtomicU64,
