@@ -128,6 +128,7 @@ pub struct Counters {
     pub refused: fn(&Stats) -> &AtomicU64,
     pub read_timeouts: fn(&Stats) -> &AtomicU64,
     pub write_timeouts: fn(&Stats) -> &AtomicU64,
+    pub peers_vanished: fn(&Stats) -> &AtomicU64,
 }
 
 impl Counters {
@@ -136,12 +137,14 @@ impl Counters {
         refused: |stats| &stats.http_connections_refused,
         read_timeouts: |stats| &stats.http_read_timeouts,
         write_timeouts: |stats| &stats.http_write_timeouts,
+        peers_vanished: |stats| &stats.http_peers_vanished,
     };
     pub const GRPC: Counters = Counters {
         listener: "grpc",
         refused: |stats| &stats.grpc_connections_refused,
         read_timeouts: |stats| &stats.grpc_read_timeouts,
         write_timeouts: |stats| &stats.grpc_write_timeouts,
+        peers_vanished: |stats| &stats.grpc_peers_vanished,
     };
 }
 
@@ -194,6 +197,7 @@ impl Bounds {
             _permit: permit,
             silent: Some(Deadline::default()),
             stalled: Deadline::default(),
+            vanished: false,
         })
     }
 }
@@ -209,6 +213,8 @@ pub struct Bounded<IO> {
     silent: Option<Deadline>,
     /// Armed while a write waits on the peer; disarmed when one progresses.
     stalled: Deadline,
+    /// The kernel ended the connection ([`limit_unacked`]); counted once.
+    vanished: bool,
 }
 
 /// A timer armed by the first wait (no timer at all for I/O that never
@@ -278,9 +284,24 @@ impl<IO> Bounded<IO> {
             Poll::Pending => self.stalled(cx),
             ready => {
                 self.stalled.disarm();
-                ready
+                self.count_if_vanished(ready)
             }
         }
+    }
+
+    /// Counts the connection once if `done` is the kernel giving up on a
+    /// peer that acknowledged nothing (`ETIMEDOUT`; vigil's own timeouts
+    /// carry no OS error).
+    fn count_if_vanished<T>(&mut self, done: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &done
+            && e.kind() == io::ErrorKind::TimedOut
+            && e.raw_os_error().is_some()
+            && !self.vanished
+        {
+            self.vanished = true;
+            Stats::incr((self.bounds.counters.peers_vanished)(&self.bounds.stats));
+        }
+        done
     }
 }
 
@@ -296,7 +317,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Bounded<IO> {
             ready => {
                 // A byte, the end or an error: the silence is over either way.
                 this.silent = None;
-                ready
+                this.count_if_vanished(ready)
             }
         }
     }
@@ -426,6 +447,61 @@ mod tests {
         );
         assert_eq!(started.elapsed(), Duration::from_secs(5));
         assert_eq!(Stats::get(&bounds.stats.http_write_timeouts), 1);
+        assert_eq!(Stats::get(&bounds.stats.http_peers_vanished), 0);
+    }
+
+    /// A connection whose every read and write fails with one OS error.
+    struct Failing(i32);
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::from_raw_os_error(self.0)))
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::Error::from_raw_os_error(self.0)))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::from_raw_os_error(self.0)))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::from_raw_os_error(self.0)))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_kernel_timed_out_is_counted_once_as_vanished() {
+        let bounds = bounds(2, 60, 60);
+        let mut vanished = bounds.admit(Failing(libc::ETIMEDOUT), PEER).unwrap();
+        let error = vanished.read(&mut [0; 8]).await.unwrap_err();
+        assert_eq!(
+            error.raw_os_error(),
+            Some(libc::ETIMEDOUT),
+            "passed on as it was"
+        );
+        vanished.write(&[0]).await.unwrap_err();
+        vanished.flush().await.unwrap_err();
+        assert_eq!(Stats::get(&bounds.stats.http_peers_vanished), 1);
+
+        let mut reset = bounds.admit(Failing(libc::ECONNRESET), PEER).unwrap();
+        reset.read(&mut [0; 8]).await.unwrap_err();
+        reset.write(&[0]).await.unwrap_err();
+        assert_eq!(
+            Stats::get(&bounds.stats.http_peers_vanished),
+            1,
+            "a reset is the peer's doing"
+        );
+        assert_eq!(Stats::get(&bounds.stats.http_write_timeouts), 0);
     }
 
     #[tokio::test(start_paused = true)]

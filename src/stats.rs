@@ -82,6 +82,9 @@ counters! {
     /// HTTP connections (responses, WebSocket and SSE subscribers) closed because
     /// the client read nothing for `--read-timeout`.
     http_write_timeouts,
+    /// HTTP connections the kernel ended because the peer acknowledged
+    /// nothing for twice `--read-timeout`: it vanished (host down, link cut).
+    http_peers_vanished,
     /// HTTP connections closed because a request (its head, or a posted body)
     /// did not arrive within `--read-timeout`, idle keep-alive ones included.
     http_read_timeouts,
@@ -89,6 +92,9 @@ counters! {
     grpc_connections_refused,
     /// gRPC connections closed because the client read nothing for `--read-timeout`.
     grpc_write_timeouts,
+    /// gRPC connections the kernel ended because the peer acknowledged
+    /// nothing for twice `--read-timeout`: it vanished (host down, link cut).
+    grpc_peers_vanished,
     /// gRPC connections closed because the client sent nothing within
     /// `--read-timeout` of connecting.
     grpc_read_timeouts,

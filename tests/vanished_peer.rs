@@ -1,7 +1,8 @@
 //! Peers that vanish without closing (host down, link cut) answer nothing,
 //! not even with TCP acknowledgements. This test makes such peers in a
 //! network namespace of its own: they sit on 127.0.0.2, and once their
-//! connections are up a routing rule blackholes everything sent there.
+//! connections are up an nftables rule drops every packet to and from there,
+//! as the network does for a host that went away.
 //! vigil must give up on them within twice its write timeout (its
 //! `TCP_USER_TIMEOUT`), where the kernel alone would retransmit to them for
 //! about 15 minutes:
@@ -15,7 +16,7 @@
 //!
 //! `harness = false`: `main` enters the namespace before any thread starts,
 //! so every thread and child (vigil too) lives in it. Needs root or
-//! unprivileged user namespaces, and iproute2's `ip`.
+//! unprivileged user namespaces, iproute2's `ip` and nftables' `nft`.
 
 mod common;
 
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Vigil, require_peer, run_ok};
+use common::{Vigil, find_program, require_peer, run_ok};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use vigil::client::Client;
@@ -80,17 +81,28 @@ fn ip(args: &[&str]) {
     run_ok(require_peer("ip"), args, Duration::from_secs(10));
 }
 
-/// From now on nothing sent to [`VANISHING`] arrives. The local routing
-/// table, which answers for all of 127/8, moves after a rule that drops it.
+fn nft(args: &[&str]) {
+    // In /usr/sbin, which a user's PATH may lack.
+    let nft = find_program("nft").unwrap_or_else(|| require_peer("/usr/sbin/nft"));
+    run_ok(nft, args, Duration::from_secs(10));
+}
+
+/// From now on nothing sent to [`VANISHING`] arrives, and nothing comes
+/// from it.
 fn vanish() {
-    ip(&["rule", "add", "pref", "100", "lookup", "local"]);
-    ip(&["rule", "del", "pref", "0", "lookup", "local"]);
-    ip(&["rule", "add", "pref", "10", "to", VANISHING, "blackhole"]);
+    nft(&["add", "table", "ip", "vanished"]);
+    for (chain, hook, direction) in [("in", "input", "daddr"), ("out", "output", "saddr")] {
+        let spec = format!("{{ type filter hook {hook} priority 0; }}");
+        nft(&["add", "chain", "ip", "vanished", chain, &spec]);
+        nft(&[
+            "add", "rule", "ip", "vanished", chain, "ip", direction, VANISHING, "drop",
+        ]);
+    }
 }
 
 /// [`VANISHING`] is reachable again.
 fn come_back() {
-    ip(&["rule", "del", "pref", "10"]);
+    nft(&["delete", "table", "ip", "vanished"]);
 }
 
 async fn a_vanished_carbon_and_subscriber_are_given_up_on_and_no_point_is_lost() {
@@ -163,6 +175,14 @@ async fn a_vanished_carbon_and_subscriber_are_given_up_on_and_no_point_is_lost()
     }
     println!(
         "carbon given up after {carbon_given_up:?}, the subscriber after {subscriber_given_up:?}"
+    );
+    // The kernel ended both, as it does for a host gone away.
+    assert_eq!(gauge(http, "vigil_http_peers_vanished_total").await, 1.0);
+    assert_eq!(gauge(http, "vigil_http_write_timeouts_total").await, 0.0);
+    let logs = vigil.logs();
+    assert!(
+        logs.contains("Carbon unreachable") && logs.contains("Connection timed out"),
+        "{logs}"
     );
 
     // What the first connection brought before carbon vanished.

@@ -308,13 +308,13 @@ impl Graphite {
         peer_closed(conn)
     }
 
-    /// Keeps the open connection or opens one. A connection carbon has closed
-    /// is replaced before it silently swallows a write.
+    /// Keeps the open connection or opens one. A connection found over is
+    /// not written to: one carbon closed with everything acknowledged (an
+    /// idle one) is replaced quietly, any other fails.
     async fn connect(&mut self, delivery: &Delivery) -> std::io::Result<()> {
-        if self.settle(delivery).is_some() {
-            if !self.unacked.is_empty() {
-                // What it did not acknowledge goes out again.
-                delivery.retried();
+        if let Some(over) = self.settle(delivery) {
+            if !self.unacked.is_empty() || over.raw_os_error().is_some() {
+                return Err(over);
             }
             self.disconnect();
         }
