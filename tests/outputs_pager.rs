@@ -492,7 +492,12 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
             ..pager_config(&rx.url)
         }),
     };
-    let kept = Kept::default();
+    let dir = tempfile::tempdir().unwrap();
+    let kept = Kept::in_dir(dir.path().to_owned());
+    let saved_under = |key: &str| {
+        let file = incidents::file_in(dir.path(), "pager");
+        Memory::load("pager", Some(file), key, 10).has_open()
+    };
     let stop = CancellationToken::new();
     let (first, task) = outputs::start(&spec("k1"), &kept, stop.child_token());
     first.push(event("disk /", "critical"));
@@ -512,16 +517,40 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     third.push(event("cpu", "ok"));
     third.push(event("cpu", "critical"));
     rx.wait_for(4).await;
+    // The first key comes back (a mistaken edit undone): its incident is
+    // still open, and is resolved through it; then the second key's.
+    assert!(!saved_under("k1"), "the file is the second key's");
+    let (fourth, _) = outputs::start(&spec("k1"), &kept, stop.child_token());
+    let deadline = Instant::now() + WAIT;
+    while !saved_under("k1") {
+        assert!(
+            Instant::now() < deadline,
+            "the first key's incident saved again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fourth.push(event("cpu", "ok"));
+    rx.wait_for(5).await;
+    let (fifth, _) = outputs::start(&spec("k2"), &kept, stop.child_token());
+    fifth.push(event("cpu", "ok"));
+    rx.wait_for(6).await;
     assert_eq!(
         actions(&rx),
         [
             "trigger web1/disk /",
             "trigger web1/cpu",
             "resolve web1/disk /",
-            "trigger web1/cpu"
+            "trigger web1/cpu",
+            "resolve web1/cpu",
+            "resolve web1/cpu"
         ]
     );
-    assert_eq!(rx.seen()[3].json()["routing_key"], "k2");
+    let keys: Vec<_> = rx
+        .seen()
+        .iter()
+        .map(|s| s.json()["routing_key"].clone())
+        .collect();
+    assert_eq!(keys, ["k1", "k1", "k1", "k2", "k1", "k2"]);
     stop.cancel();
     task.await.unwrap();
 }

@@ -4,7 +4,9 @@
 //!
 //! They outlive the output's task. A reload that redeclares the output hands
 //! the new task the same [`Memory`] (see [`super::Kept`]), or an empty one
-//! taking over its file when the routing key changed, and with a data
+//! taking over its file when the routing key changed (the previous key's is
+//! kept aside, and serves again if a later reload brings that key back), and
+//! with a data
 //! directory they are saved to `pagerduty-<output>.json` after every batch
 //! that changed them and loaded when the output starts, so an incident open
 //! before a restart is still resolved when its series turns `ok`. A crash
@@ -205,7 +207,8 @@ impl Memory {
                 output = %self.output,
                 incidents = incidents.len(),
                 "The routing key changed; the open PagerDuty incidents of the previous one \
-                 cannot be resolved through it: resolve them by hand."
+                 cannot be resolved through it: resolve them by hand, or bring that key back \
+                 before vigil restarts."
             );
         }
         Memory {
@@ -216,6 +219,26 @@ impl Memory {
             saving: self.saving.clone(),
             replaced: AtomicBool::new(false),
         }
+    }
+
+    /// This memory, replaced when its routing key changed, serving again
+    /// because the key came back: it takes the file over from `current`
+    /// (which no longer saves) and the caller should [`save`](Self::save)
+    /// it, so that the file holds its incidents again.
+    pub fn takes_over_from(&self, current: &Memory) {
+        current.replaced.store(true, Ordering::Release);
+        self.replaced.store(false, Ordering::Release);
+        let (output, incidents) = (&self.output, self.incidents.lock().len());
+        tracing::info!(
+            output,
+            incidents,
+            "The previous routing key came back with its open PagerDuty incidents."
+        );
+    }
+
+    /// Whether it has incidents open.
+    pub fn has_open(&self) -> bool {
+        self.incidents.lock().len() > 0
     }
 
     /// Whether this memory serves an output paging with `routing_key`.
@@ -450,6 +473,41 @@ mod tests {
 
         let loaded = Memory::load("pager", Some(file), "k2", 10);
         assert_eq!(keys(&loaded), [("web2/cpu".to_owned(), Severity::Warning)]);
+    }
+
+    /// A key changed and changed back: the first key's memory saves again,
+    /// and its successor no longer does.
+    #[tokio::test]
+    async fn a_memory_whose_key_came_back_takes_the_file_over_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let first = Arc::new(Memory::load("pager", Some(file.clone()), "k1", 10));
+        let now = Instant::now();
+        first
+            .incidents()
+            .triggered("web1/disk".into(), Severity::Critical, now);
+        first.save().await;
+        let second = Arc::new(first.replaced_by("k2"));
+        second.save().await;
+        assert!(
+            Memory::load("pager", Some(file.clone()), "k1", 10)
+                .incidents()
+                .len()
+                == 0
+        );
+
+        first.takes_over_from(&second);
+        first.save().await;
+        second
+            .incidents()
+            .triggered("web2/cpu".into(), Severity::Warning, now);
+        second.save().await;
+        let loaded = Memory::load("pager", Some(file), "k1", 10);
+        assert_eq!(
+            keys(&loaded),
+            [("web1/disk".to_owned(), Severity::Critical)]
+        );
+        assert!(first.has_open() && second.has_open());
     }
 
     #[test]

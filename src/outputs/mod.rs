@@ -211,13 +211,26 @@ pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
 
 /// What outputs keep beyond one task: each PagerDuty output's open
 /// incidents, by output name. A reload that redeclares the output with the
-/// same routing key hands them to its new task (with another key, the new
-/// task starts empty and takes over the file); with a directory they are
-/// also saved there, so a restart keeps them too.
+/// same routing key hands them to its new task; with another key, the new
+/// task starts empty and takes over the file, and the previous key's
+/// incidents are kept aside ([`RETIRED_KEYS`] at most) in case it comes
+/// back. With a directory they are also saved there, so a restart keeps the
+/// current key's too.
 #[derive(Default)]
 pub struct Kept {
     dir: Option<PathBuf>,
-    pagers: Mutex<HashMap<String, Arc<incidents::Memory>>>,
+    pagers: Mutex<HashMap<String, Pager>>,
+}
+
+/// The most routing keys an output keeps incidents of besides its current
+/// one: enough to undo a few mistaken edits, bounded against many.
+pub const RETIRED_KEYS: usize = 4;
+
+/// One PagerDuty output's memories: the current routing key's, and those of
+/// previous keys that still have incidents open, oldest first.
+struct Pager {
+    current: Arc<incidents::Memory>,
+    retired: Vec<Arc<incidents::Memory>>,
 }
 
 impl Kept {
@@ -230,19 +243,44 @@ impl Kept {
     }
 
     fn pager(&self, name: &str, config: &pagerduty::Config) -> Arc<incidents::Memory> {
+        let key = &config.routing_key;
         let mut pagers = self.pagers.lock();
-        let memory = match pagers.get(name) {
-            Some(memory) if memory.serves(&config.routing_key) => return memory.clone(),
-            Some(previous) => Arc::new(previous.replaced_by(&config.routing_key)),
-            None => Arc::new(incidents::Memory::load(
+        let Some(pager) = pagers.get_mut(name) else {
+            let file = self.dir.as_ref().map(|dir| incidents::file_in(dir, name));
+            let current = Arc::new(incidents::Memory::load(
                 name,
-                self.dir.as_ref().map(|dir| incidents::file_in(dir, name)),
-                &config.routing_key,
+                file,
+                key,
                 pagerduty::MAX_OPEN,
-            )),
+            ));
+            let pager = Pager {
+                current: current.clone(),
+                retired: Vec::new(),
+            };
+            pagers.insert(name.to_owned(), pager);
+            return current;
         };
-        pagers.insert(name.to_owned(), memory.clone());
-        memory
+        if pager.current.serves(key) {
+            return pager.current.clone();
+        }
+        let next = match pager.retired.iter().position(|m| m.serves(key)) {
+            Some(at) => {
+                let back = pager.retired.remove(at);
+                back.takes_over_from(&pager.current);
+                let saved = back.clone();
+                tokio::spawn(async move { saved.save().await });
+                back
+            }
+            None => Arc::new(pager.current.replaced_by(key)),
+        };
+        let previous = std::mem::replace(&mut pager.current, next.clone());
+        if previous.has_open() {
+            if pager.retired.len() == RETIRED_KEYS {
+                pager.retired.remove(0);
+            }
+            pager.retired.push(previous);
+        }
+        next
     }
 }
 
@@ -278,6 +316,37 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keys changed one after another: each earlier key's open incident
+    /// comes back with it, up to [`RETIRED_KEYS`] keys back.
+    #[tokio::test]
+    async fn earlier_routing_keys_keep_their_incidents_a_bounded_number_of_keys_back() {
+        let kept = Kept::default();
+        let config = |key: usize| pagerduty::Config {
+            routing_key: format!("k{key}"),
+            url: String::new(),
+            dedup_key: None,
+            resend_interval: std::time::Duration::from_secs(3600),
+        };
+        let now = tokio::time::Instant::now();
+        for key in 0..=RETIRED_KEYS + 1 {
+            let memory = kept.pager("pager", &config(key));
+            assert!(!memory.has_open(), "k{key} is new");
+            let dedup_key = format!("web{key}/cpu");
+            memory
+                .incidents()
+                .triggered(dedup_key, pagerduty::Severity::Critical, now);
+        }
+        // The last key is current, the RETIRED_KEYS before it are aside, and
+        // k0 is gone; setting aside the last pushes out the oldest, k1.
+        let open = |key: usize| kept.pager("pager", &config(key)).has_open();
+        assert!(!open(0), "k0 is gone");
+        assert!(open(RETIRED_KEYS + 1));
+        for key in 2..=RETIRED_KEYS {
+            assert!(open(key), "k{key}");
+        }
+        assert!(!open(1), "k1 is gone");
+    }
 
     fn accounted(queue: &Queue) -> bool {
         let s = &queue.stats;
