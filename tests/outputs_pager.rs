@@ -183,7 +183,7 @@ struct Running {
 /// Open incidents of output `pager`, saved to `file` if there is one.
 fn memory(config: &pagerduty::Config, file: Option<PathBuf>) -> Arc<Memory> {
     let max = pagerduty::MAX_OPEN;
-    Arc::new(Memory::load("pager", file, &config.routing_key, max))
+    Arc::new(Memory::open("pager", file, &config.routing_key, max))
 }
 
 impl Running {
@@ -494,9 +494,15 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     };
     let dir = tempfile::tempdir().unwrap();
     let kept = Kept::in_dir(dir.path().to_owned());
-    let saved_under = |key: &str| {
-        let file = incidents::file_in(dir.path(), "pager");
-        Memory::load("pager", Some(file), key, 10).has_open()
+    let saved_under = async |key: &str| {
+        let memory = Memory::open(
+            "pager",
+            Some(incidents::file_in(dir.path(), "pager")),
+            key,
+            10,
+        );
+        memory.load().await;
+        memory.has_open()
     };
     let stop = CancellationToken::new();
     let (first, task) = outputs::start(&spec("k1"), &kept, stop.child_token());
@@ -519,10 +525,10 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     rx.wait_for(4).await;
     // The first key comes back (a mistaken edit undone): its incident is
     // still open, and is resolved through it; then the second key's.
-    assert!(!saved_under("k1"), "the file is the second key's");
+    assert!(!saved_under("k1").await, "the file is the second key's");
     let (fourth, _) = outputs::start(&spec("k1"), &kept, stop.child_token());
     let deadline = Instant::now() + WAIT;
-    while !saved_under("k1") {
+    while !saved_under("k1").await {
         assert!(
             Instant::now() < deadline,
             "the first key's incident saved again"

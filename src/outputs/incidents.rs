@@ -5,12 +5,12 @@
 //! They outlive the output's task. A reload that redeclares the output hands
 //! the new task the same [`Memory`] (see [`super::Kept`]), or an empty one
 //! taking over its file when the routing key changed (the previous key's is
-//! kept aside, and serves again if a later reload brings that key back), and
-//! with a data
-//! directory they are saved to `pagerduty-<output>.json` after every batch
-//! that changed them and loaded when the output starts, so an incident open
-//! before a restart is still resolved when its series turns `ok`. A crash
-//! loses at most the batch being paged.
+//! kept aside, and serves again if a later reload brings that key back).
+//! With a data directory they are saved to `pagerduty-<output>.json` after
+//! every batch that changed them, and loaded when the output's first task
+//! starts, both off the async workers; so an incident open before a restart
+//! is still resolved when its series turns `ok`. A crash loses at most the
+//! batch being paged.
 //!
 //! The file holds no routing key (a secret), only its hash: incidents saved
 //! under another routing key cannot be resolved through this one, and are
@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::pagerduty::{Severity, fnv1a};
@@ -137,35 +138,49 @@ pub struct Memory {
     /// Another routing key's memory took over the file: this one's task may
     /// still be draining, but it no longer saves.
     replaced: AtomicBool,
+    /// Set once the file was read (or there was nothing to read).
+    loaded: OnceCell<()>,
 }
 
 impl Memory {
-    /// The memory of output `output` paging with `routing_key`: what `file`
-    /// holds when it was saved under the same routing key, else empty. A
-    /// file that cannot be read is logged with the reason and left for the
-    /// next save to replace; nothing here fails.
-    pub fn load(output: &str, file: Option<PathBuf>, routing_key: &str, max: usize) -> Memory {
-        let memory = Memory {
+    /// The memory of output `output` paging with `routing_key`, empty until
+    /// [`load`](Self::load)ed from `file`.
+    pub fn open(output: &str, file: Option<PathBuf>, routing_key: &str, max: usize) -> Memory {
+        Memory {
             output: output.to_owned(),
             routing_key_hash: key_hash(routing_key),
             incidents: Mutex::new(Incidents::new(max)),
             saving: Arc::default(),
             replaced: AtomicBool::new(false),
+            loaded: OnceCell::new(),
             file,
-        };
-        if let Some(file) = &memory.file {
-            match read(file) {
-                Ok(Some(saved)) => memory.restore(file, saved),
-                Ok(None) => {}
-                Err(error) => tracing::warn!(
-                    output,
-                    %error,
-                    "Open PagerDuty incidents not loaded; an incident left open before the \
-                     restart must be resolved by hand."
-                ),
-            }
         }
-        memory
+    }
+
+    /// Reads the file, the first time only, off the async workers (it may
+    /// hold [`MAX_OPEN`](super::pagerduty::MAX_OPEN) incidents): what it
+    /// holds is restored when it was saved under the same routing key. A
+    /// file that cannot be read is logged with the reason and left for the
+    /// next save to replace; nothing here fails.
+    pub async fn load(&self) {
+        self.loaded
+            .get_or_init(|| async {
+                let Some(file) = self.file.clone() else {
+                    return;
+                };
+                let path = file.clone();
+                match off_workers(move || read(&path)).await {
+                    Some(Ok(Some(saved))) => self.restore(&file, saved),
+                    Some(Ok(None)) | None => {}
+                    Some(Err(error)) => tracing::warn!(
+                        output = %self.output,
+                        %error,
+                        "Open PagerDuty incidents not loaded; an incident left open before the \
+                         restart must be resolved by hand."
+                    ),
+                }
+            })
+            .await;
     }
 
     fn restore(&self, file: &Path, saved: Saved) {
@@ -218,6 +233,8 @@ impl Memory {
             incidents: Mutex::new(Incidents::new(incidents.max)),
             saving: self.saving.clone(),
             replaced: AtomicBool::new(false),
+            // Nothing to read: the file is this key's from now on.
+            loaded: OnceCell::new_with(Some(())),
         }
     }
 
@@ -384,11 +401,18 @@ mod tests {
             .collect()
     }
 
+    /// Output `pager`'s memory, with what `file` holds.
+    async fn from_file(file: PathBuf, key: &str, max: usize) -> Arc<Memory> {
+        let memory = Arc::new(Memory::open("pager", Some(file), key, max));
+        memory.load().await;
+        memory
+    }
+
     #[tokio::test]
     async fn saved_incidents_load_in_order_with_their_severity_and_age() {
         let dir = tempfile::tempdir().unwrap();
         let file = file_in(dir.path(), "pager");
-        let memory = Arc::new(Memory::load("pager", Some(file.clone()), "key", 10));
+        let memory = from_file(file.clone(), "key", 10).await;
         {
             let mut incidents = memory.incidents();
             let now = Instant::now();
@@ -400,7 +424,7 @@ mod tests {
         }
         memory.save().await;
 
-        let loaded = Memory::load("pager", Some(file.clone()), "key", 10);
+        let loaded = from_file(file.clone(), "key", 10).await;
         assert_eq!(
             keys(&loaded),
             [
@@ -418,8 +442,14 @@ mod tests {
             !text.contains("\"key\""),
             "the routing key is not saved: {text}"
         );
+        // Read once: a later load (the output's next task) keeps what it has.
+        std::fs::write(&file, "{").unwrap();
+        loaded.load().await;
+        assert_eq!(keys(&loaded).len(), 2);
+        memory.save().await;
+
         // Fewer than saved fit: the most recent are kept.
-        let small = Memory::load("pager", Some(file), "key", 1);
+        let small = from_file(file, "key", 1).await;
         assert_eq!(keys(&small), [("web3/gone".to_owned(), Severity::Error)]);
     }
 
@@ -427,20 +457,20 @@ mod tests {
     async fn another_routing_key_a_bad_file_or_none_start_empty() {
         let dir = tempfile::tempdir().unwrap();
         let file = file_in(dir.path(), "pager");
-        assert!(keys(&Memory::load("pager", Some(file.clone()), "key", 10)).is_empty());
+        assert!(keys(&*from_file(file.clone(), "key", 10).await).is_empty());
 
-        let memory = Arc::new(Memory::load("pager", Some(file.clone()), "key", 10));
+        let memory = from_file(file.clone(), "key", 10).await;
         memory
             .incidents()
             .triggered("web1/disk".into(), Severity::Critical, Instant::now());
         memory.save().await;
-        let other = Memory::load("pager", Some(file.clone()), "another key", 10);
+        let other = from_file(file.clone(), "another key", 10).await;
         assert!(keys(&other).is_empty());
         assert!(!other.serves("key") && other.serves("another key"));
 
         for garbage in ["", "{", r#"{"version": 2}"#, "[1, 2]"] {
             std::fs::write(&file, garbage).unwrap();
-            assert!(keys(&Memory::load("pager", Some(file.clone()), "key", 10)).is_empty());
+            assert!(keys(&*from_file(file.clone(), "key", 10).await).is_empty());
         }
         let error = read(&file).unwrap_err().to_string();
         assert!(
@@ -455,7 +485,7 @@ mod tests {
     async fn a_replaced_memory_no_longer_saves_over_its_successor() {
         let dir = tempfile::tempdir().unwrap();
         let file = file_in(dir.path(), "pager");
-        let first = Arc::new(Memory::load("pager", Some(file.clone()), "k1", 10));
+        let first = from_file(file.clone(), "k1", 10).await;
         let now = Instant::now();
         first
             .incidents()
@@ -471,7 +501,7 @@ mod tests {
             .triggered("web3/gone".into(), Severity::Error, now);
         first.save().await;
 
-        let loaded = Memory::load("pager", Some(file), "k2", 10);
+        let loaded = from_file(file, "k2", 10).await;
         assert_eq!(keys(&loaded), [("web2/cpu".to_owned(), Severity::Warning)]);
     }
 
@@ -481,7 +511,7 @@ mod tests {
     async fn a_memory_whose_key_came_back_takes_the_file_over_again() {
         let dir = tempfile::tempdir().unwrap();
         let file = file_in(dir.path(), "pager");
-        let first = Arc::new(Memory::load("pager", Some(file.clone()), "k1", 10));
+        let first = from_file(file.clone(), "k1", 10).await;
         let now = Instant::now();
         first
             .incidents()
@@ -489,12 +519,7 @@ mod tests {
         first.save().await;
         let second = Arc::new(first.replaced_by("k2"));
         second.save().await;
-        assert!(
-            Memory::load("pager", Some(file.clone()), "k1", 10)
-                .incidents()
-                .len()
-                == 0
-        );
+        assert!(from_file(file.clone(), "k1", 10).await.incidents().len() == 0);
 
         first.takes_over_from(&second);
         first.save().await;
@@ -502,7 +527,7 @@ mod tests {
             .incidents()
             .triggered("web2/cpu".into(), Severity::Warning, now);
         second.save().await;
-        let loaded = Memory::load("pager", Some(file), "k1", 10);
+        let loaded = from_file(file, "k1", 10).await;
         assert_eq!(
             keys(&loaded),
             [("web1/disk".to_owned(), Severity::Critical)]

@@ -247,7 +247,7 @@ impl Kept {
         let mut pagers = self.pagers.lock();
         let Some(pager) = pagers.get_mut(name) else {
             let file = self.dir.as_ref().map(|dir| incidents::file_in(dir, name));
-            let current = Arc::new(incidents::Memory::load(
+            let current = Arc::new(incidents::Memory::open(
                 name,
                 file,
                 key,

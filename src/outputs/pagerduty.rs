@@ -108,6 +108,8 @@ pub async fn run(
         Ok(poster) => poster,
         Err(error) => return http::refuse_all(delivery, shutdown, error).await,
     };
+    // Before any page: a resolve is sent only for an incident it holds.
+    memory.load().await;
     let mut pager = Pager {
         memory,
         poster,
