@@ -247,8 +247,10 @@ impl Graphite {
         }
     }
 
-    /// Writes `pending` in batches, connecting first if needed. On failure the
-    /// unwritten lines stay pending and the next attempt waits out a backoff.
+    /// Writes `pending` in batches, connecting first if needed (which settles
+    /// acknowledgements before each batch; once more after the last). On
+    /// failure the unwritten lines stay pending and the next attempt waits
+    /// out a backoff.
     async fn send(&mut self, delivery: &Delivery) {
         while !self.pending.is_empty() {
             let result = match self.connect(delivery).await {
@@ -265,11 +267,11 @@ impl Graphite {
                         self.unacked.push_back(line);
                     }
                     self.recovered(delivery);
-                    self.check_acks(delivery);
                 }
                 Err(e) => return self.failed(delivery, &e),
             }
         }
+        self.check_acks(delivery);
     }
 
     /// Counts as delivered the written lines carbon's TCP has acknowledged;

@@ -519,7 +519,7 @@ mod tests {
         first.save().await;
         let second = Arc::new(first.replaced_by("k2"));
         second.save().await;
-        assert!(from_file(file.clone(), "k1", 10).await.incidents().len() == 0);
+        assert!(!from_file(file.clone(), "k1", 10).await.has_open());
 
         first.takes_over_from(&second);
         first.save().await;
