@@ -140,6 +140,10 @@ pub struct Memory {
     replaced: AtomicBool,
     /// Set once the file was read (or there was nothing to read).
     loaded: OnceCell<()>,
+    /// The memory this one replaced before that one had read the file: the
+    /// file is read through it, under the key it was saved with, before this
+    /// one can save over it. Taken by [`load`](Self::load).
+    predecessor: Mutex<Option<Arc<Memory>>>,
 }
 
 impl Memory {
@@ -153,6 +157,7 @@ impl Memory {
             saving: Arc::default(),
             replaced: AtomicBool::new(false),
             loaded: OnceCell::new(),
+            predecessor: Mutex::new(None),
             file,
         }
     }
@@ -165,6 +170,16 @@ impl Memory {
     pub async fn load(&self) {
         self.loaded
             .get_or_init(|| async {
+                let predecessor = self.predecessor.lock().take();
+                if let Some(predecessor) = predecessor {
+                    // Boxed: a chain of replaced memories loads through each other.
+                    Box::pin(predecessor.load()).await;
+                    // Unless its key came back meanwhile, and it serves again.
+                    if predecessor.replaced.load(Ordering::Acquire) {
+                        predecessor.warn_left_open();
+                    }
+                    return;
+                }
                 let Some(file) = self.file.clone() else {
                     return;
                 };
@@ -213,44 +228,71 @@ impl Memory {
     /// The memory of the same output paging with another `routing_key`,
     /// saving to the same file from now on, never at the same time as this
     /// one. It starts empty: this one's incidents cannot be resolved through
-    /// another key.
-    pub fn replaced_by(&self, routing_key: &str) -> Memory {
+    /// another key. If this one has not read the file yet, the new one's
+    /// [`load`](Self::load) reads it into this one first.
+    pub fn replaced_by(self: &Arc<Self>, routing_key: &str) -> Memory {
         self.replaced.store(true, Ordering::Release);
-        let incidents = self.incidents.lock();
-        if incidents.len() > 0 {
-            tracing::warn!(
-                output = %self.output,
-                incidents = incidents.len(),
-                "The routing key changed; the open PagerDuty incidents of the previous one \
-                 cannot be resolved through it: resolve them by hand, or bring that key back \
-                 before vigil restarts."
-            );
+        let loaded = self.loaded.initialized();
+        if loaded {
+            self.warn_left_open();
         }
         Memory {
             output: self.output.clone(),
             file: self.file.clone(),
             routing_key_hash: key_hash(routing_key),
-            incidents: Mutex::new(Incidents::new(incidents.max)),
+            incidents: Mutex::new(Incidents::new(self.incidents.lock().max)),
             saving: self.saving.clone(),
             replaced: AtomicBool::new(false),
-            // Nothing to read: the file is this key's from now on.
-            loaded: OnceCell::new_with(Some(())),
+            // The file is the new key's from now on: once this one has read
+            // it, there is nothing for the new one to read.
+            loaded: if loaded {
+                OnceCell::new_with(Some(()))
+            } else {
+                OnceCell::new()
+            },
+            predecessor: Mutex::new((!loaded).then(|| self.clone())),
+        }
+    }
+
+    fn warn_left_open(&self) {
+        let incidents = self.incidents.lock().len();
+        if incidents > 0 {
+            tracing::warn!(
+                output = %self.output,
+                incidents,
+                "The routing key changed; the open PagerDuty incidents of the previous one \
+                 cannot be resolved through it: resolve them by hand, or bring that key back \
+                 before vigil restarts."
+            );
         }
     }
 
     /// This memory, replaced when its routing key changed, serving again
     /// because the key came back: it takes the file over from `current`
-    /// (which no longer saves) and the caller should [`save`](Self::save)
-    /// it, so that the file holds its incidents again.
+    /// (which no longer saves). [`resume`](Self::resume) then saves it, so
+    /// that the file holds its incidents again.
     pub fn takes_over_from(&self, current: &Memory) {
         current.replaced.store(true, Ordering::Release);
         self.replaced.store(false, Ordering::Release);
+    }
+
+    /// Saves a memory that [took the file over](Self::takes_over_from),
+    /// once it has read the file: saving first would overwrite incidents it
+    /// has yet to read.
+    pub async fn resume(self: Arc<Self>) {
+        self.load().await;
         let (output, incidents) = (&self.output, self.incidents.lock().len());
         tracing::info!(
             output,
             incidents,
             "The previous routing key came back with its open PagerDuty incidents."
         );
+        self.save().await;
+    }
+
+    /// Whether the file was read, or there was none to read.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.initialized()
     }
 
     /// Whether it has incidents open.
@@ -533,6 +575,35 @@ mod tests {
             [("web1/disk".to_owned(), Severity::Critical)]
         );
         assert!(first.has_open() && second.has_open());
+    }
+
+    /// A reload changed the key before the first task had read the file
+    /// (right after a start): the file is read under the key it was saved
+    /// with before the new key's memory saves over it, and what it held
+    /// comes back with that key.
+    #[tokio::test]
+    async fn a_key_changed_before_the_file_was_read_reads_it_under_the_previous_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let before_the_restart = from_file(file.clone(), "k1", 10).await;
+        before_the_restart
+            .incidents()
+            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+        before_the_restart.save().await;
+
+        let first = Arc::new(Memory::open("pager", Some(file.clone()), "k1", 10));
+        let second = Arc::new(first.replaced_by("k2"));
+        assert!(!first.is_loaded() && !second.is_loaded());
+        second.load().await;
+        assert!(first.is_loaded() && second.is_loaded());
+        assert!(keys(&second).is_empty());
+        let web1_disk = [("web1/disk".to_owned(), Severity::Critical)];
+        assert_eq!(keys(&first), web1_disk);
+        second.save().await;
+
+        first.takes_over_from(&second);
+        first.clone().resume().await;
+        assert_eq!(keys(&*from_file(file, "k1", 10).await), web1_disk);
     }
 
     #[test]

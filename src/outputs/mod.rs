@@ -263,18 +263,21 @@ impl Kept {
         if pager.current.serves(key) {
             return pager.current.clone();
         }
+        // A memory with nothing open is of no use aside, unless it has yet
+        // to read what the file holds for its key.
+        let worth_keeping = |memory: &incidents::Memory| memory.has_open() || !memory.is_loaded();
+        pager.retired.retain(|memory| worth_keeping(memory));
         let next = match pager.retired.iter().position(|m| m.serves(key)) {
             Some(at) => {
                 let back = pager.retired.remove(at);
                 back.takes_over_from(&pager.current);
-                let saved = back.clone();
-                tokio::spawn(async move { saved.save().await });
+                tokio::spawn(back.clone().resume());
                 back
             }
             None => Arc::new(pager.current.replaced_by(key)),
         };
         let previous = std::mem::replace(&mut pager.current, next.clone());
-        if previous.has_open() {
+        if worth_keeping(&previous) {
             if pager.retired.len() == RETIRED_KEYS {
                 pager.retired.remove(0);
             }
@@ -346,6 +349,37 @@ mod tests {
             assert!(open(key), "k{key}");
         }
         assert!(!open(1), "k1 is gone");
+    }
+
+    /// k1 → k2 → k1 before any task read the file (reloads right after a
+    /// start): k1's incidents from before the start come back with it.
+    #[tokio::test]
+    async fn a_key_replaced_before_it_read_its_file_keeps_what_the_file_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |key: &str| pagerduty::Config {
+            routing_key: key.to_owned(),
+            url: String::new(),
+            dedup_key: None,
+            resend_interval: std::time::Duration::from_secs(3600),
+        };
+        let file = incidents::file_in(dir.path(), "pager");
+        let before_the_restart = Arc::new(incidents::Memory::open("pager", Some(file), "k1", 10));
+        before_the_restart.load().await;
+        before_the_restart.incidents().triggered(
+            "web1/cpu".into(),
+            pagerduty::Severity::Critical,
+            tokio::time::Instant::now(),
+        );
+        before_the_restart.save().await;
+
+        let kept = Kept::in_dir(dir.path().to_owned());
+        let first = kept.pager("pager", &config("k1"));
+        let second = kept.pager("pager", &config("k2"));
+        let back = kept.pager("pager", &config("k1"));
+        assert!(Arc::ptr_eq(&first, &back), "k1's memory came back");
+        second.load().await;
+        back.load().await;
+        assert!(back.has_open() && !second.has_open());
     }
 
     fn accounted(queue: &Queue) -> bool {
