@@ -282,11 +282,13 @@ impl Memory {
     pub async fn resume(self: Arc<Self>) {
         self.load().await;
         let (output, incidents) = (&self.output, self.incidents.lock().len());
-        tracing::info!(
-            output,
-            incidents,
-            "The previous routing key came back with its open PagerDuty incidents."
-        );
+        if incidents > 0 {
+            tracing::info!(
+                output,
+                incidents,
+                "The previous routing key came back with its open PagerDuty incidents."
+            );
+        }
         self.save().await;
     }
 
