@@ -232,7 +232,7 @@ impl Memory {
     /// [`load`](Self::load) reads it into this one first.
     pub fn replaced_by(self: &Arc<Self>, routing_key: &str) -> Memory {
         self.replaced.store(true, Ordering::Release);
-        let loaded = self.loaded.initialized();
+        let loaded = self.is_loaded();
         if loaded {
             self.warn_left_open();
         }
@@ -588,9 +588,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = file_in(dir.path(), "pager");
         let before_the_restart = from_file(file.clone(), "k1", 10).await;
-        before_the_restart
-            .incidents()
-            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+        before_the_restart.incidents().triggered(
+            "web1/disk".into(),
+            Severity::Critical,
+            Instant::now(),
+        );
         before_the_restart.save().await;
 
         let first = Arc::new(Memory::open("pager", Some(file.clone()), "k1", 10));

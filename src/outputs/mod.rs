@@ -320,17 +320,21 @@ pub fn start(
 mod tests {
     use super::*;
 
+    fn pager_config(routing_key: &str) -> pagerduty::Config {
+        pagerduty::Config {
+            routing_key: routing_key.to_owned(),
+            url: String::new(),
+            dedup_key: None,
+            resend_interval: std::time::Duration::from_secs(3600),
+        }
+    }
+
     /// Keys changed one after another: each earlier key's open incident
     /// comes back with it, up to [`RETIRED_KEYS`] keys back.
     #[tokio::test]
     async fn earlier_routing_keys_keep_their_incidents_a_bounded_number_of_keys_back() {
         let kept = Kept::default();
-        let config = |key: usize| pagerduty::Config {
-            routing_key: format!("k{key}"),
-            url: String::new(),
-            dedup_key: None,
-            resend_interval: std::time::Duration::from_secs(3600),
-        };
+        let config = |key: usize| pager_config(&format!("k{key}"));
         let now = tokio::time::Instant::now();
         for key in 0..=RETIRED_KEYS + 1 {
             let memory = kept.pager("pager", &config(key));
@@ -356,12 +360,6 @@ mod tests {
     #[tokio::test]
     async fn a_key_replaced_before_it_read_its_file_keeps_what_the_file_holds() {
         let dir = tempfile::tempdir().unwrap();
-        let config = |key: &str| pagerduty::Config {
-            routing_key: key.to_owned(),
-            url: String::new(),
-            dedup_key: None,
-            resend_interval: std::time::Duration::from_secs(3600),
-        };
         let file = incidents::file_in(dir.path(), "pager");
         let before_the_restart = Arc::new(incidents::Memory::open("pager", Some(file), "k1", 10));
         before_the_restart.load().await;
@@ -373,9 +371,9 @@ mod tests {
         before_the_restart.save().await;
 
         let kept = Kept::in_dir(dir.path().to_owned());
-        let first = kept.pager("pager", &config("k1"));
-        let second = kept.pager("pager", &config("k2"));
-        let back = kept.pager("pager", &config("k1"));
+        let first = kept.pager("pager", &pager_config("k1"));
+        let second = kept.pager("pager", &pager_config("k2"));
+        let back = kept.pager("pager", &pager_config("k1"));
         assert!(Arc::ptr_eq(&first, &back), "k1's memory came back");
         second.load().await;
         back.load().await;
