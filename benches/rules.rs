@@ -53,7 +53,7 @@ fn acceptance_file(c: &mut Criterion) {
         .map(|_| Arc::new(Discard) as _)
         .collect();
     let shared: SharedClock = clock.clone();
-    let rules = Rules::new(compiled.roots, sinks, index, shared);
+    let rules = Rules::new(compiled.roots, None, sinks, index, shared);
     let mut group = c.benchmark_group("rules");
     group.throughput(Throughput::Elements(100));
     group.bench_function("rabbitmq_vigil_100", |b| {

@@ -1,6 +1,8 @@
 //! The one `Event` type every part of vigil speaks. Wire formats (protobuf, JSON)
 //! convert to and from it at the edges; nothing inside sees them.
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 use crate::clock::{MICROS_PER_SEC, Micros};
 
 /// `state` value that marks an index entry whose TTL ran out.
@@ -24,7 +26,7 @@ pub const RESERVED_FIELDS: &[&str] = &[
 ];
 
 /// A metric keeps the kind the sender chose, so integers round-trip exactly.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Metric {
     Int(i64),
     Float(f64),
@@ -147,6 +149,56 @@ impl Clone for Event {
         }
         self.attributes
             .extend_from_slice(&source.attributes[kept..]);
+    }
+}
+
+type EventTuple = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Micros,
+    Option<String>,
+    Vec<String>,
+    Option<Metric>,
+    Option<f32>,
+    Vec<(String, String)>,
+);
+
+/// Serde is for vigil's own files (the stream state kept across restarts;
+/// the wire formats have their own conversions). A tuple, not a map: a saved
+/// window holds many events, and each field name would be repeated in each.
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (
+            &self.host,
+            &self.service,
+            &self.state,
+            self.time,
+            &self.description,
+            &self.tags,
+            self.metric,
+            self.ttl,
+            &self.attributes,
+        )
+            .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (host, service, state, time, description, tags, metric, ttl, attributes) =
+            EventTuple::deserialize(deserializer)?;
+        Ok(Event {
+            host,
+            service,
+            state,
+            time,
+            description,
+            tags,
+            metric,
+            ttl,
+            attributes,
+        })
     }
 }
 

@@ -20,7 +20,7 @@
 //! - [`outputs`]: pager, graph, push and forward outputs behind bounded queues.
 //! - [`cluster`]: scale-out over NATS JetStream: sharded ingest, shard leases, query fan-out.
 //! - [`server`]: starts and stops the tasks above.
-//! - [`snapshot`]: the index saved to disk and loaded again across restarts.
+//! - [`snapshot`]: the index (and, through [`rules::persist`], the stream state) saved to disk and loaded again across restarts.
 //! - [`client`]: a small Riemann TCP client.
 //! - [`json`]: Riemann's JSON form of an event.
 //! - [`stats`]: counters of what vigil itself did.

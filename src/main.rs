@@ -19,7 +19,9 @@ use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
 use vigil::outputs::Kept;
 use vigil::rules::engine::Rules;
 use vigil::rules::reload::{Outputs, Reloader};
-use vigil::rules::{self, DEFAULT_RULES, DEFAULT_RULES_NAME, EnvPolicy, testing};
+use vigil::rules::{
+    self, DEFAULT_RULES, DEFAULT_RULES_NAME, EnvPolicy, RuleText, persist, testing,
+};
 use vigil::selfmetrics::{self, Emitter, Histogram, Telemetry, TimedStreams};
 use vigil::server::{Server, ServerConfig};
 use vigil::snapshot::Snapshots;
@@ -347,32 +349,43 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_query_results: Some(args.max_query_results),
     }));
     let cluster_config = args.cluster_config();
-    // Loaded before the server starts: entries that ran out while vigil was
-    // down expire on the first timer tick, through the rules. In a cluster
-    // JetStream is the durable state; a snapshot would bring back hosts of
-    // shards this node may no longer own.
-    let snapshots = if args.no_snapshot || cluster_config.is_some() {
-        None
+    // In a cluster JetStream is the durable state: a snapshot would bring back
+    // hosts, stream state and incidents of shards this node may no longer own.
+    let keep_state = !args.no_snapshot && cluster_config.is_none();
+    let text = Arc::new(RuleText { name, text: source });
+    if keep_state {
+        persist::restore(&compiled.roots, &text, &args.data_dir);
+    }
+    // The pagers' open incidents are kept beside the index snapshot.
+    let kept = if keep_state {
+        Kept::in_dir(args.data_dir.clone())
     } else {
-        Some(
-            Snapshots::start(index.clone(), args.data_dir.clone(), args.snapshot_interval)
-                .context("preparing --data-dir (--no-snapshot disables snapshots)")?,
-        )
-    };
-    // The pagers' open incidents are kept beside the index snapshot, and, like
-    // it, not in a cluster (where shards, and their incidents, move).
-    let kept = match snapshots {
-        Some(_) => Kept::in_dir(args.data_dir.clone()),
-        None => Kept::default(),
+        Kept::default()
     };
     let outputs_shutdown = CancellationToken::new();
     let outputs = Outputs::start(&compiled.outputs, kept, outputs_shutdown.clone());
     let streams = Arc::new(Rules::new(
         compiled.roots,
+        Some(text.clone()),
         outputs.sinks(),
         index.clone(),
         clock.clone(),
     ));
+    // Loaded before the server starts: entries that ran out while vigil was
+    // down expire on the first timer tick, through the rules.
+    let snapshots = if keep_state {
+        Some(
+            Snapshots::start(
+                index.clone(),
+                Some(streams.clone()),
+                args.data_dir.clone(),
+                args.snapshot_interval,
+            )
+            .context("preparing --data-dir (--no-snapshot disables snapshots)")?,
+        )
+    } else {
+        None
+    };
     let reloader = Arc::new(Reloader::new(args.rules.clone(), streams.clone(), outputs));
     // Every batch is timed, whichever transport brought it: /metrics reports it.
     let latency = Arc::new(Histogram::default());
@@ -480,7 +493,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         sse = http.sse_addr.map(tracing::field::display),
         tls = server.tls_addr.map(tracing::field::display),
         grpc = grpc.as_ref().map(|g| tracing::field::display(g.addr)),
-        rules = %name,
+        rules = %text.name,
         "listening"
     );
     stop.await;
@@ -512,7 +525,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     outputs_shutdown.cancel();
     let delivered = reloader.finish_outputs(Duration::from_secs(10)).await;
     tracing::info!(counters = ?stats.snapshot(), outputs_accepted_dropped = ?delivered, "Stopped.");
-    snapshot.context("writing the index snapshot")
+    snapshot.context("writing the index snapshot and the stream state")
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; resolves on the first signal.

@@ -4,6 +4,9 @@
 //! was down are loaded too: the first timer tick expires them through the
 //! rules, so a host that died during the restart is still noticed.
 //!
+//! [`Snapshots`] also writes the rules' stream state beside it, at the same
+//! moments; its format is [`crate::rules::persist`]'s.
+//!
 //! # Format (version 1, integers little-endian)
 //!
 //! ```text
@@ -31,6 +34,8 @@ use crate::blocking::off_workers;
 use crate::event::Event;
 use crate::index::Index;
 use crate::proto::{PbEvent, from_pb, to_pb};
+use crate::rules::engine::Rules;
+use crate::rules::persist::{self, StateError};
 
 /// The snapshot's name inside the data directory.
 pub const FILE_NAME: &str = "index.snapshot";
@@ -72,6 +77,8 @@ pub enum SnapshotError {
     CountMismatch { expected: u64, found: usize },
     #[error("not written: the runtime shut down before the write could start")]
     ShutDown,
+    #[error("stream state: {0}")]
+    Streams(Box<StateError>),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
@@ -92,10 +99,7 @@ struct Encoder<W: Write> {
 
 impl<W: Write> Encoder<W> {
     fn new(out: W) -> io::Result<Self> {
-        let mut out = CrcWriter {
-            inner: out,
-            crc: crc32fast::Hasher::new(),
-        };
+        let mut out = CrcWriter::new(out);
         out.write_all(MAGIC)?;
         out.write_all(&VERSION.to_le_bytes())?;
         Ok(Encoder {
@@ -123,23 +127,41 @@ impl<W: Write> Encoder<W> {
     /// Writes the trailer; returns how many entries the snapshot holds.
     fn finish(mut self) -> io::Result<u64> {
         self.out.write_all(&self.count.to_le_bytes())?;
-        let crc = self.out.crc.finalize();
-        self.out.inner.write_all(&crc.to_le_bytes())?;
+        self.out.finish()?;
         Ok(self.count)
     }
 }
 
 /// Passes bytes through, checksumming them on the way, so the file is written
 /// in one streaming pass without a second in-memory copy.
-struct CrcWriter<W> {
+pub(crate) struct CrcWriter<W> {
     inner: W,
     crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> CrcWriter<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        CrcWriter {
+            inner,
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+        }
+    }
+
+    /// Appends the CRC32 of everything written (little-endian); returns the
+    /// total length, CRC included.
+    pub(crate) fn finish(mut self) -> io::Result<u64> {
+        self.inner.write_all(&self.crc.finalize().to_le_bytes())?;
+        Ok(self.len + 4)
+    }
 }
 
 impl<W: Write> Write for CrcWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.crc.update(&buf[..n]);
+        self.len += n as u64;
         Ok(n)
     }
 
@@ -312,10 +334,24 @@ pub async fn save(index: Arc<Index>, dir: PathBuf) -> Result<Saved, SnapshotErro
     .ok_or(SnapshotError::ShutDown)?
 }
 
+/// Writes the rules' stream state on a blocking thread; `None` for rules
+/// without their text.
+async fn save_streams(
+    rules: Arc<Rules>,
+    dir: PathBuf,
+) -> Result<Option<persist::Written>, SnapshotError> {
+    off_workers(move || persist::save(&rules, &dir))
+        .await
+        .ok_or(SnapshotError::ShutDown)?
+        .map_err(|e| SnapshotError::Streams(Box::new(e)))
+}
+
 /// Snapshots for a running server: loaded at start, written every interval
-/// and once more by [`Snapshots::finish`].
+/// and once more by [`Snapshots::finish`], each time with the stream state of
+/// `streams` (restored by [`persist::restore`] before the rules start).
 pub struct Snapshots {
     index: Arc<Index>,
+    streams: Option<Arc<Rules>>,
     dir: PathBuf,
     stop: CancellationToken,
     periodic: JoinHandle<()>,
@@ -324,39 +360,75 @@ pub struct Snapshots {
 impl Snapshots {
     /// Creates `dir` if needed, loads its snapshot into `index` and starts the
     /// periodic writes. Call before the server starts, so no event is missed.
-    pub fn start(index: Arc<Index>, dir: PathBuf, every: Duration) -> Result<Self, SnapshotError> {
+    pub fn start(
+        index: Arc<Index>,
+        streams: Option<Arc<Rules>>,
+        dir: PathBuf,
+        every: Duration,
+    ) -> Result<Self, SnapshotError> {
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         restore(&index, &dir);
         let stop = CancellationToken::new();
-        let periodic = tokio::spawn(periodic(index.clone(), dir.clone(), every, stop.clone()));
+        let periodic = tokio::spawn(periodic(
+            index.clone(),
+            streams.clone(),
+            dir.clone(),
+            every,
+            stop.clone(),
+        ));
         Ok(Self {
             index,
+            streams,
             dir,
             stop,
             periodic,
         })
     }
 
-    /// Stops the periodic writes and writes the final snapshot. Call once
-    /// ingest and the timers have stopped, so it holds the final index.
+    /// Stops the periodic writes and writes the final snapshot and stream
+    /// state. Call once ingest and the timers have stopped, so both are final.
+    /// Each is written even if the other fails; the first error is returned.
     pub async fn finish(self) -> Result<Saved, SnapshotError> {
         self.stop.cancel();
-        // Waits for a periodic write in progress: both use the same temp file.
+        // Waits for a periodic write in progress: both use the same temp files.
         if let Err(e) = self.periodic.await {
             std::panic::resume_unwind(e.into_panic());
         }
-        let saved = save(self.index, self.dir.clone()).await?;
-        tracing::info!(
-            entries = saved.entries,
-            elapsed = ?saved.elapsed,
-            path = %self.dir.join(FILE_NAME).display(),
-            "Wrote the index snapshot."
-        );
+        let saved = save(self.index, self.dir.clone()).await;
+        if let Ok(saved) = &saved {
+            tracing::info!(
+                entries = saved.entries,
+                elapsed = ?saved.elapsed,
+                path = %self.dir.join(FILE_NAME).display(),
+                "Wrote the index snapshot."
+            );
+        }
+        let streams = match self.streams {
+            Some(rules) => save_streams(rules, self.dir.clone()).await,
+            None => Ok(None),
+        };
+        if let Ok(Some(written)) = streams {
+            tracing::info!(
+                stages = written.stages,
+                bytes = written.bytes,
+                elapsed = ?written.elapsed,
+                path = %self.dir.join(persist::FILE_NAME).display(),
+                "Wrote the stream state."
+            );
+        }
+        let saved = saved?;
+        streams?;
         Ok(saved)
     }
 }
 
-async fn periodic(index: Arc<Index>, dir: PathBuf, every: Duration, stop: CancellationToken) {
+async fn periodic(
+    index: Arc<Index>,
+    streams: Option<Arc<Rules>>,
+    dir: PathBuf,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -372,6 +444,12 @@ async fn periodic(index: Arc<Index>, dir: PathBuf, every: Duration, stop: Cancel
                 "Wrote a periodic index snapshot."
             ),
             Err(error) => tracing::warn!(%error, "Periodic index snapshot failed."),
+        }
+        if let Some(rules) = &streams {
+            match save_streams(rules.clone(), dir.clone()).await {
+                Ok(written) => tracing::debug!(?written, "Wrote the periodic stream state."),
+                Err(error) => tracing::warn!(%error, "Periodic stream state write failed."),
+            }
         }
     }
 }
@@ -566,8 +644,13 @@ mod tests {
     async fn save_then_finish_writes_the_final_index() {
         let dir = tempfile::tempdir().unwrap();
         let index = Arc::new(Index::new(IndexConfig::default()));
-        let snapshots =
-            Snapshots::start(index.clone(), dir.path().into(), Duration::from_secs(3600)).unwrap();
+        let snapshots = Snapshots::start(
+            index.clone(),
+            None,
+            dir.path().into(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
         for event in sample() {
             index.insert(&event);
         }

@@ -734,7 +734,13 @@ async fn ingest_keeps_acking_while_carbon_and_the_pager_are_down() {
         .collect();
     let index = Arc::new(Index::new(IndexConfig::default()));
     let clock: SharedClock = Arc::new(ManualClock::new(T0));
-    let rules = Arc::new(Rules::new(compiled.roots, sinks, index.clone(), clock));
+    let rules = Arc::new(Rules::new(
+        compiled.roots,
+        None,
+        sinks,
+        index.clone(),
+        clock,
+    ));
     let h = Harness::with_streams(ServerConfig::default(), index, rules).await;
 
     let mut client = Client::connect(h.addr()).await.unwrap();

@@ -548,6 +548,7 @@ async fn in_process_with(config: HttpConfig) -> (HttpServer, Arc<Index>, Arc<Sta
     let (_, compiled) = rules::load(DEFAULT_RULES_NAME, DEFAULT_RULES, EnvPolicy::Strict).unwrap();
     let rules = Arc::new(Rules::new(
         compiled.roots,
+        None,
         vec![],
         index.clone(),
         clock.clone(),

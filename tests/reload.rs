@@ -17,7 +17,7 @@ use vigil::event::{Event, Metric};
 use vigil::index::{Index, IndexConfig};
 use vigil::outputs::OutputSink;
 use vigil::rules::engine::Rules;
-use vigil::rules::testing::{Recorder, TEST_EPOCH, TICK};
+use vigil::rules::testing::{Recorder, TEST_EPOCH, advance};
 use vigil::rules::{self, EnvPolicy, reload};
 use vigil::streams::Streams;
 
@@ -44,7 +44,13 @@ impl Live {
         let index = Arc::new(Index::new(IndexConfig::default()));
         let out = Arc::new(Recorder::default());
         let shared: SharedClock = clock.clone();
-        let rules = Rules::new(compiled.roots, vec![out.clone()], index.clone(), shared);
+        let rules = Rules::new(
+            compiled.roots,
+            None,
+            vec![out.clone()],
+            index.clone(),
+            shared,
+        );
         Live {
             clock,
             index,
@@ -65,7 +71,7 @@ impl Live {
             .iter()
             .map(|_| self.out.clone() as Arc<dyn OutputSink>)
             .collect();
-        self.rules.replace(compiled.roots, sinks);
+        self.rules.replace(compiled.roots, None, sinks);
         Ok(())
     }
 
@@ -73,13 +79,7 @@ impl Live {
     /// server's timer would.
     fn advance_to(&self, secs: f64) {
         let target = TEST_EPOCH + secs_to_micros(secs);
-        while self.clock.now() < target {
-            let next = (self.clock.now() + TICK).min(target);
-            self.clock.set(next);
-            self.index
-                .expire(next, |expired| self.rules.process(expired));
-            self.rules.tick();
-        }
+        advance(&self.clock, &self.index, &self.rules, target);
     }
 
     fn send(&self, host: &str, metric: Option<f64>, state: Option<&str>) {

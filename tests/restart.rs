@@ -1,10 +1,11 @@
-//! Restarts of the real binary: the index survives SIGTERM (final snapshot) and
-//! `kill -9` (periodic snapshot), entries that ran out while vigil was down
-//! expire through the rules, and a corrupted snapshot is reported and skipped.
+//! Restarts of the real binary: the index and the rules' stream state survive
+//! SIGTERM (final snapshot) and `kill -9` (periodic snapshot), entries that ran
+//! out while vigil was down expire through the rules, and a corrupted snapshot
+//! is reported and skipped.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{VISIBLE_TIMEOUT, Vigil, wait_until};
@@ -40,6 +41,13 @@ fn query(v: &Vigil, q: &str) -> Vec<Event> {
 
 fn sort(events: &mut [Event]) {
     events.sort_by(|a, b| (a.host_str(), a.service_str()).cmp(&(b.host_str(), b.service_str())));
+}
+
+/// A rule file written into `dir`, and a data directory beside it.
+fn rules_and_data(dir: &Path, rules: &str) -> (PathBuf, PathBuf) {
+    let path = dir.join("rules.vigil");
+    std::fs::write(&path, rules).unwrap();
+    (path, dir.join("data"))
 }
 
 fn dir_arg(dir: &Path) -> &str {
@@ -142,18 +150,15 @@ fn kill_9_keeps_what_the_last_periodic_snapshot_held() {
 #[test]
 fn an_entry_that_ran_out_while_down_expires_through_the_rules() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.vigil");
     // A re-indexed event in state `expired` would delete its key: change the state.
-    std::fs::write(
-        &rules,
+    let (rules, data) = rules_and_data(
+        dir.path(),
         r#"streams {
   index
   expired { with(service: "saw expired", state: "seen", ttl: 3600) { index } }
 }
 "#,
-    )
-    .unwrap();
-    let data = dir.path().join("data");
+    );
     let args = [
         "--data-dir",
         dir_arg(&data),
@@ -209,6 +214,86 @@ fn an_entry_that_ran_out_while_down_expires_through_the_rules() {
     );
     assert!(seen[0].time > deadline, "expired after the restart");
     assert_eq!(query(&v, r#"service = "heartbeat""#), vec![alive]);
+}
+
+/// Waits until the file at `path` has been rewritten twice from now, so the
+/// second write started after everything done before the call.
+fn wait_for_two_rewrites(path: &Path, v: &Vigil) {
+    let modified = || std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut seen = vec![modified()];
+    let rewritten = wait_until(VISIBLE_TIMEOUT, || {
+        let now = modified();
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        (seen.len() > 2).then_some(())
+    });
+    assert!(
+        rewritten.is_some(),
+        "{} not rewritten twice:\n{}",
+        path.display(),
+        v.logs()
+    );
+}
+
+#[test]
+fn a_window_keeps_its_events_across_sigterm_and_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rules, data) = rules_and_data(
+        dir.path(),
+        r#"streams {
+  where service = "request" {
+    fixed_event_window(3) { count { with(service: "requests per 3", ttl: 3600) { index } } }
+  }
+}
+"#,
+    );
+    let args = [
+        "--data-dir",
+        dir_arg(&data),
+        "--rules",
+        dir_arg(&rules),
+        "--snapshot-interval",
+        "200ms",
+    ];
+    let request = || Event {
+        host: Some("web1".into()),
+        service: Some("request".into()),
+        time: SystemClock.now(),
+        ttl: Some(3600.0),
+        ..Event::default()
+    };
+    let counted = |v: &Vigil| query(v, r#"service = "requests per 3""#);
+
+    let mut v = Vigil::start(&args);
+    send(&v, &[request()]);
+    assert!(v.terminate().success(), "{}", v.logs());
+    assert!(v.logs().contains("Wrote the stream state."), "{}", v.logs());
+    drop(v);
+
+    let mut v = Vigil::start(&args);
+    assert!(
+        v.logs()
+            .contains("Restored the stream state of the last run."),
+        "{}",
+        v.logs()
+    );
+    send(&v, &[request()]);
+    assert_eq!(counted(&v), vec![], "two events of three");
+    wait_for_two_rewrites(&data.join("streams.state"), &v);
+    v.kill9();
+    drop(v);
+
+    let v = Vigil::start(&args);
+    send(&v, &[request()]);
+    let counted = counted(&v);
+    assert_eq!(
+        counted.len(),
+        1,
+        "one from each life closes the window:\n{}",
+        v.logs()
+    );
+    assert_eq!(counted[0].metric, Some(Metric::Int(3)));
 }
 
 #[test]

@@ -57,6 +57,7 @@ pub fn bench_rules_ingest() -> (Arc<ManualClock>, Ingest) {
     let shared: SharedClock = clock.clone();
     let streams = Arc::new(Rules::new(
         compiled.roots,
+        None,
         Vec::new(),
         index.clone(),
         shared.clone(),

@@ -20,6 +20,8 @@ use crate::streams::Streams;
 
 use crate::outputs::OutputSink;
 
+use super::RuleText;
+use super::nodes::saved::Saved;
 use super::nodes::{Children, Cx};
 
 /// How many events ahead of the one going through the rules the index is
@@ -51,6 +53,9 @@ pub struct RuleStats {
 pub struct Tree {
     pub roots: Children,
     pub outputs: Vec<Arc<dyn OutputSink>>,
+    /// What `roots` were compiled from; `None` in the test harness, which
+    /// compiles syntax trees and never saves state.
+    pub text: Option<Arc<RuleText>>,
 }
 
 pub struct Rules {
@@ -66,12 +71,17 @@ impl Rules {
     /// `outputs` must be in the order of the compiled file's declarations.
     pub fn new(
         roots: Children,
+        text: Option<Arc<RuleText>>,
         outputs: Vec<Arc<dyn OutputSink>>,
         index: Arc<Index>,
         clock: SharedClock,
     ) -> Self {
         Self {
-            current: ArcSwap::from_pointee(Tree { roots, outputs }),
+            current: ArcSwap::from_pointee(Tree {
+                roots,
+                outputs,
+                text,
+            }),
             replacing: Mutex::new(()),
             index,
             clock,
@@ -83,14 +93,35 @@ impl Rules {
     /// unchanged first takes over its predecessor's state. Returns the replaced
     /// tree; batches that loaded it before the swap may still be running on it
     /// (they hold a reference), so its outputs are retired once it is unused.
-    pub fn replace(&self, roots: Children, outputs: Vec<Arc<dyn OutputSink>>) -> Arc<Tree> {
+    pub fn replace(
+        &self,
+        roots: Children,
+        text: Option<Arc<RuleText>>,
+        outputs: Vec<Arc<dyn OutputSink>>,
+    ) -> Arc<Tree> {
         let _one_at_a_time = self.replacing.lock();
-        let new = Tree { roots, outputs };
+        let new = Tree {
+            roots,
+            outputs,
+            text,
+        };
         let old = self.current.load_full();
         new.roots.adopt(&old.roots);
         self.current.store(Arc::new(new));
         self.stats.reloads.fetch_add(1, Ordering::Relaxed);
         old
+    }
+
+    /// The running rules' text and their stages' state, for a restart
+    /// ([`super::persist`]); `None` when the rules were compiled without their text.
+    pub fn save_state(&self) -> Option<(Arc<RuleText>, Vec<Saved>)> {
+        // Not while a reload moves the state from one tree to the other.
+        let _one_at_a_time = self.replacing.lock();
+        let tree = self.current.load();
+        let text = tree.text.clone()?;
+        let mut stages = Vec::new();
+        tree.roots.save(&mut stages);
+        Some((text, stages))
     }
 
     /// Runs `work` on `tree` with a context, then the events it reinjected,

@@ -6,6 +6,7 @@
 //! - [`compile`]: AST → a tree of stream [`nodes`], validating every name and argument.
 //! - [`engine`]: runs the tree as the server's `Streams`.
 //! - [`reload`]: `SIGHUP` swaps in an edited rule file, keeping unchanged stages' state.
+//! - [`persist`]: the stages' state written to `--data-dir` and read back at start.
 //! - [`testing`]: `vigil test`, the `test "…" { … }` blocks on a virtual clock.
 
 pub mod ast;
@@ -14,6 +15,7 @@ pub mod diag;
 pub mod engine;
 pub mod nodes;
 pub mod parser;
+pub mod persist;
 pub mod reload;
 pub mod testing;
 
@@ -23,6 +25,14 @@ pub use diag::Diagnostic;
 /// The rules `vigil run` uses when given no `--rules`: index everything.
 pub const DEFAULT_RULES: &str = include_str!("../../rules/default.vigil");
 pub const DEFAULT_RULES_NAME: &str = "<embedded rules/default.vigil>";
+
+/// A rule file's text as it was compiled. The running rules keep it, so their
+/// stream state is saved with the text that gives it meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleText {
+    pub name: String,
+    pub text: String,
+}
 
 /// A rule file parsed and compiled, or every problem found, rendered for humans.
 pub fn load(name: &str, source: &str, env: EnvPolicy) -> Result<(ast::RuleFile, Compiled), String> {

@@ -28,6 +28,10 @@
 //! - An output whose declaration is identical (name, type and every argument):
 //!   its queue, delivery task, connection and counters.
 //!
+//! The same walk carries the state over a restart ([`super::persist`]): the
+//! saved state is restored into the rules it was saved with, which the new
+//! rules then adopt.
+//!
 //! # What does not
 //! - A stage whose kind or parameters changed, that moved (a statement
 //!   inserted or removed before it shifts it), or below such a stage: fresh.
@@ -53,7 +57,7 @@ use crate::outputs::{self, Kept, OutputSink, OutputSpec, Queue};
 use crate::stats::Stats;
 
 use super::engine::{RuleStats, Rules, Tree};
-use super::{Compiled, EnvPolicy};
+use super::{Compiled, EnvPolicy, RuleText};
 
 /// Loads a rule file meant to replace the running one. On failure the
 /// rendered diagnostics are logged, counted, and returned.
@@ -196,9 +200,12 @@ impl Reloader {
         let compiled = prepare(stats, &name, &source, EnvPolicy::Strict)?;
         let mut outputs = self.outputs.lock();
         let removed = outputs.update(&compiled.outputs);
-        let old = self.rules.replace(compiled.roots, outputs.sinks());
+        let text = Arc::new(RuleText { name, text: source });
+        let old = self
+            .rules
+            .replace(compiled.roots, Some(text.clone()), outputs.sinks());
         tracing::info!(
-            rules = %name,
+            rules = %text.name,
             outputs = outputs.running.len(),
             outputs_stopped = removed.len(),
             "Rules reloaded."
@@ -324,6 +331,7 @@ mod tests {
         let old = Arc::new(Tree {
             roots: Children::default(),
             outputs: vec![b],
+            text: None,
         });
         let batch_still_running = old.clone();
         let retiring = tokio::spawn(retire(old, removed, CancellationToken::new()));

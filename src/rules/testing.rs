@@ -88,6 +88,17 @@ impl OutputSink for Recorder {
     }
 }
 
+/// Moves `clock` to `target` in [`TICK`] steps, each followed by the index's
+/// expiry and the rules' timers, as the server's timer would.
+pub fn advance(clock: &ManualClock, index: &Index, rules: &Rules, target: Micros) {
+    while clock.now() < target {
+        let next = (clock.now() + TICK).min(target);
+        clock.set(next);
+        index.expire(next, |expired| rules.process(expired));
+        rules.tick();
+    }
+}
+
 /// Fresh rules on a virtual clock with every output recorded; also the
 /// harness of the stream stages' unit tests.
 pub(crate) struct Bench {
@@ -112,7 +123,7 @@ impl Bench {
             .map(|(_, r)| r.clone() as Arc<dyn OutputSink>)
             .collect();
         let shared: SharedClock = clock.clone();
-        let rules = Rules::new(compiled.roots, sinks, index.clone(), shared);
+        let rules = Rules::new(compiled.roots, None, sinks, index.clone(), shared);
         Ok(Bench {
             clock,
             index,
@@ -123,13 +134,7 @@ impl Bench {
 
     /// Moves virtual time to `target` in [`TICK`] steps, running expiry and timers.
     pub fn advance_to(&self, target: Micros) {
-        while self.clock.now() < target {
-            let next = (self.clock.now() + TICK).min(target);
-            self.clock.set(next);
-            self.index
-                .expire(next, |expired| self.rules.process(expired));
-            self.rules.tick();
-        }
+        advance(&self.clock, &self.index, &self.rules, target);
     }
 
     /// The index's entries, or everything an output received.

@@ -7,6 +7,7 @@
 use crate::event::{Event, Metric};
 use crate::query::Query;
 
+use super::saved::{Mismatch, Restorer, Saved};
 use super::{Children, Cx, Node, same};
 
 /// `where PRED { … } else { … }`
@@ -43,6 +44,16 @@ impl Node for Where {
             self.then.adopt(&old.then);
             self.otherwise.adopt(&old.otherwise);
         }
+    }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        self.then.save(out);
+        self.otherwise.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        self.then.restore(from)?;
+        self.otherwise.restore(from)
     }
 }
 
@@ -95,6 +106,20 @@ impl Node for Split {
         if unchanged == self.clauses.len() && unchanged == old.clauses.len() {
             self.default.adopt(&old.default);
         }
+    }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        for (_, children) in &self.clauses {
+            children.save(out);
+        }
+        self.default.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        for (_, children) in &self.clauses {
+            children.restore(from)?;
+        }
+        self.default.restore(from)
     }
 }
 
@@ -182,6 +207,14 @@ impl Node for With {
             self.children.adopt(&old.children);
         }
     }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        self.children.restore(from)
+    }
 }
 
 /// `over(x)`, `under(x)`, `within(a, b)`: events whose metric is in range; events
@@ -229,6 +262,14 @@ impl Node for MetricTest {
             self.children.adopt(&old.children);
         }
     }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        self.children.restore(from)
+    }
 }
 
 /// `scale(x)`: multiplies the metric; integer × integer stays an integer.
@@ -264,6 +305,14 @@ impl Node for Scale {
         if let Some(old) = same::<Scale>(old).filter(|o| o.factor == self.factor) {
             self.children.adopt(&old.children);
         }
+    }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        self.children.restore(from)
     }
 }
 
@@ -303,6 +352,14 @@ impl Node for Tag {
             self.children.adopt(&old.children);
         }
     }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        self.children.restore(from)
+    }
 }
 
 /// Leaf stages: they consume the event and have no children.
@@ -318,6 +375,10 @@ macro_rules! leaf {
                 Box::new(self.clone())
             }
             fn adopt(&self, _old: &dyn Node) {}
+            fn save(&self, _out: &mut Vec<Saved>) {}
+            fn restore(&self, _from: &mut Restorer) -> Result<(), Mismatch> {
+                Ok(())
+            }
         }
     };
 }

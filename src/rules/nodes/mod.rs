@@ -9,6 +9,10 @@
 //! Reload: [`Node::adopt`] moves the state of a running tree into a freshly
 //! compiled one, stage by stage, where the stage is unchanged (see
 //! [`crate::rules::reload`]).
+//!
+//! Restart: [`Node::save`] writes the state out and [`Node::restore`] reads it
+//! back into a tree compiled from the same text (see [`saved`] and
+//! [`crate::rules::persist`]).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -22,6 +26,7 @@ use crate::index::{Index, KeyHash};
 use crate::outputs::OutputSink;
 
 mod basic;
+pub mod saved;
 mod stateful;
 mod window;
 
@@ -34,6 +39,8 @@ pub use basic::{
 };
 pub use stateful::{By, Changed, Ddt, Ewma, EwmaMode, Rate, Stable, Throttle};
 pub use window::{Fold, FoldKind, Percentiles, WINDOW_MAX, Window, WindowKind};
+
+use saved::{Mismatch, Restorer, Saved};
 
 /// What a node may touch while handling one event or tick.
 pub struct Cx<'a> {
@@ -86,6 +93,14 @@ pub trait Node: AsAny + Send + Sync {
     /// then lets the children do the same with `old`'s children. Called on a
     /// tree that receives no events yet.
     fn adopt(&self, old: &dyn Node);
+
+    /// For a restart: appends this subtree's state to `out` in tree order.
+    /// Stateless stages only walk their children.
+    fn save(&self, out: &mut Vec<Saved>);
+
+    /// Takes back what [`Node::save`] wrote, on a tree compiled from the same
+    /// text that receives no events yet.
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch>;
 }
 
 /// `old` as a stage of type `T`, if it is one.
@@ -125,6 +140,16 @@ impl Children {
         for (new, old) in self.0.iter().zip(&old.0) {
             new.adopt(old.as_ref());
         }
+    }
+
+    pub fn save(&self, out: &mut Vec<Saved>) {
+        for child in &self.0 {
+            child.save(out);
+        }
+    }
+
+    pub fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        self.0.iter().try_for_each(|child| child.restore(from))
     }
 }
 

@@ -6,12 +6,15 @@
 //! On reload a stage takes over its predecessor's state when its kind and
 //! parameters are unchanged ([`Node::adopt`]).
 
+use std::sync::Arc;
+
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 
+use super::saved::{Mismatch, Restorer, Saved, SavedGroup};
 use super::{Children, Cx, Field, Node, as_secs, metric_f64, same, take_over};
 
 /// How many missed intervals a timer catches up on after a stall (one event each)
@@ -123,6 +126,38 @@ impl Node for Rate {
             self.children.adopt(&old.children);
         }
     }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        let s = self.state.lock();
+        out.push(Saved::Rate {
+            sum: s.sum,
+            latest: s.latest.clone(),
+            window_end: s.window_end,
+            pending: s.pending,
+        });
+        drop(s);
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        match from.next("rate")? {
+            Saved::Rate {
+                sum,
+                latest,
+                window_end,
+                pending,
+            } => {
+                *self.state.lock() = RateState {
+                    sum,
+                    latest,
+                    window_end,
+                    pending,
+                }
+            }
+            other => return Err(Mismatch::new("rate", &other)),
+        }
+        self.children.restore(from)
+    }
 }
 
 /// `by(fields…) { … }`: an independent copy of the children per distinct value
@@ -132,11 +167,15 @@ pub struct By {
     pub fields: Vec<Field>,
     pub prototype: Children,
     pub idle_after: Micros,
-    pub groups: Mutex<HashMap<Vec<Option<String>>, Group>>,
+    pub groups: Mutex<HashMap<GroupKey, Group>>,
 }
 
+/// The fields' values. Shared, like the group's stages, so saving the state
+/// copies pointers under the lock and walks the groups after releasing it.
+type GroupKey = Arc<[Option<String>]>;
+
 pub struct Group {
-    children: Children,
+    children: Arc<Children>,
     /// When the group may be freed if no event comes first.
     free_at: Micros,
 }
@@ -164,8 +203,8 @@ impl Node for By {
             .now
             .saturating_add(secs_to_micros(ttl).max(self.idle_after));
         let mut groups = self.groups.lock();
-        let group = groups.entry(key).or_insert_with(|| Group {
-            children: self.prototype.fresh(),
+        let group = groups.entry_ref(key.as_slice()).or_insert_with(|| Group {
+            children: Arc::new(self.prototype.fresh()),
             free_at,
         });
         group.free_at = free_at;
@@ -205,11 +244,59 @@ impl Node for By {
             groups.insert(
                 key,
                 Group {
-                    children,
+                    children: Arc::new(children),
                     free_at: old_group.free_at,
                 },
             );
         }
+    }
+
+    /// The groups, each with its stages' entries; the prototype never holds
+    /// state. The lock is held only to list the groups: events keep flowing
+    /// through them while their stages are saved one by one (each under its
+    /// own lock), and a group freed meanwhile is saved anyway.
+    fn save(&self, out: &mut Vec<Saved>) {
+        let groups: Vec<(GroupKey, Micros, Arc<Children>)> = self
+            .groups
+            .lock()
+            .iter()
+            .map(|(key, group)| (key.clone(), group.free_at, group.children.clone()))
+            .collect();
+        let saved = groups
+            .into_iter()
+            .map(|(key, free_at, children)| {
+                let mut stages = Vec::new();
+                children.save(&mut stages);
+                SavedGroup {
+                    key: key.to_vec(),
+                    free_at,
+                    stages,
+                }
+            })
+            .collect();
+        out.push(Saved::By(saved));
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        let saved = match from.next("by")? {
+            Saved::By(saved) => saved,
+            other => return Err(Mismatch::new("by", &other)),
+        };
+        let mut groups = self.groups.lock();
+        for group in saved {
+            let children = self.prototype.fresh();
+            let mut stages = Restorer::new(group.stages);
+            children.restore(&mut stages)?;
+            stages.finish()?;
+            groups.insert(
+                group.key.into(),
+                Group {
+                    children: Arc::new(children),
+                    free_at: group.free_at,
+                },
+            );
+        }
+        Ok(())
     }
 }
 
@@ -268,6 +355,26 @@ impl Node for Throttle {
             self.children.adopt(&old.children);
         }
     }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        let (window_start, passed) = *self.state.lock();
+        out.push(Saved::Throttle {
+            window_start,
+            passed,
+        });
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        match from.next("throttle")? {
+            Saved::Throttle {
+                window_start,
+                passed,
+            } => *self.state.lock() = (window_start, passed),
+            other => return Err(Mismatch::new("throttle", &other)),
+        }
+        self.children.restore(from)
+    }
 }
 
 /// `changed(field)`: passes an event only when the field differs from the
@@ -316,6 +423,19 @@ impl Node for Changed {
             take_over(&self.last, &old.last);
             self.children.adopt(&old.children);
         }
+    }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        out.push(Saved::Changed(self.last.lock().clone()));
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        match from.next("changed")? {
+            Saved::Changed(last) => *self.last.lock() = last,
+            other => return Err(Mismatch::new("changed", &other)),
+        }
+        self.children.restore(from)
     }
 }
 
@@ -404,6 +524,33 @@ impl Node for Stable {
             self.children.adopt(&old.children);
         }
     }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        let s = self.state.lock();
+        out.push(Saved::Stable {
+            value: s.value.clone(),
+            since: s.since,
+            held: s.held.clone(),
+        });
+        drop(s);
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        match from.next("stable")? {
+            Saved::Stable {
+                value,
+                since,
+                mut held,
+            } => {
+                // The file is vigil's own, but its bound is this build's.
+                held.drain(..held.len().saturating_sub(STABLE_BUFFER_MAX));
+                *self.state.lock() = StableState { value, since, held };
+            }
+            other => return Err(Mismatch::new("stable", &other)),
+        }
+        self.children.restore(from)
+    }
 }
 
 /// `ewma(halflife)` weighs by the time between events (event time);
@@ -470,6 +617,19 @@ impl Node for Ewma {
             self.children.adopt(&old.children);
         }
     }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        out.push(Saved::Ewma(*self.state.lock()));
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        match from.next("ewma")? {
+            Saved::Ewma(state) => *self.state.lock() = state,
+            other => return Err(Mismatch::new("ewma", &other)),
+        }
+        self.children.restore(from)
+    }
 }
 
 /// `ddt`: the rate of change per second between consecutive events (event
@@ -519,5 +679,18 @@ impl Node for Ddt {
             take_over(&self.last, &old.last);
             self.children.adopt(&old.children);
         }
+    }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        out.push(Saved::Ddt(*self.last.lock()));
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        match from.next("ddt")? {
+            Saved::Ddt(last) => *self.last.lock() = last,
+            other => return Err(Mismatch::new("ddt", &other)),
+        }
+        self.children.restore(from)
     }
 }

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 
+use super::saved::{Mismatch, Restorer, Saved};
 use super::{Children, Cx, Node, metric_f64, same, take_over};
 
 /// Most events one window holds.
@@ -255,6 +256,47 @@ impl Node for Window {
             }
         }
     }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        let s = self.state.lock();
+        out.push(Saved::Window {
+            events: s.events.iter().cloned().collect(),
+            latest: s.latest.values().cloned().collect(),
+            window_end: s.window_end,
+        });
+        drop(s);
+        for fold in &self.folds {
+            fold.children.save(out);
+        }
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        match from.next("window")? {
+            Saved::Window {
+                mut events,
+                latest,
+                window_end,
+            } => {
+                // The file is vigil's own, but its bound is this build's.
+                events.drain(..events.len().saturating_sub(WINDOW_MAX));
+                let latest = latest
+                    .into_iter()
+                    .take(WINDOW_MAX)
+                    .map(|e| ((e.host_str().to_owned(), e.service_str().to_owned()), e))
+                    .collect();
+                *self.state.lock() = WindowState {
+                    events: events.into(),
+                    latest,
+                    window_end,
+                    dropped: 0,
+                };
+            }
+            other => return Err(Mismatch::new("window", &other)),
+        }
+        self.folds
+            .iter()
+            .try_for_each(|fold| fold.children.restore(from))
+    }
 }
 
 /// `percentiles(dt, [0.5, 0.95, 0.99])`: every `dt`, one event per point with
@@ -370,5 +412,42 @@ impl Node for Percentiles {
             take_over(&self.state, &old.state);
             self.children.adopt(&old.children);
         }
+    }
+
+    fn save(&self, out: &mut Vec<Saved>) {
+        let s = self.state.lock();
+        out.push(Saved::Percentiles {
+            samples: s.samples.clone(),
+            seen: s.seen,
+            latest: s.latest.clone(),
+            window_end: s.window_end,
+            rng: s.rng,
+        });
+        drop(s);
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+        match from.next("percentiles")? {
+            Saved::Percentiles {
+                mut samples,
+                seen,
+                latest,
+                window_end,
+                rng,
+            } => {
+                samples.truncate(WINDOW_MAX);
+                *self.state.lock() = PercentileState {
+                    samples,
+                    seen,
+                    latest,
+                    window_end,
+                    // Zero would make the reservoir's xorshift stick at zero.
+                    rng: rng.max(1),
+                };
+            }
+            other => return Err(Mismatch::new("percentiles", &other)),
+        }
+        self.children.restore(from)
     }
 }
