@@ -161,8 +161,9 @@ impl Node for Rate {
 }
 
 /// `by(fields…) { … }`: an independent copy of the children per distinct value
-/// of the fields. Groups idle longer than `idle_after` (the longest window in the
-/// subtree) or than their last event's TTL are freed — Riemann never frees them.
+/// of the fields. Groups idle longer than `idle_after` (the longest duration
+/// written in the block; 0 when no stage in it acts on the timer) or than their
+/// last event's TTL are freed — Riemann never frees them.
 pub struct By {
     pub fields: Vec<Field>,
     pub prototype: Children,
@@ -215,9 +216,14 @@ impl Node for By {
 
     fn tick(&self, cx: &mut Cx) {
         let mut groups = self.groups.lock();
-        // Tick before freeing: a group's last window may be due on this very tick.
-        for group in groups.values() {
-            group.children.tick(cx);
+        // Every stage the timer drives takes a duration, so a block without
+        // any (`changed_state`'s) has nothing to tick. Walking its groups
+        // would chase a pointer per group, under the lock, on every tick.
+        if self.idle_after > 0 {
+            // Before freeing: a group's last window may be due on this very tick.
+            for group in groups.values() {
+                group.children.tick(cx);
+            }
         }
         groups.retain(|_, g| g.free_at >= cx.now);
     }
