@@ -1,6 +1,8 @@
 //! The one `Event` type every part of vigil speaks. Wire formats (protobuf, JSON)
 //! convert to and from it at the edges; nothing inside sees them.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::clock::{MICROS_PER_SEC, Micros};
@@ -83,15 +85,22 @@ impl Field {
     /// The field's value as text, `None` when absent; numbers by their
     /// canonical text, which is exact for equality (`by`, `changed`).
     pub fn text(&self, e: &Event) -> Option<String> {
+        self.text_ref(e).map(Cow::into_owned)
+    }
+
+    /// [`Field::text`], borrowed from the event where it can be: only numbers
+    /// are written out.
+    pub fn text_ref<'e>(&self, e: &'e Event) -> Option<Cow<'e, str>> {
+        let text = |s: &'e Option<String>| s.as_deref().map(Cow::Borrowed);
         match self {
-            Field::Host => e.host.clone(),
-            Field::Service => e.service.clone(),
-            Field::State => e.state.clone(),
-            Field::Description => e.description.clone(),
-            Field::Metric => e.metric.map(|m| m.to_string()),
-            Field::Ttl => e.ttl.map(|t| t.to_string()),
-            Field::Time => Some(e.time.to_string()),
-            Field::Attribute(k) => e.attribute(k).map(str::to_owned),
+            Field::Host => text(&e.host),
+            Field::Service => text(&e.service),
+            Field::State => text(&e.state),
+            Field::Description => text(&e.description),
+            Field::Metric => e.metric.map(|m| Cow::Owned(m.to_string())),
+            Field::Ttl => e.ttl.map(|t| Cow::Owned(t.to_string())),
+            Field::Time => Some(Cow::Owned(e.time.to_string())),
+            Field::Attribute(k) => e.attribute(k).map(Cow::Borrowed),
         }
     }
 }

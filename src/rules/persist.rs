@@ -329,6 +329,36 @@ mod tests {
     }
 
     #[test]
+    fn groups_keyed_by_numbers_and_attributes_are_found_again() {
+        // Looked up by values borrowed from each event, stored as text.
+        let dir = tempfile::tempdir().unwrap();
+        let rules = "  by(host, metric, env) { changed(state) { out } }";
+        let event = |life: &Life, metric: i64| Event {
+            host: Some("a".to_owned()),
+            state: Some("ok".to_owned()),
+            metric: Some(Metric::Int(metric)),
+            attributes: vec![("env".to_owned(), "prod".to_owned())],
+            time: life.clock.now(),
+            ttl: Some(3600.0),
+            ..Event::default()
+        };
+        let first = Life::start(rules, dir.path(), 0.0);
+        first.rules.process(&[event(&first, 7), event(&first, 8)]);
+        assert_eq!(first.took().len(), 2);
+        first.stop(dir.path());
+
+        let second = Life::start(rules, dir.path(), 1.0);
+        second
+            .rules
+            .process(&[event(&second, 7), event(&second, 8), event(&second, 9)]);
+        assert_eq!(
+            second.took(),
+            [out("a", Some("ok"), Some(9.0))],
+            "only the new group"
+        );
+    }
+
+    #[test]
     fn windows_throttles_and_rates_go_on_where_they_stopped() {
         let dir = tempfile::tempdir().unwrap();
         let rules = r#"  where host = "w" { fixed_event_window(3) { count { out } } }

@@ -6,9 +6,11 @@
 //! On reload a stage takes over its predecessor's state when its kind and
 //! parameters are unchanged ([`Node::adopt`]).
 
+use std::borrow::Cow;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::Mutex;
 
 use crate::clock::{Micros, secs_to_micros};
@@ -164,18 +166,30 @@ impl Node for Rate {
 /// of the fields. Groups idle longer than `idle_after` (the longest duration
 /// written in the block; 0 when no stage in it acts on the timer) or than their
 /// last event's TTL are freed — Riemann never frees them.
+///
+/// The groups are spread over [`BY_SHARDS`] locks by their key's hash, so
+/// connections whose events belong to different groups rarely wait on each
+/// other; a group's events all go through one shard, in order.
 pub struct By {
     pub fields: Vec<Field>,
     pub prototype: Children,
     pub idle_after: Micros,
-    pub groups: Mutex<HashMap<GroupKey, Group>>,
+    shards: Box<[Mutex<HashTable<Group>>]>,
+    hasher: DefaultHashBuilder,
 }
+
+/// Locks a `by`'s groups are spread over. `changed_state` puts every event
+/// through a `by`; more shards than cores gain nothing, and each nested `by`
+/// group pays for its own.
+pub const BY_SHARDS: usize = 8;
 
 /// The fields' values. Shared, like the group's stages, so saving the state
 /// copies pointers under the lock and walks the groups after releasing it.
 type GroupKey = Arc<[Option<String>]>;
 
 pub struct Group {
+    key: GroupKey,
+    hash: u64,
     children: Arc<Children>,
     /// When the group may be freed if no event comes first.
     free_at: Micros,
@@ -187,45 +201,93 @@ impl By {
             fields,
             prototype,
             idle_after,
-            groups: Mutex::default(),
+            shards: (0..BY_SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: DefaultHashBuilder::default(),
         }
     }
 
     pub fn group_count(&self) -> usize {
-        self.groups.lock().len()
+        self.shards.iter().map(|shard| shard.lock().len()).sum()
+    }
+
+    /// The same for a key's values whether they come from an event (as
+    /// `Option<Cow<str>>`) or from a group (as `Option<&str>`): both hash as
+    /// the text.
+    fn hash(&self, values: impl Iterator<Item = Option<impl Hash>>) -> u64 {
+        let mut hasher = self.hasher.build_hasher();
+        for value in values {
+            value.hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+
+    fn shard(&self, hash: u64) -> &Mutex<HashTable<Group>> {
+        // The table uses the hash's low bits and its top seven as tags; the
+        // shard takes bits of the middle.
+        &self.shards[(hash >> 32) as usize % BY_SHARDS]
+    }
+
+    fn insert(&self, key: GroupKey, free_at: Micros, children: Children) {
+        let hash = self.hash(key.iter().map(Option::as_deref));
+        self.shard(hash).lock().insert_unique(
+            hash,
+            Group {
+                key,
+                hash,
+                children: Arc::new(children),
+                free_at,
+            },
+            |g| g.hash,
+        );
     }
 }
 
 impl Node for By {
     fn event(&self, event: &Event, cx: &mut Cx) {
-        let key: Vec<_> = self.fields.iter().map(|f| f.text(event)).collect();
+        // Borrowed: a group that exists costs no copy of its key.
+        let value = |f: &Field| f.text_ref(event);
+        let hash = self.hash(self.fields.iter().map(value));
         let ttl = event.ttl.map_or(cx.index.default_ttl(), f64::from);
         let free_at = cx
             .now
             .saturating_add(secs_to_micros(ttl).max(self.idle_after));
-        let mut groups = self.groups.lock();
-        let group = groups.entry_ref(key.as_slice()).or_insert_with(|| Group {
-            children: Arc::new(self.prototype.fresh()),
-            free_at,
-        });
+        let mut groups = self.shard(hash).lock();
+        let same_key = |g: &Group| {
+            g.hash == hash
+                && g.key
+                    .iter()
+                    .zip(&self.fields)
+                    .all(|(stored, f)| stored.as_deref() == value(f).as_deref())
+        };
+        let group = groups
+            .entry(hash, same_key, |g| g.hash)
+            .or_insert_with(|| Group {
+                key: self.fields.iter().map(|f| f.text(event)).collect(),
+                hash,
+                children: Arc::new(self.prototype.fresh()),
+                free_at,
+            })
+            .into_mut();
         group.free_at = free_at;
-        // The lock is held while the group runs so each group sees its events in
-        // order; groups of other `by` nodes have their own locks.
+        // The shard's lock is held while the group runs so each group sees its
+        // events in order.
         group.children.event(event, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {
-        let mut groups = self.groups.lock();
-        // Every stage the timer drives takes a duration, so a block without
-        // any (`changed_state`'s) has nothing to tick. Walking its groups
-        // would chase a pointer per group, under the lock, on every tick.
-        if self.idle_after > 0 {
-            // Before freeing: a group's last window may be due on this very tick.
-            for group in groups.values() {
-                group.children.tick(cx);
+        for shard in &self.shards {
+            let mut groups = shard.lock();
+            // Every stage the timer drives takes a duration, so a block without
+            // any (`changed_state`'s) has nothing to tick. Walking its groups
+            // would chase a pointer per group, under the lock, on every tick.
+            if self.idle_after > 0 {
+                // Before freeing: a group's last window may be due on this very tick.
+                for group in groups.iter() {
+                    group.children.tick(cx);
+                }
             }
+            groups.retain(|g| g.free_at >= cx.now);
         }
-        groups.retain(|_, g| g.free_at >= cx.now);
     }
 
     fn fresh(&self) -> Box<dyn Node> {
@@ -243,34 +305,28 @@ impl Node for By {
         let Some(old) = same::<By>(old).filter(|o| o.fields == self.fields) else {
             return;
         };
-        let mut groups = self.groups.lock();
-        for (key, old_group) in old.groups.lock().drain() {
-            let children = self.prototype.fresh();
-            children.adopt(&old_group.children);
-            groups.insert(
-                key,
-                Group {
-                    children: Arc::new(children),
-                    free_at: old_group.free_at,
-                },
-            );
+        for shard in &old.shards {
+            for old_group in shard.lock().drain() {
+                let children = self.prototype.fresh();
+                children.adopt(&old_group.children);
+                self.insert(old_group.key, old_group.free_at, children);
+            }
         }
     }
 
     /// The groups, each with its stages' entries; the prototype never holds
-    /// state. The lock is held only to list the groups: events keep flowing
-    /// through them while their stages are saved one by one (each under its
-    /// own lock), and a group freed meanwhile is saved anyway.
+    /// state. A shard's lock is held only to list its groups: events keep
+    /// flowing through them while their stages are saved one by one (each
+    /// under its own lock), and a group freed meanwhile is saved anyway.
     fn save(&self, out: &mut Vec<Saved>) {
-        let groups: Vec<(GroupKey, Micros, Arc<Children>)> = self
-            .groups
-            .lock()
-            .iter()
-            .map(|(key, group)| (key.clone(), group.free_at, group.children.clone()))
-            .collect();
-        let saved = groups
-            .into_iter()
-            .map(|(key, free_at, children)| {
+        let mut saved = Vec::new();
+        for shard in &self.shards {
+            let groups: Vec<(GroupKey, Micros, Arc<Children>)> = shard
+                .lock()
+                .iter()
+                .map(|g| (g.key.clone(), g.free_at, g.children.clone()))
+                .collect();
+            saved.extend(groups.into_iter().map(|(key, free_at, children)| {
                 let mut stages = Vec::new();
                 children.save(&mut stages);
                 SavedGroup {
@@ -278,8 +334,8 @@ impl Node for By {
                     free_at,
                     stages,
                 }
-            })
-            .collect();
+            }));
+        }
         out.push(Saved::By(saved));
     }
 
@@ -288,19 +344,12 @@ impl Node for By {
             Saved::By(saved) => saved,
             other => return Err(Mismatch::new("by", &other)),
         };
-        let mut groups = self.groups.lock();
         for group in saved {
             let children = self.prototype.fresh();
             let mut stages = Restorer::new(group.stages);
             children.restore(&mut stages)?;
             stages.finish()?;
-            groups.insert(
-                group.key.into(),
-                Group {
-                    children: Arc::new(children),
-                    free_at: group.free_at,
-                },
-            );
+            self.insert(group.key.into(), group.free_at, children);
         }
         Ok(())
     }
@@ -404,11 +453,14 @@ impl Changed {
 
 impl Node for Changed {
     fn event(&self, event: &Event, cx: &mut Cx) {
-        let value = self.field.text(event);
+        let value = self.field.text_ref(event);
         let changed = {
             let mut last = self.last.lock();
-            let changed = *last != value;
-            *last = value;
+            // Copied only on a change: most events repeat the last value.
+            let changed = last.as_deref() != value.as_deref();
+            if changed {
+                *last = value.map(Cow::into_owned);
+            }
             changed
         };
         if changed {
