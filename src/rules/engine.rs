@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-use crate::clock::SharedClock;
+use crate::clock::{Micros, SharedClock};
 use crate::event::Event;
 use crate::index::{Index, KeyHash};
 use crate::streams::Streams;
@@ -134,6 +134,7 @@ impl Rules {
             outputs: &tree.outputs,
             reinjected: &mut reinjected,
             hashed: None,
+            due: Micros::MAX,
         };
         work(&mut cx);
         for _ in 0..MAX_REINJECT_ROUNDS {
@@ -147,6 +148,7 @@ impl Rules {
                 outputs: &tree.outputs,
                 reinjected: &mut reinjected,
                 hashed: None,
+                due: Micros::MAX,
             };
             for event in &batch {
                 self.guarded(|| tree.roots.event(event, &mut cx));

@@ -4,7 +4,9 @@
 //! there is no lock around the whole tree.
 //!
 //! Time: nodes read "now" from the [`Cx`] (arrival time on the injected clock) and
-//! are driven by [`Node::tick`] so timers fire even when no event arrives.
+//! are driven by [`Node::tick`] so timers fire even when no event arrives. A
+//! stage the timer drives also tells [`Cx::schedule`] when it next needs a
+//! tick, so a `by` ticks only the groups whose time has come.
 //!
 //! Reload: [`Node::adopt`] moves the state of a running tree into a freshly
 //! compiled one, stage by stage, where the stage is unchanged (see
@@ -53,9 +55,19 @@ pub struct Cx<'a> {
     /// (the engine hashed it to prefetch its index slot). Its address is only
     /// compared: a stage that passes the event on as it came gets the hash.
     pub hashed: Option<(*const Event, KeyHash)>,
+    /// The earliest time a stage of the subtree being run asked to be ticked
+    /// at ([`Cx::schedule`]); `by` reads it so it ticks only the groups with
+    /// something due. `Micros::MAX`: nothing asked.
+    pub due: Micros,
 }
 
 impl Cx<'_> {
+    /// A stage that the timer drives says when its next tick is needed, after
+    /// each event and each tick that leaves something pending.
+    pub fn schedule(&mut self, at: Micros) {
+        self.due = self.due.min(at);
+    }
+
     /// `event`'s key hash: the engine's, when `event` is the very event it
     /// hashed (borrowed, so unchanged), else computed.
     pub fn key_hash(&self, event: &Event) -> KeyHash {
@@ -83,6 +95,8 @@ pub trait Node: AsAny + Send + Sync {
     fn event(&self, event: &Event, cx: &mut Cx);
 
     /// Time passes: emit what is due, then pass the tick on to the children.
+    /// A stage with something pending calls [`Cx::schedule`] here and in
+    /// [`Node::event`]; inside a `by`, a stage that does not is not ticked.
     fn tick(&self, cx: &mut Cx);
 
     /// A copy of this subtree with fresh, empty state, for each `by` group.

@@ -43,6 +43,11 @@ pub struct RateState {
     pending: bool,
 }
 
+/// When a rate reports next: the end of its window, while it reports at all.
+fn next_tick(s: &RateState) -> Option<Micros> {
+    s.latest.is_some().then_some(s.window_end)
+}
+
 impl Rate {
     pub fn new(interval: Micros, children: Children) -> Self {
         Self {
@@ -92,7 +97,7 @@ impl Rate {
 impl Node for Rate {
     fn event(&self, event: &Event, cx: &mut Cx) {
         // One lock per event: closing due windows and adding this one together.
-        let due = {
+        let (due, next) = {
             let mut s = self.state.lock();
             let due = self.due(&mut s, cx);
             if let Some(metric) = metric_f64(event) {
@@ -107,13 +112,22 @@ impl Node for Rate {
                     None => s.latest = Some(event.clone()),
                 }
             }
-            due
+            (due, next_tick(&s))
         };
+        if let Some(at) = next {
+            cx.schedule(at);
+        }
         self.emit(due, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {
-        let due = self.due(&mut self.state.lock(), cx);
+        let (due, next) = {
+            let mut s = self.state.lock();
+            (self.due(&mut s, cx), next_tick(&s))
+        };
+        if let Some(at) = next {
+            cx.schedule(at);
+        }
         self.emit(due, cx);
         self.children.tick(cx);
     }
@@ -164,8 +178,8 @@ impl Node for Rate {
 
 /// `by(fields…) { … }`: an independent copy of the children per distinct value
 /// of the fields. Groups idle longer than `idle_after` (the longest duration
-/// written in the block; 0 when no stage in it acts on the timer) or than their
-/// last event's TTL are freed — Riemann never frees them.
+/// written in the block) or than their last event's TTL are freed — Riemann
+/// never frees them.
 ///
 /// The groups are spread over [`BY_SHARDS`] locks by their key's hash, so
 /// connections whose events belong to different groups rarely wait on each
@@ -193,6 +207,9 @@ pub struct Group {
     children: Arc<Children>,
     /// When the group may be freed if no event comes first.
     free_at: Micros,
+    /// When a stage of the group next needs the timer ([`Cx::schedule`]);
+    /// `Micros::MAX` when none does, e.g. in `changed_state`.
+    next_tick: Micros,
 }
 
 impl By {
@@ -236,6 +253,8 @@ impl By {
                 hash,
                 children: Arc::new(children),
                 free_at,
+                // Brought over with state: its first tick says what is due.
+                next_tick: Micros::MIN,
             },
             |g| g.hash,
         );
@@ -266,28 +285,42 @@ impl Node for By {
                 hash,
                 children: Arc::new(self.prototype.fresh()),
                 free_at,
+                next_tick: Micros::MAX,
             })
             .into_mut();
         group.free_at = free_at;
         // The shard's lock is held while the group runs so each group sees its
         // events in order.
+        let outer = std::mem::replace(&mut cx.due, Micros::MAX);
         group.children.event(event, cx);
+        group.next_tick = group.next_tick.min(cx.due);
+        // An enclosing `by` must tick this group's group too.
+        cx.due = outer.min(group.next_tick);
     }
 
+    /// Ticks only the groups with something due: a `by` of many series would
+    /// otherwise chase a pointer per group, under the lock, on every tick,
+    /// although a window or rate of each is due once per its interval, and
+    /// nothing in `changed_state` ever is.
     fn tick(&self, cx: &mut Cx) {
+        let outer = cx.due;
+        let mut earliest = Micros::MAX;
         for shard in &self.shards {
-            let mut groups = shard.lock();
-            // Every stage the timer drives takes a duration, so a block without
-            // any (`changed_state`'s) has nothing to tick. Walking its groups
-            // would chase a pointer per group, under the lock, on every tick.
-            if self.idle_after > 0 {
+            shard.lock().retain(|g| {
                 // Before freeing: a group's last window may be due on this very tick.
-                for group in groups.iter() {
-                    group.children.tick(cx);
+                if g.next_tick <= cx.now {
+                    cx.due = Micros::MAX;
+                    g.children.tick(cx);
+                    g.next_tick = cx.due;
                 }
-            }
-            groups.retain(|g| g.free_at >= cx.now);
+                let keep = g.free_at >= cx.now;
+                if keep {
+                    earliest = earliest.min(g.next_tick);
+                }
+                keep
+            });
         }
+        cx.due = outer.min(earliest);
     }
 
     fn fresh(&self) -> Box<dyn Node> {
@@ -527,6 +560,11 @@ impl Stable {
         }
     }
 
+    /// When held events are released if the value holds.
+    fn next_tick(&self, s: &StableState) -> Option<Micros> {
+        (!s.held.is_empty()).then(|| s.since.saturating_add(self.interval))
+    }
+
     /// Releases the held events if the value has been stable long enough.
     fn release(&self, s: &mut StableState, now: Micros) -> Vec<Event> {
         if s.value.is_some() && now.saturating_sub(s.since) >= self.interval {
@@ -540,7 +578,7 @@ impl Stable {
 impl Node for Stable {
     fn event(&self, event: &Event, cx: &mut Cx) {
         let value = self.field.text(event);
-        let out = {
+        let (out, next) = {
             let mut s = self.state.lock();
             if s.value.as_ref() != Some(&value) {
                 s.value = Some(value);
@@ -551,15 +589,24 @@ impl Node for Stable {
                 s.held.remove(0);
             }
             s.held.push(event.clone());
-            self.release(&mut s, cx.now)
+            (self.release(&mut s, cx.now), self.next_tick(&s))
         };
+        if let Some(at) = next {
+            cx.schedule(at);
+        }
         for event in &out {
             self.children.event(event, cx);
         }
     }
 
     fn tick(&self, cx: &mut Cx) {
-        let out = self.release(&mut self.state.lock(), cx.now);
+        let (out, next) = {
+            let mut s = self.state.lock();
+            (self.release(&mut s, cx.now), self.next_tick(&s))
+        };
+        if let Some(at) = next {
+            cx.schedule(at);
+        }
         for event in &out {
             self.children.event(event, cx);
         }

@@ -275,6 +275,66 @@ fn by_two_fields_groups_on_both() {
 }
 
 #[test]
+fn every_timer_inside_by_fires_on_time_in_each_group() {
+    // A `by` ticks only the groups whose stages said they have something due.
+    let b = bench(
+        r#"by(host) {
+  stable(2s) { with(service: "stable") { out } }
+  fixed_time_window(3s) { count { with(service: "window") { out } } }
+  coalesce(4s) { count { with(service: "coalesce") { out } } }
+  rate(5s) { with(service: "rate") { out } }
+  percentiles(6s, [0.5]) { with(service: "percentiles") { out } }
+  by(service) { rate(7s) { with(service: "nested rate") { out } } }
+}"#,
+    );
+    let event =
+        |b: &Bench, host: &str| with_ttl(with_metric(ev(b, host, "s"), Metric::Int(1)), 60.0);
+    send(&b, event(&b, "a"));
+    b.advance_to(at(0.5));
+    send(&b, event(&b, "b"));
+    // (seconds, service, host) of each output, when it first reached `out`.
+    let mut fired = Vec::new();
+    for tenth in 6..=76 {
+        let seen = out(&b).len();
+        b.advance_to(at(f64::from(tenth) / 10.0));
+        for e in &out(&b)[seen..] {
+            fired.push((tenth, e.service_str().to_owned(), e.host_str().to_owned()));
+        }
+    }
+    let expected: Vec<_> = [
+        (20, "stable", "a"),
+        (25, "stable", "b"),
+        (30, "window", "a"),
+        (35, "window", "b"),
+        (40, "coalesce", "a"),
+        (45, "coalesce", "b"),
+        (50, "rate", "a"),
+        (55, "rate", "b"),
+        (60, "percentiles", "a"),
+        (65, "percentiles", "b"),
+        (70, "nested rate", "a"),
+        (75, "nested rate", "b"),
+    ]
+    .into_iter()
+    .map(|(t, s, h)| (t, s.to_owned(), h.to_owned()))
+    .collect();
+    assert_eq!(fired, expected);
+}
+
+#[test]
+fn a_timer_in_a_nested_by_reaches_the_outer_by() {
+    let b = bench("by(host) { by(service) { rate(3s) { out } } }");
+    send(
+        &b,
+        with_ttl(with_metric(ev(&b, "a", "s"), Metric::Int(6)), 60.0),
+    );
+    b.advance_to(at(2.9));
+    assert!(out(&b).is_empty());
+    b.advance_to(at(3.0));
+    assert_eq!(out_f64(&b), vec![2.0], "6 over 3 s, on time");
+}
+
+#[test]
 fn by_frees_idle_groups_after_their_ttl() {
     // A fresh group has no memory of the previous state, so `changed` passes again.
     let b = bench("by(host) { changed(state) { out } }");

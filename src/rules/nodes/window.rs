@@ -184,7 +184,7 @@ impl Window {
 impl Node for Window {
     fn event(&self, event: &Event, cx: &mut Cx) {
         let now = cx.now;
-        let windows = {
+        let (windows, next) = {
             let mut s = self.state.lock();
             let mut out = self.due(&mut s, now, cx.index.default_ttl());
             match self.kind {
@@ -223,13 +223,23 @@ impl Node for Window {
                     }
                 }
             }
-            out
+            (out, s.window_end)
         };
+        if let Some(at) = next {
+            cx.schedule(at);
+        }
         self.emit(windows, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {
-        let windows = self.due(&mut self.state.lock(), cx.now, cx.index.default_ttl());
+        let (windows, next) = {
+            let mut s = self.state.lock();
+            let windows = self.due(&mut s, cx.now, cx.index.default_ttl());
+            (windows, s.window_end)
+        };
+        if let Some(at) = next {
+            cx.schedule(at);
+        }
         self.emit(windows, cx);
         for fold in &self.folds {
             fold.children.tick(cx);
@@ -358,7 +368,7 @@ impl Percentiles {
 
 impl Node for Percentiles {
     fn event(&self, event: &Event, cx: &mut Cx) {
-        let out = {
+        let (out, next) = {
             let mut s = self.state.lock();
             let out = self.due(&mut s, cx.now);
             if let Some(m) = metric_f64(event) {
@@ -382,15 +392,24 @@ impl Node for Percentiles {
                     None => s.latest = Some(event.clone()),
                 }
             }
-            out
+            (out, s.window_end)
         };
+        if let Some(at) = next {
+            cx.schedule(at);
+        }
         for e in &out {
             self.children.event(e, cx);
         }
     }
 
     fn tick(&self, cx: &mut Cx) {
-        let out = self.due(&mut self.state.lock(), cx.now);
+        let (out, next) = {
+            let mut s = self.state.lock();
+            (self.due(&mut s, cx.now), s.window_end)
+        };
+        if let Some(at) = next {
+            cx.schedule(at);
+        }
         for e in &out {
             self.children.event(e, cx);
         }
