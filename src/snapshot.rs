@@ -409,7 +409,7 @@ impl Snapshots {
         };
         if let Ok(Some(written)) = streams {
             tracing::info!(
-                stages = written.stages,
+                entries = written.entries,
                 bytes = written.bytes,
                 elapsed = ?written.elapsed,
                 path = %self.dir.join(persist::FILE_NAME).display(),

@@ -21,7 +21,6 @@ use crate::streams::Streams;
 use crate::outputs::OutputSink;
 
 use super::RuleText;
-use super::nodes::saved::Saved;
 use super::nodes::{Children, Cx};
 
 /// How many events ahead of the one going through the rules the index is
@@ -112,16 +111,15 @@ impl Rules {
         old
     }
 
-    /// The running rules' text and their stages' state, for a restart
-    /// ([`super::persist`]); `None` when the rules were compiled without their text.
-    pub fn save_state(&self) -> Option<(Arc<RuleText>, Vec<Saved>)> {
+    /// Runs `save` on the running rules' text and stages, for a restart
+    /// ([`super::persist`]); `None` when the rules were compiled without their
+    /// text.
+    pub fn saving<T>(&self, save: impl FnOnce(&RuleText, &Children) -> T) -> Option<T> {
         // Not while a reload moves the state from one tree to the other.
         let _one_at_a_time = self.replacing.lock();
         let tree = self.current.load();
-        let text = tree.text.clone()?;
-        let mut stages = Vec::new();
-        tree.roots.save(&mut stages);
-        Some((text, stages))
+        let text = tree.text.as_ref()?;
+        Some(save(text, &tree.roots))
     }
 
     /// Runs `work` on `tree` with a context, then the events it reinjected,

@@ -20,7 +20,8 @@
 //!
 //! ```text
 //! "VIGILSTS"  u32 version (little-endian)
-//! CBOR { name, text, stages }
+//! CBOR { name, text }
+//! CBOR entry × n   (see nodes::saved: in tree order, streamed as made)
 //! u32 CRC32 of every byte before it (little-endian)
 //! ```
 //!
@@ -39,7 +40,7 @@ use crate::snapshot::{CrcWriter, SnapshotError, replace_file};
 
 use super::engine::Rules;
 use super::nodes::Children;
-use super::nodes::saved::{Mismatch, Restorer, Saved};
+use super::nodes::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{EnvPolicy, RuleText};
 
 /// The file's name inside the data directory.
@@ -50,11 +51,11 @@ const VERSION: u32 = 1;
 const HEADER_LEN: usize = MAGIC.len() + 4;
 const CRC_LEN: usize = 4;
 
+/// What the entries belong to.
 #[derive(Serialize, Deserialize)]
-struct StateFile {
+struct Header {
     name: String,
     text: String,
-    stages: Vec<Saved>,
 }
 
 /// Why the stream state could not be written or taken back.
@@ -74,19 +75,19 @@ pub enum StateError {
         "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): truncated or corrupted"
     )]
     Checksum { stored: u32, computed: u32 },
-    #[error("does not decode: {0}")]
+    #[error("the header does not decode: {0}")]
     Decode(String),
     #[error("the rules it was saved with no longer compile:\n{0}")]
     Rules(String),
     #[error("it does not fit the rules it was saved with: {0}")]
-    Mismatch(#[from] Mismatch),
+    Restore(#[from] RestoreError),
 }
 
 /// What was taken back at start.
 #[derive(Debug, PartialEq)]
 pub struct Restored {
-    /// Entries of stateful stages (a `by` with all its groups is one).
-    pub stages: usize,
+    /// Entries: one per stateful stage, plus one per `by` group.
+    pub entries: usize,
     /// The rule file differs from the one the state was saved with.
     pub rules_changed: bool,
 }
@@ -94,10 +95,37 @@ pub struct Restored {
 /// How a write went.
 #[derive(Debug, Clone, Copy)]
 pub struct Written {
-    /// Entries of stateful stages (a `by` with all its groups is one).
-    pub stages: usize,
+    /// One per stateful stage, plus one per `by` group.
+    pub entries: usize,
     pub bytes: u64,
     pub elapsed: Duration,
+}
+
+/// Encodes each entry into the file as the walk makes it. The first error
+/// is kept and the rest of the walk writes nothing.
+struct CborSaver<W: Write> {
+    out: W,
+    entries: usize,
+    failed: Option<io::Error>,
+}
+
+impl<W: Write> Saver for CborSaver<W> {
+    fn push(&mut self, entry: Saved) {
+        if self.failed.is_some() {
+            return;
+        }
+        match ciborium::into_writer(&entry, &mut self.out) {
+            Ok(()) => self.entries += 1,
+            Err(e) => self.failed = Some(encode_error(e)),
+        }
+    }
+}
+
+fn encode_error(e: ciborium::ser::Error<io::Error>) -> io::Error {
+    match e {
+        ciborium::ser::Error::Io(e) => e,
+        ciborium::ser::Error::Value(what) => io::Error::new(io::ErrorKind::InvalidData, what),
+    }
 }
 
 /// Writes the running rules' state into `dir` (which must exist),
@@ -105,34 +133,42 @@ pub struct Written {
 /// have nothing to save it with.
 pub fn save(rules: &Rules, dir: &Path) -> Result<Option<Written>, StateError> {
     let started = Instant::now();
-    let Some((text, stages)) = rules.save_state() else {
+    let written = rules.saving(|text, roots| {
+        replace_file(&dir.join(FILE_NAME), |out| {
+            let mut out = CrcWriter::new(out);
+            out.write_all(MAGIC)?;
+            out.write_all(&VERSION.to_le_bytes())?;
+            let header = Header {
+                name: text.name.clone(),
+                text: text.text.clone(),
+            };
+            ciborium::into_writer(&header, &mut out).map_err(encode_error)?;
+            let mut saver = CborSaver {
+                out: &mut out,
+                entries: 0,
+                failed: None,
+            };
+            roots.save(&mut saver);
+            if let Some(e) = saver.failed {
+                return Err(e);
+            }
+            let entries = saver.entries;
+            Ok((entries, out.finish()?))
+        })
+    });
+    let Some(written) = written else {
         return Ok(None);
     };
-    let file = StateFile {
-        name: text.name.clone(),
-        text: text.text.clone(),
-        stages,
-    };
-    // Encoded straight into the file: no second copy of the state in memory.
-    let bytes = replace_file(&dir.join(FILE_NAME), |out| {
-        let mut out = CrcWriter::new(out);
-        out.write_all(MAGIC)?;
-        out.write_all(&VERSION.to_le_bytes())?;
-        ciborium::into_writer(&file, &mut out).map_err(|e| match e {
-            ciborium::ser::Error::Io(e) => e,
-            ciborium::ser::Error::Value(what) => io::Error::new(io::ErrorKind::InvalidData, what),
-        })?;
-        out.finish()
-    })?;
+    let (entries, bytes) = written?;
     Ok(Some(Written {
-        stages: file.stages.len(),
+        entries,
         bytes,
         elapsed: started.elapsed(),
     }))
 }
 
-/// Parses a whole file; the checksum is verified before anything is decoded.
-fn decode(bytes: &[u8]) -> Result<StateFile, StateError> {
+/// Checks a whole file; returns its header and the bytes of its entries.
+fn decode(bytes: &[u8]) -> Result<(Header, &[u8]), StateError> {
     if bytes.len() < HEADER_LEN + CRC_LEN {
         return Err(StateError::TooShort(bytes.len()));
     }
@@ -149,17 +185,20 @@ fn decode(bytes: &[u8]) -> Result<StateFile, StateError> {
     if stored != computed {
         return Err(StateError::Checksum { stored, computed });
     }
+    let mut body = &covered[HEADER_LEN..];
     // ciborium bounds its recursion, so no file can exhaust the stack.
-    ciborium::from_reader(&covered[HEADER_LEN..]).map_err(|e| StateError::Decode(e.to_string()))
+    let header = ciborium::from_reader(&mut body).map_err(|e| StateError::Decode(e.to_string()))?;
+    Ok((header, body))
 }
 
-fn read(dir: &Path) -> Result<Option<StateFile>, StateError> {
-    let path = dir.join(FILE_NAME);
-    match fs::read(&path) {
-        Ok(bytes) => decode(&bytes).map(Some),
-        Err(cause) if cause.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(cause) => Err(StateError::Read { path, cause }),
-    }
+/// The entries in `body`, decoded one at a time as the restore asks for them.
+fn entries(mut body: &[u8]) -> Restorer<'_> {
+    Restorer::new(std::iter::from_fn(move || {
+        (!body.is_empty()).then(|| {
+            ciborium::from_reader(&mut body)
+                .map_err(|e: ciborium::de::Error<io::Error>| e.to_string())
+        })
+    }))
 }
 
 /// Gives `roots`, compiled from `text` and not running yet, the state saved
@@ -168,18 +207,28 @@ fn read(dir: &Path) -> Result<Option<StateFile>, StateError> {
 pub fn restore(roots: &Children, text: &RuleText, dir: &Path) {
     let started = Instant::now();
     let path = dir.join(FILE_NAME);
-    match read(dir).and_then(|saved| saved.map(|s| restore_from(roots, text, s)).transpose()) {
+    let restored = match fs::read(&path) {
+        Ok(bytes) => decode(&bytes)
+            .and_then(|(header, body)| restore_from(roots, text, &header, entries(body)))
+            .map(Some),
+        Err(cause) if cause.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(cause) => Err(StateError::Read {
+            path: path.clone(),
+            cause,
+        }),
+    };
+    match restored {
         Ok(None) => tracing::info!(
             path = %path.display(),
             "No saved stream state; the stages start empty."
         ),
         Ok(Some(restored)) if restored.rules_changed => tracing::info!(
-            stages = restored.stages,
+            entries = restored.entries,
             elapsed = ?started.elapsed(),
             "Restored the stream state of the last run. The rules changed meanwhile: as on a reload, only unchanged stages keep theirs."
         ),
         Ok(Some(restored)) => tracing::info!(
-            stages = restored.stages,
+            entries = restored.entries,
             elapsed = ?started.elapsed(),
             "Restored the stream state of the last run."
         ),
@@ -191,24 +240,23 @@ pub fn restore(roots: &Children, text: &RuleText, dir: &Path) {
     }
 }
 
-/// Restores `saved` into a tree compiled from its own text, which `roots` then
-/// adopts stage by stage.
+/// Restores the entries into a tree compiled from the text they were saved
+/// with, which `roots` then adopts stage by stage.
 fn restore_from(
     roots: &Children,
     text: &RuleText,
-    saved: StateFile,
+    saved: &Header,
+    mut from: Restorer<'_>,
 ) -> Result<Restored, StateError> {
     // Lenient: the tree never runs, so a secret missing from the environment
     // now does not matter to it.
     let (_, old) =
         super::load(&saved.name, &saved.text, EnvPolicy::Lenient).map_err(StateError::Rules)?;
-    let stages = saved.stages.len();
-    let mut from = Restorer::new(saved.stages);
     old.roots.restore(&mut from)?;
-    from.finish()?;
+    let entries = from.finish()?;
     roots.adopt(&old.roots);
     Ok(Restored {
-        stages,
+        entries,
         rules_changed: saved.text != text.text,
     })
 }
@@ -221,7 +269,6 @@ mod tests {
     use crate::clock::{Clock, ManualClock, Micros, SharedClock, secs_to_micros};
     use crate::event::{Event, Metric};
     use crate::index::{Index, IndexConfig};
-    use crate::rules::nodes::saved::SavedGroup;
     use crate::rules::testing::{Recorder, TEST_EPOCH, advance};
     use crate::streams::Streams;
 
@@ -313,7 +360,8 @@ mod tests {
     #[test]
     fn changed_state_does_not_fire_again_for_what_it_saw_before_the_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let rules = "  changed_state { out }";
+        // A comment longer than ciborium's 4 KiB scratch buffer.
+        let rules = &format!("  # {}\n  changed_state {{ out }}", "x".repeat(10_000));
         let first = Life::start(rules, dir.path(), 0.0);
         first.send("a", Some("ok"), None);
         first.send("b", Some("critical"), None);
@@ -425,21 +473,27 @@ mod tests {
         );
     }
 
-    /// `by` groups and `coalesce`'s latest events come back in any order.
-    fn sorted(mut stages: Vec<Saved>) -> Vec<Saved> {
-        for stage in &mut stages {
-            match stage {
-                Saved::By(groups) => {
-                    groups.sort_by(|a, b| a.key.cmp(&b.key));
-                    for group in groups.iter_mut() {
-                        group.stages = sorted(std::mem::take(&mut group.stages));
-                    }
-                }
-                Saved::Window { latest, .. } => latest.sort_by_key(|e| e.time),
-                _ => {}
+    fn entries_of(rules: &Rules) -> Vec<Saved> {
+        rules
+            .saving(|_, roots| {
+                let mut entries = Vec::new();
+                roots.save(&mut entries);
+                entries
+            })
+            .expect("rules with their text")
+    }
+
+    /// The entries as text, sorted: `by` groups and `coalesce`'s latest
+    /// events come back in any order.
+    fn normalized(mut entries: Vec<Saved>) -> Vec<String> {
+        for entry in &mut entries {
+            if let Saved::Window { latest, .. } = entry {
+                latest.sort_by_key(|e| e.time);
             }
         }
-        stages
+        let mut texts: Vec<_> = entries.iter().map(|e| format!("{e:?}")).collect();
+        texts.sort();
+        texts
     }
 
     #[test]
@@ -461,22 +515,17 @@ mod tests {
             first.advance_to(i as f64 * 0.5);
             first.send(host, Some("ok"), Some(i as f64));
         }
-        let before = first.rules.save_state().unwrap().1;
+        let before = entries_of(&first.rules);
+        assert_eq!(before[0], Saved::By { groups: 3 });
         assert_eq!(
             before.len(),
-            12,
-            "every stateful stage outside `by` has an entry"
-        );
-        assert!(
-            matches!(&before[0], Saved::By(groups) if groups.len() == 3),
-            "{:?}",
-            before[0]
+            1 + 3 * 2 + 11,
+            "the by, each group and its stable, every other stateful stage"
         );
         first.stop(dir.path());
 
         let second = Life::start(rules, dir.path(), 2.0);
-        let after = second.rules.save_state().unwrap().1;
-        assert_eq!(sorted(after), sorted(before));
+        assert_eq!(normalized(entries_of(&second.rules)), normalized(before));
     }
 
     #[test]
@@ -530,37 +579,80 @@ mod tests {
         let roots_text = text("  changed_state { out }\n  rate(5s) { out }");
         let (_, compiled) =
             crate::rules::load(&roots_text.name, &roots_text.text, EnvPolicy::Strict).unwrap();
-        let group = |stages| SavedGroup {
-            key: vec![Some("a".into()), Some("svc".into())],
-            free_at: Micros::MAX,
-            stages,
-        };
-        let file = |stages| StateFile {
+        let mut header = Header {
             name: roots_text.name.clone(),
             text: roots_text.text.clone(),
-            stages,
         };
-        let wrong_kind = vec![
-            Saved::By(vec![group(vec![Saved::Changed(None)])]),
-            Saved::Ddt(None),
+        let restore = |header: &Header, entries| {
+            restore_from(
+                &compiled.roots,
+                &roots_text,
+                header,
+                Restorer::from_entries(entries),
+            )
+        };
+        let group = || Saved::Group {
+            key: vec![Some("a".into()), Some("svc".into())],
+            free_at: Micros::MAX,
+        };
+        let rate = || Saved::Rate {
+            sum: 0.0,
+            latest: None,
+            window_end: 0,
+            pending: false,
+        };
+        let refused = |result: Result<Restored, StateError>| {
+            matches!(
+                result,
+                Err(StateError::Restore(RestoreError::Mismatch { .. }))
+            )
+        };
+        let fits = vec![
+            Saved::By { groups: 1 },
+            group(),
+            Saved::Changed(None),
+            rate(),
         ];
-        assert!(matches!(
-            restore_from(&compiled.roots, &roots_text, file(wrong_kind)),
-            Err(StateError::Mismatch(_))
-        ));
-        let too_many = vec![Saved::By(vec![group(vec![
+        assert_eq!(
+            restore(&header, fits).unwrap(),
+            Restored {
+                entries: 4,
+                rules_changed: false
+            }
+        );
+        let wrong_kind = vec![
+            Saved::By { groups: 1 },
+            group(),
             Saved::Changed(None),
             Saved::Ddt(None),
-        ])])];
+        ];
+        assert!(refused(restore(&header, wrong_kind)));
+        let one_too_many = vec![Saved::By { groups: 0 }, rate(), Saved::Ddt(None)];
+        assert!(refused(restore(&header, one_too_many)));
+        let more_groups_than_entries = vec![Saved::By { groups: 5 }, group(), Saved::Changed(None)];
+        assert!(refused(restore(&header, more_groups_than_entries)));
+        header.text = "streams { nonsense }".to_owned();
         assert!(matches!(
-            restore_from(&compiled.roots, &roots_text, file(too_many)),
-            Err(StateError::Mismatch(_))
-        ));
-        let mut broken = file(Vec::new());
-        broken.text = "streams { nonsense }".to_owned();
-        assert!(matches!(
-            restore_from(&compiled.roots, &roots_text, broken),
+            restore(&header, Vec::new()),
             Err(StateError::Rules(_))
+        ));
+    }
+
+    #[test]
+    fn entries_that_do_not_decode_are_refused() {
+        let roots_text = text("  changed_state { out }");
+        let (_, compiled) =
+            crate::rules::load(&roots_text.name, &roots_text.text, EnvPolicy::Strict).unwrap();
+        let header = Header {
+            name: roots_text.name.clone(),
+            text: roots_text.text.clone(),
+        };
+        let mut body = Vec::new();
+        ciborium::into_writer(&Saved::By { groups: 1 }, &mut body).unwrap();
+        body.extend_from_slice(b"\xff\xfe not an entry");
+        assert!(matches!(
+            restore_from(&compiled.roots, &roots_text, &header, entries(&body)),
+            Err(StateError::Restore(RestoreError::Decode { entry: 1, .. }))
         ));
     }
 }

@@ -7,7 +7,7 @@
 use crate::event::{Event, Metric};
 use crate::query::Query;
 
-use super::saved::{Mismatch, Restorer, Saved};
+use super::saved::{RestoreError, Restorer, Saver};
 use super::{Children, Cx, Node, same};
 
 /// `where PRED { … } else { … }`
@@ -46,12 +46,12 @@ impl Node for Where {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         self.then.save(out);
         self.otherwise.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         self.then.restore(from)?;
         self.otherwise.restore(from)
     }
@@ -108,14 +108,14 @@ impl Node for Split {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         for (_, children) in &self.clauses {
             children.save(out);
         }
         self.default.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         for (_, children) in &self.clauses {
             children.restore(from)?;
         }
@@ -208,11 +208,11 @@ impl Node for With {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         self.children.restore(from)
     }
 }
@@ -263,11 +263,11 @@ impl Node for MetricTest {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         self.children.restore(from)
     }
 }
@@ -307,11 +307,11 @@ impl Node for Scale {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         self.children.restore(from)
     }
 }
@@ -353,11 +353,11 @@ impl Node for Tag {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         self.children.restore(from)
     }
 }
@@ -375,8 +375,8 @@ macro_rules! leaf {
                 Box::new(self.clone())
             }
             fn adopt(&self, _old: &dyn Node) {}
-            fn save(&self, _out: &mut Vec<Saved>) {}
-            fn restore(&self, _from: &mut Restorer) -> Result<(), Mismatch> {
+            fn save(&self, _out: &mut dyn Saver) {}
+            fn restore(&self, _from: &mut Restorer<'_>) -> Result<(), RestoreError> {
                 Ok(())
             }
         }

@@ -42,7 +42,7 @@ pub use basic::{
 pub use stateful::{By, Changed, Ddt, Ewma, EwmaMode, Rate, Stable, Throttle};
 pub use window::{Fold, FoldKind, Percentiles, WINDOW_MAX, Window, WindowKind};
 
-use saved::{Mismatch, Restorer, Saved};
+use saved::{RestoreError, Restorer, Saver};
 
 /// What a node may touch while handling one event or tick.
 pub struct Cx<'a> {
@@ -110,11 +110,11 @@ pub trait Node: AsAny + Send + Sync {
 
     /// For a restart: appends this subtree's state to `out` in tree order.
     /// Stateless stages only walk their children.
-    fn save(&self, out: &mut Vec<Saved>);
+    fn save(&self, out: &mut dyn Saver);
 
     /// Takes back what [`Node::save`] wrote, on a tree compiled from the same
     /// text that receives no events yet.
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch>;
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError>;
 }
 
 /// `old` as a stage of type `T`, if it is one.
@@ -156,13 +156,13 @@ impl Children {
         }
     }
 
-    pub fn save(&self, out: &mut Vec<Saved>) {
+    pub fn save(&self, out: &mut dyn Saver) {
         for child in &self.0 {
             child.save(out);
         }
     }
 
-    pub fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    pub fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         self.0.iter().try_for_each(|child| child.restore(from))
     }
 }

@@ -3,11 +3,14 @@
 //! [`Saved`] entry and back; stateless stages only pass the walk on to their
 //! children.
 //!
-//! Entries are in tree order (a stage before its children, siblings in
-//! order) and are read back into a tree compiled from the very text they were
-//! saved with, so an entry's position says whose it is. The entry's kind is
-//! checked anyway: a mismatch abandons the restore rather than giving a stage
-//! another stage's state.
+//! Entries are flat and in tree order (a stage before its children, siblings
+//! in order; a `by` as its group count, then each group as a [`Saved::Group`]
+//! followed by its stages' entries). They go to the file one at a time as
+//! they are made, so saving a `by` of many groups never holds a copy of all
+//! of them. They are read back into a tree compiled from the very text they
+//! were saved with, so an entry's position says whose it is; its kind is
+//! checked anyway, and a mismatch abandons the restore rather than giving a
+//! stage another stage's state.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +25,15 @@ pub enum Saved {
         window_end: Micros,
         pending: bool,
     },
-    By(Vec<SavedGroup>),
+    /// A `by`; its groups follow.
+    By {
+        groups: u64,
+    },
+    /// One `by` group; its stages' entries follow.
+    Group {
+        key: Vec<Option<String>>,
+        free_at: Micros,
+    },
     Throttle {
         window_start: Micros,
         passed: u64,
@@ -55,7 +66,8 @@ impl Saved {
     fn kind(&self) -> &'static str {
         match self {
             Saved::Rate { .. } => "rate",
-            Saved::By(_) => "by",
+            Saved::By { .. } => "by",
+            Saved::Group { .. } => "group",
             Saved::Throttle { .. } => "throttle",
             Saved::Changed(_) => "changed",
             Saved::Stable { .. } => "stable",
@@ -67,57 +79,77 @@ impl Saved {
     }
 }
 
-/// One `by` group: its key, when it may be freed, and its stages' entries.
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
-pub struct SavedGroup {
-    pub key: Vec<Option<String>>,
-    pub free_at: Micros,
-    pub stages: Vec<Saved>,
+/// Where a walk's entries go: into the state file as they come, or into a
+/// `Vec` (tests).
+pub trait Saver {
+    fn push(&mut self, entry: Saved);
+}
+
+impl Saver for Vec<Saved> {
+    fn push(&mut self, entry: Saved) {
+        Vec::push(self, entry);
+    }
 }
 
 #[derive(Debug, PartialEq, thiserror::Error)]
-#[error("a {expected} stage found {found} in the saved state")]
-pub struct Mismatch {
-    expected: &'static str,
-    found: &'static str,
+pub enum RestoreError {
+    #[error("a {expected} stage found {found} in the saved state")]
+    Mismatch {
+        expected: &'static str,
+        found: &'static str,
+    },
+    #[error("entry {entry} does not decode: {cause}")]
+    Decode { entry: usize, cause: String },
 }
 
-impl Mismatch {
-    pub fn new(expected: &'static str, found: &Saved) -> Self {
-        Mismatch {
+impl RestoreError {
+    pub fn mismatch(expected: &'static str, found: &Saved) -> Self {
+        RestoreError::Mismatch {
             expected,
             found: found.kind(),
         }
     }
 }
 
-/// The entries of one tree (or one `by` group), handed out in order.
-pub struct Restorer {
-    entries: std::vec::IntoIter<Saved>,
+/// The entries of one tree, handed out in order as they are decoded.
+pub struct Restorer<'a> {
+    entries: Box<dyn Iterator<Item = Result<Saved, String>> + 'a>,
+    taken: usize,
 }
 
-impl Restorer {
-    pub fn new(entries: Vec<Saved>) -> Self {
+impl<'a> Restorer<'a> {
+    pub fn new(entries: impl Iterator<Item = Result<Saved, String>> + 'a) -> Self {
         Restorer {
-            entries: entries.into_iter(),
+            entries: Box::new(entries),
+            taken: 0,
         }
     }
 
-    /// The next entry, for a stage of kind `expected`.
-    pub fn next(&mut self, expected: &'static str) -> Result<Saved, Mismatch> {
-        self.entries.next().ok_or(Mismatch {
-            expected,
-            found: "no entry",
-        })
+    pub fn from_entries(entries: Vec<Saved>) -> Self {
+        Restorer::new(entries.into_iter().map(Ok))
     }
 
-    /// Every entry must have found its stage.
-    pub fn finish(mut self) -> Result<(), Mismatch> {
+    /// The next entry, for a stage of kind `expected`.
+    pub fn next(&mut self, expected: &'static str) -> Result<Saved, RestoreError> {
+        let entry = self.taken;
+        self.taken += 1;
         match self.entries.next() {
-            None => Ok(()),
-            Some(left) => Err(Mismatch {
-                expected: "no further",
-                found: left.kind(),
+            Some(Ok(saved)) => Ok(saved),
+            Some(Err(cause)) => Err(RestoreError::Decode { entry, cause }),
+            None => Err(RestoreError::Mismatch {
+                expected,
+                found: "the end",
+            }),
+        }
+    }
+
+    /// Every entry must have found its stage; returns how many there were.
+    pub fn finish(mut self) -> Result<usize, RestoreError> {
+        match self.entries.next() {
+            None => Ok(self.taken),
+            Some(left) => Err(RestoreError::Mismatch {
+                expected: "the end",
+                found: left.as_ref().map_or("an undecodable entry", Saved::kind),
             }),
         }
     }

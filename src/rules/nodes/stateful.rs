@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 
-use super::saved::{Mismatch, Restorer, Saved, SavedGroup};
+use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Field, Node, as_secs, metric_f64, same, take_over};
 
 /// How many missed intervals a timer catches up on after a stall (one event each)
@@ -143,7 +143,7 @@ impl Node for Rate {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
         out.push(Saved::Rate {
             sum: s.sum,
@@ -155,7 +155,7 @@ impl Node for Rate {
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("rate")? {
             Saved::Rate {
                 sum,
@@ -170,7 +170,7 @@ impl Node for Rate {
                     pending,
                 }
             }
-            other => return Err(Mismatch::new("rate", &other)),
+            other => return Err(RestoreError::mismatch("rate", &other)),
         }
         self.children.restore(from)
     }
@@ -347,42 +347,50 @@ impl Node for By {
         }
     }
 
-    /// The groups, each with its stages' entries; the prototype never holds
-    /// state. A shard's lock is held only to list its groups: events keep
-    /// flowing through them while their stages are saved one by one (each
-    /// under its own lock), and a group freed meanwhile is saved anyway.
-    fn save(&self, out: &mut Vec<Saved>) {
-        let mut saved = Vec::new();
-        for shard in &self.shards {
-            let groups: Vec<(GroupKey, Micros, Arc<Children>)> = shard
-                .lock()
-                .iter()
-                .map(|g| (g.key.clone(), g.free_at, g.children.clone()))
-                .collect();
-            saved.extend(groups.into_iter().map(|(key, free_at, children)| {
-                let mut stages = Vec::new();
-                children.save(&mut stages);
-                SavedGroup {
-                    key: key.to_vec(),
-                    free_at,
-                    stages,
-                }
-            }));
+    /// The group count, then each group and its stages' entries; the
+    /// prototype never holds state. A shard's lock is held only to list its
+    /// groups: events keep flowing through them while their stages are saved
+    /// one by one (each under its own lock), and a group freed meanwhile is
+    /// saved anyway.
+    fn save(&self, out: &mut dyn Saver) {
+        let groups: Vec<(GroupKey, Micros, Arc<Children>)> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .lock()
+                    .iter()
+                    .map(|g| (g.key.clone(), g.free_at, g.children.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.push(Saved::By {
+            groups: groups.len() as u64,
+        });
+        for (key, free_at, children) in groups {
+            out.push(Saved::Group {
+                key: key.to_vec(),
+                free_at,
+            });
+            children.save(out);
         }
-        out.push(Saved::By(saved));
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
-        let saved = match from.next("by")? {
-            Saved::By(saved) => saved,
-            other => return Err(Mismatch::new("by", &other)),
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
+        let groups = match from.next("by")? {
+            Saved::By { groups } => groups,
+            other => return Err(RestoreError::mismatch("by", &other)),
         };
-        for group in saved {
+        // Each group takes at least one entry: a count larger than the file
+        // ends at its end, with an error.
+        for _ in 0..groups {
+            let (key, free_at) = match from.next("group")? {
+                Saved::Group { key, free_at } => (key, free_at),
+                other => return Err(RestoreError::mismatch("group", &other)),
+            };
             let children = self.prototype.fresh();
-            let mut stages = Restorer::new(group.stages);
-            children.restore(&mut stages)?;
-            stages.finish()?;
-            self.insert(group.key.into(), group.free_at, children);
+            children.restore(from)?;
+            self.insert(key.into(), free_at, children);
         }
         Ok(())
     }
@@ -444,7 +452,7 @@ impl Node for Throttle {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         let (window_start, passed) = *self.state.lock();
         out.push(Saved::Throttle {
             window_start,
@@ -453,13 +461,13 @@ impl Node for Throttle {
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("throttle")? {
             Saved::Throttle {
                 window_start,
                 passed,
             } => *self.state.lock() = (window_start, passed),
-            other => return Err(Mismatch::new("throttle", &other)),
+            other => return Err(RestoreError::mismatch("throttle", &other)),
         }
         self.children.restore(from)
     }
@@ -516,15 +524,15 @@ impl Node for Changed {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         out.push(Saved::Changed(self.last.lock().clone()));
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("changed")? {
             Saved::Changed(last) => *self.last.lock() = last,
-            other => return Err(Mismatch::new("changed", &other)),
+            other => return Err(RestoreError::mismatch("changed", &other)),
         }
         self.children.restore(from)
     }
@@ -630,7 +638,7 @@ impl Node for Stable {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
         out.push(Saved::Stable {
             value: s.value.clone(),
@@ -641,7 +649,7 @@ impl Node for Stable {
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("stable")? {
             Saved::Stable {
                 value,
@@ -652,7 +660,7 @@ impl Node for Stable {
                 held.drain(..held.len().saturating_sub(STABLE_BUFFER_MAX));
                 *self.state.lock() = StableState { value, since, held };
             }
-            other => return Err(Mismatch::new("stable", &other)),
+            other => return Err(RestoreError::mismatch("stable", &other)),
         }
         self.children.restore(from)
     }
@@ -723,15 +731,15 @@ impl Node for Ewma {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         out.push(Saved::Ewma(*self.state.lock()));
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("ewma")? {
             Saved::Ewma(state) => *self.state.lock() = state,
-            other => return Err(Mismatch::new("ewma", &other)),
+            other => return Err(RestoreError::mismatch("ewma", &other)),
         }
         self.children.restore(from)
     }
@@ -786,15 +794,15 @@ impl Node for Ddt {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         out.push(Saved::Ddt(*self.last.lock()));
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("ddt")? {
             Saved::Ddt(last) => *self.last.lock() = last,
-            other => return Err(Mismatch::new("ddt", &other)),
+            other => return Err(RestoreError::mismatch("ddt", &other)),
         }
         self.children.restore(from)
     }

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 
-use super::saved::{Mismatch, Restorer, Saved};
+use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Node, metric_f64, same, take_over};
 
 /// Most events one window holds.
@@ -267,7 +267,7 @@ impl Node for Window {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
         out.push(Saved::Window {
             events: s.events.iter().cloned().collect(),
@@ -280,7 +280,7 @@ impl Node for Window {
         }
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("window")? {
             Saved::Window {
                 mut events,
@@ -301,7 +301,7 @@ impl Node for Window {
                     dropped: 0,
                 };
             }
-            other => return Err(Mismatch::new("window", &other)),
+            other => return Err(RestoreError::mismatch("window", &other)),
         }
         self.folds
             .iter()
@@ -433,7 +433,7 @@ impl Node for Percentiles {
         }
     }
 
-    fn save(&self, out: &mut Vec<Saved>) {
+    fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
         out.push(Saved::Percentiles {
             samples: s.samples.clone(),
@@ -446,7 +446,7 @@ impl Node for Percentiles {
         self.children.save(out);
     }
 
-    fn restore(&self, from: &mut Restorer) -> Result<(), Mismatch> {
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("percentiles")? {
             Saved::Percentiles {
                 mut samples,
@@ -465,7 +465,7 @@ impl Node for Percentiles {
                     rng: rng.max(1),
                 };
             }
-            other => return Err(Mismatch::new("percentiles", &other)),
+            other => return Err(RestoreError::mismatch("percentiles", &other)),
         }
         self.children.restore(from)
     }
