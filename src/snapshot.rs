@@ -407,14 +407,19 @@ impl Snapshots {
             Some(rules) => save_streams(rules, self.dir.clone()).await,
             None => Ok(None),
         };
-        if let Ok(Some(written)) = streams {
-            tracing::info!(
+        match &streams {
+            Ok(Some(written)) => tracing::info!(
                 entries = written.entries,
                 bytes = written.bytes,
                 elapsed = ?written.elapsed,
                 path = %self.dir.join(persist::FILE_NAME).display(),
                 "Wrote the stream state."
-            );
+            ),
+            // Only the index's error is returned then: this one is told here.
+            Err(error) if saved.is_err() => {
+                tracing::error!(%error, "Could not write the stream state.")
+            }
+            _ => {}
         }
         let saved = saved?;
         streams?;

@@ -63,9 +63,20 @@ pub struct Cx<'a> {
 
 impl Cx<'_> {
     /// A stage that the timer drives says when its next tick is needed, after
-    /// each event and each tick that leaves something pending.
-    pub fn schedule(&mut self, at: Micros) {
-        self.due = self.due.min(at);
+    /// each event and each tick; `None`: nothing pending.
+    pub fn schedule(&mut self, at: Option<Micros>) {
+        if let Some(at) = at {
+            self.due = self.due.min(at);
+        }
+    }
+
+    /// Runs `run` and returns the earliest tick it scheduled (`Micros::MAX`:
+    /// none), leaving what was scheduled before as it was: a `by` keeps each
+    /// group's time itself.
+    pub fn scheduled(&mut self, run: impl FnOnce(&mut Self)) -> Micros {
+        let outer = std::mem::replace(&mut self.due, Micros::MAX);
+        run(self);
+        std::mem::replace(&mut self.due, outer)
     }
 
     /// `event`'s key hash: the engine's, when `event` is the very event it

@@ -114,9 +114,7 @@ impl Node for Rate {
             }
             (due, next_tick(&s))
         };
-        if let Some(at) = next {
-            cx.schedule(at);
-        }
+        cx.schedule(next);
         self.emit(due, cx);
     }
 
@@ -125,9 +123,7 @@ impl Node for Rate {
             let mut s = self.state.lock();
             (self.due(&mut s, cx), next_tick(&s))
         };
-        if let Some(at) = next {
-            cx.schedule(at);
-        }
+        cx.schedule(next);
         self.emit(due, cx);
         self.children.tick(cx);
     }
@@ -291,11 +287,10 @@ impl Node for By {
         group.free_at = free_at;
         // The shard's lock is held while the group runs so each group sees its
         // events in order.
-        let outer = std::mem::replace(&mut cx.due, Micros::MAX);
-        group.children.event(event, cx);
-        group.next_tick = group.next_tick.min(cx.due);
+        let due = cx.scheduled(|cx| group.children.event(event, cx));
+        group.next_tick = group.next_tick.min(due);
         // An enclosing `by` must tick this group's group too.
-        cx.due = outer.min(group.next_tick);
+        cx.schedule(Some(group.next_tick));
     }
 
     /// Ticks only the groups with something due: a `by` of many series would
@@ -303,15 +298,12 @@ impl Node for By {
     /// although a window or rate of each is due once per its interval, and
     /// nothing in `changed_state` ever is.
     fn tick(&self, cx: &mut Cx) {
-        let outer = cx.due;
         let mut earliest = Micros::MAX;
         for shard in &self.shards {
             shard.lock().retain(|g| {
                 // Before freeing: a group's last window may be due on this very tick.
                 if g.next_tick <= cx.now {
-                    cx.due = Micros::MAX;
-                    g.children.tick(cx);
-                    g.next_tick = cx.due;
+                    g.next_tick = cx.scheduled(|cx| g.children.tick(cx));
                 }
                 let keep = g.free_at >= cx.now;
                 if keep {
@@ -320,7 +312,7 @@ impl Node for By {
                 keep
             });
         }
-        cx.due = outer.min(earliest);
+        cx.schedule(Some(earliest));
     }
 
     fn fresh(&self) -> Box<dyn Node> {
@@ -599,9 +591,7 @@ impl Node for Stable {
             s.held.push(event.clone());
             (self.release(&mut s, cx.now), self.next_tick(&s))
         };
-        if let Some(at) = next {
-            cx.schedule(at);
-        }
+        cx.schedule(next);
         for event in &out {
             self.children.event(event, cx);
         }
@@ -612,9 +602,7 @@ impl Node for Stable {
             let mut s = self.state.lock();
             (self.release(&mut s, cx.now), self.next_tick(&s))
         };
-        if let Some(at) = next {
-            cx.schedule(at);
-        }
+        cx.schedule(next);
         for event in &out {
             self.children.event(event, cx);
         }

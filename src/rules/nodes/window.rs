@@ -225,9 +225,7 @@ impl Node for Window {
             }
             (out, s.window_end)
         };
-        if let Some(at) = next {
-            cx.schedule(at);
-        }
+        cx.schedule(next);
         self.emit(windows, cx);
     }
 
@@ -237,9 +235,7 @@ impl Node for Window {
             let windows = self.due(&mut s, cx.now, cx.index.default_ttl());
             (windows, s.window_end)
         };
-        if let Some(at) = next {
-            cx.schedule(at);
-        }
+        cx.schedule(next);
         self.emit(windows, cx);
         for fold in &self.folds {
             fold.children.tick(cx);
@@ -394,9 +390,7 @@ impl Node for Percentiles {
             }
             (out, s.window_end)
         };
-        if let Some(at) = next {
-            cx.schedule(at);
-        }
+        cx.schedule(next);
         for e in &out {
             self.children.event(e, cx);
         }
@@ -407,9 +401,7 @@ impl Node for Percentiles {
             let mut s = self.state.lock();
             (self.due(&mut s, cx.now), s.window_end)
         };
-        if let Some(at) = next {
-            cx.schedule(at);
-        }
+        cx.schedule(next);
         for e in &out {
             self.children.event(e, cx);
         }
