@@ -143,6 +143,17 @@ PASS tests/fixtures/failing_test.vigil: passes
 }
 
 #[test]
+fn test_jumps_a_year_ahead_when_nothing_is_due_on_the_way() {
+    // Stepping 100 ms at a time, a year took minutes and ten years an hour.
+    let out = vigil(&["test", "tests/fixtures/long_jumps.vigil"]);
+    assert_eq!(
+        stdout(&out),
+        "PASS tests/fixtures/long_jumps.vigil: a host silent for a year is noticed\n1 passed, 0 failed\n"
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
 fn run_refuses_rules_with_errors_and_unset_secrets() {
     let out = vigil(&[
         "run",

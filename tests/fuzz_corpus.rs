@@ -58,3 +58,8 @@ fn query_parse_corpus() {
 fn rules_load_corpus() {
     replay("rules_load", fuzz_bodies::rules_load);
 }
+
+#[test]
+fn rules_run_corpus() {
+    replay("rules_run", fuzz_bodies::rules_run);
+}

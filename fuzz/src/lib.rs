@@ -298,3 +298,24 @@ pub fn rules_load(data: &[u8]) {
         Err(rendered) => assert!(!rendered.is_empty(), "an error renders as nothing"),
     }
 }
+
+/// A rule file's own `test "…"` blocks, run as `vigil test` runs them: its
+/// stages on a virtual clock, fed whatever events and time jumps the file
+/// says. The engine catches a stage that panics and the test reports it as a
+/// failure; here it must not happen at all.
+pub fn rules_run(data: &[u8]) {
+    let Ok(source) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok((file, _compiled)) = rules::load("fuzz.vigil", source, EnvPolicy::Lenient) else {
+        return;
+    };
+    let Ok(outcomes) = rules::testing::run_tests(&file) else {
+        return;
+    };
+    for outcome in outcomes {
+        for failure in &outcome.failures {
+            assert!(!failure.starts_with("a stage failed"), "{failure}");
+        }
+    }
+}

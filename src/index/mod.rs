@@ -382,6 +382,18 @@ impl Index {
         removed
     }
 
+    /// The first time at which [`Index::expire`] may have something to do
+    /// (`None`: no entry has a deadline), so a virtual clock can jump there
+    /// instead of expiring nothing at every step on the way.
+    pub fn next_expiry(&self) -> Option<Micros> {
+        self.shards
+            .iter()
+            .filter_map(|shard| shard.lock().deadlines.first())
+            // Due strictly after its deadline, as `expire` takes it.
+            .map(|(scheduled, _)| scheduled.saturating_add(1))
+            .min()
+    }
+
     /// Removes every entry whose deadline is before `now` and hands the
     /// `expired` notices for them to `emit` (to be run back through the
     /// streams), a chunk at a time, shard by shard: no shard is locked while

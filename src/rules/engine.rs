@@ -122,9 +122,21 @@ impl Rules {
         Some(save(text, &tree.roots))
     }
 
+    /// [`Streams::tick`], returning the earliest time a stage asked to be
+    /// ticked again (`None`: nothing pending). Every stage with something
+    /// pending says so on each tick, so this is the whole picture as of the
+    /// tick, and a virtual clock can skip the ticks before it
+    /// ([`super::testing::advance`]).
+    pub fn tick_scheduled(&self) -> Option<Micros> {
+        let tree = self.current.load();
+        let due = self.run(&tree, |cx| self.guarded(|| tree.roots.tick(cx)));
+        (due != Micros::MAX).then_some(due)
+    }
+
     /// Runs `work` on `tree` with a context, then the events it reinjected,
-    /// round by round, on the same tree.
-    fn run(&self, tree: &Tree, work: impl FnOnce(&mut Cx)) {
+    /// round by round, on the same tree. Returns the earliest tick any of it
+    /// scheduled ([`Cx::schedule`]; `Micros::MAX`: none).
+    fn run(&self, tree: &Tree, work: impl FnOnce(&mut Cx)) -> Micros {
         let mut reinjected = Vec::new();
         let mut cx = Cx {
             now: self.clock.now(),
@@ -135,9 +147,10 @@ impl Rules {
             due: Micros::MAX,
         };
         work(&mut cx);
+        let mut due = cx.due;
         for _ in 0..MAX_REINJECT_ROUNDS {
             if reinjected.is_empty() {
-                return;
+                return due;
             }
             let batch = std::mem::take(&mut reinjected);
             let mut cx = Cx {
@@ -151,6 +164,7 @@ impl Rules {
             for event in &batch {
                 self.guarded(|| tree.roots.event(event, &mut cx));
             }
+            due = due.min(cx.due);
         }
         if !reinjected.is_empty() {
             self.stats
@@ -162,6 +176,7 @@ impl Rules {
                 "Events still being reinjected after the round limit; dropped (a reinject loop in the rules?)."
             );
         }
+        due
     }
 
     /// A failing stage costs one event, never the rules.
@@ -201,7 +216,6 @@ impl Streams for Rules {
     }
 
     fn tick(&self) {
-        let tree = self.current.load();
-        self.run(&tree, |cx| self.guarded(|| tree.roots.tick(cx)));
+        self.tick_scheduled();
     }
 }

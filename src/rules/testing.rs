@@ -7,6 +7,7 @@
 //! output) holds or received matches every field given; `expect no` inverts it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use serde_json::Value as Json;
@@ -76,27 +77,76 @@ fn unknown_target(target: &Ident, outputs: &[String]) -> Diagnostic {
     .with_hint(format!("expect can check: {}", known.join(", ")))
 }
 
-/// Records everything it is given, in place of delivery.
+/// The most events one output keeps in a test (some hundreds of MB); a test
+/// that sends more fails rather than run out of memory.
+pub const MAX_RECORDED: usize = if cfg!(test) { 1_000 } else { 1_000_000 };
+
+/// Records what it is given, in place of delivery: the first
+/// [`MAX_RECORDED`] events, counting the rest.
 #[derive(Default)]
 pub struct Recorder {
     pub events: Mutex<Vec<Event>>,
+    pub not_kept: AtomicU64,
 }
 
 impl OutputSink for Recorder {
     fn push(&self, event: Event) {
-        self.events.lock().push(event);
+        let mut events = self.events.lock();
+        if events.len() < MAX_RECORDED {
+            events.push(event);
+        } else {
+            self.not_kept.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
+/// The most timer ticks one test may run: a day of virtual time with a
+/// timer due at every 100 ms tick takes a few seconds. Past it the test
+/// fails instead of running for hours and recording outputs without end.
+/// (Fewer in unit tests, which reach it on purpose.)
+pub const MAX_TEST_TICKS: usize = if cfg!(test) { 1_000 } else { 1_000_000 };
+
 /// Moves `clock` to `target` in [`TICK`] steps, each followed by the index's
-/// expiry and the rules' timers, as the server's timer would.
-pub fn advance(clock: &ManualClock, index: &Index, rules: &Rules, target: Micros) {
-    while clock.now() < target {
-        let next = (clock.now() + TICK).min(target);
+/// expiry and the rules' timers, as the server's timer would. Steps at which
+/// nothing is due are skipped: they would change nothing, and stepping
+/// through them made `at 3650d` run for most of an hour. Returns how many
+/// steps it ran.
+pub fn advance(clock: &ManualClock, index: &Index, rules: &Rules, target: Micros) -> usize {
+    advance_at_most(clock, index, rules, target, usize::MAX)
+}
+
+/// [`advance`], stopping after `max_steps` steps short of `target` if it
+/// has not reached it by then.
+pub fn advance_at_most(
+    clock: &ManualClock,
+    index: &Index,
+    rules: &Rules,
+    target: Micros,
+    max_steps: usize,
+) -> usize {
+    // Events sent since the last step may have started a timer; the first
+    // step's tick tells.
+    let mut rules_due = Micros::MIN;
+    let mut steps = 0;
+    while clock.now() < target && steps < max_steps {
+        steps += 1;
+        let now = clock.now();
+        let due = index
+            .next_expiry()
+            .map_or(rules_due, |at| at.min(rules_due));
+        let next = now.saturating_add(steps_until(now, due).saturating_mul(TICK));
+        let next = next.min(target);
         clock.set(next);
         index.expire(next, |expired| rules.process(expired));
-        rules.tick();
+        rules_due = rules.tick_scheduled().unwrap_or(Micros::MAX);
     }
+    steps
+}
+
+/// How many [`TICK`] steps from `now` reach `due`: at least one.
+fn steps_until(now: Micros, due: Micros) -> Micros {
+    let gap = due.saturating_sub(now).max(1);
+    gap / TICK + Micros::from(gap % TICK != 0)
 }
 
 /// Fresh rules on a virtual clock with every output recorded; also the
@@ -133,8 +183,9 @@ impl Bench {
     }
 
     /// Moves virtual time to `target` in [`TICK`] steps, running expiry and timers.
-    pub fn advance_to(&self, target: Micros) {
-        advance(&self.clock, &self.index, &self.rules, target);
+    #[cfg(test)]
+    pub fn advance_to(&self, target: Micros) -> usize {
+        advance(&self.clock, &self.index, &self.rules, target)
     }
 
     /// The index's entries, or everything an output received.
@@ -156,6 +207,7 @@ impl Bench {
 fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>> {
     let bench = Bench::new(file)?;
     let mut failures = Vec::new();
+    let mut ticks = 0;
     for step in &test.steps {
         if let Some(at) = step.at {
             let target = TEST_EPOCH.saturating_add(at);
@@ -166,7 +218,19 @@ fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>>
                 ));
                 break;
             }
-            bench.advance_to(target);
+            let left = MAX_TEST_TICKS - ticks;
+            ticks += advance_at_most(&bench.clock, &bench.index, &bench.rules, target, left);
+            if bench.clock.now() < target {
+                failures.push(format!(
+                    "`at {}s`: stopped at {}s after {MAX_TEST_TICKS} timer ticks, {} ms apart, \
+                     with something due at each, the most one test may run (a stage with a \
+                     short interval kept busy across a long jump?)",
+                    at as f64 / 1e6,
+                    (bench.clock.now() - TEST_EPOCH) as f64 / 1e6,
+                    TICK / 1000,
+                ));
+                break;
+            }
         }
         match &step.action {
             TestAction::Send(value) => match event_from(value, bench.clock.now()) {
@@ -186,6 +250,23 @@ fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>>
                 }
             }
         }
+    }
+    for (name, recorder) in &bench.recorders {
+        let not_kept = recorder.not_kept.load(Ordering::Relaxed);
+        if not_kept > 0 {
+            failures.push(format!(
+                "{name} received {} events, more than the {MAX_RECORDED} a test keeps",
+                MAX_RECORDED as u64 + not_kept
+            ));
+        }
+    }
+    // Caught and counted by the engine, so the test would otherwise pass.
+    let failed = bench.rules.stats.errors.load(Ordering::Relaxed);
+    if failed > 0 {
+        failures.push(format!(
+            "a stage failed (panicked) {failed} time(s); `vigil run` drops the event it \
+             was running and counts it in vigil_rules_errors_total"
+        ));
     }
     Ok(Outcome {
         name: test.name.clone(),
@@ -335,4 +416,68 @@ fn event_from(v: &Value, now: Micros) -> Result<Event, String> {
         }
     }
     Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::parser::parse;
+
+    #[test]
+    fn an_output_that_receives_too_much_fails_the_test() {
+        // Each group's rate reports every 100 ms: 990 events each by 99 s.
+        let file = parse(
+            r#"output out = forward(host: "x")
+streams { by(host) { rate(100ms) { out } } }
+test "two groups" {
+  send {host: "a", service: "b", metric: 1, ttl: 100}
+  send {host: "b", service: "b", metric: 1, ttl: 100}
+  at 99s expect out {host: "a"}
+}
+test "one group" {
+  send {host: "a", service: "b", metric: 1, ttl: 100}
+  at 99s expect out {host: "a"}
+}"#,
+        )
+        .unwrap();
+        let failures: Vec<_> = run_tests(&file)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.failures)
+            .collect();
+        assert_eq!(MAX_RECORDED, 1_000);
+        let too_many = "out received 1980 events, more than the 1000 a test keeps";
+        assert_eq!(failures, [vec![too_many.to_owned()], vec![]]);
+    }
+
+    #[test]
+    fn a_timer_busy_at_every_tick_stops_the_test_with_a_reason() {
+        let file = parse(
+            r#"output out = forward(host: "x")
+streams { rate(100ms) { out } }
+test "busy" {
+  send {host: "a", service: "b", metric: 1, ttl: 1000000000}
+  at 3650d expect out {host: "a"}
+}
+test "idle" {
+  send {host: "a", service: "b", metric: 1, ttl: 1}
+  at 3650d expect out {host: "a"}
+}"#,
+        )
+        .unwrap();
+        let outcomes = run_tests(&file).unwrap();
+        let failures: Vec<_> = outcomes.iter().map(|o| o.failures.clone()).collect();
+        let stopped_at = MAX_TEST_TICKS as f64 / 10.0;
+        assert_eq!(
+            failures,
+            [
+                vec![format!(
+                    "`at 315360000s`: stopped at {stopped_at}s after {MAX_TEST_TICKS} timer ticks, \
+                     100 ms apart, with something due at each, the most one test may run (a stage \
+                     with a short interval kept busy across a long jump?)"
+                )],
+                vec![],
+            ]
+        );
+    }
 }

@@ -322,6 +322,86 @@ fn every_timer_inside_by_fires_on_time_in_each_group() {
 }
 
 #[test]
+fn every_timer_asks_for_the_tick_it_fires_on() {
+    // Virtual time skips to the earliest tick a stage asked for, so a tick
+    // that emits must have been asked for by the tick before it.
+    let b = bench(
+        r#"stable(2s) { with(service: "stable") { out } }
+fixed_time_window(3s) { count { with(service: "window") { out } } }
+coalesce(4s) { count { with(service: "coalesce") { out } } }
+rate(5s) { with(service: "rate") { out } }
+percentiles(6s, [0.5]) { with(service: "percentiles") { out } }
+by(host) { rate(7s) { with(service: "rate by host") { out } } }
+moving_time_window(1s) { count { with(service: "moving") { out } } }"#,
+    );
+    for host in ["a", "b"] {
+        send(
+            &b,
+            with_ttl(with_metric(ev(&b, host, "s"), Metric::Int(1)), 60.0),
+        );
+    }
+    let mut asked = Micros::MIN;
+    let mut fired = Vec::new();
+    for tenth in 1..=80 {
+        let now = at(f64::from(tenth) / 10.0);
+        b.clock.set(now);
+        let seen = out(&b).len();
+        let next = b.rules.tick_scheduled().unwrap_or(Micros::MAX);
+        for e in &out(&b)[seen..] {
+            let service = e.service_str().to_owned();
+            assert!(asked <= now, "{service} fired at {tenth} tenths unasked");
+            fired.push((tenth, service));
+        }
+        asked = next;
+    }
+    let services: Vec<(i32, &str)> = fired.iter().map(|(t, s)| (*t, s.as_str())).collect();
+    assert_eq!(
+        services,
+        [
+            (20, "stable"),
+            (20, "stable"),
+            (30, "window"),
+            (40, "coalesce"),
+            (50, "rate"),
+            (60, "percentiles"),
+            (70, "rate by host"),
+            (70, "rate by host"),
+            (80, "coalesce"),
+        ]
+    );
+}
+
+#[test]
+fn advance_runs_only_the_steps_with_something_due() {
+    let b = bench(
+        r#"index
+where state = "expired" { with(service: "expired") { out } }
+rate(5s) { with(service: "rate") { out } }"#,
+    );
+    send(
+        &b,
+        with_ttl(with_metric(ev(&b, "a", "s"), Metric::Int(10)), 12.0),
+    );
+    let steps = b.advance_to(at(365.0 * 86_400.0));
+    let fired: Vec<(String, Micros)> = out(&b)
+        .iter()
+        .map(|e| (e.service_str().to_owned(), e.time - TEST_EPOCH))
+        .collect();
+    let secs = |s: f64| secs_to_micros(s);
+    assert_eq!(
+        fired,
+        [
+            ("rate".to_owned(), secs(5.0)),
+            ("rate".to_owned(), secs(10.0)),
+            // Not at 15 s: the series expired in that window and sent nothing.
+            ("expired".to_owned(), secs(12.1)),
+        ]
+    );
+    // The first step, one per output, and the last.
+    assert_eq!(steps, 6, "a year of 100 ms steps is 315 360 000");
+}
+
+#[test]
 fn a_timer_in_a_nested_by_reaches_the_outer_by() {
     let b = bench("by(host) { by(service) { rate(3s) { out } } }");
     send(
