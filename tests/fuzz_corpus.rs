@@ -63,3 +63,8 @@ fn rules_load_corpus() {
 fn rules_run_corpus() {
     replay("rules_run", fuzz_bodies::rules_run);
 }
+
+#[test]
+fn state_restore_corpus() {
+    replay("state_restore", fuzz_bodies::state_restore);
+}

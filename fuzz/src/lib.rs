@@ -7,13 +7,21 @@
 //! every committed `fuzz/corpus/<target>/` file through the same checks on stable
 //! Rust, without cargo-fuzz: keep it free of anything else.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use bytes::BytesMut;
 use prost::Message;
 use tokio_util::codec::Decoder;
+use vigil::clock::{Clock, MICROS_PER_SEC, ManualClock};
 use vigil::event::{Event, Metric};
+use vigil::index::{Index, IndexConfig};
 use vigil::proto::{self, Msg, PbEvent};
 use vigil::query::Query;
-use vigil::rules::{self, EnvPolicy};
+use vigil::rules::engine::Rules;
+use vigil::rules::testing::Recorder;
+use vigil::rules::{self, EnvPolicy, RuleText, persist};
+use vigil::streams::Streams;
 use vigil::wire::{self, Limits};
 
 /// The frame limit the frame decoder target runs with.
@@ -318,4 +326,77 @@ pub fn rules_run(data: &[u8]) {
             assert!(!failure.starts_with("a stage failed"), "{failure}");
         }
     }
+}
+
+/// The rules [`state_restore`] restores into: every stage that keeps state,
+/// on its own and inside nested `by`s.
+pub const STATE_RULES: &str = r#"output out = forward(host: "x")
+streams {
+  index
+  changed_state { out }
+  rate(2s) { out }
+  by(host) {
+    rate(1s) { out }
+    stable(1s) { out }
+    throttle(2, 5s) { out }
+    ewma(2s) { out }
+    ewma_timeless(0.5) { out }
+    ddt { out }
+    changed(metric) { out }
+    percentiles(3s, [0.5, 0.99]) { out }
+    moving_event_window(3) { mean { out } }
+    fixed_event_window(2) { sum { out } }
+    moving_time_window(2s) { max { out } }
+    fixed_time_window(2s) { min { out } }
+    coalesce(2s) { count { out } }
+    by(service) { rate(3s) { out } changed_state { out } }
+  }
+}
+"#;
+
+/// A stream state file with `data` between its version and its checksum,
+/// where vigil writes the rule text and the stages' entries; the checksum is
+/// made to fit, so the fuzzer reaches what a file that passed it could hold.
+/// The file is restored into [`STATE_RULES`] as at start (it may be
+/// refused), then those rules run from whatever was restored: ticks, and
+/// events of the series the file's groups may name. Nothing may panic.
+pub fn state_restore(data: &[u8]) {
+    let mut file = b"VIGILSTS".to_vec();
+    file.extend_from_slice(&1u32.to_le_bytes());
+    file.extend_from_slice(data);
+    let checksum = crc32fast::hash(&file);
+    file.extend_from_slice(&checksum.to_le_bytes());
+    let text = RuleText {
+        name: "state.vigil".to_owned(),
+        text: STATE_RULES.to_owned(),
+    };
+    let (_, compiled) =
+        rules::load(&text.name, &text.text, EnvPolicy::Lenient).expect("STATE_RULES compile");
+    let _ = persist::restore_bytes(&compiled.roots, &text, &file);
+    let clock = Arc::new(ManualClock::new(NOW));
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let rules = Rules::new(
+        compiled.roots,
+        Some(Arc::new(text)),
+        vec![Arc::new(Recorder::default())],
+        index.clone(),
+        clock.clone(),
+    );
+    let event = |host: &str, metric: i64, state: &str| Event {
+        host: Some(host.to_owned()),
+        service: Some("s".to_owned()),
+        state: Some(state.to_owned()),
+        metric: Some(Metric::Int(metric)),
+        time: clock.now(),
+        ttl: Some(60.0),
+        ..Event::default()
+    };
+    for (later, state) in [(0, "ok"), (1, "critical"), (86_400, "ok")] {
+        clock.set(NOW + later * MICROS_PER_SEC);
+        index.expire(clock.now(), |expired| rules.process(expired));
+        rules.tick();
+        rules.process(&[event("a", later, state), event("b", -later, state)]);
+    }
+    let failed = rules.stats.errors.load(Ordering::Relaxed);
+    assert_eq!(failed, 0, "a stage panicked on restored state");
 }

@@ -34,6 +34,16 @@ const PREFETCH_AHEAD: usize = 4;
 /// and counted.
 pub const MAX_REINJECT_ROUNDS: usize = 16;
 
+/// How many reinjected events one batch may run through the rules, in all its
+/// rounds: [`MAX_REINJECT_ROUNDS`] times the batch or its first round of
+/// reinjects, whichever is larger. A chain that reinjects each event once per
+/// round fits for all its rounds; a rule that reinjects each event twice
+/// would otherwise double the work every round, 65 536 times over by the
+/// last. Past it the events are dropped and counted with the loops'.
+fn reinject_budget(batch: usize, first_round: usize) -> usize {
+    MAX_REINJECT_ROUNDS * batch.max(first_round)
+}
+
 #[derive(Debug, Default)]
 pub struct RuleStats {
     /// Events dropped because they kept being reinjected.
@@ -129,14 +139,15 @@ impl Rules {
     /// ([`super::testing::advance`]).
     pub fn tick_scheduled(&self) -> Option<Micros> {
         let tree = self.current.load();
-        let due = self.run(&tree, |cx| self.guarded(|| tree.roots.tick(cx)));
+        let due = self.run(&tree, 0, |cx| self.guarded(|| tree.roots.tick(cx)));
         (due != Micros::MAX).then_some(due)
     }
 
-    /// Runs `work` on `tree` with a context, then the events it reinjected,
-    /// round by round, on the same tree. Returns the earliest tick any of it
-    /// scheduled ([`Cx::schedule`]; `Micros::MAX`: none).
-    fn run(&self, tree: &Tree, work: impl FnOnce(&mut Cx)) -> Micros {
+    /// Runs `work` (on a batch of `batch` events; 0 for a tick) on `tree` with
+    /// a context, then the events it reinjected, round by round, on the same
+    /// tree. Returns the earliest tick any of it scheduled ([`Cx::schedule`];
+    /// `Micros::MAX`: none).
+    fn run(&self, tree: &Tree, batch: usize, work: impl FnOnce(&mut Cx)) -> Micros {
         let mut reinjected = Vec::new();
         let mut cx = Cx {
             now: self.clock.now(),
@@ -148,11 +159,21 @@ impl Rules {
         };
         work(&mut cx);
         let mut due = cx.due;
-        for _ in 0..MAX_REINJECT_ROUNDS {
-            if reinjected.is_empty() {
-                return due;
+        let budget = reinject_budget(batch, reinjected.len());
+        let (mut ran, mut rounds, mut dropped) = (0, 0, 0);
+        while !reinjected.is_empty() {
+            let mut round = std::mem::take(&mut reinjected);
+            if rounds == MAX_REINJECT_ROUNDS {
+                dropped += round.len();
+                break;
             }
-            let batch = std::mem::take(&mut reinjected);
+            let room = budget - ran;
+            if round.len() > room {
+                dropped += round.len() - room;
+                round.truncate(room);
+            }
+            ran += round.len();
+            rounds += 1;
             let mut cx = Cx {
                 now: self.clock.now(),
                 index: &self.index,
@@ -161,19 +182,20 @@ impl Rules {
                 hashed: None,
                 due: Micros::MAX,
             };
-            for event in &batch {
+            for event in &round {
                 self.guarded(|| tree.roots.event(event, &mut cx));
             }
             due = due.min(cx.due);
         }
-        if !reinjected.is_empty() {
+        if dropped > 0 {
             self.stats
                 .reinject_overflow
-                .fetch_add(reinjected.len() as u64, Ordering::Relaxed);
+                .fetch_add(dropped as u64, Ordering::Relaxed);
             tracing::warn!(
-                dropped = reinjected.len(),
-                rounds = MAX_REINJECT_ROUNDS,
-                "Events still being reinjected after the round limit; dropped (a reinject loop in the rules?)."
+                dropped,
+                rounds,
+                reinjected = ran,
+                "Events still being reinjected after the round limit or the batch's reinject budget; dropped (a reinject loop in the rules, or a reinject that multiplies events?)."
             );
         }
         due
@@ -204,7 +226,7 @@ impl Streams for Rules {
         for i in 0..PREFETCH_AHEAD {
             hash_ahead(&mut ahead, i);
         }
-        self.run(&tree, |cx| {
+        self.run(&tree, events.len(), |cx| {
             for (i, event) in events.iter().enumerate() {
                 let hash = ahead[i % PREFETCH_AHEAD].take();
                 hash_ahead(&mut ahead, i + PREFETCH_AHEAD);

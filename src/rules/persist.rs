@@ -208,9 +208,7 @@ pub fn restore(roots: &Children, text: &RuleText, dir: &Path) {
     let started = Instant::now();
     let path = dir.join(FILE_NAME);
     let restored = match fs::read(&path) {
-        Ok(bytes) => decode(&bytes)
-            .and_then(|(header, body)| restore_from(roots, text, &header, entries(body)))
-            .map(Some),
+        Ok(bytes) => restore_bytes(roots, text, &bytes).map(Some),
         Err(cause) if cause.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(cause) => Err(StateError::Read {
             path: path.clone(),
@@ -238,6 +236,17 @@ pub fn restore(roots: &Children, text: &RuleText, dir: &Path) {
             "Ignoring the saved stream state; the stages start empty."
         ),
     }
+}
+
+/// What [`restore`] does with the file's bytes, returning what went wrong
+/// instead of logging it.
+pub fn restore_bytes(
+    roots: &Children,
+    text: &RuleText,
+    bytes: &[u8],
+) -> Result<Restored, StateError> {
+    let (header, body) = decode(bytes)?;
+    restore_from(roots, text, &header, entries(body))
 }
 
 /// Restores the entries into a tree compiled from the text they were saved

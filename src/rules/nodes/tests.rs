@@ -687,6 +687,51 @@ fn a_reinject_loop_terminates_and_is_counted() {
     assert_eq!(b.rules.stats.reinject_overflow.load(Ordering::Relaxed), 2);
 }
 
+#[test]
+fn a_reinject_that_doubles_events_stops_at_the_budget() {
+    // Each event reinjected twice: 2, 4, 8, … events a round, 131 070 in 16
+    // rounds without a budget. The budget is 16 × the first round's 2.
+    let b = bench("out\nreinject\nreinject");
+    send(&b, ev(&b, "h", "fan"));
+    assert_eq!(out(&b).len(), 1 + 32, "the event, then 2 + 4 + 8 + 16 + 2");
+    let dropped = b.rules.stats.reinject_overflow.load(Ordering::Relaxed);
+    assert_eq!(
+        dropped,
+        30 + 4,
+        "the rest of the fifth round, and what the run part made"
+    );
+}
+
+#[test]
+fn a_chain_of_reinjects_over_a_batch_runs_every_round() {
+    // Each event renamed and reinjected once a round: the budget never bites.
+    let b = bench(
+        r#"where service =~ "%" and not service = "s16" { out }
+split {
+  when service = "s0" { with(service: "s1") { reinject } }
+  when service = "s1" { with(service: "s2") { reinject } }
+  when service = "s2" { with(service: "s3") { reinject } }
+  when service = "s3" { with(service: "s4") { reinject } }
+  when service = "s4" { with(service: "s5") { reinject } }
+  when service = "s5" { with(service: "s6") { reinject } }
+  when service = "s6" { with(service: "s7") { reinject } }
+  when service = "s7" { with(service: "s8") { reinject } }
+  when service = "s8" { with(service: "s9") { reinject } }
+  when service = "s9" { with(service: "s10") { reinject } }
+  when service = "s10" { with(service: "s11") { reinject } }
+  when service = "s11" { with(service: "s12") { reinject } }
+  when service = "s12" { with(service: "s13") { reinject } }
+  when service = "s13" { with(service: "s14") { reinject } }
+  when service = "s14" { with(service: "s15") { reinject } }
+  when service = "s15" { with(service: "s16") { reinject } }
+}"#,
+    );
+    let batch: Vec<Event> = (0..10).map(|i| ev(&b, &format!("h{i}"), "s0")).collect();
+    b.rules.process(&batch);
+    assert_eq!(out(&b).len(), 10 * 16, "s0 … s15 of each event");
+    assert_eq!(b.rules.stats.reinject_overflow.load(Ordering::Relaxed), 0);
+}
+
 // ---- windows -----------------------------------------------------------------
 
 #[test]
