@@ -107,7 +107,9 @@ pub trait Node: AsAny + Send + Sync {
 
     /// Time passes: emit what is due, then pass the tick on to the children.
     /// A stage with something pending calls [`Cx::schedule`] here and in
-    /// [`Node::event`]; inside a `by`, a stage that does not is not ticked.
+    /// [`Node::event`]; inside a `by`, a stage that does not is not ticked,
+    /// and `vigil test`'s virtual time skips the ticks before the earliest
+    /// one asked for.
     fn tick(&self, cx: &mut Cx);
 
     /// A copy of this subtree with fresh, empty state, for each `by` group.
