@@ -23,7 +23,7 @@ use crate::streams::Streams;
 use super::ast::{Ident, RuleFile, TestAction, TestCase, Value, ValueKind};
 use super::compile::{EnvPolicy, compile};
 use super::diag::Diagnostic;
-use super::engine::Rules;
+use super::engine::{MAX_REINJECT_ROUNDS, Rules};
 
 /// Virtual time at the start of every test: 2024-01-01T00:00:00Z.
 pub const TEST_EPOCH: Micros = 1_704_067_200 * MICROS_PER_SEC;
@@ -260,7 +260,15 @@ fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>>
             ));
         }
     }
-    // Caught and counted by the engine, so the test would otherwise pass.
+    // Dropped and counted by the engine, so the test would otherwise pass.
+    let dropped = bench.rules.stats.reinject_overflow.load(Ordering::Relaxed);
+    if dropped > 0 {
+        failures.push(format!(
+            "{dropped} reinjected event(s) dropped: still being reinjected after \
+             {MAX_REINJECT_ROUNDS} rounds, or past the batch's reinject budget (a reinject \
+             loop, or a reinject that multiplies events?)"
+        ));
+    }
     let failed = bench.rules.stats.errors.load(Ordering::Relaxed);
     if failed > 0 {
         failures.push(format!(
@@ -448,6 +456,32 @@ test "one group" {
         assert_eq!(MAX_RECORDED, 1_000);
         let too_many = "out received 1980 events, more than the 1000 a test keeps";
         assert_eq!(failures, [vec![too_many.to_owned()], vec![]]);
+    }
+
+    #[test]
+    fn a_reinject_loop_fails_the_test() {
+        let file = parse(
+            r#"output out = forward(host: "x")
+streams { out where service = "loop" { reinject } }
+test "loops" {
+  send {host: "a", service: "loop"}
+  expect out {host: "a"}
+}
+test "does not" {
+  send {host: "a", service: "b"}
+  expect out {host: "a"}
+}"#,
+        )
+        .unwrap();
+        let failures: Vec<_> = run_tests(&file)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.failures)
+            .collect();
+        let dropped = "1 reinjected event(s) dropped: still being reinjected after 16 rounds, \
+                       or past the batch's reinject budget (a reinject loop, or a reinject that \
+                       multiplies events?)";
+        assert_eq!(failures, [vec![dropped.to_owned()], vec![]]);
     }
 
     #[test]
