@@ -465,6 +465,15 @@ mod tests {
     use super::*;
     use crate::rules::parser::parse;
 
+    /// Each test's failures, in the file's order.
+    fn failures_of(file: &RuleFile) -> Vec<Vec<String>> {
+        run_tests(file)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.failures)
+            .collect()
+    }
+
     #[test]
     fn an_output_that_receives_too_much_stops_and_fails_the_test() {
         // A rate per group reports every 100 ms. With two groups the output
@@ -485,11 +494,7 @@ test "one group" {
 }"#,
         )
         .unwrap();
-        let failures: Vec<_> = run_tests(&file)
-            .unwrap()
-            .into_iter()
-            .map(|o| o.failures)
-            .collect();
+        let failures = failures_of(&file);
         assert_eq!((MAX_RECORDED, CHECK_EVERY), (1_000, 100));
         let too_many = "out received 1200 events, more than the 1000 a test keeps";
         assert_eq!(failures, [vec![too_many.to_owned()], vec![]]);
@@ -510,11 +515,7 @@ test "does not" {
 }"#,
         )
         .unwrap();
-        let failures: Vec<_> = run_tests(&file)
-            .unwrap()
-            .into_iter()
-            .map(|o| o.failures)
-            .collect();
+        let failures = failures_of(&file);
         let dropped = "1 reinjected event(s) dropped: still being reinjected after 16 rounds, \
                        or past the batch's reinject budget (a reinject loop, or a reinject that \
                        multiplies events?)";
@@ -536,8 +537,7 @@ test "idle" {
 }"#,
         )
         .unwrap();
-        let outcomes = run_tests(&file).unwrap();
-        let failures: Vec<_> = outcomes.iter().map(|o| o.failures.clone()).collect();
+        let failures = failures_of(&file);
         let stopped_at = MAX_TEST_TICKS as f64 / 10.0;
         assert_eq!(
             failures,
