@@ -10,8 +10,8 @@ use prost::Message;
 use tokio_util::codec::Decoder;
 
 use vigil::ingest::Transport;
+use vigil::limits::Limits;
 use vigil::proto::Msg;
-use vigil::wire::Limits;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

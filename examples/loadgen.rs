@@ -464,7 +464,7 @@ async fn null_sink(
         tokio::spawn(async move {
             let mut framed = Framed::new(stream, vigil::tcp::codec(vigil::tcp::DEFAULT_MAX_FRAME));
             let mut events = Vec::new();
-            let limits = vigil::wire::Limits::DEFAULT;
+            let limits = vigil::limits::Limits::DEFAULT;
             let mut failed = false;
             let mut decoded = |frame: &[u8]| {
                 if decode

@@ -31,6 +31,7 @@ use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
 use crate::index::{Index, QueryError};
+use crate::limits::{Exceeded, Limits};
 use crate::proto::{self, PbEvent};
 use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
 use crate::query::Query;
@@ -59,6 +60,8 @@ struct Shared {
     streams: Arc<dyn Streams>,
     clock: SharedClock,
     stats: Arc<Stats>,
+    /// What one `Msg` or query may carry, as on the Riemann transports.
+    limits: Limits,
     shutdown: CancellationToken,
     /// Set in cluster mode: events go to JetStream, `Query` and `Subscribe`
     /// cover every node.
@@ -78,12 +81,17 @@ impl Shared {
     async fn accept(&self, msg: Msg) -> Ack {
         Stats::incr(&self.stats.grpc_messages);
         if !msg.events.is_empty() {
-            let now = self.clock.now();
-            let events: Vec<Event> = msg
-                .events
-                .into_iter()
-                .map(|pb| proto::from_pb(pb, now))
-                .collect();
+            let events = match self.within_limits(msg) {
+                Ok(events) => events,
+                Err(e) => {
+                    Stats::incr(e.limit.counter(&self.stats));
+                    tracing::debug!(error = %e, "gRPC message over a limit refused.");
+                    return Ack {
+                        ok: false,
+                        error: e.to_string(),
+                    };
+                }
+            };
             Stats::add(&self.stats.grpc_events, events.len() as u64);
             match &self.cluster {
                 Some(cluster) => {
@@ -101,7 +109,26 @@ impl Shared {
         }
     }
 
+    /// `msg`'s events, or the limit one of them went over: refused whole,
+    /// as a Riemann TCP frame. Arrival time for events without one.
+    fn within_limits(&self, msg: Msg) -> Result<Vec<Event>, Exceeded> {
+        self.limits.check_count(msg.events.len())?;
+        let now = self.clock.now();
+        let mut events = Vec::with_capacity(msg.events.len());
+        for (i, pb) in msg.events.into_iter().enumerate() {
+            let attributes_sent = pb.attributes.len();
+            let event = proto::from_pb(pb, now);
+            (self.limits.check_event(&event, attributes_sent)).map_err(|e| e.in_event(i))?;
+            events.push(event);
+        }
+        Ok(events)
+    }
+
     fn parse(&self, text: &str) -> Result<Query, Status> {
+        if let Err(e) = self.limits.check_query(text) {
+            Stats::incr(e.limit.counter(&self.stats));
+            return Err(Status::invalid_argument(e.to_string()));
+        }
         Query::parse(text).map_err(|e| {
             Stats::incr(&self.stats.query_errors);
             tracing::debug!(query = text, error = %e, "gRPC query refused.");
@@ -245,6 +272,9 @@ fn ended(subscription: &Subscription) -> Status {
 pub struct GrpcLimits {
     /// Largest decoded request message, as `--max-frame` bounds a TCP frame.
     pub max_message: usize,
+    /// What one `Msg` or query may carry (`--max-events-per-msg`, `--max-tags`,
+    /// `--max-attributes`, `--max-string`).
+    pub per_message: Limits,
     /// Connections open at once; more are closed at once.
     pub max_connections: usize,
     /// A connection whose client reads nothing for this long is closed.
@@ -288,6 +318,7 @@ impl Grpc {
             streams,
             clock,
             stats,
+            limits: limits.per_message,
             shutdown: shutdown.clone(),
             cluster,
         })))

@@ -17,7 +17,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 
@@ -25,11 +24,12 @@ use crate::clock::{Micros, SharedClock};
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
 use crate::index::{Index, QueryError};
+use crate::limits::Limits;
 use crate::proto;
 use crate::query::Query;
 use crate::stats::Stats;
 use crate::streams::Streams;
-use crate::wire::{self, DecodeError, Limit, Limits};
+use crate::wire::{self, DecodeError};
 
 /// A frame's reply: ready now, or later: once the cluster has stored its
 /// events, or once a blocking thread has scanned the index for its query.
@@ -272,7 +272,7 @@ impl Ingest {
             Ok(request) => request,
             // Refused whole: none of its events go anywhere.
             Err(DecodeError::Exceeded(e)) => {
-                Stats::incr(self.limit_counter(e.limit));
+                Stats::incr(e.limit.counter(&self.stats));
                 tracing::debug!(?transport, error = %e, "Message over a limit refused.");
                 return Err(proto::error_reply(e.to_string()));
             }
@@ -290,15 +290,6 @@ impl Ingest {
             Stats::add(counter, decoded_events as u64);
         }
         Ok(request)
-    }
-
-    fn limit_counter(&self, limit: Limit) -> &AtomicU64 {
-        match limit {
-            Limit::Events => &self.stats.msgs_over_max_events,
-            Limit::Tags => &self.stats.msgs_over_max_tags,
-            Limit::Attributes => &self.stats.msgs_over_max_attributes,
-            Limit::String => &self.stats.msgs_over_max_string,
-        }
     }
 
     /// A key lookup is answered at once; a query that scans the index is

@@ -23,6 +23,7 @@
 //! - [`snapshot`]: the index (and, through [`rules::persist`], the stream state) saved to disk and loaded again across restarts.
 //! - [`client`]: a small Riemann TCP client.
 //! - [`json`]: Riemann's JSON form of an event.
+//! - [`limits`]: what one message may carry, checked alike on every ingest transport.
 //! - [`stats`]: counters of what vigil itself did.
 //! - [`selfmetrics`]: vigil's own numbers: rule latency, one sample for `/metrics`, self-metric events.
 //! - [`http`]: the HTTP surface: index queries, WebSocket/SSE subscriptions, `POST /events`, `/metrics`, `/health`.
@@ -42,6 +43,7 @@ pub mod http;
 pub mod index;
 pub mod ingest;
 pub mod json;
+pub mod limits;
 pub mod outputs;
 pub mod proto;
 pub mod pubsub;

@@ -16,6 +16,7 @@ use vigil::event::{Event, Metric};
 use vigil::grpc::{Grpc, GrpcLimits};
 use vigil::http::{HttpConfig, HttpServer};
 use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
+use vigil::limits::Limits;
 use vigil::outputs::Kept;
 use vigil::rules::engine::Rules;
 use vigil::rules::reload::{Outputs, Reloader};
@@ -27,7 +28,6 @@ use vigil::server::{Server, ServerConfig};
 use vigil::snapshot::Snapshots;
 use vigil::streams::Streams;
 use vigil::tls::{self, TlsListener};
-use vigil::wire::Limits;
 use vigil::{json, tcp, udp};
 
 /// glibc's malloc and free were a third of ingest's time in a profile
@@ -437,6 +437,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         addr: (!args.no_http).then_some(args.http),
         sse: args.sse,
         token: args.http_token.clone(),
+        per_message: args.limits(),
         cluster: cluster.clone(),
         max_connections: args.max_connections,
         write_timeout: args.read_timeout,
@@ -471,6 +472,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 addr,
                 GrpcLimits {
                     max_message: args.max_frame,
+                    per_message: args.limits(),
                     max_connections: args.max_connections,
                     write_timeout: args.read_timeout,
                     read_timeout: args.read_timeout,

@@ -17,10 +17,10 @@ use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::index::Index;
 use crate::ingest::Ingest;
+use crate::limits::Limits;
 use crate::stats::Stats;
 use crate::streams::Streams;
 use crate::tls::TlsListener;
-use crate::wire::Limits;
 use crate::{tcp, udp};
 
 #[derive(Debug, Clone)]

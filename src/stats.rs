@@ -58,13 +58,16 @@ counters! {
     /// UDP datagrams the kernel dropped before vigil read them (the socket's
     /// receive buffer was full), as Linux counts them; read every second.
     udp_receive_drops,
-    /// `Msg`s refused for more events than `--max-events-per-msg`.
+    /// `Msg`s (TCP, UDP, gRPC) and `POST /events` requests refused for more
+    /// events than `--max-events-per-msg`.
     msgs_over_max_events,
-    /// `Msg`s refused for an event with more tags than `--max-tags`.
+    /// `Msg`s and `POST /events` lines refused for an event with more tags than `--max-tags`.
     msgs_over_max_tags,
-    /// `Msg`s refused for an event with more attributes than `--max-attributes`.
+    /// `Msg`s and `POST /events` lines refused for an event with more
+    /// attributes than `--max-attributes`.
     msgs_over_max_attributes,
-    /// `Msg`s refused for a string longer than `--max-string`.
+    /// `Msg`s, `POST /events` lines and HTTP or gRPC queries refused for a
+    /// string longer than `--max-string`.
     msgs_over_max_string,
     /// Queries answered.
     queries,

@@ -19,6 +19,7 @@
 
 use crate::clock::{MICROS_PER_SEC, Micros};
 use crate::event::{Event, Metric, RESERVED_FIELDS, same_bytes};
+use crate::limits::{Exceeded, Limit, Limits};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -44,93 +45,21 @@ impl From<Exceeded> for DecodeError {
     }
 }
 
-/// Bounds on one `Msg`, so a single frame cannot make vigil keep (in the
-/// reused decode buffers) or process more than an operator allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub max_events: usize,
-    pub max_tags: usize,
-    pub max_attributes: usize,
-    /// In bytes, for every string kept: host, service, state, description,
-    /// each tag, attribute key and value, and the query.
-    pub max_string: usize,
-}
-
-impl Limits {
-    /// Generous for any real agent (Riemann itself has no limits).
-    pub const DEFAULT: Limits = Limits {
-        max_events: 100_000,
-        max_tags: 10_000,
-        max_attributes: 10_000,
-        max_string: 1024 * 1024,
-    };
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self::DEFAULT
-    }
-}
-
-/// Which of the [`Limits`] a message went over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    Events,
-    Tags,
-    Attributes,
-    String,
-}
-
-impl Limit {
-    /// The `vigil run` flag that sets it, so the error tells what to raise.
-    pub fn flag(self) -> &'static str {
-        match self {
-            Limit::Events => "--max-events-per-msg",
-            Limit::Tags => "--max-tags",
-            Limit::Attributes => "--max-attributes",
-            Limit::String => "--max-string",
-        }
-    }
-}
-
-/// A message over one of the [`Limits`]; displays as the error reply, e.g.
-/// `event 3: 100000 tags exceeds --max-tags 10000`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exceeded {
-    pub limit: Limit,
-    /// The offending event's position in the `Msg`, from 0.
-    pub event: Option<usize>,
-    /// What went over: `events`, `tags`, `attributes` or a string field's name.
-    pub what: &'static str,
-    /// How many there were, or the string's length in bytes.
-    pub size: usize,
-    pub max: usize,
-}
-
-impl std::fmt::Display for Exceeded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if let Some(i) = self.event {
-            write!(f, "event {i}: ")?;
-        }
-        let (what, size, flag, max) = (self.what, self.size, self.limit.flag(), self.max);
-        match self.limit {
-            Limit::String => write!(f, "{what} of {size} bytes exceeds {flag} {max}"),
-            _ => write!(f, "{size} {what} exceeds {flag} {max}"),
-        }
-    }
-}
-
-impl Exceeded {
-    /// Too many occurrences of `field` in `body`; they are counted (only now,
-    /// on the way out) so the reply says how many there really were.
-    fn count(limit: Limit, what: &'static str, body: &[u8], field: u64, max: usize) -> Self {
-        Exceeded {
-            limit,
-            event: None,
-            what,
-            size: count_fields(body, field),
-            max,
-        }
+/// Too many occurrences of `field` in `body`; they are counted (only now, on
+/// the way out) so the reply says how many there really were.
+fn exceeded_count(
+    limit: Limit,
+    what: &'static str,
+    body: &[u8],
+    field: u64,
+    max: usize,
+) -> Exceeded {
+    Exceeded {
+        limit,
+        event: None,
+        what,
+        size: count_fields(body, field),
+        max,
     }
 }
 
@@ -179,17 +108,13 @@ pub fn decode_msg_at(
                     let bytes = r.len_delimited("events", wire)?;
                     if used - start == limits.max_events {
                         let max = limits.max_events;
-                        return Err(Exceeded::count(Limit::Events, "events", body, 6, max).into());
+                        return Err(exceeded_count(Limit::Events, "events", body, 6, max).into());
                     }
                     if used == events.len() {
                         events.push(Event::default());
                     }
                     decode_event(bytes, now, limits, &mut events[used]).map_err(|e| match e {
-                        DecodeError::Exceeded(e) => Exceeded {
-                            event: Some(used - start),
-                            ..e
-                        }
-                        .into(),
+                        DecodeError::Exceeded(e) => e.in_event(used - start).into(),
                         other => other,
                     })?;
                     used += 1;
@@ -288,7 +213,7 @@ fn decode_event(
                 let tag = r.len_delimited("tags", wire)?;
                 if tags == limits.max_tags {
                     let max = limits.max_tags;
-                    return Err(Exceeded::count(Limit::Tags, "tags", body, 7, max).into());
+                    return Err(exceeded_count(Limit::Tags, "tags", body, 7, max).into());
                 }
                 if tags == e.tags.len() {
                     e.tags.push(String::new());
@@ -302,7 +227,7 @@ fn decode_event(
                 let attribute = r.len_delimited("attributes", wire)?;
                 if attribute_fields == limits.max_attributes {
                     let (what, max) = ("attributes", limits.max_attributes);
-                    return Err(Exceeded::count(Limit::Attributes, what, body, 9, max).into());
+                    return Err(exceeded_count(Limit::Attributes, what, body, 9, max).into());
                 }
                 attribute_fields += 1;
                 if attributes == e.attributes.len() {

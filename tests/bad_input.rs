@@ -23,13 +23,13 @@ use vigil::client::Client;
 use vigil::clock::{MICROS_PER_SEC, ManualClock, SharedClock};
 use vigil::event::{Event, Metric};
 use vigil::index::{Index, IndexConfig};
+use vigil::limits::Limits;
 use vigil::outputs::{self, Kept, OutputSink, Queue};
 use vigil::proto::{Attribute, Msg, PbEvent, PbQuery};
 use vigil::rules::engine::Rules;
 use vigil::rules::{self, EnvPolicy};
 use vigil::server::ServerConfig;
 use vigil::streams::{IndexEverything, Streams};
-use vigil::wire::Limits;
 
 use common::inproc::{Harness, T0, WAIT, frame, noise, wait_until};
 

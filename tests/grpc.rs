@@ -25,6 +25,7 @@ use vigil::clock::{Clock, MICROS_PER_SEC, SystemClock};
 use vigil::event::{Event, Metric};
 use vigil::grpc::{Ack, Grpc, GrpcLimits, Msg, QueryRequest, VigilClient};
 use vigil::index::{Index, IndexConfig};
+use vigil::limits::Limits;
 use vigil::proto::{PbEvent, from_pb, to_pb};
 use vigil::query::Query;
 use vigil::stats::Stats;
@@ -310,6 +311,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
 async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) {
     start_within(GrpcLimits {
         max_message,
+        per_message: Limits::DEFAULT,
         max_connections: 100,
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
@@ -354,6 +356,123 @@ async fn a_message_over_the_limit_is_refused() {
     assert_ok(ack.get_ref());
     assert_eq!(index.len(), 1);
     grpc.shutdown(WAIT).await;
+}
+
+/// Tight per-message limits: 3 events, 1 tag, 1 attribute, 8-byte strings.
+const TIGHT: Limits = Limits {
+    max_events: 3,
+    max_tags: 1,
+    max_attributes: 1,
+    max_string: 8,
+};
+
+#[tokio::test]
+async fn a_msg_over_a_per_message_limit_is_refused_whole_naming_the_flag() {
+    let (grpc, index, stats) = start_within(GrpcLimits {
+        max_message: 1 << 20,
+        per_message: TIGHT,
+        max_connections: 100,
+        write_timeout: Duration::from_secs(60),
+        read_timeout: Duration::from_secs(60),
+    })
+    .await;
+    let mut client = connect(grpc.addr).await;
+    let at_limits = Event {
+        tags: vec!["8 bytes!".into()],
+        attributes: vec![("env".into(), "prod".into())],
+        ..event("8 bytes!", "svc")
+    };
+    let refused = |events: Vec<Event>| {
+        let mut client = client.clone();
+        async move {
+            let ack = client.send_batch(msg(&events)).await.unwrap().into_inner();
+            assert!(!ack.ok, "refused: {ack:?}");
+            ack.error
+        }
+    };
+    assert_eq!(
+        refused(vec![at_limits.clone(), event("a-long-host", "svc")]).await,
+        "event 1: host of 11 bytes exceeds --max-string 8"
+    );
+    assert_eq!(
+        refused(vec![event("h", "s"); 4]).await,
+        "4 events exceeds --max-events-per-msg 3"
+    );
+    let two_tags = Event {
+        tags: vec!["a".into(), "b".into()],
+        ..event("h", "s")
+    };
+    assert_eq!(
+        refused(vec![two_tags]).await,
+        "event 0: 2 tags exceeds --max-tags 1"
+    );
+    // A reserved name is dropped from the event, but counts as sent.
+    let mut reserved = to_pb(&at_limits);
+    reserved.attributes.insert(
+        0,
+        vigil::proto::Attribute {
+            key: "host".into(),
+            value: Some("x".into()),
+        },
+    );
+    let ack = client
+        .send_batch(Msg {
+            events: vec![reserved],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ack.error,
+        "event 0: 2 attributes exceeds --max-attributes 1"
+    );
+    assert!(index.is_empty(), "nothing of a refused Msg is indexed");
+    assert_eq!(Stats::get(&stats.grpc_events), 0);
+    assert_eq!(Stats::get(&stats.msgs_over_max_string), 1);
+    assert_eq!(Stats::get(&stats.msgs_over_max_events), 1);
+    assert_eq!(Stats::get(&stats.msgs_over_max_tags), 1);
+    assert_eq!(Stats::get(&stats.msgs_over_max_attributes), 1);
+
+    let ack = client.send_batch(msg(&[at_limits])).await.unwrap();
+    assert_ok(ack.get_ref());
+    assert_eq!(index.len(), 1);
+    let status = query(&mut client, "host = \"8 bytes!\"").await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(status.message(), "query of 17 bytes exceeds --max-string 8");
+    assert_eq!(Stats::get(&stats.msgs_over_max_string), 2);
+    let status = client
+        .subscribe(QueryRequest {
+            query: "service = \"svc\"".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.message(), "query of 15 bytes exceeds --max-string 8");
+    assert_eq!(query(&mut client, "true").await.unwrap().len(), 1);
+    grpc.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn the_per_message_flags_reach_grpc() {
+    let vigil = Vigil::start(&["--grpc", "127.0.0.1:0", "--max-string", "16"]);
+    let mut client = connect(vigil.grpc.expect("grpc address")).await;
+    let ack = client
+        .send_batch(msg(&[
+            event("a-host", "svc"),
+            event("a-very-long-host-name", "svc"),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ack.error,
+        "event 1: host of 21 bytes exceeds --max-string 16"
+    );
+    assert!(
+        query(&mut client, "host =~ \"a-%\"")
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,6 +554,7 @@ impl AsyncWrite for Unread {
 async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout() {
     let (grpc, index, stats) = start_within(GrpcLimits {
         max_message: 1 << 20,
+        per_message: Limits::DEFAULT,
         max_connections: 100,
         write_timeout: Duration::from_secs(1),
         read_timeout: Duration::from_secs(60),
@@ -483,6 +603,7 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
 async fn start_impatient() -> (Grpc, Arc<Index>, Arc<Stats>) {
     start_within(GrpcLimits {
         max_message: 1 << 20,
+        per_message: Limits::DEFAULT,
         max_connections: 100,
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(1),
@@ -537,6 +658,7 @@ fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
 async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
     let (grpc, _index, stats) = start_within(GrpcLimits {
         max_message: 1 << 20,
+        per_message: Limits::DEFAULT,
         max_connections: 1,
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),

@@ -24,6 +24,7 @@ use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::event::{Event, Metric};
 use vigil::http::{HttpConfig, HttpServer};
 use vigil::index::{Index, IndexConfig};
+use vigil::limits::Limits;
 use vigil::outputs::Kept;
 use vigil::rules::engine::Rules;
 use vigil::rules::reload::{Outputs, Reloader};
@@ -346,6 +347,104 @@ async fn posted_events_are_answered_per_line_and_queryable_over_tcp() {
         .unwrap();
     assert_eq!(response.text().await.unwrap(), "{}\n");
     assert_eq!(client.query(r#"service = "put""#).await.unwrap().len(), 1);
+}
+
+/// The answers of a `POST /events`, one JSON value per line.
+async fn post_events(addr: SocketAddr, body: String) -> (StatusCode, Vec<Value>) {
+    let response = reqwest::Client::new()
+        .post(url("http", addr, "/events", &[]))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn posted_lines_and_queries_over_a_per_message_limit_are_refused_naming_the_flag() {
+    let (http, index, stats) = in_process_with(HttpConfig {
+        per_message: Limits {
+            max_events: 3,
+            max_tags: 1,
+            max_attributes: 1,
+            max_string: 8,
+        },
+        ..HttpConfig::default()
+    })
+    .await;
+    let addr = http.addr.unwrap();
+    let lines = [
+        r#"{"host":"8 bytes!","service":"s","tags":["t"],"env":"prod"}"#,
+        r#"{"host":"a-long-host","service":"s"}"#,
+        r#"{"host":"h","service":"two tags","tags":["a","b"]}"#,
+        "",
+    ];
+    let (status, answers) = post_events(addr, lines.join("\n")).await;
+    assert_eq!(status, StatusCode::OK);
+    let errors: Vec<_> = answers.iter().map(|a| a["error"].as_str()).collect();
+    assert_eq!(
+        errors,
+        [
+            None,
+            Some("host of 11 bytes exceeds --max-string 8"),
+            Some("2 tags exceeds --max-tags 1"),
+        ]
+    );
+    let (_, answers) = post_events(addr, r#"{"host":"h","a":"1","b":"2"}"#.to_owned()).await;
+    assert_eq!(
+        answers[0]["error"],
+        "2 attributes exceeds --max-attributes 1"
+    );
+    let (status, answers) =
+        post_events(addr, r#"{"host":"h"}"#.repeat(4).replace("}{", "}\n{")).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        answers[0]["error"],
+        "4 events exceeds --max-events-per-msg 3; split the request"
+    );
+    assert_eq!(index.len(), 1, "only the line within the limits");
+    assert_eq!(Stats::get(&stats.msgs_over_max_string), 1);
+    assert_eq!(Stats::get(&stats.msgs_over_max_tags), 1);
+    assert_eq!(Stats::get(&stats.msgs_over_max_attributes), 1);
+    assert_eq!(Stats::get(&stats.msgs_over_max_events), 1);
+
+    let query = [("query", r#"host = "8 bytes!""#)];
+    let response = reqwest::get(url("http", addr, "/index", &query))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "query of 17 bytes exceeds --max-string 8");
+    assert_eq!(Stats::get(&stats.msgs_over_max_string), 2);
+    let all = reqwest::get(url("http", addr, "/index", &[("query", "true")]))
+        .await
+        .unwrap();
+    assert_eq!(all.json::<Vec<Value>>().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_per_message_flags_reach_http() {
+    let v = Vigil::start(&["--max-string", "16", "--max-events-per-msg", "2"]);
+    let body = [
+        r#"{"host":"a-host"}"#,
+        r#"{"host":"a-very-long-host-name"}"#,
+    ]
+    .join("\n");
+    let (_, answers) = post_events(http_addr(&v), body).await;
+    assert_eq!(answers[0], serde_json::json!({}));
+    assert_eq!(
+        answers[1]["error"],
+        "host of 21 bytes exceeds --max-string 16"
+    );
+    let (status, _) = post_events(http_addr(&v), "{}\n{}\n{}".to_owned()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
 #[tokio::test(flavor = "multi_thread")]

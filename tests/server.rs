@@ -124,9 +124,9 @@ async fn pipelined_frames_are_one_batch_but_a_refused_frame_stays_out() {
         seen: Mutex::default(),
     });
     let config = ServerConfig {
-        limits: vigil::wire::Limits {
+        limits: vigil::limits::Limits {
             max_events: 2,
-            ..vigil::wire::Limits::DEFAULT
+            ..vigil::limits::Limits::DEFAULT
         },
         ..ServerConfig::default()
     };

@@ -10,11 +10,11 @@ use prost::Message;
 use vigil::clock::{ManualClock, SharedClock};
 use vigil::index::{Index, IndexConfig};
 use vigil::ingest::Ingest;
+use vigil::limits::Limits;
 use vigil::proto::{Attribute, Msg, PbEvent};
 use vigil::rules::engine::Rules;
 use vigil::rules::{self, EnvPolicy};
 use vigil::stats::Stats;
-use vigil::wire::Limits;
 
 pub const KEYS: usize = 100_000;
 

@@ -16,13 +16,14 @@ use tokio_util::codec::Decoder;
 use vigil::clock::{Clock, MICROS_PER_SEC, ManualClock};
 use vigil::event::{Event, Metric};
 use vigil::index::{Index, IndexConfig};
+use vigil::limits::Limits;
 use vigil::proto::{self, Msg, PbEvent};
 use vigil::query::Query;
 use vigil::rules::engine::Rules;
 use vigil::rules::testing::Recorder;
 use vigil::rules::{self, EnvPolicy, RuleText, persist};
 use vigil::streams::Streams;
-use vigil::wire::{self, Limits};
+use vigil::wire;
 
 /// The frame limit the frame decoder target runs with.
 pub const MAX_FRAME: usize = 1 << 20;

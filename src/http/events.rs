@@ -4,7 +4,10 @@
 //! through the pipeline as one batch, like a TCP message's. In a cluster the
 //! reply waits until JetStream stored them; if it did not, the answer is
 //! `503` with `{"error": …}` and the client should resend. A body that has
-//! not arrived whole within the read timeout of its head gets `408`.
+//! not arrived whole within the read timeout of its head gets `408`. The
+//! per-message [`Limits`](crate::limits::Limits) hold here too: a request of
+//! more lines than `--max-events-per-msg` gets `413`, and a line over another
+//! limit is answered with it, like a line that does not parse.
 //!
 //! Fields are Riemann's JSON names (`metric_f`, `metric_d` and `metric_sint64`
 //! also name the metric). `time` is ISO 8601 UTC (`2024-01-02T03:04:05.678Z`)
@@ -26,8 +29,6 @@ use crate::stats::Stats;
 
 /// Largest body accepted (as TCP's default maximum frame).
 pub(super) const MAX_BODY: usize = 16 * 1024 * 1024;
-/// Most lines one request may carry, so one request cannot monopolise ingest.
-const MAX_LINES: usize = 100_000;
 
 pub(super) async fn post(State(state): State<AppState>, request: Request) -> Response {
     // The whole body within the read timeout of its head: a client that
@@ -52,18 +53,32 @@ pub(super) async fn post(State(state): State<AppState>, request: Request) -> Res
             json!({"error": "body is not UTF-8"}),
         );
     };
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.len() > MAX_LINES {
+    let lines = || text.lines().filter(|l| !l.trim().is_empty());
+    // Counted before anything is kept for them, as the decoder counts a `Msg`'s events.
+    let count = lines().count();
+    if let Err(e) = state.per_message.check_count(count) {
+        Stats::incr(e.limit.counter(state.stats()));
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            json!({"error": format!("more than {MAX_LINES} lines; split the request")}),
+            json!({"error": format!("{e}; split the request")}),
         );
     }
     let arrival = state.clock.now();
-    let mut events = Vec::with_capacity(lines.len());
-    let mut answers = String::with_capacity(lines.len() * 3);
-    for line in lines {
-        match parse_line(line, arrival) {
+    let mut events = Vec::with_capacity(count);
+    let mut answers = String::with_capacity(count * 3);
+    for line in lines() {
+        let event = parse_line(line, arrival).and_then(|event| {
+            // A JSON event has no attribute named like a field: each is the field.
+            let attributes = event.attributes.len();
+            match state.per_message.check_event(&event, attributes) {
+                Ok(()) => Ok(event),
+                Err(e) => {
+                    Stats::incr(e.limit.counter(state.stats()));
+                    Err(e.to_string())
+                }
+            }
+        });
+        match event {
             Ok(event) => {
                 events.push(event);
                 answers.push_str("{}\n");

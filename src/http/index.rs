@@ -90,6 +90,10 @@ fn parse(state: &AppState, text: Option<&str>) -> Result<Query, serde_json::Valu
     let Some(text) = text else {
         return Err(json!({"error": "missing the `query` parameter"}));
     };
+    if let Err(e) = state.per_message.check_query(text) {
+        Stats::incr(e.limit.counter(state.stats()));
+        return Err(json!({ "error": e.to_string() }));
+    }
     match Query::parse(text) {
         Ok(query) => {
             Stats::incr(&state.stats().queries);

@@ -40,6 +40,7 @@ use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
 use crate::index::QueryError;
+use crate::limits::Limits;
 use crate::pubsub::{self, Subscription};
 use crate::query::Query;
 use crate::selfmetrics::Telemetry;
@@ -59,6 +60,9 @@ pub struct HttpConfig {
     pub token: Option<String>,
     /// Queue length per WebSocket/SSE subscriber; a full queue disconnects it.
     pub subscriber_capacity: usize,
+    /// What one `POST /events` request (events: its lines) or query may
+    /// carry, as on the Riemann transports.
+    pub per_message: Limits,
     /// Set in cluster mode: `GET /index` answers for every node (unless `local=true`).
     pub cluster: Option<Arc<Cluster>>,
     /// Connections open at once on each listener; more are closed at once.
@@ -80,6 +84,7 @@ impl Default for HttpConfig {
             sse: None,
             token: None,
             subscriber_capacity: pubsub::DEFAULT_CAPACITY,
+            per_message: Limits::DEFAULT,
             cluster: None,
             max_connections: crate::tcp::DEFAULT_MAX_CONNECTIONS,
             write_timeout: crate::tcp::DEFAULT_READ_TIMEOUT,
@@ -98,6 +103,7 @@ struct AppState {
     clock: SharedClock,
     token: Option<Arc<str>>,
     subscriber_capacity: usize,
+    per_message: Limits,
     cluster: Option<Arc<Cluster>>,
     /// How long a posted body may take to arrive after its head.
     read_timeout: Duration,
@@ -205,6 +211,7 @@ impl HttpServer {
             clock,
             token: config.token.map(Arc::from),
             subscriber_capacity: config.subscriber_capacity,
+            per_message: config.per_message,
             cluster: config.cluster,
             read_timeout: config.read_timeout,
             shutdown: shutdown.clone(),
