@@ -5,6 +5,10 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(["riemann.proto", "vigil.proto"], ["proto"])?;
-    tonic_build::compile_fds(descriptors)?;
+    // vigil.Msg is written by hand: it keeps its events encoded, for vigil's
+    // own decoder (src/grpc/msg.rs).
+    tonic_build::configure()
+        .extern_path(".vigil.Msg", "crate::grpc::Msg")
+        .compile_fds(descriptors)?;
     Ok(())
 }

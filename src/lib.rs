@@ -10,7 +10,7 @@
 //! - [`frame`]: the Riemann TCP framing (length prefix), growing only as bytes arrive.
 //! - [`tcp`], [`udp`]: the Riemann transports (framing, accept loop, connection limits, datagrams).
 //! - [`tls`]: TLS for the TCP transport (certificates from PEM, optional client certificates).
-//! - [`grpc`]: the gRPC API (`proto/vigil.proto`): send, query, subscribe.
+//! - [`grpc`]: the gRPC API (`proto/vigil.proto`): send, query, subscribe; its `Msg` kept encoded for the Riemann decoder.
 //! - [`ingest`]: what a decoded `Msg` means, shared by both transports.
 //! - [`streams`]: the pipeline interface every batch of events goes through.
 //! - [`index`]: the latest event per `(host, service)`, with TTL expiry.

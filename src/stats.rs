@@ -47,7 +47,7 @@ counters! {
     grpc_messages,
     /// Events received over gRPC.
     grpc_events,
-    /// Frames or datagrams whose protobuf did not decode.
+    /// Frames, datagrams or gRPC `Msg`s whose protobuf did not decode.
     decode_errors,
     /// TCP length prefixes over the maximum frame size (connection closed).
     frames_oversized,

@@ -1,4 +1,5 @@
-//! Decoding a Riemann `Msg` straight into core [`Event`]s: the ingest hot path.
+//! Decoding a Riemann `Msg` straight into core [`Event`]s: the ingest hot path
+//! (and, through [`decode_events`], the events of vigil's gRPC `Msg`).
 //!
 //! prost would decode into its generated structs first, then vigil would move
 //! every field into an `Event` and rebuild the attribute list. Here each
@@ -105,18 +106,12 @@ pub fn decode_msg_at(
             match field {
                 5 => merge_query(r.len_delimited("query", wire)?, limits, &mut request.query)?,
                 6 => {
-                    let bytes = r.len_delimited("events", wire)?;
-                    if used - start == limits.max_events {
-                        let max = limits.max_events;
-                        return Err(exceeded_count(Limit::Events, "events", body, 6, max).into());
-                    }
-                    if used == events.len() {
-                        events.push(Event::default());
-                    }
-                    decode_event(bytes, now, limits, &mut events[used]).map_err(|e| match e {
-                        DecodeError::Exceeded(e) => e.in_event(used - start).into(),
-                        other => other,
-                    })?;
+                    let slots = Slots {
+                        body,
+                        field: 6,
+                        start,
+                    };
+                    slots.decode(r.len_delimited("events", wire)?, used, now, limits, events)?;
                     used += 1;
                 }
                 // ok (2), error (3) and the deprecated states (4) mean nothing
@@ -134,6 +129,72 @@ pub fn decode_msg_at(
         Ok(())
     })();
     (result.map(|()| request), used)
+}
+
+/// Decodes a message that carries nothing but events, each in field `field`
+/// (vigil's gRPC `Msg`: field 1), into `events`, reusing the events already
+/// there, within `limits` as [`decode_msg`] does; other fields are skipped.
+pub fn decode_events(
+    body: &[u8],
+    field: u64,
+    now: Micros,
+    limits: &Limits,
+    events: &mut Vec<Event>,
+) -> Result<(), DecodeError> {
+    let mut used = 0;
+    let mut r = reader(body);
+    let result = (|| {
+        while let Some((number, wire)) = r.key()? {
+            if number != field {
+                r.skip(wire)?;
+                continue;
+            }
+            let slots = Slots {
+                body,
+                field,
+                start: 0,
+            };
+            slots.decode(r.len_delimited("events", wire)?, used, now, limits, events)?;
+            used += 1;
+        }
+        Ok(())
+    })();
+    events.truncate(used);
+    result
+}
+
+/// Where a message's events go: `events[start..]`, one slot per event field
+/// (`field`) of `body`.
+struct Slots<'a> {
+    body: &'a [u8],
+    field: u64,
+    start: usize,
+}
+
+impl Slots<'_> {
+    /// Decodes the encoded event `bytes` into slot `used`, or refuses it past
+    /// `max_events` (counting the message's events for the error).
+    fn decode(
+        &self,
+        bytes: &[u8],
+        used: usize,
+        now: Micros,
+        limits: &Limits,
+        events: &mut Vec<Event>,
+    ) -> Result<(), DecodeError> {
+        let position = used - self.start;
+        if position == limits.max_events {
+            let (body, field, max) = (self.body, self.field, limits.max_events);
+            return Err(exceeded_count(Limit::Events, "events", body, field, max).into());
+        }
+        if used == events.len() {
+            events.push(Event::default());
+        }
+        decode_event(bytes, now, limits, &mut events[used]).map_err(|e| match e {
+            DecodeError::Exceeded(e) => e.in_event(position).into(),
+            other => other,
+        })
+    }
 }
 
 /// A repeated `query` field merges into the first, as protobuf says.

@@ -76,9 +76,7 @@ async fn query(client: &mut VigilClient<Channel>, query: &str) -> Result<Vec<Eve
 }
 
 fn msg(events: &[Event]) -> Msg {
-    Msg {
-        events: events.iter().map(to_pb).collect(),
-    }
+    Msg::of(events)
 }
 
 fn event(host: &str, service: &str) -> Event {
@@ -139,9 +137,7 @@ async fn send_acks_each_msg_in_order_and_query_returns_every_field() {
     let msgs = [
         msg(std::slice::from_ref(&int)),
         msg(std::slice::from_ref(&float)),
-        Msg {
-            events: vec![untimed],
-        },
+        Msg::new([untimed]),
     ];
     for (i, m) in msgs.into_iter().enumerate() {
         tx.send(m).await.unwrap();
@@ -416,9 +412,7 @@ async fn a_msg_over_a_per_message_limit_is_refused_whole_naming_the_flag() {
         },
     );
     let ack = client
-        .send_batch(Msg {
-            events: vec![reserved],
-        })
+        .send_batch(Msg::new([reserved]))
         .await
         .unwrap()
         .into_inner();
@@ -448,6 +442,28 @@ async fn a_msg_over_a_per_message_limit_is_refused_whole_naming_the_flag() {
         .unwrap_err();
     assert_eq!(status.message(), "query of 15 bytes exceeds --max-string 8");
     assert_eq!(query(&mut client, "true").await.unwrap().len(), 1);
+    grpc.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn an_event_that_does_not_decode_gets_an_error_ack_and_the_stream_goes_on() {
+    let (grpc, index, stats) = start_in_process(1 << 20).await;
+    let mut client = connect(grpc.addr).await;
+    // `events` holding two bytes that are no event: a varint never ended.
+    let garbage = <Msg as prost::Message>::decode([0x0a, 0x02, 0x08, 0xff].as_slice()).unwrap();
+    let (tx, rx) = mpsc::channel(2);
+    let outbound = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut acks = client.send(outbound).await.unwrap().into_inner();
+    tx.send(garbage).await.unwrap();
+    let ack = next(&mut acks).await.unwrap().unwrap();
+    assert_eq!(
+        (ack.ok, ack.error.as_str()),
+        (false, "invalid message: message truncated")
+    );
+    tx.send(msg(&[event("after", "garbage")])).await.unwrap();
+    assert_ok(&next(&mut acks).await.unwrap().unwrap());
+    assert_eq!(index.len(), 1);
+    assert_eq!(Stats::get(&stats.decode_errors), 1);
     grpc.shutdown(WAIT).await;
 }
 

@@ -1,8 +1,10 @@
 //! Memory stays bounded under the cheapest abuse there is: many connections
 //! each announcing the largest allowed frame and then sending almost nothing.
 //! A codec that reserves the announced length would need 500 × 16 MiB = 8 GiB
-//! here; vigil must hold only what was actually sent. (Its own test binary:
-//! the resident size measured is the whole process's.)
+//! here; vigil must hold only what was actually sent. And a request costs
+//! about its own size: a gRPC `Msg` of millions of empty events is refused
+//! without decoding them. (Its own test binary, one test at a time: the memory
+//! measured is the whole process's.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,12 +13,33 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use vigil::clock::{SharedClock, SystemClock};
+use vigil::grpc::{Grpc, GrpcLimits, Msg, VigilClient};
 use vigil::index::{Index, IndexConfig};
+use vigil::limits::Limits;
+use vigil::proto::PbEvent;
 use vigil::server::{Server, ServerConfig};
 use vigil::stats::Stats;
 use vigil::streams::IndexEverything;
 
 const CONNECTIONS: usize = 500;
+
+/// The tests measure the same process: one at a time.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The process's peak resident size since the last [`reset_peak`], in bytes.
+fn peak() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak resident size");
+}
 
 /// (virtual, resident) bytes of this process. Virtual counts too: memory
 /// reserved but not yet touched is still committed to whoever asked for it.
@@ -30,6 +53,7 @@ fn memory() -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announced_but_unsent_frames_cost_nothing() {
+    let _alone = ALONE.lock().await;
     let index = Arc::new(Index::new(IndexConfig::default()));
     let clock: SharedClock = Arc::new(SystemClock);
     let server = Server::start(
@@ -80,4 +104,54 @@ async fn announced_but_unsent_frames_cost_nothing() {
         mib(rss)
     );
     drop(clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_msg_of_millions_of_empty_events_costs_about_its_size() {
+    let _alone = ALONE.lock().await;
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let stats = Arc::new(Stats::default());
+    let max_message = vigil::frame::DEFAULT_MAX_FRAME;
+    let grpc = Grpc::start(
+        "127.0.0.1:0".parse().unwrap(),
+        GrpcLimits {
+            max_message,
+            per_message: Limits::DEFAULT,
+            max_connections: 10,
+            write_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(60),
+        },
+        index.clone(),
+        Arc::new(IndexEverything::new(index.clone())),
+        Arc::new(SystemClock),
+        stats.clone(),
+        None,
+    )
+    .await
+    .unwrap();
+    let mut client = VigilClient::connect(format!("http://{}", grpc.addr))
+        .await
+        .unwrap();
+    // An empty event is two bytes on the wire: as many as fit the limit.
+    let count = max_message / 2 - 8;
+    let msg = Msg::new(std::iter::repeat_with(PbEvent::default).take(count));
+    reset_peak();
+    let before = peak();
+    let ack = client.send_batch(msg).await.unwrap().into_inner();
+    let grew = peak().saturating_sub(before);
+    let max = Limits::DEFAULT.max_events;
+    assert_eq!(
+        ack.error,
+        format!("{count} events exceeds --max-events-per-msg {max}")
+    );
+    assert!(index.is_empty());
+    assert_eq!(Stats::get(&stats.msgs_over_max_events), 1);
+    eprintln!("the peak grew by {} MiB", grew / (1024 * 1024));
+    // The request is 16 MiB; decoded into PbEvents it was 3.2 GB.
+    assert!(
+        grew < 256 * 1024 * 1024,
+        "a 16 MiB Msg of {count} empty events grew the peak by {} MiB",
+        grew / (1024 * 1024)
+    );
+    grpc.shutdown(Duration::from_secs(5)).await;
 }

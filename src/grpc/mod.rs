@@ -1,6 +1,7 @@
 //! The gRPC API (`proto/vigil.proto`): `Send`/`SendBatch` feed the rules exactly
-//! as a Riemann TCP frame does, `Query` reads the index, `Subscribe` streams the
-//! index's current matches and then its live updates from [`pubsub`](crate::pubsub).
+//! as a Riemann TCP frame does (the same decoder and limits: see [`Msg`]),
+//! `Query` reads the index, `Subscribe` streams the index's current matches and
+//! then its live updates from [`pubsub`](crate::pubsub).
 //!
 //! Off unless `--grpc` is given. It runs beside the Riemann listeners with its
 //! own shutdown token: cancelling it ends the open streams with `UNAVAILABLE`,
@@ -29,14 +30,14 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::bounded::{Bounds, Counters};
 use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
-use crate::event::Event;
 use crate::index::{Index, QueryError};
-use crate::limits::{Exceeded, Limits};
+use crate::limits::Limits;
 use crate::proto::{self, PbEvent};
 use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
 use crate::query::Query;
 use crate::stats::Stats;
 use crate::streams::Streams;
+use crate::wire::DecodeError;
 
 /// The generated code names Riemann's `Event` as `super::riemann::Event`.
 mod riemann {
@@ -49,8 +50,11 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/vigil.rs"));
 }
 
+mod msg;
+
+pub use msg::Msg;
 pub use pb::vigil_client::VigilClient;
-pub use pb::{Ack, Msg, QueryRequest, QueryResponse};
+pub use pb::{Ack, QueryRequest, QueryResponse};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -80,18 +84,23 @@ impl Shared {
     /// one, counted, then the rules as one batch (or, in a cluster, JetStream).
     async fn accept(&self, msg: Msg) -> Ack {
         Stats::incr(&self.stats.grpc_messages);
-        if !msg.events.is_empty() {
-            let events = match self.within_limits(msg) {
-                Ok(events) => events,
-                Err(e) => {
-                    Stats::incr(e.limit.counter(&self.stats));
-                    tracing::debug!(error = %e, "gRPC message over a limit refused.");
-                    return Ack {
-                        ok: false,
-                        error: e.to_string(),
-                    };
-                }
-            };
+        let mut events = Vec::new();
+        let refused = |error: String| Ack { ok: false, error };
+        match msg.decode_into(self.clock.now(), &self.limits, &mut events) {
+            Ok(()) => {}
+            // Refused whole, as a Riemann TCP frame: none of its events go on.
+            Err(DecodeError::Exceeded(e)) => {
+                Stats::incr(e.limit.counter(&self.stats));
+                tracing::debug!(error = %e, "gRPC message over a limit refused.");
+                return refused(e.to_string());
+            }
+            Err(e) => {
+                Stats::incr(&self.stats.decode_errors);
+                tracing::debug!(error = %e, "Undecodable gRPC message.");
+                return refused(format!("invalid message: {e}"));
+            }
+        }
+        if !events.is_empty() {
             Stats::add(&self.stats.grpc_events, events.len() as u64);
             match &self.cluster {
                 Some(cluster) => {
@@ -107,21 +116,6 @@ impl Shared {
             ok: true,
             error: String::new(),
         }
-    }
-
-    /// `msg`'s events, or the limit one of them went over: refused whole,
-    /// as a Riemann TCP frame. Arrival time for events without one.
-    fn within_limits(&self, msg: Msg) -> Result<Vec<Event>, Exceeded> {
-        self.limits.check_count(msg.events.len())?;
-        let now = self.clock.now();
-        let mut events = Vec::with_capacity(msg.events.len());
-        for (i, pb) in msg.events.into_iter().enumerate() {
-            let attributes_sent = pb.attributes.len();
-            let event = proto::from_pb(pb, now);
-            (self.limits.check_event(&event, attributes_sent)).map_err(|e| e.in_event(i))?;
-            events.push(event);
-        }
-        Ok(events)
     }
 
     fn parse(&self, text: &str) -> Result<Query, Status> {
@@ -180,7 +174,8 @@ impl pb::vigil_server::Vigil for Service {
                         let ack = shared.accept(msg).await;
                         Some((Ok(ack), Some((msgs, shared))))
                     }
-                    // An undecodable or oversized Msg ends the call.
+                    // A Msg over --max-frame, or not a Msg at all, ends the call
+                    // (an event inside one that does not decode gets its Ack).
                     Err(status) => Some((Err(status), None)),
                 }
             },
