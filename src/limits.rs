@@ -41,9 +41,7 @@ impl Limits {
     /// decoding: tags, attributes (`attributes_sent` counts them as sent,
     /// reserved names included, as the decoder does), then each string.
     pub fn check_event(&self, event: &Event, attributes_sent: usize) -> Result<(), Exceeded> {
-        self.within(Limit::Tags, "tags", event.tags.len(), self.max_tags)?;
-        let max = self.max_attributes;
-        self.within(Limit::Attributes, "attributes", attributes_sent, max)?;
+        self.check_counts(event.tags.len(), attributes_sent)?;
         let fields = [
             ("host", &event.host),
             ("service", &event.service),
@@ -61,6 +59,13 @@ impl Limits {
             self.check_string("attributes.value", value)?;
         }
         Ok(())
+    }
+
+    /// An event's numbers of tags and attributes, before it is decoded.
+    pub fn check_counts(&self, tags: usize, attributes: usize) -> Result<(), Exceeded> {
+        self.within(Limit::Tags, "tags", tags, self.max_tags)?;
+        let max = self.max_attributes;
+        self.within(Limit::Attributes, "attributes", attributes, max)
     }
 
     /// A query's text.

@@ -429,6 +429,48 @@ async fn posted_lines_and_queries_over_a_per_message_limit_are_refused_naming_th
     assert_eq!(all.json::<Vec<Value>>().await.unwrap().len(), 1);
 }
 
+/// The peak resident size of process `pid`, in bytes.
+fn peak_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_of_millions_of_tags_or_attributes_is_refused_for_about_its_size() {
+    let v = Vigil::start(&[]);
+    const MIB: usize = 1024 * 1024;
+    // 8 MiB each: ~2.8 million empty tags; ~700 000 attributes.
+    let tags = vec![r#""""#; 8 * MIB / 3].join(",");
+    let attributes: Vec<String> = (0..8 * MIB / 12)
+        .map(|i| format!(r#""{i:06x}":1"#))
+        .collect();
+    let before = peak_of(v.pid());
+    let (_, answers) = post_events(http_addr(&v), format!(r#"{{"tags":[{tags}]}}"#)).await;
+    assert_eq!(
+        answers[0]["error"],
+        format!("{} tags exceeds --max-tags 10000", 8 * MIB / 3)
+    );
+    let line = format!("{{{}}}", attributes.join(","));
+    let (_, answers) = post_events(http_addr(&v), line).await;
+    assert_eq!(
+        answers[0]["error"],
+        format!("{} attributes exceeds --max-attributes 10000", 8 * MIB / 12)
+    );
+    let grew = peak_of(v.pid()).saturating_sub(before);
+    // Parsed into JSON values first, these lines took 25 times their size.
+    assert!(
+        grew < (64 * MIB) as u64,
+        "two 8 MiB lines grew vigil's peak by {} MiB",
+        grew / MIB as u64
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_per_message_flags_reach_http() {
     let v = Vigil::start(&["--max-string", "16", "--max-events-per-msg", "2"]);

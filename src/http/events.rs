@@ -20,11 +20,13 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value, json};
 
 use super::{AppState, error};
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
+use crate::limits::{Exceeded, Limits};
 use crate::stats::Stats;
 
 /// Largest body accepted (as TCP's default maximum frame).
@@ -67,17 +69,14 @@ pub(super) async fn post(State(state): State<AppState>, request: Request) -> Res
     let mut events = Vec::with_capacity(count);
     let mut answers = String::with_capacity(count * 3);
     for line in lines() {
-        let event = parse_line(line, arrival).and_then(|event| {
-            // A JSON event has no attribute named like a field: each is the field.
-            let attributes = event.attributes.len();
-            match state.per_message.check_event(&event, attributes) {
-                Ok(()) => Ok(event),
-                Err(e) => {
+        let event =
+            accept_line(line, arrival, &state.per_message).map_err(|refused| match refused {
+                Refused::Invalid(reason) => reason,
+                Refused::Over(e) => {
                     Stats::incr(e.limit.counter(state.stats()));
-                    Err(e.to_string())
+                    e.to_string()
                 }
-            }
-        });
+            });
         match event {
             Ok(event) => {
                 events.push(event);
@@ -113,6 +112,137 @@ pub(super) async fn post(State(state): State<AppState>, request: Request) -> Res
     }
     ([(header::CONTENT_TYPE, "application/x-ndjson")], answers).into_response()
 }
+
+/// Why a line was not accepted.
+enum Refused {
+    /// Not an event: the reason, naming the field at fault.
+    Invalid(String),
+    Over(Exceeded),
+}
+
+/// One line as an event within `limits`, or why not. Its tags and attributes
+/// are counted first, without keeping them, so a line of millions of them is
+/// refused for the cost of reading it, not of parsing it into values (~25
+/// times its size).
+fn accept_line(line: &str, arrival: Micros, limits: &Limits) -> Result<Event, Refused> {
+    // A line that is no JSON object fails here too: the parse below says why.
+    if let Ok(counts) = serde_json::from_str::<Counts>(line) {
+        (limits.check_counts(counts.tags, counts.attributes)).map_err(Refused::Over)?;
+    }
+    let event = parse_line(line, arrival).map_err(Refused::Invalid)?;
+    // A JSON event has no attribute named like a field: each is the field.
+    let attributes = event.attributes.len();
+    limits
+        .check_event(&event, attributes)
+        .map_err(Refused::Over)?;
+    Ok(event)
+}
+
+/// The tags and the (non-null) attributes of a JSON event, counted.
+#[derive(Default)]
+struct Counts {
+    tags: usize,
+    attributes: usize,
+}
+
+impl<'de> Deserialize<'de> for Counts {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(CountsVisitor)
+    }
+}
+
+struct CountsVisitor;
+
+impl<'de> Visitor<'de> for CountsVisitor {
+    type Value = Counts;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Counts, A::Error> {
+        let mut counts = Counts::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Tags => {
+                    counts.tags = map.next_value::<Option<Elements>>()?.map_or(0, |e| e.0);
+                }
+                Key::Field => drop(map.next_value::<IgnoredAny>()?),
+                Key::Attribute => {
+                    let value = map.next_value::<Option<IgnoredAny>>()?;
+                    counts.attributes += usize::from(value.is_some());
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
+/// What a key of a JSON event names, read without copying it.
+enum Key {
+    Tags,
+    Field,
+    Attribute,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "tags" => Key::Tags,
+                    _ if FIELDS.contains(&key) => Key::Field,
+                    _ => Key::Attribute,
+                })
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// How many elements an array holds, none of them kept.
+struct Elements(usize);
+
+impl<'de> Deserialize<'de> for Elements {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ElementsVisitor;
+        impl<'de> Visitor<'de> for ElementsVisitor {
+            type Value = Elements;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elements, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Elements(n))
+            }
+        }
+        deserializer.deserialize_seq(ElementsVisitor)
+    }
+}
+
+/// The keys [`to_event`] reads as fields; any other is an attribute.
+const FIELDS: &[&str] = &[
+    "host",
+    "service",
+    "state",
+    "description",
+    "metric",
+    "metric_f",
+    "metric_d",
+    "metric_sint64",
+    "tags",
+    "time",
+    "time_micros",
+    "ttl",
+];
 
 /// One line as an event, or why not.
 fn parse_line(line: &str, arrival: Micros) -> Result<Event, String> {
@@ -272,5 +402,62 @@ mod tests {
         );
         assert_eq!(err("[1]"), "an event must be a JSON object");
         assert!(err("{nope").starts_with("invalid JSON"));
+    }
+
+    #[test]
+    fn every_key_counted_as_a_field_is_read_as_one() {
+        for key in FIELDS {
+            let read = ["\"x\"", "1", "[\"a\"]"]
+                .iter()
+                .filter_map(|value| parse_line(&format!("{{\"{key}\": {value}}}"), 0).ok());
+            let attributes: Vec<_> = read.map(|e| e.attributes).collect();
+            assert!(!attributes.is_empty(), "{key} accepts a value");
+            assert!(
+                attributes.iter().all(Vec::is_empty),
+                "{key}: {attributes:?}"
+            );
+        }
+        assert_eq!(parse_line(r#"{"rack": 1}"#, 0).unwrap().attributes.len(), 1);
+    }
+
+    #[test]
+    fn tags_and_attributes_are_counted_before_the_line_is_parsed() {
+        let counts = |line: &str| {
+            let c: Counts = serde_json::from_str(line).unwrap();
+            (c.tags, c.attributes)
+        };
+        assert_eq!(
+            counts(
+                r#"{"host":"h","tags":["a","b",{"x":[1]}],"env":"p","n":null,"m":{"deep":[1,2]}}"#
+            ),
+            (3, 2)
+        );
+        assert_eq!(counts(r#"{"tags":null,"t\u0061gs":[1]}"#), (1, 0));
+        let limits = Limits {
+            max_tags: 2,
+            max_attributes: 1,
+            ..Limits::DEFAULT
+        };
+        let refused = |line: &str| match accept_line(line, 0, &limits) {
+            Err(Refused::Over(e)) => e.to_string(),
+            Err(Refused::Invalid(reason)) => panic!("invalid: {reason}"),
+            Ok(e) => panic!("accepted: {e:?}"),
+        };
+        assert_eq!(
+            refused(r#"{"tags":["a","b","c"]}"#),
+            "3 tags exceeds --max-tags 2"
+        );
+        assert_eq!(
+            refused(r#"{"a":"1","b":"2"}"#),
+            "2 attributes exceeds --max-attributes 1"
+        );
+        assert!(accept_line(r#"{"tags":["a","b"],"a":"1","b":null}"#, 0, &limits).is_ok());
+        // Not an object, or not JSON: the parse says why, as before.
+        for line in ["[1]", "{nope", r#"{"tags":"a"}"#] {
+            let Err(Refused::Invalid(reason)) = accept_line(line, 0, &limits) else {
+                panic!("{line} is refused as invalid");
+            };
+            assert_eq!(reason, parse_line(line, 0).unwrap_err());
+        }
     }
 }
