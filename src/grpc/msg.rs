@@ -155,6 +155,50 @@ mod tests {
         assert!(Msg::decode([0x0a, 0x05, 0x00].as_slice()).is_err());
     }
 
+    /// `vigil.Msg` as prost would generate it.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Generated {
+        #[prost(message, repeated, tag = "1")]
+        events: Vec<PbEvent>,
+    }
+
+    #[test]
+    fn agrees_with_prost_on_mutated_and_random_bytes() {
+        let seed = Msg::new((0..4).map(full_event)).encode_to_vec();
+        let mut next = crate::test_rng::xorshift(0x2545_f491_4f6c_dd1d);
+        let mut agreed_ok = 0;
+        for round in 0..20_000 {
+            let mut body = seed.clone();
+            match round % 3 {
+                0 => {
+                    for _ in 0..1 + next() % 4 {
+                        let at = (next() as usize) % body.len();
+                        body[at] = next() as u8;
+                    }
+                }
+                1 => body.truncate((next() as usize) % (body.len() + 1)),
+                _ => body = (0..next() % 64).map(|_| next() as u8).collect(),
+            }
+            let expected = Generated::decode(body.as_slice()).ok().map(|m| {
+                m.events
+                    .into_iter()
+                    .map(|pb| from_pb(pb, NOW))
+                    .collect::<Vec<_>>()
+            });
+            let got = Msg::decode(body.as_slice())
+                .ok()
+                .and_then(|msg| decoded(&msg, &Limits::DEFAULT).ok());
+            // NaN metrics compare unequal; compare their debug forms instead.
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{expected:?}"),
+                "input {body:02x?}"
+            );
+            agreed_ok += usize::from(expected.is_some());
+        }
+        assert!(agreed_ok > 1000, "successful decodes exercised too");
+    }
+
     #[test]
     fn limits_are_checked_while_decoding_and_name_the_event() {
         let limits = Limits {
