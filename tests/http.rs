@@ -762,6 +762,35 @@ async fn a_slow_subscriber_is_disconnected_with_a_reason_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_sending_a_large_message_is_disconnected_not_buffered() {
+    use futures_util::SinkExt;
+    let (http, index) = in_process(100).await;
+    let mut ws = subscribe_all(&http, &index).await;
+    // Anything small is only a sign of life.
+    ws.send(Message::text("x".repeat(60 * 1024))).await.unwrap();
+    index.insert(&event("small", "s", 60.0, 1));
+    assert_eq!(next_json(&mut ws).await.unwrap()["host"], "small");
+    // Sent in one go; the server stops reading after the first 64 KiB.
+    let _ = ws.send(Message::binary(vec![0u8; 1024 * 1024])).await;
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Err(closed) = next_json(&mut ws).await {
+                return closed;
+            }
+        }
+    })
+    .await
+    .expect("the connection ends");
+    assert_eq!(ended, None, "dropped without a close frame");
+    let deadline = Instant::now() + WAIT;
+    while index.pubsub().subscribers() > 0 {
+        assert!(Instant::now() < deadline, "subscription still open");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    http.shutdown(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn shutdown_closes_live_subscriptions() {
     let (http, index) = in_process(100).await;
     let mut ws = subscribe_all(&http, &index).await;

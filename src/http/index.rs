@@ -43,6 +43,11 @@ pub(super) struct IndexParams {
     local: bool,
 }
 
+/// Largest message a WebSocket subscriber may send. It has nothing to say but
+/// pongs and a close, read only to notice it is there: a larger message ends
+/// the connection instead of being buffered (tungstenite's default: 64 MiB).
+const SUBSCRIBER_MESSAGE_MAX: usize = 64 * 1024;
+
 pub(super) async fn get_index(
     State(state): State<AppState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -54,7 +59,10 @@ pub(super) async fn get_index(
         Err(body) => return error(StatusCode::BAD_REQUEST, body),
     };
     if let Ok(upgrade) = upgrade {
-        return upgrade.on_upgrade(move |socket| websocket(socket, state, query, params.subscribe));
+        return upgrade
+            .max_message_size(SUBSCRIBER_MESSAGE_MAX)
+            .max_frame_size(SUBSCRIBER_MESSAGE_MAX)
+            .on_upgrade(move |socket| websocket(socket, state, query, params.subscribe));
     }
     let wants_sse = headers
         .get(header::ACCEPT)
