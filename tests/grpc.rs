@@ -468,6 +468,28 @@ async fn an_event_that_does_not_decode_gets_an_error_ack_and_the_stream_goes_on(
 }
 
 #[tokio::test]
+async fn a_connection_is_told_how_many_calls_it_may_open_at_once() {
+    let (grpc, _index, _stats) = start_in_process(1 << 20).await;
+    let tcp = TcpStream::connect(grpc.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    // The server's SETTINGS arrive with the first exchange.
+    let call = axum::http::Request::post(format!("http://{}/vigil.Vigil/Query", grpc.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (answer, _body) = h2.send_request(call, true).unwrap();
+    tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+    assert_eq!(
+        h2.current_max_send_streams(),
+        vigil::grpc::MAX_STREAMS as usize
+    );
+    grpc.shutdown(WAIT).await;
+}
+
+#[tokio::test]
 async fn the_per_message_flags_reach_grpc() {
     let vigil = Vigil::start(&["--grpc", "127.0.0.1:0", "--max-string", "16"]);
     let mut client = connect(vigil.grpc.expect("grpc address")).await;

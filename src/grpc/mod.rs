@@ -262,6 +262,11 @@ fn ended(subscription: &Subscription) -> Status {
     }
 }
 
+/// Calls open at once on one connection. Each may be receiving a message of
+/// up to `--max-frame`, held until it is whole, so this bounds what one
+/// connection can make vigil hold; tonic's default is no limit at all.
+pub const MAX_STREAMS: u32 = 64;
+
 /// What bounds a gRPC client.
 #[derive(Debug, Clone, Copy)]
 pub struct GrpcLimits {
@@ -338,6 +343,7 @@ impl Grpc {
         // A peer that vanished without closing leaves an idle HTTP/2
         // connection no write ever fails on: a ping it cannot answer ends it.
         let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_STREAMS)
             .http2_keepalive_interval(Some(limits.read_timeout))
             .http2_keepalive_timeout(Some(limits.read_timeout))
             .add_service(service)
