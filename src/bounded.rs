@@ -26,6 +26,7 @@
 //!   (the graphite output uses it too, and [`unacked_bytes`] to count as
 //!   delivered only what carbon's TCP acknowledged: carbon acknowledges
 //!   nothing else).
+//! - An HTTP/2 connection may carry at most [`MAX_STREAMS`] requests at once.
 
 use std::future::Future;
 use std::io;
@@ -43,6 +44,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use crate::stats::Stats;
+
+/// Requests (gRPC calls) open at once on one HTTP/2 connection. Each may be
+/// receiving a body of up to `--max-frame` (a `POST /events` of 16 MiB),
+/// held until it is whole, so this bounds what one connection can make vigil
+/// hold; tonic's default is no limit at all, hyper's 200.
+pub const MAX_STREAMS: u32 = 64;
 
 /// Refusals are logged at most this often; the counter has every one.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);

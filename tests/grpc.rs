@@ -484,7 +484,7 @@ async fn a_connection_is_told_how_many_calls_it_may_open_at_once() {
     tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
     assert_eq!(
         h2.current_max_send_streams(),
-        vigil::grpc::MAX_STREAMS as usize
+        vigil::bounded::MAX_STREAMS as usize
     );
     grpc.shutdown(WAIT).await;
 }

@@ -472,6 +472,25 @@ async fn a_line_of_millions_of_tags_or_attributes_is_refused_for_about_its_size(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_http2_connection_is_told_how_many_requests_it_may_open_at_once() {
+    let v = Vigil::start(&[]);
+    let tcp = tokio::net::TcpStream::connect(http_addr(&v)).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let health = axum::http::Request::get(format!("http://{}/health", http_addr(&v)))
+        .body(())
+        .unwrap();
+    let (answer, _) = h2.send_request(health, true).unwrap();
+    let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(
+        h2.current_max_send_streams(),
+        vigil::bounded::MAX_STREAMS as usize
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_per_message_flags_reach_http() {
     let v = Vigil::start(&["--max-string", "16", "--max-events-per-msg", "2"]);
     let body = [

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::bounded::{Bounds, Counters};
+use crate::bounded::{Bounds, Counters, MAX_STREAMS};
 use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::index::{Index, QueryError};
@@ -261,11 +261,6 @@ fn ended(subscription: &Subscription) -> Status {
         Status::internal("subscription closed")
     }
 }
-
-/// Calls open at once on one connection. Each may be receiving a message of
-/// up to `--max-frame`, held until it is whole, so this bounds what one
-/// connection can make vigil hold; tonic's default is no limit at all.
-pub const MAX_STREAMS: u32 = 64;
 
 /// What bounds a gRPC client.
 #[derive(Debug, Clone, Copy)]

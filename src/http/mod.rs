@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::blocking::{SHUTTING_DOWN, off_workers};
-use crate::bounded::{Bounded, Bounds, Counters};
+use crate::bounded::{Bounded, Bounds, Counters, MAX_STREAMS};
 use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
@@ -272,6 +272,7 @@ async fn listen(
         .timer(TokioTimer::new())
         .keep_alive_interval(bounds.read_timeout)
         .keep_alive_timeout(bounds.read_timeout)
+        .max_concurrent_streams(MAX_STREAMS)
         // WebSockets over HTTP/2, as `axum::serve` allows.
         .enable_connect_protocol();
     let hyper = Arc::new(hyper);
