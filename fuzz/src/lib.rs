@@ -86,8 +86,8 @@ fn read_frames(data: &[u8], chunk: usize) -> Read {
 
 /// Target `frame_decoder`: arbitrary bytes from a TCP peer, through the framing,
 /// then each frame as ingest takes it (`wire::decode_msg` into a reused buffer,
-/// checked against prost, the query parsed). Framing must not depend on how TCP
-/// segmented the bytes.
+/// checked against prost, the query parsed), and each frame also as the body of
+/// a gRPC `Msg`. Framing must not depend on how TCP segmented the bytes.
 pub fn frame_decoder(data: &[u8]) {
     let whole = read_frames(data, data.len());
     let bytewise = read_frames(data, 1);
@@ -105,6 +105,41 @@ pub fn frame_decoder(data: &[u8]) {
     let mut events = Vec::new();
     for frame in whole.frames {
         ingest_frame(&frame, &mut events);
+        grpc_msg(&frame);
+    }
+}
+
+/// `vigil.Msg` as prost would generate it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GeneratedGrpcMsg {
+    #[prost(message, repeated, tag = "1")]
+    events: Vec<PbEvent>,
+}
+
+/// The same bytes as the body of a gRPC `Msg`, which the server keeps encoded
+/// and decodes with the wire decoder: accepted with the same events as
+/// prost's generated decoding would give, or refused by both.
+fn grpc_msg(body: &[u8]) {
+    let reference = GeneratedGrpcMsg::decode(body).map(|msg| {
+        let events = msg.events.into_iter();
+        events.map(|pb| proto::from_pb(pb, NOW)).collect::<Vec<_>>()
+    });
+    let mut events = Vec::new();
+    let ours = vigil::grpc::Msg::decode(body)
+        .map_err(|e| e.to_string())
+        .and_then(|msg| (msg.decode_into(NOW, &UNLIMITED, &mut events)).map_err(|e| e.to_string()));
+    match (ours, reference) {
+        (Ok(()), Ok(expected)) => {
+            assert_eq!(events.len(), expected.len(), "event count");
+            for (a, b) in events.iter().zip(&expected) {
+                assert_same_event(a, b);
+            }
+        }
+        (Err(_), Err(_)) => {}
+        (ours, reference) => panic!(
+            "gRPC Msg and prost disagree: {ours:?} vs {:?}",
+            reference.map(|_| ())
+        ),
     }
 }
 
