@@ -31,6 +31,7 @@ pub struct Msg {
 }
 
 impl Msg {
+    /// A `Msg` of these events, for a client.
     pub fn new(events: impl IntoIterator<Item = PbEvent>) -> Msg {
         let mut encoded = Vec::new();
         for event in events {
