@@ -78,6 +78,9 @@ enum Command {
         /// Server address.
         #[arg(default_value = "127.0.0.1:5555")]
         addr: String,
+        /// Give up (exit 1) when connecting and the answer take longer.
+        #[arg(long, default_value = "10s", value_parser = parse_interval)]
+        timeout: Duration,
     },
 }
 
@@ -279,6 +282,9 @@ struct SendArgs {
     /// Server address.
     #[arg(default_value = "127.0.0.1:5555")]
     addr: String,
+    /// Give up (exit 1) when connecting and the server's ack take longer.
+    #[arg(long, default_value = "10s", value_parser = parse_interval)]
+    timeout: Duration,
 }
 
 fn parse_attr(s: &str) -> Result<(String, String), String> {
@@ -304,7 +310,11 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Run(args) => run(*args).await,
             Command::Send(args) => send(args).await,
-            Command::Query { query, addr } => query_cmd(&query, &addr).await,
+            Command::Query {
+                query,
+                addr,
+                timeout,
+            } => query_cmd(&query, &addr, timeout).await,
             Command::Check { files } => exit_with(check(&files)),
             Command::Test { files } => exit_with(test(&files)),
         }
@@ -555,11 +565,28 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
         ttl: args.ttl,
         attributes: args.attributes,
     };
-    let mut client = Client::connect(&args.addr)
+    within(args.timeout, &args.addr, async {
+        let mut client = Client::connect(&args.addr)
+            .await
+            .with_context(|| format!("connecting to {}", args.addr))?;
+        client.send(&[event]).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// `work` against the server at `addr`, or an error once `timeout` passed: a
+/// server that accepts and never answers (or a host that drops the packets)
+/// must not hold a script that calls `vigil send` or `vigil query`.
+async fn within<T>(
+    timeout: Duration,
+    addr: &str,
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let after = humantime::format_duration(timeout);
+    tokio::time::timeout(timeout, work)
         .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
-    client.send(&[event]).await?;
-    Ok(())
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {after} (--timeout)"))?
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
@@ -633,11 +660,15 @@ fn test(files: &[PathBuf]) -> anyhow::Result<bool> {
     Ok(failed == 0)
 }
 
-async fn query_cmd(query: &str, addr: &str) -> anyhow::Result<()> {
-    let mut client = Client::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    for event in client.query(query).await? {
+async fn query_cmd(query: &str, addr: &str, timeout: Duration) -> anyhow::Result<()> {
+    let found = within(timeout, addr, async {
+        let mut client = Client::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        Ok(client.query(query).await?)
+    })
+    .await?;
+    for event in found {
         println!("{}", json::to_json(&event));
     }
     Ok(())

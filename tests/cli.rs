@@ -1,5 +1,6 @@
 //! The operator commands as operators run them: `vigil check`, `vigil test`,
-//! and `vigil run` refusing bad rules — exit codes and exact output.
+//! `vigil run` refusing bad rules, and `vigil send`/`vigil query` giving up on
+//! a server that never answers — exit codes and exact output.
 
 use std::process::{Command, Output};
 
@@ -185,4 +186,22 @@ fn run_refuses_rules_with_errors_and_unset_secrets() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn send_and_query_give_up_on_a_server_that_never_answers() {
+    // Accepts (the kernel completes the handshake) and never reads or replies.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let expected = format!("no answer from {addr} within 300ms (--timeout)");
+    for args in [
+        vec!["query", "--timeout", "300ms", "true", &addr],
+        vec!["send", "--timeout", "300ms", "--host", "h", &addr],
+    ] {
+        let out = vigil(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&expected), "{args:?}: {stderr}");
+    }
+    drop(silent);
 }
