@@ -458,15 +458,20 @@ async fn a_line_of_millions_of_tags_or_attributes_is_refused_for_about_its_size(
     );
     let line = format!("{{{}}}", attributes.join(","));
     let (_, answers) = post_events(http_addr(&v), line).await;
-    assert_eq!(
-        answers[0]["error"],
-        format!("{} attributes exceeds --max-attributes 10000", 8 * MIB / 12)
-    );
+    let too_many = format!("{} attributes exceeds --max-attributes 10000", 8 * MIB / 12);
+    assert_eq!(answers[0]["error"], too_many);
+    // A `tags` of the wrong type first does not get the rest parsed uncounted.
+    let line = format!(r#"{{"tags":1,{}}}"#, attributes.join(","));
+    let (_, answers) = post_events(http_addr(&v), line).await;
+    assert_eq!(answers[0]["error"], too_many);
+    // Nor does a line that is no object.
+    let (_, answers) = post_events(http_addr(&v), format!("[{tags}]")).await;
+    assert_eq!(answers[0]["error"], "an event must be a JSON object");
     let grew = peak_of(v.pid()).saturating_sub(before);
     // Parsed into JSON values first, these lines took 25 times their size.
     assert!(
         grew < (64 * MIB) as u64,
-        "two 8 MiB lines grew vigil's peak by {} MiB",
+        "four 8 MiB lines grew vigil's peak by {} MiB",
         grew / MIB as u64
     );
 }

@@ -120,15 +120,19 @@ enum Refused {
     Over(Exceeded),
 }
 
-/// One line as an event within `limits`, or why not. Its tags and attributes
-/// are counted first, without keeping them, so a line of millions of them is
-/// refused for the cost of reading it, not of parsing it into values (~25
-/// times its size).
+/// One line as an event within `limits`, or why not. It is read once first
+/// without keeping anything: a line that is not JSON, or not an object, is
+/// refused there, and its tags and attributes are counted. So only a JSON
+/// object within the limits is parsed into values (~25 times its size).
 fn accept_line(line: &str, arrival: Micros, limits: &Limits) -> Result<Event, Refused> {
-    // A line that is no JSON object fails here too: the parse below says why.
-    if let Ok(counts) = serde_json::from_str::<Counts>(line) {
-        (limits.check_counts(counts.tags, counts.attributes)).map_err(Refused::Over)?;
-    }
+    let counts = match serde_json::from_str::<Counts>(line) {
+        Ok(counts) => counts,
+        // Every value inside an object is accepted: only the line itself can
+        // have the wrong type.
+        Err(e) if e.is_data() => return Err(Refused::Invalid(NOT_AN_OBJECT.to_owned())),
+        Err(e) => return Err(Refused::Invalid(invalid_json(e))),
+    };
+    (limits.check_counts(counts.tags, counts.attributes)).map_err(Refused::Over)?;
     let event = parse_line(line, arrival).map_err(Refused::Invalid)?;
     // A JSON event has no attribute named like a field: each is the field.
     let attributes = event.attributes.len();
@@ -164,9 +168,7 @@ impl<'de> Visitor<'de> for CountsVisitor {
         let mut counts = Counts::default();
         while let Some(key) = map.next_key::<Key>()? {
             match key {
-                Key::Tags => {
-                    counts.tags = map.next_value::<Option<Elements>>()?.map_or(0, |e| e.0);
-                }
+                Key::Tags => counts.tags = map.next_value::<Elements>()?.0,
                 Key::Field => drop(map.next_value::<IgnoredAny>()?),
                 Key::Attribute => {
                     let value = map.next_value::<Option<IgnoredAny>>()?;
@@ -205,26 +207,62 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
-/// How many elements an array holds, none of them kept.
+/// How many elements an array holds, none of them kept; any other value
+/// (which the parse refuses for `tags`) holds none. Accepting every value
+/// keeps a wrong `tags` from sending the rest of the line to the parse
+/// uncounted.
 struct Elements(usize);
 
 impl<'de> Deserialize<'de> for Elements {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ElementsVisitor;
-        impl<'de> Visitor<'de> for ElementsVisitor {
-            type Value = Elements;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an array")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elements, A::Error> {
-                let mut n = 0;
-                while seq.next_element::<IgnoredAny>()?.is_some() {
-                    n += 1;
-                }
-                Ok(Elements(n))
-            }
+        deserializer.deserialize_any(ElementsVisitor)
+    }
+}
+
+struct ElementsVisitor;
+
+impl<'de> Visitor<'de> for ElementsVisitor {
+    type Value = Elements;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elements, A::Error> {
+        let mut n = 0;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            n += 1;
         }
-        deserializer.deserialize_seq(ElementsVisitor)
+        Ok(Elements(n))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Elements, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Elements(0))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Elements, E> {
+        Ok(Elements(0))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Elements, E> {
+        Ok(Elements(0))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Elements, E> {
+        Ok(Elements(0))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Elements, E> {
+        Ok(Elements(0))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Elements, E> {
+        Ok(Elements(0))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Elements, E> {
+        Ok(Elements(0))
     }
 }
 
@@ -244,11 +282,17 @@ const FIELDS: &[&str] = &[
     "ttl",
 ];
 
+const NOT_AN_OBJECT: &str = "an event must be a JSON object";
+
+fn invalid_json(e: serde_json::Error) -> String {
+    format!("invalid JSON: {e}")
+}
+
 /// One line as an event, or why not.
 fn parse_line(line: &str, arrival: Micros) -> Result<Event, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let value: Value = serde_json::from_str(line).map_err(invalid_json)?;
     let Value::Object(fields) = value else {
-        return Err("an event must be a JSON object".to_owned());
+        return Err(NOT_AN_OBJECT.to_owned());
     };
     to_event(fields, arrival)
 }
@@ -452,12 +496,25 @@ mod tests {
             "2 attributes exceeds --max-attributes 1"
         );
         assert!(accept_line(r#"{"tags":["a","b"],"a":"1","b":null}"#, 0, &limits).is_ok());
-        // Not an object, or not JSON: the parse says why, as before.
-        for line in ["[1]", "{nope", r#"{"tags":"a"}"#] {
+        // Not an object, not JSON, or a field of the wrong type: refused with
+        // the reason the parse gives.
+        for line in [
+            "[1]",
+            "\"x\"",
+            "{nope",
+            r#"{"a":1"#,
+            r#"{"tags":"a"}"#,
+            r#"{"tags":{"a":1}}"#,
+        ] {
             let Err(Refused::Invalid(reason)) = accept_line(line, 0, &limits) else {
                 panic!("{line} is refused as invalid");
             };
-            assert_eq!(reason, parse_line(line, 0).unwrap_err());
+            assert_eq!(reason, parse_line(line, 0).unwrap_err(), "{line}");
         }
+        // A wrong `tags` does not keep the attributes from being counted.
+        assert_eq!(
+            refused(r#"{"tags":1,"a":"1","b":"2"}"#),
+            "2 attributes exceeds --max-attributes 1"
+        );
     }
 }
