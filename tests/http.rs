@@ -464,14 +464,17 @@ async fn a_line_of_millions_of_tags_or_attributes_is_refused_for_about_its_size(
     let line = format!(r#"{{"tags":1,{}}}"#, attributes.join(","));
     let (_, answers) = post_events(http_addr(&v), line).await;
     assert_eq!(answers[0]["error"], too_many);
-    // Nor does a line that is no object.
+    // Nor does a line that is no object, or an array where none belongs.
     let (_, answers) = post_events(http_addr(&v), format!("[{tags}]")).await;
     assert_eq!(answers[0]["error"], "an event must be a JSON object");
+    let line = format!(r#"{{"host":"h","env":[{tags}]}}"#);
+    let (_, answers) = post_events(http_addr(&v), line).await;
+    assert_eq!(answers[0]["error"], "attribute env must be a string");
     let grew = peak_of(v.pid()).saturating_sub(before);
     // Parsed into JSON values first, these lines took 25 times their size.
     assert!(
         grew < (64 * MIB) as u64,
-        "four 8 MiB lines grew vigil's peak by {} MiB",
+        "five 8 MiB lines grew vigil's peak by {} MiB",
         grew / MIB as u64
     );
 }

@@ -120,20 +120,24 @@ enum Refused {
     Over(Exceeded),
 }
 
-/// One line as an event within `limits`, or why not. It is read once first
-/// without keeping anything: a line that is not JSON, or not an object, is
-/// refused there, and its tags and attributes are counted. So only a JSON
-/// object within the limits is parsed into values (~25 times its size).
+/// One line as an event within `limits`, or why not. The line is read once,
+/// into values of bounded size: a string is kept as sent, but of an array or
+/// object only its shape, and tags and attributes past their limit only
+/// counted. Parsed whole into JSON values, a line of millions of tags or
+/// nested elements would take ~25 times its size first.
 fn accept_line(line: &str, arrival: Micros, limits: &Limits) -> Result<Event, Refused> {
-    let counts = match serde_json::from_str::<Counts>(line) {
-        Ok(counts) => counts,
+    let mut deserializer = serde_json::Deserializer::from_str(line);
+    let read = de::DeserializeSeed::deserialize(BoundedLine(limits), &mut deserializer)
+        .and_then(|read| deserializer.end().map(|()| read));
+    let (fields, counts) = match read {
+        Ok(read) => read,
         // Every value inside an object is accepted: only the line itself can
         // have the wrong type.
         Err(e) if e.is_data() => return Err(Refused::Invalid(NOT_AN_OBJECT.to_owned())),
         Err(e) => return Err(Refused::Invalid(invalid_json(e))),
     };
     (limits.check_counts(counts.tags, counts.attributes)).map_err(Refused::Over)?;
-    let event = parse_line(line, arrival).map_err(Refused::Invalid)?;
+    let event = to_event(fields, arrival).map_err(Refused::Invalid)?;
     // A JSON event has no attribute named like a field: each is the field.
     let attributes = event.attributes.len();
     limits
@@ -142,127 +146,167 @@ fn accept_line(line: &str, arrival: Micros, limits: &Limits) -> Result<Event, Re
     Ok(event)
 }
 
-/// The tags and the (non-null) attributes of a JSON event, counted.
+/// How many tags and (non-null) attributes a line had, kept or not.
 #[derive(Default)]
 struct Counts {
     tags: usize,
     attributes: usize,
 }
 
-impl<'de> Deserialize<'de> for Counts {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(CountsVisitor)
+/// Reads a line's object into the fields [`to_event`] takes, at most
+/// `max_tags` tags and `max_attributes` attributes of them, and [`Counts`].
+struct BoundedLine<'a>(&'a Limits);
+
+impl<'de> de::DeserializeSeed<'de> for BoundedLine<'_> {
+    type Value = (Map<String, Value>, Counts);
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
     }
 }
 
-struct CountsVisitor;
-
-impl<'de> Visitor<'de> for CountsVisitor {
-    type Value = Counts;
+impl<'de> Visitor<'de> for BoundedLine<'_> {
+    type Value = (Map<String, Value>, Counts);
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Counts, A::Error> {
-        let mut counts = Counts::default();
-        while let Some(key) = map.next_key::<Key>()? {
-            match key {
-                Key::Tags => counts.tags = map.next_value::<Elements>()?.0,
-                Key::Field => drop(map.next_value::<IgnoredAny>()?),
-                Key::Attribute => {
-                    let value = map.next_value::<Option<IgnoredAny>>()?;
-                    counts.attributes += usize::from(value.is_some());
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut fields, mut counts) = (Map::new(), Counts::default());
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "tags" {
+                let (tags, count) = map.next_value_seed(BoundedTags(self.0.max_tags))?;
+                counts.tags = count;
+                fields.insert(key, tags);
+                continue;
+            }
+            let Shallow(value) = map.next_value()?;
+            if !FIELDS.contains(&key.as_str()) && !value.is_null() {
+                counts.attributes += 1;
+                if counts.attributes > self.0.max_attributes {
+                    continue;
                 }
             }
+            fields.insert(key, value);
         }
-        Ok(counts)
+        Ok((fields, counts))
     }
 }
 
-/// What a key of a JSON event names, read without copying it.
-enum Key {
-    Tags,
-    Field,
-    Attribute,
-}
+/// A `tags` value: an array keeps at most `max` elements and counts them all.
+struct BoundedTags(usize);
 
-impl<'de> Deserialize<'de> for Key {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = Key;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a key")
-            }
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
-                Ok(match key {
-                    "tags" => Key::Tags,
-                    _ if FIELDS.contains(&key) => Key::Field,
-                    _ => Key::Attribute,
-                })
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
+impl<'de> de::DeserializeSeed<'de> for BoundedTags {
+    type Value = (Value, usize);
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
-/// How many elements an array holds, none of them kept; any other value
-/// (which the parse refuses for `tags`) holds none. Accepting every value
-/// keeps a wrong `tags` from sending the rest of the line to the parse
-/// uncounted.
-struct Elements(usize);
-
-impl<'de> Deserialize<'de> for Elements {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(ElementsVisitor)
-    }
-}
-
-struct ElementsVisitor;
-
-impl<'de> Visitor<'de> for ElementsVisitor {
-    type Value = Elements;
+impl<'de> Visitor<'de> for BoundedTags {
+    type Value = (Value, usize);
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elements, A::Error> {
-        let mut n = 0;
-        while seq.next_element::<IgnoredAny>()?.is_some() {
-            n += 1;
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let (mut kept, mut count) = (Vec::new(), 0);
+        while let Some(Shallow(tag)) = seq.next_element()? {
+            count += 1;
+            if count <= self.0 {
+                kept.push(tag);
+            }
         }
-        Ok(Elements(n))
+        Ok((Value::Array(kept), count))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Elements, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        Ok((ShallowVisitor.visit_map(map)?, 0))
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok((Value::Bool(v), 0))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok((Value::from(v), 0))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok((Value::from(v), 0))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok((Value::from(v), 0))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok((Value::from(v), 0))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok((Value::Null, 0))
+    }
+}
+
+/// A value as [`to_event`] needs it: a scalar as sent; an array or object,
+/// which it only ever refuses, as an empty one (its contents skipped).
+struct Shallow(Value);
+
+impl<'de> Deserialize<'de> for Shallow {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ShallowVisitor).map(Shallow)
+    }
+}
+
+struct ShallowVisitor;
+
+impl<'de> Visitor<'de> for ShallowVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Value::Array(Vec::new()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Elements(0))
+        Ok(Value::Object(Map::new()))
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Elements, E> {
-        Ok(Elements(0))
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
     }
 
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Elements, E> {
-        Ok(Elements(0))
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
     }
 
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Elements, E> {
-        Ok(Elements(0))
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
     }
 
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Elements, E> {
-        Ok(Elements(0))
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
     }
 
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Elements, E> {
-        Ok(Elements(0))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::from(v))
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Elements, E> {
-        Ok(Elements(0))
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
     }
 }
 
@@ -286,15 +330,6 @@ const NOT_AN_OBJECT: &str = "an event must be a JSON object";
 
 fn invalid_json(e: serde_json::Error) -> String {
     format!("invalid JSON: {e}")
-}
-
-/// One line as an event, or why not.
-fn parse_line(line: &str, arrival: Micros) -> Result<Event, String> {
-    let value: Value = serde_json::from_str(line).map_err(invalid_json)?;
-    let Value::Object(fields) = value else {
-        return Err(NOT_AN_OBJECT.to_owned());
-    };
-    to_event(fields, arrival)
 }
 
 fn to_event(fields: Map<String, Value>, arrival: Micros) -> Result<Event, String> {
@@ -399,6 +434,14 @@ mod tests {
     use super::*;
     use crate::clock::MICROS_PER_SEC;
 
+    /// A line as `POST /events` reads it with the default limits.
+    fn parse_line(line: &str, arrival: Micros) -> Result<Event, String> {
+        accept_line(line, arrival, &Limits::DEFAULT).map_err(|refused| match refused {
+            Refused::Invalid(reason) => reason,
+            Refused::Over(e) => e.to_string(),
+        })
+    }
+
     #[test]
     fn a_full_event_with_attributes() {
         let line = r#"{"host":"h","service":"s","state":"ok","description":"d","metric":2.5,
@@ -465,18 +508,40 @@ mod tests {
     }
 
     #[test]
-    fn tags_and_attributes_are_counted_before_the_line_is_parsed() {
-        let counts = |line: &str| {
-            let c: Counts = serde_json::from_str(line).unwrap();
-            (c.tags, c.attributes)
+    fn a_line_is_read_into_bounded_values_and_counted() {
+        let read = |line: &str, limits: &Limits| {
+            let mut deserializer = serde_json::Deserializer::from_str(line);
+            let (fields, counts) =
+                de::DeserializeSeed::deserialize(BoundedLine(limits), &mut deserializer).unwrap();
+            (Value::Object(fields), counts.tags, counts.attributes)
+        };
+        let line =
+            r#"{"host":"h","tags":["a",{"x":[1]}],"env":"p","n":null,"m":{"deep":[1,2]},"h2":[3]}"#;
+        assert_eq!(
+            read(line, &Limits::DEFAULT),
+            (
+                serde_json::json!({"host":"h","tags":["a",{}],"env":"p","n":null,"m":{},"h2":[]}),
+                2,
+                3
+            )
+        );
+        let few = Limits {
+            max_tags: 1,
+            max_attributes: 1,
+            ..Limits::DEFAULT
         };
         assert_eq!(
-            counts(
-                r#"{"host":"h","tags":["a","b",{"x":[1]}],"env":"p","n":null,"m":{"deep":[1,2]}}"#
-            ),
-            (3, 2)
+            read(r#"{"tags":["a","b","c"],"x":"1","y":"2","z":null}"#, &few),
+            (serde_json::json!({"tags":["a"],"x":"1","z":null}), 3, 2)
         );
-        assert_eq!(counts(r#"{"tags":null,"t\u0061gs":[1]}"#), (1, 0));
+        assert_eq!(
+            read(r#"{"tags":null,"t\u0061gs":"t"}"#, &few),
+            (serde_json::json!({"tags":"t"}), 0, 0)
+        );
+    }
+
+    #[test]
+    fn limits_refuse_a_line_and_invalid_lines_say_why() {
         let limits = Limits {
             max_tags: 2,
             max_attributes: 1,
@@ -495,26 +560,32 @@ mod tests {
             refused(r#"{"a":"1","b":"2"}"#),
             "2 attributes exceeds --max-attributes 1"
         );
-        assert!(accept_line(r#"{"tags":["a","b"],"a":"1","b":null}"#, 0, &limits).is_ok());
-        // Not an object, not JSON, or a field of the wrong type: refused with
-        // the reason the parse gives.
-        for line in [
-            "[1]",
-            "\"x\"",
-            "{nope",
-            r#"{"a":1"#,
-            r#"{"tags":"a"}"#,
-            r#"{"tags":{"a":1}}"#,
-        ] {
-            let Err(Refused::Invalid(reason)) = accept_line(line, 0, &limits) else {
-                panic!("{line} is refused as invalid");
-            };
-            assert_eq!(reason, parse_line(line, 0).unwrap_err(), "{line}");
-        }
         // A wrong `tags` does not keep the attributes from being counted.
         assert_eq!(
             refused(r#"{"tags":1,"a":"1","b":"2"}"#),
             "2 attributes exceeds --max-attributes 1"
         );
+        assert!(accept_line(r#"{"tags":["a","b"],"a":"1","b":null}"#, 0, &limits).is_ok());
+        let invalid = |line: &str| match accept_line(line, 0, &limits) {
+            Err(Refused::Invalid(reason)) => reason,
+            other => panic!("{line}: {:?}", other.map(drop).map_err(|_| ())),
+        };
+        assert_eq!(invalid("[1]"), "an event must be a JSON object");
+        assert_eq!(invalid("\"x\""), "an event must be a JSON object");
+        assert!(invalid("{nope").starts_with("invalid JSON: key must be a string"));
+        assert!(invalid(r#"{"a":1"#).starts_with("invalid JSON: EOF"));
+        assert!(invalid(r#"{"a":1} x"#).starts_with("invalid JSON: trailing characters"));
+        for (line, reason) in [
+            (r#"{"tags":"a"}"#, "tags must be an array of strings"),
+            (
+                r#"{"tags":["a",["b"]]}"#,
+                "tags must be an array of strings",
+            ),
+            (r#"{"host":["h"]}"#, "host must be a string"),
+            (r#"{"metric":{"v":1}}"#, "metric must be a number"),
+            (r#"{"env":[1,2,3]}"#, "attribute env must be a string"),
+        ] {
+            assert_eq!(invalid(line), reason, "{line}");
+        }
     }
 }
