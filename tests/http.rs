@@ -470,11 +470,18 @@ async fn a_line_of_millions_of_tags_or_attributes_is_refused_for_about_its_size(
     let line = format!(r#"{{"host":"h","env":[{tags}]}}"#);
     let (_, answers) = post_events(http_addr(&v), line).await;
     assert_eq!(answers[0]["error"], "attribute env must be a string");
+    // Null attributes are no attributes, and are not kept either.
+    let nulls: Vec<String> = (0..8 * MIB / 15)
+        .map(|i| format!(r#""{i:06x}":null"#))
+        .collect();
+    let line = format!(r#"{{"service":"nulls",{}}}"#, nulls.join(","));
+    let (_, answers) = post_events(http_addr(&v), line).await;
+    assert_eq!(answers[0], serde_json::json!({}));
     let grew = peak_of(v.pid()).saturating_sub(before);
     // Parsed into JSON values first, these lines took 25 times their size.
     assert!(
         grew < (64 * MIB) as u64,
-        "five 8 MiB lines grew vigil's peak by {} MiB",
+        "six 8 MiB lines grew vigil's peak by {} MiB",
         grew / MIB as u64
     );
 }

@@ -182,7 +182,13 @@ impl<'de> Visitor<'de> for BoundedLine<'_> {
                 continue;
             }
             let Shallow(value) = map.next_value()?;
-            if !FIELDS.contains(&key.as_str()) && !value.is_null() {
+            // `to_event` skips a null as if the key were absent, and a later
+            // key wins: a null is not kept, so millions of them cost nothing.
+            if value.is_null() {
+                fields.remove(&key);
+                continue;
+            }
+            if !FIELDS.contains(&key.as_str()) {
                 counts.attributes += 1;
                 if counts.attributes > self.0.max_attributes {
                     continue;
@@ -520,7 +526,7 @@ mod tests {
         assert_eq!(
             read(line, &Limits::DEFAULT),
             (
-                serde_json::json!({"host":"h","tags":["a",{}],"env":"p","n":null,"m":{},"h2":[]}),
+                serde_json::json!({"host":"h","tags":["a",{}],"env":"p","m":{},"h2":[]}),
                 2,
                 3
             )
@@ -532,11 +538,19 @@ mod tests {
         };
         assert_eq!(
             read(r#"{"tags":["a","b","c"],"x":"1","y":"2","z":null}"#, &few),
-            (serde_json::json!({"tags":["a"],"x":"1","z":null}), 3, 2)
+            (serde_json::json!({"tags":["a"],"x":"1"}), 3, 2)
         );
         assert_eq!(
             read(r#"{"tags":null,"t\u0061gs":"t"}"#, &few),
             (serde_json::json!({"tags":"t"}), 0, 0)
+        );
+        // The last of a key wins, a null as well.
+        assert_eq!(
+            read(
+                r#"{"host":"a","host":null,"env":"x","env":"y"}"#,
+                &Limits::DEFAULT
+            ),
+            (serde_json::json!({"env":"y"}), 0, 2)
         );
     }
 
