@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 
 use super::{AppState, error};
 use crate::clock::{Micros, secs_to_micros};
-use crate::event::{Event, Metric};
+use crate::event::{Event, Metric, RESERVED_FIELDS};
 use crate::limits::{Exceeded, Limits};
 use crate::stats::Stats;
 
@@ -194,7 +194,8 @@ impl<'de> Visitor<'de> for BoundedLine<'_> {
                 fields.remove(&key);
                 continue;
             }
-            if !FIELDS.contains(&key.as_str()) {
+            // `to_event` reads every reserved name as its field; any other key is an attribute.
+            if !RESERVED_FIELDS.contains(&key.as_str()) {
                 counts.attributes += 1;
                 if counts.attributes > self.0.max_attributes {
                     continue;
@@ -321,22 +322,6 @@ impl<'de> Visitor<'de> for ShallowVisitor {
         Ok(Value::Null)
     }
 }
-
-/// The keys [`to_event`] reads as fields; any other is an attribute.
-const FIELDS: &[&str] = &[
-    "host",
-    "service",
-    "state",
-    "description",
-    "metric",
-    "metric_f",
-    "metric_d",
-    "metric_sint64",
-    "tags",
-    "time",
-    "time_micros",
-    "ttl",
-];
 
 const NOT_AN_OBJECT: &str = "an event must be a JSON object";
 
@@ -505,7 +490,7 @@ mod tests {
 
     #[test]
     fn every_key_counted_as_a_field_is_read_as_one() {
-        for key in FIELDS {
+        for key in RESERVED_FIELDS {
             let read = ["\"x\"", "1", "[\"a\"]"]
                 .iter()
                 .filter_map(|value| parse_line(&format!("{{\"{key}\": {value}}}"), 0).ok());
