@@ -98,22 +98,14 @@ pub fn decode_msg_at(
     events: &mut Vec<Event>,
     start: usize,
 ) -> (Result<Request, DecodeError>, usize) {
-    let mut used = start;
+    let mut slots = Slots::new(body, 6, now, limits, events, start);
     let mut request = Request::default();
     let mut r = reader(body);
     let result = (|| {
         while let Some((field, wire)) = r.key()? {
             match field {
                 5 => merge_query(r.len_delimited("query", wire)?, limits, &mut request.query)?,
-                6 => {
-                    let slots = Slots {
-                        body,
-                        field: 6,
-                        start,
-                    };
-                    slots.decode(r.len_delimited("events", wire)?, used, now, limits, events)?;
-                    used += 1;
-                }
+                6 => slots.decode(r.len_delimited("events", wire)?)?,
                 // ok (2), error (3) and the deprecated states (4) mean nothing
                 // to a server, but are validated as prost would, so both
                 // decoders accept exactly the same messages.
@@ -128,7 +120,7 @@ pub fn decode_msg_at(
         }
         Ok(())
     })();
-    (result.map(|()| request), used)
+    (result.map(|()| request), slots.used)
 }
 
 /// Decodes a message that carries nothing but events, each in field `field`
@@ -141,59 +133,74 @@ pub fn decode_events(
     limits: &Limits,
     events: &mut Vec<Event>,
 ) -> Result<(), DecodeError> {
-    let mut used = 0;
+    let mut slots = Slots::new(body, field, now, limits, events, 0);
     let mut r = reader(body);
     let result = (|| {
         while let Some((number, wire)) = r.key()? {
-            if number != field {
+            if number == field {
+                slots.decode(r.len_delimited("events", wire)?)?;
+            } else {
                 r.skip(wire)?;
-                continue;
             }
-            let slots = Slots {
-                body,
-                field,
-                start: 0,
-            };
-            slots.decode(r.len_delimited("events", wire)?, used, now, limits, events)?;
-            used += 1;
         }
         Ok(())
     })();
+    let used = slots.used;
     events.truncate(used);
     result
 }
 
-/// Where a message's events go: `events[start..]`, one slot per event field
-/// (`field`) of `body`.
+/// Where one message's events go: `events[start..]`, one slot per event field
+/// (`field`) of `body`, reusing what the slots hold.
 struct Slots<'a> {
     body: &'a [u8],
     field: u64,
+    now: Micros,
+    limits: &'a Limits,
+    events: &'a mut Vec<Event>,
     start: usize,
+    /// The slot the next event goes to.
+    used: usize,
 }
 
-impl Slots<'_> {
-    /// Decodes the encoded event `bytes` into slot `used`, or refuses it past
-    /// `max_events` (counting the message's events for the error).
-    fn decode(
-        &self,
-        bytes: &[u8],
-        used: usize,
+impl<'a> Slots<'a> {
+    fn new(
+        body: &'a [u8],
+        field: u64,
         now: Micros,
-        limits: &Limits,
-        events: &mut Vec<Event>,
-    ) -> Result<(), DecodeError> {
-        let position = used - self.start;
-        if position == limits.max_events {
-            let (body, field, max) = (self.body, self.field, limits.max_events);
+        limits: &'a Limits,
+        events: &'a mut Vec<Event>,
+        start: usize,
+    ) -> Self {
+        Slots {
+            body,
+            field,
+            now,
+            limits,
+            events,
+            start,
+            used: start,
+        }
+    }
+
+    /// Decodes the encoded event `bytes` into the next slot, or refuses it
+    /// past `max_events` (counting the message's events for the error).
+    fn decode(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let (position, max) = (self.used - self.start, self.limits.max_events);
+        if position == max {
+            let (body, field) = (self.body, self.field);
             return Err(exceeded_count(Limit::Events, "events", body, field, max).into());
         }
-        if used == events.len() {
-            events.push(Event::default());
+        if self.used == self.events.len() {
+            self.events.push(Event::default());
         }
-        decode_event(bytes, now, limits, &mut events[used]).map_err(|e| match e {
+        let event = &mut self.events[self.used];
+        decode_event(bytes, self.now, self.limits, event).map_err(|e| match e {
             DecodeError::Exceeded(e) => e.in_event(position).into(),
             other => other,
-        })
+        })?;
+        self.used += 1;
+        Ok(())
     }
 }
 
