@@ -11,3 +11,21 @@ pub fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
         state
     }
 }
+
+/// `seed` changed for round `round` of a decoder's differential test: in turn
+/// one to four bytes overwritten, cut short, or replaced by up to 63 random
+/// bytes.
+pub fn mutated(seed: &[u8], round: usize, next: &mut impl FnMut() -> u64) -> Vec<u8> {
+    let mut body = seed.to_vec();
+    match round % 3 {
+        0 => {
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % body.len();
+                body[at] = next() as u8;
+            }
+        }
+        1 => body.truncate((next() as usize) % (body.len() + 1)),
+        _ => body = (0..next() % 64).map(|_| next() as u8).collect(),
+    }
+    body
+}

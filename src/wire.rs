@@ -781,17 +781,7 @@ mod tests {
         let mut events = Vec::new();
         let mut agreed_ok = 0;
         for round in 0..20_000 {
-            let mut body = seed.clone();
-            match round % 3 {
-                0 => {
-                    for _ in 0..1 + next() % 4 {
-                        let at = (next() as usize) % body.len();
-                        body[at] = next() as u8;
-                    }
-                }
-                1 => body.truncate((next() as usize) % (body.len() + 1)),
-                _ => body = (0..next() % 64).map(|_| next() as u8).collect(),
-            }
+            let body = crate::test_rng::mutated(&seed, round, &mut next);
             let expected = reference(&body, 9);
             let got = ours(&body, 9, &mut events);
             // NaN metrics compare unequal; compare their encodings instead.

@@ -169,17 +169,7 @@ mod tests {
         let mut next = crate::test_rng::xorshift(0x2545_f491_4f6c_dd1d);
         let mut agreed_ok = 0;
         for round in 0..20_000 {
-            let mut body = seed.clone();
-            match round % 3 {
-                0 => {
-                    for _ in 0..1 + next() % 4 {
-                        let at = (next() as usize) % body.len();
-                        body[at] = next() as u8;
-                    }
-                }
-                1 => body.truncate((next() as usize) % (body.len() + 1)),
-                _ => body = (0..next() % 64).map(|_| next() as u8).collect(),
-            }
+            let body = crate::test_rng::mutated(&seed, round, &mut next);
             let expected = Generated::decode(body.as_slice()).ok().map(|m| {
                 m.events
                     .into_iter()
