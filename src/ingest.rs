@@ -53,6 +53,24 @@ fn not_stored(transport: Transport, error: String) -> Bytes {
     proto::error_reply(error)
 }
 
+/// Counts a message the decoder refused and gives the error its sender is
+/// answered with: the limit it went over, or why it did not decode. The same
+/// on every transport that decodes Riemann events (TCP, UDP, gRPC).
+pub fn refusal(stats: &Stats, transport: impl std::fmt::Debug, error: DecodeError) -> String {
+    match error {
+        DecodeError::Exceeded(e) => {
+            Stats::incr(e.limit.counter(stats));
+            tracing::debug!(?transport, error = %e, "Message over a limit refused.");
+            e.to_string()
+        }
+        e => {
+            Stats::incr(&stats.decode_errors);
+            tracing::debug!(?transport, error = %e, "Undecodable message.");
+            format!("invalid message: {e}")
+        }
+    }
+}
+
 /// Which transport a message came over, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -271,16 +289,7 @@ impl Ingest {
         let request = match decoded {
             Ok(request) => request,
             // Refused whole: none of its events go anywhere.
-            Err(DecodeError::Exceeded(e)) => {
-                Stats::incr(e.limit.counter(&self.stats));
-                tracing::debug!(?transport, error = %e, "Message over a limit refused.");
-                return Err(proto::error_reply(e.to_string()));
-            }
-            Err(e) => {
-                Stats::incr(&self.stats.decode_errors);
-                tracing::debug!(?transport, error = %e, "Undecodable message.");
-                return Err(proto::error_reply(format!("invalid message: {e}")));
-            }
+            Err(e) => return Err(proto::error_reply(refusal(&self.stats, transport, e))),
         };
         if decoded_events > 0 {
             let counter = match transport {

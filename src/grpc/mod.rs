@@ -31,13 +31,13 @@ use crate::bounded::{Bounds, Counters, MAX_STREAMS};
 use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::index::{Index, QueryError};
+use crate::ingest;
 use crate::limits::Limits;
 use crate::proto::{self, PbEvent};
 use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
 use crate::query::Query;
 use crate::stats::Stats;
 use crate::streams::Streams;
-use crate::wire::DecodeError;
 
 /// The generated code names Riemann's `Event` as `super::riemann::Event`.
 mod riemann {
@@ -85,20 +85,10 @@ impl Shared {
     async fn accept(&self, msg: Msg) -> Ack {
         Stats::incr(&self.stats.grpc_messages);
         let mut events = Vec::new();
-        let refused = |error: String| Ack { ok: false, error };
-        match msg.decode_into(self.clock.now(), &self.limits, &mut events) {
-            Ok(()) => {}
-            // Refused whole, as a Riemann TCP frame: none of its events go on.
-            Err(DecodeError::Exceeded(e)) => {
-                Stats::incr(e.limit.counter(&self.stats));
-                tracing::debug!(error = %e, "gRPC message over a limit refused.");
-                return refused(e.to_string());
-            }
-            Err(e) => {
-                Stats::incr(&self.stats.decode_errors);
-                tracing::debug!(error = %e, "Undecodable gRPC message.");
-                return refused(format!("invalid message: {e}"));
-            }
+        // Refused whole, as a Riemann TCP frame: none of its events go on.
+        if let Err(e) = msg.decode_into(self.clock.now(), &self.limits, &mut events) {
+            let error = ingest::refusal(&self.stats, format_args!("gRPC"), e);
+            return Ack { ok: false, error };
         }
         if !events.is_empty() {
             Stats::add(&self.stats.grpc_events, events.len() as u64);
