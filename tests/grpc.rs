@@ -19,17 +19,16 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use common::Vigil;
-use common::inproc::{read_until_closed, wait_stat};
+use common::inproc::{grpc as grpc_in_process, read_until_closed, wait_stat};
 use vigil::client::Client;
 use vigil::clock::{Clock, MICROS_PER_SEC, SystemClock};
 use vigil::event::{Event, Metric};
 use vigil::grpc::{Ack, Grpc, GrpcLimits, Msg, QueryRequest, VigilClient};
-use vigil::index::{Index, IndexConfig};
+use vigil::index::Index;
 use vigil::limits::Limits;
 use vigil::proto::{PbEvent, from_pb, to_pb};
 use vigil::query::Query;
 use vigil::stats::Stats;
-use vigil::streams::IndexEverything;
 
 /// Bound on every wait for a reply or a streamed event.
 const WAIT: Duration = Duration::from_secs(10);
@@ -305,7 +304,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
 
 /// In-process, indexing everything: for the counters and limits.
 async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) {
-    start_within(GrpcLimits {
+    grpc_in_process(GrpcLimits {
         max_message,
         per_message: Limits::DEFAULT,
         max_connections: 100,
@@ -313,23 +312,6 @@ async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) 
         read_timeout: Duration::from_secs(60),
     })
     .await
-}
-
-async fn start_within(limits: GrpcLimits) -> (Grpc, Arc<Index>, Arc<Stats>) {
-    let index = Arc::new(Index::new(IndexConfig::default()));
-    let stats = Arc::new(Stats::default());
-    let grpc = Grpc::start(
-        "127.0.0.1:0".parse().unwrap(),
-        limits,
-        index.clone(),
-        Arc::new(IndexEverything::new(index.clone())),
-        Arc::new(SystemClock),
-        stats.clone(),
-        None,
-    )
-    .await
-    .expect("gRPC listener starts");
-    (grpc, index, stats)
 }
 
 #[tokio::test]
@@ -364,7 +346,7 @@ const TIGHT: Limits = Limits {
 
 #[tokio::test]
 async fn a_msg_over_a_per_message_limit_is_refused_whole_naming_the_flag() {
-    let (grpc, index, stats) = start_within(GrpcLimits {
+    let (grpc, index, stats) = grpc_in_process(GrpcLimits {
         max_message: 1 << 20,
         per_message: TIGHT,
         max_connections: 100,
@@ -590,7 +572,7 @@ impl AsyncWrite for Unread {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout() {
-    let (grpc, index, stats) = start_within(GrpcLimits {
+    let (grpc, index, stats) = grpc_in_process(GrpcLimits {
         max_message: 1 << 20,
         per_message: Limits::DEFAULT,
         max_connections: 100,
@@ -639,7 +621,7 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
 
 /// In-process, with a read timeout of a second.
 async fn start_impatient() -> (Grpc, Arc<Index>, Arc<Stats>) {
-    start_within(GrpcLimits {
+    grpc_in_process(GrpcLimits {
         max_message: 1 << 20,
         per_message: Limits::DEFAULT,
         max_connections: 100,
@@ -694,7 +676,7 @@ fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
-    let (grpc, _index, stats) = start_within(GrpcLimits {
+    let (grpc, _index, stats) = grpc_in_process(GrpcLimits {
         max_message: 1 << 20,
         per_message: Limits::DEFAULT,
         max_connections: 1,

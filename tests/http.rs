@@ -429,18 +429,6 @@ async fn posted_lines_and_queries_over_a_per_message_limit_are_refused_naming_th
     assert_eq!(all.json::<Vec<Value>>().await.unwrap().len(), 1);
 }
 
-/// The peak resident size of process `pid`, in bytes.
-fn peak_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_line_of_millions_of_tags_or_attributes_is_refused_for_about_its_size() {
     let v = Vigil::start(&[]);

@@ -6,14 +6,18 @@
 //! without decoding them. (Its own test binary, one test at a time: the memory
 //! measured is the whole process's.)
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use common::peak_of;
+
 use vigil::clock::{SharedClock, SystemClock};
-use vigil::grpc::{Grpc, GrpcLimits, Msg, VigilClient};
+use vigil::grpc::{GrpcLimits, Msg, VigilClient};
 use vigil::index::{Index, IndexConfig};
 use vigil::limits::Limits;
 use vigil::proto::PbEvent;
@@ -26,17 +30,7 @@ const CONNECTIONS: usize = 500;
 /// The tests measure the same process: one at a time.
 static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The process's peak resident size since the last [`reset_peak`], in bytes.
-fn peak() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM");
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
-}
-
+/// Starts this process's peak resident size ([`peak_of`]) over.
 fn reset_peak() {
     std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak resident size");
 }
@@ -109,26 +103,15 @@ async fn announced_but_unsent_frames_cost_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_msg_of_millions_of_empty_events_costs_about_its_size() {
     let _alone = ALONE.lock().await;
-    let index = Arc::new(Index::new(IndexConfig::default()));
-    let stats = Arc::new(Stats::default());
     let max_message = vigil::frame::DEFAULT_MAX_FRAME;
-    let grpc = Grpc::start(
-        "127.0.0.1:0".parse().unwrap(),
-        GrpcLimits {
-            max_message,
-            per_message: Limits::DEFAULT,
-            max_connections: 10,
-            write_timeout: Duration::from_secs(60),
-            read_timeout: Duration::from_secs(60),
-        },
-        index.clone(),
-        Arc::new(IndexEverything::new(index.clone())),
-        Arc::new(SystemClock),
-        stats.clone(),
-        None,
-    )
-    .await
-    .unwrap();
+    let (grpc, index, stats) = common::inproc::grpc(GrpcLimits {
+        max_message,
+        per_message: Limits::DEFAULT,
+        max_connections: 10,
+        write_timeout: Duration::from_secs(60),
+        read_timeout: Duration::from_secs(60),
+    })
+    .await;
     let mut client = VigilClient::connect(format!("http://{}", grpc.addr))
         .await
         .unwrap();
@@ -136,9 +119,9 @@ async fn a_grpc_msg_of_millions_of_empty_events_costs_about_its_size() {
     let count = max_message / 2 - 8;
     let msg = Msg::new(std::iter::repeat_with(PbEvent::default).take(count));
     reset_peak();
-    let before = peak();
+    let before = peak_of(std::process::id());
     let ack = client.send_batch(msg).await.unwrap().into_inner();
-    let grew = peak().saturating_sub(before);
+    let grew = peak_of(std::process::id()).saturating_sub(before);
     let max = Limits::DEFAULT.max_events;
     assert_eq!(
         ack.error,

@@ -8,8 +8,9 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use vigil::client::Client;
-use vigil::clock::{MICROS_PER_SEC, ManualClock, SharedClock};
+use vigil::clock::{MICROS_PER_SEC, ManualClock, SharedClock, SystemClock};
 use vigil::event::Event;
+use vigil::grpc::{Grpc, GrpcLimits};
 use vigil::index::{Index, IndexConfig};
 use vigil::server::{Server, ServerConfig};
 use vigil::stats::Stats;
@@ -137,4 +138,23 @@ pub fn noise(n: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// The gRPC listener in-process within `limits`, indexing everything, on the
+/// system clock; with its index and counters.
+pub async fn grpc(limits: GrpcLimits) -> (Grpc, Arc<Index>, Arc<Stats>) {
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let stats = Arc::new(Stats::default());
+    let grpc = Grpc::start(
+        "127.0.0.1:0".parse().unwrap(),
+        limits,
+        index.clone(),
+        Arc::new(IndexEverything::new(index.clone())),
+        Arc::new(SystemClock),
+        stats.clone(),
+        None,
+    )
+    .await
+    .expect("gRPC listener starts");
+    (grpc, index, stats)
 }

@@ -705,3 +705,14 @@ pub fn by_service<'a>(events: &'a [Value], service: &str) -> &'a Value {
     );
     found[0]
 }
+
+/// The peak resident size of process `pid` (`VmHWM`), in bytes.
+pub fn peak_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
