@@ -31,6 +31,12 @@ use crate::stats::Stats;
 use crate::streams::Streams;
 use crate::wire::{self, DecodeError};
 
+/// Decoded events a connection keeps (with their strings) for its next
+/// batch. Far above a batch of ordinary messages; an empty event is 2 bytes
+/// on the wire and ~180 in memory, so without a cap one message of 100 000
+/// of them would stay that large for as long as its connection idles.
+const KEEP_EVENTS: usize = 4096;
+
 /// A frame's reply: ready now, or later: once the cluster has stored its
 /// events, or once a blocking thread has scanned the index for its query.
 pub enum Reply {
@@ -215,10 +221,10 @@ impl Ingest {
     }
 
     /// Processes what is pending and keeps as many decoded events (with their
-    /// allocations) as the batch used, for the next one.
+    /// allocations) as the batch used, up to [`KEEP_EVENTS`], for the next one.
     fn finish(&self, mut batch: Batch, events: &mut Vec<Event>) {
         self.process(&mut batch, events);
-        events.truncate(batch.used);
+        wire::keep_slots(events, batch.used.min(KEEP_EVENTS));
     }
 
     /// Like [`Ingest::handle_frame`], but the events are acked only once the
@@ -335,4 +341,51 @@ fn replied(stats: &Stats, answer: Result<Bytes, QueryError>) -> Bytes {
         }
         proto::error_reply(e.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::index::IndexConfig;
+    use crate::proto::{Msg, PbEvent};
+    use crate::streams::IndexEverything;
+
+    fn ingest() -> Ingest {
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        Ingest {
+            streams: Arc::new(IndexEverything::new(index.clone())),
+            index,
+            clock: Arc::new(ManualClock::new(1)),
+            stats: Arc::new(Stats::default()),
+            limits: Limits::DEFAULT,
+            cluster: None,
+        }
+    }
+
+    fn msg(events: usize) -> Vec<u8> {
+        let event = PbEvent {
+            host: Some("h".into()),
+            ..PbEvent::default()
+        };
+        Msg {
+            events: vec![event; events],
+            ..Msg::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn a_connection_keeps_at_most_keep_events_decoded_events() {
+        let ingest = ingest();
+        let mut events = Vec::new();
+        ingest.handle_frame(&msg(50_000), Transport::Tcp, &mut events);
+        assert_eq!(Stats::get(&ingest.stats.tcp_events), 50_000);
+        assert_eq!(events.len(), KEEP_EVENTS);
+        assert!(events.capacity() < 50_000, "{}", events.capacity());
+        ingest.handle_frame(&msg(10), Transport::Tcp, &mut events);
+        assert_eq!(events.len(), 10);
+    }
 }

@@ -202,13 +202,14 @@ impl Connections {
             replies,
             out,
         } = buffers;
-        let mut bytes = 0;
+        let (mut bytes, mut largest) = (0, 0);
         // Only frames already complete in the read buffer join, and boundedly,
         // so a batch holds neither much memory nor its first reply for long.
         let after = loop {
             match next {
                 Some(Ok(frame)) => {
                     bytes += frame.len();
+                    largest = largest.max(frame.len());
                     frames.push(frame);
                 }
                 None => break After::Eof,
@@ -239,6 +240,12 @@ impl Connections {
         }
         // Views into the read buffer: released before it is read into again.
         frames.clear();
+        if largest > KEEP_BUFFER {
+            // The read buffer grew to hold that frame and would keep its size
+            // for as long as the connection stays open, idle or not.
+            let buffer = framed.read_buffer_mut();
+            *buffer = BytesMut::from(&buffer[..]);
+        }
         after
     }
 
@@ -252,15 +259,22 @@ impl Connections {
         // Encoded straight into the write buffer, which the flush below
         // empties: `feed` would check for room once per (few-byte) reply.
         let mut codec = *framed.codec();
+        let mut bytes = 0;
         for reply in out.drain(..) {
+            bytes += reply.len();
             codec.encode(reply, framed.write_buffer_mut())?;
         }
-        match after {
+        let open = match after {
             After::More => SinkExt::<Bytes>::flush(framed).await.map(|()| true),
             // The peer finished sending: it may still be reading replies.
             After::Eof => SinkExt::<Bytes>::flush(framed).await.map(|()| false),
             After::Failed(e) => self.fail(framed, e).await.map(|()| false),
+        }?;
+        if bytes > KEEP_BUFFER {
+            // A large query answer, written: its room is not kept.
+            *framed.write_buffer_mut() = BytesMut::new();
         }
+        Ok(open)
     }
 
     /// A framing error leaves the stream unsynchronised: say why (when the
@@ -301,6 +315,10 @@ impl Connections {
 pub const MAX_BATCH_FRAMES: usize = 16;
 /// Bytes of frames in one batch beyond which no further frame joins it.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// A read or write buffer that grew past this for one frame or one batch of
+/// replies is given back once they are handled: a connection keeps room for
+/// its usual traffic, not for the largest message it ever carried.
+const KEEP_BUFFER: usize = 64 * 1024;
 
 /// What ended a batch of frames.
 enum After {

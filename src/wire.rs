@@ -7,7 +7,10 @@
 //! reused buffer keep their string allocations from one message to the next,
 //! so a connection in steady state decodes without allocating; a string equal
 //! to what its slot already holds (a steady stream's states, tags and
-//! attributes) is neither validated again nor copied.
+//! attributes) is neither validated again nor copied. What a buffer keeps
+//! is sized to what it holds now, not to the largest message it ever took
+//! ([`keep_slots`], [`replace`]): one large message must not leave an idle
+//! connection holding its size.
 //!
 //! Semantics match prost + [`proto::from_pb`](crate::proto::from_pb) exactly
 //! (a test compares them on random inputs): proto2 last-value-wins for
@@ -82,7 +85,7 @@ pub fn decode_msg(
     events: &mut Vec<Event>,
 ) -> Result<Request, DecodeError> {
     let (result, end) = decode_msg_at(body, now, limits, events, 0);
-    events.truncate(end);
+    keep_slots(events, end);
     result
 }
 
@@ -146,8 +149,35 @@ pub fn decode_events(
         Ok(())
     })();
     let used = slots.used;
-    events.truncate(used);
+    keep_slots(events, used);
     result
+}
+
+/// Below this many slots (events, or a slot's tags and attributes) a reused
+/// buffer keeps its capacity whatever it holds; above it, at most four times
+/// what it holds. Small enough that an idle connection's buffers cost little,
+/// large enough that a steady stream of messages never reallocates them.
+const KEEP_SLOTS: usize = 64;
+
+/// Beyond this many bytes a reused string is kept only up to four times the
+/// length it holds now.
+const KEEP_STRING: usize = 1024;
+
+/// Keeps the first `used` slots of a reused buffer, with their allocations,
+/// for the next message; the buffer's own capacity is cut back when it is far
+/// larger than that (after one message of many events).
+#[inline]
+pub fn keep_slots<T>(slots: &mut Vec<T>, used: usize) {
+    slots.truncate(used);
+    if slots.capacity() > KEEP_SLOTS && slots.capacity() / 4 > used {
+        shrink(slots);
+    }
+}
+
+/// Off the hot path: taken once after a message far larger than the next.
+#[cold]
+fn shrink<T>(slots: &mut Vec<T>) {
+    slots.shrink_to(slots.len().max(KEEP_SLOTS));
 }
 
 /// Where one message's events go: `events[start..]`, one slot per event field
@@ -336,6 +366,11 @@ fn decode_event(
     }
     e.tags.truncate(tags);
     e.attributes.truncate(attributes);
+    // One test for both on the hot path: nearly always neither is large.
+    if e.tags.capacity().max(e.attributes.capacity()) > KEEP_SLOTS {
+        keep_slots(&mut e.tags, tags);
+        keep_slots(&mut e.attributes, attributes);
+    }
     e.time = match (time_micros, time) {
         (Some(us), _) => us,
         (None, Some(s)) => s.saturating_mul(MICROS_PER_SEC),
@@ -448,9 +483,20 @@ fn count_fields(body: &[u8], wanted: u64) -> usize {
     n
 }
 
+/// Overwrites a reused string, keeping its allocation unless that is far
+/// larger than `value` (it last held a long description, say).
+#[inline]
 fn replace(target: &mut String, value: &str) {
+    if target.capacity() > KEEP_STRING && target.capacity() / 4 > value.len() {
+        return reallocate(target, value);
+    }
     target.clear();
     target.push_str(value);
+}
+
+#[cold]
+fn reallocate(target: &mut String, value: &str) {
+    *target = value.to_owned();
 }
 
 /// Decodes the optional string `field` of an event into `target`.
@@ -728,6 +774,63 @@ mod tests {
         assert_eq!(events, reference(&short, 1).unwrap().0);
         assert_eq!(events[0].host, None);
         assert!(events[0].tags.is_empty() && events[0].attributes.is_empty());
+    }
+
+    #[test]
+    fn a_large_message_leaves_buffers_sized_to_the_next_one() {
+        let encode = |events: Vec<PbEvent>| {
+            Msg {
+                events,
+                ..Msg::default()
+            }
+            .encode_to_vec()
+        };
+        let big = PbEvent {
+            host: Some("h".repeat(100_000)),
+            service: Some("s".into()),
+            tags: vec!["t".into(); 5_000],
+            attributes: vec![
+                Attribute {
+                    key: "k".into(),
+                    value: Some("v".into()),
+                };
+                5_000
+            ],
+            ..PbEvent::default()
+        };
+        let large = encode(vec![big; 20]);
+        let small = |host: &str| {
+            encode(vec![PbEvent {
+                host: Some(host.into()),
+                service: Some("s".into()),
+                tags: vec!["t".into()],
+                ..PbEvent::default()
+            }])
+        };
+        let mut events = Vec::new();
+        decode_msg(&large, 1, &Limits::DEFAULT, &mut events).unwrap();
+        let host = events[0].host.as_ref().unwrap().capacity();
+        assert!(host >= 100_000 && events[0].tags.capacity() >= 5_000);
+        decode_msg(
+            &encode(vec![PbEvent::default(); 2_000]),
+            1,
+            &Limits::DEFAULT,
+            &mut events,
+        )
+        .unwrap();
+        assert!(events.capacity() >= 2_000);
+        decode_msg(&small("host-a"), 1, &Limits::DEFAULT, &mut events).unwrap();
+        assert_eq!(events, reference(&small("host-a"), 1).unwrap().0);
+        let e = &events[0];
+        assert!(events.capacity() <= KEEP_SLOTS, "{}", events.capacity());
+        assert!(e.host.as_ref().unwrap().capacity() <= KEEP_STRING);
+        assert!(e.tags.capacity() <= KEEP_SLOTS && e.attributes.capacity() <= KEEP_SLOTS);
+        // Ordinary messages keep what they use: a new host of the same
+        // length is copied into the same allocation.
+        let host = e.host.as_ref().unwrap().as_ptr();
+        decode_msg(&small("host-b"), 1, &Limits::DEFAULT, &mut events).unwrap();
+        assert_eq!(events[0].host.as_deref(), Some("host-b"));
+        assert_eq!(events[0].host.as_ref().unwrap().as_ptr(), host);
     }
 
     #[test]

@@ -362,6 +362,69 @@ async fn wait_for(mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// One large message does not stay in memory for as long as its connection
+/// stays open: the read buffer that held it, the decoded events with their
+/// strings, and the write buffer that held a large query answer are cut back
+/// once they are handled. Each connection here sends ~4.7 MB and reads an
+/// answer of ~4.7 MB; before, each idle connection kept ~12 MB of them.
+#[test]
+fn an_idle_connection_does_not_keep_the_memory_of_its_largest_message() {
+    const MIB: u64 = 1024 * 1024;
+    const CONNECTIONS: u64 = 24;
+    // mimalloc gives freed pages back to the system 10 ms after they were
+    // freed, but only when the thread that freed them allocates again; idle
+    // workers would keep 20-40 MiB here (for reuse) whatever the connections
+    // hold. Given back at once, what remains is what the connections keep.
+    let v = common::Vigil::start_with_env(&[], &[("MIMALLOC_PURGE_DELAY", "0")]);
+    let addr: SocketAddr = format!("127.0.0.1:{}", v.port()).parse().unwrap();
+    let description = "x".repeat(200);
+    let events = (0..20_000)
+        .map(|i| PbEvent {
+            description: Some(description.clone()),
+            ..pb_event("h", &format!("big-{i}"))
+        })
+        .collect();
+    let large = frame(&events_msg(events));
+    let query = frame(
+        &Msg {
+            query: Some(PbQuery {
+                string: Some(r#"service =~ "big-%""#.into()),
+            }),
+            ..Msg::default()
+        }
+        .encode_to_vec(),
+    );
+    let small = frame(&events_msg(vec![pb_event("h", "s")]));
+    let send = |stream: &mut TcpStream, frame: &[u8]| {
+        stream.write_all(frame).unwrap();
+        read_reply(stream)
+    };
+    // The index is filled (and its memory counted) first.
+    assert_eq!(send(&mut raw(addr), &large).ok, Some(true));
+    let before = common::resident_of(v.pid());
+    let mut idle = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut stream = raw(addr);
+        assert_eq!(send(&mut stream, &large).ok, Some(true));
+        assert_eq!(send(&mut stream, &query).events.len(), 20_000);
+        // The usual traffic after them.
+        assert_eq!(send(&mut stream, &small).ok, Some(true));
+        idle.push(stream);
+    }
+    let grew = common::resident_of(v.pid()).saturating_sub(before);
+    // For BENCHMARKS.md ("What an idle connection keeps"): `-- --nocapture`.
+    println!(
+        "{CONNECTIONS} idle connections: {} kB resident more",
+        grew / 1024
+    );
+    assert!(
+        grew < 16 * MIB,
+        "{CONNECTIONS} idle connections hold {} MiB more than before",
+        grew / MIB
+    );
+    drop(idle);
+}
+
 /// The binary runs with transparent huge pages off unless `--huge-pages`
 /// (a fresh huge page stalls the thread that touches it while the index
 /// grows: BENCHMARKS.md, "Huge pages"), set either way whatever it inherited.

@@ -708,11 +708,17 @@ pub fn by_service<'a>(events: &'a [Value], service: &str) -> &'a Value {
 
 /// The peak resident size of process `pid` (`VmHWM`), in bytes.
 pub fn peak_of(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// The resident size of process `pid` now (`VmRSS`), in bytes.
+pub fn resident_of(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM");
+    let line = status.lines().find(|l| l.starts_with(field)).expect(field);
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
 }
