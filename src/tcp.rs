@@ -317,8 +317,10 @@ pub const MAX_BATCH_FRAMES: usize = 16;
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// A read or write buffer that grew past this for one frame or one batch of
 /// replies is given back once they are handled: a connection keeps room for
-/// its usual traffic, not for the largest message it ever carried.
-const KEEP_BUFFER: usize = 64 * 1024;
+/// its usual traffic, not for the largest message it ever carried. Above the
+/// frames of a forwarding vigil (up to 1 000 events, ~100-200 KB), which would
+/// otherwise grow a fresh buffer for every batch.
+const KEEP_BUFFER: usize = 256 * 1024;
 
 /// What ended a batch of frames.
 enum After {
