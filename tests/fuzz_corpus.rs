@@ -45,6 +45,11 @@ fn frame_decoder_corpus() {
 }
 
 #[test]
+fn event_line_corpus() {
+    replay("event_line", fuzz_bodies::event_line);
+}
+
+#[test]
 fn proto_roundtrip_corpus() {
     replay("proto_roundtrip", fuzz_bodies::proto_roundtrip);
 }

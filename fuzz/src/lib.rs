@@ -15,7 +15,9 @@ use prost::Message;
 use tokio_util::codec::Decoder;
 use vigil::clock::{Clock, MICROS_PER_SEC, ManualClock};
 use vigil::event::{Event, Metric};
+use vigil::http::read_event_line;
 use vigil::index::{Index, IndexConfig};
+use vigil::json::{iso8601, to_json};
 use vigil::limits::Limits;
 use vigil::proto::{self, Msg, PbEvent};
 use vigil::query::Query;
@@ -325,6 +327,55 @@ pub fn query_parse(data: &[u8]) {
         }
         Err(e) => assert!(text.is_char_boundary(e.offset), "{text:?}: {e:?}"),
     }
+}
+
+/// Target `event_line`: one `POST /events` line, read as the server reads it
+/// (`vigil::http::read_event_line`). An accepted event keeps within the limits
+/// it was read with, is accepted the same under looser ones, and its JSON form
+/// (`vigil::json::to_json`, what subscribers and `GET /index` get) reads back
+/// as the same event, to the millisecond its time is written with.
+pub fn event_line(data: &[u8]) {
+    let Ok(line) = std::str::from_utf8(data) else {
+        return;
+    };
+    let tight = Limits {
+        max_events: 1,
+        max_tags: 2,
+        max_attributes: 2,
+        max_string: 8,
+    };
+    let read = |line: &str, limits: &Limits| read_event_line(line, NOW, limits);
+    let loose = read(line, &Limits::DEFAULT);
+    if let Ok(e) = read(line, &tight) {
+        assert!(
+            e.tags.len() <= 2 && e.attributes.len() <= 2,
+            "{line:?}: {e:?}"
+        );
+        let strings = [&e.host, &e.service, &e.state, &e.description];
+        let mut strings = strings.into_iter().flatten().chain(&e.tags);
+        assert!(strings.all(|s| s.len() <= 8), "{line:?}: {e:?}");
+        let attributes = e.attributes.iter().flat_map(|(k, v)| [k, v]);
+        assert!(
+            attributes.into_iter().all(|s| s.len() <= 8),
+            "{line:?}: {e:?}"
+        );
+        assert_eq!(loose.as_ref(), Ok(&e), "{line:?}");
+    }
+    let Ok(e) = loose else {
+        return;
+    };
+    let json = to_json(&e).to_string();
+    let again = read(&json, &Limits::DEFAULT).unwrap_or_else(|err| panic!("{json}: {err}"));
+    // Written with milliseconds, and clamped to years 1970..=9999.
+    assert_eq!(iso8601(again.time), iso8601(e.time), "{line:?} as {json}");
+    // A TTL too large for f32 was read as infinite, which JSON cannot hold.
+    let ttl = e.ttl.filter(|t| t.is_finite());
+    let expected = Event {
+        time: again.time,
+        ttl,
+        ..e
+    };
+    assert_eq!(again, expected, "{line:?} as {json}");
 }
 
 /// Target `rules_load`: a rule file parsed and compiled as `vigil check` does

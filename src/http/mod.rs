@@ -13,6 +13,8 @@ mod events;
 mod index;
 mod metrics;
 
+pub use events::read_line as read_event_line;
+
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
