@@ -32,10 +32,12 @@ use crate::streams::Streams;
 use crate::wire::{self, DecodeError};
 
 /// Decoded events a connection keeps (with their strings) for its next
-/// batch. Far above a batch of ordinary messages; an empty event is 2 bytes
-/// on the wire and ~180 in memory, so without a cap one message of 100 000
-/// of them would stay that large for as long as its connection idles.
-const KEEP_EVENTS: usize = 4096;
+/// batch. Above a batch of ordinary messages (one TCP read of 100-event
+/// messages is ~600 events) and a forwarding vigil's 1 000-event batches; an
+/// empty event is 2 bytes on the wire and ~180 in memory, so without a cap
+/// one message of 100 000 of them would stay that large for as long as its
+/// connection idles.
+const KEEP_EVENTS: usize = 1024;
 
 /// A frame's reply: ready now, or later: once the cluster has stored its
 /// events, or once a blocking thread has scanned the index for its query.
@@ -142,6 +144,7 @@ impl Ingest {
                         self.begin_clustered(cluster.clone(), body.as_ref(), transport, events);
                     replies.push(reply);
                 }
+                wire::keep_slots(events, events.len().min(KEEP_EVENTS));
             }
         }
     }
