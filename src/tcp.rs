@@ -240,10 +240,11 @@ impl Connections {
         }
         // Views into the read buffer: released before it is read into again.
         frames.clear();
-        if largest > KEEP_BUFFER {
-            // The read buffer grew to hold that frame and would keep its size
-            // for as long as the connection stays open, idle or not.
-            let buffer = framed.read_buffer_mut();
+        let buffer = framed.read_buffer_mut();
+        // The read buffer grew to hold that frame and would keep its size for
+        // as long as the connection stays open, idle or not; unless the next
+        // large frame is already arriving in it.
+        if largest > KEEP_BUFFER && buffer.len() <= KEEP_BUFFER {
             *buffer = BytesMut::from(&buffer[..]);
         }
         after
