@@ -873,6 +873,33 @@ async fn text_until_closed(stream: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&read_until_closed(stream).await).into_owned()
 }
 
+/// hyper's HTTP/1 read buffer, which a connection keeps while it stays open,
+/// is at most 64 KiB (hyper's default is ~400 KB): a request head must fit in
+/// it, and one that does not is answered 431.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http1_request_head_over_64_kib_is_refused() {
+    let (http, _index, _) = in_process_with(HttpConfig::default()).await;
+    let addr = http.addr.unwrap();
+    let head = |header: usize| {
+        format!(
+            "GET /health HTTP/1.1\r\nHost: vigil\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+            "x".repeat(header)
+        )
+    };
+    let ask = |request: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+            .await
+            .unwrap();
+        text_until_closed(&mut stream).await
+    };
+    let answer = ask(head(60 * 1024)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = ask(head(70 * 1024)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    http.shutdown(WAIT).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_that_never_finish_a_request_are_closed_after_the_read_timeout() {
     let (http, _index, _) = in_process_with(HttpConfig {

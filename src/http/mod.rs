@@ -268,7 +268,10 @@ async fn listen(
     hyper
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(bounds.read_timeout);
+        .header_read_timeout(bounds.read_timeout)
+        // The read buffer, which a kept-alive connection holds while it idles
+        // (hyper's default ~400 KB); also the largest request head.
+        .max_buf_size(64 * 1024);
     hyper
         .http2()
         .timer(TokioTimer::new())
