@@ -263,6 +263,30 @@ impl Event {
     }
 }
 
+impl Event {
+    /// About how many bytes this event holds in memory: the struct and its
+    /// strings' lengths (not their spare capacity). For bounding queues by
+    /// size as well as by count.
+    pub fn approx_bytes(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let tags: usize = self
+            .tags
+            .iter()
+            .map(|t| size_of::<String>() + t.len())
+            .sum();
+        let attributes: usize = (self.attributes.iter())
+            .map(|(k, v)| size_of::<(String, String)>() + k.len() + v.len())
+            .sum();
+        size_of::<Event>()
+            + text(&self.host)
+            + text(&self.service)
+            + text(&self.state)
+            + text(&self.description)
+            + tags
+            + attributes
+    }
+}
+
 /// `a == b` for the short strings events are made of (names, states, tags:
 /// mostly under 32 bytes), compared inline: a call to `memcmp` costs more
 /// than the comparison itself at these lengths, and the hot path makes about
@@ -324,6 +348,24 @@ mod tests {
         e.attributes.push(("env".into(), "b".into()));
         assert_eq!(e.attribute("env"), Some("b"));
         assert_eq!(e.attribute("missing"), None);
+    }
+
+    #[test]
+    fn approx_bytes_counts_the_struct_and_every_string() {
+        let e = Event {
+            host: Some("host".into()),
+            description: Some("x".repeat(1000)),
+            tags: vec!["ab".into()],
+            attributes: vec![("k".into(), "vvv".into())],
+            ..Event::default()
+        };
+        let expected = size_of::<Event>()
+            + 4
+            + 1000
+            + (size_of::<String>() + 2)
+            + (size_of::<(String, String)>() + 4);
+        assert_eq!(e.approx_bytes(), expected);
+        assert_eq!(Event::default().approx_bytes(), size_of::<Event>());
     }
 
     #[test]

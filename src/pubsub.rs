@@ -5,7 +5,9 @@
 //! Publishing never waits: a subscriber whose queue is full is disconnected
 //! (and counted) rather than allowed to slow ingest; a lossy subscriber (the
 //! cluster's tap, which forwards changes to other nodes) loses the event
-//! instead, also counted. With no subscribers the cost on the ingest path is
+//! instead, also counted. A queue is full at its length in events or at
+//! [`MAX_QUEUED_BYTES`], whichever comes first: 10 000 events of a megabyte
+//! each would otherwise be ten gigabytes held for one slow reader. With no subscribers the cost on the ingest path is
 //! one atomic load. Nothing is published while a replay runs its batch under
 //! [`outputs::suppressed`]: subscribers see live changes only.
 
@@ -21,6 +23,10 @@ use crate::query::Query;
 
 /// Queue length per subscriber unless the caller asks otherwise.
 pub const DEFAULT_CAPACITY: usize = 10_000;
+
+/// Bytes of events (by [`Event::approx_bytes`]) one subscriber's queue may
+/// hold: 10 000 ordinary events are ~3 MB.
+pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Default)]
 pub struct PubsubStats {
@@ -45,6 +51,8 @@ struct Subscriber {
     id: u64,
     query: Query,
     tx: mpsc::Sender<Event>,
+    /// Bytes of the events in the queue, shared with the [`Subscription`].
+    queued: Arc<AtomicUsize>,
     lagged: Arc<AtomicBool>,
     /// A full queue drops the event instead of disconnecting the subscriber.
     lossy: bool,
@@ -52,13 +60,31 @@ struct Subscriber {
 
 /// One subscriber's end. Dropping it unsubscribes.
 pub struct Subscription {
-    pub rx: mpsc::Receiver<Event>,
+    rx: mpsc::Receiver<Event>,
+    queued: Arc<AtomicUsize>,
     id: u64,
     lagged: Arc<AtomicBool>,
     pubsub: Arc<Pubsub>,
 }
 
 impl Subscription {
+    /// The next event; `None` once unsubscribed (see [`Subscription::lagged`]).
+    pub async fn recv(&mut self) -> Option<Event> {
+        let event = self.rx.recv().await?;
+        Some(self.taken(event))
+    }
+
+    /// The next event if one is queued.
+    pub fn try_recv(&mut self) -> Result<Event, mpsc::error::TryRecvError> {
+        self.rx.try_recv().map(|event| self.taken(event))
+    }
+
+    fn taken(&self, event: Event) -> Event {
+        self.queued
+            .fetch_sub(event.approx_bytes(), Ordering::Relaxed);
+        event
+    }
+
     /// True once the subscriber was dropped for being too slow; its receiver
     /// then ends.
     pub fn lagged(&self) -> bool {
@@ -91,17 +117,20 @@ impl Pubsub {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let lagged = Arc::new(AtomicBool::new(false));
+        let queued = Arc::new(AtomicUsize::new(0));
         let mut subscribers = self.subscribers.write();
         subscribers.push(Subscriber {
             id,
             query,
             tx,
+            queued: queued.clone(),
             lagged: lagged.clone(),
             lossy,
         });
         self.count.store(subscribers.len(), Ordering::Release);
         Subscription {
             rx,
+            queued,
             id,
             lagged,
             pubsub: self.clone(),
@@ -131,20 +160,37 @@ impl Pubsub {
             return;
         }
         let mut slow = Vec::new();
+        let mut bytes = None;
         for sub in self.subscribers.read().iter() {
             if !sub.query.matches(event) {
                 continue;
             }
-            match sub.tx.try_send(event.clone()) {
-                Ok(()) => {
+            let bytes = *bytes.get_or_insert_with(|| event.approx_bytes());
+            // Counted before the send, so the receiver never takes away what
+            // was not yet added.
+            let held = sub.queued.fetch_add(bytes, Ordering::Relaxed);
+            let offer = if held + bytes > MAX_QUEUED_BYTES {
+                Offer::Full
+            } else {
+                match sub.tx.try_send(event.clone()) {
+                    Ok(()) => Offer::Queued,
+                    Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
+                    Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+                }
+            };
+            if !matches!(offer, Offer::Queued) {
+                sub.queued.fetch_sub(bytes, Ordering::Relaxed);
+            }
+            match offer {
+                Offer::Queued => {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(mpsc::error::TrySendError::Full(_)) if sub.lossy => {
+                Offer::Full if sub.lossy => {
                     self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => slow.push(sub.id),
+                Offer::Full => slow.push(sub.id),
                 // The receiver is gone; its Subscription's drop removes it.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Offer::Gone => {}
             }
         }
         for id in slow {
@@ -163,6 +209,15 @@ impl Pubsub {
         self.count.store(subscribers.len(), Ordering::Release);
         Some(sub)
     }
+}
+
+/// What became of an event offered to one subscriber.
+enum Offer {
+    Queued,
+    /// Its queue is at its length or at [`MAX_QUEUED_BYTES`].
+    Full,
+    /// Unsubscribed meanwhile.
+    Gone,
 }
 
 #[cfg(test)]
@@ -184,18 +239,15 @@ mod tests {
         pubsub.publish(&event("cpu user"));
         pubsub.publish(&event("disk"));
         assert_eq!(
-            cpu.rx.recv().await.unwrap().service.as_deref(),
+            cpu.recv().await.unwrap().service.as_deref(),
             Some("cpu user")
         );
-        assert!(cpu.rx.try_recv().is_err());
+        assert!(cpu.try_recv().is_err());
         assert_eq!(
-            all.rx.recv().await.unwrap().service.as_deref(),
+            all.recv().await.unwrap().service.as_deref(),
             Some("cpu user")
         );
-        assert_eq!(
-            all.rx.recv().await.unwrap().service.as_deref(),
-            Some("disk")
-        );
+        assert_eq!(all.recv().await.unwrap().service.as_deref(), Some("disk"));
         assert_eq!(pubsub.stats.delivered.load(Ordering::Relaxed), 3);
     }
 
@@ -210,9 +262,48 @@ mod tests {
         assert_eq!(pubsub.subscribers(), 0);
         assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
         // What was queued is still readable, then the stream ends.
-        assert!(slow.rx.recv().await.is_some());
-        assert!(slow.rx.recv().await.is_some());
-        assert!(slow.rx.recv().await.is_none());
+        assert!(slow.recv().await.is_some());
+        assert!(slow.recv().await.is_some());
+        assert!(slow.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_queue_is_full_at_its_bytes_before_its_length() {
+        let pubsub = Pubsub::new();
+        let big = Event {
+            description: Some("x".repeat(1024 * 1024)),
+            ..event("big")
+        };
+        let fit = MAX_QUEUED_BYTES / big.approx_bytes();
+        assert!(fit < 100);
+        // A reader that keeps up gives the room back as it reads.
+        let mut reader = pubsub.subscribe(Query::parse("true").unwrap(), 10_000);
+        for _ in 0..3 * fit {
+            pubsub.publish(&big);
+            assert!(reader.recv().await.is_some());
+        }
+        assert!(!reader.lagged());
+        drop(reader);
+        let mut slow = pubsub.subscribe(Query::parse("true").unwrap(), 10_000);
+        let mut tap = pubsub.subscribe_lossy(Query::parse("true").unwrap(), 10_000);
+        for _ in 0..=fit {
+            pubsub.publish(&big);
+        }
+        assert!(slow.lagged() && !tap.lagged());
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
+        assert_eq!(pubsub.stats.dropped.load(Ordering::Relaxed), 1);
+        let mut queued = 0;
+        while slow.recv().await.is_some() {
+            queued += 1;
+        }
+        assert_eq!(queued, fit);
+        for _ in 0..fit {
+            assert!(tap.try_recv().is_ok());
+        }
+        assert!(tap.try_recv().is_err());
+        // Emptied, the lossy queue takes events again.
+        pubsub.publish(&big);
+        assert!(tap.try_recv().is_ok());
     }
 
     #[tokio::test]
@@ -225,13 +316,10 @@ mod tests {
         assert!(!tap.lagged());
         assert_eq!(pubsub.subscribers(), 1);
         assert_eq!(pubsub.stats.dropped.load(Ordering::Relaxed), 3);
-        assert_eq!(tap.rx.recv().await.unwrap().service.as_deref(), Some("0"));
-        assert_eq!(tap.rx.recv().await.unwrap().service.as_deref(), Some("1"));
+        assert_eq!(tap.recv().await.unwrap().service.as_deref(), Some("0"));
+        assert_eq!(tap.recv().await.unwrap().service.as_deref(), Some("1"));
         pubsub.publish(&event("later"));
-        assert_eq!(
-            tap.rx.recv().await.unwrap().service.as_deref(),
-            Some("later")
-        );
+        assert_eq!(tap.recv().await.unwrap().service.as_deref(), Some("later"));
     }
 
     #[test]
@@ -239,7 +327,7 @@ mod tests {
         let pubsub = Pubsub::new();
         let mut sub = pubsub.subscribe(Query::parse("true").unwrap(), 10);
         outputs::suppressed(|| pubsub.publish(&event("replayed")));
-        assert!(sub.rx.try_recv().is_err());
+        assert!(sub.try_recv().is_err());
         assert_eq!(pubsub.queries(), vec!["true".to_owned()]);
     }
 

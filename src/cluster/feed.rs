@@ -217,7 +217,7 @@ fn union<'a>(texts: impl Iterator<Item = &'a str>) -> String {
 
 async fn next_change(subscription: &mut Option<Subscription>) -> Option<Event> {
     match subscription {
-        Some(subscription) => subscription.rx.recv().await,
+        Some(subscription) => subscription.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -301,7 +301,7 @@ impl Tap {
         let mut batch = vec![first];
         if let Some(subscription) = &mut self.subscription {
             while batch.len() < PART_EVENTS {
-                match subscription.rx.try_recv() {
+                match subscription.try_recv() {
                     Ok(event) => batch.push(event),
                     Err(_) => break,
                 }

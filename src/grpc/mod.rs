@@ -230,7 +230,7 @@ impl pb::vigil_server::Vigil for Service {
             |state| async move {
                 let (mut subscription, shutdown) = state?;
                 tokio::select! {
-                    event = subscription.rx.recv() => match event {
+                    event = subscription.recv() => match event {
                         Some(e) => Some((Ok(proto::to_pb(&e)), Some((subscription, shutdown)))),
                         None => Some((Err(ended(&subscription)), None)),
                     },

@@ -162,7 +162,7 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
                     return;
                 }
             }
-            event = subscription.rx.recv() => match event {
+            event = subscription.recv() => match event {
                 Some(event) => {
                     if socket.send(frame(&event)).await.is_err() {
                         return;
@@ -221,7 +221,7 @@ async fn event_stream(state: AppState, query: Query) -> Response {
         Err((status, e)) => return error(status, json!({ "error": e })),
     };
     let live = stream::unfold(subscription, |mut subscription| async move {
-        let event = subscription.rx.recv().await?;
+        let event = subscription.recv().await?;
         Some((event, subscription))
     });
     let events = stream::iter(snapshot)
