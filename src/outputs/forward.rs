@@ -14,7 +14,7 @@ use futures_util::FutureExt;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use super::Delivery;
+use super::{Delivery, MAX_BATCH_BYTES};
 use crate::client::{Client, ClientError};
 use crate::event::Event;
 
@@ -107,14 +107,20 @@ async fn run_tuned(
     }
 }
 
-/// Tops up `batch` until `linger` has passed or it is full. A busy queue fills
-/// it at once, so this adds no latency under load.
+/// Tops up `batch` until `linger` has passed or it is full, in events or
+/// in bytes ([`MAX_BATCH_BYTES`]: it must fit in the downstream's frame). A
+/// busy queue fills it at once, so this adds no latency under load.
 async fn linger(delivery: &mut Delivery, mut batch: Vec<Event>, tuning: &Tuning) -> Vec<Event> {
     let deadline = Instant::now() + tuning.linger;
-    while batch.len() < tuning.batch_max {
-        let more = delivery.next_batch(tuning.batch_max - batch.len());
+    let mut bytes: usize = batch.iter().map(Event::approx_bytes).sum();
+    while batch.len() < tuning.batch_max && bytes < MAX_BATCH_BYTES {
+        let room = (tuning.batch_max - batch.len(), MAX_BATCH_BYTES - bytes);
+        let more = delivery.next_batch_within(room.0, room.1);
         match timeout_at(deadline, more).await {
-            Ok(Some(more)) => batch.extend(more),
+            Ok(Some(more)) => {
+                bytes += more.iter().map(Event::approx_bytes).sum::<usize>();
+                batch.extend(more);
+            }
             // Closed (the caller's next wait says so) or out of time.
             Ok(None) | Err(_) => break,
         }
@@ -416,6 +422,30 @@ mod tests {
             "not one Msg per event"
         );
         assert_eq!(index.len(), 20);
+        assert_accounted(&queue);
+    }
+
+    /// Lingering tops a batch up to `batch_max` events but no further than
+    /// MAX_BATCH_BYTES: forty 1 MiB events in one `Msg` would be over the
+    /// downstream's 16 MiB frame, refused, and dropped.
+    #[tokio::test]
+    async fn large_events_go_in_messages_that_fit_the_downstreams_frame() {
+        let (server, index) = downstream(any_port()).await;
+        let tuning = Tuning {
+            linger: Duration::from_millis(500),
+            ..fast()
+        };
+        let (queue, _task, _shutdown) = forward(server.tcp_addr, tuning, 0);
+        for i in 0..40 {
+            queue.push(Event {
+                description: Some("x".repeat(1024 * 1024)),
+                ..event(i)
+            });
+        }
+        wait_until("all delivered", || get(&queue.stats.delivered) == 40).await;
+        assert_eq!(index.len(), 40);
+        assert_eq!(get(&server.stats.frames_oversized), 0);
+        assert!(get(&server.stats.tcp_messages) >= 40 / 4);
         assert_accounted(&queue);
     }
 

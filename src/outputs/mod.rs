@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -31,6 +31,14 @@ pub mod webhook;
 /// Pages must not be lost while the process lives: their queue is large.
 pub const PAGER_QUEUE: usize = 100_000;
 pub const DEFAULT_QUEUE: usize = 10_000;
+/// Bytes of events (by [`Event::approx_bytes`]) one output's queue may hold
+/// besides its length: a dead downstream must not make 10 000 large events
+/// gigabytes. Far above a full pager queue of ordinary events (~30 MB).
+pub const MAX_QUEUED_BYTES: usize = 128 * 1024 * 1024;
+/// A batch taken from the queue stops growing past this many bytes: an
+/// output holds (and retries) a batch in flight, and a forwarded one must
+/// fit in the downstream's 16 MiB frame.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 thread_local! {
     /// Set while [`suppressed`] runs its closure on this thread.
@@ -114,6 +122,8 @@ pub struct Queue {
     pub name: String,
     pub stats: Arc<OutputStats>,
     tx: mpsc::Sender<Event>,
+    /// Bytes of the events in the queue, shared with the [`Delivery`].
+    queued_bytes: Arc<AtomicUsize>,
     /// Set while pushes are being dropped, so the overflow is logged once.
     overflowing: AtomicBool,
 }
@@ -131,18 +141,24 @@ impl OutputSink for Queue {
             return;
         }
         self.stats.accepted.fetch_add(1, Ordering::AcqRel);
-        if self.tx.try_send(event).is_ok() {
+        let bytes = event.approx_bytes();
+        // Counted before the send, so the delivery never takes away what was
+        // not yet added.
+        let held = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if held + bytes <= MAX_QUEUED_BYTES && self.tx.try_send(event).is_ok() {
             if self.overflowing.swap(false, Ordering::AcqRel) {
                 tracing::warn!(output = %self.name, "Output queue accepting again.");
             }
             return;
         }
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.stats.dropped.fetch_add(1, Ordering::AcqRel);
         // Loud once per overflow, not once per event: the counter has the total.
         if !self.overflowing.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 output = %self.name,
                 capacity = self.tx.max_capacity(),
+                max_bytes = MAX_QUEUED_BYTES,
                 "Output queue full; dropping events until it drains (counted in `dropped`)."
             );
         }
@@ -154,17 +170,30 @@ pub struct Delivery {
     pub name: String,
     pub stats: Arc<OutputStats>,
     rx: mpsc::Receiver<Event>,
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 impl Delivery {
     /// Waits for the next event, then takes whatever else is already queued,
-    /// up to `max` in all; they count as in flight. `None` once the queue is
-    /// closed and empty.
+    /// up to `max` in all and about [`MAX_BATCH_BYTES`]; they count as in
+    /// flight. `None` once the queue is closed and empty.
     pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Event>> {
+        self.next_batch_within(max, MAX_BATCH_BYTES).await
+    }
+
+    /// [`Delivery::next_batch`] up to about `max_bytes` (at least one event),
+    /// for topping up a batch already taken.
+    pub async fn next_batch_within(&mut self, max: usize, max_bytes: usize) -> Option<Vec<Event>> {
+        let first = self.rx.recv().await?;
+        let mut bytes = first.approx_bytes();
         let mut batch = Vec::with_capacity(max.min(1024));
-        if self.rx.recv_many(&mut batch, max.max(1)).await == 0 {
-            return None;
+        batch.push(first);
+        while batch.len() < max && bytes < max_bytes {
+            let Ok(event) = self.rx.try_recv() else { break };
+            bytes += event.approx_bytes();
+            batch.push(event);
         }
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.stats
             .in_flight
             .fetch_add(batch.len() as u64, Ordering::AcqRel);
@@ -195,16 +224,19 @@ impl Delivery {
 pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
     let (tx, rx) = mpsc::channel(capacity);
     let stats = Arc::new(OutputStats::default());
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
     let queue = Arc::new(Queue {
         name: name.to_owned(),
         stats: stats.clone(),
         tx,
+        queued_bytes: queued_bytes.clone(),
         overflowing: AtomicBool::new(false),
     });
     let delivery = Delivery {
         name: name.to_owned(),
         stats,
         rx,
+        queued_bytes,
     };
     (queue, delivery)
 }
@@ -413,6 +445,36 @@ mod tests {
         assert_eq!(queue.stats.delivered.load(Ordering::Acquire), 1);
         assert_eq!(queue.stats.dropped.load(Ordering::Acquire), 4);
         assert_eq!(queue.stats.in_flight.load(Ordering::Acquire), 0);
+        assert!(accounted(&queue));
+    }
+
+    #[tokio::test]
+    async fn a_queue_is_full_at_its_bytes_before_its_length() {
+        let (queue, mut delivery) = queue("test", 10_000);
+        let big = Event {
+            description: Some("x".repeat(1024 * 1024)),
+            ..Event::default()
+        };
+        let fit = MAX_QUEUED_BYTES / big.approx_bytes();
+        assert!(fit < 200);
+        for _ in 0..fit + 10 {
+            queue.push(big.clone());
+        }
+        assert_eq!(queue.queued(), fit as u64);
+        assert_eq!(queue.stats.dropped.load(Ordering::Acquire), 10);
+        assert!(accounted(&queue));
+        // Taken out in batches of about MAX_BATCH_BYTES, the room is there
+        // again.
+        let per_batch = MAX_BATCH_BYTES.div_ceil(big.approx_bytes());
+        let mut taken = 0;
+        while taken < fit {
+            let batch = delivery.next_batch(fit).await.unwrap();
+            assert_eq!(batch.len(), per_batch.min(fit - taken));
+            taken += batch.len();
+        }
+        queue.push(big.clone());
+        assert_eq!(queue.queued(), 1);
+        assert_eq!(queue.stats.dropped.load(Ordering::Acquire), 10);
         assert!(accounted(&queue));
     }
 
