@@ -15,6 +15,7 @@
 //! - [`streams`]: the pipeline interface every batch of events goes through.
 //! - [`index`]: the latest event per `(host, service)`, with TTL expiry.
 //! - [`pubsub`]: live subscriptions to what the index stores and expires.
+//! - [`event_queue`]: the queue of a subscriber or an output, bounded in events and bytes.
 //! - [`query`]: Riemann's query language, compiled to a predicate.
 //! - [`rules`]: the rule language: parser, compiler, stream stages, `vigil check`/`vigil test`.
 //! - [`outputs`]: pager, graph, push and forward outputs behind bounded queues.
@@ -37,6 +38,7 @@ pub mod clock;
 pub mod cluster;
 pub mod dial;
 pub mod event;
+pub mod event_queue;
 pub mod frame;
 pub mod grpc;
 pub mod http;

@@ -6,18 +6,20 @@
 //! (and counted) rather than allowed to slow ingest; a lossy subscriber (the
 //! cluster's tap, which forwards changes to other nodes) loses the event
 //! instead, also counted. A queue is full at its length in events or at
-//! [`MAX_QUEUED_BYTES`], whichever comes first: 10 000 events of a megabyte
-//! each would otherwise be ten gigabytes held for one slow reader. With no subscribers the cost on the ingest path is
-//! one atomic load. Nothing is published while a replay runs its batch under
+//! [`MAX_QUEUED_BYTES`], whichever comes first ([`event_queue`]): 10 000
+//! events of a megabyte each would otherwise be ten gigabytes held for one
+//! slow reader. With no subscribers the cost on the ingest path is one atomic
+//! load. Nothing is published while a replay runs its batch under
 //! [`outputs::suppressed`]: subscribers see live changes only.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::event::Event;
+use crate::event_queue::{self, Refused};
 use crate::outputs;
 use crate::query::Query;
 
@@ -50,9 +52,7 @@ pub struct Pubsub {
 struct Subscriber {
     id: u64,
     query: Query,
-    tx: mpsc::Sender<Event>,
-    /// Bytes of the events in the queue, shared with the [`Subscription`].
-    queued: Arc<AtomicUsize>,
+    tx: event_queue::Sender,
     lagged: Arc<AtomicBool>,
     /// A full queue drops the event instead of disconnecting the subscriber.
     lossy: bool,
@@ -60,8 +60,7 @@ struct Subscriber {
 
 /// One subscriber's end. Dropping it unsubscribes.
 pub struct Subscription {
-    rx: mpsc::Receiver<Event>,
-    queued: Arc<AtomicUsize>,
+    rx: event_queue::Receiver,
     id: u64,
     lagged: Arc<AtomicBool>,
     pubsub: Arc<Pubsub>,
@@ -70,19 +69,12 @@ pub struct Subscription {
 impl Subscription {
     /// The next event; `None` once unsubscribed (see [`Subscription::lagged`]).
     pub async fn recv(&mut self) -> Option<Event> {
-        let event = self.rx.recv().await?;
-        Some(self.taken(event))
+        self.rx.recv().await.map(|(event, _)| event)
     }
 
     /// The next event if one is queued.
-    pub fn try_recv(&mut self) -> Result<Event, mpsc::error::TryRecvError> {
-        self.rx.try_recv().map(|event| self.taken(event))
-    }
-
-    fn taken(&self, event: Event) -> Event {
-        self.queued
-            .fetch_sub(event.approx_bytes(), Ordering::Relaxed);
-        event
+    pub fn try_recv(&mut self) -> Result<Event, TryRecvError> {
+        self.rx.try_recv().map(|(event, _)| event)
     }
 
     /// True once the subscriber was dropped for being too slow; its receiver
@@ -114,23 +106,20 @@ impl Pubsub {
     }
 
     fn add(self: &Arc<Self>, query: Query, capacity: usize, lossy: bool) -> Subscription {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, rx) = event_queue::queue(capacity.max(1), MAX_QUEUED_BYTES);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let lagged = Arc::new(AtomicBool::new(false));
-        let queued = Arc::new(AtomicUsize::new(0));
         let mut subscribers = self.subscribers.write();
         subscribers.push(Subscriber {
             id,
             query,
             tx,
-            queued: queued.clone(),
             lagged: lagged.clone(),
             lossy,
         });
         self.count.store(subscribers.len(), Ordering::Release);
         Subscription {
             rx,
-            queued,
             id,
             lagged,
             pubsub: self.clone(),
@@ -166,31 +155,16 @@ impl Pubsub {
                 continue;
             }
             let bytes = *bytes.get_or_insert_with(|| event.approx_bytes());
-            // Counted before the send, so the receiver never takes away what
-            // was not yet added.
-            let held = sub.queued.fetch_add(bytes, Ordering::Relaxed);
-            let offer = if held + bytes > MAX_QUEUED_BYTES {
-                Offer::Full
-            } else {
-                match sub.tx.try_send(event.clone()) {
-                    Ok(()) => Offer::Queued,
-                    Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
-                    Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
-                }
-            };
-            if !matches!(offer, Offer::Queued) {
-                sub.queued.fetch_sub(bytes, Ordering::Relaxed);
-            }
-            match offer {
-                Offer::Queued => {
+            match sub.tx.try_send(event.clone(), bytes) {
+                Ok(()) => {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
-                Offer::Full if sub.lossy => {
+                Err(Refused::Full) if sub.lossy => {
                     self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                Offer::Full => slow.push(sub.id),
+                Err(Refused::Full) => slow.push(sub.id),
                 // The receiver is gone; its Subscription's drop removes it.
-                Offer::Gone => {}
+                Err(Refused::Closed) => {}
             }
         }
         for id in slow {
@@ -209,15 +183,6 @@ impl Pubsub {
         self.count.store(subscribers.len(), Ordering::Release);
         Some(sub)
     }
-}
-
-/// What became of an event offered to one subscriber.
-enum Offer {
-    Queued,
-    /// Its queue is at its length or at [`MAX_QUEUED_BYTES`].
-    Full,
-    /// Unsubscribed meanwhile.
-    Gone,
 }
 
 #[cfg(test)]

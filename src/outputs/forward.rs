@@ -94,11 +94,11 @@ async fn run_tuned(
         // Only the cancel-safe wait races shutdown: a lingering batch already
         // holds events, and dropping it would lose them.
         let batch = tokio::select! {
-            batch = delivery.next_batch(max) => batch,
+            batch = delivery.next_batch_within(max, MAX_BATCH_BYTES) => batch,
             () = shutdown.cancelled() => break,
         };
-        let Some(batch) = batch else { return };
-        let batch = linger(&mut delivery, batch, &link.tuning).await;
+        let Some((batch, bytes)) = batch else { return };
+        let batch = linger(&mut delivery, batch, bytes, &link.tuning).await;
         link.deliver(&batch, &delivery).await;
     }
     // Shutting down: deliver what is already queued, without waiting for more.
@@ -107,18 +107,22 @@ async fn run_tuned(
     }
 }
 
-/// Tops up `batch` until `linger` has passed or it is full, in events or
-/// in bytes ([`MAX_BATCH_BYTES`]: it must fit in the downstream's frame). A
+/// Tops up `batch` (of `bytes`) until `linger` has passed or it is full, in
+/// events or in bytes ([`MAX_BATCH_BYTES`]: it must fit in the downstream's frame). A
 /// busy queue fills it at once, so this adds no latency under load.
-async fn linger(delivery: &mut Delivery, mut batch: Vec<Event>, tuning: &Tuning) -> Vec<Event> {
+async fn linger(
+    delivery: &mut Delivery,
+    mut batch: Vec<Event>,
+    mut bytes: usize,
+    tuning: &Tuning,
+) -> Vec<Event> {
     let deadline = Instant::now() + tuning.linger;
-    let mut bytes: usize = batch.iter().map(Event::approx_bytes).sum();
     while batch.len() < tuning.batch_max && bytes < MAX_BATCH_BYTES {
         let room = (tuning.batch_max - batch.len(), MAX_BATCH_BYTES - bytes);
         let more = delivery.next_batch_within(room.0, room.1);
         match timeout_at(deadline, more).await {
-            Ok(Some(more)) => {
-                bytes += more.iter().map(Event::approx_bytes).sum::<usize>();
+            Ok(Some((more, more_bytes))) => {
+                bytes += more_bytes;
                 batch.extend(more);
             }
             // Closed (the caller's next wait says so) or out of time.
@@ -270,6 +274,14 @@ mod tests {
 
     const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
 
+    /// [`fast`], but a small batch waits half a second for more.
+    fn lingering() -> Tuning {
+        Tuning {
+            linger: Duration::from_millis(500),
+            ..fast()
+        }
+    }
+
     fn fast() -> Tuning {
         Tuning {
             linger: Duration::from_millis(20),
@@ -406,11 +418,7 @@ mod tests {
     #[tokio::test]
     async fn a_small_batch_lingers_for_more_events() {
         let (server, index) = downstream(any_port()).await;
-        let tuning = Tuning {
-            linger: Duration::from_millis(500),
-            ..fast()
-        };
-        let (queue, _task, _shutdown) = forward(server.tcp_addr, tuning, 0);
+        let (queue, _task, _shutdown) = forward(server.tcp_addr, lingering(), 0);
         for i in 0..20 {
             queue.push(event(i));
             sleep(Duration::from_millis(2)).await;
@@ -427,15 +435,11 @@ mod tests {
 
     /// Lingering tops a batch up to `batch_max` events but no further than
     /// MAX_BATCH_BYTES: forty 1 MiB events in one `Msg` would be over the
-    /// downstream's 16 MiB frame, refused, and dropped.
+    /// downstream's 16 MiB frame, which it refuses.
     #[tokio::test]
     async fn large_events_go_in_messages_that_fit_the_downstreams_frame() {
         let (server, index) = downstream(any_port()).await;
-        let tuning = Tuning {
-            linger: Duration::from_millis(500),
-            ..fast()
-        };
-        let (queue, _task, _shutdown) = forward(server.tcp_addr, tuning, 0);
+        let (queue, _task, _shutdown) = forward(server.tcp_addr, lingering(), 0);
         for i in 0..40 {
             queue.push(Event {
                 description: Some("x".repeat(1024 * 1024)),

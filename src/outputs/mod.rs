@@ -11,14 +11,14 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
+use crate::event_queue;
 
 pub mod forward;
 pub mod graphite;
@@ -121,9 +121,7 @@ pub struct OutputStats {
 pub struct Queue {
     pub name: String,
     pub stats: Arc<OutputStats>,
-    tx: mpsc::Sender<Event>,
-    /// Bytes of the events in the queue, shared with the [`Delivery`].
-    queued_bytes: Arc<AtomicUsize>,
+    tx: event_queue::Sender,
     /// Set while pushes are being dropped, so the overflow is logged once.
     overflowing: AtomicBool,
 }
@@ -131,7 +129,7 @@ pub struct Queue {
 impl Queue {
     /// Events waiting in the queue.
     pub fn queued(&self) -> u64 {
-        (self.tx.max_capacity() - self.tx.capacity()) as u64
+        self.tx.queued() as u64
     }
 }
 
@@ -142,22 +140,18 @@ impl OutputSink for Queue {
         }
         self.stats.accepted.fetch_add(1, Ordering::AcqRel);
         let bytes = event.approx_bytes();
-        // Counted before the send, so the delivery never takes away what was
-        // not yet added.
-        let held = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
-        if held + bytes <= MAX_QUEUED_BYTES && self.tx.try_send(event).is_ok() {
+        if self.tx.try_send(event, bytes).is_ok() {
             if self.overflowing.swap(false, Ordering::AcqRel) {
                 tracing::warn!(output = %self.name, "Output queue accepting again.");
             }
             return;
         }
-        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.stats.dropped.fetch_add(1, Ordering::AcqRel);
         // Loud once per overflow, not once per event: the counter has the total.
         if !self.overflowing.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 output = %self.name,
-                capacity = self.tx.max_capacity(),
+                capacity = self.tx.max_events(),
                 max_bytes = MAX_QUEUED_BYTES,
                 "Output queue full; dropping events until it drains (counted in `dropped`)."
             );
@@ -169,8 +163,7 @@ impl OutputSink for Queue {
 pub struct Delivery {
     pub name: String,
     pub stats: Arc<OutputStats>,
-    rx: mpsc::Receiver<Event>,
-    queued_bytes: Arc<AtomicUsize>,
+    rx: event_queue::Receiver,
 }
 
 impl Delivery {
@@ -178,26 +171,31 @@ impl Delivery {
     /// up to `max` in all and about [`MAX_BATCH_BYTES`]; they count as in
     /// flight. `None` once the queue is closed and empty.
     pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Event>> {
-        self.next_batch_within(max, MAX_BATCH_BYTES).await
+        let batch = self.next_batch_within(max, MAX_BATCH_BYTES).await;
+        batch.map(|(batch, _)| batch)
     }
 
     /// [`Delivery::next_batch`] up to about `max_bytes` (at least one event),
-    /// for topping up a batch already taken.
-    pub async fn next_batch_within(&mut self, max: usize, max_bytes: usize) -> Option<Vec<Event>> {
-        let first = self.rx.recv().await?;
-        let mut bytes = first.approx_bytes();
+    /// with its size in bytes, for topping up a batch already taken.
+    pub async fn next_batch_within(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+    ) -> Option<(Vec<Event>, usize)> {
+        let (first, mut bytes) = self.rx.recv().await?;
         let mut batch = Vec::with_capacity(max.min(1024));
         batch.push(first);
         while batch.len() < max && bytes < max_bytes {
-            let Ok(event) = self.rx.try_recv() else { break };
-            bytes += event.approx_bytes();
+            let Ok((event, size)) = self.rx.try_recv() else {
+                break;
+            };
+            bytes += size;
             batch.push(event);
         }
-        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.stats
             .in_flight
             .fetch_add(batch.len() as u64, Ordering::AcqRel);
-        Some(batch)
+        Some((batch, bytes))
     }
 
     /// `n` in-flight events reached the downstream.
@@ -222,21 +220,18 @@ impl Delivery {
 
 /// A queue and the delivery end that drains it.
 pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
-    let (tx, rx) = mpsc::channel(capacity);
+    let (tx, rx) = event_queue::queue(capacity, MAX_QUEUED_BYTES);
     let stats = Arc::new(OutputStats::default());
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
     let queue = Arc::new(Queue {
         name: name.to_owned(),
         stats: stats.clone(),
         tx,
-        queued_bytes: queued_bytes.clone(),
         overflowing: AtomicBool::new(false),
     });
     let delivery = Delivery {
         name: name.to_owned(),
         stats,
         rx,
-        queued_bytes,
     };
     (queue, delivery)
 }

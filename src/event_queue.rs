@@ -1,0 +1,139 @@
+//! A queue of events for a reader that may fall behind (a live subscriber, an
+//! output): bounded in events and in bytes (by [`Event::approx_bytes`]),
+//! whichever fills first, so a slow reader of large events cannot make it
+//! hold gigabytes. Sending never waits. Each event travels with the size it
+//! was counted at, so the count always comes back to zero.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::mpsc;
+
+use crate::event::Event;
+
+/// A queue of at most `max_events` events and `max_bytes` bytes of them.
+pub fn queue(max_events: usize, max_bytes: usize) -> (Sender, Receiver) {
+    let (tx, rx) = mpsc::channel(max_events);
+    let bytes = Arc::new(AtomicUsize::new(0));
+    let sender = Sender {
+        tx,
+        bytes: bytes.clone(),
+        max_bytes,
+    };
+    (sender, Receiver { rx, bytes })
+}
+
+/// Why an event was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// At its length or its bytes.
+    Full,
+    /// The receiver is gone.
+    Closed,
+}
+
+pub struct Sender {
+    tx: mpsc::Sender<(Event, usize)>,
+    /// Bytes of the events queued, shared with the [`Receiver`].
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+impl Sender {
+    /// Queues `event`, of `bytes` ([`Event::approx_bytes`], which a caller
+    /// sending one event to many queues computes once).
+    pub fn try_send(&self, event: Event, bytes: usize) -> Result<(), Refused> {
+        // Counted before the send, so the receiver never takes away what was
+        // not yet added.
+        let held = self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        let sent = if held + bytes > self.max_bytes {
+            Err(Refused::Full)
+        } else {
+            self.tx.try_send((event, bytes)).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Refused::Full,
+                mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+            })
+        };
+        if sent.is_err() {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
+        sent
+    }
+
+    /// Events queued now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    pub fn max_events(&self) -> usize {
+        self.tx.max_capacity()
+    }
+}
+
+pub struct Receiver {
+    rx: mpsc::Receiver<(Event, usize)>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    /// The next event and its size; `None` once every sender is gone and the
+    /// queue is empty.
+    pub async fn recv(&mut self) -> Option<(Event, usize)> {
+        let taken = self.rx.recv().await?;
+        Some(self.taken(taken))
+    }
+
+    /// The next event and its size, if one is queued.
+    pub fn try_recv(&mut self) -> Result<(Event, usize), mpsc::error::TryRecvError> {
+        self.rx.try_recv().map(|taken| self.taken(taken))
+    }
+
+    fn taken(&self, (event, bytes): (Event, usize)) -> (Event, usize) {
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        (event, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(bytes: usize) -> Event {
+        Event {
+            description: Some("x".repeat(bytes)),
+            ..Event::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn full_at_its_bytes_or_its_length_and_taking_makes_room() {
+        let big = event(1000);
+        let size = big.approx_bytes();
+        let (tx, mut rx) = queue(10, 3 * size);
+        for _ in 0..3 {
+            assert_eq!(tx.try_send(big.clone(), size), Ok(()));
+        }
+        assert_eq!(tx.try_send(big.clone(), size), Err(Refused::Full));
+        assert_eq!(tx.queued(), 3);
+        assert_eq!(rx.recv().await.unwrap().1, size);
+        assert_eq!(tx.try_send(big.clone(), size), Ok(()));
+        while rx.try_recv().is_ok() {}
+        // At its length before its bytes.
+        let (tx, _rx) = queue(2, usize::MAX);
+        assert_eq!(tx.try_send(event(0), 1), Ok(()));
+        assert_eq!(tx.try_send(event(0), 1), Ok(()));
+        assert_eq!(tx.try_send(event(0), 1), Err(Refused::Full));
+        assert_eq!((tx.queued(), tx.max_events()), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_takes_no_room() {
+        let (tx, rx) = queue(1, 100);
+        assert_eq!(tx.try_send(event(0), 60), Ok(()));
+        // Full by length: its 30 bytes are not kept counted.
+        assert_eq!(tx.try_send(event(0), 30), Err(Refused::Full));
+        drop(rx);
+        assert_eq!(tx.try_send(event(0), 10), Err(Refused::Closed));
+        assert_eq!(tx.bytes.load(Ordering::Acquire), 60);
+    }
+}
