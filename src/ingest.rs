@@ -39,6 +39,12 @@ use crate::wire::{self, DecodeError};
 /// connection idles.
 const KEEP_EVENTS: usize = 1024;
 
+/// Keeps the `used` decoded events, up to [`KEEP_EVENTS`], with their
+/// allocations, for the connection's next batch.
+fn keep_for_next_batch(events: &mut Vec<Event>, used: usize) {
+    wire::keep_slots(events, used.min(KEEP_EVENTS));
+}
+
 /// A frame's reply: ready now, or later: once the cluster has stored its
 /// events, or once a blocking thread has scanned the index for its query.
 pub enum Reply {
@@ -144,7 +150,7 @@ impl Ingest {
                         self.begin_clustered(cluster.clone(), body.as_ref(), transport, events);
                     replies.push(reply);
                 }
-                wire::keep_slots(events, events.len().min(KEEP_EVENTS));
+                keep_for_next_batch(events, events.len());
             }
         }
     }
@@ -227,7 +233,7 @@ impl Ingest {
     /// allocations) as the batch used, up to [`KEEP_EVENTS`], for the next one.
     fn finish(&self, mut batch: Batch, events: &mut Vec<Event>) {
         self.process(&mut batch, events);
-        wire::keep_slots(events, batch.used.min(KEEP_EVENTS));
+        keep_for_next_batch(events, batch.used);
     }
 
     /// Like [`Ingest::handle_frame`], but the events are acked only once the
