@@ -4,12 +4,23 @@
 //! announced length as soon as it reads a prefix, this codec grows the buffer
 //! only as bytes actually arrive. A client announcing 16 MiB and sending
 //! nothing therefore costs almost nothing, so memory is bounded by what
-//! clients really send, not by `max connections × max frame`.
+//! clients really send, not by `max connections × max frame`. On the server
+//! ([`gated`]), a frame over [`budget::FREE`] bytes must also get room in the
+//! shared [`Budget`] before more of it is read, so what all clients really
+//! send is bounded too.
 
 use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::codec::{Decoder, Encoder};
+
+use crate::budget::{self, Budget, Taken, Waiter};
 
 /// Riemann has no limit; vigil refuses larger frames without reading them.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -29,14 +40,128 @@ pub enum FrameError {
     Io(#[from] io::Error),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct FrameCodec {
     max_frame: usize,
+    /// On the server: where a large frame asks for room in the budget.
+    gate: Option<Arc<Gate>>,
 }
 
 impl FrameCodec {
     pub fn new(max_frame: usize) -> Self {
-        Self { max_frame }
+        Self {
+            max_frame,
+            gate: None,
+        }
+    }
+}
+
+/// A server connection's stream and codec, sharing one gate: a large frame's
+/// body is read only once `budget` has room for it.
+pub fn gated<S>(stream: S, max_frame: usize, budget: &Budget) -> (Gated<S>, FrameCodec) {
+    let gate = Arc::new(Gate {
+        wanted: AtomicUsize::new(0),
+        held: Mutex::new(None),
+        budget: budget.clone(),
+    });
+    let codec = FrameCodec {
+        max_frame,
+        gate: Some(gate.clone()),
+    };
+    let stream = Gated {
+        inner: stream,
+        gate,
+        waiter: budget.waiter(),
+    };
+    (stream, codec)
+}
+
+/// Between the codec, which reads a large frame's length, and the stream,
+/// which must not read the frame's body before it has room.
+struct Gate {
+    /// The length of the frame waiting for room; 0 when none is.
+    wanted: AtomicUsize,
+    /// The room of the frame arriving now, if it is a large one.
+    held: Mutex<Option<Taken>>,
+    budget: Budget,
+}
+
+impl Gate {
+    /// Whether the frame of `len` bytes now arriving has room, asking the
+    /// budget for it if not; without it, the stream reads nothing more.
+    fn admit(&self, len: usize) -> bool {
+        let mut held = self.held.lock();
+        if held.is_some() {
+            return true;
+        }
+        *held = self.budget.try_take(len);
+        if held.is_none() {
+            self.wanted.store(len, Ordering::Relaxed);
+        }
+        held.is_some()
+    }
+
+    fn grant(&self, taken: Taken) {
+        *self.held.lock() = Some(taken);
+        self.wanted.store(0, Ordering::Relaxed);
+    }
+
+    /// The frame has arrived whole: its room goes back to the budget.
+    fn release(&self) {
+        self.held.lock().take();
+    }
+}
+
+/// A server connection's stream: reads wait while a large frame waits for room.
+pub struct Gated<S> {
+    inner: S,
+    gate: Arc<Gate>,
+    waiter: Waiter,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Gated<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let wanted = this.gate.wanted.load(Ordering::Relaxed);
+        if wanted > 0 {
+            let taken = ready!(this.waiter.poll_take(cx, wanted));
+            this.gate.grant(taken);
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -56,9 +181,16 @@ impl Decoder for FrameCodec {
             });
         }
         let missing = (PREFIX + len).saturating_sub(src.len());
+        let gate = self.gate.as_ref().filter(|_| len > budget::FREE);
         if missing > 0 {
+            if gate.is_some_and(|gate| !gate.admit(len)) {
+                return Ok(None);
+            }
             src.reserve(missing.min(GROW_STEP));
             return Ok(None);
+        }
+        if let Some(gate) = gate {
+            gate.release();
         }
         src.advance(PREFIX);
         Ok(Some(src.split_to(len)))
@@ -77,13 +209,18 @@ impl Encoder<Bytes> for FrameCodec {
     type Error = io::Error;
 
     fn encode(&mut self, body: Bytes, dst: &mut BytesMut) -> io::Result<()> {
-        let len = u32::try_from(body.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
-        dst.reserve(PREFIX + body.len());
-        dst.put_u32(len);
-        dst.put_slice(&body);
-        Ok(())
+        put(&body, dst)
     }
+}
+
+/// `body` framed, onto the end of `dst`.
+pub fn put(body: &[u8], dst: &mut BytesMut) -> io::Result<()> {
+    let len = u32::try_from(body.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
+    dst.reserve(PREFIX + body.len());
+    dst.put_u32(len);
+    dst.put_slice(body);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -137,5 +274,39 @@ mod tests {
             Err(FrameError::Oversized { len: 101, max: 100 }) => {}
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_is_read_on_only_once_the_budget_has_room() {
+        use futures_util::{FutureExt, StreamExt};
+        use tokio::io::AsyncWriteExt;
+        use tokio_util::codec::FramedRead;
+
+        use crate::stats::Stats;
+
+        let stats = Arc::new(crate::stats::Stats::default());
+        let budget = Budget::new(4 * budget::FREE, stats.clone());
+        let (mut client, server) = tokio::io::duplex(8 * budget::FREE);
+        let (stream, codec) = gated(server, DEFAULT_MAX_FRAME, &budget);
+        let mut frames = FramedRead::new(stream, codec);
+        let len = 3 * budget::FREE;
+        let mut wire = BytesMut::new();
+        put(&framed(b"small")[PREFIX..], &mut wire).unwrap();
+        put(&vec![7; len], &mut wire).unwrap();
+        client.write_all(&wire).await.unwrap();
+
+        let other = budget.try_take(2 * budget::FREE).unwrap();
+        assert_eq!(&frames.next().await.unwrap().unwrap()[..], b"small");
+        assert!(frames.next().now_or_never().is_none(), "no room yet");
+        assert!(
+            frames.read_buffer().len() <= 2 * budget::FREE,
+            "read on without room: {} bytes",
+            frames.read_buffer().len()
+        );
+        assert_eq!(Stats::get(&stats.messages_waited_for_memory), 1);
+        drop(other);
+        assert_eq!(frames.next().await.unwrap().unwrap().len(), len);
+        assert_eq!(Stats::get(&stats.message_bytes_held), 0, "given back");
+        assert_eq!(Stats::get(&stats.messages_waited_for_memory), 1);
     }
 }

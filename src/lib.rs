@@ -28,11 +28,13 @@
 //! - [`stats`]: counters of what vigil itself did.
 //! - [`selfmetrics`]: vigil's own numbers: rule latency, one sample for `/metrics`, self-metric events.
 //! - [`http`]: the HTTP surface: index queries, WebSocket/SSE subscriptions, `POST /events`, `/metrics`, `/health`.
+//! - [`budget`]: the memory large messages may hold while they arrive, shared by every transport.
 //! - [`bounded`]: bounds on HTTP and gRPC connections: how many, and how long a peer may leave writes unread.
 //! - [`blocking`]: long work (index scans, snapshot writes, the expiry tick) kept off the async workers.
 
 pub mod blocking;
 pub mod bounded;
+pub mod budget;
 pub mod client;
 pub mod clock;
 pub mod cluster;

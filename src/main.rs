@@ -9,6 +9,7 @@ use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use vigil::budget;
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::cluster::{Cluster, ClusterConfig};
@@ -105,6 +106,11 @@ struct RunArgs {
     /// the SSE listener, gRPC; more are closed at once, counted.
     #[arg(long, default_value_t = tcp::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
     max_connections: usize,
+    /// Most bytes that messages over 64 KiB (TCP frames, POST /events bodies, gRPC Msgs) may hold
+    /// at once while they arrive, all connections together; one that would go over is read on
+    /// only once others have arrived (counted). Smaller messages never wait.
+    #[arg(long, default_value_t = budget::DEFAULT_MAX, value_parser = parse_positive)]
+    max_message_memory: usize,
     /// Close a TCP connection that has not completed a frame within this long of its previous
     /// one (idle or slowloris); also bounds TLS handshakes and writing replies, how long an
     /// HTTP or gRPC client may read nothing of a response or subscription, send nothing after
@@ -420,6 +426,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_frame: args.max_frame,
         max_datagram: args.max_datagram,
         max_connections: args.max_connections,
+        max_message_memory: args.max_message_memory,
         read_timeout: args.read_timeout,
         limits: args.limits(),
         tls: args.tls_listener().context("setting up TLS")?,
@@ -452,6 +459,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         write_timeout: args.read_timeout,
         read_timeout: args.read_timeout,
+        memory: Some(server.memory.clone()),
         ..HttpConfig::default()
     };
     let http = HttpServer::start(
@@ -486,6 +494,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     max_connections: args.max_connections,
                     write_timeout: args.read_timeout,
                     read_timeout: args.read_timeout,
+                    memory: Some(server.memory.clone()),
                 },
                 index.clone(),
                 streams.clone(),

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::blocking::off_workers;
 use crate::bounded::{self, RefusalLog};
+use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
 use crate::index::Index;
@@ -32,6 +33,9 @@ pub struct ServerConfig {
     pub max_datagram: usize,
     /// Open TCP connections at once, plain and TLS together.
     pub max_connections: usize,
+    /// Bytes all large messages may hold at once while they arrive, over
+    /// every transport: [`Server::memory`] is shared with HTTP and gRPC.
+    pub max_message_memory: usize,
     /// Longest wait for a frame to complete (and for a TLS handshake, and for
     /// replies to be written).
     pub read_timeout: Duration,
@@ -53,6 +57,7 @@ impl Default for ServerConfig {
             max_frame: tcp::DEFAULT_MAX_FRAME,
             max_datagram: udp::DEFAULT_MAX_DATAGRAM,
             max_connections: tcp::DEFAULT_MAX_CONNECTIONS,
+            max_message_memory: budget::DEFAULT_MAX,
             read_timeout: tcp::DEFAULT_READ_TIMEOUT,
             limits: Limits::DEFAULT,
             tls: None,
@@ -69,6 +74,8 @@ pub struct Server {
     /// Where TLS listens, when configured.
     pub tls_addr: Option<SocketAddr>,
     pub stats: Arc<Stats>,
+    /// Room for large messages, for the HTTP and gRPC listeners to share.
+    pub memory: Budget,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -101,9 +108,11 @@ impl Server {
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let memory = Budget::new(config.max_message_memory, stats.clone());
         let conns = Arc::new(tcp::Connections {
             ingest: ingest.clone(),
             max_frame: config.max_frame,
+            memory: memory.clone(),
             read_timeout: config.read_timeout,
             permits: bounded::connection_permits(config.max_connections),
             refusals: RefusalLog::default(),
@@ -133,6 +142,7 @@ impl Server {
             udp_addr,
             tls_addr,
             stats,
+            memory,
             shutdown,
             tracker,
         })

@@ -103,6 +103,11 @@ counters! {
     grpc_read_timeouts,
     /// WebSocket and SSE subscriptions opened.
     subscriptions,
+    /// Messages over 64 KiB (TCP frames, `POST /events` bodies, gRPC `Msg`s)
+    /// that waited for room in `--max-message-memory` before being read on.
+    messages_waited_for_memory,
+    /// Bytes of `--max-message-memory` that large messages hold now (a gauge).
+    message_bytes_held,
 }
 
 impl Stats {
@@ -115,7 +120,12 @@ impl Stats {
     }
 
     pub fn decr(counter: &AtomicU64) {
-        counter.fetch_sub(1, Ordering::Relaxed);
+        Self::sub(counter, 1);
+    }
+
+    /// For a gauge: what was added is taken away again.
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// For a count kept elsewhere (the kernel's), copied in.

@@ -11,7 +11,10 @@
 //! - each frame must be complete within `read_timeout` of the previous one (or
 //!   of the connection opening): trickling bytes does not extend it, so it
 //!   closes slowloris and idle clients alike. The TLS handshake, and writing a
-//!   batch of replies to a client that does not read, get the same bound.
+//!   batch of replies to a client that does not read, get the same bound;
+//! - a frame over 64 KiB is read on only once it has room in the memory budget
+//!   all connections share ([`crate::budget`]): until then the connection
+//!   reads nothing more.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,14 +29,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{Encoder, Framed};
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bounded::RefusalLog;
+use crate::budget::Budget;
 use crate::event::Event;
 pub use crate::frame::DEFAULT_MAX_FRAME;
-use crate::frame::{FrameCodec, FrameError};
+use crate::frame::{self, FrameCodec, FrameError, Gated};
 use crate::ingest::{Ingest, Reply, Transport};
 use crate::proto;
 use crate::stats::Stats;
@@ -54,6 +58,8 @@ pub fn codec(max_frame: usize) -> FrameCodec {
 pub struct Connections {
     pub ingest: Arc<Ingest>,
     pub max_frame: usize,
+    /// Shared with every connection of every transport: room for large frames.
+    pub memory: Budget,
     pub read_timeout: Duration,
     /// One permit per open connection: `max_connections` in all.
     pub permits: Arc<Semaphore>,
@@ -63,7 +69,7 @@ pub struct Connections {
     pub tracker: TaskTracker,
 }
 
-type RiemannFramed<S> = Framed<S, FrameCodec>;
+type RiemannFramed<S> = Framed<Gated<S>, FrameCodec>;
 
 /// Accepts until shutdown; with `tls`, each connection handshakes first.
 pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<TlsAcceptor>) {
@@ -146,7 +152,8 @@ impl Connections {
         stream: S,
         peer: SocketAddr,
     ) -> io::Result<()> {
-        let mut framed = Framed::new(stream, codec(self.max_frame));
+        let (stream, codec) = frame::gated(stream, self.max_frame, &self.memory);
+        let mut framed = Framed::new(stream, codec);
         let mut buffers = Buffers::default();
         // Reset only when a frame completes, never by a byte arriving.
         let deadline = tokio::time::sleep(self.read_timeout);
@@ -259,11 +266,10 @@ impl Connections {
     ) -> io::Result<bool> {
         // Encoded straight into the write buffer, which the flush below
         // empties: `feed` would check for room once per (few-byte) reply.
-        let mut codec = *framed.codec();
         let mut bytes = 0;
         for reply in out.drain(..) {
             bytes += reply.len();
-            codec.encode(reply, framed.write_buffer_mut())?;
+            frame::put(&reply, framed.write_buffer_mut())?;
         }
         let open = match after {
             After::More => SinkExt::<Bytes>::flush(framed).await.map(|()| true),

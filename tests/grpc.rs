@@ -310,6 +310,7 @@ async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) 
         max_connections: 100,
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
+        memory: None,
     })
     .await
 }
@@ -352,6 +353,7 @@ async fn a_msg_over_a_per_message_limit_is_refused_whole_naming_the_flag() {
         max_connections: 100,
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
+        memory: None,
     })
     .await;
     let mut client = connect(grpc.addr).await;
@@ -578,6 +580,7 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
         max_connections: 100,
         write_timeout: Duration::from_secs(1),
         read_timeout: Duration::from_secs(60),
+        memory: None,
     })
     .await;
     // 2 000 events of 4 KiB: the answer to `true` is ~8 MB.
@@ -627,6 +630,7 @@ async fn start_impatient() -> (Grpc, Arc<Index>, Arc<Stats>) {
         max_connections: 100,
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(1),
+        memory: None,
     })
     .await
 }
@@ -682,6 +686,7 @@ async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
         max_connections: 1,
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
+        memory: None,
     })
     .await;
     let holder = TcpStream::connect(grpc.addr).await.unwrap();

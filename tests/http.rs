@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use reqwest::{StatusCode, Url};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
 use common::inproc::read_until_closed;
 use common::*;
+use vigil::budget::Budget;
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::event::{Event, Metric};
@@ -869,7 +870,7 @@ async fn a_client_that_never_reads_its_response_is_closed_after_the_write_timeou
     http.shutdown(WAIT).await;
 }
 
-async fn text_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+async fn text_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     String::from_utf8_lossy(&read_until_closed(stream).await).into_owned()
 }
 
@@ -897,6 +898,78 @@ async fn an_http1_request_head_over_64_kib_is_refused() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let answer = ask(head(70 * 1024)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    http.shutdown(WAIT).await;
+}
+
+/// A `POST /events` body over 16 MiB is refused: at once when its head
+/// announces the length, after 16 MiB when it is chunked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_over_16_mib_is_refused() {
+    let (http, index, _) = in_process_with(HttpConfig::default()).await;
+    let addr = http.addr.unwrap();
+    let max = 16 * 1024 * 1024;
+    let ask = |head: String, body: Vec<u8>| async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        // vigil may answer, and close, before it has read everything.
+        let sending = tokio::spawn(async move {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut write, head.as_bytes()).await;
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut write, &body).await;
+            write
+        });
+        let answer = text_until_closed(&mut read).await;
+        drop(sending.await);
+        answer
+    };
+    let head = |framing: String| {
+        format!("POST /events HTTP/1.1\r\nHost: vigil\r\n{framing}\r\nConnection: close\r\n\r\n")
+    };
+    let refusal = format!("{{\"error\":\"the body is over {max} bytes\"}}");
+    let answer = ask(head(format!("Content-Length: {}", max + 1)), Vec::new()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.ends_with(&refusal), "{answer}");
+
+    let line = b"{\"host\": \"h\"}\n".repeat(max / 14 + 1);
+    let mut chunked = Vec::new();
+    for chunk in line.chunks(1024 * 1024) {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = ask(head("Transfer-Encoding: chunked".into()), chunked).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.ends_with(&refusal), "{answer}");
+    assert!(index.is_empty());
+    http.shutdown(WAIT).await;
+}
+
+/// A body over 64 KiB that finds no room in `--max-message-memory` within
+/// the read timeout is answered `503`, and nothing of it is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_body_without_room_in_the_budget_is_answered_503() {
+    let memory = Budget::new(1024 * 1024, Arc::new(Stats::default()));
+    let (http, index, _) = in_process_with(HttpConfig {
+        read_timeout: Duration::from_secs(1),
+        memory: Some(memory.clone()),
+        ..HttpConfig::default()
+    })
+    .await;
+    let addr = http.addr.unwrap();
+    let body = "{\"host\": \"h\"}\n".repeat(10_000);
+    let held = memory.try_take(1024 * 1024).unwrap();
+    let (status, answers) = post_events(addr, body.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let error = format!(
+        "no room for a body of {} bytes within 1s (--max-message-memory); resend it later",
+        body.len()
+    );
+    assert_eq!(answers, [json!({ "error": error })]);
+    assert!(index.is_empty());
+    drop(held);
+    let (status, answers) = post_events(addr, body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answers.len(), 10_000);
     http.shutdown(WAIT).await;
 }
 

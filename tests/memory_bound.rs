@@ -3,24 +3,28 @@
 //! A codec that reserves the announced length would need 500 × 16 MiB = 8 GiB
 //! here; vigil must hold only what was actually sent. And a request costs
 //! about its own size: a gRPC `Msg` of millions of empty events is refused
-//! without decoding them. (Its own test binary, one test at a time: the memory
-//! measured is the whole process's.)
+//! without decoding them. Large messages arriving at once, over any
+//! transport, share one budget and wait their turn. (Its own test binary, one
+//! test at a time: the memory measured is the whole process's.)
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::peak_of;
+use common::{Vigil, peak_of};
 
+use vigil::client::Client;
 use vigil::clock::{SharedClock, SystemClock};
+use vigil::event::Event;
 use vigil::grpc::{GrpcLimits, Msg, VigilClient};
 use vigil::index::{Index, IndexConfig};
 use vigil::limits::Limits;
-use vigil::proto::PbEvent;
+use vigil::proto::{self, PbEvent};
 use vigil::server::{Server, ServerConfig};
 use vigil::stats::Stats;
 use vigil::streams::IndexEverything;
@@ -110,6 +114,7 @@ async fn a_grpc_msg_of_millions_of_empty_events_costs_about_its_size() {
         max_connections: 10,
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
+        memory: None,
     })
     .await;
     let mut client = VigilClient::connect(format!("http://{}", grpc.addr))
@@ -137,4 +142,140 @@ async fn a_grpc_msg_of_millions_of_empty_events_costs_about_its_size() {
         grew / (1024 * 1024)
     );
     grpc.shutdown(Duration::from_secs(5)).await;
+}
+
+/// `POST /events` of `body` in 64 KiB chunks, with no length announced; the
+/// whole answer, once vigil closes the connection.
+async fn post_chunked(http: std::net::SocketAddr, body: String) -> String {
+    let mut stream = TcpStream::connect(http).await.unwrap();
+    let mut request = b"POST /events HTTP/1.1\r\nhost: vigil\r\ntransfer-encoding: chunked\r\n\
+        connection: close\r\n\r\n"
+        .to_vec();
+    for chunk in body.as_bytes().chunks(64 * 1024) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    stream.write_all(&request).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+/// The value of `name` on `GET /metrics`, once it is `want` (within 10 s).
+async fn wait_metric(http: std::net::SocketAddr, name: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(format!("http://{http}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = text
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .map(|value| value.parse::<u64>().unwrap());
+        if value == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {value:?}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_of_every_transport_wait_their_turn_in_one_budget() {
+    let _alone = ALONE.lock().await;
+    let v = Vigil::start(&["--grpc", "127.0.0.1:0", "--max-message-memory", "1048576"]);
+    let (http, grpc) = (v.http.unwrap(), v.grpc.unwrap());
+    let description = "d".repeat(600_000);
+    let large = |service: &str| PbEvent {
+        host: Some("h".into()),
+        service: Some(service.into()),
+        description: Some(description.clone()),
+        ..PbEvent::default()
+    };
+    // A TCP frame of ~600 KB, of which 100 KB have arrived: it holds its room.
+    let frame = proto::Msg {
+        events: vec![large("tcp")],
+        ..proto::Msg::default()
+    }
+    .encode_to_vec();
+    let mut tcp = TcpStream::connect(v.tcp).await.unwrap();
+    tcp.write_all(&(frame.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    tcp.write_all(&frame[..100_000]).await.unwrap();
+    let room = (frame.len() as u64).div_ceil(1024) * 1024;
+    wait_metric(http, "vigil_message_bytes_held", room).await;
+
+    // A ~600 KB body and a ~600 KB gRPC Msg find no room beside it: they wait.
+    let line = serde_json::json!({"host": "h", "service": "http", "description": description});
+    let post = reqwest::Client::new()
+        .post(format!("http://{http}/events"))
+        .body(line.to_string())
+        .send();
+    let post = tokio::spawn(post);
+    let mut client = VigilClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let msg = Msg::new([large("grpc")]);
+    let send = tokio::spawn(async move { client.send_batch(msg).await });
+    // A chunked body announces no length: it waits for room for the largest.
+    let chunked = tokio::spawn(post_chunked(
+        http,
+        line.to_string().replace("http", "chunked"),
+    ));
+    wait_metric(http, "vigil_messages_waited_for_memory_total", 3).await;
+
+    // Small messages never wait.
+    let mut small = Client::connect(v.tcp).await.unwrap();
+    let event = Event {
+        host: Some("h".into()),
+        service: Some("small".into()),
+        ..Event::default()
+    };
+    small.send(&[event]).await.unwrap();
+    assert!(!post.is_finished() && !send.is_finished());
+
+    // Once the frame has arrived, each waiting message gets its turn.
+    tcp.write_all(&frame[100_000..]).await.unwrap();
+    let len = tcp.read_u32().await.unwrap();
+    let mut reply = vec![0; len as usize];
+    tcp.read_exact(&mut reply).await.unwrap();
+    assert_eq!(proto::Msg::decode(&reply[..]).unwrap().ok, Some(true));
+    let posted = post.await.unwrap().unwrap();
+    assert_eq!(posted.status(), reqwest::StatusCode::OK);
+    assert_eq!(posted.text().await.unwrap(), "{}\n");
+    let ack = send.await.unwrap().unwrap().into_inner();
+    assert!(ack.ok, "{}", ack.error);
+    let answer = chunked.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n{}\n"), "{answer}");
+    wait_metric(http, "vigil_message_bytes_held", 0).await;
+    wait_metric(http, "vigil_messages_waited_for_memory_total", 3).await;
+
+    let mut stored = small.query("host = \"h\"").await.unwrap();
+    stored.sort_by(|a, b| a.service.cmp(&b.service));
+    let stored: Vec<_> = stored
+        .iter()
+        .map(|e| {
+            (
+                e.service.as_deref().unwrap(),
+                e.description.as_ref().map(String::len),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            ("chunked", Some(600_000)),
+            ("grpc", Some(600_000)),
+            ("http", Some(600_000)),
+            ("small", None),
+            ("tcp", Some(600_000)),
+        ]
+    );
 }

@@ -24,10 +24,14 @@ use futures_util::{Stream, StreamExt, stream};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::codegen::http;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
+use tower::util::MapRequestLayer;
 
 use crate::bounded::{Bounds, Counters, MAX_STREAMS};
+use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::index::{Index, QueryError};
@@ -50,6 +54,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/vigil.rs"));
 }
 
+mod gate;
 mod msg;
 
 pub use msg::Msg;
@@ -253,7 +258,7 @@ fn ended(subscription: &Subscription) -> Status {
 }
 
 /// What bounds a gRPC client.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GrpcLimits {
     /// Largest decoded request message, as `--max-frame` bounds a TCP frame.
     pub max_message: usize,
@@ -267,6 +272,10 @@ pub struct GrpcLimits {
     /// A connection whose client sends nothing for this long after opening it,
     /// or leaves a keepalive ping unanswered this long, is closed.
     pub read_timeout: Duration,
+    /// Room for large messages, shared with the other transports
+    /// ([`Server::memory`](crate::server::Server::memory)); `None`: a budget
+    /// of its own, of [`budget::DEFAULT_MAX`].
+    pub memory: Option<Budget>,
 }
 
 /// A running gRPC listener; [`Grpc::shutdown`] stops it.
@@ -298,6 +307,8 @@ impl Grpc {
             stats.clone(),
             Counters::GRPC,
         );
+        let memory =
+            (limits.memory).unwrap_or_else(|| Budget::new(budget::DEFAULT_MAX, stats.clone()));
         let service = pb::vigil_server::VigilServer::new(Service(Arc::new(Shared {
             index,
             streams,
@@ -331,6 +342,9 @@ impl Grpc {
             .max_concurrent_streams(MAX_STREAMS)
             .http2_keepalive_interval(Some(limits.read_timeout))
             .http2_keepalive_timeout(Some(limits.read_timeout))
+            .layer(MapRequestLayer::new(move |request: http::Request<Body>| {
+                request.map(|body| Body::new(gate::gated(body, &memory)))
+            }))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         let task = tokio::spawn(async move {

@@ -4,7 +4,10 @@
 //! through the pipeline as one batch, like a TCP message's. In a cluster the
 //! reply waits until JetStream stored them; if it did not, the answer is
 //! `503` with `{"error": …}` and the client should resend. A body that has
-//! not arrived whole within the read timeout of its head gets `408`. The
+//! not arrived whole within the read timeout of its head gets `408`; one over
+//! 64 KiB is read only once it has room in the memory budget shared by every
+//! transport ([`crate::budget`]), and gets `503` if it finds none in that
+//! time. The
 //! per-message [`Limits`](crate::limits::Limits) hold here too: a request of
 //! more lines than `--max-events-per-msg` gets `413`, and a line over another
 //! limit is answered with it, like a line that does not parse.
@@ -17,37 +20,30 @@
 use std::time::UNIX_EPOCH;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
+use futures_util::StreamExt;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value, json};
+use tokio::time::Instant;
 
 use super::{AppState, error};
+use crate::budget::{self, Taken};
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric, RESERVED_FIELDS};
 use crate::limits::{Exceeded, Limits};
 use crate::stats::Stats;
 
 /// Largest body accepted (as TCP's default maximum frame).
-pub(super) const MAX_BODY: usize = 16 * 1024 * 1024;
+const MAX_BODY: usize = 16 * 1024 * 1024;
 
 pub(super) async fn post(State(state): State<AppState>, request: Request) -> Response {
-    // The whole body within the read timeout of its head: a client that
-    // trickles it (or stops) cannot hold the connection.
-    let body = match tokio::time::timeout(state.read_timeout, Bytes::from_request(request, &state))
-        .await
-    {
-        Ok(Ok(body)) => body,
-        Ok(Err(rejection)) => return rejection.into_response(),
-        Err(_) => {
-            Stats::incr(&state.stats().http_read_timeouts);
-            let after = state.read_timeout;
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                json!({"error": format!("the body did not arrive within {after:?}")}),
-            );
-        }
+    // Kept until the events are handled: they are about the body's size again.
+    let (body, _room) = match read_body(request, &state).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
     };
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(
@@ -111,6 +107,71 @@ pub(super) async fn post(State(state): State<AppState>, request: Request) -> Res
         }
     }
     ([(header::CONTENT_TYPE, "application/x-ndjson")], answers).into_response()
+}
+
+/// The body of `request`, whole within the read timeout of its head and at
+/// most [`MAX_BODY`] bytes. One over [`budget::FREE`] bytes first gets room in
+/// the shared budget for its announced length (for [`MAX_BODY`] when it
+/// announces none), and is read on only once it has it.
+async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<Taken>), Response> {
+    let stats = state.stats();
+    let after = state.read_timeout;
+    let deadline = Instant::now() + after;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": format!("the body is over {MAX_BODY} bytes")}),
+        )
+    };
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|len| len.to_str().ok()?.parse::<usize>().ok());
+    if announced.is_some_and(|len| len > MAX_BODY) {
+        return Err(too_large());
+    }
+    let room_for = |len: usize| async move {
+        match tokio::time::timeout_at(deadline, state.memory.take(len)).await {
+            Ok(room) => Ok(room),
+            Err(_) => Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": format!(
+                    "no room for a body of {len} bytes within {after:?} (--max-message-memory); resend it later"
+                )}),
+            )),
+        }
+    };
+    let mut room = None;
+    if let Some(len) = announced.filter(|&len| len > budget::FREE) {
+        room = Some(room_for(len).await?);
+    }
+    let mut body = BytesMut::with_capacity(announced.unwrap_or(0));
+    let mut chunks = request.into_body().into_data_stream();
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, chunks.next()).await {
+            Ok(Some(Ok(chunk))) => chunk,
+            Ok(None) => return Ok((body.freeze(), room)),
+            Ok(Some(Err(e))) => {
+                let reason = format!("the body could not be read: {e}");
+                return Err(error(StatusCode::BAD_REQUEST, json!({ "error": reason })));
+            }
+            Err(_) => {
+                Stats::incr(&stats.http_read_timeouts);
+                return Err(error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    json!({"error": format!("the body did not arrive within {after:?}")}),
+                ));
+            }
+        };
+        let len = body.len() + chunk.len();
+        if len > MAX_BODY {
+            return Err(too_large());
+        }
+        if room.is_none() && len > budget::FREE {
+            room = Some(room_for(MAX_BODY).await?);
+        }
+        body.extend_from_slice(&chunk);
+    }
 }
 
 /// One line as `POST /events` reads it within `limits`: the event, or the

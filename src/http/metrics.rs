@@ -2,8 +2,9 @@
 //! exposition format (version 0.0.4), written by hand from one [`Sample`].
 //!
 //! Every [`Stats`](crate::stats::Stats) field appears as `vigil_<field>_total`
-//! (a counter), except those counting what is open now (`*_open`), which are
-//! gauges named `vigil_<field>`; new fields show up without changes here.
+//! (a counter), except those counting what is open or held now (`*_open`,
+//! `*_held`), which are gauges named `vigil_<field>`; new fields show up
+//! without changes here.
 
 use std::fmt::{Display, Write};
 
@@ -30,9 +31,10 @@ pub(super) async fn get(State(state): State<AppState>) -> Response {
 fn render(s: &Sample) -> String {
     let mut out = Exposition::default();
     for &(field, value) in &s.counters {
-        match field.strip_suffix("_open") {
-            Some(_) => out.family(&format!("vigil_{field}"), "gauge", ""),
-            None => out.family(&format!("vigil_{field}_total"), "counter", ""),
+        if field.ends_with("_open") || field.ends_with("_held") {
+            out.family(&format!("vigil_{field}"), "gauge", "");
+        } else {
+            out.family(&format!("vigil_{field}_total"), "counter", "");
         }
         out.value("", value);
     }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
@@ -38,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::bounded::{Bounded, Bounds, Counters, MAX_STREAMS};
+use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
@@ -77,6 +78,10 @@ pub struct HttpConfig {
     /// byte or the previous answer) or a posted body, or leaves an HTTP/2 or
     /// WebSocket ping unanswered for as long.
     pub read_timeout: Duration,
+    /// Room for large posted bodies, shared with the other transports
+    /// ([`Server::memory`](crate::server::Server::memory)); `None`: a budget
+    /// of its own, of [`budget::DEFAULT_MAX`].
+    pub memory: Option<Budget>,
 }
 
 impl Default for HttpConfig {
@@ -91,6 +96,7 @@ impl Default for HttpConfig {
             max_connections: crate::tcp::DEFAULT_MAX_CONNECTIONS,
             write_timeout: crate::tcp::DEFAULT_READ_TIMEOUT,
             read_timeout: crate::tcp::DEFAULT_READ_TIMEOUT,
+            memory: None,
         }
     }
 }
@@ -109,6 +115,8 @@ struct AppState {
     cluster: Option<Arc<Cluster>>,
     /// How long a posted body may take to arrive after its head.
     read_timeout: Duration,
+    /// Room for large posted bodies.
+    memory: Budget,
     /// Cancelled at shutdown: ends live subscriptions, which would otherwise
     /// keep their connections open forever.
     shutdown: CancellationToken,
@@ -216,6 +224,9 @@ impl HttpServer {
             per_message: config.per_message,
             cluster: config.cluster,
             read_timeout: config.read_timeout,
+            memory: config
+                .memory
+                .unwrap_or_else(|| Budget::new(budget::DEFAULT_MAX, stats.clone())),
             shutdown: shutdown.clone(),
         };
         let tracker = TaskTracker::new();
@@ -352,7 +363,6 @@ fn router(state: AppState) -> Router {
         .route("/health", get(health))
         // The dashboard's static files (no data; its WebSocket needs the token).
         .merge(dashboard::routes())
-        .layer(DefaultBodyLimit::max(events::MAX_BODY))
         .with_state(state)
 }
 

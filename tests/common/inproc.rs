@@ -110,7 +110,7 @@ pub async fn wait_until(done: impl Fn() -> bool, what: impl Fn() -> String) {
 
 /// What the server sent before it closed `stream`; panics if it is still
 /// open after [`WAIT`].
-pub async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+pub async fn read_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
     let mut received = Vec::new();
     let read = tokio::io::AsyncReadExt::read_to_end(stream, &mut received);
     // An error is a reset: closed all the same.

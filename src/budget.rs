@@ -1,0 +1,214 @@
+//! The memory that large messages may hold while they arrive, one pool shared
+//! by every connection of every transport (`--max-message-memory`).
+//!
+//! `--max-frame` and the body and gRPC message limits bound one message; this
+//! bounds all of them together. Without it, `--max-connections` clients each
+//! sending a 16 MiB message at once would make vigil hold connections × 16 MiB.
+//! A message over [`FREE`] bytes takes its whole size from the budget before
+//! more than its first [`FREE`] bytes are read, and gives it back once it has
+//! arrived (HTTP: once it has been handled). When the budget is spent the
+//! message waits, its connection reading nothing meanwhile, so the kernel's (or
+//! HTTP/2's) flow control pushes back on the sender; the read timeout still
+//! runs. Messages up to [`FREE`] bytes never wait: agents' messages are far
+//! smaller, so a flood of large messages cannot hold them up.
+//!
+//! The budget is counted in KiB (tokio's semaphore takes at most `u32::MAX`
+//! permits at a time); a message larger than the whole budget takes all of it.
+
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::PollSemaphore;
+
+use crate::stats::Stats;
+
+/// A message up to this many bytes takes nothing from the budget.
+pub const FREE: usize = 64 * 1024;
+
+/// 1 GiB: 64 messages of the default 16 MiB maximum arriving at once.
+pub const DEFAULT_MAX: usize = 1024 * 1024 * 1024;
+
+const KIB: usize = 1024;
+
+/// A handle on the shared budget; clones share it.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    semaphore: Arc<Semaphore>,
+    kib: u32,
+    stats: Arc<Stats>,
+}
+
+impl Budget {
+    /// A budget of `bytes` (at least 1 KiB), counting into `stats`'
+    /// `messages_waited_for_memory` and `message_bytes_held`.
+    pub fn new(bytes: usize, stats: Arc<Stats>) -> Budget {
+        let kib = u32::try_from(bytes / KIB).unwrap_or(u32::MAX).max(1);
+        Budget {
+            semaphore: Arc::new(Semaphore::new(kib as usize)),
+            kib,
+            stats,
+        }
+    }
+
+    /// The KiB a message of `bytes` takes.
+    fn kib_of(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.div_ceil(KIB))
+            .unwrap_or(u32::MAX)
+            .min(self.kib)
+    }
+
+    /// Room for a message of `bytes`, if there is some now.
+    pub fn try_take(&self, bytes: usize) -> Option<Taken> {
+        let permit = self
+            .semaphore
+            .clone()
+            .try_acquire_many_owned(self.kib_of(bytes))
+            .ok()?;
+        Some(self.taken(permit))
+    }
+
+    /// Room for a message of `bytes`, waiting for it if need be.
+    pub async fn take(&self, bytes: usize) -> Taken {
+        if let Some(taken) = self.try_take(bytes) {
+            return taken;
+        }
+        Stats::incr(&self.stats.messages_waited_for_memory);
+        let permit = self
+            .semaphore
+            .clone()
+            .acquire_many_owned(self.kib_of(bytes))
+            .await
+            .expect("the budget's semaphore is never closed");
+        self.taken(permit)
+    }
+
+    /// A waiter for code that polls (a stream's reader, a request body).
+    pub fn waiter(&self) -> Waiter {
+        Waiter {
+            budget: self.clone(),
+            semaphore: None,
+        }
+    }
+
+    fn taken(&self, permit: OwnedSemaphorePermit) -> Taken {
+        let bytes = permit.num_permits() * KIB;
+        Stats::add(&self.stats.message_bytes_held, bytes as u64);
+        Taken {
+            permit,
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+/// A message's room in the budget, given back when dropped.
+pub struct Taken {
+    permit: OwnedSemaphorePermit,
+    stats: Arc<Stats>,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        let bytes = self.permit.num_permits() * KIB;
+        Stats::sub(&self.stats.message_bytes_held, bytes as u64);
+    }
+}
+
+/// Takes room for one message at a time from poll-based code. Each call for
+/// the same message must ask for the same `bytes`.
+pub struct Waiter {
+    budget: Budget,
+    /// Made on the first wait: most connections never wait.
+    semaphore: Option<PollSemaphore>,
+}
+
+impl Waiter {
+    /// Room for a message of `bytes`; when there is none now, counts one wait
+    /// and wakes the task once there is.
+    pub fn poll_take(&mut self, cx: &mut Context<'_>, bytes: usize) -> Poll<Taken> {
+        let semaphore = match &mut self.semaphore {
+            Some(semaphore) => semaphore,
+            None => {
+                if let Some(taken) = self.budget.try_take(bytes) {
+                    return Poll::Ready(taken);
+                }
+                Stats::incr(&self.budget.stats.messages_waited_for_memory);
+                self.semaphore
+                    .insert(PollSemaphore::new(self.budget.semaphore.clone()))
+            }
+        };
+        let permit = ready!(semaphore.poll_acquire_many(cx, self.budget.kib_of(bytes)))
+            .expect("the budget's semaphore is never closed");
+        // The next message starts with a try again, and counts its own wait.
+        self.semaphore = None;
+        Poll::Ready(self.budget.taken(permit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::Waker;
+
+    use super::*;
+
+    fn budget(bytes: usize) -> (Budget, Arc<Stats>) {
+        let stats = Arc::new(Stats::default());
+        (Budget::new(bytes, stats.clone()), stats)
+    }
+
+    #[test]
+    fn room_is_taken_in_kib_and_given_back_when_dropped() {
+        let (budget, stats) = budget(4 * KIB);
+        let first = budget.try_take(2 * KIB + 1).unwrap();
+        assert_eq!(Stats::get(&stats.message_bytes_held), 3 * KIB as u64);
+        assert!(budget.try_take(2 * KIB).is_none());
+        let second = budget.try_take(KIB).unwrap();
+        drop(first);
+        assert_eq!(Stats::get(&stats.message_bytes_held), KIB as u64);
+        assert!(budget.try_take(3 * KIB).is_some());
+        drop(second);
+        assert_eq!(Stats::get(&stats.message_bytes_held), 0);
+    }
+
+    #[test]
+    fn a_message_larger_than_the_budget_takes_all_of_it() {
+        let (budget, _) = budget(4 * KIB);
+        let all = budget.try_take(100 * KIB).unwrap();
+        assert!(budget.try_take(1).is_none());
+        drop(all);
+        assert!(budget.try_take(4 * KIB).is_some());
+    }
+
+    #[test]
+    fn a_waiter_is_woken_when_room_is_given_back_and_counts_one_wait() {
+        let (budget, stats) = budget(4 * KIB);
+        let held = budget.try_take(3 * KIB).unwrap();
+        let mut waiter = budget.waiter();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(waiter.poll_take(&mut cx, 2 * KIB).is_pending());
+        assert!(waiter.poll_take(&mut cx, 2 * KIB).is_pending());
+        assert_eq!(Stats::get(&stats.messages_waited_for_memory), 1);
+        drop(held);
+        let Poll::Ready(taken) = waiter.poll_take(&mut cx, 2 * KIB) else {
+            panic!("room was given back");
+        };
+        assert_eq!(Stats::get(&stats.message_bytes_held), 2 * KIB as u64);
+        drop(taken);
+        assert!(waiter.poll_take(&mut cx, KIB).is_ready());
+        assert_eq!(Stats::get(&stats.messages_waited_for_memory), 1);
+    }
+
+    #[test]
+    fn take_waits_its_turn() {
+        let (budget, stats) = budget(4 * KIB);
+        let held = budget.try_take(4 * KIB).unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut waiting = pin!(budget.take(KIB));
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(Stats::get(&stats.messages_waited_for_memory), 1);
+        drop(held);
+        assert!(waiting.as_mut().poll(&mut cx).is_ready());
+    }
+}

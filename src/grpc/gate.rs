@@ -1,0 +1,232 @@
+//! A gRPC request body that passes a message over [`budget::FREE`] bytes on to
+//! tonic only once the shared [`Budget`] has room for it.
+//!
+//! tonic buffers each message whole (up to `--max-frame`) before vigil's
+//! handler sees it, so the budget is taken here, below tonic: the body's data
+//! is read through and each message's 5-byte gRPC prefix (a compression flag,
+//! then the length) is noted as it goes by. A chunk that starts a large
+//! message is held, and the body read no further, until the message has room;
+//! the room goes back once the message's last byte has been passed on. While a
+//! chunk is held HTTP/2's flow control stops the sender.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::budget::{self, Budget, Taken, Waiter};
+
+const PREFIX: usize = 5;
+
+/// `body`, with every large message waiting for room in `budget`.
+pub fn gated<B>(body: B, budget: &Budget) -> Gated<B> {
+    Gated {
+        inner: body,
+        waiter: budget.waiter(),
+        prefix: [0; PREFIX],
+        prefix_seen: 0,
+        remaining: 0,
+        room: None,
+        held: None,
+    }
+}
+
+pub struct Gated<B> {
+    inner: B,
+    waiter: Waiter,
+    /// The prefix of the next message, `prefix_seen` bytes of it so far.
+    prefix: [u8; PREFIX],
+    prefix_seen: usize,
+    /// Bytes of the current message not yet passed on.
+    remaining: usize,
+    /// The current message's room, when it is a large one.
+    room: Option<Taken>,
+    /// A chunk that starts a large message without room yet, with where in it
+    /// that message's body begins and its length.
+    held: Option<(Bytes, usize, usize)>,
+}
+
+/// How far a chunk could be passed on.
+enum Walk {
+    /// All of it.
+    Through,
+    /// Up to `at`, where a message of `len` bytes begins that needs room.
+    NeedsRoom { at: usize, len: usize },
+}
+
+impl<B> Gated<B> {
+    /// Follows the message boundaries in `chunk` from `from` on.
+    fn walk(&mut self, chunk: &[u8], mut from: usize) -> Walk {
+        while from < chunk.len() {
+            if self.remaining > 0 {
+                let passed = self.remaining.min(chunk.len() - from);
+                from += passed;
+                self.remaining -= passed;
+                if self.remaining == 0 {
+                    self.room = None;
+                }
+                continue;
+            }
+            self.prefix[self.prefix_seen] = chunk[from];
+            self.prefix_seen += 1;
+            from += 1;
+            if self.prefix_seen == PREFIX {
+                self.prefix_seen = 0;
+                let len = u32::from_be_bytes(self.prefix[1..].try_into().expect("4 bytes"));
+                let len = len as usize;
+                if len > budget::FREE {
+                    return Walk::NeedsRoom { at: from, len };
+                }
+                self.remaining = len;
+            }
+        }
+        Walk::Through
+    }
+
+    /// `chunk`, once every large message it starts has room.
+    fn poll_pass(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: Bytes,
+        mut from: usize,
+        mut wanted: Option<usize>,
+    ) -> Poll<Bytes> {
+        loop {
+            if let Some(len) = wanted {
+                match self.waiter.poll_take(cx, len) {
+                    Poll::Ready(room) => {
+                        self.room = Some(room);
+                        self.remaining = len;
+                    }
+                    Poll::Pending => {
+                        self.held = Some((chunk, from, len));
+                        return Poll::Pending;
+                    }
+                }
+            }
+            match self.walk(&chunk, from) {
+                Walk::Through => return Poll::Ready(chunk),
+                Walk::NeedsRoom { at, len } => (from, wanted) = (at, Some(len)),
+            }
+        }
+    }
+}
+
+impl<B> Body for Gated<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if let Some((chunk, from, len)) = this.held.take() {
+            let chunk = ready!(this.poll_pass(cx, chunk, from, Some(len)));
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            other => return Poll::Ready(other),
+        };
+        match frame.into_data() {
+            Ok(chunk) => {
+                let chunk = ready!(this.poll_pass(cx, chunk, 0, None));
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Err(trailers) => Poll::Ready(Some(Ok(trailers))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::task::Waker;
+
+    use super::*;
+    use crate::stats::Stats;
+
+    /// A body of the given chunks.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+        }
+    }
+
+    fn message(len: usize) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.resize(PREFIX + len, 7);
+        out
+    }
+
+    fn poll(body: &mut Gated<Chunks>) -> Poll<Option<Bytes>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(body)
+            .poll_frame(&mut cx)
+            .map(|frame| frame.map(|frame| frame.unwrap().into_data().unwrap()))
+    }
+
+    #[test]
+    fn small_messages_pass_and_a_large_one_waits_for_room_until_it_has_passed() {
+        let stats = Arc::new(Stats::default());
+        let budget = Budget::new(budget::FREE * 2, stats.clone());
+        let large = budget::FREE + 1;
+        // Two small messages and the start of a large one in the first chunk
+        // (its prefix split over two chunks), the large one's end and a small
+        // one in the last.
+        let mut wire = [message(3), message(0), message(large), message(2)].concat();
+        let first: Vec<u8> = wire.drain(..PREFIX + 3 + PREFIX + 2).collect();
+        let second: Vec<u8> = wire.drain(..3 + 1000).collect();
+        let chunks = [first, second, wire].map(Bytes::from);
+        let mut body = gated(Chunks(chunks.iter().cloned().collect()), &budget);
+
+        let other = budget.try_take(budget::FREE * 2).unwrap();
+        assert_eq!(poll(&mut body), Poll::Ready(Some(chunks[0].clone())));
+        assert!(poll(&mut body).is_pending(), "no room for the large one");
+        assert!(poll(&mut body).is_pending());
+        assert_eq!(Stats::get(&stats.messages_waited_for_memory), 1);
+        drop(other);
+        assert_eq!(poll(&mut body), Poll::Ready(Some(chunks[1].clone())));
+        let room = (large as u64).div_ceil(1024) * 1024;
+        assert_eq!(Stats::get(&stats.message_bytes_held), room);
+        assert_eq!(poll(&mut body), Poll::Ready(Some(chunks[2].clone())));
+        assert_eq!(Stats::get(&stats.message_bytes_held), 0, "it has passed");
+        assert_eq!(poll(&mut body), Poll::Ready(None));
+    }
+
+    #[test]
+    fn one_chunk_of_two_large_messages_takes_room_for_each_in_turn() {
+        let stats = Arc::new(Stats::default());
+        let budget = Budget::new(budget::FREE * 2, stats.clone());
+        let large = budget::FREE + 1;
+        let wire = Bytes::from([message(large), message(large)].concat());
+        let mut body = gated(Chunks([wire.clone()].into()), &budget);
+        assert_eq!(poll(&mut body), Poll::Ready(Some(wire)));
+        assert_eq!(Stats::get(&stats.message_bytes_held), 0);
+        assert_eq!(Stats::get(&stats.messages_waited_for_memory), 0);
+    }
+}
