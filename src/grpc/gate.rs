@@ -229,4 +229,34 @@ mod tests {
         assert_eq!(Stats::get(&stats.message_bytes_held), 0);
         assert_eq!(Stats::get(&stats.messages_waited_for_memory), 0);
     }
+
+    #[test]
+    fn any_split_of_any_messages_passes_every_byte_and_gives_every_room_back() {
+        let mut next = crate::test_rng::xorshift(0x5eed);
+        for round in 0..200 {
+            let stats = Arc::new(Stats::default());
+            let budget = Budget::new(budget::FREE * 4, stats.clone());
+            let wire: Vec<u8> = (0..1 + next() % 4)
+                .flat_map(|_| match next() % 3 {
+                    0 => message(budget::FREE + 1 + (next() % 1000) as usize),
+                    _ => message((next() % 100) as usize),
+                })
+                .collect();
+            let mut chunks = VecDeque::new();
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                let len = (1 + next() % 40_000).min(rest.len() as u64) as usize;
+                chunks.push_back(Bytes::copy_from_slice(&rest[..len]));
+                rest = &rest[len..];
+            }
+            let mut body = gated(Chunks(chunks), &budget);
+            let mut passed = Vec::new();
+            while let Poll::Ready(Some(chunk)) = poll(&mut body) {
+                passed.extend_from_slice(&chunk);
+            }
+            assert_eq!(passed, wire, "round {round}");
+            assert_eq!(Stats::get(&stats.message_bytes_held), 0, "round {round}");
+            assert_eq!(Stats::get(&stats.messages_waited_for_memory), 0);
+        }
+    }
 }
