@@ -97,7 +97,7 @@ pub fn connection_permits(max_connections: usize) -> Arc<Semaphore> {
 }
 
 /// Warns that a listener is refusing connections at its limit, at most once
-/// per [`REFUSAL_LOG_INTERVAL`]: a flood must not flood the log too.
+/// per `REFUSAL_LOG_INTERVAL`: a flood must not flood the log too.
 #[derive(Default)]
 pub struct RefusalLog {
     next: Mutex<Option<Instant>>,

@@ -9,7 +9,7 @@
 //! to what its slot already holds (a steady stream's states, tags and
 //! attributes) is neither validated again nor copied. What a buffer keeps
 //! is sized to what it holds now, not to the largest message it ever took
-//! ([`keep_slots`], [`replace`]): one large message must not leave an idle
+//! ([`keep_slots`], `replace`): one large message must not leave an idle
 //! connection holding its size.
 //!
 //! Semantics match prost + [`proto::from_pb`](crate::proto::from_pb) exactly

@@ -1,6 +1,6 @@
 //! vigil's HTTP surface (axum), on Riemann's WebSocket port 5556 by default:
-//! `GET /index` (JSON, WebSocket or SSE: [`index`]), `POST`/`PUT /events`
-//! ([`events`]), `GET /metrics` ([`metrics`]) and `GET /health`. Optionally a
+//! `GET /index` (JSON, WebSocket or SSE: `index`), `POST`/`PUT /events`
+//! (`events`), `GET /metrics` (`metrics`) and `GET /health`. Optionally a
 //! second listener serves only SSE on `/index`, like Riemann's port 5558.
 //!
 //! With a bearer token configured every endpoint but `/health` and the

@@ -341,7 +341,7 @@ impl Index {
     }
 
     /// Every entry, a shard at a time: each shard's blocks are copied under
-    /// its lock (see [`copy_shard`]) and unpacked with no lock held, into one
+    /// its lock (see `copy_shard`) and unpacked with no lock held, into one
     /// buffer reused from shard to shard, and `f` runs on them. A snapshot
     /// of a million keys so holds 1/64th of them as events.
     pub fn for_each_shard<E>(&self, mut f: impl FnMut(&[Event]) -> Result<(), E>) -> Result<(), E> {

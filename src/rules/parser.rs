@@ -3,7 +3,7 @@
 //! `#` comments before its first token, never after its last, so a node's span runs
 //! from its first token to where the remaining input starts. Predicates after
 //! `where`/`when` are handed to [`Query::parse_prefix`]. Blocks, lists and maps are
-//! capped at [`MAX_DEPTH`] levels, so no input can exhaust the stack.
+//! capped at `MAX_DEPTH` levels, so no input can exhaust the stack.
 //!
 //! Errors: a mismatch (`nom::Err::Error`) only lets `alt`, `opt` and loops try the next
 //! choice. Once a keyword or an opening bracket commits to a construct, errors are

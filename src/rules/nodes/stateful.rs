@@ -177,7 +177,7 @@ impl Node for Rate {
 /// written in the block) or than their last event's TTL are freed — Riemann
 /// never frees them.
 ///
-/// The groups are spread over [`BY_SHARDS`] locks by their key's hash, so
+/// The groups are spread over `BY_SHARDS` locks by their key's hash, so
 /// connections whose events belong to different groups rarely wait on each
 /// other; a group's events all go through one shard, in order.
 pub struct By {
