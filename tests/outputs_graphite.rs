@@ -246,3 +246,41 @@ fn points_sent_while_carbon_is_down_arrive_once_it_is_back() {
         "recovery logged:\n{logs}"
     );
 }
+
+/// Carbon closes the connection on a line over 16 384 bytes and ignores the
+/// lines after it in the same read: such a point is dropped before it is
+/// written, so the points around it (one `Msg`, one write) all arrive.
+#[test]
+fn a_point_too_long_for_carbon_does_not_take_its_neighbours_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let carbon = Carbon::start(&tmp.path().join("carbon"));
+    let mut v = vigil_to(&carbon, tmp.path());
+    let start = now_secs();
+    let point = |service: &str, metric: f64| vigil::event::Event {
+        host: Some("web1".into()),
+        service: Some(service.into()),
+        metric: Some(vigil::event::Metric::Float(metric)),
+        time: (start * 1e6) as i64,
+        ..vigil::event::Event::default()
+    };
+    let events = [
+        point("before", 1.0),
+        point(&"x".repeat(20_000), 2.0),
+        point("after", 3.0),
+    ];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = vigil::client::Client::connect(v.tcp).await.unwrap();
+        client.send(&events).await.unwrap();
+    });
+
+    assert_eq!(carbon.values("web1.before", start), [1.0]);
+    assert_eq!(carbon.values("web1.after", start), [3.0]);
+    v.assert_alive();
+    let logs = v.logs();
+    assert_eq!(
+        logs.matches("over carbon's limit dropped").count(),
+        1,
+        "the drop is logged once:\n{logs}"
+    );
+}

@@ -11,8 +11,9 @@
 //! file names, and other characters either break that or Graphite's queries.
 //!
 //! Dropped (and counted): events without a metric, with a NaN or infinite
-//! one, or with an empty path (nothing to graph); and points beyond
-//! [`BUFFER_LINES`] while carbon is unreachable (the newest ones: a queue
+//! one, or with an empty path (nothing to graph); points whose line is over
+//! carbon's [`MAX_LINE`]; and points beyond [`BUFFER_LINES`] or
+//! [`BUFFER_BYTES`] while carbon is unreachable (the newest ones: a queue
 //! keeps its order).
 //!
 //! The plaintext protocol has no acknowledgement, so a point counts as
@@ -42,8 +43,18 @@ use crate::event::{Event, Metric};
 
 /// Points kept while carbon is unreachable (about 6 MB of lines).
 pub const BUFFER_LINES: usize = 100_000;
+/// And at most this many bytes of them: hosts and services may be up to
+/// `--max-string` long, and so may their lines.
+pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
+/// The longest line carbon takes, newline excluded: its line receiver
+/// (twisted's `LineOnlyReceiver`) closes the connection on a longer one and
+/// ignores every line after it in the same read, so one such point would
+/// lose its neighbours too, after TCP had acknowledged them.
+pub const MAX_LINE: usize = 16_384;
 /// Events taken from the queue, and lines written, at a time.
 const BATCH: usize = 1000;
+/// Bytes written at a time (one line at least).
+const WRITE_BYTES: usize = 1024 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Riemann reconnects every 5 s; so do we at worst.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -69,7 +80,7 @@ pub struct Config {
 }
 
 pub async fn run(config: Config, delivery: Delivery, shutdown: CancellationToken) {
-    Graphite::new(config, BUFFER_LINES)
+    Graphite::new(config, BUFFER_LINES, BUFFER_BYTES)
         .drive(delivery, shutdown)
         .await;
 }
@@ -150,6 +161,8 @@ struct Graphite {
     /// Lines taken from the queue and not yet written; each one is an event
     /// in flight.
     pending: VecDeque<String>,
+    /// The bytes of `pending`.
+    pending_bytes: usize,
     /// Lines written on the current connection whose bytes carbon's TCP has
     /// not acknowledged yet, oldest first; also in flight.
     unacked: VecDeque<String>,
@@ -160,6 +173,8 @@ struct Graphite {
     /// The most lines `pending` and `unacked` hold together
     /// ([`BUFFER_LINES`] outside tests).
     capacity: usize,
+    /// The most bytes they hold together ([`BUFFER_BYTES`] outside tests).
+    capacity_bytes: usize,
     conn: Option<TcpStream>,
     /// No connection attempt before this.
     retry_at: Instant,
@@ -168,24 +183,29 @@ struct Graphite {
     down_since: Option<Instant>,
     /// Whether this outage has already overflowed (logged once).
     overflowed: bool,
+    /// Whether a line over [`MAX_LINE`] was dropped yet (logged once).
+    warned_too_long: bool,
     /// Reused for each write, so a batch costs one allocation at most.
     scratch: Vec<u8>,
 }
 
 impl Graphite {
-    fn new(config: Config, capacity: usize) -> Self {
+    fn new(config: Config, capacity: usize, capacity_bytes: usize) -> Self {
         Graphite {
             config,
             pending: VecDeque::new(),
+            pending_bytes: 0,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
             ack_check_at: Instant::now(),
             capacity,
+            capacity_bytes,
             conn: None,
             retry_at: Instant::now(),
             backoff: BACKOFF_MIN,
             down_since: None,
             overflowed: false,
+            warned_too_long: false,
             scratch: Vec::new(),
         }
     }
@@ -221,22 +241,37 @@ impl Graphite {
     /// what does not fit.
     fn buffer(&mut self, events: &[Event], delivery: &Delivery) {
         let mut ungraphable = 0;
+        let mut too_long = 0;
         let mut overflow = 0;
         for event in events {
             // Full (carbon down): drop before formatting, so an outage costs
             // ingest's cores as little as possible.
-            if self.pending.len() + self.unacked.len() >= self.capacity {
+            if self.pending.len() + self.unacked.len() >= self.capacity
+                || self.pending_bytes + self.unacked_bytes >= self.capacity_bytes
+            {
                 overflow += 1;
                 continue;
             }
             match line(&self.config, event) {
                 None => ungraphable += 1,
-                Some(l) => self.pending.push_back(l),
+                // The newline is not part of carbon's count.
+                Some(l) if l.len() > MAX_LINE + 1 => too_long += 1,
+                Some(l) => {
+                    self.pending_bytes += l.len();
+                    self.pending.push_back(l);
+                }
             }
         }
         if ungraphable > 0 {
             delivery.dropped(ungraphable);
             tracing::debug!(output = %delivery.name, count = ungraphable, "Events without a graphable metric or path dropped.");
+        }
+        if too_long > 0 {
+            delivery.dropped(too_long);
+            if !self.warned_too_long {
+                self.warned_too_long = true;
+                tracing::warn!(output = %delivery.name, count = too_long, max = MAX_LINE, "Points whose carbon line would be over carbon's limit dropped (their host or service is that long); counted as dropped from now on, logged once.");
+            }
         }
         if overflow > 0 {
             delivery.dropped(overflow);
@@ -263,6 +298,7 @@ impl Graphite {
             match result {
                 Ok(n) => {
                     for line in self.pending.drain(..n) {
+                        self.pending_bytes -= line.len();
                         self.unacked_bytes += line.len();
                         self.unacked.push_back(line);
                     }
@@ -342,6 +378,7 @@ impl Graphite {
         while let Some(line) = self.unacked.pop_back() {
             self.pending.push_front(line);
         }
+        self.pending_bytes += self.unacked_bytes;
         self.unacked_bytes = 0;
     }
 
@@ -392,17 +429,21 @@ impl Graphite {
     }
 }
 
-/// Writes up to `BATCH` lines from the front of `pending` in one write;
-/// returns how many.
+/// Writes up to `BATCH` lines (and `WRITE_BYTES`, or one line) from the
+/// front of `pending` in one write; returns how many.
 async fn write_batch(
     conn: &mut TcpStream,
     pending: &VecDeque<String>,
     scratch: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
-    let n = pending.len().min(BATCH);
     scratch.clear();
-    for line in pending.iter().take(n) {
+    let mut n = 0;
+    for line in pending.iter().take(BATCH) {
+        if n > 0 && scratch.len() + line.len() > WRITE_BYTES {
+            break;
+        }
         scratch.extend_from_slice(line.as_bytes());
+        n += 1;
     }
     let write = async {
         conn.write_all(scratch).await?;
@@ -598,8 +639,9 @@ mod tests {
     ) -> (Arc<Queue>, CancellationToken, tokio::task::JoinHandle<()>) {
         let (q, delivery) = queue("graphite-test", 100);
         let shutdown = CancellationToken::new();
-        let task =
-            tokio::spawn(Graphite::new(config(port), capacity).drive(delivery, shutdown.clone()));
+        let task = tokio::spawn(
+            Graphite::new(config(port), capacity, BUFFER_BYTES).drive(delivery, shutdown.clone()),
+        );
         (q, shutdown, task)
     }
 
@@ -649,6 +691,47 @@ mod tests {
             c.delivered == 2 && c.dropped == 1 && c.in_flight == 0
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_line_over_carbons_limit_is_dropped_and_its_neighbours_written() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (q, _shutdown, _task) = start(listener.local_addr().unwrap().port(), 10);
+        // `web1.<service> 1 1700000000`: 18 bytes besides the service.
+        let longest = "x".repeat(MAX_LINE - 18);
+        q.push(event("web1", &longest, Some(Metric::Int(1))));
+        q.push(event("web1", &format!("{longest}x"), Some(Metric::Int(1))));
+        q.push(point(2));
+        let (lines, _conn) = read_lines(&listener, 2).await;
+        assert_eq!(
+            lines[0].len(),
+            MAX_LINE + 1,
+            "the longest line carbon takes"
+        );
+        assert_eq!(lines[1], "web1.s2 2 1700000000\n");
+        wait_for(&q, "2 delivered, 1 dropped", |c| {
+            c.delivered == 2 && c.dropped == 1 && c.in_flight == 0
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_outage_buffers_up_to_the_bound_in_bytes() {
+        let (_holder, port) = closed_port();
+        let (q, delivery) = queue("graphite-test", 100);
+        let shutdown = CancellationToken::new();
+        // Room for two 10 KB lines: the third finds the buffer full.
+        let graphite = Graphite::new(config(port), 100, 20_000);
+        let _task = tokio::spawn(graphite.drive(delivery, shutdown.clone()));
+        for i in 0..4 {
+            let service = format!("{i}{}", "x".repeat(10_000));
+            q.push(event("web1", &service, Some(Metric::Int(i))));
+        }
+        wait_for(&q, "2 buffered, 2 dropped", |c| {
+            c.in_flight == 2 && c.dropped == 2
+        })
+        .await;
+        shutdown.cancel();
     }
 
     #[tokio::test]
