@@ -17,6 +17,11 @@
 //!
 //! They are bounded ([`MAX_OPEN`]); beyond it the least recently triggered
 //! incident is forgotten.
+//!
+//! PagerDuty refuses an event over 512 KB with a `400`, not to be retried: a
+//! trigger that large would never page. Its details are cut to fit instead
+//! ([`MAX_EVENT`]), saying what was left out; so are its other strings
+//! ([`MAX_FIELD`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,6 +52,13 @@ pub const MAX_OPEN: usize = 100_000;
 /// PagerDuty's limits on the dedup key and the summary.
 const MAX_DEDUP_KEY: usize = 255;
 const MAX_SUMMARY: usize = 1024;
+/// A trigger's JSON at most, under PagerDuty's 512 KB.
+pub const MAX_EVENT: usize = 500_000;
+/// The payload's other strings at most (source, component, group, class),
+/// as long as a summary.
+pub const MAX_FIELD: usize = MAX_SUMMARY;
+/// Kept aside for the note saying what a cut trigger left out.
+const NOTE_ROOM: usize = 256;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -198,8 +210,13 @@ impl Pager {
     }
 }
 
-/// A trigger with the event's details.
+/// A trigger with the event's details, within [`MAX_EVENT`].
 fn trigger(routing_key: &str, dedup_key: &str, severity: Severity, e: &Event) -> Value {
+    let field = |text: &str| {
+        let mut text = text.to_owned();
+        truncate(&mut text, MAX_FIELD);
+        Value::from(text)
+    };
     let mut payload = Map::new();
     payload.insert("summary".into(), summary(e).into());
     let source = if e.host_str().is_empty() {
@@ -207,26 +224,34 @@ fn trigger(routing_key: &str, dedup_key: &str, severity: Severity, e: &Event) ->
     } else {
         e.host_str()
     };
-    payload.insert("source".into(), source.into());
+    payload.insert("source".into(), field(source));
     payload.insert("severity".into(), severity.as_str().into());
     payload.insert("timestamp".into(), crate::json::iso8601(e.time).into());
     if let Some(service) = &e.service {
-        payload.insert("component".into(), service.as_str().into());
+        payload.insert("component".into(), field(service));
     }
     // `group` is whatever a rule put in the attribute of that name.
     if let Some(group) = e.attribute("group") {
-        payload.insert("group".into(), group.into());
+        payload.insert("group".into(), field(group));
     }
     if let Some(state) = &e.state {
-        payload.insert("class".into(), state.as_str().into());
+        payload.insert("class".into(), field(state));
     }
-    payload.insert("custom_details".into(), custom_details(e));
-    json!({
+    let details = custom_details(e);
+    let details_len = details.to_string().len();
+    payload.insert("custom_details".into(), details);
+    let mut body = json!({
         "routing_key": routing_key,
         "event_action": "trigger",
         "dedup_key": dedup_key,
         "payload": payload,
-    })
+    });
+    let len = body.to_string().len();
+    if len > MAX_EVENT {
+        let room = MAX_EVENT.saturating_sub(len - details_len);
+        body["payload"]["custom_details"] = details_within(e, room);
+    }
+    body
 }
 
 /// A resolve needs nothing but the incident's key.
@@ -261,6 +286,65 @@ fn custom_details(e: &Event) -> Value {
         "tags": e.tags,
         "attributes": attributes,
     })
+}
+
+/// The custom details in at most `room` bytes of JSON: tags, then
+/// attributes, in order, each while it fits in what half of the room has
+/// left; the description cut to the rest; and a note of what was left out.
+fn details_within(e: &Event, room: usize) -> Value {
+    let json_len = |text: &str| Value::from(text).to_string().len();
+    // The metric, the keys and the punctuation take less than this.
+    let room = room.saturating_sub(NOTE_ROOM + 128);
+    let mut left = room / 2;
+    let mut fits = |len: usize| {
+        let fits = len <= left;
+        if fits {
+            left -= len;
+        }
+        fits
+    };
+    let tags: Vec<&str> = (e.tags.iter())
+        .filter(|tag| fits(json_len(tag) + 1))
+        .map(String::as_str)
+        .collect();
+    let attributes: BTreeMap<&str, &str> = (e.attributes.iter())
+        .filter(|(k, v)| fits(json_len(k) + json_len(v) + 2))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let description = e.description.as_deref().unwrap_or("");
+    let kept = cut_to_json(description, room / 2 + left);
+    let note = format!(
+        "cut to fit PagerDuty's 512 KB: description {} of {} bytes, {} of {} tags, {} of {} attributes",
+        kept.len(),
+        description.len(),
+        tags.len(),
+        e.tags.len(),
+        attributes.len(),
+        e.attributes.len()
+    );
+    json!({
+        "description": e.description.as_ref().map(|_| kept),
+        "metric": e.metric.map(metric_json),
+        "tags": tags,
+        "attributes": attributes,
+        "truncated": note,
+    })
+}
+
+/// The longest start of `text` whose JSON string takes at most `room` bytes.
+fn cut_to_json(text: &str, room: usize) -> String {
+    let mut kept = text.to_owned();
+    let mut max = room.saturating_sub(2);
+    loop {
+        truncate(&mut kept, max);
+        let len = Value::from(kept.as_str()).to_string().len();
+        if len <= room || kept.is_empty() {
+            return kept;
+        }
+        // As if every byte took its share of the JSON: strictly shorter
+        // each time, and exact when the escapes are spread evenly.
+        max = kept.len() * room / len;
+    }
 }
 
 fn metric_json(m: Metric) -> Value {
@@ -317,6 +401,46 @@ mod tests {
             attributes: vec![("team".into(), "ops".into())],
             ..Event::default()
         }
+    }
+
+    /// PagerDuty would refuse it, and a refused trigger is not retried.
+    #[test]
+    fn a_trigger_over_pagerdutys_limit_is_cut_to_fit_and_says_what_it_left_out() {
+        let mut e = event("critical");
+        let long = |c: &str| c.repeat(1024 * 1024);
+        e.host = Some(long("h"));
+        e.service = Some(long("s"));
+        // Quotes take two bytes each in JSON.
+        e.description = Some(format!("disk full\n{}", long("\"")));
+        e.tags = (0..10_000).map(|i| format!("tag-{i}")).collect();
+        e.attributes = (0..10_000)
+            .map(|i| (format!("key-{i}"), "v".repeat(100)))
+            .collect();
+        let body = trigger("rk", "key", Severity::Critical, &e);
+        let len = body.to_string().len();
+        assert!(len <= MAX_EVENT && len > MAX_EVENT - 4096, "{len} bytes");
+        let payload = &body["payload"];
+        assert_eq!(payload["source"], "h".repeat(MAX_FIELD));
+        assert_eq!(payload["component"], "s".repeat(MAX_FIELD));
+        assert_eq!(payload["summary"].as_str().unwrap().len(), MAX_SUMMARY);
+        let details = &payload["custom_details"];
+        let description = details["description"].as_str().unwrap();
+        assert!(description.starts_with("disk full\n\"\"\""));
+        let (tags, attributes) = (
+            details["tags"].as_array().unwrap().len(),
+            details["attributes"].as_object().unwrap().len(),
+        );
+        assert_eq!(details["tags"][0], "tag-0", "in order");
+        assert!(tags == 10_000 && attributes > 1000 && attributes < 10_000);
+        assert_eq!(details["metric"], 0.97);
+        assert_eq!(
+            details["truncated"],
+            format!(
+                "cut to fit PagerDuty's 512 KB: description {} of {} bytes, 10000 of 10000 tags, {attributes} of 10000 attributes",
+                description.len(),
+                e.description.as_ref().unwrap().len()
+            )
+        );
     }
 
     #[test]
