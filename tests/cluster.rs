@@ -788,3 +788,46 @@ fn a_paused_node_does_not_page_for_shards_taken_over_meanwhile() {
     thread::sleep(Duration::from_secs(3));
     assert_each_once(&pager.pages(), &hosts);
 }
+
+/// One `Msg` of one host's events, over NATS's 1 MiB payload, is stored
+/// whole and answered whole: it goes to JetStream, and a node's answer to
+/// the query comes back, in parts. One event over it alone is refused
+/// with the reason, and the node's NATS connection (which NATS would close on
+/// such a message) goes on serving.
+#[test]
+fn a_msg_over_the_nats_payload_limit_is_stored_and_answered_in_parts() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let node = node(&nats, "n1", &[]);
+    // 10 MB: in parts to JetStream, and the query's answer too (1 000
+    // events of it used to be one 2 MB part, which NATS refused).
+    let events: Vec<Event> = (0..5_000)
+        .map(|i| Event {
+            description: Some("d".repeat(2_000)),
+            ..event("one-host", &format!("service {i}"), "ok")
+        })
+        .collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = Client::connect(node.tcp).await.unwrap();
+        client.send(&events).await.expect("the whole Msg acked");
+        let huge = Event {
+            description: Some("d".repeat(1024 * 1024)),
+            attributes: vec![("a".into(), "v".repeat(1024))],
+            ..event("one-host", "huge", "ok")
+        };
+        let refused = client.send(&[huge]).await.unwrap_err().to_string();
+        assert!(
+            refused.contains("event 0 takes 1049")
+                && refused.contains("over the cluster's NATS max_payload of 1048576 bytes"),
+            "{refused}"
+        );
+        let after = event("one-host", "after", "ok");
+        client.send(&[after]).await.expect("acked");
+    });
+    let stored = wait_until(SETTLE, || {
+        let count = query_all(&node).len();
+        (count == events.len() + 1).then_some(count)
+    });
+    assert_eq!(stored, Some(events.len() + 1));
+}

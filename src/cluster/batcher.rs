@@ -23,7 +23,7 @@ use super::subject;
 
 /// A message stops growing at this size: well under NATS's default maximum
 /// payload (1 MiB). A single larger part still goes out alone.
-const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
 
 /// Whether a part was stored, as its sender is told.
 pub type Stored = Result<(), String>;

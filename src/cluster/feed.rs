@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, PART_EVENTS};
+use super::{Cluster, PART_EVENTS, parts};
 use crate::event::Event;
 use crate::proto::{self, Msg};
 use crate::pubsub::{Pubsub, Subscription};
@@ -308,27 +308,24 @@ impl Tap {
             }
         }
         for (node, wanted) in &self.wanted {
-            let events: Vec<_> = batch
+            let matching: Vec<&Event> = batch
                 .iter()
                 .filter(|e| wanted.queries.iter().any(|q| q.matches(e)))
-                .map(proto::to_pb)
                 .collect();
-            if events.is_empty() {
-                continue;
-            }
-            let count = events.len() as u64;
-            let payload = Bytes::from(
-                Msg {
-                    events,
-                    ..Msg::default()
+            for part in parts(&matching, |e| e.approx_bytes()) {
+                let payload = Bytes::from(
+                    Msg {
+                        events: part.iter().map(|e| proto::to_pb(e)).collect(),
+                        ..Msg::default()
+                    }
+                    .encode_to_vec(),
+                );
+                let client = &self.cluster.client;
+                if let Err(e) = client.publish(changes_subject(node), payload).await {
+                    let dropped = &self.cluster.index.pubsub().stats.dropped;
+                    dropped.fetch_add(part.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(node = %node, error = %e, "Could not forward changes.");
                 }
-                .encode_to_vec(),
-            );
-            let client = &self.cluster.client;
-            if let Err(e) = client.publish(changes_subject(node), payload).await {
-                let dropped = &self.cluster.index.pubsub().stats.dropped;
-                dropped.fetch_add(count, Ordering::Relaxed);
-                tracing::debug!(node = %node, error = %e, "Could not forward changes.");
             }
         }
     }

@@ -250,29 +250,60 @@ impl Cluster {
         self.send(events).await
     }
 
-    /// Queues `events` for JetStream, one part per shard, and returns what
-    /// resolves once JetStream has stored them all. Split from the wait so a
-    /// connection can send the next frames before this one's acks arrive.
+    /// Queues `events` for JetStream, in parts per shard of at most
+    /// [`batcher::MAX_MESSAGE_BYTES`] (NATS refuses a message over its
+    /// `max_payload`, 1 MiB by default, and closes the connection on it), and
+    /// returns what resolves once JetStream has stored them all. Split from
+    /// the wait so a connection can send the next frames before this one's
+    /// acks arrive. An event that alone is over `max_payload` fails them all,
+    /// before any is sent.
     pub fn send(
         &self,
         events: &[Event],
     ) -> impl Future<Output = Result<(), String>> + Send + 'static {
-        let mut groups: HashMap<u32, Msg> = HashMap::new();
-        for event in events {
-            groups
-                .entry(shard_of(event.host_str(), self.config.shards))
-                .or_default()
-                .events
-                .push(proto::to_pb(event));
+        let max_payload = self.client.server_info().max_payload;
+        let mut groups: HashMap<u32, Vec<(Msg, usize)>> = HashMap::new();
+        let mut refused = None;
+        for (i, event) in events.iter().enumerate() {
+            let pb = proto::to_pb(event);
+            // As a field of a `Msg`: its key, its length, the event.
+            let len = pb.encoded_len();
+            let len = 1 + prost::length_delimiter_len(len) + len;
+            if len > max_payload {
+                refused = Some(format!(
+                    "event {i} takes {len} bytes, over the cluster's NATS max_payload of {max_payload} bytes"
+                ));
+                break;
+            }
+            let parts = (groups.entry(shard_of(event.host_str(), self.config.shards))).or_default();
+            match parts.last_mut() {
+                Some((msg, bytes)) if *bytes + len <= batcher::MAX_MESSAGE_BYTES => {
+                    msg.events.push(pb);
+                    *bytes += len;
+                }
+                _ => parts.push((
+                    Msg {
+                        events: vec![pb],
+                        ..Msg::default()
+                    },
+                    len,
+                )),
+            }
         }
-        let stored: Vec<_> = groups
-            .into_iter()
-            .map(|(shard, msg)| {
-                let part = Bytes::from(msg.encode_to_vec());
-                self.batcher.enqueue(shard, part)
-            })
-            .collect();
+        let stored: Vec<_> = match refused {
+            Some(_) => Vec::new(),
+            None => (groups.into_iter())
+                .flat_map(|(shard, parts)| parts.into_iter().map(move |part| (shard, part)))
+                .map(|(shard, (msg, _))| {
+                    let part = Bytes::from(msg.encode_to_vec());
+                    self.batcher.enqueue(shard, part)
+                })
+                .collect(),
+        };
         async move {
+            if let Some(refused) = refused {
+                return Err(refused);
+            }
             for part in stored {
                 part.await
                     .map_err(|_| "cluster publisher stopped".to_owned())??;
@@ -430,8 +461,9 @@ const MORE: &str = "Vigil-More";
 /// Header on a node's refusal of a query matching more than its limit (the
 /// value).
 const TOO_MANY: &str = "Vigil-Too-Many";
-/// Events per answer part: a part must stay under NATS's max payload (1 MiB
-/// by default), and Riemann events are rarely over a few hundred bytes.
+/// Events per part of a query answer or of forwarded changes; a part is also
+/// cut at [`batcher::MAX_MESSAGE_BYTES`] ([`parts`]), under NATS's max
+/// payload (1 MiB by default).
 const PART_EVENTS: usize = 1000;
 
 /// Why a query across the cluster was not answered with events.
@@ -446,16 +478,38 @@ pub enum ClusterQueryError {
     Unavailable(String),
 }
 
-/// A query answer split into `Msg`s of at most [`PART_EVENTS`] events; at
-/// least one, so an empty answer still counts the node in.
+/// A query answer split into [`parts`]; at least one, so an empty answer
+/// still counts the node in.
 fn answer_parts(events: &[Event]) -> Vec<Bytes> {
     if events.is_empty() {
         return vec![proto::events_reply(&[])];
     }
-    events
-        .chunks(PART_EVENTS)
+    parts(events, Event::approx_bytes)
         .map(proto::events_reply)
         .collect()
+}
+
+/// `events` in runs of at most [`PART_EVENTS`] events and
+/// [`batcher::MAX_MESSAGE_BYTES`] by `size` (at least one event each):
+/// [`Event::approx_bytes`] is more than an event's encoding, so each run
+/// encodes within it.
+fn parts<T>(mut events: &[T], size: impl Fn(&T) -> usize) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if events.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let len = (events.iter().take(PART_EVENTS))
+            .take_while(|event| {
+                bytes += size(event);
+                bytes <= batcher::MAX_MESSAGE_BYTES
+            })
+            .count()
+            .max(1);
+        let (part, rest) = events.split_at(len);
+        events = rest;
+        Some(part)
+    })
 }
 
 #[cfg(test)]
@@ -485,6 +539,26 @@ mod tests {
         for i in 0..1000 {
             assert!(shard_of(&format!("host-{i}"), 7) < 7);
         }
+    }
+
+    #[test]
+    fn parts_are_cut_at_their_bytes_before_their_count() {
+        let event = |description: usize| Event {
+            description: Some("d".repeat(description)),
+            ..Event::default()
+        };
+        let large: Vec<Event> = (0..1000).map(|_| event(2000)).collect();
+        let lens: Vec<usize> = parts(&large, Event::approx_bytes).map(<[_]>::len).collect();
+        assert!(
+            lens.len() > 4 && lens.iter().sum::<usize>() == 1000,
+            "{lens:?}"
+        );
+        for part in answer_parts(&large) {
+            assert!(part.len() <= batcher::MAX_MESSAGE_BYTES, "{}", part.len());
+        }
+        let huge = [event(2 * batcher::MAX_MESSAGE_BYTES), event(1)];
+        let lens: Vec<usize> = parts(&huge, Event::approx_bytes).map(<[_]>::len).collect();
+        assert_eq!(lens, [1, 1], "an event over the bound goes alone");
     }
 
     #[test]
