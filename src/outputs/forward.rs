@@ -7,6 +7,9 @@
 //! Meanwhile the queue fills and its overflow is dropped and counted upstream.
 //! A batch the downstream answers `ok: false` to is retried too, but dropped
 //! after [`MAX_REFUSALS`] attempts, so one poison batch cannot stall the output.
+//! When the refusal names one event of the batch (a vigil downstream refuses
+//! a `Msg` whole as `event 3: description of … bytes exceeds --max-string …`),
+//! only that event is dropped and the rest sent again at once.
 
 use std::time::Duration;
 
@@ -55,6 +58,13 @@ impl Default for Tuning {
     }
 }
 
+/// The event a vigil downstream's refusal names (`event 3: …`), if it is
+/// one of a batch of `len`.
+fn refused_event(message: &str, len: usize) -> Option<usize> {
+    let (index, _) = message.strip_prefix("event ")?.split_once(": ")?;
+    index.parse().ok().filter(|&i| i < len)
+}
+
 #[derive(Debug, thiserror::Error)]
 enum Failure {
     /// The downstream answered `ok: false`; the connection stays usable.
@@ -99,11 +109,11 @@ async fn run_tuned(
         };
         let Some((batch, bytes)) = batch else { return };
         let batch = linger(&mut delivery, batch, bytes, &link.tuning).await;
-        link.deliver(&batch, &delivery).await;
+        link.deliver(batch, &delivery).await;
     }
     // Shutting down: deliver what is already queued, without waiting for more.
     while let Some(batch) = delivery.next_batch(max).now_or_never().flatten() {
-        link.deliver(&batch, &delivery).await;
+        link.deliver(batch, &delivery).await;
     }
 }
 
@@ -141,6 +151,8 @@ struct Link {
     backoff: Duration,
     /// Whether the outage has been logged, so it is logged once, not per attempt.
     down: bool,
+    /// Whether a refused event was logged yet: at warn once, then at debug.
+    warned_refused: bool,
 }
 
 impl Link {
@@ -152,22 +164,37 @@ impl Link {
             tuning,
             client: None,
             down: false,
+            warned_refused: false,
         }
     }
 
     /// Sends `batch` until it is acked, retrying with backoff. Only a batch the
     /// downstream keeps refusing is given up on; an unreachable downstream is
     /// waited for (the queue bounds what piles up meanwhile).
-    async fn deliver(&mut self, batch: &[Event], delivery: &Delivery) {
+    async fn deliver(&mut self, mut batch: Vec<Event>, delivery: &Delivery) {
         let mut refusals = 0;
         loop {
-            match self.attempt(batch).await {
+            match self.attempt(&batch).await {
                 Ok(()) => {
                     self.recovered();
                     delivery.delivered(batch.len());
                     return;
                 }
                 Err(Failure::Refused(message)) => {
+                    if let Some(i) = refused_event(&message, batch.len()) {
+                        batch.remove(i);
+                        delivery.dropped(1);
+                        let (output, addr) = (&self.output, &self.addr);
+                        if std::mem::replace(&mut self.warned_refused, true) {
+                            tracing::debug!(%output, %addr, error = %message, "Downstream refused an event; dropped it.");
+                        } else {
+                            tracing::warn!(%output, %addr, error = %message, "Downstream refused one event of a batch; dropped it and sent the rest (further ones are logged at debug, counted as dropped).");
+                        }
+                        if batch.is_empty() {
+                            return;
+                        }
+                        continue;
+                    }
                     refusals += 1;
                     if refusals == MAX_REFUSALS {
                         tracing::error!(
@@ -268,6 +295,7 @@ mod tests {
     use crate::event::Metric;
     use crate::index::{Index, IndexConfig};
     use crate::outputs::{OutputSink, OutputStats, Queue, queue};
+    use crate::query::Query;
     use crate::server::{Server, ServerConfig};
     use crate::streams::IndexEverything;
     use crate::{proto, tcp};
@@ -309,12 +337,16 @@ mod tests {
 
     /// A vigil server indexing everything it receives.
     async fn downstream(addr: SocketAddr) -> (Server, Arc<Index>) {
-        let index = Arc::new(Index::new(IndexConfig::default()));
-        let clock: SharedClock = Arc::new(ManualClock::new(T0));
-        let config = ServerConfig {
+        downstream_with(ServerConfig {
             tcp: addr,
             ..ServerConfig::default()
-        };
+        })
+        .await
+    }
+
+    async fn downstream_with(config: ServerConfig) -> (Server, Arc<Index>) {
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let clock: SharedClock = Arc::new(ManualClock::new(T0));
         let streams = Arc::new(IndexEverything::new(index.clone()));
         let server = Server::start(config, index.clone(), streams, clock)
             .await
@@ -483,6 +515,63 @@ mod tests {
         assert_eq!(get(&queue.stats.retries), 2);
         assert_eq!(connections.load(Ordering::Acquire), 1);
         assert_accounted(&queue);
+    }
+
+    /// A vigil downstream with a smaller `--max-string` refuses a `Msg`
+    /// naming the event at fault: only that event is lost.
+    #[tokio::test]
+    async fn an_event_the_downstream_refuses_is_dropped_alone() {
+        let (server, index) = downstream_with(ServerConfig {
+            tcp: any_port(),
+            limits: crate::limits::Limits {
+                max_string: 20,
+                ..crate::limits::Limits::DEFAULT
+            },
+            ..ServerConfig::default()
+        })
+        .await;
+        let (queue, delivery) = queue("fwd", 100);
+        for i in 0..10 {
+            let mut e = event(i);
+            if i == 3 || i == 7 {
+                e.description = Some("too long for the downstream".into());
+            }
+            queue.push(e);
+        }
+        let config = Config {
+            host: "127.0.0.1".into(),
+            port: server.tcp_addr.port(),
+        };
+        let _task = tokio::spawn(run_tuned(
+            config,
+            fast(),
+            delivery,
+            CancellationToken::new(),
+        ));
+
+        wait_until("8 delivered", || get(&queue.stats.delivered) == 8).await;
+        assert_eq!(get(&queue.stats.dropped), 2);
+        assert_eq!(get(&queue.stats.retries), 0, "sent again at once");
+        let mut services: Vec<_> = (index.query(&Query::parse("true").unwrap()).unwrap())
+            .into_iter()
+            .map(|e| e.service.unwrap())
+            .collect();
+        services.sort();
+        let kept = [0, 1, 2, 4, 5, 6, 8, 9].map(|i| format!("svc {i}"));
+        assert_eq!(services, kept);
+        assert_accounted(&queue);
+    }
+
+    #[test]
+    fn only_a_refusal_naming_an_event_of_the_batch_picks_one_out() {
+        let refused = "event 3: description of 27 bytes exceeds --max-string 20";
+        assert_eq!(refused_event(refused, 10), Some(3));
+        assert_eq!(refused_event(refused, 3), None, "not in this batch");
+        assert_eq!(
+            refused_event("10 events exceeds --max-events-per-msg 5", 10),
+            None
+        );
+        assert_eq!(refused_event("event x: y", 10), None);
     }
 
     #[tokio::test]
