@@ -8,8 +8,9 @@
 //! more than its first [`FREE`] bytes are read, and gives it back once it has
 //! arrived (HTTP: once it has been handled). When the budget is spent the
 //! message waits, its connection reading nothing meanwhile, so the kernel's (or
-//! HTTP/2's) flow control pushes back on the sender; the read timeout still
-//! runs. Messages up to [`FREE`] bytes never wait: agents' messages are far
+//! HTTP/2's) flow control pushes back on the sender. Once it has room, it must
+//! arrive within the read timeout, so no client sits on room it does not use.
+//! Messages up to [`FREE`] bytes never wait: agents' messages are far
 //! smaller, so a flood of large messages cannot hold them up.
 //!
 //! The budget is counted in KiB (tokio's semaphore takes at most `u32::MAX`

@@ -18,6 +18,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::budget::{self, Budget, Taken, Waiter};
@@ -61,7 +62,7 @@ impl FrameCodec {
 pub fn gated<S>(stream: S, max_frame: usize, budget: &Budget) -> (Gated<S>, FrameCodec) {
     let gate = Arc::new(Gate {
         wanted: AtomicUsize::new(0),
-        held: Mutex::new(None),
+        held: Mutex::default(),
         budget: budget.clone(),
     });
     let codec = FrameCodec {
@@ -81,9 +82,16 @@ pub fn gated<S>(stream: S, max_frame: usize, budget: &Budget) -> (Gated<S>, Fram
 struct Gate {
     /// The length of the frame waiting for room; 0 when none is.
     wanted: AtomicUsize,
-    /// The room of the frame arriving now, if it is a large one.
-    held: Mutex<Option<Taken>>,
+    held: Mutex<Held>,
     budget: Budget,
+}
+
+/// What the large frame arriving now holds.
+#[derive(Default)]
+struct Held {
+    room: Option<Taken>,
+    /// When it got its room after waiting for it.
+    granted_at: Option<Instant>,
 }
 
 impl Gate {
@@ -91,24 +99,27 @@ impl Gate {
     /// budget for it if not; without it, the stream reads nothing more.
     fn admit(&self, len: usize) -> bool {
         let mut held = self.held.lock();
-        if held.is_some() {
+        if held.room.is_some() {
             return true;
         }
-        *held = self.budget.try_take(len);
-        if held.is_none() {
+        held.room = self.budget.try_take(len);
+        if held.room.is_none() {
             self.wanted.store(len, Ordering::Relaxed);
         }
-        held.is_some()
+        held.room.is_some()
     }
 
     fn grant(&self, taken: Taken) {
-        *self.held.lock() = Some(taken);
+        *self.held.lock() = Held {
+            room: Some(taken),
+            granted_at: Some(Instant::now()),
+        };
         self.wanted.store(0, Ordering::Relaxed);
     }
 
     /// The frame has arrived whole: its room goes back to the budget.
     fn release(&self) {
-        self.held.lock().take();
+        *self.held.lock() = Held::default();
     }
 }
 
@@ -117,6 +128,18 @@ pub struct Gated<S> {
     inner: S,
     gate: Arc<Gate>,
     waiter: Waiter,
+}
+
+impl<S> Gated<S> {
+    /// Since when the frame arriving now has had its room, if it waited for
+    /// it (now, while it still waits): the wait is the server's, so the
+    /// connection's read timeout should run from then.
+    pub fn room_since(&self) -> Option<Instant> {
+        if self.gate.wanted.load(Ordering::Relaxed) > 0 {
+            return Some(Instant::now());
+        }
+        self.gate.held.lock().granted_at
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Gated<S> {

@@ -14,7 +14,7 @@
 //!   batch of replies to a client that does not read, get the same bound;
 //! - a frame over 64 KiB is read on only once it has room in the memory budget
 //!   all connections share ([`crate::budget`]): until then the connection
-//!   reads nothing more.
+//!   reads nothing more, and its read timeout runs from when it got the room.
 
 use std::io;
 use std::net::SocketAddr;
@@ -162,6 +162,14 @@ impl Connections {
             let next = tokio::select! {
                 next = framed.next() => next,
                 () = &mut deadline => {
+                    // A frame that waited for room in the memory budget has
+                    // the whole timeout from when it got it.
+                    let from = framed.get_ref().room_since();
+                    let later = from.map(|from| from + self.read_timeout);
+                    if let Some(until) = later.filter(|&until| until > Instant::now()) {
+                        deadline.as_mut().reset(until);
+                        continue;
+                    }
                     Stats::incr(&self.ingest.stats.tcp_read_timeouts);
                     tracing::debug!(%peer, timeout = ?self.read_timeout, "No complete frame in time; closing the connection.");
                     return Ok(());

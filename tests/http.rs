@@ -973,6 +973,39 @@ async fn a_large_body_without_room_in_the_budget_is_answered_503() {
     http.shutdown(WAIT).await;
 }
 
+/// A body that waited for room has the whole read timeout from when it got
+/// it: here it arrives 1.3 s after its head, 0.5 s after its room.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_has_the_read_timeout_from_when_it_got_its_room() {
+    let memory = Budget::new(1024 * 1024, Arc::new(Stats::default()));
+    let (http, index, _) = in_process_with(HttpConfig {
+        read_timeout: Duration::from_secs(1),
+        memory: Some(memory.clone()),
+        ..HttpConfig::default()
+    })
+    .await;
+    let body = "{\"host\": \"h\"}\n".repeat(10_000);
+    let head = format!(
+        "POST /events HTTP/1.1\r\nHost: vigil\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let held = memory.try_take(1024 * 1024).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(http.addr.unwrap())
+        .await
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    let first = [head.as_bytes(), &body.as_bytes()[..1000]].concat();
+    stream.write_all(&first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream.write_all(&body.as_bytes()[1000..]).await.unwrap();
+    let answer = text_until_closed(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(index.len(), 1);
+    http.shutdown(WAIT).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_that_never_finish_a_request_are_closed_after_the_read_timeout() {
     let (http, _index, _) = in_process_with(HttpConfig {

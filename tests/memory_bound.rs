@@ -279,3 +279,51 @@ async fn large_messages_of_every_transport_wait_their_turn_in_one_budget() {
         ]
     );
 }
+
+/// A frame that waits for room longer than the read timeout is not closed for
+/// it: the wait is the server's, and the timeout runs from when it got room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_waiting_for_room_is_not_timed_out_meanwhile() {
+    let _alone = ALONE.lock().await;
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let server = Server::start(
+        ServerConfig {
+            tcp: "127.0.0.1:0".parse().unwrap(),
+            read_timeout: Duration::from_secs(1),
+            max_message_memory: 1024 * 1024,
+            ..ServerConfig::default()
+        },
+        index.clone(),
+        Arc::new(IndexEverything::new(index.clone())),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let held = server.memory.try_take(1024 * 1024).unwrap();
+    let frame = proto::Msg {
+        events: vec![PbEvent {
+            host: Some("h".into()),
+            description: Some("d".repeat(200_000)),
+            ..PbEvent::default()
+        }],
+        ..proto::Msg::default()
+    }
+    .encode_to_vec();
+    let mut tcp = TcpStream::connect(server.tcp_addr).await.unwrap();
+    tcp.write_all(&(frame.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    tcp.write_all(&frame).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(Stats::get(&server.stats.messages_waited_for_memory), 1);
+    drop(held);
+    let len = tcp
+        .read_u32()
+        .await
+        .expect("a reply, not a closed connection");
+    let mut reply = vec![0; len as usize];
+    tcp.read_exact(&mut reply).await.unwrap();
+    assert_eq!(proto::Msg::decode(&reply[..]).unwrap().ok, Some(true));
+    assert_eq!(Stats::get(&server.stats.tcp_read_timeouts), 0);
+    assert_eq!(index.len(), 1);
+}

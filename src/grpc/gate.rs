@@ -7,20 +7,26 @@
 //! then the length) is noted as it goes by. A chunk that starts a large
 //! message is held, and the body read no further, until the message has room;
 //! the room goes back once the message's last byte has been passed on. While a
-//! chunk is held HTTP/2's flow control stops the sender.
+//! chunk is held HTTP/2's flow control stops the sender. A message that holds
+//! room must arrive within the read timeout of getting it, or the request
+//! fails: a client that answers HTTP/2 pings but stops sending could
+//! otherwise keep its room, and others waiting, for ever.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 use crate::budget::{self, Budget, Taken, Waiter};
 
 const PREFIX: usize = 5;
 
-/// `body`, with every large message waiting for room in `budget`.
-pub fn gated<B>(body: B, budget: &Budget) -> Gated<B> {
+/// `body`, with every large message waiting for room in `budget`, then
+/// arriving within `timeout` of getting it.
+pub fn gated<B>(body: B, budget: &Budget, timeout: Duration) -> Gated<B> {
     Gated {
         inner: body,
         waiter: budget.waiter(),
@@ -28,8 +34,20 @@ pub fn gated<B>(body: B, budget: &Budget) -> Gated<B> {
         prefix_seen: 0,
         remaining: 0,
         room: None,
+        timeout,
+        deadline: None,
         held: None,
     }
+}
+
+/// A large message that did not arrive in time.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a message of {len} bytes held its room in --max-message-memory for {timeout:?} (--read-timeout) without arriving"
+)]
+pub struct TooSlow {
+    len: usize,
+    timeout: Duration,
 }
 
 pub struct Gated<B> {
@@ -40,8 +58,11 @@ pub struct Gated<B> {
     prefix_seen: usize,
     /// Bytes of the current message not yet passed on.
     remaining: usize,
-    /// The current message's room, when it is a large one.
-    room: Option<Taken>,
+    /// The current message's room, when it is a large one, and its length.
+    room: Option<(Taken, usize)>,
+    timeout: Duration,
+    /// When a large message must have arrived: made for the first one.
+    deadline: Option<Pin<Box<Sleep>>>,
     /// A chunk that starts a large message without room yet, with where in it
     /// that message's body begins and its length.
     held: Option<(Bytes, usize, usize)>,
@@ -96,8 +117,13 @@ impl<B> Gated<B> {
             if let Some(len) = wanted {
                 match self.waiter.poll_take(cx, len) {
                     Poll::Ready(room) => {
-                        self.room = Some(room);
+                        self.room = Some((room, len));
                         self.remaining = len;
+                        let due = Instant::now() + self.timeout;
+                        match &mut self.deadline {
+                            Some(deadline) => deadline.as_mut().reset(due),
+                            None => self.deadline = Some(Box::pin(tokio::time::sleep_until(due))),
+                        }
                     }
                     Poll::Pending => {
                         self.held = Some((chunk, from, len));
@@ -116,22 +142,37 @@ impl<B> Gated<B> {
 impl<B> Body for Gated<B>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<tonic::codegen::StdError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = tonic::codegen::StdError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         if let Some((chunk, from, len)) = this.held.take() {
             let chunk = ready!(this.poll_pass(cx, chunk, from, Some(len)));
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
+        let due = (this.room.as_ref()).zip(this.deadline.as_mut());
+        if let Some(((_, len), deadline)) = due {
+            if deadline.as_mut().poll(cx).is_ready() {
+                let len = *len;
+                // Its room goes back at once; the request ends with this.
+                this.room = None;
+                let too_slow = TooSlow {
+                    len,
+                    timeout: this.timeout,
+                };
+                return Poll::Ready(Some(Err(too_slow.into())));
+            }
+        }
         let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
-            other => return Poll::Ready(other),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            None => return Poll::Ready(None),
         };
         match frame.into_data() {
             Ok(chunk) => {
@@ -161,8 +202,8 @@ mod tests {
     use super::*;
     use crate::stats::Stats;
 
-    /// A body of the given chunks.
-    struct Chunks(VecDeque<Bytes>);
+    /// A body of the given chunks, then its end (or, stalled, nothing more).
+    struct Chunks(VecDeque<Bytes>, bool);
 
     impl Body for Chunks {
         type Data = Bytes;
@@ -172,9 +213,15 @@ mod tests {
             mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+            match self.0.pop_front() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None if self.1 => Poll::Pending,
+                None => Poll::Ready(None),
+            }
         }
     }
+
+    const TIMEOUT: Duration = Duration::from_secs(60);
 
     fn message(len: usize) -> Vec<u8> {
         let mut out = vec![0];
@@ -190,8 +237,34 @@ mod tests {
             .map(|frame| frame.map(|frame| frame.unwrap().into_data().unwrap()))
     }
 
-    #[test]
-    fn small_messages_pass_and_a_large_one_waits_for_room_until_it_has_passed() {
+    #[tokio::test(start_paused = true)]
+    async fn a_large_message_that_stops_arriving_gives_its_room_back_after_the_timeout() {
+        let stats = Arc::new(Stats::default());
+        let budget = Budget::new(budget::FREE * 2, stats.clone());
+        let start = Bytes::from(message(budget::FREE + 1)).slice(..1000);
+        let mut body = gated(Chunks([start.clone()].into(), true), &budget, TIMEOUT);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut poll = || Pin::new(&mut body).poll_frame(&mut cx);
+        assert!(matches!(poll(), Poll::Ready(Some(Ok(_)))));
+        assert!(Stats::get(&stats.message_bytes_held) > 0);
+        tokio::time::advance(TIMEOUT - Duration::from_secs(1)).await;
+        assert!(poll().is_pending(), "still in time");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let Poll::Ready(Some(Err(e))) = poll() else {
+            panic!("the request fails");
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "a message of {} bytes held its room in --max-message-memory for 60s (--read-timeout) without arriving",
+                budget::FREE + 1
+            )
+        );
+        assert_eq!(Stats::get(&stats.message_bytes_held), 0, "given back");
+    }
+
+    #[tokio::test]
+    async fn small_messages_pass_and_a_large_one_waits_for_room_until_it_has_passed() {
         let stats = Arc::new(Stats::default());
         let budget = Budget::new(budget::FREE * 2, stats.clone());
         let large = budget::FREE + 1;
@@ -202,7 +275,11 @@ mod tests {
         let first: Vec<u8> = wire.drain(..PREFIX + 3 + PREFIX + 2).collect();
         let second: Vec<u8> = wire.drain(..3 + 1000).collect();
         let chunks = [first, second, wire].map(Bytes::from);
-        let mut body = gated(Chunks(chunks.iter().cloned().collect()), &budget);
+        let mut body = gated(
+            Chunks(chunks.iter().cloned().collect(), false),
+            &budget,
+            TIMEOUT,
+        );
 
         let other = budget.try_take(budget::FREE * 2).unwrap();
         assert_eq!(poll(&mut body), Poll::Ready(Some(chunks[0].clone())));
@@ -218,20 +295,20 @@ mod tests {
         assert_eq!(poll(&mut body), Poll::Ready(None));
     }
 
-    #[test]
-    fn one_chunk_of_two_large_messages_takes_room_for_each_in_turn() {
+    #[tokio::test]
+    async fn one_chunk_of_two_large_messages_takes_room_for_each_in_turn() {
         let stats = Arc::new(Stats::default());
         let budget = Budget::new(budget::FREE * 2, stats.clone());
         let large = budget::FREE + 1;
         let wire = Bytes::from([message(large), message(large)].concat());
-        let mut body = gated(Chunks([wire.clone()].into()), &budget);
+        let mut body = gated(Chunks([wire.clone()].into(), false), &budget, TIMEOUT);
         assert_eq!(poll(&mut body), Poll::Ready(Some(wire)));
         assert_eq!(Stats::get(&stats.message_bytes_held), 0);
         assert_eq!(Stats::get(&stats.messages_waited_for_memory), 0);
     }
 
-    #[test]
-    fn any_split_of_any_messages_passes_every_byte_and_gives_every_room_back() {
+    #[tokio::test]
+    async fn any_split_of_any_messages_passes_every_byte_and_gives_every_room_back() {
         let mut next = crate::test_rng::xorshift(0x5eed);
         for round in 0..200 {
             let stats = Arc::new(Stats::default());
@@ -249,7 +326,7 @@ mod tests {
                 chunks.push_back(Bytes::copy_from_slice(&rest[..len]));
                 rest = &rest[len..];
             }
-            let mut body = gated(Chunks(chunks), &budget);
+            let mut body = gated(Chunks(chunks, false), &budget, TIMEOUT);
             let mut passed = Vec::new();
             while let Poll::Ready(Some(chunk)) = poll(&mut body) {
                 passed.extend_from_slice(&chunk);

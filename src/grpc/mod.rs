@@ -309,6 +309,8 @@ impl Grpc {
         );
         let memory =
             (limits.memory).unwrap_or_else(|| Budget::new(budget::DEFAULT_MAX, stats.clone()));
+        // A large message holds its room at most this long while it arrives.
+        let message_timeout = limits.read_timeout;
         let service = pb::vigil_server::VigilServer::new(Service(Arc::new(Shared {
             index,
             streams,
@@ -343,7 +345,7 @@ impl Grpc {
             .http2_keepalive_interval(Some(limits.read_timeout))
             .http2_keepalive_timeout(Some(limits.read_timeout))
             .layer(MapRequestLayer::new(move |request: http::Request<Body>| {
-                request.map(|body| Body::new(gate::gated(body, &memory)))
+                request.map(|body| Body::new(gate::gated(body, &memory, message_timeout)))
             }))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());

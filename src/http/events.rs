@@ -112,11 +112,12 @@ pub(super) async fn post(State(state): State<AppState>, request: Request) -> Res
 /// The body of `request`, whole within the read timeout of its head and at
 /// most [`MAX_BODY`] bytes. One over [`budget::FREE`] bytes first gets room in
 /// the shared budget for its announced length (for [`MAX_BODY`] when it
-/// announces none), and is read on only once it has it.
+/// announces none), within the read timeout, and is read on only once it has
+/// it, within the read timeout of getting it.
 async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<Taken>), Response> {
     let stats = state.stats();
     let after = state.read_timeout;
-    let deadline = Instant::now() + after;
+    let mut deadline = Instant::now() + after;
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -130,7 +131,7 @@ async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<
     if announced.is_some_and(|len| len > MAX_BODY) {
         return Err(too_large());
     }
-    let room_for = |len: usize| async move {
+    let room_for = |len: usize, deadline: Instant| async move {
         match tokio::time::timeout_at(deadline, state.memory.take(len)).await {
             Ok(room) => Ok(room),
             Err(_) => Err(error(
@@ -143,7 +144,8 @@ async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<
     };
     let mut room = None;
     if let Some(len) = announced.filter(|&len| len > budget::FREE) {
-        room = Some(room_for(len).await?);
+        room = Some(room_for(len, deadline).await?);
+        deadline = Instant::now() + after;
     }
     let mut body = BytesMut::with_capacity(announced.unwrap_or(0));
     let mut chunks = request.into_body().into_data_stream();
@@ -168,7 +170,8 @@ async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<
             return Err(too_large());
         }
         if room.is_none() && len > budget::FREE {
-            room = Some(room_for(MAX_BODY).await?);
+            room = Some(room_for(MAX_BODY, deadline).await?);
+            deadline = Instant::now() + after;
         }
         body.extend_from_slice(&chunk);
     }
