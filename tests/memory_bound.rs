@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use common::{Vigil, peak_of};
 
 use vigil::client::Client;
-use vigil::clock::{SharedClock, SystemClock};
+use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::event::Event;
 use vigil::grpc::{GrpcLimits, Msg, VigilClient};
 use vigil::index::{Index, IndexConfig};
@@ -235,6 +235,8 @@ async fn large_messages_of_every_transport_wait_their_turn_in_one_budget() {
     let event = Event {
         host: Some("h".into()),
         service: Some("small".into()),
+        // Not at the epoch: the index would expire it before the query.
+        time: SystemClock.now(),
         ..Event::default()
     };
     small.send(&[event]).await.unwrap();
