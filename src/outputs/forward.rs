@@ -9,8 +9,12 @@
 //! after [`MAX_REFUSALS`] attempts, so one poison batch cannot stall the output.
 //! When the refusal names one event of the batch (a vigil downstream refuses
 //! a `Msg` whole as `event 3: description of … bytes exceeds --max-string …`),
-//! only that event is dropped and the rest sent again at once.
+//! only that event is dropped and the rest sent again at once; when it says
+//! the frame was over the downstream's maximum (a vigil with a smaller
+//! `--max-frame`), the batch is sent again in parts that fit, and only an
+//! event that alone does not fit is dropped.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -56,6 +60,36 @@ impl Default for Tuning {
             backoff_max: Duration::from_secs(5),
         }
     }
+}
+
+/// The largest frame a vigil downstream's refusal of a frame says it takes.
+fn frame_max(message: &str) -> Option<usize> {
+    let max = message.strip_prefix("frame exceeds the maximum size of ")?;
+    max.strip_suffix(" bytes")?.parse().ok()
+}
+
+/// `batch` in parts of events whose `Event::approx_bytes` (more than their
+/// encoding) add up to at most `max`, or in two halves if that would not
+/// split it.
+fn split_within(mut batch: Vec<Event>, max: usize) -> Vec<Vec<Event>> {
+    let mut parts: Vec<Vec<Event>> = Vec::new();
+    let mut bytes = 0;
+    for event in batch.drain(..) {
+        let size = event.approx_bytes();
+        match parts.last_mut() {
+            Some(part) if bytes + size <= max => part.push(event),
+            _ => {
+                parts.push(vec![event]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    if let [whole] = &mut parts[..] {
+        let second = whole.split_off(whole.len() / 2);
+        parts.push(second);
+    }
+    parts
 }
 
 /// The event a vigil downstream's refusal names (`event 3: …`), if it is
@@ -168,19 +202,50 @@ impl Link {
         }
     }
 
+    /// Sends `batch`, in parts if the downstream's frames are smaller.
+    async fn deliver(&mut self, batch: Vec<Event>, delivery: &Delivery) {
+        let mut batches = VecDeque::from([batch]);
+        while let Some(batch) = batches.pop_front() {
+            let Some((batch, max)) = self.deliver_one(batch, delivery).await else {
+                continue;
+            };
+            // Refused as a frame over `max` bytes: the downstream closed the
+            // connection after saying so.
+            self.client = None;
+            if batch.len() == 1 {
+                delivery.dropped(1);
+                let (output, addr) = (&self.output, &self.addr);
+                tracing::warn!(%output, %addr, max, "An event alone is over the downstream's largest frame; dropped it.");
+                continue;
+            }
+            let parts = split_within(batch, max);
+            for part in parts.into_iter().rev() {
+                batches.push_front(part);
+            }
+        }
+    }
+
     /// Sends `batch` until it is acked, retrying with backoff. Only a batch the
     /// downstream keeps refusing is given up on; an unreachable downstream is
-    /// waited for (the queue bounds what piles up meanwhile).
-    async fn deliver(&mut self, mut batch: Vec<Event>, delivery: &Delivery) {
+    /// waited for (the queue bounds what piles up meanwhile). A batch refused
+    /// as a frame over the downstream's maximum comes back, with that maximum.
+    async fn deliver_one(
+        &mut self,
+        mut batch: Vec<Event>,
+        delivery: &Delivery,
+    ) -> Option<(Vec<Event>, usize)> {
         let mut refusals = 0;
         loop {
             match self.attempt(&batch).await {
                 Ok(()) => {
                     self.recovered();
                     delivery.delivered(batch.len());
-                    return;
+                    return None;
                 }
                 Err(Failure::Refused(message)) => {
+                    if let Some(max) = frame_max(&message) {
+                        return Some((batch, max));
+                    }
                     if let Some(i) = refused_event(&message, batch.len()) {
                         batch.remove(i);
                         delivery.dropped(1);
@@ -191,7 +256,7 @@ impl Link {
                             tracing::warn!(%output, %addr, error = %message, "Downstream refused one event of a batch; dropped it and sent the rest (further ones are logged at debug, counted as dropped).");
                         }
                         if batch.is_empty() {
-                            return;
+                            return None;
                         }
                         continue;
                     }
@@ -205,7 +270,7 @@ impl Link {
                             "Downstream keeps refusing a batch; dropped it."
                         );
                         delivery.dropped(batch.len());
-                        return;
+                        return None;
                     }
                     tracing::debug!(
                         output = %self.output,
@@ -560,6 +625,55 @@ mod tests {
         let kept = [0, 1, 2, 4, 5, 6, 8, 9].map(|i| format!("svc {i}"));
         assert_eq!(services, kept);
         assert_accounted(&queue);
+    }
+
+    /// A vigil downstream with a smaller `--max-frame` refuses the batch's
+    /// frame and closes the connection: the batch goes again in parts that
+    /// fit, and only an event too large for any frame is lost.
+    #[tokio::test]
+    async fn a_batch_over_the_downstreams_largest_frame_goes_in_parts() {
+        let (server, index) = downstream_with(ServerConfig {
+            tcp: any_port(),
+            max_frame: 2000,
+            ..ServerConfig::default()
+        })
+        .await;
+        let (queue, delivery) = queue("fwd", 100);
+        for i in 0..10 {
+            let mut e = event(i);
+            e.description = Some("d".repeat(if i == 6 { 3000 } else { 500 }));
+            queue.push(e);
+        }
+        let config = Config {
+            host: "127.0.0.1".into(),
+            port: server.tcp_addr.port(),
+        };
+        let _task = tokio::spawn(run_tuned(
+            config,
+            fast(),
+            delivery,
+            CancellationToken::new(),
+        ));
+
+        wait_until("9 delivered", || get(&queue.stats.delivered) == 9).await;
+        assert_eq!(get(&queue.stats.dropped), 1);
+        assert_eq!(index.len(), 9);
+        assert!(index.get("web1", "svc 6").is_none());
+        assert!(get(&server.stats.frames_oversized) >= 2);
+        assert_accounted(&queue);
+    }
+
+    #[test]
+    fn a_batch_splits_within_the_largest_frame_or_in_halves() {
+        let batch: Vec<Event> = (0..10).map(event).collect();
+        let size = batch[0].approx_bytes();
+        let lens = |parts: Vec<Vec<Event>>| parts.iter().map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(lens(split_within(batch.clone(), 3 * size)), [3, 3, 3, 1]);
+        assert_eq!(lens(split_within(batch.clone(), 100 * size)), [5, 5]);
+        assert_eq!(lens(split_within(batch, 1)), [1; 10]);
+        let refusal = "frame exceeds the maximum size of 2000 bytes";
+        assert_eq!(frame_max(refusal), Some(2000));
+        assert_eq!(frame_max("event 1: too long"), None);
     }
 
     #[test]
