@@ -217,7 +217,11 @@ mod tests {
         h.observe(Duration::from_micros(3));
         h.observe(Duration::from_secs(9));
         let sample = Sample {
-            counters: vec![("tcp_events", 7), ("tcp_connections_open", 2)],
+            counters: vec![
+                ("tcp_events", 7),
+                ("tcp_connections_open", 2),
+                ("message_bytes_held", 3072),
+            ],
             outputs: vec![OutputSample {
                 name: "pa\"ger".into(),
                 dropped: 4,
@@ -230,6 +234,7 @@ mod tests {
         for line in [
             "# TYPE vigil_tcp_events_total counter\nvigil_tcp_events_total 7\n",
             "# TYPE vigil_tcp_connections_open gauge\nvigil_tcp_connections_open 2\n",
+            "# TYPE vigil_message_bytes_held gauge\nvigil_message_bytes_held 3072\n",
             "vigil_output_dropped_total{output=\"pa\\\"ger\"} 4\n",
             "vigil_streams_latency_seconds_bucket{le=\"0.000005\"} 1\n",
             "vigil_streams_latency_seconds_bucket{le=\"5\"} 1\n",
