@@ -25,10 +25,13 @@ use crate::budget::{self, Budget, Taken, Waiter};
 const PREFIX: usize = 5;
 
 /// `body`, with every large message waiting for room in `budget`, then
-/// arriving within `timeout` of getting it.
-pub fn gated<B>(body: B, budget: &Budget, timeout: Duration) -> Gated<B> {
+/// arriving within `timeout` of getting it. A message over `max_message` goes
+/// straight on, for tonic to refuse at its prefix, rather than wait for room
+/// it would never use.
+pub fn gated<B>(body: B, budget: &Budget, timeout: Duration, max_message: usize) -> Gated<B> {
     Gated {
         inner: body,
+        max_message,
         waiter: budget.waiter(),
         prefix: [0; PREFIX],
         prefix_seen: 0,
@@ -52,6 +55,7 @@ pub struct TooSlow {
 
 pub struct Gated<B> {
     inner: B,
+    max_message: usize,
     waiter: Waiter,
     /// The prefix of the next message, `prefix_seen` bytes of it so far.
     prefix: [u8; PREFIX],
@@ -96,7 +100,7 @@ impl<B> Gated<B> {
                 self.prefix_seen = 0;
                 let len = u32::from_be_bytes(self.prefix[1..].try_into().expect("4 bytes"));
                 let len = len as usize;
-                if len > budget::FREE {
+                if len > budget::FREE && len <= self.max_message {
                     return Walk::NeedsRoom { at: from, len };
                 }
                 self.remaining = len;
@@ -222,6 +226,7 @@ mod tests {
     }
 
     const TIMEOUT: Duration = Duration::from_secs(60);
+    const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
     fn message(len: usize) -> Vec<u8> {
         let mut out = vec![0];
@@ -242,7 +247,12 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let budget = Budget::new(budget::FREE * 2, stats.clone());
         let start = Bytes::from(message(budget::FREE + 1)).slice(..1000);
-        let mut body = gated(Chunks([start.clone()].into(), true), &budget, TIMEOUT);
+        let mut body = gated(
+            Chunks([start.clone()].into(), true),
+            &budget,
+            TIMEOUT,
+            MAX_MESSAGE,
+        );
         let mut cx = Context::from_waker(Waker::noop());
         let mut poll = || Pin::new(&mut body).poll_frame(&mut cx);
         assert!(matches!(poll(), Poll::Ready(Some(Ok(_)))));
@@ -279,6 +289,7 @@ mod tests {
             Chunks(chunks.iter().cloned().collect(), false),
             &budget,
             TIMEOUT,
+            MAX_MESSAGE,
         );
 
         let other = budget.try_take(budget::FREE * 2).unwrap();
@@ -296,12 +307,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_message_over_the_largest_one_taken_passes_without_room() {
+        let stats = Arc::new(Stats::default());
+        let budget = Budget::new(budget::FREE * 2, stats.clone());
+        let held = budget.try_take(budget::FREE * 2).unwrap();
+        let mut prefix = vec![0];
+        prefix.extend_from_slice(&(MAX_MESSAGE as u32 + 1).to_be_bytes());
+        let chunk = Bytes::from(prefix);
+        let mut body = gated(
+            Chunks([chunk.clone()].into(), false),
+            &budget,
+            TIMEOUT,
+            MAX_MESSAGE,
+        );
+        assert_eq!(
+            poll(&mut body),
+            Poll::Ready(Some(chunk)),
+            "for tonic to refuse"
+        );
+        assert_eq!(Stats::get(&stats.messages_waited_for_memory), 0);
+        drop(held);
+    }
+
+    #[tokio::test]
     async fn one_chunk_of_two_large_messages_takes_room_for_each_in_turn() {
         let stats = Arc::new(Stats::default());
         let budget = Budget::new(budget::FREE * 2, stats.clone());
         let large = budget::FREE + 1;
         let wire = Bytes::from([message(large), message(large)].concat());
-        let mut body = gated(Chunks([wire.clone()].into(), false), &budget, TIMEOUT);
+        let mut body = gated(
+            Chunks([wire.clone()].into(), false),
+            &budget,
+            TIMEOUT,
+            MAX_MESSAGE,
+        );
         assert_eq!(poll(&mut body), Poll::Ready(Some(wire)));
         assert_eq!(Stats::get(&stats.message_bytes_held), 0);
         assert_eq!(Stats::get(&stats.messages_waited_for_memory), 0);
@@ -326,7 +365,7 @@ mod tests {
                 chunks.push_back(Bytes::copy_from_slice(&rest[..len]));
                 rest = &rest[len..];
             }
-            let mut body = gated(Chunks(chunks, false), &budget, TIMEOUT);
+            let mut body = gated(Chunks(chunks, false), &budget, TIMEOUT, MAX_MESSAGE);
             let mut passed = Vec::new();
             while let Poll::Ready(Some(chunk)) = poll(&mut body) {
                 passed.extend_from_slice(&chunk);

@@ -310,7 +310,7 @@ impl Grpc {
         let memory =
             (limits.memory).unwrap_or_else(|| Budget::new(budget::DEFAULT_MAX, stats.clone()));
         // A large message holds its room at most this long while it arrives.
-        let message_timeout = limits.read_timeout;
+        let (message_timeout, max_message) = (limits.read_timeout, limits.max_message);
         let service = pb::vigil_server::VigilServer::new(Service(Arc::new(Shared {
             index,
             streams,
@@ -345,7 +345,8 @@ impl Grpc {
             .http2_keepalive_interval(Some(limits.read_timeout))
             .http2_keepalive_timeout(Some(limits.read_timeout))
             .layer(MapRequestLayer::new(move |request: http::Request<Body>| {
-                request.map(|body| Body::new(gate::gated(body, &memory, message_timeout)))
+                let gated = |body| gate::gated(body, &memory, message_timeout, max_message);
+                request.map(|body| Body::new(gated(body)))
             }))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
