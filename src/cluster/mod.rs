@@ -261,7 +261,6 @@ impl Cluster {
         &self,
         events: &[Event],
     ) -> impl Future<Output = Result<(), String>> + Send + 'static {
-        let max_payload = self.client.server_info().max_payload;
         let mut groups: HashMap<u32, Vec<(Msg, usize)>> = HashMap::new();
         let mut refused = None;
         for (i, event) in events.iter().enumerate() {
@@ -269,7 +268,12 @@ impl Cluster {
             // As a field of a `Msg`: its key, its length, the event.
             let len = pb.encoded_len();
             let len = 1 + prost::length_delimiter_len(len) + len;
-            if len > max_payload {
+            // The server's INFO is a copy of a dozen strings: read only for an
+            // event over a part's size, since parts assume a `max_payload`
+            // of at least that (NATS's default is twice it).
+            let max_payload =
+                (len > batcher::MAX_MESSAGE_BYTES).then(|| self.client.server_info().max_payload);
+            if let Some(max_payload) = max_payload.filter(|&max| len > max) {
                 refused = Some(format!(
                     "event {i} takes {len} bytes, over the cluster's NATS max_payload of {max_payload} bytes"
                 ));

@@ -237,9 +237,7 @@ fn trigger(routing_key: &str, dedup_key: &str, severity: Severity, e: &Event) ->
     if let Some(state) = &e.state {
         payload.insert("class".into(), field(state));
     }
-    let details = custom_details(e);
-    let details_len = details.to_string().len();
-    payload.insert("custom_details".into(), details);
+    payload.insert("custom_details".into(), custom_details(e));
     let mut body = json!({
         "routing_key": routing_key,
         "event_action": "trigger",
@@ -248,6 +246,7 @@ fn trigger(routing_key: &str, dedup_key: &str, severity: Severity, e: &Event) ->
     });
     let len = body.to_string().len();
     if len > MAX_EVENT {
+        let details_len = body["payload"]["custom_details"].to_string().len();
         let room = MAX_EVENT.saturating_sub(len - details_len);
         body["payload"]["custom_details"] = details_within(e, room);
     }
