@@ -573,12 +573,7 @@ async fn a_bearer_token_guards_everything_but_health() {
 
 /// `/metrics` parsed with a Prometheus text parser.
 async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
-    let text = reqwest::get(url("http", addr, "/metrics", &[]))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(addr).await;
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
 }
 
@@ -944,10 +939,9 @@ async fn a_body_over_16_mib_is_refused() {
     http.shutdown(WAIT).await;
 }
 
-/// A body over 64 KiB that finds no room in `--max-message-memory` within
-/// the read timeout is answered `503`, and nothing of it is kept.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_large_body_without_room_in_the_budget_is_answered_503() {
+/// A server with a 1 s read timeout and a 1 MiB message budget the test can
+/// take room from, and a 140 KB body of 10 000 lines.
+async fn with_a_1_mib_budget() -> (HttpServer, Arc<Index>, Budget, String) {
     let memory = Budget::new(1024 * 1024, Arc::new(Stats::default()));
     let (http, index, _) = in_process_with(HttpConfig {
         read_timeout: Duration::from_secs(1),
@@ -955,8 +949,16 @@ async fn a_large_body_without_room_in_the_budget_is_answered_503() {
         ..HttpConfig::default()
     })
     .await;
-    let addr = http.addr.unwrap();
     let body = "{\"host\": \"h\"}\n".repeat(10_000);
+    (http, index, memory, body)
+}
+
+/// A body over 64 KiB that finds no room in `--max-message-memory` within
+/// the read timeout is answered `503`, and nothing of it is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_body_without_room_in_the_budget_is_answered_503() {
+    let (http, index, memory, body) = with_a_1_mib_budget().await;
+    let addr = http.addr.unwrap();
     let held = memory.try_take(1024 * 1024).unwrap();
     let (status, answers) = post_events(addr, body.clone()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -977,14 +979,7 @@ async fn a_large_body_without_room_in_the_budget_is_answered_503() {
 /// it: here it arrives 1.3 s after its head, 0.5 s after its room.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_has_the_read_timeout_from_when_it_got_its_room() {
-    let memory = Budget::new(1024 * 1024, Arc::new(Stats::default()));
-    let (http, index, _) = in_process_with(HttpConfig {
-        read_timeout: Duration::from_secs(1),
-        memory: Some(memory.clone()),
-        ..HttpConfig::default()
-    })
-    .await;
-    let body = "{\"host\": \"h\"}\n".repeat(10_000);
+    let (http, index, memory, body) = with_a_1_mib_budget().await;
     let head = format!(
         "POST /events HTTP/1.1\r\nHost: vigil\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()

@@ -16,7 +16,8 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::{Vigil, peak_of};
+use common::inproc::frame;
+use common::{Vigil, metrics_text, peak_of};
 
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
@@ -144,6 +145,15 @@ async fn a_grpc_msg_of_millions_of_empty_events_costs_about_its_size() {
     grpc.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A Riemann `Msg` of `event`, encoded.
+fn msg_of(event: PbEvent) -> Vec<u8> {
+    let msg = proto::Msg {
+        events: vec![event],
+        ..proto::Msg::default()
+    };
+    msg.encode_to_vec()
+}
+
 /// `POST /events` of `body` in 64 KiB chunks, with no length announced; the
 /// whole answer, once vigil closes the connection.
 async fn post_chunked(http: std::net::SocketAddr, body: String) -> String {
@@ -167,12 +177,7 @@ async fn post_chunked(http: std::net::SocketAddr, body: String) -> String {
 async fn wait_metric(http: std::net::SocketAddr, name: &str, want: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = reqwest::get(format!("http://{http}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(http).await;
         let value = text
             .lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
@@ -198,17 +203,11 @@ async fn large_messages_of_every_transport_wait_their_turn_in_one_budget() {
         ..PbEvent::default()
     };
     // A TCP frame of ~600 KB, of which 100 KB have arrived: it holds its room.
-    let frame = proto::Msg {
-        events: vec![large("tcp")],
-        ..proto::Msg::default()
-    }
-    .encode_to_vec();
+    let msg = msg_of(large("tcp"));
+    let framed = frame(&msg);
     let mut tcp = TcpStream::connect(v.tcp).await.unwrap();
-    tcp.write_all(&(frame.len() as u32).to_be_bytes())
-        .await
-        .unwrap();
-    tcp.write_all(&frame[..100_000]).await.unwrap();
-    let room = (frame.len() as u64).div_ceil(1024) * 1024;
+    tcp.write_all(&framed[..100_000]).await.unwrap();
+    let room = (msg.len() as u64).div_ceil(1024) * 1024;
     wait_metric(http, "vigil_message_bytes_held", room).await;
 
     // A ~600 KB body and a ~600 KB gRPC Msg find no room beside it: they wait.
@@ -243,7 +242,7 @@ async fn large_messages_of_every_transport_wait_their_turn_in_one_budget() {
     assert!(!post.is_finished() && !send.is_finished());
 
     // Once the frame has arrived, each waiting message gets its turn.
-    tcp.write_all(&frame[100_000..]).await.unwrap();
+    tcp.write_all(&framed[100_000..]).await.unwrap();
     let len = tcp.read_u32().await.unwrap();
     let mut reply = vec![0; len as usize];
     tcp.read_exact(&mut reply).await.unwrap();
@@ -302,20 +301,13 @@ async fn a_frame_waiting_for_room_is_not_timed_out_meanwhile() {
     .await
     .unwrap();
     let held = server.memory.try_take(1024 * 1024).unwrap();
-    let frame = proto::Msg {
-        events: vec![PbEvent {
-            host: Some("h".into()),
-            description: Some("d".repeat(200_000)),
-            ..PbEvent::default()
-        }],
-        ..proto::Msg::default()
-    }
-    .encode_to_vec();
+    let msg = msg_of(PbEvent {
+        host: Some("h".into()),
+        description: Some("d".repeat(200_000)),
+        ..PbEvent::default()
+    });
     let mut tcp = TcpStream::connect(server.tcp_addr).await.unwrap();
-    tcp.write_all(&(frame.len() as u32).to_be_bytes())
-        .await
-        .unwrap();
-    tcp.write_all(&frame).await.unwrap();
+    tcp.write_all(&frame(&msg)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(Stats::get(&server.stats.messages_waited_for_memory), 1);
     drop(held);

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Vigil, find_program, require_peer, run_ok};
+use common::{Vigil, find_program, metrics_text, require_peer, run_ok};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use vigil::client::Client;
@@ -252,12 +252,7 @@ async fn subscribe_sse(http: SocketAddr) -> tokio::net::TcpStream {
 
 /// One sample of `/metrics` (the graphite output's for output metrics).
 async fn gauge(http: SocketAddr, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{http}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(http).await;
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
     let sample = scrape
         .samples

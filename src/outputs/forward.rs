@@ -429,8 +429,17 @@ mod tests {
         tuning: Tuning,
         n: usize,
     ) -> (Arc<Queue>, JoinHandle<()>, CancellationToken) {
+        forward_events(addr, tuning, (0..n).map(event))
+    }
+
+    /// The same with the given events.
+    fn forward_events(
+        addr: SocketAddr,
+        tuning: Tuning,
+        events: impl IntoIterator<Item = Event>,
+    ) -> (Arc<Queue>, JoinHandle<()>, CancellationToken) {
         let (queue, delivery) = queue("fwd", 10_000);
-        (0..n).for_each(|i| queue.push(event(i)));
+        events.into_iter().for_each(|e| queue.push(e));
         let config = Config {
             host: addr.ip().to_string(),
             port: addr.port(),
@@ -595,24 +604,14 @@ mod tests {
             ..ServerConfig::default()
         })
         .await;
-        let (queue, delivery) = queue("fwd", 100);
-        for i in 0..10 {
+        let events = (0..10).map(|i| {
             let mut e = event(i);
             if i == 3 || i == 7 {
                 e.description = Some("too long for the downstream".into());
             }
-            queue.push(e);
-        }
-        let config = Config {
-            host: "127.0.0.1".into(),
-            port: server.tcp_addr.port(),
-        };
-        let _task = tokio::spawn(run_tuned(
-            config,
-            fast(),
-            delivery,
-            CancellationToken::new(),
-        ));
+            e
+        });
+        let (queue, _task, _shutdown) = forward_events(server.tcp_addr, fast(), events);
 
         wait_until("8 delivered", || get(&queue.stats.delivered) == 8).await;
         assert_eq!(get(&queue.stats.dropped), 2);
@@ -638,22 +637,12 @@ mod tests {
             ..ServerConfig::default()
         })
         .await;
-        let (queue, delivery) = queue("fwd", 100);
-        for i in 0..10 {
+        let events = (0..10).map(|i| {
             let mut e = event(i);
             e.description = Some("d".repeat(if i == 6 { 3000 } else { 500 }));
-            queue.push(e);
-        }
-        let config = Config {
-            host: "127.0.0.1".into(),
-            port: server.tcp_addr.port(),
-        };
-        let _task = tokio::spawn(run_tuned(
-            config,
-            fast(),
-            delivery,
-            CancellationToken::new(),
-        ));
+            e
+        });
+        let (queue, _task, _shutdown) = forward_events(server.tcp_addr, fast(), events);
 
         wait_until("9 delivered", || get(&queue.stats.delivered) == 9).await;
         assert_eq!(get(&queue.stats.dropped), 1);

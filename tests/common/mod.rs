@@ -722,3 +722,11 @@ fn status_bytes(pid: u32, field: &str) -> u64 {
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
 }
+
+/// The text of `GET /metrics` on `http`.
+pub async fn metrics_text(http: SocketAddr) -> String {
+    let response = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap();
+    response.text().await.unwrap()
+}
