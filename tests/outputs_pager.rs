@@ -25,7 +25,7 @@ use vigil::outputs::http::RetryPolicy;
 use vigil::outputs::incidents::{self, Memory};
 use vigil::outputs::template::Template;
 use vigil::outputs::{
-    self, Kept, OutputKind, OutputSink, OutputSpec, OutputStats, Queue, pagerduty, webhook,
+    self, Kept, OutputKind, OutputSink, OutputSpec, OutputStats, Queue, pager, webhook,
 };
 
 /// Bound on waiting for something the outputs should do within milliseconds.
@@ -164,12 +164,14 @@ fn fast(max_attempts: Option<u32>) -> RetryPolicy {
     }
 }
 
-fn pager_config(url: &str) -> pagerduty::Config {
-    pagerduty::Config {
-        routing_key: "R0UT1NGKEY".into(),
+fn pager_config(url: &str) -> pager::Config {
+    pager::Config {
         url: url.into(),
         dedup_key: None,
         resend_interval: Duration::from_secs(3600),
+        api: pager::Api::PagerDuty {
+            routing_key: "R0UT1NGKEY".into(),
+        },
     }
 }
 
@@ -181,20 +183,20 @@ struct Running {
 }
 
 /// Open incidents of output `pager`, saved to `file` if there is one.
-fn memory(config: &pagerduty::Config, file: Option<PathBuf>) -> Arc<Memory> {
-    let max = pagerduty::MAX_OPEN;
-    Arc::new(Memory::open("pager", file, &config.routing_key, max))
+fn memory(config: &pager::Config, file: Option<PathBuf>) -> Arc<Memory> {
+    let max = pager::MAX_OPEN;
+    Arc::new(Memory::open("pager", file, config.receiver(), max))
 }
 
 impl Running {
-    fn pager(config: pagerduty::Config) -> Running {
+    fn pager(config: pager::Config) -> Running {
         Running::pager_remembering(memory(&config, None), config)
     }
 
-    fn pager_remembering(memory: Arc<Memory>, config: pagerduty::Config) -> Running {
+    fn pager_remembering(memory: Arc<Memory>, config: pager::Config) -> Running {
         let (queue, delivery) = outputs::queue("pager", 100);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pagerduty::run(
+        let task = tokio::spawn(pager::run(
             memory,
             config,
             delivery,
@@ -487,8 +489,10 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     let rx = Receiver::start().await;
     let spec = |routing_key: &str| OutputSpec {
         name: "pager".into(),
-        kind: OutputKind::PagerDuty(pagerduty::Config {
-            routing_key: routing_key.into(),
+        kind: OutputKind::Pager(pager::Config {
+            api: pager::Api::PagerDuty {
+                routing_key: routing_key.into(),
+            },
             ..pager_config(&rx.url)
         }),
     };
@@ -512,7 +516,7 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     drop(first);
     // A reload changed something else (here the URL's spelling): same key.
     let mut changed = spec("k1");
-    if let OutputKind::PagerDuty(config) = &mut changed.kind {
+    if let OutputKind::Pager(config) = &mut changed.kind {
         config.url = config.url.replace("127.0.0.1", "localhost");
     }
     let (second, _) = outputs::start(&changed, &kept, stop.child_token());
@@ -617,7 +621,7 @@ async fn shutdown_delivers_what_is_already_queued_then_ends() {
     let shutdown = CancellationToken::new();
     shutdown.cancel();
     let config = pager_config(&rx.url);
-    let run = pagerduty::run(
+    let run = pager::run(
         memory(&config, None),
         config,
         delivery,
@@ -752,6 +756,206 @@ async fn webhook_gives_up_after_its_attempts() {
     assert_eq!((out.delivered(), out.dropped(), out.retries()), (0, 1, 2));
 }
 
+/// An event too large for most receivers' body limits.
+fn large_event(state: &str) -> Event {
+    Event {
+        description: Some("d".repeat(100_000)),
+        tags: (0..1000).map(|i| format!("tag-{i}")).collect(),
+        ..event("disk /", state)
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_refused_as_too_large_is_sent_again_cut_short_once() {
+    let rx = Receiver::start().await;
+    let too_large = || Reply(413, vec![], "request entity too large");
+    rx.reply_next([too_large()]);
+    let out = Running::webhook(webhook_config(&rx.url, None), 3);
+    out.queue.push(large_event("critical"));
+    let seen = rx.wait_for(2).await;
+    out.settled().await;
+    let (whole, cut) = (seen[0].json(), seen[1].json());
+    assert_eq!(whole["description"].as_str().unwrap().len(), 100_000);
+    assert!(whole.get("truncated").is_none());
+    assert_eq!(cut["description"], "d".repeat(4096));
+    assert_eq!(
+        (cut["host"].clone(), cut["team"].clone()),
+        (json!("web1"), json!("ops"))
+    );
+    let tags = cut["tags"].as_array().unwrap().len();
+    assert!(tags > 400 && tags < 1000, "{tags} tags");
+    assert_eq!(
+        cut["truncated"],
+        format!(
+            "cut short, the receiver refused it as too large: description 4096 of 100000 \
+             bytes, {tags} of 1000 tags, 1 of 1 attributes"
+        )
+    );
+    assert!(
+        seen[1].body.len() < 16 * 1024,
+        "{} bytes",
+        seen[1].body.len()
+    );
+    assert_eq!((out.delivered(), out.dropped(), out.retries()), (1, 0, 0));
+
+    // Refused again cut short: dropped, and not tried a third time.
+    rx.reply_next([too_large(), too_large()]);
+    out.queue.push(large_event("critical"));
+    out.settled().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rx.seen().len(), 4);
+    assert_eq!((out.delivered(), out.dropped(), out.retries()), (1, 1, 0));
+}
+
+// ---------------------------------------------------------------------------
+// Paging webhook
+// ---------------------------------------------------------------------------
+
+fn paging_webhook_config(url: &str) -> pager::Config {
+    pager::Config {
+        api: pager::Api::Webhook {
+            headers: BTreeMap::from([("X-Token".to_owned(), "s3cret".to_owned())]),
+        },
+        ..pager_config(url)
+    }
+}
+
+/// The webhook's page actions, in order.
+fn webhook_actions(rx: &Receiver) -> Vec<String> {
+    rx.seen()
+        .iter()
+        .map(|s| {
+            let page = s.json();
+            let severity = page.get("severity").and_then(Value::as_str);
+            format!(
+                "{} {}",
+                page["action"].as_str().unwrap(),
+                severity.unwrap_or("-")
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_paging_webhook_pages_once_per_incident_and_resolves_only_what_it_triggered() {
+    let rx = Receiver::start().await;
+    let out = Running::pager(paging_webhook_config(&rx.url));
+    let states = [
+        "ok", "critical", "critical", "warning", "flapping", "ok", "ok",
+    ];
+    for state in states {
+        out.queue.push(event("disk /", state));
+    }
+    out.settled().await;
+
+    assert_eq!(
+        webhook_actions(&rx),
+        ["trigger critical", "trigger warning", "resolve -"],
+        "no resolve before a trigger, no repeat, a change of severity is news"
+    );
+    let seen = rx.seen();
+    assert_eq!(
+        seen[0].json(),
+        json!({
+            "action": "trigger",
+            "dedup_key": "web1/disk /",
+            "severity": "critical",
+            "summary": "web1 disk / is critical (0.97)",
+            "event": {
+                "host": "web1", "service": "disk /", "state": "critical",
+                "description": "root is full", "metric": 0.97, "tags": ["prod"],
+                "time": "2023-11-14T22:13:20.123Z", "ttl": 60.0, "team": "ops"
+            }
+        })
+    );
+    let resolve = seen[2].json();
+    assert_eq!(resolve["dedup_key"], "web1/disk /");
+    assert_eq!(resolve["event"]["state"], "ok");
+    assert_eq!(resolve["summary"], "web1 disk / is ok (0.97)");
+    for page in &seen {
+        assert_eq!(page.method, Method::POST);
+        assert_eq!(page.header("content-type"), "application/json");
+        assert_eq!(page.header("x-token"), "s3cret");
+    }
+    // The suppressed pages needed no sending; `flapping` is not paged.
+    assert_eq!((out.delivered(), out.dropped()), (6, 1));
+}
+
+/// A push webhook gives up after its attempts; a page is not given up on
+/// (`Running::pager` retries as `outputs::start` has every pager do: with no
+/// limit).
+#[tokio::test]
+async fn a_paging_webhook_retries_a_page_until_it_is_taken() {
+    let rx = Receiver::start().await;
+    rx.reply_next((0..8).map(|_| Reply(503, vec![], "down for maintenance")));
+    let out = Running::pager(paging_webhook_config(&rx.url));
+    out.queue.push(event("disk /", "critical"));
+    rx.wait_for(9).await;
+    out.settled().await;
+    assert_eq!((out.delivered(), out.dropped(), out.retries()), (1, 0, 8));
+}
+
+#[tokio::test]
+async fn a_page_refused_as_too_large_pages_cut_short_and_its_incident_is_resolved() {
+    let rx = Receiver::start().await;
+    rx.reply_next([Reply(413, vec![], "")]);
+    let out = Running::pager(paging_webhook_config(&rx.url));
+    out.queue.push(large_event("critical"));
+    out.queue.push(event("disk /", "ok"));
+    let seen = rx.wait_for(3).await;
+    out.settled().await;
+    let page = seen[1].json();
+    assert_eq!(
+        (page["action"].clone(), page["severity"].clone()),
+        (json!("trigger"), json!("critical"))
+    );
+    assert_eq!(page["event"]["description"].as_str().unwrap().len(), 4096);
+    assert!(
+        page["event"]["truncated"]
+            .as_str()
+            .unwrap()
+            .starts_with("cut short")
+    );
+    assert_eq!(
+        webhook_actions(&rx),
+        ["trigger critical", "trigger critical", "resolve -"]
+    );
+    assert_eq!((out.delivered(), out.dropped()), (2, 0));
+}
+
+/// Its incidents belong to its URL: redeclared at another, it cannot
+/// resolve what it opened at the first.
+#[tokio::test]
+async fn a_paging_webhook_moved_to_another_url_does_not_resolve_there_what_it_opened_here() {
+    let (first, second) = (Receiver::start().await, Receiver::start().await);
+    let spec = |rx: &Receiver| OutputSpec {
+        name: "oncall".into(),
+        kind: OutputKind::Pager(paging_webhook_config(&rx.url)),
+    };
+    let kept = Kept::default();
+    let stop = CancellationToken::new();
+    let (queue, task) = outputs::start(&spec(&first), &kept, stop.child_token());
+    queue.push(event("disk /", "critical"));
+    first.wait_for(1).await;
+    drop(queue);
+    let (moved, _) = outputs::start(&spec(&second), &kept, stop.child_token());
+    moved.push(event("disk /", "ok"));
+    moved.push(event("cpu", "critical"));
+    second.wait_for(1).await;
+    let (back, _) = outputs::start(&spec(&first), &kept, stop.child_token());
+    back.push(event("disk /", "ok"));
+    first.wait_for(2).await;
+    assert_eq!(webhook_actions(&first), ["trigger critical", "resolve -"]);
+    let at_second: Vec<_> = second
+        .seen()
+        .iter()
+        .map(|s| s.json()["dedup_key"].clone())
+        .collect();
+    assert_eq!(at_second, ["web1/cpu"], "only its own trigger");
+    stop.cancel();
+    task.await.unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // End to end
 // ---------------------------------------------------------------------------
@@ -842,8 +1046,38 @@ fn the_binary_resolves_after_a_restart_what_it_triggered_before() {
     assert_eq!(resolve["event_action"], "resolve", "{resolve}");
     assert_eq!(trigger["dedup_key"], resolve["dedup_key"]);
     assert!(
-        second.logs().contains("Open PagerDuty incidents loaded."),
+        second.logs().contains("Open incidents loaded."),
         "{}",
         second.logs()
     );
+}
+
+/// `paging_webhook` declared in a rule file, through the binary.
+#[test]
+fn the_binary_pages_through_a_paging_webhook() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rx = runtime.block_on(Receiver::start());
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("pager.vigil");
+    let source = format!(
+        "output oncall = paging_webhook(url: \"{}\", headers: {{\"X-Token\": \"t\"}}, \
+         dedup_key: \"{{host}}:{{service}}\")\n\
+         streams {{\n  oncall\n}}\n",
+        rx.url
+    );
+    std::fs::write(&rules, source).unwrap();
+    let vigil = common::Vigil::start(&["--rules", rules.to_str().unwrap()]);
+    runtime.block_on(async {
+        let mut client = vigil::client::Client::connect(vigil.tcp).await.unwrap();
+        for state in ["critical", "critical", "ok"] {
+            client.send(&[event("disk /", state)]).await.unwrap();
+        }
+    });
+    let seen = runtime.block_on(rx.wait_for(2));
+    assert_eq!(webhook_actions(&rx), ["trigger critical", "resolve -"]);
+    assert!(
+        seen.iter()
+            .all(|page| page.json()["dedup_key"] == "web1:disk /")
+    );
+    assert_eq!(seen[0].header("x-token"), "t");
 }

@@ -1,6 +1,7 @@
 //! HTTP delivery shared by the PagerDuty and webhook outputs: POST with
 //! retries on connection errors, 429 and 5xx (exponential backoff with full
-//! jitter, honouring `Retry-After`), and no retry on other 4xx.
+//! jitter, honouring `Retry-After`), and no retry on other 4xx; except that
+//! a webhook refused as too large (`413`) is sent once more cut short.
 //!
 //! Also the loop shape both outputs share: [`next_batch`] waits for events
 //! until shutdown, then hands out only what is already queued.
@@ -108,6 +109,10 @@ impl AttemptError {
         }
     }
 
+    fn too_large(&self) -> bool {
+        matches!(self, AttemptError::Status { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE)
+    }
+
     fn retry_after(&self) -> Option<Duration> {
         match self {
             AttemptError::Status { retry_after, .. } => *retry_after,
@@ -130,6 +135,26 @@ pub struct Payload<'a> {
 pub enum Outcome {
     Delivered,
     Dropped,
+}
+
+/// How the attempts at one payload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Delivered,
+    Dropped,
+    /// Refused as too large: worth sending again cut short.
+    TooLarge,
+}
+
+/// Counts the event delivered or dropped.
+fn settle(delivery: &Delivery, ended: Ended) -> Outcome {
+    if ended == Ended::Delivered {
+        delivery.delivered(1);
+        Outcome::Delivered
+    } else {
+        delivery.dropped(1);
+        Outcome::Dropped
+    }
 }
 
 /// Sends payloads for one output, retrying as its policy says.
@@ -165,19 +190,42 @@ impl Poster {
     /// Sends one event's payload and settles it in `delivery` (delivered or
     /// dropped); every retry is counted there too.
     pub async fn post(&mut self, delivery: &Delivery, payload: &Payload<'_>) -> Outcome {
-        let outcome = self.attempts(delivery, payload).await;
-        match outcome {
-            Outcome::Delivered => delivery.delivered(1),
-            Outcome::Dropped => delivery.dropped(1),
-        }
-        outcome
+        let ended = self.attempts(delivery, payload, false).await;
+        settle(delivery, ended)
     }
 
-    async fn attempts(&mut self, delivery: &Delivery, payload: &Payload<'_>) -> Outcome {
+    /// As [`post`](Self::post), but when the downstream refuses the payload
+    /// as too large (`413`), the body `cut` makes is sent instead: an event
+    /// cut short beats one never delivered, above all a page.
+    pub async fn post_or_cut(
+        &mut self,
+        delivery: &Delivery,
+        payload: &Payload<'_>,
+        cut: impl FnOnce() -> Bytes,
+    ) -> Outcome {
+        let mut ended = self.attempts(delivery, payload, true).await;
+        if ended == Ended::TooLarge {
+            let shorter = Payload {
+                body: cut(),
+                ..*payload
+            };
+            ended = self.attempts(delivery, &shorter, false).await;
+        }
+        settle(delivery, ended)
+    }
+
+    /// Tries `payload` as the policy says; with `can_cut`, a `413` ends the
+    /// attempts as [`Ended::TooLarge`] instead of dropping the event.
+    async fn attempts(
+        &mut self,
+        delivery: &Delivery,
+        payload: &Payload<'_>,
+        can_cut: bool,
+    ) -> Ended {
         let output = delivery.name.as_str();
         if self.given_up {
             self.unsent += 1;
-            return Outcome::Dropped;
+            return Ended::Dropped;
         }
         let mut attempts = 0;
         loop {
@@ -185,12 +233,19 @@ impl Poster {
             let last = self.shutdown.is_cancelled();
             attempts += 1;
             let Err(error) = self.attempt(payload).await else {
-                return Outcome::Delivered;
+                return Ended::Delivered;
             };
             // URLs stay out of the logs: a webhook's may carry a token.
+            if can_cut && error.too_large() {
+                tracing::warn!(
+                    output, %error, bytes = payload.body.len(),
+                    "Event refused as too large; sending it again cut short."
+                );
+                return Ended::TooLarge;
+            }
             if !error.retryable() {
                 tracing::error!(output, %error, "Event refused by the downstream; dropped.");
-                return Outcome::Dropped;
+                return Ended::Dropped;
             }
             if last {
                 self.given_up = true;
@@ -198,14 +253,14 @@ impl Poster {
                     output, %error, attempts,
                     "Delivery failed while shutting down; event dropped."
                 );
-                return Outcome::Dropped;
+                return Ended::Dropped;
             }
             if self.retry.exhausted(attempts) {
                 tracing::error!(
                     output, %error, attempts,
                     "Delivery failed; giving up, event dropped."
                 );
-                return Outcome::Dropped;
+                return Ended::Dropped;
             }
             let wait = self.retry.backoff(attempts, error.retry_after());
             tracing::warn!(output, %error, attempts, ?wait, "Delivery failed; retrying.");

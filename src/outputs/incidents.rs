@@ -1,10 +1,10 @@
-//! The incidents a PagerDuty output triggered and has not resolved: what lets
-//! it re-send a trigger only after its resend interval and send a resolve
-//! only for an incident it opened.
+//! The incidents a pager output (PagerDuty or a paging webhook) triggered and
+//! has not resolved: what lets it re-send a trigger only after its resend
+//! interval and send a resolve only for an incident it opened.
 //!
 //! They outlive the output's task. A reload that redeclares the output hands
 //! the new task the same [`Memory`] (see [`super::Kept`]), or an empty one
-//! taking over its file when the routing key changed (the previous key's is
+//! taking over its file when the receiver changed (the previous key's is
 //! kept aside, and serves again if a later reload brings that key back).
 //! With a data directory they are saved to `pagerduty-<output>.json` after
 //! every batch that changed them, and loaded when the output's first task
@@ -12,9 +12,10 @@
 //! is still resolved when its series turns `ok`. A crash loses at most the
 //! batch being paged.
 //!
-//! The file holds no routing key (a secret), only its hash: incidents saved
-//! under another routing key cannot be resolved through this one, and are
-//! left out with a warning.
+//! Incidents belong to their receiver ([`super::pager::Config::receiver`]: PagerDuty's
+//! routing key, a webhook's URL). The file holds no receiver (a secret), only
+//! its hash: incidents saved under another receiver cannot be resolved
+//! through this one, and are left out with a warning.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::pagerduty::{Severity, fnv1a};
+use super::pager::{Severity, fnv1a};
 use crate::blocking::off_workers;
 use crate::snapshot::{self, SnapshotError};
 
@@ -38,7 +39,7 @@ const VERSION: u32 = 1;
 /// anything bigger is not ours, and is not read into memory.
 const MAX_FILE: u64 = 64 * 1024 * 1024;
 
-/// The incidents open in PagerDuty by dedup key; bounded, forgetting the
+/// The incidents open at the receiver by dedup key; bounded, forgetting the
 /// least recently triggered first.
 pub(super) struct Incidents {
     max: usize,
@@ -110,8 +111,10 @@ impl Incidents {
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved {
     version: u32,
-    /// `fnv1a` of the routing key, as 16 hex digits.
-    routing_key_hash: String,
+    /// `fnv1a` of the receiver, as 16 hex digits (named when it could only
+    /// be a routing key).
+    #[serde(rename = "receiver_hash")]
+    receiver_hash: String,
     /// Oldest trigger first.
     incidents: Vec<SavedIncident>,
 }
@@ -129,13 +132,13 @@ pub struct Memory {
     /// The output's name, for the logs.
     output: String,
     file: Option<PathBuf>,
-    routing_key_hash: String,
+    receiver_hash: String,
     incidents: Mutex<Incidents>,
     /// Held through a whole save, so saves land in the order they read the
     /// incidents: the newest state is the one left on disk. Shared with the
     /// memory that replaces this one, which saves to the same file.
     saving: Arc<Mutex<()>>,
-    /// Another routing key's memory took over the file: this one's task may
+    /// Another receiver's memory took over the file: this one's task may
     /// still be draining, but it no longer saves.
     replaced: AtomicBool,
     /// Set once the file was read (or there was nothing to read).
@@ -147,12 +150,12 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// The memory of output `output` paging with `routing_key`, empty until
+    /// The memory of output `output` paging `receiver`, empty until
     /// [`load`](Self::load)ed from `file`.
-    pub fn open(output: &str, file: Option<PathBuf>, routing_key: &str, max: usize) -> Memory {
+    pub fn open(output: &str, file: Option<PathBuf>, receiver: &str, max: usize) -> Memory {
         Memory {
             output: output.to_owned(),
-            routing_key_hash: key_hash(routing_key),
+            receiver_hash: key_hash(receiver),
             incidents: Mutex::new(Incidents::new(max)),
             saving: Arc::default(),
             replaced: AtomicBool::new(false),
@@ -163,8 +166,8 @@ impl Memory {
     }
 
     /// Reads the file, the first time only, off the async workers (it may
-    /// hold [`MAX_OPEN`](super::pagerduty::MAX_OPEN) incidents): what it
-    /// holds is restored when it was saved under the same routing key. A
+    /// hold [`MAX_OPEN`](super::pager::MAX_OPEN) incidents): what it
+    /// holds is restored when it was saved for the same receiver. A
     /// file that cannot be read is logged with the reason and left for the
     /// next save to replace; nothing here fails.
     pub async fn load(&self) {
@@ -190,7 +193,7 @@ impl Memory {
                     Some(Err(error)) => tracing::warn!(
                         output = %self.output,
                         %error,
-                        "Open PagerDuty incidents not loaded; an incident left open before the \
+                        "Open incidents not loaded; an incident left open before the \
                          restart must be resolved by hand."
                     ),
                 }
@@ -200,13 +203,13 @@ impl Memory {
 
     fn restore(&self, file: &Path, saved: Saved) {
         let output = &self.output;
-        if saved.routing_key_hash != self.routing_key_hash {
+        if saved.receiver_hash != self.receiver_hash {
             tracing::warn!(
                 output,
                 file = %file.display(),
                 incidents = saved.incidents.len(),
-                "Open PagerDuty incidents were saved under another routing key; this output \
-                 cannot resolve them: resolve them by hand."
+                "Open incidents were saved for another receiver (routing key or URL); this \
+                 output cannot resolve them: resolve them by hand."
             );
             return;
         }
@@ -221,16 +224,16 @@ impl Memory {
         tracing::info!(
             output,
             incidents = incidents.len(),
-            "Open PagerDuty incidents loaded."
+            "Open incidents loaded."
         );
     }
 
-    /// The memory of the same output paging with another `routing_key`,
+    /// The memory of the same output paging another `receiver`,
     /// saving to the same file from now on, never at the same time as this
     /// one. It starts empty: this one's incidents cannot be resolved through
-    /// another key. If this one has not read the file yet, the new one's
+    /// another receiver. If this one has not read the file yet, the new one's
     /// [`load`](Self::load) reads it into this one first.
-    pub fn replaced_by(self: &Arc<Self>, routing_key: &str) -> Memory {
+    pub fn replaced_by(self: &Arc<Self>, receiver: &str) -> Memory {
         self.replaced.store(true, Ordering::Release);
         let loaded = self.is_loaded();
         if loaded {
@@ -239,7 +242,7 @@ impl Memory {
         Memory {
             output: self.output.clone(),
             file: self.file.clone(),
-            routing_key_hash: key_hash(routing_key),
+            receiver_hash: key_hash(receiver),
             incidents: Mutex::new(Incidents::new(self.incidents.lock().max)),
             saving: self.saving.clone(),
             replaced: AtomicBool::new(false),
@@ -260,15 +263,15 @@ impl Memory {
             tracing::warn!(
                 output = %self.output,
                 incidents,
-                "The routing key changed; the open PagerDuty incidents of the previous one \
-                 cannot be resolved through it: resolve them by hand, or bring that key back \
+                "The receiver (routing key or URL) changed; the open incidents of the previous one \
+                 cannot be resolved through it: resolve them by hand, or bring it back \
                  before vigil restarts."
             );
         }
     }
 
-    /// This memory, replaced when its routing key changed, serving again
-    /// because the key came back: it takes the file over from `current`
+    /// This memory, replaced when its receiver changed, serving again
+    /// because that receiver came back: it takes the file over from `current`
     /// (which no longer saves). [`resume`](Self::resume) then saves it, so
     /// that the file holds its incidents again.
     pub fn takes_over_from(&self, current: &Memory) {
@@ -286,7 +289,7 @@ impl Memory {
             tracing::info!(
                 output,
                 incidents,
-                "The previous routing key came back with its open PagerDuty incidents."
+                "The previous receiver came back with its open incidents."
             );
         }
         self.save().await;
@@ -302,9 +305,9 @@ impl Memory {
         self.incidents.lock().len() > 0
     }
 
-    /// Whether this memory serves an output paging with `routing_key`.
-    pub fn serves(&self, routing_key: &str) -> bool {
-        self.routing_key_hash == key_hash(routing_key)
+    /// Whether this memory serves an output paging `receiver`.
+    pub fn serves(&self, receiver: &str) -> bool {
+        self.receiver_hash == key_hash(receiver)
     }
 
     pub(super) fn incidents(&self) -> parking_lot::MutexGuard<'_, Incidents> {
@@ -319,7 +322,7 @@ impl Memory {
         };
         let memory = self.clone();
         if let Some(Err(error)) = off_workers(move || memory.write(&file)).await {
-            tracing::warn!(output = %self.output, %error, "Open PagerDuty incidents not saved.");
+            tracing::warn!(output = %self.output, %error, "Open incidents not saved.");
         }
     }
 
@@ -338,7 +341,7 @@ impl Memory {
             };
             Saved {
                 version: VERSION,
-                routing_key_hash: self.routing_key_hash.clone(),
+                receiver_hash: self.receiver_hash.clone(),
                 incidents: incidents
                     .oldest_first(now)
                     .map(|(key, open, age)| SavedIncident {
@@ -369,8 +372,8 @@ pub fn file_in(dir: &Path, output: &str) -> PathBuf {
     dir.join(format!("pagerduty-{name}.json"))
 }
 
-fn key_hash(routing_key: &str) -> String {
-    format!("{:016x}", fnv1a(routing_key.as_bytes()))
+fn key_hash(receiver: &str) -> String {
+    format!("{:016x}", fnv1a(receiver.as_bytes()))
 }
 
 /// Why saved incidents were not loaded.

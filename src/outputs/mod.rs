@@ -24,6 +24,7 @@ pub mod forward;
 pub mod graphite;
 pub mod http;
 pub mod incidents;
+pub mod pager;
 pub mod pagerduty;
 pub mod template;
 pub mod webhook;
@@ -70,7 +71,8 @@ pub trait OutputSink: Send + Sync {
 /// An output's type and settings, as a rule file declares them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutputKind {
-    PagerDuty(pagerduty::Config),
+    /// PagerDuty or a paging webhook.
+    Pager(pager::Config),
     Webhook(webhook::Config),
     Graphite(graphite::Config),
     Forward(forward::Config),
@@ -79,7 +81,7 @@ pub enum OutputKind {
 impl OutputKind {
     pub fn type_name(&self) -> &'static str {
         match self {
-            OutputKind::PagerDuty(_) => "pagerduty",
+            OutputKind::Pager(config) => config.type_name(),
             OutputKind::Webhook(_) => "webhook",
             OutputKind::Graphite(_) => "graphite",
             OutputKind::Forward(_) => "forward",
@@ -88,7 +90,7 @@ impl OutputKind {
 
     pub fn queue_capacity(&self) -> usize {
         match self {
-            OutputKind::PagerDuty(_) => PAGER_QUEUE,
+            OutputKind::Pager(_) => PAGER_QUEUE,
             _ => DEFAULT_QUEUE,
         }
     }
@@ -236,25 +238,25 @@ pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
     (queue, delivery)
 }
 
-/// What outputs keep beyond one task: each PagerDuty output's open
-/// incidents, by output name. A reload that redeclares the output with the
-/// same routing key hands them to its new task; with another key, the new
-/// task starts empty and takes over the file, and the previous key's
-/// incidents are kept aside ([`RETIRED_KEYS`] at most) in case it comes
-/// back. With a directory they are also saved there, so a restart keeps the
-/// current key's too.
+/// What outputs keep beyond one task: each pager output's open incidents,
+/// by output name. A reload that redeclares the output with the same
+/// receiver (PagerDuty's routing key, a paging webhook's URL) hands them to
+/// its new task; with another receiver, the new task starts empty and takes
+/// over the file, and the previous receiver's incidents are kept aside
+/// ([`RETIRED_KEYS`] at most) in case it comes back. With a directory they
+/// are also saved there, so a restart keeps the current receiver's too.
 #[derive(Default)]
 pub struct Kept {
     dir: Option<PathBuf>,
     pagers: Mutex<HashMap<String, Pager>>,
 }
 
-/// The most routing keys an output keeps incidents of besides its current
+/// The most receivers an output keeps incidents of besides its current
 /// one: enough to undo a few mistaken edits, bounded against many.
 pub const RETIRED_KEYS: usize = 4;
 
-/// One PagerDuty output's memories: the current routing key's, and those of
-/// previous keys that still have incidents open, oldest first.
+/// One pager output's memories: the current receiver's, and those of
+/// previous receivers that still have incidents open, oldest first.
 struct Pager {
     current: Arc<incidents::Memory>,
     retired: Vec<Arc<incidents::Memory>>,
@@ -269,17 +271,12 @@ impl Kept {
         }
     }
 
-    fn pager(&self, name: &str, config: &pagerduty::Config) -> Arc<incidents::Memory> {
-        let key = &config.routing_key;
+    fn pager(&self, name: &str, config: &pager::Config) -> Arc<incidents::Memory> {
+        let key = config.receiver();
         let mut pagers = self.pagers.lock();
         let Some(pager) = pagers.get_mut(name) else {
             let file = self.dir.as_ref().map(|dir| incidents::file_in(dir, name));
-            let current = Arc::new(incidents::Memory::open(
-                name,
-                file,
-                key,
-                pagerduty::MAX_OPEN,
-            ));
+            let current = Arc::new(incidents::Memory::open(name, file, key, pager::MAX_OPEN));
             let pager = Pager {
                 current: current.clone(),
                 retired: Vec::new(),
@@ -324,7 +321,7 @@ pub fn start(
 ) -> (Arc<Queue>, JoinHandle<()>) {
     let (queue, delivery) = queue(&spec.name, spec.kind.queue_capacity());
     let task = match spec.kind.clone() {
-        OutputKind::PagerDuty(config) => tokio::spawn(pagerduty::run(
+        OutputKind::Pager(config) => tokio::spawn(pager::run(
             kept.pager(&spec.name, &config),
             config,
             delivery,
@@ -347,12 +344,14 @@ pub fn start(
 mod tests {
     use super::*;
 
-    fn pager_config(routing_key: &str) -> pagerduty::Config {
-        pagerduty::Config {
-            routing_key: routing_key.to_owned(),
+    fn pager_config(routing_key: &str) -> pager::Config {
+        pager::Config {
             url: String::new(),
             dedup_key: None,
             resend_interval: std::time::Duration::from_secs(3600),
+            api: pager::Api::PagerDuty {
+                routing_key: routing_key.to_owned(),
+            },
         }
     }
 
@@ -369,7 +368,7 @@ mod tests {
             let dedup_key = format!("web{key}/cpu");
             memory
                 .incidents()
-                .triggered(dedup_key, pagerduty::Severity::Critical, now);
+                .triggered(dedup_key, pager::Severity::Critical, now);
         }
         // The last key is current, the RETIRED_KEYS before it are aside, and
         // k0 is gone; setting aside the last pushes out the oldest, k1.
@@ -392,7 +391,7 @@ mod tests {
         before_the_restart.load().await;
         before_the_restart.incidents().triggered(
             "web1/cpu".into(),
-            pagerduty::Severity::Critical,
+            pager::Severity::Critical,
             tokio::time::Instant::now(),
         );
         before_the_restart.save().await;

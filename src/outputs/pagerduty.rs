@@ -1,22 +1,5 @@
-//! PagerDuty Events API v2: `critical` and `warning` trigger an incident of
-//! that severity, `expired` triggers one of severity `error` (a silent host is
-//! an incident), `ok` resolves it; other states are not paged (dropped).
-//!
-//! One incident per host and service: the dedup key is derived from them
-//! unless the `dedup_key` template says otherwise, so the resolve closes the
-//! incident the trigger opened.
-//!
-//! Paging hygiene, from the incidents this output triggered and has not
-//! resolved (kept across reloads and, with a data directory, restarts: see
-//! [`super::incidents`]):
-//! - a trigger for an open incident is re-sent at most every
-//!   `resend_interval`, unless its severity changed; a suppressed one counts
-//!   as delivered (PagerDuty already has it);
-//! - a resolve is sent only for an incident vigil triggered; a suppressed one
-//!   counts as delivered too, as nothing needed sending.
-//!
-//! They are bounded ([`MAX_OPEN`]); beyond it the least recently triggered
-//! incident is forgotten.
+//! PagerDuty Events API v2: what a trigger and a resolve look like. When to
+//! send them is [`super::pager`]'s.
 //!
 //! PagerDuty refuses an event over 512 KB with a `400`, not to be retried: a
 //! trigger that large would never page. Its details are cut to fit instead
@@ -24,34 +7,15 @@
 //! ([`MAX_FIELD`]).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use reqwest::header::HeaderMap;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::Delivery;
-use super::http::{self, Outcome, Payload, Poster, RetryPolicy};
-use super::incidents::Memory;
-use super::template::Template;
+use super::pager::{MAX_SUMMARY, Severity, summary, truncate};
 use crate::event::{Event, Metric};
 
 /// PagerDuty's public Events API v2 endpoint.
 pub const DEFAULT_URL: &str = "https://events.pagerduty.com/v2/enqueue";
 
-/// How often an open incident's trigger may be re-sent, by default.
-pub const DEFAULT_RESEND_INTERVAL: Duration = Duration::from_secs(3600);
-
-/// Open incidents remembered at most.
-pub const MAX_OPEN: usize = 100_000;
-
-/// PagerDuty's limits on the dedup key and the summary.
-const MAX_DEDUP_KEY: usize = 255;
-const MAX_SUMMARY: usize = 1024;
 /// A trigger's JSON at most, under PagerDuty's 512 KB.
 pub const MAX_EVENT: usize = 500_000;
 /// The payload's other strings at most (source, component, group, class),
@@ -60,158 +24,8 @@ pub const MAX_FIELD: usize = MAX_SUMMARY;
 /// Kept aside for the note saying what a cut trigger left out.
 const NOTE_ROOM: usize = 256;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub routing_key: String,
-    pub url: String,
-    /// By default derived from host and service.
-    pub dedup_key: Option<Template>,
-    pub resend_interval: Duration,
-}
-
-/// What an event asks of PagerDuty.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Action {
-    Trigger(Severity),
-    Resolve,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(super) enum Severity {
-    Critical,
-    Error,
-    Warning,
-}
-
-impl Severity {
-    fn as_str(self) -> &'static str {
-        match self {
-            Severity::Critical => "critical",
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        }
-    }
-}
-
-/// The state mapping; `None` for states that are not paged.
-fn action(state: Option<&str>) -> Option<Action> {
-    match state? {
-        "critical" => Some(Action::Trigger(Severity::Critical)),
-        "warning" => Some(Action::Trigger(Severity::Warning)),
-        crate::event::STATE_EXPIRED => Some(Action::Trigger(Severity::Error)),
-        "ok" => Some(Action::Resolve),
-        _ => None,
-    }
-}
-
-/// Pages for each queued event until shutdown, then for what is already
-/// queued. `memory` holds the incidents open so far (from an earlier task of
-/// this output, or saved before a restart) and is saved after every batch
-/// that changed it.
-pub async fn run(
-    memory: Arc<Memory>,
-    config: Config,
-    mut delivery: Delivery,
-    retry: RetryPolicy,
-    shutdown: CancellationToken,
-) {
-    let poster = match Poster::new(retry, shutdown.clone()) {
-        Ok(poster) => poster,
-        Err(error) => return http::refuse_all(delivery, shutdown, error).await,
-    };
-    // Before any page: a resolve is sent only for an incident it holds.
-    memory.load().await;
-    let mut pager = Pager {
-        memory,
-        poster,
-        no_headers: HeaderMap::new(),
-        config,
-    };
-    while let Some(batch) = http::next_batch(&mut delivery, &shutdown).await {
-        let mut changed = false;
-        for event in batch {
-            changed |= pager.page(&delivery, &event).await;
-        }
-        if changed {
-            pager.memory.save().await;
-        }
-    }
-    pager.poster.finish(&delivery.name);
-}
-
-struct Pager {
-    config: Config,
-    poster: Poster,
-    memory: Arc<Memory>,
-    no_headers: HeaderMap,
-}
-
-impl Pager {
-    /// Sends (or suppresses) one event's page and settles it in `delivery`;
-    /// true when that opened, re-sent or resolved an incident.
-    async fn page(&mut self, delivery: &Delivery, event: &Event) -> bool {
-        let Some(action) = action(event.state.as_deref()) else {
-            let state = event.state.as_deref();
-            tracing::debug!(output = %delivery.name, ?state, "State not paged; event dropped.");
-            delivery.dropped(1);
-            return false;
-        };
-        let key = self.dedup_key(event);
-        let now = Instant::now();
-        if self.suppressed(action, &key, now) {
-            tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
-            delivery.delivered(1);
-            return false;
-        }
-        let body = match action {
-            Action::Trigger(severity) => trigger(&self.config.routing_key, &key, severity, event),
-            Action::Resolve => resolve(&self.config.routing_key, &key),
-        };
-        let payload = Payload {
-            url: &self.config.url,
-            content_type: "application/json",
-            headers: &self.no_headers,
-            body: Bytes::from(body.to_string()),
-        };
-        if self.poster.post(delivery, &payload).await != Outcome::Delivered {
-            return false;
-        }
-        let mut open = self.memory.incidents();
-        match action {
-            Action::Trigger(severity) => open.triggered(key, severity, now),
-            Action::Resolve => open.resolved(&key),
-        }
-        true
-    }
-
-    /// Hygiene: no re-trigger within the resend interval (unless the
-    /// severity changed: an escalation is news), no resolve for an incident
-    /// this output did not trigger.
-    fn suppressed(&self, action: Action, key: &str, now: Instant) -> bool {
-        match (action, self.memory.incidents().get(key)) {
-            (Action::Trigger(severity), Some(open)) => {
-                open.severity == severity
-                    && now.duration_since(open.sent) < self.config.resend_interval
-            }
-            (Action::Trigger(_), None) => false,
-            (Action::Resolve, open) => open.is_none(),
-        }
-    }
-
-    /// The template's key, or `host/service` when there is none (or it
-    /// renders empty, which PagerDuty would refuse).
-    fn dedup_key(&self, event: &Event) -> String {
-        let custom = self.config.dedup_key.as_ref().map(|t| t.render(event));
-        let key = custom
-            .filter(|key| !key.is_empty())
-            .unwrap_or_else(|| format!("{}/{}", event.host_str(), event.service_str()));
-        bounded_key(key)
-    }
-}
-
 /// A trigger with the event's details, within [`MAX_EVENT`].
-fn trigger(routing_key: &str, dedup_key: &str, severity: Severity, e: &Event) -> Value {
+pub(super) fn trigger(routing_key: &str, dedup_key: &str, severity: Severity, e: &Event) -> Value {
     let field = |text: &str| {
         let mut text = text.to_owned();
         truncate(&mut text, MAX_FIELD);
@@ -254,23 +68,8 @@ fn trigger(routing_key: &str, dedup_key: &str, severity: Severity, e: &Event) ->
 }
 
 /// A resolve needs nothing but the incident's key.
-fn resolve(routing_key: &str, dedup_key: &str) -> Value {
+pub(super) fn resolve(routing_key: &str, dedup_key: &str) -> Value {
     json!({"routing_key": routing_key, "event_action": "resolve", "dedup_key": dedup_key})
-}
-
-/// `web1 disk / is critical (0.97)`; without a metric, no parentheses.
-fn summary(e: &Event) -> String {
-    let mut text = format!(
-        "{} {} is {}",
-        e.host_str(),
-        e.service_str(),
-        e.state.as_deref().unwrap_or("")
-    );
-    if let Some(metric) = e.metric {
-        text.push_str(&format!(" ({metric})"));
-    }
-    truncate(&mut text, MAX_SUMMARY);
-    text
 }
 
 fn custom_details(e: &Event) -> Value {
@@ -354,36 +153,6 @@ fn metric_json(m: Metric) -> Value {
     }
 }
 
-/// Keys over PagerDuty's limit keep their start and gain a hash of the whole,
-/// so two long keys with a common start stay distinct.
-fn bounded_key(mut key: String) -> String {
-    if key.len() <= MAX_DEDUP_KEY {
-        return key;
-    }
-    let hash = format!("~{:016x}", fnv1a(key.as_bytes()));
-    truncate(&mut key, MAX_DEDUP_KEY - hash.len());
-    key.push_str(&hash);
-    key
-}
-
-/// A hash that stays the same across builds and restarts, unlike std's.
-pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// Cuts `text` to at most `max` bytes, on a character boundary.
-fn truncate(text: &mut String, max: usize) {
-    if text.len() > max {
-        let cut = (0..=max)
-            .rev()
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(0);
-        text.truncate(cut);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,39 +212,6 @@ mod tests {
     }
 
     #[test]
-    fn states_map_to_actions_and_valid_severities() {
-        assert_eq!(
-            action(Some("critical")),
-            Some(Action::Trigger(Severity::Critical))
-        );
-        assert_eq!(
-            action(Some("warning")),
-            Some(Action::Trigger(Severity::Warning))
-        );
-        assert_eq!(
-            action(Some("expired")),
-            Some(Action::Trigger(Severity::Error))
-        );
-        assert_eq!(action(Some("ok")), Some(Action::Resolve));
-        assert_eq!(action(Some("flapping")), None);
-        assert_eq!(action(None), None);
-    }
-
-    #[test]
-    fn summary_names_host_service_state_and_metric() {
-        assert_eq!(
-            summary(&event("critical")),
-            "web1 disk / is critical (0.97)"
-        );
-        let mut e = event("expired");
-        e.metric = None;
-        assert_eq!(summary(&e), "web1 disk / is expired");
-        e.service = Some("é".repeat(2000));
-        let long = summary(&e);
-        assert!(long.len() <= MAX_SUMMARY && long.starts_with("web1 éé"));
-    }
-
-    #[test]
     fn trigger_carries_the_event_details() {
         let body = trigger("k", "web1/disk /", Severity::Critical, &event("critical"));
         assert_eq!(
@@ -503,14 +239,5 @@ mod tests {
             (&json!("vigil"), &json!("db"))
         );
         assert!(payload.get("component").is_none());
-    }
-
-    #[test]
-    fn long_dedup_keys_stay_within_the_limit_and_distinct() {
-        let a = bounded_key(format!("{}a", "x".repeat(300)));
-        let b = bounded_key(format!("{}b", "x".repeat(300)));
-        assert!(a.len() <= MAX_DEDUP_KEY && b.len() <= MAX_DEDUP_KEY);
-        assert_ne!(a, b);
-        assert_eq!(bounded_key("web1/cpu".into()), "web1/cpu");
     }
 }

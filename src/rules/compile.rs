@@ -16,7 +16,7 @@ use super::nodes::{
     Throttle, Where, Window, WindowKind, With,
 };
 use crate::outputs::template::Template;
-use crate::outputs::{OutputKind, OutputSpec, forward, graphite, pagerduty, webhook};
+use crate::outputs::{OutputKind, OutputSpec, forward, graphite, pager, pagerduty, webhook};
 
 /// Every stream name the language knows (for "did you mean" hints).
 const STREAMS: &[&str] = &[
@@ -55,7 +55,13 @@ const STREAMS: &[&str] = &[
     "count",
 ];
 
-const OUTPUT_TYPES: &[&str] = &["pagerduty", "webhook", "graphite", "forward"];
+const OUTPUT_TYPES: &[&str] = &[
+    "pagerduty",
+    "paging_webhook",
+    "webhook",
+    "graphite",
+    "forward",
+];
 
 /// A compiled rule file.
 pub struct Compiled {
@@ -341,6 +347,7 @@ impl Compiler {
         let span = kind.span.clone();
         let params: &[&'static str] = match kind.name.as_str() {
             "pagerduty" => &["routing_key", "url", "dedup_key", "resend_interval"],
+            "paging_webhook" => &["url", "headers", "dedup_key", "resend_interval"],
             "webhook" => &["url", "headers", "body"],
             "graphite" => &["host", "port", "prefix", "path"],
             "forward" => &["host", "port"],
@@ -358,35 +365,26 @@ impl Compiler {
         let kind = match what {
             "pagerduty" => {
                 let key = self.require(what, &b, "routing_key");
-                let routing_key = self.string(key?)?;
+                let api = pager::Api::PagerDuty {
+                    routing_key: self.string(key?)?,
+                };
                 let url = self
                     .optional_string(b.get("url"))?
                     .unwrap_or_else(|| pagerduty::DEFAULT_URL.to_owned());
-                let dedup_key = self.template(b.get("dedup_key"))?;
-                let resend_interval = match b.get("resend_interval") {
-                    Some(v) => std::time::Duration::from_micros(self.duration(v)? as u64),
-                    None => pagerduty::DEFAULT_RESEND_INTERVAL,
+                OutputKind::Pager(self.pager(&b, url, api)?)
+            }
+            "paging_webhook" => {
+                let url = self.require(what, &b, "url");
+                let url = self.string(url?)?;
+                let api = pager::Api::Webhook {
+                    headers: self.headers(b.get("headers"))?,
                 };
-                OutputKind::PagerDuty(pagerduty::Config {
-                    routing_key,
-                    url,
-                    dedup_key,
-                    resend_interval,
-                })
+                OutputKind::Pager(self.pager(&b, url, api)?)
             }
             "webhook" => {
                 let url = self.require(what, &b, "url");
                 let url = self.string(url?)?;
-                let mut headers = BTreeMap::new();
-                if let Some(v) = b.get("headers") {
-                    let ValueKind::Map(entries) = &v.kind else {
-                        return self.expected(v, "a map like {\"X-Token\": \"…\"}");
-                    };
-                    for (k, value) in entries {
-                        let value = self.string(value)?;
-                        headers.insert(k.name.clone(), value);
-                    }
-                }
+                let headers = self.headers(b.get("headers"))?;
                 let body = self.template(b.get("body"))?;
                 OutputKind::Webhook(webhook::Config { url, headers, body })
             }
@@ -407,6 +405,34 @@ impl Compiler {
             }
         };
         Some(kind)
+    }
+
+    /// What every pager output takes besides its receiver.
+    fn pager(&mut self, b: &Bound<'_>, url: String, api: pager::Api) -> Option<pager::Config> {
+        let resend_interval = match b.get("resend_interval") {
+            Some(v) => std::time::Duration::from_micros(self.duration(v)? as u64),
+            None => pager::DEFAULT_RESEND_INTERVAL,
+        };
+        Some(pager::Config {
+            url,
+            dedup_key: self.template(b.get("dedup_key"))?,
+            resend_interval,
+            api,
+        })
+    }
+
+    /// A webhook's `headers: {"X-Token": "…"}`.
+    fn headers(&mut self, v: Option<&Value>) -> Option<BTreeMap<String, String>> {
+        let mut headers = BTreeMap::new();
+        if let Some(v) = v {
+            let ValueKind::Map(entries) = &v.kind else {
+                return self.expected(v, "a map like {\"X-Token\": \"…\"}");
+            };
+            for (k, value) in entries {
+                headers.insert(k.name.clone(), self.string(value)?);
+            }
+        }
+        Some(headers)
     }
 
     // ---- streams ---------------------------------------------------------

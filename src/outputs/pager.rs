@@ -1,0 +1,378 @@
+//! Paging, whatever the receiver: `critical` and `warning` trigger an
+//! incident of that severity, `expired` triggers one of severity `error` (a
+//! silent host is an incident), `ok` resolves it; other states are not paged
+//! (dropped). What goes on the wire is the receiver's: PagerDuty's Events API
+//! v2 ([`super::pagerduty`]) or a paging webhook's JSON ([`super::webhook`]).
+//!
+//! One incident per host and service: the dedup key is derived from them
+//! unless the `dedup_key` template says otherwise, so the resolve closes the
+//! incident the trigger opened.
+//!
+//! Paging hygiene, from the incidents this output triggered and has not
+//! resolved (kept across reloads and, with a data directory, restarts: see
+//! [`super::incidents`]):
+//! - a trigger for an open incident is re-sent at most every
+//!   `resend_interval`, unless its severity changed; a suppressed one counts
+//!   as delivered (the receiver already has it);
+//! - a resolve is sent only for an incident vigil triggered; a suppressed one
+//!   counts as delivered too, as nothing needed sending.
+//!
+//! They are bounded ([`MAX_OPEN`]); beyond it the least recently triggered
+//! incident is forgotten. A page is retried for as long as the process runs
+//! (see [`super::http::RetryPolicy::pager`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::HeaderMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Delivery;
+use super::http::{self, Outcome, Payload, Poster, RetryPolicy};
+use super::incidents::Memory;
+use super::template::Template;
+use super::{pagerduty, webhook};
+use crate::event::Event;
+
+/// How often an open incident's trigger may be re-sent, by default.
+pub const DEFAULT_RESEND_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Open incidents remembered at most.
+pub const MAX_OPEN: usize = 100_000;
+
+/// PagerDuty's limits on the dedup key and the summary, kept for every
+/// receiver: a key or a summary is for people to read.
+const MAX_DEDUP_KEY: usize = 255;
+pub(super) const MAX_SUMMARY: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub url: String,
+    /// By default derived from host and service.
+    pub dedup_key: Option<Template>,
+    pub resend_interval: Duration,
+    pub api: Api,
+}
+
+/// What the receiver at `url` speaks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Api {
+    /// PagerDuty Events API v2.
+    PagerDuty { routing_key: String },
+    /// A paging webhook: each page is a JSON POST with these headers.
+    Webhook { headers: BTreeMap<String, String> },
+}
+
+impl Config {
+    /// The output type that declares it in a rule file.
+    pub fn type_name(&self) -> &'static str {
+        match self.api {
+            Api::PagerDuty { .. } => "pagerduty",
+            Api::Webhook { .. } => "paging_webhook",
+        }
+    }
+
+    /// Who holds this output's incidents: one opened through another
+    /// receiver cannot be resolved through this one. For PagerDuty the
+    /// routing key (the URL may be a proxy's), for a webhook its URL.
+    pub fn receiver(&self) -> &str {
+        match &self.api {
+            Api::PagerDuty { routing_key } => routing_key,
+            Api::Webhook { .. } => &self.url,
+        }
+    }
+}
+
+/// What an event asks of the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Action {
+    Trigger(Severity),
+    Resolve,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Severity {
+    Critical,
+    Error,
+    Warning,
+}
+
+impl Severity {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Severity::Critical => "critical",
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+/// The state mapping; `None` for states that are not paged.
+fn action(state: Option<&str>) -> Option<Action> {
+    match state? {
+        "critical" => Some(Action::Trigger(Severity::Critical)),
+        "warning" => Some(Action::Trigger(Severity::Warning)),
+        crate::event::STATE_EXPIRED => Some(Action::Trigger(Severity::Error)),
+        "ok" => Some(Action::Resolve),
+        _ => None,
+    }
+}
+
+/// Pages for each queued event until shutdown, then for what is already
+/// queued. `memory` holds the incidents open so far (from an earlier task of
+/// this output, or saved before a restart) and is saved after every batch
+/// that changed it.
+pub async fn run(
+    memory: Arc<Memory>,
+    config: Config,
+    mut delivery: Delivery,
+    retry: RetryPolicy,
+    shutdown: CancellationToken,
+) {
+    let setup = match &config.api {
+        Api::PagerDuty { .. } => Ok(HeaderMap::new()),
+        Api::Webhook { headers } => http::header_map(headers),
+    }
+    .and_then(|headers| Ok((headers, Poster::new(retry, shutdown.clone())?)));
+    let (headers, poster) = match setup {
+        Ok(ready) => ready,
+        Err(error) => return http::refuse_all(delivery, shutdown, error).await,
+    };
+    // Before any page: a resolve is sent only for an incident it holds.
+    memory.load().await;
+    let mut pager = Pager {
+        memory,
+        poster,
+        headers,
+        config,
+    };
+    while let Some(batch) = http::next_batch(&mut delivery, &shutdown).await {
+        let mut changed = false;
+        for event in batch {
+            changed |= pager.page(&delivery, &event).await;
+        }
+        if changed {
+            pager.memory.save().await;
+        }
+    }
+    pager.poster.finish(&delivery.name);
+}
+
+struct Pager {
+    config: Config,
+    poster: Poster,
+    memory: Arc<Memory>,
+    /// Checked once, sent with every page.
+    headers: HeaderMap,
+}
+
+impl Pager {
+    /// Sends (or suppresses) one event's page and settles it in `delivery`;
+    /// true when that opened, re-sent or resolved an incident.
+    async fn page(&mut self, delivery: &Delivery, event: &Event) -> bool {
+        let Some(action) = action(event.state.as_deref()) else {
+            let state = event.state.as_deref();
+            tracing::debug!(output = %delivery.name, ?state, "State not paged; event dropped.");
+            delivery.dropped(1);
+            return false;
+        };
+        let key = self.dedup_key(event);
+        let now = Instant::now();
+        if self.suppressed(action, &key, now) {
+            tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
+            delivery.delivered(1);
+            return false;
+        }
+        let body = self.body(action, &key, event);
+        let payload = Payload {
+            url: &self.config.url,
+            content_type: "application/json",
+            headers: &self.headers,
+            body: Bytes::from(body.to_string()),
+        };
+        let outcome = match self.config.api {
+            // PagerDuty's limit is known: the trigger is already within it.
+            Api::PagerDuty { .. } => self.poster.post(delivery, &payload).await,
+            Api::Webhook { .. } => {
+                let cut = || {
+                    let page = webhook::page(action, &key, &webhook::cut_short(event));
+                    Bytes::from(page.to_string())
+                };
+                self.poster.post_or_cut(delivery, &payload, cut).await
+            }
+        };
+        if outcome != Outcome::Delivered {
+            return false;
+        }
+        let mut open = self.memory.incidents();
+        match action {
+            Action::Trigger(severity) => open.triggered(key, severity, now),
+            Action::Resolve => open.resolved(&key),
+        }
+        true
+    }
+
+    fn body(&self, action: Action, key: &str, event: &Event) -> Value {
+        match (&self.config.api, action) {
+            (Api::PagerDuty { routing_key }, Action::Trigger(severity)) => {
+                pagerduty::trigger(routing_key, key, severity, event)
+            }
+            (Api::PagerDuty { routing_key }, Action::Resolve) => {
+                pagerduty::resolve(routing_key, key)
+            }
+            (Api::Webhook { .. }, action) => webhook::page(action, key, event),
+        }
+    }
+
+    /// Hygiene: no re-trigger within the resend interval (unless the
+    /// severity changed: an escalation is news), no resolve for an incident
+    /// this output did not trigger.
+    fn suppressed(&self, action: Action, key: &str, now: Instant) -> bool {
+        match (action, self.memory.incidents().get(key)) {
+            (Action::Trigger(severity), Some(open)) => {
+                open.severity == severity
+                    && now.duration_since(open.sent) < self.config.resend_interval
+            }
+            (Action::Trigger(_), None) => false,
+            (Action::Resolve, open) => open.is_none(),
+        }
+    }
+
+    /// The template's key, or `host/service` when there is none (or it
+    /// renders empty, which PagerDuty would refuse).
+    fn dedup_key(&self, event: &Event) -> String {
+        let custom = self.config.dedup_key.as_ref().map(|t| t.render(event));
+        let key = custom
+            .filter(|key| !key.is_empty())
+            .unwrap_or_else(|| format!("{}/{}", event.host_str(), event.service_str()));
+        bounded_key(key)
+    }
+}
+
+/// `web1 disk / is critical (0.97)`; without a metric, no parentheses.
+pub(super) fn summary(e: &Event) -> String {
+    let mut text = format!(
+        "{} {} is {}",
+        e.host_str(),
+        e.service_str(),
+        e.state.as_deref().unwrap_or("")
+    );
+    if let Some(metric) = e.metric {
+        text.push_str(&format!(" ({metric})"));
+    }
+    truncate(&mut text, MAX_SUMMARY);
+    text
+}
+
+/// Keys over PagerDuty's limit keep their start and gain a hash of the whole,
+/// so two long keys with a common start stay distinct.
+fn bounded_key(mut key: String) -> String {
+    if key.len() <= MAX_DEDUP_KEY {
+        return key;
+    }
+    let hash = format!("~{:016x}", fnv1a(key.as_bytes()));
+    truncate(&mut key, MAX_DEDUP_KEY - hash.len());
+    key.push_str(&hash);
+    key
+}
+
+/// A hash that stays the same across builds and restarts, unlike std's.
+pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+pub(super) fn truncate(text: &mut String, max: usize) {
+    let end = start_of(text, max).len();
+    text.truncate(end);
+}
+
+/// The longest start of `text` of at most `max` bytes.
+pub(super) fn start_of(text: &str, max: usize) -> &str {
+    let end = (0..=max.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Metric;
+
+    #[test]
+    fn states_map_to_actions_and_valid_severities() {
+        assert_eq!(
+            action(Some("critical")),
+            Some(Action::Trigger(Severity::Critical))
+        );
+        assert_eq!(
+            action(Some("warning")),
+            Some(Action::Trigger(Severity::Warning))
+        );
+        assert_eq!(
+            action(Some("expired")),
+            Some(Action::Trigger(Severity::Error))
+        );
+        assert_eq!(action(Some("ok")), Some(Action::Resolve));
+        assert_eq!(action(Some("flapping")), None);
+        assert_eq!(action(None), None);
+    }
+
+    #[test]
+    fn summary_names_host_service_state_and_metric() {
+        let mut e = Event {
+            host: Some("web1".into()),
+            service: Some("disk /".into()),
+            state: Some("critical".into()),
+            metric: Some(Metric::Float(0.97)),
+            ..Event::default()
+        };
+        assert_eq!(summary(&e), "web1 disk / is critical (0.97)");
+        e.state = Some("expired".into());
+        e.metric = None;
+        assert_eq!(summary(&e), "web1 disk / is expired");
+        e.service = Some("é".repeat(2000));
+        let long = summary(&e);
+        assert!(long.len() <= MAX_SUMMARY && long.starts_with("web1 éé"));
+    }
+
+    #[test]
+    fn long_dedup_keys_stay_within_the_limit_and_distinct() {
+        let a = bounded_key(format!("{}a", "x".repeat(300)));
+        let b = bounded_key(format!("{}b", "x".repeat(300)));
+        assert!(a.len() <= MAX_DEDUP_KEY && b.len() <= MAX_DEDUP_KEY);
+        assert_ne!(a, b);
+        assert_eq!(bounded_key("web1/cpu".into()), "web1/cpu");
+    }
+
+    #[test]
+    fn the_receiver_of_a_pagerduty_output_is_its_routing_key_of_a_webhook_its_url() {
+        let config = |api| Config {
+            url: "https://example.com/page?token=t".into(),
+            dedup_key: None,
+            resend_interval: DEFAULT_RESEND_INTERVAL,
+            api,
+        };
+        let pd = config(Api::PagerDuty {
+            routing_key: "R0UT1NG".into(),
+        });
+        assert_eq!((pd.receiver(), pd.type_name()), ("R0UT1NG", "pagerduty"));
+        let hook = config(Api::Webhook {
+            headers: BTreeMap::new(),
+        });
+        assert_eq!(
+            (hook.receiver(), hook.type_name()),
+            ("https://example.com/page?token=t", "paging_webhook")
+        );
+    }
+}
