@@ -226,16 +226,21 @@ fn wait_settled(nodes: &[&Vigil], want: usize) -> Vec<Keys> {
     .expect("every node owns some of the hosts, each on one node, and it stays so")
 }
 
-/// A webhook receiver counting pages by host.
+/// A webhook receiver recording pages.
 #[derive(Clone, Default)]
 struct Pager {
     pages: Arc<Mutex<Vec<String>>>,
 }
 
+/// A `webhook` post is recorded as its host, a `paging_webhook` page as
+/// its action and host.
 async fn record(State(pager): State<Pager>, body: Bytes) -> &'static str {
-    let page: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let host = page["host"].as_str().unwrap_or("?").to_owned();
-    pager.pages.lock().unwrap().push(host);
+    let post: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let page = match post["action"].as_str() {
+        Some(action) => format!("{action} {}", post["event"]["host"].as_str().unwrap_or("?")),
+        None => post["host"].as_str().unwrap_or("?").to_owned(),
+    };
+    pager.pages.lock().unwrap().push(page);
     "ok"
 }
 
@@ -743,6 +748,37 @@ fn an_expiry_the_old_owner_paged_is_not_paged_again_after_replay() {
         &BTreeSet::from(["gone".to_owned(), "later".to_owned()]),
     );
     assert!(local_keys(&second).is_empty());
+}
+
+/// An incident stays the cluster's, not the node's: the owner that takes a
+/// shard over learns from the replay which incidents the previous owner
+/// opened and resolves them when their series clear, neither paging them
+/// again nor taking their `ok` for one it never opened.
+#[test]
+fn an_incident_opened_before_a_handover_is_resolved_by_the_next_owner() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let (pager, url) = Pager::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("paging.vigil");
+    let source = format!(
+        "output pager = paging_webhook(url: \"{url}\")\n\
+         streams {{\n  index\n  changed_state {{ pager }}\n}}\n"
+    );
+    std::fs::write(&rules, source).unwrap();
+    let rules = rules.to_str().unwrap();
+
+    let mut first = node(&nats, "n1", &["--rules", rules]);
+    send(&first, &[event("web", "disk", "critical")]);
+    assert_eq!(pager.settle_at(1), ["trigger web"]);
+    first.terminate();
+
+    let second = node(&nats, "n2", &["--rules", rules]);
+    wait_until(SETTLE, || (local_keys(&second).len() == 1).then_some(()))
+        .expect("the next owner replayed the shard");
+    send(&second, &[event("web", "disk", "critical")]);
+    send(&second, &[event("web", "disk", "ok")]);
+    assert_eq!(pager.settle_at(2), ["trigger web", "resolve web"]);
 }
 
 fn signal(node: &Vigil, signal: libc::c_int) {

@@ -48,7 +48,9 @@ thread_local! {
 
 /// Runs `f` (a batch through the rules) with every output push on this thread
 /// ignored: a cluster node replaying a shard it took over rebuilds rule state
-/// without paging again what the previous owner already paged.
+/// without paging again what the previous owner already paged. A pager still
+/// remembers the incident each ignored page opened or resolved, so it
+/// resolves what the previous owner opened ([`pager::Replayed`]).
 pub fn suppressed<R>(f: impl FnOnce() -> R) -> R {
     SUPPRESSED.with(|s| s.set(true));
     let result = f();
@@ -126,6 +128,8 @@ pub struct Queue {
     tx: event_queue::Sender,
     /// Set while pushes are being dropped, so the overflow is logged once.
     overflowing: AtomicBool,
+    /// A pager's memory of the pages it must not send (see [`suppressed`]).
+    replayed: Option<pager::Replayed>,
 }
 
 impl Queue {
@@ -138,6 +142,9 @@ impl Queue {
 impl OutputSink for Queue {
     fn push(&self, event: Event) {
         if is_suppressed() {
+            if let Some(replayed) = &self.replayed {
+                replayed.remember(&event);
+            }
             return;
         }
         self.stats.accepted.fetch_add(1, Ordering::AcqRel);
@@ -222,6 +229,14 @@ impl Delivery {
 
 /// A queue and the delivery end that drains it.
 pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
+    queue_remembering(name, capacity, None)
+}
+
+fn queue_remembering(
+    name: &str,
+    capacity: usize,
+    replayed: Option<pager::Replayed>,
+) -> (Arc<Queue>, Delivery) {
     let (tx, rx) = event_queue::queue(capacity, MAX_QUEUED_BYTES);
     let stats = Arc::new(OutputStats::default());
     let queue = Arc::new(Queue {
@@ -229,6 +244,7 @@ pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
         stats: stats.clone(),
         tx,
         overflowing: AtomicBool::new(false),
+        replayed,
     });
     let delivery = Delivery {
         name: name.to_owned(),
@@ -319,25 +335,40 @@ pub fn start(
     kept: &Kept,
     shutdown: CancellationToken,
 ) -> (Arc<Queue>, JoinHandle<()>) {
-    let (queue, delivery) = queue(&spec.name, spec.kind.queue_capacity());
-    let task = match spec.kind.clone() {
-        OutputKind::Pager(config) => tokio::spawn(pager::run(
-            kept.pager(&spec.name, &config),
-            config,
-            delivery,
-            http::RetryPolicy::pager(),
-            shutdown,
-        )),
-        OutputKind::Webhook(config) => tokio::spawn(webhook::run(
-            config,
-            delivery,
-            http::RetryPolicy::push(),
-            shutdown,
-        )),
-        OutputKind::Graphite(config) => tokio::spawn(graphite::run(config, delivery, shutdown)),
-        OutputKind::Forward(config) => tokio::spawn(forward::run(config, delivery, shutdown)),
-    };
-    (queue, task)
+    let (name, capacity) = (spec.name.as_str(), spec.kind.queue_capacity());
+    let plain = || queue(name, capacity);
+    match spec.kind.clone() {
+        OutputKind::Pager(config) => {
+            let memory = kept.pager(name, &config);
+            let replayed = pager::Replayed::new(config.clone(), memory.clone());
+            let (queue, delivery) = queue_remembering(name, capacity, Some(replayed));
+            let retry = http::RetryPolicy::pager();
+            let task = tokio::spawn(pager::run(memory, config, delivery, retry, shutdown));
+            (queue, task)
+        }
+        OutputKind::Webhook(config) => {
+            let (queue, delivery) = plain();
+            let retry = http::RetryPolicy::push();
+            (
+                queue,
+                tokio::spawn(webhook::run(config, delivery, retry, shutdown)),
+            )
+        }
+        OutputKind::Graphite(config) => {
+            let (queue, delivery) = plain();
+            (
+                queue,
+                tokio::spawn(graphite::run(config, delivery, shutdown)),
+            )
+        }
+        OutputKind::Forward(config) => {
+            let (queue, delivery) = plain();
+            (
+                queue,
+                tokio::spawn(forward::run(config, delivery, shutdown)),
+            )
+        }
+    }
 }
 
 #[cfg(test)]
@@ -404,6 +435,51 @@ mod tests {
         second.load().await;
         back.load().await;
         assert!(back.has_open() && !second.has_open());
+    }
+
+    /// The pages of a replayed shard are not sent, but what they opened and
+    /// resolved is known to the pager afterwards.
+    #[tokio::test]
+    async fn a_suppressed_page_is_not_queued_but_its_incident_is_remembered() {
+        let kept = Kept::default();
+        let spec = OutputSpec {
+            name: "pager".into(),
+            kind: OutputKind::Pager(pager_config("k")),
+        };
+        let (queue, _task) = start(&spec, &kept, CancellationToken::new());
+        let page = |service: &str, state: &str| Event {
+            host: Some("web1".into()),
+            service: Some(service.into()),
+            state: Some(state.into()),
+            ..Event::default()
+        };
+        let memory = kept.pager("pager", &pager_config("k"));
+        let open = |key: &str| memory.incidents().get(key).map(|open| open.severity);
+        suppressed(|| {
+            queue.push(page("cpu", "critical"));
+            queue.push(page("disk", "warning"));
+            queue.push(page("disk", "ok"));
+            queue.push(page("load", "flapping"));
+        });
+        assert_eq!(queue.queued(), 0);
+        assert_eq!(queue.stats.accepted.load(Ordering::Acquire), 0);
+        assert_eq!(open("web1/cpu"), Some(pager::Severity::Critical));
+        assert_eq!((open("web1/disk"), open("web1/load")), (None, None));
+
+        let (webhook, _task) = start(
+            &OutputSpec {
+                name: "push".into(),
+                kind: OutputKind::Webhook(webhook::Config {
+                    url: String::new(),
+                    headers: Default::default(),
+                    body: None,
+                }),
+            },
+            &kept,
+            CancellationToken::new(),
+        );
+        suppressed(|| webhook.push(page("cpu", "critical")));
+        assert_eq!(webhook.queued(), 0, "other outputs ignore it");
     }
 
     fn accounted(queue: &Queue) -> bool {

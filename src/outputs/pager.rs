@@ -182,7 +182,7 @@ impl Pager {
             delivery.dropped(1);
             return false;
         };
-        let key = self.dedup_key(event);
+        let key = dedup_key(&self.config, event);
         let now = Instant::now();
         if self.suppressed(action, &key, now) {
             tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
@@ -243,15 +243,44 @@ impl Pager {
             (Action::Resolve, open) => open.is_none(),
         }
     }
+}
 
-    /// The template's key, or `host/service` when there is none (or it
-    /// renders empty, which PagerDuty would refuse).
-    fn dedup_key(&self, event: &Event) -> String {
-        let custom = self.config.dedup_key.as_ref().map(|t| t.render(event));
-        let key = custom
-            .filter(|key| !key.is_empty())
-            .unwrap_or_else(|| format!("{}/{}", event.host_str(), event.service_str()));
-        bounded_key(key)
+/// The template's key, or `host/service` when there is none (or it renders
+/// empty, which PagerDuty would refuse).
+fn dedup_key(config: &Config, event: &Event) -> String {
+    let custom = config.dedup_key.as_ref().map(|t| t.render(event));
+    let key = custom
+        .filter(|key| !key.is_empty())
+        .unwrap_or_else(|| format!("{}/{}", event.host_str(), event.service_str()));
+    bounded_key(key)
+}
+
+/// What a pager output keeps of a page it must not send: one the rules made
+/// again while a cluster node replays a shard it took over, which the
+/// previous owner already sent. The incident it opened or resolved is
+/// remembered all the same, so the new owner resolves what the previous one
+/// opened (and does not page it again within the resend interval).
+pub struct Replayed {
+    config: Config,
+    memory: Arc<Memory>,
+}
+
+impl Replayed {
+    pub fn new(config: Config, memory: Arc<Memory>) -> Replayed {
+        Replayed { config, memory }
+    }
+
+    /// Called on the rules' thread, in the order the pages were made.
+    pub fn remember(&self, event: &Event) {
+        let Some(action) = action(event.state.as_deref()) else {
+            return;
+        };
+        let key = dedup_key(&self.config, event);
+        let mut open = self.memory.incidents();
+        match action {
+            Action::Trigger(severity) => open.triggered(key, severity, Instant::now()),
+            Action::Resolve => open.resolved(&key),
+        }
     }
 }
 
