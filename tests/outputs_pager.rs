@@ -484,6 +484,42 @@ async fn an_incident_open_before_a_restart_is_resolved_after_it() {
     assert_eq!((after.delivered(), after.dropped()), (3, 0));
 }
 
+/// A pager that stops while its receiver is failing keeps its pages for the
+/// next run, which sends them first.
+#[tokio::test]
+async fn pages_undelivered_at_shutdown_are_sent_first_by_the_next_run() {
+    let rx = Receiver::start().await;
+    rx.reply_always(Reply(503, vec![], "down"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let config = pager_config(&rx.url);
+    let mut before =
+        Running::pager_remembering(memory(&config, Some(file.clone())), config.clone());
+    before.queue.push(event("disk /", "critical"));
+    before.queue.push(event("cpu", "critical"));
+    rx.wait_for(2).await;
+    before.stop().await;
+    before.assert_accounted();
+    assert_eq!((before.delivered(), before.dropped()), (0, 2));
+    let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved["unsent"].as_array().map(Vec::len), Some(2), "{saved}");
+
+    rx.reply_always(accepted());
+    let tried = rx.seen().len();
+    let after = Running::pager_remembering(memory(&config, Some(file.clone())), config.clone());
+    rx.wait_for(tried + 2).await;
+    after.settled().await;
+    assert_eq!(
+        actions(&rx)[tried..],
+        ["trigger web1/disk /", "trigger web1/cpu"],
+        "in the order they were made"
+    );
+    assert_eq!((after.delivered(), after.dropped()), (2, 0));
+    let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved["unsent"], json!([]));
+    assert_eq!(saved["incidents"].as_array().map(Vec::len), Some(2));
+}
+
 #[tokio::test]
 async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     let rx = Receiver::start().await;
@@ -1080,4 +1116,53 @@ fn the_binary_pages_through_a_paging_webhook() {
             .all(|page| page.json()["dedup_key"] == "web1:disk /")
     );
     assert_eq!(seen[0].header("x-token"), "t");
+}
+
+/// Killed while its receiver was failing, the binary sends the page after
+/// the restart: the rules' state was saved too, so nothing would make the
+/// page again.
+#[test]
+fn the_binary_sends_after_a_crash_the_page_it_had_not_delivered() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rx = runtime.block_on(Receiver::start());
+    rx.reply_always(Reply(500, vec![], "down"));
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("pager.vigil");
+    let source = format!(
+        "output pager = pagerduty(routing_key: \"k\", url: \"{}\")\n\
+         streams {{\n  changed_state {{ pager }}\n}}\n",
+        rx.url
+    );
+    std::fs::write(&rules, source).unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "--rules",
+        rules.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let mut first = common::Vigil::start(&args);
+    runtime.block_on(async {
+        let mut client = vigil::client::Client::connect(first.tcp).await.unwrap();
+        client.send(&[event("disk /", "critical")]).await.unwrap();
+        rx.wait_for(1).await;
+    });
+    first.kill9();
+    rx.reply_always(accepted());
+    let tried = rx.seen().len();
+
+    let second = common::Vigil::start(&args);
+    let seen = runtime.block_on(rx.wait_for(tried + 1));
+    let page = seen[tried].json();
+    assert_eq!(
+        (&page["event_action"], &page["dedup_key"]),
+        (&json!("trigger"), &json!("web1/disk /"))
+    );
+    assert!(
+        second
+            .logs()
+            .contains("Pages undelivered before the restart; sending them first."),
+        "{}",
+        second.logs()
+    );
 }

@@ -272,6 +272,12 @@ impl Poster {
         }
     }
 
+    /// Whether it gave up while stopping: every later payload is dropped
+    /// unsent.
+    pub fn gave_up(&self) -> bool {
+        self.given_up
+    }
+
     /// Reports, once, what shutdown left unsent.
     pub fn finish(self, output: &str) {
         if self.unsent > 0 {

@@ -9,15 +9,16 @@
 //! With a data directory they are saved to `pagerduty-<output>.json` after
 //! every batch that changed them, and loaded when the output's first task
 //! starts, both off the async workers; so an incident open before a restart
-//! is still resolved when its series turns `ok`. A crash loses at most the
-//! batch being paged.
+//! is still resolved when its series turns `ok`. The file also holds the
+//! pages taken from the queue and not yet delivered, so a restart or a crash
+//! loses none of them.
 //!
 //! Incidents belong to their receiver ([`super::pager::Config::receiver`]: PagerDuty's
 //! routing key, a webhook's URL). The file holds no receiver (a secret), only
 //! its hash: incidents saved under another receiver cannot be resolved
 //! through this one, and are left out with a warning.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,13 +32,22 @@ use tokio::time::Instant;
 
 use super::pager::{Severity, fnv1a};
 use crate::blocking::off_workers;
+use crate::event::Event;
 use crate::snapshot::{self, SnapshotError};
 
 /// The file's layout; a file of another version is not loaded.
 const VERSION: u32 = 1;
 /// Larger than any file `MAX_OPEN` incidents make (keys are ≤ 255 bytes):
 /// anything bigger is not ours, and is not read into memory.
-const MAX_FILE: u64 = 64 * 1024 * 1024;
+/// Larger than any file `MAX_OPEN` incidents and [`MAX_UNSENT_BYTES`] of
+/// unsent pages make (keys are ≤ 255 bytes; JSON escapes a byte in at most
+/// six): anything bigger is not ours, and is not read into memory.
+const MAX_FILE: u64 = 128 * 1024 * 1024;
+/// Undelivered pages kept for the next run at most, in number and in bytes
+/// (by [`Event::approx_bytes`]); a dead pager at shutdown may have its whole
+/// queue undelivered.
+const MAX_UNSENT: usize = 10_000;
+const MAX_UNSENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// The incidents open at the receiver by dedup key; bounded, forgetting the
 /// least recently triggered first.
@@ -107,16 +117,81 @@ impl Incidents {
     }
 }
 
+/// The pages a pager took from its queue and has not delivered, oldest
+/// first: written down before the first attempt at each batch, and each
+/// taken off once settled (delivered, or refused for good). What is left
+/// when a task stops is sent first by the next run.
+#[derive(Default)]
+pub(super) struct Unsent {
+    pages: VecDeque<Event>,
+    bytes: usize,
+    /// Pages not written down for being over [`MAX_UNSENT`] or
+    /// [`MAX_UNSENT_BYTES`] since the list was last empty.
+    left_out: usize,
+}
+
+impl Unsent {
+    /// Writes down `batch`, in order, as far as the bounds allow; returns how
+    /// many of it were written down (they are the first of it).
+    pub(super) fn add(&mut self, batch: &[Event]) -> usize {
+        if self.pages.is_empty() {
+            // Those left out before were settled since, one way or another.
+            self.left_out = 0;
+        }
+        let mut added = 0;
+        for event in batch {
+            let bytes = event.approx_bytes();
+            if self.pages.len() >= MAX_UNSENT || self.bytes + bytes > MAX_UNSENT_BYTES {
+                break;
+            }
+            self.bytes += bytes;
+            self.pages.push_back(event.clone());
+            added += 1;
+        }
+        self.left_out += batch.len() - added;
+        added
+    }
+
+    /// The oldest page was settled.
+    pub(super) fn settled(&mut self) {
+        if let Some(event) = self.pages.pop_front() {
+            self.bytes -= event.approx_bytes();
+        }
+    }
+
+    /// Takes every page written down; the next run's first batch.
+    pub(super) fn take(&mut self) -> Vec<Event> {
+        self.bytes = 0;
+        self.pages.drain(..).collect()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// How many pages were not written down since the list was last empty.
+    pub(super) fn left_out(&self) -> usize {
+        self.left_out
+    }
+
+    fn restore(&mut self, pages: Vec<Event>) {
+        self.add(&pages);
+    }
+}
+
 /// The saved form.
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved {
     version: u32,
     /// `fnv1a` of the receiver, as 16 hex digits (named when it could only
     /// be a routing key).
-    #[serde(rename = "receiver_hash")]
+    #[serde(rename = "routing_key_hash")]
     receiver_hash: String,
     /// Oldest trigger first.
     incidents: Vec<SavedIncident>,
+    /// Pages taken from the queue and not yet delivered, oldest first.
+    #[serde(default)]
+    unsent: Vec<Event>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -143,6 +218,10 @@ pub struct Memory {
     replaced: AtomicBool,
     /// Set once the file was read (or there was nothing to read).
     loaded: OnceCell<()>,
+    /// With a file: the pages taken from the queue and not yet delivered,
+    /// oldest first, saved with the incidents so that a restart (or a
+    /// crash) sends them first. See [`Unsent`].
+    unsent: Mutex<Unsent>,
     /// The memory this one replaced before that one had read the file: the
     /// file is read through it, under the key it was saved with, before this
     /// one can save over it. Taken by [`load`](Self::load).
@@ -160,6 +239,7 @@ impl Memory {
             saving: Arc::default(),
             replaced: AtomicBool::new(false),
             loaded: OnceCell::new(),
+            unsent: Mutex::default(),
             predecessor: Mutex::new(None),
             file,
         }
@@ -213,6 +293,7 @@ impl Memory {
             );
             return;
         }
+        self.unsent.lock().restore(saved.unsent);
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut incidents = self.incidents.lock();
         for incident in saved.incidents {
@@ -253,6 +334,7 @@ impl Memory {
             } else {
                 OnceCell::new()
             },
+            unsent: Mutex::default(),
             predecessor: Mutex::new((!loaded).then(|| self.clone())),
         }
     }
@@ -314,6 +396,15 @@ impl Memory {
         self.incidents.lock()
     }
 
+    /// Whether it is saved to a file, and so keeps its unsent pages.
+    pub(super) fn is_durable(&self) -> bool {
+        self.file.is_some()
+    }
+
+    pub(super) fn unsent(&self) -> parking_lot::MutexGuard<'_, Unsent> {
+        self.unsent.lock()
+    }
+
     /// Writes the incidents to the file, if there is one, off the async
     /// workers. A failure is logged: paging goes on, from memory.
     pub(super) async fn save(self: &Arc<Self>) {
@@ -350,6 +441,7 @@ impl Memory {
                         sent: since_epoch(age),
                     })
                     .collect(),
+                unsent: self.unsent.lock().pages.iter().cloned().collect(),
             }
         };
         snapshot::replace_file(file, |out| {
@@ -438,6 +530,53 @@ mod tests {
         assert!(open.get("a").is_some() && open.get("c").is_some());
         open.resolved("a");
         assert_eq!((open.open.len(), open.order.len()), (1, 1));
+    }
+
+    #[test]
+    fn unsent_pages_are_bounded_in_number_and_bytes_keeping_the_first() {
+        let mut unsent = Unsent::default();
+        let small = Event::default();
+        let batch = vec![small.clone(); MAX_UNSENT + 5];
+        assert_eq!(unsent.add(&batch), MAX_UNSENT);
+        assert_eq!((unsent.len(), unsent.left_out()), (MAX_UNSENT, 5));
+        unsent.settled();
+        assert_eq!(unsent.add(&batch[..3]), 1, "room for one more");
+        assert_eq!(unsent.take().len(), MAX_UNSENT);
+        assert_eq!(unsent.bytes, 0);
+
+        let large = Event {
+            description: Some("d".repeat(MAX_UNSENT_BYTES / 3)),
+            ..Event::default()
+        };
+        assert_eq!(
+            unsent.add(&[large.clone(), large.clone(), large.clone()]),
+            2
+        );
+        assert_eq!(unsent.left_out(), 1);
+        unsent.settled();
+        unsent.settled();
+        assert_eq!((unsent.len(), unsent.bytes), (0, 0));
+        assert_eq!(unsent.add(&[small]), 1);
+        assert_eq!(
+            unsent.left_out(),
+            0,
+            "counted since the list was last empty"
+        );
+    }
+
+    /// As vigil wrote them before unsent pages were kept: still loaded.
+    #[tokio::test]
+    async fn a_file_without_unsent_pages_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let text = format!(
+            r#"{{"version":1,"routing_key_hash":"{}","incidents":[{{"dedup_key":"web1/cpu","severity":"critical","sent":1700000000.5}}]}}"#,
+            key_hash("key")
+        );
+        std::fs::write(&file, text).unwrap();
+        let memory = from_file(file, "key", 10).await;
+        assert_eq!(keys(&memory), [("web1/cpu".to_owned(), Severity::Critical)]);
+        assert_eq!(memory.unsent().len(), 0);
     }
 
     fn keys(memory: &Memory) -> Vec<(String, Severity)> {

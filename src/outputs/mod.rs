@@ -207,6 +207,13 @@ impl Delivery {
         Some((batch, bytes))
     }
 
+    /// Counts `n` events left undelivered by an earlier run as accepted
+    /// and in flight: they are settled like the queue's.
+    pub fn adopt(&self, n: usize) {
+        self.stats.accepted.fetch_add(n as u64, Ordering::AcqRel);
+        self.stats.in_flight.fetch_add(n as u64, Ordering::AcqRel);
+    }
+
     /// `n` in-flight events reached the downstream.
     pub fn delivered(&self, n: usize) {
         self.settle(n, &self.stats.delivered);

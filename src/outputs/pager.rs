@@ -19,7 +19,8 @@
 //!
 //! They are bounded ([`MAX_OPEN`]); beyond it the least recently triggered
 //! incident is forgotten. A page is retried for as long as the process runs
-//! (see [`super::http::RetryPolicy::pager`]).
+//! (see [`super::http::RetryPolicy::pager`]); with a data directory, the pages
+//! not delivered when it stops (or crashes) are sent first by the next run.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -152,16 +153,30 @@ pub async fn run(
         headers,
         config,
     };
-    while let Some(batch) = http::next_batch(&mut delivery, &shutdown).await {
-        let mut changed = false;
-        for event in batch {
-            changed |= pager.page(&delivery, &event).await;
-        }
-        if changed {
-            pager.memory.save().await;
-        }
+    let left = pager.memory.unsent().take();
+    if !left.is_empty() {
+        let (output, pages) = (&delivery.name, left.len());
+        tracing::warn!(
+            output,
+            pages,
+            "Pages undelivered before the restart; sending them first."
+        );
+        delivery.adopt(pages);
+        pager.page_all(&delivery, left).await;
     }
-    pager.poster.finish(&delivery.name);
+    while let Some(batch) = http::next_batch(&mut delivery, &shutdown).await {
+        pager.page_all(&delivery, batch).await;
+    }
+    let kept = pager.memory.unsent().len();
+    if kept == 0 {
+        return pager.poster.finish(&delivery.name);
+    }
+    let dropped = pager.memory.unsent().left_out();
+    tracing::error!(
+        output = %delivery.name, kept, dropped,
+        "Pages undelivered at shutdown: the receiver was failing. Those kept are in the data \
+         directory and are sent first after the restart."
+    );
 }
 
 struct Pager {
@@ -173,6 +188,32 @@ struct Pager {
 }
 
 impl Pager {
+    /// Pages a batch in order. With a file, the batch is written down as
+    /// unsent before the first attempt and each page taken off once settled:
+    /// what a restart or a crash interrupts is sent after it (twice, if it
+    /// was sent just before a crash). Pages not sent because the process is
+    /// stopping stay written down.
+    async fn page_all(&mut self, delivery: &Delivery, batch: Vec<Event>) {
+        let durable = self.memory.is_durable();
+        let written = if durable {
+            let written = self.memory.unsent().add(&batch);
+            self.memory.save().await;
+            written
+        } else {
+            0
+        };
+        let mut changed = false;
+        for (i, event) in batch.iter().enumerate() {
+            changed |= self.page(delivery, event).await;
+            if i < written && !self.poster.gave_up() {
+                self.memory.unsent().settled();
+            }
+        }
+        if changed || durable {
+            self.memory.save().await;
+        }
+    }
+
     /// Sends (or suppresses) one event's page and settles it in `delivery`;
     /// true when that opened, re-sent or resolved an incident.
     async fn page(&mut self, delivery: &Delivery, event: &Event) -> bool {
