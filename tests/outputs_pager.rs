@@ -520,6 +520,90 @@ async fn pages_undelivered_at_shutdown_are_sent_first_by_the_next_run() {
     assert_eq!(saved["incidents"].as_array().map(Vec::len), Some(2));
 }
 
+/// A reload that redeclares a pager while its receiver is failing: the
+/// stopping task leaves its pages to the new one, which sends them before
+/// its own.
+#[tokio::test]
+async fn a_reload_hands_the_pages_not_yet_delivered_to_the_new_declaration() {
+    let rx = Receiver::start().await;
+    rx.reply_always(Reply(503, vec![], "down"));
+    let spec = |resend_interval| OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager::Config {
+            resend_interval,
+            ..pager_config(&rx.url)
+        }),
+    };
+    let kept = Kept::default();
+    let (first_stop, second_stop) = (CancellationToken::new(), CancellationToken::new());
+    let (first, first_task) =
+        outputs::start(&spec(Duration::from_secs(3600)), &kept, first_stop.clone());
+    first.push(event("disk /", "critical"));
+    first.push(event("cpu", "critical"));
+    rx.wait_for(1).await;
+    let (second, _task) =
+        outputs::start(&spec(Duration::from_secs(60)), &kept, second_stop.clone());
+    second.push(event("disk /", "ok"));
+    first_stop.cancel();
+    first_task.await.unwrap();
+    let stats = |q: &Queue| {
+        let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+        (
+            get(&q.stats.accepted),
+            get(&q.stats.delivered),
+            get(&q.stats.dropped),
+        )
+    };
+    assert_eq!(stats(&first), (2, 0, 2), "not delivered by the first");
+
+    rx.reply_always(accepted());
+    let tried = rx.seen().len();
+    rx.wait_for(tried + 3).await;
+    assert_eq!(
+        actions(&rx)[tried..],
+        [
+            "trigger web1/disk /",
+            "trigger web1/cpu",
+            "resolve web1/disk /"
+        ],
+        "the first's pages, then the second's"
+    );
+    assert_eq!(stats(&second), (3, 3, 0));
+    second_stop.cancel();
+}
+
+/// The new declaration pages only once the stopping task is done: pages
+/// that task still delivers are not sent twice.
+#[tokio::test]
+async fn a_reload_sends_no_page_twice_when_the_receiver_recovers_meanwhile() {
+    let rx = Receiver::start().await;
+    rx.reply_next([Reply(503, vec![], "down")]);
+    let spec = OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager_config(&rx.url)),
+    };
+    let kept = Kept::default();
+    let first_stop = CancellationToken::new();
+    let (first, first_task) = outputs::start(&spec, &kept, first_stop.clone());
+    first.push(event("disk /", "critical"));
+    rx.wait_for(1).await;
+    let (second, _task) = outputs::start(&spec, &kept, CancellationToken::new());
+    second.push(event("cpu", "critical"));
+    first_stop.cancel();
+    first_task.await.unwrap();
+    rx.wait_for(3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        actions(&rx),
+        [
+            "trigger web1/disk /",
+            "trigger web1/disk /",
+            "trigger web1/cpu"
+        ],
+        "the first's page (refused once), then the second's"
+    );
+}
+
 #[tokio::test]
 async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     let rx = Receiver::start().await;
@@ -558,11 +642,15 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     let (second, _) = outputs::start(&changed, &kept, stop.child_token());
     second.push(event("disk /", "ok"));
     rx.wait_for(3).await;
+    // As a reload does, each replaced declaration's task is ended (here by
+    // its queue closing): the next one of its key pages only after it.
+    drop(second);
     // Another routing key is another PagerDuty service: nothing of it is open.
     let (third, _) = outputs::start(&spec("k2"), &kept, stop.child_token());
     third.push(event("cpu", "ok"));
     third.push(event("cpu", "critical"));
     rx.wait_for(4).await;
+    drop(third);
     // The first key comes back (a mistaken edit undone): its incident is
     // still open, and is resolved through it; then the second key's.
     assert!(!saved_under("k1").await, "the file is the second key's");
@@ -1161,7 +1249,7 @@ fn the_binary_sends_after_a_crash_the_page_it_had_not_delivered() {
     assert!(
         second
             .logs()
-            .contains("Pages undelivered before the restart; sending them first."),
+            .contains("Pages left undelivered by the output's previous run; sending them first."),
         "{}",
         second.logs()
     );

@@ -218,10 +218,15 @@ pub struct Memory {
     replaced: AtomicBool,
     /// Set once the file was read (or there was nothing to read).
     loaded: OnceCell<()>,
-    /// With a file: the pages taken from the queue and not yet delivered,
-    /// oldest first, saved with the incidents so that a restart (or a
-    /// crash) sends them first. See [`Unsent`].
+    /// The pages taken from the queue and not yet delivered, oldest first:
+    /// what the next task of this output sends first. Saved with the
+    /// incidents, so that a restart (or a crash) does the same. See
+    /// [`Unsent`].
     unsent: Mutex<Unsent>,
+    /// Held by the task paging from this memory: a reload's new task pages
+    /// only once the previous one stopped, so it sends what that one left
+    /// unsent before anything newer.
+    paging: Arc<tokio::sync::Mutex<()>>,
     /// The memory this one replaced before that one had read the file: the
     /// file is read through it, under the key it was saved with, before this
     /// one can save over it. Taken by [`load`](Self::load).
@@ -240,6 +245,7 @@ impl Memory {
             replaced: AtomicBool::new(false),
             loaded: OnceCell::new(),
             unsent: Mutex::default(),
+            paging: Arc::default(),
             predecessor: Mutex::new(None),
             file,
         }
@@ -335,6 +341,7 @@ impl Memory {
                 OnceCell::new()
             },
             unsent: Mutex::default(),
+            paging: Arc::default(),
             predecessor: Mutex::new((!loaded).then(|| self.clone())),
         }
     }
@@ -396,9 +403,16 @@ impl Memory {
         self.incidents.lock()
     }
 
-    /// Whether it is saved to a file, and so keeps its unsent pages.
+    /// Whether it is saved to a file, and so keeps its unsent pages across
+    /// a restart.
     pub(super) fn is_durable(&self) -> bool {
         self.file.is_some()
+    }
+
+    /// Waits until no other task pages from this memory; this one does until
+    /// it drops the guard.
+    pub(super) async fn turn_to_page(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.paging.clone().lock_owned().await
     }
 
     pub(super) fn unsent(&self) -> parking_lot::MutexGuard<'_, Unsent> {

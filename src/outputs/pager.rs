@@ -145,6 +145,8 @@ pub async fn run(
         Ok(ready) => ready,
         Err(error) => return http::refuse_all(delivery, shutdown, error).await,
     };
+    // After the output's previous task (a reload's), which may leave pages.
+    let _turn = memory.turn_to_page().await;
     // Before any page: a resolve is sent only for an incident it holds.
     memory.load().await;
     let mut pager = Pager {
@@ -159,7 +161,7 @@ pub async fn run(
         tracing::warn!(
             output,
             pages,
-            "Pages undelivered before the restart; sending them first."
+            "Pages left undelivered by the output's previous run; sending them first."
         );
         delivery.adopt(pages);
         pager.page_all(&delivery, left).await;
@@ -174,8 +176,9 @@ pub async fn run(
     let dropped = pager.memory.unsent().left_out();
     tracing::error!(
         output = %delivery.name, kept, dropped,
-        "Pages undelivered at shutdown: the receiver was failing. Those kept are in the data \
-         directory and are sent first after the restart."
+        "Pages undelivered when the output stopped: the receiver was failing. Those kept are \
+         sent first by its next run: after a reload that redeclares it, or after a restart \
+         with a data directory."
     );
 }
 
@@ -188,20 +191,17 @@ struct Pager {
 }
 
 impl Pager {
-    /// Pages a batch in order. With a file, the batch is written down as
-    /// unsent before the first attempt and each page taken off once settled:
-    /// what a restart or a crash interrupts is sent after it (twice, if it
-    /// was sent just before a crash). Pages not sent because the process is
-    /// stopping stay written down.
+    /// Pages a batch in order. The batch is written down as unsent (and,
+    /// with a file, saved) before the first attempt, and each page taken off
+    /// once settled: what a reload, a restart or a crash interrupts is sent
+    /// by the next run (twice, if it was sent just before a crash). Pages
+    /// not sent because the task is stopping stay written down.
     async fn page_all(&mut self, delivery: &Delivery, batch: Vec<Event>) {
         let durable = self.memory.is_durable();
-        let written = if durable {
-            let written = self.memory.unsent().add(&batch);
+        let written = self.memory.unsent().add(&batch);
+        if durable {
             self.memory.save().await;
-            written
-        } else {
-            0
-        };
+        }
         let mut changed = false;
         for (i, event) in batch.iter().enumerate() {
             changed |= self.page(delivery, event).await;
