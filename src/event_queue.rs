@@ -1,8 +1,10 @@
-//! A queue of events for a reader that may fall behind (a live subscriber, an
-//! output): bounded in events and in bytes (by [`Event::approx_bytes`]),
+//! A queue of events for a reader that may fall behind (an output's
+//! delivery task): bounded in events and in bytes (by [`Event::approx_bytes`]),
 //! whichever fills first, so a slow reader of large events cannot make it
 //! hold gigabytes. Sending never waits. Each event travels with the size it
-//! was counted at, so the count always comes back to zero.
+//! was counted at, so the count always comes back to zero. (A live
+//! subscriber's queue is [`crate::pubsub`]'s own: the publisher must be able
+//! to empty it.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

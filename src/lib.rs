@@ -15,7 +15,7 @@
 //! - [`streams`]: the pipeline interface every batch of events goes through.
 //! - [`index`]: the latest event per `(host, service)`, with TTL expiry.
 //! - [`pubsub`]: live subscriptions to what the index stores and expires.
-//! - [`event_queue`]: the queue of a subscriber or an output, bounded in events and bytes.
+//! - [`event_queue`]: the queue of an output, bounded in events and bytes.
 //! - [`query`]: Riemann's query language, compiled to a predicate.
 //! - [`rules`]: the rule language: parser, compiler, stream stages, `vigil check`/`vigil test`.
 //! - [`outputs`]: pager, graph, push and forward outputs behind bounded queues.

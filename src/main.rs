@@ -9,7 +9,6 @@ use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use vigil::budget;
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::cluster::{Cluster, ClusterConfig};
@@ -29,6 +28,7 @@ use vigil::server::{Server, ServerConfig};
 use vigil::snapshot::Snapshots;
 use vigil::streams::Streams;
 use vigil::tls::{self, TlsListener};
+use vigil::{budget, pubsub};
 use vigil::{json, tcp, udp};
 
 /// glibc's malloc and free were a third of ingest's time in a profile
@@ -111,6 +111,10 @@ struct RunArgs {
     /// only once others have arrived (counted). Smaller messages never wait.
     #[arg(long, default_value_t = budget::DEFAULT_MAX, value_parser = parse_positive)]
     max_message_memory: usize,
+    /// Most bytes of events all live subscribers' queues (WebSocket, SSE, gRPC) may hold
+    /// together; over it, the subscribers furthest behind are disconnected (counted).
+    #[arg(long, default_value_t = pubsub::DEFAULT_MAX_HELD, value_parser = parse_positive)]
+    max_subscriber_memory: usize,
     /// Close a TCP connection that has not completed a frame within this long of its previous
     /// one (idle or slowloris); also bounds TLS handshakes and writing replies, how long an
     /// HTTP or gRPC client may read nothing of a response or subscription, send nothing after
@@ -363,6 +367,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         default_ttl: args.default_ttl,
         max_entries: args.max_index,
         max_query_results: Some(args.max_query_results),
+        max_subscriber_memory: args.max_subscriber_memory,
     }));
     let cluster_config = args.cluster_config();
     // In a cluster JetStream is the durable state: a snapshot would bring back

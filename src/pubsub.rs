@@ -6,20 +6,30 @@
 //! (and counted) rather than allowed to slow ingest; a lossy subscriber (the
 //! cluster's tap, which forwards changes to other nodes) loses the event
 //! instead, also counted. A queue is full at its length in events or at
-//! [`MAX_QUEUED_BYTES`], whichever comes first ([`event_queue`]): 10 000
-//! events of a megabyte each would otherwise be ten gigabytes held for one
-//! slow reader. With no subscribers the cost on the ingest path is one atomic
-//! load. Nothing is published while a replay runs its batch under
+//! [`MAX_QUEUED_BYTES`], whichever comes first: 10 000 events of a megabyte
+//! each would otherwise be ten gigabytes held for one slow reader.
+//!
+//! All queues together hold at most the pubsub's `max_held` bytes (by
+//! [`Event::approx_bytes`]; [`DEFAULT_MAX_HELD`] unless configured): each
+//! subscriber has its own copy of each event, so many subscribers that read
+//! nothing would otherwise hold their queue's bound each. Over it, the
+//! subscribers holding the most are disconnected first: those furthest
+//! behind, never one that keeps up. A disconnected subscriber's queue is
+//! emptied at once, whatever its connection is doing.
+//!
+//! With no subscribers the cost on the ingest path is one atomic load.
+//! Nothing is published while a replay runs its batch under
 //! [`outputs::suppressed`]: subscribers see live changes only.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
 use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::event::Event;
-use crate::event_queue::{self, Refused};
 use crate::outputs;
 use crate::query::Query;
 
@@ -30,69 +40,185 @@ pub const DEFAULT_CAPACITY: usize = 10_000;
 /// hold: 10 000 ordinary events are ~3 MB.
 pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
+/// Bytes all subscribers' queues may hold together, by default.
+pub const DEFAULT_MAX_HELD: usize = 256 * 1024 * 1024;
+
 #[derive(Debug, Default)]
 pub struct PubsubStats {
     /// Events handed to subscribers.
     pub delivered: AtomicU64,
-    /// Subscribers disconnected because their queue was full.
+    /// Subscribers disconnected because their queue was full, or because
+    /// they were furthest behind when all queues together were.
     pub disconnected_slow: AtomicU64,
     /// Events a lossy subscriber's full queue could not take.
     pub dropped: AtomicU64,
+    /// Bytes held in all queues now (a gauge).
+    pub bytes_held: AtomicUsize,
 }
 
-#[derive(Default)]
 pub struct Pubsub {
     subscribers: RwLock<Vec<Subscriber>>,
     /// Mirrors `subscribers.len()` so publishing can skip the lock when empty.
     count: AtomicUsize,
     next_id: AtomicU64,
+    max_held: usize,
     pub stats: PubsubStats,
+}
+
+impl Default for Pubsub {
+    fn default() -> Self {
+        Pubsub {
+            subscribers: RwLock::default(),
+            count: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            max_held: DEFAULT_MAX_HELD,
+            stats: PubsubStats::default(),
+        }
+    }
 }
 
 struct Subscriber {
     id: u64,
     query: Query,
-    tx: event_queue::Sender,
-    lagged: Arc<AtomicBool>,
+    queue: Arc<Backlog>,
     /// A full queue drops the event instead of disconnecting the subscriber.
     lossy: bool,
 }
 
+/// One subscriber's queue, shared by the publisher and the subscriber.
+/// Unlike a channel, the publisher can empty it: a disconnected subscriber's
+/// events are freed at once, not when its connection gets round to it.
+struct Backlog {
+    state: Mutex<BacklogState>,
+    /// Woken on each event and on closing; one waiter (the subscriber).
+    ready: Notify,
+    max_events: usize,
+}
+
+#[derive(Default)]
+struct BacklogState {
+    events: VecDeque<(Event, usize)>,
+    bytes: usize,
+    /// Disconnected for being too slow: nothing more comes.
+    lagged: bool,
+    /// No more events: lagged, or the subscription was dropped.
+    closed: bool,
+}
+
+/// Why an event was not queued.
+enum Refused {
+    Full,
+    Closed,
+}
+
+impl Backlog {
+    fn push(&self, event: Event, bytes: usize, held: &AtomicUsize) -> Result<(), Refused> {
+        let mut state = self.state.lock();
+        if state.closed {
+            return Err(Refused::Closed);
+        }
+        if state.events.len() >= self.max_events || state.bytes + bytes > MAX_QUEUED_BYTES {
+            return Err(Refused::Full);
+        }
+        state.bytes += bytes;
+        held.fetch_add(bytes, Ordering::AcqRel);
+        state.events.push_back((event, bytes));
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn pop(&self, held: &AtomicUsize) -> Result<Event, TryRecvError> {
+        let mut state = self.state.lock();
+        match state.events.pop_front() {
+            Some((event, bytes)) => {
+                state.bytes -= bytes;
+                held.fetch_sub(bytes, Ordering::AcqRel);
+                Ok(event)
+            }
+            None if state.closed => Err(TryRecvError::Disconnected),
+            None => Err(TryRecvError::Empty),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    /// Takes no more events and frees those queued; returns them, for the
+    /// caller to drop outside the lock.
+    fn close(&self, lagged: bool, held: &AtomicUsize) -> VecDeque<(Event, usize)> {
+        let mut state = self.state.lock();
+        state.closed = true;
+        state.lagged |= lagged;
+        let freed = Self::empty(&mut state, held);
+        drop(state);
+        self.ready.notify_one();
+        freed
+    }
+
+    /// Frees the events queued, and goes on taking more.
+    fn shed(&self, held: &AtomicUsize) -> VecDeque<(Event, usize)> {
+        Self::empty(&mut self.state.lock(), held)
+    }
+
+    fn empty(state: &mut BacklogState, held: &AtomicUsize) -> VecDeque<(Event, usize)> {
+        held.fetch_sub(state.bytes, Ordering::AcqRel);
+        state.bytes = 0;
+        std::mem::take(&mut state.events)
+    }
+}
+
 /// One subscriber's end. Dropping it unsubscribes.
 pub struct Subscription {
-    rx: event_queue::Receiver,
+    queue: Arc<Backlog>,
     id: u64,
-    lagged: Arc<AtomicBool>,
     pubsub: Arc<Pubsub>,
 }
 
 impl Subscription {
     /// The next event; `None` once unsubscribed (see [`Subscription::lagged`]).
     pub async fn recv(&mut self) -> Option<Event> {
-        self.rx.recv().await.map(|(event, _)| event)
+        loop {
+            match self.try_recv() {
+                Ok(event) => return Some(event),
+                Err(TryRecvError::Disconnected) => return None,
+                // A notification since the last look is kept as a permit.
+                Err(TryRecvError::Empty) => self.queue.ready.notified().await,
+            }
+        }
     }
 
     /// The next event if one is queued.
     pub fn try_recv(&mut self) -> Result<Event, TryRecvError> {
-        self.rx.try_recv().map(|(event, _)| event)
+        self.queue.pop(&self.pubsub.stats.bytes_held)
     }
 
     /// True once the subscriber was dropped for being too slow; its receiver
     /// then ends.
     pub fn lagged(&self) -> bool {
-        self.lagged.load(Ordering::Acquire)
+        self.queue.state.lock().lagged
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.pubsub.remove(self.id);
+        self.queue.close(false, &self.pubsub.stats.bytes_held);
     }
 }
 
 impl Pubsub {
     pub fn new() -> Arc<Pubsub> {
         Arc::new(Pubsub::default())
+    }
+
+    /// A pubsub whose queues hold at most `max_held` bytes together.
+    pub fn with_max_held(max_held: usize) -> Arc<Pubsub> {
+        Arc::new(Pubsub {
+            max_held,
+            ..Pubsub::default()
+        })
     }
 
     pub fn subscribe(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
@@ -106,24 +232,30 @@ impl Pubsub {
     }
 
     fn add(self: &Arc<Self>, query: Query, capacity: usize, lossy: bool) -> Subscription {
-        let (tx, rx) = event_queue::queue(capacity.max(1), MAX_QUEUED_BYTES);
+        let queue = Arc::new(Backlog {
+            state: Mutex::default(),
+            ready: Notify::new(),
+            max_events: capacity.max(1),
+        });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let lagged = Arc::new(AtomicBool::new(false));
         let mut subscribers = self.subscribers.write();
         subscribers.push(Subscriber {
             id,
             query,
-            tx,
-            lagged: lagged.clone(),
+            queue: queue.clone(),
             lossy,
         });
         self.count.store(subscribers.len(), Ordering::Release);
         Subscription {
-            rx,
+            queue,
             id,
-            lagged,
             pubsub: self.clone(),
         }
+    }
+
+    /// Bytes all queues may hold together.
+    pub fn max_held(&self) -> usize {
+        self.max_held
     }
 
     pub fn subscribers(&self) -> usize {
@@ -148,6 +280,7 @@ impl Pubsub {
         if self.count.load(Ordering::Acquire) == 0 || outputs::is_suppressed() {
             return;
         }
+        let held = &self.stats.bytes_held;
         let mut slow = Vec::new();
         let mut bytes = None;
         for sub in self.subscribers.read().iter() {
@@ -155,7 +288,7 @@ impl Pubsub {
                 continue;
             }
             let bytes = *bytes.get_or_insert_with(|| event.approx_bytes());
-            match sub.tx.try_send(event.clone(), bytes) {
+            match sub.queue.push(event.clone(), bytes, held) {
                 Ok(()) => {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
@@ -163,17 +296,61 @@ impl Pubsub {
                     self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(Refused::Full) => slow.push(sub.id),
-                // The receiver is gone; its Subscription's drop removes it.
+                // The subscription is being dropped; its drop removes it.
                 Err(Refused::Closed) => {}
             }
         }
         for id in slow {
-            if let Some(sub) = self.remove(id) {
-                sub.lagged.store(true, Ordering::Release);
-                self.stats.disconnected_slow.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(query = %sub.query, "Subscriber too slow; disconnected.");
+            self.disconnect(id, "Subscriber too slow; disconnected.");
+        }
+        while held.load(Ordering::Acquire) > self.max_held {
+            let Some((furthest_behind, lossy)) = self.furthest_behind() else {
+                break;
+            };
+            if lossy {
+                self.shed(furthest_behind);
+            } else {
+                self.disconnect(
+                    furthest_behind,
+                    "Subscribers together hold too much; the one furthest behind is disconnected.",
+                );
             }
         }
+    }
+
+    /// The subscriber holding the most bytes, and whether it is lossy; of
+    /// those holding as much, a lossy one (it sheds, nobody is disconnected).
+    fn furthest_behind(&self) -> Option<(u64, bool)> {
+        let subscribers = self.subscribers.read();
+        let (sub, bytes) = (subscribers.iter())
+            .map(|s| (s, s.queue.bytes()))
+            .max_by_key(|&(s, bytes)| (bytes, s.lossy))?;
+        // One that holds nothing is not behind.
+        (bytes > 0).then_some((sub.id, sub.lossy))
+    }
+
+    /// A lossy subscriber furthest behind loses what it holds (counted),
+    /// and stays.
+    fn shed(&self, id: u64) {
+        let subscribers = self.subscribers.read();
+        let Some(sub) = subscribers.iter().find(|s| s.id == id) else {
+            return;
+        };
+        let freed = sub.queue.shed(&self.stats.bytes_held);
+        self.stats
+            .dropped
+            .fetch_add(freed.len() as u64, Ordering::Relaxed);
+        drop(subscribers);
+        tracing::debug!(events = freed.len(), "Lossy subscriber shed its queue.");
+    }
+
+    fn disconnect(&self, id: u64, why: &'static str) {
+        let Some(sub) = self.remove(id) else {
+            return;
+        };
+        let freed = sub.queue.close(true, &self.stats.bytes_held);
+        self.stats.disconnected_slow.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(query = %sub.query, events = freed.len(), "{why}");
     }
 
     fn remove(&self, id: u64) -> Option<Subscriber> {
@@ -226,9 +403,8 @@ mod tests {
         assert!(slow.lagged());
         assert_eq!(pubsub.subscribers(), 0);
         assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
-        // What was queued is still readable, then the stream ends.
-        assert!(slow.recv().await.is_some());
-        assert!(slow.recv().await.is_some());
+        // What was queued is freed at once: the stream ends.
+        assert_eq!(pubsub.stats.bytes_held.load(Ordering::Acquire), 0);
         assert!(slow.recv().await.is_none());
     }
 
@@ -257,11 +433,12 @@ mod tests {
         assert!(slow.lagged() && !tap.lagged());
         assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
         assert_eq!(pubsub.stats.dropped.load(Ordering::Relaxed), 1);
-        let mut queued = 0;
-        while slow.recv().await.is_some() {
-            queued += 1;
-        }
-        assert_eq!(queued, fit);
+        assert!(slow.recv().await.is_none(), "its queue was freed");
+        assert_eq!(
+            pubsub.stats.bytes_held.load(Ordering::Acquire),
+            fit * big.approx_bytes(),
+            "the lossy queue's"
+        );
         for _ in 0..fit {
             assert!(tap.try_recv().is_ok());
         }
@@ -269,6 +446,49 @@ mod tests {
         // Emptied, the lossy queue takes events again.
         pubsub.publish(&big);
         assert!(tap.try_recv().is_ok());
+    }
+
+    /// Many subscribers that read nothing hold no more than the pubsub's
+    /// bound together: the one furthest behind goes first, never one that
+    /// keeps up.
+    #[tokio::test]
+    async fn subscribers_together_hold_at_most_the_bound_the_furthest_behind_going_first() {
+        let one = event("0").approx_bytes();
+        let pubsub = Pubsub::with_max_held(10 * one);
+        let all = || Query::parse("true").unwrap();
+        let mut reader = pubsub.subscribe(all(), 100);
+        let mut first = pubsub.subscribe(all(), 100);
+        let held = || pubsub.stats.bytes_held.load(Ordering::Acquire);
+        for i in 0..6 {
+            pubsub.publish(&event(&i.to_string()));
+            assert!(reader.recv().await.is_some());
+        }
+        let second = pubsub.subscribe(all(), 100);
+        let mut tap = pubsub.subscribe_lossy(all(), 100);
+        // first holds 6, second 0, the tap 0: 6 of 10.
+        for i in 6..8 {
+            pubsub.publish(&event(&i.to_string()));
+            assert!(reader.recv().await.is_some());
+            assert!(held() <= 10 * one, "{} of {}", held(), 10 * one);
+        }
+        // Reader 1 + first 8 + second 2 + tap 2 = 13 > 10: first, furthest
+        // behind, goes.
+        assert!(first.lagged() && !second.lagged() && !reader.lagged());
+        assert!(first.recv().await.is_none(), "freed at once");
+        assert_eq!(held(), 4 * one);
+        for i in 8..30 {
+            pubsub.publish(&event(&i.to_string()));
+            assert!(reader.recv().await.is_some());
+            assert!(held() <= 10 * one, "{} of {}", held(), 10 * one);
+        }
+        // Then second; the lossy tap sheds its queue instead, and the reader
+        // never goes.
+        assert!(second.lagged() && !tap.lagged() && !reader.lagged());
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 2);
+        assert!(pubsub.stats.dropped.load(Ordering::Relaxed) >= 10);
+        assert!(tap.try_recv().is_ok());
+        drop((tap, reader));
+        assert_eq!(held(), 0, "every queue gave its bytes back");
     }
 
     #[tokio::test]

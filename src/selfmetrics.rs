@@ -187,6 +187,8 @@ pub struct Sample {
     pub subscribers: u64,
     pub subscriber_events: u64,
     pub slow_disconnects: u64,
+    /// Bytes of events held in all subscribers' queues.
+    pub subscriber_bytes: u64,
     /// Index changes a cluster owner could not forward to other nodes' subscribers.
     pub forward_dropped: u64,
     pub outputs: Vec<OutputSample>,
@@ -221,6 +223,7 @@ impl Telemetry {
             subscribers: pubsub.subscribers() as u64,
             subscriber_events: get(&pubsub.stats.delivered),
             slow_disconnects: get(&pubsub.stats.disconnected_slow),
+            subscriber_bytes: pubsub.stats.bytes_held.load(Ordering::Relaxed) as u64,
             forward_dropped: get(&self.index.pubsub().stats.dropped),
             outputs: self
                 .reloader
@@ -292,6 +295,10 @@ impl Emitter {
         let gauge = |n: u64| Metric::Int(i64::try_from(n).unwrap_or(i64::MAX));
         emit("vigil index size".to_owned(), gauge(sample.index_size));
         emit("vigil subscribers".to_owned(), gauge(sample.subscribers));
+        emit(
+            "vigil subscriber bytes held".to_owned(),
+            gauge(sample.subscriber_bytes),
+        );
         for o in &sample.outputs {
             let name = &o.name;
             emit(format!("vigil output {name} accepted"), gauge(o.accepted));

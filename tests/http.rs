@@ -702,8 +702,15 @@ async fn in_process(capacity: usize) -> (HttpServer, Arc<Index>) {
 
 /// Everything in-process, `config` listening on an ephemeral port.
 async fn in_process_with(config: HttpConfig) -> (HttpServer, Arc<Index>, Arc<Stats>) {
+    in_process_indexing(config, IndexConfig::default()).await
+}
+
+async fn in_process_indexing(
+    config: HttpConfig,
+    index: IndexConfig,
+) -> (HttpServer, Arc<Index>, Arc<Stats>) {
     let clock: SharedClock = Arc::new(SystemClock);
-    let index = Arc::new(Index::new(IndexConfig::default()));
+    let index = Arc::new(Index::new(index));
     let (_, compiled) = rules::load(DEFAULT_RULES_NAME, DEFAULT_RULES, EnvPolicy::Strict).unwrap();
     let rules = Arc::new(Rules::new(
         compiled.roots,
@@ -777,6 +784,87 @@ async fn a_slow_subscriber_is_disconnected_with_a_reason_and_counted() {
         Some(1.0)
     );
     http.shutdown(WAIT).await;
+}
+
+/// Each subscriber holds its own copy of each event: subscribers that read
+/// nothing hold no more than `--max-subscriber-memory` together, and the
+/// server goes on serving new ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribers_that_read_nothing_hold_no_more_than_the_bound_together() {
+    const BOUND: usize = 1024 * 1024;
+    let index = IndexConfig {
+        max_subscriber_memory: BOUND,
+        ..IndexConfig::default()
+    };
+    let (http, index, _) = in_process_indexing(HttpConfig::default(), index).await;
+    let mut idle = Vec::new();
+    for n in 1..=8 {
+        idle.push(subscribe_all(&http, &index).await);
+        while index.pubsub().subscribers() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let large = |i: i64| Event {
+        description: Some("d".repeat(10_000)),
+        ..event("large", &i.to_string(), 600.0, i)
+    };
+    let one = large(0).approx_bytes();
+    let held = || {
+        let held = &index.pubsub().stats.bytes_held;
+        held.load(std::sync::atomic::Ordering::Acquire)
+    };
+    let mut most = 0;
+    // 20 MB for each: more than its connection's socket buffers take.
+    for i in 0..2000 {
+        index.insert(&large(i));
+        most = most.max(held());
+        // A subscriber's task takes events off its queue into its socket:
+        // give it the chance, as a busy server would.
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert!(most <= BOUND, "held {most} bytes at most, over {BOUND}");
+    let disconnected = index
+        .pubsub()
+        .stats
+        .disconnected_slow
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(disconnected >= 1, "nobody was disconnected");
+    assert!(most > BOUND - 8 * one, "the bound was reached: {most}");
+
+    let mut fresh = subscribe_all_after(&http, &index).await;
+    index.insert(&event("fresh", "s", 60.0, 1));
+    let fresh_event = loop {
+        let event = next_json(&mut fresh)
+            .await
+            .expect("the new subscriber is served");
+        if event["host"] == "fresh" {
+            break event;
+        }
+    };
+    assert_eq!(fresh_event["service"], "s");
+    let s = scrape(http.addr.unwrap()).await;
+    let gauge = value(&s, "vigil_subscriber_bytes_held", None).unwrap();
+    assert!(gauge <= BOUND as f64, "{gauge}");
+    drop(idle);
+    http.shutdown(WAIT).await;
+}
+
+/// A subscription to everything, once others may already be there.
+async fn subscribe_all_after(http: &HttpServer, index: &Index) -> Ws {
+    let before = index.pubsub().subscribers();
+    let query = [("query", "true"), ("subscribe", "true")];
+    let (ws, _) =
+        tokio_tungstenite::connect_async(url("ws", http.addr.unwrap(), "/index", &query).as_str())
+            .await
+            .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while index.pubsub().subscribers() <= before {
+        assert!(Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ws
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -196,8 +196,8 @@ impl Cluster {
             batcher: Arc::new(batcher::Batcher::new(js.clone(), config.shards)),
             js,
             members: AtomicUsize::new(1),
+            feed: Pubsub::with_max_held(index.pubsub().max_held()),
             index,
-            feed: Pubsub::new(),
             leases: lease::Leases::new(
                 Arc::new(MonotonicClock::default()),
                 config.shards,

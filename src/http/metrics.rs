@@ -59,12 +59,20 @@ fn render(s: &Sample) -> String {
         delivered,
         s.subscriber_events,
     );
-    let slow = "Subscribers disconnected because their queue was full.";
+    let slow = "Subscribers disconnected because their queue was full, or furthest behind \
+                when all queues together were.";
     out.single(
         "vigil_subscribers_disconnected_slow_total",
         "counter",
         slow,
         s.slow_disconnects,
+    );
+    let held = "Bytes of events held in all subscribers' queues.";
+    out.single(
+        "vigil_subscriber_bytes_held",
+        "gauge",
+        held,
+        s.subscriber_bytes,
     );
     let forward = "Index changes a cluster owner dropped instead of forwarding to subscribers.";
     out.single(

@@ -63,6 +63,8 @@ pub struct IndexConfig {
     /// Refuse a query that matches more entries than this; `None` is
     /// unbounded. An answer is held whole until its asker has read it.
     pub max_query_results: Option<usize>,
+    /// Bytes of events all live subscribers' queues may hold together.
+    pub max_subscriber_memory: usize,
 }
 
 impl Default for IndexConfig {
@@ -71,6 +73,7 @@ impl Default for IndexConfig {
             default_ttl: DEFAULT_TTL_SECS,
             max_entries: None,
             max_query_results: None,
+            max_subscriber_memory: crate::pubsub::DEFAULT_MAX_HELD,
         }
     }
 }
@@ -130,7 +133,7 @@ impl Index {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hints: (0..SHARDS).map(|_| SlotHint::default()).collect(),
-            pubsub: Pubsub::new(),
+            pubsub: Pubsub::with_max_held(config.max_subscriber_memory),
             hasher: DefaultHashBuilder::default(),
             config,
             len: AtomicUsize::new(0),
@@ -741,7 +744,7 @@ mod tests {
         let index = Index::new(IndexConfig {
             default_ttl: 5.0,
             max_entries: None,
-            max_query_results: None,
+            ..IndexConfig::default()
         });
         index.insert(&event("a", "x", T0, None));
         assert!(expire_all(&index, T0 + secs(5)).is_empty());
@@ -794,7 +797,7 @@ mod tests {
         let index = Index::new(IndexConfig {
             default_ttl: 60.0,
             max_entries: Some(2),
-            max_query_results: None,
+            ..IndexConfig::default()
         });
         assert_eq!(index.insert(&event("a", "1", T0, None)), Insert::Added);
         assert_eq!(index.insert(&event("a", "2", T0, None)), Insert::Added);
@@ -858,7 +861,7 @@ mod tests {
         let index = Index::new(IndexConfig {
             default_ttl: 60.0,
             max_entries: Some(1),
-            max_query_results: None,
+            ..IndexConfig::default()
         });
         let mut sub = index
             .pubsub()
