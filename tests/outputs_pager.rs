@@ -604,6 +604,47 @@ async fn a_reload_sends_no_page_twice_when_the_receiver_recovers_meanwhile() {
     );
 }
 
+/// Pages left undelivered to a routing key a reload replaced are dropped:
+/// should that key come back later, they would be stale.
+#[tokio::test]
+async fn pages_left_for_a_replaced_routing_key_are_not_sent_when_it_comes_back() {
+    let rx = Receiver::start().await;
+    rx.reply_always(Reply(503, vec![], "down"));
+    let spec = |routing_key: &str| OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager::Config {
+            api: pager::Api::PagerDuty {
+                routing_key: routing_key.into(),
+            },
+            ..pager_config(&rx.url)
+        }),
+    };
+    let kept = Kept::default();
+    let first_stop = CancellationToken::new();
+    let (first, first_task) = outputs::start(&spec("k1"), &kept, first_stop.clone());
+    // One incident open (so k1's memory is kept aside), one page not sent.
+    rx.reply_next([accepted()]);
+    first.push(event("cpu", "critical"));
+    first.push(event("disk /", "critical"));
+    rx.wait_for(2).await;
+    let (second, _second_task) = outputs::start(&spec("k2"), &kept, CancellationToken::new());
+    first_stop.cancel();
+    first_task.await.unwrap();
+    drop(second);
+
+    rx.reply_always(accepted());
+    let tried = rx.seen().len();
+    let (back, _task) = outputs::start(&spec("k1"), &kept, CancellationToken::new());
+    back.push(event("cpu", "ok"));
+    rx.wait_for(tried + 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        actions(&rx)[tried..],
+        ["resolve web1/cpu"],
+        "k1's open incident is resolved; its stale page is not sent"
+    );
+}
+
 #[tokio::test]
 async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     let rx = Receiver::start().await;

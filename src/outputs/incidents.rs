@@ -384,6 +384,11 @@ impl Memory {
         self.save().await;
     }
 
+    /// Whether another receiver's memory took this one's place.
+    pub(super) fn is_replaced(&self) -> bool {
+        self.replaced.load(Ordering::Acquire)
+    }
+
     /// Whether the file was read, or there was none to read.
     pub fn is_loaded(&self) -> bool {
         self.loaded.initialized()

@@ -169,6 +169,18 @@ pub async fn run(
     while let Some(batch) = http::next_batch(&mut delivery, &shutdown).await {
         pager.page_all(&delivery, batch).await;
     }
+    if pager.memory.is_replaced() {
+        // Pages for a receiver the output no longer pages: sent should that
+        // receiver come back, they would be stale by then.
+        let dropped = pager.memory.unsent().take().len();
+        if dropped > 0 {
+            tracing::error!(
+                output = %delivery.name, dropped,
+                "Pages undelivered to the previous receiver (routing key or URL), which a \
+                 reload replaced; dropped."
+            );
+        }
+    }
     let kept = pager.memory.unsent().len();
     if kept == 0 {
         return pager.poster.finish(&delivery.name);
