@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::event::Event;
+use crate::event_queue::Refused;
 use crate::outputs;
 use crate::query::Query;
 
@@ -103,12 +104,6 @@ struct BacklogState {
     lagged: bool,
     /// No more events: lagged, or the subscription was dropped.
     closed: bool,
-}
-
-/// Why an event was not queued.
-enum Refused {
-    Full,
-    Closed,
 }
 
 impl Backlog {
@@ -304,43 +299,37 @@ impl Pubsub {
             self.disconnect(id, "Subscriber too slow; disconnected.");
         }
         while held.load(Ordering::Acquire) > self.max_held {
-            let Some((furthest_behind, lossy)) = self.furthest_behind() else {
+            let Some((furthest_behind, lossy_queue)) = self.furthest_behind() else {
                 break;
             };
-            if lossy {
-                self.shed(furthest_behind);
-            } else {
-                self.disconnect(
+            match lossy_queue {
+                Some(queue) => self.shed(&queue),
+                None => self.disconnect(
                     furthest_behind,
                     "Subscribers together hold too much; the one furthest behind is disconnected.",
-                );
+                ),
             }
         }
     }
 
-    /// The subscriber holding the most bytes, and whether it is lossy; of
-    /// those holding as much, a lossy one (it sheds, nobody is disconnected).
-    fn furthest_behind(&self) -> Option<(u64, bool)> {
+    /// The subscriber holding the most bytes, with its queue if it is lossy;
+    /// of those holding as much, a lossy one (it sheds, nobody is
+    /// disconnected).
+    fn furthest_behind(&self) -> Option<(u64, Option<Arc<Backlog>>)> {
         let subscribers = self.subscribers.read();
         let (sub, bytes) = (subscribers.iter())
             .map(|s| (s, s.queue.bytes()))
             .max_by_key(|&(s, bytes)| (bytes, s.lossy))?;
         // One that holds nothing is not behind.
-        (bytes > 0).then_some((sub.id, sub.lossy))
+        (bytes > 0).then(|| (sub.id, sub.lossy.then(|| sub.queue.clone())))
     }
 
     /// A lossy subscriber furthest behind loses what it holds (counted),
     /// and stays.
-    fn shed(&self, id: u64) {
-        let subscribers = self.subscribers.read();
-        let Some(sub) = subscribers.iter().find(|s| s.id == id) else {
-            return;
-        };
-        let freed = sub.queue.shed(&self.stats.bytes_held);
-        self.stats
-            .dropped
-            .fetch_add(freed.len() as u64, Ordering::Relaxed);
-        drop(subscribers);
+    fn shed(&self, queue: &Backlog) {
+        let freed = queue.shed(&self.stats.bytes_held);
+        let dropped = &self.stats.dropped;
+        dropped.fetch_add(freed.len() as u64, Ordering::Relaxed);
         tracing::debug!(events = freed.len(), "Lossy subscriber shed its queue.");
     }
 

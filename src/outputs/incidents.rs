@@ -408,12 +408,6 @@ impl Memory {
         self.incidents.lock()
     }
 
-    /// Whether it is saved to a file, and so keeps its unsent pages across
-    /// a restart.
-    pub(super) fn is_durable(&self) -> bool {
-        self.file.is_some()
-    }
-
     /// Waits until no other task pages from this memory; this one does until
     /// it drops the guard.
     pub(super) async fn turn_to_page(&self) -> tokio::sync::OwnedMutexGuard<()> {

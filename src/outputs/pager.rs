@@ -209,38 +209,33 @@ impl Pager {
     /// by the next run (twice, if it was sent just before a crash). Pages
     /// not sent because the task is stopping stay written down.
     async fn page_all(&mut self, delivery: &Delivery, batch: Vec<Event>) {
-        let durable = self.memory.is_durable();
         let written = self.memory.unsent().add(&batch);
-        if durable {
-            self.memory.save().await;
-        }
-        let mut changed = false;
+        // Without a file, saving does nothing.
+        self.memory.save().await;
         for (i, event) in batch.iter().enumerate() {
-            changed |= self.page(delivery, event).await;
+            self.page(delivery, event).await;
             if i < written && !self.poster.gave_up() {
                 self.memory.unsent().settled();
             }
         }
-        if changed || durable {
-            self.memory.save().await;
-        }
+        self.memory.save().await;
     }
 
     /// Sends (or suppresses) one event's page and settles it in `delivery`;
-    /// true when that opened, re-sent or resolved an incident.
-    async fn page(&mut self, delivery: &Delivery, event: &Event) -> bool {
+    /// a delivered page opens, re-sends or resolves its incident.
+    async fn page(&mut self, delivery: &Delivery, event: &Event) {
         let Some(action) = action(event.state.as_deref()) else {
             let state = event.state.as_deref();
             tracing::debug!(output = %delivery.name, ?state, "State not paged; event dropped.");
             delivery.dropped(1);
-            return false;
+            return;
         };
         let key = dedup_key(&self.config, event);
         let now = Instant::now();
         if self.suppressed(action, &key, now) {
             tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
             delivery.delivered(1);
-            return false;
+            return;
         }
         let body = self.body(action, &key, event);
         let payload = Payload {
@@ -261,14 +256,13 @@ impl Pager {
             }
         };
         if outcome != Outcome::Delivered {
-            return false;
+            return;
         }
         let mut open = self.memory.incidents();
         match action {
             Action::Trigger(severity) => open.triggered(key, severity, now),
             Action::Resolve => open.resolved(&key),
         }
-        true
     }
 
     fn body(&self, action: Action, key: &str, event: &Event) -> Value {
