@@ -1173,33 +1173,16 @@ fn the_binary_resolves_after_a_restart_what_it_triggered_before() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let rx = runtime.block_on(Receiver::start());
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("pager.vigil");
-    let source = format!(
-        "output pager = pagerduty(routing_key: \"k\", url: \"{}\")\n\
-         streams {{\n  changed_state {{ pager }}\n}}\n",
-        rx.url
-    );
-    std::fs::write(&rules, source).unwrap();
-    let data = dir.path().join("data");
-    let args = [
-        "--rules",
-        rules.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    let send = |vigil: &common::Vigil, state: &str| {
-        runtime.block_on(async {
-            let mut client = vigil::client::Client::connect(vigil.tcp).await.unwrap();
-            client.send(&[event("disk /", state)]).await.unwrap();
-        })
-    };
+    let args = pager_keeping_state(dir.path(), &rx.url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let send = |vigil: &common::Vigil, state: &str| send_state(&runtime, vigil, state);
 
     let mut first = common::Vigil::start(&args);
     send(&first, "critical");
     runtime.block_on(rx.wait_for(1));
     assert!(first.terminate().success());
     assert!(
-        data.join("pagerduty-pager.json").exists(),
+        dir.path().join("data/pagerduty-pager.json").exists(),
         "saved in the data directory"
     );
 
@@ -1256,26 +1239,11 @@ fn the_binary_sends_after_a_crash_the_page_it_had_not_delivered() {
     let rx = runtime.block_on(Receiver::start());
     rx.reply_always(Reply(500, vec![], "down"));
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("pager.vigil");
-    let source = format!(
-        "output pager = pagerduty(routing_key: \"k\", url: \"{}\")\n\
-         streams {{\n  changed_state {{ pager }}\n}}\n",
-        rx.url
-    );
-    std::fs::write(&rules, source).unwrap();
-    let data = dir.path().join("data");
-    let args = [
-        "--rules",
-        rules.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
+    let args = pager_keeping_state(dir.path(), &rx.url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut first = common::Vigil::start(&args);
-    runtime.block_on(async {
-        let mut client = vigil::client::Client::connect(first.tcp).await.unwrap();
-        client.send(&[event("disk /", "critical")]).await.unwrap();
-        rx.wait_for(1).await;
-    });
+    send_state(&runtime, &first, "critical");
+    runtime.block_on(rx.wait_for(1));
     first.kill9();
     rx.reply_always(accepted());
     let tried = rx.seen().len();
@@ -1294,4 +1262,33 @@ fn the_binary_sends_after_a_crash_the_page_it_had_not_delivered() {
         "{}",
         second.logs()
     );
+}
+
+/// Arguments for the binary paging every change of state through PagerDuty
+/// at `url`, its rule file and data directory in `dir` (the same across
+/// restarts).
+fn pager_keeping_state(dir: &std::path::Path, url: &str) -> Vec<String> {
+    let rules = dir.join("pager.vigil");
+    let source = format!(
+        "output pager = pagerduty(routing_key: \"k\", url: \"{url}\")\n\
+         streams {{\n  changed_state {{ pager }}\n}}\n"
+    );
+    std::fs::write(&rules, source).unwrap();
+    let data = dir.join("data");
+    [
+        "--rules",
+        rules.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Sends `disk /` in `state` through the binary's TCP port, acked.
+fn send_state(runtime: &tokio::runtime::Runtime, vigil: &common::Vigil, state: &str) {
+    runtime.block_on(async {
+        let mut client = vigil::client::Client::connect(vigil.tcp).await.unwrap();
+        client.send(&[event("disk /", state)]).await.unwrap();
+    });
 }
