@@ -2,7 +2,8 @@
 //! delivery task): bounded in events and in bytes (by [`Event::approx_bytes`]),
 //! whichever fills first, so a slow reader of large events cannot make it
 //! hold gigabytes. Sending never waits. Each event travels with the size it
-//! was counted at, so the count always comes back to zero. (A live
+//! was counted at, so the count always comes back to zero, and with the work
+//! that made it ([`Origin`]: a pager settles it when the page is). (A live
 //! subscriber's queue is [`crate::pubsub`]'s own: the publisher must be able
 //! to empty it.)
 
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 
 use crate::event::Event;
+use crate::outputs::holds::Origin;
 
 /// A queue of at most `max_events` events and `max_bytes` bytes of them.
 pub fn queue(max_events: usize, max_bytes: usize) -> (Sender, Receiver) {
@@ -34,8 +36,11 @@ pub enum Refused {
     Closed,
 }
 
+/// A queued event, the size it was counted at, and what made it.
+pub type Queued = (Event, usize, Option<Origin>);
+
 pub struct Sender {
-    tx: mpsc::Sender<(Event, usize)>,
+    tx: mpsc::Sender<Queued>,
     /// Bytes of the events queued, shared with the [`Receiver`].
     bytes: Arc<AtomicUsize>,
     max_bytes: usize,
@@ -43,18 +48,25 @@ pub struct Sender {
 
 impl Sender {
     /// Queues `event`, of `bytes` ([`Event::approx_bytes`], which a caller
-    /// sending one event to many queues computes once).
-    pub fn try_send(&self, event: Event, bytes: usize) -> Result<(), Refused> {
+    /// sending one event to many queues computes once), made by `origin`.
+    pub fn try_send(
+        &self,
+        event: Event,
+        bytes: usize,
+        origin: Option<Origin>,
+    ) -> Result<(), Refused> {
         // Counted before the send, so the receiver never takes away what was
         // not yet added.
         let held = self.bytes.fetch_add(bytes, Ordering::AcqRel);
         let sent = if held + bytes > self.max_bytes {
             Err(Refused::Full)
         } else {
-            self.tx.try_send((event, bytes)).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => Refused::Full,
-                mpsc::error::TrySendError::Closed(_) => Refused::Closed,
-            })
+            self.tx
+                .try_send((event, bytes, origin))
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => Refused::Full,
+                    mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+                })
         };
         if sent.is_err() {
             self.bytes.fetch_sub(bytes, Ordering::AcqRel);
@@ -73,26 +85,26 @@ impl Sender {
 }
 
 pub struct Receiver {
-    rx: mpsc::Receiver<(Event, usize)>,
+    rx: mpsc::Receiver<Queued>,
     bytes: Arc<AtomicUsize>,
 }
 
 impl Receiver {
-    /// The next event and its size; `None` once every sender is gone and the
-    /// queue is empty.
-    pub async fn recv(&mut self) -> Option<(Event, usize)> {
+    /// The next event, its size and origin; `None` once every sender is gone
+    /// and the queue is empty.
+    pub async fn recv(&mut self) -> Option<Queued> {
         let taken = self.rx.recv().await?;
         Some(self.taken(taken))
     }
 
-    /// The next event and its size, if one is queued.
-    pub fn try_recv(&mut self) -> Result<(Event, usize), mpsc::error::TryRecvError> {
+    /// The next event, its size and origin, if one is queued.
+    pub fn try_recv(&mut self) -> Result<Queued, mpsc::error::TryRecvError> {
         self.rx.try_recv().map(|taken| self.taken(taken))
     }
 
-    fn taken(&self, (event, bytes): (Event, usize)) -> (Event, usize) {
-        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
-        (event, bytes)
+    fn taken(&self, queued: Queued) -> Queued {
+        self.bytes.fetch_sub(queued.1, Ordering::AcqRel);
+        queued
     }
 }
 
@@ -113,29 +125,29 @@ mod tests {
         let size = big.approx_bytes();
         let (tx, mut rx) = queue(10, 3 * size);
         for _ in 0..3 {
-            assert_eq!(tx.try_send(big.clone(), size), Ok(()));
+            assert_eq!(tx.try_send(big.clone(), size, None), Ok(()));
         }
-        assert_eq!(tx.try_send(big.clone(), size), Err(Refused::Full));
+        assert_eq!(tx.try_send(big.clone(), size, None), Err(Refused::Full));
         assert_eq!(tx.queued(), 3);
         assert_eq!(rx.recv().await.unwrap().1, size);
-        assert_eq!(tx.try_send(big.clone(), size), Ok(()));
+        assert_eq!(tx.try_send(big.clone(), size, None), Ok(()));
         while rx.try_recv().is_ok() {}
         // At its length before its bytes.
         let (tx, _rx) = queue(2, usize::MAX);
-        assert_eq!(tx.try_send(event(0), 1), Ok(()));
-        assert_eq!(tx.try_send(event(0), 1), Ok(()));
-        assert_eq!(tx.try_send(event(0), 1), Err(Refused::Full));
+        assert_eq!(tx.try_send(event(0), 1, None), Ok(()));
+        assert_eq!(tx.try_send(event(0), 1, None), Ok(()));
+        assert_eq!(tx.try_send(event(0), 1, None), Err(Refused::Full));
         assert_eq!((tx.queued(), tx.max_events()), (2, 2));
     }
 
     #[tokio::test]
     async fn a_refused_event_takes_no_room() {
         let (tx, rx) = queue(1, 100);
-        assert_eq!(tx.try_send(event(0), 60), Ok(()));
+        assert_eq!(tx.try_send(event(0), 60, None), Ok(()));
         // Full by length: its 30 bytes are not kept counted.
-        assert_eq!(tx.try_send(event(0), 30), Err(Refused::Full));
+        assert_eq!(tx.try_send(event(0), 30, None), Err(Refused::Full));
         drop(rx);
-        assert_eq!(tx.try_send(event(0), 10), Err(Refused::Closed));
+        assert_eq!(tx.try_send(event(0), 10, None), Err(Refused::Closed));
         assert_eq!(tx.bytes.load(Ordering::Acquire), 60);
     }
 }

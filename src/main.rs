@@ -384,6 +384,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Kept::default()
     };
     let outputs_shutdown = CancellationToken::new();
+    let pages_held = kept.holds();
     let outputs = Outputs::start(&compiled.outputs, kept, outputs_shutdown.clone());
     let streams = Arc::new(Rules::new(
         compiled.roots,
@@ -417,9 +418,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("installing the SIGHUP handler")?;
     let cluster = match cluster_config {
         Some(config) => Some(
-            Cluster::start(config, index.clone(), streams.clone(), clock.clone())
-                .await
-                .context("joining the cluster")?,
+            Cluster::start(
+                config,
+                index.clone(),
+                streams.clone(),
+                clock.clone(),
+                pages_held,
+            )
+            .await
+            .context("joining the cluster")?,
         ),
         None => None,
     };

@@ -11,6 +11,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::StatusCode;
 use common::{Vigil, wait_until};
 use vigil::client::Client;
 use vigil::clock::{Clock, SystemClock};
@@ -226,22 +228,29 @@ fn wait_settled(nodes: &[&Vigil], want: usize) -> Vec<Keys> {
     .expect("every node owns some of the hosts, each on one node, and it stays so")
 }
 
-/// A webhook receiver recording pages.
+/// A webhook receiver recording pages; while `failing`, it answers `503`
+/// and records nothing.
 #[derive(Clone, Default)]
 struct Pager {
     pages: Arc<Mutex<Vec<String>>>,
+    failing: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
 }
 
 /// A `webhook` post is recorded as its host, a `paging_webhook` page as
 /// its action and host.
-async fn record(State(pager): State<Pager>, body: Bytes) -> &'static str {
+async fn record(State(pager): State<Pager>, body: Bytes) -> StatusCode {
+    if pager.failing.load(Ordering::Acquire) {
+        pager.refused.fetch_add(1, Ordering::AcqRel);
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
     let post: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let page = match post["action"].as_str() {
         Some(action) => format!("{action} {}", post["event"]["host"].as_str().unwrap_or("?")),
         None => post["host"].as_str().unwrap_or("?").to_owned(),
     };
     pager.pages.lock().unwrap().push(page);
-    "ok"
+    StatusCode::OK
 }
 
 impl Pager {
@@ -264,6 +273,18 @@ impl Pager {
 
     fn pages(&self) -> Vec<String> {
         self.pages.lock().unwrap().clone()
+    }
+
+    /// Answers `503` from now on (or no longer).
+    fn fail(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Release);
+    }
+
+    /// Waits until `n` posts in all were refused.
+    fn wait_refused(&self, n: usize) {
+        let refused = || self.refused.load(Ordering::Acquire);
+        wait_until(SETTLE, || (refused() >= n).then_some(()))
+            .unwrap_or_else(|| panic!("only {} of {n} posts refused", refused()));
     }
 
     /// Waits for `n` pages, then a while longer for any extra one; all of them.
@@ -779,6 +800,58 @@ fn an_incident_opened_before_a_handover_is_resolved_by_the_next_owner() {
     send(&second, &[event("web", "disk", "critical")]);
     send(&second, &[event("web", "disk", "ok")]);
     assert_eq!(pager.settle_at(2), ["trigger web", "resolve web"]);
+}
+
+/// A page its node could not deliver (the receiver was down) is not lost
+/// with the node: its saved progress stopped before the event or the expiry
+/// that made it, so the shard's next owner runs that again live and pages
+/// it once the receiver is back. After a `kill -9`, and after a SIGTERM
+/// whose last attempts failed too.
+#[test]
+fn a_page_undelivered_when_its_node_stops_is_sent_by_the_next_owner() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let (pager, url) = Pager::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("paging.vigil");
+    let source = format!(
+        "output pager = paging_webhook(url: \"{url}\")\n\
+         streams {{\n  index\n  where state = \"critical\" or state = \"expired\" {{ pager }}\n}}\n"
+    );
+    std::fs::write(&rules, source).unwrap();
+    let rules = rules.to_str().unwrap();
+
+    pager.fail(true);
+    let mut first = node(&nats, "n1", &["--rules", rules]);
+    let gone = Event {
+        ttl: Some(1.0),
+        ..event("gone", "disk", "ok")
+    };
+    send(&first, &[event("web", "disk", "critical"), gone]);
+    pager.wait_refused(1);
+    wait_until(SETTLE, || {
+        (local_keys(&first) == Keys::from([("web".to_owned(), "disk".to_owned())])).then_some(())
+    })
+    .expect("`gone` expired on the first node");
+    // Long enough for a renew round to save progress past both.
+    thread::sleep(Duration::from_secs(3));
+    first.kill9();
+    pager.fail(false);
+    let second = node(&nats, "n2", &["--rules", rules]);
+    let mut pages = pager.settle_at(2);
+    pages.sort();
+    assert_eq!(pages, ["trigger gone", "trigger web"]);
+
+    pager.fail(true);
+    let mut second = second;
+    send(&second, &[event("db", "disk", "critical")]);
+    let refused = pager.refused.load(Ordering::Acquire);
+    pager.wait_refused(refused + 1);
+    second.terminate();
+    pager.fail(false);
+    let _third = node(&nats, "n3", &["--rules", rules]);
+    let pages = pager.settle_at(3);
+    assert_eq!(pages[2..], ["trigger db"], "{pages:?}");
 }
 
 fn signal(node: &Vigil, signal: libc::c_int) {

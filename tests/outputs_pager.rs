@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vigil::event::{Event, Metric};
+use vigil::outputs::holds::{self, Origin};
 use vigil::outputs::http::RetryPolicy;
 use vigil::outputs::incidents::{self, Memory};
 use vigil::outputs::template::Template;
@@ -198,6 +199,7 @@ impl Running {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(pager::run(
             memory,
+            Arc::default(),
             config,
             delivery,
             fast(None),
@@ -293,6 +295,41 @@ fn event(service: &str, state: &str) -> Event {
 // ---------------------------------------------------------------------------
 // PagerDuty
 // ---------------------------------------------------------------------------
+
+/// A page made while a cluster node runs a shard's message holds that
+/// message (the node saves its progress only up to before it) until the page
+/// is delivered, through failed attempts; then it is released.
+#[tokio::test]
+async fn a_page_holds_the_message_that_made_it_until_it_is_delivered() {
+    let rx = Receiver::start().await;
+    rx.reply_next([Reply(503, vec![], "down")]);
+    let kept = Kept::default();
+    let held = kept.holds();
+    let spec = OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager_config(&rx.url)),
+    };
+    let shutdown = CancellationToken::new();
+    let (queue, task) = outputs::start(&spec, &kept, shutdown.clone());
+    let message = Origin::Event { shard: 2, seq: 10 };
+    holds::made_by(message, || queue.push(event("cpu", "critical")));
+    queue.push(event("disk", "critical"));
+    assert_eq!(held.seq_settled(2, 50), 9, "held once queued");
+    rx.wait_for(1).await;
+    assert_eq!(
+        held.seq_settled(2, 50),
+        9,
+        "still held after a failed attempt"
+    );
+    rx.wait_for(3).await;
+    let deadline = Instant::now() + WAIT;
+    while held.seq_settled(2, 50) != 50 {
+        assert!(Instant::now() < deadline, "released once delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap();
+}
 
 #[tokio::test]
 async fn critical_triggers_and_ok_resolves_the_same_incident() {
@@ -788,6 +825,7 @@ async fn shutdown_delivers_what_is_already_queued_then_ends() {
     let config = pager_config(&rx.url);
     let run = pager::run(
         memory(&config, None),
+        Arc::default(),
         config,
         delivery,
         fast(None),

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
 use crate::index::{Index, QueryError};
+use crate::outputs::holds::{self, Holds, Origin};
 use crate::proto::{self, Msg};
 use crate::pubsub::Pubsub;
 use crate::query::Query;
@@ -123,6 +124,9 @@ pub struct Cluster {
     /// The `now` of the last index expiry pass: entries of live shards whose
     /// TTL ran out before it have been expired here. Saved with progress.
     expired_until: AtomicI64,
+    /// The work this node's undelivered pages came from: progress is saved
+    /// only up to before it, so the next owner pages it again.
+    holds: Arc<Holds>,
 }
 
 impl fmt::Debug for Cluster {
@@ -157,12 +161,14 @@ impl Running {
 impl Cluster {
     /// Connects (retrying until NATS answers), makes sure the stream and the KV
     /// buckets exist, then starts the query responder and the ownership loop.
-    /// `streams` is the local pipeline the owned shards are fed through.
+    /// `streams` is the local pipeline the owned shards are fed through;
+    /// `holds`, what its pager outputs have not delivered yet.
     pub async fn start(
         config: ClusterConfig,
         index: Arc<Index>,
         streams: Arc<dyn Streams>,
         clock: SharedClock,
+        holds: Arc<Holds>,
     ) -> Result<(Arc<Cluster>, Running), NatsError> {
         let client = async_nats::ConnectOptions::new()
             .name(format!("vigil-{}", config.node_id))
@@ -204,6 +210,7 @@ impl Cluster {
                 config.lease_ttl,
             ),
             expired_until: AtomicI64::new(0),
+            holds,
             config,
         });
         let stop = CancellationToken::new();
@@ -386,10 +393,15 @@ impl Cluster {
 
     /// The index expiry pass in cluster mode: entries of shards whose expiry
     /// is paused (replaying, handed back, past the lease deadline) stay; the
-    /// rest expire through `emit` as on a single node.
-    pub fn expire(&self, now: Micros, emit: impl FnMut(&[Event])) -> usize {
+    /// rest expire through `emit` as on a single node. What it pages holds
+    /// the expiry's saved progress back until delivered.
+    pub fn expire(&self, now: Micros, mut emit: impl FnMut(&[Event])) -> usize {
         let shards = self.config.shards;
         let may_expire = |host: &str| self.leases.may_expire(shard_of(host, shards));
+        let origin = Origin::Expiry {
+            since: self.expired_until(),
+        };
+        let emit = |chunk: &[Event]| holds::made_by(origin, || emit(chunk));
         let expired = self.index.expire_where(now, may_expire, emit);
         self.expired_until.store(now, Ordering::Release);
         expired

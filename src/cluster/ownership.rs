@@ -13,6 +13,8 @@
 //!   outputs suppressed up to that sequence; its expiry of the shard waits
 //!   for the replay, and entries whose TTL ran out before that time expire
 //!   suppressed: what the previous owner already paged is not paged again.
+//!   Saved progress stops before the work of any page not yet delivered
+//!   ([`holds`]), so what a dead node had not paged is paged by the next.
 //!
 //! Every renew interval each node heartbeats, counts the live nodes, renews
 //! its leases, then moves toward its share `ceil(shards / live)`: releasing
@@ -38,6 +40,7 @@ use super::{Cluster, ClusterConfig, Doing as _, NatsError, STREAM, shard_of, sub
 use crate::clock::{Micros, SharedClock};
 use crate::index::Index;
 use crate::outputs;
+use crate::outputs::holds::{self, Origin};
 use crate::proto::{self, Msg};
 use crate::streams::Streams;
 
@@ -114,6 +117,18 @@ impl Progress {
     }
 }
 
+/// Whether a shard's saved progress stops before the pages this node has
+/// not delivered yet.
+#[derive(Debug, Clone, Copy)]
+enum Pages {
+    /// It does: should this node die or leave before delivering them, the
+    /// next owner runs their work live again and pages it.
+    Held,
+    /// It does not: the shard moves while this node stays, and goes on
+    /// delivering them itself (the next owner must not page them too).
+    Kept,
+}
+
 /// A shard this node holds the lease of, and the task following it.
 struct Owned {
     revision: u64,
@@ -125,6 +140,35 @@ struct Owned {
     saved: Progress,
     stop: CancellationToken,
     task: JoinHandle<()>,
+}
+
+impl Owned {
+    /// What to save as this shard's progress now.
+    fn progress(&self, cluster: &Cluster, shard: u32, pages: Pages) -> Progress {
+        self.progress_at(cluster, shard, cluster.expired_until(), pages)
+    }
+
+    /// What to save as this shard's progress, its expiry having run until
+    /// `expired_until`.
+    fn progress_at(
+        &self,
+        cluster: &Cluster,
+        shard: u32,
+        expired_until: Micros,
+        pages: Pages,
+    ) -> Progress {
+        let seq = self.processed.load(Ordering::Acquire).max(self.floor);
+        match pages {
+            Pages::Kept => Progress {
+                seq,
+                at: expired_until,
+            },
+            Pages::Held => Progress {
+                seq: cluster.holds.seq_settled(shard, seq),
+                at: cluster.holds.expiry_settled(expired_until),
+            },
+        }
+    }
 }
 
 struct Owner {
@@ -161,8 +205,9 @@ pub(super) async fn run(
             tracing::warn!(error = %e, "Cluster ownership round failed; retrying.");
         }
     }
+    // Leaving: pages not delivered by now are the next owner's to make.
     let shards: Vec<u32> = owner.owned.keys().copied().collect();
-    owner.release(shards).await;
+    owner.release(shards, Pages::Held).await;
     let node = owner.cluster.config.node_id.clone();
     if let Err(e) = owner.buckets.nodes.delete(&node).await {
         tracing::debug!(error = %e, "Could not remove the heartbeat.");
@@ -211,7 +256,8 @@ impl Owner {
                 releasing = extras.len(),
                 "Rebalancing: releasing shards."
             );
-            self.release(extras).await;
+            // Staying: this node goes on delivering what it paged.
+            self.release(extras, Pages::Kept).await;
         } else if self.owned.len() < target {
             self.acquire(target).await;
         }
@@ -277,16 +323,14 @@ impl Owner {
             }
         }
         // Only a shard past its replay has progress (and expiry) of its own.
-        let at = cluster.expired_until();
+        // A crash may come at any time: what is not paged yet is not saved
+        // as done.
         let saves = self
             .owned
             .iter()
             .filter(|(shard, _)| leases.live(**shard) && !lost.contains(shard))
             .filter_map(|(&shard, owned)| {
-                let progress = Progress {
-                    seq: owned.processed.load(Ordering::Acquire).max(owned.floor),
-                    at,
-                };
+                let progress = owned.progress(&cluster, shard, Pages::Held);
                 // A future does nothing until polled: building it is free.
                 (progress != owned.saved).then_some(async move {
                     let saved = progress_store.put(key(shard), progress.encode()).await;
@@ -379,31 +423,34 @@ impl Owner {
     /// its index entries. Together, so handing back many shards (shutdown)
     /// takes a few round trips, not a few per shard: no shard's local
     /// deadline passes (which would skip its progress save) on the way.
-    async fn release(&mut self, shards: Vec<u32>) {
+    async fn release(&mut self, shards: Vec<u32>, pages: Pages) {
         let cluster = self.cluster.clone();
         let buckets = &self.buckets;
         let handed = shards.into_iter().filter_map(|shard| {
             let owned = self.owned.remove(&shard)?;
-            Some(hand_back(&cluster, buckets, shard, owned))
+            Some(hand_back(&cluster, buckets, shard, owned, pages))
         });
         futures_util::future::join_all(handed.collect::<Vec<_>>()).await;
     }
 }
 
 /// One shard of [`Owner::release`].
-async fn hand_back(cluster: &Cluster, buckets: &Buckets, shard: u32, owned: Owned) {
+async fn hand_back(
+    cluster: &Cluster,
+    buckets: &Buckets,
+    shard: u32,
+    mut owned: Owned,
+    pages: Pages,
+) {
     let leases = &cluster.leases;
     let live = leases.live(shard);
     // Read before pausing: every expiry up to here ran; one in flight may
     // page again on the next owner (at least once, never lost).
-    let at = cluster.expired_until();
+    let expired_until = cluster.expired_until();
     leases.pause(shard);
     owned.stop.cancel();
-    let _ = owned.task.await;
-    let progress = Progress {
-        seq: owned.processed.load(Ordering::Acquire).max(owned.floor),
-        at,
-    };
+    let _ = (&mut owned.task).await;
+    let progress = owned.progress_at(cluster, shard, expired_until, pages);
     // Still replaying: the previous owner's progress stands.
     if live
         && progress != owned.saved
@@ -582,7 +629,8 @@ async fn consume(
                     .map(|pb| proto::from_pb(pb, now))
                     .collect();
                 if *live {
-                    streams.process(&events);
+                    let origin = Origin::Event { shard, seq };
+                    holds::made_by(origin, || streams.process(&events));
                 } else {
                     outputs::suppressed(|| streams.process(&events));
                 }

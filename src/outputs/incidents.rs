@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
+use super::holds::Origin;
 use super::pager::{Severity, fnv1a};
 use crate::blocking::off_workers;
 use crate::event::Event;
@@ -118,12 +119,13 @@ impl Incidents {
 }
 
 /// The pages a pager took from its queue and has not delivered, oldest
-/// first: written down before the first attempt at each batch, and each
-/// taken off once settled (delivered, or refused for good). What is left
-/// when a task stops is sent first by the next run.
+/// first, each with the work that made it: written down before the first
+/// attempt at each batch, and each taken off once settled (delivered, or
+/// refused for good). What is left when a task stops is sent first by the
+/// next run.
 #[derive(Default)]
 pub(super) struct Unsent {
-    pages: VecDeque<Event>,
+    pages: VecDeque<(Event, Option<Origin>)>,
     bytes: usize,
     /// Pages not written down for being over [`MAX_UNSENT`] or
     /// [`MAX_UNSENT_BYTES`] since the list was last empty.
@@ -131,21 +133,22 @@ pub(super) struct Unsent {
 }
 
 impl Unsent {
-    /// Writes down `batch`, in order, as far as the bounds allow; returns how
-    /// many of it were written down (they are the first of it).
-    pub(super) fn add(&mut self, batch: &[Event]) -> usize {
+    /// Writes down `batch` (made by `origins`, in the same order), as far as
+    /// the bounds allow; returns how many of it were written down (they are
+    /// the first of it).
+    pub(super) fn add(&mut self, batch: &[Event], origins: &[Option<Origin>]) -> usize {
         if self.pages.is_empty() {
             // Those left out before were settled since, one way or another.
             self.left_out = 0;
         }
         let mut added = 0;
-        for event in batch {
+        for (event, origin) in batch.iter().zip(origins) {
             let bytes = event.approx_bytes();
             if self.pages.len() >= MAX_UNSENT || self.bytes + bytes > MAX_UNSENT_BYTES {
                 break;
             }
             self.bytes += bytes;
-            self.pages.push_back(event.clone());
+            self.pages.push_back((event.clone(), *origin));
             added += 1;
         }
         self.left_out += batch.len() - added;
@@ -154,15 +157,16 @@ impl Unsent {
 
     /// The oldest page was settled.
     pub(super) fn settled(&mut self) {
-        if let Some(event) = self.pages.pop_front() {
+        if let Some((event, _)) = self.pages.pop_front() {
             self.bytes -= event.approx_bytes();
         }
     }
 
-    /// Takes every page written down; the next run's first batch.
-    pub(super) fn take(&mut self) -> Vec<Event> {
+    /// Takes every page written down, and what made each: the next run's
+    /// first batch.
+    pub(super) fn take(&mut self) -> (Vec<Event>, Vec<Option<Origin>>) {
         self.bytes = 0;
-        self.pages.drain(..).collect()
+        self.pages.drain(..).unzip()
     }
 
     pub(super) fn len(&self) -> usize {
@@ -174,8 +178,10 @@ impl Unsent {
         self.left_out
     }
 
+    /// Pages saved by an earlier run: no work of this one made them.
     fn restore(&mut self, pages: Vec<Event>) {
-        self.add(&pages);
+        let origins = vec![None; pages.len()];
+        self.add(&pages, &origins);
     }
 }
 
@@ -454,7 +460,13 @@ impl Memory {
                         sent: since_epoch(age),
                     })
                     .collect(),
-                unsent: self.unsent.lock().pages.iter().cloned().collect(),
+                unsent: self
+                    .unsent
+                    .lock()
+                    .pages
+                    .iter()
+                    .map(|(event, _)| event.clone())
+                    .collect(),
             }
         };
         snapshot::replace_file(file, |out| {
@@ -550,11 +562,12 @@ mod tests {
         let mut unsent = Unsent::default();
         let small = Event::default();
         let batch = vec![small.clone(); MAX_UNSENT + 5];
-        assert_eq!(unsent.add(&batch), MAX_UNSENT);
+        let made_by = |n| vec![None; n];
+        assert_eq!(unsent.add(&batch, &made_by(batch.len())), MAX_UNSENT);
         assert_eq!((unsent.len(), unsent.left_out()), (MAX_UNSENT, 5));
         unsent.settled();
-        assert_eq!(unsent.add(&batch[..3]), 1, "room for one more");
-        assert_eq!(unsent.take().len(), MAX_UNSENT);
+        assert_eq!(unsent.add(&batch[..3], &made_by(3)), 1, "room for one more");
+        assert_eq!(unsent.take().0.len(), MAX_UNSENT);
         assert_eq!(unsent.bytes, 0);
 
         let large = Event {
@@ -562,14 +575,14 @@ mod tests {
             ..Event::default()
         };
         assert_eq!(
-            unsent.add(&[large.clone(), large.clone(), large.clone()]),
+            unsent.add(&[large.clone(), large.clone(), large.clone()], &made_by(3)),
             2
         );
         assert_eq!(unsent.left_out(), 1);
         unsent.settled();
         unsent.settled();
         assert_eq!((unsent.len(), unsent.bytes), (0, 0));
-        assert_eq!(unsent.add(&[small]), 1);
+        assert_eq!(unsent.add(&[small], &made_by(1)), 1);
         assert_eq!(
             unsent.left_out(),
             0,

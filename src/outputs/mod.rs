@@ -19,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
 use crate::event_queue;
+use holds::{Holds, Origin};
 
 pub mod forward;
 pub mod graphite;
+pub mod holds;
 pub mod http;
 pub mod incidents;
 pub mod pager;
@@ -130,6 +132,9 @@ pub struct Queue {
     overflowing: AtomicBool,
     /// A pager's memory of the pages it must not send (see [`suppressed`]).
     replayed: Option<pager::Replayed>,
+    /// A pager's: the work each accepted page came from stays held until
+    /// the page is settled.
+    holds: Option<Arc<Holds>>,
 }
 
 impl Queue {
@@ -149,11 +154,22 @@ impl OutputSink for Queue {
         }
         self.stats.accepted.fetch_add(1, Ordering::AcqRel);
         let bytes = event.approx_bytes();
-        if self.tx.try_send(event, bytes).is_ok() {
+        // Held before it is queued: the delivery task may settle it at once.
+        let held = self
+            .holds
+            .as_ref()
+            .and_then(|kept| Some((kept, holds::current()?)));
+        if let Some((holds, origin)) = held {
+            holds.hold(origin);
+        }
+        if self.tx.try_send(event, bytes, held.map(|(_, o)| o)).is_ok() {
             if self.overflowing.swap(false, Ordering::AcqRel) {
                 tracing::warn!(output = %self.name, "Output queue accepting again.");
             }
             return;
+        }
+        if let Some((holds, origin)) = held {
+            holds.release(origin);
         }
         self.stats.dropped.fetch_add(1, Ordering::AcqRel);
         // Loud once per overflow, not once per event: the counter has the total.
@@ -173,6 +189,8 @@ pub struct Delivery {
     pub name: String,
     pub stats: Arc<OutputStats>,
     rx: event_queue::Receiver,
+    /// What made each event of the last batch taken, in order.
+    origins: Vec<Option<Origin>>,
 }
 
 impl Delivery {
@@ -191,20 +209,28 @@ impl Delivery {
         max: usize,
         max_bytes: usize,
     ) -> Option<(Vec<Event>, usize)> {
-        let (first, mut bytes) = self.rx.recv().await?;
+        let (first, mut bytes, origin) = self.rx.recv().await?;
         let mut batch = Vec::with_capacity(max.min(1024));
         batch.push(first);
+        self.origins.clear();
+        self.origins.push(origin);
         while batch.len() < max && bytes < max_bytes {
-            let Ok((event, size)) = self.rx.try_recv() else {
+            let Ok((event, size, origin)) = self.rx.try_recv() else {
                 break;
             };
             bytes += size;
             batch.push(event);
+            self.origins.push(origin);
         }
         self.stats
             .in_flight
             .fetch_add(batch.len() as u64, Ordering::AcqRel);
         Some((batch, bytes))
+    }
+
+    /// What made each event of the batch taken last, in its order.
+    pub fn take_origins(&mut self) -> Vec<Option<Origin>> {
+        std::mem::take(&mut self.origins)
     }
 
     /// Counts `n` events left undelivered by an earlier run as accepted
@@ -236,13 +262,14 @@ impl Delivery {
 
 /// A queue and the delivery end that drains it.
 pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
-    queue_remembering(name, capacity, None)
+    paging_queue(name, capacity, None, None)
 }
 
-fn queue_remembering(
+fn paging_queue(
     name: &str,
     capacity: usize,
     replayed: Option<pager::Replayed>,
+    holds: Option<Arc<Holds>>,
 ) -> (Arc<Queue>, Delivery) {
     let (tx, rx) = event_queue::queue(capacity, MAX_QUEUED_BYTES);
     let stats = Arc::new(OutputStats::default());
@@ -252,11 +279,13 @@ fn queue_remembering(
         tx,
         overflowing: AtomicBool::new(false),
         replayed,
+        holds,
     });
     let delivery = Delivery {
         name: name.to_owned(),
         stats,
         rx,
+        origins: Vec::new(),
     };
     (queue, delivery)
 }
@@ -272,6 +301,8 @@ fn queue_remembering(
 pub struct Kept {
     dir: Option<PathBuf>,
     pagers: Mutex<HashMap<String, Pager>>,
+    /// The work every pager output's undelivered pages came from.
+    holds: Arc<Holds>,
 }
 
 /// The most receivers an output keeps incidents of besides its current
@@ -290,8 +321,14 @@ impl Kept {
     pub fn in_dir(dir: PathBuf) -> Kept {
         Kept {
             dir: Some(dir),
-            pagers: Mutex::default(),
+            ..Kept::default()
         }
+    }
+
+    /// What the pagers' undelivered pages hold: how far a cluster node may
+    /// save its progress.
+    pub fn holds(&self) -> Arc<Holds> {
+        self.holds.clone()
     }
 
     fn pager(&self, name: &str, config: &pager::Config) -> Arc<incidents::Memory> {
@@ -348,9 +385,12 @@ pub fn start(
         OutputKind::Pager(config) => {
             let memory = kept.pager(name, &config);
             let replayed = pager::Replayed::new(config.clone(), memory.clone());
-            let (queue, delivery) = queue_remembering(name, capacity, Some(replayed));
+            let holds = kept.holds();
+            let (queue, delivery) =
+                paging_queue(name, capacity, Some(replayed), Some(holds.clone()));
             let retry = http::RetryPolicy::pager();
-            let task = tokio::spawn(pager::run(memory, config, delivery, retry, shutdown));
+            let paging = pager::run(memory, holds, config, delivery, retry, shutdown);
+            let task = tokio::spawn(paging);
             (queue, task)
         }
         OutputKind::Webhook(config) => {
@@ -442,6 +482,25 @@ mod tests {
         second.load().await;
         back.load().await;
         assert!(back.has_open() && !second.has_open());
+    }
+
+    /// Only a pager's queue holds the work a page came from, and only for a
+    /// page it accepted: one refused by a full queue is not waited for.
+    #[tokio::test]
+    async fn a_page_holds_its_work_only_once_queued() {
+        let holds = Arc::new(Holds::default());
+        let (pager, _delivery) = paging_queue("pager", 1, None, Some(holds.clone()));
+        let (push, _push_delivery) = queue("push", 10);
+        let made_by = |seq| Origin::Event { shard: 0, seq };
+        holds::made_by(made_by(5), || {
+            pager.push(Event::default());
+            push.push(Event::default());
+        });
+        holds::made_by(made_by(3), || pager.push(Event::default()));
+        assert_eq!(pager.stats.dropped.load(Ordering::Acquire), 1, "full");
+        assert_eq!(holds.seq_settled(0, 10), 4, "only the queued page holds");
+        pager.push(Event::default());
+        assert_eq!(holds.seq_settled(0, 10), 4, "no origin, nothing held");
     }
 
     /// The pages of a replayed shard are not sent, but what they opened and

@@ -21,6 +21,8 @@
 //! incident is forgotten. A page is retried for as long as the process runs
 //! (see [`super::http::RetryPolicy::pager`]); with a data directory, the pages
 //! not delivered when it stops (or crashes) are sent first by the next run.
+//! In a cluster, each undelivered page holds the work that made it
+//! ([`super::holds`]), so the shard's next owner makes and sends it again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Delivery;
+use super::holds::{Holds, Origin};
 use super::http::{self, Outcome, Payload, Poster, RetryPolicy};
 use super::incidents::Memory;
 use super::template::Template;
@@ -128,9 +131,10 @@ fn action(state: Option<&str>) -> Option<Action> {
 /// Pages for each queued event until shutdown, then for what is already
 /// queued. `memory` holds the incidents open so far (from an earlier task of
 /// this output, or saved before a restart) and is saved after every batch
-/// that changed it.
+/// that changed it. A page's origin stays in `holds` until it is settled.
 pub async fn run(
     memory: Arc<Memory>,
+    holds: Arc<Holds>,
     config: Config,
     mut delivery: Delivery,
     retry: RetryPolicy,
@@ -151,11 +155,12 @@ pub async fn run(
     memory.load().await;
     let mut pager = Pager {
         memory,
+        holds,
         poster,
         headers,
         config,
     };
-    let left = pager.memory.unsent().take();
+    let (left, origins) = pager.memory.unsent().take();
     if !left.is_empty() {
         let (output, pages) = (&delivery.name, left.len());
         tracing::warn!(
@@ -164,15 +169,18 @@ pub async fn run(
             "Pages left undelivered by the output's previous run; sending them first."
         );
         delivery.adopt(pages);
-        pager.page_all(&delivery, left).await;
+        pager.page_all(&delivery, left, origins).await;
     }
     while let Some(batch) = http::next_batch(&mut delivery, &shutdown).await {
-        pager.page_all(&delivery, batch).await;
+        let origins = delivery.take_origins();
+        pager.page_all(&delivery, batch, origins).await;
     }
     if pager.memory.is_replaced() {
         // Pages for a receiver the output no longer pages: sent should that
         // receiver come back, they would be stale by then.
-        let dropped = pager.memory.unsent().take().len();
+        let (stale, origins) = pager.memory.unsent().take();
+        origins.into_iter().for_each(|origin| pager.release(origin));
+        let dropped = stale.len();
         if dropped > 0 {
             tracing::error!(
                 output = %delivery.name, dropped,
@@ -198,6 +206,7 @@ struct Pager {
     config: Config,
     poster: Poster,
     memory: Arc<Memory>,
+    holds: Arc<Holds>,
     /// Checked once, sent with every page.
     headers: HeaderMap,
 }
@@ -207,18 +216,41 @@ impl Pager {
     /// with a file, saved) before the first attempt, and each page taken off
     /// once settled: what a reload, a restart or a crash interrupts is sent
     /// by the next run (twice, if it was sent just before a crash). Pages
-    /// not sent because the task is stopping stay written down.
-    async fn page_all(&mut self, delivery: &Delivery, batch: Vec<Event>) {
-        let written = self.memory.unsent().add(&batch);
+    /// not sent because the task is stopping stay written down, and their
+    /// origins held.
+    async fn page_all(
+        &mut self,
+        delivery: &Delivery,
+        batch: Vec<Event>,
+        origins: Vec<Option<Origin>>,
+    ) {
+        let written = self.memory.unsent().add(&batch, &origins);
         // Without a file, saving does nothing.
         self.memory.save().await;
-        for (i, event) in batch.iter().enumerate() {
+        for (i, (event, origin)) in batch.iter().zip(origins).enumerate() {
             self.page(delivery, event).await;
-            if i < written && !self.poster.gave_up() {
-                self.memory.unsent().settled();
+            match (self.poster.gave_up(), i < written) {
+                // The next run sends it.
+                (true, true) => {}
+                // Dropped: nothing will send it.
+                (true, false) => self.release(origin),
+                (false, written) => {
+                    if written {
+                        self.memory.unsent().settled();
+                    }
+                    self.release(origin);
+                }
             }
         }
         self.memory.save().await;
+    }
+
+    /// A page made by `origin` is settled or dropped: the work is not held
+    /// for it any more.
+    fn release(&self, origin: Option<Origin>) {
+        if let Some(origin) = origin {
+            self.holds.release(origin);
+        }
     }
 
     /// Sends (or suppresses) one event's page and settles it in `delivery`;
