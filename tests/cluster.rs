@@ -854,6 +854,54 @@ fn a_page_undelivered_when_its_node_stops_is_sent_by_the_next_owner() {
     assert_eq!(pages[2..], ["trigger db"], "{pages:?}");
 }
 
+/// A shard handed to a joining node while its page could not be delivered:
+/// the new owner makes the page again and sends it, in order with what it
+/// pages next, and the node that made it drops it. Were both to send it once
+/// the receiver was back, the first node's trigger could land after the new
+/// owner's resolve and leave the incident open.
+#[test]
+fn a_page_undelivered_when_its_shard_moves_is_sent_once_by_the_new_owner() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let (pager, url) = Pager::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("paging.vigil");
+    let source = format!(
+        "output pager = paging_webhook(url: \"{url}\")\n\
+         streams {{\n  index\n  where state = \"critical\" or state = \"ok\" {{ pager }}\n}}\n"
+    );
+    std::fs::write(&rules, source).unwrap();
+    let rules = rules.to_str().unwrap();
+    // A node that joins a single one takes its upper half of the 64 shards.
+    let host = (0..)
+        .map(|i| format!("web-{i}"))
+        .find(|host| vigil::cluster::shard_of(host, 64) >= 32)
+        .unwrap();
+
+    pager.fail(true);
+    let first = node(&nats, "n1", &["--rules", rules]);
+    send(&first, &[event(&host, "disk", "critical")]);
+    pager.wait_refused(1);
+    let second = node(&nats, "n2", &["--rules", rules]);
+    wait_until(SETTLE, || {
+        local_keys(&second)
+            .contains(&(host.clone(), "disk".to_owned()))
+            .then_some(())
+    })
+    .expect("the joining node took the host's shard over");
+    send(&second, &[event(&host, "disk", "ok")]);
+    pager.fail(false);
+    assert!(
+        first.wait_for_log("its shard moved to another node", SETTLE),
+        "the first node dropped its page at its next attempt"
+    );
+    let pages = pager.settle_at(2);
+    assert_eq!(
+        pages,
+        [format!("trigger {host}"), format!("resolve {host}")]
+    );
+}
+
 fn signal(node: &Vigil, signal: libc::c_int) {
     let pid = libc::pid_t::try_from(node.pid()).unwrap();
     // SAFETY: kill(2) on our own child's pid; no memory is involved.

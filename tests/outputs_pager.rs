@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vigil::event::{Event, Metric};
-use vigil::outputs::holds::{self, Origin};
+use vigil::outputs::holds::{self, Work};
 use vigil::outputs::http::RetryPolicy;
 use vigil::outputs::incidents::{self, Memory};
 use vigil::outputs::template::Template;
@@ -296,6 +296,37 @@ fn event(service: &str, state: &str) -> Event {
 // PagerDuty
 // ---------------------------------------------------------------------------
 
+/// A page of a shard its node stopped owning is dropped before its next
+/// attempt (the shard's new owner sends it), and holds nothing any more.
+#[tokio::test]
+async fn a_page_of_a_disowned_shard_is_dropped_before_its_next_attempt() {
+    let rx = Receiver::start().await;
+    rx.reply_next([Reply(503, vec![], "down")]);
+    let kept = Kept::default();
+    let held = kept.holds();
+    let spec = OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager_config(&rx.url)),
+    };
+    let shutdown = CancellationToken::new();
+    let (queue, task) = outputs::start(&spec, &kept, shutdown.clone());
+    let message = Work::Event { shard: 2, seq: 10 };
+    holds::made_by(message, || queue.push(event("cpu", "critical")));
+    rx.wait_for(1).await;
+    held.disown(2);
+    assert_eq!(held.seq_settled(2, 50), 50, "the next owner has it");
+    let deadline = Instant::now() + WAIT;
+    while queue.stats.dropped.load(Ordering::Acquire) == 0 {
+        assert!(Instant::now() < deadline, "dropped before its next attempt");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rx.seen().len(), 1, "not sent again");
+    queue.push(event("disk", "critical"));
+    rx.wait_for(2).await;
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
 /// A page made while a cluster node runs a shard's message holds that
 /// message (the node saves its progress only up to before it) until the page
 /// is delivered, through failed attempts; then it is released.
@@ -311,7 +342,7 @@ async fn a_page_holds_the_message_that_made_it_until_it_is_delivered() {
     };
     let shutdown = CancellationToken::new();
     let (queue, task) = outputs::start(&spec, &kept, shutdown.clone());
-    let message = Origin::Event { shard: 2, seq: 10 };
+    let message = Work::Event { shard: 2, seq: 10 };
     holds::made_by(message, || queue.push(event("cpu", "critical")));
     queue.push(event("disk", "critical"));
     assert_eq!(held.seq_settled(2, 50), 9, "held once queued");

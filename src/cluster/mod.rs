@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
 use crate::index::{Index, QueryError};
-use crate::outputs::holds::{self, Holds, Origin};
+use crate::outputs::holds::{self, Holds, Work};
 use crate::proto::{self, Msg};
 use crate::pubsub::Pubsub;
 use crate::query::Query;
@@ -197,6 +197,8 @@ impl Cluster {
                 .doing("updating the events stream's retention")?;
         }
         let buckets = ownership::Buckets::open(&js, &config).await?;
+        let shards = config.shards;
+        holds.set_sharding(Box::new(move |page| shard_of(page.host_str(), shards)));
         let cluster = Arc::new(Cluster {
             client,
             batcher: Arc::new(batcher::Batcher::new(js.clone(), config.shards)),
@@ -398,10 +400,10 @@ impl Cluster {
     pub fn expire(&self, now: Micros, mut emit: impl FnMut(&[Event])) -> usize {
         let shards = self.config.shards;
         let may_expire = |host: &str| self.leases.may_expire(shard_of(host, shards));
-        let origin = Origin::Expiry {
+        let work = Work::Expiry {
             since: self.expired_until(),
         };
-        let emit = |chunk: &[Event]| holds::made_by(origin, || emit(chunk));
+        let emit = |chunk: &[Event]| holds::made_by(work, || emit(chunk));
         let expired = self.index.expire_where(now, may_expire, emit);
         self.expired_until.store(now, Ordering::Release);
         expired

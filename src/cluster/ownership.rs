@@ -14,7 +14,8 @@
 //!   for the replay, and entries whose TTL ran out before that time expire
 //!   suppressed: what the previous owner already paged is not paged again.
 //!   Saved progress stops before the work of any page not yet delivered
-//!   ([`holds`]), so what a dead node had not paged is paged by the next.
+//!   ([`holds`]), so what a node had not paged when it died or handed the
+//!   shard over is paged by the next (and no longer by it).
 //!
 //! Every renew interval each node heartbeats, counts the live nodes, renews
 //! its leases, then moves toward its share `ceil(shards / live)`: releasing
@@ -38,9 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, ClusterConfig, Doing as _, NatsError, STREAM, shard_of, subject};
 use crate::clock::{Micros, SharedClock};
-use crate::index::Index;
 use crate::outputs;
-use crate::outputs::holds::{self, Origin};
+use crate::outputs::holds::{self, Work};
 use crate::proto::{self, Msg};
 use crate::streams::Streams;
 
@@ -117,18 +117,6 @@ impl Progress {
     }
 }
 
-/// Whether a shard's saved progress stops before the pages this node has
-/// not delivered yet.
-#[derive(Debug, Clone, Copy)]
-enum Pages {
-    /// It does: should this node die or leave before delivering them, the
-    /// next owner runs their work live again and pages it.
-    Held,
-    /// It does not: the shard moves while this node stays, and goes on
-    /// delivering them itself (the next owner must not page them too).
-    Kept,
-}
-
 /// A shard this node holds the lease of, and the task following it.
 struct Owned {
     revision: u64,
@@ -143,30 +131,14 @@ struct Owned {
 }
 
 impl Owned {
-    /// What to save as this shard's progress now.
-    fn progress(&self, cluster: &Cluster, shard: u32, pages: Pages) -> Progress {
-        self.progress_at(cluster, shard, cluster.expired_until(), pages)
-    }
-
     /// What to save as this shard's progress, its expiry having run until
-    /// `expired_until`.
-    fn progress_at(
-        &self,
-        cluster: &Cluster,
-        shard: u32,
-        expired_until: Micros,
-        pages: Pages,
-    ) -> Progress {
+    /// `expired_until`: never past a page not delivered yet, which the next
+    /// owner must then make again.
+    fn progress(&self, cluster: &Cluster, shard: u32, expired_until: Micros) -> Progress {
         let seq = self.processed.load(Ordering::Acquire).max(self.floor);
-        match pages {
-            Pages::Kept => Progress {
-                seq,
-                at: expired_until,
-            },
-            Pages::Held => Progress {
-                seq: cluster.holds.seq_settled(shard, seq),
-                at: cluster.holds.expiry_settled(expired_until),
-            },
+        Progress {
+            seq: cluster.holds.seq_settled(shard, seq),
+            at: cluster.holds.expiry_settled(shard, expired_until),
         }
     }
 }
@@ -205,9 +177,8 @@ pub(super) async fn run(
             tracing::warn!(error = %e, "Cluster ownership round failed; retrying.");
         }
     }
-    // Leaving: pages not delivered by now are the next owner's to make.
     let shards: Vec<u32> = owner.owned.keys().copied().collect();
-    owner.release(shards, Pages::Held).await;
+    owner.release(shards).await;
     let node = owner.cluster.config.node_id.clone();
     if let Err(e) = owner.buckets.nodes.delete(&node).await {
         tracing::debug!(error = %e, "Could not remove the heartbeat.");
@@ -256,8 +227,7 @@ impl Owner {
                 releasing = extras.len(),
                 "Rebalancing: releasing shards."
             );
-            // Staying: this node goes on delivering what it paged.
-            self.release(extras, Pages::Kept).await;
+            self.release(extras).await;
         } else if self.owned.len() < target {
             self.acquire(target).await;
         }
@@ -323,14 +293,13 @@ impl Owner {
             }
         }
         // Only a shard past its replay has progress (and expiry) of its own.
-        // A crash may come at any time: what is not paged yet is not saved
-        // as done.
+        let expired_until = cluster.expired_until();
         let saves = self
             .owned
             .iter()
             .filter(|(shard, _)| leases.live(**shard) && !lost.contains(shard))
             .filter_map(|(&shard, owned)| {
-                let progress = owned.progress(&cluster, shard, Pages::Held);
+                let progress = owned.progress(&cluster, shard, expired_until);
                 // A future does nothing until polled: building it is free.
                 (progress != owned.saved).then_some(async move {
                     let saved = progress_store.put(key(shard), progress.encode()).await;
@@ -346,7 +315,7 @@ impl Owner {
             if let Some(owned) = self.owned.remove(&shard) {
                 owned.stop.cancel();
                 let _ = owned.task.await;
-                forget(&cluster.index, shard, cluster.config.shards);
+                forget(&cluster, shard);
                 leases.dropped(shard);
                 // Frees it at once if it is still ours on the server.
                 let _ = store
@@ -423,25 +392,19 @@ impl Owner {
     /// its index entries. Together, so handing back many shards (shutdown)
     /// takes a few round trips, not a few per shard: no shard's local
     /// deadline passes (which would skip its progress save) on the way.
-    async fn release(&mut self, shards: Vec<u32>, pages: Pages) {
+    async fn release(&mut self, shards: Vec<u32>) {
         let cluster = self.cluster.clone();
         let buckets = &self.buckets;
         let handed = shards.into_iter().filter_map(|shard| {
             let owned = self.owned.remove(&shard)?;
-            Some(hand_back(&cluster, buckets, shard, owned, pages))
+            Some(hand_back(&cluster, buckets, shard, owned))
         });
         futures_util::future::join_all(handed.collect::<Vec<_>>()).await;
     }
 }
 
 /// One shard of [`Owner::release`].
-async fn hand_back(
-    cluster: &Cluster,
-    buckets: &Buckets,
-    shard: u32,
-    mut owned: Owned,
-    pages: Pages,
-) {
+async fn hand_back(cluster: &Cluster, buckets: &Buckets, shard: u32, mut owned: Owned) {
     let leases = &cluster.leases;
     let live = leases.live(shard);
     // Read before pausing: every expiry up to here ran; one in flight may
@@ -450,7 +413,7 @@ async fn hand_back(
     leases.pause(shard);
     owned.stop.cancel();
     let _ = (&mut owned.task).await;
-    let progress = owned.progress_at(cluster, shard, expired_until, pages);
+    let progress = owned.progress(cluster, shard, expired_until);
     // Still replaying: the previous owner's progress stands.
     if live
         && progress != owned.saved
@@ -465,15 +428,20 @@ async fn hand_back(
     {
         tracing::debug!(shard, error = %e, "Could not delete the lease; it will lapse.");
     }
-    forget(&cluster.index, shard, cluster.config.shards);
+    forget(cluster, shard);
     leases.dropped(shard);
 }
 
 /// Drops this node's index entries of a shard it no longer owns: the new
 /// owner has them, and a host's entries must live on one node only. Not an
-/// expiry: nothing goes through the rules or to subscribers.
-fn forget(index: &Index, shard: u32, shards: u32) {
-    let forgotten = index.remove_where(|host| shard_of(host, shards) == shard);
+/// expiry: nothing goes through the rules or to subscribers. Its pages not
+/// delivered yet are the new owner's to make (its saved progress stops
+/// before them) and send, in order with what it pages next: they are not
+/// sent from here.
+fn forget(cluster: &Cluster, shard: u32) {
+    let shards = cluster.config.shards;
+    let forgotten = (cluster.index).remove_where(|host| shard_of(host, shards) == shard);
+    cluster.holds.disown(shard);
     tracing::debug!(shard, forgotten, "Forgot a released shard's entries.");
 }
 
@@ -511,7 +479,7 @@ async fn follow(
             Ok(Ended::Fenced) => {
                 // Gone from the index before anyone else can take the lease,
                 // so nothing of it expires (or pages) here any more.
-                forget(&cluster.index, shard, cluster.config.shards);
+                forget(&cluster, shard);
                 tracing::warn!(
                     shard,
                     "Lease deadline passed without a renewal; stopped running the shard."
@@ -629,8 +597,8 @@ async fn consume(
                     .map(|pb| proto::from_pb(pb, now))
                     .collect();
                 if *live {
-                    let origin = Origin::Event { shard, seq };
-                    holds::made_by(origin, || streams.process(&events));
+                    let work = Work::Event { shard, seq };
+                    holds::made_by(work, || streams.process(&events));
                 } else {
                     outputs::suppressed(|| streams.process(&events));
                 }

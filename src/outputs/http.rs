@@ -121,13 +121,20 @@ impl AttemptError {
     }
 }
 
-/// One request to make, as often as it takes.
+/// One request to make, as often as it takes while it is wanted.
 pub struct Payload<'a> {
     pub url: &'a str,
     pub content_type: &'static str,
     /// Sent after `content_type`, so a configured `Content-Type` wins.
     pub headers: &'a HeaderMap,
     pub body: Bytes,
+    /// Asked before each attempt: `false` drops the event unsent.
+    pub wanted: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// For a payload wanted until it is delivered.
+pub fn always() -> bool {
+    true
 }
 
 /// What became of one event's request.
@@ -135,6 +142,8 @@ pub struct Payload<'a> {
 pub enum Outcome {
     Delivered,
     Dropped,
+    /// No longer wanted before an attempt: dropped unsent.
+    Unwanted,
 }
 
 /// How the attempts at one payload ended.
@@ -142,18 +151,26 @@ pub enum Outcome {
 enum Ended {
     Delivered,
     Dropped,
+    Unwanted,
     /// Refused as too large: worth sending again cut short.
     TooLarge,
 }
 
 /// Counts the event delivered or dropped.
 fn settle(delivery: &Delivery, ended: Ended) -> Outcome {
-    if ended == Ended::Delivered {
-        delivery.delivered(1);
-        Outcome::Delivered
-    } else {
-        delivery.dropped(1);
-        Outcome::Dropped
+    match ended {
+        Ended::Delivered => {
+            delivery.delivered(1);
+            Outcome::Delivered
+        }
+        Ended::Unwanted => {
+            delivery.dropped(1);
+            Outcome::Unwanted
+        }
+        Ended::Dropped | Ended::TooLarge => {
+            delivery.dropped(1);
+            Outcome::Dropped
+        }
     }
 }
 
@@ -229,6 +246,9 @@ impl Poster {
         }
         let mut attempts = 0;
         loop {
+            if !(payload.wanted)() {
+                return Ended::Unwanted;
+            }
             // Once shutting down, this attempt is the last one.
             let last = self.shutdown.is_cancelled();
             attempts += 1;

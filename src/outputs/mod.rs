@@ -158,7 +158,7 @@ impl OutputSink for Queue {
         let held = self
             .holds
             .as_ref()
-            .and_then(|kept| Some((kept, holds::current()?)));
+            .and_then(|kept| Some((kept, kept.origin(holds::current()?, &event))));
         if let Some((holds, origin)) = held {
             holds.hold(origin);
         }
@@ -491,7 +491,7 @@ mod tests {
         let holds = Arc::new(Holds::default());
         let (pager, _delivery) = paging_queue("pager", 1, None, Some(holds.clone()));
         let (push, _push_delivery) = queue("push", 10);
-        let made_by = |seq| Origin::Event { shard: 0, seq };
+        let made_by = |seq| holds::Work::Event { shard: 0, seq };
         holds::made_by(made_by(5), || {
             pager.push(Event::default());
             push.push(Event::default());

@@ -22,7 +22,9 @@
 //! (see [`super::http::RetryPolicy::pager`]); with a data directory, the pages
 //! not delivered when it stops (or crashes) are sent first by the next run.
 //! In a cluster, each undelivered page holds the work that made it
-//! ([`super::holds`]), so the shard's next owner makes and sends it again.
+//! ([`super::holds`]), so the shard's next owner makes and sends it again;
+//! once the shard is another node's, it is dropped here before its next
+//! attempt.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -228,7 +230,7 @@ impl Pager {
         // Without a file, saving does nothing.
         self.memory.save().await;
         for (i, (event, origin)) in batch.iter().zip(origins).enumerate() {
-            self.page(delivery, event).await;
+            self.page(delivery, event, origin).await;
             match (self.poster.gave_up(), i < written) {
                 // The next run sends it.
                 (true, true) => {}
@@ -253,9 +255,11 @@ impl Pager {
         }
     }
 
-    /// Sends (or suppresses) one event's page and settles it in `delivery`;
-    /// a delivered page opens, re-sends or resolves its incident.
-    async fn page(&mut self, delivery: &Delivery, event: &Event) {
+    /// Sends (or suppresses) one event's page, made by `origin`, and settles
+    /// it in `delivery`; a delivered page opens, re-sends or resolves its
+    /// incident. A page of a shard this node no longer owns is dropped before
+    /// its next attempt: the shard's new owner sends it.
+    async fn page(&mut self, delivery: &Delivery, event: &Event, origin: Option<Origin>) {
         let Some(action) = action(event.state.as_deref()) else {
             let state = event.state.as_deref();
             tracing::debug!(output = %delivery.name, ?state, "State not paged; event dropped.");
@@ -270,11 +274,14 @@ impl Pager {
             return;
         }
         let body = self.body(action, &key, event);
+        let holds = &self.holds;
+        let ours = || origin.is_none_or(|origin| holds.is_current(origin));
         let payload = Payload {
             url: &self.config.url,
             content_type: "application/json",
             headers: &self.headers,
             body: Bytes::from(body.to_string()),
+            wanted: &ours,
         };
         let outcome = match self.config.api {
             // PagerDuty's limit is known: the trigger is already within it.
@@ -287,6 +294,12 @@ impl Pager {
                 self.poster.post_or_cut(delivery, &payload, cut).await
             }
         };
+        if outcome == Outcome::Unwanted {
+            tracing::info!(
+                output = %delivery.name, dedup_key = %key, ?action,
+                "Page dropped unsent: its shard moved to another node, which sends it."
+            );
+        }
         if outcome != Outcome::Delivered {
             return;
         }

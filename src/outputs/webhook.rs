@@ -103,6 +103,7 @@ fn payload<'a>(config: &'a Config, headers: &'a HeaderMap, event: &Event) -> Pay
         content_type,
         headers,
         body,
+        wanted: &http::always,
     }
 }
 
