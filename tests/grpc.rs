@@ -720,3 +720,53 @@ async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
     }
     grpc.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A gRPC connection, like a Riemann TCP one, keeps nothing of its largest
+/// call once it ends: 24 idle connections that each sent a 4.7 MB
+/// `SendBatch` and read a 4.7 MB `Query` answer hold little more than none.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_grpc_connection_does_not_keep_the_memory_of_its_largest_call() {
+    const MIB: u64 = 1024 * 1024;
+    const CONNECTIONS: usize = 24;
+    // Freed pages given back at once (see tests/server.rs' TCP twin).
+    let env = [("MIMALLOC_PURGE_DELAY", "0")];
+    let vigil = Vigil::start_with_env(&["--grpc", "127.0.0.1:0"], &env);
+    let addr = vigil.grpc.expect("`listening` carries the grpc address");
+    let description = "x".repeat(200);
+    let events: Vec<Event> = (0..20_000)
+        .map(|i| Event {
+            description: Some(description.clone()),
+            ..event("h", &format!("big-{i}"))
+        })
+        .collect();
+    let batch = msg(&events);
+    let large_call = |mut client: VigilClient<Channel>| {
+        let batch = batch.clone();
+        async move {
+            assert_ok(&client.send_batch(batch).await.unwrap().into_inner());
+            let answer = query(&mut client, r#"service =~ "big-%""#).await.unwrap();
+            assert_eq!(answer.len(), 20_000);
+            client
+        }
+    };
+    let client = |addr| async move { connect(addr).await.max_decoding_message_size(usize::MAX) };
+    // The index is filled (and its memory counted) first.
+    drop(large_call(client(addr).await).await);
+    let before = common::resident_of(vigil.pid());
+    let mut idle = Vec::new();
+    for _ in 0..CONNECTIONS {
+        idle.push(large_call(client(addr).await).await);
+    }
+    let grew = common::resident_of(vigil.pid()).saturating_sub(before);
+    // For BENCHMARKS.md ("What an idle connection keeps"): `-- --nocapture`.
+    println!(
+        "{CONNECTIONS} idle gRPC connections: {} kB resident more",
+        grew / 1024
+    );
+    assert!(
+        grew < 16 * MIB,
+        "{CONNECTIONS} idle gRPC connections hold {} MiB more than before",
+        grew / MIB
+    );
+    drop(idle);
+}
