@@ -590,6 +590,26 @@ mod tests {
         );
     }
 
+    /// A page left for the next task keeps the work that made it, so that
+    /// task releases that work when it delivers the page.
+    #[test]
+    fn unsent_pages_keep_their_origins_in_order() {
+        use super::super::holds::{Holds, Work};
+        let holds = Holds::default();
+        let page = Event::default();
+        let made = |seq| Some(holds.origin(Work::Event { shard: 1, seq }, &page));
+        let mut unsent = Unsent::default();
+        let origins = [made(1), None, made(3)];
+        assert_eq!(
+            unsent.add(&[page.clone(), page.clone(), page.clone()], &origins),
+            3
+        );
+        unsent.settled();
+        let (left, left_origins) = unsent.take();
+        assert_eq!(left.len(), 2);
+        assert_eq!(left_origins, [None, made(3)]);
+    }
+
     /// As vigil wrote them before unsent pages were kept: still loaded.
     #[tokio::test]
     async fn a_file_without_unsent_pages_loads() {
