@@ -324,11 +324,17 @@ const PAGE_ON_CRITICAL: &str = r#"changed_state {
 const PAGE_ON_EXPIRY: &str = r#"where state = "expired" { pager }"#;
 
 fn paging(streams: &str) -> Paging {
+    paging_through("webhook", streams)
+}
+
+/// As [`paging`], through an output of type `output` (`webhook`,
+/// `paging_webhook`).
+fn paging_through(output: &str, streams: &str) -> Paging {
     let (pager, url) = Pager::start();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("paging.vigil");
     let source = format!(
-        r#"output pager = webhook(url: "{url}")
+        r#"output pager = {output}(url: "{url}")
 
 streams {{
   index
@@ -779,15 +785,8 @@ fn an_expiry_the_old_owner_paged_is_not_paged_again_after_replay() {
 fn an_incident_opened_before_a_handover_is_resolved_by_the_next_owner() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let nats = Nats::start();
-    let (pager, url) = Pager::start();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("paging.vigil");
-    let source = format!(
-        "output pager = paging_webhook(url: \"{url}\")\n\
-         streams {{\n  index\n  changed_state {{ pager }}\n}}\n"
-    );
-    std::fs::write(&rules, source).unwrap();
-    let rules = rules.to_str().unwrap();
+    let Paging { pager, rules, _dir } = paging_through("paging_webhook", "changed_state { pager }");
+    let rules = rules.as_str();
 
     let mut first = node(&nats, "n1", &["--rules", rules]);
     send(&first, &[event("web", "disk", "critical")]);
@@ -811,15 +810,9 @@ fn an_incident_opened_before_a_handover_is_resolved_by_the_next_owner() {
 fn a_page_undelivered_when_its_node_stops_is_sent_by_the_next_owner() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let nats = Nats::start();
-    let (pager, url) = Pager::start();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("paging.vigil");
-    let source = format!(
-        "output pager = paging_webhook(url: \"{url}\")\n\
-         streams {{\n  index\n  where state = \"critical\" or state = \"expired\" {{ pager }}\n}}\n"
-    );
-    std::fs::write(&rules, source).unwrap();
-    let rules = rules.to_str().unwrap();
+    let streams = r#"where state = "critical" or state = "expired" { pager }"#;
+    let Paging { pager, rules, _dir } = paging_through("paging_webhook", streams);
+    let rules = rules.as_str();
 
     pager.fail(true);
     let mut first = node(&nats, "n1", &["--rules", rules]);
@@ -863,15 +856,9 @@ fn a_page_undelivered_when_its_node_stops_is_sent_by_the_next_owner() {
 fn a_page_undelivered_when_its_shard_moves_is_sent_once_by_the_new_owner() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let nats = Nats::start();
-    let (pager, url) = Pager::start();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("paging.vigil");
-    let source = format!(
-        "output pager = paging_webhook(url: \"{url}\")\n\
-         streams {{\n  index\n  where state = \"critical\" or state = \"ok\" {{ pager }}\n}}\n"
-    );
-    std::fs::write(&rules, source).unwrap();
-    let rules = rules.to_str().unwrap();
+    let streams = r#"where state = "critical" or state = "ok" { pager }"#;
+    let Paging { pager, rules, _dir } = paging_through("paging_webhook", streams);
+    let rules = rules.as_str();
     // A node that joins a single one takes its upper half of the 64 shards.
     let host = (0..)
         .map(|i| format!("web-{i}"))

@@ -212,6 +212,22 @@ impl Running {
         }
     }
 
+    /// A pager output started as the server starts one: its pages hold the
+    /// work that made them in `kept`'s holds.
+    fn pager_holding(url: &str, kept: &Kept) -> Running {
+        let spec = OutputSpec {
+            name: "pager".into(),
+            kind: OutputKind::Pager(pager_config(url)),
+        };
+        let shutdown = CancellationToken::new();
+        let (queue, task) = outputs::start(&spec, kept, shutdown.clone());
+        Running {
+            queue,
+            shutdown,
+            task,
+        }
+    }
+
     fn webhook(config: webhook::Config, max_attempts: u32) -> Running {
         let (queue, delivery) = outputs::queue("push", 100);
         let shutdown = CancellationToken::new();
@@ -304,12 +320,8 @@ async fn a_page_of_a_disowned_shard_is_dropped_before_its_next_attempt() {
     rx.reply_always(Reply(503, vec![], "down"));
     let kept = Kept::default();
     let held = kept.holds();
-    let spec = OutputSpec {
-        name: "pager".into(),
-        kind: OutputKind::Pager(pager_config(&rx.url)),
-    };
-    let shutdown = CancellationToken::new();
-    let (queue, task) = outputs::start(&spec, &kept, shutdown.clone());
+    let mut pager = Running::pager_holding(&rx.url, &kept);
+    let queue = pager.queue.clone();
     let message = Work::Event { shard: 2, seq: 10 };
     holds::made_by(message, || queue.push(event("cpu", "critical")));
     rx.wait_for(1).await;
@@ -333,8 +345,7 @@ async fn a_page_of_a_disowned_shard_is_dropped_before_its_next_attempt() {
         ["web1/disk"],
         "the dropped page was not sent again"
     );
-    shutdown.cancel();
-    task.await.unwrap();
+    pager.stop().await;
 }
 
 /// A page made while a cluster node runs a shard's message holds that
@@ -346,12 +357,8 @@ async fn a_page_holds_the_message_that_made_it_until_it_is_delivered() {
     rx.reply_always(Reply(503, vec![], "down"));
     let kept = Kept::default();
     let held = kept.holds();
-    let spec = OutputSpec {
-        name: "pager".into(),
-        kind: OutputKind::Pager(pager_config(&rx.url)),
-    };
-    let shutdown = CancellationToken::new();
-    let (queue, task) = outputs::start(&spec, &kept, shutdown.clone());
+    let mut pager = Running::pager_holding(&rx.url, &kept);
+    let queue = pager.queue.clone();
     let message = Work::Event { shard: 2, seq: 10 };
     holds::made_by(message, || queue.push(event("cpu", "critical")));
     queue.push(event("disk", "critical"));
@@ -368,8 +375,7 @@ async fn a_page_holds_the_message_that_made_it_until_it_is_delivered() {
         assert!(Instant::now() < deadline, "released once delivered");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    shutdown.cancel();
-    task.await.unwrap();
+    pager.stop().await;
 }
 
 #[tokio::test]
