@@ -9,7 +9,9 @@
 //! arrived (HTTP: once it has been handled). When the budget is spent the
 //! message waits, its connection reading nothing meanwhile, so the kernel's (or
 //! HTTP/2's) flow control pushes back on the sender. Once it has room, it must
-//! arrive within the read timeout, so no client sits on room it does not use.
+//! keep the [`Pace`] that brings it in within the read timeout, so no client
+//! sits on room it does not use: one that announces a large message and stalls
+//! gives its room back after a few seconds, not after the whole timeout.
 //! Messages up to [`FREE`] bytes never wait: agents' messages are far
 //! smaller, so a flood of large messages cannot hold them up.
 //!
@@ -18,8 +20,10 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::PollSemaphore;
 
 use crate::stats::Stats;
@@ -92,6 +96,18 @@ impl Budget {
         }
     }
 
+    /// `pace`'s message, `arrived` bytes of it in, fell behind: counted, and
+    /// what its sender is told.
+    pub fn too_slow(&self, pace: &Pace, arrived: usize) -> TooSlow {
+        Stats::incr(&self.stats.messages_too_slow);
+        TooSlow {
+            len: pace.len,
+            arrived,
+            after: pace.since.elapsed(),
+            timeout: pace.timeout,
+        }
+    }
+
     fn taken(&self, permit: OwnedSemaphorePermit) -> Taken {
         let bytes = permit.num_permits() * KIB;
         Stats::add(&self.stats.message_bytes_held, bytes as u64);
@@ -100,6 +116,63 @@ impl Budget {
             stats: self.stats.clone(),
         }
     }
+}
+
+/// How long a message holding room may take before it must keep [`Pace`].
+pub const GRACE: Duration = Duration::from_secs(5);
+
+/// The pace a message must keep while it holds room: `t` after getting it,
+/// past a grace of [`GRACE`] (at most the whole timeout), at least the share
+/// `(t - grace) / (timeout - grace)` of it must have arrived, so all of it by
+/// the timeout. A sender steady enough to finish within the timeout always
+/// keeps it; one that stalls falls behind once the grace is over, and its room
+/// goes back to the messages waiting for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    since: Instant,
+    len: usize,
+    timeout: Duration,
+}
+
+impl Pace {
+    /// The pace of a message of `len` bytes that got its room now.
+    pub fn new(len: usize, timeout: Duration) -> Pace {
+        Pace {
+            since: Instant::now(),
+            len,
+            timeout,
+        }
+    }
+
+    /// When the message got its room.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// The length of the message.
+    pub fn message_len(&self) -> usize {
+        self.len
+    }
+
+    /// When the message falls behind if no more than `arrived` bytes of it
+    /// have come by then.
+    pub fn due(&self, arrived: usize) -> Instant {
+        let grace = GRACE.min(self.timeout);
+        let share = arrived.min(self.len) as f64 / self.len.max(1) as f64;
+        self.since + grace + (self.timeout - grace).mul_f64(share)
+    }
+}
+
+/// A message that fell behind its [`Pace`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a message of {len} bytes held room in --max-message-memory for {after:.1?} and only {arrived} bytes of it arrived: too slow to arrive within {timeout:?} (--read-timeout)"
+)]
+pub struct TooSlow {
+    len: usize,
+    arrived: usize,
+    after: Duration,
+    timeout: Duration,
 }
 
 /// A message's room in the budget, given back when dropped.
@@ -199,6 +272,49 @@ mod tests {
         drop(taken);
         assert!(waiter.poll_take(&mut cx, KIB).is_ready());
         assert_eq!(Stats::get(&stats.messages_waited_for_memory), 1);
+    }
+
+    #[test]
+    fn a_message_steady_enough_to_arrive_within_the_timeout_keeps_pace() {
+        let timeout = Duration::from_secs(60);
+        let pace = Pace::new(1000, timeout);
+        // Nothing in yet: behind once the grace is over.
+        assert_eq!(pace.due(0), pace.since() + GRACE);
+        // Half of it in: due halfway through what follows the grace.
+        assert_eq!(pace.due(500), pace.since() + GRACE + (timeout - GRACE) / 2);
+        // All of it: by the timeout, however much more was counted.
+        assert_eq!(pace.due(1000), pace.since() + timeout);
+        assert_eq!(pace.due(5000), pace.since() + timeout);
+        // A sender steady enough to finish within the timeout is never behind.
+        for tenth in 0..=10 {
+            let t = timeout * tenth / 10;
+            assert!(pace.due(100 * tenth as usize) >= pace.since() + t, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn a_timeout_shorter_than_the_grace_is_the_whole_pace() {
+        let pace = Pace::new(1000, Duration::from_secs(2));
+        assert_eq!(pace.due(0), pace.since() + Duration::from_secs(2));
+        assert_eq!(pace.due(1000), pace.since() + Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_message_too_slow_is_counted_and_told_why() {
+        let (budget, stats) = budget(4 * KIB);
+        let pace = Pace::new(3 * KIB, Duration::from_secs(60));
+        let error = budget.too_slow(&pace, 100).to_string();
+        assert!(
+            error.starts_with("a message of 3072 bytes held room in --max-message-memory for "),
+            "{error}"
+        );
+        assert!(
+            error.ends_with(
+                "and only 100 bytes of it arrived: too slow to arrive within 60s (--read-timeout)"
+            ),
+            "{error}"
+        );
+        assert_eq!(Stats::get(&stats.messages_too_slow), 1);
     }
 
     #[test]

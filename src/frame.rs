@@ -7,21 +7,23 @@
 //! clients really send, not by `max connections × max frame`. On the server
 //! ([`gated`]), a frame over [`budget::FREE`] bytes must also get room in the
 //! shared [`Budget`] before more of it is read, so what all clients really
-//! send is bounded too.
+//! send is bounded too, and then keep the [`Pace`] that brings it in within
+//! the read timeout, so a stalled client gives its room back to the others.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::budget::{self, Budget, Taken, Waiter};
+use crate::budget::{self, Budget, Pace, Taken, TooSlow, Waiter};
 
 /// Riemann has no limit; vigil refuses larger frames without reading them.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -58,12 +60,20 @@ impl FrameCodec {
 }
 
 /// A server connection's stream and codec, sharing one gate: a large frame's
-/// body is read only once `budget` has room for it.
-pub fn gated<S>(stream: S, max_frame: usize, budget: &Budget) -> (Gated<S>, FrameCodec) {
+/// body is read only once `budget` has room for it, and must then keep the
+/// [`Pace`] that brings it in within `timeout`.
+pub fn gated<S>(
+    stream: S,
+    max_frame: usize,
+    budget: &Budget,
+    timeout: Duration,
+) -> (Gated<S>, FrameCodec) {
     let gate = Arc::new(Gate {
         wanted: AtomicUsize::new(0),
+        holding: AtomicBool::new(false),
         held: Mutex::default(),
         budget: budget.clone(),
+        timeout,
     });
     let codec = FrameCodec {
         max_frame,
@@ -73,6 +83,7 @@ pub fn gated<S>(stream: S, max_frame: usize, budget: &Budget) -> (Gated<S>, Fram
         inner: stream,
         gate,
         waiter: budget.waiter(),
+        pace_timer: None,
     };
     (stream, codec)
 }
@@ -82,63 +93,102 @@ pub fn gated<S>(stream: S, max_frame: usize, budget: &Budget) -> (Gated<S>, Fram
 struct Gate {
     /// The length of the frame waiting for room; 0 when none is.
     wanted: AtomicUsize,
+    /// Whether a frame holds room now: only then does a read count its bytes.
+    holding: AtomicBool,
     held: Mutex<Held>,
     budget: Budget,
+    timeout: Duration,
 }
 
 /// What the large frame arriving now holds.
 #[derive(Default)]
 struct Held {
-    room: Option<Taken>,
-    /// When it got its room after waiting for it.
-    granted_at: Option<Instant>,
+    room: Option<(Taken, Pace)>,
+    /// Bytes of the frame's body read so far.
+    arrived: usize,
 }
 
 impl Gate {
-    /// Whether the frame of `len` bytes now arriving has room, asking the
-    /// budget for it if not; without it, the stream reads nothing more.
-    fn admit(&self, len: usize) -> bool {
+    /// Whether the frame of `len` bytes now arriving, `arrived` bytes of its
+    /// body in, has room, asking the budget for it if not; without it, the
+    /// stream reads nothing more.
+    fn admit(&self, len: usize, arrived: usize) -> bool {
         let mut held = self.held.lock();
         if held.room.is_some() {
             return true;
         }
-        held.room = self.budget.try_take(len);
-        if held.room.is_none() {
-            self.wanted.store(len, Ordering::Relaxed);
+        held.arrived = arrived;
+        match self.budget.try_take(len) {
+            Some(taken) => self.hold(&mut held, taken, len),
+            None => self.wanted.store(len, Ordering::Relaxed),
         }
         held.room.is_some()
     }
 
-    fn grant(&self, taken: Taken) {
-        *self.held.lock() = Held {
-            room: Some(taken),
-            granted_at: Some(Instant::now()),
-        };
+    fn grant(&self, taken: Taken, len: usize) {
+        self.hold(&mut self.held.lock(), taken, len);
         self.wanted.store(0, Ordering::Relaxed);
     }
 
-    /// The frame has arrived whole: its room goes back to the budget.
+    fn hold(&self, held: &mut Held, taken: Taken, len: usize) {
+        held.room = Some((taken, Pace::new(len, self.timeout)));
+        self.holding.store(true, Ordering::Relaxed);
+    }
+
+    /// The frame has arrived whole (or is given up): its room goes back.
     fn release(&self) {
         *self.held.lock() = Held::default();
+        self.holding.store(false, Ordering::Relaxed);
     }
 }
 
-/// A server connection's stream: reads wait while a large frame waits for room.
+/// A server connection's stream: reads wait while a large frame waits for
+/// room, and fail once one holding room falls behind its pace.
 pub struct Gated<S> {
     inner: S,
     gate: Arc<Gate>,
     waiter: Waiter,
+    /// Wakes the connection when the frame holding room would fall behind:
+    /// made for the first large frame.
+    pace_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> Gated<S> {
-    /// Since when the frame arriving now has had its room, if it waited for
-    /// it (now, while it still waits): the wait is the server's, so the
-    /// connection's read timeout should run from then.
+    /// Since when the frame arriving now has had its room (now, while it
+    /// still waits for it): the wait is the server's, so the connection's read
+    /// timeout should run from then.
     pub fn room_since(&self) -> Option<Instant> {
         if self.gate.wanted.load(Ordering::Relaxed) > 0 {
             return Some(Instant::now());
         }
-        self.gate.held.lock().granted_at
+        let held = self.gate.held.lock();
+        held.room.as_ref().map(|(_, pace)| pace.since())
+    }
+
+    /// Whether the frame holding room has fallen behind its pace, arming the
+    /// timer for when it would if not. One that has gives its room back.
+    fn behind(&mut self, cx: &mut Context<'_>) -> Option<TooSlow> {
+        let held = self.gate.held.lock();
+        let (_, pace) = held.room.as_ref()?;
+        let pace = *pace;
+        loop {
+            let due = pace.due(held.arrived);
+            if due <= Instant::now() {
+                let too_slow = self.gate.budget.too_slow(&pace, held.arrived);
+                drop(held);
+                self.gate.release();
+                return Some(too_slow);
+            }
+            let timer = self
+                .pace_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
     }
 }
 
@@ -152,9 +202,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gated<S> {
         let wanted = this.gate.wanted.load(Ordering::Relaxed);
         if wanted > 0 {
             let taken = ready!(this.waiter.poll_take(cx, wanted));
-            this.gate.grant(taken);
+            this.gate.grant(taken, wanted);
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if !this.gate.holding.load(Ordering::Relaxed) {
+            return read;
+        }
+        match read {
+            Poll::Ready(Ok(())) => {
+                this.gate.held.lock().arrived += buf.filled().len() - filled;
+                Poll::Ready(Ok(()))
+            }
+            // Only a read that finds nothing new asks, so bytes already
+            // arrived always count.
+            Poll::Pending => match this.behind(cx) {
+                Some(too_slow) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, too_slow)))
+                }
+                None => Poll::Pending,
+            },
+            failed => failed,
+        }
     }
 }
 
@@ -206,7 +275,8 @@ impl Decoder for FrameCodec {
         let missing = (PREFIX + len).saturating_sub(src.len());
         let gate = self.gate.as_ref().filter(|_| len > budget::FREE);
         if missing > 0 {
-            if gate.is_some_and(|gate| !gate.admit(len)) {
+            let arrived = src.len() - PREFIX;
+            if gate.is_some_and(|gate| !gate.admit(len, arrived)) {
                 return Ok(None);
             }
             src.reserve(missing.min(GROW_STEP));
@@ -310,7 +380,7 @@ mod tests {
         let stats = Arc::new(crate::stats::Stats::default());
         let budget = Budget::new(4 * budget::FREE, stats.clone());
         let (mut client, server) = tokio::io::duplex(8 * budget::FREE);
-        let (stream, codec) = gated(server, DEFAULT_MAX_FRAME, &budget);
+        let (stream, codec) = gated(server, DEFAULT_MAX_FRAME, &budget, TIMEOUT);
         let mut frames = FramedRead::new(stream, codec);
         let len = 3 * budget::FREE;
         let mut wire = BytesMut::new();
@@ -331,5 +401,78 @@ mod tests {
         assert_eq!(frames.next().await.unwrap().unwrap().len(), len);
         assert_eq!(Stats::get(&stats.message_bytes_held), 0, "given back");
         assert_eq!(Stats::get(&stats.messages_waited_for_memory), 1);
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_frame_that_stalls_gives_its_room_back_once_behind_its_pace() {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        use tokio_util::codec::FramedRead;
+
+        use crate::stats::Stats;
+
+        let stats = Arc::new(Stats::default());
+        let budget = Budget::new(4 * budget::FREE, stats.clone());
+        let (mut client, server) = tokio::io::duplex(8 * budget::FREE);
+        let (stream, codec) = gated(server, DEFAULT_MAX_FRAME, &budget, TIMEOUT);
+        let mut frames = FramedRead::new(stream, codec);
+        let len = 2 * budget::FREE;
+        let mut wire = BytesMut::new();
+        wire.put_u32(len as u32);
+        wire.put_slice(&[7; 1000]);
+        client.write_all(&wire).await.unwrap();
+
+        let start = Instant::now();
+        let Some(Err(FrameError::Io(e))) = frames.next().await else {
+            panic!("the frame is given up");
+        };
+        // The paused clock jumps to each timer (whole milliseconds): the
+        // grace, and what the 1 000 bytes bought.
+        let due = budget::GRACE + (TIMEOUT - budget::GRACE).mul_f64(1000.0 / len as f64);
+        let given_up = start.elapsed();
+        assert!(
+            given_up >= due && given_up <= due + Duration::from_millis(1),
+            "{given_up:?}"
+        );
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.get_ref().unwrap().is::<TooSlow>(), "{e}");
+        assert_eq!(Stats::get(&stats.message_bytes_held), 0, "given back");
+        assert_eq!(Stats::get(&stats.messages_too_slow), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_frame_sent_steadily_enough_to_arrive_within_the_timeout_arrives() {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        use tokio_util::codec::FramedRead;
+
+        use crate::stats::Stats;
+
+        let stats = Arc::new(Stats::default());
+        let budget = Budget::new(16 * budget::FREE, stats.clone());
+        let (mut client, server) = tokio::io::duplex(8 * budget::FREE);
+        let (stream, codec) = gated(server, DEFAULT_MAX_FRAME, &budget, TIMEOUT);
+        let mut frames = FramedRead::new(stream, codec);
+        let len = 10 * budget::FREE;
+        // A tenth every 5.9 s: all of it 53.1 s after its first byte, each
+        // tenth within a second of when the pace wants it.
+        let writer = tokio::spawn(async move {
+            client.write_all(&(len as u32).to_be_bytes()).await.unwrap();
+            for tenth in 0..10 {
+                if tenth > 0 {
+                    tokio::time::sleep(Duration::from_millis(5900)).await;
+                }
+                client.write_all(&[7; budget::FREE]).await.unwrap();
+            }
+            client
+        });
+        let start = Instant::now();
+        assert_eq!(frames.next().await.unwrap().unwrap().len(), len);
+        assert_eq!(start.elapsed(), Duration::from_millis(53_100));
+        assert_eq!(Stats::get(&stats.messages_too_slow), 0);
+        assert_eq!(Stats::get(&stats.message_bytes_held), 0, "given back");
+        drop(writer.await.unwrap());
     }
 }

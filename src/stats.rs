@@ -106,6 +106,11 @@ counters! {
     /// Messages over 64 KiB (TCP frames, `POST /events` bodies, gRPC `Msg`s)
     /// that waited for room in `--max-message-memory` before being read on.
     messages_waited_for_memory,
+    /// Messages over 64 KiB that, once they had room in `--max-message-memory`,
+    /// fell behind the pace that brings them in within `--read-timeout` (a
+    /// stalled sender: 5 s after getting it), and gave it back: the TCP
+    /// connection closed, the gRPC call failed, `POST /events` got `408`.
+    messages_too_slow,
     /// Bytes of `--max-message-memory` that large messages hold now (a gauge).
     message_bytes_held,
 }

@@ -15,6 +15,8 @@
 //! - a frame over 64 KiB is read on only once it has room in the memory budget
 //!   all connections share ([`crate::budget`]): until then the connection
 //!   reads nothing more, and its read timeout runs from when it got the room.
+//!   Holding room, it must keep the pace that brings it in within that
+//!   timeout, or the connection is closed and the room goes back.
 
 use std::io;
 use std::net::SocketAddr;
@@ -34,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bounded::RefusalLog;
-use crate::budget::Budget;
+use crate::budget::{Budget, TooSlow};
 use crate::event::Event;
 pub use crate::frame::DEFAULT_MAX_FRAME;
 use crate::frame::{self, FrameCodec, FrameError, Gated};
@@ -152,7 +154,7 @@ impl Connections {
         stream: S,
         peer: SocketAddr,
     ) -> io::Result<()> {
-        let (stream, codec) = frame::gated(stream, self.max_frame, &self.memory);
+        let (stream, codec) = frame::gated(stream, self.max_frame, &self.memory, self.read_timeout);
         let mut framed = Framed::new(stream, codec);
         let mut buffers = Buffers::default();
         // Reset only when a frame completes, never by a byte arriving.
@@ -316,7 +318,15 @@ impl Connections {
                 Stats::incr(&stats.frames_truncated);
                 Ok(())
             }
-            FrameError::Io(e) => Err(e),
+            FrameError::Io(e) => match e.get_ref().and_then(|e| e.downcast_ref::<TooSlow>()) {
+                // Counted where it fell behind; its room is already back.
+                Some(too_slow) => {
+                    tracing::info!("{too_slow}; closing the connection.");
+                    let reply: Bytes = proto::error_reply(too_slow.to_string());
+                    framed.send(reply).await
+                }
+                None => Err(e),
+            },
         }
     }
 }

@@ -281,6 +281,85 @@ async fn large_messages_of_every_transport_wait_their_turn_in_one_budget() {
     );
 }
 
+/// Stalled large messages give their room back a few seconds after getting it
+/// (once behind the pace that brings them in within the read timeout), not
+/// after the whole timeout: the messages waiting behind them go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeout() {
+    let _alone = ALONE.lock().await;
+    let v = Vigil::start(&["--read-timeout", "10m", "--max-message-memory", "1048576"]);
+    let http = v.http.unwrap();
+    // A TCP frame and a `POST /events` body of 500 000 bytes each, of which
+    // 1 000 arrive: between them they hold all the room.
+    let len = 500_000;
+    let mut stalled_frame = TcpStream::connect(v.tcp).await.unwrap();
+    stalled_frame.write_u32(len as u32).await.unwrap();
+    stalled_frame.write_all(&[0; 1000]).await.unwrap();
+    let mut stalled_body = TcpStream::connect(http).await.unwrap();
+    let head = format!("POST /events HTTP/1.1\r\nhost: vigil\r\ncontent-length: {len}\r\n\r\n");
+    stalled_body.write_all(head.as_bytes()).await.unwrap();
+    stalled_body.write_all(&[b' '; 1000]).await.unwrap();
+    let room = (len as u64).div_ceil(1024) * 1024;
+    wait_metric(http, "vigil_message_bytes_held", 2 * room).await;
+
+    // A whole frame of 300 KB waits for room.
+    let msg = msg_of(PbEvent {
+        host: Some("h".into()),
+        service: Some("waited".into()),
+        description: Some("d".repeat(300_000)),
+        ..PbEvent::default()
+    });
+    let mut waiting = TcpStream::connect(v.tcp).await.unwrap();
+    waiting.write_all(&frame(&msg)).await.unwrap();
+    wait_metric(http, "vigil_messages_waited_for_memory_total", 1).await;
+
+    // Both stalled senders are told why (with a read timeout of 600 s, well
+    // within a minute), and the waiting frame is acked.
+    let error = within(async {
+        let len = stalled_frame.read_u32().await.unwrap();
+        let mut reply = vec![0; len as usize];
+        stalled_frame.read_exact(&mut reply).await.unwrap();
+        proto::Msg::decode(&reply[..]).unwrap().error.unwrap()
+    })
+    .await;
+    assert!(
+        error.starts_with("a message of 500000 bytes held room in --max-message-memory for ")
+            && error.ends_with(
+                "and only 1000 bytes of it arrived: too slow to arrive within 600s (--read-timeout)"
+            ),
+        "{error}"
+    );
+    let answer = within(async {
+        let mut answer = String::new();
+        stalled_body.read_to_string(&mut answer).await.unwrap();
+        answer
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        answer.contains("only 1000 bytes of it arrived: too slow"),
+        "{answer}"
+    );
+    let acked = within(async {
+        let len = waiting.read_u32().await.unwrap();
+        let mut reply = vec![0; len as usize];
+        waiting.read_exact(&mut reply).await.unwrap();
+        proto::Msg::decode(&reply[..]).unwrap()
+    })
+    .await;
+    assert_eq!(acked.ok, Some(true), "{:?}", acked.error);
+    wait_metric(http, "vigil_messages_too_slow_total", 2).await;
+    wait_metric(http, "vigil_message_bytes_held", 0).await;
+    wait_metric(http, "vigil_tcp_read_timeouts_total", 0).await;
+}
+
+/// `what`, within a minute.
+async fn within<T>(what: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), what)
+        .await
+        .expect("within a minute")
+}
+
 /// A frame that waits for room longer than the read timeout is not closed for
 /// it: the wait is the server's, and the timeout runs from when it got room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

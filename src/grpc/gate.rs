@@ -8,9 +8,9 @@
 //! message is held, and the body read no further, until the message has room;
 //! the room goes back once the message's last byte has been passed on. While a
 //! chunk is held HTTP/2's flow control stops the sender. A message that holds
-//! room must arrive within the read timeout of getting it, or the request
-//! fails: a client that answers HTTP/2 pings but stops sending could
-//! otherwise keep its room, and others waiting, for ever.
+//! room must keep the [`Pace`] that brings it in within the read timeout of
+//! getting it, or the request fails: a client that answers HTTP/2 pings but
+//! stops sending could otherwise keep its room, and others waiting, for ever.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -20,18 +20,19 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::budget::{self, Budget, Taken, Waiter};
+use crate::budget::{self, Budget, Pace, Taken, TooSlow, Waiter};
 
 const PREFIX: usize = 5;
 
 /// `body`, with every large message waiting for room in `budget`, then
-/// arriving within `timeout` of getting it. A message over `max_message` goes
+/// keeping the pace that brings it in within `timeout` of getting it. A message over `max_message` goes
 /// straight on, for tonic to refuse at its prefix, rather than wait for room
 /// it would never use.
 pub fn gated<B>(body: B, budget: &Budget, timeout: Duration, max_message: usize) -> Gated<B> {
     Gated {
         inner: body,
         max_message,
+        budget: budget.clone(),
         waiter: budget.waiter(),
         prefix: [0; PREFIX],
         prefix_seen: 0,
@@ -43,29 +44,21 @@ pub fn gated<B>(body: B, budget: &Budget, timeout: Duration, max_message: usize)
     }
 }
 
-/// A large message that did not arrive in time.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "a message of {len} bytes held its room in --max-message-memory for {timeout:?} (--read-timeout) without arriving"
-)]
-pub struct TooSlow {
-    len: usize,
-    timeout: Duration,
-}
-
 pub struct Gated<B> {
     inner: B,
     max_message: usize,
+    budget: Budget,
     waiter: Waiter,
     /// The prefix of the next message, `prefix_seen` bytes of it so far.
     prefix: [u8; PREFIX],
     prefix_seen: usize,
     /// Bytes of the current message not yet passed on.
     remaining: usize,
-    /// The current message's room, when it is a large one, and its length.
-    room: Option<(Taken, usize)>,
+    /// The current message's room and pace, when it is a large one.
+    room: Option<(Taken, Pace)>,
     timeout: Duration,
-    /// When a large message must have arrived: made for the first one.
+    /// When the large message holding room would fall behind its pace: made
+    /// for the first one.
     deadline: Option<Pin<Box<Sleep>>>,
     /// A chunk that starts a large message without room yet, with where in it
     /// that message's body begins and its length.
@@ -109,6 +102,31 @@ impl<B> Gated<B> {
         Walk::Through
     }
 
+    /// Whether the message holding room has fallen behind its pace, arming
+    /// the deadline for when it would if not. One that has gives its room
+    /// back at once; the request ends with it.
+    fn behind(&mut self, cx: &mut Context<'_>) -> Option<TooSlow> {
+        let (_, pace) = self.room.as_ref()?;
+        let pace = *pace;
+        let arrived = pace.message_len() - self.remaining;
+        loop {
+            let due = pace.due(arrived);
+            if due <= Instant::now() {
+                self.room = None;
+                return Some(self.budget.too_slow(&pace, arrived));
+            }
+            let deadline = self
+                .deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if deadline.deadline() != due {
+                deadline.as_mut().reset(due);
+            }
+            if deadline.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
+    }
+
     /// `chunk`, once every large message it starts has room.
     fn poll_pass(
         &mut self,
@@ -121,13 +139,8 @@ impl<B> Gated<B> {
             if let Some(len) = wanted {
                 match self.waiter.poll_take(cx, len) {
                     Poll::Ready(room) => {
-                        self.room = Some((room, len));
+                        self.room = Some((room, Pace::new(len, self.timeout)));
                         self.remaining = len;
-                        let due = Instant::now() + self.timeout;
-                        match &mut self.deadline {
-                            Some(deadline) => deadline.as_mut().reset(due),
-                            None => self.deadline = Some(Box::pin(tokio::time::sleep_until(due))),
-                        }
                     }
                     Poll::Pending => {
                         self.held = Some((chunk, from, len));
@@ -160,23 +173,18 @@ where
             let chunk = ready!(this.poll_pass(cx, chunk, from, Some(len)));
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        let due = (this.room.as_ref()).zip(this.deadline.as_mut());
-        if let Some(((_, len), deadline)) = due {
-            if deadline.as_mut().poll(cx).is_ready() {
-                let len = *len;
-                // Its room goes back at once; the request ends with this.
-                this.room = None;
-                let too_slow = TooSlow {
-                    len,
-                    timeout: this.timeout,
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            // Only a poll that finds nothing new asks, so data already
+            // arrived always counts.
+            Poll::Pending => {
+                return match this.behind(cx) {
+                    Some(too_slow) => Poll::Ready(Some(Err(too_slow.into()))),
+                    None => Poll::Pending,
                 };
-                return Poll::Ready(Some(Err(too_slow.into())));
             }
-        }
-        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => frame,
-            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-            None => return Poll::Ready(None),
         };
         match frame.into_data() {
             Ok(chunk) => {
@@ -243,10 +251,11 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_large_message_that_stops_arriving_gives_its_room_back_after_the_timeout() {
+    async fn a_large_message_that_stops_arriving_gives_its_room_back_once_behind_its_pace() {
         let stats = Arc::new(Stats::default());
         let budget = Budget::new(budget::FREE * 2, stats.clone());
-        let start = Bytes::from(message(budget::FREE + 1)).slice(..1000);
+        let len = budget::FREE + 1;
+        let start = Bytes::from(message(len)).slice(..1000);
         let mut body = gated(
             Chunks([start.clone()].into(), true),
             &budget,
@@ -257,7 +266,8 @@ mod tests {
         let mut poll = || Pin::new(&mut body).poll_frame(&mut cx);
         assert!(matches!(poll(), Poll::Ready(Some(Ok(_)))));
         assert!(Stats::get(&stats.message_bytes_held) > 0);
-        tokio::time::advance(TIMEOUT - Duration::from_secs(1)).await;
+        // The 995 bytes of it that came buy ~0.8 s past the grace.
+        tokio::time::advance(budget::GRACE).await;
         assert!(poll().is_pending(), "still in time");
         tokio::time::advance(Duration::from_secs(1)).await;
         let Poll::Ready(Some(Err(e))) = poll() else {
@@ -266,11 +276,11 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "a message of {} bytes held its room in --max-message-memory for 60s (--read-timeout) without arriving",
-                budget::FREE + 1
+                "a message of {len} bytes held room in --max-message-memory for 6.0s and only 995 bytes of it arrived: too slow to arrive within 60s (--read-timeout)"
             )
         );
         assert_eq!(Stats::get(&stats.message_bytes_held), 0, "given back");
+        assert_eq!(Stats::get(&stats.messages_too_slow), 1);
     }
 
     #[tokio::test]

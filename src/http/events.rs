@@ -7,7 +7,8 @@
 //! not arrived whole within the read timeout of its head gets `408`; one over
 //! 64 KiB is read only once it has room in the memory budget shared by every
 //! transport ([`crate::budget`]), and gets `503` if it finds none in that
-//! time. The
+//! time; holding room, it gets `408` once it falls behind the pace that brings
+//! it in within the read timeout. The
 //! per-message [`Limits`](crate::limits::Limits) hold here too: a request of
 //! more lines than `--max-events-per-msg` gets `413`, and a line over another
 //! limit is answered with it, like a line that does not parse.
@@ -30,7 +31,7 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
 use super::{AppState, error};
-use crate::budget::{self, Taken};
+use crate::budget::{self, Pace, Taken};
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric, RESERVED_FIELDS};
 use crate::limits::{Exceeded, Limits};
@@ -113,7 +114,8 @@ pub(super) async fn post(State(state): State<AppState>, request: Request) -> Res
 /// most [`MAX_BODY`] bytes. One over [`budget::FREE`] bytes first gets room in
 /// the shared budget for its announced length (for [`MAX_BODY`] when it
 /// announces none), within the read timeout, and is read on only once it has
-/// it, within the read timeout of getting it.
+/// it: then at the [`Pace`] that brings it in within the read timeout of
+/// getting it (a chunked body: within that time).
 async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<Taken>), Response> {
     let stats = state.stats();
     let after = state.read_timeout;
@@ -143,9 +145,15 @@ async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<
         }
     };
     let mut room = None;
+    // A body of announced length keeps the pace that brings it in within the
+    // read timeout of getting its room; a chunked one, whose length is
+    // unknown, just arrives within that time.
+    let mut pace = None;
     if let Some(len) = announced.filter(|&len| len > budget::FREE) {
         room = Some(room_for(len, deadline).await?);
-        deadline = Instant::now() + after;
+        let paced = Pace::new(len, after);
+        deadline = paced.due(0);
+        pace = Some(paced);
     }
     let mut body = BytesMut::with_capacity(announced.unwrap_or(0));
     let mut chunks = request.into_body().into_data_stream();
@@ -157,13 +165,26 @@ async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<
                 let reason = format!("the body could not be read: {e}");
                 return Err(error(StatusCode::BAD_REQUEST, json!({ "error": reason })));
             }
-            Err(_) => {
-                Stats::incr(&stats.http_read_timeouts);
-                return Err(error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    json!({"error": format!("the body did not arrive within {after:?}")}),
-                ));
-            }
+            Err(_) => match pace {
+                Some(pace) if pace.due(body.len()) > Instant::now() => {
+                    deadline = pace.due(body.len());
+                    continue;
+                }
+                Some(pace) => {
+                    let too_slow = state.memory.too_slow(&pace, body.len());
+                    return Err(error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        json!({"error": too_slow.to_string()}),
+                    ));
+                }
+                None => {
+                    Stats::incr(&stats.http_read_timeouts);
+                    return Err(error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        json!({"error": format!("the body did not arrive within {after:?}")}),
+                    ));
+                }
+            },
         };
         let len = body.len() + chunk.len();
         if len > MAX_BODY {
