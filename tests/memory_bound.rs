@@ -4,7 +4,8 @@
 //! here; vigil must hold only what was actually sent. And a request costs
 //! about its own size: a gRPC `Msg` of millions of empty events is refused
 //! without decoding them. Large messages arriving at once, over any
-//! transport, share one budget and wait their turn. (Its own test binary, one
+//! transport, share one budget and wait their turn; a stalled one gives its
+//! turn back within seconds. (Its own test binary, one
 //! test at a time: the memory measured is the whole process's.)
 
 mod common;
@@ -283,15 +284,23 @@ async fn large_messages_of_every_transport_wait_their_turn_in_one_budget() {
 
 /// Stalled large messages give their room back a few seconds after getting it
 /// (once behind the pace that brings them in within the read timeout), not
-/// after the whole timeout: the messages waiting behind them go on.
+/// after the whole timeout, on every transport: the messages waiting behind
+/// them go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeout() {
     let _alone = ALONE.lock().await;
-    let v = Vigil::start(&["--read-timeout", "10m", "--max-message-memory", "1048576"]);
-    let http = v.http.unwrap();
-    // A TCP frame and a `POST /events` body of 500 000 bytes each, of which
-    // 1 000 arrive: between them they hold all the room.
-    let len = 500_000;
+    let v = Vigil::start(&[
+        "--grpc",
+        "127.0.0.1:0",
+        "--read-timeout",
+        "10m",
+        "--max-message-memory",
+        "1048576",
+    ]);
+    let (http, grpc) = (v.http.unwrap(), v.grpc.unwrap());
+    // A TCP frame, a `POST /events` body and a gRPC message of 300 000 bytes
+    // each, of which 1 000 arrive: between them they hold nearly all the room.
+    let len = 300_000;
     let mut stalled_frame = TcpStream::connect(v.tcp).await.unwrap();
     stalled_frame.write_u32(len as u32).await.unwrap();
     stalled_frame.write_all(&[0; 1000]).await.unwrap();
@@ -299,8 +308,22 @@ async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeou
     let head = format!("POST /events HTTP/1.1\r\nhost: vigil\r\ncontent-length: {len}\r\n\r\n");
     stalled_body.write_all(head.as_bytes()).await.unwrap();
     stalled_body.write_all(&[b' '; 1000]).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(TcpStream::connect(grpc).await.unwrap())
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let call = axum::http::Request::post(format!("http://{grpc}/vigil.Vigil/SendBatch"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (called, mut stalled_message) = h2.send_request(call, false).unwrap();
+    let mut start = vec![0];
+    start.extend_from_slice(&(len as u32).to_be_bytes());
+    start.resize(5 + 1000, 0);
+    stalled_message.send_data(start.into(), false).unwrap();
     let room = (len as u64).div_ceil(1024) * 1024;
-    wait_metric(http, "vigil_message_bytes_held", 2 * room).await;
+    wait_metric(http, "vigil_message_bytes_held", 3 * room).await;
 
     // A whole frame of 300 KB waits for room.
     let msg = msg_of(PbEvent {
@@ -313,8 +336,9 @@ async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeou
     waiting.write_all(&frame(&msg)).await.unwrap();
     wait_metric(http, "vigil_messages_waited_for_memory_total", 1).await;
 
-    // Both stalled senders are told why (with a read timeout of 600 s, well
+    // Every stalled sender is told why (with a read timeout of 600 s, well
     // within a minute), and the waiting frame is acked.
+    let too_slow = "a message of 300000 bytes held room in --max-message-memory for ";
     let error = within(async {
         let len = stalled_frame.read_u32().await.unwrap();
         let mut reply = vec![0; len as usize];
@@ -323,7 +347,7 @@ async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeou
     })
     .await;
     assert!(
-        error.starts_with("a message of 500000 bytes held room in --max-message-memory for ")
+        error.starts_with(too_slow)
             && error.ends_with(
                 "and only 1000 bytes of it arrived: too slow to arrive within 600s (--read-timeout)"
             ),
@@ -336,10 +360,12 @@ async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeou
     })
     .await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
-    assert!(
-        answer.contains("only 1000 bytes of it arrived: too slow"),
-        "{answer}"
-    );
+    assert!(answer.contains(too_slow), "{answer}");
+    // The call fails with a trailers-only answer.
+    let failed = within(called).await.unwrap();
+    let header = |name| failed.headers()[name].to_str().unwrap().replace("%20", " ");
+    assert_eq!(header("grpc-status"), "2");
+    assert!(header("grpc-message").starts_with(too_slow), "{failed:?}");
     let acked = within(async {
         let len = waiting.read_u32().await.unwrap();
         let mut reply = vec![0; len as usize];
@@ -348,7 +374,7 @@ async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeou
     })
     .await;
     assert_eq!(acked.ok, Some(true), "{:?}", acked.error);
-    wait_metric(http, "vigil_messages_too_slow_total", 2).await;
+    wait_metric(http, "vigil_messages_too_slow_total", 3).await;
     wait_metric(http, "vigil_message_bytes_held", 0).await;
     wait_metric(http, "vigil_tcp_read_timeouts_total", 0).await;
 }
