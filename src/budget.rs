@@ -19,6 +19,7 @@
 //! permits at a time); a message larger than the whole budget takes all of it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ pub struct Budget {
     semaphore: Arc<Semaphore>,
     kib: u32,
     stats: Arc<Stats>,
+    /// Messages waiting for room now: while any do, those holding room get
+    /// the shorter grace.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Budget {
@@ -53,6 +57,7 @@ impl Budget {
             semaphore: Arc::new(Semaphore::new(kib as usize)),
             kib,
             stats,
+            waiting: Arc::default(),
         }
     }
 
@@ -79,6 +84,7 @@ impl Budget {
             return taken;
         }
         Stats::incr(&self.stats.messages_waited_for_memory);
+        let _waiting = Waiting::new(&self.waiting);
         let permit = self
             .semaphore
             .clone()
@@ -92,20 +98,38 @@ impl Budget {
     pub fn waiter(&self) -> Waiter {
         Waiter {
             budget: self.clone(),
-            semaphore: None,
+            waiting: None,
         }
     }
 
-    /// `pace`'s message, `arrived` bytes of it in, fell behind: counted, and
-    /// what its sender is told.
-    pub fn too_slow(&self, pace: &Pace, arrived: usize) -> TooSlow {
-        Stats::incr(&self.stats.messages_too_slow);
-        TooSlow {
-            len: pace.len,
-            arrived,
-            after: pace.since.elapsed(),
-            timeout: pace.timeout,
+    /// Whether `pace`'s message, `arrived` bytes of it in, has fallen behind
+    /// (counted, with what its sender is told), or else when to ask again.
+    /// While other messages wait for room the grace is [`CONTENDED_GRACE`];
+    /// a message behind by that measure is asked again every
+    /// [`RECHECK`], so it gives its room up soon after one starts waiting.
+    pub fn check(&self, pace: &Pace, arrived: usize) -> Result<Instant, TooSlow> {
+        let now = Instant::now();
+        let strict = pace.due(arrived, CONTENDED_GRACE);
+        let relaxed = pace.due(arrived, GRACE);
+        let due = if self.waiting.load(Ordering::Relaxed) > 0 {
+            strict
+        } else {
+            relaxed
+        };
+        if due <= now {
+            Stats::incr(&self.stats.messages_too_slow);
+            return Err(TooSlow {
+                len: pace.len,
+                arrived,
+                after: pace.since.elapsed(),
+                timeout: pace.timeout,
+            });
         }
+        Ok(if strict > now {
+            strict
+        } else {
+            relaxed.min(now + RECHECK)
+        })
     }
 
     fn taken(&self, permit: OwnedSemaphorePermit) -> Taken {
@@ -120,13 +144,20 @@ impl Budget {
 
 /// How long a message holding room may take before it must keep [`Pace`].
 pub const GRACE: Duration = Duration::from_secs(5);
+/// The grace while other messages wait for room: a stalled sender keeps them
+/// waiting about this long.
+pub const CONTENDED_GRACE: Duration = Duration::from_secs(1);
+/// How often a message behind by the measure of [`CONTENDED_GRACE`], but not
+/// of [`GRACE`], checks whether others now wait.
+pub const RECHECK: Duration = Duration::from_secs(1);
 
 /// The pace a message must keep while it holds room: `t` after getting it,
-/// past a grace of [`GRACE`] (at most the whole timeout), at least the share
-/// `(t - grace) / (timeout - grace)` of it must have arrived, so all of it by
-/// the timeout. A sender steady enough to finish within the timeout always
-/// keeps it; one that stalls falls behind once the grace is over, and its room
-/// goes back to the messages waiting for it.
+/// past a grace of [`GRACE`] ([`CONTENDED_GRACE`] while others wait for room;
+/// at most the whole timeout), at least the share `(t - grace) / (timeout -
+/// grace)` of it must have arrived, so all of it by the timeout. A sender
+/// steady enough to finish within the timeout always keeps it; one that
+/// stalls falls behind once the grace is over, and its room goes back to the
+/// messages waiting for it. [`Budget::check`] applies it.
 #[derive(Debug, Clone, Copy)]
 pub struct Pace {
     since: Instant,
@@ -154,10 +185,10 @@ impl Pace {
         self.len
     }
 
-    /// When the message falls behind if no more than `arrived` bytes of it
-    /// have come by then.
-    pub fn due(&self, arrived: usize) -> Instant {
-        let grace = GRACE.min(self.timeout);
+    /// When the message falls behind, after `grace`, if no more than
+    /// `arrived` bytes of it have come by then.
+    fn due(&self, arrived: usize, grace: Duration) -> Instant {
+        let grace = grace.min(self.timeout);
         let share = arrived.min(self.len) as f64 / self.len.max(1) as f64;
         self.since + grace + (self.timeout - grace).mul_f64(share)
     }
@@ -192,29 +223,47 @@ impl Drop for Taken {
 /// the same message must ask for the same `bytes`.
 pub struct Waiter {
     budget: Budget,
-    /// Made on the first wait: most connections never wait.
-    semaphore: Option<PollSemaphore>,
+    /// Made on the first wait (most connections never wait), with the count
+    /// of it among the messages waiting.
+    waiting: Option<(PollSemaphore, Waiting)>,
+}
+
+/// One message counted among those waiting for room, while it lives.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn new(waiting: &Arc<AtomicUsize>) -> Waiting {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(waiting.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Waiter {
     /// Room for a message of `bytes`; when there is none now, counts one wait
     /// and wakes the task once there is.
     pub fn poll_take(&mut self, cx: &mut Context<'_>, bytes: usize) -> Poll<Taken> {
-        let semaphore = match &mut self.semaphore {
-            Some(semaphore) => semaphore,
+        let (semaphore, _) = match &mut self.waiting {
+            Some(waiting) => waiting,
             None => {
                 if let Some(taken) = self.budget.try_take(bytes) {
                     return Poll::Ready(taken);
                 }
                 Stats::incr(&self.budget.stats.messages_waited_for_memory);
-                self.semaphore
-                    .insert(PollSemaphore::new(self.budget.semaphore.clone()))
+                let semaphore = PollSemaphore::new(self.budget.semaphore.clone());
+                let waiting = Waiting::new(&self.budget.waiting);
+                self.waiting.insert((semaphore, waiting))
             }
         };
         let permit = ready!(semaphore.poll_acquire_many(cx, self.budget.kib_of(bytes)))
             .expect("the budget's semaphore is never closed");
         // The next message starts with a try again, and counts its own wait.
-        self.semaphore = None;
+        self.waiting = None;
         Poll::Ready(self.budget.taken(permit))
     }
 }
@@ -279,42 +328,72 @@ mod tests {
         let timeout = Duration::from_secs(60);
         let pace = Pace::new(1000, timeout);
         // Nothing in yet: behind once the grace is over.
-        assert_eq!(pace.due(0), pace.since() + GRACE);
+        assert_eq!(pace.due(0, GRACE), pace.since() + GRACE);
         // Half of it in: due halfway through what follows the grace.
-        assert_eq!(pace.due(500), pace.since() + GRACE + (timeout - GRACE) / 2);
+        let half = pace.since() + GRACE + (timeout - GRACE) / 2;
+        assert_eq!(pace.due(500, GRACE), half);
         // All of it: by the timeout, however much more was counted.
-        assert_eq!(pace.due(1000), pace.since() + timeout);
-        assert_eq!(pace.due(5000), pace.since() + timeout);
-        // A sender steady enough to finish within the timeout is never behind.
+        assert_eq!(pace.due(1000, GRACE), pace.since() + timeout);
+        assert_eq!(pace.due(5000, CONTENDED_GRACE), pace.since() + timeout);
+        // A sender steady enough to finish within the timeout is never
+        // behind, whichever the grace.
         for tenth in 0..=10 {
-            let t = timeout * tenth / 10;
-            assert!(pace.due(100 * tenth as usize) >= pace.since() + t, "{t:?}");
+            let (t, arrived) = (timeout * tenth / 10, 100 * tenth as usize);
+            assert!(
+                pace.due(arrived, CONTENDED_GRACE) >= pace.since() + t,
+                "{t:?}"
+            );
         }
-    }
-
-    #[test]
-    fn a_timeout_shorter_than_the_grace_is_the_whole_pace() {
+        // A timeout shorter than the grace is the whole pace.
         let pace = Pace::new(1000, Duration::from_secs(2));
-        assert_eq!(pace.due(0), pace.since() + Duration::from_secs(2));
-        assert_eq!(pace.due(1000), pace.since() + Duration::from_secs(2));
+        assert_eq!(pace.due(0, GRACE), pace.since() + Duration::from_secs(2));
     }
 
-    #[test]
-    fn a_message_too_slow_is_counted_and_told_why() {
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_message_gives_its_room_up_sooner_while_another_waits() {
         let (budget, stats) = budget(4 * KIB);
+        let held = budget.try_take(3 * KIB).unwrap();
         let pace = Pace::new(3 * KIB, Duration::from_secs(60));
-        let error = budget.too_slow(&pace, 100).to_string();
-        assert!(
-            error.starts_with("a message of 3072 bytes held room in --max-message-memory for "),
-            "{error}"
+        let second = Duration::from_secs(1);
+        // Nobody waits: asked again at each second past the short grace.
+        assert_eq!(
+            budget.check(&pace, 0).unwrap(),
+            pace.since() + CONTENDED_GRACE
         );
-        assert!(
-            error.ends_with(
-                "and only 100 bytes of it arrived: too slow to arrive within 60s (--read-timeout)"
-            ),
-            "{error}"
+        tokio::time::advance(CONTENDED_GRACE).await;
+        assert_eq!(budget.check(&pace, 0).unwrap(), Instant::now() + RECHECK);
+        tokio::time::advance(second).await;
+        // Another message starts waiting: behind at the next check.
+        let mut waiter = budget.waiter();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(waiter.poll_take(&mut cx, 2 * KIB).is_pending());
+        let error = budget.check(&pace, 10).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "a message of 3072 bytes held room in --max-message-memory for 2.0s and only 10 bytes of it arrived: too slow to arrive within 60s (--read-timeout)"
         );
         assert_eq!(Stats::get(&stats.messages_too_slow), 1);
+        // Once it has its room, nobody waits: the long grace again.
+        drop(held);
+        assert!(waiter.poll_take(&mut cx, 2 * KIB).is_ready());
+        assert_eq!(budget.check(&pace, 0).unwrap(), Instant::now() + RECHECK);
+        tokio::time::advance(GRACE - 2 * second).await;
+        assert!(budget.check(&pace, 0).is_err());
+    }
+
+    #[test]
+    fn a_waiter_dropped_while_waiting_no_longer_counts() {
+        let (budget, _) = budget(4 * KIB);
+        let _held = budget.try_take(4 * KIB).unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut waiter = budget.waiter();
+        assert!(waiter.poll_take(&mut cx, KIB).is_pending());
+        let mut taking = Box::pin(budget.take(KIB));
+        assert!(taking.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(budget.waiting.load(Ordering::Relaxed), 2);
+        drop(waiter);
+        drop(taking);
+        assert_eq!(budget.waiting.load(Ordering::Relaxed), 0);
     }
 
     #[test]

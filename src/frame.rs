@@ -170,20 +170,21 @@ impl<S> Gated<S> {
     fn behind(&mut self, cx: &mut Context<'_>) -> Option<TooSlow> {
         let held = self.gate.held.lock();
         let (_, pace) = held.room.as_ref()?;
-        let pace = *pace;
+        let (pace, arrived) = (*pace, held.arrived);
+        drop(held);
         loop {
-            let due = pace.due(held.arrived);
-            if due <= Instant::now() {
-                let too_slow = self.gate.budget.too_slow(&pace, held.arrived);
-                drop(held);
-                self.gate.release();
-                return Some(too_slow);
-            }
+            let next = match self.gate.budget.check(&pace, arrived) {
+                Ok(next) => next,
+                Err(too_slow) => {
+                    self.gate.release();
+                    return Some(too_slow);
+                }
+            };
             let timer = self
                 .pace_timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-            if timer.deadline() != due {
-                timer.as_mut().reset(due);
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
+            if timer.deadline() != next {
+                timer.as_mut().reset(next);
             }
             if timer.as_mut().poll(cx).is_pending() {
                 return None;

@@ -108,8 +108,9 @@ counters! {
     messages_waited_for_memory,
     /// Messages over 64 KiB that, once they had room in `--max-message-memory`,
     /// fell behind the pace that brings them in within `--read-timeout` (a
-    /// stalled sender: 5 s after getting it), and gave it back: the TCP
-    /// connection closed, the gRPC call failed, `POST /events` got `408`.
+    /// stalled sender: 5 s after getting it, 1 s while other messages wait
+    /// for room), and gave it back: the TCP connection closed, the gRPC call
+    /// failed, `POST /events` got `408`.
     messages_too_slow,
     /// Bytes of `--max-message-memory` that large messages hold now (a gauge).
     message_bytes_held,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 use crate::budget::{self, Budget, Pace, Taken, TooSlow, Waiter};
 
@@ -110,16 +110,18 @@ impl<B> Gated<B> {
         let pace = *pace;
         let arrived = pace.message_len() - self.remaining;
         loop {
-            let due = pace.due(arrived);
-            if due <= Instant::now() {
-                self.room = None;
-                return Some(self.budget.too_slow(&pace, arrived));
-            }
+            let next = match self.budget.check(&pace, arrived) {
+                Ok(next) => next,
+                Err(too_slow) => {
+                    self.room = None;
+                    return Some(too_slow);
+                }
+            };
             let deadline = self
                 .deadline
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-            if deadline.deadline() != due {
-                deadline.as_mut().reset(due);
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
+            if deadline.deadline() != next {
+                deadline.as_mut().reset(next);
             }
             if deadline.as_mut().poll(cx).is_pending() {
                 return None;

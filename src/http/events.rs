@@ -152,7 +152,8 @@ async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<
     if let Some(len) = announced.filter(|&len| len > budget::FREE) {
         room = Some(room_for(len, deadline).await?);
         let paced = Pace::new(len, after);
-        deadline = paced.due(0);
+        // Run out at once, so the pace says when the body falls behind.
+        deadline = paced.since();
         pace = Some(paced);
     }
     let mut body = BytesMut::with_capacity(announced.unwrap_or(0));
@@ -165,13 +166,12 @@ async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<
                 let reason = format!("the body could not be read: {e}");
                 return Err(error(StatusCode::BAD_REQUEST, json!({ "error": reason })));
             }
-            Err(_) => match pace {
-                Some(pace) if pace.due(body.len()) > Instant::now() => {
-                    deadline = pace.due(body.len());
+            Err(_) => match pace.map(|pace| state.memory.check(&pace, body.len())) {
+                Some(Ok(next)) => {
+                    deadline = next;
                     continue;
                 }
-                Some(pace) => {
-                    let too_slow = state.memory.too_slow(&pace, body.len());
+                Some(Err(too_slow)) => {
                     return Err(error(
                         StatusCode::REQUEST_TIMEOUT,
                         json!({"error": too_slow.to_string()}),
