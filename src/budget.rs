@@ -18,13 +18,15 @@
 //! The budget is counted in KiB (tokio's semaphore takes at most `u32::MAX`
 //! permits at a time); a message larger than the whole budget takes all of it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::PollSemaphore;
 
 use crate::stats::Stats;
@@ -191,6 +193,35 @@ impl Pace {
         let grace = grace.min(self.timeout);
         let share = arrived.min(self.len) as f64 / self.len.max(1) as f64;
         self.since + grace + (self.timeout - grace).mul_f64(share)
+    }
+}
+
+/// Wakes a task reading a message that holds room when its [`Pace`] should
+/// be checked next: made on first use, as most connections never hold room.
+#[derive(Default)]
+pub struct PaceTimer(Option<Pin<Box<Sleep>>>);
+
+impl PaceTimer {
+    /// Whether `pace`'s message, `arrived` bytes of it in, has fallen behind
+    /// ([`Budget::check`]); if not, the task is woken when to ask again.
+    pub fn poll_behind(
+        &mut self,
+        cx: &mut Context<'_>,
+        budget: &Budget,
+        pace: &Pace,
+        arrived: usize,
+    ) -> Poll<TooSlow> {
+        loop {
+            let next = match budget.check(pace, arrived) {
+                Ok(next) => next,
+                Err(too_slow) => return Poll::Ready(too_slow),
+            };
+            let timer = (self.0).get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
+            if timer.deadline() != next {
+                timer.as_mut().reset(next);
+            }
+            ready!(timer.as_mut().poll(cx));
+        }
     }
 }
 

@@ -20,10 +20,10 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::budget::{self, Budget, Pace, Taken, TooSlow, Waiter};
+use crate::budget::{self, Budget, Pace, PaceTimer, Taken, TooSlow, Waiter};
 
 /// Riemann has no limit; vigil refuses larger frames without reading them.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -83,7 +83,7 @@ pub fn gated<S>(
         inner: stream,
         gate,
         waiter: budget.waiter(),
-        pace_timer: None,
+        pace_timer: PaceTimer::default(),
     };
     (stream, codec)
 }
@@ -148,9 +148,9 @@ pub struct Gated<S> {
     inner: S,
     gate: Arc<Gate>,
     waiter: Waiter,
-    /// Wakes the connection when the frame holding room would fall behind:
-    /// made for the first large frame.
-    pace_timer: Option<Pin<Box<Sleep>>>,
+    /// Wakes the connection when the pace of the frame holding room should
+    /// be checked.
+    pace_timer: PaceTimer,
 }
 
 impl<S> Gated<S> {
@@ -165,31 +165,20 @@ impl<S> Gated<S> {
         held.room.as_ref().map(|(_, pace)| pace.since())
     }
 
-    /// Whether the frame holding room has fallen behind its pace, arming the
-    /// timer for when it would if not. One that has gives its room back.
+    /// Whether the frame holding room has fallen behind its pace (if not, the
+    /// task is woken when to ask again). One that has gives its room back.
     fn behind(&mut self, cx: &mut Context<'_>) -> Option<TooSlow> {
         let held = self.gate.held.lock();
         let (_, pace) = held.room.as_ref()?;
         let (pace, arrived) = (*pace, held.arrived);
         drop(held);
-        loop {
-            let next = match self.gate.budget.check(&pace, arrived) {
-                Ok(next) => next,
-                Err(too_slow) => {
-                    self.gate.release();
-                    return Some(too_slow);
-                }
-            };
-            let timer = self
-                .pace_timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
-            if timer.deadline() != next {
-                timer.as_mut().reset(next);
-            }
-            if timer.as_mut().poll(cx).is_pending() {
-                return None;
-            }
-        }
+        let budget = &self.gate.budget;
+        let too_slow = match self.pace_timer.poll_behind(cx, budget, &pace, arrived) {
+            Poll::Ready(too_slow) => too_slow,
+            Poll::Pending => return None,
+        };
+        self.gate.release();
+        Some(too_slow)
     }
 }
 

@@ -18,16 +18,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::Sleep;
 
-use crate::budget::{self, Budget, Pace, Taken, TooSlow, Waiter};
+use crate::budget::{self, Budget, Pace, PaceTimer, Taken, TooSlow, Waiter};
 
 const PREFIX: usize = 5;
 
 /// `body`, with every large message waiting for room in `budget`, then
-/// keeping the pace that brings it in within `timeout` of getting it. A message over `max_message` goes
-/// straight on, for tonic to refuse at its prefix, rather than wait for room
-/// it would never use.
+/// keeping the pace that brings it in within `timeout` of getting it. A
+/// message over `max_message` goes straight on, for tonic to refuse at its
+/// prefix, rather than wait for room it would never use.
 pub fn gated<B>(body: B, budget: &Budget, timeout: Duration, max_message: usize) -> Gated<B> {
     Gated {
         inner: body,
@@ -39,7 +38,7 @@ pub fn gated<B>(body: B, budget: &Budget, timeout: Duration, max_message: usize)
         remaining: 0,
         room: None,
         timeout,
-        deadline: None,
+        pace_timer: PaceTimer::default(),
         held: None,
     }
 }
@@ -57,9 +56,9 @@ pub struct Gated<B> {
     /// The current message's room and pace, when it is a large one.
     room: Option<(Taken, Pace)>,
     timeout: Duration,
-    /// When the large message holding room would fall behind its pace: made
-    /// for the first one.
-    deadline: Option<Pin<Box<Sleep>>>,
+    /// Wakes the call when the pace of the message holding room should be
+    /// checked.
+    pace_timer: PaceTimer,
     /// A chunk that starts a large message without room yet, with where in it
     /// that message's body begins and its length.
     held: Option<(Bytes, usize, usize)>,
@@ -102,30 +101,18 @@ impl<B> Gated<B> {
         Walk::Through
     }
 
-    /// Whether the message holding room has fallen behind its pace, arming
-    /// the deadline for when it would if not. One that has gives its room
-    /// back at once; the request ends with it.
+    /// Whether the message holding room has fallen behind its pace (if not,
+    /// the task is woken when to ask again). One that has gives its room back
+    /// at once; the request ends with it.
     fn behind(&mut self, cx: &mut Context<'_>) -> Option<TooSlow> {
         let (_, pace) = self.room.as_ref()?;
-        let pace = *pace;
         let arrived = pace.message_len() - self.remaining;
-        loop {
-            let next = match self.budget.check(&pace, arrived) {
-                Ok(next) => next,
-                Err(too_slow) => {
-                    self.room = None;
-                    return Some(too_slow);
-                }
-            };
-            let deadline = self
-                .deadline
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
-            if deadline.deadline() != next {
-                deadline.as_mut().reset(next);
+        match self.pace_timer.poll_behind(cx, &self.budget, pace, arrived) {
+            Poll::Ready(too_slow) => {
+                self.room = None;
+                Some(too_slow)
             }
-            if deadline.as_mut().poll(cx).is_pending() {
-                return None;
-            }
+            Poll::Pending => None,
         }
     }
 
