@@ -112,19 +112,20 @@ impl Budget {
     pub fn check(&self, pace: &Pace, arrived: usize) -> Result<Instant, TooSlow> {
         let now = Instant::now();
         let strict = pace.due(arrived, CONTENDED_GRACE);
-        let relaxed = pace.due(arrived, GRACE);
-        let due = if self.waiting.load(Ordering::Relaxed) > 0 {
-            strict
+        let relaxed = if pace.length_known {
+            pace.due(arrived, GRACE)
         } else {
-            relaxed
+            pace.since + pace.timeout
         };
+        let contended = self.waiting.load(Ordering::Relaxed) > 0;
+        let due = if contended { strict } else { relaxed };
         if due <= now {
             Stats::incr(&self.stats.messages_too_slow);
             return Err(TooSlow {
-                len: pace.len,
+                pace: *pace,
                 arrived,
                 after: pace.since.elapsed(),
-                timeout: pace.timeout,
+                contended,
             });
         }
         Ok(if strict > now {
@@ -163,8 +164,10 @@ pub const RECHECK: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy)]
 pub struct Pace {
     since: Instant,
+    /// The message's length, or the room it holds when that is unknown.
     len: usize,
     timeout: Duration,
+    length_known: bool,
 }
 
 impl Pace {
@@ -174,6 +177,18 @@ impl Pace {
             since: Instant::now(),
             len,
             timeout,
+            length_known: true,
+        }
+    }
+
+    /// The pace of a message of unknown length (a chunked body) that got
+    /// `room` bytes of room now. While others wait for room it must keep the
+    /// pace of a message that size, as it holds that much; otherwise it just
+    /// has to arrive within the timeout.
+    pub fn of_unknown_length(room: usize, timeout: Duration) -> Pace {
+        Pace {
+            length_known: false,
+            ..Pace::new(room, timeout)
         }
     }
 
@@ -226,16 +241,44 @@ impl PaceTimer {
 }
 
 /// A message that fell behind its [`Pace`].
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "a message of {len} bytes held room in --max-message-memory for {after:.1?} and only {arrived} bytes of it arrived: too slow to arrive within {timeout:?} (--read-timeout)"
-)]
+#[derive(Debug)]
 pub struct TooSlow {
-    len: usize,
+    pace: Pace,
     arrived: usize,
     after: Duration,
-    timeout: Duration,
+    /// Whether others were waiting for room.
+    contended: bool,
 }
+
+impl std::fmt::Display for TooSlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let TooSlow {
+            pace,
+            arrived,
+            after,
+            ..
+        } = self;
+        let (len, timeout) = (pace.len, pace.timeout);
+        if pace.length_known {
+            write!(
+                f,
+                "a message of {len} bytes held room in --max-message-memory for {after:.1?} and only {arrived} bytes of it arrived: too slow to arrive within {timeout:?} (--read-timeout)"
+            )
+        } else if self.contended {
+            write!(
+                f,
+                "a body of unknown length held room for {len} bytes in --max-message-memory for {after:.1?} while other messages waited for room, and only {arrived} bytes of it arrived: send it faster, or announce its length (Content-Length)"
+            )
+        } else {
+            write!(
+                f,
+                "a body of unknown length held room for {len} bytes in --max-message-memory for {after:.1?} and only {arrived} bytes of it arrived: it did not arrive within {timeout:?} (--read-timeout)"
+            )
+        }
+    }
+}
+
+impl std::error::Error for TooSlow {}
 
 /// A message's room in the budget, given back when dropped.
 pub struct Taken {
@@ -410,6 +453,32 @@ mod tests {
         assert_eq!(budget.check(&pace, 0).unwrap(), Instant::now() + RECHECK);
         tokio::time::advance(GRACE - 2 * second).await;
         assert!(budget.check(&pace, 0).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_of_unknown_length_keeps_the_pace_of_its_room_only_while_another_waits() {
+        let (budget, _) = budget(4 * KIB);
+        let held = budget.try_take(4 * KIB).unwrap();
+        let timeout = Duration::from_secs(60);
+        let pace = Pace::of_unknown_length(4 * KIB, timeout);
+        // Nobody waits: it has the whole timeout, however little arrives.
+        tokio::time::advance(timeout - Duration::from_secs(1)).await;
+        assert!(budget.check(&pace, 0).is_ok());
+        let mut waiter = budget.waiter();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(waiter.poll_take(&mut cx, KIB).is_pending());
+        let error = budget.check(&pace, 100).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "a body of unknown length held room for 4096 bytes in --max-message-memory for 59.0s while other messages waited for room, and only 100 bytes of it arrived: send it faster, or announce its length (Content-Length)"
+        );
+        drop((waiter, held));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let error = budget.check(&pace, 100).unwrap_err().to_string();
+        assert!(
+            error.ends_with("it did not arrive within 60s (--read-timeout)"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -379,6 +379,52 @@ async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeou
     wait_metric(http, "vigil_tcp_read_timeouts_total", 0).await;
 }
 
+/// A chunked `POST /events` body over 64 KiB holds room for the largest body,
+/// its length being unknown: while other messages wait for room, it must keep
+/// that pace, or give the room up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_chunked_body_gives_its_room_up_when_another_message_needs_it() {
+    let _alone = ALONE.lock().await;
+    let v = Vigil::start(&["--read-timeout", "10m", "--max-message-memory", "1048576"]);
+    let http = v.http.unwrap();
+    // 70 000 bytes of a chunked body: room for 16 MiB, so all of the budget.
+    let mut stalled = TcpStream::connect(http).await.unwrap();
+    let head = "POST /events HTTP/1.1\r\nhost: vigil\r\ntransfer-encoding: chunked\r\n\r\n";
+    let chunk = format!("{:x}\r\n{}\r\n", 70_000, " ".repeat(70_000));
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(chunk.as_bytes()).await.unwrap();
+    wait_metric(http, "vigil_message_bytes_held", 1_048_576).await;
+
+    let msg = msg_of(PbEvent {
+        host: Some("h".into()),
+        description: Some("d".repeat(100_000)),
+        ..PbEvent::default()
+    });
+    let mut waiting = TcpStream::connect(v.tcp).await.unwrap();
+    waiting.write_all(&frame(&msg)).await.unwrap();
+    let answer = within(async {
+        let mut answer = String::new();
+        stalled.read_to_string(&mut answer).await.unwrap();
+        answer
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        answer.contains("while other messages waited for room, and only 70000 bytes of it arrived: send it faster, or announce its length (Content-Length)"),
+        "{answer}"
+    );
+    let acked = within(async {
+        let len = waiting.read_u32().await.unwrap();
+        let mut reply = vec![0; len as usize];
+        waiting.read_exact(&mut reply).await.unwrap();
+        proto::Msg::decode(&reply[..]).unwrap()
+    })
+    .await;
+    assert_eq!(acked.ok, Some(true), "{:?}", acked.error);
+    wait_metric(http, "vigil_messages_too_slow_total", 1).await;
+    wait_metric(http, "vigil_messages_waited_for_memory_total", 1).await;
+}
+
 /// `what`, within a minute.
 async fn within<T>(what: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(60), what)

@@ -115,7 +115,8 @@ pub(super) async fn post(State(state): State<AppState>, request: Request) -> Res
 /// the shared budget for its announced length (for [`MAX_BODY`] when it
 /// announces none), within the read timeout, and is read on only once it has
 /// it: then at the [`Pace`] that brings it in within the read timeout of
-/// getting it (a chunked body: within that time).
+/// getting it (a chunked body: within that time, and at the pace of the
+/// largest body while others wait for room).
 async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<Taken>), Response> {
     let stats = state.stats();
     let after = state.read_timeout;
@@ -145,9 +146,9 @@ async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<
         }
     };
     let mut room = None;
-    // A body of announced length keeps the pace that brings it in within the
-    // read timeout of getting its room; a chunked one, whose length is
-    // unknown, just arrives within that time.
+    // A body keeps the pace that brings it in within the read timeout of
+    // getting its room; a chunked one, whose length is unknown, only while
+    // others wait for room (it holds room for the largest body).
     let mut pace = None;
     if let Some(len) = announced.filter(|&len| len > budget::FREE) {
         room = Some(room_for(len, deadline).await?);
@@ -192,7 +193,9 @@ async fn read_body(request: Request, state: &AppState) -> Result<(Bytes, Option<
         }
         if room.is_none() && len > budget::FREE {
             room = Some(room_for(MAX_BODY, deadline).await?);
-            deadline = Instant::now() + after;
+            let paced = Pace::of_unknown_length(MAX_BODY, after);
+            deadline = paced.since();
+            pace = Some(paced);
         }
         body.extend_from_slice(&chunk);
     }
