@@ -319,9 +319,10 @@ impl Connections {
                 Ok(())
             }
             FrameError::Io(e) => match e.get_ref().and_then(|e| e.downcast_ref::<TooSlow>()) {
-                // Counted where it fell behind; its room is already back.
+                // Counted where it fell behind, and its room is already back;
+                // logged like a read timeout, as a flood of them is noise.
                 Some(too_slow) => {
-                    tracing::info!("{too_slow}; closing the connection.");
+                    tracing::debug!("{too_slow}; closing the connection.");
                     let reply: Bytes = proto::error_reply(too_slow.to_string());
                     framed.send(reply).await
                 }
