@@ -170,7 +170,12 @@ where
             // arrived always counts.
             Poll::Pending => {
                 return match this.behind(cx) {
-                    Some(too_slow) => Poll::Ready(Some(Err(too_slow.into()))),
+                    // The client's message missed the server's deadline for
+                    // it; without a status tonic would answer UNKNOWN.
+                    Some(too_slow) => {
+                        let status = tonic::Status::deadline_exceeded(too_slow.to_string());
+                        Poll::Ready(Some(Err(status.into())))
+                    }
                     None => Poll::Pending,
                 };
             }
@@ -262,8 +267,10 @@ mod tests {
         let Poll::Ready(Some(Err(e))) = poll() else {
             panic!("the request fails");
         };
+        let status = e.downcast::<tonic::Status>().expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(
-            e.to_string(),
+            status.message(),
             format!(
                 "a message of {len} bytes held room in --max-message-memory for 6.0s and only 995 bytes of it arrived: too slow to arrive within 60s (--read-timeout)"
             )
