@@ -308,7 +308,12 @@ pub fn put(body: &[u8], dst: &mut BytesMut) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use futures_util::{FutureExt, StreamExt};
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+    use tokio_util::codec::FramedRead;
+
     use super::*;
+    use crate::stats::Stats;
 
     fn framed(body: &[u8]) -> BytesMut {
         let mut out = BytesMut::new();
@@ -361,17 +366,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_frame_is_read_on_only_once_the_budget_has_room() {
-        use futures_util::{FutureExt, StreamExt};
-        use tokio::io::AsyncWriteExt;
-        use tokio_util::codec::FramedRead;
-
-        use crate::stats::Stats;
-
-        let stats = Arc::new(crate::stats::Stats::default());
-        let budget = Budget::new(4 * budget::FREE, stats.clone());
-        let (mut client, server) = tokio::io::duplex(8 * budget::FREE);
-        let (stream, codec) = gated(server, DEFAULT_MAX_FRAME, &budget, TIMEOUT);
-        let mut frames = FramedRead::new(stream, codec);
+        let (stats, budget, mut client, mut frames) = gated_frames(4 * budget::FREE);
         let len = 3 * budget::FREE;
         let mut wire = BytesMut::new();
         put(&framed(b"small")[PREFIX..], &mut wire).unwrap();
@@ -395,19 +390,26 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(60);
 
+    /// A server's frames over a budget of `bytes`, read as they come from the
+    /// client end, with a read timeout of [`TIMEOUT`].
+    fn gated_frames(
+        bytes: usize,
+    ) -> (
+        Arc<Stats>,
+        Budget,
+        DuplexStream,
+        FramedRead<Gated<DuplexStream>, FrameCodec>,
+    ) {
+        let stats = Arc::new(Stats::default());
+        let budget = Budget::new(bytes, stats.clone());
+        let (client, server) = tokio::io::duplex(8 * budget::FREE);
+        let (stream, codec) = gated(server, DEFAULT_MAX_FRAME, &budget, TIMEOUT);
+        (stats, budget, client, FramedRead::new(stream, codec))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_large_frame_that_stalls_gives_its_room_back_once_behind_its_pace() {
-        use futures_util::StreamExt;
-        use tokio::io::AsyncWriteExt;
-        use tokio_util::codec::FramedRead;
-
-        use crate::stats::Stats;
-
-        let stats = Arc::new(Stats::default());
-        let budget = Budget::new(4 * budget::FREE, stats.clone());
-        let (mut client, server) = tokio::io::duplex(8 * budget::FREE);
-        let (stream, codec) = gated(server, DEFAULT_MAX_FRAME, &budget, TIMEOUT);
-        let mut frames = FramedRead::new(stream, codec);
+        let (stats, _, mut client, mut frames) = gated_frames(4 * budget::FREE);
         let len = 2 * budget::FREE;
         let mut wire = BytesMut::new();
         wire.put_u32(len as u32);
@@ -434,17 +436,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_large_frame_sent_steadily_enough_to_arrive_within_the_timeout_arrives() {
-        use futures_util::StreamExt;
-        use tokio::io::AsyncWriteExt;
-        use tokio_util::codec::FramedRead;
-
-        use crate::stats::Stats;
-
-        let stats = Arc::new(Stats::default());
-        let budget = Budget::new(16 * budget::FREE, stats.clone());
-        let (mut client, server) = tokio::io::duplex(8 * budget::FREE);
-        let (stream, codec) = gated(server, DEFAULT_MAX_FRAME, &budget, TIMEOUT);
-        let mut frames = FramedRead::new(stream, codec);
+        let (stats, _, mut client, mut frames) = gated_frames(16 * budget::FREE);
         let len = 10 * budget::FREE;
         // A tenth every 5.9 s: all of it 53.1 s after its first byte, each
         // tenth within a second of when the pace wants it.

@@ -169,9 +169,7 @@ async fn post_chunked(http: std::net::SocketAddr, body: String) -> String {
     }
     request.extend_from_slice(b"0\r\n\r\n");
     stream.write_all(&request).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    answer
+    read_all(&mut stream).await
 }
 
 /// The value of `name` on `GET /metrics`, once it is `want` (within 10 s).
@@ -244,10 +242,7 @@ async fn large_messages_of_every_transport_wait_their_turn_in_one_budget() {
 
     // Once the frame has arrived, each waiting message gets its turn.
     tcp.write_all(&framed[100_000..]).await.unwrap();
-    let len = tcp.read_u32().await.unwrap();
-    let mut reply = vec![0; len as usize];
-    tcp.read_exact(&mut reply).await.unwrap();
-    assert_eq!(proto::Msg::decode(&reply[..]).unwrap().ok, Some(true));
+    assert_eq!(read_reply(&mut tcp).await.ok, Some(true));
     let posted = post.await.unwrap().unwrap();
     assert_eq!(posted.status(), reqwest::StatusCode::OK);
     assert_eq!(posted.text().await.unwrap(), "{}\n");
@@ -339,13 +334,7 @@ async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeou
     // Every stalled sender is told why (with a read timeout of 600 s, well
     // within a minute), and the waiting frame is acked.
     let too_slow = "a message of 300000 bytes held room in --max-message-memory for ";
-    let error = within(async {
-        let len = stalled_frame.read_u32().await.unwrap();
-        let mut reply = vec![0; len as usize];
-        stalled_frame.read_exact(&mut reply).await.unwrap();
-        proto::Msg::decode(&reply[..]).unwrap().error.unwrap()
-    })
-    .await;
+    let error = within(read_reply(&mut stalled_frame)).await.error.unwrap();
     assert!(
         error.starts_with(too_slow)
             && error.ends_with(
@@ -353,12 +342,7 @@ async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeou
             ),
         "{error}"
     );
-    let answer = within(async {
-        let mut answer = String::new();
-        stalled_body.read_to_string(&mut answer).await.unwrap();
-        answer
-    })
-    .await;
+    let answer = within(read_all(&mut stalled_body)).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(answer.contains(too_slow), "{answer}");
     // The call fails with a trailers-only answer.
@@ -366,13 +350,7 @@ async fn stalled_large_messages_give_their_room_back_long_before_the_read_timeou
     let header = |name| failed.headers()[name].to_str().unwrap().replace("%20", " ");
     assert_eq!(header("grpc-status"), "4", "DEADLINE_EXCEEDED");
     assert!(header("grpc-message").starts_with(too_slow), "{failed:?}");
-    let acked = within(async {
-        let len = waiting.read_u32().await.unwrap();
-        let mut reply = vec![0; len as usize];
-        waiting.read_exact(&mut reply).await.unwrap();
-        proto::Msg::decode(&reply[..]).unwrap()
-    })
-    .await;
+    let acked = within(read_reply(&mut waiting)).await;
     assert_eq!(acked.ok, Some(true), "{:?}", acked.error);
     wait_metric(http, "vigil_messages_too_slow_total", 3).await;
     wait_metric(http, "vigil_message_bytes_held", 0).await;
@@ -402,27 +380,34 @@ async fn a_stalled_chunked_body_gives_its_room_up_when_another_message_needs_it(
     });
     let mut waiting = TcpStream::connect(v.tcp).await.unwrap();
     waiting.write_all(&frame(&msg)).await.unwrap();
-    let answer = within(async {
-        let mut answer = String::new();
-        stalled.read_to_string(&mut answer).await.unwrap();
-        answer
-    })
-    .await;
+    let answer = within(read_all(&mut stalled)).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(
         answer.contains("while other messages waited for room, and only 70000 bytes of it arrived: send it faster, or announce its length (Content-Length)"),
         "{answer}"
     );
-    let acked = within(async {
-        let len = waiting.read_u32().await.unwrap();
-        let mut reply = vec![0; len as usize];
-        waiting.read_exact(&mut reply).await.unwrap();
-        proto::Msg::decode(&reply[..]).unwrap()
-    })
-    .await;
+    let acked = within(read_reply(&mut waiting)).await;
     assert_eq!(acked.ok, Some(true), "{:?}", acked.error);
     wait_metric(http, "vigil_messages_too_slow_total", 1).await;
     wait_metric(http, "vigil_messages_waited_for_memory_total", 1).await;
+}
+
+/// The next Riemann reply on `tcp`.
+async fn read_reply(tcp: &mut TcpStream) -> proto::Msg {
+    let len = tcp
+        .read_u32()
+        .await
+        .expect("a reply, not a closed connection");
+    let mut reply = vec![0; len as usize];
+    tcp.read_exact(&mut reply).await.unwrap();
+    proto::Msg::decode(&reply[..]).unwrap()
+}
+
+/// All that comes on `stream` until vigil closes it.
+async fn read_all(stream: &mut TcpStream) -> String {
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
 }
 
 /// `what`, within a minute.
@@ -462,13 +447,7 @@ async fn a_frame_waiting_for_room_is_not_timed_out_meanwhile() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(Stats::get(&server.stats.messages_waited_for_memory), 1);
     drop(held);
-    let len = tcp
-        .read_u32()
-        .await
-        .expect("a reply, not a closed connection");
-    let mut reply = vec![0; len as usize];
-    tcp.read_exact(&mut reply).await.unwrap();
-    assert_eq!(proto::Msg::decode(&reply[..]).unwrap().ok, Some(true));
+    assert_eq!(read_reply(&mut tcp).await.ok, Some(true));
     assert_eq!(Stats::get(&server.stats.tcp_read_timeouts), 0);
     assert_eq!(index.len(), 1);
 }
