@@ -77,24 +77,13 @@ enum Val<'a> {
     Str(&'a str),
 }
 
-impl Val<'_> {
-    fn as_number(self) -> Option<f64> {
-        match self {
-            Val::Int(i) => Some(i as f64),
-            Val::Float(f) => Some(f),
-            _ => None,
-        }
-    }
-}
-
 fn equal(a: Val<'_>, b: Val<'_>) -> bool {
     match (a, b) {
         (Val::Nil, Val::Nil) => true,
         (Val::Bool(x), Val::Bool(y)) => x == y,
         (Val::Str(x), Val::Str(y)) => same_bytes(x.as_bytes(), y.as_bytes()),
-        // Exact for two integers; otherwise as floats, so `metric = 1` matches 1.0.
-        (Val::Int(x), Val::Int(y)) => x == y,
-        _ => matches!((a.as_number(), b.as_number()), (Some(x), Some(y)) if x == y),
+        // Numbers compare by value, exactly, so `metric = 1` matches 1.0.
+        _ => order(a, b) == Some(Ordering::Equal),
     }
 }
 
@@ -103,8 +92,33 @@ fn equal(a: Val<'_>, b: Val<'_>) -> bool {
 fn order(a: Val<'_>, b: Val<'_>) -> Option<Ordering> {
     match (a, b) {
         (Val::Int(x), Val::Int(y)) => Some(x.cmp(&y)),
-        _ => a.as_number()?.partial_cmp(&b.as_number()?),
+        (Val::Float(x), Val::Float(y)) => x.partial_cmp(&y),
+        (Val::Int(x), Val::Float(y)) => int_to_float(x, y),
+        (Val::Float(x), Val::Int(y)) => int_to_float(y, x).map(Ordering::reverse),
+        _ => None,
     }
+}
+
+/// An integer against a float, exactly: converting the integer to a float
+/// would round it past 2^53, making 2^53 + 1 equal to 2^53.
+fn int_to_float(int: i64, float: f64) -> Option<Ordering> {
+    // 2^63, the first float past i64::MAX.
+    const PAST_I64: f64 = 9_223_372_036_854_775_808.0;
+    if float.is_nan() {
+        return None;
+    }
+    if float >= PAST_I64 {
+        return Some(Ordering::Less);
+    }
+    if float < -PAST_I64 {
+        return Some(Ordering::Greater);
+    }
+    let whole = float.trunc();
+    // In range and integral, so the cast is exact; the fraction breaks a tie.
+    Some(
+        int.cmp(&(whole as i64))
+            .then(0.0.partial_cmp(&(float - whole))?),
+    )
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -340,6 +354,27 @@ mod tests {
         assert!(!equal(Val::Nil, Val::Int(0)));
         assert!(!equal(Val::Str("1"), Val::Int(1)));
         assert!(!equal(Val::Bool(true), Val::Int(1)));
+    }
+
+    #[test]
+    fn integers_meet_floats_exactly_beyond_2_pow_53() {
+        let big = 9_007_199_254_740_993; // 2^53 + 1: no f64 holds it
+        let below = 9_007_199_254_740_992.0;
+        assert!(!equal(Val::Int(big), Val::Float(below)));
+        assert!(!equal(Val::Float(below), Val::Int(big)));
+        assert!(CmpOp::Gt.apply(Val::Int(big), Val::Float(below)));
+        assert!(CmpOp::Lt.apply(Val::Float(below), Val::Int(big)));
+        assert!(equal(Val::Int(big - 1), Val::Float(below)));
+        assert!(CmpOp::Lt.apply(Val::Int(2), Val::Float(2.5)));
+        assert!(CmpOp::Gt.apply(Val::Int(-2), Val::Float(-2.5)));
+        assert!(CmpOp::Lt.apply(Val::Int(-3), Val::Float(-2.5)));
+        assert!(equal(
+            Val::Int(i64::MIN),
+            Val::Float(-9_223_372_036_854_775_808.0)
+        ));
+        assert!(CmpOp::Lt.apply(Val::Int(i64::MAX), Val::Float(9_223_372_036_854_775_808.0)));
+        assert!(CmpOp::Gt.apply(Val::Int(i64::MIN), Val::Float(-1e300)));
+        assert!(CmpOp::Gt.apply(Val::Int(0), Val::Float(f64::NEG_INFINITY)));
     }
 
     #[test]
