@@ -24,7 +24,8 @@ use super::{Children, Cx, Field, Node, as_secs, metric_f64, same, take_over};
 const MAX_CATCH_UP: u32 = 16;
 
 /// `rate(dt)`: the sum of metrics per second over each `dt`, emitted every `dt`
-/// from the timer (0 when nothing arrived) until the latest event has expired.
+/// from the timer (0 when nothing arrived) until the latest event has expired,
+/// with the latest event's fields and its TTL plus `dt`.
 pub struct Rate {
     pub interval: Micros,
     pub children: Children,
@@ -68,6 +69,8 @@ impl Rate {
             out.metric = Some(Metric::Float(s.sum / as_secs(self.interval)));
             out.time = s.window_end;
             let ttl = latest.ttl.map_or(cx.index.default_ttl(), f64::from);
+            // As Riemann does: the rate stays alive until the next one is due.
+            out.ttl = Some((ttl + as_secs(self.interval)) as f32);
             let expired = latest.time.saturating_add(secs_to_micros(ttl)) < s.window_end;
             let pending = std::mem::take(&mut s.pending);
             s.sum = 0.0;

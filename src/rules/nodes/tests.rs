@@ -108,6 +108,11 @@ fn rate_reports_sum_per_second_then_zero_then_stops_after_expiry() {
     assert_eq!(seen[0].metric, Some(Metric::Float(11.0)));
     assert_eq!(seen[0].time, at(5.0));
     assert_eq!(seen[0].service.as_deref(), Some("req"));
+    assert_eq!(
+        seen[0].ttl,
+        Some(13.0),
+        "the latest event's ttl (8 s) plus dt"
+    );
 
     // The latest event (t=3.6 s, ttl 8 s) lives until 11.6 s: 0 at 10 s, then stop.
     b.advance_to(at(30.0));
