@@ -144,6 +144,31 @@ PASS tests/fixtures/failing_test.vigil: passes
 }
 
 #[test]
+fn check_refuses_what_an_output_could_never_send_and_keys_given_twice() {
+    // Each of these passed `check`, then `run` dropped every event of the output.
+    let out = vigil(&["check", "tests/fixtures/unsendable.vigil"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    let firsts: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tests/"))
+        .map(|l| l.trim_start_matches("tests/fixtures/unsendable.vigil:"))
+        .collect();
+    assert_eq!(
+        firsts,
+        [
+            "1:25: `not a url` is not a URL vigil can post to: relative URL without a base",
+            "2:25: `ftp://127.0.0.1/x` is not a URL vigil can post to: the scheme `ftp` is not sent to; use http or https",
+            "3:69: invalid header `Bad Header`: invalid HTTP header name",
+            "4:59: invalid header `X-Token`: failed to parse header value",
+            "5:45: `http://` is not a URL vigil can post to: empty host",
+            "7:19: `host` is given twice",
+        ],
+        "{text}"
+    );
+}
+
+#[test]
 fn test_jumps_a_year_ahead_when_nothing_is_due_on_the_way() {
     // Stepping 100 ms at a time, a year took minutes and ten years an hour.
     let out = vigil(&["test", "tests/fixtures/long_jumps.vigil"]);

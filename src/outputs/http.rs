@@ -381,12 +381,30 @@ pub fn header_map(headers: &BTreeMap<String, String>) -> Result<HeaderMap, Setup
     };
     let mut map = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        let key =
-            HeaderName::from_bytes(name.as_bytes()).map_err(|e| invalid(name, e.to_string()))?;
-        let value = HeaderValue::from_str(value).map_err(|e| invalid(name, e.to_string()))?;
+        let (key, value) = header(name, value).map_err(|reason| invalid(name, reason))?;
         map.insert(key, value);
     }
     Ok(map)
+}
+
+/// One configured header, or why HTTP cannot carry it.
+pub fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let key = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+    let value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
+    Ok((key, value))
+}
+
+/// Why `url` cannot be posted to, if it cannot: an absolute `http` or
+/// `https` URL is needed (parsing one already requires its host).
+pub fn url_problem(url: &str) -> Option<String> {
+    match reqwest::Url::parse(url) {
+        Err(e) => Some(e.to_string()),
+        Ok(url) if !matches!(url.scheme(), "http" | "https") => Some(format!(
+            "the scheme `{}` is not sent to; use http or https",
+            url.scheme()
+        )),
+        Ok(_) => None,
+    }
 }
 
 /// The next events to send: waits for them until `shutdown` is cancelled,

@@ -2,7 +2,7 @@
 //! resolves names (streams, outputs, `env(…)`), checks every argument's type and
 //! range, and reports every problem it finds with the span it came from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::clock::Micros;
 use crate::event::Metric;
@@ -16,7 +16,7 @@ use super::nodes::{
     Throttle, Where, Window, WindowKind, With,
 };
 use crate::outputs::template::Template;
-use crate::outputs::{OutputKind, OutputSpec, forward, graphite, pager, pagerduty, webhook};
+use crate::outputs::{OutputKind, OutputSpec, forward, graphite, http, pager, pagerduty, webhook};
 
 /// Every stream name the language knows (for "did you mean" hints).
 const STREAMS: &[&str] = &[
@@ -88,6 +88,7 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
         env,
         outputs: Vec::new(),
         output_names: BTreeMap::new(),
+        broken_outputs: HashSet::new(),
         errors: Vec::new(),
         warnings: Vec::new(),
     };
@@ -109,13 +110,18 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
             );
             continue;
         }
-        if let Some(kind) = c.output_kind(&decl.kind, &decl.args) {
-            c.output_names
-                .insert(decl.name.name.clone(), c.outputs.len());
-            c.outputs.push(OutputSpec {
-                name: decl.name.name.clone(),
-                kind,
-            });
+        match c.output_kind(&decl.kind, &decl.args) {
+            Some(kind) => {
+                c.output_names
+                    .insert(decl.name.name.clone(), c.outputs.len());
+                c.outputs.push(OutputSpec {
+                    name: decl.name.name.clone(),
+                    kind,
+                });
+            }
+            None => {
+                c.broken_outputs.insert(decl.name.name.clone());
+            }
         }
     }
     let roots = c.block(&file.streams);
@@ -135,6 +141,9 @@ struct Compiler {
     env: EnvPolicy,
     outputs: Vec<OutputSpec>,
     output_names: BTreeMap<String, usize>,
+    /// Outputs declared with errors (already reported): naming one in the
+    /// streams is not another error.
+    broken_outputs: HashSet<String>,
     errors: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
 }
@@ -368,14 +377,15 @@ impl Compiler {
                 let api = pager::Api::PagerDuty {
                     routing_key: self.string(key?)?,
                 };
-                let url = self
-                    .optional_string(b.get("url"))?
-                    .unwrap_or_else(|| pagerduty::DEFAULT_URL.to_owned());
+                let url = match b.get("url") {
+                    Some(url) => self.url(url)?,
+                    None => pagerduty::DEFAULT_URL.to_owned(),
+                };
                 OutputKind::Pager(self.pager(&b, url, api)?)
             }
             "paging_webhook" => {
                 let url = self.require(what, &b, "url");
-                let url = self.string(url?)?;
+                let url = self.url(url?)?;
                 let api = pager::Api::Webhook {
                     headers: self.headers(b.get("headers"))?,
                 };
@@ -383,7 +393,7 @@ impl Compiler {
             }
             "webhook" => {
                 let url = self.require(what, &b, "url");
-                let url = self.string(url?)?;
+                let url = self.url(url?)?;
                 let headers = self.headers(b.get("headers"))?;
                 let body = self.template(b.get("body"))?;
                 OutputKind::Webhook(webhook::Config { url, headers, body })
@@ -429,10 +439,47 @@ impl Compiler {
                 return self.expected(v, "a map like {\"X-Token\": \"…\"}");
             };
             for (k, value) in entries {
-                headers.insert(k.name.clone(), self.string(value)?);
+                let text = self.string(value)?;
+                if !self.unset_env(value)
+                    && let Err(reason) = http::header(&k.name, &text)
+                {
+                    self.error(
+                        k.span.start..value.span.end,
+                        format!("invalid header `{}`: {reason}", k.name.escape_debug()),
+                    );
+                    return None;
+                }
+                headers.insert(k.name.clone(), text);
             }
         }
         Some(headers)
+    }
+
+    /// An output's `url`: one that can be posted to.
+    fn url(&mut self, v: &Value) -> Option<String> {
+        let url = self.string(v)?;
+        if self.unset_env(v) {
+            return Some(url);
+        }
+        let Some(problem) = http::url_problem(&url) else {
+            return Some(url);
+        };
+        // A URL from the environment may carry a secret: not shown.
+        let shown = match &v.kind {
+            ValueKind::Env(name) => format!("env(\"{name}\")"),
+            _ => format!("`{url}`"),
+        };
+        self.error(
+            v.span.clone(),
+            format!("{shown} is not a URL vigil can post to: {problem}"),
+        );
+        None
+    }
+
+    /// Whether `v` is an environment variable `check` found unset, whose
+    /// value cannot be checked until `vigil run`.
+    fn unset_env(&self, v: &Value) -> bool {
+        matches!(&v.kind, ValueKind::Env(name) if std::env::var(name).is_err())
     }
 
     // ---- streams ---------------------------------------------------------
@@ -763,6 +810,7 @@ impl Compiler {
                 );
                 return None;
             }
+            broken if self.broken_outputs.contains(broken) => return None,
             unknown => {
                 self.unknown_stream(name, unknown, args, body);
                 return None;
@@ -913,6 +961,7 @@ impl Compiler {
     fn field_sets(&mut self, what: &str, args: &[Arg]) -> Option<Vec<FieldSet>> {
         let mut sets = Vec::new();
         let mut ok = true;
+        let mut seen = HashSet::new();
         for arg in args {
             let Some(field) = &arg.name else {
                 self.error_hint(
@@ -923,6 +972,14 @@ impl Compiler {
                 ok = false;
                 continue;
             };
+            if !seen.insert(field.name.as_str()) {
+                self.error(
+                    field.span.clone(),
+                    format!("`{}` is given twice", field.name),
+                );
+                ok = false;
+                continue;
+            }
             match self.field_set(field, &arg.value) {
                 Some(set) => sets.push(set),
                 None => ok = false,

@@ -34,12 +34,17 @@ pub struct RuleText {
     pub text: String,
 }
 
-/// A rule file parsed and compiled, or every problem found, rendered for humans.
+/// A rule file parsed and compiled, its test blocks checked too, or every
+/// problem found, rendered for humans.
 pub fn load(name: &str, source: &str, env: EnvPolicy) -> Result<(ast::RuleFile, Compiled), String> {
     let file = parser::parse(source).map_err(|d| d.render(name, source))?;
-    match compile::compile(&file, env) {
-        Ok(compiled) => Ok((file, compiled)),
-        Err(errors) => Err(render_all(&errors, name, source)),
+    let compiled = compile::compile(&file, env);
+    let mut errors = compiled.as_ref().err().cloned().unwrap_or_default();
+    errors.extend(testing::check_tests(&file));
+    errors.sort_by_key(|d| d.span.start);
+    match compiled {
+        Ok(compiled) if errors.is_empty() => Ok((file, compiled)),
+        _ => Err(render_all(&errors, name, source)),
     }
 }
 

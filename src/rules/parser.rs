@@ -9,6 +9,7 @@
 //! choice. Once a keyword or an opening bracket commits to a construct, errors are
 //! `nom::Err::Failure` carrying the final [`Diagnostic`], and the first one ends the parse.
 
+use std::collections::HashSet;
 use std::fmt::Display;
 
 use nom::branch::alt;
@@ -396,25 +397,36 @@ impl<'a> Parser<'a> {
                     .with_hint("durations take a unit: ms, s, m, h or d"),
             ),
         };
-        let at = preceded(
+        let mut at = opt(preceded(
             keyword("at"),
             cut(map_res(|i| self.value(i, depth), duration)),
-        );
-        let action = self.expect(
-            "`send`, `expect` or `}`",
-            alt((
-                map(
-                    preceded(keyword("send"), cut(|i| self.value(i, depth))),
-                    TestAction::Send,
-                ),
-                preceded(keyword("expect"), cut(|i| self.expectation(i, depth))),
-                |i| self.unknown_step(i),
-            )),
-        );
-        map(
-            self.spanned(pair(opt(at), action)),
-            |((at, action), span)| TestStep { at, action, span },
-        )(input)
+        ));
+        let step = move |input: &'a str| {
+            let (input, at) = at(input)?;
+            // After `at DURATION` the step must follow; only before can the test end.
+            let expected = if at.is_some() {
+                "`send` or `expect` after the `at`"
+            } else {
+                "`send`, `expect` or `}`"
+            };
+            let action = self.expect(
+                expected,
+                alt((
+                    map(
+                        preceded(keyword("send"), cut(|i| self.value(i, depth))),
+                        TestAction::Send,
+                    ),
+                    preceded(keyword("expect"), cut(|i| self.expectation(i, depth))),
+                    |i| self.unknown_step(i, at.is_some()),
+                )),
+            );
+            map(action, move |action| (at, action))(input)
+        };
+        map(self.spanned(step), |((at, action), span)| TestStep {
+            at,
+            action,
+            span,
+        })(input)
     }
 
     /// `[no] TARGET VALUE`, after `expect`.
@@ -434,9 +446,15 @@ impl<'a> Parser<'a> {
         ))
     }
 
-    /// Any other word where a test step goes.
-    fn unknown_step(&self, input: &'a str) -> PResult<'a, TestAction> {
+    /// Any other word where a test step goes (`after_at`: right after `at DURATION`).
+    fn unknown_step(&self, input: &'a str, after_at: bool) -> PResult<'a, TestAction> {
         let (_, (word, span)) = self.spanned(ident)(input)?;
+        if word == "at" && after_at {
+            return fail(
+                Diagnostic::new(span, "a second `at` before the step of the first")
+                    .with_hint("each `at DURATION` takes one step: `at 5s send {…}`"),
+            );
+        }
         let hint = did_you_mean(word, &["send", "expect", "at"]).unwrap_or_else(|| {
             "a step is `send {…}` or `expect TARGET {…}`, optionally after `at DURATION`".to_owned()
         });
@@ -831,9 +849,19 @@ impl<'a> Parser<'a> {
         Ok((input, ValueKind::List(items)))
     }
 
-    /// `{key: value, …}`; keys are names or strings.
+    /// `{key: value, …}`; keys are names or strings, each given once.
     fn map_value(&self, input: &'a str, depth: usize) -> PResult<'a, ValueKind> {
-        let (input, (entries, _)) = self.seq(input, MAP, depth, |i, _| self.entry(i, depth + 1))?;
+        let mut keys = HashSet::new();
+        let (input, (entries, _)) = self.seq(input, MAP, depth, |i, _| {
+            let (rest, (key, value)) = self.entry(i, depth + 1)?;
+            if !keys.insert(key.name.clone()) {
+                return fail(Diagnostic::new(
+                    key.span,
+                    format!("`{}` is given twice", key.name),
+                ));
+            }
+            Ok((rest, (key, value)))
+        })?;
         Ok((input, ValueKind::Map(entries)))
     }
 
@@ -1683,6 +1711,14 @@ test "backlog pages" {
                 .contains(":1:15: expected a duration after `at`, e.g. `at 5s`")
         );
         assert!(error("test \"t\" { sendd {} }").ends_with("hint: did you mean `send`?"));
+        assert!(
+            error("test \"t\" { send {host: \"a\", \"host\": \"b\"} }")
+                .contains(":1:29: `host` is given twice")
+        );
+        assert!(
+            error("test \"t\" { at 1s at 2s }")
+                .contains(":1:18: a second `at` before the step of the first")
+        );
         assert!(error("test t { }").contains("expected the test's name as a string"));
         assert!(
             error("test \"t\" { expect {} }")
@@ -1729,7 +1765,7 @@ test "backlog pages" {
             ),
             (
                 "test \"t\" { at 1s }",
-                "1:18: expected `send`, `expect` or `}`, found `}`",
+                "1:18: expected `send` or `expect` after the `at`, found `}`",
             ),
             (
                 "streams { \u{feff} }",

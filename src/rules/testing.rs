@@ -15,7 +15,7 @@ use serde_json::Value as Json;
 use crate::clock::{Clock, MICROS_PER_SEC, ManualClock, Micros, SharedClock, secs_to_micros};
 use crate::event::{Event, Metric};
 use crate::index::{Index, IndexConfig};
-use crate::json::to_json;
+use crate::json::{iso8601, to_json};
 use crate::outputs::OutputSink;
 use crate::query::Query;
 use crate::streams::Streams;
@@ -44,27 +44,52 @@ impl Outcome {
     }
 }
 
-/// Runs every test of an already parsed file. Errors that make a test
-/// meaningless (an unknown expect target) are returned as diagnostics.
+/// Runs every test of an already parsed file. Steps that make a test
+/// meaningless ([`check_tests`]) are returned as diagnostics.
 pub fn run_tests(file: &RuleFile) -> Result<Vec<Outcome>, Vec<Diagnostic>> {
-    let outputs: Vec<String> = file.outputs.iter().map(|o| o.name.name.clone()).collect();
-    let unknown: Vec<Diagnostic> = file
-        .tests
-        .iter()
-        .flat_map(|t| &t.steps)
-        .filter_map(|step| match &step.action {
-            TestAction::Expect { target, .. }
-                if target.name != "index" && !outputs.contains(&target.name) =>
-            {
-                Some(unknown_target(target, &outputs))
-            }
-            _ => None,
-        })
-        .collect();
-    if !unknown.is_empty() {
-        return Err(unknown);
+    let problems = check_tests(file);
+    if !problems.is_empty() {
+        return Err(problems);
     }
     file.tests.iter().map(|t| run_one(file, t)).collect()
+}
+
+/// What makes a test step meaningless, found without running it (so `vigil
+/// check` reports it too): an `expect` of no such output or not given a map,
+/// a `send` of no event, an `at` earlier than the step before.
+pub fn check_tests(file: &RuleFile) -> Vec<Diagnostic> {
+    let outputs: Vec<String> = file.outputs.iter().map(|o| o.name.name.clone()).collect();
+    let mut problems = Vec::new();
+    for test in &file.tests {
+        let mut latest = 0;
+        for step in &test.steps {
+            if let Some(at) = step.at {
+                if at < latest {
+                    problems.push(Diagnostic::new(
+                        step.span.clone(),
+                        format!(
+                            "`at {}s` is earlier than the step before (at {}s); steps move forward in time",
+                            at as f64 / 1e6,
+                            latest as f64 / 1e6
+                        ),
+                    ));
+                }
+                latest = latest.max(at);
+            }
+            let problem = match &step.action {
+                TestAction::Send(value) => event_from(value, TEST_EPOCH).err(),
+                TestAction::Expect { target, fields, .. } => {
+                    if target.name != "index" && !outputs.contains(&target.name) {
+                        Some(unknown_target(target, &outputs))
+                    } else {
+                        expected_fields(fields).err()
+                    }
+                }
+            };
+            problems.extend(problem);
+        }
+    }
+    problems
 }
 
 fn unknown_target(target: &Ident, outputs: &[String]) -> Diagnostic {
@@ -211,13 +236,6 @@ fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>>
     for step in &test.steps {
         if let Some(at) = step.at {
             let target = TEST_EPOCH.saturating_add(at);
-            if target < bench.clock.now() {
-                failures.push(format!(
-                    "`at {}s` is earlier than the previous step; steps must move forward in time",
-                    at as f64 / 1e6
-                ));
-                break;
-            }
             match advance_test(&bench, target, &mut ticks) {
                 Advanced::Reached => {}
                 Advanced::OutOfTicks => {
@@ -239,7 +257,7 @@ fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>>
             TestAction::Send(value) => match event_from(value, bench.clock.now()) {
                 Ok(event) => bench.rules.process(&[event]),
                 Err(e) => {
-                    failures.push(format!("send: {e}"));
+                    failures.push(format!("send: {}", e.message));
                     break;
                 }
             },
@@ -317,13 +335,7 @@ fn advance_test(bench: &Bench, target: Micros, ticks: &mut usize) -> Advanced {
 }
 
 fn expect(bench: &Bench, target: &str, fields: &Value, negated: bool) -> Result<(), String> {
-    let ValueKind::Map(wanted) = &fields.kind else {
-        return Err(format!("expect {target}: expected a map of fields"));
-    };
-    let wanted: Vec<(String, Json)> = wanted
-        .iter()
-        .map(|(k, v)| (k.name.clone(), to_plain_json(v)))
-        .collect();
+    let wanted = expected_fields(fields).map_err(|d| format!("expect {target}: {}", d.message))?;
     let seen: Vec<Json> = bench.seen_by(target).iter().map(to_json).collect();
     let matching = seen.iter().filter(|e| matches(e, &wanted)).count();
     let want = Json::Object(wanted.iter().cloned().collect());
@@ -338,6 +350,52 @@ fn expect(bench: &Bench, target: &str, fields: &Value, negated: bool) -> Result<
         _ => Ok(()),
     }
 }
+
+/// The fields an `expect` wants, in the JSON form events are compared in,
+/// read the way `send` reads them: `time` in seconds since the test started,
+/// a number given for an attribute as its text.
+fn expected_fields(fields: &Value) -> Result<Vec<(String, Json)>, Diagnostic> {
+    let ValueKind::Map(entries) = &fields.kind else {
+        return Err(Diagnostic::new(
+            fields.span.clone(),
+            "expected a map of fields, e.g. `{service: \"cpu\", state: \"ok\"}`",
+        ));
+    };
+    let mut wanted = Vec::with_capacity(entries.len());
+    for (key, value) in entries {
+        let json = match (key.name.as_str(), &value.kind) {
+            ("time", ValueKind::Number(n)) => {
+                Json::String(iso8601(TEST_EPOCH + secs_to_micros(*n)))
+            }
+            ("time", ValueKind::Duration(d)) => Json::String(iso8601(TEST_EPOCH + d)),
+            ("time", ValueKind::String(_)) => to_plain_json(value),
+            ("time", _) => {
+                return Err(Diagnostic::new(
+                    value.span.clone(),
+                    "`time` is seconds since the test started (or an ISO 8601 time)",
+                ));
+            }
+            (name, ValueKind::Number(n)) if !STANDARD_FIELDS.contains(&name) => {
+                Json::String(n.to_string())
+            }
+            _ => to_plain_json(value),
+        };
+        wanted.push((key.name.clone(), json));
+    }
+    Ok(wanted)
+}
+
+/// The fields of an event's JSON form that are not attributes.
+const STANDARD_FIELDS: &[&str] = &[
+    "host",
+    "service",
+    "state",
+    "description",
+    "metric",
+    "tags",
+    "time",
+    "ttl",
+];
 
 /// Explains the failure with the candidate that matched the most fields.
 fn closest_diff(seen: &[Json], wanted: &[(String, Json)], target: &str) -> String {
@@ -398,19 +456,23 @@ fn to_plain_json(v: &Value) -> Json {
 }
 
 /// Builds the event a `send {…}` step describes; `time` defaults to now.
-fn event_from(v: &Value, now: Micros) -> Result<Event, String> {
+fn event_from(v: &Value, now: Micros) -> Result<Event, Diagnostic> {
     let ValueKind::Map(entries) = &v.kind else {
-        return Err("expected a map of event fields".into());
+        return Err(Diagnostic::new(
+            v.span.clone(),
+            "`send` takes a map of event fields, e.g. `send {host: \"web1\", metric: 1}`",
+        ));
     };
     let mut event = Event {
         time: now,
         ..Event::default()
     };
     for (key, value) in entries {
+        let wrong = |what: String| Diagnostic::new(value.span.clone(), what);
         let text = || match &value.kind {
             ValueKind::String(s) => Ok(Some(s.clone())),
             ValueKind::Null => Ok(None),
-            _ => Err(format!("`{}` must be a string", key.name)),
+            _ => Err(wrong(format!("`{}` must be a string", key.name))),
         };
         match key.name.as_str() {
             "host" => event.host = text()?,
@@ -424,36 +486,48 @@ fn event_from(v: &Value, now: Micros) -> Result<Event, String> {
                     }
                     ValueKind::Number(n) => Some(Metric::Float(n)),
                     ValueKind::Null => None,
-                    _ => return Err("`metric` must be a number".into()),
+                    _ => return Err(wrong("`metric` must be a number".into())),
                 }
             }
             "ttl" => match value.kind {
                 ValueKind::Number(n) => event.ttl = Some(n as f32),
                 ValueKind::Duration(d) => event.ttl = Some(d as f32 / 1e6),
-                _ => return Err("`ttl` must be a number of seconds".into()),
+                _ => return Err(wrong("`ttl` must be a number of seconds".into())),
             },
             "time" => match value.kind {
                 // Seconds since the test started, like `at`.
                 ValueKind::Number(n) => event.time = TEST_EPOCH + secs_to_micros(n),
                 ValueKind::Duration(d) => event.time = TEST_EPOCH + d,
-                _ => return Err("`time` must be seconds since the test started".into()),
+                _ => {
+                    return Err(wrong(
+                        "`time` must be seconds since the test started".into(),
+                    ));
+                }
             },
-            "tags" => match &value.kind {
-                ValueKind::List(items) => {
-                    event.tags = items
+            "tags" => {
+                let tags = match &value.kind {
+                    ValueKind::List(items) => items
                         .iter()
                         .map(|t| match &t.kind {
-                            ValueKind::String(s) => Ok(s.clone()),
-                            _ => Err("`tags` must be a list of strings".to_owned()),
+                            ValueKind::String(s) => Some(s.clone()),
+                            _ => None,
                         })
-                        .collect::<Result<_, _>>()?;
+                        .collect::<Option<_>>(),
+                    _ => None,
+                };
+                match tags {
+                    Some(tags) => event.tags = tags,
+                    None => return Err(wrong("`tags` must be a list of strings".into())),
                 }
-                _ => return Err("`tags` must be a list of strings".into()),
-            },
+            }
             attribute => match &value.kind {
                 ValueKind::String(s) => event.set_attribute(attribute, s.clone()),
                 ValueKind::Number(n) => event.set_attribute(attribute, n.to_string()),
-                _ => return Err(format!("attribute `{attribute}` must be a string")),
+                _ => {
+                    return Err(wrong(format!(
+                        "attribute `{attribute}` must be a string or a number"
+                    )));
+                }
             },
         }
     }
@@ -498,6 +572,85 @@ test "one group" {
         assert_eq!((MAX_RECORDED, CHECK_EVERY), (1_000, 100));
         let too_many = "out received 1200 events, more than the 1000 a test keeps";
         assert_eq!(failures, [vec![too_many.to_owned()], vec![]]);
+    }
+
+    #[test]
+    fn expect_reads_time_and_numeric_attributes_as_send_does() {
+        let file = parse(
+            r#"output out = forward(host: "x")
+streams { out }
+test "they match" {
+  at 2s send {host: "h", time: 5, build: 42, ratio: 0.5}
+  expect out {host: "h", time: 5, build: 42, ratio: 0.5}
+  expect out {time: 5s}
+  expect out {time: "2024-01-01T00:00:05.000Z"}
+}
+test "so `expect no` of them can fail" {
+  send {host: "h", time: 5, build: 42}
+  expect no out {time: 5}
+  expect no out {build: 42}
+  expect out {time: 6}
+}"#,
+        )
+        .unwrap();
+        let failures = failures_of(&file);
+        assert!(failures[0].is_empty(), "{:?}", failures[0]);
+        assert_eq!(failures[1].len(), 3, "{:?}", failures[1]);
+        assert!(
+            failures[1][0].contains("but 1 matched"),
+            "{}",
+            failures[1][0]
+        );
+        assert!(
+            failures[1][1].contains("but 1 matched"),
+            "{}",
+            failures[1][1]
+        );
+        assert!(
+            failures[1][2].contains(
+                r#"time: expected "2024-01-01T00:00:06.000Z", got "2024-01-01T00:00:05.000Z""#
+            ),
+            "{}",
+            failures[1][2]
+        );
+    }
+
+    #[test]
+    fn steps_that_cannot_run_are_found_before_any_test_runs() {
+        let source = r#"output out = forward(host: "x")
+streams { out }
+test "t" {
+  at 12s send {metric: "x"}
+  at 10s send {tags: [1]}
+  expect typo {host: "h"}
+  expect index "x"
+  send {time: "now"}
+  expect out {time: true}
+}"#;
+        let file = parse(source).unwrap();
+        let found: Vec<String> = check_tests(&file)
+            .iter()
+            .map(|d| {
+                d.render("x.vigil", source)
+                    .lines()
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "x.vigil:4:24: `metric` must be a number",
+                "x.vigil:5:3: `at 10s` is earlier than the step before (at 12s); steps move forward in time",
+                "x.vigil:5:22: `tags` must be a list of strings",
+                "x.vigil:6:10: `expect typo`: no such output",
+                "x.vigil:7:16: expected a map of fields, e.g. `{service: \"cpu\", state: \"ok\"}`",
+                "x.vigil:8:15: `time` must be seconds since the test started",
+                "x.vigil:9:21: `time` is seconds since the test started (or an ISO 8601 time)",
+            ]
+        );
+        assert!(run_tests(&file).is_err());
     }
 
     #[test]
