@@ -393,8 +393,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         index.clone(),
         clock.clone(),
     ));
-    // Loaded before the server starts: entries that ran out while vigil was
-    // down expire on the first timer tick, through the rules.
+    // Loaded before the server starts: each entry lives at least one TTL
+    // from now, then expires through the rules unless its agent reports.
     let snapshots = if keep_state {
         Some(
             Snapshots::start(
@@ -402,6 +402,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Some(streams.clone()),
                 args.data_dir.clone(),
                 args.snapshot_interval,
+                clock.now(),
             )
             .context("preparing --data-dir (--no-snapshot disables snapshots)")?,
         )

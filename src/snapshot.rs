@@ -1,8 +1,9 @@
 //! Index snapshots: the index is written to `--data-dir` periodically and at
 //! shutdown, and loaded at start, so a restart forgets nothing and a `kill -9`
-//! loses at most one snapshot interval. Entries whose TTL ran out while vigil
-//! was down are loaded too: the first timer tick expires them through the
-//! rules, so a host that died during the restart is still noticed.
+//! loses at most one snapshot interval. Every entry loaded lives at least one
+//! TTL from the start ([`Index::restore`]): a live agent reports again
+//! meanwhile, and a host that died during the restart expires through the
+//! rules a TTL after it, so it is still noticed.
 //!
 //! [`Snapshots`] also writes the rules' stream state beside it, at the same
 //! moments; its format is [`crate::rules::persist`]'s.
@@ -31,6 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::blocking::off_workers;
+use crate::clock::Micros;
 use crate::event::Event;
 use crate::index::Index;
 use crate::proto::{PbEvent, from_pb, to_pb};
@@ -283,10 +285,11 @@ pub fn read(dir: &Path) -> Result<Option<Vec<Event>>, SnapshotError> {
     }
 }
 
-/// Loads the snapshot in `dir` into `index`. Never fails: a snapshot that cannot
-/// be read is logged with the reason and vigil starts with an empty index.
-pub fn restore(index: &Index, dir: &Path) {
-    let started = Instant::now();
+/// Loads the snapshot in `dir` into `index`, vigil starting at `started` (see
+/// [`Index::restore`]). Never fails: a snapshot that cannot be read is logged
+/// with the reason and vigil starts with an empty index.
+pub fn restore(index: &Index, dir: &Path, started: Micros) {
+    let loading = Instant::now();
     match read(dir) {
         Ok(None) => tracing::info!(
             dir = %dir.display(),
@@ -294,11 +297,11 @@ pub fn restore(index: &Index, dir: &Path) {
         ),
         Ok(Some(events)) => {
             for event in &events {
-                index.insert(event);
+                index.restore(event, started);
             }
             tracing::info!(
                 entries = events.len(),
-                elapsed = ?started.elapsed(),
+                elapsed = ?loading.elapsed(),
                 "Loaded the index snapshot."
             );
         }
@@ -358,16 +361,18 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// Creates `dir` if needed, loads its snapshot into `index` and starts the
-    /// periodic writes. Call before the server starts, so no event is missed.
+    /// Creates `dir` if needed, loads its snapshot into `index` (vigil
+    /// starting at `started`) and starts the periodic writes. Call before the
+    /// server starts, so no event is missed.
     pub fn start(
         index: Arc<Index>,
         streams: Option<Arc<Rules>>,
         dir: PathBuf,
         every: Duration,
+        started: Micros,
     ) -> Result<Self, SnapshotError> {
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-        restore(&index, &dir);
+        restore(&index, &dir, started);
         let stop = CancellationToken::new();
         let periodic = tokio::spawn(periodic(
             index.clone(),
@@ -634,13 +639,13 @@ mod tests {
     fn restore_loads_and_skips_bad_snapshots() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::new(IndexConfig::default());
-        restore(&index, dir.path());
+        restore(&index, dir.path(), 0);
         assert!(index.is_empty(), "no snapshot");
         fs::write(dir.path().join(FILE_NAME), b"VIGILIDX garbage").unwrap();
-        restore(&index, dir.path());
+        restore(&index, dir.path(), 0);
         assert!(index.is_empty(), "bad snapshot skipped");
         write(dir.path(), &sample()).unwrap();
-        restore(&index, dir.path());
+        restore(&index, dir.path(), 0);
         assert_eq!(index.len(), 3);
         assert_eq!(index.get("web1", "cpu"), Some(sample()[0].clone()));
     }
@@ -654,6 +659,7 @@ mod tests {
             None,
             dir.path().into(),
             Duration::from_secs(3600),
+            0,
         )
         .unwrap();
         for event in sample() {

@@ -148,7 +148,7 @@ fn kill_9_keeps_what_the_last_periodic_snapshot_held() {
 }
 
 #[test]
-fn an_entry_that_ran_out_while_down_expires_through_the_rules() {
+fn an_entry_that_ran_out_while_down_gets_one_more_ttl_then_expires_through_the_rules() {
     let dir = tempfile::tempdir().unwrap();
     // A re-indexed event in state `expired` would delete its key: change the state.
     let (rules, data) = rules_and_data(
@@ -169,28 +169,27 @@ fn an_entry_that_ran_out_while_down_expires_through_the_rules() {
     ];
     let now = SystemClock.now();
     let ttl = 3.0;
-    let dying = Event {
-        host: Some("db1".into()),
+    let heartbeat = |host: &str, ttl: Option<f32>| Event {
+        host: Some(host.into()),
         service: Some("heartbeat".into()),
         state: Some("ok".into()),
         time: now,
-        ttl: Some(ttl),
+        ttl,
         ..Event::default()
     };
-    let alive = Event {
-        host: Some("db2".into()),
-        service: Some("heartbeat".into()),
-        state: Some("ok".into()),
-        time: now,
-        ..Event::default()
-    };
+    // db1 died during the restart, db3 reports again after it, db2 has a long TTL.
+    let (dying, reporting, alive) = (
+        heartbeat("db1", Some(ttl)),
+        heartbeat("db3", Some(ttl)),
+        heartbeat("db2", None),
+    );
 
     let mut v = Vigil::start(&args);
-    send(&v, &[dying.clone(), alive.clone()]);
+    send(&v, &[dying.clone(), reporting.clone(), alive.clone()]);
     assert!(v.terminate().success(), "{}", v.logs());
     let held = snapshot::read(&data).unwrap().expect("a snapshot");
     assert!(
-        held.contains(&dying),
+        held.contains(&dying) && held.contains(&reporting),
         "expired before the snapshot; the test needs a longer TTL: {held:?}"
     );
     drop(v);
@@ -201,19 +200,33 @@ fn an_entry_that_ran_out_while_down_expires_through_the_rules() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    let started = SystemClock.now();
     let v = Vigil::start(&args);
+    let reported = Event {
+        time: SystemClock.now(),
+        ttl: Some(3600.0),
+        ..reporting
+    };
+    send(&v, std::slice::from_ref(&reported));
     let seen = wait_until(VISIBLE_TIMEOUT, || {
         let seen = query(&v, r#"service = "saw expired""#);
         (!seen.is_empty()).then_some(seen)
     })
     .unwrap_or_else(|| panic!("the rules never saw the expiry:\n{}", v.logs()));
-    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen.len(), 1, "only db1, which did not report: {seen:?}");
     assert_eq!(
         (seen[0].host_str(), seen[0].state.as_deref()),
         ("db1", Some("seen"))
     );
-    assert!(seen[0].time > deadline, "expired after the restart");
-    assert_eq!(query(&v, r#"service = "heartbeat""#), vec![alive]);
+    let one_ttl_after_start = started + (f64::from(ttl) * MICROS_PER_SEC as f64) as i64;
+    assert!(
+        seen[0].time > one_ttl_after_start,
+        "expired a TTL after the restart, not at its first tick: {} <= {one_ttl_after_start}",
+        seen[0].time
+    );
+    let mut heartbeats = query(&v, r#"service = "heartbeat""#);
+    sort(&mut heartbeats);
+    assert_eq!(heartbeats, vec![alive, reported]);
 }
 
 /// Waits until the file at `path` has been rewritten twice from now, so the

@@ -206,11 +206,29 @@ impl Index {
     }
 
     fn deadline(&self, event: &Event) -> Micros {
+        event.time.saturating_add(self.ttl_of(event))
+    }
+
+    fn ttl_of(&self, event: &Event) -> Micros {
         let ttl = match event.ttl {
             Some(ttl) if !ttl.is_nan() => f64::from(ttl),
             _ => self.config.default_ttl,
         };
-        event.time.saturating_add(secs_to_micros(ttl))
+        secs_to_micros(ttl)
+    }
+
+    /// Stores an event saved by an earlier run, vigil starting at `started`:
+    /// it lives at least one TTL from `started`. Its agent could not report
+    /// while vigil was down; if alive, it reports again meanwhile, and one
+    /// that died during the restart still expires. Expiring at the first
+    /// tick those whose TTL ran out during the restart would page for every
+    /// short-lived series after each restart, vigil's own metrics of the
+    /// previous run (10 s) first.
+    pub fn restore(&self, event: &Event, started: Micros) -> Insert {
+        let deadline = self
+            .deadline(event)
+            .max(started.saturating_add(self.ttl_of(event)));
+        self.store(event, self.key_hash(event).0, deadline)
     }
 
     /// Stores a copy of `event` as the latest for its key (reusing the previous
@@ -222,7 +240,7 @@ impl Index {
     /// [`Index::insert`] of an event whose [`Index::key_hash`] is `hash`.
     pub fn insert_hashed(&self, event: &Event, hash: KeyHash) -> Insert {
         debug_assert_eq!(hash, self.key_hash(event), "the hash of another key");
-        let outcome = self.store(event, hash.0);
+        let outcome = self.store(event, hash.0, self.deadline(event));
         // Published outside the shard lock: subscribers never slow the shard.
         if matches!(outcome, Insert::Added | Insert::Replaced) {
             self.pubsub.publish(event);
@@ -230,7 +248,7 @@ impl Index {
         outcome
     }
 
-    fn store(&self, event: &Event, hash: u64) -> Insert {
+    fn store(&self, event: &Event, hash: u64, deadline: Micros) -> Insert {
         let key = (event.host_str().as_bytes(), event.service_str().as_bytes());
         let mut shard = self.shard(hash).lock();
         let shard = &mut *shard;
@@ -245,7 +263,6 @@ impl Index {
             }
             return Insert::Removed;
         }
-        let deadline = self.deadline(event);
         match found.and_then(|slot| shard.entries.get_mut(slot)) {
             Some(entry) => {
                 entry.packed.replace(event);
@@ -737,6 +754,39 @@ mod tests {
             expire_all(&index, T0 + secs(100)).is_empty(),
             "expires once"
         );
+    }
+
+    #[test]
+    fn a_restored_entry_lives_at_least_one_ttl_from_the_start() {
+        let index = Index::new(IndexConfig::default());
+        let started = T0 + secs(100);
+        // Ran out 90 s before the start; would run out 1 s after it; far from it.
+        index.restore(&event("a", "lapsed", T0, Some(10.0)), started);
+        index.restore(
+            &event("a", "closing", started - secs(9), Some(10.0)),
+            started,
+        );
+        index.restore(&event("a", "long", T0, Some(1000.0)), started);
+        assert_eq!(
+            index.get("a", "lapsed").unwrap().time,
+            T0,
+            "its own time kept"
+        );
+        assert!(expire_all(&index, started + secs(10)).is_empty());
+        let mut expired: Vec<String> = expire_all(&index, started + secs(10) + 1)
+            .iter()
+            .map(|e| e.service_str().to_owned())
+            .collect();
+        expired.sort();
+        assert_eq!(expired, ["closing", "lapsed"]);
+        // Even one far from running out: a TTL from the start, not from its time.
+        assert!(expire_all(&index, started + secs(1000)).is_empty());
+        assert_eq!(expire_all(&index, started + secs(1000) + 1).len(), 1);
+        // Refreshed by its agent after the start: the new event's deadline.
+        index.restore(&event("b", "x", T0, Some(10.0)), started);
+        index.insert(&event("b", "x", started + secs(1), Some(60.0)));
+        assert!(expire_all(&index, started + secs(61)).is_empty());
+        assert_eq!(expire_all(&index, started + secs(61) + 1).len(), 1);
     }
 
     #[test]
