@@ -78,6 +78,8 @@ struct Script {
     /// Answers for the next requests, in order; then `otherwise`.
     next: VecDeque<Reply>,
     otherwise: Option<Reply>,
+    /// Answer nothing, ever, while set.
+    hang: bool,
 }
 
 #[derive(Clone)]
@@ -102,6 +104,11 @@ impl Receiver {
 
     fn reply_always(&self, reply: Reply) {
         self.script.lock().unwrap().otherwise = Some(reply);
+    }
+
+    /// From now on, takes each request and never answers it.
+    fn hang(&self) {
+        self.script.lock().unwrap().hang = true;
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -132,19 +139,25 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut script = script.lock().unwrap();
-    script.seen.push(Seen {
-        at: Instant::now(),
-        method,
-        path: uri.path().to_owned(),
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    });
-    let Reply(status, headers, body) = script
-        .next
-        .pop_front()
-        .or_else(|| script.otherwise.clone())
-        .unwrap_or_else(accepted);
+    let (Reply(status, headers, body), hang) = {
+        let mut script = script.lock().unwrap();
+        script.seen.push(Seen {
+            at: Instant::now(),
+            method,
+            path: uri.path().to_owned(),
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+        let reply = script
+            .next
+            .pop_front()
+            .or_else(|| script.otherwise.clone())
+            .unwrap_or_else(accepted);
+        (reply, script.hang)
+    };
+    if hang {
+        std::future::pending::<()>().await;
+    }
     let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
     for (name, value) in headers {
         response.headers_mut().insert(name, value.parse().unwrap());
@@ -602,6 +615,63 @@ async fn pages_undelivered_at_shutdown_are_sent_first_by_the_next_run() {
     let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(saved["unsent"], json!([]));
     assert_eq!(saved["incidents"].as_array().map(Vec::len), Some(2));
+}
+
+/// The receiver takes the first page and never answers; the pages made
+/// meanwhile wait behind it. Stopped as a crash (or the end of shutdown's
+/// grace) stops it, the output loses none of them: they were saved while the
+/// first was in flight, and the next run sends them all, in order.
+#[tokio::test]
+async fn pages_queued_behind_a_page_in_flight_survive_a_crash() {
+    let rx = Receiver::start().await;
+    rx.hang();
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let config = pager_config(&rx.url);
+    let mut before =
+        Running::pager_remembering(memory(&config, Some(file.clone())), config.clone());
+    before.queue.push(event("a", "critical"));
+    rx.wait_for(1).await;
+    before.queue.push(event("b", "critical"));
+    before.queue.push(event("c", "ok"));
+    before.queue.push(event("a", "ok"));
+    let saved_pages = || -> Vec<String> {
+        let Ok(bytes) = std::fs::read(&file) else {
+            return Vec::new();
+        };
+        let saved: Value = serde_json::from_slice(&bytes).unwrap();
+        let pages = saved["unsent"].as_array().cloned().unwrap_or_default();
+        // Saved events are tuples: host, service, state, …
+        pages.iter().map(|p| format!("{}/{}", p[1], p[2])).collect()
+    };
+    let deadline = Instant::now() + WAIT;
+    while saved_pages().len() < 4 {
+        assert!(Instant::now() < deadline, "saved: {:?}", saved_pages());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    before.shutdown.cancel();
+    before.task.abort();
+    let _ = (&mut before.task).await;
+    assert_eq!(
+        saved_pages(),
+        [
+            r#""a"/"critical""#,
+            r#""b"/"critical""#,
+            r#""c"/"ok""#,
+            r#""a"/"ok""#
+        ]
+    );
+
+    let rx = Receiver::start().await;
+    let config = pager_config(&rx.url);
+    let after = Running::pager_remembering(memory(&config, Some(file.clone())), config);
+    rx.wait_for(3).await;
+    after.settled().await;
+    assert_eq!(
+        actions(&rx),
+        ["trigger web1/a", "trigger web1/b", "resolve web1/a"],
+        "c's ok resolves nothing vigil triggered"
+    );
 }
 
 /// A reload that redeclares a pager while its receiver is failing: the
@@ -1260,7 +1330,7 @@ fn the_binary_resolves_after_a_restart_what_it_triggered_before() {
     let dir = tempfile::tempdir().unwrap();
     let args = pager_keeping_state(dir.path(), &rx.url);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let send = |vigil: &common::Vigil, state: &str| send_state(&runtime, vigil, state);
+    let send = |vigil: &common::Vigil, state: &str| send_state(&runtime, vigil, "disk /", state);
 
     let mut first = common::Vigil::start(&args);
     send(&first, "critical");
@@ -1315,11 +1385,11 @@ fn the_binary_pages_through_a_paging_webhook() {
     assert_eq!(seen[0].header("x-token"), "t");
 }
 
-/// Killed while its receiver was failing, the binary sends the page after
-/// the restart: the rules' state was saved too, so nothing would make the
-/// page again.
+/// Killed while its receiver was failing, the binary sends the pages after
+/// the restart, the one it was retrying and those made behind it: the
+/// rules' state was saved too, so nothing would make them again.
 #[test]
-fn the_binary_sends_after_a_crash_the_page_it_had_not_delivered() {
+fn the_binary_sends_after_a_crash_the_pages_it_had_not_delivered() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let rx = runtime.block_on(Receiver::start());
     rx.reply_always(Reply(500, vec![], "down"));
@@ -1327,18 +1397,36 @@ fn the_binary_sends_after_a_crash_the_page_it_had_not_delivered() {
     let args = pager_keeping_state(dir.path(), &rx.url);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut first = common::Vigil::start(&args);
-    send_state(&runtime, &first, "critical");
+    send_state(&runtime, &first, "disk /", "critical");
     runtime.block_on(rx.wait_for(1));
+    send_state(&runtime, &first, "cpu", "critical");
+    send_state(&runtime, &first, "load", "warning");
+    let file = incidents::file_in(&dir.path().join("data"), "pager");
+    let saved = || -> usize {
+        let saved: Option<Value> = std::fs::read(&file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        saved.map_or(0, |saved| saved["unsent"].as_array().map_or(0, Vec::len))
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while saved() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{}", first.logs());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     first.kill9();
     rx.reply_always(accepted());
     let tried = rx.seen().len();
 
     let second = common::Vigil::start(&args);
-    let seen = runtime.block_on(rx.wait_for(tried + 1));
-    let page = seen[tried].json();
+    runtime.block_on(rx.wait_for(tried + 3));
     assert_eq!(
-        (&page["event_action"], &page["dedup_key"]),
-        (&json!("trigger"), &json!("web1/disk /"))
+        actions(&rx)[tried..],
+        [
+            "trigger web1/disk /",
+            "trigger web1/cpu",
+            "trigger web1/load"
+        ],
+        "in the order they were made"
     );
     assert!(
         second
@@ -1370,10 +1458,15 @@ fn pager_keeping_state(dir: &std::path::Path, url: &str) -> Vec<String> {
     .to_vec()
 }
 
-/// Sends `disk /` in `state` through the binary's TCP port, acked.
-fn send_state(runtime: &tokio::runtime::Runtime, vigil: &common::Vigil, state: &str) {
+/// Sends `service` in `state` through the binary's TCP port, acked.
+fn send_state(
+    runtime: &tokio::runtime::Runtime,
+    vigil: &common::Vigil,
+    service: &str,
+    state: &str,
+) {
     runtime.block_on(async {
         let mut client = vigil::client::Client::connect(vigil.tcp).await.unwrap();
-        client.send(&[event("disk /", state)]).await.unwrap();
+        client.send(&[event(service, state)]).await.unwrap();
     });
 }

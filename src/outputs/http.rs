@@ -15,11 +15,11 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AF
 use reqwest::{Client, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
-use super::Delivery;
+use super::{Delivery, Tally};
 use crate::event::Event;
 
 /// Events taken from the queue at once; they are still sent one by one.
-const BATCH: usize = 256;
+pub(super) const BATCH: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of a refusal's body goes into the log.
@@ -157,7 +157,7 @@ enum Ended {
 }
 
 /// Counts the event delivered or dropped.
-fn settle(delivery: &Delivery, ended: Ended) -> Outcome {
+fn settle(delivery: &Tally, ended: Ended) -> Outcome {
     match ended {
         Ended::Delivered => {
             delivery.delivered(1);
@@ -206,7 +206,7 @@ impl Poster {
 
     /// Sends one event's payload and settles it in `delivery` (delivered or
     /// dropped); every retry is counted there too.
-    pub async fn post(&mut self, delivery: &Delivery, payload: &Payload<'_>) -> Outcome {
+    pub async fn post(&mut self, delivery: &Tally, payload: &Payload<'_>) -> Outcome {
         let ended = self.attempts(delivery, payload, false).await;
         settle(delivery, ended)
     }
@@ -216,7 +216,7 @@ impl Poster {
     /// cut short beats one never delivered, above all a page.
     pub async fn post_or_cut(
         &mut self,
-        delivery: &Delivery,
+        delivery: &Tally,
         payload: &Payload<'_>,
         cut: impl FnOnce() -> Bytes,
     ) -> Outcome {
@@ -233,12 +233,7 @@ impl Poster {
 
     /// Tries `payload` as the policy says; with `can_cut`, a `413` ends the
     /// attempts as [`Ended::TooLarge`] instead of dropping the event.
-    async fn attempts(
-        &mut self,
-        delivery: &Delivery,
-        payload: &Payload<'_>,
-        can_cut: bool,
-    ) -> Ended {
+    async fn attempts(&mut self, delivery: &Tally, payload: &Payload<'_>, can_cut: bool) -> Ended {
         let output = delivery.name.as_str();
         if self.given_up {
             self.unsent += 1;

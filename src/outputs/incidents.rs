@@ -10,8 +10,9 @@
 //! every batch that changed them, and loaded when the output's first task
 //! starts, both off the async workers; so an incident open before a restart
 //! is still resolved when its series turns `ok`. The file also holds the
-//! pages taken from the queue and not yet delivered, so a restart or a crash
-//! loses none of them.
+//! pages not yet settled ([`Unsent`]), taken from the queue as they come,
+//! even while an earlier page is retried, so a restart or a crash loses none
+//! of them.
 //!
 //! Incidents belong to their receiver ([`super::pager::Config::receiver`]: PagerDuty's
 //! routing key, a webhook's URL). The file holds no receiver (a secret), only
@@ -118,53 +119,83 @@ impl Incidents {
     }
 }
 
-/// The pages a pager took from its queue and has not delivered, oldest
-/// first, each with the work that made it: written down before the first
-/// attempt at each batch, and each taken off once settled (delivered, or
-/// refused for good). What is left when a task stops is sent first by the
-/// next run.
+/// The pages a pager took from its queue and has not settled, oldest first,
+/// each with the work that made it: the pager's own queue. It takes pages
+/// into it as they come, even while it retries an earlier one, and writes
+/// them down (saves them with the incidents) before their first attempt, as
+/// far as [`MAX_UNSENT`] and [`MAX_UNSENT_BYTES`] allow; each is taken off
+/// once settled (delivered, or refused for good). So a crash loses no page
+/// written down, and what is left when a task stops is sent first by the
+/// next run: the next task of a reload takes them all, a restart those
+/// written down.
 #[derive(Default)]
 pub(super) struct Unsent {
     pages: VecDeque<(Event, Option<Origin>)>,
+    /// How many of the first pages are written down; those after did not fit.
+    written: usize,
+    /// Bytes of the pages written down.
     bytes: usize,
-    /// Pages not written down for being over [`MAX_UNSENT`] or
-    /// [`MAX_UNSENT_BYTES`] since the list was last empty.
-    left_out: usize,
+    /// Pages ever settled, and the number the oldest page settled before the
+    /// last save had: pages numbered from there on were in the file.
+    settled: u64,
+    saved_from: u64,
+    saved_to: u64,
 }
 
 impl Unsent {
-    /// Writes down `batch` (made by `origins`, in the same order), as far as
-    /// the bounds allow; returns how many of it were written down (they are
-    /// the first of it).
-    pub(super) fn add(&mut self, batch: &[Event], origins: &[Option<Origin>]) -> usize {
-        if self.pages.is_empty() {
-            // Those left out before were settled since, one way or another.
-            self.left_out = 0;
-        }
-        let mut added = 0;
-        for (event, origin) in batch.iter().zip(origins) {
+    /// Whether pages taken from the queue now would be written down: every
+    /// page held is, and there is room for more. Until then the queue keeps
+    /// them, in memory.
+    pub(super) fn has_room(&self) -> bool {
+        self.written == self.pages.len()
+            && self.written < MAX_UNSENT
+            && self.bytes < MAX_UNSENT_BYTES
+    }
+
+    /// Adds `batch` (made by `origins`, in the same order) after the pages
+    /// held, writing down as many of it as the bounds allow: the first ones.
+    pub(super) fn add(&mut self, batch: Vec<Event>, origins: Vec<Option<Origin>>) {
+        for (event, origin) in batch.into_iter().zip(origins) {
             let bytes = event.approx_bytes();
-            if self.pages.len() >= MAX_UNSENT || self.bytes + bytes > MAX_UNSENT_BYTES {
-                break;
+            if self.written == self.pages.len()
+                && self.written < MAX_UNSENT
+                && self.bytes + bytes <= MAX_UNSENT_BYTES
+            {
+                self.written += 1;
+                self.bytes += bytes;
             }
-            self.bytes += bytes;
-            self.pages.push_back((event.clone(), *origin));
-            added += 1;
+            self.pages.push_back((event, origin));
         }
-        self.left_out += batch.len() - added;
-        added
+    }
+
+    /// The oldest page, what made it, and whether it is written down but
+    /// not yet in the file (so to be saved before its first attempt).
+    pub(super) fn oldest(&self) -> Option<(Event, Option<Origin>, bool)> {
+        let (event, origin) = self.pages.front()?;
+        let unsaved = self.written > 0 && self.settled >= self.saved_to;
+        Some((event.clone(), *origin, unsaved))
     }
 
     /// The oldest page was settled.
     pub(super) fn settled(&mut self) {
         if let Some((event, _)) = self.pages.pop_front() {
-            self.bytes -= event.approx_bytes();
+            self.settled += 1;
+            if self.written > 0 {
+                self.written -= 1;
+                self.bytes -= event.approx_bytes();
+            }
         }
     }
 
-    /// Takes every page written down, and what made each: the next run's
-    /// first batch.
+    /// Whether pages were settled or written down since the last save.
+    pub(super) fn changed_since_saved(&self) -> bool {
+        self.saved_from != self.settled || self.saved_to != self.settled + self.written as u64
+    }
+
+    /// Takes every page held, and what made each.
     pub(super) fn take(&mut self) -> (Vec<Event>, Vec<Option<Origin>>) {
+        self.settled += self.pages.len() as u64;
+        self.written = 0;
         self.bytes = 0;
         self.pages.drain(..).unzip()
     }
@@ -173,15 +204,25 @@ impl Unsent {
         self.pages.len()
     }
 
-    /// How many pages were not written down since the list was last empty.
-    pub(super) fn left_out(&self) -> usize {
-        self.left_out
+    /// How many of the pages held are written down.
+    pub(super) fn written(&self) -> usize {
+        self.written
     }
 
-    /// Pages saved by an earlier run: no work of this one made them.
+    /// The pages written down, for the file; from now on they count as saved.
+    fn saving(&mut self) -> Vec<Event> {
+        self.saved_from = self.settled;
+        self.saved_to = self.settled + self.written as u64;
+        let written = self.pages.iter().take(self.written);
+        written.map(|(event, _)| event.clone()).collect()
+    }
+
+    /// Pages saved by an earlier run: no work of this one made them, and
+    /// they are in the file already.
     fn restore(&mut self, pages: Vec<Event>) {
         let origins = vec![None; pages.len()];
-        self.add(&pages, &origins);
+        self.add(pages, origins);
+        self.saving();
     }
 }
 
@@ -460,13 +501,7 @@ impl Memory {
                         sent: since_epoch(age),
                     })
                     .collect(),
-                unsent: self
-                    .unsent
-                    .lock()
-                    .pages
-                    .iter()
-                    .map(|(event, _)| event.clone())
-                    .collect(),
+                unsent: self.unsent.lock().saving(),
             }
         };
         snapshot::replace_file(file, |out| {
@@ -558,35 +593,75 @@ mod tests {
     }
 
     #[test]
-    fn unsent_pages_are_bounded_in_number_and_bytes_keeping_the_first() {
+    fn pages_are_written_down_within_bounds_the_first_ones() {
         let mut unsent = Unsent::default();
         let small = Event::default();
-        let batch = vec![small.clone(); MAX_UNSENT + 5];
         let made_by = |n| vec![None; n];
-        assert_eq!(unsent.add(&batch, &made_by(batch.len())), MAX_UNSENT);
-        assert_eq!((unsent.len(), unsent.left_out()), (MAX_UNSENT, 5));
-        unsent.settled();
-        assert_eq!(unsent.add(&batch[..3], &made_by(3)), 1, "room for one more");
-        assert_eq!(unsent.take().0.len(), MAX_UNSENT);
-        assert_eq!(unsent.bytes, 0);
+        unsent.add(vec![small.clone(); MAX_UNSENT + 5], made_by(MAX_UNSENT + 5));
+        assert_eq!(
+            (unsent.len(), unsent.written()),
+            (MAX_UNSENT + 5, MAX_UNSENT)
+        );
+        assert!(!unsent.has_room(), "the queue keeps the next ones");
+        for _ in 0..6 {
+            unsent.settled();
+        }
+        assert_eq!(
+            (unsent.len(), unsent.written()),
+            (MAX_UNSENT - 1, MAX_UNSENT - 6)
+        );
+        assert!(
+            !unsent.has_room(),
+            "until those not written down are settled"
+        );
+        unsent.take();
+        assert_eq!((unsent.len(), unsent.written(), unsent.bytes), (0, 0, 0));
+        assert!(unsent.has_room());
 
         let large = Event {
             description: Some("d".repeat(MAX_UNSENT_BYTES / 3)),
             ..Event::default()
         };
-        assert_eq!(
-            unsent.add(&[large.clone(), large.clone(), large.clone()], &made_by(3)),
-            2
+        unsent.add(
+            vec![large.clone(), large.clone(), large, small.clone()],
+            made_by(4),
         );
-        assert_eq!(unsent.left_out(), 1);
-        unsent.settled();
-        unsent.settled();
-        assert_eq!((unsent.len(), unsent.bytes), (0, 0));
-        assert_eq!(unsent.add(&[small], &made_by(1)), 1);
         assert_eq!(
-            unsent.left_out(),
-            0,
-            "counted since the list was last empty"
+            (unsent.len(), unsent.written()),
+            (4, 2),
+            "by bytes too, in order"
+        );
+        for _ in 0..4 {
+            unsent.settled();
+        }
+        assert_eq!((unsent.len(), unsent.written(), unsent.bytes), (0, 0, 0));
+        unsent.add(vec![small], made_by(1));
+        assert_eq!(unsent.written(), 1);
+    }
+
+    #[test]
+    fn a_page_written_down_is_saved_before_its_first_attempt() {
+        let mut unsent = Unsent::default();
+        let page = Event::default();
+        assert!(!unsent.changed_since_saved());
+        unsent.add(vec![page.clone(), page.clone()], vec![None; 2]);
+        assert!(unsent.oldest().unwrap().2, "not in the file yet");
+        assert!(unsent.changed_since_saved());
+        assert_eq!(unsent.saving().len(), 2);
+        assert!(!unsent.oldest().unwrap().2);
+        assert!(!unsent.changed_since_saved());
+        unsent.add(vec![page], vec![None]);
+        unsent.settled();
+        assert!(!unsent.oldest().unwrap().2, "the second was saved");
+        unsent.settled();
+        assert!(unsent.oldest().unwrap().2, "the third was not");
+        assert!(unsent.changed_since_saved());
+        unsent.saving();
+        unsent.settled();
+        assert!(unsent.oldest().is_none());
+        assert!(
+            unsent.changed_since_saved(),
+            "the file still holds the third"
         );
     }
 
@@ -599,11 +674,8 @@ mod tests {
         let page = Event::default();
         let made = |seq| Some(holds.origin(Work::Event { shard: 1, seq }, &page));
         let mut unsent = Unsent::default();
-        let origins = [made(1), None, made(3)];
-        assert_eq!(
-            unsent.add(&[page.clone(), page.clone(), page.clone()], &origins),
-            3
-        );
+        let origins = vec![made(1), None, made(3)];
+        unsent.add(vec![page.clone(), page.clone(), page.clone()], origins);
         unsent.settled();
         let (left, left_origins) = unsent.take();
         assert_eq!(left.len(), 2);

@@ -184,13 +184,30 @@ impl OutputSink for Queue {
     }
 }
 
-/// The consuming end of an output's queue, with its accounting.
+/// The consuming end of an output's queue, with its accounting ([`Tally`],
+/// which it derefs to).
 pub struct Delivery {
-    pub name: String,
-    pub stats: Arc<OutputStats>,
+    tally: Tally,
     rx: event_queue::Receiver,
     /// What made each event of the last batch taken, in order.
     origins: Vec<Option<Origin>>,
+}
+
+/// The accounting of an output's events once taken from its queue: what
+/// settles them. A separate handle, so an output can settle one event while
+/// it takes the next from the queue.
+#[derive(Clone)]
+pub struct Tally {
+    pub name: String,
+    pub stats: Arc<OutputStats>,
+}
+
+impl std::ops::Deref for Delivery {
+    type Target = Tally;
+
+    fn deref(&self) -> &Tally {
+        &self.tally
+    }
 }
 
 impl Delivery {
@@ -233,6 +250,13 @@ impl Delivery {
         std::mem::take(&mut self.origins)
     }
 
+    /// The accounting, as a handle of its own.
+    pub fn tally(&self) -> Tally {
+        self.tally.clone()
+    }
+}
+
+impl Tally {
     /// Counts `n` events left undelivered by an earlier run as accepted
     /// and in flight: they are settled like the queue's.
     pub fn adopt(&self, n: usize) {
@@ -282,8 +306,10 @@ fn paging_queue(
         holds,
     });
     let delivery = Delivery {
-        name: name.to_owned(),
-        stats,
+        tally: Tally {
+            name: name.to_owned(),
+            stats,
+        },
         rx,
         origins: Vec::new(),
     };

@@ -37,11 +37,13 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Delivery;
+use futures_util::FutureExt;
+
 use super::holds::{Holds, Origin};
 use super::http::{self, Outcome, Payload, Poster, RetryPolicy};
 use super::incidents::Memory;
 use super::template::Template;
+use super::{Delivery, Tally};
 use super::{pagerduty, webhook};
 use crate::event::Event;
 
@@ -132,8 +134,9 @@ fn action(state: Option<&str>) -> Option<Action> {
 
 /// Pages for each queued event until shutdown, then for what is already
 /// queued. `memory` holds the incidents open so far (from an earlier task of
-/// this output, or saved before a restart) and is saved after every batch
-/// that changed it. A page's origin stays in `holds` until it is settled.
+/// this output, or saved before a restart) and the pages not yet settled,
+/// which it saves as they change. A page's origin stays in `holds` until it
+/// is settled.
 pub async fn run(
     memory: Arc<Memory>,
     holds: Arc<Holds>,
@@ -162,47 +165,33 @@ pub async fn run(
         headers,
         config,
     };
-    let (left, origins) = pager.memory.unsent().take();
-    if !left.is_empty() {
-        let (output, pages) = (&delivery.name, left.len());
+    let left = pager.memory.unsent().len();
+    if left > 0 {
+        let output = &delivery.name;
         tracing::warn!(
             output,
-            pages,
+            pages = left,
             "Pages left undelivered by the output's previous run; sending them first."
         );
-        delivery.adopt(pages);
-        pager.page_all(&delivery, left, origins).await;
+        delivery.adopt(left);
     }
-    while let Some(batch) = http::next_batch(&mut delivery, &shutdown).await {
-        let origins = delivery.take_origins();
-        pager.page_all(&delivery, batch, origins).await;
-    }
-    if pager.memory.is_replaced() {
-        // Pages for a receiver the output no longer pages: sent should that
-        // receiver come back, they would be stale by then.
-        let (stale, origins) = pager.memory.unsent().take();
-        origins.into_iter().for_each(|origin| pager.release(origin));
-        let dropped = stale.len();
-        if dropped > 0 {
-            tracing::error!(
-                output = %delivery.name, dropped,
-                "Pages undelivered to the previous receiver (routing key or URL), which a \
-                 reload replaced; dropped."
-            );
-        }
-    }
-    let kept = pager.memory.unsent().len();
-    if kept == 0 {
-        return pager.poster.finish(&delivery.name);
-    }
-    let dropped = pager.memory.unsent().left_out();
-    tracing::error!(
-        output = %delivery.name, kept, dropped,
-        "Pages undelivered when the output stopped: the receiver was failing. Those kept are \
-         sent first by its next run: after a reload that redeclares it, or after a restart \
-         with a data directory."
-    );
+    let stopped = pager.page_in_order(&mut delivery, &shutdown).await;
+    pager.stop(delivery, stopped).await;
 }
+
+/// Why [`Pager::page_in_order`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// Every page was settled and the queue is done.
+    Done,
+    /// A last attempt while stopping failed: the receiver is down, and what
+    /// is held is left to the next run. The oldest page was counted dropped.
+    GaveUp,
+}
+
+/// How soon pages taken from the queue while another is being sent are
+/// saved: a crash meanwhile loses those taken since.
+const SAVE_WITHIN: Duration = Duration::from_millis(100);
 
 struct Pager {
     config: Config,
@@ -214,37 +203,116 @@ struct Pager {
 }
 
 impl Pager {
-    /// Pages a batch in order. The batch is written down as unsent (and,
-    /// with a file, saved) before the first attempt, and each page taken off
-    /// once settled: what a reload, a restart or a crash interrupts is sent
-    /// by the next run (twice, if it was sent just before a crash). Pages
-    /// not sent because the task is stopping stay written down, and their
-    /// origins held.
-    async fn page_all(
+    /// Pages the pages held, oldest first, each settled before the next (a
+    /// page may wait for its receiver as long as the process runs), while
+    /// taking the queue's pages in behind them and saving those: a crash
+    /// loses none written down, wherever it strikes. A page is saved before
+    /// its first attempt.
+    async fn page_in_order(
         &mut self,
-        delivery: &Delivery,
-        batch: Vec<Event>,
-        origins: Vec<Option<Origin>>,
-    ) {
-        let written = self.memory.unsent().add(&batch, &origins);
-        // Without a file, saving does nothing.
-        self.memory.save().await;
-        for (i, (event, origin)) in batch.iter().zip(origins).enumerate() {
-            self.page(delivery, event, origin).await;
-            match (self.poster.gave_up(), i < written) {
-                // The next run sends it.
-                (true, true) => {}
-                // Dropped: nothing will send it.
-                (true, false) => self.release(origin),
-                (false, written) => {
-                    if written {
-                        self.memory.unsent().settled();
+        delivery: &mut Delivery,
+        shutdown: &CancellationToken,
+    ) -> Stopped {
+        let memory = self.memory.clone();
+        let tally = delivery.tally();
+        let mut open = true;
+        loop {
+            let oldest = memory.unsent().oldest();
+            let Some((event, origin, unsaved)) = oldest else {
+                if memory.unsent().changed_since_saved() {
+                    memory.save().await;
+                }
+                let Some(batch) = http::next_batch(delivery, shutdown).await else {
+                    return Stopped::Done;
+                };
+                memory.unsent().add(batch, delivery.take_origins());
+                continue;
+            };
+            if unsaved {
+                memory.save().await;
+            }
+            {
+                let page = self.page(&tally, &event, origin);
+                tokio::pin!(page);
+                let mut save_at = None;
+                loop {
+                    let save_due = save_at.unwrap_or_else(Instant::now);
+                    tokio::select! {
+                        biased;
+                        () = &mut page => break,
+                        taken = delivery.next_batch(http::BATCH),
+                            if open && memory.unsent().has_room() =>
+                        {
+                            match taken {
+                                Some(batch) => {
+                                    memory.unsent().add(batch, delivery.take_origins());
+                                    save_at.get_or_insert(Instant::now() + SAVE_WITHIN);
+                                }
+                                None => open = false,
+                            }
+                        }
+                        () = tokio::time::sleep_until(save_due), if save_at.is_some() => {
+                            save_at = None;
+                            memory.save().await;
+                        }
                     }
-                    self.release(origin);
                 }
             }
+            if self.poster.gave_up() {
+                return Stopped::GaveUp;
+            }
+            memory.unsent().settled();
+            self.release(origin);
         }
+    }
+
+    /// After the last page: what is still held is left to the next run (a
+    /// reload's next task takes it all, a restart what was written down),
+    /// and counted dropped here.
+    async fn stop(self, mut delivery: Delivery, stopped: Stopped) {
+        let output = delivery.name.clone();
+        if stopped == Stopped::GaveUp {
+            // Queued behind: lost with the queue unless held.
+            while let Some(batch) = delivery.next_batch(http::BATCH).now_or_never().flatten() {
+                let origins = delivery.take_origins();
+                self.memory.unsent().add(batch, origins);
+            }
+        }
+        if self.memory.is_replaced() {
+            // Pages for a receiver the output no longer pages: sent should that
+            // receiver come back, they would be stale by then.
+            let (stale, origins) = self.memory.unsent().take();
+            origins.into_iter().for_each(|origin| self.release(origin));
+            let dropped = stale.len();
+            if dropped > 0 {
+                tracing::error!(
+                    output,
+                    dropped,
+                    "Pages undelivered to the previous receiver (routing key or URL), which a \
+                     reload replaced; dropped."
+                );
+            }
+            delivery.dropped(dropped.saturating_sub(usize::from(stopped == Stopped::GaveUp)));
+            return self.poster.finish(&output);
+        }
+        let (kept, written) = {
+            let unsent = self.memory.unsent();
+            (unsent.len(), unsent.written())
+        };
+        if kept == 0 {
+            return self.poster.finish(&output);
+        }
+        // The oldest was counted when its last attempt failed.
+        delivery.dropped(kept - usize::from(stopped == Stopped::GaveUp));
         self.memory.save().await;
+        tracing::error!(
+            output,
+            kept,
+            written,
+            "Pages undelivered when the output stopped: the receiver was failing. They are \
+             sent first by its next run: all of them after a reload that redeclares it, those \
+             written down after a restart with a data directory."
+        );
     }
 
     /// A page made by `origin` is settled or dropped: the work is not held
@@ -259,7 +327,7 @@ impl Pager {
     /// it in `delivery`; a delivered page opens, re-sends or resolves its
     /// incident. A page of a shard this node no longer owns is dropped before
     /// its next attempt: the shard's new owner sends it.
-    async fn page(&mut self, delivery: &Delivery, event: &Event, origin: Option<Origin>) {
+    async fn page(&mut self, delivery: &Tally, event: &Event, origin: Option<Origin>) {
         let Some(action) = action(event.state.as_deref()) else {
             let state = event.state.as_deref();
             tracing::debug!(output = %delivery.name, ?state, "State not paged; event dropped.");
