@@ -144,7 +144,7 @@ PASS tests/fixtures/failing_test.vigil: passes
 }
 
 #[test]
-fn check_refuses_what_an_output_could_never_send_and_keys_given_twice() {
+fn check_refuses_what_an_output_could_never_send_keys_given_twice_and_ttls_out_of_range() {
     // Each of these passed `check`, then `run` dropped every event of the output.
     let out = vigil(&["check", "tests/fixtures/unsendable.vigil"]);
     assert_eq!(out.status.code(), Some(1));
@@ -163,6 +163,8 @@ fn check_refuses_what_an_output_could_never_send_and_keys_given_twice() {
             "4:59: invalid header `X-Token`: failed to parse header value",
             "5:45: `http://` is not a URL vigil can post to: empty host",
             "7:19: `host` is given twice",
+            "8:13: expected a TTL in seconds (0 or more), found a number",
+            "9:16: expected a TTL in seconds (0 or more), found a number",
         ],
         "{text}"
     );

@@ -10,7 +10,7 @@
 //! every batch that changed them, and loaded when the output's first task
 //! starts, both off the async workers; so an incident open before a restart
 //! is still resolved when its series turns `ok`. The file also holds the
-//! pages not yet settled ([`Unsent`]), taken from the queue as they come,
+//! pages not yet settled (`Unsent`), taken from the queue as they come,
 //! even while an earlier page is retried, so a restart or a crash loses none
 //! of them.
 //!

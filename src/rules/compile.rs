@@ -1005,7 +1005,13 @@ impl Compiler {
                 }))
             }
             "ttl" if null => FieldSet::Ttl(None),
-            "ttl" => FieldSet::Ttl(Some(self.number(v)? as f32)),
+            // A TTL becomes an f32, as on the wire: past its range it would be infinite.
+            "ttl" => match v.kind {
+                ValueKind::Number(n) if (0.0..=f64::from(f32::MAX)).contains(&n) => {
+                    FieldSet::Ttl(Some(n as f32))
+                }
+                _ => return self.expected(v, "a TTL in seconds (0 or more)"),
+            },
             "tags" => match &v.kind {
                 ValueKind::Null => FieldSet::Tags(Vec::new()),
                 ValueKind::List(items) => FieldSet::Tags(self.strings(items)?),
