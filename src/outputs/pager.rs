@@ -31,13 +31,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use futures_util::FutureExt;
 
 use super::holds::{Holds, Origin};
 use super::http::{self, Outcome, Payload, Poster, RetryPolicy};
