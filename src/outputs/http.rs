@@ -244,8 +244,6 @@ impl Poster {
             if !(payload.wanted)() {
                 return Ended::Unwanted;
             }
-            // Once shutting down, this attempt is the last one.
-            let last = self.shutdown.is_cancelled();
             attempts += 1;
             let Err(error) = self.attempt(payload).await else {
                 return Ended::Delivered;
@@ -262,7 +260,9 @@ impl Poster {
                 tracing::error!(output, %error, "Event refused by the downstream; dropped.");
                 return Ended::Dropped;
             }
-            if last {
+            // Once shutting down, a failed attempt is the last one, even one
+            // made before: another may wait on a hung receiver as long again.
+            if self.shutdown.is_cancelled() {
                 self.given_up = true;
                 tracing::error!(
                     output, %error, attempts,
