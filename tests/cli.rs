@@ -96,7 +96,7 @@ tests/fixtures/broken.vigil:7:3: unknown stream or output `pagr`
       pagr
       ^^^^
   hint: no outputs are declared; declare one with `output NAME = TYPE(…)`
-tests/fixtures/broken.vigil:8:13: expected a number, found a string
+tests/fixtures/broken.vigil:8:13: expected a TTL in seconds (0 or more), found a string
       with(ttl: \"x\") { index }
                 ^^^
 ";
