@@ -430,7 +430,7 @@ async fn a_msg_over_a_per_message_limit_is_refused_whole_naming_the_flag() {
 }
 
 #[tokio::test]
-async fn an_event_that_does_not_decode_gets_an_error_ack_and_the_stream_goes_on() {
+async fn a_msg_or_an_event_that_does_not_decode_gets_an_error_ack_and_the_stream_goes_on() {
     let (grpc, index, stats) = start_in_process(1 << 20).await;
     let mut client = connect(grpc.addr).await;
     // `events` holding two bytes that are no event: a varint never ended.
@@ -444,10 +444,20 @@ async fn an_event_that_does_not_decode_gets_an_error_ack_and_the_stream_goes_on(
         (ack.ok, ack.error.as_str()),
         (false, "invalid message: message truncated")
     );
+    // Bytes that are no `Msg` at all: a key whose varint never ends. They
+    // ended the stream (`INTERNAL`), losing the acks of the messages behind.
+    let not_a_msg = <Msg as prost::Message>::decode([0xff, 0xff].as_slice()).unwrap();
+    tx.send(not_a_msg).await.unwrap();
+    let ack = next(&mut acks).await.unwrap().unwrap();
+    assert_eq!(
+        (ack.ok, ack.error.as_str()),
+        (false, "invalid message: message truncated"),
+        "as a Riemann TCP frame of the same bytes is answered"
+    );
     tx.send(msg(&[event("after", "garbage")])).await.unwrap();
     assert_ok(&next(&mut acks).await.unwrap().unwrap());
     assert_eq!(index.len(), 1);
-    assert_eq!(Stats::get(&stats.decode_errors), 1);
+    assert_eq!(Stats::get(&stats.decode_errors), 2);
     grpc.shutdown(WAIT).await;
 }
 

@@ -169,8 +169,8 @@ impl pb::vigil_server::Vigil for Service {
                         let ack = shared.accept(msg).await;
                         Some((Ok(ack), Some((msgs, shared))))
                     }
-                    // A Msg over --max-frame, or not a Msg at all, ends the call
-                    // (an event inside one that does not decode gets its Ack).
+                    // A Msg over --max-frame ends the call (bytes that are not
+                    // a Msg, or an event in one that does not decode, get an Ack).
                     Err(status) => Some((Err(status), None)),
                 }
             },

@@ -71,6 +71,26 @@ impl prost::Message for Msg {
         buf.put_slice(&self.encoded);
     }
 
+    /// Never fails: bytes that are not a `Msg` are kept as sent, so that
+    /// [`Msg::decode_into`] refuses them with the error a Riemann TCP frame of
+    /// the same bytes gets. A failure here would end a `Send` stream (tonic
+    /// closes it, `INTERNAL`), taking the acks of the messages behind along.
+    fn merge(&mut self, mut buf: impl Buf) -> Result<(), DecodeError> {
+        let raw = buf.copy_to_bytes(buf.remaining());
+        let mut fields = &raw[..];
+        while fields.has_remaining() {
+            let parsed = prost::encoding::decode_key(&mut fields).and_then(|(tag, wire_type)| {
+                self.merge_field(tag, wire_type, &mut fields, DecodeContext::default())
+            });
+            if parsed.is_err() {
+                self.encoded.clear();
+                self.encoded.extend_from_slice(&raw);
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn merge_field(
         &mut self,
         tag: u32,
@@ -142,7 +162,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_dropped_and_a_bad_events_field_is_an_error() {
+    fn unknown_fields_are_dropped_and_bytes_that_are_no_msg_are_refused_when_decoded() {
         let mut bytes = Vec::new();
         prost::encoding::string::encode(7, &"ignored".to_owned(), &mut bytes);
         bytes.extend(Msg::new([full_event(1)]).encode_to_vec());
@@ -151,9 +171,13 @@ mod tests {
             Msg::decode(bytes.as_slice()).unwrap(),
             Msg::new([full_event(1)])
         );
-        // `events` as a varint, and a length past the end.
-        assert!(Msg::decode([0x08, 0x01].as_slice()).is_err());
-        assert!(Msg::decode([0x0a, 0x05, 0x00].as_slice()).is_err());
+        // `events` as a varint, a length past the end, a key never ended:
+        // kept as sent, and refused when decoded, as a TCP frame would be.
+        for bytes in [&[0x08, 0x01][..], &[0x0a, 0x05, 0x00], &[0xff, 0xff]] {
+            let msg = Msg::decode(bytes).unwrap();
+            assert_eq!(msg.encode_to_vec(), bytes);
+            assert!(decoded(&msg, &Limits::DEFAULT).is_err(), "{bytes:02x?}");
+        }
     }
 
     /// `vigil.Msg` as prost would generate it.
