@@ -10,9 +10,10 @@
 //! When the refusal names one event of the batch (a vigil downstream refuses
 //! a `Msg` whole as `event 3: description of … bytes exceeds --max-string …`),
 //! only that event is dropped and the rest sent again at once; when it says
-//! the frame was over the downstream's maximum (a vigil with a smaller
-//! `--max-frame`), the batch is sent again in parts that fit, and only an
-//! event that alone does not fit is dropped.
+//! the frame, or the number of events, was over the downstream's maximum (a
+//! vigil with a smaller `--max-frame` or `--max-events-per-msg`), the batch is
+//! sent again in parts that fit, and only an event that alone does not fit a
+//! frame is dropped.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -66,6 +67,22 @@ impl Default for Tuning {
 fn frame_max(message: &str) -> Option<usize> {
     let max = message.strip_prefix("frame exceeds the maximum size of ")?;
     max.strip_suffix(" bytes")?.parse().ok()
+}
+
+/// The most events per `Msg` a vigil downstream's refusal of a batch says it
+/// takes (`500 events exceeds --max-events-per-msg 100`).
+fn events_max(message: &str) -> Option<usize> {
+    let (_, max) = message.split_once(" events exceeds --max-events-per-msg ")?;
+    max.parse().ok().filter(|&max| max > 0)
+}
+
+/// What the downstream's refusal says the batch must be cut to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fit {
+    /// Frames of at most this many bytes; the downstream closed the connection.
+    Bytes(usize),
+    /// `Msg`s of at most this many events.
+    Events(usize),
 }
 
 /// `batch` in parts of events whose `Event::approx_bytes` (more than their
@@ -202,23 +219,36 @@ impl Link {
         }
     }
 
-    /// Sends `batch`, in parts if the downstream's frames are smaller.
+    /// Sends `batch`, in parts if the downstream's frames, or `Msg`s, are
+    /// smaller.
     async fn deliver(&mut self, batch: Vec<Event>, delivery: &Delivery) {
         let mut batches = VecDeque::from([batch]);
         while let Some(batch) = batches.pop_front() {
-            let Some((batch, max)) = self.deliver_one(batch, delivery).await else {
+            let Some((mut batch, fit)) = self.deliver_one(batch, delivery).await else {
                 continue;
             };
-            // Refused as a frame over `max` bytes: the downstream closed the
-            // connection after saying so.
-            self.client = None;
-            if batch.len() == 1 {
-                delivery.dropped(1);
-                let (output, addr) = (&self.output, &self.addr);
-                tracing::warn!(%output, %addr, max, "An event alone is over the downstream's largest frame; dropped it.");
-                continue;
-            }
-            let parts = split_within(batch, max);
+            let parts = match fit {
+                Fit::Bytes(max) => {
+                    // The downstream closed the connection after saying so.
+                    self.client = None;
+                    if batch.len() == 1 {
+                        delivery.dropped(1);
+                        let (output, addr) = (&self.output, &self.addr);
+                        tracing::warn!(%output, %addr, max, "An event alone is over the downstream's largest frame; dropped it.");
+                        continue;
+                    }
+                    split_within(batch, max)
+                }
+                Fit::Events(max) => {
+                    let mut parts = Vec::new();
+                    while batch.len() > max {
+                        let rest = batch.split_off(max);
+                        parts.push(std::mem::replace(&mut batch, rest));
+                    }
+                    parts.push(batch);
+                    parts
+                }
+            };
             for part in parts.into_iter().rev() {
                 batches.push_front(part);
             }
@@ -228,12 +258,13 @@ impl Link {
     /// Sends `batch` until it is acked, retrying with backoff. Only a batch the
     /// downstream keeps refusing is given up on; an unreachable downstream is
     /// waited for (the queue bounds what piles up meanwhile). A batch refused
-    /// as a frame over the downstream's maximum comes back, with that maximum.
+    /// as over the downstream's largest frame or `Msg` comes back, with what
+    /// it must fit.
     async fn deliver_one(
         &mut self,
         mut batch: Vec<Event>,
         delivery: &Delivery,
-    ) -> Option<(Vec<Event>, usize)> {
+    ) -> Option<(Vec<Event>, Fit)> {
         let mut refusals = 0;
         loop {
             match self.attempt(&batch).await {
@@ -244,7 +275,10 @@ impl Link {
                 }
                 Err(Failure::Refused(message)) => {
                     if let Some(max) = frame_max(&message) {
-                        return Some((batch, max));
+                        return Some((batch, Fit::Bytes(max)));
+                    }
+                    if let Some(max) = events_max(&message).filter(|&max| max < batch.len()) {
+                        return Some((batch, Fit::Events(max)));
                     }
                     if let Some(i) = refused_event(&message, batch.len()) {
                         batch.remove(i);
@@ -650,6 +684,32 @@ mod tests {
         assert!(index.get("web1", "svc 6").is_none());
         assert!(get(&server.stats.frames_oversized) >= 2);
         assert_accounted(&queue);
+    }
+
+    /// A vigil downstream with a smaller `--max-events-per-msg` refuses the
+    /// batch (keeping the connection): it goes again in `Msg`s that fit,
+    /// and none of it is lost. (It was refused four times, then dropped whole.)
+    #[tokio::test]
+    async fn a_batch_over_the_downstreams_most_events_per_msg_goes_in_parts() {
+        let (server, index) = downstream_with(ServerConfig {
+            tcp: any_port(),
+            limits: crate::limits::Limits {
+                max_events: 4,
+                ..crate::limits::Limits::DEFAULT
+            },
+            ..ServerConfig::default()
+        })
+        .await;
+        let (queue, _task, _shutdown) = forward_events(server.tcp_addr, fast(), (0..10).map(event));
+
+        wait_until("10 delivered", || get(&queue.stats.delivered) == 10).await;
+        assert_eq!(get(&queue.stats.dropped), 0);
+        assert_eq!(get(&queue.stats.retries), 0, "sent again at once");
+        assert_eq!(index.len(), 10);
+        assert_accounted(&queue);
+        let refusal = "10 events exceeds --max-events-per-msg 4";
+        assert_eq!(events_max(refusal), Some(4));
+        assert_eq!(events_max("event 1: too long"), None);
     }
 
     #[test]
