@@ -305,6 +305,9 @@ impl Emitter {
             emit(format!("vigil output {name} delivered"), gauge(o.delivered));
             emit(format!("vigil output {name} dropped"), gauge(o.dropped));
             emit(format!("vigil output {name} queued"), gauge(o.queued));
+            // Taken from the queue and not yet settled: what an output stuck
+            // on a dead downstream holds, while its queue may look empty.
+            emit(format!("vigil output {name} in flight"), gauge(o.in_flight));
         }
         let (then, before) = &self.previous;
         let secs = (now - then) as f64 / MICROS_PER_SEC as f64;
@@ -425,6 +428,7 @@ mod tests {
                 name: "pager".into(),
                 accepted: 4,
                 dropped: 1,
+                in_flight: 2,
                 ..OutputSample::default()
             }],
             ..Sample::default()
@@ -433,6 +437,7 @@ mod tests {
         let first = emitter.events(T0, sample.clone());
         assert_eq!(metric(&first, "vigil index size"), Some(3.0));
         assert_eq!(metric(&first, "vigil output pager dropped"), Some(1.0));
+        assert_eq!(metric(&first, "vigil output pager in flight"), Some(2.0));
         assert_eq!(
             metric(&first, "vigil tcp events/s"),
             None,

@@ -348,6 +348,18 @@ async fn posted_events_are_answered_per_line_and_queryable_over_tcp() {
         .unwrap();
     assert_eq!(response.text().await.unwrap(), "{}\n");
     assert_eq!(client.query(r#"service = "put""#).await.unwrap().len(), 1);
+
+    // A body some Windows tools write, starting with a byte-order mark.
+    let (status, answers) = post_events(
+        http_addr(&v),
+        "\u{feff}{\"host\":\"agent\",\"service\":\"bom\"}".to_owned(),
+    )
+    .await;
+    assert_eq!(
+        (status, answers),
+        (StatusCode::OK, vec![serde_json::json!({})])
+    );
+    assert_eq!(client.query(r#"service = "bom""#).await.unwrap().len(), 1);
 }
 
 /// The answers of a `POST /events`, one JSON value per line.

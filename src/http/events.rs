@@ -52,6 +52,8 @@ pub(super) async fn post(State(state): State<AppState>, request: Request) -> Res
             json!({"error": "body is not UTF-8"}),
         );
     };
+    // Some Windows tools start UTF-8 text with a byte-order mark: not JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let lines = || text.lines().filter(|l| !l.trim().is_empty());
     // Counted before anything is kept for them, as the decoder counts a `Msg`'s events.
     let count = lines().count();
