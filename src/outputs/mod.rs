@@ -102,9 +102,11 @@ pub struct OutputSpec {
     pub kind: OutputKind,
 }
 
-/// Per-output accounting. `queued` is read from the queue itself, so the
-/// identity `accepted = delivered + dropped + queued + in_flight` holds
-/// whenever nothing is moving.
+/// Per-output accounting, by output name: a redeclared output (but a pager)
+/// counts on from its predecessor's numbers ([`Kept`]). `queued` is read from the current
+/// queue, so the identity `accepted = delivered + dropped + queued +
+/// in_flight` holds whenever nothing is moving (and a predecessor's queue
+/// has drained).
 #[derive(Debug, Default)]
 pub struct OutputStats {
     /// Handed to the output by the streams.
@@ -282,17 +284,19 @@ impl Tally {
 
 /// A queue and the delivery end that drains it.
 pub fn queue(name: &str, capacity: usize) -> (Arc<Queue>, Delivery) {
-    paging_queue(name, capacity, None, None)
+    counted_queue(name, capacity, Arc::default(), None, None)
 }
 
-fn paging_queue(
+/// A queue counting into `stats`, with a pager's memory of replayed pages
+/// and holds.
+fn counted_queue(
     name: &str,
     capacity: usize,
+    stats: Arc<OutputStats>,
     replayed: Option<pager::Replayed>,
     holds: Option<Arc<Holds>>,
 ) -> (Arc<Queue>, Delivery) {
     let (tx, rx) = event_queue::queue(capacity, MAX_QUEUED_BYTES);
-    let stats = Arc::new(OutputStats::default());
     let queue = Arc::new(Queue {
         name: name.to_owned(),
         stats: stats.clone(),
@@ -323,6 +327,12 @@ fn paging_queue(
 pub struct Kept {
     dir: Option<PathBuf>,
     pagers: Mutex<HashMap<String, Pager>>,
+    /// Each output's counters by name: a redeclared output (not a pager, which
+    /// takes its predecessor's pages over and counts them anew) counts on
+    /// from its predecessor's, which settles what it still holds into them,
+    /// so the counters never go back and the drops of a backlog left behind
+    /// show.
+    counters: Mutex<HashMap<String, Arc<OutputStats>>>,
     /// The work every pager output's undelivered pages came from.
     holds: Arc<Holds>,
 }
@@ -345,6 +355,12 @@ impl Kept {
             dir: Some(dir),
             ..Kept::default()
         }
+    }
+
+    /// The counters of output `name`, shared by every declaration of it.
+    fn counters(&self, name: &str) -> Arc<OutputStats> {
+        let mut counters = self.counters.lock();
+        counters.entry(name.to_owned()).or_default().clone()
     }
 
     /// What the pagers' undelivered pages hold: how far a cluster node may
@@ -402,14 +418,23 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> (Arc<Queue>, JoinHandle<()>) {
     let (name, capacity) = (spec.name.as_str(), QUEUE);
-    let plain = || queue(name, capacity);
+    let stats = kept.counters(name);
+    let plain = || counted_queue(name, capacity, stats.clone(), None, None);
     match spec.kind.clone() {
         OutputKind::Pager(config) => {
             let memory = kept.pager(name, &config);
             let replayed = pager::Replayed::new(config.clone(), memory.clone());
             let holds = kept.holds();
-            let (queue, delivery) =
-                paging_queue(name, capacity, Some(replayed), Some(holds.clone()));
+            // Its own counters: it adopts the pages its predecessor left,
+            // which that one counted as dropped.
+            let counters = Arc::default();
+            let (queue, delivery) = counted_queue(
+                name,
+                capacity,
+                counters,
+                Some(replayed),
+                Some(holds.clone()),
+            );
             let retry = http::RetryPolicy::pager();
             let paging = pager::run(memory, holds, config, delivery, retry, shutdown);
             let task = tokio::spawn(paging);
@@ -551,7 +576,8 @@ mod tests {
     #[tokio::test]
     async fn a_page_holds_its_work_only_once_queued() {
         let holds = Arc::new(Holds::default());
-        let (pager, _delivery) = paging_queue("pager", 1, None, Some(holds.clone()));
+        let (pager, _delivery) =
+            counted_queue("pager", 1, Arc::default(), None, Some(holds.clone()));
         let (push, _push_delivery) = queue("push", 10);
         let made_by = |seq| holds::Work::Event { shard: 0, seq };
         holds::made_by(made_by(5), || {

@@ -37,7 +37,10 @@
 //!   inserted or removed before it shifts it), or below such a stage: fresh.
 //! - An output that was removed or whose declaration changed: it stops taking
 //!   events, delivers what it already queued (once no batch still runs on the
-//!   old rules), and ends; a changed one starts again with empty counters.
+//!   old rules), and ends; a changed one starts again, counting on from the
+//!   old one's counters, into which the old one settles what it held (a
+//!   pager starts its own: it takes over the old one's undelivered pages,
+//!   which that one counted as dropped, and counts them anew).
 //! - Events a batch processes on the old rules while the state moves out of
 //!   them (briefly: it is moved, not copied): a stage already emptied sees
 //!   them alone, and what they change there is lost. Avoiding it would take a
@@ -324,6 +327,11 @@ mod tests {
             !Arc::ptr_eq(&outputs.running[1].queue, &b),
             "changed: restarted"
         );
+        assert!(
+            Arc::ptr_eq(&outputs.running[1].queue.stats, &b.stats),
+            "counting on from the old declaration's counters, which it settles into"
+        );
+        assert!(!Arc::ptr_eq(&outputs.running[2].queue.stats, &b.stats));
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].queue.name, "b");
 
