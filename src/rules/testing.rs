@@ -20,7 +20,7 @@ use crate::outputs::OutputSink;
 use crate::query::Query;
 use crate::streams::Streams;
 
-use super::ast::{Ident, RuleFile, TestAction, TestCase, Value, ValueKind};
+use super::ast::{Ident, RuleFile, TestAction, Value, ValueKind};
 use super::compile::{EnvPolicy, compile};
 use super::diag::Diagnostic;
 use super::engine::{MAX_REINJECT_ROUNDS, Rules};
@@ -47,21 +47,46 @@ impl Outcome {
 /// Runs every test of an already parsed file. Steps that make a test
 /// meaningless ([`check_tests`]) are returned as diagnostics.
 pub fn run_tests(file: &RuleFile) -> Result<Vec<Outcome>, Vec<Diagnostic>> {
-    let problems = check_tests(file);
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    file.tests.iter().map(|t| run_one(file, t)).collect()
+    let plans = plan(file)?;
+    file.tests
+        .iter()
+        .zip(plans)
+        .map(|(test, steps)| run_one(file, &test.name, &steps))
+        .collect()
 }
 
 /// What makes a test step meaningless, found without running it (so `vigil
 /// check` reports it too): an `expect` of no such output or not given a map,
 /// a `send` of no event, an `at` earlier than the step before.
 pub fn check_tests(file: &RuleFile) -> Vec<Diagnostic> {
+    plan(file).err().unwrap_or_default()
+}
+
+/// A test step, read once before any test runs.
+struct Step {
+    at: Option<Micros>,
+    action: Action,
+}
+
+enum Action {
+    /// The event, and whether it gave its `time` (else it is sent at the
+    /// step's time).
+    Send { event: Event, timed: bool },
+    Expect {
+        target: String,
+        wanted: Vec<(String, Json)>,
+        negated: bool,
+    },
+}
+
+/// Every test's steps, read; or what makes any of them meaningless.
+fn plan(file: &RuleFile) -> Result<Vec<Vec<Step>>, Vec<Diagnostic>> {
     let outputs: Vec<String> = file.outputs.iter().map(|o| o.name.name.clone()).collect();
     let mut problems = Vec::new();
+    let mut plans = Vec::with_capacity(file.tests.len());
     for test in &file.tests {
         let mut latest = 0;
+        let mut steps = Vec::with_capacity(test.steps.len());
         for step in &test.steps {
             if let Some(at) = step.at {
                 if at < latest {
@@ -76,20 +101,40 @@ pub fn check_tests(file: &RuleFile) -> Vec<Diagnostic> {
                 }
                 latest = latest.max(at);
             }
-            let problem = match &step.action {
-                TestAction::Send(value) => event_from(value, TEST_EPOCH).err(),
-                TestAction::Expect { target, fields, .. } => {
-                    if target.name != "index" && !outputs.contains(&target.name) {
-                        Some(unknown_target(target, &outputs))
-                    } else {
-                        expected_fields(fields).err()
-                    }
+            let action = match &step.action {
+                TestAction::Send(value) => {
+                    event_from(value).map(|(event, timed)| Action::Send { event, timed })
                 }
+                TestAction::Expect { target, .. }
+                    if target.name != "index" && !outputs.contains(&target.name) =>
+                {
+                    Err(unknown_target(target, &outputs))
+                }
+                TestAction::Expect {
+                    target,
+                    fields,
+                    negated,
+                } => expected_fields(fields).map(|wanted| Action::Expect {
+                    target: target.name.clone(),
+                    wanted,
+                    negated: *negated,
+                }),
             };
-            problems.extend(problem);
+            match action {
+                Ok(action) => steps.push(Step {
+                    at: step.at,
+                    action,
+                }),
+                Err(problem) => problems.push(problem),
+            }
         }
+        plans.push(steps);
     }
-    problems
+    if problems.is_empty() {
+        Ok(plans)
+    } else {
+        Err(problems)
+    }
 }
 
 fn unknown_target(target: &Ident, outputs: &[String]) -> Diagnostic {
@@ -229,11 +274,11 @@ impl Bench {
     }
 }
 
-fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>> {
+fn run_one(file: &RuleFile, test_name: &str, steps: &[Step]) -> Result<Outcome, Vec<Diagnostic>> {
     let bench = Bench::new(file)?;
     let mut failures = Vec::new();
     let mut ticks = 0;
-    for step in &test.steps {
+    for step in steps {
         if let Some(at) = step.at {
             let target = TEST_EPOCH.saturating_add(at);
             match advance_test(&bench, target, &mut ticks) {
@@ -254,19 +299,19 @@ fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>>
             }
         }
         match &step.action {
-            TestAction::Send(value) => match event_from(value, bench.clock.now()) {
-                Ok(event) => bench.rules.process(&[event]),
-                Err(e) => {
-                    failures.push(format!("send: {}", e.message));
-                    break;
+            Action::Send { event, timed } => {
+                let mut event = event.clone();
+                if !timed {
+                    event.time = bench.clock.now();
                 }
-            },
-            TestAction::Expect {
+                bench.rules.process(&[event]);
+            }
+            Action::Expect {
                 target,
-                fields,
+                wanted,
                 negated,
             } => {
-                if let Err(e) = expect(&bench, &target.name, fields, *negated) {
+                if let Err(e) = expect(&bench, target, wanted, *negated) {
                     failures.push(e);
                 }
             }
@@ -298,7 +343,7 @@ fn run_one(file: &RuleFile, test: &TestCase) -> Result<Outcome, Vec<Diagnostic>>
         ));
     }
     Ok(Outcome {
-        name: test.name.clone(),
+        name: test_name.to_owned(),
         failures,
     })
 }
@@ -334,15 +379,19 @@ fn advance_test(bench: &Bench, target: Micros, ticks: &mut usize) -> Advanced {
     Advanced::Reached
 }
 
-fn expect(bench: &Bench, target: &str, fields: &Value, negated: bool) -> Result<(), String> {
-    let wanted = expected_fields(fields).map_err(|d| format!("expect {target}: {}", d.message))?;
+fn expect(
+    bench: &Bench,
+    target: &str,
+    wanted: &[(String, Json)],
+    negated: bool,
+) -> Result<(), String> {
     let seen: Vec<Json> = bench.seen_by(target).iter().map(to_json).collect();
-    let matching = seen.iter().filter(|e| matches(e, &wanted)).count();
+    let matching = seen.iter().filter(|e| matches(e, wanted)).count();
     let want = Json::Object(wanted.iter().cloned().collect());
     match (negated, matching) {
         (false, 0) => Err(format!(
             "expected {target} to have an event matching\n      {want}\n{}",
-            closest_diff(&seen, &wanted, target)
+            closest_diff(&seen, wanted, target)
         )),
         (true, n) if n > 0 => Err(format!(
             "expected {target} to have no event matching\n      {want}\n    but {n} matched"
@@ -455,18 +504,17 @@ fn to_plain_json(v: &Value) -> Json {
     }
 }
 
-/// Builds the event a `send {…}` step describes; `time` defaults to now.
-fn event_from(v: &Value, now: Micros) -> Result<Event, Diagnostic> {
+/// The event a `send {…}` step describes, and whether it gives its `time`
+/// (else the step's time is its time).
+fn event_from(v: &Value) -> Result<(Event, bool), Diagnostic> {
     let ValueKind::Map(entries) = &v.kind else {
         return Err(Diagnostic::new(
             v.span.clone(),
             "`send` takes a map of event fields, e.g. `send {host: \"web1\", metric: 1}`",
         ));
     };
-    let mut event = Event {
-        time: now,
-        ..Event::default()
-    };
+    let mut event = Event::default();
+    let mut timed = false;
     for (key, value) in entries {
         let wrong = |what: String| Diagnostic::new(value.span.clone(), what);
         let text = || match &value.kind {
@@ -494,16 +542,19 @@ fn event_from(v: &Value, now: Micros) -> Result<Event, Diagnostic> {
                 ValueKind::Duration(d) => event.ttl = Some(d as f32 / 1e6),
                 _ => return Err(wrong("`ttl` must be a number of seconds".into())),
             },
-            "time" => match value.kind {
-                // Seconds since the test started, like `at`.
-                ValueKind::Number(n) => event.time = TEST_EPOCH + secs_to_micros(n),
-                ValueKind::Duration(d) => event.time = TEST_EPOCH + d,
-                _ => {
-                    return Err(wrong(
-                        "`time` must be seconds since the test started".into(),
-                    ));
-                }
-            },
+            "time" => {
+                event.time = match value.kind {
+                    // Seconds since the test started, like `at`.
+                    ValueKind::Number(n) => TEST_EPOCH + secs_to_micros(n),
+                    ValueKind::Duration(d) => TEST_EPOCH + d,
+                    _ => {
+                        return Err(wrong(
+                            "`time` must be seconds since the test started".into(),
+                        ));
+                    }
+                };
+                timed = true;
+            }
             "tags" => {
                 let tags = match &value.kind {
                     ValueKind::List(items) => items
@@ -531,7 +582,7 @@ fn event_from(v: &Value, now: Micros) -> Result<Event, Diagnostic> {
             },
         }
     }
-    Ok(event)
+    Ok((event, timed))
 }
 
 #[cfg(test)]
