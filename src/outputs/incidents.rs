@@ -147,9 +147,15 @@ impl Unsent {
     /// page held is, and there is room for more. Until then the queue keeps
     /// them, in memory.
     pub(super) fn has_room(&self) -> bool {
+        self.fits(1)
+    }
+
+    /// Whether a page of `bytes` added now would be written down: every page
+    /// before it is, and it stays within the bounds.
+    fn fits(&self, bytes: usize) -> bool {
         self.written == self.pages.len()
             && self.written < MAX_UNSENT
-            && self.bytes < MAX_UNSENT_BYTES
+            && self.bytes + bytes <= MAX_UNSENT_BYTES
     }
 
     /// Adds `batch` (made by `origins`, in the same order) after the pages
@@ -157,10 +163,7 @@ impl Unsent {
     pub(super) fn add(&mut self, batch: Vec<Event>, origins: Vec<Option<Origin>>) {
         for (event, origin) in batch.into_iter().zip(origins) {
             let bytes = event.approx_bytes();
-            if self.written == self.pages.len()
-                && self.written < MAX_UNSENT
-                && self.bytes + bytes <= MAX_UNSENT_BYTES
-            {
+            if self.fits(bytes) {
                 self.written += 1;
                 self.bytes += bytes;
             }

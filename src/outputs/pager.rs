@@ -270,6 +270,8 @@ impl Pager {
     /// and counted dropped here.
     async fn stop(self, mut delivery: Delivery, stopped: Stopped) {
         let output = delivery.name.clone();
+        // The oldest was counted when its last attempt failed.
+        let counted = usize::from(stopped == Stopped::GaveUp);
         if stopped == Stopped::GaveUp {
             // Queued behind: lost with the queue unless held.
             while let Some(batch) = delivery.next_batch(http::BATCH).now_or_never().flatten() {
@@ -291,7 +293,7 @@ impl Pager {
                      reload replaced; dropped."
                 );
             }
-            delivery.dropped(dropped.saturating_sub(usize::from(stopped == Stopped::GaveUp)));
+            delivery.dropped(dropped.saturating_sub(counted));
             return self.poster.finish(&output);
         }
         let (kept, written) = {
@@ -301,8 +303,7 @@ impl Pager {
         if kept == 0 {
             return self.poster.finish(&output);
         }
-        // The oldest was counted when its last attempt failed.
-        delivery.dropped(kept - usize::from(stopped == Stopped::GaveUp));
+        delivery.dropped(kept - counted);
         self.memory.save().await;
         tracing::error!(
             output,
