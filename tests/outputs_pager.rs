@@ -617,6 +617,18 @@ async fn pages_undelivered_at_shutdown_are_sent_first_by_the_next_run() {
     assert_eq!(saved["incidents"].as_array().map(Vec::len), Some(2));
 }
 
+/// The pages a pager's file holds as not yet delivered, as `"service"/"state"`
+/// (none before the file is first written).
+fn saved_pages(file: &std::path::Path) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(file) else {
+        return Vec::new();
+    };
+    let saved: Value = serde_json::from_slice(&bytes).unwrap();
+    let pages = saved["unsent"].as_array().cloned().unwrap_or_default();
+    // Saved events are tuples: host, service, state, …
+    pages.iter().map(|p| format!("{}/{}", p[1], p[2])).collect()
+}
+
 /// The receiver takes the first page and never answers; the pages made
 /// meanwhile wait behind it. Stopped as a crash (or the end of shutdown's
 /// grace) stops it, the output loses none of them: they were saved while the
@@ -635,25 +647,16 @@ async fn pages_queued_behind_a_page_in_flight_survive_a_crash() {
     before.queue.push(event("b", "critical"));
     before.queue.push(event("c", "ok"));
     before.queue.push(event("a", "ok"));
-    let saved_pages = || -> Vec<String> {
-        let Ok(bytes) = std::fs::read(&file) else {
-            return Vec::new();
-        };
-        let saved: Value = serde_json::from_slice(&bytes).unwrap();
-        let pages = saved["unsent"].as_array().cloned().unwrap_or_default();
-        // Saved events are tuples: host, service, state, …
-        pages.iter().map(|p| format!("{}/{}", p[1], p[2])).collect()
-    };
     let deadline = Instant::now() + WAIT;
-    while saved_pages().len() < 4 {
-        assert!(Instant::now() < deadline, "saved: {:?}", saved_pages());
+    while saved_pages(&file).len() < 4 {
+        assert!(Instant::now() < deadline, "saved: {:?}", saved_pages(&file));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     before.shutdown.cancel();
     before.task.abort();
     let _ = (&mut before.task).await;
     assert_eq!(
-        saved_pages(),
+        saved_pages(&file),
         [
             r#""a"/"critical""#,
             r#""b"/"critical""#,
@@ -1402,14 +1405,8 @@ fn the_binary_sends_after_a_crash_the_pages_it_had_not_delivered() {
     send_state(&runtime, &first, "cpu", "critical");
     send_state(&runtime, &first, "load", "warning");
     let file = incidents::file_in(&dir.path().join("data"), "pager");
-    let saved = || -> usize {
-        let saved: Option<Value> = std::fs::read(&file)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-        saved.map_or(0, |saved| saved["unsent"].as_array().map_or(0, Vec::len))
-    };
     let deadline = std::time::Instant::now() + WAIT;
-    while saved() < 3 {
+    while saved_pages(&file).len() < 3 {
         assert!(std::time::Instant::now() < deadline, "{}", first.logs());
         std::thread::sleep(Duration::from_millis(10));
     }
