@@ -374,8 +374,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // hosts, stream state and incidents of shards this node may no longer own.
     let keep_state = !args.no_snapshot && cluster_config.is_none();
     let text = Arc::new(RuleText { name, text: source });
+    let started = clock.now();
     if keep_state {
-        persist::restore(&compiled.roots, &text, &args.data_dir);
+        persist::restore(&compiled.roots, &text, &args.data_dir, started);
     }
     // The pagers' open incidents are kept beside the index snapshot.
     let kept = if keep_state {
@@ -402,7 +403,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Some(streams.clone()),
                 args.data_dir.clone(),
                 args.snapshot_interval,
-                clock.now(),
+                started,
             )
             .context("preparing --data-dir (--no-snapshot disables snapshots)")?,
         )

@@ -459,7 +459,7 @@ pub fn state_restore(data: &[u8]) {
     };
     let (_, compiled) =
         rules::load(&text.name, &text.text, EnvPolicy::Lenient).expect("STATE_RULES compile");
-    let _ = persist::restore_bytes(&compiled.roots, &text, &file);
+    let _ = persist::restore_bytes(&compiled.roots, &text, &file, NOW);
     let clock = Arc::new(ManualClock::new(NOW));
     let index = Arc::new(Index::new(IndexConfig::default()));
     let rules = Rules::new(

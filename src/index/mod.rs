@@ -161,11 +161,6 @@ impl Index {
         self.config.max_query_results
     }
 
-    /// TTL in seconds applied to events that carry none.
-    pub fn default_ttl(&self) -> f64 {
-        self.config.default_ttl
-    }
-
     /// New keys refused because the index was full, since start.
     pub fn refused_total(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
@@ -210,11 +205,17 @@ impl Index {
     }
 
     fn ttl_of(&self, event: &Event) -> Micros {
-        let ttl = match event.ttl {
+        secs_to_micros(self.ttl_secs(event))
+    }
+
+    /// How long `event` lives, in seconds, as the index reads it: its own
+    /// TTL, or the default when it has none or a NaN. The stages that go by
+    /// a series' TTL read it here, so they agree with the index.
+    pub fn ttl_secs(&self, event: &Event) -> f64 {
+        match event.ttl {
             Some(ttl) if !ttl.is_nan() => f64::from(ttl),
             _ => self.config.default_ttl,
-        };
-        secs_to_micros(ttl)
+        }
     }
 
     /// Stores an event saved by an earlier run, vigil starting at `started`:

@@ -29,7 +29,7 @@ fn value<'e>(field: &Field, event: &'e Event) -> Val<'e> {
 }
 
 /// A literal written in the query.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Lit {
     Nil,
     Bool(bool),
@@ -38,7 +38,7 @@ pub(super) enum Lit {
     Str(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Operand {
     Lit(Lit),
     Field(Field),
@@ -121,7 +121,7 @@ fn int_to_float(int: i64, float: f64) -> Option<Ordering> {
     )
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum CmpOp {
     Eq,
     Ne,
@@ -146,7 +146,7 @@ impl CmpOp {
 
 /// An SQL LIKE pattern where only `%` is special, stored as the literal pieces
 /// between the `%`s.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct LikePattern {
     pieces: Vec<String>,
 }
@@ -215,6 +215,39 @@ pub(super) enum Node {
     /// And/Or keep their operands flat so a long chain costs no recursion.
     And(Vec<Node>),
     Or(Vec<Node>),
+}
+
+/// The same predicate, however it was spaced or parenthesised: a regex is
+/// the same when its pattern is.
+impl PartialEq for Node {
+    fn eq(&self, other: &Node) -> bool {
+        match (self, other) {
+            (Node::Const(a), Node::Const(b)) => a == b,
+            (Node::Present(a), Node::Present(b)) => a == b,
+            (Node::Tagged(a), Node::Tagged(b)) => a == b,
+            (
+                Node::Compare { left, op, right },
+                Node::Compare {
+                    left: l,
+                    op: o,
+                    right: r,
+                },
+            ) => (left, op, right) == (l, o, r),
+            (
+                Node::Like { left, pattern },
+                Node::Like {
+                    left: l,
+                    pattern: p,
+                },
+            ) => (left, pattern) == (l, p),
+            (Node::Regex { left, regex }, Node::Regex { left: l, regex: r }) => {
+                left == l && regex.as_str() == r.as_str()
+            }
+            (Node::Not(a), Node::Not(b)) => a == b,
+            (Node::And(a), Node::And(b)) | (Node::Or(a), Node::Or(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl Node {

@@ -67,6 +67,15 @@ impl Query {
     }
 }
 
+/// Two queries are equal when they say the same: whitespace and redundant
+/// parentheses do not count, so a reload can tell an edited predicate from
+/// a reformatted one.
+impl PartialEq for Query {
+    fn eq(&self, other: &Query) -> bool {
+        self.root == other.root
+    }
+}
+
 impl fmt::Display for Query {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -115,6 +124,35 @@ mod tests {
         }
         for text in no {
             assert!(!check(text, event), "{text:?} should not match");
+        }
+    }
+
+    #[test]
+    fn queries_are_equal_when_they_say_the_same() {
+        let same = [
+            (
+                r#"service="cpu" and metric>0.9"#,
+                r#"service = "cpu"  and (metric > 0.9)"#,
+            ),
+            (
+                r#"a =~ "x%" or (b ~= "^y" or tagged "t")"#,
+                r#"a=~"x%" or b~="^y" or tagged "t""#,
+            ),
+            ("not (host = nil)", "not host = nil"),
+        ];
+        for (a, b) in same {
+            assert_eq!(q(a), q(b), "{a} / {b}");
+        }
+        let different = [
+            (r#"service = "cpu""#, r#"service = "cpu ""#),
+            ("metric > 0.9", "metric >= 0.9"),
+            ("metric > 1", "metric > 2"),
+            (r#"a ~= "^y""#, r#"a ~= "^z""#),
+            (r#"a = 1 and b = 2"#, r#"a = 1 or b = 2"#),
+            (r#"a = 1 and b = 2"#, r#"b = 2 and a = 1"#),
+        ];
+        for (a, b) in different {
+            assert_ne!(q(a), q(b), "{a} / {b}");
         }
     }
 

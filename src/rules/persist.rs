@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::Micros;
 use crate::snapshot::{CrcWriter, SnapshotError, replace_file};
 
 use super::engine::Rules;
@@ -192,23 +193,27 @@ fn decode(bytes: &[u8]) -> Result<(Header, &[u8]), StateError> {
 }
 
 /// The entries in `body`, decoded one at a time as the restore asks for them.
-fn entries(mut body: &[u8]) -> Restorer<'_> {
-    Restorer::new(std::iter::from_fn(move || {
-        (!body.is_empty()).then(|| {
-            ciborium::from_reader(&mut body)
-                .map_err(|e: ciborium::de::Error<io::Error>| e.to_string())
-        })
-    }))
+fn entries(mut body: &[u8], started: Micros) -> Restorer<'_> {
+    Restorer::new(
+        std::iter::from_fn(move || {
+            (!body.is_empty()).then(|| {
+                ciborium::from_reader(&mut body)
+                    .map_err(|e: ciborium::de::Error<io::Error>| e.to_string())
+            })
+        }),
+        started,
+    )
 }
 
 /// Gives `roots`, compiled from `text` and not running yet, the state saved
-/// in `dir`. Never fails: a file that cannot be used is logged with the
-/// reason, and the stages start empty.
-pub fn restore(roots: &Children, text: &RuleText, dir: &Path) {
-    let started = Instant::now();
+/// in `dir`, for a vigil started at `started` (the clock's time). Never
+/// fails: a file that cannot be used is logged with the reason, and the
+/// stages start empty.
+pub fn restore(roots: &Children, text: &RuleText, dir: &Path, started: Micros) {
+    let loading = Instant::now();
     let path = dir.join(FILE_NAME);
     let restored = match fs::read(&path) {
-        Ok(bytes) => restore_bytes(roots, text, &bytes).map(Some),
+        Ok(bytes) => restore_bytes(roots, text, &bytes, started).map(Some),
         Err(cause) if cause.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(cause) => Err(StateError::Read {
             path: path.clone(),
@@ -222,12 +227,12 @@ pub fn restore(roots: &Children, text: &RuleText, dir: &Path) {
         ),
         Ok(Some(restored)) if restored.rules_changed => tracing::info!(
             entries = restored.entries,
-            elapsed = ?started.elapsed(),
+            elapsed = ?loading.elapsed(),
             "Restored the stream state of the last run. The rules changed meanwhile: as on a reload, only unchanged stages keep theirs."
         ),
         Ok(Some(restored)) => tracing::info!(
             entries = restored.entries,
-            elapsed = ?started.elapsed(),
+            elapsed = ?loading.elapsed(),
             "Restored the stream state of the last run."
         ),
         Err(error) => tracing::error!(
@@ -244,9 +249,10 @@ pub fn restore_bytes(
     roots: &Children,
     text: &RuleText,
     bytes: &[u8],
+    started: Micros,
 ) -> Result<Restored, StateError> {
     let (header, body) = decode(bytes)?;
-    restore_from(roots, text, &header, entries(body))
+    restore_from(roots, text, &header, entries(body, started))
 }
 
 /// Restores the entries into a tree compiled from the text they were saved
@@ -302,8 +308,9 @@ mod tests {
             let text = text(streams);
             let (_, compiled) = crate::rules::load(&text.name, &text.text, EnvPolicy::Strict)
                 .unwrap_or_else(|e| panic!("{e}"));
-            restore(&compiled.roots, &text, dir);
-            let clock = Arc::new(ManualClock::new(TEST_EPOCH + secs_to_micros(at_secs)));
+            let started = TEST_EPOCH + secs_to_micros(at_secs);
+            restore(&compiled.roots, &text, dir, started);
+            let clock = Arc::new(ManualClock::new(started));
             let index = Arc::new(Index::new(IndexConfig::default()));
             let out = Arc::new(Recorder::default());
             let shared: SharedClock = clock.clone();
@@ -482,6 +489,66 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_predicate_spaced_differently_keeps_the_state_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Life::start(
+            r#"  where host="a" and metric>0 { throttle(1, 1h) { out } }"#,
+            dir.path(),
+            0.0,
+        );
+        first.send("a", None, Some(1.0));
+        assert_eq!(first.took().len(), 1);
+        first.stop(dir.path());
+
+        let second = Life::start(
+            r#"  where host = "a" and (metric > 0) { throttle(1, 1h) { out } }"#,
+            dir.path(),
+            1.0,
+        );
+        second.send("a", None, Some(1.0));
+        assert_eq!(second.took(), [], "the throttle's hour is not over");
+        second.stop(dir.path());
+
+        let third = Life::start(
+            r#"  where host = "a" and metric > 1 { throttle(1, 1h) { out } }"#,
+            dir.path(),
+            2.0,
+        );
+        third.send("a", None, Some(2.0));
+        assert_eq!(third.took().len(), 1, "a changed predicate starts empty");
+    }
+
+    #[test]
+    fn a_group_lives_one_ttl_from_the_start_as_its_index_entry_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = "  by(host) { changed(state) { out } }";
+        let critical = |life: &Life| Event {
+            host: Some("a".to_owned()),
+            state: Some("critical".to_owned()),
+            time: life.clock.now(),
+            ttl: Some(5.0),
+            ..Event::default()
+        };
+        let first = Life::start(rules, dir.path(), 0.0);
+        first.rules.process(&[critical(&first)]);
+        assert_eq!(first.took().len(), 1);
+        first.stop(dir.path());
+
+        // Down for longer than the TTL: the agent could not report meanwhile.
+        let second = Life::start(rules, dir.path(), 30.0);
+        second.advance_to(34.0);
+        second.rules.process(&[critical(&second)]);
+        assert_eq!(second.took(), [], "still critical: no transition");
+        second.advance_to(40.0);
+        second.rules.process(&[critical(&second)]);
+        assert_eq!(
+            second.took().len(),
+            1,
+            "silent for a TTL after its last event: the group was freed"
+        );
+    }
+
     fn entries_of(rules: &Rules) -> Vec<Saved> {
         rules
             .saving(|_, roots| {
@@ -534,7 +601,18 @@ mod tests {
         first.stop(dir.path());
 
         let second = Life::start(rules, dir.path(), 2.0);
-        assert_eq!(normalized(entries_of(&second.rules)), normalized(before));
+        // Each group lives at least its lifetime from the second start.
+        let started = second.clock.now();
+        let mut expected = before;
+        for entry in &mut expected {
+            if let Saved::Group {
+                free_at, lifetime, ..
+            } = entry
+            {
+                *free_at = (*free_at).max(started + *lifetime);
+            }
+        }
+        assert_eq!(normalized(entries_of(&second.rules)), normalized(expected));
     }
 
     #[test]
@@ -597,12 +675,13 @@ mod tests {
                 &compiled.roots,
                 &roots_text,
                 header,
-                Restorer::from_entries(entries),
+                Restorer::from_entries(entries, 0),
             )
         };
         let group = || Saved::Group {
             key: vec![Some("a".into()), Some("svc".into())],
             free_at: Micros::MAX,
+            lifetime: 0,
         };
         let rate = || Saved::Rate {
             sum: 0.0,
@@ -660,7 +739,7 @@ mod tests {
         ciborium::into_writer(&Saved::By { groups: 1 }, &mut body).unwrap();
         body.extend_from_slice(b"\xff\xfe not an entry");
         assert!(matches!(
-            restore_from(&compiled.roots, &roots_text, &header, entries(&body)),
+            restore_from(&compiled.roots, &roots_text, &header, entries(&body, 0)),
             Err(StateError::Restore(RestoreError::Decode { entry: 1, .. }))
         ));
     }

@@ -40,7 +40,7 @@ impl Node for Where {
     }
 
     fn adopt(&self, old: &dyn Node) {
-        if let Some(old) = same::<Where>(old).filter(|o| o.pred.as_str() == self.pred.as_str()) {
+        if let Some(old) = same::<Where>(old).filter(|o| o.pred == self.pred) {
             self.then.adopt(&old.then);
             self.otherwise.adopt(&old.otherwise);
         }
@@ -98,7 +98,7 @@ impl Node for Split {
             .clauses
             .iter()
             .zip(&old.clauses)
-            .take_while(|((new, _), (old, _))| new.as_str() == old.as_str())
+            .take_while(|((new, _), (old, _))| new == old)
             .count();
         for ((_, new), (_, old)) in self.clauses.iter().zip(&old.clauses).take(unchanged) {
             new.adopt(old);

@@ -33,6 +33,10 @@ pub enum Saved {
     Group {
         key: Vec<Option<String>>,
         free_at: Micros,
+        /// How long the group lives after an event. Absent in files of
+        /// earlier versions: they restore as before, with no extension.
+        #[serde(default)]
+        lifetime: Micros,
     },
     Throttle {
         window_start: Micros,
@@ -115,18 +119,26 @@ impl RestoreError {
 pub struct Restorer<'a> {
     entries: Box<dyn Iterator<Item = Result<Saved, String>> + 'a>,
     taken: usize,
+    started: Micros,
 }
 
 impl<'a> Restorer<'a> {
-    pub fn new(entries: impl Iterator<Item = Result<Saved, String>> + 'a) -> Self {
+    /// The entries of a tree restored by a vigil started at `started`.
+    pub fn new(entries: impl Iterator<Item = Result<Saved, String>> + 'a, started: Micros) -> Self {
         Restorer {
             entries: Box::new(entries),
             taken: 0,
+            started,
         }
     }
 
-    pub fn from_entries(entries: Vec<Saved>) -> Self {
-        Restorer::new(entries.into_iter().map(Ok))
+    pub fn from_entries(entries: Vec<Saved>, started: Micros) -> Self {
+        Restorer::new(entries.into_iter().map(Ok), started)
+    }
+
+    /// When the vigil taking the state back started.
+    pub fn started(&self) -> Micros {
+        self.started
     }
 
     /// The next entry, for a stage of kind `expected`.

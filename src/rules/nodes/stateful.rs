@@ -68,7 +68,7 @@ impl Rate {
             let mut out = latest.clone();
             out.metric = Some(Metric::Float(s.sum / as_secs(self.interval)));
             out.time = s.window_end;
-            let ttl = latest.ttl.map_or(cx.index.default_ttl(), f64::from);
+            let ttl = cx.index.ttl_secs(latest);
             // As Riemann does: the rate stays alive until the next one is due.
             out.ttl = Some((ttl + as_secs(self.interval)) as f32);
             let expired = latest.time.saturating_add(secs_to_micros(ttl)) < s.window_end;
@@ -206,6 +206,9 @@ pub struct Group {
     children: Arc<Children>,
     /// When the group may be freed if no event comes first.
     free_at: Micros,
+    /// How long it lives after an event: the event's TTL, or the block's
+    /// longest duration if that is longer.
+    lifetime: Micros,
     /// When a stage of the group next needs the timer ([`Cx::schedule`]);
     /// `Micros::MAX` when none does, e.g. in `changed_state`.
     next_tick: Micros,
@@ -243,7 +246,7 @@ impl By {
         &self.shards[(hash >> 32) as usize % BY_SHARDS]
     }
 
-    fn insert(&self, key: GroupKey, free_at: Micros, children: Children) {
+    fn insert(&self, key: GroupKey, free_at: Micros, lifetime: Micros, children: Children) {
         let hash = self.hash(key.iter().map(Option::as_deref));
         self.shard(hash).lock().insert_unique(
             hash,
@@ -252,6 +255,7 @@ impl By {
                 hash,
                 children: Arc::new(children),
                 free_at,
+                lifetime,
                 // Brought over with state: its first tick says what is due.
                 next_tick: Micros::MIN,
             },
@@ -265,10 +269,8 @@ impl Node for By {
         // Borrowed: a group that exists costs no copy of its key.
         let value = |f: &Field| f.text_ref(event);
         let hash = self.hash(self.fields.iter().map(value));
-        let ttl = event.ttl.map_or(cx.index.default_ttl(), f64::from);
-        let free_at = cx
-            .now
-            .saturating_add(secs_to_micros(ttl).max(self.idle_after));
+        let lifetime = secs_to_micros(cx.index.ttl_secs(event)).max(self.idle_after);
+        let free_at = cx.now.saturating_add(lifetime);
         let mut groups = self.shard(hash).lock();
         let same_key = |g: &Group| {
             g.hash == hash
@@ -284,10 +286,12 @@ impl Node for By {
                 hash,
                 children: Arc::new(self.prototype.fresh()),
                 free_at,
+                lifetime,
                 next_tick: Micros::MAX,
             })
             .into_mut();
         group.free_at = free_at;
+        group.lifetime = lifetime;
         // The shard's lock is held while the group runs so each group sees its
         // events in order.
         let due = cx.scheduled(|cx| group.children.event(event, cx));
@@ -310,7 +314,10 @@ impl Node for By {
                 }
                 let keep = g.free_at >= cx.now;
                 if keep {
-                    earliest = earliest.min(g.next_tick);
+                    // Freeing is due too: a virtual clock that skipped it
+                    // would tick the group's stages past the time the
+                    // server's timer frees them.
+                    earliest = earliest.min(g.next_tick).min(g.free_at.saturating_add(1));
                 }
                 keep
             });
@@ -337,7 +344,12 @@ impl Node for By {
             for old_group in shard.lock().drain() {
                 let children = self.prototype.fresh();
                 children.adopt(&old_group.children);
-                self.insert(old_group.key, old_group.free_at, children);
+                self.insert(
+                    old_group.key,
+                    old_group.free_at,
+                    old_group.lifetime,
+                    children,
+                );
             }
         }
     }
@@ -348,24 +360,25 @@ impl Node for By {
     /// one by one (each under its own lock), and a group freed meanwhile is
     /// saved anyway.
     fn save(&self, out: &mut dyn Saver) {
-        let groups: Vec<(GroupKey, Micros, Arc<Children>)> = self
+        let groups: Vec<(GroupKey, Micros, Micros, Arc<Children>)> = self
             .shards
             .iter()
             .flat_map(|shard| {
                 shard
                     .lock()
                     .iter()
-                    .map(|g| (g.key.clone(), g.free_at, g.children.clone()))
+                    .map(|g| (g.key.clone(), g.free_at, g.lifetime, g.children.clone()))
                     .collect::<Vec<_>>()
             })
             .collect();
         out.push(Saved::By {
             groups: groups.len() as u64,
         });
-        for (key, free_at, children) in groups {
+        for (key, free_at, lifetime, children) in groups {
             out.push(Saved::Group {
                 key: key.to_vec(),
                 free_at,
+                lifetime,
             });
             children.save(out);
         }
@@ -379,13 +392,21 @@ impl Node for By {
         // Each group takes at least one entry: a count larger than the file
         // ends at its end, with an error.
         for _ in 0..groups {
-            let (key, free_at) = match from.next("group")? {
-                Saved::Group { key, free_at } => (key, free_at),
+            let (key, free_at, lifetime) = match from.next("group")? {
+                Saved::Group {
+                    key,
+                    free_at,
+                    lifetime,
+                } => (key, free_at, lifetime),
                 other => return Err(RestoreError::mismatch("group", &other)),
             };
             let children = self.prototype.fresh();
             children.restore(from)?;
-            self.insert(key.into(), free_at, children);
+            // As the index does with its entries: the series could not
+            // report while vigil was down, so its group lives one lifetime
+            // from the start, not only what was left of it.
+            let free_at = free_at.max(from.started().saturating_add(lifetime));
+            self.insert(key.into(), free_at, lifetime, children);
         }
         Ok(())
     }

@@ -496,6 +496,55 @@ fn by_closes_a_due_window_before_freeing_its_group() {
     );
 }
 
+#[test]
+fn a_virtual_clock_frees_a_group_when_the_servers_timer_would() {
+    // The group lives the TTL its `by` sees (5 s); the rate inside goes by
+    // the 300 s it is given. The server's timer frees the group on its first
+    // tick after 5 s, so the rate's 6 s report never comes: `vigil test`
+    // must not make it either.
+    let b = bench("by(host) { with(ttl: 300) { rate(2s) { out } } }");
+    send(
+        &b,
+        with_ttl(with_metric(ev(&b, "a", "s"), Metric::Int(10)), 5.0),
+    );
+    b.advance_to(at(20.0));
+    let times: Vec<Micros> = out(&b).iter().map(|e| e.time).collect();
+    assert_eq!(times, vec![at(2.0), at(4.0)]);
+}
+
+#[test]
+fn a_nan_ttl_is_the_default_ttl_for_the_stages_as_for_the_index() {
+    let b = bench(
+        r#"where service = "c" { changed_state { out } }
+        where service = "r" { rate(10s) { out } }"#,
+    );
+    let nan = |b: &Bench, service: &str| {
+        let mut e = with_state(ev(b, "h", service), "critical");
+        e.ttl = Some(f32::NAN);
+        e.metric = Some(Metric::Int(10));
+        e
+    };
+    send(&b, nan(&b, "c"));
+    send(&b, nan(&b, "r"));
+    b.advance_to(at(30.0));
+    send(&b, nan(&b, "c"));
+    let seen: Vec<(String, f64)> = out(&b)
+        .iter()
+        .map(|e| (e.service_str().to_owned(), e.metric.unwrap().as_f64()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("c".to_owned(), 10.0),
+            ("r".to_owned(), 1.0),
+            ("r".to_owned(), 0.0),
+            ("r".to_owned(), 0.0),
+        ],
+        "the same state 30 s later is no transition, and the rate reports \
+         0 while the series lives its default 60 s"
+    );
+}
+
 // ---- changed -----------------------------------------------------------------
 
 #[test]

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
+use crate::index::Index;
 
 use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Node, metric_f64, same, take_over};
@@ -132,7 +133,7 @@ impl Window {
     }
 
     /// Closes the windows that are due at `now`.
-    fn due(&self, s: &mut WindowState, now: Micros, default_ttl: f64) -> Vec<Vec<Event>> {
+    fn due(&self, s: &mut WindowState, now: Micros, index: &Index) -> Vec<Vec<Event>> {
         let mut out = Vec::new();
         match self.kind {
             WindowKind::FixedTime(dt) => {
@@ -152,7 +153,7 @@ impl Window {
                     let current: Vec<Event> = s.latest.values().cloned().collect();
                     // Expired (by state or TTL) entries are emitted once, then forgotten.
                     s.latest.retain(|_, e| {
-                        let ttl = e.ttl.map_or(default_ttl, f64::from);
+                        let ttl = index.ttl_secs(e);
                         !e.is_expired_state() && e.time.saturating_add(secs_to_micros(ttl)) >= now
                     });
                     out.push(current);
@@ -186,7 +187,7 @@ impl Node for Window {
         let now = cx.now;
         let (windows, next) = {
             let mut s = self.state.lock();
-            let mut out = self.due(&mut s, now, cx.index.default_ttl());
+            let mut out = self.due(&mut s, now, cx.index);
             match self.kind {
                 WindowKind::FixedTime(dt) => {
                     s.window_end.get_or_insert(now.saturating_add(dt));
@@ -232,7 +233,7 @@ impl Node for Window {
     fn tick(&self, cx: &mut Cx) {
         let (windows, next) = {
             let mut s = self.state.lock();
-            let windows = self.due(&mut s, cx.now, cx.index.default_ttl());
+            let windows = self.due(&mut s, cx.now, cx.index);
             (windows, s.window_end)
         };
         cx.schedule(next);
