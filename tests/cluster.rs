@@ -975,3 +975,88 @@ fn a_msg_over_the_nats_payload_limit_is_stored_and_answered_in_parts() {
     });
     assert_eq!(stored, Some(events.len() + 1));
 }
+
+/// `vigil run` on a cluster `args`; what it printed, once it exited.
+fn run_refused(args: &[&str]) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    command
+        .args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("RUST_BACKTRACE", "0");
+    let out = common::run_command(command, SETTLE);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Two shard counts would put one host in a shard on each side, owned by
+/// two nodes that would both page for it.
+#[test]
+fn a_node_with_another_shard_count_is_refused_and_says_why() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let first = node(&nats, "n1", &["--shards", "8"]);
+    assert!(
+        first.wait_for_log("Took shards", SETTLE),
+        "n1 never took its shards:\n{}",
+        first.logs()
+    );
+    let url = nats.url();
+    let (code, stderr) = run_refused(&["--cluster", &url, "--node-id", "n2", "--shards", "16"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "node n1 runs with --shards 8, this node with --shards 16: \
+             every node of a cluster must use the same"
+        ),
+        "{stderr}"
+    );
+    let same = node(&nats, "n3", &["--shards", "8"]);
+    assert!(
+        same.wait_for_log("Took shards", SETTLE),
+        "the same shard count joins:\n{}",
+        same.logs()
+    );
+}
+
+#[test]
+fn a_nats_that_does_not_answer_is_named_with_the_reason() {
+    // Bound and released: nothing listens there now.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let (code, stderr) = run_refused(&["--cluster", &url, "--node-id", "n1"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    // Not a JetStream request timing out later, which named neither.
+    assert!(
+        stderr.contains(&format!("connecting to NATS at {url}: "))
+            && stderr.contains("Connection refused"),
+        "{stderr}"
+    );
+}
+
+/// The events stream is the cluster's: a node's own `--cluster-retention`
+/// changes it for every node, and must say so.
+#[test]
+fn a_node_that_changes_the_clusters_retention_says_so() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let first = node(&nats, "n1", &[]);
+    assert!(!first.logs().contains("--cluster-retention differs"));
+    let second = node(&nats, "n2", &["--cluster-retention", "20m"]);
+    let warned = second
+        .logs()
+        .lines()
+        .find(|line| line.contains("--cluster-retention differs"))
+        .map(str::to_owned);
+    let warned = warned.unwrap_or_else(|| panic!("no warning:\n{}", second.logs()));
+    assert!(
+        warned.contains(r#""from":"3600s""#) && warned.contains(r#""to":"1200s""#),
+        "{warned}"
+    );
+}

@@ -159,8 +159,12 @@ impl Running {
 }
 
 impl Cluster {
-    /// Connects (retrying until NATS answers), makes sure the stream and the KV
-    /// buckets exist, then starts the query responder and the ownership loop.
+    /// Connects, makes sure the stream and the KV buckets exist and that the
+    /// live nodes run with the same `--shards`, then starts the query
+    /// responder and the ownership loop. A NATS that does not answer at start
+    /// is an error naming its URL and why (connecting in the background
+    /// instead only failed later, as a JetStream timeout naming neither);
+    /// once connected, the node reconnects for ever.
     /// `streams` is the local pipeline the owned shards are fed through;
     /// `holds`, what its pager outputs have not delivered yet.
     pub async fn start(
@@ -172,7 +176,6 @@ impl Cluster {
     ) -> Result<(Arc<Cluster>, Running), NatsError> {
         let client = async_nats::ConnectOptions::new()
             .name(format!("vigil-{}", config.node_id))
-            .retry_on_initial_connect()
             // Reconnect for ever: a NATS restart must not end the node.
             .max_reconnects(None)
             .connect(config.url.as_str())
@@ -190,13 +193,22 @@ impl Cluster {
             .get_or_create_stream(events_config.clone())
             .await
             .doing("creating the JetStream events stream")?;
-        // A node started with another --cluster-retention wins: the last one set it.
-        if events.cached_info().config.max_age != config.retention {
+        // The stream is the cluster's: a node started with another
+        // --cluster-retention changes it for every node (how a rolling
+        // restart changes it), which the log must say.
+        let stream_retention = events.cached_info().config.max_age;
+        if stream_retention != config.retention {
+            tracing::warn!(
+                from = ?stream_retention,
+                to = ?config.retention,
+                "--cluster-retention differs from the events stream's: changing the retention for every node of the cluster. Events older than it are deleted, and a node taking a shard over rebuilds it from what is left."
+            );
             js.update_stream(events_config)
                 .await
                 .doing("updating the events stream's retention")?;
         }
         let buckets = ownership::Buckets::open(&js, &config).await?;
+        buckets.check_shards(&config).await?;
         let shards = config.shards;
         holds.set_sharding(Box::new(move |page| shard_of(page.host_str(), shards)));
         let cluster = Arc::new(Cluster {

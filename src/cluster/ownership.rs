@@ -1,8 +1,10 @@
 //! Who owns which shard, and feeding the owned shards through the local rules.
 //!
 //! Three KV buckets:
-//! - `vigil_nodes`: `<node id>` heartbeats; a bucket TTL makes a dead node's
-//!   key lapse, so the live keys are the membership.
+//! - `vigil_nodes`: `<node id>` = the node's `--shards`, its heartbeat; a
+//!   bucket TTL makes a dead node's key lapse, so the live keys are the
+//!   membership. A node refuses to join nodes with another shard count: a
+//!   host would then belong to a shard on each side, and page twice.
 //! - `vigil_leases`: `shard.<n>` = owner's node id. Taken with `create` (only if
 //!   absent), renewed with `update` at the revision we hold, so two nodes can
 //!   never both renew one lease; an unrenewed lease lapses with the bucket TTL.
@@ -23,7 +25,7 @@
 //! A shard whose local lease deadline ([`lease`](super::lease)) passes stops
 //! at once (fenced), renewed or not.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -83,6 +85,53 @@ async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<
     js.get_key_value(name)
         .await
         .doing(format!("opening the KV bucket {name}"))
+}
+
+impl Buckets {
+    /// The live nodes' ids. A key put again while the bucket is being
+    /// listed is listed twice; counting it twice would shrink every node's
+    /// share and move shards back and forth.
+    async fn live_nodes(&self) -> Result<BTreeSet<String>, NatsError> {
+        self.nodes
+            .keys()
+            .await
+            .doing("listing nodes")?
+            .try_collect()
+            .await
+            .doing("listing nodes")
+    }
+
+    /// Refuses to join live nodes that run with another `--shards`. (An
+    /// empty heartbeat is an older vigil's, which did not say.)
+    pub async fn check_shards(&self, config: &ClusterConfig) -> Result<(), NatsError> {
+        for node in self.live_nodes().await? {
+            if node == config.node_id {
+                continue;
+            }
+            let heartbeat = self
+                .nodes
+                .get(&node)
+                .await
+                .doing(format!("reading node {node}'s heartbeat"))?;
+            let Some(theirs) = heartbeat.as_deref().and_then(shards_of) else {
+                continue;
+            };
+            if theirs != config.shards {
+                return Err(format!(
+                    "node {node} runs with --shards {theirs}, this node with --shards {}: \
+                     every node of a cluster must use the same",
+                    config.shards
+                ))
+                .doing("checking the live nodes' --shards");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A heartbeat's shard count.
+fn shards_of(heartbeat: &[u8]) -> Option<u32> {
+    std::str::from_utf8(heartbeat).ok()?.parse().ok()
 }
 
 fn key(shard: u32) -> String {
@@ -193,25 +242,16 @@ impl Owner {
 
     async fn round(&mut self) -> Result<(), NatsError> {
         let node = self.node().to_owned();
+        let shards = self.cluster.config.shards;
         self.buckets
             .nodes
-            .put(&node, Bytes::new())
+            .put(&node, shards.to_string().into())
             .await
             .doing("heartbeat")?;
-        let live: Vec<String> = self
-            .buckets
-            .nodes
-            .keys()
-            .await
-            .doing("listing nodes")?
-            .try_collect()
-            .await
-            .doing("listing nodes")?;
-        let live = live.len().max(1);
+        let live = self.buckets.live_nodes().await?.len().max(1);
         self.cluster.set_members(live);
         self.renew().await;
-        let shards = self.cluster.config.shards as usize;
-        let target = shards.div_ceil(live);
+        let target = (shards as usize).div_ceil(live);
         if self.owned.len() > target {
             // The highest-numbered extras go; the survivors keep their state.
             let extras: Vec<u32> = self
@@ -633,5 +673,12 @@ mod tests {
         );
         assert_eq!(Progress::decode(b"x"), None);
         assert_eq!(Progress::decode(b"1 y"), None);
+    }
+
+    #[test]
+    fn a_heartbeat_says_its_nodes_shard_count() {
+        assert_eq!(shards_of(64.to_string().as_bytes()), Some(64));
+        assert_eq!(shards_of(b""), None, "an older vigil's");
+        assert_eq!(shards_of(b"x"), None);
     }
 }
