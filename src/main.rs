@@ -533,8 +533,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     stop.await;
     tracing::info!("Shutting down.");
-    // No new events from HTTP or the self-metrics once ingest stops below.
-    http.shutdown(Duration::from_secs(10)).await;
     stop_self_metrics.cancel();
     if let Some(task) = self_metrics {
         let _ = task.await;
@@ -545,7 +543,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             grpc.shutdown(Duration::from_secs(10)).await;
         }
     };
-    tokio::join!(server.shutdown(Duration::from_secs(10)), grpc_shutdown);
+    // Every listener stops accepting at once: one still draining must not
+    // keep another taking events.
+    tokio::join!(
+        http.shutdown(Duration::from_secs(10)),
+        server.shutdown(Duration::from_secs(10)),
+        grpc_shutdown
+    );
     // Ingest has stopped: hand this node's shards to the others.
     if let Some(tasks) = cluster_tasks {
         tasks.shutdown(Duration::from_secs(10)).await;

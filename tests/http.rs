@@ -901,6 +901,34 @@ async fn shutdown_closes_live_subscriptions() {
     tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
 }
 
+/// A client that stopped reading would otherwise hold the shutdown until
+/// its write timeout (a minute by default) or the 10 s grace.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_does_not_wait_for_a_client_that_stopped_reading() {
+    let (http, index) = in_process(100).await;
+    let addr = http.addr.unwrap();
+    for i in 0..2_000 {
+        index.insert(&Event {
+            description: Some("x".repeat(4096)),
+            ..event("big", &i.to_string(), 60.0, i)
+        });
+    }
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /index?query=true HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, request.as_bytes())
+        .await
+        .unwrap();
+    // The answer (~8 MB) has begun; the rest fills the socket buffers.
+    let mut head = [0; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut stalled, &mut head)
+        .await
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    tokio::time::timeout(WAIT, http.shutdown(Duration::from_secs(60)))
+        .await
+        .expect("shutdown ended long before the write timeout");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_never_reads_its_response_is_closed_after_the_write_timeout() {
     let (http, index, _) = in_process_with(HttpConfig {

@@ -53,6 +53,11 @@ use crate::streams::Streams;
 /// Riemann's WebSocket port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:5556";
 
+/// How long a connection has, once vigil shuts down, to take the rest of
+/// its answer. A subscriber or a client that stopped reading would
+/// otherwise hold the whole shutdown until its write timeout.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     /// The full HTTP surface; `None` serves none of it.
@@ -318,8 +323,8 @@ async fn listen(
 }
 
 /// One connection, until the client leaves, a bound closes it, or
-/// `shutdown`: then the request in flight is answered and the connection
-/// closed.
+/// `shutdown`: then the request in flight is answered (within
+/// [`SHUTDOWN_DRAIN`]) and the connection closed.
 async fn serve_connection(
     hyper: Arc<auto::Builder<TokioExecutor>>,
     io: Bounded<TcpStream>,
@@ -334,7 +339,16 @@ async fn serve_connection(
         ended = connection.as_mut() => ended,
         () = shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            match tokio::time::timeout(SHUTDOWN_DRAIN, connection).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    tracing::debug!(
+                        drain = ?SHUTDOWN_DRAIN,
+                        "HTTP connection not done reading its answer at shutdown; closed."
+                    );
+                    Ok(())
+                }
+            }
         }
     };
     if let Err(e) = ended {
