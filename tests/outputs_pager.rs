@@ -1079,6 +1079,94 @@ async fn webhook_gives_up_after_its_attempts() {
     assert_eq!((out.delivered(), out.dropped(), out.retries()), (0, 1, 2));
 }
 
+/// What a webhook output already queued when it stops, against `rx`.
+async fn webhook_stopping_with(rx: &Receiver, services: &[&str]) -> Arc<Queue> {
+    let (queue, delivery) = outputs::queue("push", 100);
+    for service in services {
+        queue.push(event(service, "critical"));
+    }
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let run = webhook::run(
+        webhook_config(&rx.url, None),
+        delivery,
+        fast(Some(3)),
+        shutdown,
+    );
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("ends once the queue is settled");
+    queue
+}
+
+fn services_seen(rx: &Receiver) -> Vec<String> {
+    rx.seen()
+        .iter()
+        .map(|s| s.json()["service"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Nothing else keeps a push: a receiver that answers gets its tries while
+/// vigil stops, so one error during a deploy does not lose the backlog.
+#[tokio::test]
+async fn a_webhook_stopping_retries_a_receiver_that_answers_and_posts_the_rest() {
+    let rx = Receiver::start().await;
+    rx.reply_next([Reply(503, vec![], "unavailable")]);
+    let queue = webhook_stopping_with(&rx, &["a", "b", "c", "d"]).await;
+    assert_eq!(services_seen(&rx), ["a", "a", "b", "c", "d"]);
+    let stats = &queue.stats;
+    assert_eq!(stats.delivered.load(Ordering::Acquire), 4);
+    assert_eq!(stats.dropped.load(Ordering::Acquire), 0);
+}
+
+/// Bounded all the same: once one event's tries are spent, the receiver is
+/// taken for down and the rest is dropped unsent.
+#[tokio::test]
+async fn a_webhook_stopping_gives_up_after_one_events_tries() {
+    let rx = Receiver::start().await;
+    rx.reply_always(Reply(503, vec![], "unavailable"));
+    let queue = webhook_stopping_with(&rx, &["a", "b", "c", "d"]).await;
+    assert_eq!(
+        services_seen(&rx),
+        ["a", "a", "a"],
+        "three tries, at `a` only"
+    );
+    assert_eq!(queue.stats.dropped.load(Ordering::Acquire), 4);
+}
+
+/// A reload that changes a webhook: the new declaration posts only after
+/// the old one has posted its backlog, so the receiver's last word is the
+/// latest event's.
+#[tokio::test]
+async fn a_redeclared_webhook_posts_after_its_predecessors_backlog() {
+    let rx = Receiver::start().await;
+    let kept = Kept::default();
+    let declared = |body: Option<&str>| OutputSpec {
+        name: "push".into(),
+        kind: OutputKind::Webhook(webhook_config(&rx.url, body)),
+    };
+    let old_stop = CancellationToken::new();
+    let (old, old_task) = outputs::start(&declared(None), &kept, old_stop.clone());
+    let backlog: Vec<String> = (0..50).map(|i| format!("old {i}")).collect();
+    for service in &backlog {
+        old.push(event(service, "critical"));
+    }
+    let new_stop = CancellationToken::new();
+    let (new, new_task) = outputs::start(
+        &declared(Some("{service} {state}")),
+        &kept,
+        new_stop.clone(),
+    );
+    new.push(event("new", "ok"));
+    old_stop.cancel();
+    tokio::time::timeout(WAIT, old_task).await.unwrap().unwrap();
+    let seen = rx.wait_for(51).await;
+    let last = seen.last().map(|s| s.body.as_str());
+    assert_eq!(last, Some("new ok"), "{} requests", seen.len());
+    new_stop.cancel();
+    tokio::time::timeout(WAIT, new_task).await.unwrap().unwrap();
+}
+
 /// An event too large for most receivers' body limits.
 fn large_event(state: &str) -> Event {
     Event {

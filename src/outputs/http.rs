@@ -119,6 +119,11 @@ impl AttemptError {
             AttemptError::Transport(_) => None,
         }
     }
+
+    /// The downstream is up: it answered, with an error.
+    fn answered(&self) -> bool {
+        matches!(self, AttemptError::Status { .. })
+    }
 }
 
 /// One request to make, as often as it takes while it is wanted.
@@ -260,9 +265,14 @@ impl Poster {
                 tracing::error!(output, %error, "Event refused by the downstream; dropped.");
                 return Ended::Dropped;
             }
-            // Once shutting down, a failed attempt is the last one, even one
-            // made before: another may wait on a hung receiver as long again.
-            if self.shutdown.is_cancelled() {
+            let stopping = self.shutdown.is_cancelled();
+            // Once stopping, a receiver that does not answer gets no more
+            // attempts (even at an event tried before): another may wait on
+            // it as long again. Pages (tried for as long as the process
+            // lives) stop at any failure: they are written down for the
+            // next run or declaration. A push has nothing else keeping it,
+            // so a receiver that answers gets the rest of its tries.
+            if stopping && (!error.answered() || self.retry.max_attempts.is_none()) {
                 self.given_up = true;
                 tracing::error!(
                     output, %error, attempts,
@@ -271,6 +281,8 @@ impl Poster {
                 return Ended::Dropped;
             }
             if self.retry.exhausted(attempts) {
+                // While stopping, the next events would likely fare the same.
+                self.given_up = stopping;
                 tracing::error!(
                     output, %error, attempts,
                     "Delivery failed; giving up, event dropped."
@@ -280,9 +292,14 @@ impl Poster {
             let wait = self.retry.backoff(attempts, error.retry_after());
             tracing::warn!(output, %error, attempts, ?wait, "Delivery failed; retrying.");
             delivery.retried();
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = self.shutdown.cancelled() => {}
+            if stopping {
+                // Within the grace: soon, not after a full backoff.
+                tokio::time::sleep(wait.min(self.retry.initial_backoff)).await;
+            } else {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = self.shutdown.cancelled() => {}
+                }
             }
         }
     }

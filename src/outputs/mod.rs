@@ -333,6 +333,10 @@ pub struct Kept {
     /// so the counters never go back and the drops of a backlog left behind
     /// show.
     counters: Mutex<HashMap<String, Arc<OutputStats>>>,
+    /// Each webhook output's turn to post, by name: a redeclared webhook
+    /// posts only once its predecessor has posted what it queued, so a
+    /// receiver never gets an old `critical` after the new `ok`.
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The work every pager output's undelivered pages came from.
     holds: Arc<Holds>,
 }
@@ -361,6 +365,13 @@ impl Kept {
     fn counters(&self, name: &str) -> Arc<OutputStats> {
         let mut counters = self.counters.lock();
         counters.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Output `name`'s turn, which each of its declarations holds while it
+    /// delivers, in the order they were made.
+    fn turn(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock();
+        turns.entry(name.to_owned()).or_default().clone()
     }
 
     /// What the pagers' undelivered pages hold: how far a cluster node may
@@ -443,10 +454,13 @@ pub fn start(
         OutputKind::Webhook(config) => {
             let (queue, delivery) = plain();
             let retry = http::RetryPolicy::push();
-            (
-                queue,
-                tokio::spawn(webhook::run(config, delivery, retry, shutdown)),
-            )
+            // The predecessor holds it until it has posted its backlog.
+            let turn = kept.turn(name);
+            let posting = async move {
+                let _turn = turn.lock_owned().await;
+                webhook::run(config, delivery, retry, shutdown).await;
+            };
+            (queue, tokio::spawn(posting))
         }
         OutputKind::Graphite(config) => {
             let (queue, delivery) = plain();

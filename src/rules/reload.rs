@@ -11,7 +11,8 @@
 //! ([`Node::adopt`](super::nodes::Node::adopt)): a stage takes over its
 //! predecessor's state when it sits at the same position among its siblings,
 //! has the same kind and the same compiled parameters (after `env(…)`;
-//! `where`/`split` predicates by their text), and every stage above it passed
+//! `where`/`split` predicates by what they say, however spaced or
+//! parenthesised), and every stage above it passed
 //! the same test. This walk stands in for a per-stage identity hash: it needs
 //! nothing stored in the stages. Whitespace, comments and edits elsewhere in
 //! the file do not matter; edits below a stage do not reset it.
@@ -40,7 +41,9 @@
 //!   old rules), and ends; a changed one starts again, counting on from the
 //!   old one's counters, into which the old one settles what it held (a
 //!   pager starts its own: it takes over the old one's undelivered pages,
-//!   which that one counted as dropped, and counts them anew).
+//!   which that one counted as dropped, and counts them anew). A changed
+//!   `webhook` or pager posts only once the old one has ended, so a
+//!   receiver never gets an old event after a newer one.
 //! - Events a batch processes on the old rules while the state moves out of
 //!   them (briefly: it is moved, not copied): a stage already emptied sees
 //!   them alone, and what they change there is lost. Avoiding it would take a
