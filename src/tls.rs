@@ -7,6 +7,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::crypto::ring;
@@ -63,6 +64,11 @@ pub enum TlsError {
     Versions(tokio_rustls::rustls::Error),
     #[error("the TLS certificate and key do not go together: {0}")]
     Mismatch(tokio_rustls::rustls::Error),
+    #[error("{}: not a usable certificate: {cause}", .path.display())]
+    Certificate {
+        path: PathBuf,
+        cause: tokio_rustls::rustls::Error,
+    },
 }
 
 /// The server's certificate chain and key (PEM); with `client_ca`, clients
@@ -93,10 +99,42 @@ pub fn acceptor(
                 })?,
         ),
     };
+    if let Some(problem) = out_of_date(&chain[0], SystemTime::now()) {
+        // Started anyway, as web servers do, but said: every client that
+        // checks the dates will refuse the handshake.
+        tracing::warn!(
+            certificate = %cert.display(),
+            %problem,
+            "The TLS certificate is out of date: clients that check it will refuse every handshake."
+        );
+    }
     let config = builder
         .with_single_cert(chain, key)
-        .map_err(TlsError::Mismatch)?;
+        .map_err(|cause| match cause {
+            tokio_rustls::rustls::Error::InconsistentKeys(_) => TlsError::Mismatch(cause),
+            // Not the key's fault: e.g. an X.509 v1 certificate, which
+            // `openssl x509 -req` makes without an extensions file.
+            cause => TlsError::Certificate {
+                path: cert.to_owned(),
+                cause,
+            },
+        })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Why `cert` is not valid at `now`, if it is not: expired or not yet valid.
+fn out_of_date(cert: &CertificateDer<'_>, now: SystemTime) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = now.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
+    let now = x509_parser::time::ASN1Time::from_timestamp(i64::try_from(secs).ok()?).ok()?;
+    let validity = parsed.validity();
+    if now > validity.not_after {
+        Some(format!("expired at {}", validity.not_after))
+    } else if now < validity.not_before {
+        Some(format!("not valid before {}", validity.not_before))
+    } else {
+        None
+    }
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -174,6 +212,44 @@ mod tests {
         assert!(
             text.starts_with("the TLS certificate and key do not go together: "),
             "{text}"
+        );
+        // PEM around bytes that are no certificate: the certificate's fault.
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let text = refusal(&garbage, &key, None);
+        assert!(
+            text.starts_with(&format!(
+                "{}: not a usable certificate: ",
+                garbage.display()
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_out_of_its_dates_is_told_apart() {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 2, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let der = cert.der();
+        let at = |secs: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        // 2020-01-15, 2020-03-01 and 2019-12-01.
+        assert_eq!(out_of_date(der, at(1_579_046_400)), None);
+        let expired = out_of_date(der, at(1_583_020_800)).unwrap();
+        assert!(
+            expired.starts_with("expired at Feb  1 00:00:00 2020"),
+            "{expired}"
+        );
+        let early = out_of_date(der, at(1_575_158_400)).unwrap();
+        assert!(
+            early.starts_with("not valid before Jan  1 00:00:00 2020"),
+            "{early}"
         );
     }
 }

@@ -564,7 +564,8 @@ function connect() {
 }
 
 function retry(reason) {
-  const delay = Math.min(30_000, 500 * 2 ** attempt) * (0.75 + Math.random() * 0.5);
+  // Jittered, then capped: the README promises at most 30 s.
+  const delay = Math.min(30_000, 500 * 2 ** attempt * (0.75 + Math.random() * 0.5));
   attempt++;
   const why = reason ? `${reason}; ` : '';
   if (el.status.dataset.status !== 'error') setStatus('connecting', `${why}reconnecting in ${Math.ceil(delay / 1000)} s`);
