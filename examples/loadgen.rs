@@ -208,6 +208,7 @@ async fn tcp(load: Load) -> anyhow::Result<()> {
             .collect(),
     );
     let acked = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..load.conns {
@@ -224,7 +225,10 @@ async fn tcp(load: Load) -> anyhow::Result<()> {
             c,
             load.window,
             period,
-            acked.clone(),
+            Replies {
+                acked: acked.clone(),
+                refused: refused.clone(),
+            },
             stop.clone(),
         )));
     }
@@ -248,7 +252,21 @@ async fn tcp(load: Load) -> anyhow::Result<()> {
     for t in tasks {
         t.abort();
     }
+    // Not in the rate: a server that answers with errors is not keeping up.
+    let refused = refused.load(Ordering::Relaxed);
+    if refused > 0 {
+        println!(
+            "{refused} msgs refused ({} events): answered with an error, not counted above",
+            refused * load.batch as u64
+        );
+    }
     Ok(())
+}
+
+/// What a connection's replies said, counted.
+struct Replies {
+    acked: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
 }
 
 /// Keeps `window` frames in flight: the writer waits for permits, the reader
@@ -259,7 +277,7 @@ async fn connection(
     offset: usize,
     window: usize,
     period: Option<Duration>,
-    acked: Arc<AtomicU64>,
+    replies: Replies,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -271,7 +289,13 @@ async fn connection(
             let len = read.read_u32().await? as usize;
             let mut body = vec![0u8; len];
             read.read_exact(&mut body).await?;
-            acked.fetch_add(1, Ordering::Relaxed);
+            // An ack is always these two bytes; anything else carries an error.
+            let counter = if body == vigil::proto::ACK_BODY {
+                &replies.acked
+            } else {
+                &replies.refused
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             reader_permits.add_permits(1);
         }
         #[allow(unreachable_code)]
