@@ -463,6 +463,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         reloader: reloader.clone(),
         latency,
         started: Instant::now(),
+        cluster: cluster.clone(),
     });
     let http_config = HttpConfig {
         addr: (!args.no_http).then_some(args.http),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{MICROS_PER_SEC, Micros, SharedClock};
+use crate::cluster::{Cluster, ClusterStatus};
 use crate::event::{Event, Metric};
 use crate::index::Index;
 use crate::pubsub::Pubsub;
@@ -162,6 +163,8 @@ pub struct Telemetry {
     pub reloader: Arc<Reloader>,
     pub latency: Arc<Histogram>,
     pub started: Instant,
+    /// Set in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// One output's counters (see `OutputStats`).
@@ -198,6 +201,8 @@ pub struct Sample {
     pub rule_errors: u64,
     pub reinject_overflow: u64,
     pub uptime: Duration,
+    /// In cluster mode.
+    pub cluster: Option<ClusterStatus>,
 }
 
 impl Sample {
@@ -245,6 +250,7 @@ impl Telemetry {
             rule_errors: get(&rules.errors),
             reinject_overflow: get(&rules.reinject_overflow),
             uptime: self.started.elapsed(),
+            cluster: self.cluster.as_ref().map(|cluster| cluster.status()),
         }
     }
 }
@@ -277,22 +283,40 @@ impl Emitter {
         }
     }
 
+    /// One self-metric event.
+    fn event(&self, now: Micros, service: String, state: &str, metric: Metric) -> Event {
+        Event {
+            host: Some(self.host.clone()),
+            service: Some(service),
+            state: Some(state.to_owned()),
+            time: now,
+            tags: vec!["vigil".to_owned()],
+            metric: Some(metric),
+            ttl: Some(self.ttl),
+            ..Event::default()
+        }
+    }
+
     /// The events for `sample`, taken at `now`.
     pub fn events(&mut self, now: Micros, sample: Sample) -> Vec<Event> {
         let mut out = Vec::new();
-        let mut emit = |service: String, metric: Metric| {
-            out.push(Event {
-                host: Some(self.host.clone()),
-                service: Some(service),
-                state: Some("ok".to_owned()),
-                time: now,
-                tags: vec!["vigil".to_owned()],
-                metric: Some(metric),
-                ttl: Some(self.ttl),
-                ..Event::default()
-            });
-        };
         let gauge = |n: u64| Metric::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        if let Some(cluster) = sample.cluster {
+            // Critical while cut off from NATS, so a rule can page on it.
+            let state = if cluster.connected { "ok" } else { "critical" };
+            let connected = gauge(u64::from(cluster.connected));
+            out.push(self.event(now, "vigil cluster connected".into(), state, connected));
+        }
+        let mut emit = |service: String, metric: Metric| {
+            out.push(self.event(now, service, "ok", metric));
+        };
+        if let Some(cluster) = sample.cluster {
+            emit("vigil cluster members".to_owned(), gauge(cluster.members));
+            emit(
+                "vigil cluster shards owned".to_owned(),
+                gauge(cluster.shards_owned),
+            );
+        }
         emit("vigil index size".to_owned(), gauge(sample.index_size));
         emit("vigil subscribers".to_owned(), gauge(sample.subscribers));
         emit(
@@ -459,5 +483,35 @@ mod tests {
         assert_eq!(metric(&second, "vigil expired/s"), Some(0.2));
         let p99 = metric(&second, "vigil streams latency p99").unwrap();
         assert!(p99 > 0.5 && p99 <= 1.0, "{p99} ms");
+        assert_eq!(metric(&second, "vigil cluster members"), None, "no cluster");
+    }
+
+    #[test]
+    fn a_cluster_node_reports_its_part_and_is_critical_while_cut_off() {
+        let sample = |connected| Sample {
+            cluster: Some(ClusterStatus {
+                connected,
+                members: 3,
+                shards_owned: 22,
+            }),
+            ..Sample::default()
+        };
+        let mut emitter = Emitter::new("n1".into(), Duration::from_secs(5), T0, sample(true));
+        let up = emitter.events(T0, sample(true));
+        assert_eq!(metric(&up, "vigil cluster members"), Some(3.0));
+        assert_eq!(metric(&up, "vigil cluster shards owned"), Some(22.0));
+        let state = |events: &[Event]| {
+            let connected = events
+                .iter()
+                .find(|e| e.service_str() == "vigil cluster connected")
+                .unwrap();
+            (connected.state.clone(), connected.metric)
+        };
+        assert_eq!(state(&up), (Some("ok".into()), Some(Metric::Int(1))));
+        let down = emitter.events(T0 + MICROS_PER_SEC, sample(false));
+        assert_eq!(
+            state(&down),
+            (Some("critical".into()), Some(Metric::Int(0)))
+        );
     }
 }

@@ -1060,3 +1060,55 @@ fn a_node_that_changes_the_clusters_retention_says_so() {
         "{warned}"
     );
 }
+
+/// `GET /health` and `/metrics` of `node`: status and body.
+fn get(node: &Vigil, path: &str) -> (u16, String) {
+    let url = format!("http://{}{path}", node.http.expect("HTTP on"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let answer = reqwest::get(&url).await.unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    })
+}
+
+/// A node cut off from NATS can store nothing it takes in: `/health` says
+/// so (a load balancer then sends elsewhere), and the metrics say what the
+/// node holds of the cluster.
+#[test]
+fn a_node_reports_its_part_in_the_cluster_and_is_unhealthy_while_cut_off() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut nats = Nats::start();
+    let node = node(&nats, "n1", &["--shards", "8"]);
+    let health = wait_until(SETTLE, || {
+        let (status, body) = get(&node, "/health");
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        (status == 200 && health["cluster"]["shards_owned"] == 8).then_some(health)
+    })
+    .unwrap_or_else(|| panic!("never owned its 8 shards: {:?}", get(&node, "/health")));
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["cluster"]["connected"], true);
+    assert_eq!(health["cluster"]["members"], 1);
+    let (_, metrics) = get(&node, "/metrics");
+    for line in [
+        "vigil_cluster_connected 1",
+        "vigil_cluster_members 1",
+        "vigil_cluster_shards_owned 8",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+
+    nats.kill();
+    let cut_off = wait_until(SETTLE, || {
+        let (status, body) = get(&node, "/health");
+        (status == 503).then_some(body)
+    })
+    .expect("503 once NATS is gone");
+    let health: serde_json::Value = serde_json::from_str(&cut_off).unwrap();
+    assert_eq!(health["status"], "unavailable");
+    assert_eq!(health["cluster"]["connected"], false);
+    let (_, metrics) = get(&node, "/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "vigil_cluster_connected 0"),
+        "{metrics}"
+    );
+}

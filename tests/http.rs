@@ -741,6 +741,7 @@ async fn in_process_indexing(
         reloader: Arc::new(Reloader::new(None, rules.clone(), outputs)),
         latency: Arc::default(),
         started: Instant::now(),
+        cluster: None,
     });
     let config = HttpConfig {
         addr: Some("127.0.0.1:0".parse().unwrap()),

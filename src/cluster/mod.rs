@@ -428,6 +428,29 @@ impl Cluster {
     fn set_members(&self, live: usize) {
         self.members.store(live, Ordering::Relaxed);
     }
+
+    /// This node's part in the cluster now, for `/health` and the metrics.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            connected: self.client.connection_state() == async_nats::connection::State::Connected,
+            members: self.members.load(Ordering::Relaxed) as u64,
+            shards_owned: (0..self.config.shards)
+                .filter(|&shard| self.leases.valid(shard))
+                .count() as u64,
+        }
+    }
+}
+
+/// A node's part in the cluster ([`Cluster::status`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// Connected to NATS: without it, nothing this node takes in can be
+    /// stored, and it runs no shard for long.
+    pub connected: bool,
+    /// Live nodes, this one included, as of the last heartbeat round.
+    pub members: u64,
+    /// Shards whose lease this node holds.
+    pub shards_owned: u64,
 }
 
 /// Answers `vigil.query` from this node's own index.

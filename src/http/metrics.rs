@@ -81,6 +81,26 @@ fn render(s: &Sample) -> String {
         forward,
         s.forward_dropped,
     );
+    if let Some(cluster) = s.cluster {
+        out.single(
+            "vigil_cluster_connected",
+            "gauge",
+            "1 while connected to NATS; 0 while cut off (nothing taken in can be stored).",
+            u64::from(cluster.connected),
+        );
+        out.single(
+            "vigil_cluster_members",
+            "gauge",
+            "Live cluster nodes, this one included, as of the last heartbeat round.",
+            cluster.members,
+        );
+        out.single(
+            "vigil_cluster_shards_owned",
+            "gauge",
+            "Shards whose lease this node holds.",
+            cluster.shards_owned,
+        );
+    }
 
     type Field = fn(&crate::selfmetrics::OutputSample) -> u64;
     let outputs: [(&str, &str, &str, Field); 6] = [

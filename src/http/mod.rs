@@ -388,12 +388,30 @@ fn sse_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({
+/// `200 {"status":"ok",…}`; in a cluster also this node's part in it, and
+/// `503` with `"status":"unavailable"` while it is cut off from NATS: it
+/// can store nothing it takes in, so a load balancer should send elsewhere.
+async fn health(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let telemetry = &state.telemetry;
+    let mut body = json!({
         "status": "ok",
-        "index": state.telemetry.index.len(),
-        "uptime_s": state.telemetry.started.elapsed().as_secs(),
-    }))
+        "index": telemetry.index.len(),
+        "uptime_s": telemetry.started.elapsed().as_secs(),
+    });
+    let mut status = StatusCode::OK;
+    if let Some(cluster) = &telemetry.cluster {
+        let now = cluster.status();
+        body["cluster"] = json!({
+            "connected": now.connected,
+            "members": now.members,
+            "shards_owned": now.shards_owned,
+        });
+        if !now.connected {
+            body["status"] = json!("unavailable");
+            status = StatusCode::SERVICE_UNAVAILABLE;
+        }
+    }
+    (status, Json(body))
 }
 
 #[derive(Deserialize)]
