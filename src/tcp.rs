@@ -314,9 +314,11 @@ impl Connections {
                     proto::error_reply(format!("frame exceeds the maximum size of {max} bytes"));
                 framed.send(reply).await
             }
+            // The peer stopped sending halfway through a frame: the frames
+            // before it were handled, and it may still read their replies.
             FrameError::Truncated => {
                 Stats::incr(&stats.frames_truncated);
-                Ok(())
+                SinkExt::<Bytes>::flush(framed).await
             }
             FrameError::Io(e) => match e.get_ref().and_then(|e| e.downcast_ref::<TooSlow>()) {
                 // Counted where it fell behind, and its room is already back;

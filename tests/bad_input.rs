@@ -144,6 +144,53 @@ async fn a_truncated_frame_then_close_is_counted() {
     h.assert_serves().await;
 }
 
+/// The frames before a truncated one were handled: their replies reach a
+/// client that half-closed and still reads. The query scans a large index;
+/// the rest is sent meanwhile, so the event frame, the half frame and the
+/// end of the stream are all read together, after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_before_a_truncated_one_are_all_answered() {
+    let h = Harness::start(ServerConfig::default()).await;
+    for i in 0..200_000 {
+        h.index.insert(&Event {
+            host: Some(format!("host-{i}")),
+            service: Some("s".to_owned()),
+            time: T0,
+            ttl: Some(600.0),
+            ..Event::default()
+        });
+    }
+    let mut s = connect(h.addr()).await;
+    s.write_all(&frame(&query_msg(r#"service = "none""#)))
+        .await
+        .unwrap();
+    h.wait_count(|s| &s.tcp_messages, 1).await;
+    let mut bytes = frame(&events_msg(vec![pb_event("h", "s")]));
+    // Half a length prefix, then the end of the stream.
+    bytes.extend_from_slice(&[0, 0]);
+    s.write_all(&bytes).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut replies = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut replies))
+        .await
+        .expect("closed by the server")
+        .unwrap();
+    let mut expected = frame(
+        &Msg {
+            ok: Some(true),
+            ..Msg::default()
+        }
+        .encode_to_vec(),
+    );
+    expected.extend(frame(vigil::proto::ACK_BODY));
+    assert_eq!(
+        replies, expected,
+        "the query's answer, the event's ack, then the close"
+    );
+    h.wait_count(|s| &s.frames_truncated, 1).await;
+    assert!(h.index.get("h", "s").is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_bytes_are_refused_and_counted() {
     let h = Harness::start(ServerConfig {
