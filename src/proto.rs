@@ -94,10 +94,14 @@ pub fn to_pb(e: &Event) -> PbEvent {
         description: e.description.clone(),
         tags: e.tags.clone(),
         ttl: e.ttl,
+        // One per key, the last, as queries and JSON read them: Riemann's
+        // attributes are a map, a client given two would not know which holds.
         attributes: e
             .attributes
             .iter()
-            .map(|(k, v)| Attribute {
+            .enumerate()
+            .filter(|(at, (k, _))| !e.attributes[at + 1..].iter().any(|(later, _)| later == k))
+            .map(|(_, (k, v))| Attribute {
                 key: k.clone(),
                 value: Some(v.clone()),
             })
@@ -111,6 +115,28 @@ pub fn to_pb(e: &Event) -> PbEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attribute_given_twice_is_encoded_once_with_its_last_value() {
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let event = Event {
+            attributes: vec![pair("k", "1"), pair("j", "x"), pair("k", "2")],
+            ..Event::default()
+        };
+        assert_eq!(event.attribute("k"), Some("2"), "what a query reads");
+        let encoded: Vec<(String, Option<String>)> = to_pb(&event)
+            .attributes
+            .into_iter()
+            .map(|a| (a.key, a.value))
+            .collect();
+        assert_eq!(
+            encoded,
+            [
+                ("j".to_owned(), Some("x".to_owned())),
+                ("k".to_owned(), Some("2".to_owned()))
+            ]
+        );
+    }
 
     fn decode(bytes: &[u8]) -> Msg {
         Msg::decode(bytes).expect("valid Msg")
