@@ -327,6 +327,7 @@ async fn a_message_over_the_limit_is_refused() {
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(index.is_empty());
     assert_eq!(Stats::get(&stats.grpc_messages), 0);
+    assert_eq!(Stats::get(&stats.frames_oversized), 1, "counted as TCP's");
     // The connection is still usable for messages within the limit.
     let ack = client
         .send_batch(msg(&[event("small", "x")]))

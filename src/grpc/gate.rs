@@ -13,6 +13,7 @@
 //! stops sending could otherwise keep its room, and others waiting, for ever.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -20,17 +21,26 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::budget::{self, Budget, Pace, PaceTimer, Taken, TooSlow, Waiter};
+use crate::stats::Stats;
 
 const PREFIX: usize = 5;
 
 /// `body`, with every large message waiting for room in `budget`, then
 /// keeping the pace that brings it in within `timeout` of getting it. A
 /// message over `max_message` goes straight on, for tonic to refuse at its
-/// prefix, rather than wait for room it would never use.
-pub fn gated<B>(body: B, budget: &Budget, timeout: Duration, max_message: usize) -> Gated<B> {
+/// prefix, rather than wait for room it would never use; it is counted in
+/// `stats` as a TCP frame over `--max-frame` is (tonic counts nothing).
+pub fn gated<B>(
+    body: B,
+    budget: &Budget,
+    timeout: Duration,
+    max_message: usize,
+    stats: Arc<Stats>,
+) -> Gated<B> {
     Gated {
         inner: body,
         max_message,
+        stats,
         budget: budget.clone(),
         waiter: budget.waiter(),
         prefix: [0; PREFIX],
@@ -46,6 +56,7 @@ pub fn gated<B>(body: B, budget: &Budget, timeout: Duration, max_message: usize)
 pub struct Gated<B> {
     inner: B,
     max_message: usize,
+    stats: Arc<Stats>,
     budget: Budget,
     waiter: Waiter,
     /// The prefix of the next message, `prefix_seen` bytes of it so far.
@@ -92,7 +103,9 @@ impl<B> Gated<B> {
                 self.prefix_seen = 0;
                 let len = u32::from_be_bytes(self.prefix[1..].try_into().expect("4 bytes"));
                 let len = len as usize;
-                if len > budget::FREE && len <= self.max_message {
+                if len > self.max_message {
+                    Stats::incr(&self.stats.frames_oversized);
+                } else if len > budget::FREE {
                     return Walk::NeedsRoom { at: from, len };
                 }
                 self.remaining = len;
@@ -255,6 +268,7 @@ mod tests {
             &budget,
             TIMEOUT,
             MAX_MESSAGE,
+            Arc::default(),
         );
         let mut cx = Context::from_waker(Waker::noop());
         let mut poll = || Pin::new(&mut body).poll_frame(&mut cx);
@@ -296,6 +310,7 @@ mod tests {
             &budget,
             TIMEOUT,
             MAX_MESSAGE,
+            Arc::default(),
         );
 
         let other = budget.try_take(budget::FREE * 2).unwrap();
@@ -325,6 +340,7 @@ mod tests {
             &budget,
             TIMEOUT,
             MAX_MESSAGE,
+            Arc::default(),
         );
         assert_eq!(
             poll(&mut body),
@@ -346,6 +362,7 @@ mod tests {
             &budget,
             TIMEOUT,
             MAX_MESSAGE,
+            Arc::default(),
         );
         assert_eq!(poll(&mut body), Poll::Ready(Some(wire)));
         assert_eq!(Stats::get(&stats.message_bytes_held), 0);
@@ -371,7 +388,13 @@ mod tests {
                 chunks.push_back(Bytes::copy_from_slice(&rest[..len]));
                 rest = &rest[len..];
             }
-            let mut body = gated(Chunks(chunks, false), &budget, TIMEOUT, MAX_MESSAGE);
+            let mut body = gated(
+                Chunks(chunks, false),
+                &budget,
+                TIMEOUT,
+                MAX_MESSAGE,
+                Arc::default(),
+            );
             let mut passed = Vec::new();
             while let Poll::Ready(Some(chunk)) = poll(&mut body) {
                 passed.extend_from_slice(&chunk);

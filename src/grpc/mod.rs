@@ -311,6 +311,7 @@ impl Grpc {
             (limits.memory).unwrap_or_else(|| Budget::new(budget::DEFAULT_MAX, stats.clone()));
         // A large message holds its room at most this long while it arrives.
         let (message_timeout, max_message) = (limits.read_timeout, limits.max_message);
+        let refusals = stats.clone();
         let service = pb::vigil_server::VigilServer::new(Service(Arc::new(Shared {
             index,
             streams,
@@ -345,7 +346,15 @@ impl Grpc {
             .http2_keepalive_interval(Some(limits.read_timeout))
             .http2_keepalive_timeout(Some(limits.read_timeout))
             .layer(MapRequestLayer::new(move |request: http::Request<Body>| {
-                let gated = |body| gate::gated(body, &memory, message_timeout, max_message);
+                let gated = |body| {
+                    gate::gated(
+                        body,
+                        &memory,
+                        message_timeout,
+                        max_message,
+                        refusals.clone(),
+                    )
+                };
                 request.map(|body| Body::new(gated(body)))
             }))
             .add_service(service)
