@@ -25,7 +25,7 @@ use vigil::rules::{
 };
 use vigil::selfmetrics::{self, Emitter, Histogram, Telemetry, TimedStreams};
 use vigil::server::{Server, ServerConfig};
-use vigil::snapshot::Snapshots;
+use vigil::snapshot::{self, Snapshots};
 use vigil::streams::Streams;
 use vigil::tls::{self, TlsListener};
 use vigil::{budget, pubsub};
@@ -375,6 +375,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let keep_state = !args.no_snapshot && cluster_config.is_none();
     let text = Arc::new(RuleText { name, text: source });
     let started = clock.now();
+    // Held until vigil exits: no second vigil may write this directory.
+    let _data_dir = keep_state
+        .then(|| snapshot::claim(&args.data_dir))
+        .transpose()
+        .context("taking --data-dir (--no-snapshot disables snapshots)")?;
     if keep_state {
         persist::restore(&compiled.roots, &text, &args.data_dir, started);
     }

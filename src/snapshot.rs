@@ -21,7 +21,7 @@
 //! Files are replaced atomically (temp file in the same directory, fsync, rename).
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,6 +79,12 @@ pub enum SnapshotError {
     CountMismatch { expected: u64, found: usize },
     #[error("not written: the runtime shut down before the write could start")]
     ShutDown,
+    #[error(
+        "{} is in use by another vigil{}: give each its own --data-dir",
+        .dir.display(),
+        .pid.as_ref().map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    InUse { dir: PathBuf, pid: Option<String> },
     #[error("stream state: {0}")]
     Streams(Box<StateError>),
 }
@@ -246,19 +252,27 @@ fn write_from(
 
 /// Atomically replaces the file at `path` (its directory must exist) with
 /// what `fill` writes: through [`temp_of`] beside it, synced, then renamed
-/// over it, so a crash mid-write leaves the previous file in place.
+/// over it, so a crash mid-write leaves the previous file in place. A write
+/// that fails removes its temporary file: on a full disk, a partial index
+/// snapshot left there would keep the small files (a pager's incidents)
+/// from being written too.
 pub(crate) fn replace_file<T>(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<File>) -> io::Result<T>,
 ) -> Result<T, SnapshotError> {
     let temp = temp_of(path);
-    let file = File::create(&temp).map_err(io_error(&temp))?;
-    let mut out = BufWriter::new(file);
-    let written = fill(&mut out).map_err(io_error(&temp))?;
-    let file = out
-        .into_inner()
-        .map_err(|e| io_error(&temp)(e.into_error()))?;
-    file.sync_all().map_err(io_error(&temp))?;
+    let written = (|| {
+        let file = File::create(&temp)?;
+        let mut out = BufWriter::new(file);
+        let written = fill(&mut out)?;
+        let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
+        file.sync_all()?;
+        Ok(written)
+    })()
+    .map_err(|cause| {
+        let _ = fs::remove_file(&temp);
+        io_error(&temp)(cause)
+    })?;
     fs::rename(&temp, path).map_err(io_error(path))?;
     // The rename itself is durable only once the directory is synced.
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -266,6 +280,44 @@ pub(crate) fn replace_file<T>(
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))?;
     Ok(written)
+}
+
+/// The file in the data directory whose lock says a vigil uses it.
+const LOCK_FILE: &str = "vigil.lock";
+
+/// Creates `dir` if needed and takes it for this process until the returned
+/// file is closed (at the latest when the process ends, however it ends).
+/// Refused while another vigil holds it: both would write the same
+/// temporary files and overwrite each other's snapshot, stream state and
+/// open incidents, and a crash could leave them interleaved.
+pub fn claim(dir: &Path) -> Result<File, SnapshotError> {
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_error(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(SnapshotError::InUse {
+                dir: dir.to_owned(),
+                pid: (!holder.is_empty()).then(|| holder.to_owned()),
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_error(&path)(e)),
+    }
+    // Who holds it, for the next one's refusal.
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(io_error(&path))?;
+    Ok(file)
 }
 
 /// Where [`replace_file`] writes `path`'s next content first.
@@ -633,6 +685,38 @@ mod tests {
             decode(b"not a snapshot at all, really"),
             Err(SnapshotError::BadMagic)
         ));
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_previous_file_and_no_temporary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("incidents.json");
+        replace_file(&path, |out| out.write_all(b"before")).unwrap();
+        let failed = replace_file(&path, |out| {
+            out.write_all(&[0; 100_000])?;
+            Err::<(), _>(io::Error::new(io::ErrorKind::StorageFull, "disk full"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"before");
+        assert!(!temp_of(&path).exists(), "its room is given back");
+    }
+
+    #[test]
+    fn a_data_directory_is_taken_by_one_vigil_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let held = claim(&data).expect("created and taken");
+        let refused = claim(&data).unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            format!(
+                "{} is in use by another vigil (pid {}): give each its own --data-dir",
+                data.display(),
+                std::process::id()
+            )
+        );
+        drop(held);
+        claim(&data).expect("free again once the holder is gone");
     }
 
     #[test]

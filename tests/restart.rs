@@ -359,3 +359,32 @@ fn no_snapshot_writes_nothing() {
     assert!(v.terminate().success(), "{}", v.logs());
     assert!(!data.exists(), "--no-snapshot created {}", data.display());
 }
+
+/// Two vigils on one directory would overwrite each other's snapshot, and a
+/// crash could leave it interleaved: the second is refused, naming the first.
+#[test]
+fn a_second_vigil_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut first = Vigil::start(&["--data-dir", dir_arg(&data)]);
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
+    second
+        .args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--data-dir", dir_arg(&data)])
+        .env("RUST_BACKTRACE", "0")
+        .env("NO_COLOR", "1");
+    let out = common::run_command(second, VISIBLE_TIMEOUT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} is in use by another vigil (pid {}): give each its own --data-dir",
+            data.display(),
+            first.pid()
+        )),
+        "{stderr}"
+    );
+    assert!(first.terminate().success(), "{}", first.logs());
+    let mut again = Vigil::start(&["--data-dir", dir_arg(&data)]);
+    assert!(again.terminate().success(), "free once the first has gone");
+}
