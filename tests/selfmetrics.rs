@@ -19,10 +19,10 @@ async fn self_metric(v: &Vigil, service: &str, accept: impl Fn(f64) -> bool) -> 
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let found = client.query(&query).await.unwrap();
-        if let [event] = &found[..] {
-            if event.metric.is_some_and(|m| accept(m.as_f64())) {
-                return event.clone();
-            }
+        if let [event] = &found[..]
+            && event.metric.is_some_and(|m| accept(m.as_f64()))
+        {
+            return event.clone();
         }
         assert!(
             std::time::Instant::now() < deadline,

@@ -276,7 +276,7 @@ mod tests {
                         model.range(..cut).count(),
                         "step {step}"
                     );
-                    if next() % 4 == 0 {
+                    if next().is_multiple_of(4) {
                         set.remove_before(&cut);
                         model = model.split_off(&cut);
                     }

@@ -416,7 +416,7 @@ mod tests {
             let key = next() % 300;
             // Many keys per hash, homes at both ends of the table: runs that
             // wrap around into runs from the start.
-            let hash = if key % 2 == 0 {
+            let hash = if key.is_multiple_of(2) {
                 u64::MAX - key % 5
             } else {
                 key % 5 * 3
@@ -436,7 +436,7 @@ mod tests {
                 9 => {
                     let salt = next();
                     table.retain(
-                        |e| (e.packed.host().parse::<u64>().unwrap() ^ salt) % 4 != 0,
+                        |e| !(e.packed.host().parse::<u64>().unwrap() ^ salt).is_multiple_of(4),
                         |e| assert!(model.remove(&e.packed.host().parse().unwrap()).is_some()),
                     );
                 }

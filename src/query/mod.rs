@@ -581,7 +581,7 @@ mod tests {
             let mut text = String::new();
             for _ in 0..len {
                 let r = next();
-                if r % 5 == 0 {
+                if r.is_multiple_of(5) {
                     // Raw characters, including some that start no token.
                     text.push(char::from(
                         b" ()\"\\=<>!~%,.-_aZ9{}"[(r >> 8) as usize % 20],
