@@ -2,6 +2,8 @@
 //! conversions between its `Event` and vigil's core [`Event`].
 //! Nothing past ingest and the client sees protobuf types.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use prost::Message;
 
@@ -94,14 +96,8 @@ pub fn to_pb(e: &Event) -> PbEvent {
         description: e.description.clone(),
         tags: e.tags.clone(),
         ttl: e.ttl,
-        // One per key, the last, as queries and JSON read them: Riemann's
-        // attributes are a map, a client given two would not know which holds.
-        attributes: e
-            .attributes
-            .iter()
-            .enumerate()
-            .filter(|(at, (k, _))| !e.attributes[at + 1..].iter().any(|(later, _)| later == k))
-            .map(|(_, (k, v))| Attribute {
+        attributes: last_of_each(&e.attributes)
+            .map(|(k, v)| Attribute {
                 key: k.clone(),
                 value: Some(v.clone()),
             })
@@ -112,6 +108,28 @@ pub fn to_pb(e: &Event) -> PbEvent {
     }
 }
 
+/// One attribute per key, the last, in order, as queries and JSON read
+/// them: Riemann's attributes are a map, and a client given two would not
+/// know which holds. Linear however many there are (up to
+/// `--max-attributes`, 10 000 by default).
+fn last_of_each(attributes: &[(String, String)]) -> impl Iterator<Item = &(String, String)> {
+    // Few, nearly always: comparing each with those after it beats hashing.
+    const SCAN_BELOW: usize = 16;
+    let last: Option<HashMap<&str, usize>> = (attributes.len() >= SCAN_BELOW).then(|| {
+        let by_key = attributes.iter().enumerate();
+        by_key.map(|(at, (k, _))| (k.as_str(), at)).collect()
+    });
+    attributes.iter().enumerate().filter_map(move |(at, pair)| {
+        let is_last = match &last {
+            Some(last) => last[pair.0.as_str()] == at,
+            None => !attributes[at + 1..]
+                .iter()
+                .any(|(later, _)| *later == pair.0),
+        };
+        is_last.then_some(pair)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +137,15 @@ mod tests {
     #[test]
     fn an_attribute_given_twice_is_encoded_once_with_its_last_value() {
         let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        // Many, past the scan: the same through the map.
+        let many: Vec<_> = (0..100)
+            .map(|i| pair(&format!("a{}", i % 50), &i.to_string()))
+            .collect();
+        let kept: Vec<_> = last_of_each(&many).cloned().collect();
+        let expected: Vec<_> = (50..100)
+            .map(|i| pair(&format!("a{}", i % 50), &i.to_string()))
+            .collect();
+        assert_eq!(kept, expected);
         let event = Event {
             attributes: vec![pair("k", "1"), pair("j", "x"), pair("k", "2")],
             ..Event::default()
