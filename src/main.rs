@@ -623,7 +623,7 @@ async fn within<T>(
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    rules::read_file(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// `check` and `test` report through stdout and their exit code, not an error.

@@ -285,3 +285,44 @@ fn sighup_reloads_the_rule_file_and_refuses_a_broken_one() {
     );
     assert_eq!(send_and_query(&v, "still").as_deref(), Some("reloaded"));
 }
+
+/// A rule path that leads to something that is not a file: `/dev/zero`
+/// would be read without end, a FIFO with no writer would block on open.
+/// Both are refused as the reload, and the running rules go on.
+#[test]
+fn a_rule_path_to_a_device_or_a_fifo_is_refused_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = dir.path().join("good.vigil");
+    write(&good, "streams {\n  index\n}\n");
+    let path = dir.path().join("rules.vigil");
+    std::os::unix::fs::symlink(&good, &path).unwrap();
+    let path_str = path.to_str().expect("utf-8 path");
+    let mut v = Vigil::start(&["--rules", path_str, "--no-snapshot"]);
+
+    let fifo = dir.path().join("fifo.vigil");
+    run_ok("mkfifo", &[fifo.to_str().unwrap()], CMD_TIMEOUT);
+    for (target, kind) in [
+        (Path::new("/dev/zero"), "character device"),
+        (fifo.as_path(), "FIFO"),
+    ] {
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(target, &path).unwrap();
+        hangup(&v);
+        let refusal = format!("{path_str}: cannot read: not a regular file (a {kind})");
+        wait_for_log(&v, &refusal);
+        v.assert_alive();
+        assert_eq!(send_and_query(&v, kind).as_deref(), Some("ok"));
+    }
+    // `check` says the same, at once.
+    let out = common::run_cmd(
+        env!("CARGO_BIN_EXE_vigil"),
+        &["check", fifo.to_str().unwrap()],
+        CMD_TIMEOUT,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a regular file (a FIFO)"),
+        "{}",
+        common::show(&out)
+    );
+}

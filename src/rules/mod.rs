@@ -26,6 +26,59 @@ pub use diag::Diagnostic;
 pub const DEFAULT_RULES: &str = include_str!("../../rules/default.vigil");
 pub const DEFAULT_RULES_NAME: &str = "<embedded rules/default.vigil>";
 
+/// The most bytes a rule file may have. Real ones are kilobytes; a million
+/// statements are ~50 MB. What matters is that a path to `/dev/zero`, or a
+/// file still being written, cannot make vigil read without end.
+pub const MAX_RULE_FILE: u64 = 64 * 1024 * 1024;
+
+/// Why a rule file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a regular file (a {0})")]
+    NotAFile(&'static str),
+    #[error("over the {} MiB a rule file may have", MAX_RULE_FILE >> 20)]
+    TooLarge,
+    #[error("not UTF-8 text: {0}")]
+    NotText(#[from] std::string::FromUtf8Error),
+}
+
+/// Reads a rule file: a regular file (never opened otherwise: opening a
+/// FIFO with no writer would block), of at most [`MAX_RULE_FILE`] bytes.
+pub fn read_file(path: &std::path::Path) -> Result<String, ReadError> {
+    use std::io::Read;
+    let kind = std::fs::metadata(path)?.file_type();
+    if !kind.is_file() {
+        return Err(ReadError::NotAFile(file_kind(&kind)));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_RULE_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_RULE_FILE {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(String::from_utf8(bytes)?)
+}
+
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "directory"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_char_device() {
+        "character device"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
 /// A rule file's text as it was compiled. The running rules keep it, so their
 /// stream state is saved with the text that gives it meaning.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,4 +107,27 @@ pub fn render_all(diagnostics: &[Diagnostic], name: &str, source: &str) -> Strin
         .map(|d| d.render(name, source))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_file_is_a_regular_file_of_bounded_size_in_utf_8() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.vigil");
+        std::fs::write(&path, "streams { index }\n").unwrap();
+        assert_eq!(read_file(&path).unwrap(), "streams { index }\n");
+        // Sparse: over the bound without writing 64 MiB.
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_RULE_FILE + 1).unwrap();
+        let error = read_file(&path).unwrap_err().to_string();
+        assert_eq!(error, "over the 64 MiB a rule file may have");
+        std::fs::write(&path, b"streams {\xff}").unwrap();
+        let error = read_file(&path).unwrap_err().to_string();
+        assert!(error.starts_with("not UTF-8 text: "), "{error}");
+        let error = read_file(dir.path()).unwrap_err().to_string();
+        assert_eq!(error, "not a regular file (a directory)");
+    }
 }

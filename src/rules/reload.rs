@@ -186,24 +186,32 @@ impl Reloader {
         Ok(tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 // Logged and counted inside; the old rules keep running.
-                let _ = this.reload();
+                let _ = this.reload().await;
             }
         }))
     }
 
     /// Re-reads, validates and swaps in the rule file. Must run inside tokio.
-    pub fn reload(&self) -> Result<(), String> {
-        let Some(path) = &self.path else {
+    pub async fn reload(&self) -> Result<(), String> {
+        let Some(path) = self.path.clone() else {
             tracing::warn!(
                 "Reload ignored: running the embedded rules; start with --rules FILE to reload."
             );
             return Ok(());
         };
         let name = path.display().to_string();
-        let stats = &self.rules.stats;
-        let source = std::fs::read_to_string(path)
-            .map_err(|e| reject(stats, &name, format!("{name}: cannot read: {e}")))?;
-        let compiled = prepare(stats, &name, &source, EnvPolicy::Strict)?;
+        // Reading and compiling a large file takes a while: not on a worker
+        // the connections need.
+        let (rules, task_name) = (self.rules.clone(), name.clone());
+        let (source, compiled) = tokio::task::spawn_blocking(move || {
+            let (stats, name) = (&rules.stats, &task_name);
+            let source = super::read_file(&path)
+                .map_err(|e| reject(stats, name, format!("{name}: cannot read: {e}")))?;
+            let compiled = prepare(stats, name, &source, EnvPolicy::Strict)?;
+            Ok::<_, String>((source, compiled))
+        })
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))??;
         let mut outputs = self.outputs.lock();
         let removed = outputs.update(&compiled.outputs);
         let text = Arc::new(RuleText { name, text: source });
