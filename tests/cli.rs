@@ -162,9 +162,12 @@ fn check_refuses_what_an_output_could_never_send_keys_given_twice_and_ttls_out_o
             "3:69: invalid header `Bad Header`: invalid HTTP header name",
             "4:59: invalid header `X-Token`: failed to parse header value",
             "5:45: `http://` is not a URL vigil can post to: empty host",
-            "7:19: `host` is given twice",
-            "8:13: expected a TTL in seconds (0 or more), found a number",
-            "9:16: expected a TTL in seconds (0 or more), found a number",
+            "6:59: invalid header `Content-Length`: `Content-Length` is set for each request, not by configuration",
+            "7:26: `host` is empty: name a host or an address",
+            "8:27: `host` is empty: name a host or an address",
+            "10:19: `host` is given twice",
+            "11:13: expected a TTL in seconds (0 or more), found a number",
+            "12:16: expected a TTL in seconds (0 or more), found a number",
         ],
         "{text}"
     );

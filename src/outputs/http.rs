@@ -402,6 +402,22 @@ pub fn header_map(headers: &BTreeMap<String, String>) -> Result<HeaderMap, Setup
 /// One configured header, or why HTTP cannot carry it.
 pub fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
     let key = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+    // How the request is framed and carried is the client's to say: a fixed
+    // `Content-Length` cut every longer body short, silently.
+    const SET_BY_VIGIL: [&str; 9] = [
+        "content-length",
+        "transfer-encoding",
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
+    if SET_BY_VIGIL.contains(&key.as_str()) {
+        return Err(format!("`{name}` is set for each request, not by configuration"));
+    }
     let value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
     Ok((key, value))
 }
@@ -415,7 +431,13 @@ pub fn url_problem(url: &str) -> Option<String> {
             "the scheme `{}` is not sent to; use http or https",
             url.scheme()
         )),
-        Ok(_) => None,
+        // What the request is built from: stricter than the URL parser
+        // (e.g. at most 64 KiB).
+        Ok(url) => url
+            .as_str()
+            .parse::<hyper::Uri>()
+            .err()
+            .map(|e| e.to_string()),
     }
 }
 
@@ -463,6 +485,23 @@ mod tests {
             max_backoff: Duration::from_secs(1),
             max_attempts: Some(3),
         }
+    }
+
+    #[test]
+    fn a_url_too_long_for_a_request_is_refused_where_the_parser_took_it() {
+        let long = format!("http://127.0.0.1:1/{}", "a".repeat(70_000));
+        assert!(reqwest::Url::parse(&long).is_ok());
+        assert!(url_problem(&long).is_some());
+        assert_eq!(url_problem("http://127.0.0.1:1/hook?token=x"), None);
+    }
+
+    #[test]
+    fn headers_that_frame_or_route_the_request_are_not_configurable() {
+        for name in ["Content-Length", "transfer-encoding", "Host", "Connection"] {
+            let refused = header(name, "5").unwrap_err();
+            assert!(refused.contains("is set for each request"), "{refused}");
+        }
+        assert!(header("X-Token", "s3cret").is_ok());
     }
 
     #[test]

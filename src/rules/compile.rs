@@ -399,9 +399,10 @@ impl Compiler {
                 OutputKind::Webhook(webhook::Config { url, headers, body })
             }
             "graphite" => OutputKind::Graphite(graphite::Config {
-                host: self
-                    .optional_string(b.get("host"))?
-                    .unwrap_or_else(|| "127.0.0.1".to_owned()),
+                host: match b.get("host") {
+                    Some(host) => self.host(host)?,
+                    None => "127.0.0.1".to_owned(),
+                },
                 port: self.port(b.get("port"), 2003)?,
                 prefix: self.optional_string(b.get("prefix"))?,
                 path: self.template(b.get("path"))?,
@@ -409,7 +410,7 @@ impl Compiler {
             _ => {
                 let host = self.require(what, &b, "host");
                 OutputKind::Forward(forward::Config {
-                    host: self.string(host?)?,
+                    host: self.host(host?)?,
                     port: self.port(b.get("port"), 5555)?,
                 })
             }
@@ -453,6 +454,16 @@ impl Compiler {
             }
         }
         Some(headers)
+    }
+
+    /// An output's `host`: a name or an address, not empty.
+    fn host(&mut self, v: &Value) -> Option<String> {
+        let host = self.string(v)?;
+        if host.trim().is_empty() && !self.unset_env(v) {
+            self.error(v.span.clone(), "`host` is empty: name a host or an address");
+            return None;
+        }
+        Some(host)
     }
 
     /// An output's `url`: one that can be posted to.
