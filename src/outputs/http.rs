@@ -416,7 +416,9 @@ pub fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), Stri
         "upgrade",
     ];
     if SET_BY_VIGIL.contains(&key.as_str()) {
-        return Err(format!("`{name}` is set for each request, not by configuration"));
+        return Err(format!(
+            "`{name}` is set for each request, not by configuration"
+        ));
     }
     let value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
     Ok((key, value))

@@ -4,7 +4,8 @@
 //! when no later event comes (Riemann waits for the next event).
 //!
 //! Every buffer is bounded; past the bound the oldest events are dropped and
-//! counted in the log when the window closes.
+//! counted in the log, at most once per [`OVERFLOW_LOG_EVERY`] for each
+//! window: one line per dropped event wrote as fast as events came in.
 
 use std::collections::VecDeque;
 
@@ -112,7 +113,21 @@ pub struct WindowState {
     latest: HashMap<(String, String), Event>,
     /// When the current fixed window (or coalesce period) closes.
     window_end: Option<Micros>,
+    /// Dropped since the last overflow line, which was logged at `logged_at`.
     dropped: u64,
+    logged_at: Micros,
+}
+
+/// How often an overflowing window says how many it dropped.
+pub const OVERFLOW_LOG_EVERY: Micros = 10 * crate::clock::MICROS_PER_SEC;
+
+/// How many `s` dropped since its last overflow line, when a line is due at `now`.
+fn overflow_to_log(s: &mut WindowState, now: Micros) -> Option<u64> {
+    if s.dropped == 0 || now.saturating_sub(s.logged_at) < OVERFLOW_LOG_EVERY {
+        return None;
+    }
+    s.logged_at = now;
+    Some(std::mem::take(&mut s.dropped))
 }
 
 impl Window {
@@ -162,13 +177,12 @@ impl Window {
             }
             WindowKind::MovingTime(_) | WindowKind::FixedCount(_) | WindowKind::MovingCount(_) => {}
         }
-        if s.dropped > 0 {
+        if let Some(dropped) = overflow_to_log(s, now) {
             tracing::warn!(
-                dropped = s.dropped,
+                dropped,
                 max = WINDOW_MAX,
                 "Window overflowed; oldest events dropped."
             );
-            s.dropped = 0;
         }
         out
     }
@@ -295,7 +309,7 @@ impl Node for Window {
                     events: events.into(),
                     latest,
                     window_end,
-                    dropped: 0,
+                    ..WindowState::default()
                 };
             }
             other => return Err(RestoreError::mismatch("window", &other)),
@@ -461,5 +475,30 @@ impl Node for Percentiles {
             other => return Err(RestoreError::mismatch("percentiles", &other)),
         }
         self.children.restore(from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overflowing_window_says_so_at_most_once_per_interval() {
+        let t0 = 1_700_000_000 * crate::clock::MICROS_PER_SEC;
+        let mut s = WindowState::default();
+        assert_eq!(overflow_to_log(&mut s, t0), None, "nothing dropped");
+        // One event dropped per arrival, 25 000 a second (one per 40 µs), for 25 s.
+        let mut lines = Vec::new();
+        for i in 0..25_000 * 25 {
+            s.dropped += 1;
+            lines.extend(overflow_to_log(&mut s, t0 + i * 40));
+        }
+        assert_eq!(lines.len(), 3, "at 0, 10 and 20 s: {lines:?}");
+        assert_eq!(lines[..2], [1, 250_000]);
+        assert_eq!(
+            lines.iter().sum::<u64>() + s.dropped,
+            25_000 * 25,
+            "every drop is in a line or still to be told"
+        );
     }
 }
