@@ -282,6 +282,12 @@ impl<'a> Parser<'a> {
             1 + rest[1..]
                 .find(|c: char| !(is_ident_continue(c) || c == '.'))
                 .unwrap_or(rest.len() - 1)
+        } else if first.is_control() {
+            // Shown by its code, e.g. a NUL as `\u{0}`: as itself it is invisible.
+            return (
+                at..at + first.len_utf8(),
+                format!("`{}`", first.escape_unicode()),
+            );
         } else {
             first.len_utf8()
         };
@@ -1813,6 +1819,10 @@ test "backlog pages" {
         assert!(error(&maps).contains("nested too deeply (max 64)"));
         let braces = format!("streams {}", "{".repeat(100_000));
         assert!(error(&braces).contains("expected a stream or `}`, found `{`"));
+        assert!(
+            error("streams {\n  index\0\n}\n").contains("expected a stream or `}`, found `\\u{0}`"),
+            "a NUL is shown by its code"
+        );
         let parens = format!("streams {{ where {} }}", "(".repeat(100_000));
         assert!(error(&parens).contains("nested too deeply"));
     }
