@@ -976,21 +976,6 @@ fn a_msg_over_the_nats_payload_limit_is_stored_and_answered_in_parts() {
     assert_eq!(stored, Some(events.len() + 1));
 }
 
-/// `vigil run` on a cluster `args`; what it printed, once it exited.
-fn run_refused(args: &[&str]) -> (Option<i32>, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
-    command
-        .args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(args)
-        .env("NO_COLOR", "1")
-        .env("RUST_BACKTRACE", "0");
-    let out = common::run_command(command, SETTLE);
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Two shard counts would put one host in a shard on each side, owned by
 /// two nodes that would both page for it.
 #[test]
@@ -1004,7 +989,8 @@ fn a_node_with_another_shard_count_is_refused_and_says_why() {
         first.logs()
     );
     let url = nats.url();
-    let (code, stderr) = run_refused(&["--cluster", &url, "--node-id", "n2", "--shards", "16"]);
+    let args = ["--cluster", &url, "--node-id", "n2", "--shards", "16"];
+    let (code, stderr) = common::run_refused(&args, SETTLE);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(
@@ -1030,7 +1016,7 @@ fn a_nats_that_does_not_answer_is_named_with_the_reason() {
         .unwrap()
         .port();
     let url = format!("nats://127.0.0.1:{port}");
-    let (code, stderr) = run_refused(&["--cluster", &url, "--node-id", "n1"]);
+    let (code, stderr) = common::run_refused(&["--cluster", &url, "--node-id", "n1"], SETTLE);
     assert_eq!(code, Some(1), "{stderr}");
     // Not a JetStream request timing out later, which named neither.
     assert!(

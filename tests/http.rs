@@ -902,24 +902,32 @@ async fn shutdown_closes_live_subscriptions() {
     tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
 }
 
-/// A client that stopped reading would otherwise hold the shutdown until
-/// its write timeout (a minute by default) or the 10 s grace.
-#[tokio::test(flavor = "multi_thread")]
-async fn shutdown_does_not_wait_for_a_client_that_stopped_reading() {
-    let (http, index) = in_process(100).await;
-    let addr = http.addr.unwrap();
+/// Fills the index with 2 000 events of 4 KiB and asks for all of them on a
+/// raw connection that the caller then does not read: the JSON answer
+/// (~8 MB) is far more than the socket buffers hold.
+async fn ask_for_a_large_answer(http: &HttpServer, index: &Index) -> tokio::net::TcpStream {
     for i in 0..2_000 {
         index.insert(&Event {
             description: Some("x".repeat(4096)),
             ..event("big", &i.to_string(), 60.0, i)
         });
     }
+    let addr = http.addr.unwrap();
     let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET /index?query=true HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     tokio::io::AsyncWriteExt::write_all(&mut stalled, request.as_bytes())
         .await
         .unwrap();
-    // The answer (~8 MB) has begun; the rest fills the socket buffers.
+    stalled
+}
+
+/// A client that stopped reading would otherwise hold the shutdown until
+/// its write timeout (a minute by default) or the 10 s grace.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_does_not_wait_for_a_client_that_stopped_reading() {
+    let (http, index) = in_process(100).await;
+    let mut stalled = ask_for_a_large_answer(&http, &index).await;
+    // The answer has begun; the rest fills the socket buffers.
     let mut head = [0; 12];
     tokio::io::AsyncReadExt::read_exact(&mut stalled, &mut head)
         .await
@@ -938,19 +946,7 @@ async fn a_client_that_never_reads_its_response_is_closed_after_the_write_timeou
     })
     .await;
     let addr = http.addr.unwrap();
-    // 2 000 events of 4 KiB: the JSON answer to `true` is ~8 MB, far more
-    // than the socket buffers hold.
-    for i in 0..2_000 {
-        index.insert(&Event {
-            description: Some("x".repeat(4096)),
-            ..event("big", &i.to_string(), 60.0, i)
-        });
-    }
-    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET /index?query=true HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut stalled, request.as_bytes())
-        .await
-        .unwrap();
+    let mut stalled = ask_for_a_large_answer(&http, &index).await;
     scrape_until(addr, "the stalled connection timed out", |s| {
         value(s, "vigil_http_write_timeouts_total", None) == Some(1.0)
     })

@@ -367,15 +367,8 @@ fn a_second_vigil_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut first = Vigil::start(&["--data-dir", dir_arg(&data)]);
-    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
-    second
-        .args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(["--data-dir", dir_arg(&data)])
-        .env("RUST_BACKTRACE", "0")
-        .env("NO_COLOR", "1");
-    let out = common::run_command(second, VISIBLE_TIMEOUT);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = common::run_refused(&["--data-dir", dir_arg(&data)], VISIBLE_TIMEOUT);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "{} is in use by another vigil (pid {}): give each its own --data-dir",

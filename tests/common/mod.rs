@@ -336,6 +336,23 @@ pub fn run_cmd(program: impl AsRef<std::ffi::OsStr>, args: &[&str], timeout: Dur
     run_command(cmd, timeout)
 }
 
+/// `vigil run` on ephemeral ports with `extra_args`, for a start that must
+/// be refused: its exit code (`None` if still running at `timeout`, then
+/// killed) and what it wrote to stderr.
+pub fn run_refused(extra_args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    command
+        .args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(extra_args)
+        .env("NO_COLOR", "1")
+        .env("RUST_BACKTRACE", "0");
+    let out = run_command(command, timeout);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Like `run_cmd`, for a prepared `Command` (env, cwd, ...).
 pub fn run_command(mut cmd: Command, timeout: Duration) -> Output {
     let desc = describe(&cmd);
