@@ -305,18 +305,25 @@ impl Emitter {
             // Critical while cut off from NATS, so a rule can page on it.
             let state = if cluster.connected { "ok" } else { "critical" };
             let connected = gauge(u64::from(cluster.connected));
-            out.push(self.event(now, "vigil cluster connected".into(), state, connected));
+            out.extend([
+                self.event(now, "vigil cluster connected".into(), state, connected),
+                self.event(
+                    now,
+                    "vigil cluster members".into(),
+                    "ok",
+                    gauge(cluster.members),
+                ),
+                self.event(
+                    now,
+                    "vigil cluster shards owned".into(),
+                    "ok",
+                    gauge(cluster.shards_owned),
+                ),
+            ]);
         }
         let mut emit = |service: String, metric: Metric| {
             out.push(self.event(now, service, "ok", metric));
         };
-        if let Some(cluster) = sample.cluster {
-            emit("vigil cluster members".to_owned(), gauge(cluster.members));
-            emit(
-                "vigil cluster shards owned".to_owned(),
-                gauge(cluster.shards_owned),
-            );
-        }
         emit("vigil index size".to_owned(), gauge(sample.index_size));
         emit("vigil subscribers".to_owned(), gauge(sample.subscribers));
         emit(
