@@ -200,6 +200,7 @@ pub struct Sample {
     pub reload_failures: u64,
     pub rule_errors: u64,
     pub reinject_overflow: u64,
+    pub window_overflow: u64,
     pub uptime: Duration,
     /// In cluster mode.
     pub cluster: Option<ClusterStatus>,
@@ -249,6 +250,7 @@ impl Telemetry {
             reload_failures: get(&rules.reload_failures),
             rule_errors: get(&rules.errors),
             reinject_overflow: get(&rules.reinject_overflow),
+            window_overflow: get(&rules.window_overflow),
             uptime: self.started.elapsed(),
             cluster: self.cluster.as_ref().map(|cluster| cluster.status()),
         }

@@ -183,6 +183,13 @@ fn render(s: &Sample) -> String {
         overflow,
         s.reinject_overflow,
     );
+    let window = "Events a full window or coalesce let go of.";
+    out.single(
+        "vigil_rules_window_overflow_total",
+        "counter",
+        window,
+        s.window_overflow,
+    );
     let uptime = "Seconds since vigil started.";
     out.single(
         "vigil_uptime_seconds",
@@ -256,6 +263,7 @@ mod tests {
                 ..OutputSample::default()
             }],
             latency: h.snapshot(),
+            window_overflow: 5,
             ..Sample::default()
         };
         let text = render(&sample);
@@ -268,6 +276,7 @@ mod tests {
             "vigil_streams_latency_seconds_bucket{le=\"5\"} 1\n",
             "vigil_streams_latency_seconds_bucket{le=\"+Inf\"} 2\n",
             "vigil_streams_latency_seconds_count 2\n",
+            "# TYPE vigil_rules_window_overflow_total counter\nvigil_rules_window_overflow_total 5\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }

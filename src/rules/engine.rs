@@ -55,6 +55,9 @@ pub struct RuleStats {
     pub reloads: AtomicU64,
     /// Reloads refused because the file did not load; the old rules kept running.
     pub reload_failures: AtomicU64,
+    /// Events a full window or `coalesce` let go of (the oldest, or a new
+    /// series) to stay within [`super::nodes::WINDOW_MAX`].
+    pub window_overflow: AtomicU64,
 }
 
 /// One compiled rule file as it runs: its stages, and the outputs its
@@ -156,6 +159,7 @@ impl Rules {
             reinjected: &mut reinjected,
             hashed: None,
             due: Micros::MAX,
+            stats: &self.stats,
         };
         work(&mut cx);
         let mut due = cx.due;
@@ -181,6 +185,7 @@ impl Rules {
                 reinjected: &mut reinjected,
                 hashed: None,
                 due: Micros::MAX,
+                stats: &self.stats,
             };
             for event in &round {
                 self.guarded(|| tree.roots.event(event, &mut cx));

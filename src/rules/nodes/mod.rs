@@ -26,6 +26,7 @@ pub use crate::event::Field;
 use crate::event::{Event, Metric};
 use crate::index::{Index, KeyHash};
 use crate::outputs::OutputSink;
+use crate::rules::engine::RuleStats;
 
 mod basic;
 pub mod saved;
@@ -59,6 +60,8 @@ pub struct Cx<'a> {
     /// at ([`Cx::schedule`]); `by` reads it so it ticks only the groups with
     /// something due. `Micros::MAX`: nothing asked.
     pub due: Micros,
+    /// Where a stage counts what it had to let go of.
+    pub stats: &'a RuleStats,
 }
 
 impl Cx<'_> {

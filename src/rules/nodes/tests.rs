@@ -815,6 +815,32 @@ fn fixed_time_window_is_closed_by_the_timer() {
 }
 
 #[test]
+fn a_full_window_lets_the_oldest_go_and_counts_each() {
+    use crate::rules::nodes::WINDOW_MAX;
+    let b = bench(
+        r#"where service = "t" { fixed_time_window(10s) { count { out } } }
+           where service != "t" { coalesce(10s) { count { out } } }"#,
+    );
+    let batch: Vec<Event> = (0..WINDOW_MAX + 3)
+        .map(|i| with_metric(ev(&b, "h", "t"), Metric::Int(i as i64)))
+        .collect();
+    b.rules.process(&batch);
+    let series: Vec<Event> = (0..WINDOW_MAX + 2)
+        .map(|i| ev(&b, "h", &format!("s{i}")))
+        .collect();
+    b.rules.process(&series);
+    let overflow = || b.rules.stats.window_overflow.load(Ordering::Relaxed);
+    assert_eq!(overflow(), 3 + 2, "three events, then two series, left out");
+    b.advance_to(at(10.0));
+    assert_eq!(
+        out_f64(&b),
+        vec![WINDOW_MAX as f64; 2],
+        "each window held what it could"
+    );
+    assert_eq!(overflow(), 5, "closing the windows drops nothing more");
+}
+
+#[test]
 fn moving_time_window_counts_the_last_interval() {
     let b = bench("moving_time_window(10s) { count { out } }");
     for t in [0.0, 5.0, 9.9, 10.0, 15.5, 30.0] {

@@ -8,6 +8,7 @@
 //! window: one line per dropped event wrote as fast as events came in.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 
 use hashbrown::HashMap;
 use parking_lot::Mutex;
@@ -194,6 +195,17 @@ impl Window {
         }
         s.events.push_back((now, event));
     }
+
+    /// Counts what one event made `s` let go of; `dropped` was the count
+    /// before it (after `due`, which may have logged and reset it).
+    fn count_overflow(s: &WindowState, dropped: u64, cx: &Cx) {
+        let overflow = s.dropped - dropped;
+        if overflow > 0 {
+            cx.stats
+                .window_overflow
+                .fetch_add(overflow, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Node for Window {
@@ -202,6 +214,7 @@ impl Node for Window {
         let (windows, next) = {
             let mut s = self.state.lock();
             let mut out = self.due(&mut s, now, cx.index);
+            let dropped = s.dropped;
             match self.kind {
                 WindowKind::FixedTime(dt) => {
                     s.window_end.get_or_insert(now.saturating_add(dt));
@@ -238,6 +251,7 @@ impl Node for Window {
                     }
                 }
             }
+            Self::count_overflow(&s, dropped, cx);
             (out, s.window_end)
         };
         cx.schedule(next);
