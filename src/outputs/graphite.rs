@@ -424,7 +424,7 @@ impl Graphite {
         let left = self.pending.len() + self.unacked.len();
         if left > 0 {
             delivery.dropped(left);
-            tracing::error!(output = %delivery.name, count = left, "Carbon unreachable at shutdown, or not acknowledging; points dropped.");
+            tracing::error!(output = %delivery.name, count = left, "Carbon unreachable as the output stopped (shutdown, or a reload replaced it), or not acknowledging; points dropped.");
         }
     }
 }

@@ -276,7 +276,7 @@ impl Poster {
                 self.given_up = true;
                 tracing::error!(
                     output, %error, attempts,
-                    "Delivery failed while shutting down; event dropped."
+                    "Delivery failed while the output stops (shutdown, or a reload replaced it); event dropped."
                 );
                 return Ended::Dropped;
             }
@@ -310,13 +310,13 @@ impl Poster {
         self.given_up
     }
 
-    /// Reports, once, what shutdown left unsent.
+    /// Reports, once, what stopping (shutdown or a reload) left unsent.
     pub fn finish(self, output: &str) {
         if self.unsent > 0 {
             tracing::error!(
                 output,
                 dropped = self.unsent,
-                "Events dropped unsent at shutdown: the downstream was failing."
+                "Events dropped unsent as the output stopped (shutdown, or a reload replaced it): the downstream was failing."
             );
         }
     }
