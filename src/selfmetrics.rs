@@ -321,6 +321,12 @@ impl Emitter {
                     "ok",
                     gauge(cluster.shards_owned),
                 ),
+                self.event(
+                    now,
+                    "vigil cluster forward dropped".into(),
+                    "ok",
+                    gauge(sample.forward_dropped),
+                ),
             ]);
         }
         let mut emit = |service: String, metric: Metric| {
@@ -341,6 +347,27 @@ impl Emitter {
             // Taken from the queue and not yet settled: what an output stuck
             // on a dead downstream holds, while its queue may look empty.
             emit(format!("vigil output {name} in flight"), gauge(o.in_flight));
+        }
+        // Everything `/metrics` exposes is an event too, for a rule to alert
+        // on: the counters as totals since start, named by their words.
+        for &(field, value) in &sample.counters {
+            emit(format!("vigil {}", field.replace('_', " ")), gauge(value));
+        }
+        for (service, value) in [
+            ("vigil index expired", sample.expired),
+            ("vigil index refused", sample.refused),
+            ("vigil subscriber events", sample.subscriber_events),
+            (
+                "vigil subscribers disconnected slow",
+                sample.slow_disconnects,
+            ),
+            ("vigil rules reloads", sample.reloads),
+            ("vigil rules reload failures", sample.reload_failures),
+            ("vigil rules errors", sample.rule_errors),
+            ("vigil rules reinject overflow", sample.reinject_overflow),
+            ("vigil rules window overflow", sample.window_overflow),
+        ] {
+            emit(service.to_owned(), gauge(value));
         }
         let (then, before) = &self.previous;
         let secs = (now - then) as f64 / MICROS_PER_SEC as f64;
@@ -457,6 +484,7 @@ mod tests {
             counters: vec![("tcp_events", 100), ("udp_events", 0)],
             index_size: 3,
             expired: 10,
+            window_overflow: 4,
             outputs: vec![OutputSample {
                 name: "pager".into(),
                 accepted: 4,
@@ -477,6 +505,8 @@ mod tests {
             "no time passed: no rate"
         );
         assert_eq!(metric(&first, "vigil streams latency p99"), Some(0.0));
+        assert_eq!(metric(&first, "vigil tcp events"), Some(100.0), "a total");
+        assert_eq!(metric(&first, "vigil rules window overflow"), Some(4.0));
         let e = &first[0];
         assert_eq!((e.host_str(), e.ttl, e.time), ("node-1", Some(10.0), T0));
         assert_eq!(e.tags, vec!["vigil".to_owned()]);
@@ -509,6 +539,7 @@ mod tests {
         let up = emitter.events(T0, sample(true));
         assert_eq!(metric(&up, "vigil cluster members"), Some(3.0));
         assert_eq!(metric(&up, "vigil cluster shards owned"), Some(22.0));
+        assert_eq!(metric(&up, "vigil cluster forward dropped"), Some(0.0));
         let state = |events: &[Event]| {
             let connected = events
                 .iter()
