@@ -251,16 +251,13 @@ impl Ingest {
         };
         let stored = (!events.is_empty()).then(|| cluster.send(events));
         let query = match request.query {
-            Some(text) if transport == Transport::Tcp => Some(match Query::parse(&text) {
-                Ok(_) => {
-                    Stats::incr(&self.stats.queries);
-                    Ok(text)
-                }
-                Err(e) => {
+            Some(text) if transport == Transport::Tcp => {
+                Stats::incr(&self.stats.queries);
+                Some(Query::parse(&text).map(|_| text).map_err(|e| {
                     Stats::incr(&self.stats.query_errors);
-                    Err(e.to_string())
-                }
-            }),
+                    e.to_string()
+                }))
+            }
             _ => None,
         };
         let stats = self.stats.clone();
@@ -319,6 +316,7 @@ impl Ingest {
     /// A key lookup is answered at once; a query that scans the index is
     /// answered by a blocking thread when the reply is awaited.
     fn answer(&self, text: &str) -> Reply {
+        Stats::incr(&self.stats.queries);
         let query = match Query::parse(text) {
             Ok(query) => query,
             Err(e) => {
@@ -326,7 +324,6 @@ impl Ingest {
                 return Reply::Ready(proto::error_reply(e.to_string()));
             }
         };
-        Stats::incr(&self.stats.queries);
         if query.exact_key().is_some() {
             let answer = self
                 .index

@@ -69,7 +69,8 @@ counters! {
     /// `Msg`s, `POST /events` lines and HTTP or gRPC queries refused for a
     /// string longer than `--max-string`.
     msgs_over_max_string,
-    /// Queries answered.
+    /// Queries asked (subscriptions' included) within `--max-string`;
+    /// `query_errors` of them were refused.
     queries,
     /// Queries refused: they did not parse, or matched more index entries
     /// than `--max-query-results`.
@@ -101,7 +102,7 @@ counters! {
     /// gRPC connections closed because the client sent nothing within
     /// `--read-timeout` of connecting.
     grpc_read_timeouts,
-    /// WebSocket and SSE subscriptions opened.
+    /// WebSocket, SSE and gRPC subscriptions opened.
     subscriptions,
     /// Messages over 64 KiB (TCP frames, `POST /events` bodies, gRPC `Msg`s)
     /// that waited for room in `--max-message-memory` before being read on.

@@ -221,6 +221,21 @@ async fn a_query_over_the_result_limit_is_resource_exhausted() {
         );
     }
     assert_eq!(query(&mut client, r#"host = "a""#).await.unwrap().len(), 1);
+    // Counted as HTTP and TCP count them: three asked, two refused, one of
+    // them a subscription.
+    let metrics = reqwest::get(format!("http://{}/metrics", vigil.http.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "vigil_queries_total 3",
+        "vigil_query_errors_total 2",
+        "vigil_subscriptions_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 }
 
 #[tokio::test]

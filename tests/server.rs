@@ -475,6 +475,7 @@ fn queries_over_the_result_limit_are_refused_with_the_flag_named() {
         assert_eq!(client.query(r#"service = "cpu""#).await.unwrap().len(), 3);
         let one = r#"host = "web4" and service = "disk""#;
         assert_eq!(client.query(one).await.unwrap().len(), 1);
+        assert!(client.query("host = ").await.is_err(), "does not parse");
     });
     let http = vigil.http.unwrap();
     let get = |path: &str| {
@@ -502,11 +503,12 @@ fn queries_over_the_result_limit_are_refused_with_the_flag_named() {
     let closed = closed.expect("a close frame");
     assert_eq!(u16::from(closed.code), 1008, "policy violation");
     assert_eq!(closed.reason.as_str(), expected);
+    // Every query asked is counted once, and each refused one once more
+    // as an error, whatever refused it: four TCP, two HTTP, one WebSocket.
     let (_, metrics) = get("/metrics");
-    assert!(
-        metrics.lines().any(|l| l == "vigil_query_errors_total 3"),
-        "{metrics}"
-    );
+    for line in ["vigil_queries_total 7", "vigil_query_errors_total 4"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 }
 
 /// The warning of a listener at its limit says which peer it refused.

@@ -118,6 +118,7 @@ impl Shared {
             Stats::incr(e.limit.counter(&self.stats));
             return Err(Status::invalid_argument(e.to_string()));
         }
+        Stats::incr(&self.stats.queries);
         Query::parse(text).map_err(|e| {
             Stats::incr(&self.stats.query_errors);
             tracing::debug!(query = text, error = %e, "gRPC query refused.");
@@ -187,7 +188,6 @@ impl pb::vigil_server::Vigil for Service {
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
         let query = self.0.parse(&request.get_ref().query)?;
-        Stats::incr(&self.0.stats.queries);
         let found = match &self.0.cluster {
             Some(cluster) => cluster
                 .query(&request.get_ref().query)
@@ -209,6 +209,7 @@ impl pb::vigil_server::Vigil for Service {
         request: Request<QueryRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let query = self.0.parse(&request.get_ref().query)?;
+        Stats::incr(&self.0.stats.subscriptions);
         // Subscribed before the snapshot is taken: an event indexed in between
         // may arrive twice, but none is missed.
         let (subscription, current) = match &self.0.cluster {

@@ -102,16 +102,11 @@ fn parse(state: &AppState, text: Option<&str>) -> Result<Query, serde_json::Valu
         Stats::incr(e.limit.counter(state.stats()));
         return Err(json!({ "error": e.to_string() }));
     }
-    match Query::parse(text) {
-        Ok(query) => {
-            Stats::incr(&state.stats().queries);
-            Ok(query)
-        }
-        Err(e) => {
-            Stats::incr(&state.stats().query_errors);
-            Err(json!({"error": e.to_string(), "message": e.message, "column": e.column}))
-        }
-    }
+    Stats::incr(&state.stats().queries);
+    Query::parse(text).map_err(|e| {
+        Stats::incr(&state.stats().query_errors);
+        json!({"error": e.to_string(), "message": e.message, "column": e.column})
+    })
 }
 
 fn frame(event: &Event) -> Message {

@@ -50,7 +50,7 @@ fn render(s: &Sample) -> String {
     let refused = "New index keys refused because the index was full.";
     out.single("vigil_index_refused_total", "counter", refused, s.refused);
 
-    let subs = "Live WebSocket/SSE subscribers.";
+    let subs = "Live WebSocket, SSE and gRPC subscribers.";
     out.single("vigil_subscribers", "gauge", subs, s.subscribers);
     let delivered = "Events handed to subscribers.";
     out.single(
