@@ -34,11 +34,21 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client that reads replies of up to the server's default `--max-frame`.
     pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
+        Self::connect_with_max_reply(addr, tcp::DEFAULT_MAX_FRAME).await
+    }
+
+    /// A client that reads replies of up to `max_reply` bytes: a query's
+    /// answer is as large as what it matched, which no frame limit bounds.
+    pub async fn connect_with_max_reply(
+        addr: impl ToSocketAddrs,
+        max_reply: usize,
+    ) -> Result<Self, ClientError> {
         let socket = dial::connect(addr).await?;
         socket.set_nodelay(true)?;
         Ok(Self {
-            framed: Framed::new(socket, tcp::codec(tcp::DEFAULT_MAX_FRAME)),
+            framed: Framed::new(socket, tcp::codec(max_reply)),
         })
     }
 

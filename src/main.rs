@@ -9,10 +9,11 @@ use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use vigil::client::Client;
+use vigil::client::{Client, ClientError};
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::cluster::{Cluster, ClusterConfig};
 use vigil::event::{Event, Metric};
+use vigil::frame::FrameError;
 use vigil::grpc::{Grpc, GrpcLimits};
 use vigil::http::{HttpConfig, HttpServer};
 use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
@@ -75,6 +76,7 @@ enum Command {
     /// Query the index; prints one JSON event per line.
     Query {
         /// A Riemann query, e.g. 'service =~ "cpu%" and metric > 0.9'.
+        #[arg(allow_hyphen_values = true)]
         query: String,
         /// Server address.
         #[arg(default_value = "127.0.0.1:5555")]
@@ -82,6 +84,10 @@ enum Command {
         /// Give up (exit 1) when connecting and the answer take longer.
         #[arg(long, default_value = "10s", value_parser = parse_interval)]
         timeout: Duration,
+        /// Largest answer read, in bytes (the server's default 100 000 results
+        /// of large events can pass 16 MiB).
+        #[arg(long, default_value_t = DEFAULT_MAX_ANSWER, value_parser = parse_positive)]
+        max_answer: usize,
     },
 }
 
@@ -219,6 +225,10 @@ struct RunArgs {
     cluster_renew: Duration,
 }
 
+/// `vigil query`'s default bound on an answer: far over what the default
+/// `--max-query-results` of ordinary events makes, still a bound.
+const DEFAULT_MAX_ANSWER: usize = 1 << 30;
+
 fn parse_positive(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
@@ -276,13 +286,13 @@ struct SendArgs {
     #[arg(long)]
     state: Option<String>,
     /// An integer is sent as an integer metric, anything else as a float.
-    #[arg(long)]
-    metric: Option<String>,
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_metric)]
+    metric: Option<Metric>,
     /// Comma-separated tags.
     #[arg(long, value_delimiter = ',')]
     tags: Vec<String>,
     /// Seconds.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     ttl: Option<f32>,
     #[arg(long)]
     description: Option<String>,
@@ -303,13 +313,13 @@ fn parse_attr(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, got `{s}`"))
 }
 
-fn parse_metric(s: &str) -> anyhow::Result<Metric> {
+fn parse_metric(s: &str) -> Result<Metric, String> {
     if let Ok(i) = s.parse::<i64>() {
         return Ok(Metric::Int(i));
     }
     s.parse::<f64>()
         .map(Metric::Float)
-        .with_context(|| format!("--metric `{s}` is not a number"))
+        .map_err(|_| "not a number".to_owned())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -324,7 +334,8 @@ fn main() -> anyhow::Result<()> {
                 query,
                 addr,
                 timeout,
-            } => query_cmd(&query, &addr, timeout).await,
+                max_answer,
+            } => query_cmd(&query, &addr, timeout, max_answer).await,
             Command::Check { files } => exit_with(check(&files)),
             Command::Test { files } => exit_with(test(&files)),
         }
@@ -594,7 +605,7 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
         time: SystemClock.now(),
         description: args.description,
         tags: args.tags,
-        metric: args.metric.as_deref().map(parse_metric).transpose()?,
+        metric: args.metric,
         ttl: args.ttl,
         attributes: args.attributes,
     };
@@ -693,12 +704,22 @@ fn test(files: &[PathBuf]) -> anyhow::Result<bool> {
     Ok(failed == 0)
 }
 
-async fn query_cmd(query: &str, addr: &str, timeout: Duration) -> anyhow::Result<()> {
+async fn query_cmd(
+    query: &str,
+    addr: &str,
+    timeout: Duration,
+    max_answer: usize,
+) -> anyhow::Result<()> {
     let found = within(timeout, addr, async {
-        let mut client = Client::connect(addr)
+        let mut client = Client::connect_with_max_reply(addr, max_answer)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
-        Ok(client.query(query).await?)
+        match client.query(query).await {
+            Err(ClientError::Frame(e @ FrameError::Oversized { .. })) => Err(anyhow::anyhow!(
+                "{e}: raise --max-answer, or narrow the query"
+            )),
+            answer => Ok(answer?),
+        }
     })
     .await?;
     for event in found {

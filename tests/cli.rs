@@ -2,7 +2,12 @@
 //! `vigil run` refusing bad rules, and `vigil send`/`vigil query` giving up on
 //! a server that never answers — exit codes and exact output.
 
+mod common;
+
 use std::process::{Command, Output};
+
+use vigil::client::Client;
+use vigil::event::Event;
 
 fn vigil(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vigil"))
@@ -234,4 +239,56 @@ fn send_and_query_give_up_on_a_server_that_never_answers() {
         assert!(stderr.contains(&expected), "{args:?}: {stderr}");
     }
     drop(silent);
+}
+
+#[test]
+fn send_and_query_take_negative_numbers_and_answers_over_the_frame_limit() {
+    let server = common::Vigil::start(&[]);
+    let addr = server.tcp.to_string();
+    let sent = vigil(&[
+        "send",
+        "--host",
+        "h",
+        "--service",
+        "delta",
+        "--metric",
+        "-2",
+        "--ttl",
+        "60",
+        &addr,
+    ]);
+    assert!(sent.status.success(), "{sent:?}");
+    let found = vigil(&["query", "-2 = metric", &addr]);
+    assert!(found.status.success(), "{found:?}");
+    assert!(stdout(&found).contains(r#""metric":-2,"#), "{found:?}");
+
+    // 20 events of 1 MiB each: an answer over the 16 MiB frame limit.
+    let now = (common::now_secs() * 1e6) as i64;
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = Client::connect(server.tcp).await.unwrap();
+        for batch in 0..4 {
+            let events: Vec<Event> = (0..5)
+                .map(|i| Event {
+                    host: Some(format!("big{batch}-{i}")),
+                    service: Some("large".into()),
+                    description: Some("x".repeat(1 << 20)),
+                    time: now,
+                    ttl: Some(600.0),
+                    ..Event::default()
+                })
+                .collect();
+            client.send(&events).await.unwrap();
+        }
+    });
+    let large = r#"service = "large""#;
+    let found = vigil(&["query", large, &addr]);
+    assert!(found.status.success(), "{found:?}");
+    assert_eq!(stdout(&found).lines().count(), 20);
+    let refused = vigil(&["query", "--max-answer", "1000000", large, &addr]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("exceeds the maximum size of 1000000 bytes: raise --max-answer"),
+        "{stderr}"
+    );
 }
