@@ -274,6 +274,25 @@ async fn plain_get_answers_json_and_a_bad_query_gets_400_with_its_column() {
         body["error"].as_str().unwrap().contains("column 10"),
         "{body}"
     );
+
+    // Parameters that cannot be read are answered in JSON too.
+    for params in [
+        &[("query", "true"), ("query", "false")][..],
+        &[("query", "true"), ("subscribe", "maybe")],
+        &[],
+    ] {
+        let response = http
+            .get(url("http", http_addr(&v), "/index", params))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{params:?}");
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -17,6 +17,7 @@
 
 use std::convert::Infallible;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Query as Params, State};
@@ -52,10 +53,10 @@ pub(super) async fn get_index(
     State(state): State<AppState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
-    Params(params): Params<IndexParams>,
+    params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Response {
-    let query = match parse(&state, params.query.as_deref()) {
-        Ok(query) => query,
+    let (query, params) = match parse(&state, params) {
+        Ok(parsed) => parsed,
         Err(body) => return error(StatusCode::BAD_REQUEST, body),
     };
     if let Ok(upgrade) = upgrade {
@@ -85,17 +86,23 @@ pub(super) async fn get_index(
 /// The SSE-only listener's `/index`, whatever the `Accept` header says.
 pub(super) async fn get_sse(
     State(state): State<AppState>,
-    Params(params): Params<IndexParams>,
+    params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Response {
-    match parse(&state, params.query.as_deref()) {
-        Ok(query) => event_stream(state, query).await,
+    match parse(&state, params) {
+        Ok((query, _)) => event_stream(state, query).await,
         Err(body) => error(StatusCode::BAD_REQUEST, body),
     }
 }
 
-/// The query, or the body of a 400 answer naming what is wrong and where.
-fn parse(state: &AppState, text: Option<&str>) -> Result<Query, serde_json::Value> {
-    let Some(text) = text else {
+/// The query and the other parameters, or the body of a 400 answer naming
+/// what is wrong and where.
+fn parse(
+    state: &AppState,
+    params: Result<Params<IndexParams>, QueryRejection>,
+) -> Result<(Query, IndexParams), serde_json::Value> {
+    // axum's own answer to parameters it cannot read is plain text.
+    let Params(params) = params.map_err(|e| json!({ "error": e.body_text() }))?;
+    let Some(text) = params.query.as_deref() else {
         return Err(json!({"error": "missing the `query` parameter"}));
     };
     if let Err(e) = state.per_message.check_query(text) {
@@ -103,10 +110,13 @@ fn parse(state: &AppState, text: Option<&str>) -> Result<Query, serde_json::Valu
         return Err(json!({ "error": e.to_string() }));
     }
     Stats::incr(&state.stats().queries);
-    Query::parse(text).map_err(|e| {
-        Stats::incr(&state.stats().query_errors);
-        json!({"error": e.to_string(), "message": e.message, "column": e.column})
-    })
+    match Query::parse(text) {
+        Ok(query) => Ok((query, params)),
+        Err(e) => {
+            Stats::incr(&state.stats().query_errors);
+            Err(json!({"error": e.to_string(), "message": e.message, "column": e.column}))
+        }
+    }
 }
 
 fn frame(event: &Event) -> Message {
