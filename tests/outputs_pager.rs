@@ -80,6 +80,8 @@ struct Script {
     otherwise: Option<Reply>,
     /// Answer nothing, ever, while set.
     hang: bool,
+    /// Take this long over each answer.
+    delay: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -104,6 +106,11 @@ impl Receiver {
 
     fn reply_always(&self, reply: Reply) {
         self.script.lock().unwrap().otherwise = Some(reply);
+    }
+
+    /// From now on, takes `delay` over each answer.
+    fn slow(&self, delay: Duration) {
+        self.script.lock().unwrap().delay = Some(delay);
     }
 
     /// From now on, takes each request and never answers it.
@@ -139,7 +146,7 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (Reply(status, headers, body), hang) = {
+    let (Reply(status, headers, body), hang, delay) = {
         let mut script = script.lock().unwrap();
         script.seen.push(Seen {
             at: Instant::now(),
@@ -153,10 +160,13 @@ async fn record(
             .pop_front()
             .or_else(|| script.otherwise.clone())
             .unwrap_or_else(accepted);
-        (reply, script.hang)
+        (reply, script.hang, script.delay)
     };
     if hang {
         std::future::pending::<()>().await;
+    }
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
     }
     let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
     for (name, value) in headers {
@@ -675,6 +685,55 @@ async fn pages_queued_behind_a_page_in_flight_survive_a_crash() {
         ["trigger web1/a", "trigger web1/b", "resolve web1/a"],
         "c's ok resolves nothing vigil triggered"
     );
+}
+
+/// A receiver that takes each page, slowly (40 ms, as a distant one may):
+/// pages taken from the queue while earlier ones are sent are saved within
+/// `SAVE_WITHIN` (100 ms) of being taken, not once they are the oldest, and
+/// a crash loses none of them.
+#[tokio::test]
+async fn pages_taken_behind_quick_pages_are_saved_without_waiting_for_their_turn() {
+    let rx = Receiver::start().await;
+    rx.slow(Duration::from_millis(40));
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let config = pager_config(&rx.url);
+    let mut before =
+        Running::pager_remembering(memory(&config, Some(file.clone())), config.clone());
+    let first: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
+    let behind: Vec<String> = (0..50).map(|i| format!("t{i}")).collect();
+    for service in &first {
+        before.queue.push(event(service, "critical"));
+    }
+    rx.wait_for(1).await;
+    for service in &behind {
+        before.queue.push(event(service, "critical"));
+    }
+    // The 50 pages ahead take 2 s: `t49` is the oldest page only then.
+    while !saved_pages(&file).contains(&r#""t49"/"critical""#.to_owned()) {
+        let sent = rx.seen().len();
+        assert!(sent < first.len(), "t49 unsaved after {sent} pages");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    before.shutdown.cancel();
+    before.task.abort();
+    let _ = (&mut before.task).await;
+
+    let again = Receiver::start().await;
+    let config = pager_config(&again.url);
+    let after = Running::pager_remembering(memory(&config, Some(file.clone())), config);
+    again
+        .wait_for(first.len() + behind.len() - rx.seen().len())
+        .await;
+    after.settled().await;
+    let mut paged: Vec<String> = actions(&rx).into_iter().chain(actions(&again)).collect();
+    paged.sort();
+    paged.dedup();
+    let mut expected: Vec<String> = (first.iter().chain(&behind))
+        .map(|s| format!("trigger web1/{s}"))
+        .collect();
+    expected.sort();
+    assert_eq!(paged, expected, "every page, in one run or the other");
 }
 
 /// A reload that redeclares a pager while its receiver is failing: the

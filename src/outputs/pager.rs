@@ -215,25 +215,30 @@ impl Pager {
         let memory = self.memory.clone();
         let tally = delivery.tally();
         let mut open = true;
+        // When the pages taken while others were sent are due to be saved.
+        // It outlives each page: pages quicker than SAVE_WITHIN would
+        // otherwise put it off for ever.
+        let mut save_at: Option<Instant> = None;
         loop {
             let oldest = memory.unsent().oldest();
             let Some((event, origin, unsaved)) = oldest else {
                 if memory.unsent().changed_since_saved() {
                     memory.save().await;
                 }
+                save_at = None;
                 let Some(batch) = http::next_batch(delivery, shutdown).await else {
                     return Stopped::Done;
                 };
                 memory.unsent().add(batch, delivery.take_origins());
                 continue;
             };
-            if unsaved {
+            if unsaved || save_at.is_some_and(|at| Instant::now() >= at) {
+                save_at = None;
                 memory.save().await;
             }
             {
                 let page = self.page(&tally, &event, origin);
                 tokio::pin!(page);
-                let mut save_at = None;
                 loop {
                     let save_due = save_at.unwrap_or_else(Instant::now);
                     tokio::select! {
