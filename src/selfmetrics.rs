@@ -233,16 +233,16 @@ impl Telemetry {
             forward_dropped: get(&self.index.pubsub().stats.dropped),
             outputs: self
                 .reloader
-                .output_queues()
-                .iter()
-                .map(|q| OutputSample {
-                    name: q.name.clone(),
-                    accepted: get(&q.stats.accepted),
-                    delivered: get(&q.stats.delivered),
-                    dropped: get(&q.stats.dropped),
-                    queued: q.queued(),
-                    in_flight: get(&q.stats.in_flight),
-                    retries: get(&q.stats.retries),
+                .output_counts()
+                .into_iter()
+                .map(|c| OutputSample {
+                    accepted: get(&c.stats.accepted),
+                    delivered: get(&c.stats.delivered),
+                    dropped: get(&c.stats.dropped),
+                    queued: c.queued,
+                    in_flight: get(&c.stats.in_flight),
+                    retries: get(&c.stats.retries),
+                    name: c.name,
                 })
                 .collect(),
             latency: self.latency.snapshot(),

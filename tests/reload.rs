@@ -326,3 +326,105 @@ fn a_rule_path_to_a_device_or_a_fifo_is_refused_and_the_server_goes_on() {
         common::show(&out)
     );
 }
+
+/// `vigil_output_<counter>{output="fwd"}` as `/metrics` has it now.
+fn fwd_counter(runtime: &tokio::runtime::Runtime, v: &Vigil, counter: &str) -> u64 {
+    let text = runtime.block_on(common::metrics_text(v.http.expect("an HTTP listener")));
+    let prefix = format!("vigil_output_{counter}{{output=\"fwd\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// A reload moves a forward output from a dead downstream to a live one:
+/// the old declaration's backlog stays in the counters while it waits, the
+/// new one delivers at once, and the old one gives its backlog up (counted)
+/// once the dead downstream has taken nothing for 5 s, and ends.
+#[test]
+fn a_replaced_forwards_backlog_is_counted_until_it_gives_it_up() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let live = Vigil::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("rules.vigil");
+    let rules = |port: u16| {
+        format!("output fwd = forward(host: \"127.0.0.1\", port: {port})\nstreams {{\n  fwd\n}}\n")
+    };
+    write(&path, &rules(dead_port));
+    let mut v = Vigil::start(&["--rules", path.to_str().unwrap()]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let send = |host: &str, n: usize| {
+        runtime.block_on(async {
+            let mut client = vigil::client::Client::connect(v.tcp).await.unwrap();
+            let events: Vec<Event> = (0..n)
+                .map(|i| Event {
+                    host: Some(host.to_owned()),
+                    service: Some(format!("s{i}")),
+                    time: (common::now_secs() * 1e6) as i64,
+                    ttl: Some(600.0),
+                    ..Event::default()
+                })
+                .collect();
+            client.send(&events).await.unwrap();
+        })
+    };
+    send("old", 3000);
+    let identity = |v: &Vigil| {
+        let c = |name| fwd_counter(&runtime, v, name);
+        let (accepted, delivered, dropped) = (
+            c("accepted_total"),
+            c("delivered_total"),
+            c("dropped_total"),
+        );
+        let (queued, in_flight) = (c("queued"), c("in_flight"));
+        assert_eq!(
+            accepted,
+            delivered + dropped + queued + in_flight,
+            "accepted {accepted}, delivered {delivered}, dropped {dropped}, queued {queued}, in flight {in_flight}"
+        );
+        (accepted, delivered, dropped)
+    };
+    assert_eq!(identity(&v), (3000, 0, 0));
+
+    write(&path, &rules(live.port()));
+    hangup(&v);
+    wait_for_log(&v, "Rules reloaded.");
+    assert_eq!(
+        identity(&v),
+        (3000, 0, 0),
+        "the old backlog is still counted"
+    );
+    send("new", 10);
+    wait_for_log(&v, "Downstream took nothing for 5s as the output stopped");
+    wait_for_log(
+        &v,
+        "Output replaced or removed by a reload; drained and stopped.",
+    );
+    wait_until(VISIBLE_TIMEOUT, || {
+        (identity(&v) == (3010, 10, 3000)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("counters: {:?}", identity(&v)));
+    let forwarded = vigil(&["query", "true", &live.tcp.to_string()]);
+    let hosts: Vec<_> = parse_event_array(&forwarded)
+        .unwrap()
+        .iter()
+        .map(|e| str_field(e, "host").unwrap().to_owned())
+        .collect();
+    assert_eq!(hosts, vec!["new"; 10], "only the new events, once");
+
+    // Stopping with the downstream gone: what it could not take is counted
+    // dropped, and vigil does not wait for it past the grace.
+    let mut live = live;
+    live.terminate();
+    send("late", 5);
+    v.terminate();
+    assert!(
+        v.logs()
+            .contains(r#""outputs_accepted_dropped":"[(\"fwd\", 3015, 3005)]""#),
+        "{}",
+        v.logs()
+    );
+}

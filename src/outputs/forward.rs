@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::{Delivery, MAX_BATCH_BYTES};
@@ -34,6 +34,11 @@ pub const LINGER: Duration = Duration::from_millis(50);
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// A batch the downstream keeps refusing (`ok: false`) is dropped after this many attempts.
 pub const MAX_REFUSALS: u32 = 4;
+/// Once stopping (shutdown, or a reload that replaced the output), how long
+/// the downstream may go without taking a batch before what is left is
+/// dropped, counted: a dead downstream would otherwise hold the backlog
+/// (and the task) for ever, and shutdown would end it uncounted.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -49,6 +54,7 @@ struct Tuning {
     ack_timeout: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
+    stop_grace: Duration,
 }
 
 impl Default for Tuning {
@@ -59,6 +65,7 @@ impl Default for Tuning {
             ack_timeout: ACK_TIMEOUT,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            stop_grace: STOP_GRACE,
         }
     }
 }
@@ -126,6 +133,9 @@ enum Failure {
     /// The connection may still deliver a late reply, so it is abandoned.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// Stopping, and the downstream took nothing for [`STOP_GRACE`].
+    #[error("nothing delivered for {0:?} since the output began to stop")]
+    OutOfTime(Duration),
 }
 
 impl From<ClientError> for Failure {
@@ -149,7 +159,7 @@ async fn run_tuned(
     mut delivery: Delivery,
     shutdown: CancellationToken,
 ) {
-    let mut link = Link::new(&config, tuning, &delivery.name);
+    let mut link = Link::new(&config, tuning, &delivery.name, shutdown.clone());
     let max = link.tuning.batch_max;
     loop {
         // Only the cancel-safe wait races shutdown: a lingering batch already
@@ -165,6 +175,16 @@ async fn run_tuned(
     // Shutting down: deliver what is already queued, without waiting for more.
     while let Some(batch) = delivery.next_batch(max).now_or_never().flatten() {
         link.deliver(batch, &delivery).await;
+    }
+    if link.given_up > 0 {
+        tracing::error!(
+            output = %link.output,
+            addr = %link.addr,
+            dropped = link.given_up,
+            "Downstream took nothing for {:?} as the output stopped (shutdown, or a reload \
+             replaced it); events dropped.",
+            link.tuning.stop_grace
+        );
     }
 }
 
@@ -204,10 +224,17 @@ struct Link {
     down: bool,
     /// Whether a refused event was logged yet: at warn once, then at debug.
     warned_refused: bool,
+    /// Cancelled when the output stops.
+    shutdown: CancellationToken,
+    /// Once stopping: when what is left is given up on, unless the
+    /// downstream takes a batch first (which puts it off again).
+    give_up_at: Option<Instant>,
+    /// Events dropped as the downstream took nothing while stopping.
+    given_up: usize,
 }
 
 impl Link {
-    fn new(config: &Config, tuning: Tuning, output: &str) -> Self {
+    fn new(config: &Config, tuning: Tuning, output: &str, shutdown: CancellationToken) -> Self {
         Self {
             output: output.to_owned(),
             addr: format!("{}:{}", config.host, config.port),
@@ -216,7 +243,34 @@ impl Link {
             client: None,
             down: false,
             warned_refused: false,
+            shutdown,
+            give_up_at: None,
+            given_up: 0,
         }
+    }
+
+    /// `None` while running; once stopping, when what is left is given up on.
+    fn give_up_at(&mut self) -> Option<Instant> {
+        if !self.shutdown.is_cancelled() {
+            return None;
+        }
+        let grace = self.tuning.stop_grace;
+        Some(
+            *self
+                .give_up_at
+                .get_or_insert_with(|| Instant::now() + grace),
+        )
+    }
+
+    /// Stopping, and out of time: what is left is dropped.
+    fn out_of_time(&mut self) -> bool {
+        self.give_up_at().is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// Drops `batch` as given up on (counted, logged once when the output ends).
+    fn give_up(&mut self, batch: &[Event], delivery: &Delivery) {
+        delivery.dropped(batch.len());
+        self.given_up += batch.len();
     }
 
     /// Sends `batch`, in parts if the downstream's frames, or `Msg`s, are
@@ -224,6 +278,10 @@ impl Link {
     async fn deliver(&mut self, batch: Vec<Event>, delivery: &Delivery) {
         let mut batches = VecDeque::from([batch]);
         while let Some(batch) = batches.pop_front() {
+            if self.out_of_time() {
+                self.give_up(&batch, delivery);
+                continue;
+            }
             let Some((mut batch, fit)) = self.deliver_one(batch, delivery).await else {
                 continue;
             };
@@ -271,6 +329,8 @@ impl Link {
                 Ok(()) => {
                     self.recovered();
                     delivery.delivered(batch.len());
+                    // Taken: the downstream gets another grace for the rest.
+                    self.give_up_at = None;
                     return None;
                 }
                 Err(Failure::Refused(message)) => {
@@ -315,29 +375,64 @@ impl Link {
                 }
                 Err(e) => self.lost(&e),
             }
+            if self.out_of_time() {
+                self.give_up(&batch, delivery);
+                return None;
+            }
             delivery.retried();
             self.back_off().await;
         }
     }
 
-    /// Waits before the next attempt: 100 ms doubling up to 5 s, by default.
+    /// Waits before the next attempt: 100 ms doubling up to 5 s, by default;
+    /// once stopping, no longer than the time left.
     async fn back_off(&mut self) {
-        sleep(self.backoff).await;
+        let until = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(self.tuning.backoff_max);
+        self.within(until, std::future::pending::<()>()).await;
+    }
+
+    /// Runs `work` until `until`; once stopping (from the start or when the
+    /// output stops meanwhile), no longer than the time left. `None`: out
+    /// of time.
+    async fn within<T>(&mut self, until: Instant, work: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(work);
+        loop {
+            let stopping = self.give_up_at();
+            let deadline = stopping.map_or(until, |at| at.min(until));
+            tokio::select! {
+                done = timeout_at(deadline, &mut work) => return done.ok(),
+                // Wakes to take the time left into account.
+                () = self.shutdown.cancelled(), if stopping.is_none() => {}
+            }
+        }
     }
 
     /// One send of `batch`, connecting first when there is no connection.
     async fn attempt(&mut self, batch: &[Event]) -> Result<(), Failure> {
         let wait = self.tuning.ack_timeout;
+        let out_of_time = |link: &mut Self| {
+            if link.out_of_time() {
+                Failure::OutOfTime(link.tuning.stop_grace)
+            } else {
+                Failure::Timeout(wait)
+            }
+        };
         let mut client = match self.client.take() {
             Some(client) => client,
-            None => timeout(wait, Client::connect(self.addr.as_str()))
-                .await
-                .map_err(|_| Failure::Timeout(wait))??,
+            None => {
+                let until = Instant::now() + wait;
+                let connect = Client::connect(self.addr.clone());
+                match self.within(until, connect).await {
+                    Some(connected) => connected?,
+                    None => return Err(out_of_time(self)),
+                }
+            }
         };
-        let sent = timeout(wait, client.send(batch))
-            .await
-            .map_err(|_| Failure::Timeout(wait))?;
+        let until = Instant::now() + wait;
+        let Some(sent) = self.within(until, client.send(batch)).await else {
+            return Err(out_of_time(self));
+        };
         // Only an answered request leaves the connection in step for the next one.
         if matches!(sent, Ok(()) | Err(ClientError::Server(_))) {
             self.client = Some(client);
@@ -387,6 +482,7 @@ mod tests {
     use futures_util::{SinkExt, StreamExt};
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
+    use tokio::time::{sleep, timeout};
     use tokio_util::codec::Framed;
 
     use super::*;
@@ -793,6 +889,37 @@ mod tests {
             .unwrap();
         assert_eq!(get(&queue.stats.delivered), 10);
         assert_accounted(&queue);
+    }
+
+    /// Stopping with a downstream that is gone, or that takes batches and
+    /// never answers (a 10 s ack timeout, longer than the grace): the task
+    /// ends once the grace has passed with nothing taken, and every event
+    /// is accounted for, the undelivered as dropped.
+    #[tokio::test]
+    async fn stopping_gives_up_on_a_downstream_that_takes_nothing_and_counts_the_rest() {
+        let gone = TcpListener::bind(any_port()).await.unwrap();
+        let gone_addr = gone.local_addr().unwrap();
+        drop(gone);
+        let (silent, _) = scripted(|_| Reply::Silent).await;
+        for addr in [gone_addr, silent] {
+            let tuning = Tuning {
+                ack_timeout: Duration::from_secs(10),
+                stop_grace: Duration::from_millis(300),
+                ..fast()
+            };
+            let (queue, task, shutdown) = forward(addr, tuning, 2500);
+            sleep(Duration::from_millis(100)).await;
+            let started = std::time::Instant::now();
+            shutdown.cancel();
+            timeout(Duration::from_secs(5), task)
+                .await
+                .expect("ends soon after the grace")
+                .unwrap();
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(3), "{addr}: {took:?}");
+            assert_eq!(get(&queue.stats.dropped), 2500, "{addr}");
+            assert_accounted(&queue);
+        }
     }
 
     #[tokio::test]

@@ -51,15 +51,15 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::outputs::{self, Kept, OutputSink, OutputSpec, Queue};
+use crate::outputs::{self, Kept, OutputSink, OutputSpec, OutputStats, Queue};
 use crate::stats::Stats;
 
 use super::engine::{RuleStats, Rules, Tree};
@@ -93,11 +93,20 @@ struct Running {
     task: JoinHandle<()>,
 }
 
+/// One output's counters, and the events waiting in its queues.
+pub struct OutputCount {
+    pub name: String,
+    pub stats: Arc<OutputStats>,
+    pub queued: u64,
+}
+
 /// The outputs a running vigil delivers to, kept up to date across reloads.
 pub struct Outputs {
     running: Vec<Running>,
     /// Removed outputs still delivering what they queued.
     retiring: Vec<JoinHandle<()>>,
+    /// Their queues, for the counters while they drain (gone once they end).
+    draining: Vec<Weak<Queue>>,
     /// What a redeclared output takes over from the one it replaces.
     kept: Kept,
     shutdown: CancellationToken,
@@ -110,6 +119,7 @@ impl Outputs {
         let mut outputs = Self {
             running: Vec::new(),
             retiring: Vec::new(),
+            draining: Vec::new(),
             kept,
             shutdown,
         };
@@ -171,10 +181,23 @@ impl Reloader {
         }
     }
 
-    /// The current outputs' queues, in declaration order, for their counters.
-    pub fn output_queues(&self) -> Vec<Arc<Queue>> {
-        let outputs = self.outputs.lock();
-        outputs.running.iter().map(|r| r.queue.clone()).collect()
+    /// Each output's counters and what waits in its queues, in declaration
+    /// order, then outputs a reload removed that still deliver what they
+    /// queued. A declaration a reload replaced counts into its successor's
+    /// counters, and its queue's backlog into its `queued`, until it has
+    /// drained (a pager counts anew, see [`crate::outputs::Kept`]: its
+    /// predecessor's counters are not its own).
+    pub fn output_counts(&self) -> Vec<OutputCount> {
+        counts(self.output_queues())
+    }
+
+    /// The current outputs' queues, then those of removed ones still draining.
+    fn output_queues(&self) -> Vec<Arc<Queue>> {
+        let mut outputs = self.outputs.lock();
+        outputs.draining.retain(|q| q.strong_count() > 0);
+        let current = outputs.running.iter().map(|r| r.queue.clone());
+        let draining = outputs.draining.iter().filter_map(Weak::upgrade);
+        current.chain(draining).collect()
     }
 
     /// Reloads on every `SIGHUP` from now on. The handler is installed before
@@ -225,6 +248,9 @@ impl Reloader {
             "Rules reloaded."
         );
         outputs.retiring.retain(|task| !task.is_finished());
+        outputs.draining.retain(|q| q.strong_count() > 0);
+        let draining = removed.iter().map(|r| Arc::downgrade(&r.queue));
+        outputs.draining.extend(draining);
         if !removed.is_empty() {
             let retire = retire(old, removed, outputs.shutdown.clone());
             outputs.retiring.push(tokio::spawn(retire));
@@ -234,8 +260,10 @@ impl Reloader {
 
     /// At shutdown, once the outputs' token is cancelled: waits (up to
     /// `grace`) for every output, removed ones included, to deliver what it
-    /// queued; returns each current output's (name, accepted, dropped).
+    /// queued; returns each output's (name, accepted, dropped), what it had
+    /// not settled by then counted as dropped.
     pub async fn finish_outputs(&self, grace: Duration) -> Vec<(String, u64, u64)> {
+        let queues = self.output_queues();
         let (running, retiring) = {
             let mut outputs = self.outputs.lock();
             let outputs = &mut *outputs;
@@ -244,7 +272,6 @@ impl Reloader {
                 std::mem::take(&mut outputs.retiring),
             )
         };
-        let queues: Vec<_> = running.iter().map(|r| r.queue.clone()).collect();
         let tasks = running.into_iter().map(|r| r.task).chain(retiring);
         if tokio::time::timeout(grace, futures_util::future::join_all(tasks))
             .await
@@ -255,18 +282,40 @@ impl Reloader {
                 "Outputs still delivering after the grace period; stopping anyway."
             );
         }
-        queues
-            .iter()
-            .map(|q| {
-                let s = &q.stats;
-                (
-                    q.name.clone(),
-                    Stats::get(&s.accepted),
-                    Stats::get(&s.dropped),
-                )
+        counts(queues)
+            .into_iter()
+            .map(|c| {
+                let s = &c.stats;
+                let unsettled = c.queued + Stats::get(&s.in_flight);
+                if unsettled > 0 {
+                    tracing::error!(
+                        output = %c.name,
+                        dropped = unsettled,
+                        "Events not delivered when vigil stopped; dropped."
+                    );
+                    Stats::add(&s.dropped, unsettled);
+                }
+                (c.name, Stats::get(&s.accepted), Stats::get(&s.dropped))
             })
             .collect()
     }
+}
+
+/// `queues` merged by output name (see [`Reloader::output_counts`]).
+fn counts(queues: Vec<Arc<Queue>>) -> Vec<OutputCount> {
+    let mut counts: Vec<OutputCount> = Vec::new();
+    for q in queues {
+        match counts.iter_mut().find(|c| c.name == q.name) {
+            Some(c) if Arc::ptr_eq(&c.stats, &q.stats) => c.queued += q.queued(),
+            Some(_) => {}
+            None => counts.push(OutputCount {
+                name: q.name.clone(),
+                stats: q.stats.clone(),
+                queued: q.queued(),
+            }),
+        }
+    }
+    counts
 }
 
 /// Stops removed outputs once no batch runs on the tree that pushes to them,
@@ -289,7 +338,7 @@ async fn retire(old: Arc<Tree>, removed: Vec<Running>, shutdown: CancellationTok
             accepted = Stats::get(&s.accepted),
             delivered = Stats::get(&s.delivered),
             dropped = Stats::get(&s.dropped),
-            "Output removed by a reload; drained and stopped."
+            "Output replaced or removed by a reload; drained and stopped."
         );
     }
 }
