@@ -170,9 +170,12 @@ fn check_refuses_what_an_output_could_never_send_keys_given_twice_and_ttls_out_o
             "6:59: invalid header `Content-Length`: `Content-Length` is set for each request, not by configuration",
             "7:26: `host` is empty: name a host or an address",
             "8:27: `host` is empty: name a host or an address",
-            "10:19: `host` is given twice",
-            "11:13: expected a TTL in seconds (0 or more), found a number",
-            "12:16: expected a TTL in seconds (0 or more), found a number",
+            "9:26: `host` \"127.0.0.1:5555\" includes a port: give the host alone and the port as `port: N`",
+            "10:27: `host` \"carbon.example.com:2003\" includes a port: give the host alone and the port as `port: N`",
+            "11:26: `host` \"[::1]\": give an IPv6 address without brackets, e.g. \"::1\"",
+            "14:19: `host` is given twice",
+            "15:13: expected a TTL in seconds (0 or more), found a number",
+            "16:16: expected a TTL in seconds (0 or more), found a number",
         ],
         "{text}"
     );

@@ -216,6 +216,10 @@ async fn linger(
 /// The connection to the downstream, reopened as needed, and its failure state.
 struct Link {
     output: String,
+    /// Where it connects: host and port apart, so an IPv6 address needs
+    /// no brackets.
+    target: (String, u16),
+    /// The same, as logged.
     addr: String,
     tuning: Tuning,
     client: Option<Client>,
@@ -237,7 +241,13 @@ impl Link {
     fn new(config: &Config, tuning: Tuning, output: &str, shutdown: CancellationToken) -> Self {
         Self {
             output: output.to_owned(),
-            addr: format!("{}:{}", config.host, config.port),
+            target: (config.host.clone(), config.port),
+            // An IPv6 address in brackets, so the port stands apart.
+            addr: if config.host.contains(':') {
+                format!("[{}]:{}", config.host, config.port)
+            } else {
+                format!("{}:{}", config.host, config.port)
+            },
             backoff: tuning.backoff_min,
             tuning,
             client: None,
@@ -422,7 +432,7 @@ impl Link {
             Some(client) => client,
             None => {
                 let until = Instant::now() + wait;
-                let connect = Client::connect(self.addr.clone());
+                let connect = Client::connect(self.target.clone());
                 match self.within(until, connect).await {
                     Some(connected) => connected?,
                     None => return Err(out_of_time(self)),
@@ -920,6 +930,14 @@ mod tests {
             assert_eq!(get(&queue.stats.dropped), 2500, "{addr}");
             assert_accounted(&queue);
         }
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_downstream_is_reached_by_its_address_alone() {
+        let (server, index) = downstream("[::1]:0".parse().unwrap()).await;
+        let (queue, _task, _shutdown) = forward(server.tcp_addr, fast(), 5);
+        wait_until("all delivered", || get(&queue.stats.delivered) == 5).await;
+        assert_eq!(index.len(), 5);
     }
 
     #[tokio::test]

@@ -456,11 +456,14 @@ impl Compiler {
         Some(headers)
     }
 
-    /// An output's `host`: a name or an address, not empty.
+    /// An output's `host`: a name or an address, not empty, without a port.
     fn host(&mut self, v: &Value) -> Option<String> {
         let host = self.string(v)?;
-        if host.trim().is_empty() && !self.unset_env(v) {
-            self.error(v.span.clone(), "`host` is empty: name a host or an address");
+        if self.unset_env(v) {
+            return Some(host);
+        }
+        if let Some(problem) = host_problem(&host) {
+            self.error(v.span.clone(), problem);
             return None;
         }
         Some(host)
@@ -1114,4 +1117,27 @@ fn describe(kind: &ValueKind) -> &'static str {
         ValueKind::Env(_) => "env(…)",
         ValueKind::Ident(_) => "a name",
     }
+}
+
+/// What makes `host` unusable as an output's host, if anything: it is
+/// joined with the `port` parameter, so one that carries a port of its own
+/// (or brackets) would never resolve, and the output would retry it for ever.
+fn host_problem(host: &str) -> Option<String> {
+    if host.trim().is_empty() {
+        return Some("`host` is empty: name a host or an address".to_owned());
+    }
+    let named_port = host
+        .rsplit_once(':')
+        .filter(|(name, port)| !name.contains(':') && port.parse::<u16>().is_ok());
+    if host.parse::<std::net::SocketAddr>().is_ok() || named_port.is_some() {
+        return Some(format!(
+            "`host` \"{host}\" includes a port: give the host alone and the port as `port: N`"
+        ));
+    }
+    if host.starts_with('[') {
+        return Some(format!(
+            "`host` \"{host}\": give an IPv6 address without brackets, e.g. \"::1\""
+        ));
+    }
+    None
 }
