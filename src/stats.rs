@@ -5,16 +5,26 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
         #[derive(Debug, Default)]
         pub struct Stats {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
+            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
         }
 
         impl Stats {
             /// Every counter by name, for logging and exposition.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
                 vec![$( (stringify!($name), self.$name.load(Ordering::Relaxed)), )*]
+            }
+
+            /// What counter `name` counts: its doc comment, on one line
+            /// (empty for an unknown name).
+            pub fn help(name: &str) -> String {
+                let doc: &str = match name {
+                    $( stringify!($name) => concat!($($doc, "\n"),*), )*
+                    _ => "",
+                };
+                doc.split_whitespace().collect::<Vec<_>>().join(" ")
             }
         }
     };

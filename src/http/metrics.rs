@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::selfmetrics::{LATENCY_BUCKETS_NANOS, Sample};
+use crate::stats::Stats;
 
 pub(super) async fn get(State(state): State<AppState>) -> Response {
     let text = render(&state.telemetry.sample());
@@ -31,10 +32,11 @@ pub(super) async fn get(State(state): State<AppState>) -> Response {
 fn render(s: &Sample) -> String {
     let mut out = Exposition::default();
     for &(field, value) in &s.counters {
+        let help = Stats::help(field);
         if field.ends_with("_open") || field.ends_with("_held") {
-            out.family(&format!("vigil_{field}"), "gauge", "");
+            out.family(&format!("vigil_{field}"), "gauge", &help);
         } else {
-            out.family(&format!("vigil_{field}_total"), "counter", "");
+            out.family(&format!("vigil_{field}_total"), "counter", &help);
         }
         out.value("", value);
     }
@@ -268,7 +270,7 @@ mod tests {
         };
         let text = render(&sample);
         for line in [
-            "# TYPE vigil_tcp_events_total counter\nvigil_tcp_events_total 7\n",
+            "# HELP vigil_tcp_events_total Events received over TCP.\n# TYPE vigil_tcp_events_total counter\nvigil_tcp_events_total 7\n",
             "# TYPE vigil_tcp_connections_open gauge\nvigil_tcp_connections_open 2\n",
             "# TYPE vigil_message_bytes_held gauge\nvigil_message_bytes_held 3072\n",
             "vigil_output_dropped_total{output=\"pa\\\"ger\"} 4\n",
