@@ -55,6 +55,29 @@ fn every_shipped_rule_file_checks_clean() {
     }
 }
 
+/// The rule file the README shows, as written there, checks and passes its
+/// own test (with its secret set).
+#[test]
+fn the_readmes_rule_example_checks_and_passes_its_test() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("output pager = pagerduty(")
+        .expect("the README shows a rule file");
+    let end = start + readme[start..].find("```").expect("the example ends");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("readme.vigil");
+    std::fs::write(&path, &readme[start..end]).unwrap();
+    let path = path.to_str().unwrap();
+    for command in ["check", "test"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args([command, path])
+            .env("VIGIL_PAGERDUTY_KEY", "key")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command}: {}", stdout(&out));
+    }
+}
+
 #[test]
 fn every_shipped_rule_file_passes_its_tests() {
     let files = shipped_rule_files();
