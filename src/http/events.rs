@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use super::{AppState, error};
 use crate::budget::{self, Pace, Taken};
 use crate::clock::{Micros, secs_to_micros};
-use crate::event::{Event, Metric, RESERVED_FIELDS};
+use crate::event::{Event, Metric, RESERVED_FIELDS, number_text};
 use crate::limits::{Exceeded, Limits};
 use crate::stats::Stats;
 
@@ -456,6 +456,8 @@ fn to_event(fields: Map<String, Value>, arrival: Micros) -> Result<Event, String
             _ => {
                 let value = match value {
                     Value::String(s) => s,
+                    // Whole numbers exactly, others as a rule file has them.
+                    Value::Number(n) if n.is_f64() => number_text(n.as_f64().unwrap_or_default()),
                     Value::Number(n) => n.to_string(),
                     Value::Bool(b) => b.to_string(),
                     _ => return Err(format!("attribute {key} must be a string")),
@@ -538,7 +540,8 @@ mod tests {
     #[test]
     fn a_full_event_with_attributes() {
         let line = r#"{"host":"h","service":"s","state":"ok","description":"d","metric":2.5,
-            "tags":["a","b"],"time":"2023-11-14T22:13:20.123Z","ttl":30,"env":"prod","n":3}"#;
+            "tags":["a","b"],"time":"2023-11-14T22:13:20.123Z","ttl":30,"env":"prod","n":3,
+            "version":2.0,"big":1e3,"ratio":0.5,"on":true}"#;
         let e = parse_line(&line.replace('\n', ""), 0).unwrap();
         assert_eq!(
             (e.host_str(), e.service_str(), e.state.as_deref()),
@@ -550,6 +553,12 @@ mod tests {
         assert_eq!(e.ttl, Some(30.0));
         assert_eq!(e.attribute("env"), Some("prod"));
         assert_eq!(e.attribute("n"), Some("3"));
+        // Numbers as a rule file or a test gives them (`event::number_text`).
+        let attributes = ["version", "big", "ratio", "on"].map(|k| e.attribute(k));
+        assert_eq!(
+            attributes,
+            [Some("2"), Some("1000"), Some("0.5"), Some("true")]
+        );
     }
 
     /// The metric a line gives is the double nearest to its decimal text,

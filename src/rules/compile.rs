@@ -1042,7 +1042,7 @@ impl Compiler {
                 attribute.to_owned(),
                 match &v.kind {
                     ValueKind::Null => None,
-                    ValueKind::Number(n) => Some(n.to_string()),
+                    ValueKind::Number(n) => Some(crate::event::number_text(*n)),
                     ValueKind::Bool(b) => Some(b.to_string()),
                     _ => Some(self.string(v)?),
                 },

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde_json::Value as Json;
 
 use crate::clock::{Clock, MICROS_PER_SEC, ManualClock, Micros, SharedClock, secs_to_micros};
-use crate::event::{Event, Metric};
+use crate::event::{Event, Metric, number_text};
 use crate::index::{Index, IndexConfig};
 use crate::json::{iso8601, to_json};
 use crate::outputs::OutputSink;
@@ -425,7 +425,10 @@ fn expected_fields(fields: &Value) -> Result<Vec<(String, Json)>, Diagnostic> {
                 ));
             }
             (name, ValueKind::Number(n)) if !STANDARD_FIELDS.contains(&name) => {
-                Json::String(n.to_string())
+                Json::String(number_text(*n))
+            }
+            (name, ValueKind::Bool(b)) if !STANDARD_FIELDS.contains(&name) => {
+                Json::String(b.to_string())
             }
             _ => to_plain_json(value),
         };
@@ -573,10 +576,11 @@ fn event_from(v: &Value) -> Result<(Event, bool), Diagnostic> {
             }
             attribute => match &value.kind {
                 ValueKind::String(s) => event.set_attribute(attribute, s.clone()),
-                ValueKind::Number(n) => event.set_attribute(attribute, n.to_string()),
+                ValueKind::Number(n) => event.set_attribute(attribute, number_text(*n)),
+                ValueKind::Bool(b) => event.set_attribute(attribute, b.to_string()),
                 _ => {
                     return Err(wrong(format!(
-                        "attribute `{attribute}` must be a string or a number"
+                        "attribute `{attribute}` must be a string, a number or true/false"
                     )));
                 }
             },
@@ -631,8 +635,9 @@ test "one group" {
             r#"output out = forward(host: "x")
 streams { out }
 test "they match" {
-  at 2s send {host: "h", time: 5, build: 42, ratio: 0.5}
-  expect out {host: "h", time: 5, build: 42, ratio: 0.5}
+  at 2s send {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true}
+  expect out {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true}
+  expect out {version: "2", big: "1000", ratio: "0.5", on: "true"}
   expect out {time: 5s}
   expect out {time: "2024-01-01T00:00:05.000Z"}
 }
