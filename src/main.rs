@@ -1,5 +1,6 @@
 //! The `vigil` command: `run` the server, `send` an event, `query` the index.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -722,8 +723,14 @@ async fn query_cmd(
         }
     })
     .await?;
-    for event in found {
-        println!("{}", json::to_json(&event));
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let printed = found
+        .iter()
+        .try_for_each(|event| writeln!(out, "{}", json::to_json(event)))
+        .and_then(|()| out.flush());
+    match printed {
+        // A reader that stopped early (`| head`) wanted no more.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        printed => Ok(printed?),
     }
-    Ok(())
 }

@@ -236,12 +236,12 @@ impl Telemetry {
                 .output_counts()
                 .into_iter()
                 .map(|c| OutputSample {
-                    accepted: get(&c.stats.accepted),
-                    delivered: get(&c.stats.delivered),
-                    dropped: get(&c.stats.dropped),
-                    queued: c.queued,
-                    in_flight: get(&c.stats.in_flight),
-                    retries: get(&c.stats.retries),
+                    accepted: c.sum(|s| &s.accepted),
+                    delivered: c.sum(|s| &s.delivered),
+                    dropped: c.sum(|s| &s.dropped),
+                    queued: c.queued(),
+                    in_flight: c.sum(|s| &s.in_flight),
+                    retries: c.sum(|s| &s.retries),
                     name: c.name,
                 })
                 .collect(),
@@ -347,6 +347,7 @@ impl Emitter {
             // Taken from the queue and not yet settled: what an output stuck
             // on a dead downstream holds, while its queue may look empty.
             emit(format!("vigil output {name} in flight"), gauge(o.in_flight));
+            emit(format!("vigil output {name} retries"), gauge(o.retries));
         }
         // Everything `/metrics` exposes is an event too, for a rule to alert
         // on: the counters as totals since start, named by their words.
@@ -369,6 +370,10 @@ impl Emitter {
         ] {
             emit(service.to_owned(), gauge(value));
         }
+        emit(
+            "vigil uptime".to_owned(),
+            Metric::Float(sample.uptime.as_secs_f64()),
+        );
         let (then, before) = &self.previous;
         let secs = (now - then) as f64 / MICROS_PER_SEC as f64;
         // A clock that did not move (or went back) gives no rate.
@@ -507,6 +512,8 @@ mod tests {
         assert_eq!(metric(&first, "vigil streams latency p99"), Some(0.0));
         assert_eq!(metric(&first, "vigil tcp events"), Some(100.0), "a total");
         assert_eq!(metric(&first, "vigil rules window overflow"), Some(4.0));
+        assert_eq!(metric(&first, "vigil output pager retries"), Some(0.0));
+        assert_eq!(metric(&first, "vigil uptime"), Some(0.0));
         let e = &first[0];
         assert_eq!((e.host_str(), e.ttl, e.time), ("node-1", Some(10.0), T0));
         assert_eq!(e.tags, vec!["vigil".to_owned()]);

@@ -310,6 +310,19 @@ fn send_and_query_take_negative_numbers_and_answers_over_the_frame_limit() {
     let found = vigil(&["query", large, &addr]);
     assert!(found.status.success(), "{found:?}");
     assert_eq!(stdout(&found).lines().count(), 20);
+    // A reader that stops early (`| head -c 10`) ends it quietly.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["query", large, &addr])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 10];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut head).unwrap();
+    drop(child.stdout.take());
+    let ended = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(0), "{stderr}");
     let refused = vigil(&["query", "--max-answer", "1000000", large, &addr]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{stderr}");

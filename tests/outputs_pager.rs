@@ -715,6 +715,16 @@ async fn pages_taken_behind_quick_pages_are_saved_without_waiting_for_their_turn
         assert!(sent < first.len(), "t49 unsaved after {sent} pages");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Delivered pages leave the file as soon, though nothing more is taken
+    // from the queue: not once the last page is sent.
+    let delivered = rx.seen().len() + 2;
+    let later = format!(r#""s{delivered}"/"critical""#);
+    rx.wait_for(delivered + 2).await;
+    while saved_pages(&file).contains(&later) {
+        let sent = rx.seen().len();
+        assert!(sent < first.len(), "{later} still saved after {sent} pages");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     before.shutdown.cancel();
     before.task.abort();
     let _ = (&mut before.task).await;
@@ -728,12 +738,61 @@ async fn pages_taken_behind_quick_pages_are_saved_without_waiting_for_their_turn
     after.settled().await;
     let mut paged: Vec<String> = actions(&rx).into_iter().chain(actions(&again)).collect();
     paged.sort();
+    let sent = paged.len();
     paged.dedup();
+    // Those settled since the last save, and the one in flight at the crash.
+    assert!(
+        sent - paged.len() <= 4,
+        "{} pages sent twice",
+        sent - paged.len()
+    );
     let mut expected: Vec<String> = (first.iter().chain(&behind))
         .map(|s| format!("trigger web1/{s}"))
         .collect();
     expected.sort();
     assert_eq!(paged, expected, "every page, in one run or the other");
+}
+
+/// A reload redeclares a pager (same receiver) while the old declaration
+/// still sends a burst, slowly: the pages the new one takes meanwhile are
+/// written down at once, though it sends them only after the old one's.
+#[tokio::test]
+async fn a_redeclared_pager_writes_its_pages_down_while_the_old_one_sends() {
+    let rx = Receiver::start().await;
+    rx.slow(Duration::from_millis(40));
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let config = pager_config(&rx.url);
+    let memory = memory(&config, Some(file.clone()));
+    let mut old = Running::pager_remembering(memory.clone(), config.clone());
+    for i in 0..30 {
+        old.queue.push(event(&format!("old{i}"), "critical"));
+    }
+    rx.wait_for(1).await;
+    let new = Running::pager_remembering(memory, config);
+    for i in 0..20 {
+        new.queue.push(event(&format!("new{i}"), "critical"));
+    }
+    while !saved_pages(&file).contains(&r#""new19"/"critical""#.to_owned()) {
+        let sent = rx.seen().len();
+        assert!(sent < 30, "new19 unsaved after {sent} pages");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    old.stop().await;
+    rx.wait_for(50).await;
+    new.settled().await;
+    let expected: Vec<String> = (0..30)
+        .map(|i| format!("trigger web1/old{i}"))
+        .chain((0..20).map(|i| format!("trigger web1/new{i}")))
+        .collect();
+    assert_eq!(
+        actions(&rx),
+        expected,
+        "each once, the old declaration's first"
+    );
+    old.assert_accounted();
+    assert_eq!((old.delivered(), old.dropped()), (30, 0));
+    assert_eq!((new.delivered(), new.dropped()), (20, 0));
 }
 
 /// A reload that redeclares a pager while its receiver is failing: the

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -130,7 +130,8 @@ impl Incidents {
 /// written down.
 #[derive(Default)]
 pub(super) struct Unsent {
-    pages: VecDeque<(Event, Option<Origin>)>,
+    /// Each with what made it and the [`Generation`] of the task that took it.
+    pages: VecDeque<(Event, Option<Origin>, Generation)>,
     /// How many of the first pages are written down; those after did not fit.
     written: usize,
     /// Bytes of the pages written down.
@@ -158,30 +159,59 @@ impl Unsent {
             && self.bytes + bytes <= MAX_UNSENT_BYTES
     }
 
-    /// Adds `batch` (made by `origins`, in the same order) after the pages
-    /// held, writing down as many of it as the bounds allow: the first ones.
-    pub(super) fn add(&mut self, batch: Vec<Event>, origins: Vec<Option<Origin>>) {
+    /// Adds `batch` (made by `origins`, in the same order), taken by the
+    /// task of `generation`, after the pages held, writing down as many of
+    /// it as the bounds allow: the first ones.
+    pub(super) fn add(
+        &mut self,
+        batch: Vec<Event>,
+        origins: Vec<Option<Origin>>,
+        generation: Generation,
+    ) {
         for (event, origin) in batch.into_iter().zip(origins) {
             let bytes = event.approx_bytes();
             if self.fits(bytes) {
                 self.written += 1;
                 self.bytes += bytes;
             }
-            self.pages.push_back((event, origin));
+            self.pages.push_back((event, origin, generation));
         }
     }
 
-    /// The oldest page, what made it, and whether it is written down but
-    /// not yet in the file (so to be saved before its first attempt).
-    pub(super) fn oldest(&self) -> Option<(Event, Option<Origin>, bool)> {
-        let (event, origin) = self.pages.front()?;
+    /// The oldest page for the task of `generation` to send (none if the
+    /// oldest was taken by a later task, which sends it once this one has
+    /// stopped), what made it, and whether it is written down but not yet
+    /// in the file (so to be saved before its first attempt).
+    pub(super) fn oldest(&self, generation: Generation) -> Option<(Event, Option<Origin>, bool)> {
+        let (event, origin, taken_by) = self.pages.front()?;
+        if *taken_by > generation {
+            return None;
+        }
         let unsaved = self.written > 0 && self.settled >= self.saved_to;
         Some((event.clone(), *origin, unsaved))
     }
 
+    /// How many pages held were taken by tasks before `generation`: what it
+    /// sends, as its predecessors left them, among its own.
+    pub(super) fn left_before(&self, generation: Generation) -> usize {
+        self.pages
+            .iter()
+            .filter(|(_, _, by)| *by < generation)
+            .count()
+    }
+
+    /// How many pages held were taken by the task of `generation` or an
+    /// earlier one.
+    pub(super) fn taken_until(&self, generation: Generation) -> usize {
+        self.pages
+            .iter()
+            .filter(|(_, _, by)| *by <= generation)
+            .count()
+    }
+
     /// The oldest page was settled.
     pub(super) fn settled(&mut self) {
-        if let Some((event, _)) = self.pages.pop_front() {
+        if let Some((event, _, _)) = self.pages.pop_front() {
             self.settled += 1;
             if self.written > 0 {
                 self.written -= 1;
@@ -200,9 +230,11 @@ impl Unsent {
         self.settled += self.pages.len() as u64;
         self.written = 0;
         self.bytes = 0;
-        self.pages.drain(..).unzip()
+        self.pages.drain(..).map(|(e, o, _)| (e, o)).unzip()
     }
 
+    #[cfg(test)]
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.pages.len()
     }
@@ -217,17 +249,24 @@ impl Unsent {
         self.saved_from = self.settled;
         self.saved_to = self.settled + self.written as u64;
         let written = self.pages.iter().take(self.written);
-        written.map(|(event, _)| event.clone()).collect()
+        written.map(|(event, _, _)| event.clone()).collect()
     }
 
     /// Pages saved by an earlier run: no work of this one made them, and
     /// they are in the file already.
     fn restore(&mut self, pages: Vec<Event>) {
         let origins = vec![None; pages.len()];
-        self.add(pages, origins);
+        self.add(pages, origins, Generation::default());
         self.saving();
     }
 }
+
+/// Which of a memory's successive tasks (one per declaration of the output,
+/// see [`Memory::next_generation`]) took a page: a task sends only the
+/// pages of its own and earlier tasks, so a reload's new task may write
+/// pages down while the old one still sends, and sends them after it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Generation(u64);
 
 /// The saved form.
 #[derive(Debug, Serialize, Deserialize)]
@@ -277,6 +316,8 @@ pub struct Memory {
     /// only once the previous one stopped, so it sends what that one left
     /// unsent before anything newer.
     paging: Arc<tokio::sync::Mutex<()>>,
+    /// The last [`Generation`] given to a task of this memory.
+    generations: AtomicU64,
     /// The memory this one replaced before that one had read the file: the
     /// file is read through it, under the key it was saved with, before this
     /// one can save over it. Taken by [`load`](Self::load).
@@ -296,6 +337,7 @@ impl Memory {
             loaded: OnceCell::new(),
             unsent: Mutex::default(),
             paging: Arc::default(),
+            generations: AtomicU64::new(0),
             predecessor: Mutex::new(None),
             file,
         }
@@ -392,6 +434,7 @@ impl Memory {
             },
             unsent: Mutex::default(),
             paging: Arc::default(),
+            generations: AtomicU64::new(0),
             predecessor: Mutex::new((!loaded).then(|| self.clone())),
         }
     }
@@ -462,6 +505,12 @@ impl Memory {
     /// it drops the guard.
     pub(super) async fn turn_to_page(&self) -> tokio::sync::OwnedMutexGuard<()> {
         self.paging.clone().lock_owned().await
+    }
+
+    /// The generation of a task starting on this memory: later than every
+    /// task before it.
+    pub(super) fn next_generation(&self) -> Generation {
+        Generation(self.generations.fetch_add(1, Ordering::AcqRel) + 1)
     }
 
     pub(super) fn unsent(&self) -> parking_lot::MutexGuard<'_, Unsent> {
@@ -600,7 +649,11 @@ mod tests {
         let mut unsent = Unsent::default();
         let small = Event::default();
         let made_by = |n| vec![None; n];
-        unsent.add(vec![small.clone(); MAX_UNSENT + 5], made_by(MAX_UNSENT + 5));
+        unsent.add(
+            vec![small.clone(); MAX_UNSENT + 5],
+            made_by(MAX_UNSENT + 5),
+            Generation::default(),
+        );
         assert_eq!(
             (unsent.len(), unsent.written()),
             (MAX_UNSENT + 5, MAX_UNSENT)
@@ -628,6 +681,7 @@ mod tests {
         unsent.add(
             vec![large.clone(), large.clone(), large, small.clone()],
             made_by(4),
+            Generation::default(),
         );
         assert_eq!(
             (unsent.len(), unsent.written()),
@@ -638,7 +692,7 @@ mod tests {
             unsent.settled();
         }
         assert_eq!((unsent.len(), unsent.written(), unsent.bytes), (0, 0, 0));
-        unsent.add(vec![small], made_by(1));
+        unsent.add(vec![small], made_by(1), Generation::default());
         assert_eq!(unsent.written(), 1);
     }
 
@@ -647,21 +701,34 @@ mod tests {
         let mut unsent = Unsent::default();
         let page = Event::default();
         assert!(!unsent.changed_since_saved());
-        unsent.add(vec![page.clone(), page.clone()], vec![None; 2]);
-        assert!(unsent.oldest().unwrap().2, "not in the file yet");
+        unsent.add(
+            vec![page.clone(), page.clone()],
+            vec![None; 2],
+            Generation::default(),
+        );
+        assert!(
+            unsent.oldest(Generation::default()).unwrap().2,
+            "not in the file yet"
+        );
         assert!(unsent.changed_since_saved());
         assert_eq!(unsent.saving().len(), 2);
-        assert!(!unsent.oldest().unwrap().2);
+        assert!(!unsent.oldest(Generation::default()).unwrap().2);
         assert!(!unsent.changed_since_saved());
-        unsent.add(vec![page], vec![None]);
+        unsent.add(vec![page], vec![None], Generation::default());
         unsent.settled();
-        assert!(!unsent.oldest().unwrap().2, "the second was saved");
+        assert!(
+            !unsent.oldest(Generation::default()).unwrap().2,
+            "the second was saved"
+        );
         unsent.settled();
-        assert!(unsent.oldest().unwrap().2, "the third was not");
+        assert!(
+            unsent.oldest(Generation::default()).unwrap().2,
+            "the third was not"
+        );
         assert!(unsent.changed_since_saved());
         unsent.saving();
         unsent.settled();
-        assert!(unsent.oldest().is_none());
+        assert!(unsent.oldest(Generation::default()).is_none());
         assert!(
             unsent.changed_since_saved(),
             "the file still holds the third"
@@ -678,7 +745,11 @@ mod tests {
         let made = |seq| Some(holds.origin(Work::Event { shard: 1, seq }, &page));
         let mut unsent = Unsent::default();
         let origins = vec![made(1), None, made(3)];
-        unsent.add(vec![page.clone(), page.clone(), page.clone()], origins);
+        unsent.add(
+            vec![page.clone(), page.clone(), page.clone()],
+            origins,
+            Generation::default(),
+        );
         unsent.settled();
         let (left, left_origins) = unsent.take();
         assert_eq!(left.len(), 2);

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::holds::{Holds, Origin};
 use super::http::{self, Outcome, Payload, Poster, RetryPolicy};
-use super::incidents::Memory;
+use super::incidents::{Generation, Memory};
 use super::template::Template;
 use super::{Delivery, Tally};
 use super::{pagerduty, webhook};
@@ -153,18 +153,43 @@ pub async fn run(
         Ok(ready) => ready,
         Err(error) => return http::refuse_all(delivery, shutdown, error).await,
     };
-    // After the output's previous task (a reload's), which may leave pages.
-    let _turn = memory.turn_to_page().await;
     // Before any page: a resolve is sent only for an incident it holds.
     memory.load().await;
+    let generation = memory.next_generation();
+    let mut saves = Saves::default();
+    // After the output's previous task (a reload's), which may leave pages;
+    // those this one takes meanwhile are written down behind them.
+    let _turn = {
+        let turn = memory.turn_to_page();
+        tokio::pin!(turn);
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                turn = &mut turn => break turn,
+                taken = delivery.next_batch(http::BATCH), if open && memory.unsent().has_room() => {
+                    match taken {
+                        Some(batch) => {
+                            memory.unsent().add(batch, delivery.take_origins(), generation);
+                            saves.changed();
+                        }
+                        None => open = false,
+                    }
+                }
+                () = saves.due(), if saves.pending() => saves.save(&memory).await,
+            }
+        }
+    };
     let mut pager = Pager {
         memory,
         holds,
         poster,
         headers,
         config,
+        generation,
+        saves,
     };
-    let left = pager.memory.unsent().len();
+    let left = pager.memory.unsent().left_before(generation);
     if left > 0 {
         let output = &delivery.name;
         tracing::warn!(
@@ -188,9 +213,48 @@ enum Stopped {
     GaveUp,
 }
 
-/// How soon pages taken from the queue while another is being sent are
-/// saved: a crash meanwhile loses those taken since.
+/// How soon pages taken from the queue while another is being sent, and
+/// pages settled, are saved: a crash meanwhile loses those taken since, and
+/// sends again those settled since.
 const SAVE_WITHIN: Duration = Duration::from_millis(100);
+
+/// When the pages taken or settled since the last save are written down:
+/// within [`SAVE_WITHIN`] of the first change, or, when saving takes long (a
+/// file of thousands of pages), within ten times the last save's length, so
+/// a flood does not spend its time rewriting the file.
+#[derive(Default)]
+struct Saves {
+    due_at: Option<Instant>,
+    last_took: Duration,
+}
+
+impl Saves {
+    /// Something changed: a save is due, if none is yet.
+    fn changed(&mut self) {
+        let within = SAVE_WITHIN.max(self.last_took * 10);
+        self.due_at.get_or_insert(Instant::now() + within);
+    }
+
+    fn pending(&self) -> bool {
+        self.due_at.is_some()
+    }
+
+    fn is_due(&self) -> bool {
+        self.due_at.is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// Resolves when the pending save is due (at once if none is).
+    async fn due(&self) {
+        tokio::time::sleep_until(self.due_at.unwrap_or_else(Instant::now)).await;
+    }
+
+    async fn save(&mut self, memory: &Arc<Memory>) {
+        self.due_at = None;
+        let started = Instant::now();
+        memory.save().await;
+        self.last_took = started.elapsed();
+    }
+}
 
 struct Pager {
     config: Config,
@@ -199,6 +263,10 @@ struct Pager {
     holds: Arc<Holds>,
     /// Checked once, sent with every page.
     headers: HeaderMap,
+    /// This task's place among the output's tasks: it sends the pages of
+    /// its own and of earlier ones.
+    generation: Generation,
+    saves: Saves,
 }
 
 impl Pager {
@@ -213,34 +281,33 @@ impl Pager {
         shutdown: &CancellationToken,
     ) -> Stopped {
         let memory = self.memory.clone();
+        let generation = self.generation;
         let tally = delivery.tally();
         let mut open = true;
-        // When the pages taken while others were sent are due to be saved.
-        // It outlives each page: pages quicker than SAVE_WITHIN would
-        // otherwise put it off for ever.
-        let mut save_at: Option<Instant> = None;
+        // The pending save outlives each page: pages quicker than
+        // SAVE_WITHIN would otherwise put it off for ever.
+        let mut saves = std::mem::take(&mut self.saves);
         loop {
-            let oldest = memory.unsent().oldest();
+            let oldest = memory.unsent().oldest(generation);
             let Some((event, origin, unsaved)) = oldest else {
                 if memory.unsent().changed_since_saved() {
-                    memory.save().await;
+                    saves.save(&memory).await;
                 }
-                save_at = None;
                 let Some(batch) = http::next_batch(delivery, shutdown).await else {
                     return Stopped::Done;
                 };
-                memory.unsent().add(batch, delivery.take_origins());
+                memory
+                    .unsent()
+                    .add(batch, delivery.take_origins(), generation);
                 continue;
             };
-            if unsaved || save_at.is_some_and(|at| Instant::now() >= at) {
-                save_at = None;
-                memory.save().await;
+            if unsaved || saves.is_due() {
+                saves.save(&memory).await;
             }
             {
                 let page = self.page(&tally, &event, origin);
                 tokio::pin!(page);
                 loop {
-                    let save_due = save_at.unwrap_or_else(Instant::now);
                     tokio::select! {
                         biased;
                         () = &mut page => break,
@@ -249,16 +316,14 @@ impl Pager {
                         {
                             match taken {
                                 Some(batch) => {
-                                    memory.unsent().add(batch, delivery.take_origins());
-                                    save_at.get_or_insert(Instant::now() + SAVE_WITHIN);
+                                    let origins = delivery.take_origins();
+                                    memory.unsent().add(batch, origins, generation);
+                                    saves.changed();
                                 }
                                 None => open = false,
                             }
                         }
-                        () = tokio::time::sleep_until(save_due), if save_at.is_some() => {
-                            save_at = None;
-                            memory.save().await;
-                        }
+                        () = saves.due(), if saves.pending() => saves.save(&memory).await,
                     }
                 }
             }
@@ -266,6 +331,9 @@ impl Pager {
                 return Stopped::GaveUp;
             }
             memory.unsent().settled();
+            // Settled pages leave the file too: one delivered before a crash
+            // is sent again only if it settled within the last save's wait.
+            saves.changed();
             self.release(origin);
         }
     }
@@ -281,7 +349,7 @@ impl Pager {
             // Queued behind: lost with the queue unless held.
             while let Some(batch) = delivery.next_batch(http::BATCH).now_or_never().flatten() {
                 let origins = delivery.take_origins();
-                self.memory.unsent().add(batch, origins);
+                self.memory.unsent().add(batch, origins, self.generation);
             }
         }
         if self.memory.is_replaced() {
@@ -301,15 +369,26 @@ impl Pager {
             delivery.dropped(dropped.saturating_sub(counted));
             return self.poster.finish(&output);
         }
+        // Its own: a later declaration's pages are that one's to count.
         let (kept, written) = {
             let unsent = self.memory.unsent();
-            (unsent.len(), unsent.written())
+            (unsent.taken_until(self.generation), unsent.written())
         };
         if kept == 0 {
             return self.poster.finish(&output);
         }
         delivery.dropped(kept - counted);
         self.memory.save().await;
+        if stopped == Stopped::Done {
+            // Behind a page a reload's new declaration took while this one
+            // was sending: that one sends them, in order.
+            tracing::info!(
+                output,
+                pages = kept,
+                "Pages handed to the output's new declaration."
+            );
+            return self.poster.finish(&output);
+        }
         tracing::error!(
             output,
             kept,

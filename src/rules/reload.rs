@@ -51,7 +51,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -93,11 +93,22 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-/// One output's counters, and the events waiting in its queues.
+/// One output's counters, and the events waiting in its queues: each set of
+/// counters its declarations count into, with what waits in their queues.
 pub struct OutputCount {
     pub name: String,
-    pub stats: Arc<OutputStats>,
-    pub queued: u64,
+    pub parts: Vec<(Arc<OutputStats>, u64)>,
+}
+
+impl OutputCount {
+    /// A counter summed over the parts.
+    pub fn sum(&self, counter: impl Fn(&OutputStats) -> &AtomicU64) -> u64 {
+        self.parts.iter().map(|(s, _)| Stats::get(counter(s))).sum()
+    }
+
+    pub fn queued(&self) -> u64 {
+        self.parts.iter().map(|(_, queued)| queued).sum()
+    }
 }
 
 /// The outputs a running vigil delivers to, kept up to date across reloads.
@@ -185,8 +196,8 @@ impl Reloader {
     /// order, then outputs a reload removed that still deliver what they
     /// queued. A declaration a reload replaced counts into its successor's
     /// counters, and its queue's backlog into its `queued`, until it has
-    /// drained (a pager counts anew, see [`crate::outputs::Kept`]: its
-    /// predecessor's counters are not its own).
+    /// drained; a pager's (which counts anew, see [`crate::outputs::Kept`])
+    /// counters add to its successor's until then.
     pub fn output_counts(&self) -> Vec<OutputCount> {
         counts(self.output_queues())
     }
@@ -285,17 +296,19 @@ impl Reloader {
         counts(queues)
             .into_iter()
             .map(|c| {
-                let s = &c.stats;
-                let unsettled = c.queued + Stats::get(&s.in_flight);
+                let unsettled = c.queued() + c.sum(|s| &s.in_flight);
                 if unsettled > 0 {
                     tracing::error!(
                         output = %c.name,
                         dropped = unsettled,
                         "Events not delivered when vigil stopped; dropped."
                     );
-                    Stats::add(&s.dropped, unsettled);
+                    for (s, queued) in &c.parts {
+                        Stats::add(&s.dropped, queued + Stats::get(&s.in_flight));
+                    }
                 }
-                (c.name, Stats::get(&s.accepted), Stats::get(&s.dropped))
+                let (accepted, dropped) = (c.sum(|s| &s.accepted), c.sum(|s| &s.dropped));
+                (c.name, accepted, dropped)
             })
             .collect()
     }
@@ -305,14 +318,17 @@ impl Reloader {
 fn counts(queues: Vec<Arc<Queue>>) -> Vec<OutputCount> {
     let mut counts: Vec<OutputCount> = Vec::new();
     for q in queues {
-        match counts.iter_mut().find(|c| c.name == q.name) {
-            Some(c) if Arc::ptr_eq(&c.stats, &q.stats) => c.queued += q.queued(),
-            Some(_) => {}
-            None => counts.push(OutputCount {
+        let (stats, queued) = (q.stats.clone(), q.queued());
+        let Some(count) = counts.iter_mut().find(|c| c.name == q.name) else {
+            counts.push(OutputCount {
                 name: q.name.clone(),
-                stats: q.stats.clone(),
-                queued: q.queued(),
-            }),
+                parts: vec![(stats, queued)],
+            });
+            continue;
+        };
+        match count.parts.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &stats)) {
+            Some((_, part)) => *part += queued,
+            None => count.parts.push((stats, queued)),
         }
     }
     counts
@@ -346,6 +362,7 @@ async fn retire(old: Arc<Tree>, removed: Vec<Running>, shutdown: CancellationTok
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Event;
     use crate::outputs::{OutputKind, forward};
     use crate::rules::nodes::Children;
 
@@ -357,6 +374,41 @@ mod tests {
                 port,
             }),
         }
+    }
+
+    /// Declarations of one name count as one output: those sharing counters
+    /// (a redeclared forward) add their queues' backlog, those with their
+    /// own (a redeclared pager) add their counters too.
+    #[tokio::test]
+    async fn an_outputs_declarations_are_counted_as_one() {
+        let (p1, mut taking) = outputs::queue("p", 10);
+        let (p2, _waiting) = outputs::queue("p", 10);
+        (0..3).for_each(|_| p1.push(Event::default()));
+        (0..2).for_each(|_| p2.push(Event::default()));
+        taking.next_batch(1).await.expect("one taken");
+        let (kept, stop) = (Kept::default(), CancellationToken::new());
+        let (f1, _) = outputs::start(&forward_to("f", 1), &kept, stop.clone());
+        let (f2, _) = outputs::start(&forward_to("f", 2), &kept, stop.clone());
+        (0..4).for_each(|_| f1.push(Event::default()));
+        f2.push(Event::default());
+
+        let counts = counts(vec![p1, f1, p2, f2]);
+        let names: Vec<_> = counts.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["p", "f"]);
+        let (p, f) = (&counts[0], &counts[1]);
+        assert_eq!((p.parts.len(), f.parts.len()), (2, 1));
+        let accepted = |c: &OutputCount| c.sum(|s| &s.accepted);
+        let pending = |c: &OutputCount| c.queued() + c.sum(|s| &s.in_flight);
+        assert_eq!(
+            (accepted(p), p.queued(), p.sum(|s| &s.in_flight)),
+            (5, 4, 1)
+        );
+        assert_eq!(
+            (accepted(f), pending(f)),
+            (5, 5),
+            "nothing delivered to port 1 or 2"
+        );
+        stop.cancel();
     }
 
     #[tokio::test]
