@@ -287,6 +287,19 @@ impl Event {
     }
 }
 
+/// A TTL (an `f32`, as the protocol carries it) as the `f64` of its
+/// shortest decimal: `12.3` sent is `12.3` in JSON and in a query's
+/// comparison, not `12.300000190734863`, the `f32`'s exact value.
+pub fn ttl_f64(ttl: f32) -> f64 {
+    if !ttl.is_finite() {
+        return f64::from(ttl);
+    }
+    ryu::Buffer::new()
+        .format_finite(ttl)
+        .parse()
+        .unwrap_or(f64::from(ttl))
+}
+
 /// The text an attribute holds for a number given where a string belongs
 /// (in a rule file, a test, or a `POST /events` line): the number's
 /// shortest form, so `42`, `42.0` and `4.2e1` are all `"42"`, and each
@@ -334,6 +347,15 @@ pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ttl_reads_as_the_decimal_it_was_given() {
+        for (given, read) in [(12.3f32, 12.3f64), (2.01, 2.01), (60.0, 60.0), (0.1, 0.1)] {
+            assert_eq!(ttl_f64(given), read);
+        }
+        assert_eq!(ttl_f64(f32::INFINITY), f64::INFINITY);
+        assert!(ttl_f64(f32::NAN).is_nan());
+    }
 
     #[test]
     fn same_bytes_agrees_with_eq_at_every_length_and_difference() {

@@ -39,7 +39,7 @@ pub fn to_json(e: &Event) -> Value {
     map.insert(
         "ttl".into(),
         e.ttl
-            .and_then(|t| serde_json::Number::from_f64(f64::from(t)))
+            .and_then(|t| serde_json::Number::from_f64(crate::event::ttl_f64(t)))
             .map_or(Value::Null, Value::Number),
     );
     Value::Object(map)

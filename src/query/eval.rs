@@ -22,7 +22,9 @@ fn value<'e>(field: &Field, event: &'e Event) -> Val<'e> {
             Some(Metric::Float(f)) => Val::Float(f),
             None => Val::Nil,
         },
-        Field::Ttl => event.ttl.map_or(Val::Nil, |t| Val::Float(f64::from(t))),
+        Field::Ttl => event
+            .ttl
+            .map_or(Val::Nil, |t| Val::Float(crate::event::ttl_f64(t))),
         Field::Time => Val::Float(event.time_secs()),
         Field::Attribute(name) => event.attribute(name).map_or(Val::Nil, Val::Str),
     }

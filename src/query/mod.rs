@@ -117,6 +117,15 @@ mod tests {
         q(text).matches(event)
     }
 
+    #[test]
+    fn a_ttl_compares_as_the_decimal_it_was_given() {
+        let e = Event {
+            ttl: Some(12.3),
+            ..event()
+        };
+        assert_all(&e, &["ttl = 12.3", "ttl <= 12.3"], &["ttl > 12.3"]);
+    }
+
     #[track_caller]
     fn assert_all(event: &Event, yes: &[&str], no: &[&str]) {
         for text in yes {

@@ -635,8 +635,8 @@ test "one group" {
             r#"output out = forward(host: "x")
 streams { out }
 test "they match" {
-  at 2s send {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true}
-  expect out {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true}
+  at 2s send {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true, ttl: 12.3}
+  expect out {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true, ttl: 12.3}
   expect out {version: "2", big: "1000", ratio: "0.5", on: "true"}
   expect out {time: 5s}
   expect out {time: "2024-01-01T00:00:05.000Z"}
