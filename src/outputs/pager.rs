@@ -26,7 +26,7 @@
 //! once the shard is another node's, it is dropped here before its next
 //! attempt.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +44,7 @@ use super::incidents::{Generation, Memory};
 use super::template::Template;
 use super::{Delivery, Tally};
 use super::{pagerduty, webhook};
+use crate::clock::Micros;
 use crate::event::Event;
 
 /// How often an open incident's trigger may be re-sent, by default.
@@ -478,14 +479,61 @@ impl Pager {
     /// severity changed: an escalation is news), no resolve for an incident
     /// this output did not trigger.
     fn suppressed(&self, action: Action, key: &str, now: Instant) -> bool {
-        match (action, self.memory.incidents().get(key)) {
-            (Action::Trigger(severity), Some(open)) => {
-                open.severity == severity
-                    && now.duration_since(open.sent) < self.config.resend_interval
-            }
-            (Action::Trigger(_), None) => false,
-            (Action::Resolve, open) => open.is_none(),
+        let incidents = self.memory.incidents();
+        let open = incidents.get(key);
+        let open = open.map(|open| (open.severity, now.duration_since(open.sent)));
+        needless(action, open, self.config.resend_interval)
+    }
+}
+
+/// Whether a page need not be sent, given the incident open under its key
+/// (its severity, and how long ago it was triggered): a trigger of the
+/// severity already open, within the resend interval; a resolve of an
+/// incident this output did not open.
+fn needless(action: Action, open: Option<(Severity, Duration)>, resend: Duration) -> bool {
+    match (action, open) {
+        (Action::Trigger(severity), Some((open, age))) => open == severity && age < resend,
+        (Action::Trigger(_), None) => false,
+        (Action::Resolve, open) => open.is_none(),
+    }
+}
+
+/// The pages a pager output would send for the events it is given, on the
+/// caller's clock: what `vigil test` records for a pager output, so that
+/// `expect pager {…}` sees pages, not events.
+pub struct Pages {
+    config: Config,
+    /// Open incidents by dedup key: severity, and when triggered.
+    open: HashMap<String, (Severity, Micros)>,
+}
+
+impl Pages {
+    pub fn new(config: Config) -> Pages {
+        Pages {
+            config,
+            open: HashMap::new(),
         }
+    }
+
+    /// Whether `event`, handed to the output at `now`, is sent as a page;
+    /// one that is opens or resolves its incident.
+    pub fn sends(&mut self, event: &Event, now: Micros) -> bool {
+        let Some(action) = action(event.state.as_deref()) else {
+            return false;
+        };
+        let key = dedup_key(&self.config, event);
+        let open = self.open.get(&key).map(|&(severity, at)| {
+            let age = Duration::from_micros(u64::try_from(now - at).unwrap_or(0));
+            (severity, age)
+        });
+        if needless(action, open, self.config.resend_interval) {
+            return false;
+        }
+        match action {
+            Action::Trigger(severity) => self.open.insert(key, (severity, now)),
+            Action::Resolve => self.open.remove(&key),
+        };
+        true
     }
 }
 

@@ -16,7 +16,8 @@ use crate::clock::{Clock, MICROS_PER_SEC, ManualClock, Micros, SharedClock, secs
 use crate::event::{Event, Metric, number_text};
 use crate::index::{Index, IndexConfig};
 use crate::json::{iso8601, to_json};
-use crate::outputs::OutputSink;
+use crate::outputs::pager::{self, Pages};
+use crate::outputs::{OutputKind, OutputSink};
 use crate::query::Query;
 use crate::streams::Streams;
 
@@ -152,15 +153,33 @@ fn unknown_target(target: &Ident, outputs: &[String]) -> Diagnostic {
 pub const MAX_RECORDED: usize = if cfg!(test) { 1_000 } else { 1_000_000 };
 
 /// Records what it is given, in place of delivery: the first
-/// [`MAX_RECORDED`] events, counting the rest.
+/// [`MAX_RECORDED`] events, counting the rest. A pager output's records only
+/// the events it would send as pages.
 #[derive(Default)]
 pub struct Recorder {
     pub events: Mutex<Vec<Event>>,
     pub not_kept: AtomicU64,
+    /// For a pager output: which events it pages, on the test's clock.
+    pages: Option<(Mutex<Pages>, SharedClock)>,
+}
+
+impl Recorder {
+    /// The recorder of a pager output that would page as `config` says.
+    pub fn of_pager(config: pager::Config, clock: SharedClock) -> Recorder {
+        Recorder {
+            pages: Some((Mutex::new(Pages::new(config)), clock)),
+            ..Recorder::default()
+        }
+    }
 }
 
 impl OutputSink for Recorder {
     fn push(&self, event: Event) {
+        if let Some((pages, clock)) = &self.pages
+            && !pages.lock().sends(&event, clock.now())
+        {
+            return;
+        }
         let mut events = self.events.lock();
         if events.len() < MAX_RECORDED {
             events.push(event);
@@ -233,16 +252,20 @@ impl Bench {
         let compiled = compile(file, EnvPolicy::Lenient)?;
         let clock = Arc::new(ManualClock::new(TEST_EPOCH));
         let index = Arc::new(Index::new(IndexConfig::default()));
+        let shared: SharedClock = clock.clone();
+        let recorder = |kind: &OutputKind| match kind {
+            OutputKind::Pager(config) => Recorder::of_pager(config.clone(), shared.clone()),
+            _ => Recorder::default(),
+        };
         let recorders: Vec<(String, Arc<Recorder>)> = compiled
             .outputs
             .iter()
-            .map(|o| (o.name.clone(), Arc::new(Recorder::default())))
+            .map(|o| (o.name.clone(), Arc::new(recorder(&o.kind))))
             .collect();
         let sinks: Vec<Arc<dyn OutputSink>> = recorders
             .iter()
             .map(|(_, r)| r.clone() as Arc<dyn OutputSink>)
             .collect();
-        let shared: SharedClock = clock.clone();
         let rules = Rules::new(compiled.roots, None, sinks, index.clone(), shared);
         Ok(Bench {
             clock,
@@ -601,6 +624,40 @@ mod tests {
             .into_iter()
             .map(|o| o.failures)
             .collect()
+    }
+
+    /// A pager output's test sees the pages it would send: not an `ok` with
+    /// no incident open, nor a repeated trigger within `resend_interval`.
+    #[test]
+    fn a_pager_output_records_the_pages_it_would_send() {
+        let file = parse(
+            r#"output pager = paging_webhook(url: "http://127.0.0.1:9/p", resend_interval: 1m)
+streams { pager }
+test "pages" {
+  at 0s send {host: "h", service: "s", state: "ok", metric: 1}
+  at 1s send {host: "h", service: "s", state: "critical", metric: 2}
+  at 2s send {host: "h", service: "s", state: "critical", metric: 3}
+  at 3s send {host: "h", service: "s", state: "warning", metric: 4}
+  at 4s send {host: "h", service: "s", state: "unknown", metric: 5}
+  at 5s send {host: "h", service: "s", state: "ok", metric: 6}
+  at 6s send {host: "h", service: "s", state: "ok", metric: 7}
+  at 7s send {host: "h", service: "s", state: "critical", metric: 8}
+  at 30s send {host: "h", service: "s", state: "critical", metric: 9}
+  at 70s send {host: "h", service: "s", state: "critical", metric: 10}
+  expect no pager {metric: 1}
+  expect pager {metric: 2}
+  expect no pager {metric: 3}
+  expect pager {metric: 4}
+  expect no pager {metric: 5}
+  expect pager {metric: 6}
+  expect no pager {metric: 7}
+  expect pager {metric: 8}
+  expect no pager {metric: 9}
+  expect pager {metric: 10}
+}"#,
+        )
+        .unwrap();
+        assert_eq!(failures_of(&file), [Vec::<String>::new()]);
     }
 
     #[test]
