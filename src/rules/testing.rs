@@ -70,9 +70,9 @@ struct Step {
 }
 
 enum Action {
-    /// The event, and whether it gave its `time` (else it is sent at the
-    /// step's time).
-    Send { event: Event, timed: bool },
+    /// The events, as one batch (one `Msg` of an agent), each with whether
+    /// it gave its `time` (else it is sent at the step's time).
+    Send(Vec<(Event, bool)>),
     Expect {
         target: String,
         wanted: Vec<(String, Json)>,
@@ -103,9 +103,13 @@ fn plan(file: &RuleFile) -> Result<Vec<Vec<Step>>, Vec<Diagnostic>> {
                 latest = latest.max(at);
             }
             let action = match &step.action {
-                TestAction::Send(value) => {
-                    event_from(value).map(|(event, timed)| Action::Send { event, timed })
+                TestAction::Send(value) => match &value.kind {
+                    ValueKind::List(items) if !items.is_empty() => {
+                        items.iter().map(event_from).collect::<Result<_, _>>()
+                    }
+                    _ => event_from(value).map(|sent| vec![sent]),
                 }
+                .map(Action::Send),
                 TestAction::Expect { target, .. }
                     if target.name != "index" && !outputs.contains(&target.name) =>
                 {
@@ -322,12 +326,16 @@ fn run_one(file: &RuleFile, test_name: &str, steps: &[Step]) -> Result<Outcome, 
             }
         }
         match &step.action {
-            Action::Send { event, timed } => {
-                let mut event = event.clone();
-                if !timed {
-                    event.time = bench.clock.now();
-                }
-                bench.rules.process(&[event]);
+            Action::Send(sent) => {
+                let now = bench.clock.now();
+                let batch: Vec<Event> = sent
+                    .iter()
+                    .map(|(event, timed)| Event {
+                        time: if *timed { event.time } else { now },
+                        ..event.clone()
+                    })
+                    .collect();
+                bench.rules.process(&batch);
             }
             Action::Expect {
                 target,
@@ -536,7 +544,8 @@ fn event_from(v: &Value) -> Result<(Event, bool), Diagnostic> {
     let ValueKind::Map(entries) = &v.kind else {
         return Err(Diagnostic::new(
             v.span.clone(),
-            "`send` takes a map of event fields, e.g. `send {host: \"web1\", metric: 1}`",
+            "`send` takes a map of event fields, e.g. `send {host: \"web1\", metric: 1}`, \
+             or a list of them sent as one batch",
         ));
     };
     let mut event = Event::default();
@@ -624,6 +633,46 @@ mod tests {
             .into_iter()
             .map(|o| o.failures)
             .collect()
+    }
+
+    /// `send [{…}, {…}]` sends one batch, as an agent's `Msg`: a `reinject`
+    /// runs after the whole batch, as in `vigil run`.
+    #[test]
+    fn a_list_is_sent_as_one_batch() {
+        let file = parse(
+            r#"output out = forward(host: "x")
+streams {
+  where service = "a" and not r { with(r: "1") { reinject } }
+  where r or service = "b" { out }
+}
+test "one batch" {
+  send [{host: "h", service: "a"}, {host: "h", service: "b", time: 9}]
+  expect out {service: "b", time: 9}
+}
+test "two sends" {
+  send {host: "h", service: "a"}
+  send {host: "h", service: "b"}
+}"#,
+        )
+        .unwrap();
+        assert_eq!(failures_of(&file), [Vec::<String>::new(), Vec::new()]);
+        let order = |test: &str| {
+            let bench = Bench::new(&file).unwrap();
+            let plan = plan(&file).unwrap();
+            let at = file.tests.iter().position(|t| t.name == test).unwrap();
+            for step in &plan[at] {
+                if let Action::Send(sent) = &step.action {
+                    let batch: Vec<Event> = sent.iter().map(|(e, _)| e.clone()).collect();
+                    bench.rules.process(&batch);
+                }
+            }
+            let seen = bench.seen_by("out");
+            seen.iter()
+                .map(|e| e.service_str().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order("one batch"), ["b", "a"], "reinjected after the batch");
+        assert_eq!(order("two sends"), ["a", "b"]);
     }
 
     /// A pager output's test sees the pages it would send: not an `ok` with
