@@ -109,7 +109,7 @@ tests/fixtures/broken.vigil:2:16: unknown output type `graphit`
     output graph = graphit(host: \"x\")
                    ^^^^^^^
   hint: did you mean `graphite`?
-tests/fixtures/broken.vigil:4:8: expected a duration such as 500ms, 5s, 2m or 1h, found a number
+tests/fixtures/broken.vigil:4:8: expected a duration such as 500ms, 5s, 2m or 1h, found the number 5
       rate(5) { index }
            ^
 tests/fixtures/broken.vigil:5:27: `fixed_time_window` emits windows of events; only a fold can take them
@@ -124,7 +124,7 @@ tests/fixtures/broken.vigil:7:3: unknown stream or output `pagr`
       pagr
       ^^^^
   hint: no outputs are declared; declare one with `output NAME = TYPE(…)`
-tests/fixtures/broken.vigil:8:13: expected a TTL in seconds (0 or more), found a string
+tests/fixtures/broken.vigil:8:13: expected a TTL in seconds (0 to 3.4e38), found a string
       with(ttl: \"x\") { index }
                 ^^^
 ";
@@ -196,9 +196,12 @@ fn check_refuses_what_an_output_could_never_send_keys_given_twice_and_ttls_out_o
             "9:26: `host` \"127.0.0.1:5555\" includes a port: give the host alone and the port as `port: N`",
             "10:27: `host` \"carbon.example.com:2003\" includes a port: give the host alone and the port as `port: N`",
             "11:26: `host` \"[::1]\": give an IPv6 address without brackets, e.g. \"::1\"",
-            "14:19: `host` is given twice",
-            "15:13: expected a TTL in seconds (0 or more), found a number",
-            "16:16: expected a TTL in seconds (0 or more), found a number",
+            "13:27: expected a port number (1-65535), found the number 0",
+            "13:36: `host` is empty: name a host or an address",
+            "14:8: output name of 131 bytes: at most 128",
+            "16:19: `host` is given twice",
+            "17:13: expected a TTL in seconds (0 to 3.4e38), found the number -5",
+            "18:16: expected a TTL in seconds (0 to 3.4e38), found the number 1e300",
         ],
         "{text}"
     );

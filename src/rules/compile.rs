@@ -100,6 +100,18 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
             );
             continue;
         }
+        if decl.name.name.len() > MAX_OUTPUT_NAME {
+            // It names the pager's file in the data directory, whose name a
+            // file system bounds (255 bytes), and a label of every metric.
+            c.error(
+                decl.name.span.clone(),
+                format!(
+                    "output name of {} bytes: at most {MAX_OUTPUT_NAME}",
+                    decl.name.name.len()
+                ),
+            );
+            continue;
+        }
         if STREAMS.contains(&decl.name.name.as_str()) {
             c.error(
                 decl.name.span.clone(),
@@ -371,47 +383,59 @@ impl Compiler {
         };
         let what = kind.name.as_str();
         let b = self.bind(what, args, params, &span)?;
+        // Every parameter is read before any failure returns, so `check`
+        // reports each wrong one, not only the first.
         let kind = match what {
             "pagerduty" => {
                 let key = self.require(what, &b, "routing_key");
-                let api = pager::Api::PagerDuty {
-                    routing_key: self.string(key?)?,
-                };
+                let routing_key = key.and_then(|key| self.string(key));
                 let url = match b.get("url") {
-                    Some(url) => self.url(url)?,
-                    None => pagerduty::DEFAULT_URL.to_owned(),
+                    Some(url) => self.url(url),
+                    None => Some(pagerduty::DEFAULT_URL.to_owned()),
                 };
+                let api = routing_key.map(|routing_key| pager::Api::PagerDuty { routing_key });
                 OutputKind::Pager(self.pager(&b, url, api)?)
             }
             "paging_webhook" => {
                 let url = self.require(what, &b, "url");
-                let url = self.url(url?)?;
-                let api = pager::Api::Webhook {
-                    headers: self.headers(b.get("headers"))?,
-                };
+                let url = url.and_then(|url| self.url(url));
+                let headers = self.headers(b.get("headers"));
+                let api = headers.map(|headers| pager::Api::Webhook { headers });
                 OutputKind::Pager(self.pager(&b, url, api)?)
             }
             "webhook" => {
                 let url = self.require(what, &b, "url");
-                let url = self.url(url?)?;
-                let headers = self.headers(b.get("headers"))?;
-                let body = self.template(b.get("body"))?;
-                OutputKind::Webhook(webhook::Config { url, headers, body })
+                let url = url.and_then(|url| self.url(url));
+                let headers = self.headers(b.get("headers"));
+                let body = self.template(b.get("body"));
+                OutputKind::Webhook(webhook::Config {
+                    url: url?,
+                    headers: headers?,
+                    body: body?,
+                })
             }
-            "graphite" => OutputKind::Graphite(graphite::Config {
-                host: match b.get("host") {
-                    Some(host) => self.host(host)?,
-                    None => "127.0.0.1".to_owned(),
-                },
-                port: self.port(b.get("port"), 2003)?,
-                prefix: self.optional_string(b.get("prefix"))?,
-                path: self.template(b.get("path"))?,
-            }),
+            "graphite" => {
+                let host = match b.get("host") {
+                    Some(host) => self.host(host),
+                    None => Some("127.0.0.1".to_owned()),
+                };
+                let port = self.port(b.get("port"), 2003);
+                let prefix = self.optional_string(b.get("prefix"));
+                let path = self.template(b.get("path"));
+                OutputKind::Graphite(graphite::Config {
+                    host: host?,
+                    port: port?,
+                    prefix: prefix?,
+                    path: path?,
+                })
+            }
             _ => {
                 let host = self.require(what, &b, "host");
+                let host = host.and_then(|host| self.host(host));
+                let port = self.port(b.get("port"), 5555);
                 OutputKind::Forward(forward::Config {
-                    host: self.host(host?)?,
-                    port: self.port(b.get("port"), 5555)?,
+                    host: host?,
+                    port: port?,
                 })
             }
         };
@@ -419,16 +443,25 @@ impl Compiler {
     }
 
     /// What every pager output takes besides its receiver.
-    fn pager(&mut self, b: &Bound<'_>, url: String, api: pager::Api) -> Option<pager::Config> {
+    /// `url` and `api`, read by the caller, may have failed already.
+    fn pager(
+        &mut self,
+        b: &Bound<'_>,
+        url: Option<String>,
+        api: Option<pager::Api>,
+    ) -> Option<pager::Config> {
         let resend_interval = match b.get("resend_interval") {
-            Some(v) => std::time::Duration::from_micros(self.duration(v)? as u64),
-            None => pager::DEFAULT_RESEND_INTERVAL,
+            Some(v) => self
+                .duration(v)
+                .map(|micros| std::time::Duration::from_micros(micros as u64)),
+            None => Some(pager::DEFAULT_RESEND_INTERVAL),
         };
+        let dedup_key = self.template(b.get("dedup_key"));
         Some(pager::Config {
-            url,
-            dedup_key: self.template(b.get("dedup_key"))?,
-            resend_interval,
-            api,
+            url: url?,
+            dedup_key: dedup_key?,
+            resend_interval: resend_interval?,
+            api: api?,
         })
     }
 
@@ -1024,7 +1057,7 @@ impl Compiler {
                 ValueKind::Number(n) if (0.0..=f64::from(f32::MAX)).contains(&n) => {
                     FieldSet::Ttl(Some(n as f32))
                 }
-                _ => return self.expected(v, "a TTL in seconds (0 or more)"),
+                _ => return self.expected(v, "a TTL in seconds (0 to 3.4e38)"),
             },
             "tags" => match &v.kind {
                 ValueKind::Null => FieldSet::Tags(Vec::new()),
@@ -1105,19 +1138,28 @@ fn list(names: &[&str]) -> String {
         .join(", ")
 }
 
-fn describe(kind: &ValueKind) -> &'static str {
-    match kind {
-        ValueKind::Number(_) => "a number",
+fn describe(kind: &ValueKind) -> String {
+    let described = match kind {
+        // The value itself: out of range is the only way a number is wrong.
+        ValueKind::Number(n) if n.abs() >= 1e15 => return format!("the number {n:e}"),
+        ValueKind::Number(n) => return format!("the number {}", crate::event::number_text(*n)),
+        ValueKind::Duration(micros) => {
+            let d = std::time::Duration::from_micros(u64::try_from(*micros).unwrap_or(0));
+            return format!("the duration {}", humantime::format_duration(d));
+        }
         ValueKind::String(_) => "a string",
-        ValueKind::Duration(_) => "a duration",
         ValueKind::Bool(_) => "a boolean",
         ValueKind::Null => "null",
         ValueKind::List(_) => "a list",
         ValueKind::Map(_) => "a map",
         ValueKind::Env(_) => "env(…)",
         ValueKind::Ident(_) => "a name",
-    }
+    };
+    described.to_owned()
 }
+
+/// The longest output name (it is part of a file name).
+pub const MAX_OUTPUT_NAME: usize = 128;
 
 /// What makes `host` unusable as an output's host, if anything: it is
 /// joined with the `port` parameter, so one that carries a port of its own

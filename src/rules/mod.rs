@@ -34,7 +34,7 @@ pub const MAX_RULE_FILE: u64 = 64 * 1024 * 1024;
 /// Why a rule file could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("not a regular file (a {0})")]
     NotAFile(&'static str),
