@@ -201,6 +201,7 @@ pub struct Sample {
     pub rule_errors: u64,
     pub reinject_overflow: u64,
     pub window_overflow: u64,
+    pub by_refused: u64,
     pub uptime: Duration,
     /// In cluster mode.
     pub cluster: Option<ClusterStatus>,
@@ -251,6 +252,7 @@ impl Telemetry {
             rule_errors: get(&rules.errors),
             reinject_overflow: get(&rules.reinject_overflow),
             window_overflow: get(&rules.window_overflow),
+            by_refused: get(&rules.by_refused),
             uptime: self.started.elapsed(),
             cluster: self.cluster.as_ref().map(|cluster| cluster.status()),
         }
@@ -367,6 +369,7 @@ impl Emitter {
             ("vigil rules errors", sample.rule_errors),
             ("vigil rules reinject overflow", sample.reinject_overflow),
             ("vigil rules window overflow", sample.window_overflow),
+            ("vigil rules by refused", sample.by_refused),
         ] {
             emit(service.to_owned(), gauge(value));
         }

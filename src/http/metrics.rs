@@ -192,6 +192,8 @@ fn render(s: &Sample) -> String {
         window,
         s.window_overflow,
     );
+    let by = "Events a `by` did not run for a new key, holding --max-index groups.";
+    out.single("vigil_rules_by_refused_total", "counter", by, s.by_refused);
     let uptime = "Seconds since vigil started.";
     out.single(
         "vigil_uptime_seconds",

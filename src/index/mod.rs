@@ -143,6 +143,11 @@ impl Index {
         }
     }
 
+    /// `--max-index`: the most entries it holds, if bounded.
+    pub fn max_entries(&self) -> Option<usize> {
+        self.config.max_entries
+    }
+
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }

@@ -58,6 +58,9 @@ pub struct RuleStats {
     /// Events a full window or `coalesce` let go of (the oldest, or a new
     /// series) to stay within [`super::nodes::WINDOW_MAX`].
     pub window_overflow: AtomicU64,
+    /// Events a `by` did not run because they would have made a group past
+    /// `--max-index` groups (a flood of distinct keys).
+    pub by_refused: AtomicU64,
 }
 
 /// One compiled rule file as it runs: its stages, and the outputs its

@@ -253,9 +253,14 @@ pub(crate) struct Bench {
 
 impl Bench {
     pub fn new(file: &RuleFile) -> Result<Bench, Vec<Diagnostic>> {
+        Self::with_index(file, IndexConfig::default())
+    }
+
+    /// With an index configured as `config`.
+    pub fn with_index(file: &RuleFile, config: IndexConfig) -> Result<Bench, Vec<Diagnostic>> {
         let compiled = compile(file, EnvPolicy::Lenient)?;
         let clock = Arc::new(ManualClock::new(TEST_EPOCH));
-        let index = Arc::new(Index::new(IndexConfig::default()));
+        let index = Arc::new(Index::new(config));
         let shared: SharedClock = clock.clone();
         let recorder = |kind: &OutputKind| match kind {
             OutputKind::Pager(config) => Recorder::of_pager(config.clone(), shared.clone()),

@@ -9,7 +9,9 @@
 use std::borrow::Cow;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use hashbrown::hash_table::Entry;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::Mutex;
 
@@ -189,6 +191,11 @@ pub struct By {
     pub idle_after: Micros,
     shards: Box<[Mutex<HashTable<Group>>]>,
     hasher: DefaultHashBuilder,
+    /// Groups held, all shards together: bounded by `--max-index` as the
+    /// index is, since each distinct key of a flood would make one.
+    groups: AtomicUsize,
+    /// Whether a refused group has been logged (once per `by`).
+    warned: AtomicBool,
 }
 
 /// Locks a `by`'s groups are spread over. `changed_state` puts every event
@@ -222,11 +229,35 @@ impl By {
             idle_after,
             shards: (0..BY_SHARDS).map(|_| Mutex::default()).collect(),
             hasher: DefaultHashBuilder::default(),
+            groups: AtomicUsize::new(0),
+            warned: AtomicBool::new(false),
         }
     }
 
-    pub fn group_count(&self) -> usize {
-        self.shards.iter().map(|shard| shard.lock().len()).sum()
+    /// Room for one more group within `max` (none: unbounded), taken.
+    fn reserve_group(&self, max: Option<usize>) -> bool {
+        let Some(max) = max else {
+            self.groups.fetch_add(1, Ordering::Relaxed);
+            return true;
+        };
+        let more = |n: usize| (n < max).then_some(n + 1);
+        (self
+            .groups
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, more))
+        .is_ok()
+    }
+
+    /// An event whose group could not be made: counted, and logged once.
+    fn refuse(&self, cx: &Cx) {
+        cx.stats.by_refused.fetch_add(1, Ordering::Relaxed);
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                fields = ?self.fields,
+                max = ?cx.index.max_entries(),
+                "A `by` holds --max-index groups; events of new keys are not run through it \
+                 (counted in vigil_rules_by_refused_total)."
+            );
+        }
     }
 
     /// The same for a key's values whether they come from an event (as
@@ -247,6 +278,7 @@ impl By {
     }
 
     fn insert(&self, key: GroupKey, free_at: Micros, lifetime: Micros, children: Children) {
+        self.groups.fetch_add(1, Ordering::Relaxed);
         let hash = self.hash(key.iter().map(Option::as_deref));
         self.shard(hash).lock().insert_unique(
             hash,
@@ -279,17 +311,23 @@ impl Node for By {
                     .zip(&self.fields)
                     .all(|(stored, f)| stored.as_deref() == value(f).as_deref())
         };
-        let group = groups
-            .entry(hash, same_key, |g| g.hash)
-            .or_insert_with(|| Group {
-                key: self.fields.iter().map(|f| f.text(event)).collect(),
-                hash,
-                children: Arc::new(self.prototype.fresh()),
-                free_at,
-                lifetime,
-                next_tick: Micros::MAX,
-            })
-            .into_mut();
+        let group = match groups.entry(hash, same_key, |g| g.hash) {
+            Entry::Occupied(group) => group.into_mut(),
+            Entry::Vacant(_) if !self.reserve_group(cx.index.max_entries()) => {
+                drop(groups);
+                return self.refuse(cx);
+            }
+            Entry::Vacant(vacant) => vacant
+                .insert(Group {
+                    key: self.fields.iter().map(|f| f.text(event)).collect(),
+                    hash,
+                    children: Arc::new(self.prototype.fresh()),
+                    free_at,
+                    lifetime,
+                    next_tick: Micros::MAX,
+                })
+                .into_mut(),
+        };
         group.free_at = free_at;
         group.lifetime = lifetime;
         // The shard's lock is held while the group runs so each group sees its
@@ -306,6 +344,7 @@ impl Node for By {
     /// nothing in `changed_state` ever is.
     fn tick(&self, cx: &mut Cx) {
         let mut earliest = Micros::MAX;
+        let mut freed = 0;
         for shard in &self.shards {
             shard.lock().retain(|g| {
                 // Before freeing: a group's last window may be due on this very tick.
@@ -318,10 +357,13 @@ impl Node for By {
                     // would tick the group's stages past the time the
                     // server's timer frees them.
                     earliest = earliest.min(g.next_tick).min(g.free_at.saturating_add(1));
+                } else {
+                    freed += 1;
                 }
                 keep
             });
         }
+        self.groups.fetch_sub(freed, Ordering::Relaxed);
         cx.schedule(Some(earliest));
     }
 
@@ -352,6 +394,7 @@ impl Node for By {
                 );
             }
         }
+        old.groups.store(0, Ordering::Relaxed);
     }
 
     /// The group count, then each group and its stages' entries; the

@@ -446,6 +446,35 @@ fn by_frees_idle_groups_after_their_ttl() {
     );
 }
 
+/// A flood of distinct keys makes no more groups than `--max-index` allows
+/// entries: events of new keys pass the `by` by (counted), those of keys
+/// it holds run as ever, and a freed group makes room.
+#[test]
+fn by_holds_at_most_max_index_groups() {
+    let src = "output out = forward(host: \"x\")\nstreams {\n by(host) { out }\n}";
+    let file = parse(src).unwrap();
+    let config = crate::index::IndexConfig {
+        max_entries: Some(3),
+        ..crate::index::IndexConfig::default()
+    };
+    let b = Bench::with_index(&file, config).unwrap();
+    let at_ttl = |b: &Bench, host: &str| with_ttl(ev(b, host, "s"), 10.0);
+    for host in ["h0", "h1", "h2", "h3", "h4", "h0"] {
+        send(&b, at_ttl(&b, host));
+    }
+    let hosts =
+        |b: &Bench| -> Vec<String> { out(b).iter().map(|e| e.host_str().to_owned()).collect() };
+    assert_eq!(hosts(&b), ["h0", "h1", "h2", "h0"]);
+    assert_eq!(b.rules.stats.by_refused.load(Ordering::Relaxed), 2);
+    b.advance_to(at(11.0));
+    send(&b, at_ttl(&b, "h9"));
+    assert_eq!(
+        hosts(&b).last().map(String::as_str),
+        Some("h9"),
+        "room again"
+    );
+}
+
 #[test]
 fn by_frees_a_group_and_its_window_state() {
     let b = bench("by(host) { fixed_event_window(2) { count { out } } }");
