@@ -288,8 +288,9 @@ impl Event {
 }
 
 /// A TTL (an `f32`, as the protocol carries it) as the `f64` of its
-/// shortest decimal: `12.3` sent is `12.3` in JSON and in a query's
-/// comparison, not `12.300000190734863`, the `f32`'s exact value.
+/// shortest decimal: `12.3` sent is `12.3` in JSON, not 12.300000190734863,
+/// the `f32`'s exact value. (A query rounds its number to the TTL's
+/// precision instead, once: see `query::parser::at_ttl_precision`.)
 pub fn ttl_f64(ttl: f32) -> f64 {
     if !ttl.is_finite() {
         return f64::from(ttl);

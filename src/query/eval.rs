@@ -8,8 +8,11 @@ use regex::Regex;
 
 use crate::event::{Event, Field, Metric, same_bytes};
 
-/// The value of a field, borrowed from the event.
-#[inline]
+/// The value of a field, borrowed from the event. Always inlined, as is
+/// [`Operand::get`]: each is on the path of every `where`, and the compiler
+/// left them as calls when code elsewhere changed (callgrind, 2026-12-05:
+/// 93 instructions more per 1-event message).
+#[inline(always)]
 fn value<'e>(field: &Field, event: &'e Event) -> Val<'e> {
     let text = |s: &'e Option<String>| s.as_deref().map_or(Val::Nil, Val::Str);
     match field {
@@ -22,9 +25,7 @@ fn value<'e>(field: &Field, event: &'e Event) -> Val<'e> {
             Some(Metric::Float(f)) => Val::Float(f),
             None => Val::Nil,
         },
-        Field::Ttl => event
-            .ttl
-            .map_or(Val::Nil, |t| Val::Float(crate::event::ttl_f64(t))),
+        Field::Ttl => event.ttl.map_or(Val::Nil, |t| Val::Float(f64::from(t))),
         Field::Time => Val::Float(event.time_secs()),
         Field::Attribute(name) => event.attribute(name).map_or(Val::Nil, Val::Str),
     }
@@ -57,6 +58,7 @@ impl Operand {
         }
     }
 
+    #[inline(always)]
     fn get<'a>(&'a self, event: &'a Event) -> Val<'a> {
         match self {
             Operand::Field(field) => value(field, event),

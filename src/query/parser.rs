@@ -363,6 +363,7 @@ impl Parser<'_> {
         match op {
             Op::Cmp(op) => {
                 let right = self.operand(&format!("a value after `{op_text}`"))?;
+                let (left, right) = at_ttl_precision(left, right);
                 Ok(Node::Compare { left, op, right })
             }
             Op::Like | Op::Regex => {
@@ -415,6 +416,22 @@ fn regex_message(error: &regex::Error) -> String {
             format!("invalid regex: too large (compiled size limit {limit} bytes)")
         }
         other => format!("invalid regex: {other}"),
+    }
+}
+
+/// A TTL is an `f32`, as the protocol carries it: a number compared with one
+/// is rounded the same way, so `ttl = 12.3` matches the `12.3` an agent sent
+/// (as an `f64` that is 12.300000190734863). Done once here, not per event.
+fn at_ttl_precision(left: Operand, right: Operand) -> (Operand, Operand) {
+    let round = |operand| match operand {
+        Operand::Lit(Lit::Float(f)) => Operand::Lit(Lit::Float(f64::from(f as f32))),
+        Operand::Lit(Lit::Int(i)) => Operand::Lit(Lit::Float(f64::from(i as f32))),
+        other => other,
+    };
+    match (&left, &right) {
+        (Operand::Field(Field::Ttl), Operand::Lit(_)) => (left, round(right)),
+        (Operand::Lit(_), Operand::Field(Field::Ttl)) => (round(left), right),
+        _ => (left, right),
     }
 }
 
