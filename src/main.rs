@@ -122,8 +122,9 @@ struct RunArgs {
     /// together; over it, the subscribers furthest behind are disconnected (counted).
     #[arg(long, default_value_t = pubsub::DEFAULT_MAX_HELD, value_parser = parse_positive)]
     max_subscriber_memory: usize,
-    /// Close a TCP connection that has not completed a frame within this long of its previous
-    /// one (idle or slowloris); also bounds TLS handshakes and writing replies, how long an
+    /// Close a Riemann TCP connection whose begun frame is not complete within this long
+    /// (slowloris; an idle one is kept, probed by TCP keepalive after this long idle); also
+    /// bounds TLS handshakes and writing replies, how long an
     /// HTTP or gRPC client may read nothing of a response or subscription, send nothing after
     /// connecting, take over an HTTP/1 request head or a posted body, or leave an HTTP/2
     /// keepalive ping unanswered (e.g. 60s).

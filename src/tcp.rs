@@ -8,10 +8,14 @@
 //! Bounds, so no client can hold resources indefinitely:
 //! - at most `max_connections` open at once, plain and TLS together; one more
 //!   is accepted and closed at once, and counted;
-//! - each frame must be complete within `read_timeout` of the previous one (or
-//!   of the connection opening): trickling bytes does not extend it, so it
-//!   closes slowloris and idle clients alike. The TLS handshake, and writing a
-//!   batch of replies to a client that does not read, get the same bound;
+//! - a frame, once begun, must be complete within `read_timeout` (at most
+//!   twice that from its first byte: it is checked at that interval), and
+//!   trickling bytes does not extend it, so slowloris clients are closed.
+//!   An idle connection, with no frame begun, is kept however long, as
+//!   Riemann keeps it (some clients do not reconnect when it is closed);
+//!   TCP keepalive probes it once idle for `read_timeout`, so one whose
+//!   peer vanished is ended. The TLS handshake, and writing a batch of
+//!   replies to a client that does not read, get the `read_timeout` bound;
 //! - a frame over 64 KiB is read on only once it has room in the memory budget
 //!   all connections share ([`crate::budget`]): until then the connection
 //!   reads nothing more, and its read timeout runs from when it got the room.
@@ -35,7 +39,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bounded::RefusalLog;
+use crate::bounded::{self, RefusalLog};
 use crate::budget::{Budget, TooSlow};
 use crate::event::Event;
 pub use crate::frame::DEFAULT_MAX_FRAME;
@@ -87,6 +91,7 @@ pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<T
             continue;
         };
         let _ = socket.set_nodelay(true);
+        bounded::probe_when_idle(&socket, conns.read_timeout);
         Stats::incr(&conns.ingest.stats.tcp_connections);
         let task_conns = conns.clone();
         let tls = tls.clone();
@@ -160,6 +165,9 @@ impl Connections {
         // Reset only when a frame completes, never by a byte arriving.
         let deadline = tokio::time::sleep(self.read_timeout);
         tokio::pin!(deadline);
+        // Whether the last check found a frame begun: the next one, a
+        // timeout later, closes the connection if it is still not whole.
+        let mut begun = false;
         loop {
             let next = tokio::select! {
                 next = framed.next() => next,
@@ -170,6 +178,12 @@ impl Connections {
                     let later = from.map(|from| from + self.read_timeout);
                     if let Some(until) = later.filter(|&until| until > Instant::now()) {
                         deadline.as_mut().reset(until);
+                        continue;
+                    }
+                    let idle = framed.read_buffer().is_empty() && from.is_none();
+                    if idle || !begun {
+                        begun = !idle;
+                        deadline.as_mut().reset(Instant::now() + self.read_timeout);
                         continue;
                     }
                     Stats::incr(&self.ingest.stats.tcp_read_timeouts);
@@ -189,7 +203,10 @@ impl Connections {
                 Poll::Pending => tokio::time::timeout(self.read_timeout, written).await,
             };
             match written {
-                Ok(Ok(true)) => deadline.as_mut().reset(Instant::now() + self.read_timeout),
+                Ok(Ok(true)) => {
+                    begun = false;
+                    deadline.as_mut().reset(Instant::now() + self.read_timeout);
+                }
                 Ok(done) => return done.map(drop),
                 Err(_) => {
                     Stats::incr(&self.ingest.stats.tcp_write_timeouts);

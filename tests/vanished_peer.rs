@@ -9,7 +9,9 @@
 //! - the graphite output's carbon: a few points a second never fill the
 //!   send buffer, so no write ever stalls;
 //! - an SSE subscriber whose query matches nothing: its keep-alives never
-//!   stall either.
+//!   stall either;
+//! - a Riemann agent keeping its connection open while idle, which vigil
+//!   keeps open as Riemann does: TCP keepalive probes find it gone.
 //!
 //! Once carbon is back, every point reaches it: those its TCP had not
 //! acknowledged when it vanished are sent again.
@@ -152,17 +154,21 @@ async fn a_vanished_carbon_and_subscriber_are_given_up_on_and_no_point_is_lost()
 
     let _subscriber = subscribe_sse(http).await;
     assert_eq!(gauge(http, "vigil_subscribers").await, 1.0);
+    let _agent = idle_agent(tcp).await;
+    let agents = || gauge(http, "vigil_tcp_connections_open");
+    assert_eq!(agents().await, 2.0, "the sender and the idle agent");
     let retries = || gauge(http, "vigil_output_retries_total");
     assert_eq!(retries().await, 0.0, "carbon is up");
 
     vanish();
     let vanished = Instant::now();
     let (mut carbon_given_up, mut subscriber_given_up) = (None, None);
-    while carbon_given_up.is_none() || subscriber_given_up.is_none() {
+    let mut agent_given_up = None;
+    while carbon_given_up.is_none() || subscriber_given_up.is_none() || agent_given_up.is_none() {
         assert!(
             vanished.elapsed() < GIVE_UP_WITHIN,
             "still holding on after {GIVE_UP_WITHIN:?}: carbon given up {carbon_given_up:?}, \
-             subscriber {subscriber_given_up:?}\n{}",
+             subscriber {subscriber_given_up:?}, agent {agent_given_up:?}\n{}",
             vigil.logs()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -172,9 +178,18 @@ async fn a_vanished_carbon_and_subscriber_are_given_up_on_and_no_point_is_lost()
         if subscriber_given_up.is_none() && gauge(http, "vigil_subscribers").await == 0.0 {
             subscriber_given_up = Some(vanished.elapsed());
         }
+        if agent_given_up.is_none() && agents().await == 1.0 {
+            agent_given_up = Some(vanished.elapsed());
+        }
     }
     println!(
-        "carbon given up after {carbon_given_up:?}, the subscriber after {subscriber_given_up:?}"
+        "carbon given up after {carbon_given_up:?}, the subscriber after \
+         {subscriber_given_up:?}, the idle agent after {agent_given_up:?}"
+    );
+    assert_eq!(
+        gauge(http, "vigil_tcp_read_timeouts_total").await,
+        0.0,
+        "idle, not timed out"
     );
     // The kernel ended both, as it does for a host gone away.
     assert_eq!(gauge(http, "vigil_http_peers_vanished_total").await, 1.0);
@@ -227,6 +242,36 @@ fn values(lines: &[u8]) -> BTreeSet<i64> {
                 .unwrap_or_else(|| panic!("line {line:?}"))
         })
         .collect()
+}
+
+/// A Riemann connection from [`VANISHING`] that sent one event and is idle.
+async fn idle_agent(tcp: SocketAddr) -> tokio::net::TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{VANISHING}:0").parse().unwrap())
+        .unwrap();
+    let mut stream = socket.connect(tcp).await.unwrap();
+    let msg = vigil::proto::Msg {
+        // A point carbon takes (one without a metric would count as
+        // dropped), of a value the sender never sends.
+        events: vec![vigil::proto::to_pb(&Event {
+            host: Some("agent".to_owned()),
+            metric: Some(Metric::Int(-1)),
+            time: SystemClock.now(),
+            ..Event::default()
+        })],
+        ..vigil::proto::Msg::default()
+    };
+    let body = prost::Message::encode_to_vec(&msg);
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend(body);
+    stream.write_all(&frame).await.unwrap();
+    let mut reply = [0u8; 4];
+    stream.read_exact(&mut reply).await.unwrap();
+    let len = u32::from_be_bytes(reply) as usize;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.unwrap();
+    stream
 }
 
 /// An SSE subscription from [`VANISHING`], its response head read.
