@@ -202,8 +202,15 @@ impl Ingest {
         transport: Transport,
         events: &mut Vec<Event>,
     ) -> Reply {
-        let (decoded, end) =
-            wire::decode_msg_at(body, batch.now, &self.limits, events, batch.pending);
+        let decode = |body: &[u8], events: &mut Vec<Event>| {
+            wire::decode_msg_at(body, batch.now, &self.limits, events, batch.pending)
+        };
+        let (mut decoded, mut end) = decode(body, events);
+        if let Err(DecodeError::InvalidUtf8(_)) = decoded
+            && let Some(repaired) = self.repaired(body)
+        {
+            (decoded, end) = decode(&repaired, events);
+        }
         batch.used = batch.used.max(end);
         let request = match self.counted(decoded, transport, end - batch.pending) {
             Ok(request) => request,
@@ -286,8 +293,22 @@ impl Ingest {
         transport: Transport,
         events: &mut Vec<Event>,
     ) -> Result<wire::Request, Bytes> {
-        let decoded = wire::decode_msg(body, self.clock.now(), &self.limits, events);
+        let now = self.clock.now();
+        let mut decoded = wire::decode_msg(body, now, &self.limits, events);
+        if let Err(DecodeError::InvalidUtf8(_)) = decoded
+            && let Some(repaired) = self.repaired(body)
+        {
+            decoded = wire::decode_msg(&repaired, now, &self.limits, events);
+        }
         self.counted(decoded, transport, events.len())
+    }
+
+    /// `body`, a `Msg` refused for a string that is not UTF-8, with its
+    /// strings repaired ([`wire::repair_utf8`]), counted.
+    fn repaired(&self, body: &[u8]) -> Option<Vec<u8>> {
+        let (repaired, strings) = wire::repair_utf8(body, 6)?;
+        Stats::add(&self.stats.strings_repaired, strings as u64);
+        Some(repaired)
     }
 
     /// Counts a decoded frame of `decoded_events` events; a refused one

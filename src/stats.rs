@@ -59,6 +59,10 @@ counters! {
     grpc_events,
     /// Frames, datagrams or gRPC `Msg`s whose protobuf did not decode.
     decode_errors,
+    /// Strings (host, service, state, description, tag, attribute, query)
+    /// that were not UTF-8, taken with each invalid byte replaced by `?`
+    /// (Riemann takes them too), so the rest of their message is not lost.
+    strings_repaired,
     /// TCP length prefixes over the maximum frame size (connection closed).
     frames_oversized,
     /// TCP connections that closed in the middle of a frame.

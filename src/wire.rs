@@ -17,6 +17,9 @@
 //! scalars, repeated fields append, unknown fields are skipped, `Msg.states`
 //! is ignored, and a known field with the wrong wire type is an error.
 //!
+//! A string that is not UTF-8 is an error here, as in prost; the transports
+//! then decode again from a copy with such strings repaired ([`repair_utf8`]).
+//!
 //! [`Limits`] are checked as fields are decoded, before anything is copied:
 //! the event, tag or attribute over its limit is never stored, and a string
 //! over `max_string` is refused by its length alone.
@@ -151,6 +154,88 @@ pub fn decode_events(
     let used = slots.used;
     keep_slots(events, used);
     result
+}
+
+/// `body` (a `Msg` whose events are its field `events_field`) with every
+/// string of its events and of its query that is not UTF-8 made so, each
+/// byte of an invalid sequence replaced by `?`, so no length, and no other
+/// byte, changes; and how many strings that took. `None` when none needed
+/// it, or the message is malformed otherwise (its own error then stands).
+///
+/// Riemann's Java decoder takes such strings (a proto2 `string` is not
+/// checked there), and collectd's `write_riemann` sends some: refusing the
+/// `Msg` would refuse its forty good events with the bad one, and their
+/// series would expire. So the decoders stay strict, and the transports
+/// decode again from this repaired copy when they refuse a message for it.
+pub fn repair_utf8(body: &[u8], events_field: u64) -> Option<(Vec<u8>, usize)> {
+    let mut fixed = body.to_vec();
+    let mut repaired = 0;
+    let mut strings = Vec::new();
+    strings_of_msg(body, events_field, &mut strings).ok()?;
+    for string in strings {
+        let start = string.as_ptr() as usize - body.as_ptr() as usize;
+        repaired += usize::from(repair(&mut fixed[start..start + string.len()]));
+    }
+    (repaired > 0).then_some((fixed, repaired))
+}
+
+/// The strings of `body`'s events and query, where [`repair_utf8`] looks.
+fn strings_of_msg<'a>(
+    body: &'a [u8],
+    events_field: u64,
+    out: &mut Vec<&'a [u8]>,
+) -> Result<(), DecodeError> {
+    let mut r = reader(body);
+    while let Some((field, wire)) = r.key()? {
+        if field == events_field {
+            strings_of(
+                r.len_delimited("events", wire)?,
+                &[2, 3, 4, 5, 7],
+                Some(9),
+                out,
+            )?;
+        } else if field == 5 && events_field == 6 {
+            strings_of(r.len_delimited("query", wire)?, &[1], None, out)?;
+        } else {
+            r.skip(wire)?;
+        }
+    }
+    Ok(())
+}
+
+/// The string fields `fields` of message `body`, and the key and value of
+/// each of its attributes (field `attributes`).
+fn strings_of<'a>(
+    body: &'a [u8],
+    fields: &[u64],
+    attributes: Option<u64>,
+    out: &mut Vec<&'a [u8]>,
+) -> Result<(), DecodeError> {
+    let mut r = reader(body);
+    while let Some((field, wire)) = r.key()? {
+        if fields.contains(&field) && wire == LEN {
+            out.push(r.len_delimited("string", wire)?);
+        } else if Some(field) == attributes && wire == LEN {
+            strings_of(r.len_delimited("attributes", wire)?, &[1, 2], None, out)?;
+        } else {
+            r.skip(wire)?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces each byte of `text`'s invalid UTF-8 sequences by `?`; whether
+/// there were any.
+fn repair(mut text: &mut [u8]) -> bool {
+    let mut any = false;
+    while let Err(e) = std::str::from_utf8(text) {
+        let bad = e.error_len().unwrap_or(text.len() - e.valid_up_to());
+        let (_, rest) = text.split_at_mut(e.valid_up_to());
+        rest[..bad].fill(b'?');
+        text = &mut rest[bad..];
+        any = true;
+    }
+    any
 }
 
 /// Below this many slots (events, or a slot's tags and attributes) a reused
@@ -898,6 +983,76 @@ mod tests {
         assert!(
             agreed_ok > 1000,
             "the mutations must also exercise successful decodes"
+        );
+    }
+
+    /// Strings that are not UTF-8, wherever an event or a query has them,
+    /// are repaired byte for byte; nothing else of the message changes.
+    #[test]
+    fn a_repaired_message_decodes_with_its_bad_bytes_as_question_marks() {
+        let msg = Msg {
+            events: (0..4).map(full_event).collect(),
+            query: Some(PbQuery {
+                string: Some("host = \"qq\"".into()),
+            }),
+            ..Msg::default()
+        };
+        let body = msg.encode_to_vec();
+        assert_eq!(repair_utf8(&body, 6), None, "nothing to repair");
+        let mut bad = body.clone();
+        for needle in [&b"svc 1"[..], b"t2", b"prod", b"qq"] {
+            let at = bad.windows(needle.len()).position(|w| w == needle).unwrap();
+            bad[at + needle.len() - 1] = 0xff;
+        }
+        let mut events = Vec::new();
+        assert!(matches!(
+            decode_msg(&bad, 0, &Limits::DEFAULT, &mut events),
+            Err(DecodeError::InvalidUtf8(_))
+        ));
+        let (fixed, repaired) = repair_utf8(&bad, 6).expect("repairable");
+        assert_eq!(repaired, 4);
+        let request = decode_msg(&fixed, 0, &Limits::DEFAULT, &mut events).unwrap();
+        assert_eq!(request.query.as_deref(), Some("host = \"q?\""));
+        assert_eq!(events[1].service.as_deref(), Some("svc ?"));
+        assert_eq!(events[3].tags, ["t0", "t1", "t?"]);
+        assert_eq!(events[0].attribute("env"), Some("pro?"));
+        let changed = (body.iter().zip(&fixed)).filter(|(a, b)| a != b).count();
+        assert_eq!(changed, 4, "only the bad bytes");
+        assert_eq!(repair_utf8(&bad[..bad.len() - 1], 6), None, "malformed");
+    }
+
+    /// On mutated messages: whatever a repair makes decodes without an
+    /// event or query string that is not UTF-8 (`error` and the deprecated
+    /// `states` are not repaired: a client has no business sending them).
+    #[test]
+    fn a_repair_leaves_no_event_string_invalid() {
+        let seed = Msg {
+            events: (0..4).map(full_event).collect(),
+            ..Msg::default()
+        }
+        .encode_to_vec();
+        let mut next = crate::test_rng::xorshift(0x2545_f491_4f6c_dd1d);
+        let (mut events, mut repaired) = (Vec::new(), 0);
+        for round in 0..20_000 {
+            let body = crate::test_rng::mutated(&seed, round, &mut next);
+            let decoded = decode_msg(&body, 0, &Limits::DEFAULT, &mut events);
+            if !matches!(decoded, Err(DecodeError::InvalidUtf8(_))) {
+                continue;
+            }
+            // None also when the message is malformed past the bad string.
+            let Some((fixed, _)) = repair_utf8(&body, 6) else {
+                continue;
+            };
+            repaired += 1;
+            assert_eq!(fixed.len(), body.len());
+            let again = decode_msg(&fixed, 0, &Limits::DEFAULT, &mut events);
+            if let Err(DecodeError::InvalidUtf8(field)) = again {
+                assert!(["error", "states"].contains(&field), "{field}: {body:02x?}");
+            }
+        }
+        assert!(
+            repaired > 100,
+            "the mutations must make repairable messages"
         );
     }
 

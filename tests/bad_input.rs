@@ -224,19 +224,31 @@ async fn garbage_protobuf_in_a_valid_frame_gets_an_error_and_the_connection_goes
     h.assert_serves().await;
 }
 
+/// A string that is not UTF-8 (collectd's `write_riemann` sends some) is
+/// taken with its invalid bytes as `?`, as Riemann takes it: the other
+/// events of its `Msg` are not lost with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_utf8_is_refused_naming_the_field() {
+async fn invalid_utf8_is_repaired_and_its_message_kept() {
     let h = Harness::start(ServerConfig::default()).await;
     let mut s = connect(h.addr()).await;
-    // Msg.events[0].service (field 3) = 0xff 0xfe.
-    let body = [0x32, 0x04, 0x1a, 0x02, 0xff, 0xfe];
+    let mut bad = pb_event("utf8", "bad-");
+    bad.tags = vec!["fine".into()];
+    let mut body = events_msg(vec![
+        pb_event("utf8", "good-1"),
+        bad,
+        pb_event("utf8", "good-2"),
+    ]);
+    // The service "bad-" is followed in the frame by the tag's field key:
+    // make the service's last byte invalid (its length stays).
+    let at = body.windows(4).position(|w| w == b"bad-").unwrap() + 3;
+    body[at] = 0xff;
     let reply = exchange(&mut s, &body).await;
-    assert_eq!(
-        error_of(&reply),
-        "invalid message: field service is not valid UTF-8"
-    );
-    assert_eq!(h.count(|s| &s.decode_errors), 1);
-    assert!(h.index.is_empty());
+    assert_eq!(reply.ok, Some(true), "{:?}", reply.error);
+    for service in ["good-1", "bad?", "good-2"] {
+        assert!(h.index.get("utf8", service).is_some(), "{service} indexed");
+    }
+    assert_eq!(h.count(|s| &s.strings_repaired), 1);
+    assert_eq!(h.count(|s| &s.decode_errors), 0);
     h.assert_serves().await;
 }
 

@@ -90,8 +90,16 @@ impl Shared {
     async fn accept(&self, msg: Msg) -> Ack {
         Stats::incr(&self.stats.grpc_messages);
         let mut events = Vec::new();
+        let now = self.clock.now();
+        let mut decoded = msg.decode_into(now, &self.limits, &mut events);
+        if let Err(crate::wire::DecodeError::InvalidUtf8(_)) = decoded
+            && let Some((repaired, strings)) = msg.repaired()
+        {
+            Stats::add(&self.stats.strings_repaired, strings as u64);
+            decoded = repaired.decode_into(now, &self.limits, &mut events);
+        }
         // Refused whole, as a Riemann TCP frame: none of its events go on.
-        if let Err(e) = msg.decode_into(self.clock.now(), &self.limits, &mut events) {
+        if let Err(e) = decoded {
             let error = ingest::refusal(&self.stats, format_args!("gRPC"), e);
             return Ack { ok: false, error };
         }

@@ -56,6 +56,13 @@ impl Msg {
     ) -> Result<(), wire::DecodeError> {
         wire::decode_events(&self.encoded, EVENTS.into(), now, limits, events)
     }
+
+    /// This `Msg` with the strings of its events that are not UTF-8
+    /// repaired ([`wire::repair_utf8`]), and how many; `None` if none is.
+    pub fn repaired(&self) -> Option<(Msg, usize)> {
+        let (encoded, strings) = wire::repair_utf8(&self.encoded, EVENTS.into())?;
+        Some((Msg { encoded }, strings))
+    }
 }
 
 impl std::fmt::Debug for Msg {
@@ -159,6 +166,22 @@ mod tests {
         assert_eq!(received, sent);
         let expected: Vec<Event> = pbs.into_iter().map(|pb| from_pb(pb, NOW)).collect();
         assert_eq!(decoded(&received, &Limits::DEFAULT).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_msg_with_a_string_that_is_not_utf8_is_repaired() {
+        let mut bytes = Msg::new((0..3).map(full_event)).encode_to_vec();
+        let at = bytes.windows(5).position(|w| w == b"host1").unwrap() + 4;
+        bytes[at] = 0xfe;
+        let bad = Msg::decode(bytes.as_slice()).unwrap();
+        assert!(decoded(&bad, &Limits::DEFAULT).is_err());
+        assert!(Msg::new([full_event(0)]).repaired().is_none());
+        let (fixed, strings) = bad.repaired().expect("repairable");
+        assert_eq!(strings, 1);
+        let hosts: Vec<_> = (decoded(&fixed, &Limits::DEFAULT).unwrap().into_iter())
+            .map(|e| e.host.unwrap())
+            .collect();
+        assert_eq!(hosts, ["host0", "host?", "host2"]);
     }
 
     #[test]
