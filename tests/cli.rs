@@ -198,10 +198,11 @@ fn check_refuses_what_an_output_could_never_send_keys_given_twice_and_ttls_out_o
             "11:26: `host` \"[::1]\": give an IPv6 address without brackets, e.g. \"::1\"",
             "13:27: expected a port number (1-65535), found the number 0",
             "13:36: `host` is empty: name a host or an address",
-            "14:8: output name of 131 bytes: at most 128",
-            "16:19: `host` is given twice",
-            "17:13: expected a TTL in seconds (0 to 3.4e38), found the number -5",
-            "18:16: expected a TTL in seconds (0 to 3.4e38), found the number 1e300",
+            "14:35: `routing_key` is empty",
+            "15:8: output name of 131 bytes: at most 128",
+            "17:19: `host` is given twice",
+            "18:13: expected a TTL in seconds (0 to 3.4e38), found the number -5",
+            "19:16: expected a TTL in seconds (0 to 3.4e38), found the number 1e300",
         ],
         "{text}"
     );

@@ -110,6 +110,8 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
                     decl.name.name.len()
                 ),
             );
+            // Its uses are not errors of their own.
+            c.broken_outputs.insert(decl.name.name.clone());
             continue;
         }
         if STREAMS.contains(&decl.name.name.as_str()) {
@@ -388,7 +390,7 @@ impl Compiler {
         let kind = match what {
             "pagerduty" => {
                 let key = self.require(what, &b, "routing_key");
-                let routing_key = key.and_then(|key| self.string(key));
+                let routing_key = key.and_then(|key| self.routing_key(key));
                 let url = match b.get("url") {
                     Some(url) => self.url(url),
                     None => Some(pagerduty::DEFAULT_URL.to_owned()),
@@ -500,6 +502,17 @@ impl Compiler {
             return None;
         }
         Some(host)
+    }
+
+    /// PagerDuty's `routing_key`: not empty (PagerDuty refuses every event
+    /// without one, for good).
+    fn routing_key(&mut self, v: &Value) -> Option<String> {
+        let key = self.string(v)?;
+        if key.trim().is_empty() && !self.unset_env(v) {
+            self.error(v.span.clone(), "`routing_key` is empty");
+            return None;
+        }
+        Some(key)
     }
 
     /// An output's `url`: one that can be posted to.

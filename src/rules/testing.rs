@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde_json::Value as Json;
 
 use crate::clock::{Clock, MICROS_PER_SEC, ManualClock, Micros, SharedClock, secs_to_micros};
-use crate::event::{Event, Metric, number_text};
+use crate::event::{Event, Metric, number_text, ttl_f64};
 use crate::index::{Index, IndexConfig};
 use crate::json::{iso8601, to_json};
 use crate::outputs::pager::{self, Pages};
@@ -460,6 +460,8 @@ fn expected_fields(fields: &Value) -> Result<Vec<(String, Json)>, Diagnostic> {
                     "`time` is seconds since the test started (or an ISO 8601 time)",
                 ));
             }
+            // A TTL is an f32: the one expected is rounded as the one sent.
+            ("ttl", ValueKind::Number(n)) => Json::from(ttl_f64(*n as f32)),
             (name, ValueKind::Number(n)) if !STANDARD_FIELDS.contains(&name) => {
                 Json::String(number_text(*n))
             }
@@ -746,8 +748,8 @@ test "one group" {
             r#"output out = forward(host: "x")
 streams { out }
 test "they match" {
-  at 2s send {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true, ttl: 12.3}
-  expect out {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true, ttl: 12.3}
+  at 2s send {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true, ttl: 1234.5678}
+  expect out {host: "h", time: 5, build: 42, ratio: 0.5, version: 2.0, big: 1e3, on: true, ttl: 1234.5678}
   expect out {version: "2", big: "1000", ratio: "0.5", on: "true"}
   expect out {time: 5s}
   expect out {time: "2024-01-01T00:00:05.000Z"}
