@@ -374,6 +374,12 @@ impl Kept {
         turns.entry(name.to_owned()).or_default().clone()
     }
 
+    /// Every pager output's memory of its current receiver.
+    pub fn pager_memories(&self) -> Vec<Arc<incidents::Memory>> {
+        let pagers = self.pagers.lock();
+        pagers.values().map(|p| p.current.clone()).collect()
+    }
+
     /// What the pagers' undelivered pages hold: how far a cluster node may
     /// save its progress.
     pub fn holds(&self) -> Arc<Holds> {
@@ -417,6 +423,16 @@ impl Kept {
             pager.retired.push(previous);
         }
         next
+    }
+}
+
+/// Writes the pagers' incidents and undelivered pages (`memories`, from
+/// [`Kept::pager_memories`]) down now: at the end of shutdown's grace, a
+/// pager still sending would otherwise leave its file as it last saved it,
+/// and the pages settled since would be sent again after the restart.
+pub async fn save_pagers(memories: Vec<Arc<incidents::Memory>>) {
+    for memory in memories {
+        memory.save().await;
     }
 }
 
@@ -583,6 +599,31 @@ mod tests {
         second.load().await;
         back.load().await;
         assert!(back.has_open() && !second.has_open());
+    }
+
+    /// At the end of shutdown's grace every pager's state is written down as
+    /// it is: a page settled since the last save leaves the file.
+    #[tokio::test]
+    async fn the_pagers_are_saved_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = Kept::in_dir(dir.path().to_owned());
+        let memory = kept.pager("pager", &pager_config("k"));
+        memory.load().await;
+        let page = |service: &str| Event {
+            service: Some(service.into()),
+            state: Some("critical".into()),
+            ..Event::default()
+        };
+        let generation = memory.next_generation();
+        memory
+            .unsent()
+            .add(vec![page("a"), page("b")], vec![None; 2], generation);
+        memory.save().await;
+        memory.unsent().settled();
+        let saved = || std::fs::read_to_string(incidents::file_in(dir.path(), "pager")).unwrap();
+        assert!(saved().contains(r#""a""#), "settled after the last save");
+        save_pagers(kept.pager_memories()).await;
+        assert!(!saved().contains(r#""a""#) && saved().contains(r#""b""#));
     }
 
     /// Only a pager's queue holds the work a page came from, and only for a

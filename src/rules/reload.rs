@@ -292,6 +292,8 @@ impl Reloader {
                 ?grace,
                 "Outputs still delivering after the grace period; stopping anyway."
             );
+            let pagers = self.outputs.lock().kept.pager_memories();
+            outputs::save_pagers(pagers).await;
         }
         counts(queues)
             .into_iter()
