@@ -202,15 +202,7 @@ impl Ingest {
         transport: Transport,
         events: &mut Vec<Event>,
     ) -> Reply {
-        let decode = |body: &[u8], events: &mut Vec<Event>| {
-            wire::decode_msg_at(body, batch.now, &self.limits, events, batch.pending)
-        };
-        let (mut decoded, mut end) = decode(body, events);
-        if let Err(DecodeError::InvalidUtf8(_)) = decoded
-            && let Some(repaired) = self.repaired(body)
-        {
-            (decoded, end) = decode(&repaired, events);
-        }
+        let (decoded, end) = self.decode_at(body, batch.now, events, batch.pending);
         batch.used = batch.used.max(end);
         let request = match self.counted(decoded, transport, end - batch.pending) {
             Ok(request) => request,
@@ -293,22 +285,30 @@ impl Ingest {
         transport: Transport,
         events: &mut Vec<Event>,
     ) -> Result<wire::Request, Bytes> {
-        let now = self.clock.now();
-        let mut decoded = wire::decode_msg(body, now, &self.limits, events);
-        if let Err(DecodeError::InvalidUtf8(_)) = decoded
-            && let Some(repaired) = self.repaired(body)
-        {
-            decoded = wire::decode_msg(&repaired, now, &self.limits, events);
-        }
+        let (decoded, end) = self.decode_at(body, self.clock.now(), events, 0);
+        wire::keep_slots(events, end);
         self.counted(decoded, transport, events.len())
     }
 
-    /// `body`, a `Msg` refused for a string that is not UTF-8, with its
-    /// strings repaired ([`wire::repair_utf8`]), counted.
-    fn repaired(&self, body: &[u8]) -> Option<Vec<u8>> {
-        let (repaired, strings) = wire::repair_utf8(body, 6)?;
+    /// [`wire::decode_msg_at`]; a `Msg` refused for a string that is not
+    /// UTF-8 is decoded again from a copy with its strings repaired
+    /// ([`wire::repair_utf8`]), counted.
+    fn decode_at(
+        &self,
+        body: &[u8],
+        now: Micros,
+        events: &mut Vec<Event>,
+        start: usize,
+    ) -> (Result<wire::Request, DecodeError>, usize) {
+        let decoded = wire::decode_msg_at(body, now, &self.limits, events, start);
+        if !matches!(decoded.0, Err(DecodeError::InvalidUtf8(_))) {
+            return decoded;
+        }
+        let Some((repaired, strings)) = wire::repair_utf8(body, 6) else {
+            return decoded;
+        };
         Stats::add(&self.stats.strings_repaired, strings as u64);
-        Some(repaired)
+        wire::decode_msg_at(&repaired, now, &self.limits, events, start)
     }
 
     /// Counts a decoded frame of `decoded_events` events; a refused one
