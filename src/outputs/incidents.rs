@@ -234,7 +234,6 @@ impl Unsent {
     }
 
     #[cfg(test)]
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.pages.len()
     }

@@ -169,13 +169,7 @@ pub async fn run(
                 biased;
                 turn = &mut turn => break turn,
                 taken = delivery.next_batch(http::BATCH), if open && memory.unsent().has_room() => {
-                    match taken {
-                        Some(batch) => {
-                            memory.unsent().add(batch, delivery.take_origins(), generation);
-                            saves.changed();
-                        }
-                        None => open = false,
-                    }
+                    open = keep_taken(&memory, &mut delivery, taken, generation, &mut saves);
                 }
                 () = saves.due(), if saves.pending() => saves.save(&memory).await,
             }
@@ -257,6 +251,26 @@ impl Saves {
     }
 }
 
+/// Writes down a batch the task of `generation` took from the queue, behind
+/// the pages held (`None`: the queue has closed); whether the queue is
+/// still open.
+fn keep_taken(
+    memory: &Memory,
+    delivery: &mut Delivery,
+    taken: Option<Vec<Event>>,
+    generation: Generation,
+    saves: &mut Saves,
+) -> bool {
+    let Some(batch) = taken else {
+        return false;
+    };
+    memory
+        .unsent()
+        .add(batch, delivery.take_origins(), generation);
+    saves.changed();
+    true
+}
+
 struct Pager {
     config: Config,
     poster: Poster,
@@ -315,14 +329,7 @@ impl Pager {
                         taken = delivery.next_batch(http::BATCH),
                             if open && memory.unsent().has_room() =>
                         {
-                            match taken {
-                                Some(batch) => {
-                                    let origins = delivery.take_origins();
-                                    memory.unsent().add(batch, origins, generation);
-                                    saves.changed();
-                                }
-                                None => open = false,
-                            }
+                            open = keep_taken(&memory, delivery, taken, generation, &mut saves);
                         }
                         () = saves.due(), if saves.pending() => saves.save(&memory).await,
                     }
