@@ -244,13 +244,18 @@ fn values(lines: &[u8]) -> BTreeSet<i64> {
         .collect()
 }
 
-/// A Riemann connection from [`VANISHING`] that sent one event and is idle.
-async fn idle_agent(tcp: SocketAddr) -> tokio::net::TcpStream {
+/// A connection to `to` from [`VANISHING`].
+async fn from_vanishing(to: SocketAddr) -> tokio::net::TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket
         .bind(format!("{VANISHING}:0").parse().unwrap())
         .unwrap();
-    let mut stream = socket.connect(tcp).await.unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// A Riemann connection from [`VANISHING`] that sent one event and is idle.
+async fn idle_agent(tcp: SocketAddr) -> tokio::net::TcpStream {
+    let mut stream = from_vanishing(tcp).await;
     let msg = vigil::proto::Msg {
         // A point carbon takes (one without a metric would count as
         // dropped), of a value the sender never sends.
@@ -276,11 +281,7 @@ async fn idle_agent(tcp: SocketAddr) -> tokio::net::TcpStream {
 
 /// An SSE subscription from [`VANISHING`], its response head read.
 async fn subscribe_sse(http: SocketAddr) -> tokio::net::TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(format!("{VANISHING}:0").parse().unwrap())
-        .unwrap();
-    let mut stream = socket.connect(http).await.unwrap();
+    let mut stream = from_vanishing(http).await;
     // A query nothing matches: only keep-alives will flow.
     let request = "GET /index?query=service%20%3D%20%22nothing%22 HTTP/1.1\r\n\
                    Host: vigil\r\nAccept: text/event-stream\r\n\r\n";
