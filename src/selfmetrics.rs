@@ -196,12 +196,8 @@ pub struct Sample {
     pub forward_dropped: u64,
     pub outputs: Vec<OutputSample>,
     pub latency: HistogramSnapshot,
-    pub reloads: u64,
-    pub reload_failures: u64,
-    pub rule_errors: u64,
-    pub reinject_overflow: u64,
-    pub window_overflow: u64,
-    pub by_refused: u64,
+    /// [`RuleStats`](crate::rules::engine::RuleStats) by field name.
+    pub rules: Vec<(&'static str, u64)>,
     pub uptime: Duration,
     /// In cluster mode.
     pub cluster: Option<ClusterStatus>,
@@ -247,12 +243,7 @@ impl Telemetry {
                 })
                 .collect(),
             latency: self.latency.snapshot(),
-            reloads: get(&rules.reloads),
-            reload_failures: get(&rules.reload_failures),
-            rule_errors: get(&rules.errors),
-            reinject_overflow: get(&rules.reinject_overflow),
-            window_overflow: get(&rules.window_overflow),
-            by_refused: get(&rules.by_refused),
+            rules: rules.snapshot(),
             uptime: self.started.elapsed(),
             cluster: self.cluster.as_ref().map(|cluster| cluster.status()),
         }
@@ -364,14 +355,14 @@ impl Emitter {
                 "vigil subscribers disconnected slow",
                 sample.slow_disconnects,
             ),
-            ("vigil rules reloads", sample.reloads),
-            ("vigil rules reload failures", sample.reload_failures),
-            ("vigil rules errors", sample.rule_errors),
-            ("vigil rules reinject overflow", sample.reinject_overflow),
-            ("vigil rules window overflow", sample.window_overflow),
-            ("vigil rules by refused", sample.by_refused),
         ] {
             emit(service.to_owned(), gauge(value));
+        }
+        for &(field, value) in &sample.rules {
+            emit(
+                format!("vigil rules {}", field.replace('_', " ")),
+                gauge(value),
+            );
         }
         emit(
             "vigil uptime".to_owned(),
@@ -492,7 +483,7 @@ mod tests {
             counters: vec![("tcp_events", 100), ("udp_events", 0)],
             index_size: 3,
             expired: 10,
-            window_overflow: 4,
+            rules: vec![("window_overflow", 4)],
             outputs: vec![OutputSample {
                 name: "pager".into(),
                 accepted: 4,

@@ -4,17 +4,22 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// A struct of counters (`AtomicU64`s) named `$stats`, with every counter
+/// by name ([`Stats::snapshot`]) and its doc comment as help
+/// ([`Stats::help`]), so exposition needs no change for a new one.
 macro_rules! counters {
-    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
+    ($(#[$meta:meta])* $stats:ident { $( $(#[doc = $doc:literal])* $name:ident ),* $(,)? }) => {
+        $(#[$meta])*
         #[derive(Debug, Default)]
-        pub struct Stats {
-            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
+        pub struct $stats {
+            $( $(#[doc = $doc])* pub $name: ::std::sync::atomic::AtomicU64, )*
         }
 
-        impl Stats {
+        impl $stats {
             /// Every counter by name, for logging and exposition.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-                vec![$( (stringify!($name), self.$name.load(Ordering::Relaxed)), )*]
+                use ::std::sync::atomic::Ordering::Relaxed;
+                vec![$( (stringify!($name), self.$name.load(Relaxed)), )*]
             }
 
             /// What counter `name` counts: its doc comment, on one line
@@ -29,8 +34,11 @@ macro_rules! counters {
         }
     };
 }
+pub(crate) use counters;
 
 counters! {
+    /// What arrived and what was refused, by transport.
+    Stats {
     /// TCP connections accepted since start.
     tcp_connections,
     /// TCP connections open now.
@@ -129,6 +137,7 @@ counters! {
     messages_too_slow,
     /// Bytes of `--max-message-memory` that large messages hold now (a gauge).
     message_bytes_held,
+    }
 }
 
 impl Stats {

@@ -3,7 +3,8 @@
 //!
 //! Every [`Stats`](crate::stats::Stats) field appears as `vigil_<field>_total`
 //! (a counter), except those counting what is open or held now (`*_open`,
-//! `*_held`), which are gauges named `vigil_<field>`; new fields show up
+//! `*_held`), which are gauges named `vigil_<field>`, and every
+//! [`RuleStats`] field as `vigil_rules_<field>_total`; new fields show up
 //! without changes here.
 
 use std::fmt::{Display, Write};
@@ -13,6 +14,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use crate::rules::engine::RuleStats;
 use crate::selfmetrics::{LATENCY_BUCKETS_NANOS, Sample};
 use crate::stats::Stats;
 
@@ -167,33 +169,15 @@ fn render(s: &Sample) -> String {
     out.line(&format!("{name}_sum"), s.latency.sum_nanos as f64 / 1e9);
     out.line(&format!("{name}_count"), cumulative);
 
-    let reloads = "Rule files swapped in by a reload.";
-    out.single("vigil_rules_reloads_total", "counter", reloads, s.reloads);
-    let failures = "Reloads refused because the rule file did not load.";
-    out.single(
-        "vigil_rules_reload_failures_total",
-        "counter",
-        failures,
-        s.reload_failures,
-    );
-    let errors = "Events on which a rule stage failed.";
-    out.single("vigil_rules_errors_total", "counter", errors, s.rule_errors);
-    let overflow = "Events dropped after too many reinject rounds.";
-    out.single(
-        "vigil_rules_reinject_overflow_total",
-        "counter",
-        overflow,
-        s.reinject_overflow,
-    );
-    let window = "Events a full window or coalesce let go of.";
-    out.single(
-        "vigil_rules_window_overflow_total",
-        "counter",
-        window,
-        s.window_overflow,
-    );
-    let by = "Events a `by` did not run for a new key, holding --max-index groups.";
-    out.single("vigil_rules_by_refused_total", "counter", by, s.by_refused);
+    for &(field, value) in &s.rules {
+        let help = RuleStats::help(field);
+        out.single(
+            &format!("vigil_rules_{field}_total"),
+            "counter",
+            &help,
+            value,
+        );
+    }
     let uptime = "Seconds since vigil started.";
     out.single(
         "vigil_uptime_seconds",
@@ -267,7 +251,7 @@ mod tests {
                 ..OutputSample::default()
             }],
             latency: h.snapshot(),
-            window_overflow: 5,
+            rules: vec![("window_overflow", 5)],
             ..Sample::default()
         };
         let text = render(&sample);

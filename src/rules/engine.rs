@@ -8,7 +8,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -44,23 +44,26 @@ fn reinject_budget(batch: usize, first_round: usize) -> usize {
     MAX_REINJECT_ROUNDS * batch.max(first_round)
 }
 
-#[derive(Debug, Default)]
-pub struct RuleStats {
-    /// Events dropped because they kept being reinjected.
-    pub reinject_overflow: AtomicU64,
-    /// Events on which a stage failed (panicked); the event is dropped, the
-    /// rules keep running.
-    pub errors: AtomicU64,
-    /// Rule files swapped in by a reload.
-    pub reloads: AtomicU64,
-    /// Reloads refused because the file did not load; the old rules kept running.
-    pub reload_failures: AtomicU64,
-    /// Events a full window or `coalesce` let go of (the oldest, or a new
-    /// series) to stay within [`super::nodes::WINDOW_MAX`].
-    pub window_overflow: AtomicU64,
-    /// Events a `by` did not run because they would have made a group past
-    /// `--max-index` groups (a flood of distinct keys).
-    pub by_refused: AtomicU64,
+crate::stats::counters! {
+    /// What the rules dropped or refused, and their reloads.
+    RuleStats {
+        /// Events dropped because they kept being reinjected.
+        reinject_overflow,
+        /// Events on which a stage failed (panicked); the event is dropped,
+        /// the rules keep running.
+        errors,
+        /// Rule files swapped in by a reload.
+        reloads,
+        /// Reloads refused because the file did not load; the old rules kept
+        /// running.
+        reload_failures,
+        /// Events a full window or `coalesce` let go of (the oldest, or a new
+        /// series) to stay within its 100 000 events.
+        window_overflow,
+        /// Events a `by` did not run because they would have made a group
+        /// past `--max-index` groups (a flood of distinct keys).
+        by_refused,
+    }
 }
 
 /// One compiled rule file as it runs: its stages, and the outputs its
