@@ -6,9 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(["riemann.proto", "vigil.proto"], ["proto"])?;
     // vigil.Msg is written by hand: it keeps its events encoded, for vigil's
-    // own decoder (src/grpc/msg.rs).
+    // own decoder (src/grpc/msg.rs); so is QueryRequest, to repair a query
+    // that is not UTF-8 (src/grpc/query_request.rs).
     tonic_build::configure()
         .extern_path(".vigil.Msg", "crate::grpc::Msg")
+        .extern_path(".vigil.QueryRequest", "crate::grpc::QueryRequest")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -224,6 +224,14 @@ fn strings_of<'a>(
     Ok(())
 }
 
+/// `bytes` as a string, each byte of its invalid UTF-8 sequences replaced
+/// by `?` as [`repair_utf8`] does; whether there were any.
+pub fn repaired_string(mut bytes: Vec<u8>) -> (String, bool) {
+    let repaired = repair(&mut bytes);
+    let text = String::from_utf8(bytes).expect("repair leaves only UTF-8");
+    (text, repaired)
+}
+
 /// Replaces each byte of `text`'s invalid UTF-8 sequences by `?`; whether
 /// there were any.
 fn repair(mut text: &mut [u8]) -> bool {

@@ -390,9 +390,7 @@ fn three_nodes_split_the_hosts_and_each_answers_for_all() {
     let grpc = format!("http://{}", nodes[2].grpc.expect("gRPC on"));
     let via_grpc = runtime.block_on(async {
         let mut client = VigilClient::connect(grpc).await.unwrap();
-        let request = QueryRequest {
-            query: "true".to_owned(),
-        };
+        let request = QueryRequest::new("true");
         client.query(request).await.unwrap().into_inner().events
     });
     assert_eq!(via_grpc.len(), 5000, "gRPC Query");
@@ -633,9 +631,7 @@ fn a_subscriber_on_one_node_sees_every_nodes_changes() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut stream = runtime.block_on(async {
         let mut client = VigilClient::connect(grpc).await.unwrap();
-        let request = QueryRequest {
-            query: r#"service = "cpu""#.to_owned(),
-        };
+        let request = QueryRequest::new(r#"service = "cpu""#);
         client.subscribe(request).await.unwrap().into_inner()
     });
     let next = |stream: &mut tonic::Streaming<vigil::proto::PbEvent>| {

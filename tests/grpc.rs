@@ -61,11 +61,7 @@ async fn next_event(events: &mut Streaming<PbEvent>) -> Event {
 }
 
 async fn query(client: &mut VigilClient<Channel>, query: &str) -> Result<Vec<Event>, Status> {
-    let reply = client
-        .query(QueryRequest {
-            query: query.to_owned(),
-        })
-        .await?;
+    let reply = client.query(QueryRequest::new(query)).await?;
     Ok(reply
         .into_inner()
         .events
@@ -182,9 +178,7 @@ async fn a_bad_query_is_invalid_argument_with_the_column() {
     for status in [
         query(&mut client, text).await.unwrap_err(),
         client
-            .subscribe(QueryRequest {
-                query: text.to_owned(),
-            })
+            .subscribe(QueryRequest::new(text))
             .await
             .map(drop)
             .unwrap_err(),
@@ -206,9 +200,7 @@ async fn a_query_over_the_result_limit_is_resource_exhausted() {
         .await
         .unwrap();
     assert_ok(ack.get_ref());
-    let request = || QueryRequest {
-        query: r#"service = "x""#.to_owned(),
-    };
+    let request = || QueryRequest::new(r#"service = "x""#);
     let subscribed = client.subscribe(request()).await.map(drop);
     for status in [
         query(&mut client, &request().query).await.unwrap_err(),
@@ -246,9 +238,7 @@ async fn subscribe_sends_current_matches_then_live_events() {
     tcp.send(&[event("sub", "before")]).await.unwrap();
 
     let mut events = client
-        .subscribe(QueryRequest {
-            query: r#"host = "sub""#.to_owned(),
-        })
+        .subscribe(QueryRequest::new(r#"host = "sub""#))
         .await
         .expect("Subscribe starts")
         .into_inner();
@@ -278,9 +268,7 @@ async fn an_expiring_event_reaches_subscribers_as_expired() {
     let (vigil, addr) = start_vigil();
     let mut client = connect(addr).await;
     let mut events = client
-        .subscribe(QueryRequest {
-            query: r#"host = "ttl""#.to_owned(),
-        })
+        .subscribe(QueryRequest::new(r#"host = "ttl""#))
         .await
         .expect("Subscribe starts")
         .into_inner();
@@ -302,9 +290,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     let (mut vigil, addr) = start_vigil();
     let mut client = connect(addr).await;
     let mut events = client
-        .subscribe(QueryRequest {
-            query: r#"host = "nobody""#.to_owned(),
-        })
+        .subscribe(QueryRequest::new(r#"host = "nobody""#))
         .await
         .expect("Subscribe starts")
         .into_inner();
@@ -315,6 +301,55 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     assert!(status.success(), "clean exit: {status:?}");
     let end = next(&mut events).await.expect("a final status");
     assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+}
+
+/// `vigil.QueryRequest` as bytes: a client whose query need not be UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawQueryRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    query: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_query_that_is_not_utf8_is_repaired_as_over_tcp() {
+    let (grpc, index, stats) = start_in_process(1 << 20).await;
+    index.insert(&event("a?", "cpu"));
+    let channel = Channel::from_shared(format!("http://{}", grpc.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = tonic::client::Grpc::new(channel);
+    let bad = RawQueryRequest {
+        query: b"host = \"a\xff\"".to_vec(),
+    };
+    for path in ["/vigil.Vigil/Query", "/vigil.Vigil/Subscribe"] {
+        raw.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+        let codec = tonic::codec::ProstCodec::<RawQueryRequest, PbEvent>::default();
+        let first = if path.path().ends_with("Query") {
+            let codec =
+                tonic::codec::ProstCodec::<RawQueryRequest, vigil::grpc::QueryResponse>::default();
+            let answer = raw
+                .unary(tonic::Request::new(bad.clone()), path, codec)
+                .await;
+            answer
+                .expect("a repaired query is answered")
+                .into_inner()
+                .events
+        } else {
+            let answer = raw
+                .server_streaming(tonic::Request::new(bad.clone()), path, codec)
+                .await;
+            let mut events = answer.expect("a repaired query subscribes").into_inner();
+            vec![next(&mut events).await.unwrap().unwrap()]
+        };
+        let hosts: Vec<_> = first.into_iter().map(|pb| pb.host.unwrap()).collect();
+        assert_eq!(hosts, ["a?"]);
+    }
+    assert_eq!(Stats::get(&stats.strings_repaired), 2);
+    assert_eq!(Stats::get(&stats.query_errors), 0);
+    grpc.shutdown(Duration::from_secs(5)).await;
 }
 
 /// In-process, indexing everything: for the counters and limits.
@@ -435,9 +470,7 @@ async fn a_msg_over_a_per_message_limit_is_refused_whole_naming_the_flag() {
     assert_eq!(status.message(), "query of 17 bytes exceeds --max-string 8");
     assert_eq!(Stats::get(&stats.msgs_over_max_string), 2);
     let status = client
-        .subscribe(QueryRequest {
-            query: "service = \"svc\"".into(),
-        })
+        .subscribe(QueryRequest::new("service = \"svc\""))
         .await
         .unwrap_err();
     assert_eq!(status.message(), "query of 15 bytes exceeds --max-string 8");
@@ -528,9 +561,7 @@ async fn a_subscriber_that_falls_behind_ends_with_resource_exhausted() {
     let (grpc, index, stats) = start_in_process(64 * 1024 * 1024).await;
     let mut client = connect(grpc.addr).await;
     let mut events = client
-        .subscribe(QueryRequest {
-            query: "true".to_owned(),
-        })
+        .subscribe(QueryRequest::new("true"))
         .await
         .expect("Subscribe starts")
         .into_inner();
@@ -632,9 +663,7 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
         .body(())
         .unwrap();
     let (_answer, mut body) = h2.send_request(call, false).unwrap();
-    let request = prost::Message::encode_to_vec(&QueryRequest {
-        query: "true".to_owned(),
-    });
+    let request = prost::Message::encode_to_vec(&QueryRequest::new("true"));
     // A gRPC message: not compressed, its length, the protobuf.
     let mut message = vec![0];
     message.extend_from_slice(&(request.len() as u32).to_be_bytes());
@@ -724,9 +753,7 @@ async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
         Err(_) => {}
         Ok(channel) => {
             let answer = VigilClient::new(channel)
-                .query(QueryRequest {
-                    query: "true".to_owned(),
-                })
+                .query(QueryRequest::new("true"))
                 .await;
             assert!(answer.is_err(), "served over the limit: {answer:?}");
         }

@@ -56,10 +56,12 @@ pub mod pb {
 
 mod gate;
 mod msg;
+mod query_request;
 
 pub use msg::Msg;
 pub use pb::vigil_client::VigilClient;
-pub use pb::{Ack, QueryRequest, QueryResponse};
+pub use pb::{Ack, QueryResponse};
+pub use query_request::QueryRequest;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -121,7 +123,11 @@ impl Shared {
         }
     }
 
-    fn parse(&self, text: &str) -> Result<Query, Status> {
+    fn parse(&self, request: &QueryRequest) -> Result<Query, Status> {
+        let text = request.query.as_str();
+        if request.repaired() {
+            Stats::incr(&self.stats.strings_repaired);
+        }
         if let Err(e) = self.limits.check_query(text) {
             Stats::incr(e.limit.counter(&self.stats));
             return Err(Status::invalid_argument(e.to_string()));
@@ -195,7 +201,7 @@ impl pb::vigil_server::Vigil for Service {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
-        let query = self.0.parse(&request.get_ref().query)?;
+        let query = self.0.parse(request.get_ref())?;
         let found = match &self.0.cluster {
             Some(cluster) => cluster
                 .query(&request.get_ref().query)
@@ -216,7 +222,7 @@ impl pb::vigil_server::Vigil for Service {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let query = self.0.parse(&request.get_ref().query)?;
+        let query = self.0.parse(request.get_ref())?;
         Stats::incr(&self.0.stats.subscriptions);
         // Subscribed before the snapshot is taken: an event indexed in between
         // may arrive twice, but none is missed.

@@ -1,0 +1,132 @@
+//! `vigil.QueryRequest` (`string query = 1`), written by hand instead of
+//! generated: a query that is not UTF-8 is repaired, its invalid bytes read
+//! as `?`, as the same query in a Riemann TCP frame is ([`wire::repair_utf8`]).
+//!
+//! prost refuses such a string while tonic decodes the request, before the
+//! service sees it, and tonic then answers `INTERNAL`: a client's bad byte
+//! read as vigil's own failure, and uncounted.
+
+use bytes::{Buf, BufMut};
+use prost::DecodeError;
+use prost::encoding::{DecodeContext, WireType, skip_field};
+
+use crate::wire;
+
+/// The field number of `query`.
+const QUERY: u32 = 1;
+
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct QueryRequest {
+    /// A Riemann query, e.g. `service =~ "cpu%" and metric > 0.9`.
+    pub query: String,
+    /// Whether `query` arrived with bytes that are not UTF-8 (now `?`).
+    repaired: bool,
+}
+
+impl QueryRequest {
+    pub fn new(query: impl Into<String>) -> QueryRequest {
+        QueryRequest {
+            query: query.into(),
+            repaired: false,
+        }
+    }
+
+    /// Whether the query as sent was not UTF-8 and was repaired.
+    pub fn repaired(&self) -> bool {
+        self.repaired
+    }
+}
+
+impl std::fmt::Debug for QueryRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryRequest")
+            .field("query", &self.query)
+            .finish()
+    }
+}
+
+impl prost::Message for QueryRequest {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        if !self.query.is_empty() {
+            prost::encoding::string::encode(QUERY, &self.query, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        if tag != QUERY {
+            return skip_field(wire_type, tag, buf, ctx);
+        }
+        // A repeated scalar field: the last one counts, as prost's would.
+        let mut bytes = Vec::new();
+        prost::encoding::bytes::merge(wire_type, &mut bytes, buf, ctx)?;
+        (self.query, self.repaired) = wire::repaired_string(bytes);
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        if self.query.is_empty() {
+            0
+        } else {
+            prost::encoding::string::encoded_len(QUERY, &self.query)
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = QueryRequest::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// What prost generates for `string query = 1`, to compare with.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Generated {
+        #[prost(string, tag = "1")]
+        query: String,
+    }
+
+    #[test]
+    fn encodes_and_decodes_as_the_generated_message() {
+        for query in ["", "service = \"cpu\"", "host =~ \"é%\""] {
+            let ours = QueryRequest::new(query);
+            let generated = Generated {
+                query: query.into(),
+            };
+            assert_eq!(ours.encode_to_vec(), generated.encode_to_vec());
+            let back = QueryRequest::decode(generated.encode_to_vec().as_slice()).unwrap();
+            assert_eq!(back, ours);
+            assert!(!back.repaired());
+        }
+        // Unknown fields skipped, the last `query` kept.
+        let mut bytes = Vec::new();
+        prost::encoding::uint64::encode(7, &3, &mut bytes);
+        prost::encoding::string::encode(1, &"first".to_owned(), &mut bytes);
+        prost::encoding::string::encode(1, &"last".to_owned(), &mut bytes);
+        assert_eq!(
+            QueryRequest::decode(bytes.as_slice()).unwrap().query,
+            "last"
+        );
+        assert!(QueryRequest::decode(&[0x08, 0x01][..]).is_err());
+    }
+
+    #[test]
+    fn a_query_that_is_not_utf8_is_repaired() {
+        let mut bytes = QueryRequest::new("host = \"ab\"").encode_to_vec();
+        let at = bytes.iter().position(|&b| b == b'b').unwrap();
+        bytes[at] = 0xff;
+        assert!(Generated::decode(bytes.as_slice()).is_err());
+        let request = QueryRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(request.query, "host = \"a?\"");
+        assert!(request.repaired());
+    }
+}
