@@ -132,6 +132,25 @@ tests/fixtures/broken.vigil:8:13: expected a TTL in seconds (0 to 3.4e38), found
 }
 
 #[test]
+fn check_reports_the_syntax_error_of_every_item() {
+    let out = vigil(&["check", "tests/fixtures/syntax_errors.vigil"]);
+    assert_eq!(out.status.code(), Some(1));
+    let expected = "\
+tests/fixtures/syntax_errors.vigil:3:40: invalid `where` predicate: expected a value after `>`, found `>`
+      where service =~ \"disk%\" and metric >> 0.9 { index }
+                                           ^
+tests/fixtures/syntax_errors.vigil:6:31: expected a value, found `)`
+    output graph = graphite(host: )
+                                  ^
+tests/fixtures/syntax_errors.vigil:12:1: `test` is only allowed at the top level of a file
+    test \"db1 is indexed\" {
+    ^^^^
+  hint: is a `}` missing before it?
+";
+    assert_eq!(stdout(&out), expected);
+}
+
+#[test]
 fn check_suggests_the_declared_outputs_for_a_misspelled_one() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("typo.vigil");

@@ -90,7 +90,7 @@ pub struct RuleText {
 /// A rule file parsed and compiled, its test blocks checked too, or every
 /// problem found, rendered for humans.
 pub fn load(name: &str, source: &str, env: EnvPolicy) -> Result<(ast::RuleFile, Compiled), String> {
-    let file = parser::parse(source).map_err(|d| d.render(name, source))?;
+    let file = parser::parse(source).map_err(|d| render_all(&d, name, source))?;
     let compiled = compile::compile(&file, env);
     let mut errors = compiled.as_ref().err().cloned().unwrap_or_default();
     errors.extend(testing::check_tests(&file));

@@ -7,11 +7,13 @@
 //!
 //! Errors: a mismatch (`nom::Err::Error`) only lets `alt`, `opt` and loops try the next
 //! choice. Once a keyword or an opening bracket commits to a construct, errors are
-//! `nom::Err::Failure` carrying the final [`Diagnostic`], and the first one ends the parse.
+//! `nom::Err::Failure` carrying the final [`Diagnostic`], and the first one ends its item:
+//! [`parse`] goes on at the next line that starts an item, to report every item's error.
 
 use std::collections::HashSet;
 use std::fmt::Display;
 
+use nom::IResult;
 use nom::branch::alt;
 use nom::bytes::complete::{take_till, take_while, take_while1};
 use nom::character::complete::{char, digit1, none_of, one_of, satisfy};
@@ -19,7 +21,6 @@ use nom::combinator::{cond, cut, eof, map, map_res, opt, peek, recognize, value,
 use nom::error::{ErrorKind, FromExternalError, ParseError};
 use nom::multi::{fold_many0, many0_count};
 use nom::sequence::{pair, preceded, terminated, tuple};
-use nom::{Finish, IResult};
 
 use super::ast::{
     Arg, Block, Ident, OutputDecl, RuleFile, Span, Stmt, TestAction, TestCase, TestStep, Value,
@@ -40,18 +41,73 @@ const KEYWORDS: &[&str] = &[
 /// The top-level item keywords, for "did you mean" hints.
 const ITEMS: [&str; 3] = ["output", "streams", "test"];
 
-/// Parses a whole rule file; the error is the first syntax error found.
-pub fn parse(source: &str) -> Result<RuleFile, Diagnostic> {
+/// How many syntax errors one parse reports before it stops looking.
+const MAX_SYNTAX_ERRORS: usize = 20;
+
+/// Parses a whole rule file. The errors are every syntax error found: after
+/// one, parsing goes on at the next line that starts with an item keyword
+/// (`output`, `streams`, `test`), so one run of `vigil check` shows them all.
+pub fn parse(source: &str) -> Result<RuleFile, Vec<Diagnostic>> {
     let parser = Parser { src: source };
     // Editors on Windows may save a byte-order mark; it is not part of the text.
-    let text = source.strip_prefix('\u{feff}').unwrap_or(source);
-    match parser.file(text).finish() {
-        Ok((_, file)) => Ok(file),
-        Err(Error::Fatal(diagnostic)) => Err(*diagnostic),
-        // Only reachable if a committed parser leaks a mismatch through `cut`.
-        Err(Error::Mismatch(at)) => {
-            let (span, found) = parser.found(parser.offset(skip_trivia(at)));
-            Err(Diagnostic::new(span, format!("unexpected {found}")))
+    let mut input = source.strip_prefix('\u{feff}').unwrap_or(source);
+    let mut file = RuleFile::default();
+    let mut errors = Vec::new();
+    loop {
+        let at = skip_trivia(input);
+        let error = match parser.item(input) {
+            Ok((rest, item)) => {
+                match item {
+                    Item::Output(output) => file.outputs.push(output),
+                    Item::Streams(stmts) => file.streams.extend(stmts),
+                    Item::Test(test) => file.tests.push(test),
+                }
+                input = rest;
+                continue;
+            }
+            Err(nom::Err::Error(_)) if at.is_empty() => break,
+            // Not a word where an item goes: `}` or `{`, a string, a number.
+            Err(nom::Err::Error(_)) => parser.unexpected(at, "`output`, `streams` or `test`"),
+            Err(nom::Err::Failure(Error::Fatal(diagnostic))) => *diagnostic,
+            // Only reachable if a committed parser leaks a mismatch through
+            // `cut` (or, with these complete parsers, never).
+            Err(nom::Err::Failure(Error::Mismatch(leaked))) => parser.unknown(leaked),
+            Err(nom::Err::Incomplete(_)) => parser.unknown(at),
+        };
+        errors.push(error);
+        let Some(next) = next_item_line(at) else {
+            break;
+        };
+        if errors.len() == MAX_SYNTAX_ERRORS {
+            let at = parser.offset(next);
+            errors.push(Diagnostic::new(
+                at..at,
+                format!("stopped after {MAX_SYNTAX_ERRORS} syntax errors: the rest is not checked"),
+            ));
+            break;
+        }
+        input = next;
+    }
+    if errors.is_empty() {
+        Ok(file)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Where the next item may start after an item that failed at `failed` (its
+/// first token): the next line whose first word is an item keyword.
+fn next_item_line(failed: &str) -> Option<&str> {
+    let mut rest = failed;
+    loop {
+        rest = &rest[rest.find('\n')? + 1..];
+        let line = rest.trim_start_matches([' ', '\t', '\r']);
+        let starts_item = ITEMS.iter().any(|item| {
+            line.strip_prefix(item)
+                .is_some_and(|after| !after.starts_with(is_ident_continue))
+        });
+        if starts_item {
+            return Some(line);
         }
     }
 }
@@ -300,31 +356,18 @@ impl<'a> Parser<'a> {
     }
 
     /// "expected X, found Y" at the token after trivia.
+    /// "unexpected …" for the token at `input`.
+    fn unknown(&self, input: &str) -> Diagnostic {
+        let (span, found) = self.found(self.offset(skip_trivia(input)));
+        Diagnostic::new(span, format!("unexpected {found}"))
+    }
+
     fn unexpected(&self, input: &str, expected: impl Display) -> Diagnostic {
         let (span, found) = self.found(self.offset(skip_trivia(input)));
         Diagnostic::new(span, format!("expected {expected}, found {found}"))
     }
 
     // ---- top level ---------------------------------------------------------------
-
-    fn file(&self, input: &'a str) -> PResult<'a, RuleFile> {
-        let items = fold_many0(
-            |input| self.item(input),
-            RuleFile::default,
-            |mut file, item| {
-                match item {
-                    Item::Output(output) => file.outputs.push(output),
-                    Item::Streams(stmts) => file.streams.extend(stmts),
-                    Item::Test(test) => file.tests.push(test),
-                }
-                file
-            },
-        );
-        terminated(
-            items,
-            self.expect("`output`, `streams` or `test`", preceded(trivia, eof)),
-        )(input)
-    }
 
     fn item(&self, input: &'a str) -> PResult<'a, Item> {
         let output = self.spanned(preceded(keyword("output"), cut(|i| self.output(i))));
@@ -947,6 +990,7 @@ fn duration_micros(text: &str, per_unit: Micros) -> Result<Micros, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::render_all;
 
     const EXAMPLE: &str = r#"# Outputs are declared once and referenced by name in streams.
 output pager = pagerduty(routing_key: env("VIGIL_PAGERDUTY_KEY"))
@@ -991,7 +1035,7 @@ test "backlog pages" {
 "#;
 
     fn parse_ok(src: &str) -> RuleFile {
-        parse(src).unwrap_or_else(|d| panic!("{}", d.render("test.vigil", src)))
+        parse(src).unwrap_or_else(|d| panic!("{}", render_all(&d, "test.vigil", src)))
     }
 
     /// The statements of a one-`streams`-block file.
@@ -1018,7 +1062,7 @@ test "backlog pages" {
     fn error(src: &str) -> String {
         match parse(src) {
             Ok(file) => panic!("parsed: {file:?}"),
-            Err(diagnostic) => diagnostic.render("rules/x.vigil", src),
+            Err(diagnostics) => render_all(&diagnostics, "rules/x.vigil", src),
         }
     }
 
@@ -1561,6 +1605,43 @@ test "backlog pages" {
     }
 
     #[test]
+    fn every_item_with_an_error_is_reported_and_the_good_ones_parsed() {
+        let src = "output p = pager(url: \"http://x\")\n\
+                   streams {\n  where metric >> 3 { p }\n}\n\
+                   output g = graphite(host: )\n\
+                   streams {\n  where service =~ \"a\" {\n    index\n\
+                   test \"t\" {\n  at 5x send {host: \"a\"}\n}\n\
+                   } oops\n\
+                   output ok = graphite(host: \"carbon\")\n";
+        let errors = parse(src).unwrap_err();
+        let lines: Vec<_> = errors.iter().map(|d| line_col(src, d.span.start)).collect();
+        // The predicate, the missing value, the block the `test` line cut
+        // short, the step's unit; the rest of that test (`} oops`) is skipped
+        // to the next item, which parses.
+        assert_eq!(lines, [(3, 17), (5, 27), (9, 1), (10, 7)], "{errors:?}");
+        assert_eq!(
+            errors[2].hint.as_deref(),
+            Some("is a `}` missing before it?")
+        );
+        assert!(parse("streams { index }\noutput ok = graphite(host: \"c\")").is_ok());
+    }
+
+    #[test]
+    fn reporting_stops_after_twenty_syntax_errors() {
+        let src = "streams { where >> }\n".repeat(50);
+        let errors = parse(&src).unwrap_err();
+        assert_eq!(errors.len(), MAX_SYNTAX_ERRORS + 1);
+        assert_eq!(
+            errors[MAX_SYNTAX_ERRORS].message,
+            "stopped after 20 syntax errors: the rest is not checked"
+        );
+        assert_eq!(
+            line_col(&src, errors[MAX_SYNTAX_ERRORS].span.start),
+            (21, 1)
+        );
+    }
+
+    #[test]
     fn error_bad_duration_unit() {
         assert_eq!(
             error("streams { rate(5x) { index } }"),
@@ -1927,9 +2008,8 @@ test "backlog pages" {
                     src.push_str(FRAGMENTS[rng.below(FRAGMENTS.len())]);
                 }
             }
-            match parse(&src) {
-                Ok(_) => {}
-                Err(diagnostic) => {
+            for diagnostic in parse(&src).err().into_iter().flatten() {
+                {
                     let span = &diagnostic.span;
                     assert!(
                         span.start <= span.end && span.end <= src.len(),
