@@ -797,6 +797,55 @@ fn an_incident_opened_before_a_handover_is_resolved_by_the_next_owner() {
     assert_eq!(pager.settle_at(2), ["trigger web", "resolve web"]);
 }
 
+/// A NATS outage longer than the lease TTL fences every node, and the
+/// agents cannot store anything meanwhile either. When NATS is back, the
+/// series whose TTL ran out during it live one TTL from then, as after a
+/// single node's restart: those that report again do not page; one that
+/// stays silent still pages, once, and resolves when it reports.
+#[test]
+fn series_silent_only_while_nats_was_down_do_not_page() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut nats = Nats::start();
+    let Paging { pager, rules, _dir } = paging_through("paging_webhook", "changed_state { pager }");
+    let quick = ["--cluster-lease-ttl", "3s", "--cluster-renew", "1s"];
+    let node = node(
+        &nats,
+        "n1",
+        &[&["--rules", rules.as_str()][..], &quick].concat(),
+    );
+    let hosts: Vec<String> = (0..10).map(|i| format!("h{i}")).collect();
+    let ok = |hosts: &[String], ttl: f32| -> Vec<Event> {
+        let ok = |h: &String| Event {
+            ttl: Some(ttl),
+            ..event(h, "disk", "ok")
+        };
+        hosts.iter().map(ok).collect()
+    };
+    send(&node, &ok(&hosts, 6.0));
+    wait_until(SETTLE, || (local_keys(&node).len() == 10).then_some(()))
+        .expect("the node runs the hosts");
+
+    nats.kill();
+    // Past the lease deadline (the node forgets its shards) and every TTL.
+    thread::sleep(Duration::from_secs(10));
+    nats.spawn();
+    wait_until(SETTLE, || (local_keys(&node).len() == 10).then_some(())).unwrap_or_else(|| {
+        panic!(
+            "the node never held the replayed hosts; pages: {:?}",
+            pager.pages()
+        )
+    });
+    send(&node, &ok(&hosts[..9], 600.0));
+    assert_eq!(
+        pager.settle_at(1),
+        ["trigger h9"],
+        "only the host still silent a TTL after NATS came back pages; node log:\n{}",
+        node.logs()
+    );
+    send(&node, &ok(&hosts[9..], 600.0));
+    assert_eq!(pager.settle_at(2), ["trigger h9", "resolve h9"]);
+}
+
 /// A page its node could not deliver (the receiver was down) is not lost
 /// with the node: its saved progress stopped before the event or the expiry
 /// that made it, so the shard's next owner runs that again live and pages

@@ -11,7 +11,8 @@
 //!
 //! **Paused expiry.** While a taker-over replays a shard (and while a shard
 //! is handed back) its entries must not expire through the rules: the
-//! previous owner already reported those expiries, or the next owner will.
+//! previous owner already reported those expiries, or the next owner will,
+//! and an event still to be replayed may have kept the series alive.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
@@ -65,11 +66,11 @@ impl Leases {
         self.clock.now()
     }
 
-    /// The lease was created by a request sent at `sent`; with `replaying`
-    /// the shard's expiry stays paused until [`Leases::caught_up`].
-    pub fn taken(&self, shard: u32, sent: Micros, replaying: bool) {
+    /// The lease was created by a request sent at `sent`; the shard's expiry
+    /// stays paused until [`Leases::caught_up`].
+    pub fn taken(&self, shard: u32, sent: Micros) {
         let lease = self.shard(shard);
-        lease.paused.store(replaying, Ordering::Release);
+        lease.paused.store(true, Ordering::Release);
         lease
             .until
             .store(sent.saturating_add(self.valid_for), Ordering::Release);
@@ -89,7 +90,8 @@ impl Leases {
             });
     }
 
-    /// The shard's replay reached what the previous owner processed.
+    /// The shard's replay reached what the stream held when it was taken:
+    /// its entries may expire here from now on.
     pub fn caught_up(&self, shard: u32) {
         self.shard(shard).paused.store(false, Ordering::Release);
     }
@@ -157,7 +159,7 @@ mod tests {
         let sent = clock.now();
         // The create took a while to be answered: the deadline counts from the send.
         clock.advance(SEC);
-        leases.taken(1, sent, false);
+        leases.taken(1, sent);
         assert!(leases.valid(1));
         // 6 s TTL, 1.2 s margin: valid until 4.8 s after the send.
         clock.set(sent + 4_799_999);
@@ -179,7 +181,7 @@ mod tests {
     fn renewals_extend_from_their_send_time_and_never_shorten() {
         let (clock, leases) = leases();
         let t0 = clock.now();
-        leases.taken(2, t0, false);
+        leases.taken(2, t0);
         clock.advance(2 * SEC);
         let renew_sent = clock.now();
         clock.advance(2 * SEC + SEC / 2); // A slow answer, 4.5 s after the take.
@@ -203,7 +205,7 @@ mod tests {
     fn expiry_waits_for_the_replay_and_stops_at_hand_over() {
         let (clock, leases) = leases();
         assert!(leases.may_expire(0), "not ours: e.g. self-metric entries");
-        leases.taken(0, clock.now(), true);
+        leases.taken(0, clock.now());
         assert!(leases.valid(0));
         assert!(!leases.may_expire(0), "replaying");
         assert!(!leases.live(0));

@@ -124,6 +124,10 @@ pub struct Cluster {
     /// The `now` of the last index expiry pass: entries of live shards whose
     /// TTL ran out before it have been expired here. Saved with progress.
     expired_until: AtomicI64,
+    /// When this node last began reaching NATS (wall time): its first
+    /// heartbeat, or its first after a failed one. Entries of a shard it
+    /// takes over that ran out before then were silent for want of NATS.
+    reaching_since: AtomicI64,
     /// The work this node's undelivered pages came from: progress is saved
     /// only up to before it, so the next owner pages it again.
     holds: Arc<Holds>,
@@ -224,6 +228,7 @@ impl Cluster {
                 config.lease_ttl,
             ),
             expired_until: AtomicI64::new(0),
+            reaching_since: AtomicI64::new(0),
             holds,
             config,
         });
@@ -423,6 +428,10 @@ impl Cluster {
 
     fn expired_until(&self) -> Micros {
         self.expired_until.load(Ordering::Acquire)
+    }
+
+    fn reaching_since(&self) -> Micros {
+        self.reaching_since.load(Ordering::Acquire)
     }
 
     fn set_members(&self, live: usize) {

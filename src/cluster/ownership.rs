@@ -198,6 +198,8 @@ struct Owner {
     streams: Arc<dyn Streams>,
     clock: SharedClock,
     owned: BTreeMap<u32, Owned>,
+    /// Whether the last heartbeat went through.
+    reaching: bool,
 }
 
 /// The ownership loop; on `stop` it hands every shard back and leaves.
@@ -216,6 +218,7 @@ pub(super) async fn run(
         streams,
         clock,
         owned: BTreeMap::new(),
+        reaching: false,
     };
     loop {
         tokio::select! {
@@ -243,11 +246,16 @@ impl Owner {
     async fn round(&mut self) -> Result<(), NatsError> {
         let node = self.node().to_owned();
         let shards = self.cluster.config.shards;
-        self.buckets
-            .nodes
-            .put(&node, shards.to_string().into())
-            .await
-            .doing("heartbeat")?;
+        let heartbeat = self.buckets.nodes.put(&node, shards.to_string().into());
+        if let Err(e) = heartbeat.await {
+            self.reaching = false;
+            return Err(e).doing("heartbeat");
+        }
+        if !self.reaching {
+            self.reaching = true;
+            let now = self.clock.now();
+            self.cluster.reaching_since.store(now, Ordering::Release);
+        }
         let live = self.buckets.live_nodes().await?.len().max(1);
         self.cluster.set_members(live);
         self.renew().await;
@@ -397,7 +405,7 @@ impl Owner {
                     continue;
                 }
             };
-            self.cluster.leases.taken(shard, sent, floor.seq > 0);
+            self.cluster.leases.taken(shard, sent);
             let processed = Arc::new(AtomicU64::new(0));
             let stop = CancellationToken::new();
             let task = tokio::spawn(follow(
@@ -539,8 +547,8 @@ async fn follow(
 
 /// The replay reached the previous owner's progress: entries whose TTL ran
 /// out before its last expiry pass were expired (and reported) by it, so they
-/// go quietly; then the shard's expiry runs here.
-fn catch_up(cluster: &Cluster, shard: u32, floor: Progress, streams: &dyn Streams) {
+/// go quietly; from here on the shard's events run through the outputs.
+fn replayed(cluster: &Cluster, shard: u32, floor: Progress, streams: &dyn Streams) {
     let shards = cluster.config.shards;
     let ours = |host: &str| shard_of(host, shards) == shard;
     let quiet = outputs::suppressed(|| {
@@ -548,13 +556,27 @@ fn catch_up(cluster: &Cluster, shard: u32, floor: Progress, streams: &dyn Stream
             .index
             .expire_where(floor.at, ours, |chunk| streams.process(chunk))
     });
-    cluster.leases.caught_up(shard);
     tracing::debug!(
         shard,
         seq = floor.seq,
         expired_quietly = quiet,
-        "Shard replay caught up; outputs live."
+        "Shard replay reached the previous owner's progress; outputs live."
     );
+}
+
+/// The replay ran everything the shard held when it was taken (or when the
+/// consumer was made again): no stored event is left that could keep an
+/// entry alive, so the shard's entries may expire here. Those whose TTL ran
+/// out while this node could not reach NATS (or before it started) live a
+/// TTL from when it could again, as after a single node's restart: their
+/// agents could not report either.
+fn caught_up(cluster: &Cluster, shard: u32, now: Micros) {
+    let shards = cluster.config.shards;
+    let since = cluster.reaching_since();
+    let graced =
+        (cluster.index).extend_overdue_where(now, since, |host| shard_of(host, shards) == shard);
+    cluster.leases.caught_up(shard);
+    tracing::debug!(shard, graced, "Shard caught up; its entries expire here.");
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -587,20 +609,25 @@ async fn consume(
         })
         .await
         .doing("following the shard")?;
-    // Nothing (left) to replay: e.g. retention dropped the shard's history.
-    if !*live
-        && consumer
-            .info()
-            .await
+    let leases = &cluster.leases;
+    // What the shard holds now: its expiry waits until that much ran, so no
+    // entry expires for want of an event already stored.
+    let mut behind = if leases.live(shard) {
+        0
+    } else {
+        (consumer.info().await)
             .doing("asking what is left to replay")?
             .num_pending
-            == 0
-    {
-        catch_up(cluster, shard, floor, streams);
-        *live = true;
+    };
+    // Nothing (left) to replay: e.g. retention dropped the shard's history.
+    if behind == 0 && !leases.live(shard) {
+        if !*live {
+            replayed(cluster, shard, floor, streams);
+            *live = true;
+        }
+        caught_up(cluster, shard, clock.now());
     }
     let mut messages = consumer.messages().await.doing("reading the shard")?;
-    let leases = &cluster.leases;
     loop {
         let message = tokio::select! {
             message = messages.next() => message,
@@ -625,12 +652,12 @@ async fn consume(
         let info = message.info().doing("reading a message's stream info")?;
         let (seq, pending) = (info.stream_sequence, info.pending);
         if !*live && seq > floor.seq {
-            catch_up(cluster, shard, floor, streams);
+            replayed(cluster, shard, floor, streams);
             *live = true;
         }
+        let now = clock.now();
         match Msg::decode(message.payload.clone()) {
             Ok(msg) => {
-                let now = clock.now();
                 let events: Vec<_> = msg
                     .events
                     .into_iter()
@@ -649,8 +676,15 @@ async fn consume(
         }
         processed.store(seq, Ordering::Release);
         if !*live && (seq >= floor.seq || pending == 0) {
-            catch_up(cluster, shard, floor, streams);
+            replayed(cluster, shard, floor, streams);
             *live = true;
+        }
+        if behind > 0 {
+            behind -= 1;
+            if behind == 0 || pending == 0 {
+                behind = 0;
+                caught_up(cluster, shard, now);
+            }
         }
     }
 }

@@ -408,6 +408,38 @@ impl Index {
         removed
     }
 
+    /// Gives each entry of the hosts `select` picks whose TTL ran out before
+    /// `now` at least its TTL from `since` (its lifetime: deadline less
+    /// time), as [`Index::restore`] does after a restart: a cluster node
+    /// that takes a shard over just after it started, or after it was cut
+    /// off from NATS, could not store these series' events meanwhile, and
+    /// neither could their agents. Returns how many were given more time.
+    pub fn extend_overdue_where(
+        &self,
+        now: Micros,
+        since: Micros,
+        select: impl Fn(&str) -> bool,
+    ) -> usize {
+        let mut extended = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock();
+            for entry in shard.entries.iter_mut() {
+                if entry.deadline >= now || !select(entry.packed.host()) {
+                    continue;
+                }
+                let lifetime = entry.deadline.saturating_sub(entry.packed.time());
+                let deadline = since.saturating_add(lifetime);
+                // Its slot in the deadline set stays early: when it comes
+                // due, the entry is re-armed at this deadline.
+                if deadline > entry.deadline {
+                    entry.deadline = deadline;
+                    extended += 1;
+                }
+            }
+        }
+        extended
+    }
+
     /// The first time at which [`Index::expire`] may have something to do
     /// (`None`: no entry has a deadline), so a virtual clock can jump there
     /// instead of expiring nothing at every step on the way.
@@ -793,6 +825,33 @@ mod tests {
         index.insert(&event("b", "x", started + secs(1), Some(60.0)));
         assert!(expire_all(&index, started + secs(61)).is_empty());
         assert_eq!(expire_all(&index, started + secs(61) + 1).len(), 1);
+    }
+
+    #[test]
+    fn overdue_entries_of_the_chosen_hosts_live_one_ttl_from_since() {
+        let index = Index::new(IndexConfig::default());
+        let (since, now) = (T0 + secs(100), T0 + secs(103));
+        index.insert(&event("a", "lapsed", T0, Some(10.0)));
+        index.insert(&event("b", "other shard", T0, Some(10.0)));
+        index.insert(&event("a", "fresh", now - secs(1), Some(10.0)));
+        index.insert(&event("a", "long ago", T0 - secs(500), Some(2.0)));
+        let extended = index.extend_overdue_where(now, since, |host| host == "a");
+        assert_eq!(extended, 2);
+        let expired = |at| -> Vec<String> {
+            let mut expired: Vec<String> = expire_all(&index, at)
+                .iter()
+                .map(|e| format!("{}/{}", e.host_str(), e.service_str()))
+                .collect();
+            expired.sort();
+            expired
+        };
+        // `b` was not chosen; `a`'s two overdue ones live until since + TTL,
+        // which for a TTL of 2 s has passed by now.
+        assert_eq!(expired(now), ["a/long ago", "b/other shard"]);
+        assert!(expired(since + secs(10)).is_empty());
+        assert_eq!(expired(since + secs(10) + 1), ["a/lapsed"]);
+        // The one not yet due kept its own deadline.
+        assert_eq!(expired(now + secs(9) + 1), ["a/fresh"]);
     }
 
     #[test]

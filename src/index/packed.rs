@@ -78,6 +78,11 @@ impl Packed {
         self.0[SCHEDULED..SCHEDULED + 8].copy_from_slice(&at.to_le_bytes());
     }
 
+    /// The stored event's time.
+    pub fn time(&self) -> Micros {
+        read_i64(&self.0, TIME)
+    }
+
     /// `(host, service)` as bytes; an absent field reads as empty, as in
     /// [`Event::host_str`].
     pub fn key(&self) -> (&[u8], &[u8]) {

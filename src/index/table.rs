@@ -162,6 +162,11 @@ impl Table {
         self.slots.iter().flatten()
     }
 
+    /// The entries, to change anything but their hash.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Entry> {
+        self.slots.iter_mut().flatten()
+    }
+
     /// Keeps the entries `keep` accepts (it may change them, not their hash)
     /// and hands the others to `removed`, in one pass over the slots and a
     /// second one only when something went: every remaining entry is placed
