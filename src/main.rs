@@ -557,9 +557,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = task.await;
     }
     let stats = server.stats.clone();
+    // As an HTTP client: a subscriber or a client still taking its answer
+    // gets 2 s more, so the index snapshot is not held back by it.
     let grpc_shutdown = async {
         if let Some(grpc) = grpc {
-            grpc.shutdown(Duration::from_secs(10)).await;
+            grpc.shutdown(Duration::from_secs(2)).await;
         }
     };
     // Every listener stops accepting at once: one still draining must not

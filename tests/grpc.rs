@@ -352,6 +352,63 @@ async fn a_query_that_is_not_utf8_is_repaired_as_over_tcp() {
     grpc.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A subscriber that stopped reading its snapshot (its stream's HTTP/2
+/// window full, its connection alive) gets 2 s of the shutdown, as an HTTP
+/// client does: the index snapshot is written without waiting for it, well
+/// within a container's 10 s stop timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_not_reading_its_snapshot_does_not_hold_the_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let mut vigil = Vigil::start(&["--grpc", "127.0.0.1:0", "--data-dir", data]);
+    let addr = vigil.grpc.unwrap();
+    let mut client = connect(addr).await;
+    // ~8 MB of snapshot: far more than the stream's 64 KiB window.
+    for batch in 0..20 {
+        let events: Vec<Event> = (0..100)
+            .map(|i| Event {
+                description: Some("x".repeat(4096)),
+                ..event("big", &format!("{batch}-{i}"))
+            })
+            .collect();
+        assert_ok(client.send_batch(msg(&events)).await.unwrap().get_ref());
+    }
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let call = axum::http::Request::post(format!("http://{addr}/vigil.Vigil/Subscribe"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (answer, mut body) = h2.send_request(call, false).unwrap();
+    let request = prost::Message::encode_to_vec(&QueryRequest::new("true"));
+    let mut message = vec![0];
+    message.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    message.extend_from_slice(&request);
+    body.send_data(message.into(), true).unwrap();
+    // Its answer began (the snapshot is on its way); its body is never read.
+    let _answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || (vigil.terminate(), vigil))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(status.0.success(), "clean exit: {:?}", status.0);
+    assert!(
+        took < Duration::from_secs(6),
+        "exit took {took:?}; log:\n{}",
+        status.1.logs()
+    );
+    let again = Vigil::start(&["--grpc", "127.0.0.1:0", "--data-dir", data]);
+    let mut client = connect(again.grpc.unwrap()).await;
+    for batch in ["0", "19"] {
+        let found = query(&mut client, &format!(r#"service =~ "{batch}-%""#)).await;
+        assert_eq!(found.unwrap().len(), 100, "batch {batch} saved");
+    }
+}
+
 /// In-process, indexing everything: for the counters and limits.
 async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) {
     grpc_in_process(GrpcLimits {

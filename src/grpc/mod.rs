@@ -244,7 +244,10 @@ impl pb::vigil_server::Vigil for Service {
             }
         };
         tracing::debug!(query = %query, current = current.len(), "gRPC subscriber joined.");
-        let current = stream::iter(current.into_iter().map(|e| Ok(proto::to_pb(&e))));
+        // Ends at shutdown too: a snapshot still being sent to a slow reader
+        // must not hold the shutdown until it has all of it.
+        let current = stream::iter(current.into_iter().map(|e| Ok(proto::to_pb(&e))))
+            .take_until(self.0.shutdown.clone().cancelled_owned());
         let live = stream::unfold(
             Some((subscription, self.0.shutdown.clone())),
             |state| async move {
@@ -387,13 +390,14 @@ impl Grpc {
     }
 
     /// Ends every open stream, stops accepting and waits (up to `grace`) for
-    /// the calls in flight to finish.
+    /// the calls in flight to finish: a client still taking its answer (or
+    /// the end of its subscription) is not waited for longer.
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancel();
         if tokio::time::timeout(grace, self.task).await.is_err() {
             tracing::warn!(
                 ?grace,
-                "gRPC calls still running after the shutdown grace period."
+                "gRPC calls still running after the shutdown grace period; not waiting for them."
             );
         }
     }
