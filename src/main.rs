@@ -118,8 +118,9 @@ struct RunArgs {
     /// only once others have arrived (counted). Smaller messages never wait.
     #[arg(long, default_value_t = budget::DEFAULT_MAX, value_parser = parse_positive)]
     max_message_memory: usize,
-    /// Most bytes of events all live subscribers' queues (WebSocket, SSE, gRPC) may hold
-    /// together; over it, the subscribers furthest behind are disconnected (counted).
+    /// Most bytes of events all live subscribers' queues (WebSocket, SSE, gRPC) and their
+    /// unsent snapshots may hold together; over it, the subscribers furthest behind are
+    /// disconnected, and a new one whose snapshot does not fit is refused (counted).
     #[arg(long, default_value_t = pubsub::DEFAULT_MAX_HELD, value_parser = parse_positive)]
     max_subscriber_memory: usize,
     /// Close a Riemann TCP connection whose begun frame is not complete within this long

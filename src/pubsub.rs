@@ -10,7 +10,8 @@
 //! each would otherwise be ten gigabytes held for one slow reader.
 //!
 //! All queues together hold at most the pubsub's `max_held` bytes (by
-//! [`Event::approx_bytes`]; [`DEFAULT_MAX_HELD`] unless configured): each
+//! [`Event::approx_bytes`]; [`DEFAULT_MAX_HELD`] unless configured), and so
+//! do the snapshots still being sent to subscribers ([`Pubsub::hold`]): each
 //! subscriber has its own copy of each event, so many subscribers that read
 //! nothing would otherwise hold their queue's bound each. Over it, the
 //! subscribers holding the most are disconnected first: those furthest
@@ -194,6 +195,54 @@ impl Subscription {
     pub fn lagged(&self) -> bool {
         self.queue.state.lock().lagged
     }
+
+    /// This subscriber's snapshot, held within its pubsub's `max_held` (see
+    /// [`Pubsub::hold`]).
+    pub fn hold(&self, snapshot: Vec<Event>) -> Result<HeldSnapshot, SnapshotRefused> {
+        self.pubsub.hold(snapshot)
+    }
+}
+
+/// A snapshot that did not fit beside what subscribers hold.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the {events} matching events do not fit in --max-subscriber-memory beside what \
+     subscribers hold now; try again later, or narrow the query"
+)]
+pub struct SnapshotRefused {
+    events: usize,
+}
+
+/// A subscription's snapshot (the current matches, sent before the live
+/// events), counted with the queues' bytes until each event is taken: a
+/// subscriber that reads nothing holds it as long as its connection lasts,
+/// and one snapshot of a large index is megabytes.
+pub struct HeldSnapshot {
+    events: std::vec::IntoIter<Event>,
+    /// Still counted in the pubsub's `bytes_held`.
+    bytes: usize,
+    pubsub: Arc<Pubsub>,
+}
+
+impl Iterator for HeldSnapshot {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        let event = self.events.next()?;
+        let bytes = event.approx_bytes().min(self.bytes);
+        self.bytes -= bytes;
+        self.pubsub
+            .stats
+            .bytes_held
+            .fetch_sub(bytes, Ordering::AcqRel);
+        Some(event)
+    }
+}
+
+impl Drop for HeldSnapshot {
+    fn drop(&mut self) {
+        (self.pubsub.stats.bytes_held).fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl Drop for Subscription {
@@ -251,6 +300,29 @@ impl Pubsub {
     /// Bytes all queues may hold together.
     pub fn max_held(&self) -> usize {
         self.max_held
+    }
+
+    /// `snapshot`, its bytes counted with the queues' while it is sent;
+    /// refused when they do not fit in `max_held` beside what is held now.
+    /// The subscriber is then refused (try again later) rather than the
+    /// memory of many subscribers' snapshots growing without bound.
+    pub fn hold(self: &Arc<Self>, snapshot: Vec<Event>) -> Result<HeldSnapshot, SnapshotRefused> {
+        let bytes: usize = snapshot.iter().map(Event::approx_bytes).sum();
+        let fits = |held: usize| {
+            let total = held.saturating_add(bytes);
+            (bytes == 0 || total <= self.max_held).then_some(total)
+        };
+        let held = &self.stats.bytes_held;
+        (held.fetch_update(Ordering::AcqRel, Ordering::Acquire, fits)).map_err(|_| {
+            SnapshotRefused {
+                events: snapshot.len(),
+            }
+        })?;
+        Ok(HeldSnapshot {
+            events: snapshot.into_iter(),
+            bytes,
+            pubsub: self.clone(),
+        })
     }
 
     pub fn subscribers(&self) -> usize {
@@ -478,6 +550,26 @@ mod tests {
         assert!(tap.try_recv().is_ok());
         drop((tap, reader));
         assert_eq!(held(), 0, "every queue gave its bytes back");
+    }
+
+    #[test]
+    fn snapshots_are_held_within_the_bound_until_each_event_is_taken() {
+        let one = event("0").approx_bytes();
+        let pubsub = Pubsub::with_max_held(10 * one);
+        let held = || pubsub.stats.bytes_held.load(Ordering::Acquire);
+        let snapshot = |n: usize| (0..n).map(|i| event(&i.to_string())).collect::<Vec<_>>();
+        let mut first = pubsub.hold(snapshot(6)).expect("6 of 10 fit");
+        assert_eq!(held(), 6 * one);
+        let refused = pubsub.hold(snapshot(5)).err().expect("11 of 10 do not");
+        assert!(refused.to_string().starts_with("the 5 matching events"));
+        assert_eq!(held(), 6 * one, "a refusal holds nothing");
+        assert!(pubsub.hold(Vec::new()).is_ok(), "an empty one always fits");
+        assert_eq!(first.next().unwrap().service.as_deref(), Some("0"));
+        assert_eq!(first.next().unwrap().service.as_deref(), Some("1"));
+        assert_eq!(held(), 4 * one, "given back as sent");
+        let second = pubsub.hold(snapshot(5)).expect("now they fit");
+        drop((first, second));
+        assert_eq!(held(), 0, "given back when dropped unsent");
     }
 
     #[tokio::test]

@@ -126,6 +126,9 @@ counters! {
     grpc_read_timeouts,
     /// WebSocket, SSE and gRPC subscriptions opened.
     subscriptions,
+    /// Subscriptions refused because their snapshot did not fit in
+    /// `--max-subscriber-memory` beside what subscribers held.
+    subscriptions_refused,
     /// Messages over 64 KiB (TCP frames, `POST /events` bodies, gRPC `Msg`s)
     /// that waited for room in `--max-message-memory` before being read on.
     messages_waited_for_memory,

@@ -409,6 +409,50 @@ async fn a_subscriber_not_reading_its_snapshot_does_not_hold_the_shutdown() {
     }
 }
 
+/// A subscription's snapshot counts in `--max-subscriber-memory` while it
+/// is sent: one that does not fit is refused, `RESOURCE_EXHAUSTED` with the
+/// flag named, and counted.
+#[tokio::test]
+async fn a_snapshot_that_does_not_fit_in_the_subscriber_memory_is_refused() {
+    let vigil = Vigil::start(&[
+        "--grpc",
+        "127.0.0.1:0",
+        "--max-subscriber-memory",
+        "1048576",
+    ]);
+    let mut client = connect(vigil.grpc.unwrap()).await;
+    let events: Vec<Event> = (0..500)
+        .map(|i| Event {
+            description: Some("d".repeat(4096)),
+            ..event("large", &i.to_string())
+        })
+        .collect();
+    assert_ok(client.send_batch(msg(&events)).await.unwrap().get_ref());
+    let refused = client
+        .subscribe(QueryRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("--max-subscriber-memory"),
+        "{refused:?}"
+    );
+    let mut one = (client
+        .subscribe(QueryRequest::new(r#"service = "7""#))
+        .await)
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_event(&mut one).await.service.as_deref(), Some("7"));
+    let metrics = reqwest::get(format!("http://{}/metrics", vigil.http.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = "vigil_subscriptions_refused_total 1";
+    assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+}
+
 /// In-process, indexing everything: for the counters and limits.
 async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) {
     grpc_in_process(GrpcLimits {

@@ -774,8 +774,13 @@ async fn in_process_indexing(
 
 /// A subscription to everything, once the server has registered it.
 async fn subscribe_all(http: &HttpServer, index: &Index) -> Ws {
+    subscribe(http, index, "true").await
+}
+
+/// A subscription to `query`, once the server has registered it.
+async fn subscribe(http: &HttpServer, index: &Index, query: &str) -> Ws {
     let before = index.pubsub().subscribers();
-    let query = [("query", "true"), ("subscribe", "true")];
+    let query = [("query", query), ("subscribe", "true")];
     let (ws, _) =
         tokio_tungstenite::connect_async(url("ws", http.addr.unwrap(), "/index", &query).as_str())
             .await
@@ -864,7 +869,8 @@ async fn subscribers_that_read_nothing_hold_no_more_than_the_bound_together() {
     assert!(disconnected >= 1, "nobody was disconnected");
     assert!(most > BOUND - 8 * one, "the bound was reached: {most}");
 
-    let mut fresh = subscribe_all(&http, &index).await;
+    // Its snapshot must fit beside what the others hold: not all of it.
+    let mut fresh = subscribe(&http, &index, r#"host = "fresh""#).await;
     index.insert(&event("fresh", "s", 60.0, 1));
     let fresh_event = loop {
         let event = next_json(&mut fresh)
@@ -879,6 +885,61 @@ async fn subscribers_that_read_nothing_hold_no_more_than_the_bound_together() {
     let gauge = value(&s, "vigil_subscriber_bytes_held", None).unwrap();
     assert!(gauge <= BOUND as f64, "{gauge}");
     drop(idle);
+    http.shutdown(WAIT).await;
+}
+
+/// A subscriber's snapshot is held while it is sent, as long as the client
+/// takes to read it: snapshots count in `--max-subscriber-memory` with the
+/// queues, and a subscription whose snapshot does not fit is refused (try
+/// again later) instead of 4 MB more of memory per reconnecting dashboard.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_that_does_not_fit_in_the_subscriber_memory_is_refused() {
+    const BOUND: usize = 1024 * 1024;
+    let index = IndexConfig {
+        max_subscriber_memory: BOUND,
+        ..IndexConfig::default()
+    };
+    let (http, index, stats) = in_process_indexing(HttpConfig::default(), index).await;
+    for i in 0..500 {
+        index.insert(&Event {
+            description: Some("d".repeat(4096)),
+            ..event("large", &i.to_string(), 600.0, i)
+        });
+    }
+    let addr = http.addr.unwrap();
+    let query = [("query", "true"), ("subscribe", "true")];
+    let (mut ws, _) = tokio_tungstenite::connect_async(url("ws", addr, "/index", &query).as_str())
+        .await
+        .unwrap();
+    let (code, reason) = next_json(&mut ws)
+        .await
+        .unwrap_err()
+        .expect("a close frame");
+    assert_eq!(code, u16::from(CloseCode::Again));
+    assert!(reason.contains("--max-subscriber-memory"), "{reason}");
+    let sse = reqwest::Client::new()
+        .get(url("http", addr, "/index", &query))
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = sse.json().await.unwrap();
+    assert!(
+        (body["error"].as_str().unwrap()).starts_with("the 500 matching events do not fit"),
+        "{body}"
+    );
+    // A narrower subscription is served, and nothing stays held.
+    let mut one = subscribe(&http, &index, r#"service = "7""#).await;
+    assert_eq!(next_json(&mut one).await.unwrap()["service"], "7");
+    let held = &index.pubsub().stats.bytes_held;
+    assert_eq!(held.load(std::sync::atomic::Ordering::Acquire), 0);
+    assert_eq!(Stats::get(&stats.subscriptions_refused), 2);
+    let s = scrape(addr).await;
+    assert_eq!(
+        value(&s, "vigil_subscriptions_refused_total", None),
+        Some(2.0)
+    );
     http.shutdown(WAIT).await;
 }
 

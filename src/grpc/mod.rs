@@ -244,9 +244,13 @@ impl pb::vigil_server::Vigil for Service {
             }
         };
         tracing::debug!(query = %query, current = current.len(), "gRPC subscriber joined.");
+        let current = subscription.hold(current).map_err(|refused| {
+            Stats::incr(&self.0.stats.subscriptions_refused);
+            Status::resource_exhausted(refused.to_string())
+        })?;
         // Ends at shutdown too: a snapshot still being sent to a slow reader
         // must not hold the shutdown until it has all of it.
-        let current = stream::iter(current.into_iter().map(|e| Ok(proto::to_pb(&e))))
+        let current = stream::iter(current.map(|e| Ok(proto::to_pb(&e))))
             .take_until(self.0.shutdown.clone().cancelled_owned());
         let live = stream::unfold(
             Some((subscription, self.0.shutdown.clone())),

@@ -140,6 +140,13 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
             return;
         }
     };
+    let snapshot = match state.hold(subscription.as_ref(), snapshot) {
+        Ok(held) => held,
+        Err(refused) => {
+            close(socket, close_code::AGAIN, close_reason(refused)).await;
+            return;
+        }
+    };
     for event in snapshot {
         if socket.send(frame(&event)).await.is_err() {
             return;
@@ -224,6 +231,10 @@ async fn event_stream(state: AppState, query: Query) -> Response {
     let snapshot = match state.snapshot(&query, false).await {
         Ok(snapshot) => snapshot,
         Err((status, e)) => return error(status, json!({ "error": e })),
+    };
+    let snapshot = match state.hold(Some(&subscription), snapshot) {
+        Ok(held) => held,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
     };
     let live = stream::unfold(subscription, |mut subscription| async move {
         let event = subscription.recv().await?;

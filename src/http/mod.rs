@@ -44,7 +44,7 @@ use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
 use crate::index::QueryError;
 use crate::limits::Limits;
-use crate::pubsub::{self, Subscription};
+use crate::pubsub::{self, HeldSnapshot, Subscription};
 use crate::query::Query;
 use crate::selfmetrics::Telemetry;
 use crate::stats::Stats;
@@ -149,6 +149,25 @@ impl AppState {
                 .pubsub()
                 .subscribe(query.clone(), self.subscriber_capacity),
         }
+    }
+
+    /// `snapshot`, held within `--max-subscriber-memory` with the
+    /// subscribers' queues (those of `subscription`'s pubsub; the index's
+    /// for a snapshot sent alone) while it is sent; the refusal's reason
+    /// when it does not fit, counted.
+    fn hold(
+        &self,
+        subscription: Option<&Subscription>,
+        snapshot: Vec<Event>,
+    ) -> Result<HeldSnapshot, String> {
+        let held = match subscription {
+            Some(subscription) => subscription.hold(snapshot),
+            None => self.telemetry.index.pubsub().hold(snapshot),
+        };
+        held.map_err(|refused| {
+            Stats::incr(&self.stats().subscriptions_refused);
+            refused.to_string()
+        })
     }
 
     /// What the index holds that matches: every node's in a cluster, unless
