@@ -511,7 +511,6 @@ function reveal(r, c) {
 let socket = null;
 let attempt = 0; // consecutive failed connections
 let retryTimer = 0;
-let openedAt = 0;
 
 function setStatus(status, text) {
   el.status.dataset.status = status;
@@ -536,7 +535,6 @@ function connect() {
   setStatus('connecting', attempt ? `reconnecting… (attempt ${attempt + 1})` : 'connecting…');
   ws.onopen = () => {
     opened = true;
-    openedAt = Date.now();
     setStatus('live', 'live');
     // Messages still queued from an earlier connection are superseded by
     // the snapshot this one sends.
@@ -549,13 +547,16 @@ function connect() {
   };
   ws.onmessage = (e) => {
     if (socket !== ws) return;
+    // The server is up and takes the query: a later close (e.g. "subscriber
+    // too slow" under a burst) reconnects at once, not after a backoff that
+    // kept growing while every connection worked and the grid went stale.
+    attempt = 0;
     queue.push(e.data);
     schedule();
   };
   ws.onclose = (e) => {
     if (socket !== ws) return; // replaced by a newer connection on purpose
     socket = null;
-    if (opened && Date.now() - openedAt > 10_000) attempt = 0; // it worked for a while
     if (!opened) {
       diagnose(); // the browser hides why an upgrade failed: ask over plain HTTP
     }
