@@ -37,8 +37,16 @@ use crate::blocking::off_workers;
 use crate::event::Event;
 use crate::snapshot::{self, SnapshotError};
 
-/// The file's layout; a file of another version is not loaded.
-const VERSION: u32 = 1;
+/// The file's layout. Version 1 holds the open incidents; version 2 adds
+/// the pages not delivered yet (`unsent`). A file with none is written as
+/// version 1, which a vigil from before `unsent` reads whole; one with some
+/// as version 2, which such a vigil refuses, saying so, where as version 1
+/// it dropped the pages without a word (a downgrade). A file of a later
+/// version is not loaded.
+const VERSION: u32 = 2;
+
+/// The version of a file without unsent pages.
+const WITHOUT_UNSENT: u32 = 1;
 /// Larger than any file `MAX_OPEN` incidents make (keys are ≤ 255 bytes):
 /// anything bigger is not ours, and is not read into memory.
 /// Larger than any file `MAX_OPEN` incidents and [`MAX_UNSENT_BYTES`] of
@@ -541,8 +549,13 @@ impl Memory {
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0.0, |d| d.as_secs_f64())
             };
+            let unsent = self.unsent.lock().saving();
             Saved {
-                version: VERSION,
+                version: if unsent.is_empty() {
+                    WITHOUT_UNSENT
+                } else {
+                    VERSION
+                },
                 receiver_hash: self.receiver_hash.clone(),
                 incidents: incidents
                     .oldest_first(now)
@@ -552,7 +565,7 @@ impl Memory {
                         sent: since_epoch(age),
                     })
                     .collect(),
-                unsent: self.unsent.lock().saving(),
+                unsent,
             }
         };
         snapshot::replace_file(file, |out| {
@@ -591,7 +604,10 @@ enum LoadError {
         path: PathBuf,
         cause: serde_json::Error,
     },
-    #[error("{}: version {version}; this vigil reads version {VERSION}", path.display())]
+    #[error(
+        "{}: version {version}; this vigil reads versions {WITHOUT_UNSENT} to {VERSION}",
+        path.display()
+    )]
     Version { path: PathBuf, version: u32 },
 }
 
@@ -615,7 +631,7 @@ fn read(file: &Path) -> Result<Option<Saved>, LoadError> {
         path: path(),
         cause,
     })?;
-    if saved.version != VERSION {
+    if !(WITHOUT_UNSENT..=VERSION).contains(&saved.version) {
         let version = saved.version;
         return Err(LoadError::Version {
             path: path(),
@@ -770,6 +786,41 @@ mod tests {
         assert_eq!(memory.unsent().len(), 0);
     }
 
+    /// A file holding undelivered pages says version 2, so a vigil that
+    /// does not know them refuses it (logged) instead of dropping them
+    /// unsaid; one without is version 1, read whole by such a vigil.
+    #[tokio::test]
+    async fn a_file_is_version_2_only_while_it_holds_unsent_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let version = || -> u64 {
+            let text = std::fs::read_to_string(&file).unwrap();
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["version"]
+                .as_u64()
+                .unwrap()
+        };
+        let memory = from_file(file.clone(), "key", 10).await;
+        memory
+            .incidents()
+            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+        memory.save().await;
+        assert_eq!(version(), 1);
+        let page = Event {
+            host: Some("web2".into()),
+            ..Event::default()
+        };
+        (memory.unsent()).add(vec![page], vec![None], Generation::default());
+        memory.save().await;
+        assert_eq!(version(), 2);
+        let again = from_file(file.clone(), "key", 10).await;
+        assert_eq!(again.unsent().len(), 1, "this vigil reads it back");
+        assert_eq!(keys(&again).len(), 1);
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.replace(r#""version":2"#, r#""version":3"#)).unwrap();
+        let error = read(&file).unwrap_err().to_string();
+        assert!(error.ends_with("version 3; this vigil reads versions 1 to 2"), "{error}");
+    }
+
     fn keys(memory: &Memory) -> Vec<(String, Severity)> {
         let incidents = memory.incidents();
         incidents
@@ -845,7 +896,7 @@ mod tests {
         assert!(keys(&other).is_empty());
         assert!(!other.serves("key") && other.serves("another key"));
 
-        for garbage in ["", "{", r#"{"version": 2}"#, "[1, 2]"] {
+        for garbage in ["", "{", r#"{"version": 3}"#, "[1, 2]"] {
             std::fs::write(&file, garbage).unwrap();
             assert!(keys(&*from_file(file.clone(), "key", 10).await).is_empty());
         }
