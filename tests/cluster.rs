@@ -725,6 +725,16 @@ fn http_events_are_acked_only_once_stored() {
     nats.kill();
     let refused = post("while-down").expect("an answer, not a hang");
     assert_eq!(refused, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    // Once the node knows it is cut off, it says so at once: an agent that
+    // retries, or fails over to another node, is not held for the 5 s of
+    // JetStream's ack timeout per request.
+    for i in 0..3 {
+        let started = Instant::now();
+        let refused = post(&format!("while-down-{i}")).expect("an answer");
+        assert_eq!(refused, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    }
 
     nats.spawn();
     wait_until(SETTLE, || {

@@ -288,8 +288,15 @@ impl Cluster {
         events: &[Event],
     ) -> impl Future<Output = Result<(), String>> + Send + 'static {
         let mut groups: HashMap<u32, Vec<(Msg, usize)>> = HashMap::new();
-        let mut refused = None;
-        for (i, event) in events.iter().enumerate() {
+        // Cut off, a publish would wait out JetStream's ack timeout (5 s) per
+        // request: an agent retrying, or failing over to another node, is
+        // told at once instead.
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        let mut refused = (!connected).then(|| {
+            "not connected to NATS: nothing was stored; send again (to another node, or later)"
+                .to_owned()
+        });
+        for (i, event) in events.iter().enumerate().take_while(|_| connected) {
             let pb = proto::to_pb(event);
             // As a field of a `Msg`: its key, its length, the event.
             let len = pb.encoded_len();

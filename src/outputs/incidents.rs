@@ -818,7 +818,10 @@ mod tests {
         let text = std::fs::read_to_string(&file).unwrap();
         std::fs::write(&file, text.replace(r#""version":2"#, r#""version":3"#)).unwrap();
         let error = read(&file).unwrap_err().to_string();
-        assert!(error.ends_with("version 3; this vigil reads versions 1 to 2"), "{error}");
+        assert!(
+            error.ends_with("version 3; this vigil reads versions 1 to 2"),
+            "{error}"
+        );
     }
 
     fn keys(memory: &Memory) -> Vec<(String, Severity)> {
