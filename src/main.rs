@@ -28,6 +28,7 @@ use vigil::rules::{
 use vigil::selfmetrics::{self, Emitter, Histogram, Telemetry, TimedStreams};
 use vigil::server::{Server, ServerConfig};
 use vigil::snapshot::{self, Snapshots};
+use vigil::stats::Stats;
 use vigil::streams::Streams;
 use vigil::tls::{self, TlsListener};
 use vigil::{budget, pubsub};
@@ -398,8 +399,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         persist::restore(&compiled.roots, &text, &args.data_dir, started);
     }
     // The pagers' open incidents are kept beside the index snapshot.
+    let stats = Arc::new(Stats::default());
     let kept = if keep_state {
-        Kept::in_dir(args.data_dir.clone())
+        Kept::in_dir(args.data_dir.clone(), stats.clone())
     } else {
         Kept::default()
     };
@@ -423,6 +425,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 args.data_dir.clone(),
                 args.snapshot_interval,
                 started,
+                stats.clone(),
             )
             .context("preparing --data-dir (--no-snapshot disables snapshots)")?,
         )
@@ -453,6 +456,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (cluster, cluster_tasks) = cluster.unzip();
     let config = ServerConfig {
+        stats: stats.clone(),
         cluster: cluster.clone(),
         tcp: args.tcp,
         udp: args.udp,
@@ -557,7 +561,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(task) = self_metrics {
         let _ = task.await;
     }
-    let stats = server.stats.clone();
     // As an HTTP client: a subscriber or a client still taking its answer
     // gets 2 s more, so the index snapshot is not held back by it.
     let grpc_shutdown = async {

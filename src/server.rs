@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub tick: Duration,
     /// `--cluster`: events go to the cluster (acked once stored), queries fan out.
     pub cluster: Option<Arc<Cluster>>,
+    /// The counters, shared with what else the process counts in them.
+    pub stats: Arc<Stats>,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +65,7 @@ impl Default for ServerConfig {
             tls: None,
             tick: Duration::from_millis(100),
             cluster: None,
+            stats: Arc::default(),
         }
     }
 }
@@ -97,7 +100,7 @@ impl Server {
         };
         let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
 
-        let stats = Arc::new(Stats::default());
+        let stats = config.stats.clone();
         let ingest = Arc::new(Ingest {
             index: index.clone(),
             streams: streams.clone(),

@@ -38,6 +38,7 @@ use crate::index::Index;
 use crate::proto::{PbEvent, from_pb, to_pb};
 use crate::rules::engine::Rules;
 use crate::rules::persist::{self, StateError};
+use crate::stats::Stats;
 
 /// The snapshot's name inside the data directory.
 pub const FILE_NAME: &str = "index.snapshot";
@@ -422,11 +423,13 @@ impl Snapshots {
         dir: PathBuf,
         every: Duration,
         started: Micros,
+        stats: Arc<Stats>,
     ) -> Result<Self, SnapshotError> {
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         restore(&index, &dir, started);
         let stop = CancellationToken::new();
         let periodic = tokio::spawn(periodic(
+            stats.clone(),
             index.clone(),
             streams.clone(),
             dir.clone(),
@@ -485,6 +488,7 @@ impl Snapshots {
 }
 
 async fn periodic(
+    stats: Arc<Stats>,
     index: Arc<Index>,
     streams: Option<Arc<Rules>>,
     dir: PathBuf,
@@ -505,12 +509,18 @@ async fn periodic(
                 elapsed = ?saved.elapsed,
                 "Wrote a periodic index snapshot."
             ),
-            Err(error) => tracing::warn!(%error, "Periodic index snapshot failed."),
+            Err(error) => {
+                Stats::incr(&stats.state_write_failures);
+                tracing::warn!(%error, "Periodic index snapshot failed.");
+            }
         }
         if let Some(rules) = &streams {
             match save_streams(rules.clone(), dir.clone()).await {
                 Ok(written) => tracing::debug!(?written, "Wrote the periodic stream state."),
-                Err(error) => tracing::warn!(%error, "Periodic stream state write failed."),
+                Err(error) => {
+                    Stats::incr(&stats.state_write_failures);
+                    tracing::warn!(%error, "Periodic stream state write failed.");
+                }
             }
         }
     }
@@ -734,6 +744,36 @@ mod tests {
         assert_eq!(index.get("web1", "cpu"), Some(sample()[0].clone()));
     }
 
+    /// A periodic write that fails (here its temporary file's path is taken
+    /// by a directory; a full disk in production) is counted, and the next
+    /// one, once it can, succeeds.
+    #[tokio::test]
+    async fn a_failed_periodic_write_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let blocker = temp_of(&dir.path().join(FILE_NAME));
+        fs::create_dir_all(blocker.join("taken")).unwrap();
+        let stats = Arc::new(Stats::default());
+        let snapshots = Snapshots::start(
+            index.clone(),
+            None,
+            dir.path().into(),
+            Duration::from_millis(10),
+            0,
+            stats.clone(),
+        )
+        .unwrap();
+        let failures = || Stats::get(&stats.state_write_failures);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while failures() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "no failure counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        fs::remove_dir_all(&blocker).unwrap();
+        index.insert(&sample()[0]);
+        assert_eq!(snapshots.finish().await.unwrap().entries, 1);
+    }
+
     #[tokio::test]
     async fn save_then_finish_writes_the_final_index() {
         let dir = tempfile::tempdir().unwrap();
@@ -744,6 +784,7 @@ mod tests {
             dir.path().into(),
             Duration::from_secs(3600),
             0,
+            Arc::default(),
         )
         .unwrap();
         for event in sample() {

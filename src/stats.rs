@@ -124,6 +124,10 @@ counters! {
     /// gRPC connections closed because the client sent nothing within
     /// `--read-timeout` of connecting.
     grpc_read_timeouts,
+    /// Writes of `--data-dir` files that failed (a full disk, say): the index
+    /// snapshot, the stream state, a pager's incidents. The file written
+    /// last stays; the log says which and why.
+    state_write_failures,
     /// WebSocket, SSE and gRPC subscriptions opened.
     subscriptions,
     /// Subscriptions refused because their snapshot did not fit in

@@ -933,7 +933,7 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
         }),
     };
     let dir = tempfile::tempdir().unwrap();
-    let kept = Kept::in_dir(dir.path().to_owned());
+    let kept = Kept::in_dir(dir.path().to_owned(), Default::default());
     let saved_under = async |key: &str| {
         let memory = Memory::open(
             "pager",

@@ -36,6 +36,7 @@ use super::pager::{Severity, fnv1a};
 use crate::blocking::off_workers;
 use crate::event::Event;
 use crate::snapshot::{self, SnapshotError};
+use crate::stats::Stats;
 
 /// The file's layout. Version 1 holds the open incidents; version 2 adds
 /// the pages not delivered yet (`unsent`). A file with none is written as
@@ -303,6 +304,8 @@ pub struct Memory {
     /// The output's name, for the logs.
     output: String,
     file: Option<PathBuf>,
+    /// Where a failed save is counted (`state_write_failures`).
+    failures: Option<Arc<Stats>>,
     receiver_hash: String,
     incidents: Mutex<Incidents>,
     /// Held through a whole save, so saves land in the order they read the
@@ -346,7 +349,16 @@ impl Memory {
             paging: Arc::default(),
             generations: AtomicU64::new(0),
             predecessor: Mutex::new(None),
+            failures: None,
             file,
+        }
+    }
+
+    /// This memory, counting its failed saves in `stats`.
+    pub fn counting_failures_in(self, stats: Arc<Stats>) -> Memory {
+        Memory {
+            failures: Some(stats),
+            ..self
         }
     }
 
@@ -428,6 +440,7 @@ impl Memory {
         Memory {
             output: self.output.clone(),
             file: self.file.clone(),
+            failures: self.failures.clone(),
             receiver_hash: key_hash(receiver),
             incidents: Mutex::new(Incidents::new(self.incidents.lock().max)),
             saving: self.saving.clone(),
@@ -532,6 +545,9 @@ impl Memory {
         };
         let memory = self.clone();
         if let Some(Err(error)) = off_workers(move || memory.write(&file)).await {
+            if let Some(stats) = &self.failures {
+                Stats::incr(&stats.state_write_failures);
+            }
             tracing::warn!(output = %self.output, %error, "Open incidents not saved.");
         }
     }
@@ -822,6 +838,26 @@ mod tests {
             error.ends_with("version 3; this vigil reads versions 1 to 2"),
             "{error}"
         );
+    }
+
+    /// A save that fails (its temporary file's path taken by a directory
+    /// here, a full disk in production) is counted where the output says.
+    #[tokio::test]
+    async fn a_failed_save_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let mut temp = file.clone().into_os_string();
+        temp.push(".tmp");
+        std::fs::create_dir_all(PathBuf::from(temp).join("taken")).unwrap();
+        let stats = Arc::new(Stats::default());
+        let memory = Memory::open("pager", Some(file), "key", 10);
+        let memory = Arc::new(memory.counting_failures_in(stats.clone()));
+        memory.load().await;
+        memory
+            .incidents()
+            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+        memory.save().await;
+        assert_eq!(Stats::get(&stats.state_write_failures), 1);
     }
 
     fn keys(memory: &Memory) -> Vec<(String, Severity)> {

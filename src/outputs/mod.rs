@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
 use crate::event_queue;
+use crate::stats::Stats;
 use holds::{Holds, Origin};
 
 pub mod forward;
@@ -339,6 +340,8 @@ pub struct Kept {
     turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The work every pager output's undelivered pages came from.
     holds: Arc<Holds>,
+    /// Where a pager's failed save is counted.
+    failures: Option<Arc<Stats>>,
 }
 
 /// The most receivers an output keeps incidents of besides its current
@@ -353,10 +356,12 @@ struct Pager {
 }
 
 impl Kept {
-    /// Kept in `dir` (which must exist) as well as in memory.
-    pub fn in_dir(dir: PathBuf) -> Kept {
+    /// Kept in `dir` (which must exist) as well as in memory; a write that
+    /// fails is counted in `stats`.
+    pub fn in_dir(dir: PathBuf, stats: Arc<Stats>) -> Kept {
         Kept {
             dir: Some(dir),
+            failures: Some(stats),
             ..Kept::default()
         }
     }
@@ -391,7 +396,11 @@ impl Kept {
         let mut pagers = self.pagers.lock();
         let Some(pager) = pagers.get_mut(name) else {
             let file = self.dir.as_ref().map(|dir| incidents::file_in(dir, name));
-            let current = Arc::new(incidents::Memory::open(name, file, key, pager::MAX_OPEN));
+            let memory = incidents::Memory::open(name, file, key, pager::MAX_OPEN);
+            let current = Arc::new(match &self.failures {
+                Some(stats) => memory.counting_failures_in(stats.clone()),
+                None => memory,
+            });
             let pager = Pager {
                 current: current.clone(),
                 retired: Vec::new(),
@@ -591,7 +600,7 @@ mod tests {
         );
         before_the_restart.save().await;
 
-        let kept = Kept::in_dir(dir.path().to_owned());
+        let kept = Kept::in_dir(dir.path().to_owned(), Arc::default());
         let first = kept.pager("pager", &pager_config("k1"));
         let second = kept.pager("pager", &pager_config("k2"));
         let back = kept.pager("pager", &pager_config("k1"));
@@ -606,7 +615,7 @@ mod tests {
     #[tokio::test]
     async fn the_pagers_are_saved_as_they_are() {
         let dir = tempfile::tempdir().unwrap();
-        let kept = Kept::in_dir(dir.path().to_owned());
+        let kept = Kept::in_dir(dir.path().to_owned(), Arc::default());
         let memory = kept.pager("pager", &pager_config("k"));
         memory.load().await;
         let page = |service: &str| Event {
