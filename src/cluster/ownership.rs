@@ -180,14 +180,24 @@ struct Owned {
 }
 
 impl Owned {
-    /// What to save as this shard's progress, its expiry having run until
-    /// `expired_until`: never past a page not delivered yet, which the next
-    /// owner must then make again.
-    fn progress(&self, cluster: &Cluster, shard: u32, expired_until: Micros) -> Progress {
+    /// Whether the replay reached the previous owner's progress: from there
+    /// on the shard has progress of its own to save.
+    fn past_replay(&self) -> bool {
+        self.processed.load(Ordering::Acquire) >= self.floor
+    }
+
+    /// What to save as this shard's progress, its expiry having run here
+    /// until `expired_until` (`None`: not yet, the previous owner's time
+    /// stands): never past a page not delivered yet, which the next owner
+    /// must then make again.
+    fn progress(&self, cluster: &Cluster, shard: u32, expired_until: Option<Micros>) -> Progress {
         let seq = self.processed.load(Ordering::Acquire).max(self.floor);
         Progress {
             seq: cluster.holds.seq_settled(shard, seq),
-            at: cluster.holds.expiry_settled(shard, expired_until),
+            at: match expired_until {
+                Some(until) => cluster.holds.expiry_settled(shard, until),
+                None => self.saved.at,
+            },
         }
     }
 }
@@ -340,14 +350,18 @@ impl Owner {
                 },
             }
         }
-        // Only a shard past its replay has progress (and expiry) of its own.
+        // Only a shard past its replay has progress of its own; and expiry
+        // of its own once caught up.
         let expired_until = cluster.expired_until();
         let saves = self
             .owned
             .iter()
-            .filter(|(shard, _)| leases.live(**shard) && !lost.contains(shard))
+            .filter(|(shard, owned)| {
+                leases.valid(**shard) && owned.past_replay() && !lost.contains(shard)
+            })
             .filter_map(|(&shard, owned)| {
-                let progress = owned.progress(&cluster, shard, expired_until);
+                let expired = leases.live(shard).then_some(expired_until);
+                let progress = owned.progress(&cluster, shard, expired);
                 // A future does nothing until polled: building it is free.
                 (progress != owned.saved).then_some(async move {
                     let saved = progress_store.put(key(shard), progress.encode()).await;
@@ -454,16 +468,16 @@ impl Owner {
 /// One shard of [`Owner::release`].
 async fn hand_back(cluster: &Cluster, buckets: &Buckets, shard: u32, mut owned: Owned) {
     let leases = &cluster.leases;
-    let live = leases.live(shard);
     // Read before pausing: every expiry up to here ran; one in flight may
     // page again on the next owner (at least once, never lost).
-    let expired_until = cluster.expired_until();
+    let expired = leases.live(shard).then(|| cluster.expired_until());
     leases.pause(shard);
     owned.stop.cancel();
     let _ = (&mut owned.task).await;
-    let progress = owned.progress(cluster, shard, expired_until);
+    let progress = owned.progress(cluster, shard, expired);
     // Still replaying: the previous owner's progress stands.
-    if live
+    if leases.valid(shard)
+        && owned.past_replay()
         && progress != owned.saved
         && let Err(e) = buckets.progress.put(key(shard), progress.encode()).await
     {
