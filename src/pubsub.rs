@@ -101,6 +101,11 @@ struct Backlog {
 struct BacklogState {
     events: VecDeque<(Event, usize)>,
     bytes: usize,
+    /// The snapshot still to be sent before the events (see
+    /// [`HeldSnapshot`]), and its bytes: held here so that disconnecting
+    /// the subscriber frees it too, whatever its connection is doing.
+    snapshot: std::vec::IntoIter<Event>,
+    snapshot_bytes: usize,
     /// Disconnected for being too slow: nothing more comes.
     lagged: bool,
     /// No more events: lagged, or the subscription was dropped.
@@ -137,20 +142,41 @@ impl Backlog {
         }
     }
 
+    /// What the subscriber holds: its queue and its snapshot not sent yet.
     fn bytes(&self) -> usize {
-        self.state.lock().bytes
+        let state = self.state.lock();
+        state.bytes + state.snapshot_bytes
     }
 
-    /// Takes no more events and frees those queued; returns them, for the
-    /// caller to drop outside the lock.
+    /// Takes no more events and frees those queued and the snapshot not
+    /// sent; returns the events, for the caller to drop outside the lock.
     fn close(&self, lagged: bool, held: &AtomicUsize) -> VecDeque<(Event, usize)> {
         let mut state = self.state.lock();
         state.closed = true;
         state.lagged |= lagged;
         let freed = Self::empty(&mut state, held);
+        let snapshot = Self::take_snapshot(&mut state, held);
         drop(state);
+        drop(snapshot);
         self.ready.notify_one();
         freed
+    }
+
+    /// The snapshot's next event, its bytes no longer held.
+    fn next_of_snapshot(&self, held: &AtomicUsize) -> Option<Event> {
+        let mut state = self.state.lock();
+        let event = state.snapshot.next()?;
+        let bytes = event.approx_bytes().min(state.snapshot_bytes);
+        state.snapshot_bytes -= bytes;
+        held.fetch_sub(bytes, Ordering::AcqRel);
+        Some(event)
+    }
+
+    /// Takes the snapshot not sent, its bytes no longer held.
+    fn take_snapshot(state: &mut BacklogState, held: &AtomicUsize) -> std::vec::IntoIter<Event> {
+        held.fetch_sub(state.snapshot_bytes, Ordering::AcqRel);
+        state.snapshot_bytes = 0;
+        std::mem::take(&mut state.snapshot)
     }
 
     /// Frees the events queued, and goes on taking more.
@@ -197,9 +223,9 @@ impl Subscription {
     }
 
     /// This subscriber's snapshot, held within its pubsub's `max_held` (see
-    /// [`Pubsub::hold`]).
+    /// [`Pubsub::hold`]) and freed with its queue if it is disconnected.
     pub fn hold(&self, snapshot: Vec<Event>) -> Result<HeldSnapshot, SnapshotRefused> {
-        self.pubsub.hold(snapshot)
+        self.pubsub.hold_in(self.queue.clone(), snapshot)
     }
 }
 
@@ -216,11 +242,11 @@ pub struct SnapshotRefused {
 /// A subscription's snapshot (the current matches, sent before the live
 /// events), counted with the queues' bytes until each event is taken: a
 /// subscriber that reads nothing holds it as long as its connection lasts,
-/// and one snapshot of a large index is megabytes.
+/// and one snapshot of a large index is megabytes. It is held in the
+/// subscriber's queue, so disconnecting the subscriber frees it; the
+/// iterator then ends.
 pub struct HeldSnapshot {
-    events: std::vec::IntoIter<Event>,
-    /// Still counted in the pubsub's `bytes_held`.
-    bytes: usize,
+    queue: Arc<Backlog>,
     pubsub: Arc<Pubsub>,
 }
 
@@ -228,20 +254,16 @@ impl Iterator for HeldSnapshot {
     type Item = Event;
 
     fn next(&mut self) -> Option<Event> {
-        let event = self.events.next()?;
-        let bytes = event.approx_bytes().min(self.bytes);
-        self.bytes -= bytes;
-        self.pubsub
-            .stats
-            .bytes_held
-            .fetch_sub(bytes, Ordering::AcqRel);
-        Some(event)
+        self.queue.next_of_snapshot(&self.pubsub.stats.bytes_held)
     }
 }
 
 impl Drop for HeldSnapshot {
     fn drop(&mut self) {
-        (self.pubsub.stats.bytes_held).fetch_sub(self.bytes, Ordering::AcqRel);
+        let mut state = self.queue.state.lock();
+        let rest = Backlog::take_snapshot(&mut state, &self.pubsub.stats.bytes_held);
+        drop(state);
+        drop(rest);
     }
 }
 
@@ -302,11 +324,26 @@ impl Pubsub {
         self.max_held
     }
 
-    /// `snapshot`, its bytes counted with the queues' while it is sent;
-    /// refused when they do not fit in `max_held` beside what is held now.
-    /// The subscriber is then refused (try again later) rather than the
-    /// memory of many subscribers' snapshots growing without bound.
+    /// `snapshot` sent alone (no subscription follows it), its bytes
+    /// counted with the queues' while it is sent; refused when they do not
+    /// fit in `max_held` beside what is held now. The client is then
+    /// refused (try again later) rather than the memory of many clients'
+    /// snapshots growing without bound.
     pub fn hold(self: &Arc<Self>, snapshot: Vec<Event>) -> Result<HeldSnapshot, SnapshotRefused> {
+        let alone = Arc::new(Backlog {
+            state: Mutex::default(),
+            ready: Notify::new(),
+            max_events: 1,
+        });
+        self.hold_in(alone, snapshot)
+    }
+
+    /// `snapshot`, held in `queue` (see [`Pubsub::hold`]).
+    fn hold_in(
+        self: &Arc<Self>,
+        queue: Arc<Backlog>,
+        snapshot: Vec<Event>,
+    ) -> Result<HeldSnapshot, SnapshotRefused> {
         let bytes: usize = snapshot.iter().map(Event::approx_bytes).sum();
         let fits = |held: usize| {
             let total = held.saturating_add(bytes);
@@ -318,9 +355,19 @@ impl Pubsub {
                 events: snapshot.len(),
             }
         })?;
+        let mut state = queue.state.lock();
+        let before = Backlog::take_snapshot(&mut state, held);
+        state.snapshot = snapshot.into_iter();
+        state.snapshot_bytes = bytes;
+        // Disconnected meanwhile (too slow while the snapshot was taken):
+        // nothing of it will be sent.
+        let dropped = state
+            .closed
+            .then(|| Backlog::take_snapshot(&mut state, held));
+        drop(state);
+        drop((before, dropped));
         Ok(HeldSnapshot {
-            events: snapshot.into_iter(),
-            bytes,
+            queue,
             pubsub: self.clone(),
         })
     }
@@ -570,6 +617,31 @@ mod tests {
         let second = pubsub.hold(snapshot(5)).expect("now they fit");
         drop((first, second));
         assert_eq!(held(), 0, "given back when dropped unsent");
+    }
+
+    /// A subscriber that does not take its snapshot holds it; when the
+    /// subscribers together hold too much it is the one furthest behind,
+    /// and disconnecting it frees the snapshot at once, not when its
+    /// connection gets round to it.
+    #[tokio::test]
+    async fn disconnecting_a_subscriber_frees_its_snapshot() {
+        let one = event("0").approx_bytes();
+        let pubsub = Pubsub::with_max_held(10 * one);
+        let held = || pubsub.stats.bytes_held.load(Ordering::Acquire);
+        let all = || Query::parse("true").unwrap();
+        let stuck = pubsub.subscribe(all(), 100);
+        let snapshot: Vec<Event> = (0..8).map(|i| event(&i.to_string())).collect();
+        let mut unsent = stuck.hold(snapshot).expect("8 of 10 fit");
+        let mut reader = pubsub.subscribe(all(), 100);
+        for i in 0..3 {
+            pubsub.publish(&event(&format!("live {i}")));
+            assert!(reader.recv().await.is_some());
+        }
+        // 8 + 3 queued for `stuck` + 1 for the reader: over 10.
+        assert!(stuck.lagged() && !reader.lagged());
+        assert_eq!(held(), 0, "its snapshot and queue were freed");
+        assert!(unsent.next().is_none(), "nothing of it is sent any more");
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
