@@ -856,6 +856,70 @@ fn series_silent_only_while_nats_was_down_do_not_page() {
     assert_eq!(pager.settle_at(2), ["trigger h9", "resolve h9"]);
 }
 
+/// A shard handed over after its owner gave its entries grace (a NATS
+/// outage): the next owner must not take the graced entries for expired and
+/// reported, which the stream says they are by their deadlines. A host
+/// silent since before the outage is paged once, by the next owner, a TTL
+/// after NATS came back, and resolved once; nobody else pages.
+#[test]
+fn a_shard_handed_over_after_an_outage_still_pages_its_silent_host() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut nats = Nats::start();
+    let Paging { pager, rules, _dir } = paging_through("paging_webhook", "changed_state { pager }");
+    let flags = [
+        "--rules",
+        rules.as_str(),
+        "--shards",
+        "2",
+        "--cluster-lease-ttl",
+        "3s",
+        "--cluster-renew",
+        "1s",
+    ];
+    let first = node(&nats, "m1", &flags);
+    // Hosts of shard 1, which the first node hands to a second one joining.
+    let hosts: Vec<String> = (0..200)
+        .map(|i| format!("r{i}"))
+        .filter(|host| vigil::cluster::shard_of(host, 2) == 1)
+        .take(5)
+        .collect();
+    let ok = |hosts: &[String], ttl: f32| -> Vec<Event> {
+        let ok = |h: &String| Event {
+            ttl: Some(ttl),
+            ..event(h, "status", "ok")
+        };
+        hosts.iter().map(ok).collect()
+    };
+    send(&first, &ok(&hosts, 10.0));
+    wait_until(SETTLE, || (local_keys(&first).len() == 5).then_some(()))
+        .expect("the first node runs the hosts");
+
+    nats.kill();
+    thread::sleep(Duration::from_secs(12));
+    nats.spawn();
+    wait_until(SETTLE, || (local_keys(&first).len() == 5).then_some(()))
+        .expect("the first node took its shards again and replayed them");
+    // The first four report again; the last stays silent, and is handed
+    // over (well) within its TTL of grace.
+    send(&first, &ok(&hosts[..4], 600.0));
+    let second = node(&nats, "m2", &flags);
+    wait_until(SETTLE, || (local_keys(&second).len() >= 4).then_some(()))
+        .expect("the second node took shard 1 over");
+    let silent = &hosts[4];
+    assert_eq!(
+        pager.settle_at(1),
+        [format!("trigger {silent}")],
+        "logs:\n{}\n---\n{}",
+        first.logs(),
+        second.logs()
+    );
+    send(&second, &ok(&hosts[4..], 600.0));
+    assert_eq!(
+        pager.settle_at(2),
+        [format!("trigger {silent}"), format!("resolve {silent}")]
+    );
+}
+
 /// A page its node could not deliver (the receiver was down) is not lost
 /// with the node: its saved progress stopped before the event or the expiry
 /// that made it, so the shard's next owner runs that again live and pages

@@ -30,6 +30,9 @@ struct ShardLease {
     /// Monotonic micros until which the shard may run; [`NOT_HELD`] if not ours.
     until: AtomicI64,
     paused: AtomicBool,
+    /// Wall micros by which the entries given grace when the shard caught
+    /// up will have expired here unless refreshed (see [`Leases::caught_up`]).
+    graced_until: AtomicI64,
 }
 
 pub struct Leases {
@@ -51,6 +54,7 @@ impl Leases {
                 .map(|_| ShardLease {
                     until: AtomicI64::new(NOT_HELD),
                     paused: AtomicBool::new(false),
+                    graced_until: AtomicI64::new(Micros::MIN),
                 })
                 .collect(),
         }
@@ -71,6 +75,7 @@ impl Leases {
     pub fn taken(&self, shard: u32, sent: Micros) {
         let lease = self.shard(shard);
         lease.paused.store(true, Ordering::Release);
+        lease.graced_until.store(Micros::MIN, Ordering::Release);
         lease
             .until
             .store(sent.saturating_add(self.valid_for), Ordering::Release);
@@ -91,9 +96,19 @@ impl Leases {
     }
 
     /// The shard's replay reached what the stream held when it was taken:
-    /// its entries may expire here from now on.
-    pub fn caught_up(&self, shard: u32) {
-        self.shard(shard).paused.store(false, Ordering::Release);
+    /// its entries may expire here from now on. Those given grace then
+    /// (wall micros) expire here by `graced_until` unless refreshed: until
+    /// this node's expiry passed that, its expiry time does not tell which
+    /// of the shard's entries it expired and reported.
+    pub fn caught_up(&self, shard: u32, graced_until: Micros) {
+        let lease = self.shard(shard);
+        lease.graced_until.store(graced_until, Ordering::Release);
+        lease.paused.store(false, Ordering::Release);
+    }
+
+    /// See [`Leases::caught_up`].
+    pub fn graced_until(&self, shard: u32) -> Micros {
+        self.shard(shard).graced_until.load(Ordering::Acquire)
     }
 
     /// The shard is being handed back: no more expiry through the rules here.
@@ -209,7 +224,7 @@ mod tests {
         assert!(leases.valid(0));
         assert!(!leases.may_expire(0), "replaying");
         assert!(!leases.live(0));
-        leases.caught_up(0);
+        leases.caught_up(0, Micros::MIN);
         assert!(leases.may_expire(0));
         assert!(leases.live(0));
         leases.pause(0);

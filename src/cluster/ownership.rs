@@ -189,14 +189,18 @@ impl Owned {
     /// What to save as this shard's progress, its expiry having run here
     /// until `expired_until` (`None`: not yet, the previous owner's time
     /// stands): never past a page not delivered yet, which the next owner
-    /// must then make again.
+    /// must then make again. Nor past an entry given grace at catch-up and
+    /// not expired yet: its deadline in the stream is earlier than the time
+    /// it will expire here, and the next owner would expire it quietly (and
+    /// take its page for one already sent).
     fn progress(&self, cluster: &Cluster, shard: u32, expired_until: Option<Micros>) -> Progress {
         let seq = self.processed.load(Ordering::Acquire).max(self.floor);
+        let graced_until = cluster.leases.graced_until(shard);
         Progress {
             seq: cluster.holds.seq_settled(shard, seq),
             at: match expired_until {
-                Some(until) => cluster.holds.expiry_settled(shard, until),
-                None => self.saved.at,
+                Some(until) if until > graced_until => cluster.holds.expiry_settled(shard, until),
+                _ => self.saved.at,
             },
         }
     }
@@ -587,9 +591,9 @@ fn replayed(cluster: &Cluster, shard: u32, floor: Progress, streams: &dyn Stream
 fn caught_up(cluster: &Cluster, shard: u32, now: Micros) {
     let shards = cluster.config.shards;
     let since = cluster.reaching_since();
-    let graced =
+    let (graced, graced_until) =
         (cluster.index).extend_overdue_where(now, since, |host| shard_of(host, shards) == shard);
-    cluster.leases.caught_up(shard);
+    cluster.leases.caught_up(shard, graced_until);
     tracing::debug!(shard, graced, "Shard caught up; its entries expire here.");
 }
 

@@ -413,14 +413,15 @@ impl Index {
     /// time), as [`Index::restore`] does after a restart: a cluster node
     /// that takes a shard over just after it started, or after it was cut
     /// off from NATS, could not store these series' events meanwhile, and
-    /// neither could their agents. Returns how many were given more time.
+    /// neither could their agents. Returns how many were given more time,
+    /// and the latest deadline one got (`Micros::MIN` when none).
     pub fn extend_overdue_where(
         &self,
         now: Micros,
         since: Micros,
         select: impl Fn(&str) -> bool,
-    ) -> usize {
-        let mut extended = 0;
+    ) -> (usize, Micros) {
+        let (mut extended, mut latest) = (0, Micros::MIN);
         for shard in &self.shards {
             let mut shard = shard.lock();
             for entry in shard.entries.iter_mut() {
@@ -434,10 +435,11 @@ impl Index {
                 if deadline > entry.deadline {
                     entry.deadline = deadline;
                     extended += 1;
+                    latest = latest.max(deadline);
                 }
             }
         }
-        extended
+        (extended, latest)
     }
 
     /// The first time at which [`Index::expire`] may have something to do
@@ -836,7 +838,7 @@ mod tests {
         index.insert(&event("a", "fresh", now - secs(1), Some(10.0)));
         index.insert(&event("a", "long ago", T0 - secs(500), Some(2.0)));
         let extended = index.extend_overdue_where(now, since, |host| host == "a");
-        assert_eq!(extended, 2);
+        assert_eq!(extended, (2, since + secs(10)));
         let expired = |at| -> Vec<String> {
             let mut expired: Vec<String> = expire_all(&index, at)
                 .iter()
