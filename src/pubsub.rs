@@ -229,11 +229,11 @@ impl Subscription {
     }
 }
 
-/// A snapshot that did not fit beside what subscribers hold.
+/// A snapshot that did not fit beside what subscribers hold. Short enough,
+/// with the count, for a WebSocket close frame's 123 bytes.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the {events} matching events do not fit in --max-subscriber-memory beside what \
-     subscribers hold now; try again later, or narrow the query"
+    "{events} matching events do not fit in --max-subscriber-memory now; retry later or narrow the query"
 )]
 pub struct SnapshotRefused {
     events: usize,
@@ -608,7 +608,13 @@ mod tests {
         let mut first = pubsub.hold(snapshot(6)).expect("6 of 10 fit");
         assert_eq!(held(), 6 * one);
         let refused = pubsub.hold(snapshot(5)).err().expect("11 of 10 do not");
-        assert!(refused.to_string().starts_with("the 5 matching events"));
+        assert_eq!(
+            refused.to_string(),
+            "5 matching events do not fit in --max-subscriber-memory now; retry later or narrow the query"
+        );
+        // With the largest count a snapshot can have, whole in a close frame.
+        let largest = SnapshotRefused { events: usize::MAX }.to_string();
+        assert!(largest.len() <= 123, "{} bytes", largest.len());
         assert_eq!(held(), 6 * one, "a refusal holds nothing");
         assert!(pubsub.hold(Vec::new()).is_ok(), "an empty one always fits");
         assert_eq!(first.next().unwrap().service.as_deref(), Some("0"));
