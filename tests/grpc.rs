@@ -60,6 +60,30 @@ async fn next_event(events: &mut Streaming<PbEvent>) -> Event {
     from_pb(pb, 0)
 }
 
+/// Calls `method` (`Query`, `Subscribe`) with `query` over a bare HTTP/2
+/// connection, for a client whose reading the test controls; the answer's
+/// head, once it comes.
+fn raw_query_call(
+    h2: &mut h2::client::SendRequest<bytes::Bytes>,
+    addr: SocketAddr,
+    method: &str,
+    query: &str,
+) -> h2::client::ResponseFuture {
+    let call = axum::http::Request::post(format!("http://{addr}/vigil.Vigil/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (answer, mut body) = h2.send_request(call, false).unwrap();
+    let request = prost::Message::encode_to_vec(&QueryRequest::new(query));
+    // A gRPC message: not compressed, its length, the protobuf.
+    let mut message = vec![0];
+    message.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    message.extend_from_slice(&request);
+    body.send_data(message.into(), true).unwrap();
+    answer
+}
+
 async fn query(client: &mut VigilClient<Channel>, query: &str) -> Result<Vec<Event>, Status> {
     let reply = client.query(QueryRequest::new(query)).await?;
     Ok(reply
@@ -376,17 +400,7 @@ async fn a_subscriber_not_reading_its_snapshot_does_not_hold_the_shutdown() {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
-    let call = axum::http::Request::post(format!("http://{addr}/vigil.Vigil/Subscribe"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (answer, mut body) = h2.send_request(call, false).unwrap();
-    let request = prost::Message::encode_to_vec(&QueryRequest::new("true"));
-    let mut message = vec![0];
-    message.extend_from_slice(&(request.len() as u32).to_be_bytes());
-    message.extend_from_slice(&request);
-    body.send_data(message.into(), true).unwrap();
+    let answer = raw_query_call(&mut h2, addr, "Subscribe", "true");
     // Its answer began (the snapshot is on its way); its body is never read.
     let _answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
 
@@ -758,18 +772,7 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
         .await
         .unwrap();
     tokio::spawn(connection);
-    let call = axum::http::Request::post(format!("http://{}/vigil.Vigil/Query", grpc.addr))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (_answer, mut body) = h2.send_request(call, false).unwrap();
-    let request = prost::Message::encode_to_vec(&QueryRequest::new("true"));
-    // A gRPC message: not compressed, its length, the protobuf.
-    let mut message = vec![0];
-    message.extend_from_slice(&(request.len() as u32).to_be_bytes());
-    message.extend_from_slice(&request);
-    body.send_data(message.into(), true).unwrap();
+    let _answer = raw_query_call(&mut h2, grpc.addr, "Query", "true");
     wait_stat(&stats, |s| &s.grpc_write_timeouts, 1).await;
     // Everyone else is still served.
     let mut client = connect(grpc.addr).await;
