@@ -355,13 +355,13 @@ impl<'a> Parser<'a> {
         (at..at + len, shown)
     }
 
-    /// "expected X, found Y" at the token after trivia.
     /// "unexpected …" for the token at `input`.
     fn unknown(&self, input: &str) -> Diagnostic {
         let (span, found) = self.found(self.offset(skip_trivia(input)));
         Diagnostic::new(span, format!("unexpected {found}"))
     }
 
+    /// "expected X, found Y" at the token after trivia.
     fn unexpected(&self, input: &str, expected: impl Display) -> Diagnostic {
         let (span, found) = self.found(self.offset(skip_trivia(input)));
         Diagnostic::new(span, format!("expected {expected}, found {found}"))
