@@ -476,7 +476,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("starting the listeners")?;
     let telemetry = Arc::new(Telemetry {
-        stats: server.stats.clone(),
+        stats: stats.clone(),
         index: index.clone(),
         subscribers: match &cluster {
             Some(cluster) => cluster.feed().clone(),
@@ -537,7 +537,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 index.clone(),
                 streams.clone(),
                 clock,
-                server.stats.clone(),
+                stats.clone(),
                 cluster,
             )
             .await

@@ -630,15 +630,17 @@ async fn consume(
     let leases = &cluster.leases;
     // What the shard holds now: its expiry waits until that much ran, so no
     // entry expires for want of an event already stored.
-    let mut behind = if leases.live(shard) {
-        0
-    } else {
-        (consumer.info().await)
-            .doing("asking what is left to replay")?
-            .num_pending
+    let catching_up = !leases.live(shard);
+    let mut behind = match catching_up {
+        true => {
+            (consumer.info().await)
+                .doing("asking what is left to replay")?
+                .num_pending
+        }
+        false => 0,
     };
     // Nothing (left) to replay: e.g. retention dropped the shard's history.
-    if behind == 0 && !leases.live(shard) {
+    if catching_up && behind == 0 {
         if !*live {
             replayed(cluster, shard, floor, streams);
             *live = true;
