@@ -145,6 +145,15 @@ fn event(host: &str, service: &str, state: &str) -> Event {
     }
 }
 
+/// An `ok` of `service` for each host, living `ttl` seconds.
+fn ok_with_ttl(hosts: &[String], service: &str, ttl: f32) -> Vec<Event> {
+    let ok = |host: &String| Event {
+        ttl: Some(ttl),
+        ..event(host, service, "ok")
+    };
+    hosts.iter().map(ok).collect()
+}
+
 /// Sends `events` through `node` in batches of 100; every batch must be acked.
 fn send(node: &Vigil, events: &[Event]) {
     let addr = node.tcp;
@@ -824,13 +833,7 @@ fn series_silent_only_while_nats_was_down_do_not_page() {
         &[&["--rules", rules.as_str()][..], &quick].concat(),
     );
     let hosts: Vec<String> = (0..10).map(|i| format!("h{i}")).collect();
-    let ok = |hosts: &[String], ttl: f32| -> Vec<Event> {
-        let ok = |h: &String| Event {
-            ttl: Some(ttl),
-            ..event(h, "disk", "ok")
-        };
-        hosts.iter().map(ok).collect()
-    };
+    let ok = |hosts: &[String], ttl: f32| ok_with_ttl(hosts, "disk", ttl);
     send(&node, &ok(&hosts, 6.0));
     wait_until(SETTLE, || (local_keys(&node).len() == 10).then_some(()))
         .expect("the node runs the hosts");
@@ -883,13 +886,7 @@ fn a_shard_handed_over_after_an_outage_still_pages_its_silent_host() {
         .filter(|host| vigil::cluster::shard_of(host, 2) == 1)
         .take(5)
         .collect();
-    let ok = |hosts: &[String], ttl: f32| -> Vec<Event> {
-        let ok = |h: &String| Event {
-            ttl: Some(ttl),
-            ..event(h, "status", "ok")
-        };
-        hosts.iter().map(ok).collect()
-    };
+    let ok = |hosts: &[String], ttl: f32| ok_with_ttl(hosts, "status", ttl);
     send(&first, &ok(&hosts, 10.0));
     wait_until(SETTLE, || (local_keys(&first).len() == 5).then_some(()))
         .expect("the first node runs the hosts");
