@@ -23,8 +23,9 @@
 //! [`outputs::suppressed`]: subscribers see live changes only.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -32,6 +33,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::event::Event;
 use crate::event_queue::Refused;
+use crate::json;
 use crate::outputs;
 use crate::query::Query;
 
@@ -44,6 +46,30 @@ pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
 /// Bytes all subscribers' queues may hold together, by default.
 pub const DEFAULT_MAX_HELD: usize = 256 * 1024 * 1024;
+
+/// An event as its subscribers get it: one copy shared by all of them, with
+/// its JSON encoded once, by the first of them that needs it.
+#[derive(Debug)]
+pub struct Published {
+    event: Event,
+    json: OnceLock<Box<str>>,
+}
+
+impl Published {
+    /// The event's JSON ([`json::to_json`]), as SSE and WebSocket send it.
+    pub fn json(&self) -> &str {
+        self.json
+            .get_or_init(|| json::to_json(&self.event).to_string().into())
+    }
+}
+
+impl Deref for Published {
+    type Target = Event;
+
+    fn deref(&self) -> &Event {
+        &self.event
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct PubsubStats {
@@ -92,14 +118,15 @@ struct Subscriber {
 /// events are freed at once, not when its connection gets round to it.
 struct Backlog {
     state: Mutex<BacklogState>,
-    /// Woken on each event and on closing; one waiter (the subscriber).
+    /// Woken when an event comes to an empty queue, and on closing; one
+    /// waiter (the subscriber).
     ready: Notify,
     max_events: usize,
 }
 
 #[derive(Default)]
 struct BacklogState {
-    events: VecDeque<(Event, usize)>,
+    events: VecDeque<(Arc<Published>, usize)>,
     bytes: usize,
     /// The snapshot still to be sent before the events (see
     /// [`HeldSnapshot`]), and its bytes: held here so that disconnecting
@@ -113,7 +140,7 @@ struct BacklogState {
 }
 
 impl Backlog {
-    fn push(&self, event: Event, bytes: usize, held: &AtomicUsize) -> Result<(), Refused> {
+    fn push(&self, event: Arc<Published>, bytes: usize, held: &AtomicUsize) -> Result<(), Refused> {
         let mut state = self.state.lock();
         if state.closed {
             return Err(Refused::Closed);
@@ -123,13 +150,19 @@ impl Backlog {
         }
         state.bytes += bytes;
         held.fetch_add(bytes, Ordering::AcqRel);
+        // The subscriber waits only once it found the queue empty, and
+        // takes all that is queued before it waits again: only the first
+        // event after it emptied the queue needs to wake it.
+        let first = state.events.is_empty();
         state.events.push_back((event, bytes));
         drop(state);
-        self.ready.notify_one();
+        if first {
+            self.ready.notify_one();
+        }
         Ok(())
     }
 
-    fn pop(&self, held: &AtomicUsize) -> Result<Event, TryRecvError> {
+    fn pop(&self, held: &AtomicUsize) -> Result<Arc<Published>, TryRecvError> {
         let mut state = self.state.lock();
         match state.events.pop_front() {
             Some((event, bytes)) => {
@@ -150,7 +183,7 @@ impl Backlog {
 
     /// Takes no more events and frees those queued and the snapshot not
     /// sent; returns the events, for the caller to drop outside the lock.
-    fn close(&self, lagged: bool, held: &AtomicUsize) -> VecDeque<(Event, usize)> {
+    fn close(&self, lagged: bool, held: &AtomicUsize) -> VecDeque<(Arc<Published>, usize)> {
         let mut state = self.state.lock();
         state.closed = true;
         state.lagged |= lagged;
@@ -180,11 +213,11 @@ impl Backlog {
     }
 
     /// Frees the events queued, and goes on taking more.
-    fn shed(&self, held: &AtomicUsize) -> VecDeque<(Event, usize)> {
+    fn shed(&self, held: &AtomicUsize) -> VecDeque<(Arc<Published>, usize)> {
         Self::empty(&mut self.state.lock(), held)
     }
 
-    fn empty(state: &mut BacklogState, held: &AtomicUsize) -> VecDeque<(Event, usize)> {
+    fn empty(state: &mut BacklogState, held: &AtomicUsize) -> VecDeque<(Arc<Published>, usize)> {
         held.fetch_sub(state.bytes, Ordering::AcqRel);
         state.bytes = 0;
         std::mem::take(&mut state.events)
@@ -200,7 +233,7 @@ pub struct Subscription {
 
 impl Subscription {
     /// The next event; `None` once unsubscribed (see [`Subscription::lagged`]).
-    pub async fn recv(&mut self) -> Option<Event> {
+    pub async fn recv(&mut self) -> Option<Arc<Published>> {
         loop {
             match self.try_recv() {
                 Ok(event) => return Some(event),
@@ -212,7 +245,7 @@ impl Subscription {
     }
 
     /// The next event if one is queued.
-    pub fn try_recv(&mut self) -> Result<Event, TryRecvError> {
+    pub fn try_recv(&mut self) -> Result<Arc<Published>, TryRecvError> {
         self.queue.pop(&self.pubsub.stats.bytes_held)
     }
 
@@ -396,13 +429,19 @@ impl Pubsub {
         }
         let held = &self.stats.bytes_held;
         let mut slow = Vec::new();
-        let mut bytes = None;
+        let mut shared = None;
         for sub in self.subscribers.read().iter() {
             if !sub.query.matches(event) {
                 continue;
             }
-            let bytes = *bytes.get_or_insert_with(|| event.approx_bytes());
-            match sub.queue.push(event.clone(), bytes, held) {
+            let (published, bytes) = shared.get_or_insert_with(|| {
+                let published = Published {
+                    event: event.clone(),
+                    json: OnceLock::new(),
+                };
+                (Arc::new(published), event.approx_bytes())
+            });
+            match sub.queue.push(published.clone(), *bytes, held) {
                 Ok(()) => {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
@@ -499,6 +538,19 @@ mod tests {
         );
         assert_eq!(all.recv().await.unwrap().service.as_deref(), Some("disk"));
         assert_eq!(pubsub.stats.delivered.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn subscribers_share_one_copy_of_an_event_and_of_its_json() {
+        let pubsub = Pubsub::new();
+        let mut one = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        let mut other = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        pubsub.publish(&event("cpu"));
+        let (one, other) = (one.recv().await.unwrap(), other.recv().await.unwrap());
+        assert!(Arc::ptr_eq(&one, &other));
+        let json = one.json();
+        assert_eq!(json, json::to_json(&event("cpu")).to_string());
+        assert!(std::ptr::eq(json, other.json()), "encoded once");
     }
 
     #[tokio::test]

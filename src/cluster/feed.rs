@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Cluster, PART_EVENTS, parts};
 use crate::event::Event;
 use crate::proto::{self, Msg};
-use crate::pubsub::{Pubsub, Subscription};
+use crate::pubsub::{Published, Pubsub, Subscription};
 use crate::query::Query;
 
 /// Where nodes announce the queries of their subscribers.
@@ -215,7 +215,7 @@ fn union<'a>(texts: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
-async fn next_change(subscription: &mut Option<Subscription>) -> Option<Event> {
+async fn next_change(subscription: &mut Option<Subscription>) -> Option<Arc<Published>> {
     match subscription {
         Some(subscription) => subscription.recv().await,
         None => std::future::pending().await,
@@ -297,7 +297,7 @@ impl Tap {
 
     /// Sends `first` and whatever else is queued (one part's worth) to every
     /// node with a matching query, one message per node.
-    async fn forward(&mut self, first: Event) {
+    async fn forward(&mut self, first: Arc<Published>) {
         let mut batch = vec![first];
         if let Some(subscription) = &mut self.subscription {
             while batch.len() < PART_EVENTS {
@@ -308,8 +308,7 @@ impl Tap {
             }
         }
         for (node, wanted) in &self.wanted {
-            let matching: Vec<&Event> = batch
-                .iter()
+            let matching: Vec<&Event> = (batch.iter().map(|published| -> &Event { published }))
                 .filter(|e| wanted.queries.iter().any(|q| q.matches(e)))
                 .collect();
             for part in parts(&matching, |e| e.approx_bytes()) {

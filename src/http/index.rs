@@ -16,21 +16,23 @@
 //! peer is gone.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Query as Params, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::{StreamExt, stream};
+use futures_util::{SinkExt, Stream, StreamExt, stream};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{AppState, error};
 use crate::event::Event;
 use crate::json;
+use crate::pubsub::{HeldSnapshot, Published, Subscription};
 use crate::query::Query;
 use crate::stats::Stats;
 
@@ -123,6 +125,26 @@ fn frame(event: &Event) -> Message {
     Message::Text(json::to_json(event).to_string().into())
 }
 
+/// Live events written with one flush: those queued when one arrives, up
+/// to this many. A flush per event is a write per event per subscriber.
+const LIVE_BATCH: usize = 256;
+
+/// `first` and what else is queued (up to [`LIVE_BATCH`]), then one flush.
+async fn send_live(
+    socket: &mut WebSocket,
+    subscription: &mut Subscription,
+    first: &Published,
+) -> Result<(), axum::Error> {
+    socket.feed(Message::Text(first.json().into())).await?;
+    for _ in 1..LIVE_BATCH {
+        let Ok(event) = subscription.try_recv() else {
+            break;
+        };
+        socket.feed(Message::Text(event.json().into())).await?;
+    }
+    socket.flush().await
+}
+
 async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscribe: bool) {
     let subscription = match subscribe {
         true => Some(state.subscribe(&query).await),
@@ -147,10 +169,14 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
             return;
         }
     };
+    // Fed, not sent: a flush per event is a write per event.
     for event in snapshot {
-        if socket.send(frame(&event)).await.is_err() {
+        if socket.feed(frame(&event)).await.is_err() {
             return;
         }
+    }
+    if socket.flush().await.is_err() {
+        return;
     }
     let Some(mut subscription) = subscription else {
         close(socket, close_code::NORMAL, "snapshot sent").await;
@@ -176,7 +202,7 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
             }
             event = subscription.recv() => match event {
                 Some(event) => {
-                    if socket.send(frame(&event)).await.is_err() {
+                    if send_live(&mut socket, &mut subscription, &event).await.is_err() {
                         return;
                     }
                 }
@@ -236,26 +262,92 @@ async fn event_stream(state: AppState, query: Query) -> Response {
         Ok(held) => held,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
     };
-    let live = stream::unfold(subscription, |mut subscription| async move {
-        let event = subscription.recv().await?;
-        Some((event, subscription))
+    let headers = [
+        (header::CONTENT_TYPE, "text/event-stream"),
+        (header::CACHE_CONTROL, "no-cache"),
+    ];
+    let chunks = sse_chunks(snapshot, subscription).take_until(state.shutdown.cancelled_owned());
+    (headers, Body::from_stream(chunks)).into_response()
+}
+
+/// A comment is sent after this long without an event: it makes a departed
+/// client's connection fail (and its subscription go) even when no event
+/// matches for a long time.
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The SSE body: each chunk holds the events queued when it is written (up
+/// to [`LIVE_BATCH`]), so a subscriber costs a write per wake-up rather than
+/// per event (axum's `Sse` writes one chunk per event).
+fn sse_chunks(
+    snapshot: HeldSnapshot,
+    subscription: Subscription,
+) -> impl Stream<Item = Result<String, Infallible>> {
+    let snapshot = stream::iter(snapshot).chunks(LIVE_BATCH).map(|events| {
+        let mut chunk = String::new();
+        for event in events {
+            push_sse_data(&mut chunk, &json::to_json(&event).to_string());
+        }
+        chunk
     });
-    let events = stream::iter(snapshot)
-        .chain(live)
-        .map(|event| {
-            Ok::<_, Infallible>(sse::Event::default().data(json::to_json(&event).to_string()))
-        })
-        .take_until(state.shutdown.cancelled_owned());
-    // Keep-alive comments make a departed client's connection fail (and its
-    // subscription go) even when no event matches for a long time.
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    let live = stream::unfold(subscription, |mut subscription| async move {
+        let first = match tokio::time::timeout(SSE_KEEP_ALIVE, subscription.recv()).await {
+            Ok(first) => first?,
+            Err(_quiet) => return Some((":\n\n".to_owned(), subscription)),
+        };
+        let mut chunk = String::new();
+        push_sse_data(&mut chunk, first.json());
+        for _ in 1..LIVE_BATCH {
+            let Ok(event) = subscription.try_recv() else {
+                break;
+            };
+            push_sse_data(&mut chunk, event.json());
+        }
+        Some((chunk, subscription))
+    });
+    snapshot.chain(live).map(Ok)
+}
+
+/// One SSE event of one `data` line: compact JSON has no line breaks (they
+/// are escaped inside strings).
+fn push_sse_data(chunk: &mut String, json: &str) {
+    debug_assert!(!json.contains('\n'), "one line per event");
+    chunk.push_str("data: ");
+    chunk.push_str(json);
+    chunk.push_str("\n\n");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pubsub::Pubsub;
+
+    #[tokio::test(start_paused = true)]
+    async fn sse_chunks_hold_the_events_queued_and_a_comment_when_quiet() {
+        let pubsub = Pubsub::new();
+        let subscription = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        let snapshot = subscription.hold(vec![event("a")]).unwrap();
+        let mut chunks = std::pin::pin!(sse_chunks(snapshot, subscription));
+        let text = |chunk: Option<Result<String, Infallible>>| chunk.unwrap().unwrap();
+        let json = |host| json::to_json(&event(host)).to_string();
+        assert_eq!(
+            text(chunks.next().await),
+            format!("data: {}\n\n", json("a"))
+        );
+        pubsub.publish(&event("b"));
+        pubsub.publish(&event("c"));
+        let both = format!("data: {}\n\ndata: {}\n\n", json("b"), json("c"));
+        assert_eq!(text(chunks.next().await), both, "one chunk");
+        let started = tokio::time::Instant::now();
+        assert_eq!(text(chunks.next().await), ":\n\n");
+        assert_eq!(started.elapsed(), SSE_KEEP_ALIVE);
+    }
+
+    fn event(host: &str) -> Event {
+        Event {
+            host: Some(host.into()),
+            ..Event::default()
+        }
+    }
 
     #[test]
     fn a_close_reason_is_cut_to_123_bytes_on_a_character_boundary() {

@@ -988,7 +988,7 @@ mod tests {
         index.insert(&event("b", "x", T0, None));
         expire_all(&index, T0 + secs(2));
         let states: Vec<_> = std::iter::from_fn(|| sub.try_recv().ok())
-            .map(|e| (e.service.unwrap(), e.state.unwrap()))
+            .map(|e| (e.service.clone().unwrap(), e.state.clone().unwrap()))
             .collect();
         assert_eq!(
             states,

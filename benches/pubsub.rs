@@ -1,0 +1,71 @@
+//! Live subscriptions: what publishing a 100-event batch costs the ingest
+//! path with 1, 10 and 200 subscribers to everything, and what delivering it
+//! costs in all (each subscriber takes every event and its JSON, as an SSE
+//! or WebSocket subscriber does).
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+use vigil::event::{Event, Metric};
+use vigil::pubsub::{Pubsub, Subscription};
+use vigil::query::Query;
+
+// As the server runs: event copies are the allocator's work.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn batch() -> Vec<Event> {
+    (0..100)
+        .map(|i| Event {
+            host: Some(format!("web{i}.example.com")),
+            service: Some("cpu-3/cpu-idle/value".into()),
+            state: Some("ok".into()),
+            description: Some("idle time of the third core".into()),
+            metric: Some(Metric::Float(0.93)),
+            tags: vec!["collectd".into(), "prod".into()],
+            attributes: vec![("plugin".into(), "cpu".into())],
+            time: 1_700_000_000_000_000,
+            ttl: Some(60.0),
+        })
+        .collect()
+}
+
+fn subscribers(pubsub: &std::sync::Arc<Pubsub>, n: usize) -> Vec<Subscription> {
+    (0..n)
+        .map(|_| pubsub.subscribe(Query::parse("true").unwrap(), 10_000))
+        .collect()
+}
+
+fn pubsub(c: &mut Criterion) {
+    let events = batch();
+    let mut group = c.benchmark_group("pubsub");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    for n in [1, 10, 200] {
+        let pubsub = Pubsub::new();
+        let mut subs = subscribers(&pubsub, n);
+        group.bench_function(BenchmarkId::new("publish", n), |b| {
+            b.iter(|| {
+                events.iter().for_each(|e| pubsub.publish(e));
+                // Taken too, so the queues never fill: cheap beside publishing.
+                for sub in &mut subs {
+                    while sub.try_recv().is_ok() {}
+                }
+            });
+        });
+        group.bench_function(BenchmarkId::new("deliver_json", n), |b| {
+            b.iter(|| {
+                events.iter().for_each(|e| pubsub.publish(e));
+                let mut bytes = 0;
+                for sub in &mut subs {
+                    while let Ok(event) = sub.try_recv() {
+                        bytes += event.json().len();
+                    }
+                }
+                bytes
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pubsub);
+criterion_main!(benches);
