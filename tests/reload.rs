@@ -428,3 +428,82 @@ fn a_replaced_forwards_backlog_is_counted_until_it_gives_it_up() {
         v.logs()
     );
 }
+
+/// An output that holds the batch delivering its first event until released.
+struct Gate {
+    entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl OutputSink for Gate {
+    fn push(&self, _: Event) {
+        let entered = self.entered.lock().unwrap().take();
+        if let Some(entered) = entered {
+            entered.send(()).unwrap();
+            let release = self.release.lock().unwrap().take().unwrap();
+            release.recv().unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_batch_running_while_a_reload_moves_the_state_is_not_lost_to_the_new_rules() {
+    let source = "output out = forward(host: \"127.0.0.1\")\n\
+                  output gate = forward(host: \"127.0.0.2\")\n\
+                  streams {\n  where host = \"gate\" { gate }\n  by(host) { changed(state) { out } }\n}\n";
+    let load = || rules::load(NAME, source, EnvPolicy::Strict).unwrap().1;
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let gate = Arc::new(Gate {
+        entered: std::sync::Mutex::new(Some(entered_tx)),
+        release: std::sync::Mutex::new(Some(release_rx)),
+    });
+    let out = Arc::new(Recorder::default());
+    let sinks = || -> Vec<Arc<dyn OutputSink>> { vec![out.clone(), gate.clone()] };
+    let clock: SharedClock = Arc::new(ManualClock::new(TEST_EPOCH));
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let rules = Arc::new(Rules::new(load().roots, None, sinks(), index, clock));
+    let event = |host: &str, state: &str| Event {
+        host: Some(host.to_owned()),
+        service: Some("svc".to_owned()),
+        state: Some(state.to_owned()),
+        time: TEST_EPOCH,
+        ..Event::default()
+    };
+    rules.process(&[event("a", "ok")]);
+
+    // A batch held in `gate`, its second event (a's transition) not run yet.
+    let batch = [event("gate", "ok"), event("a", "critical")];
+    let running = std::thread::spawn({
+        let rules = rules.clone();
+        move || rules.process(&batch)
+    });
+    entered.recv().unwrap();
+    let (reloaded_tx, reloaded) = std::sync::mpsc::channel();
+    let reloading = std::thread::spawn({
+        let (rules, roots, sinks) = (rules.clone(), load().roots, sinks());
+        move || {
+            rules.replace(roots, None, sinks);
+            reloaded_tx.send(()).unwrap();
+        }
+    });
+    // The reload waits for the batch; one that moved the state meanwhile is
+    // done by now (and the batch then changes the old rules alone).
+    let waited = reloaded.recv_timeout(std::time::Duration::from_millis(300));
+    release.send(()).unwrap();
+    running.join().unwrap();
+    reloading.join().unwrap();
+
+    // The new rules know a is critical: a repeat is not a transition.
+    rules.process(&[event("a", "critical"), event("a", "ok")]);
+    let seen: Vec<(String, String)> = (out.events.lock().iter())
+        .filter(|e| e.host_str() == "a")
+        .map(|e| (e.host_str().to_owned(), e.state.clone().unwrap()))
+        .collect();
+    let a = |state: &str| ("a".to_owned(), state.to_owned());
+    assert_eq!(seen, [a("ok"), a("critical"), a("ok")]);
+    assert!(
+        waited.is_err(),
+        "the reload did not wait for the running batch"
+    );
+}

@@ -5,13 +5,18 @@
 //! The running [`Tree`] sits behind an [`ArcSwap`] so a reload can replace it
 //! while the server keeps calling the same `Streams`: each batch (or tick)
 //! loads the tree once and finishes on it, the next batch sees the new one.
+//! A reload waits for the batches running to finish and holds the next ones
+//! while the state moves from the old tree to the new: an event processed on
+//! the old tree meanwhile would change state already moved out, and be lost
+//! to the new tree (a transition `changed_state` never reports, an incident
+//! never resolved).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::clock::{Micros, SharedClock};
 use crate::event::Event;
@@ -80,6 +85,9 @@ pub struct Rules {
     current: ArcSwap<Tree>,
     /// Serialises reloads: state moves out of the tree being replaced once.
     replacing: Mutex<()>,
+    /// Held shared by each batch and tick while it runs, and exclusively by
+    /// a reload while it moves the state and swaps the tree.
+    running: RwLock<()>,
     index: Arc<Index>,
     clock: SharedClock,
     pub stats: RuleStats,
@@ -101,6 +109,7 @@ impl Rules {
                 text,
             }),
             replacing: Mutex::new(()),
+            running: RwLock::new(()),
             index,
             clock,
             stats: RuleStats::default(),
@@ -108,9 +117,9 @@ impl Rules {
     }
 
     /// Swaps in a newly compiled tree: each stage whose definition and place are
-    /// unchanged first takes over its predecessor's state. Returns the replaced
-    /// tree; batches that loaded it before the swap may still be running on it
-    /// (they hold a reference), so its outputs are retired once it is unused.
+    /// unchanged first takes over its predecessor's state, once the batches
+    /// running on it have finished; the next ones wait for the swap. Returns
+    /// the replaced tree, whose outputs the caller retires.
     pub fn replace(
         &self,
         roots: Children,
@@ -123,9 +132,11 @@ impl Rules {
             outputs,
             text,
         };
+        let quiet = self.running.write();
         let old = self.current.load_full();
         new.roots.adopt(&old.roots);
         self.current.store(Arc::new(new));
+        drop(quiet);
         self.stats.reloads.fetch_add(1, Ordering::Relaxed);
         old
     }
@@ -147,6 +158,7 @@ impl Rules {
     /// tick, and a virtual clock can skip the ticks before it
     /// ([`super::testing::advance`]).
     pub fn tick_scheduled(&self) -> Option<Micros> {
+        let _running = self.running.read();
         let tree = self.current.load();
         let due = self.run(&tree, 0, |cx| self.guarded(|| tree.roots.tick(cx)));
         (due != Micros::MAX).then_some(due)
@@ -223,6 +235,7 @@ impl Rules {
 
 impl Streams for Rules {
     fn process(&self, events: &[Event]) {
+        let _running = self.running.read();
         let tree = self.current.load();
         // Each event's key is hashed once, PREFETCH_AHEAD events before the
         // event runs: to prefetch its slot, then (through `Cx`) to index it.

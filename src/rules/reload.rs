@@ -1,9 +1,9 @@
 //! Hot reload: on `SIGHUP`, `vigil run` re-reads its rule file, validates and
 //! compiles it exactly as at start-up, and swaps it in; batches already running
-//! finish on the old rules, the next ones use the new ([`Rules::replace`]). A
-//! file that does not load is rejected with the same `FILE:LINE:COL`
-//! diagnostics as `vigil check`, logged and counted in
-//! `RuleStats::reload_failures`, and the old rules keep running.
+//! finish on the old rules, the next ones wait for the state to move and run
+//! on the new ([`Rules::replace`]). A file that does not load is rejected with
+//! the same `FILE:LINE:COL` diagnostics as `vigil check`, logged and counted
+//! in `RuleStats::reload_failures`, and the old rules keep running.
 //!
 //! # What carries over
 //! Riemann drops all stream state on reload; vigil keeps it for every stage
@@ -44,10 +44,6 @@
 //!   which that one counted as dropped, and counts them anew). A changed
 //!   `webhook` or pager posts only once the old one has ended, so a
 //!   receiver never gets an old event after a newer one.
-//! - Events a batch processes on the old rules while the state moves out of
-//!   them (briefly: it is moved, not copied): a stage already emptied sees
-//!   them alone, and what they change there is lost. Avoiding it would take a
-//!   lock on every batch.
 
 use std::io;
 use std::path::PathBuf;
@@ -249,6 +245,8 @@ impl Reloader {
         let mut outputs = self.outputs.lock();
         let removed = outputs.update(&compiled.outputs);
         let text = Arc::new(RuleText { name, text: source });
+        // Batches wait while the state moves: the log says how long.
+        let swapping = std::time::Instant::now();
         let old = self
             .rules
             .replace(compiled.roots, Some(text.clone()), outputs.sinks());
@@ -256,6 +254,7 @@ impl Reloader {
             rules = %text.name,
             outputs = outputs.running.len(),
             outputs_stopped = removed.len(),
+            swap = ?swapping.elapsed(),
             "Rules reloaded."
         );
         outputs.retiring.retain(|task| !task.is_finished());
