@@ -1,12 +1,14 @@
-//! A minimal Riemann TCP client: send events, run queries. Used by the `send`
-//! and `query` subcommands (and by tests and tools).
+//! A minimal Riemann TCP client, plain or TLS: send events, run queries. Used
+//! by the `send` and `query` subcommands and the `forward` output (and by
+//! tests and tools).
 
 use std::io;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message;
-use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::ToSocketAddrs;
 use tokio_util::codec::Framed;
 
 use crate::dial;
@@ -14,6 +16,7 @@ use crate::event::Event;
 use crate::frame::{FrameCodec, FrameError};
 use crate::proto::{self, Msg, PbQuery};
 use crate::tcp;
+use crate::tls::ClientTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -22,15 +25,31 @@ pub enum ClientError {
     #[error("server closed the connection before replying")]
     Closed,
     #[error("bad reply framing: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     #[error("undecodable reply: {0}")]
     Decode(#[from] prost::DecodeError),
     #[error("server error: {0}")]
     Server(String),
 }
 
+/// What a client talks over: TCP, or TLS over TCP.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+
+impl From<FrameError> for ClientError {
+    /// A failed read or write is the connection's (over TLS: an alert, the
+    /// server refusing the client's certificate), not the reply's framing.
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Io(e) => ClientError::Io(e),
+            other => ClientError::Frame(other),
+        }
+    }
+}
+
 pub struct Client {
-    framed: Framed<TcpStream, FrameCodec>,
+    framed: Framed<Box<dyn Connection>, FrameCodec>,
 }
 
 impl Client {
@@ -47,9 +66,26 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let socket = dial::connect(addr).await?;
         socket.set_nodelay(true)?;
-        Ok(Self {
-            framed: Framed::new(socket, tcp::codec(max_reply)),
-        })
+        Ok(Self::over(Box::new(socket), max_reply))
+    }
+
+    /// A client over TLS ([`Client::connect`] otherwise): the handshake
+    /// failing (the server's certificate not trusted, or not for the name)
+    /// is a connection error.
+    pub async fn connect_tls(
+        addr: impl ToSocketAddrs,
+        tls: &ClientTls,
+    ) -> Result<Self, ClientError> {
+        let socket = dial::connect(addr).await?;
+        socket.set_nodelay(true)?;
+        let stream = tls.connect(socket).await?;
+        Ok(Self::over(Box::new(stream), tcp::DEFAULT_MAX_FRAME))
+    }
+
+    fn over(connection: Box<dyn Connection>, max_reply: usize) -> Self {
+        Self {
+            framed: Framed::new(connection, tcp::codec(max_reply)),
+        }
     }
 
     pub async fn send(&mut self, events: &[Event]) -> Result<(), ClientError> {

@@ -1,7 +1,8 @@
 //! TLS for the Riemann TCP protocol: a rustls server configuration (ring
 //! provider) loaded from PEM files, optionally requiring client certificates
 //! signed by a given CA. The handshake itself runs in [`tcp`](crate::tcp),
-//! which serves plain and TLS connections with the same handler.
+//! which serves plain and TLS connections with the same handler. And the
+//! client side ([`ClientTls`]), for a `forward` output to a TLS port.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::rustls::server::VerifierBuilderError;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Riemann's TLS port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:5554";
@@ -69,6 +70,116 @@ pub enum TlsError {
         path: PathBuf,
         cause: tokio_rustls::rustls::Error,
     },
+    #[error("`{0}` is not a name or address a certificate can be checked against")]
+    ServerName(String),
+}
+
+/// How a client connects over TLS: the server name its certificate must
+/// carry, the CAs it must chain to, and the client's own certificate if it
+/// presents one (a vigil started with `--tls-ca` requires it).
+#[derive(Clone)]
+pub struct ClientTls {
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    /// The files' contents as read: two are equal when they were, so a
+    /// reload after a certificate was renewed starts the output anew.
+    cas: Vec<CertificateDer<'static>>,
+    identity: Option<Identity>,
+}
+
+/// A client certificate chain and its key (PEM), as read.
+#[derive(Clone, PartialEq)]
+struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key_pem: Vec<u8>,
+}
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.server_name, &self.cas, &self.identity)
+            == (&other.server_name, &other.cas, &other.identity)
+    }
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the key.
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Trusting the CA certificates in the PEM file `ca`, checking the
+    /// server's certificate for `server_name`, presenting `identity` (a
+    /// certificate chain and its key, PEM) if given.
+    pub fn load(
+        server_name: &str,
+        ca: &Path,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<ClientTls, TlsError> {
+        let checked = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
+        let provider = Arc::new(ring::default_provider());
+        let cas = certificates(ca)?;
+        let mut trusted = RootCertStore::empty();
+        for cert in &cas {
+            trusted
+                .add(cert.clone())
+                .map_err(|cause| TlsError::CaCertificate {
+                    path: ca.to_owned(),
+                    cause,
+                })?;
+        }
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Versions)?
+            .with_root_certificates(trusted);
+        let (config, identity) = match identity {
+            None => (builder.with_no_client_auth(), None),
+            Some((cert, key_path)) => {
+                let chain = certificates(cert)?;
+                let key_pem = std::fs::read(key_path).map_err(|e| TlsError::Key {
+                    path: key_path.to_owned(),
+                    cause: tokio_rustls::rustls::pki_types::pem::Error::Io(e),
+                })?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|cause| TlsError::Key {
+                        path: key_path.to_owned(),
+                        cause,
+                    })?;
+                let config = builder.with_client_auth_cert(chain.clone(), key).map_err(
+                    |cause| match cause {
+                        tokio_rustls::rustls::Error::InconsistentKeys(_) => {
+                            TlsError::Mismatch(cause)
+                        }
+                        cause => TlsError::Certificate {
+                            path: cert.to_owned(),
+                            cause,
+                        },
+                    },
+                )?;
+                (config, Some(Identity { chain, key_pem }))
+            }
+        };
+        Ok(ClientTls {
+            server_name: checked,
+            connector: TlsConnector::from(Arc::new(config)),
+            cas,
+            identity,
+        })
+    }
+
+    /// The handshake over `socket`.
+    pub async fn connect<S>(&self, socket: S) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.connector
+            .connect(self.server_name.clone(), socket)
+            .await
+    }
 }
 
 /// The server's certificate chain and key (PEM); with `client_ca`, clients
@@ -180,6 +291,31 @@ mod tests {
             Ok(_) => panic!("accepted {cert:?} with {key:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn a_client_tls_is_the_same_while_its_files_say_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = self_signed(dir.path(), "ca");
+        let (cert, key) = self_signed(dir.path(), "client");
+        let load = || ClientTls::load("localhost", &ca, Some((&cert, &key))).unwrap();
+        let before = load();
+        assert_eq!(before, load(), "a reload keeps the output");
+        assert_ne!(
+            before,
+            ClientTls::load("other", &ca, Some((&cert, &key))).unwrap()
+        );
+        // The client certificate renewed in place: the output starts anew.
+        let (renewed, renewed_key) = self_signed(dir.path(), "renewed");
+        std::fs::rename(renewed, &cert).unwrap();
+        std::fs::rename(renewed_key, &key).unwrap();
+        assert_ne!(before, load());
+        assert!(!format!("{before:?}").contains("PRIVATE"), "no key in logs");
+        let refused = ClientTls::load("not a name!", &ca, None).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "`not a name!` is not a name or address a certificate can be checked against"
+        );
     }
 
     #[test]

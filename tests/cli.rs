@@ -354,3 +354,42 @@ fn send_and_query_take_negative_numbers_and_answers_over_the_frame_limit() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_refuses_a_forwards_tls_without_its_ca_half_an_identity_or_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let certified = rcgen::generate_simple_self_signed(vec!["central".to_owned()]).unwrap();
+    std::fs::write(&ca, certified.cert.pem()).unwrap();
+    let missing = dir.path().join("missing.pem");
+    let (ca, missing) = (ca.display(), missing.display());
+    let rules = dir.path().join("tls.vigil");
+    let source = format!(
+        "output a = forward(host: \"x\", tls_cert: \"c.pem\", tls_key: \"k.pem\")\n\
+         output b = forward(host: \"x\", tls_cert: \"c.pem\", tls_ca: \"{ca}\")\n\
+         output c = forward(host: \"x\", tls_ca: \"{missing}\")\n\
+         output d = forward(host: \"x\", tls_ca: \"{ca}\")\n\
+         streams {{\n  a\n  b\n  c\n  d\n}}\n"
+    );
+    std::fs::write(&rules, source).unwrap();
+    let out = vigil(&["check", rules.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    let prefix = format!("{}:", rules.display());
+    let firsts: Vec<&str> = (text.lines())
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .collect();
+    assert_eq!(
+        firsts,
+        [
+            "1:41: `tls_cert` without `tls_ca`".to_owned(),
+            "2:41: `tls_cert` and `tls_key` go together: the client certificate and its key"
+                .to_owned(),
+            format!(
+                "3:39: TLS for `forward`: reading certificates from {missing}: \
+                 I/O error: No such file or directory (os error 2)"
+            ),
+        ],
+        "{text}"
+    );
+}

@@ -406,3 +406,83 @@ fn riemann_client_sends_and_queries_over_tls_with_a_client_certificate() {
     );
     assert!(!refused.status.success(), "{}", common::show(&refused));
 }
+
+/// A vigil (the real binary) indexing everything and forwarding it over TLS
+/// to 127.0.0.1:`port` with `tls`, the forward's TLS parameters.
+fn forwarding_over_tls(dir: &Path, port: u16, tls: &str) -> common::Vigil {
+    let rules = dir.join(format!("forward-{port}-{}.vigil", tls.len()));
+    let source = format!(
+        "output next = forward(host: \"127.0.0.1\", port: {port}, {tls})\nstreams {{\n  next\n}}\n"
+    );
+    std::fs::write(&rules, source).unwrap();
+    common::Vigil::start(&["--rules", rules.to_str().unwrap()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_output_delivers_over_tls_with_its_client_certificate() {
+    let pki = Pki::new();
+    let (central, index) = start(pki.listener(true), tcp::DEFAULT_READ_TIMEOUT).await;
+    let port = central.tls_addr.expect("TLS listens").port();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let identity = format!(
+        "tls_cert: \"{}\", tls_key: \"{}\"",
+        path(&pki.client_cert),
+        path(&pki.client_key)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let send = |edge: &common::Vigil, service: &'static str| {
+        let addr = format!("127.0.0.1:{}", edge.port());
+        async move {
+            let mut client = Client::connect(addr).await.unwrap();
+            let event = vigil::event::Event {
+                host: Some("edge".into()),
+                service: Some(service.into()),
+                ..Default::default()
+            };
+            client.send(&[event]).await.unwrap();
+        }
+    };
+    let arrived = |service: &'static str| {
+        let index = index.clone();
+        async move {
+            let deadline = Instant::now() + WAIT;
+            while index.get("edge", service).is_none() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            index.get("edge", service).is_some()
+        }
+    };
+
+    // Checked for the host's address (the server's certificate names it).
+    let tls = format!("tls_ca: \"{}\", {identity}", path(&pki.ca));
+    let edge = forwarding_over_tls(dir.path(), port, &tls);
+    send(&edge, "trusted").await;
+    assert!(arrived("trusted").await, "{}", edge.logs());
+
+    // Another name than the certificate's: nothing is delivered, and the
+    // log says why.
+    let tls = format!(
+        "tls_ca: \"{}\", tls_name: \"elsewhere\", {identity}",
+        path(&pki.ca)
+    );
+    let misnamed = forwarding_over_tls(dir.path(), port, &tls);
+    send(&misnamed, "misnamed").await;
+    assert!(
+        misnamed.wait_for_log("certificate not valid for name", WAIT),
+        "{}",
+        misnamed.logs()
+    );
+    assert!(index.get("edge", "misnamed").is_none());
+
+    // Without its certificate, the central refuses it.
+    let tls = format!("tls_ca: \"{}\"", path(&pki.ca));
+    let anonymous = forwarding_over_tls(dir.path(), port, &tls);
+    send(&anonymous, "anonymous").await;
+    let refused = "connection failed: received fatal alert: CertificateRequired";
+    assert!(
+        anonymous.wait_for_log(refused, WAIT),
+        "{}",
+        anonymous.logs()
+    );
+    assert!(index.get("edge", "anonymous").is_none());
+}

@@ -1,4 +1,6 @@
-//! Forwarding to another vigil or Riemann over the Riemann TCP protocol.
+//! Forwarding to another vigil or Riemann over the Riemann TCP protocol,
+//! plain or TLS (`tls_ca`, and `tls_cert`/`tls_key` where the downstream
+//! asks for a client certificate).
 //!
 //! Events travel in batches: one `Msg` carries up to [`BATCH_MAX`] events, and a
 //! small batch lingers up to [`LINGER`] for company. A batch counts as delivered
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Delivery, MAX_BATCH_BYTES};
 use crate::client::{Client, ClientError};
 use crate::event::Event;
+use crate::tls::ClientTls;
 
 /// Most events per `Msg`.
 pub const BATCH_MAX: usize = 1000;
@@ -44,6 +47,8 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 pub struct Config {
     pub host: String,
     pub port: u16,
+    /// `None`: plain TCP.
+    pub tls: Option<ClientTls>,
 }
 
 /// Timings, separate from `Config` so tests can shrink them.
@@ -221,6 +226,7 @@ struct Link {
     target: (String, u16),
     /// The same, as logged.
     addr: String,
+    tls: Option<ClientTls>,
     tuning: Tuning,
     client: Option<Client>,
     backoff: Duration,
@@ -248,6 +254,7 @@ impl Link {
             } else {
                 format!("{}:{}", config.host, config.port)
             },
+            tls: config.tls.clone(),
             backoff: tuning.backoff_min,
             tuning,
             client: None,
@@ -432,7 +439,13 @@ impl Link {
             Some(client) => client,
             None => {
                 let until = Instant::now() + wait;
-                let connect = Client::connect(self.target.clone());
+                let (target, tls) = (self.target.clone(), self.tls.clone());
+                let connect = async move {
+                    match &tls {
+                        Some(tls) => Client::connect_tls(target, tls).await,
+                        None => Client::connect(target).await,
+                    }
+                };
                 match self.within(until, connect).await {
                     Some(connected) => connected?,
                     None => return Err(out_of_time(self)),
@@ -583,6 +596,7 @@ mod tests {
         let config = Config {
             host: addr.ip().to_string(),
             port: addr.port(),
+            tls: None,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run_tuned(config, tuning, delivery, shutdown.clone()));

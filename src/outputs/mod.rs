@@ -535,6 +535,7 @@ mod tests {
             OutputKind::Forward(forward::Config {
                 host: "127.0.0.1".into(),
                 port: 1,
+                tls: None,
             }),
         ];
         for kind in kinds {

@@ -3,10 +3,12 @@
 //! range, and reports every problem it finds with the span it came from.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 
 use crate::clock::Micros;
 use crate::event::Metric;
 use crate::query::Query;
+use crate::tls::ClientTls;
 
 use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
 use super::diag::{Diagnostic, closest};
@@ -373,7 +375,7 @@ impl Compiler {
             "paging_webhook" => &["url", "headers", "dedup_key", "resend_interval"],
             "webhook" => &["url", "headers", "body"],
             "graphite" => &["host", "port", "prefix", "path"],
-            "forward" => &["host", "port"],
+            "forward" => &["host", "port", "tls_ca", "tls_cert", "tls_key", "tls_name"],
             other => {
                 let hint = match closest(other, OUTPUT_TYPES.iter().copied()) {
                     Some(guess) => format!("did you mean `{guess}`?"),
@@ -435,13 +437,70 @@ impl Compiler {
                 let host = self.require(what, &b, "host");
                 let host = host.and_then(|host| self.host(host));
                 let port = self.port(b.get("port"), 5555);
+                let tls = self.forward_tls(&b, host.as_deref());
                 OutputKind::Forward(forward::Config {
                     host: host?,
                     port: port?,
+                    tls: tls?,
                 })
             }
         };
         Some(kind)
+    }
+
+    /// A forward's TLS: on with `tls_ca` (the CAs the downstream's
+    /// certificate must chain to), presenting `tls_cert` and `tls_key` if
+    /// given, checking the certificate for `tls_name` or else the host. The
+    /// files are read now, so a missing or bad one fails the load (`check`,
+    /// start-up, reload) rather than every connection.
+    fn forward_tls(&mut self, b: &Bound<'_>, host: Option<&str>) -> Option<Option<ClientTls>> {
+        let given = |name| b.get(name).map(|v| (name, v));
+        let Some(ca) = b.get("tls_ca") else {
+            let stray = given("tls_cert").or(given("tls_key")).or(given("tls_name"));
+            if let Some((name, v)) = stray {
+                self.error_hint(
+                    v.span.clone(),
+                    format!("`{name}` without `tls_ca`"),
+                    "TLS is on with `tls_ca`: the CA certificates (PEM) the downstream's certificate must chain to",
+                );
+                return None;
+            }
+            return Some(None);
+        };
+        let identity = match (b.get("tls_cert"), b.get("tls_key")) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(v), None) | (None, Some(v)) => {
+                self.error(
+                    v.span.clone(),
+                    "`tls_cert` and `tls_key` go together: the client certificate and its key",
+                );
+                return None;
+            }
+        };
+        let name = b.get("tls_name");
+        let ca_path = self.string(ca)?;
+        let server_name = match name {
+            Some(v) => self.string(v)?,
+            None => host?.to_owned(),
+        };
+        let identity = match identity {
+            Some((cert, key)) => Some((self.string(cert)?, self.string(key)?)),
+            None => None,
+        };
+        // Files named by variables `check` found unset are read by `run`.
+        let named = [Some(ca), name, b.get("tls_cert"), b.get("tls_key")];
+        if named.into_iter().flatten().any(|v| self.unset_env(v)) {
+            return Some(None);
+        }
+        let identity = (identity.as_ref()).map(|(c, k)| (Path::new(c), Path::new(k)));
+        match ClientTls::load(&server_name, Path::new(&ca_path), identity) {
+            Ok(tls) => Some(Some(tls)),
+            Err(e) => {
+                self.error(ca.span.clone(), format!("TLS for `forward`: {e}"));
+                None
+            }
+        }
     }
 
     /// What every pager output takes besides its receiver.

@@ -373,6 +373,7 @@ mod tests {
             kind: OutputKind::Forward(forward::Config {
                 host: "127.0.0.1".to_owned(),
                 port,
+                tls: None,
             }),
         }
     }
