@@ -273,10 +273,10 @@ impl RunArgs {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
-        let acceptor = tls::acceptor(cert, key, self.tls_ca.as_deref())?;
+        let acceptor = tls::Acceptor::load(cert, key, self.tls_ca.as_deref())?;
         Ok(Some(TlsListener {
             addr: self.tls,
-            acceptor,
+            acceptor: Arc::new(acceptor),
         }))
     }
 }
@@ -437,8 +437,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let latency = Arc::new(Histogram::default());
     let rules = streams;
     let streams: Arc<dyn Streams> = Arc::new(TimedStreams::new(rules.clone(), latency.clone()));
-    let hangups = reloader
-        .on_sighup()
+    let tls = args.tls_listener().context("setting up TLS")?;
+    let tls_files = tls.as_ref().map(|tls| tls.acceptor.clone());
+    let hangups = on_sighup(reloader.clone(), tls_files, stats.clone())
         .context("installing the SIGHUP handler")?;
     let cluster = match cluster_config {
         Some(config) => Some(
@@ -466,7 +467,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_message_memory: args.max_message_memory,
         read_timeout: args.read_timeout,
         limits: args.limits(),
-        tls: args.tls_listener().context("setting up TLS")?,
+        tls,
         tick: args.tick,
     };
     // Installed before `listening`: until then SIGTERM would kill vigil outright,
@@ -590,6 +591,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let delivered = reloader.finish_outputs(Duration::from_secs(10)).await;
     tracing::info!(counters = ?stats.snapshot(), outputs_accepted_dropped = ?delivered, "Stopped.");
     snapshot.context("writing the index snapshot and the stream state")
+}
+
+/// Reloads on every `SIGHUP` from now on: the rule file, then the TLS
+/// listener's files. The handler is installed before this returns, so a
+/// signal right after start-up cannot kill the process.
+fn on_sighup(
+    rules: Arc<Reloader>,
+    tls: Option<Arc<tls::Acceptor>>,
+    stats: Arc<Stats>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            // Logged and counted inside; the old rules keep running.
+            let _ = rules.reload().await;
+            let Some(tls) = &tls else { continue };
+            let certificate = tls.cert_path().display();
+            match tls.reload() {
+                Ok(()) => tracing::info!(%certificate, "TLS files reloaded."),
+                Err(error) => {
+                    Stats::incr(&stats.tls_reload_failures);
+                    tracing::error!(%certificate, %error, "TLS files not reloaded; the listener keeps the certificate it had.");
+                }
+            }
+        }
+    }))
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; resolves on the first signal.

@@ -53,6 +53,9 @@ counters! {
     tls_connections,
     /// TLS handshakes that failed or did not finish within `--read-timeout`.
     tls_handshake_failures,
+    /// `SIGHUP`s whose TLS files (`--tls-cert`, `--tls-key`, `--tls-ca`) did
+    /// not load; the listener kept the certificate it had.
+    tls_reload_failures,
     /// `Msg` frames read over TCP.
     tcp_messages,
     /// Events received over TCP.

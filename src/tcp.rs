@@ -47,6 +47,7 @@ use crate::frame::{self, FrameCodec, FrameError, Gated};
 use crate::ingest::{Ingest, Reply, Transport};
 use crate::proto;
 use crate::stats::Stats;
+use crate::tls::Acceptor;
 
 /// Far above any real fleet's agents, far below the default fd limit of a
 /// service (each connection is one descriptor).
@@ -78,7 +79,7 @@ pub struct Connections {
 type RiemannFramed<S> = Framed<Gated<S>, FrameCodec>;
 
 /// Accepts until shutdown; with `tls`, each connection handshakes first.
-pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<TlsAcceptor>) {
+pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<Arc<Acceptor>>) {
     loop {
         let (socket, peer) = tokio::select! {
             accepted = accept(&listener, "riemann") => accepted,
@@ -94,7 +95,7 @@ pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<T
         bounded::probe_when_idle(&socket, conns.read_timeout);
         Stats::incr(&conns.ingest.stats.tcp_connections);
         let task_conns = conns.clone();
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(|tls| tls.current());
         conns.tracker.spawn(async move {
             let stats = &task_conns.ingest.stats;
             Stats::incr(&stats.tcp_connections_open);

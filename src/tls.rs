@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
+
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -25,7 +27,47 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:5554";
 #[derive(Clone)]
 pub struct TlsListener {
     pub addr: SocketAddr,
-    pub acceptor: TlsAcceptor,
+    pub acceptor: Arc<Acceptor>,
+}
+
+/// The listener's TLS configuration, read again from its files on demand
+/// (`SIGHUP`): connections accepted from then on handshake with the renewed
+/// certificate, those open keep theirs. Files that do not load leave the
+/// configuration in use.
+pub struct Acceptor {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    current: ArcSwap<TlsAcceptor>,
+}
+
+impl Acceptor {
+    /// See [`acceptor`].
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Acceptor, TlsError> {
+        Ok(Acceptor {
+            current: ArcSwap::from_pointee(acceptor(cert, key, client_ca)?),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            client_ca: client_ca.map(Path::to_owned),
+        })
+    }
+
+    /// What a connection accepted now handshakes with.
+    pub fn current(&self) -> Arc<TlsAcceptor> {
+        self.current.load_full()
+    }
+
+    /// Reads the files again and, if they load, uses them from now on.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let renewed = acceptor(&self.cert, &self.key, self.client_ca.as_deref())?;
+        self.current.store(Arc::new(renewed));
+        Ok(())
+    }
+
+    /// The certificate file, as logged.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
 }
 
 impl fmt::Debug for TlsListener {

@@ -113,9 +113,10 @@ impl Pki {
 
     fn listener(&self, client_ca: bool) -> TlsListener {
         let ca = client_ca.then_some(self.ca.as_path());
+        let acceptor = tls::Acceptor::load(&self.server_cert, &self.server_key, ca);
         TlsListener {
             addr: "127.0.0.1:0".parse().unwrap(),
-            acceptor: tls::acceptor(&self.server_cert, &self.server_key, ca).expect("TLS config"),
+            acceptor: Arc::new(acceptor.expect("TLS config")),
         }
     }
 
@@ -485,4 +486,69 @@ async fn a_forward_output_delivers_over_tls_with_its_client_certificate() {
         anonymous.logs()
     );
     assert!(index.get("edge", "anonymous").is_none());
+}
+
+/// The certificate the server at `addr` presents.
+async fn presented(connector: &TlsConnector, addr: SocketAddr) -> CertificateDer<'static> {
+    let stream = tls_connect(connector, addr).await.expect("handshake");
+    let certs = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("a certificate");
+    certs[0].clone().into_owned()
+}
+
+fn der_of(pem: &Path) -> CertificateDer<'static> {
+    rustls_pem_certs(&std::fs::read(pem).unwrap()).remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_renews_the_listeners_certificate_and_keeps_it_when_the_files_are_bad() {
+    let pki = Pki::new();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let (cert, key) = (path(&pki.server_cert), path(&pki.server_key));
+    let v = common::Vigil::start(&[
+        "--tls",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    let addr = tls_addr_of(&v);
+    let connector = pki.connector(None);
+    let first = der_of(&pki.server_cert);
+    assert_eq!(presented(&connector, addr).await, first);
+    let hangup = || common::run_ok("kill", &["-HUP", &v.pid().to_string()], common::CMD_TIMEOUT);
+
+    // Renewed in place (another key, same CA): new connections get it.
+    let renewed = Pki::new();
+    let authority = std::fs::read(&renewed.ca).unwrap();
+    std::fs::copy(&renewed.server_cert, &pki.server_cert).unwrap();
+    std::fs::copy(&renewed.server_key, &pki.server_key).unwrap();
+    hangup();
+    assert!(v.wait_for_log("TLS files reloaded.", WAIT), "{}", v.logs());
+    let second = der_of(&pki.server_cert);
+    assert_ne!(first, second);
+    std::fs::write(&pki.ca, authority).unwrap();
+    let connector = pki.connector(None);
+    assert_eq!(presented(&connector, addr).await, second);
+
+    // A key that does not go with the certificate: refused, counted, and
+    // the listener goes on with the certificate it had.
+    std::fs::copy(&pki.client_key, &pki.server_key).unwrap();
+    hangup();
+    assert!(
+        v.wait_for_log("TLS files not reloaded", WAIT),
+        "{}",
+        v.logs()
+    );
+    assert!(v.logs().contains("do not go together"), "{}", v.logs());
+    assert_eq!(presented(&connector, addr).await, second);
+    let metrics = common::metrics_text(v.http.expect("an HTTP listener")).await;
+    assert!(
+        metrics.contains("\nvigil_tls_reload_failures_total 1\n"),
+        "{metrics}"
+    );
 }

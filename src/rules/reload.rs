@@ -1,7 +1,7 @@
-//! Hot reload: on `SIGHUP`, `vigil run` re-reads its rule file, validates and
-//! compiles it exactly as at start-up, and swaps it in; batches already running
-//! finish on the old rules, the next ones wait for the state to move and run
-//! on the new ([`Rules::replace`]). A file that does not load is rejected with
+//! Hot reload: on `SIGHUP` (which `main` handles), `vigil run` re-reads its
+//! rule file, validates and compiles it exactly as at start-up, and swaps it
+//! in; batches already running finish on the old rules, the next ones wait
+//! for the state to move and run on the new ([`Rules::replace`]). A file that does not load is rejected with
 //! the same `FILE:LINE:COL` diagnostics as `vigil check`, logged and counted
 //! in `RuleStats::reload_failures`, and the old rules keep running.
 //!
@@ -45,7 +45,6 @@
 //!   `webhook` or pager posts only once the old one has ended, so a
 //!   receiver never gets an old event after a newer one.
 
-use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -205,20 +204,6 @@ impl Reloader {
         let current = outputs.running.iter().map(|r| r.queue.clone());
         let draining = outputs.draining.iter().filter_map(Weak::upgrade);
         current.chain(draining).collect()
-    }
-
-    /// Reloads on every `SIGHUP` from now on. The handler is installed before
-    /// this returns, so a signal right after start-up cannot kill the process.
-    pub fn on_sighup(self: &Arc<Self>) -> io::Result<JoinHandle<()>> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = signal(SignalKind::hangup())?;
-        let this = self.clone();
-        Ok(tokio::spawn(async move {
-            while hangups.recv().await.is_some() {
-                // Logged and counted inside; the old rules keep running.
-                let _ = this.reload().await;
-            }
-        }))
     }
 
     /// Re-reads, validates and swaps in the rule file. Must run inside tokio.
