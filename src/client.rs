@@ -69,17 +69,18 @@ impl Client {
         Ok(Self::over(Box::new(socket), max_reply))
     }
 
-    /// A client over TLS ([`Client::connect`] otherwise): the handshake
+    /// A client over TLS ([`Client::connect_with_max_reply`] otherwise): the handshake
     /// failing (the server's certificate not trusted, or not for the name)
     /// is a connection error.
     pub async fn connect_tls(
         addr: impl ToSocketAddrs,
         tls: &ClientTls,
+        max_reply: usize,
     ) -> Result<Self, ClientError> {
         let socket = dial::connect(addr).await?;
         socket.set_nodelay(true)?;
         let stream = tls.connect(socket).await?;
-        Ok(Self::over(Box::new(stream), tcp::DEFAULT_MAX_FRAME))
+        Ok(Self::over(Box::new(stream), max_reply))
     }
 
     fn over(connection: Box<dyn Connection>, max_reply: usize) -> Self {

@@ -90,7 +90,52 @@ enum Command {
         /// of large events can pass 16 MiB).
         #[arg(long, default_value_t = DEFAULT_MAX_ANSWER, value_parser = parse_positive)]
         max_answer: usize,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
     },
+}
+
+/// TLS for `send` and `query`, to a server's `--tls` port.
+#[derive(clap::Args)]
+struct ClientTlsArgs {
+    /// Connect over TLS, trusting the CA certificates in this PEM file.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a server run with --tls-ca.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry; by default the host of the address.
+    #[arg(long, requires = "tls_ca")]
+    tls_name: Option<String>,
+}
+
+impl ClientTlsArgs {
+    /// `None` without --tls-ca: plain TCP.
+    fn load(&self, addr: &str) -> anyhow::Result<Option<tls::ClientTls>> {
+        let Some(ca) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+        let name = (self.tls_name.as_deref()).unwrap_or(host.trim_matches(['[', ']']));
+        let identity = (self.tls_cert.as_deref()).zip(self.tls_key.as_deref());
+        Ok(Some(tls::ClientTls::load(name, ca, identity)?))
+    }
+}
+
+/// A client of the server at `addr`, over TLS with `tls`.
+async fn connect(
+    addr: &str,
+    tls: Option<&tls::ClientTls>,
+    max_reply: usize,
+) -> anyhow::Result<Client> {
+    let client = match tls {
+        Some(tls) => Client::connect_tls(addr, tls, max_reply).await,
+        None => Client::connect_with_max_reply(addr, max_reply).await,
+    };
+    client.with_context(|| format!("connecting to {addr}"))
 }
 
 #[derive(clap::Args)]
@@ -309,6 +354,8 @@ struct SendArgs {
     /// Give up (exit 1) when connecting and the server's ack take longer.
     #[arg(long, default_value = "10s", value_parser = parse_interval)]
     timeout: Duration,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
 }
 
 fn parse_attr(s: &str) -> Result<(String, String), String> {
@@ -339,7 +386,8 @@ fn main() -> anyhow::Result<()> {
                 addr,
                 timeout,
                 max_answer,
-            } => query_cmd(&query, &addr, timeout, max_answer).await,
+                tls,
+            } => query_cmd(&query, &addr, timeout, max_answer, &tls).await,
             Command::Check { files } => exit_with(check(&files)),
             Command::Test { files } => exit_with(test(&files)),
         }
@@ -645,10 +693,9 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
         ttl: args.ttl,
         attributes: args.attributes,
     };
+    let tls = args.tls.load(&args.addr)?;
     within(args.timeout, &args.addr, async {
-        let mut client = Client::connect(&args.addr)
-            .await
-            .with_context(|| format!("connecting to {}", args.addr))?;
+        let mut client = connect(&args.addr, tls.as_ref(), tcp::DEFAULT_MAX_FRAME).await?;
         client.send(&[event]).await?;
         Ok(())
     })
@@ -745,11 +792,11 @@ async fn query_cmd(
     addr: &str,
     timeout: Duration,
     max_answer: usize,
+    tls: &ClientTlsArgs,
 ) -> anyhow::Result<()> {
+    let tls = tls.load(addr)?;
     let found = within(timeout, addr, async {
-        let mut client = Client::connect_with_max_reply(addr, max_answer)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
+        let mut client = connect(addr, tls.as_ref(), max_answer).await?;
         match client.query(query).await {
             Err(ClientError::Frame(e @ FrameError::Oversized { .. })) => Err(anyhow::anyhow!(
                 "{e}: raise --max-answer, or narrow the query"

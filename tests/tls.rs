@@ -552,3 +552,47 @@ async fn sighup_renews_the_listeners_certificate_and_keeps_it_when_the_files_are
         "{metrics}"
     );
 }
+
+#[test]
+fn vigil_send_and_query_talk_tls_with_a_client_certificate() {
+    let pki = Pki::new();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let (cert, key, ca) = (path(&pki.server_cert), path(&pki.server_key), path(&pki.ca));
+    let v = common::Vigil::start(&[
+        "--tls",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-ca",
+        &ca,
+    ]);
+    let addr = tls_addr_of(&v).to_string();
+    let (client_cert, client_key) = (path(&pki.client_cert), path(&pki.client_key));
+    let identity = [
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &client_cert,
+        "--tls-key",
+        &client_key,
+    ];
+    let vigil =
+        |args: &[&str]| common::run_cmd(env!("CARGO_BIN_EXE_vigil"), args, common::CMD_TIMEOUT);
+    let mut send = vec!["send", "--host", "cli", "--service", "over-tls", &addr];
+    send.extend(identity);
+    let sent = vigil(&send);
+    assert!(sent.status.success(), "{}", common::show(&sent));
+    let mut query = vec!["query", r#"host = "cli""#, &addr];
+    query.extend(identity);
+    let answer = vigil(&query);
+    let text = common::expect_success("vigil query over TLS", &answer);
+    assert!(text.contains(r#""service":"over-tls""#), "{text}");
+
+    // Without a client certificate, the server turns it away, and says so.
+    let anonymous = vigil(&["query", "true", &addr, "--tls-ca", &ca]);
+    assert!(!anonymous.status.success());
+    let said = String::from_utf8_lossy(&anonymous.stderr);
+    assert!(said.contains("CertificateRequired"), "{said}");
+}

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Delivery, MAX_BATCH_BYTES};
 use crate::client::{Client, ClientError};
 use crate::event::Event;
+use crate::tcp::DEFAULT_MAX_FRAME;
 use crate::tls::ClientTls;
 
 /// Most events per `Msg`.
@@ -442,7 +443,7 @@ impl Link {
                 let (target, tls) = (self.target.clone(), self.tls.clone());
                 let connect = async move {
                     match &tls {
-                        Some(tls) => Client::connect_tls(target, tls).await,
+                        Some(tls) => Client::connect_tls(target, tls, DEFAULT_MAX_FRAME).await,
                         None => Client::connect(target).await,
                     }
                 };
