@@ -210,7 +210,7 @@ impl Reloader {
     pub async fn reload(&self) -> Result<(), String> {
         let Some(path) = self.path.clone() else {
             tracing::warn!(
-                "Reload ignored: running the embedded rules; start with --rules FILE to reload."
+                "Rules not reloaded: running the embedded rules; start with --rules FILE to reload them."
             );
             return Ok(());
         };
