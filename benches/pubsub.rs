@@ -1,7 +1,8 @@
 //! Live subscriptions: what publishing a 100-event batch costs the ingest
 //! path with 1, 10 and 200 subscribers to everything, and what delivering it
 //! costs in all (each subscriber takes every event and its JSON, as an SSE
-//! or WebSocket subscriber does).
+//! or WebSocket subscriber does); and with 200 subscribers whose query
+//! matches none of it.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -64,6 +65,13 @@ fn pubsub(c: &mut Criterion) {
             });
         });
     }
+    let pubsub = Pubsub::new();
+    let _unmatched: Vec<Subscription> = (0..200)
+        .map(|_| pubsub.subscribe(Query::parse(r#"service = "disk""#).unwrap(), 10_000))
+        .collect();
+    group.bench_function(BenchmarkId::new("publish_unmatched", 200), |b| {
+        b.iter(|| events.iter().for_each(|e| pubsub.publish(e)));
+    });
     group.finish();
 }
 

@@ -9,13 +9,20 @@
 //! [`MAX_QUEUED_BYTES`], whichever comes first: 10 000 events of a megabyte
 //! each would otherwise be ten gigabytes held for one slow reader.
 //!
+//! Subscribers share one copy of each event, and of its JSON ([`Published`],
+//! encoded once), and those with the same query text one evaluation of it:
+//! what an event costs the publisher (on the ingest path) grows with the
+//! distinct queries it is matched against and the subscribers it is queued
+//! for, not with its size.
+//!
 //! All queues together hold at most the pubsub's `max_held` bytes (by
 //! [`Event::approx_bytes`]; [`DEFAULT_MAX_HELD`] unless configured), and so
-//! do the snapshots still being sent to subscribers ([`Pubsub::hold`]): each
-//! subscriber has its own copy of each event, so many subscribers that read
-//! nothing would otherwise hold their queue's bound each. Over it, the
-//! subscribers holding the most are disconnected first: those furthest
-//! behind, never one that keeps up. A disconnected subscriber's queue is
+//! do the snapshots still being sent to subscribers ([`Pubsub::hold`]). A
+//! queued event counts in full in each queue holding it (its shared JSON,
+//! about as large, is not counted): the last subscriber holding an event
+//! pays for it, and many subscribers that read nothing would otherwise hold
+//! their queue's bound each. Over it, the subscribers holding the most are
+//! disconnected first: those furthest behind, never one that keeps up. A disconnected subscriber's queue is
 //! emptied at once, whatever its connection is doing.
 //!
 //! With no subscribers the cost on the ingest path is one atomic load.
@@ -85,8 +92,9 @@ pub struct PubsubStats {
 }
 
 pub struct Pubsub {
-    subscribers: RwLock<Vec<Subscriber>>,
-    /// Mirrors `subscribers.len()` so publishing can skip the lock when empty.
+    audiences: RwLock<Vec<Audience>>,
+    /// How many subscribers the audiences have, so publishing can skip the
+    /// lock when there are none.
     count: AtomicUsize,
     next_id: AtomicU64,
     max_held: usize,
@@ -96,7 +104,7 @@ pub struct Pubsub {
 impl Default for Pubsub {
     fn default() -> Self {
         Pubsub {
-            subscribers: RwLock::default(),
+            audiences: RwLock::default(),
             count: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             max_held: DEFAULT_MAX_HELD,
@@ -105,9 +113,15 @@ impl Default for Pubsub {
     }
 }
 
+/// The subscribers of one query text: it is evaluated once per event for
+/// all of them (a dashboard opened by many people asks the same).
+struct Audience {
+    query: Query,
+    members: Vec<Subscriber>,
+}
+
 struct Subscriber {
     id: u64,
-    query: Query,
     queue: Arc<Backlog>,
     /// A full queue drops the event instead of disconnecting the subscriber.
     lossy: bool,
@@ -337,14 +351,20 @@ impl Pubsub {
             max_events: capacity.max(1),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut subscribers = self.subscribers.write();
-        subscribers.push(Subscriber {
+        let subscriber = Subscriber {
             id,
-            query,
             queue: queue.clone(),
             lossy,
-        });
-        self.count.store(subscribers.len(), Ordering::Release);
+        };
+        let mut audiences = self.audiences.write();
+        match (audiences.iter_mut()).find(|a| a.query.as_str() == query.as_str()) {
+            Some(audience) => audience.members.push(subscriber),
+            None => audiences.push(Audience {
+                query,
+                members: vec![subscriber],
+            }),
+        }
+        self.count.fetch_add(1, Ordering::AcqRel);
         Subscription {
             queue,
             id,
@@ -411,14 +431,10 @@ impl Pubsub {
 
     /// The distinct queries of the current subscribers, as text.
     pub fn queries(&self) -> Vec<String> {
-        let mut queries: Vec<String> = self
-            .subscribers
-            .read()
-            .iter()
-            .map(|s| s.query.as_str().to_owned())
+        let mut queries: Vec<String> = (self.audiences.read().iter())
+            .map(|a| a.query.as_str().to_owned())
             .collect();
         queries.sort_unstable();
-        queries.dedup();
         queries
     }
 
@@ -430,8 +446,8 @@ impl Pubsub {
         let held = &self.stats.bytes_held;
         let mut slow = Vec::new();
         let mut shared = None;
-        for sub in self.subscribers.read().iter() {
-            if !sub.query.matches(event) {
+        for audience in self.audiences.read().iter() {
+            if !audience.query.matches(event) {
                 continue;
             }
             let (published, bytes) = shared.get_or_insert_with(|| {
@@ -441,16 +457,18 @@ impl Pubsub {
                 };
                 (Arc::new(published), event.approx_bytes())
             });
-            match sub.queue.push(published.clone(), *bytes, held) {
-                Ok(()) => {
-                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            for sub in &audience.members {
+                match sub.queue.push(published.clone(), *bytes, held) {
+                    Ok(()) => {
+                        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Refused::Full) if sub.lossy => {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Refused::Full) => slow.push(sub.id),
+                    // The subscription is being dropped; its drop removes it.
+                    Err(Refused::Closed) => {}
                 }
-                Err(Refused::Full) if sub.lossy => {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(Refused::Full) => slow.push(sub.id),
-                // The subscription is being dropped; its drop removes it.
-                Err(Refused::Closed) => {}
             }
         }
         for id in slow {
@@ -474,8 +492,9 @@ impl Pubsub {
     /// of those holding as much, a lossy one (it sheds, nobody is
     /// disconnected).
     fn furthest_behind(&self) -> Option<(u64, Option<Arc<Backlog>>)> {
-        let subscribers = self.subscribers.read();
-        let (sub, bytes) = (subscribers.iter())
+        let audiences = self.audiences.read();
+        let (sub, bytes) = (audiences.iter())
+            .flat_map(|a| &a.members)
             .map(|s| (s, s.queue.bytes()))
             .max_by_key(|&(s, bytes)| (bytes, s.lossy))?;
         // One that holds nothing is not behind.
@@ -492,20 +511,29 @@ impl Pubsub {
     }
 
     fn disconnect(&self, id: u64, why: &'static str) {
-        let Some(sub) = self.remove(id) else {
+        let Some((sub, query)) = self.remove(id) else {
             return;
         };
         let freed = sub.queue.close(true, &self.stats.bytes_held);
         self.stats.disconnected_slow.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(query = %sub.query, events = freed.len(), "{why}");
+        tracing::warn!(%query, events = freed.len(), "{why}");
     }
 
-    fn remove(&self, id: u64) -> Option<Subscriber> {
-        let mut subscribers = self.subscribers.write();
-        let at = subscribers.iter().position(|s| s.id == id)?;
-        let sub = subscribers.swap_remove(at);
-        self.count.store(subscribers.len(), Ordering::Release);
-        Some(sub)
+    /// Removes subscriber `id`; returns it and its query's text.
+    fn remove(&self, id: u64) -> Option<(Subscriber, String)> {
+        let mut audiences = self.audiences.write();
+        let (a, at) = (audiences.iter().enumerate()).find_map(|(a, audience)| {
+            let at = audience.members.iter().position(|s| s.id == id)?;
+            Some((a, at))
+        })?;
+        let audience = &mut audiences[a];
+        let sub = audience.members.swap_remove(at);
+        let query = audience.query.as_str().to_owned();
+        if audience.members.is_empty() {
+            audiences.swap_remove(a);
+        }
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        Some((sub, query))
     }
 }
 
@@ -551,6 +579,30 @@ mod tests {
         let json = one.json();
         assert_eq!(json, json::to_json(&event("cpu")).to_string());
         assert!(std::ptr::eq(json, other.json()), "encoded once");
+    }
+
+    #[tokio::test]
+    async fn subscribers_of_one_query_are_one_audience_until_the_last_leaves() {
+        let pubsub = Pubsub::new();
+        let cpu = || Query::parse(r#"service =~ "cpu%""#).unwrap();
+        let first = pubsub.subscribe(cpu(), 10);
+        let mut second = pubsub.subscribe(cpu(), 10);
+        let _disk = pubsub.subscribe(Query::parse(r#"service = "disk""#).unwrap(), 10);
+        assert_eq!(
+            pubsub.queries(),
+            [r#"service = "disk""#, r#"service =~ "cpu%""#]
+        );
+        assert_eq!(pubsub.subscribers(), 3);
+        drop(first);
+        pubsub.publish(&event("cpu user"));
+        assert_eq!(
+            second.recv().await.unwrap().service.as_deref(),
+            Some("cpu user")
+        );
+        assert_eq!(pubsub.queries().len(), 2, "the audience stays");
+        drop(second);
+        assert_eq!(pubsub.queries(), [r#"service = "disk""#]);
+        assert_eq!(pubsub.subscribers(), 1);
     }
 
     #[tokio::test]
