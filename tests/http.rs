@@ -1300,3 +1300,63 @@ async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
     }
     http.shutdown(WAIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coalescing_subscriptions_get_the_latest_event_of_each_series_per_interval() {
+    let v = Vigil::start(&[]);
+    send(&v, &[event("co", "start", 60.0, 0)]).await;
+    let params = [
+        ("query", r#"host = "co""#),
+        ("subscribe", "true"),
+        ("coalesce", "400ms"),
+    ];
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(url("ws", http_addr(&v), "/index", &params).as_str())
+            .await
+            .expect("websocket handshake");
+    let mut sse = SseReader::open(url("http", http_addr(&v), "/index", &params), true).await;
+    // The snapshot: both subscriptions are live from here.
+    assert_eq!(
+        key(&next_json(&mut ws).await.unwrap()),
+        ("co", "start", "ok")
+    );
+    assert_eq!(key(&sse.next().await), ("co", "start", "ok"));
+
+    // One batch: five updates of `a`, one of `b`.
+    let mut batch: Vec<Event> = (1..=5).map(|m| event("co", "a", 60.0, m)).collect();
+    batch.push(event("co", "b", 60.0, 1));
+    send(&v, &batch).await;
+    let metric = |e: &Value| {
+        (
+            e["service"].as_str().unwrap().to_owned(),
+            e["metric"].clone(),
+        )
+    };
+    let mut from_ws = vec![metric(&next_json(&mut ws).await.unwrap())];
+    from_ws.push(metric(&next_json(&mut ws).await.unwrap()));
+    let mut from_sse = vec![metric(&sse.next().await), metric(&sse.next().await)];
+    from_ws.sort_by(|x, y| x.0.cmp(&y.0));
+    from_sse.sort_by(|x, y| x.0.cmp(&y.0));
+    let latest = vec![("a".to_owned(), json!(5)), ("b".to_owned(), json!(1))];
+    assert_eq!(from_ws, latest, "the latest of each series, once");
+    assert_eq!(from_sse, latest);
+
+    // The next interval has only what came since.
+    send(&v, &[event("co", "a", 60.0, 6)]).await;
+    assert_eq!(
+        metric(&next_json(&mut ws).await.unwrap()),
+        ("a".to_owned(), json!(6))
+    );
+    assert_eq!(metric(&sse.next().await), ("a".to_owned(), json!(6)));
+
+    let bad = [("query", "true"), ("subscribe", "true"), ("coalesce", "1m")];
+    let response = reqwest::get(url("http", http_addr(&v), "/index", &bad))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["error"],
+        "`coalesce=1m`: give an interval from 10ms to 10s"
+    );
+}

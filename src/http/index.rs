@@ -2,7 +2,9 @@
 //! form. A plain request gets a JSON array; a WebSocket upgrade gets each match
 //! as one text frame, then (with `subscribe=true`) every matching event as it
 //! is indexed or expires; `Accept: text/event-stream` gets the same as SSE
-//! (`data: <json>`), snapshot then live. In a cluster the snapshot and the
+//! (`data: <json>`), snapshot then live; `coalesce=250ms` makes the live part
+//! the latest event of each series per interval ([`Live::Latest`]), for views
+//! that cannot take every event. In a cluster the snapshot and the
 //! live updates cover every node (`local=true`: this node's index only, for
 //! plain requests).
 //!
@@ -16,6 +18,7 @@
 //! peer is gone.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -29,10 +32,11 @@ use futures_util::{SinkExt, Stream, StreamExt, stream};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::live::{self, Live};
 use super::{AppState, error};
 use crate::event::Event;
 use crate::json;
-use crate::pubsub::{HeldSnapshot, Published, Subscription};
+use crate::pubsub::{HeldSnapshot, Published};
 use crate::query::Query;
 use crate::stats::Stats;
 
@@ -44,6 +48,12 @@ pub(super) struct IndexParams {
     /// In a cluster: only this node's entries, without the fan-out.
     #[serde(default)]
     local: bool,
+    /// A subscription gets the latest event of each series every this long
+    /// (`250ms`) instead of every event ([`Live::Latest`]).
+    coalesce: Option<String>,
+    /// `coalesce`, read.
+    #[serde(skip)]
+    every: Option<Duration>,
 }
 
 /// Largest message a WebSocket subscriber may send. It has nothing to say but
@@ -65,14 +75,14 @@ pub(super) async fn get_index(
         return upgrade
             .max_message_size(SUBSCRIBER_MESSAGE_MAX)
             .max_frame_size(SUBSCRIBER_MESSAGE_MAX)
-            .on_upgrade(move |socket| websocket(socket, state, query, params.subscribe));
+            .on_upgrade(move |socket| websocket(socket, state, query, params));
     }
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_sse {
-        return event_stream(state, query).await;
+        return event_stream(state, query, params.every).await;
     }
     // Written out on the blocking thread too: a million events take longer
     // to turn into JSON than to find.
@@ -91,7 +101,7 @@ pub(super) async fn get_sse(
     params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Response {
     match parse(&state, params) {
-        Ok((query, _)) => event_stream(state, query).await,
+        Ok((query, params)) => event_stream(state, query, params.every).await,
         Err(body) => error(StatusCode::BAD_REQUEST, body),
     }
 }
@@ -103,7 +113,10 @@ fn parse(
     params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Result<(Query, IndexParams), serde_json::Value> {
     // axum's own answer to parameters it cannot read is plain text.
-    let Params(params) = params.map_err(|e| json!({ "error": e.body_text() }))?;
+    let Params(mut params) = params.map_err(|e| json!({ "error": e.body_text() }))?;
+    if let Some(text) = &params.coalesce {
+        params.every = Some(live::interval(text).map_err(|e| json!({ "error": e }))?);
+    }
     let Some(text) = params.query.as_deref() else {
         return Err(json!({"error": "missing the `query` parameter"}));
     };
@@ -125,28 +138,8 @@ fn frame(event: &Event) -> Message {
     Message::Text(json::to_json(event).to_string().into())
 }
 
-/// Live events written with one flush: those queued when one arrives, up
-/// to this many. A flush per event is a write per event per subscriber.
-const LIVE_BATCH: usize = 256;
-
-/// `first` and what else is queued (up to [`LIVE_BATCH`]), then one flush.
-async fn send_live(
-    socket: &mut WebSocket,
-    subscription: &mut Subscription,
-    first: &Published,
-) -> Result<(), axum::Error> {
-    socket.feed(Message::Text(first.json().into())).await?;
-    for _ in 1..LIVE_BATCH {
-        let Ok(event) = subscription.try_recv() else {
-            break;
-        };
-        socket.feed(Message::Text(event.json().into())).await?;
-    }
-    socket.flush().await
-}
-
-async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscribe: bool) {
-    let subscription = match subscribe {
+async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params: IndexParams) {
+    let subscription = match params.subscribe {
         true => Some(state.subscribe(&query).await),
         false => None,
     };
@@ -178,7 +171,7 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
     if socket.flush().await.is_err() {
         return;
     }
-    let Some(mut subscription) = subscription else {
+    let Some(subscription) = subscription else {
         close(socket, close_code::NORMAL, "snapshot sent").await;
         return;
     };
@@ -187,6 +180,7 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + quiet, quiet);
     // Whether the client sent anything since the last ping.
     let mut heard = true;
+    let mut live = Live::new(subscription, params.every);
     loop {
         tokio::select! {
             _ = pings.tick() => {
@@ -200,9 +194,9 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
                     return;
                 }
             }
-            event = subscription.recv() => match event {
-                Some(event) => {
-                    if send_live(&mut socket, &mut subscription, &event).await.is_err() {
+            batch = live.next() => match batch {
+                Some(events) => {
+                    if send_all(&mut socket, events).await.is_err() {
                         return;
                     }
                 }
@@ -223,6 +217,15 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, subscri
             }
         }
     }
+}
+
+/// `events`, each a text frame, then one flush: a flush per event is a
+/// write per event.
+async fn send_all(socket: &mut WebSocket, events: Vec<Arc<Published>>) -> Result<(), axum::Error> {
+    for event in events {
+        socket.feed(Message::Text(event.json().into())).await?;
+    }
+    socket.flush().await
 }
 
 async fn close(mut socket: WebSocket, code: u16, reason: impl Into<Utf8Bytes>) {
@@ -251,7 +254,7 @@ fn close_reason(mut text: String) -> String {
 
 /// Snapshot then live, as Server-Sent Events, until the subscriber falls
 /// behind or the server shuts down.
-async fn event_stream(state: AppState, query: Query) -> Response {
+async fn event_stream(state: AppState, query: Query, coalesce: Option<Duration>) -> Response {
     tracing::debug!(%query, "SSE subscriber connected.");
     let subscription = state.subscribe(&query).await;
     let snapshot = match state.snapshot(&query, false).await {
@@ -266,7 +269,8 @@ async fn event_stream(state: AppState, query: Query) -> Response {
         (header::CONTENT_TYPE, "text/event-stream"),
         (header::CACHE_CONTROL, "no-cache"),
     ];
-    let chunks = sse_chunks(snapshot, subscription).take_until(state.shutdown.cancelled_owned());
+    let chunks = sse_chunks(snapshot, Live::new(subscription, coalesce));
+    let chunks = chunks.take_until(state.shutdown.cancelled_owned());
     (headers, Body::from_stream(chunks)).into_response()
 }
 
@@ -275,34 +279,30 @@ async fn event_stream(state: AppState, query: Query) -> Response {
 /// matches for a long time.
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// The SSE body: each chunk holds the events queued when it is written (up
-/// to [`LIVE_BATCH`]), so a subscriber costs a write per wake-up rather than
-/// per event (axum's `Sse` writes one chunk per event).
+/// The SSE body: the snapshot, then each batch of live events as one chunk
+/// (axum's `Sse` writes a chunk per event); a comment when none came for
+/// [`SSE_KEEP_ALIVE`].
 fn sse_chunks(
     snapshot: HeldSnapshot,
-    subscription: Subscription,
+    live: Live,
 ) -> impl Stream<Item = Result<String, Infallible>> {
-    let snapshot = stream::iter(snapshot).chunks(LIVE_BATCH).map(|events| {
+    let snapshot = stream::iter(snapshot).chunks(live::BATCH).map(|events| {
         let mut chunk = String::new();
         for event in events {
             push_sse_data(&mut chunk, &json::to_json(&event).to_string());
         }
         chunk
     });
-    let live = stream::unfold(subscription, |mut subscription| async move {
-        let first = match tokio::time::timeout(SSE_KEEP_ALIVE, subscription.recv()).await {
-            Ok(first) => first?,
-            Err(_quiet) => return Some((":\n\n".to_owned(), subscription)),
+    let live = stream::unfold(live, |mut live| async move {
+        let events = match tokio::time::timeout(SSE_KEEP_ALIVE, live.next()).await {
+            Ok(events) => events?,
+            Err(_quiet) => return Some((":\n\n".to_owned(), live)),
         };
         let mut chunk = String::new();
-        push_sse_data(&mut chunk, first.json());
-        for _ in 1..LIVE_BATCH {
-            let Ok(event) = subscription.try_recv() else {
-                break;
-            };
+        for event in events {
             push_sse_data(&mut chunk, event.json());
         }
-        Some((chunk, subscription))
+        Some((chunk, live))
     });
     snapshot.chain(live).map(Ok)
 }
@@ -326,7 +326,7 @@ mod tests {
         let pubsub = Pubsub::new();
         let subscription = pubsub.subscribe(Query::parse("true").unwrap(), 10);
         let snapshot = subscription.hold(vec![event("a")]).unwrap();
-        let mut chunks = std::pin::pin!(sse_chunks(snapshot, subscription));
+        let mut chunks = std::pin::pin!(sse_chunks(snapshot, Live::new(subscription, None)));
         let text = |chunk: Option<Result<String, Infallible>>| chunk.unwrap().unwrap();
         let json = |host| json::to_json(&event(host)).to_string();
         assert_eq!(
@@ -340,6 +340,27 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert_eq!(text(chunks.next().await), ":\n\n");
         assert_eq!(started.elapsed(), SSE_KEEP_ALIVE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn coalesced_sse_writes_the_latest_of_each_series_then_a_comment_when_quiet() {
+        let pubsub = Pubsub::new();
+        let subscription = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        let snapshot = subscription.hold(Vec::new()).unwrap();
+        let interval = Duration::from_millis(100);
+        let chunks = sse_chunks(snapshot, Live::new(subscription, Some(interval)));
+        let mut chunks = std::pin::pin!(chunks);
+        let text = |chunk: Option<Result<String, Infallible>>| chunk.unwrap().unwrap();
+        let started = tokio::time::Instant::now();
+        for host in ["a", "a", "b", "a"] {
+            pubsub.publish(&event(host));
+        }
+        let chunk = text(chunks.next().await);
+        assert_eq!(started.elapsed(), interval);
+        assert_eq!(chunk.matches("data: ").count(), 2, "{chunk}");
+        let written = tokio::time::Instant::now();
+        assert_eq!(text(chunks.next().await), ":\n\n");
+        assert_eq!(written.elapsed(), SSE_KEEP_ALIVE);
     }
 
     fn event(host: &str) -> Event {

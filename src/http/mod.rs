@@ -11,6 +11,7 @@
 mod dashboard;
 mod events;
 mod index;
+mod live;
 mod metrics;
 
 pub use events::read_line as read_event_line;

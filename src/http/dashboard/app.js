@@ -1,6 +1,7 @@
 // vigil's live dashboard: a hosts × services grid fed by the index WebSocket
-// (`/index?query=…&subscribe=true`: the current matches, then every matching
-// event as it is indexed or expires, one Riemann JSON event per text frame).
+// (`/index?query=…&subscribe=true&coalesce=250ms`: the current matches, then
+// the latest matching event of each series every 250 ms, as it is indexed or
+// expires, one Riemann JSON event per text frame).
 //
 // Built to stay responsive with tens of thousands of entries:
 //  - WebSocket messages are only queued; one requestAnimationFrame callback
@@ -527,7 +528,9 @@ function indexUrl(q, extra) {
 
 function connect() {
   clearTimeout(retryTimer);
-  const url = indexUrl(query, { subscribe: 'true' });
+  // Coalesced: each series' latest event four times a second, however busy
+  // the index; every event of a busy one is more than a browser can take.
+  const url = indexUrl(query, { subscribe: 'true', coalesce: '250ms' });
   url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
   const ws = new WebSocket(url);
   socket = ws;
