@@ -655,9 +655,14 @@ fn on_sighup(
         while hangups.recv().await.is_some() {
             // Logged and counted inside; the old rules keep running.
             let _ = rules.reload().await;
-            let Some(tls) = &tls else { continue };
+            let Some(tls) = tls.clone() else { continue };
+            // Files on a hung mount must not hold a worker.
+            let reloading = tls.clone();
+            let reloaded = tokio::task::spawn_blocking(move || reloading.reload()).await;
             let certificate = tls.cert_path().display();
-            match tls.reload() {
+            // Not run: the runtime is shutting down.
+            let Ok(reloaded) = reloaded else { return };
+            match reloaded {
                 Ok(()) => tracing::info!(%certificate, "TLS files reloaded."),
                 Err(error) => {
                     Stats::incr(&stats.tls_reload_failures);

@@ -11,14 +11,15 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-
 use tokio_rustls::rustls::crypto::ring;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::rustls::server::VerifierBuilderError;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::files;
 
 /// Riemann's TLS port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:5554";
@@ -114,6 +115,27 @@ pub enum TlsError {
     },
     #[error("`{0}` is not a name or address a certificate can be checked against")]
     ServerName(String),
+    #[error("{}: {cause}", .path.display())]
+    File {
+        path: PathBuf,
+        cause: files::ReadError,
+    },
+}
+
+impl TlsError {
+    /// The file at fault, if one is.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            TlsError::Key { path, .. }
+            | TlsError::Certificates { path, .. }
+            | TlsError::CaCertificate { path, .. }
+            | TlsError::ClientCa { path, .. }
+            | TlsError::Certificate { path, .. }
+            | TlsError::File { path, .. }
+            | TlsError::NoCertificate(path) => Some(path),
+            TlsError::Versions(_) | TlsError::Mismatch(_) | TlsError::ServerName(_) => None,
+        }
+    }
 }
 
 /// How a client connects over TLS: the server name its certificate must
@@ -182,15 +204,8 @@ impl ClientTls {
             None => (builder.with_no_client_auth(), None),
             Some((cert, key_path)) => {
                 let chain = certificates(cert)?;
-                let key_pem = std::fs::read(key_path).map_err(|e| TlsError::Key {
-                    path: key_path.to_owned(),
-                    cause: tokio_rustls::rustls::pki_types::pem::Error::Io(e),
-                })?;
-                let key =
-                    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|cause| TlsError::Key {
-                        path: key_path.to_owned(),
-                        cause,
-                    })?;
+                let key_pem = read_key(key_path)?;
+                let key = parse_key(key_path, &key_pem)?;
                 let config = builder.with_client_auth_cert(chain.clone(), key).map_err(
                     |cause| match cause {
                         tokio_rustls::rustls::Error::InconsistentKeys(_) => {
@@ -234,10 +249,7 @@ pub fn acceptor(
     // Explicit, so a second provider linked in later cannot make this ambiguous.
     let provider = Arc::new(ring::default_provider());
     let chain = certificates(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|cause| TlsError::Key {
-        path: key.to_owned(),
-        cause,
-    })?;
+    let key = parse_key(key, &read_key(key)?)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Versions)?;
@@ -290,13 +302,46 @@ fn out_of_date(cert: &CertificateDer<'_>, now: SystemTime) -> Option<String> {
     }
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|cause| TlsError::Certificates {
+/// The most bytes a PEM file may have: a system's whole CA bundle is a few
+/// hundred kilobytes.
+const MAX_PEM_FILE: u64 = 4 * 1024 * 1024;
+
+/// `path`'s bytes (see [`files::read`]); a failure to read it is `failed`'s
+/// (the certificates', or the key's) as before, the file being no regular
+/// file, or too large, is [`TlsError::File`].
+fn read_pem(path: &Path, failed: impl FnOnce(pem::Error) -> TlsError) -> Result<Vec<u8>, TlsError> {
+    files::read(path, MAX_PEM_FILE, "a PEM file").map_err(|cause| match cause {
+        files::ReadError::Io(e) => failed(pem::Error::Io(e)),
+        cause => TlsError::File {
             path: path.to_owned(),
             cause,
-        })?;
+        },
+    })
+}
+
+fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
+    read_pem(path, |cause| TlsError::Key {
+        path: path.to_owned(),
+        cause,
+    })
+}
+
+fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|cause| TlsError::Key {
+        path: path.to_owned(),
+        cause,
+    })
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let failed = |cause| TlsError::Certificates {
+        path: path.to_owned(),
+        cause,
+    };
+    let pem = read_pem(path, failed)?;
+    let certs = (CertificateDer::pem_slice_iter(&pem))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(failed)?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate(path.to_owned()));
     }

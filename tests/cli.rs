@@ -362,14 +362,22 @@ fn check_refuses_a_forwards_tls_without_its_ca_half_an_identity_or_a_bad_file() 
     let certified = rcgen::generate_simple_self_signed(vec!["central".to_owned()]).unwrap();
     std::fs::write(&ca, certified.cert.pem()).unwrap();
     let missing = dir.path().join("missing.pem");
-    let (ca, missing) = (ca.display(), missing.display());
+    // Never opened: with no writer, opening it would block `check` for good.
+    let fifo = dir.path().join("fifo.pem");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let (ca, missing, fifo) = (ca.display(), missing.display(), fifo.display());
     let rules = dir.path().join("tls.vigil");
     let source = format!(
         "output a = forward(host: \"x\", tls_cert: \"c.pem\", tls_key: \"k.pem\")\n\
          output b = forward(host: \"x\", tls_cert: \"c.pem\", tls_ca: \"{ca}\")\n\
          output c = forward(host: \"x\", tls_ca: \"{missing}\")\n\
          output d = forward(host: \"x\", tls_ca: \"{ca}\")\n\
-         streams {{\n  a\n  b\n  c\n  d\n}}\n"
+         output e = forward(host: \"x\", tls_cert: \"{missing}\", tls_key: \"k.pem\", tls_ca: \"{ca}\")\n\
+         output f = forward(host: \"x\", tls_ca: \"{fifo}\")\n\
+         output g = forward(host: \"x\", tls_name: \"not a name!\", tls_ca: \"{ca}\")\n\
+         output h = forward(host: \"x\", tls_ca: \"/dev/zero\")\n\
+         streams {{\n  a\n  b\n  c\n  d\n  e\n  f\n  g\n  h\n}}\n"
     );
     std::fs::write(&rules, source).unwrap();
     let out = vigil(&["check", rules.to_str().unwrap()]);
@@ -389,6 +397,16 @@ fn check_refuses_a_forwards_tls_without_its_ca_half_an_identity_or_a_bad_file() 
                 "3:39: TLS for `forward`: reading certificates from {missing}: \
                  I/O error: No such file or directory (os error 2)"
             ),
+            format!(
+                "5:41: TLS for `forward`: reading certificates from {missing}: \
+                 I/O error: No such file or directory (os error 2)"
+            ),
+            format!("6:39: TLS for `forward`: {fifo}: not a regular file (a FIFO)"),
+            "7:41: TLS for `forward`: `not a name!` is not a name or address a certificate \
+             can be checked against"
+                .to_owned(),
+            "8:39: TLS for `forward`: /dev/zero: not a regular file (a character device)"
+                .to_owned(),
         ],
         "{text}"
     );

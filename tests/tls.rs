@@ -546,9 +546,18 @@ async fn sighup_renews_the_listeners_certificate_and_keeps_it_when_the_files_are
     );
     assert!(v.logs().contains("do not go together"), "{}", v.logs());
     assert_eq!(presented(&connector, addr).await, second);
+
+    // A FIFO in place of the certificate: refused without being opened
+    // (with no writer, opening it would block for good).
+    std::fs::remove_file(&pki.server_cert).unwrap();
+    common::run_ok("mkfifo", &[&cert], common::CMD_TIMEOUT);
+    hangup();
+    let refused = format!("{cert}: not a regular file (a FIFO)");
+    assert!(v.wait_for_log(&refused, WAIT), "{}", v.logs());
+    assert_eq!(presented(&connector, addr).await, second);
     let metrics = common::metrics_text(v.http.expect("an HTTP listener")).await;
     assert!(
-        metrics.contains("\nvigil_tls_reload_failures_total 1\n"),
+        metrics.contains("\nvigil_tls_reload_failures_total 2\n"),
         "{metrics}"
     );
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use crate::clock::Micros;
 use crate::event::Metric;
 use crate::query::Query;
-use crate::tls::ClientTls;
+use crate::tls::{ClientTls, TlsError};
 
 use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
 use super::diag::{Diagnostic, closest};
@@ -484,7 +484,7 @@ impl Compiler {
             Some(v) => self.string(v)?,
             None => host?.to_owned(),
         };
-        let identity = match identity {
+        let identity_paths = match identity {
             Some((cert, key)) => Some((self.string(cert)?, self.string(key)?)),
             None => None,
         };
@@ -493,14 +493,24 @@ impl Compiler {
         if named.into_iter().flatten().any(|v| self.unset_env(v)) {
             return Some(None);
         }
-        let identity = (identity.as_ref()).map(|(c, k)| (Path::new(c), Path::new(k)));
-        match ClientTls::load(&server_name, Path::new(&ca_path), identity) {
-            Ok(tls) => Some(Some(tls)),
-            Err(e) => {
-                self.error(ca.span.clone(), format!("TLS for `forward`: {e}"));
-                None
+        let files = (identity_paths.as_ref()).map(|(c, k)| (Path::new(c), Path::new(k)));
+        let error = match ClientTls::load(&server_name, Path::new(&ca_path), files) {
+            Ok(tls) => return Some(Some(tls)),
+            Err(error) => error,
+        };
+        // Pointed at the parameter naming the file at fault, or the name.
+        let at_fault = match (&error, error.path(), identity.zip(files)) {
+            (TlsError::ServerName(_), _, _) => name.or(b.get("host")),
+            (TlsError::Mismatch(_), _, Some(((_, key), _))) => Some(key),
+            (_, Some(path), Some(((cert, key), (cert_path, key_path)))) => {
+                let cert = (path == cert_path).then_some(cert);
+                cert.or((path == key_path).then_some(key))
             }
-        }
+            _ => None,
+        };
+        let span = at_fault.unwrap_or(ca).span.clone();
+        self.error(span, format!("TLS for `forward`: {error}"));
+        None
     }
 
     /// What every pager output takes besides its receiver.

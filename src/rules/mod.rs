@@ -22,6 +22,8 @@ pub mod testing;
 pub use compile::{Compiled, EnvPolicy};
 pub use diag::Diagnostic;
 
+use crate::files;
+
 /// The rules `vigil run` uses when given no `--rules`: index everything.
 pub const DEFAULT_RULES: &str = include_str!("../../rules/default.vigil");
 pub const DEFAULT_RULES_NAME: &str = "<embedded rules/default.vigil>";
@@ -35,11 +37,7 @@ pub const MAX_RULE_FILE: u64 = 64 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error("not a regular file (a {0})")]
-    NotAFile(&'static str),
-    #[error("over the {} MiB a rule file may have", MAX_RULE_FILE >> 20)]
-    TooLarge,
+    File(#[from] files::ReadError),
     #[error("not UTF-8 text: {0}")]
     NotText(#[from] std::string::FromUtf8Error),
 }
@@ -47,36 +45,8 @@ pub enum ReadError {
 /// Reads a rule file: a regular file (never opened otherwise: opening a
 /// FIFO with no writer would block), of at most [`MAX_RULE_FILE`] bytes.
 pub fn read_file(path: &std::path::Path) -> Result<String, ReadError> {
-    use std::io::Read;
-    let kind = std::fs::metadata(path)?.file_type();
-    if !kind.is_file() {
-        return Err(ReadError::NotAFile(file_kind(&kind)));
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_RULE_FILE + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_RULE_FILE {
-        return Err(ReadError::TooLarge);
-    }
+    let bytes = files::read(path, MAX_RULE_FILE, "a rule file")?;
     Ok(String::from_utf8(bytes)?)
-}
-
-fn file_kind(kind: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if kind.is_dir() {
-        "directory"
-    } else if kind.is_fifo() {
-        "FIFO"
-    } else if kind.is_char_device() {
-        "character device"
-    } else if kind.is_block_device() {
-        "block device"
-    } else if kind.is_socket() {
-        "socket"
-    } else {
-        "special file"
-    }
 }
 
 /// A rule file's text as it was compiled. The running rules keep it, so their
