@@ -20,8 +20,10 @@ use crate::tls::ClientTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Not a `source`: the text says it, and a chain printed (`anyhow`)
+    /// would say it again, and its own cause a third time.
     #[error("connection failed: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("server closed the connection before replying")]
     Closed,
     #[error("bad reply framing: {0}")]
@@ -36,6 +38,12 @@ pub enum ClientError {
 trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
 
 impl From<FrameError> for ClientError {
     /// A failed read or write is the connection's (over TLS: an alert, the
