@@ -32,6 +32,8 @@ pub enum ClientError {
     Decode(#[from] prost::DecodeError),
     #[error("server error: {0}")]
     Server(String),
+    #[error("the server answered in TLS: connect with TLS (--tls-ca; tls_ca for a forward)")]
+    SpeaksTls,
 }
 
 /// What a client talks over: TCP, or TLS over TCP.
@@ -123,9 +125,24 @@ impl Client {
             .collect())
     }
 
+    /// Whether what came back starts as a TLS record (an alert or a
+    /// handshake, version 3.x): a TLS port's answer to plain text, which read
+    /// as a length is hundreds of megabytes.
+    fn answered_in_tls(&self) -> bool {
+        matches!(
+            self.framed.read_buffer().get(..2),
+            Some([0x15 | 0x16, 0x03])
+        )
+    }
+
     async fn call(&mut self, msg: Msg) -> Result<Msg, ClientError> {
         self.framed.send(Bytes::from(msg.encode_to_vec())).await?;
-        let frame = self.framed.next().await.ok_or(ClientError::Closed)??;
+        let frame = match self.framed.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(_)) if self.answered_in_tls() => return Err(ClientError::SpeaksTls),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ClientError::Closed),
+        };
         let reply = Msg::decode(frame.freeze())?;
         if reply.ok == Some(true) {
             Ok(reply)

@@ -608,4 +608,13 @@ fn vigil_send_and_query_talk_tls_with_a_client_certificate() {
         1,
         "said once: {said}"
     );
+
+    // Plain text to the TLS port: told so, not a frame of hundreds of MB.
+    let plain = vigil(&["query", "true", &addr]);
+    assert!(!plain.status.success());
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        said.contains("the server answered in TLS: connect with TLS"),
+        "{said}"
+    );
 }
