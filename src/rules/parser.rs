@@ -688,6 +688,13 @@ impl<'a> Parser<'a> {
     fn not_a_stream(&self, input: &str, before: &[Stmt]) -> Diagnostic {
         let diagnostic = self.unexpected(input, "a stream or `}`");
         let at = self.offset(skip_trivia(input));
+        if let Some(word) = self.hyphenated(at) {
+            let hint = format!(
+                "names are written with `_`: `{}` for Riemann's `{word}`",
+                word.replace('-', "_")
+            );
+            return diagnostic.with_hint(hint);
+        }
         let hint = before
             .iter()
             .rev()
@@ -705,6 +712,20 @@ impl<'a> Parser<'a> {
             Some(hint) => diagnostic.with_hint(hint),
             None => diagnostic,
         }
+    }
+
+    /// The word around the `-` at `at` when one joins two names, as in
+    /// Riemann's `changed-state`: the `-` ended the name before it.
+    fn hyphenated(&self, at: usize) -> Option<&str> {
+        let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        let (before, after) = self.src.split_at(at);
+        let after = after.strip_prefix('-')?;
+        let start = before.trim_end_matches(is_name).len();
+        let rest = after
+            .find(|c: char| !(is_name(c) || c == '-'))
+            .unwrap_or(after.len());
+        let joins = start < at && after.starts_with(|c: char| c.is_ascii_alphabetic());
+        joins.then(|| &self.src[start..at + 1 + rest])
     }
 
     /// The predicate after `keyword`, up to the first token that cannot continue it.
@@ -1737,6 +1758,18 @@ test "backlog pages" {
             error("output g = graphite(host: )"),
             "rules/x.vigil:1:27: expected a value, found `)`\n    output g = graphite(host: )\n                              ^"
         );
+    }
+
+    #[test]
+    fn a_riemann_name_with_hyphens_is_told_its_spelling_here() {
+        let text = error("streams {\n  by(host) { fixed-time-window(10s) { count } }\n}");
+        assert!(
+            text.ends_with("hint: names are written with `_`: `fixed_time_window` for Riemann's `fixed-time-window`"),
+            "{text}"
+        );
+        // A `-` that joins no names is only unexpected.
+        assert!(!error("streams {\n  index -\n}").contains("hint"));
+        assert!(!error("streams {\n  index -5\n}").contains("hint"));
     }
 
     #[test]
