@@ -117,11 +117,31 @@ pub fn connection_permits(max_connections: usize) -> Arc<Semaphore> {
     Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)))
 }
 
-/// Warns that a listener is refusing connections at its limit, at most once
-/// per `REFUSAL_LOG_INTERVAL`: a flood must not flood the log too.
+/// Lets a warning through at most once per `REFUSAL_LOG_INTERVAL`: a flood
+/// of what it warns about must not flood the log too.
+#[derive(Default)]
+pub struct LogGate {
+    next: Mutex<Option<Instant>>,
+}
+
+impl LogGate {
+    /// Whether to log now; if so, not again for the interval.
+    pub fn open(&self) -> bool {
+        let now = Instant::now();
+        let mut next = self.next.lock();
+        if next.is_some_and(|next| now < next) {
+            return false;
+        }
+        *next = Some(now + REFUSAL_LOG_INTERVAL);
+        true
+    }
+}
+
+/// Warns that a listener is refusing connections at its limit, through a
+/// [`LogGate`].
 #[derive(Default)]
 pub struct RefusalLog {
-    next: Mutex<Option<Instant>>,
+    gate: LogGate,
 }
 
 impl RefusalLog {
@@ -130,13 +150,8 @@ impl RefusalLog {
     pub fn refused(&self, listener: &'static str, peer: SocketAddr, counter: &AtomicU64) -> bool {
         Stats::incr(counter);
         let refused = Stats::get(counter);
-        let now = Instant::now();
-        {
-            let mut next = self.next.lock();
-            if next.is_some_and(|next| now < next) {
-                return false;
-            }
-            *next = Some(now + REFUSAL_LOG_INTERVAL);
+        if !self.gate.open() {
+            return false;
         }
         tracing::warn!(
             listener,
@@ -438,7 +453,7 @@ mod tests {
         let _second = bounds.admit((), PEER).expect("at the limit");
         assert!(bounds.admit((), PEER).is_none());
         assert_eq!(Stats::get(&bounds.stats.http_connections_refused), 1);
-        assert!(bounds.refusals.next.lock().is_some(), "and warned of");
+        assert!(bounds.refusals.gate.next.lock().is_some(), "and warned of");
         drop(first);
         assert!(bounds.admit((), PEER).is_some(), "its permit came back");
     }

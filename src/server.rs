@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::blocking::off_workers;
-use crate::bounded::{self, RefusalLog};
+use crate::bounded::{self, LogGate, RefusalLog};
 use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
@@ -119,6 +119,7 @@ impl Server {
             read_timeout: config.read_timeout,
             permits: bounded::connection_permits(config.max_connections),
             refusals: RefusalLog::default(),
+            tls_failures: LogGate::default(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         });

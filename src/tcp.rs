@@ -39,7 +39,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bounded::{self, RefusalLog};
+use crate::bounded::{self, LogGate, RefusalLog};
 use crate::budget::{Budget, TooSlow};
 use crate::event::Event;
 pub use crate::frame::DEFAULT_MAX_FRAME;
@@ -72,6 +72,10 @@ pub struct Connections {
     pub permits: Arc<Semaphore>,
     /// Shared by the plain and the TLS listener, like the permits.
     pub refusals: RefusalLog,
+    /// Failed TLS handshakes are warned about through this: a client whose
+    /// certificate is refused is a misconfiguration someone must see, a
+    /// scanner's flood must not fill the log.
+    pub tls_failures: LogGate,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -141,18 +145,29 @@ impl Connections {
         let stream = match handshake {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                Stats::incr(&stats.tls_handshake_failures);
-                tracing::debug!(%peer, error = %e, "TLS handshake failed.");
+                self.tls_failed(peer, &e.to_string());
                 return Ok(());
             }
             Err(_) => {
-                Stats::incr(&stats.tls_handshake_failures);
-                tracing::debug!(%peer, "TLS handshake timed out.");
+                self.tls_failed(peer, "no handshake within --read-timeout");
                 return Ok(());
             }
         };
         Stats::incr(&stats.tls_connections);
         self.handle(stream, peer).await
+    }
+
+    /// Counts a failed handshake; warns at most every 10 s (with the count so
+    /// far), at debug otherwise.
+    fn tls_failed(&self, peer: SocketAddr, error: &str) {
+        let failures = &self.ingest.stats.tls_handshake_failures;
+        Stats::incr(failures);
+        if self.tls_failures.open() {
+            let failures = Stats::get(failures);
+            tracing::warn!(%peer, error, failures, "TLS handshake failed (more are logged at most every 10 s; all are counted in tls_handshake_failures).");
+        } else {
+            tracing::debug!(%peer, error, "TLS handshake failed.");
+        }
     }
 
     async fn handle<S: AsyncRead + AsyncWrite + Unpin>(

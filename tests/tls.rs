@@ -617,4 +617,12 @@ fn vigil_send_and_query_talk_tls_with_a_client_certificate() {
         said.contains("the server answered in TLS: connect with TLS"),
         "{said}"
     );
+
+    // The server warned of the first failed handshake, and why; the second,
+    // within 10 s, only counted.
+    let warned = "TLS handshake failed (more are logged at most every 10 s";
+    assert!(v.wait_for_log(warned, WAIT), "{}", v.logs());
+    let logs = v.logs();
+    assert_eq!(logs.matches(warned).count(), 1, "{logs}");
+    assert!(logs.contains("peer sent no certificates"), "{logs}");
 }
