@@ -111,6 +111,28 @@ impl Pki {
         }
     }
 
+    /// The real binary serving TLS with the server's files; with
+    /// `client_ca`, requiring client certificates signed by the test CA.
+    fn vigil(&self, client_ca: bool) -> common::Vigil {
+        let (cert, key, ca) = (
+            text(&self.server_cert),
+            text(&self.server_key),
+            text(&self.ca),
+        );
+        let mut args = vec![
+            "--tls",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ];
+        if client_ca {
+            args.extend(["--tls-ca", &ca]);
+        }
+        common::Vigil::start(&args)
+    }
+
     fn listener(&self, client_ca: bool) -> TlsListener {
         let ca = client_ca.then_some(self.ca.as_path());
         let acceptor = tls::Acceptor::load(&self.server_cert, &self.server_key, ca);
@@ -142,6 +164,11 @@ impl Pki {
         };
         TlsConnector::from(Arc::new(config))
     }
+}
+
+/// A path as a command-line argument or a rule file's string.
+fn text(path: &Path) -> String {
+    path.to_str().expect("a UTF-8 temporary path").to_owned()
 }
 
 fn rustls_pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
@@ -350,18 +377,8 @@ fn tls_addr_of(v: &common::Vigil) -> SocketAddr {
 fn riemann_client_sends_and_queries_over_tls_with_a_client_certificate() {
     common::require_peer("riemann-client");
     let pki = Pki::new();
-    let path = |p: &Path| p.to_str().unwrap().to_owned();
-    let (cert, key, ca) = (path(&pki.server_cert), path(&pki.server_key), path(&pki.ca));
-    let v = common::Vigil::start(&[
-        "--tls",
-        "127.0.0.1:0",
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--tls-ca",
-        &ca,
-    ]);
+    let v = pki.vigil(true);
+    let ca = text(&pki.ca);
     let addr = tls_addr_of(&v);
     let port = addr.port().to_string();
     let options = [
@@ -369,9 +386,9 @@ fn riemann_client_sends_and_queries_over_tls_with_a_client_certificate() {
         "-o".to_owned(),
         format!("cafile={ca}"),
         "-o".to_owned(),
-        format!("certfile={}", path(&pki.client_cert)),
+        format!("certfile={}", text(&pki.client_cert)),
         "-o".to_owned(),
-        format!("keyfile={}", path(&pki.client_key)),
+        format!("keyfile={}", text(&pki.client_key)),
     ];
     let run = |args: &[&str]| {
         let mut all: Vec<&str> = vec![args[0]];
@@ -424,11 +441,10 @@ async fn a_forward_output_delivers_over_tls_with_its_client_certificate() {
     let pki = Pki::new();
     let (central, index) = start(pki.listener(true), tcp::DEFAULT_READ_TIMEOUT).await;
     let port = central.tls_addr.expect("TLS listens").port();
-    let path = |p: &Path| p.to_str().unwrap().to_owned();
     let identity = format!(
         "tls_cert: \"{}\", tls_key: \"{}\"",
-        path(&pki.client_cert),
-        path(&pki.client_key)
+        text(&pki.client_cert),
+        text(&pki.client_key)
     );
     let dir = tempfile::tempdir().unwrap();
     let send = |edge: &common::Vigil, service: &'static str| {
@@ -455,7 +471,7 @@ async fn a_forward_output_delivers_over_tls_with_its_client_certificate() {
     };
 
     // Checked for the host's address (the server's certificate names it).
-    let tls = format!("tls_ca: \"{}\", {identity}", path(&pki.ca));
+    let tls = format!("tls_ca: \"{}\", {identity}", text(&pki.ca));
     let edge = forwarding_over_tls(dir.path(), port, &tls);
     send(&edge, "trusted").await;
     assert!(arrived("trusted").await, "{}", edge.logs());
@@ -464,7 +480,7 @@ async fn a_forward_output_delivers_over_tls_with_its_client_certificate() {
     // log says why.
     let tls = format!(
         "tls_ca: \"{}\", tls_name: \"elsewhere\", {identity}",
-        path(&pki.ca)
+        text(&pki.ca)
     );
     let misnamed = forwarding_over_tls(dir.path(), port, &tls);
     send(&misnamed, "misnamed").await;
@@ -476,7 +492,7 @@ async fn a_forward_output_delivers_over_tls_with_its_client_certificate() {
     assert!(index.get("edge", "misnamed").is_none());
 
     // Without its certificate, the central refuses it.
-    let tls = format!("tls_ca: \"{}\"", path(&pki.ca));
+    let tls = format!("tls_ca: \"{}\"", text(&pki.ca));
     let anonymous = forwarding_over_tls(dir.path(), port, &tls);
     send(&anonymous, "anonymous").await;
     let refused = "connection failed: received fatal alert: CertificateRequired";
@@ -506,16 +522,7 @@ fn der_of(pem: &Path) -> CertificateDer<'static> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_renews_the_listeners_certificate_and_keeps_it_when_the_files_are_bad() {
     let pki = Pki::new();
-    let path = |p: &Path| p.to_str().unwrap().to_owned();
-    let (cert, key) = (path(&pki.server_cert), path(&pki.server_key));
-    let v = common::Vigil::start(&[
-        "--tls",
-        "127.0.0.1:0",
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ]);
+    let v = pki.vigil(false);
     let addr = tls_addr_of(&v);
     let connector = pki.connector(None);
     let first = der_of(&pki.server_cert);
@@ -550,6 +557,7 @@ async fn sighup_renews_the_listeners_certificate_and_keeps_it_when_the_files_are
     // A FIFO in place of the certificate: refused without being opened
     // (with no writer, opening it would block for good).
     std::fs::remove_file(&pki.server_cert).unwrap();
+    let cert = text(&pki.server_cert);
     common::run_ok("mkfifo", &[&cert], common::CMD_TIMEOUT);
     hangup();
     let refused = format!("{cert}: not a regular file (a FIFO)");
@@ -565,20 +573,10 @@ async fn sighup_renews_the_listeners_certificate_and_keeps_it_when_the_files_are
 #[test]
 fn vigil_send_and_query_talk_tls_with_a_client_certificate() {
     let pki = Pki::new();
-    let path = |p: &Path| p.to_str().unwrap().to_owned();
-    let (cert, key, ca) = (path(&pki.server_cert), path(&pki.server_key), path(&pki.ca));
-    let v = common::Vigil::start(&[
-        "--tls",
-        "127.0.0.1:0",
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--tls-ca",
-        &ca,
-    ]);
+    let v = pki.vigil(true);
+    let ca = text(&pki.ca);
     let addr = tls_addr_of(&v).to_string();
-    let (client_cert, client_key) = (path(&pki.client_cert), path(&pki.client_key));
+    let (client_cert, client_key) = (text(&pki.client_cert), text(&pki.client_key));
     let identity = [
         "--tls-ca",
         &ca,
