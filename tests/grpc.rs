@@ -239,12 +239,7 @@ async fn a_query_over_the_result_limit_is_resource_exhausted() {
     assert_eq!(query(&mut client, r#"host = "a""#).await.unwrap().len(), 1);
     // Counted as HTTP and TCP count them: three asked, two refused, one of
     // them a subscription.
-    let metrics = reqwest::get(format!("http://{}/metrics", vigil.http.unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(vigil.http.unwrap()).await;
     for line in [
         "vigil_queries_total 3",
         "vigil_query_errors_total 2",
@@ -457,12 +452,7 @@ async fn a_snapshot_that_does_not_fit_in_the_subscriber_memory_is_refused() {
         .unwrap()
         .into_inner();
     assert_eq!(next_event(&mut one).await.service.as_deref(), Some("7"));
-    let metrics = reqwest::get(format!("http://{}/metrics", vigil.http.unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(vigil.http.unwrap()).await;
     let line = "vigil_subscriptions_refused_total 1";
     assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
 }
