@@ -825,7 +825,7 @@ async fn a_slow_subscriber_is_disconnected_with_a_reason_and_counted() {
     http.shutdown(WAIT).await;
 }
 
-/// Each subscriber holds its own copy of each event: subscribers that read
+/// Each queue counts every event it holds in full: subscribers that read
 /// nothing hold no more than `--max-subscriber-memory` together, and the
 /// server goes on serving new ones.
 #[tokio::test(flavor = "multi_thread")]
