@@ -655,7 +655,7 @@ fn on_sighup(
         while hangups.recv().await.is_some() {
             // Logged and counted inside; the old rules keep running.
             let _ = rules.reload().await;
-            let Some(tls) = tls.clone() else { continue };
+            let Some(tls) = &tls else { continue };
             // Files on a hung mount must not hold a worker.
             let reloading = tls.clone();
             let reloaded = tokio::task::spawn_blocking(move || reloading.reload()).await;
