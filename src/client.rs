@@ -65,38 +65,28 @@ pub struct Client {
 impl Client {
     /// A client that reads replies of up to the server's default `--max-frame`.
     pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
-        Self::connect_with_max_reply(addr, tcp::DEFAULT_MAX_FRAME).await
+        Self::connect_with(addr, None, tcp::DEFAULT_MAX_FRAME).await
     }
 
-    /// A client that reads replies of up to `max_reply` bytes: a query's
-    /// answer is as large as what it matched, which no frame limit bounds.
-    pub async fn connect_with_max_reply(
+    /// A client over TLS with `tls` (plain TCP without), reading replies of
+    /// up to `max_reply` bytes: a query's answer is as large as what it
+    /// matched, which no frame limit bounds. A failed handshake (the
+    /// server's certificate not trusted, or not for the name) is a
+    /// connection error.
+    pub async fn connect_with(
         addr: impl ToSocketAddrs,
+        tls: Option<&ClientTls>,
         max_reply: usize,
     ) -> Result<Self, ClientError> {
         let socket = dial::connect(addr).await?;
         socket.set_nodelay(true)?;
-        Ok(Self::over(Box::new(socket), max_reply))
-    }
-
-    /// A client over TLS ([`Client::connect_with_max_reply`] otherwise): the handshake
-    /// failing (the server's certificate not trusted, or not for the name)
-    /// is a connection error.
-    pub async fn connect_tls(
-        addr: impl ToSocketAddrs,
-        tls: &ClientTls,
-        max_reply: usize,
-    ) -> Result<Self, ClientError> {
-        let socket = dial::connect(addr).await?;
-        socket.set_nodelay(true)?;
-        let stream = tls.connect(socket).await?;
-        Ok(Self::over(Box::new(stream), max_reply))
-    }
-
-    fn over(connection: Box<dyn Connection>, max_reply: usize) -> Self {
-        Self {
+        let connection: Box<dyn Connection> = match tls {
+            Some(tls) => Box::new(tls.connect(socket).await?),
+            None => Box::new(socket),
+        };
+        Ok(Self {
             framed: Framed::new(connection, tcp::codec(max_reply)),
-        }
+        })
     }
 
     pub async fn send(&mut self, events: &[Event]) -> Result<(), ClientError> {

@@ -125,19 +125,6 @@ impl ClientTlsArgs {
     }
 }
 
-/// A client of the server at `addr`, over TLS with `tls`.
-async fn connect(
-    addr: &str,
-    tls: Option<&tls::ClientTls>,
-    max_reply: usize,
-) -> anyhow::Result<Client> {
-    let client = match tls {
-        Some(tls) => Client::connect_tls(addr, tls, max_reply).await,
-        None => Client::connect_with_max_reply(addr, max_reply).await,
-    };
-    client.with_context(|| format!("connecting to {addr}"))
-}
-
 #[derive(clap::Args)]
 struct RunArgs {
     /// Rule file; SIGHUP re-reads it. Without it, the embedded rules/default.vigil runs (index every event).
@@ -700,7 +687,9 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
     };
     let tls = args.tls.load(&args.addr)?;
     within(args.timeout, &args.addr, async {
-        let mut client = connect(&args.addr, tls.as_ref(), tcp::DEFAULT_MAX_FRAME).await?;
+        let mut client = Client::connect_with(&args.addr, tls.as_ref(), tcp::DEFAULT_MAX_FRAME)
+            .await
+            .with_context(|| format!("connecting to {}", args.addr))?;
         client.send(&[event]).await?;
         Ok(())
     })
@@ -801,7 +790,9 @@ async fn query_cmd(
 ) -> anyhow::Result<()> {
     let tls = tls.load(addr)?;
     let found = within(timeout, addr, async {
-        let mut client = connect(addr, tls.as_ref(), max_answer).await?;
+        let mut client = Client::connect_with(addr, tls.as_ref(), max_answer)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
         match client.query(query).await {
             Err(ClientError::Frame(e @ FrameError::Oversized { .. })) => Err(anyhow::anyhow!(
                 "{e}: raise --max-answer, or narrow the query"

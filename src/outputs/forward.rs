@@ -442,10 +442,7 @@ impl Link {
                 let until = Instant::now() + wait;
                 let (target, tls) = (self.target.clone(), self.tls.clone());
                 let connect = async move {
-                    match &tls {
-                        Some(tls) => Client::connect_tls(target, tls, DEFAULT_MAX_FRAME).await,
-                        None => Client::connect(target).await,
-                    }
+                    Client::connect_with(target, tls.as_ref(), DEFAULT_MAX_FRAME).await
                 };
                 match self.within(until, connect).await {
                     Some(connected) => connected?,
