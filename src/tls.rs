@@ -187,19 +187,10 @@ impl ClientTls {
             .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
         let provider = Arc::new(ring::default_provider());
         let cas = certificates(ca)?;
-        let mut trusted = RootCertStore::empty();
-        for cert in &cas {
-            trusted
-                .add(cert.clone())
-                .map_err(|cause| TlsError::CaCertificate {
-                    path: ca.to_owned(),
-                    cause,
-                })?;
-        }
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Versions)?
-            .with_root_certificates(trusted);
+            .with_root_certificates(roots(ca, &cas)?);
         let (config, identity) = match identity {
             None => (builder.with_no_client_auth(), None),
             Some((cert, key_path)) => {
@@ -256,12 +247,15 @@ pub fn acceptor(
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => builder.with_client_cert_verifier(
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
-                .build()
-                .map_err(|cause| TlsError::ClientCa {
-                    path: ca.to_owned(),
-                    cause,
-                })?,
+            WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(ca, &certificates(ca)?)?),
+                provider,
+            )
+            .build()
+            .map_err(|cause| TlsError::ClientCa {
+                path: ca.to_owned(),
+                cause,
+            })?,
         ),
     };
     if let Some(problem) = out_of_date(&chain[0], SystemTime::now()) {
@@ -348,13 +342,16 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+/// The CA certificates `cas`, read from `path`, as trust roots.
+fn roots(path: &Path, cas: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in certificates(path)? {
-        roots.add(cert).map_err(|cause| TlsError::CaCertificate {
-            path: path.to_owned(),
-            cause,
-        })?;
+    for cert in cas {
+        roots
+            .add(cert.clone())
+            .map_err(|cause| TlsError::CaCertificate {
+                path: path.to_owned(),
+                cause,
+            })?;
     }
     Ok(roots)
 }
