@@ -22,8 +22,9 @@
 //! about as large, is not counted): the last subscriber holding an event
 //! pays for it, and many subscribers that read nothing would otherwise hold
 //! their queue's bound each. Over it, the subscribers holding the most are
-//! disconnected first: those furthest behind, never one that keeps up. A disconnected subscriber's queue is
-//! emptied at once, whatever its connection is doing.
+//! disconnected first: those furthest behind, never one that keeps up. A
+//! disconnected subscriber's queue is emptied at once, whatever its
+//! connection is doing.
 //!
 //! With no subscribers the cost on the ingest path is one atomic load.
 //! Nothing is published while a replay runs its batch under
