@@ -1,5 +1,6 @@
 //! The acceptance rule file (`rules/rabbitmq.vigil`) over a 100-event batch:
-//! the per-`Msg` cost of the rules between decode and the index.
+//! the per-`Msg` cost of the rules between decode and the index; and the
+//! pause of a reload of rules holding many `changed_state` series.
 
 use std::sync::Arc;
 
@@ -69,5 +70,56 @@ fn acceptance_file(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, acceptance_file);
+/// A reload of rules holding 50 000 `changed_state` series: the pause ingest
+/// waits for while the state moves, with the block unchanged and with it
+/// edited (each group then rebuilt from the new block).
+fn reload(c: &mut Criterion) {
+    const SERIES: usize = 50_000;
+    let source = |block: &str| format!("streams {{\n  changed_state {{ {block} }}\n}}\n");
+    let compile = |source: &str| {
+        rules::load("reload.vigil", source, EnvPolicy::Lenient)
+            .expect("file compiles")
+            .1
+            .roots
+    };
+    let clock: SharedClock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let unchanged = source("index");
+    let rules = Rules::new(compile(&unchanged), None, Vec::new(), index, clock);
+    let events: Vec<Event> = (0..SERIES)
+        .map(|i| Event {
+            host: Some(format!("host{i}")),
+            service: Some("svc".to_owned()),
+            state: Some("ok".to_owned()),
+            time: 1_700_000_000_000_000,
+            ..Event::default()
+        })
+        .collect();
+    for batch in events.chunks(100) {
+        rules.process(batch);
+    }
+    let mut group = c.benchmark_group("reload");
+    group.sample_size(20);
+    // Alternating between two texts: every reload is an edit.
+    let texts = [source("index"), source("index "), unchanged.clone()];
+    for (name, sources) in [
+        ("changed_state_50k_unchanged", &texts[2..]),
+        ("changed_state_50k_edited", &texts[..2]),
+    ] {
+        let mut next = 0;
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    next += 1;
+                    compile(&sources[next % sources.len()])
+                },
+                |roots| rules.replace(roots, None, Vec::new()),
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, acceptance_file, reload);
 criterion_main!(benches);

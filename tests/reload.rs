@@ -15,7 +15,7 @@ use common::{
 use vigil::clock::{Clock, ManualClock, SharedClock, secs_to_micros};
 use vigil::event::{Event, Metric};
 use vigil::index::{Index, IndexConfig};
-use vigil::outputs::OutputSink;
+use vigil::outputs::{OutputSink, OutputSpec};
 use vigil::rules::engine::Rules;
 use vigil::rules::testing::{Recorder, TEST_EPOCH, advance};
 use vigil::rules::{self, EnvPolicy, reload};
@@ -28,34 +28,52 @@ fn file(streams: &str) -> String {
     format!("output out = forward(host: \"127.0.0.1\")\nstreams {{\n{streams}\n}}\n")
 }
 
-/// Rules running on a virtual clock, `out` recorded across reloads.
+/// Recorders for `outputs`, in their order: `out` for the output of that
+/// name, `others` for the rest.
+fn sinks(
+    outputs: &[OutputSpec],
+    out: &Arc<Recorder>,
+    others: &Arc<Recorder>,
+) -> Vec<Arc<dyn OutputSink>> {
+    outputs
+        .iter()
+        .map(|o| {
+            let recorder = if o.name == "out" { out } else { others };
+            recorder.clone() as Arc<dyn OutputSink>
+        })
+        .collect()
+}
+
+/// Rules running on a virtual clock, `out` recorded across reloads, and
+/// every other output into `others`.
 struct Live {
     clock: Arc<ManualClock>,
     index: Arc<Index>,
     rules: Rules,
     out: Arc<Recorder>,
+    others: Arc<Recorder>,
 }
 
 impl Live {
     fn start(streams: &str) -> Live {
+        Self::start_source(&file(streams))
+    }
+
+    fn start_source(source: &str) -> Live {
         let (_, compiled) =
-            rules::load(NAME, &file(streams), EnvPolicy::Strict).unwrap_or_else(|e| panic!("{e}"));
+            rules::load(NAME, source, EnvPolicy::Strict).unwrap_or_else(|e| panic!("{e}"));
         let clock = Arc::new(ManualClock::new(TEST_EPOCH));
         let index = Arc::new(Index::new(IndexConfig::default()));
-        let out = Arc::new(Recorder::default());
         let shared: SharedClock = clock.clone();
-        let rules = Rules::new(
-            compiled.roots,
-            None,
-            vec![out.clone()],
-            index.clone(),
-            shared,
-        );
+        let (out, others) = (Arc::default(), Arc::default());
+        let sinks = sinks(&compiled.outputs, &out, &others);
+        let rules = Rules::new(compiled.roots, None, sinks, index.clone(), shared);
         Live {
             clock,
             index,
             rules,
             out,
+            others,
         }
     }
 
@@ -66,11 +84,7 @@ impl Live {
 
     fn reload_source(&self, source: &str) -> Result<(), String> {
         let compiled = reload::prepare(&self.rules.stats, NAME, source, EnvPolicy::Strict)?;
-        let sinks: Vec<Arc<dyn OutputSink>> = compiled
-            .outputs
-            .iter()
-            .map(|_| self.out.clone() as Arc<dyn OutputSink>)
-            .collect();
+        let sinks = sinks(&compiled.outputs, &self.out, &self.others);
         self.rules.replace(compiled.roots, None, sinks);
         Ok(())
     }
@@ -200,6 +214,28 @@ fn by_groups_keep_their_changed_state() {
     live.send("a", None, Some("critical"));
     live.send("c", None, Some("ok"));
     assert_eq!(live.out_hosts(), ["a", "b", "a", "c"]);
+}
+
+#[test]
+fn an_unchanged_by_keeps_its_groups_and_sends_to_its_outputs_by_name() {
+    let by = "streams {\n  by(host) { changed(state) { out } }\n}\n";
+    let other = "output other = forward(host: \"127.0.0.1\")\n";
+    let out = "output out = forward(host: \"127.0.0.1\")\n";
+    let live = Live::start_source(&format!("{out}{by}"));
+    live.send("a", None, Some("ok"));
+    live.send("b", None, Some("ok"));
+    // The same text, twice: the groups are handed over as they are.
+    live.reload_source(&format!("{out}{by}")).unwrap();
+    live.reload_source(&format!("{out}{by}")).unwrap();
+    live.send("a", None, Some("ok"));
+    assert_eq!(live.out_hosts(), ["a", "b"], "a repeat does not fire again");
+    // The same block, but `out` is now the second output: the groups'
+    // stages must send to `out` still, not to the first output.
+    live.reload_source(&format!("{other}{out}{by}")).unwrap();
+    live.send("a", None, Some("ok"));
+    live.send("b", None, Some("critical"));
+    assert_eq!(live.out_hosts(), ["a", "b", "b"]);
+    assert!(live.others.events.lock().is_empty());
 }
 
 #[test]

@@ -10,6 +10,8 @@ pub type Span = std::ops::Range<usize>;
 
 #[derive(Debug, Clone, Default)]
 pub struct RuleFile {
+    /// The text parsed, which the spans index.
+    pub source: String,
     pub outputs: Vec<OutputDecl>,
     /// The statements of every `streams { … }` block, in order.
     pub streams: Vec<Stmt>,

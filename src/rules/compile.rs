@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::clock::Micros;
 use crate::event::Metric;
@@ -13,9 +14,9 @@ use crate::tls::{ClientTls, TlsError};
 use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
 use super::diag::{Diagnostic, closest};
 use super::nodes::{
-    By, Changed, Children, Ddt, Drop, Ewma, EwmaMode, Field, FieldSet, Fold, FoldKind, IndexNode,
-    Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Scale, Split, Stable, Tag,
-    Throttle, Where, Window, WindowKind, With,
+    By, ByDefinition, Changed, Children, Ddt, Drop, Ewma, EwmaMode, Field, FieldSet, Fold,
+    FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Scale, Split,
+    Stable, Tag, Throttle, Where, Window, WindowKind, With,
 };
 use crate::outputs::template::Template;
 use crate::outputs::{OutputKind, OutputSpec, forward, graphite, http, pager, pagerduty, webhook};
@@ -88,6 +89,8 @@ pub enum EnvPolicy {
 pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnostic>> {
     let mut c = Compiler {
         env,
+        source: &file.source,
+        output_table: Arc::default(),
         outputs: Vec::new(),
         output_names: BTreeMap::new(),
         broken_outputs: HashSet::new(),
@@ -140,6 +143,7 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
             }
         }
     }
+    c.output_table = c.outputs.iter().map(|o| o.name.clone()).collect();
     let roots = c.block(&file.streams);
     if c.errors.is_empty() {
         Ok(Compiled {
@@ -153,8 +157,13 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
     }
 }
 
-struct Compiler {
+struct Compiler<'s> {
     env: EnvPolicy,
+    /// The rule file's text, for what a `by` was compiled from.
+    source: &'s str,
+    /// The declared outputs' names in order: `Output` stages refer to them
+    /// by position.
+    output_table: Arc<[String]>,
     outputs: Vec<OutputSpec>,
     output_names: BTreeMap<String, usize>,
     /// Outputs declared with errors (already reported): naming one in the
@@ -177,7 +186,16 @@ impl<'v> Bound<'v> {
     }
 }
 
-impl Compiler {
+impl Compiler<'_> {
+    /// What the `by` written at `span` is compiled from: the same definition
+    /// compiles to the same stages.
+    fn definition(&self, span: &Span) -> Arc<ByDefinition> {
+        Arc::new(ByDefinition {
+            text: self.source[span.clone()].into(),
+            outputs: self.output_table.clone(),
+        })
+    }
+
     fn error(&mut self, span: Span, message: impl Into<String>) {
         self.errors.push(Diagnostic::new(span, message));
     }
@@ -818,7 +836,7 @@ impl Compiler {
                 let fields = self.by_fields(name, args)?;
                 let horizon = body.map_or(0, |b| horizon(&b.stmts));
                 let children = self.body(name, body)?;
-                Box::new(By::new(fields, children, horizon))
+                Box::new(By::new(fields, children, horizon, self.definition(span)))
             }
             "changed" => {
                 let b = self.bind(n, args, &["field"], span)?;
@@ -837,6 +855,7 @@ impl Compiler {
                     vec![Field::Host, Field::Service],
                     Children(vec![changed]),
                     0,
+                    self.definition(span),
                 ))
             }
             "rate" => {

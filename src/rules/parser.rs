@@ -89,6 +89,7 @@ pub fn parse(source: &str) -> Result<RuleFile, Vec<Diagnostic>> {
         input = next;
     }
     if errors.is_empty() {
+        file.source = source.to_owned();
         Ok(file)
     } else {
         Err(errors)

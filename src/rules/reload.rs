@@ -17,8 +17,10 @@
 //! nothing stored in the stages. Whitespace, comments and edits elsewhere in
 //! the file do not matter; edits below a stage do not reset it.
 //! - `rate`: the partial sum, the window's end and the latest event.
-//! - `by`, `changed_state`: every group; each is rebuilt from the new block
-//!   and its unchanged stages take over the group's old state.
+//! - `by`, `changed_state`: every group. A statement whose text (block
+//!   included) and the file's list of outputs are unchanged hands its groups
+//!   over as they are, however many; after an edit each group is rebuilt
+//!   from the new block and its unchanged stages take over its old state.
 //! - `changed`: the last value, so a repeated value does not fire again.
 //! - `throttle`, `stable`, `ewma`, `ewma_timeless`, `ddt`: their counters,
 //!   held events and last values.

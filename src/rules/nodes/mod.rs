@@ -40,7 +40,7 @@ pub use basic::{
     Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Reinject, Scale, Split, Tag,
     Where, With,
 };
-pub use stateful::{By, Changed, Ddt, Ewma, EwmaMode, Rate, Stable, Throttle};
+pub use stateful::{By, ByDefinition, Changed, Ddt, Ewma, EwmaMode, Rate, Stable, Throttle};
 pub use window::{Fold, FoldKind, Percentiles, WINDOW_MAX, Window, WindowKind};
 
 use saved::{RestoreError, Restorer, Saver};

@@ -8,8 +8,8 @@
 
 use std::borrow::Cow;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use hashbrown::hash_table::Entry;
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -189,14 +189,29 @@ pub struct By {
     pub fields: Vec<Field>,
     pub prototype: Children,
     pub idle_after: Micros,
+    definition: Arc<ByDefinition>,
     shards: Box<[Mutex<HashTable<Group>>]>,
-    hasher: DefaultHashBuilder,
     /// Groups held, all shards together: bounded by `--max-index` as the
     /// index is, since each distinct key of a flood would make one.
     groups: AtomicUsize,
     /// Whether a refused group has been logged (once per `by`).
     warned: AtomicBool,
 }
+
+/// What a `by` (or `changed_state`) was compiled from: its statement's text
+/// and the names of the file's outputs in order, to which its `Output`
+/// stages refer by position. The same definition compiles to the same
+/// stages, so a reload can hand the groups over as they are.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ByDefinition {
+    pub text: Box<str>,
+    pub outputs: Arc<[String]>,
+}
+
+/// One seed for every `by` of the process: a group's stored hash stays
+/// valid when a reload hands the group to the next rules' `by`. Random per
+/// process, so a client cannot choose keys that collide.
+static GROUP_HASHER: LazyLock<DefaultHashBuilder> = LazyLock::new(DefaultHashBuilder::default);
 
 /// Locks a `by`'s groups are spread over. `changed_state` puts every event
 /// through a `by`; more shards than cores gain nothing, and each nested `by`
@@ -222,13 +237,18 @@ pub struct Group {
 }
 
 impl By {
-    pub fn new(fields: Vec<Field>, prototype: Children, idle_after: Micros) -> Self {
+    pub fn new(
+        fields: Vec<Field>,
+        prototype: Children,
+        idle_after: Micros,
+        definition: Arc<ByDefinition>,
+    ) -> Self {
         Self {
             fields,
             prototype,
             idle_after,
+            definition,
             shards: (0..BY_SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: DefaultHashBuilder::default(),
             groups: AtomicUsize::new(0),
             warned: AtomicBool::new(false),
         }
@@ -264,7 +284,7 @@ impl By {
     /// `Option<Cow<str>>`) or from a group (as `Option<&str>`): both hash as
     /// the text.
     fn hash(&self, values: impl Iterator<Item = Option<impl Hash>>) -> u64 {
-        let mut hasher = self.hasher.build_hasher();
+        let mut hasher = GROUP_HASHER.build_hasher();
         for value in values {
             value.hash(&mut hasher);
         }
@@ -372,16 +392,27 @@ impl Node for By {
             self.fields.clone(),
             self.prototype.fresh(),
             self.idle_after,
+            self.definition.clone(),
         ))
     }
 
-    /// Each group is rebuilt from the new prototype and adopts its old copy
-    /// stage by stage, so an edit inside the block keeps the groups and the
-    /// state of the unchanged stages in them.
+    /// An unchanged definition hands the groups over as they are, a few
+    /// pointers per shard however many groups there are. After an edit
+    /// inside the block, each group is rebuilt from the new prototype and
+    /// adopts its old copy stage by stage, so the groups and the state of the
+    /// unchanged stages in them are kept.
     fn adopt(&self, old: &dyn Node) {
         let Some(old) = same::<By>(old).filter(|o| o.fields == self.fields) else {
             return;
         };
+        if old.definition == self.definition {
+            for (new, old) in self.shards.iter().zip(&old.shards) {
+                take_over(new, old);
+            }
+            let held = old.groups.swap(0, Ordering::Relaxed);
+            self.groups.store(held, Ordering::Relaxed);
+            return;
+        }
         for shard in &old.shards {
             for old_group in shard.lock().drain() {
                 let children = self.prototype.fresh();
