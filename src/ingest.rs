@@ -363,7 +363,7 @@ impl Ingest {
 /// A query's answer, or its error as a reply (a refused one counted).
 fn replied(stats: &Stats, answer: Result<Bytes, QueryError>) -> Bytes {
     answer.unwrap_or_else(|e| {
-        if let QueryError::TooMany { .. } = e {
+        if let QueryError::TooMany { .. } | QueryError::TimedOut { .. } = e {
             Stats::incr(&stats.query_errors);
         }
         proto::error_reply(e.to_string())

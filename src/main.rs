@@ -203,6 +203,12 @@ struct RunArgs {
     /// until its asker has read it.
     #[arg(long, default_value_t = 100_000, value_parser = parse_positive)]
     max_query_results: usize,
+    /// Stop (with an error naming this flag) a query still scanning the index
+    /// after this long, over TCP, HTTP and gRPC: a scan of a million entries
+    /// takes a fifth of a second, but a query of thousands of terms costs
+    /// that many times more, and only one scan per core runs at once.
+    #[arg(long, default_value = "10s", value_parser = parse_interval)]
+    query_timeout: Duration,
     /// Let the kernel back vigil's memory with transparent huge pages: a full
     /// index is ~10 % faster, but a fresh huge page can stall the thread that
     /// first touches it for tens of milliseconds while the index grows
@@ -418,6 +424,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_entries: args.max_index,
         max_query_results: Some(args.max_query_results),
         max_subscriber_memory: args.max_subscriber_memory,
+        query_timeout: Some(args.query_timeout),
     }));
     let cluster_config = args.cluster_config();
     // In a cluster JetStream is the durable state: a snapshot would bring back

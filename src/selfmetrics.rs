@@ -187,6 +187,10 @@ pub struct Sample {
     pub index_size: u64,
     pub expired: u64,
     pub refused: u64,
+    /// Index scans stopped by `--query-timeout`, and stopped because their
+    /// asker went away.
+    pub scans_timed_out: u64,
+    pub scans_abandoned: u64,
     pub subscribers: u64,
     pub subscriber_events: u64,
     pub slow_disconnects: u64,
@@ -223,6 +227,8 @@ impl Telemetry {
             index_size: self.index.len() as u64,
             expired: self.index.expired_total(),
             refused: self.index.refused_total(),
+            scans_timed_out: self.index.scans_timed_out_total(),
+            scans_abandoned: self.index.scans_abandoned_total(),
             subscribers: pubsub.subscribers() as u64,
             subscriber_events: get(&pubsub.stats.delivered),
             slow_disconnects: get(&pubsub.stats.disconnected_slow),
@@ -350,6 +356,8 @@ impl Emitter {
         for (service, value) in [
             ("vigil index expired", sample.expired),
             ("vigil index refused", sample.refused),
+            ("vigil index scans timed out", sample.scans_timed_out),
+            ("vigil index scans abandoned", sample.scans_abandoned),
             ("vigil subscriber events", sample.subscriber_events),
             (
                 "vigil subscribers disconnected slow",

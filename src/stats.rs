@@ -97,8 +97,8 @@ counters! {
     /// Queries asked (subscriptions' included) within `--max-string`;
     /// `query_errors` of them were refused.
     queries,
-    /// Queries refused: they did not parse, or matched more index entries
-    /// than `--max-query-results`.
+    /// Queries refused: they did not parse, matched more index entries than
+    /// `--max-query-results`, or scanned for longer than `--query-timeout`.
     query_errors,
     /// Events accepted by `POST /events`.
     http_events,

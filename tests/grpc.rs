@@ -216,6 +216,28 @@ async fn a_bad_query_is_invalid_argument_with_the_column() {
 }
 
 #[tokio::test]
+async fn a_scan_past_the_query_timeout_is_deadline_exceeded() {
+    let vigil = Vigil::start(&["--grpc", "127.0.0.1:0", "--query-timeout", "1ms"]);
+    let mut client = connect(vigil.grpc.unwrap()).await;
+    for first in (0..20_000).step_by(2_000) {
+        let events: Vec<Event> = (first..first + 2_000)
+            .map(|i| event(&format!("web{i}"), "cpu"))
+            .collect();
+        assert_ok(client.send_batch(msg(&events)).await.unwrap().get_ref());
+    }
+    // A thousand terms on each of 20 000 entries: far over a millisecond.
+    let terms: Vec<String> = (0..1_000).map(|i| format!("service = \"x{i}\"")).collect();
+    let status = query(&mut client, &terms.join(" or ")).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "the query ran longer than 1ms (--query-timeout) and was stopped; narrow it"
+    );
+    let one = r#"host = "web7" and service = "cpu""#;
+    assert_eq!(query(&mut client, one).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn a_query_over_the_result_limit_is_resource_exhausted() {
     let vigil = Vigil::start(&["--grpc", "127.0.0.1:0", "--max-query-results", "1"]);
     let mut client = connect(vigil.grpc.unwrap()).await;

@@ -511,6 +511,59 @@ fn queries_over_the_result_limit_are_refused_with_the_flag_named() {
     }
 }
 
+/// A query still scanning at `--query-timeout` is stopped with an error
+/// naming the flag, over TCP and HTTP, and counted; key lookups, which never
+/// scan, are answered.
+#[test]
+fn a_scan_past_the_query_timeout_is_stopped_with_the_flag_named() {
+    let vigil = common::Vigil::start(&["--query-timeout", "1ms"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let now = (common::now_secs() * 1e6) as i64;
+    // A thousand terms on each of 20 000 entries: far over a millisecond.
+    let terms: Vec<String> = (0..1_000).map(|i| format!("service = \"x{i}\"")).collect();
+    let costly = terms.join(" or ");
+    let expected = "the query ran longer than 1ms (--query-timeout) and was stopped; narrow it";
+    runtime.block_on(async {
+        let mut client = Client::connect(vigil.tcp).await.unwrap();
+        for hosts in (0..20_000).collect::<Vec<_>>().chunks(2_000) {
+            let events: Vec<Event> = (hosts.iter())
+                .map(|i| Event {
+                    host: Some(format!("web{i}")),
+                    service: Some("cpu".into()),
+                    time: now,
+                    ..Event::default()
+                })
+                .collect();
+            client.send(&events).await.unwrap();
+        }
+        let stopped = client.query(&costly).await.unwrap_err().to_string();
+        assert_eq!(stopped, format!("server error: {expected}"));
+        let one = r#"host = "web7" and service = "cpu""#;
+        assert_eq!(client.query(one).await.unwrap().len(), 1);
+    });
+    let http = vigil.http.unwrap();
+    let (status, body) = runtime.block_on(async {
+        let url = format!("http://{http}/index");
+        let response = (reqwest::Client::new().get(url))
+            .query(&[("query", &costly)])
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    });
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body, serde_json::json!({ "error": expected }).to_string());
+    let metrics = runtime.block_on(common::metrics_text(http));
+    for line in [
+        "vigil_queries_total 3",
+        "vigil_query_errors_total 2",
+        "vigil_index_scans_timed_out_total 2",
+        "vigil_index_scans_abandoned_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+}
+
 /// The warning of a listener at its limit says which peer it refused.
 #[test]
 fn the_connection_limit_warning_names_the_refused_peer() {

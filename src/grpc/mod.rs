@@ -148,6 +148,11 @@ impl Shared {
                 Stats::incr(&self.stats.query_errors);
                 Status::resource_exhausted(e.to_string())
             }
+            QueryError::TimedOut { .. } => {
+                Stats::incr(&self.stats.query_errors);
+                Status::deadline_exceeded(e.to_string())
+            }
+            QueryError::Abandoned => Status::cancelled(e.to_string()),
             QueryError::ShuttingDown => Status::unavailable(e.to_string()),
         }
     }

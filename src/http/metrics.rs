@@ -53,6 +53,20 @@ fn render(s: &Sample) -> String {
     out.single("vigil_index_expired_total", "counter", expired, s.expired);
     let refused = "New index keys refused because the index was full.";
     out.single("vigil_index_refused_total", "counter", refused, s.refused);
+    let timed_out = "Index scans stopped by --query-timeout.";
+    out.single(
+        "vigil_index_scans_timed_out_total",
+        "counter",
+        timed_out,
+        s.scans_timed_out,
+    );
+    let abandoned = "Index scans stopped because their asker went away.";
+    out.single(
+        "vigil_index_scans_abandoned_total",
+        "counter",
+        abandoned,
+        s.scans_abandoned,
+    );
 
     let subs = "Live WebSocket, SSE and gRPC subscribers.";
     out.single("vigil_subscribers", "gauge", subs, s.subscribers);

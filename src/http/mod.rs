@@ -196,7 +196,11 @@ impl AppState {
                 Stats::incr(&self.stats().query_errors);
                 (StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
             }
-            QueryError::ShuttingDown => unavailable(e.to_string()),
+            QueryError::TimedOut { .. } => {
+                Stats::incr(&self.stats().query_errors);
+                unavailable(e.to_string())
+            }
+            QueryError::Abandoned | QueryError::ShuttingDown => unavailable(e.to_string()),
         };
         match (&self.cluster, local) {
             (Some(cluster), false) => {

@@ -19,7 +19,8 @@
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use hashbrown::DefaultHashBuilder;
 use parking_lot::Mutex;
@@ -65,6 +66,11 @@ pub struct IndexConfig {
     pub max_query_results: Option<usize>,
     /// Bytes of events all live subscribers' queues may hold together.
     pub max_subscriber_memory: usize,
+    /// How long a scan of the index may run before it is stopped and its
+    /// asker told so; `None` is unbounded. A query's cost is its size times
+    /// the index's: one long enough would otherwise hold a scan's turn
+    /// ([`Index::query_then`]) for minutes.
+    pub query_timeout: Option<Duration>,
 }
 
 impl Default for IndexConfig {
@@ -74,6 +80,7 @@ impl Default for IndexConfig {
             max_entries: None,
             max_query_results: None,
             max_subscriber_memory: crate::pubsub::DEFAULT_MAX_HELD,
+            query_timeout: None,
         }
     }
 }
@@ -83,8 +90,51 @@ impl Default for IndexConfig {
 pub enum QueryError {
     #[error("the query matches more than {limit} events (--max-query-results {limit}); narrow it")]
     TooMany { limit: usize },
+    #[error("the query ran longer than {limit:?} (--query-timeout) and was stopped; narrow it")]
+    TimedOut { limit: Duration },
+    /// Its asker stopped waiting (disconnected): nobody hears this one.
+    #[error("the query's asker went away")]
+    Abandoned,
     #[error("{SHUTTING_DOWN}")]
     ShuttingDown,
+}
+
+/// A scan checks whether to stop once per this many entries: often enough
+/// that a query as costly as a long `or` chain stops within milliseconds of
+/// its deadline, seldom enough that reading the clock costs nothing.
+const SCAN_CHECK: usize = 256;
+
+/// When a scan stops early: past its deadline, or once its asker is gone.
+struct ScanLimit<'a> {
+    deadline: Option<(Instant, Duration)>,
+    abandoned: Option<&'a AtomicBool>,
+}
+
+impl ScanLimit<'_> {
+    const NONE: ScanLimit<'static> = ScanLimit {
+        deadline: None,
+        abandoned: None,
+    };
+
+    fn check(&self) -> Result<(), QueryError> {
+        if self.abandoned.is_some_and(|a| a.load(Ordering::Relaxed)) {
+            return Err(QueryError::Abandoned);
+        }
+        match self.deadline {
+            Some((at, limit)) if Instant::now() >= at => Err(QueryError::TimedOut { limit }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Tells the scan its asker stopped waiting when the asking future is
+/// dropped before the answer came.
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// An event's key as [`Index::key_hash`] hashed it; only the index makes one.
@@ -113,11 +163,24 @@ pub struct Index {
     len: AtomicUsize,
     refused: AtomicU64,
     expired: AtomicU64,
+    /// Scans stopped by `query_timeout`, and scans stopped because their
+    /// asker went away.
+    scans_timed_out: AtomicU64,
+    scans_abandoned: AtomicU64,
     /// Scans [`Index::query_then`] runs at once: one per core. More would
     /// not finish sooner, only hold more results (a million events each at
     /// a million keys) in memory, so further askers wait their turn.
     scans: Semaphore,
+    /// Scans of queries of over [`COSTLY_TERMS`] take turns here instead,
+    /// one at a time: each can run for up to `query_timeout`, and ordinary
+    /// queries must not wait behind them.
+    costly_scans: Semaphore,
 }
+
+/// Terms beyond which a query is scanned in the lane of costly ones: an
+/// event costs each term a test, so a query of thousands of them scans
+/// thousands of times slower than `service = "x"`.
+const COSTLY_TERMS: usize = 100;
 
 #[derive(Default)]
 struct Shard {
@@ -139,7 +202,10 @@ impl Index {
             len: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            scans_timed_out: AtomicU64::new(0),
+            scans_abandoned: AtomicU64::new(0),
             scans: Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            costly_scans: Semaphore::new(1),
         }
     }
 
@@ -174,6 +240,16 @@ impl Index {
     /// Entries removed by TTL expiry, since start.
     pub fn expired_total(&self) -> u64 {
         self.expired.load(Ordering::Relaxed)
+    }
+
+    /// Scans stopped by `--query-timeout`, since start.
+    pub fn scans_timed_out_total(&self) -> u64 {
+        self.scans_timed_out.load(Ordering::Relaxed)
+    }
+
+    /// Scans stopped because their asker went away, since start.
+    pub fn scans_abandoned_total(&self) -> u64 {
+        self.scans_abandoned.load(Ordering::Relaxed)
     }
 
     /// Hashed as bytes: the stored copy gives its key as bytes (see
@@ -326,8 +402,13 @@ impl Index {
 
     /// Every entry the query matches, or [`QueryError::TooMany`] once more
     /// than `max_query_results` do (the scan stops there). `host = X and
-    /// service = Y` is a direct lookup.
+    /// service = Y` is a direct lookup. Not bounded in time: the scans of
+    /// remote askers go through [`Index::query_then`].
     pub fn query(&self, query: &Query) -> Result<Vec<Event>, QueryError> {
+        self.scan(query, &ScanLimit::NONE)
+    }
+
+    fn scan(&self, query: &Query, stop: &ScanLimit<'_>) -> Result<Vec<Event>, QueryError> {
         if let Some((host, service)) = query.exact_key() {
             return Ok(self
                 .get(host, service)
@@ -339,18 +420,24 @@ impl Index {
         let mut out = Vec::new();
         // Matched with no lock held; only matches are copied out.
         self.for_each_shard(|events| {
-            out.extend(events.iter().filter(|e| query.matches(e)).cloned());
-            match out.len() > limit {
-                true => Err(QueryError::TooMany { limit }),
-                false => Ok(()),
+            for chunk in events.chunks(SCAN_CHECK) {
+                stop.check()?;
+                out.extend(chunk.iter().filter(|e| query.matches(e)).cloned());
+                if out.len() > limit {
+                    return Err(QueryError::TooMany { limit });
+                }
             }
+            Ok(())
         })?;
         Ok(out)
     }
 
     /// [`Index::query`] for async callers, then `then` on what it found: a key
     /// lookup right away, a scan and `then` on a blocking thread (see
-    /// [`crate::blocking`]), as many at once as there are cores.
+    /// [`crate::blocking`]), as many at once as there are cores, and one
+    /// costly query's (of over [`COSTLY_TERMS`] terms) beside. A scan stops
+    /// at `query_timeout`, or as soon as this future is dropped: an asker
+    /// that went away does not keep holding a turn others wait for.
     pub async fn query_then<T: Send + 'static>(
         self: &Arc<Self>,
         query: &Query,
@@ -359,10 +446,31 @@ impl Index {
         if query.exact_key().is_some() {
             return self.query(query).map(then);
         }
+        let lane = match query.terms() > COSTLY_TERMS {
+            true => &self.costly_scans,
+            false => &self.scans,
+        };
         // Never closed, so acquiring fails never.
-        let _turn = (self.scans.acquire().await).map_err(|_| QueryError::ShuttingDown)?;
+        let _turn = (lane.acquire().await).map_err(|_| QueryError::ShuttingDown)?;
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let _abandon_on_drop = AbandonOnDrop(abandoned.clone());
         let (index, query) = (self.clone(), query.clone());
-        (off_workers(move || index.query(&query).map(then)).await)
+        let limit = self.config.query_timeout;
+        (off_workers(move || {
+            let stop = ScanLimit {
+                deadline: limit.map(|limit| (Instant::now() + limit, limit)),
+                abandoned: Some(&abandoned),
+            };
+            let found = index.scan(&query, &stop);
+            let stopped = match &found {
+                Err(QueryError::TimedOut { .. }) => Some(&index.scans_timed_out),
+                Err(QueryError::Abandoned) => Some(&index.scans_abandoned),
+                _ => None,
+            };
+            stopped.map(|count| count.fetch_add(1, Ordering::Relaxed));
+            found.map(then)
+        })
+        .await)
             .unwrap_or(Err(QueryError::ShuttingDown))
     }
 
@@ -727,6 +835,89 @@ mod tests {
 
     fn secs(s: i64) -> Micros {
         s * MICROS_PER_SEC
+    }
+
+    /// A query that costs its thousands of terms on every entry scanned.
+    fn costly_query() -> Query {
+        let terms: Vec<String> = (0..5_000).map(|i| format!("service = \"x{i}\"")).collect();
+        Query::parse(&terms.join(" or ")).unwrap()
+    }
+
+    fn filled(config: IndexConfig, entries: usize) -> Arc<Index> {
+        let index = Arc::new(Index::new(config));
+        for i in 0..entries {
+            index.insert(&event(&format!("h{i}"), "s", T0, None));
+        }
+        index
+    }
+
+    /// Polls `done` for up to ten seconds.
+    async fn eventually(done: impl Fn() -> bool) -> bool {
+        for _ in 0..10_000 {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scan_past_the_query_timeout_stops_with_an_error_naming_the_flag() {
+        let config = IndexConfig {
+            query_timeout: Some(Duration::from_millis(1)),
+            ..IndexConfig::default()
+        };
+        let index = filled(config, 20_000);
+        let stopped = index.query_then(&costly_query(), |found| found.len()).await;
+        assert_eq!(
+            stopped.unwrap_err().to_string(),
+            "the query ran longer than 1ms (--query-timeout) and was stopped; narrow it"
+        );
+        assert_eq!(index.scans_timed_out_total(), 1);
+        // A key lookup is no scan.
+        let lookup = Query::parse(r#"host = "h7" and service = "s""#).unwrap();
+        assert_eq!(index.query_then(&lookup, |found| found.len()).await, Ok(1));
+        assert_eq!(index.scans_timed_out_total(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scan_whose_asker_went_away_stops() {
+        let index = filled(IndexConfig::default(), 20_000);
+        let asking = tokio::spawn({
+            let index = index.clone();
+            async move { index.query_then(&costly_query(), |found| found.len()).await }
+        });
+        assert!(eventually(|| index.costly_scans.available_permits() == 0).await);
+        asking.abort();
+        assert!(asking.await.unwrap_err().is_cancelled());
+        assert!(
+            eventually(|| index.scans_abandoned_total() == 1).await,
+            "the scan went on without its asker"
+        );
+        assert_eq!(index.scans_timed_out_total(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn costly_queries_take_turns_of_their_own_and_ordinary_ones_go_on() {
+        let index = filled(IndexConfig::default(), 20_000);
+        let costly: Vec<_> = (0..index.scans.available_permits())
+            .map(|_| {
+                let index = index.clone();
+                tokio::spawn(async move { index.query_then(&costly_query(), |f| f.len()).await })
+            })
+            .collect();
+        let scanning =
+            || index.costly_scans.available_permits() == 0 || index.scans.available_permits() == 0;
+        assert!(eventually(scanning).await);
+        let ordinary = Query::parse(r#"service = "s""#).unwrap();
+        assert_eq!(index.query_then(&ordinary, |f| f.len()).await, Ok(20_000));
+        assert!(costly.iter().all(|c| !c.is_finished()), "still scanning");
+        for asking in costly {
+            asking.abort();
+        }
+        // One scanned and was stopped; the others waited and never began.
+        assert!(eventually(|| index.scans_abandoned_total() == 1).await);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -308,6 +308,16 @@ impl Node {
         }
     }
 
+    /// The tests in the tree: what one event costs to match, within a
+    /// constant.
+    pub(super) fn terms(&self) -> usize {
+        match self {
+            Node::Not(inner) => inner.terms(),
+            Node::And(terms) | Node::Or(terms) => terms.iter().map(Node::terms).sum(),
+            _ => 1,
+        }
+    }
+
     /// `(host, service)` when the tree is exactly `host = "X" and service = "Y"`.
     pub(super) fn exact_key(&self) -> Option<(&str, &str)> {
         let Node::And(terms) = self else { return None };

@@ -61,6 +61,12 @@ impl Query {
         self.root.exact_key()
     }
 
+    /// How many tests (comparisons, `tagged`, …) the query makes of an
+    /// event at most: its cost per event scanned.
+    pub fn terms(&self) -> usize {
+        self.root.terms()
+    }
+
     /// The source text of the predicate, without surrounding whitespace.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -134,6 +140,18 @@ mod tests {
         for text in no {
             assert!(!check(text, event), "{text:?} should not match");
         }
+    }
+
+    #[test]
+    fn a_query_counts_its_tests() {
+        let terms = |q: &str| Query::parse(q).unwrap().terms();
+        assert_eq!(terms("true"), 1);
+        assert_eq!(
+            terms(r#"service = "a" or not (host = "b" and tagged "x")"#),
+            3
+        );
+        let chain: Vec<String> = (0..500).map(|i| format!("metric > {i}")).collect();
+        assert_eq!(terms(&chain.join(" or ")), 500);
     }
 
     #[test]
