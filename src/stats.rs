@@ -68,7 +68,8 @@ counters! {
     grpc_messages,
     /// Events received over gRPC.
     grpc_events,
-    /// Frames, datagrams or gRPC `Msg`s whose protobuf did not decode.
+    /// Frames, datagrams, gRPC `Msg`s or gRPC query requests whose protobuf
+    /// did not decode.
     decode_errors,
     /// Strings (host, service, state, description, tag, attribute, query)
     /// that were not UTF-8, taken with each invalid byte replaced by `?`

@@ -393,6 +393,49 @@ async fn a_query_that_is_not_utf8_is_repaired_as_over_tcp() {
     grpc.shutdown(Duration::from_secs(5)).await;
 }
 
+/// `query` as a number: bytes that are not a `vigil.QueryRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NumberQueryRequest {
+    #[prost(uint64, tag = "1")]
+    query: u64,
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_a_query_request_is_the_clients_error() {
+    let (grpc, _index, stats) = start_in_process(1 << 20).await;
+    let channel = Channel::from_shared(format!("http://{}", grpc.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = tonic::client::Grpc::new(channel);
+    let bad = NumberQueryRequest { query: 1 };
+    for path in ["/vigil.Vigil/Query", "/vigil.Vigil/Subscribe"] {
+        raw.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+        let codec = tonic::codec::ProstCodec::<NumberQueryRequest, PbEvent>::default();
+        let status = match path.path().ends_with("Query") {
+            true => raw
+                .unary(tonic::Request::new(bad.clone()), path, codec)
+                .await
+                .map(drop),
+            false => (raw.server_streaming(tonic::Request::new(bad.clone()), path, codec))
+                .await
+                .map(drop),
+        }
+        .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("invalid QueryRequest: failed to decode Protobuf message: "),
+            "{status:?}"
+        );
+    }
+    assert_eq!(Stats::get(&stats.decode_errors), 2);
+    grpc.shutdown(Duration::from_secs(5)).await;
+}
+
 /// A subscriber that stopped reading its snapshot (its stream's HTTP/2
 /// window full, its connection alive) gets 2 s of the shutdown, as an HTTP
 /// client does: the index snapshot is written without waiting for it, well

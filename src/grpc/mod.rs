@@ -124,6 +124,12 @@ impl Shared {
     }
 
     fn parse(&self, request: &QueryRequest) -> Result<Query, Status> {
+        if let Some(e) = request.malformed() {
+            Stats::incr(&self.stats.decode_errors);
+            return Err(Status::invalid_argument(format!(
+                "invalid QueryRequest: {e}"
+            )));
+        }
         let text = request.query.as_str();
         if request.repaired() {
             Stats::incr(&self.stats.strings_repaired);

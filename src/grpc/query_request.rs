@@ -4,11 +4,13 @@
 //!
 //! prost refuses such a string while tonic decodes the request, before the
 //! service sees it, and tonic then answers `INTERNAL`: a client's bad byte
-//! read as vigil's own failure, and uncounted.
+//! read as vigil's own failure, and uncounted. For the same reason a request
+//! that is not protobuf at all decodes, as [`QueryRequest::malformed`], for
+//! the service to refuse as the client's error.
 
 use bytes::{Buf, BufMut};
 use prost::DecodeError;
-use prost::encoding::{DecodeContext, WireType, skip_field};
+use prost::encoding::{DecodeContext, WireType, decode_key, skip_field};
 
 use crate::wire;
 
@@ -21,6 +23,8 @@ pub struct QueryRequest {
     pub query: String,
     /// Whether `query` arrived with bytes that are not UTF-8 (now `?`).
     repaired: bool,
+    /// Why the request as sent was not a `QueryRequest`.
+    malformed: Option<String>,
 }
 
 impl QueryRequest {
@@ -28,7 +32,13 @@ impl QueryRequest {
         QueryRequest {
             query: query.into(),
             repaired: false,
+            malformed: None,
         }
+    }
+
+    /// Why the request's bytes were not a `QueryRequest`, if they were not.
+    pub fn malformed(&self) -> Option<&str> {
+        self.malformed.as_deref()
     }
 
     /// Whether the query as sent was not UTF-8 and was repaired.
@@ -46,6 +56,22 @@ impl std::fmt::Debug for QueryRequest {
 }
 
 impl prost::Message for QueryRequest {
+    /// prost's loop, but a field that does not decode ends the request as
+    /// malformed instead of failing the decode.
+    fn merge(&mut self, mut buf: impl Buf) -> Result<(), DecodeError> {
+        let ctx = DecodeContext::default();
+        while buf.has_remaining() {
+            let field = decode_key(&mut buf).and_then(|(tag, wire_type)| {
+                self.merge_field(tag, wire_type, &mut buf, ctx.clone())
+            });
+            if let Err(e) = field {
+                self.malformed = Some(e.to_string());
+                buf.advance(buf.remaining());
+            }
+        }
+        Ok(())
+    }
+
     fn encode_raw(&self, buf: &mut impl BufMut) {
         if !self.query.is_empty() {
             prost::encoding::string::encode(QUERY, &self.query, buf);
@@ -116,7 +142,23 @@ mod tests {
             QueryRequest::decode(bytes.as_slice()).unwrap().query,
             "last"
         );
-        assert!(QueryRequest::decode(&[0x08, 0x01][..]).is_err());
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_query_request_decode_as_malformed() {
+        let malformed = |bytes: &[u8]| QueryRequest::decode(bytes).unwrap().malformed;
+        let wire_type_7 = "failed to decode Protobuf message: invalid wire type value: 7";
+        assert_eq!(
+            malformed(&[0xff, 0xff, 0xff, 0xff, 0x0f]).unwrap(),
+            wire_type_7
+        );
+        // `query` as a varint.
+        let wrong_type = malformed(&[0x08, 0x01]).unwrap();
+        assert!(wrong_type.contains("invalid wire type"), "{wrong_type}");
+        // A length past the end.
+        let truncated = malformed(&[0x0a, 0x05, b'a']).unwrap();
+        assert!(truncated.contains("buffer underflow"), "{truncated}");
+        assert_eq!(malformed(&QueryRequest::new("true").encode_to_vec()), None);
     }
 
     #[test]
