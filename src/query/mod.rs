@@ -392,11 +392,25 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         let e = Query::parse(r#"host ~= "\\w{1000}{1000}""#).unwrap_err();
         assert!(
-            e.message.starts_with("invalid regex: too large"),
+            e.message
+                .starts_with("invalid regex: too large (compiled size limit 10 MiB); "),
             "{}",
             e.message
         );
+        assert!(
+            e.message
+                .ends_with("`(?-u:\\w)` match ASCII only, and compile smaller")
+        );
         assert_eq!(e.column, 9);
+        // Ordinary Unicode-aware patterns fit.
+        for pattern in [
+            r"\\w{24}",
+            r"\\w+@\\w+\\.\\w{2,30}",
+            r"\\d{500}",
+            r".{5000}",
+        ] {
+            Query::parse(&format!(r#"service ~= "{pattern}""#)).unwrap();
+        }
     }
 
     #[test]

@@ -19,8 +19,11 @@ use crate::event::Field;
 /// How many parentheses and `not`s may be open at once.
 const MAX_DEPTH: usize = 64;
 
-/// Compiled-size cap for `~=` patterns; a query is user input.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Compiled-size cap for `~=` patterns; a query is user input. The regex
+/// crate's own default: `\w` is Unicode-aware here, so `\w+@\w+\.\w{2,30}`
+/// compiles to 2 MiB and `\w{100}` to 8 MiB, where Riemann's Java regexes
+/// are ASCII and small.
+const REGEX_SIZE_LIMIT: usize = 10 << 20;
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -412,9 +415,12 @@ fn regex_message(error: &regex::Error) -> String {
             let last = text.lines().last().unwrap_or_default();
             format!("invalid regex: {}", last.trim_start_matches("error: "))
         }
-        regex::Error::CompiledTooBig(limit) => {
-            format!("invalid regex: too large (compiled size limit {limit} bytes)")
-        }
+        regex::Error::CompiledTooBig(limit) => format!(
+            "invalid regex: too large (compiled size limit {} MiB); \
+             `\\w`, `\\d` and `\\s` match any Unicode letter, digit or space: \
+             `[A-Za-z0-9_]`, `[0-9]` or `(?-u:\\w)` match ASCII only, and compile smaller",
+            limit >> 20
+        ),
         other => format!("invalid regex: {other}"),
     }
 }
