@@ -330,19 +330,22 @@ async fn retire(old: Arc<Tree>, removed: Vec<Running>, shutdown: CancellationTok
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(old);
+    // What each held when the old rules stopped pushing to it. Its counters
+    // are not its own to report: a replacement counts on in the same ones.
+    let held: Vec<u64> = (removed.iter())
+        .map(|r| r.queue.queued() + Stats::get(&r.queue.stats.in_flight))
+        .collect();
     for r in &removed {
         r.stop.cancel();
     }
-    for r in removed {
-        // A failed task has already logged why; the counters below still hold.
+    for (r, held) in removed.into_iter().zip(held) {
+        // A failed task has already logged why, and counted what it dropped.
         let _ = r.task.await;
-        let s = &r.queue.stats;
         tracing::info!(
             output = %r.spec.name,
-            accepted = Stats::get(&s.accepted),
-            delivered = Stats::get(&s.delivered),
-            dropped = Stats::get(&s.dropped),
-            "Output replaced or removed by a reload; drained and stopped."
+            held,
+            "Output replaced or removed by a reload: it settled the events it held \
+             (delivered or dropped, in the output's counters) and stopped."
         );
     }
 }
