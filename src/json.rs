@@ -9,6 +9,12 @@ use serde_json::{Map, Value};
 use crate::clock::Micros;
 use crate::event::{Event, Metric};
 
+/// The event's JSON as text: what a subscriber, a webhook or an HTTP answer
+/// carries.
+pub fn to_json_text(e: &Event) -> String {
+    to_json(e).to_string()
+}
+
 pub fn to_json(e: &Event) -> Value {
     let mut map = Map::new();
     // Attributes first so a standard field can never be shadowed by one.

@@ -67,7 +67,7 @@ impl Published {
     /// The event's JSON ([`json::to_json`]), as SSE and WebSocket send it.
     pub fn json(&self) -> &str {
         self.json
-            .get_or_init(|| json::to_json(&self.event).to_string().into())
+            .get_or_init(|| json::to_json_text(&self.event).into())
     }
 }
 
@@ -578,7 +578,7 @@ mod tests {
         let (one, other) = (one.recv().await.unwrap(), other.recv().await.unwrap());
         assert!(Arc::ptr_eq(&one, &other));
         let json = one.json();
-        assert_eq!(json, json::to_json(&event("cpu")).to_string());
+        assert_eq!(json, json::to_json_text(&event("cpu")));
         assert!(std::ptr::eq(json, other.json()), "encoded once");
     }
 

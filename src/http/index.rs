@@ -135,7 +135,7 @@ fn parse(
 }
 
 fn frame(event: &Event) -> Message {
-    Message::Text(json::to_json(event).to_string().into())
+    Message::Text(json::to_json_text(event).into())
 }
 
 async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params: IndexParams) {
@@ -289,7 +289,7 @@ fn sse_chunks(
     let snapshot = stream::iter(snapshot).chunks(live::BATCH).map(|events| {
         let mut chunk = String::new();
         for event in events {
-            push_sse_data(&mut chunk, &json::to_json(&event).to_string());
+            push_sse_data(&mut chunk, &json::to_json_text(&event));
         }
         chunk
     });
@@ -328,7 +328,7 @@ mod tests {
         let snapshot = subscription.hold(vec![event("a")]).unwrap();
         let mut chunks = std::pin::pin!(sse_chunks(snapshot, Live::new(subscription, None)));
         let text = |chunk: Option<Result<String, Infallible>>| chunk.unwrap().unwrap();
-        let json = |host| json::to_json(&event(host)).to_string();
+        let json = |host| json::to_json_text(&event(host));
         assert_eq!(
             text(chunks.next().await),
             format!("data: {}\n\n", json("a"))

@@ -110,10 +110,7 @@ fn payload<'a>(config: &'a Config, headers: &'a HeaderMap, event: &Event) -> Pay
 fn payload_body(config: &Config, event: &Event) -> (&'static str, Bytes) {
     match &config.body {
         Some(template) => ("text/plain; charset=utf-8", template.render(event).into()),
-        None => (
-            "application/json",
-            crate::json::to_json(event).to_string().into(),
-        ),
+        None => ("application/json", crate::json::to_json_text(event).into()),
     }
 }
 
