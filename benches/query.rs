@@ -15,8 +15,14 @@ fn query(c: &mut Criterion) {
         attributes: vec![("plugin".into(), "cpu".into())],
         ..Event::default()
     };
+    // A dashboard's list of hosts, the event's not among them.
+    let hosts: Vec<String> = (0..100)
+        .map(|i| format!("host = \"web{i}.example.org\""))
+        .collect();
+    let hosts = hosts.join(" or ");
     let mut group = c.benchmark_group("query");
     for (name, text) in [
+        ("one_of_100_hosts", hosts.as_str()),
         ("equality", r#"state = "critical""#),
         ("like_and_metric", r#"service =~ "cpu%" and metric > 0.9"#),
         ("tagged_or_attribute", r#"tagged "page" or plugin = "cpu""#),

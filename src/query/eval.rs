@@ -3,6 +3,7 @@
 //! `eval` only borrows from the event and the tree.
 
 use std::cmp::Ordering;
+use std::collections::HashSet;
 
 use regex::Regex;
 
@@ -215,11 +216,22 @@ pub(super) enum Node {
         left: Operand,
         regex: Regex,
     },
+    /// `field = "a" or field = "b" or …`, from [`ONE_OF_MIN`] such terms up:
+    /// one lookup per event, where a list of hosts a dashboard asks for
+    /// would otherwise cost a comparison per host.
+    OneOf {
+        field: Field,
+        values: HashSet<String>,
+    },
     Not(Box<Node>),
     /// And/Or keep their operands flat so a long chain costs no recursion.
     And(Vec<Node>),
     Or(Vec<Node>),
 }
+
+/// Equalities of one field in a disjunction from which they become one
+/// [`Node::OneOf`]: fewer are compared as fast as they are looked up.
+const ONE_OF_MIN: usize = 8;
 
 /// The same predicate, however it was spaced or parenthesised: a regex is
 /// the same when its pattern is.
@@ -247,6 +259,13 @@ impl PartialEq for Node {
             (Node::Regex { left, regex }, Node::Regex { left: l, regex: r }) => {
                 left == l && regex.as_str() == r.as_str()
             }
+            (
+                Node::OneOf { field, values },
+                Node::OneOf {
+                    field: f,
+                    values: v,
+                },
+            ) => (field, values) == (f, v),
             (Node::Not(a), Node::Not(b)) => a == b,
             (Node::And(a), Node::And(b)) | (Node::Or(a), Node::Or(b)) => a == b,
             _ => false,
@@ -263,12 +282,44 @@ impl Node {
         })
     }
 
-    /// Disjunction of `terms`, splicing in nested disjunctions.
+    /// Disjunction of `terms`, splicing in nested disjunctions, with the
+    /// equalities of a field many terms test made one [`Node::OneOf`].
     pub(super) fn any(terms: Vec<Node>) -> Node {
-        Self::join(terms, Node::Or, |n| match n {
+        match Self::join(terms, Node::Or, |n| match n {
             Node::Or(inner) => Ok(inner),
             other => Err(other),
-        })
+        }) {
+            Node::Or(terms) => Self::one_of_each_field(terms),
+            only => only,
+        }
+    }
+
+    /// A disjunction's order does not matter to its value, and its terms
+    /// have no effects: each field's equalities, if there are enough, are
+    /// taken out and tested as one.
+    fn one_of_each_field(mut terms: Vec<Node>) -> Node {
+        let mut counts: Vec<(Field, usize)> = Vec::new();
+        for (field, _) in terms.iter().filter_map(Node::field_equals) {
+            match counts.iter_mut().find(|(f, _)| f == field) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((field.clone(), 1)),
+            }
+        }
+        for (field, _) in counts.into_iter().filter(|&(_, n)| n >= ONE_OF_MIN) {
+            let mut values = HashSet::new();
+            terms.retain(|t| match t.field_equals() {
+                Some((f, value)) if *f == field => {
+                    values.insert(value.to_owned());
+                    false
+                }
+                _ => true,
+            });
+            terms.push(Node::OneOf { field, values });
+        }
+        match <[Node; 1]>::try_from(terms) {
+            Ok([only]) => only,
+            Err(terms) => Node::Or(terms),
+        }
     }
 
     fn join(
@@ -301,6 +352,9 @@ impl Node {
             }
             Node::Regex { left, regex } => {
                 matches!(left.get(event), Val::Str(s) if regex.is_match(s))
+            }
+            Node::OneOf { field, values } => {
+                matches!(value(field, event), Val::Str(s) if values.contains(s))
             }
             Node::Not(inner) => !inner.eval(event),
             Node::And(terms) => terms.iter().all(|t| t.eval(event)),

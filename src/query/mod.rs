@@ -143,6 +143,53 @@ mod tests {
     }
 
     #[test]
+    fn many_equalities_of_one_field_are_one_lookup_and_match_as_written() {
+        // 21 hosts, either operand order, among other terms; 7 services.
+        let mut terms: Vec<String> = (0..20).map(|i| format!("host = \"h{i}\"")).collect();
+        terms.push(r#""h20" = host"#.into());
+        terms.extend((0..7).map(|i| format!("service = \"s{i}\"")));
+        terms.push("metric > 5".into());
+        let query = q(&terms.join(" or "));
+        // The hosts one test, the services and the metric one each.
+        assert_eq!(query.terms(), 1 + 7 + 1);
+        let of = |host: &str, service: &str, metric: f64| Event {
+            host: Some(host.into()),
+            service: Some(service.into()),
+            metric: Some(Metric::Float(metric)),
+            ..Event::default()
+        };
+        for (event, matches) in [
+            (of("h0", "x", 0.0), true),
+            (of("h20", "x", 0.0), true),
+            (of("h21", "x", 0.0), false),
+            (of("h2", "x", 0.0), true),
+            (of("H2", "x", 0.0), false),
+            (of("h21", "s6", 0.0), true),
+            (of("h21", "x", 6.0), true),
+            (Event::default(), false),
+        ] {
+            assert_eq!(query.matches(&event), matches, "{event:?}");
+        }
+        // The hosts in another order: it says the same.
+        terms[..21].reverse();
+        assert_eq!(q(&terms.join(" or ")), query);
+        // An attribute too; `!=` and `=~` are not equalities.
+        let chain: Vec<String> = (0..10).map(|i| format!("env = \"e{i}\"")).collect();
+        let attributes = q(&format!(
+            "{} or env != \"x\" or env =~ \"y%\"",
+            chain.join(" or ")
+        ));
+        assert_eq!(attributes.terms(), 3);
+        let with_env = |env: &str| Event {
+            attributes: vec![("env".into(), env.into())],
+            ..Event::default()
+        };
+        assert!(attributes.matches(&with_env("e9")));
+        assert!(attributes.matches(&with_env("yes")));
+        assert!(!attributes.matches(&with_env("x")));
+    }
+
+    #[test]
     fn a_query_counts_its_tests() {
         let terms = |q: &str| Query::parse(q).unwrap().terms();
         assert_eq!(terms("true"), 1);
