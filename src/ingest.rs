@@ -61,12 +61,6 @@ impl Reply {
     }
 }
 
-/// The error reply for events the cluster did not store: the agent resends.
-fn not_stored(transport: Transport, error: String) -> Bytes {
-    tracing::warn!(?transport, %error, "Events not acked: the cluster did not store them.");
-    proto::error_reply(error)
-}
-
 /// Counts a message the decoder refused and gives the error its sender is
 /// answered with: the limit it went over, or why it did not decode. The same
 /// on every transport that decodes Riemann events (TCP, UDP, gRPC).
@@ -90,6 +84,15 @@ pub fn refusal(stats: &Stats, transport: impl std::fmt::Debug, error: DecodeErro
 pub enum Transport {
     Tcp,
     Udp,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
 }
 
 /// Frames of one read decoded into a connection's event buffer, whose events
@@ -264,7 +267,9 @@ impl Ingest {
             if let Some(stored) = stored
                 && let Err(e) = stored.await
             {
-                return not_stored(transport, e);
+                // The agent resends.
+                cluster.not_stored(transport.name(), &e, &stats);
+                return proto::error_reply(e);
             }
             match query {
                 None => proto::ack(),

@@ -68,6 +68,10 @@ counters! {
     grpc_messages,
     /// Events received over gRPC.
     grpc_events,
+    /// Messages (frames, `POST /events` bodies, gRPC `Msg`s) whose events a
+    /// cluster node could not store in JetStream: refused, for the sender to
+    /// send again.
+    cluster_not_stored,
     /// Frames, datagrams, gRPC `Msg`s or gRPC query requests whose protobuf
     /// did not decode.
     decode_errors,

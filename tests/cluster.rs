@@ -744,6 +744,27 @@ fn http_events_are_acked_only_once_stored() {
         let took = started.elapsed();
         assert!(took < Duration::from_secs(2), "refused after {took:?}");
     }
+    // Counted each, warned about once: every agent's every message is
+    // refused while NATS is down.
+    let (_, metrics) = get(&node, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "vigil_cluster_not_stored_total 4"),
+        "{metrics}"
+    );
+    let warned = node.logs().matches("Events not acked").count();
+    assert_eq!(warned, 1, "{}", node.logs());
+    // A query says why this node cannot answer, not that no node did.
+    let (status, body) = http_query(&node, "true");
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "error": "not connected to NATS: this node cannot ask the cluster; query another node, or later"
+        })
+        .to_string()
+    );
 
     nats.spawn();
     wait_until(SETTLE, || {

@@ -28,6 +28,7 @@ use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::bounded::LogGate;
 use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
 use crate::index::{Index, QueryError};
@@ -35,6 +36,7 @@ use crate::outputs::holds::{self, Holds, Work};
 use crate::proto::{self, Msg};
 use crate::pubsub::Pubsub;
 use crate::query::Query;
+use crate::stats::Stats;
 use crate::streams::Streams;
 
 pub mod batcher;
@@ -108,6 +110,10 @@ fn subject(shard: u32) -> String {
 }
 
 /// A running cluster membership: publishes ingest, fans out queries.
+/// Why a node cut off from NATS cannot answer a query.
+const NOT_CONNECTED_TO_ASK: &str =
+    "not connected to NATS: this node cannot ask the cluster; query another node, or later";
+
 pub struct Cluster {
     config: ClusterConfig,
     client: async_nats::Client,
@@ -131,6 +137,9 @@ pub struct Cluster {
     /// The work this node's undelivered pages came from: progress is saved
     /// only up to before it, so the next owner pages it again.
     holds: Arc<Holds>,
+    /// While NATS is down every message of every agent is refused: warned
+    /// about at most every 10 s.
+    not_stored_log: LogGate,
 }
 
 impl fmt::Debug for Cluster {
@@ -230,6 +239,7 @@ impl Cluster {
             expired_until: AtomicI64::new(0),
             reaching_since: AtomicI64::new(0),
             holds,
+            not_stored_log: LogGate::default(),
             config,
         });
         let stop = CancellationToken::new();
@@ -272,6 +282,22 @@ impl Cluster {
 
     /// Publishes `events` (grouped per shard) and returns once JetStream has
     /// stored them all: only then may the agent be acked.
+    /// Counts a message whose events the cluster did not store (its sender
+    /// was told to send them again), and warns about it unless it warned
+    /// within the last 10 s.
+    pub fn not_stored(&self, transport: &str, error: &str, stats: &Stats) {
+        Stats::incr(&stats.cluster_not_stored);
+        if self.not_stored_log.open() {
+            tracing::warn!(
+                transport,
+                error,
+                refused_since_start = Stats::get(&stats.cluster_not_stored),
+                "Events not acked: the cluster did not store them (warned at most every 10 s; \
+                 counted in vigil_cluster_not_stored_total)."
+            );
+        }
+    }
+
     pub async fn publish(&self, events: &[Event]) -> Result<(), String> {
         self.send(events).await
     }
@@ -356,6 +382,13 @@ impl Cluster {
         let failed = |e: &dyn fmt::Display| {
             ClusterQueryError::Unavailable(format!("cluster query failed: {e}"))
         };
+        // Cut off, the question would wait out the answer timeout and read
+        // as if no other node were up.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(ClusterQueryError::Unavailable(
+                NOT_CONNECTED_TO_ASK.to_owned(),
+            ));
+        }
         let inbox = self.client.new_inbox();
         let mut replies = (self.client.subscribe(inbox.clone()).await).map_err(|e| failed(&e))?;
         self.client

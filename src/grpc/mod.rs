@@ -110,7 +110,7 @@ impl Shared {
             match &self.cluster {
                 Some(cluster) => {
                     if let Err(error) = cluster.publish(&events).await {
-                        tracing::warn!(%error, count = events.len(), "gRPC events not stored by the cluster.");
+                        cluster.not_stored("grpc", &error, &self.stats);
                         return Ack { ok: false, error };
                     }
                 }

@@ -102,7 +102,7 @@ pub(super) async fn post(State(state): State<AppState>, request: Request) -> Res
         match &state.cluster {
             Some(cluster) => {
                 if let Err(e) = cluster.publish(&events).await {
-                    tracing::warn!(error = %e, count = events.len(), "POST /events not stored by the cluster.");
+                    cluster.not_stored("http", &e, state.stats());
                     return error(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e }));
                 }
             }
