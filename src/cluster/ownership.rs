@@ -101,6 +101,17 @@ impl Buckets {
             .doing("listing nodes")
     }
 
+    /// The keys of the leases held now.
+    async fn held_leases(&self) -> Result<BTreeSet<String>, NatsError> {
+        self.leases
+            .keys()
+            .await
+            .doing("listing leases")?
+            .try_collect()
+            .await
+            .doing("listing leases")
+    }
+
     /// Refuses to join live nodes that run with another `--shards`. (An
     /// empty heartbeat is an older vigil's, which did not say.)
     pub async fn check_shards(&self, config: &ClusterConfig) -> Result<(), NatsError> {
@@ -377,52 +388,76 @@ impl Owner {
                 owned.saved = progress;
             }
         }
-        for shard in lost {
-            if let Some(owned) = self.owned.remove(&shard) {
-                owned.stop.cancel();
-                let _ = owned.task.await;
-                forget(&cluster, shard);
-                leases.dropped(shard);
-                // Frees it at once if it is still ours on the server.
-                let _ = store
-                    .delete_expect_revision(key(shard), Some(owned.revision))
-                    .await;
-            }
+        let lost: Vec<(u32, Owned)> = (lost.into_iter())
+            .filter_map(|shard| Some((shard, self.owned.remove(&shard)?)))
+            .collect();
+        for (_, owned) in &lost {
+            owned.stop.cancel();
         }
+        // Freed all at once, as they are renewed: a round trip each to a
+        // loaded NATS would hold up the round.
+        let cluster = &cluster;
+        let freed = lost.into_iter().map(|(shard, owned)| async move {
+            let _ = owned.task.await;
+            forget(cluster, shard);
+            leases.dropped(shard);
+            // Frees it at once if it is still ours on the server.
+            let _ = store
+                .delete_expect_revision(key(shard), Some(owned.revision))
+                .await;
+        });
+        futures_util::future::join_all(freed).await;
     }
 
     /// Takes free shards until this node holds `target`, starting at a
     /// node-specific place so joining nodes do not all contend for shard 0.
+    /// One listing of the leases, then every take and its floor at once:
+    /// one by one, two round trips each to a loaded NATS took a round 9 s
+    /// for 22 shards, the first leases' deadlines passed before the next
+    /// round could renew them, and the shards went round from node to node.
     async fn acquire(&mut self, target: usize) {
         let shards = self.cluster.config.shards;
         let start = shard_of(self.node(), shards);
+        let held = match self.buckets.held_leases().await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot list the leases; taking no shard now.");
+                return;
+            }
+        };
+        let free: Vec<u32> = (0..shards)
+            .map(|i| (start + i) % shards)
+            .filter(|shard| !self.owned.contains_key(shard) && !held.contains(&key(*shard)))
+            .take(target.saturating_sub(self.owned.len()))
+            .collect();
         let node = Bytes::from(self.node().to_owned());
-        let mut taken = 0;
-        for i in 0..shards {
-            if self.owned.len() >= target {
-                break;
-            }
-            let shard = (start + i) % shards;
-            if self.owned.contains_key(&shard) {
-                continue;
-            }
-            let sent = self.cluster.leases.now();
-            let Ok(revision) = self.buckets.leases.create(key(shard), node.clone()).await else {
-                continue;
-            };
-            let floor = match self.buckets.progress.get(key(shard)).await {
-                Ok(value) => value.and_then(|v| Progress::decode(&v)).unwrap_or_default(),
-                Err(e) => {
-                    // Without the floor a replay could re-page: give the lease back.
-                    tracing::warn!(shard, error = %e, "Cannot read shard progress; not taking it now.");
-                    let _ = self
-                        .buckets
-                        .leases
-                        .delete_expect_revision(key(shard), Some(revision))
-                        .await;
-                    continue;
+        let (leases, progress) = (&self.buckets.leases, &self.buckets.progress);
+        let sent = self.cluster.leases.now();
+        let takes = free.into_iter().map(|shard| {
+            let node = node.clone();
+            async move {
+                // Taken meanwhile by another node: not ours this round.
+                let revision = leases.create(key(shard), node).await.ok()?;
+                match progress.get(key(shard)).await {
+                    Ok(value) => {
+                        let floor = value.and_then(|v| Progress::decode(&v)).unwrap_or_default();
+                        Some((shard, revision, floor))
+                    }
+                    Err(e) => {
+                        // Without the floor a replay could re-page: give the lease back.
+                        tracing::warn!(shard, error = %e, "Cannot read shard progress; not taking it now.");
+                        let _ = leases.delete_expect_revision(key(shard), Some(revision)).await;
+                        None
+                    }
                 }
-            };
+            }
+        });
+        let taken: Vec<_> = futures_util::future::join_all(takes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        for &(shard, revision, floor) in &taken {
             self.cluster.leases.taken(shard, sent);
             let processed = Arc::new(AtomicU64::new(0));
             let stop = CancellationToken::new();
@@ -446,9 +481,9 @@ impl Owner {
                     task,
                 },
             );
-            taken += 1;
         }
-        if taken > 0 {
+        if !taken.is_empty() {
+            let taken = taken.len();
             tracing::info!(taken, owned = self.owned.len(), target, "Took shards over.");
         }
     }
