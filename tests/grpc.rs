@@ -344,6 +344,17 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     assert_eq!(end.unwrap_err().code(), Code::Unavailable);
 }
 
+/// A gRPC client that sends whatever message it is given, for requests the
+/// generated client cannot make.
+async fn raw_client(addr: SocketAddr) -> tonic::client::Grpc<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic::client::Grpc::new(channel)
+}
+
 /// `vigil.QueryRequest` as bytes: a client whose query need not be UTF-8.
 #[derive(Clone, PartialEq, prost::Message)]
 struct RawQueryRequest {
@@ -355,12 +366,7 @@ struct RawQueryRequest {
 async fn a_query_that_is_not_utf8_is_repaired_as_over_tcp() {
     let (grpc, index, stats) = start_in_process(1 << 20).await;
     index.insert(&event("a?", "cpu"));
-    let channel = Channel::from_shared(format!("http://{}", grpc.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut raw = tonic::client::Grpc::new(channel);
+    let mut raw = raw_client(grpc.addr).await;
     let bad = RawQueryRequest {
         query: b"host = \"a\xff\"".to_vec(),
     };
@@ -403,12 +409,7 @@ struct NumberQueryRequest {
 #[tokio::test]
 async fn a_request_that_is_not_a_query_request_is_the_clients_error() {
     let (grpc, _index, stats) = start_in_process(1 << 20).await;
-    let channel = Channel::from_shared(format!("http://{}", grpc.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut raw = tonic::client::Grpc::new(channel);
+    let mut raw = raw_client(grpc.addr).await;
     let bad = NumberQueryRequest { query: 1 };
     for path in ["/vigil.Vigil/Query", "/vigil.Vigil/Subscribe"] {
         raw.ready().await.unwrap();

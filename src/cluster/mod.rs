@@ -282,6 +282,11 @@ impl Cluster {
 
     /// Publishes `events` (grouped per shard) and returns once JetStream has
     /// stored them all: only then may the agent be acked.
+    /// Whether this node's NATS connection is up now.
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Counts a message whose events the cluster did not store (its sender
     /// was told to send them again), and warns about it unless it warned
     /// within the last 10 s.
@@ -317,7 +322,7 @@ impl Cluster {
         // Cut off, a publish would wait out JetStream's ack timeout (5 s) per
         // request: an agent retrying, or failing over to another node, is
         // told at once instead.
-        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        let connected = self.connected();
         let mut refused = (!connected).then(|| {
             "not connected to NATS: nothing was stored; send again (to another node, or later)"
                 .to_owned()
@@ -384,7 +389,7 @@ impl Cluster {
         };
         // Cut off, the question would wait out the answer timeout and read
         // as if no other node were up.
-        if self.client.connection_state() != async_nats::connection::State::Connected {
+        if !self.connected() {
             return Err(ClusterQueryError::Unavailable(
                 NOT_CONNECTED_TO_ASK.to_owned(),
             ));
@@ -481,7 +486,7 @@ impl Cluster {
     /// This node's part in the cluster now, for `/health` and the metrics.
     pub fn status(&self) -> ClusterStatus {
         ClusterStatus {
-            connected: self.client.connection_state() == async_nats::connection::State::Connected,
+            connected: self.connected(),
             members: self.members.load(Ordering::Relaxed) as u64,
             shards_owned: (0..self.config.shards)
                 .filter(|&shard| self.leases.valid(shard))

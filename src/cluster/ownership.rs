@@ -92,24 +92,12 @@ impl Buckets {
     /// listed is listed twice; counting it twice would shrink every node's
     /// share and move shards back and forth.
     async fn live_nodes(&self) -> Result<BTreeSet<String>, NatsError> {
-        self.nodes
-            .keys()
-            .await
-            .doing("listing nodes")?
-            .try_collect()
-            .await
-            .doing("listing nodes")
+        keys_of(&self.nodes, "listing nodes").await
     }
 
     /// The keys of the leases held now.
     async fn held_leases(&self) -> Result<BTreeSet<String>, NatsError> {
-        self.leases
-            .keys()
-            .await
-            .doing("listing leases")?
-            .try_collect()
-            .await
-            .doing("listing leases")
+        keys_of(&self.leases, "listing leases").await
     }
 
     /// Refuses to join live nodes that run with another `--shards`. (An
@@ -141,6 +129,17 @@ impl Buckets {
 }
 
 /// A heartbeat's shard count.
+/// The keys a bucket holds now (deleted ones are not listed).
+async fn keys_of(store: &Store, doing: &str) -> Result<BTreeSet<String>, NatsError> {
+    store
+        .keys()
+        .await
+        .doing(doing)?
+        .try_collect()
+        .await
+        .doing(doing)
+}
+
 fn shards_of(heartbeat: &[u8]) -> Option<u32> {
     std::str::from_utf8(heartbeat).ok()?.parse().ok()
 }

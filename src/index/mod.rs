@@ -467,7 +467,9 @@ impl Index {
                 Err(QueryError::Abandoned) => Some(&index.scans_abandoned),
                 _ => None,
             };
-            stopped.map(|count| count.fetch_add(1, Ordering::Relaxed));
+            if let Some(count) = stopped {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
             found.map(then)
         })
         .await)
