@@ -174,6 +174,7 @@ pub struct OutputSample {
     pub accepted: u64,
     pub delivered: u64,
     pub dropped: u64,
+    pub skipped: u64,
     pub queued: u64,
     pub in_flight: u64,
     pub retries: u64,
@@ -242,6 +243,7 @@ impl Telemetry {
                     accepted: c.sum(|s| &s.accepted),
                     delivered: c.sum(|s| &s.delivered),
                     dropped: c.sum(|s| &s.dropped),
+                    skipped: c.sum(|s| &s.skipped),
                     queued: c.queued(),
                     in_flight: c.sum(|s| &s.in_flight),
                     retries: c.sum(|s| &s.retries),
@@ -342,6 +344,7 @@ impl Emitter {
             emit(format!("vigil output {name} accepted"), gauge(o.accepted));
             emit(format!("vigil output {name} delivered"), gauge(o.delivered));
             emit(format!("vigil output {name} dropped"), gauge(o.dropped));
+            emit(format!("vigil output {name} skipped"), gauge(o.skipped));
             emit(format!("vigil output {name} queued"), gauge(o.queued));
             // Taken from the queue and not yet settled: what an output stuck
             // on a dead downstream holds, while its queue may look empty.
@@ -496,6 +499,7 @@ mod tests {
                 name: "pager".into(),
                 accepted: 4,
                 dropped: 1,
+                skipped: 1,
                 in_flight: 2,
                 ..OutputSample::default()
             }],
@@ -505,6 +509,7 @@ mod tests {
         let first = emitter.events(T0, sample.clone());
         assert_eq!(metric(&first, "vigil index size"), Some(3.0));
         assert_eq!(metric(&first, "vigil output pager dropped"), Some(1.0));
+        assert_eq!(metric(&first, "vigil output pager skipped"), Some(1.0));
         assert_eq!(metric(&first, "vigil output pager in flight"), Some(2.0));
         assert_eq!(
             metric(&first, "vigil tcp events/s"),

@@ -1017,7 +1017,7 @@ fn a_page_undelivered_when_its_shard_moves_is_sent_once_by_the_new_owner() {
     pager.fail(false);
     assert!(
         first.wait_for_log("its shard moved to another node", SETTLE),
-        "the first node dropped its page at its next attempt"
+        "the first node skipped its page at its next attempt"
     );
     let pages = pager.settle_at(2);
     assert_eq!(

@@ -643,8 +643,18 @@ async fn metrics_count_what_was_sent() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("forward.vigil");
     let port = downstream.port();
+    // A carbon that takes every line: the two events without a metric are
+    // the graph's to skip, not lost.
+    let carbon = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let carbon_port = carbon.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut line, _) = carbon.accept().await.unwrap();
+        tokio::io::copy(&mut line, &mut tokio::io::sink()).await
+    });
     let source = format!(
-        "output next = forward(host: \"127.0.0.1\", port: {port})\nstreams {{\n  index\n  next\n}}\n"
+        "output next = forward(host: \"127.0.0.1\", port: {port})\n\
+         output graph = graphite(port: {carbon_port})\n\
+         streams {{\n  index\n  next\n  graph\n}}\n"
     );
     std::fs::write(&rules, &source).unwrap();
     let v = Vigil::start(&["--rules", rules.to_str().unwrap()]);
@@ -666,6 +676,7 @@ async fn metrics_count_what_was_sent() {
 
     let s = scrape_until(addr, "all 9 events delivered downstream", |s| {
         value(s, "vigil_output_delivered_total", Some("next")) == Some(9.0)
+            && value(s, "vigil_output_delivered_total", Some("graph")) == Some(7.0)
     })
     .await;
     let get = |name: &str| value(&s, name, None).unwrap_or_else(|| panic!("{name} missing"));
@@ -688,6 +699,16 @@ async fn metrics_count_what_was_sent() {
     );
     assert_eq!(value(&s, "vigil_output_queued", Some("next")), Some(0.0));
     assert_eq!(value(&s, "vigil_output_in_flight", Some("next")), Some(0.0));
+    let graph = |name| value(&s, name, Some("graph"));
+    assert_eq!(
+        [
+            "vigil_output_accepted_total",
+            "vigil_output_dropped_total",
+            "vigil_output_skipped_total"
+        ]
+        .map(graph),
+        [Some(9.0), Some(0.0), Some(2.0)]
+    );
     let latency = s
         .samples
         .iter()

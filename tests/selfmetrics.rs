@@ -99,7 +99,7 @@ async fn outputs_report_their_counters_as_events() {
     let accepted = self_metric(&v, "vigil output pager accepted", |m| m == 1.0).await;
     assert_eq!(accepted.host_str(), vigil::selfmetrics::hostname());
     self_metric(&v, "vigil output pager delivered", |m| m == 0.0).await;
-    for counter in ["dropped", "queued", "in flight"] {
+    for counter in ["dropped", "skipped", "queued", "in flight"] {
         self_metric(&v, &format!("vigil output pager {counter}"), |m| m <= 1.0).await;
     }
 }

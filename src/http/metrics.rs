@@ -121,7 +121,7 @@ fn render(s: &Sample) -> String {
     }
 
     type Field = fn(&crate::selfmetrics::OutputSample) -> u64;
-    let outputs: [(&str, &str, &str, Field); 6] = [
+    let outputs: [(&str, &str, &str, Field); 7] = [
         (
             "vigil_output_accepted_total",
             "counter",
@@ -139,6 +139,12 @@ fn render(s: &Sample) -> String {
             "counter",
             "Events given up on.",
             |o| o.dropped,
+        ),
+        (
+            "vigil_output_skipped_total",
+            "counter",
+            "Events with nothing for the output to send (no metric to graph, a state not paged, a page already sent).",
+            |o| o.skipped,
         ),
         (
             "vigil_output_retries_total",
@@ -262,6 +268,7 @@ mod tests {
             outputs: vec![OutputSample {
                 name: "pa\"ger".into(),
                 dropped: 4,
+                skipped: 6,
                 ..OutputSample::default()
             }],
             latency: h.snapshot(),
@@ -274,6 +281,7 @@ mod tests {
             "# TYPE vigil_tcp_connections_open gauge\nvigil_tcp_connections_open 2\n",
             "# TYPE vigil_message_bytes_held gauge\nvigil_message_bytes_held 3072\n",
             "vigil_output_dropped_total{output=\"pa\\\"ger\"} 4\n",
+            "vigil_output_skipped_total{output=\"pa\\\"ger\"} 6\n",
             "vigil_streams_latency_seconds_bucket{le=\"0.000005\"} 1\n",
             "vigil_streams_latency_seconds_bucket{le=\"5\"} 1\n",
             "vigil_streams_latency_seconds_bucket{le=\"+Inf\"} 2\n",

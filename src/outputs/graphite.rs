@@ -10,8 +10,9 @@
 //! and empty segments are left out: carbon turns segments into directory and
 //! file names, and other characters either break that or Graphite's queries.
 //!
-//! Dropped (and counted): events without a metric, with a NaN or infinite
-//! one, or with an empty path (nothing to graph); points whose line is over
+//! Skipped (and counted apart from loss): events without a metric, with a
+//! NaN or infinite one, or with an empty path (nothing to graph). Dropped
+//! (and counted): points whose line is over
 //! carbon's [`MAX_LINE`]; and points beyond [`BUFFER_LINES`] or
 //! [`BUFFER_BYTES`] while carbon is unreachable (the newest ones: a queue
 //! keeps its order).
@@ -263,8 +264,8 @@ impl Graphite {
             }
         }
         if ungraphable > 0 {
-            delivery.dropped(ungraphable);
-            tracing::debug!(output = %delivery.name, count = ungraphable, "Events without a graphable metric or path dropped.");
+            delivery.skipped(ungraphable);
+            tracing::debug!(output = %delivery.name, count = ungraphable, "Events without a graphable metric or path skipped.");
         }
         if too_long > 0 {
             delivery.dropped(too_long);
@@ -604,6 +605,7 @@ mod tests {
     struct Counts {
         delivered: u64,
         dropped: u64,
+        skipped: u64,
         in_flight: u64,
     }
 
@@ -612,6 +614,7 @@ mod tests {
         Counts {
             delivered: s.delivered.load(Ordering::Acquire),
             dropped: s.dropped.load(Ordering::Acquire),
+            skipped: s.skipped.load(Ordering::Acquire),
             in_flight: s.in_flight.load(Ordering::Acquire),
         }
     }
@@ -622,9 +625,10 @@ mod tests {
             let c = counts(q);
             assert!(
                 Instant::now() < deadline,
-                "{what}: delivered {} dropped {} in flight {} queued {}",
+                "{what}: delivered {} dropped {} skipped {} in flight {} queued {}",
                 c.delivered,
                 c.dropped,
+                c.skipped,
                 c.in_flight,
                 q.queued()
             );
@@ -687,8 +691,8 @@ mod tests {
         q.push(point(2));
         let (lines, _conn) = read_lines(&listener, 2).await;
         assert_eq!(lines, ["web1.s1 1 1700000000\n", "web1.s2 2 1700000000\n"]);
-        wait_for(&q, "2 delivered, 1 dropped", |c| {
-            c.delivered == 2 && c.dropped == 1 && c.in_flight == 0
+        wait_for(&q, "2 delivered, 1 skipped", |c| {
+            (c.delivered, c.dropped, c.skipped, c.in_flight) == (2, 0, 1, 0)
         })
         .await;
     }

@@ -147,7 +147,7 @@ pub fn always() -> bool {
 pub enum Outcome {
     Delivered,
     Dropped,
-    /// No longer wanted before an attempt: dropped unsent.
+    /// No longer wanted before an attempt: skipped unsent.
     Unwanted,
 }
 
@@ -161,7 +161,7 @@ enum Ended {
     TooLarge,
 }
 
-/// Counts the event delivered or dropped.
+/// Counts the event delivered, dropped or skipped.
 fn settle(delivery: &Tally, ended: Ended) -> Outcome {
     match ended {
         Ended::Delivered => {
@@ -169,7 +169,7 @@ fn settle(delivery: &Tally, ended: Ended) -> Outcome {
             Outcome::Delivered
         }
         Ended::Unwanted => {
-            delivery.dropped(1);
+            delivery.skipped(1);
             Outcome::Unwanted
         }
         Ended::Dropped | Ended::TooLarge => {

@@ -6,7 +6,7 @@
 //! an event over with a non-blocking push; a full queue drops it and counts it,
 //! so a slow or dead downstream never slows ingest or another output. Every
 //! event handed over is accounted for:
-//! `accepted = delivered + dropped + queued + in_flight`.
+//! `accepted = delivered + dropped + skipped + queued + in_flight`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -105,8 +105,8 @@ pub struct OutputSpec {
 
 /// Per-output accounting, by output name: a redeclared output (but a pager)
 /// counts on from its predecessor's numbers ([`Kept`]). `queued` is read from the current
-/// queue, so the identity `accepted = delivered + dropped + queued +
-/// in_flight` holds whenever nothing is moving (and a predecessor's queue
+/// queue, so the identity `accepted = delivered + dropped + skipped +
+/// queued + in_flight` holds whenever nothing is moving (and a predecessor's queue
 /// has drained).
 #[derive(Debug, Default)]
 pub struct OutputStats {
@@ -116,6 +116,11 @@ pub struct OutputStats {
     pub delivered: AtomicU64,
     /// Given up on: queue full, refused by the downstream, or over a buffer bound.
     pub dropped: AtomicU64,
+    /// Nothing to send, by design: no finite metric for Graphite; for a
+    /// pager, a state it does not page, a page its incident already
+    /// reflects, or one whose shard's new owner sends it. Apart from
+    /// `dropped`, so that counter means loss.
+    pub skipped: AtomicU64,
     /// Taken from the queue, not yet delivered or dropped.
     pub in_flight: AtomicU64,
     /// Attempts repeated after a failure.
@@ -271,6 +276,11 @@ impl Tally {
     /// `n` in-flight events were given up on.
     pub fn dropped(&self, n: usize) {
         self.settle(n, &self.stats.dropped);
+    }
+
+    /// `n` in-flight events had nothing for this output to send.
+    pub fn skipped(&self, n: usize) {
+        self.settle(n, &self.stats.skipped);
     }
 
     fn settle(&self, n: usize, counter: &AtomicU64) {
@@ -704,35 +714,38 @@ mod tests {
     fn accounted(queue: &Queue) -> bool {
         let s = &queue.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Acquire);
-        get(&s.accepted) == get(&s.delivered) + get(&s.dropped) + queue.queued() + get(&s.in_flight)
+        let settled = get(&s.delivered) + get(&s.dropped) + get(&s.skipped);
+        get(&s.accepted) == settled + queue.queued() + get(&s.in_flight)
     }
 
     #[tokio::test]
     async fn a_full_queue_drops_and_every_event_stays_accounted_for() {
-        let (queue, mut delivery) = queue("test", 2);
-        for _ in 0..5 {
+        let (queue, mut delivery) = queue("test", 3);
+        for _ in 0..6 {
             queue.push(Event::default());
         }
-        assert_eq!(queue.stats.accepted.load(Ordering::Acquire), 5);
+        assert_eq!(queue.stats.accepted.load(Ordering::Acquire), 6);
         assert_eq!(queue.stats.dropped.load(Ordering::Acquire), 3);
-        assert_eq!(queue.queued(), 2);
+        assert_eq!(queue.queued(), 3);
         assert!(accounted(&queue));
 
         let batch = delivery.next_batch(10).await.unwrap();
-        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.len(), 3);
         assert_eq!(
             (
                 queue.queued(),
                 queue.stats.in_flight.load(Ordering::Acquire)
             ),
-            (0, 2)
+            (0, 3)
         );
         assert!(accounted(&queue));
 
         delivery.delivered(1);
         delivery.dropped(1);
+        delivery.skipped(1);
         assert_eq!(queue.stats.delivered.load(Ordering::Acquire), 1);
         assert_eq!(queue.stats.dropped.load(Ordering::Acquire), 4);
+        assert_eq!(queue.stats.skipped.load(Ordering::Acquire), 1);
         assert_eq!(queue.stats.in_flight.load(Ordering::Acquire), 0);
         assert!(accounted(&queue));
     }

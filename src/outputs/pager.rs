@@ -1,7 +1,7 @@
 //! Paging, whatever the receiver: `critical` and `warning` trigger an
 //! incident of that severity, `expired` triggers one of severity `error` (a
 //! silent host is an incident), `ok` resolves it; other states are not paged
-//! (dropped). What goes on the wire is the receiver's: PagerDuty's Events API
+//! (skipped). What goes on the wire is the receiver's: PagerDuty's Events API
 //! v2 ([`super::pagerduty`]) or a paging webhook's JSON ([`super::webhook`]).
 //!
 //! One incident per host and service: the dedup key is derived from them
@@ -13,9 +13,9 @@
 //! [`super::incidents`]):
 //! - a trigger for an open incident is re-sent at most every
 //!   `resend_interval`, unless its severity changed; a suppressed one counts
-//!   as delivered (the receiver already has it);
+//!   as skipped (the receiver already has it);
 //! - a resolve is sent only for an incident vigil triggered; a suppressed one
-//!   counts as delivered too, as nothing needed sending.
+//!   counts as skipped too, as nothing needed sending.
 //!
 //! They are bounded ([`MAX_OPEN`]); beyond it the least recently triggered
 //! incident is forgotten. A page is retried for as long as the process runs
@@ -23,7 +23,7 @@
 //! not delivered when it stops (or crashes) are sent first by the next run.
 //! In a cluster, each undelivered page holds the work that made it
 //! ([`super::holds`]), so the shard's next owner makes and sends it again;
-//! once the shard is another node's, it is dropped here before its next
+//! once the shard is another node's, it is skipped here before its next
 //! attempt.
 
 use std::collections::{BTreeMap, HashMap};
@@ -417,20 +417,20 @@ impl Pager {
 
     /// Sends (or suppresses) one event's page, made by `origin`, and settles
     /// it in `delivery`; a delivered page opens, re-sends or resolves its
-    /// incident. A page of a shard this node no longer owns is dropped before
+    /// incident. A page of a shard this node no longer owns is skipped before
     /// its next attempt: the shard's new owner sends it.
     async fn page(&mut self, delivery: &Tally, event: &Event, origin: Option<Origin>) {
         let Some(action) = action(event.state.as_deref()) else {
             let state = event.state.as_deref();
-            tracing::debug!(output = %delivery.name, ?state, "State not paged; event dropped.");
-            delivery.dropped(1);
+            tracing::debug!(output = %delivery.name, ?state, "State not paged; event skipped.");
+            delivery.skipped(1);
             return;
         };
         let key = dedup_key(&self.config, event);
         let now = Instant::now();
         if self.suppressed(action, &key, now) {
             tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
-            delivery.delivered(1);
+            delivery.skipped(1);
             return;
         }
         let body = self.body(action, &key, event);
@@ -457,7 +457,7 @@ impl Pager {
         if outcome == Outcome::Unwanted {
             tracing::info!(
                 output = %delivery.name, dedup_key = %key, ?action,
-                "Page dropped unsent: its shard moved to another node, which sends it."
+                "Page skipped unsent: its shard moved to another node, which sends it."
             );
         }
         if outcome != Outcome::Delivered {
