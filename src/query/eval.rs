@@ -5,8 +5,7 @@
 use std::cmp::Ordering;
 use std::collections::HashSet;
 
-use regex::Regex;
-
+use super::pattern::Pattern;
 use crate::event::{Event, Field, Metric, same_bytes};
 
 /// The value of a field, borrowed from the event. Always inlined, as is
@@ -214,7 +213,7 @@ pub(super) enum Node {
     },
     Regex {
         left: Operand,
-        regex: Regex,
+        regex: Pattern,
     },
     /// `field = "a" or field = "b" or …`, from [`ONE_OF_MIN`] such terms up:
     /// one lookup per event, where a list of hosts a dashboard asks for

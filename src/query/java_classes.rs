@@ -95,7 +95,7 @@ mod tests {
 
     #[test]
     fn the_ascii_sets_match_as_javas_classes_do() {
-        let regex = |p: &str| regex::Regex::new(&ascii_perl_classes(p)).unwrap();
+        let regex = |p: &str| regex_automata::meta::Regex::new(&ascii_perl_classes(p)).unwrap();
         assert!(regex(r"^\w+$").is_match("web_01"));
         assert!(
             !regex(r"^\w+$").is_match("wébé"),

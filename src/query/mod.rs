@@ -5,6 +5,7 @@
 mod eval;
 mod java_classes;
 mod parser;
+mod pattern;
 
 use std::fmt;
 use std::str::FromStr;
@@ -454,6 +455,24 @@ mod tests {
         ] {
             Query::parse(&format!(r#"service ~= "{pattern}""#)).unwrap();
         }
+    }
+
+    #[test]
+    fn a_querys_regexes_share_one_budget() {
+        // Each near its own cap; a query within --max-string could hold
+        // forty thousand, each compiling to a megabyte.
+        let big = r#"service ~= ".{1000}""#;
+        let four = [big; 4].join(" or ");
+        Query::parse(&four).unwrap();
+        let e = Query::parse(&format!("{four} or {big}")).unwrap_err();
+        assert!(
+            e.message.starts_with("too many or too large regexes"),
+            "{e}"
+        );
+        assert_eq!(e.column, four.len() + " or service ~= ".len() + 1);
+        let many_small = vec![r#"host ~= "^web[0-9]+$""#; 1000].join(" or ");
+        let e = Query::parse(&many_small).unwrap_err();
+        assert!(e.message.contains("4 MiB together"), "{e}");
     }
 
     #[test]

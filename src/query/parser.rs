@@ -4,28 +4,19 @@
 
 use std::ops::Range;
 
+use super::QueryError;
+use super::eval::{CmpOp, LikePattern, Lit, Node, Operand};
+use super::pattern;
+use crate::event::Field;
 use nom::IResult;
 use nom::branch::alt;
 use nom::bytes::complete::{tag, take_while};
 use nom::character::complete::{char, digit1, one_of, satisfy};
 use nom::combinator::{opt, recognize, value};
 use nom::sequence::{pair, tuple};
-use regex::RegexBuilder;
-
-use super::java_classes::ascii_perl_classes;
-
-use super::QueryError;
-use super::eval::{CmpOp, LikePattern, Lit, Node, Operand};
-use crate::event::Field;
 
 /// How many parentheses and `not`s may be open at once.
 const MAX_DEPTH: usize = 64;
-
-/// Compiled-size cap for `~=` patterns; a query is user input, and holds as
-/// many as it likes (a hundred at the cap took 240 MB and a second to
-/// compile). With Java's ASCII `\w` ([`ascii_perl_classes`]), `\w{1000}`
-/// fits.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -223,6 +214,7 @@ pub(super) fn parse(src: &str, whole: bool) -> Result<Parsed, QueryError> {
         next: lex(src, 0),
         depth: 0,
         last_end: 0,
+        patterns: pattern::Compiler::default(),
     };
     let start = parser.next.start;
     let node = parser.disjunction()?;
@@ -244,6 +236,8 @@ struct Parser<'a> {
     depth: usize,
     /// End of the last consumed token.
     last_end: usize,
+    /// Compiles the `~=` patterns within the query's budget.
+    patterns: pattern::Compiler,
 }
 
 impl Parser<'_> {
@@ -382,10 +376,8 @@ impl Parser<'_> {
                         pattern: LikePattern::new(&pattern),
                     });
                 }
-                let regex = RegexBuilder::new(&ascii_perl_classes(&pattern))
-                    .size_limit(REGEX_SIZE_LIMIT)
-                    .build()
-                    .map_err(|e| error_at(self.src, pattern_token.start, regex_message(&e)))?;
+                let regex = (self.patterns.compile(&pattern))
+                    .map_err(|message| error_at(self.src, pattern_token.start, message))?;
                 Ok(Node::Regex { left, regex })
             }
         }
@@ -406,21 +398,6 @@ impl Parser<'_> {
         };
         self.advance();
         Ok(operand)
-    }
-}
-
-/// One line for an error column: the regex crate's syntax errors are multi-line
-/// drawings of the pattern; keep only their final "error: ..." line.
-fn regex_message(error: &regex::Error) -> String {
-    match error {
-        regex::Error::Syntax(text) => {
-            let last = text.lines().last().unwrap_or_default();
-            format!("invalid regex: {}", last.trim_start_matches("error: "))
-        }
-        regex::Error::CompiledTooBig(limit) => {
-            format!("invalid regex: too large (compiled size limit {limit} bytes)")
-        }
-        other => format!("invalid regex: {other}"),
     }
 }
 
