@@ -1650,6 +1650,62 @@ fn the_binary_sends_after_a_crash_the_pages_it_had_not_delivered() {
     );
 }
 
+/// A pager renamed by a reload leaves its open incidents to no one: said at
+/// the reload, and at each start while its file holds them. Declared again
+/// under its name, it resolves them.
+#[test]
+fn a_pager_renamed_with_open_incidents_says_they_are_left_open() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rx = runtime.block_on(Receiver::start());
+    let dir = tempfile::tempdir().unwrap();
+    let args = pager_keeping_state(dir.path(), &rx.url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let rules = dir.path().join("pager.vigil");
+    let as_declared = std::fs::read_to_string(&rules).unwrap();
+    let renamed =
+        (as_declared.replace("output pager", "output oncall")).replace("{ pager }", "{ oncall }");
+    assert_ne!(renamed, as_declared);
+
+    let mut first = common::Vigil::start(&args);
+    send_state(&runtime, &first, "disk /", "critical");
+    runtime.block_on(rx.wait_for(1));
+    std::fs::write(&rules, &renamed).unwrap();
+    common::run_ok("kill", &["-HUP", &first.pid().to_string()], WAIT);
+    assert!(
+        first.wait_for_log("A reload removed (or renamed) a pager output", WAIT),
+        "{}",
+        first.logs()
+    );
+    let logs = first.logs();
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("A reload removed"))
+        .unwrap();
+    assert!(warning.contains(r#""incidents":1"#), "{warning}");
+    assert!(warning.contains(r#""output":"pager""#), "{warning}");
+    first.terminate();
+
+    let second = common::Vigil::start(&args);
+    let file = incidents::file_in(&dir.path().join("data"), "pager");
+    assert!(
+        second.wait_for_log("A pager output the rules do not declare", WAIT),
+        "{}",
+        second.logs()
+    );
+    let logs = second.logs();
+    let warning = logs.lines().find(|l| l.contains("do not declare")).unwrap();
+    assert!(warning.contains(&file.display().to_string()), "{warning}");
+    assert!(warning.contains(r#""incidents":1"#), "{warning}");
+    drop(second);
+
+    std::fs::write(&rules, &as_declared).unwrap();
+    let third = common::Vigil::start(&args);
+    send_state(&runtime, &third, "disk /", "ok");
+    runtime.block_on(rx.wait_for(2));
+    assert_eq!(actions(&rx), ["trigger web1/disk /", "resolve web1/disk /"]);
+    assert!(!third.logs().contains("do not declare"), "{}", third.logs());
+}
+
 /// Arguments for the binary paging every change of state through PagerDuty
 /// at `url`, its rule file and data directory in `dir` (the same across
 /// restarts).

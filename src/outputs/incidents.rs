@@ -6,6 +6,8 @@
 //! the new task the same [`Memory`] (see [`super::Kept`]), or an empty one
 //! taking over its file when the receiver changed (the previous key's is
 //! kept aside, and serves again if a later reload brings that key back).
+//! An output removed or renamed leaves them to a later declaration of its
+//! name, with a warning ([`warn_of_undeclared`] at each start).
 //! With a data directory they are saved to `pagerduty-<output>.json` after
 //! every batch that changed them, and loaded when the output's first task
 //! starts, both off the async workers; so an incident open before a restart
@@ -19,7 +21,7 @@
 //! its hash: incidents saved under another receiver cannot be resolved
 //! through this one, and are left out with a warning.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -508,6 +510,11 @@ impl Memory {
     }
 
     /// Whether it has incidents open.
+    /// How many incidents it holds open.
+    pub fn open_incidents(&self) -> usize {
+        self.incidents.lock().len()
+    }
+
     pub fn has_open(&self) -> bool {
         self.incidents.lock().len() > 0
     }
@@ -602,6 +609,38 @@ pub fn file_in(dir: &Path, output: &str) -> PathBuf {
         })
         .collect();
     dir.join(format!("pagerduty-{name}.json"))
+}
+
+/// Warns of each pager file in `dir` but the `declared` ones that holds open
+/// incidents or unsent pages: left by an output the rules no longer declare
+/// (renamed or removed), they are resolved and sent by no one. Reads files,
+/// so not on an async worker.
+pub fn warn_of_undeclared(dir: &Path, declared: &HashSet<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.flatten().map(|entry| entry.path()) {
+        let named = path.file_name().and_then(|n| n.to_str());
+        let is_pagers = named.is_some_and(|n| n.starts_with("pagerduty-") && n.ends_with(".json"));
+        if !is_pagers || declared.contains(&path) {
+            continue;
+        }
+        let Ok(Some(saved)) = read(&path) else {
+            continue;
+        };
+        let (incidents, unsent) = (saved.incidents.len(), saved.unsent.len());
+        if incidents + unsent > 0 {
+            tracing::warn!(
+                file = %path.display(),
+                incidents,
+                unsent,
+                "A pager output the rules do not declare (renamed or removed) left open \
+                 incidents and unsent pages: this run resolves and sends none of them. \
+                 Declare it again under its old name, paging the same receiver, or \
+                 resolve them by hand."
+            );
+        }
+    }
 }
 
 fn key_hash(receiver: &str) -> String {

@@ -395,6 +395,40 @@ impl Kept {
         pagers.values().map(|p| p.current.clone()).collect()
     }
 
+    /// Warns when pager output `name`, which the rules no longer declare,
+    /// holds open incidents: nothing resolves them now, though they are
+    /// kept, in memory and in its file, for a declaration of that name.
+    pub fn warn_if_left_open(&self, name: &str) {
+        let pagers = self.pagers.lock();
+        let Some(pager) = pagers.get(name) else {
+            return;
+        };
+        let incidents = pager.current.open_incidents();
+        if incidents > 0 {
+            tracing::warn!(
+                output = name,
+                incidents,
+                "A reload removed (or renamed) a pager output with open incidents: nothing \
+                 resolves them now. Declare it again under this name, paging the same \
+                 receiver, or resolve them by hand."
+            );
+        }
+    }
+
+    /// Warns, off the async workers, of the pager files in the data
+    /// directory that none of `specs` declares, but which hold incidents.
+    pub fn warn_of_undeclared_pagers(&self, specs: &[OutputSpec]) {
+        let Some(dir) = self.dir.clone() else {
+            return;
+        };
+        let declared = specs
+            .iter()
+            .filter(|spec| matches!(spec.kind, OutputKind::Pager(_)))
+            .map(|spec| incidents::file_in(&dir, &spec.name))
+            .collect();
+        tokio::task::spawn_blocking(move || incidents::warn_of_undeclared(&dir, &declared));
+    }
+
     /// What the pagers' undelivered pages hold: how far a cluster node may
     /// save its progress.
     pub fn holds(&self) -> Arc<Holds> {

@@ -56,7 +56,7 @@ use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::outputs::{self, Kept, OutputSink, OutputSpec, OutputStats, Queue};
+use crate::outputs::{self, Kept, OutputKind, OutputSink, OutputSpec, OutputStats, Queue};
 use crate::stats::Stats;
 
 use super::engine::{RuleStats, Rules, Tree};
@@ -132,6 +132,7 @@ impl Outputs {
             shutdown,
         };
         outputs.update(specs);
+        outputs.kept.warn_of_undeclared_pagers(specs);
         outputs
     }
 
@@ -144,7 +145,8 @@ impl Outputs {
     }
 
     /// Makes the running outputs match `specs`: identical declarations keep
-    /// their queue, the others start. Returns the ones no longer declared.
+    /// their queue, the others start. Returns the ones no longer declared
+    /// as they were.
     fn update(&mut self, specs: &[OutputSpec]) -> Vec<Running> {
         let mut old: Vec<Option<Running>> = std::mem::take(&mut self.running)
             .into_iter()
@@ -168,7 +170,15 @@ impl Outputs {
             });
             self.running.push(running);
         }
-        old.into_iter().flatten().collect()
+        let removed: Vec<Running> = old.into_iter().flatten().collect();
+        for gone in &removed {
+            let name = &gone.spec.name;
+            let is_pager = matches!(gone.spec.kind, OutputKind::Pager(_));
+            if is_pager && specs.iter().all(|spec| spec.name != *name) {
+                self.kept.warn_if_left_open(name);
+            }
+        }
+        removed
     }
 }
 
