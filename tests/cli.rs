@@ -174,6 +174,50 @@ fn check_suggests_the_declared_outputs_for_a_misspelled_one() {
     assert!(text.contains("hint: declared outputs: `pager`"), "{text}");
 }
 
+/// A stage written without its block: the hint keeps what was written, so
+/// following it does not lose the arguments.
+#[test]
+fn check_hints_a_missing_block_with_the_stage_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("noblock.vigil");
+    let long = format!("with(description: \"{}\")", "x".repeat(60));
+    std::fs::write(
+        &path,
+        format!("streams {{\n  throttle(2, 1s) index\n  by(host) index\n  {long} index\n  fixed_time_window(5s) {{ sum }}\n}}\n"),
+    )
+    .unwrap();
+    let out = vigil(&["check", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    for hint in [
+        "write `throttle(2, 1s) { index }` or similar",
+        "write `by(host) { index }` or similar",
+        "write `with(…) { index }` or similar",
+        "write `sum { index }` or similar",
+    ] {
+        assert!(text.contains(hint), "{hint} in\n{text}");
+    }
+}
+
+/// Riemann's streams that are written otherwise here say how.
+#[test]
+fn check_says_how_riemanns_tag_streams_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("riemann.vigil");
+    let source =
+        "streams {\n  tagged(\"x\") { index }\n  tagged_any([\"x\", \"y\"]) { index }\n}\n";
+    std::fs::write(&path, source).unwrap();
+    let out = vigil(&["check", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    for hint in [
+        "hint: tags are tested in a `where`: `where tagged \"a\" { … }`",
+        "hint: tags are tested in a `where`: `where tagged \"a\" or tagged \"b\" { … }`",
+    ] {
+        assert!(text.contains(hint), "{hint} in\n{text}");
+    }
+}
+
 #[test]
 fn test_prints_a_diff_for_a_failing_expectation_and_exits_1() {
     let out = vigil(&["test", "tests/fixtures/failing_test.vigil"]);

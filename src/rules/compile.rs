@@ -635,14 +635,23 @@ impl Compiler<'_> {
         Children(stmts.iter().filter_map(|s| self.stmt(s)).collect())
     }
 
-    fn body(&mut self, name: &Ident, body: Option<&Block>) -> Option<Children> {
+    /// The block of stage `name`, written as `written` (its name and
+    /// arguments, when it has no block).
+    fn body(&mut self, name: &Ident, written: &Span, body: Option<&Block>) -> Option<Children> {
         match body {
             Some(block) => Some(self.block(&block.stmts)),
             None => {
+                // The stage as written, so the hint keeps its arguments.
+                let head = self.source[written.clone()].trim_end();
+                let head = if head.len() <= 60 && !head.contains('\n') {
+                    head.to_owned()
+                } else {
+                    format!("{}(…)", name.name)
+                };
                 self.error_hint(
                     name.span.clone(),
                     format!("`{}` needs a block of streams to pass events to", name.name),
-                    format!("write `{} {{ index }}` or similar", name.name),
+                    format!("write `{head} {{ index }}` or similar"),
                 );
                 None
             }
@@ -752,7 +761,7 @@ impl Compiler<'_> {
             }
             "with" | "default" => {
                 let sets = self.field_sets(n, args)?;
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(With {
                     sets,
                     only_missing: n == "default",
@@ -761,7 +770,7 @@ impl Compiler<'_> {
             }
             "expired" | "not_expired" => {
                 self.bind(n, args, &[], span)?;
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 let pred = Query::parse(r#"state = "expired""#).expect("constant query parses");
                 let (then, otherwise) = if n == "expired" {
                     (children, Children::default())
@@ -778,7 +787,7 @@ impl Compiler<'_> {
                 let b = self.bind(n, args, &["threshold"], span)?;
                 let threshold = self.require(n, &b, "threshold");
                 let x = self.number(threshold?)?;
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 let (min, max) = if n == "over" {
                     (Some(x), None)
                 } else {
@@ -801,7 +810,7 @@ impl Compiler<'_> {
                         format!("`within({lo}, {hi})`: min is above max"),
                     );
                 }
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(MetricTest {
                     min: Some(lo),
                     max: Some(hi),
@@ -818,7 +827,7 @@ impl Compiler<'_> {
                 } else {
                     Metric::Float(x)
                 };
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Scale { factor, children })
             }
             "tag" => {
@@ -829,13 +838,13 @@ impl Compiler<'_> {
                     ValueKind::List(items) => self.strings(items)?,
                     _ => return self.expected(v, "a tag or a list of tags"),
                 };
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Tag { tags, children })
             }
             "by" => {
                 let fields = self.by_fields(name, args)?;
                 let horizon = body.map_or(0, |b| horizon(&b.stmts));
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(By::new(fields, children, horizon, self.definition(span)))
             }
             "changed" => {
@@ -844,12 +853,12 @@ impl Compiler<'_> {
                     Some(v) => Field::named(&self.ident_or_string(v)?),
                     None => Field::State,
                 };
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Changed::new(field, children))
             }
             "changed_state" => {
                 self.bind(n, args, &[], span)?;
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 let changed: Box<dyn Node> = Box::new(Changed::new(Field::State, children));
                 Box::new(By::new(
                     vec![Field::Host, Field::Service],
@@ -860,7 +869,7 @@ impl Compiler<'_> {
             }
             "rate" => {
                 let interval = self.one_duration(n, args, span)?;
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Rate::new(interval, children))
             }
             "throttle" => {
@@ -870,7 +879,7 @@ impl Compiler<'_> {
                     self.require(n, &b, "interval"),
                 );
                 let (count, interval) = (self.count(c?)?, self.duration(i?)?);
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Throttle::new(count, interval, children))
             }
             "stable" => {
@@ -881,12 +890,12 @@ impl Compiler<'_> {
                     Some(v) => Field::named(&self.ident_or_string(v)?),
                     None => Field::State,
                 };
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Stable::new(interval, field, children))
             }
             "ewma" => {
                 let interval = self.one_duration_named(n, args, "halflife", span)?;
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Ewma::new(EwmaMode::HalfLife(interval), children))
             }
             "ewma_timeless" => {
@@ -896,12 +905,12 @@ impl Compiler<'_> {
                 if !(0.0..=1.0).contains(&r) {
                     return self.expected(v, "a weight between 0 and 1");
                 }
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Ewma::new(EwmaMode::Timeless(r), children))
             }
             "ddt" => {
                 self.bind(n, args, &[], span)?;
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Ddt::new(children))
             }
             "percentiles" => {
@@ -922,7 +931,7 @@ impl Compiler<'_> {
                         _ => return self.expected(item, "a quantile between 0 and 1"),
                     }
                 }
-                let children = self.body(name, body)?;
+                let children = self.body(name, span, body)?;
                 Box::new(Percentiles::new(interval, points, children))
             }
             "fixed_time_window" | "moving_time_window" | "coalesce" => {
@@ -932,7 +941,7 @@ impl Compiler<'_> {
                     "moving_time_window" => WindowKind::MovingTime(dt),
                     _ => WindowKind::Coalesce(dt),
                 };
-                let folds = self.folds(name, body)?;
+                let folds = self.folds(name, span, body)?;
                 Box::new(Window::new(kind, folds))
             }
             "fixed_event_window" | "moving_event_window" => {
@@ -947,7 +956,7 @@ impl Compiler<'_> {
                 } else {
                     WindowKind::MovingCount(count)
                 };
-                let folds = self.folds(name, body)?;
+                let folds = self.folds(name, span, body)?;
                 Box::new(Window::new(kind, folds))
             }
             "sum" | "mean" | "min" | "max" | "count" => {
@@ -970,15 +979,16 @@ impl Compiler<'_> {
     fn unknown_stream(&mut self, name: &Ident, unknown: &str, args: &[Arg], body: Option<&Block>) {
         let outputs: Vec<&str> = self.output_names.keys().map(String::as_str).collect();
         let candidates = STREAMS.iter().copied().chain(outputs.iter().copied());
-        let hint = match closest(unknown, candidates) {
-            Some(guess) => Some(format!("did you mean `{guess}`?")),
+        let hint = match (riemanns(unknown), closest(unknown, candidates)) {
+            (Some(instead), _) => Some(instead.to_owned()),
+            (None, Some(guess)) => Some(format!("did you mean `{guess}`?")),
             // A bare name without arguments or block was most likely meant as an output.
-            None if args.is_empty() && body.is_none() => Some(if outputs.is_empty() {
+            (None, None) if args.is_empty() && body.is_none() => Some(if outputs.is_empty() {
                 "no outputs are declared; declare one with `output NAME = TYPE(…)`".to_owned()
             } else {
                 format!("declared outputs: {}", list(&outputs))
             }),
-            None => None,
+            (None, None) => None,
         };
         let message = if args.is_empty() && body.is_none() {
             format!("unknown stream or output `{unknown}`")
@@ -1032,9 +1042,9 @@ impl Compiler<'_> {
         items.iter().map(|v| self.string(v)).collect()
     }
 
-    fn folds(&mut self, name: &Ident, body: Option<&Block>) -> Option<Vec<Fold>> {
+    fn folds(&mut self, name: &Ident, written: &Span, body: Option<&Block>) -> Option<Vec<Fold>> {
         let Some(block) = body else {
-            self.body(name, None);
+            self.body(name, written, None);
             return None;
         };
         let mut folds = Vec::new();
@@ -1063,7 +1073,7 @@ impl Compiler<'_> {
                             format!("`{}` takes no arguments", fold_name.name),
                         );
                     }
-                    let Some(children) = self.body(fold_name, body.as_ref()) else {
+                    let Some(children) = self.body(fold_name, stmt.span(), body.as_ref()) else {
                         continue;
                     };
                     Fold { kind, children }
@@ -1229,6 +1239,18 @@ fn horizon(stmts: &[Stmt]) -> Micros {
 
 fn body_horizon(block: Option<&Block>) -> Micros {
     block.map_or(0, |b| horizon(&b.stmts))
+}
+
+/// How a Riemann stream vigil has no stage of that name is written here.
+fn riemanns(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "tagged" => "tags are tested in a `where`: `where tagged \"a\" { … }`",
+        "tagged_all" => "tags are tested in a `where`: `where tagged \"a\" and tagged \"b\" { … }`",
+        "tagged_any" => "tags are tested in a `where`: `where tagged \"a\" or tagged \"b\" { … }`",
+        "splitp" => "`split { when metric > 0.9 { … } when metric > 0.5 { … } else { … } }`",
+        "sdo" => "list the streams side by side: each gets every event",
+        _ => return None,
+    })
 }
 
 fn list(names: &[&str]) -> String {
