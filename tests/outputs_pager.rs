@@ -1706,6 +1706,76 @@ fn a_pager_renamed_with_open_incidents_says_they_are_left_open() {
     assert!(!third.logs().contains("do not declare"), "{}", third.logs());
 }
 
+/// Stopped while a receiver hangs: the pages written down are said to be
+/// kept for the next run, not dropped.
+#[test]
+fn pages_left_at_shutdown_are_said_to_be_kept_for_the_next_run() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rx = runtime.block_on(Receiver::start());
+    rx.hang();
+    let dir = tempfile::tempdir().unwrap();
+    let args = pager_keeping_state(dir.path(), &rx.url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vigil = common::Vigil::start(&args);
+    for service in ["disk /", "cpu", "load"] {
+        send_state(&runtime, &vigil, service, "critical");
+    }
+    let file = incidents::file_in(&dir.path().join("data"), "pager");
+    let deadline = std::time::Instant::now() + WAIT;
+    while saved_pages(&file).len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{}", vigil.logs());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vigil.terminate();
+    let logs = vigil.logs();
+    let said = logs
+        .lines()
+        .find(|l| l.contains("Pages undelivered when the output stopped"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(said.contains(r#""level":"WARN""#), "{said}");
+    assert!(said.contains(r#""kept":3"#), "{said}");
+    let errors: Vec<_> = logs
+        .lines()
+        .filter(|l| l.contains(r#""level":"ERROR""#))
+        .collect();
+    assert!(errors.is_empty(), "nothing lost, yet {errors:#?}");
+    assert_eq!(saved_pages(&file).len(), 3);
+}
+
+/// Stopped while a slow receiver still takes pages, past the shutdown's
+/// grace: those written down are said to be kept, none lost.
+#[test]
+fn pages_still_sending_past_the_grace_are_said_to_be_kept() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rx = runtime.block_on(Receiver::start());
+    rx.slow(Duration::from_secs(2));
+    let dir = tempfile::tempdir().unwrap();
+    let args = pager_keeping_state(dir.path(), &rx.url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vigil = common::Vigil::start(&args);
+    let services: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    for service in &services {
+        send_state(&runtime, &vigil, service, "critical");
+    }
+    let file = incidents::file_in(&dir.path().join("data"), "pager");
+    let deadline = std::time::Instant::now() + WAIT;
+    while saved_pages(&file).len() < 9 {
+        assert!(std::time::Instant::now() < deadline, "{}", vigil.logs());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vigil.terminate();
+    let logs = vigil.logs();
+    let said = logs
+        .lines()
+        .find(|l| l.contains("Pages not delivered when vigil stopped"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    let kept = saved_pages(&file).len();
+    assert!(kept > 0, "{logs}");
+    assert!(said.contains(&format!(r#""kept":{kept}"#)), "{said}");
+    assert!(said.contains(r#""lost":0"#), "{said}");
+    assert!(!logs.contains("Events not delivered"), "{logs}");
+}
+
 /// Arguments for the binary paging every change of state through PagerDuty
 /// at `url`, its rule file and data directory in `dir` (the same across
 /// restarts).

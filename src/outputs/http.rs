@@ -274,10 +274,17 @@ impl Poster {
             // so a receiver that answers gets the rest of its tries.
             if stopping && (!error.answered() || self.retry.max_attempts.is_none()) {
                 self.given_up = true;
-                tracing::error!(
-                    output, %error, attempts,
-                    "Delivery failed while the output stops (shutdown, or a reload replaced it); event dropped."
-                );
+                if self.retry.max_attempts.is_none() {
+                    tracing::warn!(
+                        output, %error, attempts,
+                        "Delivery failed while the output stops (shutdown, or a reload replaced it); the page is left to the next run."
+                    );
+                } else {
+                    tracing::error!(
+                        output, %error, attempts,
+                        "Delivery failed while the output stops (shutdown, or a reload replaced it); event dropped."
+                    );
+                }
                 return Ended::Dropped;
             }
             if self.retry.exhausted(attempts) {

@@ -510,6 +510,15 @@ impl Memory {
     }
 
     /// Whether it has incidents open.
+    /// How many undelivered pages the next run finds in its file (none
+    /// without one).
+    pub fn pages_written_down(&self) -> usize {
+        match self.file {
+            Some(_) => self.unsent.lock().written(),
+            None => 0,
+        }
+    }
+
     /// How many incidents it holds open.
     pub fn open_incidents(&self) -> usize {
         self.incidents.lock().len()

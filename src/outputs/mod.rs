@@ -389,6 +389,16 @@ impl Kept {
         turns.entry(name.to_owned()).or_default().clone()
     }
 
+    /// Each pager output's undelivered pages its file holds for the next
+    /// run, by output name.
+    pub fn pages_written_down(&self) -> HashMap<String, usize> {
+        let pagers = self.pagers.lock();
+        let written = pagers
+            .iter()
+            .map(|(name, p)| (name.clone(), p.current.pages_written_down()));
+        written.collect()
+    }
+
     /// Every pager output's memory of its current receiver.
     pub fn pager_memories(&self) -> Vec<Arc<incidents::Memory>> {
         let pagers = self.pagers.lock();

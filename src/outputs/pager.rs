@@ -397,14 +397,26 @@ impl Pager {
             );
             return self.poster.finish(&output);
         }
-        tracing::error!(
-            output,
-            kept,
-            written,
-            "Pages undelivered when the output stopped: the receiver was failing. They are \
-             sent first by its next run: all of them after a reload that redeclares it, those \
-             written down after a restart with a data directory."
-        );
+        // Lost at a restart: those not in the file.
+        let unwritten = kept - self.memory.pages_written_down().min(kept);
+        if unwritten == 0 {
+            tracing::warn!(
+                output,
+                kept,
+                written,
+                "Pages undelivered when the output stopped: the receiver was failing. They are \
+                 sent first by its next run: after a reload that redeclares it, or a restart."
+            );
+        } else {
+            tracing::error!(
+                output,
+                kept,
+                written,
+                "Pages undelivered when the output stopped: the receiver was failing. They are \
+                 sent first by its next run: all of them after a reload that redeclares it, those \
+                 written down after a restart with a data directory."
+            );
+        }
     }
 
     /// A page made by `origin` is settled or dropped: the work is not held

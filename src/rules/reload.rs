@@ -47,6 +47,7 @@
 //!   `webhook` or pager posts only once the old one has ended, so a
 //!   receiver never gets an old event after a newer one.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -280,6 +281,7 @@ impl Reloader {
             )
         };
         let tasks = running.into_iter().map(|r| r.task).chain(retiring);
+        let mut written_down = HashMap::new();
         if tokio::time::timeout(grace, futures_util::future::join_all(tasks))
             .await
             .is_err()
@@ -288,19 +290,35 @@ impl Reloader {
                 ?grace,
                 "Outputs still delivering after the grace period; stopping anyway."
             );
-            let pagers = self.outputs.lock().kept.pager_memories();
+            let pagers = {
+                let kept = &self.outputs.lock().kept;
+                written_down = kept.pages_written_down();
+                kept.pager_memories()
+            };
             outputs::save_pagers(pagers).await;
         }
         counts(queues)
             .into_iter()
             .map(|c| {
                 let unsettled = c.queued() + c.sum(|s| &s.in_flight);
-                if unsettled > 0 {
+                let kept = (written_down.get(&c.name).copied().unwrap_or(0) as u64).min(unsettled);
+                if kept > 0 {
+                    // Counted dropped all the same: this run did not deliver them.
+                    tracing::warn!(
+                        output = %c.name,
+                        kept,
+                        lost = unsettled - kept,
+                        "Pages not delivered when vigil stopped: those kept are in the pager's \
+                         file, and the next run sends them first; the others are lost."
+                    );
+                } else if unsettled > 0 {
                     tracing::error!(
                         output = %c.name,
                         dropped = unsettled,
                         "Events not delivered when vigil stopped; dropped."
                     );
+                }
+                if unsettled > 0 {
                     for (s, queued) in &c.parts {
                         Stats::add(&s.dropped, queued + Stats::get(&s.in_flight));
                     }
