@@ -122,6 +122,9 @@ counters! {
     /// HTTP connections closed because a request (its head, or a posted body)
     /// did not arrive within `--read-timeout`, idle keep-alive ones included.
     http_read_timeouts,
+    /// WebSocket subscribers closed for sending more messages between two
+    /// pings than a subscriber has reason to (a ping flood).
+    http_websocket_floods,
     /// gRPC connections refused (accepted and closed at once) over `--max-connections`.
     grpc_connections_refused,
     /// gRPC connections closed because the client read nothing for `--read-timeout`.

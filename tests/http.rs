@@ -993,6 +993,44 @@ async fn a_subscriber_sending_a_large_message_is_disconnected_not_buffered() {
     http.shutdown(WAIT).await;
 }
 
+/// Each ping a subscriber sends queues a pong for it: one flooding pings
+/// while reading nothing is closed, and counted, before those add up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_flooding_pings_is_closed() {
+    use futures_util::SinkExt;
+    let (http, index, stats) = in_process_with(HttpConfig::default()).await;
+    let mut ws = subscribe_all(&http, &index).await;
+    for _ in 0..100 {
+        if ws.feed(Message::Ping(vec![7; 125].into())).await.is_err() {
+            break;
+        }
+    }
+    let _ = ws.flush().await;
+    let (code, reason) = next_json(&mut ws)
+        .await
+        .unwrap_err()
+        .expect("a close frame");
+    assert_eq!(code, u16::from(CloseCode::Policy));
+    assert_eq!(
+        reason,
+        "too many messages: a subscriber has nothing to send but pongs"
+    );
+    assert_eq!(Stats::get(&stats.http_websocket_floods), 1);
+    let deadline = Instant::now() + WAIT;
+    while index.pubsub().subscribers() > 0 {
+        assert!(Instant::now() < deadline, "subscription still open");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A subscriber answering the server's pings is not one.
+    let mut ws = subscribe_all(&http, &index).await;
+    for _ in 0..10 {
+        ws.send(Message::Pong(Default::default())).await.unwrap();
+    }
+    index.insert(&event("after", "s", 60.0, 1));
+    assert_eq!(next_json(&mut ws).await.unwrap()["host"], "after");
+    http.shutdown(WAIT).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_closes_live_subscriptions() {
     let (http, index) = in_process(100).await;

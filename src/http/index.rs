@@ -61,6 +61,12 @@ pub(super) struct IndexParams {
 /// the connection instead of being buffered (tungstenite's default: 64 MiB).
 const SUBSCRIBER_MESSAGE_MAX: usize = 64 * 1024;
 
+/// Messages a WebSocket subscriber may send between two of the server's
+/// pings. It has nothing to say but pongs, and each ping it sends queues a
+/// pong for it: a client flooding pings while reading nothing grew those
+/// pongs by 1.7 GB in seconds.
+const SUBSCRIBER_MESSAGES_PER_PING: usize = 64;
+
 pub(super) async fn get_index(
     State(state): State<AppState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -178,18 +184,18 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params:
     tracing::debug!(%query, "WebSocket subscriber connected.");
     let quiet = state.read_timeout;
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + quiet, quiet);
-    // Whether the client sent anything since the last ping.
-    let mut heard = true;
+    // What the client sent since the last ping.
+    let mut heard = 1;
     let mut live = Live::new(subscription, params.every);
     loop {
         tokio::select! {
             _ = pings.tick() => {
-                if !heard {
+                if heard == 0 {
                     Stats::incr(&state.stats().http_read_timeouts);
                     close(socket, close_code::AWAY, "no answer to ping").await;
                     return;
                 }
-                heard = false;
+                heard = 0;
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
                     return;
                 }
@@ -209,7 +215,13 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params:
             incoming = socket.recv() => match incoming {
                 // Clients have nothing to say but pongs; reading notices when they leave.
                 Some(Ok(Message::Close(_)) | Err(_)) | None => return,
-                Some(Ok(_)) => heard = true,
+                Some(Ok(_)) if heard == SUBSCRIBER_MESSAGES_PER_PING => {
+                    Stats::incr(&state.stats().http_websocket_floods);
+                    let why = "too many messages: a subscriber has nothing to send but pongs";
+                    close(socket, close_code::POLICY, why).await;
+                    return;
+                }
+                Some(Ok(_)) => heard += 1,
             },
             () = state.shutdown.cancelled() => {
                 close(socket, close_code::AWAY, "server shutting down").await;
