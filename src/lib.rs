@@ -63,6 +63,7 @@ pub mod streams;
 pub mod tcp;
 pub mod tls;
 pub mod udp;
+pub mod unread;
 pub mod wire;
 
 #[cfg(test)]

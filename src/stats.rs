@@ -122,6 +122,10 @@ counters! {
     /// HTTP connections closed because a request (its head, or a posted body)
     /// did not arrive within `--read-timeout`, idle keep-alive ones included.
     http_read_timeouts,
+    /// HTTP/2 responses (and SSE subscriptions) on the HTTP listeners whose
+    /// client, while reading its connection, took nothing of them for
+    /// `--read-timeout`: dropped, their stream reset.
+    http_responses_unread,
     /// WebSocket subscribers closed for sending more messages between two
     /// pings than a subscriber has reason to (a ping flood).
     http_websocket_floods,
@@ -129,6 +133,10 @@ counters! {
     grpc_connections_refused,
     /// gRPC connections closed because the client read nothing for `--read-timeout`.
     grpc_write_timeouts,
+    /// gRPC responses (and subscriptions, and `Send` streams' acks) whose
+    /// client, while reading its connection, took nothing of them for
+    /// `--read-timeout`: dropped, their stream reset.
+    grpc_responses_unread,
     /// gRPC connections the kernel ended because the peer acknowledged
     /// nothing for twice `--read-timeout`: it vanished (host down, link cut).
     grpc_peers_vanished,

@@ -837,6 +837,51 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
     grpc.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A client that reads its connection (pings, other calls) but grants one
+/// call's answer no room: no write of the connection stalls, yet the answer
+/// would wait whole for as long as the connection lasts. It is dropped
+/// after the write timeout, and other calls on the connection go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_its_client_grants_no_room_is_dropped_after_the_write_timeout() {
+    let (grpc, index, stats) = grpc_in_process(GrpcLimits {
+        max_message: 1 << 20,
+        per_message: Limits::DEFAULT,
+        max_connections: 100,
+        write_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(60),
+        memory: None,
+    })
+    .await;
+    for i in 0..2_000 {
+        index.insert(&Event {
+            description: Some("x".repeat(4096)),
+            ..event("big", &i.to_string())
+        });
+    }
+    let tcp = TcpStream::connect(grpc.addr).await.unwrap();
+    let (mut h2, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let answer = raw_query_call(&mut h2, grpc.addr, "Query", "true")
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    wait_stat(&stats, |s| &s.grpc_responses_unread, 1).await;
+    assert_eq!(
+        Stats::get(&stats.grpc_write_timeouts),
+        0,
+        "the connection is read"
+    );
+    // The same connection still takes calls (their heads need no room).
+    let other = raw_query_call(&mut h2, grpc.addr, "Query", r#"service = "7""#);
+    let other = tokio::time::timeout(WAIT, other).await.unwrap().unwrap();
+    assert_eq!(other.status(), 200);
+    grpc.shutdown(Duration::from_secs(5)).await;
+}
+
 /// In-process, with a read timeout of a second.
 async fn start_impatient() -> (Grpc, Arc<Index>, Arc<Stats>) {
     grpc_in_process(GrpcLimits {

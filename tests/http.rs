@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
-use common::inproc::read_until_closed;
+use common::inproc::{read_until_closed, wait_stat};
 use common::*;
 use vigil::budget::Budget;
 use vigil::client::Client;
@@ -1058,6 +1058,53 @@ async fn ask_for_a_large_answer(http: &HttpServer, index: &Index) -> tokio::net:
         .await
         .unwrap();
     stalled
+}
+
+/// Over HTTP/2 a client can read its connection yet grant one answer no
+/// room: nothing of the connection stalls, and the answer would wait whole
+/// for as long as it lasts. It is dropped after the write timeout; the
+/// connection goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_answer_its_client_grants_no_room_is_dropped() {
+    let (http, index, stats) = in_process_with(HttpConfig {
+        write_timeout: Duration::from_secs(1),
+        ..HttpConfig::default()
+    })
+    .await;
+    for i in 0..2_000 {
+        index.insert(&Event {
+            description: Some("x".repeat(4096)),
+            ..event("big", &i.to_string(), 60.0, i)
+        });
+    }
+    let addr = http.addr.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let get = |query: &str| {
+        axum::http::Request::get(url("http", addr, "/index", &[("query", query)]).as_str())
+            .body(())
+            .unwrap()
+    };
+    let (answer, _) = h2.send_request(get("true"), true).unwrap();
+    let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    wait_stat(&stats, |s| &s.http_responses_unread, 1).await;
+    assert_eq!(
+        Stats::get(&stats.http_write_timeouts),
+        0,
+        "the connection is read"
+    );
+    let (other, _) = h2.send_request(get("service = \"7\""), true).unwrap();
+    let other = tokio::time::timeout(WAIT, other).await.unwrap().unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    drop(h2);
+    http.shutdown(WAIT).await;
 }
 
 /// A client that stopped reading would otherwise hold the shutdown until

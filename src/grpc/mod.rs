@@ -28,7 +28,7 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
-use tower::util::MapRequestLayer;
+use tower::util::{MapRequestLayer, MapResponseLayer};
 
 use crate::bounded::{Bounds, Counters, MAX_STREAMS};
 use crate::budget::{self, Budget};
@@ -42,6 +42,7 @@ use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
 use crate::query::Query;
 use crate::stats::Stats;
 use crate::streams::Streams;
+use crate::unread::Unread;
 
 /// The generated code names Riemann's `Event` as `super::riemann::Event`.
 mod riemann {
@@ -345,6 +346,11 @@ impl Grpc {
         // A large message holds its room at most this long while it arrives.
         let (message_timeout, max_message) = (limits.read_timeout, limits.max_message);
         let refusals = stats.clone();
+        // A call's answer (or stream) its client leaves unread while
+        // reading the connection is dropped: see `crate::unread`.
+        let unread = Unread::start(limits.write_timeout, stats.clone(), |s| {
+            &s.grpc_responses_unread
+        });
         let service = pb::vigil_server::VigilServer::new(Service(Arc::new(Shared {
             index,
             streams,
@@ -390,6 +396,11 @@ impl Grpc {
                 };
                 request.map(|body| Body::new(gated(body)))
             }))
+            .layer(MapResponseLayer::new(
+                move |response: http::Response<Body>| {
+                    response.map(|body| Body::new(unread.watch(body)))
+                },
+            ))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         let task = tokio::spawn(async move {

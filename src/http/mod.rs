@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{StatusCode, Version, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
@@ -50,6 +50,7 @@ use crate::query::Query;
 use crate::selfmetrics::Telemetry;
 use crate::stats::Stats;
 use crate::streams::Streams;
+use crate::unread::Unread;
 
 /// Riemann's WebSocket port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:5556";
@@ -259,15 +260,23 @@ impl HttpServer {
             shutdown: shutdown.clone(),
         };
         let tracker = TaskTracker::new();
+        let unread = Unread::start(config.write_timeout, stats.clone(), |s| {
+            &s.http_responses_unread
+        });
+        let watched = |router: Router| {
+            router.layer(middleware::from_fn_with_state(unread.clone(), watch_unread))
+        };
         let addr = match config.addr {
             Some(addr) => {
-                Some(listen(addr, router(state.clone()), bounds(), &shutdown, &tracker).await?)
+                let router = watched(router(state.clone()));
+                Some(listen(addr, router, bounds(), &shutdown, &tracker).await?)
             }
             None => None,
         };
         let sse_addr = match config.sse {
             Some(addr) => {
-                Some(listen(addr, sse_router(state), bounds(), &shutdown, &tracker).await?)
+                let router = watched(sse_router(state));
+                Some(listen(addr, router, bounds(), &shutdown, &tracker).await?)
             }
             None => None,
         };
@@ -402,6 +411,18 @@ fn router(state: AppState) -> Router {
         // The dashboard's static files (no data; its WebSocket needs the token).
         .merge(dashboard::routes())
         .with_state(state)
+}
+
+/// An answer over HTTP/2 is dropped once its client leaves it unread (see
+/// [`crate::unread`]); over HTTP/1 its writes are the connection's, which
+/// [`Bounded`] times out.
+async fn watch_unread(State(unread): State<Arc<Unread>>, request: Request, next: Next) -> Response {
+    let http2 = request.version() == Version::HTTP_2;
+    let response = next.run(request).await;
+    if !http2 {
+        return response;
+    }
+    response.map(|body| axum::body::Body::new(unread.watch(body)))
 }
 
 /// Riemann's SSE port: `/index` always answers as an event stream.
