@@ -234,7 +234,7 @@ struct RunArgs {
     #[arg(long)]
     sse: Option<SocketAddr>,
     /// Bearer token every HTTP endpoint but /health requires (WebSocket clients may pass ?token=).
-    #[arg(long, env = "VIGIL_HTTP_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "VIGIL_HTTP_TOKEN", hide_env_values = true, value_parser = parse_token)]
     http_token: Option<String>,
     /// How often vigil sends its own metrics through the rules as events (0 disables).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -276,6 +276,14 @@ fn parse_positive(s: &str) -> Result<usize, String> {
         Ok(0) => Err("must be at least 1".to_owned()),
         parsed => parsed.map_err(|e| e.to_string()),
     }
+}
+
+/// An empty token matches no credential: every endpoint but /health would answer 401.
+fn parse_token(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("--http-token must not be empty: unset it to serve without a token".to_owned());
+    }
+    Ok(s.to_owned())
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {

@@ -316,6 +316,34 @@ fn run_refuses_rules_with_errors_and_unset_secrets() {
     );
 }
 
+/// `vigil run` with these rules stops once past its flags: a test of a flag's
+/// refusal ends whether or not the flag is refused.
+const BROKEN_RULES: [&str; 4] = [
+    "run",
+    "--rules",
+    "tests/fixtures/broken.vigil",
+    "--tcp=127.0.0.1:0",
+];
+
+/// An empty token, given or inherited, made every endpoint but /health
+/// answer 401 to any credential.
+#[test]
+fn run_refuses_an_empty_http_token() {
+    let expected = "--http-token must not be empty: unset it to serve without a token";
+    let out = vigil(&[&BROKEN_RULES[..], &["--http-token", ""]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(expected), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(BROKEN_RULES)
+        .env("VIGIL_HTTP_TOKEN", "")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(expected), "{err}");
+}
+
 #[test]
 fn send_and_query_give_up_on_a_server_that_never_answers() {
     // Accepts (the kernel completes the handshake) and never reads or replies.
