@@ -558,7 +558,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         clock.clone(),
     )
     .await
-    .context("starting the HTTP listeners (--no-http disables them)")?;
+    .context("starting the HTTP listeners")?;
     let stop_self_metrics = CancellationToken::new();
     let interval = args.self_metrics_interval;
     let self_metrics = (!interval.is_zero()).then(|| {

@@ -90,12 +90,18 @@ impl Server {
         streams: Arc<dyn Streams>,
         clock: SharedClock,
     ) -> io::Result<Server> {
-        let listener = TcpListener::bind(config.tcp).await?;
+        let listener =
+            (TcpListener::bind(config.tcp).await).map_err(not_bound("--tcp", config.tcp))?;
         let tcp_addr = listener.local_addr()?;
-        let udp_socket = UdpSocket::bind(config.udp.unwrap_or(tcp_addr)).await?;
+        let udp = config.udp.unwrap_or(tcp_addr);
+        let udp_socket = (UdpSocket::bind(udp).await).map_err(not_bound("--udp", udp))?;
         let udp_addr = udp_socket.local_addr()?;
         let tls = match config.tls {
-            Some(tls) => Some((TcpListener::bind(tls.addr).await?, tls.acceptor)),
+            Some(tls) => {
+                let listener =
+                    (TcpListener::bind(tls.addr).await).map_err(not_bound("--tls", tls.addr))?;
+                Some((listener, tls.acceptor))
+            }
             None => None,
         };
         let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
@@ -157,6 +163,13 @@ impl Server {
     pub async fn shutdown(self, grace: Duration) {
         stop_tasks(&self.shutdown, &self.tracker, grace, "server").await;
     }
+}
+
+/// A listener's bind error, naming the flag that chose its address: every
+/// listener fails alike ("Address already in use"), and the operator must
+/// know which one to move.
+pub fn not_bound(flag: &'static str, addr: SocketAddr) -> impl FnOnce(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), format!("{flag} {addr}: {e}"))
 }
 
 /// Cancels `shutdown`, then waits up to `grace` for every task `tracker`

@@ -344,6 +344,46 @@ fn run_refuses_an_empty_http_token() {
     assert!(err.contains(expected), "{err}");
 }
 
+/// Every listener failed alike ("starting the listeners: Address already in
+/// use"), and --sse's under a hint that --no-http would help.
+#[test]
+fn run_names_the_flag_and_address_a_listener_cannot_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = taken.local_addr().unwrap().to_string();
+    let taken_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp = taken_udp.local_addr().unwrap().to_string();
+    for (flag, addr, extra) in [
+        ("--tcp", &tcp, vec![]),
+        ("--udp", &udp, vec![]),
+        ("--tls", &tcp, vec!["--tls-cert", cert, "--tls-key", key]),
+        ("--http", &tcp, vec![]),
+        ("--sse", &tcp, vec![]),
+        ("--grpc", &tcp, vec![]),
+    ] {
+        // Every other listener on a free port.
+        let mut args = vec!["run", "--no-snapshot"];
+        for (other, free) in [("--tcp", "127.0.0.1:0"), ("--http", "127.0.0.1:0")] {
+            if other != flag {
+                args.extend([other, free]);
+            }
+        }
+        args.extend([flag, addr.as_str()]);
+        args.extend(extra);
+        let out = vigil(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        let expected = format!("{flag} {addr}: Address already in use");
+        assert!(err.contains(&expected), "{expected} in {err}");
+        assert!(!err.contains("--no-http"), "{err}");
+    }
+}
+
 #[test]
 fn send_and_query_give_up_on_a_server_that_never_answers() {
     // Accepts (the kernel completes the handshake) and never reads or replies.

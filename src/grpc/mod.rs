@@ -40,6 +40,7 @@ use crate::limits::Limits;
 use crate::proto::{self, PbEvent};
 use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
 use crate::query::Query;
+use crate::server::not_bound;
 use crate::stats::Stats;
 use crate::streams::Streams;
 use crate::unread::Unread;
@@ -331,7 +332,7 @@ impl Grpc {
         stats: Arc<Stats>,
         cluster: Option<Arc<Cluster>>,
     ) -> io::Result<Grpc> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = (TcpListener::bind(addr).await).map_err(not_bound("--grpc", addr))?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let bounds = Bounds::new(

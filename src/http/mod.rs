@@ -48,6 +48,7 @@ use crate::limits::Limits;
 use crate::pubsub::{self, HeldSnapshot, Subscription};
 use crate::query::Query;
 use crate::selfmetrics::Telemetry;
+use crate::server::not_bound;
 use crate::stats::Stats;
 use crate::streams::Streams;
 use crate::unread::Unread;
@@ -269,14 +270,14 @@ impl HttpServer {
         let addr = match config.addr {
             Some(addr) => {
                 let router = watched(router(state.clone()));
-                Some(listen(addr, router, bounds(), &shutdown, &tracker).await?)
+                Some(listen("--http", addr, router, bounds(), &shutdown, &tracker).await?)
             }
             None => None,
         };
         let sse_addr = match config.sse {
             Some(addr) => {
                 let router = watched(sse_router(state));
-                Some(listen(addr, router, bounds(), &shutdown, &tracker).await?)
+                Some(listen("--sse", addr, router, bounds(), &shutdown, &tracker).await?)
             }
             None => None,
         };
@@ -295,7 +296,7 @@ impl HttpServer {
     }
 }
 
-/// Binds `addr` and serves `router` on it until `shutdown`, each connection
+/// Binds `addr` (chosen by `flag`) and serves `router` on it until `shutdown`, each connection
 /// [`Bounded`] and on the tracker (so shutdown waits for requests in flight).
 ///
 /// Served with hyper directly rather than `axum::serve`, which sets no timer:
@@ -305,13 +306,14 @@ impl HttpServer {
 /// must arrive within the read timeout of the connection's first byte or of
 /// the previous answer, and an HTTP/2 peer must answer keepalive pings.
 async fn listen(
+    flag: &'static str,
     addr: SocketAddr,
     router: Router,
     bounds: Bounds,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = (TcpListener::bind(addr).await).map_err(not_bound(flag, addr))?;
     let bound = listener.local_addr()?;
     let mut hyper = auto::Builder::new(TokioExecutor::new());
     hyper
