@@ -137,10 +137,10 @@ struct RunArgs {
     #[arg(long)]
     udp: Option<SocketAddr>,
     /// Largest TCP frame accepted, in bytes; a larger length prefix closes the connection.
-    #[arg(long, default_value_t = tcp::DEFAULT_MAX_FRAME)]
+    #[arg(long, default_value_t = tcp::DEFAULT_MAX_FRAME, value_parser = parse_positive)]
     max_frame: usize,
     /// Largest UDP datagram accepted, in bytes.
-    #[arg(long, default_value_t = udp::DEFAULT_MAX_DATAGRAM)]
+    #[arg(long, default_value_t = udp::DEFAULT_MAX_DATAGRAM, value_parser = parse_positive)]
     max_datagram: usize,
     /// Most connections open at once on each listener: Riemann TCP (plain and TLS together), HTTP,
     /// the SSE listener, gRPC; more are closed at once, counted.
@@ -165,7 +165,7 @@ struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = parse_interval)]
     read_timeout: Duration,
     /// Refuse (whole, with an error reply) a Msg with more events than this.
-    #[arg(long, default_value_t = Limits::DEFAULT.max_events)]
+    #[arg(long, default_value_t = Limits::DEFAULT.max_events, value_parser = parse_positive)]
     max_events_per_msg: usize,
     /// Refuse a Msg with an event carrying more tags than this.
     #[arg(long, default_value_t = Limits::DEFAULT.max_tags)]
@@ -175,7 +175,7 @@ struct RunArgs {
     max_attributes: usize,
     /// Refuse a Msg with a string (host, service, state, description, tag, attribute, query)
     /// longer than this many bytes.
-    #[arg(long, default_value_t = Limits::DEFAULT.max_string)]
+    #[arg(long, default_value_t = Limits::DEFAULT.max_string, value_parser = parse_positive)]
     max_string: usize,
     /// TLS listen address (Riemann's TLS port); TLS is on when --tls-cert and --tls-key are given.
     #[arg(long, default_value = tls::DEFAULT_ADDR)]
@@ -190,10 +190,10 @@ struct RunArgs {
     #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
     /// TTL in seconds for events that carry none.
-    #[arg(long, default_value_t = DEFAULT_TTL_SECS)]
+    #[arg(long, default_value_t = DEFAULT_TTL_SECS, value_parser = parse_ttl)]
     default_ttl: f64,
     /// How often timers run: index expiry and time-based rule stages (e.g. 100ms, 1s).
-    #[arg(long, default_value = "100ms", value_parser = parse_interval)]
+    #[arg(long, default_value = "100ms", value_parser = parse_tick)]
     tick: Duration,
     /// Refuse new index keys beyond this many entries (counted); unbounded by default.
     #[arg(long)]
@@ -284,6 +284,23 @@ fn parse_token(s: &str) -> Result<String, String> {
         return Err("--http-token must not be empty: unset it to serve without a token".to_owned());
     }
     Ok(s.to_owned())
+}
+
+/// Zero, negative or NaN, every event would expire at the next tick.
+fn parse_ttl(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(ttl) if ttl.is_finite() && ttl > 0.0 => Ok(ttl),
+        Ok(_) => Err("must be a number of seconds over 0 (e.g. 60)".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Shorter, the timers would run back to back and spend a core doing it.
+fn parse_tick(s: &str) -> Result<Duration, String> {
+    match parse_interval(s)? {
+        tick if tick < Duration::from_millis(1) => Err("must be at least 1ms".to_owned()),
+        tick => Ok(tick),
+    }
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {

@@ -384,6 +384,34 @@ fn run_names_the_flag_and_address_a_listener_cannot_bind() {
     }
 }
 
+/// Each was accepted, and then refused every message, expired every event at
+/// the next tick, or ran the timers back to back.
+#[test]
+fn run_refuses_limits_that_would_refuse_everything() {
+    for (arg, expected) in [
+        ("--max-frame=0", "must be at least 1"),
+        ("--max-events-per-msg=0", "must be at least 1"),
+        ("--max-string=0", "must be at least 1"),
+        ("--max-datagram=0", "must be at least 1"),
+        ("--default-ttl=-5", "must be a number of seconds over 0"),
+        ("--default-ttl=0", "must be a number of seconds over 0"),
+        ("--default-ttl=NaN", "must be a number of seconds over 0"),
+        ("--default-ttl=inf", "must be a number of seconds over 0"),
+        ("--tick=1ns", "must be at least 1ms"),
+        ("--tick=999us", "must be at least 1ms"),
+    ] {
+        let out = vigil(&[&BROKEN_RULES[..], &[arg]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{arg}: {err}");
+        let (flag, value) = arg.split_once('=').unwrap();
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '{flag} ")),
+            "{err}"
+        );
+        assert!(err.contains(expected), "{arg}: {err}");
+    }
+}
+
 #[test]
 fn send_and_query_give_up_on_a_server_that_never_answers() {
     // Accepts (the kernel completes the handshake) and never reads or replies.
