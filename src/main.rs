@@ -177,8 +177,9 @@ struct RunArgs {
     /// longer than this many bytes.
     #[arg(long, default_value_t = Limits::DEFAULT.max_string, value_parser = parse_positive)]
     max_string: usize,
-    /// TLS listen address (Riemann's TLS port); TLS is on when --tls-cert and --tls-key are given.
-    #[arg(long, default_value = tls::DEFAULT_ADDR)]
+    /// TLS listen address (Riemann's TLS port); TLS is on when --tls-cert and --tls-key are
+    /// given, and --tls needs them.
+    #[arg(long, default_value = tls::DEFAULT_ADDR, requires_all = ["tls_cert", "tls_key"])]
     tls: SocketAddr,
     /// Server certificate chain (PEM) for TLS.
     #[arg(long, requires = "tls_key")]
@@ -219,7 +220,7 @@ struct RunArgs {
     #[arg(long, default_value = "vigil-data")]
     data_dir: PathBuf,
     /// Neither load nor write index snapshots.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "snapshot_interval")]
     no_snapshot: bool,
     /// How often the index snapshot is rewritten, bounding what a crash loses (e.g. 30s, 5m).
     #[arg(long, default_value = "30s", value_parser = parse_interval)]
@@ -228,7 +229,7 @@ struct RunArgs {
     #[arg(long, default_value = vigil::http::DEFAULT_ADDR)]
     http: SocketAddr,
     /// Serve no HTTP (--sse still starts its own listener).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "http")]
     no_http: bool,
     /// Also serve SSE subscriptions (GET /index?query=…) on this address, like Riemann's port 5558.
     #[arg(long)]
@@ -251,19 +252,19 @@ struct RunArgs {
     #[arg(long, requires = "node_id")]
     cluster: Option<String>,
     /// This node's id, unique among the cluster's live nodes.
-    #[arg(long)]
+    #[arg(long, requires = "cluster")]
     node_id: Option<String>,
     /// Shards hosts are spread over; every node of a cluster must use the same number.
-    #[arg(long, default_value_t = 64, value_parser = parse_positive)]
+    #[arg(long, default_value_t = 64, value_parser = parse_positive, requires = "cluster")]
     shards: usize,
     /// How long JetStream keeps events; must cover the longest TTL or window in the rules.
-    #[arg(long, default_value = "1h", value_parser = parse_interval)]
+    #[arg(long, default_value = "1h", value_parser = parse_interval, requires = "cluster")]
     cluster_retention: Duration,
     /// A node's shard leases lapse this long after its last renewal (so survivors take over).
-    #[arg(long, default_value = "6s", value_parser = parse_interval)]
+    #[arg(long, default_value = "6s", value_parser = parse_interval, requires = "cluster")]
     cluster_lease_ttl: Duration,
     /// How often leases are renewed and shards rebalanced; well under --cluster-lease-ttl.
-    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    #[arg(long, default_value = "2s", value_parser = parse_interval, requires = "cluster")]
     cluster_renew: Duration,
 }
 
@@ -436,6 +437,15 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // A lease renewed no sooner than it lapses lets survivors take the
+    // node's shards at every round.
+    if args.cluster_renew >= args.cluster_lease_ttl {
+        anyhow::bail!(
+            "--cluster-renew {} must be shorter than --cluster-lease-ttl {}: shorten it, to a third for example",
+            humantime::format_duration(args.cluster_renew),
+            humantime::format_duration(args.cluster_lease_ttl)
+        );
+    }
     huge_pages(args.huge_pages);
     let (name, source) = match &args.rules {
         Some(path) => (path.display().to_string(), read(path)?),

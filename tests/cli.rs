@@ -412,6 +412,71 @@ fn run_refuses_limits_that_would_refuse_everything() {
     }
 }
 
+/// Each was accepted and then ignored; flags left at their defaults still are.
+#[test]
+fn run_refuses_flags_that_conflict_or_would_go_unused() {
+    let required = |flag: &str| {
+        let missing = "the following required arguments were not provided:";
+        vec![missing.to_owned(), format!("\n  {flag} <")]
+    };
+    let conflict = |flag: &str, with: &str| {
+        vec![format!(
+            "the argument '{flag}' cannot be used with '{with} <"
+        )]
+    };
+    let cases: [(&[&str], Vec<String>); 9] = [
+        (
+            &["--no-http", "--http", "127.0.0.1:0"],
+            conflict("--no-http", "--http"),
+        ),
+        (
+            &["--no-snapshot", "--snapshot-interval", "5s"],
+            conflict("--no-snapshot", "--snapshot-interval"),
+        ),
+        (&["--node-id", "a"], required("--cluster")),
+        (&["--shards", "8"], required("--cluster")),
+        (&["--cluster-retention", "2h"], required("--cluster")),
+        (&["--cluster-lease-ttl", "9s"], required("--cluster")),
+        (&["--cluster-renew", "1s"], required("--cluster")),
+        (&["--tls", "127.0.0.1:0"], required("--tls-cert")),
+        (
+            &["--tls", "127.0.0.1:0", "--tls-cert", "c.pem"],
+            required("--tls-key"),
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = vigil(&[&BROKEN_RULES[..], args].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for expected in expected {
+            assert!(err.contains(&expected), "{expected} in {err}");
+        }
+    }
+    // Refused before NATS is dialled.
+    let cluster = [
+        "run",
+        "--tcp",
+        "127.0.0.1:0",
+        "--cluster",
+        "nats://127.0.0.1:1",
+        "--node-id",
+        "a",
+    ];
+    let out = vigil(
+        &[
+            &cluster[..],
+            &["--cluster-lease-ttl", "3s", "--cluster-renew", "3s"],
+        ]
+        .concat(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--cluster-renew 3s must be shorter than --cluster-lease-ttl 3s"),
+        "{err}"
+    );
+}
+
 #[test]
 fn send_and_query_give_up_on_a_server_that_never_answers() {
     // Accepts (the kernel completes the handshake) and never reads or replies.
