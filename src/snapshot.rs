@@ -254,7 +254,7 @@ fn write_from(
 /// Atomically replaces the file at `path` (its directory must exist) with
 /// what `fill` writes: through [`temp_of`] beside it, synced, then renamed
 /// over it, so a crash mid-write leaves the previous file in place. A write
-/// that fails removes its temporary file: on a full disk, a partial index
+/// that fails, or whose rename fails, removes its temporary file: on a full disk, a partial index
 /// snapshot left there would keep the small files (a pager's incidents)
 /// from being written too.
 pub(crate) fn replace_file<T>(
@@ -274,7 +274,10 @@ pub(crate) fn replace_file<T>(
         let _ = fs::remove_file(&temp);
         io_error(&temp)(cause)
     })?;
-    fs::rename(&temp, path).map_err(io_error(path))?;
+    fs::rename(&temp, path).map_err(|cause| {
+        let _ = fs::remove_file(&temp);
+        io_error(path)(cause)
+    })?;
     // The rename itself is durable only once the directory is synced.
     let dir = path.parent().unwrap_or(Path::new("."));
     File::open(dir)
@@ -708,6 +711,19 @@ mod tests {
         });
         assert!(failed.is_err());
         assert_eq!(fs::read(&path).unwrap(), b"before");
+        assert!(!temp_of(&path).exists(), "its room is given back");
+    }
+
+    /// A rename refused (a directory where the file goes) left the whole
+    /// temporary file behind.
+    #[test]
+    fn a_failed_rename_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        fs::create_dir_all(path.join("x")).unwrap();
+        let failed = replace_file(&path, |out| out.write_all(b"after"));
+        assert!(failed.is_err());
+        assert!(path.join("x").is_dir());
         assert!(!temp_of(&path).exists(), "its room is given back");
     }
 
