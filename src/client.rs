@@ -34,6 +34,10 @@ pub enum ClientError {
     Server(String),
     #[error("the server answered in TLS: connect with TLS (--tls-ca; tls_ca for a forward)")]
     SpeaksTls,
+    #[error(
+        "the server answered in HTTP: this is an HTTP port (vigil's is --http); Riemann's protocol is on --tcp (5555)"
+    )]
+    SpeaksHttp,
 }
 
 /// What a client talks over: TCP, or TLS over TCP.
@@ -125,11 +129,18 @@ impl Client {
         )
     }
 
+    /// Whether what came back starts as an HTTP response (an HTTP server's
+    /// 400 to the frame), which read as a length is over a gigabyte.
+    fn answered_in_http(&self) -> bool {
+        self.framed.read_buffer().starts_with(b"HTTP")
+    }
+
     async fn call(&mut self, msg: Msg) -> Result<Msg, ClientError> {
         self.framed.send(Bytes::from(msg.encode_to_vec())).await?;
         let frame = match self.framed.next().await {
             Some(Ok(frame)) => frame,
             Some(Err(_)) if self.answered_in_tls() => return Err(ClientError::SpeaksTls),
+            Some(Err(_)) if self.answered_in_http() => return Err(ClientError::SpeaksHttp),
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ClientError::Closed),
         };

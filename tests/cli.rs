@@ -477,6 +477,25 @@ fn run_refuses_flags_that_conflict_or_would_go_unused() {
     );
 }
 
+/// An HTTP server's 400 was read as a frame length of 1213486160 bytes
+/// ("HTTP"), and `query` said to raise --max-answer.
+#[test]
+fn send_and_query_say_an_http_port_is_not_riemanns() {
+    let server = common::Vigil::start(&[]);
+    let http = server.http.unwrap().to_string();
+    let expected = "the server answered in HTTP: this is an HTTP port (vigil's is --http); \
+                    Riemann's protocol is on --tcp (5555)";
+    for args in [
+        vec!["query", "true", &http],
+        vec!["send", "--host", "h", &http],
+    ] {
+        let out = vigil(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn send_and_query_give_up_on_a_server_that_never_answers() {
     // Accepts (the kernel completes the handshake) and never reads or replies.
