@@ -1,6 +1,6 @@
 //! The `vigil` command: `run` the server, `send` an event, `query` the index.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -430,6 +430,13 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // Colour codes are noise in a file or a journal. On a terminal,
+    // tracing-subscriber's own choice stands: none with NO_COLOR set.
+    let builder = if std::io::stderr().is_terminal() {
+        builder
+    } else {
+        builder.with_ansi(false)
+    };
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -496,6 +496,44 @@ fn send_and_query_say_an_http_port_is_not_riemanns() {
     }
 }
 
+/// Human logs carried colour codes into files and journals.
+#[test]
+fn human_logs_to_a_pipe_carry_no_colour_codes() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args([
+            "run",
+            "--no-snapshot",
+            "--tcp",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    while !seen.contains("listening") {
+        match rx.recv_timeout(common::START_TIMEOUT) {
+            Ok(line) => seen.push_str(&line),
+            Err(_) => break,
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(seen.contains("listening"), "{seen:?}");
+    assert!(!seen.contains("\x1b["), "{seen:?}");
+}
+
 #[test]
 fn send_and_query_give_up_on_a_server_that_never_answers() {
     // Accepts (the kernel completes the handshake) and never reads or replies.
