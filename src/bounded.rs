@@ -27,6 +27,8 @@
 //!   delivered only what carbon's TCP acknowledged: carbon acknowledges
 //!   nothing else).
 //! - An HTTP/2 connection may carry at most [`MAX_STREAMS`] requests at once.
+//!   One of them left unread while the client reads the connection stalls
+//!   no write here: [`crate::unread`] drops such an answer.
 
 use std::future::Future;
 use std::io;
