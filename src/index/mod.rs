@@ -435,7 +435,7 @@ impl Index {
     /// [`Index::query`] for async callers, then `then` on what it found: a key
     /// lookup right away, a scan and `then` on a blocking thread (see
     /// [`crate::blocking`]), as many at once as there are cores, and one
-    /// costly query's (of over [`COSTLY_TERMS`] terms) beside. A scan stops
+    /// costly query's (of over 100 terms) beside. A scan stops
     /// at `query_timeout`, or as soon as this future is dropped: an asker
     /// that went away does not keep holding a turn others wait for.
     pub async fn query_then<T: Send + 'static>(
