@@ -61,11 +61,12 @@ pub(super) struct IndexParams {
 /// the connection instead of being buffered (tungstenite's default: 64 MiB).
 const SUBSCRIBER_MESSAGE_MAX: usize = 64 * 1024;
 
-/// Messages a WebSocket subscriber may send between two of the server's
-/// pings. It has nothing to say but pongs, and each ping it sends queues a
-/// pong for it: a client flooding pings while reading nothing grew those
-/// pongs by 1.7 GB in seconds.
-const SUBSCRIBER_MESSAGES_PER_PING: usize = 64;
+/// Messages a WebSocket subscriber may send in a second. It has little to
+/// say (pongs, a heartbeat), but each ping it sends queues a pong for it: a
+/// client flooding pings while reading nothing grew those pongs by 1.7 GB
+/// in seconds. At this rate they stay under 10 KB a second, until the
+/// write timeout ends a client that reads nothing.
+const SUBSCRIBER_MESSAGES_PER_SECOND: u32 = 64;
 
 pub(super) async fn get_index(
     State(state): State<AppState>,
@@ -184,18 +185,19 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params:
     tracing::debug!(%query, "WebSocket subscriber connected.");
     let quiet = state.read_timeout;
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + quiet, quiet);
-    // What the client sent since the last ping.
-    let mut heard = 1;
+    // Whether the client sent anything since the last ping.
+    let mut heard = true;
+    let mut said = Rate::default();
     let mut live = Live::new(subscription, params.every);
     loop {
         tokio::select! {
             _ = pings.tick() => {
-                if heard == 0 {
+                if !heard {
                     Stats::incr(&state.stats().http_read_timeouts);
                     close(socket, close_code::AWAY, "no answer to ping").await;
                     return;
                 }
-                heard = 0;
+                heard = false;
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
                     return;
                 }
@@ -215,19 +217,38 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params:
             incoming = socket.recv() => match incoming {
                 // Clients have nothing to say but pongs; reading notices when they leave.
                 Some(Ok(Message::Close(_)) | Err(_)) | None => return,
-                Some(Ok(_)) if heard == SUBSCRIBER_MESSAGES_PER_PING => {
+                Some(Ok(_)) if !said.one_more() => {
                     Stats::incr(&state.stats().http_websocket_floods);
-                    let why = "too many messages: a subscriber has nothing to send but pongs";
+                    let why = "too many messages: over 64 a second from a subscriber";
                     close(socket, close_code::POLICY, why).await;
                     return;
                 }
-                Some(Ok(_)) => heard += 1,
+                Some(Ok(_)) => heard = true,
             },
             () = state.shutdown.cancelled() => {
                 close(socket, close_code::AWAY, "server shutting down").await;
                 return;
             }
         }
+    }
+}
+
+/// The messages a subscriber sent in the current second.
+#[derive(Default)]
+struct Rate {
+    since: Option<tokio::time::Instant>,
+    count: u32,
+}
+
+impl Rate {
+    /// Counts one more; whether it is within [`SUBSCRIBER_MESSAGES_PER_SECOND`].
+    fn one_more(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        match self.since {
+            Some(since) if now - since < Duration::from_secs(1) => self.count += 1,
+            _ => (self.since, self.count) = (Some(now), 1),
+        }
+        self.count <= SUBSCRIBER_MESSAGES_PER_SECOND
     }
 }
 
