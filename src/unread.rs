@@ -11,7 +11,10 @@
 //! while one was ready for it, the body is dropped, freeing what it holds;
 //! it is counted, and the stream is reset when the client makes room.
 //! Frames are cut to [`CHUNK`] bytes, so what the stream itself buffers
-//! beyond the client's window is one chunk, not the whole answer.
+//! beyond the client's window is one chunk, not the whole answer; and the
+//! stream comes back for the next one when the client has taken that
+//! chunk, so a client reading slowly (a chunk per timeout, 16 KiB a minute
+//! at the default) is not taken for one reading nothing.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +31,9 @@ use crate::stats::Stats;
 
 /// The largest frame handed on: HTTP/2 buffers a whole frame for a stream
 /// whatever its window, and a slice of a larger buffer keeps all of it.
-pub const CHUNK: usize = 64 * 1024;
+/// HTTP/2's own frame size (16 KiB unless the client asks for larger), so
+/// cutting adds no frame on the wire.
+pub const CHUNK: usize = 16 * 1024;
 
 /// Why a watched body ended early.
 #[derive(Debug, thiserror::Error)]
@@ -363,14 +368,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_read_slowly_but_steadily_is_kept() {
         let (unread, stats) = watch();
-        let (body, dropped) = frames(&[200 * 1024, 10]);
+        let (body, dropped) = frames(&[3 * CHUNK + 100, 10]);
         let mut watched = unread.watch(body);
         let mut sizes = Vec::new();
         while let Some(frame) = next(&mut watched).await {
             sizes.push(frame.unwrap().into_data().unwrap().len());
             tokio::time::sleep(TIMEOUT - Duration::from_secs(1)).await;
         }
-        assert_eq!(sizes, [CHUNK, CHUNK, CHUNK, 200 * 1024 - 3 * CHUNK, 10]);
+        assert_eq!(sizes, [CHUNK, CHUNK, CHUNK, 100, 10]);
         assert!(dropped.load(Ordering::Acquire), "ended");
         assert_eq!(Stats::get(&stats.http_responses_unread), 0);
         drop(watched);

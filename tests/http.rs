@@ -1112,6 +1112,51 @@ async fn an_http2_answer_its_client_grants_no_room_is_dropped() {
     http.shutdown(WAIT).await;
 }
 
+/// A client that grants an answer room slowly but steadily (16 KiB every
+/// half second, under a one-second timeout) is reading: it gets it whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_answer_read_slowly_is_not_dropped() {
+    let (http, index, stats) = in_process_with(HttpConfig {
+        write_timeout: Duration::from_secs(1),
+        ..HttpConfig::default()
+    })
+    .await;
+    for i in 0..40 {
+        index.insert(&Event {
+            description: Some("x".repeat(4096)),
+            ..event("big", &i.to_string(), 60.0, i)
+        });
+    }
+    let addr = http.addr.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let get = axum::http::Request::get(url("http", addr, "/index", &[("query", "true")]).as_str())
+        .body(())
+        .unwrap();
+    let (answer, _) = h2.send_request(get, true).unwrap();
+    let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+    let mut body = answer.into_body();
+    let mut got = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data.expect("not reset");
+        got.extend_from_slice(&data);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        body.flow_control().release_capacity(data.len()).unwrap();
+    }
+    let answer: Vec<Value> = serde_json::from_slice(&got).unwrap();
+    assert_eq!(answer.len(), 40);
+    assert!(got.len() > 160_000, "{} bytes", got.len());
+    assert_eq!(Stats::get(&stats.http_responses_unread), 0);
+    drop(h2);
+    http.shutdown(WAIT).await;
+}
+
 /// A client that stopped reading would otherwise hold the shutdown until
 /// its write timeout (a minute by default) or the 10 s grace.
 #[tokio::test(flavor = "multi_thread")]
