@@ -802,22 +802,7 @@ impl AsyncWrite for Unread {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout() {
-    let (grpc, index, stats) = grpc_in_process(GrpcLimits {
-        max_message: 1 << 20,
-        per_message: Limits::DEFAULT,
-        max_connections: 100,
-        write_timeout: Duration::from_secs(1),
-        read_timeout: Duration::from_secs(60),
-        memory: None,
-    })
-    .await;
-    // 2 000 events of 4 KiB: the answer to `true` is ~8 MB.
-    for i in 0..2_000 {
-        index.insert(&Event {
-            description: Some("x".repeat(4096)),
-            ..event("big", &i.to_string())
-        });
-    }
+    let (grpc, stats) = holding_a_large_answer().await;
     // HTTP/2 windows as large as the answer, so only TCP can hold the server
     // back, and a socket never read: the server's writes wait on it.
     let tcp = TcpStream::connect(grpc.addr).await.unwrap();
@@ -843,21 +828,7 @@ async fn a_client_that_never_reads_its_answer_is_closed_after_the_write_timeout(
 /// after the write timeout, and other calls on the connection go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_its_client_grants_no_room_is_dropped_after_the_write_timeout() {
-    let (grpc, index, stats) = grpc_in_process(GrpcLimits {
-        max_message: 1 << 20,
-        per_message: Limits::DEFAULT,
-        max_connections: 100,
-        write_timeout: Duration::from_secs(1),
-        read_timeout: Duration::from_secs(60),
-        memory: None,
-    })
-    .await;
-    for i in 0..2_000 {
-        index.insert(&Event {
-            description: Some("x".repeat(4096)),
-            ..event("big", &i.to_string())
-        });
-    }
+    let (grpc, stats) = holding_a_large_answer().await;
     let tcp = TcpStream::connect(grpc.addr).await.unwrap();
     let (mut h2, connection) = h2::client::Builder::new()
         .initial_window_size(0)
@@ -880,6 +851,27 @@ async fn an_answer_its_client_grants_no_room_is_dropped_after_the_write_timeout(
     let other = tokio::time::timeout(WAIT, other).await.unwrap().unwrap();
     assert_eq!(other.status(), 200);
     grpc.shutdown(Duration::from_secs(5)).await;
+}
+
+/// In-process, with a write timeout of a second, holding 2 000 events of
+/// 4 KiB: the answer to `true` is ~8 MB.
+async fn holding_a_large_answer() -> (Grpc, Arc<Stats>) {
+    let (grpc, index, stats) = grpc_in_process(GrpcLimits {
+        max_message: 1 << 20,
+        per_message: Limits::DEFAULT,
+        max_connections: 100,
+        write_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(60),
+        memory: None,
+    })
+    .await;
+    for i in 0..2_000 {
+        index.insert(&Event {
+            description: Some("x".repeat(4096)),
+            ..event("big", &i.to_string())
+        });
+    }
+    (grpc, stats)
 }
 
 /// In-process, with a read timeout of a second.

@@ -1046,16 +1046,21 @@ async fn shutdown_closes_live_subscriptions() {
     tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
 }
 
-/// Fills the index with 2 000 events of 4 KiB and asks for all of them on a
-/// raw connection that the caller then does not read: the JSON answer
-/// (~8 MB) is far more than the socket buffers hold.
-async fn ask_for_a_large_answer(http: &HttpServer, index: &Index) -> tokio::net::TcpStream {
-    for i in 0..2_000 {
+/// Indexes `count` events of 4 KiB each (host `big`).
+fn index_large_events(index: &Index, count: i64) {
+    for i in 0..count {
         index.insert(&Event {
             description: Some("x".repeat(4096)),
             ..event("big", &i.to_string(), 60.0, i)
         });
     }
+}
+
+/// Fills the index with 2 000 events of 4 KiB and asks for all of them on a
+/// raw connection that the caller then does not read: the JSON answer
+/// (~8 MB) is far more than the socket buffers hold.
+async fn ask_for_a_large_answer(http: &HttpServer, index: &Index) -> tokio::net::TcpStream {
+    index_large_events(index, 2_000);
     let addr = http.addr.unwrap();
     let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET /index?query=true HTTP/1.1\r\nHost: {addr}\r\n\r\n");
@@ -1065,37 +1070,45 @@ async fn ask_for_a_large_answer(http: &HttpServer, index: &Index) -> tokio::net:
     stalled
 }
 
+/// In-process, with a write timeout of a second.
+async fn with_a_write_timeout_of_a_second() -> (HttpServer, Arc<Index>, Arc<Stats>) {
+    in_process_with(HttpConfig {
+        write_timeout: Duration::from_secs(1),
+        ..HttpConfig::default()
+    })
+    .await
+}
+
+/// An HTTP/2 connection to `addr` granting each stream `window` bytes.
+async fn h2_granting(addr: SocketAddr, window: u32) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    h2.ready().await.unwrap()
+}
+
+/// `GET /index?query=QUERY` for an HTTP/2 connection to `addr`.
+fn get_index(addr: SocketAddr, query: &str) -> axum::http::Request<()> {
+    axum::http::Request::get(url("http", addr, "/index", &[("query", query)]).as_str())
+        .body(())
+        .unwrap()
+}
+
 /// Over HTTP/2 a client can read its connection yet grant one answer no
 /// room: nothing of the connection stalls, and the answer would wait whole
 /// for as long as it lasts. It is dropped after the write timeout; the
 /// connection goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http2_answer_its_client_grants_no_room_is_dropped() {
-    let (http, index, stats) = in_process_with(HttpConfig {
-        write_timeout: Duration::from_secs(1),
-        ..HttpConfig::default()
-    })
-    .await;
-    for i in 0..2_000 {
-        index.insert(&Event {
-            description: Some("x".repeat(4096)),
-            ..event("big", &i.to_string(), 60.0, i)
-        });
-    }
+    let (http, index, stats) = with_a_write_timeout_of_a_second().await;
+    index_large_events(&index, 2_000);
     let addr = http.addr.unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (h2, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let mut h2 = h2.ready().await.unwrap();
-    let get = |query: &str| {
-        axum::http::Request::get(url("http", addr, "/index", &[("query", query)]).as_str())
-            .body(())
-            .unwrap()
-    };
+    let mut h2 = h2_granting(addr, 0).await;
+    let get = |query| get_index(addr, query);
     let (answer, _) = h2.send_request(get("true"), true).unwrap();
     let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
     assert_eq!(answer.status(), StatusCode::OK);
@@ -1116,30 +1129,11 @@ async fn an_http2_answer_its_client_grants_no_room_is_dropped() {
 /// half second, under a one-second timeout) is reading: it gets it whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http2_answer_read_slowly_is_not_dropped() {
-    let (http, index, stats) = in_process_with(HttpConfig {
-        write_timeout: Duration::from_secs(1),
-        ..HttpConfig::default()
-    })
-    .await;
-    for i in 0..40 {
-        index.insert(&Event {
-            description: Some("x".repeat(4096)),
-            ..event("big", &i.to_string(), 60.0, i)
-        });
-    }
+    let (http, index, stats) = with_a_write_timeout_of_a_second().await;
+    index_large_events(&index, 40);
     let addr = http.addr.unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (h2, connection) = h2::client::Builder::new()
-        .initial_window_size(16 * 1024)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let mut h2 = h2.ready().await.unwrap();
-    let get = axum::http::Request::get(url("http", addr, "/index", &[("query", "true")]).as_str())
-        .body(())
-        .unwrap();
-    let (answer, _) = h2.send_request(get, true).unwrap();
+    let mut h2 = h2_granting(addr, 16 * 1024).await;
+    let (answer, _) = h2.send_request(get_index(addr, "true"), true).unwrap();
     let answer = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
     let mut body = answer.into_body();
     let mut got = Vec::new();

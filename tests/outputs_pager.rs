@@ -1714,18 +1714,7 @@ fn pages_left_at_shutdown_are_said_to_be_kept_for_the_next_run() {
     let rx = runtime.block_on(Receiver::start());
     rx.hang();
     let dir = tempfile::tempdir().unwrap();
-    let args = pager_keeping_state(dir.path(), &rx.url);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut vigil = common::Vigil::start(&args);
-    for service in ["disk /", "cpu", "load"] {
-        send_state(&runtime, &vigil, service, "critical");
-    }
-    let file = incidents::file_in(&dir.path().join("data"), "pager");
-    let deadline = std::time::Instant::now() + WAIT;
-    while saved_pages(&file).len() < 3 {
-        assert!(std::time::Instant::now() < deadline, "{}", vigil.logs());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (mut vigil, file) = paging_until_written(&runtime, &rx, dir.path(), 3, 3);
     vigil.terminate();
     let logs = vigil.logs();
     let said = logs
@@ -1750,19 +1739,7 @@ fn pages_still_sending_past_the_grace_are_said_to_be_kept() {
     let rx = runtime.block_on(Receiver::start());
     rx.slow(Duration::from_secs(2));
     let dir = tempfile::tempdir().unwrap();
-    let args = pager_keeping_state(dir.path(), &rx.url);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut vigil = common::Vigil::start(&args);
-    let services: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
-    for service in &services {
-        send_state(&runtime, &vigil, service, "critical");
-    }
-    let file = incidents::file_in(&dir.path().join("data"), "pager");
-    let deadline = std::time::Instant::now() + WAIT;
-    while saved_pages(&file).len() < 9 {
-        assert!(std::time::Instant::now() < deadline, "{}", vigil.logs());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (mut vigil, file) = paging_until_written(&runtime, &rx, dir.path(), 10, 9);
     vigil.terminate();
     let logs = vigil.logs();
     let said = logs
@@ -1774,6 +1751,31 @@ fn pages_still_sending_past_the_grace_are_said_to_be_kept() {
     assert!(said.contains(&format!(r#""kept":{kept}"#)), "{said}");
     assert!(said.contains(r#""lost":0"#), "{said}");
     assert!(!logs.contains("Events not delivered"), "{logs}");
+}
+
+/// The binary keeping its state in `dir`, paging to `rx`, sent `pages`
+/// services turning critical; returned with its pager's file once that
+/// holds at least `written` pages.
+fn paging_until_written(
+    runtime: &tokio::runtime::Runtime,
+    rx: &Receiver,
+    dir: &std::path::Path,
+    pages: usize,
+    written: usize,
+) -> (common::Vigil, std::path::PathBuf) {
+    let args = pager_keeping_state(dir, &rx.url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vigil = common::Vigil::start(&args);
+    for i in 0..pages {
+        send_state(runtime, &vigil, &format!("s{i}"), "critical");
+    }
+    let file = incidents::file_in(&dir.join("data"), "pager");
+    let deadline = std::time::Instant::now() + WAIT;
+    while saved_pages(&file).len() < written {
+        assert!(std::time::Instant::now() < deadline, "{}", vigil.logs());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (vigil, file)
 }
 
 /// Arguments for the binary paging every change of state through PagerDuty
