@@ -240,13 +240,13 @@ impl Telemetry {
                 .output_counts()
                 .into_iter()
                 .map(|c| OutputSample {
-                    accepted: c.sum(|s| &s.accepted),
-                    delivered: c.sum(|s| &s.delivered),
-                    dropped: c.sum(|s| &s.dropped),
-                    skipped: c.sum(|s| &s.skipped),
-                    queued: c.queued(),
-                    in_flight: c.sum(|s| &s.in_flight),
-                    retries: c.sum(|s| &s.retries),
+                    accepted: c.get(|s| &s.accepted),
+                    delivered: c.get(|s| &s.delivered),
+                    dropped: c.get(|s| &s.dropped),
+                    skipped: c.get(|s| &s.skipped),
+                    queued: c.queued,
+                    in_flight: c.get(|s| &s.in_flight),
+                    retries: c.get(|s| &s.retries),
                     name: c.name,
                 })
                 .collect(),

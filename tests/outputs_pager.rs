@@ -279,6 +279,12 @@ impl Running {
         self.count(|s| &s.skipped)
     }
 
+    /// Taken and not settled: what a pager stopped with its receiver failing
+    /// leaves to its next run.
+    fn in_flight(&self) -> u64 {
+        self.count(|s| &s.in_flight)
+    }
+
     fn retries(&self) -> u64 {
         self.count(|s| &s.retries)
     }
@@ -617,7 +623,11 @@ async fn pages_undelivered_at_shutdown_are_sent_first_by_the_next_run() {
     rx.wait_for(2).await;
     before.stop().await;
     before.assert_accounted();
-    assert_eq!((before.delivered(), before.dropped()), (0, 2));
+    assert_eq!(
+        (before.delivered(), before.dropped(), before.in_flight()),
+        (0, 0, 2),
+        "left to the next run, which the process counts dropped as it ends"
+    );
     let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(saved["unsent"].as_array().map(Vec::len), Some(2), "{saved}");
 
@@ -839,7 +849,12 @@ async fn a_reload_hands_the_pages_not_yet_delivered_to_the_new_declaration() {
             get(&q.stats.dropped),
         )
     };
-    assert_eq!(stats(&first), (2, 0, 2), "not delivered by the first");
+    let pending = second.queued() + second.stats.in_flight.load(Ordering::Acquire);
+    assert_eq!(
+        (stats(&first), pending),
+        ((3, 0, 0), 3),
+        "the first's pages left for the second, in the counters they share: none settled"
+    );
 
     rx.reply_always(accepted());
     let tried = rx.seen().len();
@@ -1088,7 +1103,7 @@ async fn shutdown_delivers_what_is_already_queued_then_ends() {
 }
 
 #[tokio::test]
-async fn shutdown_with_the_downstream_failing_drops_after_one_last_attempt() {
+async fn shutdown_with_the_downstream_failing_leaves_the_pages_after_one_last_attempt() {
     let rx = Receiver::start().await;
     rx.reply_always(Reply(503, vec![], "unavailable"));
     let mut out = Running::pager(pager_config(&rx.url));
@@ -1098,11 +1113,10 @@ async fn shutdown_with_the_downstream_failing_drops_after_one_last_attempt() {
     rx.wait_for(2).await; // retrying the first page, as a pager must
     out.stop().await;
     assert_eq!(
-        out.dropped(),
-        3,
-        "the failing page and the two queued behind it"
+        (out.in_flight(), out.dropped(), out.delivered()),
+        (3, 0, 0),
+        "the failing page and the two queued behind it, left to the next run"
     );
-    assert_eq!(out.delivered(), 0);
     out.assert_accounted();
     let pages: Vec<_> = rx
         .seen()
@@ -1704,6 +1718,95 @@ fn a_pager_renamed_with_open_incidents_says_they_are_left_open() {
     runtime.block_on(rx.wait_for(2));
     assert_eq!(actions(&rx), ["trigger web1/disk /", "resolve web1/disk /"]);
     assert!(!third.logs().contains("do not declare"), "{}", third.logs());
+}
+
+/// A reload moving a failing pager to another routing key drops the pages
+/// the old key did not take (they would be stale should it come back):
+/// counted in the output's `dropped`, whose counters every declaration of
+/// the name shares, so a reload never turns them back either.
+#[test]
+fn pages_dropped_by_a_change_of_receiver_are_counted() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (rx, moved_to) =
+        runtime.block_on(async { (Receiver::start().await, Receiver::start().await) });
+    rx.reply_always(Reply(503, vec![], "down"));
+    let dir = tempfile::tempdir().unwrap();
+    let args = pager_keeping_state(dir.path(), &rx.url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let rules = dir.path().join("pager.vigil");
+    let declared = std::fs::read_to_string(&rules).unwrap();
+    let moved = declared
+        .replace("routing_key: \"k\"", "routing_key: \"k2\"")
+        .replace(&rx.url, &moved_to.url);
+    assert_ne!(moved, declared);
+    let vigil = common::Vigil::start(&args);
+    for service in ["disk /", "cpu", "load"] {
+        send_state(&runtime, &vigil, service, "critical");
+    }
+    let counted = |want: &[(&str, f64)]| {
+        let seen = common::wait_until(WAIT, || {
+            let text = runtime.block_on(metrics_of(&vigil));
+            let values: Vec<_> = want
+                .iter()
+                .map(|(name, _)| pager_metric(&text, name))
+                .collect();
+            let wanted = want.iter().map(|&(_, v)| Some(v));
+            values.iter().copied().eq(wanted).then_some(values)
+        });
+        assert!(
+            seen.is_some(),
+            "{want:?} not counted: {}",
+            runtime.block_on(metrics_of(&vigil))
+        );
+    };
+    counted(&[("accepted_total", 3.0), ("in_flight", 3.0)]);
+
+    std::fs::write(&rules, &moved).unwrap();
+    common::run_ok("kill", &["-HUP", &vigil.pid().to_string()], WAIT);
+    assert!(
+        vigil.wait_for_log("Pages undelivered to the previous receiver", WAIT),
+        "{}",
+        vigil.logs()
+    );
+    let logs = vigil.logs();
+    let said = logs
+        .lines()
+        .find(|l| l.contains("previous receiver"))
+        .unwrap();
+    assert!(said.contains(r#""dropped":3"#), "{said}");
+    counted(&[
+        ("accepted_total", 3.0),
+        ("dropped_total", 3.0),
+        ("in_flight", 0.0),
+    ]);
+
+    send_state(&runtime, &vigil, "disk /", "ok");
+    send_state(&runtime, &vigil, "mem", "critical");
+    runtime.block_on(moved_to.wait_for(1));
+    counted(&[
+        ("accepted_total", 5.0),
+        ("delivered_total", 1.0),
+        ("dropped_total", 3.0),
+        ("skipped_total", 1.0),
+    ]);
+    assert_eq!(
+        actions(&moved_to),
+        ["trigger web1/mem"],
+        "the new key never opened disk /: its resolve is skipped"
+    );
+}
+
+/// The binary's `/metrics` text.
+async fn metrics_of(vigil: &common::Vigil) -> String {
+    let url = format!("http://{}/metrics", vigil.http.expect("an HTTP listener"));
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// `vigil_output_NAME{output="pager"}` in a `/metrics` text.
+fn pager_metric(text: &str, name: &str) -> Option<f64> {
+    let sample = format!("vigil_output_{name}{{output=\"pager\"}} ");
+    let line = text.lines().find(|l| l.starts_with(&sample))?;
+    line[sample.len()..].trim().parse().ok()
 }
 
 /// Stopped while a receiver hangs: the pages written down are said to be

@@ -149,6 +149,9 @@ pub enum Outcome {
     Dropped,
     /// No longer wanted before an attempt: skipped unsent.
     Unwanted,
+    /// A page whose receiver failed while the output stops: still in
+    /// flight, left to the output's next run.
+    Left,
 }
 
 /// How the attempts at one payload ended.
@@ -159,11 +162,15 @@ enum Ended {
     Unwanted,
     /// Refused as too large: worth sending again cut short.
     TooLarge,
+    /// A page given up on while the output stops: the next run sends it.
+    Left,
 }
 
-/// Counts the event delivered, dropped or skipped.
+/// Counts the event delivered, dropped or skipped; a page left to the next
+/// run stays in flight.
 fn settle(delivery: &Tally, ended: Ended) -> Outcome {
     match ended {
+        Ended::Left => Outcome::Left,
         Ended::Delivered => {
             delivery.delivered(1);
             Outcome::Delivered
@@ -279,12 +286,12 @@ impl Poster {
                         output, %error, attempts,
                         "Delivery failed while the output stops (shutdown, or a reload replaced it); the page is left to the next run."
                     );
-                } else {
-                    tracing::error!(
-                        output, %error, attempts,
-                        "Delivery failed while the output stops (shutdown, or a reload replaced it); event dropped."
-                    );
+                    return Ended::Left;
                 }
+                tracing::error!(
+                    output, %error, attempts,
+                    "Delivery failed while the output stops (shutdown, or a reload replaced it); event dropped."
+                );
                 return Ended::Dropped;
             }
             if self.retry.exhausted(attempts) {

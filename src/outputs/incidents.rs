@@ -211,6 +211,16 @@ impl Unsent {
             .count()
     }
 
+    /// Makes the pages restored from the file (which no task of this
+    /// process has counted yet) the task of `generation`'s; how many.
+    pub(super) fn adopt_restored(&mut self, generation: Generation) -> usize {
+        let restored = self
+            .pages
+            .iter_mut()
+            .filter(|(_, _, by)| *by == Generation::RESTORED);
+        restored.map(|(_, _, by)| *by = generation).count()
+    }
+
     /// How many pages held were taken by the task of `generation` or an
     /// earlier one.
     pub(super) fn taken_until(&self, generation: Generation) -> usize {
@@ -266,7 +276,7 @@ impl Unsent {
     /// they are in the file already.
     fn restore(&mut self, pages: Vec<Event>) {
         let origins = vec![None; pages.len()];
-        self.add(pages, origins, Generation::default());
+        self.add(pages, origins, Generation::RESTORED);
         self.saving();
     }
 }
@@ -277,6 +287,12 @@ impl Unsent {
 /// pages down while the old one still sends, and sends them after it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Generation(u64);
+
+impl Generation {
+    /// Before every task: the pages read from the file, which the first task
+    /// to page adopts into the output's counters.
+    const RESTORED: Generation = Generation(0);
+}
 
 /// The saved form.
 #[derive(Debug, Serialize, Deserialize)]

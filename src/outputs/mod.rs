@@ -338,10 +338,10 @@ fn counted_queue(
 pub struct Kept {
     dir: Option<PathBuf>,
     pagers: Mutex<HashMap<String, Pager>>,
-    /// Each output's counters by name: a redeclared output (not a pager, which
-    /// takes its predecessor's pages over and counts them anew) counts on
-    /// from its predecessor's, which settles what it still holds into them,
-    /// so the counters never go back and the drops of a backlog left behind
+    /// Each output's counters by name: a redeclared output counts on from
+    /// its predecessor's, which settles what it still holds into them (a
+    /// pager leaves its undelivered pages in flight for its successor), so
+    /// the counters never go back and the drops of a backlog left behind
     /// show.
     counters: Mutex<HashMap<String, Arc<OutputStats>>>,
     /// Each webhook output's turn to post, by name: a redeclared webhook
@@ -515,13 +515,12 @@ pub fn start(
             let memory = kept.pager(name, &config);
             let replayed = pager::Replayed::new(config.clone(), memory.clone());
             let holds = kept.holds();
-            // Its own counters: it adopts the pages its predecessor left,
-            // which that one counted as dropped.
-            let counters = Arc::default();
+            // The pages a predecessor left stay in flight in these
+            // counters until this declaration settles them.
             let (queue, delivery) = counted_queue(
                 name,
                 capacity,
-                counters,
+                stats.clone(),
                 Some(replayed),
                 Some(holds.clone()),
             );

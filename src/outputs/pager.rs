@@ -184,7 +184,11 @@ pub async fn run(
         generation,
         saves,
     };
-    let left = pager.memory.unsent().left_before(generation);
+    let (left, restored) = {
+        let mut unsent = pager.memory.unsent();
+        let left = unsent.left_before(generation);
+        (left, unsent.adopt_restored(generation))
+    };
     if left > 0 {
         let output = &delivery.name;
         tracing::warn!(
@@ -192,8 +196,9 @@ pub async fn run(
             pages = left,
             "Pages left undelivered by the output's previous run; sending them first."
         );
-        delivery.adopt(left);
     }
+    // Those a task of this process left are in the counters already.
+    delivery.adopt(restored);
     let stopped = pager.page_in_order(&mut delivery, &shutdown).await;
     pager.stop(delivery, stopped).await;
 }
@@ -204,7 +209,7 @@ enum Stopped {
     /// Every page was settled and the queue is done.
     Done,
     /// A last attempt while stopping failed: the receiver is down, and what
-    /// is held is left to the next run. The oldest page was counted dropped.
+    /// is held is left to the next run.
     GaveUp,
 }
 
@@ -348,11 +353,11 @@ impl Pager {
 
     /// After the last page: what is still held is left to the next run (a
     /// reload's next task takes it all, a restart what was written down),
-    /// and counted dropped here.
+    /// in flight in the output's counters meanwhile: a process that stops
+    /// counts it dropped then. Pages for a receiver a reload replaced are
+    /// dropped here.
     async fn stop(self, mut delivery: Delivery, stopped: Stopped) {
         let output = delivery.name.clone();
-        // The oldest was counted when its last attempt failed.
-        let counted = usize::from(stopped == Stopped::GaveUp);
         if stopped == Stopped::GaveUp {
             // Queued behind: lost with the queue unless held.
             while let Some(batch) = delivery.next_batch(http::BATCH).now_or_never().flatten() {
@@ -363,7 +368,11 @@ impl Pager {
         if self.memory.is_replaced() {
             // Pages for a receiver the output no longer pages: sent should that
             // receiver come back, they would be stale by then.
-            let (stale, origins) = self.memory.unsent().take();
+            let (stale, origins) = {
+                let mut unsent = self.memory.unsent();
+                delivery.adopt(unsent.adopt_restored(self.generation));
+                unsent.take()
+            };
             origins.into_iter().for_each(|origin| self.release(origin));
             let dropped = stale.len();
             if dropped > 0 {
@@ -374,7 +383,7 @@ impl Pager {
                      reload replaced; dropped."
                 );
             }
-            delivery.dropped(dropped.saturating_sub(counted));
+            delivery.dropped(dropped);
             return self.poster.finish(&output);
         }
         // Its own: a later declaration's pages are that one's to count.
@@ -385,7 +394,6 @@ impl Pager {
         if kept == 0 {
             return self.poster.finish(&output);
         }
-        delivery.dropped(kept - counted);
         self.memory.save().await;
         if stopped == Stopped::Done {
             // Behind a page a reload's new declaration took while this one

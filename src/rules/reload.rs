@@ -42,12 +42,11 @@
 //!   events, delivers what it already queued (once no batch still runs on the
 //!   old rules), and ends; a changed one starts again, counting on from the
 //!   old one's counters, into which the old one settles what it held (a
-//!   pager starts its own: it takes over the old one's undelivered pages,
-//!   which that one counted as dropped, and counts them anew). A changed
+//!   pager leaves its undelivered pages in flight there: the new one sends
+//!   them first, or drops them if its receiver changed). A changed
 //!   `webhook` or pager posts only once the old one has ended, so a
 //!   receiver never gets an old event after a newer one.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -91,21 +90,17 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-/// One output's counters, and the events waiting in its queues: each set of
-/// counters its declarations count into, with what waits in their queues.
+/// One output's counters, which every declaration of its name counts into,
+/// and the events waiting in their queues.
 pub struct OutputCount {
     pub name: String,
-    pub parts: Vec<(Arc<OutputStats>, u64)>,
+    pub stats: Arc<OutputStats>,
+    pub queued: u64,
 }
 
 impl OutputCount {
-    /// A counter summed over the parts.
-    pub fn sum(&self, counter: impl Fn(&OutputStats) -> &AtomicU64) -> u64 {
-        self.parts.iter().map(|(s, _)| Stats::get(counter(s))).sum()
-    }
-
-    pub fn queued(&self) -> u64 {
-        self.parts.iter().map(|(_, queued)| queued).sum()
+    pub fn get(&self, counter: impl Fn(&OutputStats) -> &AtomicU64) -> u64 {
+        Stats::get(counter(&self.stats))
     }
 }
 
@@ -204,8 +199,7 @@ impl Reloader {
     /// order, then outputs a reload removed that still deliver what they
     /// queued. A declaration a reload replaced counts into its successor's
     /// counters, and its queue's backlog into its `queued`, until it has
-    /// drained; a pager's (which counts anew, see [`crate::outputs::Kept`])
-    /// counters add to its successor's until then.
+    /// drained.
     pub fn output_counts(&self) -> Vec<OutputCount> {
         counts(self.output_queues())
     }
@@ -281,7 +275,6 @@ impl Reloader {
             )
         };
         let tasks = running.into_iter().map(|r| r.task).chain(retiring);
-        let mut written_down = HashMap::new();
         if tokio::time::timeout(grace, futures_util::future::join_all(tasks))
             .await
             .is_err()
@@ -290,17 +283,16 @@ impl Reloader {
                 ?grace,
                 "Outputs still delivering after the grace period; stopping anyway."
             );
-            let pagers = {
-                let kept = &self.outputs.lock().kept;
-                written_down = kept.pages_written_down();
-                kept.pager_memories()
-            };
+            let pagers = self.outputs.lock().kept.pager_memories();
             outputs::save_pagers(pagers).await;
         }
+        // A pager that stopped with its receiver failing left its pages in
+        // flight: those its file keeps are the next run's.
+        let written_down = self.outputs.lock().kept.pages_written_down();
         counts(queues)
             .into_iter()
             .map(|c| {
-                let unsettled = c.queued() + c.sum(|s| &s.in_flight);
+                let unsettled = c.queued + c.get(|s| &s.in_flight);
                 let kept = (written_down.get(&c.name).copied().unwrap_or(0) as u64).min(unsettled);
                 if kept > 0 {
                     // Counted dropped all the same: this run did not deliver them.
@@ -318,12 +310,8 @@ impl Reloader {
                         "Events not delivered when vigil stopped; dropped."
                     );
                 }
-                if unsettled > 0 {
-                    for (s, queued) in &c.parts {
-                        Stats::add(&s.dropped, queued + Stats::get(&s.in_flight));
-                    }
-                }
-                let (accepted, dropped) = (c.sum(|s| &s.accepted), c.sum(|s| &s.dropped));
+                Stats::add(&c.stats.dropped, unsettled);
+                let (accepted, dropped) = (c.get(|s| &s.accepted), c.get(|s| &s.dropped));
                 (c.name, accepted, dropped)
             })
             .collect()
@@ -334,17 +322,13 @@ impl Reloader {
 fn counts(queues: Vec<Arc<Queue>>) -> Vec<OutputCount> {
     let mut counts: Vec<OutputCount> = Vec::new();
     for q in queues {
-        let (stats, queued) = (q.stats.clone(), q.queued());
-        let Some(count) = counts.iter_mut().find(|c| c.name == q.name) else {
-            counts.push(OutputCount {
+        match counts.iter_mut().find(|c| c.name == q.name) {
+            Some(count) => count.queued += q.queued(),
+            None => counts.push(OutputCount {
                 name: q.name.clone(),
-                parts: vec![(stats, queued)],
-            });
-            continue;
-        };
-        match count.parts.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &stats)) {
-            Some((_, part)) => *part += queued,
-            None => count.parts.push((stats, queued)),
+                stats: q.stats.clone(),
+                queued: q.queued(),
+            }),
         }
     }
     counts
@@ -396,35 +380,25 @@ mod tests {
         }
     }
 
-    /// Declarations of one name count as one output: those sharing counters
-    /// (a redeclared forward) add their queues' backlog, those with their
-    /// own (a redeclared pager) add their counters too.
+    /// Declarations of one name count as one output: their queues' backlog
+    /// adds up, in the counters they share.
     #[tokio::test]
     async fn an_outputs_declarations_are_counted_as_one() {
-        let (p1, mut taking) = outputs::queue("p", 10);
-        let (p2, _waiting) = outputs::queue("p", 10);
-        (0..3).for_each(|_| p1.push(Event::default()));
-        (0..2).for_each(|_| p2.push(Event::default()));
-        taking.next_batch(1).await.expect("one taken");
         let (kept, stop) = (Kept::default(), CancellationToken::new());
         let (f1, _) = outputs::start(&forward_to("f", 1), &kept, stop.clone());
         let (f2, _) = outputs::start(&forward_to("f", 2), &kept, stop.clone());
+        let (g, _) = outputs::start(&forward_to("g", 3), &kept, stop.clone());
         (0..4).for_each(|_| f1.push(Event::default()));
         f2.push(Event::default());
+        g.push(Event::default());
 
-        let counts = counts(vec![p1, f1, p2, f2]);
+        let counts = counts(vec![f1, g, f2]);
         let names: Vec<_> = counts.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["p", "f"]);
-        let (p, f) = (&counts[0], &counts[1]);
-        assert_eq!((p.parts.len(), f.parts.len()), (2, 1));
-        let accepted = |c: &OutputCount| c.sum(|s| &s.accepted);
-        let pending = |c: &OutputCount| c.queued() + c.sum(|s| &s.in_flight);
+        assert_eq!(names, ["f", "g"]);
+        let pending = |c: &OutputCount| c.queued + c.get(|s| &s.in_flight);
+        let f = &counts[0];
         assert_eq!(
-            (accepted(p), p.queued(), p.sum(|s| &s.in_flight)),
-            (5, 4, 1)
-        );
-        assert_eq!(
-            (accepted(f), pending(f)),
+            (f.get(|s| &s.accepted), pending(f)),
             (5, 5),
             "nothing delivered to port 1 or 2"
         );
