@@ -274,15 +274,24 @@ impl Reloader {
                 std::mem::take(&mut outputs.retiring),
             )
         };
-        let tasks = running.into_iter().map(|r| r.task).chain(retiring);
-        if tokio::time::timeout(grace, futures_util::future::join_all(tasks))
-            .await
-            .is_err()
-        {
+        let tasks: Vec<_> = running
+            .into_iter()
+            .map(|r| r.task)
+            .chain(retiring)
+            .collect();
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        let mut ended = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(grace, &mut ended).await.is_err() {
             tracing::warn!(
                 ?grace,
                 "Outputs still delivering after the grace period; stopping anyway."
             );
+            // Stopped before their files are written for the last time: a
+            // page settling afterwards would leave the file and the counts
+            // below telling another story. One whose answer was cut off is
+            // sent again by the next run.
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
+            ended.await;
             let pagers = self.outputs.lock().kept.pager_memories();
             outputs::save_pagers(pagers).await;
         }
