@@ -647,6 +647,38 @@ async fn pages_undelivered_at_shutdown_are_sent_first_by_the_next_run() {
     assert_eq!(saved["incidents"].as_array().map(Vec::len), Some(2));
 }
 
+/// A save that fails (a full disk; here the temporary file's path taken by
+/// a directory) is tried again while nothing else happens: once it can be
+/// written, the file holds the incident a restart must resolve.
+#[tokio::test]
+async fn a_failed_save_is_tried_again_until_the_file_holds_the_incident() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let mut temp = file.clone().into_os_string();
+    temp.push(".tmp");
+    let blocker = PathBuf::from(temp);
+    std::fs::create_dir_all(blocker.join("taken")).unwrap();
+    let config = pager_config(&rx.url);
+    let out = Running::pager_remembering(memory(&config, Some(file.clone())), config);
+    out.queue.push(event("disk /", "critical"));
+    rx.wait_for(1).await;
+    out.settled().await;
+    // Past the first saves, which fail.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!file.exists());
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let saved = loop {
+        if let Ok(bytes) = std::fs::read(&file) {
+            break serde_json::from_slice::<Value>(&bytes).unwrap();
+        }
+        assert!(Instant::now() < deadline, "never saved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(saved["incidents"][0]["dedup_key"], "web1/disk /", "{saved}");
+}
+
 /// The pages a pager's file holds as not yet delivered, as `"service"/"state"`
 /// (none before the file is first written).
 fn saved_pages(file: &std::path::Path) -> Vec<String> {

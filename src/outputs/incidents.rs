@@ -324,6 +324,8 @@ pub struct Memory {
     file: Option<PathBuf>,
     /// Where a failed save is counted (`state_write_failures`).
     failures: Option<Arc<Stats>>,
+    /// The last save failed: said once, until one succeeds.
+    failing: AtomicBool,
     receiver_hash: String,
     incidents: Mutex<Incidents>,
     /// Held through a whole save, so saves land in the order they read the
@@ -368,6 +370,7 @@ impl Memory {
             generations: AtomicU64::new(0),
             predecessor: Mutex::new(None),
             failures: None,
+            failing: AtomicBool::new(false),
             file,
         }
     }
@@ -459,6 +462,7 @@ impl Memory {
             output: self.output.clone(),
             file: self.file.clone(),
             failures: self.failures.clone(),
+            failing: AtomicBool::new(false),
             receiver_hash: key_hash(receiver),
             incidents: Mutex::new(Incidents::new(self.incidents.lock().max)),
             saving: self.saving.clone(),
@@ -570,17 +574,36 @@ impl Memory {
     }
 
     /// Writes the incidents to the file, if there is one, off the async
-    /// workers. A failure is logged: paging goes on, from memory.
-    pub(super) async fn save(self: &Arc<Self>) {
+    /// workers; whether the file holds them now. A failure is counted, and
+    /// logged once until a save succeeds: paging goes on, from memory, and
+    /// the pager's task saves again (see `pager::Saves`).
+    pub(super) async fn save(self: &Arc<Self>) -> bool {
         let Some(file) = self.file.clone() else {
-            return;
+            return true;
         };
         let memory = self.clone();
-        if let Some(Err(error)) = off_workers(move || memory.write(&file)).await {
-            if let Some(stats) = &self.failures {
-                Stats::incr(&stats.state_write_failures);
+        match off_workers(move || memory.write(&file)).await {
+            Some(Err(error)) => {
+                if let Some(stats) = &self.failures {
+                    Stats::incr(&stats.state_write_failures);
+                }
+                if !self.failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        output = %self.output, %error,
+                        "Open incidents not saved; trying again until they are (a restart \
+                         meanwhile finds the file as it was last written)."
+                    );
+                }
+                false
             }
-            tracing::warn!(output = %self.output, %error, "Open incidents not saved.");
+            // Not run: the runtime is stopping.
+            None => false,
+            Some(Ok(())) => {
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!(output = %self.output, "Open incidents saved again.");
+                }
+                true
+            }
         }
     }
 

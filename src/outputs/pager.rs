@@ -226,7 +226,14 @@ const SAVE_WITHIN: Duration = Duration::from_millis(100);
 struct Saves {
     due_at: Option<Instant>,
     last_took: Duration,
+    /// How long after a failed save the next is tried: doubling from
+    /// [`SAVE_RETRY`] while they fail (a full disk), up to [`SAVE_RETRY_MAX`].
+    retry: Option<Duration>,
 }
+
+/// The first wait after a failed save.
+const SAVE_RETRY: Duration = Duration::from_secs(1);
+const SAVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Saves {
     /// Something changed: a save is due, if none is yet.
@@ -248,11 +255,22 @@ impl Saves {
         tokio::time::sleep_until(self.due_at.unwrap_or_else(Instant::now)).await;
     }
 
+    /// Saves now; a save that fails is tried again later, however long
+    /// nothing else changes: an incident the file misses would be left open
+    /// by a restart.
     async fn save(&mut self, memory: &Arc<Memory>) {
         self.due_at = None;
         let started = Instant::now();
-        memory.save().await;
+        let saved = memory.save().await;
         self.last_took = started.elapsed();
+        self.retry = match (saved, self.retry) {
+            (true, _) => None,
+            (false, None) => Some(SAVE_RETRY),
+            (false, Some(wait)) => Some((wait * 2).min(SAVE_RETRY_MAX)),
+        };
+        if let Some(wait) = self.retry {
+            self.due_at = Some(Instant::now() + wait);
+        }
     }
 }
 
@@ -313,7 +331,16 @@ impl Pager {
                 if memory.unsent().changed_since_saved() {
                     saves.save(&memory).await;
                 }
-                let Some(batch) = http::next_batch(delivery, shutdown).await else {
+                let batch = tokio::select! {
+                    biased;
+                    batch = http::next_batch(delivery, shutdown) => batch,
+                    // A failed save, tried again while nothing comes.
+                    () = saves.due(), if saves.pending() => {
+                        saves.save(&memory).await;
+                        continue;
+                    }
+                };
+                let Some(batch) = batch else {
                     return Stopped::Done;
                 };
                 memory
