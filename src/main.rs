@@ -453,6 +453,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             humantime::format_duration(args.cluster_lease_ttl)
         );
     }
+    // First of all: until a handler is installed, a SIGHUP (a reload sent
+    // right after a restart) kills the process, and loading a large snapshot
+    // takes a while. Reloads wait until the rules are running.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     huge_pages(args.huge_pages);
     let (name, source) = match &args.rules {
         Some(path) => (path.display().to_string(), read(path)?),
@@ -480,6 +485,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .transpose()
         .context("taking --data-dir (--no-snapshot disables snapshots)")?;
     if keep_state {
+        snapshot::remove_leftovers(&args.data_dir);
         persist::restore(&compiled.roots, &text, &args.data_dir, started);
     }
     // The pagers' open incidents are kept beside the index snapshot.
@@ -523,8 +529,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let streams: Arc<dyn Streams> = Arc::new(TimedStreams::new(rules.clone(), latency.clone()));
     let tls = args.tls_listener().context("setting up TLS")?;
     let tls_files = tls.as_ref().map(|tls| tls.acceptor.clone());
-    let hangups = on_sighup(reloader.clone(), tls_files, stats.clone())
-        .context("installing the SIGHUP handler")?;
+    let hangups = on_sighup(hangups, reloader.clone(), tls_files, stats.clone());
     let cluster = match cluster_config {
         Some(config) => Some(
             Cluster::start(
@@ -677,17 +682,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     snapshot.context("writing the index snapshot and the stream state")
 }
 
-/// Reloads on every `SIGHUP` from now on: the rule file, then the TLS
-/// listener's files. The handler is installed before this returns, so a
-/// signal right after start-up cannot kill the process.
+/// Reloads on every `SIGHUP` of `hangups` from now on (one received
+/// before, once): the rule file, then the TLS listener's files.
 fn on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
     rules: Arc<Reloader>,
     tls: Option<Arc<tls::Acceptor>>,
     stats: Arc<Stats>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = signal(SignalKind::hangup())?;
-    Ok(tokio::spawn(async move {
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             // Logged and counted inside; the old rules keep running.
             let _ = rules.reload().await;
@@ -706,7 +709,7 @@ fn on_sighup(
                 }
             }
         }
-    }))
+    })
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; resolves on the first signal.

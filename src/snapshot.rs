@@ -324,6 +324,52 @@ pub fn claim(dir: &Path) -> Result<File, SnapshotError> {
     Ok(file)
 }
 
+/// Removes the temporary files a write cut short by a crash (or a full
+/// disk) left in `dir`: the snapshot's, the stream state's and the pagers'.
+/// Call once `dir` is [`claim`]ed, so no other vigil is writing them.
+pub fn remove_leftovers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(of) = name.strip_suffix(".tmp") else {
+            continue;
+        };
+        let ours = of == FILE_NAME
+            || of == persist::FILE_NAME
+            || (of.starts_with("pagerduty-") && of.ends_with(".json"));
+        if !ours {
+            continue;
+        }
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                "Removed a temporary file an interrupted write left."
+            ),
+            Err(error) => tracing::warn!(
+                path = %path.display(),
+                %error,
+                "Could not remove a temporary file an interrupted write left."
+            ),
+        }
+    }
+}
+
+/// Renames `path`, which could not be read, to `path.unreadable` (replacing
+/// an earlier one), so the next write does not destroy it: a newer vigil's
+/// file after a downgrade, or a damaged one to look into. Returns where it
+/// now is.
+pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".unreadable");
+    let aside = PathBuf::from(aside);
+    fs::rename(path, &aside)?;
+    Ok(aside)
+}
+
 /// Where [`replace_file`] writes `path`'s next content first.
 fn temp_of(path: &Path) -> PathBuf {
     let mut temp = path.as_os_str().to_owned();
@@ -361,11 +407,30 @@ pub fn restore(index: &Index, dir: &Path, started: Micros) {
                 "Loaded the index snapshot."
             );
         }
-        Err(error) => tracing::error!(
-            path = %dir.join(FILE_NAME).display(),
+        // The file may be fine, the disk not: the next write tells.
+        Err(error @ SnapshotError::Io { .. }) => tracing::error!(
             %error,
             "Ignoring the unreadable index snapshot; starting with an empty index."
         ),
+        Err(error) => {
+            let path = dir.join(FILE_NAME);
+            match set_aside(&path) {
+                Ok(aside) => tracing::error!(
+                    path = %path.display(),
+                    %error,
+                    kept_as = %aside.display(),
+                    "Ignoring the unreadable index snapshot; starting with an empty index. \
+                     The file is kept aside."
+                ),
+                Err(cause) => tracing::error!(
+                    path = %path.display(),
+                    %error,
+                    %cause,
+                    "Ignoring the unreadable index snapshot; starting with an empty index. \
+                     It could not be kept aside: the next write replaces it."
+                ),
+            }
+        }
     }
 }
 
@@ -414,6 +479,8 @@ pub struct Snapshots {
     dir: PathBuf,
     stop: CancellationToken,
     periodic: JoinHandle<()>,
+    /// Where a failed write is counted (`state_write_failures`).
+    stats: Arc<Stats>,
 }
 
 impl Snapshots {
@@ -445,6 +512,7 @@ impl Snapshots {
             dir,
             stop,
             periodic,
+            stats,
         })
     }
 
@@ -458,13 +526,21 @@ impl Snapshots {
             std::panic::resume_unwind(e.into_panic());
         }
         let saved = save(self.index, self.dir.clone()).await;
-        if let Ok(saved) = &saved {
-            tracing::info!(
+        match &saved {
+            Ok(saved) => tracing::info!(
                 entries = saved.entries,
                 elapsed = ?saved.elapsed,
                 path = %self.dir.join(FILE_NAME).display(),
                 "Wrote the index snapshot."
-            );
+            ),
+            Err(error) => {
+                Stats::incr(&self.stats.state_write_failures);
+                tracing::error!(
+                    %error,
+                    "Could not write the index snapshot at shutdown: the next start loads \
+                     the last one written."
+                );
+            }
         }
         let streams = match self.streams {
             Some(rules) => save_streams(rules, self.dir.clone()).await,
@@ -478,11 +554,15 @@ impl Snapshots {
                 path = %self.dir.join(persist::FILE_NAME).display(),
                 "Wrote the stream state."
             ),
-            // Only the index's error is returned then: this one is told here.
-            Err(error) if saved.is_err() => {
-                tracing::error!(%error, "Could not write the stream state.")
+            Ok(None) => {}
+            Err(error) => {
+                Stats::incr(&self.stats.state_write_failures);
+                tracing::error!(
+                    %error,
+                    "Could not write the stream state at shutdown: the next start restores \
+                     the last one written."
+                );
             }
-            _ => {}
         }
         let saved = saved?;
         streams?;
@@ -788,6 +868,22 @@ mod tests {
         fs::remove_dir_all(&blocker).unwrap();
         index.insert(&sample()[0]);
         assert_eq!(snapshots.finish().await.unwrap().entries, 1);
+    }
+
+    /// The last write, at shutdown, that fails is counted like a periodic
+    /// one (and returned, so vigil exits with it).
+    #[tokio::test]
+    async fn a_failed_final_write_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = temp_of(&dir.path().join(FILE_NAME));
+        fs::create_dir_all(blocker.join("taken")).unwrap();
+        let stats = Arc::new(Stats::default());
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let every = Duration::from_secs(3600);
+        let snapshots =
+            Snapshots::start(index, None, dir.path().into(), every, 0, stats.clone()).unwrap();
+        assert!(snapshots.finish().await.is_err());
+        assert_eq!(Stats::get(&stats.state_write_failures), 1);
     }
 
     #[tokio::test]

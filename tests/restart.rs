@@ -1,7 +1,8 @@
 //! Restarts of the real binary: the index and the rules' stream state survive
 //! SIGTERM (final snapshot) and `kill -9` (periodic snapshot), entries that ran
-//! out while vigil was down expire through the rules, and a corrupted snapshot
-//! is reported and skipped.
+//! out while vigil was down expire through the rules, a corrupted snapshot
+//! is reported, skipped and kept aside, and a reload signal while starting
+//! waits for the rules.
 
 mod common;
 
@@ -310,14 +311,16 @@ fn a_window_keeps_its_events_across_sigterm_and_kill_9() {
 }
 
 #[test]
-fn a_corrupted_snapshot_is_reported_and_vigil_starts_empty() {
+fn a_corrupted_snapshot_is_reported_kept_aside_and_vigil_starts_empty() {
     let dir = tempfile::tempdir().unwrap();
     snapshot::write(dir.path(), &sample(SystemClock.now())).unwrap();
     let path = dir.path().join(snapshot::FILE_NAME);
     let mut bytes = std::fs::read(&path).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
-    std::fs::write(&path, bytes).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let state = dir.path().join("streams.state");
+    std::fs::write(&state, b"not a stream state").unwrap();
 
     let args = ["--data-dir", dir_arg(dir.path())];
     let mut v = Vigil::start(&args);
@@ -327,7 +330,17 @@ fn a_corrupted_snapshot_is_reported_and_vigil_starts_empty() {
             && logs.contains("checksum mismatch"),
         "{logs}"
     );
+    assert!(logs.contains("Ignoring the saved stream state"), "{logs}");
     assert_eq!(query(&v, "true"), vec![]);
+    // Kept aside for a look (or a newer vigil's, after a downgrade): the
+    // next write would have destroyed them.
+    let aside = |path: &Path| {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".unreadable");
+        std::fs::read(PathBuf::from(aside)).unwrap_or_default()
+    };
+    assert_eq!(aside(&path), bytes);
+    assert_eq!(aside(&state), b"not a stream state");
 
     // It carries on as usual and replaces the bad snapshot on shutdown.
     let event = Event {
@@ -340,6 +353,85 @@ fn a_corrupted_snapshot_is_reported_and_vigil_starts_empty() {
     send(&v, std::slice::from_ref(&event));
     assert!(v.terminate().success(), "{}", v.logs());
     assert_eq!(snapshot::read(dir.path()).unwrap(), Some(vec![event]));
+}
+
+/// A crash in the middle of a write leaves its temporary file, which may be
+/// large (a snapshot's) on a disk already short of room: the next start
+/// removes vigil's, and only vigil's.
+#[test]
+fn temporary_files_an_interrupted_write_left_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = [
+        "index.snapshot.tmp",
+        "streams.state.tmp",
+        "pagerduty-oncall.json.tmp",
+    ];
+    for name in ours.iter().chain(&["notes.tmp"]) {
+        std::fs::write(dir.path().join(name), b"cut short").unwrap();
+    }
+    let v = Vigil::start(&["--data-dir", dir_arg(dir.path())]);
+    for name in ours {
+        assert!(!dir.path().join(name).exists(), "{name} left: {}", v.logs());
+    }
+    assert!(dir.path().join("notes.tmp").exists(), "not vigil's");
+}
+
+/// A `SIGHUP` while vigil still loads its snapshot (a reload sent right
+/// after a restart) does not kill it: the rules are reloaded once running.
+#[test]
+fn a_sighup_while_starting_reloads_once_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rules, data) = rules_and_data(dir.path(), "streams {\n  index\n}\n");
+    let now = SystemClock.now();
+    let many: Vec<Event> = (0..200_000)
+        .map(|i| Event {
+            host: Some(format!("h{i}")),
+            service: Some("load".into()),
+            time: now,
+            ttl: Some(3600.0),
+            ..Event::default()
+        })
+        .collect();
+    std::fs::create_dir_all(&data).unwrap();
+    snapshot::write(&data, &many).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--rules", dir_arg(&rules)])
+        .args(["--data-dir", dir_arg(&data)])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut logs = String::new();
+    let mut wait_for = |needle: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while let Ok(line) = seen.recv_timeout(deadline - std::time::Instant::now()) {
+            logs.push_str(&line);
+            logs.push('\n');
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    };
+    // Logged before the snapshot is loaded, once the rules are read.
+    assert!(wait_for("stream state"), "{logs}");
+    common::run_ok("kill", &["-HUP", &child.id().to_string()], VISIBLE_TIMEOUT);
+    let reloaded = wait_for("Rules reloaded.");
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    assert!(reloaded && alive, "{status}: {logs}");
+    assert!(logs.contains("listening"), "{logs}");
 }
 
 #[test]

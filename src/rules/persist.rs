@@ -235,11 +235,26 @@ pub fn restore(roots: &Children, text: &RuleText, dir: &Path, started: Micros) {
             elapsed = ?loading.elapsed(),
             "Restored the stream state of the last run."
         ),
-        Err(error) => tracing::error!(
-            path = %path.display(),
+        // The file may be fine, the disk not: the next write tells.
+        Err(error @ StateError::Read { .. }) => tracing::error!(
             %error,
             "Ignoring the saved stream state; the stages start empty."
         ),
+        Err(error) => match crate::snapshot::set_aside(&path) {
+            Ok(aside) => tracing::error!(
+                path = %path.display(),
+                %error,
+                kept_as = %aside.display(),
+                "Ignoring the saved stream state; the stages start empty. The file is kept aside."
+            ),
+            Err(cause) => tracing::error!(
+                path = %path.display(),
+                %error,
+                %cause,
+                "Ignoring the saved stream state; the stages start empty. It could not be kept \
+                 aside: the next write replaces it."
+            ),
+        },
     }
 }
 
