@@ -529,6 +529,36 @@ mod tests {
     }
 
     #[test]
+    fn attribute_names_as_riemann_reads_them() {
+        let e = Event {
+            attributes: [("k:v", "colon"), ("is?", "q"), ("Über", "u"), ("and?", "a")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .to_vec(),
+            ..event()
+        };
+        assert_all(
+            &e,
+            &[
+                r#"k:v = "colon""#,
+                r#"is? = "q""#,
+                r#"Über = "u""#,
+                r#"is?="q" and Über="u""#,
+                r#"and? = "a" and not k = "colon""#,
+                r#"host="web-1" and metric>0"#,
+                "not (k:v != \"colon\") or false",
+            ],
+            &[r#"k:v = "v""#, r#"k = "colon""#, r#"über = "u""#, "is"],
+        );
+        // A predicate still ends in front of a rule's `{`.
+        let (query, consumed) = Query::parse_prefix(r#"Über = "u"{ x }"#).unwrap();
+        assert_eq!(
+            (query.as_str(), consumed),
+            (r#"Über = "u""#, "Über = \"u\"".len())
+        );
+        assert!(query.matches(&e));
+    }
+
+    #[test]
     fn commas_and_whitespace() {
         let e = event();
         assert!(check(",host,=,\"web-1\",and\ttagged\r\n\"prod\",,", &e));

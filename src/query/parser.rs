@@ -10,9 +10,10 @@ use super::pattern;
 use crate::event::Field;
 use nom::IResult;
 use nom::branch::alt;
-use nom::bytes::complete::{tag, take_while};
+use nom::bytes::complete::{tag, take_while, take_while1};
 use nom::character::complete::{char, digit1, one_of, satisfy};
 use nom::combinator::{opt, recognize, value};
+use nom::multi::many0_count;
 use nom::sequence::{pair, tuple};
 
 /// How many parentheses and `not`s may be open at once.
@@ -68,11 +69,29 @@ fn operator(input: &str) -> IResult<&str, Op> {
     ))(input)
 }
 
+/// Riemann's names (`SYMBOL_HEAD SYMBOL_REST* (':' SYMBOL_REST+)*`), narrowed.
+/// Riemann's may hold almost any character (not whitespace, quotes, brackets,
+/// `^ @ / % # ~`, nor a digit first), so `host="x"` reads there as the name
+/// `host=`. vigil keeps out of names the operators' characters, quotes,
+/// parentheses, braces (a rule's predicate ends at its `{`), `#` (a rule file's
+/// comment) and commas; `-` and `.` first (`-1` and `.5` look like numbers);
+/// `+` (`+1` too), `*` (a wildcard to most readers) and `& | ; \` (operators
+/// elsewhere). Beyond ASCII, only letters and digits: a pasted `“web”` is an
+/// error, not an attribute named `“web”`.
+fn is_name_start(c: char) -> bool {
+    c.is_alphabetic() || (!c.is_ascii() && c.is_alphanumeric()) || matches!(c, '_' | '?' | '$')
+}
+
+fn is_name_continue(c: char) -> bool {
+    is_name_start(c) || c.is_ascii_digit() || matches!(c, '.' | '-')
+}
+
 fn word(input: &str) -> IResult<&str, &str> {
-    recognize(pair(
-        satisfy(|c| c.is_ascii_alphabetic() || c == '_'),
-        take_while(|c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')),
-    ))(input)
+    recognize(tuple((
+        satisfy(is_name_start),
+        take_while(is_name_continue),
+        many0_count(pair(char(':'), take_while1(is_name_continue))),
+    )))(input)
 }
 
 /// A number starting with `-` or a digit; unsigned `Infinity`/`NaN` are lexed as words.
@@ -472,6 +491,43 @@ mod tests {
             ]
         );
         assert_eq!(kinds("( ) { -"), ["(", ")", "{", "-"]);
+    }
+
+    #[test]
+    fn lexes_riemann_names() {
+        assert_eq!(
+            kinds(r#"k:v="colon" is?="q" Über="u" a:1.b:c-d $x ünï_2 日本"#),
+            [
+                "k:v",
+                "=",
+                "str:colon",
+                "is?",
+                "=",
+                "str:q",
+                "Über",
+                "=",
+                "str:u",
+                "a:1.b:c-d",
+                "$x",
+                "ünï_2",
+                "日本"
+            ]
+        );
+        // A `:` joins two parts only when a name character follows it.
+        assert_eq!(kinds("k: v k:: v"), ["k", ":", "v", "k", ":", ":", "v"]);
+        // Operators, quotes, braces and `#` still end a name.
+        assert_eq!(
+            kinds(r#"a?=1 b?!=2 c<3 d~="x" e=~"y" f{ g} h# “q”"#),
+            [
+                "a?", "=", "int:1", "b?", "!=", "int:2", "c", "<", "int:3", "d", "~=", "str:x",
+                "e", "=~", "str:y", "f", "{", "g", "}", "h", "#", "“", "q", "”"
+            ]
+        );
+        // Characters kept out of names: they would read as syntax or a number.
+        assert_eq!(
+            kinds("-x +1 .5 *"),
+            ["-", "x", "+", "int:1", ".", "int:5", "*"]
+        );
     }
 
     #[test]
