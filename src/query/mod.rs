@@ -297,6 +297,25 @@ mod tests {
     }
 
     #[test]
+    fn long_and_bigint_literals_are_integers() {
+        let mut e = event();
+        e.metric = Some(Metric::Int(2));
+        assert_all(
+            &e,
+            &[
+                "metric = 2N",
+                "metric = 2L",
+                "metric > 1l",
+                "metric < 3n",
+                "2N = 2",
+            ],
+            &["metric = 1L", "metric != 2N", "metric = -2N"],
+        );
+        assert_eq!(q("metric = 2N"), q("metric = 2"));
+        assert!(Query::parse("metric = 2.0N").is_err());
+    }
+
+    #[test]
     fn integer_and_float_metrics_compare_as_numbers() {
         let mut e = event();
         e.metric = Some(Metric::Float(1.0));

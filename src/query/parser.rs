@@ -95,6 +95,8 @@ fn word(input: &str) -> IResult<&str, &str> {
 }
 
 /// A number starting with `-` or a digit; unsigned `Infinity`/`NaN` are lexed as words.
+/// Riemann's `L` (long) and `N` (bigint) suffixes are taken here on any number
+/// and refused on a float by [`number_literal`], for a clearer error.
 fn number(input: &str) -> IResult<&str, &str> {
     alt((
         tag("-Infinity"),
@@ -104,6 +106,7 @@ fn number(input: &str) -> IResult<&str, &str> {
             digit1,
             opt(pair(char('.'), digit1)),
             opt(tuple((one_of("eE"), opt(one_of("+-")), digit1))),
+            opt(one_of("lLnN")),
         ))),
     ))(input)
 }
@@ -117,16 +120,20 @@ fn error_at(src: &str, offset: usize, message: impl Into<String>) -> QueryError 
 }
 
 fn number_literal(text: &str) -> Result<Lit, String> {
+    let digits = text.strip_suffix(['l', 'L', 'n', 'N']);
     match text {
         "-Infinity" => Ok(Lit::Float(f64::NEG_INFINITY)),
         "-NaN" => Ok(Lit::Float(f64::NAN)),
+        _ if digits.is_some() && text.contains(['.', 'e', 'E']) => Err(format!(
+            "invalid number `{text}`: `L` and `N` only follow an integer"
+        )),
         _ if text.contains(['.', 'e', 'E']) => text
             .parse()
             .map(Lit::Float)
             .map_err(|_| format!("invalid number `{text}`")),
         // Integers stay exact; silently widening to a float would lose digits.
-        _ => text
-            .parse()
+        // A bigint (`N`) is one too, within vigil's 64 bits.
+        _ => (digits.unwrap_or(text).parse())
             .map(Lit::Int)
             .map_err(|_| format!("integer `{text}` does not fit in 64 bits")),
     }
@@ -537,6 +544,29 @@ mod tests {
         assert_eq!(kinds(r#""ab\q""#), ["invalid@3"]);
         assert_eq!(kinds(r#"x "abc"#), ["x", "invalid@2"]);
         assert_eq!(kinds(r#""abc\"#), ["invalid@0"]);
+    }
+
+    #[test]
+    fn lexes_long_and_bigint_suffixes() {
+        assert_eq!(
+            kinds("2N 1L -3n 4l 0N 5Lx"),
+            ["int:2", "int:1", "int:-3", "int:4", "int:0", "int:5", "x"]
+        );
+        assert_err(
+            "metric = 1.5L",
+            10,
+            "invalid number `1.5L`: `L` and `N` only follow an integer",
+        );
+        assert_err(
+            "metric = 1e3N",
+            10,
+            "invalid number `1e3N`: `L` and `N` only follow an integer",
+        );
+        assert_err(
+            "metric = 9223372036854775808N",
+            10,
+            "integer `9223372036854775808N` does not fit in 64 bits",
+        );
     }
 
     #[test]
