@@ -243,6 +243,7 @@ mod tests {
                 r#"service = "cpu user""#,
                 r#"state != "critical""#,
                 r#"description = "all \"good\"\n""#,
+                r#"description = "\u0061ll \u0022good\u0022\u000A""#,
                 r#"env = "staging""#,
                 r#"n = "3""#,
                 r#"missing = nil"#,

@@ -139,13 +139,31 @@ fn number_literal(text: &str) -> Result<Lit, String> {
     }
 }
 
-/// The string literal whose opening quote is at `start`.
+/// The character a `\uXXXX` escape stands for, given what follows its `u`:
+/// exactly four hex digits (as Java's, unlike Rust's `\u{…}`), not a surrogate
+/// half. A pair of halves, Java's way to write a character beyond U+FFFF, is
+/// refused too: the character itself can be written instead.
+fn unicode_escape(after_u: &str) -> Result<char, String> {
+    let shown: String = after_u.chars().take_while(|&c| c != '"').take(4).collect();
+    if shown.len() != 4 || !shown.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "invalid escape `\\u{shown}` in string: `\\u` takes 4 hex digits"
+        ));
+    }
+    let code = u32::from_str_radix(&shown, 16).expect("four hex digits");
+    char::from_u32(code).ok_or_else(|| {
+        format!("escape `\\u{shown}` in string is half a UTF-16 surrogate pair, not a character")
+    })
+}
+
+/// The string literal whose opening quote is at `start`. Its escapes are
+/// Java's, as Riemann's reader takes them, octal ones aside.
 fn string(src: &str, start: usize) -> Token {
     let body = start + 1;
     let mut out = String::new();
     let mut chars = src[body..].char_indices();
     while let Some((i, c)) = chars.next() {
-        match c {
+        let escaped = match c {
             '"' => {
                 return Token {
                     kind: Kind::Str(out),
@@ -154,26 +172,34 @@ fn string(src: &str, start: usize) -> Token {
                 };
             }
             '\\' => match chars.next() {
-                Some((_, '"')) => out.push('"'),
-                Some((_, '\\')) => out.push('\\'),
-                Some((_, 'n')) => out.push('\n'),
-                Some((_, 't')) => out.push('\t'),
-                Some((_, 'r')) => out.push('\r'),
-                Some((_, other)) => {
-                    let error = error_at(
-                        src,
-                        body + i,
-                        format!("unknown escape `\\{other}` in string"),
-                    );
-                    return Token {
-                        kind: Kind::Invalid(error),
-                        start,
-                        end: start,
-                    };
+                Some((_, '"')) => Ok('"'),
+                Some((_, '\\')) => Ok('\\'),
+                Some((_, 'n')) => Ok('\n'),
+                Some((_, 't')) => Ok('\t'),
+                Some((_, 'r')) => Ok('\r'),
+                Some((_, 'b')) => Ok('\u{8}'),
+                Some((_, 'f')) => Ok('\u{c}'),
+                Some((u, 'u')) => {
+                    let escape = unicode_escape(&src[body + u + 1..]);
+                    if escape.is_ok() {
+                        chars.nth(3);
+                    }
+                    escape
                 }
+                Some((_, other)) => Err(format!("unknown escape `\\{other}` in string")),
                 None => break,
             },
-            c => out.push(c),
+            c => Ok(c),
+        };
+        match escaped {
+            Ok(c) => out.push(c),
+            Err(message) => {
+                return Token {
+                    kind: Kind::Invalid(error_at(src, body + i, message)),
+                    start,
+                    end: start,
+                };
+            }
         }
     }
     let error = error_at(src, start, "unterminated string");
@@ -567,6 +593,45 @@ mod tests {
             10,
             "integer `9223372036854775808N` does not fit in 64 bits",
         );
+    }
+
+    #[test]
+    fn lexes_java_string_escapes() {
+        assert_eq!(
+            kinds(r#""\u00fc\u0041\b\f\u20aC\u0000x" "\u005C\"""#),
+            ["str:üA\u{8}\u{c}€\0x", "str:\\\""]
+        );
+        assert_err(
+            r#"host = "a\u12G4""#,
+            10,
+            r"invalid escape `\u12G4` in string: `\u` takes 4 hex digits",
+        );
+        assert_err(
+            r#"host = "a\u+123""#,
+            10,
+            r"invalid escape `\u+123` in string: `\u` takes 4 hex digits",
+        );
+        assert_err(
+            r#"host = "é\u12""#,
+            10,
+            r"invalid escape `\u12` in string: `\u` takes 4 hex digits",
+        );
+        assert_err(
+            r#"host = "\u""#,
+            9,
+            r"invalid escape `\u` in string: `\u` takes 4 hex digits",
+        );
+        assert_err(
+            r#"host = "üü\uD83D\uDE00""#,
+            11,
+            r"escape `\uD83D` in string is half a UTF-16 surrogate pair, not a character",
+        );
+        assert_err(
+            r#"host = "\udfff""#,
+            9,
+            r"escape `\udfff` in string is half a UTF-16 surrogate pair, not a character",
+        );
+        assert_err(r#"host = "\a""#, 9, r"unknown escape `\a` in string");
     }
 
     #[test]
