@@ -677,8 +677,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Outputs deliver what is already queued, within the same grace period.
     hangups.abort();
     outputs_shutdown.cancel();
-    let delivered = reloader.finish_outputs(Duration::from_secs(10)).await;
-    tracing::info!(counters = ?stats.snapshot(), outputs_accepted_dropped = ?delivered, "Stopped.");
+    let outputs = reloader.finish_outputs(Duration::from_secs(10)).await;
+    let outputs: Vec<String> = outputs.iter().map(ToString::to_string).collect();
+    let outputs = outputs.join("; ");
+    tracing::info!(counters = ?stats.snapshot(), %outputs, "Stopped.");
     snapshot.context("writing the index snapshot and the stream state")
 }
 

@@ -685,7 +685,7 @@ pub fn warn_of_undeclared(dir: &Path, declared: &HashSet<PathBuf>) {
                 "A pager output the rules do not declare (renamed or removed) left open \
                  incidents and unsent pages: this run resolves and sends none of them. \
                  Declare it again under its old name, paging the same receiver, or \
-                 resolve them by hand."
+                 resolve them by hand and delete the file, which stops this warning."
             );
         }
     }

@@ -104,6 +104,32 @@ impl OutputCount {
     }
 }
 
+/// What an output did over the whole run, as the last log line tells it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FinalCount {
+    pub name: String,
+    pub accepted: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub skipped: u64,
+}
+
+impl std::fmt::Display for FinalCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            name,
+            accepted,
+            delivered,
+            dropped,
+            skipped,
+        } = self;
+        write!(
+            f,
+            "{name}: accepted {accepted}, delivered {delivered}, dropped {dropped}, skipped {skipped}"
+        )
+    }
+}
+
 /// The outputs a running vigil delivers to, kept up to date across reloads.
 pub struct Outputs {
     running: Vec<Running>,
@@ -262,9 +288,9 @@ impl Reloader {
 
     /// At shutdown, once the outputs' token is cancelled: waits (up to
     /// `grace`) for every output, removed ones included, to deliver what it
-    /// queued; returns each output's (name, accepted, dropped), what it had
-    /// not settled by then counted as dropped.
-    pub async fn finish_outputs(&self, grace: Duration) -> Vec<(String, u64, u64)> {
+    /// queued; returns each output's final counts, what it had not settled
+    /// by then counted as dropped.
+    pub async fn finish_outputs(&self, grace: Duration) -> Vec<FinalCount> {
         let queues = self.output_queues();
         let (running, retiring) = {
             let mut outputs = self.outputs.lock();
@@ -320,8 +346,13 @@ impl Reloader {
                     );
                 }
                 Stats::add(&c.stats.dropped, unsettled);
-                let (accepted, dropped) = (c.get(|s| &s.accepted), c.get(|s| &s.dropped));
-                (c.name, accepted, dropped)
+                FinalCount {
+                    accepted: c.get(|s| &s.accepted),
+                    delivered: c.get(|s| &s.delivered),
+                    dropped: c.get(|s| &s.dropped),
+                    skipped: c.get(|s| &s.skipped),
+                    name: c.name,
+                }
             })
             .collect()
     }
