@@ -22,10 +22,12 @@
 //! - A peer that vanished (host down, link cut) acknowledges nothing, yet
 //!   small writes (an SSE keep-alive, a quiet subscription) fit in the send
 //!   buffer and never stall, and the kernel retransmits to it for about 15
-//!   minutes. [`limit_unacked`] has the kernel end such a connection sooner
-//!   (the graphite output uses it too, and [`unacked_bytes`] to count as
-//!   delivered only what carbon's TCP acknowledged: carbon acknowledges
-//!   nothing else).
+//!   minutes. [`Bounded::watched`] ends such a connection once nothing has
+//!   been acknowledged for twice the write timeout while data waits (a peer
+//!   that reads slowly acknowledges what it takes, and is kept). The graphite
+//!   output has the kernel do so ([`limit_unacked`]), and counts as delivered
+//!   only what carbon's TCP acknowledged ([`unacked_bytes`]): carbon
+//!   acknowledges nothing else.
 //! - An HTTP/2 connection may carry at most [`MAX_STREAMS`] requests at once.
 //!   One of them left unread while the client reads the connection stalls
 //!   no write here: [`crate::unread`] drops such an answer.
@@ -35,15 +37,17 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::stats::Stats;
 
@@ -71,6 +75,77 @@ pub fn limit_unacked(stream: &TcpStream, write_timeout: Duration) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (stream, write_timeout);
+}
+
+/// Watches `socket` (a duplicate of a connection's, so the checks never
+/// touch a descriptor closed and reused meanwhile) until `done`, and tells
+/// `watch` once its peer looks vanished (host down, link cut): it holds data
+/// vigil sent and has acknowledged nothing, not even a probe of its closed
+/// window, for twice `write_timeout`, seen at two checks a check apart (so a
+/// write just made after a long quiet is not taken for one). A peer that
+/// reads slowly keeps acknowledging, so it is not taken for vanished however
+/// long its answer takes (the kernel's `TCP_USER_TIMEOUT`, used before, ended
+/// it); one that stopped reading is the write timeout's.
+async fn watch_for_vanishing(
+    socket: std::os::fd::OwnedFd,
+    write_timeout: Duration,
+    watch: Arc<Watch>,
+    done: CancellationToken,
+) {
+    let quiet = write_timeout.saturating_mul(2);
+    let every = (write_timeout / 2).max(Duration::from_millis(250));
+    let mut suspected = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = done.cancelled() => return,
+        }
+        let looks = looks_vanished(&socket, quiet);
+        if looks && suspected {
+            watch.vanished.store(true, Ordering::Release);
+            watch.waker.wake();
+            return;
+        }
+        suspected = looks;
+    }
+}
+
+/// What a connection's watch found, and how to wake the connection's task.
+#[derive(Default)]
+struct Watch {
+    vanished: AtomicBool,
+    waker: AtomicWaker,
+}
+
+/// Whether `socket` holds data its peer has not acknowledged, or is
+/// probing the peer's closed window, and has heard nothing from it for
+/// `quiet` (`TCP_INFO`).
+#[cfg(target_os = "linux")]
+fn looks_vanished(socket: &impl std::os::fd::AsRawFd, quiet: Duration) -> bool {
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, a plain C
+    // struct for which all zeroes is a valid value; `len` is its size.
+    let info = unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let got = libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        );
+        if got != 0 {
+            return false;
+        }
+        info
+    };
+    let waiting = info.tcpi_unacked > 0 || info.tcpi_probes > 0;
+    waiting && Duration::from_millis(info.tcpi_last_ack_recv.into()) >= quiet
+}
+
+#[cfg(not(target_os = "linux"))]
+fn looks_vanished(_: &std::os::fd::OwnedFd, _: Duration) -> bool {
+    false
 }
 
 /// Has the kernel probe `stream` once it has been idle for `idle`, and end
@@ -243,6 +318,7 @@ impl Bounds {
             silent: Some(Deadline::default()),
             stalled: Deadline::default(),
             vanished: false,
+            watch: None,
         })
     }
 }
@@ -258,8 +334,32 @@ pub struct Bounded<IO> {
     silent: Option<Deadline>,
     /// Armed while a write waits on the peer; disarmed when one progresses.
     stalled: Deadline,
-    /// The kernel ended the connection ([`limit_unacked`]); counted once.
+    /// The peer vanished (the kernel ended the connection, or the watch of
+    /// [`Bounded::watched`] found it gone); counted once.
     vanished: bool,
+    /// The watch, and what stops it once the connection is dropped.
+    watch: Option<(Arc<Watch>, DropGuard)>,
+}
+
+impl Bounded<TcpStream> {
+    /// This connection, ended (and counted) once its peer looks vanished:
+    /// see [`watch_for_vanishing`]. Must be called inside tokio.
+    pub fn watched(mut self) -> Self {
+        use std::os::fd::AsFd;
+        let Ok(socket) = self.io.as_fd().try_clone_to_owned() else {
+            return self;
+        };
+        let (watch, done) = (Arc::<Watch>::default(), CancellationToken::new());
+        let write_timeout = self.bounds.write_timeout;
+        tokio::spawn(watch_for_vanishing(
+            socket,
+            write_timeout,
+            watch.clone(),
+            done.clone(),
+        ));
+        self.watch = Some((watch, done.drop_guard()));
+        self
+    }
 }
 
 /// A timer armed by the first wait (no timer at all for I/O that never
@@ -334,6 +434,25 @@ impl<IO> Bounded<IO> {
         }
     }
 
+    /// An error once the watch found the peer vanished (counted once), after
+    /// having the watch wake this task when it does.
+    fn watched_vanished<T>(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<T>>> {
+        let (watch, _) = self.watch.as_ref()?;
+        watch.waker.register(cx.waker());
+        if !watch.vanished.load(Ordering::Acquire) {
+            return None;
+        }
+        if !self.vanished {
+            self.vanished = true;
+            Stats::incr((self.bounds.counters.peers_vanished)(&self.bounds.stats));
+        }
+        let quiet = self.bounds.write_timeout.saturating_mul(2);
+        Some(Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer acknowledged nothing for {quiet:?}: vanished"),
+        ))))
+    }
+
     /// Counts the connection once if `done` is the kernel giving up on a
     /// peer that acknowledged nothing (`ETIMEDOUT`; vigil's own timeouts
     /// carry no OS error).
@@ -357,6 +476,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Bounded<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(vanished) = this.watched_vanished(cx) {
+            return vanished;
+        }
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Pending => this.silent(cx),
             ready => {
@@ -375,6 +497,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Bounded<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(vanished) = this.watched_vanished(cx) {
+            return vanished;
+        }
         let done = Pin::new(&mut this.io).poll_write(cx, buf);
         this.progressed(done, cx)
     }
@@ -385,6 +510,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Bounded<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(vanished) = this.watched_vanished(cx) {
+            return vanished;
+        }
         let done = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         this.progressed(done, cx)
     }
@@ -395,6 +523,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Bounded<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(vanished) = this.watched_vanished(cx) {
+            return vanished;
+        }
         let done = Pin::new(&mut this.io).poll_flush(cx);
         this.progressed(done, cx)
     }

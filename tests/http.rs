@@ -1070,6 +1070,54 @@ async fn ask_for_a_large_answer(http: &HttpServer, index: &Index) -> tokio::net:
     stalled
 }
 
+/// A client reading a large answer slowly through a small receive window
+/// acknowledges what it takes, so it is not taken for a vanished peer,
+/// however long the answer lasts (the kernel's `TCP_USER_TIMEOUT` ended such
+/// a connection at twice the write timeout: a 1 MB answer read 16 KiB every
+/// 2 s was lost at 14 s under a 5 s timeout).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_read_slowly_through_a_small_window_arrives_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (http, index, stats) = with_a_write_timeout_of_a_second().await;
+    index_large_events(&index, 16);
+    let addr = http.addr.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8192).unwrap();
+    let mut slow = socket.connect(addr).await.unwrap();
+    let request =
+        format!("GET /index?query=true HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    slow.write_all(request.as_bytes()).await.unwrap();
+    let (started, mut answer) = (Instant::now(), Vec::new());
+    let mut chunk = vec![0; 16384];
+    loop {
+        let read = tokio::time::timeout(WAIT, slow.read(&mut chunk)).await;
+        match read.expect("a read in time") {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!(
+                "cut off after {:?}, {} bytes: {e}",
+                started.elapsed(),
+                answer.len()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "read in {:?}: not slowly enough to outlast twice the write timeout",
+        started.elapsed()
+    );
+    let text = String::from_utf8(answer).unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    assert_eq!(
+        body.matches("\"host\":\"big\"").count(),
+        16,
+        "every event, whole"
+    );
+    assert_eq!(Stats::get(&stats.http_peers_vanished), 0);
+    assert_eq!(Stats::get(&stats.http_write_timeouts), 0);
+}
+
 /// In-process, with a write timeout of a second.
 async fn with_a_write_timeout_of_a_second() -> (HttpServer, Arc<Index>, Arc<Stats>) {
     in_process_with(HttpConfig {

@@ -3,8 +3,9 @@
 //! network namespace of its own: they sit on 127.0.0.2, and once their
 //! connections are up an nftables rule drops every packet to and from there,
 //! as the network does for a host that went away.
-//! vigil must give up on them within twice its write timeout (its
-//! `TCP_USER_TIMEOUT`), where the kernel alone would retransmit to them for
+//! vigil must give up on them soon after twice its write timeout without an
+//! acknowledgement (graphite's `TCP_USER_TIMEOUT`, the HTTP listeners' own
+//! watch of `TCP_INFO`), where the kernel alone would retransmit to them for
 //! about 15 minutes:
 //! - the graphite output's carbon: a few points a second never fill the
 //!   send buffer, so no write ever stalls;

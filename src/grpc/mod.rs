@@ -368,10 +368,7 @@ impl Grpc {
             .filter_map(move |accepted| {
                 let admitted = match accepted {
                     Ok(io) => match io.peer_addr() {
-                        Ok(peer) => {
-                            crate::bounded::limit_unacked(&io, bounds.write_timeout);
-                            bounds.admit(io, peer).map(Ok)
-                        }
+                        Ok(peer) => bounds.admit(io, peer).map(|io| Ok(io.watched())),
                         // Without a peer address the connection is already gone.
                         Err(_) => None,
                     },

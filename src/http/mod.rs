@@ -339,11 +339,11 @@ async fn listen(
                 accepted = crate::tcp::accept(&listener, "http") => accepted,
                 () = shutdown.cancelled() => return,
             };
-            crate::bounded::limit_unacked(&stream, bounds.write_timeout);
             let Some(io) = bounds.admit(stream, peer) else {
                 tracing::debug!(%peer, "HTTP connection limit reached; refused.");
                 continue;
             };
+            let io = io.watched();
             let connection = serve_connection(
                 hyper.clone(),
                 io,
