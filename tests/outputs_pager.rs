@@ -679,6 +679,35 @@ async fn a_failed_save_is_tried_again_until_the_file_holds_the_incident() {
     assert_eq!(saved["incidents"][0]["dedup_key"], "web1/disk /", "{saved}");
 }
 
+/// Stopped before a failed save was tried again (a full disk freed just
+/// before a clean shutdown), the output saves once more as it stops.
+#[tokio::test]
+async fn a_failed_save_is_tried_once_more_as_the_output_stops() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let mut temp = file.clone().into_os_string();
+    temp.push(".tmp");
+    let blocker = PathBuf::from(temp);
+    std::fs::create_dir_all(blocker.join("taken")).unwrap();
+    let config = pager_config(&rx.url);
+    let memory = memory(&config, Some(file.clone()));
+    let mut out = Running::pager_remembering(memory.clone(), config);
+    out.queue.push(event("disk /", "critical"));
+    rx.wait_for(1).await;
+    out.settled().await;
+    let deadline = Instant::now() + WAIT;
+    while !memory.save_failed() {
+        assert!(Instant::now() < deadline, "no save failed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(memory.pages_written_down(), 0, "the file holds none of it");
+    std::fs::remove_dir_all(&blocker).unwrap();
+    out.stop().await;
+    let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved["incidents"][0]["dedup_key"], "web1/disk /", "{saved}");
+}
+
 /// The pages a pager's file holds as not yet delivered, as `"service"/"state"`
 /// (none before the file is first written).
 fn saved_pages(file: &std::path::Path) -> Vec<String> {
@@ -1864,6 +1893,54 @@ fn pages_left_at_shutdown_are_said_to_be_kept_for_the_next_run() {
         .collect();
     assert!(errors.is_empty(), "nothing lost, yet {errors:#?}");
     assert_eq!(saved_pages(&file).len(), 3);
+}
+
+/// Stopped with its receiver failing and its file unwritable (a full disk):
+/// the pages are said to be lost, not kept in a file that does not hold them.
+#[test]
+fn pages_a_failed_save_left_out_of_the_file_are_said_to_be_lost_at_shutdown() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rx = runtime.block_on(Receiver::start());
+    rx.reply_always(Reply(503, vec![], "down"));
+    let dir = tempfile::tempdir().unwrap();
+    let args = pager_keeping_state(dir.path(), &rx.url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let file = incidents::file_in(&dir.path().join("data"), "pager");
+    let mut temp = file.clone().into_os_string();
+    temp.push(".tmp");
+    std::fs::create_dir_all(std::path::PathBuf::from(temp).join("taken")).unwrap();
+    let mut vigil = common::Vigil::start(&args);
+    for service in ["disk /", "cpu"] {
+        send_state(&runtime, &vigil, service, "critical");
+    }
+    assert!(
+        vigil.wait_for_log("Open incidents not saved", WAIT),
+        "{}",
+        vigil.logs()
+    );
+    vigil.terminate();
+    let logs = vigil.logs();
+    assert!(
+        !logs.contains("those kept are in the pager's file"),
+        "{logs}"
+    );
+    let stopped = logs
+        .lines()
+        .find(|l| l.contains("Pages undelivered when the output stopped"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(stopped.contains(r#""level":"ERROR""#), "{stopped}");
+    assert!(stopped.contains(r#""written":0"#), "{stopped}");
+    let unsaved = logs
+        .lines()
+        .find(|l| l.contains("not saved as vigil stops"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(unsaved.contains(r#""pages":2"#), "{unsaved}");
+    let lost = logs
+        .lines()
+        .find(|l| l.contains("Events not delivered when vigil stopped"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(lost.contains(r#""dropped":2"#), "{lost}");
+    assert!(!file.exists());
 }
 
 /// Stopped while a slow receiver still takes pages, past the shutdown's

@@ -254,7 +254,6 @@ impl Unsent {
         self.pages.drain(..).map(|(e, o, _)| (e, o)).unzip()
     }
 
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.pages.len()
     }
@@ -531,12 +530,29 @@ impl Memory {
 
     /// Whether it has incidents open.
     /// How many undelivered pages the next run finds in its file (none
-    /// without one).
+    /// without one, nor when the last save failed: the file holds an older
+    /// state).
     pub fn pages_written_down(&self) -> usize {
         match self.file {
-            Some(_) => self.unsent.lock().written(),
-            None => 0,
+            Some(_) if !self.save_failed() => self.unsent.lock().written(),
+            _ => 0,
         }
+    }
+
+    /// Whether the last save failed: the file does not hold what this
+    /// memory does.
+    pub fn save_failed(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+
+    /// The output's name.
+    pub fn output(&self) -> &str {
+        &self.output
+    }
+
+    /// How many undelivered pages it holds.
+    pub fn pages_held(&self) -> usize {
+        self.unsent.lock().len()
     }
 
     /// How many incidents it holds open.

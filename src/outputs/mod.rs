@@ -399,10 +399,18 @@ impl Kept {
         written.collect()
     }
 
-    /// Every pager output's memory of its current receiver.
+    /// Every pager output's memory of its current receiver (those of pagers
+    /// a reload removed too).
     pub fn pager_memories(&self) -> Vec<Arc<incidents::Memory>> {
         let pagers = self.pagers.lock();
         pagers.values().map(|p| p.current.clone()).collect()
+    }
+
+    /// The memories of [`Kept::pager_memories`] whose last save failed.
+    pub fn pager_memories_unsaved(&self) -> Vec<Arc<incidents::Memory>> {
+        let mut memories = self.pager_memories();
+        memories.retain(|memory| memory.save_failed());
+        memories
     }
 
     /// Warns when pager output `name`, which the rules no longer declare,
@@ -492,10 +500,21 @@ impl Kept {
 /// Writes the pagers' incidents and undelivered pages (`memories`, from
 /// [`Kept::pager_memories`]) down now: at the end of shutdown's grace, a
 /// pager still sending would otherwise leave its file as it last saved it,
-/// and the pages settled since would be sent again after the restart.
+/// and the pages settled since would be sent again after the restart; and a
+/// save that failed (a full disk) gets its last try. One that fails now is
+/// said, with what the next run will not know.
 pub async fn save_pagers(memories: Vec<Arc<incidents::Memory>>) {
     for memory in memories {
-        memory.save().await;
+        if !memory.save().await {
+            tracing::error!(
+                output = memory.output(),
+                incidents = memory.open_incidents(),
+                pages = memory.pages_held(),
+                "Open incidents and undelivered pages not saved as vigil stops: the next run \
+                 finds the file as it was last written, and neither resolves these incidents \
+                 nor sends these pages."
+            );
+        }
     }
 }
 

@@ -414,11 +414,13 @@ impl Pager {
             return self.poster.finish(&output);
         }
         // Its own: a later declaration's pages are that one's to count.
-        let (kept, written) = {
-            let unsent = self.memory.unsent();
-            (unsent.taken_until(self.generation), unsent.written())
-        };
+        let kept = self.memory.unsent().taken_until(self.generation);
         if kept == 0 {
+            // A save that failed and had yet to be tried again: its last
+            // try here (shutdown's own, should this one fail, comes after).
+            if self.memory.save_failed() {
+                self.memory.save().await;
+            }
             return self.poster.finish(&output);
         }
         self.memory.save().await;
@@ -432,8 +434,10 @@ impl Pager {
             );
             return self.poster.finish(&output);
         }
-        // Lost at a restart: those not in the file.
-        let unwritten = kept - self.memory.pages_written_down().min(kept);
+        // Lost at a restart: those not in the file (none are when it could
+        // not be written).
+        let written = self.memory.pages_written_down();
+        let unwritten = kept - written.min(kept);
         if unwritten == 0 {
             tracing::warn!(
                 output,

@@ -320,6 +320,11 @@ impl Reloader {
             ended.await;
             let pagers = self.outputs.lock().kept.pager_memories();
             outputs::save_pagers(pagers).await;
+        } else {
+            // Saves that failed (a full disk) and had yet to be tried again,
+            // removed pagers' too: their tasks are gone.
+            let pagers = self.outputs.lock().kept.pager_memories_unsaved();
+            outputs::save_pagers(pagers).await;
         }
         // A pager that stopped with its receiver failing left its pages in
         // flight: those its file keeps are the next run's.
