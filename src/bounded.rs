@@ -64,7 +64,7 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// for twice `write_timeout` (`TCP_USER_TIMEOUT`). Twice, so that a peer that
 /// only stopped reading (its window closed, which also counts as unacked)
 /// is ended, and counted, by the write timeout first. A no-op off Linux.
-pub fn limit_unacked(stream: &TcpStream, write_timeout: Duration) {
+pub fn limit_unacked(stream: &impl std::os::fd::AsFd, write_timeout: Duration) {
     #[cfg(target_os = "linux")]
     {
         let millis = write_timeout.saturating_mul(2).as_millis();
@@ -86,12 +86,7 @@ pub fn limit_unacked(stream: &TcpStream, write_timeout: Duration) {
 /// reads slowly keeps acknowledging, so it is not taken for vanished however
 /// long its answer takes (the kernel's `TCP_USER_TIMEOUT`, used before, ended
 /// it); one that stopped reading is the write timeout's.
-async fn watch_for_vanishing(
-    socket: std::os::fd::OwnedFd,
-    write_timeout: Duration,
-    watch: Arc<Watch>,
-    done: CancellationToken,
-) {
+async fn watch_for_vanishing(write_timeout: Duration, watch: Arc<Watch>, done: CancellationToken) {
     let quiet = write_timeout.saturating_mul(2);
     let every = (write_timeout / 2).max(Duration::from_millis(250));
     let mut suspected = false;
@@ -100,7 +95,7 @@ async fn watch_for_vanishing(
             () = tokio::time::sleep(every) => {}
             () = done.cancelled() => return,
         }
-        let looks = looks_vanished(&socket, quiet);
+        let looks = looks_vanished(&watch.socket, quiet);
         if looks && suspected {
             watch.vanished.store(true, Ordering::Release);
             watch.waker.wake();
@@ -110,11 +105,12 @@ async fn watch_for_vanishing(
     }
 }
 
-/// What a connection's watch found, and how to wake the connection's task.
-#[derive(Default)]
+/// What a connection's watch found, how to wake the connection's task, and
+/// the duplicate of its socket the watch reads.
 struct Watch {
     vanished: AtomicBool,
     waker: AtomicWaker,
+    socket: std::os::fd::OwnedFd,
 }
 
 /// Whether `socket` holds data its peer has not acknowledged, or is
@@ -349,10 +345,13 @@ impl Bounded<TcpStream> {
         let Ok(socket) = self.io.as_fd().try_clone_to_owned() else {
             return self;
         };
-        let (watch, done) = (Arc::<Watch>::default(), CancellationToken::new());
-        let write_timeout = self.bounds.write_timeout;
-        tokio::spawn(watch_for_vanishing(
+        let watch = Arc::new(Watch {
+            vanished: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             socket,
+        });
+        let (write_timeout, done) = (self.bounds.write_timeout, CancellationToken::new());
+        tokio::spawn(watch_for_vanishing(
             write_timeout,
             watch.clone(),
             done.clone(),
@@ -399,6 +398,11 @@ impl<IO> Bounded<IO> {
         let (timeout, bounds) = (self.bounds.write_timeout, &self.bounds);
         let counter = (bounds.counters.write_timeouts)(&bounds.stats);
         ready!(self.stalled.poll(timeout, counter, cx));
+        // What the peer left unread stays with the kernel once the socket is
+        // closed: it gives up on it a write timeout on, as on the peer.
+        if let Some((watch, _)) = &self.watch {
+            limit_unacked(&watch.socket, timeout / 2);
+        }
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("the peer read nothing for {timeout:?}"),
