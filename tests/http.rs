@@ -1100,7 +1100,7 @@ async fn an_answer_read_slowly_through_a_small_window_arrives_whole() {
                 answer.len()
             ),
         }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
     }
     assert!(
         started.elapsed() > Duration::from_secs(3),
