@@ -409,6 +409,9 @@ impl Bounded<TcpStream> {
     pub fn watched(mut self) -> Self {
         use std::os::fd::AsFd;
         let Ok(socket) = self.io.as_fd().try_clone_to_owned() else {
+            // Out of descriptors: the kernel's bound, which also ends a
+            // slow reader, beats none.
+            limit_unacked(&self.io, self.bounds.write_timeout);
             return self;
         };
         let watch = Arc::new(Watch {
