@@ -459,6 +459,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     huge_pages(args.huge_pages);
+    raise_open_files_limit();
     let (name, source) = match &args.rules {
         Some(path) => (path.display().to_string(), read(path)?),
         None => (DEFAULT_RULES_NAME.to_owned(), DEFAULT_RULES.to_owned()),
@@ -682,6 +683,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let outputs = outputs.join("; ");
     tracing::info!(counters = ?stats.snapshot(), %outputs, "Stopped.");
     snapshot.context("writing the index snapshot and the stream state")
+}
+
+/// Raises the soft limit on open files to the hard one, as a server that
+/// holds many connections should: the soft limit is often 1 024 where the
+/// hard one is far higher, and each HTTP and gRPC connection takes two
+/// descriptors (its socket, and the duplicate its watch for a vanished peer
+/// holds). A no-op off Linux.
+fn raise_open_files_limit() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        // An unlimited hard limit is not one a soft limit may take.
+        let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
+            return;
+        };
+        if soft >= hard {
+            return;
+        }
+        let raised = Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "Raised the open files limit."),
+            Err(error) => tracing::warn!(%error, "Could not raise the open files limit."),
+        }
+    }
 }
 
 /// Reloads on every `SIGHUP` of `hangups` from now on (one received

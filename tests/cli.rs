@@ -497,6 +497,44 @@ fn send_and_query_say_an_http_port_is_not_riemanns() {
 }
 
 /// Human logs carried colour codes into files and journals.
+/// Started under a low soft limit on open files (1 024 is common), vigil
+/// raises it to the hard one: each HTTP and gRPC connection takes two.
+#[test]
+fn run_raises_the_open_files_limit_to_the_hard_one() {
+    let script =
+        "ulimit -Sn 256 && exec \"$0\" run --no-snapshot --tcp 127.0.0.1:0 --http 127.0.0.1:0";
+    let mut child = Command::new("sh")
+        .args(["-c", script, env!("CARGO_BIN_EXE_vigil")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    while !seen.contains("listening") {
+        match rx.recv_timeout(common::START_TIMEOUT) {
+            Ok(line) => seen.push_str(&line),
+            Err(_) => break,
+        }
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(seen.contains("listening"), "{seen}");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "soft raised to hard: {open_files}");
+}
+
 #[test]
 fn human_logs_to_a_pipe_carry_no_colour_codes() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))

@@ -259,16 +259,32 @@ impl Unsent {
     }
 
     /// How many of the pages held are written down.
-    pub(super) fn written(&self) -> usize {
+    #[cfg(test)]
+    fn written(&self) -> usize {
         self.written
     }
 
-    /// The pages written down, for the file; from now on they count as saved.
-    fn saving(&mut self) -> Vec<Event> {
-        self.saved_from = self.settled;
-        self.saved_to = self.settled + self.written as u64;
+    /// The pages written down, for the file, and what the file holds once
+    /// they are in it: for [`Unsent::saved`], once it is written.
+    fn saving(&self) -> (Vec<Event>, Saving) {
         let written = self.pages.iter().take(self.written);
-        written.map(|(event, _, _)| event.clone()).collect()
+        let pages = written.map(|(event, _, _)| event.clone()).collect();
+        (
+            pages,
+            Saving(self.settled, self.settled + self.written as u64),
+        )
+    }
+
+    /// The file holds the pages [`Unsent::saving`] gave with `saving`.
+    fn saved(&mut self, Saving(from, to): Saving) {
+        (self.saved_from, self.saved_to) = (from, to);
+    }
+
+    /// How many of the pages held the file holds.
+    fn in_the_file(&self) -> usize {
+        let held_to = self.settled + self.pages.len() as u64;
+        let from = self.saved_from.max(self.settled);
+        usize::try_from(self.saved_to.min(held_to).saturating_sub(from)).unwrap_or(usize::MAX)
     }
 
     /// Pages saved by an earlier run: no work of this one made them, and
@@ -276,9 +292,15 @@ impl Unsent {
     fn restore(&mut self, pages: Vec<Event>) {
         let origins = vec![None; pages.len()];
         self.add(pages, origins, Generation::RESTORED);
-        self.saving();
+        let (_, saving) = self.saving();
+        self.saved(saving);
     }
 }
+
+/// The pages a save writes, as numbered by [`Unsent`]'s settled count: the
+/// file holds them once it is written.
+#[derive(Debug, Clone, Copy)]
+struct Saving(u64, u64);
 
 /// Which of a memory's successive tasks (one per declaration of the output,
 /// see [`Memory::next_generation`]) took a page: a task sends only the
@@ -529,13 +551,12 @@ impl Memory {
     }
 
     /// Whether it has incidents open.
-    /// How many undelivered pages the next run finds in its file (none
-    /// without one, nor when the last save failed: the file holds an older
-    /// state).
+    /// How many of the undelivered pages the next run finds in its file
+    /// (none without one): as of the last save that succeeded.
     pub fn pages_written_down(&self) -> usize {
         match self.file {
-            Some(_) if !self.save_failed() => self.unsent.lock().written(),
-            _ => 0,
+            Some(_) => self.unsent.lock().in_the_file(),
+            None => 0,
         }
     }
 
@@ -636,8 +657,8 @@ impl Memory {
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0.0, |d| d.as_secs_f64())
             };
-            let unsent = self.unsent.lock().saving();
-            Saved {
+            let (unsent, saving) = self.unsent.lock().saving();
+            let saved = Saved {
                 version: if unsent.is_empty() {
                     WITHOUT_UNSENT
                 } else {
@@ -653,12 +674,17 @@ impl Memory {
                     })
                     .collect(),
                 unsent,
-            }
+            };
+            (saved, saving)
         };
+        let (saved, saving) = saved;
         snapshot::replace_file(file, |out| {
             serde_json::to_writer(&mut *out, &saved).map_err(io::Error::from)?;
             out.write_all(b"\n")
-        })
+        })?;
+        // Only now: after a failed write the file holds what it held.
+        self.unsent.lock().saved(saving);
+        Ok(())
     }
 }
 
@@ -845,7 +871,9 @@ mod tests {
             "not in the file yet"
         );
         assert!(unsent.changed_since_saved());
-        assert_eq!(unsent.saving().len(), 2);
+        let (pages, saving) = unsent.saving();
+        assert_eq!(pages.len(), 2);
+        unsent.saved(saving);
         assert!(!unsent.oldest(Generation::default()).unwrap().2);
         assert!(!unsent.changed_since_saved());
         unsent.add(vec![page], vec![None], Generation::default());
@@ -860,7 +888,8 @@ mod tests {
             "the third was not"
         );
         assert!(unsent.changed_since_saved());
-        unsent.saving();
+        let (_, saving) = unsent.saving();
+        unsent.saved(saving);
         unsent.settled();
         assert!(unsent.oldest(Generation::default()).is_none());
         assert!(
@@ -961,6 +990,33 @@ mod tests {
             .triggered("web1/disk".into(), Severity::Critical, Instant::now());
         memory.save().await;
         assert_eq!(Stats::get(&stats.state_write_failures), 1);
+    }
+
+    /// Pages the file holds are those of the last save that succeeded: a
+    /// failed one leaves the earlier pages in it, and adds none.
+    #[tokio::test]
+    async fn pages_in_the_file_are_those_of_the_last_save_that_succeeded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let memory = Arc::new(Memory::open("pager", Some(file.clone()), "key", 10));
+        memory.load().await;
+        let page = |service: &str| Event {
+            service: Some(service.into()),
+            ..Event::default()
+        };
+        let generation = memory.next_generation();
+        (memory.unsent()).add(vec![page("a")], vec![None], generation);
+        assert!(memory.save().await);
+        assert_eq!(memory.pages_written_down(), 1);
+        let mut temp = file.into_os_string();
+        temp.push(".tmp");
+        std::fs::create_dir_all(PathBuf::from(temp).join("taken")).unwrap();
+        let more = vec![page("b"), page("c")];
+        (memory.unsent()).add(more, vec![None; 2], generation);
+        assert!(!memory.save().await);
+        assert_eq!(memory.pages_written_down(), 1, "a, not b and c");
+        memory.unsent().settled();
+        assert_eq!(memory.pages_written_down(), 0, "a settled");
     }
 
     fn keys(memory: &Memory) -> Vec<(String, Severity)> {
