@@ -404,8 +404,10 @@ pub struct Bounded<IO> {
 }
 
 impl Bounded<TcpStream> {
-    /// This connection, ended (and counted) once its peer looks vanished:
-    /// see [`watch_for_vanishing`]. Must be called inside tokio.
+    /// This connection, ended (and counted) once its peer looks vanished
+    /// (data unacknowledged, and no acknowledgement of anything for twice
+    /// the write timeout), its socket held after it is dropped while the
+    /// peer still takes what it holds. Must be called inside tokio.
     pub fn watched(mut self) -> Self {
         use std::os::fd::AsFd;
         let Ok(socket) = self.io.as_fd().try_clone_to_owned() else {
