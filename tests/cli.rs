@@ -503,30 +503,14 @@ fn send_and_query_say_an_http_port_is_not_riemanns() {
 fn run_raises_the_open_files_limit_to_the_hard_one() {
     let script =
         "ulimit -Sn 256 && exec \"$0\" run --no-snapshot --tcp 127.0.0.1:0 --http 127.0.0.1:0";
-    let mut child = Command::new("sh")
-        .args(["-c", script, env!("CARGO_BIN_EXE_vigil")])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = String::new();
-    while !seen.contains("listening") {
-        match rx.recv_timeout(common::START_TIMEOUT) {
-            Ok(line) => seen.push_str(&line),
-            Err(_) => break,
-        }
-    }
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(seen.contains("listening"), "{seen}");
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", script, env!("CARGO_BIN_EXE_vigil")]);
+    let mut vigil = common::Logging::spawn(cmd);
+    let listening = vigil.wait_for("listening", common::START_TIMEOUT);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", vigil.child.id())).unwrap();
+    vigil.child.kill().unwrap();
+    vigil.child.wait().unwrap();
+    assert!(listening, "{}", vigil.seen);
     let open_files = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
@@ -537,38 +521,17 @@ fn run_raises_the_open_files_limit_to_the_hard_one() {
 
 #[test]
 fn human_logs_to_a_pipe_carry_no_colour_codes() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args([
-            "run",
-            "--no-snapshot",
-            "--tcp",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    cmd.args(["run", "--no-snapshot", "--tcp", "127.0.0.1:0"])
+        .args(["--http", "127.0.0.1:0"])
         .env_remove("NO_COLOR")
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = String::new();
-    while !seen.contains("listening") {
-        match rx.recv_timeout(common::START_TIMEOUT) {
-            Ok(line) => seen.push_str(&line),
-            Err(_) => break,
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(seen.contains("listening"), "{seen:?}");
+        .env("RUST_LOG", "info");
+    let mut vigil = common::Logging::spawn(cmd);
+    let listening = vigil.wait_for("listening", common::START_TIMEOUT);
+    vigil.child.kill().unwrap();
+    vigil.child.wait().unwrap();
+    let seen = vigil.seen;
+    assert!(listening, "{seen:?}");
     assert!(!seen.contains("\x1b["), "{seen:?}");
 }
 

@@ -394,48 +394,25 @@ fn a_sighup_while_starting_reloads_once_running() {
         .collect();
     std::fs::create_dir_all(&data).unwrap();
     snapshot::write(&data, &many).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
+    cmd.args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .args(["--log-format", "json", "--rules", dir_arg(&rules)])
         .args(["--data-dir", dir_arg(&data)])
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines, seen) = std::sync::mpsc::channel();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let mut logs = String::new();
-    // Whether `needle` was logged, so far or within a minute.
-    let mut wait_for = |needle: &str| {
-        if logs.contains(needle) {
-            return true;
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while let Ok(line) = seen.recv_timeout(deadline - std::time::Instant::now()) {
-            logs.push_str(&line);
-            logs.push('\n');
-            if line.contains(needle) {
-                return true;
-            }
-        }
-        false
-    };
+        .stdout(std::process::Stdio::null());
+    let mut vigil = common::Logging::spawn(cmd);
+    let minute = Duration::from_secs(60);
     // Logged before the snapshot is loaded, once the rules are read.
-    assert!(wait_for("stream state"), "{logs}");
-    common::run_ok("kill", &["-HUP", &child.id().to_string()], VISIBLE_TIMEOUT);
+    assert!(vigil.wait_for("stream state", minute), "{}", vigil.seen);
+    let pid = vigil.child.id().to_string();
+    common::run_ok("kill", &["-HUP", &pid], VISIBLE_TIMEOUT);
     // Either first: the reload may come before `listening` is logged.
-    let (reloaded, listening) = (wait_for("Rules reloaded."), wait_for("listening"));
-    let alive = child.try_wait().unwrap().is_none();
-    let _ = child.kill();
-    let status = child.wait().unwrap();
-    assert!(reloaded && listening && alive, "{status}: {logs}");
+    let reloaded = vigil.wait_for("Rules reloaded.", minute);
+    let listening = vigil.wait_for("listening", minute);
+    let alive = vigil.child.try_wait().unwrap().is_none();
+    let _ = vigil.child.kill();
+    let status = vigil.child.wait().unwrap();
+    assert!(reloaded && listening && alive, "{status}: {}", vigil.seen);
 }
 
 #[test]

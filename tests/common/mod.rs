@@ -328,6 +328,48 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
 // Running external commands
 // ---------------------------------------------------------------------------
 
+/// A process started from `cmd` with its stderr piped, and its stderr's
+/// lines as they come: for a `vigil run` that [`Vigil::start`] cannot start
+/// (another environment, a wrapper, a signal while it starts).
+pub struct Logging {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub seen: String,
+}
+
+impl Logging {
+    pub fn spawn(mut cmd: Command) -> Logging {
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Logging {
+            child,
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Whether a line holding `needle` was read, so far or within `timeout`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.seen.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                return false;
+            };
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        true
+    }
+}
+
 /// Run `program args...` with stdin closed and a hard timeout.
 /// On expiry the process is killed and the test panics with what it printed.
 pub fn run_cmd(program: impl AsRef<std::ffi::OsStr>, args: &[&str], timeout: Duration) -> Output {
