@@ -358,16 +358,28 @@ pub fn remove_leftovers(dir: &Path) {
     }
 }
 
-/// Renames `path`, which could not be read, to `path.unreadable` (replacing
-/// an earlier one), so the next write does not destroy it: a newer vigil's
-/// file after a downgrade, or a damaged one to look into. Returns where it
-/// now is.
-pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+/// Renames `path`, which could not be read (`error`), to `path.unreadable`
+/// (replacing an earlier one), so the next write does not destroy it: a
+/// newer vigil's file after a downgrade, or a damaged one to look into.
+/// Says so as an ERROR beginning with `ignoring`, what vigil does instead.
+pub fn set_aside(path: &Path, error: &dyn std::fmt::Display, ignoring: &str) {
     let mut aside = path.as_os_str().to_owned();
     aside.push(".unreadable");
     let aside = PathBuf::from(aside);
-    fs::rename(path, &aside)?;
-    Ok(aside)
+    match fs::rename(path, &aside) {
+        Ok(()) => tracing::error!(
+            path = %path.display(),
+            %error,
+            kept_as = %aside.display(),
+            "{ignoring} The file is kept aside."
+        ),
+        Err(cause) => tracing::error!(
+            path = %path.display(),
+            %error,
+            %cause,
+            "{ignoring} It could not be kept aside: the next write replaces it."
+        ),
+    }
 }
 
 /// Where [`replace_file`] writes `path`'s next content first.
@@ -412,25 +424,11 @@ pub fn restore(index: &Index, dir: &Path, started: Micros) {
             %error,
             "Ignoring the unreadable index snapshot; starting with an empty index."
         ),
-        Err(error) => {
-            let path = dir.join(FILE_NAME);
-            match set_aside(&path) {
-                Ok(aside) => tracing::error!(
-                    path = %path.display(),
-                    %error,
-                    kept_as = %aside.display(),
-                    "Ignoring the unreadable index snapshot; starting with an empty index. \
-                     The file is kept aside."
-                ),
-                Err(cause) => tracing::error!(
-                    path = %path.display(),
-                    %error,
-                    %cause,
-                    "Ignoring the unreadable index snapshot; starting with an empty index. \
-                     It could not be kept aside: the next write replaces it."
-                ),
-            }
-        }
+        Err(error) => set_aside(
+            &dir.join(FILE_NAME),
+            &error,
+            "Ignoring the unreadable index snapshot; starting with an empty index.",
+        ),
     }
 }
 
@@ -533,14 +531,7 @@ impl Snapshots {
                 path = %self.dir.join(FILE_NAME).display(),
                 "Wrote the index snapshot."
             ),
-            Err(error) => {
-                Stats::incr(&self.stats.state_write_failures);
-                tracing::error!(
-                    %error,
-                    "Could not write the index snapshot at shutdown: the next start loads \
-                     the last one written."
-                );
-            }
+            Err(error) => final_write_failed(&self.stats, error, "the index snapshot"),
         }
         let streams = match self.streams {
             Some(rules) => save_streams(rules, self.dir.clone()).await,
@@ -555,19 +546,21 @@ impl Snapshots {
                 "Wrote the stream state."
             ),
             Ok(None) => {}
-            Err(error) => {
-                Stats::incr(&self.stats.state_write_failures);
-                tracing::error!(
-                    %error,
-                    "Could not write the stream state at shutdown: the next start restores \
-                     the last one written."
-                );
-            }
+            Err(error) => final_write_failed(&self.stats, error, "the stream state"),
         }
         let saved = saved?;
         streams?;
         Ok(saved)
     }
+}
+
+/// Counts and says that the last write of `what`, at shutdown, failed.
+fn final_write_failed(stats: &Stats, error: &SnapshotError, what: &str) {
+    Stats::incr(&stats.state_write_failures);
+    tracing::error!(
+        %error,
+        "Could not write {what} at shutdown: the next start reads the last one written."
+    );
 }
 
 async fn periodic(

@@ -240,21 +240,11 @@ pub fn restore(roots: &Children, text: &RuleText, dir: &Path, started: Micros) {
             %error,
             "Ignoring the saved stream state; the stages start empty."
         ),
-        Err(error) => match crate::snapshot::set_aside(&path) {
-            Ok(aside) => tracing::error!(
-                path = %path.display(),
-                %error,
-                kept_as = %aside.display(),
-                "Ignoring the saved stream state; the stages start empty. The file is kept aside."
-            ),
-            Err(cause) => tracing::error!(
-                path = %path.display(),
-                %error,
-                %cause,
-                "Ignoring the saved stream state; the stages start empty. It could not be kept \
-                 aside: the next write replaces it."
-            ),
-        },
+        Err(error) => crate::snapshot::set_aside(
+            &path,
+            &error,
+            "Ignoring the saved stream state; the stages start empty.",
+        ),
     }
 }
 
