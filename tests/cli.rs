@@ -18,6 +18,14 @@ fn vigil(args: &[&str]) -> Output {
         .expect("vigil runs")
 }
 
+/// The stderr of `vigil ARGS`, which must exit 1.
+fn refused(args: &[&str]) -> String {
+    let out = vigil(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    stderr
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -375,9 +383,7 @@ fn run_names_the_flag_and_address_a_listener_cannot_bind() {
         }
         args.extend([flag, addr.as_str()]);
         args.extend(extra);
-        let out = vigil(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        let err = refused(&args);
         let expected = format!("{flag} {addr}: Address already in use");
         assert!(err.contains(&expected), "{expected} in {err}");
         assert!(!err.contains("--no-http"), "{err}");
@@ -462,15 +468,8 @@ fn run_refuses_flags_that_conflict_or_would_go_unused() {
         "--node-id",
         "a",
     ];
-    let out = vigil(
-        &[
-            &cluster[..],
-            &["--cluster-lease-ttl", "3s", "--cluster-renew", "3s"],
-        ]
-        .concat(),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let renew = ["--cluster-lease-ttl", "3s", "--cluster-renew", "3s"];
+    let err = refused(&[&cluster[..], &renew].concat());
     assert!(
         err.contains("--cluster-renew 3s must be shorter than --cluster-lease-ttl 3s"),
         "{err}"
@@ -489,9 +488,7 @@ fn send_and_query_say_an_http_port_is_not_riemanns() {
         vec!["query", "true", &http],
         vec!["send", "--host", "h", &http],
     ] {
-        let out = vigil(&args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let stderr = refused(&args);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
@@ -545,9 +542,7 @@ fn send_and_query_give_up_on_a_server_that_never_answers() {
         vec!["query", "--timeout", "300ms", "true", &addr],
         vec!["send", "--timeout", "300ms", "--host", "h", &addr],
     ] {
-        let out = vigil(&args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let stderr = refused(&args);
         assert!(stderr.contains(&expected), "{args:?}: {stderr}");
     }
     drop(silent);
@@ -609,9 +604,7 @@ fn send_and_query_take_negative_numbers_and_answers_over_the_frame_limit() {
     let ended = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&ended.stderr);
     assert_eq!(ended.status.code(), Some(0), "{stderr}");
-    let refused = vigil(&["query", "--max-answer", "1000000", large, &addr]);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    let stderr = refused(&["query", "--max-answer", "1000000", large, &addr]);
     assert!(
         stderr.contains("exceeds the maximum size of 1000000 bytes: raise --max-answer"),
         "{stderr}"

@@ -1751,11 +1751,7 @@ fn a_pager_renamed_with_open_incidents_says_they_are_left_open() {
         "{}",
         first.logs()
     );
-    let logs = first.logs();
-    let warning = logs
-        .lines()
-        .find(|l| l.contains("A reload removed"))
-        .unwrap();
+    let warning = first.log_line("A reload removed");
     assert!(warning.contains(r#""incidents":1"#), "{warning}");
     assert!(warning.contains(r#""output":"pager""#), "{warning}");
     first.terminate();
@@ -1767,8 +1763,7 @@ fn a_pager_renamed_with_open_incidents_says_they_are_left_open() {
         "{}",
         second.logs()
     );
-    let logs = second.logs();
-    let warning = logs.lines().find(|l| l.contains("do not declare")).unwrap();
+    let warning = second.log_line("do not declare");
     assert!(warning.contains(&file.display().to_string()), "{warning}");
     assert!(warning.contains(r#""incidents":1"#), "{warning}");
     drop(second);
@@ -1829,11 +1824,7 @@ fn pages_dropped_by_a_change_of_receiver_are_counted() {
         "{}",
         vigil.logs()
     );
-    let logs = vigil.logs();
-    let said = logs
-        .lines()
-        .find(|l| l.contains("previous receiver"))
-        .unwrap();
+    let said = vigil.log_line("previous receiver");
     assert!(said.contains(r#""dropped":3"#), "{said}");
     counted(&[
         ("accepted_total", 3.0),
@@ -1881,10 +1872,7 @@ fn pages_left_at_shutdown_are_said_to_be_kept_for_the_next_run() {
     let (mut vigil, file) = paging_until_written(&runtime, &rx, dir.path(), 3, 3);
     vigil.terminate();
     let logs = vigil.logs();
-    let said = logs
-        .lines()
-        .find(|l| l.contains("Pages undelivered when the output stopped"))
-        .unwrap_or_else(|| panic!("{logs}"));
+    let said = vigil.log_line("Pages undelivered when the output stopped");
     assert!(said.contains(r#""level":"WARN""#), "{said}");
     assert!(said.contains(r#""kept":3"#), "{said}");
     let errors: Vec<_> = logs
@@ -1924,21 +1912,12 @@ fn pages_a_failed_save_left_out_of_the_file_are_said_to_be_lost_at_shutdown() {
         !logs.contains("those kept are in the pager's file"),
         "{logs}"
     );
-    let stopped = logs
-        .lines()
-        .find(|l| l.contains("Pages undelivered when the output stopped"))
-        .unwrap_or_else(|| panic!("{logs}"));
+    let stopped = vigil.log_line("Pages undelivered when the output stopped");
     assert!(stopped.contains(r#""level":"ERROR""#), "{stopped}");
     assert!(stopped.contains(r#""written":0"#), "{stopped}");
-    let unsaved = logs
-        .lines()
-        .find(|l| l.contains("not saved as vigil stops"))
-        .unwrap_or_else(|| panic!("{logs}"));
+    let unsaved = vigil.log_line("not saved as vigil stops");
     assert!(unsaved.contains(r#""pages":2"#), "{unsaved}");
-    let lost = logs
-        .lines()
-        .find(|l| l.contains("Events not delivered when vigil stopped"))
-        .unwrap_or_else(|| panic!("{logs}"));
+    let lost = vigil.log_line("Events not delivered when vigil stopped");
     assert!(lost.contains(r#""dropped":2"#), "{lost}");
     assert!(!file.exists());
 }
@@ -1954,10 +1933,7 @@ fn pages_still_sending_past_the_grace_are_said_to_be_kept() {
     let (mut vigil, file) = paging_until_written(&runtime, &rx, dir.path(), 10, 9);
     vigil.terminate();
     let logs = vigil.logs();
-    let said = logs
-        .lines()
-        .find(|l| l.contains("Pages not delivered when vigil stopped"))
-        .unwrap_or_else(|| panic!("{logs}"));
+    let said = vigil.log_line("Pages not delivered when vigil stopped");
     let kept = saved_pages(&file).len();
     assert!(kept > 0, "{logs}");
     assert!(said.contains(&format!(r#""kept":{kept}"#)), "{said}");

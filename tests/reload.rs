@@ -436,10 +436,7 @@ fn a_replaced_forwards_backlog_is_counted_until_it_gives_it_up() {
     send("new", 10);
     wait_for_log(&v, "Downstream took nothing for 5s as the output stopped");
     wait_for_log(&v, "Output replaced or removed by a reload: it settled");
-    let settled = (v.logs().lines())
-        .find(|l| l.contains("Output replaced or removed"))
-        .map(str::to_owned)
-        .unwrap();
+    let settled = v.log_line("Output replaced or removed");
     assert!(settled.contains(r#""held":3000"#), "{settled}");
     wait_until(VISIBLE_TIMEOUT, || {
         (identity(&v) == (3010, 10, 3000)).then_some(())

@@ -358,12 +358,8 @@ async fn unreadable_or_mismatched_pem_files_are_reported() {
 
 /// The TLS address from the real binary's `listening` line.
 fn tls_addr_of(v: &common::Vigil) -> SocketAddr {
-    let logs = v.logs();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("\"listening\""))
-        .expect("listening line");
-    let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    let line = v.log_line("\"listening\"");
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
     json["fields"]["tls"]
         .as_str()
         .expect("a tls field")

@@ -248,6 +248,15 @@ impl Vigil {
         self.child.wait().expect("reap vigil");
     }
 
+    /// The first log line containing `needle`; panics with the log when
+    /// none does.
+    pub fn log_line(&self, needle: &str) -> String {
+        let logs = self.logs();
+        let line = logs.lines().find(|l| l.contains(needle));
+        line.map(str::to_owned)
+            .unwrap_or_else(|| panic!("no line holds {needle:?}:\n{logs}"))
+    }
+
     /// Poll (up to `timeout`) until a log line contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         wait_until(timeout, || self.logs().contains(needle).then_some(())).is_some()
