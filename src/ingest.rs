@@ -217,7 +217,7 @@ impl Ingest {
         match request.query {
             Some(query) if transport == Transport::Tcp => {
                 self.process(batch, events);
-                self.answer(&query)
+                self.answer(query)
             }
             _ => Reply::Ready(proto::ack()),
         }
@@ -255,10 +255,7 @@ impl Ingest {
         let query = match request.query {
             Some(text) if transport == Transport::Tcp => {
                 Stats::incr(&self.stats.queries);
-                Some(Query::parse(&text).map(|_| text).map_err(|e| {
-                    Stats::incr(&self.stats.query_errors);
-                    e.to_string()
-                }))
+                Some(text)
             }
             _ => None,
         };
@@ -271,14 +268,16 @@ impl Ingest {
                 cluster.not_stored(transport.name(), &e, &stats);
                 return proto::error_reply(e);
             }
-            match query {
-                None => proto::ack(),
-                Some(Err(e)) => proto::error_reply(e),
-                Some(Ok(text)) => match cluster.query(&text).await {
-                    Ok(found) => proto::events_reply(&found),
-                    Err(ClusterQueryError::Refused(e)) => replied(&stats, Err(e)),
-                    Err(e) => proto::error_reply(e.to_string()),
-                },
+            let Some(text) = query else {
+                return proto::ack();
+            };
+            if let Err(reply) = parsed(&stats, Query::parse_off_workers(&text).await) {
+                return reply;
+            }
+            match cluster.query(&text).await {
+                Ok(found) => proto::events_reply(&found),
+                Err(ClusterQueryError::Refused(e)) => replied(&stats, Err(e)),
+                Err(e) => proto::error_reply(e.to_string()),
             }
         }))
     }
@@ -339,30 +338,45 @@ impl Ingest {
         Ok(request)
     }
 
-    /// A key lookup is answered at once; a query that scans the index is
-    /// answered by a blocking thread when the reply is awaited.
-    fn answer(&self, text: &str) -> Reply {
+    /// A key lookup is answered at once; a query that scans the index, or
+    /// takes compiling (see [`Query::compiles_at_once`]), is answered when
+    /// the reply is awaited, by blocking threads.
+    fn answer(&self, text: String) -> Reply {
         Stats::incr(&self.stats.queries);
-        let query = match Query::parse(text) {
-            Ok(query) => query,
-            Err(e) => {
-                Stats::incr(&self.stats.query_errors);
-                return Reply::Ready(proto::error_reply(e.to_string()));
-            }
-        };
-        if query.exact_key().is_some() {
-            let answer = self
-                .index
-                .query(&query)
-                .map(|found| proto::events_reply(&found));
-            return Reply::Ready(replied(&self.stats, answer));
-        }
         let (index, stats) = (self.index.clone(), self.stats.clone());
-        Reply::Later(Box::pin(async move {
-            let answer = (index.query_then(&query, |found| proto::events_reply(&found))).await;
-            replied(&stats, answer)
-        }))
+        if !Query::compiles_at_once(&text) {
+            return Reply::Later(Box::pin(async move {
+                match parsed(&stats, Query::parse_off_workers(&text).await) {
+                    Ok(query) => answered(index, stats, query).wait().await,
+                    Err(reply) => reply,
+                }
+            }));
+        }
+        match parsed(&stats, Query::parse(&text)) {
+            Ok(query) => answered(index, stats, query),
+            Err(reply) => Reply::Ready(reply),
+        }
     }
+}
+
+/// A key lookup's answer now; a scan's when awaited, from a blocking thread.
+fn answered(index: Arc<Index>, stats: Arc<Stats>, query: Query) -> Reply {
+    if query.exact_key().is_some() {
+        let found = index.query(&query).map(|found| proto::events_reply(&found));
+        return Reply::Ready(replied(&stats, found));
+    }
+    Reply::Later(Box::pin(async move {
+        let answer = (index.query_then(&query, |found| proto::events_reply(&found))).await;
+        replied(&stats, answer)
+    }))
+}
+
+/// A parsed query, or its error as a reply (counted).
+fn parsed(stats: &Stats, query: Result<Query, crate::query::QueryError>) -> Result<Query, Bytes> {
+    query.map_err(|e| {
+        Stats::incr(&stats.query_errors);
+        proto::error_reply(e.to_string())
+    })
 }
 
 /// A query's answer, or its error as a reply (a refused one counted).
@@ -407,6 +421,58 @@ mod tests {
             ..Msg::default()
         }
         .encode_to_vec()
+    }
+
+    fn query(text: &str) -> Vec<u8> {
+        let query = crate::proto::PbQuery {
+            string: Some(text.into()),
+        };
+        let msg = Msg {
+            query: Some(query),
+            ..Msg::default()
+        };
+        msg.encode_to_vec()
+    }
+
+    /// Queries with patterns are parsed when their reply is awaited (off
+    /// the async workers), and answered or refused as any other.
+    #[tokio::test]
+    async fn a_query_with_patterns_is_parsed_when_its_reply_is_awaited() {
+        let ingest = ingest();
+        let mut events = Vec::new();
+        let event = PbEvent {
+            host: Some("h".into()),
+            service: Some("s".into()),
+            ..PbEvent::default()
+        };
+        let msg = Msg {
+            events: vec![event],
+            ..Msg::default()
+        };
+        ingest.handle_frame(&msg.encode_to_vec(), Transport::Tcp, &mut events);
+        let cases = [
+            (r#"host ~= "^h$""#, true, 1),
+            (r#"host = "h" and service = "s" and host ~= "h""#, true, 1),
+            (r#"host ~= "(""#, false, 0),
+        ];
+        for (text, ok, found) in cases {
+            let reply = ingest.handle_frame(&query(text), Transport::Tcp, &mut events);
+            assert!(matches!(reply, Reply::Later(_)), "{text}");
+            let reply = Msg::decode(reply.wait().await).unwrap();
+            assert_eq!(reply.ok, Some(ok), "{text}: {reply:?}");
+            assert_eq!(reply.events.len(), found, "{text}");
+        }
+        assert_eq!(Stats::get(&ingest.stats.queries), 3);
+        assert_eq!(Stats::get(&ingest.stats.query_errors), 1);
+        let reply = ingest.handle_frame(
+            &query(r#"host = "h" and service = "s""#),
+            Transport::Tcp,
+            &mut events,
+        );
+        let Reply::Ready(reply) = reply else {
+            panic!("a key lookup without patterns is answered at once");
+        };
+        assert_eq!(Msg::decode(reply).unwrap().events.len(), 1);
     }
 
     #[test]

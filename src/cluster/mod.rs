@@ -520,9 +520,10 @@ async fn answer_queries(
         };
         let Some(request) = request else { return };
         let Some(reply) = request.reply else { continue };
-        let parsed = std::str::from_utf8(&request.payload)
-            .map_err(|e| e.to_string())
-            .and_then(|text| Query::parse(text).map_err(|e| e.to_string()));
+        let parsed = match std::str::from_utf8(&request.payload) {
+            Ok(text) => (Query::parse_off_workers(text).await).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
         // A refusal over the limit is marked, so the asking node refuses the
         // same way (the asker's error, not the cluster's).
         let mut refusal = None;

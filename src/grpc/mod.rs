@@ -125,7 +125,7 @@ impl Shared {
         }
     }
 
-    fn parse(&self, request: &QueryRequest) -> Result<Query, Status> {
+    async fn parse(&self, request: &QueryRequest) -> Result<Query, Status> {
         if let Some(e) = request.malformed() {
             Stats::incr(&self.stats.decode_errors);
             return Err(Status::invalid_argument(format!(
@@ -141,7 +141,7 @@ impl Shared {
             return Err(Status::invalid_argument(e.to_string()));
         }
         Stats::incr(&self.stats.queries);
-        Query::parse(text).map_err(|e| {
+        Query::parse_off_workers(text).await.map_err(|e| {
             Stats::incr(&self.stats.query_errors);
             tracing::debug!(query = text, error = %e, "gRPC query refused.");
             // "parse error at column N: …": the column is in the message.
@@ -214,7 +214,7 @@ impl pb::vigil_server::Vigil for Service {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
-        let query = self.0.parse(request.get_ref())?;
+        let query = self.0.parse(request.get_ref()).await?;
         let found = match &self.0.cluster {
             Some(cluster) => cluster
                 .query(&request.get_ref().query)
@@ -235,7 +235,7 @@ impl pb::vigil_server::Vigil for Service {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let query = self.0.parse(request.get_ref())?;
+        let query = self.0.parse(request.get_ref()).await?;
         Stats::incr(&self.0.stats.subscriptions);
         // Subscribed before the snapshot is taken: an event indexed in between
         // may arrive twice, but none is missed.

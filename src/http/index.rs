@@ -74,7 +74,7 @@ pub(super) async fn get_index(
     headers: HeaderMap,
     params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Response {
-    let (query, params) = match parse(&state, params) {
+    let (query, params) = match parse(&state, params).await {
         Ok(parsed) => parsed,
         Err(body) => return error(StatusCode::BAD_REQUEST, body),
     };
@@ -107,7 +107,7 @@ pub(super) async fn get_sse(
     State(state): State<AppState>,
     params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Response {
-    match parse(&state, params) {
+    match parse(&state, params).await {
         Ok((query, params)) => event_stream(state, query, params.every).await,
         Err(body) => error(StatusCode::BAD_REQUEST, body),
     }
@@ -115,7 +115,7 @@ pub(super) async fn get_sse(
 
 /// The query and the other parameters, or the body of a 400 answer naming
 /// what is wrong and where.
-fn parse(
+async fn parse(
     state: &AppState,
     params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Result<(Query, IndexParams), serde_json::Value> {
@@ -132,7 +132,7 @@ fn parse(
         return Err(json!({ "error": e.to_string() }));
     }
     Stats::incr(&state.stats().queries);
-    match Query::parse(text) {
+    match Query::parse_off_workers(text).await {
         Ok(query) => Ok((query, params)),
         Err(e) => {
             Stats::incr(&state.stats().query_errors);

@@ -10,7 +10,15 @@ mod pattern;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::blocking::off_workers;
 use crate::event::Event;
+
+/// Longest query text parsed on an async worker (see [`Query::compiles_at_once`]).
+const AT_ONCE_MAX: usize = 4 << 10;
+
+/// Queries compiled off the async workers take turns, one at a time: one of
+/// up to `--max-string` may take a tenth of a second and 150 MB.
+static LONG_COMPILES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// A parsed and compiled predicate. Cheap to evaluate: no allocation per `matches`.
 #[derive(Debug, Clone)]
@@ -33,6 +41,32 @@ impl Query {
     /// Parses `text`, which must hold one predicate and nothing else but whitespace.
     pub fn parse(text: &str) -> Result<Query, QueryError> {
         Ok(Self::from_parsed(text, parser::parse(text, true)?))
+    }
+
+    /// [`Query::parse`] for async callers. A query that may take long to
+    /// compile, one with `~=` patterns or a long one, is compiled on a
+    /// blocking thread, in turn with the others such: a 500 KB alternation of
+    /// 40 000 literals took 0.12 s, which every connection queued on the
+    /// async worker would otherwise have waited (BENCHMARKS.md, "Queries
+    /// compiled off the async workers").
+    pub async fn parse_off_workers(text: &str) -> Result<Query, QueryError> {
+        if Self::compiles_at_once(text) {
+            return Self::parse(text);
+        }
+        // Holds the permit; never closed, so never an error.
+        let _turn = LONG_COMPILES.acquire().await;
+        let owned = text.to_owned();
+        match off_workers(move || Query::parse(&owned)).await {
+            Some(parsed) => parsed,
+            // The runtime is shutting down: nobody is queued behind it.
+            None => Self::parse(text),
+        }
+    }
+
+    /// Whether `text` parses in tens of microseconds, short enough for an
+    /// async worker: not long, and without `~=` patterns to compile.
+    pub fn compiles_at_once(text: &str) -> bool {
+        text.len() <= AT_ONCE_MAX && !text.contains("~=")
     }
 
     /// Parses the longest predicate at the start of `input` (leading whitespace
@@ -119,6 +153,30 @@ mod tests {
 
     fn q(text: &str) -> Query {
         Query::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+    }
+
+    /// A query's patterns compile while the (single) async worker runs
+    /// other tasks; a short query without any is parsed at once.
+    #[tokio::test]
+    async fn patterns_compile_off_the_async_worker() {
+        let alternation: Vec<_> = (0..20_000).map(|i| format!("literal{i}")).collect();
+        let long = format!(r#"service ~= "{}""#, alternation.join("|"));
+        for (text, compiled_aside) in [(long.as_str(), true), (r#"host = "a""#, false)] {
+            assert_eq!(!Query::compiles_at_once(text), compiled_aside);
+            let others_ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counter = others_ran.clone();
+            let other = tokio::spawn(async move {
+                loop {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            });
+            let parsed = Query::parse_off_workers(text).await.unwrap();
+            let ran = others_ran.load(std::sync::atomic::Ordering::Relaxed);
+            other.abort();
+            assert_eq!(parsed.as_str(), text);
+            assert_eq!(ran > 0, compiled_aside, "{ran} turns of the other task");
+        }
     }
 
     fn check(text: &str, event: &Event) -> bool {
