@@ -394,6 +394,9 @@ fn parse_metric(s: &str) -> Result<Metric, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        end_with_stdout_reader();
+    }
     init_logging(cli.log_format);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -411,6 +414,17 @@ fn main() -> anyhow::Result<()> {
             Command::Test { files } => exit_with(test(&files)),
         }
     })
+}
+
+/// The commands that print to stdout end when its reader does (`vigil check
+/// rules/*.vigil | head`), as other command-line tools do, instead of
+/// panicking on the print that failed. The server keeps ignoring `SIGPIPE`.
+fn end_with_stdout_reader() {
+    // SAFETY: before any thread is started; SIG_DFL is the signal's default.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Transparent huge pages on or off for the whole process from now on (see
@@ -794,7 +808,7 @@ async fn within<T>(
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
-    rules::read_file(path).with_context(|| format!("reading {}", path.display()))
+    rules::read_file(path).map_err(|e| anyhow::anyhow!(e.render(&path.display().to_string())))
 }
 
 /// `check` and `test` report through stdout and their exit code, not an error.
@@ -809,7 +823,14 @@ fn check(files: &[PathBuf]) -> anyhow::Result<bool> {
     let mut all_ok = true;
     for path in files {
         let name = path.display().to_string();
-        let source = read(path)?;
+        let source = match rules::read_file(path) {
+            Ok(source) => source,
+            Err(e) => {
+                println!("{}", e.render(&name));
+                all_ok = false;
+                continue;
+            }
+        };
         match rules::load(&name, &source, EnvPolicy::Lenient) {
             Ok((_, compiled)) => {
                 for warning in &compiled.warnings {
@@ -830,7 +851,14 @@ fn test(files: &[PathBuf]) -> anyhow::Result<bool> {
     let (mut passed, mut failed) = (0, 0);
     for path in files {
         let name = path.display().to_string();
-        let source = read(path)?;
+        let source = match rules::read_file(path) {
+            Ok(source) => source,
+            Err(e) => {
+                println!("{}", e.render(&name));
+                failed += 1;
+                continue;
+            }
+        };
         let file = match rules::load(&name, &source, EnvPolicy::Lenient) {
             Ok((file, _)) => file,
             Err(rendered) => {

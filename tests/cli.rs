@@ -139,6 +139,66 @@ tests/fixtures/broken.vigil:8:13: expected a TTL in seconds (0 to 3.4e38), found
     assert_eq!(stdout(&out), expected);
 }
 
+/// A file that cannot be read is one error among the others: the files
+/// after it are checked (and tested) all the same.
+#[test]
+fn check_and_test_go_on_past_a_file_they_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_text = dir.path().join("not_text.vigil");
+    std::fs::write(
+        &not_text,
+        b"streams {\n  where service = \"\xff\" { index }\n}\n",
+    )
+    .unwrap();
+    let (missing, not_text) = ("tests/fixtures/none.vigil", not_text.to_str().unwrap());
+    let out = vigil(&["check", missing, not_text, "rules/default.vigil"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    let lines: Vec<_> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("tests/fixtures/none.vigil: cannot read: "),
+        "{text}"
+    );
+    assert_eq!(
+        lines[1],
+        format!("{not_text}:2:20: not UTF-8 text: byte 0xff")
+    );
+    assert_eq!(lines.last(), Some(&"rules/default.vigil: ok"), "{text}");
+    let out = vigil(&["test", missing, "rules/default.vigil"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).ends_with(", 1 failed\n"), "{}", stdout(&out));
+}
+
+/// `vigil check rules/*.vigil | head` ends quietly when `head` does.
+#[test]
+fn check_ends_quietly_when_its_reader_has_gone() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["check", "rules/default.vigil"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {stderr}", out.status);
+    assert_eq!(stderr, "");
+}
+
+/// An emptied rule file (a failed deploy) would drop every event.
+#[test]
+fn check_refuses_a_file_without_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.vigil");
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.to_str().unwrap();
+    let out = vigil(&["check", empty]);
+    assert_eq!(out.status.code(), Some(1));
+    let first = format!("{empty}:1:1: no `streams {{ … }}` block: every event would be dropped.");
+    assert!(stdout(&out).starts_with(&first), "{}", stdout(&out));
+}
+
 #[test]
 fn check_reports_the_syntax_error_of_every_item() {
     let out = vigil(&["check", "tests/fixtures/syntax_errors.vigil"]);

@@ -42,6 +42,22 @@ pub enum ReadError {
     NotText(#[from] std::string::FromUtf8Error),
 }
 
+impl ReadError {
+    /// The error as `vigil check` prints it: text that is not UTF-8 at the
+    /// line and column of its first bad byte, else `FILE: cannot read: why`.
+    pub fn render(&self, name: &str) -> String {
+        match self {
+            ReadError::NotText(e) => {
+                let at = e.utf8_error().valid_up_to();
+                let message = format!("not UTF-8 text: byte {:#04x}", e.as_bytes()[at]);
+                Diagnostic::new(at..at, message)
+                    .render(name, &String::from_utf8_lossy(e.as_bytes()))
+            }
+            ReadError::File(e) => format!("{name}: cannot read: {e}"),
+        }
+    }
+}
+
 /// Reads a rule file: a regular file (never opened otherwise: opening a
 /// FIFO with no writer would block), of at most [`MAX_RULE_FILE`] bytes.
 pub fn read_file(path: &std::path::Path) -> Result<String, ReadError> {
@@ -99,5 +115,28 @@ mod tests {
         assert!(error.starts_with("not UTF-8 text: "), "{error}");
         let error = read_file(dir.path()).unwrap_err().to_string();
         assert_eq!(error, "not a regular file (a directory)");
+    }
+
+    #[test]
+    fn text_that_is_not_utf_8_is_shown_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.vigil");
+        std::fs::write(
+            &path,
+            b"streams {\n  where service = \"\xff\xfe\" { index }\n}\n",
+        )
+        .unwrap();
+        let error = read_file(&path).unwrap_err().render("r.vigil");
+        let lines: Vec<_> = error.lines().collect();
+        assert_eq!(lines[0], "r.vigil:2:20: not UTF-8 text: byte 0xff");
+        assert_eq!(
+            lines[1],
+            "      where service = \"\u{fffd}\u{fffd}\" { index }"
+        );
+        assert_eq!(lines[2], format!("{}^", " ".repeat(4 + 19)));
+        let error = read_file(&dir.path().join("none"))
+            .unwrap_err()
+            .render("none");
+        assert!(error.starts_with("none: cannot read: "), "{error}");
     }
 }

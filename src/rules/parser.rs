@@ -53,13 +53,17 @@ pub fn parse(source: &str) -> Result<RuleFile, Vec<Diagnostic>> {
     let mut input = source.strip_prefix('\u{feff}').unwrap_or(source);
     let mut file = RuleFile::default();
     let mut errors = Vec::new();
+    let mut streams_blocks = 0;
     loop {
         let at = skip_trivia(input);
         let error = match parser.item(input) {
             Ok((rest, item)) => {
                 match item {
                     Item::Output(output) => file.outputs.push(output),
-                    Item::Streams(stmts) => file.streams.extend(stmts),
+                    Item::Streams(stmts) => {
+                        streams_blocks += 1;
+                        file.streams.extend(stmts);
+                    }
                     Item::Test(test) => file.tests.push(test),
                 }
                 input = rest;
@@ -87,6 +91,17 @@ pub fn parse(source: &str) -> Result<RuleFile, Vec<Diagnostic>> {
             break;
         }
         input = next;
+    }
+    if errors.is_empty() && streams_blocks == 0 {
+        // Most likely a file emptied or cut short on its way (a full disk,
+        // a deploy that failed): taken as it is, every event would be
+        // dropped without a word.
+        let end = source.len();
+        errors.push(Diagnostic::new(
+            end..end,
+            "no `streams { … }` block: every event would be dropped. \
+             To drop them on purpose, write an empty `streams { }`",
+        ));
     }
     if errors.is_empty() {
         file.source = source.to_owned();
@@ -1407,17 +1422,26 @@ test "backlog pages" {
     // ---- one construct at a time -----------------------------------------------------
 
     #[test]
-    fn empty_and_comment_only_files() {
-        for src in [
-            "",
-            "  \n\t",
-            "# nothing\n# here",
-            "streams {}",
-            "streams { # c\n }",
-            "\u{feff}streams {}",
-        ] {
+    fn empty_streams_blocks_drop_everything_on_purpose() {
+        for src in ["streams {}", "streams { # c\n }", "\u{feff}streams {}"] {
             let file = parse_ok(src);
             assert!(file.outputs.is_empty() && file.streams.is_empty() && file.tests.is_empty());
+        }
+    }
+
+    /// An emptied file is refused rather than run, dropping every event.
+    #[test]
+    fn a_file_without_streams_is_refused() {
+        let tests_only = "output p = pagerduty(routing_key: \"k\")\ntest \"t\" { send {} }";
+        for src in ["", "  \n\t", "# nothing\n# here", tests_only] {
+            let errors = parse(src).unwrap_err();
+            assert_eq!(errors.len(), 1, "{src:?}");
+            assert_eq!(errors[0].span, src.len()..src.len());
+            assert!(
+                errors[0].message.starts_with("no `streams { … }` block"),
+                "{}",
+                errors[0].message
+            );
         }
     }
 
@@ -1585,8 +1609,7 @@ test "backlog pages" {
 
     #[test]
     fn test_steps() {
-        let src =
-            "test \"t\" { send {}; at 1m expect no pager {}; expect no {a: 1} at 90s send {} }";
+        let src = "streams {} test \"t\" { send {}; at 1m expect no pager {}; expect no {a: 1} at 90s send {} }";
         let test = &parse_ok(src).tests[0];
         assert_eq!(test.steps.len(), 4);
         assert!(matches!(test.steps[0].action, TestAction::Send(_)));

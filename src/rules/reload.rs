@@ -253,8 +253,8 @@ impl Reloader {
         let (rules, task_name) = (self.rules.clone(), name.clone());
         let (source, compiled) = tokio::task::spawn_blocking(move || {
             let (stats, name) = (&rules.stats, &task_name);
-            let source = super::read_file(&path)
-                .map_err(|e| reject(stats, name, format!("{name}: cannot read: {e}")))?;
+            let source =
+                super::read_file(&path).map_err(|e| reject(stats, name, e.render(name)))?;
             let compiled = prepare(stats, name, &source, EnvPolicy::Strict)?;
             Ok::<_, String>((source, compiled))
         })
