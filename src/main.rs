@@ -1,5 +1,6 @@
 //! The `vigil` command: `run` the server, `send` an event, `query` the index.
 
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -197,7 +198,7 @@ struct RunArgs {
     #[arg(long, default_value = "100ms", value_parser = parse_tick)]
     tick: Duration,
     /// Refuse new index keys beyond this many entries (counted); unbounded by default.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_positive)]
     max_index: Option<usize>,
     /// Refuse (with an error naming this flag) a query that matches more index
     /// entries than this, over TCP, HTTP and gRPC: an answer is held whole
@@ -238,7 +239,7 @@ struct RunArgs {
     #[arg(long, env = "VIGIL_HTTP_TOKEN", hide_env_values = true, value_parser = parse_token)]
     http_token: Option<String>,
     /// How often vigil sends its own metrics through the rules as events (0 disables).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     self_metrics_interval: Duration,
     /// `host` of the self-metric events; defaults to this machine's hostname.
     #[arg(long)]
@@ -305,8 +306,21 @@ fn parse_tick(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be longer than zero".to_owned()),
+        d => Ok(d),
+    }
+}
+
+/// Ten years is never in practice; much longer, a deadline `now` plus the
+/// duration overflows the clock, and the task computing it panics (a
+/// `--snapshot-interval` of 300000000000y stopped the snapshots, and the
+/// final one).
+const LONGEST_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s) {
-        Ok(d) if d.is_zero() => Err("must be longer than zero".to_owned()),
+        Ok(d) if d > LONGEST_DURATION => Err("must be at most 10 years (3650d)".to_owned()),
         parsed => parsed.map_err(|e| e.to_string()),
     }
 }
@@ -392,12 +406,22 @@ fn parse_metric(s: &str) -> Result<Metric, String> {
         .map_err(|_| "not a number".to_owned())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run(_)) {
-        end_with_stdout_reader();
+    let format = cli.log_format;
+    init_logging(format);
+    let Err(error) = command(cli) else {
+        return std::process::ExitCode::SUCCESS;
+    };
+    match format {
+        LogFormat::Human => eprintln!("Error: {error:?}"),
+        // One JSON object per line for the log collector, this one too.
+        LogFormat::Json => tracing::error!(error = format!("{error:#}"), "Exiting on an error."),
     }
-    init_logging(cli.log_format);
+    std::process::ExitCode::FAILURE
+}
+
+fn command(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         match cli.command {
@@ -414,17 +438,6 @@ fn main() -> anyhow::Result<()> {
             Command::Test { files } => exit_with(test(&files)),
         }
     })
-}
-
-/// The commands that print to stdout end when its reader does (`vigil check
-/// rules/*.vigil | head`), as other command-line tools do, instead of
-/// panicking on the print that failed. The server keeps ignoring `SIGPIPE`.
-fn end_with_stdout_reader() {
-    // SAFETY: before any thread is started; SIG_DFL is the signal's default.
-    #[cfg(target_os = "linux")]
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
 }
 
 /// Transparent huge pages on or off for the whole process from now on (see
@@ -695,7 +708,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let outputs = reloader.finish_outputs(Duration::from_secs(10)).await;
     let outputs: Vec<String> = outputs.iter().map(ToString::to_string).collect();
     let outputs = outputs.join("; ");
-    tracing::info!(counters = ?stats.snapshot(), %outputs, "Stopped.");
+    let counters: Vec<String> = (stats.snapshot().iter())
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    let counters = counters.join(" ");
+    tracing::info!(%counters, %outputs, "Stopped.");
     snapshot.context("writing the index snapshot and the stream state")
 }
 
@@ -812,21 +829,34 @@ fn read(path: &Path) -> anyhow::Result<String> {
 }
 
 /// `check` and `test` report through stdout and their exit code, not an error.
-fn exit_with(result: anyhow::Result<bool>) -> anyhow::Result<()> {
-    if !result? {
+fn exit_with((report, ok): (String, bool)) -> anyhow::Result<()> {
+    to_stdout(|out| out.write_all(report.as_bytes()))?;
+    if !ok {
         std::process::exit(1);
     }
     Ok(())
 }
 
-fn check(files: &[PathBuf]) -> anyhow::Result<bool> {
+/// Writes to stdout what `print` writes; a reader that stopped early
+/// (`vigil check rules/*.vigil | head`) wanted no more, and is no error.
+fn to_stdout(print: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> anyhow::Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match print(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        printed => Ok(printed?),
+    }
+}
+
+/// What `vigil check` prints, and whether every file is free of errors.
+fn check(files: &[PathBuf]) -> (String, bool) {
+    let mut out = String::new();
     let mut all_ok = true;
     for path in files {
         let name = path.display().to_string();
         let source = match rules::read_file(path) {
             Ok(source) => source,
             Err(e) => {
-                println!("{}", e.render(&name));
+                _ = writeln!(out, "{}", e.render(&name));
                 all_ok = false;
                 continue;
             }
@@ -834,27 +864,29 @@ fn check(files: &[PathBuf]) -> anyhow::Result<bool> {
         match rules::load(&name, &source, EnvPolicy::Lenient) {
             Ok((_, compiled)) => {
                 for warning in &compiled.warnings {
-                    println!("warning: {}", warning.render(&name, &source));
+                    _ = writeln!(out, "warning: {}", warning.render(&name, &source));
                 }
-                println!("{name}: ok");
+                _ = writeln!(out, "{name}: ok");
             }
             Err(rendered) => {
-                println!("{rendered}");
+                _ = writeln!(out, "{rendered}");
                 all_ok = false;
             }
         }
     }
-    Ok(all_ok)
+    (out, all_ok)
 }
 
-fn test(files: &[PathBuf]) -> anyhow::Result<bool> {
+/// What `vigil test` prints, and whether every test passed.
+fn test(files: &[PathBuf]) -> (String, bool) {
+    let mut out = String::new();
     let (mut passed, mut failed) = (0, 0);
     for path in files {
         let name = path.display().to_string();
         let source = match rules::read_file(path) {
             Ok(source) => source,
             Err(e) => {
-                println!("{}", e.render(&name));
+                _ = writeln!(out, "{}", e.render(&name));
                 failed += 1;
                 continue;
             }
@@ -862,7 +894,7 @@ fn test(files: &[PathBuf]) -> anyhow::Result<bool> {
         let file = match rules::load(&name, &source, EnvPolicy::Lenient) {
             Ok((file, _)) => file,
             Err(rendered) => {
-                println!("{rendered}");
+                _ = writeln!(out, "{rendered}");
                 failed += 1;
                 continue;
             }
@@ -872,24 +904,24 @@ fn test(files: &[PathBuf]) -> anyhow::Result<bool> {
                 for outcome in outcomes {
                     if outcome.passed() {
                         passed += 1;
-                        println!("PASS {name}: {}", outcome.name);
+                        _ = writeln!(out, "PASS {name}: {}", outcome.name);
                     } else {
                         failed += 1;
-                        println!("FAIL {name}: {}", outcome.name);
+                        _ = writeln!(out, "FAIL {name}: {}", outcome.name);
                         for failure in &outcome.failures {
-                            println!("    {failure}");
+                            _ = writeln!(out, "    {failure}");
                         }
                     }
                 }
             }
             Err(diagnostics) => {
-                println!("{}", rules::render_all(&diagnostics, &name, &source));
+                _ = writeln!(out, "{}", rules::render_all(&diagnostics, &name, &source));
                 failed += 1;
             }
         }
     }
-    println!("{passed} passed, {failed} failed");
-    Ok(failed == 0)
+    _ = writeln!(out, "{passed} passed, {failed} failed");
+    (out, failed == 0)
 }
 
 async fn query_cmd(
@@ -912,14 +944,5 @@ async fn query_cmd(
         }
     })
     .await?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let printed = found
-        .iter()
-        .try_for_each(|event| writeln!(out, "{}", json::to_json(event)))
-        .and_then(|()| out.flush());
-    match printed {
-        // A reader that stopped early (`| head`) wanted no more.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        printed => Ok(printed?),
-    }
+    to_stdout(|out| (found.iter()).try_for_each(|event| writeln!(out, "{}", json::to_json(event))))
 }
