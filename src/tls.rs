@@ -106,8 +106,8 @@ pub enum TlsError {
     },
     #[error("choosing TLS versions: {0}")]
     Versions(tokio_rustls::rustls::Error),
-    #[error("the TLS certificate and key do not go together: {0}")]
-    Mismatch(tokio_rustls::rustls::Error),
+    #[error("{}: not the private key of the certificate in {}", .key.display(), .cert.display())]
+    Mismatch { cert: PathBuf, key: PathBuf },
     #[error("{}: not a usable certificate: {cause}", .path.display())]
     Certificate {
         path: PathBuf,
@@ -132,8 +132,9 @@ impl TlsError {
             | TlsError::ClientCa { path, .. }
             | TlsError::Certificate { path, .. }
             | TlsError::File { path, .. }
+            | TlsError::Mismatch { key: path, .. }
             | TlsError::NoCertificate(path) => Some(path),
-            TlsError::Versions(_) | TlsError::Mismatch(_) | TlsError::ServerName(_) => None,
+            TlsError::Versions(_) | TlsError::ServerName(_) => None,
         }
     }
 }
@@ -199,9 +200,10 @@ impl ClientTls {
                 let key = parse_key(key_path, &key_pem)?;
                 let config = builder.with_client_auth_cert(chain.clone(), key).map_err(
                     |cause| match cause {
-                        tokio_rustls::rustls::Error::InconsistentKeys(_) => {
-                            TlsError::Mismatch(cause)
-                        }
+                        tokio_rustls::rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+                            cert: cert.to_owned(),
+                            key: key_path.to_owned(),
+                        },
                         cause => TlsError::Certificate {
                             path: cert.to_owned(),
                             cause,
@@ -240,7 +242,8 @@ pub fn acceptor(
     // Explicit, so a second provider linked in later cannot make this ambiguous.
     let provider = Arc::new(ring::default_provider());
     let chain = certificates(cert)?;
-    let key = parse_key(key, &read_key(key)?)?;
+    let key_path = key;
+    let key = parse_key(key_path, &read_key(key_path)?)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Versions)?;
@@ -270,7 +273,10 @@ pub fn acceptor(
     let config = builder
         .with_single_cert(chain, key)
         .map_err(|cause| match cause {
-            tokio_rustls::rustls::Error::InconsistentKeys(_) => TlsError::Mismatch(cause),
+            tokio_rustls::rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+                cert: cert.to_owned(),
+                key: key_path.to_owned(),
+            },
             // Not the key's fault: e.g. an X.509 v1 certificate, which
             // `openssl x509 -req` makes without an extensions file.
             cause => TlsError::Certificate {
@@ -428,10 +434,13 @@ mod tests {
             format!("{}: no certificate found", empty.display()),
             "the client CA file"
         );
-        let text = refusal(&cert, &other_key, None);
-        assert!(
-            text.starts_with("the TLS certificate and key do not go together: "),
-            "{text}"
+        assert_eq!(
+            refusal(&cert, &other_key, None),
+            format!(
+                "{}: not the private key of the certificate in {}",
+                other_key.display(),
+                cert.display()
+            )
         );
         // PEM around bytes that are no certificate: the certificate's fault.
         let garbage = dir.path().join("garbage.pem");

@@ -350,10 +350,12 @@ async fn unreadable_or_mismatched_pem_files_are_reported() {
     let Err(error) = tls::acceptor(&pki.server_cert, &pki.client_key, None) else {
         panic!("a key of another certificate is an error");
     };
-    assert!(
-        format!("{error:#}").contains("do not go together"),
-        "{error:#}"
+    let expected = format!(
+        "{}: not the private key of the certificate in {}",
+        pki.client_key.display(),
+        pki.server_cert.display()
     );
+    assert_eq!(format!("{error:#}"), expected);
 }
 
 /// The TLS address from the real binary's `listening` line.
@@ -547,7 +549,12 @@ async fn sighup_renews_the_listeners_certificate_and_keeps_it_when_the_files_are
         "{}",
         v.logs()
     );
-    assert!(v.logs().contains("do not go together"), "{}", v.logs());
+    assert!(
+        v.logs()
+            .contains("not the private key of the certificate in"),
+        "{}",
+        v.logs()
+    );
     assert_eq!(presented(&connector, addr).await, second);
 
     // A FIFO in place of the certificate: refused without being opened

@@ -92,14 +92,14 @@ fn render(s: &Sample) -> String {
         held,
         s.subscriber_bytes,
     );
-    let forward = "Index changes a cluster owner dropped instead of forwarding to subscribers.";
-    out.single(
-        "vigil_cluster_forward_dropped_total",
-        "counter",
-        forward,
-        s.forward_dropped,
-    );
     if let Some(cluster) = s.cluster {
+        let forward = "Index changes a cluster owner dropped instead of forwarding to subscribers.";
+        out.single(
+            "vigil_cluster_forward_dropped_total",
+            "counter",
+            forward,
+            s.forward_dropped,
+        );
         out.single(
             "vigil_cluster_connected",
             "gauge",
@@ -290,5 +290,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }
+        // Outside cluster mode, as the self-metric events.
+        assert!(!text.contains("vigil_cluster_"), "{text}");
     }
 }

@@ -519,7 +519,6 @@ impl Compiler<'_> {
         // Pointed at the parameter naming the file at fault, or the name.
         let at_fault = match (&error, error.path(), identity.zip(files)) {
             (TlsError::ServerName(_), _, _) => name.or(b.get("host")),
-            (TlsError::Mismatch(_), _, Some(((_, key), _))) => Some(key),
             (_, Some(path), Some(((cert, key), (cert_path, key_path)))) => {
                 let cert = (path == cert_path).then_some(cert);
                 cert.or((path == key_path).then_some(key))
