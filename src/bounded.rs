@@ -310,7 +310,9 @@ pub struct Counters {
     pub refused: fn(&Stats) -> &AtomicU64,
     pub read_timeouts: fn(&Stats) -> &AtomicU64,
     pub write_timeouts: fn(&Stats) -> &AtomicU64,
-    pub peers_vanished: fn(&Stats) -> &AtomicU64,
+    /// `None` for HTTP/2 only: its keepalive ping, unanswered, closes a
+    /// vanished peer's connection before the watch can find it.
+    pub peers_vanished: Option<fn(&Stats) -> &AtomicU64>,
 }
 
 impl Counters {
@@ -319,14 +321,14 @@ impl Counters {
         refused: |stats| &stats.http_connections_refused,
         read_timeouts: |stats| &stats.http_read_timeouts,
         write_timeouts: |stats| &stats.http_write_timeouts,
-        peers_vanished: |stats| &stats.http_peers_vanished,
+        peers_vanished: Some(|stats| &stats.http_peers_vanished),
     };
     pub const GRPC: Counters = Counters {
         listener: "grpc",
         refused: |stats| &stats.grpc_connections_refused,
         read_timeouts: |stats| &stats.grpc_read_timeouts,
         write_timeouts: |stats| &stats.grpc_write_timeouts,
-        peers_vanished: |stats| &stats.grpc_peers_vanished,
+        peers_vanished: None,
     };
 }
 
@@ -514,13 +516,19 @@ impl<IO> Bounded<IO> {
         }
         if !self.vanished {
             self.vanished = true;
-            Stats::incr((self.bounds.counters.peers_vanished)(&self.bounds.stats));
+            self.count_vanished();
         }
         let quiet = self.bounds.write_timeout.saturating_mul(2);
         Some(Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("the peer acknowledged nothing for {quiet:?}: vanished"),
         ))))
+    }
+
+    fn count_vanished(&self) {
+        if let Some(counter) = self.bounds.counters.peers_vanished {
+            Stats::incr(counter(&self.bounds.stats));
+        }
     }
 
     /// Counts the connection once if `done` is the kernel giving up on a
@@ -533,7 +541,7 @@ impl<IO> Bounded<IO> {
             && !self.vanished
         {
             self.vanished = true;
-            Stats::incr((self.bounds.counters.peers_vanished)(&self.bounds.stats));
+            self.count_vanished();
         }
         done
     }

@@ -116,8 +116,9 @@ counters! {
     /// HTTP connections (responses, WebSocket and SSE subscribers) closed because
     /// the client read nothing for `--read-timeout`.
     http_write_timeouts,
-    /// HTTP connections the kernel ended because the peer acknowledged
-    /// nothing for twice `--read-timeout`: it vanished (host down, link cut).
+    /// HTTP/1 connections closed because the peer acknowledged nothing for
+    /// twice `--read-timeout`: it vanished (host down, link cut). An HTTP/2
+    /// peer's unanswered keepalive ping closes it sooner, uncounted.
     http_peers_vanished,
     /// HTTP connections closed because a request (its head, or a posted body)
     /// did not arrive within `--read-timeout`, idle keep-alive ones included.
@@ -137,9 +138,6 @@ counters! {
     /// client, while reading its connection, took nothing of them for
     /// `--read-timeout`: dropped, their stream reset.
     grpc_responses_unread,
-    /// gRPC connections the kernel ended because the peer acknowledged
-    /// nothing for twice `--read-timeout`: it vanished (host down, link cut).
-    grpc_peers_vanished,
     /// gRPC connections closed because the client sent nothing within
     /// `--read-timeout` of connecting.
     grpc_read_timeouts,

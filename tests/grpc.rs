@@ -1020,3 +1020,49 @@ async fn an_idle_grpc_connection_does_not_keep_the_memory_of_its_largest_call() 
     );
     drop(idle);
 }
+
+/// Out of file descriptors, the gRPC listener backs off and says so, as the
+/// other listeners do: its failed accepts went to tonic, which retried them
+/// at once, spinning a core without a word.
+#[test]
+fn out_of_descriptors_the_grpc_listener_backs_off_and_says_so() {
+    let script = "ulimit -n 64 && exec \"$0\" --log-format json run --no-snapshot \
+                  --tcp 127.0.0.1:0 --http 127.0.0.1:0 --grpc 127.0.0.1:0 --self-metrics-interval 0";
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", script, env!("CARGO_BIN_EXE_vigil")]);
+    let mut vigil = common::Logging::spawn(cmd);
+    assert!(
+        vigil.wait_for("listening", common::START_TIMEOUT),
+        "{}",
+        vigil.seen
+    );
+    let listening = vigil
+        .seen
+        .lines()
+        .find(|l| l.contains("listening"))
+        .unwrap();
+    let listening: serde_json::Value = serde_json::from_str(listening).unwrap();
+    let grpc: SocketAddr = listening["fields"]["grpc"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Two descriptors each (see `Bounded::watched`): more than 64 allows.
+    let held: Vec<_> = (0..48)
+        .map(|_| std::net::TcpStream::connect(grpc).unwrap())
+        .collect();
+    let backed_off = vigil.wait_for(r#""listener":"grpc""#, Duration::from_secs(10));
+    vigil.child.kill().unwrap();
+    vigil.child.wait().unwrap();
+    drop(held);
+    assert!(backed_off, "{}", vigil.seen);
+    let line = vigil
+        .seen
+        .lines()
+        .find(|l| l.contains(r#""listener":"grpc""#));
+    assert!(
+        line.unwrap().contains("Accept failed; backing off."),
+        "{}",
+        vigil.seen
+    );
+}

@@ -356,7 +356,10 @@ fn a_rule_path_to_a_device_or_a_fifo_is_refused_and_the_server_goes_on() {
         CMD_TIMEOUT,
     );
     assert!(!out.status.success());
-    let expected = format!("{}: cannot read: not a regular file (a FIFO)\n", fifo.display());
+    let expected = format!(
+        "{}: cannot read: not a regular file (a FIFO)\n",
+        fifo.display()
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
 }
 

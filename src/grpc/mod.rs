@@ -26,7 +26,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::codegen::http;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 use tower::util::{MapRequestLayer, MapResponseLayer};
 
@@ -362,20 +361,21 @@ impl Grpc {
             cluster,
         })))
         .max_decoding_message_size(limits.max_message);
-        // Acks and subscription events are small writes that should not wait for Nagle.
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .filter_map(move |accepted| {
-                let admitted = match accepted {
-                    Ok(io) => match io.peer_addr() {
-                        Ok(peer) => bounds.admit(io, peer).map(|io| Ok(io.watched())),
-                        // Without a peer address the connection is already gone.
-                        Err(_) => None,
-                    },
-                    Err(e) => Some(Err(e)),
-                };
-                std::future::ready(admitted)
-            });
+        // Accepted as the other listeners do: a failed accept (out of file
+        // descriptors) is logged and retried after a pause. Handed to tonic,
+        // it was retried at once, spinning a core and starving the rest.
+        let accepted = stream::unfold(listener, |listener| async {
+            let accepted = crate::tcp::accept(&listener, "grpc").await;
+            Some((accepted, listener))
+        });
+        let incoming = accepted.filter_map(move |(io, peer)| {
+            // Acks and subscription events are small writes that should not wait for Nagle.
+            if let Err(e) = io.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "Could not set TCP_NODELAY.");
+            }
+            let admitted = bounds.admit(io, peer);
+            std::future::ready(admitted.map(|io| Ok::<_, io::Error>(io.watched())))
+        });
         // A peer that vanished without closing leaves an idle HTTP/2
         // connection no write ever fails on: a ping it cannot answer ends it.
         let server = tonic::transport::Server::builder()

@@ -16,8 +16,9 @@ use crate::event::Event;
 /// Longest query text parsed on an async worker (see [`Query::compiles_at_once`]).
 const AT_ONCE_MAX: usize = 4 << 10;
 
-/// Queries compiled off the async workers take turns, one at a time: one of
-/// up to `--max-string` may take a tenth of a second and 150 MB.
+/// Long queries compiled off the async workers take turns, one at a time: one
+/// of up to `--max-string` may take a tenth of a second and 150 MB. Short ones
+/// (their patterns within the budget of `pattern`) do not wait behind them.
 static LONG_COMPILES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// A parsed and compiled predicate. Cheap to evaluate: no allocation per `matches`.
@@ -45,7 +46,7 @@ impl Query {
 
     /// [`Query::parse`] for async callers. A query that may take long to
     /// compile, one with `~=` patterns or a long one, is compiled on a
-    /// blocking thread, in turn with the others such: a 500 KB alternation of
+    /// blocking thread, a long one in turn with the others: a 500 KB alternation of
     /// 40 000 literals took 0.12 s, which every connection queued on the
     /// async worker would otherwise have waited (BENCHMARKS.md, "Queries
     /// compiled off the async workers").
@@ -54,7 +55,10 @@ impl Query {
             return Self::parse(text);
         }
         // Holds the permit; never closed, so never an error.
-        let _turn = LONG_COMPILES.acquire().await;
+        let _turn = match text.len() > AT_ONCE_MAX {
+            true => Some(LONG_COMPILES.acquire().await),
+            false => None,
+        };
         let owned = text.to_owned();
         match off_workers(move || Query::parse(&owned)).await {
             Some(parsed) => parsed,
