@@ -163,7 +163,7 @@ mod tests {
     /// other tasks; a short query without any is parsed at once.
     #[tokio::test]
     async fn patterns_compile_off_the_async_worker() {
-        let alternation: Vec<_> = (0..20_000).map(|i| format!("literal{i}")).collect();
+        let alternation: Vec<_> = (0..5_000).map(|i| format!("literal{i}")).collect();
         let long = format!(r#"service ~= "{}""#, alternation.join("|"));
         for (text, compiled_aside) in [(long.as_str(), true), (r#"host = "a""#, false)] {
             assert_eq!(!Query::compiles_at_once(text), compiled_aside);

@@ -21,6 +21,12 @@ pub(super) const QUERY_BUDGET: usize = 4 << 20;
 /// regex, 10 KB and 60 µs), so thousands of tiny patterns are bounded too.
 pub(super) const PATTERN_OVERHEAD: usize = 16 << 10;
 
+/// Charged per byte of a pattern's text on top: an alternation of
+/// literals compiles to little, but building it takes ~200 bytes per byte of
+/// text for a while (a 530 KB one, 80 MB and 0.15 s). So a query's patterns
+/// are at most ~64 KB of text together, a few milliseconds to compile.
+pub(super) const PATTERN_TEXT_COST: usize = 64;
+
 /// The lazy DFA's cache per pattern and thread (the regex crate's default is
 /// 2 MiB): a query's patterns could otherwise fill that many caches. A
 /// pattern whose DFA would not fit is matched by the slower NFA engines.
@@ -62,12 +68,17 @@ impl Compiler {
         let over_budget = || {
             format!(
                 "too many or too large regexes: a query's `~=` patterns may take {} MiB \
-                 together (each its compiled size plus {} KiB)",
+                 together (each its compiled size, plus {} KiB, plus {} bytes per byte of \
+                 its text)",
                 QUERY_BUDGET >> 20,
-                PATTERN_OVERHEAD >> 10
+                PATTERN_OVERHEAD >> 10,
+                PATTERN_TEXT_COST
             )
         };
-        let Some(room) = self.left.checked_sub(PATTERN_OVERHEAD) else {
+        let charge = pattern.len().saturating_mul(PATTERN_TEXT_COST);
+        let Some(room) =
+            (self.left.checked_sub(PATTERN_OVERHEAD)).and_then(|left| left.checked_sub(charge))
+        else {
             return Err(over_budget());
         };
         let source = ascii_perl_classes(pattern);
@@ -159,5 +170,24 @@ mod tests {
             .count();
         let most = QUERY_BUDGET / PATTERN_OVERHEAD;
         assert!((most - 8..=most).contains(&literals), "{literals} literals");
+    }
+
+    /// A long alternation of literals compiles small, slowly, through a lot
+    /// of memory: its text is charged.
+    #[test]
+    fn a_patterns_text_is_charged() {
+        let alternation = |n: usize| {
+            (0..n)
+                .map(|i| format!("l{i}"))
+                .collect::<Vec<_>>()
+                .join("|")
+        };
+        let fits = alternation(8_000);
+        assert!(fits.len() < 64 << 10);
+        assert!(Compiler::default().compile(&fits).is_ok());
+        let mut compiler = Compiler::default();
+        let e = compiler.compile(&alternation(80_000)).unwrap_err();
+        assert!(e.starts_with("too many or too large regexes"), "{e}");
+        assert!(compiler.compile("x").is_ok(), "nothing was taken");
     }
 }
