@@ -486,7 +486,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     huge_pages(args.huge_pages);
-    raise_open_files_limit();
+    if let Some(limit) = raise_open_files_limit()
+        && limit < args.max_connections as u64 + SPARE_DESCRIPTORS
+    {
+        tracing::warn!(
+            limit,
+            max_connections = args.max_connections,
+            "The open files limit is below --max-connections: a listener would run out of \
+             descriptors before reaching it, and accepts then fail (logged, retried every \
+             100 ms). Raise the hard limit (ulimit -Hn, systemd's LimitNOFILE) or lower \
+             --max-connections."
+        );
+    }
     let (name, source) = match &args.rules {
         Some(path) => (path.display().to_string(), read(path)?),
         None => (DEFAULT_RULES_NAME.to_owned(), DEFAULT_RULES.to_owned()),
@@ -720,29 +731,39 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// holds many connections should: the soft limit is often 1 024 where the
 /// hard one is far higher, and each HTTP and gRPC connection takes two
 /// descriptors (its socket, and the duplicate its watch for a vanished peer
-/// holds). A no-op off Linux.
-fn raise_open_files_limit() {
+/// holds). The limit now, `None` when unlimited or off Linux.
+fn raise_open_files_limit() -> Option<u64> {
     #[cfg(target_os = "linux")]
     {
         use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
         let limit = getrlimit(Resource::Nofile);
         // An unlimited hard limit is not one a soft limit may take.
-        let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
-            return;
-        };
+        let (soft, hard) = (limit.current?, limit.maximum?);
         if soft >= hard {
-            return;
+            return Some(soft);
         }
         let raised = Rlimit {
             current: Some(hard),
             maximum: Some(hard),
         };
         match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => tracing::debug!(from = soft, to = hard, "Raised the open files limit."),
-            Err(error) => tracing::warn!(%error, "Could not raise the open files limit."),
+            Ok(()) => {
+                tracing::debug!(from = soft, to = hard, "Raised the open files limit.");
+                Some(hard)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Could not raise the open files limit.");
+                Some(soft)
+            }
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
+
+/// Descriptors vigil needs besides its connections' (listeners, files,
+/// the runtime's own), with room to spare.
+const SPARE_DESCRIPTORS: u64 = 64;
 
 /// Reloads on every `SIGHUP` of `hangups` from now on (one received
 /// before, once): the rule file, then the TLS listener's files.

@@ -620,6 +620,30 @@ fn run_raises_the_open_files_limit_to_the_hard_one() {
     assert_eq!(numbers[0], numbers[1], "soft raised to hard: {open_files}");
 }
 
+/// A limit below `--max-connections` is said at start, where an operator
+/// looks, rather than found as failed accepts under load.
+#[test]
+fn run_warns_of_an_open_files_limit_below_max_connections() {
+    for (max, warned) in [("10000", true), ("100", false)] {
+        let script = "ulimit -n 256 && exec \"$0\" run --no-snapshot --tcp 127.0.0.1:0 \
+                      --http 127.0.0.1:0 --max-connections \"$1\"";
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script, env!("CARGO_BIN_EXE_vigil"), max]);
+        let mut vigil = common::Logging::spawn(cmd);
+        let listening = vigil.wait_for("listening", common::START_TIMEOUT);
+        vigil.child.kill().unwrap();
+        vigil.child.wait().unwrap();
+        assert!(listening, "{}", vigil.seen);
+        let warning = "The open files limit is below --max-connections";
+        assert_eq!(
+            vigil.seen.contains(warning),
+            warned,
+            "{max}: {}",
+            vigil.seen
+        );
+    }
+}
+
 #[test]
 fn human_logs_to_a_pipe_carry_no_colour_codes() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
