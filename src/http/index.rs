@@ -15,7 +15,9 @@
 //! a WebSocket one is pinged every read timeout and closed (1001, counted as
 //! a read timeout) when it sent nothing, not even the pong, since the
 //! previous ping; an SSE one gets keep-alive comments, which fail once the
-//! peer is gone.
+//! peer is gone. Nor must one that left while its snapshot was scanned keep
+//! the scan going: a WebSocket is read meanwhile, and its close drops the
+//! scan (hyper drops a plain or SSE request's on its own).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -150,7 +152,22 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params:
         true => Some(state.subscribe(&query).await),
         false => None,
     };
-    let snapshot = match state.snapshot(&query, false).await {
+    let mut said = Rate::default();
+    let snapshot = state.snapshot(&query, false);
+    tokio::pin!(snapshot);
+    // Read meanwhile, to notice an asker that left: its scan is dropped then,
+    // instead of waiting for its turn and running in full for no one.
+    let snapshot = loop {
+        tokio::select! {
+            snapshot = &mut snapshot => break snapshot,
+            incoming = socket.recv() => match said.heard(incoming) {
+                Heard::Gone => return,
+                Heard::Flood => return flooded(socket, &state).await,
+                Heard::Message => {}
+            },
+        }
+    };
+    let snapshot = match snapshot {
         Ok(snapshot) => snapshot,
         Err((status, error)) => {
             let code = match status {
@@ -187,7 +204,6 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params:
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + quiet, quiet);
     // Whether the client sent anything since the last ping.
     let mut heard = true;
-    let mut said = Rate::default();
     let mut live = Live::new(subscription, params.every);
     loop {
         tokio::select! {
@@ -214,16 +230,10 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params:
                     return;
                 }
             },
-            incoming = socket.recv() => match incoming {
-                // Clients have nothing to say but pongs; reading notices when they leave.
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
-                Some(Ok(_)) if !said.one_more() => {
-                    Stats::incr(&state.stats().http_websocket_floods);
-                    let why = "too many messages: over 64 a second from a subscriber";
-                    close(socket, close_code::POLICY, why).await;
-                    return;
-                }
-                Some(Ok(_)) => heard = true,
+            incoming = socket.recv() => match said.heard(incoming) {
+                Heard::Gone => return,
+                Heard::Flood => return flooded(socket, &state).await,
+                Heard::Message => heard = true,
             },
             () = state.shutdown.cancelled() => {
                 close(socket, close_code::AWAY, "server shutting down").await;
@@ -231,6 +241,23 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params:
             }
         }
     }
+}
+
+/// What a WebSocket client's next message means.
+enum Heard {
+    /// It closed the connection, or the connection failed.
+    Gone,
+    /// One message too many this second.
+    Flood,
+    /// Anything else: clients have nothing to say but pongs.
+    Message,
+}
+
+/// Closes a flooding client's connection, counted.
+async fn flooded(socket: WebSocket, state: &AppState) {
+    Stats::incr(&state.stats().http_websocket_floods);
+    let why = "too many messages: over 64 a second from a subscriber";
+    close(socket, close_code::POLICY, why).await;
 }
 
 /// The messages a subscriber sent in the current second.
@@ -249,6 +276,15 @@ impl Rate {
             _ => (self.since, self.count) = (Some(now), 1),
         }
         self.count <= SUBSCRIBER_MESSAGES_PER_SECOND
+    }
+
+    /// What `incoming`, the client's next message, means; a message counts.
+    fn heard(&mut self, incoming: Option<Result<Message, axum::Error>>) -> Heard {
+        match incoming {
+            Some(Ok(Message::Close(_)) | Err(_)) | None => Heard::Gone,
+            Some(Ok(_)) if !self.one_more() => Heard::Flood,
+            Some(Ok(_)) => Heard::Message,
+        }
     }
 }
 
