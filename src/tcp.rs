@@ -311,6 +311,9 @@ impl Connections {
                 out.push(match reply {
                     // An ack, nearly always: no future to build and poll.
                     Reply::Ready(reply) => reply,
+                    // In a cluster, also the acks of events JetStream is
+                    // storing: a half-closed client must still get those.
+                    later if self.ingest.cluster.is_some() => later.wait().await,
                     later => unless_closed(framed.get_ref().get_ref().tcp(), later.wait()).await,
                 });
             }
@@ -394,11 +397,11 @@ impl Connections {
     }
 }
 
-/// `reply`, or, once `socket`'s peer has closed the connection while it is
-/// awaited, an error reply in its place: dropping `reply` stops its scan,
-/// whether running (counted in `scans_abandoned`) or waiting for its turn
-/// (in a cluster, only the wait for JetStream's ack: the events are sent).
-/// Watched only when not ready at once, so an ack costs nothing more.
+/// `reply`, a query's, or, once `socket`'s peer has closed the connection
+/// while it is awaited, an error reply in its place: dropping `reply` stops
+/// its scan, whether running (counted in `scans_abandoned`) or waiting for
+/// its turn. Watched only when not ready at once, so an ack costs nothing
+/// more.
 async fn unless_closed(socket: &TcpStream, reply: impl Future<Output = Bytes>) -> Bytes {
     tokio::pin!(reply);
     if let Poll::Ready(reply) = futures_util::poll!(&mut reply) {
