@@ -31,14 +31,10 @@
 //! - An HTTP/2 connection may carry at most [`MAX_STREAMS`] requests at once.
 //!   One of them left unread while the client reads the connection stalls
 //!   no write here: [`crate::unread`] drops such an answer.
-//!
-//! The same `TCP_INFO` tells the Riemann TCP handler when a peer waiting on
-//! a scan closed its connection ([`closed_by_peer`]).
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -100,7 +96,7 @@ async fn watch_for_vanishing(write_timeout: Duration, watch: Arc<Watch>, done: C
             () = tokio::time::sleep(every) => {}
             () = done.cancelled() => return linger(&watch.socket, write_timeout).await,
         }
-        let looks = tcp_info(watch.socket.as_fd()).is_some_and(|info| {
+        let looks = tcp_info(&watch.socket).is_some_and(|info| {
             let waiting = info.unacked > 0 || info.probes > 0;
             waiting && info.since_last_ack >= quiet
         });
@@ -136,7 +132,7 @@ fn check_every(write_timeout: Duration) -> Duration {
 /// closed window but reads nothing (measured: 987 KB held past 166 s), and
 /// `TCP_USER_TIMEOUT` would end one that reads slowly.
 async fn linger(socket: &std::os::fd::OwnedFd, write_timeout: Duration) {
-    let Some(mut acked) = tcp_info(socket.as_fd()).map(|info| info.bytes_acked) else {
+    let Some(mut acked) = tcp_info(socket).map(|info| info.bytes_acked) else {
         return;
     };
     // The peer hears the end right after the data, not once this is done.
@@ -144,9 +140,7 @@ async fn linger(socket: &std::os::fd::OwnedFd, write_timeout: Duration) {
     let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Write);
     let mut progressed = Instant::now();
     loop {
-        let Some(info) = tcp_info(socket.as_fd()) else {
-            return;
-        };
+        let Some(info) = tcp_info(socket) else { return };
         if info.unacked == 0 && info.not_sent == 0 {
             return;
         }
@@ -179,21 +173,11 @@ struct TcpState {
     bytes_acked: u64,
     /// Bytes written and not sent yet.
     not_sent: u32,
-    /// The peer sent its end (`CLOSE_WAIT`) or reset the connection
-    /// (`CLOSE`), whether or not what came before is read yet.
-    closed_by_peer: bool,
 }
-
-/// The Linux TCP states (`include/net/tcp_states.h`) of a connection whose
-/// peer ended it while this side has not: libc names none of them.
-#[cfg(target_os = "linux")]
-const TCP_CLOSE: u8 = 7;
-#[cfg(target_os = "linux")]
-const TCP_CLOSE_WAIT: u8 = 8;
 
 /// `socket`'s TCP state; `None` when it cannot be read (or off Linux).
 #[cfg(target_os = "linux")]
-fn tcp_info(socket: BorrowedFd<'_>) -> Option<TcpState> {
+fn tcp_info(socket: &std::os::fd::OwnedFd) -> Option<TcpState> {
     use std::os::fd::AsRawFd;
     // SAFETY: getsockopt writes at most `len` bytes into `info`, a plain C
     // struct for which all zeroes is a valid value; `len` is its size.
@@ -218,21 +202,12 @@ fn tcp_info(socket: BorrowedFd<'_>) -> Option<TcpState> {
         since_last_ack: Duration::from_millis(info.tcpi_last_ack_recv.into()),
         bytes_acked: info.tcpi_bytes_acked,
         not_sent: info.tcpi_notsent_bytes,
-        closed_by_peer: matches!(info.tcpi_state, TCP_CLOSE | TCP_CLOSE_WAIT),
     })
 }
 
 #[cfg(not(target_os = "linux"))]
-fn tcp_info(_: BorrowedFd<'_>) -> Option<TcpState> {
+fn tcp_info(_: &std::os::fd::OwnedFd) -> Option<TcpState> {
     None
-}
-
-/// Whether `socket`'s peer has closed the connection (its end sent, or a
-/// reset), even with data of its still unread, as TLS or a pipelining
-/// client leaves it. A peer that only closed its side for writing looks
-/// the same. Never off Linux.
-pub fn closed_by_peer(socket: BorrowedFd<'_>) -> bool {
-    tcp_info(socket).is_some_and(|info| info.closed_by_peer)
 }
 
 /// Has the kernel probe `stream` once it has been idle for `idle`, and end
@@ -436,6 +411,7 @@ impl Bounded<TcpStream> {
     /// the write timeout), its socket held after it is dropped while the
     /// peer still takes what it holds. Must be called inside tokio.
     pub fn watched(mut self) -> Self {
+        use std::os::fd::AsFd;
         let Ok(socket) = self.io.as_fd().try_clone_to_owned() else {
             // Out of descriptors: the kernel's bound, which also ends a
             // slow reader, beats none.

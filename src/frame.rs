@@ -154,11 +154,6 @@ pub struct Gated<S> {
 }
 
 impl<S> Gated<S> {
-    /// The stream it reads.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Since when the frame arriving now has had its room (now, while it
     /// still waits for it): the wait is the server's, so the connection's read
     /// timeout should run from then.

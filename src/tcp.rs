@@ -20,15 +20,10 @@
 //!   all connections share ([`crate::budget`]): until then the connection
 //!   reads nothing more, and its read timeout runs from when it got the room.
 //!   Holding room, it must keep the pace that brings it in within that
-//!   timeout, or the connection is closed and the room goes back;
-//! - a query's scan stops once its asker has closed the connection (checked
-//!   every [`CLOSED_CHECK`] while the answer is awaited): it would otherwise
-//!   wait for its turn and scan in full for no one. The frames sent after it
-//!   are still handled.
+//!   timeout, or the connection is closed and the room goes back.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -60,10 +55,6 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Riemann clients send at least every few seconds; a minute of silence is
 /// a dead or hostile peer.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often a connection awaiting a query's answer checks whether its peer
-/// has left. A scan answered sooner reaches even a peer that only closed
-/// its side for writing (which looks the same).
-const CLOSED_CHECK: Duration = Duration::from_millis(100);
 
 /// The wire framing, shared with the client.
 pub fn codec(max_frame: usize) -> FrameCodec {
@@ -90,24 +81,6 @@ pub struct Connections {
 }
 
 type RiemannFramed<S> = Framed<Gated<S>, FrameCodec>;
-
-/// A Riemann connection's stream, plain or TLS: over a TCP socket, whose
-/// state tells when the peer has closed it.
-trait Socket {
-    fn tcp(&self) -> &TcpStream;
-}
-
-impl Socket for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
-    }
-}
-
-impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
 
 /// Accepts until shutdown; with `tls`, each connection handshakes first.
 pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<Arc<Acceptor>>) {
@@ -197,7 +170,7 @@ impl Connections {
         }
     }
 
-    async fn handle<S: AsyncRead + AsyncWrite + Socket + Unpin>(
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: S,
         peer: SocketAddr,
@@ -267,7 +240,7 @@ impl Connections {
     /// order), so a pipelining client is not held to one JetStream round trip
     /// per frame. A reply waits only on the server (a scan, the cluster),
     /// never on the client.
-    async fn answer<S: AsyncRead + AsyncWrite + Socket + Unpin>(
+    async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         framed: &mut RiemannFramed<S>,
         mut next: Option<Result<BytesMut, FrameError>>,
@@ -311,10 +284,7 @@ impl Connections {
                 out.push(match reply {
                     // An ack, nearly always: no future to build and poll.
                     Reply::Ready(reply) => reply,
-                    // In a cluster, also the acks of events JetStream is
-                    // storing: a half-closed client must still get those.
-                    later if self.ingest.cluster.is_some() => later.wait().await,
-                    later => unless_closed(framed.get_ref().get_ref().tcp(), later.wait()).await,
+                    later => later.wait().await,
                 });
             }
         }
@@ -393,30 +363,6 @@ impl Connections {
                 }
                 None => Err(e),
             },
-        }
-    }
-}
-
-/// `reply`, a query's, or, once `socket`'s peer has closed the connection
-/// while it is awaited, an error reply in its place: dropping `reply` stops
-/// its scan, whether running (counted in `scans_abandoned`) or waiting for
-/// its turn. Watched only when not ready at once, so an ack costs nothing
-/// more.
-async fn unless_closed(socket: &TcpStream, reply: impl Future<Output = Bytes>) -> Bytes {
-    tokio::pin!(reply);
-    if let Poll::Ready(reply) = futures_util::poll!(&mut reply) {
-        return reply;
-    }
-    loop {
-        tokio::select! {
-            reply = &mut reply => return reply,
-            () = tokio::time::sleep(CLOSED_CHECK) => {}
-        }
-        if bounded::closed_by_peer(socket.as_fd()) {
-            tracing::debug!(
-                "The client closed the connection while its query was answered; dropping the answer."
-            );
-            return proto::error_reply("the connection was closed before the query was answered");
         }
     }
 }
