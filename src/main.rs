@@ -407,7 +407,16 @@ fn parse_metric(s: &str) -> Result<Metric, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|refused| {
+        // One JSON object per line was asked for: a command line refused too.
+        if refused.use_stderr() && asks_for_json_logs(std::env::args()) {
+            init_logging(LogFormat::Json);
+            let error = refused.to_string();
+            tracing::error!(error = error.trim_end(), "Command line refused.");
+            std::process::exit(refused.exit_code());
+        }
+        refused.exit()
+    });
     let format = cli.log_format;
     init_logging(format);
     let Err(error) = command(cli) else {
@@ -419,6 +428,14 @@ fn main() -> std::process::ExitCode {
         LogFormat::Json => tracing::error!(error = format!("{error:#}"), "Exiting on an error."),
     }
     std::process::ExitCode::FAILURE
+}
+
+/// Whether `args` hold `--log-format json` (or `=json`), read without clap,
+/// which refused them.
+fn asks_for_json_logs(args: impl Iterator<Item = String>) -> bool {
+    let args: Vec<String> = args.collect();
+    let json = |pair: &[String]| pair[0] == "--log-format" && pair[1] == "json";
+    args.iter().any(|a| a == "--log-format=json") || args.windows(2).any(json)
 }
 
 fn command(cli: Cli) -> anyhow::Result<()> {

@@ -187,6 +187,17 @@ async fn json_logs_hold_the_exit_error_and_readable_counters() {
         "{error}"
     );
 
+    // A refused command line is one JSON line too, clap's exit code kept.
+    let out = vigil(&["--log-format=json", "run", "--max-index", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line: serde_json::Value = serde_json::from_str(stderr.trim_end()).unwrap();
+    let error = line["fields"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("for '--max-index <MAX_INDEX>': must be at least 1"),
+        "{error}"
+    );
+
     let mut v = common::Vigil::start(&[]);
     let mut client = Client::connect(v.tcp).await.unwrap();
     client.send(&[Event::default()]).await.unwrap();
