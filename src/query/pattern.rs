@@ -67,8 +67,8 @@ impl Compiler {
     pub(super) fn compile(&mut self, pattern: &str) -> Result<Pattern, String> {
         let over_budget = || {
             format!(
-                "too many or too large regexes: a query's `~=` patterns may take {} MiB \
-                 together (each its compiled size, plus {} KiB, plus {} bytes per byte of \
+                "too many or too large regexes: the `~=` patterns of a query (or a rule's \
+                 predicate) may take {} MiB together (each its compiled size, plus {} KiB, plus {} bytes per byte of \
                  its text)",
                 QUERY_BUDGET >> 20,
                 PATTERN_OVERHEAD >> 10,

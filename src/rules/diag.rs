@@ -7,6 +7,13 @@ use super::ast::Span;
 /// Tab stop used when drawing a source line, so the carets line up under tabs.
 const TAB_WIDTH: usize = 4;
 
+/// Most columns of a source line drawn: of a longer one (a generated list, a
+/// minified file), the part around the caret, the cut ends marked `…`.
+const SHOWN_COLUMNS: usize = 120;
+
+/// Columns drawn before the caret when a long line is cut.
+const SHOWN_BEFORE: usize = 40;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
 pub struct Diagnostic {
@@ -52,10 +59,10 @@ impl Diagnostic {
         let text = source[line_start..line_end].trim_end_matches('\r');
         let before = display_width(&source[line_start..start], 0);
         let underlined = display_width(&source[start..end.min(line_end)], before);
+        let (text, before, underlined) = shown(&expand_tabs(text), before, underlined);
         let mut out = format!(
             "{file_name}:{line}:{col}: {message}\n    {text}\n    {pad}{carets}",
             message = self.message,
-            text = expand_tabs(text),
             pad = " ".repeat(before),
             carets = "^".repeat(underlined.max(1)),
         );
@@ -131,6 +138,25 @@ fn advance(col: usize, c: char) -> usize {
     }
 }
 
+/// The part of `line` (tabs expanded: a character a column) drawn, with the
+/// caret's column and the underline's width in it.
+fn shown(line: &str, caret: usize, underlined: usize) -> (String, usize, usize) {
+    let columns: Vec<char> = line.chars().collect();
+    if columns.len() <= SHOWN_COLUMNS {
+        return (line.to_owned(), caret, underlined);
+    }
+    let first = caret.saturating_sub(SHOWN_BEFORE).min(columns.len());
+    let last = (first + SHOWN_COLUMNS).min(columns.len());
+    let cut_before = usize::from(first > 0);
+    let mut text: String = "…".repeat(cut_before);
+    text.extend(&columns[first..last]);
+    if last < columns.len() {
+        text.push('…');
+    }
+    let underlined = underlined.min(last.saturating_sub(caret));
+    (text, caret - first + cut_before, underlined)
+}
+
 fn expand_tabs(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut col = 0;
@@ -182,6 +208,23 @@ mod tests {
             diagnostic.render("f", source),
             "f:1:3: unterminated string\n    x \"abc\n      ^^^^^"
         );
+    }
+
+    #[test]
+    fn a_long_line_is_drawn_around_the_caret() {
+        let source = format!("{}bad{}", "a|".repeat(5000), "|b".repeat(5000));
+        let at = source.find("bad").unwrap();
+        let rendered = Diagnostic::new(at..at + 3, "here").render("f", &source);
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(lines[0], "f:1:10001: here");
+        let text = format!("    …{}bad{}|…", "a|".repeat(20), "|b".repeat(38));
+        assert_eq!(lines[1], text);
+        assert_eq!(lines[2], format!("    {}^^^", " ".repeat(41)));
+        // Near the start, nothing is cut before it.
+        let rendered = Diagnostic::new(2..3, "here").render("f", &source);
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(lines[1], format!("    {}…", "a|".repeat(60)));
+        assert_eq!(lines[2], "      ^");
     }
 
     #[test]
