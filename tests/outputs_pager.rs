@@ -708,6 +708,39 @@ async fn a_failed_save_is_tried_once_more_as_the_output_stops() {
     assert_eq!(saved["incidents"][0]["dedup_key"], "web1/disk /", "{saved}");
 }
 
+/// Stopped (a reload removed it) while its file still cannot be written, a
+/// pager's file is still tried until it can be: else a crash later would
+/// leave the incident out of it.
+#[tokio::test]
+async fn a_stopped_pagers_failing_save_is_tried_until_it_succeeds() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let mut temp = file.clone().into_os_string();
+    temp.push(".tmp");
+    let blocker = PathBuf::from(temp);
+    std::fs::create_dir_all(blocker.join("taken")).unwrap();
+    let config = pager_config(&rx.url);
+    let memory = memory(&config, Some(file.clone()));
+    let mut out = Running::pager_remembering(memory.clone(), config);
+    out.queue.push(event("disk /", "critical"));
+    rx.wait_for(1).await;
+    out.settled().await;
+    out.stop().await;
+    assert!(memory.save_failed());
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while memory.save_failed() {
+        assert!(
+            Instant::now() < deadline,
+            "never saved after the output stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved["incidents"][0]["dedup_key"], "web1/disk /", "{saved}");
+}
+
 /// The pages a pager's file holds as not yet delivered, as `"service"/"state"`
 /// (none before the file is first written).
 fn saved_pages(file: &std::path::Path) -> Vec<String> {

@@ -200,7 +200,26 @@ pub async fn run(
     // Those a task of this process left are in the counters already.
     delivery.adopt(restored);
     let stopped = pager.page_in_order(&mut delivery, &shutdown).await;
+    let memory = pager.memory.clone();
     pager.stop(delivery, stopped).await;
+    if memory.save_failed() {
+        // Stopped (a reload removed it) with its file unwritable: tried on
+        // as this task would have, or a crash would leave the file as last
+        // written. A declaration of it again saves as well; vigil's stop
+        // tries once more itself.
+        tokio::spawn(save_until_saved(memory));
+    }
+}
+
+/// Saves `memory` at the waits of [`Saves`] until a save (this one's or
+/// another's) succeeds.
+async fn save_until_saved(memory: Arc<Memory>) {
+    let mut wait = SAVE_RETRY;
+    while memory.save_failed() {
+        tokio::time::sleep(wait).await;
+        memory.save().await;
+        wait = (wait * 2).min(SAVE_RETRY_MAX);
+    }
 }
 
 /// Why [`Pager::page_in_order`] returned.
