@@ -1945,11 +1945,13 @@ test "backlog pages" {
             "rules/x.vigil:1:265: nested too deeply (max 64)"
         );
         let lists = format!("output o = k({}", "[".repeat(100_000));
+        // The 100 000-column line is drawn around the caret.
         assert_eq!(
             error(&lists),
             format!(
-                "rules/x.vigil:1:78: nested too deeply (max 64)\n    {lists}\n{}^",
-                " ".repeat(81)
+                "rules/x.vigil:1:78: nested too deeply (max 64)\n    …{}…\n{}^",
+                "[".repeat(120),
+                " ".repeat(4 + 41)
             )
         );
         let maps = format!("output o = k({}", "{a: ".repeat(100_000));
