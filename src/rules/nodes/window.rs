@@ -39,12 +39,6 @@ pub struct Fold {
 }
 
 impl Fold {
-    fn window(&self, events: &[Event], cx: &mut Cx) {
-        if let Some(event) = fold(self.kind, events) {
-            self.children.event(&event, cx);
-        }
-    }
-
     fn fresh(&self) -> Fold {
         Fold {
             kind: self.kind,
@@ -55,9 +49,15 @@ impl Fold {
 
 /// Folds over the events that have a metric (`count` counts every event); the
 /// latest event is the template, `min`/`max` return the extreme event itself.
-pub fn fold(kind: FoldKind, events: &[Event]) -> Option<Event> {
-    let template = events.last()?;
-    let metrics = || events.iter().filter_map(metric_f64);
+/// The window's events are read where they are: a moving window is folded on
+/// every event, and copying its up to [`WINDOW_MAX`] events each time cut
+/// ingest through one to a few hundred events a second.
+pub fn fold<'a, I>(kind: FoldKind, events: I) -> Option<Event>
+where
+    I: DoubleEndedIterator<Item = &'a Event> + ExactSizeIterator + Clone,
+{
+    let template = events.clone().next_back()?;
+    let metrics = || events.clone().filter_map(metric_f64);
     let metric = match kind {
         FoldKind::Count => Metric::Int(events.len() as i64),
         FoldKind::Sum => Metric::Float(metrics().reduce(|a, b| a + b)?),
@@ -73,7 +73,7 @@ pub fn fold(kind: FoldKind, events: &[Event]) -> Option<Event> {
                 let (a, b) = (metric_f64(a).unwrap_or(0.0), metric_f64(b).unwrap_or(0.0));
                 a.total_cmp(&b)
             };
-            let with_metric = events.iter().filter(|e| e.metric.is_some());
+            let with_metric = events.filter(|e| e.metric.is_some());
             let extreme = if kind == FoldKind::Min {
                 with_metric.min_by(pick)
             } else {
@@ -100,6 +100,9 @@ pub enum WindowKind {
     /// Every `dt`, the latest event of each (host, service) seen.
     Coalesce(Micros),
 }
+
+/// Folded events, each with the place of its fold among the window's.
+type Folded = Vec<(usize, Event)>;
 
 pub struct Window {
     pub kind: WindowKind,
@@ -140,39 +143,45 @@ impl Window {
         }
     }
 
-    fn emit(&self, windows: Vec<Vec<Event>>, cx: &mut Cx) {
-        for events in windows {
-            for fold in &self.folds {
-                fold.window(&events, cx);
-            }
+    /// Each fold's event of one window, into `out` with the fold's place.
+    fn fold_into<'a, I>(&self, events: I, out: &mut Folded)
+    where
+        I: DoubleEndedIterator<Item = &'a Event> + ExactSizeIterator + Clone,
+    {
+        for (at, f) in self.folds.iter().enumerate() {
+            out.extend(fold(f.kind, events.clone()).map(|event| (at, event)));
         }
     }
 
-    /// Closes the windows that are due at `now`.
-    fn due(&self, s: &mut WindowState, now: Micros, index: &Index) -> Vec<Vec<Event>> {
-        let mut out = Vec::new();
+    /// Passes each folded event on, to its fold's children (with no lock held).
+    fn emit(&self, folded: Folded, cx: &mut Cx) {
+        for (at, event) in folded {
+            self.folds[at].children.event(&event, cx);
+        }
+    }
+
+    /// Closes the windows that are due at `now`, folded into `out`.
+    fn due(&self, s: &mut WindowState, now: Micros, index: &Index, out: &mut Folded) {
         match self.kind {
             WindowKind::FixedTime(dt) => {
                 while let Some(end) = s.window_end.filter(|end| now >= *end) {
                     let (inside, later): (Vec<_>, Vec<_>) =
                         s.events.drain(..).partition(|(at, _)| *at < end);
                     s.events.extend(later);
-                    if !inside.is_empty() {
-                        out.push(inside.into_iter().map(|(_, e)| e).collect());
-                    }
+                    self.fold_into(inside.iter().map(|(_, e)| e), out);
                     // Idle: the next window starts with the next event.
                     s.window_end = (!s.events.is_empty()).then(|| end.saturating_add(dt));
                 }
             }
             WindowKind::Coalesce(dt) => {
                 if let Some(end) = s.window_end.filter(|end| now >= *end) {
-                    let current: Vec<Event> = s.latest.values().cloned().collect();
+                    let current: Vec<&Event> = s.latest.values().collect();
+                    self.fold_into(current.into_iter(), out);
                     // Expired (by state or TTL) entries are emitted once, then forgotten.
                     s.latest.retain(|_, e| {
                         let ttl = index.ttl_secs(e);
                         !e.is_expired_state() && e.time.saturating_add(secs_to_micros(ttl)) >= now
                     });
-                    out.push(current);
                     s.window_end = (!s.latest.is_empty()).then(|| end.max(now).saturating_add(dt));
                 }
             }
@@ -185,7 +194,6 @@ impl Window {
                 "Window overflowed; oldest events dropped."
             );
         }
-        out
     }
 
     fn push(s: &mut WindowState, now: Micros, event: Event) {
@@ -211,9 +219,10 @@ impl Window {
 impl Node for Window {
     fn event(&self, event: &Event, cx: &mut Cx) {
         let now = cx.now;
-        let (windows, next) = {
+        let (folded, next) = {
             let mut s = self.state.lock();
-            let mut out = self.due(&mut s, now, cx.index);
+            let mut out = Folded::new();
+            self.due(&mut s, now, cx.index, &mut out);
             let dropped = s.dropped;
             match self.kind {
                 WindowKind::FixedTime(dt) => {
@@ -226,12 +235,13 @@ impl Node for Window {
                     while s.events.front().is_some_and(|(at, _)| *at <= horizon) {
                         s.events.pop_front();
                     }
-                    out.push(s.events.iter().map(|(_, e)| e.clone()).collect());
+                    self.fold_into(s.events.iter().map(|(_, e)| e), &mut out);
                 }
                 WindowKind::FixedCount(n) => {
                     Self::push(&mut s, now, event.clone());
                     if s.events.len() >= n {
-                        out.push(s.events.drain(..).map(|(_, e)| e).collect());
+                        self.fold_into(s.events.iter().map(|(_, e)| e), &mut out);
+                        s.events.clear();
                     }
                 }
                 WindowKind::MovingCount(n) => {
@@ -239,7 +249,7 @@ impl Node for Window {
                     while s.events.len() > n {
                         s.events.pop_front();
                     }
-                    out.push(s.events.iter().map(|(_, e)| e.clone()).collect());
+                    self.fold_into(s.events.iter().map(|(_, e)| e), &mut out);
                 }
                 WindowKind::Coalesce(dt) => {
                     s.window_end.get_or_insert(now.saturating_add(dt));
@@ -255,17 +265,18 @@ impl Node for Window {
             (out, s.window_end)
         };
         cx.schedule(next);
-        self.emit(windows, cx);
+        self.emit(folded, cx);
     }
 
     fn tick(&self, cx: &mut Cx) {
-        let (windows, next) = {
+        let (folded, next) = {
             let mut s = self.state.lock();
-            let windows = self.due(&mut s, cx.now, cx.index);
-            (windows, s.window_end)
+            let mut out = Folded::new();
+            self.due(&mut s, cx.now, cx.index, &mut out);
+            (out, s.window_end)
         };
         cx.schedule(next);
-        self.emit(windows, cx);
+        self.emit(folded, cx);
         for fold in &self.folds {
             fold.children.tick(cx);
         }
