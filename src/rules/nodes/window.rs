@@ -17,6 +17,7 @@ use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 use crate::index::Index;
 
+use super::running::Running;
 use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Node, metric_f64, same, take_over};
 
@@ -114,12 +115,31 @@ pub struct Window {
 pub struct WindowState {
     /// With arrival times, for the time-based kinds.
     events: VecDeque<(Micros, Event)>,
+    /// A moving window's folds, kept as events come and go; built from
+    /// `events` when first needed (after a restore or a reload too).
+    running: Option<Running>,
     latest: HashMap<(String, String), Event>,
     /// When the current fixed window (or coalesce period) closes.
     window_end: Option<Micros>,
     /// Dropped since the last overflow line, which was logged at `logged_at`.
     dropped: u64,
     logged_at: Micros,
+}
+
+impl WindowState {
+    /// The running folds, built from the events the first time.
+    fn tracked(&mut self) -> &mut Running {
+        let events = &self.events;
+        self.running.get_or_insert_with(|| Running::of(events))
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, event)) = self.events.pop_front()
+            && let Some(running) = &mut self.running
+        {
+            running.popped(&event);
+        }
+    }
 }
 
 /// How often an overflowing window says how many it dropped.
@@ -160,6 +180,17 @@ impl Window {
         }
     }
 
+    /// A moving window's folds of what it holds now, into `out`: each in
+    /// O(1), where folding up to [`WINDOW_MAX`] events took ~0.2 ms.
+    fn fold_moving(&self, s: &mut WindowState, out: &mut Folded) {
+        let WindowState {
+            events, running, ..
+        } = s;
+        let running = running.get_or_insert_with(|| Running::of(events));
+        let folded = self.folds.iter().map(|f| running.fold(f.kind, events));
+        out.extend(folded.enumerate().filter_map(|(at, e)| Some((at, e?))));
+    }
+
     /// Closes the windows that are due at `now`, folded into `out`.
     fn due(&self, s: &mut WindowState, now: Micros, index: &Index, out: &mut Folded) {
         match self.kind {
@@ -198,8 +229,11 @@ impl Window {
 
     fn push(s: &mut WindowState, now: Micros, event: Event) {
         if s.events.len() == WINDOW_MAX {
-            s.events.pop_front();
+            s.pop_front();
             s.dropped += 1;
+        }
+        if let Some(running) = &mut s.running {
+            running.pushed(&event, s.events.len());
         }
         s.events.push_back((now, event));
     }
@@ -230,12 +264,13 @@ impl Node for Window {
                     Self::push(&mut s, now, event.clone());
                 }
                 WindowKind::MovingTime(dt) => {
+                    s.tracked();
                     Self::push(&mut s, now, event.clone());
                     let horizon = now.saturating_sub(dt);
                     while s.events.front().is_some_and(|(at, _)| *at <= horizon) {
-                        s.events.pop_front();
+                        s.pop_front();
                     }
-                    self.fold_into(s.events.iter().map(|(_, e)| e), &mut out);
+                    self.fold_moving(&mut s, &mut out);
                 }
                 WindowKind::FixedCount(n) => {
                     Self::push(&mut s, now, event.clone());
@@ -245,11 +280,12 @@ impl Node for Window {
                     }
                 }
                 WindowKind::MovingCount(n) => {
+                    s.tracked();
                     Self::push(&mut s, now, event.clone());
                     while s.events.len() > n {
-                        s.events.pop_front();
+                        s.pop_front();
                     }
-                    self.fold_into(s.events.iter().map(|(_, e)| e), &mut out);
+                    self.fold_moving(&mut s, &mut out);
                 }
                 WindowKind::Coalesce(dt) => {
                     s.window_end.get_or_insert(now.saturating_add(dt));
