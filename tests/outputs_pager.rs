@@ -647,23 +647,59 @@ async fn pages_undelivered_at_shutdown_are_sent_first_by_the_next_run() {
     assert_eq!(saved["incidents"].as_array().map(Vec::len), Some(2));
 }
 
-/// A save that fails (a full disk; here the temporary file's path taken by
-/// a directory) is tried again while nothing else happens: once it can be
-/// written, the file holds the incident a restart must resolve.
-#[tokio::test]
-async fn a_failed_save_is_tried_again_until_the_file_holds_the_incident() {
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = incidents::file_in(dir.path(), "pager");
-    let mut temp = file.clone().into_os_string();
+/// Makes every save of `file` fail, as a full disk would: its temporary
+/// file's path is taken by a directory, the path returned. Removing it lets
+/// saves succeed again.
+fn block_saves(file: &std::path::Path) -> PathBuf {
+    let mut temp = file.to_owned().into_os_string();
     temp.push(".tmp");
     let blocker = PathBuf::from(temp);
     std::fs::create_dir_all(blocker.join("taken")).unwrap();
+    blocker
+}
+
+/// A pager output whose file cannot be written (see [`block_saves`]) once
+/// it has paged one critical event.
+struct Unsaved {
+    _dir: tempfile::TempDir,
+    file: PathBuf,
+    blocker: PathBuf,
+    memory: Arc<Memory>,
+    out: Running,
+}
+
+async fn paged_unsaved(rx: &Receiver) -> Unsaved {
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let blocker = block_saves(&file);
     let config = pager_config(&rx.url);
-    let out = Running::pager_remembering(memory(&config, Some(file.clone())), config);
+    let memory = memory(&config, Some(file.clone()));
+    let out = Running::pager_remembering(memory.clone(), config);
     out.queue.push(event("disk /", "critical"));
     rx.wait_for(1).await;
     out.settled().await;
+    Unsaved {
+        _dir: dir,
+        file,
+        blocker,
+        memory,
+        out,
+    }
+}
+
+/// A save that fails (a full disk) is tried again while nothing else
+/// happens: once it can be written, the file holds the incident a restart
+/// must resolve.
+#[tokio::test]
+async fn a_failed_save_is_tried_again_until_the_file_holds_the_incident() {
+    let rx = Receiver::start().await;
+    let Unsaved {
+        _dir,
+        file,
+        blocker,
+        out: _out,
+        ..
+    } = paged_unsaved(&rx).await;
     // Past the first saves, which fail.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!file.exists());
@@ -684,18 +720,13 @@ async fn a_failed_save_is_tried_again_until_the_file_holds_the_incident() {
 #[tokio::test]
 async fn a_failed_save_is_tried_once_more_as_the_output_stops() {
     let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = incidents::file_in(dir.path(), "pager");
-    let mut temp = file.clone().into_os_string();
-    temp.push(".tmp");
-    let blocker = PathBuf::from(temp);
-    std::fs::create_dir_all(blocker.join("taken")).unwrap();
-    let config = pager_config(&rx.url);
-    let memory = memory(&config, Some(file.clone()));
-    let mut out = Running::pager_remembering(memory.clone(), config);
-    out.queue.push(event("disk /", "critical"));
-    rx.wait_for(1).await;
-    out.settled().await;
+    let Unsaved {
+        _dir,
+        file,
+        blocker,
+        memory,
+        mut out,
+    } = paged_unsaved(&rx).await;
     let deadline = Instant::now() + WAIT;
     while !memory.save_failed() {
         assert!(Instant::now() < deadline, "no save failed");
@@ -714,18 +745,13 @@ async fn a_failed_save_is_tried_once_more_as_the_output_stops() {
 #[tokio::test]
 async fn a_stopped_pagers_failing_save_is_tried_until_it_succeeds() {
     let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = incidents::file_in(dir.path(), "pager");
-    let mut temp = file.clone().into_os_string();
-    temp.push(".tmp");
-    let blocker = PathBuf::from(temp);
-    std::fs::create_dir_all(blocker.join("taken")).unwrap();
-    let config = pager_config(&rx.url);
-    let memory = memory(&config, Some(file.clone()));
-    let mut out = Running::pager_remembering(memory.clone(), config);
-    out.queue.push(event("disk /", "critical"));
-    rx.wait_for(1).await;
-    out.settled().await;
+    let Unsaved {
+        _dir,
+        file,
+        blocker,
+        memory,
+        mut out,
+    } = paged_unsaved(&rx).await;
     out.stop().await;
     assert!(memory.save_failed());
     std::fs::remove_dir_all(&blocker).unwrap();
@@ -1927,9 +1953,7 @@ fn pages_a_failed_save_left_out_of_the_file_are_said_to_be_lost_at_shutdown() {
     let args = pager_keeping_state(dir.path(), &rx.url);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let file = incidents::file_in(&dir.path().join("data"), "pager");
-    let mut temp = file.clone().into_os_string();
-    temp.push(".tmp");
-    std::fs::create_dir_all(std::path::PathBuf::from(temp).join("taken")).unwrap();
+    block_saves(&file);
     let mut vigil = common::Vigil::start(&args);
     for service in ["disk /", "cpu"] {
         send_state(&runtime, &vigil, service, "critical");
