@@ -885,19 +885,22 @@ fn to_stdout(print: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> anyho
     }
 }
 
+/// The text of rule file `path`, or `None` with why not in `out`.
+fn read_or_report(path: &Path, name: &str, out: &mut String) -> Option<String> {
+    let read = rules::read_file(path);
+    read.map_err(|e| _ = writeln!(out, "{}", e.render(name)))
+        .ok()
+}
+
 /// What `vigil check` prints, and whether every file is free of errors.
 fn check(files: &[PathBuf]) -> (String, bool) {
     let mut out = String::new();
     let mut all_ok = true;
     for path in files {
         let name = path.display().to_string();
-        let source = match rules::read_file(path) {
-            Ok(source) => source,
-            Err(e) => {
-                _ = writeln!(out, "{}", e.render(&name));
-                all_ok = false;
-                continue;
-            }
+        let Some(source) = read_or_report(path, &name, &mut out) else {
+            all_ok = false;
+            continue;
         };
         match rules::load(&name, &source, EnvPolicy::Lenient) {
             Ok((_, compiled)) => {
@@ -921,13 +924,9 @@ fn test(files: &[PathBuf]) -> (String, bool) {
     let (mut passed, mut failed) = (0, 0);
     for path in files {
         let name = path.display().to_string();
-        let source = match rules::read_file(path) {
-            Ok(source) => source,
-            Err(e) => {
-                _ = writeln!(out, "{}", e.render(&name));
-                failed += 1;
-                continue;
-            }
+        let Some(source) = read_or_report(path, &name, &mut out) else {
+            failed += 1;
+            continue;
         };
         let file = match rules::load(&name, &source, EnvPolicy::Lenient) {
             Ok((file, _)) => file,
