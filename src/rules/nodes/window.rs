@@ -7,7 +7,6 @@
 //! counted in the log, at most once per [`OVERFLOW_LOG_EVERY`] for each
 //! window: one line per dropped event wrote as fast as events came in.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use hashbrown::HashMap;
@@ -17,7 +16,7 @@ use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 use crate::index::Index;
 
-use super::running::Running;
+use super::running::{Events, Running};
 use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Node, metric_f64, same, take_over};
 
@@ -114,7 +113,7 @@ pub struct Window {
 #[derive(Default)]
 pub struct WindowState {
     /// With arrival times, for the time-based kinds.
-    events: VecDeque<(Micros, Event)>,
+    events: Events,
     /// A moving window's folds, kept as events come and go; built from
     /// `events` when first needed (after a restore or a reload too).
     running: Option<Running>,
@@ -127,10 +126,14 @@ pub struct WindowState {
 }
 
 impl WindowState {
-    /// The running folds, built from the events the first time.
-    fn tracked(&mut self) -> &mut Running {
+    /// The running folds, built from the events the first time, and the
+    /// events they fold.
+    fn tracked(&mut self) -> (&mut Running, &Events) {
         let events = &self.events;
-        self.running.get_or_insert_with(|| Running::of(events))
+        (
+            self.running.get_or_insert_with(|| Running::of(events)),
+            events,
+        )
     }
 
     fn pop_front(&mut self) {
@@ -183,10 +186,7 @@ impl Window {
     /// A moving window's folds of what it holds now, into `out`: each in
     /// O(1), where folding up to [`WINDOW_MAX`] events took ~0.2 ms.
     fn fold_moving(&self, s: &mut WindowState, out: &mut Folded) {
-        let WindowState {
-            events, running, ..
-        } = s;
-        let running = running.get_or_insert_with(|| Running::of(events));
+        let (running, events) = s.tracked();
         let folded = self.folds.iter().map(|f| running.fold(f.kind, events));
         out.extend(folded.enumerate().filter_map(|(at, e)| Some((at, e?))));
     }
