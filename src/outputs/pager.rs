@@ -214,12 +214,18 @@ pub async fn run(
 /// Saves `memory` at the waits of [`Saves`] until a save (this one's or
 /// another's) succeeds.
 async fn save_until_saved(memory: Arc<Memory>) {
-    let mut wait = SAVE_RETRY;
+    let mut wait = None;
     while memory.save_failed() {
-        tokio::time::sleep(wait).await;
+        let next = next_save_retry(wait);
+        tokio::time::sleep(next).await;
         memory.save().await;
-        wait = (wait * 2).min(SAVE_RETRY_MAX);
+        wait = Some(next);
     }
+}
+
+/// The wait before the next try of a failing save, after `last`'s.
+fn next_save_retry(last: Option<Duration>) -> Duration {
+    last.map_or(SAVE_RETRY, |wait| (wait * 2).min(SAVE_RETRY_MAX))
 }
 
 /// Why [`Pager::page_in_order`] returned.
@@ -282,11 +288,7 @@ impl Saves {
         let started = Instant::now();
         let saved = memory.save().await;
         self.last_took = started.elapsed();
-        self.retry = match (saved, self.retry) {
-            (true, _) => None,
-            (false, None) => Some(SAVE_RETRY),
-            (false, Some(wait)) => Some((wait * 2).min(SAVE_RETRY_MAX)),
-        };
+        self.retry = (!saved).then(|| next_save_retry(self.retry));
         if let Some(wait) = self.retry {
             self.due_at = Some(Instant::now() + wait);
         }
