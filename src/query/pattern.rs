@@ -68,17 +68,16 @@ impl Compiler {
         let over_budget = || {
             format!(
                 "too many or too large regexes: the `~=` patterns of a query (or a rule's \
-                 predicate) may take {} MiB together (each its compiled size, plus {} KiB, plus {} bytes per byte of \
-                 its text)",
+                 predicate) may take {} MiB together (each its compiled size, plus {} KiB, \
+                 plus {} bytes per byte of its text)",
                 QUERY_BUDGET >> 20,
                 PATTERN_OVERHEAD >> 10,
                 PATTERN_TEXT_COST
             )
         };
-        let charge = pattern.len().saturating_mul(PATTERN_TEXT_COST);
-        let Some(room) =
-            (self.left.checked_sub(PATTERN_OVERHEAD)).and_then(|left| left.checked_sub(charge))
-        else {
+        let charge =
+            PATTERN_OVERHEAD.saturating_add(pattern.len().saturating_mul(PATTERN_TEXT_COST));
+        let Some(room) = self.left.checked_sub(charge) else {
             return Err(over_budget());
         };
         let source = ascii_perl_classes(pattern);
