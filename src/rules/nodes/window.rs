@@ -49,9 +49,9 @@ impl Fold {
 
 /// Folds over the events that have a metric (`count` counts every event); the
 /// latest event is the template, `min`/`max` return the extreme event itself.
-/// The window's events are read where they are: a moving window is folded on
-/// every event, and copying its up to [`WINDOW_MAX`] events each time cut
-/// ingest through one to a few hundred events a second.
+/// The window's events are read where they are, not copied. A moving window,
+/// folded on every event, keeps these folds running instead
+/// ([`Running`]), which must agree with this.
 pub fn fold<'a, I>(kind: FoldKind, events: I) -> Option<Event>
 where
     I: DoubleEndedIterator<Item = &'a Event> + ExactSizeIterator + Clone,
