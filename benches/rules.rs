@@ -1,6 +1,7 @@
 //! The acceptance rule file (`rules/rabbitmq.vigil`) over a 100-event batch:
-//! the per-`Msg` cost of the rules between decode and the index; and the
-//! pause of a reload of rules holding many `changed_state` series.
+//! the per-`Msg` cost of the rules between decode and the index; the pause
+//! of a reload of rules holding many `changed_state` series; and the timer's
+//! tick of a `by` holding many series.
 
 use std::sync::Arc;
 
@@ -121,5 +122,55 @@ fn reload(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, acceptance_file, reload);
+/// The timer's 100 ms tick of a `by` holding 200 000 series: with a
+/// `rate(10s)` each whose windows are spread over the 10 s (1 % due on each
+/// tick), and with `changed_state` (nothing ever due). The tick holds the
+/// `by`'s locks against those series' events.
+fn by_tick(c: &mut Criterion) {
+    const SERIES: usize = 200_000;
+    const START: i64 = 1_700_000_000_000_000;
+    let mut group = c.benchmark_group("by_tick");
+    for (name, block) in [
+        (
+            "rate_200k_series_1pct_due",
+            "by(host) { rate(10s) { drop } }",
+        ),
+        ("changed_state_200k_series", "changed_state { drop }"),
+    ] {
+        let source = format!("streams {{\n  {block}\n}}\n");
+        let (_, compiled) =
+            rules::load("by.vigil", &source, EnvPolicy::Lenient).expect("file compiles");
+        let clock = Arc::new(ManualClock::new(START));
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let shared: SharedClock = clock.clone();
+        let rules = Rules::new(compiled.roots, None, Vec::new(), index, shared);
+        let batches = SERIES / 100;
+        for batch in 0..batches {
+            // Arrivals spread over 10 s; the series never expire.
+            let now = START + (batch * 10_000_000 / batches) as i64;
+            clock.set(now);
+            let events: Vec<Event> = (batch * 100..(batch + 1) * 100)
+                .map(|i| Event {
+                    host: Some(format!("host{i}")),
+                    service: Some("svc".to_owned()),
+                    state: Some("ok".to_owned()),
+                    metric: Some(Metric::Int(1)),
+                    ttl: Some(1e9),
+                    time: now,
+                    ..Event::default()
+                })
+                .collect();
+            rules.process(&events);
+        }
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                clock.advance(100_000);
+                rules.tick();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, acceptance_file, reload, by_tick);
 criterion_main!(benches);

@@ -7,6 +7,8 @@
 //! parameters are unchanged ([`Node::adopt`]).
 
 use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -190,7 +192,7 @@ pub struct By {
     pub prototype: Children,
     pub idle_after: Micros,
     definition: Arc<ByDefinition>,
-    shards: Box<[Mutex<HashTable<Group>>]>,
+    shards: Box<[Mutex<Shard>]>,
     /// Groups held, all shards together: bounded by `--max-index` as the
     /// index is, since each distinct key of a flood would make one.
     groups: AtomicUsize,
@@ -222,9 +224,75 @@ pub const BY_SHARDS: usize = 8;
 /// copies pointers under the lock and walks the groups after releasing it.
 type GroupKey = Arc<[Option<String>]>;
 
+/// One lock's share of a `by`'s groups, and when each next needs the timer.
+#[derive(Default)]
+struct Shard {
+    groups: HashTable<Group>,
+    /// Earliest first: (when, group id, group hash). A group has an entry at
+    /// its `queued` time; entries it left behind (its time moved, or it was
+    /// freed) are passed over when they come up. So a tick visits only the
+    /// groups whose time has come, not every group of the `by`.
+    due: BinaryHeap<Reverse<(Micros, u64, u64)>>,
+    next_id: u64,
+}
+
+/// Queue entries a tick takes while holding a shard's lock: events of that
+/// shard's groups wait at most this many groups' ticks, however many are due.
+/// Fewer in unit tests, so that their few groups take several holds.
+const VISITS_PER_LOCK: usize = if cfg!(test) { 16 } else { 256 };
+
+impl Shard {
+    /// A group brought over with state (a restore, an edited `by`).
+    fn add(&mut self, mut group: Group) {
+        group.id = Self::new_id(&mut self.next_id);
+        group.queued = Micros::MAX;
+        let hash = group.hash;
+        let group = self
+            .groups
+            .insert_unique(hash, group, |g| g.hash)
+            .into_mut();
+        Self::queue(&mut self.due, group);
+    }
+
+    /// Takes the next group id (a field, so the table may stay borrowed).
+    fn new_id(next_id: &mut u64) -> u64 {
+        *next_id += 1;
+        *next_id
+    }
+
+    /// Gives `group` an entry at its time if it has none that early. An
+    /// event moves a group's freeing later without one: the entry it has
+    /// comes up early and is moved then.
+    fn queue(due: &mut BinaryHeap<Reverse<(Micros, u64, u64)>>, group: &mut Group) {
+        let at = group.due();
+        if at < group.queued {
+            group.queued = at;
+            due.push(Reverse((at, group.id, group.hash)));
+        }
+    }
+
+    /// Drops the entries groups left behind once they outnumber the groups:
+    /// a client whose events keep bringing a group's time forward (a TTL
+    /// shorter each time) would otherwise grow the queue with every event.
+    fn compact(&mut self) {
+        if self.due.len() > 2 * self.groups.len() + 64 {
+            self.due = self
+                .groups
+                .iter()
+                .map(|g| Reverse((g.queued, g.id, g.hash)))
+                .collect();
+        }
+    }
+}
+
 pub struct Group {
     key: GroupKey,
     hash: u64,
+    /// Tells the group from another of the same hash in the shard's queue.
+    id: u64,
+    /// The time of its earliest entry in the shard's queue; never later
+    /// than [`Group::due`].
+    queued: Micros,
     children: Arc<Children>,
     /// When the group may be freed if no event comes first.
     free_at: Micros,
@@ -234,6 +302,14 @@ pub struct Group {
     /// When a stage of the group next needs the timer ([`Cx::schedule`]);
     /// `Micros::MAX` when none does, e.g. in `changed_state`.
     next_tick: Micros,
+}
+
+impl Group {
+    /// When the timer next has something to do with the group: tick a
+    /// stage, or free it.
+    fn due(&self) -> Micros {
+        self.next_tick.min(self.free_at.saturating_add(1))
+    }
 }
 
 impl By {
@@ -291,7 +367,7 @@ impl By {
         hasher.finish()
     }
 
-    fn shard(&self, hash: u64) -> &Mutex<HashTable<Group>> {
+    fn shard(&self, hash: u64) -> &Mutex<Shard> {
         // The table uses the hash's low bits and its top seven as tags; the
         // shard takes bits of the middle.
         &self.shards[(hash >> 32) as usize % BY_SHARDS]
@@ -300,19 +376,75 @@ impl By {
     fn insert(&self, key: GroupKey, free_at: Micros, lifetime: Micros, children: Children) {
         self.groups.fetch_add(1, Ordering::Relaxed);
         let hash = self.hash(key.iter().map(Option::as_deref));
-        self.shard(hash).lock().insert_unique(
+        self.shard(hash).lock().add(Group {
+            key,
             hash,
-            Group {
-                key,
-                hash,
-                children: Arc::new(children),
-                free_at,
-                lifetime,
-                // Brought over with state: its first tick says what is due.
-                next_tick: Micros::MIN,
-            },
-            |g| g.hash,
-        );
+            id: 0,
+            queued: Micros::MAX,
+            children: Arc::new(children),
+            free_at,
+            lifetime,
+            // Brought over with state: its first tick says what is due.
+            next_tick: Micros::MIN,
+        });
+    }
+
+    /// Visits `shard`'s groups whose time has come at `cx.now`, a few at a
+    /// time under its lock: ticks those with a stage due, frees those idle
+    /// past their time. Returns the shard's earliest time and how many
+    /// groups it freed.
+    fn tick_shard(&self, shard: &Mutex<Shard>, cx: &mut Cx) -> (Micros, usize) {
+        let now = cx.now;
+        let mut freed = 0;
+        // Groups whose stages asked for a time already past: queued after
+        // this tick, which visits each group once.
+        let mut overdue = Vec::new();
+        loop {
+            let mut shard = shard.lock();
+            let Shard { groups, due, .. } = &mut *shard;
+            let mut visits = 0;
+            while let Some(&Reverse((at, id, hash))) = due.peek()
+                && at <= now
+            {
+                if visits == VISITS_PER_LOCK {
+                    break;
+                }
+                visits += 1;
+                due.pop();
+                let Ok(mut entry) = groups.find_entry(hash, |g| g.id == id) else {
+                    continue;
+                };
+                let group = entry.get_mut();
+                if group.queued != at {
+                    continue;
+                }
+                // Before freeing: a group's last window may be due on this very tick.
+                if group.next_tick <= now {
+                    group.next_tick = cx.scheduled(|cx| group.children.tick(cx));
+                }
+                if group.free_at < now {
+                    entry.remove();
+                    freed += 1;
+                    continue;
+                }
+                // Freeing is due too: a virtual clock that skipped it would
+                // tick the group's stages past the time the server's timer
+                // frees them.
+                group.queued = Micros::MAX;
+                if group.due() <= now {
+                    group.queued = group.due();
+                    overdue.push(Reverse((group.queued, id, hash)));
+                } else {
+                    Shard::queue(due, group);
+                }
+            }
+            if visits < VISITS_PER_LOCK {
+                shard.due.extend(overdue);
+                shard.compact();
+                let earliest = shard.due.peek().map_or(Micros::MAX, |Reverse(e)| e.0);
+                return (earliest, freed);
+            }
+        }
     }
 }
 
@@ -323,7 +455,8 @@ impl Node for By {
         let hash = self.hash(self.fields.iter().map(value));
         let lifetime = secs_to_micros(cx.index.ttl_secs(event)).max(self.idle_after);
         let free_at = cx.now.saturating_add(lifetime);
-        let mut groups = self.shard(hash).lock();
+        let mut locked = self.shard(hash).lock();
+        let shard = &mut *locked;
         let same_key = |g: &Group| {
             g.hash == hash
                 && g.key
@@ -331,16 +464,18 @@ impl Node for By {
                     .zip(&self.fields)
                     .all(|(stored, f)| stored.as_deref() == value(f).as_deref())
         };
-        let group = match groups.entry(hash, same_key, |g| g.hash) {
+        let group = match shard.groups.entry(hash, same_key, |g| g.hash) {
             Entry::Occupied(group) => group.into_mut(),
             Entry::Vacant(_) if !self.reserve_group(cx.index.max_entries()) => {
-                drop(groups);
+                drop(locked);
                 return self.refuse(cx);
             }
             Entry::Vacant(vacant) => vacant
                 .insert(Group {
                     key: self.fields.iter().map(|f| f.text(event)).collect(),
                     hash,
+                    id: Shard::new_id(&mut shard.next_id),
+                    queued: Micros::MAX,
                     children: Arc::new(self.prototype.fresh()),
                     free_at,
                     lifetime,
@@ -354,34 +489,23 @@ impl Node for By {
         // events in order.
         let due = cx.scheduled(|cx| group.children.event(event, cx));
         group.next_tick = group.next_tick.min(due);
+        Shard::queue(&mut shard.due, group);
         // An enclosing `by` must tick this group's group too.
         cx.schedule(Some(group.next_tick));
+        shard.compact();
     }
 
-    /// Ticks only the groups with something due: a `by` of many series would
-    /// otherwise chase a pointer per group, under the lock, on every tick,
-    /// although a window or rate of each is due once per its interval, and
-    /// nothing in `changed_state` ever is.
+    /// Visits only the groups whose time has come, from each shard's queue:
+    /// a window or rate of each series is due once per its interval, nothing
+    /// in `changed_state` ever is, and a pass over all the groups of a `by`
+    /// of many series under its locks stalled their events on every tick.
     fn tick(&self, cx: &mut Cx) {
         let mut earliest = Micros::MAX;
         let mut freed = 0;
         for shard in &self.shards {
-            shard.lock().retain(|g| {
-                // Before freeing: a group's last window may be due on this very tick.
-                if g.next_tick <= cx.now {
-                    g.next_tick = cx.scheduled(|cx| g.children.tick(cx));
-                }
-                let keep = g.free_at >= cx.now;
-                if keep {
-                    // Freeing is due too: a virtual clock that skipped it
-                    // would tick the group's stages past the time the
-                    // server's timer frees them.
-                    earliest = earliest.min(g.next_tick).min(g.free_at.saturating_add(1));
-                } else {
-                    freed += 1;
-                }
-                keep
-            });
+            let (shard_earliest, shard_freed) = self.tick_shard(shard, cx);
+            earliest = earliest.min(shard_earliest);
+            freed += shard_freed;
         }
         self.groups.fetch_sub(freed, Ordering::Relaxed);
         cx.schedule(Some(earliest));
@@ -414,7 +538,9 @@ impl Node for By {
             return;
         }
         for shard in &old.shards {
-            for old_group in shard.lock().drain() {
+            let mut shard = shard.lock();
+            shard.due.clear();
+            for old_group in shard.groups.drain() {
                 let children = self.prototype.fresh();
                 children.adopt(&old_group.children);
                 self.insert(
@@ -440,6 +566,7 @@ impl Node for By {
             .flat_map(|shard| {
                 shard
                     .lock()
+                    .groups
                     .iter()
                     .map(|g| (g.key.clone(), g.free_at, g.lifetime, g.children.clone()))
                     .collect::<Vec<_>>()
@@ -891,5 +1018,58 @@ impl Node for Ddt {
             other => return Err(RestoreError::mismatch("ddt", &other)),
         }
         self.children.restore(from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Index;
+    use crate::rules::engine::RuleStats;
+    use crate::rules::nodes::basic::Drop;
+
+    /// A client whose events bring its group's time forward every time (a
+    /// shorter TTL each) queues an entry per event; the queue is rebuilt
+    /// before it outgrows the groups by much.
+    #[test]
+    fn a_shards_queue_stays_near_its_groups_count() {
+        let by = By::new(
+            vec![Field::Host],
+            Children(vec![Box::new(Drop {})]),
+            0,
+            Arc::new(ByDefinition {
+                text: "by(host) { drop }".into(),
+                outputs: Arc::new([]),
+            }),
+        );
+        let index = Index::new(crate::index::IndexConfig::default());
+        let stats = RuleStats::default();
+        let mut reinjected = Vec::new();
+        let mut cx = Cx {
+            now: 1_000_000,
+            index: &index,
+            outputs: &[],
+            reinjected: &mut reinjected,
+            hashed: None,
+            due: Micros::MAX,
+            stats: &stats,
+        };
+        for ttl in (1..=10_000).rev() {
+            let event = Event {
+                host: Some("a".into()),
+                ttl: Some(ttl as f32),
+                ..Event::default()
+            };
+            by.event(&event, &mut cx);
+        }
+        let queued: usize = by.shards.iter().map(|s| s.lock().due.len()).sum();
+        assert!(queued <= 2 + 64, "{queued} entries for one group");
+        // The group's entry is at its latest, shortest time: freed just after.
+        cx.now += 1_000_000;
+        by.tick(&mut cx);
+        assert_eq!(by.groups.load(Ordering::Relaxed), 1);
+        cx.now += 1;
+        by.tick(&mut cx);
+        assert_eq!(by.groups.load(Ordering::Relaxed), 0);
     }
 }

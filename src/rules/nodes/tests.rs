@@ -1129,3 +1129,54 @@ fn a_batch_is_indexed_under_each_events_own_key_even_when_a_stage_changes_it() {
         );
     }
 }
+
+#[test]
+fn a_group_whose_ttl_shrinks_is_freed_at_the_shorter_time() {
+    // The group is queued to be freed 100 s on; the second event brings its
+    // time forward to 6 s, which the timer must not miss.
+    let b = bench("by(host) { changed(state) { out } }");
+    let ok = |b: &Bench, ttl: f32| with_ttl(with_state(ev(b, "a", "s"), "ok"), ttl);
+    send(&b, ok(&b, 100.0));
+    b.advance_to(at(1.0));
+    send(&b, ok(&b, 5.0));
+    b.advance_to(at(6.5));
+    send(&b, ok(&b, 5.0)); // a fresh group: passes again
+    let times: Vec<Micros> = out(&b).iter().map(|e| e.time).collect();
+    assert_eq!(times, vec![at(0.0), at(6.5)]);
+}
+
+#[test]
+fn a_group_kept_alive_by_its_events_is_not_freed_at_its_first_time() {
+    let b = bench("by(host) { changed(state) { out } }");
+    let ok = |b: &Bench| with_ttl(with_state(ev(b, "a", "s"), "ok"), 5.0);
+    for second in 0..30 {
+        b.advance_to(at(f64::from(second)));
+        send(&b, ok(&b));
+    }
+    assert_eq!(out(&b).len(), 1, "one group all along: {:?}", out(&b));
+}
+
+#[test]
+fn every_group_due_on_a_tick_is_ticked_on_it_however_many() {
+    // More groups due at once than a tick visits under one hold of a lock.
+    let b = bench("by(host) { rate(1s) { out } }");
+    let hosts = 900;
+    for host in 0..hosts {
+        let e = with_metric(ev(&b, &format!("h{host}"), "s"), Metric::Int(5));
+        send(&b, with_ttl(e, 60.0));
+    }
+    b.advance_to(at(1.0));
+    let reports = out(&b);
+    assert_eq!(reports.len(), hosts);
+    assert!(reports.iter().all(|e| e.time == at(1.0)), "on time");
+    let mut reported: Vec<String> = reports.iter().map(|e| e.host_str().to_owned()).collect();
+    reported.sort();
+    reported.dedup();
+    assert_eq!(reported.len(), hosts, "each group once");
+    b.advance_to(at(2.0));
+    assert_eq!(
+        out(&b).len(),
+        1_000,
+        "and again a second later (as many as recorded)"
+    );
+}
