@@ -947,13 +947,12 @@ impl Compiler<'_> {
                 let b = self.bind(n, args, &["count"], span)?;
                 let v = self.require(n, &b, "count")?;
                 let count = self.count(v)?;
-                let count = usize::try_from(count)
-                    .unwrap_or(usize::MAX)
-                    .min(super::nodes::WINDOW_MAX);
+                let count = usize::try_from(count).unwrap_or(usize::MAX);
+                // A fixed window holds no events, so any count of them.
                 let kind = if n == "fixed_event_window" {
                     WindowKind::FixedCount(count)
                 } else {
-                    WindowKind::MovingCount(count)
+                    WindowKind::MovingCount(count.min(super::nodes::WINDOW_MAX))
                 };
                 let folds = self.folds(name, span, body)?;
                 Box::new(Window::new(kind, folds))

@@ -25,8 +25,9 @@
 //! - `throttle`, `stable`, `ewma`, `ewma_timeless`, `ddt`: their counters,
 //!   held events and last values.
 //! - Time, event-count and `coalesce` windows, `percentiles`: the buffered
-//!   events or samples and when the window closes; a fold keeps its place if
-//!   its kind is unchanged.
+//!   events or samples (a fixed window: its folds so far) and when the
+//!   window closes; a fold keeps its place if its kind is unchanged. A `min`
+//!   or `max` new to a fixed window folds the events from the reload on.
 //! - The index always: it lives outside the rules.
 //! - An output whose declaration is identical (name, type and every argument):
 //!   its queue, delivery task, connection and counters.

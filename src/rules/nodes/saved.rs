@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Micros;
 use crate::event::Event;
 
+use super::running::FixedFolds;
+
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum Saved {
     Rate {
@@ -64,6 +66,12 @@ pub enum Saved {
         window_end: Option<Micros>,
         rng: u64,
     },
+    /// A fixed window: its folds so far, not its events. Earlier versions
+    /// saved it as a [`Saved::Window`], which still restores into it.
+    FixedWindow {
+        folds: FixedFolds,
+        window_end: Option<Micros>,
+    },
 }
 
 impl Saved {
@@ -79,6 +87,7 @@ impl Saved {
             Saved::Ddt(_) => "ddt",
             Saved::Window { .. } => "window",
             Saved::Percentiles { .. } => "percentiles",
+            Saved::FixedWindow { .. } => "fixed window",
         }
     }
 }

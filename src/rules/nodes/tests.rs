@@ -847,24 +847,39 @@ fn fixed_time_window_is_closed_by_the_timer() {
 fn a_full_window_lets_the_oldest_go_and_counts_each() {
     use crate::rules::nodes::WINDOW_MAX;
     let b = bench(
-        r#"where service = "t" { fixed_time_window(10s) { count { out } } }
-           where service != "t" { coalesce(10s) { count { out } } }"#,
+        r#"where service = "m" { moving_time_window(10s) { count { where metric >= 100000 { out } } } }
+           where service = "f" { fixed_time_window(10s) { count { out } } }
+           where service != "m" and service != "f" { coalesce(10s) { count { out } } }"#,
     );
-    let batch: Vec<Event> = (0..WINDOW_MAX + 3)
-        .map(|i| with_metric(ev(&b, "h", "t"), Metric::Int(i as i64)))
-        .collect();
-    b.rules.process(&batch);
+    let batch = |service: &str| -> Vec<Event> {
+        (0..WINDOW_MAX + 3)
+            .map(|i| with_metric(ev(&b, "h", service), Metric::Int(i as i64)))
+            .collect()
+    };
+    b.rules.process(&batch("m"));
+    let overflow = || b.rules.stats.window_overflow.load(Ordering::Relaxed);
+    assert_eq!(overflow(), 3, "the moving window let three events go");
+    assert_eq!(
+        out_f64(&b),
+        vec![WINDOW_MAX as f64; 4],
+        "it held what it could"
+    );
+    b.rules.process(&batch("f"));
+    assert_eq!(
+        overflow(),
+        3,
+        "a fixed window holds no events: none to let go"
+    );
     let series: Vec<Event> = (0..WINDOW_MAX + 2)
         .map(|i| ev(&b, "h", &format!("s{i}")))
         .collect();
     b.rules.process(&series);
-    let overflow = || b.rules.stats.window_overflow.load(Ordering::Relaxed);
-    assert_eq!(overflow(), 3 + 2, "three events, then two series, left out");
+    assert_eq!(overflow(), 3 + 2, "then two series left out");
     b.advance_to(at(10.0));
     assert_eq!(
-        out_f64(&b),
-        vec![WINDOW_MAX as f64; 2],
-        "each window held what it could"
+        out_f64(&b)[4..],
+        [(WINDOW_MAX + 3) as f64, WINDOW_MAX as f64],
+        "the fixed window counted every event, coalesce what it could hold"
     );
     assert_eq!(overflow(), 5, "closing the windows drops nothing more");
 }

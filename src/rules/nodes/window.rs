@@ -3,8 +3,10 @@
 //! run on arrival time and are closed by the timer, so a window ends on time even
 //! when no later event comes (Riemann waits for the next event).
 //!
-//! Every buffer is bounded; past the bound the oldest events are dropped and
-//! counted in the log, at most once per [`OVERFLOW_LOG_EVERY`] for each
+//! A fixed window holds none of its events, only their folds so far
+//! ([`FixedFolds`]), so it folds every event of its span however many. The
+//! others' buffers are bounded; past the bound the oldest events are dropped
+//! and counted in the log, at most once per [`OVERFLOW_LOG_EVERY`] for each
 //! window: one line per dropped event wrote as fast as events came in.
 
 use std::sync::atomic::Ordering;
@@ -16,11 +18,11 @@ use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 use crate::index::Index;
 
-use super::running::{Events, Running};
+use super::running::{Events, Extremes, FixedFolds, Running};
 use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Node, metric_f64, same, take_over};
 
-/// Most events one window holds.
+/// Most events a moving window holds (`coalesce`: series).
 pub const WINDOW_MAX: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +52,9 @@ impl Fold {
 /// Folds over the events that have a metric (`count` counts every event); the
 /// latest event is the template, `min`/`max` return the extreme event itself.
 /// The window's events are read where they are, not copied. A moving window,
-/// folded on every event, keeps these folds running instead
-/// ([`Running`]), which must agree with this.
+/// folded on every event, keeps these folds running instead ([`Running`]),
+/// and a fixed window keeps them as its events come ([`FixedFolds`]): both
+/// must agree with this.
 pub fn fold<'a, I>(kind: FoldKind, events: I) -> Option<Event>
 where
     I: DoubleEndedIterator<Item = &'a Event> + ExactSizeIterator + Clone,
@@ -112,8 +115,10 @@ pub struct Window {
 
 #[derive(Default)]
 pub struct WindowState {
-    /// With arrival times, for the time-based kinds.
+    /// A moving window's events, with arrival times.
     events: Events,
+    /// A fixed window's folds of its events so far.
+    fixed: FixedFolds,
     /// A moving window's folds, kept as events come and go; built from
     /// `events` when first needed (after a restore or a reload too).
     running: Option<Running>,
@@ -166,14 +171,34 @@ impl Window {
         }
     }
 
-    /// Each fold's event of one window, into `out` with the fold's place.
-    fn fold_into<'a, I>(&self, events: I, out: &mut Folded)
-    where
-        I: DoubleEndedIterator<Item = &'a Event> + ExactSizeIterator + Clone,
-    {
-        for (at, f) in self.folds.iter().enumerate() {
-            out.extend(fold(f.kind, events.clone()).map(|event| (at, event)));
+    /// Fixed windows keep their folds, not their events.
+    fn is_fixed(&self) -> bool {
+        matches!(
+            self.kind,
+            WindowKind::FixedTime(_) | WindowKind::FixedCount(_)
+        )
+    }
+
+    /// Each fold's event, as `fold_as` folds its kind, into `out` with the
+    /// fold's place.
+    fn fold_each(&self, fold_as: impl Fn(FoldKind) -> Option<Event>, out: &mut Folded) {
+        let folded = self.folds.iter().map(|f| fold_as(f.kind));
+        out.extend(folded.enumerate().filter_map(|(at, e)| Some((at, e?))));
+    }
+
+    /// The extreme events this window's folds return.
+    fn extremes(&self) -> Extremes {
+        let folds = |kind| self.folds.iter().any(|f| f.kind == kind);
+        Extremes {
+            min: folds(FoldKind::Min),
+            max: folds(FoldKind::Max),
         }
+    }
+
+    /// Closes the current fixed window, folded into `out`.
+    fn close_fixed(&self, s: &mut WindowState, out: &mut Folded) {
+        let folds = std::mem::take(&mut s.fixed);
+        self.fold_each(|kind| folds.fold(kind), out);
     }
 
     /// Passes each folded event on, to its fold's children (with no lock held).
@@ -187,27 +212,26 @@ impl Window {
     /// O(1), where folding up to [`WINDOW_MAX`] events took ~0.2 ms.
     fn fold_moving(&self, s: &mut WindowState, out: &mut Folded) {
         let (running, events) = s.tracked();
-        let folded = self.folds.iter().map(|f| running.fold(f.kind, events));
-        out.extend(folded.enumerate().filter_map(|(at, e)| Some((at, e?))));
+        self.fold_each(|kind| running.fold(kind, events), out);
     }
 
     /// Closes the windows that are due at `now`, folded into `out`.
     fn due(&self, s: &mut WindowState, now: Micros, index: &Index, out: &mut Folded) {
         match self.kind {
-            WindowKind::FixedTime(dt) => {
-                while let Some(end) = s.window_end.filter(|end| now >= *end) {
-                    let (inside, later): (Vec<_>, Vec<_>) =
-                        s.events.drain(..).partition(|(at, _)| *at < end);
-                    s.events.extend(later);
-                    self.fold_into(inside.iter().map(|(_, e)| e), out);
+            WindowKind::FixedTime(_) => {
+                // Every event the window took came before its end: an event
+                // first closes what is due, then starts a window if none is
+                // open, which ends after it (durations are above zero).
+                if s.window_end.is_some_and(|end| now >= end) {
+                    self.close_fixed(s, out);
                     // Idle: the next window starts with the next event.
-                    s.window_end = (!s.events.is_empty()).then(|| end.saturating_add(dt));
+                    s.window_end = None;
                 }
             }
             WindowKind::Coalesce(dt) => {
                 if let Some(end) = s.window_end.filter(|end| now >= *end) {
                     let current: Vec<&Event> = s.latest.values().collect();
-                    self.fold_into(current.into_iter(), out);
+                    self.fold_each(|kind| fold(kind, current.iter().copied()), out);
                     // Expired (by state or TTL) entries are emitted once, then forgotten.
                     s.latest.retain(|_, e| {
                         let ttl = index.ttl_secs(e);
@@ -261,7 +285,7 @@ impl Node for Window {
             match self.kind {
                 WindowKind::FixedTime(dt) => {
                     s.window_end.get_or_insert(now.saturating_add(dt));
-                    Self::push(&mut s, now, event.clone());
+                    s.fixed.add(event, self.extremes());
                 }
                 WindowKind::MovingTime(dt) => {
                     s.tracked();
@@ -273,10 +297,9 @@ impl Node for Window {
                     self.fold_moving(&mut s, &mut out);
                 }
                 WindowKind::FixedCount(n) => {
-                    Self::push(&mut s, now, event.clone());
-                    if s.events.len() >= n {
-                        self.fold_into(s.events.iter().map(|(_, e)| e), &mut out);
-                        s.events.clear();
+                    s.fixed.add(event, self.extremes());
+                    if s.fixed.events() >= n as u64 {
+                        self.close_fixed(&mut s, &mut out);
                     }
                 }
                 WindowKind::MovingCount(n) => {
@@ -325,8 +348,11 @@ impl Node for Window {
         ))
     }
 
-    /// The buffered events carry over when the window kind and size are
-    /// unchanged; each fold adopts its old counterpart if it folds the same way.
+    /// The held events (a fixed window: its folds so far) carry over when
+    /// the window kind and size are unchanged; each fold adopts its old
+    /// counterpart if it folds the same way. A `min` or `max` new to a fixed
+    /// window returns the extreme of the events from then on: the old window
+    /// kept no extreme its folds did not return.
     fn adopt(&self, old: &dyn Node) {
         let Some(old) = same::<Window>(old).filter(|o| o.kind == self.kind) else {
             return;
@@ -341,10 +367,17 @@ impl Node for Window {
 
     fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
-        out.push(Saved::Window {
-            events: s.events.iter().cloned().collect(),
-            latest: s.latest.values().cloned().collect(),
-            window_end: s.window_end,
+        out.push(if self.is_fixed() {
+            Saved::FixedWindow {
+                folds: s.fixed.clone(),
+                window_end: s.window_end,
+            }
+        } else {
+            Saved::Window {
+                events: s.events.iter().cloned().collect(),
+                latest: s.latest.values().cloned().collect(),
+                window_end: s.window_end,
+            }
         });
         drop(s);
         for fold in &self.folds {
@@ -354,6 +387,28 @@ impl Node for Window {
 
     fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("window")? {
+            Saved::FixedWindow { folds, window_end } if self.is_fixed() => {
+                *self.state.lock() = WindowState {
+                    fixed: folds,
+                    window_end,
+                    ..WindowState::default()
+                };
+            }
+            // Written by a build that held a fixed window's events: all of
+            // the current window's (see `due`), folded as they came.
+            Saved::Window {
+                events, window_end, ..
+            } if self.is_fixed() => {
+                let mut fixed = FixedFolds::default();
+                for (_, event) in &events {
+                    fixed.add(event, self.extremes());
+                }
+                *self.state.lock() = WindowState {
+                    fixed,
+                    window_end,
+                    ..WindowState::default()
+                };
+            }
             Saved::Window {
                 mut events,
                 latest,
@@ -542,6 +597,104 @@ impl Node for Percentiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::MICROS_PER_SEC;
+
+    const FIXED: [WindowKind; 2] = [
+        WindowKind::FixedTime(10 * MICROS_PER_SEC),
+        WindowKind::FixedCount(100),
+    ];
+
+    /// A window with every fold, each with no children.
+    fn every_fold(kind: WindowKind) -> Window {
+        let kinds = [
+            FoldKind::Count,
+            FoldKind::Sum,
+            FoldKind::Mean,
+            FoldKind::Min,
+            FoldKind::Max,
+        ];
+        let folds = kinds.map(|kind| Fold {
+            kind,
+            children: Children::default(),
+        });
+        Window::new(kind, folds.into())
+    }
+
+    /// Ties, a missing metric, ints and floats.
+    fn events() -> Vec<Event> {
+        let metrics = [Some(3.0), Some(1.0), None, Some(7.0), Some(1.0), Some(7.0)];
+        (0..)
+            .zip(metrics)
+            .map(|(n, metric)| Event {
+                service: Some(format!("e{n}")),
+                metric: metric.map(|m| match n % 2 {
+                    0 => Metric::Int(m as i64),
+                    _ => Metric::Float(m),
+                }),
+                ..Event::default()
+            })
+            .collect()
+    }
+
+    fn restored(kind: WindowKind, entry: Saved) -> Window {
+        let window = every_fold(kind);
+        let mut from = Restorer::from_entries(vec![entry], 0);
+        window.restore(&mut from).unwrap();
+        assert_eq!(from.finish(), Ok(1));
+        window
+    }
+
+    #[test]
+    fn a_fixed_windows_folds_come_back_as_they_were_saved() {
+        for kind in FIXED {
+            let window = every_fold(kind);
+            let mut s = window.state.lock();
+            for event in events() {
+                s.fixed.add(&event, window.extremes());
+            }
+            s.window_end = Some(123);
+            drop(s);
+            let mut saved = Vec::new();
+            window.save(&mut saved);
+            let [entry] = <[Saved; 1]>::try_from(saved).unwrap();
+            // Through CBOR, as the state file holds it.
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&entry, &mut bytes).unwrap();
+            let entry: Saved = ciborium::from_reader(&bytes[..]).unwrap();
+            assert!(matches!(entry, Saved::FixedWindow { .. }), "{entry:?}");
+            let back = restored(kind, entry);
+            let (back, s) = (back.state.lock(), window.state.lock());
+            assert_eq!(back.fixed, s.fixed, "{kind:?}");
+            assert_eq!(back.window_end, Some(123));
+        }
+    }
+
+    /// A state file of a build that held a fixed window's events restores.
+    #[test]
+    fn a_fixed_window_saved_with_its_events_comes_back_as_their_folds() {
+        let events = events();
+        for kind in FIXED {
+            let window = restored(
+                kind,
+                Saved::Window {
+                    events: events.iter().map(|e| (7, e.clone())).collect(),
+                    latest: Vec::new(),
+                    window_end: Some(123),
+                },
+            );
+            let s = window.state.lock();
+            assert_eq!(s.fixed.events(), events.len() as u64);
+            for f in &window.folds {
+                assert_eq!(
+                    s.fixed.fold(f.kind),
+                    fold(f.kind, events.iter()),
+                    "{kind:?}, {:?}",
+                    f.kind
+                );
+            }
+            assert_eq!(s.window_end, Some(123));
+        }
+    }
 
     #[test]
     fn an_overflowing_window_says_so_at_most_once_per_interval() {
