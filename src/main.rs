@@ -741,6 +741,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .collect();
     let counters = counters.join(" ");
     tracing::info!(%counters, %outputs, "Stopped.");
+    // Everything is written and delivered: what is left is memory, which the
+    // process's exit gives back at once. Freed here, the index and every
+    // `by` group's stages went one allocation at a time: 14 s after the line
+    // above at 700 k groups. These hold the rules and the index (the rules
+    // hold it too) whatever else let go of them first.
+    std::mem::forget((index, reloader, streams));
     snapshot.context("writing the index snapshot and the stream state")
 }
 
