@@ -95,6 +95,8 @@ impl Saved {
 /// Where a walk's entries go: into the state file as they come, or into a
 /// `Vec` (tests).
 pub trait Saver {
+    /// May wait on the disk: a stage builds its entry under its lock and
+    /// pushes it after, so its events never wait for a write.
     fn push(&mut self, entry: Saved);
 }
 

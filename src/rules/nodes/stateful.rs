@@ -148,13 +148,14 @@ impl Node for Rate {
 
     fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
-        out.push(Saved::Rate {
+        let entry = Saved::Rate {
             sum: s.sum,
             latest: s.latest.clone(),
             window_end: s.window_end,
             pending: s.pending,
-        });
+        };
         drop(s);
+        out.push(entry);
         self.children.save(out);
     }
 
@@ -742,7 +743,8 @@ impl Node for Changed {
     }
 
     fn save(&self, out: &mut dyn Saver) {
-        out.push(Saved::Changed(self.last.lock().clone()));
+        let last = self.last.lock().clone();
+        out.push(Saved::Changed(last));
         self.children.save(out);
     }
 
@@ -853,12 +855,13 @@ impl Node for Stable {
 
     fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
-        out.push(Saved::Stable {
+        let entry = Saved::Stable {
             value: s.value.clone(),
             since: s.since,
             held: s.held.clone(),
-        });
+        };
         drop(s);
+        out.push(entry);
         self.children.save(out);
     }
 
@@ -945,7 +948,8 @@ impl Node for Ewma {
     }
 
     fn save(&self, out: &mut dyn Saver) {
-        out.push(Saved::Ewma(*self.state.lock()));
+        let state = *self.state.lock();
+        out.push(Saved::Ewma(state));
         self.children.save(out);
     }
 
@@ -1008,7 +1012,8 @@ impl Node for Ddt {
     }
 
     fn save(&self, out: &mut dyn Saver) {
-        out.push(Saved::Ddt(*self.last.lock()));
+        let last = *self.last.lock();
+        out.push(Saved::Ddt(last));
         self.children.save(out);
     }
 

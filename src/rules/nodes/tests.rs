@@ -1195,3 +1195,98 @@ fn every_group_due_on_a_tick_is_ticked_on_it_however_many() {
         "and again a second later (as many as recorded)"
     );
 }
+
+/// Saving the state for a restart writes each stage's entry to a file, which
+/// may wait on the disk. The stage's lock is not held meanwhile: a group's
+/// events (and, behind them, every event of its `by` shard) would wait for
+/// the disk with the CPU idle.
+#[test]
+fn a_stages_events_do_not_wait_for_its_state_being_written() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::saved::{Saved, Saver};
+    use super::{Children, Cx};
+    use crate::index::{Index, IndexConfig};
+    use crate::rules::engine::RuleStats;
+
+    /// Stops in its first push of a stage's own entry until told to go on.
+    struct StuckSaver {
+        stuck: mpsc::Sender<()>,
+        go_on: mpsc::Receiver<()>,
+        once: bool,
+    }
+    impl Saver for StuckSaver {
+        fn push(&mut self, entry: Saved) {
+            if !self.once && !matches!(entry, Saved::By { .. } | Saved::Group { .. }) {
+                self.once = true;
+                self.stuck.send(()).unwrap();
+                self.go_on.recv().unwrap();
+            }
+        }
+    }
+
+    let index = Index::new(IndexConfig::default());
+    let stats = RuleStats::default();
+    let run = |roots: &Children, event: &Event| {
+        let mut reinjected = Vec::new();
+        let mut cx = Cx {
+            now: TEST_EPOCH,
+            index: &index,
+            outputs: &[],
+            reinjected: &mut reinjected,
+            hashed: None,
+            due: Micros::MAX,
+            stats: &stats,
+        };
+        roots.event(event, &mut cx);
+    };
+    for stage in [
+        "rate(10s) { drop }",
+        "stable(10s) { drop }",
+        "changed_state { drop }",
+        "ewma(10s) { drop }",
+        "ddt { drop }",
+        "fixed_time_window(10s) { count { drop } }",
+        "moving_event_window(10) { count { drop } }",
+        "percentiles(10s, [0.5]) { drop }",
+    ] {
+        let source = format!("streams {{\n  by(host) {{ {stage} }}\n}}\n");
+        let (_, compiled) =
+            crate::rules::load("t.vigil", &source, crate::rules::EnvPolicy::Lenient)
+                .unwrap_or_else(|e| panic!("{stage}: {e}"));
+        let roots = compiled.roots;
+        let event = Event {
+            host: Some("h".into()),
+            service: Some("s".into()),
+            state: Some("ok".into()),
+            metric: Some(Metric::Int(1)),
+            time: TEST_EPOCH,
+            ..Event::default()
+        };
+        run(&roots, &event);
+        let (stuck, is_stuck) = mpsc::channel();
+        let (go_on, going_on) = mpsc::channel();
+        let (ran, has_run) = mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut saver = StuckSaver {
+                    stuck,
+                    go_on: going_on,
+                    once: false,
+                };
+                roots.save(&mut saver);
+            });
+            is_stuck
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{stage}: {e}"));
+            scope.spawn(|| {
+                run(&roots, &event);
+                ran.send(()).unwrap();
+            });
+            let waited = has_run.recv_timeout(Duration::from_secs(10));
+            go_on.send(()).unwrap();
+            assert!(waited.is_ok(), "{stage}: the event waited for the write");
+        });
+    }
+}

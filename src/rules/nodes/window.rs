@@ -367,7 +367,7 @@ impl Node for Window {
 
     fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
-        out.push(if self.is_fixed() {
+        let entry = if self.is_fixed() {
             Saved::FixedWindow {
                 folds: s.fixed.clone(),
                 window_end: s.window_end,
@@ -378,8 +378,9 @@ impl Node for Window {
                 latest: s.latest.values().cloned().collect(),
                 window_end: s.window_end,
             }
-        });
+        };
         drop(s);
+        out.push(entry);
         for fold in &self.folds {
             fold.children.save(out);
         }
@@ -558,14 +559,15 @@ impl Node for Percentiles {
 
     fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
-        out.push(Saved::Percentiles {
+        let entry = Saved::Percentiles {
             samples: s.samples.clone(),
             seen: s.seen,
             latest: s.latest.clone(),
             window_end: s.window_end,
             rng: s.rng,
-        });
+        };
         drop(s);
+        out.push(entry);
         self.children.save(out);
     }
 
