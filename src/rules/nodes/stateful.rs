@@ -192,7 +192,9 @@ impl Node for Rate {
 /// outer group's shard.
 pub struct By {
     pub fields: Vec<Field>,
-    pub prototype: Children,
+    /// What each group's stages are made from. It never holds state, so the
+    /// `by`s in groups of an enclosing `by` share their block's.
+    pub prototype: Arc<Children>,
     pub idle_after: Micros,
     definition: Arc<ByDefinition>,
     shards: Box<[Mutex<Shard>]>,
@@ -321,12 +323,18 @@ impl By {
         idle_after: Micros,
         definition: Arc<ByDefinition>,
     ) -> Self {
-        Self::with_shards(fields, prototype, idle_after, definition, BY_SHARDS)
+        Self::with_shards(
+            fields,
+            Arc::new(prototype),
+            idle_after,
+            definition,
+            BY_SHARDS,
+        )
     }
 
     fn with_shards(
         fields: Vec<Field>,
-        prototype: Children,
+        prototype: Arc<Children>,
         idle_after: Micros,
         definition: Arc<ByDefinition>,
         shards: usize,
@@ -529,7 +537,7 @@ impl Node for By {
     fn fresh(&self) -> Box<dyn Node> {
         Box::new(By::with_shards(
             self.fields.clone(),
-            self.prototype.fresh(),
+            self.prototype.clone(),
             self.idle_after,
             self.definition.clone(),
             1,
