@@ -642,9 +642,24 @@ async fn pages_undelivered_at_shutdown_are_sent_first_by_the_next_run() {
         "in the order they were made"
     );
     assert_eq!((after.delivered(), after.dropped()), (2, 0));
-    let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-    assert_eq!(saved["unsent"], json!([]));
+    // Settled pages leave the file with the next save, soon after.
+    let saved = saved_when(&file, |saved| saved["unsent"] == json!([])).await;
     assert_eq!(saved["incidents"].as_array().map(Vec::len), Some(2));
+}
+
+/// `file`'s content once `done` holds for it, waiting for the saves.
+async fn saved_when(file: &std::path::Path, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let saved = std::fs::read(file)
+            .ok()
+            .map(|bytes| serde_json::from_slice::<Value>(&bytes).unwrap());
+        match saved {
+            Some(saved) if done(&saved) => return saved,
+            saved => assert!(Instant::now() < deadline, "not saved so: {saved:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Makes every save of `file` fail, as a full disk would: its temporary
@@ -704,14 +719,7 @@ async fn a_failed_save_is_tried_again_until_the_file_holds_the_incident() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!file.exists());
     std::fs::remove_dir_all(&blocker).unwrap();
-    let deadline = Instant::now() + WAIT;
-    let saved = loop {
-        if let Ok(bytes) = std::fs::read(&file) {
-            break serde_json::from_slice::<Value>(&bytes).unwrap();
-        }
-        assert!(Instant::now() < deadline, "never saved");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let saved = saved_when(&file, |_| true).await;
     assert_eq!(saved["incidents"][0]["dedup_key"], "web1/disk /", "{saved}");
 }
 
