@@ -16,7 +16,7 @@
 //! vigil was down closes on the first tick, and a throttle counts the
 //! downtime as time passed.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! ```text
 //! "VIGILSTS"  u32 version (little-endian)
@@ -24,6 +24,10 @@
 //! CBOR entry × n   (see nodes::saved: in tree order, streamed as made)
 //! u32 CRC32 of every byte before it (little-endian)
 //! ```
+//!
+//! Version 2 saves a fixed window's folds where version 1 saved its events;
+//! version 1 files are read too. A vigil that reads only version 1 refuses a
+//! version 2 file by its number rather than failing on its first such entry.
 //!
 //! A file that does not check out, or whose rule text no longer compiles, is
 //! reported and skipped: the stages start empty, as they did before vigil kept
@@ -48,7 +52,9 @@ use super::{EnvPolicy, RuleText};
 pub const FILE_NAME: &str = "streams.state";
 
 const MAGIC: &[u8; 8] = b"VIGILSTS";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// The oldest version read.
+const FIRST_VERSION: u32 = 1;
 const HEADER_LEN: usize = MAGIC.len() + 4;
 const CRC_LEN: usize = 4;
 /// What the encoder's writes gather into before each is checksummed.
@@ -72,7 +78,9 @@ pub enum StateError {
     TooShort(usize),
     #[error("not a vigil stream state file (bad magic)")]
     BadMagic,
-    #[error("unsupported stream state version {0} (this vigil reads version {VERSION})")]
+    #[error(
+        "unsupported stream state version {0} (this vigil reads versions {FIRST_VERSION} to {VERSION})"
+    )]
     UnsupportedVersion(u32),
     #[error(
         "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): truncated or corrupted"
@@ -183,7 +191,7 @@ fn decode(bytes: &[u8]) -> Result<(Header, &[u8]), StateError> {
         return Err(StateError::BadMagic);
     }
     let version = u32::from_le_bytes(bytes[MAGIC.len()..HEADER_LEN].try_into().expect("4 bytes"));
-    if version != VERSION {
+    if !(FIRST_VERSION..=VERSION).contains(&version) {
         return Err(StateError::UnsupportedVersion(version));
     }
     let (covered, stored) = bytes.split_at(bytes.len() - CRC_LEN);
@@ -651,12 +659,22 @@ mod tests {
             decode(b"VIGILIDX\x01\0\0\0\0\0\0\0"),
             Err(StateError::BadMagic)
         ));
-        let mut newer = good.clone();
-        newer[MAGIC.len()] = 2;
+        let with_version = |version: u32| {
+            let mut file = good[..good.len() - CRC_LEN].to_vec();
+            file[MAGIC.len()..HEADER_LEN].copy_from_slice(&version.to_le_bytes());
+            let crc = crc32fast::hash(&file);
+            file.extend_from_slice(&crc.to_le_bytes());
+            file
+        };
         assert!(matches!(
-            decode(&newer),
-            Err(StateError::UnsupportedVersion(2))
+            decode(&with_version(VERSION + 1)),
+            Err(StateError::UnsupportedVersion(3))
         ));
+        assert!(matches!(
+            decode(&with_version(0)),
+            Err(StateError::UnsupportedVersion(0))
+        ));
+        assert!(decode(&with_version(1)).is_ok(), "version 1 is read");
         // A valid checksum over bytes that are not the state.
         let mut garbage = MAGIC.to_vec();
         garbage.extend_from_slice(&VERSION.to_le_bytes());
