@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 use crate::index::Index;
+use crate::rules::engine::RuleStats;
 
 use super::running::{Events, Extremes, FixedFolds, Running};
 use super::saved::{RestoreError, Restorer, Saved, Saver};
@@ -110,35 +111,89 @@ type Folded = Vec<(usize, Event)>;
 pub struct Window {
     pub kind: WindowKind,
     pub folds: Vec<Fold>,
-    pub state: Mutex<WindowState>,
+    state: Mutex<WindowState>,
+}
+
+/// Only the window's own kind's fields, made for its kind (and adopted only
+/// from a window of the same): a `by` holds one per group, and an idle fixed
+/// window costs no moving window's buffers.
+enum WindowState {
+    Fixed(FixedState),
+    Moving(MovingState),
+    Coalesce(CoalesceState),
 }
 
 #[derive(Default)]
-pub struct WindowState {
-    /// A moving window's events, with arrival times.
-    events: Events,
-    /// A fixed window's folds of its events so far.
-    fixed: FixedFolds,
-    /// A moving window's folds, kept as events come and go; built from
-    /// `events` when first needed (after a restore or a reload too).
-    running: Option<Running>,
-    latest: HashMap<(String, String), Event>,
-    /// When the current fixed window (or coalesce period) closes.
+struct FixedState {
+    /// The folds of the current window's events so far.
+    folds: FixedFolds,
+    /// When the current time window closes (a count window has no end).
     window_end: Option<Micros>,
-    /// Dropped since the last overflow line, which was logged at `logged_at`.
-    dropped: u64,
-    logged_at: Micros,
+}
+
+#[derive(Default)]
+struct MovingState {
+    /// With arrival times.
+    events: Events,
+    /// The folds of `events`, kept as events come and go; built from them
+    /// when first needed (after a restore or a reload too). Boxed: inline,
+    /// they would make every kind's state as big.
+    running: Option<Box<Running>>,
+    overflow: Overflow,
+}
+
+#[derive(Default)]
+struct CoalesceState {
+    /// The latest event of each (host, service).
+    latest: HashMap<(String, String), Event>,
+    /// When the current period closes.
+    window_end: Option<Micros>,
+    overflow: Overflow,
 }
 
 impl WindowState {
+    fn new(kind: WindowKind) -> Self {
+        match kind {
+            WindowKind::FixedTime(_) | WindowKind::FixedCount(_) => {
+                WindowState::Fixed(FixedState::default())
+            }
+            WindowKind::MovingTime(_) | WindowKind::MovingCount(_) => {
+                WindowState::Moving(MovingState::default())
+            }
+            WindowKind::Coalesce(_) => WindowState::Coalesce(CoalesceState::default()),
+        }
+    }
+
+    /// When the window is next due to close.
+    fn window_end(&self) -> Option<Micros> {
+        match self {
+            WindowState::Fixed(fixed) => fixed.window_end,
+            WindowState::Moving(_) => None,
+            WindowState::Coalesce(coalesce) => coalesce.window_end,
+        }
+    }
+}
+
+impl MovingState {
     /// The running folds, built from the events the first time, and the
     /// events they fold.
     fn tracked(&mut self) -> (&mut Running, &Events) {
         let events = &self.events;
-        (
-            self.running.get_or_insert_with(|| Running::of(events)),
-            events,
-        )
+        let running = self
+            .running
+            .get_or_insert_with(|| Box::new(Running::of(events)));
+        (running, events)
+    }
+
+    /// `event` in at the back; the oldest out first if the window is full.
+    fn push(&mut self, now: Micros, event: Event, stats: &RuleStats) {
+        if self.events.len() == WINDOW_MAX {
+            self.pop_front();
+            self.overflow.dropped_one(stats);
+        }
+        let (running, events) = self.tracked();
+        running.pushed(&event, events.len());
+        self.events.push_back((now, event));
     }
 
     fn pop_front(&mut self) {
@@ -153,13 +208,38 @@ impl WindowState {
 /// How often an overflowing window says how many it dropped.
 pub const OVERFLOW_LOG_EVERY: Micros = 10 * crate::clock::MICROS_PER_SEC;
 
-/// How many `s` dropped since its last overflow line, when a line is due at `now`.
-fn overflow_to_log(s: &mut WindowState, now: Micros) -> Option<u64> {
-    if s.dropped == 0 || now.saturating_sub(s.logged_at) < OVERFLOW_LOG_EVERY {
-        return None;
+/// What a full window let go of.
+#[derive(Default)]
+struct Overflow {
+    /// Dropped since the last overflow line, which was logged at `logged_at`.
+    dropped: u64,
+    logged_at: Micros,
+}
+
+impl Overflow {
+    fn dropped_one(&mut self, stats: &RuleStats) {
+        self.dropped += 1;
+        stats.window_overflow.fetch_add(1, Ordering::Relaxed);
     }
-    s.logged_at = now;
-    Some(std::mem::take(&mut s.dropped))
+
+    /// How many were dropped since the last line, when a line is due at `now`.
+    fn line_due(&mut self, now: Micros) -> Option<u64> {
+        if self.dropped == 0 || now.saturating_sub(self.logged_at) < OVERFLOW_LOG_EVERY {
+            return None;
+        }
+        self.logged_at = now;
+        Some(std::mem::take(&mut self.dropped))
+    }
+
+    fn log_due(&mut self, now: Micros) {
+        if let Some(dropped) = self.line_due(now) {
+            tracing::warn!(
+                dropped,
+                max = WINDOW_MAX,
+                "Window overflowed; oldest events dropped."
+            );
+        }
+    }
 }
 
 impl Window {
@@ -167,16 +247,8 @@ impl Window {
         Self {
             kind,
             folds,
-            state: Mutex::default(),
+            state: Mutex::new(WindowState::new(kind)),
         }
-    }
-
-    /// Fixed windows keep their folds, not their events.
-    fn is_fixed(&self) -> bool {
-        matches!(
-            self.kind,
-            WindowKind::FixedTime(_) | WindowKind::FixedCount(_)
-        )
     }
 
     /// Each fold's event, as `fold_as` folds its kind, into `out` with the
@@ -196,8 +268,8 @@ impl Window {
     }
 
     /// Closes the current fixed window, folded into `out`.
-    fn close_fixed(&self, s: &mut WindowState, out: &mut Folded) {
-        let folds = std::mem::take(&mut s.fixed);
+    fn close_fixed(&self, folds: &mut FixedFolds, out: &mut Folded) {
+        let folds = std::mem::take(folds);
         self.fold_each(|kind| folds.fold(kind), out);
     }
 
@@ -210,66 +282,40 @@ impl Window {
 
     /// A moving window's folds of what it holds now, into `out`: each in
     /// O(1), where folding up to [`WINDOW_MAX`] events took ~0.2 ms.
-    fn fold_moving(&self, s: &mut WindowState, out: &mut Folded) {
-        let (running, events) = s.tracked();
+    fn fold_moving(&self, moving: &mut MovingState, out: &mut Folded) {
+        let (running, events) = moving.tracked();
         self.fold_each(|kind| running.fold(kind, events), out);
     }
 
     /// Closes the windows that are due at `now`, folded into `out`.
     fn due(&self, s: &mut WindowState, now: Micros, index: &Index, out: &mut Folded) {
-        match self.kind {
-            WindowKind::FixedTime(_) => {
-                // Every event the window took came before its end: an event
-                // first closes what is due, then starts a window if none is
-                // open, which ends after it (durations are above zero).
-                if s.window_end.is_some_and(|end| now >= end) {
-                    self.close_fixed(s, out);
+        match (self.kind, s) {
+            (_, WindowState::Fixed(fixed)) => {
+                // Every event a time window took came before its end: an
+                // event first closes what is due, then starts a window if
+                // none is open, which ends after it (durations are above zero).
+                if fixed.window_end.is_some_and(|end| now >= end) {
+                    self.close_fixed(&mut fixed.folds, out);
                     // Idle: the next window starts with the next event.
-                    s.window_end = None;
+                    fixed.window_end = None;
                 }
             }
-            WindowKind::Coalesce(dt) => {
-                if let Some(end) = s.window_end.filter(|end| now >= *end) {
-                    let current: Vec<&Event> = s.latest.values().collect();
+            (_, WindowState::Moving(moving)) => moving.overflow.log_due(now),
+            (WindowKind::Coalesce(dt), WindowState::Coalesce(coalesce)) => {
+                if let Some(end) = coalesce.window_end.filter(|end| now >= *end) {
+                    let current: Vec<&Event> = coalesce.latest.values().collect();
                     self.fold_each(|kind| fold(kind, current.iter().copied()), out);
                     // Expired (by state or TTL) entries are emitted once, then forgotten.
-                    s.latest.retain(|_, e| {
+                    coalesce.latest.retain(|_, e| {
                         let ttl = index.ttl_secs(e);
                         !e.is_expired_state() && e.time.saturating_add(secs_to_micros(ttl)) >= now
                     });
-                    s.window_end = (!s.latest.is_empty()).then(|| end.max(now).saturating_add(dt));
+                    coalesce.window_end =
+                        (!coalesce.latest.is_empty()).then(|| end.max(now).saturating_add(dt));
                 }
+                coalesce.overflow.log_due(now);
             }
-            WindowKind::MovingTime(_) | WindowKind::FixedCount(_) | WindowKind::MovingCount(_) => {}
-        }
-        if let Some(dropped) = overflow_to_log(s, now) {
-            tracing::warn!(
-                dropped,
-                max = WINDOW_MAX,
-                "Window overflowed; oldest events dropped."
-            );
-        }
-    }
-
-    fn push(s: &mut WindowState, now: Micros, event: Event) {
-        if s.events.len() == WINDOW_MAX {
-            s.pop_front();
-            s.dropped += 1;
-        }
-        if let Some(running) = &mut s.running {
-            running.pushed(&event, s.events.len());
-        }
-        s.events.push_back((now, event));
-    }
-
-    /// Counts what one event made `s` let go of; `dropped` was the count
-    /// before it (after `due`, which may have logged and reset it).
-    fn count_overflow(s: &WindowState, dropped: u64, cx: &Cx) {
-        let overflow = s.dropped - dropped;
-        if overflow > 0 {
-            cx.stats
-                .window_overflow
-                .fetch_add(overflow, Ordering::Relaxed);
+            (_, WindowState::Coalesce(_)) => unreachable!("a window's state is made for its kind"),
         }
     }
 }
@@ -281,47 +327,45 @@ impl Node for Window {
             let mut s = self.state.lock();
             let mut out = Folded::new();
             self.due(&mut s, now, cx.index, &mut out);
-            let dropped = s.dropped;
-            match self.kind {
-                WindowKind::FixedTime(dt) => {
-                    s.window_end.get_or_insert(now.saturating_add(dt));
-                    s.fixed.add(event, self.extremes());
+            match (self.kind, &mut *s) {
+                (WindowKind::FixedTime(dt), WindowState::Fixed(fixed)) => {
+                    fixed.window_end.get_or_insert(now.saturating_add(dt));
+                    fixed.folds.add(event, self.extremes());
                 }
-                WindowKind::MovingTime(dt) => {
-                    s.tracked();
-                    Self::push(&mut s, now, event.clone());
+                (WindowKind::FixedCount(n), WindowState::Fixed(fixed)) => {
+                    fixed.folds.add(event, self.extremes());
+                    if fixed.folds.events() >= n as u64 {
+                        self.close_fixed(&mut fixed.folds, &mut out);
+                    }
+                }
+                (WindowKind::MovingTime(dt), WindowState::Moving(moving)) => {
+                    moving.push(now, event.clone(), cx.stats);
                     let horizon = now.saturating_sub(dt);
-                    while s.events.front().is_some_and(|(at, _)| *at <= horizon) {
-                        s.pop_front();
+                    while moving.events.front().is_some_and(|(at, _)| *at <= horizon) {
+                        moving.pop_front();
                     }
-                    self.fold_moving(&mut s, &mut out);
+                    self.fold_moving(moving, &mut out);
                 }
-                WindowKind::FixedCount(n) => {
-                    s.fixed.add(event, self.extremes());
-                    if s.fixed.events() >= n as u64 {
-                        self.close_fixed(&mut s, &mut out);
+                (WindowKind::MovingCount(n), WindowState::Moving(moving)) => {
+                    moving.push(now, event.clone(), cx.stats);
+                    while moving.events.len() > n {
+                        moving.pop_front();
                     }
+                    self.fold_moving(moving, &mut out);
                 }
-                WindowKind::MovingCount(n) => {
-                    s.tracked();
-                    Self::push(&mut s, now, event.clone());
-                    while s.events.len() > n {
-                        s.pop_front();
-                    }
-                    self.fold_moving(&mut s, &mut out);
-                }
-                WindowKind::Coalesce(dt) => {
-                    s.window_end.get_or_insert(now.saturating_add(dt));
+                (WindowKind::Coalesce(dt), WindowState::Coalesce(coalesce)) => {
+                    coalesce.window_end.get_or_insert(now.saturating_add(dt));
+                    let latest = &mut coalesce.latest;
                     let key = (event.host_str().to_owned(), event.service_str().to_owned());
-                    if s.latest.len() < WINDOW_MAX || s.latest.contains_key(&key) {
-                        s.latest.insert(key, event.clone());
+                    if latest.len() < WINDOW_MAX || latest.contains_key(&key) {
+                        latest.insert(key, event.clone());
                     } else {
-                        s.dropped += 1;
+                        coalesce.overflow.dropped_one(cx.stats);
                     }
                 }
+                _ => unreachable!("a window's state is made for its kind"),
             }
-            Self::count_overflow(&s, dropped, cx);
-            (out, s.window_end)
+            (out, s.window_end())
         };
         cx.schedule(next);
         self.emit(folded, cx);
@@ -332,7 +376,7 @@ impl Node for Window {
             let mut s = self.state.lock();
             let mut out = Folded::new();
             self.due(&mut s, cx.now, cx.index, &mut out);
-            (out, s.window_end)
+            (out, s.window_end())
         };
         cx.schedule(next);
         self.emit(folded, cx);
@@ -367,17 +411,21 @@ impl Node for Window {
 
     fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
-        let entry = if self.is_fixed() {
-            Saved::FixedWindow {
-                folds: s.fixed.clone(),
-                window_end: s.window_end,
-            }
-        } else {
-            Saved::Window {
-                events: s.events.iter().cloned().collect(),
-                latest: s.latest.values().cloned().collect(),
-                window_end: s.window_end,
-            }
+        let entry = match &*s {
+            WindowState::Fixed(fixed) => Saved::FixedWindow {
+                folds: fixed.folds.clone(),
+                window_end: fixed.window_end,
+            },
+            WindowState::Moving(moving) => Saved::Window {
+                events: moving.events.iter().cloned().collect(),
+                latest: Vec::new(),
+                window_end: None,
+            },
+            WindowState::Coalesce(coalesce) => Saved::Window {
+                events: Vec::new(),
+                latest: coalesce.latest.values().cloned().collect(),
+                window_end: coalesce.window_end,
+            },
         };
         drop(s);
         out.push(entry);
@@ -387,50 +435,45 @@ impl Node for Window {
     }
 
     fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
-        match from.next("window")? {
-            Saved::FixedWindow { folds, window_end } if self.is_fixed() => {
-                *self.state.lock() = WindowState {
-                    fixed: folds,
-                    window_end,
-                    ..WindowState::default()
-                };
+        let mut state = WindowState::new(self.kind);
+        match (&mut state, from.next("window")?) {
+            (WindowState::Fixed(fixed), Saved::FixedWindow { folds, window_end }) => {
+                *fixed = FixedState { folds, window_end };
             }
             // Written by a build that held a fixed window's events: all of
             // the current window's (see `due`), folded as they came.
-            Saved::Window {
-                events, window_end, ..
-            } if self.is_fixed() => {
-                let mut fixed = FixedFolds::default();
+            (
+                WindowState::Fixed(fixed),
+                Saved::Window {
+                    events, window_end, ..
+                },
+            ) => {
                 for (_, event) in &events {
-                    fixed.add(event, self.extremes());
+                    fixed.folds.add(event, self.extremes());
                 }
-                *self.state.lock() = WindowState {
-                    fixed,
-                    window_end,
-                    ..WindowState::default()
-                };
+                fixed.window_end = window_end;
             }
-            Saved::Window {
-                mut events,
-                latest,
-                window_end,
-            } => {
+            (WindowState::Moving(moving), Saved::Window { mut events, .. }) => {
                 // The file is vigil's own, but its bound is this build's.
                 events.drain(..events.len().saturating_sub(WINDOW_MAX));
-                let latest = latest
+                moving.events = events.into();
+            }
+            (
+                WindowState::Coalesce(coalesce),
+                Saved::Window {
+                    latest, window_end, ..
+                },
+            ) => {
+                coalesce.latest = latest
                     .into_iter()
                     .take(WINDOW_MAX)
                     .map(|e| ((e.host_str().to_owned(), e.service_str().to_owned()), e))
                     .collect();
-                *self.state.lock() = WindowState {
-                    events: events.into(),
-                    latest,
-                    window_end,
-                    ..WindowState::default()
-                };
+                coalesce.window_end = window_end;
             }
-            other => return Err(RestoreError::mismatch("window", &other)),
+            (_, other) => return Err(RestoreError::mismatch("window", &other)),
         }
+        *self.state.lock() = state;
         self.folds
             .iter()
             .try_for_each(|fold| fold.children.restore(from))
@@ -638,6 +681,13 @@ mod tests {
             .collect()
     }
 
+    fn fixed_state(s: &mut WindowState) -> &mut FixedState {
+        match s {
+            WindowState::Fixed(fixed) => fixed,
+            _ => panic!("not a fixed window's state"),
+        }
+    }
+
     fn restored(kind: WindowKind, entry: Saved) -> Window {
         let window = every_fold(kind);
         let mut from = Restorer::from_entries(vec![entry], 0);
@@ -651,10 +701,11 @@ mod tests {
         for kind in FIXED {
             let window = every_fold(kind);
             let mut s = window.state.lock();
+            let fixed = fixed_state(&mut s);
             for event in events() {
-                s.fixed.add(&event, window.extremes());
+                fixed.folds.add(&event, window.extremes());
             }
-            s.window_end = Some(123);
+            fixed.window_end = Some(123);
             drop(s);
             let mut saved = Vec::new();
             window.save(&mut saved);
@@ -665,8 +716,9 @@ mod tests {
             let entry: Saved = ciborium::from_reader(&bytes[..]).unwrap();
             assert!(matches!(entry, Saved::FixedWindow { .. }), "{entry:?}");
             let back = restored(kind, entry);
-            let (back, s) = (back.state.lock(), window.state.lock());
-            assert_eq!(back.fixed, s.fixed, "{kind:?}");
+            let (mut back, mut s) = (back.state.lock(), window.state.lock());
+            let (back, s) = (fixed_state(&mut back), fixed_state(&mut s));
+            assert_eq!(back.folds, s.folds, "{kind:?}");
             assert_eq!(back.window_end, Some(123));
         }
     }
@@ -684,11 +736,12 @@ mod tests {
                     window_end: Some(123),
                 },
             );
-            let s = window.state.lock();
-            assert_eq!(s.fixed.events(), events.len() as u64);
+            let mut s = window.state.lock();
+            let s = fixed_state(&mut s);
+            assert_eq!(s.folds.events(), events.len() as u64);
             for f in &window.folds {
                 assert_eq!(
-                    s.fixed.fold(f.kind),
+                    s.folds.fold(f.kind),
                     fold(f.kind, events.iter()),
                     "{kind:?}, {:?}",
                     f.kind
@@ -698,21 +751,29 @@ mod tests {
         }
     }
 
+    /// A `by` holds a window's state per group: the other kinds' fields
+    /// make a fixed window's no bigger than its own (but for a tag).
+    #[test]
+    fn a_fixed_windows_state_holds_only_its_own_fields() {
+        use std::mem::size_of;
+        assert!(size_of::<WindowState>() <= size_of::<FixedState>() + 8);
+    }
+
     #[test]
     fn an_overflowing_window_says_so_at_most_once_per_interval() {
         let t0 = 1_700_000_000 * crate::clock::MICROS_PER_SEC;
-        let mut s = WindowState::default();
-        assert_eq!(overflow_to_log(&mut s, t0), None, "nothing dropped");
+        let mut overflow = Overflow::default();
+        assert_eq!(overflow.line_due(t0), None, "nothing dropped");
         // One event dropped per arrival, 25 000 a second (one per 40 µs), for 25 s.
         let mut lines = Vec::new();
         for i in 0..25_000 * 25 {
-            s.dropped += 1;
-            lines.extend(overflow_to_log(&mut s, t0 + i * 40));
+            overflow.dropped += 1;
+            lines.extend(overflow.line_due(t0 + i * 40));
         }
         assert_eq!(lines.len(), 3, "at 0, 10 and 20 s: {lines:?}");
         assert_eq!(lines[..2], [1, 250_000]);
         assert_eq!(
-            lines.iter().sum::<u64>() + s.dropped,
+            lines.iter().sum::<u64>() + overflow.dropped,
             25_000 * 25,
             "every drop is in a line or still to be told"
         );
