@@ -1,14 +1,15 @@
 //! A window's folds, kept up to date as events enter it (and, for a moving
 //! window, leave it), so that folding the window costs O(1), not a pass over
-//! its events: [`MetricSum`], the metrics' count and sum, compensated
-//! (Neumaier) so that what left a moving window leaves no rounding behind;
-//! [`Running`], a moving window's, with monotonic queues of the least and
-//! greatest metric; [`FixedFolds`], a fixed window's, which only ever adds
-//! and so needs none of its events but the extreme and latest ones.
+//! its events: [`Running`], a moving window's, with its metrics' count and
+//! sum ([`MetricSum`], compensated (Neumaier) so that what left the window
+//! leaves no rounding behind) and monotonic queues of the least and greatest
+//! metric; [`FixedFolds`], a fixed window's, which only ever adds and so
+//! needs none of its events but the extreme and latest ones.
 //!
 //! The results are those of [`fold`](super::window::fold) over the same
-//! events, but for the last digits of a sum or mean of fractions: a
-//! compensated sum rounds less than fold's left-to-right one.
+//! events: exactly for a fixed window, which adds its metrics in fold's (and
+//! Riemann's) order; for a moving window but for a sum of fractions, which a
+//! compensated sum rounds less (`0.1 + 1e17 - 1e17` is 0.1, not fold's 0).
 
 use std::cmp::Ordering;
 use std::collections::VecDeque;
@@ -24,15 +25,14 @@ use super::window::FoldKind;
 /// Metrics above this are left out of the running sum: the window's sum is
 /// then summed in order, as fold does. A moving window holds at most
 /// `WINDOW_MAX` (10^5) of the others, which sum to at most 10^305, within
-/// f64's range; a fixed window's may pass it (after 10^8 of them).
+/// f64's range.
 const HUGE: f64 = 1e300;
 
 /// The window's events, oldest first, with their arrival times.
 pub type Events = VecDeque<(Micros, Event)>;
 
-/// The count and sum of a window's metrics. Its fields are part of a fixed
-/// window's saved state ([`FixedFolds`]).
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+/// The count and sum of a moving window's metrics.
+#[derive(Default)]
 pub struct MetricSum {
     /// Metrics in, and of those the NaN, infinite and huge ones.
     count: u64,
@@ -85,9 +85,9 @@ impl MetricSum {
 
     /// The metrics' sum, as IEEE arithmetic has it: NaN with a NaN or both
     /// infinities in, else an infinity's sign with one in. Where the sum may
-    /// pass f64's range (a huge metric in, or the finite ones' sum past it),
-    /// only adding in order tells whether it does: `in_order` is the
-    /// metrics' sum, left to right, as fold adds them. `None`: no metric.
+    /// pass f64's range (a huge metric in), only adding in order tells
+    /// whether it does: `in_order` is the metrics' sum, left to right, as
+    /// fold adds them. `None`: no metric.
     pub fn sum(&self, in_order: impl FnOnce() -> f64) -> Option<f64> {
         if self.count == 0 {
             return None;
@@ -106,8 +106,7 @@ impl MetricSum {
         if self.neg_inf > 0 {
             return Some(f64::NEG_INFINITY);
         }
-        let total = self.sum + self.compensation;
-        Some(if total.is_finite() { total } else { in_order() })
+        Some(self.sum + self.compensation)
     }
 
     pub fn mean(&self, in_order: impl FnOnce() -> f64) -> Option<f64> {
@@ -217,11 +216,11 @@ pub struct Extremes {
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FixedFolds {
     events: u64,
-    metrics: MetricSum,
-    /// Every metric added left to right, uncompensated: fold's own sum,
-    /// which [`MetricSum::sum`] falls back to past f64's range, where only
-    /// this order says whether the sum overflows.
-    in_order: f64,
+    with_metric: u64,
+    /// The metrics added left to right, as fold (and Riemann) adds them, so
+    /// a sum is theirs to the last bit, rounding and overflow included.
+    /// `None`: no metric yet.
+    sum: Option<f64>,
     /// As `fold` picks them: the first of equal least metrics, the last of
     /// equal greatest ones (when [`Extremes`] asks for them). Boxed, as the
     /// latest: a window that holds none (idle, or that keeps no extremes)
@@ -239,8 +238,8 @@ impl FixedFolds {
         let Some(metric) = metric_f64(event) else {
             return;
         };
-        self.metrics.add(metric);
-        self.in_order += metric;
+        self.with_metric += 1;
+        self.sum = Some(self.sum.map_or(metric, |sum| sum + metric));
         let beats = |kept: &Option<Box<Event>>, wins: fn(Ordering) -> bool| {
             kept.as_deref()
                 .and_then(metric_f64)
@@ -261,11 +260,11 @@ impl FixedFolds {
 
     /// The fold `kind` of the events added.
     pub fn fold(&self, kind: FoldKind) -> Option<Event> {
-        let in_order = || self.in_order;
         let metric = match kind {
             FoldKind::Count => Metric::Int(self.events as i64),
-            FoldKind::Sum => Metric::Float(self.metrics.sum(in_order)?),
-            FoldKind::Mean => Metric::Float(self.metrics.mean(in_order)?),
+            FoldKind::Sum => Metric::Float(self.sum?),
+            // Fold's mean adds from 0.0, which only a sum of -0.0 tells.
+            FoldKind::Mean => Metric::Float((0.0 + self.sum?) / self.with_metric as f64),
             FoldKind::Min => return self.min.as_deref().cloned(),
             FoldKind::Max => return self.max.as_deref().cloned(),
         };
@@ -380,12 +379,8 @@ mod tests {
     }
 
     /// Fixed windows of random lengths (up to thousands of events) fold as
-    /// a fold of their events does, at every event.
-    fn fixed_agrees_with_fresh_folds(
-        seed: u64,
-        tolerance: f64,
-        metric: &impl Fn(u64) -> Option<Metric>,
-    ) {
+    /// a fold of their events does, at every event, to the last bit.
+    fn fixed_agrees_with_fresh_folds(seed: u64, metric: &impl Fn(u64) -> Option<Metric>) {
         let mut next = xorshift(seed);
         let (mut events, mut folds) = (Vec::new(), FixedFolds::default());
         for step in 0..20_000u64 {
@@ -394,12 +389,9 @@ mod tests {
             events.push(e);
             for kind in KINDS {
                 let fresh = fold(kind, events.iter());
-                assert_same_fold(
-                    fresh,
-                    folds.fold(kind),
-                    tolerance,
-                    format!("step {step}, {kind:?}"),
-                );
+                // As printed: -0.0 apart from 0.0, and NaN equal to itself.
+                let (fresh, kept) = (format!("{fresh:?}"), format!("{:?}", folds.fold(kind)));
+                assert_eq!(fresh, kept, "step {step}, {kind:?}");
             }
             if next().is_multiple_of(1_000) {
                 (events, folds) = Default::default();
@@ -413,7 +405,7 @@ mod tests {
         metric: impl Fn(u64) -> Option<Metric>,
     ) {
         moving_agrees_with_fresh_folds(seed, tolerance, &metric);
-        fixed_agrees_with_fresh_folds(seed, tolerance, &metric);
+        fixed_agrees_with_fresh_folds(seed, &metric);
     }
 
     /// What left the window leaves no rounding behind in the sum.
@@ -476,16 +468,43 @@ mod tests {
         });
     }
 
-    /// Past f64's range with every metric within it, after some 10^8 of
-    /// them near it: the compensated sum overflows, fold's sum tells.
+    /// Where large values cancel, a fixed window's sum is Riemann's, left to
+    /// right; a moving window's is the exact one.
     #[test]
-    fn a_fixed_windows_finite_sum_past_f64s_range_is_folds() {
+    fn cancelling_values_sum_in_a_fixed_window_as_riemann_adds_them() {
+        let events: Vec<Event> = [0.1, 1e17, -1e17]
+            .into_iter()
+            .zip(0..)
+            .map(|(metric, n)| event(n, Some(Metric::Float(metric))))
+            .collect();
         let mut folds = FixedFolds::default();
-        let near = event(0, Some(Metric::Float(1e300)));
-        folds.add(&near, BOTH_EXTREMES);
-        (folds.metrics.sum, folds.in_order) = (f64::MAX, f64::MAX);
-        folds.add(&near, BOTH_EXTREMES);
-        let sum = folds.fold(FoldKind::Sum).unwrap().metric;
-        assert_eq!(sum, Some(Metric::Float(f64::INFINITY)));
+        let (mut held, mut running) = (Events::new(), Running::default());
+        for e in &events {
+            folds.add(e, BOTH_EXTREMES);
+            running.pushed(e, held.len());
+            held.push_back((0, e.clone()));
+        }
+        let sum = |e: Option<Event>| e.and_then(|e| e.metric);
+        assert_eq!(sum(folds.fold(FoldKind::Sum)), Some(Metric::Float(0.0)));
+        assert_eq!(
+            sum(fold(FoldKind::Sum, events.iter())),
+            Some(Metric::Float(0.0))
+        );
+        assert_eq!(
+            sum(running.fold(FoldKind::Sum, &held)),
+            Some(Metric::Float(0.1))
+        );
+    }
+
+    /// Fold's mean adds from 0.0, its sum from the first metric.
+    #[test]
+    fn a_fixed_window_of_negative_zeros_folds_as_fold_does() {
+        let events = [event(0, Some(Metric::Float(-0.0)))];
+        let mut folds = FixedFolds::default();
+        folds.add(&events[0], BOTH_EXTREMES);
+        for kind in KINDS {
+            let (fresh, kept) = (fold(kind, events.iter()), folds.fold(kind));
+            assert_eq!(format!("{fresh:?}"), format!("{kept:?}"), "{kind:?}");
+        }
     }
 }
