@@ -26,6 +26,11 @@ use super::{Children, Cx, Node, metric_f64, same, take_over};
 /// Most events a moving window holds (`coalesce`: series).
 pub const WINDOW_MAX: usize = 100_000;
 
+/// The largest `moving_event_window` whose buffer is made its size at its
+/// first event; a larger one grows as events come, which a series that
+/// sends a few never fills.
+const EXACT_BUFFER_UP_TO: usize = 256;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FoldKind {
     Sum,
@@ -347,6 +352,12 @@ impl Node for Window {
                     self.fold_moving(moving, &mut out);
                 }
                 (WindowKind::MovingCount(n), WindowState::Moving(moving)) => {
+                    // Grown by doubling, a window of 10 kept 16 slots of
+                    // ~184 bytes: 1.1 KB a series of a `by` for nothing. It
+                    // holds one more than `n` between the push and the pop.
+                    if moving.events.capacity() == 0 && n <= EXACT_BUFFER_UP_TO {
+                        moving.events.reserve_exact(n + 1);
+                    }
                     moving.push(now, event.clone(), cx.stats);
                     while moving.events.len() > n {
                         moving.pop_front();
@@ -686,6 +697,31 @@ mod tests {
             WindowState::Fixed(fixed) => fixed,
             _ => panic!("not a fixed window's state"),
         }
+    }
+
+    #[test]
+    fn a_small_moving_event_windows_buffer_is_its_size() {
+        let window = every_fold(WindowKind::MovingCount(10));
+        let index = Index::new(crate::index::IndexConfig::default());
+        let stats = RuleStats::default();
+        let mut reinjected = Vec::new();
+        let mut cx = Cx {
+            now: 0,
+            index: &index,
+            outputs: &[],
+            reinjected: &mut reinjected,
+            hashed: None,
+            due: Micros::MAX,
+            stats: &stats,
+        };
+        for event in events().iter().cycle().take(25) {
+            window.event(event, &mut cx);
+        }
+        let WindowState::Moving(moving) = &*window.state.lock() else {
+            panic!("a moving window's state");
+        };
+        assert_eq!(moving.events.len(), 10);
+        assert_eq!(moving.events.capacity(), 11);
     }
 
     fn restored(kind: WindowKind, entry: Saved) -> Window {
