@@ -93,6 +93,41 @@ impl Cx<'_> {
     }
 }
 
+/// What a [`Cx`] borrows, for tests that run stages without the engine.
+#[cfg(test)]
+pub struct Scratch {
+    pub index: Index,
+    pub stats: RuleStats,
+    pub reinjected: Vec<Event>,
+}
+
+#[cfg(test)]
+impl Default for Scratch {
+    fn default() -> Scratch {
+        Scratch {
+            index: Index::new(crate::index::IndexConfig::default()),
+            stats: RuleStats::default(),
+            reinjected: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Scratch {
+    /// A context at `now`, with no outputs.
+    pub fn cx(&mut self, now: Micros) -> Cx<'_> {
+        Cx {
+            now,
+            index: &self.index,
+            outputs: &[],
+            reinjected: &mut self.reinjected,
+            hashed: None,
+            due: Micros::MAX,
+            stats: &self.stats,
+        }
+    }
+}
+
 /// Lets [`Node::adopt`] see whether the old stage is of its own kind.
 pub trait AsAny {
     fn as_any(&self) -> &dyn Any;

@@ -1052,8 +1052,7 @@ impl Node for Ddt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::Index;
-    use crate::rules::engine::RuleStats;
+    use crate::rules::nodes::Scratch;
     use crate::rules::nodes::basic::Drop;
 
     /// A `by` in a `by` group has one shard, an outer one eight; either
@@ -1084,18 +1083,8 @@ mod tests {
                 outputs: Arc::new([]),
             }),
         );
-        let index = Index::new(crate::index::IndexConfig::default());
-        let stats = RuleStats::default();
-        let mut reinjected = Vec::new();
-        let mut cx = Cx {
-            now: 1_000_000,
-            index: &index,
-            outputs: &[],
-            reinjected: &mut reinjected,
-            hashed: None,
-            due: Micros::MAX,
-            stats: &stats,
-        };
+        let mut scratch = Scratch::default();
+        let mut cx = scratch.cx(1_000_000);
         for ttl in (1..=10_000).rev() {
             let event = Event {
                 host: Some("a".into()),

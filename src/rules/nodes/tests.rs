@@ -1206,9 +1206,7 @@ fn a_stages_events_do_not_wait_for_its_state_being_written() {
     use std::time::Duration;
 
     use super::saved::{Saved, Saver};
-    use super::{Children, Cx};
-    use crate::index::{Index, IndexConfig};
-    use crate::rules::engine::RuleStats;
+    use super::{Children, Scratch};
 
     /// Stops in its first push of a stage's own entry until told to go on.
     struct StuckSaver {
@@ -1226,20 +1224,8 @@ fn a_stages_events_do_not_wait_for_its_state_being_written() {
         }
     }
 
-    let index = Index::new(IndexConfig::default());
-    let stats = RuleStats::default();
     let run = |roots: &Children, event: &Event| {
-        let mut reinjected = Vec::new();
-        let mut cx = Cx {
-            now: TEST_EPOCH,
-            index: &index,
-            outputs: &[],
-            reinjected: &mut reinjected,
-            hashed: None,
-            due: Micros::MAX,
-            stats: &stats,
-        };
-        roots.event(event, &mut cx);
+        roots.event(event, &mut Scratch::default().cx(TEST_EPOCH));
     };
     for stage in [
         "rate(10s) { drop }",

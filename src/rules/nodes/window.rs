@@ -702,18 +702,8 @@ mod tests {
     #[test]
     fn a_small_moving_event_windows_buffer_is_its_size() {
         let window = every_fold(WindowKind::MovingCount(10));
-        let index = Index::new(crate::index::IndexConfig::default());
-        let stats = RuleStats::default();
-        let mut reinjected = Vec::new();
-        let mut cx = Cx {
-            now: 0,
-            index: &index,
-            outputs: &[],
-            reinjected: &mut reinjected,
-            hashed: None,
-            due: Micros::MAX,
-            stats: &stats,
-        };
+        let mut scratch = super::super::Scratch::default();
+        let mut cx = scratch.cx(0);
         for event in events().iter().cycle().take(25) {
             window.event(event, &mut cx);
         }
