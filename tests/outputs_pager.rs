@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -291,18 +292,11 @@ impl Running {
 
     /// Waits until every accepted event is settled, then checks the identity.
     async fn settled(&self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let idle = self.queue.queued() == 0 && self.count(|s| &s.in_flight) == 0;
-            if idle {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "events still unsettled after {WAIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(
+            || self.queue.queued() == 0 && self.count(|s| &s.in_flight) == 0,
+            || format!("events still unsettled after {WAIT:?}"),
+        )
+        .await;
         self.assert_accounted();
     }
 
@@ -362,11 +356,11 @@ async fn a_page_of_a_disowned_shard_is_skipped_before_its_next_attempt() {
     rx.wait_for(1).await;
     held.disown(2);
     assert_eq!(held.seq_settled(2, 50), 50, "the next owner has it");
-    let deadline = Instant::now() + WAIT;
-    while queue.stats.skipped.load(Ordering::Acquire) == 0 {
-        assert!(Instant::now() < deadline, "skipped before its next attempt");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        || queue.stats.skipped.load(Ordering::Acquire) > 0,
+        || "skipped before its next attempt".into(),
+    )
+    .await;
     let attempts = rx.seen().len();
     rx.reply_always(accepted());
     queue.push(event("disk", "critical"));
@@ -406,11 +400,11 @@ async fn a_page_holds_the_message_that_made_it_until_it_is_delivered() {
         "still held after failed attempts"
     );
     rx.reply_always(accepted());
-    let deadline = Instant::now() + WAIT;
-    while held.seq_settled(2, 50) != 50 {
-        assert!(Instant::now() < deadline, "released once delivered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        || held.seq_settled(2, 50) == 50,
+        || "released once delivered".into(),
+    )
+    .await;
     pager.stop().await;
 }
 
@@ -649,16 +643,28 @@ async fn pages_undelivered_at_shutdown_are_sent_first_by_the_next_run() {
 
 /// `file`'s content once `done` holds for it, waiting for the saves.
 async fn saved_when(file: &std::path::Path, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let saved = std::fs::read(file)
+    let saved = RefCell::new(None);
+    let read_and_check = || {
+        let read = std::fs::read(file)
             .ok()
             .map(|bytes| serde_json::from_slice::<Value>(&bytes).unwrap());
-        match saved {
-            Some(saved) if done(&saved) => return saved,
-            saved => assert!(Instant::now() < deadline, "not saved so: {saved:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let holds = read.as_ref().is_some_and(&done);
+        *saved.borrow_mut() = read;
+        holds
+    };
+    eventually(read_and_check, || {
+        format!("not saved so: {:?}", saved.borrow())
+    })
+    .await;
+    saved.into_inner().expect("read")
+}
+
+/// Polls `done` until it holds; after [`WAIT`], fails saying `what`.
+async fn eventually(mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -735,11 +741,7 @@ async fn a_failed_save_is_tried_once_more_as_the_output_stops() {
         memory,
         mut out,
     } = paged_unsaved(&rx).await;
-    let deadline = Instant::now() + WAIT;
-    while !memory.save_failed() {
-        assert!(Instant::now() < deadline, "no save failed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(|| memory.save_failed(), || "no save failed".into()).await;
     assert_eq!(memory.pages_written_down(), 0, "the file holds none of it");
     std::fs::remove_dir_all(&blocker).unwrap();
     out.stop().await;
@@ -763,14 +765,11 @@ async fn a_stopped_pagers_failing_save_is_tried_until_it_succeeds() {
     out.stop().await;
     assert!(memory.save_failed());
     std::fs::remove_dir_all(&blocker).unwrap();
-    let deadline = Instant::now() + WAIT;
-    while memory.save_failed() {
-        assert!(
-            Instant::now() < deadline,
-            "never saved after the output stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        || !memory.save_failed(),
+        || "never saved after the output stopped".into(),
+    )
+    .await;
     let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(saved["incidents"][0]["dedup_key"], "web1/disk /", "{saved}");
 }
@@ -805,11 +804,11 @@ async fn pages_queued_behind_a_page_in_flight_survive_a_crash() {
     before.queue.push(event("b", "critical"));
     before.queue.push(event("c", "ok"));
     before.queue.push(event("a", "ok"));
-    let deadline = Instant::now() + WAIT;
-    while saved_pages(&file).len() < 4 {
-        assert!(Instant::now() < deadline, "saved: {:?}", saved_pages(&file));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        || saved_pages(&file).len() >= 4,
+        || format!("saved: {:?}", saved_pages(&file)),
+    )
+    .await;
     before.shutdown.cancel();
     before.task.abort();
     let _ = (&mut before.task).await;
