@@ -540,12 +540,60 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .then(|| snapshot::claim(&args.data_dir))
         .transpose()
         .context("taking --data-dir (--no-snapshot disables snapshots)")?;
+    // Every port is taken before the saved state loads, which takes seconds
+    // when it is large: a port in use fails now, and an agent connecting
+    // meanwhile waits in the kernel's queue rather than being refused.
+    let tls = args.tls_listener().context("setting up TLS")?;
+    let tls_files = tls.as_ref().map(|tls| tls.acceptor.clone());
+    let stats = Arc::new(Stats::default());
+    let mut config = ServerConfig {
+        stats: stats.clone(),
+        cluster: None,
+        tcp: args.tcp,
+        udp: args.udp,
+        max_frame: args.max_frame,
+        max_datagram: args.max_datagram,
+        max_connections: args.max_connections,
+        max_message_memory: args.max_message_memory,
+        read_timeout: args.read_timeout,
+        limits: args.limits(),
+        tls,
+        tick: args.tick,
+    };
+    let mut http_config = HttpConfig {
+        addr: (!args.no_http).then_some(args.http),
+        sse: args.sse,
+        token: args.http_token.clone(),
+        per_message: args.limits(),
+        max_connections: args.max_connections,
+        write_timeout: args.read_timeout,
+        read_timeout: args.read_timeout,
+        ..HttpConfig::default()
+    };
+    let bound = Server::bind(&config)
+        .await
+        .context("starting the listeners")?;
+    let http_bound = HttpServer::bind(&http_config)
+        .await
+        .context("starting the HTTP listeners")?;
+    let grpc_bound = match args.grpc {
+        Some(addr) => Some(
+            Grpc::bind(addr)
+                .await
+                .context("starting the gRPC listener")?,
+        ),
+        None => None,
+    };
     if keep_state {
+        tracing::info!(
+            tcp = %bound.tcp_addr,
+            data_dir = %args.data_dir.display(),
+            "Bound the listeners; loading the saved state, then serving."
+        );
         snapshot::remove_leftovers(&args.data_dir);
         persist::restore(&compiled.roots, &text, &args.data_dir, started);
     }
     // The pagers' open incidents are kept beside the index snapshot.
-    let stats = Arc::new(Stats::default());
     let kept = if keep_state {
         Kept::in_dir(args.data_dir.clone(), stats.clone())
     } else {
@@ -583,8 +631,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let latency = Arc::new(Histogram::default());
     let rules = streams;
     let streams: Arc<dyn Streams> = Arc::new(TimedStreams::new(rules.clone(), latency.clone()));
-    let tls = args.tls_listener().context("setting up TLS")?;
-    let tls_files = tls.as_ref().map(|tls| tls.acceptor.clone());
     let hangups = on_sighup(hangups, reloader.clone(), tls_files, stats.clone());
     let cluster = match cluster_config {
         Some(config) => Some(
@@ -601,26 +647,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let (cluster, cluster_tasks) = cluster.unzip();
-    let config = ServerConfig {
-        stats: stats.clone(),
-        cluster: cluster.clone(),
-        tcp: args.tcp,
-        udp: args.udp,
-        max_frame: args.max_frame,
-        max_datagram: args.max_datagram,
-        max_connections: args.max_connections,
-        max_message_memory: args.max_message_memory,
-        read_timeout: args.read_timeout,
-        limits: args.limits(),
-        tls,
-        tick: args.tick,
-    };
+    config.cluster = cluster.clone();
     // Installed before `listening`: until then SIGTERM would kill vigil outright,
     // skipping the shutdown (and its snapshot).
     let stop = shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
-    let server = Server::start(config, index.clone(), streams.clone(), clock.clone())
-        .await
-        .context("starting the listeners")?;
+    let server = Server::serve(bound, config, index.clone(), streams.clone(), clock.clone());
     let telemetry = Arc::new(Telemetry {
         stats: stats.clone(),
         index: index.clone(),
@@ -634,25 +665,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         started: Instant::now(),
         cluster: cluster.clone(),
     });
-    let http_config = HttpConfig {
-        addr: (!args.no_http).then_some(args.http),
-        sse: args.sse,
-        token: args.http_token.clone(),
-        per_message: args.limits(),
-        cluster: cluster.clone(),
-        max_connections: args.max_connections,
-        write_timeout: args.read_timeout,
-        read_timeout: args.read_timeout,
-        memory: Some(server.memory.clone()),
-        ..HttpConfig::default()
-    };
-    let http = HttpServer::start(
+    http_config.cluster = cluster.clone();
+    http_config.memory = Some(server.memory.clone());
+    let http = HttpServer::serve(
+        http_bound,
         http_config,
         telemetry.clone(),
         streams.clone(),
         clock.clone(),
     )
-    .await
     .context("starting the HTTP listeners")?;
     let stop_self_metrics = CancellationToken::new();
     let interval = args.self_metrics_interval;
@@ -668,10 +689,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             stop_self_metrics.clone(),
         ))
     });
-    let grpc = match args.grpc {
-        Some(addr) => Some(
-            Grpc::start(
-                addr,
+    let grpc = match grpc_bound {
+        Some(listener) => Some(
+            Grpc::serve(
+                listener,
                 GrpcLimits {
                     max_message: args.max_frame,
                     per_message: args.limits(),
@@ -686,7 +707,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 stats.clone(),
                 cluster,
             )
-            .await
             .context("starting the gRPC listener")?,
         ),
         None => None,

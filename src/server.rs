@@ -1,6 +1,11 @@
 //! Wires a running vigil together: binds the listeners, spawns the TCP (plain
 //! and, when configured, TLS), UDP and timer tasks around one shared
 //! [`Ingest`], and shuts them down on request.
+//!
+//! Binding ([`Server::bind`]) and serving ([`Server::serve`]) are two steps
+//! so that `vigil run` takes its ports before it loads a large saved state: a
+//! port in use fails at once, and clients that connect meanwhile wait in the
+//! kernel's queues instead of being refused.
 
 use std::io;
 use std::net::SocketAddr;
@@ -83,29 +88,73 @@ pub struct Server {
     tracker: TaskTracker,
 }
 
+/// The server's sockets, bound and not served yet: connections queue in the
+/// kernel (up to the listen backlog) and datagrams in the receive buffer
+/// until [`Server::serve`].
+pub struct Bound {
+    pub tcp_addr: SocketAddr,
+    pub udp_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    listener: TcpListener,
+    udp_socket: UdpSocket,
+    tls: Option<TcpListener>,
+}
+
 impl Server {
+    /// Binds and serves at once.
     pub async fn start(
         config: ServerConfig,
         index: Arc<Index>,
         streams: Arc<dyn Streams>,
         clock: SharedClock,
     ) -> io::Result<Server> {
+        let bound = Server::bind(&config).await?;
+        Ok(Server::serve(bound, config, index, streams, clock))
+    }
+
+    /// Binds the TCP, UDP and TLS addresses of `config`, serving nothing yet.
+    pub async fn bind(config: &ServerConfig) -> io::Result<Bound> {
         let listener =
             (TcpListener::bind(config.tcp).await).map_err(not_bound("--tcp", config.tcp))?;
         let tcp_addr = listener.local_addr()?;
         let udp = config.udp.unwrap_or(tcp_addr);
         let udp_socket = (UdpSocket::bind(udp).await).map_err(not_bound("--udp", udp))?;
         let udp_addr = udp_socket.local_addr()?;
-        let tls = match config.tls {
+        let tls = match &config.tls {
             Some(tls) => {
-                let listener =
-                    (TcpListener::bind(tls.addr).await).map_err(not_bound("--tls", tls.addr))?;
-                Some((listener, tls.acceptor))
+                Some((TcpListener::bind(tls.addr).await).map_err(not_bound("--tls", tls.addr))?)
             }
             None => None,
         };
-        let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+        let tls_addr = tls.as_ref().map(TcpListener::local_addr).transpose()?;
+        Ok(Bound {
+            tcp_addr,
+            udp_addr,
+            tls_addr,
+            listener,
+            udp_socket,
+            tls,
+        })
+    }
 
+    /// Serves what [`Server::bind`] bound of `config` (its addresses are
+    /// not read again), events going into `index` through `streams`.
+    pub fn serve(
+        bound: Bound,
+        config: ServerConfig,
+        index: Arc<Index>,
+        streams: Arc<dyn Streams>,
+        clock: SharedClock,
+    ) -> Server {
+        let Bound {
+            tcp_addr,
+            udp_addr,
+            tls_addr,
+            listener,
+            udp_socket,
+            tls,
+        } = bound;
+        let tls = tls.zip(config.tls.map(|tls| tls.acceptor));
         let stats = config.stats.clone();
         let ingest = Arc::new(Ingest {
             index: index.clone(),
@@ -147,7 +196,7 @@ impl Server {
             config.tick,
             shutdown.clone(),
         ));
-        Ok(Server {
+        Server {
             tcp_addr,
             udp_addr,
             tls_addr,
@@ -155,7 +204,7 @@ impl Server {
             memory,
             shutdown,
             tracker,
-        })
+        }
     }
 
     /// Stops accepting, ends every connection at its next frame boundary and

@@ -1,18 +1,22 @@
 //! Restarts of the real binary: the index and the rules' stream state survive
 //! SIGTERM (final snapshot) and `kill -9` (periodic snapshot), entries that ran
 //! out while vigil was down expire through the rules, a corrupted snapshot
-//! is reported, skipped and kept aside, and a reload signal while starting
-//! waits for the rules.
+//! is reported, skipped and kept aside, a reload signal while starting
+//! waits for the rules, and the ports are taken before the saved state loads.
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use prost::Message;
 
 use common::{VISIBLE_TIMEOUT, Vigil, wait_until};
 use vigil::client::Client;
 use vigil::clock::{Clock, MICROS_PER_SEC, SystemClock};
 use vigil::event::{Event, Metric};
+use vigil::proto::{Msg, to_pb};
 use vigil::snapshot;
 
 fn block_on<T>(f: impl Future<Output = T>) -> T {
@@ -446,4 +450,94 @@ fn a_second_vigil_on_the_same_data_dir_is_refused() {
     assert!(first.terminate().success(), "{}", first.logs());
     let mut again = Vigil::start(&["--data-dir", dir_arg(&data)]);
     assert!(again.terminate().success(), "free once the first has gone");
+}
+
+/// A FIFO where the stream state file goes: vigil's start blocks reading it
+/// until the test writes into it, holding vigil between binding its ports and
+/// serving them for as long as the test needs.
+fn state_fifo(data: &Path) -> PathBuf {
+    std::fs::create_dir_all(data).unwrap();
+    let fifo = data.join("streams.state");
+    common::run_ok("mkfifo", &[dir_arg(&fifo)], VISIBLE_TIMEOUT);
+    fifo
+}
+
+/// The ports are bound before the saved state is read, so an agent that
+/// connects during a long restore waits in the kernel's queue and is served
+/// once the state is in, rather than refused.
+#[test]
+fn an_agent_connecting_while_the_saved_state_loads_is_served_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rules, data) = rules_and_data(dir.path(), "streams {\n  index\n}\n");
+    let fifo = state_fifo(&data);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
+    cmd.args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--rules", dir_arg(&rules)])
+        .args(["--data-dir", dir_arg(&data), "--self-metrics-interval", "0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let mut vigil = common::Logging::spawn(cmd);
+    let minute = Duration::from_secs(60);
+    assert!(
+        vigil.wait_for("Bound the listeners", minute),
+        "{}",
+        vigil.seen
+    );
+    let bound = (vigil.seen.lines())
+        .find(|line| line.contains("Bound the listeners"))
+        .and_then(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .and_then(|line| line["fields"]["tcp"].as_str()?.parse().ok());
+    let tcp: std::net::SocketAddr = bound.unwrap_or_else(|| panic!("no tcp in {}", vigil.seen));
+    // Connected and sent while vigil waits on the FIFO: the kernel queues both.
+    let mut agent = std::net::TcpStream::connect(tcp).expect("connects while loading");
+    let event = Event {
+        host: Some("early".into()),
+        service: Some("agent".into()),
+        time: SystemClock.now(),
+        ttl: Some(3600.0),
+        ..Event::default()
+    };
+    let msg = Msg {
+        events: vec![to_pb(&event)],
+        ..Msg::default()
+    };
+    let body = msg.encode_to_vec();
+    agent.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+    agent.write_all(&body).unwrap();
+    // Lets vigil go on, with an empty (so refused and set aside) stream state.
+    std::fs::write(&fifo, b"").unwrap();
+    agent.set_read_timeout(Some(minute)).unwrap();
+    let mut len = [0; 4];
+    agent.read_exact(&mut len).expect("an answer once served");
+    let mut reply = vec![0; u32::from_be_bytes(len) as usize];
+    agent.read_exact(&mut reply).unwrap();
+    let reply = Msg::decode(&reply[..]).unwrap();
+    let listening = vigil.wait_for("listening", minute);
+    let found = block_on(async {
+        let mut client = Client::connect(tcp).await?;
+        client.query(r#"host = "early""#).await
+    });
+    let _ = vigil.child.kill();
+    vigil.child.wait().unwrap();
+    assert_eq!(reply.ok, Some(true), "{reply:?}");
+    assert!(listening, "{}", vigil.seen);
+    let found = found.unwrap_or_else(|e| panic!("{e}: {}", vigil.seen));
+    assert_eq!(found, [event], "{}", vigil.seen);
+}
+
+/// A port in use fails at once, before a saved state of any size is read
+/// (here one that would never finish: a FIFO nobody writes).
+#[test]
+fn a_port_in_use_fails_before_the_saved_state_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    state_fifo(&data);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let grpc = taken.local_addr().unwrap().to_string();
+    // gRPC is bound last of all.
+    let args = ["--data-dir", dir_arg(&data), "--grpc", &grpc];
+    let (code, stderr) = common::run_refused(&args, Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{stderr}");
+    let expected = format!("--grpc {grpc}: Address already in use");
+    assert!(stderr.contains(&expected), "{expected} in {stderr}");
 }

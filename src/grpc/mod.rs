@@ -320,8 +320,8 @@ pub struct Grpc {
 }
 
 impl Grpc {
-    /// Binds `addr` and serves within `limits`. With a cluster, events go to
-    /// JetStream and `Query` and `Subscribe` cover every node.
+    /// Binds `addr` and serves within `limits`: [`Grpc::bind`], then
+    /// [`Grpc::serve`].
     pub async fn start(
         addr: SocketAddr,
         limits: GrpcLimits,
@@ -331,7 +331,26 @@ impl Grpc {
         stats: Arc<Stats>,
         cluster: Option<Arc<Cluster>>,
     ) -> io::Result<Grpc> {
-        let listener = (TcpListener::bind(addr).await).map_err(not_bound("--grpc", addr))?;
+        let listener = Grpc::bind(addr).await?;
+        Grpc::serve(listener, limits, index, streams, clock, stats, cluster)
+    }
+
+    /// Binds `addr`, serving nothing yet (see [`crate::server`]).
+    pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+        (TcpListener::bind(addr).await).map_err(not_bound("--grpc", addr))
+    }
+
+    /// Serves `listener` within `limits`. With a cluster, events go to
+    /// JetStream and `Query` and `Subscribe` cover every node.
+    pub fn serve(
+        listener: TcpListener,
+        limits: GrpcLimits,
+        index: Arc<Index>,
+        streams: Arc<dyn Streams>,
+        clock: SharedClock,
+        stats: Arc<Stats>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> io::Result<Grpc> {
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let bounds = Bounds::new(

@@ -226,9 +226,47 @@ pub struct HttpServer {
     tracker: TaskTracker,
 }
 
+/// The HTTP listeners, bound and not served yet (see [`crate::server`]).
+pub struct HttpBound {
+    http: Option<TcpListener>,
+    sse: Option<TcpListener>,
+}
+
 impl HttpServer {
     /// Binds the configured listeners and serves them until [`HttpServer::shutdown`].
     pub async fn start(
+        config: HttpConfig,
+        telemetry: Arc<Telemetry>,
+        streams: Arc<dyn Streams>,
+        clock: SharedClock,
+    ) -> io::Result<HttpServer> {
+        let bound = HttpServer::bind(&config).await?;
+        HttpServer::serve(bound, config, telemetry, streams, clock)
+    }
+
+    /// Binds the listeners `config` names, serving nothing yet.
+    pub async fn bind(config: &HttpConfig) -> io::Result<HttpBound> {
+        async fn bind(
+            flag: &'static str,
+            addr: Option<SocketAddr>,
+        ) -> io::Result<Option<TcpListener>> {
+            match addr {
+                Some(addr) => Ok(Some(
+                    (TcpListener::bind(addr).await).map_err(not_bound(flag, addr))?,
+                )),
+                None => Ok(None),
+            }
+        }
+        Ok(HttpBound {
+            http: bind("--http", config.addr).await?,
+            sse: bind("--sse", config.sse).await?,
+        })
+    }
+
+    /// Serves what [`HttpServer::bind`] bound of `config` (its addresses are
+    /// not read again) until [`HttpServer::shutdown`].
+    pub fn serve(
+        bound: HttpBound,
         config: HttpConfig,
         telemetry: Arc<Telemetry>,
         streams: Arc<dyn Streams>,
@@ -267,17 +305,17 @@ impl HttpServer {
         let watched = |router: Router| {
             router.layer(middleware::from_fn_with_state(unread.clone(), watch_unread))
         };
-        let addr = match config.addr {
-            Some(addr) => {
+        let addr = match bound.http {
+            Some(listener) => {
                 let router = watched(router(state.clone()));
-                Some(listen("--http", addr, router, bounds(), &shutdown, &tracker).await?)
+                Some(listen(listener, router, bounds(), &shutdown, &tracker)?)
             }
             None => None,
         };
-        let sse_addr = match config.sse {
-            Some(addr) => {
+        let sse_addr = match bound.sse {
+            Some(listener) => {
                 let router = watched(sse_router(state));
-                Some(listen("--sse", addr, router, bounds(), &shutdown, &tracker).await?)
+                Some(listen(listener, router, bounds(), &shutdown, &tracker)?)
             }
             None => None,
         };
@@ -296,7 +334,7 @@ impl HttpServer {
     }
 }
 
-/// Binds `addr` (chosen by `flag`) and serves `router` on it until `shutdown`, each connection
+/// Serves `router` on `listener` until `shutdown`, each connection
 /// [`Bounded`] and on the tracker (so shutdown waits for requests in flight).
 ///
 /// Served with hyper directly rather than `axum::serve`, which sets no timer:
@@ -305,15 +343,13 @@ impl HttpServer {
 /// kept-alive connection idle, would hold it forever. Here a request head
 /// must arrive within the read timeout of the connection's first byte or of
 /// the previous answer, and an HTTP/2 peer must answer keepalive pings.
-async fn listen(
-    flag: &'static str,
-    addr: SocketAddr,
+fn listen(
+    listener: TcpListener,
     router: Router,
     bounds: Bounds,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> io::Result<SocketAddr> {
-    let listener = (TcpListener::bind(addr).await).map_err(not_bound(flag, addr))?;
     let bound = listener.local_addr()?;
     let mut hyper = auto::Builder::new(TokioExecutor::new());
     hyper
