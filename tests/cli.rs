@@ -666,7 +666,7 @@ fn human_logs_to_a_pipe_carry_no_colour_codes() {
     let listening = vigil.wait_for("listening", common::START_TIMEOUT);
     vigil.child.kill().unwrap();
     vigil.child.wait().unwrap();
-    let seen = vigil.seen;
+    let seen = std::mem::take(&mut vigil.seen);
     assert!(listening, "{seen:?}");
     assert!(!seen.contains("\x1b["), "{seen:?}");
 }

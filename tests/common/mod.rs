@@ -379,6 +379,14 @@ impl Logging {
     }
 }
 
+/// A test that fails before it stops its process does not leave it running.
+impl Drop for Logging {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Run `program args...` with stdin closed and a hard timeout.
 /// On expiry the process is killed and the test panics with what it printed.
 pub fn run_cmd(program: impl AsRef<std::ffi::OsStr>, args: &[&str], timeout: Duration) -> Output {
