@@ -1,7 +1,7 @@
 //! The acceptance rule file (`rules/rabbitmq.vigil`) over a 100-event batch:
 //! the per-`Msg` cost of the rules between decode and the index; the pause
-//! of a reload of rules holding many `changed_state` series; and the timer's
-//! tick of a `by` holding many series.
+//! of a reload of rules holding many `changed_state` series; the timer's
+//! tick of a `by` holding many series; and a `by` meeting new series.
 
 use std::sync::Arc;
 
@@ -172,5 +172,58 @@ fn by_tick(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, acceptance_file, reload, by_tick);
+/// 10 000 events of series a `by` of seven stages has not seen, in batches
+/// of 100, into a `by` that holds none: what making a group costs (freeing
+/// the rules, and with them the groups, is not measured).
+fn by_new_groups(c: &mut Criterion) {
+    const SERIES: usize = 10_000;
+    const START: i64 = 1_700_000_000_000_000;
+    let source = "streams {
+  by(host, service) {
+    rate(10s) { drop }
+    changed_state { drop }
+    fixed_time_window(10s) { mean { drop } }
+    moving_event_window(1000) { mean { drop } }
+    percentiles(10s, [0.5, 0.99]) { drop }
+    throttle(5, 10s) { drop }
+    coalesce(10s) { count { drop } }
+  }
+}
+";
+    let events: Vec<Event> = (0..SERIES)
+        .map(|i| Event {
+            host: Some(format!("host{}", i / 10)),
+            service: Some(format!("service {}", i % 10)),
+            state: Some("ok".to_owned()),
+            metric: Some(Metric::Float(i as f64)),
+            ttl: Some(600.0),
+            time: START,
+            ..Event::default()
+        })
+        .collect();
+    let mut group = c.benchmark_group("by_new_groups");
+    group.throughput(Throughput::Elements(SERIES as u64));
+    group.sample_size(20);
+    group.bench_function("seven_stages_10k", |b| {
+        b.iter_batched(
+            || {
+                let (_, compiled) =
+                    rules::load("by.vigil", source, EnvPolicy::Lenient).expect("file compiles");
+                let clock: SharedClock = Arc::new(ManualClock::new(START));
+                let index = Arc::new(Index::new(IndexConfig::default()));
+                Rules::new(compiled.roots, None, Vec::new(), index, clock)
+            },
+            |rules| {
+                for batch in events.chunks(100) {
+                    rules.process(batch);
+                }
+                rules
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, acceptance_file, reload, by_tick, by_new_groups);
 criterion_main!(benches);
