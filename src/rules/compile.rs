@@ -931,7 +931,7 @@ impl Compiler<'_> {
                     }
                 }
                 let children = self.body(name, span, body)?;
-                Box::new(Percentiles::new(interval, points, children))
+                Box::new(Percentiles::new(interval, points.into(), children))
             }
             "fixed_time_window" | "moving_time_window" | "coalesce" => {
                 let dt = self.one_duration(n, args, span)?;

@@ -191,7 +191,8 @@ impl Node for Rate {
 /// `by` group has one: its events come one at a time, under the lock of the
 /// outer group's shard.
 pub struct By {
-    pub fields: Vec<Field>,
+    /// Shared, as the prototype is, by the `by`s in an enclosing `by`'s groups.
+    pub fields: Arc<[Field]>,
     /// What each group's stages are made from. It never holds state, so the
     /// `by`s in groups of an enclosing `by` share their block's.
     pub prototype: Arc<Children>,
@@ -324,7 +325,7 @@ impl By {
         definition: Arc<ByDefinition>,
     ) -> Self {
         Self::with_shards(
-            fields,
+            fields.into(),
             Arc::new(prototype),
             idle_after,
             definition,
@@ -333,7 +334,7 @@ impl By {
     }
 
     fn with_shards(
-        fields: Vec<Field>,
+        fields: Arc<[Field]>,
         prototype: Arc<Children>,
         idle_after: Micros,
         definition: Arc<ByDefinition>,
@@ -481,7 +482,7 @@ impl Node for By {
             g.hash == hash
                 && g.key
                     .iter()
-                    .zip(&self.fields)
+                    .zip(self.fields.iter())
                     .all(|(stored, f)| stored.as_deref() == value(f).as_deref())
         };
         let group = match shard.groups.entry(hash, same_key, |g| g.hash) {

@@ -9,6 +9,7 @@
 //! and counted in the log, at most once per [`OVERFLOW_LOG_EVERY`] for each
 //! window: one line per dropped event wrote as fast as events came in.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use hashbrown::HashMap;
@@ -496,7 +497,8 @@ impl Node for Window {
 /// as Riemann). Samples beyond [`WINDOW_MAX`] are reservoir-sampled.
 pub struct Percentiles {
     pub interval: Micros,
-    pub points: Vec<f64>,
+    /// Shared by the copies in a `by`'s groups.
+    pub points: Arc<[f64]>,
     pub children: Children,
     pub state: Mutex<PercentileState>,
 }
@@ -511,7 +513,7 @@ pub struct PercentileState {
 }
 
 impl Percentiles {
-    pub fn new(interval: Micros, points: Vec<f64>, children: Children) -> Self {
+    pub fn new(interval: Micros, points: Arc<[f64]>, children: Children) -> Self {
         Self {
             interval,
             points,
