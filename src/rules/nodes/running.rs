@@ -3,7 +3,7 @@
 //! its events: [`Running`], a moving window's, with its metrics' count and
 //! sum ([`MetricSum`], compensated (Neumaier) so that what left the window
 //! leaves no rounding behind) and monotonic queues of the least and greatest
-//! metric; [`FixedFolds`], a fixed window's, which only ever adds and so
+//! metric (those it folds); [`FixedFolds`], a fixed window's, which only ever adds and so
 //! needs none of its events but the extreme and latest ones.
 //!
 //! The results are those of [`fold`](super::window::fold) over the same
@@ -114,12 +114,14 @@ impl MetricSum {
     }
 }
 
-#[derive(Default)]
 pub struct Running {
     /// The number of the window's oldest event; each event pushed gets the
     /// next number.
     front: u64,
     metrics: MetricSum,
+    /// The queues kept: those of the extremes the window folds. A `by`
+    /// group's window of only `mean` saves two allocations.
+    extremes: Extremes,
     /// Candidates for the least metric: increasing, the earliest of equals
     /// first (as `Iterator::min_by` picks); for the greatest: decreasing,
     /// the latest of equals kept (as `max_by` picks).
@@ -128,9 +130,25 @@ pub struct Running {
 }
 
 impl Running {
+    /// Running folds of no events, for a window that folds `extremes`.
+    pub fn new(extremes: Extremes) -> Running {
+        Running {
+            front: 0,
+            metrics: MetricSum::default(),
+            extremes,
+            mins: VecDeque::new(),
+            maxs: VecDeque::new(),
+        }
+    }
+
+    /// The extremes whose queues are kept.
+    pub fn extremes(&self) -> Extremes {
+        self.extremes
+    }
+
     /// Running folds of `events`.
-    pub fn of(events: &Events) -> Running {
-        let mut running = Running::default();
+    pub fn of(events: &Events, extremes: Extremes) -> Running {
+        let mut running = Running::new(extremes);
         for (len, (_, event)) in events.iter().enumerate() {
             running.pushed(event, len);
         }
@@ -144,22 +162,26 @@ impl Running {
         };
         let number = self.front + len as u64;
         self.metrics.add(metric);
-        while self
-            .mins
-            .back()
-            .is_some_and(|(_, m)| m.total_cmp(&metric) == Ordering::Greater)
-        {
-            self.mins.pop_back();
+        if self.extremes.min {
+            while self
+                .mins
+                .back()
+                .is_some_and(|(_, m)| m.total_cmp(&metric) == Ordering::Greater)
+            {
+                self.mins.pop_back();
+            }
+            self.mins.push_back((number, metric));
         }
-        self.mins.push_back((number, metric));
-        while self
-            .maxs
-            .back()
-            .is_some_and(|(_, m)| m.total_cmp(&metric) != Ordering::Greater)
-        {
-            self.maxs.pop_back();
+        if self.extremes.max {
+            while self
+                .maxs
+                .back()
+                .is_some_and(|(_, m)| m.total_cmp(&metric) != Ordering::Greater)
+            {
+                self.maxs.pop_back();
+            }
+            self.maxs.push_back((number, metric));
         }
-        self.maxs.push_back((number, metric));
     }
 
     /// `event`, the window's oldest, left it.
@@ -201,9 +223,10 @@ impl Running {
     }
 }
 
-/// Which extreme events a fixed window keeps: those its folds return. Each is
-/// a copy of an event, which a window of only `mean` (say) need not hold.
-#[derive(Debug, Clone, Copy)]
+/// Which extremes a window keeps: those its folds return. A fixed window's
+/// are copies of events, a moving window's queues, which a window of only
+/// `mean` (say) need not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extremes {
     pub min: bool,
     pub max: bool,
@@ -360,7 +383,7 @@ mod tests {
         metric: &impl Fn(u64) -> Option<Metric>,
     ) {
         let mut next = xorshift(seed);
-        let (mut events, mut running) = (Events::new(), Running::default());
+        let (mut events, mut running) = (Events::new(), Running::new(BOTH_EXTREMES));
         for step in 0..5_000u64 {
             if !next().is_multiple_of(3) || events.is_empty() {
                 let e = event(step, metric(next()));
@@ -411,7 +434,7 @@ mod tests {
     /// What left the window leaves no rounding behind in the sum.
     #[test]
     fn a_sum_forgets_what_left_it_exactly() {
-        let (mut events, mut running) = (Events::new(), Running::default());
+        let (mut events, mut running) = (Events::new(), Running::new(BOTH_EXTREMES));
         let metrics = [1e16].into_iter().chain([1.0; 1000]).chain([0.5, 0.25]);
         for (n, metric) in metrics.enumerate() {
             let e = event(n as u64, Some(Metric::Float(metric)));
@@ -478,7 +501,7 @@ mod tests {
             .map(|(metric, n)| event(n, Some(Metric::Float(metric))))
             .collect();
         let mut folds = FixedFolds::default();
-        let (mut held, mut running) = (Events::new(), Running::default());
+        let (mut held, mut running) = (Events::new(), Running::new(BOTH_EXTREMES));
         for e in &events {
             folds.add(e, BOTH_EXTREMES);
             running.pushed(e, held.len());

@@ -910,6 +910,26 @@ fn fixed_event_window_means_every_n_events() {
     );
 }
 
+/// A moving window keeps the queues of only the extremes it folds: one
+/// that takes over a window that folded none returns the extremes of the
+/// events it took over.
+#[test]
+fn a_reload_adding_min_to_a_moving_window_returns_the_least_held_event() {
+    let b = bench("moving_event_window(3) { mean { drop } }");
+    for m in [5, 1, 3] {
+        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+    }
+    let src = "output out = forward(host: \"x\")\nstreams {\n\
+               moving_event_window(3) { mean { drop } min { out } }\n}";
+    let file = parse(src).unwrap_or_else(|e| panic!("{e:?}"));
+    let compiled = crate::rules::compile::compile(&file, crate::rules::EnvPolicy::Lenient)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let outputs = b.recorders.iter().map(|(_, r)| r.clone() as _).collect();
+    b.rules.replace(compiled.roots, None, outputs);
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(4)));
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Int(1))]);
+}
+
 #[test]
 fn moving_event_window_max_returns_the_largest_event() {
     let b = bench("moving_event_window(2) { max { out } }");

@@ -181,23 +181,31 @@ impl WindowState {
 }
 
 impl MovingState {
-    /// The running folds, built from the events the first time, and the
-    /// events they fold.
-    fn tracked(&mut self) -> (&mut Running, &Events) {
+    /// The running folds, built from the events the first time (or for
+    /// other extremes), and the events they fold.
+    fn tracked(&mut self, extremes: Extremes) -> (&mut Running, &Events) {
+        // Taken over from a window that folded other extremes (a reload).
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.extremes() != extremes)
+        {
+            self.running = None;
+        }
         let events = &self.events;
         let running = self
             .running
-            .get_or_insert_with(|| Box::new(Running::of(events)));
+            .get_or_insert_with(|| Box::new(Running::of(events, extremes)));
         (running, events)
     }
 
     /// `event` in at the back; the oldest out first if the window is full.
-    fn push(&mut self, now: Micros, event: Event, stats: &RuleStats) {
+    fn push(&mut self, now: Micros, event: Event, stats: &RuleStats, extremes: Extremes) {
         if self.events.len() == WINDOW_MAX {
             self.pop_front();
             self.overflow.dropped_one(stats);
         }
-        let (running, events) = self.tracked();
+        let (running, events) = self.tracked(extremes);
         running.pushed(&event, events.len());
         self.events.push_back((now, event));
     }
@@ -289,7 +297,7 @@ impl Window {
     /// A moving window's folds of what it holds now, into `out`: each in
     /// O(1), where folding up to [`WINDOW_MAX`] events took ~0.2 ms.
     fn fold_moving(&self, moving: &mut MovingState, out: &mut Folded) {
-        let (running, events) = moving.tracked();
+        let (running, events) = moving.tracked(self.extremes());
         self.fold_each(|kind| running.fold(kind, events), out);
     }
 
@@ -345,7 +353,7 @@ impl Node for Window {
                     }
                 }
                 (WindowKind::MovingTime(dt), WindowState::Moving(moving)) => {
-                    moving.push(now, event.clone(), cx.stats);
+                    moving.push(now, event.clone(), cx.stats, self.extremes());
                     let horizon = now.saturating_sub(dt);
                     while moving.events.front().is_some_and(|(at, _)| *at <= horizon) {
                         moving.pop_front();
@@ -359,7 +367,7 @@ impl Node for Window {
                     if moving.events.capacity() == 0 && n <= EXACT_BUFFER_UP_TO {
                         moving.events.reserve_exact(n + 1);
                     }
-                    moving.push(now, event.clone(), cx.stats);
+                    moving.push(now, event.clone(), cx.stats, self.extremes());
                     while moving.events.len() > n {
                         moving.pop_front();
                     }
