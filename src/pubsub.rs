@@ -17,7 +17,8 @@
 //!
 //! All queues together hold at most the pubsub's `max_held` bytes (by
 //! [`Event::approx_bytes`]; [`DEFAULT_MAX_HELD`] unless configured), and so
-//! do the snapshots still being sent to subscribers ([`Pubsub::hold`]). A
+//! do the snapshots still being sent to subscribers ([`Pubsub::hold`]) and
+//! the series coalescing subscribers hold ([`Subscription::hold_coalesced`]). A
 //! queued event counts in full in each queue holding it (its shared JSON,
 //! about as large, is not counted): the last subscriber holding an event
 //! pays for it, and many subscribers that read nothing would otherwise hold
@@ -148,6 +149,9 @@ struct BacklogState {
     /// the subscriber frees it too, whatever its connection is doing.
     snapshot: std::vec::IntoIter<Event>,
     snapshot_bytes: usize,
+    /// What a coalescing subscriber's drain holds outside the queue (see
+    /// [`Subscription::hold_coalesced`]).
+    coalesced_bytes: usize,
     /// Disconnected for being too slow: nothing more comes.
     lagged: bool,
     /// No more events: lagged, or the subscription was dropped.
@@ -190,10 +194,11 @@ impl Backlog {
         }
     }
 
-    /// What the subscriber holds: its queue and its snapshot not sent yet.
+    /// What the subscriber holds: its queue, its snapshot not sent yet and
+    /// the series it coalesces.
     fn bytes(&self) -> usize {
         let state = self.state.lock();
-        state.bytes + state.snapshot_bytes
+        state.bytes + state.snapshot_bytes + state.coalesced_bytes
     }
 
     /// Takes no more events and frees those queued and the snapshot not
@@ -204,6 +209,8 @@ impl Backlog {
         state.lagged |= lagged;
         let freed = Self::empty(&mut state, held);
         let snapshot = Self::take_snapshot(&mut state, held);
+        // Its drain sees the end and frees what it holds.
+        held.fetch_sub(std::mem::take(&mut state.coalesced_bytes), Ordering::AcqRel);
         drop(state);
         drop(snapshot);
         self.ready.notify_one();
@@ -268,6 +275,26 @@ impl Subscription {
     /// then ends.
     pub fn lagged(&self) -> bool {
         self.queue.state.lock().lagged
+    }
+
+    /// Counts `bytes` as what this subscriber holds besides its queue: the
+    /// latest event of each series of a coalescing subscriber, taken from
+    /// the queue and not written yet ([`crate::http`]'s `live`). They count
+    /// within the pubsub's `max_held` like a queue's events, so the
+    /// subscriber holding the most is the first disconnected when all
+    /// together hold too much. Nothing once it was disconnected.
+    pub fn hold_coalesced(&self, bytes: usize) {
+        let mut state = self.queue.state.lock();
+        if state.closed {
+            return;
+        }
+        let held = &self.pubsub.stats.bytes_held;
+        let before = std::mem::replace(&mut state.coalesced_bytes, bytes);
+        if bytes >= before {
+            held.fetch_add(bytes - before, Ordering::AcqRel);
+        } else {
+            held.fetch_sub(before - bytes, Ordering::AcqRel);
+        }
     }
 
     /// This subscriber's snapshot, held within its pubsub's `max_held` (see

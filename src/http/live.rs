@@ -9,7 +9,11 @@
 //! (coalescing further) while it has not. A view of the latest states (the
 //! dashboard) that cannot take every event of a busy index then gets fewer,
 //! larger batches instead of being disconnected as too slow, until it falls
-//! more than [`MAX_SERIES`] series behind.
+//! more than [`MAX_SERIES`] series behind. What the drain holds (the series,
+//! and the batch its connection has not taken yet) counts in the pubsub's
+//! bound on what all subscribers hold (`--max-subscriber-memory`), as
+//! queued events do: a connection that takes nothing cannot hold a hundred
+//! thousand series outside it.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
@@ -96,6 +100,9 @@ async fn drain(
     batches: mpsc::Sender<Vec<Arc<Published>>>,
 ) {
     let mut latest = Latest::default();
+    // The bytes of the batch handed over and perhaps not taken yet: counted
+    // until the next one goes, since the channel has room for one.
+    let mut handed = 0;
     let mut writes = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     writes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // An interval passed since what is held was first held.
@@ -103,9 +110,12 @@ async fn drain(
     loop {
         if latest.len() >= MAX_SERIES {
             // Too far behind to hold more: the connection's pace now.
+            let bytes = latest.bytes();
             if batches.send(latest.take().collect()).await.is_err() {
                 return;
             }
+            handed = bytes;
+            subscription.hold_coalesced(handed);
             due = false;
             continue;
         }
@@ -117,6 +127,7 @@ async fn drain(
                     let Ok(event) = subscription.try_recv() else { break };
                     latest.keep(event);
                 }
+                subscription.hold_coalesced(latest.bytes() + handed);
             }
             _ = writes.tick() => due = !latest.is_empty(),
             () = batches.closed() => return,
@@ -124,7 +135,9 @@ async fn drain(
         if due {
             match batches.try_reserve() {
                 Ok(permit) => {
+                    handed = latest.bytes();
                     permit.send(latest.take().collect());
+                    subscription.hold_coalesced(handed);
                     due = false;
                 }
                 // Still writing the previous batch: coalesce on.
@@ -137,26 +150,44 @@ async fn drain(
 
 /// The latest live event of each series since they were last taken.
 #[derive(Default)]
-pub struct Latest(HashSet<Series>);
+pub struct Latest {
+    series: HashSet<Series>,
+    /// Of the events held, by [`Event::approx_bytes`](crate::event::Event::approx_bytes),
+    /// and of their slots.
+    bytes: usize,
+}
+
+/// A held series' slot in the set, and in the batch it is handed over in.
+const SERIES_OVERHEAD: usize = 2 * std::mem::size_of::<Series>();
 
 impl Latest {
     /// Holds `event`, replacing the one held for its series.
     pub fn keep(&mut self, event: Arc<Published>) {
-        self.0.replace(Series(event));
+        self.bytes += event.approx_bytes();
+        match self.series.replace(Series(event)) {
+            Some(Series(replaced)) => self.bytes -= replaced.approx_bytes(),
+            None => self.bytes += SERIES_OVERHEAD,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.series.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.series.is_empty()
+    }
+
+    /// What the events held take.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// The events held, one per series, in no particular order; none are
     /// held after.
     pub fn take(&mut self) -> impl Iterator<Item = Arc<Published>> + '_ {
-        self.0.drain().map(|series| series.0)
+        self.bytes = 0;
+        self.series.drain().map(|series| series.0)
     }
 }
 
@@ -243,6 +274,38 @@ mod tests {
         assert_eq!(seen(live.next().await.unwrap()), want(2, 3));
         // Not taken since: what came after was held on, the latest of each.
         assert_eq!(seen(live.next().await.unwrap()), want(48, 49));
+    }
+
+    /// A connection that takes nothing holds as many series as the index
+    /// has, outside its queue: they count in the bound of what all
+    /// subscribers hold, and past it the subscriber is disconnected.
+    #[tokio::test(start_paused = true)]
+    async fn the_series_a_coalescing_subscriber_holds_count_in_the_subscribers_bound() {
+        let host = |n: usize| format!("h{n:02}");
+        let one = event(&host(0), 0).approx_bytes();
+        let pubsub = Pubsub::with_max_held(20 * one);
+        let held = || pubsub.stats.bytes_held.load(Ordering::Acquire);
+        let subscription = pubsub.subscribe(Query::parse("true").unwrap(), 1_000);
+        let mut live = Live::new(subscription, Some(Duration::from_millis(100)));
+        for n in 0..10 {
+            pubsub.publish(&event(&host(n), 0));
+        }
+        // The drain takes them from the queue.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(held() >= 10 * one, "{} held of 10 series of {one}", held());
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 0);
+        for n in 10..30 {
+            pubsub.publish(&event(&host(n), 0));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
+        assert_eq!(held(), 0);
+        // Its connection learns it once it takes what was handed to it.
+        let mut batches = 0;
+        while live.next().await.is_some() {
+            batches += 1;
+            assert!(batches <= 1, "one batch at most was handed over");
+        }
     }
 
     #[tokio::test]
