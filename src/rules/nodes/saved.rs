@@ -11,6 +11,11 @@
 //! were saved with, so an entry's position says whose it is; its kind is
 //! checked anyway, and a mismatch abandons the restore rather than giving a
 //! stage another stage's state.
+//!
+//! The file encodes them with postcard, which knows a variant or a field
+//! (here and in what they hold, such as [`Event`]) by its position, not its
+//! name: reordering or adding them changes the format, and needs a new
+//! version of the file.
 
 use serde::{Deserialize, Serialize};
 

@@ -746,10 +746,14 @@ mod tests {
             let mut saved = Vec::new();
             window.save(&mut saved);
             let [entry] = <[Saved; 1]>::try_from(saved).unwrap();
-            // Through CBOR, as the state file holds it.
-            let mut bytes = Vec::new();
-            ciborium::into_writer(&entry, &mut bytes).unwrap();
-            let entry: Saved = ciborium::from_reader(&bytes[..]).unwrap();
+            // Through postcard, as the state file holds it, and CBOR, as
+            // versions 1 and 2 held it.
+            let mut cbor = Vec::new();
+            ciborium::into_writer(&entry, &mut cbor).unwrap();
+            let from_cbor: Saved = ciborium::from_reader(&cbor[..]).unwrap();
+            let entry: Saved =
+                postcard::from_bytes(&postcard::to_allocvec(&entry).unwrap()).unwrap();
+            assert_eq!(entry, from_cbor, "{kind:?}");
             assert!(matches!(entry, Saved::FixedWindow { .. }), "{entry:?}");
             let back = restored(kind, entry);
             let (mut back, mut s) = (back.state.lock(), window.state.lock());
