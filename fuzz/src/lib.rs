@@ -464,9 +464,17 @@ streams {
 /// The file is restored into [`STATE_RULES`] as at start (it may be
 /// refused), then those rules run from whatever was restored: ticks, and
 /// events of the series the file's groups may name. Nothing may panic.
+/// Each input goes through both encodings: as version 1 (CBOR, as versions
+/// 1 and 2 wrote it) and as version 3 (postcard).
 pub fn state_restore(data: &[u8]) {
+    for version in [1u32, 3] {
+        restore_state_file(version, data);
+    }
+}
+
+fn restore_state_file(version: u32, data: &[u8]) {
     let mut file = b"VIGILSTS".to_vec();
-    file.extend_from_slice(&1u32.to_le_bytes());
+    file.extend_from_slice(&version.to_le_bytes());
     file.extend_from_slice(data);
     let checksum = crc32fast::hash(&file);
     file.extend_from_slice(&checksum.to_le_bytes());
