@@ -484,7 +484,7 @@ pub struct Snapshots {
 impl Snapshots {
     /// Creates `dir` if needed, loads its snapshot into `index` (vigil
     /// starting at `started`) and starts the periodic writes. Call before the
-    /// server starts, so no event is missed.
+    /// server serves, so no event is missed.
     pub fn start(
         index: Arc<Index>,
         streams: Option<Arc<Rules>>,
