@@ -1,7 +1,8 @@
 //! The acceptance rule file (`rules/rabbitmq.vigil`) over a 100-event batch:
 //! the per-`Msg` cost of the rules between decode and the index; the pause
 //! of a reload of rules holding many `changed_state` series; the timer's
-//! tick of a `by` holding many series; and a `by` meeting new series.
+//! tick of a `by` holding many series; a `by` meeting new series; and
+//! `coalesce` replacing the latest event of the series it holds.
 
 use std::sync::Arc;
 
@@ -225,5 +226,35 @@ fn by_new_groups(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, acceptance_file, reload, by_tick, by_new_groups);
+/// `coalesce` over a 100-event batch of series it already holds: what it
+/// costs per event to replace a series' latest event.
+fn coalesce(c: &mut Criterion) {
+    let source = "streams {\n  coalesce(10s) { count { drop } }\n}\n";
+    let (_, compiled) =
+        rules::load("coalesce.vigil", source, EnvPolicy::Lenient).expect("compiles");
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+    let shared: SharedClock = clock.clone();
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let rules = Rules::new(compiled.roots, None, Vec::new(), index, shared);
+    rules.process(&batch(1_700_000_000_000_000));
+    let mut group = c.benchmark_group("rules");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("coalesce_100", |b| {
+        b.iter_batched(
+            || batch(1_700_000_000_000_000),
+            |events| rules.process(&events),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    acceptance_file,
+    reload,
+    by_tick,
+    by_new_groups,
+    coalesce
+);
 criterion_main!(benches);
