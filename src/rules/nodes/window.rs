@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use hashbrown::HashMap;
+use hashbrown::{Equivalent, HashMap};
 use parking_lot::Mutex;
 
 use crate::clock::{Micros, secs_to_micros};
@@ -146,6 +146,23 @@ struct MovingState {
     /// they would make every kind's state as big.
     running: Option<Box<Running>>,
     overflow: Overflow,
+}
+
+/// An event's (host, service), borrowed: hashed as the owned key of
+/// [`CoalesceState::latest`] is (a tuple of two strings), and equal to it.
+#[derive(Hash)]
+struct SeriesOf<'a>((&'a str, &'a str));
+
+impl<'a> SeriesOf<'a> {
+    fn of(event: &'a Event) -> Self {
+        SeriesOf((event.host_str(), event.service_str()))
+    }
+}
+
+impl Equivalent<(String, String)> for SeriesOf<'_> {
+    fn equivalent(&self, (host, service): &(String, String)) -> bool {
+        self.0 == (host.as_str(), service.as_str())
+    }
 }
 
 #[derive(Default)]
@@ -376,8 +393,13 @@ impl Node for Window {
                 (WindowKind::Coalesce(dt), WindowState::Coalesce(coalesce)) => {
                     coalesce.window_end.get_or_insert(now.saturating_add(dt));
                     let latest = &mut coalesce.latest;
-                    let key = (event.host_str().to_owned(), event.service_str().to_owned());
-                    if latest.len() < WINDOW_MAX || latest.contains_key(&key) {
+                    // Found by the event's own strings: a series already held
+                    // costs no copy of its key, and its event's strings are
+                    // reused.
+                    if let Some(held) = latest.get_mut(&SeriesOf::of(event)) {
+                        held.clone_from(event);
+                    } else if latest.len() < WINDOW_MAX {
+                        let key = (event.host_str().to_owned(), event.service_str().to_owned());
                         latest.insert(key, event.clone());
                     } else {
                         coalesce.overflow.dropped_one(cx.stats);
@@ -664,6 +686,25 @@ impl Node for Percentiles {
 mod tests {
     use super::*;
     use crate::clock::MICROS_PER_SEC;
+
+    /// `coalesce` finds a held series by the event's strings: were the two
+    /// hashed apart, a full window would drop the events of series it holds.
+    #[test]
+    fn a_series_is_found_by_its_borrowed_strings_as_by_its_owned_key() {
+        let mut latest: HashMap<(String, String), u32> = HashMap::new();
+        latest.insert(("web1".into(), "cpu".into()), 1);
+        latest.insert(("web1cpu".into(), String::new()), 2);
+        let event = |host: &str, service: &str| Event {
+            host: Some(host.into()),
+            service: Some(service.into()),
+            ..Event::default()
+        };
+        let found = |e: &Event| latest.get(&SeriesOf::of(e)).copied();
+        assert_eq!(found(&event("web1", "cpu")), Some(1));
+        assert_eq!(found(&event("web1cpu", "")), Some(2));
+        assert_eq!(found(&Event::default()), None);
+        assert_eq!(found(&event("web1", "cp")), None);
+    }
 
     const FIXED: [WindowKind; 2] = [
         WindowKind::FixedTime(10 * MICROS_PER_SEC),
