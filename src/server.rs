@@ -114,16 +114,13 @@ impl Server {
 
     /// Binds the TCP, UDP and TLS addresses of `config`, serving nothing yet.
     pub async fn bind(config: &ServerConfig) -> io::Result<Bound> {
-        let listener =
-            (TcpListener::bind(config.tcp).await).map_err(not_bound("--tcp", config.tcp))?;
+        let listener = bind_tcp("--tcp", config.tcp).await?;
         let tcp_addr = listener.local_addr()?;
         let udp = config.udp.unwrap_or(tcp_addr);
         let udp_socket = (UdpSocket::bind(udp).await).map_err(not_bound("--udp", udp))?;
         let udp_addr = udp_socket.local_addr()?;
         let tls = match &config.tls {
-            Some(tls) => {
-                Some((TcpListener::bind(tls.addr).await).map_err(not_bound("--tls", tls.addr))?)
-            }
+            Some(tls) => Some(bind_tcp("--tls", tls.addr).await?),
             None => None,
         };
         let tls_addr = tls.as_ref().map(TcpListener::local_addr).transpose()?;
@@ -219,6 +216,11 @@ impl Server {
 /// know which one to move.
 pub fn not_bound(flag: &'static str, addr: SocketAddr) -> impl FnOnce(io::Error) -> io::Error {
     move |e| io::Error::new(e.kind(), format!("{flag} {addr}: {e}"))
+}
+
+/// A TCP listener on `addr`, the address `flag` chose; its error names both.
+pub async fn bind_tcp(flag: &'static str, addr: SocketAddr) -> io::Result<TcpListener> {
+    (TcpListener::bind(addr).await).map_err(not_bound(flag, addr))
 }
 
 /// Cancels `shutdown`, then waits up to `grace` for every task `tracker`

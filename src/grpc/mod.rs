@@ -39,7 +39,7 @@ use crate::limits::Limits;
 use crate::proto::{self, PbEvent};
 use crate::pubsub::{DEFAULT_CAPACITY, Subscription};
 use crate::query::Query;
-use crate::server::not_bound;
+use crate::server::bind_tcp;
 use crate::stats::Stats;
 use crate::streams::Streams;
 use crate::unread::Unread;
@@ -337,7 +337,7 @@ impl Grpc {
 
     /// Binds `addr`, serving nothing yet (see [`crate::server`]).
     pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-        (TcpListener::bind(addr).await).map_err(not_bound("--grpc", addr))
+        bind_tcp("--grpc", addr).await
     }
 
     /// Serves `listener` within `limits`. With a cluster, events go to

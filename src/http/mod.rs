@@ -48,7 +48,7 @@ use crate::limits::Limits;
 use crate::pubsub::{self, HeldSnapshot, Subscription};
 use crate::query::Query;
 use crate::selfmetrics::Telemetry;
-use crate::server::not_bound;
+use crate::server::bind_tcp;
 use crate::stats::Stats;
 use crate::streams::Streams;
 use crate::unread::Unread;
@@ -251,9 +251,7 @@ impl HttpServer {
             addr: Option<SocketAddr>,
         ) -> io::Result<Option<TcpListener>> {
             match addr {
-                Some(addr) => Ok(Some(
-                    (TcpListener::bind(addr).await).map_err(not_bound(flag, addr))?,
-                )),
+                Some(addr) => bind_tcp(flag, addr).await.map(Some),
                 None => Ok(None),
             }
         }
