@@ -223,7 +223,7 @@ struct RunArgs {
     /// Neither load nor write index snapshots.
     #[arg(long, conflicts_with = "snapshot_interval")]
     no_snapshot: bool,
-    /// How often the index snapshot is rewritten, bounding what a crash loses (e.g. 30s, 5m).
+    /// How long after one index snapshot the next is written, bounding what a crash loses (e.g. 30s, 5m).
     #[arg(long, default_value = "30s", value_parser = parse_interval)]
     snapshot_interval: Duration,
     /// HTTP listen address: GET /index (JSON, WebSocket, SSE), POST /events, /metrics, /health.

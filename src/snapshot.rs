@@ -496,14 +496,11 @@ impl Snapshots {
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         restore(&index, &dir, started);
         let stop = CancellationToken::new();
-        let periodic = tokio::spawn(periodic(
-            stats.clone(),
-            index.clone(),
-            streams.clone(),
-            dir.clone(),
-            every,
-            stop.clone(),
-        ));
+        let periodic = tokio::spawn(periodic(every, stop.clone(), {
+            let (stats, index, streams, dir) =
+                (stats.clone(), index.clone(), streams.clone(), dir.clone());
+            move || write_periodic(stats.clone(), index.clone(), streams.clone(), dir.clone())
+        }));
         Ok(Self {
             index,
             streams,
@@ -563,40 +560,50 @@ fn final_write_failed(stats: &Stats, error: &SnapshotError, what: &str) {
     );
 }
 
-async fn periodic(
+/// Runs `write` every `every` until `stop`, counting each interval from the
+/// end of the write before: a write longer than the interval (the stream
+/// state of a million `by` groups takes seconds) would otherwise start again
+/// at once, keeping a core writing all the time.
+async fn periodic<W: Future<Output = ()>>(
+    every: Duration,
+    stop: CancellationToken,
+    mut write: impl FnMut() -> W,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        // Not raced against `stop`: a write always runs to its end.
+        write().await;
+    }
+}
+
+/// One periodic write: the index snapshot, then the stream state of
+/// `streams`; a failure is counted and logged, and the next write tries again.
+async fn write_periodic(
     stats: Arc<Stats>,
     index: Arc<Index>,
     streams: Option<Arc<Rules>>,
     dir: PathBuf,
-    every: Duration,
-    stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
+    match save(index, dir.clone()).await {
+        Ok(saved) => tracing::debug!(
+            entries = saved.entries,
+            elapsed = ?saved.elapsed,
+            "Wrote a periodic index snapshot."
+        ),
+        Err(error) => {
+            Stats::incr(&stats.state_write_failures);
+            tracing::warn!(%error, "Periodic index snapshot failed.");
         }
-        // Not raced against `stop`: a write always runs to its end.
-        match save(index.clone(), dir.clone()).await {
-            Ok(saved) => tracing::debug!(
-                entries = saved.entries,
-                elapsed = ?saved.elapsed,
-                "Wrote a periodic index snapshot."
-            ),
+    }
+    if let Some(rules) = streams {
+        match save_streams(rules, dir).await {
+            Ok(written) => tracing::debug!(?written, "Wrote the periodic stream state."),
             Err(error) => {
                 Stats::incr(&stats.state_write_failures);
-                tracing::warn!(%error, "Periodic index snapshot failed.");
-            }
-        }
-        if let Some(rules) = &streams {
-            match save_streams(rules.clone(), dir.clone()).await {
-                Ok(written) => tracing::debug!(?written, "Wrote the periodic stream state."),
-                Err(error) => {
-                    Stats::incr(&stats.state_write_failures);
-                    tracing::warn!(%error, "Periodic stream state write failed.");
-                }
+                tracing::warn!(%error, "Periodic stream state write failed.");
             }
         }
     }
@@ -831,6 +838,34 @@ mod tests {
         restore(&index, dir.path(), 0);
         assert_eq!(index.len(), 3);
         assert_eq!(index.get("web1", "cpu"), Some(sample()[0].clone()));
+    }
+
+    /// Writes longer than the interval are spaced by the interval, from the
+    /// end of one to the start of the next, not run back to back.
+    #[tokio::test(start_paused = true)]
+    async fn the_next_periodic_write_starts_an_interval_after_the_last_one_ended() {
+        let every = Duration::from_secs(10);
+        let started = tokio::time::Instant::now();
+        let writes = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(periodic(every, stop.clone(), {
+            let writes = writes.clone();
+            move || {
+                let writes = writes.clone();
+                async move {
+                    let start = started.elapsed().as_secs();
+                    tokio::time::sleep(every * 3).await;
+                    writes.lock().push((start, started.elapsed().as_secs()));
+                }
+            }
+        }));
+        tokio::time::sleep(Duration::from_secs(175)).await;
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            *writes.lock(),
+            [(10, 40), (50, 80), (90, 120), (130, 160), (170, 200)]
+        );
     }
 
     /// A periodic write that fails (here its temporary file's path is taken
