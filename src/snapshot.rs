@@ -80,6 +80,8 @@ pub enum SnapshotError {
     CountMismatch { expected: u64, found: usize },
     #[error("not written: the runtime shut down before the write could start")]
     ShutDown,
+    #[error("abandoned: vigil is stopping and writes its final state instead")]
+    Abandoned,
     #[error(
         "{} is in use by another vigil{}: give each its own --data-dir",
         .dir.display(),
@@ -440,12 +442,28 @@ pub struct Saved {
 }
 
 /// Writes the index one shard at a time, on a blocking thread so neither the
-/// copying nor the I/O holds up the async workers.
-pub async fn save(index: Arc<Index>, dir: PathBuf) -> Result<Saved, SnapshotError> {
+/// copying nor the I/O holds up the async workers. Once `stop` is cancelled
+/// the write is abandoned ([`SnapshotError::Abandoned`]) and the snapshot
+/// before it left in place.
+pub async fn save(
+    index: Arc<Index>,
+    dir: PathBuf,
+    stop: CancellationToken,
+) -> Result<Saved, SnapshotError> {
     off_workers(move || {
         let started = Instant::now();
         let entries = write_from(&dir, |encoder| {
-            index.for_each_shard(|events| encoder.push(events))
+            index.for_each_shard(|events| match stop.is_cancelled() {
+                true => Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "vigil is stopping",
+                )),
+                false => encoder.push(events),
+            })
+        })
+        .map_err(|e| match stop.is_cancelled() {
+            true => SnapshotError::Abandoned,
+            false => e,
         })?;
         Ok(Saved {
             entries: entries as usize,
@@ -456,16 +474,20 @@ pub async fn save(index: Arc<Index>, dir: PathBuf) -> Result<Saved, SnapshotErro
     .ok_or(SnapshotError::ShutDown)?
 }
 
-/// Writes the rules' stream state on a blocking thread; `None` for rules
-/// without their text.
+/// Writes the rules' stream state on a blocking thread, unless `stop` is
+/// cancelled first; `None` for rules without their text.
 async fn save_streams(
     rules: Arc<Rules>,
     dir: PathBuf,
+    stop: CancellationToken,
 ) -> Result<Option<persist::Written>, SnapshotError> {
-    off_workers(move || persist::save(&rules, &dir))
+    off_workers(move || persist::save(&rules, &dir, &stop))
         .await
         .ok_or(SnapshotError::ShutDown)?
-        .map_err(|e| SnapshotError::Streams(Box::new(e)))
+        .map_err(|e| match e {
+            StateError::Write(SnapshotError::Abandoned) => SnapshotError::Abandoned,
+            e => SnapshotError::Streams(Box::new(e)),
+        })
 }
 
 /// Snapshots for a running server: loaded at start, written every interval
@@ -497,9 +519,17 @@ impl Snapshots {
         restore(&index, &dir, started);
         let stop = CancellationToken::new();
         let periodic = tokio::spawn(periodic(every, stop.clone(), {
-            let (stats, index, streams, dir) =
-                (stats.clone(), index.clone(), streams.clone(), dir.clone());
-            move || write_periodic(stats.clone(), index.clone(), streams.clone(), dir.clone())
+            let (stats, index, streams, dir, stop) = (
+                stats.clone(),
+                index.clone(),
+                streams.clone(),
+                dir.clone(),
+                stop.clone(),
+            );
+            move || {
+                let (index, streams) = (index.clone(), streams.clone());
+                write_periodic(stats.clone(), index, streams, dir.clone(), stop.clone())
+            }
         }));
         Ok(Self {
             index,
@@ -515,12 +545,15 @@ impl Snapshots {
     /// state. Call once ingest and the timers have stopped, so both are final.
     /// Each is written even if the other fails; the first error is returned.
     pub async fn finish(self) -> Result<Saved, SnapshotError> {
+        // A periodic write in progress is abandoned, not finished: the final
+        // one replaces it anyway, and a million `by` groups take seconds.
         self.stop.cancel();
-        // Waits for a periodic write in progress: both use the same temp files.
+        // Waits for it to let go of the temp files, which both use.
         if let Err(e) = self.periodic.await {
             std::panic::resume_unwind(e.into_panic());
         }
-        let saved = save(self.index, self.dir.clone()).await;
+        let never = CancellationToken::new();
+        let saved = save(self.index, self.dir.clone(), never.clone()).await;
         match &saved {
             Ok(saved) => tracing::info!(
                 entries = saved.entries,
@@ -531,7 +564,7 @@ impl Snapshots {
             Err(error) => final_write_failed(&self.stats, error, "the index snapshot"),
         }
         let streams = match self.streams {
-            Some(rules) => save_streams(rules, self.dir.clone()).await,
+            Some(rules) => save_streams(rules, self.dir.clone(), never).await,
             None => Ok(None),
         };
         match &streams {
@@ -574,33 +607,43 @@ async fn periodic<W: Future<Output = ()>>(
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
-        // Not raced against `stop`: a write always runs to its end.
+        // Not raced against `stop`: `write` stops early itself and lets go
+        // of its files before the final write takes them.
         write().await;
     }
 }
 
 /// One periodic write: the index snapshot, then the stream state of
-/// `streams`; a failure is counted and logged, and the next write tries again.
+/// `streams`; a failure is counted and logged, and the next write tries
+/// again. Abandoned once `stop` is cancelled.
 async fn write_periodic(
     stats: Arc<Stats>,
     index: Arc<Index>,
     streams: Option<Arc<Rules>>,
     dir: PathBuf,
+    stop: CancellationToken,
 ) {
-    match save(index, dir.clone()).await {
+    match save(index, dir.clone(), stop.clone()).await {
         Ok(saved) => tracing::debug!(
             entries = saved.entries,
             elapsed = ?saved.elapsed,
             "Wrote a periodic index snapshot."
         ),
+        Err(SnapshotError::Abandoned) => {
+            tracing::debug!("Abandoned a periodic index snapshot for the final one.");
+            return;
+        }
         Err(error) => {
             Stats::incr(&stats.state_write_failures);
             tracing::warn!(%error, "Periodic index snapshot failed.");
         }
     }
     if let Some(rules) = streams {
-        match save_streams(rules, dir).await {
+        match save_streams(rules, dir, stop).await {
             Ok(written) => tracing::debug!(?written, "Wrote the periodic stream state."),
+            Err(SnapshotError::Abandoned) => {
+                tracing::debug!("Abandoned a periodic stream state write for the final one.");
+            }
             Err(error) => {
                 Stats::incr(&stats.state_write_failures);
                 tracing::warn!(%error, "Periodic stream state write failed.");
@@ -866,6 +909,35 @@ mod tests {
             *writes.lock(),
             [(10, 40), (50, 80), (90, 120), (130, 160), (170, 200)]
         );
+    }
+
+    /// A periodic write under way when vigil stops is abandoned, leaving the
+    /// snapshot before it and no temporary file, and is no failure.
+    #[tokio::test]
+    async fn a_periodic_write_is_abandoned_once_vigil_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        index.insert(&sample()[0]);
+        let never = CancellationToken::new();
+        save(index.clone(), dir.path().into(), never).await.unwrap();
+        let before = fs::read(dir.path().join(FILE_NAME)).unwrap();
+
+        index.insert(&sample()[1]);
+        let stats = Arc::new(Stats::default());
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        let abandoned = save(index.clone(), dir.path().into(), stopped.clone()).await;
+        assert!(
+            matches!(abandoned, Err(SnapshotError::Abandoned)),
+            "{abandoned:?}"
+        );
+        write_periodic(stats.clone(), index, None, dir.path().into(), stopped).await;
+        assert_eq!(Stats::get(&stats.state_write_failures), 0);
+        assert_eq!(fs::read(dir.path().join(FILE_NAME)).unwrap(), before);
+        let names: Vec<_> = (fs::read_dir(dir.path()).unwrap())
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME]);
     }
 
     /// A periodic write that fails (here its temporary file's path is taken

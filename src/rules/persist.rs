@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::Micros;
 use crate::snapshot::{CrcWriter, SnapshotError, replace_file};
@@ -121,16 +122,18 @@ pub struct Written {
 }
 
 /// Encodes each entry into the file as the walk makes it. The first error
-/// is kept and the rest of the walk writes nothing.
-struct PostcardSaver<W: Write> {
+/// is kept and the rest of the walk writes nothing; so once `stop` is
+/// cancelled.
+struct PostcardSaver<'a, W: Write> {
     out: W,
     /// Each entry is encoded here first and written whole.
     buffer: Vec<u8>,
     entries: usize,
     failed: Option<io::Error>,
+    stop: &'a CancellationToken,
 }
 
-impl<W: Write> PostcardSaver<W> {
+impl<W: Write> PostcardSaver<'_, W> {
     fn write<T: Serialize>(&mut self, value: &T) -> io::Result<()> {
         self.buffer.clear();
         self.buffer = postcard::to_extend(value, std::mem::take(&mut self.buffer))
@@ -139,9 +142,16 @@ impl<W: Write> PostcardSaver<W> {
     }
 }
 
-impl<W: Write> Saver for PostcardSaver<W> {
+impl<W: Write> Saver for PostcardSaver<'_, W> {
     fn push(&mut self, entry: Saved) {
-        if self.failed.is_some() {
+        if self.abandoned() {
+            return;
+        }
+        if self.stop.is_cancelled() {
+            self.failed = Some(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "vigil is stopping",
+            ));
             return;
         }
         match self.write(&entry) {
@@ -149,12 +159,22 @@ impl<W: Write> Saver for PostcardSaver<W> {
             Err(e) => self.failed = Some(e),
         }
     }
+
+    fn abandoned(&self) -> bool {
+        self.failed.is_some()
+    }
 }
 
 /// Writes the running rules' state into `dir` (which must exist),
 /// atomically. `None` when the rules were compiled without their text and
-/// have nothing to save it with.
-pub fn save(rules: &Rules, dir: &Path) -> Result<Option<Written>, StateError> {
+/// have nothing to save it with. Once `stop` is cancelled the write is
+/// abandoned ([`SnapshotError::Abandoned`]), its temporary file removed and
+/// the file before it left in place.
+pub fn save(
+    rules: &Rules,
+    dir: &Path,
+    stop: &CancellationToken,
+) -> Result<Option<Written>, StateError> {
     let started = Instant::now();
     let written = rules.saving(|text, roots| {
         replace_file(&dir.join(FILE_NAME), |out| {
@@ -173,6 +193,7 @@ pub fn save(rules: &Rules, dir: &Path) -> Result<Option<Written>, StateError> {
                 buffer: Vec::new(),
                 entries: 0,
                 failed: None,
+                stop,
             };
             saver.write(&header)?;
             roots.save(&mut saver);
@@ -187,7 +208,10 @@ pub fn save(rules: &Rules, dir: &Path) -> Result<Option<Written>, StateError> {
     let Some(written) = written else {
         return Ok(None);
     };
-    let (entries, bytes) = written?;
+    let (entries, bytes) = written.map_err(|e| match stop.is_cancelled() {
+        true => SnapshotError::Abandoned,
+        false => e,
+    })?;
     Ok(Some(Written {
         entries,
         bytes,
@@ -437,7 +461,8 @@ mod tests {
         }
 
         fn stop(self, dir: &Path) {
-            assert!(save(&self.rules, dir).unwrap().is_some());
+            let stop = CancellationToken::new();
+            assert!(save(&self.rules, dir, &stop).unwrap().is_some());
         }
     }
 
@@ -623,6 +648,57 @@ mod tests {
             1,
             "silent for a TTL after its last event: the group was freed"
         );
+    }
+
+    /// A write abandoned once vigil stops leaves the file before it, no
+    /// temporary file, and is not walked to its end: a `by` of many groups
+    /// stops at the first group after.
+    #[test]
+    fn a_stopped_write_keeps_the_file_before_it_and_stops_its_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let life = Life::start("by(host) { throttle(5, 10s) { out } }", dir.path(), 0.0);
+        life.send("first", Some("ok"), None);
+        life.stop(dir.path());
+        let before = fs::read(dir.path().join(FILE_NAME)).unwrap();
+
+        let life = Life::start("by(host) { throttle(5, 10s) { out } }", dir.path(), 1.0);
+        for n in 0..1000 {
+            life.send(&format!("h{n}"), Some("ok"), None);
+        }
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        let abandoned = save(&life.rules, dir.path(), &stopped).unwrap_err();
+        assert!(
+            matches!(abandoned, StateError::Write(SnapshotError::Abandoned)),
+            "{abandoned}"
+        );
+        assert_eq!(fs::read(dir.path().join(FILE_NAME)).unwrap(), before);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME]);
+
+        /// Abandons after its first `limit` entries, counting what it is offered.
+        struct Abandoning {
+            offered: usize,
+            limit: usize,
+        }
+        impl Saver for Abandoning {
+            fn push(&mut self, _: Saved) {
+                self.offered += 1;
+            }
+            fn abandoned(&self) -> bool {
+                self.offered >= self.limit
+            }
+        }
+        // The `by`'s entry, then four groups of two (the group, its `throttle`).
+        let mut saver = Abandoning {
+            offered: 0,
+            limit: 9,
+        };
+        life.rules.saving(|_, roots| roots.save(&mut saver));
+        assert_eq!(saver.offered, 9, "the walk went on past its abandonment");
     }
 
     fn entries_of(rules: &Rules) -> Vec<Saved> {

@@ -103,6 +103,13 @@ pub trait Saver {
     /// May wait on the disk: a stage builds its entry under its lock and
     /// pushes it after, so its events never wait for a write.
     fn push(&mut self, entry: Saved);
+
+    /// Nothing more will be written (a write failed, or vigil is stopping
+    /// and writes its final state instead): a long walk, a `by`'s groups,
+    /// stops early.
+    fn abandoned(&self) -> bool {
+        false
+    }
 }
 
 impl Saver for Vec<Saved> {

@@ -601,6 +601,9 @@ impl Node for By {
             groups: groups.len() as u64,
         });
         for (key, free_at, lifetime, children) in groups {
+            if out.abandoned() {
+                return;
+            }
             out.push(Saved::Group {
                 key: key.to_vec(),
                 free_at,
