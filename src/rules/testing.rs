@@ -436,6 +436,17 @@ fn expect(
     }
 }
 
+/// The time `offset` after the test's start, as `value` gave it; an error
+/// past what the clock holds (a far-future `time: 1e13` overflowed it).
+fn since_start(offset: Micros, value: &Value) -> Result<Micros, Diagnostic> {
+    TEST_EPOCH.checked_add(offset).ok_or_else(|| {
+        Diagnostic::new(
+            value.span.clone(),
+            "`time` is past what the clock holds (about 292 000 years from 1970)",
+        )
+    })
+}
+
 /// The fields an `expect` wants, in the JSON form events are compared in,
 /// read the way `send` reads them: `time` in seconds since the test started,
 /// a number given for an attribute as its text.
@@ -450,9 +461,9 @@ fn expected_fields(fields: &Value) -> Result<Vec<(String, Json)>, Diagnostic> {
     for (key, value) in entries {
         let json = match (key.name.as_str(), &value.kind) {
             ("time", ValueKind::Number(n)) => {
-                Json::String(iso8601(TEST_EPOCH + secs_to_micros(*n)))
+                Json::String(iso8601(since_start(secs_to_micros(*n), value)?))
             }
-            ("time", ValueKind::Duration(d)) => Json::String(iso8601(TEST_EPOCH + d)),
+            ("time", ValueKind::Duration(d)) => Json::String(iso8601(since_start(*d, value)?)),
             ("time", ValueKind::String(_)) => to_plain_json(value),
             ("time", _) => {
                 return Err(Diagnostic::new(
@@ -587,8 +598,8 @@ fn event_from(v: &Value) -> Result<(Event, bool), Diagnostic> {
             "time" => {
                 event.time = match value.kind {
                     // Seconds since the test started, like `at`.
-                    ValueKind::Number(n) => TEST_EPOCH + secs_to_micros(n),
-                    ValueKind::Duration(d) => TEST_EPOCH + d,
+                    ValueKind::Number(n) => since_start(secs_to_micros(n), value)?,
+                    ValueKind::Duration(d) => since_start(d, value)?,
                     _ => {
                         return Err(wrong(
                             "`time` must be seconds since the test started".into(),
