@@ -1,14 +1,18 @@
 //! vigil's own numbers: a lock-free latency histogram around the rule pipeline,
 //! one [`Sample`] of every counter and gauge (what `GET /metrics` exposes), and
 //! the self-metric events emitted every interval into the same pipeline, as
-//! Riemann does, so operators alert on vigil with ordinary rules.
+//! Riemann does, so operators alert on vigil with ordinary rules. The series
+//! of an output no longer declared leave the index quietly: they stopped, and
+//! must not expire into pages that nothing can resolve.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::blocking::off_workers;
 use crate::clock::{MICROS_PER_SEC, Micros, SharedClock};
 use crate::cluster::{Cluster, ClusterStatus};
 use crate::event::{Event, Metric};
@@ -266,6 +270,82 @@ const COUNTER_RATES: [(&str, &str); 4] = [
     ("vigil http events/s", "http_events"),
 ];
 
+/// The series of each output, `vigil output NAME <counter>`, in the order of
+/// [`OutputSample::counters`].
+const OUTPUT_COUNTERS: [&str; 7] = [
+    "accepted",
+    "delivered",
+    "dropped",
+    "skipped",
+    "queued",
+    // Taken from the queue and not yet settled: what an output stuck on a
+    // dead downstream holds, while its queue may look empty.
+    "in flight",
+    "retries",
+];
+
+impl OutputSample {
+    fn counters(&self) -> [u64; OUTPUT_COUNTERS.len()] {
+        [
+            self.accepted,
+            self.delivered,
+            self.dropped,
+            self.skipped,
+            self.queued,
+            self.in_flight,
+            self.retries,
+        ]
+    }
+}
+
+/// The output whose own series `service` is (`extra` for `vigil output
+/// extra in flight`). An output's name is an identifier: it has no space.
+fn output_of(service: &str) -> Option<&str> {
+    let rest = service.strip_prefix("vigil output ")?;
+    OUTPUT_COUNTERS
+        .iter()
+        .find_map(|counter| rest.strip_suffix(counter)?.strip_suffix(' '))
+        .filter(|name| !name.is_empty() && !name.contains(' '))
+}
+
+/// Removes from `index`, quietly (no expiry notice, nothing to subscribers
+/// or through the rules), `host`'s own series of the outputs not in
+/// `declared`: they are no longer sent, and expiring would page for each
+/// of them with nothing to resolve it. Returns how many went, and the
+/// names of their outputs. Scans the whole index.
+fn forget_outputs(index: &Index, host: &str, declared: &[String]) -> (usize, Vec<String>) {
+    let mut gone = BTreeSet::new();
+    let removed = index.remove_where(|h, service| {
+        if h != host {
+            return false;
+        }
+        match output_of(service) {
+            Some(name) if !declared.iter().any(|d| d == name) => {
+                gone.insert(name.to_owned());
+                true
+            }
+            _ => false,
+        }
+    });
+    let gone: Vec<String> = gone.into_iter().collect();
+    if removed > 0 {
+        tracing::info!(
+            series = removed,
+            outputs = %gone.join(", "),
+            "Removed the series of vigil's own metrics for outputs no longer declared."
+        );
+    }
+    (removed, gone)
+}
+
+/// [`forget_outputs`] of the outputs `sample` does not report, off the
+/// async workers: it scans the whole index.
+async fn forget_undeclared(index: &Arc<Index>, host: &str, sample: &Sample) {
+    let (index, host) = (index.clone(), host.to_owned());
+    let declared: Vec<String> = sample.outputs.iter().map(|o| o.name.clone()).collect();
+    off_workers(move || forget_outputs(&index, &host, &declared)).await;
+}
+
 /// Turns successive samples into self-metric events. Rates divide counter
 /// deltas by the time between samples on the injected clock.
 pub struct Emitter {
@@ -340,16 +420,9 @@ impl Emitter {
             gauge(sample.subscriber_bytes),
         );
         for o in &sample.outputs {
-            let name = &o.name;
-            emit(format!("vigil output {name} accepted"), gauge(o.accepted));
-            emit(format!("vigil output {name} delivered"), gauge(o.delivered));
-            emit(format!("vigil output {name} dropped"), gauge(o.dropped));
-            emit(format!("vigil output {name} skipped"), gauge(o.skipped));
-            emit(format!("vigil output {name} queued"), gauge(o.queued));
-            // Taken from the queue and not yet settled: what an output stuck
-            // on a dead downstream holds, while its queue may look empty.
-            emit(format!("vigil output {name} in flight"), gauge(o.in_flight));
-            emit(format!("vigil output {name} retries"), gauge(o.retries));
+            for (counter, value) in OUTPUT_COUNTERS.iter().zip(o.counters()) {
+                emit(format!("vigil output {} {counter}", o.name), gauge(value));
+            }
         }
         // Everything `/metrics` exposes is an event too, for a rule to alert
         // on: the counters as totals since start, named by their words.
@@ -403,6 +476,14 @@ impl Emitter {
         self.previous = (now, sample);
         out
     }
+
+    /// Whether an output of the previous sample is not in `sample`: one a
+    /// reload removed or renamed, reported until it delivered what it had
+    /// queued, has ended.
+    fn lost_an_output(&self, sample: &Sample) -> bool {
+        let (_, before) = &self.previous;
+        (before.outputs.iter()).any(|o| sample.outputs.iter().all(|now| now.name != o.name))
+    }
 }
 
 /// Every `interval`, samples `telemetry` and runs the self-metric events
@@ -415,6 +496,9 @@ pub async fn run(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
+    // A snapshot of an earlier run brings back the series of the outputs
+    // declared then.
+    forget_undeclared(&telemetry.index, &emitter.host, &emitter.previous.1).await;
     // The first tick is one interval away: the emitter's baseline is "now".
     let first = tokio::time::Instant::now() + interval;
     let mut tick = tokio::time::interval_at(first, interval);
@@ -424,7 +508,11 @@ pub async fn run(
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let events = emitter.events(clock.now(), telemetry.sample());
+        let sample = telemetry.sample();
+        if emitter.lost_an_output(&sample) {
+            forget_undeclared(&telemetry.index, &emitter.host, &sample).await;
+        }
+        let events = emitter.events(clock.now(), sample);
         tracing::trace!(count = events.len(), "Self-metric events.");
         streams.process(&events);
     }
@@ -537,6 +625,95 @@ mod tests {
         let p99 = metric(&second, "vigil streams latency p99").unwrap();
         assert!(p99 > 0.5 && p99 <= 1.0, "{p99} ms");
         assert_eq!(metric(&second, "vigil cluster members"), None, "no cluster");
+    }
+
+    fn outputs(names: &[&str]) -> Sample {
+        let output = |name: &&str| OutputSample {
+            name: (*name).to_owned(),
+            ..OutputSample::default()
+        };
+        Sample {
+            outputs: names.iter().map(output).collect(),
+            ..Sample::default()
+        }
+    }
+
+    /// An index holding the self-metric series of `node-1` with these
+    /// outputs, and an agent's series named like one of an output's.
+    fn indexed(names: &[&str]) -> Index {
+        let index = Index::new(crate::index::IndexConfig::default());
+        let sample = outputs(names);
+        let mut emitter = Emitter::new("node-1".into(), Duration::from_secs(5), T0, sample.clone());
+        for event in emitter.events(T0, sample) {
+            index.insert(&event);
+        }
+        index.insert(&Event {
+            host: Some("app".into()),
+            service: Some("vigil output extra accepted".into()),
+            time: T0,
+            ttl: Some(10.0),
+            ..Event::default()
+        });
+        index
+    }
+
+    /// Every `(host, service)` of the index.
+    fn keys(index: &Index) -> BTreeSet<(String, String)> {
+        let mut keys = BTreeSet::new();
+        let key = |e: &Event| (e.host_str().to_owned(), e.service_str().to_owned());
+        let each = |events: &[Event]| {
+            keys.extend(events.iter().map(key));
+            Ok::<_, ()>(())
+        };
+        index.for_each_shard(each).unwrap();
+        keys
+    }
+
+    fn series_of(output: &str) -> BTreeSet<(String, String)> {
+        let service = |c: &&str| format!("vigil output {output} {c}");
+        let key = |c| ("node-1".to_owned(), service(c));
+        OUTPUT_COUNTERS.iter().map(key).collect()
+    }
+
+    #[test]
+    fn the_series_of_outputs_no_longer_declared_leave_the_index_quietly() {
+        let index = indexed(&["a", "ab", "extra"]);
+        let before = keys(&index);
+        let everything = crate::query::Query::parse("true").unwrap();
+        let mut subscriber = index.pubsub().subscribe(everything, 1000);
+
+        let declared = ["a".to_owned(), "ab".to_owned()];
+        let (removed, gone) = forget_outputs(&index, "node-1", &declared);
+        assert_eq!((removed, gone), (7, vec!["extra".to_owned()]));
+        assert_eq!(keys(&index), &before - &series_of("extra"));
+        assert!(subscriber.try_recv().is_err(), "nothing to subscribers");
+        let mut notices = Vec::new();
+        index.expire(T0 + 60 * MICROS_PER_SEC, |c| notices.extend_from_slice(c));
+        let expired = |e: &Event| (e.host_str().to_owned(), e.service_str().to_owned());
+        let expired: BTreeSet<_> = notices.iter().map(expired).collect();
+        assert_eq!(expired, &before - &series_of("extra"), "no notice for them");
+
+        // `a` no longer declared takes its own series, not those of `ab`.
+        let index = indexed(&["a", "ab"]);
+        let before = keys(&index);
+        let (removed, gone) = forget_outputs(&index, "node-1", &["ab".to_owned()]);
+        assert_eq!((removed, gone), (7, vec!["a".to_owned()]));
+        assert_eq!(keys(&index), &before - &series_of("a"));
+        assert!(series_of("ab").is_subset(&keys(&index)));
+    }
+
+    #[test]
+    fn an_output_missing_from_a_sample_is_noticed() {
+        let mut emitter =
+            Emitter::new("n".into(), Duration::from_secs(5), T0, outputs(&["a", "b"]));
+        assert!(
+            !emitter.lost_an_output(&outputs(&["a", "b", "c"])),
+            "one more"
+        );
+        assert!(emitter.lost_an_output(&outputs(&["a", "c"])), "b renamed c");
+        emitter.events(T0, outputs(&["a", "c"]));
+        assert!(!emitter.lost_an_output(&outputs(&["c", "a"])));
+        assert!(emitter.lost_an_output(&outputs(&[])));
     }
 
     #[test]

@@ -113,3 +113,131 @@ async fn zero_disables_self_metrics() {
     let found = client.query(r#"tagged "vigil""#).await.unwrap();
     assert!(found.is_empty(), "{found:?}");
 }
+
+/// A rule file declaring webhooks `outputs` (never sent to), indexing
+/// everything, and every expiry again under the host `expired`, for a test
+/// to see.
+fn rules_with(outputs: &[&str]) -> String {
+    let declare = |name: &&str| format!("output {name} = webhook(url: \"http://127.0.0.1:9/\")\n");
+    let declared: String = outputs.iter().map(declare).collect();
+    format!(
+        "{declared}streams {{\n  index\n  \
+         expired {{ with(host: \"expired\", state: \"seen\", ttl: 3600) {{ index }} }}\n  \
+         where service = \"never\" {{ {} }}\n}}\n",
+        outputs.join(" ")
+    )
+}
+
+/// The self-metric events of `host` (`--node-name`) every second, with `rules`.
+fn start_with(rules: &std::path::Path, more: &[&str]) -> Vigil {
+    let rules = rules.to_str().unwrap();
+    let args = [
+        "--rules",
+        rules,
+        "--self-metrics-interval",
+        "1s",
+        "--node-name",
+        "self",
+    ];
+    Vigil::start(&[&args[..], more].concat())
+}
+
+/// The services of the index's entries of `host`, sorted.
+async fn services_of(client: &mut Client, host: &str) -> Vec<String> {
+    let found = client.query(&format!(r#"host = "{host}""#)).await.unwrap();
+    let mut services: Vec<_> = found.iter().map(|e| e.service_str().to_owned()).collect();
+    services.sort();
+    services
+}
+
+/// How many of `services` are series of `output`.
+fn of(output: &str, services: &[String]) -> usize {
+    let prefix = format!("vigil output {output} ");
+    services.iter().filter(|s| s.starts_with(&prefix)).count()
+}
+
+/// Polls until `output`'s series on the host `self` number `n`.
+async fn until_series(client: &mut Client, output: &str, n: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let indexed = services_of(client, "self").await;
+        if of(output, &indexed) == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {n} series of {output}: {indexed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Once `removed`'s series have left the index, a canary sent then with
+/// their TTL expires: had one of them expired, or come back and expired,
+/// its notice would be indexed before the canary's. `kept`'s stay.
+async fn assert_gone_without_expiring(client: &mut Client, removed: &str, kept: &str) {
+    until_series(client, removed, 0).await;
+    let canary = Event {
+        host: Some("canary".into()),
+        service: Some("c".into()),
+        time: SystemClock.now(),
+        ttl: Some(2.0),
+        ..Event::default()
+    };
+    client.send(&[canary]).await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !services_of(client, "expired")
+        .await
+        .contains(&"c".to_owned())
+    {
+        assert!(std::time::Instant::now() < deadline, "the canary expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expired = services_of(client, "expired").await;
+    assert_eq!(of(removed, &expired), 0, "expired: {expired:?}");
+    let indexed = services_of(client, "self").await;
+    assert_eq!(of(removed, &indexed), 0, "{indexed:?}");
+    assert_eq!(of(kept, &indexed), 7, "{indexed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_output_removed_by_a_reload_takes_its_series_out_of_the_index_without_expiring() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.vigil");
+    std::fs::write(&rules, rules_with(&["extra", "kept"])).unwrap();
+    let v = start_with(&rules, &[]);
+    let mut client = Client::connect(v.tcp).await.unwrap();
+    until_series(&mut client, "extra", 7).await;
+
+    std::fs::write(&rules, rules_with(&["kept"])).unwrap();
+    run_ok("kill", &["-HUP", &v.pid().to_string()], CMD_TIMEOUT);
+    assert_gone_without_expiring(&mut client, "extra", "kept").await;
+    let removed = v.log_line("Removed the series of vigil's own metrics");
+    assert!(
+        removed.contains(r#""series":7,"outputs":"extra""#),
+        "{removed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_output_removed_while_vigil_was_down_does_not_come_back_to_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.vigil");
+    let data = dir.path().join("data");
+    let data = ["--data-dir", data.to_str().unwrap()];
+    std::fs::write(&rules, rules_with(&["extra", "kept"])).unwrap();
+    let mut v = start_with(&rules, &data);
+    let mut client = Client::connect(v.tcp).await.unwrap();
+    until_series(&mut client, "extra", 7).await;
+    v.terminate();
+
+    std::fs::write(&rules, rules_with(&["kept"])).unwrap();
+    let v = start_with(&rules, &data);
+    let mut client = Client::connect(v.tcp).await.unwrap();
+    assert_gone_without_expiring(&mut client, "extra", "kept").await;
+    let removed = v.log_line("Removed the series of vigil's own metrics");
+    assert!(
+        removed.contains(r#""series":7,"outputs":"extra""#),
+        "{removed}"
+    );
+}

@@ -540,7 +540,7 @@ async fn hand_back(cluster: &Cluster, buckets: &Buckets, shard: u32, mut owned: 
 /// sent from here.
 fn forget(cluster: &Cluster, shard: u32) {
     let shards = cluster.config.shards;
-    let forgotten = (cluster.index).remove_where(|host| shard_of(host, shards) == shard);
+    let forgotten = (cluster.index).remove_where(|host, _| shard_of(host, shards) == shard);
     cluster.holds.disown(shard);
     tracing::debug!(shard, forgotten, "Forgot a released shard's entries.");
 }

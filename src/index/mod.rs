@@ -494,17 +494,21 @@ impl Index {
         Ok(())
     }
 
-    /// Removes every entry of the hosts `select` picks, quietly: no expiry
-    /// notice, nothing to subscribers (a cluster node forgetting a shard it no
-    /// longer owns). One shard locked at a time; returns how many went.
-    pub fn remove_where(&self, select: impl Fn(&str) -> bool) -> usize {
+    /// Removes every entry `select` picks by its host and service, quietly:
+    /// no expiry notice, nothing to subscribers (a cluster node forgetting a
+    /// shard it no longer owns, vigil forgetting its own series of an output
+    /// no longer declared). One shard locked at a time; returns how many went.
+    pub fn remove_where(&self, mut select: impl FnMut(&str, &str) -> bool) -> usize {
         let mut removed = 0;
         for (shard, hint) in self.shards.iter().zip(self.hints.iter()) {
             let mut shard = shard.lock();
             let shard = &mut *shard;
             let deadlines = &mut shard.deadlines;
             let moved = shard.entries.retain(
-                |entry| !select(entry.packed.host()),
+                |entry| {
+                    let (host, service) = entry.packed.host_service();
+                    !select(host, service)
+                },
                 |entry| {
                     deadlines.remove(&(entry.packed.scheduled(), entry.hash));
                     removed += 1;
@@ -1452,7 +1456,7 @@ mod tests {
             index.insert(&event(host, &i.to_string(), T0, Some(1.0)));
         }
         while sub.try_recv().is_ok() {}
-        assert_eq!(index.remove_where(|host| host == "gone"), 25);
+        assert_eq!(index.remove_where(|host, _| host == "gone"), 25);
         assert_eq!(index.len(), 75);
         assert!(index.get("gone", "0").is_none());
         assert!(sub.try_recv().is_err(), "quietly");

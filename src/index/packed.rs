@@ -103,6 +103,12 @@ impl Packed {
         Reader::at(&self.0, HEADER).str()
     }
 
+    /// The stored event's host and service; empty when it has none.
+    pub fn host_service(&self) -> (&str, &str) {
+        let mut r = Reader::at(&self.0, HEADER);
+        (r.str(), r.str())
+    }
+
     /// A copy of the stored event.
     pub fn to_event(&self) -> Event {
         let mut event = Event::default();
@@ -554,6 +560,10 @@ mod tests {
             assert_eq!(
                 packed.key(),
                 (event.host_str().as_bytes(), event.service_str().as_bytes())
+            );
+            assert_eq!(
+                packed.host_service(),
+                (event.host_str(), event.service_str())
             );
         }
     }

@@ -47,6 +47,9 @@
 //!   them first, or drops them if its receiver changed). A changed
 //!   `webhook` or pager posts only once the old one has ended, so a
 //!   receiver never gets an old event after a newer one.
+//! - vigil's own series of an output no longer declared: once it has ended,
+//!   the self-metrics take them out of the index without expiring them
+//!   ([`crate::selfmetrics`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
