@@ -9,6 +9,13 @@
 //! [`MAX_QUEUED_BYTES`], whichever comes first: 10 000 events of a megabyte
 //! each would otherwise be ten gigabytes held for one slow reader.
 //!
+//! A coalescing subscriber's queue ([`Pubsub::subscribe_latest`]) holds the
+//! latest event of each series instead, replaced as it is published (see
+//! [`queue`]): a burst of changes to the series it holds never fills it,
+//! whatever its reader is doing; it is full at its length in series or at
+//! its bytes. It costs the publisher one hash of the event's series per
+//! coalescing subscriber, and the others nothing.
+//!
 //! Subscribers share one copy of each event, and of its JSON ([`Published`],
 //! encoded once), and those with the same query text one evaluation of it:
 //! what an event costs the publisher (on the ingest path) grows with the
@@ -18,8 +25,9 @@
 //! All queues together hold at most the pubsub's `max_held` bytes (by
 //! [`Event::approx_bytes`]; [`DEFAULT_MAX_HELD`] unless configured), and so
 //! do the snapshots still being sent to subscribers ([`Pubsub::hold`]) and
-//! the series coalescing subscribers hold ([`Subscription::hold_coalesced`]). A
-//! queued event counts in full in each queue holding it (its shared JSON,
+//! the batches coalescing subscribers took and are writing
+//! ([`Subscription::take_all`]). A queued event counts in full in each queue
+//! holding it, a replaced one no longer (its shared JSON,
 //! about as large, is not counted): the last subscriber holding an event
 //! pays for it, and many subscribers that read nothing would otherwise hold
 //! their queue's bound each. Over it, the subscribers holding the most are
@@ -30,6 +38,8 @@
 //! With no subscribers the cost on the ingest path is one atomic load.
 //! Nothing is published while a replay runs its batch under
 //! [`outputs::suppressed`]: subscribers see live changes only.
+
+mod queue;
 
 use std::collections::VecDeque;
 use std::ops::Deref;
@@ -45,6 +55,7 @@ use crate::event_queue::Refused;
 use crate::json;
 use crate::outputs;
 use crate::query::Query;
+use queue::{Full, Queue, Queued};
 
 /// Queue length per subscriber unless the caller asks otherwise.
 pub const DEFAULT_CAPACITY: usize = 10_000;
@@ -137,21 +148,21 @@ struct Backlog {
     /// Woken when an event comes to an empty queue, and on closing; one
     /// waiter (the subscriber).
     ready: Notify,
+    /// Events held at most; series, for a coalescing queue.
     max_events: usize,
 }
 
 #[derive(Default)]
 struct BacklogState {
-    events: VecDeque<(Arc<Published>, usize)>,
-    bytes: usize,
+    queue: Queue,
     /// The snapshot still to be sent before the events (see
     /// [`HeldSnapshot`]), and its bytes: held here so that disconnecting
     /// the subscriber frees it too, whatever its connection is doing.
     snapshot: std::vec::IntoIter<Event>,
     snapshot_bytes: usize,
-    /// What a coalescing subscriber's drain holds outside the queue (see
-    /// [`Subscription::hold_coalesced`]).
-    coalesced_bytes: usize,
+    /// The batch taken whole last, which its connection may still be
+    /// writing (see [`Subscription::take_all`]).
+    taken_bytes: usize,
     /// Disconnected for being too slow: nothing more comes.
     lagged: bool,
     /// No more events: lagged, or the subscription was dropped.
@@ -159,22 +170,39 @@ struct BacklogState {
 }
 
 impl Backlog {
+    fn new(queue: Queue, max_events: usize) -> Backlog {
+        Backlog {
+            state: Mutex::new(BacklogState {
+                queue,
+                ..BacklogState::default()
+            }),
+            ready: Notify::new(),
+            max_events: max_events.max(1),
+        }
+    }
+
     fn push(&self, event: Arc<Published>, bytes: usize, held: &AtomicUsize) -> Result<(), Refused> {
         let mut state = self.state.lock();
         if state.closed {
             return Err(Refused::Closed);
         }
-        if state.events.len() >= self.max_events || state.bytes + bytes > MAX_QUEUED_BYTES {
-            return Err(Refused::Full);
-        }
-        state.bytes += bytes;
-        held.fetch_add(bytes, Ordering::AcqRel);
         // The subscriber waits only once it found the queue empty, and
         // takes all that is queued before it waits again: only the first
         // event after it emptied the queue needs to wake it.
-        let first = state.events.is_empty();
-        state.events.push_back((event, bytes));
+        let first = state.queue.is_empty();
+        let before = state.queue.bytes();
+        let pushed = (state.queue).push(event, bytes, self.max_events, MAX_QUEUED_BYTES);
+        let replaced = pushed.map_err(|Full| Refused::Full)?;
+        // Counted under the lock, so a reader never takes away what was
+        // not yet added.
+        let after = state.queue.bytes();
+        if after >= before {
+            held.fetch_add(after - before, Ordering::AcqRel);
+        } else {
+            held.fetch_sub(before - after, Ordering::AcqRel);
+        }
         drop(state);
+        drop(replaced);
         if first {
             self.ready.notify_one();
         }
@@ -183,9 +211,8 @@ impl Backlog {
 
     fn pop(&self, held: &AtomicUsize) -> Result<Arc<Published>, TryRecvError> {
         let mut state = self.state.lock();
-        match state.events.pop_front() {
+        match state.queue.pop() {
             Some((event, bytes)) => {
-                state.bytes -= bytes;
                 held.fetch_sub(bytes, Ordering::AcqRel);
                 Ok(event)
             }
@@ -194,23 +221,41 @@ impl Backlog {
         }
     }
 
+    /// Everything queued, counted now as the batch taken (see
+    /// [`Subscription::take_all`]) instead of the one before.
+    fn take_all(&self, held: &AtomicUsize) -> Result<VecDeque<Queued>, TryRecvError> {
+        let mut state = self.state.lock();
+        if state.queue.is_empty() {
+            return Err(match state.closed {
+                true => TryRecvError::Disconnected,
+                false => TryRecvError::Empty,
+            });
+        }
+        let bytes = state.queue.bytes();
+        let taken = state.queue.take();
+        let before = std::mem::replace(&mut state.taken_bytes, bytes);
+        // The batch's bytes stay held, as the one before's go.
+        held.fetch_sub(before, Ordering::AcqRel);
+        Ok(taken)
+    }
+
     /// What the subscriber holds: its queue, its snapshot not sent yet and
-    /// the series it coalesces.
+    /// the batch it took whole last.
     fn bytes(&self) -> usize {
         let state = self.state.lock();
-        state.bytes + state.snapshot_bytes + state.coalesced_bytes
+        state.queue.bytes() + state.snapshot_bytes + state.taken_bytes
     }
 
     /// Takes no more events and frees those queued and the snapshot not
     /// sent; returns the events, for the caller to drop outside the lock.
-    fn close(&self, lagged: bool, held: &AtomicUsize) -> VecDeque<(Arc<Published>, usize)> {
+    fn close(&self, lagged: bool, held: &AtomicUsize) -> VecDeque<Queued> {
         let mut state = self.state.lock();
         state.closed = true;
         state.lagged |= lagged;
         let freed = Self::empty(&mut state, held);
         let snapshot = Self::take_snapshot(&mut state, held);
-        // Its drain sees the end and frees what it holds.
-        held.fetch_sub(std::mem::take(&mut state.coalesced_bytes), Ordering::AcqRel);
+        // Its connection drops the batch as it sees the end.
+        held.fetch_sub(std::mem::take(&mut state.taken_bytes), Ordering::AcqRel);
         drop(state);
         drop(snapshot);
         self.ready.notify_one();
@@ -235,14 +280,13 @@ impl Backlog {
     }
 
     /// Frees the events queued, and goes on taking more.
-    fn shed(&self, held: &AtomicUsize) -> VecDeque<(Arc<Published>, usize)> {
+    fn shed(&self, held: &AtomicUsize) -> VecDeque<Queued> {
         Self::empty(&mut self.state.lock(), held)
     }
 
-    fn empty(state: &mut BacklogState, held: &AtomicUsize) -> VecDeque<(Arc<Published>, usize)> {
-        held.fetch_sub(state.bytes, Ordering::AcqRel);
-        state.bytes = 0;
-        std::mem::take(&mut state.events)
+    fn empty(state: &mut BacklogState, held: &AtomicUsize) -> VecDeque<Queued> {
+        held.fetch_sub(state.queue.bytes(), Ordering::AcqRel);
+        state.queue.take()
     }
 }
 
@@ -277,23 +321,21 @@ impl Subscription {
         self.queue.state.lock().lagged
     }
 
-    /// Counts `bytes` as what this subscriber holds besides its queue: the
-    /// latest event of each series of a coalescing subscriber, taken from
-    /// the queue and not written yet ([`crate::http`]'s `live`). They count
-    /// within the pubsub's `max_held` like a queue's events, so the
-    /// subscriber holding the most is the first disconnected when all
-    /// together hold too much. Nothing once it was disconnected.
-    pub fn hold_coalesced(&self, bytes: usize) {
-        let mut state = self.queue.state.lock();
-        if state.closed {
-            return;
-        }
+    /// Everything queued, once something is: for a coalescing subscriber,
+    /// the latest event of each series since the last take. `None` once
+    /// unsubscribed (see [`Subscription::lagged`]). The batch stays counted
+    /// in the pubsub's `max_held`, as its queue was, until the next take or
+    /// the end: its connection writes it meanwhile, and a connection that
+    /// takes a hundred thousand series and writes them slowly holds them.
+    pub async fn take_all(&mut self) -> Option<Vec<Arc<Published>>> {
         let held = &self.pubsub.stats.bytes_held;
-        let before = std::mem::replace(&mut state.coalesced_bytes, bytes);
-        if bytes >= before {
-            held.fetch_add(bytes - before, Ordering::AcqRel);
-        } else {
-            held.fetch_sub(before - bytes, Ordering::AcqRel);
+        loop {
+            match self.queue.take_all(held) {
+                Ok(taken) => return Some(taken.into_iter().map(|(event, _)| event).collect()),
+                Err(TryRecvError::Disconnected) => return None,
+                // A notification since the last look is kept as a permit.
+                Err(TryRecvError::Empty) => self.queue.ready.notified().await,
+            }
         }
     }
 
@@ -363,21 +405,24 @@ impl Pubsub {
     }
 
     pub fn subscribe(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
-        self.add(query, capacity, false)
+        self.add(query, Backlog::new(Queue::default(), capacity), false)
     }
 
     /// Like [`Pubsub::subscribe`], but a full queue loses (and counts) the
     /// event instead of disconnecting: for a forwarder that must stay attached.
     pub fn subscribe_lossy(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
-        self.add(query, capacity, true)
+        self.add(query, Backlog::new(Queue::default(), capacity), true)
     }
 
-    fn add(self: &Arc<Self>, query: Query, capacity: usize, lossy: bool) -> Subscription {
-        let queue = Arc::new(Backlog {
-            state: Mutex::default(),
-            ready: Notify::new(),
-            max_events: capacity.max(1),
-        });
+    /// Like [`Pubsub::subscribe`], but the queue holds the latest event of
+    /// each series (host, service), up to `max_series` series: for a view
+    /// of the latest states, which is not too slow for the events it skips.
+    pub fn subscribe_latest(self: &Arc<Self>, query: Query, max_series: usize) -> Subscription {
+        self.add(query, Backlog::new(Queue::coalescing(), max_series), false)
+    }
+
+    fn add(self: &Arc<Self>, query: Query, queue: Backlog, lossy: bool) -> Subscription {
+        let queue = Arc::new(queue);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber {
             id,
@@ -411,12 +456,7 @@ impl Pubsub {
     /// refused (try again later) rather than the memory of many clients'
     /// snapshots growing without bound.
     pub fn hold(self: &Arc<Self>, snapshot: Vec<Event>) -> Result<HeldSnapshot, SnapshotRefused> {
-        let alone = Arc::new(Backlog {
-            state: Mutex::default(),
-            ready: Notify::new(),
-            max_events: 1,
-        });
-        self.hold_in(alone, snapshot)
+        self.hold_in(Arc::new(Backlog::new(Queue::default(), 1)), snapshot)
     }
 
     /// `snapshot`, held in `queue` (see [`Pubsub::hold`]).
@@ -568,6 +608,7 @@ impl Pubsub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Metric;
 
     fn event(service: &str) -> Event {
         Event {
@@ -780,6 +821,105 @@ mod tests {
         assert_eq!(held(), 0, "its snapshot and queue were freed");
         assert!(unsent.next().is_none(), "nothing of it is sent any more");
         assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
+    }
+
+    fn metric_of(host: &str, metric: i64) -> Event {
+        Event {
+            host: Some(host.into()),
+            service: Some("cpu".into()),
+            metric: Some(Metric::Int(metric)),
+            ..Event::default()
+        }
+    }
+
+    /// A coalescing subscriber that reads nothing is not too slow for the
+    /// events it skips: however many come, it holds one per series, the
+    /// latest, in the order the series first came.
+    #[tokio::test]
+    async fn a_coalescing_subscriber_holds_the_latest_of_each_series_however_many_come() {
+        let pubsub = Pubsub::new();
+        let all = || Query::parse("true").unwrap();
+        let mut latest = pubsub.subscribe_latest(all(), 100);
+        let mut each = pubsub.subscribe(all(), DEFAULT_CAPACITY);
+        for metric in 0..50_000 {
+            pubsub.publish(&metric_of(&format!("h{}", metric % 10), metric));
+        }
+        assert!(each.lagged(), "{DEFAULT_CAPACITY} events did not hold them");
+        assert!(!latest.lagged());
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
+        let held: Vec<_> = std::iter::from_fn(|| latest.try_recv().ok())
+            .map(|e| (e.host_str().to_owned(), e.metric))
+            .collect();
+        let want: Vec<_> = (49_990..50_000)
+            .map(|m| (format!("h{}", m % 10), Some(Metric::Int(m))))
+            .collect();
+        assert_eq!(held, want);
+        assert!(each.recv().await.is_none());
+    }
+
+    /// What a coalescing subscriber holds is what its latest events take:
+    /// a replaced one is given back, all of it when it goes; and it is
+    /// disconnected when it holds the most while all hold too much.
+    #[tokio::test]
+    async fn a_coalescing_subscriber_holds_the_bytes_of_its_latest_events() {
+        let one = metric_of("h0", 0).approx_bytes();
+        let pubsub = Pubsub::with_max_held(10 * one);
+        let held = || pubsub.stats.bytes_held.load(Ordering::Acquire);
+        let all = || Query::parse("true").unwrap();
+        let bigger = |host: &str| Event {
+            description: Some("x".repeat(100)),
+            ..metric_of(host, 0)
+        };
+        let mut latest = pubsub.subscribe_latest(all(), 100);
+        for metric in 0..1_000 {
+            pubsub.publish(&metric_of(&format!("h{}", metric % 3), metric));
+        }
+        assert_eq!(held(), 3 * one);
+        pubsub.publish(&bigger("h1"));
+        assert_eq!(held(), 2 * one + bigger("h1").approx_bytes());
+        pubsub.publish(&metric_of("h1", 0));
+        assert_eq!(held(), 3 * one);
+        // Taken whole, the batch is held while its connection writes it.
+        let batch = latest.take_all().await.unwrap();
+        assert_eq!(batch.len(), 3);
+        assert_eq!(held(), 3 * one);
+        pubsub.publish(&metric_of("h0", 1));
+        assert_eq!(held(), 4 * one);
+        let next = latest.take_all().await.unwrap();
+        assert_eq!(next[0].metric, Some(Metric::Int(1)));
+        assert_eq!(held(), one, "the batch before is given back");
+        drop(latest);
+        assert_eq!(held(), 0, "given back when it goes");
+
+        let latest = pubsub.subscribe_latest(all(), 100);
+        let mut reader = pubsub.subscribe(all(), 100);
+        for n in 0..10 {
+            pubsub.publish(&metric_of(&format!("h{n}"), 0));
+            assert!(reader.recv().await.is_some());
+        }
+        // 10 series and the reader's event: the coalescing one holds the most.
+        assert!(latest.lagged() && !reader.lagged());
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
+        assert_eq!(held(), 0);
+    }
+
+    /// However fast its series change, a coalescing subscriber holds at
+    /// most its bound of them: one more and it is too slow.
+    #[test]
+    fn a_coalescing_subscriber_is_disconnected_past_its_series() {
+        let pubsub = Pubsub::new();
+        let mut latest = pubsub.subscribe_latest(Query::parse("true").unwrap(), 1_000);
+        for round in 0..3 {
+            for n in 0..1_000 {
+                pubsub.publish(&metric_of(&format!("h{n}"), round));
+            }
+        }
+        assert!(!latest.lagged());
+        pubsub.publish(&metric_of("one more", 0));
+        assert!(latest.lagged());
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
+        assert_eq!(pubsub.stats.bytes_held.load(Ordering::Acquire), 0);
+        assert!(latest.try_recv().is_err());
     }
 
     #[tokio::test]

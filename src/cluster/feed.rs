@@ -59,7 +59,19 @@ impl Cluster {
     /// made on this node's feed, then its query announced to every owner.
     /// Take the snapshot after this returns, so no change falls in between.
     pub async fn subscribe(&self, query: Query, capacity: usize) -> Subscription {
-        let subscription = self.feed.subscribe(query, capacity);
+        self.announced(self.feed.subscribe(query, capacity)).await
+    }
+
+    /// Like [`Cluster::subscribe`], the subscription holding the latest event
+    /// of each series ([`Pubsub::subscribe_latest`]).
+    pub async fn subscribe_latest(&self, query: Query, max_series: usize) -> Subscription {
+        let subscription = self.feed.subscribe_latest(query, max_series);
+        self.announced(subscription).await
+    }
+
+    /// `subscription`, just made on this node's feed, once its query was
+    /// announced to every owner.
+    async fn announced(&self, subscription: Subscription) -> Subscription {
         if let Err(e) = self.declare(self.feed.queries(), true).await {
             // The periodic announcement retries; until then changes may be missed.
             tracing::warn!(error = %e, "Could not announce a subscription to the cluster.");

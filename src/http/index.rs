@@ -149,7 +149,7 @@ fn frame(event: &Event) -> Message {
 
 async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params: IndexParams) {
     let subscription = match params.subscribe {
-        true => Some(state.subscribe(&query).await),
+        true => Some(state.subscribe(&query, params.every.is_some()).await),
         false => None,
     };
     let mut said = Rate::default();
@@ -325,7 +325,7 @@ fn close_reason(mut text: String) -> String {
 /// behind or the server shuts down.
 async fn event_stream(state: AppState, query: Query, coalesce: Option<Duration>) -> Response {
     tracing::debug!(%query, "SSE subscriber connected.");
-    let subscription = state.subscribe(&query).await;
+    let subscription = state.subscribe(&query, coalesce.is_some()).await;
     let snapshot = match state.snapshot(&query, false).await {
         Ok(snapshot) => snapshot,
         Err((status, e)) => return error(status, json!({ "error": e })),
@@ -414,7 +414,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn coalesced_sse_writes_the_latest_of_each_series_then_a_comment_when_quiet() {
         let pubsub = Pubsub::new();
-        let subscription = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        let subscription = pubsub.subscribe_latest(Query::parse("true").unwrap(), 10);
         let snapshot = subscription.hold(Vec::new()).unwrap();
         let interval = Duration::from_millis(100);
         let chunks = sse_chunks(snapshot, Live::new(subscription, Some(interval)));

@@ -3,25 +3,23 @@
 //! for a coalescing subscription (`coalesce=250ms`), the latest event of
 //! each series (host, service) per interval ([`Live::Latest`]).
 //!
-//! A coalescing subscription is drained by a task of its own, whatever its
-//! connection is doing: the latest of each series is handed over every
-//! interval once the connection took the previous batch, and held on
-//! (coalescing further) while it has not. A view of the latest states (the
-//! dashboard) that cannot take every event of a busy index then gets fewer,
-//! larger batches instead of being disconnected as too slow, until it falls
-//! more than [`MAX_SERIES`] series behind. What the drain holds (the series,
-//! and the batch its connection has not taken yet) counts in the pubsub's
-//! bound on what all subscribers hold (`--max-subscriber-memory`), as
-//! queued events do: a connection that takes nothing cannot hold a hundred
-//! thousand series outside it.
+//! A coalescing subscription's queue holds the latest event of each series
+//! as it is published ([`Pubsub::subscribe_latest`]), whatever its
+//! connection is doing; the connection takes it whole an interval after it
+//! took the previous batch, or later if it was still writing that one. A
+//! view of the latest states (the dashboard) that cannot take every event
+//! of a busy index then gets fewer, larger batches instead of being
+//! disconnected as too slow, until it holds more than [`MAX_SERIES`]
+//! series. What it holds (the series, and the batch its connection took
+//! last) counts in the pubsub's bound on what all subscribers hold
+//! (`--max-subscriber-memory`), as queued events do.
+//!
+//! [`Pubsub::subscribe_latest`]: crate::pubsub::Pubsub::subscribe_latest
 
-use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::pubsub::{Published, Subscription};
 
@@ -33,8 +31,8 @@ pub const BATCH: usize = 256;
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 /// The longest interval taken.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(10);
-/// Series held at most: past it, the drain waits for the connection (and
-/// the subscriber's queue fills), so what one subscriber holds stays bounded
+/// Series a coalescing subscription holds at most: one more and it is
+/// disconnected as too slow, so what one subscriber holds stays bounded
 /// whatever the index size.
 pub const MAX_SERIES: usize = 100_000;
 
@@ -53,21 +51,29 @@ pub fn interval(text: &str) -> Result<Duration, String> {
 /// Where a subscriber's live events come from.
 pub enum Live {
     Each(Subscription),
-    /// Batches of the latest event per series, from the draining task.
-    Latest(mpsc::Receiver<Vec<Arc<Published>>>),
+    /// A coalescing subscription, taken whole once per `writes` tick.
+    Latest {
+        subscription: Subscription,
+        writes: Interval,
+    },
 }
 
 impl Live {
     /// Every event of `subscription`, or with `coalesce` the latest of each
-    /// series per that interval.
+    /// series per that interval (`subscription` then made by
+    /// [`Pubsub::subscribe_latest`](crate::pubsub::Pubsub::subscribe_latest)).
     pub fn new(subscription: Subscription, coalesce: Option<Duration>) -> Live {
         match coalesce {
             None => Live::Each(subscription),
             Some(interval) => {
-                // One batch waits while the connection writes the one before.
-                let (batches, taken) = mpsc::channel(1);
-                tokio::spawn(drain(subscription, interval, batches));
-                Live::Latest(taken)
+                let mut writes = tokio::time::interval_at(Instant::now() + interval, interval);
+                // A connection still writing when a tick was due takes the
+                // next batch as it is done, the one after an interval later.
+                writes.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                Live::Latest {
+                    subscription,
+                    writes,
+                }
             }
         }
     }
@@ -86,133 +92,16 @@ impl Live {
                 }
                 Some(batch)
             }
-            Live::Latest(batches) => batches.recv().await,
-        }
-    }
-}
-
-/// Holds what `subscription` brings in `latest`, handing it to `batches`
-/// every `interval` when the connection took the previous batch; ends when
-/// the subscription does (disconnected as too slow) or the connection went.
-async fn drain(
-    mut subscription: Subscription,
-    interval: Duration,
-    batches: mpsc::Sender<Vec<Arc<Published>>>,
-) {
-    let mut latest = Latest::default();
-    // The bytes of the batch handed over and perhaps not taken yet: counted
-    // until the next one goes, since the channel has room for one.
-    let mut handed = 0;
-    let mut writes = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    writes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // An interval passed since what is held was first held.
-    let mut due = false;
-    loop {
-        if latest.len() >= MAX_SERIES {
-            // Too far behind to hold more: the connection's pace now.
-            let bytes = latest.bytes();
-            if batches.send(latest.take().collect()).await.is_err() {
-                return;
-            }
-            handed = bytes;
-            subscription.hold_coalesced(handed);
-            due = false;
-            continue;
-        }
-        tokio::select! {
-            event = subscription.recv() => {
-                let Some(first) = event else { return };
-                latest.keep(first);
-                for _ in 1..BATCH {
-                    let Ok(event) = subscription.try_recv() else { break };
-                    latest.keep(event);
-                }
-                subscription.hold_coalesced(latest.bytes() + handed);
-            }
-            _ = writes.tick() => due = !latest.is_empty(),
-            () = batches.closed() => return,
-        }
-        if due {
-            match batches.try_reserve() {
-                Ok(permit) => {
-                    handed = latest.bytes();
-                    permit.send(latest.take().collect());
-                    subscription.hold_coalesced(handed);
-                    due = false;
-                }
-                // Still writing the previous batch: coalesce on.
-                Err(TrySendError::Full(())) => {}
-                Err(TrySendError::Closed(())) => return,
+            Live::Latest {
+                subscription,
+                writes,
+            } => {
+                writes.tick().await;
+                subscription.take_all().await
             }
         }
     }
 }
-
-/// The latest live event of each series since they were last taken.
-#[derive(Default)]
-pub struct Latest {
-    series: HashSet<Series>,
-    /// Of the events held, by [`Event::approx_bytes`](crate::event::Event::approx_bytes),
-    /// and of their slots.
-    bytes: usize,
-}
-
-/// A held series' slot in the set, and in the batch it is handed over in.
-const SERIES_OVERHEAD: usize = 2 * std::mem::size_of::<Series>();
-
-impl Latest {
-    /// Holds `event`, replacing the one held for its series.
-    pub fn keep(&mut self, event: Arc<Published>) {
-        self.bytes += event.approx_bytes();
-        match self.series.replace(Series(event)) {
-            Some(Series(replaced)) => self.bytes -= replaced.approx_bytes(),
-            None => self.bytes += SERIES_OVERHEAD,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.series.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.series.is_empty()
-    }
-
-    /// What the events held take.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// The events held, one per series, in no particular order; none are
-    /// held after.
-    pub fn take(&mut self) -> impl Iterator<Item = Arc<Published>> + '_ {
-        self.bytes = 0;
-        self.series.drain().map(|series| series.0)
-    }
-}
-
-/// An event hashed and compared by its series, as the index keys it.
-struct Series(Arc<Published>);
-
-impl Series {
-    fn key(&self) -> (&str, &str) {
-        (self.0.host_str(), self.0.service_str())
-    }
-}
-
-impl Hash for Series {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.key().hash(state);
-    }
-}
-
-impl PartialEq for Series {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for Series {}
 
 #[cfg(test)]
 mod tests {
@@ -261,8 +150,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_coalescing_subscription_keeps_up_while_its_connection_takes_nothing() {
         let pubsub = Pubsub::new();
-        // A queue of 4 events: without the drain, the 5th would disconnect it.
-        let subscription = pubsub.subscribe(Query::parse("true").unwrap(), 4);
+        // Room for 2 series: a queue of every event would be full at the 3rd.
+        let subscription = pubsub.subscribe_latest(Query::parse("true").unwrap(), 2);
         let mut live = Live::new(subscription, Some(Duration::from_millis(100)));
         for metric in 0..50 {
             pubsub.publish(&event(["a", "b"][metric as usize % 2], metric));
@@ -270,62 +159,48 @@ mod tests {
         }
         assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 0);
         let want = |a, b| [("a", a), ("b", b)].map(|(h, m)| (h.to_owned(), Some(Metric::Int(m))));
-        // Handed over at the first interval (100 ms: metrics 0 to 3 were in).
-        assert_eq!(seen(live.next().await.unwrap()), want(2, 3));
-        // Not taken since: what came after was held on, the latest of each.
+        // Taken at once (an interval passed long ago): what came meanwhile,
+        // coalesced.
+        let started = Instant::now();
         assert_eq!(seen(live.next().await.unwrap()), want(48, 49));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // The next batch an interval later.
+        pubsub.publish(&event("a", 50));
+        let next = seen(live.next().await.unwrap());
+        assert_eq!(next, [("a".to_owned(), Some(Metric::Int(50)))]);
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
     }
 
     /// A connection that takes nothing holds as many series as the index
-    /// has, outside its queue: they count in the bound of what all
-    /// subscribers hold, and past it the subscriber is disconnected.
+    /// has: they count in the bound of what all subscribers hold, and past
+    /// it the subscriber is disconnected; the batch its connection took
+    /// last counts until it takes the next.
     #[tokio::test(start_paused = true)]
     async fn the_series_a_coalescing_subscriber_holds_count_in_the_subscribers_bound() {
         let host = |n: usize| format!("h{n:02}");
         let one = event(&host(0), 0).approx_bytes();
         let pubsub = Pubsub::with_max_held(20 * one);
         let held = || pubsub.stats.bytes_held.load(Ordering::Acquire);
-        let subscription = pubsub.subscribe(Query::parse("true").unwrap(), 1_000);
+        let subscription = pubsub.subscribe_latest(Query::parse("true").unwrap(), MAX_SERIES);
         let mut live = Live::new(subscription, Some(Duration::from_millis(100)));
-        for n in 0..10 {
+        for metric in 0..100 {
+            for n in 0..10 {
+                pubsub.publish(&event(&host(n), metric));
+            }
+        }
+        assert_eq!(held(), 10 * one, "the latest of 10 series");
+        let batch = live.next().await.unwrap();
+        assert_eq!(batch.len(), 10);
+        assert_eq!(held(), 10 * one, "being written");
+        for n in 10..20 {
             pubsub.publish(&event(&host(n), 0));
         }
-        // The drain takes them from the queue.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(held() >= 10 * one, "{} held of 10 series of {one}", held());
+        assert_eq!(held(), 20 * one);
         assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 0);
-        for n in 10..30 {
-            pubsub.publish(&event(&host(n), 0));
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        pubsub.publish(&event(&host(20), 0));
         assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 1);
-        assert_eq!(held(), 0);
-        // Its connection learns it once it takes what was handed to it.
-        let mut batches = 0;
-        while live.next().await.is_some() {
-            batches += 1;
-            assert!(batches <= 1, "one batch at most was handed over");
-        }
-    }
-
-    #[tokio::test]
-    async fn the_latest_event_of_each_series_is_held() {
-        let pubsub = Pubsub::new();
-        let mut subscription = pubsub.subscribe(Query::parse("true").unwrap(), 10);
-        for e in [event("a", 1), event("b", 1), event("a", 2), event("a", 3)] {
-            pubsub.publish(&e);
-        }
-        let mut latest = Latest::default();
-        while let Ok(e) = subscription.try_recv() {
-            latest.keep(e);
-        }
-        assert_eq!(latest.len(), 2);
-        let mut held: Vec<(String, Option<Metric>)> = (latest.take())
-            .map(|e| (e.host_str().to_owned(), e.metric))
-            .collect();
-        held.sort_by(|x, y| x.0.cmp(&y.0));
-        let want = [("a", 3), ("b", 1)].map(|(h, m)| (h.to_owned(), Some(Metric::Int(m))));
-        assert_eq!(held, want);
-        assert!(latest.is_empty());
+        assert_eq!(held(), 0, "freed at once");
+        // Its connection learns it when it asks for the next batch.
+        assert!(live.next().await.is_none());
     }
 }

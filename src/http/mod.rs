@@ -137,20 +137,17 @@ impl AppState {
 
     /// A live subscription, counted; made before the snapshot is taken so no
     /// event falls between the two (one may arrive in both). In a cluster it
-    /// sees every node's changes.
-    async fn subscribe(&self, query: &Query) -> Subscription {
+    /// sees every node's changes. A coalescing one holds the latest event of
+    /// each series from the start: the snapshot may take long to send.
+    async fn subscribe(&self, query: &Query, coalescing: bool) -> Subscription {
         Stats::incr(&self.stats().subscriptions);
-        match &self.cluster {
-            Some(cluster) => {
-                cluster
-                    .subscribe(query.clone(), self.subscriber_capacity)
-                    .await
-            }
-            None => self
-                .telemetry
-                .index
-                .pubsub()
-                .subscribe(query.clone(), self.subscriber_capacity),
+        let (query, capacity) = (query.clone(), self.subscriber_capacity);
+        let pubsub = self.telemetry.index.pubsub();
+        match (&self.cluster, coalescing) {
+            (Some(cluster), false) => cluster.subscribe(query, capacity).await,
+            (Some(cluster), true) => cluster.subscribe_latest(query, live::MAX_SERIES).await,
+            (None, false) => pubsub.subscribe(query, capacity),
+            (None, true) => pubsub.subscribe_latest(query, live::MAX_SERIES),
         }
     }
 
