@@ -11,7 +11,7 @@
 //!
 //! A coalescing subscriber's queue ([`Pubsub::subscribe_latest`]) holds the
 //! latest event of each series instead, replaced as it is published (see
-//! [`queue`]): a burst of changes to the series it holds never fills it,
+//! the `queue` module): a burst of changes to the series it holds never fills it,
 //! whatever its reader is doing; it is full at its length in series or at
 //! its bytes. It costs the publisher one hash of the event's series per
 //! coalescing subscriber, and the others nothing.
