@@ -131,7 +131,7 @@ tests/fixtures/broken.vigil:6:3: `mean` folds a window of events and cannot stan
 tests/fixtures/broken.vigil:7:3: unknown stream or output `pagr`
       pagr
       ^^^^
-  hint: no outputs are declared; declare one with `output NAME = TYPE(…)`
+  hint: did you mean `pager`?
 tests/fixtures/broken.vigil:8:13: expected a TTL in seconds (0 to 3.4e38), found a string
       with(ttl: \"x\") { index }
                 ^^^
@@ -281,6 +281,29 @@ fn check_suggests_the_declared_outputs_for_a_misspelled_one() {
         "{text}"
     );
     assert!(text.contains("hint: declared outputs: `pager`"), "{text}");
+}
+
+/// An output whose declaration has an error is still declared: a
+/// misspelled reference to it is pointed at it, not told there are none.
+#[test]
+fn check_suggests_an_output_whose_declaration_has_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.vigil");
+    std::fs::write(
+        &path,
+        "output pager = pagerduty(url: \"http://x\")\nstreams {\n  pagr\n  zzz\n}\n",
+    )
+    .unwrap();
+    let out = vigil(&["check", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.contains(":1:16: `pagerduty` needs `routing_key`"),
+        "{text}"
+    );
+    assert!(text.contains("hint: did you mean `pager`?"), "{text}");
+    assert!(text.contains("hint: declared outputs: `pager`"), "{text}");
+    assert!(!text.contains("no outputs are declared"), "{text}");
 }
 
 /// A stage written without its block: the hint keeps what was written, so

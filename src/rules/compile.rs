@@ -975,7 +975,10 @@ impl Compiler<'_> {
     }
 
     fn unknown_stream(&mut self, name: &Ident, unknown: &str, args: &[Arg], body: Option<&Block>) {
-        let outputs: Vec<&str> = self.output_names.keys().map(String::as_str).collect();
+        // A declaration with an error still declares its name.
+        let declared = self.output_names.keys().chain(&self.broken_outputs);
+        let mut outputs: Vec<&str> = declared.map(String::as_str).collect();
+        outputs.sort_unstable();
         let candidates = STREAMS.iter().copied().chain(outputs.iter().copied());
         let hint = match (riemanns(unknown), closest(unknown, candidates)) {
             (Some(instead), _) => Some(instead.to_owned()),
