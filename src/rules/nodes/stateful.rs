@@ -991,6 +991,8 @@ impl Node for Ewma {
 
 /// `ddt`: the rate of change per second between consecutive events (event
 /// time), e.g. a counter turned into a rate. The first event only primes it.
+/// As Riemann's, an event older than the one before it (UDP reordered them)
+/// gives the slope back to it, and one of the same time nothing.
 pub struct Ddt {
     pub children: Children,
     pub last: Mutex<Option<(f64, Micros)>>,
@@ -1015,7 +1017,7 @@ impl Node for Ddt {
             return;
         };
         let gap = as_secs(event.time.saturating_sub(at));
-        if gap <= 0.0 {
+        if gap == 0.0 {
             return;
         }
         let mut event = event.clone();

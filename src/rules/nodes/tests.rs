@@ -1058,10 +1058,32 @@ fn ddt_is_the_change_per_second_of_event_time() {
     send(&b, e.clone());
     e.metric = Some(Metric::Int(175));
     e.time = at(15.0);
-    send(&b, e);
+    send(&b, e.clone());
     assert_eq!(
         out_metrics(&b),
         vec![Some(Metric::Float(6.0)), Some(Metric::Float(3.0))]
+    );
+}
+
+/// As Riemann's: an event older than the one before it gives the slope
+/// between the two, and one of the same time nothing.
+#[test]
+fn ddt_of_an_event_older_than_the_one_before_is_the_slope_back_to_it() {
+    let b = bench("ddt { out }");
+    let mut e = metric_ev(&b, "counter", 175.0);
+    e.time = at(15.0);
+    send(&b, e.clone());
+    e.metric = Some(Metric::Int(160));
+    e.time = at(10.0);
+    send(&b, e.clone());
+    e.metric = Some(Metric::Int(999));
+    send(&b, e.clone());
+    e.metric = Some(Metric::Int(1009));
+    e.time = at(20.0);
+    send(&b, e);
+    assert_eq!(
+        out_metrics(&b),
+        vec![Some(Metric::Float(3.0)), Some(Metric::Float(1.0))]
     );
 }
 
