@@ -566,6 +566,39 @@ fn actions(rx: &Receiver) -> Vec<String> {
         .collect()
 }
 
+/// Host `k8s/node1` with service `cpu` and host `k8s` with service
+/// `node1/cpu` once shared the key `k8s/node1/cpu`: the second's `ok`
+/// resolved the first's incident, and its own trigger was suppressed as a
+/// repeat of it.
+#[tokio::test]
+async fn series_whose_host_and_service_join_alike_keep_their_own_incidents() {
+    let rx = Receiver::start().await;
+    let out = Running::pager(pager_config(&rx.url));
+    let page = |host: &str, service: &str, state: &str| Event {
+        host: Some(host.into()),
+        ..event(service, state)
+    };
+    out.queue.push(page("k8s/node1", "cpu", "critical"));
+    out.queue.push(page("k8s", "node1/cpu", "ok"));
+    out.queue.push(page("k8s", "node1/cpu", "critical"));
+    // Both critical: the second is no repeat of the first.
+    out.queue.push(page("db/1", "df/root", "critical"));
+    out.queue.push(page("db", "1/df/root", "critical"));
+    out.settled().await;
+
+    assert_eq!(
+        actions(&rx),
+        [
+            "trigger k8s%2Fnode1/cpu",
+            "trigger k8s/node1/cpu",
+            "trigger db%2F1/df/root",
+            "trigger db/1/df/root"
+        ]
+    );
+    // The `ok` resolves no incident of its series: nothing to send.
+    assert_eq!((out.delivered(), out.dropped(), out.skipped()), (4, 0, 1));
+}
+
 #[tokio::test]
 async fn an_incident_open_before_a_restart_is_resolved_after_it() {
     let rx = Receiver::start().await;
