@@ -677,12 +677,18 @@ impl Replayed {
 
 /// `web1 disk / is critical (0.97)`; without a metric, no parentheses.
 pub(super) fn summary(e: &Event) -> String {
-    let mut text = format!(
-        "{} {} is {}",
-        e.host_str(),
-        e.service_str(),
-        e.state.as_deref().unwrap_or("")
-    );
+    // An event without a host (or service) has no blank where it would be.
+    let names = [e.host_str(), e.service_str()];
+    let mut text = names
+        .into_iter()
+        .filter(|n| !n.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if !text.is_empty() {
+        text.push(' ');
+    }
+    text.push_str("is ");
+    text.push_str(e.state.as_deref().unwrap_or(""));
     if let Some(metric) = e.metric {
         text.push_str(&format!(" ({metric})"));
     }
@@ -761,6 +767,16 @@ mod tests {
         e.state = Some("expired".into());
         e.metric = None;
         assert_eq!(summary(&e), "web1 disk / is expired");
+        let no_host = Event {
+            host: None,
+            ..e.clone()
+        };
+        assert_eq!(summary(&no_host), "disk / is expired");
+        let nameless = Event {
+            service: None,
+            ..no_host
+        };
+        assert_eq!(summary(&nameless), "is expired");
         e.service = Some("é".repeat(2000));
         let long = summary(&e);
         assert!(long.len() <= MAX_SUMMARY && long.starts_with("web1 éé"));
