@@ -521,6 +521,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (_, compiled) = rules::load(&name, &source, EnvPolicy::Strict)
         .map_err(|rendered| anyhow!("{rendered}\n{name}: the rules have errors; not starting"))?;
+    rules::log_warnings(&compiled, &name, &source);
     let clock: SharedClock = Arc::new(SystemClock);
     let index = Arc::new(Index::new(IndexConfig {
         default_ttl: args.default_ttl,

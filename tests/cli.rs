@@ -678,6 +678,39 @@ fn run_warns_of_an_open_files_limit_below_max_connections() {
     }
 }
 
+/// `where state = critical` compares with an attribute named `critical`:
+/// valid, and seldom meant. `check` warns, and passes; `run` says it too.
+#[test]
+fn an_unquoted_word_compared_with_a_field_is_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("doubt.vigil");
+    std::fs::write(&path, "streams {\n  where state = critical { index }\n}\n").unwrap();
+    let out = vigil(&["check", path.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(
+            "doubt.vigil:2:17: `critical` is the attribute named `critical` here, not the text"
+        ) && text.contains(r#"hint: quote it to compare with the text: `"critical"`"#),
+        "{text}"
+    );
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    cmd.args(["run", "--no-snapshot", "--tcp", "127.0.0.1:0"])
+        .args(["--http", "127.0.0.1:0", "--rules"])
+        .arg(&path);
+    let mut vigil = common::Logging::spawn(cmd);
+    let listening = vigil.wait_for("listening", common::START_TIMEOUT);
+    vigil.child.kill().unwrap();
+    vigil.child.wait().unwrap();
+    assert!(listening, "{}", vigil.seen);
+    assert!(
+        vigil.seen.contains("The rules run, with warnings.") && vigil.seen.contains(":2:17:"),
+        "{}",
+        vigil.seen
+    );
+}
+
 #[test]
 fn human_logs_to_a_pipe_carry_no_colour_codes() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));

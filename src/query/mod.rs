@@ -13,6 +13,8 @@ use std::str::FromStr;
 use crate::blocking::off_workers;
 use crate::event::Event;
 
+pub use parser::Doubt;
+
 /// Longest query text parsed on an async worker (see [`Query::compiles_at_once`]).
 const AT_ONCE_MAX: usize = 4 << 10;
 
@@ -89,6 +91,13 @@ impl Query {
             root: parsed.node,
             text: source[parsed.text].to_owned(),
         }
+    }
+
+    /// What the predicate at the start of `input` says that is valid but
+    /// seldom meant (`state = critical`, `service = "x" or "y"`), for a rule
+    /// file's check to warn of; none when it does not parse.
+    pub fn doubts(input: &str) -> Vec<Doubt> {
+        parser::parse(input, false).map_or_else(|_| Vec::new(), |parsed| parsed.doubts)
     }
 
     pub fn matches(&self, event: &Event) -> bool {
@@ -463,6 +472,57 @@ mod tests {
                 "-NaN = -NaN",
             ],
         );
+    }
+
+    /// Valid, and seldom meant: an unquoted word compared with one of the
+    /// event's own fields, a bare value tested on its own.
+    #[test]
+    fn doubts_point_at_what_is_seldom_meant() {
+        fn doubts(text: &str) -> Vec<(&str, String)> {
+            (Query::doubts(text).into_iter())
+                .map(|d| (&text[d.span.clone()], d.message))
+                .collect()
+        }
+        assert_eq!(
+            doubts("state = critical or critical != state"),
+            [
+                (
+                    "critical",
+                    "`critical` is the attribute named `critical` here, not the text".into()
+                ),
+                (
+                    "critical",
+                    "`critical` is the attribute named `critical` here, not the text".into()
+                ),
+            ]
+        );
+        assert_eq!(
+            doubts(r#"service = "x" or "y" or (metric > 1 and 0)"#),
+            [
+                (
+                    r#""y""#,
+                    r#"`"y"` on its own tests no field: it is always true"#.into()
+                ),
+                (
+                    "0",
+                    "`0` on its own tests no field: it is always true".into()
+                ),
+            ]
+        );
+        let meant = [
+            r#"state = "critical""#,
+            "env = prod",
+            "true or false or nil or null",
+            "host and not description",
+            "metric > 3 and ttl < 10.5",
+            r#"tagged "a" and service =~ "x%""#,
+        ];
+        for text in meant {
+            assert_eq!(doubts(text), [], "{text}");
+        }
+        assert_eq!(doubts("state = "), [], "no doubts where it does not parse");
+        let hint = &Query::doubts("state = critical")[0].hint;
+        assert_eq!(hint, r#"quote it to compare with the text: `"critical"`"#);
     }
 
     #[test]

@@ -249,9 +249,20 @@ fn lex(src: &str, from: usize) -> Token {
     token(Kind::Other, first.len_utf8())
 }
 
+/// What a predicate says that is valid but seldom meant: `vigil check` warns
+/// of it in a rule file ([`super::doubts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doubt {
+    /// Byte range in the predicate's text.
+    pub span: Range<usize>,
+    pub message: String,
+    pub hint: String,
+}
+
 /// A successful parse of a predicate at the start of the input.
 pub(super) struct Parsed {
     pub node: Node,
+    pub doubts: Vec<Doubt>,
     /// Byte range of the predicate's own text (no surrounding whitespace).
     pub text: Range<usize>,
     /// Byte offset of the first token after the predicate (or the input's length).
@@ -267,6 +278,7 @@ pub(super) fn parse(src: &str, whole: bool) -> Result<Parsed, QueryError> {
         depth: 0,
         last_end: 0,
         patterns: pattern::Compiler::default(),
+        doubts: Vec::new(),
     };
     let start = parser.next.start;
     let node = parser.disjunction()?;
@@ -275,6 +287,7 @@ pub(super) fn parse(src: &str, whole: bool) -> Result<Parsed, QueryError> {
     }
     Ok(Parsed {
         node,
+        doubts: parser.doubts,
         text: start..parser.last_end,
         consumed: parser.next.start,
     })
@@ -290,6 +303,7 @@ struct Parser<'a> {
     last_end: usize,
     /// Compiles the `~=` patterns within the query's budget.
     patterns: pattern::Compiler,
+    doubts: Vec<Doubt>,
 }
 
 impl Parser<'_> {
@@ -405,15 +419,22 @@ impl Parser<'_> {
             self.advance();
             return Ok(Node::Tagged(tag));
         }
+        let left_span = self.next.start..self.next.end;
         let left = self.operand("a value")?;
         let Kind::Op(op) = self.next.kind else {
+            if let Operand::Lit(Lit::Str(_) | Lit::Int(_) | Lit::Float(_)) = left {
+                self.doubt_bare_value(left_span);
+            }
             return Ok(left.truthiness());
         };
         let op_token = self.advance();
         let op_text = self.text(&op_token).to_owned();
         match op {
             Op::Cmp(op) => {
+                let right_span = self.next.start..self.next.end;
                 let right = self.operand(&format!("a value after `{op_text}`"))?;
+                self.doubt_attribute_for_text(&left, &right, right_span);
+                self.doubt_attribute_for_text(&right, &left, left_span);
                 let (left, right) = at_ttl_precision(left, right);
                 Ok(Node::Compare { left, op, right })
             }
@@ -433,6 +454,39 @@ impl Parser<'_> {
                 Ok(Node::Regex { left, regex })
             }
         }
+    }
+
+    /// `service = "x" or "y"`: a bare value tests no field, and is true
+    /// (but for `nil` and `false`, written so on purpose).
+    fn doubt_bare_value(&mut self, span: Range<usize>) {
+        let text = &self.src[span.clone()];
+        let field = if text.starts_with('"') {
+            "service"
+        } else {
+            "metric"
+        };
+        self.doubts.push(Doubt {
+            span,
+            message: format!("`{text}` on its own tests no field: it is always true"),
+            hint: format!("compare a field with it, e.g. `{field} = {text}`"),
+        });
+    }
+
+    /// `state = critical`: an unquoted word is the attribute of that name,
+    /// which an event seldom has, not the text. Compared with one of the
+    /// event's own fields, it was most likely meant as text.
+    fn doubt_attribute_for_text(&mut self, field: &Operand, other: &Operand, span: Range<usize>) {
+        let (Operand::Field(field), Operand::Field(Field::Attribute(name))) = (field, other) else {
+            return;
+        };
+        if matches!(field, Field::Attribute(_)) {
+            return;
+        }
+        self.doubts.push(Doubt {
+            span,
+            message: format!("`{name}` is the attribute named `{name}` here, not the text"),
+            hint: format!("quote it to compare with the text: `\"{name}\"`"),
+        });
     }
 
     fn operand(&mut self, what: &str) -> Result<Operand, QueryError> {

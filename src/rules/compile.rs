@@ -661,23 +661,30 @@ impl Compiler<'_> {
         match stmt {
             Stmt::Where {
                 pred,
+                pred_span,
                 body,
                 else_body,
                 ..
-            } => Some(Box::new(Where {
-                pred: pred.clone(),
-                then: self.block(&body.stmts),
-                otherwise: else_body
-                    .as_ref()
-                    .map(|b| self.block(&b.stmts))
-                    .unwrap_or_default(),
-            })),
+            } => {
+                self.doubts(pred_span);
+                Some(Box::new(Where {
+                    pred: pred.clone(),
+                    then: self.block(&body.stmts),
+                    otherwise: else_body
+                        .as_ref()
+                        .map(|b| self.block(&b.stmts))
+                        .unwrap_or_default(),
+                }))
+            }
             Stmt::Split {
                 clauses, default, ..
             } => Some(Box::new(Split {
                 clauses: clauses
                     .iter()
-                    .map(|c| (c.pred.clone(), self.block(&c.body.stmts)))
+                    .map(|c| {
+                        self.doubts(&c.pred_span);
+                        (c.pred.clone(), self.block(&c.body.stmts))
+                    })
                     .collect(),
                 default: default
                     .as_ref()
@@ -972,6 +979,17 @@ impl Compiler<'_> {
             }
         };
         Some(node)
+    }
+
+    /// Warns of what the predicate at `pred_span` says that is valid but
+    /// seldom meant ([`Query::doubts`]).
+    fn doubts(&mut self, pred_span: &Span) {
+        let text = &self.source[pred_span.clone()];
+        for doubt in Query::doubts(text) {
+            let at = pred_span.start + doubt.span.start..pred_span.start + doubt.span.end;
+            let warning = Diagnostic::new(at, doubt.message).with_hint(doubt.hint);
+            self.warnings.push(warning);
+        }
     }
 
     fn unknown_stream(&mut self, name: &Ident, unknown: &str, args: &[Arg], body: Option<&Block>) {

@@ -87,6 +87,15 @@ pub fn load(name: &str, source: &str, env: EnvPolicy) -> Result<(ast::RuleFile, 
     }
 }
 
+/// Logs the warnings of rules about to run (what `vigil check` prints as
+/// `warning:`), so rules started or reloaded unchecked still say them.
+pub fn log_warnings(compiled: &Compiled, name: &str, source: &str) {
+    if !compiled.warnings.is_empty() {
+        let warnings = render_all(&compiled.warnings, name, source);
+        tracing::warn!(rules = %name, %warnings, "The rules run, with warnings.");
+    }
+}
+
 pub fn render_all(diagnostics: &[Diagnostic], name: &str, source: &str) -> String {
     diagnostics
         .iter()

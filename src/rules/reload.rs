@@ -74,9 +74,10 @@ pub fn prepare(
     source: &str,
     env: EnvPolicy,
 ) -> Result<Compiled, String> {
-    super::load(name, source, env)
-        .map(|(_, compiled)| compiled)
-        .map_err(|rendered| reject(stats, name, rendered))
+    let (_, compiled) =
+        super::load(name, source, env).map_err(|rendered| reject(stats, name, rendered))?;
+    super::log_warnings(&compiled, name, source);
+    Ok(compiled)
 }
 
 fn reject(stats: &RuleStats, name: &str, reason: String) -> String {
