@@ -1130,7 +1130,21 @@ impl Compiler<'_> {
                 self.error(n.span.clone(), "`by` takes field names, not `name: value`");
                 return None;
             }
-            fields.push(Field::named(&self.ident_or_string(&arg.value)?));
+            let field = Field::named(&self.ident_or_string(&arg.value)?);
+            if let Field::Attribute(attribute) = &field
+                && let Some(meant) = misspelled_field(attribute)
+            {
+                self.warnings.push(
+                    Diagnostic::new(
+                        arg.value.span.clone(),
+                        format!("`{attribute}` is an attribute, not one of the event's fields"),
+                    )
+                    .with_hint(format!(
+                        "did you mean `{meant}`? Events without the attribute all go to one group"
+                    )),
+                );
+            }
+            fields.push(field);
         }
         Some(fields)
     }
@@ -1270,6 +1284,28 @@ fn riemanns(name: &str) -> Option<&'static str> {
         "sdo" => "list the streams side by side: each gets every event",
         _ => return None,
     })
+}
+
+/// The event's field `name` most likely misspells, letters swapped
+/// (`hsot`) or one wrong: an attribute so named is seldom meant.
+fn misspelled_field(name: &str) -> Option<&'static str> {
+    const FIELDS: [&str; 7] = [
+        "host",
+        "service",
+        "state",
+        "description",
+        "metric",
+        "ttl",
+        "time",
+    ];
+    let letters = |s: &str| {
+        let mut chars: Vec<char> = s.chars().collect();
+        chars.sort_unstable();
+        chars
+    };
+    (FIELDS.iter().copied())
+        .find(|field| letters(field) == letters(name))
+        .or_else(|| closest(name, FIELDS))
 }
 
 fn list(names: &[&str]) -> String {

@@ -108,6 +108,29 @@ pub fn render_all(diagnostics: &[Diagnostic], name: &str, source: &str) -> Strin
 mod tests {
     use super::*;
 
+    /// `by(hsot)` groups by an attribute events lack: all in one group.
+    #[test]
+    fn a_by_field_spelled_like_an_event_field_is_warned_of() {
+        let source = "streams {\n  by(hsot, env, servce, host) { index }\n}\n";
+        let (_, compiled) = load("w.vigil", source, EnvPolicy::Strict).unwrap();
+        let warnings: Vec<_> = (compiled.warnings.iter())
+            .map(|w| (&source[w.span.clone()], w.hint.as_deref().unwrap_or("")))
+            .collect();
+        assert_eq!(
+            warnings,
+            [
+                (
+                    "hsot",
+                    "did you mean `host`? Events without the attribute all go to one group"
+                ),
+                (
+                    "servce",
+                    "did you mean `service`? Events without the attribute all go to one group"
+                ),
+            ]
+        );
+    }
+
     #[test]
     fn a_rule_file_is_a_regular_file_of_bounded_size_in_utf_8() {
         let dir = tempfile::tempdir().unwrap();
