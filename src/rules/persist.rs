@@ -16,7 +16,7 @@
 //! vigil was down closes on the first tick, and a throttle counts the
 //! downtime as time passed.
 //!
-//! # Format (version 3)
+//! # Format (version 4)
 //!
 //! ```text
 //! "VIGILSTS"  u32 version (little-endian)
@@ -31,9 +31,11 @@
 //! enum variants are known by their position: changing their order or
 //! meaning needs a new version.
 //!
-//! Version 2 saves a fixed window's folds where version 1 saved its events.
-//! Both are still read. A vigil that reads only older versions refuses a
-//! newer file by its number rather than failing on its first entry.
+//! Version 2 saves a fixed window's folds where version 1 saved its events;
+//! version 4 its sum as Riemann's, exactly while its metrics are integers
+//! (a new entry kind: version 3's still decode, their sums floats). All are
+//! still read. A vigil that reads only older versions refuses a newer file
+//! by its number rather than failing on its first entry.
 //!
 //! A file that does not check out, or whose rule text no longer compiles, is
 //! reported and skipped: the stages start empty, as they did before vigil kept
@@ -59,7 +61,7 @@ use super::{EnvPolicy, RuleText};
 pub const FILE_NAME: &str = "streams.state";
 
 const MAGIC: &[u8; 8] = b"VIGILSTS";
-const VERSION: u32 = 3;
+const VERSION: u32 = 4;
 /// The oldest version read.
 const FIRST_VERSION: u32 = 1;
 /// The first version in postcard; those before it are CBOR.

@@ -29,6 +29,7 @@ use crate::outputs::OutputSink;
 use crate::rules::engine::RuleStats;
 
 mod basic;
+mod numbers;
 mod running;
 pub mod saved;
 mod stateful;

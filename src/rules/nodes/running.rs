@@ -1,15 +1,18 @@
 //! A window's folds, kept up to date as events enter it (and, for a moving
 //! window, leave it), so that folding the window costs O(1), not a pass over
 //! its events: [`Running`], a moving window's, with its metrics' count and
-//! sum ([`MetricSum`], compensated (Neumaier) so that what left the window
-//! leaves no rounding behind) and monotonic queues of the least and greatest
-//! metric (those it folds); [`FixedFolds`], a fixed window's, which only ever adds and so
-//! needs none of its events but the extreme and latest ones.
+//! sum ([`MetricSum`]: its integers' exactly, its floats' compensated
+//! (Neumaier) so that what left the window leaves no rounding behind) and
+//! monotonic queues of the least and greatest metric (those it folds);
+//! [`FixedFolds`], a fixed window's, which only ever adds and so needs none
+//! of its events but the extreme and latest ones.
 //!
 //! The results are those of [`fold`](super::window::fold) over the same
 //! events: exactly for a fixed window, which adds its metrics in fold's (and
-//! Riemann's) order; for a moving window but for a sum of fractions, which a
-//! compensated sum rounds less (`0.1 + 1e17 - 1e17` is 0.1, not fold's 0).
+//! Riemann's) order; for a moving window but for a sum with a float in it,
+//! which its running sum rounds less (`0.1 + 1e17 - 1e17` is 0.1, not
+//! fold's 0; integers past 2^53 then a float are not first rounded to one
+//! float). A sum of only integers is the same exact integer in all three.
 
 use std::cmp::Ordering;
 use std::collections::VecDeque;
@@ -19,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Micros;
 use crate::event::{Event, Metric};
 
-use super::metric_f64;
+use super::numbers::{self, Sum};
 use super::window::FoldKind;
 
 /// Metrics above this are left out of the running sum: the window's sum is
@@ -34,46 +37,112 @@ pub type Events = VecDeque<(Micros, Event)>;
 /// The count and sum of a moving window's metrics.
 #[derive(Default)]
 pub struct MetricSum {
-    /// Metrics in, and of those the NaN, infinite and huge ones.
+    /// Metrics in; of those the floats, and of those the NaN, infinite and
+    /// huge ones.
     count: u64,
+    floats: u64,
     nan: u64,
     pos_inf: u64,
     neg_inf: u64,
     huge: u64,
-    /// The finite metrics' sum, and the low digits its additions rounded off.
-    sum: f64,
-    compensation: f64,
+    /// The integers' sum, exactly: with no float in the window, the sum is
+    /// this integer, as fold's (and Riemann's) is. Within i128's range: the
+    /// window holds at most `WINDOW_MAX` metrics.
+    ints: i128,
+    /// The finite floats' sum.
+    floats_sum: Compensated,
 }
 
 impl MetricSum {
-    pub fn add(&mut self, metric: f64) {
+    pub fn add(&mut self, metric: Metric) {
         self.count += 1;
         self.count_or_add(metric, 1);
     }
 
-    pub fn take_away(&mut self, metric: f64) {
+    pub fn take_away(&mut self, metric: Metric) {
         self.count -= 1;
         self.count_or_add(metric, -1);
     }
 
-    /// Counts a non-finite or huge metric in (`sign` 1) or out (-1); adds a
-    /// finite one to the sum, or takes it away.
-    fn count_or_add(&mut self, metric: f64, sign: i8) {
+    /// Adds an integer or a finite float to its sum (`sign` 1) or takes it
+    /// away (-1); counts a non-finite or huge float in or out.
+    fn count_or_add(&mut self, metric: Metric, sign: i8) {
+        let metric = match metric {
+            Metric::Int(m) => {
+                self.ints += i128::from(sign) * i128::from(m);
+                return;
+            }
+            Metric::Float(m) => m,
+        };
+        step(&mut self.floats, sign);
         let count = match metric {
             m if m.is_nan() => &mut self.nan,
             f64::INFINITY => &mut self.pos_inf,
             f64::NEG_INFINITY => &mut self.neg_inf,
             m if m.abs() > HUGE => &mut self.huge,
-            m => return self.add_finite(if sign > 0 { m } else { -m }),
+            m => return self.floats_sum.add(f64::from(sign) * m),
         };
-        if sign > 0 {
-            *count += 1;
-        } else {
-            *count -= 1;
-        }
+        step(count, sign);
     }
 
-    fn add_finite(&mut self, x: f64) {
+    /// The metrics' sum: the integers' exactly with no float in; with one,
+    /// as IEEE arithmetic has it: NaN with a NaN or both infinities in, else
+    /// an infinity's sign with one in. Where the sum may pass f64's range (a
+    /// huge metric in), only adding in order tells whether it does:
+    /// `in_order` is the metrics' sum, left to right, as fold adds them.
+    /// `None`: no metric.
+    pub fn sum(&self, in_order: impl FnOnce() -> f64) -> Option<Sum> {
+        if self.count == 0 {
+            return None;
+        }
+        if self.floats == 0 {
+            return Some(Sum::Int(self.ints));
+        }
+        if self.nan > 0 || (self.pos_inf > 0 && self.neg_inf > 0) {
+            return Some(Sum::Float(f64::NAN));
+        }
+        // Before the infinities: a sum that overflowed to one infinity and
+        // then met the other is NaN.
+        if self.huge > 0 {
+            return Some(Sum::Float(in_order()));
+        }
+        if self.pos_inf > 0 {
+            return Some(Sum::Float(f64::INFINITY));
+        }
+        if self.neg_inf > 0 {
+            return Some(Sum::Float(f64::NEG_INFINITY));
+        }
+        // The integers' sum rounded, and what the rounding left off, added
+        // as the floats were: the sum rounds about once.
+        let mut total = self.floats_sum;
+        let rounded = self.ints as f64;
+        total.add(rounded);
+        total.add((self.ints - rounded as i128) as f64);
+        Some(Sum::Float(total.value()))
+    }
+
+    pub fn mean(&self, in_order: impl FnOnce() -> f64) -> Option<f64> {
+        Some(self.sum(in_order)?.as_f64() / self.count as f64)
+    }
+}
+
+fn step(count: &mut u64, sign: i8) {
+    if sign > 0 {
+        *count += 1;
+    } else {
+        *count -= 1;
+    }
+}
+
+/// A float sum and the low digits its additions rounded off (Neumaier).
+#[derive(Default, Clone, Copy)]
+struct Compensated {
+    sum: f64,
+    compensation: f64,
+}
+
+impl Compensated {
+    fn add(&mut self, x: f64) {
         let total = self.sum + x;
         self.compensation += if self.sum.abs() >= x.abs() {
             (self.sum - total) + x
@@ -83,34 +152,8 @@ impl MetricSum {
         self.sum = total;
     }
 
-    /// The metrics' sum, as IEEE arithmetic has it: NaN with a NaN or both
-    /// infinities in, else an infinity's sign with one in. Where the sum may
-    /// pass f64's range (a huge metric in), only adding in order tells
-    /// whether it does: `in_order` is the metrics' sum, left to right, as
-    /// fold adds them. `None`: no metric.
-    pub fn sum(&self, in_order: impl FnOnce() -> f64) -> Option<f64> {
-        if self.count == 0 {
-            return None;
-        }
-        if self.nan > 0 || (self.pos_inf > 0 && self.neg_inf > 0) {
-            return Some(f64::NAN);
-        }
-        // Before the infinities: a sum that overflowed to one infinity and
-        // then met the other is NaN.
-        if self.huge > 0 {
-            return Some(in_order());
-        }
-        if self.pos_inf > 0 {
-            return Some(f64::INFINITY);
-        }
-        if self.neg_inf > 0 {
-            return Some(f64::NEG_INFINITY);
-        }
-        Some(self.sum + self.compensation)
-    }
-
-    pub fn mean(&self, in_order: impl FnOnce() -> f64) -> Option<f64> {
-        Some(self.sum(in_order)? / self.count as f64)
+    fn value(self) -> f64 {
+        self.sum + self.compensation
     }
 }
 
@@ -122,11 +165,12 @@ pub struct Running {
     /// The queues kept: those of the extremes the window folds. A `by`
     /// group's window of only `mean` saves two allocations.
     extremes: Extremes,
-    /// Candidates for the least metric: increasing, the earliest of equals
-    /// first (as `Iterator::min_by` picks); for the greatest: decreasing,
-    /// the latest of equals kept (as `max_by` picks).
-    mins: VecDeque<(u64, f64)>,
-    maxs: VecDeque<(u64, f64)>,
+    /// Candidates for the least metric: increasing (in [`numbers::cmp`]'s
+    /// order), the earliest of equals first (as `Iterator::min_by` picks);
+    /// for the greatest: decreasing, the latest of equals kept (as `max_by`
+    /// picks).
+    mins: VecDeque<(u64, Metric)>,
+    maxs: VecDeque<(u64, Metric)>,
 }
 
 impl Running {
@@ -157,7 +201,7 @@ impl Running {
 
     /// `event` joined the back of the window, which held `len` events.
     pub fn pushed(&mut self, event: &Event, len: usize) {
-        let Some(metric) = metric_f64(event) else {
+        let Some(metric) = event.metric else {
             return;
         };
         let number = self.front + len as u64;
@@ -166,7 +210,7 @@ impl Running {
             while self
                 .mins
                 .back()
-                .is_some_and(|(_, m)| m.total_cmp(&metric) == Ordering::Greater)
+                .is_some_and(|(_, m)| numbers::cmp(*m, metric) == Ordering::Greater)
             {
                 self.mins.pop_back();
             }
@@ -176,7 +220,7 @@ impl Running {
             while self
                 .maxs
                 .back()
-                .is_some_and(|(_, m)| m.total_cmp(&metric) != Ordering::Greater)
+                .is_some_and(|(_, m)| numbers::cmp(*m, metric) != Ordering::Greater)
             {
                 self.maxs.pop_back();
             }
@@ -188,7 +232,7 @@ impl Running {
     pub fn popped(&mut self, event: &Event) {
         let number = self.front;
         self.front += 1;
-        let Some(metric) = metric_f64(event) else {
+        let Some(metric) = event.metric else {
             return;
         };
         self.metrics.take_away(metric);
@@ -202,10 +246,11 @@ impl Running {
     /// The fold `kind` of `events`, the window these folds follow.
     pub fn fold(&self, kind: FoldKind, events: &Events) -> Option<Event> {
         let template = &events.back()?.1;
-        let in_order = || events.iter().filter_map(|(_, e)| metric_f64(e)).sum();
+        let in_order =
+            || Sum::of(events.iter().filter_map(|(_, e)| e.metric)).map_or(0.0, Sum::as_f64);
         let metric = match kind {
             FoldKind::Count => Metric::Int(events.len() as i64),
-            FoldKind::Sum => Metric::Float(self.metrics.sum(in_order)?),
+            FoldKind::Sum => self.metrics.sum(in_order)?.metric(),
             FoldKind::Mean => Metric::Float(self.metrics.mean(in_order)?),
             FoldKind::Min | FoldKind::Max => {
                 let queue = if kind == FoldKind::Min {
@@ -235,15 +280,15 @@ pub struct Extremes {
 /// A fixed window's folds. The window only adds events until it closes, so
 /// none need be held but the least, the greatest and the latest. Its fields
 /// are the window's saved state
-/// ([`Saved::FixedWindow`](super::saved::Saved::FixedWindow)).
+/// ([`Saved::ExactFixedWindow`](super::saved::Saved::ExactFixedWindow)).
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FixedFolds {
     events: u64,
     with_metric: u64,
     /// The metrics added left to right, as fold (and Riemann) adds them, so
-    /// a sum is theirs to the last bit, rounding and overflow included.
-    /// `None`: no metric yet.
-    sum: Option<f64>,
+    /// a sum is theirs to the last bit: integers exactly, then floats with
+    /// their rounding and overflow. `None`: no metric yet.
+    sum: Option<Sum>,
     /// As `fold` picks them: the first of equal least metrics, the last of
     /// equal greatest ones (when [`Extremes`] asks for them). Boxed, as the
     /// latest: a window that holds none (idle, or that keeps no extremes)
@@ -258,15 +303,15 @@ impl FixedFolds {
     pub fn add(&mut self, event: &Event, extremes: Extremes) {
         self.events += 1;
         keep(&mut self.latest, event);
-        let Some(metric) = metric_f64(event) else {
+        let Some(metric) = event.metric else {
             return;
         };
         self.with_metric += 1;
-        self.sum = Some(self.sum.map_or(metric, |sum| sum + metric));
+        self.sum = Some(self.sum.map_or(metric.into(), |sum| sum.add(metric)));
         let beats = |kept: &Option<Box<Event>>, wins: fn(Ordering) -> bool| {
             kept.as_deref()
-                .and_then(metric_f64)
-                .is_none_or(|kept| wins(metric.total_cmp(&kept)))
+                .and_then(|kept| kept.metric)
+                .is_none_or(|kept| wins(numbers::cmp(metric, kept)))
         };
         if extremes.min && beats(&self.min, Ordering::is_lt) {
             keep(&mut self.min, event);
@@ -285,15 +330,41 @@ impl FixedFolds {
     pub fn fold(&self, kind: FoldKind) -> Option<Event> {
         let metric = match kind {
             FoldKind::Count => Metric::Int(self.events as i64),
-            FoldKind::Sum => Metric::Float(self.sum?),
-            // Fold's mean adds from 0.0, which only a sum of -0.0 tells.
-            FoldKind::Mean => Metric::Float((0.0 + self.sum?) / self.with_metric as f64),
+            FoldKind::Sum => self.sum?.metric(),
+            FoldKind::Mean => Metric::Float(self.sum?.as_f64() / self.with_metric as f64),
             FoldKind::Min => return self.min.as_deref().cloned(),
             FoldKind::Max => return self.max.as_deref().cloned(),
         };
         let mut out = self.latest.as_deref()?.clone();
         out.metric = Some(metric);
         Some(out)
+    }
+}
+
+/// A fixed window's folds as versions 2 and 3 of the state file saved them
+/// ([`Saved::FixedWindow`](super::saved::Saved::FixedWindow)): their sum a
+/// float whatever the metrics. Restored, the window goes on adding to it as
+/// a float, as the build that saved it would have.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FloatSumFolds {
+    events: u64,
+    with_metric: u64,
+    sum: Option<f64>,
+    min: Option<Box<Event>>,
+    max: Option<Box<Event>>,
+    latest: Option<Box<Event>>,
+}
+
+impl From<FloatSumFolds> for FixedFolds {
+    fn from(saved: FloatSumFolds) -> FixedFolds {
+        FixedFolds {
+            events: saved.events,
+            with_metric: saved.with_metric,
+            sum: saved.sum.map(Sum::Float),
+            min: saved.min,
+            max: saved.max,
+            latest: saved.latest,
+        }
     }
 }
 
@@ -333,7 +404,8 @@ mod tests {
     }
 
     /// The same event for count, min and max; for sum and mean the same
-    /// number, or within `tolerance` (relative, absolute below 1).
+    /// integer, or float, or one within `tolerance` (relative, absolute
+    /// below 1).
     fn assert_same_fold(
         fresh: Option<Event>,
         kept: Option<Event>,
@@ -347,10 +419,11 @@ mod tests {
                 return assert_eq!(format!("{f:?}"), format!("{k:?}"), "{at}");
             }
         };
-        let (f, k) = (
-            fresh.metric.unwrap().as_f64(),
-            kept.metric.unwrap().as_f64(),
-        );
+        let (f, k) = match (fresh.metric.unwrap(), kept.metric.unwrap()) {
+            (Metric::Int(f), Metric::Int(k)) => return assert_eq!(f, k, "{at}"),
+            (Metric::Float(f), Metric::Float(k)) => (f, k),
+            (f, k) => panic!("{at}: {f:?} {k:?}"),
+        };
         let close = (f - k).abs() <= tolerance * f.abs().max(1.0);
         assert!(
             f == k || (f.is_nan() && k.is_nan()) || close,
@@ -457,6 +530,17 @@ mod tests {
         });
     }
 
+    /// Integers past 2^53, and sums past i64's range.
+    #[test]
+    fn large_integers_fold_exactly_as_a_fresh_fold() {
+        both_agree_with_fresh_folds(19, 0.0, |r| match r % 10 {
+            0 => None,
+            1 => Some(Metric::Int(i64::MAX - (r % 3) as i64)),
+            2 => Some(Metric::Int(i64::MIN + (r % 3) as i64)),
+            _ => Some(Metric::Int((r as i64) >> (8 + r % 4))),
+        });
+    }
+
     #[test]
     fn fractions_and_non_finite_metrics_fold_as_a_fresh_fold() {
         both_agree_with_fresh_folds(11, 1e-9, |r| match r % 400 {
@@ -519,7 +603,110 @@ mod tests {
         );
     }
 
-    /// Fold's mean adds from 0.0, its sum from the first metric.
+    /// 2^53 + 1: the least integer an f64 cannot hold.
+    const BIG: i64 = (1 << 53) + 1;
+
+    /// The metric of fold `kind` over `metrics` by a fresh fold, a fixed
+    /// window's folds and a moving window's, in that order.
+    fn folded_three_ways(kind: FoldKind, metrics: &[Metric]) -> [Option<Metric>; 3] {
+        let events: Vec<Event> = (0..)
+            .zip(metrics)
+            .map(|(n, m)| event(n, Some(*m)))
+            .collect();
+        let mut folds = FixedFolds::default();
+        let (mut held, mut running) = (Events::new(), Running::new(BOTH_EXTREMES));
+        for e in &events {
+            folds.add(e, BOTH_EXTREMES);
+            running.pushed(e, held.len());
+            held.push_back((0, e.clone()));
+        }
+        [
+            fold(kind, events.iter()),
+            folds.fold(kind),
+            running.fold(kind, &held),
+        ]
+        .map(|e| e.and_then(|e| e.metric))
+    }
+
+    /// Riemann's `(reduce + metrics)` adds Longs as Longs until a Double
+    /// comes: a sum of integers is an integer, exact past 2^53.
+    #[test]
+    fn a_sum_of_integers_is_an_exact_integer() {
+        use Metric::{Float, Int};
+        let cases = [
+            (vec![Int(BIG), Int(0)], Int(BIG)),
+            (vec![Int(1), Int(2), Float(0.5)], Float(3.5)),
+            (vec![Int(-BIG), Int(-BIG), Int(2)], Int(-2 * BIG + 2)),
+            // Riemann's `+` throws partway (its event is lost); the sum is
+            // exact, and an integer where it ends within i64.
+            (vec![Int(i64::MAX), Int(1), Int(-1)], Int(i64::MAX)),
+            (vec![Int(i64::MIN), Int(-1), Int(1)], Int(i64::MIN)),
+            // Past i64: the exact sum, as a float.
+            (
+                vec![Int(i64::MAX), Int(2)],
+                Float(9_223_372_036_854_775_808.0),
+            ),
+            (
+                vec![Int(i64::MIN), Int(i64::MIN)],
+                Float(-18_446_744_073_709_551_616.0),
+            ),
+        ];
+        for (metrics, sum) in cases {
+            let expected = [Some(sum); 3];
+            assert_eq!(
+                folded_three_ways(FoldKind::Sum, &metrics),
+                expected,
+                "{metrics:?}"
+            );
+        }
+    }
+
+    /// A fixed window adds as Riemann does, the integers before the first
+    /// float rounded to one float; a moving window's sum rounds once.
+    #[test]
+    fn a_float_after_large_integers_sums_as_riemann_adds_in_a_fixed_window() {
+        let metrics = [Metric::Int(BIG), Metric::Float(0.5)];
+        let [fresh, fixed, moving] = folded_three_ways(FoldKind::Sum, &metrics);
+        // 2^53 + 1 as a double is 2^53; plus 0.5 is 2^53 still.
+        assert_eq!(fresh, Some(Metric::Float(9_007_199_254_740_992.0)));
+        assert_eq!(fixed, fresh);
+        // 2^53 + 1.5, rounded.
+        assert_eq!(moving, Some(Metric::Float(9_007_199_254_740_994.0)));
+    }
+
+    /// A mean is a float (Riemann's ratio of integers, as a double), of the
+    /// exact sum.
+    #[test]
+    fn a_mean_of_integers_is_a_float_of_their_exact_sum() {
+        use Metric::{Float, Int};
+        let cases = [
+            (vec![Int(1), Int(2)], Float(1.5)),
+            (vec![Int(2), Int(4)], Float(3.0)),
+            (vec![Int(BIG), Int(1)], Float(4_503_599_627_370_497.0)),
+            (vec![Int(i64::MAX), Int(i64::MAX)], Float(i64::MAX as f64)),
+        ];
+        for (metrics, mean) in cases {
+            let expected = [Some(mean); 3];
+            assert_eq!(
+                folded_three_ways(FoldKind::Mean, &metrics),
+                expected,
+                "{metrics:?}"
+            );
+        }
+    }
+
+    /// Integers that one f64 stands for are apart, as Riemann's Longs are.
+    #[test]
+    fn extremes_of_integers_past_2_53_are_exact() {
+        let metrics = [Metric::Int(BIG), Metric::Int(BIG - 1)];
+        let least = Some(Metric::Int(BIG - 1));
+        assert_eq!(folded_three_ways(FoldKind::Min, &metrics), [least; 3]);
+        let greatest = Some(Metric::Int(BIG));
+        assert_eq!(folded_three_ways(FoldKind::Max, &metrics), [greatest; 3]);
+    }
+
+    /// Fold's sum and mean add from the first metric, as Riemann's
+    /// `reduce` does: both are -0.0.
     #[test]
     fn a_fixed_window_of_negative_zeros_folds_as_fold_does() {
         let events = [event(0, Some(Metric::Float(-0.0)))];

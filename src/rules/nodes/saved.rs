@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Micros;
 use crate::event::Event;
 
-use super::running::FixedFolds;
+use super::running::{FixedFolds, FloatSumFolds};
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum Saved {
@@ -71,9 +71,17 @@ pub enum Saved {
         window_end: Option<Micros>,
         rng: u64,
     },
-    /// A fixed window: its folds so far, not its events. Earlier versions
-    /// saved it as a [`Saved::Window`], which still restores into it.
+    /// A fixed window as versions 2 and 3 saved it, its sum a float
+    /// whatever its metrics. Still restores, its sum a float until the
+    /// window closes.
     FixedWindow {
+        folds: FloatSumFolds,
+        window_end: Option<Micros>,
+    },
+    /// A fixed window: its folds so far, not its events, a sum of integers
+    /// exact (version 4). Version 1 saved it as a [`Saved::Window`], which
+    /// still restores into it.
+    ExactFixedWindow {
         folds: FixedFolds,
         window_end: Option<Micros>,
     },
@@ -92,7 +100,7 @@ impl Saved {
             Saved::Ddt(_) => "ddt",
             Saved::Window { .. } => "window",
             Saved::Percentiles { .. } => "percentiles",
-            Saved::FixedWindow { .. } => "fixed window",
+            Saved::FixedWindow { .. } | Saved::ExactFixedWindow { .. } => "fixed window",
         }
     }
 }

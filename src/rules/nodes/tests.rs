@@ -827,7 +827,7 @@ fn fixed_time_window_is_closed_by_the_timer() {
     b.advance_to(at(9.95));
     assert!(out(&b).is_empty());
     b.advance_to(at(10.0)); // no event comes: the tick closes the window
-    assert_eq!(out_metrics(&b), vec![Some(Metric::Float(6.0))]);
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Int(6))]);
 
     // Idle: the next window starts with the next event.
     b.advance_to(at(12.0));
@@ -837,7 +837,7 @@ fn fixed_time_window_is_closed_by_the_timer() {
     b.advance_to(at(22.0));
     assert_eq!(
         out_metrics(&b),
-        vec![Some(Metric::Float(6.0)), Some(Metric::Float(5.0))]
+        vec![Some(Metric::Int(6)), Some(Metric::Int(5))]
     );
     b.advance_to(at(60.0));
     assert_eq!(out(&b).len(), 2, "no empty windows are emitted");
@@ -908,6 +908,21 @@ fn fixed_event_window_means_every_n_events() {
         out_metrics(&b),
         vec![Some(Metric::Float(2.0)), Some(Metric::Float(6.0))]
     );
+}
+
+/// The reported case: Riemann adds integer metrics as integers, so a sum
+/// of counters past 2^53 keeps its last digit, as `max` does.
+#[test]
+fn a_sum_of_integers_past_2_53_keeps_its_last_digit() {
+    const BIG: i64 = (1 << 53) + 1;
+    for window in ["fixed_event_window(2)", "moving_event_window(2)"] {
+        let b = bench(&format!("{window} {{ sum {{ out }} max {{ out }} }}"));
+        for m in [BIG, 0] {
+            send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+        }
+        let last_two = out_metrics(&b).split_off(out(&b).len() - 2);
+        assert_eq!(last_two, [Some(Metric::Int(BIG)); 2], "{window}");
+    }
 }
 
 /// A moving window keeps the queues of only the extremes it folds: one

@@ -20,6 +20,7 @@ use crate::event::{Event, Metric};
 use crate::index::Index;
 use crate::rules::engine::RuleStats;
 
+use super::numbers::{self, Sum};
 use super::running::{Events, Extremes, FixedFolds, Running};
 use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Node, metric_f64, same, take_over};
@@ -58,38 +59,35 @@ impl Fold {
 
 /// Folds over the events that have a metric (`count` counts every event); the
 /// latest event is the template, `min`/`max` return the extreme event itself.
-/// The window's events are read where they are, not copied. A moving window,
-/// folded on every event, keeps these folds running instead ([`Running`]),
-/// and a fixed window keeps them as its events come ([`FixedFolds`]): both
-/// must agree with this.
+/// Metrics add and compare as Riemann's do ([`Sum`], [`numbers::cmp`]): a
+/// sum of integers is an exact integer, a mean a float. The window's events
+/// are read where they are, not copied. A moving window, folded on every
+/// event, keeps these folds running instead ([`Running`]), and a fixed
+/// window keeps them as its events come ([`FixedFolds`]): both must agree
+/// with this.
 pub fn fold<'a, I>(kind: FoldKind, events: I) -> Option<Event>
 where
     I: DoubleEndedIterator<Item = &'a Event> + ExactSizeIterator + Clone,
 {
     let template = events.clone().next_back()?;
-    let metrics = || events.clone().filter_map(metric_f64);
+    let metrics = || events.clone().filter_map(|e| e.metric);
     let metric = match kind {
         FoldKind::Count => Metric::Int(events.len() as i64),
-        FoldKind::Sum => Metric::Float(metrics().reduce(|a, b| a + b)?),
+        FoldKind::Sum => Sum::of(metrics())?.metric(),
         FoldKind::Mean => {
-            let (sum, n) = metrics().fold((0.0, 0u32), |(s, n), m| (s + m, n + 1));
-            if n == 0 {
-                return None;
-            }
-            Metric::Float(sum / f64::from(n))
+            let mut n = 0u64;
+            let sum = Sum::of(metrics().inspect(|_| n += 1))?;
+            Metric::Float(sum.as_f64() / n as f64)
         }
         FoldKind::Min | FoldKind::Max => {
-            let pick = |a: &&Event, b: &&Event| {
-                let (a, b) = (metric_f64(a).unwrap_or(0.0), metric_f64(b).unwrap_or(0.0));
-                a.total_cmp(&b)
-            };
-            let with_metric = events.filter(|e| e.metric.is_some());
+            let pick = |(a, _): &(Metric, _), (b, _): &(Metric, _)| numbers::cmp(*a, *b);
+            let with_metric = events.filter_map(|e| Some((e.metric?, e)));
             let extreme = if kind == FoldKind::Min {
                 with_metric.min_by(pick)
             } else {
                 with_metric.max_by(pick)
             };
-            return extreme.cloned();
+            return extreme.map(|(_, e)| e.clone());
         }
     };
     let mut out = template.clone();
@@ -454,7 +452,7 @@ impl Node for Window {
     fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
         let entry = match &*s {
-            WindowState::Fixed(fixed) => Saved::FixedWindow {
+            WindowState::Fixed(fixed) => Saved::ExactFixedWindow {
                 folds: fixed.folds.clone(),
                 window_end: fixed.window_end,
             },
@@ -479,8 +477,14 @@ impl Node for Window {
     fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         let mut state = WindowState::new(self.kind);
         match (&mut state, from.next("window")?) {
-            (WindowState::Fixed(fixed), Saved::FixedWindow { folds, window_end }) => {
+            (WindowState::Fixed(fixed), Saved::ExactFixedWindow { folds, window_end }) => {
                 *fixed = FixedState { folds, window_end };
+            }
+            (WindowState::Fixed(fixed), Saved::FixedWindow { folds, window_end }) => {
+                *fixed = FixedState {
+                    folds: folds.into(),
+                    window_end,
+                };
             }
             // Written by a build that held a fixed window's events: all of
             // the current window's (see `due`), folded as they came.
@@ -775,11 +779,20 @@ mod tests {
 
     #[test]
     fn a_fixed_windows_folds_come_back_as_they_were_saved() {
-        for kind in FIXED {
+        // Mixed, and a sum of integers past 2^53, which must stay exact.
+        let big = Event {
+            metric: Some(Metric::Int((1 << 53) + 1)),
+            ..Event::default()
+        };
+        let cases = [
+            (events(), Metric::Float(19.0)),
+            (vec![big.clone(), big], Metric::Int(2 * ((1 << 53) + 1))),
+        ];
+        for (kind, (events, sum)) in FIXED.into_iter().zip(cases) {
             let window = every_fold(kind);
             let mut s = window.state.lock();
             let fixed = fixed_state(&mut s);
-            for event in events() {
+            for event in events {
                 fixed.folds.add(&event, window.extremes());
             }
             fixed.window_end = Some(123);
@@ -787,21 +800,53 @@ mod tests {
             let mut saved = Vec::new();
             window.save(&mut saved);
             let [entry] = <[Saved; 1]>::try_from(saved).unwrap();
-            // Through postcard, as the state file holds it, and CBOR, as
-            // versions 1 and 2 held it.
-            let mut cbor = Vec::new();
-            ciborium::into_writer(&entry, &mut cbor).unwrap();
-            let from_cbor: Saved = ciborium::from_reader(&cbor[..]).unwrap();
+            // Through postcard, as the state file holds it.
             let entry: Saved =
                 postcard::from_bytes(&postcard::to_allocvec(&entry).unwrap()).unwrap();
-            assert_eq!(entry, from_cbor, "{kind:?}");
-            assert!(matches!(entry, Saved::FixedWindow { .. }), "{entry:?}");
+            assert!(matches!(entry, Saved::ExactFixedWindow { .. }), "{entry:?}");
             let back = restored(kind, entry);
             let (mut back, mut s) = (back.state.lock(), window.state.lock());
             let (back, s) = (fixed_state(&mut back), fixed_state(&mut s));
             assert_eq!(back.folds, s.folds, "{kind:?}");
+            let back_sum = back.folds.fold(FoldKind::Sum).and_then(|e| e.metric);
+            assert_eq!(back_sum, Some(sum), "{kind:?}");
             assert_eq!(back.window_end, Some(123));
         }
+    }
+
+    /// A fixed window's entry as version 3 wrote it (the bytes of a build
+    /// before version 4: 2^53 + 1 then 2, and `max`) restores, its sum the
+    /// float that build added.
+    #[test]
+    fn a_fixed_window_saved_with_a_float_sum_comes_back_with_it() {
+        let v3 = [
+            10, 2, 2, 1, 1, 0, 0, 0, 0, 0, 64, 67, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 130, 128, 128,
+            128, 128, 128, 128, 32, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 4, 0, 0, 1, 246, 1,
+        ];
+        let entry: Saved = postcard::from_bytes(&v3).unwrap();
+        assert!(matches!(entry, Saved::FixedWindow { .. }), "{entry:?}");
+        let window = restored(FIXED[0], entry);
+        let mut s = window.state.lock();
+        let s = fixed_state(&mut s);
+        let metric = |kind| s.folds.fold(kind).and_then(|e| e.metric);
+        assert_eq!(
+            metric(FoldKind::Sum),
+            Some(Metric::Float(9_007_199_254_740_994.0))
+        );
+        assert_eq!(metric(FoldKind::Max), Some(Metric::Int((1 << 53) + 1)));
+        assert_eq!(metric(FoldKind::Count), Some(Metric::Int(2)));
+        assert_eq!(s.window_end, Some(123));
+        s.folds.add(
+            &Event {
+                metric: Some(Metric::Int(1)),
+                ..Event::default()
+            },
+            window.extremes(),
+        );
+        assert_eq!(
+            s.folds.fold(FoldKind::Sum).and_then(|e| e.metric),
+            Some(Metric::Float(9_007_199_254_740_996.0))
+        );
     }
 
     /// A state file of a build that held a fixed window's events restores.
