@@ -46,6 +46,18 @@ impl Sum {
         }
     }
 
+    /// The mean of the `count` metrics summed, as Riemann's `(/ sum count)`:
+    /// an integer where `count` divides a sum of integers (the mean of 2
+    /// and 4 is 3, a Long), else a float.
+    pub fn mean(self, count: u64) -> Metric {
+        match self {
+            Sum::Int(sum) if count > 0 && sum % i128::from(count) == 0 => {
+                Sum::Int(sum / i128::from(count)).metric()
+            }
+            sum => Metric::Float(sum.as_f64() / count as f64),
+        }
+    }
+
     /// An integer metric if it is one within i64's range, else a float.
     pub fn metric(self) -> Metric {
         match self {

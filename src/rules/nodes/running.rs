@@ -121,8 +121,8 @@ impl MetricSum {
         Some(Sum::Float(total.value()))
     }
 
-    pub fn mean(&self, in_order: impl FnOnce() -> f64) -> Option<f64> {
-        Some(self.sum(in_order)?.as_f64() / self.count as f64)
+    pub fn mean(&self, in_order: impl FnOnce() -> f64) -> Option<Metric> {
+        Some(self.sum(in_order)?.mean(self.count))
     }
 }
 
@@ -251,7 +251,7 @@ impl Running {
         let metric = match kind {
             FoldKind::Count => Metric::Int(events.len() as i64),
             FoldKind::Sum => self.metrics.sum(in_order)?.metric(),
-            FoldKind::Mean => Metric::Float(self.metrics.mean(in_order)?),
+            FoldKind::Mean => self.metrics.mean(in_order)?,
             FoldKind::Min | FoldKind::Max => {
                 let queue = if kind == FoldKind::Min {
                     &self.mins
@@ -331,7 +331,7 @@ impl FixedFolds {
         let metric = match kind {
             FoldKind::Count => Metric::Int(self.events as i64),
             FoldKind::Sum => self.sum?.metric(),
-            FoldKind::Mean => Metric::Float(self.sum?.as_f64() / self.with_metric as f64),
+            FoldKind::Mean => self.sum?.mean(self.with_metric),
             FoldKind::Min => return self.min.as_deref().cloned(),
             FoldKind::Max => return self.max.as_deref().cloned(),
         };
@@ -674,16 +674,19 @@ mod tests {
         assert_eq!(moving, Some(Metric::Float(9_007_199_254_740_994.0)));
     }
 
-    /// A mean is a float (Riemann's ratio of integers, as a double), of the
-    /// exact sum.
+    /// A mean of integers is Riemann's `(/ sum count)` of the exact sum: an
+    /// integer where the count divides it, else the ratio as a float.
     #[test]
-    fn a_mean_of_integers_is_a_float_of_their_exact_sum() {
+    fn a_mean_of_integers_is_their_exact_sum_divided_as_riemann_divides() {
         use Metric::{Float, Int};
         let cases = [
             (vec![Int(1), Int(2)], Float(1.5)),
-            (vec![Int(2), Int(4)], Float(3.0)),
-            (vec![Int(BIG), Int(1)], Float(4_503_599_627_370_497.0)),
-            (vec![Int(i64::MAX), Int(i64::MAX)], Float(i64::MAX as f64)),
+            (vec![Int(2), Int(4)], Int(3)),
+            (vec![Int(BIG), Int(1)], Int(4_503_599_627_370_497)),
+            (vec![Int(BIG), Int(2)], Float(4_503_599_627_370_497.5)),
+            (vec![Int(i64::MAX), Int(i64::MAX)], Int(i64::MAX)),
+            (vec![Int(1), Float(2.0)], Float(1.5)),
+            (vec![Int(2), Float(4.0)], Float(3.0)),
         ];
         for (metrics, mean) in cases {
             let expected = [Some(mean); 3];

@@ -902,11 +902,12 @@ fn fixed_event_window_means_every_n_events() {
     for m in [1.0, 2.0, 3.0, 4.0, 5.0] {
         send(&b, metric_ev(&b, "s", m));
     }
-    assert_eq!(out_metrics(&b), vec![Some(Metric::Float(2.0))]);
+    // Integers, whose count divides their sum: an integer, as Riemann's.
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Int(2))]);
     send(&b, metric_ev(&b, "s", 9.0));
     assert_eq!(
         out_metrics(&b),
-        vec![Some(Metric::Float(2.0)), Some(Metric::Float(6.0))]
+        vec![Some(Metric::Int(2)), Some(Metric::Int(6))]
     );
 }
 

@@ -60,7 +60,7 @@ impl Fold {
 /// Folds over the events that have a metric (`count` counts every event); the
 /// latest event is the template, `min`/`max` return the extreme event itself.
 /// Metrics add and compare as Riemann's do ([`Sum`], [`numbers::cmp`]): a
-/// sum of integers is an exact integer, a mean a float. The window's events
+/// sum of integers is an exact integer, and so is a mean that divides it. The window's events
 /// are read where they are, not copied. A moving window, folded on every
 /// event, keeps these folds running instead ([`Running`]), and a fixed
 /// window keeps them as its events come ([`FixedFolds`]): both must agree
@@ -76,8 +76,7 @@ where
         FoldKind::Sum => Sum::of(metrics())?.metric(),
         FoldKind::Mean => {
             let mut n = 0u64;
-            let sum = Sum::of(metrics().inspect(|_| n += 1))?;
-            Metric::Float(sum.as_f64() / n as f64)
+            Sum::of(metrics().inspect(|_| n += 1))?.mean(n)
         }
         FoldKind::Min | FoldKind::Max => {
             let pick = |(a, _): &(Metric, _), (b, _): &(Metric, _)| numbers::cmp(*a, *b);
