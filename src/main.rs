@@ -22,6 +22,7 @@ use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
 use vigil::limits::Limits;
 use vigil::outputs::Kept;
 use vigil::rules::engine::Rules;
+use vigil::rules::junit::Junit;
 use vigil::rules::reload::{Outputs, Reloader};
 use vigil::rules::{
     self, DEFAULT_RULES, DEFAULT_RULES_NAME, EnvPolicy, RuleText, persist, testing,
@@ -75,6 +76,10 @@ enum Command {
     Test {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Also write the results to FILE as a JUnit XML report for CI: a
+        /// suite per rule file, a case per test.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
     },
     /// Query the index; prints one JSON event per line.
     Query {
@@ -452,7 +457,15 @@ fn command(cli: Cli) -> anyhow::Result<()> {
                 tls,
             } => query_cmd(&query, &addr, timeout, max_answer, &tls).await,
             Command::Check { files } => exit_with(check(&files)),
-            Command::Test { files } => exit_with(test(&files)),
+            Command::Test { files, junit } => {
+                let (report, ok, results) = test(&files);
+                if let Some(path) = junit {
+                    std::fs::write(&path, results.to_xml()).with_context(|| {
+                        format!("writing the JUnit report to {}", path.display())
+                    })?;
+                }
+                exit_with((report, ok))
+            }
         }
     })
 }
@@ -945,47 +958,45 @@ fn check(files: &[PathBuf]) -> (String, bool) {
     (out, all_ok)
 }
 
-/// What `vigil test` prints, and whether every test passed.
-fn test(files: &[PathBuf]) -> (String, bool) {
+/// What `vigil test` prints, whether every test passed, and the same
+/// results for `--junit`.
+fn test(files: &[PathBuf]) -> (String, bool, Junit) {
     let mut out = String::new();
+    let mut junit = Junit::default();
     let (mut passed, mut failed) = (0, 0);
     for path in files {
         let name = path.display().to_string();
-        let Some(source) = read_or_report(path, &name, &mut out) else {
-            failed += 1;
-            continue;
-        };
-        let file = match rules::load(&name, &source, EnvPolicy::Lenient) {
-            Ok((file, _)) => file,
-            Err(rendered) => {
-                _ = writeln!(out, "{rendered}");
-                failed += 1;
-                continue;
-            }
-        };
-        match testing::run_tests(&file) {
+        match test_file(path, &name) {
             Ok(outcomes) => {
-                for outcome in outcomes {
+                for outcome in &outcomes {
                     if outcome.passed() {
                         passed += 1;
                         _ = writeln!(out, "PASS {name}: {}", outcome.name);
                     } else {
                         failed += 1;
                         _ = writeln!(out, "FAIL {name}: {}", outcome.name);
-                        for failure in &outcome.failures {
-                            _ = writeln!(out, "    {failure}");
-                        }
+                        out.push_str(&outcome.failure_text());
                     }
                 }
+                junit.tested(&name, &outcomes);
             }
             Err(diagnostics) => {
-                _ = writeln!(out, "{}", rules::render_all(&diagnostics, &name, &source));
+                _ = writeln!(out, "{diagnostics}");
                 failed += 1;
+                junit.not_loaded(&name, &diagnostics);
             }
         }
     }
     _ = writeln!(out, "{passed} passed, {failed} failed");
-    (out, failed == 0)
+    (out, failed == 0, junit)
+}
+
+/// The outcome of each test of rule file `path`, or the rendered reason
+/// none could run.
+fn test_file(path: &Path, name: &str) -> Result<Vec<testing::Outcome>, String> {
+    let source = rules::read_file(path).map_err(|e| e.render(name))?;
+    let (file, _) = rules::load(name, &source, EnvPolicy::Lenient)?;
+    testing::run_tests(&file).map_err(|found| rules::render_all(&found, name, &source))
 }
 
 async fn query_cmd(

@@ -366,6 +366,99 @@ PASS tests/fixtures/failing_test.vigil: passes
     assert_eq!(stdout(&out), expected);
 }
 
+/// `--junit FILE` writes what `vigil test` found as a JUnit report, one
+/// suite per file, for CI to show: a failure carries the text `vigil test`
+/// prints for it, a file whose rules do not load an errored case with its
+/// diagnostics. The printed report and the exit code stay as they were.
+#[test]
+fn test_writes_a_junit_report_with_a_suite_per_file() {
+    use quick_junit::{NonSuccessKind, Report, TestCaseStatus};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report.xml");
+    let (failing, broken) = (
+        "tests/fixtures/failing_test.vigil",
+        "tests/fixtures/broken.vigil",
+    );
+    let out = vigil(&["test", "--junit", path.to_str().unwrap(), failing, broken]);
+    assert_eq!(out.status.code(), Some(1));
+    let printed = stdout(&out);
+    assert!(printed.ends_with("\n1 passed, 2 failed\n"), "{printed}");
+
+    let xml = std::fs::read_to_string(&path).unwrap();
+    let report = Report::deserialize_from_str(&xml).unwrap();
+    let counts = |tests, failures, errors| (tests, failures, errors);
+    assert_eq!(
+        counts(report.tests, report.failures, report.errors),
+        (3, 1, 1)
+    );
+    let [tested, errored] = &report.test_suites[..] else {
+        panic!("two suites: {xml}")
+    };
+
+    assert_eq!(tested.name.as_str(), failing);
+    assert_eq!(
+        counts(tested.tests, tested.failures, tested.errors),
+        (2, 1, 0)
+    );
+    let cases: Vec<(&str, Option<&str>)> = (tested.test_cases.iter())
+        .map(|c| (c.name.as_str(), c.classname.as_ref().map(|c| c.as_str())))
+        .collect();
+    assert_eq!(
+        cases,
+        [
+            ("expects the wrong state", Some(failing)),
+            ("passes", Some(failing))
+        ]
+    );
+    let TestCaseStatus::NonSuccess {
+        kind: NonSuccessKind::Failure,
+        message,
+        description,
+        ..
+    } = &tested.test_cases[0].status
+    else {
+        panic!("a failure: {xml}")
+    };
+    assert_eq!(
+        message.as_ref().map(|m| m.as_str()),
+        Some("expected pager to have an event matching")
+    );
+    let description = description.as_ref().unwrap().as_str();
+    let diff = "      state: expected \"warning\", got \"critical\"";
+    assert!(description.contains(diff), "{description}");
+    assert!(printed.contains(description), "as printed:\n{description}");
+    assert!(matches!(
+        tested.test_cases[1].status,
+        TestCaseStatus::Success { .. }
+    ));
+
+    assert_eq!(errored.name.as_str(), broken);
+    assert_eq!(
+        counts(errored.tests, errored.failures, errored.errors),
+        (1, 0, 1)
+    );
+    let TestCaseStatus::NonSuccess {
+        kind: NonSuccessKind::Error,
+        message,
+        description,
+        ..
+    } = &errored.test_cases[0].status
+    else {
+        panic!("an error: {xml}")
+    };
+    assert_eq!(
+        message.as_ref().map(|m| m.as_str()),
+        Some("the rule file has errors")
+    );
+    let description = description.as_ref().unwrap().as_str();
+    assert!(
+        description.starts_with("tests/fixtures/broken.vigil:1:"),
+        "{description}"
+    );
+    assert!(printed.contains(description), "as printed:\n{description}");
+}
+
 #[test]
 fn check_refuses_what_an_output_could_never_send_keys_given_twice_and_ttls_out_of_range() {
     // Each of these passed `check`, then `run` dropped every event of the output.

@@ -8,11 +8,13 @@
 //! - [`reload`]: `SIGHUP` swaps in an edited rule file, keeping unchanged stages' state.
 //! - [`persist`]: the stages' state written to `--data-dir` and read back at start.
 //! - [`testing`]: `vigil test`, the `test "…" { … }` blocks on a virtual clock.
+//! - [`junit`]: `vigil test --junit`, its results as a JUnit XML report.
 
 pub mod ast;
 pub mod compile;
 pub mod diag;
 pub mod engine;
+pub mod junit;
 pub mod nodes;
 pub mod parser;
 pub mod persist;

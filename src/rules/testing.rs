@@ -43,6 +43,12 @@ impl Outcome {
     pub fn passed(&self) -> bool {
         self.failures.is_empty()
     }
+
+    /// The failures as `vigil test` prints them under the test's name, one
+    /// indented line (and its continuation lines) each.
+    pub fn failure_text(&self) -> String {
+        self.failures.iter().map(|f| format!("    {f}\n")).collect()
+    }
 }
 
 /// Runs every test of an already parsed file. Steps that make a test
