@@ -459,6 +459,19 @@ fn test_writes_a_junit_report_with_a_suite_per_file() {
     assert!(printed.contains(description), "as printed:\n{description}");
 }
 
+/// `expect tap NAME` checks what reached `tap(NAME)`: the events a `where`
+/// let through, before the `with` under the tap changed them.
+#[test]
+fn test_checks_what_reached_a_tap() {
+    let out = vigil(&["test", "tests/fixtures/taps.vigil"]);
+    assert_eq!(
+        stdout(&out),
+        "PASS tests/fixtures/taps.vigil: a tap sees what reached it, before the stages under it\n\
+         1 passed, 0 failed\n"
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
 #[test]
 fn check_refuses_what_an_output_could_never_send_keys_given_twice_and_ttls_out_of_range() {
     // Each of these passed `check`, then `run` dropped every event of the output.

@@ -134,10 +134,11 @@ pub enum TestAction {
     /// `send {host: "a", metric: 1}`
     Send(Value),
     /// `expect TARGET {fields}` / `expect no TARGET {fields}`: TARGET is `index` or
-    /// an output name; `negated` for `no`.
+    /// an output name, or `tap NAME` (`tap` set); `negated` for `no`.
     Expect {
         target: Ident,
         fields: Value,
         negated: bool,
+        tap: bool,
     },
 }

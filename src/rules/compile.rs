@@ -12,11 +12,11 @@ use crate::query::Query;
 use crate::tls::{ClientTls, TlsError};
 
 use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
-use super::diag::{Diagnostic, closest};
+use super::diag::{Diagnostic, closest, line_col};
 use super::nodes::{
     By, ByDefinition, Changed, Children, Ddt, Drop, Ewma, EwmaMode, Field, FieldSet, Fold,
     FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Scale, Split,
-    Stable, Tag, Throttle, Where, Window, WindowKind, With,
+    Stable, Tag, Tap, Throttle, Where, Window, WindowKind, With,
 };
 use crate::outputs::template::Template;
 use crate::outputs::{OutputKind, OutputSpec, forward, graphite, http, pager, pagerduty, webhook};
@@ -50,6 +50,7 @@ const STREAMS: &[&str] = &[
     "stable",
     "scale",
     "tag",
+    "tap",
     "log",
     "sum",
     "mean",
@@ -71,6 +72,9 @@ pub struct Compiled {
     pub outputs: Vec<OutputSpec>,
     /// The top-level streams; `Output` nodes refer to `outputs` by position.
     pub roots: Children,
+    /// The `tap(name)` stages' names: tap `i` records into the sink after
+    /// the outputs' at `outputs.len() + i`, where `vigil test` puts one.
+    pub taps: Vec<String>,
     /// Problems that do not stop the file from running (e.g. an unset `env(…)`
     /// when compiling for `vigil check`).
     pub warnings: Vec<Diagnostic>,
@@ -94,6 +98,7 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
         outputs: Vec::new(),
         output_names: BTreeMap::new(),
         broken_outputs: HashSet::new(),
+        taps: Vec::new(),
         errors: Vec::new(),
         warnings: Vec::new(),
     };
@@ -149,6 +154,7 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
         Ok(Compiled {
             outputs: c.outputs,
             roots,
+            taps: c.taps.into_iter().map(|t| t.name).collect(),
             warnings: c.warnings,
         })
     } else {
@@ -169,6 +175,8 @@ struct Compiler<'s> {
     /// Outputs declared with errors (already reported): naming one in the
     /// streams is not another error.
     broken_outputs: HashSet<String>,
+    /// The taps so far, in tree order, named where they are declared.
+    taps: Vec<Ident>,
     errors: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
 }
@@ -846,6 +854,33 @@ impl Compiler<'_> {
                 };
                 let children = self.body(name, span, body)?;
                 Box::new(Tag { tags, children })
+            }
+            "tap" => {
+                let b = self.bind(n, args, &["name"], span)?;
+                let v = self.require(n, &b, "name")?;
+                let (ValueKind::Ident(tap) | ValueKind::String(tap)) = &v.kind else {
+                    return self.expected(v, "a tap's name, e.g. `tap(alerts)`");
+                };
+                if let Some(first) = self.taps.iter().find(|t| &t.name == tap) {
+                    let (line, col) = line_col(self.source, first.span.start);
+                    self.error_hint(
+                        v.span.clone(),
+                        format!("tap `{tap}` is declared twice"),
+                        format!("the first is at {line}:{col}; `expect tap {tap}` must name one"),
+                    );
+                }
+                let slot = self.outputs.len() + self.taps.len();
+                self.taps.push(Ident {
+                    name: tap.clone(),
+                    span: v.span.clone(),
+                });
+                // Without a block, the tap is where the events end.
+                let children = body.map(|b| self.block(&b.stmts)).unwrap_or_default();
+                Box::new(Tap {
+                    name: tap.clone(),
+                    slot,
+                    children,
+                })
             }
             "by" => {
                 let fields = self.by_fields(name, args)?;

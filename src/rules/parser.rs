@@ -493,10 +493,12 @@ impl<'a> Parser<'a> {
         })(input)
     }
 
-    /// `[no] TARGET VALUE`, after `expect`.
+    /// `[no] [tap] TARGET VALUE`, after `expect`.
     fn expectation(&self, input: &'a str, depth: usize) -> PResult<'a, TestAction> {
         // `no` negates only when a target follows; `expect no {…}` targets `no`.
+        // Likewise `tap`: no output can be named `tap`, a stream's name.
         let (input, no) = opt(terminated(keyword("no"), peek(preceded(trivia, ident))))(input)?;
+        let (input, tap) = opt(terminated(keyword("tap"), peek(preceded(trivia, ident))))(input)?;
         let (input, target) =
             self.expect("`index` or an output name after `expect`", |i| self.name(i))(input)?;
         let (input, fields) = self.value(input, depth)?;
@@ -506,6 +508,7 @@ impl<'a> Parser<'a> {
                 target,
                 fields,
                 negated: no.is_some(),
+                tap: tap.is_some(),
             },
         ))
     }
@@ -1380,6 +1383,7 @@ test "backlog pages" {
             target,
             fields,
             negated: false,
+            tap: false,
         } = &steps[1].action
         else {
             panic!("not a plain expect")
@@ -1622,6 +1626,31 @@ test "backlog pages" {
         );
         assert_eq!(test.steps[3].at, Some(90_000_000));
         assert_eq!(&src[test.steps[3].span.clone()], "at 90s send {}");
+    }
+
+    /// `tap` before a name makes the target a tap; before fields, it is the
+    /// target's name (which compiling then refuses: no output is `tap`).
+    #[test]
+    fn expect_tap_names_a_tap() {
+        let src = "streams {} test \"t\" { expect tap t {}; expect no tap t {}; expect tap {} }";
+        let file = parse_ok(src);
+        let steps: Vec<_> = file.tests[0]
+            .steps
+            .iter()
+            .map(|step| match &step.action {
+                TestAction::Expect {
+                    target,
+                    negated,
+                    tap,
+                    ..
+                } => (target.name.as_str(), *negated, *tap),
+                TestAction::Send(_) => panic!("an expect"),
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [("t", false, true), ("t", true, true), ("tap", false, false)]
+        );
     }
 
     #[test]

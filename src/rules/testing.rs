@@ -5,6 +5,7 @@
 //! ticking the timers at each step, exactly as the server's timer would.
 //! `expect TARGET {fields}` passes when something TARGET (the index, or an
 //! output) holds or received matches every field given; `expect no` inverts it.
+//! `expect tap NAME {fields}` checks what reached stage `tap(NAME)` likewise.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use crate::outputs::{OutputKind, OutputSink};
 use crate::query::Query;
 use crate::streams::Streams;
 
-use super::ast::{Ident, RuleFile, TestAction, Value, ValueKind};
+use super::ast::{Ident, RuleFile, Stmt, TestAction, Value, ValueKind};
 use super::compile::{EnvPolicy, compile};
 use super::diag::Diagnostic;
 use super::engine::{MAX_REINJECT_ROUNDS, Rules};
@@ -81,6 +82,8 @@ enum Action {
     Send(Vec<(Event, bool)>),
     Expect {
         target: String,
+        /// `target` names a tap.
+        tap: bool,
         wanted: Vec<(String, Json)>,
         negated: bool,
     },
@@ -89,6 +92,8 @@ enum Action {
 /// Every test's steps, read; or what makes any of them meaningless.
 fn plan(file: &RuleFile) -> Result<Vec<Vec<Step>>, Vec<Diagnostic>> {
     let outputs: Vec<String> = file.outputs.iter().map(|o| o.name.name.clone()).collect();
+    let mut taps = Vec::new();
+    taps_in(&file.streams, &mut taps);
     let mut problems = Vec::new();
     let mut plans = Vec::with_capacity(file.tests.len());
     for test in &file.tests {
@@ -116,17 +121,22 @@ fn plan(file: &RuleFile) -> Result<Vec<Vec<Step>>, Vec<Diagnostic>> {
                     _ => event_from(value).map(|sent| vec![sent]),
                 }
                 .map(Action::Send),
-                TestAction::Expect { target, .. }
-                    if target.name != "index" && !outputs.contains(&target.name) =>
-                {
+                TestAction::Expect {
+                    target, tap: true, ..
+                } if !taps.contains(&target.name) => Err(unknown_tap(target, &taps)),
+                TestAction::Expect {
+                    target, tap: false, ..
+                } if target.name != "index" && !outputs.contains(&target.name) => {
                     Err(unknown_target(target, &outputs))
                 }
                 TestAction::Expect {
                     target,
                     fields,
                     negated,
+                    tap,
                 } => expected_fields(fields).map(|wanted| Action::Expect {
                     target: target.name.clone(),
+                    tap: *tap,
                     wanted,
                     negated: *negated,
                 }),
@@ -156,6 +166,61 @@ fn unknown_target(target: &Ident, outputs: &[String]) -> Diagnostic {
         format!("`expect {}`: no such output", target.name),
     )
     .with_hint(format!("expect can check: {}", known.join(", ")))
+}
+
+fn unknown_tap(target: &Ident, taps: &[String]) -> Diagnostic {
+    let problem = Diagnostic::new(
+        target.span.clone(),
+        format!("`expect tap {}`: no such tap", target.name),
+    );
+    match taps {
+        [] => problem.with_hint(format!(
+            "put `tap({})` in the streams where the events are to be seen",
+            target.name
+        )),
+        taps => problem.with_hint(format!("the streams' taps: {}", taps.join(", "))),
+    }
+}
+
+/// The names of the `tap(NAME)` stages in `stmts`, in the file's order, each
+/// once; a malformed or repeated one is compiling's to report.
+fn taps_in(stmts: &[Stmt], out: &mut Vec<String>) {
+    for stmt in stmts {
+        match stmt {
+            Stmt::Call {
+                name,
+                args,
+                body,
+                else_body,
+                ..
+            } => {
+                if name.name == "tap"
+                    && let Some([arg]) = args.as_deref()
+                    && let ValueKind::Ident(tap) | ValueKind::String(tap) = &arg.value.kind
+                    && !out.contains(tap)
+                {
+                    out.push(tap.clone());
+                }
+                for block in body.iter().chain(else_body) {
+                    taps_in(&block.stmts, out);
+                }
+            }
+            Stmt::Where {
+                body, else_body, ..
+            } => {
+                for block in std::iter::once(body).chain(else_body) {
+                    taps_in(&block.stmts, out);
+                }
+            }
+            Stmt::Split {
+                clauses, default, ..
+            } => {
+                for block in clauses.iter().map(|c| &c.body).chain(default) {
+                    taps_in(&block.stmts, out);
+                }
+            }
+        }
+    }
 }
 
 /// The most events one output keeps in a test (some hundreds of MB); a test
@@ -255,6 +320,8 @@ pub(crate) struct Bench {
     pub index: Arc<Index>,
     pub rules: Rules,
     pub recorders: Vec<(String, Arc<Recorder>)>,
+    /// What reached each `tap`, by name.
+    pub taps: Vec<(String, Arc<Recorder>)>,
 }
 
 impl Bench {
@@ -277,8 +344,11 @@ impl Bench {
             .iter()
             .map(|o| (o.name.clone(), Arc::new(recorder(&o.kind))))
             .collect();
-        let sinks: Vec<Arc<dyn OutputSink>> = recorders
-            .iter()
+        let taps: Vec<(String, Arc<Recorder>)> = (compiled.taps.iter())
+            .map(|name| (name.clone(), Arc::default()))
+            .collect();
+        // The taps' recorders after the outputs', where `Tap` stages look.
+        let sinks: Vec<Arc<dyn OutputSink>> = (recorders.iter().chain(&taps))
             .map(|(_, r)| r.clone() as Arc<dyn OutputSink>)
             .collect();
         let rules = Rules::new(compiled.roots, None, sinks, index.clone(), shared);
@@ -287,6 +357,7 @@ impl Bench {
             index,
             rules,
             recorders,
+            taps,
         })
     }
 
@@ -309,6 +380,20 @@ impl Bench {
             .find(|(name, _)| name == target)
             .map(|(_, r)| r.events.lock().clone())
             .unwrap_or_default()
+    }
+
+    /// Everything that reached tap `name`.
+    pub fn tapped(&self, name: &str) -> Vec<Event> {
+        (self.taps.iter())
+            .find(|(tap, _)| tap == name)
+            .map(|(_, r)| r.events.lock().clone())
+            .unwrap_or_default()
+    }
+
+    /// Every recorder, outputs' and taps', with what a failure calls it.
+    fn all_recorders(&self) -> impl Iterator<Item = (String, &Arc<Recorder>)> {
+        let outputs = (self.recorders.iter()).map(|(name, r)| (name.clone(), r));
+        outputs.chain((self.taps.iter()).map(|(name, r)| (format!("tap {name}"), r)))
     }
 }
 
@@ -350,16 +435,22 @@ fn run_one(file: &RuleFile, test_name: &str, steps: &[Step]) -> Result<Outcome, 
             }
             Action::Expect {
                 target,
+                tap,
                 wanted,
                 negated,
             } => {
-                if let Err(e) = expect(&bench, target, wanted, *negated) {
+                let (seen, target) = if *tap {
+                    (bench.tapped(target), format!("tap {target}"))
+                } else {
+                    (bench.seen_by(target), target.clone())
+                };
+                if let Err(e) = expect(&seen, &target, wanted, *negated) {
                     failures.push(e);
                 }
             }
         }
     }
-    for (name, recorder) in &bench.recorders {
+    for (name, recorder) in bench.all_recorders() {
         let not_kept = recorder.not_kept.load(Ordering::Relaxed);
         if not_kept > 0 {
             failures.push(format!(
@@ -408,8 +499,8 @@ const CHECK_EVERY: usize = if cfg!(test) { 100 } else { 10_000 };
 fn advance_test(bench: &Bench, target: Micros, ticks: &mut usize) -> Advanced {
     while bench.clock.now() < target {
         let full =
-            |(_, recorder): &(String, Arc<Recorder>)| recorder.not_kept.load(Ordering::Relaxed) > 0;
-        if bench.recorders.iter().any(full) {
+            |(_, recorder): (String, &Arc<Recorder>)| recorder.not_kept.load(Ordering::Relaxed) > 0;
+        if bench.all_recorders().any(full) {
             return Advanced::OutputFull;
         }
         if *ticks == MAX_TEST_TICKS {
@@ -421,13 +512,15 @@ fn advance_test(bench: &Bench, target: Micros, ticks: &mut usize) -> Advanced {
     Advanced::Reached
 }
 
+/// Whether `target` (the index, an output or `tap NAME`), which holds or
+/// received `seen`, has an event matching `wanted` (none, `negated`).
 fn expect(
-    bench: &Bench,
+    seen: &[Event],
     target: &str,
     wanted: &[(String, Json)],
     negated: bool,
 ) -> Result<(), String> {
-    let seen: Vec<Json> = bench.seen_by(target).iter().map(to_json).collect();
+    let seen: Vec<Json> = seen.iter().map(to_json).collect();
     let matching = seen.iter().filter(|e| matches(e, wanted)).count();
     let want = Json::Object(wanted.iter().cloned().collect());
     match (negated, matching) {
@@ -837,6 +930,115 @@ test "t" {
             ]
         );
         assert!(run_tests(&file).is_err());
+    }
+
+    /// A tap records what reached it, as a leaf or before the stages under
+    /// it, from every `by` group; `expect tap` checks it as `expect` checks
+    /// an output, with the same diff.
+    #[test]
+    fn taps_record_what_reached_them_for_expect_tap() {
+        let file = parse(
+            r#"output out = forward(host: "x")
+streams {
+  tap(all)
+  where metric > 3 { tap("high") { with(state: "critical") { out } } }
+  by(host) { tap(grouped) }
+}
+test "checks" {
+  send {host: "a", service: "b", metric: 5}
+  send {host: "c", service: "d", metric: 1}
+  expect tap all {service: "d"}
+  expect tap high {service: "b", state: null}
+  expect no tap high {service: "d"}
+  expect tap grouped {host: "a"}
+  expect tap grouped {host: "c"}
+  expect out {service: "b", state: "critical"}
+}
+test "fails" {
+  send {host: "a", service: "b", metric: 5}
+  expect tap high {state: "critical"}
+  expect no tap all {host: "a"}
+}"#,
+        )
+        .unwrap();
+        let failures = failures_of(&file);
+        assert_eq!(
+            failures,
+            [
+                vec![],
+                vec![
+                    "expected tap high to have an event matching\n      \
+                     {\"state\":\"critical\"}\n    \
+                     1 event(s) in tap high; the closest differs in:\n      \
+                     state: expected \"critical\", got null"
+                        .to_owned(),
+                    "expected tap all to have no event matching\n      \
+                     {\"host\":\"a\"}\n    but 1 matched"
+                        .to_owned(),
+                ]
+            ]
+        );
+    }
+
+    /// Without a recorder after the outputs (`vigil run`), a tap only passes
+    /// events on.
+    #[test]
+    fn without_a_recorder_a_tap_passes_events_on() {
+        let file = parse(
+            r#"output out = forward(host: "x")
+streams { tap(t) { out } }"#,
+        )
+        .unwrap();
+        let compiled = compile(&file, EnvPolicy::Lenient).unwrap();
+        assert_eq!(compiled.taps, ["t"]);
+        let out = Arc::new(Recorder::default());
+        let clock: SharedClock = Arc::new(ManualClock::new(TEST_EPOCH));
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let rules = Rules::new(compiled.roots, None, vec![out.clone()], index, clock);
+        rules.process(&[Event {
+            host: Some("h".into()),
+            ..Event::default()
+        }]);
+        assert_eq!(out.events.lock().len(), 1);
+        assert_eq!(rules.stats.errors.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_tap_named_twice_or_expected_undeclared_is_a_positioned_error() {
+        let source = r#"streams {
+  tap(a)
+  where metric > 1 { tap(a) { index } }
+  tap(b)
+}
+test "t" {
+  expect tap c {host: "h"}
+  expect no tap a {host: "h"}
+}
+"#;
+        let rendered = crate::rules::load("x.vigil", source, EnvPolicy::Lenient)
+            .err()
+            .unwrap();
+        let found: Vec<&str> = (rendered.lines())
+            .filter(|l| l.starts_with("x.vigil:") || l.starts_with("  hint: "))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "x.vigil:3:26: tap `a` is declared twice",
+                "  hint: the first is at 2:7; `expect tap a` must name one",
+                "x.vigil:7:14: `expect tap c`: no such tap",
+                "  hint: the streams' taps: a, b",
+            ],
+            "{rendered}"
+        );
+        let none = parse("streams { index }\ntest \"t\" { expect tap c {} }").unwrap();
+        let hints: Vec<_> = (check_tests(&none).into_iter())
+            .map(|d| d.hint.unwrap_or_default())
+            .collect();
+        assert_eq!(
+            hints,
+            ["put `tap(c)` in the streams where the events are to be seen"]
+        );
     }
 
     #[test]

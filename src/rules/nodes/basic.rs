@@ -362,6 +362,51 @@ impl Node for Tag {
     }
 }
 
+/// `tap(name)`: passes events on, and under `vigil test` also records them
+/// for `expect tap NAME`. Its recorder is the sink at `slot` of
+/// [`Cx::outputs`], past the declared outputs: `vigil test` puts one there,
+/// `vigil run` none, so that it only passes events on.
+pub struct Tap {
+    pub name: String,
+    pub slot: usize,
+    pub children: Children,
+}
+
+impl Node for Tap {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        if let Some(recorder) = cx.outputs.get(self.slot) {
+            recorder.push(event.clone());
+        }
+        self.children.event(event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Tap {
+            name: self.name.clone(),
+            slot: self.slot,
+            children: self.children.fresh(),
+        })
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Tap>(old).filter(|o| o.name == self.name) {
+            self.children.adopt(&old.children);
+        }
+    }
+
+    fn save(&self, out: &mut dyn Saver) {
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
+        self.children.restore(from)
+    }
+}
+
 /// Leaf stages: they consume the event and have no children.
 macro_rules! leaf {
     ($name:ident $(, $field:ident : $ty:ty)* ; |$self:ident, $event:ident, $cx:ident| $body:block) => {

@@ -39,7 +39,7 @@ mod window;
 mod tests;
 
 pub use basic::{
-    Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Reinject, Scale, Split, Tag,
+    Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Reinject, Scale, Split, Tag, Tap,
     Where, With,
 };
 pub use stateful::{By, ByDefinition, Changed, Ddt, Ewma, EwmaMode, Rate, Stable, Throttle};
@@ -51,6 +51,8 @@ use saved::{RestoreError, Restorer, Saver};
 pub struct Cx<'a> {
     pub now: Micros,
     pub index: &'a Index,
+    /// The declared outputs, in order; under `vigil test` then a recorder
+    /// for each `tap` (see [`Tap`]).
     pub outputs: &'a [Arc<dyn OutputSink>],
     /// Events `reinject` sent back to the top; the engine runs them after the batch.
     pub reinjected: &'a mut Vec<Event>,
