@@ -97,7 +97,11 @@ impl Live {
                 writes,
             } => {
                 writes.tick().await;
-                subscription.take_all().await
+                let batch = subscription.take_all().await;
+                // The next an interval after this one, not at the next tick:
+                // after a quiet spell this one went with its first event.
+                writes.reset();
+                batch
             }
         }
     }
@@ -202,5 +206,36 @@ mod tests {
         assert_eq!(held(), 0, "freed at once");
         // Its connection learns it when it asks for the next batch.
         assert!(live.next().await.is_none());
+    }
+
+    /// A batch taken late in an interval (the first event after a quiet
+    /// spell goes at once) is followed by the next an interval later, not at
+    /// the next tick: that was 10 ms after it for `coalesce=100ms`.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_taken_late_in_an_interval_is_followed_an_interval_later() {
+        let pubsub = Pubsub::new();
+        let subscription = pubsub.subscribe_latest(Query::parse("true").unwrap(), 10);
+        let mut live = Live::new(subscription, Some(Duration::from_millis(100)));
+        let publisher = pubsub.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(190)).await;
+            publisher.publish(&event("a", 1));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            publisher.publish(&event("a", 2));
+        });
+        assert_eq!(
+            seen(live.next().await.unwrap()),
+            [("a".to_owned(), Some(Metric::Int(1)))]
+        );
+        let taken = Instant::now();
+        assert_eq!(
+            seen(live.next().await.unwrap()),
+            [("a".to_owned(), Some(Metric::Int(2)))]
+        );
+        assert!(
+            taken.elapsed() >= Duration::from_millis(100),
+            "the next batch {:?} after the one before",
+            taken.elapsed()
+        );
     }
 }
