@@ -160,8 +160,8 @@ struct BacklogState {
     /// the subscriber frees it too, whatever its connection is doing.
     snapshot: std::vec::IntoIter<Event>,
     snapshot_bytes: usize,
-    /// The batch taken whole last, which its connection may still be
-    /// writing (see [`Subscription::take_all`]).
+    /// The batch taken whole last, while its connection writes it (see
+    /// [`Subscription::take_all`], [`Subscription::written`]).
     taken_bytes: usize,
     /// Disconnected for being too slow: nothing more comes.
     lagged: bool,
@@ -240,7 +240,7 @@ impl Backlog {
     }
 
     /// What the subscriber holds: its queue, its snapshot not sent yet and
-    /// the batch it took whole last.
+    /// the batch it took whole and is writing.
     fn bytes(&self) -> usize {
         let state = self.state.lock();
         state.queue.bytes() + state.snapshot_bytes + state.taken_bytes
@@ -324,9 +324,10 @@ impl Subscription {
     /// Everything queued, once something is: for a coalescing subscriber,
     /// the latest event of each series since the last take. `None` once
     /// unsubscribed (see [`Subscription::lagged`]). The batch stays counted
-    /// in the pubsub's `max_held`, as its queue was, until the next take or
-    /// the end: its connection writes it meanwhile, and a connection that
-    /// takes a hundred thousand series and writes them slowly holds them.
+    /// in the pubsub's `max_held`, as its queue was, until its connection
+    /// says it was written ([`Subscription::written`]), the next take or the
+    /// end: a connection that takes a hundred thousand series and writes
+    /// them slowly holds them.
     pub async fn take_all(&mut self) -> Option<Vec<Arc<Published>>> {
         let held = &self.pubsub.stats.bytes_held;
         loop {
@@ -337,6 +338,14 @@ impl Subscription {
                 Err(TryRecvError::Empty) => self.queue.ready.notified().await,
             }
         }
+    }
+
+    /// The batch [`Subscription::take_all`] took last is written: no longer
+    /// held.
+    pub fn written(&self) {
+        let held = &self.pubsub.stats.bytes_held;
+        let mut state = self.queue.state.lock();
+        held.fetch_sub(std::mem::take(&mut state.taken_bytes), Ordering::AcqRel);
     }
 
     /// This subscriber's snapshot, held within its pubsub's `max_held` (see

@@ -10,8 +10,8 @@
 //! view of the latest states (the dashboard) that cannot take every event
 //! of a busy index then gets fewer, larger batches instead of being
 //! disconnected as too slow, until it holds more than [`MAX_SERIES`]
-//! series. What it holds (the series, and the batch its connection took
-//! last) counts in the pubsub's bound on what all subscribers hold
+//! series. What it holds (the series, and the batch its connection is
+//! writing) counts in the pubsub's bound on what all subscribers hold
 //! (`--max-subscriber-memory`), as queued events do.
 //!
 //! [`Pubsub::subscribe_latest`]: crate::pubsub::Pubsub::subscribe_latest
@@ -96,6 +96,8 @@ impl Live {
                 subscription,
                 writes,
             } => {
+                // Asked for the next, its connection wrote the last.
+                subscription.written();
                 writes.tick().await;
                 let batch = subscription.take_all().await;
                 // The next an interval after this one, not at the next tick:
@@ -178,7 +180,7 @@ mod tests {
     /// A connection that takes nothing holds as many series as the index
     /// has: they count in the bound of what all subscribers hold, and past
     /// it the subscriber is disconnected; the batch its connection took
-    /// last counts until it takes the next.
+    /// counts while it is written.
     #[tokio::test(start_paused = true)]
     async fn the_series_a_coalescing_subscriber_holds_count_in_the_subscribers_bound() {
         let host = |n: usize| format!("h{n:02}");
@@ -206,6 +208,29 @@ mod tests {
         assert_eq!(held(), 0, "freed at once");
         // Its connection learns it when it asks for the next batch.
         assert!(live.next().await.is_none());
+    }
+
+    /// The batch its connection took is held until it asks for the next,
+    /// having written it; not until the next batch, which may be long.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_written_is_no_longer_held() {
+        let host = |n: usize| format!("h{n:02}");
+        let one = event(&host(0), 0).approx_bytes();
+        let pubsub = Pubsub::new();
+        let held = || pubsub.stats.bytes_held.load(Ordering::Acquire);
+        let subscription = pubsub.subscribe_latest(Query::parse("true").unwrap(), MAX_SERIES);
+        let mut live = Live::new(subscription, Some(Duration::from_millis(100)));
+        for n in 0..10 {
+            pubsub.publish(&event(&host(n), 0));
+        }
+        let batch = live.next().await.unwrap();
+        assert_eq!((batch.len(), held()), (10, 10 * one), "being written");
+        drop(batch);
+        let quiet = tokio::time::timeout(Duration::from_secs(1), live.next()).await;
+        assert!(quiet.is_err(), "nothing more came");
+        assert_eq!(held(), 0, "written, so no longer held");
+        pubsub.publish(&event(&host(0), 1));
+        assert_eq!(held(), one);
     }
 
     /// A batch taken late in an interval (the first event after a quiet
