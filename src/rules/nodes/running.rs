@@ -166,9 +166,8 @@ pub struct Running {
     /// group's window of only `mean` saves two allocations.
     extremes: Extremes,
     /// Candidates for the least metric: increasing (in [`numbers::cmp`]'s
-    /// order), the earliest of equals first (as `Iterator::min_by` picks);
-    /// for the greatest: decreasing, the latest of equals kept (as `max_by`
-    /// picks).
+    /// order); for the greatest: decreasing. Of equals, the latest is kept,
+    /// as Riemann's `minimum` (`<=`) and `maximum` (`>=`) keep it.
     mins: VecDeque<(u64, Metric)>,
     maxs: VecDeque<(u64, Metric)>,
 }
@@ -210,7 +209,7 @@ impl Running {
             while self
                 .mins
                 .back()
-                .is_some_and(|(_, m)| numbers::cmp(*m, metric) == Ordering::Greater)
+                .is_some_and(|(_, m)| numbers::cmp(*m, metric) != Ordering::Less)
             {
                 self.mins.pop_back();
             }
@@ -313,7 +312,8 @@ impl FixedFolds {
                 .and_then(|kept| kept.metric)
                 .is_none_or(|kept| wins(numbers::cmp(metric, kept)))
         };
-        if extremes.min && beats(&self.min, Ordering::is_lt) {
+        // Of equals the latest, as Riemann's `<=` and `>=`.
+        if extremes.min && beats(&self.min, Ordering::is_le) {
             keep(&mut self.min, event);
         }
         if extremes.max && beats(&self.max, Ordering::is_ge) {

@@ -896,6 +896,34 @@ fn moving_time_window_counts_the_last_interval() {
     assert_eq!(counts, vec![1.0, 2.0, 3.0, 3.0, 3.0, 1.0]);
 }
 
+/// Riemann's `minimum` and `maximum` keep an event whose metric is `<=`
+/// (`>=`) the one kept: of equal metrics, the latest event, in every kind
+/// of window.
+#[test]
+fn min_and_max_of_equal_metrics_are_the_latest_event() {
+    use super::FoldKind;
+    use super::window::fold;
+    for window in ["fixed_event_window(4)", "moving_event_window(4)"] {
+        let b = bench(&format!("{window} {{ min {{ out }} max {{ out }} }}"));
+        for (host, m) in [("a", 1), ("b", 1), ("c", 2), ("d", 2)] {
+            send(&b, with_metric(ev(&b, host, "s"), Metric::Int(m)));
+        }
+        let hosts: Vec<String> = out(&b).iter().map(|e| e.host_str().to_owned()).collect();
+        // The last two: the window of four, folded once it is full.
+        assert_eq!(hosts[hosts.len() - 2..], ["b", "d"], "{window}: {hosts:?}");
+    }
+    let events = [("a", 1), ("b", 1), ("c", 2), ("d", 2)].map(|(host, m)| Event {
+        host: Some(host.into()),
+        metric: Some(Metric::Int(m)),
+        ..Event::default()
+    });
+    let picked = |kind| fold(kind, events.iter()).unwrap().host_str().to_owned();
+    assert_eq!(
+        (picked(FoldKind::Min), picked(FoldKind::Max)),
+        ("b".into(), "d".into())
+    );
+}
+
 #[test]
 fn fixed_event_window_means_every_n_events() {
     let b = bench("fixed_event_window(3) { mean { out } }");

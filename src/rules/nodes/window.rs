@@ -81,8 +81,10 @@ where
         FoldKind::Min | FoldKind::Max => {
             let pick = |(a, _): &(Metric, _), (b, _): &(Metric, _)| numbers::cmp(*a, *b);
             let with_metric = events.filter_map(|e| Some((e.metric?, e)));
+            // Of equals the latest, as Riemann's `minimum` (`<=`) and
+            // `maximum` (`>=`) keep it: `max_by` picks the last of equals.
             let extreme = if kind == FoldKind::Min {
-                with_metric.min_by(pick)
+                with_metric.max_by(|a, b| pick(b, a))
             } else {
                 with_metric.max_by(pick)
             };
