@@ -288,8 +288,8 @@ pub struct FixedFolds {
     /// a sum is theirs to the last bit: integers exactly, then floats with
     /// their rounding and overflow. `None`: no metric yet.
     sum: Option<Sum>,
-    /// As `fold` picks them: the first of equal least metrics, the last of
-    /// equal greatest ones (when [`Extremes`] asks for them). Boxed, as the
+    /// As `fold` picks them: the last of equal least metrics, and of equal
+    /// greatest ones (when [`Extremes`] asks for them). Boxed, as the
     /// latest: a window that holds none (idle, or that keeps no extremes)
     /// costs a pointer, not an event.
     min: Option<Box<Event>>,
