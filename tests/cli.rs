@@ -971,13 +971,14 @@ fn check_refuses_a_forwards_tls_without_its_ca_half_an_identity_or_a_bad_file() 
 
 /// A test step's `time` far in the future is an error at its place: it
 /// overflowed the clock, a panic in a build with overflow checks and a time
-/// in the far past without.
+/// in the far past without. So is an `at` there, which was capped silently.
 #[test]
 fn a_test_step_time_beyond_the_clock_range_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     for (name, step) in [
         ("send.vigil", r#"send {host: "a", time: 1e13}"#),
         ("expect.vigil", r#"expect index {time: 1e13}"#),
+        ("at.vigil", r#"at 9223372036854s send {host: "a"}"#),
     ] {
         let path = dir.path().join(name);
         std::fs::write(
@@ -991,7 +992,7 @@ fn a_test_step_time_beyond_the_clock_range_is_an_error_not_a_panic() {
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(!stderr.contains("panicked"), "{command} {name}: {stderr}");
             assert!(
-                stdout.contains(":3:") && stdout.contains("`time` is past what the clock holds"),
+                stdout.contains(":3:") && stdout.contains("` is past what the clock holds"),
                 "{command} {name}: {stdout}"
             );
             assert_eq!(out.status.code(), Some(1), "{command} {name}: {stderr}");

@@ -111,6 +111,15 @@ fn plan(file: &RuleFile) -> Result<Vec<Vec<Step>>, Vec<Diagnostic>> {
                         ),
                     ));
                 }
+                if TEST_EPOCH.checked_add(at).is_none() {
+                    problems.push(Diagnostic::new(
+                        step.span.clone(),
+                        format!(
+                            "`at {}s` is past what the clock holds (about 292 000 years from 1970)",
+                            at as f64 / 1e6
+                        ),
+                    ));
+                }
                 latest = latest.max(at);
             }
             let action = match &step.action {
