@@ -891,7 +891,15 @@ impl Compiler<'_> {
             "changed" => {
                 let b = self.bind(n, args, &["field"], span)?;
                 let field = match b.get("field") {
-                    Some(v) => Field::named(&self.ident_or_string(v)?),
+                    Some(v) => {
+                        let field = Field::named(&self.ident_or_string(v)?);
+                        self.warn_misspelled(
+                            &field,
+                            v,
+                            "Events without the attribute never change",
+                        );
+                        field
+                    }
                     None => Field::State,
                 };
                 let children = self.body(name, span, body)?;
@@ -1166,22 +1174,30 @@ impl Compiler<'_> {
                 return None;
             }
             let field = Field::named(&self.ident_or_string(&arg.value)?);
-            if let Field::Attribute(attribute) = &field
-                && let Some(meant) = misspelled_field(attribute)
-            {
-                self.warnings.push(
-                    Diagnostic::new(
-                        arg.value.span.clone(),
-                        format!("`{attribute}` is an attribute, not one of the event's fields"),
-                    )
-                    .with_hint(format!(
-                        "did you mean `{meant}`? Events without the attribute all go to one group"
-                    )),
-                );
-            }
+            self.warn_misspelled(
+                &field,
+                &arg.value,
+                "Events without the attribute all go to one group",
+            );
             fields.push(field);
         }
         Some(fields)
+    }
+
+    /// Warns of an attribute `value` names that is spelled like one of the
+    /// event's fields (`hsot`): `consequence` says what it does then.
+    fn warn_misspelled(&mut self, field: &Field, value: &Value, consequence: &str) {
+        let Field::Attribute(attribute) = field else {
+            return;
+        };
+        let Some(meant) = misspelled_field(attribute) else {
+            return;
+        };
+        let warning = Diagnostic::new(
+            value.span.clone(),
+            format!("`{attribute}` is an attribute, not one of the event's fields"),
+        );
+        (self.warnings).push(warning.with_hint(format!("did you mean `{meant}`? {consequence}")));
     }
 
     fn field_sets(&mut self, what: &str, args: &[Arg]) -> Option<Vec<FieldSet>> {

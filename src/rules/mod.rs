@@ -110,10 +110,12 @@ pub fn render_all(diagnostics: &[Diagnostic], name: &str, source: &str) -> Strin
 mod tests {
     use super::*;
 
-    /// `by(hsot)` groups by an attribute events lack: all in one group.
+    /// `by(hsot)` groups by an attribute events lack: all in one group;
+    /// `changed(field: sate)` watches one: nothing changes.
     #[test]
-    fn a_by_field_spelled_like_an_event_field_is_warned_of() {
-        let source = "streams {\n  by(hsot, env, servce, host) { index }\n}\n";
+    fn a_field_spelled_like_an_event_field_is_warned_of() {
+        let source = "streams {\n  by(hsot, env, servce, host) { index }\n  \
+                      changed(field: sate) { index }\n  changed(field: env) { index }\n}\n";
         let (_, compiled) = load("w.vigil", source, EnvPolicy::Strict).unwrap();
         let warnings: Vec<_> = (compiled.warnings.iter())
             .map(|w| (&source[w.span.clone()], w.hint.as_deref().unwrap_or("")))
@@ -128,6 +130,10 @@ mod tests {
                 (
                     "servce",
                     "did you mean `service`? Events without the attribute all go to one group"
+                ),
+                (
+                    "sate",
+                    "did you mean `state`? Events without the attribute never change"
                 ),
             ]
         );
