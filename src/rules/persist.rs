@@ -163,7 +163,7 @@ impl<W: Write> Saver for PostcardSaver<'_, W> {
     }
 
     fn abandoned(&self) -> bool {
-        self.failed.is_some()
+        self.failed.is_some() || self.stop.is_cancelled()
     }
 }
 
@@ -199,6 +199,13 @@ pub fn save(
             };
             saver.write(&header)?;
             roots.save(&mut saver);
+            if saver.failed.is_none() && saver.stop.is_cancelled() {
+                // The walk may have stopped short with no push to fail.
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "vigil is stopping",
+                ));
+            }
             if let Some(e) = saver.failed {
                 return Err(e);
             }
@@ -701,6 +708,13 @@ mod tests {
         };
         life.rules.saving(|_, roots| roots.save(&mut saver));
         assert_eq!(saver.offered, 9, "the walk went on past its abandonment");
+        // Abandoned before it began, it lists no group.
+        let mut saver = Abandoning {
+            offered: 0,
+            limit: 0,
+        };
+        life.rules.saving(|_, roots| roots.save(&mut saver));
+        assert_eq!(saver.offered, 0, "the walk began although abandoned");
     }
 
     fn entries_of(rules: &Rules) -> Vec<Saved> {

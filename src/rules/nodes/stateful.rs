@@ -585,18 +585,17 @@ impl Node for By {
     /// one by one (each under its own lock), and a group freed meanwhile is
     /// saved anyway.
     fn save(&self, out: &mut dyn Saver) {
-        let groups: Vec<(GroupKey, Micros, Micros, Arc<Children>)> = self
-            .shards
-            .iter()
-            .flat_map(|shard| {
-                shard
-                    .lock()
-                    .groups
-                    .iter()
-                    .map(|g| (g.key.clone(), g.free_at, g.lifetime, g.children.clone()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut groups: Vec<(GroupKey, Micros, Micros, Arc<Children>)> = Vec::new();
+        for shard in self.shards.iter() {
+            // Listing a million groups takes a while too.
+            if out.abandoned() {
+                return;
+            }
+            let shard = shard.lock();
+            let listed = shard.groups.iter();
+            groups
+                .extend(listed.map(|g| (g.key.clone(), g.free_at, g.lifetime, g.children.clone())));
+        }
         out.push(Saved::By {
             groups: groups.len() as u64,
         });
