@@ -104,6 +104,23 @@ impl Stmt {
             Stmt::Call { span, .. } | Stmt::Where { span, .. } | Stmt::Split { span, .. } => span,
         }
     }
+
+    /// The blocks directly inside: a call's body and `else`, a `where`'s
+    /// body and `else`, a `split`'s clauses and default. What walks a
+    /// file's streams (a `by`'s horizon, the taps a test may check) descends.
+    pub fn blocks(&self) -> Vec<&Block> {
+        match self {
+            Stmt::Call {
+                body, else_body, ..
+            } => body.iter().chain(else_body).collect(),
+            Stmt::Where {
+                body, else_body, ..
+            } => std::iter::once(body).chain(else_body).collect(),
+            Stmt::Split {
+                clauses, default, ..
+            } => clauses.iter().map(|c| &c.body).chain(default).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1291,38 +1291,19 @@ fn horizon(stmts: &[Stmt]) -> Micros {
     }
     stmts
         .iter()
-        .map(|s| match s {
-            Stmt::Call {
-                args,
-                body,
-                else_body,
-                ..
-            } => {
-                let own = args
-                    .iter()
-                    .flatten()
+        .map(|s| {
+            let own = match s {
+                Stmt::Call { args, .. } => (args.iter().flatten())
                     .map(|a| value(&a.value))
                     .max()
-                    .unwrap_or(0);
-                let inner = body.iter().chain(else_body).map(|b| horizon(&b.stmts));
-                inner.fold(own, Micros::max)
-            }
-            Stmt::Where {
-                body, else_body, ..
-            } => body_horizon(Some(body)).max(body_horizon(else_body.as_ref())),
-            Stmt::Split {
-                clauses, default, ..
-            } => clauses
-                .iter()
-                .map(|c| horizon(&c.body.stmts))
-                .fold(body_horizon(default.as_ref()), Micros::max),
+                    .unwrap_or(0),
+                Stmt::Where { .. } | Stmt::Split { .. } => 0,
+            };
+            let inner = s.blocks().into_iter().map(|b| horizon(&b.stmts));
+            inner.fold(own, Micros::max)
         })
         .max()
         .unwrap_or(0)
-}
-
-fn body_horizon(block: Option<&Block>) -> Micros {
-    block.map_or(0, |b| horizon(&b.stmts))
 }
 
 /// How a Riemann stream vigil has no stage of that name is written here.

@@ -195,39 +195,20 @@ fn unknown_tap(target: &Ident, taps: &[String]) -> Diagnostic {
 /// once; a malformed or repeated one is compiling's to report.
 fn taps_in(stmts: &[Stmt], out: &mut Vec<String>) {
     for stmt in stmts {
-        match stmt {
-            Stmt::Call {
-                name,
-                args,
-                body,
-                else_body,
-                ..
-            } => {
-                if name.name == "tap"
-                    && let Some([arg]) = args.as_deref()
-                    && let ValueKind::Ident(tap) | ValueKind::String(tap) = &arg.value.kind
-                    && !out.contains(tap)
-                {
-                    out.push(tap.clone());
-                }
-                for block in body.iter().chain(else_body) {
-                    taps_in(&block.stmts, out);
-                }
-            }
-            Stmt::Where {
-                body, else_body, ..
-            } => {
-                for block in std::iter::once(body).chain(else_body) {
-                    taps_in(&block.stmts, out);
-                }
-            }
-            Stmt::Split {
-                clauses, default, ..
-            } => {
-                for block in clauses.iter().map(|c| &c.body).chain(default) {
-                    taps_in(&block.stmts, out);
-                }
-            }
+        if let Stmt::Call {
+            name,
+            args: Some(args),
+            ..
+        } = stmt
+            && name.name == "tap"
+            && let [arg] = args.as_slice()
+            && let ValueKind::Ident(tap) | ValueKind::String(tap) = &arg.value.kind
+            && !out.contains(tap)
+        {
+            out.push(tap.clone());
+        }
+        for block in stmt.blocks() {
+            taps_in(&block.stmts, out);
         }
     }
 }
