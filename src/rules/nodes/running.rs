@@ -628,6 +628,14 @@ mod tests {
         .map(|e| e.and_then(|e| e.metric))
     }
 
+    /// Each case's metrics folded three ways give its one expected metric.
+    fn fold_alike_to(kind: FoldKind, cases: &[(Vec<Metric>, Metric)]) {
+        for (metrics, folded) in cases {
+            let expected = [Some(*folded); 3];
+            assert_eq!(folded_three_ways(kind, metrics), expected, "{metrics:?}");
+        }
+    }
+
     /// Riemann's `(reduce + metrics)` adds Longs as Longs until a Double
     /// comes: a sum of integers is an integer, exact past 2^53.
     #[test]
@@ -651,14 +659,7 @@ mod tests {
                 Float(-18_446_744_073_709_551_616.0),
             ),
         ];
-        for (metrics, sum) in cases {
-            let expected = [Some(sum); 3];
-            assert_eq!(
-                folded_three_ways(FoldKind::Sum, &metrics),
-                expected,
-                "{metrics:?}"
-            );
-        }
+        fold_alike_to(FoldKind::Sum, &cases);
     }
 
     /// A fixed window adds as Riemann does, the integers before the first
@@ -688,14 +689,7 @@ mod tests {
             (vec![Int(1), Float(2.0)], Float(1.5)),
             (vec![Int(2), Float(4.0)], Float(3.0)),
         ];
-        for (metrics, mean) in cases {
-            let expected = [Some(mean); 3];
-            assert_eq!(
-                folded_three_ways(FoldKind::Mean, &metrics),
-                expected,
-                "{metrics:?}"
-            );
-        }
+        fold_alike_to(FoldKind::Mean, &cases);
     }
 
     /// Integers that one f64 stands for are apart, as Riemann's Longs are.
