@@ -454,17 +454,11 @@ pub async fn save(
         let started = Instant::now();
         let entries = write_from(&dir, |encoder| {
             index.for_each_shard(|events| match stop.is_cancelled() {
-                true => Err(io::Error::new(
-                    io::ErrorKind::Interrupted,
-                    "vigil is stopping",
-                )),
+                true => Err(stopping()),
                 false => encoder.push(events),
             })
         })
-        .map_err(|e| match stop.is_cancelled() {
-            true => SnapshotError::Abandoned,
-            false => e,
-        })?;
+        .map_err(|e| unless_abandoned(&stop, e))?;
         Ok(Saved {
             entries: entries as usize,
             elapsed: started.elapsed(),
@@ -472,6 +466,20 @@ pub async fn save(
     })
     .await
     .ok_or(SnapshotError::ShutDown)?
+}
+
+/// What a write fails with inside, once its `stop` is cancelled.
+pub(crate) fn stopping() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "vigil is stopping")
+}
+
+/// The error of a write `stop` may have cancelled: [`SnapshotError::Abandoned`]
+/// (no failure) if it did, else `error`.
+pub(crate) fn unless_abandoned(stop: &CancellationToken, error: SnapshotError) -> SnapshotError {
+    match stop.is_cancelled() {
+        true => SnapshotError::Abandoned,
+        false => error,
+    }
 }
 
 /// Writes the rules' stream state on a blocking thread, unless `stop` is

@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Micros;
-use crate::snapshot::{CrcWriter, SnapshotError, replace_file};
+use crate::snapshot::{CrcWriter, SnapshotError, replace_file, stopping, unless_abandoned};
 
 use super::engine::Rules;
 use super::nodes::Children;
@@ -146,14 +146,8 @@ impl<W: Write> PostcardSaver<'_, W> {
 
 impl<W: Write> Saver for PostcardSaver<'_, W> {
     fn push(&mut self, entry: Saved) {
+        // Once stopped, the walk's end fails the write (`save`).
         if self.abandoned() {
-            return;
-        }
-        if self.stop.is_cancelled() {
-            self.failed = Some(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "vigil is stopping",
-            ));
             return;
         }
         match self.write(&entry) {
@@ -201,10 +195,7 @@ pub fn save(
             roots.save(&mut saver);
             if saver.failed.is_none() && saver.stop.is_cancelled() {
                 // The walk may have stopped short with no push to fail.
-                return Err(io::Error::new(
-                    io::ErrorKind::Interrupted,
-                    "vigil is stopping",
-                ));
+                return Err(stopping());
             }
             if let Some(e) = saver.failed {
                 return Err(e);
@@ -217,10 +208,7 @@ pub fn save(
     let Some(written) = written else {
         return Ok(None);
     };
-    let (entries, bytes) = written.map_err(|e| match stop.is_cancelled() {
-        true => SnapshotError::Abandoned,
-        false => e,
-    })?;
+    let (entries, bytes) = written.map_err(|e| unless_abandoned(stop, e))?;
     Ok(Some(Written {
         entries,
         bytes,
