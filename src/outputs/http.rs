@@ -53,18 +53,20 @@ impl RetryPolicy {
         }
     }
 
-    /// The wait before retry number `retry` (1-based): the server's
-    /// `Retry-After` when it gave one, else full jitter over an exponentially
-    /// growing window; both capped by `max_backoff`.
+    /// The wait before retry number `retry` (1-based): full jitter over an
+    /// exponentially growing window, or the server's `Retry-After` when it
+    /// asks for longer; capped by `max_backoff`. A `Retry-After` of now
+    /// (`0`, a past date) is no reason to retry at once: a receiver failing
+    /// that way would get a request loop for as long as it fails.
     fn backoff(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
-        let wait = retry_after.unwrap_or_else(|| {
-            let window = self
-                .initial_backoff
-                .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
-                .min(self.max_backoff);
-            window.mul_f64(rand::random::<f64>())
-        });
-        wait.min(self.max_backoff)
+        let window = self
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
+            .min(self.max_backoff);
+        let jittered = window.mul_f64(rand::random::<f64>());
+        retry_after
+            .map_or(jittered, |asked| asked.max(jittered))
+            .min(self.max_backoff)
     }
 
     fn exhausted(&self, attempts: u32) -> bool {
@@ -540,6 +542,19 @@ mod tests {
         assert_eq!(
             p.backoff(1, Some(Duration::from_secs(90))),
             Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn a_retry_after_of_now_still_backs_off() {
+        // `Retry-After: 0`, or a date already past, once made every retry
+        // immediate: a pager hammered a failing receiver (and the log) for
+        // as long as it failed.
+        let p = policy();
+        let waited: Duration = (0..100).map(|_| p.backoff(4, Some(Duration::ZERO))).sum();
+        assert!(
+            waited > Duration::from_secs(1),
+            "{waited:?} over 100 retries"
         );
     }
 
