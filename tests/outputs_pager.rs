@@ -1190,6 +1190,44 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     task.await.unwrap();
 }
 
+/// A reload that changes the `dedup_key` template (here back to the derived
+/// key) once left every incident opened under the old one open for good:
+/// the `ok` made the new key, under which nothing was open, and was skipped.
+#[tokio::test]
+async fn a_reload_that_changes_the_dedup_key_still_resolves_what_was_opened_before() {
+    let rx = Receiver::start().await;
+    let spec = |dedup_key: Option<&str>| OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager::Config {
+            dedup_key: dedup_key.map(|t| Template::parse(t).unwrap()),
+            ..pager_config(&rx.url)
+        }),
+    };
+    let kept = Kept::default();
+    let stop = CancellationToken::new();
+    let (first, task) = outputs::start(&spec(Some("{host}:{service}")), &kept, stop.child_token());
+    first.push(event("disk /", "critical"));
+    rx.wait_for(1).await;
+    drop(first);
+    let (second, _) = outputs::start(&spec(None), &kept, stop.child_token());
+    second.push(event("disk /", "ok"));
+    // Opened under the new key, and resolved under it.
+    second.push(event("cpu", "critical"));
+    second.push(event("cpu", "ok"));
+    rx.wait_for(4).await;
+    assert_eq!(
+        actions(&rx),
+        [
+            "trigger web1:disk /",
+            "resolve web1:disk /",
+            "trigger web1/cpu",
+            "resolve web1/cpu"
+        ]
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_change_of_severity_is_sent_within_the_resend_interval() {
     let rx = Receiver::start().await;

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 
 use super::holds::Origin;
 use super::pager::{Severity, fnv1a};
+use super::template::Template;
 use crate::blocking::off_workers;
 use crate::event::Event;
 use crate::snapshot::{self, SnapshotError};
@@ -56,6 +57,9 @@ const WITHOUT_UNSENT: u32 = 1;
 /// unsent pages make (keys are ≤ 255 bytes; JSON escapes a byte in at most
 /// six): anything bigger is not ours, and is not read into memory.
 const MAX_FILE: u64 = 128 * 1024 * 1024;
+/// `dedup_key` templates remembered per memory: a reload that changed the
+/// template still resolves the incidents opened under the earlier ones.
+const DEDUP_KEYS: usize = 4;
 /// Undelivered pages kept for the next run at most, in number and in bytes
 /// (by [`Event::approx_bytes`]); a dead pager at shutdown may have its whole
 /// queue undelivered.
@@ -369,6 +373,10 @@ pub struct Memory {
     paging: Arc<tokio::sync::Mutex<()>>,
     /// The last [`Generation`] given to a task of this memory.
     generations: AtomicU64,
+    /// The `dedup_key` templates of the output's declarations that paged
+    /// from this memory, the latest last (`None`: the derived key); at most
+    /// [`DEDUP_KEYS`]. In memory only.
+    dedup_keys: Mutex<Vec<Option<Template>>>,
     /// The memory this one replaced before that one had read the file: the
     /// file is read through it, under the key it was saved with, before this
     /// one can save over it. Taken by [`load`](Self::load).
@@ -390,6 +398,7 @@ impl Memory {
             paging: Arc::default(),
             generations: AtomicU64::new(0),
             predecessor: Mutex::new(None),
+            dedup_keys: Mutex::default(),
             failures: None,
             failing: AtomicBool::new(false),
             file,
@@ -499,6 +508,7 @@ impl Memory {
             paging: Arc::default(),
             generations: AtomicU64::new(0),
             predecessor: Mutex::new((!loaded).then(|| self.clone())),
+            dedup_keys: Mutex::default(),
         }
     }
 
@@ -538,6 +548,21 @@ impl Memory {
             );
         }
         self.save().await;
+    }
+
+    /// A declaration of the output pages from this memory with `template`.
+    pub(super) fn declared_dedup_key(&self, template: &Option<Template>) {
+        let mut keys = self.dedup_keys.lock();
+        keys.retain(|t| t != template);
+        keys.push(template.clone());
+        if keys.len() > DEDUP_KEYS {
+            keys.remove(0);
+        }
+    }
+
+    /// The `dedup_key` templates declared so far, the latest last.
+    pub(super) fn dedup_keys(&self) -> Vec<Option<Template>> {
+        self.dedup_keys.lock().clone()
     }
 
     /// Whether another receiver's memory took this one's place.

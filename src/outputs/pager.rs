@@ -20,6 +20,9 @@
 //! - a resolve is sent only for an incident vigil triggered; a suppressed one
 //!   counts as skipped too, as nothing needed sending.
 //!
+//! An incident opened under the `dedup_key` of an earlier declaration (a
+//! reload changed the template) keeps its key until it resolves.
+//!
 //! They are bounded ([`MAX_OPEN`]); beyond it the least recently triggered
 //! incident is forgotten. A page is retried for as long as the process runs
 //! (see [`super::http::RetryPolicy::pager`]); with a data directory, the pages
@@ -159,6 +162,7 @@ pub async fn run(
     };
     // Before any page: a resolve is sent only for an incident it holds.
     memory.load().await;
+    memory.declared_dedup_key(&config.dedup_key);
     let generation = memory.next_generation();
     let mut saves = Saves::default();
     // After the output's previous task (a reload's), which may leave pages;
@@ -501,7 +505,7 @@ impl Pager {
             delivery.skipped(1);
             return;
         };
-        let key = dedup_key(&self.config, event);
+        let key = self.open_key(event);
         let now = Instant::now();
         if self.suppressed(action, &key, now) {
             tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
@@ -555,6 +559,27 @@ impl Pager {
             }
             (Api::Webhook { .. }, action) => webhook::page(action, key, event),
         }
+    }
+
+    /// The event's dedup key; unless no incident is open under it but one
+    /// is under the key an earlier declaration's `dedup_key` gives it (a
+    /// reload changed the template): that incident keeps its key until it
+    /// resolves, or its `ok` would resolve nothing.
+    fn open_key(&self, event: &Event) -> String {
+        let key = dedup_key(&self.config, event);
+        let templates = self.memory.dedup_keys();
+        let incidents = self.memory.incidents();
+        if incidents.get(&key).is_some() {
+            return key;
+        }
+        let earlier = templates
+            .iter()
+            .rev()
+            .filter(|t| **t != self.config.dedup_key);
+        earlier
+            .map(|template| key_from(template.as_ref(), event))
+            .find(|earlier| incidents.get(earlier).is_some())
+            .unwrap_or(key)
     }
 
     /// Hygiene: no re-trigger within the resend interval (unless the
@@ -622,7 +647,12 @@ impl Pages {
 /// The template's key, or `host/service` when there is none (or it renders
 /// empty, which PagerDuty would refuse).
 fn dedup_key(config: &Config, event: &Event) -> String {
-    let custom = config.dedup_key.as_ref().map(|t| t.render(event));
+    key_from(config.dedup_key.as_ref(), event)
+}
+
+/// The key `template` gives `event`, derived as [`dedup_key`]'s.
+fn key_from(template: Option<&Template>, event: &Event) -> String {
+    let custom = template.map(|t| t.render(event));
     let key = custom
         .filter(|key| !key.is_empty())
         .unwrap_or_else(|| derived_key(event.host_str(), event.service_str()));
