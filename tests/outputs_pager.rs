@@ -634,6 +634,30 @@ async fn an_incident_open_before_a_restart_is_resolved_after_it() {
     );
 }
 
+/// A restart with another `dedup_key` template once left the incidents
+/// opened under the previous one open for good, as a reload did.
+#[tokio::test]
+async fn an_incident_opened_under_a_dedup_key_changed_across_a_restart_is_resolved() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let custom = pager::Config {
+        dedup_key: Some(Template::parse("{host}:{service}").unwrap()),
+        ..pager_config(&rx.url)
+    };
+    let mut before = Running::pager_remembering(memory(&custom, Some(file.clone())), custom);
+    before.queue.push(event("disk /", "critical"));
+    before.settled().await;
+    before.stop().await;
+
+    // A new process, its rule file edited back to the derived key.
+    let config = pager_config(&rx.url);
+    let after = Running::pager_remembering(memory(&config, Some(file)), config);
+    after.queue.push(event("disk /", "ok"));
+    after.settled().await;
+    assert_eq!(actions(&rx), ["trigger web1:disk /", "resolve web1:disk /"]);
+}
+
 /// A pager that stops while its receiver is failing keeps its pages for the
 /// next run, which sends them first.
 #[tokio::test]

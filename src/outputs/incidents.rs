@@ -332,6 +332,11 @@ struct Saved {
     /// Pages taken from the queue and not yet delivered, oldest first.
     #[serde(default)]
     unsent: Vec<Event>,
+    /// The `dedup_key` templates declared (`null`: the derived key), the
+    /// latest last: a restart with another one still resolves what the
+    /// earlier ones opened. Absent from older files, and ignored by them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    dedup_keys: Vec<Option<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -375,7 +380,7 @@ pub struct Memory {
     generations: AtomicU64,
     /// The `dedup_key` templates of the output's declarations that paged
     /// from this memory, the latest last (`None`: the derived key); at most
-    /// [`DEDUP_KEYS`]. In memory only.
+    /// [`DEDUP_KEYS`]. Saved with the incidents.
     dedup_keys: Mutex<Vec<Option<Template>>>,
     /// The memory this one replaced before that one had read the file: the
     /// file is read through it, under the key it was saved with, before this
@@ -462,6 +467,16 @@ impl Memory {
             return;
         }
         self.unsent.lock().restore(saved.unsent);
+        // Those declared since (none yet, at a start) stay the latest.
+        let declared = std::mem::take(&mut *self.dedup_keys.lock());
+        let saved_keys = saved.dedup_keys.iter().filter_map(|t| match t {
+            None => Some(None),
+            // Checked when it was declared; a file edited by hand may not be.
+            Some(text) => Template::parse(text).ok().map(Some),
+        });
+        for template in saved_keys.collect::<Vec<_>>().iter().chain(&declared) {
+            self.declared_dedup_key(template);
+        }
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut incidents = self.incidents.lock();
         for incident in saved.incidents {
@@ -699,6 +714,9 @@ impl Memory {
                     })
                     .collect(),
                 unsent,
+                dedup_keys: (self.dedup_keys.lock().iter())
+                    .map(|t| t.as_ref().map(|t| t.as_str().to_owned()))
+                    .collect(),
             };
             (saved, saving)
         };

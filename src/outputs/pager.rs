@@ -21,7 +21,8 @@
 //!   counts as skipped too, as nothing needed sending.
 //!
 //! An incident opened under the `dedup_key` of an earlier declaration (a
-//! reload changed the template) keeps its key until it resolves.
+//! reload or a restart changed the template) keeps its key until it
+//! resolves.
 //!
 //! They are bounded ([`MAX_OPEN`]); beyond it the least recently triggered
 //! incident is forgotten. A page is retried for as long as the process runs
