@@ -35,6 +35,8 @@ use vigil::tcp;
 use vigil::tls::{self, TlsListener};
 
 const WAIT: Duration = Duration::from_secs(10);
+/// The in-process servers' clock, which never moves: microseconds since the epoch.
+const NOW: i64 = 1_700_000_000_000_000;
 
 /// PEM files of one test PKI, in a temporary directory.
 struct Pki {
@@ -180,7 +182,7 @@ fn rustls_pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
 
 async fn start(tls: TlsListener, read_timeout: Duration) -> (Server, Arc<Index>) {
     let index = Arc::new(Index::new(IndexConfig::default()));
-    let clock: SharedClock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+    let clock: SharedClock = Arc::new(ManualClock::new(NOW));
     let config = ServerConfig {
         tcp: "127.0.0.1:0".parse().unwrap(),
         tls: Some(tls),
@@ -449,9 +451,13 @@ async fn a_forward_output_delivers_over_tls_with_its_client_certificate() {
         let addr = format!("127.0.0.1:{}", edge.port());
         async move {
             let mut client = Client::connect(addr).await.unwrap();
+            // Of the central's time: an event left at time 0 (1970) was
+            // indexed, then expired at the central's next tick (100 ms), and
+            // a check that polled too late under load missed it for good.
             let event = vigil::event::Event {
                 host: Some("edge".into()),
                 service: Some(service.into()),
+                time: NOW,
                 ..Default::default()
             };
             client.send(&[event]).await.unwrap();
@@ -473,6 +479,9 @@ async fn a_forward_output_delivers_over_tls_with_its_client_certificate() {
     let edge = forwarding_over_tls(dir.path(), port, &tls);
     send(&edge, "trusted").await;
     assert!(arrived("trusted").await, "{}", edge.logs());
+    // It stays: the central's expiry, at its time, finds nothing due.
+    assert_eq!(index.expire(NOW, |_| {}), 0, "expired on arrival");
+    assert!(index.get("edge", "trusted").is_some());
 
     // Another name than the certificate's: nothing is delivered, and the
     // log says why.
