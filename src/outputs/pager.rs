@@ -568,11 +568,12 @@ impl Pager {
     /// resolves, or its `ok` would resolve nothing.
     fn open_key(&self, event: &Event) -> String {
         let key = dedup_key(&self.config, event);
-        let templates = self.memory.dedup_keys();
         let incidents = self.memory.incidents();
         if incidents.get(&key).is_some() {
             return key;
         }
+        // Under the incidents' lock, as `Memory::save` takes them.
+        let templates = self.memory.dedup_keys();
         let earlier = templates
             .iter()
             .rev()
