@@ -279,6 +279,8 @@ impl Connections {
         };
         Stats::add(&self.ingest.stats.tcp_messages, frames.len() as u64);
         let mut unhandled = frames.iter();
+        // The bytes of the replies not yet written.
+        let mut held = 0;
         // More than one round only after a query that scans the index: the
         // frames after it are handled once it is answered.
         while unhandled.len() > 0 {
@@ -286,18 +288,19 @@ impl Connections {
                 .begin_all(&mut unhandled, Transport::Tcp, events, replies);
             let mut answered = replies.drain(..);
             while let Some(reply) = answered.next() {
-                out.push(match reply {
+                let reply = match reply {
                     // An ack, nearly always: no future to build and poll.
                     Reply::Ready(reply) => reply,
                     later => later.wait().await,
-                });
-                let more = answered.len() > 0 || unhandled.len() > 0;
-                if more
-                    && out.iter().map(Bytes::len).sum::<usize>() > MAX_BATCH_BYTES
-                    && let Err(e) = self.write_now(framed, out).await
-                {
-                    frames.clear();
-                    return After::Failed(FrameError::Io(e));
+                };
+                held += reply.len();
+                out.push(reply);
+                if held > MAX_BATCH_BYTES && (answered.len() > 0 || unhandled.len() > 0) {
+                    if let Err(e) = self.write_now(framed, out).await {
+                        frames.clear();
+                        return After::Failed(FrameError::Io(e));
+                    }
+                    held = 0;
                 }
             }
         }
