@@ -1088,10 +1088,13 @@ async fn a_reload_sends_no_page_twice_when_the_receiver_recovers_meanwhile() {
     );
 }
 
-/// Pages left undelivered to a routing key a reload replaced are dropped:
-/// should that key come back later, they would be stale.
+/// Pages left undelivered to a routing key a reload replaced are handed to
+/// the key that replaced it, and by that one, undelivered too, to the first
+/// key when a reload brings it back: each goes to the receiver current when
+/// the previous one stops, never parked for a receiver that may come back
+/// when they are stale. The first key also resolves its incident kept aside.
 #[tokio::test]
-async fn pages_left_for_a_replaced_routing_key_are_not_sent_when_it_comes_back() {
+async fn pages_left_for_a_replaced_routing_key_follow_the_current_one_when_it_comes_back() {
     let rx = Receiver::start().await;
     rx.reply_always(Reply(503, vec![], "down"));
     let spec = |routing_key: &str| OutputSpec {
@@ -1111,21 +1114,235 @@ async fn pages_left_for_a_replaced_routing_key_are_not_sent_when_it_comes_back()
     first.push(event("cpu", "critical"));
     first.push(event("disk /", "critical"));
     rx.wait_for(2).await;
-    let (second, _second_task) = outputs::start(&spec("k2"), &kept, CancellationToken::new());
+    let second_stop = CancellationToken::new();
+    let (second, second_task) = outputs::start(&spec("k2"), &kept, second_stop.clone());
+    drop(first);
     first_stop.cancel();
     first_task.await.unwrap();
-    drop(second);
+    // k2 tries the page k1 left.
+    let tried = rx.seen().len();
+    rx.wait_for(tried + 1).await;
 
+    let (back, _task) = outputs::start(&spec("k1"), &kept, CancellationToken::new());
+    drop(second);
+    second_stop.cancel();
+    second_task.await.unwrap();
     rx.reply_always(accepted());
     let tried = rx.seen().len();
-    let (back, _task) = outputs::start(&spec("k1"), &kept, CancellationToken::new());
     back.push(event("cpu", "ok"));
-    rx.wait_for(tried + 1).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    rx.wait_for(tried + 2).await;
+    eventually(
+        || back.queued() + back.stats.in_flight.load(Ordering::Acquire) == 0,
+        || "pages still unsettled".to_owned(),
+    )
+    .await;
     assert_eq!(
         actions(&rx)[tried..],
-        ["resolve web1/cpu"],
-        "k1's open incident is resolved; its stale page is not sent"
+        ["trigger web1/disk /", "resolve web1/cpu"],
+        "the page k2 did not take, then k1's open incident resolved"
+    );
+    let tries: Vec<String> = (rx.seen().iter())
+        .map(|s| format!("{} {}", s.json()["routing_key"], s.json()["dedup_key"]))
+        .collect();
+    let by = |key: &'static str| move |t: &String| *t == format!("\"{key}\" \"web1/disk /\"");
+    let k2_from = (tries.iter().position(by("k2"))).expect("k2 tried the page k1 left");
+    assert!(
+        k2_from > 1
+            && tries[1..k2_from].iter().all(by("k1"))
+            && tries[k2_from..tried].iter().all(by("k2"))
+            && tries[tried..].iter().all(|t| t.starts_with("\"k1\"")),
+        "{tries:#?}"
+    );
+    let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+    let stats = &back.stats;
+    assert_eq!(
+        (
+            get(&stats.accepted),
+            get(&stats.delivered),
+            get(&stats.dropped),
+            get(&stats.skipped)
+        ),
+        (3, 3, 0, 0)
+    );
+}
+
+/// The on-call scenario: the paging webhook's URL is wrong (its receiver
+/// answers 500 for ever) when a series turns critical; the operator fixes
+/// the URL and reloads. The trigger stuck at the wrong URL is the only page
+/// that incident gets (`changed_state` makes no other while it stays
+/// critical): the new URL gets it, once, and then the resolve.
+#[tokio::test]
+async fn a_reload_that_fixes_a_failing_receiver_pages_the_new_one_for_the_ongoing_incident() {
+    let (wrong, fixed) = (Receiver::start().await, Receiver::start().await);
+    wrong.reply_always(Reply(500, vec![], "no such route"));
+    let spec = |rx: &Receiver| OutputSpec {
+        name: "oncall".into(),
+        kind: OutputKind::Pager(paging_webhook_config(&rx.url)),
+    };
+    let kept = Kept::default();
+    let first_stop = CancellationToken::new();
+    let (first, first_task) = outputs::start(&spec(&wrong), &kept, first_stop.clone());
+    first.push(event("disk /", "critical"));
+    wrong.wait_for(2).await;
+    // The reload, as the server makes it: the new declaration starts, then
+    // the one it replaced is stopped.
+    let stop = CancellationToken::new();
+    let (second, second_task) = outputs::start(&spec(&fixed), &kept, stop.clone());
+    drop(first);
+    first_stop.cancel();
+    first_task.await.unwrap();
+    fixed.wait_for(1).await;
+    second.push(event("disk /", "ok"));
+    fixed.wait_for(2).await;
+    assert_eq!(
+        webhook_actions(&fixed),
+        ["trigger critical", "resolve -"],
+        "one trigger for the ongoing incident, then its resolve"
+    );
+    let keys: Vec<_> = (fixed.seen().iter())
+        .map(|s| s.json()["dedup_key"].clone())
+        .collect();
+    assert_eq!(keys, ["web1/disk /", "web1/disk /"]);
+    assert!(
+        (wrong.seen().iter()).all(|s| s.json()["action"] == "trigger"),
+        "the wrong URL only ever got the trigger, refused"
+    );
+    let stats = second.stats.clone();
+    drop(second);
+    stop.cancel();
+    second_task.await.unwrap();
+    let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+    assert_eq!(
+        (
+            get(&stats.accepted),
+            get(&stats.delivered),
+            get(&stats.dropped),
+            get(&stats.skipped),
+            get(&stats.in_flight)
+        ),
+        (2, 2, 0, 0, 0),
+        "each page counted once, in the counters the declarations share"
+    );
+}
+
+/// What the previous receiver did not take, the new one gets as the latest
+/// page of each series, before the pages made since: a trigger for each
+/// incident still ongoing (once, at its latest severity); nothing for one
+/// already over (its trigger and its resolve both undelivered).
+#[tokio::test]
+async fn a_change_of_routing_key_hands_the_new_one_a_trigger_per_ongoing_incident_only() {
+    let (old, new) = (Receiver::start().await, Receiver::start().await);
+    old.reply_always(Reply(503, vec![], "down"));
+    let spec = |rx: &Receiver, routing_key: &str| OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager::Config {
+            api: pager::Api::PagerDuty {
+                routing_key: routing_key.into(),
+            },
+            ..pager_config(&rx.url)
+        }),
+    };
+    let kept = Kept::default();
+    let first_stop = CancellationToken::new();
+    let (first, first_task) = outputs::start(&spec(&old, "k1"), &kept, first_stop.clone());
+    for (service, state) in [
+        ("disk /", "critical"),
+        ("cpu", "critical"),
+        ("cpu", "ok"),
+        ("load", "warning"),
+        ("load", "critical"),
+        ("load", "flapping"),
+    ] {
+        first.push(event(service, state));
+    }
+    old.wait_for(2).await;
+    let stop = CancellationToken::new();
+    let (second, second_task) = outputs::start(&spec(&new, "k2"), &kept, stop.clone());
+    // Made by the new rules before the old declaration has stopped.
+    second.push(event("mem", "critical"));
+    drop(first);
+    first_stop.cancel();
+    first_task.await.unwrap();
+    new.wait_for(3).await;
+    second.push(event("disk /", "ok"));
+    new.wait_for(4).await;
+    assert_eq!(
+        actions(&new),
+        [
+            "trigger web1/disk /",
+            "trigger web1/load",
+            "trigger web1/mem",
+            "resolve web1/disk /"
+        ],
+        "the previous receiver's ongoing incidents first, then the new pages"
+    );
+    let severities: Vec<_> = (new.seen().iter())
+        .map(|s| s.json()["payload"]["severity"].clone())
+        .collect();
+    assert_eq!(severities[..3], ["critical", "critical", "critical"]);
+    let keys: Vec<_> = (new.seen().iter())
+        .map(|s| s.json()["routing_key"].clone())
+        .collect();
+    assert_eq!(keys, ["k2"; 4]);
+    let stats = second.stats.clone();
+    drop(second);
+    stop.cancel();
+    second_task.await.unwrap();
+    let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+    assert_eq!(
+        (
+            get(&stats.accepted),
+            get(&stats.delivered),
+            get(&stats.dropped),
+            get(&stats.skipped),
+            get(&stats.in_flight)
+        ),
+        (8, 4, 0, 4, 0),
+        "cpu's trigger and resolve, load's warning and flapping: skipped"
+    );
+}
+
+/// A restart whose rules page another receiver than the one the file was
+/// saved for (the operator fixed it while vigil was down): the pages saved
+/// undelivered go to the new receiver, the latest of each series; the
+/// incidents of the previous one are left out, as before.
+#[tokio::test]
+async fn pages_saved_for_another_receiver_are_sent_to_the_new_one_after_a_restart() {
+    let (old, new) = (Receiver::start().await, Receiver::start().await);
+    old.reply_always(Reply(503, vec![], "down"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let config = |rx: &Receiver, routing_key: &str| pager::Config {
+        api: pager::Api::PagerDuty {
+            routing_key: routing_key.into(),
+        },
+        ..pager_config(&rx.url)
+    };
+    let before_config = config(&old, "k1");
+    let mut before =
+        Running::pager_remembering(memory(&before_config, Some(file.clone())), before_config);
+    before.queue.push(event("disk /", "critical"));
+    before.queue.push(event("cpu", "critical"));
+    before.queue.push(event("cpu", "ok"));
+    old.wait_for(1).await;
+    before.stop().await;
+    assert_eq!(saved_pages(&file).len(), 3);
+
+    let after_config = config(&new, "k2");
+    let after = Running::pager_remembering(memory(&after_config, Some(file)), after_config);
+    new.wait_for(1).await;
+    after.queue.push(event("disk /", "ok"));
+    new.wait_for(2).await;
+    after.settled().await;
+    assert_eq!(
+        actions(&new),
+        ["trigger web1/disk /", "resolve web1/disk /"],
+        "cpu is over: not paged"
+    );
+    assert_eq!(
+        (after.delivered(), after.skipped(), after.dropped()),
+        (2, 1, 0),
+        "cpu's resolve, the latest of its pages, resolves nothing here"
     );
 }
 
@@ -1190,6 +1407,7 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     }
     fourth.push(event("cpu", "ok"));
     rx.wait_for(5).await;
+    drop(fourth);
     let (fifth, _) = outputs::start(&spec("k2"), &kept, stop.child_token());
     fifth.push(event("cpu", "ok"));
     rx.wait_for(6).await;
@@ -1717,6 +1935,7 @@ async fn a_paging_webhook_moved_to_another_url_does_not_resolve_there_what_it_op
     moved.push(event("disk /", "ok"));
     moved.push(event("cpu", "critical"));
     second.wait_for(1).await;
+    drop(moved);
     let (back, _) = outputs::start(&spec(&first), &kept, stop.child_token());
     back.push(event("disk /", "ok"));
     first.wait_for(2).await;
@@ -1937,12 +2156,12 @@ fn a_pager_renamed_with_open_incidents_says_they_are_left_open() {
     assert!(!third.logs().contains("do not declare"), "{}", third.logs());
 }
 
-/// A reload moving a failing pager to another routing key drops the pages
-/// the old key did not take (they would be stale should it come back):
-/// counted in the output's `dropped`, whose counters every declaration of
-/// the name shares, so a reload never turns them back either.
+/// A reload moving a failing pager to another routing key (and URL) hands
+/// the pages the old key did not take to the new one, which sends them
+/// first: each counted once, delivered, in the counters every declaration
+/// of the name shares (so a reload never turns them back either).
 #[test]
-fn pages_dropped_by_a_change_of_receiver_are_counted() {
+fn pages_a_change_of_receiver_left_are_sent_to_the_new_one_and_counted_once() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (rx, moved_to) =
         runtime.block_on(async { (Receiver::start().await, Receiver::start().await) });
@@ -1986,26 +2205,39 @@ fn pages_dropped_by_a_change_of_receiver_are_counted() {
         vigil.logs()
     );
     let said = vigil.log_line("previous receiver");
-    assert!(said.contains(r#""dropped":3"#), "{said}");
+    assert!(said.contains(r#""handed":3"#), "{said}");
+    assert!(said.contains(r#""superseded":0"#), "{said}");
+    runtime.block_on(moved_to.wait_for(3));
     counted(&[
         ("accepted_total", 3.0),
-        ("dropped_total", 3.0),
+        ("delivered_total", 3.0),
+        ("dropped_total", 0.0),
         ("in_flight", 0.0),
     ]);
 
     send_state(&runtime, &vigil, "disk /", "ok");
     send_state(&runtime, &vigil, "mem", "critical");
-    runtime.block_on(moved_to.wait_for(1));
+    runtime.block_on(moved_to.wait_for(5));
     counted(&[
         ("accepted_total", 5.0),
-        ("delivered_total", 1.0),
-        ("dropped_total", 3.0),
-        ("skipped_total", 1.0),
+        ("delivered_total", 5.0),
+        ("dropped_total", 0.0),
+        ("skipped_total", 0.0),
     ]);
     assert_eq!(
         actions(&moved_to),
-        ["trigger web1/mem"],
-        "the new key never opened disk /: its resolve is skipped"
+        [
+            "trigger web1/disk /",
+            "trigger web1/cpu",
+            "trigger web1/load",
+            "resolve web1/disk /",
+            "trigger web1/mem"
+        ],
+        "the new key opened what the old one could not, and resolves it"
+    );
+    assert!(
+        (rx.seen().iter()).all(|s| s.json()["routing_key"] == "k"),
+        "the old receiver only ever got its own key's pages"
     );
 }
 

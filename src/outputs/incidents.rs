@@ -5,7 +5,10 @@
 //! They outlive the output's task. A reload that redeclares the output hands
 //! the new task the same [`Memory`] (see [`super::Kept`]), or an empty one
 //! taking over its file when the receiver changed (the previous key's is
-//! kept aside, and serves again if a later reload brings that key back).
+//! kept aside, and serves again if a later reload brings that key back);
+//! then the previous receiver's task, once stopped, hands the new one the
+//! pages it did not deliver (see `pager::handed`), and the new one's pages
+//! only after that: the memories of an output's receivers share one turn.
 //! An output removed or renamed leaves them to a later declaration of its
 //! name, with a warning ([`warn_of_undeclared`] at each start).
 //! With a data directory they are saved to `pagerduty-<output>.json` after
@@ -24,8 +27,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -34,7 +37,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::holds::Origin;
-use super::pager::{Severity, fnv1a};
+use super::pager::{self, Severity, fnv1a};
 use super::template::Template;
 use crate::blocking::off_workers;
 use crate::event::Event;
@@ -262,6 +265,36 @@ impl Unsent {
         self.pages.len()
     }
 
+    /// Puts `handed` (pages another receiver's memory did not deliver, each
+    /// with what made it) behind the pages restored or handed over before
+    /// and those of tasks up to `paged` (which had their turn before the
+    /// handing task: a receiver that came back), ahead of those later tasks
+    /// took: those were made after. Called while no task of this memory
+    /// pages (they wait for the turn the handing task holds), so the oldest
+    /// page is in no one's hands. Every page is renumbered as taken anew:
+    /// the next save writes them all down, and the next attempt waits for
+    /// it.
+    pub(super) fn hand_over(&mut self, handed: Vec<(Event, Option<Origin>)>, paged: Generation) {
+        if handed.is_empty() {
+            return;
+        }
+        self.settled += self.pages.len() as u64;
+        (self.written, self.bytes) = (0, 0);
+        let held = std::mem::take(&mut self.pages);
+        let before = held
+            .iter()
+            .take_while(|(_, _, by)| *by <= paged.max(Generation::HANDED))
+            .count();
+        let mut held = held.into_iter();
+        let earlier = held.by_ref().take(before).collect::<Vec<_>>();
+        let handed = handed
+            .into_iter()
+            .map(|(event, origin)| (event, origin, Generation::HANDED));
+        for (event, origin, by) in earlier.into_iter().chain(handed).chain(held) {
+            self.add(vec![event], vec![origin], by);
+        }
+    }
+
     /// How many of the pages held are written down.
     #[cfg(test)]
     fn written(&self) -> usize {
@@ -317,6 +350,11 @@ impl Generation {
     /// Before every task: the pages read from the file, which the first task
     /// to page adopts into the output's counters.
     const RESTORED: Generation = Generation(0);
+    /// Pages another receiver's memory handed over ([`Unsent::hand_over`]):
+    /// sent by any task of this memory, before the pages its tasks took, and
+    /// counted already (in the output's counters, which every declaration
+    /// shares). Tasks start after it.
+    const HANDED: Generation = Generation(1);
 }
 
 /// The saved form.
@@ -374,10 +412,19 @@ pub struct Memory {
     unsent: Mutex<Unsent>,
     /// Held by the task paging from this memory: a reload's new task pages
     /// only once the previous one stopped, so it sends what that one left
-    /// unsent before anything newer.
+    /// unsent before anything newer. Shared by the memories of every
+    /// receiver of the output: one that replaced another (a reload changed
+    /// the routing key or URL) pages once the previous receiver's task has
+    /// stopped and handed it what it could not deliver.
     paging: Arc<tokio::sync::Mutex<()>>,
+    /// The output's memory of its current receiver, shared by the memories
+    /// of all its receivers: where a replaced one's task hands the pages it
+    /// could not deliver. Set by [`Memory::made_current`].
+    current: Arc<Mutex<Weak<Memory>>>,
     /// The last [`Generation`] given to a task of this memory.
     generations: AtomicU64,
+    /// The last [`Generation`] of a task that had its turn to page.
+    paged: AtomicU64,
     /// The `dedup_key` templates of the output's declarations that paged
     /// from this memory, the latest last (`None`: the derived key); at most
     /// [`DEDUP_KEYS`]. Saved with the incidents.
@@ -401,7 +448,9 @@ impl Memory {
             loaded: OnceCell::new(),
             unsent: Mutex::default(),
             paging: Arc::default(),
+            current: Arc::default(),
             generations: AtomicU64::new(0),
+            paged: AtomicU64::new(0),
             predecessor: Mutex::new(None),
             dedup_keys: Mutex::default(),
             failures: None,
@@ -464,6 +513,7 @@ impl Memory {
                 "Open incidents were saved for another receiver (routing key or URL); this \
                  output cannot resolve them: resolve them by hand."
             );
+            self.restore_for_another(saved);
             return;
         }
         self.unsent.lock().restore(saved.unsent);
@@ -490,6 +540,36 @@ impl Memory {
             incidents = incidents.len(),
             "Open incidents loaded."
         );
+    }
+
+    /// The pages the previous run could not deliver to another receiver
+    /// (its rules changed the routing key or URL while vigil was down, most
+    /// often because that one was wrong): this receiver is paged instead,
+    /// as a reload hands them over (see [`pager::handed`]), the latest page
+    /// of each series. Those left out were never counted by this run.
+    fn restore_for_another(&self, saved: Saved) {
+        if saved.unsent.is_empty() {
+            return;
+        }
+        // The template they were made with: the latest saved.
+        let template = match saved.dedup_keys.last() {
+            Some(Some(text)) => Template::parse(text).ok(),
+            _ => None,
+        };
+        let made = saved.unsent.into_iter().map(|event| (event, None));
+        let (handed, left_out) = pager::handed(made.collect(), template.as_ref());
+        tracing::warn!(
+            output = %self.output,
+            handed = handed.len(),
+            superseded = left_out.len(),
+            "Pages the previous run did not deliver to another receiver (routing key or URL): \
+             sent to this one first, the latest page of each series (one that series \
+             superseded is not)."
+        );
+        let (pages, origins) = handed.into_iter().unzip();
+        let mut unsent = self.unsent.lock();
+        unsent.add(pages, origins, Generation::RESTORED);
+        // Not in this receiver's file yet: saved before their first attempt.
     }
 
     /// The memory of the same output paging another `receiver`,
@@ -520,8 +600,11 @@ impl Memory {
                 OnceCell::new()
             },
             unsent: Mutex::default(),
-            paging: Arc::default(),
+            // Its tasks page once this one's have stopped (and handed over).
+            paging: self.paging.clone(),
+            current: self.current.clone(),
             generations: AtomicU64::new(0),
+            paged: AtomicU64::new(0),
             predecessor: Mutex::new((!loaded).then(|| self.clone())),
             dedup_keys: Mutex::default(),
         }
@@ -578,6 +661,20 @@ impl Memory {
     /// The `dedup_key` templates declared so far, the latest last.
     pub(super) fn dedup_keys(&self) -> Vec<Option<Template>> {
         self.dedup_keys.lock().clone()
+    }
+
+    /// This memory is the output's current receiver's: a replaced one's task
+    /// hands it what it could not deliver.
+    pub fn made_current(self: &Arc<Self>) {
+        *self.current.lock() = Arc::downgrade(self);
+    }
+
+    /// The output's memory of its current receiver, when another receiver's
+    /// memory replaced this one.
+    pub(super) fn successor(&self) -> Option<Arc<Memory>> {
+        let current = self.current.lock().upgrade()?;
+        let other = !std::ptr::eq(Arc::as_ptr(&current), self);
+        (other && !current.is_replaced()).then_some(current)
     }
 
     /// Whether another receiver's memory took this one's place.
@@ -643,7 +740,20 @@ impl Memory {
     /// The generation of a task starting on this memory: later than every
     /// task before it.
     pub(super) fn next_generation(&self) -> Generation {
-        Generation(self.generations.fetch_add(1, Ordering::AcqRel) + 1)
+        Generation(self.generations.fetch_add(1, Ordering::AcqRel) + Generation::HANDED.0 + 1)
+    }
+
+    /// The task of `generation` has its turn to page: pages handed over
+    /// later go behind its own (see [`Unsent::hand_over`]).
+    pub(super) fn took_turn(&self, generation: Generation) {
+        self.paged.fetch_max(generation.0, Ordering::AcqRel);
+    }
+
+    /// Hands `pages` over to this memory, which another receiver's task
+    /// did not deliver (see [`Unsent::hand_over`]).
+    pub(super) fn hand_over(&self, pages: Vec<(Event, Option<Origin>)>) {
+        let paged = Generation(self.paged.load(Ordering::Acquire));
+        self.unsent.lock().hand_over(pages, paged);
     }
 
     pub(super) fn unsent(&self) -> parking_lot::MutexGuard<'_, Unsent> {
@@ -960,6 +1070,46 @@ mod tests {
         let (left, left_origins) = unsent.take();
         assert_eq!(left.len(), 2);
         assert_eq!(left_origins, [None, made(3)]);
+    }
+
+    /// Pages handed over by another receiver's memory go behind those
+    /// restored or handed before, ahead of those this memory's tasks took,
+    /// and are all written down anew.
+    #[test]
+    fn handed_pages_go_after_earlier_ones_before_those_tasks_took() {
+        let page = |service: &str| Event {
+            service: Some(service.into()),
+            ..Event::default()
+        };
+        let mut unsent = Unsent::default();
+        unsent.restore(vec![page("restored")]);
+        let task = Generation(Generation::HANDED.0 + 1);
+        unsent.add(vec![page("taken")], vec![None], task);
+        unsent.hand_over(vec![(page("a"), None)], Generation::default());
+        unsent.hand_over(vec![(page("b"), None)], Generation::default());
+        let order: Vec<_> = (unsent.pages.iter())
+            .map(|(e, _, by)| (e.service.clone().unwrap(), by.0))
+            .collect();
+        let order: Vec<_> = order.iter().map(|(s, by)| (s.as_str(), *by)).collect();
+        assert_eq!(
+            order,
+            [("restored", 0), ("a", 1), ("b", 1), ("taken", task.0)]
+        );
+        assert_eq!(unsent.written(), 4);
+        assert!(unsent.oldest(task).unwrap().2, "saved before its attempt");
+        assert_eq!(unsent.in_the_file(), 0);
+
+        // A receiver that came back: its task that paged before left pages,
+        // older than the handed ones; the task waiting took newer ones.
+        let (paged, waiting) = (task, Generation(task.0 + 1));
+        let mut unsent = Unsent::default();
+        unsent.add(vec![page("left")], vec![None], paged);
+        unsent.add(vec![page("new")], vec![None], waiting);
+        unsent.hand_over(vec![(page("handed"), None)], paged);
+        let order: Vec<_> = (unsent.pages.iter())
+            .map(|(e, _, _)| e.service.clone().unwrap())
+            .collect();
+        assert_eq!(order, ["left", "handed", "new"]);
     }
 
     /// As vigil wrote them before unsent pages were kept: still loaded.

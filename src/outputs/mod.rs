@@ -332,7 +332,8 @@ fn counted_queue(
 /// receiver (PagerDuty's routing key, a paging webhook's URL) hands them to
 /// its new task; with another receiver, the new task starts empty and takes
 /// over the file, and the previous receiver's incidents are kept aside
-/// ([`RETIRED_KEYS`] at most) in case it comes back. With a directory they
+/// ([`RETIRED_KEYS`] at most) in case it comes back, while the pages it did
+/// not deliver are handed to the new one (`pager::handed`). With a directory they
 /// are also saved there, so a restart keeps the current receiver's too.
 #[derive(Default)]
 pub struct Kept {
@@ -463,6 +464,7 @@ impl Kept {
                 Some(stats) => memory.counting_failures_in(stats.clone()),
                 None => memory,
             });
+            current.made_current();
             let pager = Pager {
                 current: current.clone(),
                 retired: Vec::new(),
@@ -486,6 +488,8 @@ impl Kept {
             }
             None => Arc::new(pager.current.replaced_by(key)),
         };
+        // The previous receiver's task hands it the pages it did not deliver.
+        next.made_current();
         let previous = std::mem::replace(&mut pager.current, next.clone());
         if worth_keeping(&previous) {
             if pager.retired.len() == RETIRED_KEYS {

@@ -28,6 +28,8 @@
 //! incident is forgotten. A page is retried for as long as the process runs
 //! (see [`super::http::RetryPolicy::pager`]); with a data directory, the pages
 //! not delivered when it stops (or crashes) are sent first by the next run.
+//! When a reload (or a restart) changed the receiver, the next run is the
+//! new receiver's: it is sent the latest of them for each series (`handed`).
 //! In a cluster, each undelivered page holds the work that made it
 //! ([`super::holds`]), so the shard's next owner makes and sends it again;
 //! once the shard is another node's, it is skipped here before its next
@@ -183,6 +185,7 @@ pub async fn run(
             }
         }
     };
+    memory.took_turn(generation);
     let mut pager = Pager {
         memory,
         holds,
@@ -411,7 +414,7 @@ impl Pager {
     /// reload's next task takes it all, a restart what was written down),
     /// in flight in the output's counters meanwhile: a process that stops
     /// counts it dropped then. Pages for a receiver a reload replaced are
-    /// dropped here.
+    /// handed to the new receiver (see [`handed`]).
     async fn stop(self, mut delivery: Delivery, stopped: Stopped) {
         let output = delivery.name.clone();
         if stopped == Stopped::GaveUp {
@@ -422,24 +425,45 @@ impl Pager {
             }
         }
         if self.memory.is_replaced() {
-            // Pages for a receiver the output no longer pages: sent should that
-            // receiver come back, they would be stale by then.
-            let (stale, origins) = {
+            let (pages, origins) = {
                 let mut unsent = self.memory.unsent();
                 delivery.adopt(unsent.adopt_restored(self.generation));
                 unsent.take()
             };
-            origins.into_iter().for_each(|origin| self.release(origin));
-            let dropped = stale.len();
-            if dropped > 0 {
+            if pages.is_empty() {
+                return self.poster.finish(&output);
+            }
+            let Some(next) = self.memory.successor() else {
+                // No receiver to take them (none declared by this process
+                // since: cannot happen through a reload).
+                origins.into_iter().for_each(|origin| self.release(origin));
+                let dropped = pages.len();
                 tracing::error!(
                     output,
                     dropped,
                     "Pages undelivered to the previous receiver (routing key or URL), which a \
-                     reload replaced; dropped."
+                     reload replaced; no receiver to hand them to: dropped."
                 );
-            }
-            delivery.dropped(dropped);
+                delivery.dropped(dropped);
+                return self.poster.finish(&output);
+            };
+            let made = pages.into_iter().zip(origins).collect();
+            let (handed, superseded) = handed(made, self.config.dedup_key.as_ref());
+            superseded.iter().for_each(|origin| self.release(*origin));
+            // Nothing to send: a later page of the same series says it all.
+            delivery.skipped(superseded.len());
+            tracing::warn!(
+                output,
+                handed = handed.len(),
+                superseded = superseded.len(),
+                "Pages undelivered to the previous receiver (routing key or URL), which a \
+                 reload replaced: handed to the new receiver, which sends them first, the \
+                 latest page of each series."
+            );
+            // In flight in the counters all declarations share, until the
+            // new receiver's task settles them.
+            next.hand_over(handed);
+            next.save().await;
             return self.poster.finish(&output);
         }
         // Its own: a later declaration's pages are that one's to count.
@@ -593,6 +617,52 @@ impl Pager {
         let open = open.map(|open| (open.severity, now.duration_since(open.sent)));
         needless(action, open, self.config.resend_interval)
     }
+}
+
+/// What a new receiver is handed of the pages its predecessor (a reload or a
+/// restart changed the routing key or URL) did not deliver, each with what
+/// made it: the latest paged page of each series (by dedup key, as
+/// `template` made it), in their order; and the origins of the others,
+/// which a later page of their series supersedes (or that page no state).
+///
+/// The new receiver has none of the old one's incidents. So:
+/// - a series whose latest page is a trigger is an incident still on: the
+///   new receiver gets one trigger for it, at its latest severity, whether
+///   or not the old receiver had opened it (an escalation of an incident
+///   open there is, for the new receiver, a new incident); its later `ok`
+///   resolves it there. Without it nobody would be paged for the incident:
+///   the rules do not page a series again while its state stays.
+/// - a series whose latest page is a resolve is over: its earlier trigger
+///   is not sent (paging someone for what has already cleared only wakes
+///   them to find nothing), and the resolve is sent only if the receiver
+///   has that incident open (one that came back with its incidents);
+///   otherwise the hygiene skips it. An incident open at the old receiver
+///   stays open there, kept aside, resolved should it come back.
+pub(super) fn handed<T: Copy>(
+    made: Vec<(Event, T)>,
+    template: Option<&Template>,
+) -> (Vec<(Event, T)>, Vec<T>) {
+    let keys: Vec<Option<String>> = made
+        .iter()
+        .map(|(event, _)| action(event.state.as_deref()).map(|_| key_from(template, event)))
+        .collect();
+    let mut latest: HashMap<&str, usize> = HashMap::new();
+    for (at, key) in keys.iter().enumerate() {
+        if let Some(key) = key {
+            latest.insert(key, at);
+        }
+    }
+    let mut handed = Vec::with_capacity(latest.len());
+    let mut superseded = Vec::new();
+    for (at, page) in made.into_iter().enumerate() {
+        let last = keys[at].as_deref().is_some_and(|key| latest[key] == at);
+        if last {
+            handed.push(page);
+        } else {
+            superseded.push(page.1);
+        }
+    }
+    (handed, superseded)
 }
 
 /// Whether a page need not be sent, given the incident open under its key
@@ -896,6 +966,43 @@ mod tests {
         // B's `ok` resolves nothing of A's; B's trigger is its own; A's
         // repeat is suppressed.
         assert_eq!(sent, [true, false, true, false]);
+    }
+
+    /// A new receiver is handed the latest page of each series: a trigger
+    /// for an incident still on, at its latest severity; for one over, the
+    /// resolve alone; states not paged are left out.
+    #[test]
+    fn a_new_receiver_is_handed_the_latest_page_of_each_series() {
+        let page = |service: &str, state: &str| Event {
+            state: Some(state.into()),
+            ..series("web1", service)
+        };
+        let made = [
+            page("disk", "critical"),
+            page("cpu", "critical"),
+            page("load", "warning"),
+            page("cpu", "ok"),
+            page("load", "critical"),
+            page("mem", "flapping"),
+        ];
+        let made: Vec<_> = made.into_iter().zip(0..).collect();
+        let (kept, superseded) = handed(made, None);
+        let kept: Vec<_> = (kept.iter())
+            .map(|(e, at)| (*at, e.service_str(), e.state.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (0, "disk", "critical"),
+                (3, "cpu", "ok"),
+                (4, "load", "critical")
+            ]
+        );
+        assert_eq!(superseded, [1, 2, 5]);
+        // By the key the template makes: one incident for every service.
+        let host = Template::parse("{host}").unwrap();
+        let made = vec![(page("disk", "critical"), 0), (page("cpu", "warning"), 1)];
+        assert_eq!(handed(made, Some(&host)).1, [0]);
     }
 
     #[test]
