@@ -37,7 +37,7 @@ use crate::event::Event;
 use crate::index::Index;
 use crate::proto::{PbEvent, from_pb, to_pb};
 use crate::rules::engine::Rules;
-use crate::rules::persist::{self, StateError};
+use crate::rules::persist::{self, Occasion, StateError};
 use crate::stats::Stats;
 
 /// The snapshot's name inside the data directory.
@@ -82,6 +82,8 @@ pub enum SnapshotError {
     ShutDown,
     #[error("abandoned: vigil is stopping and writes its final state instead")]
     Abandoned,
+    #[error("gave way to a rule reload: the next periodic write saves the new rules' state")]
+    GaveWay,
     #[error(
         "{} is in use by another vigil{}: give each its own --data-dir",
         .dir.display(),
@@ -454,7 +456,7 @@ pub async fn save(
         let started = Instant::now();
         let entries = write_from(&dir, |encoder| {
             index.for_each_shard(|events| match stop.is_cancelled() {
-                true => Err(stopping()),
+                true => Err(interruption()),
                 false => encoder.push(events),
             })
         })
@@ -468,9 +470,10 @@ pub async fn save(
     .ok_or(SnapshotError::ShutDown)?
 }
 
-/// What a write fails with inside, once its `stop` is cancelled.
-pub(crate) fn stopping() -> io::Error {
-    io::Error::new(io::ErrorKind::Interrupted, "vigil is stopping")
+/// What a write fails with inside once it is interrupted; the caller, who
+/// knows why, reports that instead.
+pub(crate) fn interruption() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "write interrupted")
 }
 
 /// The error of a write `stop` may have cancelled: [`SnapshotError::Abandoned`]
@@ -482,18 +485,18 @@ pub(crate) fn unless_abandoned(stop: &CancellationToken, error: SnapshotError) -
     }
 }
 
-/// Writes the rules' stream state on a blocking thread, unless `stop` is
-/// cancelled first; `None` for rules without their text.
+/// Writes the rules' stream state on a blocking thread, unless the
+/// `occasion` interrupts it; `None` for rules without their text.
 async fn save_streams(
     rules: Arc<Rules>,
     dir: PathBuf,
-    stop: CancellationToken,
+    occasion: Occasion,
 ) -> Result<Option<persist::Written>, SnapshotError> {
-    off_workers(move || persist::save(&rules, &dir, &stop))
+    off_workers(move || persist::save(&rules, &dir, &occasion))
         .await
         .ok_or(SnapshotError::ShutDown)?
         .map_err(|e| match e {
-            StateError::Write(SnapshotError::Abandoned) => SnapshotError::Abandoned,
+            StateError::Write(e @ (SnapshotError::Abandoned | SnapshotError::GaveWay)) => e,
             e => SnapshotError::Streams(Box::new(e)),
         })
 }
@@ -560,8 +563,7 @@ impl Snapshots {
         if let Err(e) = self.periodic.await {
             std::panic::resume_unwind(e.into_panic());
         }
-        let never = CancellationToken::new();
-        let saved = save(self.index, self.dir.clone(), never.clone()).await;
+        let saved = save(self.index, self.dir.clone(), CancellationToken::new()).await;
         match &saved {
             Ok(saved) => tracing::info!(
                 entries = saved.entries,
@@ -572,7 +574,7 @@ impl Snapshots {
             Err(error) => final_write_failed(&self.stats, error, "the index snapshot"),
         }
         let streams = match self.streams {
-            Some(rules) => save_streams(rules, self.dir.clone(), never).await,
+            Some(rules) => save_streams(rules, self.dir.clone(), Occasion::Final).await,
             None => Ok(None),
         };
         match &streams {
@@ -623,7 +625,8 @@ async fn periodic<W: Future<Output = ()>>(
 
 /// One periodic write: the index snapshot, then the stream state of
 /// `streams`; a failure is counted and logged, and the next write tries
-/// again. Abandoned once `stop` is cancelled.
+/// again. Abandoned once `stop` is cancelled; the stream state gives way
+/// to a reload.
 async fn write_periodic(
     stats: Arc<Stats>,
     index: Arc<Index>,
@@ -647,10 +650,15 @@ async fn write_periodic(
         }
     }
     if let Some(rules) = streams {
-        match save_streams(rules, dir, stop).await {
+        match save_streams(rules, dir, Occasion::Periodic(stop)).await {
             Ok(written) => tracing::debug!(?written, "Wrote the periodic stream state."),
             Err(SnapshotError::Abandoned) => {
                 tracing::debug!("Abandoned a periodic stream state write for the final one.");
+            }
+            Err(SnapshotError::GaveWay) => {
+                tracing::info!(
+                    "A periodic stream state write gave way to a rule reload; the next one saves the new rules' state."
+                );
             }
             Err(error) => {
                 Stats::incr(&stats.state_write_failures);

@@ -13,7 +13,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use parking_lot::{Mutex, RwLock};
@@ -71,6 +71,22 @@ crate::stats::counters! {
     }
 }
 
+/// One reload counted in [`Rules`]' `reloads_waiting` while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One compiled rule file as it runs: its stages, and the outputs its
 /// `Output` stages address by position.
 pub struct Tree {
@@ -84,7 +100,11 @@ pub struct Tree {
 pub struct Rules {
     current: ArcSwap<Tree>,
     /// Serialises reloads: state moves out of the tree being replaced once.
+    /// A state write holds it too, while it walks the tree.
     replacing: Mutex<()>,
+    /// Reloads waiting for `replacing`: a periodic state write gives way to
+    /// them ([`Rules::reload_waiting`]).
+    reloads_waiting: AtomicUsize,
     /// Held shared by each batch and tick while it runs, and exclusively by
     /// a reload while it moves the state and swaps the tree.
     running: RwLock<()>,
@@ -109,6 +129,7 @@ impl Rules {
                 text,
             }),
             replacing: Mutex::new(()),
+            reloads_waiting: AtomicUsize::new(0),
             running: RwLock::new(()),
             index,
             clock,
@@ -126,7 +147,9 @@ impl Rules {
         text: Option<Arc<RuleText>>,
         outputs: Vec<Arc<dyn OutputSink>>,
     ) -> Arc<Tree> {
+        let waiting = Waiting::new(&self.reloads_waiting);
         let _one_at_a_time = self.replacing.lock();
+        drop(waiting);
         let new = Tree {
             roots,
             outputs,
@@ -143,13 +166,29 @@ impl Rules {
 
     /// Runs `save` on the running rules' text and stages, for a restart
     /// ([`super::persist`]); `None` when the rules were compiled without their
-    /// text.
+    /// text. A reload waits for it to return: a walk that need not finish
+    /// (a periodic write) stops once [`Rules::reload_waiting`].
     pub fn saving<T>(&self, save: impl FnOnce(&RuleText, &Children) -> T) -> Option<T> {
         // Not while a reload moves the state from one tree to the other.
         let _one_at_a_time = self.replacing.lock();
         let tree = self.current.load();
         let text = tree.text.as_ref()?;
         Some(save(text, &tree.roots))
+    }
+
+    /// A reload is waiting for a state write ([`Rules::saving`]) to let go
+    /// of the rules. The stream state of a million `by` groups takes
+    /// seconds to write, during which the reload, and everything waiting on
+    /// it (the outputs' counts a Prometheus scrape reads), would wait too.
+    pub fn reload_waiting(&self) -> bool {
+        self.reloads_waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Counts as a reload waiting while it lives: a write given up to one
+    /// cannot be tested inside a real reload's wait, which is for that write.
+    #[cfg(test)]
+    pub(crate) fn pretend_a_reload_waits(&self) -> impl Sized + '_ {
+        Waiting::new(&self.reloads_waiting)
     }
 
     /// [`Streams::tick`], returning the earliest time a stage asked to be

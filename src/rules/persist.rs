@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Micros;
-use crate::snapshot::{CrcWriter, SnapshotError, replace_file, stopping, unless_abandoned};
+use crate::snapshot::{CrcWriter, SnapshotError, interruption, replace_file};
 
 use super::engine::Rules;
 use super::nodes::Children;
@@ -123,16 +123,40 @@ pub struct Written {
     pub elapsed: Duration,
 }
 
+/// Which write of the stream state it is, and so what may cut it short.
+#[derive(Debug, Clone)]
+pub enum Occasion {
+    /// The final write, at shutdown: nothing does.
+    Final,
+    /// A periodic write: abandoned once its token is cancelled (vigil
+    /// stopping writes its final state instead), and given up to a reload
+    /// waiting to swap the rules (the next periodic write saves theirs).
+    Periodic(CancellationToken),
+}
+
+impl Occasion {
+    /// Why a write of `rules` must stop short now, if it must.
+    fn interrupted(&self, rules: &Rules) -> Option<SnapshotError> {
+        match self {
+            Occasion::Final => None,
+            Occasion::Periodic(stop) if stop.is_cancelled() => Some(SnapshotError::Abandoned),
+            Occasion::Periodic(_) if rules.reload_waiting() => Some(SnapshotError::GaveWay),
+            Occasion::Periodic(_) => None,
+        }
+    }
+}
+
 /// Encodes each entry into the file as the walk makes it. The first error
-/// is kept and the rest of the walk writes nothing; so once `stop` is
-/// cancelled.
+/// is kept and the rest of the walk writes nothing; so once the write is
+/// interrupted ([`Occasion`]).
 struct PostcardSaver<'a, W: Write> {
     out: W,
     /// Each entry is encoded here first and written whole.
     buffer: Vec<u8>,
     entries: usize,
     failed: Option<io::Error>,
-    stop: &'a CancellationToken,
+    occasion: &'a Occasion,
+    rules: &'a Rules,
 }
 
 impl<W: Write> PostcardSaver<'_, W> {
@@ -157,21 +181,22 @@ impl<W: Write> Saver for PostcardSaver<'_, W> {
     }
 
     fn abandoned(&self) -> bool {
-        self.failed.is_some() || self.stop.is_cancelled()
+        self.failed.is_some() || self.occasion.interrupted(self.rules).is_some()
     }
 }
 
 /// Writes the running rules' state into `dir` (which must exist),
 /// atomically. `None` when the rules were compiled without their text and
-/// have nothing to save it with. Once `stop` is cancelled the write is
-/// abandoned ([`SnapshotError::Abandoned`]), its temporary file removed and
-/// the file before it left in place.
+/// have nothing to save it with. A write the `occasion` interrupts fails
+/// with why ([`SnapshotError::Abandoned`], [`SnapshotError::GaveWay`]), its
+/// temporary file removed and the file before it left in place.
 pub fn save(
     rules: &Rules,
     dir: &Path,
-    stop: &CancellationToken,
+    occasion: &Occasion,
 ) -> Result<Option<Written>, StateError> {
     let started = Instant::now();
+    let mut interrupted = None;
     let written = rules.saving(|text, roots| {
         replace_file(&dir.join(FILE_NAME), |out| {
             // Buffered before the checksum, not only after it: entries come
@@ -189,16 +214,20 @@ pub fn save(
                 buffer: Vec::new(),
                 entries: 0,
                 failed: None,
-                stop,
+                occasion,
+                rules,
             };
             saver.write(&header)?;
             roots.save(&mut saver);
-            if saver.failed.is_none() && saver.stop.is_cancelled() {
-                // The walk may have stopped short with no push to fail.
-                return Err(stopping());
-            }
+            // Checked before the walk lets go of the rules: a reload
+            // waiting now stays waiting until then.
+            interrupted = occasion.interrupted(rules);
             if let Some(e) = saver.failed {
                 return Err(e);
+            }
+            if interrupted.is_some() {
+                // The walk may have stopped short with no push to fail.
+                return Err(interruption());
             }
             let entries = saver.entries;
             let out = out.into_inner().map_err(io::IntoInnerError::into_error)?;
@@ -208,7 +237,7 @@ pub fn save(
     let Some(written) = written else {
         return Ok(None);
     };
-    let (entries, bytes) = written.map_err(|e| unless_abandoned(stop, e))?;
+    let (entries, bytes) = written.map_err(|e| interrupted.unwrap_or(e))?;
     Ok(Some(Written {
         entries,
         bytes,
@@ -380,6 +409,7 @@ mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock, Micros, SharedClock, secs_to_micros};
     use crate::event::{Event, Metric};
+    use crate::outputs::OutputSink;
     use crate::index::{Index, IndexConfig};
     use crate::rules::testing::{Recorder, TEST_EPOCH, advance};
     use crate::streams::Streams;
@@ -458,8 +488,7 @@ mod tests {
         }
 
         fn stop(self, dir: &Path) {
-            let stop = CancellationToken::new();
-            assert!(save(&self.rules, dir, &stop).unwrap().is_some());
+            assert!(save(&self.rules, dir, &Occasion::Final).unwrap().is_some());
         }
     }
 
@@ -664,7 +693,7 @@ mod tests {
         }
         let stopped = CancellationToken::new();
         stopped.cancel();
-        let abandoned = save(&life.rules, dir.path(), &stopped).unwrap_err();
+        let abandoned = save(&life.rules, dir.path(), &Occasion::Periodic(stopped)).unwrap_err();
         assert!(
             matches!(abandoned, StateError::Write(SnapshotError::Abandoned)),
             "{abandoned}"
@@ -703,6 +732,67 @@ mod tests {
         };
         life.rules.saving(|_, roots| roots.save(&mut saver));
         assert_eq!(saver.offered, 0, "the walk began although abandoned");
+    }
+
+    /// A reload waits for a state write to let go of the rules; a periodic
+    /// write under way gives way to it (the next one saves the new rules'
+    /// state), leaving the file before it, where it would keep the reload,
+    /// and a Prometheus scrape reading the outputs' counts behind it,
+    /// waiting for seconds with a million `by` groups. The final write, at
+    /// shutdown, does not.
+    #[test]
+    fn a_periodic_write_gives_way_to_a_waiting_reload() {
+        const RULES: &str = "by(host) { throttle(5, 10s) { out } }";
+        let dir = tempfile::tempdir().unwrap();
+        let life = Life::start(RULES, dir.path(), 0.0);
+        life.send("first", Some("ok"), None);
+        life.stop(dir.path());
+        let before = fs::read(dir.path().join(FILE_NAME)).unwrap();
+
+        let life = Life::start(RULES, dir.path(), 1.0);
+        for n in 0..1000 {
+            life.send(&format!("h{n}"), Some("ok"), None);
+        }
+        // A reload counts as waiting while a write holds the rules.
+        std::thread::scope(|threads| {
+            life.rules.saving(|_, _| {
+                let reload = threads.spawn(|| {
+                    let text = text(RULES);
+                    let (_, compiled) =
+                        crate::rules::load(&text.name, &text.text, EnvPolicy::Strict).unwrap();
+                    let outputs: Vec<Arc<dyn OutputSink>> = vec![life.out.clone()];
+                    life.rules
+                        .replace(compiled.roots, Some(Arc::new(text)), outputs);
+                });
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !life.rules.reload_waiting() {
+                    assert!(!reload.is_finished(), "the reload did not wait");
+                    assert!(std::time::Instant::now() < deadline, "no reload waiting");
+                    std::thread::yield_now();
+                }
+            });
+        });
+        assert!(!life.rules.reload_waiting(), "the reload is done");
+
+        let waiting = life.rules.pretend_a_reload_waits();
+        let periodic = Occasion::Periodic(CancellationToken::new());
+        let gave_way = save(&life.rules, dir.path(), &periodic).unwrap_err();
+        assert!(
+            matches!(gave_way, StateError::Write(SnapshotError::GaveWay)),
+            "{gave_way}"
+        );
+        assert_eq!(fs::read(dir.path().join(FILE_NAME)).unwrap(), before);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME]);
+        let written = save(&life.rules, dir.path(), &Occasion::Final).unwrap();
+        // The `by`, and its 1 001 groups of two entries each.
+        assert_eq!(written.map(|w| w.entries), Some(2003), "the final write");
+        drop(waiting);
+        let written = save(&life.rules, dir.path(), &periodic).unwrap();
+        assert_eq!(written.map(|w| w.entries), Some(2003), "no reload waiting");
     }
 
     fn entries_of(rules: &Rules) -> Vec<Saved> {
