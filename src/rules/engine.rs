@@ -9,14 +9,15 @@
 //! while the state moves from the old tree to the new: an event processed on
 //! the old tree meanwhile would change state already moved out, and be lost
 //! to the new tree (a transition `changed_state` never reports, an incident
-//! never resolved).
+//! never resolved). It first waits for a tick under way to end, with the
+//! batches going on, so they are held only for the swap itself.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::clock::{Micros, SharedClock};
 use crate::event::Event;
@@ -71,6 +72,11 @@ crate::stats::counters! {
     }
 }
 
+/// No tick runs while this lives ([`Rules::hold_ticks`]).
+pub struct HeldTicks<'a> {
+    _held: MutexGuard<'a, ()>,
+}
+
 /// One reload counted in [`Rules`]' `reloads_waiting` while it lives.
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -108,6 +114,11 @@ pub struct Rules {
     /// Held shared by each batch and tick while it runs, and exclusively by
     /// a reload while it moves the state and swaps the tree.
     running: RwLock<()>,
+    /// Held by each tick for its whole length, and by a reload from before
+    /// it waits for `running` ([`Rules::hold_ticks`]): a tick of a million
+    /// `by` groups takes a second, and a writer waiting on `running` holds
+    /// up every batch meanwhile.
+    ticking: Mutex<()>,
     index: Arc<Index>,
     clock: SharedClock,
     pub stats: RuleStats,
@@ -131,9 +142,19 @@ impl Rules {
             replacing: Mutex::new(()),
             reloads_waiting: AtomicUsize::new(0),
             running: RwLock::new(()),
+            ticking: Mutex::new(()),
             index,
             clock,
             stats: RuleStats::default(),
+        }
+    }
+
+    /// Waits for a tick under way to end and holds off the next until
+    /// dropped: what a reload takes first, then [`Rules::replace`]. The
+    /// batches go on meanwhile.
+    pub fn hold_ticks(&self) -> HeldTicks<'_> {
+        HeldTicks {
+            _held: self.ticking.lock(),
         }
     }
 
@@ -143,6 +164,7 @@ impl Rules {
     /// the replaced tree, whose outputs the caller retires.
     pub fn replace(
         &self,
+        _ticks: &HeldTicks<'_>,
         roots: Children,
         text: Option<Arc<RuleText>>,
         outputs: Vec<Arc<dyn OutputSink>>,
@@ -197,6 +219,7 @@ impl Rules {
     /// tick, and a virtual clock can skip the ticks before it
     /// ([`super::testing::advance`]).
     pub fn tick_scheduled(&self) -> Option<Micros> {
+        let _ticking = self.ticking.lock();
         let _running = self.running.read();
         let tree = self.current.load();
         let due = self.run(&tree, 0, |cx| self.guarded(|| tree.roots.tick(cx)));
@@ -302,5 +325,110 @@ impl Streams for Rules {
 
     fn tick(&self) {
         self.tick_scheduled();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use parking_lot::Condvar;
+
+    use super::*;
+    use crate::clock::{MICROS_PER_SEC, ManualClock};
+    use crate::index::IndexConfig;
+    use crate::rules::EnvPolicy;
+    use crate::rules::testing::TEST_EPOCH;
+
+    /// An output that holds whoever pushes to it until opened: a tick
+    /// stuck in it stands for a long one.
+    struct Gate {
+        entered: Mutex<mpsc::Sender<()>>,
+        open: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Gate {
+        fn open(&self) {
+            *self.open.lock() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    impl OutputSink for Gate {
+        fn push(&self, _: Event) {
+            let _ = self.entered.lock().send(());
+            let mut open = self.open.lock();
+            while !*open {
+                self.opened.wait(&mut open);
+            }
+        }
+    }
+
+    fn compiled() -> Children {
+        let source =
+            "output out = forward(host: \"127.0.0.1\")\nstreams {\n  rate(1s) { out }\n}\n";
+        let (_, compiled) = crate::rules::load("gate.vigil", source, EnvPolicy::Strict).unwrap();
+        compiled.roots
+    }
+
+    /// A reload waits for a tick under way (a second, with a million `by`
+    /// groups) before it waits for the batches: waiting for the batches, it
+    /// holds up every new one, which would then wait for the tick too.
+    #[test]
+    fn a_reload_waiting_for_a_tick_holds_up_no_batch() {
+        let (entered, tick_entered) = mpsc::channel();
+        let gate = Arc::new(Gate {
+            entered: Mutex::new(entered),
+            open: Mutex::new(false),
+            opened: Condvar::new(),
+        });
+        let clock = Arc::new(ManualClock::new(TEST_EPOCH));
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let outputs = || -> Vec<Arc<dyn OutputSink>> { vec![gate.clone()] };
+        let rules = Rules::new(compiled(), None, outputs(), index, clock.clone());
+        let event = Event {
+            host: Some("h".into()),
+            service: Some("s".into()),
+            metric: Some(crate::event::Metric::Float(1.0)),
+            time: TEST_EPOCH,
+            ttl: Some(60.0),
+            ..Event::default()
+        };
+        rules.process(std::slice::from_ref(&event));
+        // Arms `rate`'s timer; the next tick, a second on, emits.
+        rules.tick_scheduled();
+        clock.advance(2 * MICROS_PER_SEC);
+
+        let (rules, event, outputs) = (&rules, &event, &outputs);
+        std::thread::scope(|threads| {
+            let tick = threads.spawn(move || rules.tick_scheduled());
+            tick_entered
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the tick reached the output");
+            let reload = threads.spawn(move || {
+                let ticks = rules.hold_ticks();
+                rules.replace(&ticks, compiled(), None, outputs());
+            });
+            // Time for the reload to reach its wait; were it not there yet,
+            // this test would pass whatever the reload waits for.
+            std::thread::sleep(Duration::from_millis(100));
+            let (done, batch_done) = mpsc::channel();
+            threads.spawn(move || {
+                rules.process(std::slice::from_ref(event));
+                done.send(()).unwrap();
+            });
+            let batch = batch_done.recv_timeout(Duration::from_secs(10));
+            assert!(
+                !reload.is_finished(),
+                "the reload did not wait for the tick"
+            );
+            gate.open();
+            batch.expect("a batch waited for the reload waiting for the tick");
+            tick.join().unwrap();
+            reload.join().unwrap();
+        });
+        assert_eq!(rules.stats.reloads.load(Ordering::Relaxed), 1);
     }
 }

@@ -190,11 +190,7 @@ impl<W: Write> Saver for PostcardSaver<'_, W> {
 /// have nothing to save it with. A write the `occasion` interrupts fails
 /// with why ([`SnapshotError::Abandoned`], [`SnapshotError::GaveWay`]), its
 /// temporary file removed and the file before it left in place.
-pub fn save(
-    rules: &Rules,
-    dir: &Path,
-    occasion: &Occasion,
-) -> Result<Option<Written>, StateError> {
+pub fn save(rules: &Rules, dir: &Path, occasion: &Occasion) -> Result<Option<Written>, StateError> {
     let started = Instant::now();
     let mut interrupted = None;
     let written = rules.saving(|text, roots| {
@@ -409,8 +405,8 @@ mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock, Micros, SharedClock, secs_to_micros};
     use crate::event::{Event, Metric};
-    use crate::outputs::OutputSink;
     use crate::index::{Index, IndexConfig};
+    use crate::outputs::OutputSink;
     use crate::rules::testing::{Recorder, TEST_EPOCH, advance};
     use crate::streams::Streams;
 
@@ -761,8 +757,9 @@ mod tests {
                     let (_, compiled) =
                         crate::rules::load(&text.name, &text.text, EnvPolicy::Strict).unwrap();
                     let outputs: Vec<Arc<dyn OutputSink>> = vec![life.out.clone()];
+                    let ticks = life.rules.hold_ticks();
                     life.rules
-                        .replace(compiled.roots, Some(Arc::new(text)), outputs);
+                        .replace(&ticks, compiled.roots, Some(Arc::new(text)), outputs);
                 });
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
                 while !life.rules.reload_waiting() {

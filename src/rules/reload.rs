@@ -51,7 +51,7 @@
 //!   the self-metrics take them out of the index without expiring them
 //!   ([`crate::selfmetrics`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -245,26 +245,29 @@ impl Reloader {
     }
 
     /// Re-reads, validates and swaps in the rule file. Must run inside tokio.
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(self: &Arc<Self>) -> Result<(), String> {
         let Some(path) = self.path.clone() else {
             tracing::warn!(
                 "Rules not reloaded: running the embedded rules; start with --rules FILE to reload them."
             );
             return Ok(());
         };
+        // Reading and compiling a large file takes a while, and the swap
+        // waits for a tick under way: not on a worker the connections need.
+        let reloader = self.clone();
+        tokio::task::spawn_blocking(move || reloader.reload_from(&path))
+            .await
+            .map_err(|e| format!("reload task failed: {e}"))?
+    }
+
+    fn reload_from(&self, path: &Path) -> Result<(), String> {
         let name = path.display().to_string();
-        // Reading and compiling a large file takes a while: not on a worker
-        // the connections need.
-        let (rules, task_name) = (self.rules.clone(), name.clone());
-        let (source, compiled) = tokio::task::spawn_blocking(move || {
-            let (stats, name) = (&rules.stats, &task_name);
-            let source =
-                super::read_file(&path).map_err(|e| reject(stats, name, e.render(name)))?;
-            let compiled = prepare(stats, name, &source, EnvPolicy::Strict)?;
-            Ok::<_, String>((source, compiled))
-        })
-        .await
-        .map_err(|e| format!("reload task failed: {e}"))??;
+        let stats = &self.rules.stats;
+        let source = super::read_file(path).map_err(|e| reject(stats, &name, e.render(&name)))?;
+        let compiled = prepare(stats, &name, &source, EnvPolicy::Strict)?;
+        // Before the outputs: what reads their counts (a Prometheus scrape,
+        // on a worker) must not wait for the tick too.
+        let ticks = self.rules.hold_ticks();
         let mut outputs = self.outputs.lock();
         let removed = outputs.update(&compiled.outputs);
         let text = Arc::new(RuleText { name, text: source });
@@ -272,7 +275,8 @@ impl Reloader {
         let swapping = std::time::Instant::now();
         let old = self
             .rules
-            .replace(compiled.roots, Some(text.clone()), outputs.sinks());
+            .replace(&ticks, compiled.roots, Some(text.clone()), outputs.sinks());
+        drop(ticks);
         tracing::info!(
             rules = %text.name,
             outputs = outputs.running.len(),
