@@ -88,6 +88,11 @@ pub enum EnvPolicy {
     /// A warning, with a placeholder value, so `vigil check` and `vigil test` can
     /// validate a file where its secrets are absent.
     Lenient,
+    /// As `Lenient`, and no file an output names (a forward's TLS files) is
+    /// read: the tree only takes back saved stream state and never runs, and
+    /// files the saved rules named may be gone with the outputs that used
+    /// them ([`super::persist::restore`]).
+    StateOnly,
 }
 
 pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnostic>> {
@@ -297,7 +302,7 @@ impl Compiler<'_> {
             ValueKind::String(s) => Some(s.clone()),
             ValueKind::Env(name) => match (std::env::var(name), self.env) {
                 (Ok(value), _) => Some(value),
-                (Err(_), EnvPolicy::Lenient) => {
+                (Err(_), EnvPolicy::Lenient | EnvPolicy::StateOnly) => {
                     self.warnings.push(
                         Diagnostic::new(
                             v.span.clone(),
@@ -516,7 +521,9 @@ impl Compiler<'_> {
         };
         // Files named by variables `check` found unset are read by `run`.
         let named = [Some(ca), name, b.get("tls_cert"), b.get("tls_key")];
-        if named.into_iter().flatten().any(|v| self.unset_env(v)) {
+        if named.into_iter().flatten().any(|v| self.unset_env(v))
+            || self.env == EnvPolicy::StateOnly
+        {
             return Some(None);
         }
         let files = (identity_paths.as_ref()).map(|(c, k)| (Path::new(c), Path::new(k)));

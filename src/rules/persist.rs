@@ -385,10 +385,10 @@ fn restore_from(
     saved: &Header,
     mut from: Restorer<'_>,
 ) -> Result<Restored, StateError> {
-    // Lenient: the tree never runs, so a secret missing from the environment
-    // now does not matter to it.
+    // The tree never runs, so a secret missing from the environment now, or
+    // a TLS file removed with its output, does not matter to it.
     let (_, old) =
-        super::load(&saved.name, &saved.text, EnvPolicy::Lenient).map_err(StateError::Rules)?;
+        super::load(&saved.name, &saved.text, EnvPolicy::StateOnly).map_err(StateError::Rules)?;
     old.roots.restore(&mut from)?;
     let entries = from.finish()?;
     roots.adopt(&old.roots);
@@ -987,6 +987,45 @@ mod tests {
             restore(&header, Vec::new()),
             Err(StateError::Rules(_))
         ));
+    }
+
+    #[test]
+    fn state_saved_with_a_forward_whose_tls_files_are_gone_is_still_restored() {
+        // The rules were edited while vigil was down: the forward, and its
+        // CA file, removed. The stages that stayed keep their state.
+        let gone = tempfile::tempdir().unwrap();
+        let ca = gone.path().join("ca.pem");
+        let saved = Header {
+            name: "persist.vigil".to_owned(),
+            text: format!(
+                "output up = forward(host: \"127.0.0.1\", tls_ca: \"{}\")\nstreams {{\n  changed_state {{ up }}\n}}\n",
+                ca.display()
+            ),
+        };
+        let now = text("  changed_state { out }");
+        let (_, compiled) = crate::rules::load(&now.name, &now.text, EnvPolicy::Strict).unwrap();
+        let entries = vec![
+            Saved::By { groups: 1 },
+            Saved::Group {
+                key: vec![Some("a".into()), Some("svc".into())],
+                free_at: Micros::MAX,
+                lifetime: 0,
+            },
+            Saved::Changed(None),
+        ];
+        let restored = restore_from(
+            &compiled.roots,
+            &now,
+            &saved,
+            Restorer::from_entries(entries, 0),
+        );
+        assert_eq!(
+            restored.unwrap(),
+            Restored {
+                entries: 3,
+                rules_changed: true
+            }
+        );
     }
 
     #[test]
