@@ -470,8 +470,8 @@ impl Memory {
     /// Reads the file, the first time only, off the async workers (it may
     /// hold [`MAX_OPEN`](super::pager::MAX_OPEN) incidents): what it
     /// holds is restored when it was saved for the same receiver. A
-    /// file that cannot be read is logged with the reason and left for the
-    /// next save to replace; nothing here fails.
+    /// file that cannot be read is logged with the reason and renamed to
+    /// `….unreadable` ([`snapshot::set_aside`]); nothing here fails.
     pub async fn load(&self) {
         self.loaded
             .get_or_init(|| async {
@@ -492,12 +492,17 @@ impl Memory {
                 match off_workers(move || read(&path)).await {
                     Some(Ok(Some(saved))) => self.restore(&file, saved),
                     Some(Ok(None)) | None => {}
-                    Some(Err(error)) => tracing::warn!(
+                    // The file may be fine, the disk not: the next save tells.
+                    Some(Err(error @ LoadError::Io { .. })) => tracing::warn!(
                         output = %self.output,
                         %error,
-                        "Open incidents not loaded; an incident left open before the \
-                         restart must be resolved by hand."
+                        "{NOT_LOADED}"
                     ),
+                    // Kept aside: it lists what to resolve by hand, and the
+                    // next save would replace it.
+                    Some(Err(error)) => {
+                        off_workers(move || snapshot::set_aside(&file, &error, NOT_LOADED)).await;
+                    }
                 }
             })
             .await;
@@ -889,6 +894,10 @@ pub fn warn_of_undeclared(dir: &Path, declared: &HashSet<PathBuf>) {
 fn key_hash(receiver: &str) -> String {
     format!("{:016x}", fnv1a(receiver.as_bytes()))
 }
+
+/// What a pager whose file could not be read logs, with the reason.
+const NOT_LOADED: &str =
+    "Open incidents not loaded; an incident left open before the restart must be resolved by hand.";
 
 /// Why saved incidents were not loaded.
 #[derive(Debug, thiserror::Error)]
@@ -1291,11 +1300,31 @@ mod tests {
             std::fs::write(&file, garbage).unwrap();
             assert!(keys(&*from_file(file.clone(), "key", 10).await).is_empty());
         }
-        let error = read(&file).unwrap_err().to_string();
+        let aside = dir.path().join("pagerduty-pager.json.unreadable");
+        let error = read(&aside).unwrap_err().to_string();
         assert!(
-            error.contains("pagerduty-pager.json: not saved incidents"),
+            error.contains("pagerduty-pager.json.unreadable: not saved incidents"),
             "{error}"
         );
+    }
+
+    /// A file that cannot be read holds what an operator must resolve by
+    /// hand: the next save must not destroy it.
+    #[tokio::test]
+    async fn a_file_that_cannot_be_read_is_kept_aside_from_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let cut_short = r#"{"version":1,"routing_key_hash":"0","incidents":[{"dedup_key":"web1/cp"#;
+        std::fs::write(&file, cut_short).unwrap();
+        let memory = from_file(file.clone(), "key", 10).await;
+        assert!(keys(&memory).is_empty());
+        memory
+            .incidents()
+            .triggered("web2/disk".into(), Severity::Critical, Instant::now());
+        assert!(memory.save().await);
+        let aside = dir.path().join("pagerduty-pager.json.unreadable");
+        assert_eq!(std::fs::read_to_string(aside).unwrap(), cut_short);
+        assert_eq!(keys(&*from_file(file, "key", 10).await).len(), 1);
     }
 
     /// A reload that changed the routing key: the retiring task, still
