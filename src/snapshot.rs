@@ -24,6 +24,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Buf;
@@ -529,6 +530,7 @@ impl Snapshots {
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         restore(&index, &dir, started);
         let stop = CancellationToken::new();
+        let failing = Arc::new(Failing::default());
         let periodic = tokio::spawn(periodic(every, stop.clone(), {
             let (stats, index, streams, dir, stop) = (
                 stats.clone(),
@@ -539,7 +541,8 @@ impl Snapshots {
             );
             move || {
                 let (index, streams) = (index.clone(), streams.clone());
-                write_periodic(stats.clone(), index, streams, dir.clone(), stop.clone())
+                let (stats, failing) = (stats.clone(), failing.clone());
+                write_periodic(stats, failing, index, streams, dir.clone(), stop.clone())
             }
         }));
         Ok(Self {
@@ -623,35 +626,58 @@ async fn periodic<W: Future<Output = ()>>(
     }
 }
 
+/// Whether the last periodic write of each file failed: a failure is
+/// logged when it begins and when it ends, not at every interval between
+/// (a full disk would fill the log a line per `--snapshot-interval`); the
+/// counter counts each.
+#[derive(Default)]
+struct Failing {
+    index: AtomicBool,
+    streams: AtomicBool,
+}
+
 /// One periodic write: the index snapshot, then the stream state of
-/// `streams`; a failure is counted and logged, and the next write tries
-/// again. Abandoned once `stop` is cancelled; the stream state gives way
-/// to a reload.
+/// `streams`; a failure is counted, logged unless the write before failed
+/// too, and the next write tries again. Abandoned once `stop` is cancelled;
+/// the stream state gives way to a reload.
 async fn write_periodic(
     stats: Arc<Stats>,
+    failing: Arc<Failing>,
     index: Arc<Index>,
     streams: Option<Arc<Rules>>,
     dir: PathBuf,
     stop: CancellationToken,
 ) {
     match save(index, dir.clone(), stop.clone()).await {
-        Ok(saved) => tracing::debug!(
-            entries = saved.entries,
-            elapsed = ?saved.elapsed,
-            "Wrote a periodic index snapshot."
-        ),
+        Ok(saved) => {
+            if failing.index.swap(false, Ordering::AcqRel) {
+                tracing::info!(entries = saved.entries, "Wrote the index snapshot again.");
+            }
+            tracing::debug!(
+                entries = saved.entries,
+                elapsed = ?saved.elapsed,
+                "Wrote a periodic index snapshot."
+            );
+        }
         Err(SnapshotError::Abandoned) => {
             tracing::debug!("Abandoned a periodic index snapshot for the final one.");
             return;
         }
         Err(error) => {
             Stats::incr(&stats.state_write_failures);
-            tracing::warn!(%error, "Periodic index snapshot failed.");
+            if !failing.index.swap(true, Ordering::AcqRel) {
+                tracing::warn!(%error, "Periodic index snapshot failed; {RETRYING}");
+            }
         }
     }
     if let Some(rules) = streams {
         match save_streams(rules, dir, Occasion::Periodic(stop)).await {
-            Ok(written) => tracing::debug!(?written, "Wrote the periodic stream state."),
+            Ok(written) => {
+                if failing.streams.swap(false, Ordering::AcqRel) {
+                    tracing::info!("Wrote the stream state again.");
+                }
+                tracing::debug!(?written, "Wrote the periodic stream state.");
+            }
             Err(SnapshotError::Abandoned) => {
                 tracing::debug!("Abandoned a periodic stream state write for the final one.");
             }
@@ -662,11 +688,18 @@ async fn write_periodic(
             }
             Err(error) => {
                 Stats::incr(&stats.state_write_failures);
-                tracing::warn!(%error, "Periodic stream state write failed.");
+                if !failing.streams.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(%error, "Periodic stream state write failed; {RETRYING}");
+                }
             }
         }
     }
 }
+
+/// What a failing periodic write goes on to do, said once as it begins.
+const RETRYING: &str = "trying again every --snapshot-interval, counting each failure in \
+    vigil_state_write_failures_total and logging again once one succeeds (a restart meanwhile \
+    reads the last one written).";
 
 #[cfg(test)]
 mod tests {
@@ -947,7 +980,16 @@ mod tests {
             matches!(abandoned, Err(SnapshotError::Abandoned)),
             "{abandoned:?}"
         );
-        write_periodic(stats.clone(), index, None, dir.path().into(), stopped).await;
+        let failing = Arc::new(Failing::default());
+        write_periodic(
+            stats.clone(),
+            failing,
+            index,
+            None,
+            dir.path().into(),
+            stopped,
+        )
+        .await;
         assert_eq!(Stats::get(&stats.state_write_failures), 0);
         assert_eq!(fs::read(dir.path().join(FILE_NAME)).unwrap(), before);
         let names: Vec<_> = (fs::read_dir(dir.path()).unwrap())

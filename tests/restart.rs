@@ -541,3 +541,45 @@ fn a_port_in_use_fails_before_the_saved_state_is_read() {
     let expected = format!("--grpc {grpc}: Address already in use");
     assert!(stderr.contains(&expected), "{expected} in {stderr}");
 }
+
+/// `name`'s value in `GET /metrics` of `v`.
+fn metric(v: &Vigil, name: &str) -> u64 {
+    let text = block_on(common::metrics_text(v.http.expect("HTTP on")));
+    let line = text.lines().find(|l| l.split(' ').next() == Some(name));
+    let value = line.and_then(|l| l.split(' ').nth(1));
+    value
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// A data directory that stops taking writes (a full disk; here a directory
+/// where the snapshot's temporary file goes) is counted at every write, but
+/// logged once until a write succeeds again, which is logged too: a full
+/// disk must not fill the log a line per `--snapshot-interval`.
+#[test]
+fn a_periodic_write_failing_again_and_again_is_logged_once_until_one_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let v = Vigil::start(&["--data-dir", dir_arg(&data), "--snapshot-interval", "10ms"]);
+    let taken = data.join("index.snapshot.tmp");
+    std::fs::create_dir_all(taken.join("taken")).unwrap();
+    let failed = |n| (metric(&v, "vigil_state_write_failures_total") >= n).then_some(());
+    assert!(
+        wait_until(VISIBLE_TIMEOUT, || failed(5)).is_some(),
+        "{}",
+        v.logs()
+    );
+    let logs = v.logs();
+    assert_eq!(
+        logs.matches("Periodic index snapshot failed").count(),
+        1,
+        "{logs}"
+    );
+    std::fs::remove_dir_all(&taken).unwrap();
+    assert!(
+        v.wait_for_log("Wrote the index snapshot again", VISIBLE_TIMEOUT),
+        "{}",
+        v.logs()
+    );
+}
