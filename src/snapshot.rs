@@ -300,6 +300,17 @@ const LOCK_FILE: &str = "vigil.lock";
 /// temporary files and overwrite each other's snapshot, stream state and
 /// open incidents, and a crash could leave them interleaved.
 pub fn claim(dir: &Path) -> Result<File, SnapshotError> {
+    claim_writing(dir, |file| {
+        file.set_len(0)?;
+        writeln!(file, "{}", std::process::id())
+    })
+}
+
+/// [`claim`], saying who holds `dir` with `holder`.
+fn claim_writing(
+    dir: &Path,
+    holder: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<File, SnapshotError> {
     fs::create_dir_all(dir).map_err(io_error(dir))?;
     let path = dir.join(LOCK_FILE);
     let mut file = fs::OpenOptions::new()
@@ -322,10 +333,16 @@ pub fn claim(dir: &Path) -> Result<File, SnapshotError> {
         }
         Err(fs::TryLockError::Error(e)) => return Err(io_error(&path)(e)),
     }
-    // Who holds it, for the next one's refusal.
-    file.set_len(0)
-        .and_then(|()| writeln!(file, "{}", std::process::id()))
-        .map_err(io_error(&path))?;
+    // Who holds it, for the next one's refusal. Only that: the lock keeps
+    // others out, so a full disk does not keep vigil from starting.
+    if let Err(error) = holder(&mut file) {
+        tracing::warn!(
+            path = %path.display(),
+            %error,
+            "Could not write this vigil's pid into the lock file; the directory is \
+             taken all the same (a second vigil is refused without the pid)."
+        );
+    }
     Ok(file)
 }
 
@@ -915,6 +932,21 @@ mod tests {
         );
         drop(held);
         claim(&data).expect("free again once the holder is gone");
+    }
+
+    /// On a full disk the pid cannot be written, but the lock is what keeps
+    /// a second vigil out: vigil starts, and reads what the disk holds.
+    #[test]
+    fn a_data_dir_is_taken_even_when_its_holder_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = |_: &mut File| Err(io::Error::from(io::ErrorKind::StorageFull));
+        let held = claim_writing(dir.path(), full).expect("taken on a full disk");
+        let refused = claim(dir.path());
+        assert!(
+            matches!(refused, Err(SnapshotError::InUse { pid: None, .. })),
+            "{refused:?}"
+        );
+        drop(held);
     }
 
     #[test]
