@@ -162,6 +162,12 @@ impl LikePattern {
         }
     }
 
+    /// Whether matching searches the text (a piece between two `%`s), not
+    /// only compares its ends.
+    fn scans(&self) -> bool {
+        self.pieces.len() > 2
+    }
+
     fn matches(&self, text: &str) -> bool {
         let [first, middle @ .., last] = self.pieces.as_slice() else {
             // No `%` at all: the whole text must equal the pattern.
@@ -226,6 +232,25 @@ pub(super) enum Node {
     /// And/Or keep their operands flat so a long chain costs no recursion.
     And(Vec<Node>),
     Or(Vec<Node>),
+}
+
+/// What a term that scans a string weighs in [`Node::weight`]: as much as
+/// 16 comparisons, so that one such term alone is cheap, two are not.
+const SCAN_WEIGHT: usize = 16;
+
+/// The heaviest tree [`Query::costly`](super::Query::costly) leaves to be
+/// evaluated without a budget: 16 comparisons, or one term that scans a
+/// string (whose cost `--max-string` bounds).
+pub(super) const CHEAP_WEIGHT: usize = 16;
+
+/// The work [`Node::eval_within`] counts for a term that scans `text`: one,
+/// and one per 16 bytes, so a term scanning 4 KiB or more is followed by a
+/// look at the clock.
+#[inline]
+fn scan_units(text: &str) -> u32 {
+    u32::try_from(text.len() / 16)
+        .unwrap_or(u32::MAX)
+        .saturating_add(1)
 }
 
 /// Equalities of one field in a disjunction from which they become one
@@ -358,6 +383,66 @@ impl Node {
             Node::Not(inner) => !inner.eval(event),
             Node::And(terms) => terms.iter().all(|t| t.eval(event)),
             Node::Or(terms) => terms.iter().any(|t| t.eval(event)),
+        }
+    }
+
+    /// [`Node::eval`], counting its work in `budget` and giving up once it
+    /// is spent: a term at a time, so a chain of thousands of terms, or of
+    /// scans of long strings, stops within one term of its deadline.
+    pub(super) fn eval_within(
+        &self,
+        event: &Event,
+        budget: &mut super::Budget<'_>,
+    ) -> Result<bool, super::Exceeded> {
+        let (matched, units) = match self {
+            Node::Not(inner) => return Ok(!inner.eval_within(event, budget)?),
+            Node::And(terms) => {
+                for term in terms {
+                    if !term.eval_within(event, budget)? {
+                        return Ok(false);
+                    }
+                }
+                return Ok(true);
+            }
+            Node::Or(terms) => {
+                for term in terms {
+                    if term.eval_within(event, budget)? {
+                        return Ok(true);
+                    }
+                }
+                return Ok(false);
+            }
+            Node::Like { left, pattern } => match left.get(event) {
+                Val::Str(s) => (pattern.matches(s), scan_units(s)),
+                _ => (false, 1),
+            },
+            Node::Regex { left, regex } => match left.get(event) {
+                Val::Str(s) => (regex.is_match(s), scan_units(s)),
+                _ => (false, 1),
+            },
+            Node::OneOf { field, values } => match value(field, event) {
+                Val::Str(s) => (values.contains(s), scan_units(s)),
+                _ => (false, 1),
+            },
+            other => (other.eval(event), 1),
+        };
+        // Counted after the term: one that scanned a long string is
+        // followed by a look at the clock, before any other runs.
+        budget.spend(units)?;
+        Ok(matched)
+    }
+
+    /// What one event may cost the tree, roughly: a term each, a term that
+    /// scans a string (a LIKE with `%` inside, a regex, a set of values to
+    /// hash) [`SCAN_WEIGHT`], a constant nothing.
+    pub(super) fn weight(&self) -> usize {
+        match self {
+            Node::Const(_) => 0,
+            Node::Not(inner) => inner.weight(),
+            Node::And(terms) | Node::Or(terms) => terms.iter().map(Node::weight).sum(),
+            Node::Like { pattern, .. } if pattern.scans() => SCAN_WEIGHT,
+            Node::Regex { .. } | Node::OneOf { .. } => SCAN_WEIGHT,
+            _ => 1,
         }
     }
 

@@ -9,6 +9,8 @@ mod pattern;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::blocking::off_workers;
 use crate::event::Event;
@@ -29,6 +31,97 @@ static LONG_COMPILES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new
 pub struct Query {
     root: eval::Node,
     text: String,
+    /// Whether one event may cost it more than a few microseconds: over
+    /// [`eval::CHEAP_WEIGHT`] (many terms, or more than one that scans a
+    /// string). Only such a query is evaluated against a [`Budget`]; the
+    /// others cost what they always did.
+    costly: bool,
+}
+
+/// Units of work (a term each, and one per 16 bytes a term scans) between
+/// two looks at the clock in [`Query::matches_within`]: some 256 cheap
+/// terms (about a microsecond), or a single term that scans 4 KiB. Reading
+/// the clock costs some 25 ns, so it costs the costly queries it bounds a
+/// few percent.
+const CHECK_EVERY: u32 = 256;
+
+/// How long a costly query may take before it is given up
+/// ([`Query::matches_within`]): a deadline, or a flag its asker sets when it
+/// stops waiting. The clock is read every [`CHECK_EVERY`] units of work,
+/// never per term of a cheap run; a term scanning a long string is one
+/// check of its own, so a deadline holds within one term (whose scan
+/// `--max-string` bounds).
+#[derive(Debug)]
+pub struct Budget<'a> {
+    started: Instant,
+    deadline: Option<Instant>,
+    cancelled: Option<&'a AtomicBool>,
+    since_check: u32,
+}
+
+/// Why [`Query::matches_within`] gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    /// Past the deadline, this long after the budget started.
+    Time { spent: Duration },
+    /// Its asker stopped waiting.
+    Cancelled,
+}
+
+impl Budget<'static> {
+    /// `limit` from now.
+    pub fn new(limit: Duration) -> Budget<'static> {
+        let started = Instant::now();
+        Budget {
+            started,
+            deadline: started.checked_add(limit),
+            cancelled: None,
+            since_check: 0,
+        }
+    }
+}
+
+impl<'a> Budget<'a> {
+    /// Until `deadline` (none: no end), or until `cancelled` is set.
+    pub fn until(deadline: Option<Instant>, cancelled: Option<&'a AtomicBool>) -> Budget<'a> {
+        Budget {
+            started: Instant::now(),
+            deadline,
+            cancelled,
+            since_check: 0,
+        }
+    }
+
+    /// Counts `units` of work done; past [`CHECK_EVERY`] since the last
+    /// look, looks whether the budget is spent.
+    #[inline]
+    fn spend(&mut self, units: u32) -> Result<(), Exceeded> {
+        self.since_check = self.since_check.saturating_add(units);
+        if self.since_check < CHECK_EVERY {
+            return Ok(());
+        }
+        self.since_check = 0;
+        self.check()
+    }
+
+    #[cold]
+    fn check(&self) -> Result<(), Exceeded> {
+        if self.cancelled.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Exceeded::Cancelled);
+        }
+        match self.deadline {
+            Some(deadline) => {
+                let now = Instant::now();
+                match now >= deadline {
+                    true => Err(Exceeded::Time {
+                        spent: now - self.started,
+                    }),
+                    false => Ok(()),
+                }
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +181,7 @@ impl Query {
 
     fn from_parsed(source: &str, parsed: parser::Parsed) -> Query {
         Query {
+            costly: parsed.node.weight() > eval::CHEAP_WEIGHT,
             root: parsed.node,
             text: source[parsed.text].to_owned(),
         }
@@ -102,6 +196,25 @@ impl Query {
 
     pub fn matches(&self, event: &Event) -> bool {
         self.root.eval(event)
+    }
+
+    /// Whether evaluating the query may cost one event more than a few
+    /// microseconds (see [`Query::matches_within`]): more than 16 terms, or
+    /// more than one that scans a string (`=~ "%x%"`, `~=`, a long `or` of
+    /// equalities).
+    pub fn costly(&self) -> bool {
+        self.costly
+    }
+
+    /// [`Query::matches`], given up once `budget` is spent: checked between
+    /// terms, every so much work (see [`Budget`]). A query that is not
+    /// [`Query::costly`] is evaluated as by [`Query::matches`], without the
+    /// clock.
+    pub fn matches_within(&self, event: &Event, budget: &mut Budget<'_>) -> Result<bool, Exceeded> {
+        match self.costly {
+            true => self.root.eval_within(event, budget),
+            false => Ok(self.root.eval(event)),
+        }
     }
 
     /// `Some((host, service))` when the query is exactly `host = "X" and service = "Y"`
@@ -274,6 +387,59 @@ mod tests {
         assert!(attributes.matches(&with_env("e9")));
         assert!(attributes.matches(&with_env("yes")));
         assert!(!attributes.matches(&with_env("x")));
+    }
+
+    #[test]
+    fn only_queries_that_may_cost_an_event_much_are_costly() {
+        let costly = |q: &str| Query::parse(q).unwrap().costly();
+        for cheap in [
+            "true",
+            r#"service =~ "cpu%" and host = "a""#,
+            r#"description =~ "%error%""#,
+            r#"service ~= "^cpu""#,
+            &vec!["metric > 1"; 16].join(" or "),
+        ] {
+            assert!(!costly(cheap), "{cheap}");
+        }
+        for dear in [
+            &vec!["metric > 1"; 17].join(" or "),
+            r#"description =~ "%a%" or description =~ "%b%""#,
+            r#"description ~= "a" and service =~ "%b%""#,
+        ] {
+            assert!(costly(dear), "{dear}");
+        }
+    }
+
+    /// With no time at all, a costly query gives up at its first look at the
+    /// clock: after some 256 cheap terms, or after the first term that
+    /// scanned a long string. A cheap one never looks.
+    #[test]
+    fn a_costly_query_gives_up_once_its_budget_is_spent() {
+        let chain = (0..300).map(|i| format!("metric > {}", 1000 + i));
+        let chain = q(&chain.collect::<Vec<_>>().join(" or "));
+        let scans = q(r#"description =~ "%nowhere%" or description ~= "nowhere""#);
+        let long = Event {
+            description: Some("x".repeat(64 * 1024)),
+            ..event()
+        };
+        for (what, query, event) in [("chain", &chain, event()), ("scans", &scans, long)] {
+            let spent = query.matches_within(&event, &mut Budget::new(Duration::ZERO));
+            assert!(
+                matches!(spent, Err(Exceeded::Time { .. })),
+                "{what}: {spent:?}"
+            );
+            let ample = Budget::new(Duration::from_secs(3600));
+            assert_eq!(query.matches_within(&event, &mut { ample }), Ok(false));
+        }
+        let cheap = q(r#"service = "cpu user""#);
+        let zero = &mut Budget::new(Duration::ZERO);
+        assert_eq!(cheap.matches_within(&event(), zero), Ok(true));
+        // A flag its asker sets stops it as well, with no deadline.
+        let gone = AtomicBool::new(true);
+        let stopped = chain.matches_within(&event(), &mut Budget::until(None, Some(&gone)));
+        assert_eq!(stopped, Err(Exceeded::Cancelled));
+        let unbounded = &mut Budget::until(None, None);
+        assert_eq!(chain.matches_within(&event(), unbounded), Ok(false));
     }
 
     #[test]
