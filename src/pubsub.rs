@@ -35,6 +35,21 @@
 //! disconnected subscriber's queue is emptied at once, whatever its
 //! connection is doing.
 //!
+//! An audience's query is evaluated on the publisher's thread (the ingest
+//! path of every connection), so what it may cost is bounded: a query that
+//! is [`Query::costly`] (many terms, or several scanning strings) is
+//! evaluated within [`QUERY_BUDGET`] per event ([`Query::matches_within`]),
+//! and one that overruns it has its subscribers disconnected, with the
+//! reason (counted in [`PubsubStats::disconnected_costly`], logged with the
+//! query); the event does not match it. Its text is remembered for
+//! [`REFUSED_FOR`] ([`REMEMBERED`] texts at most): subscribing it again
+//! meanwhile is refused ([`Pubsub::admit`]), so a dashboard reconnecting in
+//! a loop costs a budget once, not once per reconnection. A lossy
+//! subscriber (the cluster's tap, which filters again what it forwards)
+//! is not disconnected: its audience takes every event from then on,
+//! unevaluated. Cheap queries (`true`, a few comparisons) are evaluated
+//! as before, without reading the clock.
+//!
 //! With no subscribers the cost on the ingest path is one atomic load.
 //! Nothing is published while a replay runs its batch under
 //! [`outputs::suppressed`]: subscribers see live changes only.
@@ -45,6 +60,7 @@ use std::collections::VecDeque;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -54,7 +70,7 @@ use crate::event::Event;
 use crate::event_queue::Refused;
 use crate::json;
 use crate::outputs;
-use crate::query::Query;
+use crate::query::{Budget, Exceeded, Query};
 use queue::{Full, Queue, Queued};
 
 /// Queue length per subscriber unless the caller asks otherwise.
@@ -66,6 +82,17 @@ pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
 /// Bytes all subscribers' queues may hold together, by default.
 pub const DEFAULT_MAX_HELD: usize = 256 * 1024 * 1024;
+
+/// What a costly query may take of the publisher's time per event: over it,
+/// its subscribers are disconnected (see the module's documentation).
+pub const QUERY_BUDGET: Duration = Duration::from_millis(1);
+
+/// How long a query found too costly is refused after (see [`Pubsub::admit`]).
+pub const REFUSED_FOR: Duration = Duration::from_secs(60);
+
+/// Query texts found too costly that are remembered at most (by hash): the
+/// oldest is forgotten for a new one.
+pub const REMEMBERED: usize = 64;
 
 /// An event as its subscribers get it: one copy shared by all of them, with
 /// its JSON encoded once, by the first of them that needs it.
@@ -100,6 +127,12 @@ pub struct PubsubStats {
     pub disconnected_slow: AtomicU64,
     /// Events a lossy subscriber's full queue could not take.
     pub dropped: AtomicU64,
+    /// Subscribers disconnected because their query took more than its
+    /// budget ([`QUERY_BUDGET`]) on one event.
+    pub disconnected_costly: AtomicU64,
+    /// Subscriptions refused because their query was found too costly
+    /// within the last [`REFUSED_FOR`].
+    pub refused_costly: AtomicU64,
     /// Bytes held in all queues now (a gauge).
     pub bytes_held: AtomicUsize,
 }
@@ -111,6 +144,10 @@ pub struct Pubsub {
     count: AtomicUsize,
     next_id: AtomicU64,
     max_held: usize,
+    /// What a costly query may take per event ([`QUERY_BUDGET`]).
+    query_budget: Duration,
+    /// Query texts found too costly (their hash), and when, oldest first.
+    too_costly: Mutex<VecDeque<(u64, Instant)>>,
     pub stats: PubsubStats,
 }
 
@@ -121,6 +158,8 @@ impl Default for Pubsub {
             count: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             max_held: DEFAULT_MAX_HELD,
+            query_budget: QUERY_BUDGET,
+            too_costly: Mutex::default(),
             stats: PubsubStats::default(),
         }
     }
@@ -131,6 +170,27 @@ impl Default for Pubsub {
 struct Audience {
     query: Query,
     members: Vec<Subscriber>,
+    /// The query overran its budget and only lossy subscribers (which
+    /// filter again) are left: every event is theirs, unevaluated.
+    unfiltered: bool,
+}
+
+impl Audience {
+    /// Whether `event` is for this audience; the time spent when its query
+    /// overran `budget`.
+    #[inline]
+    fn wants(&self, event: &Event, budget: Duration) -> Result<bool, Duration> {
+        if self.unfiltered {
+            return Ok(true);
+        }
+        if !self.query.costly() {
+            return Ok(self.query.matches(event));
+        }
+        (self.query.matches_within(event, &mut Budget::new(budget))).map_err(|e| match e {
+            Exceeded::Time { spent } => spent,
+            Exceeded::Cancelled => budget,
+        })
+    }
 }
 
 struct Subscriber {
@@ -165,6 +225,8 @@ struct BacklogState {
     taken_bytes: usize,
     /// Disconnected for being too slow: nothing more comes.
     lagged: bool,
+    /// Why it was disconnected, when it was not for being too slow.
+    why: Option<Arc<str>>,
     /// No more events: lagged, or the subscription was dropped.
     closed: bool,
 }
@@ -246,6 +308,12 @@ impl Backlog {
         state.queue.bytes() + state.snapshot_bytes + state.taken_bytes
     }
 
+    /// [`Backlog::close`] for being too costly: `why`.
+    fn close_because(&self, why: Arc<str>, held: &AtomicUsize) -> VecDeque<Queued> {
+        self.state.lock().why = Some(why);
+        self.close(true, held)
+    }
+
     /// Takes no more events and frees those queued and the snapshot not
     /// sent; returns the events, for the caller to drop outside the lock.
     fn close(&self, lagged: bool, held: &AtomicUsize) -> VecDeque<Queued> {
@@ -315,10 +383,17 @@ impl Subscription {
         self.queue.pop(&self.pubsub.stats.bytes_held)
     }
 
-    /// True once the subscriber was dropped for being too slow; its receiver
-    /// then ends.
+    /// True once the subscriber was dropped for being too slow, or for
+    /// its query's cost ([`Subscription::why`]); its receiver then ends.
     pub fn lagged(&self) -> bool {
         self.queue.state.lock().lagged
+    }
+
+    /// Why the pubsub disconnected the subscriber, when it was not for
+    /// being too slow: its query took too long on an event. Short enough
+    /// for a WebSocket close frame.
+    pub fn why(&self) -> Option<Arc<str>> {
+        self.queue.state.lock().why.clone()
     }
 
     /// Everything queued, once something is: for a coalescing subscriber,
@@ -353,6 +428,34 @@ impl Subscription {
     pub fn hold(&self, snapshot: Vec<Event>) -> Result<HeldSnapshot, SnapshotRefused> {
         self.pubsub.hold_in(self.queue.clone(), snapshot)
     }
+}
+
+/// A subscription refused because its query was found too costly for the
+/// publisher a short while ago. Short enough for a WebSocket close frame.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "query too costly for a live subscription (over {budget:?} on one event); narrow it, or retry in {retry_in} s"
+)]
+pub struct TooCostly {
+    budget: Duration,
+    retry_in: u64,
+}
+
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(text)
+}
+
+/// `text`'s first `max` bytes or so (at a character boundary), marked as cut.
+fn shorten(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let end = (0..=max)
+        .rev()
+        .find(|&e| text.is_char_boundary(e))
+        .unwrap_or(0);
+    format!("{}…", &text[..end]).into()
 }
 
 /// A snapshot that did not fit beside what subscribers hold. Short enough,
@@ -413,6 +516,34 @@ impl Pubsub {
         })
     }
 
+    /// A pubsub whose costly queries may take `budget` per event (instead
+    /// of [`QUERY_BUDGET`]).
+    pub fn with_query_budget(budget: Duration) -> Arc<Pubsub> {
+        Arc::new(Pubsub {
+            query_budget: budget,
+            ..Pubsub::default()
+        })
+    }
+
+    /// Whether `query` may be subscribed: refused (and counted) when it was
+    /// found too costly for a live subscription within [`REFUSED_FOR`].
+    pub fn admit(&self, query: &Query) -> Result<(), TooCostly> {
+        let hash = text_hash(query.as_str());
+        let mut remembered = self.too_costly.lock();
+        while (remembered.front()).is_some_and(|&(_, at)| at.elapsed() >= REFUSED_FOR) {
+            remembered.pop_front();
+        }
+        let Some(&(_, at)) = remembered.iter().find(|&&(h, _)| h == hash) else {
+            return Ok(());
+        };
+        drop(remembered);
+        self.stats.refused_costly.fetch_add(1, Ordering::Relaxed);
+        Err(TooCostly {
+            budget: self.query_budget,
+            retry_in: REFUSED_FOR.saturating_sub(at.elapsed()).as_secs() + 1,
+        })
+    }
+
     pub fn subscribe(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
         self.add(query, Backlog::new(Queue::default(), capacity), false)
     }
@@ -440,10 +571,15 @@ impl Pubsub {
         };
         let mut audiences = self.audiences.write();
         match (audiences.iter_mut()).find(|a| a.query.as_str() == query.as_str()) {
-            Some(audience) => audience.members.push(subscriber),
+            // Not lossy, it wants the query evaluated again.
+            Some(audience) => {
+                audience.unfiltered &= lossy;
+                audience.members.push(subscriber);
+            }
             None => audiences.push(Audience {
                 query,
                 members: vec![subscriber],
+                unfiltered: false,
             }),
         }
         self.count.fetch_add(1, Ordering::AcqRel);
@@ -522,11 +658,19 @@ impl Pubsub {
         }
         let held = &self.stats.bytes_held;
         let mut slow = Vec::new();
+        let mut costly = Vec::new();
         let mut shared = None;
         for audience in self.audiences.read().iter() {
-            if !audience.query.matches(event) {
-                continue;
-            }
+            // Over its budget, the query matches for its lossy subscribers
+            // (they filter again) and nobody else.
+            let lossy_only = match audience.wants(event, self.query_budget) {
+                Ok(true) => false,
+                Ok(false) => continue,
+                Err(spent) => {
+                    costly.push((audience.query.as_str().to_owned(), spent));
+                    true
+                }
+            };
             let (published, bytes) = shared.get_or_insert_with(|| {
                 let published = Published {
                     event: event.clone(),
@@ -534,7 +678,7 @@ impl Pubsub {
                 };
                 (Arc::new(published), event.approx_bytes())
             });
-            for sub in &audience.members {
+            for sub in (audience.members.iter()).filter(|s| s.lossy || !lossy_only) {
                 match sub.queue.push(published.clone(), *bytes, held) {
                     Ok(()) => {
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -547,6 +691,9 @@ impl Pubsub {
                     Err(Refused::Closed) => {}
                 }
             }
+        }
+        for (query, spent) in costly {
+            self.too_costly(&query, spent);
         }
         for id in slow {
             self.disconnect(id, "Subscriber too slow; disconnected.");
@@ -585,6 +732,66 @@ impl Pubsub {
         let dropped = &self.stats.dropped;
         dropped.fetch_add(freed.len() as u64, Ordering::Relaxed);
         tracing::debug!(events = freed.len(), "Lossy subscriber shed its queue.");
+    }
+
+    /// `query` took `spent` on one event, over its budget: its subscribers
+    /// are disconnected with the reason, its lossy ones take every event
+    /// from now on, and the text is refused for [`REFUSED_FOR`].
+    #[cold]
+    fn too_costly(&self, query: &str, spent: Duration) {
+        let spent = Duration::from_micros(spent.as_micros().try_into().unwrap_or(u64::MAX));
+        let budget = self.query_budget;
+        let why: Arc<str> = format!(
+            "query too costly for a live subscription: {spent:?} on one event, over {budget:?}; narrow it"
+        )
+        .into();
+        let mut remembered = self.too_costly.lock();
+        let hash = text_hash(query);
+        remembered.retain(|&(h, _)| h != hash);
+        if remembered.len() >= REMEMBERED {
+            remembered.pop_front();
+        }
+        remembered.push_back((hash, Instant::now()));
+        drop(remembered);
+        let mut gone = Vec::new();
+        let mut audiences = self.audiences.write();
+        let Some(at) = audiences.iter().position(|a| a.query.as_str() == query) else {
+            return;
+        };
+        let audience = &mut audiences[at];
+        let (lossy, others) = std::mem::take(&mut audience.members)
+            .into_iter()
+            .partition(|s| s.lossy);
+        audience.members = lossy;
+        gone.extend::<Vec<Subscriber>>(others);
+        let taps = audience.members.len();
+        audience.unfiltered = taps > 0;
+        if taps == 0 {
+            audiences.swap_remove(at);
+        }
+        self.count.fetch_sub(gone.len(), Ordering::AcqRel);
+        drop(audiences);
+        let mut freed = 0;
+        for sub in &gone {
+            freed += sub
+                .queue
+                .close_because(why.clone(), &self.stats.bytes_held)
+                .len();
+        }
+        let disconnected = gone.len() as u64;
+        (self.stats.disconnected_costly).fetch_add(disconnected, Ordering::Relaxed);
+        let shown = shorten(query, 200);
+        tracing::warn!(
+            query = %shown,
+            query_bytes = query.len(),
+            ?spent,
+            ?budget,
+            subscribers = disconnected,
+            lossy_kept = taps,
+            events = freed,
+            "Live subscription query too costly for the ingest path: its subscribers are disconnected \
+             and the query refused for {REFUSED_FOR:?}."
+        );
     }
 
     fn disconnect(&self, id: u64, why: &'static str) {
@@ -945,6 +1152,92 @@ mod tests {
         assert_eq!(tap.recv().await.unwrap().service.as_deref(), Some("1"));
         pubsub.publish(&event("later"));
         assert_eq!(tap.recv().await.unwrap().service.as_deref(), Some("later"));
+    }
+
+    /// 300 comparisons: costly, and past a budget of nothing at the first
+    /// look at the clock, whatever the machine's speed.
+    fn dear() -> Query {
+        let terms: Vec<_> = (0..300).map(|i| format!("metric > {}", 1000 + i)).collect();
+        Query::parse(&terms.join(" or ")).unwrap()
+    }
+
+    /// A query over its budget on one event costs that event its budget
+    /// once: its subscribers are disconnected, told why and counted, the
+    /// others served, and the same text refused for a while.
+    #[tokio::test]
+    async fn a_subscription_whose_query_overruns_its_budget_is_disconnected_and_refused() {
+        let pubsub = Pubsub::with_query_budget(Duration::ZERO);
+        let mut costly = pubsub.subscribe(dear(), 10);
+        let mut same = pubsub.subscribe(dear(), 10);
+        let mut cheap = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        let few = Query::parse(r#"service = "cpu" or service = "disk""#).unwrap();
+        assert!(!few.costly());
+        let mut other = pubsub.subscribe(few, 10);
+        pubsub.publish(&event("cpu"));
+        for sub in [&costly, &same] {
+            assert!(sub.lagged());
+            let why = sub.why().expect("a reason");
+            assert!(
+                why.starts_with("query too costly for a live subscription: ")
+                    && why.ends_with("on one event, over 0ns; narrow it"),
+                "{why}"
+            );
+            assert!(why.len() <= 123, "fits a close frame");
+        }
+        assert!(costly.recv().await.is_none() && same.recv().await.is_none());
+        assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 2);
+        assert_eq!(pubsub.stats.disconnected_slow.load(Ordering::Relaxed), 0);
+        assert_eq!(pubsub.subscribers(), 2);
+        assert_eq!(pubsub.queries().len(), 2, "its audience is gone");
+        assert_eq!(cheap.recv().await.unwrap().service.as_deref(), Some("cpu"));
+        assert_eq!(other.recv().await.unwrap().service.as_deref(), Some("cpu"));
+        assert!(!cheap.lagged() && cheap.why().is_none());
+        // Refused now, before it costs another event its budget.
+        let refused = pubsub.admit(&dear()).expect_err("refused");
+        assert!(
+            refused.to_string().starts_with("query too costly"),
+            "{refused}"
+        );
+        assert!(refused.to_string().len() <= 123);
+        assert_eq!(pubsub.stats.refused_costly.load(Ordering::Relaxed), 1);
+        assert!(pubsub.admit(&Query::parse("true").unwrap()).is_ok());
+    }
+
+    /// A lossy subscriber (the cluster's tap filters again what it
+    /// forwards) stays when its query overruns: it takes every event from
+    /// then on, and its query costs the publisher nothing more.
+    #[test]
+    fn a_lossy_subscriber_over_its_budget_stays_and_takes_every_event() {
+        let pubsub = Pubsub::with_query_budget(Duration::ZERO);
+        let mut tap = pubsub.subscribe_lossy(dear(), 10);
+        pubsub.publish(&event("first"));
+        assert!(!tap.lagged());
+        assert_eq!(pubsub.subscribers(), 1);
+        assert_eq!(tap.try_recv().unwrap().service.as_deref(), Some("first"));
+        pubsub.publish(&event("second"));
+        assert_eq!(tap.try_recv().unwrap().service.as_deref(), Some("second"));
+        assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 0);
+    }
+
+    /// Query texts found too costly are remembered up to a bound, the oldest
+    /// forgotten first.
+    #[test]
+    fn refused_queries_are_remembered_up_to_a_bound() {
+        let pubsub = Pubsub::with_query_budget(Duration::ZERO);
+        let nth = |n: usize| {
+            let terms: Vec<_> = (0..300)
+                .map(|i| format!("metric > {}", n * 1000 + i))
+                .collect();
+            Query::parse(&terms.join(" or ")).unwrap()
+        };
+        for n in 0..=REMEMBERED {
+            let _sub = pubsub.subscribe(nth(n), 10);
+            pubsub.publish(&event("x"));
+        }
+        assert_eq!(pubsub.too_costly.lock().len(), REMEMBERED);
+        assert!(pubsub.admit(&nth(0)).is_ok(), "the oldest forgotten");
+        assert!(pubsub.admit(&nth(1)).is_err());
+        assert!(pubsub.admit(&nth(REMEMBERED)).is_err());
     }
 
     #[test]

@@ -199,6 +199,10 @@ pub struct Sample {
     pub subscribers: u64,
     pub subscriber_events: u64,
     pub slow_disconnects: u64,
+    /// Subscribers disconnected because their query overran its budget on
+    /// an event, and subscriptions refused because their query had.
+    pub costly_disconnects: u64,
+    pub costly_refusals: u64,
     /// Bytes of events held in all subscribers' queues.
     pub subscriber_bytes: u64,
     /// Index changes a cluster owner could not forward to other nodes' subscribers.
@@ -237,6 +241,8 @@ impl Telemetry {
             subscribers: pubsub.subscribers() as u64,
             subscriber_events: get(&pubsub.stats.delivered),
             slow_disconnects: get(&pubsub.stats.disconnected_slow),
+            costly_disconnects: get(&pubsub.stats.disconnected_costly),
+            costly_refusals: get(&pubsub.stats.refused_costly),
             subscriber_bytes: pubsub.stats.bytes_held.load(Ordering::Relaxed) as u64,
             forward_dropped: get(&self.index.pubsub().stats.dropped),
             outputs: self
@@ -439,6 +445,11 @@ impl Emitter {
                 "vigil subscribers disconnected slow",
                 sample.slow_disconnects,
             ),
+            (
+                "vigil subscribers disconnected costly",
+                sample.costly_disconnects,
+            ),
+            ("vigil subscriptions refused costly", sample.costly_refusals),
         ] {
             emit(service.to_owned(), gauge(value));
         }

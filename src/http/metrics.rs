@@ -85,6 +85,22 @@ fn render(s: &Sample) -> String {
         slow,
         s.slow_disconnects,
     );
+    let costly = "Subscribers disconnected because their query took more than 1ms on one event \
+                  (on the ingest path).";
+    out.single(
+        "vigil_subscribers_disconnected_costly_total",
+        "counter",
+        costly,
+        s.costly_disconnects,
+    );
+    let refused = "Subscriptions refused because their query was found too costly within the \
+                   last minute.";
+    out.single(
+        "vigil_subscriptions_refused_costly_total",
+        "counter",
+        refused,
+        s.costly_refusals,
+    );
     let held = "Bytes of events held in all subscribers' queues.";
     out.single(
         "vigil_subscriber_bytes_held",
