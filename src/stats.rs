@@ -148,7 +148,9 @@ counters! {
     /// WebSocket, SSE and gRPC subscriptions opened.
     subscriptions,
     /// Subscriptions refused because their snapshot did not fit in
-    /// `--max-subscriber-memory` beside what subscribers held.
+    /// `--max-subscriber-memory` beside what subscribers held, or because
+    /// their query was found too costly for a live subscription within the
+    /// last minute (those also counted as `vigil_subscriptions_refused_costly_total`).
     subscriptions_refused,
     /// Messages over 64 KiB (TCP frames, `POST /events` bodies, gRPC `Msg`s)
     /// that waited for room in `--max-message-memory` before being read on.

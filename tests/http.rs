@@ -814,6 +814,111 @@ async fn subscribe(http: &HttpServer, index: &Index, query: &str) -> Ws {
     ws
 }
 
+/// A dashboard whose query costs each stored event far more than the
+/// publisher's budget (800 `=~ "%…%"` terms against a 1 MB description) is
+/// disconnected at the first such event, told why, counted and logged, and
+/// refused when it comes back; meanwhile an agent's events are acked and a
+/// cheap subscriber gets them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_too_costly_for_ingest_is_disconnected_with_its_reason_and_refused() {
+    let v = Vigil::start(&[]);
+    let addr = http_addr(&v);
+    let terms: Vec<String> = (0..800)
+        .map(|i| format!(r#"description =~ "%q{i}zM%""#))
+        .collect();
+    let costly = terms.join(" or ");
+    let mut dashboard =
+        SseReader::open(url("http", addr, "/index", &[("query", &costly)]), true).await;
+    let watch = [("query", "true"), ("subscribe", "true")];
+    let (mut cheap, _) =
+        tokio_tungstenite::connect_async(url("ws", addr, "/index", &watch).as_str())
+            .await
+            .unwrap();
+    let subscribed = scrape_until(addr, "both subscribed", |s| {
+        value(s, "vigil_subscribers", None) == Some(2.0)
+    })
+    .await;
+    assert_eq!(
+        value(
+            &subscribed,
+            "vigil_subscribers_disconnected_costly_total",
+            None
+        ),
+        Some(0.0)
+    );
+
+    let big = |n: i64| Event {
+        description: Some("d".repeat(1024 * 1024 - 64)),
+        ..event("big", &n.to_string(), 60.0, n)
+    };
+    let agent = Instant::now();
+    send(&v, &[big(1), big(2), big(3)]).await;
+    send(&v, &[event("agent", "cpu", 60.0, 4)]).await;
+    let acked_in = agent.elapsed();
+
+    let ended = dashboard.next().await;
+    let why = ended["error"].as_str().expect("the last event says why");
+    assert!(
+        why.starts_with("query too costly for a live subscription: ")
+            && why.ends_with("on one event, over 1ms; narrow it"),
+        "{why}"
+    );
+    let seen: Vec<Value> = [next_json(&mut cheap).await, next_json(&mut cheap).await]
+        .into_iter()
+        .map(|e| e.expect("the cheap subscriber is served"))
+        .collect();
+    assert_eq!(key(&seen[0]), ("big", "1", "ok"));
+    let mut rest = seen;
+    while key(rest.last().unwrap()) != ("agent", "cpu", "ok") {
+        rest.push(next_json(&mut cheap).await.expect("served"));
+    }
+    // Held for seconds per such event before (4.5 s in all, debug build).
+    assert!(acked_in < Duration::from_secs(3), "acked in {acked_in:?}");
+
+    // It comes back, by SSE or WebSocket: refused at once, with the reason.
+    let again = reqwest::Client::new()
+        .get(url("http", addr, "/index", &[("query", &costly)]))
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = again.json().await.unwrap();
+    let refused = body["error"].as_str().unwrap();
+    assert!(
+        refused.starts_with("query too costly for a live subscription (over 1ms"),
+        "{refused}"
+    );
+    let query = [("query", costly.as_str()), ("subscribe", "true")];
+    let (mut ws, _) = tokio_tungstenite::connect_async(url("ws", addr, "/index", &query).as_str())
+        .await
+        .unwrap();
+    let (code, reason) = next_json(&mut ws)
+        .await
+        .err()
+        .flatten()
+        .expect("a close frame");
+    assert_eq!(code, u16::from(CloseCode::Policy));
+    assert!(reason.starts_with("query too costly"), "{reason}");
+
+    let s = scrape(addr).await;
+    assert_eq!(
+        value(&s, "vigil_subscribers_disconnected_costly_total", None),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&s, "vigil_subscriptions_refused_costly_total", None),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&s, "vigil_subscribers_disconnected_slow_total", None),
+        Some(0.0)
+    );
+    assert_eq!(value(&s, "vigil_subscribers", None), Some(1.0));
+    let logged = v.log_line("too costly for the ingest path");
+    assert!(logged.contains(r#"description =~ \"%q0zM%\""#), "{logged}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_subscriber_is_disconnected_with_a_reason_and_counted() {
     let (http, index) = in_process(1).await;

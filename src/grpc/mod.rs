@@ -236,6 +236,14 @@ impl pb::vigil_server::Vigil for Service {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let query = self.0.parse(request.get_ref()).await?;
         Stats::incr(&self.0.stats.subscriptions);
+        let admitted = match &self.0.cluster {
+            Some(cluster) => cluster.feed().admit(&query),
+            None => self.0.index.pubsub().admit(&query),
+        };
+        if let Err(refused) = admitted {
+            Stats::incr(&self.0.stats.subscriptions_refused);
+            return Err(Status::resource_exhausted(refused.to_string()));
+        }
         // Subscribed before the snapshot is taken: an event indexed in between
         // may arrive twice, but none is missed.
         let (subscription, current) = match &self.0.cluster {
@@ -282,9 +290,11 @@ impl pb::vigil_server::Vigil for Service {
 }
 
 /// Why a subscription's queue closed: pubsub drops a subscriber that falls
-/// behind rather than slow ingest down.
+/// behind, or whose query costs it too much, rather than slow ingest down.
 fn ended(subscription: &Subscription) -> Status {
-    if subscription.lagged() {
+    if let Some(why) = subscription.why() {
+        Status::resource_exhausted(why.to_string())
+    } else if subscription.lagged() {
         Status::resource_exhausted("subscriber too slow: its queue filled up")
     } else {
         Status::internal("subscription closed")

@@ -149,7 +149,10 @@ fn frame(event: &Event) -> Message {
 
 async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params: IndexParams) {
     let subscription = match params.subscribe {
-        true => Some(state.subscribe(&query, params.every.is_some()).await),
+        true => match state.subscribe(&query, params.every.is_some()).await {
+            Ok(subscription) => Some(subscription),
+            Err(refused) => return close(socket, close_code::POLICY, close_reason(refused)).await,
+        },
         false => None,
     };
     let mut said = Rate::default();
@@ -224,9 +227,13 @@ async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params:
                         return;
                     }
                 }
-                // Only the pubsub ends a live subscription: it fell behind.
+                // Only the pubsub ends a live subscription: it fell behind,
+                // or its query cost the ingest path too much.
                 None => {
-                    close(socket, close_code::AGAIN, "subscriber too slow; disconnected").await;
+                    match live.why() {
+                        Some(why) => close(socket, close_code::POLICY, close_reason(why.to_string())).await,
+                        None => close(socket, close_code::AGAIN, "subscriber too slow; disconnected").await,
+                    }
                     return;
                 }
             },
@@ -325,7 +332,10 @@ fn close_reason(mut text: String) -> String {
 /// behind or the server shuts down.
 async fn event_stream(state: AppState, query: Query, coalesce: Option<Duration>) -> Response {
     tracing::debug!(%query, "SSE subscriber connected.");
-    let subscription = state.subscribe(&query, coalesce.is_some()).await;
+    let subscription = match state.subscribe(&query, coalesce.is_some()).await {
+        Ok(subscription) => subscription,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
+    };
     let snapshot = match state.snapshot(&query, false).await {
         Ok(snapshot) => snapshot,
         Err((status, e)) => return error(status, json!({ "error": e })),
@@ -362,16 +372,23 @@ fn sse_chunks(
         }
         chunk
     });
-    let live = stream::unfold(live, |mut live| async move {
+    let live = stream::unfold(Some(live), |live| async move {
+        let mut live = live?;
         let events = match tokio::time::timeout(SSE_KEEP_ALIVE, live.next()).await {
-            Ok(events) => events?,
-            Err(_quiet) => return Some((":\n\n".to_owned(), live)),
+            Ok(Some(events)) => events,
+            // Disconnected for its query's cost: the last event says why.
+            Ok(None) => {
+                let why = live.why()?;
+                let error = json!({ "error": why.as_ref() }).to_string();
+                return Some((format!("event: error\ndata: {error}\n\n"), None));
+            }
+            Err(_quiet) => return Some((":\n\n".to_owned(), Some(live))),
         };
         let mut chunk = String::new();
         for event in events {
             push_sse_data(&mut chunk, event.json());
         }
-        Some((chunk, live))
+        Some((chunk, Some(live)))
     });
     snapshot.chain(live).map(Ok)
 }

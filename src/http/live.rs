@@ -78,8 +78,16 @@ impl Live {
         }
     }
 
+    /// Why the pubsub disconnected the subscriber, when it was not for
+    /// being too slow ([`Subscription::why`]).
+    pub fn why(&self) -> Option<Arc<str>> {
+        match self {
+            Live::Each(subscription) | Live::Latest { subscription, .. } => subscription.why(),
+        }
+    }
+
     /// The next events to write; `None` once the pubsub disconnected the
-    /// subscriber as too slow.
+    /// subscriber (too slow, or its query too costly: [`Live::why`]).
     pub async fn next(&mut self) -> Option<Vec<Arc<Published>>> {
         match self {
             Live::Each(subscription) => {

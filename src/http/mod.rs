@@ -139,16 +139,28 @@ impl AppState {
     /// event falls between the two (one may arrive in both). In a cluster it
     /// sees every node's changes. A coalescing one holds the latest event of
     /// each series from the start: the snapshot may take long to send.
-    async fn subscribe(&self, query: &Query, coalescing: bool) -> Subscription {
+    /// Refused (counted), with the reason, when the query was found too
+    /// costly for a live subscription a short while ago ([`Pubsub::admit`]).
+    ///
+    /// [`Pubsub::admit`]: crate::pubsub::Pubsub::admit
+    async fn subscribe(&self, query: &Query, coalescing: bool) -> Result<Subscription, String> {
         Stats::incr(&self.stats().subscriptions);
         let (query, capacity) = (query.clone(), self.subscriber_capacity);
         let pubsub = self.telemetry.index.pubsub();
-        match (&self.cluster, coalescing) {
+        let admitted = match &self.cluster {
+            Some(cluster) => cluster.feed().admit(&query),
+            None => pubsub.admit(&query),
+        };
+        if let Err(refused) = admitted {
+            Stats::incr(&self.stats().subscriptions_refused);
+            return Err(refused.to_string());
+        }
+        Ok(match (&self.cluster, coalescing) {
             (Some(cluster), false) => cluster.subscribe(query, capacity).await,
             (Some(cluster), true) => cluster.subscribe_latest(query, live::MAX_SERIES).await,
             (None, false) => pubsub.subscribe(query, capacity),
             (None, true) => pubsub.subscribe_latest(query, live::MAX_SERIES),
-        }
+        })
     }
 
     /// `snapshot`, held within `--max-subscriber-memory` with the
