@@ -30,7 +30,7 @@ use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, same_bytes};
 use crate::pubsub::Pubsub;
-use crate::query::Query;
+use crate::query::{Budget, Exceeded, Query};
 
 mod deadlines;
 mod packed;
@@ -99,9 +99,13 @@ pub enum QueryError {
     ShuttingDown,
 }
 
-/// A scan checks whether to stop once per this many entries: often enough
-/// that a query as costly as a long `or` chain stops within milliseconds of
-/// its deadline, seldom enough that reading the clock costs nothing.
+/// A scan checks whether to stop once per this many entries (and once per
+/// shard): often enough that a cheap query stops within microseconds of
+/// its deadline, seldom enough that reading the clock costs nothing. A
+/// costly one ([`Query::costly`]) is also checked as it is evaluated
+/// ([`Query::matches_within`]): every few hundred terms, and after each
+/// term that scanned a long string, so one whose every entry costs seconds
+/// stops within one term of its deadline, not 256 entries.
 const SCAN_CHECK: usize = 256;
 
 /// When a scan stops early: past its deadline, or once its asker is gone.
@@ -115,6 +119,20 @@ impl ScanLimit<'_> {
         deadline: None,
         abandoned: None,
     };
+
+    /// What a costly query's evaluation may spend: until the deadline, or
+    /// until the asker goes.
+    fn budget(&self) -> Budget<'_> {
+        Budget::until(self.deadline.map(|(at, _)| at), self.abandoned)
+    }
+
+    /// Why the scan stops, when a costly query's evaluation gave up.
+    fn exceeded(&self, exceeded: Exceeded) -> QueryError {
+        match (exceeded, self.deadline) {
+            (Exceeded::Time { .. }, Some((_, limit))) => QueryError::TimedOut { limit },
+            _ => QueryError::Abandoned,
+        }
+    }
 
     fn check(&self) -> Result<(), QueryError> {
         if self.abandoned.is_some_and(|a| a.load(Ordering::Relaxed)) {
@@ -418,11 +436,21 @@ impl Index {
         }
         let limit = self.config.max_query_results.unwrap_or(usize::MAX);
         let mut out = Vec::new();
+        let mut budget = stop.budget();
         // Matched with no lock held; only matches are copied out.
         self.for_each_shard(|events| {
             for chunk in events.chunks(SCAN_CHECK) {
                 stop.check()?;
-                out.extend(chunk.iter().filter(|e| query.matches(e)).cloned());
+                if query.costly() {
+                    for event in chunk {
+                        let matched = query.matches_within(event, &mut budget);
+                        if matched.map_err(|e| stop.exceeded(e))? {
+                            out.push(event.clone());
+                        }
+                    }
+                } else {
+                    out.extend(chunk.iter().filter(|e| query.matches(e)).cloned());
+                }
                 if out.len() > limit {
                     return Err(QueryError::TooMany { limit });
                 }
@@ -886,6 +914,40 @@ mod tests {
         let lookup = Query::parse(r#"host = "h7" and service = "s""#).unwrap();
         assert_eq!(index.query_then(&lookup, |found| found.len()).await, Ok(1));
         assert_eq!(index.scans_timed_out_total(), 1);
+    }
+
+    /// A query that costs one entry far longer than `--query-timeout`
+    /// (2 000 scans of a 1 MB description: gigabytes) stops within one term
+    /// of its deadline: it is not evaluated in full first, on that entry or
+    /// the 255 after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_costly_scan_stops_within_one_term_of_its_deadline() {
+        let config = IndexConfig {
+            query_timeout: Some(Duration::from_millis(20)),
+            ..IndexConfig::default()
+        };
+        let index = Arc::new(Index::new(config));
+        let long = Event {
+            description: Some("x".repeat(1024 * 1024)),
+            ..event("long", "s", T0, None)
+        };
+        index.insert(&long);
+        let terms: Vec<_> = (0..2_000)
+            .map(|i| format!(r#"description =~ "%q{i}zM%""#))
+            .collect();
+        let dear = Query::parse(&terms.join(" or ")).unwrap();
+        let stopped = index.query_then(&dear, |found| found.len()).await;
+        assert_eq!(
+            stopped,
+            Err(QueryError::TimedOut {
+                limit: Duration::from_millis(20)
+            })
+        );
+        assert_eq!(index.scans_timed_out_total(), 1);
+        // Without a deadline it runs to the end.
+        let unbounded = Query::parse(r#"description =~ "%x%" or description =~ "%y%""#).unwrap();
+        assert!(unbounded.costly());
+        assert_eq!(index.query(&unbounded).map(|found| found.len()), Ok(1));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
