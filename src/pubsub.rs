@@ -668,6 +668,9 @@ impl Pubsub {
                 Ok(false) => continue,
                 Err(spent) => {
                     costly.push((audience.query.as_str().to_owned(), spent));
+                    if !audience.members.iter().any(|s| s.lossy) {
+                        continue;
+                    }
                     true
                 }
             };
