@@ -87,6 +87,14 @@ pub const DEFAULT_MAX_HELD: usize = 256 * 1024 * 1024;
 /// its subscribers are disconnected (see the module's documentation).
 pub const QUERY_BUDGET: Duration = Duration::from_millis(1);
 
+/// Units of work (a term each, one per 16 bytes a term searches) a costly
+/// query must have done on an event before its [`QUERY_BUDGET`] counts: a
+/// publisher descheduled for a millisecond on a busy machine would
+/// otherwise make a query of a few hundred terms (some 30 µs) look
+/// costly. What this leaves unbounded by the clock is about a millisecond
+/// of work.
+pub const MIN_WORK: u64 = 100_000;
+
 /// How long a query found too costly is refused after (see [`Pubsub::admit`]).
 pub const REFUSED_FOR: Duration = Duration::from_secs(60);
 
@@ -186,7 +194,8 @@ impl Audience {
         if !self.query.costly() {
             return Ok(self.query.matches(event));
         }
-        (self.query.matches_within(event, &mut Budget::new(budget))).map_err(|e| match e {
+        let spend = &mut Budget::new(budget).with_floor(MIN_WORK);
+        (self.query.matches_within(event, spend)).map_err(|e| match e {
             Exceeded::Time { spent } => spent,
             Exceeded::Cancelled => budget,
         })
@@ -1157,11 +1166,42 @@ mod tests {
         assert_eq!(tap.recv().await.unwrap().service.as_deref(), Some("later"));
     }
 
-    /// 300 comparisons: costly, and past a budget of nothing at the first
-    /// look at the clock, whatever the machine's speed.
+    /// 300 searches of the description: costly, and past a budget of
+    /// nothing (and past [`MIN_WORK`]) after two terms on a [`long`] event,
+    /// whatever the machine's speed.
     fn dear() -> Query {
-        let terms: Vec<_> = (0..300).map(|i| format!("metric > {}", 1000 + i)).collect();
+        let terms: Vec<_> = (0..300)
+            .map(|i| format!(r#"description =~ "%q{i}zM%""#))
+            .collect();
         Query::parse(&terms.join(" or ")).unwrap()
+    }
+
+    /// An event with a 1 MB description: 65 537 units of work per search.
+    fn long(service: &str) -> Event {
+        Event {
+            description: Some("x".repeat(1024 * 1024)),
+            ..event(service)
+        }
+    }
+
+    /// A query of 300 comparisons is evaluated in full however late the
+    /// clock says it is: below [`MIN_WORK`], being descheduled does not
+    /// make it costly.
+    #[test]
+    fn a_query_below_the_floor_of_work_is_never_too_costly() {
+        let pubsub = Pubsub::with_query_budget(Duration::ZERO);
+        let terms: Vec<_> = (0..300).map(|i| format!("metric > {}", 1000 + i)).collect();
+        let chain = Query::parse(&terms.join(" or ")).unwrap();
+        assert!(chain.costly());
+        let mut sub = pubsub.subscribe(chain, 10);
+        // None of the terms matches: all 300 are evaluated, each time.
+        for _ in 0..1_000 {
+            pubsub.publish(&metric_of("h", 0));
+        }
+        pubsub.publish(&metric_of("h", 5000));
+        assert!(!sub.lagged());
+        assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 0);
+        assert!(sub.try_recv().is_ok());
     }
 
     /// A query over its budget on one event costs that event its budget
@@ -1176,7 +1216,7 @@ mod tests {
         let few = Query::parse(r#"service = "cpu" or service = "disk""#).unwrap();
         assert!(!few.costly());
         let mut other = pubsub.subscribe(few, 10);
-        pubsub.publish(&event("cpu"));
+        pubsub.publish(&long("cpu"));
         for sub in [&costly, &same] {
             assert!(sub.lagged());
             let why = sub.why().expect("a reason");
@@ -1213,11 +1253,11 @@ mod tests {
     fn a_lossy_subscriber_over_its_budget_stays_and_takes_every_event() {
         let pubsub = Pubsub::with_query_budget(Duration::ZERO);
         let mut tap = pubsub.subscribe_lossy(dear(), 10);
-        pubsub.publish(&event("first"));
+        pubsub.publish(&long("first"));
         assert!(!tap.lagged());
         assert_eq!(pubsub.subscribers(), 1);
         assert_eq!(tap.try_recv().unwrap().service.as_deref(), Some("first"));
-        pubsub.publish(&event("second"));
+        pubsub.publish(&long("second"));
         assert_eq!(tap.try_recv().unwrap().service.as_deref(), Some("second"));
         assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 0);
     }
@@ -1229,13 +1269,13 @@ mod tests {
         let pubsub = Pubsub::with_query_budget(Duration::ZERO);
         let nth = |n: usize| {
             let terms: Vec<_> = (0..300)
-                .map(|i| format!("metric > {}", n * 1000 + i))
+                .map(|i| format!(r#"description =~ "%q{i}z{n}M%""#))
                 .collect();
             Query::parse(&terms.join(" or ")).unwrap()
         };
         for n in 0..=REMEMBERED {
             let _sub = pubsub.subscribe(nth(n), 10);
-            pubsub.publish(&event("x"));
+            pubsub.publish(&long("x"));
         }
         assert_eq!(pubsub.too_costly.lock().len(), REMEMBERED);
         assert!(pubsub.admit(&nth(0)).is_ok(), "the oldest forgotten");

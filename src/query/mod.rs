@@ -57,6 +57,10 @@ pub struct Budget<'a> {
     deadline: Option<Instant>,
     cancelled: Option<&'a AtomicBool>,
     since_check: u32,
+    /// Units of work done, and how many must be before a deadline counts
+    /// (see [`Budget::with_floor`]).
+    done: u64,
+    floor: u64,
 }
 
 /// Why [`Query::matches_within`] gave up.
@@ -77,6 +81,19 @@ impl Budget<'static> {
             deadline: started.checked_add(limit),
             cancelled: None,
             since_check: 0,
+            done: 0,
+            floor: 0,
+        }
+    }
+
+    /// The deadline counts only once `units` of work were done: a thread
+    /// descheduled for a millisecond mid-evaluation (a busy machine) then
+    /// does not make a query of a few hundred terms look costly. 100 000
+    /// units are some 100 000 comparisons, or 1.6 MB searched.
+    pub fn with_floor(self, units: u64) -> Budget<'static> {
+        Budget {
+            floor: units,
+            ..self
         }
     }
 }
@@ -89,6 +106,8 @@ impl<'a> Budget<'a> {
             deadline,
             cancelled,
             since_check: 0,
+            done: 0,
+            floor: 0,
         }
     }
 
@@ -100,6 +119,7 @@ impl<'a> Budget<'a> {
         if self.since_check < CHECK_EVERY {
             return Ok(());
         }
+        self.done = self.done.saturating_add(u64::from(self.since_check));
         self.since_check = 0;
         self.check()
     }
@@ -110,6 +130,7 @@ impl<'a> Budget<'a> {
             return Err(Exceeded::Cancelled);
         }
         match self.deadline {
+            Some(_) if self.done < self.floor => Ok(()),
             Some(deadline) => {
                 let now = Instant::now();
                 match now >= deadline {
@@ -438,6 +459,9 @@ mod tests {
         let gone = AtomicBool::new(true);
         let stopped = chain.matches_within(&event(), &mut Budget::until(None, Some(&gone)));
         assert_eq!(stopped, Err(Exceeded::Cancelled));
+        // Below its floor of work, a deadline passed does not count.
+        let floored = &mut Budget::new(Duration::ZERO).with_floor(100_000);
+        assert_eq!(chain.matches_within(&event(), floored), Ok(false));
         let unbounded = &mut Budget::until(None, None);
         assert_eq!(chain.matches_within(&event(), unbounded), Ok(false));
     }
