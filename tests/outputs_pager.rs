@@ -1470,6 +1470,44 @@ async fn a_reload_that_changes_the_dedup_key_still_resolves_what_was_opened_befo
     task.await.unwrap();
 }
 
+/// A reload that makes the `dedup_key` finer (`{host}` to the derived
+/// `host/service`): another series of the host, which the old template
+/// would have merged into the open incident, is a new incident under the
+/// new key, paged; the old one is resolved by its own series' `ok` only.
+#[tokio::test]
+async fn a_finer_dedup_key_pages_a_new_series_the_old_key_merged() {
+    let rx = Receiver::start().await;
+    let spec = |dedup_key: Option<&str>| OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager::Config {
+            dedup_key: dedup_key.map(|t| Template::parse(t).unwrap()),
+            ..pager_config(&rx.url)
+        }),
+    };
+    let kept = Kept::default();
+    let stop = CancellationToken::new();
+    let (first, task) = outputs::start(&spec(Some("{host}")), &kept, stop.child_token());
+    first.push(event("cpu", "critical"));
+    rx.wait_for(1).await;
+    drop(first);
+    let (second, _) = outputs::start(&spec(None), &kept, stop.child_token());
+    second.push(event("disk /", "critical"));
+    second.push(event("disk /", "ok"));
+    second.push(event("cpu", "ok"));
+    rx.wait_for(4).await;
+    assert_eq!(
+        actions(&rx),
+        [
+            "trigger web1",
+            "trigger web1/disk /",
+            "resolve web1/disk /",
+            "resolve web1"
+        ]
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_change_of_severity_is_sent_within_the_resend_interval() {
     let rx = Receiver::start().await;

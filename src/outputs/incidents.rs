@@ -85,6 +85,23 @@ pub(super) struct Open {
     pub(super) severity: Severity,
     /// Its key in `Incidents::order`.
     seq: u64,
+    /// The series (their derived keys' [`fnv1a`]) whose triggers it got, at
+    /// most [`MAX_SERIES`], the latest last; empty when unknown (a file
+    /// written before). Under a later `dedup_key` template only they take
+    /// it up ([`Open::of`]): another series the earlier one merged into it
+    /// is an incident of its own.
+    series: Vec<u64>,
+}
+
+/// Series remembered per open incident.
+const MAX_SERIES: usize = 64;
+
+impl Open {
+    /// Whether `series` (its derived key's [`fnv1a`]) may take this incident
+    /// up: it triggered it, or nobody knows who did.
+    pub(super) fn of(&self, series: u64) -> bool {
+        self.series.is_empty() || self.series.contains(&series)
+    }
 }
 
 impl Incidents {
@@ -106,6 +123,7 @@ impl Incidents {
     }
 
     pub(super) fn triggered(&mut self, key: String, severity: Severity, now: Instant) {
+        let series = self.open.get(&key).map(|o| o.series.clone());
         self.resolved(&key);
         if self.open.len() >= self.max
             && let Some((_, oldest)) = self.order.pop_first()
@@ -117,9 +135,22 @@ impl Incidents {
             sent: now,
             severity,
             seq: self.next,
+            series: series.unwrap_or_default(),
         };
         self.open.insert(key, open);
         self.next += 1;
+    }
+
+    /// `series` (its derived key's [`fnv1a`]) triggered the incident open
+    /// under `key`.
+    pub(super) fn triggered_by(&mut self, key: &str, series: u64) {
+        if let Some(open) = self.open.get_mut(key) {
+            open.series.retain(|s| *s != series);
+            open.series.push(series);
+            if open.series.len() > MAX_SERIES {
+                open.series.remove(0);
+            }
+        }
     }
 
     pub(super) fn resolved(&mut self, key: &str) {
@@ -383,6 +414,9 @@ struct SavedIncident {
     severity: Severity,
     /// When the trigger was sent, in seconds since the epoch.
     sent: f64,
+    /// [`Open::series`]; absent from older files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    series: Vec<u64>,
 }
 
 /// One output's open incidents, and where they are saved.
@@ -538,7 +572,10 @@ impl Memory {
             let sent = UNIX_EPOCH + Duration::try_from_secs_f64(incident.sent).unwrap_or_default();
             let age = wall.duration_since(sent).unwrap_or_default();
             let sent = now.checked_sub(age).unwrap_or(now);
-            incidents.triggered(incident.dedup_key, incident.severity, sent);
+            incidents.triggered(incident.dedup_key.clone(), incident.severity, sent);
+            for series in incident.series {
+                incidents.triggered_by(&incident.dedup_key, series);
+            }
         }
         tracing::info!(
             output,
@@ -826,6 +863,7 @@ impl Memory {
                         dedup_key: key.to_owned(),
                         severity: open.severity,
                         sent: since_epoch(age),
+                        series: open.series.clone(),
                     })
                     .collect(),
                 unsent,

@@ -569,7 +569,10 @@ impl Pager {
         }
         let mut open = self.memory.incidents();
         match action {
-            Action::Trigger(severity) => open.triggered(key, severity, now),
+            Action::Trigger(severity) => {
+                open.triggered(key.clone(), severity, now);
+                open.triggered_by(&key, series_hash(event));
+            }
             Action::Resolve => open.resolved(&key),
         }
     }
@@ -602,9 +605,12 @@ impl Pager {
             .iter()
             .rev()
             .filter(|t| **t != self.config.dedup_key);
+        // Only by a series that triggered it: another one the earlier
+        // template merged into it is an incident of its own now.
+        let series = series_hash(event);
         earlier
             .map(|template| key_from(template.as_ref(), event))
-            .find(|earlier| incidents.get(earlier).is_some())
+            .find(|earlier| incidents.get(earlier).is_some_and(|open| open.of(series)))
             .unwrap_or(key)
     }
 
@@ -716,6 +722,11 @@ impl Pages {
     }
 }
 
+/// The series of `event`, for [`super::incidents::Open::of`]: its derived key's hash.
+fn series_hash(event: &Event) -> u64 {
+    fnv1a(derived_key(event.host_str(), event.service_str()).as_bytes())
+}
+
 /// The template's key, or `host/service` when there is none (or it renders
 /// empty, which PagerDuty would refuse).
 fn dedup_key(config: &Config, event: &Event) -> String {
@@ -771,7 +782,10 @@ impl Replayed {
         let key = dedup_key(&self.config, event);
         let mut open = self.memory.incidents();
         match action {
-            Action::Trigger(severity) => open.triggered(key, severity, Instant::now()),
+            Action::Trigger(severity) => {
+                open.triggered(key.clone(), severity, Instant::now());
+                open.triggered_by(&key, series_hash(event));
+            }
             Action::Resolve => open.resolved(&key),
         }
     }
