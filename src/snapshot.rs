@@ -651,6 +651,9 @@ async fn periodic<W: Future<Output = ()>>(
 struct Failing {
     index: AtomicBool,
     streams: AtomicBool,
+    /// The last periodic stream state write gave way to a reload: the next
+    /// one does not ([`Occasion::Overdue`]).
+    gave_way: AtomicBool,
 }
 
 /// One periodic write: the index snapshot, then the stream state of
@@ -688,7 +691,11 @@ async fn write_periodic(
         }
     }
     if let Some(rules) = streams {
-        match save_streams(rules, dir, Occasion::Periodic(stop)).await {
+        let occasion = match failing.gave_way.swap(false, Ordering::AcqRel) {
+            true => Occasion::Overdue(stop),
+            false => Occasion::Periodic(stop),
+        };
+        match save_streams(rules, dir, occasion).await {
             Ok(written) => {
                 if failing.streams.swap(false, Ordering::AcqRel) {
                     tracing::info!("Wrote the stream state again.");
@@ -699,8 +706,9 @@ async fn write_periodic(
                 tracing::debug!("Abandoned a periodic stream state write for the final one.");
             }
             Err(SnapshotError::GaveWay) => {
+                failing.gave_way.store(true, Ordering::Release);
                 tracing::info!(
-                    "A periodic stream state write gave way to a rule reload; the next one saves the new rules' state."
+                    "A periodic stream state write gave way to a rule reload; the next one saves the new rules' state, giving way to none."
                 );
             }
             Err(error) => {
@@ -1028,6 +1036,55 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [FILE_NAME]);
+    }
+
+    /// SIGHUPs every few seconds, each while a long periodic stream state
+    /// write is under way (a million `by` groups write for seconds), must
+    /// not keep the state from ever being written: a write that gave way to
+    /// a reload is followed by one that does not.
+    #[tokio::test]
+    async fn a_periodic_stream_state_write_gives_way_once_in_a_row() {
+        use crate::rules::{EnvPolicy, RuleText, engine::Rules};
+        use crate::streams::Streams;
+        let dir = tempfile::tempdir().unwrap();
+        let source = "output out = forward(host: \"127.0.0.1\")\nstreams {\n  by(host) { changed_state { out } }\n}\n";
+        let (_, compiled) = crate::rules::load("p.vigil", source, EnvPolicy::Strict).unwrap();
+        let text = RuleText {
+            name: "p.vigil".into(),
+            text: source.into(),
+        };
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let clock = Arc::new(crate::clock::ManualClock::new(T0));
+        let out = Arc::new(crate::rules::testing::Recorder::default());
+        let rules = Arc::new(Rules::new(
+            compiled.roots,
+            Some(Arc::new(text)),
+            vec![out],
+            index.clone(),
+            clock,
+        ));
+        rules.process(&sample()[..1]);
+        let stats = Arc::new(Stats::default());
+        let failing = Arc::new(Failing::default());
+        let state = dir.path().join(persist::FILE_NAME);
+        // A reload waiting at every write.
+        let _waiting = rules.pretend_a_reload_waits();
+        let write = || {
+            write_periodic(
+                stats.clone(),
+                failing.clone(),
+                index.clone(),
+                Some(rules.clone()),
+                dir.path().into(),
+                CancellationToken::new(),
+            )
+        };
+        write().await;
+        assert!(!state.exists(), "the first write gave way");
+        write().await;
+        assert!(state.exists(), "the stream state was never written");
+        write().await;
+        assert_eq!(Stats::get(&stats.state_write_failures), 0);
     }
 
     /// A periodic write that fails (here its temporary file's path is taken

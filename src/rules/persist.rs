@@ -132,6 +132,10 @@ pub enum Occasion {
     /// stopping writes its final state instead), and given up to a reload
     /// waiting to swap the rules (the next periodic write saves theirs).
     Periodic(CancellationToken),
+    /// A periodic write after one that gave way: abandoned as one, but
+    /// given up to no reload, or reloads every few seconds, each during a
+    /// long write, would keep the state from ever being written.
+    Overdue(CancellationToken),
 }
 
 impl Occasion {
@@ -139,7 +143,10 @@ impl Occasion {
     fn interrupted(&self, rules: &Rules) -> Option<SnapshotError> {
         match self {
             Occasion::Final => None,
-            Occasion::Periodic(stop) if stop.is_cancelled() => Some(SnapshotError::Abandoned),
+            Occasion::Periodic(stop) | Occasion::Overdue(stop) if stop.is_cancelled() => {
+                Some(SnapshotError::Abandoned)
+            }
+            Occasion::Overdue(_) => None,
             Occasion::Periodic(_) if rules.reload_waiting() => Some(SnapshotError::GaveWay),
             Occasion::Periodic(_) => None,
         }
