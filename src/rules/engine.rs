@@ -72,9 +72,11 @@ crate::stats::counters! {
     }
 }
 
-/// No tick runs while this lives ([`Rules::hold_ticks`]).
+/// No tick runs, and no state write, while this lives
+/// ([`Rules::hold_ticks`]).
 pub struct HeldTicks<'a> {
     _held: MutexGuard<'a, ()>,
+    _one_at_a_time: MutexGuard<'a, ()>,
 }
 
 /// One reload counted in [`Rules`]' `reloads_waiting` while it lives.
@@ -149,12 +151,19 @@ impl Rules {
         }
     }
 
-    /// Waits for a tick under way to end and holds off the next until
-    /// dropped: what a reload takes first, then [`Rules::replace`]. The
-    /// batches go on meanwhile.
+    /// Waits for a tick under way to end, then for a state write under way
+    /// (a periodic one gives way, [`Rules::reload_waiting`]), and holds off
+    /// the next of each, and other reloads, until dropped: what a reload
+    /// takes first, before the outputs' lock (which a Prometheus scrape
+    /// takes too), then [`Rules::replace`]. The batches go on meanwhile.
     pub fn hold_ticks(&self) -> HeldTicks<'_> {
+        let ticking = self.ticking.lock();
+        let waiting = Waiting::new(&self.reloads_waiting);
+        let one_at_a_time = self.replacing.lock();
+        drop(waiting);
         HeldTicks {
-            _held: self.ticking.lock(),
+            _held: ticking,
+            _one_at_a_time: one_at_a_time,
         }
     }
 
@@ -169,9 +178,6 @@ impl Rules {
         text: Option<Arc<RuleText>>,
         outputs: Vec<Arc<dyn OutputSink>>,
     ) -> Arc<Tree> {
-        let waiting = Waiting::new(&self.reloads_waiting);
-        let _one_at_a_time = self.replacing.lock();
-        drop(waiting);
         let new = Tree {
             roots,
             outputs,

@@ -266,7 +266,7 @@ impl Reloader {
         let source = super::read_file(path).map_err(|e| reject(stats, &name, e.render(&name)))?;
         let compiled = prepare(stats, &name, &source, EnvPolicy::Strict)?;
         // Before the outputs: what reads their counts (a Prometheus scrape,
-        // on a worker) must not wait for the tick too.
+        // on a worker) must not wait for the tick, or a state write, too.
         let ticks = self.rules.hold_ticks();
         let mut outputs = self.outputs.lock();
         let removed = outputs.update(&compiled.outputs);
@@ -432,6 +432,64 @@ mod tests {
                 tls: None,
             }),
         }
+    }
+
+    /// A reload that waits for a stream state write (the final one, or
+    /// one that gives way to none) must not hold the outputs' lock
+    /// meanwhile: a Prometheus scrape reading the outputs' counts, on an
+    /// async worker, would wait for the whole write too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_waiting_for_a_state_write_holds_up_no_scrape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.vigil");
+        let source = "streams {\n  changed_state { index }\n}\n";
+        std::fs::write(&path, source).unwrap();
+        let (_, compiled) = super::super::load("r.vigil", source, EnvPolicy::Strict).unwrap();
+        let index = Arc::new(crate::index::Index::new(Default::default()));
+        let clock = Arc::new(crate::clock::ManualClock::new(0));
+        let text = RuleText {
+            name: "r.vigil".into(),
+            text: source.into(),
+        };
+        let rules = Arc::new(Rules::new(
+            compiled.roots,
+            Some(Arc::new(text)),
+            Vec::new(),
+            index,
+            clock,
+        ));
+        let shutdown = CancellationToken::new();
+        let outputs = Outputs::start(&[], Kept::default(), shutdown.clone());
+        let reloader = Arc::new(Reloader::new(Some(path), rules.clone(), outputs));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held, holding) = std::sync::mpsc::channel();
+        let writing = {
+            let rules = rules.clone();
+            std::thread::spawn(move || {
+                rules.saving(|_, _| {
+                    held.send(()).unwrap();
+                    released.recv_timeout(Duration::from_secs(10)).ok();
+                })
+            })
+        };
+        holding.recv().unwrap();
+        let reload = tokio::spawn({
+            let reloader = reloader.clone();
+            async move { reloader.reload().await }
+        });
+        while !rules.reload_waiting() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let scrape = tokio::task::spawn_blocking({
+            let reloader = reloader.clone();
+            move || reloader.output_counts().len()
+        });
+        let scraped = tokio::time::timeout(Duration::from_secs(2), scrape).await;
+        release.send(()).unwrap();
+        writing.join().unwrap();
+        reload.await.unwrap().unwrap();
+        assert!(scraped.is_ok(), "the scrape waited for the state write");
+        shutdown.cancel();
     }
 
     /// Declarations of one name count as one output: their queues' backlog
