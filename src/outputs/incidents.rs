@@ -1346,6 +1346,26 @@ mod tests {
         );
     }
 
+    /// Which series triggered an incident is saved with it: a restart
+    /// that made the `dedup_key` finer still tells them from the others.
+    #[tokio::test]
+    async fn the_series_that_triggered_an_incident_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let memory = from_file(file.clone(), "key", 10).await;
+        {
+            let mut incidents = memory.incidents();
+            incidents.triggered("web1".into(), Severity::Critical, Instant::now());
+            incidents.triggered_by("web1", 7);
+            incidents.triggered("web1".into(), Severity::Critical, Instant::now());
+        }
+        assert!(memory.save().await);
+        let restarted = from_file(file, "key", 10).await;
+        let incidents = restarted.incidents();
+        let open = incidents.get("web1").unwrap();
+        assert!(open.of(7) && !open.of(8));
+    }
+
     /// A file that cannot be read holds what an operator must resolve by
     /// hand: the next save must not destroy it.
     #[tokio::test]
