@@ -115,7 +115,7 @@ fn reload(c: &mut Criterion) {
                     next += 1;
                     compile(&sources[next % sources.len()])
                 },
-                |roots| rules.replace(&rules.hold_ticks(), roots, None, Vec::new()),
+                |roots| rules.replace(&rules.reload_turn(), roots, None, Vec::new()),
                 BatchSize::PerIteration,
             )
         });

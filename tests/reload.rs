@@ -86,7 +86,7 @@ impl Live {
         let compiled = reload::prepare(&self.rules.stats, NAME, source, EnvPolicy::Strict)?;
         let sinks = sinks(&compiled.outputs, &self.out, &self.others);
         self.rules
-            .replace(&self.rules.hold_ticks(), compiled.roots, None, sinks);
+            .replace(&self.rules.reload_turn(), compiled.roots, None, sinks);
         Ok(())
     }
 
@@ -519,7 +519,7 @@ fn a_batch_running_while_a_reload_moves_the_state_is_not_lost_to_the_new_rules()
     let reloading = std::thread::spawn({
         let (rules, roots, sinks) = (rules.clone(), load().roots, sinks());
         move || {
-            rules.replace(&rules.hold_ticks(), roots, None, sinks);
+            rules.replace(&rules.reload_turn(), roots, None, sinks);
             reloaded_tx.send(()).unwrap();
         }
     });

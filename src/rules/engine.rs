@@ -72,11 +72,11 @@ crate::stats::counters! {
     }
 }
 
-/// No tick runs, and no state write, while this lives
-/// ([`Rules::hold_ticks`]).
-pub struct HeldTicks<'a> {
-    _held: MutexGuard<'a, ()>,
+/// No tick runs, no state write and no other reload, while this lives
+/// ([`Rules::reload_turn`]).
+pub struct ReloadTurn<'a> {
     _one_at_a_time: MutexGuard<'a, ()>,
+    _no_tick: MutexGuard<'a, ()>,
 }
 
 /// One reload counted in [`Rules`]' `reloads_waiting` while it lives.
@@ -117,7 +117,7 @@ pub struct Rules {
     /// a reload while it moves the state and swaps the tree.
     running: RwLock<()>,
     /// Held by each tick for its whole length, and by a reload from before
-    /// it waits for `running` ([`Rules::hold_ticks`]): a tick of a million
+    /// it waits for `running` ([`Rules::reload_turn`]): a tick of a million
     /// `by` groups takes a second, and a writer waiting on `running` holds
     /// up every batch meanwhile.
     ticking: Mutex<()>,
@@ -151,19 +151,20 @@ impl Rules {
         }
     }
 
-    /// Waits for a tick under way to end, then for a state write under way
-    /// (a periodic one gives way, [`Rules::reload_waiting`]), and holds off
+    /// Waits for a state write under way to end (a periodic one gives way,
+    /// [`Rules::reload_waiting`]), then for a tick under way, and holds off
     /// the next of each, and other reloads, until dropped: what a reload
     /// takes first, before the outputs' lock (which a Prometheus scrape
-    /// takes too), then [`Rules::replace`]. The batches go on meanwhile.
-    pub fn hold_ticks(&self) -> HeldTicks<'_> {
-        let ticking = self.ticking.lock();
+    /// takes too), then [`Rules::replace`]. The batches go on meanwhile,
+    /// and so do the ticks while it waits for a write that does not give
+    /// way (the final one, or one overdue).
+    pub fn reload_turn(&self) -> ReloadTurn<'_> {
         let waiting = Waiting::new(&self.reloads_waiting);
         let one_at_a_time = self.replacing.lock();
         drop(waiting);
-        HeldTicks {
-            _held: ticking,
+        ReloadTurn {
             _one_at_a_time: one_at_a_time,
+            _no_tick: self.ticking.lock(),
         }
     }
 
@@ -173,7 +174,7 @@ impl Rules {
     /// the replaced tree, whose outputs the caller retires.
     pub fn replace(
         &self,
-        _ticks: &HeldTicks<'_>,
+        _turn: &ReloadTurn<'_>,
         roots: Children,
         text: Option<Arc<RuleText>>,
         outputs: Vec<Arc<dyn OutputSink>>,
@@ -414,8 +415,8 @@ mod tests {
                 .recv_timeout(Duration::from_secs(10))
                 .expect("the tick reached the output");
             let reload = threads.spawn(move || {
-                let ticks = rules.hold_ticks();
-                rules.replace(&ticks, compiled(), None, outputs());
+                let turn = rules.reload_turn();
+                rules.replace(&turn, compiled(), None, outputs());
             });
             // Time for the reload to reach its wait; were it not there yet,
             // this test would pass whatever the reload waits for.
@@ -436,5 +437,52 @@ mod tests {
             reload.join().unwrap();
         });
         assert_eq!(rules.stats.reloads.load(Ordering::Relaxed), 1);
+    }
+
+    /// A reload waiting for a state write that does not give way to it (the
+    /// final one, or one overdue: seconds with a million `by` groups) holds
+    /// up no tick meanwhile.
+    #[test]
+    fn a_reload_waiting_for_a_state_write_holds_up_no_tick() {
+        let clock = Arc::new(ManualClock::new(TEST_EPOCH));
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let out = Arc::new(crate::rules::testing::Recorder::default());
+        let outputs = || -> Vec<Arc<dyn OutputSink>> { vec![out.clone()] };
+        let text = Arc::new(RuleText {
+            name: "gate.vigil".into(),
+            text: String::new(),
+        });
+        let rules = Rules::new(compiled(), Some(text), outputs(), index, clock);
+        let (rules, outputs) = (&rules, &outputs);
+        std::thread::scope(|threads| {
+            let (in_write, writing) = mpsc::channel();
+            let (release, released) = mpsc::channel::<()>();
+            let write = threads.spawn(move || {
+                rules.saving(|_, _| {
+                    in_write.send(()).unwrap();
+                    released.recv_timeout(Duration::from_secs(10)).ok();
+                })
+            });
+            writing.recv().unwrap();
+            let reload = threads.spawn(move || {
+                let turn = rules.reload_turn();
+                rules.replace(&turn, compiled(), None, outputs());
+            });
+            while !rules.reload_waiting() {
+                assert!(!reload.is_finished(), "the reload did not wait");
+                std::thread::yield_now();
+            }
+            let (done, tick_done) = mpsc::channel();
+            threads.spawn(move || {
+                rules.tick_scheduled();
+                // Gone once the test has failed.
+                let _ = done.send(());
+            });
+            let tick = tick_done.recv_timeout(Duration::from_secs(10));
+            release.send(()).unwrap();
+            tick.expect("a tick waited for the reload waiting for the write");
+            write.join().unwrap();
+            reload.join().unwrap();
+        });
     }
 }

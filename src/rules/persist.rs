@@ -764,9 +764,9 @@ mod tests {
                     let (_, compiled) =
                         crate::rules::load(&text.name, &text.text, EnvPolicy::Strict).unwrap();
                     let outputs: Vec<Arc<dyn OutputSink>> = vec![life.out.clone()];
-                    let ticks = life.rules.hold_ticks();
+                    let turn = life.rules.reload_turn();
                     life.rules
-                        .replace(&ticks, compiled.roots, Some(Arc::new(text)), outputs);
+                        .replace(&turn, compiled.roots, Some(Arc::new(text)), outputs);
                 });
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
                 while !life.rules.reload_waiting() {

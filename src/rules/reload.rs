@@ -267,16 +267,22 @@ impl Reloader {
         let compiled = prepare(stats, &name, &source, EnvPolicy::Strict)?;
         // Before the outputs: what reads their counts (a Prometheus scrape,
         // on a worker) must not wait for the tick, or a state write, too.
-        let ticks = self.rules.hold_ticks();
+        let turn = self.rules.reload_turn();
         let mut outputs = self.outputs.lock();
+        // A reload still compiling when vigil stops goes on (it runs on a
+        // blocking thread): it must not start outputs no one finishes.
+        if outputs.shutdown.is_cancelled() {
+            tracing::warn!(rules = %name, "Rules not reloaded: vigil is stopping.");
+            return Err("vigil is stopping".to_owned());
+        }
         let removed = outputs.update(&compiled.outputs);
         let text = Arc::new(RuleText { name, text: source });
         // Batches wait while the state moves: the log says how long.
         let swapping = std::time::Instant::now();
         let old = self
             .rules
-            .replace(&ticks, compiled.roots, Some(text.clone()), outputs.sinks());
-        drop(ticks);
+            .replace(&turn, compiled.roots, Some(text.clone()), outputs.sinks());
+        drop(turn);
         tracing::info!(
             rules = %text.name,
             outputs = outputs.running.len(),
@@ -490,6 +496,31 @@ mod tests {
         reload.await.unwrap().unwrap();
         assert!(scraped.is_ok(), "the scrape waited for the state write");
         shutdown.cancel();
+    }
+
+    /// A reload that reaches its swap once vigil is stopping (the outputs'
+    /// token cancelled, their last deliveries awaited) swaps nothing and
+    /// starts no output: nothing would finish it.
+    #[tokio::test]
+    async fn a_reload_once_vigil_is_stopping_starts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.vigil");
+        let source = "streams {\n  index\n}\n";
+        std::fs::write(&path, source).unwrap();
+        let (_, compiled) = super::super::load("r.vigil", source, EnvPolicy::Strict).unwrap();
+        let index = Arc::new(crate::index::Index::new(Default::default()));
+        let clock = Arc::new(crate::clock::ManualClock::new(0));
+        let rules = Arc::new(Rules::new(compiled.roots, None, Vec::new(), index, clock));
+        let shutdown = CancellationToken::new();
+        let outputs = Outputs::start(&[], Kept::default(), shutdown.clone());
+        let reloader = Arc::new(Reloader::new(Some(path.clone()), rules.clone(), outputs));
+        let late = "output late = forward(host: \"127.0.0.1\", port: 9)\n";
+        std::fs::write(&path, format!("{late}streams {{\n  late\n}}\n")).unwrap();
+        shutdown.cancel();
+        let refused = reloader.reload().await;
+        assert_eq!(refused, Err("vigil is stopping".to_owned()));
+        assert_eq!(rules.stats.reloads.load(Ordering::Relaxed), 0);
+        assert!(reloader.output_counts().is_empty(), "an output started");
     }
 
     /// Declarations of one name count as one output: their queues' backlog

@@ -970,7 +970,7 @@ fn a_reload_adding_min_to_a_moving_window_returns_the_least_held_event() {
         .unwrap_or_else(|e| panic!("{e:?}"));
     let outputs = b.recorders.iter().map(|(_, r)| r.clone() as _).collect();
     b.rules
-        .replace(&b.rules.hold_ticks(), compiled.roots, None, outputs);
+        .replace(&b.rules.reload_turn(), compiled.roots, None, outputs);
     send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(4)));
     assert_eq!(out_metrics(&b), vec![Some(Metric::Int(1))]);
 }
