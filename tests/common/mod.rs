@@ -51,6 +51,9 @@ pub struct Vigil {
     /// The HTTP listener (an ephemeral port unless the test chose one); `None` with `--no-http`.
     pub http: Option<SocketAddr>,
     log: LogRing,
+    /// The threads reading stdout and stderr: joined once the child exits,
+    /// so its last lines are in `log` before a test reads it.
+    drains: Vec<thread::JoinHandle<()>>,
 }
 
 /// The addresses a `listening` log line announces.
@@ -110,9 +113,10 @@ impl Vigil {
         let stdout: ChildStdout = child.stdout.take().expect("stdout piped");
 
         // Drain stderr for the whole life of the child, so the pipe never fills.
+        let mut drains = Vec::new();
         {
             let log = log.clone();
-            thread::Builder::new()
+            let drain = thread::Builder::new()
                 .name("vigil-stderr".into())
                 .spawn(move || {
                     let mut reader = BufReader::new(stderr);
@@ -131,11 +135,12 @@ impl Vigil {
                     }
                 })
                 .expect("spawn stderr drain thread");
+            drains.push(drain);
         }
         // Drain stdout too (it should be quiet, but never let it block the child).
         {
             let log = log.clone();
-            thread::Builder::new()
+            let drain = thread::Builder::new()
                 .name("vigil-stdout".into())
                 .spawn(move || {
                     let reader = BufReader::new(stdout);
@@ -149,6 +154,7 @@ impl Vigil {
                     }
                 })
                 .expect("spawn stdout drain thread");
+            drains.push(drain);
         }
 
         let deadline = Instant::now() + START_TIMEOUT;
@@ -190,6 +196,7 @@ impl Vigil {
             grpc: listening.grpc,
             http: listening.http,
             log,
+            drains,
         }
     }
 
@@ -231,7 +238,10 @@ impl Vigil {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match self.child.try_wait() {
-                Ok(Some(status)) => return status,
+                Ok(Some(status)) => {
+                    self.read_to_the_end();
+                    return status;
+                }
                 Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
                 Ok(None) => panic!(
                     "vigil did not exit within 30 s of SIGTERM; last log lines:\n{}",
@@ -246,6 +256,14 @@ impl Vigil {
     pub fn kill9(&mut self) {
         self.child.kill().expect("SIGKILL vigil");
         self.child.wait().expect("reap vigil");
+        self.read_to_the_end();
+    }
+
+    /// Once the child has exited: waits for its last lines to be read.
+    fn read_to_the_end(&mut self) {
+        for drain in self.drains.drain(..) {
+            let _ = drain.join();
+        }
     }
 
     /// The first log line containing `needle`; panics with the log when
