@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::Vigil;
@@ -55,29 +54,21 @@ async fn fill(v: &Vigil) {
     }
 }
 
-/// `name`'s value in `GET /metrics`.
-async fn metric(http: SocketAddr, name: &str) -> u64 {
-    let text = common::metrics_text(http).await;
-    let line = text.lines().find(|l| l.split(' ').next() == Some(name));
-    let value = line.and_then(|l| l.split(' ').nth(1));
-    value
-        .unwrap_or_else(|| panic!("{name} in {text}"))
-        .parse()
-        .unwrap()
-}
-
 /// Waits until one scan was abandoned: a scan that ran in full would count
 /// nothing, and take far longer.
 async fn wait_abandoned(v: &Vigil) {
     let http = v.http.unwrap();
     let waited = tokio::time::timeout(NOTICED_WITHIN, async {
-        while metric(http, "vigil_index_scans_abandoned_total").await == 0 {
+        while common::metric(http, "vigil_index_scans_abandoned_total").await == 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
     assert!(waited.is_ok(), "no scan abandoned; {}", v.logs());
-    assert_eq!(metric(http, "vigil_index_scans_timed_out_total").await, 0);
+    assert_eq!(
+        common::metric(http, "vigil_index_scans_timed_out_total").await,
+        0
+    );
 }
 
 /// Another connection is still answered.

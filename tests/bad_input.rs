@@ -560,14 +560,15 @@ async fn a_slowloris_client_is_closed_after_the_read_timeout_while_steady_and_id
     h.assert_serves().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_never_reads_its_replies_is_closed_after_the_timeout() {
+/// A server with a 1 s read timeout holding 2 000 events of 4 KiB, so
+/// that each `true` query answers ~8 MB, more than the socket buffers
+/// hold; and the connection that sent them.
+async fn holding_big_answers() -> (Harness, TcpStream) {
     let h = Harness::start(ServerConfig {
         read_timeout: Duration::from_secs(1),
         ..ServerConfig::default()
     })
     .await;
-    // 2 000 events of 4 KiB: each `true` query answers ~8 MB.
     let events = (0..2_000)
         .map(|i| PbEvent {
             description: Some("x".repeat(4096)),
@@ -576,6 +577,12 @@ async fn a_client_that_never_reads_its_replies_is_closed_after_the_timeout() {
         .collect();
     let mut s = connect(h.addr()).await;
     assert_eq!(exchange(&mut s, &events_msg(events)).await.ok, Some(true));
+    (h, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_closed_after_the_timeout() {
+    let (h, mut s) = holding_big_answers().await;
     // Ten pipelined queries, never read: far more than the socket buffers hold.
     let queries: Vec<u8> = (0..10).flat_map(|_| frame(&query_msg("true"))).collect();
     s.write_all(&queries).await.unwrap();
@@ -590,21 +597,7 @@ async fn a_client_that_never_reads_its_replies_is_closed_after_the_timeout() {
 /// events took one server to 1.7 GB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_query_answers_are_written_one_at_a_time_to_a_client_reading_none() {
-    let h = Harness::start(ServerConfig {
-        read_timeout: Duration::from_secs(1),
-        ..ServerConfig::default()
-    })
-    .await;
-    // 2 000 events of 4 KiB: each `true` query answers ~8 MB, more than
-    // the socket buffers hold.
-    let events = (0..2_000)
-        .map(|i| PbEvent {
-            description: Some("x".repeat(4096)),
-            ..pb_event("big", &i.to_string())
-        })
-        .collect();
-    let mut s = connect(h.addr()).await;
-    assert_eq!(exchange(&mut s, &events_msg(events)).await.ok, Some(true));
+    let (h, mut s) = holding_big_answers().await;
     let queries: Vec<u8> = (0..4).flat_map(|_| frame(&query_msg("true"))).collect();
     s.write_all(&queries).await.unwrap();
     h.wait_count(|s| &s.tcp_write_timeouts, 1).await;

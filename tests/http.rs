@@ -64,6 +64,16 @@ fn url(scheme: &str, addr: SocketAddr, path: &str, params: &[(&str, &str)]) -> U
 }
 
 /// The next text frame as JSON; `None` once the server closed (with its frame).
+/// `GET /index` with `params`, asking for an SSE stream.
+async fn sse_get(addr: SocketAddr, params: &[(&str, &str)]) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(url("http", addr, "/index", params))
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn next_json(ws: &mut Ws) -> Result<Value, Option<(u16, String)>> {
     loop {
         let message = tokio::time::timeout(WAIT, ws.next())
@@ -876,12 +886,7 @@ async fn a_subscription_too_costly_for_ingest_is_disconnected_with_its_reason_an
     assert!(acked_in < Duration::from_secs(3), "acked in {acked_in:?}");
 
     // It comes back, by SSE or WebSocket: refused at once, with the reason.
-    let again = reqwest::Client::new()
-        .get(url("http", addr, "/index", &[("query", &costly)]))
-        .header("Accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+    let again = sse_get(addr, &[("query", &costly)]).await;
     assert_eq!(again.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body: Value = again.json().await.unwrap();
     let refused = body["error"].as_str().unwrap();
@@ -1043,12 +1048,7 @@ async fn a_snapshot_that_does_not_fit_in_the_subscriber_memory_is_refused() {
         .expect("a close frame");
     assert_eq!(code, u16::from(CloseCode::Again));
     assert!(reason.ends_with("narrow the query"), "whole: {reason}");
-    let sse = reqwest::Client::new()
-        .get(url("http", addr, "/index", &query))
-        .header("Accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+    let sse = sse_get(addr, &query).await;
     assert_eq!(sse.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = sse.json().await.unwrap();
     assert!(

@@ -552,6 +552,18 @@ async fn open_incidents_are_not_re_triggered_nor_unknown_ones_resolved() {
 }
 
 /// The page actions the receiver saw, in order.
+/// An output's `(accepted, delivered, dropped, skipped, in flight)`.
+fn settlement(stats: &OutputStats) -> (u64, u64, u64, u64, u64) {
+    let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+    (
+        get(&stats.accepted),
+        get(&stats.delivered),
+        get(&stats.dropped),
+        get(&stats.skipped),
+        get(&stats.in_flight),
+    )
+}
+
 fn actions(rx: &Receiver) -> Vec<String> {
     rx.seen()
         .iter()
@@ -1211,15 +1223,8 @@ async fn a_reload_that_fixes_a_failing_receiver_pages_the_new_one_for_the_ongoin
     drop(second);
     stop.cancel();
     second_task.await.unwrap();
-    let get = |c: &AtomicU64| c.load(Ordering::Acquire);
     assert_eq!(
-        (
-            get(&stats.accepted),
-            get(&stats.delivered),
-            get(&stats.dropped),
-            get(&stats.skipped),
-            get(&stats.in_flight)
-        ),
+        settlement(&stats),
         (2, 2, 0, 0, 0),
         "each page counted once, in the counters the declarations share"
     );
@@ -1288,15 +1293,8 @@ async fn a_change_of_routing_key_hands_the_new_one_a_trigger_per_ongoing_inciden
     drop(second);
     stop.cancel();
     second_task.await.unwrap();
-    let get = |c: &AtomicU64| c.load(Ordering::Acquire);
     assert_eq!(
-        (
-            get(&stats.accepted),
-            get(&stats.delivered),
-            get(&stats.dropped),
-            get(&stats.skipped),
-            get(&stats.in_flight)
-        ),
+        settlement(&stats),
         (8, 4, 0, 4, 0),
         "cpu's trigger and resolve, load's warning and flapping: skipped"
     );
@@ -1432,11 +1430,17 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     task.await.unwrap();
 }
 
-/// A reload that changes the `dedup_key` template (here back to the derived
-/// key) once left every incident opened under the old one open for good:
-/// the `ok` made the new key, under which nothing was open, and was skipped.
-#[tokio::test]
-async fn a_reload_that_changes_the_dedup_key_still_resolves_what_was_opened_before() {
+/// What `pager` sends when it triggers `service`'s critical under the
+/// `dedup_key` template `from`, then a reload changes the template to `to`
+/// (`None`: the derived key) and the new declaration is given `then`
+/// (service, state), until the receiver has `pages` pages.
+async fn across_a_dedup_key_change(
+    from: Option<&str>,
+    service: &str,
+    to: Option<&str>,
+    then: &[(&str, &str)],
+    pages: usize,
+) -> Vec<String> {
     let rx = Receiver::start().await;
     let spec = |dedup_key: Option<&str>| OutputSpec {
         name: "pager".into(),
@@ -1447,18 +1451,30 @@ async fn a_reload_that_changes_the_dedup_key_still_resolves_what_was_opened_befo
     };
     let kept = Kept::default();
     let stop = CancellationToken::new();
-    let (first, task) = outputs::start(&spec(Some("{host}:{service}")), &kept, stop.child_token());
-    first.push(event("disk /", "critical"));
+    let (first, task) = outputs::start(&spec(from), &kept, stop.child_token());
+    first.push(event(service, "critical"));
     rx.wait_for(1).await;
     drop(first);
-    let (second, _) = outputs::start(&spec(None), &kept, stop.child_token());
-    second.push(event("disk /", "ok"));
-    // Opened under the new key, and resolved under it.
-    second.push(event("cpu", "critical"));
-    second.push(event("cpu", "ok"));
-    rx.wait_for(4).await;
+    let (second, _) = outputs::start(&spec(to), &kept, stop.child_token());
+    for (service, state) in then {
+        second.push(event(service, state));
+    }
+    rx.wait_for(pages).await;
+    stop.cancel();
+    task.await.unwrap();
+    actions(&rx)
+}
+
+/// A reload that changes the `dedup_key` template (here back to the derived
+/// key) once left every incident opened under the old one open for good:
+/// the `ok` made the new key, under which nothing was open, and was skipped.
+#[tokio::test]
+async fn a_reload_that_changes_the_dedup_key_still_resolves_what_was_opened_before() {
+    // Then `cpu` is opened under the new key, and resolved under it.
+    let then = [("disk /", "ok"), ("cpu", "critical"), ("cpu", "ok")];
+    let sent = across_a_dedup_key_change(Some("{host}:{service}"), "disk /", None, &then, 4).await;
     assert_eq!(
-        actions(&rx),
+        sent,
         [
             "trigger web1:disk /",
             "resolve web1:disk /",
@@ -1466,8 +1482,6 @@ async fn a_reload_that_changes_the_dedup_key_still_resolves_what_was_opened_befo
             "resolve web1/cpu"
         ]
     );
-    stop.cancel();
-    task.await.unwrap();
 }
 
 /// A reload that makes the `dedup_key` finer (`{host}` to the derived
@@ -1476,27 +1490,10 @@ async fn a_reload_that_changes_the_dedup_key_still_resolves_what_was_opened_befo
 /// new key, paged; the old one is resolved by its own series' `ok` only.
 #[tokio::test]
 async fn a_finer_dedup_key_pages_a_new_series_the_old_key_merged() {
-    let rx = Receiver::start().await;
-    let spec = |dedup_key: Option<&str>| OutputSpec {
-        name: "pager".into(),
-        kind: OutputKind::Pager(pager::Config {
-            dedup_key: dedup_key.map(|t| Template::parse(t).unwrap()),
-            ..pager_config(&rx.url)
-        }),
-    };
-    let kept = Kept::default();
-    let stop = CancellationToken::new();
-    let (first, task) = outputs::start(&spec(Some("{host}")), &kept, stop.child_token());
-    first.push(event("cpu", "critical"));
-    rx.wait_for(1).await;
-    drop(first);
-    let (second, _) = outputs::start(&spec(None), &kept, stop.child_token());
-    second.push(event("disk /", "critical"));
-    second.push(event("disk /", "ok"));
-    second.push(event("cpu", "ok"));
-    rx.wait_for(4).await;
+    let then = [("disk /", "critical"), ("disk /", "ok"), ("cpu", "ok")];
+    let sent = across_a_dedup_key_change(Some("{host}"), "cpu", None, &then, 4).await;
     assert_eq!(
-        actions(&rx),
+        sent,
         [
             "trigger web1",
             "trigger web1/disk /",
@@ -1504,8 +1501,6 @@ async fn a_finer_dedup_key_pages_a_new_series_the_old_key_merged() {
             "resolve web1"
         ]
     );
-    stop.cancel();
-    task.await.unwrap();
 }
 
 #[tokio::test]

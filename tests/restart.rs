@@ -544,13 +544,7 @@ fn a_port_in_use_fails_before_the_saved_state_is_read() {
 
 /// `name`'s value in `GET /metrics` of `v`.
 fn metric(v: &Vigil, name: &str) -> u64 {
-    let text = block_on(common::metrics_text(v.http.expect("HTTP on")));
-    let line = text.lines().find(|l| l.split(' ').next() == Some(name));
-    let value = line.and_then(|l| l.split(' ').nth(1));
-    value
-        .unwrap_or_else(|| panic!("{name} in {text}"))
-        .parse()
-        .unwrap()
+    block_on(common::metric(v.http.expect("HTTP on"), name))
 }
 
 /// A data directory that stops taking writes (a full disk; here a directory

@@ -679,21 +679,40 @@ mod tests {
         );
     }
 
+    const GROWN: &str = "by(host) { throttle(5, 10s) { out } }";
+
+    /// The file a life of [`GROWN`] with one group wrote in `dir`, and the
+    /// next life, holding 1 001 groups: a write of those that is cut short
+    /// must leave that file as it was.
+    fn written_then_grown(dir: &Path) -> (Vec<u8>, Life) {
+        let life = Life::start(GROWN, dir, 0.0);
+        life.send("first", Some("ok"), None);
+        life.stop(dir);
+        let before = fs::read(dir.join(FILE_NAME)).unwrap();
+        let life = Life::start(GROWN, dir, 1.0);
+        for n in 0..1000 {
+            life.send(&format!("h{n}"), Some("ok"), None);
+        }
+        (before, life)
+    }
+
+    /// `dir` holds the state file `before`, unchanged, and no temporary file.
+    fn assert_left_as_before(dir: &Path, before: &[u8]) {
+        assert_eq!(fs::read(dir.join(FILE_NAME)).unwrap(), before);
+        let names: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME]);
+    }
+
     /// A write abandoned once vigil stops leaves the file before it, no
     /// temporary file, and is not walked to its end: a `by` of many groups
     /// stops at the first group after.
     #[test]
     fn a_stopped_write_keeps_the_file_before_it_and_stops_its_walk() {
         let dir = tempfile::tempdir().unwrap();
-        let life = Life::start("by(host) { throttle(5, 10s) { out } }", dir.path(), 0.0);
-        life.send("first", Some("ok"), None);
-        life.stop(dir.path());
-        let before = fs::read(dir.path().join(FILE_NAME)).unwrap();
-
-        let life = Life::start("by(host) { throttle(5, 10s) { out } }", dir.path(), 1.0);
-        for n in 0..1000 {
-            life.send(&format!("h{n}"), Some("ok"), None);
-        }
+        let (before, life) = written_then_grown(dir.path());
         let stopped = CancellationToken::new();
         stopped.cancel();
         let abandoned = save(&life.rules, dir.path(), &Occasion::Periodic(stopped)).unwrap_err();
@@ -701,12 +720,7 @@ mod tests {
             matches!(abandoned, StateError::Write(SnapshotError::Abandoned)),
             "{abandoned}"
         );
-        assert_eq!(fs::read(dir.path().join(FILE_NAME)).unwrap(), before);
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, [FILE_NAME]);
+        assert_left_as_before(dir.path(), &before);
 
         /// Abandons after its first `limit` entries, counting what it is offered.
         struct Abandoning {
@@ -745,22 +759,13 @@ mod tests {
     /// shutdown, does not.
     #[test]
     fn a_periodic_write_gives_way_to_a_waiting_reload() {
-        const RULES: &str = "by(host) { throttle(5, 10s) { out } }";
         let dir = tempfile::tempdir().unwrap();
-        let life = Life::start(RULES, dir.path(), 0.0);
-        life.send("first", Some("ok"), None);
-        life.stop(dir.path());
-        let before = fs::read(dir.path().join(FILE_NAME)).unwrap();
-
-        let life = Life::start(RULES, dir.path(), 1.0);
-        for n in 0..1000 {
-            life.send(&format!("h{n}"), Some("ok"), None);
-        }
+        let (before, life) = written_then_grown(dir.path());
         // A reload counts as waiting while a write holds the rules.
         std::thread::scope(|threads| {
             life.rules.saving(|_, _| {
                 let reload = threads.spawn(|| {
-                    let text = text(RULES);
+                    let text = text(GROWN);
                     let (_, compiled) =
                         crate::rules::load(&text.name, &text.text, EnvPolicy::Strict).unwrap();
                     let outputs: Vec<Arc<dyn OutputSink>> = vec![life.out.clone()];
@@ -785,12 +790,7 @@ mod tests {
             matches!(gave_way, StateError::Write(SnapshotError::GaveWay)),
             "{gave_way}"
         );
-        assert_eq!(fs::read(dir.path().join(FILE_NAME)).unwrap(), before);
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, [FILE_NAME]);
+        assert_left_as_before(dir.path(), &before);
         let written = save(&life.rules, dir.path(), &Occasion::Final).unwrap();
         // The `by`, and its 1 001 groups of two entries each.
         assert_eq!(written.map(|w| w.entries), Some(2003), "the final write");

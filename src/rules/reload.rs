@@ -440,16 +440,10 @@ mod tests {
         }
     }
 
-    /// A reload that waits for a stream state write (the final one, or
-    /// one that gives way to none) must not hold the outputs' lock
-    /// meanwhile: a Prometheus scrape reading the outputs' counts, on an
-    /// async worker, would wait for the whole write too.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_reload_waiting_for_a_state_write_holds_up_no_scrape() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.vigil");
-        let source = "streams {\n  changed_state { index }\n}\n";
-        std::fs::write(&path, source).unwrap();
+    /// Rules running `source`, written at `path`, with no outputs; their
+    /// reloader, and the outputs' shutdown token.
+    fn reloading(path: &Path, source: &str) -> (Arc<Reloader>, Arc<Rules>, CancellationToken) {
+        std::fs::write(path, source).unwrap();
         let (_, compiled) = super::super::load("r.vigil", source, EnvPolicy::Strict).unwrap();
         let index = Arc::new(crate::index::Index::new(Default::default()));
         let clock = Arc::new(crate::clock::ManualClock::new(0));
@@ -457,16 +451,25 @@ mod tests {
             name: "r.vigil".into(),
             text: source.into(),
         };
-        let rules = Arc::new(Rules::new(
-            compiled.roots,
-            Some(Arc::new(text)),
-            Vec::new(),
-            index,
-            clock,
-        ));
+        let text = Some(Arc::new(text));
+        let rules = Arc::new(Rules::new(compiled.roots, text, Vec::new(), index, clock));
         let shutdown = CancellationToken::new();
         let outputs = Outputs::start(&[], Kept::default(), shutdown.clone());
-        let reloader = Arc::new(Reloader::new(Some(path), rules.clone(), outputs));
+        let reloader = Arc::new(Reloader::new(Some(path.to_owned()), rules.clone(), outputs));
+        (reloader, rules, shutdown)
+    }
+
+    /// A reload that waits for a stream state write (the final one, or
+    /// one that gives way to none) must not hold the outputs' lock
+    /// meanwhile: a Prometheus scrape reading the outputs' counts, on an
+    /// async worker, would wait for the whole write too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_waiting_for_a_state_write_holds_up_no_scrape() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reloader, rules, shutdown) = reloading(
+            &dir.path().join("r.vigil"),
+            "streams {\n  changed_state { index }\n}\n",
+        );
         let (release, released) = std::sync::mpsc::channel::<()>();
         let (held, holding) = std::sync::mpsc::channel();
         let writing = {
@@ -505,15 +508,7 @@ mod tests {
     async fn a_reload_once_vigil_is_stopping_starts_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.vigil");
-        let source = "streams {\n  index\n}\n";
-        std::fs::write(&path, source).unwrap();
-        let (_, compiled) = super::super::load("r.vigil", source, EnvPolicy::Strict).unwrap();
-        let index = Arc::new(crate::index::Index::new(Default::default()));
-        let clock = Arc::new(crate::clock::ManualClock::new(0));
-        let rules = Arc::new(Rules::new(compiled.roots, None, Vec::new(), index, clock));
-        let shutdown = CancellationToken::new();
-        let outputs = Outputs::start(&[], Kept::default(), shutdown.clone());
-        let reloader = Arc::new(Reloader::new(Some(path.clone()), rules.clone(), outputs));
+        let (reloader, rules, shutdown) = reloading(&path, "streams {\n  index\n}\n");
         let late = "output late = forward(host: \"127.0.0.1\", port: 9)\n";
         std::fs::write(&path, format!("{late}streams {{\n  late\n}}\n")).unwrap();
         shutdown.cancel();

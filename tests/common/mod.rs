@@ -824,3 +824,15 @@ pub async fn metrics_text(http: SocketAddr) -> String {
         .unwrap();
     response.text().await.unwrap()
 }
+
+/// `name`'s value in `GET /metrics` at `http`; panics, with the text, when
+/// there is none.
+pub async fn metric(http: SocketAddr, name: &str) -> u64 {
+    let text = metrics_text(http).await;
+    let line = text.lines().find(|l| l.split(' ').next() == Some(name));
+    let value = line.and_then(|l| l.split(' ').nth(1));
+    value
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+        .parse()
+        .unwrap()
+}
