@@ -11,6 +11,16 @@ use std::sync::atomic::AtomicU64;
 use crate::event::Event;
 use crate::stats::Stats;
 
+/// The longest start of `text` of at most `max` bytes: cut on a character
+/// boundary, where a string is cut to fit a bound.
+pub fn start_of(text: &str, max: usize) -> &str {
+    let end = (0..=max.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    &text[..end]
+}
+
 /// Bounds on one message, so a single one cannot make vigil keep or process
 /// more than an operator allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -69,6 +69,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use crate::event::Event;
 use crate::event_queue::Refused;
 use crate::json;
+use crate::limits::start_of;
 use crate::outputs;
 use crate::query::{Budget, Exceeded, Query};
 use queue::{Full, Queue, Queued};
@@ -460,11 +461,7 @@ fn shorten(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if text.len() <= max {
         return text.into();
     }
-    let end = (0..=max)
-        .rev()
-        .find(|&e| text.is_char_boundary(e))
-        .unwrap_or(0);
-    format!("{}…", &text[..end]).into()
+    format!("{}…", start_of(text, max)).into()
 }
 
 /// A snapshot that did not fit beside what subscribers hold. Short enough,

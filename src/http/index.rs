@@ -38,6 +38,7 @@ use super::live::{self, Live};
 use super::{AppState, error};
 use crate::event::Event;
 use crate::json;
+use crate::limits::start_of;
 use crate::pubsub::{HeldSnapshot, Published};
 use crate::query::Query;
 use crate::stats::Stats;
@@ -318,13 +319,7 @@ async fn close(mut socket: WebSocket, code: u16, reason: impl Into<Utf8Bytes>) {
 const MAX_CLOSE_REASON: usize = 123;
 
 fn close_reason(mut text: String) -> String {
-    if text.len() > MAX_CLOSE_REASON {
-        let end = (0..=MAX_CLOSE_REASON)
-            .rev()
-            .find(|&end| text.is_char_boundary(end))
-            .unwrap_or(0);
-        text.truncate(end);
-    }
+    text.truncate(start_of(&text, MAX_CLOSE_REASON).len());
     text
 }
 

@@ -102,6 +102,15 @@ impl Open {
     pub(super) fn of(&self, series: u64) -> bool {
         self.series.is_empty() || self.series.contains(&series)
     }
+
+    /// `series` (its derived key's [`fnv1a`]) triggered this incident.
+    pub(super) fn triggered_by(&mut self, series: u64) {
+        self.series.retain(|s| *s != series);
+        self.series.push(series);
+        if self.series.len() > MAX_SERIES {
+            self.series.remove(0);
+        }
+    }
 }
 
 impl Incidents {
@@ -122,9 +131,13 @@ impl Incidents {
         self.open.len()
     }
 
-    pub(super) fn triggered(&mut self, key: String, severity: Severity, now: Instant) {
-        let series = self.open.get(&key).map(|o| o.series.clone());
-        self.resolved(&key);
+    /// The incident open under `key`, (re)triggered at `now`: the series
+    /// that triggered it before stay its own.
+    pub(super) fn triggered(&mut self, key: String, severity: Severity, now: Instant) -> &mut Open {
+        let series = self.open.remove(&key).map(|before| {
+            self.order.remove(&before.seq);
+            before.series
+        });
         if self.open.len() >= self.max
             && let Some((_, oldest)) = self.order.pop_first()
         {
@@ -137,20 +150,8 @@ impl Incidents {
             seq: self.next,
             series: series.unwrap_or_default(),
         };
-        self.open.insert(key, open);
         self.next += 1;
-    }
-
-    /// `series` (its derived key's [`fnv1a`]) triggered the incident open
-    /// under `key`.
-    pub(super) fn triggered_by(&mut self, key: &str, series: u64) {
-        if let Some(open) = self.open.get_mut(key) {
-            open.series.retain(|s| *s != series);
-            open.series.push(series);
-            if open.series.len() > MAX_SERIES {
-                open.series.remove(0);
-            }
-        }
+        self.open.entry(key).insert_entry(open).into_mut()
     }
 
     pub(super) fn resolved(&mut self, key: &str) {
@@ -572,9 +573,9 @@ impl Memory {
             let sent = UNIX_EPOCH + Duration::try_from_secs_f64(incident.sent).unwrap_or_default();
             let age = wall.duration_since(sent).unwrap_or_default();
             let sent = now.checked_sub(age).unwrap_or(now);
-            incidents.triggered(incident.dedup_key.clone(), incident.severity, sent);
+            let open = incidents.triggered(incident.dedup_key, incident.severity, sent);
             for series in incident.series {
-                incidents.triggered_by(&incident.dedup_key, series);
+                open.triggered_by(series);
             }
         }
         tracing::info!(
@@ -1355,8 +1356,8 @@ mod tests {
         let memory = from_file(file.clone(), "key", 10).await;
         {
             let mut incidents = memory.incidents();
-            incidents.triggered("web1".into(), Severity::Critical, Instant::now());
-            incidents.triggered_by("web1", 7);
+            (incidents.triggered("web1".into(), Severity::Critical, Instant::now()))
+                .triggered_by(7);
             incidents.triggered("web1".into(), Severity::Critical, Instant::now());
         }
         assert!(memory.save().await);

@@ -55,6 +55,7 @@ use super::{Delivery, Tally};
 use super::{pagerduty, webhook};
 use crate::clock::Micros;
 use crate::event::Event;
+use crate::limits::start_of;
 
 /// How often an open incident's trigger may be re-sent, by default.
 pub const DEFAULT_RESEND_INTERVAL: Duration = Duration::from_secs(3600);
@@ -570,8 +571,7 @@ impl Pager {
         let mut open = self.memory.incidents();
         match action {
             Action::Trigger(severity) => {
-                open.triggered(key.clone(), severity, now);
-                open.triggered_by(&key, series_hash(event));
+                (open.triggered(key, severity, now)).triggered_by(series_hash(event));
             }
             Action::Resolve => open.resolved(&key),
         }
@@ -783,8 +783,7 @@ impl Replayed {
         let mut open = self.memory.incidents();
         match action {
             Action::Trigger(severity) => {
-                open.triggered(key.clone(), severity, Instant::now());
-                open.triggered_by(&key, series_hash(event));
+                (open.triggered(key, severity, Instant::now())).triggered_by(series_hash(event));
             }
             Action::Resolve => open.resolved(&key),
         }
@@ -835,15 +834,6 @@ pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
 pub(super) fn truncate(text: &mut String, max: usize) {
     let end = start_of(text, max).len();
     text.truncate(end);
-}
-
-/// The longest start of `text` of at most `max` bytes.
-pub(super) fn start_of(text: &str, max: usize) -> &str {
-    let end = (0..=max.min(text.len()))
-        .rev()
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(0);
-    &text[..end]
 }
 
 #[cfg(test)]

@@ -51,9 +51,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Delivery;
 use super::http::{self, Payload, Poster, RetryPolicy, SetupError};
-use super::pager::{Action, start_of, summary};
+use super::pager::{Action, summary};
 use super::template::Template;
 use crate::event::Event;
+use crate::limits::start_of;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

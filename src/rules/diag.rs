@@ -3,6 +3,7 @@
 //! the "did you mean" helper shared by the parser and the compiler.
 
 use super::ast::Span;
+use crate::limits::start_of;
 
 /// Tab stop used when drawing a source line, so the carets line up under tabs.
 const TAB_WIDTH: usize = 4;
@@ -49,8 +50,8 @@ impl Diagnostic {
     /// Lines are joined by `\n`, with no trailing newline. A span that crosses lines
     /// is underlined to the end of its first line; an empty one gets a single caret.
     pub fn render(&self, file_name: &str, source: &str) -> String {
-        let start = floor_char_boundary(source, self.span.start);
-        let end = floor_char_boundary(source, self.span.end.max(start));
+        let start = start_of(source, self.span.start).len();
+        let end = start_of(source, self.span.end.max(start)).len();
         let (line, col) = line_col(source, start);
         let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
         let line_end = source[start..]
@@ -77,7 +78,7 @@ impl Diagnostic {
 /// 1-based line and column (in characters) of byte `offset` in `source`; offsets
 /// past the end or inside a character are clamped down to the nearest boundary.
 pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
-    let offset = floor_char_boundary(source, offset);
+    let offset = start_of(source, offset).len();
     let before = &source[..offset];
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = before.matches('\n').count() + 1;
@@ -114,14 +115,6 @@ fn levenshtein(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-fn floor_char_boundary(source: &str, offset: usize) -> usize {
-    let mut offset = offset.min(source.len());
-    while !source.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    offset
 }
 
 /// Width on screen of `text` when it starts at screen column `from` (tabs jump to
