@@ -75,15 +75,9 @@ pub enum Exceeded {
 impl Budget<'static> {
     /// `limit` from now.
     pub fn new(limit: Duration) -> Budget<'static> {
-        let started = Instant::now();
-        Budget {
-            started,
-            deadline: started.checked_add(limit),
-            cancelled: None,
-            since_check: 0,
-            done: 0,
-            floor: 0,
-        }
+        let mut budget = Budget::until(None, None);
+        budget.deadline = budget.started.checked_add(limit);
+        budget
     }
 
     /// The deadline counts only once `units` of work were done: a thread

@@ -9,8 +9,9 @@
 //! while the state moves from the old tree to the new: an event processed on
 //! the old tree meanwhile would change state already moved out, and be lost
 //! to the new tree (a transition `changed_state` never reports, an incident
-//! never resolved). It first waits for a tick under way to end, with the
-//! batches going on, so they are held only for the swap itself.
+//! never resolved). It first waits for a state write and a tick under way
+//! to end, with the batches going on, so they are held only for the swap
+//! itself.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
