@@ -777,6 +777,49 @@ mod tests {
         assert_eq!(webhook.queued(), 0, "other outputs ignore it");
     }
 
+    /// A replayed `ok` resolves the incident a replayed trigger opened under
+    /// the `dedup_key` of an earlier declaration, as a sent one does.
+    #[tokio::test]
+    async fn a_replayed_resolve_finds_the_incident_opened_under_an_earlier_dedup_key() {
+        let kept = Kept::default();
+        let declared = |template: Option<&str>| OutputSpec {
+            name: "pager".into(),
+            kind: OutputKind::Pager(pager::Config {
+                dedup_key: template.map(|t| template::Template::parse(t).unwrap()),
+                ..pager_config("k")
+            }),
+        };
+        let page = |state: &str| Event {
+            host: Some("web1".into()),
+            service: Some("cpu".into()),
+            state: Some(state.into()),
+            ..Event::default()
+        };
+        let memory = kept.pager("pager", &pager_config("k"));
+        let declared_last = |template: Option<&str>| {
+            let template = template.map(|t| template::Template::parse(t).unwrap());
+            memory.dedup_keys().last() == Some(&template)
+        };
+        let (first, _task) = start(
+            &declared(Some("cpu-{host}")),
+            &kept,
+            CancellationToken::new(),
+        );
+        while !declared_last(Some("cpu-{host}")) {
+            tokio::task::yield_now().await;
+        }
+        suppressed(|| first.push(page("critical")));
+        assert!(memory.incidents().get("cpu-web1").is_some());
+
+        let (second, _task) = start(&declared(None), &kept, CancellationToken::new());
+        while !declared_last(None) {
+            tokio::task::yield_now().await;
+        }
+        suppressed(|| second.push(page("ok")));
+        assert!(memory.incidents().get("cpu-web1").is_none(), "resolved");
+        assert!(!memory.has_open());
+    }
+
     fn accounted(queue: &Queue) -> bool {
         let s = &queue.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Acquire);

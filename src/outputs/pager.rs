@@ -531,7 +531,7 @@ impl Pager {
             delivery.skipped(1);
             return;
         };
-        let key = self.open_key(event);
+        let key = open_key(&self.config, &self.memory, event);
         let now = Instant::now();
         if self.suppressed(action, &key, now) {
             tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
@@ -587,31 +587,6 @@ impl Pager {
             }
             (Api::Webhook { .. }, action) => webhook::page(action, key, event),
         }
-    }
-
-    /// The event's dedup key; unless no incident is open under it but one
-    /// is under the key an earlier declaration's `dedup_key` gives it (a
-    /// reload changed the template): that incident keeps its key until it
-    /// resolves, or its `ok` would resolve nothing.
-    fn open_key(&self, event: &Event) -> String {
-        let key = dedup_key(&self.config, event);
-        let incidents = self.memory.incidents();
-        if incidents.get(&key).is_some() {
-            return key;
-        }
-        // Under the incidents' lock, as `Memory::save` takes them.
-        let templates = self.memory.dedup_keys();
-        let earlier = templates
-            .iter()
-            .rev()
-            .filter(|t| **t != self.config.dedup_key);
-        // Only by a series that triggered it: another one the earlier
-        // template merged into it is an incident of its own now.
-        let series = series_hash(event);
-        earlier
-            .map(|template| key_from(template.as_ref(), event))
-            .find(|earlier| incidents.get(earlier).is_some_and(|open| open.of(series)))
-            .unwrap_or(key)
     }
 
     /// Hygiene: no re-trigger within the resend interval (unless the
@@ -759,6 +734,28 @@ fn derived_key(host: &str, service: &str) -> String {
     key
 }
 
+/// The event's dedup key; unless no incident is open under it but one is
+/// under the key an earlier declaration's `dedup_key` gives it (a reload
+/// changed the template): that incident keeps its key until it resolves, or
+/// its `ok` would resolve nothing.
+fn open_key(config: &Config, memory: &Memory, event: &Event) -> String {
+    let key = dedup_key(config, event);
+    let incidents = memory.incidents();
+    if incidents.get(&key).is_some() {
+        return key;
+    }
+    // Under the incidents' lock, as `Memory::save` takes them.
+    let templates = memory.dedup_keys();
+    let earlier = templates.iter().rev().filter(|t| **t != config.dedup_key);
+    // Only by a series that triggered it: another one the earlier template
+    // merged into it is an incident of its own now.
+    let series = series_hash(event);
+    earlier
+        .map(|template| key_from(template.as_ref(), event))
+        .find(|earlier| incidents.get(earlier).is_some_and(|open| open.of(series)))
+        .unwrap_or(key)
+}
+
 /// What a pager output keeps of a page it must not send: one the rules made
 /// again while a cluster node replays a shard it took over, which the
 /// previous owner already sent. The incident it opened or resolved is
@@ -779,7 +776,7 @@ impl Replayed {
         let Some(action) = action(event.state.as_deref()) else {
             return;
         };
-        let key = dedup_key(&self.config, event);
+        let key = open_key(&self.config, &self.memory, event);
         let mut open = self.memory.incidents();
         match action {
             Action::Trigger(severity) => {
