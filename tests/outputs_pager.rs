@@ -1358,13 +1358,13 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     };
     let dir = tempfile::tempdir().unwrap();
     let kept = Kept::in_dir(dir.path().to_owned(), Default::default());
+    // Whether the output's file holds `key`'s open incidents (read from a
+    // copy: not from what is kept aside for other keys beside it).
     let saved_under = async |key: &str| {
-        let memory = Memory::open(
-            "pager",
-            Some(incidents::file_in(dir.path(), "pager")),
-            key,
-            10,
-        );
+        let probe = tempfile::tempdir().unwrap();
+        let copy = incidents::file_in(probe.path(), "pager");
+        let _ = std::fs::copy(incidents::file_in(dir.path(), "pager"), &copy);
+        let memory = Memory::open("pager", Some(copy), key, 10);
         memory.load().await;
         memory.has_open()
     };
@@ -1394,6 +1394,11 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     // The first key comes back (a mistaken edit undone): its incident is
     // still open, and is resolved through it; then the second key's.
     assert!(!saved_under("k1").await, "the file is the second key's");
+    assert_eq!(
+        kept_aside_keys(dir.path()),
+        ["web1/cpu"],
+        "the first key's open incident, kept aside"
+    );
     let (fourth, _) = outputs::start(&spec("k1"), &kept, stop.child_token());
     let deadline = Instant::now() + WAIT;
     while !saved_under("k1").await {
@@ -1428,6 +1433,92 @@ async fn a_redeclared_pager_takes_over_the_open_incidents_of_its_routing_key() {
     assert_eq!(keys, ["k1", "k1", "k1", "k2", "k1", "k2"]);
     stop.cancel();
     task.await.unwrap();
+}
+
+/// The dedup keys of the open incidents in the pager files kept aside in
+/// `dir` for receivers their output no longer pages.
+fn kept_aside_keys(dir: &std::path::Path) -> Vec<String> {
+    let mut keys = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = entry.file_name().into_string().unwrap();
+        if name.starts_with("pagerduty-") && name.matches('.').count() == 2 {
+            let saved: Value =
+                serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
+            let incidents = saved["incidents"].as_array().cloned().unwrap_or_default();
+            keys.extend(
+                incidents
+                    .iter()
+                    .map(|i| i["dedup_key"].as_str().unwrap().to_owned()),
+            );
+        }
+    }
+    keys
+}
+
+/// A reload changed the routing key with an incident open under the first
+/// one; vigil restarted with the first key back (the change was a
+/// mistake): the incident is still open there, and its `ok` resolves it.
+#[tokio::test]
+async fn an_incident_left_open_under_a_replaced_receiver_is_resolved_after_a_restart_brings_it_back()
+ {
+    let rx = Receiver::start().await;
+    let spec = |routing_key: &str| OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager::Config {
+            api: pager::Api::PagerDuty {
+                routing_key: routing_key.into(),
+            },
+            ..pager_config(&rx.url)
+        }),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = || Kept::in_dir(dir.path().to_owned(), Default::default());
+    let stop = CancellationToken::new();
+    let kept = run();
+    let (first, task) = outputs::start(&spec("k1"), &kept, stop.child_token());
+    first.push(event("cpu", "critical"));
+    rx.wait_for(1).await;
+    let (second, second_task) = outputs::start(&spec("k2"), &kept, stop.child_token());
+    drop(first);
+    task.await.unwrap();
+    second.push(event("disk /", "critical"));
+    rx.wait_for(2).await;
+    drop(second);
+    second_task.await.unwrap();
+    assert_eq!(kept_aside_keys(dir.path()), ["web1/cpu"]);
+
+    // The next run pages the first key again, then the second once more.
+    let kept = run();
+    let (third, task) = outputs::start(&spec("k1"), &kept, stop.child_token());
+    third.push(event("cpu", "ok"));
+    rx.wait_for(3).await;
+    drop(third);
+    task.await.unwrap();
+    assert_eq!(
+        kept_aside_keys(dir.path()),
+        ["web1/disk /"],
+        "the second key's, aside"
+    );
+    let kept = run();
+    let (fourth, task) = outputs::start(&spec("k2"), &kept, stop.child_token());
+    fourth.push(event("disk /", "ok"));
+    rx.wait_for(4).await;
+    drop(fourth);
+    task.await.unwrap();
+    assert_eq!(
+        actions(&rx),
+        [
+            "trigger web1/cpu",
+            "trigger web1/disk /",
+            "resolve web1/cpu",
+            "resolve web1/disk /"
+        ]
+    );
+    let keys: Vec<_> = (rx.seen().iter())
+        .map(|s| s.json()["routing_key"].clone())
+        .collect();
+    assert_eq!(keys, ["k1", "k2", "k1", "k2"]);
+    assert!(kept_aside_keys(dir.path()).is_empty(), "nothing left aside");
 }
 
 /// What `pager` sends when it triggers `service`'s critical under the

@@ -22,7 +22,10 @@
 //! Incidents belong to their receiver ([`super::pager::Config::receiver`]: PagerDuty's
 //! routing key, a webhook's URL). The file holds no receiver (a secret), only
 //! its hash: incidents saved under another receiver cannot be resolved
-//! through this one, and are left out with a warning.
+//! through this one, and are left out with a warning. They are kept aside,
+//! in `pagerduty-<output>.<receiver hash>.json` ([`kept_aside`]), as are
+//! those of a receiver a reload replaced: a later run paging that receiver
+//! again resolves them.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{self, Write};
@@ -464,10 +467,13 @@ pub struct Memory {
     /// from this memory, the latest last (`None`: the derived key); at most
     /// [`DEDUP_KEYS`]. Saved with the incidents.
     dedup_keys: Mutex<Vec<Option<Template>>>,
-    /// The memory this one replaced before that one had read the file: the
-    /// file is read through it, under the key it was saved with, before this
+    /// The memory this one replaced: the file is read through it (if it
+    /// has not read it yet), under the key it was saved with, before this
     /// one can save over it. Taken by [`load`](Self::load).
     predecessor: Mutex<Option<Arc<Memory>>>,
+    /// This memory's incidents were (or may be) in its file kept aside,
+    /// which the next save of the output's file makes stale: removed then.
+    aside_to_clear: AtomicBool,
 }
 
 impl Memory {
@@ -487,6 +493,7 @@ impl Memory {
             generations: AtomicU64::new(0),
             paged: AtomicU64::new(0),
             predecessor: Mutex::new(None),
+            aside_to_clear: AtomicBool::new(false),
             dedup_keys: Mutex::default(),
             failures: None,
             failing: AtomicBool::new(false),
@@ -512,21 +519,29 @@ impl Memory {
             .get_or_init(|| async {
                 let predecessor = self.predecessor.lock().take();
                 if let Some(predecessor) = predecessor {
+                    let read_here = !predecessor.is_loaded();
                     // Boxed: a chain of replaced memories loads through each other.
                     Box::pin(predecessor.load()).await;
                     // Unless its key came back meanwhile, and it serves again.
-                    if predecessor.replaced.load(Ordering::Acquire) {
+                    if read_here && predecessor.replaced.load(Ordering::Acquire) {
                         predecessor.warn_left_open();
                     }
-                    return;
+                    return self.restore_kept_aside().await;
                 }
                 let Some(file) = self.file.clone() else {
                     return;
                 };
                 let path = file.clone();
                 match off_workers(move || read(&path)).await {
-                    Some(Ok(Some(saved))) => self.restore(&file, saved),
-                    Some(Ok(None)) | None => {}
+                    Some(Ok(Some(saved))) if saved.receiver_hash == self.receiver_hash => {
+                        self.restore(saved);
+                    }
+                    Some(Ok(Some(saved))) => {
+                        self.restore_for_another(&file, saved).await;
+                        self.restore_kept_aside().await;
+                    }
+                    Some(Ok(None)) => self.restore_kept_aside().await,
+                    None => {}
                     // The file may be fine, the disk not: the next save tells.
                     Some(Err(error @ LoadError::Io { .. })) => tracing::warn!(
                         output = %self.output,
@@ -543,19 +558,9 @@ impl Memory {
             .await;
     }
 
-    fn restore(&self, file: &Path, saved: Saved) {
+    /// What `saved`, this receiver's, holds.
+    fn restore(&self, saved: Saved) {
         let output = &self.output;
-        if saved.receiver_hash != self.receiver_hash {
-            tracing::warn!(
-                output,
-                file = %file.display(),
-                incidents = saved.incidents.len(),
-                "Open incidents were saved for another receiver (routing key or URL); this \
-                 output cannot resolve them: resolve them by hand."
-            );
-            self.restore_for_another(saved);
-            return;
-        }
         self.unsent.lock().restore(saved.unsent);
         // Those declared since (none yet, at a start) stay the latest.
         let declared = std::mem::take(&mut *self.dedup_keys.lock());
@@ -585,21 +590,69 @@ impl Memory {
         );
     }
 
-    /// The pages the previous run could not deliver to another receiver
-    /// (its rules changed the routing key or URL while vigil was down, most
-    /// often because that one was wrong): this receiver is paged instead,
-    /// as a reload hands them over (see [`pager::handed`]), the latest page
-    /// of each series. Those left out were never counted by this run.
-    fn restore_for_another(&self, saved: Saved) {
-        if saved.unsent.is_empty() {
+    /// This receiver's incidents kept aside while another one paged (see
+    /// [`kept_aside`]), when the output's file is not this receiver's.
+    async fn restore_kept_aside(&self) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let aside = kept_aside(file, &self.receiver_hash);
+        let path = aside.clone();
+        let saved = match off_workers(move || read(&path)).await {
+            Some(Ok(Some(saved))) if saved.receiver_hash == self.receiver_hash => saved,
+            Some(Ok(_)) | None => return,
+            Some(Err(error)) => {
+                return tracing::warn!(output = %self.output, %error, "{NOT_LOADED}");
+            }
+        };
+        tracing::info!(
+            output = %self.output,
+            file = %aside.display(),
+            incidents = saved.incidents.len(),
+            "The receiver's open incidents, kept aside while another one paged, are loaded again."
+        );
+        self.aside_to_clear.store(true, Ordering::Release);
+        self.restore(saved);
+    }
+
+    /// The output's file holds `saved`, another receiver's (the rules
+    /// changed the routing key or URL while vigil was down): its open
+    /// incidents are kept aside, for a later run paging that receiver again;
+    /// the pages it could not deliver, most often because that receiver
+    /// was wrong, are sent to this one instead, as a reload hands them over
+    /// (see [`pager::handed`]), the latest page of each series. Those left
+    /// out were never counted by this run.
+    async fn restore_for_another(&self, file: &Path, mut saved: Saved) {
+        let unsent = std::mem::take(&mut saved.unsent);
+        let template = saved_template(&saved.dedup_keys);
+        if !saved.incidents.is_empty() {
+            let aside = kept_aside(file, &saved.receiver_hash);
+            tracing::warn!(
+                output = %self.output,
+                file = %file.display(),
+                incidents = saved.incidents.len(),
+                kept_in = %aside.display(),
+                "Open incidents were saved for another receiver (routing key or URL); this \
+                 output cannot resolve them: resolve them by hand, or page that receiver \
+                 again, which resolves them."
+            );
+            saved.version = WITHOUT_UNSENT;
+            let written = off_workers(move || write_saved(&aside, &saved)).await;
+            if let Some(Err(error)) = written {
+                tracing::warn!(output = %self.output, %error, "Open incidents not kept aside.");
+            }
+        }
+        self.hand_over_restored(unsent, template);
+    }
+
+    /// Pages another receiver could not deliver (see
+    /// [`restore_for_another`](Self::restore_for_another)), made with
+    /// `template`.
+    fn hand_over_restored(&self, unsent: Vec<Event>, template: Option<Template>) {
+        if unsent.is_empty() {
             return;
         }
-        // The template they were made with: the latest saved.
-        let template = match saved.dedup_keys.last() {
-            Some(Some(text)) => Template::parse(text).ok(),
-            _ => None,
-        };
-        let made = saved.unsent.into_iter().map(|event| (event, None));
+        let made = unsent.into_iter().map(|event| (event, None));
         let (handed, left_out) = pager::handed(made.collect(), template.as_ref());
         tracing::warn!(
             output = %self.output,
@@ -610,14 +663,14 @@ impl Memory {
              superseded is not)."
         );
         let (pages, origins) = handed.into_iter().unzip();
-        let mut unsent = self.unsent.lock();
-        unsent.add(pages, origins, Generation::RESTORED);
+        self.unsent.lock().add(pages, origins, Generation::RESTORED);
         // Not in this receiver's file yet: saved before their first attempt.
     }
 
     /// The memory of the same output paging another `receiver`,
     /// saving to the same file from now on, never at the same time as this
-    /// one. It starts empty: this one's incidents cannot be resolved through
+    /// one. It starts with what was kept aside for `receiver` (see
+    /// [`kept_aside`]): this one's incidents cannot be resolved through
     /// another receiver. If this one has not read the file yet, the new one's
     /// [`load`](Self::load) reads it into this one first.
     pub fn replaced_by(self: &Arc<Self>, receiver: &str) -> Memory {
@@ -635,20 +688,17 @@ impl Memory {
             incidents: Mutex::new(Incidents::new(self.incidents.lock().max)),
             saving: self.saving.clone(),
             replaced: AtomicBool::new(false),
-            // The file is the new key's from now on: once this one has read
-            // it, there is nothing for the new one to read.
-            loaded: if loaded {
-                OnceCell::new_with(Some(()))
-            } else {
-                OnceCell::new()
-            },
+            // The file is this one's to read: the new one reads only what
+            // was kept aside for its receiver.
+            loaded: OnceCell::new(),
             unsent: Mutex::default(),
             // Its tasks page once this one's have stopped (and handed over).
             paging: self.paging.clone(),
             current: self.current.clone(),
             generations: AtomicU64::new(0),
             paged: AtomicU64::new(0),
-            predecessor: Mutex::new((!loaded).then(|| self.clone())),
+            predecessor: Mutex::new(Some(self.clone())),
+            aside_to_clear: AtomicBool::new(false),
             dedup_keys: Mutex::default(),
         }
     }
@@ -660,8 +710,8 @@ impl Memory {
                 output = %self.output,
                 incidents,
                 "The receiver (routing key or URL) changed; the open incidents of the previous one \
-                 cannot be resolved through it: resolve them by hand, or bring it back \
-                 before vigil restarts."
+                 cannot be resolved through it: resolve them by hand, or bring it back, \
+                 which resolves them (they are kept aside in the data directory)."
             );
         }
     }
@@ -673,6 +723,7 @@ impl Memory {
     pub fn takes_over_from(&self, current: &Memory) {
         current.replaced.store(true, Ordering::Release);
         self.replaced.store(false, Ordering::Release);
+        self.aside_to_clear.store(true, Ordering::Release);
     }
 
     /// Saves a memory that [took the file over](Self::takes_over_from),
@@ -837,11 +888,12 @@ impl Memory {
         }
     }
 
+    /// Writes the output's file; or, once another receiver's memory
+    /// replaced this one, the file kept aside for this receiver's incidents
+    /// (removed when none is left open).
     fn write(&self, file: &Path) -> Result<(), SnapshotError> {
         let _in_order = self.saving.lock();
-        if self.replaced.load(Ordering::Acquire) {
-            return Ok(());
-        }
+        let replaced = self.replaced.load(Ordering::Acquire);
         let saved = {
             let incidents = self.incidents.lock();
             let (now, wall) = (Instant::now(), SystemTime::now());
@@ -850,7 +902,14 @@ impl Memory {
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0.0, |d| d.as_secs_f64())
             };
-            let (unsent, saving) = self.unsent.lock().saving();
+            // A replaced memory's pages are the new receiver's to save.
+            let (unsent, saving) = match replaced {
+                true => (Vec::new(), None),
+                false => {
+                    let (unsent, saving) = self.unsent.lock().saving();
+                    (unsent, Some(saving))
+                }
+            };
             let saved = Saved {
                 version: if unsent.is_empty() {
                     WITHOUT_UNSENT
@@ -875,14 +934,66 @@ impl Memory {
             (saved, saving)
         };
         let (saved, saving) = saved;
-        snapshot::replace_file(file, |out| {
-            serde_json::to_writer(&mut *out, &saved).map_err(io::Error::from)?;
-            out.write_all(b"\n")
-        })?;
+        let Some(saving) = saving else {
+            let aside = kept_aside(file, &self.receiver_hash);
+            if saved.incidents.is_empty() {
+                return remove_if_present(&aside);
+            }
+            return write_saved(&aside, &saved);
+        };
+        write_saved(file, &saved)?;
         // Only now: after a failed write the file holds what it held.
         self.unsent.lock().saved(saving);
+        if self.aside_to_clear.swap(false, Ordering::AcqRel) {
+            // Stale now; left, it is never read while the file is this
+            // receiver's, so a failure here loses nothing.
+            let _ = remove_if_present(&kept_aside(file, &self.receiver_hash));
+        }
         Ok(())
     }
+}
+
+fn write_saved(file: &Path, saved: &Saved) -> Result<(), SnapshotError> {
+    snapshot::replace_file(file, |out| {
+        serde_json::to_writer(&mut *out, saved).map_err(io::Error::from)?;
+        out.write_all(b"\n")
+    })
+}
+
+fn remove_if_present(file: &Path) -> Result<(), SnapshotError> {
+    match std::fs::remove_file(file) {
+        Err(cause) if cause.kind() != io::ErrorKind::NotFound => Err(SnapshotError::Io {
+            path: file.to_owned(),
+            cause,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The template the pages of `saved` were made with: the latest declared.
+fn saved_template(saved: &[Option<String>]) -> Option<Template> {
+    match saved.last() {
+        Some(Some(text)) => Template::parse(text).ok(),
+        _ => None,
+    }
+}
+
+/// The output's file that `path` is [kept aside](kept_aside) for; else
+/// `path` itself.
+fn kept_for(path: &Path) -> PathBuf {
+    let stem = path.file_stem().and_then(|stem| stem.to_str());
+    match stem.and_then(|stem| stem.rsplit_once('.')) {
+        Some((output, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            path.with_file_name(format!("{output}.json"))
+        }
+        _ => path.to_owned(),
+    }
+}
+
+/// Where the open incidents of a receiver the output no longer pages are
+/// kept, beside the output's `file`: `pagerduty-<output>.<receiver hash>.json`.
+pub fn kept_aside(file: &Path, receiver_hash: &str) -> PathBuf {
+    file.with_extension(format!("{receiver_hash}.json"))
 }
 
 /// The file of output `output` in `dir`. Output names are identifiers; any
@@ -909,7 +1020,7 @@ pub fn warn_of_undeclared(dir: &Path, declared: &HashSet<PathBuf>) {
     for path in entries.flatten().map(|entry| entry.path()) {
         let named = path.file_name().and_then(|n| n.to_str());
         let is_pagers = named.is_some_and(|n| n.starts_with("pagerduty-") && n.ends_with(".json"));
-        if !is_pagers || declared.contains(&path) {
+        if !is_pagers || declared.contains(&path) || declared.contains(&kept_for(&path)) {
             continue;
         }
         let Ok(Some(saved)) = read(&path) else {
@@ -1484,5 +1595,23 @@ mod tests {
             file_in(dir, "../../etc/x"),
             Path::new("/data/pagerduty-______etc_x.json")
         );
+    }
+
+    /// Files kept aside for a receiver belong to their output's file: the
+    /// start's warning of undeclared outputs' files passes them by.
+    #[test]
+    fn a_file_kept_aside_belongs_to_its_outputs_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let aside = kept_aside(&file, &key_hash("k1"));
+        assert_eq!(
+            aside,
+            dir.path()
+                .join(format!("pagerduty-pager.{}.json", key_hash("k1")))
+        );
+        assert_eq!(kept_for(&aside), file);
+        assert_eq!(kept_for(&file), file);
+        let other = dir.path().join("pagerduty-pager.notahash.json");
+        assert_eq!(kept_for(&other), other);
     }
 }

@@ -491,6 +491,15 @@ impl Kept {
         // The previous receiver's task hands it the pages it did not deliver.
         next.made_current();
         let previous = std::mem::replace(&mut pager.current, next.clone());
+        // Its incidents, kept aside for when its receiver comes back; its
+        // task saves them again as it stops, should it change any meanwhile.
+        tokio::spawn({
+            let previous = previous.clone();
+            async move {
+                previous.load().await;
+                previous.save().await;
+            }
+        });
         if worth_keeping(&previous) {
             if pager.retired.len() == RETIRED_KEYS {
                 pager.retired.remove(0);

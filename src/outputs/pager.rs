@@ -426,6 +426,8 @@ impl Pager {
             }
         }
         if self.memory.is_replaced() {
+            // Its incidents, kept aside for when that receiver comes back.
+            self.memory.save().await;
             let (pages, origins) = {
                 let mut unsent = self.memory.unsent();
                 delivery.adopt(unsent.adopt_restored(self.generation));
