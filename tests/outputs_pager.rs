@@ -1230,6 +1230,49 @@ async fn a_reload_that_fixes_a_failing_receiver_pages_the_new_one_for_the_ongoin
     );
 }
 
+/// A reload removed a pager while its receiver failed; a later one declares
+/// it again with another receiver: that one is paged for the ongoing
+/// incident, as when one reload changes the receiver.
+#[tokio::test]
+async fn a_pager_removed_while_failing_and_declared_again_with_another_receiver_pages_it() {
+    let (wrong, fixed) = (Receiver::start().await, Receiver::start().await);
+    wrong.reply_always(Reply(500, vec![], "no such route"));
+    let spec = |rx: &Receiver| OutputSpec {
+        name: "oncall".into(),
+        kind: OutputKind::Pager(paging_webhook_config(&rx.url)),
+    };
+    let kept = Kept::default();
+    let first_stop = CancellationToken::new();
+    let (first, first_task) = outputs::start(&spec(&wrong), &kept, first_stop.clone());
+    first.push(event("disk /", "critical"));
+    first.push(event("cpu", "critical"));
+    first.push(event("cpu", "ok"));
+    wrong.wait_for(2).await;
+    drop(first);
+    first_stop.cancel();
+    first_task.await.unwrap();
+
+    let stop = CancellationToken::new();
+    let (second, second_task) = outputs::start(&spec(&fixed), &kept, stop.clone());
+    fixed.wait_for(1).await;
+    second.push(event("disk /", "ok"));
+    fixed.wait_for(2).await;
+    assert_eq!(
+        webhook_actions(&fixed),
+        ["trigger critical", "resolve -"],
+        "one trigger for the ongoing incident, then its resolve; cpu is over"
+    );
+    let stats = second.stats.clone();
+    drop(second);
+    stop.cancel();
+    second_task.await.unwrap();
+    assert_eq!(
+        settlement(&stats),
+        (4, 2, 0, 2, 0),
+        "each page counted once: cpu's trigger superseded by its ok, which resolves nothing here"
+    );
+}
+
 /// What the previous receiver did not take, the new one gets as the latest
 /// page of each series, before the pages made since: a trigger for each
 /// incident still ongoing (once, at its latest severity); nothing for one

@@ -471,6 +471,10 @@ pub struct Memory {
     /// has not read it yet), under the key it was saved with, before this
     /// one can save over it. Taken by [`load`](Self::load).
     predecessor: Mutex<Option<Arc<Memory>>>,
+    /// The memory of the receiver this one replaced: pages its task left
+    /// there are this one's to send ([`replaced_memory`](Self::replaced_memory)).
+    /// Held until then: with nothing open, nothing else keeps it.
+    previous_receiver: Mutex<Option<Arc<Memory>>>,
     /// This memory's incidents were (or may be) in its file kept aside,
     /// which the next save of the output's file makes stale: removed then.
     aside_to_clear: AtomicBool,
@@ -493,6 +497,7 @@ impl Memory {
             generations: AtomicU64::new(0),
             paged: AtomicU64::new(0),
             predecessor: Mutex::new(None),
+            previous_receiver: Mutex::new(None),
             aside_to_clear: AtomicBool::new(false),
             dedup_keys: Mutex::default(),
             failures: None,
@@ -698,6 +703,7 @@ impl Memory {
             generations: AtomicU64::new(0),
             paged: AtomicU64::new(0),
             predecessor: Mutex::new(Some(self.clone())),
+            previous_receiver: Mutex::new(Some(self.clone())),
             aside_to_clear: AtomicBool::new(false),
             dedup_keys: Mutex::default(),
         }
@@ -841,6 +847,16 @@ impl Memory {
     /// later go behind its own (see [`Unsent::hand_over`]).
     pub(super) fn took_turn(&self, generation: Generation) {
         self.paged.fetch_max(generation.0, Ordering::AcqRel);
+    }
+
+    /// The memory of the receiver this one replaced, while it stays
+    /// replaced: a task that stopped before the replacement (a reload
+    /// removed the output, a later one declared it with this receiver) left
+    /// its undelivered pages there, and no task of it hands them over.
+    /// Taken once.
+    pub(super) fn replaced_memory(&self) -> Option<Arc<Memory>> {
+        let previous = self.previous_receiver.lock().take()?;
+        previous.is_replaced().then_some(previous)
     }
 
     /// Hands `pages` over to this memory, which another receiver's task

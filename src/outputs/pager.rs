@@ -196,6 +196,7 @@ pub async fn run(
         generation,
         saves,
     };
+    pager.take_pages_left_to_replaced(&delivery).await;
     let (left, restored) = {
         let mut unsent = pager.memory.unsent();
         let left = unsent.left_before(generation);
@@ -516,6 +517,40 @@ impl Pager {
 
     /// A page made by `origin` is settled or dropped: the work is not held
     /// for it any more.
+    /// The pages left undelivered in the memory of the receiver this one
+    /// replaced, by a task that stopped before the replacement (see
+    /// [`Memory::replaced_memory`]): handed to this one first, as that task
+    /// would have handed them ([`handed`]). With this one's turn to page,
+    /// every task of that memory has stopped.
+    async fn take_pages_left_to_replaced(&mut self, delivery: &Delivery) {
+        let Some(previous) = self.memory.replaced_memory() else {
+            return;
+        };
+        let (pages, origins) = {
+            let mut unsent = previous.unsent();
+            // Read from the file, never counted by a task of this process.
+            delivery.adopt(unsent.adopt_restored(self.generation));
+            unsent.take()
+        };
+        if pages.is_empty() {
+            return;
+        }
+        let template = previous.dedup_keys().pop().flatten();
+        let made = pages.into_iter().zip(origins).collect();
+        let (handed, superseded) = handed(made, template.as_ref());
+        superseded.iter().for_each(|origin| self.release(*origin));
+        delivery.skipped(superseded.len());
+        tracing::warn!(
+            output = %delivery.name,
+            handed = handed.len(),
+            superseded = superseded.len(),
+            "Pages undelivered to the previous receiver (routing key or URL) when a reload \
+             removed the output: sent to this receiver first, the latest page of each series."
+        );
+        self.memory.hand_over(handed);
+        self.memory.save().await;
+    }
+
     fn release(&self, origin: Option<Origin>) {
         if let Some(origin) = origin {
             self.holds.release(origin);
