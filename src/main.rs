@@ -664,7 +664,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.cluster = cluster.clone();
     // Installed before `listening`: until then SIGTERM would kill vigil outright,
     // skipping the shutdown (and its snapshot).
-    let stop = shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
+    let mut signals =
+        ShutdownSignals::install().context("installing the SIGTERM/SIGINT handlers")?;
     let server = Server::serve(bound, config, index.clone(), streams.clone(), clock.clone());
     let telemetry = Arc::new(Telemetry {
         stats: stats.clone(),
@@ -735,8 +736,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rules = %text.name,
         "listening"
     );
-    stop.await;
-    tracing::info!("Shutting down.");
+    let signal = signals.next().await;
+    tracing::info!(signal, "Shutting down; a second signal exits at once.");
+    let stopping = Arc::new(std::sync::Mutex::new(Stopping::Draining));
+    let second = on_second_signal(signals, stopping.clone());
+    let now = |doing| *stopping.lock().unwrap_or_else(|e| e.into_inner()) = doing;
     stop_self_metrics.cancel();
     if let Some(task) = self_metrics {
         let _ = task.await;
@@ -757,9 +761,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     // Ingest has stopped: hand this node's shards to the others.
     if let Some(tasks) = cluster_tasks {
+        now(Stopping::HandingOver);
         tasks.shutdown(Duration::from_secs(10)).await;
     }
     // Ingest and the timers have stopped: the index is final.
+    now(Stopping::Writing);
     let snapshot = match snapshots {
         Some(snapshots) => snapshots.finish().await.map(drop),
         None => Ok(()),
@@ -767,7 +773,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Outputs deliver what is already queued, within the same grace period.
     hangups.abort();
     outputs_shutdown.cancel();
+    now(Stopping::Delivering);
     let outputs = reloader.finish_outputs(Duration::from_secs(10)).await;
+    second.abort();
     let outputs: Vec<String> = outputs.iter().map(ToString::to_string).collect();
     let outputs = outputs.join("; ");
     let counters: Vec<String> = (stats.snapshot().iter())
@@ -852,16 +860,80 @@ fn on_sighup(
     })
 }
 
-/// Installs the SIGTERM and SIGINT handlers now; resolves on the first signal.
-fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
+/// SIGTERM and SIGINT, handled from [`ShutdownSignals::install`] on.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The name of the next signal received.
+    async fn next(&mut self) -> &'static str {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
+    }
+}
+
+/// What the graceful shutdown is doing, so that a second signal can say
+/// what ending it now abandons.
+#[derive(Clone, Copy)]
+enum Stopping {
+    Draining,
+    HandingOver,
+    Writing,
+    Delivering,
+}
+
+impl Stopping {
+    fn abandons(self) -> &'static str {
+        match self {
+            Stopping::Draining => {
+                "the connections still being read, and the final index snapshot and stream \
+                 state (the next start reads the last periodic ones)"
+            }
+            Stopping::HandingOver => {
+                "handing this node's shards over (the others take them once its leases lapse)"
+            }
+            Stopping::Writing => {
+                "the final index snapshot and stream state writes under way (the next start \
+                 reads the last ones written whole and removes the temporary files)"
+            }
+            Stopping::Delivering => {
+                "the events outputs have not delivered (lost; pages not yet delivered stay \
+                 in the pager files and are sent first by the next run)"
+            }
+        }
+    }
+}
+
+/// Ends the process at once (status 1) on a second SIGTERM or SIGINT during
+/// the graceful shutdown, which can take tens of seconds (a dead downstream,
+/// a large index to write): Ctrl-C twice, or an operator who cannot wait.
+/// Safe at any moment: every file vigil writes is replaced by a rename, so a
+/// write cut short leaves the previous file whole.
+fn on_second_signal(
+    mut signals: ShutdownSignals,
+    stopping: Arc<std::sync::Mutex<Stopping>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let signal = signals.next().await;
+        let doing = *stopping.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::error!(
+            signal,
+            abandoned = doing.abandons(),
+            "Second signal during the shutdown: exiting now."
+        );
+        std::process::exit(1);
     })
 }
 

@@ -577,3 +577,48 @@ fn a_periodic_write_failing_again_and_again_is_logged_once_until_one_succeeds() 
         v.logs()
     );
 }
+
+/// A second SIGTERM while the shutdown waits on a downstream that takes
+/// nothing (a forward output waits 5 s for it) ends vigil at once, with
+/// status 1 and a line saying what it abandons; the snapshot written
+/// before it is whole, and the next start loads it.
+#[test]
+fn a_second_sigterm_ends_the_shutdown_at_once_and_the_state_written_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    // Accepts (through the kernel's backlog) and never reads nor answers.
+    let downstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = downstream.local_addr().unwrap().port();
+    let rules = format!(
+        "output next = forward(host: \"127.0.0.1\", port: {port})\nstreams {{\n  index\n  next\n}}\n"
+    );
+    let (rules, data) = rules_and_data(dir.path(), &rules);
+    let args = [
+        "--rules",
+        dir_arg(&rules),
+        "--data-dir",
+        dir_arg(&data),
+        "--default-ttl",
+        "3600",
+    ];
+    let events = sample(SystemClock.now());
+
+    let mut v = Vigil::start(&args);
+    send(&v, &events);
+    v.signal("TERM");
+    assert!(
+        v.wait_for_log("Wrote the stream state.", VISIBLE_TIMEOUT),
+        "{}",
+        v.logs()
+    );
+    v.signal("TERM");
+    let status = v.wait_for_exit(VISIBLE_TIMEOUT);
+    assert_eq!(status.code(), Some(1), "{}", v.logs());
+    let line = v.log_line("Second signal during the shutdown: exiting now.");
+    assert!(line.contains("\"signal\":\"SIGTERM\""), "{line}");
+    assert!(line.contains("events outputs have not delivered"), "{line}");
+    assert!(!v.logs().contains("Stopped."), "{}", v.logs());
+    drop(v);
+
+    let v = Vigil::start(&args);
+    assert_eq!(query(&v, "true"), events, "the final snapshot loads");
+}

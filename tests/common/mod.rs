@@ -233,9 +233,20 @@ impl Vigil {
 
     /// Send SIGTERM and wait (up to 30 s) for the process to exit; its status.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait_for_exit(Duration::from_secs(30))
+    }
+
+    /// Send signal `name` (`TERM`, `INT`, `HUP`…) to the server.
+    pub fn signal(&self, name: &str) {
         let pid = self.pid().to_string();
-        run_ok("kill", &["-TERM", &pid], CMD_TIMEOUT);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        run_ok("kill", &[&format!("-{name}"), &pid], CMD_TIMEOUT);
+    }
+
+    /// Wait (up to `timeout`) for the process to exit, and read its last
+    /// lines; its status. Panics with the log when it does not exit.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
         loop {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
@@ -244,7 +255,7 @@ impl Vigil {
                 }
                 Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
                 Ok(None) => panic!(
-                    "vigil did not exit within 30 s of SIGTERM; last log lines:\n{}",
+                    "vigil did not exit within {timeout:?}; last log lines:\n{}",
                     self.logs()
                 ),
                 Err(e) => panic!("cannot wait for vigil: {e}"),
