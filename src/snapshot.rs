@@ -93,6 +93,12 @@ pub enum SnapshotError {
     InUse { dir: PathBuf, pid: Option<String> },
     #[error("stream state: {0}")]
     Streams(Box<StateError>),
+    #[error(
+        "cannot make {} a directory: {} is a file, not a directory",
+        .dir.display(),
+        .file.display()
+    )]
+    FileInTheWay { dir: PathBuf, file: PathBuf },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
@@ -311,7 +317,7 @@ fn claim_writing(
     dir: &Path,
     holder: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<File, SnapshotError> {
-    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    create_dir(dir)?;
     let path = dir.join(LOCK_FILE);
     let mut file = fs::OpenOptions::new()
         .read(true)
@@ -344,6 +350,22 @@ fn claim_writing(
         );
     }
     Ok(file)
+}
+
+/// Creates `dir` and its parents if missing. A file where one of them
+/// goes is named: `create_dir_all` says only "File exists" or "Not a
+/// directory".
+fn create_dir(dir: &Path) -> Result<(), SnapshotError> {
+    fs::create_dir_all(dir).map_err(|cause| {
+        let file = (dir.ancestors()).find(|a| fs::metadata(a).is_ok_and(|m| !m.is_dir()));
+        match file {
+            Some(file) => SnapshotError::FileInTheWay {
+                dir: dir.to_owned(),
+                file: file.to_owned(),
+            },
+            None => io_error(dir)(cause),
+        }
+    })
 }
 
 /// Removes the temporary files a write cut short by a crash (or a full
@@ -544,7 +566,7 @@ impl Snapshots {
         started: Micros,
         stats: Arc<Stats>,
     ) -> Result<Self, SnapshotError> {
-        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        create_dir(&dir)?;
         restore(&index, &dir, started);
         let stop = CancellationToken::new();
         let failing = Arc::new(Failing::default());
@@ -940,6 +962,22 @@ mod tests {
         );
         drop(held);
         claim(&data).expect("free again once the holder is gone");
+    }
+
+    #[test]
+    fn a_file_where_the_data_directory_goes_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("data");
+        fs::write(&file, "").unwrap();
+        for data in [file.clone(), file.join("sub").join("deeper")] {
+            let refused = claim(&data).unwrap_err().to_string();
+            let said = format!(
+                "cannot make {} a directory: {} is a file, not a directory",
+                data.display(),
+                file.display()
+            );
+            assert_eq!(refused, said);
+        }
     }
 
     /// On a full disk the pid cannot be written, but the lock is what keeps

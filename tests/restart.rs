@@ -452,6 +452,26 @@ fn a_second_vigil_on_the_same_data_dir_is_refused() {
     assert!(again.terminate().success(), "free once the first has gone");
 }
 
+/// A `--data-dir` that names a file, or runs through one, is refused with
+/// both paths named, not a bare "File exists" or "Not a directory".
+#[test]
+fn a_data_dir_where_a_file_is_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data");
+    std::fs::write(&file, "not a directory").unwrap();
+    for data in [file.clone(), file.join("sub")] {
+        let (code, stderr) = common::run_refused(&["--data-dir", dir_arg(&data)], VISIBLE_TIMEOUT);
+        assert_eq!(code, Some(1), "{stderr}");
+        let said = format!(
+            "cannot make {} a directory: {} is a file, not a directory",
+            data.display(),
+            file.display()
+        );
+        assert!(stderr.contains("taking --data-dir"), "{stderr}");
+        assert!(stderr.contains(&said), "{stderr}");
+    }
+}
+
 /// A FIFO where the stream state file goes: vigil's start blocks reading it
 /// until the test writes into it, holding vigil between binding its ports and
 /// serving them for as long as the test needs.
