@@ -192,6 +192,8 @@ pub struct Sample {
     pub index_size: u64,
     pub expired: u64,
     pub refused: u64,
+    /// Events stored with a `time` far ahead of vigil's clock.
+    pub time_ahead: u64,
     /// Index scans stopped by `--query-timeout`, and stopped because their
     /// asker went away.
     pub scans_timed_out: u64,
@@ -236,6 +238,7 @@ impl Telemetry {
             index_size: self.index.len() as u64,
             expired: self.index.expired_total(),
             refused: self.index.refused_total(),
+            time_ahead: self.index.time_ahead_total(),
             scans_timed_out: self.index.scans_timed_out_total(),
             scans_abandoned: self.index.scans_abandoned_total(),
             subscribers: pubsub.subscribers() as u64,
@@ -438,6 +441,7 @@ impl Emitter {
         for (service, value) in [
             ("vigil index expired", sample.expired),
             ("vigil index refused", sample.refused),
+            ("vigil index time ahead", sample.time_ahead),
             ("vigil index scans timed out", sample.scans_timed_out),
             ("vigil index scans abandoned", sample.scans_abandoned),
             ("vigil subscriber events", sample.subscriber_events),

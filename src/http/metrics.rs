@@ -53,6 +53,13 @@ fn render(s: &Sample) -> String {
     out.single("vigil_index_expired_total", "counter", expired, s.expired);
     let refused = "New index keys refused because the index was full.";
     out.single("vigil_index_refused_total", "counter", refused, s.refused);
+    let ahead = "Events indexed whose time was over 5 minutes ahead of vigil's clock.";
+    out.single(
+        "vigil_index_time_ahead_total",
+        "counter",
+        ahead,
+        s.time_ahead,
+    );
     let timed_out = "Index scans stopped by --query-timeout.";
     out.single(
         "vigil_index_scans_timed_out_total",

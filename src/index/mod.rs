@@ -19,7 +19,7 @@
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hashbrown::DefaultHashBuilder;
@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
 use crate::blocking::{SHUTTING_DOWN, off_workers};
-use crate::clock::{Micros, secs_to_micros};
+use crate::clock::{MICROS_PER_SEC, Micros, secs_to_micros};
 use crate::event::{Event, same_bytes};
 use crate::pubsub::Pubsub;
 use crate::query::{Budget, Exceeded, Query};
@@ -42,6 +42,17 @@ use table::{Entry, SlotHint, Table};
 
 /// Riemann's default when an event carries no TTL.
 pub const DEFAULT_TTL_SECS: f64 = 60.0;
+
+/// How far ahead of vigil's clock an event's `time` may be and still set
+/// its expiry, as in Riemann (`time + ttl`): an agent whose clock runs a
+/// little fast is not expired early. Further ahead (a clock far off, or a
+/// `time` sent in milliseconds), the entry expires `ttl` plus this after it
+/// was stored, so a host that falls silent is still noticed.
+pub const MAX_TIME_AHEAD: Micros = 5 * 60 * MICROS_PER_SEC;
+
+/// At most one log line per this long (vigil's clock) names a host whose
+/// events are timed too far ahead; the counter counts every one.
+const FUTURE_LOG_EVERY: Micros = 60 * MICROS_PER_SEC;
 
 const SHARDS: usize = 64;
 
@@ -181,6 +192,10 @@ pub struct Index {
     len: AtomicUsize,
     refused: AtomicU64,
     expired: AtomicU64,
+    /// Events stored whose `time` was more than [`MAX_TIME_AHEAD`] ahead,
+    /// and when the last line saying so was logged.
+    ahead: AtomicU64,
+    ahead_logged: AtomicI64,
     /// Scans stopped by `query_timeout`, and scans stopped because their
     /// asker went away.
     scans_timed_out: AtomicU64,
@@ -220,6 +235,8 @@ impl Index {
             len: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            ahead: AtomicU64::new(0),
+            ahead_logged: AtomicI64::new(Micros::MIN),
             scans_timed_out: AtomicU64::new(0),
             scans_abandoned: AtomicU64::new(0),
             scans: Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -256,6 +273,12 @@ impl Index {
     }
 
     /// Entries removed by TTL expiry, since start.
+    /// Events stored whose `time` was more than [`MAX_TIME_AHEAD`] ahead
+    /// of vigil's clock.
+    pub fn time_ahead_total(&self) -> u64 {
+        self.ahead.load(Ordering::Relaxed)
+    }
+
     pub fn expired_total(&self) -> u64 {
         self.expired.load(Ordering::Relaxed)
     }
@@ -299,8 +322,39 @@ impl Index {
         self.hints[Self::shard_of(hash.0)].prefetch(hash.0);
     }
 
-    fn deadline(&self, event: &Event) -> Micros {
-        event.time.saturating_add(self.ttl_of(event))
+    /// When `event`, stored at `now`, expires: `time + ttl`, as in Riemann,
+    /// but no later than [`MAX_TIME_AHEAD`] past `now + ttl`.
+    fn deadline(&self, event: &Event, now: Micros) -> Micros {
+        let ttl = self.ttl_of(event);
+        let latest = now.saturating_add(MAX_TIME_AHEAD).saturating_add(ttl);
+        event.time.saturating_add(ttl).min(latest)
+    }
+
+    /// Counts an event timed more than [`MAX_TIME_AHEAD`] after `now`, and
+    /// names its host at most once per [`FUTURE_LOG_EVERY`].
+    fn check_ahead(&self, event: &Event, now: Micros) {
+        let ahead = event.time.saturating_sub(now);
+        if ahead <= MAX_TIME_AHEAD {
+            return;
+        }
+        self.ahead.fetch_add(1, Ordering::Relaxed);
+        let last = self.ahead_logged.load(Ordering::Relaxed);
+        let due = last == Micros::MIN || now.saturating_sub(last) >= FUTURE_LOG_EVERY;
+        let ours = due
+            && (self.ahead_logged)
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if ours {
+            tracing::warn!(
+                host = event.host_str(),
+                service = event.service_str(),
+                ahead_secs = ahead / MICROS_PER_SEC,
+                "An event's time is far ahead of vigil's clock (the agent's clock is off, or it \
+                 sends milliseconds for seconds): it expires its TTL plus 5 minutes after it \
+                 was stored, and its time is kept as sent. Counted in \
+                 vigil_index_time_ahead_total; logged at most once a minute."
+            );
+        }
     }
 
     fn ttl_of(&self, event: &Event) -> Micros {
@@ -326,21 +380,25 @@ impl Index {
     /// previous run (10 s) first.
     pub fn restore(&self, event: &Event, started: Micros) -> Insert {
         let deadline = self
-            .deadline(event)
+            .deadline(event, started)
             .max(started.saturating_add(self.ttl_of(event)));
         self.store(event, self.key_hash(event).0, deadline)
     }
 
     /// Stores a copy of `event` as the latest for its key (reusing the previous
-    /// copy's allocations); an `expired` event deletes the key.
+    /// copy's allocations); an `expired` event deletes the key. For events
+    /// timed by vigil's own clock (its metrics, tests): stored at their
+    /// `time`. Events from agents go through [`Index::insert_hashed`].
     pub fn insert(&self, event: &Event) -> Insert {
-        self.insert_hashed(event, self.key_hash(event))
+        self.insert_hashed(event, self.key_hash(event), event.time)
     }
 
-    /// [`Index::insert`] of an event whose [`Index::key_hash`] is `hash`.
-    pub fn insert_hashed(&self, event: &Event, hash: KeyHash) -> Insert {
+    /// [`Index::insert`] of an event whose [`Index::key_hash`] is `hash`,
+    /// stored at `now`, vigil's clock, which bounds its expiry.
+    pub fn insert_hashed(&self, event: &Event, hash: KeyHash, now: Micros) -> Insert {
         debug_assert_eq!(hash, self.key_hash(event), "the hash of another key");
-        let outcome = self.store(event, hash.0, self.deadline(event));
+        self.check_ahead(event, now);
+        let outcome = self.store(event, hash.0, self.deadline(event, now));
         // Published outside the shard lock: subscribers never slow the shard.
         if matches!(outcome, Insert::Added | Insert::Replaced) {
             self.pubsub.publish(event);
@@ -1203,6 +1261,39 @@ mod tests {
         let expired = expire_all(&index, T0 + secs(61));
         assert_eq!(expired[0].service.as_deref(), Some("nan"));
         assert!(index.get("a", "inf").is_some() && index.get("a", "late").is_some());
+    }
+
+    /// An agent sending `time` in milliseconds: its entry would outlive
+    /// every one of us. It expires its TTL plus [`MAX_TIME_AHEAD`] after it
+    /// was stored, keeps its time as sent, and is counted.
+    #[test]
+    fn an_event_timed_far_ahead_expires_a_ttl_and_the_allowance_after_it_was_stored() {
+        let index = Index::new(IndexConfig::default());
+        let millis = event("h", "ms", T0 * 1000, Some(10.0));
+        let hash = index.key_hash(&millis);
+        assert_eq!(index.insert_hashed(&millis, hash, T0), Insert::Added);
+        assert_eq!(index.time_ahead_total(), 1);
+        assert_eq!(index.get("h", "ms").unwrap().time, millis.time, "as sent");
+        let due = T0 + secs(10) + MAX_TIME_AHEAD;
+        assert!(
+            expire_all(&index, due).is_empty(),
+            "not before its deadline"
+        );
+        let expired = expire_all(&index, due + 1);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].service.as_deref(), Some("ms"));
+    }
+
+    /// A clock a minute fast is within the allowance: the entry expires
+    /// at `time + ttl`, as in Riemann, not earlier, and is not counted.
+    #[test]
+    fn an_event_timed_a_little_ahead_expires_at_its_time_plus_ttl() {
+        let index = Index::new(IndexConfig::default());
+        let fast = event("h", "fast", T0 + secs(60), Some(10.0));
+        index.insert_hashed(&fast, index.key_hash(&fast), T0);
+        assert_eq!(index.time_ahead_total(), 0);
+        assert!(expire_all(&index, T0 + secs(70)).is_empty());
+        assert_eq!(expire_all(&index, T0 + secs(70) + 1).len(), 1);
     }
 
     #[test]

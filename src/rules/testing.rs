@@ -782,6 +782,26 @@ test "two sends" {
         assert_eq!(order("two sends"), ["a", "b"]);
     }
 
+    /// The `index` stage stores an event at the engine's clock: one timed
+    /// a year ahead (a `time` in milliseconds looks like that and worse)
+    /// expires its TTL plus the 5 minutes allowed after it was sent, on
+    /// the virtual clock.
+    #[test]
+    fn an_event_timed_far_ahead_expires_on_the_engines_clock() {
+        let file = parse(
+            r#"streams { index }
+test "far ahead" {
+  send {host: "h", service: "ahead", ttl: 10, time: 31536000}
+  at 310s
+  expect index {service: "ahead"}
+  at 311s
+  expect no index {service: "ahead"}
+}"#,
+        )
+        .unwrap();
+        assert_eq!(failures_of(&file), [Vec::<String>::new()]);
+    }
+
     /// A pager output's test sees the pages it would send: not an `ok` with
     /// no incident open, nor a repeated trigger within `resend_interval`.
     #[test]

@@ -429,7 +429,7 @@ macro_rules! leaf {
 }
 
 leaf!(Index; |self, event, cx| {
-    cx.index.insert_hashed(event, cx.key_hash(event));
+    cx.index.insert_hashed(event, cx.key_hash(event), cx.now);
 });
 
 leaf!(Reinject; |self, event, cx| {
