@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
+use crate::index::MAX_TIME_AHEAD;
 
 use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Field, Node, as_secs, metric_f64, same, take_over};
@@ -114,10 +115,12 @@ impl Node for Rate {
                 s.sum += metric;
                 s.pending = true;
                 // Reuses the previous template's allocations.
-                match &mut s.latest {
-                    Some(latest) => latest.clone_from(event),
-                    None => s.latest = Some(event.clone()),
-                }
+                let latest = s.latest.get_or_insert_default();
+                latest.clone_from(event);
+                // Its time only says when the series goes silent (the rate
+                // is timed by its window): bounded as the index bounds it,
+                // or a time far ahead would keep it reporting for ever.
+                latest.time = latest.time.min(cx.now.saturating_add(MAX_TIME_AHEAD));
             }
             (due, next_tick(&s))
         };

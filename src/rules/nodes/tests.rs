@@ -124,6 +124,20 @@ fn rate_reports_sum_per_second_then_zero_then_stops_after_expiry() {
     assert_eq!(seen[1].time, at(10.0));
 }
 
+/// An event timed a year ahead (or in milliseconds) stops the rate as the
+/// index would expire it: its TTL plus the 5 minutes allowed after it came.
+#[test]
+fn rate_stops_for_an_event_timed_far_ahead_as_the_index_expires_it() {
+    let b = bench("rate(10s) { out }");
+    let mut ahead = with_ttl(metric_ev(&b, "req", 10.0), 20.0);
+    ahead.time = at(365.0 * 86_400.0);
+    send(&b, ahead);
+    b.advance_to(at(3_600.0));
+    // Alive until 320 s: windows ending at 10 s … 320 s, the last one 0.
+    assert_eq!(out(&b).len(), 32);
+    assert_eq!(out(&b).last().unwrap().time, at(320.0));
+}
+
 #[test]
 fn rate_reports_a_window_whose_latest_event_expired_before_it_closed() {
     // Two events with a 2 s TTL in a 10 s window: the window's sum is still
