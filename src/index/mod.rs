@@ -272,13 +272,13 @@ impl Index {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// Entries removed by TTL expiry, since start.
     /// Events stored whose `time` was more than [`MAX_TIME_AHEAD`] ahead
     /// of vigil's clock.
     pub fn time_ahead_total(&self) -> u64 {
         self.ahead.load(Ordering::Relaxed)
     }
 
+    /// Entries removed by TTL expiry, since start.
     pub fn expired_total(&self) -> u64 {
         self.expired.load(Ordering::Relaxed)
     }
