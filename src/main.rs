@@ -738,7 +738,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let signal = signals.next().await;
     tracing::info!(signal, "Shutting down; a second signal exits at once.");
-    let stopping = Arc::new(std::sync::Mutex::new(Stopping::Draining));
+    let stopping = Stopping::Draining {
+        then_writes: snapshots.is_some(),
+    };
+    let stopping = Arc::new(std::sync::Mutex::new(stopping));
     let second = on_second_signal(signals, stopping.clone());
     let now = |doing| *stopping.lock().unwrap_or_else(|e| e.into_inner()) = doing;
     stop_self_metrics.cancel();
@@ -888,7 +891,10 @@ impl ShutdownSignals {
 /// what ending it now abandons.
 #[derive(Clone, Copy)]
 enum Stopping {
-    Draining,
+    /// `then_writes`: the final index snapshot and stream state follow.
+    Draining {
+        then_writes: bool,
+    },
     HandingOver,
     Writing,
     Delivering,
@@ -897,10 +903,11 @@ enum Stopping {
 impl Stopping {
     fn abandons(self) -> &'static str {
         match self {
-            Stopping::Draining => {
+            Stopping::Draining { then_writes: true } => {
                 "the connections still being read, and the final index snapshot and stream \
                  state (the next start reads the last periodic ones)"
             }
+            Stopping::Draining { then_writes: false } => "the connections still being read",
             Stopping::HandingOver => {
                 "handing this node's shards over (the others take them once its leases lapse)"
             }
