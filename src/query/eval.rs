@@ -93,6 +93,7 @@ fn equal(a: Val<'_>, b: Val<'_>) -> bool {
 
 /// Ordering is defined only between numbers; `None` (NaN, or any other kind) makes
 /// every ordering comparison false.
+#[inline]
 fn order(a: Val<'_>, b: Val<'_>) -> Option<Ordering> {
     match (a, b) {
         (Val::Int(x), Val::Int(y)) => Some(x.cmp(&y)),
@@ -105,7 +106,14 @@ fn order(a: Val<'_>, b: Val<'_>) -> Option<Ordering> {
 
 /// An integer against a float, exactly: converting the integer to a float
 /// would round it past 2^53, making 2^53 + 1 equal to 2^53.
+#[inline]
 fn int_to_float(int: i64, float: f64) -> Option<Ordering> {
+    // Within ±2^53 every integer is a float: compared as floats, exactly,
+    // without `trunc` (a libm call on baseline x86-64), as metrics mostly are.
+    const EXACT: i64 = 1 << 53;
+    if (-EXACT..=EXACT).contains(&int) {
+        return (int as f64).partial_cmp(&float);
+    }
     // 2^63, the first float past i64::MAX.
     const PAST_I64: f64 = 9_223_372_036_854_775_808.0;
     if float.is_nan() {
