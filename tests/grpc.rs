@@ -769,6 +769,52 @@ async fn a_subscriber_that_falls_behind_ends_with_resource_exhausted() {
     grpc.shutdown(WAIT).await;
 }
 
+/// A subscription whose query costs a stored event far more than the
+/// publisher's budget (800 `=~ "%…%"` terms against a 1 MB description)
+/// ends with RESOURCE_EXHAUSTED and the reason; subscribing it again is
+/// refused the same way.
+#[tokio::test]
+async fn a_subscription_too_costly_for_ingest_ends_with_resource_exhausted() {
+    let (vigil, addr) = start_vigil();
+    let mut client = connect(addr).await;
+    let terms: Vec<String> = (0..800)
+        .map(|i| format!(r#"description =~ "%q{i}zM%""#))
+        .collect();
+    let costly = terms.join(" or ");
+    let mut events = client
+        .subscribe(QueryRequest::new(&costly))
+        .await
+        .expect("Subscribe starts")
+        .into_inner();
+    let big = Event {
+        description: Some("d".repeat(1024 * 1024 - 64)),
+        ..event("big", "1")
+    };
+    let mut agent = Client::connect(vigil.tcp).await.unwrap();
+    agent.send(&[big]).await.expect("acknowledged");
+
+    let end = next(&mut events)
+        .await
+        .expect("ends with a status")
+        .expect_err("nothing matched");
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    let why = end.message();
+    assert!(
+        why.starts_with("query too costly for a live subscription: ")
+            && why.ends_with("on one event, over 1ms; narrow it"),
+        "{why}"
+    );
+    let again = client
+        .subscribe(QueryRequest::new(&costly))
+        .await
+        .expect_err("refused");
+    assert_eq!(again.code(), Code::ResourceExhausted, "{again:?}");
+    assert!(
+        (again.message()).starts_with("query too costly for a live subscription (over 1ms on one event); narrow it, or retry in "),
+        "{again:?}"
+    );
+}
+
 /// A socket this side never reads, while its writes still go out.
 struct Unread(TcpStream);
 
