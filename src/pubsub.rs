@@ -50,10 +50,22 @@
 //! unevaluated. Cheap queries (`true`, a few comparisons) are evaluated
 //! as before, without reading the clock.
 //!
+//! What the queries cost together is bounded too: while any costly query
+//! is subscribed, some publishes are timed (CPU time, see the `ledger`
+//! module), and what each audience's query took is summed over a
+//! [`WINDOW`]. When all took more than [`SHARE`] of it together, the
+//! subscribers of the dearest costly queries are disconnected and their
+//! texts refused, as for a query over its budget on one event, until the
+//! rest are within it: many distinct queries, each under the per-event
+//! floor, would otherwise starve ingest together. Cheap queries count in
+//! the total but are never cut, so a dashboard's `service = "x"` stays
+//! whatever others subscribe.
+//!
 //! With no subscribers the cost on the ingest path is one atomic load.
 //! Nothing is published while a replay runs its batch under
 //! [`outputs::suppressed`]: subscribers see live changes only.
 
+mod ledger;
 mod queue;
 
 use std::collections::VecDeque;
@@ -72,7 +84,10 @@ use crate::json;
 use crate::limits::start_of;
 use crate::outputs;
 use crate::query::{Budget, Exceeded, Query};
+use ledger::{Ledger, Sampler, Timer};
 use queue::{Full, Queue, Queued};
+
+pub use ledger::{SHARE, WINDOW};
 
 /// Queue length per subscriber unless the caller asks otherwise.
 pub const DEFAULT_CAPACITY: usize = 10_000;
@@ -155,8 +170,16 @@ pub struct Pubsub {
     max_held: usize,
     /// What a costly query may take per event ([`QUERY_BUDGET`]).
     query_budget: Duration,
-    /// Query texts found too costly (their hash), and when, oldest first.
-    too_costly: Mutex<VecDeque<(u64, Instant)>>,
+    /// Query texts found too costly (their hash), when, and how, oldest
+    /// first.
+    too_costly: Mutex<VecDeque<(u64, Instant, Overran)>>,
+    /// Audiences whose query is costly and evaluated: while there are
+    /// none, no publish is timed.
+    dear: AtomicUsize,
+    /// Which publishes are timed.
+    sampler: Sampler,
+    /// What the queries may cost together, over which window.
+    ledger: Ledger,
     pub stats: PubsubStats,
 }
 
@@ -169,6 +192,9 @@ impl Default for Pubsub {
             max_held: DEFAULT_MAX_HELD,
             query_budget: QUERY_BUDGET,
             too_costly: Mutex::default(),
+            dear: AtomicUsize::new(0),
+            sampler: Sampler::default(),
+            ledger: Ledger::new(SHARE, WINDOW),
             stats: PubsubStats::default(),
         }
     }
@@ -182,9 +208,18 @@ struct Audience {
     /// The query overran its budget and only lossy subscribers (which
     /// filter again) are left: every event is theirs, unevaluated.
     unfiltered: bool,
+    /// What its query took of the publisher in this window, as timed
+    /// (nanoseconds).
+    spent: AtomicU64,
 }
 
 impl Audience {
+    /// Whether the query is costly and evaluated, so may be cut for what
+    /// the queries cost together.
+    fn dear(&self) -> bool {
+        self.query.costly() && !self.unfiltered
+    }
+
     /// Whether `event` is for this audience; the time spent when its query
     /// overran `budget`.
     #[inline]
@@ -444,11 +479,42 @@ impl Subscription {
 /// publisher a short while ago. Short enough for a WebSocket close frame.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "query too costly for a live subscription (over {budget:?} on one event); narrow it, or retry in {retry_in} s"
+    "query too costly for a live subscription ({overran}); narrow it, or retry in {retry_in} s"
 )]
 pub struct TooCostly {
-    budget: Duration,
+    overran: Overran,
     retry_in: u64,
+}
+
+/// Why a query is cut, for its subscribers to be told.
+#[derive(Debug, Clone, Copy)]
+enum Overrun {
+    /// It took this long on one event.
+    Event(Duration),
+    /// It took `percent` of a core in the last window, the dearest when
+    /// all queries took `all`.
+    Share { percent: u64, all: u64 },
+}
+
+/// How a query was found too costly, for a subscription refused.
+#[derive(Debug, Clone, Copy)]
+enum Overran {
+    /// Over this budget on one event.
+    Event(Duration),
+    /// The dearest when all queries took more than this share of a core,
+    /// in percent.
+    Share(u64),
+}
+
+impl std::fmt::Display for Overran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Overran::Event(budget) => write!(f, "over {budget:?} on one event"),
+            Overran::Share(percent) => {
+                write!(f, "the dearest when all took over {percent}% of a core")
+            }
+        }
+    }
 }
 
 fn text_hash(text: &str) -> u64 {
@@ -531,21 +597,30 @@ impl Pubsub {
         })
     }
 
+    /// A pubsub whose queries may take `share` of each `window` together
+    /// (instead of [`SHARE`] of [`WINDOW`]).
+    pub fn with_ingest_share(share: Duration, window: Duration) -> Arc<Pubsub> {
+        Arc::new(Pubsub {
+            ledger: Ledger::new(share, window),
+            ..Pubsub::default()
+        })
+    }
+
     /// Whether `query` may be subscribed: refused (and counted) when it was
     /// found too costly for a live subscription within [`REFUSED_FOR`].
     pub fn admit(&self, query: &Query) -> Result<(), TooCostly> {
         let hash = text_hash(query.as_str());
         let mut remembered = self.too_costly.lock();
-        while (remembered.front()).is_some_and(|&(_, at)| at.elapsed() >= REFUSED_FOR) {
+        while (remembered.front()).is_some_and(|&(_, at, _)| at.elapsed() >= REFUSED_FOR) {
             remembered.pop_front();
         }
-        let Some(&(_, at)) = remembered.iter().find(|&&(h, _)| h == hash) else {
+        let Some(&(_, at, overran)) = remembered.iter().find(|&&(h, ..)| h == hash) else {
             return Ok(());
         };
         drop(remembered);
         self.stats.refused_costly.fetch_add(1, Ordering::Relaxed);
         Err(TooCostly {
-            budget: self.query_budget,
+            overran,
             retry_in: REFUSED_FOR.saturating_sub(at.elapsed()).as_secs() + 1,
         })
     }
@@ -586,14 +661,23 @@ impl Pubsub {
                 query,
                 members: vec![subscriber],
                 unfiltered: false,
+                spent: AtomicU64::new(0),
             }),
         }
+        self.recount(&audiences);
         self.count.fetch_add(1, Ordering::AcqRel);
         Subscription {
             queue,
             id,
             pubsub: self.clone(),
         }
+    }
+
+    /// Counts the audiences that are [`Audience::dear`], under the write
+    /// lock.
+    fn recount(&self, audiences: &[Audience]) {
+        let dear = audiences.iter().filter(|a| a.dear()).count();
+        self.dear.store(dear, Ordering::Relaxed);
     }
 
     /// Bytes all queues may hold together.
@@ -666,14 +750,25 @@ impl Pubsub {
         let mut slow = Vec::new();
         let mut costly = Vec::new();
         let mut shared = None;
-        for audience in self.audiences.read().iter() {
+        let audiences = self.audiences.read();
+        // Only costly queries may be cut for what all cost together: with
+        // none, nothing is timed.
+        let weight = match self.dear.load(Ordering::Relaxed) {
+            0 => None,
+            _ => self.sampler.due(),
+        };
+        let mut timer = weight.map(Timer::start);
+        for audience in audiences.iter() {
+            if let Some(timer) = &mut timer {
+                timer.lap(&audience.spent);
+            }
             // Over its budget, the query matches for its lossy subscribers
             // (they filter again) and nobody else.
             let lossy_only = match audience.wants(event, self.query_budget) {
                 Ok(true) => false,
                 Ok(false) => continue,
                 Err(spent) => {
-                    costly.push((audience.query.as_str().to_owned(), spent));
+                    costly.push((audience.query.as_str().to_owned(), Overrun::Event(spent)));
                     if !audience.members.iter().any(|s| s.lossy) {
                         continue;
                     }
@@ -701,8 +796,19 @@ impl Pubsub {
                 }
             }
         }
-        for (query, spent) in costly {
-            self.too_costly(&query, spent);
+        let cost = timer.map(Timer::stop);
+        drop(audiences);
+        if let Some(cost) = cost {
+            self.sampler.timed(cost);
+            for cut in self.over_share() {
+                // Unless it overran on this event already.
+                if !costly.iter().any(|(query, _)| *query == cut.0) {
+                    costly.push(cut);
+                }
+            }
+        }
+        for (query, overrun) in costly {
+            self.too_costly(&query, overrun);
         }
         for id in slow {
             self.disconnect(id, "Subscriber too slow; disconnected.");
@@ -743,24 +849,63 @@ impl Pubsub {
         tracing::debug!(events = freed.len(), "Lossy subscriber shed its queue.");
     }
 
-    /// `query` took `spent` on one event, over its budget: its subscribers
-    /// are disconnected with the reason, its lossy ones take every event
-    /// from now on, and the text is refused for [`REFUSED_FOR`].
+    /// The queries to cut, when the window is over and all took more than
+    /// their share of it together: the dearest costly ones, until the rest
+    /// are within it. Each audience's cost starts again from nothing.
     #[cold]
-    fn too_costly(&self, query: &str, spent: Duration) {
-        let spent = Duration::from_micros(spent.as_micros().try_into().unwrap_or(u64::MAX));
-        let budget = self.query_budget;
-        let why: Arc<str> = format!(
-            "query too costly for a live subscription: {spent:?} on one event, over {budget:?}; narrow it"
-        )
-        .into();
+    fn over_share(&self) -> Vec<(String, Overrun)> {
+        let Some(lasted) = self.ledger.close(Instant::now()) else {
+            return Vec::new();
+        };
+        let audiences = self.audiences.read();
+        let spent: Vec<(Duration, bool)> = (audiences.iter())
+            .map(|a| {
+                let spent = Duration::from_nanos(a.spent.swap(0, Ordering::Relaxed));
+                (spent, a.dear())
+            })
+            .collect();
+        let cut = self.ledger.over_share(&spent, lasted);
+        let all = spent.iter().map(|&(d, _)| d).sum();
+        (cut.into_iter())
+            .map(|i| {
+                let overrun = Overrun::Share {
+                    percent: ledger::percent(spent[i].0, lasted),
+                    all: ledger::percent(all, lasted),
+                };
+                (audiences[i].query.as_str().to_owned(), overrun)
+            })
+            .collect()
+    }
+
+    /// `query` was found too costly: its subscribers are disconnected with
+    /// the reason, its lossy ones take every event from now on, and the
+    /// text is refused for [`REFUSED_FOR`].
+    #[cold]
+    fn too_costly(&self, query: &str, overrun: Overrun) {
+        let share = self.ledger.percent();
+        let (why, overran): (Arc<str>, _) = match overrun {
+            Overrun::Event(spent) => {
+                let spent = Duration::from_micros(spent.as_micros().try_into().unwrap_or(u64::MAX));
+                let budget = self.query_budget;
+                let why = format!(
+                    "query too costly for a live subscription: {spent:?} on one event, over {budget:?}; narrow it"
+                );
+                (why.into(), Overran::Event(budget))
+            }
+            Overrun::Share { percent, all } => {
+                let why = format!(
+                    "query too costly for a live subscription: {percent}% of a core, all queries {all}%, over {share}%; narrow it"
+                );
+                (why.into(), Overran::Share(share))
+            }
+        };
         let mut remembered = self.too_costly.lock();
         let hash = text_hash(query);
-        remembered.retain(|&(h, _)| h != hash);
+        remembered.retain(|&(h, ..)| h != hash);
         if remembered.len() >= REMEMBERED {
             remembered.pop_front();
         }
-        remembered.push_back((hash, Instant::now()));
+        remembered.push_back((hash, Instant::now(), overran));
         drop(remembered);
         let mut gone = Vec::new();
         let mut audiences = self.audiences.write();
@@ -778,6 +923,7 @@ impl Pubsub {
         if taps == 0 {
             audiences.swap_remove(at);
         }
+        self.recount(&audiences);
         self.count.fetch_sub(gone.len(), Ordering::AcqRel);
         drop(audiences);
         let mut freed = 0;
@@ -793,8 +939,7 @@ impl Pubsub {
         tracing::warn!(
             query = %shown,
             query_bytes = query.len(),
-            ?spent,
-            ?budget,
+            reason = %why,
             subscribers = disconnected,
             lossy_kept = taps,
             events = freed,
@@ -824,6 +969,7 @@ impl Pubsub {
         let query = audience.query.as_str().to_owned();
         if audience.members.is_empty() {
             audiences.swap_remove(a);
+            self.recount(&audiences);
         }
         self.count.fetch_sub(1, Ordering::AcqRel);
         Some((sub, query))
@@ -1278,6 +1424,90 @@ mod tests {
         assert!(pubsub.admit(&nth(0)).is_ok(), "the oldest forgotten");
         assert!(pubsub.admit(&nth(1)).is_err());
         assert!(pubsub.admit(&nth(REMEMBERED)).is_err());
+    }
+
+    /// A chain of `terms` comparisons, none of which matches [`metric_of`]
+    /// 0, so each is evaluated every time: costly past 16 terms, and far
+    /// below [`MIN_WORK`], so never over its budget on one event.
+    fn chain(terms: usize, from: usize) -> Query {
+        let terms: Vec<_> = (0..terms)
+            .map(|i| format!("metric > {}", 1000 + from + i))
+            .collect();
+        Query::parse(&terms.join(" or ")).unwrap()
+    }
+
+    /// Queries each under the per-event floor that together take more
+    /// than their share of the publisher: the dearest are cut until the
+    /// rest are within it, with the reason, counted and refused; a query
+    /// costing a hundredth of them and a cheap one stay, and a lossy tap
+    /// takes every event unevaluated.
+    #[test]
+    fn queries_together_over_their_share_lose_the_dearest() {
+        let window = Duration::from_micros(100);
+        let pubsub = Pubsub::with_ingest_share(window / 5, window);
+        let dear = pubsub.subscribe(chain(3_000, 0), 10);
+        let mut tap = pubsub.subscribe_lossy(chain(3_000, 5_000), 10);
+        let modest = pubsub.subscribe(chain(20, 10_000), 10);
+        let mut cheap = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        let tap_unfiltered = || {
+            let audiences = pubsub.audiences.read();
+            audiences.iter().any(|a| a.unfiltered)
+        };
+        // Each timed publish closes a window: the first cuts nothing (the
+        // window since the pubsub was made is long), a later one each of
+        // the two that cost far more than a fifth of it.
+        for _ in 0..10_000 {
+            pubsub.publish(&metric_of("h", 0));
+            assert!(cheap.try_recv().is_ok());
+            if dear.lagged() && tap_unfiltered() {
+                break;
+            }
+        }
+        assert!(dear.lagged() && tap_unfiltered());
+        let why = dear.why().expect("a reason");
+        assert!(
+            why.starts_with("query too costly for a live subscription: ")
+                && why.contains("% of a core, all queries ")
+                && why.ends_with("%, over 20%; narrow it"),
+            "{why}"
+        );
+        assert!(why.len() <= 123, "fits a close frame");
+        assert!(!modest.lagged() && !cheap.lagged() && !tap.lagged());
+        assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 1);
+        assert_eq!(pubsub.subscribers(), 3);
+        while tap.try_recv().is_ok() {}
+        pubsub.publish(&metric_of("h", 0));
+        assert!(tap.try_recv().is_ok(), "every event is the tap's now");
+        let refused = pubsub.admit(&chain(3_000, 0)).expect_err("refused");
+        assert_eq!(
+            refused.to_string(),
+            "query too costly for a live subscription (the dearest when all took over 20% of a core); narrow it, or retry in 60 s"
+        );
+        assert!(refused.to_string().len() <= 123);
+        assert!(pubsub.admit(&chain(20, 10_000)).is_ok());
+    }
+
+    /// However little the queries may take together, a cheap one is never
+    /// cut: it counts in the total, a costly one goes, and with none left
+    /// nothing is timed.
+    #[test]
+    fn a_cheap_query_is_never_cut_for_what_all_cost() {
+        let pubsub = Pubsub::with_ingest_share(Duration::ZERO, Duration::from_nanos(1));
+        let mut cheap = pubsub.subscribe(Query::parse("true").unwrap(), 10);
+        let few = Query::parse(r#"service = "cpu" or metric > 5"#).unwrap();
+        let mut other = pubsub.subscribe(few, 10);
+        let modest = pubsub.subscribe(chain(20, 0), 10);
+        assert_eq!(pubsub.dear.load(Ordering::Relaxed), 1);
+        pubsub.publish(&metric_of("h", 0));
+        assert!(modest.lagged(), "the first publish is timed");
+        assert_eq!(pubsub.dear.load(Ordering::Relaxed), 0);
+        for metric in 0..5_000 {
+            pubsub.publish(&metric_of("h", metric));
+            assert!(cheap.try_recv().is_ok());
+            assert!(other.try_recv().is_ok());
+        }
+        assert!(!cheap.lagged() && !other.lagged());
+        assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 1);
     }
 
     #[test]

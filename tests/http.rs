@@ -8,6 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -922,6 +923,106 @@ async fn a_subscription_too_costly_for_ingest_is_disconnected_with_its_reason_an
     assert_eq!(value(&s, "vigil_subscribers", None), Some(1.0));
     let logged = v.log_line("too costly for the ingest path");
     assert!(logged.contains(r#"description =~ \"%q0zM%\""#), "{logged}");
+}
+
+/// Dashboards whose queries each cost an event far less than the
+/// per-event budget (chains of `metric >` comparisons, none matching), but
+/// together more than a quarter of a core while an agent sends: the
+/// dearest is disconnected with its reason, counted, logged and refused
+/// when it comes back; a cheap subscriber gets every event throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_together_too_costly_for_ingest_lose_the_dearest() {
+    let v = Vigil::start(&[]);
+    let addr = http_addr(&v);
+    let chain = |terms: usize, from: usize| {
+        let terms: Vec<String> = (0..terms)
+            .map(|i| format!("metric > {}", 100_000 + from + i))
+            .collect();
+        terms.join(" or ")
+    };
+    let dearest = chain(2_400, 0);
+    let sse = |query: &str| url("http", addr, "/index", &[("query", query)]);
+    let mut dashboard = SseReader::open(sse(&dearest), true).await;
+    let mut modest = Vec::new();
+    for k in 1..=8 {
+        modest.push(SseReader::open(sse(&chain(800, 10_000 * k)), true).await);
+    }
+    let watch = [("query", r#"host = "agent""#), ("subscribe", "true")];
+    let (mut cheap, _) =
+        tokio_tungstenite::connect_async(url("ws", addr, "/index", &watch).as_str())
+            .await
+            .unwrap();
+    scrape_until(addr, "all subscribed", |s| {
+        value(s, "vigil_subscribers", None) == Some(10.0)
+    })
+    .await;
+
+    // An agent sends until the dashboard is cut (at most 5 000 events, so
+    // the cheap subscriber, read afterwards, holds them all).
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = tokio::spawn({
+        let (tcp, stop) = (v.tcp, stop.clone());
+        async move {
+            let mut client = Client::connect(tcp).await.expect("tcp connects");
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) && sent < 5_000 {
+                let batch: Vec<Event> = (sent..sent + 10)
+                    .map(|n| event("agent", &n.to_string(), 60.0, 0))
+                    .collect();
+                client.send(&batch).await.expect("events acknowledged");
+                sent += 10;
+            }
+            sent
+        }
+    });
+    // vigil's own metrics may match it meanwhile.
+    let until_error = async {
+        loop {
+            let next = dashboard.next().await;
+            if next.get("error").is_some() {
+                return next;
+            }
+        }
+    };
+    let ended = tokio::time::timeout(WAIT, until_error)
+        .await
+        .expect("the dearest is cut while the agent sends");
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.await.unwrap();
+    let why = ended["error"].as_str().expect("the last event says why");
+    assert!(
+        why.starts_with("query too costly for a live subscription: ")
+            && why.ends_with("%, over 25%; narrow it"),
+        "{why}"
+    );
+    for n in 0..sent {
+        let seen = next_json(&mut cheap)
+            .await
+            .expect("the cheap one is served");
+        assert_eq!(key(&seen), ("agent", n.to_string().as_str(), "ok"));
+    }
+
+    let again = sse_get(addr, &[("query", &dearest)]).await;
+    assert_eq!(again.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(
+        body["error"].as_str().unwrap(),
+        "query too costly for a live subscription (the dearest when all took over 25% of a core); narrow it, or retry in 60 s"
+    );
+    let s = scrape(addr).await;
+    let cut = value(&s, "vigil_subscribers_disconnected_costly_total", None).unwrap();
+    assert!((1.0..=9.0).contains(&cut), "{cut}");
+    assert_eq!(
+        value(&s, "vigil_subscribers_disconnected_slow_total", None),
+        Some(0.0)
+    );
+    assert_eq!(value(&s, "vigil_subscribers", None), Some(10.0 - cut));
+    let logged = v.log_line("too costly for the ingest path");
+    assert!(
+        logged.contains("metric > 100000 or metric > 100001"),
+        "{logged}"
+    );
+    drop(modest);
 }
 
 #[tokio::test(flavor = "multi_thread")]
