@@ -152,7 +152,8 @@ pub struct PubsubStats {
     /// Events a lossy subscriber's full queue could not take.
     pub dropped: AtomicU64,
     /// Subscribers disconnected because their query took more than its
-    /// budget ([`QUERY_BUDGET`]) on one event.
+    /// budget ([`QUERY_BUDGET`]) on one event, or was among the dearest
+    /// when all took more than their [`SHARE`].
     pub disconnected_costly: AtomicU64,
     /// Subscriptions refused because their query was found too costly
     /// within the last [`REFUSED_FOR`].
