@@ -259,7 +259,7 @@ impl Ingest {
             }
             _ => None,
         };
-        let stats = self.stats.clone();
+        let (stats, index) = (self.stats.clone(), self.index.clone());
         Reply::Later(Box::pin(async move {
             if let Some(stored) = stored
                 && let Err(e) = stored.await
@@ -275,7 +275,7 @@ impl Ingest {
                 return reply;
             }
             match cluster.query(&text).await {
-                Ok(found) => proto::events_reply(&found),
+                Ok(found) => replied(&stats, held(&index, Ok(proto::events_reply(&found)))),
                 Err(ClusterQueryError::Refused(e)) => replied(&stats, Err(e)),
                 Err(e) => proto::error_reply(e.to_string()),
             }
@@ -363,12 +363,18 @@ impl Ingest {
 fn answered(index: Arc<Index>, stats: Arc<Stats>, query: Query) -> Reply {
     if query.exact_key().is_some() {
         let found = index.query(&query).map(|found| proto::events_reply(&found));
-        return Reply::Ready(replied(&stats, found));
+        return Reply::Ready(replied(&stats, held(&index, found)));
     }
     Reply::Later(Box::pin(async move {
         let answer = (index.query_then(&query, |found| proto::events_reply(&found))).await;
-        replied(&stats, answer)
+        replied(&stats, held(&index, answer))
     }))
+}
+
+/// An encoded answer holding its room in `--max-answer-memory` until
+/// written, or refused as busy when there is none.
+fn held(index: &Index, answer: Result<Bytes, QueryError>) -> Result<Bytes, QueryError> {
+    Ok(index.answers().hold(answer?)?)
 }
 
 /// A parsed query, or its error as a reply (counted).

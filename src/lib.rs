@@ -29,11 +29,13 @@
 //! - [`selfmetrics`]: vigil's own numbers: rule latency, one sample for `/metrics`, self-metric events.
 //! - [`http`]: the HTTP surface: index queries, WebSocket/SSE subscriptions, `POST /events`, `/metrics`, `/health`.
 //! - [`budget`]: the memory large messages may hold while they arrive, shared by every transport.
+//! - [`answers`]: the memory query answers may hold while their askers read them, shared by every transport.
 //! - [`bounded`]: bounds on HTTP and gRPC connections: how many, and how long a peer may leave writes unread.
 //! - [`unread`]: HTTP/2 answers a client leaves unread on one stream while it reads the connection, dropped.
 //! - [`files`]: files an operator names, read only when regular and within a size.
 //! - [`blocking`]: long work (index scans, snapshot writes, the expiry tick) kept off the async workers.
 
+pub mod answers;
 pub mod blocking;
 pub mod bounded;
 pub mod budget;

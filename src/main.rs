@@ -11,6 +11,7 @@ use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use vigil::answers::{self, Answers};
 use vigil::client::{Client, ClientError};
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::cluster::{Cluster, ClusterConfig};
@@ -162,6 +163,11 @@ struct RunArgs {
     /// disconnected, and a new one whose snapshot does not fit is refused (counted).
     #[arg(long, default_value_t = pubsub::DEFAULT_MAX_HELD, value_parser = parse_positive)]
     max_subscriber_memory: usize,
+    /// Most bytes that query answers over 64 KiB (Riemann TCP, GET /index, gRPC Query) may hold
+    /// at once until their askers have read them, all connections together; one that would go
+    /// over is refused as busy, to be asked again (counted). Smaller answers are never refused.
+    #[arg(long, default_value_t = answers::DEFAULT_MAX, value_parser = parse_positive)]
+    max_answer_memory: usize,
     /// Close a Riemann TCP connection whose begun frame is not complete within this long
     /// (slowloris; an idle one is kept, probed by TCP keepalive after this long idle); also
     /// bounds TLS handshakes and writing replies, how long an
@@ -536,12 +542,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|rendered| anyhow!("{rendered}\n{name}: the rules have errors; not starting"))?;
     rules::log_warnings(&compiled, &name, &source);
     let clock: SharedClock = Arc::new(SystemClock);
+    let stats = Arc::new(Stats::default());
     let index = Arc::new(Index::new(IndexConfig {
         default_ttl: args.default_ttl,
         max_entries: args.max_index,
         max_query_results: Some(args.max_query_results),
         max_subscriber_memory: args.max_subscriber_memory,
         query_timeout: Some(args.query_timeout),
+        answers: Answers::new(args.max_answer_memory, stats.clone()),
     }));
     let cluster_config = args.cluster_config();
     // In a cluster JetStream is the durable state: a snapshot would bring back
@@ -559,7 +567,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // meanwhile waits in the kernel's queue rather than being refused.
     let tls = args.tls_listener().context("setting up TLS")?;
     let tls_files = tls.as_ref().map(|tls| tls.acceptor.clone());
-    let stats = Arc::new(Stats::default());
     let mut config = ServerConfig {
         stats: stats.clone(),
         cluster: None,

@@ -163,6 +163,12 @@ counters! {
     messages_too_slow,
     /// Bytes of `--max-message-memory` that large messages hold now (a gauge).
     message_bytes_held,
+    /// Query answers over 64 KiB (TCP, `GET /index`, gRPC `Query`) refused
+    /// as busy because the answers being sent filled `--max-answer-memory`.
+    answers_refused_busy,
+    /// Bytes of `--max-answer-memory` that query answers hold now, until
+    /// their askers have read them (a gauge).
+    answer_bytes_held,
     }
 }
 

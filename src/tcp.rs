@@ -345,16 +345,24 @@ impl Connections {
         // Encoded straight into the write buffer, which the flush below
         // empties: `feed` would check for room once per (few-byte) reply.
         let mut bytes = 0;
-        for reply in out.drain(..) {
+        for reply in out.iter() {
             bytes += reply.len();
-            frame::put(&reply, framed.write_buffer_mut())?;
+            if let Err(e) = frame::put(reply, framed.write_buffer_mut()) {
+                out.clear();
+                return Err(e);
+            }
         }
         let open = match after {
             After::More => SinkExt::<Bytes>::flush(framed).await.map(|()| true),
             // The peer finished sending: it may still be reading replies.
             After::Eof => SinkExt::<Bytes>::flush(framed).await.map(|()| false),
             After::Failed(e) => self.fail(framed, e).await.map(|()| false),
-        }?;
+        };
+        // Kept until written: a large answer holds its room in
+        // `--max-answer-memory` until then (its copy in the write buffer
+        // is not counted twice).
+        out.clear();
+        let open = open?;
         if bytes > KEEP_BUFFER {
             // A large query answer, written: its room is not kept.
             *framed.write_buffer_mut() = BytesMut::new();

@@ -23,7 +23,7 @@ use common::{Vigil, metrics_text, peak_of};
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::event::Event;
-use vigil::grpc::{GrpcLimits, Msg, VigilClient};
+use vigil::grpc::{GrpcLimits, Msg, QueryRequest, VigilClient};
 use vigil::index::{Index, IndexConfig};
 use vigil::limits::Limits;
 use vigil::proto::{self, PbEvent};
@@ -450,4 +450,148 @@ async fn a_frame_waiting_for_room_is_not_timed_out_meanwhile() {
     assert_eq!(read_reply(&mut tcp).await.ok, Some(true));
     assert_eq!(Stats::get(&server.stats.tcp_read_timeouts), 0);
     assert_eq!(index.len(), 1);
+}
+
+/// `--max-answer-memory` for the answer tests: 1 MiB, less than one answer
+/// to `true`, which then takes all of it.
+const ANSWER_MEMORY: u64 = 1 << 20;
+
+/// vigil with `--max-answer-memory` of [`ANSWER_MEMORY`], holding 3 000
+/// events of 4 KB (the answer to `true`, ~12 MB, far more than the socket
+/// buffers hold) and one small one.
+async fn holding_large_answers() -> Vigil {
+    let v = Vigil::start(&[
+        "--grpc",
+        "127.0.0.1:0",
+        "--max-answer-memory",
+        &ANSWER_MEMORY.to_string(),
+    ]);
+    let mut client = Client::connect(v.tcp).await.unwrap();
+    let now = SystemClock.now();
+    for batch in 0..3 {
+        let events: Vec<Event> = (0..1_000)
+            .map(|i| Event {
+                host: Some("big".into()),
+                service: Some(format!("{batch}-{i}")),
+                description: Some("x".repeat(4_000)),
+                time: now,
+                ..Event::default()
+            })
+            .collect();
+        client.send(&events).await.unwrap();
+    }
+    let small = Event {
+        host: Some("small".into()),
+        time: now,
+        ..Event::default()
+    };
+    client.send(&[small]).await.unwrap();
+    v
+}
+
+/// Query answers held for slow readers share one budget over every
+/// transport: while a Riemann TCP client reads nothing of a ~12 MB answer,
+/// further large answers are refused as busy (HTTP `503` with
+/// `Retry-After`, gRPC `RESOURCE_EXHAUSTED`, TCP an error reply), counted,
+/// small ones are answered, and once it has read its answer the room is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_beyond_the_answer_memory_are_refused_as_busy_on_every_transport() {
+    let _alone = ALONE.lock().await;
+    let v = holding_large_answers().await;
+    let (http, grpc) = (v.http.unwrap(), v.grpc.unwrap());
+    let mut stalled = TcpStream::connect(v.tcp).await.unwrap();
+    stalled.write_all(&frame(&query_of("true"))).await.unwrap();
+    wait_metric(http, "vigil_answer_bytes_held", ANSWER_MEMORY).await;
+
+    let get = |query: &str| reqwest::get(format!("http://{http}/index?query={query}"));
+    let busy = within(get("true")).await.unwrap();
+    assert_eq!(busy.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(busy.headers()["retry-after"], "1");
+    let error: serde_json::Value = busy.json().await.unwrap();
+    let error = error["error"].as_str().unwrap();
+    assert!(
+        error
+            .starts_with("busy: query answers being sent fill --max-answer-memory (1048576 bytes)"),
+        "{error}"
+    );
+    let mut client = VigilClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let refused = client.query(QueryRequest::new("true")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(refused.message(), error);
+    let mut tcp = Client::connect(v.tcp).await.unwrap();
+    let refused = tcp.query("true").await.unwrap_err().to_string();
+    assert_eq!(refused, format!("server error: {error}"));
+    wait_metric(http, "vigil_answers_refused_busy_total", 3).await;
+
+    // Small answers take no room: still answered.
+    let small = within(get("host%20%3D%20%22small%22")).await.unwrap();
+    assert_eq!(small.status(), reqwest::StatusCode::OK);
+    assert_eq!(
+        small.json::<Vec<serde_json::Value>>().await.unwrap().len(),
+        1
+    );
+    assert_eq!(tcp.query("host = \"small\"").await.unwrap().len(), 1);
+
+    // Read, the answer gives its room back: the next one is answered.
+    let answer = within(read_reply(&mut stalled)).await;
+    assert_eq!(answer.events.len(), 3_001);
+    wait_metric(http, "vigil_answer_bytes_held", 0).await;
+    assert_eq!(within(tcp.query("true")).await.unwrap().len(), 3_001);
+    wait_metric(http, "vigil_answers_refused_busy_total", 3).await;
+}
+
+/// An HTTP/2 `GET /index` and a gRPC `Query` answer hold their room until
+/// sent: while their client grants them no window, a Riemann TCP query's
+/// large answer is refused; once the client goes, the room is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_grpc_answers_hold_their_room_until_sent() {
+    let _alone = ALONE.lock().await;
+    let v = holding_large_answers().await;
+    let (http, grpc) = (v.http.unwrap(), v.grpc.unwrap());
+    let mut tcp = Client::connect(v.tcp).await.unwrap();
+    let get = axum::http::Request::get(format!("http://{http}/index?query=true"))
+        .body(())
+        .unwrap();
+    let call = axum::http::Request::post(format!("http://{grpc}/vigil.Vigil/Query"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut message = vec![0];
+    let request = QueryRequest::new("true").encode_to_vec();
+    message.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    message.extend_from_slice(&request);
+    for (addr, request, body) in [(http, get, None), (grpc, call, Some(message))] {
+        let io = TcpStream::connect(addr).await.unwrap();
+        let (mut h2, connection) = h2::client::handshake(io).await.unwrap();
+        let driven = tokio::spawn(connection);
+        let (answer, mut sending) = h2.send_request(request, body.is_none()).unwrap();
+        if let Some(body) = body {
+            sending.send_data(body.into(), true).unwrap();
+        }
+        // Its head comes; of its body, no more than the window is read.
+        let answer = within(answer).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        wait_metric(http, "vigil_answer_bytes_held", ANSWER_MEMORY).await;
+        let refused = tcp.query("true").await.unwrap_err().to_string();
+        assert!(refused.contains("--max-answer-memory"), "{refused}");
+        drop((answer, h2, sending));
+        driven.abort();
+        wait_metric(http, "vigil_answer_bytes_held", 0).await;
+    }
+    assert_eq!(within(tcp.query("true")).await.unwrap().len(), 3_001);
+    wait_metric(http, "vigil_answers_refused_busy_total", 2).await;
+}
+
+fn query_of(query: &str) -> Vec<u8> {
+    proto::Msg {
+        query: Some(proto::PbQuery {
+            string: Some(query.into()),
+        }),
+        ..proto::Msg::default()
+    }
+    .encode_to_vec()
 }

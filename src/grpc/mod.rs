@@ -10,6 +10,10 @@
 //! In a cluster `Send`/`SendBatch` ack once JetStream stored the events (an
 //! `ok: false` ack with the error otherwise: resend), and `Query` and
 //! `Subscribe` cover every node.
+//!
+//! A `Query` answer holds its room in `--max-answer-memory` until tonic has
+//! sent it (see [`crate::answers`]); one that does not fit is refused with
+//! `RESOURCE_EXHAUSTED`.
 
 // tonic's API hands `Status` around by value throughout.
 #![allow(clippy::result_large_err)]
@@ -21,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt, stream};
+use prost::Message;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +34,7 @@ use tonic::codegen::http;
 use tonic::{Request, Response, Status, Streaming};
 use tower::util::{MapRequestLayer, MapResponseLayer};
 
+use crate::answers::{Holding, Room};
 use crate::bounded::{Bounds, Counters, MAX_STREAMS};
 use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
@@ -161,6 +167,7 @@ impl Shared {
             }
             QueryError::Abandoned => Status::cancelled(e.to_string()),
             QueryError::ShuttingDown => Status::unavailable(e.to_string()),
+            QueryError::Busy(_) => Status::resource_exhausted(e.to_string()),
         }
     }
 
@@ -226,8 +233,16 @@ impl pb::vigil_server::Vigil for Service {
                 .await
                 .map_err(|e| self.0.refused(e))?,
         };
-        let events = found.iter().map(proto::to_pb).collect();
-        Ok(Response::new(QueryResponse { events }))
+        let answer = QueryResponse {
+            events: found.iter().map(proto::to_pb).collect(),
+        };
+        // Held, until tonic has sent it, within `--max-answer-memory`:
+        // the layer in `Grpc::serve` moves it into the response's body.
+        let room = (self.0.index.answers().take(answer.encoded_len()))
+            .map_err(|busy| self.0.refused(busy.into()))?;
+        let mut response = Response::new(answer);
+        response.extensions_mut().insert(AnswerRoom(Arc::new(room)));
+        Ok(response)
     }
 
     async fn subscribe(
@@ -300,6 +315,11 @@ fn ended(subscription: &Subscription) -> Status {
         Status::internal("subscription closed")
     }
 }
+
+/// A `Query` answer's room in `--max-answer-memory`, on its way from the
+/// call to the response's body.
+#[derive(Clone)]
+struct AnswerRoom(Arc<Room>);
 
 /// What bounds a gRPC client.
 #[derive(Debug, Clone)]
@@ -424,8 +444,10 @@ impl Grpc {
                 request.map(|body| Body::new(gated(body)))
             }))
             .layer(MapResponseLayer::new(
-                move |response: http::Response<Body>| {
-                    response.map(|body| Body::new(unread.watch(body)))
+                move |mut response: http::Response<Body>| {
+                    let room = response.extensions_mut().remove::<AnswerRoom>();
+                    let held = |body| Holding::new(body, room.map(|room| room.0));
+                    response.map(|body| Body::new(unread.watch(held(body))))
                 },
             ))
             .add_service(service)

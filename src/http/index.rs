@@ -6,7 +6,9 @@
 //! the latest event of each series per interval ([`Live::Latest`]), for views
 //! that cannot take every event. In a cluster the snapshot and the
 //! live updates cover every node (`local=true`: this node's index only, for
-//! plain requests).
+//! plain requests). A plain request's answer holds its room in
+//! `--max-answer-memory` until hyper has sent it; one that does not fit is
+//! answered `503` with `Retry-After` ([`crate::answers`]).
 //!
 //! A subscriber whose queue fills is dropped by the pubsub (counted there):
 //! its WebSocket gets close code 1013 with the reason, its SSE stream ends.
@@ -71,6 +73,10 @@ const SUBSCRIBER_MESSAGE_MAX: usize = 64 * 1024;
 /// write timeout ends a client that reads nothing.
 const SUBSCRIBER_MESSAGES_PER_SECOND: u32 = 64;
 
+/// When to ask again after a `503` for a busy `--max-answer-memory`: the
+/// answers holding it leave as their askers read them.
+const RETRY_BUSY: header::HeaderValue = header::HeaderValue::from_static("1");
+
 pub(super) async fn get_index(
     State(state): State<AppState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -99,9 +105,21 @@ pub(super) async fn get_index(
     let to_body = |found: Vec<Event>| {
         serde_json::Value::Array(found.iter().map(json::to_json).collect()).to_string()
     };
-    match state.snapshot_then(&query, params.local, to_body).await {
+    let body = match state.snapshot_then(&query, params.local, to_body).await {
+        Ok(body) => state.telemetry.index.answers().hold(body.into()),
+        Err((status, e)) => return error(status, json!({ "error": e })),
+    };
+    match body {
+        // Its room in --max-answer-memory goes back once hyper has sent it.
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err((status, e)) => error(status, json!({ "error": e })),
+        Err(busy) => {
+            let mut answer = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": busy.to_string() }),
+            );
+            answer.headers_mut().insert(header::RETRY_AFTER, RETRY_BUSY);
+            answer
+        }
     }
 }
 

@@ -211,7 +211,9 @@ impl AppState {
                 Stats::incr(&self.stats().query_errors);
                 unavailable(e.to_string())
             }
-            QueryError::Abandoned | QueryError::ShuttingDown => unavailable(e.to_string()),
+            QueryError::Abandoned | QueryError::ShuttingDown | QueryError::Busy(_) => {
+                unavailable(e.to_string())
+            }
         };
         match (&self.cluster, local) {
             (Some(cluster), false) => {

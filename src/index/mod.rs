@@ -26,6 +26,7 @@ use hashbrown::DefaultHashBuilder;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
+use crate::answers::{Answers, Busy};
 use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::clock::{MICROS_PER_SEC, Micros, secs_to_micros};
 use crate::event::{Event, same_bytes};
@@ -82,6 +83,9 @@ pub struct IndexConfig {
     /// the index's: one long enough would otherwise hold a scan's turn
     /// ([`Index::query_then`]) for minutes.
     pub query_timeout: Option<Duration>,
+    /// Room for encoded answers while their askers read them, shared by
+    /// every transport (`--max-answer-memory`).
+    pub answers: Answers,
 }
 
 impl Default for IndexConfig {
@@ -92,6 +96,7 @@ impl Default for IndexConfig {
             max_query_results: None,
             max_subscriber_memory: crate::pubsub::DEFAULT_MAX_HELD,
             query_timeout: None,
+            answers: Answers::new(crate::answers::DEFAULT_MAX, Arc::default()),
         }
     }
 }
@@ -108,6 +113,9 @@ pub enum QueryError {
     Abandoned,
     #[error("{SHUTTING_DOWN}")]
     ShuttingDown,
+    /// Its answer did not fit beside those being sent: ask again soon.
+    #[error(transparent)]
+    Busy(#[from] Busy),
 }
 
 /// A scan checks whether to stop once per this many entries (and once per
@@ -242,6 +250,11 @@ impl Index {
             scans: Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
             costly_scans: Semaphore::new(1),
         }
+    }
+
+    /// Room for encoded answers while their askers read them.
+    pub fn answers(&self) -> &Answers {
+        &self.config.answers
     }
 
     /// `--max-index`: the most entries it holds, if bounded.
