@@ -55,6 +55,15 @@ pub const MAX_TIME_AHEAD: Micros = 5 * 60 * MICROS_PER_SEC;
 /// events are timed too far ahead; the counter counts every one.
 const FUTURE_LOG_EVERY: Micros = 60 * MICROS_PER_SEC;
 
+/// When an event timed `time`, living `ttl`, that came at `now` (vigil's
+/// clock) expires: `time + ttl`, as in Riemann, but no later than
+/// [`MAX_TIME_AHEAD`] past `now + ttl`. The stages that hold events until
+/// they expire go by it too, so none outlives the index's entry.
+pub fn expires_at(time: Micros, ttl: Micros, now: Micros) -> Micros {
+    let latest = now.saturating_add(MAX_TIME_AHEAD).saturating_add(ttl);
+    time.saturating_add(ttl).min(latest)
+}
+
 const SHARDS: usize = 64;
 
 /// How many due deadlines an expiry pass handles per shard lock, so a mass expiry
@@ -335,12 +344,9 @@ impl Index {
         self.hints[Self::shard_of(hash.0)].prefetch(hash.0);
     }
 
-    /// When `event`, stored at `now`, expires: `time + ttl`, as in Riemann,
-    /// but no later than [`MAX_TIME_AHEAD`] past `now + ttl`.
+    /// When `event`, stored at `now`, expires (see [`expires_at`]).
     fn deadline(&self, event: &Event, now: Micros) -> Micros {
-        let ttl = self.ttl_of(event);
-        let latest = now.saturating_add(MAX_TIME_AHEAD).saturating_add(ttl);
-        event.time.saturating_add(ttl).min(latest)
+        expires_at(event.time, self.ttl_of(event), now)
     }
 
     /// Counts an event timed more than [`MAX_TIME_AHEAD`] after `now`, and
@@ -378,7 +384,11 @@ impl Index {
     /// TTL, or the default when it has none or a NaN. The stages that go by
     /// a series' TTL read it here, so they agree with the index.
     pub fn ttl_secs(&self, event: &Event) -> f64 {
-        match event.ttl {
+        self.ttl_secs_of(event.ttl)
+    }
+
+    fn ttl_secs_of(&self, ttl: Option<f32>) -> f64 {
+        match ttl {
             Some(ttl) if !ttl.is_nan() => f64::from(ttl),
             _ => self.config.default_ttl,
         }
@@ -622,8 +632,8 @@ impl Index {
     }
 
     /// Gives each entry of the hosts `select` picks whose TTL ran out before
-    /// `now` at least its TTL from `since` (its lifetime: deadline less
-    /// time), as [`Index::restore`] does after a restart: a cluster node
+    /// `now` at least its TTL from `since`, as [`Index::restore`] does after
+    /// a restart: a cluster node
     /// that takes a shard over just after it started, or after it was cut
     /// off from NATS, could not store these series' events meanwhile, and
     /// neither could their agents. Returns how many were given more time,
@@ -641,8 +651,11 @@ impl Index {
                 if entry.deadline >= now || !select(entry.packed.host()) {
                     continue;
                 }
-                let lifetime = entry.deadline.saturating_sub(entry.packed.time());
-                let deadline = since.saturating_add(lifetime);
+                // Its TTL, not deadline less time: that is negative for an
+                // entry timed far ahead (bounded by `expires_at`), which
+                // would get no time at all. Read only for the few overdue.
+                let ttl = secs_to_micros(self.ttl_secs_of(entry.packed.ttl()));
+                let deadline = since.saturating_add(ttl);
                 // Its slot in the deadline set stays early: when it comes
                 // due, the entry is re-armed at this deadline.
                 if deadline > entry.deadline {
@@ -1185,6 +1198,23 @@ mod tests {
         assert_eq!(expired(since + secs(10) + 1), ["a/lapsed"]);
         // The one not yet due kept its own deadline.
         assert_eq!(expired(now + secs(9) + 1), ["a/fresh"]);
+    }
+
+    /// An entry timed far ahead, bounded to expire its TTL plus
+    /// [`MAX_TIME_AHEAD`] after it was stored, gets its TTL from `since`
+    /// as any other: its deadline less its time is negative.
+    #[test]
+    fn an_overdue_entry_timed_far_ahead_lives_one_ttl_from_since() {
+        let index = Index::new(IndexConfig::default());
+        let millis = event("a", "ms", T0 * 1000, Some(10.0));
+        index.insert_hashed(&millis, index.key_hash(&millis), T0);
+        let since = T0 + secs(10) + MAX_TIME_AHEAD + secs(100);
+        let now = since + secs(3);
+        let extended = index.extend_overdue_where(now, since, |_| true);
+        assert_eq!(extended, (1, since + secs(10)));
+        assert!(expire_all(&index, now).is_empty(), "given its TTL");
+        assert!(expire_all(&index, since + secs(10)).is_empty());
+        assert_eq!(expire_all(&index, since + secs(10) + 1).len(), 1);
     }
 
     #[test]

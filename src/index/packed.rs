@@ -78,9 +78,9 @@ impl Packed {
         self.0[SCHEDULED..SCHEDULED + 8].copy_from_slice(&at.to_le_bytes());
     }
 
-    /// The stored event's time.
-    pub fn time(&self) -> Micros {
-        read_i64(&self.0, TIME)
+    /// The stored event's TTL, read without unpacking the rest.
+    pub fn ttl(&self) -> Option<f32> {
+        read_ttl(&self.0)
     }
 
     /// `(host, service)` as bytes; an absent field reads as empty, as in
@@ -212,10 +212,7 @@ fn unpack(block: &[u8], out: &mut Event, expired_at: Option<Micros>) {
     let description = (flags & HAS_DESCRIPTION != 0).then(|| r.span());
     read_tags(&mut r, &mut out.tags);
     read_attributes(&mut r, &mut out.attributes);
-    out.ttl = (flags & HAS_TTL != 0).then(|| {
-        let bits: [u8; 4] = block[TTL..TTL + 4].try_into().unwrap_or_default();
-        f32::from_le_bytes(bits)
-    });
+    out.ttl = read_ttl(block);
     if let Some(now) = expired_at {
         set_opt(&mut out.state, STATE_EXPIRED, true);
         out.time = now;
@@ -237,6 +234,13 @@ fn unpack(block: &[u8], out: &mut Event, expired_at: Option<Micros>) {
     } else {
         None
     };
+}
+
+fn read_ttl(block: &[u8]) -> Option<f32> {
+    (block[FLAGS] & HAS_TTL != 0).then(|| {
+        let bits: [u8; 4] = block[TTL..TTL + 4].try_into().unwrap_or_default();
+        f32::from_le_bytes(bits)
+    })
 }
 
 fn read_i64(block: &[u8], at: usize) -> i64 {
