@@ -522,6 +522,32 @@ mod tests {
         assert_eq!(second.took(), [out("b", Some("ok"), None)]);
     }
 
+    /// When a held event came is not saved: a restored one timed far
+    /// ahead is held as the index holds a restored entry, its TTL plus 5
+    /// minutes from the start, not for ever.
+    #[test]
+    fn coalesce_forgets_a_restored_event_timed_far_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = "  coalesce(5s) { count { out } }";
+        let first = Life::start(rules, dir.path(), 0.0);
+        first.rules.process(&[Event {
+            host: Some("a".to_owned()),
+            time: TEST_EPOCH + secs_to_micros(365.0 * 86_400.0),
+            ttl: Some(10.0),
+            ..Event::default()
+        }]);
+        first.stop(dir.path());
+
+        let second = Life::start(rules, dir.path(), 1_000.0);
+        second.advance_to(1_000.0 + 315.0);
+        assert!(
+            !second.took().is_empty(),
+            "held until 310 s after the start"
+        );
+        second.advance_to(5_000.0);
+        assert_eq!(second.took().len(), 0, "then forgotten");
+    }
+
     #[test]
     fn groups_keyed_by_numbers_and_attributes_are_found_again() {
         // Looked up by values borrowed from each event, stored as text.

@@ -1053,6 +1053,22 @@ fn coalesce_emits_latest_per_series_and_forgets_expired_ones() {
     assert_eq!(out_f64(&b), vec![2.0, 2.0, 3.0, 2.0, 3.0, 2.0]);
 }
 
+/// An event timed a year ahead (or in milliseconds) is held as the index
+/// would hold it: its TTL plus the 5 minutes allowed after it came, not for
+/// ever; it is emitted with its time as sent.
+#[test]
+fn coalesce_forgets_an_event_timed_far_ahead_as_the_index_expires_it() {
+    let b = bench("coalesce(5s) { count { out } }");
+    let mut ahead = with_ttl(ev(&b, "a", "x"), 10.0);
+    ahead.time = at(365.0 * 86_400.0);
+    send(&b, ahead);
+    b.advance_to(at(3_600.0));
+    // Held until 310 s: periods ending at 5 s … 315 s (emitted once more
+    // after its deadline, as a TTL that ran out).
+    assert_eq!(out(&b).len(), 63);
+    assert!(out(&b).iter().all(|e| e.time == at(365.0 * 86_400.0)));
+}
+
 #[test]
 fn percentiles_use_nearest_rank() {
     let b = bench("percentiles(10s, [0.5, 0.95, 0.99]) { out }");

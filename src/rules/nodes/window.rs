@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 
 use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
-use crate::index::Index;
+use crate::index::{Index, expires_at};
 use crate::rules::engine::RuleStats;
 
 use super::numbers::{self, Sum};
@@ -166,8 +166,10 @@ impl Equivalent<(String, String)> for SeriesOf<'_> {
 
 #[derive(Default)]
 struct CoalesceState {
-    /// The latest event of each (host, service).
-    latest: HashMap<(String, String), Event>,
+    /// The latest event of each (host, service), with when it came: that
+    /// bounds how long one timed far ahead is held, as the index bounds its
+    /// entry (its time is emitted as sent).
+    latest: HashMap<(String, String), (Micros, Event)>,
     /// When the current period closes.
     window_end: Option<Micros>,
     overflow: Overflow,
@@ -333,12 +335,12 @@ impl Window {
             (_, WindowState::Moving(moving)) => moving.overflow.log_due(now),
             (WindowKind::Coalesce(dt), WindowState::Coalesce(coalesce)) => {
                 if let Some(end) = coalesce.window_end.filter(|end| now >= *end) {
-                    let current: Vec<&Event> = coalesce.latest.values().collect();
+                    let current: Vec<&Event> = coalesce.latest.values().map(|(_, e)| e).collect();
                     self.fold_each(|kind| fold(kind, current.iter().copied()), out);
                     // Expired (by state or TTL) entries are emitted once, then forgotten.
-                    coalesce.latest.retain(|_, e| {
-                        let ttl = index.ttl_secs(e);
-                        !e.is_expired_state() && e.time.saturating_add(secs_to_micros(ttl)) >= now
+                    coalesce.latest.retain(|_, (came, e)| {
+                        let ttl = secs_to_micros(index.ttl_secs(e));
+                        !e.is_expired_state() && expires_at(e.time, ttl, *came) >= now
                     });
                     coalesce.window_end =
                         (!coalesce.latest.is_empty()).then(|| end.max(now).saturating_add(dt));
@@ -395,11 +397,12 @@ impl Node for Window {
                     // Found by the event's own strings: a series already held
                     // costs no copy of its key, and its event's strings are
                     // reused.
-                    if let Some(held) = latest.get_mut(&SeriesOf::of(event)) {
+                    if let Some((came, held)) = latest.get_mut(&SeriesOf::of(event)) {
+                        *came = now;
                         held.clone_from(event);
                     } else if latest.len() < WINDOW_MAX {
                         let key = (event.host_str().to_owned(), event.service_str().to_owned());
-                        latest.insert(key, event.clone());
+                        latest.insert(key, (now, event.clone()));
                     } else {
                         coalesce.overflow.dropped_one(cx.stats);
                     }
@@ -464,7 +467,7 @@ impl Node for Window {
             },
             WindowState::Coalesce(coalesce) => Saved::Window {
                 events: Vec::new(),
-                latest: coalesce.latest.values().cloned().collect(),
+                latest: coalesce.latest.values().map(|(_, e)| e.clone()).collect(),
                 window_end: coalesce.window_end,
             },
         };
@@ -511,10 +514,18 @@ impl Node for Window {
                     latest, window_end, ..
                 },
             ) => {
+                // When each came is not saved (the format stays): taken as
+                // the start, as the index bounds a restored entry.
+                let came = from.started();
                 coalesce.latest = latest
                     .into_iter()
                     .take(WINDOW_MAX)
-                    .map(|e| ((e.host_str().to_owned(), e.service_str().to_owned()), e))
+                    .map(|e| {
+                        (
+                            (e.host_str().to_owned(), e.service_str().to_owned()),
+                            (came, e),
+                        )
+                    })
                     .collect();
                 coalesce.window_end = window_end;
             }
