@@ -435,11 +435,34 @@ mod tests {
 
     impl Life {
         fn start(streams: &str, dir: &Path, at_secs: f64) -> Life {
+            Life::start_with(streams, at_secs, |roots, text, started| {
+                restore(roots, text, dir, started);
+            })
+        }
+
+        /// Started with `entries` as if a file held them: one an earlier
+        /// build wrote.
+        fn start_from(streams: &str, entries: Vec<Saved>, at_secs: f64) -> Life {
+            Life::start_with(streams, at_secs, |roots, text, started| {
+                let header = Header {
+                    name: text.name.clone(),
+                    text: text.text.clone(),
+                };
+                let from = Restorer::from_entries(entries, started);
+                restore_from(roots, text, &header, from).unwrap();
+            })
+        }
+
+        fn start_with(
+            streams: &str,
+            at_secs: f64,
+            restore: impl FnOnce(&Children, &RuleText, Micros),
+        ) -> Life {
             let text = text(streams);
             let (_, compiled) = crate::rules::load(&text.name, &text.text, EnvPolicy::Strict)
                 .unwrap_or_else(|e| panic!("{e}"));
             let started = TEST_EPOCH + secs_to_micros(at_secs);
-            restore(&compiled.roots, &text, dir, started);
+            restore(&compiled.roots, &text, started);
             let clock = Arc::new(ManualClock::new(started));
             let index = Arc::new(Index::new(IndexConfig::default()));
             let out = Arc::new(Recorder::default());
@@ -546,6 +569,32 @@ mod tests {
         );
         second.advance_to(5_000.0);
         assert_eq!(second.took().len(), 0, "then forgotten");
+    }
+
+    /// A build before rates bounded a far-ahead time saved it as sent: the
+    /// restored rate stops its TTL plus 5 minutes after the start, as the
+    /// index expires a restored entry, not never.
+    #[test]
+    fn a_restored_rate_timed_far_ahead_stops() {
+        let started = TEST_EPOCH + secs_to_micros(1_000.0);
+        let latest = Event {
+            host: Some("a".to_owned()),
+            metric: Some(Metric::Float(1.0)),
+            time: TEST_EPOCH + secs_to_micros(365.0 * 86_400.0),
+            ttl: Some(10.0),
+            ..Event::default()
+        };
+        let saved = vec![Saved::Rate {
+            sum: 0.0,
+            latest: Some(latest),
+            window_end: started + secs_to_micros(10.0),
+            pending: false,
+        }];
+        let life = Life::start_from("  rate(10s) { out }", saved, 1_000.0);
+        life.advance_to(1_000.0 + 310.0);
+        assert_eq!(life.took().len(), 31, "windows ending at 10 s … 310 s");
+        life.advance_to(5_000.0);
+        assert_eq!(life.took().len(), 0, "then stopped");
     }
 
     #[test]

@@ -166,10 +166,16 @@ impl Node for Rate {
         match from.next("rate")? {
             Saved::Rate {
                 sum,
-                latest,
+                mut latest,
                 window_end,
                 pending,
             } => {
+                // Bounded as when it came, as the index bounds a restored
+                // entry: a build before the bound saved its time as sent.
+                if let Some(latest) = &mut latest {
+                    let bound = from.started().saturating_add(MAX_TIME_AHEAD);
+                    latest.time = latest.time.min(bound);
+                }
                 *self.state.lock() = RateState {
                     sum,
                     latest,
