@@ -943,7 +943,12 @@ impl Compiler<'_> {
                 let interval = self.require(n, &b, "interval");
                 let interval = self.duration(interval?)?;
                 let field = match b.get("field") {
-                    Some(v) => Field::named(&self.ident_or_string(v)?),
+                    Some(v) => {
+                        let field = Field::named(&self.ident_or_string(v)?);
+                        let alike = "Events without the attribute all look alike: it never changes";
+                        self.warn_misspelled(&field, v, alike);
+                        field
+                    }
                     None => Field::State,
                 };
                 let children = self.body(name, span, body)?;
@@ -1273,16 +1278,45 @@ impl Compiler<'_> {
                 );
                 return None;
             }
-            attribute => FieldSet::Attribute(
-                attribute.to_owned(),
-                match &v.kind {
-                    ValueKind::Null => None,
-                    ValueKind::Number(n) => Some(crate::event::number_text(*n)),
-                    ValueKind::Bool(b) => Some(b.to_string()),
-                    _ => Some(self.string(v)?),
-                },
-            ),
+            attribute => {
+                self.warn_set_misspelled(field);
+                FieldSet::Attribute(
+                    attribute.to_owned(),
+                    match &v.kind {
+                        ValueKind::Null => None,
+                        ValueKind::Number(n) => Some(crate::event::number_text(*n)),
+                        ValueKind::Bool(b) => Some(b.to_string()),
+                        _ => Some(self.string(v)?),
+                    },
+                )
+            }
         })
+    }
+
+    /// Warns of an attribute `with` or `default` sets that is spelled like
+    /// one of the event's fields it could set (`hots: "web1"`).
+    fn warn_set_misspelled(&mut self, attribute: &Ident) {
+        let name = attribute.name.as_str();
+        // Those it can set: `time` cannot be set by rules.
+        let fields = [
+            "host",
+            "service",
+            "state",
+            "description",
+            "metric",
+            "ttl",
+            "tags",
+        ];
+        let meant = misspelled(name, &fields);
+        let Some(meant) = meant else {
+            return;
+        };
+        let warning = Diagnostic::new(
+            attribute.span.clone(),
+            format!("`{name}` is an attribute, not one of the event's fields"),
+        );
+        let hint = format!("did you mean `{meant}`? As written, it sets the attribute `{name}`");
+        self.warnings.push(warning.with_hint(hint));
     }
 }
 
@@ -1328,23 +1362,30 @@ fn riemanns(name: &str) -> Option<&'static str> {
 /// The event's field `name` most likely misspells, letters swapped
 /// (`hsot`) or one wrong: an attribute so named is seldom meant.
 fn misspelled_field(name: &str) -> Option<&'static str> {
-    const FIELDS: [&str; 7] = [
-        "host",
-        "service",
-        "state",
-        "description",
-        "metric",
-        "ttl",
-        "time",
-    ];
+    misspelled(
+        name,
+        &[
+            "host",
+            "service",
+            "state",
+            "description",
+            "metric",
+            "ttl",
+            "time",
+        ],
+    )
+}
+
+/// Which of `fields` `name` is spelled like: the same letters, or a typo.
+fn misspelled(name: &str, fields: &[&'static str]) -> Option<&'static str> {
     let letters = |s: &str| {
         let mut chars: Vec<char> = s.chars().collect();
         chars.sort_unstable();
         chars
     };
-    (FIELDS.iter().copied())
+    (fields.iter().copied())
         .find(|field| letters(field) == letters(name))
-        .or_else(|| closest(name, FIELDS))
+        .or_else(|| closest(name, fields.iter().copied()))
 }
 
 fn list(names: &[&str]) -> String {

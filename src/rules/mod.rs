@@ -111,11 +111,15 @@ mod tests {
     use super::*;
 
     /// `by(hsot)` groups by an attribute events lack: all in one group;
-    /// `changed(field: sate)` watches one: nothing changes.
+    /// `changed(field: sate)` watches one: nothing changes; `with(hots: …)`
+    /// sets an attribute, not the host.
     #[test]
     fn a_field_spelled_like_an_event_field_is_warned_of() {
         let source = "streams {\n  by(hsot, env, servce, host) { index }\n  \
-                      changed(field: sate) { index }\n  changed(field: env) { index }\n}\n";
+                      changed(field: sate) { index }\n  changed(field: env) { index }\n  \
+                      with(hots: \"a\", env: \"b\", tgas: \"c\", tiem: 1) { index }\n  \
+                      default(stat: \"ok\") { index }\n  \
+                      stable(interval: 5s, field: metirc) { index }\n}\n";
         let (_, compiled) = load("w.vigil", source, EnvPolicy::Strict).unwrap();
         let warnings: Vec<_> = (compiled.warnings.iter())
             .map(|w| (&source[w.span.clone()], w.hint.as_deref().unwrap_or("")))
@@ -134,6 +138,22 @@ mod tests {
                 (
                     "sate",
                     "did you mean `state`? Events without the attribute never change"
+                ),
+                (
+                    "hots",
+                    "did you mean `host`? As written, it sets the attribute `hots`"
+                ),
+                (
+                    "tgas",
+                    "did you mean `tags`? As written, it sets the attribute `tgas`"
+                ),
+                (
+                    "stat",
+                    "did you mean `state`? As written, it sets the attribute `stat`"
+                ),
+                (
+                    "metirc",
+                    "did you mean `metric`? Events without the attribute all look alike: it never changes"
                 ),
             ]
         );
