@@ -14,6 +14,13 @@
 //! to [`FREE`] bytes take nothing, so a flood of large answers never refuses
 //! a dashboard's small ones.
 //!
+//! An answer holding room must be taken whole within the write timeout
+//! (`--read-timeout`), so the pool turns over: a client reading just fast
+//! enough that no write stalls for the timeout would otherwise keep its
+//! room for as long as it liked, and every other large answer be refused
+//! as busy meanwhile. A Riemann TCP reply always had to be written within
+//! it; HTTP and gRPC answers are dropped by [`crate::unread`] otherwise.
+//!
 //! Counted in KiB, as the message budget is ([`crate::budget`]); an answer
 //! larger than the whole pool takes all of it, so any answer fits on an idle
 //! server.
@@ -55,11 +62,24 @@ pub struct Busy {
     pub max: usize,
 }
 
+/// Marks an HTTP response whose answer holds room in the pool: it must be
+/// taken whole within the write timeout ([`crate::unread::Unread::watch_whole`]),
+/// so that a client reading it slowly cannot keep its room for hours.
+#[derive(Debug, Clone, Copy)]
+pub struct Large;
+
 /// An answer's room in the pool, given back when dropped.
 #[derive(Debug)]
 pub struct Room {
     permit: Option<OwnedSemaphorePermit>,
     stats: Arc<Stats>,
+}
+
+impl Room {
+    /// Whether it takes room from the pool (its answer is over [`FREE`]).
+    pub fn takes_room(&self) -> bool {
+        self.permit.is_some()
+    }
 }
 
 impl Drop for Room {

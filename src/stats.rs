@@ -125,7 +125,8 @@ counters! {
     http_read_timeouts,
     /// HTTP/2 responses (and SSE subscriptions) on the HTTP listeners whose
     /// client, while reading its connection, took nothing of them for
-    /// `--read-timeout`: dropped, their stream reset.
+    /// `--read-timeout`, and query answers over 64 KiB (HTTP/1 too) not
+    /// taken whole within it: dropped, their stream reset.
     http_responses_unread,
     /// WebSocket subscribers closed for sending more messages between two
     /// pings than a subscriber has reason to (a ping flood).
@@ -136,7 +137,8 @@ counters! {
     grpc_write_timeouts,
     /// gRPC responses (and subscriptions, and `Send` streams' acks) whose
     /// client, while reading its connection, took nothing of them for
-    /// `--read-timeout`: dropped, their stream reset.
+    /// `--read-timeout`, and `Query` answers over 64 KiB not taken whole
+    /// within it: dropped, their stream reset.
     grpc_responses_unread,
     /// gRPC connections closed because the client sent nothing within
     /// `--read-timeout` of connecting.

@@ -15,6 +15,12 @@
 //! stream comes back for the next one when the client has taken that
 //! chunk, so a client reading slowly (a chunk per timeout, 16 KiB a minute
 //! at the default) is not taken for one reading nothing.
+//!
+//! A query answer holding room in `--max-answer-memory` is watched with
+//! [`Unread::watch_whole`]: it must also be taken whole within the timeout,
+//! as a Riemann TCP answer must, or it is dropped (over HTTP/1 too).
+//! Reading a chunk per timeout would otherwise let one client hold the
+//! whole pool for hours, and every other large answer be refused as busy.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,8 +43,12 @@ pub const CHUNK: usize = 16 * 1024;
 
 /// Why a watched body ended early.
 #[derive(Debug, thiserror::Error)]
-#[error("the client took nothing of this response for {0:?}; it was dropped")]
-pub struct LeftUnread(Duration);
+pub enum LeftUnread {
+    #[error("the client took nothing of this response for {0:?}; it was dropped")]
+    Stalled(Duration),
+    #[error("the client did not take this answer whole within {0:?}; it was dropped")]
+    TooSlow(Duration),
+}
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -93,12 +103,32 @@ impl Unread {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        self.watched(body, NEVER)
+    }
+
+    /// [`Unread::watch`], and dropped too unless taken whole within the
+    /// timeout: an answer holding room in `--max-answer-memory`.
+    pub fn watch_whole<B>(self: &Arc<Self>, body: B) -> Watched<B>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let deadline = self.now().saturating_add(self.timeout.as_millis() as u64);
+        self.watched(body, deadline)
+    }
+
+    fn watched<B>(self: &Arc<Self>, body: B, deadline: u64) -> Watched<B>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let slot = Arc::new(Slot {
             body: Mutex::new(Some(Held {
                 body: Box::pin(body),
                 rest: Bytes::new(),
             })),
             ready_since: AtomicU64::new(self.now()),
+            deadline,
             dropped: AtomicBool::new(false),
         });
         let stall: Arc<dyn Stall> = slot.clone();
@@ -142,6 +172,8 @@ trait Stall: Send + Sync {
 
 /// No frame ready: the body itself is waited on.
 const WAITING: u64 = u64::MAX;
+/// No deadline for taking the whole body.
+const NEVER: u64 = u64::MAX;
 
 struct Slot<B> {
     /// `None` once ended or dropped.
@@ -149,6 +181,8 @@ struct Slot<B> {
     /// When the consumer last got a frame (or the body began), in the
     /// watch's milliseconds; [`WAITING`] while the body has none ready.
     ready_since: AtomicU64,
+    /// When the body must have been taken whole by, or [`NEVER`].
+    deadline: u64,
     dropped: AtomicBool,
 }
 
@@ -161,12 +195,14 @@ struct Held<B> {
 impl<B: Send> Stall for Slot<B> {
     fn drop_if_unread(&self, now: u64, limit: u64) -> bool {
         let since = self.ready_since.load(Ordering::Acquire);
-        if since == WAITING || now.saturating_sub(since) < limit {
+        let stalled = since != WAITING && now.saturating_sub(since) >= limit;
+        let late = now >= self.deadline;
+        if !stalled && !late {
             return false;
         }
         let mut body = self.body.lock();
-        // Ended, or taken since the load above.
-        if body.is_none() || self.ready_since.load(Ordering::Acquire) != since {
+        // Ended, or taken since the load above (and not late anyway).
+        if body.is_none() || (!late && self.ready_since.load(Ordering::Acquire) != since) {
             return false;
         }
         *body = None;
@@ -198,7 +234,13 @@ where
         let mut guard = slot.body.lock();
         let Some(held) = guard.as_mut() else {
             if slot.dropped.load(Ordering::Acquire) {
-                return Poll::Ready(Some(Err(LeftUnread(this.unread.timeout).into())));
+                let timeout = this.unread.timeout;
+                let left = if this.unread.now() >= slot.deadline {
+                    LeftUnread::TooSlow(timeout)
+                } else {
+                    LeftUnread::Stalled(timeout)
+                };
+                return Poll::Ready(Some(Err(left.into())));
             }
             return Poll::Ready(None);
         };
@@ -381,6 +423,38 @@ mod tests {
         drop(watched);
         tokio::time::sleep(TIMEOUT / 2).await;
         assert!(unread.bodies.lock().is_empty(), "forgotten once gone");
+    }
+
+    /// An answer read a chunk per timeout would hold its room in
+    /// `--max-answer-memory` for hours: watched whole, it is dropped once
+    /// the timeout has passed since it began.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_not_taken_whole_within_the_timeout_is_dropped() {
+        let (unread, stats) = watch();
+        let (body, dropped) = frames(&[10 * CHUNK]);
+        let mut watched = unread.watch_whole(body);
+        let mut taken = 0;
+        for _ in 0..3 {
+            taken += len(next(&mut watched).await);
+            tokio::time::sleep(TIMEOUT / 3 - Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(TIMEOUT / 2).await;
+        assert_eq!(taken, 3 * CHUNK, "steadily read, never stalled");
+        assert!(dropped.load(Ordering::Acquire), "what it held is freed");
+        assert_eq!(Stats::get(&stats.http_responses_unread), 1);
+        let ended = next(&mut watched).await.unwrap().unwrap_err();
+        assert_eq!(
+            ended.to_string(),
+            "the client did not take this answer whole within 10s; it was dropped"
+        );
+        // One taken whole in time is kept.
+        let (body, _) = frames(&[3 * CHUNK]);
+        let mut watched = unread.watch_whole(body);
+        while let Some(frame) = next(&mut watched).await {
+            frame.unwrap();
+            tokio::time::sleep(TIMEOUT / 4).await;
+        }
+        assert_eq!(Stats::get(&stats.http_responses_unread), 1);
     }
 
     #[tokio::test(start_paused = true)]

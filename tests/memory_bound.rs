@@ -456,16 +456,14 @@ async fn a_frame_waiting_for_room_is_not_timed_out_meanwhile() {
 /// to `true`, which then takes all of it.
 const ANSWER_MEMORY: u64 = 1 << 20;
 
-/// vigil with `--max-answer-memory` of [`ANSWER_MEMORY`], holding 3 000
-/// events of 4 KB (the answer to `true`, ~12 MB, far more than the socket
-/// buffers hold) and one small one.
-async fn holding_large_answers() -> Vigil {
-    let v = Vigil::start(&[
-        "--grpc",
-        "127.0.0.1:0",
-        "--max-answer-memory",
-        &ANSWER_MEMORY.to_string(),
-    ]);
+/// vigil with `--max-answer-memory` of [`ANSWER_MEMORY`] and `extra`
+/// arguments, holding 3 000 events of 4 KB (the answer to `true`, ~12 MB,
+/// far more than the socket buffers hold) and one small one.
+async fn holding_large_answers(extra: &[&str]) -> Vigil {
+    let memory = ANSWER_MEMORY.to_string();
+    let mut args = vec!["--grpc", "127.0.0.1:0", "--max-answer-memory", &memory];
+    args.extend_from_slice(extra);
+    let v = Vigil::start(&args);
     let mut client = Client::connect(v.tcp).await.unwrap();
     let now = SystemClock.now();
     for batch in 0..3 {
@@ -498,7 +496,7 @@ async fn holding_large_answers() -> Vigil {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_beyond_the_answer_memory_are_refused_as_busy_on_every_transport() {
     let _alone = ALONE.lock().await;
-    let v = holding_large_answers().await;
+    let v = holding_large_answers(&[]).await;
     let (http, grpc) = (v.http.unwrap(), v.grpc.unwrap());
     let mut stalled = TcpStream::connect(v.tcp).await.unwrap();
     stalled.write_all(&frame(&query_of("true"))).await.unwrap();
@@ -549,7 +547,7 @@ async fn large_answers_beyond_the_answer_memory_are_refused_as_busy_on_every_tra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_and_grpc_answers_hold_their_room_until_sent() {
     let _alone = ALONE.lock().await;
-    let v = holding_large_answers().await;
+    let v = holding_large_answers(&[]).await;
     let (http, grpc) = (v.http.unwrap(), v.grpc.unwrap());
     let mut tcp = Client::connect(v.tcp).await.unwrap();
     let get = axum::http::Request::get(format!("http://{http}/index?query=true"))
@@ -594,4 +592,44 @@ fn query_of(query: &str) -> Vec<u8> {
         ..proto::Msg::default()
     }
     .encode_to_vec()
+}
+
+/// An answer holding room must be taken whole within `--read-timeout`, as a
+/// Riemann TCP answer must: an HTTP/1 client reading it steadily (every
+/// write progressing well within the timeout) but slowly would otherwise
+/// keep the pool, every other large answer refused as busy, for as long as
+/// the answer lasted at its pace (a 12 MB answer at 330 KB/s: 32 s, six
+/// times a 5 s timeout). It is cut short, counted, and its room is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_read_slowly_gives_its_room_back_after_the_read_timeout() {
+    let _alone = ALONE.lock().await;
+    let v = holding_large_answers(&["--read-timeout", "2s"]).await;
+    let http = v.http.unwrap();
+    let mut slow = TcpStream::connect(http).await.unwrap();
+    let get = b"GET /index?query=true HTTP/1.1\r\nHost: vigil\r\n\r\n";
+    slow.write_all(get).await.unwrap();
+    // 512 KiB every quarter of a second: the whole answer in some 6 s (the
+    // connection is kept open after it, and closed once idle).
+    let (mut taken, mut buffer) = (0, vec![0; 512 * 1024]);
+    'reading: loop {
+        let mut part = 0;
+        while part < buffer.len() {
+            match within(slow.read(&mut buffer[part..])).await {
+                Ok(0) | Err(_) => break 'reading,
+                Ok(n) => (part, taken) = (part + n, taken + n),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_metric(http, "vigil_answer_bytes_held", 0).await;
+    let whole = within(reqwest::get(format!("http://{http}/index?query=true")))
+        .await
+        .unwrap();
+    assert_eq!(whole.status(), reqwest::StatusCode::OK, "its room is back");
+    let whole = whole.bytes().await.unwrap().len();
+    assert!(
+        taken < whole,
+        "cut short: {taken} bytes (with the head) of {whole}"
+    );
+    wait_metric(http, "vigil_http_responses_unread_total", 1).await;
 }

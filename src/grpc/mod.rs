@@ -445,9 +445,18 @@ impl Grpc {
             }))
             .layer(MapResponseLayer::new(
                 move |mut response: http::Response<Body>| {
-                    let room = response.extensions_mut().remove::<AnswerRoom>();
-                    let held = |body| Holding::new(body, room.map(|room| room.0));
-                    response.map(|body| Body::new(unread.watch(held(body))))
+                    let room =
+                        (response.extensions_mut().remove::<AnswerRoom>()).map(|room| room.0);
+                    // One holding room must be sent whole within the write
+                    // timeout, not read a frame per timeout for hours.
+                    let large = room.as_ref().is_some_and(|room| room.takes_room());
+                    response.map(|body| {
+                        let held = Holding::new(body, room);
+                        Body::new(match large {
+                            true => unread.watch_whole(held),
+                            false => unread.watch(held),
+                        })
+                    })
                 },
             ))
             .add_service(service)

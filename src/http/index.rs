@@ -38,6 +38,7 @@ use serde_json::json;
 
 use super::live::{self, Live};
 use super::{AppState, error};
+use crate::answers;
 use crate::event::Event;
 use crate::json;
 use crate::limits::start_of;
@@ -120,8 +121,16 @@ pub(super) async fn get_index(
         Err((status, e)) => return error(status, json!({ "error": e })),
     };
     match body {
-        // Its room in --max-answer-memory goes back once hyper has sent it.
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        // Its room in --max-answer-memory goes back once hyper has sent it,
+        // which must be within the write timeout (see `crate::unread`).
+        Ok(body) => {
+            let large = body.len() > answers::FREE;
+            let mut answer = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+            if large {
+                answer.extensions_mut().insert(answers::Large);
+            }
+            answer
+        }
         Err(busy) => {
             let mut answer = error(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -37,6 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::answers;
 use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::bounded::{Bounded, Bounds, Counters, MAX_STREAMS};
 use crate::budget::{self, Budget};
@@ -462,10 +463,15 @@ fn router(state: AppState) -> Router {
 
 /// An answer over HTTP/2 is dropped once its client leaves it unread (see
 /// [`crate::unread`]); over HTTP/1 its writes are the connection's, which
-/// [`Bounded`] times out.
+/// [`Bounded`] times out. A query answer holding room in
+/// `--max-answer-memory` is dropped too, over either, unless taken whole
+/// within the timeout.
 async fn watch_unread(State(unread): State<Arc<Unread>>, request: Request, next: Next) -> Response {
     let http2 = request.version() == Version::HTTP_2;
     let response = next.run(request).await;
+    if response.extensions().get::<answers::Large>().is_some() {
+        return response.map(|body| axum::body::Body::new(unread.watch_whole(body)));
+    }
     if !http2 {
         return response;
     }
