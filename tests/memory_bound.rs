@@ -633,3 +633,49 @@ async fn an_answer_read_slowly_gives_its_room_back_after_the_read_timeout() {
     );
     wait_metric(http, "vigil_http_responses_unread_total", 1).await;
 }
+
+/// The same over gRPC: a `Query` answer its client takes steadily (its
+/// window given back a quarter of a megabyte at a time, four times a
+/// second) but not whole within `--read-timeout` is reset, and its room is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_answer_read_slowly_gives_its_room_back_after_the_read_timeout() {
+    let _alone = ALONE.lock().await;
+    let v = holding_large_answers(&["--read-timeout", "2s"]).await;
+    let (http, grpc) = (v.http.unwrap(), v.grpc.unwrap());
+    let call = axum::http::Request::post(format!("http://{grpc}/vigil.Vigil/Query"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let request = QueryRequest::new("true").encode_to_vec();
+    let mut message = vec![0];
+    message.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    message.extend_from_slice(&request);
+    let io = TcpStream::connect(grpc).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(io).await.unwrap();
+    let driven = tokio::spawn(connection);
+    let (answer, mut sending) = h2.send_request(call, false).unwrap();
+    sending.send_data(message.into(), true).unwrap();
+    let mut body = within(answer).await.unwrap().into_body();
+    let (mut taken, mut since_pause) = (0, 0);
+    let ended = loop {
+        match within(body.data()).await {
+            Some(Ok(data)) => {
+                (taken, since_pause) = (taken + data.len(), since_pause + data.len());
+                body.flow_control().release_capacity(data.len()).unwrap();
+            }
+            Some(Err(e)) => break Some(e),
+            None => break None,
+        }
+        if since_pause >= 256 * 1024 {
+            since_pause = 0;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    assert!(ended.is_some(), "reset after {taken} bytes, not ended");
+    wait_metric(http, "vigil_answer_bytes_held", 0).await;
+    wait_metric(http, "vigil_grpc_responses_unread_total", 1).await;
+    drop((body, h2));
+    driven.abort();
+}
