@@ -1273,6 +1273,65 @@ async fn a_pager_removed_while_failing_and_declared_again_with_another_receiver_
     );
 }
 
+/// The receiver is changed to a wrong one, which fails a page; a reload
+/// removes the pager, and a later one declares it again with the first
+/// receiver, which still has an incident open (so its memory came back):
+/// it is paged for the ongoing incident the wrong one did not take.
+#[tokio::test]
+async fn a_pager_removed_while_failing_and_declared_again_with_its_previous_receiver_pages_it() {
+    let (good, wrong) = (Receiver::start().await, Receiver::start().await);
+    wrong.reply_always(Reply(500, vec![], "no such route"));
+    let spec = |rx: &Receiver| OutputSpec {
+        name: "oncall".into(),
+        kind: OutputKind::Pager(paging_webhook_config(&rx.url)),
+    };
+    let kept = Kept::default();
+    let first_stop = CancellationToken::new();
+    let (first, first_task) = outputs::start(&spec(&good), &kept, first_stop.clone());
+    first.push(event("cpu", "critical"));
+    good.wait_for(1).await;
+    let second_stop = CancellationToken::new();
+    let (second, second_task) = outputs::start(&spec(&wrong), &kept, second_stop.clone());
+    drop(first);
+    first_stop.cancel();
+    first_task.await.unwrap();
+    second.push(event("disk /", "critical"));
+    wrong.wait_for(2).await;
+    // Removed while failing.
+    drop(second);
+    second_stop.cancel();
+    second_task.await.unwrap();
+
+    let stop = CancellationToken::new();
+    let (back, task) = outputs::start(&spec(&good), &kept, stop.clone());
+    good.wait_for(2).await;
+    back.push(event("disk /", "ok"));
+    back.push(event("cpu", "ok"));
+    good.wait_for(4).await;
+    let pages: Vec<_> = (good.seen().iter())
+        .map(|s| format!("{} {}", s.json()["action"], s.json()["dedup_key"]))
+        .collect();
+    assert_eq!(
+        pages,
+        [
+            r#""trigger" "web1/cpu""#,
+            r#""trigger" "web1/disk /""#,
+            r#""resolve" "web1/disk /""#,
+            r#""resolve" "web1/cpu""#,
+        ],
+        "the page the wrong receiver did not take, then both resolves"
+    );
+    let stats = back.stats.clone();
+    drop(back);
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        settlement(&stats),
+        (4, 4, 0, 0, 0),
+        "each page counted once"
+    );
+}
+
 /// What the previous receiver did not take, the new one gets as the latest
 /// page of each series, before the pages made since: a trigger for each
 /// incident still ongoing (once, at its latest severity); nothing for one

@@ -471,8 +471,9 @@ pub struct Memory {
     /// has not read it yet), under the key it was saved with, before this
     /// one can save over it. Taken by [`load`](Self::load).
     predecessor: Mutex<Option<Arc<Memory>>>,
-    /// The memory of the receiver this one replaced: pages its task left
-    /// there are this one's to send ([`replaced_memory`](Self::replaced_memory)).
+    /// The memory of the receiver this one replaced (or took the file back
+    /// from): pages its task left there are this one's to send
+    /// ([`replaced_memory`](Self::replaced_memory)).
     /// Held until then: with nothing open, nothing else keeps it.
     previous_receiver: Mutex<Option<Arc<Memory>>>,
     /// This memory's incidents were (or may be) in its file kept aside,
@@ -725,11 +726,14 @@ impl Memory {
     /// This memory, replaced when its receiver changed, serving again
     /// because that receiver came back: it takes the file over from `current`
     /// (which no longer saves). [`resume`](Self::resume) then saves it, so
-    /// that the file holds its incidents again.
-    pub fn takes_over_from(&self, current: &Memory) {
+    /// that the file holds its incidents again. Pages a stopped task of
+    /// `current` left (a reload removed the output meanwhile) are this one's
+    /// to send, as for a new receiver ([`replaced_memory`](Self::replaced_memory)).
+    pub fn takes_over_from(&self, current: &Arc<Memory>) {
         current.replaced.store(true, Ordering::Release);
         self.replaced.store(false, Ordering::Release);
         self.aside_to_clear.store(true, Ordering::Release);
+        *self.previous_receiver.lock() = Some(current.clone());
     }
 
     /// Saves a memory that [took the file over](Self::takes_over_from),
