@@ -607,8 +607,14 @@ impl Memory {
         let saved = match off_workers(move || read(&path)).await {
             Some(Ok(Some(saved))) if saved.receiver_hash == self.receiver_hash => saved,
             Some(Ok(_)) | None => return,
-            Some(Err(error)) => {
+            Some(Err(error @ LoadError::Io { .. })) => {
                 return tracing::warn!(output = %self.output, %error, "{NOT_LOADED}");
+            }
+            // As the output's own file: this receiver's save aside would
+            // replace it.
+            Some(Err(error)) => {
+                off_workers(move || snapshot::set_aside(&aside, &error, NOT_LOADED)).await;
+                return;
             }
         };
         tracing::info!(
@@ -1515,6 +1521,36 @@ mod tests {
         let aside = dir.path().join("pagerduty-pager.json.unreadable");
         assert_eq!(std::fs::read_to_string(aside).unwrap(), cut_short);
         assert_eq!(keys(&*from_file(file, "key", 10).await).len(), 1);
+    }
+
+    /// A file kept aside for a receiver that cannot be read lists what to
+    /// resolve by hand, as the output's own does: the receiver's next save
+    /// aside (another one replaced it again) must not destroy it.
+    #[tokio::test]
+    async fn a_file_kept_aside_that_cannot_be_read_is_not_saved_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let aside = kept_aside(&file, &key_hash("k1"));
+        let cut_short = r#"{"version":1,"routing_key_hash":"0","incidents":[{"dedup_key":"web1/cp"#;
+        std::fs::write(&aside, cut_short).unwrap();
+        let first = from_file(file.clone(), "k1", 10).await;
+        assert!(keys(&first).is_empty());
+        first
+            .incidents()
+            .triggered("web2/disk".into(), Severity::Critical, Instant::now());
+        let second = Arc::new(first.replaced_by("k2"));
+        second.load().await;
+        assert!(first.save().await);
+        let unreadable = dir.path().join(format!(
+            "pagerduty-pager.{}.json.unreadable",
+            key_hash("k1")
+        ));
+        assert_eq!(
+            std::fs::read_to_string(&unreadable).ok().as_deref(),
+            Some(cut_short)
+        );
+        let back = from_file(aside, "k1", 10).await;
+        assert_eq!(keys(&back), [("web2/disk".to_owned(), Severity::Critical)]);
     }
 
     /// A reload that changed the routing key: the retiring task, still
