@@ -436,8 +436,10 @@ pub struct Memory {
     incidents: Mutex<Incidents>,
     /// Held through a whole save, so saves land in the order they read the
     /// incidents: the newest state is the one left on disk. Shared with the
-    /// memory that replaces this one, which saves to the same file.
-    saving: Arc<Mutex<()>>,
+    /// memory that replaces this one, which saves to the same file. Holds
+    /// the hash of the receiver whose state the file holds, as last read or
+    /// written (`None`: no file yet).
+    saving: Arc<Mutex<Option<String>>>,
     /// Another receiver's memory took over the file: this one's task may
     /// still be draining, but it no longer saves.
     replaced: AtomicBool,
@@ -538,8 +540,15 @@ impl Memory {
                     return;
                 };
                 let path = file.clone();
-                match off_workers(move || read(&path)).await {
+                let read = off_workers(move || read(&path)).await;
+                if let Some(Ok(saved)) = &read {
+                    *self.saving.lock() = saved.as_ref().map(|s| s.receiver_hash.clone());
+                }
+                match read {
                     Some(Ok(Some(saved))) if saved.receiver_hash == self.receiver_hash => {
+                        // Whatever was kept aside for this receiver is older
+                        // than the file: stale once the file is saved again.
+                        self.aside_to_clear.store(true, Ordering::Release);
                         self.restore(saved);
                     }
                     Some(Ok(Some(saved))) => {
@@ -916,66 +925,74 @@ impl Memory {
 
     /// Writes the output's file; or, once another receiver's memory
     /// replaced this one, the file kept aside for this receiver's incidents
-    /// (removed when none is left open).
+    /// (removed when none is left open), and the output's file too while
+    /// it is still this receiver's.
     fn write(&self, file: &Path) -> Result<(), SnapshotError> {
-        let _in_order = self.saving.lock();
+        let mut file_holds = self.saving.lock();
         let replaced = self.replaced.load(Ordering::Acquire);
-        let saved = {
-            let incidents = self.incidents.lock();
-            let (now, wall) = (Instant::now(), SystemTime::now());
-            let since_epoch = |age| {
-                wall.checked_sub(age)
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map_or(0.0, |d| d.as_secs_f64())
-            };
-            // A replaced memory's pages are the new receiver's to save.
-            let (unsent, saving) = match replaced {
-                true => (Vec::new(), None),
-                false => {
-                    let (unsent, saving) = self.unsent.lock().saving();
-                    (unsent, Some(saving))
-                }
-            };
-            let saved = Saved {
-                version: if unsent.is_empty() {
-                    WITHOUT_UNSENT
-                } else {
-                    VERSION
-                },
-                receiver_hash: self.receiver_hash.clone(),
-                incidents: incidents
-                    .oldest_first(now)
-                    .map(|(key, open, age)| SavedIncident {
-                        dedup_key: key.to_owned(),
-                        severity: open.severity,
-                        sent: since_epoch(age),
-                        series: open.series.clone(),
-                    })
-                    .collect(),
-                unsent,
-                dedup_keys: (self.dedup_keys.lock().iter())
-                    .map(|t| t.as_ref().map(|t| t.as_str().to_owned()))
-                    .collect(),
-            };
-            (saved, saving)
-        };
-        let (saved, saving) = saved;
-        let Some(saving) = saving else {
+        if replaced {
+            let (saved, _) = self.saved(false);
             let aside = kept_aside(file, &self.receiver_hash);
-            if saved.incidents.is_empty() {
-                return remove_if_present(&aside);
+            match saved.incidents.is_empty() {
+                true => remove_if_present(&aside)?,
+                false => write_saved(&aside, &saved)?,
             }
-            return write_saved(&aside, &saved);
-        };
+            // Until the new receiver saves it, the file is still this one's,
+            // and what a restart reads: kept as current as the file aside,
+            // or it would open again what this one resolved since.
+            if file_holds.as_deref() != Some(self.receiver_hash.as_str()) {
+                return Ok(());
+            }
+        }
+        let (saved, saving) = self.saved(true);
         write_saved(file, &saved)?;
+        *file_holds = Some(self.receiver_hash.clone());
         // Only now: after a failed write the file holds what it held.
         self.unsent.lock().saved(saving);
-        if self.aside_to_clear.swap(false, Ordering::AcqRel) {
+        if !replaced && self.aside_to_clear.swap(false, Ordering::AcqRel) {
             // Stale now; left, it is never read while the file is this
             // receiver's, so a failure here loses nothing.
             let _ = remove_if_present(&kept_aside(file, &self.receiver_hash));
         }
         Ok(())
+    }
+
+    /// What this memory saves: its incidents, and `with_unsent` its pages
+    /// written down, with what the file holds once they are in it.
+    fn saved(&self, with_unsent: bool) -> (Saved, Saving) {
+        let incidents = self.incidents.lock();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let since_epoch = |age| {
+            wall.checked_sub(age)
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let (mut unsent, saving) = self.unsent.lock().saving();
+        if !with_unsent {
+            unsent.clear();
+        }
+        let saved = Saved {
+            version: if unsent.is_empty() {
+                WITHOUT_UNSENT
+            } else {
+                VERSION
+            },
+            receiver_hash: self.receiver_hash.clone(),
+            incidents: incidents
+                .oldest_first(now)
+                .map(|(key, open, age)| SavedIncident {
+                    dedup_key: key.to_owned(),
+                    severity: open.severity,
+                    sent: since_epoch(age),
+                    series: open.series.clone(),
+                })
+                .collect(),
+            unsent,
+            dedup_keys: (self.dedup_keys.lock().iter())
+                .map(|t| t.as_ref().map(|t| t.as_str().to_owned()))
+                .collect(),
+        };
+        (saved, saving)
     }
 }
 
@@ -1551,6 +1568,54 @@ mod tests {
         );
         let back = from_file(aside, "k1", 10).await;
         assert_eq!(keys(&back), [("web2/disk".to_owned(), Severity::Critical)]);
+    }
+
+    /// A reload replaced the receiver; the previous one's task, draining,
+    /// resolved its incident; vigil stopped before the new receiver saved
+    /// the file (a crash, a second signal). The next run must not take the
+    /// file's older incident back as open: a new trigger of that series
+    /// would be suppressed as already sent.
+    #[tokio::test]
+    async fn what_a_replaced_receiver_resolved_stays_resolved_when_the_file_is_still_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let first = from_file(file.clone(), "k1", 10).await;
+        first
+            .incidents()
+            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+        assert!(first.save().await);
+        let second = Arc::new(first.replaced_by("k2"));
+        second.load().await;
+        first.incidents().resolved("web1/disk");
+        assert!(first.save().await);
+
+        let restarted = from_file(file.clone(), "k2", 10).await;
+        assert!(keys(&restarted).is_empty());
+        assert!(restarted.save().await);
+        let back = from_file(file, "k1", 10).await;
+        assert!(keys(&back).is_empty(), "resolved before the restart");
+    }
+
+    /// A file kept aside for the receiver whose the output's file is (a
+    /// crash before the receiver that came back saved) is older than that
+    /// file: gone with its next save, or a later run would open again what
+    /// it lists.
+    #[tokio::test]
+    async fn a_file_kept_aside_older_than_the_receivers_own_is_removed_by_its_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let own = from_file(file.clone(), "k1", 10).await;
+        assert!(own.save().await);
+        let stale = from_file(kept_aside(&file, &key_hash("k1")), "k1", 10).await;
+        stale
+            .incidents()
+            .triggered("web1/cpu".into(), Severity::Critical, Instant::now());
+        assert!(stale.save().await);
+
+        let restarted = from_file(file.clone(), "k1", 10).await;
+        assert!(keys(&restarted).is_empty());
+        assert!(restarted.save().await);
+        assert!(!kept_aside(&file, &key_hash("k1")).exists());
     }
 
     /// A reload that changed the routing key: the retiring task, still
