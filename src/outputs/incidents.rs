@@ -194,6 +194,9 @@ pub(super) struct Unsent {
     settled: u64,
     saved_from: u64,
     saved_to: u64,
+    /// The pages were [taken](Unsent::take) for another receiver's memory,
+    /// which saves them: the file gets this one's no more.
+    handed_on: bool,
 }
 
 impl Unsent {
@@ -288,8 +291,10 @@ impl Unsent {
         self.saved_from != self.settled || self.saved_to != self.settled + self.written as u64
     }
 
-    /// Takes every page held, and what made each.
+    /// Takes every page held, and what made each, for another receiver's
+    /// memory (see [`Unsent::handed_on`]).
     pub(super) fn take(&mut self) -> (Vec<Event>, Vec<Option<Origin>>) {
+        self.handed_on = true;
         self.settled += self.pages.len() as u64;
         self.written = 0;
         self.bytes = 0;
@@ -696,6 +701,7 @@ impl Memory {
     /// [`load`](Self::load) reads it into this one first.
     pub fn replaced_by(self: &Arc<Self>, receiver: &str) -> Memory {
         self.replaced.store(true, Ordering::Release);
+        self.unsent.lock().handed_on = false;
         let loaded = self.is_loaded();
         if loaded {
             self.warn_left_open();
@@ -746,6 +752,7 @@ impl Memory {
     /// to send, as for a new receiver ([`replaced_memory`](Self::replaced_memory)).
     pub fn takes_over_from(&self, current: &Arc<Memory>) {
         current.replaced.store(true, Ordering::Release);
+        current.unsent.lock().handed_on = false;
         self.replaced.store(false, Ordering::Release);
         self.aside_to_clear.store(true, Ordering::Release);
         *self.previous_receiver.lock() = Some(current.clone());
@@ -931,20 +938,22 @@ impl Memory {
         let mut file_holds = self.saving.lock();
         let replaced = self.replaced.load(Ordering::Acquire);
         if replaced {
-            let (saved, _) = self.saved(false);
+            let (saved, _, _) = self.saved(false);
             let aside = kept_aside(file, &self.receiver_hash);
             match saved.incidents.is_empty() {
                 true => remove_if_present(&aside)?,
                 false => write_saved(&aside, &saved)?,
             }
-            // Until the new receiver saves it, the file is still this one's,
-            // and what a restart reads: kept as current as the file aside,
-            // or it would open again what this one resolved since.
-            if file_holds.as_deref() != Some(self.receiver_hash.as_str()) {
-                return Ok(());
-            }
         }
-        let (saved, saving) = self.saved(true);
+        let (saved, saving, handed_on) = self.saved(true);
+        // Until the new receiver saves it, the file is still this one's,
+        // and what a restart reads: kept as current as the file aside, or
+        // it would open again what this one resolved since; but not once
+        // its pages went to the new receiver, which saves them there.
+        let own_file = file_holds.as_deref() == Some(self.receiver_hash.as_str());
+        if replaced && (handed_on || !own_file) {
+            return Ok(());
+        }
         write_saved(file, &saved)?;
         *file_holds = Some(self.receiver_hash.clone());
         // Only now: after a failed write the file holds what it held.
@@ -958,8 +967,9 @@ impl Memory {
     }
 
     /// What this memory saves: its incidents, and `with_unsent` its pages
-    /// written down, with what the file holds once they are in it.
-    fn saved(&self, with_unsent: bool) -> (Saved, Saving) {
+    /// written down, with what the file holds once they are in it, and
+    /// whether they were [handed on](Unsent::handed_on) (read with them).
+    fn saved(&self, with_unsent: bool) -> (Saved, Saving, bool) {
         let incidents = self.incidents.lock();
         let (now, wall) = (Instant::now(), SystemTime::now());
         let since_epoch = |age| {
@@ -967,7 +977,11 @@ impl Memory {
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0.0, |d| d.as_secs_f64())
         };
-        let (mut unsent, saving) = self.unsent.lock().saving();
+        let (mut unsent, saving, handed_on) = {
+            let held = self.unsent.lock();
+            let (unsent, saving) = held.saving();
+            (unsent, saving, held.handed_on)
+        };
         if !with_unsent {
             unsent.clear();
         }
@@ -992,7 +1006,7 @@ impl Memory {
                 .map(|t| t.as_ref().map(|t| t.as_str().to_owned()))
                 .collect(),
         };
-        (saved, saving)
+        (saved, saving, handed_on)
     }
 }
 
@@ -1594,6 +1608,32 @@ mod tests {
         assert!(restarted.save().await);
         let back = from_file(file, "k1", 10).await;
         assert!(keys(&back).is_empty(), "resolved before the restart");
+    }
+
+    /// Pages a replaced receiver's task handed to the new one are in the
+    /// output's file until the new one saves them: the replaced one's saves
+    /// meanwhile leave them there.
+    #[tokio::test]
+    async fn pages_handed_to_the_new_receiver_stay_in_the_file_until_it_saves_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let first = from_file(file.clone(), "k1", 10).await;
+        let page = Event {
+            service: Some("disk".into()),
+            state: Some("critical".into()),
+            ..Event::default()
+        };
+        let generation = first.next_generation();
+        (first.unsent()).add(vec![page], vec![None], generation);
+        assert!(first.save().await);
+        let second = Arc::new(first.replaced_by("k2"));
+        second.load().await;
+        let (pages, origins) = first.unsent().take();
+        second.hand_over(pages.into_iter().zip(origins).collect());
+        assert!(first.save().await);
+
+        let restarted = from_file(file, "k2", 10).await;
+        assert_eq!(restarted.pages_held(), 1, "the handed page, from the file");
     }
 
     /// A file kept aside for the receiver whose the output's file is (a
