@@ -1332,6 +1332,47 @@ async fn a_pager_removed_while_failing_and_declared_again_with_its_previous_rece
     );
 }
 
+/// vigil's stop ran out of its grace while a receiver a reload replaced
+/// still held pages (it answers nothing) and the new one waited for its
+/// turn: the last save keeps them, for the new receiver's next run.
+#[tokio::test]
+async fn pages_a_replaced_receiver_held_when_the_stop_cut_it_short_are_saved_for_the_new_one() {
+    let rx = Receiver::start().await;
+    rx.hang();
+    let spec = |routing_key: &str| OutputSpec {
+        name: "pager".into(),
+        kind: OutputKind::Pager(pager::Config {
+            api: pager::Api::PagerDuty {
+                routing_key: routing_key.into(),
+            },
+            ..pager_config(&rx.url)
+        }),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let kept = Kept::in_dir(dir.path().to_owned(), Default::default());
+    let (first, first_task) = outputs::start(&spec("k1"), &kept, CancellationToken::new());
+    first.push(event("cpu", "critical"));
+    first.push(event("disk /", "critical"));
+    rx.wait_for(1).await;
+    saved_when(&file, |saved| {
+        saved["unsent"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+    let (_second, second_task) = outputs::start(&spec("k2"), &kept, CancellationToken::new());
+    // The grace ran out: the tasks are stopped where they are.
+    first_task.abort();
+    second_task.abort();
+    for task in [first_task, second_task] {
+        assert!(task.await.unwrap_err().is_cancelled());
+    }
+    outputs::save_pagers(kept.pager_memories()).await;
+
+    let next_run = Memory::open("pager", Some(file), "k2", 10);
+    next_run.load().await;
+    assert_eq!(next_run.pages_held(), 2, "both pages, for k2");
+}
+
 /// What the previous receiver did not take, the new one gets as the latest
 /// page of each series, before the pages made since: a trigger for each
 /// incident still ongoing (once, at its latest severity); nothing for one

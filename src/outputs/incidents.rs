@@ -885,6 +885,34 @@ impl Memory {
         previous.is_replaced().then_some(previous)
     }
 
+    /// The pages left in the memories of the receivers this one replaced by
+    /// tasks vigil's stop cut short before they handed them over (see
+    /// [`replaced_memory`](Self::replaced_memory)): this one's, the latest
+    /// page of each series, so its last save keeps them for the next run.
+    pub(super) fn take_pages_left_by_replaced(&self) {
+        let Some(previous) = self.replaced_memory() else {
+            return;
+        };
+        // Those it was to get from its own predecessors first.
+        previous.take_pages_left_by_replaced();
+        let (pages, origins) = previous.unsent().take();
+        if pages.is_empty() {
+            return;
+        }
+        let template = previous.dedup_keys().pop().flatten();
+        let made = pages.into_iter().zip(origins).collect();
+        let (handed, superseded) = pager::handed(made, template.as_ref());
+        tracing::warn!(
+            output = %self.output,
+            handed = handed.len(),
+            superseded = superseded.len(),
+            "Pages undelivered to the previous receiver (routing key or URL) when vigil's stop \
+             cut its output short: kept for this receiver's next run, the latest page of each \
+             series."
+        );
+        self.hand_over(handed);
+    }
+
     /// Hands `pages` over to this memory, which another receiver's task
     /// did not deliver (see [`Unsent::hand_over`]).
     pub(super) fn hand_over(&self, pages: Vec<(Event, Option<Origin>)>) {

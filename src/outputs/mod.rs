@@ -514,10 +514,13 @@ impl Kept {
 /// [`Kept::pager_memories`]) down now: at the end of shutdown's grace, a
 /// pager still sending would otherwise leave its file as it last saved it,
 /// and the pages settled since would be sent again after the restart; and a
-/// save that failed (a full disk) gets its last try. One that fails now is
+/// save that failed (a full disk) gets its last try. Pages a receiver a
+/// reload replaced still held, its task cut short before it handed them
+/// over, are saved with the current receiver's. One that fails now is
 /// said, with what the next run will not know.
 pub async fn save_pagers(memories: Vec<Arc<incidents::Memory>>) {
     for memory in memories {
+        memory.take_pages_left_by_replaced();
         if !memory.save().await {
             tracing::error!(
                 output = memory.output(),
