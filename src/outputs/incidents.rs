@@ -994,6 +994,33 @@ impl Memory {
         Ok(())
     }
 
+    /// The pages the receivers this one replaced still hold, their tasks not
+    /// stopped yet (one waits on a receiver that does not answer), as they
+    /// will hand them over (see [`pager::handed`]): the file, this one's
+    /// now, keeps them ahead of this one's, or a crash (or a second signal)
+    /// before the handover would lose them.
+    fn pages_left_by_replaced(&self, seen: &mut Vec<*const Memory>) -> Vec<Event> {
+        seen.push(self);
+        let previous = self.previous_receiver.lock().clone();
+        // A receiver that came back replaced the one that had replaced it.
+        let Some(previous) = previous
+            .filter(|previous| previous.is_replaced() && !seen.contains(&Arc::as_ptr(previous)))
+        else {
+            return Vec::new();
+        };
+        let mut made: Vec<_> = (previous.pages_left_by_replaced(seen).into_iter())
+            .map(|event| (event, ()))
+            .collect();
+        let held = previous.unsent.lock();
+        if !held.handed_on {
+            made.extend(held.pages.iter().map(|(event, _, _)| (event.clone(), ())));
+        }
+        drop(held);
+        let template = previous.dedup_keys().pop().flatten();
+        let (handed, _) = pager::handed(made, template.as_ref());
+        handed.into_iter().map(|(event, ())| event).collect()
+    }
+
     /// What this memory saves: its incidents, and `with_unsent` its pages
     /// written down, with what the file holds once they are in it, and
     /// whether they were [handed on](Unsent::handed_on) (read with them).
@@ -1010,7 +1037,11 @@ impl Memory {
             let (unsent, saving) = held.saving();
             (unsent, saving, held.handed_on)
         };
-        if !with_unsent {
+        if with_unsent {
+            let mut left = self.pages_left_by_replaced(&mut Vec::new());
+            left.append(&mut unsent);
+            unsent = left;
+        } else {
             unsent.clear();
         }
         let saved = Saved {
@@ -1636,6 +1667,45 @@ mod tests {
         assert!(restarted.save().await);
         let back = from_file(file, "k1", 10).await;
         assert!(keys(&back).is_empty(), "resolved before the restart");
+    }
+
+    /// The new receiver saves the file while the one it replaced still
+    /// holds a page (its task, stopping, waits on a receiver that does not
+    /// answer): the file keeps that page too, ahead of the new one's, so a
+    /// crash or a second signal before the handover loses neither.
+    #[tokio::test]
+    async fn pages_the_replaced_receiver_still_holds_stay_in_the_file_the_new_one_saves() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let first = from_file(file.clone(), "k1", 10).await;
+        let page = |service: &str| Event {
+            service: Some(service.into()),
+            state: Some("critical".into()),
+            ..Event::default()
+        };
+        let generation = first.next_generation();
+        (first.unsent()).add(vec![page("disk")], vec![None], generation);
+        assert!(first.save().await);
+        let second = Arc::new(first.replaced_by("k2"));
+        second.load().await;
+        let generation = second.next_generation();
+        (second.unsent()).add(vec![page("mem")], vec![None], generation);
+        assert!(second.save().await);
+
+        let restarted = from_file(file, "k2", 10).await;
+        let services: Vec<_> = (restarted.unsent().pages.iter())
+            .map(|(event, _, _)| event.service.clone().unwrap())
+            .collect();
+        assert_eq!(services, ["disk", "mem"]);
+
+        // Back to the first receiver, then to a third, before any task
+        // stopped: each replaced the other.
+        first.takes_over_from(&second);
+        let third = Arc::new(first.replaced_by("k3"));
+        third.load().await;
+        assert!(third.save().await);
+        let restarted = from_file(file_in(dir.path(), "pager"), "k3", 10).await;
+        assert_eq!(restarted.pages_held(), 2, "disk and mem, once each");
     }
 
     /// Pages a replaced receiver's task handed to the new one are in the
