@@ -43,23 +43,28 @@
 //! reason (counted in [`PubsubStats::disconnected_costly`], logged with the
 //! query); the event does not match it. Its text is remembered for
 //! [`REFUSED_FOR`] ([`REMEMBERED`] texts at most): subscribing it again
-//! meanwhile is refused ([`Pubsub::admit`]), so a dashboard reconnecting in
-//! a loop costs a budget once, not once per reconnection. A lossy
+//! meanwhile is refused, whoever asks ([`Client::admit`]): it is the text
+//! that costs, and a dashboard reconnecting in a loop costs a budget once,
+//! not once per reconnection. A lossy
 //! subscriber (the cluster's tap, which filters again what it forwards)
 //! is not disconnected: its audience takes every event from then on,
 //! unevaluated. Cheap queries (`true`, a few comparisons) are evaluated
-//! as before, without reading the clock.
+//! without reading the clock per event.
 //!
-//! What the queries cost together is bounded too: while any costly query
-//! is subscribed, some publishes are timed (CPU time, see the `ledger`
-//! module), and what each audience's query took is summed over a
-//! [`WINDOW`]. When all took more than [`SHARE`] of it together, the
-//! subscribers of the dearest costly queries are disconnected and their
-//! texts refused, as for a query over its budget on one event, until the
-//! rest are within it: many distinct queries, each under the per-event
-//! floor, would otherwise starve ingest together. Cheap queries count in
-//! the total but are never cut, so a dashboard's `service = "x"` stays
-//! whatever others subscribe.
+//! What the queries cost together is bounded too, and charged to the
+//! clients that subscribed them: while anyone is subscribed, some publishes
+//! are timed (CPU time, see the `ledger` module), and what each audience's
+//! query took is summed over a [`WINDOW`], each subscriber charged its
+//! share (the audience's cost over its subscribers) and each client (a
+//! peer address, [`Pubsub::client`]) the sum of its subscribers'. When all
+//! took more than [`SHARE`] of it together, every subscription of the
+//! dearest client is disconnected, then the next's, until the rest are
+//! within it, and a client cut is refused whatever it asks for
+//! [`REFUSED_FOR`]: many distinct queries, cheap or not, would otherwise
+//! starve ingest together, and the client asking for them is the one that
+//! pays, not one with a single dashboard beside it. A lossy subscriber
+//! (the cluster's tap) is a client of its own, which is never
+//! disconnected: cut, its audience takes every event unevaluated.
 //!
 //! With no subscribers the cost on the ingest path is one atomic load.
 //! Nothing is published while a replay runs its batch under
@@ -68,7 +73,8 @@
 mod ledger;
 mod queue;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -111,11 +117,12 @@ pub const QUERY_BUDGET: Duration = Duration::from_millis(1);
 /// of work.
 pub const MIN_WORK: u64 = 100_000;
 
-/// How long a query found too costly is refused after (see [`Pubsub::admit`]).
+/// How long a query found too costly, or a client cut, is refused after
+/// (see [`Client::admit`]).
 pub const REFUSED_FOR: Duration = Duration::from_secs(60);
 
-/// Query texts found too costly that are remembered at most (by hash): the
-/// oldest is forgotten for a new one.
+/// Query texts found too costly and clients cut that are remembered at
+/// most (texts by hash): the oldest is forgotten for a new one.
 pub const REMEMBERED: usize = 64;
 
 /// An event as its subscribers get it: one copy shared by all of them, with
@@ -152,11 +159,11 @@ pub struct PubsubStats {
     /// Events a lossy subscriber's full queue could not take.
     pub dropped: AtomicU64,
     /// Subscribers disconnected because their query took more than its
-    /// budget ([`QUERY_BUDGET`]) on one event, or was among the dearest
-    /// when all took more than their [`SHARE`].
+    /// budget ([`QUERY_BUDGET`]) on one event, or their client was the
+    /// dearest when all took more than their [`SHARE`].
     pub disconnected_costly: AtomicU64,
-    /// Subscriptions refused because their query was found too costly
-    /// within the last [`REFUSED_FOR`].
+    /// Subscriptions refused because their query was found too costly, or
+    /// their client cut, within the last [`REFUSED_FOR`].
     pub refused_costly: AtomicU64,
     /// Bytes held in all queues now (a gauge).
     pub bytes_held: AtomicUsize,
@@ -171,12 +178,9 @@ pub struct Pubsub {
     max_held: usize,
     /// What a costly query may take per event ([`QUERY_BUDGET`]).
     query_budget: Duration,
-    /// Query texts found too costly (their hash), when, and how, oldest
-    /// first.
-    too_costly: Mutex<VecDeque<(u64, Instant, Overran)>>,
-    /// Audiences whose query is costly and evaluated: while there are
-    /// none, no publish is timed.
-    dear: AtomicUsize,
+    /// Query texts found too costly and clients cut, when, and how,
+    /// oldest first.
+    too_costly: Mutex<VecDeque<(Barred, Instant, Overran)>>,
     /// Which publishes are timed.
     sampler: Sampler,
     /// What the queries may cost together, over which window.
@@ -193,7 +197,6 @@ impl Default for Pubsub {
             max_held: DEFAULT_MAX_HELD,
             query_budget: QUERY_BUDGET,
             too_costly: Mutex::default(),
-            dear: AtomicUsize::new(0),
             sampler: Sampler::default(),
             ledger: Ledger::new(SHARE, WINDOW),
             stats: PubsubStats::default(),
@@ -215,12 +218,6 @@ struct Audience {
 }
 
 impl Audience {
-    /// Whether the query is costly and evaluated, so may be cut for what
-    /// the queries cost together.
-    fn dear(&self) -> bool {
-        self.query.costly() && !self.unfiltered
-    }
-
     /// Whether `event` is for this audience; the time spent when its query
     /// overran `budget`.
     #[inline]
@@ -241,6 +238,8 @@ impl Audience {
 
 struct Subscriber {
     id: u64,
+    /// Who pays for its share of its query's cost.
+    payer: Payer,
     queue: Arc<Backlog>,
     /// A full queue drops the event instead of disconnecting the subscriber.
     lossy: bool,
@@ -476,6 +475,36 @@ impl Subscription {
     }
 }
 
+/// A client of the pubsub: what its subscribers' queries cost is charged to
+/// it, and when it is the dearest while all cost too much, all of them go
+/// (see the module's documentation).
+pub struct Client {
+    pubsub: Arc<Pubsub>,
+    peer: Option<IpAddr>,
+}
+
+impl Client {
+    /// Whether `query` may be subscribed: refused (and counted) when it was
+    /// found too costly on one event within [`REFUSED_FOR`], or the client
+    /// was cut for what its queries cost together, whatever the query.
+    pub fn admit(&self, query: &Query) -> Result<(), TooCostly> {
+        self.pubsub.admit(self.peer, query)
+    }
+
+    pub fn subscribe(&self, query: Query, capacity: usize) -> Subscription {
+        let queue = Backlog::new(Queue::default(), capacity);
+        self.pubsub.add(self.peer, query, queue, false)
+    }
+
+    /// Like [`Client::subscribe`], but the queue holds the latest event of
+    /// each series (host, service), up to `max_series` series: for a view
+    /// of the latest states, which is not too slow for the events it skips.
+    pub fn subscribe_latest(&self, query: Query, max_series: usize) -> Subscription {
+        let queue = Backlog::new(Queue::coalescing(), max_series);
+        self.pubsub.add(self.peer, query, queue, false)
+    }
+}
+
 /// A subscription refused because its query was found too costly for the
 /// publisher a short while ago. Short enough for a WebSocket close frame.
 #[derive(Debug, thiserror::Error)]
@@ -487,23 +516,33 @@ pub struct TooCostly {
     retry_in: u64,
 }
 
-/// Why a query is cut, for its subscribers to be told.
-#[derive(Debug, Clone, Copy)]
-enum Overrun {
-    /// It took this long on one event.
-    Event(Duration),
-    /// It took `percent` of a core in the last window, the dearest when
-    /// all queries took `all`.
-    Share { percent: u64, all: u64 },
+/// Who a subscriber's cost is charged to, and who is cut with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Payer {
+    /// A client, by its peer address: all its subscribers together.
+    Peer(IpAddr),
+    /// A subscriber of no known peer, or a lossy one: itself, by id.
+    Alone(u64),
 }
 
-/// How a query was found too costly, for a subscription refused.
+/// What is refused for a while after it was found too costly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Barred {
+    /// A query text (its hash) over its budget on one event: it is the
+    /// text that costs, whoever subscribes it.
+    Text(u64),
+    /// A client cut for what its subscriptions cost together: whatever it
+    /// asks for, as any text would cost as much again.
+    Client(IpAddr),
+}
+
+/// How a query or client was found too costly, for a subscription refused.
 #[derive(Debug, Clone, Copy)]
 enum Overran {
     /// Over this budget on one event.
     Event(Duration),
-    /// The dearest when all queries took more than this share of a core,
-    /// in percent.
+    /// The dearest client when all queries took more than this share of a
+    /// core, in percent.
     Share(u64),
 }
 
@@ -512,7 +551,10 @@ impl std::fmt::Display for Overran {
         match self {
             Overran::Event(budget) => write!(f, "over {budget:?} on one event"),
             Overran::Share(percent) => {
-                write!(f, "the dearest when all took over {percent}% of a core")
+                write!(
+                    f,
+                    "the dearest client when all took over {percent}% of a core"
+                )
             }
         }
     }
@@ -607,15 +649,47 @@ impl Pubsub {
         })
     }
 
-    /// Whether `query` may be subscribed: refused (and counted) when it was
-    /// found too costly for a live subscription within [`REFUSED_FOR`].
-    pub fn admit(&self, query: &Query) -> Result<(), TooCostly> {
-        let hash = text_hash(query.as_str());
+    /// The client at `peer` (its address, without the port: a client's
+    /// connections are one client), or one of no known peer, whose
+    /// subscribers are each a client of their own.
+    pub fn client(self: &Arc<Self>, peer: Option<IpAddr>) -> Client {
+        Client {
+            pubsub: self.clone(),
+            peer,
+        }
+    }
+
+    /// A subscriber that is a client of its own (see [`Pubsub::client`]).
+    pub fn subscribe(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
+        self.client(None).subscribe(query, capacity)
+    }
+
+    /// Like [`Pubsub::subscribe`], but a full queue loses (and counts) the
+    /// event instead of disconnecting: for a forwarder that must stay
+    /// attached. It is never disconnected for its query's cost either.
+    pub fn subscribe_lossy(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
+        self.add(None, query, Backlog::new(Queue::default(), capacity), true)
+    }
+
+    /// Like [`Pubsub::subscribe`], the queue holding the latest event of
+    /// each series ([`Client::subscribe_latest`]).
+    pub fn subscribe_latest(self: &Arc<Self>, query: Query, max_series: usize) -> Subscription {
+        self.client(None).subscribe_latest(query, max_series)
+    }
+
+    /// Whether `peer` may subscribe `query`: refused (and counted) when the
+    /// query was found too costly on one event, or the client cut, within
+    /// [`REFUSED_FOR`].
+    fn admit(&self, peer: Option<IpAddr>, query: &Query) -> Result<(), TooCostly> {
+        let text = Barred::Text(text_hash(query.as_str()));
+        let client = peer.map(Barred::Client);
         let mut remembered = self.too_costly.lock();
         while (remembered.front()).is_some_and(|&(_, at, _)| at.elapsed() >= REFUSED_FOR) {
             remembered.pop_front();
         }
-        let Some(&(_, at, overran)) = remembered.iter().find(|&&(h, ..)| h == hash) else {
+        let barred =
+            |&&(what, ..): &&(Barred, Instant, Overran)| what == text || Some(what) == client;
+        let Some(&(_, at, overran)) = remembered.iter().find(barred) else {
             return Ok(());
         };
         drop(remembered);
@@ -626,28 +700,28 @@ impl Pubsub {
         })
     }
 
-    pub fn subscribe(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
-        self.add(query, Backlog::new(Queue::default(), capacity), false)
+    /// Remembers `what` as too costly, for [`REFUSED_FOR`].
+    fn bar(&self, what: Barred, overran: Overran) {
+        let mut remembered = self.too_costly.lock();
+        remembered.retain(|&(w, ..)| w != what);
+        if remembered.len() >= REMEMBERED {
+            remembered.pop_front();
+        }
+        remembered.push_back((what, Instant::now(), overran));
     }
 
-    /// Like [`Pubsub::subscribe`], but a full queue loses (and counts) the
-    /// event instead of disconnecting: for a forwarder that must stay attached.
-    pub fn subscribe_lossy(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
-        self.add(query, Backlog::new(Queue::default(), capacity), true)
-    }
-
-    /// Like [`Pubsub::subscribe`], but the queue holds the latest event of
-    /// each series (host, service), up to `max_series` series: for a view
-    /// of the latest states, which is not too slow for the events it skips.
-    pub fn subscribe_latest(self: &Arc<Self>, query: Query, max_series: usize) -> Subscription {
-        self.add(query, Backlog::new(Queue::coalescing(), max_series), false)
-    }
-
-    fn add(self: &Arc<Self>, query: Query, queue: Backlog, lossy: bool) -> Subscription {
+    fn add(
+        self: &Arc<Self>,
+        peer: Option<IpAddr>,
+        query: Query,
+        queue: Backlog,
+        lossy: bool,
+    ) -> Subscription {
         let queue = Arc::new(queue);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber {
             id,
+            payer: peer.map_or(Payer::Alone(id), Payer::Peer),
             queue: queue.clone(),
             lossy,
         };
@@ -665,20 +739,12 @@ impl Pubsub {
                 spent: AtomicU64::new(0),
             }),
         }
-        self.recount(&audiences);
         self.count.fetch_add(1, Ordering::AcqRel);
         Subscription {
             queue,
             id,
             pubsub: self.clone(),
         }
-    }
-
-    /// Counts the audiences that are [`Audience::dear`], under the write
-    /// lock.
-    fn recount(&self, audiences: &[Audience]) {
-        let dear = audiences.iter().filter(|a| a.dear()).count();
-        self.dear.store(dear, Ordering::Relaxed);
     }
 
     /// Bytes all queues may hold together.
@@ -752,13 +818,7 @@ impl Pubsub {
         let mut costly = Vec::new();
         let mut shared = None;
         let audiences = self.audiences.read();
-        // Only costly queries may be cut for what all cost together: with
-        // none, nothing is timed.
-        let weight = match self.dear.load(Ordering::Relaxed) {
-            0 => None,
-            _ => self.sampler.due(),
-        };
-        let mut timer = weight.map(Timer::start);
+        let mut timer = self.sampler.due().map(Timer::start);
         for audience in audiences.iter() {
             if let Some(timer) = &mut timer {
                 timer.lap(&audience.spent);
@@ -769,7 +829,7 @@ impl Pubsub {
                 Ok(true) => false,
                 Ok(false) => continue,
                 Err(spent) => {
-                    costly.push((audience.query.as_str().to_owned(), Overrun::Event(spent)));
+                    costly.push((audience.query.as_str().to_owned(), spent));
                     if !audience.members.iter().any(|s| s.lossy) {
                         continue;
                     }
@@ -798,18 +858,16 @@ impl Pubsub {
             }
         }
         let cost = timer.map(Timer::stop);
+        let laps = u32::try_from(audiences.len()).unwrap_or(u32::MAX);
         drop(audiences);
-        if let Some(cost) = cost {
-            self.sampler.timed(cost);
-            for cut in self.over_share() {
-                // Unless it overran on this event already.
-                if !costly.iter().any(|(query, _)| *query == cut.0) {
-                    costly.push(cut);
-                }
-            }
+        for (query, spent) in costly {
+            self.too_costly(&query, spent);
         }
-        for (query, overrun) in costly {
-            self.too_costly(&query, overrun);
+        if let Some(cost) = cost {
+            self.sampler.timed(cost, laps);
+            for (payer, percent, all) in self.over_share() {
+                self.cut(payer, percent, all);
+            }
         }
         for id in slow {
             self.disconnect(id, "Subscriber too slow; disconnected.");
@@ -850,92 +908,44 @@ impl Pubsub {
         tracing::debug!(events = freed.len(), "Lossy subscriber shed its queue.");
     }
 
-    /// The queries to cut, when the window is over and all took more than
-    /// their share of it together: the dearest costly ones, until the rest
-    /// are within it. Each audience's cost starts again from nothing.
+    /// The clients to cut, with what they and all took (in percent of a
+    /// core), when the window is over and all took more than their share
+    /// of it together: the dearest, until the rest are within it. Each
+    /// audience's cost starts again from nothing.
     #[cold]
-    fn over_share(&self) -> Vec<(String, Overrun)> {
+    fn over_share(&self) -> Vec<(Payer, u64, u64)> {
         let Some(lasted) = self.ledger.close(Instant::now()) else {
             return Vec::new();
         };
-        let audiences = self.audiences.read();
-        let spent: Vec<(Duration, bool)> = (audiences.iter())
-            .map(|a| {
-                let spent = Duration::from_nanos(a.spent.swap(0, Ordering::Relaxed));
-                (spent, a.dear())
-            })
-            .collect();
-        let cut = self.ledger.over_share(&spent, lasted);
-        let all = spent.iter().map(|&(d, _)| d).sum();
-        (cut.into_iter())
-            .map(|i| {
-                let overrun = Overrun::Share {
-                    percent: ledger::percent(spent[i].0, lasted),
-                    all: ledger::percent(all, lasted),
-                };
-                (audiences[i].query.as_str().to_owned(), overrun)
-            })
+        let mut clients: HashMap<Payer, Duration> = HashMap::new();
+        for audience in self.audiences.read().iter() {
+            let spent = Duration::from_nanos(audience.spent.swap(0, Ordering::Relaxed));
+            let share = spent / audience.members.len().max(1) as u32;
+            for sub in &audience.members {
+                *clients.entry(sub.payer).or_default() += share;
+            }
+        }
+        let (payers, spent): (Vec<Payer>, Vec<Duration>) = clients.into_iter().unzip();
+        let all = ledger::percent(spent.iter().sum(), lasted);
+        (self.ledger.over_share(&spent, lasted).into_iter())
+            .map(|i| (payers[i], ledger::percent(spent[i], lasted), all))
             .collect()
     }
 
-    /// `query` was found too costly: its subscribers are disconnected with
-    /// the reason, its lossy ones take every event from now on, and the
-    /// text is refused for [`REFUSED_FOR`].
+    /// `query` took `spent` on one event, over its budget: its subscribers
+    /// are disconnected with the reason, its lossy ones take every event
+    /// from now on, and the text is refused for [`REFUSED_FOR`].
     #[cold]
-    fn too_costly(&self, query: &str, overrun: Overrun) {
-        let share = self.ledger.percent();
-        let (why, overran): (Arc<str>, _) = match overrun {
-            Overrun::Event(spent) => {
-                let spent = Duration::from_micros(spent.as_micros().try_into().unwrap_or(u64::MAX));
-                let budget = self.query_budget;
-                let why = format!(
-                    "query too costly for a live subscription: {spent:?} on one event, over {budget:?}; narrow it"
-                );
-                (why.into(), Overran::Event(budget))
-            }
-            Overrun::Share { percent, all } => {
-                let why = format!(
-                    "query too costly for a live subscription: {percent}% of a core, all queries {all}%, over {share}%; narrow it"
-                );
-                (why.into(), Overran::Share(share))
-            }
-        };
-        let mut remembered = self.too_costly.lock();
-        let hash = text_hash(query);
-        remembered.retain(|&(h, ..)| h != hash);
-        if remembered.len() >= REMEMBERED {
-            remembered.pop_front();
-        }
-        remembered.push_back((hash, Instant::now(), overran));
-        drop(remembered);
-        let mut gone = Vec::new();
-        let mut audiences = self.audiences.write();
-        let Some(at) = audiences.iter().position(|a| a.query.as_str() == query) else {
-            return;
-        };
-        let audience = &mut audiences[at];
-        let (lossy, others) = std::mem::take(&mut audience.members)
-            .into_iter()
-            .partition(|s| s.lossy);
-        audience.members = lossy;
-        gone.extend::<Vec<Subscriber>>(others);
-        let taps = audience.members.len();
-        audience.unfiltered = taps > 0;
-        if taps == 0 {
-            audiences.swap_remove(at);
-        }
-        self.recount(&audiences);
-        self.count.fetch_sub(gone.len(), Ordering::AcqRel);
-        drop(audiences);
-        let mut freed = 0;
-        for sub in &gone {
-            freed += sub
-                .queue
-                .close_because(why.clone(), &self.stats.bytes_held)
-                .len();
-        }
-        let disconnected = gone.len() as u64;
-        (self.stats.disconnected_costly).fetch_add(disconnected, Ordering::Relaxed);
+    fn too_costly(&self, query: &str, spent: Duration) {
+        let spent = Duration::from_micros(spent.as_micros().try_into().unwrap_or(u64::MAX));
+        let budget = self.query_budget;
+        let why: Arc<str> = format!(
+            "query too costly for a live subscription: {spent:?} on one event, over {budget:?}; narrow it"
+        )
+        .into();
+        self.bar(Barred::Text(text_hash(query)), Overran::Event(budget));
+        let (gone, taps, _) = self.take(|a, _| a.query.as_str() == query);
+        let (disconnected, freed) = self.close_all(&gone, &why);
         let shown = shorten(query, 200);
         tracing::warn!(
             query = %shown,
@@ -947,6 +957,91 @@ impl Pubsub {
             "Live subscription query too costly for the ingest path: its subscribers are disconnected \
              and the query refused for {REFUSED_FOR:?}."
         );
+    }
+
+    /// `payer`, the dearest client when all took more than their share
+    /// (it `percent` of a core, all `all`): all its subscribers are
+    /// disconnected with the reason and the client refused for
+    /// [`REFUSED_FOR`]; a lossy one's audience takes every event from now
+    /// on instead.
+    #[cold]
+    fn cut(&self, payer: Payer, percent: u64, all: u64) {
+        let share = self.ledger.percent();
+        let why: Arc<str> = format!(
+            "query too costly for a live subscription: this client's {percent}% of a core, all queries {all}%, over {share}%; narrow it"
+        )
+        .into();
+        if let Payer::Peer(peer) = payer {
+            self.bar(Barred::Client(peer), Overran::Share(share));
+        }
+        let (gone, taps, queries) = self.take(|_, sub| sub.payer == payer);
+        // Gone meanwhile (its connections closed): nothing to tell.
+        if queries.is_empty() {
+            return;
+        }
+        let (disconnected, freed) = self.close_all(&gone, &why);
+        let shown = queries.first().map(|q| shorten(q, 200).into_owned());
+        let client = match payer {
+            Payer::Peer(peer) => peer.to_string(),
+            Payer::Alone(id) => format!("subscriber {id}"),
+        };
+        tracing::warn!(
+            %client,
+            reason = %why,
+            subscribers = disconnected,
+            lossy_kept = taps,
+            queries = queries.len(),
+            query = shown.as_deref().unwrap_or(""),
+            events = freed,
+            "Live subscriptions too costly for the ingest path together: the dearest client's are \
+             disconnected and the client refused for {REFUSED_FOR:?}."
+        );
+    }
+
+    /// Takes out the subscribers `picked` (of an audience), but lossy
+    /// ones, which stay and whose audience takes every event unevaluated
+    /// from now on if nobody else is left in it. Returns those taken, how
+    /// many lossy ones stayed, and the texts of the queries picked from.
+    fn take(
+        &self,
+        picked: impl Fn(&Audience, &Subscriber) -> bool,
+    ) -> (Vec<Subscriber>, usize, Vec<String>) {
+        let (mut gone, mut taps, mut queries) = (Vec::new(), 0, Vec::new());
+        let mut audiences = self.audiences.write();
+        for audience in audiences.iter_mut() {
+            let (chosen, others): (Vec<_>, Vec<_>) = std::mem::take(&mut audience.members)
+                .into_iter()
+                .partition(|s| picked(audience, s));
+            audience.members = others;
+            if chosen.is_empty() {
+                continue;
+            }
+            queries.push(audience.query.as_str().to_owned());
+            let (lossy, taken): (Vec<_>, Vec<_>) = chosen.into_iter().partition(|s| s.lossy);
+            gone.extend(taken);
+            taps += lossy.len();
+            if !lossy.is_empty() && audience.members.iter().all(|s| s.lossy) {
+                audience.unfiltered = true;
+            }
+            audience.members.extend(lossy);
+        }
+        audiences.retain(|a| !a.members.is_empty());
+        self.count.fetch_sub(gone.len(), Ordering::AcqRel);
+        (gone, taps, queries)
+    }
+
+    /// Closes `gone`'s queues because `why`, counted; returns how many
+    /// they were and the events they held.
+    fn close_all(&self, gone: &[Subscriber], why: &Arc<str>) -> (u64, usize) {
+        let mut freed = 0;
+        for sub in gone {
+            freed += (sub.queue)
+                .close_because(why.clone(), &self.stats.bytes_held)
+                .len();
+        }
+        let disconnected = gone.len() as u64;
+        (self.stats.disconnected_costly).fetch_add(disconnected, Ordering::Relaxed);
+        (disconnected, freed)
     }
 
     fn disconnect(&self, id: u64, why: &'static str) {
@@ -970,7 +1065,6 @@ impl Pubsub {
         let query = audience.query.as_str().to_owned();
         if audience.members.is_empty() {
             audiences.swap_remove(a);
-            self.recount(&audiences);
         }
         self.count.fetch_sub(1, Ordering::AcqRel);
         Some((sub, query))
@@ -1380,14 +1474,19 @@ mod tests {
         assert_eq!(other.recv().await.unwrap().service.as_deref(), Some("cpu"));
         assert!(!cheap.lagged() && cheap.why().is_none());
         // Refused now, before it costs another event its budget.
-        let refused = pubsub.admit(&dear()).expect_err("refused");
+        let refused = pubsub.client(None).admit(&dear()).expect_err("refused");
         assert!(
             refused.to_string().starts_with("query too costly"),
             "{refused}"
         );
         assert!(refused.to_string().len() <= 123);
         assert_eq!(pubsub.stats.refused_costly.load(Ordering::Relaxed), 1);
-        assert!(pubsub.admit(&Query::parse("true").unwrap()).is_ok());
+        assert!(
+            pubsub
+                .client(None)
+                .admit(&Query::parse("true").unwrap())
+                .is_ok()
+        );
     }
 
     /// A lossy subscriber (the cluster's tap filters again what it
@@ -1422,9 +1521,10 @@ mod tests {
             pubsub.publish(&long("x"));
         }
         assert_eq!(pubsub.too_costly.lock().len(), REMEMBERED);
-        assert!(pubsub.admit(&nth(0)).is_ok(), "the oldest forgotten");
-        assert!(pubsub.admit(&nth(1)).is_err());
-        assert!(pubsub.admit(&nth(REMEMBERED)).is_err());
+        let anyone = pubsub.client(None);
+        assert!(anyone.admit(&nth(0)).is_ok(), "the oldest forgotten");
+        assert!(anyone.admit(&nth(1)).is_err());
+        assert!(anyone.admit(&nth(REMEMBERED)).is_err());
     }
 
     /// A chain of `terms` comparisons, none of which matches [`metric_of`]
@@ -1437,78 +1537,109 @@ mod tests {
         Query::parse(&terms.join(" or ")).unwrap()
     }
 
-    /// Queries each under the per-event floor that together take more
-    /// than their share of the publisher: the dearest are cut until the
-    /// rest are within it, with the reason, counted and refused; a query
-    /// costing a hundredth of them and a cheap one stay, and a lossy tap
-    /// takes every event unevaluated.
+    const A: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1)));
+    const B: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)));
+
+    /// A client subscribing many distinct cheap queries takes more than
+    /// all may together: it is the one cut, all of its subscriptions, with
+    /// the reason, counted, and refused whatever it asks next; another
+    /// client's cheap and costly queries stay and are served.
     #[test]
-    fn queries_together_over_their_share_lose_the_dearest() {
+    fn a_client_flooding_cheap_queries_is_cut_not_a_bystander() {
         let window = Duration::from_micros(100);
         let pubsub = Pubsub::with_ingest_share(window / 5, window);
-        let dear = pubsub.subscribe(chain(3_000, 0), 10);
+        let (flood, other) = (pubsub.client(A), pubsub.client(B));
+        let flooding: Vec<_> = (0..200)
+            .map(|i| {
+                let query = Query::parse(&format!(r#"service =~ "%zzz{i}%""#)).unwrap();
+                assert!(!query.costly());
+                flood.subscribe(query, 10)
+            })
+            .collect();
+        let mut cheap = other.subscribe(Query::parse(r#"service = "cpu""#).unwrap(), 10);
+        let mut modest = other.subscribe(chain(20, 0), 10);
+        assert!(chain(20, 0).costly());
+        for _ in 0..10_000 {
+            pubsub.publish(&metric_of("h", 5_000));
+            assert!(cheap.try_recv().is_ok() && modest.try_recv().is_ok());
+            if flooding.iter().all(Subscription::lagged) {
+                break;
+            }
+        }
+        assert!(flooding.iter().all(Subscription::lagged), "all of its go");
+        assert!(!cheap.lagged() && !modest.lagged());
+        let why = flooding[0].why().expect("a reason");
+        assert!(
+            why.starts_with("query too costly for a live subscription: this client's ")
+                && why.contains("% of a core, all queries ")
+                && why.ends_with("%, over 20%; narrow it"),
+            "{why}"
+        );
+        assert!(why.len() <= 123, "fits a close frame");
+        assert_eq!(
+            pubsub.stats.disconnected_costly.load(Ordering::Relaxed),
+            200
+        );
+        assert_eq!(pubsub.subscribers(), 2);
+        pubsub.publish(&metric_of("h", 5_000));
+        assert!(cheap.try_recv().is_ok() && modest.try_recv().is_ok());
+        // Refused whatever the text: a variant of one it had, or another.
+        for text in [
+            r#"service =~  "%zzz0%""#,
+            r#"service =~ "%zzz0%" and true"#,
+            "true",
+        ] {
+            let refused = flood.admit(&Query::parse(text).unwrap()).expect_err(text);
+            assert_eq!(
+                refused.to_string(),
+                "query too costly for a live subscription (the dearest client when all took over 20% of a core); narrow it, or retry in 60 s"
+            );
+        }
+        assert_eq!(pubsub.stats.refused_costly.load(Ordering::Relaxed), 3);
+        // Not the text: another client may subscribe it.
+        assert!(
+            other
+                .admit(&Query::parse(r#"service =~ "%zzz0%""#).unwrap())
+                .is_ok()
+        );
+        assert!(pubsub.client(None).admit(&chain(20, 0)).is_ok());
+    }
+
+    /// A lossy tap whose query is among the dearest is never disconnected:
+    /// it takes every event unevaluated from then on. The dearest client
+    /// loses its cheap query with its costly one; another's stay.
+    #[test]
+    fn a_lossy_tap_over_the_share_stays_and_takes_every_event() {
+        let window = Duration::from_micros(100);
+        let pubsub = Pubsub::with_ingest_share(window / 5, window);
+        let (dear, other) = (pubsub.client(A), pubsub.client(B));
+        let costly = dear.subscribe(chain(3_000, 0), 10);
+        let mut its_cheap = dear.subscribe(Query::parse(r#"host = "h""#).unwrap(), 10);
         let mut tap = pubsub.subscribe_lossy(chain(3_000, 5_000), 10);
-        let modest = pubsub.subscribe(chain(20, 10_000), 10);
-        let mut cheap = pubsub.subscribe(Query::parse("true").unwrap(), 10);
-        let tap_unfiltered = || {
-            let audiences = pubsub.audiences.read();
-            audiences.iter().any(|a| a.unfiltered)
-        };
+        let mut cheap = other.subscribe(Query::parse("true").unwrap(), 10);
+        let modest = other.subscribe(chain(20, 10_000), 10);
+        let tap_unfiltered = || pubsub.audiences.read().iter().any(|a| a.unfiltered);
         // Each timed publish closes a window: the first cuts nothing (the
         // window since the pubsub was made is long), a later one each of
         // the two that cost far more than a fifth of it.
         for _ in 0..10_000 {
             pubsub.publish(&metric_of("h", 0));
             assert!(cheap.try_recv().is_ok());
-            if dear.lagged() && tap_unfiltered() {
+            let _ = its_cheap.try_recv();
+            if costly.lagged() && tap_unfiltered() {
                 break;
             }
         }
-        assert!(dear.lagged() && tap_unfiltered());
-        let why = dear.why().expect("a reason");
-        assert!(
-            why.starts_with("query too costly for a live subscription: ")
-                && why.contains("% of a core, all queries ")
-                && why.ends_with("%, over 20%; narrow it"),
-            "{why}"
-        );
-        assert!(why.len() <= 123, "fits a close frame");
+        assert!(costly.lagged() && its_cheap.lagged() && tap_unfiltered());
+        assert_eq!(costly.why(), its_cheap.why());
         assert!(!modest.lagged() && !cheap.lagged() && !tap.lagged());
-        assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 1);
+        assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 2);
         assert_eq!(pubsub.subscribers(), 3);
         while tap.try_recv().is_ok() {}
         pubsub.publish(&metric_of("h", 0));
         assert!(tap.try_recv().is_ok(), "every event is the tap's now");
-        let refused = pubsub.admit(&chain(3_000, 0)).expect_err("refused");
-        assert_eq!(
-            refused.to_string(),
-            "query too costly for a live subscription (the dearest when all took over 20% of a core); narrow it, or retry in 60 s"
-        );
-        assert!(refused.to_string().len() <= 123);
-        assert!(pubsub.admit(&chain(20, 10_000)).is_ok());
-    }
-
-    /// However little the queries may take together, a cheap one is never
-    /// cut: it counts in the total, a costly one goes, and with none left
-    /// nothing is timed.
-    #[test]
-    fn a_cheap_query_is_never_cut_for_what_all_cost() {
-        let pubsub = Pubsub::with_ingest_share(Duration::ZERO, Duration::from_nanos(1));
-        let mut cheap = pubsub.subscribe(Query::parse("true").unwrap(), 10);
-        let few = Query::parse(r#"service = "cpu" or metric > 5"#).unwrap();
-        let mut other = pubsub.subscribe(few, 10);
-        let modest = pubsub.subscribe(chain(20, 0), 10);
-        assert_eq!(pubsub.dear.load(Ordering::Relaxed), 1);
-        pubsub.publish(&metric_of("h", 0));
-        assert!(modest.lagged(), "the first publish is timed");
-        assert_eq!(pubsub.dear.load(Ordering::Relaxed), 0);
-        for metric in 0..5_000 {
-            pubsub.publish(&metric_of("h", metric));
-            assert!(cheap.try_recv().is_ok());
-            assert!(other.try_recv().is_ok());
-        }
-        assert!(!cheap.lagged() && !other.lagged());
-        assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 1);
+        assert!(dear.admit(&Query::parse("true").unwrap()).is_err());
+        assert!(other.admit(&chain(3_000, 0)).is_ok());
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //!   way, so a subscriber sees one ordered stream per owner.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -58,14 +59,28 @@ impl Cluster {
     /// Subscribes to changes on every node of the cluster: the subscription is
     /// made on this node's feed, then its query announced to every owner.
     /// Take the snapshot after this returns, so no change falls in between.
-    pub async fn subscribe(&self, query: Query, capacity: usize) -> Subscription {
-        self.announced(self.feed.subscribe(query, capacity)).await
+    /// The client at `peer` pays for it (see [`Pubsub::client`]).
+    pub async fn subscribe(
+        &self,
+        peer: Option<IpAddr>,
+        query: Query,
+        capacity: usize,
+    ) -> Subscription {
+        let subscription = self.feed.client(peer).subscribe(query, capacity);
+        self.announced(subscription).await
     }
 
     /// Like [`Cluster::subscribe`], the subscription holding the latest event
-    /// of each series ([`Pubsub::subscribe_latest`]).
-    pub async fn subscribe_latest(&self, query: Query, max_series: usize) -> Subscription {
-        let subscription = self.feed.subscribe_latest(query, max_series);
+    /// of each series ([`Client::subscribe_latest`]).
+    ///
+    /// [`Client::subscribe_latest`]: crate::pubsub::Client::subscribe_latest
+    pub async fn subscribe_latest(
+        &self,
+        peer: Option<IpAddr>,
+        query: Query,
+        max_series: usize,
+    ) -> Subscription {
+        let subscription = self.feed.client(peer).subscribe_latest(query, max_series);
         self.announced(subscription).await
     }
 

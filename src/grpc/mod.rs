@@ -251,11 +251,13 @@ impl pb::vigil_server::Vigil for Service {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let query = self.0.parse(request.get_ref()).await?;
         Stats::incr(&self.0.stats.subscriptions);
-        let admitted = match &self.0.cluster {
-            Some(cluster) => cluster.feed().admit(&query),
-            None => self.0.index.pubsub().admit(&query),
+        // What its subscriptions cost ingest is charged to the client's address.
+        let peer = request.remote_addr().map(|addr| addr.ip());
+        let pubsub = match &self.0.cluster {
+            Some(cluster) => cluster.feed(),
+            None => self.0.index.pubsub(),
         };
-        if let Err(refused) = admitted {
+        if let Err(refused) = pubsub.client(peer).admit(&query) {
             Stats::incr(&self.0.stats.subscriptions_refused);
             return Err(Status::resource_exhausted(refused.to_string()));
         }
@@ -263,7 +265,7 @@ impl pb::vigil_server::Vigil for Service {
         // may arrive twice, but none is missed.
         let (subscription, current) = match &self.0.cluster {
             Some(cluster) => {
-                let subscription = cluster.subscribe(query.clone(), DEFAULT_CAPACITY).await;
+                let subscription = (cluster.subscribe(peer, query.clone(), DEFAULT_CAPACITY)).await;
                 let current = cluster
                     .query(query.as_str())
                     .await
@@ -271,8 +273,9 @@ impl pb::vigil_server::Vigil for Service {
                 (subscription, current)
             }
             None => {
-                let pubsub = self.0.index.pubsub();
-                let subscription = pubsub.subscribe(query.clone(), DEFAULT_CAPACITY);
+                let subscription = pubsub
+                    .client(peer)
+                    .subscribe(query.clone(), DEFAULT_CAPACITY);
                 let current = (self.0.index.query_then(&query, |found| found).await)
                     .map_err(|e| self.0.refused(e))?;
                 (subscription, current)

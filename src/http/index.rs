@@ -22,6 +22,7 @@
 //! scan (hyper drops a plain or SSE request's on its own).
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{Query as Params, State};
+use axum::extract::{ConnectInfo, Query as Params, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, Stream, StreamExt, stream};
@@ -80,6 +81,7 @@ const RETRY_BUSY: header::HeaderValue = header::HeaderValue::from_static("1");
 
 pub(super) async fn get_index(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     params: Result<Params<IndexParams>, QueryRejection>,
@@ -92,14 +94,14 @@ pub(super) async fn get_index(
         return upgrade
             .max_message_size(SUBSCRIBER_MESSAGE_MAX)
             .max_frame_size(SUBSCRIBER_MESSAGE_MAX)
-            .on_upgrade(move |socket| websocket(socket, state, query, params));
+            .on_upgrade(move |socket| websocket(socket, state, peer.ip(), query, params));
     }
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_sse {
-        return event_stream(state, query, params.every).await;
+        return event_stream(state, peer.ip(), query, params.every).await;
     }
     // Written out on the blocking thread too: a million events take longer
     // to turn into JSON than to find. One event's JSON tree at a time: a
@@ -145,10 +147,11 @@ pub(super) async fn get_index(
 /// The SSE-only listener's `/index`, whatever the `Accept` header says.
 pub(super) async fn get_sse(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Response {
     match parse(&state, params).await {
-        Ok((query, params)) => event_stream(state, query, params.every).await,
+        Ok((query, params)) => event_stream(state, peer.ip(), query, params.every).await,
         Err(body) => error(StatusCode::BAD_REQUEST, body),
     }
 }
@@ -185,9 +188,15 @@ fn frame(event: &Event) -> Message {
     Message::Text(json::to_json_text(event).into())
 }
 
-async fn websocket(mut socket: WebSocket, state: AppState, query: Query, params: IndexParams) {
+async fn websocket(
+    mut socket: WebSocket,
+    state: AppState,
+    peer: IpAddr,
+    query: Query,
+    params: IndexParams,
+) {
     let subscription = match params.subscribe {
-        true => match state.subscribe(&query, params.every.is_some()).await {
+        true => match state.subscribe(peer, &query, params.every.is_some()).await {
             Ok(subscription) => Some(subscription),
             Err(refused) => return close(socket, close_code::POLICY, close_reason(refused)).await,
         },
@@ -362,9 +371,14 @@ fn close_reason(mut text: String) -> String {
 
 /// Snapshot then live, as Server-Sent Events, until the subscriber falls
 /// behind or the server shuts down.
-async fn event_stream(state: AppState, query: Query, coalesce: Option<Duration>) -> Response {
-    tracing::debug!(%query, "SSE subscriber connected.");
-    let subscription = match state.subscribe(&query, coalesce.is_some()).await {
+async fn event_stream(
+    state: AppState,
+    peer: IpAddr,
+    query: Query,
+    coalesce: Option<Duration>,
+) -> Response {
+    tracing::debug!(%query, %peer, "SSE subscriber connected.");
+    let subscription = match state.subscribe(peer, &query, coalesce.is_some()).await {
         Ok(subscription) => subscription,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
     };

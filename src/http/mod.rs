@@ -17,13 +17,13 @@ mod metrics;
 pub use events::read_line as read_event_line;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, Version, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
@@ -36,6 +36,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
 
 use crate::answers;
 use crate::blocking::{SHUTTING_DOWN, off_workers};
@@ -141,26 +142,34 @@ impl AppState {
     /// sees every node's changes. A coalescing one holds the latest event of
     /// each series from the start: the snapshot may take long to send.
     /// Refused (counted), with the reason, when the query was found too
-    /// costly for a live subscription a short while ago ([`Pubsub::admit`]).
+    /// costly for a live subscription a short while ago, or the client at
+    /// `peer` cut for what its subscriptions cost ([`Client::admit`]).
     ///
-    /// [`Pubsub::admit`]: crate::pubsub::Pubsub::admit
-    async fn subscribe(&self, query: &Query, coalescing: bool) -> Result<Subscription, String> {
+    /// [`Client::admit`]: crate::pubsub::Client::admit
+    async fn subscribe(
+        &self,
+        peer: IpAddr,
+        query: &Query,
+        coalescing: bool,
+    ) -> Result<Subscription, String> {
         Stats::incr(&self.stats().subscriptions);
-        let (query, capacity) = (query.clone(), self.subscriber_capacity);
-        let pubsub = self.telemetry.index.pubsub();
-        let admitted = match &self.cluster {
-            Some(cluster) => cluster.feed().admit(&query),
-            None => pubsub.admit(&query),
+        let (query, capacity, peer) = (query.clone(), self.subscriber_capacity, Some(peer));
+        let pubsub = match &self.cluster {
+            Some(cluster) => cluster.feed(),
+            None => self.telemetry.index.pubsub(),
         };
-        if let Err(refused) = admitted {
+        let client = pubsub.client(peer);
+        if let Err(refused) = client.admit(&query) {
             Stats::incr(&self.stats().subscriptions_refused);
             return Err(refused.to_string());
         }
         Ok(match (&self.cluster, coalescing) {
-            (Some(cluster), false) => cluster.subscribe(query, capacity).await,
-            (Some(cluster), true) => cluster.subscribe_latest(query, live::MAX_SERIES).await,
-            (None, false) => pubsub.subscribe(query, capacity),
-            (None, true) => pubsub.subscribe_latest(query, live::MAX_SERIES),
+            (Some(cluster), false) => cluster.subscribe(peer, query, capacity).await,
+            (Some(cluster), true) => {
+                (cluster.subscribe_latest(peer, query, live::MAX_SERIES)).await
+            }
+            (None, false) => client.subscribe(query, capacity),
+            (None, true) => client.subscribe_latest(query, live::MAX_SERIES),
         })
     }
 
@@ -393,6 +402,7 @@ fn listen(
             let connection = serve_connection(
                 hyper.clone(),
                 io,
+                peer,
                 router.clone(),
                 bounds.clone(),
                 shutdown.clone(),
@@ -409,10 +419,19 @@ fn listen(
 async fn serve_connection(
     hyper: Arc<auto::Builder<TokioExecutor>>,
     io: Bounded<TcpStream>,
+    peer: SocketAddr,
     router: Router,
     bounds: Bounds,
     shutdown: CancellationToken,
 ) {
+    // Each request knows its peer, as `axum::serve` would tell it: live
+    // subscriptions are charged to the client's address.
+    let router = router.map_request(
+        move |mut request: axum::http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request
+        },
+    );
     let connection =
         hyper.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(router));
     let mut connection = pin!(connection);

@@ -1,5 +1,5 @@
 //! What the subscription queries cost the publisher together: sampled, summed
-//! over a window, and when the sum is over a share of a core, which queries
+//! over a window, and when the sum is over a share of a core, which clients
 //! go (the dearest first).
 //!
 //! The cost is the publishing thread's CPU time ([`cpu_time`]), not the wall
@@ -34,6 +34,12 @@ pub const MAX_EVERY: u64 = 1024;
 /// publishes: a publish whose queries took this long or more is followed by
 /// a timed one at once.
 const TIMED_EVERY: Duration = Duration::from_micros(500);
+
+/// The evaluation time between two timed publishes per audience timed: a
+/// timed publish reads the clock once per audience (some 0.3 µs each), so
+/// with hundreds of audiences it is timed less often, the clock kept to a
+/// few percent of what it times.
+const TIMED_EVERY_LAP: Duration = Duration::from_micros(50);
 
 /// The calling thread's CPU time: what it ran, not how long it waited to.
 #[cfg(target_os = "linux")]
@@ -84,10 +90,12 @@ impl Sampler {
         Some(n + 1 - self.last.swap(n + 1, Ordering::Relaxed))
     }
 
-    /// The timed publish's queries cost `cost`: the next timed publish is
-    /// the one after `TIMED_EVERY / cost` more (1 to [`MAX_EVERY`]).
-    pub fn timed(&self, cost: Duration) {
-        let every = TIMED_EVERY.as_nanos() / cost.as_nanos().max(1);
+    /// The timed publish's `laps` audiences cost `cost`: the next timed
+    /// publish is the one after `TIMED_EVERY / cost` more (1 to
+    /// [`MAX_EVERY`]), or `laps * TIMED_EVERY_LAP / cost` when that is more.
+    pub fn timed(&self, cost: Duration, laps: u32) {
+        let span = TIMED_EVERY.max(TIMED_EVERY_LAP * laps);
+        let every = span.as_nanos() / cost.as_nanos().max(1);
         let every = (every as u64).clamp(1, MAX_EVERY);
         let last = self.last.load(Ordering::Relaxed);
         self.next.store(last + every - 1, Ordering::Relaxed);
@@ -178,22 +186,22 @@ impl Ledger {
         Some(lasted)
     }
 
-    /// Of queries that cost `spent` each over a window that `lasted` (and
-    /// whether each may be cut), which to cut, dearest first, for the others
-    /// to be within the share together; none when they all are.
-    pub fn over_share(&self, spent: &[(Duration, bool)], lasted: Duration) -> Vec<usize> {
+    /// Of clients whose queries cost `spent` each over a window that
+    /// `lasted`, which to cut, dearest first, for the others to be within
+    /// the share together; none when they all are.
+    pub fn over_share(&self, spent: &[Duration], lasted: Duration) -> Vec<usize> {
         let windows = lasted.div_duration_f64(self.window).max(1.0);
         let allowed = Duration::try_from_secs_f64(self.share.as_secs_f64() * windows)
             .unwrap_or(Duration::MAX);
-        let mut total: Duration = spent.iter().map(|&(d, _)| d).sum();
-        let mut dearest: Vec<usize> = (0..spent.len()).filter(|&i| spent[i].1).collect();
-        dearest.sort_unstable_by_key(|&i| std::cmp::Reverse(spent[i].0));
+        let mut total: Duration = spent.iter().sum();
+        let mut dearest: Vec<usize> = (0..spent.len()).collect();
+        dearest.sort_unstable_by_key(|&i| std::cmp::Reverse(spent[i]));
         let mut cut = Vec::new();
         for i in dearest {
-            if total <= allowed || spent[i].0.is_zero() {
+            if total <= allowed || spent[i].is_zero() {
                 break;
             }
-            total -= spent[i].0;
+            total -= spent[i];
             cut.push(i);
         }
         cut
@@ -212,37 +220,30 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn the_dearest_queries_go_until_the_rest_are_within_the_share() {
+    fn the_dearest_clients_go_until_the_rest_are_within_the_share() {
         let ledger = Ledger::new(250 * MS, WINDOW);
-        // 20 queries of 100 ms each (2 s of a 1 s window) and a cheap one:
-        // the cheap one stays, and enough of the others go to leave 250 ms.
-        let mut spent = vec![(100 * MS, true); 20];
-        spent.push((300 * MS, false));
-        spent[7].0 = 120 * MS;
-        let cut = ledger.over_share(&spent, WINDOW);
-        assert_eq!(cut.len(), 20, "the cheap one alone is over: all others go");
-        assert_eq!(cut[0], 7, "the dearest first");
-        spent.pop();
-        spent.push((10 * MS, false));
+        // 20 clients of 100 ms each (2 s of a 1 s window): enough of them go
+        // to leave 250 ms, the dearest first.
+        let mut spent = vec![100 * MS; 20];
+        spent[7] = 120 * MS;
+        spent.push(10 * MS);
         let cut = ledger.over_share(&spent, WINDOW);
         assert_eq!(cut.len(), 18);
-        assert_eq!(cut[0], 7);
+        assert_eq!(cut[0], 7, "the dearest first");
+        assert!(!cut.contains(&20), "the cheapest stays");
         let kept: Duration = (0..spent.len())
             .filter(|i| !cut.contains(i))
-            .map(|i| spent[i].0)
+            .map(|i| spent[i])
             .sum();
         assert_eq!(kept, 210 * MS);
         // Within the share together: nobody goes, however dear one is.
-        let within = [(249 * MS, true), (MS, true)];
-        assert!(ledger.over_share(&within, WINDOW).is_empty());
+        assert!(ledger.over_share(&[249 * MS, MS], WINDOW).is_empty());
         // One that cost nothing in the window never goes.
-        let cheap_over = [(MS, true), (300 * MS, false)];
-        assert_eq!(ledger.over_share(&cheap_over, WINDOW), [0]);
-        let idle = [(Duration::ZERO, true), (300 * MS, false)];
-        assert!(ledger.over_share(&idle, WINDOW).is_empty());
+        let idle = [Duration::ZERO, 300 * MS];
+        assert_eq!(ledger.over_share(&idle, WINDOW), [1]);
         // Over a window twice as long (nothing timed meanwhile), twice the
         // share: 400 ms in 2 s is within it.
-        let long = [(300 * MS, true), (100 * MS, true)];
+        let long = [300 * MS, 100 * MS];
         assert!(ledger.over_share(&long, 2 * WINDOW).is_empty());
         assert_eq!(ledger.over_share(&long, WINDOW), [0]);
         assert_eq!(percent(300 * MS, 2 * WINDOW), 15);
@@ -270,16 +271,22 @@ mod tests {
         assert_eq!(sampler.due(), Some(1), "the first is timed");
         assert_eq!(sampler.due(), None, "one at a time");
         // The one not timed meanwhile counts with the next.
-        sampler.timed(Duration::from_millis(2));
+        sampler.timed(Duration::from_millis(2), 1);
         assert_eq!(sampler.due(), Some(2));
-        sampler.timed(Duration::from_micros(50));
+        sampler.timed(Duration::from_micros(50), 1);
         for _ in 0..9 {
             assert_eq!(sampler.due(), None);
         }
         assert_eq!(sampler.due(), Some(10));
+        // Of 100 audiences, timed after 5 ms of evaluation, not 0.5 ms.
+        sampler.timed(Duration::from_micros(50), 100);
+        for _ in 0..99 {
+            assert_eq!(sampler.due(), None);
+        }
+        assert_eq!(sampler.due(), Some(100));
         // A cheap one: timed again after MAX_EVERY, which it stands for.
         for cost in [Duration::from_nanos(30), Duration::ZERO] {
-            sampler.timed(cost);
+            sampler.timed(cost, 1);
             let skipped = std::iter::repeat_with(|| sampler.due())
                 .take_while(Option::is_none)
                 .count();
