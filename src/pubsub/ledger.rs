@@ -56,6 +56,22 @@ pub fn cpu_time() -> Duration {
     EPOCH.get_or_init(Instant::now).elapsed()
 }
 
+/// What one read of [`cpu_time`] takes: the least of a few back to back,
+/// measured once (one alone may be slowed by a cold cache or an interrupt,
+/// and would then take a cheap query's cost away with it).
+fn read_cost() -> Duration {
+    static READ: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *READ.get_or_init(|| {
+        (0..64)
+            .map(|_| {
+                let before = cpu_time();
+                cpu_time().saturating_sub(before)
+            })
+            .min()
+            .unwrap_or_default()
+    })
+}
+
 /// Which publishes are timed: the first, then one after as many as the last
 /// timed one's cost says (see [`MAX_EVERY`], [`TIMED_EVERY`]). One publish
 /// is timed at a time, by whichever thread claims it.
@@ -103,11 +119,15 @@ impl Sampler {
 }
 
 /// Times the audiences of one publish, in turn: what passes between one
-/// lap and the next is charged to the audience of the first, weighed by
-/// the publishes it stands for.
+/// lap and the next, less a read of the clock, is charged to the audience
+/// of the first, weighed by the publishes it stands for.
 pub struct Timer<'a> {
     weight: u64,
     at: Duration,
+    /// What reading the clock takes ([`read_cost`]): the publishes not
+    /// timed do not, and with hundreds of cheap audiences it would
+    /// otherwise be most of what each is charged.
+    read: Duration,
     /// Whose turn it is, and its cost so far in the window (nanoseconds).
     current: Option<&'a AtomicU64>,
     /// The publish's cost so far.
@@ -120,6 +140,7 @@ impl<'a> Timer<'a> {
         Timer {
             weight,
             at: cpu_time(),
+            read: read_cost(),
             current: None,
             cost: Duration::ZERO,
         }
@@ -143,6 +164,7 @@ impl<'a> Timer<'a> {
         self.at = now;
         self.cost += took;
         if let Some(spent) = self.current {
+            let took = took.saturating_sub(self.read);
             let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
             spent.fetch_add(nanos.saturating_mul(self.weight), Ordering::Relaxed);
         }
