@@ -553,6 +553,20 @@ async fn open_incidents_are_not_re_triggered_nor_unknown_ones_resolved() {
 
 /// The page actions the receiver saw, in order.
 /// An output's `(accepted, delivered, dropped, skipped, in flight)`.
+/// The output's counters once its queue is dropped and its task, stopped
+/// by `stop`, has ended.
+async fn settled_once_stopped(
+    queue: Arc<Queue>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+) -> (u64, u64, u64, u64, u64) {
+    let stats = queue.stats.clone();
+    drop(queue);
+    stop.cancel();
+    task.await.unwrap();
+    settlement(&stats)
+}
+
 fn settlement(stats: &OutputStats) -> (u64, u64, u64, u64, u64) {
     let get = |c: &AtomicU64| c.load(Ordering::Acquire);
     (
@@ -1219,12 +1233,8 @@ async fn a_reload_that_fixes_a_failing_receiver_pages_the_new_one_for_the_ongoin
         (wrong.seen().iter()).all(|s| s.json()["action"] == "trigger"),
         "the wrong URL only ever got the trigger, refused"
     );
-    let stats = second.stats.clone();
-    drop(second);
-    stop.cancel();
-    second_task.await.unwrap();
     assert_eq!(
-        settlement(&stats),
+        settled_once_stopped(second, stop, second_task).await,
         (2, 2, 0, 0, 0),
         "each page counted once, in the counters the declarations share"
     );
@@ -1262,12 +1272,8 @@ async fn a_pager_removed_while_failing_and_declared_again_with_another_receiver_
         ["trigger critical", "resolve -"],
         "one trigger for the ongoing incident, then its resolve; cpu is over"
     );
-    let stats = second.stats.clone();
-    drop(second);
-    stop.cancel();
-    second_task.await.unwrap();
     assert_eq!(
-        settlement(&stats),
+        settled_once_stopped(second, stop, second_task).await,
         (4, 2, 0, 2, 0),
         "each page counted once: cpu's trigger superseded by its ok, which resolves nothing here"
     );
@@ -1321,12 +1327,8 @@ async fn a_pager_removed_while_failing_and_declared_again_with_its_previous_rece
         ],
         "the page the wrong receiver did not take, then both resolves"
     );
-    let stats = back.stats.clone();
-    drop(back);
-    stop.cancel();
-    task.await.unwrap();
     assert_eq!(
-        settlement(&stats),
+        settled_once_stopped(back, stop, task).await,
         (4, 4, 0, 0, 0),
         "each page counted once"
     );
@@ -1432,12 +1434,8 @@ async fn a_change_of_routing_key_hands_the_new_one_a_trigger_per_ongoing_inciden
         .map(|s| s.json()["routing_key"].clone())
         .collect();
     assert_eq!(keys, ["k2"; 4]);
-    let stats = second.stats.clone();
-    drop(second);
-    stop.cancel();
-    second_task.await.unwrap();
     assert_eq!(
-        settlement(&stats),
+        settled_once_stopped(second, stop, second_task).await,
         (8, 4, 0, 4, 0),
         "cpu's trigger and resolve, load's warning and flapping: skipped"
     );

@@ -1298,16 +1298,7 @@ impl Compiler<'_> {
     fn warn_set_misspelled(&mut self, attribute: &Ident) {
         let name = attribute.name.as_str();
         // Those it can set: `time` cannot be set by rules.
-        let fields = [
-            "host",
-            "service",
-            "state",
-            "description",
-            "metric",
-            "ttl",
-            "tags",
-        ];
-        let meant = misspelled(name, &fields);
+        let meant = misspelled(name, EVENT_FIELDS.into_iter().chain(["tags"]));
         let Some(meant) = meant else {
             return;
         };
@@ -1362,30 +1353,25 @@ fn riemanns(name: &str) -> Option<&'static str> {
 /// The event's field `name` most likely misspells, letters swapped
 /// (`hsot`) or one wrong: an attribute so named is seldom meant.
 fn misspelled_field(name: &str) -> Option<&'static str> {
-    misspelled(
-        name,
-        &[
-            "host",
-            "service",
-            "state",
-            "description",
-            "metric",
-            "ttl",
-            "time",
-        ],
-    )
+    misspelled(name, EVENT_FIELDS.into_iter().chain(["time"]))
 }
 
+/// The event's fields a name may be mistaken for, but `time` and `tags`.
+const EVENT_FIELDS: [&str; 6] = ["host", "service", "state", "description", "metric", "ttl"];
+
 /// Which of `fields` `name` is spelled like: the same letters, or a typo.
-fn misspelled(name: &str, fields: &[&'static str]) -> Option<&'static str> {
+fn misspelled(
+    name: &str,
+    fields: impl Iterator<Item = &'static str> + Clone,
+) -> Option<&'static str> {
     let letters = |s: &str| {
         let mut chars: Vec<char> = s.chars().collect();
         chars.sort_unstable();
         chars
     };
-    (fields.iter().copied())
+    (fields.clone())
         .find(|field| letters(field) == letters(name))
-        .or_else(|| closest(name, fields.iter().copied()))
+        .or_else(|| closest(name, fields))
 }
 
 fn list(names: &[&str]) -> String {
