@@ -605,7 +605,12 @@ async fn an_answer_read_slowly_gives_its_room_back_after_the_read_timeout() {
     let _alone = ALONE.lock().await;
     let v = holding_large_answers(&["--read-timeout", "2s"]).await;
     let http = v.http.unwrap();
-    let mut slow = TcpStream::connect(http).await.unwrap();
+    // A small receive buffer, fixed: grown by the kernel's autotuning (up
+    // to 32 MiB here), it took the whole answer in while the client slept,
+    // and the server saw it written within the timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut slow = socket.connect(http).await.unwrap();
     let get = b"GET /index?query=true HTTP/1.1\r\nHost: vigil\r\n\r\n";
     slow.write_all(get).await.unwrap();
     // 512 KiB every quarter of a second: the whole answer in some 6 s (the
