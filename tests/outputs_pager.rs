@@ -553,9 +553,17 @@ async fn open_incidents_are_not_re_triggered_nor_unknown_ones_resolved() {
 
 /// The page actions the receiver saw, in order.
 /// An output's `(accepted, delivered, dropped, skipped, in flight)`.
-/// The output's counters once its queue is dropped and its task, stopped
-/// by `stop`, has ended.
-async fn settled_once_stopped(
+/// A paging webhook output `oncall` paging `rx`.
+fn oncall(rx: &Receiver) -> OutputSpec {
+    OutputSpec {
+        name: "oncall".into(),
+        kind: OutputKind::Pager(paging_webhook_config(&rx.url)),
+    }
+}
+
+/// Stops an output as a reload or vigil's stop does (its queue dropped, its
+/// task cancelled by `stop`, then ended): its counters then.
+async fn stopped(
     queue: Arc<Queue>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -1201,22 +1209,16 @@ async fn pages_left_for_a_replaced_routing_key_follow_the_current_one_when_it_co
 async fn a_reload_that_fixes_a_failing_receiver_pages_the_new_one_for_the_ongoing_incident() {
     let (wrong, fixed) = (Receiver::start().await, Receiver::start().await);
     wrong.reply_always(Reply(500, vec![], "no such route"));
-    let spec = |rx: &Receiver| OutputSpec {
-        name: "oncall".into(),
-        kind: OutputKind::Pager(paging_webhook_config(&rx.url)),
-    };
     let kept = Kept::default();
     let first_stop = CancellationToken::new();
-    let (first, first_task) = outputs::start(&spec(&wrong), &kept, first_stop.clone());
+    let (first, first_task) = outputs::start(&oncall(&wrong), &kept, first_stop.clone());
     first.push(event("disk /", "critical"));
     wrong.wait_for(2).await;
     // The reload, as the server makes it: the new declaration starts, then
     // the one it replaced is stopped.
     let stop = CancellationToken::new();
-    let (second, second_task) = outputs::start(&spec(&fixed), &kept, stop.clone());
-    drop(first);
-    first_stop.cancel();
-    first_task.await.unwrap();
+    let (second, second_task) = outputs::start(&oncall(&fixed), &kept, stop.clone());
+    stopped(first, first_stop, first_task).await;
     fixed.wait_for(1).await;
     second.push(event("disk /", "ok"));
     fixed.wait_for(2).await;
@@ -1234,7 +1236,7 @@ async fn a_reload_that_fixes_a_failing_receiver_pages_the_new_one_for_the_ongoin
         "the wrong URL only ever got the trigger, refused"
     );
     assert_eq!(
-        settled_once_stopped(second, stop, second_task).await,
+        stopped(second, stop, second_task).await,
         (2, 2, 0, 0, 0),
         "each page counted once, in the counters the declarations share"
     );
@@ -1247,23 +1249,17 @@ async fn a_reload_that_fixes_a_failing_receiver_pages_the_new_one_for_the_ongoin
 async fn a_pager_removed_while_failing_and_declared_again_with_another_receiver_pages_it() {
     let (wrong, fixed) = (Receiver::start().await, Receiver::start().await);
     wrong.reply_always(Reply(500, vec![], "no such route"));
-    let spec = |rx: &Receiver| OutputSpec {
-        name: "oncall".into(),
-        kind: OutputKind::Pager(paging_webhook_config(&rx.url)),
-    };
     let kept = Kept::default();
     let first_stop = CancellationToken::new();
-    let (first, first_task) = outputs::start(&spec(&wrong), &kept, first_stop.clone());
+    let (first, first_task) = outputs::start(&oncall(&wrong), &kept, first_stop.clone());
     first.push(event("disk /", "critical"));
     first.push(event("cpu", "critical"));
     first.push(event("cpu", "ok"));
     wrong.wait_for(2).await;
-    drop(first);
-    first_stop.cancel();
-    first_task.await.unwrap();
+    stopped(first, first_stop, first_task).await;
 
     let stop = CancellationToken::new();
-    let (second, second_task) = outputs::start(&spec(&fixed), &kept, stop.clone());
+    let (second, second_task) = outputs::start(&oncall(&fixed), &kept, stop.clone());
     fixed.wait_for(1).await;
     second.push(event("disk /", "ok"));
     fixed.wait_for(2).await;
@@ -1273,7 +1269,7 @@ async fn a_pager_removed_while_failing_and_declared_again_with_another_receiver_
         "one trigger for the ongoing incident, then its resolve; cpu is over"
     );
     assert_eq!(
-        settled_once_stopped(second, stop, second_task).await,
+        stopped(second, stop, second_task).await,
         (4, 2, 0, 2, 0),
         "each page counted once: cpu's trigger superseded by its ok, which resolves nothing here"
     );
@@ -1287,29 +1283,21 @@ async fn a_pager_removed_while_failing_and_declared_again_with_another_receiver_
 async fn a_pager_removed_while_failing_and_declared_again_with_its_previous_receiver_pages_it() {
     let (good, wrong) = (Receiver::start().await, Receiver::start().await);
     wrong.reply_always(Reply(500, vec![], "no such route"));
-    let spec = |rx: &Receiver| OutputSpec {
-        name: "oncall".into(),
-        kind: OutputKind::Pager(paging_webhook_config(&rx.url)),
-    };
     let kept = Kept::default();
     let first_stop = CancellationToken::new();
-    let (first, first_task) = outputs::start(&spec(&good), &kept, first_stop.clone());
+    let (first, first_task) = outputs::start(&oncall(&good), &kept, first_stop.clone());
     first.push(event("cpu", "critical"));
     good.wait_for(1).await;
     let second_stop = CancellationToken::new();
-    let (second, second_task) = outputs::start(&spec(&wrong), &kept, second_stop.clone());
-    drop(first);
-    first_stop.cancel();
-    first_task.await.unwrap();
+    let (second, second_task) = outputs::start(&oncall(&wrong), &kept, second_stop.clone());
+    stopped(first, first_stop, first_task).await;
     second.push(event("disk /", "critical"));
     wrong.wait_for(2).await;
     // Removed while failing.
-    drop(second);
-    second_stop.cancel();
-    second_task.await.unwrap();
+    stopped(second, second_stop, second_task).await;
 
     let stop = CancellationToken::new();
-    let (back, task) = outputs::start(&spec(&good), &kept, stop.clone());
+    let (back, task) = outputs::start(&oncall(&good), &kept, stop.clone());
     good.wait_for(2).await;
     back.push(event("disk /", "ok"));
     back.push(event("cpu", "ok"));
@@ -1328,7 +1316,7 @@ async fn a_pager_removed_while_failing_and_declared_again_with_its_previous_rece
         "the page the wrong receiver did not take, then both resolves"
     );
     assert_eq!(
-        settled_once_stopped(back, stop, task).await,
+        stopped(back, stop, task).await,
         (4, 4, 0, 0, 0),
         "each page counted once"
     );
@@ -1435,7 +1423,7 @@ async fn a_change_of_routing_key_hands_the_new_one_a_trigger_per_ongoing_inciden
         .collect();
     assert_eq!(keys, ["k2"; 4]);
     assert_eq!(
-        settled_once_stopped(second, stop, second_task).await,
+        stopped(second, stop, second_task).await,
         (8, 4, 0, 4, 0),
         "cpu's trigger and resolve, load's warning and flapping: skipped"
     );
@@ -2186,22 +2174,18 @@ async fn a_page_refused_as_too_large_pages_cut_short_and_its_incident_is_resolve
 #[tokio::test]
 async fn a_paging_webhook_moved_to_another_url_does_not_resolve_there_what_it_opened_here() {
     let (first, second) = (Receiver::start().await, Receiver::start().await);
-    let spec = |rx: &Receiver| OutputSpec {
-        name: "oncall".into(),
-        kind: OutputKind::Pager(paging_webhook_config(&rx.url)),
-    };
     let kept = Kept::default();
     let stop = CancellationToken::new();
-    let (queue, task) = outputs::start(&spec(&first), &kept, stop.child_token());
+    let (queue, task) = outputs::start(&oncall(&first), &kept, stop.child_token());
     queue.push(event("disk /", "critical"));
     first.wait_for(1).await;
     drop(queue);
-    let (moved, _) = outputs::start(&spec(&second), &kept, stop.child_token());
+    let (moved, _) = outputs::start(&oncall(&second), &kept, stop.child_token());
     moved.push(event("disk /", "ok"));
     moved.push(event("cpu", "critical"));
     second.wait_for(1).await;
     drop(moved);
-    let (back, _) = outputs::start(&spec(&first), &kept, stop.child_token());
+    let (back, _) = outputs::start(&oncall(&first), &kept, stop.child_token());
     back.push(event("disk /", "ok"));
     first.wait_for(2).await;
     assert_eq!(webhook_actions(&first), ["trigger critical", "resolve -"]);
