@@ -397,6 +397,10 @@ impl Generation {
     const HANDED: Generation = Generation(1);
 }
 
+/// Pages handed from one receiver's memory to the next, each with what
+/// made it.
+pub(super) type Handed = Vec<(Event, Option<Origin>)>;
+
 /// The saved form.
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved {
@@ -895,13 +899,11 @@ impl Memory {
         };
         // Those it was to get from its own predecessors first.
         previous.take_pages_left_by_replaced();
-        let (pages, origins) = previous.unsent().take();
-        if pages.is_empty() {
+        // Those read from the file stay uncounted: vigil is stopping.
+        let (handed, superseded, _) = previous.take_for_successor(Generation::HANDED);
+        if handed.is_empty() && superseded.is_empty() {
             return;
         }
-        let template = previous.dedup_keys().pop().flatten();
-        let made = pages.into_iter().zip(origins).collect();
-        let (handed, superseded) = pager::handed(made, template.as_ref());
         tracing::warn!(
             output = %self.output,
             handed = handed.len(),
@@ -911,6 +913,26 @@ impl Memory {
              series."
         );
         self.hand_over(handed);
+    }
+
+    /// Takes every page this memory, replaced, holds for the memory that
+    /// replaced it, as its task hands them over ([`pager::handed`], with the
+    /// template they were made with): the latest page of each series, the
+    /// origins of those superseded, and how many were read from the file
+    /// (no task of this process counted them; `generation`'s now).
+    pub(super) fn take_for_successor(
+        &self,
+        generation: Generation,
+    ) -> (Handed, Vec<Option<Origin>>, usize) {
+        let ((pages, origins), restored) = {
+            let mut unsent = self.unsent();
+            let restored = unsent.adopt_restored(generation);
+            (unsent.take(), restored)
+        };
+        let template = self.dedup_keys().pop().flatten();
+        let made = pages.into_iter().zip(origins).collect();
+        let (handed, superseded) = pager::handed(made, template.as_ref());
+        (handed, superseded, restored)
     }
 
     /// Hands `pages` over to this memory, which another receiver's task

@@ -526,18 +526,12 @@ impl Pager {
         let Some(previous) = self.memory.replaced_memory() else {
             return;
         };
-        let (pages, origins) = {
-            let mut unsent = previous.unsent();
-            // Read from the file, never counted by a task of this process.
-            delivery.adopt(unsent.adopt_restored(self.generation));
-            unsent.take()
-        };
-        if pages.is_empty() {
+        let (handed, superseded, restored) = previous.take_for_successor(self.generation);
+        // Read from the file, never counted by a task of this process.
+        delivery.adopt(restored);
+        if handed.is_empty() && superseded.is_empty() {
             return;
         }
-        let template = previous.dedup_keys().pop().flatten();
-        let made = pages.into_iter().zip(origins).collect();
-        let (handed, superseded) = handed(made, template.as_ref());
         superseded.iter().for_each(|origin| self.release(*origin));
         delivery.skipped(superseded.len());
         tracing::warn!(
