@@ -923,8 +923,9 @@ impl Stopping {
                  reads the last ones written whole and removes the temporary files)"
             }
             Stopping::Delivering => {
-                "the events outputs have not delivered (lost; pages not yet delivered stay \
-                 in the pager files and are sent first by the next run)"
+                "the events outputs have not delivered (lost; pages not yet delivered are \
+                 sent first by the next run if written down in the pager files: all but \
+                 those of the last 100 ms, up to 10 000 a pager)"
             }
         }
     }
