@@ -228,10 +228,12 @@ struct RunArgs {
     /// (BENCHMARKS.md, "Huge pages"). Off by default.
     #[arg(long)]
     huge_pages: bool,
-    /// Where the index snapshot is kept (created if missing).
+    /// Where the index snapshot, the rules' stream state and the pagers' open incidents and
+    /// undelivered pages are kept (created if missing); one vigil at a time.
     #[arg(long, default_value = "vigil-data")]
     data_dir: PathBuf,
-    /// Neither load nor write index snapshots.
+    /// Keep nothing across restarts: neither load nor write the index snapshot, the stream state
+    /// or the pagers' files (open incidents and undelivered pages are then in memory only).
     #[arg(long, conflicts_with = "snapshot_interval")]
     no_snapshot: bool,
     /// How long after one index snapshot the next is written, bounding what a crash loses (e.g. 30s, 5m).
