@@ -30,6 +30,7 @@
 //! - [`http`]: the HTTP surface: index queries, WebSocket/SSE subscriptions, `POST /events`, `/metrics`, `/health`.
 //! - [`budget`]: the memory large messages may hold while they arrive, shared by every transport.
 //! - [`answers`]: the memory query answers may hold while their askers read them, shared by every transport.
+//! - [`forwarded`]: who a client is behind a trusted reverse proxy (`--trusted-proxy`, `X-Forwarded-For`).
 //! - [`bounded`]: bounds on HTTP and gRPC connections: how many, and how long a peer may leave writes unread.
 //! - [`unread`]: HTTP/2 answers a client leaves unread on one stream while it reads the connection, dropped.
 //! - [`files`]: files an operator names, read only when regular and within a size.
@@ -46,6 +47,7 @@ pub mod dial;
 pub mod event;
 pub mod event_queue;
 pub mod files;
+pub mod forwarded;
 pub mod frame;
 pub mod grpc;
 pub mod http;

@@ -16,6 +16,7 @@ use vigil::client::{Client, ClientError};
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::cluster::{Cluster, ClusterConfig};
 use vigil::event::{Event, Metric};
+use vigil::forwarded::{TrustedProxies, TrustedProxy};
 use vigil::frame::FrameError;
 use vigil::grpc::{Grpc, GrpcLimits};
 use vigil::http::{HttpConfig, HttpServer};
@@ -251,6 +252,10 @@ struct RunArgs {
     /// Bearer token every HTTP endpoint but /health requires (WebSocket clients may pass ?token=).
     #[arg(long, env = "VIGIL_HTTP_TOKEN", hide_env_values = true, value_parser = parse_token)]
     http_token: Option<String>,
+    /// A reverse proxy (address or network, e.g. 10.0.0.0/8; repeatable) whose X-Forwarded-For
+    /// names the client that live subscriptions are charged to and cut with, over HTTP and gRPC.
+    #[arg(long, value_name = "IP or CIDR")]
+    trusted_proxy: Vec<TrustedProxy>,
     /// How often vigil sends its own metrics through the rules as events (0 disables).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     self_metrics_interval: Duration,
@@ -587,6 +592,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         addr: (!args.no_http).then_some(args.http),
         sse: args.sse,
         token: args.http_token.clone(),
+        trusted_proxies: TrustedProxies::new(args.trusted_proxy.clone()),
         per_message: args.limits(),
         max_connections: args.max_connections,
         write_timeout: args.read_timeout,
@@ -724,6 +730,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     write_timeout: args.read_timeout,
                     read_timeout: args.read_timeout,
                     memory: Some(server.memory.clone()),
+                    trusted_proxies: TrustedProxies::new(args.trusted_proxy.clone()),
                 },
                 index.clone(),
                 streams.clone(),

@@ -56,7 +56,8 @@
 //! are timed (CPU time, see the `ledger` module), and what each audience's
 //! query took is summed over a [`WINDOW`], each subscriber charged its
 //! share (the audience's cost over its subscribers) and each client (a
-//! peer address, [`Pubsub::client`]) the sum of its subscribers'. When all
+//! peer address, or the one a trusted proxy forwards: [`Pubsub::client`],
+//! [`crate::forwarded`]) the sum of its subscribers'. When all
 //! took more than [`SHARE`] of it together, every subscription of the
 //! dearest client is disconnected, then the next's, until the rest are
 //! within it, and a client cut is refused whatever it asks for
@@ -86,6 +87,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::event::Event;
 use crate::event_queue::Refused;
+use crate::forwarded::ClientAddr;
 use crate::json;
 use crate::limits::start_of;
 use crate::outputs;
@@ -240,6 +242,8 @@ struct Subscriber {
     id: u64,
     /// Who pays for its share of its query's cost.
     payer: Payer,
+    /// The trusted proxy its client came through, named in the log of a cut.
+    via: Option<IpAddr>,
     queue: Arc<Backlog>,
     /// A full queue drops the event instead of disconnecting the subscriber.
     lossy: bool,
@@ -480,7 +484,7 @@ impl Subscription {
 /// (see the module's documentation).
 pub struct Client {
     pubsub: Arc<Pubsub>,
-    peer: Option<IpAddr>,
+    peer: Option<ClientAddr>,
 }
 
 impl Client {
@@ -650,9 +654,9 @@ impl Pubsub {
     }
 
     /// The client at `peer` (its address, without the port: a client's
-    /// connections are one client), or one of no known peer, whose
-    /// subscribers are each a client of their own.
-    pub fn client(self: &Arc<Self>, peer: Option<IpAddr>) -> Client {
+    /// connections are one client, whichever proxy they came through), or
+    /// one of no known peer, whose subscribers are each a client of their own.
+    pub fn client(self: &Arc<Self>, peer: Option<ClientAddr>) -> Client {
         Client {
             pubsub: self.clone(),
             peer,
@@ -680,9 +684,9 @@ impl Pubsub {
     /// Whether `peer` may subscribe `query`: refused (and counted) when the
     /// query was found too costly on one event, or the client cut, within
     /// [`REFUSED_FOR`].
-    fn admit(&self, peer: Option<IpAddr>, query: &Query) -> Result<(), TooCostly> {
+    fn admit(&self, peer: Option<ClientAddr>, query: &Query) -> Result<(), TooCostly> {
         let text = Barred::Text(text_hash(query.as_str()));
-        let client = peer.map(Barred::Client);
+        let client = peer.map(|peer| Barred::Client(peer.addr));
         let mut remembered = self.too_costly.lock();
         while (remembered.front()).is_some_and(|&(_, at, _)| at.elapsed() >= REFUSED_FOR) {
             remembered.pop_front();
@@ -712,7 +716,7 @@ impl Pubsub {
 
     fn add(
         self: &Arc<Self>,
-        peer: Option<IpAddr>,
+        peer: Option<ClientAddr>,
         query: Query,
         queue: Backlog,
         lossy: bool,
@@ -721,7 +725,8 @@ impl Pubsub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber {
             id,
-            payer: peer.map_or(Payer::Alone(id), Payer::Peer),
+            payer: peer.map_or(Payer::Alone(id), |peer| Payer::Peer(peer.addr)),
+            via: peer.and_then(|peer| peer.via),
             queue: queue.clone(),
             lossy,
         };
@@ -982,7 +987,10 @@ impl Pubsub {
         let (disconnected, freed) = self.close_all(&gone, &why);
         let shown = queries.first().map(|q| shorten(q, 200).into_owned());
         let client = match payer {
-            Payer::Peer(peer) => peer.to_string(),
+            Payer::Peer(addr) => {
+                let via = gone.iter().find_map(|sub| sub.via);
+                ClientAddr { addr, via }.to_string()
+            }
             Payer::Alone(id) => format!("subscriber {id}"),
         };
         tracing::warn!(
@@ -1073,6 +1081,8 @@ impl Pubsub {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::event::Metric;
 
@@ -1537,8 +1547,8 @@ mod tests {
         Query::parse(&terms.join(" or ")).unwrap()
     }
 
-    const A: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1)));
-    const B: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)));
+    const A: Option<ClientAddr> = Some(ClientAddr::direct(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1))));
+    const B: Option<ClientAddr> = Some(ClientAddr::direct(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))));
 
     /// A client subscribing many distinct cheap queries takes more than
     /// all may together: it is the one cut, all of its subscriptions, with

@@ -23,6 +23,7 @@ use common::inproc::{grpc as grpc_in_process, read_until_closed, wait_stat};
 use vigil::client::Client;
 use vigil::clock::{Clock, MICROS_PER_SEC, SystemClock};
 use vigil::event::{Event, Metric};
+use vigil::forwarded::TrustedProxies;
 use vigil::grpc::{Ack, Grpc, GrpcLimits, Msg, QueryRequest, VigilClient};
 use vigil::index::Index;
 use vigil::limits::Limits;
@@ -532,6 +533,7 @@ async fn start_in_process(max_message: usize) -> (Grpc, Arc<Index>, Arc<Stats>) 
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
         memory: None,
+        trusted_proxies: TrustedProxies::default(),
     })
     .await
 }
@@ -576,6 +578,7 @@ async fn a_msg_over_a_per_message_limit_is_refused_whole_naming_the_flag() {
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
         memory: None,
+        trusted_proxies: TrustedProxies::default(),
     })
     .await;
     let mut client = connect(grpc.addr).await;
@@ -909,6 +912,7 @@ async fn holding_a_large_answer() -> (Grpc, Arc<Stats>) {
         write_timeout: Duration::from_secs(1),
         read_timeout: Duration::from_secs(60),
         memory: None,
+        trusted_proxies: TrustedProxies::default(),
     })
     .await;
     for i in 0..2_000 {
@@ -929,6 +933,7 @@ async fn start_impatient() -> (Grpc, Arc<Index>, Arc<Stats>) {
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(1),
         memory: None,
+        trusted_proxies: TrustedProxies::default(),
     })
     .await
 }
@@ -985,6 +990,7 @@ async fn connections_over_the_limit_are_closed_at_once_until_one_leaves() {
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
         memory: None,
+        trusted_proxies: TrustedProxies::default(),
     })
     .await;
     let holder = TcpStream::connect(grpc.addr).await.unwrap();

@@ -23,6 +23,7 @@ use common::{Vigil, metrics_text, peak_of};
 use vigil::client::Client;
 use vigil::clock::{Clock, SharedClock, SystemClock};
 use vigil::event::Event;
+use vigil::forwarded::TrustedProxies;
 use vigil::grpc::{GrpcLimits, Msg, QueryRequest, VigilClient};
 use vigil::index::{Index, IndexConfig};
 use vigil::limits::Limits;
@@ -117,6 +118,7 @@ async fn a_grpc_msg_of_millions_of_empty_events_costs_about_its_size() {
         write_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
         memory: None,
+        trusted_proxies: TrustedProxies::default(),
     })
     .await;
     let mut client = VigilClient::connect(format!("http://{}", grpc.addr))

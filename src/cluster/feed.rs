@@ -18,7 +18,6 @@
 //!   way, so a subscriber sees one ordered stream per owner.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -31,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, PART_EVENTS, parts};
 use crate::event::Event;
+use crate::forwarded::ClientAddr;
 use crate::proto::{self, Msg};
 use crate::pubsub::{Published, Pubsub, Subscription};
 use crate::query::Query;
@@ -62,7 +62,7 @@ impl Cluster {
     /// The client at `peer` pays for it (see [`Pubsub::client`]).
     pub async fn subscribe(
         &self,
-        peer: Option<IpAddr>,
+        peer: Option<ClientAddr>,
         query: Query,
         capacity: usize,
     ) -> Subscription {
@@ -76,7 +76,7 @@ impl Cluster {
     /// [`Client::subscribe_latest`]: crate::pubsub::Client::subscribe_latest
     pub async fn subscribe_latest(
         &self,
-        peer: Option<IpAddr>,
+        peer: Option<ClientAddr>,
         query: Query,
         max_series: usize,
     ) -> Subscription {

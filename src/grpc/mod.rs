@@ -39,6 +39,7 @@ use crate::bounded::{Bounds, Counters, MAX_STREAMS};
 use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
+use crate::forwarded::{self, TrustedProxies};
 use crate::index::{Index, QueryError};
 use crate::ingest;
 use crate::limits::Limits;
@@ -84,6 +85,9 @@ struct Shared {
     /// Set in cluster mode: events go to JetStream, `Query` and `Subscribe`
     /// cover every node.
     cluster: Option<Arc<Cluster>>,
+    /// Peers whose `x-forwarded-for` names the client subscriptions are
+    /// charged to.
+    trusted_proxies: TrustedProxies,
 }
 
 #[derive(Clone)]
@@ -251,13 +255,19 @@ impl pb::vigil_server::Vigil for Service {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let query = self.0.parse(request.get_ref()).await?;
         Stats::incr(&self.0.stats.subscriptions);
-        // What its subscriptions cost ingest is charged to the client's address.
-        let peer = request.remote_addr().map(|addr| addr.ip());
+        // What its subscriptions cost ingest is charged to the client's
+        // address (behind a trusted proxy, the one it forwards).
+        let client = request.remote_addr().map(|addr| {
+            // A value that is not text is unreadable: the peer is the client.
+            let forwarded = (request.metadata().get_all(forwarded::HEADER).iter())
+                .map(|value| value.to_str().unwrap_or(""));
+            self.0.trusted_proxies.client(addr.ip(), forwarded)
+        });
         let pubsub = match &self.0.cluster {
             Some(cluster) => cluster.feed(),
             None => self.0.index.pubsub(),
         };
-        if let Err(refused) = pubsub.client(peer).admit(&query) {
+        if let Err(refused) = pubsub.client(client).admit(&query) {
             Stats::incr(&self.0.stats.subscriptions_refused);
             return Err(Status::resource_exhausted(refused.to_string()));
         }
@@ -265,7 +275,8 @@ impl pb::vigil_server::Vigil for Service {
         // may arrive twice, but none is missed.
         let (subscription, current) = match &self.0.cluster {
             Some(cluster) => {
-                let subscription = (cluster.subscribe(peer, query.clone(), DEFAULT_CAPACITY)).await;
+                let subscription =
+                    (cluster.subscribe(client, query.clone(), DEFAULT_CAPACITY)).await;
                 let current = cluster
                     .query(query.as_str())
                     .await
@@ -274,14 +285,19 @@ impl pb::vigil_server::Vigil for Service {
             }
             None => {
                 let subscription = pubsub
-                    .client(peer)
+                    .client(client)
                     .subscribe(query.clone(), DEFAULT_CAPACITY);
                 let current = (self.0.index.query_then(&query, |found| found).await)
                     .map_err(|e| self.0.refused(e))?;
                 (subscription, current)
             }
         };
-        tracing::debug!(query = %query, current = current.len(), "gRPC subscriber joined.");
+        tracing::debug!(
+            query = %query,
+            client = %client.map_or("unknown".to_owned(), |client| client.to_string()),
+            current = current.len(),
+            "gRPC subscriber joined."
+        );
         let current = subscription.hold(current).map_err(|refused| {
             Stats::incr(&self.0.stats.subscriptions_refused);
             Status::resource_exhausted(refused.to_string())
@@ -343,6 +359,9 @@ pub struct GrpcLimits {
     /// ([`Server::memory`](crate::server::Server::memory)); `None`: a budget
     /// of its own, of [`budget::DEFAULT_MAX`].
     pub memory: Option<Budget>,
+    /// Peers whose `x-forwarded-for` names the client that subscriptions
+    /// are charged to and cut with ([`crate::forwarded`]).
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// A running gRPC listener; [`Grpc::shutdown`] stops it.
@@ -411,6 +430,7 @@ impl Grpc {
             limits: limits.per_message,
             shutdown: shutdown.clone(),
             cluster,
+            trusted_proxies: limits.trusted_proxies,
         })))
         .max_decoding_message_size(limits.max_message);
         // Accepted as the other listeners do: a failed accept (out of file

@@ -22,7 +22,7 @@
 //! scan (hyper drops a plain or SSE request's on its own).
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,7 @@ use super::live::{self, Live};
 use super::{AppState, error};
 use crate::answers;
 use crate::event::Event;
+use crate::forwarded::ClientAddr;
 use crate::json;
 use crate::limits::start_of;
 use crate::pubsub::{HeldSnapshot, Published};
@@ -90,18 +91,19 @@ pub(super) async fn get_index(
         Ok(parsed) => parsed,
         Err(body) => return error(StatusCode::BAD_REQUEST, body),
     };
+    let client = state.client(peer, &headers);
     if let Ok(upgrade) = upgrade {
         return upgrade
             .max_message_size(SUBSCRIBER_MESSAGE_MAX)
             .max_frame_size(SUBSCRIBER_MESSAGE_MAX)
-            .on_upgrade(move |socket| websocket(socket, state, peer.ip(), query, params));
+            .on_upgrade(move |socket| websocket(socket, state, client, query, params));
     }
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_sse {
-        return event_stream(state, peer.ip(), query, params.every).await;
+        return event_stream(state, client, query, params.every).await;
     }
     // Written out on the blocking thread too: a million events take longer
     // to turn into JSON than to find. One event's JSON tree at a time: a
@@ -148,10 +150,14 @@ pub(super) async fn get_index(
 pub(super) async fn get_sse(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Response {
     match parse(&state, params).await {
-        Ok((query, params)) => event_stream(state, peer.ip(), query, params.every).await,
+        Ok((query, params)) => {
+            let client = state.client(peer, &headers);
+            event_stream(state, client, query, params.every).await
+        }
         Err(body) => error(StatusCode::BAD_REQUEST, body),
     }
 }
@@ -191,12 +197,15 @@ fn frame(event: &Event) -> Message {
 async fn websocket(
     mut socket: WebSocket,
     state: AppState,
-    peer: IpAddr,
+    client: ClientAddr,
     query: Query,
     params: IndexParams,
 ) {
     let subscription = match params.subscribe {
-        true => match state.subscribe(peer, &query, params.every.is_some()).await {
+        true => match state
+            .subscribe(client, &query, params.every.is_some())
+            .await
+        {
             Ok(subscription) => Some(subscription),
             Err(refused) => return close(socket, close_code::POLICY, close_reason(refused)).await,
         },
@@ -373,12 +382,12 @@ fn close_reason(mut text: String) -> String {
 /// behind or the server shuts down.
 async fn event_stream(
     state: AppState,
-    peer: IpAddr,
+    client: ClientAddr,
     query: Query,
     coalesce: Option<Duration>,
 ) -> Response {
-    tracing::debug!(%query, %peer, "SSE subscriber connected.");
-    let subscription = match state.subscribe(peer, &query, coalesce.is_some()).await {
+    tracing::debug!(%query, %client, "SSE subscriber connected.");
+    let subscription = match state.subscribe(client, &query, coalesce.is_some()).await {
         Ok(subscription) => subscription,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
     };

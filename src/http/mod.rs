@@ -17,14 +17,14 @@ mod metrics;
 pub use events::read_line as read_event_line;
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{StatusCode, Version, header};
+use axum::http::{HeaderMap, StatusCode, Version, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
@@ -45,6 +45,7 @@ use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
+use crate::forwarded::{self, ClientAddr, TrustedProxies};
 use crate::index::QueryError;
 use crate::limits::Limits;
 use crate::pubsub::{self, HeldSnapshot, Subscription};
@@ -92,6 +93,9 @@ pub struct HttpConfig {
     /// ([`Server::memory`](crate::server::Server::memory)); `None`: a budget
     /// of its own, of [`budget::DEFAULT_MAX`].
     pub memory: Option<Budget>,
+    /// Peers whose `X-Forwarded-For` names the client that live
+    /// subscriptions are charged to ([`crate::forwarded`]).
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Default for HttpConfig {
@@ -107,6 +111,7 @@ impl Default for HttpConfig {
             write_timeout: crate::tcp::DEFAULT_READ_TIMEOUT,
             read_timeout: crate::tcp::DEFAULT_READ_TIMEOUT,
             memory: None,
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }
@@ -127,6 +132,7 @@ struct AppState {
     read_timeout: Duration,
     /// Room for large posted bodies.
     memory: Budget,
+    trusted_proxies: Arc<TrustedProxies>,
     /// Cancelled at shutdown: ends live subscriptions, which would otherwise
     /// keep their connections open forever.
     shutdown: CancellationToken,
@@ -137,23 +143,32 @@ impl AppState {
         &self.telemetry.stats
     }
 
+    /// Who a request from `peer` with `headers` is, to charge its live
+    /// subscriptions to ([`crate::forwarded`]).
+    fn client(&self, peer: SocketAddr, headers: &HeaderMap) -> ClientAddr {
+        // A value that is not text is unreadable: the peer is the client.
+        let forwarded =
+            (headers.get_all(forwarded::HEADER).iter()).map(|value| value.to_str().unwrap_or(""));
+        self.trusted_proxies.client(peer.ip(), forwarded)
+    }
+
     /// A live subscription, counted; made before the snapshot is taken so no
     /// event falls between the two (one may arrive in both). In a cluster it
     /// sees every node's changes. A coalescing one holds the latest event of
     /// each series from the start: the snapshot may take long to send.
     /// Refused (counted), with the reason, when the query was found too
-    /// costly for a live subscription a short while ago, or the client at
-    /// `peer` cut for what its subscriptions cost ([`Client::admit`]).
+    /// costly for a live subscription a short while ago, or `client` cut
+    /// for what its subscriptions cost ([`Client::admit`]).
     ///
     /// [`Client::admit`]: crate::pubsub::Client::admit
     async fn subscribe(
         &self,
-        peer: IpAddr,
+        client: ClientAddr,
         query: &Query,
         coalescing: bool,
     ) -> Result<Subscription, String> {
         Stats::incr(&self.stats().subscriptions);
-        let (query, capacity, peer) = (query.clone(), self.subscriber_capacity, Some(peer));
+        let (query, capacity, peer) = (query.clone(), self.subscriber_capacity, Some(client));
         let pubsub = match &self.cluster {
             Some(cluster) => cluster.feed(),
             None => self.telemetry.index.pubsub(),
@@ -315,6 +330,7 @@ impl HttpServer {
             memory: config
                 .memory
                 .unwrap_or_else(|| Budget::new(budget::DEFAULT_MAX, stats.clone())),
+            trusted_proxies: Arc::new(config.trusted_proxies),
             shutdown: shutdown.clone(),
         };
         let tracker = TaskTracker::new();
