@@ -8,14 +8,16 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt, stream};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
 use common::Vigil;
@@ -815,6 +817,197 @@ async fn a_subscription_too_costly_for_ingest_ends_with_resource_exhausted() {
     assert!(
         (again.message()).starts_with("query too costly for a live subscription (over 1ms on one event); narrow it, or retry in "),
         "{again:?}"
+    );
+}
+
+/// A gRPC client whose connections come from `local` (127.0.0.2, say).
+async fn connect_from(local: &str, addr: SocketAddr) -> VigilClient<Channel> {
+    let local = SocketAddr::new(local.parse().unwrap(), 0);
+    let connector = tower::service_fn(move |_| async move {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(local)?;
+        Ok::<_, io::Error>(TokioIo::new(socket.connect(addr).await?))
+    });
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("gRPC client connects");
+    VigilClient::new(channel)
+}
+
+/// A subscriber in [`cut_a_flood`]: where its connections come from, and
+/// the `x-forwarded-for` its calls carry, if any.
+#[derive(Clone, Copy)]
+struct Subscriber {
+    from: &'static str,
+    forwarded_for: Option<&'static str>,
+}
+
+impl Subscriber {
+    async fn subscribe(
+        self,
+        client: &mut VigilClient<Channel>,
+        query: &str,
+    ) -> Result<Streaming<PbEvent>, Status> {
+        let mut request = tonic::Request::new(QueryRequest::new(query));
+        if let Some(whom) = self.forwarded_for {
+            request
+                .metadata_mut()
+                .insert("x-forwarded-for", whom.parse().unwrap());
+        }
+        Ok(client.subscribe(request).await?.into_inner())
+    }
+}
+
+/// Subscriptions the flooding client opens in [`cut_a_flood`], over
+/// connections of 50 calls each (64 may be open on one).
+const FLOODING: usize = 200;
+
+/// One flood at a time: a flood is cut for the share of a core its queries
+/// take, which two vigils flooded at once on a small machine may not get.
+static ONE_FLOOD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `flooder` subscribes [`FLOODING`] distinct cheap queries (one search of
+/// the service each), `bystander` one of the agent's events, and an agent
+/// sends until the flood is cut for taking more than a quarter of a core
+/// together: the flood ends with the reason, and the bystander gets every
+/// event sent. Returns a connection of the flooder's and the bystander's.
+async fn cut_a_flood(
+    vigil: &Vigil,
+    flooder: Subscriber,
+    bystander: Subscriber,
+) -> (VigilClient<Channel>, VigilClient<Channel>) {
+    let _alone = ONE_FLOOD.lock().await;
+    let addr = vigil.grpc.unwrap();
+    let mut flood = Vec::new();
+    let mut connection = connect_from(flooder.from, addr).await;
+    for i in 0..FLOODING {
+        if i > 0 && i % 50 == 0 {
+            connection = connect_from(flooder.from, addr).await;
+        }
+        let query = format!(r#"service =~ "%zzz{i}%""#);
+        flood.push(
+            flooder
+                .subscribe(&mut connection, &query)
+                .await
+                .expect("subscribed"),
+        );
+    }
+    let mut other = connect_from(bystander.from, addr).await;
+    let mut watcher =
+        (bystander.subscribe(&mut other, r#"host = "agent""#).await).expect("subscribed");
+    // Subscribed once the call is answered.
+    let subscribers = common::metric(vigil.http.unwrap(), "vigil_subscribers").await;
+    assert_eq!(subscribers, FLOODING as u64 + 1);
+
+    // The bystander reads while an agent sends until the flood is cut (a
+    // burst shorter than the pubsub's window is not weighed).
+    let (total, mut told) = tokio::sync::watch::channel(None);
+    let reader = tokio::spawn(async move {
+        let mut seen = 0u64;
+        loop {
+            if told.borrow().is_some_and(|sent| seen == sent) {
+                return watcher;
+            }
+            tokio::select! {
+                event = next_event(&mut watcher) => {
+                    assert_eq!(event.service, Some(seen.to_string()));
+                    seen += 1;
+                }
+                _ = told.changed() => {}
+            }
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = tokio::spawn({
+        let (tcp, stop) = (vigil.tcp, stop.clone());
+        async move {
+            let mut client = Client::connect(tcp).await.expect("tcp connects");
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let batch: Vec<Event> = (sent..sent + 10)
+                    .map(|n| event("agent", &n.to_string()))
+                    .collect();
+                client.send(&batch).await.expect("events acknowledged");
+                sent += 10;
+            }
+            sent
+        }
+    });
+    let end = next(&mut flood[0])
+        .await
+        .expect("ends with a status")
+        .expect_err("nothing matched");
+    stop.store(true, Ordering::Relaxed);
+    total.send_replace(Some(sender.await.unwrap()));
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    let why = end.message();
+    assert!(
+        why.starts_with("query too costly for a live subscription: this client's ")
+            && why.ends_with("%, over 25%; narrow it"),
+        "{why}"
+    );
+    // Every event sent, in order, to the bystander.
+    drop(reader.await.unwrap());
+    (connection, other)
+}
+
+const CLIENT_REFUSED: &str = "query too costly for a live subscription (the dearest client when all took over 25% of a core); narrow it, or retry in 60 s";
+
+/// gRPC subscribers are charged by their peer's address: a client (from
+/// 127.0.0.2) whose subscriptions cost too much together is cut and
+/// refused whatever it asks next; another (from 127.0.0.1) gets every
+/// event throughout and may still subscribe the same text.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_client_whose_subscriptions_are_too_costly_together_is_cut_not_another() {
+    let (vigil, _) = start_vigil();
+    let flooder = Subscriber {
+        from: "127.0.0.2",
+        forwarded_for: None,
+    };
+    let bystander = Subscriber {
+        from: "127.0.0.1",
+        forwarded_for: None,
+    };
+    let (mut cut, mut other) = cut_a_flood(&vigil, flooder, bystander).await;
+
+    let again = (flooder.subscribe(&mut cut, r#"host = "agent""#).await).expect_err("refused");
+    assert_eq!(again.code(), Code::ResourceExhausted, "{again:?}");
+    assert_eq!(again.message(), CLIENT_REFUSED);
+    let mut same = (bystander
+        .subscribe(&mut other, r#"service =~ "%zzz0%""#)
+        .await)
+        .expect("the other client may subscribe");
+    let mut agent = Client::connect(vigil.tcp).await.unwrap();
+    agent.send(&[event("h", "zzz0")]).await.unwrap();
+    assert_eq!(next_event(&mut same).await.service.as_deref(), Some("zzz0"));
+    let logged = vigil.log_line("too costly for the ingest path together");
+    assert!(logged.contains(r#""client":"127.0.0.2""#), "{logged}");
+}
+
+/// Behind a trusted proxy a gRPC subscriber is the client its
+/// `x-forwarded-for` metadata names: one user's flood is cut, not the
+/// proxy's other user.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_a_grpc_client_is_the_one_forwarded() {
+    let vigil = Vigil::start(&["--grpc", "127.0.0.1:0", "--trusted-proxy", "127.0.0.1"]);
+    let flooder = Subscriber {
+        from: "127.0.0.1",
+        forwarded_for: Some("192.0.2.1"),
+    };
+    let bystander = Subscriber {
+        from: "127.0.0.1",
+        forwarded_for: Some("192.0.2.2"),
+    };
+    let (mut cut, _) = cut_a_flood(&vigil, flooder, bystander).await;
+
+    let again = (flooder.subscribe(&mut cut, r#"host = "agent""#).await).expect_err("refused");
+    assert_eq!(again.message(), CLIENT_REFUSED);
+    let logged = vigil.log_line("too costly for the ingest path together");
+    assert!(
+        logged.contains(r#""client":"192.0.2.1 via proxy 127.0.0.1""#),
+        "{logged}"
     );
 }
 
