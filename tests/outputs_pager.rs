@@ -485,6 +485,33 @@ async fn a_custom_dedup_key_template_is_used_for_trigger_and_resolve() {
     out.settled().await;
 }
 
+/// One incident per host (`dedup_key: "{host}"`): the `ok` of one series
+/// once resolved it while another series of the host was still critical,
+/// and nothing paged for that one again (its state stayed). It resolves
+/// once the last series that triggered it clears; an `ok` of a series that
+/// never did resolves nothing.
+#[tokio::test]
+async fn an_incident_shared_by_series_resolves_when_the_last_of_them_clears() {
+    let rx = Receiver::start().await;
+    let mut config = pager_config(&rx.url);
+    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let out = Running::pager(config);
+    for (service, state) in [
+        ("disk /", "critical"),
+        ("cpu", "critical"),
+        ("disk /", "ok"),
+        ("load", "ok"),
+    ] {
+        out.queue.push(event(service, state));
+    }
+    out.settled().await;
+    assert_eq!(actions(&rx), ["trigger web1"], "cpu is still critical");
+    out.queue.push(event("cpu", "ok"));
+    out.settled().await;
+    assert_eq!(actions(&rx), ["trigger web1", "resolve web1"]);
+    assert_eq!((out.delivered(), out.skipped()), (2, 3));
+}
+
 #[tokio::test]
 async fn a_server_error_is_retried_until_accepted() {
     let rx = Receiver::start().await;

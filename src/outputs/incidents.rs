@@ -88,11 +88,12 @@ pub(super) struct Open {
     pub(super) severity: Severity,
     /// Its key in `Incidents::order`.
     seq: u64,
-    /// The series (their derived keys' [`fnv1a`]) whose triggers it got, at
-    /// most [`MAX_SERIES`], the latest last; empty when unknown (a file
-    /// written before). Under a later `dedup_key` template only they take
-    /// it up ([`Open::of`]): another series the earlier one merged into it
-    /// is an incident of its own.
+    /// The series (their derived keys' [`fnv1a`]) whose triggers it got and
+    /// that have not cleared since, at most [`MAX_SERIES`], the latest last;
+    /// empty when unknown (a file written before). Under a later
+    /// `dedup_key` template only they take it up ([`Open::of`]): another
+    /// series the earlier one merged into it is an incident of its own. It
+    /// is over once they have all cleared ([`Open::cleared_by`]).
     series: Vec<u64>,
 }
 
@@ -114,6 +115,17 @@ impl Open {
             self.series.remove(0);
         }
     }
+
+    /// `series` (its derived key's [`fnv1a`]) cleared: whether the incident
+    /// is over, none of the series that triggered it left (or nobody knows
+    /// which did). Several series share it under a `dedup_key` such as
+    /// `{host}`: the `ok` of one must not resolve it while another is still
+    /// failing, which would not page again while its state stays. A series
+    /// that never triggered it clears nothing of it.
+    pub(super) fn cleared_by(&mut self, series: u64) -> bool {
+        self.series.retain(|s| *s != series);
+        self.series.is_empty()
+    }
 }
 
 impl Incidents {
@@ -128,6 +140,10 @@ impl Incidents {
 
     pub(super) fn get(&self, key: &str) -> Option<&Open> {
         self.open.get(key)
+    }
+
+    pub(super) fn get_mut(&mut self, key: &str) -> Option<&mut Open> {
+        self.open.get_mut(key)
     }
 
     pub(super) fn len(&self) -> usize {

@@ -832,6 +832,38 @@ mod tests {
         assert!(!memory.has_open());
     }
 
+    /// A replayed `ok` of one series leaves open the incident another
+    /// series that triggered it shares (`dedup_key: "{host}"`), as a sent
+    /// one does: the shard's new owner resolves it when that one clears.
+    #[tokio::test]
+    async fn a_replayed_resolve_leaves_open_an_incident_another_series_still_fails() {
+        let kept = Kept::default();
+        let config = pager::Config {
+            dedup_key: Some(template::Template::parse("{host}").unwrap()),
+            ..pager_config("k")
+        };
+        let spec = OutputSpec {
+            name: "pager".into(),
+            kind: OutputKind::Pager(config.clone()),
+        };
+        let (queue, _task) = start(&spec, &kept, CancellationToken::new());
+        let page = |service: &str, state: &str| Event {
+            host: Some("web1".into()),
+            service: Some(service.into()),
+            state: Some(state.into()),
+            ..Event::default()
+        };
+        let memory = kept.pager("pager", &config);
+        suppressed(|| {
+            queue.push(page("cpu", "critical"));
+            queue.push(page("disk", "critical"));
+            queue.push(page("cpu", "ok"));
+        });
+        assert!(memory.incidents().get("web1").is_some(), "disk still fails");
+        suppressed(|| queue.push(page("disk", "ok")));
+        assert!(!memory.has_open());
+    }
+
     fn accounted(queue: &Queue) -> bool {
         let s = &queue.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Acquire);

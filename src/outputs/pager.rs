@@ -17,8 +17,10 @@
 //! - a trigger for an open incident is re-sent at most every
 //!   `resend_interval`, unless its severity changed; a suppressed one counts
 //!   as skipped (the receiver already has it);
-//! - a resolve is sent only for an incident vigil triggered; a suppressed one
-//!   counts as skipped too, as nothing needed sending.
+//! - a resolve is sent only for an incident vigil triggered, once every
+//!   series that triggered it has cleared (several share one under a
+//!   `dedup_key` such as `{host}`); a suppressed one counts as skipped too,
+//!   as nothing needed sending.
 //!
 //! An incident opened under the `dedup_key` of an earlier declaration (a
 //! reload or a restart changed the template) keeps its key until it
@@ -35,7 +37,7 @@
 //! once the shard is another node's, it is skipped here before its next
 //! attempt.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -564,7 +566,7 @@ impl Pager {
         };
         let key = open_key(&self.config, &self.memory, event);
         let now = Instant::now();
-        if self.suppressed(action, &key, now) {
+        if self.suppressed(action, &key, series_hash(event), now) {
             tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
             delivery.skipped(1);
             return;
@@ -622,12 +624,26 @@ impl Pager {
 
     /// Hygiene: no re-trigger within the resend interval (unless the
     /// severity changed: an escalation is news), no resolve for an incident
-    /// this output did not trigger.
-    fn suppressed(&self, action: Action, key: &str, now: Instant) -> bool {
-        let incidents = self.memory.incidents();
-        let open = incidents.get(key);
-        let open = open.map(|open| (open.severity, now.duration_since(open.sent)));
-        needless(action, open, self.config.resend_interval)
+    /// this output did not trigger, nor while another series that triggered
+    /// it is still failing. The page's `series` joins or leaves the open
+    /// incident either way.
+    fn suppressed(&self, action: Action, key: &str, series: u64, now: Instant) -> bool {
+        let mut incidents = self.memory.incidents();
+        let Some(open) = incidents.get_mut(key) else {
+            return needless(action, None, self.config.resend_interval);
+        };
+        match action {
+            Action::Trigger(_) => {
+                open.triggered_by(series);
+                let age = now.duration_since(open.sent);
+                needless(
+                    action,
+                    Some((open.severity, age)),
+                    self.config.resend_interval,
+                )
+            }
+            Action::Resolve => !open.cleared_by(series),
+        }
     }
 }
 
@@ -694,8 +710,9 @@ fn needless(action: Action, open: Option<(Severity, Duration)>, resend: Duration
 /// `expect pager {…}` sees pages, not events.
 pub struct Pages {
     config: Config,
-    /// Open incidents by dedup key: severity, and when triggered.
-    open: HashMap<String, (Severity, Micros)>,
+    /// Open incidents by dedup key: severity, when triggered, and the
+    /// series that triggered them and have not cleared since.
+    open: HashMap<String, (Severity, Micros, HashSet<u64>)>,
 }
 
 impl Pages {
@@ -707,23 +724,38 @@ impl Pages {
     }
 
     /// Whether `event`, handed to the output at `now`, is sent as a page;
-    /// one that is opens or resolves its incident.
+    /// one that is opens or resolves its incident, by the output's hygiene.
     pub fn sends(&mut self, event: &Event, now: Micros) -> bool {
         let Some(action) = action(event.state.as_deref()) else {
             return false;
         };
         let key = dedup_key(&self.config, event);
-        let open = self.open.get(&key).map(|&(severity, at)| {
-            let age = Duration::from_micros(u64::try_from(now - at).unwrap_or(0));
-            (severity, age)
-        });
-        if needless(action, open, self.config.resend_interval) {
-            return false;
-        }
-        match action {
-            Action::Trigger(severity) => self.open.insert(key, (severity, now)),
-            Action::Resolve => self.open.remove(&key),
+        let series = series_hash(event);
+        let Some((severity, at, failing)) = self.open.get_mut(&key) else {
+            let Action::Trigger(severity) = action else {
+                return false;
+            };
+            self.open
+                .insert(key, (severity, now, HashSet::from([series])));
+            return true;
         };
+        match action {
+            Action::Trigger(new) => {
+                failing.insert(series);
+                let age = Duration::from_micros(u64::try_from(now - *at).unwrap_or(0));
+                if needless(action, Some((*severity, age)), self.config.resend_interval) {
+                    return false;
+                }
+                (*severity, *at) = (new, now);
+            }
+            Action::Resolve => {
+                failing.remove(&series);
+                if !failing.is_empty() {
+                    return false;
+                }
+                self.open.remove(&key);
+            }
+        }
         true
     }
 }
@@ -813,7 +845,12 @@ impl Replayed {
             Action::Trigger(severity) => {
                 (open.triggered(key, severity, Instant::now())).triggered_by(series_hash(event));
             }
-            Action::Resolve => open.resolved(&key),
+            Action::Resolve => {
+                let series = series_hash(event);
+                if open.get_mut(&key).is_none_or(|o| o.cleared_by(series)) {
+                    open.resolved(&key);
+                }
+            }
         }
     }
 }
@@ -998,6 +1035,30 @@ mod tests {
         // B's `ok` resolves nothing of A's; B's trigger is its own; A's
         // repeat is suppressed.
         assert_eq!(sent, [true, false, true, false]);
+    }
+
+    /// `vigil test` resolves an incident several series share as the
+    /// output does: once the last series that triggered it clears.
+    #[test]
+    fn an_incident_series_share_resolves_in_vigil_test_once_the_last_clears() {
+        let mut config = pagerduty();
+        config.dedup_key = Some(Template::parse("{host}").unwrap());
+        let mut pages = Pages::new(config);
+        let page = |service: &str, state: &str| Event {
+            state: Some(state.into()),
+            ..series("web1", service)
+        };
+        let sent: Vec<bool> = [
+            page("cpu", "critical"),
+            page("disk", "critical"),
+            page("cpu", "ok"),
+            page("load", "ok"),
+            page("disk", "ok"),
+        ]
+        .iter()
+        .map(|event| pages.sends(event, 0))
+        .collect();
+        assert_eq!(sent, [true, false, false, false, true]);
     }
 
     /// A new receiver is handed the latest page of each series: a trigger
