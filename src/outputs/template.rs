@@ -86,6 +86,14 @@ impl Template {
         &self.source
     }
 
+    /// The fields and attributes it names, in order.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Field(name) => Some(name.as_str()),
+            Part::Text(_) => None,
+        })
+    }
+
     pub fn render(&self, event: &Event) -> String {
         let mut out = String::new();
         for part in &self.parts {

@@ -559,13 +559,37 @@ impl Compiler<'_> {
                 .map(|micros| std::time::Duration::from_micros(micros as u64)),
             None => Some(pager::DEFAULT_RESEND_INTERVAL),
         };
-        let dedup_key = self.template(b.get("dedup_key"));
+        let dedup_key = self.dedup_key(b.get("dedup_key"));
         Some(pager::Config {
             url: url?,
             dedup_key: dedup_key?,
             resend_interval: resend_interval?,
             api: api?,
         })
+    }
+
+    /// A pager's `dedup_key`: a template naming none of the fields that
+    /// differ between a trigger and the `ok` that resolves it (an `expired`
+    /// event has no metric nor description either), or the resolve would
+    /// close nothing and the incident stay open at the receiver.
+    fn dedup_key(&mut self, v: Option<&Value>) -> Option<Option<Template>> {
+        const CHANGING: [&str; 4] = ["state", "metric", "time", "description"];
+        let template = self.template(v)?;
+        let changing = (template.iter())
+            .flat_map(Template::fields)
+            .find(|field| CHANGING.contains(field));
+        if let (Some(field), Some(v)) = (changing, v) {
+            self.error_hint(
+                v.span.clone(),
+                format!(
+                    "`dedup_key` names `{{{field}}}`, which differs between a trigger and the \
+                     page that resolves it: the resolve would close nothing"
+                ),
+                "name what identifies the incident, e.g. \"{host}/{service}\"",
+            );
+            return None;
+        }
+        Some(template)
     }
 
     /// A webhook's `headers: {"X-Token": "…"}`.

@@ -159,6 +159,30 @@ mod tests {
         );
     }
 
+    /// A pager's `dedup_key` naming `{state}` gave the `ok` another key
+    /// than the trigger's: it resolved nothing, and the incident stayed open
+    /// at the receiver for good. `{metric}` opened a new incident at each
+    /// new value.
+    #[test]
+    fn a_dedup_key_naming_what_changes_between_trigger_and_resolve_is_refused() {
+        for field in ["state", "metric", "time", "description"] {
+            let source = format!(
+                "output p = pagerduty(routing_key: \"k\", dedup_key: \"{{host}}-{{{field}}}\")\n\
+                 streams {{ p }}\n"
+            );
+            let Err(error) = load("p.vigil", &source, EnvPolicy::Strict) else {
+                panic!("`{{{field}}}` in a dedup_key passed");
+            };
+            assert!(
+                error.contains(&format!("`dedup_key` names `{{{field}}}`")),
+                "{error}"
+            );
+        }
+        let source = "output p = paging_webhook(url: \"http://127.0.0.1:1/p\", \
+                      dedup_key: \"{host}/{service}/{team}\")\nstreams { p }\n";
+        assert!(load("p.vigil", source, EnvPolicy::Strict).is_ok());
+    }
+
     #[test]
     fn a_rule_file_is_a_regular_file_of_bounded_size_in_utf_8() {
         let dir = tempfile::tempdir().unwrap();
