@@ -650,8 +650,10 @@ impl Pager {
 /// What a new receiver is handed of the pages its predecessor (a reload or a
 /// restart changed the routing key or URL) did not deliver, each with what
 /// made it: the latest paged page of each series (by dedup key, as
-/// `template` made it), in their order; and the origins of the others,
-/// which a later page of their series supersedes (or that page no state).
+/// `template` made it, and by host and service within an incident the
+/// template shares between series), in their order; and the origins of the
+/// others, which a later page of their series supersedes (or that page no
+/// state).
 ///
 /// The new receiver has none of the old one's incidents. So:
 /// - a series whose latest page is a trigger is an incident still on: the
@@ -670,11 +672,15 @@ pub(super) fn handed<T: Copy>(
     made: Vec<(Event, T)>,
     template: Option<&Template>,
 ) -> (Vec<(Event, T)>, Vec<T>) {
-    let keys: Vec<Option<String>> = made
+    // By series within an incident: one the template shares between series
+    // is still on while any of them is.
+    let keys: Vec<Option<(String, u64)>> = made
         .iter()
-        .map(|(event, _)| action(event.state.as_deref()).map(|_| key_from(template, event)))
+        .map(|(event, _)| {
+            action(event.state.as_deref()).map(|_| (key_from(template, event), series_hash(event)))
+        })
         .collect();
-    let mut latest: HashMap<&str, usize> = HashMap::new();
+    let mut latest: HashMap<&(String, u64), usize> = HashMap::new();
     for (at, key) in keys.iter().enumerate() {
         if let Some(key) = key {
             latest.insert(key, at);
@@ -683,7 +689,7 @@ pub(super) fn handed<T: Copy>(
     let mut handed = Vec::with_capacity(latest.len());
     let mut superseded = Vec::new();
     for (at, page) in made.into_iter().enumerate() {
-        let last = keys[at].as_deref().is_some_and(|key| latest[key] == at);
+        let last = keys[at].as_ref().is_some_and(|key| latest[key] == at);
         if last {
             handed.push(page);
         } else {
@@ -1092,10 +1098,18 @@ mod tests {
             ]
         );
         assert_eq!(superseded, [1, 2, 5]);
-        // By the key the template makes: one incident for every service.
+        // One incident for every service (`{host}`): each series' latest
+        // page, or cpu's `ok` alone would leave disk, still critical,
+        // unpaged at the new receiver.
         let host = Template::parse("{host}").unwrap();
-        let made = vec![(page("disk", "critical"), 0), (page("cpu", "warning"), 1)];
-        assert_eq!(handed(made, Some(&host)).1, [0]);
+        let made = vec![
+            (page("disk", "critical"), 0),
+            (page("cpu", "critical"), 1),
+            (page("cpu", "ok"), 2),
+        ];
+        let (kept, superseded) = handed(made, Some(&host));
+        assert_eq!(kept.iter().map(|(_, at)| *at).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(superseded, [1]);
     }
 
     #[test]
