@@ -17,6 +17,7 @@
 //! ([`Index::prefetch`]): among a hundred thousand keys or more, the update
 //! would otherwise wait on main memory.
 
+use std::cell::Cell;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -192,7 +193,8 @@ pub struct KeyHash(u64);
 pub enum Insert {
     Added,
     Replaced,
-    /// The event had state `expired`: its key was deleted (or was absent).
+    /// The event had state `expired`: its key was deleted (or was absent,
+    /// or the event is one of the index's own notices: see [`Index::expire`]).
     Removed,
     /// A new key while the index was full.
     Refused,
@@ -435,6 +437,12 @@ impl Index {
         let shard = &mut *shard;
         let found = shard.entries.find(hash, |e| is_key(&e.packed, key));
         if event.is_expired_state() {
+            // The expiry removed the notice's entry before the notice went
+            // out; an entry found now was stored since, by an agent that
+            // came back, and stays.
+            if is_notice_being_emitted(event) {
+                return Insert::Removed;
+            }
             if let Some(entry) = found.and_then(|slot| shard.entries.remove(slot)) {
                 shard.deadlines.remove(&(entry.packed.scheduled(), hash));
                 self.len.fetch_sub(1, Ordering::Relaxed);
@@ -684,6 +692,14 @@ impl Index {
     /// `expired` notices for them to `emit` (to be run back through the
     /// streams), a chunk at a time, shard by shard: no shard is locked while
     /// notices are made or `emit` runs. Returns how many expired.
+    ///
+    /// An agent may store its key again between the removal and the notice
+    /// (on another thread; a mass expiry's notices go out batch after batch
+    /// after the sweep). A notice whose key is back by the time its batch
+    /// goes out is dropped: subscribers and the rules would see the key come
+    /// back and then expire, and page for a host that is up. A notice that
+    /// goes out before, but reaches the rules' `index` stream after the fresh
+    /// event, deletes nothing there (`is_notice_being_emitted`).
     pub fn expire(&self, now: Micros, emit: impl FnMut(&[Event])) -> usize {
         self.expire_held(now, None, emit)
     }
@@ -749,18 +765,52 @@ impl Index {
             total += due.len();
             self.expired.fetch_add(due.len() as u64, Ordering::Relaxed);
             for chunk in due.chunks(NOTICE_BATCH) {
-                warm(chunk.iter());
+                warm(chunk.iter().map(|entry| &entry.packed));
+                // Their slots, for the look-ups of `publish_unless_back`.
+                for entry in chunk {
+                    hint.prefetch(entry.hash);
+                }
                 notices.resize_with(chunk.len().max(notices.len()), Event::default);
                 let notices = &mut notices[..chunk.len()];
                 for (entry, notice) in chunk.iter().zip(notices.iter_mut()) {
-                    entry.unpack_expired_into(now, notice);
-                    self.pubsub.publish(notice);
+                    entry.packed.unpack_expired_into(now, notice);
                 }
-                emit(notices);
+                let kept = self.publish_unless_back(shard, chunk, notices);
+                if kept > 0 {
+                    let _emitting = Emitting::mark(&notices[..kept]);
+                    emit(&notices[..kept]);
+                }
             }
             due.clear();
         }
         total
+    }
+
+    /// Publishes the notice of each entry of `expired` whose key has not been
+    /// stored again since, and moves those notices to the front of
+    /// `notices`; returns how many. Published under the shard's lock: an
+    /// agent's fresh event, stored after the look-up, is published after the
+    /// lock goes, so no subscriber sees it before the notice.
+    fn publish_unless_back(
+        &self,
+        shard: &Mutex<Shard>,
+        expired: &[Entry],
+        notices: &mut [Event],
+    ) -> usize {
+        let shard = shard.lock();
+        let mut kept = 0;
+        for (i, entry) in expired.iter().enumerate() {
+            let key = entry.packed.key();
+            let back = (shard.entries)
+                .find(entry.hash, |e| is_key(&e.packed, key))
+                .is_some();
+            if !back {
+                self.pubsub.publish(&notices[i]);
+                notices.swap(kept, i);
+                kept += 1;
+            }
+        }
+        kept
     }
 
     /// A mass expiry (see [`mass_expiry`]): walks the shard's table in memory
@@ -772,7 +822,7 @@ impl Index {
         shard: &mut Shard,
         now: Micros,
         may_expire: Option<&dyn Fn(&str) -> bool>,
-        out: &mut Vec<Packed>,
+        out: &mut Vec<Entry>,
     ) -> bool {
         // The due slots are all settled below: expired, or re-armed.
         shard.deadlines.remove_before(&(now, 0));
@@ -791,7 +841,7 @@ impl Index {
                 }
                 true
             },
-            |entry| out.push(entry.packed),
+            |entry| out.push(entry),
         );
         self.len.fetch_sub(out.len() - before, Ordering::Relaxed);
         moved
@@ -804,7 +854,7 @@ impl Index {
         shard: &mut Shard,
         now: Micros,
         may_expire: Option<&dyn Fn(&str) -> bool>,
-        out: &mut Vec<Packed>,
+        out: &mut Vec<Entry>,
         held: &mut Vec<Slot>,
     ) -> bool {
         for _ in 0..EXPIRE_CHUNK {
@@ -830,7 +880,7 @@ impl Index {
             } else if entry.deadline < now {
                 if let Some(entry) = shard.entries.remove(slot) {
                     self.len.fetch_sub(1, Ordering::Relaxed);
-                    out.push(entry.packed);
+                    out.push(entry);
                 }
             } else {
                 // Refreshed since it was scheduled: re-arm at the real deadline.
@@ -917,6 +967,39 @@ fn prefetch(address: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = address;
+}
+
+thread_local! {
+    /// The addresses of the notices [`Index::expire`] is handing to `emit`
+    /// on this thread, while it does.
+    static EMITTING: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+}
+
+/// Marks a batch of notices as being emitted on this thread, until dropped.
+struct Emitting((usize, usize));
+
+impl Emitting {
+    fn mark(notices: &[Event]) -> Emitting {
+        let range = notices.as_ptr_range();
+        let addresses = (range.start as usize, range.end as usize);
+        Emitting(EMITTING.with(|e| e.replace(addresses)))
+    }
+}
+
+impl Drop for Emitting {
+    fn drop(&mut self) {
+        EMITTING.with(|e| e.set(self.0));
+    }
+}
+
+/// Whether `event` is one of the index's own notices, come back to it as
+/// the rules got it (they run on the thread that emits). Told by its
+/// address, as the engine tells the event it hashed (see `Cx::hashed`): a
+/// copy, an event the rules changed, and an agent's `expired` event delete
+/// their key, as in Riemann.
+fn is_notice_being_emitted(event: &Event) -> bool {
+    let (start, end) = EMITTING.with(Cell::get);
+    (start..end).contains(&(event as *const Event as usize))
 }
 
 /// Whether `packed` is stored under `key`.
@@ -1391,6 +1474,92 @@ mod tests {
                 ("x".to_owned(), "expired".to_owned())
             ]
         );
+    }
+
+    /// `n` services of host `h` whose keys fall in one shard, so that their
+    /// notices go out after one sweep, in several batches.
+    fn services_in_one_shard(index: &Index, n: usize) -> Vec<String> {
+        let shard_of = |s: &String| Index::shard_of(index.hash(b"h", s.as_bytes()));
+        (0..)
+            .map(|i: usize| i.to_string())
+            .filter(|s| shard_of(s) == 0)
+            .take(n)
+            .collect()
+    }
+
+    /// Agents that report again while their shard's notices go out, batch
+    /// after batch (on other threads in vigil; here from `emit`): the notices
+    /// not yet out for them are dropped, neither to subscribers after their
+    /// fresh event nor to the rules' `index` stream, which would delete them.
+    #[test]
+    fn keys_stored_again_while_their_shard_expires_get_no_late_notice() {
+        let index = Index::new(IndexConfig::default());
+        let mut sub = index
+            .pubsub()
+            .subscribe(Query::parse("true").unwrap(), 10_000);
+        let services = services_in_one_shard(&index, NOTICE_BATCH * 2);
+        for service in &services {
+            index.insert(&event("h", service, T0, Some(1.0)));
+        }
+        while sub.try_recv().is_ok() {}
+        let (mut noticed, mut back) = (Vec::new(), Vec::new());
+        let expired = index.expire(T0 + secs(2), |notices| {
+            noticed.extend(notices.iter().map(|n| n.service_str().to_owned()));
+            if back.is_empty() {
+                for service in services.iter().filter(|s| !noticed.contains(s)) {
+                    index.insert(&event("h", service, T0 + secs(2), Some(60.0)));
+                    back.push(service.clone());
+                }
+            }
+            // As the rules' `index` stream does with each.
+            for notice in notices {
+                index.insert(notice);
+            }
+        });
+        assert_eq!(expired, services.len(), "all were due and removed");
+        assert!(!back.is_empty());
+        let late: Vec<_> = noticed.iter().filter(|s| back.contains(s)).collect();
+        assert!(
+            late.is_empty(),
+            "{} notices after their key came back",
+            late.len()
+        );
+        assert_eq!(noticed.len() + back.len(), services.len());
+        for service in &back {
+            assert!(index.get("h", service).is_some(), "{service} came back");
+        }
+        let mut last_seen = std::collections::HashMap::new();
+        while let Ok(seen) = sub.try_recv() {
+            last_seen.insert(seen.service_str().to_owned(), seen.state.clone().unwrap());
+        }
+        for service in &back {
+            assert_eq!(
+                last_seen[service], "ok",
+                "{service} seen last by subscribers"
+            );
+        }
+    }
+
+    /// A notice already out when its key is stored again reaches the rules'
+    /// `index` stream after the fresh event: it deletes nothing, its entry is
+    /// gone already. An agent's own `expired` event still deletes its key.
+    #[test]
+    fn an_expiry_notice_never_deletes_the_fresh_entry_of_its_key() {
+        let index = Index::new(IndexConfig::default());
+        index.insert(&event("h", "x", T0, Some(1.0)));
+        let expired = index.expire(T0 + secs(2), |notices| {
+            index.insert(&event("h", "x", T0 + secs(2), Some(60.0)));
+            assert_eq!(index.insert(&notices[0]), Insert::Removed);
+        });
+        assert_eq!(expired, 1);
+        let fresh = index.get("h", "x").expect("the fresh entry stays");
+        assert_eq!(fresh.time, T0 + secs(2));
+        let sent = Event {
+            state: Some(crate::event::STATE_EXPIRED.into()),
+            ..event("h", "x", T0 + secs(3), None)
+        };
+        assert_eq!(index.insert(&sent), Insert::Removed);
+        assert!(index.get("h", "x").is_none(), "an agent's expired deletes");
     }
 
     #[test]

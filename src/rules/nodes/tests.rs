@@ -1226,6 +1226,46 @@ fn index_stores_and_expired_entries_come_back_through_the_rules() {
     assert_eq!(out(&b).len(), 1);
 }
 
+/// Hosts that report again while a mass expiry's notices go out (on other
+/// threads in vigil; here between two batches of notices): the rules see
+/// them come back, and never expire after that, and the index keeps them.
+#[test]
+fn hosts_back_while_a_mass_expiry_goes_out_are_neither_reported_expired_nor_unindexed() {
+    let b = bench("index\nexpired { out }");
+    // Some hundreds per shard: each shard's notices go out in batches.
+    let services: Vec<String> = (0..64 * 512).map(|i| i.to_string()).collect();
+    let first: Vec<Event> = (services.iter())
+        .map(|s| with_ttl(ev(&b, "h", s), 1.0))
+        .collect();
+    b.rules.process(&first);
+    b.clock.set(at(2.0));
+    let mut back: Vec<Event> = Vec::new();
+    b.index.expire(at(2.0), |notices| {
+        if back.is_empty() {
+            let noticed: std::collections::HashSet<&str> =
+                notices.iter().map(Event::service_str).collect();
+            back = (services.iter())
+                .filter(|s| !noticed.contains(s.as_str()))
+                .map(|s| with_ttl(ev(&b, "h", s), 60.0))
+                .collect();
+            b.rules.process(&back);
+        }
+        b.rules.process(notices);
+    });
+    let reported: std::collections::HashSet<String> =
+        out(&b).iter().map(|e| e.service_str().to_owned()).collect();
+    assert!(!reported.is_empty() && !back.is_empty());
+    for event in &back {
+        let service = event.service_str();
+        assert!(
+            !reported.contains(service),
+            "{service} reported expired once back"
+        );
+        assert!(b.index.get("h", service).is_some(), "{service} unindexed");
+    }
+    assert_eq!(reported.len() + back.len(), services.len());
+}
+
 #[test]
 fn a_batch_is_indexed_under_each_events_own_key_even_when_a_stage_changes_it() {
     // The engine hashes each key ahead of the event to prefetch its slot and
