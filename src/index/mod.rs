@@ -788,24 +788,27 @@ impl Index {
 
     /// Publishes the notice of each entry of `expired` whose key has not been
     /// stored again since, and moves those notices to the front of
-    /// `notices`; returns how many. Published under the shard's lock: an
-    /// agent's fresh event, stored after the look-up, is published after the
-    /// lock goes, so no subscriber sees it before the notice.
+    /// `notices`; returns how many. Each is published under the shard's
+    /// lock: an agent's fresh event, stored after the look-up, is published
+    /// after the lock goes, so no subscriber sees it before the notice. The
+    /// lock is taken per notice, so ingest waits for one notice's
+    /// subscription queries at most, not a batch's.
     fn publish_unless_back(
         &self,
         shard: &Mutex<Shard>,
         expired: &[Entry],
         notices: &mut [Event],
     ) -> usize {
-        let shard = shard.lock();
         let mut kept = 0;
         for (i, entry) in expired.iter().enumerate() {
             let key = entry.packed.key();
+            let shard = shard.lock();
             let back = (shard.entries)
                 .find(entry.hash, |e| is_key(&e.packed, key))
                 .is_some();
             if !back {
                 self.pubsub.publish(&notices[i]);
+                drop(shard);
                 notices.swap(kept, i);
                 kept += 1;
             }
