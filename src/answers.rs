@@ -7,12 +7,16 @@
 //! until its asker has read it, so 64 HTTP/2 streams each reading a 30 MB
 //! answer at 1 KB/s held some 320 MB until the write timeout, and more
 //! connections multiplied that. An answer over [`FREE`] bytes takes its size
-//! from this pool once encoded, and gives it back once written (or dropped,
-//! its asker gone). One that does not fit is refused at once with [`Busy`]
-//! rather than queued: a waiting answer would hold its memory all the same,
-//! and a client told to retry soon is what a busy server owes it. Answers up
-//! to [`FREE`] bytes take nothing, so a flood of large answers never refuses
-//! a dashboard's small ones.
+//! from this pool as its events are found ([`Room::grow`]), keeps it while
+//! encoded, and gives it back once written (or dropped, its asker gone).
+//! One that does not fit is refused at once with [`Busy`], its scan stopped
+//! and nothing encoded: taken only once encoded, a refused answer of 12 MB
+//! had cost its whole scan and encoding first, and askers retrying while
+//! the pool was full kept a core busy making answers to throw away. Nor is
+//! one queued: a waiting answer would hold its memory all the same, and a
+//! client told to retry soon is what a busy server owes it. Answers up to
+//! [`FREE`] bytes take nothing, so a flood of large answers never refuses a
+//! dashboard's small ones.
 //!
 //! An answer holding room must be taken whole within the write timeout
 //! (`--read-timeout`), so the pool turns over: a client reading just fast
@@ -37,6 +41,10 @@ use crate::stats::Stats;
 
 /// An answer up to this many bytes takes nothing from the pool.
 pub const FREE: usize = 64 * 1024;
+
+/// An answer being built takes room this far ahead of what it has found,
+/// so its scan asks the pool once per step rather than once per event.
+const STEP: usize = FREE;
 
 /// 256 MiB: eight answers of 100 000 (`--max-query-results`) events of a
 /// few hundred bytes each, beside `--max-subscriber-memory`'s 256 MiB for
@@ -68,11 +76,12 @@ pub struct Busy {
 #[derive(Debug, Clone, Copy)]
 pub struct Large;
 
-/// An answer's room in the pool, given back when dropped.
+/// An answer's room in the pool, given back when dropped: grown as the
+/// answer is built, then fitted to it once encoded and kept until written.
 #[derive(Debug)]
 pub struct Room {
     permit: Option<OwnedSemaphorePermit>,
-    stats: Arc<Stats>,
+    answers: Answers,
 }
 
 impl Room {
@@ -80,14 +89,96 @@ impl Room {
     pub fn takes_room(&self) -> bool {
         self.permit.is_some()
     }
+
+    /// Room for an answer grown to `bytes` so far (a [`STEP`] ahead of
+    /// it), if there is some now; a refusal is counted, and the answer
+    /// should then be given up before more of it is built.
+    pub fn grow(&mut self, bytes: usize) -> Result<(), Busy> {
+        let held = self.kib();
+        if bytes <= FREE || bytes <= held as usize * KIB || held == self.answers.kib {
+            return Ok(());
+        }
+        let ahead = self.answers.kib_for(bytes + STEP);
+        self.take_kib(ahead)
+            .or_else(|_| self.take_kib(self.answers.kib_for(bytes)))
+            .map_err(|busy| {
+                Stats::incr(&self.answers.stats.answers_refused_busy);
+                busy
+            })
+    }
+
+    /// Room for exactly an encoded answer of `bytes`: what was taken ahead
+    /// of it goes back, and one up to [`FREE`] keeps none.
+    pub fn fit(&mut self, bytes: usize) -> Result<(), Busy> {
+        if bytes <= FREE {
+            self.give_back(self.kib());
+            return Ok(());
+        }
+        let kib = self.answers.kib_for(bytes);
+        match kib.checked_sub(self.kib()) {
+            Some(0) => Ok(()),
+            Some(_) => self.take_kib(kib).map_err(|busy| {
+                Stats::incr(&self.answers.stats.answers_refused_busy);
+                busy
+            }),
+            None => {
+                self.give_back(self.kib() - kib);
+                Ok(())
+            }
+        }
+    }
+
+    /// `answer`, holding this room, fitted to it, until it is dropped.
+    pub fn hold(mut self, answer: Bytes) -> Result<Bytes, Busy> {
+        self.fit(answer.len())?;
+        if !self.takes_room() {
+            return Ok(answer);
+        }
+        Ok(Bytes::from_owner(Held {
+            answer,
+            _room: self,
+        }))
+    }
+
+    fn kib(&self) -> u32 {
+        self.permit.as_ref().map_or(0, |p| p.num_permits() as u32)
+    }
+
+    /// Grows to `kib` in all, or leaves it as it was.
+    fn take_kib(&mut self, kib: u32) -> Result<(), Busy> {
+        let more = kib - self.kib();
+        let semaphore = self.answers.semaphore.clone();
+        let taken = semaphore.try_acquire_many_owned(more).map_err(|_| Busy {
+            max: self.answers.kib as usize * KIB,
+        })?;
+        Stats::add(
+            &self.answers.stats.answer_bytes_held,
+            u64::from(more) * KIB as u64,
+        );
+        match &mut self.permit {
+            Some(permit) => permit.merge(taken),
+            None => self.permit = Some(taken),
+        }
+        Ok(())
+    }
+
+    fn give_back(&mut self, kib: u32) {
+        if let Some(permit) = &mut self.permit {
+            Stats::sub(
+                &self.answers.stats.answer_bytes_held,
+                u64::from(kib) * KIB as u64,
+            );
+            drop(permit.split(kib as usize));
+            if permit.num_permits() == 0 {
+                self.permit = None;
+            }
+        }
+    }
 }
 
 impl Drop for Room {
     fn drop(&mut self) {
-        if let Some(permit) = &self.permit {
-            let bytes = permit.num_permits() * KIB;
-            Stats::sub(&self.stats.answer_bytes_held, bytes as u64);
-        }
+        self.give_back(self.kib());
     }
 }
 
@@ -150,45 +241,24 @@ impl Answers {
         }
     }
 
-    /// Room for an answer of `bytes`, if there is some now; refusals counted.
-    pub fn take(&self, bytes: usize) -> Result<Room, Busy> {
-        if bytes <= FREE {
-            return Ok(self.room(None));
-        }
-        let kib = u32::try_from(bytes.div_ceil(KIB))
-            .unwrap_or(u32::MAX)
-            .min(self.kib);
-        match self.semaphore.clone().try_acquire_many_owned(kib) {
-            Ok(permit) => {
-                Stats::add(&self.stats.answer_bytes_held, u64::from(kib) * KIB as u64);
-                Ok(self.room(Some(permit)))
-            }
-            Err(_) => {
-                Stats::incr(&self.stats.answers_refused_busy);
-                Err(Busy {
-                    max: self.kib as usize * KIB,
-                })
-            }
+    /// No room yet, for an answer about to be built: see [`Room::grow`].
+    pub fn room(&self) -> Room {
+        Room {
+            permit: None,
+            answers: self.clone(),
         }
     }
 
     /// `answer`, holding its room until it is dropped.
     pub fn hold(&self, answer: Bytes) -> Result<Bytes, Busy> {
-        if answer.len() <= FREE {
-            return Ok(answer);
-        }
-        let room = self.take(answer.len())?;
-        Ok(Bytes::from_owner(Held {
-            answer,
-            _room: room,
-        }))
+        self.room().hold(answer)
     }
 
-    fn room(&self, permit: Option<OwnedSemaphorePermit>) -> Room {
-        Room {
-            permit,
-            stats: self.stats.clone(),
-        }
+    /// KiB for an answer of `bytes`: all of the pool for one larger.
+    fn kib_for(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.div_ceil(KIB))
+            .unwrap_or(u32::MAX)
+            .min(self.kib)
     }
 }
 
@@ -223,5 +293,39 @@ mod tests {
         );
         drop(whole);
         assert!(answers.hold(big()).is_ok());
+    }
+
+    #[test]
+    fn a_room_grows_ahead_of_its_answer_and_is_fitted_to_it_once_made() {
+        let stats = Arc::new(Stats::default());
+        let answers = Answers::new(4 * FREE, stats.clone());
+        let held = || Stats::get(&stats.answer_bytes_held) as usize;
+        let mut room = answers.room();
+        room.grow(FREE).unwrap();
+        assert_eq!(held(), 0, "up to FREE takes nothing");
+        room.grow(FREE + 1).unwrap();
+        assert_eq!(held(), 2 * FREE + KIB, "all of it, a step ahead");
+        room.grow(2 * FREE).unwrap();
+        assert_eq!(held(), 2 * FREE + KIB, "within what it holds");
+        // Another answer's growth past what is left is refused, counted.
+        let mut other = answers.room();
+        assert_eq!(other.grow(2 * FREE), Err(Busy { max: 4 * FREE }));
+        assert_eq!(Stats::get(&stats.answers_refused_busy), 1);
+        assert!(!other.takes_room());
+        // A step ahead does not fit, what it has found does.
+        other.grow(FREE + KIB).unwrap();
+        assert_eq!(held(), 3 * FREE + 2 * KIB);
+        room.fit(FREE + 1).unwrap();
+        assert_eq!(held(), 2 * FREE + 2 * KIB, "fitted: the rest is back");
+        room.fit(FREE).unwrap();
+        assert!(!room.takes_room(), "made small, it takes none");
+        assert_eq!(held(), FREE + KIB);
+        drop(other);
+        assert_eq!(held(), 0);
+        // Larger than the pool, it takes all of it, and grows on.
+        room.grow(100 * FREE).unwrap();
+        room.grow(200 * FREE).unwrap();
+        assert_eq!(held(), 4 * FREE);
+        assert_eq!(Stats::get(&stats.answers_refused_busy), 1);
     }
 }

@@ -366,8 +366,10 @@ fn answered(index: Arc<Index>, stats: Arc<Stats>, query: Query) -> Reply {
         return Reply::Ready(replied(&stats, held(&index, found)));
     }
     Reply::Later(Box::pin(async move {
-        let answer = (index.query_then(&query, |found| proto::events_reply(&found))).await;
-        replied(&stats, held(&index, answer))
+        // Its room taken as the scan finds it, then kept until written.
+        let answer = (index.answer_then(&query, |found| proto::events_reply(&found))).await;
+        let held = answer.and_then(|(answer, room)| Ok(room.hold(answer)?));
+        replied(&stats, held)
     }))
 }
 

@@ -168,8 +168,8 @@ counters! {
     /// Query answers over 64 KiB (TCP, `GET /index`, gRPC `Query`) refused
     /// as busy because the answers being sent filled `--max-answer-memory`.
     answers_refused_busy,
-    /// Bytes of `--max-answer-memory` that query answers hold now, until
-    /// their askers have read them (a gauge).
+    /// Bytes of `--max-answer-memory` that query answers hold now, from
+    /// their scan until their askers have read them (a gauge).
     answer_bytes_held,
     }
 }

@@ -11,9 +11,9 @@
 //! `ok: false` ack with the error otherwise: resend), and `Query` and
 //! `Subscribe` cover every node.
 //!
-//! A `Query` answer holds its room in `--max-answer-memory` until tonic has
-//! sent it (see [`crate::answers`]); one that does not fit is refused with
-//! `RESOURCE_EXHAUSTED`.
+//! A `Query` answer holds its room in `--max-answer-memory` from its scan
+//! until tonic has sent it (see [`crate::answers`]); one that does not fit
+//! is refused with `RESOURCE_EXHAUSTED`.
 
 // tonic's API hands `Status` around by value throughout.
 #![allow(clippy::result_large_err)]
@@ -39,6 +39,7 @@ use crate::bounded::{Bounds, Counters, MAX_STREAMS};
 use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
 use crate::cluster::{Cluster, ClusterQueryError};
+use crate::event::Event;
 use crate::forwarded::{self, TrustedProxies};
 use crate::index::{Index, QueryError};
 use crate::ingest;
@@ -225,25 +226,24 @@ impl pb::vigil_server::Vigil for Service {
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
         let query = self.0.parse(request.get_ref()).await?;
-        let found = match &self.0.cluster {
-            Some(cluster) => cluster
-                .query(&request.get_ref().query)
-                .await
-                .map_err(|e| self.0.cluster_refused(e))?,
-            None => self
-                .0
-                .index
-                .query_then(&query, |found| found)
-                .await
-                .map_err(|e| self.0.refused(e))?,
-        };
-        let answer = QueryResponse {
+        let answer = |found: Vec<Event>| QueryResponse {
             events: found.iter().map(proto::to_pb).collect(),
+        };
+        let (answer, mut room) = match &self.0.cluster {
+            // The merged answer of the nodes takes its room once made.
+            Some(cluster) => {
+                let found = (cluster.query(&request.get_ref().query).await)
+                    .map_err(|e| self.0.cluster_refused(e))?;
+                (answer(found), self.0.index.answers().room())
+            }
+            // A local one as its scan finds it: refused before it is made.
+            None => {
+                (self.0.index.answer_then(&query, answer).await).map_err(|e| self.0.refused(e))?
+            }
         };
         // Held, until tonic has sent it, within `--max-answer-memory`:
         // the layer in `Grpc::serve` moves it into the response's body.
-        let room = (self.0.index.answers().take(answer.encoded_len()))
-            .map_err(|busy| self.0.refused(busy.into()))?;
+        (room.fit(answer.encoded_len())).map_err(|busy| self.0.refused(busy.into()))?;
         let mut response = Response::new(answer);
         response.extensions_mut().insert(AnswerRoom(Arc::new(room)));
         Ok(response)

@@ -7,8 +7,8 @@
 //! that cannot take every event. In a cluster the snapshot and the
 //! live updates cover every node (`local=true`: this node's index only, for
 //! plain requests). A plain request's answer holds its room in
-//! `--max-answer-memory` until hyper has sent it; one that does not fit is
-//! answered `503` with `Retry-After` ([`crate::answers`]).
+//! `--max-answer-memory` from its scan until hyper has sent it; one that
+//! does not fit is answered `503` with `Retry-After` ([`crate::answers`]).
 //!
 //! A subscriber whose queue fills is dropped by the pubsub (counted there):
 //! its WebSocket gets close code 1013 with the reason, its SSE stream ends.
@@ -39,9 +39,10 @@ use serde_json::json;
 
 use super::live::{self, Live};
 use super::{AppState, error};
-use crate::answers;
+use crate::answers::{self, Busy};
 use crate::event::Event;
 use crate::forwarded::ClientAddr;
+use crate::index::QueryError;
 use crate::json;
 use crate::limits::start_of;
 use crate::pubsub::{HeldSnapshot, Published};
@@ -120,8 +121,18 @@ pub(super) async fn get_index(
         body.push(']');
         body
     };
-    let body = match state.snapshot_then(&query, params.local, to_body).await {
-        Ok(body) => state.telemetry.index.answers().hold(body.into()),
+    let answered = match (&state.cluster, params.local) {
+        // The merged answer of a cluster's nodes takes its room once made.
+        (Some(_), false) => (state.snapshot_then(&query, false, to_body).await)
+            .map(|body| (body, state.telemetry.index.answers().room())),
+        // A local one as its scan finds it: refused before it is made.
+        _ => match state.telemetry.index.answer_then(&query, to_body).await {
+            Err(QueryError::Busy(busy)) => return busy_answer(busy),
+            answered => answered.map_err(|e| state.refused(e)),
+        },
+    };
+    let body = match answered {
+        Ok((body, room)) => room.hold(body.into()),
         Err((status, e)) => return error(status, json!({ "error": e })),
     };
     match body {
@@ -135,15 +146,18 @@ pub(super) async fn get_index(
             }
             answer
         }
-        Err(busy) => {
-            let mut answer = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": busy.to_string() }),
-            );
-            answer.headers_mut().insert(header::RETRY_AFTER, RETRY_BUSY);
-            answer
-        }
+        Err(busy) => busy_answer(busy),
     }
+}
+
+/// `503`, to be asked again in a moment: `--max-answer-memory` is full.
+fn busy_answer(busy: Busy) -> Response {
+    let mut answer = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({ "error": busy.to_string() }),
+    );
+    answer.headers_mut().insert(header::RETRY_AFTER, RETRY_BUSY);
+    answer
 }
 
 /// The SSE-only listener's `/index`, whatever the `Accept` header says.

@@ -227,30 +227,30 @@ impl AppState {
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<T, (StatusCode, String)> {
         let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
-        let refused = |e: QueryError| match e {
-            QueryError::TooMany { .. } => {
-                Stats::incr(&self.stats().query_errors);
-                (StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
-            }
-            QueryError::TimedOut { .. } => {
-                Stats::incr(&self.stats().query_errors);
-                unavailable(e.to_string())
-            }
-            QueryError::Abandoned | QueryError::ShuttingDown | QueryError::Busy(_) => {
-                unavailable(e.to_string())
-            }
-        };
         match (&self.cluster, local) {
             (Some(cluster), false) => {
                 let found = (cluster.query(query.as_str()).await).map_err(|e| match e {
-                    ClusterQueryError::Refused(e) => refused(e),
+                    ClusterQueryError::Refused(e) => self.refused(e),
                     ClusterQueryError::Unavailable(e) => unavailable(e),
                 })?;
                 (off_workers(move || then(found)).await)
                     .ok_or_else(|| unavailable(SHUTTING_DOWN.to_owned()))
             }
-            _ => (self.telemetry.index.query_then(query, then).await).map_err(refused),
+            _ => (self.telemetry.index.query_then(query, then).await).map_err(|e| self.refused(e)),
         }
+    }
+
+    /// The status to answer a refused query with, and why; a refusal for
+    /// the query's own sake counted.
+    fn refused(&self, e: QueryError) -> (StatusCode, String) {
+        let status = match e {
+            QueryError::TooMany { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        if let QueryError::TooMany { .. } | QueryError::TimedOut { .. } = e {
+            Stats::incr(&self.stats().query_errors);
+        }
+        (status, e.to_string())
     }
 }
 

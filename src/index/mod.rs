@@ -27,7 +27,7 @@ use hashbrown::DefaultHashBuilder;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
-use crate::answers::{Answers, Busy};
+use crate::answers::{Answers, Busy, Room};
 use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::clock::{MICROS_PER_SEC, Micros, secs_to_micros};
 use crate::event::{Event, same_bytes};
@@ -512,16 +512,33 @@ impl Index {
     /// service = Y` is a direct lookup. Not bounded in time: the scans of
     /// remote askers go through [`Index::query_then`].
     pub fn query(&self, query: &Query) -> Result<Vec<Event>, QueryError> {
-        self.scan(query, &ScanLimit::NONE)
+        self.scan(query, &ScanLimit::NONE, None)
     }
 
-    fn scan(&self, query: &Query, stop: &ScanLimit<'_>) -> Result<Vec<Event>, QueryError> {
+    /// What [`Index::query`] finds, with room in `--max-answer-memory` taken
+    /// into `room` as it is found (see [`Room::grow`], by
+    /// [`Event::approx_bytes`], which is more than an event's encoding):
+    /// once the pool has none, the scan stops, refused as busy.
+    fn scan(
+        &self,
+        query: &Query,
+        stop: &ScanLimit<'_>,
+        mut room: Option<&mut Room>,
+    ) -> Result<Vec<Event>, QueryError> {
+        let mut found_bytes = 0;
+        let mut grow = |found: &[Event]| match room.as_deref_mut() {
+            Some(room) => {
+                found_bytes += found.iter().map(Event::approx_bytes).sum::<usize>();
+                room.grow(found_bytes)
+            }
+            None => Ok(()),
+        };
         if let Some((host, service)) = query.exact_key() {
-            return Ok(self
-                .get(host, service)
-                .filter(|e| query.matches(e))
+            let found: Vec<Event> = (self.get(host, service).filter(|e| query.matches(e)))
                 .into_iter()
-                .collect());
+                .collect();
+            grow(&found)?;
+            return Ok(found);
         }
         let limit = self.config.max_query_results.unwrap_or(usize::MAX);
         let mut out = Vec::new();
@@ -530,6 +547,7 @@ impl Index {
         self.for_each_shard(|events| {
             for chunk in events.chunks(SCAN_CHECK) {
                 stop.check()?;
+                let before = out.len();
                 if query.costly() {
                     for event in chunk {
                         let matched = query.matches_within(event, &mut budget);
@@ -543,6 +561,7 @@ impl Index {
                 if out.len() > limit {
                     return Err(QueryError::TooMany { limit });
                 }
+                grow(&out[before..])?;
             }
             Ok(())
         })?;
@@ -560,8 +579,35 @@ impl Index {
         query: &Query,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<T, QueryError> {
+        let (answer, _) = self.scan_then(query, false, then).await?;
+        Ok(answer)
+    }
+
+    /// [`Index::query_then`] for an answer to send: `then` makes it, and it
+    /// comes with its room in `--max-answer-memory`, taken as the scan
+    /// found its events and held while `then` ran, to be fitted to it and
+    /// kept until it is written ([`Room::hold`]). Refused as busy as soon
+    /// as the pool has no room for what is found, `then` never run.
+    pub async fn answer_then<T: Send + 'static>(
+        self: &Arc<Self>,
+        query: &Query,
+        then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
+    ) -> Result<(T, Room), QueryError> {
+        self.scan_then(query, true, then).await
+    }
+
+    /// [`Index::query_then`], with the answer's room: taken as the scan
+    /// goes when `metered`, none otherwise.
+    async fn scan_then<T: Send + 'static>(
+        self: &Arc<Self>,
+        query: &Query,
+        metered: bool,
+        then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
+    ) -> Result<(T, Room), QueryError> {
+        let mut room = self.answers().room();
         if query.exact_key().is_some() {
-            return self.query(query).map(then);
+            let found = self.scan(query, &ScanLimit::NONE, metered.then_some(&mut room))?;
+            return Ok((then(found), room));
         }
         let lane = match query.terms() > COSTLY_TERMS {
             true => &self.costly_scans,
@@ -578,7 +624,7 @@ impl Index {
                 deadline: limit.map(|limit| (Instant::now() + limit, limit)),
                 abandoned: Some(&abandoned),
             };
-            let found = index.scan(&query, &stop);
+            let found = index.scan(&query, &stop, metered.then_some(&mut room));
             let stopped = match &found {
                 Err(QueryError::TimedOut { .. }) => Some(&index.scans_timed_out),
                 Err(QueryError::Abandoned) => Some(&index.scans_abandoned),
@@ -587,7 +633,7 @@ impl Index {
             if let Some(count) = stopped {
                 count.fetch_add(1, Ordering::Relaxed);
             }
-            found.map(then)
+            found.map(|found| (then(found), room))
         })
         .await)
             .unwrap_or(Err(QueryError::ShuttingDown))
@@ -1016,6 +1062,8 @@ mod tests {
     use super::*;
     use crate::clock::MICROS_PER_SEC;
     use crate::event::Metric;
+    use crate::proto;
+    use crate::stats::Stats;
 
     const T0: Micros = 1_700_000_000 * MICROS_PER_SEC;
 
@@ -1690,6 +1738,78 @@ mod tests {
         // A lookup of one key is never over any limit.
         let one = Query::parse(r#"host = "h5" and service = "hundred""#).unwrap();
         assert_eq!(index.query(&one).map(|found| found.len()), Ok(1));
+    }
+
+    /// An index of 1 000 events of 1 KB descriptions (some 1.2 MB to
+    /// answer `true`, more than `--max-query-results` of 500 allow),
+    /// spread over every shard, whose answers take room from a pool of
+    /// `pool` bytes counting into `stats`.
+    fn holding_answers(pool: usize, stats: &Arc<Stats>) -> Arc<Index> {
+        let index = Arc::new(Index::new(IndexConfig {
+            max_query_results: Some(500),
+            answers: Answers::new(pool, stats.clone()),
+            ..IndexConfig::default()
+        }));
+        for i in 0..1000 {
+            index.insert(&Event {
+                description: Some("d".repeat(1000)),
+                ..event(&format!("h{i}"), "s", T0, None)
+            });
+        }
+        index
+    }
+
+    #[tokio::test]
+    async fn an_answer_the_pool_has_no_room_for_stops_its_scan_and_is_never_made() {
+        let stats = Arc::new(Stats::default());
+        let pool = 4 * crate::answers::FREE;
+        let index = holding_answers(pool, &stats);
+        let mut full = index.answers().room();
+        full.grow(pool).unwrap();
+        let made = Arc::new(AtomicUsize::new(0));
+        let making = made.clone();
+        let all = Query::parse("true").unwrap();
+        let answered = index.answer_then(&all, move |found| {
+            making.fetch_add(1, Ordering::Relaxed);
+            found.len()
+        });
+        let refused = answered.await.map(|(made, _)| made).unwrap_err();
+        // Stopped as soon as it was found to be over FREE: had it scanned on,
+        // it would have been refused as over --max-query-results (500).
+        assert!(matches!(refused, QueryError::Busy(_)), "{refused:?}");
+        assert_eq!(made.load(Ordering::Relaxed), 0, "never made");
+        assert_eq!(Stats::get(&stats.answers_refused_busy), 1);
+        drop(full);
+        let small = Query::parse(r#"host = "h7""#).unwrap();
+        let (found, room) = index
+            .answer_then(&small, |found| found.len())
+            .await
+            .unwrap();
+        assert_eq!(found, 1);
+        assert!(!room.takes_room(), "an answer up to FREE takes none");
+    }
+
+    #[tokio::test]
+    async fn an_answer_holds_its_room_while_it_is_made_then_as_much_as_it_is() {
+        let stats = Arc::new(Stats::default());
+        let index = holding_answers(64 << 20, &stats);
+        let held = |stats: &Stats| Stats::get(&stats.answer_bytes_held) as usize;
+        let (making, query) = (stats.clone(), Query::parse(r#"host =~ "h1%""#).unwrap());
+        let ((encoded, found, held_making), room) = (index.answer_then(&query, move |found| {
+            let found_bytes: usize = found.iter().map(Event::approx_bytes).sum();
+            (proto::events_reply(&found), found_bytes, held(&making))
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(found > 100 * 1000, "{found}");
+        assert!(
+            (found..=found + 2 * crate::answers::FREE).contains(&held_making),
+            "{held_making} held for {found} bytes found"
+        );
+        let written = room.hold(encoded.clone()).unwrap();
+        assert_eq!(held(&stats), encoded.len().div_ceil(1024) * 1024, "fitted");
+        drop(written);
+        assert_eq!(held(&stats), 0);
     }
 
     #[test]
