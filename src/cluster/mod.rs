@@ -527,17 +527,21 @@ async fn answer_queries(
         // A refusal over the limit is marked, so the asking node refuses the
         // same way (the asker's error, not the cluster's).
         let mut refusal = None;
-        let parts = match parsed {
+        let refused = |e: String| (vec![proto::error_reply(e)], cluster.index.answers().room());
+        // Its room in --max-answer-memory is taken as the scan finds its
+        // events, and kept until its parts are handed to NATS; refused as
+        // busy, the asking node fails the query with the reason.
+        let (parts, _room) = match parsed {
             Ok(query) => (cluster.index)
-                .query_then(&query, |found| answer_parts(&found))
+                .answer_then(&query, |found| answer_parts(&found))
                 .await
                 .unwrap_or_else(|e| {
                     if let QueryError::TooMany { limit } = e {
                         refusal = Some((TOO_MANY, limit.to_string()));
                     }
-                    vec![proto::error_reply(e.to_string())]
+                    refused(e.to_string())
                 }),
-            Err(e) => vec![proto::error_reply(e)],
+            Err(e) => refused(e),
         };
         let last = parts.len() - 1;
         for (i, part) in parts.into_iter().enumerate() {
