@@ -101,10 +101,7 @@ impl Room {
         let ahead = self.answers.kib_for(bytes + STEP);
         self.take_kib(ahead)
             .or_else(|_| self.take_kib(self.answers.kib_for(bytes)))
-            .map_err(|busy| {
-                Stats::incr(&self.answers.stats.answers_refused_busy);
-                busy
-            })
+            .inspect_err(|_| Stats::incr(&self.answers.stats.answers_refused_busy))
     }
 
     /// Room for exactly an encoded answer of `bytes`: what was taken ahead
@@ -117,10 +114,8 @@ impl Room {
         let kib = self.answers.kib_for(bytes);
         match kib.checked_sub(self.kib()) {
             Some(0) => Ok(()),
-            Some(_) => self.take_kib(kib).map_err(|busy| {
-                Stats::incr(&self.answers.stats.answers_refused_busy);
-                busy
-            }),
+            Some(_) => (self.take_kib(kib))
+                .inspect_err(|_| Stats::incr(&self.answers.stats.answers_refused_busy)),
             None => {
                 self.give_back(self.kib() - kib);
                 Ok(())
