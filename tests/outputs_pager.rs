@@ -512,6 +512,37 @@ async fn an_incident_shared_by_series_resolves_when_the_last_of_them_clears() {
     assert_eq!((out.delivered(), out.skipped()), (2, 3));
 }
 
+/// A reload changed `dedup_key` from the derived `host/service` to
+/// `{host}` while `web1/cpu` was open, and another series then opened
+/// `web1`: cpu's `ok` was taken for `web1`'s, which cpu never triggered, and
+/// suppressed; `web1/cpu` stayed open at the receiver for good.
+#[tokio::test]
+async fn an_incident_a_reload_left_under_its_earlier_key_resolves_beside_the_new_one() {
+    let rx = Receiver::start().await;
+    let memory = memory(&pager_config(&rx.url), None);
+    let mut before = Running::pager_remembering(memory.clone(), pager_config(&rx.url));
+    before.queue.push(event("cpu", "critical"));
+    before.settled().await;
+    before.stop().await;
+
+    let mut config = pager_config(&rx.url);
+    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let after = Running::pager_remembering(memory, config);
+    for (service, state) in [("disk /", "critical"), ("cpu", "ok"), ("disk /", "ok")] {
+        after.queue.push(event(service, state));
+    }
+    after.settled().await;
+    assert_eq!(
+        actions(&rx),
+        [
+            "trigger web1/cpu",
+            "trigger web1",
+            "resolve web1/cpu",
+            "resolve web1"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_server_error_is_retried_until_accepted() {
     let rx = Receiver::start().await;

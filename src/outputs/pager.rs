@@ -803,14 +803,16 @@ fn derived_key(host: &str, service: &str) -> String {
     key
 }
 
-/// The event's dedup key; unless no incident is open under it but one is
-/// under the key an earlier declaration's `dedup_key` gives it (a reload
-/// changed the template): that incident keeps its key until it resolves, or
-/// its `ok` would resolve nothing.
+/// The event's dedup key; unless the incident open under it is not the
+/// series' but one is under the key an earlier declaration's `dedup_key`
+/// gives it (a reload changed the template): that incident keeps its key
+/// until it resolves, or its `ok` would resolve nothing. Another series may
+/// have opened the new key's since (`{host}` after `host/service`).
 fn open_key(config: &Config, memory: &Memory, event: &Event) -> String {
     let key = dedup_key(config, event);
+    let series = series_hash(event);
     let incidents = memory.incidents();
-    if incidents.get(&key).is_some() {
+    if incidents.get(&key).is_some_and(|open| open.of(series)) {
         return key;
     }
     // Under the incidents' lock, as `Memory::save` takes them.
@@ -818,7 +820,6 @@ fn open_key(config: &Config, memory: &Memory, event: &Event) -> String {
     let earlier = templates.iter().rev().filter(|t| **t != config.dedup_key);
     // Only by a series that triggered it: another one the earlier template
     // merged into it is an incident of its own now.
-    let series = series_hash(event);
     earlier
         .map(|template| key_from(template.as_ref(), event))
         .find(|earlier| incidents.get(earlier).is_some_and(|open| open.of(series)))
