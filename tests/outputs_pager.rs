@@ -543,6 +543,80 @@ async fn an_incident_a_reload_left_under_its_earlier_key_resolves_beside_the_new
     );
 }
 
+/// `vigil test`'s model of a pager (`pager::Pages`) and the output itself,
+/// fed the same events, send the same pages: `expect pager {…}` checks what
+/// on-call will get.
+#[tokio::test]
+async fn vigil_test_pages_what_the_output_sends() {
+    let many = 70;
+    let mut crowd: Vec<(String, &str)> = (0..many)
+        .map(|i| (format!("disk {i}"), "critical"))
+        .collect();
+    crowd.extend((1..many).map(|i| (format!("disk {i}"), "ok")));
+    crowd.push(("disk 0".into(), "ok"));
+    let sequences: Vec<Vec<(String, &str)>> = [
+        vec![
+            ("cpu", "critical"),
+            ("disk", "critical"),
+            ("cpu", "ok"),
+            ("load", "ok"),
+            ("disk", "ok"),
+        ],
+        vec![
+            ("cpu", "warning"),
+            ("disk", "critical"),
+            ("cpu", "ok"),
+            ("disk", "ok"),
+        ],
+        vec![
+            ("cpu", "critical"),
+            ("disk", "expired"),
+            ("cpu", "ok"),
+            ("disk", "ok"),
+        ],
+        vec![
+            ("cpu", "critical"),
+            ("cpu", "ok"),
+            ("cpu", "critical"),
+            ("disk", "unknown"),
+            ("cpu", "ok"),
+        ],
+    ]
+    .into_iter()
+    .map(|pages| {
+        pages
+            .into_iter()
+            .map(|(s, st)| (s.to_owned(), st))
+            .collect()
+    })
+    .chain([crowd])
+    .collect();
+    for pages in sequences {
+        let rx = Receiver::start().await;
+        let mut config = pager_config(&rx.url);
+        config.dedup_key = Some(Template::parse("{host}").unwrap());
+        let mut model = pager::Pages::new(config.clone());
+        let out = Running::pager(config);
+        // Each event settled before the next: which of them was paged.
+        let (mut modelled, mut paged) = (Vec::new(), Vec::new());
+        for (service, state) in &pages {
+            let page = event(service, state);
+            modelled.push(model.sends(&page, page.time));
+            let before = rx.seen().len();
+            out.queue.push(page);
+            out.settled().await;
+            paged.push(rx.seen().len() > before);
+        }
+        let at = |sent: &[bool]| -> Vec<String> {
+            (sent.iter().zip(&pages))
+                .filter(|(sent, _)| **sent)
+                .map(|(_, (service, state))| format!("{service} {state}"))
+                .collect()
+        };
+        assert_eq!(at(&paged), at(&modelled), "paged vs modelled");
+    }
+}
+
 #[tokio::test]
 async fn a_server_error_is_retried_until_accepted() {
     let rx = Receiver::start().await;

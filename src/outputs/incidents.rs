@@ -73,10 +73,13 @@ const MAX_UNSENT: usize = 10_000;
 const MAX_UNSENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// The incidents open at the receiver by dedup key; bounded, forgetting the
-/// least recently triggered first.
+/// least recently triggered first, in number and in the series they hold
+/// together (`max` each: as many as `max` incidents of one series each).
 pub(super) struct Incidents {
     max: usize,
     open: HashMap<String, Open>,
+    /// The series all of `open` hold.
+    series: usize,
     /// Keys by the sequence number of their last trigger: oldest first.
     order: BTreeMap<u64, String>,
     next: u64,
@@ -89,42 +92,21 @@ pub(super) struct Open {
     /// Its key in `Incidents::order`.
     seq: u64,
     /// The series (their derived keys' [`fnv1a`]) whose triggers it got and
-    /// that have not cleared since, at most [`MAX_SERIES`], the latest last;
-    /// empty when unknown (a file written before). Under a later
-    /// `dedup_key` template only they take it up ([`Open::of`]): another
-    /// series the earlier one merged into it is an incident of its own. It
-    /// is over once they have all cleared ([`Open::cleared_by`]).
-    series: Vec<u64>,
+    /// that have not cleared since; empty when unknown (a file written
+    /// before). Under a later `dedup_key` template only they take it up
+    /// ([`Open::of`]): another series the earlier one merged into it is an
+    /// incident of its own. It is over once they have all cleared
+    /// ([`Incidents::cleared`]). Not bounded per incident: one forgotten
+    /// would let the others' `ok` resolve what it still pages for (an
+    /// incident per service across a fleet holds a series per host).
+    series: HashSet<u64>,
 }
-
-/// Series remembered per open incident.
-const MAX_SERIES: usize = 64;
 
 impl Open {
     /// Whether `series` (its derived key's [`fnv1a`]) may take this incident
     /// up: it triggered it, or nobody knows who did.
     pub(super) fn of(&self, series: u64) -> bool {
         self.series.is_empty() || self.series.contains(&series)
-    }
-
-    /// `series` (its derived key's [`fnv1a`]) triggered this incident.
-    pub(super) fn triggered_by(&mut self, series: u64) {
-        self.series.retain(|s| *s != series);
-        self.series.push(series);
-        if self.series.len() > MAX_SERIES {
-            self.series.remove(0);
-        }
-    }
-
-    /// `series` (its derived key's [`fnv1a`]) cleared: whether the incident
-    /// is over, none of the series that triggered it left (or nobody knows
-    /// which did). Several series share it under a `dedup_key` such as
-    /// `{host}`: the `ok` of one must not resolve it while another is still
-    /// failing, which would not page again while its state stays. A series
-    /// that never triggered it clears nothing of it.
-    pub(super) fn cleared_by(&mut self, series: u64) -> bool {
-        self.series.retain(|s| *s != series);
-        self.series.is_empty()
     }
 }
 
@@ -133,6 +115,7 @@ impl Incidents {
         Incidents {
             max,
             open: HashMap::new(),
+            series: 0,
             order: BTreeMap::new(),
             next: 0,
         }
@@ -142,8 +125,44 @@ impl Incidents {
         self.open.get(key)
     }
 
-    pub(super) fn get_mut(&mut self, key: &str) -> Option<&mut Open> {
-        self.open.get_mut(key)
+    /// `series` (its derived key's [`fnv1a`]) triggered the incident open
+    /// under `key`, if one is. Beyond `max` series together, the least
+    /// recently triggered other incidents are forgotten, as beyond `max`
+    /// incidents.
+    pub(super) fn joined(&mut self, key: &str, series: u64) {
+        let Some(open) = self.open.get_mut(key) else {
+            return;
+        };
+        if !open.series.insert(series) {
+            return;
+        }
+        self.series += 1;
+        let seq = open.seq;
+        while self.series > self.max {
+            let Some(oldest) = (self.order.iter())
+                .find(|(at, _)| **at != seq)
+                .map(|(_, key)| key.clone())
+            else {
+                break;
+            };
+            self.resolved(&oldest);
+        }
+    }
+
+    /// `series` (its derived key's [`fnv1a`]) cleared: whether the incident
+    /// open under `key` is over, none of the series that triggered it left
+    /// (or nobody knows which did). Several series share it under a
+    /// `dedup_key` such as `{host}`: the `ok` of one must not resolve it
+    /// while another is still failing, which would not page again while its
+    /// state stays. A series that never triggered it clears nothing of it.
+    pub(super) fn cleared(&mut self, key: &str, series: u64) -> bool {
+        let Some(open) = self.open.get_mut(key) else {
+            return true;
+        };
+        if open.series.remove(&series) {
+            self.series -= 1;
+        }
+        open.series.is_empty()
     }
 
     pub(super) fn len(&self) -> usize {
@@ -152,15 +171,16 @@ impl Incidents {
 
     /// The incident open under `key`, (re)triggered at `now`: the series
     /// that triggered it before stay its own.
-    pub(super) fn triggered(&mut self, key: String, severity: Severity, now: Instant) -> &mut Open {
+    pub(super) fn triggered(&mut self, key: String, severity: Severity, now: Instant) {
         let series = self.open.remove(&key).map(|before| {
             self.order.remove(&before.seq);
             before.series
         });
         if self.open.len() >= self.max
             && let Some((_, oldest)) = self.order.pop_first()
+            && let Some(forgotten) = self.open.remove(&oldest)
         {
-            self.open.remove(&oldest);
+            self.series -= forgotten.series.len();
         }
         self.order.insert(self.next, key.clone());
         let open = Open {
@@ -170,12 +190,13 @@ impl Incidents {
             series: series.unwrap_or_default(),
         };
         self.next += 1;
-        self.open.entry(key).insert_entry(open).into_mut()
+        self.open.insert(key, open);
     }
 
     pub(super) fn resolved(&mut self, key: &str) {
         if let Some(open) = self.open.remove(key) {
             self.order.remove(&open.seq);
+            self.series -= open.series.len();
         }
     }
 
@@ -618,9 +639,10 @@ impl Memory {
             let sent = UNIX_EPOCH + Duration::try_from_secs_f64(incident.sent).unwrap_or_default();
             let age = wall.duration_since(sent).unwrap_or_default();
             let sent = now.checked_sub(age).unwrap_or(now);
-            let open = incidents.triggered(incident.dedup_key, incident.severity, sent);
+            let key = incident.dedup_key;
+            incidents.triggered(key.clone(), incident.severity, sent);
             for series in incident.series {
-                open.triggered_by(series);
+                incidents.joined(&key, series);
             }
         }
         tracing::info!(
@@ -1095,7 +1117,7 @@ impl Memory {
                     dedup_key: key.to_owned(),
                     severity: open.severity,
                     sent: since_epoch(age),
-                    series: open.series.clone(),
+                    series: open.series.iter().copied().collect(),
                 })
                 .collect(),
             unsent,
@@ -1268,6 +1290,25 @@ mod tests {
         assert!(open.get("a").is_some() && open.get("c").is_some());
         open.resolved("a");
         assert_eq!((open.open.len(), open.order.len()), (1, 1));
+    }
+
+    /// An incident keeps every series failing in it (one forgotten would let
+    /// the others' `ok` resolve it); the series of all incidents together
+    /// are bounded by forgetting the least recently triggered other ones.
+    #[test]
+    fn series_failing_together_are_bounded_forgetting_the_oldest_other_incident() {
+        let mut open = Incidents::new(3);
+        let (now, severity) = (Instant::now(), Severity::Critical);
+        open.triggered("a".into(), severity, now);
+        open.joined("a", 1);
+        open.triggered("b".into(), severity, now);
+        (0..5).for_each(|series| open.joined("b", 10 + series));
+        assert!(open.get("a").is_none(), "a went for b's series");
+        assert_eq!(open.series, 5);
+        assert!((1..5).all(|series| !open.cleared("b", 10 + series)));
+        assert!(open.cleared("b", 10), "the first of b's series too");
+        open.resolved("b");
+        assert_eq!((open.open.len(), open.series), (0, 0));
     }
 
     #[test]
@@ -1621,8 +1662,8 @@ mod tests {
         let memory = from_file(file.clone(), "key", 10).await;
         {
             let mut incidents = memory.incidents();
-            (incidents.triggered("web1".into(), Severity::Critical, Instant::now()))
-                .triggered_by(7);
+            incidents.triggered("web1".into(), Severity::Critical, Instant::now());
+            incidents.joined("web1", 7);
             incidents.triggered("web1".into(), Severity::Critical, Instant::now());
         }
         assert!(memory.save().await);

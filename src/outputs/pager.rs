@@ -26,8 +26,8 @@
 //! reload or a restart changed the template) keeps its key until it
 //! resolves.
 //!
-//! They are bounded ([`MAX_OPEN`]); beyond it the least recently triggered
-//! incident is forgotten. A page is retried for as long as the process runs
+//! They are bounded ([`MAX_OPEN`], and as many series failing in them
+//! together); beyond it the least recently triggered incident is forgotten. A page is retried for as long as the process runs
 //! (see [`super::http::RetryPolicy::pager`]); with a data directory, the pages
 //! not delivered when it stops (or crashes) are sent first by the next run.
 //! When a reload (or a restart) changed the receiver, the next run is the
@@ -62,7 +62,7 @@ use crate::limits::start_of;
 /// How often an open incident's trigger may be re-sent, by default.
 pub const DEFAULT_RESEND_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Open incidents remembered at most.
+/// Open incidents remembered at most, and series failing in them together.
 pub const MAX_OPEN: usize = 100_000;
 
 /// PagerDuty's limits on the dedup key and the summary, kept for every
@@ -604,7 +604,8 @@ impl Pager {
         let mut open = self.memory.incidents();
         match action {
             Action::Trigger(severity) => {
-                (open.triggered(key, severity, now)).triggered_by(series_hash(event));
+                open.triggered(key.clone(), severity, now);
+                open.joined(&key, series_hash(event));
             }
             Action::Resolve => open.resolved(&key),
         }
@@ -629,20 +630,16 @@ impl Pager {
     /// incident either way.
     fn suppressed(&self, action: Action, key: &str, series: u64, now: Instant) -> bool {
         let mut incidents = self.memory.incidents();
-        let Some(open) = incidents.get_mut(key) else {
+        let Some(open) = incidents.get(key) else {
             return needless(action, None, self.config.resend_interval);
         };
         match action {
             Action::Trigger(_) => {
-                open.triggered_by(series);
-                let age = now.duration_since(open.sent);
-                needless(
-                    action,
-                    Some((open.severity, age)),
-                    self.config.resend_interval,
-                )
+                let open = Some((open.severity, now.duration_since(open.sent)));
+                incidents.joined(key, series);
+                needless(action, open, self.config.resend_interval)
             }
-            Action::Resolve => !open.cleared_by(series),
+            Action::Resolve => !incidents.cleared(key, series),
         }
     }
 }
@@ -850,11 +847,11 @@ impl Replayed {
         let mut open = self.memory.incidents();
         match action {
             Action::Trigger(severity) => {
-                (open.triggered(key, severity, Instant::now())).triggered_by(series_hash(event));
+                open.triggered(key.clone(), severity, Instant::now());
+                open.joined(&key, series_hash(event));
             }
             Action::Resolve => {
-                let series = series_hash(event);
-                if open.get_mut(&key).is_none_or(|o| o.cleared_by(series)) {
+                if open.cleared(&key, series_hash(event)) {
                     open.resolved(&key);
                 }
             }
