@@ -207,6 +207,28 @@ mod tests {
         );
     }
 
+    /// Every address of a trusted network is believed: a client inside one
+    /// names whom it likes, directly or through the proxy (README: trust
+    /// the proxies' own addresses).
+    #[test]
+    fn a_client_inside_a_trusted_network_names_whom_it_likes() {
+        let proxies = trusting(&["10.0.0.0/8"]);
+        let pod = ip("10.2.3.4");
+        assert_eq!(
+            proxies.client(pod, ["192.0.2.9"]),
+            via("192.0.2.9", "10.2.3.4")
+        );
+        assert_eq!(
+            proxies.client(ip("10.0.0.1"), ["192.0.2.9, 10.2.3.4"]),
+            via("192.0.2.9", "10.0.0.1")
+        );
+        let proxy_only = trusting(&["10.0.0.1"]);
+        assert_eq!(
+            proxy_only.client(ip("10.0.0.1"), ["192.0.2.9, 10.2.3.4"]),
+            via("10.2.3.4", "10.0.0.1")
+        );
+    }
+
     #[test]
     fn a_mapped_ipv4_peer_is_its_ipv4_address() {
         let proxies = trusting(&["127.0.0.1"]);
