@@ -800,6 +800,32 @@ async fn an_incident_open_before_a_restart_is_resolved_after_it() {
     );
 }
 
+/// The series failing in an incident they share are saved with it: after a
+/// restart the first one's `ok` still leaves it open for the other, which
+/// joined it with a suppressed trigger.
+#[tokio::test]
+async fn an_incident_series_share_stays_open_across_a_restart_until_the_last_clears() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = incidents::file_in(dir.path(), "pager");
+    let mut config = pager_config(&rx.url);
+    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let mut before =
+        Running::pager_remembering(memory(&config, Some(file.clone())), config.clone());
+    before.queue.push(event("cpu", "critical"));
+    before.queue.push(event("disk /", "critical"));
+    before.settled().await;
+    before.stop().await;
+
+    let after = Running::pager_remembering(memory(&config, Some(file)), config);
+    after.queue.push(event("cpu", "ok"));
+    after.settled().await;
+    assert_eq!(actions(&rx), ["trigger web1"], "disk is still critical");
+    after.queue.push(event("disk /", "ok"));
+    after.settled().await;
+    assert_eq!(actions(&rx), ["trigger web1", "resolve web1"]);
+}
+
 /// A restart with another `dedup_key` template once left the incidents
 /// opened under the previous one open for good, as a reload did.
 #[tokio::test]
