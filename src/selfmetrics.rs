@@ -194,6 +194,8 @@ pub struct Sample {
     pub refused: u64,
     /// Events stored with a `time` far ahead of vigil's clock.
     pub time_ahead: u64,
+    /// Events stored already expired (an agent's clock far behind).
+    pub arrived_expired: u64,
     /// Index scans stopped by `--query-timeout`, and stopped because their
     /// asker went away.
     pub scans_timed_out: u64,
@@ -239,6 +241,7 @@ impl Telemetry {
             expired: self.index.expired_total(),
             refused: self.index.refused_total(),
             time_ahead: self.index.time_ahead_total(),
+            arrived_expired: self.index.arrived_expired_total(),
             scans_timed_out: self.index.scans_timed_out_total(),
             scans_abandoned: self.index.scans_abandoned_total(),
             subscribers: pubsub.subscribers() as u64,
@@ -442,6 +445,7 @@ impl Emitter {
             ("vigil index expired", sample.expired),
             ("vigil index refused", sample.refused),
             ("vigil index time ahead", sample.time_ahead),
+            ("vigil index arrived expired", sample.arrived_expired),
             ("vigil index scans timed out", sample.scans_timed_out),
             ("vigil index scans abandoned", sample.scans_abandoned),
             ("vigil subscriber events", sample.subscriber_events),

@@ -60,6 +60,13 @@ fn render(s: &Sample) -> String {
         ahead,
         s.time_ahead,
     );
+    let arrived_expired = "Events indexed already expired: time plus TTL before vigil's clock.";
+    out.single(
+        "vigil_index_arrived_expired_total",
+        "counter",
+        arrived_expired,
+        s.arrived_expired,
+    );
     let timed_out = "Index scans stopped by --query-timeout.";
     out.single(
         "vigil_index_scans_timed_out_total",

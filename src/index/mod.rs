@@ -53,8 +53,40 @@ pub const DEFAULT_TTL_SECS: f64 = 60.0;
 pub const MAX_TIME_AHEAD: Micros = 5 * 60 * MICROS_PER_SEC;
 
 /// At most one log line per this long (vigil's clock) names a host whose
-/// events are timed too far ahead; the counter counts every one.
-const FUTURE_LOG_EVERY: Micros = 60 * MICROS_PER_SEC;
+/// events are timed too far ahead, and one whose events arrive expired; the
+/// counters count every one.
+const TIME_OFF_LOG_EVERY: Micros = 60 * MICROS_PER_SEC;
+
+/// Events whose `time` is off in one way, counted, and when the last line
+/// naming one was logged.
+struct TimeOff {
+    count: AtomicU64,
+    logged: AtomicI64,
+}
+
+impl TimeOff {
+    fn new() -> TimeOff {
+        TimeOff {
+            count: AtomicU64::new(0),
+            logged: AtomicI64::new(Micros::MIN),
+        }
+    }
+
+    /// Counts one at `now`; true when it is the one to log (one a
+    /// [`TIME_OFF_LOG_EVERY`], whichever thread gets there first).
+    fn count(&self, now: Micros) -> bool {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let last = self.logged.load(Ordering::Relaxed);
+        let due = last == Micros::MIN || now.saturating_sub(last) >= TIME_OFF_LOG_EVERY;
+        due && (self.logged)
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    fn total(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
 
 /// When an event timed `time`, living `ttl`, that came at `now` (vigil's
 /// clock) expires: `time + ttl`, as in Riemann, but no later than
@@ -211,10 +243,10 @@ pub struct Index {
     len: AtomicUsize,
     refused: AtomicU64,
     expired: AtomicU64,
-    /// Events stored whose `time` was more than [`MAX_TIME_AHEAD`] ahead,
-    /// and when the last line saying so was logged.
-    ahead: AtomicU64,
-    ahead_logged: AtomicI64,
+    /// Events stored whose `time` was more than [`MAX_TIME_AHEAD`] ahead.
+    ahead: TimeOff,
+    /// Events stored already expired: `time + ttl` before vigil's clock.
+    arrived_expired: TimeOff,
     /// Scans stopped by `query_timeout`, and scans stopped because their
     /// asker went away.
     scans_timed_out: AtomicU64,
@@ -254,8 +286,8 @@ impl Index {
             len: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             expired: AtomicU64::new(0),
-            ahead: AtomicU64::new(0),
-            ahead_logged: AtomicI64::new(Micros::MIN),
+            ahead: TimeOff::new(),
+            arrived_expired: TimeOff::new(),
             scans_timed_out: AtomicU64::new(0),
             scans_abandoned: AtomicU64::new(0),
             scans: Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -299,7 +331,13 @@ impl Index {
     /// Events stored whose `time` was more than [`MAX_TIME_AHEAD`] ahead
     /// of vigil's clock.
     pub fn time_ahead_total(&self) -> u64 {
-        self.ahead.load(Ordering::Relaxed)
+        self.ahead.total()
+    }
+
+    /// Events stored already expired (`time + ttl` before vigil's clock,
+    /// with a positive TTL): expired at the next tick.
+    pub fn arrived_expired_total(&self) -> u64 {
+        self.arrived_expired.total()
     }
 
     /// Entries removed by TTL expiry, since start.
@@ -351,29 +389,39 @@ impl Index {
         expires_at(event.time, self.ttl_of(event), now)
     }
 
-    /// Counts an event timed more than [`MAX_TIME_AHEAD`] after `now`, and
-    /// names its host at most once per [`FUTURE_LOG_EVERY`].
-    fn check_ahead(&self, event: &Event, now: Micros) {
+    /// Counts an event timed more than [`MAX_TIME_AHEAD`] after `now`, or
+    /// one that arrived expired (`deadline` before `now`), and names its host
+    /// at most once per [`TIME_OFF_LOG_EVERY`] each.
+    fn check_time(&self, event: &Event, now: Micros, deadline: Micros) {
         let ahead = event.time.saturating_sub(now);
-        if ahead <= MAX_TIME_AHEAD {
+        if ahead > MAX_TIME_AHEAD {
+            if self.ahead.count(now) {
+                tracing::warn!(
+                    host = event.host_str(),
+                    service = event.service_str(),
+                    ahead_secs = ahead / MICROS_PER_SEC,
+                    "An event's time is far ahead of vigil's clock (the agent's clock is off, or \
+                     it sends milliseconds for seconds): it expires its TTL plus 5 minutes after \
+                     it was stored, and its time is kept as sent. Counted in \
+                     vigil_index_time_ahead_total; logged at most once a minute."
+                );
+            }
             return;
         }
-        self.ahead.fetch_add(1, Ordering::Relaxed);
-        let last = self.ahead_logged.load(Ordering::Relaxed);
-        let due = last == Micros::MIN || now.saturating_sub(last) >= FUTURE_LOG_EVERY;
-        let ours = due
-            && (self.ahead_logged)
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok();
-        if ours {
+        // A TTL of zero or less asks for the next tick; an `expired` event
+        // deletes its key.
+        let stale = deadline < now && self.ttl_of(event) > 0 && !event.is_expired_state();
+        if stale && self.arrived_expired.count(now) {
             tracing::warn!(
                 host = event.host_str(),
                 service = event.service_str(),
-                ahead_secs = ahead / MICROS_PER_SEC,
-                "An event's time is far ahead of vigil's clock (the agent's clock is off, or it \
-                 sends milliseconds for seconds): it expires its TTL plus 5 minutes after it \
-                 was stored, and its time is kept as sent. Counted in \
-                 vigil_index_time_ahead_total; logged at most once a minute."
+                behind_secs = now.saturating_sub(event.time) / MICROS_PER_SEC,
+                ttl_secs = self.ttl_secs(event),
+                "An event arrived already expired: its time plus its TTL is before vigil's \
+                 clock (the agent's clock is behind by more than the TTL, or its events were \
+                 held back). It expires at the next tick, as in Riemann, so a series sending \
+                 only such events goes expired after each one, and pages that way. Counted \
+                 in vigil_index_arrived_expired_total; logged at most once a minute."
             );
         }
     }
@@ -422,8 +470,9 @@ impl Index {
     /// stored at `now`, vigil's clock, which bounds its expiry.
     pub fn insert_hashed(&self, event: &Event, hash: KeyHash, now: Micros) -> Insert {
         debug_assert_eq!(hash, self.key_hash(event), "the hash of another key");
-        self.check_ahead(event, now);
-        let outcome = self.store(event, hash.0, self.deadline(event, now));
+        let deadline = self.deadline(event, now);
+        self.check_time(event, now, deadline);
+        let outcome = self.store(event, hash.0, deadline);
         // Published outside the shard lock: subscribers never slow the shard.
         if matches!(outcome, Insert::Added | Insert::Replaced) {
             self.pubsub.publish(event);
@@ -1459,6 +1508,33 @@ mod tests {
         let expired = expire_all(&index, due + 1);
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].service.as_deref(), Some("ms"));
+    }
+
+    /// An agent whose clock is an hour behind: its event is stored, expired
+    /// at the next tick as in Riemann, and counted, so the flapping it
+    /// causes is explained. One behind by less than its TTL, one with a TTL
+    /// of zero or less and an `expired` event are not counted.
+    #[test]
+    fn an_event_that_arrives_expired_is_counted() {
+        let index = Index::new(IndexConfig::default());
+        let insert = |event: Event| index.insert_hashed(&event, index.key_hash(&event), T0);
+        assert_eq!(
+            insert(event("h", "slow", T0 - secs(3600), Some(60.0))),
+            Insert::Added
+        );
+        assert_eq!(index.arrived_expired_total(), 1);
+        insert(event("h", "late", T0 - secs(30), Some(60.0)));
+        insert(event("h", "now", T0 - secs(30), Some(0.0)));
+        let mut gone = event("h", "slow", T0 - secs(3600), Some(60.0));
+        gone.state = Some(crate::event::STATE_EXPIRED.into());
+        insert(gone);
+        assert_eq!(index.arrived_expired_total(), 1);
+        let expired: Vec<_> = expire_all(&index, T0 + 1)
+            .into_iter()
+            .map(|e| e.service.unwrap())
+            .collect();
+        assert_eq!(expired, ["now"]);
+        assert_eq!(index.time_ahead_total(), 0);
     }
 
     /// A clock a minute fast is within the allowance: the entry expires
