@@ -367,7 +367,10 @@ fn answered(index: Arc<Index>, stats: Arc<Stats>, query: Query) -> Reply {
     }
     Reply::Later(Box::pin(async move {
         // Its room taken as the scan finds it, then kept until written.
-        let answer = (index.answer_then(&query, |found| proto::events_reply(&found))).await;
+        let answer = (index.answer_then(&query, proto::approx_bytes, |found| {
+            proto::events_reply(&found)
+        }))
+        .await;
         let held = answer.and_then(|(answer, room)| Ok(room.hold(answer)?));
         replied(&stats, held)
     }))

@@ -51,6 +51,49 @@ pub fn to_json(e: &Event) -> Value {
     Value::Object(map)
 }
 
+/// At least the bytes of `e`'s JSON text in an answer, its comma
+/// included: an answer's room is taken by this as its scan goes, so one
+/// that will not fit is refused before it is made. Escaping is counted: a
+/// control character takes six bytes (`\u0001`).
+pub fn approx_bytes(e: &Event) -> usize {
+    // `{"host":null,…,"ttl":null}` (129 bytes) without the metric's and
+    // the TTL's `null`s, and a comma.
+    const FIXED: usize = 129 - 8 + 1;
+    let number = |f: f64| match f.is_finite() {
+        true => ryu::Buffer::new().format_finite(f).len(),
+        false => 4,
+    };
+    let metric = match e.metric {
+        Some(Metric::Int(i)) => i.to_string().len(),
+        Some(Metric::Float(f)) => number(f),
+        None => 4,
+    };
+    let ttl = e.ttl.map_or(4, |t| number(crate::event::ttl_f64(t)));
+    let text = |s: &String| s.len() + escaping_adds(s);
+    let fields = [&e.host, &e.service, &e.state, &e.description];
+    FIXED
+        + metric
+        + ttl
+        + fields.into_iter().flatten().map(text).sum::<usize>()
+        + e.tags.iter().map(|t| 3 + text(t)).sum::<usize>()
+        + (e.attributes.iter())
+            .map(|(k, v)| 6 + text(k) + text(v))
+            .sum::<usize>()
+}
+
+/// The bytes escaping `s` into a JSON string adds to it (as serde_json
+/// escapes: `\"`, `\\`, `\n` and its kind, `\u00XX` for the other
+/// control characters).
+fn escaping_adds(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+            0..0x20 => 5,
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Microseconds since the epoch as `2024-01-02T03:04:05.678Z`. Times outside
 /// years 1970..=9999 (garbage from broken agents) are clamped, not rejected.
 pub fn iso8601(time: Micros) -> String {
@@ -96,6 +139,54 @@ mod tests {
         assert_eq!(to_json(&e)["metric"], json!(3));
         e.metric = Some(Metric::Float(f64::NAN));
         assert_eq!(to_json(&e)["metric"], Value::Null);
+    }
+
+    #[test]
+    fn approx_bytes_is_at_least_the_json_text_however_escaped() {
+        let shapes = [
+            Event::default(),
+            Event {
+                host: Some("h".into()),
+                metric: Some(Metric::Float(-1.234_567_890_123_456_7e-300)),
+                state: Some(String::new()),
+                ttl: Some(1.234_567_9e-30),
+                time: 1_700_000_000_123_456,
+                tags: vec![String::new(); 100],
+                attributes: vec![(String::new(), String::new()); 100],
+                ..Event::default()
+            },
+            Event {
+                metric: Some(Metric::Int(i64::MIN)),
+                ttl: Some(f32::NAN),
+                time: i64::MAX,
+                ..Event::default()
+            },
+            Event {
+                host: Some("\u{1}".repeat(1000)),
+                description: Some("\u{1f}\"\\\n\u{7f}é".repeat(1000)),
+                tags: vec!["\u{0}".repeat(10); 10],
+                attributes: vec![("\u{2}".repeat(10), "\"".repeat(10)); 10],
+                ..Event::default()
+            },
+        ];
+        for e in shapes {
+            let text = to_json_text(&e).len() + 1;
+            assert!(approx_bytes(&e) >= text, "{} < {text}", approx_bytes(&e));
+        }
+        let small = Event {
+            host: Some("host-0001".into()),
+            service: Some("cpu".into()),
+            state: Some("ok".into()),
+            metric: Some(Metric::Float(0.25)),
+            ttl: Some(60.0),
+            ..Event::default()
+        };
+        let text = to_json_text(&small).len() + 1;
+        assert!(
+            approx_bytes(&small) <= text + 8,
+            "{} for {text}",
+            approx_bytes(&small)
+        );
     }
 
     #[test]

@@ -46,6 +46,28 @@ pub fn events_reply(events: &[Event]) -> Bytes {
     .into()
 }
 
+/// At least the bytes `e` takes in an answer's `Msg` (its key and length
+/// included), near exactly: an answer's room is taken by this as its scan
+/// goes. [`Event::approx_bytes`] (memory) is some three times the
+/// encoding of a small event, so an answer well under 64 KiB was taken
+/// for a large one and refused as busy.
+pub fn approx_bytes(e: &Event) -> usize {
+    use prost::encoding::encoded_len_varint as varint;
+    let bytes = |len: usize| 1 + varint(len as u64) + len;
+    let text = |s: &String| bytes(s.len());
+    let fields = [&e.host, &e.service, &e.state, &e.description];
+    let attributes = (e.attributes.iter()).map(|(k, v)| bytes(text(k) + text(v)));
+    let event = 2 + varint(e.time.div_euclid(MICROS_PER_SEC) as u64)
+        + varint(e.time as u64)
+        // `metric_f` (5) beside `metric_sint64` (up to 11) or `metric_d` (9).
+        + e.metric.map_or(0, |_| 16)
+        + e.ttl.map_or(0, |_| 5)
+        + fields.into_iter().flatten().map(text).sum::<usize>()
+        + e.tags.iter().map(text).sum::<usize>()
+        + attributes.sum::<usize>();
+    bytes(event)
+}
+
 /// Converts a wire event, stamping `now` when the sender gave no time.
 pub fn from_pb(pb: PbEvent, now: Micros) -> Event {
     // Prefer the precise field; `time` is whole seconds.
@@ -132,6 +154,49 @@ fn last_of_each(attributes: &[(String, String)]) -> impl Iterator<Item = &(Strin
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn approx_bytes_is_at_least_an_events_encoding_and_near_it() {
+        let small = Event {
+            host: Some("host-0001".into()),
+            service: Some("cpu".into()),
+            state: Some("ok".into()),
+            time: 1_700_000_000_123_456,
+            metric: Some(Metric::Float(0.25)),
+            ttl: Some(60.0),
+            ..Event::default()
+        };
+        let shapes = [
+            Event::default(),
+            Event {
+                time: -1,
+                metric: Some(Metric::Int(i64::MIN)),
+                ..small.clone()
+            },
+            Event {
+                description: Some("d".repeat(300)),
+                tags: vec!["t".repeat(200); 100],
+                attributes: vec![("k".into(), "v".repeat(200)); 100],
+                ..small.clone()
+            },
+            small.clone(),
+        ];
+        let in_answer =
+            |e: &Event| events_reply(std::slice::from_ref(e)).len() - events_reply(&[]).len();
+        for e in &shapes {
+            assert!(
+                approx_bytes(e) >= in_answer(e),
+                "{} < {}",
+                approx_bytes(e),
+                in_answer(e)
+            );
+        }
+        assert!(
+            approx_bytes(&small) <= in_answer(&small) + 8,
+            "{}",
+            in_answer(&small)
+        );
+    }
     use super::*;
 
     #[test]

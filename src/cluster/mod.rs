@@ -533,7 +533,7 @@ async fn answer_queries(
         // busy, the asking node fails the query with the reason.
         let (parts, _room) = match parsed {
             Ok(query) => (cluster.index)
-                .answer_then(&query, |found| answer_parts(&found))
+                .answer_then(&query, proto::approx_bytes, |found| answer_parts(&found))
                 .await
                 .unwrap_or_else(|e| {
                     if let QueryError::TooMany { limit } = e {

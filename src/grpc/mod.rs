@@ -237,9 +237,12 @@ impl pb::vigil_server::Vigil for Service {
                 (answer(found), self.0.index.answers().room())
             }
             // A local one as its scan finds it: refused before it is made.
-            None => {
-                (self.0.index.answer_then(&query, answer).await).map_err(|e| self.0.refused(e))?
-            }
+            None => (self
+                .0
+                .index
+                .answer_then(&query, proto::approx_bytes, answer)
+                .await)
+                .map_err(|e| self.0.refused(e))?,
         };
         // Held, until tonic has sent it, within `--max-answer-memory`:
         // the layer in `Grpc::serve` moves it into the response's body.

@@ -126,7 +126,10 @@ pub(super) async fn get_index(
         (Some(_), false) => (state.snapshot_then(&query, false, to_body).await)
             .map(|body| (body, state.telemetry.index.answers().room())),
         // A local one as its scan finds it: refused before it is made.
-        _ => match state.telemetry.index.answer_then(&query, to_body).await {
+        _ => match (state.telemetry.index)
+            .answer_then(&query, json::approx_bytes, to_body)
+            .await
+        {
             Err(QueryError::Busy(busy)) => return busy_answer(busy),
             answered => answered.map_err(|e| state.refused(e)),
         },

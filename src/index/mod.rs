@@ -169,6 +169,10 @@ pub enum QueryError {
 /// stops within one term of its deadline, not 256 entries.
 const SCAN_CHECK: usize = 256;
 
+/// At least how many bytes an event takes in an answer being made
+/// ([`Index::answer_then`]).
+pub type Sizing = fn(&Event) -> usize;
+
 /// When a scan stops early: past its deadline, or once its asker is gone.
 struct ScanLimit<'a> {
     deadline: Option<(Instant, Duration)>,
@@ -569,19 +573,19 @@ impl Index {
     }
 
     /// What [`Index::query`] finds, with room in `--max-answer-memory` taken
-    /// into `room` as it is found (see [`Room::grow`], by
-    /// [`Event::approx_bytes`], which is more than an event's encoding):
-    /// once the pool has none, the scan stops, refused as busy.
+    /// into `room` as it is found (see [`Room::grow`], by `bytes`, at least
+    /// an event's encoding in the answer): once the pool has none, the scan
+    /// stops, refused as busy.
     fn scan(
         &self,
         query: &Query,
         stop: &ScanLimit<'_>,
-        mut room: Option<&mut Room>,
+        mut room: Option<(&mut Room, Sizing)>,
     ) -> Result<Vec<Event>, QueryError> {
         let mut found_bytes = 0;
-        let mut grow = |found: &[Event]| match room.as_deref_mut() {
-            Some(room) => {
-                found_bytes += found.iter().map(Event::approx_bytes).sum::<usize>();
+        let mut grow = |found: &[Event]| match room.as_mut() {
+            Some((room, bytes)) => {
+                found_bytes += found.iter().map(*bytes).sum::<usize>();
                 room.grow(found_bytes)
             }
             None => Ok(()),
@@ -632,7 +636,7 @@ impl Index {
         query: &Query,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<T, QueryError> {
-        let (answer, _) = self.scan_then(query, false, then).await?;
+        let (answer, _) = self.scan_then(query, None, then).await?;
         Ok(answer)
     }
 
@@ -640,26 +644,29 @@ impl Index {
     /// comes with its room in `--max-answer-memory`, taken as the scan
     /// found its events and held while `then` ran, to be fitted to it and
     /// kept until it is written ([`Room::hold`]). Refused as busy as soon
-    /// as the pool has no room for what is found, `then` never run.
+    /// as the pool has no room for what is found, `then` never run. `bytes`
+    /// is at least what `then` makes of an event, and near it
+    /// ([`crate::proto::approx_bytes`], [`crate::json::approx_bytes`]).
     pub async fn answer_then<T: Send + 'static>(
         self: &Arc<Self>,
         query: &Query,
+        bytes: Sizing,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<(T, Room), QueryError> {
-        self.scan_then(query, true, then).await
+        self.scan_then(query, Some(bytes), then).await
     }
 
     /// [`Index::query_then`], with the answer's room: taken as the scan
-    /// goes when `metered`, none otherwise.
+    /// goes when `metered` tells an event's size, none otherwise.
     async fn scan_then<T: Send + 'static>(
         self: &Arc<Self>,
         query: &Query,
-        metered: bool,
+        metered: Option<Sizing>,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<(T, Room), QueryError> {
         let mut room = self.answers().room();
         if query.exact_key().is_some() {
-            let found = self.scan(query, &ScanLimit::NONE, metered.then_some(&mut room))?;
+            let found = self.scan(query, &ScanLimit::NONE, metered.map(|b| (&mut room, b)))?;
             return Ok((then(found), room));
         }
         let lane = match query.terms() > COSTLY_TERMS {
@@ -677,7 +684,7 @@ impl Index {
                 deadline: limit.map(|limit| (Instant::now() + limit, limit)),
                 abandoned: Some(&abandoned),
             };
-            let found = index.scan(&query, &stop, metered.then_some(&mut room));
+            let found = index.scan(&query, &stop, metered.map(|b| (&mut room, b)));
             let stopped = match &found {
                 Err(QueryError::TimedOut { .. }) => Some(&index.scans_timed_out),
                 Err(QueryError::Abandoned) => Some(&index.scans_abandoned),
@@ -1852,7 +1859,7 @@ mod tests {
         let made = Arc::new(AtomicUsize::new(0));
         let making = made.clone();
         let all = Query::parse("true").unwrap();
-        let answered = index.answer_then(&all, move |found| {
+        let answered = index.answer_then(&all, proto::approx_bytes, move |found| {
             making.fetch_add(1, Ordering::Relaxed);
             found.len()
         });
@@ -1865,11 +1872,84 @@ mod tests {
         drop(full);
         let small = Query::parse(r#"host = "h7""#).unwrap();
         let (found, room) = index
-            .answer_then(&small, |found| found.len())
+            .answer_then(&small, proto::approx_bytes, |found| found.len())
             .await
             .unwrap();
         assert_eq!(found, 1);
         assert!(!room.takes_room(), "an answer up to FREE takes none");
+    }
+
+    /// JSON escapes a control character into six bytes: an answer of such
+    /// events, sized as JSON, is refused before it is made, not once made.
+    #[tokio::test]
+    async fn a_json_answer_is_sized_as_escaped_and_refused_before_it_is_made() {
+        let stats = Arc::new(Stats::default());
+        let pool = 4 << 20;
+        let index = Arc::new(Index::new(IndexConfig {
+            answers: Answers::new(pool, stats.clone()),
+            ..IndexConfig::default()
+        }));
+        for i in 0..100 {
+            index.insert(&Event {
+                description: Some("\u{1}".repeat(5000)),
+                ..event(&format!("h{i}"), "s", T0, None)
+            });
+        }
+        // Half the pool is taken; the answer's JSON (3 MB) does not fit,
+        // though its events' `approx_bytes` (0.5 MB) would.
+        let mut taken = index.answers().room();
+        taken.grow(pool / 2).unwrap();
+        let made = Arc::new(AtomicUsize::new(0));
+        let making = made.clone();
+        let all = Query::parse("true").unwrap();
+        let answered = index.answer_then(&all, crate::json::approx_bytes, move |found| {
+            making.fetch_add(1, Ordering::Relaxed);
+            let json: usize = found
+                .iter()
+                .map(|e| crate::json::to_json_text(e).len())
+                .sum();
+            assert!(json > 3_000_000, "{json}");
+        });
+        let refused = answered.await.map(|_| ()).unwrap_err();
+        assert!(matches!(refused, QueryError::Busy(_)), "{refused:?}");
+        assert_eq!(made.load(Ordering::Relaxed), 0, "refused once made");
+        drop(taken);
+        assert_eq!(Stats::get(&stats.answer_bytes_held), 0);
+    }
+
+    /// An answer of many small events, under 64 KiB encoded, takes no room
+    /// and is never refused: sized by their memory (some three times their
+    /// encoding), it was refused as busy while large answers filled the pool.
+    #[tokio::test]
+    async fn an_answer_of_many_small_events_under_free_is_never_refused() {
+        let stats = Arc::new(Stats::default());
+        let index = Arc::new(Index::new(IndexConfig {
+            answers: Answers::new(4 * crate::answers::FREE, stats.clone()),
+            ..IndexConfig::default()
+        }));
+        for i in 0..1100 {
+            index.insert(&Event {
+                state: Some("ok".into()),
+                metric: Some(Metric::Float(0.25)),
+                ..event(&format!("host-{i:04}"), "cpu", T0, Some(60.0))
+            });
+        }
+        let mut full = index.answers().room();
+        full.grow(4 * crate::answers::FREE).unwrap();
+        let cpu = Query::parse(r#"service = "cpu""#).unwrap();
+        let (encoded, room) = (index.answer_then(&cpu, proto::approx_bytes, |found| {
+            proto::events_reply(&found)
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            encoded.len() > crate::answers::FREE * 3 / 4,
+            "{}",
+            encoded.len()
+        );
+        assert!(encoded.len() <= crate::answers::FREE, "{}", encoded.len());
+        assert!(room.hold(encoded).is_ok());
+        assert_eq!(Stats::get(&stats.answers_refused_busy), 0);
     }
 
     #[tokio::test]
@@ -1878,12 +1958,13 @@ mod tests {
         let index = holding_answers(64 << 20, &stats);
         let held = |stats: &Stats| Stats::get(&stats.answer_bytes_held) as usize;
         let (making, query) = (stats.clone(), Query::parse(r#"host =~ "h1%""#).unwrap());
-        let ((encoded, found, held_making), room) = (index.answer_then(&query, move |found| {
-            let found_bytes: usize = found.iter().map(Event::approx_bytes).sum();
-            (proto::events_reply(&found), found_bytes, held(&making))
-        }))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        let ((encoded, found, held_making), room) =
+            (index.answer_then(&query, proto::approx_bytes, move |found| {
+                let found_bytes: usize = found.iter().map(proto::approx_bytes).sum();
+                (proto::events_reply(&found), found_bytes, held(&making))
+            }))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(found > 100 * 1000, "{found}");
         assert!(
             (found..=found + 2 * crate::answers::FREE).contains(&held_making),
