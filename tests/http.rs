@@ -995,21 +995,7 @@ async fn cut_a_flood(
         }
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = tokio::spawn({
-        let (tcp, stop) = (v.tcp, stop.clone());
-        async move {
-            let mut client = Client::connect(tcp).await.expect("tcp connects");
-            let mut sent = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let batch: Vec<Event> = (sent..sent + 10)
-                    .map(|n| event("agent", &n.to_string(), 60.0, 0))
-                    .collect();
-                client.send(&batch).await.expect("events acknowledged");
-                sent += 10;
-            }
-            sent
-        }
-    });
+    let sender = common::agent_until(v.tcp, stop.clone());
     let until_error = async {
         loop {
             let next = flood[0].next().await;

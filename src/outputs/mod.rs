@@ -749,17 +749,7 @@ mod tests {
     #[tokio::test]
     async fn a_suppressed_page_is_not_queued_but_its_incident_is_remembered() {
         let kept = Kept::default();
-        let spec = OutputSpec {
-            name: "pager".into(),
-            kind: OutputKind::Pager(pager_config("k")),
-        };
-        let (queue, _task) = start(&spec, &kept, CancellationToken::new());
-        let page = |service: &str, state: &str| Event {
-            host: Some("web1".into()),
-            service: Some(service.into()),
-            state: Some(state.into()),
-            ..Event::default()
-        };
+        let (queue, _task) = pager_output(&kept, pager_config("k"));
         let memory = kept.pager("pager", &pager_config("k"));
         let open = |key: &str| memory.incidents().get(key).map(|open| open.severity);
         suppressed(|| {
@@ -842,17 +832,7 @@ mod tests {
             dedup_key: Some(template::Template::parse("{host}").unwrap()),
             ..pager_config("k")
         };
-        let spec = OutputSpec {
-            name: "pager".into(),
-            kind: OutputKind::Pager(config.clone()),
-        };
-        let (queue, _task) = start(&spec, &kept, CancellationToken::new());
-        let page = |service: &str, state: &str| Event {
-            host: Some("web1".into()),
-            service: Some(service.into()),
-            state: Some(state.into()),
-            ..Event::default()
-        };
+        let (queue, _task) = pager_output(&kept, config.clone());
         let memory = kept.pager("pager", &config);
         suppressed(|| {
             queue.push(page("cpu", "critical"));
@@ -862,6 +842,25 @@ mod tests {
         assert!(memory.incidents().get("web1").is_some(), "disk still fails");
         suppressed(|| queue.push(page("disk", "ok")));
         assert!(!memory.has_open());
+    }
+
+    /// A pager output named `pager` paging as `config` says, started.
+    fn pager_output(kept: &Kept, config: pager::Config) -> (Arc<Queue>, JoinHandle<()>) {
+        let spec = OutputSpec {
+            name: "pager".into(),
+            kind: OutputKind::Pager(config),
+        };
+        start(&spec, kept, CancellationToken::new())
+    }
+
+    /// A page of host `web1`'s `service` in `state`.
+    fn page(service: &str, state: &str) -> Event {
+        Event {
+            host: Some("web1".into()),
+            service: Some(service.into()),
+            state: Some(state.into()),
+            ..Event::default()
+        }
     }
 
     fn accounted(queue: &Queue) -> bool {

@@ -847,3 +847,34 @@ pub async fn metric(http: SocketAddr, name: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// An agent on `tcp` sending `agent`/`0`, `agent`/`1`, … (state `ok`, ten a
+/// message, each acknowledged) until `stop`; the task returns how many it
+/// sent.
+pub fn agent_until(
+    tcp: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    use std::sync::atomic::Ordering;
+    use vigil::clock::{Clock, SystemClock};
+    tokio::spawn(async move {
+        let mut client = vigil::client::Client::connect(tcp)
+            .await
+            .expect("tcp connects");
+        let mut sent = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let batch: Vec<vigil::event::Event> = (sent..sent + 10)
+                .map(|n| vigil::event::Event {
+                    host: Some("agent".into()),
+                    service: Some(n.to_string()),
+                    state: Some("ok".into()),
+                    time: SystemClock.now(),
+                    ..Default::default()
+                })
+                .collect();
+            client.send(&batch).await.expect("events acknowledged");
+            sent += 10;
+        }
+        sent
+    })
+}
