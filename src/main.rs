@@ -252,8 +252,9 @@ struct RunArgs {
     /// Bearer token every HTTP endpoint but /health requires (WebSocket clients may pass ?token=).
     #[arg(long, env = "VIGIL_HTTP_TOKEN", hide_env_values = true, value_parser = parse_token)]
     http_token: Option<String>,
-    /// A reverse proxy (address or network, e.g. 10.0.0.0/8; repeatable) whose X-Forwarded-For
-    /// names the client that live subscriptions are charged to and cut with, over HTTP and gRPC.
+    /// A reverse proxy (an address, or a network of proxies only, e.g. 10.0.9.0/29; repeatable)
+    /// whose X-Forwarded-For names the client that live subscriptions are charged to and cut
+    /// with, over HTTP and gRPC. Every address it covers is believed: name no clients' network.
     #[arg(long, value_name = "IP or CIDR")]
     trusted_proxy: Vec<TrustedProxy>,
     /// How often vigil sends its own metrics through the rules as events (0 disables).
