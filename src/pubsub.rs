@@ -53,10 +53,8 @@
 //!
 //! What the queries cost together is bounded too, and charged to the
 //! clients that subscribed them: while anyone is subscribed, some publishes
-//! are timed (CPU time, see the `ledger` module), all audiences together,
-//! and what each audience's query is charged of that (as much as it takes
-//! timed alone, in turn, is of all of theirs) is summed over a [`WINDOW`],
-//! each subscriber charged its
+//! are timed (CPU time, see the `ledger` module), and what each audience's
+//! query took is summed over a [`WINDOW`], each subscriber charged its
 //! share (the audience's cost over its subscribers) and each client (a
 //! peer address, or the one a trusted proxy forwards: [`Pubsub::client`],
 //! [`crate::forwarded`]) the sum of its subscribers'. When all
@@ -94,7 +92,7 @@ use crate::json;
 use crate::limits::start_of;
 use crate::outputs;
 use crate::query::{Budget, Exceeded, Query};
-use ledger::{Account, Ledger, Sampler, Timer};
+use ledger::{Ledger, Sampler, Timer};
 use queue::{Full, Queue, Queued};
 
 pub use ledger::{SHARE, WINDOW};
@@ -216,8 +214,9 @@ struct Audience {
     /// The query overran its budget and only lossy subscribers (which
     /// filter again) are left: every event is theirs, unevaluated.
     unfiltered: bool,
-    /// What its query took of the publisher in this window, as timed.
-    account: Account,
+    /// What its query took of the publisher in this window, as timed
+    /// (nanoseconds).
+    spent: AtomicU64,
 }
 
 impl Audience {
@@ -742,7 +741,7 @@ impl Pubsub {
                 query,
                 members: vec![subscriber],
                 unfiltered: false,
-                account: Account::default(),
+                spent: AtomicU64::new(0),
             }),
         }
         self.count.fetch_add(1, Ordering::AcqRel);
@@ -824,12 +823,10 @@ impl Pubsub {
         let mut costly = Vec::new();
         let mut shared = None;
         let audiences = self.audiences.read();
-        let mut timer = (self.sampler.due(audiences.len()))
-            .map(|timing| Timer::start(timing, audiences.iter().map(|a| &a.account)));
-        let mut lapping = timer.as_mut().filter(|t| t.laps());
-        for (i, audience) in audiences.iter().enumerate() {
-            if let Some(timer) = &mut lapping {
-                timer.lap(i, &audience.account);
+        let mut timer = self.sampler.due().map(Timer::start);
+        for audience in audiences.iter() {
+            if let Some(timer) = &mut timer {
+                timer.lap(&audience.spent);
             }
             // Over its budget, the query matches for its lossy subscribers
             // (they filter again) and nobody else.
@@ -865,17 +862,14 @@ impl Pubsub {
                 }
             }
         }
-        let timed = timer.and_then(Timer::stop);
-        if let Some(timed) = &timed {
-            let accounts: Vec<&Account> = audiences.iter().map(|a| &a.account).collect();
-            timed.charge(&accounts);
-        }
+        let cost = timer.map(Timer::stop);
+        let laps = u32::try_from(audiences.len()).unwrap_or(u32::MAX);
         drop(audiences);
         for (query, spent) in costly {
             self.too_costly(&query, spent);
         }
-        if let Some(timed) = timed {
-            self.sampler.timed(timed.cost);
+        if let Some(cost) = cost {
+            self.sampler.timed(cost, laps);
             for (payer, percent, all) in self.over_share() {
                 self.cut(payer, percent, all);
             }
@@ -930,7 +924,7 @@ impl Pubsub {
         };
         let mut clients: HashMap<Payer, Duration> = HashMap::new();
         for audience in self.audiences.read().iter() {
-            let spent = audience.account.take();
+            let spent = Duration::from_nanos(audience.spent.swap(0, Ordering::Relaxed));
             let share = spent / audience.members.len().max(1) as u32;
             for sub in &audience.members {
                 *clients.entry(sub.payer).or_default() += share;
