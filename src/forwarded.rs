@@ -98,11 +98,19 @@ impl TrustedProxies {
 }
 
 /// One `X-Forwarded-For` entry: an address, which some proxies write with
-/// its port (`192.0.2.7:41000`, `[2001:db8::7]:41000`).
+/// its port (`192.0.2.7:41000`, `[2001:db8::7]:41000`) or an IPv6 one in
+/// brackets without it (`[2001:db8::7]`, as RFC 7239's `Forwarded` does).
 fn hop_addr(hop: &str) -> Option<IpAddr> {
     let hop = hop.trim();
-    let addr =
-        (hop.parse::<IpAddr>().ok()).or_else(|| Some(hop.parse::<SocketAddr>().ok()?.ip()))?;
+    let bare = |hop: &str| {
+        hop.strip_prefix('[')?
+            .strip_suffix(']')?
+            .parse::<IpAddr>()
+            .ok()
+    };
+    let addr = (hop.parse::<IpAddr>().ok())
+        .or_else(|| Some(hop.parse::<SocketAddr>().ok()?.ip()))
+        .or_else(|| bare(hop))?;
     Some(addr.to_canonical())
 }
 
@@ -173,6 +181,10 @@ mod tests {
         );
         assert_eq!(
             proxies.client(peer, ["192.0.2.7:41000", "[2001:db8::7]:443"]),
+            via("2001:db8::7", "127.0.0.1")
+        );
+        assert_eq!(
+            proxies.client(peer, ["192.0.2.7, [2001:db8::7]"]),
             via("2001:db8::7", "127.0.0.1")
         );
         // All trusted: the request began among the proxies, at the left-most.
