@@ -5,11 +5,15 @@
 //! The cost is the publishing thread's CPU time ([`cpu_time`]), not the wall
 //! clock: a thread descheduled mid-evaluation on a busy machine would
 //! otherwise charge a cheap query milliseconds it never took. Reading that
-//! clock is a system call (some 0.3 µs), so only some publishes are timed
-//! ([`Sampler`]), each standing for the publishes since the one timed before
-//! it: a publish whose queries took long is followed soon by the next timed
-//! one, a cheap one only after up to [`MAX_EVERY`] publishes, so timing costs
-//! the publisher well under a percent of what it times.
+//! clock is a system call (some 0.3 µs), more than a cheap query's whole
+//! evaluation, so each audience's turn is timed on the wall clock (some
+//! 20 ns a read), and the CPU clock is read only every [`SEGMENT`] of them
+//! to take the time the thread was away off the turn it fell in ([`Timer`]).
+//! Only some publishes are timed ([`Sampler`]), each standing for the
+//! publishes since the one timed before it: a publish whose queries took
+//! long is followed soon by the next timed one, a cheap one only after up to
+//! [`MAX_EVERY`] publishes, so timing costs the publisher well under a
+//! percent of what it times.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -36,10 +40,18 @@ pub const MAX_EVERY: u64 = 1024;
 const TIMED_EVERY: Duration = Duration::from_micros(500);
 
 /// The evaluation time between two timed publishes per audience timed: a
-/// timed publish reads the clock once per audience (some 0.3 µs each), so
-/// with hundreds of audiences it is timed less often, the clock kept to a
-/// few percent of what it times.
+/// timed publish reads the clock once per audience, so with hundreds of
+/// audiences it is timed less often, the clock kept to a small part of what
+/// it times.
 const TIMED_EVERY_LAP: Duration = Duration::from_micros(50);
+
+/// The wall-clock time after which a timed publish reads the CPU clock
+/// again, at the end of the audience's turn then: the time away from the
+/// core since the last read fell in one turn of that stretch (a time away
+/// is far longer than this, so it ends the stretch), which is the longest
+/// of them. Reading it costs some 0.3 µs: once in this long keeps it to
+/// about 1 % of a timed publish.
+const SEGMENT: Duration = Duration::from_micros(20);
 
 /// The calling thread's CPU time: what it ran, not how long it waited to.
 #[cfg(target_os = "linux")]
@@ -56,16 +68,24 @@ pub fn cpu_time() -> Duration {
     EPOCH.get_or_init(Instant::now).elapsed()
 }
 
-/// What one read of [`cpu_time`] takes: the least of a few back to back,
-/// measured once (one alone may be slowed by a cold cache or an interrupt,
-/// and would then take a cheap query's cost away with it).
-fn read_cost() -> Duration {
-    static READ: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *READ.get_or_init(|| {
-        (0..64)
+/// What timing one turn takes, the wall clock's read and the timer's own
+/// work, as [`Timer::lap`] runs it: the least of a few rounds of turns
+/// timed back to back, measured once (a round alone may be slowed by a cold
+/// cache or an interrupt). Untimed publishes do not pay it: charged, it
+/// would be most of what a cheap query is (a few comparisons take some
+/// 50 ns), and twenty such audiences were charged 1.5 times what they took.
+fn lap_cost() -> Duration {
+    static LAP: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *LAP.get_or_init(|| {
+        let idle = AtomicU64::new(0);
+        (0..8)
             .map(|_| {
-                let before = cpu_time();
-                cpu_time().saturating_sub(before)
+                let mut timer = Timer::taking_off(0, Duration::ZERO);
+                let began = Instant::now();
+                for _ in 0..16 {
+                    timer.lap(&idle);
+                }
+                began.elapsed() / 16
             })
             .min()
             .unwrap_or_default()
@@ -118,56 +138,98 @@ impl Sampler {
     }
 }
 
-/// Times the audiences of one publish, in turn: what passes between one
-/// lap and the next, less a read of the clock, is charged to the audience
-/// of the first, weighed by the publishes it stands for.
+/// Times the audiences of one publish, in turn: what passes on the wall
+/// clock between one lap and the next, less what timing it takes, is charged to
+/// the audience of the first, weighed by the publishes it stands for. Each
+/// [`SEGMENT`] of laps is checked against the CPU clock: the time the
+/// thread was away from its core meanwhile is taken off the longest turn
+/// (the one it fell in), not charged to a cheap bystander's query nor to a
+/// dear one's.
 pub struct Timer<'a> {
     weight: u64,
-    at: Duration,
-    /// What reading the clock takes ([`read_cost`]): the publishes not
-    /// timed do not, and with hundreds of cheap audiences it would
-    /// otherwise be most of what each is charged.
-    read: Duration,
-    /// Whose turn it is, and its cost so far in the window (nanoseconds).
+    /// What timing a turn takes ([`lap_cost`]), taken off each.
+    lap_cost: Duration,
+    /// Whose turn it is, since when.
     current: Option<&'a AtomicU64>,
-    /// The publish's cost so far.
+    at: Instant,
+    /// The turns of the segment so far, and when it began on both clocks.
+    laps: Vec<(&'a AtomicU64, Duration)>,
+    segment: (Instant, Duration),
+    /// The CPU time of the segments settled.
     cost: Duration,
 }
 
 impl<'a> Timer<'a> {
     /// A timer for a publish standing for `weight` publishes.
     pub fn start(weight: u64) -> Timer<'a> {
+        Timer::taking_off(weight, lap_cost())
+    }
+
+    fn taking_off(weight: u64, lap_cost: Duration) -> Timer<'a> {
+        let cpu = cpu_time();
+        let now = Instant::now();
         Timer {
             weight,
-            at: cpu_time(),
-            read: read_cost(),
+            lap_cost,
             current: None,
+            at: now,
+            laps: Vec::new(),
+            segment: (now, cpu),
             cost: Duration::ZERO,
         }
     }
 
     /// The turn of the audience whose cost is `spent`.
     pub fn lap(&mut self, spent: &'a AtomicU64) {
-        self.charge();
+        let mut now = Instant::now();
+        self.end_turn(now);
+        if now.saturating_duration_since(self.segment.0) >= SEGMENT {
+            now = self.settle(now);
+        }
         self.current = Some(spent);
+        self.at = now;
     }
 
-    /// The publish's cost, the last turn charged.
+    /// The publish's CPU time, every turn charged.
     pub fn stop(mut self) -> Duration {
-        self.charge();
+        let now = Instant::now();
+        self.end_turn(now);
+        self.settle(now);
         self.cost
     }
 
-    fn charge(&mut self) {
-        let now = cpu_time();
-        let took = now.saturating_sub(self.at);
-        self.at = now;
-        self.cost += took;
-        if let Some(spent) = self.current {
-            let took = took.saturating_sub(self.read);
+    fn end_turn(&mut self, now: Instant) {
+        if let Some(spent) = self.current.take() {
+            let took = now.saturating_duration_since(self.at);
+            self.laps.push((spent, took.saturating_sub(self.lap_cost)));
+        }
+    }
+
+    /// Charges the segment's turns, which ended at `now`; the time the next
+    /// one begins (after the CPU clock's read, which no turn took).
+    fn settle(&mut self, now: Instant) -> Instant {
+        let cpu = cpu_time();
+        let (began, cpu_began) = self.segment;
+        let away = now
+            .saturating_duration_since(began)
+            .saturating_sub(cpu.saturating_sub(cpu_began));
+        off_the_longest(&mut self.laps, away);
+        for (spent, took) in self.laps.drain(..) {
             let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
             spent.fetch_add(nanos.saturating_mul(self.weight), Ordering::Relaxed);
         }
+        self.cost += cpu.saturating_sub(cpu_began);
+        let next = Instant::now();
+        self.segment = (next, cpu);
+        next
+    }
+}
+
+/// Takes `away` (the time the thread was off its core during these turns)
+/// off the longest turn, the one it fell in.
+fn off_the_longest<T>(laps: &mut [(T, Duration)], away: Duration) {
+    if let Some((_, longest)) = laps.iter_mut().max_by_key(|(_, took)| *took) {
+        *longest = longest.saturating_sub(away);
     }
 }
 
@@ -328,6 +390,38 @@ mod tests {
         assert!(first > 0, "worked");
         assert!(first + second <= cost.as_nanos() as u64 * 1000);
         assert!(first >= cost.as_nanos() as u64 * 1000 / 2, "most of it");
+    }
+
+    #[test]
+    fn time_off_the_core_is_charged_to_no_turn() {
+        let (asleep, cheap, after) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+        let mut timer = Timer::start(1);
+        timer.lap(&cheap);
+        timer.lap(&asleep);
+        // Off the core as a thread descheduled mid-evaluation is.
+        std::thread::sleep(Duration::from_millis(20));
+        timer.lap(&after);
+        let cost = timer.stop();
+        let charged = |turn: &AtomicU64| Duration::from_nanos(turn.load(Ordering::Relaxed));
+        assert!(cost < Duration::from_millis(10), "{cost:?}");
+        for turn in [&asleep, &cheap, &after] {
+            assert!(
+                charged(turn) < Duration::from_millis(10),
+                "{:?}",
+                charged(turn)
+            );
+        }
+    }
+
+    #[test]
+    fn the_time_away_comes_off_the_turn_it_fell_in() {
+        let us = Duration::from_micros;
+        let mut laps = [("cheap", us(1)), ("away", us(4_003)), ("next", us(2))];
+        off_the_longest(&mut laps, us(4_000));
+        assert_eq!(laps, [("cheap", us(1)), ("away", us(3)), ("next", us(2))]);
+        // More than any turn took (the clocks' reads): none below nothing.
+        off_the_longest(&mut laps, us(9));
+        assert_eq!(laps, [("cheap", us(1)), ("away", us(0)), ("next", us(2))]);
     }
 
     fn work() {
