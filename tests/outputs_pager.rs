@@ -512,6 +512,96 @@ async fn an_incident_shared_by_series_resolves_when_the_last_of_them_clears() {
     assert_eq!((out.delivered(), out.skipped()), (2, 3));
 }
 
+/// One incident per host (`dedup_key: "{host}"`) whose series fail at
+/// different severities: `disk warning` re-triggered it at warning while
+/// `cpu` was still critical, and PagerDuty (which takes a trigger for an open
+/// incident as its update) showed on-call a warning. Its severity is the
+/// highest of its failing series': a lower one joins without a page, a
+/// higher one escalates it; the `ok` of the series that set it sends
+/// nothing (it tells nothing of the others' severity), and the next trigger
+/// at the severity still failing brings the receiver's down to it.
+#[tokio::test]
+async fn a_shared_incident_pages_at_the_highest_severity_of_its_failing_series() {
+    let rx = Receiver::start().await;
+    let mut config = pager_config(&rx.url);
+    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let out = Running::pager(config);
+    for (service, state) in [
+        ("cpu", "critical"),
+        ("disk /", "warning"),
+        ("disk /", "critical"),
+        ("load", "warning"),
+        ("cpu", "ok"),
+        ("disk /", "ok"),
+        ("load", "warning"),
+        ("load", "ok"),
+    ] {
+        out.queue.push(event(service, state));
+    }
+    out.settled().await;
+    let pages: Vec<String> = (rx.seen().iter())
+        .map(|seen| {
+            let page = seen.json();
+            let payload = &page["payload"];
+            format!(
+                "{} {}",
+                page["event_action"].as_str().unwrap(),
+                payload["summary"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pages,
+        [
+            "trigger web1 cpu is critical (0.97)",
+            "trigger web1 load is warning (0.97)",
+            "resolve "
+        ]
+    );
+    let severities: Vec<_> = (rx.seen().iter())
+        .map(|seen| seen.json()["payload"]["severity"].clone())
+        .collect();
+    assert_eq!(
+        severities,
+        [json!("critical"), json!("warning"), Value::Null]
+    );
+}
+
+/// One incident per host: the resolve sent when its last series cleared was
+/// refused for good (a 4xx), so the receiver still has it open. The output
+/// forgot which series had triggered it, and took the `ok` of a series that
+/// never had for its resolve. It remembers the series whose `ok` was
+/// refused: the next `ok` of that series resolves it, no other's does.
+#[tokio::test]
+async fn a_refused_resolve_leaves_the_incident_to_the_series_that_triggered_it() {
+    let rx = Receiver::start().await;
+    let mut config = pager_config(&rx.url);
+    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let out = Running::pager(config);
+    rx.reply_next([
+        accepted(),
+        Reply(400, vec![], r#"{"status":"invalid event"}"#),
+    ]);
+    out.queue.push(event("cpu", "critical"));
+    out.queue.push(event("cpu", "ok"));
+    out.settled().await;
+    assert_eq!(actions(&rx), ["trigger web1", "resolve web1"]);
+    assert_eq!(out.dropped(), 1, "the resolve, refused");
+    out.queue.push(event("disk /", "ok"));
+    out.settled().await;
+    assert_eq!(
+        actions(&rx),
+        ["trigger web1", "resolve web1"],
+        "disk never triggered it"
+    );
+    out.queue.push(event("cpu", "ok"));
+    out.settled().await;
+    assert_eq!(
+        actions(&rx),
+        ["trigger web1", "resolve web1", "resolve web1"]
+    );
+}
+
 /// A reload changed `dedup_key` from the derived `host/service` to
 /// `{host}` while `web1/cpu` was open, and another series then opened
 /// `web1`: cpu's `ok` was taken for `web1`'s, which cpu never triggered, and
@@ -579,6 +669,28 @@ async fn vigil_test_pages_what_the_output_sends() {
             ("cpu", "ok"),
             ("cpu", "critical"),
             ("disk", "unknown"),
+            ("cpu", "ok"),
+        ],
+        vec![
+            ("cpu", "critical"),
+            ("disk", "warning"),
+            ("disk", "critical"),
+            ("load", "warning"),
+            ("cpu", "ok"),
+            ("disk", "ok"),
+            ("load", "warning"),
+            ("load", "ok"),
+        ],
+        vec![
+            ("cpu", "warning"),
+            ("disk", "expired"),
+            ("load", "critical"),
+            ("cpu", "warning"),
+            ("load", "ok"),
+            ("disk", "expired"),
+            ("cpu", "critical"),
+            ("disk", "ok"),
+            ("cpu", "warning"),
             ("cpu", "ok"),
         ],
     ]

@@ -1,6 +1,7 @@
 //! The incidents a pager output (PagerDuty or a paging webhook) triggered and
-//! has not resolved: what lets it re-send a trigger only after its resend
-//! interval and send a resolve only for an incident it opened.
+//! has not resolved ([`super::hygiene`]'s table): what lets it re-send a
+//! trigger only after its resend interval and send a resolve only for an
+//! incident it opened.
 //!
 //! They outlive the output's task. A reload that redeclares the output hands
 //! the new task the same [`Memory`] (see [`super::Kept`]), or an empty one
@@ -27,7 +28,7 @@
 //! those of a receiver a reload replaced: a later run paging that receiver
 //! again resolves them.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +41,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::holds::Origin;
+use super::hygiene::Incidents;
 use super::pager::{self, Severity, fnv1a};
 use super::template::Template;
 use crate::blocking::off_workers;
@@ -71,143 +73,6 @@ const DEDUP_KEYS: usize = 4;
 /// queue undelivered.
 const MAX_UNSENT: usize = 10_000;
 const MAX_UNSENT_BYTES: usize = 8 * 1024 * 1024;
-
-/// The incidents open at the receiver by dedup key; bounded, forgetting the
-/// least recently triggered first, in number and in the series they hold
-/// together (`max` each: as many as `max` incidents of one series each).
-pub(super) struct Incidents {
-    max: usize,
-    open: HashMap<String, Open>,
-    /// The series all of `open` hold.
-    series: usize,
-    /// Keys by the sequence number of their last trigger: oldest first.
-    order: BTreeMap<u64, String>,
-    next: u64,
-}
-
-/// An incident's last trigger.
-pub(super) struct Open {
-    pub(super) sent: Instant,
-    pub(super) severity: Severity,
-    /// Its key in `Incidents::order`.
-    seq: u64,
-    /// The series (their derived keys' [`fnv1a`]) whose triggers it got and
-    /// that have not cleared since; empty when unknown (a file written
-    /// before). Under a later `dedup_key` template only they take it up
-    /// ([`Open::of`]): another series the earlier one merged into it is an
-    /// incident of its own. It is over once they have all cleared
-    /// ([`Incidents::cleared`]). Not bounded per incident: one forgotten
-    /// would let the others' `ok` resolve what it still pages for (an
-    /// incident per service across a fleet holds a series per host).
-    series: HashSet<u64>,
-}
-
-impl Open {
-    /// Whether `series` (its derived key's [`fnv1a`]) may take this incident
-    /// up: it triggered it, or nobody knows who did.
-    pub(super) fn of(&self, series: u64) -> bool {
-        self.series.is_empty() || self.series.contains(&series)
-    }
-}
-
-impl Incidents {
-    pub(super) fn new(max: usize) -> Incidents {
-        Incidents {
-            max,
-            open: HashMap::new(),
-            series: 0,
-            order: BTreeMap::new(),
-            next: 0,
-        }
-    }
-
-    pub(super) fn get(&self, key: &str) -> Option<&Open> {
-        self.open.get(key)
-    }
-
-    /// `series` (its derived key's [`fnv1a`]) triggered the incident open
-    /// under `key`, if one is. Beyond `max` series together, the least
-    /// recently triggered other incidents are forgotten, as beyond `max`
-    /// incidents.
-    pub(super) fn joined(&mut self, key: &str, series: u64) {
-        let Some(open) = self.open.get_mut(key) else {
-            return;
-        };
-        if !open.series.insert(series) {
-            return;
-        }
-        self.series += 1;
-        let seq = open.seq;
-        while self.series > self.max {
-            let Some(oldest) = (self.order.iter())
-                .find(|(at, _)| **at != seq)
-                .map(|(_, key)| key.clone())
-            else {
-                break;
-            };
-            self.resolved(&oldest);
-        }
-    }
-
-    /// `series` (its derived key's [`fnv1a`]) cleared: whether the incident
-    /// open under `key` is over, none of the series that triggered it left
-    /// (or nobody knows which did). Several series share it under a
-    /// `dedup_key` such as `{host}`: the `ok` of one must not resolve it
-    /// while another is still failing, which would not page again while its
-    /// state stays. A series that never triggered it clears nothing of it.
-    pub(super) fn cleared(&mut self, key: &str, series: u64) -> bool {
-        let Some(open) = self.open.get_mut(key) else {
-            return true;
-        };
-        if open.series.remove(&series) {
-            self.series -= 1;
-        }
-        open.series.is_empty()
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.open.len()
-    }
-
-    /// The incident open under `key`, (re)triggered at `now`: the series
-    /// that triggered it before stay its own.
-    pub(super) fn triggered(&mut self, key: String, severity: Severity, now: Instant) {
-        let series = self.open.remove(&key).map(|before| {
-            self.order.remove(&before.seq);
-            before.series
-        });
-        if self.open.len() >= self.max
-            && let Some((_, oldest)) = self.order.pop_first()
-            && let Some(forgotten) = self.open.remove(&oldest)
-        {
-            self.series -= forgotten.series.len();
-        }
-        self.order.insert(self.next, key.clone());
-        let open = Open {
-            sent: now,
-            severity,
-            seq: self.next,
-            series: series.unwrap_or_default(),
-        };
-        self.next += 1;
-        self.open.insert(key, open);
-    }
-
-    pub(super) fn resolved(&mut self, key: &str) {
-        if let Some(open) = self.open.remove(key) {
-            self.order.remove(&open.seq);
-            self.series -= open.series.len();
-        }
-    }
-
-    /// Oldest trigger first, each with how long ago it was sent.
-    fn oldest_first(&self, now: Instant) -> impl Iterator<Item = (&str, &Open, Duration)> {
-        self.order.values().map(move |key| {
-            let open = &self.open[key];
-            (key.as_str(), open, now.saturating_duration_since(open.sent))
-        })
-    }
-}
 
 /// The pages a pager took from its queue and has not settled, oldest first,
 /// each with the work that made it: the pager's own queue. It takes pages
@@ -464,9 +329,15 @@ struct SavedIncident {
     severity: Severity,
     /// When the trigger was sent, in seconds since the epoch.
     sent: f64,
-    /// [`Open::series`]; absent from older files.
+    /// The series failing in it (see `hygiene::Open`); absent from older
+    /// files.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     series: Vec<u64>,
+    /// The severity each of `series` fails at, in the same order; absent
+    /// from older files (each then fails at the incident's `severity`), and
+    /// ignored by them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    severities: Vec<Severity>,
 }
 
 /// One output's open incidents, and where they are saved.
@@ -641,8 +512,11 @@ impl Memory {
             let sent = now.checked_sub(age).unwrap_or(now);
             let key = incident.dedup_key;
             incidents.triggered(key.clone(), incident.severity, sent);
-            for series in incident.series {
-                incidents.joined(&key, series);
+            // A file from before severities were saved: the incident's.
+            let severities =
+                (incident.severities.into_iter()).chain(std::iter::repeat(incident.severity));
+            for (series, severity) in incident.series.into_iter().zip(severities) {
+                incidents.joined(&key, series, severity);
             }
         }
         tracing::info!(
@@ -1113,11 +987,15 @@ impl Memory {
             receiver_hash: self.receiver_hash.clone(),
             incidents: incidents
                 .oldest_first(now)
-                .map(|(key, open, age)| SavedIncident {
-                    dedup_key: key.to_owned(),
-                    severity: open.severity,
-                    sent: since_epoch(age),
-                    series: open.series.iter().copied().collect(),
+                .map(|(key, open, age)| {
+                    let (series, severities) = open.series().unzip();
+                    SavedIncident {
+                        dedup_key: key.to_owned(),
+                        severity: open.severity,
+                        sent: since_epoch(age),
+                        series,
+                        severities,
+                    }
                 })
                 .collect(),
             unsent,
@@ -1277,39 +1155,6 @@ fn read(file: &Path) -> Result<Option<Saved>, LoadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn open_incidents_are_bounded_forgetting_the_oldest() {
-        let mut open = Incidents::new(2);
-        let (now, severity) = (Instant::now(), Severity::Critical);
-        open.triggered("a".into(), severity, now);
-        open.triggered("b".into(), severity, now);
-        open.triggered("a".into(), severity, now); // a is now the most recent
-        open.triggered("c".into(), severity, now);
-        assert!(open.get("b").is_none());
-        assert!(open.get("a").is_some() && open.get("c").is_some());
-        open.resolved("a");
-        assert_eq!((open.open.len(), open.order.len()), (1, 1));
-    }
-
-    /// An incident keeps every series failing in it (one forgotten would let
-    /// the others' `ok` resolve it); the series of all incidents together
-    /// are bounded by forgetting the least recently triggered other ones.
-    #[test]
-    fn series_failing_together_are_bounded_forgetting_the_oldest_other_incident() {
-        let mut open = Incidents::new(3);
-        let (now, severity) = (Instant::now(), Severity::Critical);
-        open.triggered("a".into(), severity, now);
-        open.joined("a", 1);
-        open.triggered("b".into(), severity, now);
-        (0..5).for_each(|series| open.joined("b", 10 + series));
-        assert!(open.get("a").is_none(), "a went for b's series");
-        assert_eq!(open.series, 5);
-        assert!((1..5).all(|series| !open.cleared("b", 10 + series)));
-        assert!(open.cleared("b", 10), "the first of b's series too");
-        open.resolved("b");
-        assert_eq!((open.open.len(), open.series), (0, 0));
-    }
 
     #[test]
     fn pages_are_written_down_within_bounds_the_first_ones() {
@@ -1653,8 +1498,10 @@ mod tests {
         );
     }
 
-    /// Which series triggered an incident is saved with it: a restart
-    /// that made the `dedup_key` finer still tells them from the others.
+    /// Which series triggered an incident is saved with it, each with the
+    /// severity it fails at: a restart that made the `dedup_key` finer
+    /// still tells them from the others, and a lower one's next trigger
+    /// still does not page.
     #[tokio::test]
     async fn the_series_that_triggered_an_incident_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -1663,7 +1510,7 @@ mod tests {
         {
             let mut incidents = memory.incidents();
             incidents.triggered("web1".into(), Severity::Critical, Instant::now());
-            incidents.joined("web1", 7);
+            incidents.joined("web1", 7, Severity::Warning);
             incidents.triggered("web1".into(), Severity::Critical, Instant::now());
         }
         assert!(memory.save().await);
@@ -1671,6 +1518,8 @@ mod tests {
         let incidents = restarted.incidents();
         let open = incidents.get("web1").unwrap();
         assert!(open.of(7) && !open.of(8));
+        assert_eq!(open.severity, Severity::Critical);
+        assert_eq!(open.series().collect::<Vec<_>>(), [(7, Severity::Warning)]);
     }
 
     /// A file that cannot be read holds what an operator must resolve by

@@ -26,6 +26,7 @@ pub mod forward;
 pub mod graphite;
 pub mod holds;
 pub mod http;
+mod hygiene;
 pub mod incidents;
 pub mod pager;
 pub mod pagerduty;
@@ -842,6 +843,34 @@ mod tests {
         assert!(memory.incidents().get("web1").is_some(), "disk still fails");
         suppressed(|| queue.push(page("disk", "ok")));
         assert!(!memory.has_open());
+    }
+
+    /// A replayed trigger was sent by the previous owner when it was made
+    /// (its time), not when it is replayed; a repeat the previous owner
+    /// suppressed (within the resend interval) did not re-send it. Counted
+    /// from the replay, the new owner's next trigger was suppressed up to an
+    /// interval too long.
+    #[tokio::test]
+    async fn a_replayed_trigger_counts_from_when_the_previous_owner_sent_it() {
+        use crate::clock::{Clock, MICROS_PER_SEC, SystemClock};
+        let kept = Kept::default();
+        let (queue, _task) = pager_output(&kept, pager_config("k"));
+        let memory = kept.pager("pager", &pager_config("k"));
+        let minutes_ago = |minutes: i64| Event {
+            time: SystemClock.now() - minutes * 60 * MICROS_PER_SEC,
+            ..page("cpu", "critical")
+        };
+        let minutes_since_sent = || {
+            let sent = memory.incidents().get("web1/cpu").unwrap().sent;
+            tokio::time::Instant::now().duration_since(sent).as_secs() / 60
+        };
+        suppressed(|| {
+            queue.push(minutes_ago(120));
+            queue.push(minutes_ago(90));
+        });
+        assert_eq!(minutes_since_sent(), 120, "the 90 min repeat was not sent");
+        suppressed(|| queue.push(minutes_ago(30)));
+        assert_eq!(minutes_since_sent(), 30, "re-sent after the interval");
     }
 
     /// A pager output named `pager` paging as `config` says, started.

@@ -11,16 +11,19 @@
 //! share a key; a host without either keeps the key it had before the
 //! escaping (and its open incidents across that upgrade).
 //!
-//! Paging hygiene, from the incidents this output triggered and has not
-//! resolved (kept across reloads and, with a data directory, restarts: see
+//! Paging hygiene ([`super::hygiene`], which `vigil test`'s [`Pages`] runs
+//! too), from the incidents this output triggered and has not resolved
+//! (kept across reloads and, with a data directory, restarts: see
 //! [`super::incidents`]):
 //! - a trigger for an open incident is re-sent at most every
-//!   `resend_interval`, unless its severity changed; a suppressed one counts
-//!   as skipped (the receiver already has it);
+//!   `resend_interval`, unless its severity changed; one below the highest
+//!   severity failing in an incident several series share is not sent; a
+//!   suppressed one counts as skipped (the receiver already has it);
 //! - a resolve is sent only for an incident vigil triggered, once every
 //!   series that triggered it has cleared (several share one under a
 //!   `dedup_key` such as `{host}`); a suppressed one counts as skipped too,
-//!   as nothing needed sending.
+//!   as nothing needed sending. One the receiver refuses leaves the
+//!   incident open, to the `ok` of the series that sent it.
 //!
 //! An incident opened under the `dedup_key` of an earlier declaration (a
 //! reload or a restart changed the template) keeps its key until it
@@ -37,7 +40,7 @@
 //! once the shard is another node's, it is skipped here before its next
 //! attempt.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,11 +54,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::holds::{Holds, Origin};
 use super::http::{self, Outcome, Payload, Poster, RetryPolicy};
+use super::hygiene::Incidents;
 use super::incidents::{Generation, Memory};
 use super::template::Template;
 use super::{Delivery, Tally};
 use super::{pagerduty, webhook};
-use crate::clock::Micros;
+use crate::clock::{Clock, Micros, SystemClock};
 use crate::event::Event;
 use crate::limits::start_of;
 
@@ -115,15 +119,25 @@ pub(super) enum Action {
     Resolve,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// PagerDuty's severities vigil sends, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(super) enum Severity {
-    Critical,
-    Error,
     Warning,
+    Error,
+    Critical,
 }
 
 impl Severity {
+    pub(super) const COUNT: usize = 3;
+    pub(super) const ALL: [Severity; Severity::COUNT] =
+        [Severity::Warning, Severity::Error, Severity::Critical];
+
+    /// Its place in [`Severity::ALL`].
+    pub(super) fn rank(self) -> usize {
+        self as usize
+    }
+
     pub(super) fn as_str(self) -> &'static str {
         match self {
             Severity::Critical => "critical",
@@ -565,8 +579,10 @@ impl Pager {
             return;
         };
         let key = open_key(&self.config, &self.memory, event);
-        let now = Instant::now();
-        if self.suppressed(action, &key, series_hash(event), now) {
+        let (series, now) = (series_hash(event), Instant::now());
+        let resend = self.config.resend_interval;
+        let needed = (self.memory.incidents()).needs_sending(&key, series, action, now, resend);
+        if !needed {
             tracing::debug!(output = %delivery.name, dedup_key = %key, ?action, "Page suppressed.");
             delivery.skipped(1);
             return;
@@ -601,14 +617,7 @@ impl Pager {
         if outcome != Outcome::Delivered {
             return;
         }
-        let mut open = self.memory.incidents();
-        match action {
-            Action::Trigger(severity) => {
-                open.triggered(key.clone(), severity, now);
-                open.joined(&key, series_hash(event));
-            }
-            Action::Resolve => open.resolved(&key),
-        }
+        self.memory.incidents().sent(key, series, action, now);
     }
 
     fn body(&self, action: Action, key: &str, event: &Event) -> Value {
@@ -620,26 +629,6 @@ impl Pager {
                 pagerduty::resolve(routing_key, key)
             }
             (Api::Webhook { .. }, action) => webhook::page(action, key, event),
-        }
-    }
-
-    /// Hygiene: no re-trigger within the resend interval (unless the
-    /// severity changed: an escalation is news), no resolve for an incident
-    /// this output did not trigger, nor while another series that triggered
-    /// it is still failing. The page's `series` joins or leaves the open
-    /// incident either way.
-    fn suppressed(&self, action: Action, key: &str, series: u64, now: Instant) -> bool {
-        let mut incidents = self.memory.incidents();
-        let Some(open) = incidents.get(key) else {
-            return needless(action, None, self.config.resend_interval);
-        };
-        match action {
-            Action::Trigger(_) => {
-                let open = Some((open.severity, now.duration_since(open.sent)));
-                incidents.joined(key, series);
-                needless(action, open, self.config.resend_interval)
-            }
-            Action::Resolve => !incidents.cleared(key, series),
         }
     }
 }
@@ -696,33 +685,20 @@ pub(super) fn handed<T: Copy>(
     (handed, superseded)
 }
 
-/// Whether a page need not be sent, given the incident open under its key
-/// (its severity, and how long ago it was triggered): a trigger of the
-/// severity already open, within the resend interval; a resolve of an
-/// incident this output did not open.
-fn needless(action: Action, open: Option<(Severity, Duration)>, resend: Duration) -> bool {
-    match (action, open) {
-        (Action::Trigger(severity), Some((open, age))) => open == severity && age < resend,
-        (Action::Trigger(_), None) => false,
-        (Action::Resolve, open) => open.is_none(),
-    }
-}
-
 /// The pages a pager output would send for the events it is given, on the
 /// caller's clock: what `vigil test` records for a pager output, so that
 /// `expect pager {…}` sees pages, not events.
 pub struct Pages {
     config: Config,
-    /// Open incidents by dedup key: severity, when triggered, and the
-    /// series that triggered them and have not cleared since.
-    open: HashMap<String, (Severity, Micros, HashSet<u64>)>,
+    /// The incidents it opened, on the caller's clock.
+    open: Incidents<Micros>,
 }
 
 impl Pages {
     pub fn new(config: Config) -> Pages {
         Pages {
             config,
-            open: HashMap::new(),
+            open: Incidents::new(MAX_OPEN),
         }
     }
 
@@ -732,38 +708,17 @@ impl Pages {
         let Some(action) = action(event.state.as_deref()) else {
             return false;
         };
-        let key = dedup_key(&self.config, event);
-        let series = series_hash(event);
-        let Some((severity, at, failing)) = self.open.get_mut(&key) else {
-            let Action::Trigger(severity) = action else {
-                return false;
-            };
-            self.open
-                .insert(key, (severity, now, HashSet::from([series])));
-            return true;
-        };
-        match action {
-            Action::Trigger(new) => {
-                failing.insert(series);
-                let age = Duration::from_micros(u64::try_from(now - *at).unwrap_or(0));
-                if needless(action, Some((*severity, age)), self.config.resend_interval) {
-                    return false;
-                }
-                (*severity, *at) = (new, now);
-            }
-            Action::Resolve => {
-                failing.remove(&series);
-                if !failing.is_empty() {
-                    return false;
-                }
-                self.open.remove(&key);
-            }
+        let (key, series) = (dedup_key(&self.config, event), series_hash(event));
+        let resend = self.config.resend_interval;
+        let needed = (self.open).needs_sending(&key, series, action, now, resend);
+        if needed {
+            self.open.sent(key, series, action, now);
         }
-        true
+        needed
     }
 }
 
-/// The series of `event`, for [`super::incidents::Open::of`]: its derived key's hash.
+/// The series of `event`, for [`Open::of`](super::hygiene::Open::of): its derived key's hash.
 fn series_hash(event: &Event) -> u64 {
     fnv1a(derived_key(event.host_str(), event.service_str()).as_bytes())
 }
@@ -838,25 +793,29 @@ impl Replayed {
         Replayed { config, memory }
     }
 
-    /// Called on the rules' thread, in the order the pages were made.
+    /// Called on the rules' thread, in the order the pages were made. The
+    /// previous owner's hygiene decided which of them it sent, and when: as
+    /// the page was made (its time), for no clock saw it sent.
     pub fn remember(&self, event: &Event) {
         let Some(action) = action(event.state.as_deref()) else {
             return;
         };
         let key = open_key(&self.config, &self.memory, event);
+        let (series, made) = (series_hash(event), made_at(event.time));
+        let resend = self.config.resend_interval;
         let mut open = self.memory.incidents();
-        match action {
-            Action::Trigger(severity) => {
-                open.triggered(key.clone(), severity, Instant::now());
-                open.joined(&key, series_hash(event));
-            }
-            Action::Resolve => {
-                if open.cleared(&key, series_hash(event)) {
-                    open.resolved(&key);
-                }
-            }
+        if open.needs_sending(&key, series, action, made, resend) {
+            open.sent(key, series, action, made);
         }
     }
+}
+
+/// When on this process's clock a page made at `time` (the event's) was
+/// sent: as long ago as `time` is; now if it is to come.
+fn made_at(time: Micros) -> Instant {
+    let now = Instant::now();
+    let ago = u64::try_from(SystemClock.now().saturating_sub(time)).unwrap_or(0);
+    now.checked_sub(Duration::from_micros(ago)).unwrap_or(now)
 }
 
 /// `web1 disk / is critical (0.97)`; without a metric, no parentheses.
