@@ -793,9 +793,10 @@ impl Replayed {
         Replayed { config, memory }
     }
 
-    /// Called on the rules' thread, in the order the pages were made. The
-    /// previous owner's hygiene decided which of them it sent, and when: as
-    /// the page was made (its time), for no clock saw it sent.
+    /// Called on the rules' thread, in the order the pages were made. Each
+    /// goes through the output's hygiene, as the previous owner's did (a
+    /// repeat it suppressed was not sent), at the time its event was made:
+    /// when the previous owner sent it, not when it is replayed.
     pub fn remember(&self, event: &Event) {
         let Some(action) = action(event.state.as_deref()) else {
             return;
