@@ -82,6 +82,45 @@ impl Sender {
     pub fn max_events(&self) -> usize {
         self.tx.max_capacity()
     }
+
+    /// How full the queue is: its events against their bound or its bytes
+    /// against theirs, whichever is fuller.
+    pub fn fill(&self) -> Fill {
+        let events = Fill {
+            used: self.queued() as u64,
+            bound: self.max_events() as u64,
+        };
+        let bytes = Fill {
+            used: self.bytes.load(Ordering::Acquire) as u64,
+            bound: self.max_bytes as u64,
+        };
+        events.fuller(bytes)
+    }
+}
+
+/// What a bounded queue holds against its bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fill {
+    pub used: u64,
+    pub bound: u64,
+}
+
+impl Fill {
+    /// Whether more than `numerator / denominator` of the bound is used.
+    pub fn over(self, numerator: u64, denominator: u64) -> bool {
+        u128::from(self.used) * u128::from(denominator)
+            > u128::from(self.bound) * u128::from(numerator)
+    }
+
+    /// Whichever of the two is the larger share of its bound.
+    pub fn fuller(self, other: Fill) -> Fill {
+        let share = |f: Fill, of: Fill| u128::from(f.used) * u128::from(of.bound);
+        if share(other, self) > share(self, other) {
+            other
+        } else {
+            self
+        }
+    }
 }
 
 pub struct Receiver {

@@ -16,6 +16,7 @@ use crate::blocking::off_workers;
 use crate::clock::{MICROS_PER_SEC, Micros, SharedClock};
 use crate::cluster::{Cluster, ClusterStatus};
 use crate::event::{Event, Metric};
+use crate::event_queue::Fill;
 use crate::index::Index;
 use crate::pubsub::Pubsub;
 use crate::rules::engine::Rules;
@@ -182,6 +183,8 @@ pub struct OutputSample {
     pub queued: u64,
     pub in_flight: u64,
     pub retries: u64,
+    /// How full its queue is: the state of its `queued` series.
+    pub fill: Fill,
 }
 
 /// Every counter and gauge, read once.
@@ -263,6 +266,7 @@ impl Telemetry {
                     queued: c.queued,
                     in_flight: c.get(|s| &s.in_flight),
                     retries: c.get(|s| &s.retries),
+                    fill: c.fill,
                     name: c.name,
                 })
                 .collect(),
@@ -307,6 +311,18 @@ impl OutputSample {
             self.in_flight,
             self.retries,
         ]
+    }
+}
+
+/// The state of a queue's series, at Riemann's thresholds for its executor
+/// queues: an output falling behind shows before its queue drops events.
+fn queue_state(fill: Fill) -> &'static str {
+    if fill.over(3, 4) {
+        "critical"
+    } else if fill.over(1, 2) {
+        "warning"
+    } else {
+        "ok"
     }
 }
 
@@ -422,6 +438,16 @@ impl Emitter {
                 ),
             ]);
         }
+        for o in &sample.outputs {
+            for (counter, value) in OUTPUT_COUNTERS.iter().zip(o.counters()) {
+                let service = format!("vigil output {} {counter}", o.name);
+                let state = match *counter {
+                    "queued" => queue_state(o.fill),
+                    _ => "ok",
+                };
+                out.push(self.event(now, service, state, gauge(value)));
+            }
+        }
         let mut emit = |service: String, metric: Metric| {
             out.push(self.event(now, service, "ok", metric));
         };
@@ -431,11 +457,6 @@ impl Emitter {
             "vigil subscriber bytes held".to_owned(),
             gauge(sample.subscriber_bytes),
         );
-        for o in &sample.outputs {
-            for (counter, value) in OUTPUT_COUNTERS.iter().zip(o.counters()) {
-                emit(format!("vigil output {} {counter}", o.name), gauge(value));
-            }
-        }
         // Everything `/metrics` exposes is an event too, for a rule to alert
         // on: the counters as totals since start, named by their words.
         for &(field, value) in &sample.counters {
@@ -644,6 +665,43 @@ mod tests {
         let p99 = metric(&second, "vigil streams latency p99").unwrap();
         assert!(p99 > 0.5 && p99 <= 1.0, "{p99} ms");
         assert_eq!(metric(&second, "vigil cluster members"), None, "no cluster");
+    }
+
+    #[test]
+    fn an_output_queue_is_warning_past_half_full_and_critical_past_three_quarters() {
+        let filled = |used: u64| Sample {
+            outputs: vec![OutputSample {
+                name: "graph".into(),
+                queued: used,
+                fill: Fill { used, bound: 100 },
+                ..OutputSample::default()
+            }],
+            ..Sample::default()
+        };
+        let mut emitter = Emitter::new("n".into(), Duration::from_secs(5), T0, filled(0));
+        let state = |used| {
+            let events = emitter.events(T0, filled(used));
+            let queued = events.iter().find(|e| e.service_str() == "vigil output graph queued");
+            queued.and_then(|e| e.state.clone()).unwrap()
+        };
+        let states: Vec<String> = [0, 50, 51, 75, 76, 100].map(state).into();
+        assert_eq!(states, ["ok", "ok", "warning", "warning", "critical", "critical"]);
+    }
+
+    #[test]
+    fn a_queue_is_as_full_as_the_fuller_of_its_events_and_bytes() {
+        let events = Fill { used: 10, bound: 100 };
+        let bytes = Fill { used: 90, bound: 128 };
+        assert_eq!(events.fuller(bytes), bytes);
+        assert_eq!(bytes.fuller(events), bytes);
+        let (sender, _receiver) = crate::event_queue::queue(4, 1_000_000);
+        sender.try_send(Event::default(), 10, None).unwrap();
+        sender.try_send(Event::default(), 10, None).unwrap();
+        sender.try_send(Event::default(), 10, None).unwrap();
+        assert!(sender.fill().over(1, 2), "{:?}", sender.fill());
+        let (sender, _receiver) = crate::event_queue::queue(100, 1000);
+        sender.try_send(Event::default(), 800, None).unwrap();
+        assert_eq!(sender.fill(), Fill { used: 800, bound: 1000 });
     }
 
     fn outputs(names: &[&str]) -> Sample {

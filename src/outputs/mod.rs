@@ -147,6 +147,11 @@ impl Queue {
     pub fn queued(&self) -> u64 {
         self.tx.queued() as u64
     }
+
+    /// How full the queue is, in events or bytes.
+    pub fn fill(&self) -> event_queue::Fill {
+        self.tx.fill()
+    }
 }
 
 impl OutputSink for Queue {

@@ -61,6 +61,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::outputs::{self, Kept, OutputKind, OutputSink, OutputSpec, OutputStats, Queue};
+use crate::event_queue::Fill;
 use crate::stats::Stats;
 
 use super::engine::{RuleStats, Rules, Tree};
@@ -101,6 +102,8 @@ pub struct OutputCount {
     pub name: String,
     pub stats: Arc<OutputStats>,
     pub queued: u64,
+    /// The fullest of its queues (a removed declaration's may still drain).
+    pub fill: Fill,
 }
 
 impl OutputCount {
@@ -383,11 +386,15 @@ fn counts(queues: Vec<Arc<Queue>>) -> Vec<OutputCount> {
     let mut counts: Vec<OutputCount> = Vec::new();
     for q in queues {
         match counts.iter_mut().find(|c| c.name == q.name) {
-            Some(count) => count.queued += q.queued(),
+            Some(count) => {
+                count.queued += q.queued();
+                count.fill = count.fill.fuller(q.fill());
+            }
             None => counts.push(OutputCount {
                 name: q.name.clone(),
                 stats: q.stats.clone(),
                 queued: q.queued(),
+                fill: q.fill(),
             }),
         }
     }
