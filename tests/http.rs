@@ -148,6 +148,35 @@ async fn websocket_sends_the_snapshot_then_live_matches_and_expiry() {
     assert_eq!(closed.map(|c| c.0), Some(1000));
 }
 
+/// Riemann's `/pubsub/index`: live matches only, no snapshot first; any
+/// other topic is unknown (vigil's rules have no `publish`).
+#[tokio::test(flavor = "multi_thread")]
+async fn pubsub_index_sends_live_matches_without_a_snapshot() {
+    let v = Vigil::start(&[]);
+    send(&v, &[event("ps", "before", 60.0, 1)]).await;
+
+    let query = [("query", r#"host = "ps""#)];
+    let pubsub = url("ws", http_addr(&v), "/pubsub/index", &query);
+    let (mut ws, _) = tokio_tungstenite::connect_async(pubsub.as_str())
+        .await
+        .expect("websocket handshake");
+    // Nothing comes first to say the subscription is in place: the gauge does.
+    scrape_until(http_addr(&v), "one subscriber", |s| {
+        value(s, "vigil_subscribers", None) == Some(1.0)
+    })
+    .await;
+    send(&v, &[event("other", "x", 60.0, 2), event("ps", "live", 60.0, 3)]).await;
+    let first = next_json(&mut ws).await.expect("a live frame");
+    assert_eq!(key(&first), ("ps", "live", "ok"), "no snapshot: {first}");
+    ws.close(None).await.unwrap();
+
+    let other = url("http", http_addr(&v), "/pubsub/metrics", &query);
+    let answer = reqwest::get(other).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+    let body: Value = answer.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("`metrics`"), "{body}");
+}
+
 /// Reads `data:` payloads from a streaming response.
 struct SseReader {
     response: reqwest::Response,

@@ -4,7 +4,8 @@
 //! is indexed or expires; `Accept: text/event-stream` gets the same as SSE
 //! (`data: <json>`), snapshot then live; `coalesce=250ms` makes the live part
 //! the latest event of each series per interval ([`Live::Latest`]), for views
-//! that cannot take every event. In a cluster the snapshot and the
+//! that cannot take every event. `/pubsub/index` (WebSocket) is Riemann's
+//! live-only form: no snapshot. In a cluster the snapshot and the
 //! live updates cover every node (`local=true`: this node's index only, for
 //! plain requests). A plain request's answer holds its room in
 //! `--max-answer-memory` from its scan until hyper has sent it; one that
@@ -30,7 +31,7 @@ use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{ConnectInfo, Query as Params, State};
+use axum::extract::{ConnectInfo, Path, Query as Params, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, Stream, StreamExt, stream};
@@ -63,6 +64,9 @@ pub(super) struct IndexParams {
     /// `coalesce`, read.
     #[serde(skip)]
     every: Option<Duration>,
+    /// Set for `/pubsub/index`: live events only, no snapshot first.
+    #[serde(skip)]
+    live_only: bool,
 }
 
 /// Largest message a WebSocket subscriber may send. It has nothing to say but
@@ -163,6 +167,41 @@ fn busy_answer(busy: Busy) -> Response {
     answer
 }
 
+/// The one pubsub topic vigil publishes: its rules have no `publish`.
+const INDEX_TOPIC: &str = "index";
+
+/// `GET /pubsub/index?query=…` over WebSocket, Riemann's subscription to
+/// its index's pubsub topic: every matching event as it is indexed or
+/// expires, without the snapshot `/index?subscribe=true` sends first.
+pub(super) async fn get_pubsub(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(topic): Path<String>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+    params: Result<Params<IndexParams>, QueryRejection>,
+) -> Response {
+    if topic != INDEX_TOPIC {
+        let why = format!("no topic `{topic}`: vigil publishes only `{INDEX_TOPIC}`");
+        return error(StatusCode::NOT_FOUND, json!({ "error": why }));
+    }
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let (query, mut params) = match parse(&state, params).await {
+        Ok(parsed) => parsed,
+        Err(body) => return error(StatusCode::BAD_REQUEST, body),
+    };
+    params.subscribe = true;
+    params.live_only = true;
+    let client = state.client(peer, &headers);
+    upgrade
+        .max_message_size(SUBSCRIBER_MESSAGE_MAX)
+        .max_frame_size(SUBSCRIBER_MESSAGE_MAX)
+        .on_upgrade(move |socket| websocket(socket, state, client, query, params))
+}
+
 /// The SSE-only listener's `/index`, whatever the `Accept` header says.
 pub(super) async fn get_sse(
     State(state): State<AppState>,
@@ -229,7 +268,12 @@ async fn websocket(
         false => None,
     };
     let mut said = Rate::default();
-    let snapshot = state.snapshot(&query, false);
+    let snapshot = async {
+        match params.live_only {
+            true => Ok(Vec::new()),
+            false => state.snapshot(&query, false).await,
+        }
+    };
     tokio::pin!(snapshot);
     // Read meanwhile, to notice an asker that left: its scan is dropped then,
     // instead of waiting for its turn and running in full for no one.

@@ -483,6 +483,7 @@ async fn serve_connection(
 fn router(state: AppState) -> Router {
     Router::new()
         .route("/index", get(index::get_index))
+        .route("/pubsub/{topic}", get(index::get_pubsub))
         .route(
             "/events",
             axum::routing::post(events::post).put(events::post),
