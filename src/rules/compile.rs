@@ -1370,6 +1370,15 @@ fn riemanns(name: &str) -> Option<&'static str> {
         "tagged_any" => "tags are tested in a `where`: `where tagged \"a\" or tagged \"b\" { … }`",
         "splitp" => "`split { when metric > 0.9 { … } when metric > 0.5 { … } else { … } }`",
         "sdo" => "list the streams side by side: each gets every event",
+        // Not `mean`, which a guess would offer: another number entirely.
+        "median" => {
+            "vigil has no `median` fold; `percentiles(dt, [0.5])` gives the median of each `dt`"
+        }
+        "std_dev" => "vigil has no `std_dev` fold (README, \"Rule files\": what vigil lacks)",
+        "untag" | "smap" | "runs" | "counter" | "rollup" | "batch" | "apdex" | "fill_in"
+        | "predict_linear" | "publish" => {
+            "Riemann's stream of that name has no vigil stage (README, \"Rule files\": what vigil lacks)"
+        }
         _ => return None,
     })
 }

@@ -159,6 +159,20 @@ mod tests {
         );
     }
 
+    /// A Riemann stream vigil lacks is named as such, not matched to a
+    /// stage of a like name: `median` is not `mean`.
+    #[test]
+    fn a_riemann_stream_vigil_lacks_is_not_taken_for_a_like_named_stage() {
+        let source = "streams {\n  median { index }\n  runs(3, state) { index }\n}\n";
+        let Err(error) = load("m.vigil", source, EnvPolicy::Strict) else {
+            panic!("`median` and `runs` compiled");
+        };
+        assert!(error.contains("unknown stream `median`"), "{error}");
+        assert!(error.contains("`percentiles(dt, [0.5])`"), "{error}");
+        assert!(!error.contains("did you mean"), "{error}");
+        assert!(error.contains("Riemann's stream of that name has no vigil stage"), "{error}");
+    }
+
     /// A pager's `dedup_key` naming `{state}` gave the `ok` another key
     /// than the trigger's: it resolved nothing, and the incident stayed open
     /// at the receiver for good. `{metric}` opened a new incident at each
