@@ -428,11 +428,18 @@ fn invalid_json(e: serde_json::Error) -> String {
     format!("invalid JSON: {e}")
 }
 
+/// The keys a metric may come under, the wire's precedence first (`metric`
+/// is Riemann's JSON name, the others the protobuf's): the fields arrive in
+/// the keys' alphabetical order, which would make `metric_f` win over
+/// `metric_d`.
+const METRIC_KEYS: [&str; 4] = ["metric_sint64", "metric_d", "metric_f", "metric"];
+
 fn to_event(fields: Map<String, Value>, arrival: Micros) -> Result<Event, String> {
     let mut event = Event {
         time: arrival,
         ..Event::default()
     };
+    let mut metric_from = METRIC_KEYS.len();
     for (key, value) in fields {
         if value.is_null() {
             continue;
@@ -443,7 +450,11 @@ fn to_event(fields: Map<String, Value>, arrival: Micros) -> Result<Event, String
             "state" => event.state = Some(text(&key, value)?),
             "description" => event.description = Some(text(&key, value)?),
             "metric" | "metric_f" | "metric_d" | "metric_sint64" => {
-                event.metric = Some(metric(&key, &value)?);
+                let read = metric(&key, &value)?;
+                let rank = METRIC_KEYS.iter().position(|k| *k == key);
+                if let Some(rank) = rank.filter(|&rank| rank < metric_from) {
+                    (event.metric, metric_from) = (Some(read), rank);
+                }
             }
             "tags" => event.tags = tags(value)?,
             "time" => event.time = time(&value)?,
@@ -578,6 +589,18 @@ mod tests {
         );
         assert_eq!(metric("18446744071312906848"), Some(Metric::Float(nearest)));
         assert_eq!(metric("0.1"), Some(Metric::Float(0.1)));
+    }
+
+    /// As on the wire: `metric_sint64`, else `metric_d`, else `metric_f`,
+    /// whatever order the keys come in.
+    #[test]
+    fn a_metric_given_twice_is_read_with_the_wires_precedence() {
+        let m = |line: &str| parse_line(line, 42).unwrap().metric;
+        assert_eq!(m(r#"{"metric_d": 1.5, "metric_f": 2.5}"#), Some(Metric::Float(1.5)));
+        assert_eq!(m(r#"{"metric_f": 2.5, "metric_d": 1.5}"#), Some(Metric::Float(1.5)));
+        assert_eq!(m(r#"{"metric_f": 2.5, "metric_sint64": 7}"#), Some(Metric::Int(7)));
+        assert_eq!(m(r#"{"metric": 3, "metric_f": 2.5}"#), Some(Metric::Float(2.5)));
+        assert_eq!(m(r#"{"metric": 3}"#), Some(Metric::Int(3)));
     }
 
     #[test]
