@@ -681,17 +681,28 @@ mod tests {
         let mut emitter = Emitter::new("n".into(), Duration::from_secs(5), T0, filled(0));
         let state = |used| {
             let events = emitter.events(T0, filled(used));
-            let queued = events.iter().find(|e| e.service_str() == "vigil output graph queued");
+            let queued = events
+                .iter()
+                .find(|e| e.service_str() == "vigil output graph queued");
             queued.and_then(|e| e.state.clone()).unwrap()
         };
         let states: Vec<String> = [0, 50, 51, 75, 76, 100].map(state).into();
-        assert_eq!(states, ["ok", "ok", "warning", "warning", "critical", "critical"]);
+        assert_eq!(
+            states,
+            ["ok", "ok", "warning", "warning", "critical", "critical"]
+        );
     }
 
     #[test]
     fn a_queue_is_as_full_as_the_fuller_of_its_events_and_bytes() {
-        let events = Fill { used: 10, bound: 100 };
-        let bytes = Fill { used: 90, bound: 128 };
+        let events = Fill {
+            used: 10,
+            bound: 100,
+        };
+        let bytes = Fill {
+            used: 90,
+            bound: 128,
+        };
         assert_eq!(events.fuller(bytes), bytes);
         assert_eq!(bytes.fuller(events), bytes);
         let (sender, _receiver) = crate::event_queue::queue(4, 1_000_000);
@@ -701,7 +712,13 @@ mod tests {
         assert!(sender.fill().over(1, 2), "{:?}", sender.fill());
         let (sender, _receiver) = crate::event_queue::queue(100, 1000);
         sender.try_send(Event::default(), 800, None).unwrap();
-        assert_eq!(sender.fill(), Fill { used: 800, bound: 1000 });
+        assert_eq!(
+            sender.fill(),
+            Fill {
+                used: 800,
+                bound: 1000
+            }
+        );
     }
 
     fn outputs(names: &[&str]) -> Sample {

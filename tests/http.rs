@@ -165,7 +165,11 @@ async fn pubsub_index_sends_live_matches_without_a_snapshot() {
         value(s, "vigil_subscribers", None) == Some(1.0)
     })
     .await;
-    send(&v, &[event("other", "x", 60.0, 2), event("ps", "live", 60.0, 3)]).await;
+    send(
+        &v,
+        &[event("other", "x", 60.0, 2), event("ps", "live", 60.0, 3)],
+    )
+    .await;
     let first = next_json(&mut ws).await.expect("a live frame");
     assert_eq!(key(&first), ("ps", "live", "ok"), "no snapshot: {first}");
     ws.close(None).await.unwrap();
@@ -174,7 +178,10 @@ async fn pubsub_index_sends_live_matches_without_a_snapshot() {
     let answer = reqwest::get(other).await.unwrap();
     assert_eq!(answer.status(), StatusCode::NOT_FOUND);
     let body: Value = answer.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("`metrics`"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("`metrics`"),
+        "{body}"
+    );
 }
 
 /// Reads `data:` payloads from a streaming response.

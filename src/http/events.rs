@@ -596,10 +596,22 @@ mod tests {
     #[test]
     fn a_metric_given_twice_is_read_with_the_wires_precedence() {
         let m = |line: &str| parse_line(line, 42).unwrap().metric;
-        assert_eq!(m(r#"{"metric_d": 1.5, "metric_f": 2.5}"#), Some(Metric::Float(1.5)));
-        assert_eq!(m(r#"{"metric_f": 2.5, "metric_d": 1.5}"#), Some(Metric::Float(1.5)));
-        assert_eq!(m(r#"{"metric_f": 2.5, "metric_sint64": 7}"#), Some(Metric::Int(7)));
-        assert_eq!(m(r#"{"metric": 3, "metric_f": 2.5}"#), Some(Metric::Float(2.5)));
+        assert_eq!(
+            m(r#"{"metric_d": 1.5, "metric_f": 2.5}"#),
+            Some(Metric::Float(1.5))
+        );
+        assert_eq!(
+            m(r#"{"metric_f": 2.5, "metric_d": 1.5}"#),
+            Some(Metric::Float(1.5))
+        );
+        assert_eq!(
+            m(r#"{"metric_f": 2.5, "metric_sint64": 7}"#),
+            Some(Metric::Int(7))
+        );
+        assert_eq!(
+            m(r#"{"metric": 3, "metric_f": 2.5}"#),
+            Some(Metric::Float(2.5))
+        );
         assert_eq!(m(r#"{"metric": 3}"#), Some(Metric::Int(3)));
     }
 

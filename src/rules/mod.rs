@@ -170,7 +170,10 @@ mod tests {
         assert!(error.contains("unknown stream `median`"), "{error}");
         assert!(error.contains("`percentiles(dt, [0.5])`"), "{error}");
         assert!(!error.contains("did you mean"), "{error}");
-        assert!(error.contains("Riemann's stream of that name has no vigil stage"), "{error}");
+        assert!(
+            error.contains("Riemann's stream of that name has no vigil stage"),
+            "{error}"
+        );
     }
 
     /// A pager's `dedup_key` naming `{state}` gave the `ok` another key

@@ -60,8 +60,8 @@ use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::outputs::{self, Kept, OutputKind, OutputSink, OutputSpec, OutputStats, Queue};
 use crate::event_queue::Fill;
+use crate::outputs::{self, Kept, OutputKind, OutputSink, OutputSpec, OutputStats, Queue};
 use crate::stats::Stats;
 
 use super::engine::{RuleStats, Rules, Tree};
