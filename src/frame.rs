@@ -298,11 +298,18 @@ impl Encoder<Bytes> for FrameCodec {
 
 /// `body` framed, onto the end of `dst`.
 pub fn put(body: &[u8], dst: &mut BytesMut) -> io::Result<()> {
-    let len = u32::try_from(body.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
     dst.reserve(PREFIX + body.len());
-    dst.put_u32(len);
+    put_prefix(body.len(), dst)?;
     dst.put_slice(body);
+    Ok(())
+}
+
+/// The length prefix of a frame of `len` bytes, onto the end of `dst`: its
+/// body is to be written after it.
+pub fn put_prefix(len: usize, dst: &mut BytesMut) -> io::Result<()> {
+    let len = u32::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
+    dst.put_u32(len);
     Ok(())
 }
 

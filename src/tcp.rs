@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -344,10 +344,18 @@ impl Connections {
     ) -> io::Result<bool> {
         // Encoded straight into the write buffer, which the flush below
         // empties: `feed` would check for room once per (few-byte) reply.
+        // A large answer is written from where it is held instead: copied
+        // into the buffer, it took twice its size until flushed.
         let mut bytes = 0;
         for reply in out.iter() {
-            bytes += reply.len();
-            if let Err(e) = frame::put(reply, framed.write_buffer_mut()) {
+            let put = match reply.len() > KEEP_BUFFER {
+                true => write_unbuffered(framed, reply).await,
+                false => {
+                    bytes += reply.len();
+                    frame::put(reply, framed.write_buffer_mut())
+                }
+            };
+            if let Err(e) = put {
                 out.clear();
                 return Err(e);
             }
@@ -359,12 +367,11 @@ impl Connections {
             After::Failed(e) => self.fail(framed, e).await.map(|()| false),
         };
         // Kept until written: a large answer holds its room in
-        // `--max-answer-memory` until then (its copy in the write buffer
-        // is not counted twice).
+        // `--max-answer-memory` until then.
         out.clear();
         let open = open?;
         if bytes > KEEP_BUFFER {
-            // A large query answer, written: its room is not kept.
+            // Many replies, written: their room is not kept.
             *framed.write_buffer_mut() = BytesMut::new();
         }
         Ok(open)
@@ -408,6 +415,17 @@ impl Connections {
             },
         }
     }
+}
+
+/// `reply` framed and written after what the write buffer holds, from
+/// where it is: not copied into the buffer.
+async fn write_unbuffered<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut RiemannFramed<S>,
+    reply: &Bytes,
+) -> io::Result<()> {
+    frame::put_prefix(reply.len(), framed.write_buffer_mut())?;
+    SinkExt::<Bytes>::flush(framed).await?;
+    framed.get_mut().write_all(reply).await
 }
 
 /// Frames of one connection handled as one batch (and, in a cluster, whose
