@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::blocking::off_workers;
 use crate::clock::{Micros, SharedClock};
 use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
@@ -259,7 +260,7 @@ impl Ingest {
             }
             _ => None,
         };
-        let (stats, index) = (self.stats.clone(), self.index.clone());
+        let stats = self.stats.clone();
         Reply::Later(Box::pin(async move {
             if let Some(stored) = stored
                 && let Err(e) = stored.await
@@ -274,8 +275,13 @@ impl Ingest {
             if let Err(reply) = parsed(&stats, Query::parse_off_workers(&text).await) {
                 return reply;
             }
-            match cluster.query(&text).await {
-                Ok(found) => replied(&stats, held(&index, Ok(proto::events_reply(&found)))),
+            // Its room, taken as the nodes' answers came, is kept until written.
+            match cluster.query(&text, proto::approx_bytes).await {
+                Ok((found, room)) => {
+                    let answer = off_workers(move || room.hold(proto::events_reply(&found))).await;
+                    let answer = answer.ok_or(QueryError::ShuttingDown);
+                    replied(&stats, answer.and_then(|held| Ok(held?)))
+                }
                 Err(ClusterQueryError::Refused(e)) => replied(&stats, Err(e)),
                 Err(e) => proto::error_reply(e.to_string()),
             }

@@ -473,6 +473,80 @@ fn a_query_over_the_result_limit_is_refused_as_the_askers_error() {
     assert!(body.contains("--max-query-results 50"), "{body}");
 }
 
+/// `name`'s value on `node`'s `/metrics`.
+fn metric_of(runtime: &tokio::runtime::Runtime, node: &Vigil, name: &str) -> u64 {
+    runtime.block_on(common::metric(node.http.expect("HTTP on"), name))
+}
+
+/// A node whose `--max-answer-memory` has no room for its part of an answer
+/// refuses it as busy, and the asker refuses the query as a single node
+/// does (HTTP `503` with `Retry-After`, gRPC `RESOURCE_EXHAUSTED`, a TCP
+/// error reply), to be asked again: not as an unavailable cluster.
+#[test]
+fn a_node_without_room_for_its_answer_makes_the_query_busy_not_unavailable() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let memory = ["--grpc", "127.0.0.1:0", "--max-answer-memory", "1048576"];
+    let node = node(&nats, "n1", &memory);
+    // A 12 MB answer to `true`: far more than the socket buffers hold.
+    let large = |i: usize| Event {
+        description: Some("x".repeat(4_000)),
+        ..event(&format!("host-{i}"), "big", "ok")
+    };
+    send(&node, &(0..3_000).map(large).collect::<Vec<_>>());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_index_size") == 3_000).then_some(())
+    })
+    .expect("all 3 000 indexed");
+    // A local answer its client does not read holds all of the pool.
+    let http = node.http.unwrap();
+    let get = |query: &str| {
+        let url = format!("http://{http}/index?query={query}");
+        runtime.block_on(async { reqwest::get(url).await.unwrap() })
+    };
+    let stalled = get("true&local=true");
+    assert_eq!(stalled.status(), reqwest::StatusCode::OK);
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_answer_bytes_held") == 1 << 20).then_some(())
+    })
+    .expect("the unread answer holds the pool");
+
+    let busy = get("true");
+    assert_eq!(busy.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(busy.headers()["retry-after"], "1");
+    let error: serde_json::Value = runtime.block_on(busy.json()).unwrap();
+    let error = error["error"].as_str().unwrap().to_owned();
+    assert!(
+        error
+            .starts_with("busy: query answers being sent fill --max-answer-memory (1048576 bytes)"),
+        "{error}"
+    );
+    let grpc = format!("http://{}", node.grpc.expect("gRPC on"));
+    let refused = runtime.block_on(async {
+        let mut client = VigilClient::connect(grpc).await.unwrap();
+        client.query(QueryRequest::new("true")).await.unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(refused.message(), error);
+    let mut tcp = runtime.block_on(Client::connect(node.tcp)).unwrap();
+    let refused = runtime.block_on(tcp.query("true")).unwrap_err();
+    assert_eq!(refused.to_string(), format!("server error: {error}"));
+    assert_eq!(
+        metric_of(&runtime, &node, "vigil_answers_refused_busy_total"),
+        3
+    );
+
+    // Its room back, the whole answer fits the idle pool again.
+    drop(stalled);
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_answer_bytes_held") == 0).then_some(())
+    })
+    .expect("the dropped answer gives its room back");
+    let found = runtime.block_on(tcp.query("true")).unwrap();
+    assert_eq!(found.len(), 3_000);
+}
+
 #[test]
 fn pages_fire_once_across_a_node_kill_and_a_rejoin() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -16,6 +16,7 @@
 //! Without `--cluster` none of this runs and nothing else changes.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -28,10 +29,11 @@ use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::answers::{Busy, Room};
 use crate::bounded::LogGate;
 use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
-use crate::index::{Index, QueryError};
+use crate::index::{Index, QueryError, Sizing};
 use crate::outputs::holds::{self, Holds, Work};
 use crate::proto::{self, Msg};
 use crate::pubsub::Pubsub;
@@ -383,7 +385,17 @@ impl Cluster {
     /// Runs `query` on every live node (this one included) and merges the
     /// answers: one event per `(host, service)`, the latest by time. A node
     /// that does not answer within the timeout is left out (and logged).
-    pub async fn query(&self, query: &str) -> Result<Vec<Event>, ClusterQueryError> {
+    /// The merged answer takes its room in `--max-answer-memory` as it is
+    /// collected, `bytes` an event at least (as [`Index::answer_then`]'s
+    /// scan does), and comes with it, to be fitted to the answer once made
+    /// and held until written ([`Room::hold`]). Refused as busy, the replies
+    /// dropped, once the pool has no room for it, or when a node's own pool
+    /// had none for its part.
+    pub async fn query(
+        &self,
+        query: &str,
+        bytes: Sizing,
+    ) -> Result<(Vec<Event>, Room), ClusterQueryError> {
         let failed = |e: &dyn fmt::Display| {
             ClusterQueryError::Unavailable(format!("cluster query failed: {e}"))
         };
@@ -401,7 +413,7 @@ impl Cluster {
             .await
             .map_err(|e| failed(&e))?;
         let expected = self.members.load(Ordering::Relaxed).max(1);
-        let mut merged: HashMap<(Option<String>, Option<String>), Event> = HashMap::new();
+        let mut merged = Merged::new(self.index.answers().room(), bytes);
         let mut answered = 0;
         let deadline = tokio::time::sleep(self.config.query_timeout);
         tokio::pin!(deadline);
@@ -422,6 +434,9 @@ impl Cluster {
             if let Some(limit) = header(TOO_MANY).and_then(|l| l.as_str().parse().ok()) {
                 return Err(QueryError::TooMany { limit }.into());
             }
+            if let Some(max) = header(BUSY).and_then(|m| m.as_str().parse().ok()) {
+                return Err(QueryError::Busy(Busy { max }).into());
+            }
             let msg = Msg::decode(reply.payload).map_err(|e| {
                 ClusterQueryError::Unavailable(format!("bad cluster query answer: {e}"))
             })?;
@@ -430,16 +445,8 @@ impl Cluster {
                     msg.error.unwrap_or_default(),
                 ));
             }
-            for pb in msg.events {
-                let event = proto::from_pb(pb, 0);
-                let key = (event.host.clone(), event.service.clone());
-                match merged.get(&key) {
-                    Some(kept) if kept.time >= event.time => {}
-                    _ => {
-                        merged.insert(key, event);
-                    }
-                }
-            }
+            (merged.add(msg.events.into_iter().map(|pb| proto::from_pb(pb, 0))))
+                .map_err(|busy| ClusterQueryError::Refused(busy.into()))?;
         }
         if answered == 0 {
             return Err(ClusterQueryError::Unavailable(
@@ -448,11 +455,11 @@ impl Cluster {
         }
         // Each node kept within the limit; together they may not have.
         if let Some(limit) = self.index.max_query_results()
-            && merged.len() > limit
+            && merged.events.len() > limit
         {
             return Err(QueryError::TooMany { limit }.into());
         }
-        Ok(merged.into_values().collect())
+        Ok((merged.events.into_values().collect(), merged.room))
     }
 
     /// The index expiry pass in cluster mode: entries of shards whose expiry
@@ -507,6 +514,50 @@ pub struct ClusterStatus {
     pub shards_owned: u64,
 }
 
+/// The nodes' answers to a query merged as they come, its room in
+/// `--max-answer-memory` grown with it: held uncounted, the answers of N
+/// nodes to a query of a big index took N times what the pool bounds.
+struct Merged {
+    events: HashMap<(Option<String>, Option<String>), Event>,
+    /// What the merged events take in the answer, by `sizing`.
+    bytes: usize,
+    sizing: Sizing,
+    room: Room,
+}
+
+impl Merged {
+    fn new(room: Room, sizing: Sizing) -> Merged {
+        Merged {
+            events: HashMap::new(),
+            bytes: 0,
+            sizing,
+            room,
+        }
+    }
+
+    /// Keeps the latest by time of each `(host, service)`, then grows the
+    /// room to what is kept: refused (counted) when the pool has none.
+    fn add(&mut self, events: impl IntoIterator<Item = Event>) -> Result<(), Busy> {
+        for event in events {
+            let key = (event.host.clone(), event.service.clone());
+            match self.events.entry(key) {
+                Entry::Occupied(mut kept) => {
+                    if kept.get().time < event.time {
+                        self.bytes -= (self.sizing)(kept.get());
+                        self.bytes += (self.sizing)(&event);
+                        kept.insert(event);
+                    }
+                }
+                Entry::Vacant(slot) => {
+                    self.bytes += (self.sizing)(&event);
+                    slot.insert(event);
+                }
+            }
+        }
+        self.room.grow(self.bytes)
+    }
+}
+
 /// Answers `vigil.query` from this node's own index.
 async fn answer_queries(
     cluster: Arc<Cluster>,
@@ -524,21 +575,23 @@ async fn answer_queries(
             Ok(text) => (Query::parse_off_workers(text).await).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        // A refusal over the limit is marked, so the asking node refuses the
-        // same way (the asker's error, not the cluster's).
+        // A refusal over the limit, or as busy, is marked, so the asking
+        // node refuses the same way (the asker's error or a busy node, to be
+        // asked again, not an unavailable cluster).
         let mut refusal = None;
         let refused = |e: String| (vec![proto::error_reply(e)], cluster.index.answers().room());
         // Its room in --max-answer-memory is taken as the scan finds its
-        // events, and kept until its parts are handed to NATS; refused as
-        // busy, the asking node fails the query with the reason.
+        // events, and kept until its parts are handed to NATS.
         let (parts, _room) = match parsed {
             Ok(query) => (cluster.index)
                 .answer_then(&query, proto::approx_bytes, |found| answer_parts(&found))
                 .await
                 .unwrap_or_else(|e| {
-                    if let QueryError::TooMany { limit } = e {
-                        refusal = Some((TOO_MANY, limit.to_string()));
-                    }
+                    refusal = match &e {
+                        QueryError::TooMany { limit } => Some((TOO_MANY, limit.to_string())),
+                        QueryError::Busy(busy) => Some((BUSY, busy.max.to_string())),
+                        _ => None,
+                    };
                     refused(e.to_string())
                 }),
             Err(e) => refused(e),
@@ -573,6 +626,9 @@ const MORE: &str = "Vigil-More";
 /// Header on a node's refusal of a query matching more than its limit (the
 /// value).
 const TOO_MANY: &str = "Vigil-Too-Many";
+/// Header on a node's refusal of a query as busy: its `--max-answer-memory`
+/// (the value, in bytes) had no room for its answer.
+const BUSY: &str = "Vigil-Busy";
 /// Events per part of a query answer or of forwarded changes; a part is also
 /// cut at [`batcher::MAX_MESSAGE_BYTES`] ([`parts`]), under NATS's max
 /// payload (1 MiB by default).
@@ -582,7 +638,8 @@ const PART_EVENTS: usize = 1000;
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterQueryError {
     /// Refused as a single node would: a node's answer, or the merged one,
-    /// matched more than the limit.
+    /// matched more than the limit, or found no room in a node's
+    /// `--max-answer-memory` (the asker's included).
     #[error(transparent)]
     Refused(#[from] QueryError),
     /// NATS, the nodes, or their answers failed.
@@ -678,6 +735,46 @@ mod tests {
         assert_eq!(answer_parts(&[]).len(), 1, "an empty answer still answers");
         let events = vec![Event::default(); 2 * PART_EVENTS + 1];
         assert_eq!(answer_parts(&events).len(), 3);
+    }
+
+    #[test]
+    fn answers_are_merged_latest_first_within_room_taken_as_they_come() {
+        use crate::answers::{Answers, FREE};
+        let stats = Arc::new(Stats::default());
+        let answers = Answers::new(5 * FREE, stats.clone());
+        let event = |host: &str, time: Micros, description: usize| Event {
+            host: Some(host.to_owned()),
+            service: Some("cpu".to_owned()),
+            time,
+            description: Some("d".repeat(description)),
+            ..Event::default()
+        };
+        let mut merged = Merged::new(answers.room(), proto::approx_bytes);
+        merged.add([event("a", 2, 10), event("b", 1, 10)]).unwrap();
+        merged.add([event("a", 1, 20), event("b", 3, 30)]).unwrap();
+        let mut kept: Vec<_> = (merged.events.values())
+            .map(|e| (e.host_str().to_owned(), e.time))
+            .collect();
+        kept.sort();
+        assert_eq!(kept, [("a".to_owned(), 2), ("b".to_owned(), 3)]);
+        let sizes =
+            proto::approx_bytes(&event("a", 2, 10)) + proto::approx_bytes(&event("b", 3, 30));
+        assert_eq!(merged.bytes, sizes, "a replaced event's size is not kept");
+        assert_eq!(Stats::get(&stats.answer_bytes_held), 0, "small: no room");
+        // Large, it takes room as it comes in.
+        merged.add([event("c", 1, 2 * FREE)]).unwrap();
+        assert!(Stats::get(&stats.answer_bytes_held) > 2 * FREE as u64);
+        // The rest of the pool held by another answer, a further part is
+        // refused busy.
+        let mut other = answers.room();
+        other
+            .grow(5 * FREE - Stats::get(&stats.answer_bytes_held) as usize)
+            .unwrap();
+        let busy = merged.add([event("d", 1, 2 * FREE)]).unwrap_err();
+        assert_eq!(busy, Busy { max: 5 * FREE });
+        assert_eq!(Stats::get(&stats.answers_refused_busy), 1);
+        drop((merged, other));
+        assert_eq!(Stats::get(&stats.answer_bytes_held), 0);
     }
 
     #[test]

@@ -35,6 +35,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tower::util::{MapRequestLayer, MapResponseLayer};
 
 use crate::answers::{Holding, Room};
+use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::bounded::{Bounds, Counters, MAX_STREAMS};
 use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
@@ -229,12 +230,17 @@ impl pb::vigil_server::Vigil for Service {
         let answer = |found: Vec<Event>| QueryResponse {
             events: found.iter().map(proto::to_pb).collect(),
         };
+        // Its room is taken as its events are found (by the scan, or as
+        // the cluster's nodes answer): refused before the answer is made,
+        // which is made off the async workers either way.
         let (answer, mut room) = match &self.0.cluster {
-            // The merged answer of the nodes takes its room once made.
             Some(cluster) => {
-                let found = (cluster.query(&request.get_ref().query).await)
+                let found = (cluster
+                    .query(&request.get_ref().query, proto::approx_bytes)
+                    .await)
                     .map_err(|e| self.0.cluster_refused(e))?;
-                (answer(found), self.0.index.answers().room())
+                (off_workers(move || (answer(found.0), found.1)).await)
+                    .ok_or_else(|| Status::unavailable(SHUTTING_DOWN))?
             }
             // A local one as its scan finds it: refused before it is made.
             None => (self
@@ -280,8 +286,9 @@ impl pb::vigil_server::Vigil for Service {
             Some(cluster) => {
                 let subscription =
                     (cluster.subscribe(client, query.clone(), DEFAULT_CAPACITY)).await;
-                let current = cluster
-                    .query(query.as_str())
+                // Its room in --max-answer-memory goes once returned: the
+                // snapshot is then held with the subscribers' queues.
+                let (current, _room) = (cluster.query(query.as_str(), proto::approx_bytes))
                     .await
                     .map_err(|e| self.0.cluster_refused(e))?;
                 (subscription, current)

@@ -41,6 +41,8 @@ use serde_json::json;
 use super::live::{self, Live};
 use super::{AppState, error};
 use crate::answers::{self, Busy};
+use crate::blocking::{SHUTTING_DOWN, off_workers};
+use crate::cluster::ClusterQueryError;
 use crate::event::Event;
 use crate::forwarded::ClientAddr;
 use crate::index::QueryError;
@@ -125,11 +127,15 @@ pub(super) async fn get_index(
         body.push(']');
         body
     };
+    // Its room is taken as its events are found (by the scan, or as the
+    // cluster's nodes answer): refused before the answer is made.
     let answered = match (&state.cluster, params.local) {
-        // The merged answer of a cluster's nodes takes its room once made.
-        (Some(_), false) => (state.snapshot_then(&query, false, to_body).await)
-            .map(|body| (body, state.telemetry.index.answers().room())),
-        // A local one as its scan finds it: refused before it is made.
+        (Some(cluster), false) => match cluster.query(query.as_str(), json::approx_bytes).await {
+            Ok((found, room)) => (off_workers(move || (to_body(found), room)).await)
+                .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_owned())),
+            Err(ClusterQueryError::Refused(QueryError::Busy(busy))) => return busy_answer(busy),
+            Err(e) => Err(state.cluster_refused(e)),
+        },
         _ => match (state.telemetry.index)
             .answer_then(&query, json::approx_bytes, to_body)
             .await
@@ -271,7 +277,7 @@ async fn websocket(
     let snapshot = async {
         match params.live_only {
             true => Ok(Vec::new()),
-            false => state.snapshot(&query, false).await,
+            false => state.snapshot(&query).await,
         }
     };
     tokio::pin!(snapshot);
@@ -452,7 +458,7 @@ async fn event_stream(
         Ok(subscription) => subscription,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
     };
-    let snapshot = match state.snapshot(&query, false).await {
+    let snapshot = match state.snapshot(&query).await {
         Ok(snapshot) => snapshot,
         Err((status, e)) => return error(status, json!({ "error": e })),
     };

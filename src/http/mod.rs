@@ -39,7 +39,6 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 use crate::answers;
-use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::bounded::{Bounded, Bounds, Counters, MAX_STREAMS};
 use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
@@ -47,6 +46,7 @@ use crate::cluster::{Cluster, ClusterQueryError};
 use crate::event::Event;
 use crate::forwarded::{self, ClientAddr, TrustedProxies};
 use crate::index::QueryError;
+use crate::json;
 use crate::limits::Limits;
 use crate::pubsub::{self, HeldSnapshot, Subscription};
 use crate::query::Query;
@@ -207,36 +207,26 @@ impl AppState {
         })
     }
 
-    /// What the index holds that matches: every node's in a cluster, unless
-    /// `local`. The error is the status to answer with, and why.
-    async fn snapshot(
-        &self,
-        query: &Query,
-        local: bool,
-    ) -> Result<Vec<Event>, (StatusCode, String)> {
-        self.snapshot_then(query, local, |found| found).await
+    /// What the index holds that matches: every node's in a cluster. The
+    /// error is the status to answer with, and why.
+    async fn snapshot(&self, query: &Query) -> Result<Vec<Event>, (StatusCode, String)> {
+        match &self.cluster {
+            // Its room in --max-answer-memory, taken as the nodes' answers
+            // came, goes once returned: the snapshot is then held with the
+            // subscribers' queues.
+            Some(cluster) => (cluster.query(query.as_str(), json::approx_bytes).await)
+                .map(|(found, _room)| found)
+                .map_err(|e| self.cluster_refused(e)),
+            None => (self.telemetry.index.query_then(query, |found| found).await)
+                .map_err(|e| self.refused(e)),
+        }
     }
 
-    /// [`AppState::snapshot`], then `then` on what it found. A local scan and
-    /// `then` run on a blocking thread (see [`crate::blocking`]): at a
-    /// million keys either can take a fifth of a second.
-    async fn snapshot_then<T: Send + 'static>(
-        &self,
-        query: &Query,
-        local: bool,
-        then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
-    ) -> Result<T, (StatusCode, String)> {
-        let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
-        match (&self.cluster, local) {
-            (Some(cluster), false) => {
-                let found = (cluster.query(query.as_str()).await).map_err(|e| match e {
-                    ClusterQueryError::Refused(e) => self.refused(e),
-                    ClusterQueryError::Unavailable(e) => unavailable(e),
-                })?;
-                (off_workers(move || then(found)).await)
-                    .ok_or_else(|| unavailable(SHUTTING_DOWN.to_owned()))
-            }
-            _ => (self.telemetry.index.query_then(query, then).await).map_err(|e| self.refused(e)),
+    /// The status to answer a query the cluster did not answer with, and why.
+    fn cluster_refused(&self, e: ClusterQueryError) -> (StatusCode, String) {
+        match e {
+            ClusterQueryError::Refused(e) => self.refused(e),
+            ClusterQueryError::Unavailable(e) => (StatusCode::SERVICE_UNAVAILABLE, e),
         }
     }
 
