@@ -848,6 +848,21 @@ pub async fn metric(http: SocketAddr, name: &str) -> u64 {
         .unwrap()
 }
 
+/// The `i`th of a client's many distinct cheap queries, for the tests of a
+/// flood of them: fifteen comparisons that hold for the agent's events,
+/// then service `zzz{i}` (as many terms as a query may have and not be
+/// weighed alone). Hundreds of them must take well over a quarter of a
+/// core together while an agent sends, on a loaded machine too: a search
+/// of the service alone did not, at times, once the ledger charged what
+/// queries take.
+pub fn cheap_query(i: usize) -> String {
+    let mut terms: Vec<String> = (0..15).map(|j| format!(r#"host != "x{i}.{j}""#)).collect();
+    terms.push(format!(r#"service = "zzz{i}""#));
+    let query = terms.join(" and ");
+    assert!(!vigil::query::Query::parse(&query).unwrap().costly(), "{query}");
+    query
+}
+
 /// An agent on `tcp` sending `agent`/`0`, `agent`/`1`, … (state `ok`, ten a
 /// message, each acknowledged) until `stop`; the task returns how many it
 /// sent.
