@@ -17,7 +17,7 @@ use crate::clock::{MICROS_PER_SEC, Micros, SharedClock};
 use crate::cluster::{Cluster, ClusterStatus};
 use crate::event::{Event, Metric};
 use crate::event_queue::Fill;
-use crate::index::Index;
+use crate::index::{Index, Notices};
 use crate::pubsub::Pubsub;
 use crate::rules::engine::Rules;
 use crate::rules::reload::Reloader;
@@ -151,6 +151,12 @@ impl Streams for TimedStreams {
         self.latency.observe(started.elapsed());
     }
 
+    fn process_expired(&self, notices: Notices<'_>) {
+        let started = Instant::now();
+        self.inner.process_expired(notices);
+        self.latency.observe(started.elapsed());
+    }
+
     fn tick(&self) {
         self.inner.tick();
     }
@@ -199,6 +205,9 @@ pub struct Sample {
     pub time_ahead: u64,
     /// Events stored already expired (an agent's clock far behind).
     pub arrived_expired: u64,
+    /// Entries expired whose key was stored again before their `expired`
+    /// event went out: the event was dropped.
+    pub expired_came_back: u64,
     /// Index scans stopped by `--query-timeout`, and stopped because their
     /// asker went away.
     pub scans_timed_out: u64,
@@ -245,6 +254,7 @@ impl Telemetry {
             refused: self.index.refused_total(),
             time_ahead: self.index.time_ahead_total(),
             arrived_expired: self.index.arrived_expired_total(),
+            expired_came_back: self.index.expired_came_back_total(),
             scans_timed_out: self.index.scans_timed_out_total(),
             scans_abandoned: self.index.scans_abandoned_total(),
             subscribers: pubsub.subscribers() as u64,
@@ -467,6 +477,7 @@ impl Emitter {
             ("vigil index refused", sample.refused),
             ("vigil index time ahead", sample.time_ahead),
             ("vigil index arrived expired", sample.arrived_expired),
+            ("vigil index expired came back", sample.expired_came_back),
             ("vigil index scans timed out", sample.scans_timed_out),
             ("vigil index scans abandoned", sample.scans_abandoned),
             ("vigil subscriber events", sample.subscriber_events),

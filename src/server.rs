@@ -21,7 +21,7 @@ use crate::bounded::{self, LogGate, RefusalLog};
 use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
-use crate::index::Index;
+use crate::index::{Index, Notices};
 use crate::ingest::Ingest;
 use crate::limits::Limits;
 use crate::stats::Stats;
@@ -271,10 +271,10 @@ async fn run_timers(
         );
         let ticked = off_workers(move || {
             let started = std::time::Instant::now();
-            let emit = |expired: &[_]| streams.process(expired);
+            let emit = |notices: Notices<'_>| streams.process_expired(notices);
             let expired = match &cluster {
                 Some(cluster) => cluster.expire(clock.now(), emit),
-                None => index.expire(clock.now(), emit),
+                None => index.expire_batches(clock.now(), emit),
             };
             streams.tick();
             (expired, started.elapsed())

@@ -7,13 +7,24 @@
 use std::sync::Arc;
 
 use crate::event::Event;
-use crate::index::Index;
+use crate::index::{Index, Notices};
 
 pub trait Streams: Send + Sync + 'static {
     /// Runs one batch through the pipeline. Must not block on I/O: it is called
     /// inline on the connection that read the batch. The events are borrowed:
     /// the caller reuses the buffer (and its allocations) for the next batch.
     fn process(&self, events: &[Event]);
+
+    /// Runs a batch of the index's expiry notices, those whose key is not
+    /// back ([`Notices::unless_back`]). An implementation that runs batches
+    /// on several threads at once keeps out the events that could store
+    /// their keys meanwhile, from before the check until they have run.
+    fn process_expired(&self, mut notices: Notices<'_>) {
+        let notices = notices.unless_back();
+        if !notices.is_empty() {
+            self.process(notices);
+        }
+    }
 
     /// Time has passed: time-based stages (rates, windows) emit what is due.
     /// Called periodically by the server's timer, and by tests on a virtual clock.

@@ -33,7 +33,7 @@ use crate::answers::{Busy, Room};
 use crate::bounded::LogGate;
 use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
-use crate::index::{Index, QueryError, Sizing};
+use crate::index::{Index, Notices, QueryError, Sizing};
 use crate::outputs::holds::{self, Holds, Work};
 use crate::proto::{self, Msg};
 use crate::pubsub::Pubsub;
@@ -466,13 +466,13 @@ impl Cluster {
     /// is paused (replaying, handed back, past the lease deadline) stay; the
     /// rest expire through `emit` as on a single node. What it pages holds
     /// the expiry's saved progress back until delivered.
-    pub fn expire(&self, now: Micros, mut emit: impl FnMut(&[Event])) -> usize {
+    pub fn expire(&self, now: Micros, mut emit: impl FnMut(Notices<'_>)) -> usize {
         let shards = self.config.shards;
         let may_expire = |host: &str| self.leases.may_expire(shard_of(host, shards));
         let work = Work::Expiry {
             since: self.expired_until(),
         };
-        let emit = |chunk: &[Event]| holds::made_by(work, || emit(chunk));
+        let emit = |notices: Notices<'_>| holds::made_by(work, || emit(notices));
         let expired = self.index.expire_where(now, may_expire, emit);
         self.expired_until.store(now, Ordering::Release);
         expired

@@ -606,7 +606,7 @@ fn replayed(cluster: &Cluster, shard: u32, floor: Progress, streams: &dyn Stream
     let quiet = outputs::suppressed(|| {
         cluster
             .index
-            .expire_where(floor.at, ours, |chunk| streams.process(chunk))
+            .expire_where(floor.at, ours, |notices| streams.process_expired(notices))
     });
     tracing::debug!(
         shard,

@@ -67,6 +67,14 @@ fn render(s: &Sample) -> String {
         arrived_expired,
         s.arrived_expired,
     );
+    let came_back = "Index entries expired whose key was stored again before their expired \
+                     event went out (the host came back): no expired event was run.";
+    out.single(
+        "vigil_index_expired_came_back_total",
+        "counter",
+        came_back,
+        s.expired_came_back,
+    );
     let timed_out = "Index scans stopped by --query-timeout.";
     out.single(
         "vigil_index_scans_timed_out_total",
@@ -303,6 +311,7 @@ mod tests {
             }],
             latency: h.snapshot(),
             rules: vec![("window_overflow", 5)],
+            expired_came_back: 8,
             ..Sample::default()
         };
         let text = render(&sample);
@@ -317,6 +326,7 @@ mod tests {
             "vigil_streams_latency_seconds_bucket{le=\"+Inf\"} 2\n",
             "vigil_streams_latency_seconds_count 2\n",
             "# TYPE vigil_rules_window_overflow_total counter\nvigil_rules_window_overflow_total 5\n",
+            "# TYPE vigil_index_expired_came_back_total counter\nvigil_index_expired_came_back_total 8\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }

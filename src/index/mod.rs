@@ -251,6 +251,8 @@ pub struct Index {
     len: AtomicUsize,
     refused: AtomicU64,
     expired: AtomicU64,
+    /// Expiry notices dropped because their key was stored again first.
+    came_back: AtomicU64,
     /// Events stored whose `time` was more than [`MAX_TIME_AHEAD`] ahead.
     ahead: TimeOff,
     /// Events stored already expired: `time + ttl` before vigil's clock.
@@ -298,6 +300,7 @@ impl Index {
             len: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            came_back: AtomicU64::new(0),
             ahead: TimeOff::new(),
             arrived_expired: TimeOff::new(),
             scans_timed_out: AtomicU64::new(0),
@@ -355,6 +358,13 @@ impl Index {
     /// Entries removed by TTL expiry, since start.
     pub fn expired_total(&self) -> u64 {
         self.expired.load(Ordering::Relaxed)
+    }
+
+    /// Expiry notices dropped because their key was stored again before
+    /// the notice went out (the host came back), since start: counted in
+    /// [`Index::expired_total`] too, but never run through the rules.
+    pub fn expired_came_back_total(&self) -> u64 {
+        self.came_back.load(Ordering::Relaxed)
     }
 
     /// Scans stopped by `--query-timeout`, since start.
@@ -814,8 +824,23 @@ impl Index {
     /// goes out is dropped: subscribers and the rules would see the key come
     /// back and then expire, and page for a host that is up. A notice that
     /// goes out before, but reaches the rules' `index` stream after the fresh
-    /// event, deletes nothing there (`is_notice_being_emitted`).
-    pub fn expire(&self, now: Micros, emit: impl FnMut(&[Event])) -> usize {
+    /// event, deletes nothing there (`is_notice_being_emitted`). A fresh
+    /// event may still be in the rules when its notice is checked, and
+    /// pass them before it: the rules keep such events out while they
+    /// check and run notices ([`Index::expire_batches`]).
+    pub fn expire(&self, now: Micros, mut emit: impl FnMut(&[Event])) -> usize {
+        self.expire_held(now, None, |mut notices| {
+            let kept = notices.unless_back();
+            if !kept.is_empty() {
+                emit(kept);
+            }
+        })
+    }
+
+    /// [`Index::expire`], handing each batch of notices to `emit` before
+    /// any is checked or published: `emit` may first wait for what else
+    /// could store their keys to finish (see [`Notices::unless_back`]).
+    pub fn expire_batches(&self, now: Micros, emit: impl FnMut(Notices<'_>)) -> usize {
         self.expire_held(now, None, emit)
     }
 
@@ -826,7 +851,7 @@ impl Index {
         &self,
         now: Micros,
         may_expire: impl Fn(&str) -> bool,
-        emit: impl FnMut(&[Event]),
+        emit: impl FnMut(Notices<'_>),
     ) -> usize {
         self.expire_held(now, Some(&may_expire), emit)
     }
@@ -837,7 +862,7 @@ impl Index {
         &self,
         now: Micros,
         may_expire: Option<&dyn Fn(&str) -> bool>,
-        mut emit: impl FnMut(&[Event]),
+        mut emit: impl FnMut(Notices<'_>),
     ) -> usize {
         let mut due = Vec::with_capacity(EXPIRE_CHUNK);
         // Reused chunk after chunk, so a mass expiry allocates the notices'
@@ -887,11 +912,14 @@ impl Index {
                 for (entry, notice) in chunk.iter().zip(notices.iter_mut()) {
                     entry.packed.unpack_expired_into(now, notice);
                 }
-                let kept = self.publish_unless_back(shard, added_before, chunk, notices);
-                if kept > 0 {
-                    let _emitting = Emitting::mark(&notices[..kept]);
-                    emit(&notices[..kept]);
-                }
+                emit(Notices {
+                    index: self,
+                    shard,
+                    added_before,
+                    expired: chunk,
+                    notices,
+                    kept: None,
+                });
             }
             due.clear();
         }
@@ -917,6 +945,7 @@ impl Index {
         notices: &mut [Event],
     ) -> usize {
         let mut kept = 0;
+        let mut dropped = 0;
         for (group, entries) in expired.chunks(NOTICES_PER_LOCK).enumerate() {
             let shard = shard.lock();
             let none_added = shard.added == added_before;
@@ -935,8 +964,13 @@ impl Index {
                         notices.swap(kept, at);
                     }
                     kept += 1;
+                } else {
+                    dropped += 1;
                 }
             }
+        }
+        if dropped > 0 {
+            self.came_back.fetch_add(dropped, Ordering::Relaxed);
         }
         kept
     }
@@ -1017,6 +1051,38 @@ impl Index {
             }
         }
         true
+    }
+}
+
+/// A batch of expiry notices an expiry pass hands on: their entries are gone
+/// from the index, and nothing was published or run yet.
+pub struct Notices<'a> {
+    index: &'a Index,
+    shard: &'a Mutex<Shard>,
+    added_before: u64,
+    expired: &'a [Entry],
+    notices: &'a mut [Event],
+    /// How many are kept, once checked; marked as being emitted meanwhile.
+    kept: Option<(usize, Emitting)>,
+}
+
+impl Notices<'_> {
+    /// Publishes the notices whose key was not stored again since it
+    /// expired, and returns them, to be run through the rules on this
+    /// thread; the others are dropped (counted in
+    /// [`Index::expired_came_back_total`]). A fresh event of one of their
+    /// keys that is in the rules now, not yet stored, is not seen: the
+    /// caller keeps such events out of the rules from before this until
+    /// the notices have run. Checked once; later calls return the same.
+    pub fn unless_back(&mut self) -> &[Event] {
+        if self.kept.is_none() {
+            let (index, shard) = (self.index, self.shard);
+            let kept =
+                index.publish_unless_back(shard, self.added_before, self.expired, self.notices);
+            self.kept = Some((kept, Emitting::mark(&self.notices[..kept])));
+        }
+        let kept = self.kept.as_ref().map_or(0, |(kept, _)| *kept);
+        &self.notices[..kept]
     }
 }
 
@@ -1685,6 +1751,12 @@ mod tests {
             late.len()
         );
         assert_eq!(noticed.len() + back.len(), services.len());
+        assert_eq!(
+            index.expired_came_back_total(),
+            back.len() as u64,
+            "each notice dropped is counted"
+        );
+        assert_eq!(index.expired_total(), services.len() as u64);
         for service in &back {
             assert!(index.get("h", service).is_some(), "{service} came back");
         }
@@ -2084,14 +2156,14 @@ mod tests {
         let held = |host: &str| host != "held";
         let mut out = Vec::new();
         assert_eq!(
-            index.expire_where(later, held, |c| out.extend_from_slice(c)),
+            index.expire_where(later, held, |mut n| out.extend_from_slice(n.unless_back())),
             1
         );
         assert_eq!(out[0].host_str(), "free");
         assert!(index.get("held", "x").is_some(), "held back, still indexed");
         out.clear();
         assert_eq!(
-            index.expire_where(later, held, |c| out.extend_from_slice(c)),
+            index.expire_where(later, held, |mut n| out.extend_from_slice(n.unless_back())),
             0
         );
         assert_eq!(expire_all(&index, later).len(), 1, "expires once allowed");

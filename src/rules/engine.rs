@@ -22,7 +22,7 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::clock::{Micros, SharedClock};
 use crate::event::Event;
-use crate::index::{Index, KeyHash};
+use crate::index::{Index, KeyHash, Notices};
 use crate::streams::Streams;
 
 use crate::outputs::OutputSink;
@@ -303,10 +303,9 @@ impl Rules {
     }
 }
 
-impl Streams for Rules {
-    fn process(&self, events: &[Event]) {
-        let _running = self.running.read();
-        let tree = self.current.load();
+impl Rules {
+    /// Runs one batch on `tree`; the caller holds `running`.
+    fn run_batch(&self, tree: &Tree, events: &[Event]) {
         // Each event's key is hashed once, PREFETCH_AHEAD events before the
         // event runs: to prefetch its slot, then (through `Cx`) to index it.
         let mut ahead = [None; PREFETCH_AHEAD];
@@ -330,6 +329,28 @@ impl Streams for Rules {
             cx.hashed = None;
         });
     }
+}
+
+impl Streams for Rules {
+    fn process(&self, events: &[Event]) {
+        let _running = self.running.read();
+        self.run_batch(&self.current.load(), events);
+    }
+
+    /// With no batch in the rules, from the check that the notices' keys
+    /// are not back until they have run. An agent's fresh event that is in
+    /// the rules when its key expires (past `changed_state`, not yet at
+    /// `index`) has stored its key by then, and its notice is dropped; one
+    /// that comes meanwhile runs after the notice. Otherwise the rules
+    /// could see `ok` then `expired` and page for a host that is up, until
+    /// its next report.
+    fn process_expired(&self, mut notices: Notices<'_>) {
+        let _alone = self.running.write();
+        let notices = notices.unless_back();
+        if !notices.is_empty() {
+            self.run_batch(&self.current.load(), notices);
+        }
+    }
 
     fn tick(&self) {
         self.tick_scheduled();
@@ -344,7 +365,7 @@ mod tests {
     use parking_lot::Condvar;
 
     use super::*;
-    use crate::clock::{MICROS_PER_SEC, ManualClock};
+    use crate::clock::{Clock, MICROS_PER_SEC, ManualClock};
     use crate::index::IndexConfig;
     use crate::rules::EnvPolicy;
     use crate::rules::testing::TEST_EPOCH;
@@ -485,5 +506,69 @@ mod tests {
             write.join().unwrap();
             reload.join().unwrap();
         });
+    }
+
+    /// A host whose TTL ran out reports again just as its entry expires: its
+    /// fresh event is in the rules (past `changed_state`, not yet indexed)
+    /// when the expiry checks whether it is back. The notice must not run
+    /// after it: the rules would see `ok` then `expired`, and page for a
+    /// host that is up until its next report.
+    #[test]
+    fn an_expiry_notice_never_follows_a_fresh_event_of_its_key_through_the_rules() {
+        let source = "output gate = forward(host: \"127.0.0.1\")\n\
+                      output out = forward(host: \"127.0.0.1\")\n\
+                      streams {\n  changed_state { out }\n  \
+                      where metric = 2 { gate }\n  index\n}\n";
+        let (_, compiled) = crate::rules::load("race.vigil", source, EnvPolicy::Strict).unwrap();
+        let (entered, fresh_entered) = mpsc::channel();
+        let gate = Arc::new(Gate {
+            entered: Mutex::new(entered),
+            open: Mutex::new(false),
+            opened: Condvar::new(),
+        });
+        let out = Arc::new(crate::rules::testing::Recorder::default());
+        let clock = Arc::new(ManualClock::new(TEST_EPOCH));
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let outputs: Vec<Arc<dyn OutputSink>> = vec![gate.clone(), out.clone()];
+        let rules = Rules::new(compiled.roots, None, outputs, index.clone(), clock.clone());
+        let report = |metric: f64| Event {
+            host: Some("h".into()),
+            service: Some("s".into()),
+            state: Some("ok".into()),
+            metric: Some(crate::event::Metric::Float(metric)),
+            time: clock.now(),
+            ttl: Some(1.0),
+            ..Event::default()
+        };
+        rules.process(&[report(1.0)]);
+        clock.advance(2 * MICROS_PER_SEC);
+        let fresh = report(2.0);
+
+        let (rules, index, fresh) = (&rules, &index, &fresh);
+        std::thread::scope(|threads| {
+            let agent = threads.spawn(move || rules.process(std::slice::from_ref(fresh)));
+            fresh_entered
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the fresh event reached the gate");
+            let now = clock.now();
+            let expiry =
+                threads.spawn(move || index.expire_batches(now, |n| rules.process_expired(n)));
+            // The expiry ran its notices, or waits for the fresh event.
+            while !expiry.is_finished() && !rules.running.is_locked_exclusive() {
+                std::thread::yield_now();
+            }
+            gate.open();
+            agent.join().unwrap();
+            expiry.join().unwrap();
+        });
+        let states: Vec<String> = (out.events.lock().iter())
+            .map(|e| e.state.clone().unwrap_or_default())
+            .collect();
+        assert!(
+            !states.last().is_some_and(|s| s == "expired"),
+            "the rules' last word on a host that is up: {states:?}"
+        );
+        assert!(index.get("h", "s").is_some(), "the fresh entry was lost");
+        assert_eq!(index.expired_came_back_total(), 1, "its notice was dropped");
     }
 }

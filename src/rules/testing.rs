@@ -291,7 +291,7 @@ pub fn advance_at_most(
         let next = now.saturating_add(steps_until(now, due).saturating_mul(TICK));
         let next = next.min(target);
         clock.set(next);
-        index.expire(next, |expired| rules.process(expired));
+        index.expire_batches(next, |notices| rules.process_expired(notices));
         rules_due = rules.tick_scheduled().unwrap_or(Micros::MAX);
     }
     steps
