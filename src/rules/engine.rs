@@ -319,7 +319,7 @@ impl Rules {
         for i in 0..PREFETCH_AHEAD {
             hash_ahead(&mut ahead, i);
         }
-        self.run(&tree, events.len(), |cx| {
+        self.run(tree, events.len(), |cx| {
             for (i, event) in events.iter().enumerate() {
                 let hash = ahead[i % PREFETCH_AHEAD].take();
                 hash_ahead(&mut ahead, i + PREFETCH_AHEAD);
@@ -565,7 +565,7 @@ mod tests {
             .map(|e| e.state.clone().unwrap_or_default())
             .collect();
         assert!(
-            !states.last().is_some_and(|s| s == "expired"),
+            states.last().is_none_or(|s| s != "expired"),
             "the rules' last word on a host that is up: {states:?}"
         );
         assert!(index.get("h", "s").is_some(), "the fresh entry was lost");
