@@ -602,6 +602,50 @@ async fn a_refused_resolve_leaves_the_incident_to_the_series_that_triggered_it()
     );
 }
 
+/// One incident per host: cpu's resolve was refused for good, so the
+/// receiver still has the incident open; disk then failed in it, at
+/// warning, and cleared. cpu, `ok` since, was still counted failing at
+/// critical: disk's warning was not sent (the receiver kept showing cpu's
+/// critical), nor was disk's `ok`, the last of a series failing in it (the
+/// incident stayed open until cpu's next `ok`, which `changed_state` rules
+/// do not send while cpu stays `ok`).
+#[tokio::test]
+async fn a_series_failing_after_a_refused_resolve_resolves_the_incident_when_it_clears() {
+    let rx = Receiver::start().await;
+    let mut config = pager_config(&rx.url);
+    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let out = Running::pager(config);
+    rx.reply_next([
+        accepted(),
+        Reply(400, vec![], r#"{"status":"invalid event"}"#),
+    ]);
+    for (service, state) in [
+        ("cpu", "critical"),
+        ("cpu", "ok"),
+        ("disk /", "warning"),
+        ("disk /", "ok"),
+    ] {
+        out.queue.push(event(service, state));
+    }
+    out.settled().await;
+    let pages: Vec<String> = (rx.seen().iter())
+        .map(|seen| {
+            let page = seen.json();
+            let severity = page["payload"]["severity"].as_str().unwrap_or("");
+            format!("{} {severity}", page["event_action"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        pages,
+        [
+            "trigger critical",
+            "resolve ",
+            "trigger warning",
+            "resolve "
+        ]
+    );
+}
+
 /// A reload changed `dedup_key` from the derived `host/service` to
 /// `{host}` while `web1/cpu` was open, and another series then opened
 /// `web1`: cpu's `ok` was taken for `web1`'s, which cpu never triggered, and

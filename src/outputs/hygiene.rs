@@ -73,13 +73,28 @@ pub(super) struct Open<T> {
     /// How many of `series` fail at each severity (by [`Severity::rank`]):
     /// the highest, without a scan of a fleet's series at every page.
     failing: [usize; Severity::COUNT],
+    /// The series that cleared last, whose resolve the receiver has not
+    /// taken (refused, or not yet sent): it fails no more, so it holds up
+    /// neither the incident's severity nor the resolve of a series failing
+    /// in it since; but the incident is still open at the receiver, and its
+    /// next `ok` resolves it.
+    cleared: Option<u64>,
 }
 
 impl<T> Open<T> {
     /// Whether `series` (its derived key's `fnv1a`) may take this incident
-    /// up: it triggered it, or nobody knows who did.
+    /// up: it triggered it (and fails, or cleared last), or nobody knows who
+    /// did.
     pub(super) fn of(&self, series: u64) -> bool {
-        self.series.is_empty() || self.series.contains_key(&series)
+        self.series.contains_key(&series)
+            || self.cleared == Some(series)
+            || (self.series.is_empty() && self.cleared.is_none())
+    }
+
+    /// The series whose resolve the receiver has not taken, if one cleared
+    /// last (see `cleared`).
+    pub(super) fn cleared(&self) -> Option<u64> {
+        self.cleared
     }
 
     /// The series failing in it, each at its latest severity.
@@ -99,6 +114,9 @@ impl<T> Open<T> {
 
     /// `series` fails at `severity`: whether it is new to this incident.
     fn fails(&mut self, series: u64, severity: Severity) -> bool {
+        if self.cleared == Some(series) {
+            self.cleared = None;
+        }
         let before = self.series.insert(series, severity);
         if let Some(before) = before {
             self.failing[before.rank()] -= 1;
@@ -143,9 +161,10 @@ impl<T: Moment> Incidents<T> {
     /// output opened, once every series that triggered it has cleared (or
     /// nobody knows which did): the `ok` of one must not resolve it while
     /// another still fails, which would not page again while its state
-    /// stays. The last series stays in it until the resolve is
+    /// stays. The last series to clear is remembered until the resolve is
     /// [sent](Self::sent): one the receiver refuses leaves the incident
-    /// open there, to that series' next `ok`.
+    /// open there, to that series' next `ok`, and to the last `ok` of any
+    /// series failing in it since.
     pub(super) fn needs_sending(
         &mut self,
         key: &str,
@@ -166,14 +185,19 @@ impl<T: Moment> Incidents<T> {
                 highest == Some(severity) && (severity != before || now.since(sent) >= resend)
             }
             Action::Resolve => {
-                let last = open.series.len() == 1 && open.series.contains_key(&series);
-                if open.series.is_empty() || last {
-                    return true;
+                if open.series.is_empty() {
+                    // Unknown (a file written before), or its resolve again.
+                    return open.cleared.is_none_or(|cleared| cleared == series);
                 }
-                if open.clears(series) {
-                    self.series -= 1;
+                if !open.clears(series) {
+                    return false;
                 }
-                false
+                self.series -= 1;
+                let last = open.series.is_empty();
+                if last {
+                    open.cleared = Some(series);
+                }
+                last
             }
         }
     }
@@ -226,16 +250,29 @@ impl<T: Moment> Incidents<T> {
             self.series -= forgotten.series.len();
         }
         self.order.insert(self.next, key.clone());
-        let (series, failing) = before.map(|b| (b.series, b.failing)).unwrap_or_default();
+        let (series, failing, cleared) = before
+            .map(|b| (b.series, b.failing, b.cleared))
+            .unwrap_or_default();
         let open = Open {
             sent: now,
             severity,
             seq: self.next,
             series,
             failing,
+            cleared,
         };
         self.next += 1;
         self.open.insert(key, open);
+    }
+
+    /// The incident open under `key`, if one is, awaits the resolve of
+    /// `series`, which cleared last (as a saved file says).
+    pub(super) fn left_to(&mut self, key: &str, series: u64) {
+        if let Some(open) = self.open.get_mut(key)
+            && open.series.is_empty()
+        {
+            open.cleared = Some(series);
+        }
     }
 
     pub(super) fn resolved(&mut self, key: &str) {

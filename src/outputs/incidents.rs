@@ -338,6 +338,11 @@ struct SavedIncident {
     /// ignored by them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     severities: Vec<Severity>,
+    /// The series that cleared last, whose resolve the receiver has not
+    /// taken (see `hygiene::Open`); absent from older files, which then
+    /// take the incident for anyone's to resolve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cleared: Option<u64>,
 }
 
 /// One output's open incidents, and where they are saved.
@@ -517,6 +522,9 @@ impl Memory {
                 (incident.severities.into_iter()).chain(std::iter::repeat(incident.severity));
             for (series, severity) in incident.series.into_iter().zip(severities) {
                 incidents.joined(&key, series, severity);
+            }
+            if let Some(cleared) = incident.cleared {
+                incidents.left_to(&key, cleared);
             }
         }
         tracing::info!(
@@ -995,6 +1003,7 @@ impl Memory {
                         sent: since_epoch(age),
                         series,
                         severities,
+                        cleared: open.cleared(),
                     }
                 })
                 .collect(),
@@ -1520,6 +1529,32 @@ mod tests {
         assert!(open.of(7) && !open.of(8));
         assert_eq!(open.severity, Severity::Critical);
         assert_eq!(open.series().collect::<Vec<_>>(), [(7, Severity::Warning)]);
+    }
+
+    /// An incident whose last series' resolve the receiver refused is still
+    /// that series' to resolve after a restart: saved with no series
+    /// failing, it came back as anyone's, and the `ok` of a series that
+    /// never failed in it resolved it.
+    #[tokio::test]
+    async fn the_series_whose_resolve_was_refused_survives_a_restart() {
+        use pager::Action::{Resolve, Trigger};
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_in(dir.path(), "pager");
+        let memory = from_file(file.clone(), "key", 10).await;
+        let (now, resend) = (Instant::now(), Duration::from_secs(3600));
+        {
+            let mut incidents = memory.incidents();
+            incidents.sent("web1".into(), 7, Trigger(Severity::Critical), now);
+            // Its resolve, never delivered.
+            assert!(incidents.needs_sending("web1", 7, Resolve, now, resend));
+        }
+        assert!(memory.save().await);
+        let restarted = from_file(file, "key", 10).await;
+        let mut incidents = restarted.incidents();
+        let open = incidents.get("web1").unwrap();
+        assert!(open.of(7) && !open.of(8));
+        assert!(!incidents.needs_sending("web1", 8, Resolve, now, resend));
+        assert!(incidents.needs_sending("web1", 7, Resolve, now, resend));
     }
 
     /// A file that cannot be read holds what an operator must resolve by

@@ -23,7 +23,8 @@
 //!   series that triggered it has cleared (several share one under a
 //!   `dedup_key` such as `{host}`); a suppressed one counts as skipped too,
 //!   as nothing needed sending. One the receiver refuses leaves the
-//!   incident open, to the `ok` of the series that sent it.
+//!   incident open, to the `ok` of the series that sent it, and to the
+//!   last `ok` of a series failing in it since.
 //!
 //! An incident opened under the `dedup_key` of an earlier declaration (a
 //! reload or a restart changed the template) keeps its key until it
