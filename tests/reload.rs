@@ -217,6 +217,31 @@ fn by_groups_keep_their_changed_state() {
     assert_eq!(live.out_hosts(), ["a", "b", "a", "c"]);
 }
 
+/// Riemann's `counter` and `runs` start again from nothing at every reload:
+/// a count goes back to zero, a run of criticals must begin again.
+#[test]
+fn a_counter_and_a_run_keep_their_state_over_a_reload_unless_changed() {
+    let live = Live::start("  counter { out }\n  runs(3, state) { index }");
+    live.send("h", Some(2.0), Some("critical"));
+    live.send("h", Some(3.0), Some("critical"));
+    live.reload("  # edited\n  counter { out }\n  runs(3, state) { index }");
+    live.send("h", Some(4.0), Some("critical"));
+    assert_eq!(live.out_metrics(), vec![2.0, 5.0, 9.0], "the count goes on");
+    assert_eq!(
+        live.index.len(),
+        1,
+        "the third critical in a row, two of them before the reload"
+    );
+
+    live.reload("  counter(100) { out }\n  runs(2, state) { index }");
+    live.send("h", Some(1.0), Some("ok"));
+    assert_eq!(
+        live.out_metrics(),
+        vec![2.0, 5.0, 9.0, 101.0],
+        "a new start"
+    );
+}
+
 #[test]
 fn an_unchanged_by_keeps_its_groups_and_sends_to_its_outputs_by_name() {
     let by = "streams {\n  by(host) { changed(state) { out } }\n}\n";

@@ -14,9 +14,9 @@ use crate::tls::{ClientTls, TlsError};
 use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
 use super::diag::{Diagnostic, closest, line_col};
 use super::nodes::{
-    By, ByDefinition, Changed, Children, Ddt, Drop, Ewma, EwmaMode, Field, FieldSet, Fold,
-    FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Scale, Split,
-    Stable, Tag, Tap, Throttle, Where, Window, WindowKind, With,
+    By, ByDefinition, Changed, Children, Counter, Ddt, Drop, Ewma, EwmaMode, Field, FieldSet, Fold,
+    FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Runs, Scale,
+    Split, Stable, Tag, Tap, Throttle, Untag, Where, Window, WindowKind, With,
 };
 use crate::outputs::template::Template;
 use crate::outputs::{OutputKind, OutputSpec, forward, graphite, http, pager, pagerduty, webhook};
@@ -33,6 +33,8 @@ const STREAMS: &[&str] = &[
     "throttle",
     "changed",
     "changed_state",
+    "counter",
+    "runs",
     "expired",
     "not_expired",
     "over",
@@ -50,6 +52,7 @@ const STREAMS: &[&str] = &[
     "stable",
     "scale",
     "tag",
+    "untag",
     "tap",
     "log",
     "sum",
@@ -866,16 +869,11 @@ impl Compiler<'_> {
             "scale" => {
                 let b = self.bind(n, args, &["factor"], span)?;
                 let v = self.require(n, &b, "factor")?;
-                let x = self.number(v)?;
-                let factor = if x.fract() == 0.0 && x.abs() < 9e15 {
-                    Metric::Int(x as i64)
-                } else {
-                    Metric::Float(x)
-                };
+                let factor = metric_of(self.number(v)?);
                 let children = self.body(name, span, body)?;
                 Box::new(Scale { factor, children })
             }
-            "tag" => {
+            "tag" | "untag" => {
                 let b = self.bind(n, args, &["tags"], span)?;
                 let v = self.require(n, &b, "tags")?;
                 let tags = match &v.kind {
@@ -884,7 +882,11 @@ impl Compiler<'_> {
                     _ => return self.expected(v, "a tag or a list of tags"),
                 };
                 let children = self.body(name, span, body)?;
-                Box::new(Tag { tags, children })
+                if n == "tag" {
+                    Box::new(Tag { tags, children })
+                } else {
+                    Box::new(Untag { tags, children })
+                }
             }
             "tap" => {
                 let b = self.bind(n, args, &["name"], span)?;
@@ -946,6 +948,31 @@ impl Compiler<'_> {
                     0,
                     self.definition(span),
                 ))
+            }
+            "counter" => {
+                let b = self.bind(n, args, &["initial"], span)?;
+                let initial = match b.get("initial") {
+                    Some(v) => metric_of(self.number(v)?),
+                    None => Metric::Int(0),
+                };
+                let children = self.body(name, span, body)?;
+                Box::new(Counter::new(initial, children))
+            }
+            "runs" => {
+                let b = self.bind(n, args, &["count", "field"], span)?;
+                let count = self.require(n, &b, "count");
+                let count = self.count(count?)?;
+                let field = match b.get("field") {
+                    Some(v) => {
+                        let field = Field::named(&self.ident_or_string(v)?);
+                        let alike = "Events without the attribute all look alike: one run of them";
+                        self.warn_misspelled(&field, v, alike);
+                        field
+                    }
+                    None => Field::State,
+                };
+                let children = self.body(name, span, body)?;
+                Box::new(Runs::new(count, field, children))
             }
             "rate" => {
                 let interval = self.one_duration(n, args, span)?;
@@ -1274,14 +1301,7 @@ impl Compiler<'_> {
             "state" => FieldSet::State(self.optional_string(Some(v))?),
             "description" => FieldSet::Description(self.optional_string(Some(v))?),
             "metric" if null => FieldSet::Metric(None),
-            "metric" => {
-                let x = self.number(v)?;
-                FieldSet::Metric(Some(if x.fract() == 0.0 && x.abs() < 9e15 {
-                    Metric::Int(x as i64)
-                } else {
-                    Metric::Float(x)
-                }))
-            }
+            "metric" => FieldSet::Metric(Some(metric_of(self.number(v)?))),
             "ttl" if null => FieldSet::Ttl(None),
             // A TTL becomes an f32, as on the wire: past its range it would be infinite.
             "ttl" => match v.kind {
@@ -1362,6 +1382,16 @@ fn horizon(stmts: &[Stmt]) -> Micros {
         .unwrap_or(0)
 }
 
+/// A number written in a rule file as a metric: an integer where it is a
+/// whole number a double holds exactly, as Riemann reads `5` as a Long.
+fn metric_of(x: f64) -> Metric {
+    if x.fract() == 0.0 && x.abs() < 9e15 {
+        Metric::Int(x as i64)
+    } else {
+        Metric::Float(x)
+    }
+}
+
 /// How a Riemann stream vigil has no stage of that name is written here.
 fn riemanns(name: &str) -> Option<&'static str> {
     Some(match name {
@@ -1375,8 +1405,7 @@ fn riemanns(name: &str) -> Option<&'static str> {
             "vigil has no `median` fold; `percentiles(dt, [0.5])` gives the median of each `dt`"
         }
         "std_dev" => "vigil has no `std_dev` fold (README, \"Rule files\": what vigil lacks)",
-        "untag" | "smap" | "runs" | "counter" | "rollup" | "batch" | "apdex" | "fill_in"
-        | "predict_linear" | "publish" => {
+        "smap" | "rollup" | "batch" | "apdex" | "fill_in" | "predict_linear" | "publish" => {
             "Riemann's stream of that name has no vigil stage (README, \"Rule files\": what vigil lacks)"
         }
         _ => return None,

@@ -163,9 +163,9 @@ mod tests {
     /// stage of a like name: `median` is not `mean`.
     #[test]
     fn a_riemann_stream_vigil_lacks_is_not_taken_for_a_like_named_stage() {
-        let source = "streams {\n  median { index }\n  runs(3, state) { index }\n}\n";
+        let source = "streams {\n  median { index }\n  apdex(5s) { index }\n}\n";
         let Err(error) = load("m.vigil", source, EnvPolicy::Strict) else {
-            panic!("`median` and `runs` compiled");
+            panic!("`median` and `apdex` compiled");
         };
         assert!(error.contains("unknown stream `median`"), "{error}");
         assert!(error.contains("`percentiles(dt, [0.5])`"), "{error}");
@@ -173,6 +173,38 @@ mod tests {
         assert!(
             error.contains("Riemann's stream of that name has no vigil stage"),
             "{error}"
+        );
+    }
+
+    /// `vigil check` points at each bad argument of `untag`, `counter` and
+    /// `runs`, and says what it takes.
+    #[test]
+    fn bad_arguments_of_untag_counter_and_runs_are_refused_where_written() {
+        let source = "streams {\n  untag(5) { index }\n  counter(\"x\") { index }\n  \
+                      runs(0, state) { index }\n  runs(field: host) { index }\n  \
+                      counter(start: 1) { index }\n  runs(2, state)\n  \
+                      runs(2, field: sate) { index }\n}\n";
+        let Err(error) = load("a.vigil", source, EnvPolicy::Strict) else {
+            panic!("bad arguments compiled");
+        };
+        for expected in [
+            "a.vigil:2:9: expected a tag or a list of tags, found the number 5",
+            "a.vigil:3:11: expected a number, found a string",
+            "a.vigil:4:8: expected a whole number of at least 1, found the number 0",
+            "a.vigil:5:3: `runs` needs `count`",
+            "a.vigil:6:11: unknown parameter `start` for `counter`",
+            "a.vigil:7:3: `runs` needs a block of streams to pass events to",
+        ] {
+            assert!(error.contains(expected), "{expected} in\n{error}");
+        }
+        assert!(!error.contains("sate"), "a warning, not an error:\n{error}");
+        let source = "streams {\n  runs(2, field: sate) { index }\n}\n";
+        let (_, compiled) = load("w.vigil", source, EnvPolicy::Strict).unwrap();
+        assert_eq!(
+            compiled.warnings[0].hint.as_deref(),
+            Some(
+                "did you mean `state`? Events without the attribute all look alike: one run of them"
+            )
         );
     }
 

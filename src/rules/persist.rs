@@ -29,7 +29,10 @@
 //! a `by` of a million groups decoded several times slower from CBOR, whose
 //! every struct names its fields. Postcard names nothing, so fields and
 //! enum variants are known by their position: changing their order or
-//! meaning needs a new version.
+//! meaning needs a new version. Kinds appended for a new stage (`counter`,
+//! `runs`) do not: only rules with that stage save them, and a vigil
+//! without it refuses their text (which no longer compiles) before it
+//! reads an entry.
 //!
 //! Version 2 saves a fixed window's folds where version 1 saved its events;
 //! version 4 its sum as Riemann's, exactly while its metrics are integers
@@ -669,6 +672,34 @@ mod tests {
         assert_eq!(second.took(), [out("t", None, None)], "a new minute");
     }
 
+    /// Riemann's `counter` and `runs` start from nothing after a restart:
+    /// vigil's go on.
+    #[test]
+    fn counters_and_runs_go_on_where_they_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = r#"  where host = "c" { by(host) { counter { out } } }
+  where host = "r" { runs(3, state) { out } }"#;
+        let first = Life::start(rules, dir.path(), 0.0);
+        first.send("c", None, Some(2.0));
+        first.send("c", None, Some(3.0));
+        first.send("r", Some("critical"), None);
+        first.send("r", Some("critical"), None);
+        assert_eq!(
+            first.took(),
+            [out("c", None, Some(2.0)), out("c", None, Some(5.0))]
+        );
+        first.stop(dir.path());
+
+        let second = Life::start(rules, dir.path(), 10.0);
+        second.send("c", None, Some(4.0));
+        second.send("r", Some("critical"), None);
+        assert_eq!(
+            second.took(),
+            [out("c", None, Some(9.0)), out("r", Some("critical"), None)],
+            "the count goes on; the third critical in a row passes"
+        );
+    }
+
     #[test]
     fn edited_rules_keep_the_unchanged_stages_and_reset_the_changed_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -910,7 +941,9 @@ mod tests {
   moving_event_window(5) { mean { out } }
   fixed_time_window(10s) { sum { out } }
   rate(10s) { out }
-  throttle(10, 1m) { changed(metric) { out } }"#;
+  throttle(10, 1m) { changed(metric) { out } }
+  counter { out }
+  runs(2, state) { out }"#;
         let first = Life::start(rules, dir.path(), 0.0);
         for (i, host) in ["a", "b", "a", "c"].iter().enumerate() {
             first.advance_to(i as f64 * 0.5);
@@ -920,7 +953,7 @@ mod tests {
         assert_eq!(before[0], Saved::By { groups: 3 });
         assert_eq!(
             before.len(),
-            1 + 3 * 2 + 11,
+            1 + 3 * 2 + 13,
             "the by, each group and its stable, every other stateful stage"
         );
         first.stop(dir.path());

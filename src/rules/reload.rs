@@ -22,6 +22,7 @@
 //!   over as they are, however many; after an edit each group is rebuilt
 //!   from the new block and its unchanged stages take over its old state.
 //! - `changed`: the last value, so a repeated value does not fire again.
+//! - `counter`: the count; `runs`: the last value and its run so far.
 //! - `throttle`, `stable`, `ewma`, `ewma_timeless`, `ddt`: their counters,
 //!   held events and last values.
 //! - Time, event-count and `coalesce` windows, `percentiles`: the buffered

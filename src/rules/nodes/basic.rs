@@ -1,5 +1,5 @@
 //! Stateless stages: filters (`where`, `split`, `over`…), field edits (`with`,
-//! `default`, `scale`, `tag`) and sinks (`index`, `reinject`, outputs, `log`,
+//! `default`, `scale`, `tag`, `untag`) and sinks (`index`, `reinject`, outputs, `log`,
 //! `drop`). None of them holds state, so none of them locks; on reload they
 //! only pass [`Node::adopt`] on to their children when their own definition is
 //! unchanged.
@@ -349,6 +349,49 @@ impl Node for Tag {
 
     fn adopt(&self, old: &dyn Node) {
         if let Some(old) = same::<Tag>(old).filter(|o| o.tags == self.tags) {
+            self.children.adopt(&old.children);
+        }
+    }
+
+    fn save(&self, out: &mut dyn Saver) {
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
+        self.children.restore(from)
+    }
+}
+
+/// `untag(t)`, `untag([t, …])`: removes the tags (every copy of each), the
+/// mirror of [`Tag`].
+pub struct Untag {
+    pub tags: Vec<String>,
+    pub children: Children,
+}
+
+impl Node for Untag {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        if !self.tags.iter().any(|tag| event.has_tag(tag)) {
+            return self.children.event(event, cx);
+        }
+        let mut event = event.clone();
+        event.tags.retain(|tag| !self.tags.contains(tag));
+        self.children.event(&event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Untag {
+            tags: self.tags.clone(),
+            children: self.children.fresh(),
+        })
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Untag>(old).filter(|o| o.tags == self.tags) {
             self.children.adopt(&old.children);
         }
     }

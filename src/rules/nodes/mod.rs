@@ -40,9 +40,11 @@ mod tests;
 
 pub use basic::{
     Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Reinject, Scale, Split, Tag, Tap,
-    Where, With,
+    Untag, Where, With,
 };
-pub use stateful::{By, ByDefinition, Changed, Ddt, Ewma, EwmaMode, Rate, Stable, Throttle};
+pub use stateful::{
+    By, ByDefinition, Changed, Counter, Ddt, Ewma, EwmaMode, Rate, Runs, Stable, Throttle,
+};
 pub use window::{Fold, FoldKind, Percentiles, WINDOW_MAX, Window, WindowKind};
 
 use saved::{RestoreError, Restorer, Saver};

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Micros;
 use crate::event::Event;
 
+use super::numbers::Sum;
 use super::running::{FixedFolds, FloatSumFolds};
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -85,6 +86,16 @@ pub enum Saved {
         folds: FixedFolds,
         window_end: Option<Micros>,
     },
+    /// A `counter`'s count. New in version 4 without a new version: only
+    /// rules with a `counter` save one, and a vigil without `counter`
+    /// refuses their text before it reads an entry.
+    Counter(Sum),
+    /// A `runs`: the last value (`None`: no event yet) and how many events
+    /// in a row had it, up to the run's length. New as `Counter` is.
+    Runs {
+        value: Option<Option<String>>,
+        seen: u64,
+    },
 }
 
 impl Saved {
@@ -101,6 +112,8 @@ impl Saved {
             Saved::Window { .. } => "window",
             Saved::Percentiles { .. } => "percentiles",
             Saved::FixedWindow { .. } | Saved::ExactFixedWindow { .. } => "fixed window",
+            Saved::Counter(_) => "counter",
+            Saved::Runs { .. } => "runs",
         }
     }
 }

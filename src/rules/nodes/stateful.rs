@@ -1,5 +1,5 @@
-//! Stages that remember: `rate`, `by`, `throttle`, `changed`, `stable`, `ewma`,
-//! `ddt`. Each keeps its state behind its own lock; timers run on arrival time
+//! Stages that remember: `rate`, `by`, `throttle`, `changed`, `counter`,
+//! `runs`, `stable`, `ewma`, `ddt`. Each keeps its state behind its own lock; timers run on arrival time
 //! (the injected clock), except `ddt` and `ewma(halflife)`, which measure the
 //! gaps between the events' own times.
 //!
@@ -21,6 +21,7 @@ use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
 use crate::index::MAX_TIME_AHEAD;
 
+use super::numbers::Sum;
 use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Field, Node, as_secs, metric_f64, same, take_over};
 
@@ -787,6 +788,172 @@ impl Node for Changed {
         match from.next("changed")? {
             Saved::Changed(last) => *self.last.lock() = last,
             other => return Err(RestoreError::mismatch("changed", &other)),
+        }
+        self.children.restore(from)
+    }
+}
+
+/// `counter([initial])`: a running sum of the metrics, passed on as each
+/// event's metric (exact while they are integers, as `sum`'s); an event
+/// tagged `reset` sets it to its own metric. Events without a metric pass
+/// unchanged, as Riemann's. Wrap in `by` for a count per series.
+pub struct Counter {
+    pub initial: Metric,
+    pub children: Children,
+    pub count: Mutex<Sum>,
+}
+
+impl Counter {
+    pub fn new(initial: Metric, children: Children) -> Self {
+        Self {
+            initial,
+            children,
+            count: Mutex::new(Sum::from(initial)),
+        }
+    }
+}
+
+impl Node for Counter {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let Some(metric) = event.metric else {
+            return self.children.event(event, cx);
+        };
+        let count = {
+            let mut count = self.count.lock();
+            *count = if event.has_tag("reset") {
+                Sum::from(metric)
+            } else {
+                count.add(metric)
+            };
+            count.metric()
+        };
+        let mut event = event.clone();
+        event.metric = Some(count);
+        self.children.event(&event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Counter::new(self.initial, self.children.fresh()))
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<Counter>(old).filter(|o| o.initial == self.initial) {
+            take_over(&self.count, &old.count);
+            self.children.adopt(&old.children);
+        }
+    }
+
+    fn save(&self, out: &mut dyn Saver) {
+        let count = *self.count.lock();
+        out.push(Saved::Counter(count));
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
+        match from.next("counter")? {
+            Saved::Counter(count) => *self.count.lock() = count,
+            other => return Err(RestoreError::mismatch("counter", &other)),
+        }
+        self.children.restore(from)
+    }
+}
+
+/// `runs(n[, field])`: passes an event once it and the `n - 1` before it
+/// all had the same value of the field (default `state`), and each event
+/// after it while the value holds: `runs(3, state)` passes the third
+/// `critical` in a row and the ones after it. Events without the field make
+/// a run of their own, as Riemann's nils do. It remembers the last value
+/// and how long its run is, not the events.
+pub struct Runs {
+    pub length: u64,
+    pub field: Field,
+    pub children: Children,
+    pub state: Mutex<RunState>,
+}
+
+#[derive(Default)]
+pub struct RunState {
+    /// The last event's value; `None` before the first event.
+    value: Option<Option<String>>,
+    /// Events in a row with that value, counted up to the run's length.
+    seen: u64,
+}
+
+impl Runs {
+    pub fn new(length: u64, field: Field, children: Children) -> Self {
+        Self {
+            length,
+            field,
+            children,
+            state: Mutex::default(),
+        }
+    }
+}
+
+impl Node for Runs {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let value = self.field.text_ref(event);
+        let pass = {
+            let mut s = self.state.lock();
+            let same = matches!(&s.value, Some(last) if last.as_deref() == value.as_deref());
+            if same {
+                s.seen = (s.seen + 1).min(self.length);
+            } else {
+                // Copied only on a change: a run repeats its value.
+                s.value = Some(value.map(Cow::into_owned));
+                s.seen = 1;
+            }
+            s.seen == self.length
+        };
+        if pass {
+            self.children.event(event, cx);
+        }
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Runs::new(
+            self.length,
+            self.field.clone(),
+            self.children.fresh(),
+        ))
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) =
+            same::<Runs>(old).filter(|o| o.length == self.length && o.field == self.field)
+        {
+            take_over(&self.state, &old.state);
+            self.children.adopt(&old.children);
+        }
+    }
+
+    fn save(&self, out: &mut dyn Saver) {
+        let s = self.state.lock();
+        let entry = Saved::Runs {
+            value: s.value.clone(),
+            seen: s.seen,
+        };
+        drop(s);
+        out.push(entry);
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
+        match from.next("runs")? {
+            Saved::Runs { value, seen } => {
+                // The file is vigil's own, but a run is at most its length.
+                let seen = seen.min(self.length);
+                *self.state.lock() = RunState { value, seen };
+            }
+            other => return Err(RestoreError::mismatch("runs", &other)),
         }
         self.children.restore(from)
     }

@@ -638,6 +638,140 @@ fn changed_state_is_per_host_and_service() {
     );
 }
 
+// ---- counter -------------------------------------------------------------------
+
+fn tagged(mut e: Event, tag: &str) -> Event {
+    e.tags.push(tag.to_owned());
+    e
+}
+
+#[test]
+fn counter_sums_metrics_exactly_and_a_reset_sets_it() {
+    let b = bench("counter { out }");
+    const BIG: i64 = (1 << 53) + 1;
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(BIG)));
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(2)));
+    send(&b, ev(&b, "h", "s")); // no metric: passes as it came
+    send(
+        &b,
+        tagged(with_metric(ev(&b, "h", "s"), Metric::Int(10)), "reset"),
+    );
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Float(0.5)));
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    assert_eq!(
+        out_metrics(&b),
+        vec![
+            Some(Metric::Int(BIG)),
+            Some(Metric::Int(BIG + 2)),
+            None,
+            Some(Metric::Int(10)),
+            Some(Metric::Float(10.5)),
+            Some(Metric::Float(11.5)),
+        ]
+    );
+    let tags: Vec<_> = out(&b).into_iter().map(|e| e.tags).collect();
+    assert_eq!(tags[3], vec!["reset".to_owned()], "the reset passes on");
+}
+
+#[test]
+fn counter_starts_at_its_initial_value_and_counts_per_by_group() {
+    let b = bench("by(host) { counter(500) { out } }");
+    for host in ["a", "b", "a"] {
+        send(&b, with_metric(ev(&b, host, "s"), Metric::Int(1)));
+    }
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| (e.host_str().to_owned(), e.metric))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("a".to_owned(), Some(Metric::Int(501))),
+            ("b".to_owned(), Some(Metric::Int(501))),
+            ("a".to_owned(), Some(Metric::Int(502))),
+        ]
+    );
+}
+
+/// As Riemann's `+`: a NaN metric makes the count NaN, until a reset. An
+/// `expired` notice carries no metric and passes as it came.
+#[test]
+fn counter_is_nan_after_a_nan_until_a_reset_and_passes_expired_notices() {
+    let b = bench("counter { out }");
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Float(f64::NAN)));
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    send(&b, with_state(ev(&b, "h", "s"), "expired"));
+    send(
+        &b,
+        tagged(with_metric(ev(&b, "h", "s"), Metric::Int(0)), "reset"),
+    );
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    let metrics = out_metrics(&b);
+    assert_eq!(metrics[0], Some(Metric::Int(1)));
+    assert!(matches!(metrics[1], Some(Metric::Float(m)) if m.is_nan()));
+    assert!(matches!(metrics[2], Some(Metric::Float(m)) if m.is_nan()));
+    assert_eq!(
+        metrics[3..],
+        [None, Some(Metric::Int(0)), Some(Metric::Int(1))]
+    );
+    assert_eq!(out_states(&b)[3].as_deref(), Some("expired"));
+}
+
+// ---- runs ----------------------------------------------------------------------
+
+#[test]
+fn runs_passes_once_the_last_n_events_agree_and_while_they_go_on() {
+    let b = bench("runs(3, state) { out }");
+    for (i, state) in [
+        "critical", "critical", "ok", "critical", "critical", "critical", "critical", "ok",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut e = with_state(ev(&b, "h", "s"), state);
+        e.metric = Some(Metric::Int(i as i64));
+        send(&b, e);
+    }
+    assert_eq!(
+        out_metrics(&b),
+        vec![Some(Metric::Int(5)), Some(Metric::Int(6))],
+        "the third critical in a row and the fourth"
+    );
+}
+
+/// Events without the field agree with one another, as Riemann's nils do;
+/// an `expired` notice breaks a run of another state. A run of one passes
+/// every event.
+#[test]
+fn runs_of_a_missing_field_count_and_an_expiry_breaks_a_run() {
+    let b = bench("runs(2, state) { out }");
+    send(&b, ev(&b, "h", "1"));
+    send(&b, ev(&b, "h", "2"));
+    send(&b, with_state(ev(&b, "h", "3"), "critical"));
+    send(&b, with_state(ev(&b, "h", "4"), "expired"));
+    send(&b, with_state(ev(&b, "h", "5"), "critical"));
+    send(&b, with_state(ev(&b, "h", "6"), "critical"));
+    let services: Vec<_> = out(&b).iter().map(|e| e.service_str().to_owned()).collect();
+    assert_eq!(services, ["2", "6"]);
+
+    let b = bench("runs(1) { out }");
+    for state in ["ok", "critical", "ok"] {
+        send(&b, with_state(ev(&b, "h", "s"), state));
+    }
+    assert_eq!(out(&b).len(), 3);
+}
+
+#[test]
+fn runs_are_per_by_group() {
+    let b = bench("by(host) { runs(2, state) { out } }");
+    for host in ["a", "b", "a", "b", "b"] {
+        send(&b, with_state(ev(&b, host, "s"), "critical"));
+    }
+    let hosts: Vec<_> = out(&b).iter().map(|e| e.host_str().to_owned()).collect();
+    assert_eq!(hosts, ["a", "b", "b"]);
+}
+
 // ---- throttle ----------------------------------------------------------------
 
 #[test]
@@ -740,6 +874,29 @@ fn tag_adds_missing_tags_once() {
     let b = bench(r#"tag(["a", "b"]) { out }"#);
     send(&b, ev(&b, "h", "s"));
     assert_eq!(out(&b)[0].tags, vec!["a".to_owned(), "b".to_owned()]);
+}
+
+#[test]
+fn untag_removes_every_copy_of_each_tag_and_keeps_the_rest() {
+    let b = bench(r#"untag(["x", "y"]) { out }"#);
+    let mut tagged = ev(&b, "h", "s");
+    tagged.tags = vec!["x".into(), "keep".into(), "x".into(), "y".into()];
+    send(&b, tagged);
+    let mut untouched = ev(&b, "h", "s");
+    untouched.tags = vec!["keep".into()];
+    send(&b, untouched);
+    send(&b, ev(&b, "h", "s"));
+    let tags: Vec<_> = out(&b).into_iter().map(|e| e.tags).collect();
+    assert_eq!(
+        tags,
+        vec![vec!["keep".to_owned()], vec!["keep".to_owned()], vec![]]
+    );
+
+    let b = bench(r#"untag("x") { out }"#);
+    let mut tagged = ev(&b, "h", "s");
+    tagged.tags = vec!["x".into(), "y".into()];
+    send(&b, tagged);
+    assert_eq!(out(&b)[0].tags, vec!["y".to_owned()]);
 }
 
 #[test]
@@ -1393,6 +1550,8 @@ fn a_stages_events_do_not_wait_for_its_state_being_written() {
         "fixed_time_window(10s) { count { drop } }",
         "moving_event_window(10) { count { drop } }",
         "percentiles(10s, [0.5]) { drop }",
+        "counter { drop }",
+        "runs(2, state) { drop }",
     ] {
         let source = format!("streams {{\n  by(host) {{ {stage} }}\n}}\n");
         let (_, compiled) =
