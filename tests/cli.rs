@@ -472,6 +472,25 @@ fn test_checks_what_reached_a_tap() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+/// Riemann's `untag`, `counter` and `runs` as a ported configuration
+/// writes them: checked, and their own tests pass.
+#[test]
+fn untag_counter_and_runs_check_and_pass_their_tests() {
+    let fixture = "tests/fixtures/counters_and_runs.vigil";
+    let out = vigil(&["check", fixture]);
+    assert_eq!(stdout(&out), format!("{fixture}: ok\n"));
+    let out = vigil(&["test", fixture]);
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "PASS {fixture}: a count per host, reset by an event tagged reset\n\
+             PASS {fixture}: a disk pages after three checks in a row agree\n\
+             2 passed, 0 failed\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
 #[test]
 fn check_refuses_what_an_output_could_never_send_keys_given_twice_and_ttls_out_of_range() {
     // Each of these passed `check`, then `run` dropped every event of the output.
