@@ -1,6 +1,6 @@
 //! Stateless stages: filters (`where`, `split`, `over`…), field edits (`with`,
-//! `default`, `scale`, `tag`, `untag`) and sinks (`index`, `reinject`, outputs, `log`,
-//! `drop`). None of them holds state, so none of them locks; on reload they
+//! `default`, `scale`, `tag`, `untag`) and sinks (`index`, `reinject`,
+//! outputs, `log`, `drop`). None of them holds state, so none of them locks; on reload they
 //! only pass [`Node::adopt`] on to their children when their own definition is
 //! unchanged.
 
