@@ -718,6 +718,27 @@ fn counter_is_nan_after_a_nan_until_a_reset_and_passes_expired_notices() {
     assert_eq!(out_states(&b)[3].as_deref(), Some("expired"));
 }
 
+/// A `by` frees a group idle past its events' TTL (Riemann keeps every
+/// group for ever): the count of a series that went silent starts again.
+#[test]
+fn a_counter_in_a_freed_by_group_starts_again() {
+    let b = bench("by(host) { counter(100) { out } }");
+    let one = |b: &Bench| with_ttl(with_metric(ev(b, "a", "s"), Metric::Int(1)), 10.0);
+    send(&b, one(&b));
+    b.advance_to(at(5.0));
+    send(&b, one(&b)); // alive until 15 s
+    b.advance_to(at(16.0));
+    send(&b, one(&b));
+    assert_eq!(
+        out_metrics(&b),
+        vec![
+            Some(Metric::Int(101)),
+            Some(Metric::Int(102)),
+            Some(Metric::Int(101))
+        ]
+    );
+}
+
 // ---- runs ----------------------------------------------------------------------
 
 #[test]
