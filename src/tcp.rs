@@ -327,6 +327,10 @@ impl Connections {
             Ok(written) => written.map(drop),
             Err(_) => {
                 Stats::incr(&self.ingest.stats.tcp_write_timeouts);
+                // Cut off mid-write: kept, the replies were written again
+                // when the connection closed, waiting out a second timeout
+                // with their room held (and counted twice).
+                out.clear();
                 Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "client not reading its replies",

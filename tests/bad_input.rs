@@ -594,7 +594,8 @@ async fn a_client_that_never_reads_its_replies_is_closed_after_the_timeout() {
 /// One connection's pipelined queries, each answered with up to
 /// `--max-query-results` events, must not all be answered (and held) before
 /// the first answer is written: 16 pipelined `true` queries over 100 000
-/// events took one server to 1.7 GB.
+/// events took one server to 1.7 GB. Not read within the timeout, the
+/// connection closes then, its answer's room back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_query_answers_are_written_one_at_a_time_to_a_client_reading_none() {
     let (h, mut s) = holding_big_answers().await;
@@ -607,6 +608,10 @@ async fn pipelined_query_answers_are_written_one_at_a_time_to_a_client_reading_n
         1,
         "the first answer, unread, held back the other queries"
     );
+    // Closed at the first timeout: the unwritten answer was not written
+    // again, waiting out a second one with its room held.
+    assert_eq!(h.count(|s| &s.tcp_write_timeouts), 1, "one timeout");
+    assert_eq!(h.count(|s| &s.answer_bytes_held), 0, "its room is back");
     h.assert_serves().await;
 }
 
