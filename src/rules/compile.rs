@@ -60,6 +60,8 @@ const STREAMS: &[&str] = &[
     "min",
     "max",
     "count",
+    "median",
+    "std_dev",
 ];
 
 const OUTPUT_TYPES: &[&str] = &[
@@ -1070,7 +1072,7 @@ impl Compiler<'_> {
                 let folds = self.folds(name, span, body)?;
                 Box::new(Window::new(kind, folds))
             }
-            "sum" | "mean" | "min" | "max" | "count" => {
+            "sum" | "mean" | "min" | "max" | "count" | "median" | "std_dev" => {
                 self.error_hint(
                     name.span.clone(),
                     format!("`{n}` folds a window of events and cannot stand here"),
@@ -1187,6 +1189,8 @@ impl Compiler<'_> {
                         "min" => FoldKind::Min,
                         "max" => FoldKind::Max,
                         "count" => FoldKind::Count,
+                        "median" => FoldKind::Median,
+                        "std_dev" => FoldKind::StdDev,
                         _ => {
                             self.not_a_fold(&name.name, stmt.span());
                             continue;
@@ -1217,7 +1221,7 @@ impl Compiler<'_> {
         self.error_hint(
             span.clone(),
             format!("`{window}` emits windows of events; only a fold can take them"),
-            "use one of: sum, mean, min, max, count — e.g. `mean { index }`",
+            "use one of: sum, mean, min, max, count, median, std_dev — e.g. `mean { index }`",
         );
     }
 
@@ -1400,12 +1404,7 @@ fn riemanns(name: &str) -> Option<&'static str> {
         "tagged_any" => "tags are tested in a `where`: `where tagged \"a\" or tagged \"b\" { … }`",
         "splitp" => "`split { when metric > 0.9 { … } when metric > 0.5 { … } else { … } }`",
         "sdo" => "list the streams side by side: each gets every event",
-        // Not `mean`, which a guess would offer: another number entirely.
-        "median" => {
-            "vigil has no `median` fold; `percentiles(dt, [0.5])` gives the median of each `dt`"
-        }
-        "std_dev" => "vigil has no `std_dev` fold (README, \"Rule files\": what vigil lacks)",
-        "smap" | "rollup" | "batch" | "apdex" | "fill_in" | "predict_linear" | "publish" => {
+        "smap" | "batch" | "apdex" | "fill_in" | "predict_linear" | "publish" => {
             "Riemann's stream of that name has no vigil stage (README, \"Rule files\": what vigil lacks)"
         }
         _ => return None,

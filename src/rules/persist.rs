@@ -16,7 +16,7 @@
 //! vigil was down closes on the first tick, and a throttle counts the
 //! downtime as time passed.
 //!
-//! # Format (version 4)
+//! # Format (version 5)
 //!
 //! ```text
 //! "VIGILSTS"  u32 version (little-endian)
@@ -36,8 +36,9 @@
 //!
 //! Version 2 saves a fixed window's folds where version 1 saved its events;
 //! version 4 its sum as Riemann's, exactly while its metrics are integers
-//! (a new entry kind: version 3's still decode, their sums floats). All are
-//! still read. A vigil that reads only older versions refuses a newer file
+//! (a new entry kind: version 3's still decode, their sums floats); version
+//! 5 a fixed window's `median` and `std_dev` so far (a new entry kind, only
+//! for a window that folds either). All are still read. A vigil that reads only older versions refuses a newer file
 //! by its number rather than failing on its first entry.
 //!
 //! A file that does not check out, or whose rule text no longer compiles, is
@@ -64,7 +65,7 @@ use super::{EnvPolicy, RuleText};
 pub const FILE_NAME: &str = "streams.state";
 
 const MAGIC: &[u8; 8] = b"VIGILSTS";
-const VERSION: u32 = 4;
+const VERSION: u32 = 5;
 /// The oldest version read.
 const FIRST_VERSION: u32 = 1;
 /// The first version in postcard; those before it are CBOR.
@@ -697,6 +698,32 @@ mod tests {
             second.took(),
             [out("c", None, Some(9.0)), out("r", Some("critical"), None)],
             "the count goes on; the third critical in a row passes"
+        );
+    }
+
+    /// A fixed window's median and deviations so far are saved with its
+    /// other folds: the window closes on the events of both lives.
+    #[test]
+    fn a_fixed_windows_median_and_std_dev_go_on_where_they_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = "  fixed_event_window(4) { median { out } std_dev { out } }";
+        let first = Life::start(rules, dir.path(), 0.0);
+        for m in [2.0, 4.0, 9.0] {
+            first.send("w", None, Some(m));
+        }
+        assert_eq!(first.took(), []);
+        first.stop(dir.path());
+
+        let second = Life::start(rules, dir.path(), 1.0);
+        second.send("w", None, Some(1.0));
+        // 1, 2, 4, 9: the median at rank 2 is 4; the mean 4, the squared
+        // deviations 9 + 4 + 0 + 25 = 38 over 4.
+        assert_eq!(
+            second.took(),
+            [
+                out("w", None, Some(4.0)),
+                out("w", None, Some(9.5f64.sqrt()))
+            ]
         );
     }
 

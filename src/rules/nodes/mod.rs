@@ -32,6 +32,7 @@ mod basic;
 mod numbers;
 mod running;
 pub mod saved;
+mod spread;
 mod stateful;
 mod window;
 

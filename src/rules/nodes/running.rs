@@ -23,6 +23,7 @@ use crate::clock::Micros;
 use crate::event::{Event, Metric};
 
 use super::numbers::{self, Sum};
+use super::spread::{Deviations, FixedSpread, Middle, std_dev_of};
 use super::window::FoldKind;
 
 /// Metrics above this are left out of the running sum: the window's sum is
@@ -30,6 +31,12 @@ use super::window::FoldKind;
 /// `WINDOW_MAX` (10^5) of the others, which sum to at most 10^305, within
 /// f64's range.
 const HUGE: f64 = 1e300;
+
+/// Metrics above this in a moving window make its standard deviation be
+/// folded in two passes: their squares may pass f64's range, and taking
+/// them away would not undo adding them. They are kept out of its
+/// [`Deviations`].
+const HUGE_SQUARE_ROOT: f64 = 1e150;
 
 /// The window's events, oldest first, with their arrival times.
 pub type Events = VecDeque<(Micros, Event)>;
@@ -164,34 +171,45 @@ pub struct Running {
     metrics: MetricSum,
     /// The queues kept: those of the extremes the window folds. A `by`
     /// group's window of only `mean` saves two allocations.
-    extremes: Extremes,
+    kept: Kept,
     /// Candidates for the least metric: increasing (in [`numbers::cmp`]'s
     /// order); for the greatest: decreasing. Of equals, the latest is kept,
     /// as Riemann's `minimum` (`<=`) and `maximum` (`>=`) keep it.
     mins: VecDeque<(u64, Metric)>,
     maxs: VecDeque<(u64, Metric)>,
+    /// The median's ranks, kept if the window folds it.
+    middle: Middle,
+    deviations: Deviations,
+    /// Metrics taken out of `deviations` since it was last built anew, and
+    /// of those in the window the ones whose squares may pass f64's range.
+    taken_away: usize,
+    huge: u64,
 }
 
 impl Running {
     /// Running folds of no events, for a window that folds `extremes`.
-    pub fn new(extremes: Extremes) -> Running {
+    pub fn new(kept: Kept) -> Running {
         Running {
             front: 0,
             metrics: MetricSum::default(),
-            extremes,
+            kept,
             mins: VecDeque::new(),
             maxs: VecDeque::new(),
+            middle: Middle::default(),
+            deviations: Deviations::default(),
+            taken_away: 0,
+            huge: 0,
         }
     }
 
-    /// The extremes whose queues are kept.
-    pub fn extremes(&self) -> Extremes {
-        self.extremes
+    /// The folds by order whose ranks are kept.
+    pub fn kept(&self) -> Kept {
+        self.kept
     }
 
     /// Running folds of `events`.
-    pub fn of(events: &Events, extremes: Extremes) -> Running {
-        let mut running = Running::new(extremes);
+    pub fn of(events: &Events, kept: Kept) -> Running {
+        let mut running = Running::new(kept);
         for (len, (_, event)) in events.iter().enumerate() {
             running.pushed(event, len);
         }
@@ -205,7 +223,15 @@ impl Running {
         };
         let number = self.front + len as u64;
         self.metrics.add(metric);
-        if self.extremes.min {
+        if metric.as_f64().abs() > HUGE_SQUARE_ROOT {
+            self.huge += 1;
+        } else {
+            self.deviations.add(metric);
+        }
+        if self.kept.median {
+            self.middle.insert(number, metric);
+        }
+        if self.kept.min {
             while self
                 .mins
                 .back()
@@ -215,7 +241,7 @@ impl Running {
             }
             self.mins.push_back((number, metric));
         }
-        if self.extremes.max {
+        if self.kept.max {
             while self
                 .maxs
                 .back()
@@ -235,11 +261,35 @@ impl Running {
             return;
         };
         self.metrics.take_away(metric);
+        if metric.as_f64().abs() > HUGE_SQUARE_ROOT {
+            self.huge -= 1;
+        } else {
+            self.deviations.take_away(metric);
+            self.taken_away += 1;
+        }
+        if self.kept.median {
+            self.middle.remove(number, metric);
+        }
         for queue in [&mut self.mins, &mut self.maxs] {
             if queue.front().is_some_and(|(n, _)| *n == number) {
                 queue.pop_front();
             }
         }
+    }
+
+    /// Builds the deviations anew from `events` once as many have left the
+    /// window as it holds: what rounding taking them away left behind goes,
+    /// at O(1) an event.
+    pub fn refresh(&mut self, events: &Events) {
+        if self.taken_away <= events.len() {
+            return;
+        }
+        self.deviations = Deviations::default();
+        let metrics = events.iter().filter_map(|(_, e)| e.metric);
+        for metric in metrics.filter(|m| m.as_f64().abs() <= HUGE_SQUARE_ROOT) {
+            self.deviations.add(metric);
+        }
+        self.taken_away = 0;
     }
 
     /// The fold `kind` of `events`, the window these folds follow.
@@ -251,6 +301,16 @@ impl Running {
             FoldKind::Count => Metric::Int(events.len() as i64),
             FoldKind::Sum => self.metrics.sum(in_order)?.metric(),
             FoldKind::Mean => self.metrics.mean(in_order)?,
+            // Where a square may pass f64's range, taking it away does not
+            // undo adding it: in two passes, as fold does.
+            FoldKind::StdDev if self.huge > 0 => {
+                Metric::Float(std_dev_of(events.iter().filter_map(|(_, e)| e.metric))?)
+            }
+            FoldKind::StdDev => Metric::Float(self.deviations.std_dev()?),
+            FoldKind::Median => {
+                let number = self.middle.median()?;
+                return Some(events[(number - self.front) as usize].1.clone());
+            }
             FoldKind::Min | FoldKind::Max => {
                 let queue = if kind == FoldKind::Min {
                     &self.mins
@@ -267,13 +327,14 @@ impl Running {
     }
 }
 
-/// Which extremes a window keeps: those its folds return. A fixed window's
-/// are copies of events, a moving window's queues, which a window of only
-/// `mean` (say) need not hold.
+/// Which folds by order a window keeps what they need for: those it folds.
+/// A fixed window's extremes are copies of events, a moving window's queues
+/// and its median's ranks, which a window of only `mean` (say) need not hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extremes {
+pub struct Kept {
     pub min: bool,
     pub max: bool,
+    pub median: bool,
 }
 
 /// A fixed window's folds. The window only adds events until it closes, so
@@ -289,7 +350,7 @@ pub struct FixedFolds {
     /// their rounding and overflow. `None`: no metric yet.
     sum: Option<Sum>,
     /// As `fold` picks them: the last of equal least metrics, and of equal
-    /// greatest ones (when [`Extremes`] asks for them). Boxed, as the
+    /// greatest ones (when [`Kept`] asks for them). Boxed, as the
     /// latest: a window that holds none (idle, or that keeps no extremes)
     /// costs a pointer, not an event.
     min: Option<Box<Event>>,
@@ -299,7 +360,7 @@ pub struct FixedFolds {
 }
 
 impl FixedFolds {
-    pub fn add(&mut self, event: &Event, extremes: Extremes) {
+    pub fn add(&mut self, event: &Event, kept: Kept) {
         self.events += 1;
         keep(&mut self.latest, event);
         let Some(metric) = event.metric else {
@@ -313,10 +374,10 @@ impl FixedFolds {
                 .is_none_or(|kept| wins(numbers::cmp(metric, kept)))
         };
         // Of equals the latest, as Riemann's `<=` and `>=`.
-        if extremes.min && beats(&self.min, Ordering::is_le) {
+        if kept.min && beats(&self.min, Ordering::is_le) {
             keep(&mut self.min, event);
         }
-        if extremes.max && beats(&self.max, Ordering::is_ge) {
+        if kept.max && beats(&self.max, Ordering::is_ge) {
             keep(&mut self.max, event);
         }
     }
@@ -326,12 +387,15 @@ impl FixedFolds {
         self.events
     }
 
-    /// The fold `kind` of the events added.
-    pub fn fold(&self, kind: FoldKind) -> Option<Event> {
+    /// The fold `kind` of the events added, `spread` their median and
+    /// deviations.
+    pub fn fold(&self, kind: FoldKind, spread: Option<&FixedSpread>) -> Option<Event> {
         let metric = match kind {
             FoldKind::Count => Metric::Int(self.events as i64),
             FoldKind::Sum => self.sum?.metric(),
             FoldKind::Mean => self.sum?.mean(self.with_metric),
+            FoldKind::StdDev => Metric::Float(spread?.std_dev()?),
+            FoldKind::Median => return spread?.median(),
             FoldKind::Min => return self.min.as_deref().cloned(),
             FoldKind::Max => return self.max.as_deref().cloned(),
         };
@@ -382,17 +446,20 @@ mod tests {
     use crate::rules::nodes::window::fold;
     use crate::test_rng::xorshift;
 
-    const KINDS: [FoldKind; 5] = [
+    const KINDS: [FoldKind; 7] = [
         FoldKind::Count,
         FoldKind::Sum,
         FoldKind::Mean,
         FoldKind::Min,
         FoldKind::Max,
+        FoldKind::Median,
+        FoldKind::StdDev,
     ];
 
-    const BOTH_EXTREMES: Extremes = Extremes {
+    const ALL_KEPT: Kept = Kept {
         min: true,
         max: true,
+        median: true,
     };
 
     fn event(n: u64, metric: Option<Metric>) -> Event {
@@ -448,6 +515,21 @@ mod tests {
         );
     }
 
+    /// A standard deviation within rounding of one folded anew: relative
+    /// 1e-9, or 1e-7 of the metrics' `scale`; non-finite alike.
+    fn assert_close_deviation(fresh: Option<Event>, kept: Option<Event>, scale: f64, at: String) {
+        let metric = |e: &Option<Event>| e.as_ref().and_then(|e| e.metric).map(Metric::as_f64);
+        let (f, k) = match (metric(&fresh), metric(&kept)) {
+            (Some(f), Some(k)) => (f, k),
+            (f, k) => return assert_eq!(f, k, "{at}"),
+        };
+        if !f.is_finite() || !k.is_finite() {
+            return assert!(!f.is_finite() && !k.is_finite(), "{at}: {f} {k}");
+        }
+        let close = (f - k).abs() <= 1e-9 * f.abs() + 1e-7 * scale;
+        assert!(close, "{at}: {f} {k}, scale {scale}");
+    }
+
     /// A moving window driven through random arrivals and departures folds
     /// as a fresh fold of its events does.
     fn moving_agrees_with_fresh_folds(
@@ -456,7 +538,8 @@ mod tests {
         metric: &impl Fn(u64) -> Option<Metric>,
     ) {
         let mut next = xorshift(seed);
-        let (mut events, mut running) = (Events::new(), Running::new(BOTH_EXTREMES));
+        let (mut events, mut running) = (Events::new(), Running::new(ALL_KEPT));
+        let mut scale = 0.0f64;
         for step in 0..5_000u64 {
             if !next().is_multiple_of(3) || events.is_empty() {
                 let e = event(step, metric(next()));
@@ -466,10 +549,22 @@ mod tests {
                 let (_, e) = events.pop_front().unwrap();
                 running.popped(&e);
             }
+            // A standard deviation that went through values that left
+            // keeps their rounding, to their scale, until the window turns
+            // over.
+            let latest = events.back().and_then(|(_, e)| e.metric);
+            if let Some(m) = latest.map(Metric::as_f64).filter(|m| m.is_finite()) {
+                scale = scale.max(m.abs());
+            }
             for kind in KINDS {
                 let fresh = fold(kind, events.iter().map(|(_, e)| e));
                 let kept = running.fold(kind, &events);
-                assert_same_fold(fresh, kept, tolerance, format!("step {step}, {kind:?}"));
+                let at = format!("step {step}, {kind:?}");
+                if kind == FoldKind::StdDev {
+                    assert_close_deviation(fresh, kept, scale, at);
+                } else {
+                    assert_same_fold(fresh, kept, tolerance, at);
+                }
             }
         }
     }
@@ -479,18 +574,40 @@ mod tests {
     fn fixed_agrees_with_fresh_folds(seed: u64, metric: &impl Fn(u64) -> Option<Metric>) {
         let mut next = xorshift(seed);
         let (mut events, mut folds) = (Vec::new(), FixedFolds::default());
+        let mut spread = FixedSpread::default();
         for step in 0..20_000u64 {
             let e = event(step, metric(next()));
-            folds.add(&e, BOTH_EXTREMES);
+            folds.add(&e, ALL_KEPT);
+            spread.add(&e, true);
             events.push(e);
+            // A median and a deviation folded anew cost a pass over the
+            // window: checked at every event of a short window, then now and then.
+            let spread_checked = events.len() < 64 || step.is_multiple_of(16);
             for kind in KINDS {
+                let spread_kind = matches!(kind, FoldKind::Median | FoldKind::StdDev);
+                if spread_kind && !spread_checked {
+                    continue;
+                }
                 let fresh = fold(kind, events.iter());
+                let kept = folds.fold(kind, Some(&spread));
+                let at = format!("step {step}, {kind:?}");
+                if kind == FoldKind::StdDev {
+                    // Welford's one pass, not fold's two, which overflow
+                    // where Welford's need not.
+                    let huge = |e: &Event| {
+                        e.metric
+                            .is_some_and(|m| m.as_f64().abs() > HUGE_SQUARE_ROOT)
+                    };
+                    if !events.iter().any(huge) {
+                        assert_close_deviation(fresh, kept, 0.0, at);
+                    }
+                    continue;
+                }
                 // As printed: -0.0 apart from 0.0, and NaN equal to itself.
-                let (fresh, kept) = (format!("{fresh:?}"), format!("{:?}", folds.fold(kind)));
-                assert_eq!(fresh, kept, "step {step}, {kind:?}");
+                assert_eq!(format!("{fresh:?}"), format!("{kept:?}"), "{at}");
             }
             if next().is_multiple_of(1_000) {
-                (events, folds) = Default::default();
+                (events, folds, spread) = Default::default();
             }
         }
     }
@@ -507,7 +624,7 @@ mod tests {
     /// What left the window leaves no rounding behind in the sum.
     #[test]
     fn a_sum_forgets_what_left_it_exactly() {
-        let (mut events, mut running) = (Events::new(), Running::new(BOTH_EXTREMES));
+        let (mut events, mut running) = (Events::new(), Running::new(ALL_KEPT));
         let metrics = [1e16].into_iter().chain([1.0; 1000]).chain([0.5, 0.25]);
         for (n, metric) in metrics.enumerate() {
             let e = event(n as u64, Some(Metric::Float(metric)));
@@ -585,14 +702,17 @@ mod tests {
             .map(|(metric, n)| event(n, Some(Metric::Float(metric))))
             .collect();
         let mut folds = FixedFolds::default();
-        let (mut held, mut running) = (Events::new(), Running::new(BOTH_EXTREMES));
+        let (mut held, mut running) = (Events::new(), Running::new(ALL_KEPT));
         for e in &events {
-            folds.add(e, BOTH_EXTREMES);
+            folds.add(e, ALL_KEPT);
             running.pushed(e, held.len());
             held.push_back((0, e.clone()));
         }
         let sum = |e: Option<Event>| e.and_then(|e| e.metric);
-        assert_eq!(sum(folds.fold(FoldKind::Sum)), Some(Metric::Float(0.0)));
+        assert_eq!(
+            sum(folds.fold(FoldKind::Sum, None)),
+            Some(Metric::Float(0.0))
+        );
         assert_eq!(
             sum(fold(FoldKind::Sum, events.iter())),
             Some(Metric::Float(0.0))
@@ -614,15 +734,15 @@ mod tests {
             .map(|(n, m)| event(n, Some(*m)))
             .collect();
         let mut folds = FixedFolds::default();
-        let (mut held, mut running) = (Events::new(), Running::new(BOTH_EXTREMES));
+        let (mut held, mut running) = (Events::new(), Running::new(ALL_KEPT));
         for e in &events {
-            folds.add(e, BOTH_EXTREMES);
+            folds.add(e, ALL_KEPT);
             running.pushed(e, held.len());
             held.push_back((0, e.clone()));
         }
         [
             fold(kind, events.iter()),
-            folds.fold(kind),
+            folds.fold(kind, None),
             running.fold(kind, &held),
         ]
         .map(|e| e.and_then(|e| e.metric))
@@ -707,10 +827,11 @@ mod tests {
     #[test]
     fn a_fixed_window_of_negative_zeros_folds_as_fold_does() {
         let events = [event(0, Some(Metric::Float(-0.0)))];
-        let mut folds = FixedFolds::default();
-        folds.add(&events[0], BOTH_EXTREMES);
+        let (mut folds, mut spread) = (FixedFolds::default(), FixedSpread::default());
+        folds.add(&events[0], ALL_KEPT);
+        spread.add(&events[0], true);
         for kind in KINDS {
-            let (fresh, kept) = (fold(kind, events.iter()), folds.fold(kind));
+            let (fresh, kept) = (fold(kind, events.iter()), folds.fold(kind, Some(&spread)));
             assert_eq!(format!("{fresh:?}"), format!("{kept:?}"), "{kind:?}");
         }
     }

@@ -24,6 +24,7 @@ use crate::event::Event;
 
 use super::numbers::Sum;
 use super::running::{FixedFolds, FloatSumFolds};
+use super::spread::FixedSpread;
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum Saved {
@@ -86,15 +87,20 @@ pub enum Saved {
         folds: FixedFolds,
         window_end: Option<Micros>,
     },
-    /// A `counter`'s count. New in version 4 without a new version: only
-    /// rules with a `counter` save one, and a vigil without `counter`
-    /// refuses their text before it reads an entry.
+    /// A `counter`'s count (version 5).
     Counter(Sum),
     /// A `runs`: the last value (`None`: no event yet) and how many events
-    /// in a row had it, up to the run's length. New as `Counter` is.
+    /// in a row had it, up to the run's length (version 5).
     Runs {
         value: Option<Option<String>>,
         seen: u64,
+    },
+    /// A fixed window that folds `median` or `std_dev` (version 5): its
+    /// other folds as [`Saved::ExactFixedWindow`]'s, and those two's.
+    SpreadFixedWindow {
+        folds: FixedFolds,
+        spread: Box<FixedSpread>,
+        window_end: Option<Micros>,
     },
 }
 
@@ -111,7 +117,9 @@ impl Saved {
             Saved::Ddt(_) => "ddt",
             Saved::Window { .. } => "window",
             Saved::Percentiles { .. } => "percentiles",
-            Saved::FixedWindow { .. } | Saved::ExactFixedWindow { .. } => "fixed window",
+            Saved::FixedWindow { .. }
+            | Saved::ExactFixedWindow { .. }
+            | Saved::SpreadFixedWindow { .. } => "fixed window",
             Saved::Counter(_) => "counter",
             Saved::Runs { .. } => "runs",
         }

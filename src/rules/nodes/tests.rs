@@ -1035,6 +1035,45 @@ fn fixed_time_window_is_closed_by_the_timer() {
     assert_eq!(out(&b).len(), 2, "no empty windows are emitted");
 }
 
+/// Riemann's `median` is the event at rank n/2 of the metrics sorted (the
+/// earliest of equals), itself; its `std-dev` the population's.
+#[test]
+fn a_fixed_window_folds_the_median_event_and_the_standard_deviation() {
+    let b = bench("fixed_time_window(10s) { median { out } std_dev { out } }");
+    for (t, m) in [2, 4, 4, 4, 5, 5, 7, 9].into_iter().enumerate() {
+        b.advance_to(at(t as f64));
+        send(&b, metric_ev(&b, "s", m as f64));
+    }
+    b.advance_to(at(10.0));
+    let seen = out(&b);
+    assert_eq!(
+        out_metrics(&b),
+        [Some(Metric::Int(5)), Some(Metric::Float(2.0))]
+    );
+    assert_eq!(seen[0].time, at(4.0), "the first 5, itself");
+    assert_eq!(seen[1].time, at(7.0), "on the latest event");
+}
+
+#[test]
+fn a_moving_window_folds_the_median_of_what_it_holds_on_every_event() {
+    let b = bench("moving_event_window(3) { median { out } }");
+    for m in [5, 1, 3, 9, 8] {
+        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+    }
+    let medians = [5, 5, 3, 3, 8].map(|m| Some(Metric::Int(m)));
+    assert_eq!(out_metrics(&b), medians);
+}
+
+/// Each `by` group's window has its own median and deviations.
+#[test]
+fn a_by_groups_windows_fold_their_own_spread() {
+    let b = bench("by(host) { moving_time_window(10s) { std_dev { out } } }");
+    for (host, m) in [("a", 1.0), ("b", 100.0), ("a", 3.0), ("b", 100.0)] {
+        send(&b, with_metric(ev(&b, host, "s"), float_or_int(m)));
+    }
+    assert_eq!(out_f64(&b), [0.0, 0.0, 1.0, 0.0]);
+}
+
 #[test]
 fn a_full_window_lets_the_oldest_go_and_counts_each() {
     use crate::rules::nodes::WINDOW_MAX;

@@ -4,8 +4,9 @@
 //! when no later event comes (Riemann waits for the next event).
 //!
 //! A fixed window holds none of its events, only their folds so far
-//! ([`FixedFolds`]), so it folds every event of its span however many. The
-//! others' buffers are bounded; past the bound the oldest events are dropped
+//! ([`FixedFolds`]), so it folds every event of its span however many; for
+//! a `median`, its events with a metric ([`FixedSpread`]). The buffers are
+//! bounded; past the bound the oldest events are dropped
 //! and counted in the log, at most once per [`OVERFLOW_LOG_EVERY`] for each
 //! window: one line per dropped event wrote as fast as events came in.
 
@@ -21,8 +22,9 @@ use crate::index::{Index, expires_at};
 use crate::rules::engine::RuleStats;
 
 use super::numbers::{self, Sum};
-use super::running::{Events, Extremes, FixedFolds, Running};
+use super::running::{Events, FixedFolds, Kept, Running};
 use super::saved::{RestoreError, Restorer, Saved, Saver};
+use super::spread::{FixedSpread, median_of, std_dev_of};
 use super::{Children, Cx, Node, metric_f64, same, take_over};
 
 /// Most events a moving window holds (`coalesce`: series).
@@ -40,6 +42,8 @@ pub enum FoldKind {
     Min,
     Max,
     Count,
+    Median,
+    StdDev,
 }
 
 /// A fold under a window: turns the window's events into one event.
@@ -90,6 +94,8 @@ where
             };
             return extreme.map(|(_, e)| e.clone());
         }
+        FoldKind::Median => return median_of(events).cloned(),
+        FoldKind::StdDev => Metric::Float(std_dev_of(metrics())?),
     };
     let mut out = template.clone();
     out.metric = Some(metric);
@@ -132,6 +138,11 @@ enum WindowState {
 struct FixedState {
     /// The folds of the current window's events so far.
     folds: FixedFolds,
+    /// Their median and deviations, if the window folds either. Boxed: a
+    /// `by` group's window of only `mean` costs a pointer for it.
+    spread: Option<Box<FixedSpread>>,
+    /// The median's events past `WINDOW_MAX`.
+    overflow: Overflow,
     /// When the current time window closes (a count window has no end).
     window_end: Option<Micros>,
 }
@@ -201,29 +212,26 @@ impl WindowState {
 impl MovingState {
     /// The running folds, built from the events the first time (or for
     /// other extremes), and the events they fold.
-    fn tracked(&mut self, extremes: Extremes) -> (&mut Running, &Events) {
+    fn tracked(&mut self, kept: Kept) -> (&mut Running, &Events) {
         // Taken over from a window that folded other extremes (a reload).
-        if self
-            .running
-            .as_ref()
-            .is_some_and(|r| r.extremes() != extremes)
-        {
+        if self.running.as_ref().is_some_and(|r| r.kept() != kept) {
             self.running = None;
         }
         let events = &self.events;
         let running = self
             .running
-            .get_or_insert_with(|| Box::new(Running::of(events, extremes)));
+            .get_or_insert_with(|| Box::new(Running::of(events, kept)));
+        running.refresh(events);
         (running, events)
     }
 
     /// `event` in at the back; the oldest out first if the window is full.
-    fn push(&mut self, now: Micros, event: Event, stats: &RuleStats, extremes: Extremes) {
+    fn push(&mut self, now: Micros, event: Event, stats: &RuleStats, kept: Kept) {
         if self.events.len() == WINDOW_MAX {
             self.pop_front();
             self.overflow.dropped_one(stats);
         }
-        let (running, events) = self.tracked(extremes);
+        let (running, events) = self.tracked(kept);
         running.pushed(&event, events.len());
         self.events.push_back((now, event));
     }
@@ -291,18 +299,39 @@ impl Window {
     }
 
     /// The extreme events this window's folds return.
-    fn extremes(&self) -> Extremes {
+    fn kept(&self) -> Kept {
         let folds = |kind| self.folds.iter().any(|f| f.kind == kind);
-        Extremes {
+        Kept {
             min: folds(FoldKind::Min),
             max: folds(FoldKind::Max),
+            median: folds(FoldKind::Median),
+        }
+    }
+
+    /// Whether a fixed window keeps a [`FixedSpread`]: it folds `median`
+    /// or `std_dev`.
+    fn spreads(&self) -> bool {
+        let spread = |f: &Fold| matches!(f.kind, FoldKind::Median | FoldKind::StdDev);
+        self.folds.iter().any(spread)
+    }
+
+    /// Adds `event` to the current fixed window.
+    fn add_fixed(&self, fixed: &mut FixedState, event: &Event, stats: &RuleStats) {
+        let kept = self.kept();
+        fixed.folds.add(event, kept);
+        if self.spreads() {
+            let spread = fixed.spread.get_or_insert_default();
+            if spread.add(event, kept.median) {
+                fixed.overflow.dropped_one(stats);
+            }
         }
     }
 
     /// Closes the current fixed window, folded into `out`.
-    fn close_fixed(&self, folds: &mut FixedFolds, out: &mut Folded) {
-        let folds = std::mem::take(folds);
-        self.fold_each(|kind| folds.fold(kind), out);
+    fn close_fixed(&self, fixed: &mut FixedState, out: &mut Folded) {
+        let folds = std::mem::take(&mut fixed.folds);
+        let spread = fixed.spread.take();
+        self.fold_each(|kind| folds.fold(kind, spread.as_deref()), out);
     }
 
     /// Passes each folded event on, to its fold's children (with no lock held).
@@ -315,7 +344,7 @@ impl Window {
     /// A moving window's folds of what it holds now, into `out`: each in
     /// O(1), where folding up to [`WINDOW_MAX`] events took ~0.2 ms.
     fn fold_moving(&self, moving: &mut MovingState, out: &mut Folded) {
-        let (running, events) = moving.tracked(self.extremes());
+        let (running, events) = moving.tracked(self.kept());
         self.fold_each(|kind| running.fold(kind, events), out);
     }
 
@@ -327,10 +356,11 @@ impl Window {
                 // event first closes what is due, then starts a window if
                 // none is open, which ends after it (durations are above zero).
                 if fixed.window_end.is_some_and(|end| now >= end) {
-                    self.close_fixed(&mut fixed.folds, out);
+                    self.close_fixed(fixed, out);
                     // Idle: the next window starts with the next event.
                     fixed.window_end = None;
                 }
+                fixed.overflow.log_due(now);
             }
             (_, WindowState::Moving(moving)) => moving.overflow.log_due(now),
             (WindowKind::Coalesce(dt), WindowState::Coalesce(coalesce)) => {
@@ -362,16 +392,16 @@ impl Node for Window {
             match (self.kind, &mut *s) {
                 (WindowKind::FixedTime(dt), WindowState::Fixed(fixed)) => {
                     fixed.window_end.get_or_insert(now.saturating_add(dt));
-                    fixed.folds.add(event, self.extremes());
+                    self.add_fixed(fixed, event, cx.stats);
                 }
                 (WindowKind::FixedCount(n), WindowState::Fixed(fixed)) => {
-                    fixed.folds.add(event, self.extremes());
+                    self.add_fixed(fixed, event, cx.stats);
                     if fixed.folds.events() >= n as u64 {
-                        self.close_fixed(&mut fixed.folds, &mut out);
+                        self.close_fixed(fixed, &mut out);
                     }
                 }
                 (WindowKind::MovingTime(dt), WindowState::Moving(moving)) => {
-                    moving.push(now, event.clone(), cx.stats, self.extremes());
+                    moving.push(now, event.clone(), cx.stats, self.kept());
                     let horizon = now.saturating_sub(dt);
                     while moving.events.front().is_some_and(|(at, _)| *at <= horizon) {
                         moving.pop_front();
@@ -385,7 +415,7 @@ impl Node for Window {
                     if moving.events.capacity() == 0 && n <= EXACT_BUFFER_UP_TO {
                         moving.events.reserve_exact(n + 1);
                     }
-                    moving.push(now, event.clone(), cx.stats, self.extremes());
+                    moving.push(now, event.clone(), cx.stats, self.kept());
                     while moving.events.len() > n {
                         moving.pop_front();
                     }
@@ -438,9 +468,9 @@ impl Node for Window {
 
     /// The held events (a fixed window: its folds so far) carry over when
     /// the window kind and size are unchanged; each fold adopts its old
-    /// counterpart if it folds the same way. A `min` or `max` new to a fixed
-    /// window returns the extreme of the events from then on: the old window
-    /// kept no extreme its folds did not return.
+    /// counterpart if it folds the same way. A `min`, `max`, `median` or
+    /// `std_dev` new to a fixed window folds the events from then on: the
+    /// old window kept nothing for a fold it did not have.
     fn adopt(&self, old: &dyn Node) {
         let Some(old) = same::<Window>(old).filter(|o| o.kind == self.kind) else {
             return;
@@ -456,9 +486,17 @@ impl Node for Window {
     fn save(&self, out: &mut dyn Saver) {
         let s = self.state.lock();
         let entry = match &*s {
-            WindowState::Fixed(fixed) => Saved::ExactFixedWindow {
-                folds: fixed.folds.clone(),
-                window_end: fixed.window_end,
+            // As version 4 wrote it, where the window holds no spread.
+            WindowState::Fixed(fixed) => match &fixed.spread {
+                None => Saved::ExactFixedWindow {
+                    folds: fixed.folds.clone(),
+                    window_end: fixed.window_end,
+                },
+                Some(spread) => Saved::SpreadFixedWindow {
+                    folds: fixed.folds.clone(),
+                    spread: spread.clone(),
+                    window_end: fixed.window_end,
+                },
             },
             WindowState::Moving(moving) => Saved::Window {
                 events: moving.events.iter().cloned().collect(),
@@ -482,13 +520,21 @@ impl Node for Window {
         let mut state = WindowState::new(self.kind);
         match (&mut state, from.next("window")?) {
             (WindowState::Fixed(fixed), Saved::ExactFixedWindow { folds, window_end }) => {
-                *fixed = FixedState { folds, window_end };
+                (fixed.folds, fixed.window_end) = (folds, window_end);
             }
             (WindowState::Fixed(fixed), Saved::FixedWindow { folds, window_end }) => {
-                *fixed = FixedState {
-                    folds: folds.into(),
+                (fixed.folds, fixed.window_end) = (folds.into(), window_end);
+            }
+            (
+                WindowState::Fixed(fixed),
+                Saved::SpreadFixedWindow {
+                    folds,
+                    spread,
                     window_end,
-                };
+                },
+            ) => {
+                (fixed.folds, fixed.window_end) = (folds, window_end);
+                fixed.spread = Some(spread);
             }
             // Written by a build that held a fixed window's events: all of
             // the current window's (see `due`), folded as they came.
@@ -499,7 +545,13 @@ impl Node for Window {
                 },
             ) => {
                 for (_, event) in &events {
-                    fixed.folds.add(event, self.extremes());
+                    fixed.folds.add(event, self.kept());
+                }
+                if self.spreads() {
+                    let spread = fixed.spread.insert(Box::default());
+                    for (_, event) in &events {
+                        spread.add(event, self.kept().median);
+                    }
                 }
                 fixed.window_end = window_end;
             }
@@ -805,7 +857,7 @@ mod tests {
             let mut s = window.state.lock();
             let fixed = fixed_state(&mut s);
             for event in events {
-                fixed.folds.add(&event, window.extremes());
+                fixed.folds.add(&event, window.kept());
             }
             fixed.window_end = Some(123);
             drop(s);
@@ -820,7 +872,7 @@ mod tests {
             let (mut back, mut s) = (back.state.lock(), window.state.lock());
             let (back, s) = (fixed_state(&mut back), fixed_state(&mut s));
             assert_eq!(back.folds, s.folds, "{kind:?}");
-            let back_sum = back.folds.fold(FoldKind::Sum).and_then(|e| e.metric);
+            let back_sum = back.folds.fold(FoldKind::Sum, None).and_then(|e| e.metric);
             assert_eq!(back_sum, Some(sum), "{kind:?}");
             assert_eq!(back.window_end, Some(123));
         }
@@ -840,7 +892,7 @@ mod tests {
         let window = restored(FIXED[0], entry);
         let mut s = window.state.lock();
         let s = fixed_state(&mut s);
-        let metric = |kind| s.folds.fold(kind).and_then(|e| e.metric);
+        let metric = |kind| s.folds.fold(kind, None).and_then(|e| e.metric);
         assert_eq!(
             metric(FoldKind::Sum),
             Some(Metric::Float(9_007_199_254_740_994.0))
@@ -853,10 +905,10 @@ mod tests {
                 metric: Some(Metric::Int(1)),
                 ..Event::default()
             },
-            window.extremes(),
+            window.kept(),
         );
         assert_eq!(
-            s.folds.fold(FoldKind::Sum).and_then(|e| e.metric),
+            s.folds.fold(FoldKind::Sum, None).and_then(|e| e.metric),
             Some(Metric::Float(9_007_199_254_740_996.0))
         );
     }
@@ -879,7 +931,7 @@ mod tests {
             assert_eq!(s.folds.events(), events.len() as u64);
             for f in &window.folds {
                 assert_eq!(
-                    s.folds.fold(f.kind),
+                    s.folds.fold(f.kind, s.spread.as_deref()),
                     fold(f.kind, events.iter()),
                     "{kind:?}, {:?}",
                     f.kind
