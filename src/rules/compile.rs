@@ -15,8 +15,8 @@ use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
 use super::diag::{Diagnostic, closest, line_col};
 use super::nodes::{
     By, ByDefinition, Changed, Children, Counter, Ddt, Drop, Ewma, EwmaMode, Field, FieldSet, Fold,
-    FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Runs, Scale,
-    Split, Stable, Tag, Tap, Throttle, Untag, Where, Window, WindowKind, With,
+    FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Rollup, Runs,
+    Scale, Split, Stable, Tag, Tap, Throttle, Untag, Where, Window, WindowKind, With,
 };
 use crate::outputs::template::Template;
 use crate::outputs::{OutputKind, OutputSpec, forward, graphite, http, pager, pagerduty, webhook};
@@ -31,6 +31,7 @@ const STREAMS: &[&str] = &[
     "by",
     "rate",
     "throttle",
+    "rollup",
     "changed",
     "changed_state",
     "counter",
@@ -990,6 +991,16 @@ impl Compiler<'_> {
                 let (count, interval) = (self.count(c?)?, self.duration(i?)?);
                 let children = self.body(name, span, body)?;
                 Box::new(Throttle::new(count, interval, children))
+            }
+            "rollup" => {
+                let b = self.bind(n, args, &["count", "interval"], span)?;
+                let (c, i) = (
+                    self.require(n, &b, "count"),
+                    self.require(n, &b, "interval"),
+                );
+                let (count, interval) = (self.count(c?)?, self.duration(i?)?);
+                let children = self.body(name, span, body)?;
+                Box::new(Rollup::new(count, interval, children))
             }
             "stable" => {
                 let b = self.bind(n, args, &["interval", "field"], span)?;

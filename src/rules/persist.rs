@@ -38,7 +38,7 @@
 //! version 4 its sum as Riemann's, exactly while its metrics are integers
 //! (a new entry kind: version 3's still decode, their sums floats); version
 //! 5 a fixed window's `median` and `std_dev` so far (a new entry kind, only
-//! for a window that folds either). All are still read. A vigil that reads only older versions refuses a newer file
+//! for a window that folds either) and `rollup`'s state. All are still read. A vigil that reads only older versions refuses a newer file
 //! by its number rather than failing on its first entry.
 //!
 //! A file that does not check out, or whose rule text no longer compiles, is
@@ -727,6 +727,26 @@ mod tests {
         );
     }
 
+    /// A rollup's held events and its count go on after a restart.
+    #[test]
+    fn a_rollups_held_events_pass_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = "  rollup(1, 10s) { out }";
+        let first = Life::start(rules, dir.path(), 0.0);
+        for m in [1.0, 2.0, 3.0] {
+            first.send("r", None, Some(m));
+        }
+        assert_eq!(first.took(), [out("r", None, Some(1.0))]);
+        first.stop(dir.path());
+
+        let second = Life::start(rules, dir.path(), 1.0);
+        second.send("r", None, Some(4.0));
+        assert_eq!(second.took(), [], "still one in these 10 s");
+        second.advance_to(10.0);
+        let held = [2.0, 3.0, 4.0].map(|m| out("r", None, Some(m)));
+        assert_eq!(second.took(), held);
+    }
+
     #[test]
     fn edited_rules_keep_the_unchanged_stages_and_reset_the_changed_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -970,7 +990,9 @@ mod tests {
   rate(10s) { out }
   throttle(10, 1m) { changed(metric) { out } }
   counter { out }
-  runs(2, state) { out }"#;
+  runs(2, state) { out }
+  fixed_event_window(10) { median { out } std_dev { out } }
+  rollup(1, 1m) { out }"#;
         let first = Life::start(rules, dir.path(), 0.0);
         for (i, host) in ["a", "b", "a", "c"].iter().enumerate() {
             first.advance_to(i as f64 * 0.5);

@@ -30,6 +30,7 @@ use crate::rules::engine::RuleStats;
 
 mod basic;
 mod numbers;
+mod rollup;
 mod running;
 pub mod saved;
 mod spread;
@@ -46,6 +47,7 @@ pub use basic::{
 pub use stateful::{
     By, ByDefinition, Changed, Counter, Ddt, Ewma, EwmaMode, Rate, Runs, Stable, Throttle,
 };
+pub use rollup::Rollup;
 pub use window::{Fold, FoldKind, Percentiles, WINDOW_MAX, Window, WindowKind};
 
 use saved::{RestoreError, Restorer, Saver};

@@ -102,6 +102,12 @@ pub enum Saved {
         spread: Box<FixedSpread>,
         window_end: Option<Micros>,
     },
+    /// A `rollup` (version 5).
+    Rollup {
+        window_end: Option<Micros>,
+        sent: u64,
+        held: Vec<Event>,
+    },
 }
 
 impl Saved {
@@ -122,6 +128,7 @@ impl Saved {
             | Saved::SpreadFixedWindow { .. } => "fixed window",
             Saved::Counter(_) => "counter",
             Saved::Runs { .. } => "runs",
+            Saved::Rollup { .. } => "rollup",
         }
     }
 }

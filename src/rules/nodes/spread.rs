@@ -4,8 +4,8 @@
 //! population standard deviation (√(Σ(x − mean)² / n)), a float.
 //!
 //! [`Middle`] keeps a moving window's median in O(log n) an event, where
-//! selecting it anew took O(n) (0.1 ms a 10 000-event window, on every
-//! event). [`Deviations`] keeps a standard deviation as Welford's running
+//! selecting it anew would take a pass over the window on every event, as
+//! folding a sum did (BENCHMARKS.md, "Moving windows fold in place"). [`Deviations`] keeps a standard deviation as Welford's running
 //! mean and sum of squared deviations, which do not cancel as a sum of
 //! squares does (values of 10^9 ± 1); a moving window takes values back out
 //! of it, whose rounding it then rebuilds away once the window has turned

@@ -1074,6 +1074,60 @@ fn a_by_groups_windows_fold_their_own_spread() {
     assert_eq!(out_f64(&b), [0.0, 0.0, 1.0, 0.0]);
 }
 
+/// Riemann's `(rollup 3 1 f)` of five events: three pass at once, the
+/// other two at the end of the second, when the timer ends it; that flush is
+/// one of the next second's three.
+#[test]
+fn rollup_passes_n_at_once_and_the_rest_when_the_interval_ends() {
+    let b = bench("rollup(3, 1s) { out }");
+    for (t, m) in [(0.0, 1), (0.1, 2), (0.2, 3), (0.3, 4), (0.4, 5)] {
+        b.advance_to(at(t));
+        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+    }
+    let metrics = |ms: &[i64]| ms.iter().map(|m| Some(Metric::Int(*m))).collect::<Vec<_>>();
+    assert_eq!(out_metrics(&b), metrics(&[1, 2, 3]));
+    b.advance_to(at(0.99));
+    assert_eq!(out(&b).len(), 3);
+    b.advance_to(at(1.0));
+    assert_eq!(out_metrics(&b), metrics(&[1, 2, 3, 4, 5]));
+    for (t, m) in [(1.1, 6), (1.2, 7), (1.3, 8)] {
+        b.advance_to(at(t));
+        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+    }
+    assert_eq!(
+        out_metrics(&b),
+        metrics(&[1, 2, 3, 4, 5, 6, 7]),
+        "8 is held"
+    );
+    b.advance_to(at(2.0));
+    assert_eq!(out_metrics(&b), metrics(&[1, 2, 3, 4, 5, 6, 7, 8]));
+    b.advance_to(at(10.0));
+    assert_eq!(out(&b).len(), 8, "an empty flush passes nothing");
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(9)));
+    assert_eq!(out(&b).len(), 9, "idle: a new second with all three");
+}
+
+/// A reload that keeps a rollup as it was keeps its held events and count.
+#[test]
+fn a_reload_keeps_an_unchanged_rollups_held_events() {
+    let b = bench("rollup(1, 10s) { out }");
+    for m in [1, 2, 3] {
+        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+    }
+    let src = "output out = forward(host: \"x\")\nstreams {\n  rollup(1, 10s) { out }\n  tag(\"new\") { drop }\n}";
+    let file = parse(src).unwrap_or_else(|e| panic!("{e:?}"));
+    let compiled = crate::rules::compile::compile(&file, crate::rules::EnvPolicy::Lenient)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let outputs = b.recorders.iter().map(|(_, r)| r.clone() as _).collect();
+    b.rules
+        .replace(&b.rules.reload_turn(), compiled.roots, None, outputs);
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(4)));
+    assert_eq!(out(&b).len(), 1, "still one in these 10 s");
+    b.advance_to(at(10.0));
+    let passed = [1, 2, 3, 4].map(|m| Some(Metric::Int(m)));
+    assert_eq!(out_metrics(&b), passed);
+}
+
 #[test]
 fn a_full_window_lets_the_oldest_go_and_counts_each() {
     use crate::rules::nodes::WINDOW_MAX;
