@@ -123,7 +123,7 @@ tests/fixtures/broken.vigil:4:8: expected a duration such as 500ms, 5s, 2m or 1h
 tests/fixtures/broken.vigil:5:27: `fixed_time_window` emits windows of events; only a fold can take them
       fixed_time_window(1m) { index }
                               ^^^^^
-  hint: use one of: sum, mean, min, max, count — e.g. `mean { index }`
+  hint: use one of: sum, mean, min, max, count, median, std_dev — e.g. `mean { index }`
 tests/fixtures/broken.vigil:6:3: `mean` folds a window of events and cannot stand here
       mean { index }
       ^^^^
