@@ -1002,9 +1002,7 @@ async fn cut_a_flood(
     let sse = |query: &str| url("http", addr, "/index", &[("query", query)]);
     let mut flood = Vec::new();
     for i in 0..FLOODING {
-        flood.push(
-            SseReader::open_with(flooder, sse(&common::cheap_query(i)), true).await,
-        );
+        flood.push(SseReader::open_with(flooder, sse(&common::cheap_query(i)), true).await);
     }
     let mut watcher = SseReader::open_with(bystander, sse(r#"host = "agent""#), true).await;
     scrape_until(addr, "all subscribed", |s| {

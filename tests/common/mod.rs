@@ -859,7 +859,10 @@ pub fn cheap_query(i: usize) -> String {
     let mut terms: Vec<String> = (0..15).map(|j| format!(r#"host != "x{i}.{j}""#)).collect();
     terms.push(format!(r#"service = "zzz{i}""#));
     let query = terms.join(" and ");
-    assert!(!vigil::query::Query::parse(&query).unwrap().costly(), "{query}");
+    assert!(
+        !vigil::query::Query::parse(&query).unwrap().costly(),
+        "{query}"
+    );
     query
 }
 

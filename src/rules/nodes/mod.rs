@@ -44,10 +44,10 @@ pub use basic::{
     Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Reinject, Scale, Split, Tag, Tap,
     Untag, Where, With,
 };
+pub use rollup::Rollup;
 pub use stateful::{
     By, ByDefinition, Changed, Counter, Ddt, Ewma, EwmaMode, Rate, Runs, Stable, Throttle,
 };
-pub use rollup::Rollup;
 pub use window::{Fold, FoldKind, Percentiles, WINDOW_MAX, Window, WindowKind};
 
 use saved::{RestoreError, Restorer, Saver};
