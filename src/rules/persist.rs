@@ -1002,7 +1002,7 @@ mod tests {
         assert_eq!(before[0], Saved::By { groups: 3 });
         assert_eq!(
             before.len(),
-            1 + 3 * 2 + 13,
+            1 + 3 * 2 + 15,
             "the by, each group and its stable, every other stateful stage"
         );
         first.stop(dir.path());
