@@ -213,7 +213,23 @@ fn memory(config: &pager::Config, file: Option<PathBuf>) -> Arc<Memory> {
     Arc::new(Memory::open("pager", file, config.receiver(), max))
 }
 
+/// [`pager_config`] with one incident per host (`dedup_key: "{host}"`),
+/// which the series of a host share.
+fn per_host(url: &str) -> pager::Config {
+    pager::Config {
+        dedup_key: Some(Template::parse("{host}").unwrap()),
+        ..pager_config(url)
+    }
+}
+
 impl Running {
+    /// Queues an event of each `(service, state)`, in order.
+    fn push_all(&self, pages: &[(&str, &str)]) {
+        for (service, state) in pages {
+            self.queue.push(event(service, state));
+        }
+    }
+
     fn pager(config: pager::Config) -> Running {
         Running::pager_remembering(memory(&config, None), config)
     }
@@ -493,17 +509,14 @@ async fn a_custom_dedup_key_template_is_used_for_trigger_and_resolve() {
 #[tokio::test]
 async fn an_incident_shared_by_series_resolves_when_the_last_of_them_clears() {
     let rx = Receiver::start().await;
-    let mut config = pager_config(&rx.url);
-    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let config = per_host(&rx.url);
     let out = Running::pager(config);
-    for (service, state) in [
+    out.push_all(&[
         ("disk /", "critical"),
         ("cpu", "critical"),
         ("disk /", "ok"),
         ("load", "ok"),
-    ] {
-        out.queue.push(event(service, state));
-    }
+    ]);
     out.settled().await;
     assert_eq!(actions(&rx), ["trigger web1"], "cpu is still critical");
     out.queue.push(event("cpu", "ok"));
@@ -523,10 +536,9 @@ async fn an_incident_shared_by_series_resolves_when_the_last_of_them_clears() {
 #[tokio::test]
 async fn a_shared_incident_pages_at_the_highest_severity_of_its_failing_series() {
     let rx = Receiver::start().await;
-    let mut config = pager_config(&rx.url);
-    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let config = per_host(&rx.url);
     let out = Running::pager(config);
-    for (service, state) in [
+    out.push_all(&[
         ("cpu", "critical"),
         ("disk /", "warning"),
         ("disk /", "critical"),
@@ -535,9 +547,7 @@ async fn a_shared_incident_pages_at_the_highest_severity_of_its_failing_series()
         ("disk /", "ok"),
         ("load", "warning"),
         ("load", "ok"),
-    ] {
-        out.queue.push(event(service, state));
-    }
+    ]);
     out.settled().await;
     let pages: Vec<String> = (rx.seen().iter())
         .map(|seen| {
@@ -575,8 +585,7 @@ async fn a_shared_incident_pages_at_the_highest_severity_of_its_failing_series()
 #[tokio::test]
 async fn a_refused_resolve_leaves_the_incident_to_the_series_that_triggered_it() {
     let rx = Receiver::start().await;
-    let mut config = pager_config(&rx.url);
-    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let config = per_host(&rx.url);
     let out = Running::pager(config);
     rx.reply_next([
         accepted(),
@@ -612,21 +621,18 @@ async fn a_refused_resolve_leaves_the_incident_to_the_series_that_triggered_it()
 #[tokio::test]
 async fn a_series_failing_after_a_refused_resolve_resolves_the_incident_when_it_clears() {
     let rx = Receiver::start().await;
-    let mut config = pager_config(&rx.url);
-    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let config = per_host(&rx.url);
     let out = Running::pager(config);
     rx.reply_next([
         accepted(),
         Reply(400, vec![], r#"{"status":"invalid event"}"#),
     ]);
-    for (service, state) in [
+    out.push_all(&[
         ("cpu", "critical"),
         ("cpu", "ok"),
         ("disk /", "warning"),
         ("disk /", "ok"),
-    ] {
-        out.queue.push(event(service, state));
-    }
+    ]);
     out.settled().await;
     let pages: Vec<String> = (rx.seen().iter())
         .map(|seen| {
@@ -659,12 +665,9 @@ async fn an_incident_a_reload_left_under_its_earlier_key_resolves_beside_the_new
     before.settled().await;
     before.stop().await;
 
-    let mut config = pager_config(&rx.url);
-    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let config = per_host(&rx.url);
     let after = Running::pager_remembering(memory, config);
-    for (service, state) in [("disk /", "critical"), ("cpu", "ok"), ("disk /", "ok")] {
-        after.queue.push(event(service, state));
-    }
+    after.push_all(&[("disk /", "critical"), ("cpu", "ok"), ("disk /", "ok")]);
     after.settled().await;
     assert_eq!(
         actions(&rx),
@@ -749,8 +752,7 @@ async fn vigil_test_pages_what_the_output_sends() {
     .collect();
     for pages in sequences {
         let rx = Receiver::start().await;
-        let mut config = pager_config(&rx.url);
-        config.dedup_key = Some(Template::parse("{host}").unwrap());
+        let config = per_host(&rx.url);
         let mut model = pager::Pages::new(config.clone());
         let out = Running::pager(config);
         // Each event settled before the next: which of them was paged.
@@ -964,8 +966,7 @@ async fn an_incident_series_share_stays_open_across_a_restart_until_the_last_cle
     let rx = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = incidents::file_in(dir.path(), "pager");
-    let mut config = pager_config(&rx.url);
-    config.dedup_key = Some(Template::parse("{host}").unwrap());
+    let config = per_host(&rx.url);
     let mut before =
         Running::pager_remembering(memory(&config, Some(file.clone())), config.clone());
     before.queue.push(event("cpu", "critical"));

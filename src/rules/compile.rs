@@ -965,15 +965,8 @@ impl Compiler<'_> {
                 let b = self.bind(n, args, &["count", "field"], span)?;
                 let count = self.require(n, &b, "count");
                 let count = self.count(count?)?;
-                let field = match b.get("field") {
-                    Some(v) => {
-                        let field = Field::named(&self.ident_or_string(v)?);
-                        let alike = "Events without the attribute all look alike: one run of them";
-                        self.warn_misspelled(&field, v, alike);
-                        field
-                    }
-                    None => Field::State,
-                };
+                let alike = "Events without the attribute all look alike: one run of them";
+                let field = self.field_or_state(&b, alike)?;
                 let children = self.body(name, span, body)?;
                 Box::new(Runs::new(count, field, children))
             }
@@ -983,22 +976,12 @@ impl Compiler<'_> {
                 Box::new(Rate::new(interval, children))
             }
             "throttle" => {
-                let b = self.bind(n, args, &["count", "interval"], span)?;
-                let (c, i) = (
-                    self.require(n, &b, "count"),
-                    self.require(n, &b, "interval"),
-                );
-                let (count, interval) = (self.count(c?)?, self.duration(i?)?);
+                let (count, interval) = self.count_and_interval(n, args, span)?;
                 let children = self.body(name, span, body)?;
                 Box::new(Throttle::new(count, interval, children))
             }
             "rollup" => {
-                let b = self.bind(n, args, &["count", "interval"], span)?;
-                let (c, i) = (
-                    self.require(n, &b, "count"),
-                    self.require(n, &b, "interval"),
-                );
-                let (count, interval) = (self.count(c?)?, self.duration(i?)?);
+                let (count, interval) = self.count_and_interval(n, args, span)?;
                 let children = self.body(name, span, body)?;
                 Box::new(Rollup::new(count, interval, children))
             }
@@ -1006,15 +989,8 @@ impl Compiler<'_> {
                 let b = self.bind(n, args, &["interval", "field"], span)?;
                 let interval = self.require(n, &b, "interval");
                 let interval = self.duration(interval?)?;
-                let field = match b.get("field") {
-                    Some(v) => {
-                        let field = Field::named(&self.ident_or_string(v)?);
-                        let alike = "Events without the attribute all look alike: it never changes";
-                        self.warn_misspelled(&field, v, alike);
-                        field
-                    }
-                    None => Field::State,
-                };
+                let alike = "Events without the attribute all look alike: it never changes";
+                let field = self.field_or_state(&b, alike)?;
                 let children = self.body(name, span, body)?;
                 Box::new(Stable::new(interval, field, children))
             }
@@ -1158,6 +1134,33 @@ impl Compiler<'_> {
             ok = false;
         }
         ok.then_some(())
+    }
+
+    /// `(count, interval)`, as `throttle` and `rollup` take them.
+    fn count_and_interval(
+        &mut self,
+        what: &str,
+        args: &[Arg],
+        span: &Span,
+    ) -> Option<(u64, Micros)> {
+        let b = self.bind(what, args, &["count", "interval"], span)?;
+        let (c, i) = (
+            self.require(what, &b, "count"),
+            self.require(what, &b, "interval"),
+        );
+        Some((self.count(c?)?, self.duration(i?)?))
+    }
+
+    /// The optional `field` argument, `state` without it; an attribute name
+    /// that looks like a misspelt field is warned of, saying what follows:
+    /// `alike`.
+    fn field_or_state(&mut self, bound: &Bound<'_>, alike: &str) -> Option<Field> {
+        let Some(v) = bound.get("field") else {
+            return Some(Field::State);
+        };
+        let field = Field::named(&self.ident_or_string(v)?);
+        self.warn_misspelled(&field, v, alike);
+        Some(field)
     }
 
     fn one_duration(&mut self, what: &str, args: &[Arg], span: &Span) -> Option<Micros> {

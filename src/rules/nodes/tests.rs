@@ -17,6 +17,17 @@ fn bench(streams: &str) -> Bench {
     Bench::new(&file).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
+/// The bench's rules reloaded to `streams`, as a SIGHUP does.
+fn reload_to(b: &Bench, streams: &str) {
+    let src = format!("output out = forward(host: \"x\")\nstreams {{\n{streams}\n}}");
+    let file = parse(&src).unwrap_or_else(|e| panic!("{e:?}"));
+    let compiled = crate::rules::compile::compile(&file, crate::rules::EnvPolicy::Lenient)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let outputs = b.recorders.iter().map(|(_, r)| r.clone() as _).collect();
+    b.rules
+        .replace(&b.rules.reload_turn(), compiled.roots, None, outputs);
+}
+
 /// `secs` after the start of the test.
 fn at(secs: f64) -> Micros {
     TEST_EPOCH + secs_to_micros(secs)
@@ -1114,13 +1125,7 @@ fn a_reload_keeps_an_unchanged_rollups_held_events() {
     for m in [1, 2, 3] {
         send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
     }
-    let src = "output out = forward(host: \"x\")\nstreams {\n  rollup(1, 10s) { out }\n  tag(\"new\") { drop }\n}";
-    let file = parse(src).unwrap_or_else(|e| panic!("{e:?}"));
-    let compiled = crate::rules::compile::compile(&file, crate::rules::EnvPolicy::Lenient)
-        .unwrap_or_else(|e| panic!("{e:?}"));
-    let outputs = b.recorders.iter().map(|(_, r)| r.clone() as _).collect();
-    b.rules
-        .replace(&b.rules.reload_turn(), compiled.roots, None, outputs);
+    reload_to(&b, "  rollup(1, 10s) { out }\n  tag(\"new\") { drop }");
     send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(4)));
     assert_eq!(out(&b).len(), 1, "still one in these 10 s");
     b.advance_to(at(10.0));
@@ -1248,14 +1253,7 @@ fn a_reload_adding_min_to_a_moving_window_returns_the_least_held_event() {
     for m in [5, 1, 3] {
         send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
     }
-    let src = "output out = forward(host: \"x\")\nstreams {\n\
-               moving_event_window(3) { mean { drop } min { out } }\n}";
-    let file = parse(src).unwrap_or_else(|e| panic!("{e:?}"));
-    let compiled = crate::rules::compile::compile(&file, crate::rules::EnvPolicy::Lenient)
-        .unwrap_or_else(|e| panic!("{e:?}"));
-    let outputs = b.recorders.iter().map(|(_, r)| r.clone() as _).collect();
-    b.rules
-        .replace(&b.rules.reload_turn(), compiled.roots, None, outputs);
+    reload_to(&b, "moving_event_window(3) { mean { drop } min { out } }");
     send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(4)));
     assert_eq!(out_metrics(&b), vec![Some(Metric::Int(1))]);
 }
