@@ -458,6 +458,21 @@ streams {
 }
 "#;
 
+/// The stages whose state came with version 5, restored from the same
+/// inputs as [`STATE_RULES`]: added there, they would move that rule file's
+/// entries and leave the committed corpus, grown against it, refused at
+/// their first entry.
+pub const STATE_RULES_V5: &str = r#"output out = forward(host: "x")
+streams {
+  by(host) {
+    counter { out }
+    runs(2, state) { out }
+    rollup(1, 2s) { out }
+    fixed_event_window(3) { median { out } std_dev { out } }
+  }
+}
+"#;
+
 /// A stream state file with `data` between its version and its checksum,
 /// where vigil writes the rule text and the stages' entries; the checksum is
 /// made to fit, so the fuzzer reaches what a file that passed it could hold.
@@ -465,14 +480,16 @@ streams {
 /// refused), then those rules run from whatever was restored: ticks, and
 /// events of the series the file's groups may name. Nothing may panic.
 /// Each input goes through both encodings: as version 1 (CBOR, as versions
-/// 1 and 2 wrote it) and as version 3 (postcard).
+/// 1 and 2 wrote it) and as version 3 (postcard); and as version 5 into
+/// [`STATE_RULES_V5`].
 pub fn state_restore(data: &[u8]) {
     for version in [1u32, 3] {
-        restore_state_file(version, data);
+        restore_state_file(version, STATE_RULES, data);
     }
+    restore_state_file(5, STATE_RULES_V5, data);
 }
 
-fn restore_state_file(version: u32, data: &[u8]) {
+fn restore_state_file(version: u32, rules_text: &str, data: &[u8]) {
     let mut file = b"VIGILSTS".to_vec();
     file.extend_from_slice(&version.to_le_bytes());
     file.extend_from_slice(data);
@@ -480,10 +497,10 @@ fn restore_state_file(version: u32, data: &[u8]) {
     file.extend_from_slice(&checksum.to_le_bytes());
     let text = RuleText {
         name: "state.vigil".to_owned(),
-        text: STATE_RULES.to_owned(),
+        text: rules_text.to_owned(),
     };
     let (_, compiled) =
-        rules::load(&text.name, &text.text, EnvPolicy::Lenient).expect("STATE_RULES compile");
+        rules::load(&text.name, &text.text, EnvPolicy::Lenient).expect("state rules compile");
     let _ = persist::restore_bytes(&compiled.roots, &text, &file, NOW);
     let clock = Arc::new(ManualClock::new(NOW));
     let index = Arc::new(Index::new(IndexConfig::default()));
