@@ -14,8 +14,8 @@
 //! limit is answered with it, like a line that does not parse.
 //!
 //! Fields are Riemann's JSON names (`metric_f`, `metric_d` and `metric_sint64`
-//! also name the metric). `time` is ISO 8601 UTC (`2024-01-02T03:04:05.678Z`)
-//! or seconds since the epoch, `time_micros` microseconds; without either the
+//! also name the metric). `time` is ISO 8601 (`2024-01-02T03:04:05.678Z`, or
+//! with an offset: `+01:00`) or seconds since the epoch, `time_micros` microseconds; without either the
 //! event gets its arrival time. Any other key is an attribute.
 
 use std::time::UNIX_EPOCH;
@@ -487,14 +487,24 @@ fn text(key: &str, value: Value) -> Result<String, String> {
     }
 }
 
+/// `metric` is an integer when it is one, as the wire's `metric_sint64`;
+/// the protobuf's names keep their field's type: `metric_sint64` must be an
+/// integer (a fraction there is a client's mistake, not a rounding to make),
+/// `metric_d` and `metric_f` are doubles however they are written.
 fn metric(key: &str, value: &Value) -> Result<Metric, String> {
-    if let Some(i) = value.as_i64() {
-        return Ok(Metric::Int(i));
+    let float = || value.as_f64().map(Metric::Float);
+    match key {
+        "metric_sint64" => value
+            .as_i64()
+            .map(Metric::Int)
+            .ok_or_else(|| format!("{key} must be an integer (within 64 bits)")),
+        "metric_d" | "metric_f" => float().ok_or_else(|| format!("{key} must be a number")),
+        _ => value
+            .as_i64()
+            .map(Metric::Int)
+            .or_else(float)
+            .ok_or_else(|| format!("{key} must be a number")),
     }
-    value
-        .as_f64()
-        .map(Metric::Float)
-        .ok_or_else(|| format!("{key} must be a number"))
 }
 
 fn tags(value: Value) -> Result<Vec<String>, String> {
@@ -512,26 +522,53 @@ fn tags(value: Value) -> Result<Vec<String>, String> {
 }
 
 fn time(value: &Value) -> Result<Micros, String> {
-    const EXPECTED: &str =
-        "time must be ISO 8601 UTC (e.g. 2024-01-02T03:04:05.678Z) or seconds since the epoch";
+    const EXPECTED: &str = "time must be ISO 8601 (e.g. 2024-01-02T03:04:05.678Z or \
+         2024-01-02T04:04:05.678+01:00) or seconds since the epoch";
     match value {
         Value::Number(n) => n
             .as_f64()
             .map(secs_to_micros)
             .ok_or_else(|| EXPECTED.to_owned()),
         Value::String(s) => {
-            // `+00:00` is the same instant as `Z`, which is all humantime reads.
-            let utc = s
-                .strip_suffix("+00:00")
-                .map_or(s.clone(), |t| format!("{t}Z"));
+            // humantime reads UTC only: a local time is read as UTC and its
+            // offset taken off (Python's `isoformat()` writes `+01:00`).
+            let (local, offset) = utc_offset(s).unwrap_or((s.as_str(), 0));
+            let utc = if local.ends_with(['Z', 'z']) {
+                local.to_owned()
+            } else {
+                format!("{local}Z")
+            };
             let at = humantime::parse_rfc3339_weak(&utc).map_err(|_| EXPECTED.to_owned())?;
-            Ok(match at.duration_since(UNIX_EPOCH) {
+            let micros = match at.duration_since(UNIX_EPOCH) {
                 Ok(after) => micros(after.as_micros()),
                 Err(before) => -micros(before.duration().as_micros()),
-            })
+            };
+            Ok(micros.saturating_sub(offset))
         }
         _ => Err(EXPECTED.to_owned()),
     }
+}
+
+/// Splits a trailing RFC 3339 offset (`+hh:mm`, `-hh:mm`) off a time,
+/// with the offset in microseconds.
+fn utc_offset(time: &str) -> Option<(&str, Micros)> {
+    let split = time.len().checked_sub(6)?;
+    let (local, offset) = (time.get(..split)?, time.get(split..)?.as_bytes());
+    let sign = match offset[0] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let two = |at: usize| -> Option<i64> {
+        let digits = offset.get(at..at + 2)?;
+        digits
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| i64::from(digits[0] - b'0') * 10 + i64::from(digits[1] - b'0'))
+    };
+    let (hours, minutes) = (two(1)?, two(4)?);
+    (offset[3] == b':' && hours < 24 && minutes < 60)
+        .then_some((local, sign * (hours * 3600 + minutes * 60) * 1_000_000))
 }
 
 fn micros(m: u128) -> Micros {
@@ -612,6 +649,10 @@ mod tests {
             m(r#"{"metric": 3, "metric_f": 2.5}"#),
             Some(Metric::Float(2.5))
         );
+        // Each protobuf name keeps its field's type, as a client using it means.
+        assert_eq!(m(r#"{"metric_d": 3}"#), Some(Metric::Float(3.0)));
+        assert_eq!(m(r#"{"metric_f": 3}"#), Some(Metric::Float(3.0)));
+        assert_eq!(m(r#"{"metric": 3}"#), Some(Metric::Int(3)));
         assert_eq!(m(r#"{"metric": 3}"#), Some(Metric::Int(3)));
     }
 
@@ -624,6 +665,14 @@ mod tests {
         );
         assert_eq!(
             t(r#"{"time": "2023-11-14T22:13:20+00:00"}"#),
+            1_700_000_000 * MICROS_PER_SEC
+        );
+        assert_eq!(
+            t(r#"{"time": "2023-11-14T23:13:20.250+01:00"}"#),
+            1_700_000_000 * MICROS_PER_SEC + 250_000
+        );
+        assert_eq!(
+            t(r#"{"time": "2023-11-14T16:43:20-05:30"}"#),
             1_700_000_000 * MICROS_PER_SEC
         );
         assert_eq!(t(r#"{"time_micros": 7}"#), 7);
@@ -639,6 +688,14 @@ mod tests {
         assert_eq!(err(r#"{"tags": "a"}"#), "tags must be an array of strings");
         assert_eq!(err(r#"{"ttl": "1"}"#), "ttl must be a number");
         assert!(err(r#"{"time": "yesterday"}"#).starts_with("time must be ISO 8601"));
+        for bad in ["2023-11-14T23:13:20+25:00", "2023-11-14T23:13:20+01:60", "+01:00"] {
+            let line = format!(r#"{{"time": "{bad}"}}"#);
+            assert!(err(&line).starts_with("time must be ISO 8601"), "{bad}");
+        }
+        assert_eq!(
+            err(r#"{"metric_sint64": 1.5}"#),
+            "metric_sint64 must be an integer (within 64 bits)"
+        );
         assert_eq!(
             err(r#"{"env": {"a": 1}}"#),
             "attribute env must be a string"
