@@ -522,7 +522,8 @@ fn restore_state_file(version: u32, rules_text: &str, data: &[u8]) {
     };
     for (later, state) in [(0, "ok"), (1, "critical"), (86_400, "ok")] {
         clock.set(NOW + later * MICROS_PER_SEC);
-        index.expire(clock.now(), |expired| rules.process(expired));
+        // As the server's expiry tick: each batch checked and run alone.
+        index.expire_batches(clock.now(), |notices| rules.process_expired(notices));
         rules.tick();
         rules.process(&[event("a", later, state), event("b", -later, state)]);
     }
