@@ -164,6 +164,11 @@ struct RunArgs {
     /// disconnected, and a new one whose snapshot does not fit is refused (counted).
     #[arg(long, default_value_t = pubsub::DEFAULT_MAX_HELD, value_parser = parse_positive)]
     max_subscriber_memory: usize,
+    /// Percent of a core that all live subscriptions' queries may take from ingest together
+    /// (1 to 100); over it, the subscriptions of the client whose queries cost the most are
+    /// disconnected, then the next client's, until the rest are within it.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(1..=100))]
+    subscription_share: u8,
     /// Most bytes that query answers over 64 KiB (Riemann TCP, GET /index, gRPC Query) may hold
     /// at once until their askers have read them, all connections together; one that would go
     /// over is refused as busy, to be asked again (counted). Smaller answers are never refused.
@@ -556,6 +561,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_entries: args.max_index,
         max_query_results: Some(args.max_query_results),
         max_subscriber_memory: args.max_subscriber_memory,
+        subscription_share: pubsub::WINDOW * u32::from(args.subscription_share) / 100,
         query_timeout: Some(args.query_timeout),
         answers: Answers::new(args.max_answer_memory, stats.clone()),
     }));

@@ -635,6 +635,16 @@ impl Pubsub {
         })
     }
 
+    /// A pubsub whose queues hold `max_held` bytes together and whose
+    /// queries may take `share` of each [`WINDOW`] together.
+    pub fn bounded(max_held: usize, share: Duration) -> Arc<Pubsub> {
+        Arc::new(Pubsub {
+            max_held,
+            ledger: Ledger::new(share, WINDOW),
+            ..Pubsub::default()
+        })
+    }
+
     /// A pubsub whose costly queries may take `budget` per event (instead
     /// of [`QUERY_BUDGET`]).
     pub fn with_query_budget(budget: Duration) -> Arc<Pubsub> {
@@ -755,6 +765,11 @@ impl Pubsub {
     /// Bytes all queues may hold together.
     pub fn max_held(&self) -> usize {
         self.max_held
+    }
+
+    /// What all queries may take of each [`WINDOW`] together.
+    pub fn share(&self) -> Duration {
+        self.ledger.share()
     }
 
     /// `snapshot` sent alone (no subscription follows it), its bytes

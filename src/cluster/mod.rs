@@ -231,7 +231,7 @@ impl Cluster {
             batcher: Arc::new(batcher::Batcher::new(js.clone(), config.shards)),
             js,
             members: AtomicUsize::new(1),
-            feed: Pubsub::with_max_held(index.pubsub().max_held()),
+            feed: Pubsub::bounded(index.pubsub().max_held(), index.pubsub().share()),
             index,
             leases: lease::Leases::new(
                 Arc::new(MonotonicClock::default()),

@@ -688,7 +688,11 @@ mod tests {
         assert_eq!(err(r#"{"tags": "a"}"#), "tags must be an array of strings");
         assert_eq!(err(r#"{"ttl": "1"}"#), "ttl must be a number");
         assert!(err(r#"{"time": "yesterday"}"#).starts_with("time must be ISO 8601"));
-        for bad in ["2023-11-14T23:13:20+25:00", "2023-11-14T23:13:20+01:60", "+01:00"] {
+        for bad in [
+            "2023-11-14T23:13:20+25:00",
+            "2023-11-14T23:13:20+01:60",
+            "+01:00",
+        ] {
             let line = format!(r#"{{"time": "{bad}"}}"#);
             assert!(err(&line).starts_with("time must be ISO 8601"), "{bad}");
         }

@@ -124,6 +124,9 @@ pub struct IndexConfig {
     pub max_query_results: Option<usize>,
     /// Bytes of events all live subscribers' queues may hold together.
     pub max_subscriber_memory: usize,
+    /// What all live subscriptions' queries may take of each second of
+    /// ingest together (`--subscription-share`).
+    pub subscription_share: Duration,
     /// How long a scan of the index may run before it is stopped and its
     /// asker told so; `None` is unbounded. A query's cost is its size times
     /// the index's: one long enough would otherwise hold a scan's turn
@@ -141,6 +144,7 @@ impl Default for IndexConfig {
             max_entries: None,
             max_query_results: None,
             max_subscriber_memory: crate::pubsub::DEFAULT_MAX_HELD,
+            subscription_share: crate::pubsub::SHARE,
             query_timeout: None,
             answers: Answers::new(crate::answers::DEFAULT_MAX, Arc::default()),
         }
@@ -294,7 +298,7 @@ impl Index {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hints: (0..SHARDS).map(|_| SlotHint::default()).collect(),
-            pubsub: Pubsub::with_max_held(config.max_subscriber_memory),
+            pubsub: Pubsub::bounded(config.max_subscriber_memory, config.subscription_share),
             hasher: DefaultHashBuilder::default(),
             config,
             len: AtomicUsize::new(0),

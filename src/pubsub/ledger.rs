@@ -251,6 +251,11 @@ impl Ledger {
         }
     }
 
+    /// What the queries may take of each window together.
+    pub fn share(&self) -> Duration {
+        self.share
+    }
+
     /// The share of a core the queries may take, in percent.
     pub fn percent(&self) -> u64 {
         percent(self.share, self.window)
