@@ -272,11 +272,12 @@ impl Ingest {
             let Some(text) = query else {
                 return proto::ack();
             };
-            if let Err(reply) = parsed(&stats, Query::parse_off_workers(&text).await) {
-                return reply;
-            }
+            let query = match parsed(&stats, Query::parse_off_workers(&text).await) {
+                Ok(query) => query,
+                Err(reply) => return reply,
+            };
             // Its room, taken as the nodes' answers came, is kept until written.
-            match cluster.query(&text, proto::approx_bytes).await {
+            match cluster.query(&query, proto::approx_bytes).await {
                 Ok((found, room)) => {
                     let answer = off_workers(move || room.hold(proto::events_reply(&found))).await;
                     let answer = answer.ok_or(QueryError::ShuttingDown);

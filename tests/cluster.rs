@@ -21,6 +21,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use common::{Vigil, wait_until};
+use futures_util::StreamExt;
 use vigil::client::Client;
 use vigil::clock::{Clock, SystemClock};
 use vigil::event::Event;
@@ -545,6 +546,183 @@ fn a_node_without_room_for_its_answer_makes_the_query_busy_not_unavailable() {
     .expect("the dropped answer gives its room back");
     let found = runtime.block_on(tcp.query("true")).unwrap();
     assert_eq!(found.len(), 3_000);
+}
+
+/// An event of about 4 KB: 3 000 of them answer `true` with 12 MB.
+fn large(i: usize) -> Event {
+    Event {
+        description: Some("x".repeat(4_000)),
+        ..event(&format!("host-{i}"), "big", "ok")
+    }
+}
+
+/// A connection of the test's own to `nats`, as a node's peer.
+async fn peer(nats: &Nats) -> async_nats::Client {
+    async_nats::connect(nats.url())
+        .await
+        .expect("connect to NATS")
+}
+
+/// An answer larger than `--max-answer-memory` takes all of it on an idle
+/// cluster, as on a single node: the asker's own part counts once. It
+/// counted twice, in the answering side's room until handed to NATS and
+/// in the merge's as it came back, and 1 query in 20 on two idle nodes was
+/// refused as busy. Here a part of another answer reaches the merge first
+/// (the test sends it on every query, older than the entries, as a third
+/// node still answering would): the asker's own part found no room beside
+/// it, every time.
+#[test]
+fn an_answer_larger_than_the_pool_takes_all_of_it_on_an_idle_cluster() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let memory = ["--max-answer-memory", "1048576"];
+    let first = node(&nats, "n1", &memory);
+    let second = node(&nats, "n2", &memory);
+    send(&first, &(0..3_000).map(large).collect::<Vec<_>>());
+    wait_settled(&[&first, &second], 3_000);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let nats_peer = runtime.block_on(peer(&nats));
+    let mut questions = runtime
+        .block_on(nats_peer.subscribe("vigil.query"))
+        .unwrap();
+    // 600 KB: over the pool's free answers, under NATS's max payload.
+    let older = |i| Event {
+        time: 1,
+        ..large(i)
+    };
+    let part = vigil::proto::events_reply(&(0..150).map(older).collect::<Vec<_>>());
+    runtime.spawn(async move {
+        while let Some(question) = questions.next().await {
+            let Some(reply) = question.reply else {
+                continue;
+            };
+            let mut more = async_nats::HeaderMap::new();
+            more.insert("Vigil-More", "1");
+            let sent = nats_peer.publish_with_headers(reply, more, part.clone());
+            sent.await.unwrap();
+        }
+    });
+    for _ in 0..3 {
+        let (status, body) = http_query(&first, "true");
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+        let found: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        assert_eq!(found.len(), 3_000);
+    }
+}
+
+/// A node stops answering a query its asker gave up (a `Vigil-Abandoned`
+/// message naming its inbox, after the question on `vigil.query`): it
+/// kept scanning and sending every part, holding its room in
+/// `--max-answer-memory`, and refused its own askers as busy meanwhile.
+/// The test asks as a node would, gives up at once, then asks again: the
+/// node answers one question at a time, in order, so whatever it sent for
+/// the first came before the second's answer.
+#[test]
+fn a_node_stops_answering_a_query_its_asker_gave_up() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let node = node(&nats, "n1", &[]);
+    send(&node, &(0..3_000).map(large).collect::<Vec<_>>());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_index_size") == 3_000).then_some(())
+    })
+    .expect("all 3 000 indexed");
+    let parts = runtime.block_on(async {
+        let client = peer(&nats).await;
+        let mut answers = client.subscribe("test.>").await.unwrap();
+        let ask = |reply: &'static str, query: &'static str| {
+            client.publish_with_reply("vigil.query", reply, query.into())
+        };
+        ask("test.given-up", "true").await.unwrap();
+        let mut abandoned = async_nats::HeaderMap::new();
+        abandoned.insert("Vigil-Abandoned", "test.given-up");
+        (client.publish_with_headers("vigil.query", abandoned, "".into()))
+            .await
+            .unwrap();
+        ask("test.next", "host = \"host-1\" and service = \"big\"")
+            .await
+            .unwrap();
+        let mut parts = Vec::new();
+        while let Some(answer) = answers.next().await {
+            if answer.subject.as_str() == "test.next" {
+                return parts;
+            }
+            let more = answer.headers.as_ref().and_then(|h| h.get("Vigil-More"));
+            parts.push(more.is_some());
+        }
+        panic!("the subscription ended")
+    });
+    assert!(
+        parts.iter().all(|&more| more),
+        "the given-up query was answered whole: {} parts",
+        parts.len()
+    );
+}
+
+/// An asker that gives a query up tells the other nodes so
+/// (`Vigil-Abandoned` naming its inbox, on `vigil.query` after the
+/// question): here refused as busy, its pool held by an answer its client
+/// does not read. The nodes were not told, and kept answering.
+#[test]
+fn an_asker_refused_as_busy_tells_the_nodes_to_stop() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let node = node(&nats, "n1", &["--max-answer-memory", "1048576"]);
+    send(&node, &(0..3_000).map(large).collect::<Vec<_>>());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_index_size") == 3_000).then_some(())
+    })
+    .expect("all 3 000 indexed");
+    let nats_peer = runtime.block_on(peer(&nats));
+    let questions = runtime
+        .block_on(nats_peer.subscribe("vigil.query"))
+        .unwrap();
+    let http = node.http.unwrap();
+    let get = |query: &str| {
+        let url = format!("http://{http}/index?query={query}");
+        runtime.block_on(async { reqwest::get(url).await.unwrap() })
+    };
+    let stalled = get("true&local=true");
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_answer_bytes_held") == 1 << 20).then_some(())
+    })
+    .expect("the unread answer holds the pool");
+    assert_eq!(
+        get("true").status(),
+        reqwest::StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(get("false").status(), reqwest::StatusCode::OK);
+    drop(stalled);
+    let seen = runtime.block_on(async {
+        // Dropped within the runtime, as a subscriber must be.
+        let mut questions = questions;
+        let mut seen = Vec::new();
+        while let Some(message) = questions.next().await {
+            let header = |name| message.headers.as_ref().and_then(|h| h.get(name));
+            match (&message.reply, header("Vigil-Abandoned")) {
+                (Some(reply), _) => {
+                    seen.push(format!("{} asked by {reply}", from_utf8(&message.payload)));
+                    if &message.payload[..] == b"false" {
+                        return seen;
+                    }
+                }
+                (None, Some(inbox)) => seen.push(format!("gave up {inbox}")),
+                (None, None) => seen.push("neither".to_owned()),
+            }
+        }
+        panic!("the subscription ended")
+    });
+    let [asked, given_up, _next] = &seen[..] else {
+        panic!("{seen:?}")
+    };
+    let inbox = asked.strip_prefix("true asked by ").expect("the query");
+    assert_eq!(given_up, &format!("gave up {inbox}"), "{seen:?}");
+}
+
+fn from_utf8(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap()
 }
 
 #[test]

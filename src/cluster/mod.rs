@@ -15,8 +15,8 @@
 //!
 //! Without `--cluster` none of this runs and nothing else changes.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -390,10 +390,11 @@ impl Cluster {
     /// scan does), and comes with it, to be fitted to the answer once made
     /// and held until written ([`Room::hold`]). Refused as busy, the replies
     /// dropped, once the pool has no room for it, or when a node's own pool
-    /// had none for its part.
+    /// had none for its part. Given up (refused, timed out, or this future
+    /// dropped), the other nodes are told to stop answering it.
     pub async fn query(
         &self,
-        query: &str,
+        query: &Query,
         bytes: Sizing,
     ) -> Result<(Vec<Event>, Room), ClusterQueryError> {
         let failed = |e: &dyn fmt::Display| {
@@ -408,13 +409,57 @@ impl Cluster {
         }
         let inbox = self.client.new_inbox();
         let mut replies = (self.client.subscribe(inbox.clone()).await).map_err(|e| failed(&e))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(ASKER, self.config.node_id.as_str());
         self.client
-            .publish_with_reply(QUERY_SUBJECT, inbox, Bytes::from(query.to_owned()))
+            .publish_with_reply_and_headers(
+                QUERY_SUBJECT,
+                inbox.clone(),
+                headers,
+                Bytes::from(query.as_str().to_owned()),
+            )
             .await
             .map_err(|e| failed(&e))?;
+        let mut asking = Asking {
+            client: self.client.clone(),
+            inbox: Some(inbox),
+        };
         let expected = self.members.load(Ordering::Relaxed).max(1);
-        let mut merged = Merged::new(self.index.answers().room(), bytes);
-        let mut answered = 0;
+        let collected = self.collect(query, bytes, &mut replies, expected).await;
+        match &collected {
+            Ok((_, answered)) if *answered == expected => asking.done(),
+            _ => asking.give_up().await,
+        }
+        let (merged, _) = collected?;
+        // Each node kept within the limit; together they may not have.
+        if let Some(limit) = self.index.max_query_results()
+            && merged.events.len() > limit
+        {
+            return Err(QueryError::TooMany { limit }.into());
+        }
+        Ok((merged.events.into_values().collect(), merged.room))
+    }
+
+    /// This node's part of `query`, scanned straight into the merge's room,
+    /// then the other nodes' answers from `replies` until `expected` nodes
+    /// answered (this one included) or the timeout: the merge and how many
+    /// answered. The answering side skips this node's own request: its part
+    /// held there until handed to NATS, and again in the merge as it came
+    /// back, an answer larger than the pool was refused as busy on an idle
+    /// cluster now and then (1 query in 20 on two nodes).
+    async fn collect(
+        &self,
+        query: &Query,
+        bytes: Sizing,
+        replies: &mut async_nats::Subscriber,
+        expected: usize,
+    ) -> Result<(Merged, usize), ClusterQueryError> {
+        let (own, room) = (self.index)
+            .answer_then(query, bytes, |found| found)
+            .await?;
+        let mut merged = Merged::new(room, bytes);
+        (merged.add(own)).map_err(|busy| ClusterQueryError::Refused(busy.into()))?;
+        let mut answered = 1;
         let deadline = tokio::time::sleep(self.config.query_timeout);
         tokio::pin!(deadline);
         while answered < expected {
@@ -448,18 +493,7 @@ impl Cluster {
             (merged.add(msg.events.into_iter().map(|pb| proto::from_pb(pb, 0))))
                 .map_err(|busy| ClusterQueryError::Refused(busy.into()))?;
         }
-        if answered == 0 {
-            return Err(ClusterQueryError::Unavailable(
-                "no cluster node answered the query".to_owned(),
-            ));
-        }
-        // Each node kept within the limit; together they may not have.
-        if let Some(limit) = self.index.max_query_results()
-            && merged.events.len() > limit
-        {
-            return Err(QueryError::TooMany { limit }.into());
-        }
-        Ok((merged.events.into_values().collect(), merged.room))
+        Ok((merged, answered))
     }
 
     /// The index expiry pass in cluster mode: entries of shards whose expiry
@@ -558,69 +592,179 @@ impl Merged {
     }
 }
 
-/// Answers `vigil.query` from this node's own index.
+/// A query this node asked, until it has every answer: given up before
+/// (refused, timed out, or its asker gone), the other nodes are told, so
+/// they stop scanning and sending parts nobody merges and their
+/// `--max-answer-memory` comes back. Not told, a node kept answering an
+/// asker that had already refused as busy, and refused its own askers as
+/// busy meanwhile (1.9 s for a 12 MB answer).
+struct Asking {
+    client: async_nats::Client,
+    /// The reply inbox that names the query; taken once told or done.
+    inbox: Option<String>,
+}
+
+impl Asking {
+    fn done(&mut self) {
+        self.inbox = None;
+    }
+
+    /// Tells the nodes, in order after the question on the same subject, so
+    /// a node that has not begun its answer yet skips it.
+    async fn give_up(&mut self) {
+        let Some(inbox) = self.inbox.take() else {
+            return;
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(ABANDONED, inbox.as_str());
+        let told = (self.client)
+            .publish_with_headers(QUERY_SUBJECT, headers, Bytes::new())
+            .await;
+        if let Err(e) = told {
+            tracing::debug!(error = %e, "Could not tell the nodes a query was given up.");
+        }
+    }
+}
+
+impl Drop for Asking {
+    /// The asking future dropped (its client went away): told from a task.
+    fn drop(&mut self) {
+        if self.inbox.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut asking = Asking {
+            client: self.client.clone(),
+            inbox: self.inbox.take(),
+        };
+        runtime.spawn(async move { asking.give_up().await });
+    }
+}
+
+/// Requests read ahead while one is answered, to see whether its asker
+/// gave it up; further ones wait in the subscription.
+const READ_AHEAD: usize = 1024;
+
+/// Answers `vigil.query` from this node's own index, one request at a
+/// time, except this node's own (its asker scans that part itself). The
+/// requests are read on while one is answered: one its asker gave up is
+/// dropped (its scan stopped, its room given back), and one queued behind
+/// is skipped.
 async fn answer_queries(
     cluster: Arc<Cluster>,
     mut requests: async_nats::Subscriber,
     stop: CancellationToken,
 ) {
+    let mut queued = VecDeque::new();
     loop {
-        let request = tokio::select! {
-            request = requests.next() => request,
-            () = stop.cancelled() => return,
+        let request = match queued.pop_front() {
+            Some(request) => request,
+            None => tokio::select! {
+                request = requests.next() => match request {
+                    Some(request) => request,
+                    None => return,
+                },
+                () = stop.cancelled() => return,
+            },
         };
-        let Some(request) = request else { return };
-        let Some(reply) = request.reply else { continue };
-        let parsed = match std::str::from_utf8(&request.payload) {
-            Ok(text) => (Query::parse_off_workers(text).await).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        // A give-up for a query answered already, or asked by a node before
+        // this one started, has no reply.
+        let Some(reply) = request.reply.clone() else {
+            continue;
         };
-        // A refusal over the limit, or as busy, is marked, so the asking
-        // node refuses the same way (the asker's error or a busy node, to be
-        // asked again, not an unavailable cluster).
-        let mut refusal = None;
-        let refused = |e: String| (vec![proto::error_reply(e)], cluster.index.answers().room());
-        // Its room in --max-answer-memory is taken as the scan finds its
-        // events, and kept until its parts are handed to NATS.
-        let (parts, _room) = match parsed {
-            Ok(query) => (cluster.index)
-                .answer_then(&query, proto::approx_bytes, |found| answer_parts(&found))
-                .await
-                .unwrap_or_else(|e| {
-                    refusal = match &e {
-                        QueryError::TooMany { limit } => Some((TOO_MANY, limit.to_string())),
-                        QueryError::Busy(busy) => Some((BUSY, busy.max.to_string())),
-                        _ => None,
-                    };
-                    refused(e.to_string())
-                }),
-            Err(e) => refused(e),
-        };
-        let last = parts.len() - 1;
-        for (i, part) in parts.into_iter().enumerate() {
-            let header = if i < last {
-                Some((MORE, "1".to_owned()))
-            } else {
-                refusal.take()
-            };
-            let sent = match header {
-                Some((name, value)) => {
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert(name, value.as_str());
-                    (cluster.client)
-                        .publish_with_headers(reply.clone(), headers, part)
-                        .await
+        if header_of(&request, ASKER) == Some(cluster.config.node_id.as_str()) {
+            continue;
+        }
+        let answering = answer(&cluster, request, reply.clone());
+        tokio::pin!(answering);
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                // First, so a flood of requests cannot starve it.
+                () = &mut answering => break,
+                next = requests.next(), if queued.len() < READ_AHEAD => {
+                    let Some(next) = next else { return };
+                    match header_of(&next, ABANDONED) {
+                        Some(inbox) if inbox == reply.as_str() => {
+                            tracing::debug!("Stopped answering a cluster query its asker gave up.");
+                            break;
+                        }
+                        Some(inbox) => queued.retain(|q: &async_nats::Message| {
+                            q.reply.as_ref().is_none_or(|r| r.as_str() != inbox)
+                        }),
+                        None => queued.push_back(next),
+                    }
                 }
-                None => cluster.client.publish(reply.clone(), part).await,
-            };
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, "Could not answer a cluster query.");
-                break;
             }
         }
     }
 }
 
+/// The value of header `name` of `message`, if it has it.
+fn header_of<'m>(message: &'m async_nats::Message, name: &str) -> Option<&'m str> {
+    let headers = message.headers.as_ref()?;
+    headers.get(name).map(|value| value.as_str())
+}
+
+/// This node's part of the answer to `request`, published to `reply`.
+async fn answer(cluster: &Cluster, request: async_nats::Message, reply: async_nats::Subject) {
+    let parsed = match std::str::from_utf8(&request.payload) {
+        Ok(text) => (Query::parse_off_workers(text).await).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    // A refusal over the limit, or as busy, is marked, so the asking
+    // node refuses the same way (the asker's error or a busy node, to be
+    // asked again, not an unavailable cluster).
+    let mut refusal = None;
+    let refused = |e: String| (vec![proto::error_reply(e)], cluster.index.answers().room());
+    // Its room in --max-answer-memory is taken as the scan finds its
+    // events, and kept until its parts are handed to NATS.
+    let (parts, _room) = match parsed {
+        Ok(query) => (cluster.index)
+            .answer_then(&query, proto::approx_bytes, |found| answer_parts(&found))
+            .await
+            .unwrap_or_else(|e| {
+                refusal = match &e {
+                    QueryError::TooMany { limit } => Some((TOO_MANY, limit.to_string())),
+                    QueryError::Busy(busy) => Some((BUSY, busy.max.to_string())),
+                    _ => None,
+                };
+                refused(e.to_string())
+            }),
+        Err(e) => refused(e),
+    };
+    let last = parts.len() - 1;
+    for (i, part) in parts.into_iter().enumerate() {
+        let header = if i < last {
+            Some((MORE, "1".to_owned()))
+        } else {
+            refusal.take()
+        };
+        let sent = match header {
+            Some((name, value)) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(name, value.as_str());
+                (cluster.client)
+                    .publish_with_headers(reply.clone(), headers, part)
+                    .await
+            }
+            None => cluster.client.publish(reply.clone(), part).await,
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "Could not answer a cluster query.");
+            break;
+        }
+    }
+}
+
+/// Header on a query naming the node that asked it (it answers its own part).
+const ASKER: &str = "Vigil-Asker";
+/// Header on a message on [`QUERY_SUBJECT`] that gives up the query whose
+/// reply inbox it names (see [`Asking`]).
+const ABANDONED: &str = "Vigil-Abandoned";
 /// Header on every part of a query answer but the last.
 const MORE: &str = "Vigil-More";
 /// Header on a node's refusal of a query matching more than its limit (the

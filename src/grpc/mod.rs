@@ -235,9 +235,7 @@ impl pb::vigil_server::Vigil for Service {
         // which is made off the async workers either way.
         let (answer, mut room) = match &self.0.cluster {
             Some(cluster) => {
-                let found = (cluster
-                    .query(&request.get_ref().query, proto::approx_bytes)
-                    .await)
+                let found = (cluster.query(&query, proto::approx_bytes).await)
                     .map_err(|e| self.0.cluster_refused(e))?;
                 (off_workers(move || (answer(found.0), found.1)).await)
                     .ok_or_else(|| Status::unavailable(SHUTTING_DOWN))?
@@ -288,7 +286,7 @@ impl pb::vigil_server::Vigil for Service {
                     (cluster.subscribe(client, query.clone(), DEFAULT_CAPACITY)).await;
                 // Its room in --max-answer-memory goes once returned: the
                 // snapshot is then held with the subscribers' queues.
-                let (current, _room) = (cluster.query(query.as_str(), proto::approx_bytes))
+                let (current, _room) = (cluster.query(&query, proto::approx_bytes))
                     .await
                     .map_err(|e| self.0.cluster_refused(e))?;
                 (subscription, current)

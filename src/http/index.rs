@@ -130,7 +130,7 @@ pub(super) async fn get_index(
     // Its room is taken as its events are found (by the scan, or as the
     // cluster's nodes answer): refused before the answer is made.
     let answered = match (&state.cluster, params.local) {
-        (Some(cluster), false) => match cluster.query(query.as_str(), json::approx_bytes).await {
+        (Some(cluster), false) => match cluster.query(&query, json::approx_bytes).await {
             Ok((found, room)) => (off_workers(move || (to_body(found), room)).await)
                 .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_owned())),
             Err(ClusterQueryError::Refused(QueryError::Busy(busy))) => return busy_answer(busy),

@@ -214,7 +214,7 @@ impl AppState {
             // Its room in --max-answer-memory, taken as the nodes' answers
             // came, goes once returned: the snapshot is then held with the
             // subscribers' queues.
-            Some(cluster) => (cluster.query(query.as_str(), json::approx_bytes).await)
+            Some(cluster) => (cluster.query(query, json::approx_bytes).await)
                 .map(|(found, _room)| found)
                 .map_err(|e| self.cluster_refused(e)),
             None => (self.telemetry.index.query_then(query, |found| found).await)
