@@ -13,7 +13,8 @@
 //!
 //! A `Query` answer holds its room in `--max-answer-memory` from its scan
 //! until tonic has sent it (see [`crate::answers`]); one that does not fit
-//! is refused with `RESOURCE_EXHAUSTED`.
+//! is refused with `RESOURCE_EXHAUSTED`. It is made and encoded off the
+//! async workers, as the scan is ([`QueryResponse`]).
 
 // tonic's API hands `Status` around by value throughout.
 #![allow(clippy::result_large_err)]
@@ -67,11 +68,13 @@ pub mod pb {
 mod gate;
 mod msg;
 mod query_request;
+mod query_response;
 
 pub use msg::Msg;
+pub use pb::Ack;
 pub use pb::vigil_client::VigilClient;
-pub use pb::{Ack, QueryResponse};
 pub use query_request::QueryRequest;
+pub use query_response::QueryResponse;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -227,12 +230,11 @@ impl pb::vigil_server::Vigil for Service {
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
         let query = self.0.parse(request.get_ref()).await?;
-        let answer = |found: Vec<Event>| QueryResponse {
-            events: found.iter().map(proto::to_pb).collect(),
-        };
+        let answer = |found: Vec<Event>| QueryResponse::of(&found);
         // Its room is taken as its events are found (by the scan, or as
         // the cluster's nodes answer): refused before the answer is made,
-        // which is made off the async workers either way.
+        // which is made and encoded off the async workers either way (tonic
+        // then only copies its bytes).
         let (answer, mut room) = match &self.0.cluster {
             Some(cluster) => {
                 let found = (cluster.query(&query, proto::approx_bytes).await)
