@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use vigil::clock::{MICROS_PER_SEC, ManualClock};
 use vigil::event::{Event, Metric};
 use vigil::outputs::holds::{self, Work};
 use vigil::outputs::http::RetryPolicy;
@@ -810,10 +811,14 @@ async fn a_refused_page_is_not_retried_and_counts_as_dropped() {
     let out = Running::pager(pager_config(&rx.url));
     out.queue.push(event("disk /", "critical"));
     out.settled().await;
-    // Room for a wrong retry to show up (the fast policy waits ≤ 10 ms).
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(rx.seen().len(), 1);
     assert_eq!((out.delivered(), out.dropped(), out.retries()), (0, 1, 0));
+    // Pages go one at a time, each settled before the next: a retry of the
+    // refused one would reach the receiver before the next page.
+    out.queue.push(event("cpu", "critical"));
+    rx.wait_for(2).await;
+    out.settled().await;
+    assert_eq!(actions(&rx), ["trigger web1/disk /", "trigger web1/cpu"]);
+    assert_eq!((out.delivered(), out.dropped(), out.retries()), (1, 1, 0));
 }
 
 #[tokio::test]
@@ -1125,10 +1130,9 @@ async fn a_failed_save_is_tried_again_until_the_file_holds_the_incident() {
         file,
         blocker,
         out: _out,
-        ..
+        memory: saving,
     } = paged_unsaved(&rx).await;
-    // Past the first saves, which fail.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(|| saving.save_failed(), || "the first save fails".into()).await;
     assert!(!file.exists());
     std::fs::remove_dir_all(&blocker).unwrap();
     let saved = saved_when(&file, |_| true).await;
@@ -1429,14 +1433,17 @@ async fn a_reload_sends_no_page_twice_when_the_receiver_recovers_meanwhile() {
     second.push(event("cpu", "critical"));
     first_stop.cancel();
     first_task.await.unwrap();
-    rx.wait_for(3).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Pages go one at a time, in order: a page sent twice would reach the
+    // receiver before this one.
+    second.push(event("load", "critical"));
+    rx.wait_for(4).await;
     assert_eq!(
         actions(&rx),
         [
             "trigger web1/disk /",
             "trigger web1/disk /",
-            "trigger web1/cpu"
+            "trigger web1/cpu",
+            "trigger web1/load"
         ],
         "the first's page (refused once), then the second's"
     );
@@ -2067,15 +2074,26 @@ async fn a_change_of_severity_is_sent_within_the_resend_interval() {
 async fn a_trigger_is_re_sent_after_the_resend_interval() {
     let rx = Receiver::start().await;
     let mut config = pager_config(&rx.url);
-    config.resend_interval = Duration::from_millis(100);
-    let out = Running::pager(config);
+    config.resend_interval = Duration::from_secs(60);
+    let clock = Arc::new(ManualClock::new(0));
+    let memory = Memory::open("pager", None, config.receiver(), pager::MAX_OPEN);
+    let memory = Arc::new(memory.on_clock(clock.clone()));
+    let out = Running::pager_remembering(memory, config);
     out.queue.push(event("disk /", "critical"));
-    rx.wait_for(1).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    out.queue.push(event("disk /", "critical"));
-    rx.wait_for(2).await;
     out.settled().await;
-    assert_eq!(out.delivered(), 2);
+    clock.advance(59 * MICROS_PER_SEC);
+    out.queue.push(event("disk /", "critical"));
+    out.settled().await;
+    assert_eq!(
+        (out.delivered(), out.skipped()),
+        (1, 1),
+        "within the interval"
+    );
+    clock.advance(MICROS_PER_SEC);
+    out.queue.push(event("disk /", "critical"));
+    out.settled().await;
+    assert_eq!((out.delivered(), out.skipped()), (2, 1), "after it");
+    assert_eq!(actions(&rx), ["trigger web1/disk /", "trigger web1/disk /"]);
 }
 
 #[tokio::test]
@@ -2368,9 +2386,15 @@ async fn a_webhook_refused_as_too_large_is_sent_again_cut_short_once() {
     rx.reply_next([too_large(), too_large()]);
     out.queue.push(large_event("critical"));
     out.settled().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(rx.seen().len(), 4);
     assert_eq!((out.delivered(), out.dropped(), out.retries()), (1, 1, 0));
+    // Posts go one at a time: a third try would reach the receiver before
+    // the next event.
+    out.queue.push(event("cpu", "critical"));
+    let seen = rx.wait_for(5).await;
+    out.settled().await;
+    assert_eq!(seen.len(), 5);
+    assert_eq!(seen[4].json()["service"], "cpu");
+    assert_eq!((out.delivered(), out.dropped(), out.retries()), (2, 1, 0));
 }
 
 // ---------------------------------------------------------------------------

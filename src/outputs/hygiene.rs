@@ -1,6 +1,6 @@
 //! Paging hygiene: the incidents a pager has open at its receiver, and which
-//! pages they make needless. One table for the output (on the process's
-//! monotonic clock), for a cluster node's memory of replayed pages, and for
+//! pages they make needless. One table for the output (on its memory's
+//! clock: the process's monotonic one, a virtual one in tests), for a cluster node's memory of replayed pages, and for
 //! `vigil test`'s model of the output (on the test's virtual clock), so that
 //! what `expect pager {…}` sees is what the receiver gets.
 //!
@@ -18,35 +18,20 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::pager::{Action, Severity};
 use crate::clock::Micros;
 
-/// When a trigger was sent, on the clock its table runs on.
-pub(super) trait Moment: Copy {
-    /// How long after `earlier` this is; zero if before it.
-    fn since(self, earlier: Self) -> Duration;
-}
-
-impl Moment for Instant {
-    fn since(self, earlier: Self) -> Duration {
-        self.saturating_duration_since(earlier)
-    }
-}
-
-impl Moment for Micros {
-    fn since(self, earlier: Self) -> Duration {
-        Duration::from_micros(u64::try_from(self.saturating_sub(earlier)).unwrap_or(0))
-    }
+/// How long after `earlier` `now` is; zero if before it.
+fn since(now: Micros, earlier: Micros) -> Duration {
+    Duration::from_micros(u64::try_from(now.saturating_sub(earlier)).unwrap_or(0))
 }
 
 /// The incidents open at the receiver by dedup key; bounded, forgetting the
 /// least recently triggered first, in number and in the series they hold
 /// together (`max` each: as many as `max` incidents of one series each).
-pub(super) struct Incidents<T = Instant> {
+pub(super) struct Incidents {
     pub(super) max: usize,
-    open: HashMap<String, Open<T>>,
+    open: HashMap<String, Open>,
     /// The series all of `open` hold.
     series: usize,
     /// Keys by the sequence number of their last trigger: oldest first.
@@ -55,8 +40,9 @@ pub(super) struct Incidents<T = Instant> {
 }
 
 /// An incident's last trigger, and the series failing in it.
-pub(super) struct Open<T> {
-    pub(super) sent: T,
+pub(super) struct Open {
+    /// When, on the table's clock.
+    pub(super) sent: Micros,
     /// The severity the receiver has: the last trigger's.
     pub(super) severity: Severity,
     /// Its key in `Incidents::order`.
@@ -81,7 +67,7 @@ pub(super) struct Open<T> {
     cleared: Option<u64>,
 }
 
-impl<T> Open<T> {
+impl Open {
     /// Whether `series` (its derived key's `fnv1a`) may take this incident
     /// up: it triggered it (and fails, or cleared last), or nobody knows who
     /// did.
@@ -135,8 +121,8 @@ impl<T> Open<T> {
     }
 }
 
-impl<T: Moment> Incidents<T> {
-    pub(super) fn new(max: usize) -> Incidents<T> {
+impl Incidents {
+    pub(super) fn new(max: usize) -> Incidents {
         Incidents {
             max,
             open: HashMap::new(),
@@ -146,7 +132,7 @@ impl<T: Moment> Incidents<T> {
         }
     }
 
-    pub(super) fn get(&self, key: &str) -> Option<&Open<T>> {
+    pub(super) fn get(&self, key: &str) -> Option<&Open> {
         self.open.get(key)
     }
 
@@ -170,7 +156,7 @@ impl<T: Moment> Incidents<T> {
         key: &str,
         series: u64,
         action: Action,
-        now: T,
+        now: Micros,
         resend: Duration,
     ) -> bool {
         let Some(open) = self.open.get_mut(key) else {
@@ -182,7 +168,7 @@ impl<T: Moment> Incidents<T> {
                 // Its own severity replaces the one it failed at before.
                 self.joined(key, series, severity);
                 let highest = (self.open.get(key)).and_then(Open::highest);
-                highest == Some(severity) && (severity != before || now.since(sent) >= resend)
+                highest == Some(severity) && (severity != before || since(now, sent) >= resend)
             }
             Action::Resolve => {
                 if open.series.is_empty() {
@@ -204,7 +190,7 @@ impl<T: Moment> Incidents<T> {
 
     /// The receiver took the page of `series` asking `action` of the
     /// incident under `key`, at `now`.
-    pub(super) fn sent(&mut self, key: String, series: u64, action: Action, now: T) {
+    pub(super) fn sent(&mut self, key: String, series: u64, action: Action, now: Micros) {
         match action {
             Action::Trigger(severity) => {
                 self.triggered(key.clone(), severity, now);
@@ -239,7 +225,7 @@ impl<T: Moment> Incidents<T> {
 
     /// The incident open under `key`, (re)triggered at `now`: the series
     /// failing in it before stay its own.
-    pub(super) fn triggered(&mut self, key: String, severity: Severity, now: T) {
+    pub(super) fn triggered(&mut self, key: String, severity: Severity, now: Micros) {
         let before = self.open.remove(&key).inspect(|before| {
             self.order.remove(&before.seq);
         });
@@ -283,10 +269,13 @@ impl<T: Moment> Incidents<T> {
     }
 
     /// Oldest trigger first, each with how long before `now` it was sent.
-    pub(super) fn oldest_first(&self, now: T) -> impl Iterator<Item = (&str, &Open<T>, Duration)> {
+    pub(super) fn oldest_first(
+        &self,
+        now: Micros,
+    ) -> impl Iterator<Item = (&str, &Open, Duration)> {
         self.order.values().map(move |key| {
             let open = &self.open[key];
-            (key.as_str(), open, now.since(open.sent))
+            (key.as_str(), open, since(now, open.sent))
         })
     }
 }
@@ -298,7 +287,7 @@ mod tests {
     #[test]
     fn open_incidents_are_bounded_forgetting_the_oldest() {
         let mut open = Incidents::new(2);
-        let (now, severity) = (Instant::now(), Severity::Critical);
+        let (now, severity) = (0, Severity::Critical);
         open.triggered("a".into(), severity, now);
         open.triggered("b".into(), severity, now);
         open.triggered("a".into(), severity, now); // a is now the most recent
@@ -315,7 +304,7 @@ mod tests {
     #[test]
     fn series_failing_together_are_bounded_forgetting_the_oldest_other_incident() {
         let mut open = Incidents::new(3);
-        let (now, severity) = (Instant::now(), Severity::Critical);
+        let (now, severity) = (0, Severity::Critical);
         let (resend, ok) = (Duration::from_secs(3600), Action::Resolve);
         open.triggered("a".into(), severity, now);
         open.joined("a", 1, severity);
@@ -334,7 +323,7 @@ mod tests {
     #[test]
     fn a_shared_incident_is_paged_at_the_highest_severity_failing() {
         let (critical, warning, error) = (Severity::Critical, Severity::Warning, Severity::Error);
-        let mut open: Incidents<Micros> = Incidents::new(10);
+        let mut open = Incidents::new(10);
         let resend = Duration::from_secs(60);
         let minute = 60_000_000;
         let mut page = |series, action, at| {
@@ -372,7 +361,7 @@ mod tests {
     #[test]
     fn a_resolve_not_sent_leaves_the_last_series_in_the_incident() {
         let mut open = Incidents::new(10);
-        let (now, resend) = (Instant::now(), Duration::from_secs(3600));
+        let (now, resend) = (0, Duration::from_secs(3600));
         open.sent("web1".into(), 1, Action::Trigger(Severity::Critical), now);
         assert!(open.needs_sending("web1", 1, Action::Resolve, now, resend));
         let incident = open.get("web1").unwrap();

@@ -38,13 +38,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
-use tokio::time::Instant;
 
 use super::holds::Origin;
 use super::hygiene::Incidents;
 use super::pager::{self, Severity, fnv1a};
 use super::template::Template;
 use crate::blocking::off_workers;
+use crate::clock::{Micros, MonotonicClock, SharedClock};
 use crate::event::Event;
 use crate::snapshot::{self, SnapshotError};
 use crate::stats::Stats;
@@ -356,6 +356,10 @@ pub struct Memory {
     failing: AtomicBool,
     receiver_hash: String,
     incidents: Mutex<Incidents>,
+    /// What the incidents' triggers are timed on: the process's monotonic
+    /// clock, as a resend interval must not jump with the wall clock; a
+    /// virtual one in tests.
+    clock: SharedClock,
     /// Held through a whole save, so saves land in the order they read the
     /// incidents: the newest state is the one left on disk. Shared with the
     /// memory that replaces this one, which saves to the same file. Holds
@@ -413,6 +417,7 @@ impl Memory {
             output: output.to_owned(),
             receiver_hash: key_hash(receiver),
             incidents: Mutex::new(Incidents::new(max)),
+            clock: Arc::new(MonotonicClock::default()),
             saving: Arc::default(),
             replaced: AtomicBool::new(false),
             loaded: OnceCell::new(),
@@ -437,6 +442,16 @@ impl Memory {
             failures: Some(stats),
             ..self
         }
+    }
+
+    /// This memory, timing its incidents' triggers on `clock`.
+    pub fn on_clock(self, clock: SharedClock) -> Memory {
+        Memory { clock, ..self }
+    }
+
+    /// Now, on the clock the incidents' triggers are timed on.
+    pub(super) fn now(&self) -> Micros {
+        self.clock.now()
     }
 
     /// Reads the file, the first time only, off the async workers (it may
@@ -509,12 +524,13 @@ impl Memory {
         for template in saved_keys.collect::<Vec<_>>().iter().chain(&declared) {
             self.declared_dedup_key(template);
         }
-        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (now, wall) = (self.now(), SystemTime::now());
         let mut incidents = self.incidents.lock();
         for incident in saved.incidents {
             let sent = UNIX_EPOCH + Duration::try_from_secs_f64(incident.sent).unwrap_or_default();
             let age = wall.duration_since(sent).unwrap_or_default();
-            let sent = now.checked_sub(age).unwrap_or(now);
+            let age = Micros::try_from(age.as_micros()).unwrap_or(Micros::MAX);
+            let sent = now.saturating_sub(age);
             let key = incident.dedup_key;
             incidents.triggered(key.clone(), incident.severity, sent);
             // A file from before severities were saved: the incident's.
@@ -637,6 +653,7 @@ impl Memory {
             failing: AtomicBool::new(false),
             receiver_hash: key_hash(receiver),
             incidents: Mutex::new(Incidents::new(self.incidents.lock().max)),
+            clock: self.clock.clone(),
             saving: self.saving.clone(),
             replaced: AtomicBool::new(false),
             // The file is this one's to read: the new one reads only what
@@ -968,7 +985,7 @@ impl Memory {
     /// whether they were [handed on](Unsent::handed_on) (read with them).
     fn saved(&self, with_unsent: bool) -> (Saved, Saving, bool) {
         let incidents = self.incidents.lock();
-        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (now, wall) = (self.now(), SystemTime::now());
         let since_epoch = |age| {
             wall.checked_sub(age)
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -1164,6 +1181,7 @@ fn read(file: &Path) -> Result<Option<Saved>, LoadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::MICROS_PER_SEC;
 
     #[test]
     fn pages_are_written_down_within_bounds_the_first_ones() {
@@ -1351,7 +1369,7 @@ mod tests {
         let memory = from_file(file.clone(), "key", 10).await;
         memory
             .incidents()
-            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+            .triggered("web1/disk".into(), Severity::Critical, 0);
         memory.save().await;
         assert_eq!(version(), 1);
         let page = Event {
@@ -1388,7 +1406,7 @@ mod tests {
         memory.load().await;
         memory
             .incidents()
-            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+            .triggered("web1/disk".into(), Severity::Critical, 0);
         memory.save().await;
         assert_eq!(Stats::get(&stats.state_write_failures), 1);
     }
@@ -1423,7 +1441,7 @@ mod tests {
     fn keys(memory: &Memory) -> Vec<(String, Severity)> {
         let incidents = memory.incidents();
         incidents
-            .oldest_first(Instant::now())
+            .oldest_first(memory.now())
             .map(|(key, open, _)| (key.to_owned(), open.severity))
             .collect()
     }
@@ -1442,8 +1460,8 @@ mod tests {
         let memory = from_file(file.clone(), "key", 10).await;
         {
             let mut incidents = memory.incidents();
-            let now = Instant::now();
-            let hour_ago = now.checked_sub(Duration::from_secs(3600)).unwrap();
+            let now = memory.now();
+            let hour_ago = now - 3600 * MICROS_PER_SEC;
             incidents.triggered("web1/disk".into(), Severity::Critical, hour_ago);
             incidents.triggered("web2/cpu".into(), Severity::Warning, now);
             incidents.triggered("web3/gone".into(), Severity::Error, now);
@@ -1459,9 +1477,9 @@ mod tests {
                 ("web3/gone".to_owned(), Severity::Error)
             ]
         );
-        let age = Instant::now() - loaded.incidents().get("web1/disk").unwrap().sent;
+        let age = loaded.now() - loaded.incidents().get("web1/disk").unwrap().sent;
         assert!(
-            (3599..=3610).contains(&age.as_secs()),
+            (3599..=3610).contains(&(age / MICROS_PER_SEC)),
             "triggered an hour ago, not {age:?}"
         );
         let text = std::fs::read_to_string(&file).unwrap();
@@ -1489,7 +1507,7 @@ mod tests {
         let memory = from_file(file.clone(), "key", 10).await;
         memory
             .incidents()
-            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+            .triggered("web1/disk".into(), Severity::Critical, 0);
         memory.save().await;
         let other = from_file(file.clone(), "another key", 10).await;
         assert!(keys(&other).is_empty());
@@ -1518,9 +1536,9 @@ mod tests {
         let memory = from_file(file.clone(), "key", 10).await;
         {
             let mut incidents = memory.incidents();
-            incidents.triggered("web1".into(), Severity::Critical, Instant::now());
+            incidents.triggered("web1".into(), Severity::Critical, 0);
             incidents.joined("web1", 7, Severity::Warning);
-            incidents.triggered("web1".into(), Severity::Critical, Instant::now());
+            incidents.triggered("web1".into(), Severity::Critical, 0);
         }
         assert!(memory.save().await);
         let restarted = from_file(file, "key", 10).await;
@@ -1541,7 +1559,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = file_in(dir.path(), "pager");
         let memory = from_file(file.clone(), "key", 10).await;
-        let (now, resend) = (Instant::now(), Duration::from_secs(3600));
+        let (now, resend) = (0, Duration::from_secs(3600));
         {
             let mut incidents = memory.incidents();
             incidents.sent("web1".into(), 7, Trigger(Severity::Critical), now);
@@ -1569,7 +1587,7 @@ mod tests {
         assert!(keys(&memory).is_empty());
         memory
             .incidents()
-            .triggered("web2/disk".into(), Severity::Critical, Instant::now());
+            .triggered("web2/disk".into(), Severity::Critical, 0);
         assert!(memory.save().await);
         let aside = dir.path().join("pagerduty-pager.json.unreadable");
         assert_eq!(std::fs::read_to_string(aside).unwrap(), cut_short);
@@ -1590,7 +1608,7 @@ mod tests {
         assert!(keys(&first).is_empty());
         first
             .incidents()
-            .triggered("web2/disk".into(), Severity::Critical, Instant::now());
+            .triggered("web2/disk".into(), Severity::Critical, 0);
         let second = Arc::new(first.replaced_by("k2"));
         second.load().await;
         assert!(first.save().await);
@@ -1618,7 +1636,7 @@ mod tests {
         let first = from_file(file.clone(), "k1", 10).await;
         first
             .incidents()
-            .triggered("web1/disk".into(), Severity::Critical, Instant::now());
+            .triggered("web1/disk".into(), Severity::Critical, 0);
         assert!(first.save().await);
         let second = Arc::new(first.replaced_by("k2"));
         second.load().await;
@@ -1710,7 +1728,7 @@ mod tests {
         let stale = from_file(kept_aside(&file, &key_hash("k1")), "k1", 10).await;
         stale
             .incidents()
-            .triggered("web1/cpu".into(), Severity::Critical, Instant::now());
+            .triggered("web1/cpu".into(), Severity::Critical, 0);
         assert!(stale.save().await);
 
         let restarted = from_file(file.clone(), "k1", 10).await;
@@ -1726,7 +1744,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = file_in(dir.path(), "pager");
         let first = from_file(file.clone(), "k1", 10).await;
-        let now = Instant::now();
+        let now = 0;
         first
             .incidents()
             .triggered("web1/disk".into(), Severity::Critical, now);
@@ -1752,7 +1770,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = file_in(dir.path(), "pager");
         let first = from_file(file.clone(), "k1", 10).await;
-        let now = Instant::now();
+        let now = 0;
         first
             .incidents()
             .triggered("web1/disk".into(), Severity::Critical, now);
@@ -1784,11 +1802,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = file_in(dir.path(), "pager");
         let before_the_restart = from_file(file.clone(), "k1", 10).await;
-        before_the_restart.incidents().triggered(
-            "web1/disk".into(),
-            Severity::Critical,
-            Instant::now(),
-        );
+        before_the_restart
+            .incidents()
+            .triggered("web1/disk".into(), Severity::Critical, 0);
         before_the_restart.save().await;
 
         let first = Arc::new(Memory::open("pager", Some(file.clone()), "k1", 10));

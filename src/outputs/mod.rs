@@ -660,14 +660,13 @@ mod tests {
     async fn earlier_routing_keys_keep_their_incidents_a_bounded_number_of_keys_back() {
         let kept = Kept::default();
         let config = |key: usize| pager_config(&format!("k{key}"));
-        let now = tokio::time::Instant::now();
         for key in 0..=RETIRED_KEYS + 1 {
             let memory = kept.pager("pager", &config(key));
             assert!(!memory.has_open(), "k{key} is new");
             let dedup_key = format!("web{key}/cpu");
             memory
                 .incidents()
-                .triggered(dedup_key, pager::Severity::Critical, now);
+                .triggered(dedup_key, pager::Severity::Critical, 0);
         }
         // The last key is current, the RETIRED_KEYS before it are aside, and
         // k0 is gone; setting aside the last pushes out the oldest, k1.
@@ -688,11 +687,9 @@ mod tests {
         let file = incidents::file_in(dir.path(), "pager");
         let before_the_restart = Arc::new(incidents::Memory::open("pager", Some(file), "k1", 10));
         before_the_restart.load().await;
-        before_the_restart.incidents().triggered(
-            "web1/cpu".into(),
-            pager::Severity::Critical,
-            tokio::time::Instant::now(),
-        );
+        before_the_restart
+            .incidents()
+            .triggered("web1/cpu".into(), pager::Severity::Critical, 0);
         before_the_restart.save().await;
 
         let kept = Kept::in_dir(dir.path().to_owned(), Arc::default());
@@ -867,7 +864,7 @@ mod tests {
         };
         let minutes_since_sent = || {
             let sent = memory.incidents().get("web1/cpu").unwrap().sent;
-            tokio::time::Instant::now().duration_since(sent).as_secs() / 60
+            (memory.now() - sent) / MICROS_PER_SEC / 60
         };
         suppressed(|| {
             queue.push(minutes_ago(120));

@@ -580,7 +580,7 @@ impl Pager {
             return;
         };
         let key = open_key(&self.config, &self.memory, event);
-        let (series, now) = (series_hash(event), Instant::now());
+        let (series, now) = (series_hash(event), self.memory.now());
         let resend = self.config.resend_interval;
         let needed = (self.memory.incidents()).needs_sending(&key, series, action, now, resend);
         if !needed {
@@ -692,7 +692,7 @@ pub(super) fn handed<T: Copy>(
 pub struct Pages {
     config: Config,
     /// The incidents it opened, on the caller's clock.
-    open: Incidents<Micros>,
+    open: Incidents,
 }
 
 impl Pages {
@@ -803,7 +803,8 @@ impl Replayed {
             return;
         };
         let key = open_key(&self.config, &self.memory, event);
-        let (series, made) = (series_hash(event), made_at(event.time));
+        let made = made_at(event.time, self.memory.now());
+        let series = series_hash(event);
         let resend = self.config.resend_interval;
         let mut open = self.memory.incidents();
         if open.needs_sending(&key, series, action, made, resend) {
@@ -812,12 +813,11 @@ impl Replayed {
     }
 }
 
-/// When on this process's clock a page made at `time` (the event's) was
-/// sent: as long ago as `time` is; now if it is to come.
-fn made_at(time: Micros) -> Instant {
-    let now = Instant::now();
-    let ago = u64::try_from(SystemClock.now().saturating_sub(time)).unwrap_or(0);
-    now.checked_sub(Duration::from_micros(ago)).unwrap_or(now)
+/// When on the incidents' clock, `now` on it, a page made at `time` (the
+/// event's, on the wall clock) was sent: as long ago as `time` is; now if
+/// it is to come.
+fn made_at(time: Micros, now: Micros) -> Micros {
+    now.saturating_sub(SystemClock.now().saturating_sub(time).max(0))
 }
 
 /// `web1 disk / is critical (0.97)`; without a metric, no parentheses.
