@@ -14,9 +14,10 @@ use crate::tls::{ClientTls, TlsError};
 use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
 use super::diag::{Diagnostic, closest, line_col};
 use super::nodes::{
-    By, ByDefinition, Changed, Children, Counter, Ddt, Drop, Ewma, EwmaMode, Field, FieldSet, Fold,
-    FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles, Rate, Reinject, Rollup, Runs,
-    Scale, Split, Stable, Tag, Tap, Throttle, Untag, Where, Window, WindowKind, With,
+    Apdex, By, ByDefinition, Changed, Children, Counter, Ddt, Drop, Ewma, EwmaMode, Field,
+    FieldSet, FillIn, Fold, FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles, Rate,
+    Reinject, Rollup, Runs, Scale, Split, Stable, Tag, Tap, Throttle, Untag, Where, Window,
+    WindowKind, With,
 };
 use crate::outputs::template::Template;
 use crate::outputs::{OutputKind, OutputSpec, forward, graphite, http, pager, pagerduty, webhook};
@@ -36,6 +37,9 @@ const STREAMS: &[&str] = &[
     "changed_state",
     "counter",
     "runs",
+    "fill_in",
+    "fill_in_last",
+    "apdex",
     "expired",
     "not_expired",
     "over",
@@ -46,6 +50,7 @@ const STREAMS: &[&str] = &[
     "fixed_event_window",
     "moving_event_window",
     "coalesce",
+    "batch",
     "percentiles",
     "ewma",
     "ewma_timeless",
@@ -970,6 +975,32 @@ impl Compiler<'_> {
                 let children = self.body(name, span, body)?;
                 Box::new(Runs::new(count, field, children))
             }
+            "fill_in" | "fill_in_last" => {
+                let last = n == "fill_in_last";
+                let param = if last { "fields" } else { "event" };
+                let b = self.bind(n, args, &["interval", param], span)?;
+                let interval = self.require(n, &b, "interval");
+                // `fill_in_last` may emit the latest event as it was.
+                let sets = match (b.get(param), last) {
+                    (None, true) => Some(Vec::new()),
+                    (v, _) => self.require(n, &b, param).and_then(|_| self.field_map(v?)),
+                };
+                let (interval, sets) = (self.duration(interval?)?, sets?);
+                let children = self.body(name, span, body)?;
+                Box::new(FillIn::new(interval, sets, last, children))
+            }
+            "apdex" => {
+                let b = self.bind(n, args, &["interval", "satisfied", "tolerated"], span)?;
+                let (i, s, t) = (
+                    self.require(n, &b, "interval"),
+                    self.require(n, &b, "satisfied"),
+                    self.require(n, &b, "tolerated"),
+                );
+                let interval = self.duration(i?)?;
+                let (satisfied, tolerated) = (self.predicate(s?), self.predicate(t?));
+                let children = self.body(name, span, body)?;
+                Box::new(Apdex::new(interval, satisfied?, tolerated?, children))
+            }
             "rate" => {
                 let interval = self.one_duration(n, args, span)?;
                 let children = self.body(name, span, body)?;
@@ -1044,6 +1075,11 @@ impl Compiler<'_> {
                 };
                 let folds = self.folds(name, span, body)?;
                 Box::new(Window::new(kind, folds))
+            }
+            "batch" => {
+                let (count, interval) = self.count_and_interval(n, args, span)?;
+                let folds = self.folds(name, span, body)?;
+                Box::new(Window::new(WindowKind::Batch(count, interval), folds))
             }
             "fixed_event_window" | "moving_event_window" => {
                 let b = self.bind(n, args, &["count"], span)?;
@@ -1136,7 +1172,7 @@ impl Compiler<'_> {
         ok.then_some(())
     }
 
-    /// `(count, interval)`, as `throttle` and `rollup` take them.
+    /// `(count, interval)`, as `throttle`, `rollup` and `batch` take them.
     fn count_and_interval(
         &mut self,
         what: &str,
@@ -1311,6 +1347,45 @@ impl Compiler<'_> {
         ok.then_some(sets)
     }
 
+    /// A predicate of the query language, written as a string.
+    fn predicate(&mut self, v: &Value) -> Option<Query> {
+        let ValueKind::String(text) = &v.kind else {
+            return self.expected(v, "a predicate as a string, e.g. `\"metric < 0.5\"`");
+        };
+        match Query::parse(text) {
+            Ok(query) => Some(query),
+            Err(e) => {
+                self.error(v.span.clone(), format!("predicate {text:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// `{field: value, …}`, as `with` takes them.
+    fn field_map(&mut self, v: &Value) -> Option<Vec<FieldSet>> {
+        let ValueKind::Map(entries) = &v.kind else {
+            return self.expected(v, "the event's fields, e.g. `{service: \"up\", metric: 0}`");
+        };
+        let mut sets = Vec::new();
+        let mut seen = HashSet::new();
+        let mut ok = true;
+        for (field, value) in entries {
+            if !seen.insert(field.name.as_str()) {
+                self.error(
+                    field.span.clone(),
+                    format!("`{}` is given twice", field.name),
+                );
+                ok = false;
+                continue;
+            }
+            match self.field_set(field, value) {
+                Some(set) => sets.push(set),
+                None => ok = false,
+            }
+        }
+        ok.then_some(sets)
+    }
+
     fn field_set(&mut self, field: &Ident, v: &Value) -> Option<FieldSet> {
         let null = v.kind == ValueKind::Null;
         Some(match field.name.as_str() {
@@ -1418,7 +1493,7 @@ fn riemanns(name: &str) -> Option<&'static str> {
         "tagged_any" => "tags are tested in a `where`: `where tagged \"a\" or tagged \"b\" { … }`",
         "splitp" => "`split { when metric > 0.9 { … } when metric > 0.5 { … } else { … } }`",
         "sdo" => "list the streams side by side: each gets every event",
-        "smap" | "batch" | "apdex" | "fill_in" | "predict_linear" | "publish" => {
+        "smap" | "predict_linear" | "publish" => {
             "Riemann's stream of that name has no vigil stage (README, \"Rule files\": what vigil lacks)"
         }
         _ => return None,

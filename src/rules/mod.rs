@@ -163,9 +163,9 @@ mod tests {
     /// stage of a like name: `smap` is not `tap`.
     #[test]
     fn a_riemann_stream_vigil_lacks_is_not_taken_for_a_like_named_stage() {
-        let source = "streams {\n  smap { index }\n  apdex(5s) { index }\n}\n";
+        let source = "streams {\n  smap { index }\n  predict_linear(5s) { index }\n}\n";
         let Err(error) = load("m.vigil", source, EnvPolicy::Strict) else {
-            panic!("`smap` and `apdex` compiled");
+            panic!("`smap` and `predict_linear` compiled");
         };
         assert!(error.contains("unknown stream `smap`"), "{error}");
         assert!(!error.contains("did you mean"), "{error}");
@@ -205,6 +205,35 @@ mod tests {
                 "did you mean `state`? Events without the attribute all look alike: one run of them"
             )
         );
+    }
+
+    /// `vigil check` points at each bad argument of `fill_in`,
+    /// `fill_in_last`, `apdex` and `batch`, and says what it takes.
+    #[test]
+    fn bad_arguments_of_fill_in_apdex_and_batch_are_refused_where_written() {
+        let source = "streams {\n  fill_in(5s) { index }\n  fill_in(5s, \"x\") { index }\n  \
+                      fill_in_last(5, {metric: 0}) { index }\n  \
+                      fill_in(1s, {metric: \"a\"}) { index }\n  \
+                      apdex(5s, \"metric <\", \"true\") { index }\n  \
+                      apdex(5s, metric, \"true\") { index }\n  apdex(5s) { index }\n  \
+                      batch(10, 1s) { index }\n  batch(0, 1s) { sum { index } }\n}\n";
+        let Err(error) = load("f.vigil", source, EnvPolicy::Strict) else {
+            panic!("bad arguments compiled");
+        };
+        for expected in [
+            "f.vigil:2:3: `fill_in` needs `event`",
+            "f.vigil:3:15: expected the event's fields, e.g. `{service: \"up\", metric: 0}`, \
+             found a string",
+            "f.vigil:4:16: expected a duration such as 500ms, 5s, 2m or 1h, found the number 5",
+            "f.vigil:5:24: expected a number, found a string",
+            "f.vigil:6:13: predicate \"metric <\": parse error",
+            "f.vigil:7:13: expected a predicate as a string, e.g. `\"metric < 0.5\"`, found a name",
+            "f.vigil:8:3: `apdex` needs `satisfied`",
+            "f.vigil:9:19: `batch` emits windows of events; only a fold can take them",
+            "f.vigil:10:9: expected a whole number of at least 1, found the number 0",
+        ] {
+            assert!(error.contains(expected), "{expected} in\n{error}");
+        }
     }
 
     /// A pager's `dedup_key` naming `{state}` gave the `ok` another key

@@ -30,7 +30,7 @@
 //! every struct names its fields. Postcard names nothing, so fields and
 //! enum variants are known by their position: changing their order or
 //! meaning needs a new version. Kinds appended for a new stage (`counter`,
-//! `runs`) do not: only rules with that stage save them, and a vigil
+//! `runs`, `fill_in`, `apdex`) do not: only rules with that stage save them, and a vigil
 //! without it refuses their text (which no longer compiles) before it
 //! reads an entry.
 //!
@@ -747,6 +747,28 @@ mod tests {
         assert_eq!(second.took(), held);
     }
 
+    /// A fill's gap and an apdex's counts so far go on after a restart.
+    #[test]
+    fn fill_ins_and_apdex_go_on_where_they_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = r#"  where host = "f" { fill_in_last(10s, {state: "gap"}) { out } }
+  where host = "a" { apdex(10s, satisfied: "metric < 1", tolerated: "false") { out } }"#;
+        let first = Life::start(rules, dir.path(), 0.0);
+        first.send("f", Some("ok"), Some(1.0));
+        first.send("a", None, Some(0.5));
+        assert_eq!(first.took(), [out("f", Some("ok"), Some(1.0))]);
+        first.stop(dir.path());
+
+        let second = Life::start(rules, dir.path(), 5.0);
+        second.send("a", None, Some(3.0));
+        second.advance_to(10.0);
+        assert_eq!(
+            second.took(),
+            [out("f", Some("gap"), Some(1.0)), out("a", None, Some(0.5))],
+            "the fill 10 s after the event before the restart; one of two satisfied"
+        );
+    }
+
     #[test]
     fn edited_rules_keep_the_unchanged_stages_and_reset_the_changed_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -992,7 +1014,10 @@ mod tests {
   counter { out }
   runs(2, state) { out }
   fixed_event_window(10) { median { out } std_dev { out } }
-  rollup(1, 1m) { out }"#;
+  rollup(1, 1m) { out }
+  fill_in_last(1m) { out }
+  apdex(1m, satisfied: "metric < 1", tolerated: "metric < 2") { out }
+  batch(10, 1m) { sum { out } }"#;
         let first = Life::start(rules, dir.path(), 0.0);
         for (i, host) in ["a", "b", "a", "c"].iter().enumerate() {
             first.advance_to(i as f64 * 0.5);
@@ -1002,7 +1027,7 @@ mod tests {
         assert_eq!(before[0], Saved::By { groups: 3 });
         assert_eq!(
             before.len(),
-            1 + 3 * 2 + 15,
+            1 + 3 * 2 + 18,
             "the by, each group and its stable, every other stateful stage"
         );
         first.stop(dir.path());

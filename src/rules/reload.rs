@@ -23,9 +23,12 @@
 //!   from the new block and its unchanged stages take over its old state.
 //! - `changed`: the last value, so a repeated value does not fire again.
 //! - `counter`: the count; `runs`: the last value and its run so far.
+//! - `fill_in`, `fill_in_last`: when the next fill is due, when the latest
+//!   event expires (and `fill_in_last`'s latest event); `apdex`: its counts
+//!   so far, the latest event and when its `dt` ends.
 //! - `throttle`, `stable`, `ewma`, `ewma_timeless`, `ddt`: their counters,
 //!   held events and last values.
-//! - Time, event-count and `coalesce` windows, `percentiles`: the buffered
+//! - Time, event-count, `batch` and `coalesce` windows, `percentiles`: the buffered
 //!   events or samples (a fixed window: its folds so far) and when the
 //!   window closes; a fold keeps its place if its kind is unchanged. A `min`
 //!   or `max` new to a fixed window folds the events from the reload on.

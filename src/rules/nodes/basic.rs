@@ -150,7 +150,7 @@ impl FieldSet {
         }
     }
 
-    fn apply(&self, e: &mut Event) {
+    pub(super) fn apply(&self, e: &mut Event) {
         match self {
             FieldSet::Host(v) => e.host.clone_from(v),
             FieldSet::Service(v) => e.service.clone_from(v),

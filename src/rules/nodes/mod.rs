@@ -28,7 +28,9 @@ use crate::index::{Index, KeyHash};
 use crate::outputs::OutputSink;
 use crate::rules::engine::RuleStats;
 
+mod apdex;
 mod basic;
+mod fill;
 mod numbers;
 mod rollup;
 mod running;
@@ -40,10 +42,12 @@ mod window;
 #[cfg(test)]
 mod tests;
 
+pub use apdex::Apdex;
 pub use basic::{
     Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Reinject, Scale, Split, Tag, Tap,
     Untag, Where, With,
 };
+pub use fill::FillIn;
 pub use rollup::Rollup;
 pub use stateful::{
     By, ByDefinition, Changed, Counter, Ddt, Ewma, EwmaMode, Rate, Runs, Stable, Throttle,

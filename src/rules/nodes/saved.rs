@@ -108,6 +108,21 @@ pub enum Saved {
         sent: u64,
         held: Vec<Event>,
     },
+    /// A `fill_in` or `fill_in_last`: when it fills next (`None`: not
+    /// filling), when its latest event expires, and `fill_in_last`'s latest
+    /// event.
+    FillIn {
+        next: Option<Micros>,
+        expires: Micros,
+        latest: Option<Event>,
+    },
+    /// An `apdex`: when its `dt` ends, its satisfied, tolerated and other
+    /// counts, and the latest event.
+    Apdex {
+        window_end: Option<Micros>,
+        counts: [u64; 3],
+        latest: Option<Event>,
+    },
 }
 
 impl Saved {
@@ -129,6 +144,8 @@ impl Saved {
             Saved::Counter(_) => "counter",
             Saved::Runs { .. } => "runs",
             Saved::Rollup { .. } => "rollup",
+            Saved::FillIn { .. } => "fill_in",
+            Saved::Apdex { .. } => "apdex",
         }
     }
 }

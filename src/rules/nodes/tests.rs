@@ -1704,3 +1704,156 @@ fn a_stages_events_do_not_wait_for_its_state_being_written() {
         });
     }
 }
+
+/// Riemann's `fill-in`: every event passes; each `dt` without one brings a
+/// copy of the given event, stamped with that moment, until the latest
+/// event has expired; an event starts it again.
+#[test]
+fn fill_in_emits_its_event_in_each_gap_until_the_latest_expires() {
+    let b = bench(r#"fill_in(5s, {service: "gap", metric: 0}) { out }"#);
+    send(
+        &b,
+        with_ttl(with_metric(ev(&b, "h", "s"), Metric::Int(7)), 12.0),
+    );
+    b.advance_to(at(4.9));
+    assert_eq!(out_metrics(&b), [Some(Metric::Int(7))], "no gap yet");
+    b.advance_to(at(3.0 + 4.9));
+    b.advance_to(at(20.0));
+    let seen = out(&b);
+    let gaps: Vec<(Option<&str>, Micros)> = seen[1..]
+        .iter()
+        .map(|e| (e.service.as_deref(), e.time))
+        .collect();
+    assert_eq!(
+        gaps,
+        [(Some("gap"), at(5.0)), (Some("gap"), at(10.0))],
+        "at 5 s and 10 s, none past the event's expiry at 12 s"
+    );
+    assert_eq!(seen[1].metric, Some(Metric::Int(0)));
+    assert_eq!(seen[1].host, None, "the given event, not the latest");
+    b.advance_to(at(21.0));
+    send(&b, with_ttl(ev(&b, "h", "s"), 60.0));
+    b.advance_to(at(24.0));
+    send(&b, with_ttl(ev(&b, "h", "s"), 60.0));
+    b.advance_to(at(28.9));
+    assert_eq!(out(&b).len(), 5, "an event puts the next fill off by 5 s");
+    b.advance_to(at(31.0));
+    let times: Vec<Micros> = out(&b)[5..].iter().map(|e| e.time).collect();
+    assert_eq!(times, [at(29.0)]);
+}
+
+/// An `expired` event stops the filling, and passes on itself.
+#[test]
+fn fill_in_stops_at_an_expired_event() {
+    let b = bench(r#"fill_in(1s, {service: "gap"}) { out }"#);
+    send(&b, ev(&b, "h", "s"));
+    b.advance_to(at(2.5));
+    assert_eq!(out(&b).len(), 3);
+    send(&b, with_state(ev(&b, "h", "s"), "expired"));
+    b.advance_to(at(10.0));
+    assert_eq!(out(&b).len(), 4, "the expired event, then nothing");
+}
+
+/// Riemann's `fill-in-last`: the latest event with the given fields set
+/// over it, so a `by` fills each series with its own host and service.
+#[test]
+fn fill_in_last_fills_each_series_with_its_latest_event() {
+    let b = bench(r#"by(host) { fill_in_last(10s, {metric: 0, state: "gap"}) { out } }"#);
+    send(
+        &b,
+        with_state(with_metric(ev(&b, "a", "s"), Metric::Int(3)), "ok"),
+    );
+    b.advance_to(at(5.0));
+    send(&b, with_metric(ev(&b, "b", "t"), Metric::Int(4)));
+    b.advance_to(at(16.0));
+    let fills: Vec<String> = out(&b)[2..]
+        .iter()
+        .map(|e| {
+            let (host, service, state) = (
+                e.host_str(),
+                e.service_str(),
+                e.state.as_deref().unwrap_or(""),
+            );
+            let metric = e.metric.map(Metric::as_f64);
+            format!("{host} {service} {metric:?} {state} {}", e.time - at(0.0))
+        })
+        .collect();
+    assert_eq!(
+        fills,
+        ["a s Some(0.0) gap 10000000", "b t Some(0.0) gap 15000000"]
+    );
+}
+
+/// A reload that keeps the stage keeps its timer; a restart its state.
+#[test]
+fn a_reload_keeps_an_unchanged_fill_ins_gap() {
+    let b = bench(r#"fill_in_last(10s) { out }"#);
+    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    b.advance_to(at(5.0));
+    reload_to(&b, "fill_in_last(10s) { out }\n  tag(\"new\") { drop }");
+    b.advance_to(at(10.0));
+    let seen = out(&b);
+    assert_eq!(seen.len(), 2, "the gap measured before the reload");
+    assert_eq!(
+        (seen[1].metric, seen[1].time),
+        (Some(Metric::Int(1)), at(10.0))
+    );
+}
+
+/// Riemann's `apdex`: over each `dt`, (satisfied + tolerated / 2) / all,
+/// on the latest event, when the `dt` ends (by the timer); expired events
+/// are not counted; a whole score is an integer, as Riemann's ratio.
+#[test]
+fn apdex_scores_each_interval_when_it_ends() {
+    let b = bench(r#"apdex(10s, satisfied: "metric < 1", tolerated: "metric < 4") { out }"#);
+    for (t, m) in [(0.0, 0.5), (1.0, 2.0), (2.0, 9.0), (3.0, 0.2)] {
+        b.advance_to(at(t));
+        send(&b, metric_ev(&b, "latency", m));
+    }
+    send(&b, with_state(ev(&b, "h", "latency"), "expired"));
+    b.advance_to(at(9.9));
+    assert!(out(&b).is_empty(), "the interval is not over");
+    b.advance_to(at(10.0));
+    let seen = out(&b);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].metric, Some(Metric::Float((2.0 + 0.5) / 4.0)));
+    assert_eq!(seen[0].time, at(3.0), "the latest counted event");
+    b.advance_to(at(30.0));
+    assert_eq!(out(&b).len(), 1, "no events, no score");
+    send(&b, metric_ev(&b, "latency", 0.1));
+    b.advance_to(at(40.0));
+    assert_eq!(out_metrics(&b)[1], Some(Metric::Int(1)));
+}
+
+/// A reload that keeps an apdex as it was keeps its counts so far.
+#[test]
+fn a_reload_keeps_an_unchanged_apdexs_counts() {
+    let rule = r#"apdex(10s, satisfied: "metric < 1", tolerated: "false") { out }"#;
+    let b = bench(rule);
+    send(&b, metric_ev(&b, "latency", 0.5));
+    reload_to(&b, &format!("{rule}\n  tag(\"new\") {{ drop }}"));
+    send(&b, metric_ev(&b, "latency", 5.0));
+    b.advance_to(at(10.0));
+    assert_eq!(out_f64(&b), [0.5], "one of two satisfied");
+}
+
+/// Riemann's `batch(n, dt)`: a batch of `n` goes at once, what gathers
+/// after it when the `dt` ends (by the timer); each to the folds.
+#[test]
+fn batch_folds_every_n_events_and_the_rest_when_the_interval_ends() {
+    let b = bench("batch(3, 10s) { sum { out } count { out } }");
+    for (t, m) in [(0.0, 1), (1.0, 2), (2.0, 3), (3.0, 4)] {
+        b.advance_to(at(t));
+        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+    }
+    assert_eq!(
+        out_metrics(&b),
+        [Some(Metric::Int(6)), Some(Metric::Int(3))]
+    );
+    b.advance_to(at(9.9));
+    assert_eq!(out(&b).len(), 2);
+    b.advance_to(at(10.0));
+    assert_eq!(out_f64(&b), [6.0, 3.0, 4.0, 1.0], "4 when the 10 s end");
+    b.advance_to(at(30.0));
+    assert_eq!(out(&b).len(), 4, "an empty batch folds to nothing");
+}

@@ -1,5 +1,5 @@
 //! Stages that collect events into windows and fold each window into one event:
-//! time and event-count windows, `coalesce`, and `percentiles`. Time windows
+//! time and event-count windows, `batch`, `coalesce`, and `percentiles`. Time windows
 //! run on arrival time and are closed by the timer, so a window ends on time even
 //! when no later event comes (Riemann waits for the next event).
 //!
@@ -114,6 +114,9 @@ pub enum WindowKind {
     MovingCount(usize),
     /// Every `dt`, the latest event of each (host, service) seen.
     Coalesce(Micros),
+    /// Riemann's `batch`: every `n` events, and what gathered when the `dt`
+    /// that started with the first of them ends.
+    Batch(u64, Micros),
 }
 
 /// Folded events, each with the place of its fold among the window's.
@@ -189,7 +192,7 @@ struct CoalesceState {
 impl WindowState {
     fn new(kind: WindowKind) -> Self {
         match kind {
-            WindowKind::FixedTime(_) | WindowKind::FixedCount(_) => {
+            WindowKind::FixedTime(_) | WindowKind::FixedCount(_) | WindowKind::Batch(..) => {
                 WindowState::Fixed(FixedState::default())
             }
             WindowKind::MovingTime(_) | WindowKind::MovingCount(_) => {
@@ -397,6 +400,15 @@ impl Node for Window {
                 (WindowKind::FixedCount(n), WindowState::Fixed(fixed)) => {
                     self.add_fixed(fixed, event, cx.stats);
                     if fixed.folds.events() >= n as u64 {
+                        self.close_fixed(fixed, &mut out);
+                    }
+                }
+                (WindowKind::Batch(n, dt), WindowState::Fixed(fixed)) => {
+                    fixed.window_end.get_or_insert(now.saturating_add(dt));
+                    self.add_fixed(fixed, event, cx.stats);
+                    // Full: folded at once; the `dt` runs on, and what
+                    // gathers in the rest of it is folded when it ends.
+                    if fixed.folds.events() >= n {
                         self.close_fixed(fixed, &mut out);
                     }
                 }

@@ -1,0 +1,157 @@
+//! `apdex(dt, satisfied: "PRED", tolerated: "PRED")`: Riemann's `apdex`.
+//! Over each `dt`, counts the events the first predicate matches
+//! (satisfied), those only the second does (tolerated) and the rest; when
+//! the `dt` ends, emits the latest of them with the Apdex score as its
+//! metric, (satisfied + tolerated / 2) / all. `expired` events are not
+//! counted. A `dt` starts with its first event and ends by the timer, on
+//! time even when no later event comes; with none, nothing is emitted.
+
+use parking_lot::Mutex;
+
+use crate::clock::Micros;
+use crate::event::{Event, Metric};
+use crate::query::Query;
+
+use super::saved::{RestoreError, Restorer, Saved, Saver};
+use super::{Children, Cx, Node, same, take_over};
+
+pub struct Apdex {
+    pub interval: Micros,
+    pub satisfied: Query,
+    pub tolerated: Query,
+    pub children: Children,
+    state: Mutex<ApdexState>,
+}
+
+#[derive(Default)]
+struct ApdexState {
+    /// When the current `dt` ends; `None`: idle, the next event starts one.
+    window_end: Option<Micros>,
+    satisfied: u64,
+    tolerated: u64,
+    other: u64,
+    latest: Option<Event>,
+}
+
+impl ApdexState {
+    /// The score of the `dt` that ended by `now`, on its latest event.
+    fn due(&mut self, now: Micros) -> Option<Event> {
+        self.window_end.filter(|end| now >= *end)?;
+        let s = std::mem::take(self);
+        let total = s.satisfied + s.tolerated + s.other;
+        let mut out = s.latest?;
+        // As Riemann's ratio: a whole score (all satisfied, or none even
+        // tolerated) is an integer.
+        out.metric = Some(if s.satisfied == total {
+            Metric::Int(1)
+        } else if s.satisfied + s.tolerated == 0 {
+            Metric::Int(0)
+        } else {
+            Metric::Float((s.satisfied as f64 + s.tolerated as f64 / 2.0) / total as f64)
+        });
+        Some(out)
+    }
+}
+
+impl Apdex {
+    pub fn new(interval: Micros, satisfied: Query, tolerated: Query, children: Children) -> Self {
+        Self {
+            interval,
+            satisfied,
+            tolerated,
+            children,
+            state: Mutex::default(),
+        }
+    }
+
+    fn emit(&self, due: Option<Event>, cx: &mut Cx) {
+        if let Some(event) = due {
+            self.children.event(&event, cx);
+        }
+    }
+}
+
+impl Node for Apdex {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let (due, next) = {
+            let mut s = self.state.lock();
+            let due = s.due(cx.now);
+            if !event.is_expired_state() {
+                s.window_end
+                    .get_or_insert(cx.now.saturating_add(self.interval));
+                if self.satisfied.matches(event) {
+                    s.satisfied += 1;
+                } else if self.tolerated.matches(event) {
+                    s.tolerated += 1;
+                } else {
+                    s.other += 1;
+                }
+                s.latest.get_or_insert_default().clone_from(event);
+            }
+            (due, s.window_end)
+        };
+        cx.schedule(next);
+        self.emit(due, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        let (due, next) = {
+            let mut s = self.state.lock();
+            (s.due(cx.now), s.window_end)
+        };
+        cx.schedule(next);
+        self.emit(due, cx);
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(Apdex::new(
+            self.interval,
+            self.satisfied.clone(),
+            self.tolerated.clone(),
+            self.children.fresh(),
+        ))
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        fn definition(a: &Apdex) -> (Micros, &str, &str) {
+            (a.interval, a.satisfied.as_str(), a.tolerated.as_str())
+        }
+        if let Some(old) = same::<Apdex>(old).filter(|o| definition(o) == definition(self)) {
+            take_over(&self.state, &old.state);
+            self.children.adopt(&old.children);
+        }
+    }
+
+    fn save(&self, out: &mut dyn Saver) {
+        let s = self.state.lock();
+        let entry = Saved::Apdex {
+            window_end: s.window_end,
+            counts: [s.satisfied, s.tolerated, s.other],
+            latest: s.latest.clone(),
+        };
+        drop(s);
+        out.push(entry);
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
+        match from.next("apdex")? {
+            Saved::Apdex {
+                window_end,
+                counts: [satisfied, tolerated, other],
+                latest,
+            } => {
+                *self.state.lock() = ApdexState {
+                    window_end,
+                    satisfied,
+                    tolerated,
+                    other,
+                    latest,
+                }
+            }
+            other => return Err(RestoreError::mismatch("apdex", &other)),
+        }
+        self.children.restore(from)
+    }
+}

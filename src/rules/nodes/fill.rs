@@ -1,0 +1,173 @@
+//! `fill_in(dt, {fields})` and `fill_in_last(dt, {fields})`: pass every
+//! event on and, wherever `dt` passes without one, emit an event of their
+//! own, stamped with that moment: `fill_in` the event the fields make,
+//! `fill_in_last` the latest event with the fields set over it (Riemann's
+//! `fill-in` and `fill-in-last`). The gap is measured from the latest event
+//! on the injected clock, and the timer emits while nothing comes.
+//!
+//! Filling stops once the latest event has expired as the index would
+//! expire it, or when an `expired` event arrives (Riemann stops only on
+//! the latter, and fills for ever after an event that never expires by
+//! state). It starts with the first event: Riemann's starts when the rules
+//! load, and with no event yet there is nothing whose expiry would stop it.
+
+use parking_lot::Mutex;
+
+use crate::clock::{Micros, secs_to_micros};
+use crate::event::Event;
+use crate::index::expires_at;
+
+use super::saved::{RestoreError, Restorer, Saved, Saver};
+use super::{Children, Cx, FieldSet, Node, same, take_over};
+
+/// How many missed gaps a stall catches up on (one event each) before
+/// skipping ahead, as `rate` does.
+const MAX_CATCH_UP: u32 = 16;
+
+pub struct FillIn {
+    pub interval: Micros,
+    /// The fields of the event emitted: set over an empty event
+    /// (`fill_in`), or over the latest one (`fill_in_last`).
+    pub sets: Vec<FieldSet>,
+    pub last: bool,
+    pub children: Children,
+    state: Mutex<FillState>,
+}
+
+#[derive(Default)]
+struct FillState {
+    /// When the next fill is due; `None`: not filling.
+    next: Option<Micros>,
+    /// When the latest event expires: no fill after it.
+    expires: Micros,
+    /// `fill_in_last`'s latest event.
+    latest: Option<Event>,
+}
+
+impl FillIn {
+    pub fn new(interval: Micros, sets: Vec<FieldSet>, last: bool, children: Children) -> Self {
+        Self {
+            interval,
+            sets,
+            last,
+            children,
+            state: Mutex::default(),
+        }
+    }
+
+    /// The fills due by `now`.
+    fn due(&self, s: &mut FillState, now: Micros) -> Vec<Event> {
+        let mut due = Vec::new();
+        let mut rounds = 0;
+        while let Some(at) = s.next.filter(|at| *at <= now) {
+            if at > s.expires {
+                // Silent past its expiry: stop until an event comes.
+                *s = FillState::default();
+                break;
+            }
+            let mut fill = match (&s.latest, self.last) {
+                (Some(latest), true) => latest.clone(),
+                _ => Event::default(),
+            };
+            for set in &self.sets {
+                set.apply(&mut fill);
+            }
+            fill.time = at;
+            due.push(fill);
+            rounds += 1;
+            s.next = Some(if rounds == MAX_CATCH_UP {
+                now.saturating_add(self.interval)
+            } else {
+                at.saturating_add(self.interval)
+            });
+        }
+        due
+    }
+
+    fn emit(&self, due: Vec<Event>, cx: &mut Cx) {
+        for event in &due {
+            self.children.event(event, cx);
+        }
+    }
+}
+
+impl Node for FillIn {
+    fn event(&self, event: &Event, cx: &mut Cx) {
+        let (due, next) = {
+            let mut s = self.state.lock();
+            let due = self.due(&mut s, cx.now);
+            if event.is_expired_state() {
+                *s = FillState::default();
+            } else {
+                let ttl = secs_to_micros(cx.index.ttl_secs(event));
+                s.expires = expires_at(event.time, ttl, cx.now);
+                s.next = Some(cx.now.saturating_add(self.interval));
+                if self.last {
+                    s.latest.get_or_insert_default().clone_from(event);
+                }
+            }
+            (due, s.next)
+        };
+        cx.schedule(next);
+        self.emit(due, cx);
+        self.children.event(event, cx);
+    }
+
+    fn tick(&self, cx: &mut Cx) {
+        let (due, next) = {
+            let mut s = self.state.lock();
+            (self.due(&mut s, cx.now), s.next)
+        };
+        cx.schedule(next);
+        self.emit(due, cx);
+        self.children.tick(cx);
+    }
+
+    fn fresh(&self) -> Box<dyn Node> {
+        Box::new(FillIn::new(
+            self.interval,
+            self.sets.clone(),
+            self.last,
+            self.children.fresh(),
+        ))
+    }
+
+    fn adopt(&self, old: &dyn Node) {
+        if let Some(old) = same::<FillIn>(old)
+            .filter(|o| (o.interval, o.last, &o.sets) == (self.interval, self.last, &self.sets))
+        {
+            take_over(&self.state, &old.state);
+            self.children.adopt(&old.children);
+        }
+    }
+
+    fn save(&self, out: &mut dyn Saver) {
+        let s = self.state.lock();
+        let entry = Saved::FillIn {
+            next: s.next,
+            expires: s.expires,
+            latest: s.latest.clone(),
+        };
+        drop(s);
+        out.push(entry);
+        self.children.save(out);
+    }
+
+    fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
+        match from.next("fill_in")? {
+            Saved::FillIn {
+                next,
+                expires,
+                latest,
+            } => {
+                *self.state.lock() = FillState {
+                    next,
+                    expires,
+                    latest: latest.filter(|_| self.last),
+                }
+            }
+            other => return Err(RestoreError::mismatch("fill_in", &other)),
+        }
+        self.children.restore(from)
+    }
+}
