@@ -491,6 +491,26 @@ fn untag_counter_and_runs_check_and_pass_their_tests() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+/// Riemann's `fill-in-last`, `apdex` and `batch` as a ported configuration
+/// writes them: checked, and their own tests pass.
+#[test]
+fn fill_in_apdex_and_batch_check_and_pass_their_tests() {
+    let fixture = "tests/fixtures/fill_in_apdex_batch.vigil";
+    let out = vigil(&["check", fixture]);
+    assert_eq!(stdout(&out), format!("{fixture}: ok\n"));
+    let out = vigil(&["test", fixture]);
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "PASS {fixture}: a silent host's heartbeat reads 0 every 10 s until it expires\n\
+             PASS {fixture}: the apdex of a minute: two satisfied, one tolerated, one not\n\
+             PASS {fixture}: bytes are summed three at a time, the rest when the minute ends\n\
+             3 passed, 0 failed\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
 #[test]
 fn check_refuses_what_an_output_could_never_send_keys_given_twice_and_ttls_out_of_range() {
     // Each of these passed `check`, then `run` dropped every event of the output.
