@@ -473,6 +473,20 @@ streams {
 }
 "#;
 
+/// The stages whose state came after [`STATE_RULES_V5`]'s (`fill_in`,
+/// `fill_in_last`, `apdex`, a `batch` window), restored from the same
+/// inputs: appended there, they would leave its seed refused at its end.
+pub const STATE_RULES_FILL: &str = r#"output out = forward(host: "x")
+streams {
+  by(host) {
+    fill_in(1s, {service: "gap", metric: 0}) { out }
+    fill_in_last(2s, {state: "gap"}) { out }
+    apdex(2s, satisfied: "metric < 1", tolerated: "metric < 5") { out }
+    batch(2, 3s) { sum { out } median { out } }
+  }
+}
+"#;
+
 /// A stream state file with `data` between its version and its checksum,
 /// where vigil writes the rule text and the stages' entries; the checksum is
 /// made to fit, so the fuzzer reaches what a file that passed it could hold.
@@ -481,12 +495,13 @@ streams {
 /// events of the series the file's groups may name. Nothing may panic.
 /// Each input goes through both encodings: as version 1 (CBOR, as versions
 /// 1 and 2 wrote it) and as version 3 (postcard); and as version 5 into
-/// [`STATE_RULES_V5`].
+/// [`STATE_RULES_V5`] and [`STATE_RULES_FILL`].
 pub fn state_restore(data: &[u8]) {
     for version in [1u32, 3] {
         restore_state_file(version, STATE_RULES, data);
     }
     restore_state_file(5, STATE_RULES_V5, data);
+    restore_state_file(5, STATE_RULES_FILL, data);
 }
 
 fn restore_state_file(version: u32, rules_text: &str, data: &[u8]) {
