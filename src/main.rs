@@ -635,6 +635,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         Kept::default()
     };
+    let kept = if cluster_config.is_some() {
+        kept.in_cluster()
+    } else {
+        kept
+    };
     let outputs_shutdown = CancellationToken::new();
     let pages_held = kept.holds();
     let outputs = Outputs::start(&compiled.outputs, kept, outputs_shutdown.clone());

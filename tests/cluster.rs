@@ -1089,6 +1089,31 @@ fn an_incident_opened_before_a_handover_is_resolved_by_the_next_owner() {
     assert_eq!(pager.settle_at(2), ["trigger web", "resolve web"]);
 }
 
+/// A pager whose `dedup_key` does not name `{host}` gathers several hosts'
+/// series into one incident, which in a cluster each node knows only its
+/// own hosts' part of: the node says so as it starts, naming that pager
+/// and not one keyed by host.
+#[test]
+fn a_pager_whose_incidents_span_hosts_is_warned_of_in_a_cluster() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pagers.vigil");
+    let source = r#"output by_service = paging_webhook(url: "http://127.0.0.1:9/", dedup_key: "{service}")
+output by_host = paging_webhook(url: "http://127.0.0.1:9/", dedup_key: "{host} {service}")
+
+streams {
+  changed_state { by_service by_host }
+}
+"#;
+    std::fs::write(&path, source).unwrap();
+    let n1 = node(&nats, "n1", &["--rules", path.to_str().unwrap()]);
+    let warned = n1.log_line("does not name {host}");
+    assert!(warned.contains("by_service"), "{warned}");
+    let warnings = n1.logs().matches("does not name {host}").count();
+    assert_eq!(warnings, 1, "the pager keyed by host is not warned of");
+}
+
 /// A NATS outage longer than the lease TTL fences every node, and the
 /// agents cannot store anything meanwhile either. When NATS is back, the
 /// series whose TTL ran out during it live one TTL from then, as after a

@@ -359,6 +359,8 @@ pub struct Kept {
     holds: Arc<Holds>,
     /// Where a pager's failed save is counted.
     failures: Option<Arc<Stats>>,
+    /// Run by a cluster node, which owns some hosts' events only.
+    in_cluster: bool,
 }
 
 /// The most receivers an output keeps incidents of besides its current
@@ -380,6 +382,15 @@ impl Kept {
             dir: Some(dir),
             failures: Some(stats),
             ..Kept::default()
+        }
+    }
+
+    /// For a cluster node: a pager whose incidents may span hosts is
+    /// warned of as it is declared (at start and on each reload).
+    pub fn in_cluster(self) -> Kept {
+        Kept {
+            in_cluster: true,
+            ..self
         }
     }
 
@@ -553,6 +564,16 @@ pub fn start(
     let plain = || counted_queue(name, capacity, stats.clone(), None, None);
     match spec.kind.clone() {
         OutputKind::Pager(config) => {
+            if kept.in_cluster && config.spans_hosts() {
+                tracing::warn!(
+                    output = name,
+                    dedup_key = config.dedup_key.as_ref().map(template::Template::as_str),
+                    "This pager's dedup_key does not name {{host}}: in a cluster each node \
+                     keeps only its own hosts' part of an incident, and may resolve it while \
+                     another node's host still fails. Name {{host}} in it, or run this pager \
+                     on one vigil."
+                );
+            }
             let memory = kept.pager(name, &config);
             let replayed = pager::Replayed::new(config.clone(), memory.clone());
             let holds = kept.holds();

@@ -94,6 +94,14 @@ pub enum Api {
 }
 
 impl Config {
+    /// Whether one incident may gather series of several hosts (a
+    /// `dedup_key` that does not name `{host}`). In a cluster each node owns
+    /// some hosts and keeps only their part of such an incident: it may
+    /// resolve it while another node's host still fails.
+    pub fn spans_hosts(&self) -> bool {
+        (self.dedup_key.as_ref()).is_some_and(|key| !key.fields().any(|field| field == "host"))
+    }
+
     /// The output type that declares it in a rule file.
     pub fn type_name(&self) -> &'static str {
         match self.api {
@@ -870,6 +878,19 @@ pub(super) fn truncate(text: &mut String, max: usize) {
 mod tests {
     use super::*;
     use crate::event::Metric;
+
+    #[test]
+    fn an_incident_spans_hosts_when_its_key_does_not_name_the_host() {
+        let keyed = |key: Option<&str>| Config {
+            dedup_key: key.map(|k| Template::parse(k).unwrap()),
+            ..pagerduty()
+        };
+        assert!(!keyed(None).spans_hosts(), "the derived key names the host");
+        assert!(!keyed(Some("{host}")).spans_hosts());
+        assert!(!keyed(Some("db-{service}-{host}")).spans_hosts());
+        assert!(keyed(Some("{service}")).spans_hosts());
+        assert!(keyed(Some("everything")).spans_hosts());
+    }
 
     #[test]
     fn states_map_to_actions_and_valid_severities() {
