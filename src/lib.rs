@@ -11,6 +11,7 @@
 //! - [`tcp`], [`udp`]: the Riemann transports (framing, accept loop, connection limits, datagrams).
 //! - [`tls`]: TLS for the TCP transport (certificates from PEM, optional client certificates).
 //! - [`grpc`]: the gRPC API (`proto/vigil.proto`): send, query, subscribe; its `Msg` kept encoded for the Riemann decoder.
+//! - [`graphite_in`]: Graphite's plaintext lines in (`--graphite`, TCP and UDP), as Riemann's `graphite-server` takes them.
 //! - [`ingest`]: what a decoded `Msg` means, shared by both transports.
 //! - [`streams`]: the pipeline interface every batch of events goes through.
 //! - [`index`]: the latest event per `(host, service)`, with TTL expiry.
@@ -49,6 +50,7 @@ pub mod event_queue;
 pub mod files;
 pub mod forwarded;
 pub mod frame;
+pub mod graphite_in;
 pub mod grpc;
 pub mod http;
 pub mod index;

@@ -83,7 +83,8 @@ impl Limits {
         self.check_string("query", text)
     }
 
-    fn check_string(&self, what: &'static str, text: &str) -> Result<(), Exceeded> {
+    /// One string, named `what` in the error (a Graphite line's path).
+    pub fn check_string(&self, what: &'static str, text: &str) -> Result<(), Exceeded> {
         self.within(Limit::String, what, text.len(), self.max_string)
     }
 

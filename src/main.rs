@@ -151,7 +151,7 @@ struct RunArgs {
     #[arg(long, default_value_t = udp::DEFAULT_MAX_DATAGRAM, value_parser = parse_positive)]
     max_datagram: usize,
     /// Most connections open at once on each listener: Riemann TCP (plain and TLS together), HTTP,
-    /// the SSE listener, gRPC; more are closed at once, counted.
+    /// the SSE listener, gRPC, Graphite; more are closed at once, counted.
     #[arg(long, default_value_t = tcp::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
     max_connections: usize,
     /// Most bytes that messages over 64 KiB (TCP frames, POST /events bodies, gRPC Msgs) may hold
@@ -174,7 +174,8 @@ struct RunArgs {
     /// over is refused as busy, to be asked again (counted). Smaller answers are never refused.
     #[arg(long, default_value_t = answers::DEFAULT_MAX, value_parser = parse_positive)]
     max_answer_memory: usize,
-    /// Close a Riemann TCP connection whose begun frame is not complete within this long
+    /// Close a Riemann TCP connection whose begun frame is not complete within this long, or a
+    /// Graphite one whose begun line has not ended
     /// (slowloris; an idle one is kept, probed by TCP keepalive after this long idle); also
     /// bounds TLS handshakes and writing replies, how long an
     /// HTTP or gRPC client may read nothing of a response or subscription, send nothing after
@@ -192,7 +193,7 @@ struct RunArgs {
     #[arg(long, default_value_t = Limits::DEFAULT.max_attributes)]
     max_attributes: usize,
     /// Refuse a Msg with a string (host, service, state, description, tag, attribute, query)
-    /// longer than this many bytes.
+    /// longer than this many bytes, and a Graphite line with so long a path.
     #[arg(long, default_value_t = Limits::DEFAULT.max_string, value_parser = parse_positive)]
     max_string: usize,
     /// TLS listen address (Riemann's TLS port); TLS is on when --tls-cert and --tls-key are
@@ -268,6 +269,10 @@ struct RunArgs {
     /// `host` of the self-metric events; defaults to this machine's hostname.
     #[arg(long)]
     node_name: Option<String>,
+    /// Graphite plaintext listen address, TCP and UDP (`path value timestamp` lines, like
+    /// Riemann's graphite-server, port 2003 there); off unless given.
+    #[arg(long)]
+    graphite: Option<SocketAddr>,
     /// gRPC listen address (proto/vigil.proto: send, query, subscribe); off unless given.
     /// --max-frame also bounds each gRPC message.
     #[arg(long)]
@@ -593,6 +598,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         read_timeout: args.read_timeout,
         limits: args.limits(),
         tls,
+        graphite: args.graphite,
         tick: args.tick,
     };
     let mut http_config = HttpConfig {
@@ -760,6 +766,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         http = http.addr.map(tracing::field::display),
         sse = http.sse_addr.map(tracing::field::display),
         tls = server.tls_addr.map(tracing::field::display),
+        graphite = server.graphite_addr.map(tracing::field::display),
         grpc = grpc.as_ref().map(|g| tracing::field::display(g.addr)),
         rules = %text.name,
         "listening"

@@ -289,11 +289,12 @@ impl Telemetry {
 }
 
 /// Rates reported as `<service>` from the delta of a [`Stats`] counter.
-const COUNTER_RATES: [(&str, &str); 4] = [
+const COUNTER_RATES: [(&str, &str); 5] = [
     ("vigil tcp events/s", "tcp_events"),
     ("vigil udp events/s", "udp_events"),
     ("vigil grpc events/s", "grpc_events"),
     ("vigil http events/s", "http_events"),
+    ("vigil graphite events/s", "graphite_events"),
 ];
 
 /// The series of each output, `vigil output NAME <counter>`, in the order of

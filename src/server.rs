@@ -1,6 +1,6 @@
 //! Wires a running vigil together: binds the listeners, spawns the TCP (plain
-//! and, when configured, TLS), UDP and timer tasks around one shared
-//! [`Ingest`], and shuts them down on request.
+//! and, when configured, TLS), UDP, Graphite (when configured) and timer
+//! tasks around one shared [`Ingest`], and shuts them down on request.
 //!
 //! Binding ([`Server::bind`]) and serving ([`Server::serve`]) are two steps
 //! so that `vigil run` takes its ports before it loads a large saved state: a
@@ -21,6 +21,7 @@ use crate::bounded::{self, LogGate, RefusalLog};
 use crate::budget::{self, Budget};
 use crate::clock::SharedClock;
 use crate::cluster::Cluster;
+use crate::graphite_in::{self, Graphite};
 use crate::index::{Index, Notices};
 use crate::ingest::Ingest;
 use crate::limits::Limits;
@@ -48,6 +49,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// A second TCP listener speaking TLS; plain TCP keeps listening.
     pub tls: Option<TlsListener>,
+    /// `--graphite`: Graphite plaintext lines, TCP and UDP on this address.
+    pub graphite: Option<SocketAddr>,
     /// How often timers run: index expiry, then the time-based rule stages.
     pub tick: Duration,
     /// `--cluster`: events go to the cluster (acked once stored), queries fan out.
@@ -68,6 +71,7 @@ impl Default for ServerConfig {
             read_timeout: tcp::DEFAULT_READ_TIMEOUT,
             limits: Limits::DEFAULT,
             tls: None,
+            graphite: None,
             tick: Duration::from_millis(100),
             cluster: None,
             stats: Arc::default(),
@@ -81,6 +85,8 @@ pub struct Server {
     pub udp_addr: SocketAddr,
     /// Where TLS listens, when configured.
     pub tls_addr: Option<SocketAddr>,
+    /// Where Graphite listens (TCP and UDP), when configured.
+    pub graphite_addr: Option<SocketAddr>,
     pub stats: Arc<Stats>,
     /// Room for large messages, for the HTTP and gRPC listeners to share.
     pub memory: Budget,
@@ -95,9 +101,11 @@ pub struct Bound {
     pub tcp_addr: SocketAddr,
     pub udp_addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
+    pub graphite_addr: Option<SocketAddr>,
     listener: TcpListener,
     udp_socket: UdpSocket,
     tls: Option<TcpListener>,
+    graphite: Option<(TcpListener, UdpSocket)>,
 }
 
 impl Server {
@@ -112,7 +120,8 @@ impl Server {
         Ok(Server::serve(bound, config, index, streams, clock))
     }
 
-    /// Binds the TCP, UDP and TLS addresses of `config`, serving nothing yet.
+    /// Binds the TCP, UDP, TLS and Graphite addresses of `config`, serving
+    /// nothing yet.
     pub async fn bind(config: &ServerConfig) -> io::Result<Bound> {
         let listener = bind_tcp("--tcp", config.tcp).await?;
         let tcp_addr = listener.local_addr()?;
@@ -124,13 +133,22 @@ impl Server {
             None => None,
         };
         let tls_addr = tls.as_ref().map(TcpListener::local_addr).transpose()?;
+        let graphite = match config.graphite {
+            Some(addr) => Some(bind_graphite(addr).await?),
+            None => None,
+        };
+        let graphite_addr = (graphite.as_ref())
+            .map(|(listener, _)| listener.local_addr())
+            .transpose()?;
         Ok(Bound {
             tcp_addr,
             udp_addr,
             tls_addr,
+            graphite_addr,
             listener,
             udp_socket,
             tls,
+            graphite,
         })
     }
 
@@ -147,9 +165,11 @@ impl Server {
             tcp_addr,
             udp_addr,
             tls_addr,
+            graphite_addr,
             listener,
             udp_socket,
             tls,
+            graphite,
         } = bound;
         let tls = tls.zip(config.tls.map(|tls| tls.acceptor));
         let stats = config.stats.clone();
@@ -179,6 +199,20 @@ impl Server {
         if let Some((listener, acceptor)) = tls {
             tracker.spawn(tcp::serve(listener, conns, Some(acceptor)));
         }
+        if let Some((listener, socket)) = graphite {
+            let graphite = Arc::new(Graphite {
+                ingest: ingest.clone(),
+                read_timeout: config.read_timeout,
+                permits: bounded::connection_permits(config.max_connections),
+                refusals: RefusalLog::default(),
+                bad_lines: LogGate::default(),
+                not_stored: LogGate::default(),
+                shutdown: shutdown.clone(),
+                tracker: tracker.clone(),
+            });
+            tracker.spawn(graphite_in::serve_tcp(listener, graphite.clone()));
+            tracker.spawn(graphite_in::serve_udp(socket, graphite));
+        }
         tracker.spawn(udp::serve(
             udp_socket,
             ingest,
@@ -197,6 +231,7 @@ impl Server {
             tcp_addr,
             udp_addr,
             tls_addr,
+            graphite_addr,
             stats,
             memory,
             shutdown,
@@ -216,6 +251,15 @@ impl Server {
 /// know which one to move.
 pub fn not_bound(flag: &'static str, addr: SocketAddr) -> impl FnOnce(io::Error) -> io::Error {
     move |e| io::Error::new(e.kind(), format!("{flag} {addr}: {e}"))
+}
+
+/// Graphite's TCP listener on `addr`, and its UDP socket on the address
+/// (and port) TCP got, as the Riemann listeners share theirs.
+async fn bind_graphite(addr: SocketAddr) -> io::Result<(TcpListener, UdpSocket)> {
+    let listener = bind_tcp("--graphite", addr).await?;
+    let bound = listener.local_addr()?;
+    let socket = (UdpSocket::bind(bound).await).map_err(not_bound("--graphite", bound))?;
+    Ok((listener, socket))
 }
 
 /// A TCP listener on `addr`, the address `flag` chose; its error names both.

@@ -96,9 +96,34 @@ counters! {
     /// `Msg`s and `POST /events` lines refused for an event with more
     /// attributes than `--max-attributes`.
     msgs_over_max_attributes,
-    /// `Msg`s, `POST /events` lines and HTTP or gRPC queries refused for a
-    /// string longer than `--max-string`.
+    /// `Msg`s, `POST /events` lines, Graphite lines (their path) and HTTP or
+    /// gRPC queries refused for a string longer than `--max-string`.
     msgs_over_max_string,
+    /// Graphite (`--graphite`) TCP connections accepted since start.
+    graphite_connections,
+    /// Graphite TCP connections open now.
+    graphite_connections_open,
+    /// Graphite TCP connections refused (accepted and closed at once) over
+    /// `--max-connections`.
+    graphite_connections_refused,
+    /// Graphite TCP connections closed for not ending a line begun within
+    /// `--read-timeout`.
+    graphite_read_timeouts,
+    /// Points (lines that became events) received over Graphite, TCP and UDP.
+    graphite_events,
+    /// Graphite points dropped because a cluster node could not store them
+    /// in JetStream (a line has no ack to refuse it with).
+    graphite_events_dropped,
+    /// Graphite lines refused as malformed: too many fields, a blank path,
+    /// no value or timestamp, or one that is not a number.
+    graphite_lines_invalid,
+    /// Graphite lines dropped for a `nan` value, as Riemann and carbon drop them.
+    graphite_lines_nan,
+    /// Graphite lines over 16 KiB (carbon's limit), dropped as they arrived.
+    graphite_lines_oversized,
+    /// Graphite TCP connections that closed in the middle of a line (its
+    /// start dropped, as carbon and Riemann drop it).
+    graphite_lines_truncated,
     /// Queries asked (subscriptions' included) within `--max-string`;
     /// `query_errors` of them were refused.
     queries,

@@ -234,7 +234,7 @@ pub fn repaired_string(mut bytes: Vec<u8>) -> (String, bool) {
 
 /// Replaces each byte of `text`'s invalid UTF-8 sequences by `?`; whether
 /// there were any.
-fn repair(mut text: &mut [u8]) -> bool {
+pub fn repair(mut text: &mut [u8]) -> bool {
     let mut any = false;
     while let Err(e) = std::str::from_utf8(text) {
         let bad = e.error_len().unwrap_or(text.len() - e.valid_up_to());

@@ -48,6 +48,8 @@ pub struct Vigil {
     pub udp: SocketAddr,
     /// Set when started with `--grpc`.
     pub grpc: Option<SocketAddr>,
+    /// Set when started with `--graphite` (TCP and UDP).
+    pub graphite: Option<SocketAddr>,
     /// The HTTP listener (an ephemeral port unless the test chose one); `None` with `--no-http`.
     pub http: Option<SocketAddr>,
     log: LogRing,
@@ -61,6 +63,7 @@ struct Listening {
     tcp: SocketAddr,
     udp: SocketAddr,
     grpc: Option<SocketAddr>,
+    graphite: Option<SocketAddr>,
     http: Option<SocketAddr>,
 }
 
@@ -194,6 +197,7 @@ impl Vigil {
             tcp: listening.tcp,
             udp: listening.udp,
             grpc: listening.grpc,
+            graphite: listening.graphite,
             http: listening.http,
             log,
             drains,
@@ -344,6 +348,7 @@ fn parse_listening(line: &str) -> Option<Result<Listening, String>> {
         tcp,
         udp,
         grpc: addr("grpc"),
+        graphite: addr("graphite"),
         http: addr("http"),
     }))
 }
