@@ -1026,6 +1026,59 @@ fn http_events_are_acked_only_once_stored() {
     assert!(stored("after"), "queryable once the POST was answered");
 }
 
+/// Graphite lines in a cluster are published as `POST /events` bodies are;
+/// a line has no ack to refuse, so what JetStream does not store while NATS
+/// is down is dropped, counted and warned of once.
+#[test]
+fn graphite_points_are_published_and_what_is_not_stored_is_counted_dropped() {
+    use std::io::Write;
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut nats = Nats::start();
+    let node = node(&nats, "n1", &["--graphite", "127.0.0.1:0"]);
+    let graphite = node.graphite.expect("--graphite listening");
+    let mut lines = std::net::TcpStream::connect(graphite).unwrap();
+    // Points of now: an old one would be stored already expired.
+    let now = common::now_secs() as u64;
+    let mut send = |text: &str| {
+        let text = text.replace("NOW", &now.to_string());
+        lines.write_all(text.as_bytes()).unwrap();
+    };
+    let stored = |service: &str| {
+        let found = query_all(&node)
+            .into_iter()
+            .find(|e| e.service_str() == service);
+        found.map(|e| e.metric.map(|m| m.as_f64()))
+    };
+    send("clustered.before 7 NOW\n");
+    let before = wait_until(SETTLE, || stored("clustered.before"));
+    assert_eq!(before, Some(Some(7.0)), "stored through JetStream");
+
+    nats.kill();
+    send("clustered.down 1 NOW\nclustered.down.too 2 NOW\n");
+    let dropped = |node: &Vigil| {
+        let (_, metrics) = get(node, "/metrics");
+        metrics
+            .lines()
+            .any(|l| l == "vigil_graphite_events_dropped_total 2")
+            .then_some(())
+    };
+    wait_until(SETTLE, || dropped(&node)).unwrap_or_else(|| {
+        panic!("{}", get(&node, "/metrics").1);
+    });
+    let warned = node.logs().matches("Graphite points dropped").count();
+    assert_eq!(warned, 1, "{}", node.logs());
+
+    nats.spawn();
+    // Sent again until the node is back: the connection itself went on.
+    let after = wait_until(SETTLE, || {
+        send("clustered.after 3 NOW\n");
+        thread::sleep(Duration::from_millis(200));
+        stored("clustered.after")
+    });
+    assert_eq!(after, Some(Some(3.0)), "stored again once NATS is back");
+    assert_eq!(stored("clustered.down"), None);
+}
+
 #[test]
 fn an_expiry_the_old_owner_paged_is_not_paged_again_after_replay() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
