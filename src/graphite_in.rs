@@ -370,7 +370,7 @@ impl Graphite {
     /// Warns of a refused line at most every 10 s, at debug otherwise.
     fn refused(&self, peer: SocketAddr, error: &str, line: &str) {
         if self.bad_lines.open() {
-            tracing::warn!(%peer, error, line, "Graphite line refused (more are logged at most every 10 s; all are counted in vigil_graphite_lines_*_total).");
+            tracing::warn!(%peer, error, line, "Graphite line refused (more are logged at most every 10 s; all are counted in vigil_graphite_lines_*_total, a path over --max-string in vigil_msgs_over_max_string_total).");
         } else {
             tracing::debug!(%peer, error, line, "Graphite line refused.");
         }

@@ -13,23 +13,28 @@ use common::*;
 use vigil::client::Client;
 use vigil::event::{Event, Metric};
 
+/// A Riemann client of `v`, kept for the whole test: one connecting per
+/// query could find the last one's permit not back yet.
+async fn riemann(v: &Vigil) -> Client {
+    Client::connect(v.tcp).await.expect("connect")
+}
+
 /// The index's events matching `query`, over the Riemann protocol.
-async fn query(v: &Vigil, query: &str) -> Vec<Event> {
-    let mut client = Client::connect(v.tcp).await.expect("connect");
+async fn query(client: &mut Client, query: &str) -> Vec<Event> {
     client.query(query).await.expect("query")
 }
 
 /// Polls until `query` matches `n` events; them, sorted by service.
-async fn until_n(v: &Vigil, q: &str, n: usize) -> Vec<Event> {
+async fn until_n(client: &mut Client, q: &str, n: usize) -> Vec<Event> {
     for _ in 0..200 {
-        let mut found = query(v, q).await;
+        let mut found = query(client, q).await;
         if found.len() >= n {
             found.sort_by(|a, b| a.service.cmp(&b.service));
             return found;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{q} never matched {n} events: {:?}", query(v, q).await);
+    panic!("{q} never matched {n} events: {:?}", query(client, q).await);
 }
 
 fn graphite(v: &Vigil) -> SocketAddr {
@@ -48,7 +53,8 @@ fn point(e: &Event) -> (&str, Option<Metric>, i64, Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lines_over_tcp_and_udp_reach_the_index_and_bad_ones_are_counted() {
-    let v = Vigil::start(&["--graphite", "127.0.0.1:0"]);
+    let mut v = Vigil::start(&["--graphite", "127.0.0.1:0"]);
+    let mut client = riemann(&v).await;
     let at = now_secs().floor() as i64;
     let mut tcp = TcpStream::connect(graphite(&v)).unwrap();
     let long = "x".repeat(20_000);
@@ -65,7 +71,12 @@ async fn lines_over_tcp_and_udp_reach_the_index_and_bad_ones_are_counted() {
     let datagram = format!("udp.one 7 {at}\nudp.two 1e3 {at}");
     udp.send_to(datagram.as_bytes(), graphite(&v)).unwrap();
 
-    let found = until_n(&v, r#"service =~ "servers.%" or service =~ "udp.%""#, 5).await;
+    let found = until_n(
+        &mut client,
+        r#"service =~ "servers.%" or service =~ "udp.%""#,
+        5,
+    )
+    .await;
     let secs = |s: i64| s * 1_000_000;
     let got: Vec<_> = found.iter().map(point).collect();
     assert_eq!(
@@ -97,7 +108,7 @@ async fn lines_over_tcp_and_udp_reach_the_index_and_bad_ones_are_counted() {
     // The connection went on after the bad lines: it still takes points.
     tcp.write_all(format!("servers.web1.later 1 {at}\n").as_bytes())
         .unwrap();
-    until_n(&v, r#"service = "servers.web1.later""#, 1).await;
+    until_n(&mut client, r#"service = "servers.web1.later""#, 1).await;
 
     let http = v.http.unwrap();
     assert_eq!(metric(http, "vigil_graphite_events_total").await, 6);
@@ -113,14 +124,24 @@ async fn lines_over_tcp_and_udp_reach_the_index_and_bad_ones_are_counted() {
         v.logs().contains("Graphite line refused"),
         "a refused line is warned of"
     );
+
+    // Shutdown ends the open connection with the server's other tasks,
+    // not after the grace period.
+    assert!(v.terminate().success(), "{}", v.logs());
+    assert!(!v.logs().contains("Tasks still running"), "{}", v.logs());
+    drop(tcp);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_path_over_max_string_is_refused_and_counted() {
     let v = Vigil::start(&["--graphite", "127.0.0.1:0", "--max-string", "8"]);
+    let mut client = riemann(&v).await;
     let mut tcp = TcpStream::connect(graphite(&v)).unwrap();
-    tcp.write_all(b"too.long.path 1 1\nshort 2 1\n").unwrap();
-    let found = until_n(&v, "true", 1).await;
+    // Points of now: an old one would be stored already expired.
+    let at = now_secs() as u64;
+    let lines = format!("too.long.path 1 {at}\nshort 2 {at}\n");
+    tcp.write_all(lines.as_bytes()).unwrap();
+    let found = until_n(&mut client, "true", 1).await;
     assert_eq!(point(&found[0]).0, "short");
     let http = v.http.unwrap();
     assert_eq!(metric(http, "vigil_msgs_over_max_string_total").await, 1);
@@ -134,13 +155,17 @@ async fn connections_over_the_limit_are_refused_apart_from_riemann_ones() {
         "--max-connections",
         "1",
         "--self-metrics-interval",
-        "100ms",
+        "1s",
         "--node-name",
         "me",
     ]);
+    let mut client = riemann(&v).await;
     let mut first = TcpStream::connect(graphite(&v)).unwrap();
-    first.write_all(b"held 1 1\n").unwrap();
-    until_n(&v, r#"service = "held""#, 1).await;
+    let at = now_secs() as u64;
+    first
+        .write_all(format!("held 1 {at}\n").as_bytes())
+        .unwrap();
+    until_n(&mut client, r#"service = "held""#, 1).await;
     // The first holds the only permit: the second is closed at once.
     let mut second = TcpStream::connect(graphite(&v)).unwrap();
     second
@@ -152,20 +177,26 @@ async fn connections_over_the_limit_are_refused_apart_from_riemann_ones() {
             || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
         "the second connection is closed"
     );
-    // Counted, and reported as a self-metric event, which the Riemann
-    // listener, a pool of its own, still answers.
+    // Counted (before the socket is dropped), and reported as a self-metric
+    // event, which the Riemann listener, a pool of its own, still answers.
+    let refused = "vigil_graphite_connections_refused_total";
+    assert_eq!(metric(v.http.unwrap(), refused).await, 1);
     let q = r#"host = "me" and service = "vigil graphite connections refused" and metric = 1"#;
-    until_n(&v, q, 1).await;
+    until_n(&mut client, q, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_line_left_unfinished_is_closed_after_the_read_timeout() {
     let v = Vigil::start(&["--graphite", "127.0.0.1:0", "--read-timeout", "1s"]);
+    let mut client = riemann(&v).await;
     let mut tcp = TcpStream::connect(graphite(&v)).unwrap();
     tcp.write_all(b"begun 1").unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     assert_eq!(tcp.read(&mut [0; 16]).unwrap(), 0, "closed by vigil");
     let http = v.http.unwrap();
     assert_eq!(metric(http, "vigil_graphite_read_timeouts_total").await, 1);
-    assert!(query(&v, "true").await.is_empty(), "the line never ended");
+    assert!(
+        query(&mut client, "true").await.is_empty(),
+        "the line never ended"
+    );
 }
