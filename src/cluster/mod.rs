@@ -612,34 +612,36 @@ impl Asking {
     /// Tells the nodes, in order after the question on the same subject, so
     /// a node that has not begun its answer yet skips it.
     async fn give_up(&mut self) {
-        let Some(inbox) = self.inbox.take() else {
-            return;
-        };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(ABANDONED, inbox.as_str());
-        let told = (self.client)
-            .publish_with_headers(QUERY_SUBJECT, headers, Bytes::new())
-            .await;
-        if let Err(e) = told {
-            tracing::debug!(error = %e, "Could not tell the nodes a query was given up.");
+        if let Some(inbox) = self.inbox.take() {
+            tell_given_up(&self.client, inbox).await;
         }
     }
 }
 
 impl Drop for Asking {
     /// The asking future dropped (its client went away): told from a task.
+    /// The task holds no `Asking`: a runtime shutting down drops a task as
+    /// it is spawned, and one dropping an `Asking` spawned the next, until
+    /// the stack overflowed.
     fn drop(&mut self) {
-        if self.inbox.is_none() {
+        let Some(inbox) = self.inbox.take() else {
             return;
-        }
+        };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let mut asking = Asking {
-            client: self.client.clone(),
-            inbox: self.inbox.take(),
-        };
-        runtime.spawn(async move { asking.give_up().await });
+        let client = self.client.clone();
+        runtime.spawn(async move { tell_given_up(&client, inbox).await });
+    }
+}
+
+/// Publishes the give-up of the query whose reply inbox is `inbox`.
+async fn tell_given_up(client: &async_nats::Client, inbox: String) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(ABANDONED, inbox.as_str());
+    let told = (client.publish_with_headers(QUERY_SUBJECT, headers, Bytes::new())).await;
+    if let Err(e) = told {
+        tracing::debug!(error = %e, "Could not tell the nodes a query was given up.");
     }
 }
 
@@ -929,5 +931,29 @@ mod tests {
         assert_eq!(queue.queued(), 0);
         queue.push(Event::default());
         assert_eq!(queue.queued(), 1, "outputs are live again afterwards");
+    }
+
+    /// A query still asking when the runtime shuts down is dropped with its
+    /// task; telling the nodes then must not spawn without end.
+    #[test]
+    fn a_query_asking_as_its_runtime_shuts_down_lets_go() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            // No server there: the client only queues what it is given.
+            let client = async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect("nats://127.0.0.1:29017")
+                .await
+                .unwrap();
+            let asking = Asking {
+                client,
+                inbox: Some("_INBOX.given-up".to_owned()),
+            };
+            tokio::spawn(async move {
+                let _asking = asking;
+                std::future::pending::<()>().await
+            });
+        });
+        drop(runtime);
     }
 }
