@@ -660,6 +660,34 @@ fn a_node_stops_answering_a_query_its_asker_gave_up() {
     );
 }
 
+/// A node whose NATS server does not answer (stopped, as a hung server or a
+/// partition without a reset looks: the connection still seems up) refuses
+/// a query as unavailable, as when no node answered, rather than answering
+/// with its own part alone as if that were the cluster's.
+#[test]
+fn a_query_nats_does_not_pass_on_is_unavailable_not_the_askers_part() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let nodes: Vec<Vigil> = (1..=2)
+        .map(|i| node(&nats, &format!("n{i}"), &[]))
+        .collect();
+    let hosts: Vec<String> = (0..60).map(|h| format!("host-{h}")).collect();
+    send(&nodes[0], &ok_with_ttl(&hosts, "cpu", 600.0));
+    wait_settled(&nodes.iter().collect::<Vec<_>>(), 60);
+    let pid = nats.child.as_ref().map(Child::id).unwrap();
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let (status, body) = http_query(&nodes[0], "true");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    assert_eq!(
+        status,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        "{body:.200}"
+    );
+}
+
 /// An asker that gives a query up tells the other nodes so
 /// (`Vigil-Abandoned` naming its inbox, on `vigil.query` after the
 /// question): here refused as busy, its pool held by an answer its client

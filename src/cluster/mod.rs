@@ -422,8 +422,17 @@ impl Cluster {
             .map_err(|e| failed(&e))?;
         let mut asking = Asking {
             client: self.client.clone(),
-            inbox: Some(inbox),
+            inbox: Some(inbox.clone()),
         };
+        // Back through NATS, it shows the server passes this node's messages
+        // on: a stopped server, or a partition without a reset, still looks
+        // connected, and the asker's own part alone would pass for the
+        // cluster's answer.
+        let mut echo = async_nats::HeaderMap::new();
+        echo.insert(ECHO, "1");
+        (self.client.publish_with_headers(inbox, echo, Bytes::new()))
+            .await
+            .map_err(|e| failed(&e))?;
         let expected = self.members.load(Ordering::Relaxed).max(1);
         let collected = self.collect(query, bytes, &mut replies, expected).await;
         match &collected {
@@ -459,7 +468,7 @@ impl Cluster {
             .await?;
         let mut merged = Merged::new(room, bytes);
         (merged.add(own)).map_err(|busy| ClusterQueryError::Refused(busy.into()))?;
-        let mut answered = 1;
+        let (mut answered, mut echoed) = (1, false);
         let deadline = tokio::time::sleep(self.config.query_timeout);
         tokio::pin!(deadline);
         while answered < expected {
@@ -473,6 +482,10 @@ impl Cluster {
             let Some(reply) = reply else { break };
             // A node's answer may come in parts; only its last one counts it in.
             let header = |name| reply.headers.as_ref().and_then(|h| h.get(name));
+            if header(ECHO).is_some() {
+                echoed = true;
+                continue;
+            }
             if header(MORE).is_none() {
                 answered += 1;
             }
@@ -492,6 +505,12 @@ impl Cluster {
             }
             (merged.add(msg.events.into_iter().map(|pb| proto::from_pb(pb, 0))))
                 .map_err(|busy| ClusterQueryError::Refused(busy.into()))?;
+        }
+        if answered < expected && !echoed {
+            return Err(ClusterQueryError::Unavailable(
+                "no cluster node answered the query: NATS did not pass on this node's own message"
+                    .to_owned(),
+            ));
         }
         Ok((merged, answered))
     }
@@ -767,6 +786,9 @@ const ASKER: &str = "Vigil-Asker";
 /// Header on a message on [`QUERY_SUBJECT`] that gives up the query whose
 /// reply inbox it names (see [`Asking`]).
 const ABANDONED: &str = "Vigil-Abandoned";
+/// Header on the message an asker sends its own reply inbox, to see that
+/// NATS passes its messages on (not an answer).
+const ECHO: &str = "Vigil-Echo";
 /// Header on every part of a query answer but the last.
 const MORE: &str = "Vigil-More";
 /// Header on a node's refusal of a query matching more than its limit (the
