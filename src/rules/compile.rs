@@ -1347,13 +1347,29 @@ impl Compiler<'_> {
         ok.then_some(sets)
     }
 
-    /// A predicate of the query language, written as a string.
+    /// A predicate of the query language, written as a string; warned of
+    /// as a `where`'s is ([`Query::doubts`]).
     fn predicate(&mut self, v: &Value) -> Option<Query> {
         let ValueKind::String(text) = &v.kind else {
             return self.expected(v, "a predicate as a string, e.g. `\"metric < 0.5\"`");
         };
         match Query::parse(text) {
-            Ok(query) => Some(query),
+            Ok(query) => {
+                // Pointed at in the string where it has no escapes (its
+                // text is the source's); at the whole string where it has.
+                let inner = v.span.start + 1..v.span.end.saturating_sub(1);
+                let verbatim = self.source.get(inner.clone()) == Some(text.as_str());
+                for doubt in Query::doubts(text) {
+                    let at = if verbatim {
+                        inner.start + doubt.span.start..inner.start + doubt.span.end
+                    } else {
+                        v.span.clone()
+                    };
+                    let warning = Diagnostic::new(at, doubt.message).with_hint(doubt.hint);
+                    self.warnings.push(warning);
+                }
+                Some(query)
+            }
             Err(e) => {
                 self.error(v.span.clone(), format!("predicate {text:?}: {e}"));
                 None

@@ -236,6 +236,28 @@ mod tests {
         }
     }
 
+    /// `apdex`'s predicates are warned of as a `where`'s: `state = ok`
+    /// compares with the attribute `ok`, so nothing is ever tolerated.
+    #[test]
+    fn apdex_predicates_are_warned_of_as_a_wheres() {
+        let source = "streams {\n  apdex(1m, satisfied: \"metric < 0.5\", tolerated: \"state = ok\") \
+                      { index }\n  apdex(1m, \"tagged \\\"x\\\" or \\\"y\\\"\", \"false\") { index }\n}\n";
+        let (_, compiled) = load("d.vigil", source, EnvPolicy::Strict).unwrap();
+        let warnings: Vec<_> = (compiled.warnings.iter())
+            .map(|w| (&source[w.span.clone()], w.message.as_str()))
+            .collect();
+        assert_eq!(
+            warnings,
+            [
+                ("ok", "`ok` is the attribute named `ok` here, not the text"),
+                (
+                    r#""tagged \"x\" or \"y\"""#,
+                    r#"`"y"` on its own tests no field: it is always true"#
+                ),
+            ]
+        );
+    }
+
     /// A pager's `dedup_key` naming `{state}` gave the `ok` another key
     /// than the trigger's: it resolved nothing, and the incident stayed open
     /// at the receiver for good. `{metric}` opened a new incident at each
