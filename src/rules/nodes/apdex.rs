@@ -38,16 +38,17 @@ impl ApdexState {
     fn due(&mut self, now: Micros) -> Option<Event> {
         self.window_end.filter(|end| now >= *end)?;
         let s = std::mem::take(self);
-        let total = s.satisfied + s.tolerated + s.other;
         let mut out = s.latest?;
         // As Riemann's ratio: a whole score (all satisfied, or none even
-        // tolerated) is an integer.
-        out.metric = Some(if s.satisfied == total {
+        // tolerated) is an integer. No sum of the counts in integers: a
+        // restored state file's may be anything.
+        let (satisfied, tolerated) = (s.satisfied as f64, s.tolerated as f64);
+        out.metric = Some(if s.tolerated == 0 && s.other == 0 {
             Metric::Int(1)
-        } else if s.satisfied + s.tolerated == 0 {
+        } else if s.satisfied == 0 && s.tolerated == 0 {
             Metric::Int(0)
         } else {
-            Metric::Float((s.satisfied as f64 + s.tolerated as f64 / 2.0) / total as f64)
+            Metric::Float((satisfied + tolerated / 2.0) / (satisfied + tolerated + s.other as f64))
         });
         Some(out)
     }
@@ -79,13 +80,14 @@ impl Node for Apdex {
             if !event.is_expired_state() {
                 s.window_end
                     .get_or_insert(cx.now.saturating_add(self.interval));
-                if self.satisfied.matches(event) {
-                    s.satisfied += 1;
+                let count = if self.satisfied.matches(event) {
+                    &mut s.satisfied
                 } else if self.tolerated.matches(event) {
-                    s.tolerated += 1;
+                    &mut s.tolerated
                 } else {
-                    s.other += 1;
-                }
+                    &mut s.other
+                };
+                *count = count.saturating_add(1);
                 s.latest.get_or_insert_default().clone_from(event);
             }
             (due, s.window_end)
@@ -153,5 +155,39 @@ impl Node for Apdex {
             other => return Err(RestoreError::mismatch("apdex", &other)),
         }
         self.children.restore(from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::nodes::Scratch;
+
+    /// A state file that passed its checksum may hold any counts: near
+    /// 2^64 they overflowed, a panic where overflow is checked (the
+    /// fuzzer's build) and a wrapped score where it is not.
+    #[test]
+    fn counts_restored_near_their_limit_score_without_overflowing() {
+        let query = |text| Query::parse(text).unwrap();
+        let apdex = Apdex::new(10, query("metric < 1"), query("false"), Children::default());
+        let latest = Event::default();
+        let entry = Saved::Apdex {
+            window_end: Some(10),
+            counts: [u64::MAX, 0, u64::MAX],
+            latest: Some(latest.clone()),
+        };
+        apdex
+            .restore(&mut Restorer::from_entries(vec![entry], 0))
+            .unwrap();
+        let mut scratch = Scratch::default();
+        apdex.event(
+            &Event {
+                metric: Some(Metric::Float(0.5)),
+                ..latest
+            },
+            &mut scratch.cx(0),
+        );
+        let score = apdex.state.lock().due(10).unwrap().metric;
+        assert_eq!(score, Some(Metric::Float(0.5)));
     }
 }
