@@ -10,6 +10,8 @@
 //! the latter, and fills for ever after an event that never expires by
 //! state). It starts with the first event: Riemann's starts when the rules
 //! load, and with no event yet there is nothing whose expiry would stop it.
+//! After a restart, the gap is measured from the start again: vigil was
+//! not listening meanwhile, which says nothing of the series.
 
 use parking_lot::Mutex;
 
@@ -160,8 +162,13 @@ impl Node for FillIn {
                 expires,
                 latest,
             } => {
+                // vigil's downtime is no silence of the series: from the
+                // start it has a whole `dt` to speak, as after its first
+                // event, else each series still alive would be filled for
+                // every `dt` vigil was down, all at once.
+                let resumed = from.started().saturating_add(self.interval);
                 *self.state.lock() = FillState {
-                    next,
+                    next: next.map(|at| at.max(resumed)),
                     expires,
                     latest: latest.filter(|_| self.last),
                 }
