@@ -8,9 +8,7 @@
 
 mod common;
 
-use std::fs::File;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -21,12 +19,6 @@ const TEMPLATE: &str = include_str!("fixtures/collectd.conf.in");
 const WRITE_RIEMANN: &str = "/usr/lib/collectd/write_riemann.so";
 /// How long collectd runs (seconds, for `timeout -k 2 N`).
 const COLLECTD_SECS: &str = "6";
-
-fn render(dir: &Path, port: u16) -> String {
-    TEMPLATE
-        .replace("@DIR@", dir.to_str().expect("utf-8 temp dir"))
-        .replace("@PORT@", &port.to_string())
-}
 
 /// Some testhost event among `events` satisfying `pred`, with a metric.
 fn testhost_with_metric(events: &[Value], pred: impl Fn(&Value) -> bool) -> Option<Value> {
@@ -40,13 +32,6 @@ fn testhost_with_metric(events: &[Value], pred: impl Fn(&Value) -> bool) -> Opti
 
 #[test]
 fn collectd_write_riemann_stream() {
-    let collectd_bin = find_program("collectd")
-        .or_else(|| find_program("/usr/sbin/collectd"))
-        .unwrap_or_else(|| {
-            panic!("collectd not found: run scripts/test, which installs the interop peers")
-        });
-    let collectd_bin = collectd_bin.to_str().expect("utf-8 path").to_string();
-    require_peer("timeout");
     require_peer("riemann-client");
     assert!(
         Path::new(WRITE_RIEMANN).is_file(),
@@ -54,28 +39,8 @@ fn collectd_write_riemann_stream() {
     );
 
     let mut v = Vigil::start(&[]);
-    let tmp = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(tmp.path().join("base")).unwrap();
-    let conf = tmp.path().join("collectd.conf");
-    std::fs::write(&conf, render(tmp.path(), v.port())).unwrap();
-    let conf_s = conf.to_str().unwrap();
-
-    // The rendered config is valid for this collectd.
-    let out = run_cmd(&collectd_bin, &["-t", "-C", conf_s], CMD_TIMEOUT);
-    expect_success("collectd -t -C collectd.conf", &out);
-
-    // Run collectd for a few seconds. `timeout -k 2` bounds it even if this
-    // test panics first (collectd often ignores SIGTERM). Its log goes to a file.
-    let log_path = tmp.path().join("collectd.log");
-    let log = File::create(&log_path).unwrap();
-    let mut collectd = Command::new("timeout")
-        .args(["-k", "2", COLLECTD_SECS, &collectd_bin, "-f", "-C", conf_s])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn timeout collectd");
-    let collectd_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Runs for a few seconds, once `collectd -t` accepts the rendered config.
+    let mut collectd = Collectd::start(TEMPLATE, v.port(), COLLECTD_SECS);
 
     // Poll while collectd streams (its events have ttl = Interval 1 s × TTLFactor 2).
     let mut last = Vec::new();
@@ -86,7 +51,7 @@ fn collectd_write_riemann_stream() {
         })
     })
     .unwrap_or_else(|| {
-        panic!("no cpu event from collectd for host testhost; last query result: {last:?}\ncollectd log:\n{}", collectd_log())
+        panic!("no cpu event from collectd for host testhost; last query result: {last:?}\ncollectd log:\n{}", collectd.log())
     });
     let service = str_field(&cpu, "service").unwrap();
     assert!(service.starts_with("cpu"), "{cpu}");
@@ -139,7 +104,7 @@ fn collectd_write_riemann_stream() {
         .unwrap_or_else(|| {
             panic!(
                 "no {prefix} event from collectd; last: {last:?}\ncollectd log:\n{}",
-                collectd_log()
+                collectd.log()
             )
         });
         assert!(
@@ -177,12 +142,12 @@ fn collectd_write_riemann_stream() {
     // Let collectd finish (timeout -k 2 guarantees it ends).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match collectd.try_wait().expect("wait collectd") {
+        match collectd.process.try_wait().expect("wait collectd") {
             Some(_) => break,
             None if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
             None => {
-                let _ = collectd.kill();
-                let _ = collectd.wait();
+                let _ = collectd.process.kill();
+                let _ = collectd.process.wait();
                 break;
             }
         }

@@ -10,9 +10,7 @@
 
 mod common;
 
-use std::fs::File;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -24,12 +22,6 @@ const WRITE_GRAPHITE: &str = "/usr/lib/collectd/write_graphite.so";
 /// How long collectd runs (seconds, for `timeout -k 2 N`).
 const COLLECTD_SECS: &str = "6";
 
-fn render(dir: &Path, port: u16) -> String {
-    TEMPLATE
-        .replace("@DIR@", dir.to_str().expect("utf-8 temp dir"))
-        .replace("@PORT@", &port.to_string())
-}
-
 async fn query(v: &Vigil, query: &str) -> Vec<Event> {
     let mut client = Client::connect(v.tcp).await.expect("connect");
     client.query(query).await.expect("query")
@@ -37,13 +29,6 @@ async fn query(v: &Vigil, query: &str) -> Vec<Event> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn collectd_write_graphite_over_tcp_and_udp() {
-    let collectd_bin = find_program("collectd")
-        .or_else(|| find_program("/usr/sbin/collectd"))
-        .unwrap_or_else(|| {
-            panic!("collectd not found: run scripts/test, which installs the interop peers")
-        });
-    let collectd_bin = collectd_bin.to_str().expect("utf-8 path").to_string();
-    require_peer("timeout");
     assert!(
         Path::new(WRITE_GRAPHITE).is_file(),
         "{WRITE_GRAPHITE} not found: run scripts/test, which installs the interop peers"
@@ -51,25 +36,7 @@ async fn collectd_write_graphite_over_tcp_and_udp() {
 
     let v = Vigil::start(&["--graphite", "127.0.0.1:0"]);
     let graphite = v.graphite.expect("the listening line names --graphite");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(tmp.path().join("base")).unwrap();
-    let conf = tmp.path().join("collectd.conf");
-    std::fs::write(&conf, render(tmp.path(), graphite.port())).unwrap();
-    let conf_s = conf.to_str().unwrap();
-    let out = run_cmd(&collectd_bin, &["-t", "-C", conf_s], CMD_TIMEOUT);
-    expect_success("collectd -t -C collectd.conf", &out);
-
-    // `timeout -k 2` bounds collectd even if this test panics first.
-    let log_path = tmp.path().join("collectd.log");
-    let log = File::create(&log_path).unwrap();
-    let mut collectd = Command::new("timeout")
-        .args(["-k", "2", COLLECTD_SECS, &collectd_bin, "-f", "-C", conf_s])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn timeout collectd");
-    let collectd_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut collectd = Collectd::start(TEMPLATE, graphite.port(), COLLECTD_SECS);
 
     // Each node's cpu, load and memory series, under collectd's own paths.
     let wanted = [
@@ -98,7 +65,7 @@ async fn collectd_write_graphite_over_tcp_and_udp() {
         assert!(
             services.contains(&path),
             "no {path} among {services:?}\ncollectd log:\n{}",
-            collectd_log()
+            collectd.log()
         );
     }
     let now = now_secs();
@@ -121,13 +88,13 @@ async fn collectd_write_graphite_over_tcp_and_udp() {
         "load {load} is this machine's ({now_load})"
     );
 
-    let _ = collectd.wait();
+    let _ = collectd.process.wait();
     let http = v.http.unwrap();
     assert_eq!(
         metric(http, "vigil_graphite_lines_invalid_total").await,
         0,
         "collectd's lines are all well-formed\ncollectd log:\n{}",
-        collectd_log()
+        collectd.log()
     );
     assert!(metric(http, "vigil_graphite_events_total").await >= found.len() as u64);
     // A derive's first rate is not known yet: collectd sends `nan`, dropped.

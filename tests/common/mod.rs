@@ -581,6 +581,58 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .find(|p| is_exec(p))
 }
 
+/// A real collectd, for `secs` seconds (`timeout -k 2` bounds it even if
+/// the test panics first: collectd often ignores SIGTERM), run on the
+/// config `template` with `@DIR@` its own directory (which has a `base`
+/// directory in it) and `@PORT@` vigil's `port`, once `collectd -t`
+/// accepts it. Its log goes to a file.
+pub struct Collectd {
+    pub process: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Collectd {
+    pub fn start(template: &str, port: u16, secs: &str) -> Collectd {
+        let collectd = find_program("collectd")
+            .or_else(|| find_program("/usr/sbin/collectd"))
+            .unwrap_or_else(|| {
+                panic!("collectd not found: run scripts/test, which installs the interop peers")
+            });
+        let collectd = collectd.to_str().expect("utf-8 path").to_owned();
+        require_peer("timeout");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("base")).unwrap();
+        let conf = dir.path().join("collectd.conf");
+        let rendered = template
+            .replace("@DIR@", dir.path().to_str().expect("utf-8 temp dir"))
+            .replace("@PORT@", &port.to_string());
+        std::fs::write(&conf, rendered).unwrap();
+        let conf = conf.to_str().unwrap();
+        let out = run_cmd(&collectd, &["-t", "-C", conf], CMD_TIMEOUT);
+        expect_success("collectd -t -C collectd.conf", &out);
+        let log = dir.path().join("collectd.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let process = Command::new("timeout")
+            .args(["-k", "2", secs, &collectd, "-f", "-C", conf])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn timeout collectd");
+        Collectd {
+            process,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// What collectd logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 /// Fail (never skip) the test when a peer program is missing.
 pub fn require_peer(program: &str) -> PathBuf {
     find_program(program).unwrap_or_else(|| {
