@@ -361,12 +361,13 @@ pub struct FixedFolds {
 
 impl FixedFolds {
     pub fn add(&mut self, event: &Event, kept: Kept) {
-        self.events += 1;
+        // Saturating: restored counts may be anything the file held.
+        self.events = self.events.saturating_add(1);
         keep(&mut self.latest, event);
         let Some(metric) = event.metric else {
             return;
         };
-        self.with_metric += 1;
+        self.with_metric = self.with_metric.saturating_add(1);
         self.sum = Some(self.sum.map_or(metric.into(), |sum| sum.add(metric)));
         let beats = |kept: &Option<Box<Event>>, wins: fn(Ordering) -> bool| {
             kept.as_deref()
@@ -461,6 +462,20 @@ mod tests {
         max: true,
         median: true,
     };
+
+    /// A state file that passed its checksum may hold any count: at 2^64
+    /// the next event overflowed them (a panic where overflow is checked,
+    /// as in the fuzzer's build).
+    #[test]
+    fn counts_restored_at_their_limit_take_the_next_event() {
+        let mut folds = FixedFolds {
+            events: u64::MAX,
+            with_metric: u64::MAX,
+            ..FixedFolds::default()
+        };
+        folds.add(&event(0, Some(Metric::Int(1))), ALL_KEPT);
+        assert_eq!((folds.events, folds.with_metric), (u64::MAX, u64::MAX));
+    }
 
     fn event(n: u64, metric: Option<Metric>) -> Event {
         Event {
