@@ -1365,7 +1365,10 @@ impl Compiler<'_> {
                     } else {
                         v.span.clone()
                     };
-                    let warning = Diagnostic::new(at, doubt.message).with_hint(doubt.hint);
+                    // The hint's query text goes in the rule's string: its
+                    // quotes escaped, as the operator must write them there.
+                    let hint = doubt.hint.replace('"', "\\\"");
+                    let warning = Diagnostic::new(at, doubt.message).with_hint(hint);
                     self.warnings.push(warning);
                 }
                 Some(query)

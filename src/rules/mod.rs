@@ -256,6 +256,17 @@ mod tests {
                 ),
             ]
         );
+        // Written as the rule's string needs them: quotes escaped.
+        let hints: Vec<_> = (compiled.warnings.iter())
+            .map(|w| w.hint.as_deref())
+            .collect();
+        assert_eq!(
+            hints,
+            [
+                Some(r#"quote it to compare with the text: `\"ok\"`"#),
+                Some(r#"compare a field with it, e.g. `service = \"y\"`"#),
+            ]
+        );
     }
 
     /// A pager's `dedup_key` naming `{state}` gave the `ok` another key
