@@ -8,8 +8,9 @@
 
 use parking_lot::Mutex;
 
-use crate::clock::Micros;
+use crate::clock::{Micros, secs_to_micros};
 use crate::event::{Event, Metric};
+use crate::index::expires_at;
 use crate::query::Query;
 
 use super::saved::{RestoreError, Restorer, Saved, Saver};
@@ -77,7 +78,10 @@ impl Node for Apdex {
         let (due, next) = {
             let mut s = self.state.lock();
             let due = s.due(cx.now);
-            if !event.is_expired_state() {
+            // Riemann's `expired?`: the state, or a TTL already run out.
+            let ttl = secs_to_micros(cx.index.ttl_secs(event));
+            let expired = event.is_expired_state() || expires_at(event.time, ttl, cx.now) < cx.now;
+            if !expired {
                 s.window_end
                     .get_or_insert(cx.now.saturating_add(self.interval));
                 let count = if self.satisfied.matches(event) {

@@ -1811,6 +1811,16 @@ fn apdex_scores_each_interval_when_it_ends() {
         send(&b, metric_ev(&b, "latency", m));
     }
     send(&b, with_state(ev(&b, "h", "latency"), "expired"));
+    // Expired by its TTL too, as Riemann's `expired?` has it.
+    let stale = with_ttl(metric_ev(&b, "latency", 9.0), 1.0);
+    b.advance_to(at(4.0));
+    send(
+        &b,
+        Event {
+            time: at(2.0),
+            ..stale
+        },
+    );
     b.advance_to(at(9.9));
     assert!(out(&b).is_empty(), "the interval is not over");
     b.advance_to(at(10.0));
