@@ -132,11 +132,12 @@ pub struct Deviations {
 impl Deviations {
     pub fn add(&mut self, metric: Metric) {
         let x = metric.as_f64();
+        // Saturating: restored counts may be anything the file held.
         if !x.is_finite() {
-            self.non_finite += 1;
+            self.non_finite = self.non_finite.saturating_add(1);
             return;
         }
-        self.count += 1;
+        self.count = self.count.saturating_add(1);
         let delta = x - self.mean;
         self.mean += delta / self.count as f64;
         self.squares += delta * (x - self.mean);
@@ -214,6 +215,24 @@ impl FixedSpread {
 mod tests {
     use super::*;
     use crate::test_rng::xorshift;
+
+    /// A state file that passed its checksum may hold any count: at 2^64
+    /// the next metric overflowed it (a panic where overflow is checked,
+    /// as in the fuzzer's build).
+    #[test]
+    fn counts_restored_at_their_limit_take_the_next_metric() {
+        let mut deviations = Deviations {
+            count: u64::MAX,
+            non_finite: u64::MAX,
+            ..Deviations::default()
+        };
+        deviations.add(Metric::Float(1.0));
+        deviations.add(Metric::Float(f64::NAN));
+        assert_eq!(
+            (deviations.count, deviations.non_finite),
+            (u64::MAX, u64::MAX)
+        );
+    }
 
     fn event(n: usize, metric: Option<Metric>) -> Event {
         Event {

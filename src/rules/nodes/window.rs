@@ -668,7 +668,8 @@ impl Node for Percentiles {
             if let Some(m) = metric_f64(event) {
                 s.window_end
                     .get_or_insert(cx.now.saturating_add(self.interval));
-                s.seen += 1;
+                // Saturating: a restored count may be anything the file held.
+                s.seen = s.seen.saturating_add(1);
                 if s.samples.len() < WINDOW_MAX {
                     s.samples.push(m);
                 } else {
@@ -766,6 +767,32 @@ impl Node for Percentiles {
 mod tests {
     use super::*;
     use crate::clock::MICROS_PER_SEC;
+    use crate::rules::nodes::Scratch;
+
+    /// A state file that passed its checksum may hold any count: at 2^64
+    /// the next metric overflowed it (a panic where overflow is checked,
+    /// as in the fuzzer's build).
+    #[test]
+    fn a_percentiles_count_restored_at_its_limit_takes_the_next_metric() {
+        let percentiles = Percentiles::new(10, Arc::from([0.5]), Children::default());
+        let entry = Saved::Percentiles {
+            samples: Vec::new(),
+            seen: u64::MAX,
+            latest: None,
+            window_end: Some(10),
+            rng: 1,
+        };
+        percentiles
+            .restore(&mut Restorer::from_entries(vec![entry], 0))
+            .unwrap();
+        let event = Event {
+            metric: Some(Metric::Float(1.0)),
+            ..Event::default()
+        };
+        percentiles.event(&event, &mut Scratch::default().cx(0));
+        let s = percentiles.state.lock();
+        assert_eq!((s.seen, s.samples.len()), (u64::MAX, 1));
+    }
 
     /// `coalesce` finds a held series by the event's strings: were the two
     /// hashed apart, a full window would drop the events of series it holds.
