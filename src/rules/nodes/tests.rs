@@ -58,6 +58,11 @@ fn with_ttl(mut e: Event, ttl: f32) -> Event {
     e
 }
 
+/// An event of host `h`, service `s`, with the integer metric `m`.
+fn int_ev(b: &Bench, m: i64) -> Event {
+    with_metric(ev(b, "h", "s"), Metric::Int(m))
+}
+
 fn metric_ev(b: &Bench, service: &str, m: f64) -> Event {
     with_metric(ev(b, "h", service), float_or_int(m))
 }
@@ -660,15 +665,12 @@ fn tagged(mut e: Event, tag: &str) -> Event {
 fn counter_sums_metrics_exactly_and_a_reset_sets_it() {
     let b = bench("counter { out }");
     const BIG: i64 = (1 << 53) + 1;
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(BIG)));
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(2)));
+    send(&b, int_ev(&b, BIG));
+    send(&b, int_ev(&b, 2));
     send(&b, ev(&b, "h", "s")); // no metric: passes as it came
-    send(
-        &b,
-        tagged(with_metric(ev(&b, "h", "s"), Metric::Int(10)), "reset"),
-    );
+    send(&b, tagged(int_ev(&b, 10), "reset"));
     send(&b, with_metric(ev(&b, "h", "s"), Metric::Float(0.5)));
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    send(&b, int_ev(&b, 1));
     assert_eq!(
         out_metrics(&b),
         vec![
@@ -709,15 +711,12 @@ fn counter_starts_at_its_initial_value_and_counts_per_by_group() {
 #[test]
 fn counter_is_nan_after_a_nan_until_a_reset_and_passes_expired_notices() {
     let b = bench("counter { out }");
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    send(&b, int_ev(&b, 1));
     send(&b, with_metric(ev(&b, "h", "s"), Metric::Float(f64::NAN)));
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    send(&b, int_ev(&b, 1));
     send(&b, with_state(ev(&b, "h", "s"), "expired"));
-    send(
-        &b,
-        tagged(with_metric(ev(&b, "h", "s"), Metric::Int(0)), "reset"),
-    );
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    send(&b, tagged(int_ev(&b, 0), "reset"));
+    send(&b, int_ev(&b, 1));
     let metrics = out_metrics(&b);
     assert_eq!(metrics[0], Some(Metric::Int(1)));
     assert!(matches!(metrics[1], Some(Metric::Float(m)) if m.is_nan()));
@@ -870,9 +869,9 @@ fn within_is_inclusive() {
 #[test]
 fn scale_keeps_integers_integral_and_floats_float() {
     let b = bench("scale(2) { out }");
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(3)));
+    send(&b, int_ev(&b, 3));
     send(&b, with_metric(ev(&b, "h", "s"), Metric::Float(1.5)));
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(i64::MAX)));
+    send(&b, int_ev(&b, i64::MAX));
     send(&b, ev(&b, "h", "s"));
     assert_eq!(
         out_metrics(&b),
@@ -885,7 +884,7 @@ fn scale_keeps_integers_integral_and_floats_float() {
     );
 
     let b = bench("scale(0.5) { out }");
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(3)));
+    send(&b, int_ev(&b, 3));
     assert_eq!(out_metrics(&b), vec![Some(Metric::Float(1.5))]);
 }
 
@@ -1069,7 +1068,7 @@ fn a_fixed_window_folds_the_median_event_and_the_standard_deviation() {
 fn a_moving_window_folds_the_median_of_what_it_holds_on_every_event() {
     let b = bench("moving_event_window(3) { median { out } }");
     for m in [5, 1, 3, 9, 8] {
-        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+        send(&b, int_ev(&b, m));
     }
     let medians = [5, 5, 3, 3, 8].map(|m| Some(Metric::Int(m)));
     assert_eq!(out_metrics(&b), medians);
@@ -1093,7 +1092,7 @@ fn rollup_passes_n_at_once_and_the_rest_when_the_interval_ends() {
     let b = bench("rollup(3, 1s) { out }");
     for (t, m) in [(0.0, 1), (0.1, 2), (0.2, 3), (0.3, 4), (0.4, 5)] {
         b.advance_to(at(t));
-        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+        send(&b, int_ev(&b, m));
     }
     let metrics = |ms: &[i64]| ms.iter().map(|m| Some(Metric::Int(*m))).collect::<Vec<_>>();
     assert_eq!(out_metrics(&b), metrics(&[1, 2, 3]));
@@ -1103,7 +1102,7 @@ fn rollup_passes_n_at_once_and_the_rest_when_the_interval_ends() {
     assert_eq!(out_metrics(&b), metrics(&[1, 2, 3, 4, 5]));
     for (t, m) in [(1.1, 6), (1.2, 7), (1.3, 8)] {
         b.advance_to(at(t));
-        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+        send(&b, int_ev(&b, m));
     }
     assert_eq!(
         out_metrics(&b),
@@ -1114,7 +1113,7 @@ fn rollup_passes_n_at_once_and_the_rest_when_the_interval_ends() {
     assert_eq!(out_metrics(&b), metrics(&[1, 2, 3, 4, 5, 6, 7, 8]));
     b.advance_to(at(10.0));
     assert_eq!(out(&b).len(), 8, "an empty flush passes nothing");
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(9)));
+    send(&b, int_ev(&b, 9));
     assert_eq!(out(&b).len(), 9, "idle: a new second with all three");
 }
 
@@ -1123,10 +1122,10 @@ fn rollup_passes_n_at_once_and_the_rest_when_the_interval_ends() {
 fn a_reload_keeps_an_unchanged_rollups_held_events() {
     let b = bench("rollup(1, 10s) { out }");
     for m in [1, 2, 3] {
-        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+        send(&b, int_ev(&b, m));
     }
     reload_to(&b, "  rollup(1, 10s) { out }\n  tag(\"new\") { drop }");
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(4)));
+    send(&b, int_ev(&b, 4));
     assert_eq!(out(&b).len(), 1, "still one in these 10 s");
     b.advance_to(at(10.0));
     let passed = [1, 2, 3, 4].map(|m| Some(Metric::Int(m)));
@@ -1237,7 +1236,7 @@ fn a_sum_of_integers_past_2_53_keeps_its_last_digit() {
     for window in ["fixed_event_window(2)", "moving_event_window(2)"] {
         let b = bench(&format!("{window} {{ sum {{ out }} max {{ out }} }}"));
         for m in [BIG, 0] {
-            send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+            send(&b, int_ev(&b, m));
         }
         let last_two = out_metrics(&b).split_off(out(&b).len() - 2);
         assert_eq!(last_two, [Some(Metric::Int(BIG)); 2], "{window}");
@@ -1251,10 +1250,10 @@ fn a_sum_of_integers_past_2_53_keeps_its_last_digit() {
 fn a_reload_adding_min_to_a_moving_window_returns_the_least_held_event() {
     let b = bench("moving_event_window(3) { mean { drop } }");
     for m in [5, 1, 3] {
-        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+        send(&b, int_ev(&b, m));
     }
     reload_to(&b, "moving_event_window(3) { mean { drop } min { out } }");
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(4)));
+    send(&b, int_ev(&b, 4));
     assert_eq!(out_metrics(&b), vec![Some(Metric::Int(1))]);
 }
 
@@ -1262,7 +1261,7 @@ fn a_reload_adding_min_to_a_moving_window_returns_the_least_held_event() {
 fn moving_event_window_max_returns_the_largest_event() {
     let b = bench("moving_event_window(2) { max { out } }");
     for (m, d) in [(5, "five"), (1, "one"), (3, "three"), (2, "two")] {
-        let mut e = with_metric(ev(&b, "h", "s"), Metric::Int(m));
+        let mut e = int_ev(&b, m);
         e.description = Some(d.into());
         send(&b, e);
     }
@@ -1711,10 +1710,7 @@ fn a_stages_events_do_not_wait_for_its_state_being_written() {
 #[test]
 fn fill_in_emits_its_event_in_each_gap_until_the_latest_expires() {
     let b = bench(r#"fill_in(5s, {service: "gap", metric: 0}) { out }"#);
-    send(
-        &b,
-        with_ttl(with_metric(ev(&b, "h", "s"), Metric::Int(7)), 12.0),
-    );
+    send(&b, with_ttl(int_ev(&b, 7), 12.0));
     b.advance_to(at(4.9));
     assert_eq!(out_metrics(&b), [Some(Metric::Int(7))], "no gap yet");
     b.advance_to(at(3.0 + 4.9));
@@ -1788,7 +1784,7 @@ fn fill_in_last_fills_each_series_with_its_latest_event() {
 #[test]
 fn a_reload_keeps_an_unchanged_fill_ins_gap() {
     let b = bench(r#"fill_in_last(10s) { out }"#);
-    send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(1)));
+    send(&b, int_ev(&b, 1));
     b.advance_to(at(5.0));
     reload_to(&b, "fill_in_last(10s) { out }\n  tag(\"new\") { drop }");
     b.advance_to(at(10.0));
@@ -1854,7 +1850,7 @@ fn batch_folds_every_n_events_and_the_rest_when_the_interval_ends() {
     let b = bench("batch(3, 10s) { sum { out } count { out } }");
     for (t, m) in [(0.0, 1), (1.0, 2), (2.0, 3), (3.0, 4)] {
         b.advance_to(at(t));
-        send(&b, with_metric(ev(&b, "h", "s"), Metric::Int(m)));
+        send(&b, int_ev(&b, m));
     }
     assert_eq!(
         out_metrics(&b),
