@@ -1317,20 +1317,38 @@ impl Compiler<'_> {
         (self.warnings).push(warning.with_hint(format!("did you mean `{meant}`? {consequence}")));
     }
 
+    /// `with`'s and `default`'s `field: value` arguments.
     fn field_sets(&mut self, what: &str, args: &[Arg]) -> Option<Vec<FieldSet>> {
-        let mut sets = Vec::new();
+        let mut named = Vec::new();
         let mut ok = true;
-        let mut seen = HashSet::new();
         for arg in args {
-            let Some(field) = &arg.name else {
-                self.error_hint(
-                    arg.span.clone(),
-                    format!("`{what}` takes `field: value` pairs"),
-                    format!("e.g. `{what}(state: \"ok\", ttl: 60)`"),
-                );
-                ok = false;
-                continue;
-            };
+            match &arg.name {
+                Some(field) => named.push((field, &arg.value)),
+                None => {
+                    self.error_hint(
+                        arg.span.clone(),
+                        format!("`{what}` takes `field: value` pairs"),
+                        format!("e.g. `{what}(state: \"ok\", ttl: 60)`"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        // Every pair is checked, whatever else is wrong: errors come sorted
+        // by where they are.
+        let sets = self.named_field_sets(named);
+        sets.filter(|_| ok)
+    }
+
+    /// Each field set once, each to a value it can take.
+    fn named_field_sets<'v>(
+        &mut self,
+        fields: impl IntoIterator<Item = (&'v Ident, &'v Value)>,
+    ) -> Option<Vec<FieldSet>> {
+        let mut sets = Vec::new();
+        let mut seen = HashSet::new();
+        let mut ok = true;
+        for (field, value) in fields {
             if !seen.insert(field.name.as_str()) {
                 self.error(
                     field.span.clone(),
@@ -1339,7 +1357,7 @@ impl Compiler<'_> {
                 ok = false;
                 continue;
             }
-            match self.field_set(field, &arg.value) {
+            match self.field_set(field, value) {
                 Some(set) => sets.push(set),
                 None => ok = false,
             }
@@ -1385,24 +1403,7 @@ impl Compiler<'_> {
         let ValueKind::Map(entries) = &v.kind else {
             return self.expected(v, "the event's fields, e.g. `{service: \"up\", metric: 0}`");
         };
-        let mut sets = Vec::new();
-        let mut seen = HashSet::new();
-        let mut ok = true;
-        for (field, value) in entries {
-            if !seen.insert(field.name.as_str()) {
-                self.error(
-                    field.span.clone(),
-                    format!("`{}` is given twice", field.name),
-                );
-                ok = false;
-                continue;
-            }
-            match self.field_set(field, value) {
-                Some(set) => sets.push(set),
-                None => ok = false,
-            }
-        }
-        ok.then_some(sets)
+        self.named_field_sets(entries.iter().map(|(field, value)| (field, value)))
     }
 
     fn field_set(&mut self, field: &Ident, v: &Value) -> Option<FieldSet> {
