@@ -20,11 +20,9 @@ use crate::event::Event;
 use crate::index::expires_at;
 
 use super::saved::{RestoreError, Restorer, Saved, Saver};
+// Missed gaps caught up on after a stall, as `rate` catches up its windows.
+use super::stateful::MAX_CATCH_UP;
 use super::{Children, Cx, FieldSet, Node, same, take_over};
-
-/// How many missed gaps a stall catches up on (one event each) before
-/// skipping ahead, as `rate` does.
-const MAX_CATCH_UP: u32 = 16;
 
 pub struct FillIn {
     pub interval: Micros,

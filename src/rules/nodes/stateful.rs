@@ -27,7 +27,7 @@ use super::{Children, Cx, Field, Node, as_secs, metric_f64, same, take_over};
 
 /// How many missed intervals a timer catches up on after a stall (one event each)
 /// before skipping ahead: a frozen process must not wake up to a flood.
-const MAX_CATCH_UP: u32 = 16;
+pub(super) const MAX_CATCH_UP: u32 = 16;
 
 /// `rate(dt)`: the sum of metrics per second over each `dt`, emitted every `dt`
 /// from the timer (0 when nothing arrived) until the latest event has expired,
