@@ -27,8 +27,12 @@
 //!   bytes does not extend it. An idle connection is kept, probed by TCP
 //!   keepalive, as Riemann's are.
 //!
-//! The lines of one read (one datagram) go through the pipeline as one batch:
-//! the local streams, or in a cluster JetStream. A line has no ack to refuse
+//! The lines of one TCP read go through the pipeline as one batch: the local
+//! streams, or in a cluster JetStream; so do those of the UDP datagrams
+//! queued together, up to [`MAX_BATCH`] lines, as the Riemann UDP listener
+//! batches its datagrams ([`crate::udp`]). Datagrams the kernel dropped
+//! (the socket's receive buffer full) are counted as that listener counts
+//! its own. A line has no ack to refuse
 //! it with, so points the cluster does not store are dropped and counted.
 
 use std::io;
@@ -50,14 +54,15 @@ use crate::event::{Event, Metric};
 use crate::ingest::Ingest;
 use crate::limits::{Exceeded, Limits, start_of};
 use crate::stats::Stats;
-use crate::{tcp, wire};
+use crate::{tcp, udp, wire};
 
 /// Carbon's longest line (Twisted's `LineOnlyReceiver`): its clients never
 /// send longer, as carbon closes the connection on one.
 pub const MAX_LINE: usize = 16 * 1024;
 
-/// Points handed to the pipeline at once: a read of short lines holds
-/// thousands, and the rules' batch should stay small enough to be quick.
+/// Points handed to the pipeline at once, and lines of queued datagrams
+/// read together: a read of short lines holds thousands, and the rules'
+/// batch should stay small enough to be quick.
 const MAX_BATCH: usize = 1024;
 
 /// What a read asks room for in a connection's buffer.
@@ -250,34 +255,44 @@ pub async fn serve_tcp(listener: TcpListener, graphite: Arc<Graphite>) {
 }
 
 /// Takes datagrams until shutdown: each holds whole lines, the last one
-/// with or without its `\n`.
+/// with or without its `\n`. Datagrams already queued when one arrives are
+/// read with it, up to [`MAX_BATCH`] lines in all, and their points go
+/// through the pipeline as one batch: collectd sends a line per datagram,
+/// and a flood of those must not cost a pass through the rules each.
 pub async fn serve_udp(socket: UdpSocket, graphite: Arc<Graphite>) {
+    let stats = graphite.ingest.stats.clone();
     let mut buf = vec![0; MAX_DATAGRAM];
     let mut events = Vec::new();
+    let mut drops = udp::ReceiveDrops::of(&socket);
     loop {
-        let received = tokio::select! {
+        let mut received = tokio::select! {
             received = socket.recv_from(&mut buf) => received,
-            () = graphite.shutdown.cancelled() => return,
-        };
-        let (len, peer) = match received {
-            Ok(received) => received,
-            Err(e) => {
-                tracing::debug!(error = %e, "Graphite UDP receive failed.");
+            dropped = drops.next() => {
+                Stats::set(&stats.graphite_udp_receive_drops, dropped);
                 continue;
             }
+            () = graphite.shutdown.cancelled() => return,
         };
-        let mut lines = buf[..len].split_mut(|&b| b == b'\n').peekable();
-        while let Some(line) = lines.next() {
-            if line.is_empty() && lines.peek().is_none() {
+        let mut lines = 0;
+        loop {
+            lines += match received {
+                Ok((len, peer)) => {
+                    graphite
+                        .take_datagram(&mut buf[..len], peer, &mut events)
+                        .await
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "Graphite UDP receive failed.");
+                    1
+                }
+            };
+            if lines >= MAX_BATCH {
                 break;
             }
-            match line.len() > MAX_LINE {
-                true => graphite.too_long(peer),
-                false => graphite.take(line, peer, &mut events),
-            }
-            if events.len() >= MAX_BATCH {
-                graphite.deliver(&mut events).await;
-            }
+            received = match socket.try_recv_from(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                received => received,
+            };
         }
         graphite.deliver(&mut events).await;
     }
@@ -332,6 +347,33 @@ impl Graphite {
             }
             self.deliver(&mut events).await;
         }
+    }
+
+    /// Takes the lines of one datagram into `events`, handing them to the
+    /// pipeline whenever [`MAX_BATCH`] are held; how many lines it held (an
+    /// empty datagram counts as one, so a flood of them is bounded too).
+    async fn take_datagram(
+        &self,
+        datagram: &mut [u8],
+        peer: SocketAddr,
+        events: &mut Vec<Event>,
+    ) -> usize {
+        let mut taken = 0;
+        let mut lines = datagram.split_mut(|&b| b == b'\n').peekable();
+        while let Some(line) = lines.next() {
+            if line.is_empty() && lines.peek().is_none() {
+                break;
+            }
+            taken += 1;
+            match line.len() > MAX_LINE {
+                true => self.too_long(peer),
+                false => self.take(line, peer, events),
+            }
+            if events.len() >= MAX_BATCH {
+                self.deliver(events).await;
+            }
+        }
+        taken.max(1)
     }
 
     /// Parses one line (without its `\n`) into `events`, or counts why not.
@@ -625,6 +667,47 @@ mod tests {
         assert_eq!(batches.0.lock().concat().len(), 10);
         drop(client);
         handled.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_datagrams_are_one_batch_of_at_most_max_batch_lines() {
+        let batches = Arc::new(Batches::default());
+        let graphite = Arc::new(graphite(batches.clone()));
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sender.connect(socket.local_addr().unwrap()).await.unwrap();
+        // Queued before the listener reads any, as when a burst outruns it.
+        let many =
+            |name: &str| -> String { (0..600).map(|i| format!("{name}{i} 1 2\n")).collect() };
+        let datagrams = [
+            "a 1 2".to_owned(),
+            "b 1 2\n".to_owned(),
+            String::new(),
+            "bad\n".to_owned(),
+            many("m"),
+            many("n"),
+        ];
+        for datagram in &datagrams {
+            sender.send(datagram.as_bytes()).await.unwrap();
+        }
+        let served = tokio::spawn(serve_udp(socket, graphite.clone()));
+        let stats = &graphite.ingest.stats;
+        let taken = async {
+            while Stats::get(&stats.graphite_events) < 1202 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(TIMEOUT, taken)
+            .await
+            .expect("every point taken");
+        // a, b and m: 602 points; with n's first 422 the batch is full, and
+        // the lines taken (an empty datagram counting as one) too.
+        let sizes: Vec<usize> = batches.0.lock().iter().map(Vec::len).collect();
+        assert_eq!(sizes, [MAX_BATCH, 1202 - MAX_BATCH]);
+        assert_eq!(batches.0.lock()[0][..3], ["a", "b", "m0"]);
+        assert_eq!(Stats::get(&stats.graphite_lines_invalid), 1);
+        graphite.shutdown.cancel();
+        served.await.unwrap();
     }
 
     fn feed(lines: &mut Lines, bytes: &[u8]) -> Vec<Line> {

@@ -124,6 +124,10 @@ counters! {
     /// Graphite TCP connections that closed in the middle of a line (its
     /// start dropped, as carbon and Riemann drop it).
     graphite_lines_truncated,
+    /// Graphite UDP datagrams the kernel dropped before vigil read them
+    /// (the socket's receive buffer was full), as Linux counts them; read
+    /// every second.
+    graphite_udp_receive_drops,
     /// Queries asked (subscriptions' included) within `--max-string`;
     /// `query_errors` of them were refused.
     queries,

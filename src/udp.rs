@@ -3,16 +3,18 @@
 //!
 //! So are the datagrams that never reach vigil: when a burst outruns it, the
 //! kernel drops what no longer fits in the socket's receive buffer. Linux
-//! counts those per socket (the `drops` column of `/proc/net/udp`); vigil
-//! copies that count into `udp_receive_drops` every second, so a sender's
-//! losses show on `/metrics` like every other refusal.
+//! counts those per socket (the `drops` column of `/proc/net/udp`);
+//! [`ReceiveDrops`] copies that count into a counter every second
+//! (`udp_receive_drops` here, `graphite_udp_receive_drops` for the Graphite
+//! listener's socket), so a sender's losses show on `/metrics` like every
+//! other refusal.
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::{Ingest, Transport};
@@ -45,16 +47,12 @@ pub async fn serve(
     let mut batch = Batch::default();
     let mut events = Vec::new();
     let mut replies = Vec::new();
-    let inode = socket_inode(&socket);
-    let mut refresh = tokio::time::interval(DROPS_REFRESH);
-    refresh.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut drops = ReceiveDrops::of(&socket);
     loop {
         let received = tokio::select! {
             received = socket.recv_from(&mut buf[..RECV_BUFFER]) => received,
-            _ = refresh.tick(), if inode.is_some() => {
-                if let Some(drops) = inode.and_then(kernel_drops) {
-                    Stats::set(&ingest.stats.udp_receive_drops, drops);
-                }
+            dropped = drops.next() => {
+                Stats::set(&ingest.stats.udp_receive_drops, dropped);
                 continue;
             }
             () = shutdown.cancelled() => return,
@@ -123,6 +121,39 @@ impl Batch {
         }
         self.datagrams.push(self.end..self.end + len);
         self.end += len;
+    }
+}
+
+/// The kernel's count of datagrams it dropped for one socket, read every
+/// [`DROPS_REFRESH`].
+pub struct ReceiveDrops {
+    /// `None` where the count cannot be read (off Linux).
+    inode: Option<u64>,
+    refresh: Interval,
+}
+
+impl ReceiveDrops {
+    pub fn of(socket: &UdpSocket) -> ReceiveDrops {
+        let mut refresh = tokio::time::interval(DROPS_REFRESH);
+        refresh.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        ReceiveDrops {
+            inode: socket_inode(socket),
+            refresh,
+        }
+    }
+
+    /// The count since the socket was bound, at the next refresh (the first
+    /// at once); never where it cannot be read. Cancel-safe, for `select!`.
+    pub async fn next(&mut self) -> u64 {
+        let Some(inode) = self.inode else {
+            return std::future::pending().await;
+        };
+        loop {
+            self.refresh.tick().await;
+            if let Some(drops) = kernel_drops(inode) {
+                return drops;
+            }
+        }
     }
 }
 

@@ -200,3 +200,47 @@ async fn a_line_left_unfinished_is_closed_after_the_read_timeout() {
         "the line never ended"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn datagrams_the_kernel_dropped_are_counted() {
+    let v = Vigil::start(&[
+        "--graphite",
+        "127.0.0.1:0",
+        "--self-metrics-interval",
+        "1s",
+        "--node-name",
+        "me",
+    ]);
+    let mut client = riemann(&v).await;
+    let http = v.http.unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.connect(graphite(&v)).unwrap();
+    let at = now_secs() as u64;
+    // Stopped, vigil reads nothing: the kernel drops what overflows the
+    // socket's receive buffer.
+    v.signal("STOP");
+    let sent = 5_000;
+    for i in 0..sent {
+        udp.send(format!("burst.{i} 1 {at}\n").as_bytes()).unwrap();
+    }
+    v.signal("CONT");
+    // Each one was either taken or dropped by the kernel, counted once
+    // vigil next reads the kernel's count.
+    let drops = "vigil_graphite_udp_receive_drops_total";
+    let mut accounted = 0;
+    for _ in 0..200 {
+        accounted = metric(http, "vigil_graphite_events_total").await + metric(http, drops).await;
+        if accounted == sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accounted, sent, "taken and dropped");
+    let dropped = metric(http, drops).await;
+    assert!(dropped > 0, "a burst over the receive buffer was dropped");
+    // Reported as a self-metric event too.
+    let q = format!(
+        r#"host = "me" and service = "vigil graphite udp receive drops" and metric = {dropped}"#
+    );
+    until_n(&mut client, &q, 1).await;
+}
