@@ -35,6 +35,7 @@
 //! its own. A line has no ack to refuse
 //! it with, so points the cluster does not store are dropped and counted.
 
+use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -130,6 +131,20 @@ pub fn parse_line(line: &str, limits: &Limits) -> Result<Option<Event>, LineErro
         time: secs_to_micros(secs),
         ..Event::default()
     }))
+}
+
+/// A line's text, and whether it was not UTF-8: Riemann's decoder takes
+/// such a line with its bad bytes replaced, as the other transports do
+/// ([`wire::repair`]). A valid line, nearly every one, is checked once and
+/// borrowed; only a repaired one is copied.
+pub fn line_text(line: &[u8]) -> (Cow<'_, str>, bool) {
+    match std::str::from_utf8(line) {
+        Ok(text) => (Cow::Borrowed(text), false),
+        Err(_) => {
+            let (text, repaired) = wire::repaired_string(line.to_vec());
+            (Cow::Owned(text), repaired)
+        }
+    }
 }
 
 /// What [`Lines::next_line`] found in the bytes read so far.
@@ -276,11 +291,7 @@ pub async fn serve_udp(socket: UdpSocket, graphite: Arc<Graphite>) {
         let mut lines = 0;
         loop {
             lines += match received {
-                Ok((len, peer)) => {
-                    graphite
-                        .take_datagram(&mut buf[..len], peer, &mut events)
-                        .await
-                }
+                Ok((len, peer)) => graphite.take_datagram(&buf[..len], peer, &mut events).await,
                 Err(e) => {
                     tracing::debug!(error = %e, "Graphite UDP receive failed.");
                     1
@@ -338,7 +349,7 @@ impl Graphite {
             }
             while let Some(line) = lines.next_line() {
                 match line {
-                    Line::Whole(mut line) => self.take(&mut line, peer, &mut events),
+                    Line::Whole(line) => self.take(&line, peer, &mut events),
                     Line::TooLong => self.too_long(peer),
                 }
                 if events.len() >= MAX_BATCH {
@@ -354,12 +365,12 @@ impl Graphite {
     /// empty datagram counts as one, so a flood of them is bounded too).
     async fn take_datagram(
         &self,
-        datagram: &mut [u8],
+        datagram: &[u8],
         peer: SocketAddr,
         events: &mut Vec<Event>,
     ) -> usize {
         let mut taken = 0;
-        let mut lines = datagram.split_mut(|&b| b == b'\n').peekable();
+        let mut lines = datagram.split(|&b| b == b'\n').peekable();
         while let Some(line) = lines.next() {
             if line.is_empty() && lines.peek().is_none() {
                 break;
@@ -377,19 +388,17 @@ impl Graphite {
     }
 
     /// Parses one line (without its `\n`) into `events`, or counts why not.
-    fn take(&self, line: &mut [u8], peer: SocketAddr, events: &mut Vec<Event>) {
+    fn take(&self, line: &[u8], peer: SocketAddr, events: &mut Vec<Event>) {
         let stats = &self.ingest.stats;
         let line = match line {
             [text @ .., b'\r'] => text,
             line => line,
         };
-        // Riemann's decoder takes such lines with the bad bytes replaced;
-        // the other transports do the same.
-        if std::str::from_utf8(line).is_err() && wire::repair(line) {
+        let (line, repaired) = line_text(line);
+        if repaired {
             Stats::incr(&stats.strings_repaired);
         }
-        let line = std::str::from_utf8(line).expect("repaired to UTF-8");
-        match parse_line(line, &self.ingest.limits) {
+        match parse_line(&line, &self.ingest.limits) {
             Ok(Some(event)) => events.push(event),
             Ok(None) => Stats::incr(&stats.graphite_lines_nan),
             Err(error) => {
@@ -398,7 +407,7 @@ impl Graphite {
                     _ => &stats.graphite_lines_invalid,
                 };
                 Stats::incr(counter);
-                self.refused(peer, &error.to_string(), start_of(line, QUOTED));
+                self.refused(peer, &error.to_string(), start_of(&line, QUOTED));
             }
         }
     }
@@ -523,6 +532,15 @@ mod tests {
         for (line, error) in cases {
             assert_eq!(parse(line), Err(error), "{line:?}");
         }
+    }
+
+    #[test]
+    fn a_line_not_utf8_is_taken_with_its_bad_bytes_replaced() {
+        let (text, repaired) = line_text(b"a.b 1 2");
+        assert!(matches!(text, Cow::Borrowed("a.b 1 2")) && !repaired);
+        let (text, repaired) = line_text(b"a\xff\xfe.b 1 2");
+        assert_eq!((text.as_ref(), repaired), ("a??.b 1 2", true));
+        assert_eq!(point(&text).0, "a??.b");
     }
 
     #[test]
