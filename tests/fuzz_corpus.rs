@@ -50,6 +50,11 @@ fn event_line_corpus() {
 }
 
 #[test]
+fn graphite_line_corpus() {
+    replay("graphite_line", fuzz_bodies::graphite_line);
+}
+
+#[test]
 fn proto_roundtrip_corpus() {
     replay("proto_roundtrip", fuzz_bodies::proto_roundtrip);
 }

@@ -15,6 +15,7 @@ use prost::Message;
 use tokio_util::codec::Decoder;
 use vigil::clock::{Clock, MICROS_PER_SEC, ManualClock};
 use vigil::event::{Event, Metric};
+use vigil::graphite_in::{line_text, parse_line};
 use vigil::http::read_event_line;
 use vigil::index::{Index, IndexConfig};
 use vigil::json::{iso8601, to_json};
@@ -393,6 +394,71 @@ pub fn event_line(data: &[u8]) {
         ..e
     };
     assert_eq!(again, expected, "{line:?} as {json}");
+}
+
+/// Target `graphite_line`: one Graphite plaintext line (without its `\n`),
+/// as the listener takes it: its text repaired where it is not UTF-8
+/// (`graphite_in::line_text`), then `graphite_in::parse_line` with the
+/// default limits and with a tiny `max_string`. A point accepted within the
+/// tiny one has a short path and is accepted the same with the defaults;
+/// trailing whitespace changes nothing; a point is a path without
+/// whitespace, a metric that is not NaN and a time, nothing else; written
+/// back as a line (the metric as Rust prints it, the time in seconds to the
+/// microsecond) it reads back as itself, its time to a microsecond (seconds
+/// are a float, truncated to microseconds).
+pub fn graphite_line(data: &[u8]) {
+    let (line, _) = line_text(data);
+    let tight = Limits {
+        max_string: 8,
+        ..Limits::DEFAULT
+    };
+    let loose = parse_line(&line, &Limits::DEFAULT);
+    if let Ok(point) = parse_line(&line, &tight) {
+        let path = point.as_ref().and_then(|p| p.service.as_deref());
+        assert!(path.is_none_or(|path| path.len() <= 8), "{line:?}");
+        assert_eq!(loose, Ok(point), "{line:?}");
+    }
+    let trailing = parse_line(&format!("{line} \t\x0b\r"), &Limits::DEFAULT);
+    assert_eq!(trailing, loose, "{line:?} with trailing whitespace");
+    let Ok(Some(point)) = loose else {
+        return;
+    };
+    let path = point.service.as_deref().unwrap_or_default();
+    let java_space = [' ', '\t', '\n', '\x0b', '\x0c', '\r'];
+    assert!(!path.is_empty() && !path.contains(java_space), "{line:?}");
+    let Some(Metric::Float(metric)) = point.metric else {
+        panic!("{line:?}: metric {:?}", point.metric);
+    };
+    assert!(!metric.is_nan(), "{line:?}");
+    let rest = Event {
+        service: None,
+        metric: None,
+        time: 0,
+        ..point.clone()
+    };
+    assert_eq!(rest, Event::default(), "{line:?}");
+    // Beyond 2^50 µs (35 years from 1970 and more) seconds as a double
+    // no longer hold every microsecond.
+    let micros = point.time.unsigned_abs();
+    if micros >= 1 << 50 {
+        return;
+    }
+    let sign = if point.time < 0 { "-" } else { "" };
+    let secs = format!("{sign}{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+    let written = format!("{path} {metric} {secs}");
+    let again = parse_line(&written, &Limits::DEFAULT);
+    let again = again.unwrap_or_else(|e| panic!("{written:?}: {e}"));
+    let again = again.unwrap_or_else(|| panic!("{written:?} dropped"));
+    assert_eq!(again.service, point.service, "{written:?}");
+    let bits = |point: &Event| match point.metric {
+        Some(Metric::Float(metric)) => Some(metric.to_bits()),
+        _ => None,
+    };
+    assert_eq!(bits(&again), bits(&point), "{written:?}");
+    assert!(
+        again.time.abs_diff(point.time) <= 1,
+        "{line:?} as {written:?}"
+    );
 }
 
 /// Target `rules_load`: a rule file parsed and compiled as `vigil check` does
