@@ -80,10 +80,13 @@ impl Clock for ManualClock {
 }
 
 /// Converts seconds (as Riemann's wire and rule files express them) to micros,
-/// saturating instead of overflowing on absurd inputs.
+/// to the nearest micro, saturating instead of overflowing on absurd inputs.
 pub fn secs_to_micros(secs: f64) -> Micros {
+    // Rounded: many decimal fractions are a hair under their value as a
+    // binary float (0.000249 s is 248.999… µs), and cutting toward zero
+    // would take a whole micro off what was written.
     // `as` saturates on overflow and maps NaN to 0, which is what callers want.
-    (secs * MICROS_PER_SEC as f64) as Micros
+    (secs * MICROS_PER_SEC as f64).round() as Micros
 }
 
 #[cfg(test)]
@@ -111,6 +114,10 @@ mod tests {
     #[test]
     fn secs_to_micros_saturates() {
         assert_eq!(secs_to_micros(1.5), 1_500_000);
+        // Each a hair under its value as a binary float.
+        assert_eq!(secs_to_micros(0.000249), 249);
+        assert_eq!(secs_to_micros(1.000001), 1_000_001);
+        assert_eq!(secs_to_micros(1_700_000_000.000001), 1_700_000_000_000_001);
         assert_eq!(secs_to_micros(f64::INFINITY), i64::MAX);
         assert_eq!(secs_to_micros(f64::NAN), 0);
     }
