@@ -132,13 +132,26 @@ impl Node for FillIn {
         ))
     }
 
+    /// A `dt` or fields changed keep the state: dropping it made a series
+    /// silent across the reload look new, and never filled. The gap since
+    /// its latest event (or fill) is measured in the new `dt`: fills that
+    /// puts before the reload are caught up at once, as after a stall. The
+    /// children adopt theirs only if nothing changed, as below any stage
+    /// whose parameters did.
     fn adopt(&self, old: &dyn Node) {
-        if let Some(old) = same::<FillIn>(old)
-            .filter(|o| (o.interval, o.last, &o.sets) == (self.interval, self.last, &self.sets))
-        {
-            take_over(&self.state, &old.state);
+        let Some(old) = same::<FillIn>(old).filter(|o| o.last == self.last) else {
+            return;
+        };
+        take_over(&self.state, &old.state);
+        if (old.interval, &old.sets) == (self.interval, &self.sets) {
             self.children.adopt(&old.children);
+            return;
         }
+        let mut s = self.state.lock();
+        s.next = s.next.map(|at| {
+            at.saturating_sub(old.interval)
+                .saturating_add(self.interval)
+        });
     }
 
     fn save(&self, out: &mut dyn Saver) {

@@ -1796,6 +1796,36 @@ fn a_reload_keeps_an_unchanged_fill_ins_gap() {
     );
 }
 
+/// A reload that changes `dt` or the fields keeps each series' latest
+/// event and when it came: one silent across the reload is filled, from
+/// its latest event, at the new `dt` with the new fields.
+#[test]
+fn a_reload_changing_a_fill_ins_arguments_keeps_its_series() {
+    let b = bench(r#"by(host) { fill_in_last(10s, {state: "gap"}) { out } }"#);
+    send(&b, with_ttl(int_ev(&b, 1), 3600.0));
+    b.advance_to(at(5.0));
+    reload_to(
+        &b,
+        r#"by(host) { fill_in_last(20s, {state: "silent"}) { out } }"#,
+    );
+    b.advance_to(at(19.9));
+    assert_eq!(out(&b).len(), 1, "the event; no fill at the old 10 s");
+    b.advance_to(at(40.0));
+    let fills: Vec<_> = out(&b)[1..]
+        .iter()
+        .map(|e| (e.host_str().to_owned(), e.state.clone(), e.metric, e.time))
+        .collect();
+    let fill = |t| {
+        (
+            "h".to_owned(),
+            Some("silent".to_owned()),
+            Some(Metric::Int(1)),
+            at(t),
+        )
+    };
+    assert_eq!(fills, [fill(20.0), fill(40.0)]);
+}
+
 /// Riemann's `apdex`: over each `dt`, (satisfied + tolerated / 2) / all,
 /// on the latest event, when the `dt` ends (by the timer); expired events
 /// are not counted; a whole score is an integer, as Riemann's ratio.
