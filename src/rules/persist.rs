@@ -16,7 +16,7 @@
 //! vigil was down closes on the first tick, and a throttle counts the
 //! downtime as time passed.
 //!
-//! # Format (version 5)
+//! # Format (version 6)
 //!
 //! ```text
 //! "VIGILSTS"  u32 version (little-endian)
@@ -38,7 +38,10 @@
 //! version 4 its sum as Riemann's, exactly while its metrics are integers
 //! (a new entry kind: version 3's still decode, their sums floats); version
 //! 5 a fixed window's `median` and `std_dev` so far (a new entry kind, only
-//! for a window that folds either) and `rollup`'s state. All are still read. A vigil that reads only older versions refuses a newer file
+//! for a window that folds either) and `rollup`'s state; version 6 that
+//! window's deviations scaled past 2^450 (a new entry kind: squares of
+//! metrics near 1e200 passed f64's range; version 5's restore unscaled).
+//! All are still read. A vigil that reads only older versions refuses a newer file
 //! by its number rather than failing on its first entry.
 //!
 //! A file that does not check out, or whose rule text no longer compiles, is
@@ -65,7 +68,7 @@ use super::{EnvPolicy, RuleText};
 pub const FILE_NAME: &str = "streams.state";
 
 const MAGIC: &[u8; 8] = b"VIGILSTS";
-const VERSION: u32 = 5;
+const VERSION: u32 = 6;
 /// The oldest version read.
 const FIRST_VERSION: u32 = 1;
 /// The first version in postcard; those before it are CBOR.
@@ -599,6 +602,153 @@ mod tests {
         assert_eq!(life.took().len(), 31, "windows ending at 10 s … 310 s");
         life.advance_to(5_000.0);
         assert_eq!(life.took().len(), 0, "then stopped");
+    }
+
+    /// An event of host "a" at `at` (the clock's time), alive an hour.
+    fn held_event(at: Micros, metric: f64) -> Event {
+        Event {
+            host: Some("a".to_owned()),
+            service: Some("svc".to_owned()),
+            state: Some("ok".to_owned()),
+            metric: Some(Metric::Float(metric)),
+            time: at,
+            ttl: Some(3600.0),
+            ..Event::default()
+        }
+    }
+
+    /// A state file that checks out may hold a period's end far ahead (a
+    /// clock that jumped back, a file vigil did not write): each of these
+    /// stages stayed silent until then. It ends at most its `dt` after the
+    /// start.
+    #[test]
+    fn a_period_restored_far_ahead_ends_within_its_dt_of_the_start() {
+        let started = TEST_EPOCH + secs_to_micros(1_000.0);
+        let far = started + secs_to_micros(365.0 * 86_400.0);
+        let event = held_event(started, 1.0);
+        let cases = [
+            (
+                "  rate(10s) { out }",
+                Saved::Rate {
+                    sum: 1.0,
+                    latest: Some(event.clone()),
+                    window_end: far,
+                    pending: true,
+                },
+            ),
+            (
+                r#"  apdex(10s, satisfied: "metric < 2", tolerated: "false") { out }"#,
+                Saved::Apdex {
+                    window_end: Some(far),
+                    counts: [1, 0, 0],
+                    latest: Some(event.clone()),
+                },
+            ),
+            (
+                "  rollup(1, 10s) { out }",
+                Saved::Rollup {
+                    window_end: Some(far),
+                    sent: 1,
+                    held: vec![event.clone()],
+                },
+            ),
+            (
+                "  percentiles(10s, [0.5]) { out }",
+                Saved::Percentiles {
+                    samples: vec![1.0],
+                    seen: 1,
+                    latest: Some(event.clone()),
+                    window_end: Some(far),
+                    rng: 1,
+                },
+            ),
+            (
+                "  fixed_time_window(10s) { count { out } }",
+                Saved::Window {
+                    events: vec![(started, event.clone())],
+                    latest: Vec::new(),
+                    window_end: Some(far),
+                },
+            ),
+            (
+                "  coalesce(10s) { count { out } }",
+                Saved::Window {
+                    events: Vec::new(),
+                    latest: vec![event.clone()],
+                    window_end: Some(far),
+                },
+            ),
+            (
+                r#"  fill_in(10s, {service: "gap"}) { out }"#,
+                Saved::FillIn {
+                    next: Some(far),
+                    expires: far,
+                    latest: None,
+                },
+            ),
+        ];
+        for (rules, entry) in cases {
+            let life = Life::start_from(rules, vec![entry], 1_000.0);
+            life.advance_to(1_000.0 + 10.0);
+            assert_eq!(life.took().len(), 1, "{rules}");
+        }
+    }
+
+    /// A moment restored ahead of the start counts as the start: a
+    /// `throttle` whose window began far ahead dropped every event until
+    /// then, and a `stable` held its events as long.
+    #[test]
+    fn a_moment_restored_far_ahead_counts_as_the_start() {
+        let started = TEST_EPOCH + secs_to_micros(1_000.0);
+        let far = started + secs_to_micros(365.0 * 86_400.0);
+        let throttle = Saved::Throttle {
+            window_start: far,
+            passed: 1,
+        };
+        let life = Life::start_from("  throttle(1, 10s) { out }", vec![throttle], 1_000.0);
+        life.advance_to(1_000.0 + 10.0);
+        life.send("a", Some("ok"), Some(1.0));
+        assert_eq!(life.took().len(), 1, "throttle: a new window");
+
+        let stable = Saved::Stable {
+            value: Some(Some("ok".to_owned())),
+            since: far,
+            held: vec![held_event(started, 1.0)],
+        };
+        let life = Life::start_from("  stable(10s) { out }", vec![stable], 1_000.0);
+        life.advance_to(1_000.0 + 10.0);
+        assert_eq!(life.took().len(), 1, "stable: released");
+    }
+
+    /// A moving time window's event restored as come far ahead stayed in
+    /// it until then, and kept every later one in behind it.
+    #[test]
+    fn a_moving_windows_event_restored_as_come_far_ahead_leaves_in_time() {
+        let started = TEST_EPOCH + secs_to_micros(1_000.0);
+        let far = started + secs_to_micros(365.0 * 86_400.0);
+        let saved = Saved::Window {
+            events: vec![(far, held_event(started, 1.0))],
+            latest: Vec::new(),
+            window_end: None,
+        };
+        let rules = "  moving_time_window(10s) { count { out } }";
+        let life = Life::start_from(rules, vec![saved], 1_000.0);
+        life.advance_to(1_000.0 + 20.0);
+        life.send("a", Some("ok"), Some(2.0));
+        assert_eq!(life.took(), [out("a", Some("ok"), Some(1.0))]);
+    }
+
+    /// A throttle's count restored at its limit: the next event overflowed
+    /// it (a panic where overflow is checked, as in the fuzzer's build).
+    #[test]
+    fn a_throttles_count_restored_at_its_limit_drops_the_next_event() {
+        let throttle = Saved::Throttle {
+            window_start: TEST_EPOCH + secs_to_micros(1_000.0),
+            passed: u64::MAX,
+        };
+        let life = Life::start_from("  throttle(1, 10s) { out }", vec![throttle], 1_000.0);
+        life.send("a", Some("ok"), Some(1.0));
+        assert_eq!(life.took(), [], "over the limit");
     }
 
     #[test]
@@ -1366,11 +1516,22 @@ mod tests {
         for version in [1, 2] {
             let file = cbor_file(version, &text(rules), &before);
             fs::write(dir.path().join(FILE_NAME), file).unwrap();
-            // Started at 0 s, before any event: no group's life is extended.
-            let second = Life::start(rules, dir.path(), 0.0);
+            // Started after the last event, as a restart is: times
+            // restored ahead of the start are taken as the start.
+            let second = Life::start(rules, dir.path(), 2.0);
+            let started = second.clock.now();
+            let mut expected = entries_of(&first.rules);
+            for entry in &mut expected {
+                if let Saved::Group {
+                    free_at, lifetime, ..
+                } = entry
+                {
+                    *free_at = (*free_at).max(started + *lifetime);
+                }
+            }
             assert_eq!(
                 normalized(entries_of(&second.rules)),
-                normalized(entries_of(&first.rules)),
+                normalized(expected),
                 "version {version}"
             );
         }

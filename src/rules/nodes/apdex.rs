@@ -149,7 +149,7 @@ impl Node for Apdex {
                 latest,
             } => {
                 *self.state.lock() = ApdexState {
-                    window_end,
+                    window_end: window_end.map(|end| from.due_within(end, self.interval)),
                     satisfied,
                     tolerated,
                     other,

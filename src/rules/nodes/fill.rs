@@ -179,7 +179,7 @@ impl Node for FillIn {
                 // every `dt` vigil was down, all at once.
                 let resumed = from.started().saturating_add(self.interval);
                 *self.state.lock() = FillState {
-                    next: next.map(|at| at.max(resumed)),
+                    next: next.map(|at| from.due_within(at, self.interval).max(resumed)),
                     expires,
                     latest: latest.filter(|_| self.last),
                 }

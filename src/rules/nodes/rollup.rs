@@ -155,7 +155,7 @@ impl Node for Rollup {
                 // The file is vigil's own, but its bound is this build's.
                 held.truncate(WINDOW_MAX);
                 *self.state.lock() = RollupState {
-                    window_end,
+                    window_end: window_end.map(|end| from.due_within(end, self.interval)),
                     sent,
                     held,
                 };

@@ -383,6 +383,17 @@ impl FixedFolds {
         }
     }
 
+    /// Could adding events have made them? A state file may hold
+    /// anything: a sum with no metric counted made a mean of it over none
+    /// (infinite), and an extreme with none a min of no metric.
+    pub fn fits(&self) -> bool {
+        let with_metric = self.with_metric > 0;
+        self.with_metric <= self.events
+            && self.sum.is_some() == with_metric
+            && self.latest.is_some() == (self.events > 0)
+            && (with_metric || (self.min.is_none() && self.max.is_none()))
+    }
+
     /// Events added.
     pub fn events(&self) -> u64 {
         self.events
@@ -392,7 +403,8 @@ impl FixedFolds {
     /// deviations.
     pub fn fold(&self, kind: FoldKind, spread: Option<&FixedSpread>) -> Option<Event> {
         let metric = match kind {
-            FoldKind::Count => Metric::Int(self.events as i64),
+            // A restored count may pass i64's range: not negative then.
+            FoldKind::Count => Metric::Int(i64::try_from(self.events).unwrap_or(i64::MAX)),
             FoldKind::Sum => self.sum?.metric(),
             FoldKind::Mean => self.sum?.mean(self.with_metric),
             FoldKind::StdDev => Metric::Float(spread?.std_dev()?),

@@ -24,7 +24,7 @@ use crate::event::Event;
 
 use super::numbers::Sum;
 use super::running::{FixedFolds, FloatSumFolds};
-use super::spread::FixedSpread;
+use super::spread::{FixedSpread, UnscaledSpread};
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum Saved {
@@ -95,11 +95,12 @@ pub enum Saved {
         value: Option<Option<String>>,
         seen: u64,
     },
-    /// A fixed window that folds `median` or `std_dev` (version 5): its
-    /// other folds as [`Saved::ExactFixedWindow`]'s, and those two's.
+    /// A fixed window that folds `median` or `std_dev` as version 5 saved
+    /// it: its other folds as [`Saved::ExactFixedWindow`]'s, and those
+    /// two's, its deviations unscaled. Still restores.
     SpreadFixedWindow {
         folds: FixedFolds,
-        spread: Box<FixedSpread>,
+        spread: Box<UnscaledSpread>,
         window_end: Option<Micros>,
     },
     /// A `rollup` (version 5).
@@ -123,6 +124,13 @@ pub enum Saved {
         counts: [u64; 3],
         latest: Option<Event>,
     },
+    /// A fixed window that folds `median` or `std_dev` (version 6): as
+    /// [`Saved::SpreadFixedWindow`], its deviations scaled past 2^450.
+    ScaledSpreadFixedWindow {
+        folds: FixedFolds,
+        spread: Box<FixedSpread>,
+        window_end: Option<Micros>,
+    },
 }
 
 impl Saved {
@@ -140,7 +148,8 @@ impl Saved {
             Saved::Percentiles { .. } => "percentiles",
             Saved::FixedWindow { .. }
             | Saved::ExactFixedWindow { .. }
-            | Saved::SpreadFixedWindow { .. } => "fixed window",
+            | Saved::SpreadFixedWindow { .. }
+            | Saved::ScaledSpreadFixedWindow { .. } => "fixed window",
             Saved::Counter(_) => "counter",
             Saved::Runs { .. } => "runs",
             Saved::Rollup { .. } => "rollup",
@@ -215,6 +224,20 @@ impl<'a> Restorer<'a> {
     /// When the vigil taking the state back started.
     pub fn started(&self) -> Micros {
         self.started
+    }
+
+    /// `at`, a time the saved state says was past, at most the start: one
+    /// ahead of it (a clock that jumped, a file vigil did not write) kept
+    /// a stage waiting for it, as a throttle's window, for as long.
+    pub fn past(&self, at: Micros) -> Micros {
+        at.min(self.started)
+    }
+
+    /// `at`, when a saved period of `interval` ends, at most one
+    /// `interval` after the start: a period that would end later could
+    /// only have begun after it, and kept its stage silent until then.
+    pub fn due_within(&self, at: Micros, interval: Micros) -> Micros {
+        at.min(self.started.saturating_add(interval))
     }
 
     /// The next entry, for a stage of kind `expected`.

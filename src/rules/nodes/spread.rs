@@ -12,6 +12,10 @@
 //! over. [`FixedSpread`] is a fixed window's: its deviations and, for a
 //! median, its events with a metric, up to `WINDOW_MAX` (the oldest dropped
 //! past it).
+//!
+//! Squares of metrics past ~1e154 pass f64's range: both kinds then work
+//! in units of a power of two (exact: it only moves the exponent), so a
+//! standard deviation of metrics near 1e200 is one, not infinity or NaN.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, VecDeque};
@@ -44,8 +48,39 @@ pub fn median_of<'a>(events: impl Iterator<Item = &'a Event>) -> Option<&'a Even
 pub fn std_dev_of(metrics: impl Iterator<Item = Metric> + Clone) -> Option<f64> {
     let count = metrics.clone().count() as f64;
     let mean = Sum::of(metrics.clone())?.as_f64() / count;
-    let squares: f64 = metrics.map(|m| (m.as_f64() - mean).powi(2)).sum();
-    Some((squares / count).sqrt())
+    let squares: f64 = metrics.clone().map(|m| (m.as_f64() - mean).powi(2)).sum();
+    let std_dev = (squares / count).sqrt();
+    let values = metrics.map(Metric::as_f64);
+    if std_dev.is_finite() || !values.clone().all(f64::is_finite) {
+        return Some(std_dev);
+    }
+    // The squares (or the sum) passed f64's range: again, in units of the
+    // largest metric's power of two.
+    let largest = values.clone().fold(0.0, |a: f64, x| a.max(x.abs()));
+    let unit = power_of_two(-exponent(largest).min(MAX_EXPONENT - 1));
+    let scaled = values.map(|x| x * unit);
+    let mean = scaled.clone().sum::<f64>() / count;
+    let squares: f64 = scaled.map(|x| (x - mean).powi(2)).sum();
+    Some((squares / count).sqrt() / unit)
+}
+
+/// f64's largest binary exponent.
+const MAX_EXPONENT: i32 = 1023;
+
+/// The largest binary exponent of a metric [`Deviations`] takes as it is
+/// (~2.9e135): the squares of deviations of up to twice that, however
+/// many (2^64), stay within f64's range. Past it, it works in units of
+/// 2^(exponent − this).
+const UNSCALED_EXPONENT: i32 = 450;
+
+/// The binary exponent of a finite, nonzero `x` (of a subnormal, the least).
+fn exponent(x: f64) -> i32 {
+    ((x.to_bits() >> 52) & 0x7ff) as i32 - MAX_EXPONENT
+}
+
+/// 2^`e`, for `e` in −1022 ..= 1023.
+fn power_of_two(e: i32) -> f64 {
+    f64::from_bits(((e + MAX_EXPONENT) as u64) << 52)
 }
 
 /// A metric ordered by [`numbers::cmp`], a total order.
@@ -125,8 +160,13 @@ impl Middle {
 pub struct Deviations {
     count: u64,
     mean: f64,
+    /// In units of 4^`scale`: the squares of metrics past 2^450 would
+    /// pass f64's range.
     squares: f64,
     non_finite: u64,
+    /// Metrics are taken in units of 2^`scale`; 0 until one passes 2^450,
+    /// so that the others' deviations are as exact as they were.
+    scale: i32,
 }
 
 impl Deviations {
@@ -137,10 +177,14 @@ impl Deviations {
             self.non_finite = self.non_finite.saturating_add(1);
             return;
         }
+        self.scale_for(x);
         self.count = self.count.saturating_add(1);
-        let delta = x - self.mean;
-        self.mean += delta / self.count as f64;
-        self.squares += delta * (x - self.mean);
+        let unit = self.unit();
+        let (x, mean) = (x * unit, self.mean * unit);
+        let delta = x - mean;
+        let mean = mean + delta / self.count as f64;
+        self.mean = mean / unit;
+        self.squares += delta * (x - mean);
     }
 
     /// Takes back `metric`, one of those added.
@@ -151,14 +195,17 @@ impl Deviations {
             return;
         }
         if self.count <= 1 {
-            (self.count, self.mean, self.squares) = (0, 0.0, 0.0);
+            (self.count, self.mean, self.squares, self.scale) = (0, 0.0, 0.0, 0);
             return;
         }
+        self.scale_for(x);
         self.count -= 1;
-        let mean_before = self.mean;
-        self.mean -= (x - self.mean) / self.count as f64;
+        let unit = self.unit();
+        let (x, before) = (x * unit, self.mean * unit);
+        let after = before - (x - before) / self.count as f64;
+        self.mean = after / unit;
         // Rounding may leave a hair below zero where all that is left is equal.
-        self.squares = (self.squares - (x - mean_before) * (x - self.mean)).max(0.0);
+        self.squares = (self.squares - (x - before) * (x - after)).max(0.0);
     }
 
     /// `None`: no metric.
@@ -166,7 +213,73 @@ impl Deviations {
         if self.non_finite > 0 {
             return Some(f64::NAN);
         }
-        (self.count > 0).then(|| (self.squares / self.count as f64).sqrt())
+        (self.count > 0).then(|| (self.squares / self.count as f64).sqrt() / self.unit())
+    }
+
+    /// What a metric is multiplied by: 2^−scale.
+    fn unit(&self) -> f64 {
+        power_of_two(-self.scale)
+    }
+
+    /// Takes a larger unit if `x` passes the current one's range.
+    fn scale_for(&mut self, x: f64) {
+        let wanted = exponent(x.abs()) - UNSCALED_EXPONENT;
+        if wanted <= self.scale {
+            return;
+        }
+        // 4^−(wanted − scale), in two steps of at most 2^−574 each.
+        let down = power_of_two(self.scale - wanted);
+        self.squares = self.squares * down * down;
+        self.scale = wanted;
+    }
+
+    /// Could this build have made them? A file may hold anything: a NaN
+    /// mean or sum of squares, or a scale past f64's exponents, made every
+    /// standard deviation NaN, or panicked.
+    pub fn fits(&self) -> bool {
+        self.mean.is_finite()
+            && self.squares.is_finite()
+            && self.squares >= 0.0
+            && (0..=MAX_EXPONENT - UNSCALED_EXPONENT).contains(&self.scale)
+    }
+}
+
+/// [`Deviations`] as version 5 of the state file saved them, before
+/// they could be scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct UnscaledDeviations {
+    count: u64,
+    mean: f64,
+    squares: f64,
+    non_finite: u64,
+}
+
+/// [`FixedSpread`] as version 5 of the state file saved it
+/// ([`Saved::SpreadFixedWindow`](super::saved::Saved::SpreadFixedWindow)).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnscaledSpread {
+    deviations: UnscaledDeviations,
+    held: VecDeque<Event>,
+}
+
+impl From<UnscaledSpread> for FixedSpread {
+    fn from(saved: UnscaledSpread) -> FixedSpread {
+        let UnscaledDeviations {
+            count,
+            mean,
+            squares,
+            non_finite,
+        } = saved.deviations;
+        FixedSpread {
+            deviations: Deviations {
+                count,
+                mean,
+                squares,
+                non_finite,
+                scale: 0,
+            },
+            held: saved.held,
+        }
     }
 }
 
@@ -205,6 +318,11 @@ impl FixedSpread {
         self.deviations.std_dev()
     }
 
+    /// Could this build have made it? See [`Deviations::fits`].
+    pub fn fits(&self) -> bool {
+        self.deviations.fits() && self.held.len() <= WINDOW_MAX
+    }
+
     /// Holds nothing: the window has no median or std_dev, or no events.
     pub fn is_empty(&self) -> bool {
         self.held.is_empty() && self.deviations == Deviations::default()
@@ -232,6 +350,29 @@ mod tests {
             (deviations.count, deviations.non_finite),
             (u64::MAX, u64::MAX)
         );
+    }
+
+    /// Squares of metrics near 1e200 pass f64's range: the deviation was
+    /// infinite (Welford's) or NaN (two passes); a tiny metric among huge
+    /// ones, or metrics at f64's limit, too.
+    #[test]
+    fn metrics_near_1e200_have_a_finite_standard_deviation() {
+        let cases: [(&[f64], f64); 4] = [
+            (&[1e200, -1e200], 1e200),
+            (&[1e200, 3e200, 1e200, 3e200], 1e200),
+            (&[1e-300, 1e200, 5.0, -1e200], 1e200 / 2f64.sqrt()),
+            (&[1.7e308, -1.7e308], 1.7e308),
+        ];
+        for (metrics, expected) in cases {
+            let metrics = metrics.iter().map(|m| Metric::Float(*m));
+            let mut deviations = Deviations::default();
+            metrics.clone().for_each(|m| deviations.add(m));
+            let both = [deviations.std_dev(), std_dev_of(metrics)];
+            for got in both.map(Option::unwrap) {
+                let close = (got - expected).abs() <= 1e-12 * expected;
+                assert!(close, "{expected}: {both:?}");
+            }
+        }
     }
 
     fn event(n: usize, metric: Option<Metric>) -> Event {

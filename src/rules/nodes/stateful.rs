@@ -180,7 +180,7 @@ impl Node for Rate {
                 *self.state.lock() = RateState {
                     sum,
                     latest,
-                    window_end,
+                    window_end: from.due_within(window_end, self.interval),
                     pending,
                 }
             }
@@ -677,7 +677,8 @@ impl Node for Throttle {
             if cx.now.saturating_sub(s.0) >= self.interval {
                 *s = (cx.now, 0);
             }
-            s.1 += 1;
+            // Saturating: a restored count may be anything the file held.
+            s.1 = s.1.saturating_add(1);
             s.1 <= self.limit
         };
         if pass {
@@ -720,7 +721,7 @@ impl Node for Throttle {
             Saved::Throttle {
                 window_start,
                 passed,
-            } => *self.state.lock() = (window_start, passed),
+            } => *self.state.lock() = (from.past(window_start), passed),
             other => return Err(RestoreError::mismatch("throttle", &other)),
         }
         self.children.restore(from)
@@ -1076,6 +1077,7 @@ impl Node for Stable {
             } => {
                 // The file is vigil's own, but its bound is this build's.
                 held.drain(..held.len().saturating_sub(STABLE_BUFFER_MAX));
+                let since = from.past(since);
                 *self.state.lock() = StableState { value, since, held };
             }
             other => return Err(RestoreError::mismatch("stable", &other)),

@@ -1074,6 +1074,29 @@ fn a_moving_window_folds_the_median_of_what_it_holds_on_every_event() {
     assert_eq!(out_metrics(&b), medians);
 }
 
+/// The squares of metrics near 1e200 pass f64's range: a fixed window's
+/// standard deviation (Welford's) was infinite, a moving window's (two
+/// passes, past 1e150) NaN.
+#[test]
+fn the_standard_deviation_of_metrics_near_1e200_is_finite() {
+    for rules in [
+        "fixed_time_window(10s) { std_dev { out } }",
+        "moving_event_window(4) { std_dev { out } }",
+    ] {
+        let b = bench(rules);
+        for m in [1e-300, 1e200, 5.0, -1e200] {
+            send(&b, with_metric(ev(&b, "h", "s"), Metric::Float(m)));
+        }
+        b.advance_to(at(10.0));
+        let last = *out_f64(&b).last().unwrap();
+        let expected = 1e200 / 2f64.sqrt();
+        assert!(
+            (last - expected).abs() <= 1e-12 * expected,
+            "{rules}: {last}"
+        );
+    }
+}
+
 /// Each `by` group's window has its own median and deviations.
 #[test]
 fn a_by_groups_windows_fold_their_own_spread() {

@@ -337,6 +337,45 @@ impl Window {
         self.fold_each(|kind| folds.fold(kind, spread.as_deref()), out);
     }
 
+    /// Makes what a state file gave sense, as a hostile or corrupted one
+    /// need not: a moving window's arrival times in order and none after
+    /// the start (one ahead stayed in the window until then, and kept the
+    /// later ones in behind it); a period's end within its `dt` of the
+    /// start, a count window none; a fixed window's folds and spread that
+    /// this build could have made, else none (logged): a count past i64's
+    /// range, a mean over no metric, a NaN deviation.
+    fn bound_restored(&self, state: &mut WindowState, from: &Restorer<'_>) {
+        match (self.kind, state) {
+            (_, WindowState::Moving(moving)) => {
+                let mut earliest = Micros::MIN;
+                for (at, _) in &mut moving.events {
+                    *at = from.past(*at).max(earliest);
+                    earliest = *at;
+                }
+            }
+            (WindowKind::Coalesce(dt), WindowState::Coalesce(coalesce)) => {
+                coalesce.window_end = coalesce.window_end.map(|end| from.due_within(end, dt));
+            }
+            (_, WindowState::Coalesce(_)) => unreachable!("a window's state is made for its kind"),
+            (kind, WindowState::Fixed(fixed)) => {
+                let fits = fixed.folds.fits() && fixed.spread.as_ref().is_none_or(|s| s.fits());
+                if !fits {
+                    tracing::warn!(
+                        ?kind,
+                        "A fixed window's saved state is not one vigil makes; the window starts empty."
+                    );
+                    *fixed = FixedState::default();
+                }
+                fixed.window_end = match kind {
+                    WindowKind::FixedTime(dt) | WindowKind::Batch(_, dt) => {
+                        fixed.window_end.map(|end| from.due_within(end, dt))
+                    }
+                    _ => None,
+                };
+            }
+        }
+    }
+
     /// Passes each folded event on, to its fold's children (with no lock held).
     fn emit(&self, folded: Folded, cx: &mut Cx) {
         for (at, event) in folded {
@@ -504,7 +543,7 @@ impl Node for Window {
                     folds: fixed.folds.clone(),
                     window_end: fixed.window_end,
                 },
-                Some(spread) => Saved::SpreadFixedWindow {
+                Some(spread) => Saved::ScaledSpreadFixedWindow {
                     folds: fixed.folds.clone(),
                     spread: spread.clone(),
                     window_end: fixed.window_end,
@@ -539,7 +578,7 @@ impl Node for Window {
             }
             (
                 WindowState::Fixed(fixed),
-                Saved::SpreadFixedWindow {
+                Saved::ScaledSpreadFixedWindow {
                     folds,
                     spread,
                     window_end,
@@ -547,6 +586,17 @@ impl Node for Window {
             ) => {
                 (fixed.folds, fixed.window_end) = (folds, window_end);
                 fixed.spread = Some(spread);
+            }
+            (
+                WindowState::Fixed(fixed),
+                Saved::SpreadFixedWindow {
+                    folds,
+                    spread,
+                    window_end,
+                },
+            ) => {
+                (fixed.folds, fixed.window_end) = (folds, window_end);
+                fixed.spread = Some(Box::new((*spread).into()));
             }
             // Written by a build that held a fixed window's events: all of
             // the current window's (see `due`), folded as they came.
@@ -595,6 +645,7 @@ impl Node for Window {
             }
             (_, other) => return Err(RestoreError::mismatch("window", &other)),
         }
+        self.bound_restored(&mut state, from);
         *self.state.lock() = state;
         self.folds
             .iter()
@@ -752,7 +803,7 @@ impl Node for Percentiles {
                     samples,
                     seen,
                     latest,
-                    window_end,
+                    window_end: window_end.map(|end| from.due_within(end, self.interval)),
                     // Zero would make the reservoir's xorshift stick at zero.
                     rng: rng.max(1),
                 };
@@ -872,6 +923,11 @@ mod tests {
         assert_eq!(moving.events.capacity(), 11);
     }
 
+    /// A window's end of 123 restored: a count window has none.
+    fn ends_at_123(kind: WindowKind) -> Option<Micros> {
+        matches!(kind, WindowKind::FixedTime(_)).then_some(123)
+    }
+
     fn restored(kind: WindowKind, entry: Saved) -> Window {
         let window = every_fold(kind);
         let mut from = Restorer::from_entries(vec![entry], 0);
@@ -913,7 +969,7 @@ mod tests {
             assert_eq!(back.folds, s.folds, "{kind:?}");
             let back_sum = back.folds.fold(FoldKind::Sum, None).and_then(|e| e.metric);
             assert_eq!(back_sum, Some(sum), "{kind:?}");
-            assert_eq!(back.window_end, Some(123));
+            assert_eq!(back.window_end, ends_at_123(kind));
         }
     }
 
@@ -952,6 +1008,98 @@ mod tests {
         );
     }
 
+    /// An entry as a state file may hold it, however this build's types
+    /// let a test make one: postcard knows fields and variants by their
+    /// position (11: `ExactFixedWindow`, 14: `SpreadFixedWindow`).
+    fn entry_from(fields: &impl serde::Serialize) -> Saved {
+        postcard::from_bytes(&postcard::to_allocvec(fields).unwrap()).unwrap()
+    }
+
+    const EXACT_FIXED_WINDOW: u32 = 11;
+    const SPREAD_FIXED_WINDOW: u32 = 14;
+
+    /// A fixed window's folds, field by field.
+    type Folds = (
+        u64,
+        u64,
+        Option<Sum>,
+        Option<Event>,
+        Option<Event>,
+        Option<Event>,
+    );
+
+    fn folds(events: u64, with_metric: u64, sum: Option<Sum>) -> Folds {
+        let latest = Event {
+            metric: sum.map(|_| Metric::Float(1.0)),
+            ..Event::default()
+        };
+        (events, with_metric, sum, None, None, Some(latest))
+    }
+
+    fn fold_of(window: &Window, kind: FoldKind) -> Option<Metric> {
+        let mut s = window.state.lock();
+        let s = fixed_state(&mut s);
+        s.folds.fold(kind, s.spread.as_deref())?.metric
+    }
+
+    /// A count restored past i64's range was folded negative (-1).
+    #[test]
+    fn a_count_restored_past_i64s_range_folds_to_the_largest() {
+        let entry = (EXACT_FIXED_WINDOW, folds(u64::MAX, 0, None), None::<Micros>);
+        let window = restored(FIXED[1], entry_from(&entry));
+        let count = fold_of(&window, FoldKind::Count);
+        assert_eq!(count, Some(Metric::Int(i64::MAX)));
+    }
+
+    /// A sum restored with no metric counted made a mean over none, an
+    /// infinity: folds adding could not make are dropped.
+    #[test]
+    fn folds_adding_could_not_make_are_dropped() {
+        let sum = Some(Sum::Float(3.0));
+        let entry = (EXACT_FIXED_WINDOW, folds(5, 0, sum), None::<Micros>);
+        let window = restored(FIXED[1], entry_from(&entry));
+        assert_eq!(fold_of(&window, FoldKind::Mean), None);
+        assert_eq!(
+            fold_of(&window, FoldKind::Count),
+            None,
+            "the window is empty"
+        );
+    }
+
+    /// A NaN mean restored made every standard deviation of the window
+    /// NaN: the window starts empty.
+    #[test]
+    fn a_nan_deviation_restored_is_dropped() {
+        let spread = ((1u64, f64::NAN, 0.0f64, 0u64), Vec::<Event>::new());
+        let folds = folds(1, 1, Some(Sum::Float(1.0)));
+        let entry = (SPREAD_FIXED_WINDOW, folds, spread, None::<Micros>);
+        let window = restored(FIXED[1], entry_from(&entry));
+        assert_eq!(fold_of(&window, FoldKind::StdDev), None);
+    }
+
+    /// A count window has no end: one restored with an end closed there,
+    /// short of its count.
+    #[test]
+    fn a_count_window_restored_with_an_end_has_none() {
+        let entry = (EXACT_FIXED_WINDOW, folds(1, 0, None), Some(123 as Micros));
+        let window = restored(FIXED[1], entry_from(&entry));
+        let mut s = window.state.lock();
+        assert_eq!(fixed_state(&mut s).window_end, None);
+    }
+
+    /// Version 5's unscaled deviations restore, and are saved scaled.
+    #[test]
+    fn a_spread_saved_unscaled_comes_back_and_is_saved_scaled() {
+        let spread = ((2u64, 0.0f64, 2.0f64, 0u64), Vec::<Event>::new());
+        let folds = folds(2, 2, Some(Sum::Float(0.0)));
+        let entry = (SPREAD_FIXED_WINDOW, folds, spread, None::<Micros>);
+        let window = restored(FIXED[1], entry_from(&entry));
+        assert_eq!(fold_of(&window, FoldKind::StdDev), Some(Metric::Float(1.0)));
+        let mut saved = Vec::new();
+        window.save(&mut saved);
+        assert!(matches!(saved[..], [Saved::ScaledSpreadFixedWindow { .. }]));
+    }
+
     /// A state file of a build that held a fixed window's events restores.
     #[test]
     fn a_fixed_window_saved_with_its_events_comes_back_as_their_folds() {
@@ -976,7 +1124,7 @@ mod tests {
                     f.kind
                 );
             }
-            assert_eq!(s.window_end, Some(123));
+            assert_eq!(s.window_end, ends_at_123(kind));
         }
     }
 
