@@ -738,19 +738,6 @@ mod tests {
         assert_eq!(life.took(), [out("a", Some("ok"), Some(1.0))]);
     }
 
-    /// A throttle's count restored at its limit: the next event overflowed
-    /// it (a panic where overflow is checked, as in the fuzzer's build).
-    #[test]
-    fn a_throttles_count_restored_at_its_limit_drops_the_next_event() {
-        let throttle = Saved::Throttle {
-            window_start: TEST_EPOCH + secs_to_micros(1_000.0),
-            passed: u64::MAX,
-        };
-        let life = Life::start_from("  throttle(1, 10s) { out }", vec![throttle], 1_000.0);
-        life.send("a", Some("ok"), Some(1.0));
-        assert_eq!(life.took(), [], "over the limit");
-    }
-
     #[test]
     fn groups_keyed_by_numbers_and_attributes_are_found_again() {
         // Looked up by values borrowed from each event, stored as text.

@@ -1238,6 +1238,23 @@ mod tests {
     use crate::rules::nodes::Scratch;
     use crate::rules::nodes::basic::Drop;
 
+    /// A state file that passed its checksum may hold any count: at 2^64
+    /// the next event overflowed it (a panic where overflow is checked, as
+    /// in the fuzzer's build, which the engine's guard hides).
+    #[test]
+    fn a_throttles_count_restored_at_its_limit_drops_the_next_event() {
+        let throttle = Throttle::new(1, 10, Children::default());
+        let entry = Saved::Throttle {
+            window_start: 0,
+            passed: u64::MAX,
+        };
+        throttle
+            .restore(&mut Restorer::from_entries(vec![entry], 0))
+            .unwrap();
+        throttle.event(&Event::default(), &mut Scratch::default().cx(0));
+        assert_eq!(*throttle.state.lock(), (0, u64::MAX));
+    }
+
     /// A `by` in a `by` group has one shard, an outer one eight; either
     /// keeps its groups apart.
     #[test]
