@@ -128,7 +128,7 @@ pub struct Cluster {
     /// This node's cluster-wide subscribers (see [`feed`]).
     feed: Arc<Pubsub>,
     /// Local lease deadlines and paused expiry, per shard.
-    leases: lease::Leases,
+    leases: Arc<lease::Leases>,
     /// The `now` of the last index expiry pass: entries of live shards whose
     /// TTL ran out before it have been expired here. Saved with progress.
     expired_until: AtomicI64,
@@ -226,6 +226,15 @@ impl Cluster {
         buckets.check_shards(&config).await?;
         let shards = config.shards;
         holds.set_sharding(Box::new(move |page| shard_of(page.host_str(), shards)));
+        let leases = Arc::new(lease::Leases::new(
+            Arc::new(MonotonicClock::default()),
+            config.shards,
+            config.lease_ttl,
+        ));
+        // A page in flight is cut at its shard's local lease deadline, which
+        // passes before another node can take the lease.
+        let lease_left = Arc::clone(&leases);
+        holds.set_lease_left(Box::new(move |shard| lease_left.remaining(shard)));
         let cluster = Arc::new(Cluster {
             client,
             batcher: Arc::new(batcher::Batcher::new(js.clone(), config.shards)),
@@ -233,11 +242,7 @@ impl Cluster {
             members: AtomicUsize::new(1),
             feed: Pubsub::bounded(index.pubsub().max_held(), index.pubsub().share()),
             index,
-            leases: lease::Leases::new(
-                Arc::new(MonotonicClock::default()),
-                config.shards,
-                config.lease_ttl,
-            ),
+            leases,
             expired_until: AtomicI64::new(0),
             reaching_since: AtomicI64::new(0),
             holds,

@@ -18,11 +18,16 @@
 //! shard is *disowned*: its pages still undelivered here are dropped before
 //! their next attempt, since the next owner makes them again, in order with
 //! the shard's later pages. Sending them from here too could land a trigger
-//! after the new owner's resolve, leaving the incident open.
+//! after the new owner's resolve, leaving the incident open. Not waiting for
+//! the disowning: a page is this node's to send only while its shard's local
+//! lease deadline is ahead ([`Holds::time_left`]), which a process resumed
+//! from a pause sees passed before its lease timer has run; and an attempt
+//! in flight is cut at that deadline, before another node can take the lease.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -77,6 +82,10 @@ pub fn current() -> Option<Work> {
 /// Which shard an event belongs to.
 pub type Sharding = Box<dyn Fn(&Event) -> u32 + Send + Sync>;
 
+/// How long this node may still run a shard (zero once its local lease
+/// deadline passed, or the shard is not its own).
+pub type LeaseLeft = Box<dyn Fn(u32) -> Duration + Send + Sync>;
+
 /// The work held by undelivered pages, counted per origin (the same message
 /// may page several times, through several outputs), and each shard's
 /// ownership epoch.
@@ -85,6 +94,8 @@ pub struct Holds {
     held: Mutex<HashMap<u32, Shard>>,
     /// Set by a cluster node: an expiry's page belongs to its host's shard.
     sharding: OnceLock<Sharding>,
+    /// Set by a cluster node: a page is its to send within its shard's lease.
+    lease_left: OnceLock<LeaseLeft>,
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +118,12 @@ impl Holds {
     /// How an expiry's page finds its shard; set once, by the cluster.
     pub fn set_sharding(&self, sharding: Sharding) {
         let _ = self.sharding.set(sharding);
+    }
+
+    /// How long a shard's pages are this node's to send; set once, by the
+    /// cluster.
+    pub fn set_lease_left(&self, lease_left: LeaseLeft) {
+        let _ = self.lease_left.set(lease_left);
     }
 
     /// The origin of `page`, made by `work` now.
@@ -146,10 +163,17 @@ impl Holds {
         }
     }
 
-    /// Whether a page made by `origin` is still this node's to send.
-    pub fn is_current(&self, origin: Origin) -> bool {
-        let held = self.held.lock();
-        held.get(&origin.shard).map_or(0, |s| s.epoch) == origin.epoch
+    /// How much longer a page made by `origin` is this node's to send: `None`
+    /// once the shard was disowned since, or its lease deadline passed.
+    pub fn time_left(&self, origin: Origin) -> Option<Duration> {
+        let epoch = self.held.lock().get(&origin.shard).map_or(0, |s| s.epoch);
+        if epoch != origin.epoch {
+            return None;
+        }
+        let Some(lease_left) = self.lease_left.get() else {
+            return Some(Duration::MAX);
+        };
+        Some(lease_left(origin.shard)).filter(|left| !left.is_zero())
     }
 
     /// This node no longer owns `shard`: its undelivered pages are the next
@@ -253,9 +277,9 @@ mod tests {
         let holds = Holds::default();
         let before = holds.origin(Work::Event { shard: 1, seq: 7 }, &page("web"));
         holds.hold(before);
-        assert!(holds.is_current(before));
+        assert_eq!(holds.time_left(before), Some(Duration::MAX));
         holds.disown(1);
-        assert!(!holds.is_current(before));
+        assert_eq!(holds.time_left(before), None);
         assert_eq!(holds.seq_settled(1, 10), 10, "the next owner has it");
         // Owned again: the new ownership's pages hold, the old ones do not.
         let after = holds.origin(Work::Event { shard: 1, seq: 9 }, &page("web"));
@@ -270,6 +294,34 @@ mod tests {
         );
         holds.release(after);
         assert_eq!(holds.seq_settled(1, 10), 10);
+    }
+
+    #[test]
+    fn a_shards_pages_are_no_longer_current_once_its_lease_deadline_passed() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let holds = Holds::default();
+        let left_ms = Arc::new(AtomicU64::new(1_500));
+        let lease = Arc::clone(&left_ms);
+        holds.set_lease_left(Box::new(move |shard| {
+            let ms = if shard == 1 {
+                lease.load(Ordering::Relaxed)
+            } else {
+                0
+            };
+            Duration::from_millis(ms)
+        }));
+        let page_of_1 = holds.origin(Work::Event { shard: 1, seq: 7 }, &page("web"));
+        assert_eq!(
+            holds.time_left(page_of_1),
+            Some(Duration::from_millis(1_500))
+        );
+        // A process resumed from a pause: the deadline passed, the lease
+        // timer that disowns the shard has not run yet.
+        left_ms.store(0, Ordering::Relaxed);
+        assert_eq!(holds.time_left(page_of_1), None);
+        let page_of_2 = holds.origin(Work::Event { shard: 2, seq: 7 }, &page("web"));
+        assert_eq!(holds.time_left(page_of_2), None, "a shard not held");
     }
 
     #[test]

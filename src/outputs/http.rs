@@ -135,13 +135,16 @@ pub struct Payload<'a> {
     /// Sent after `content_type`, so a configured `Content-Type` wins.
     pub headers: &'a HeaderMap,
     pub body: Bytes,
-    /// Asked before each attempt: `false` drops the event unsent.
-    pub wanted: &'a (dyn Fn() -> bool + Sync),
+    /// How much longer the payload is wanted, asked before each attempt and
+    /// again when that time is up during one: `None` drops it unsent, and
+    /// cuts an attempt in flight (a cluster node's page of a shard whose
+    /// lease ran out here: it must not land after the next owner's pages).
+    pub wanted: &'a (dyn Fn() -> Option<Duration> + Sync),
 }
 
 /// For a payload wanted until it is delivered.
-pub fn always() -> bool {
-    true
+pub fn always() -> Option<Duration> {
+    Some(Duration::MAX)
 }
 
 /// What became of one event's request.
@@ -149,7 +152,8 @@ pub fn always() -> bool {
 pub enum Outcome {
     Delivered,
     Dropped,
-    /// No longer wanted before an attempt: skipped unsent.
+    /// No longer wanted before an attempt, or during one (cut): skipped
+    /// unsent.
     Unwanted,
     /// A page whose receiver failed while the output stops: still in
     /// flight, left to the output's next run.
@@ -255,11 +259,21 @@ impl Poster {
         }
         let mut attempts = 0;
         loop {
-            if !(payload.wanted)() {
+            let Some(wanted_for) = (payload.wanted)() else {
                 return Ended::Unwanted;
-            }
+            };
             attempts += 1;
-            let Err(error) = self.attempt(payload).await else {
+            let attempted = tokio::select! {
+                // First: a process resumed from a pause past the time finds
+                // the attempt cut before it is polled on.
+                biased;
+                () = no_longer_wanted(payload.wanted, wanted_for) => {
+                    tracing::warn!(output, attempts, "Attempt cut in flight: no longer wanted here.");
+                    return Ended::Unwanted;
+                }
+                attempted = self.attempt(payload) => attempted,
+            };
+            let Err(error) = attempted else {
                 return Ended::Delivered;
             };
             // URLs stay out of the logs: a webhook's may carry a token.
@@ -361,6 +375,21 @@ impl Poster {
 }
 
 /// `error sending request: client error (Connect): tcp connect error: …`:
+/// Returns once `wanted` says the payload is wanted no more, asking it again
+/// each time the time it gave (`wanted_for` first) is up.
+async fn no_longer_wanted(
+    wanted: &(dyn Fn() -> Option<Duration> + Sync),
+    mut wanted_for: Duration,
+) {
+    loop {
+        tokio::time::sleep(wanted_for).await;
+        match wanted() {
+            Some(more) => wanted_for = more,
+            None => return,
+        }
+    }
+}
+
 /// reqwest's own message alone rarely says what went wrong.
 fn with_causes(error: &reqwest::Error) -> String {
     let mut text = error.to_string();
@@ -503,6 +532,53 @@ mod tests {
             max_backoff: Duration::from_secs(1),
             max_attempts: Some(3),
         }
+    }
+
+    /// A cluster node's page whose shard's lease runs out while the receiver
+    /// holds the request: cut then, not left to land after the next owner's
+    /// pages (the request timeout is longer than the lease's margin).
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_in_flight_is_cut_once_no_longer_wanted() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        // Takes the request and never answers.
+        let receiver = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut sink).await;
+        });
+        let asked = AtomicU32::new(0);
+        let lease_left = || match asked.fetch_add(1, Ordering::Relaxed) {
+            0 => Some(Duration::from_secs(1)),
+            _ => None,
+        };
+        let payload = Payload {
+            url: &url,
+            content_type: "application/json",
+            headers: &HeaderMap::new(),
+            body: Bytes::from_static(b"{}"),
+            wanted: &lease_left,
+        };
+        let tally = Tally {
+            name: "pager".into(),
+            stats: Default::default(),
+        };
+        tally.adopt(1);
+        let mut poster = Poster::new(RetryPolicy::pager(), CancellationToken::new()).unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(poster.post(&tally, &payload).await, Outcome::Unwanted);
+        assert_eq!(
+            tally.stats.retries.load(Ordering::Relaxed),
+            0,
+            "not retried"
+        );
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "cut when the time wanted ran out, not at the request timeout"
+        );
+        receiver.abort();
     }
 
     #[test]

@@ -579,7 +579,8 @@ impl Pager {
     /// Sends (or suppresses) one event's page, made by `origin`, and settles
     /// it in `delivery`; a delivered page opens, re-sends or resolves its
     /// incident. A page of a shard this node no longer owns is skipped before
-    /// its next attempt: the shard's new owner sends it.
+    /// its next attempt, and an attempt in flight is cut at the shard's lease
+    /// deadline: the shard's new owner sends it.
     async fn page(&mut self, delivery: &Tally, event: &Event, origin: Option<Origin>) {
         let Some(action) = action(event.state.as_deref()) else {
             let state = event.state.as_deref();
@@ -598,7 +599,7 @@ impl Pager {
         }
         let body = self.body(action, &key, event);
         let holds = &self.holds;
-        let ours = || origin.is_none_or(|origin| holds.is_current(origin));
+        let ours = || origin.map_or_else(http::always, |origin| holds.time_left(origin));
         let payload = Payload {
             url: &self.config.url,
             content_type: "application/json",
