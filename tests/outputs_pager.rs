@@ -788,7 +788,10 @@ async fn a_server_error_is_retried_until_accepted() {
     assert_eq!((out.delivered(), out.dropped(), out.retries()), (1, 0, 1));
 }
 
-#[tokio::test]
+/// On a paused clock: the retry waits on tokio's, which the receiver's
+/// times are read from too, so the second passes at once and is measured
+/// exactly.
+#[tokio::test(start_paused = true)]
 async fn throttling_is_retried_after_the_retry_after_delay() {
     let rx = Receiver::start().await;
     rx.reply_next([Reply(429, vec![("retry-after", "1")], "slow down")]);
@@ -1121,8 +1124,8 @@ async fn paged_unsaved(rx: &Receiver) -> Unsaved {
 
 /// A save that fails (a full disk) is tried again while nothing else
 /// happens: once it can be written, the file holds the incident a restart
-/// must resolve.
-#[tokio::test]
+/// must resolve. On a paused clock: the retry's second passes at once.
+#[tokio::test(start_paused = true)]
 async fn a_failed_save_is_tried_again_until_the_file_holds_the_incident() {
     let rx = Receiver::start().await;
     let Unsaved {
@@ -1247,8 +1250,11 @@ async fn pages_queued_behind_a_page_in_flight_survive_a_crash() {
 /// A receiver that takes each page, slowly (40 ms, as a distant one may):
 /// pages taken from the queue while earlier ones are sent are saved within
 /// `SAVE_WITHIN` (100 ms) of being taken, not once they are the oldest, and
-/// a crash loses none of them.
-#[tokio::test]
+/// a crash loses none of them. On a paused clock: the receiver's delay and
+/// the save window are both on tokio's, so which comes first does not
+/// depend on how busy the machine is (saves run on blocking threads, which
+/// hold the clock while they write).
+#[tokio::test(start_paused = true)]
 async fn pages_taken_behind_quick_pages_are_saved_without_waiting_for_their_turn() {
     let rx = Receiver::start().await;
     rx.slow(Duration::from_millis(40));
@@ -1312,8 +1318,9 @@ async fn pages_taken_behind_quick_pages_are_saved_without_waiting_for_their_turn
 
 /// A reload redeclares a pager (same receiver) while the old declaration
 /// still sends a burst, slowly: the pages the new one takes meanwhile are
-/// written down at once, though it sends them only after the old one's.
-#[tokio::test]
+/// written down at once, though it sends them only after the old one's. On
+/// a paused clock, as the test above.
+#[tokio::test(start_paused = true)]
 async fn a_redeclared_pager_writes_its_pages_down_while_the_old_one_sends() {
     let rx = Receiver::start().await;
     rx.slow(Duration::from_millis(40));
