@@ -39,7 +39,8 @@
 //! In a cluster, each undelivered page holds the work that made it
 //! ([`super::holds`]), so the shard's next owner makes and sends it again;
 //! once the shard is another node's, it is skipped here before its next
-//! attempt.
+//! attempt, and an attempt in flight is cut at the shard's local lease
+//! deadline, before another node can take the shard and page it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
