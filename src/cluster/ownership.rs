@@ -521,6 +521,11 @@ async fn hand_back(cluster: &Cluster, buckets: &Buckets, shard: u32, mut owned: 
     {
         tracing::warn!(shard, error = %e, "Could not save progress; the next owner may page again.");
     }
+    // Disowned before the lease goes, and given the time to cut its pages
+    // in flight: none may land after the next owner's.
+    forget(cluster, shard);
+    leases.dropped(shard);
+    tokio::time::sleep(outputs::http::WANTED_RECHECK).await;
     if let Err(e) = buckets
         .leases
         .delete_expect_revision(key(shard), Some(owned.revision))
@@ -528,8 +533,6 @@ async fn hand_back(cluster: &Cluster, buckets: &Buckets, shard: u32, mut owned: 
     {
         tracing::debug!(shard, error = %e, "Could not delete the lease; it will lapse.");
     }
-    forget(cluster, shard);
-    leases.dropped(shard);
 }
 
 /// Drops this node's index entries of a shard it no longer owns: the new

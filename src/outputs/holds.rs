@@ -22,7 +22,8 @@
 //! the disowning: a page is this node's to send only while its shard's local
 //! lease deadline is ahead ([`Holds::time_left`]), which a process resumed
 //! from a pause sees passed before its lease timer has run; and an attempt
-//! in flight is cut at that deadline, before another node can take the lease.
+//! in flight is cut at that deadline, or once the shard is disowned (handed
+//! back: the lease is deleted only after), before another node can take it.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};

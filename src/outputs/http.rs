@@ -375,14 +375,21 @@ impl Poster {
 }
 
 /// `error sending request: client error (Connect): tcp connect error: …`:
+/// How often an attempt in flight asks whether its payload is still wanted,
+/// at most: a cluster node that hands a shard back waits this long before
+/// letting another node take it, so its pages of the shard in flight are
+/// cut by then.
+pub const WANTED_RECHECK: Duration = Duration::from_millis(100);
+
 /// Returns once `wanted` says the payload is wanted no more, asking it again
-/// each time the time it gave (`wanted_for` first) is up.
+/// each time the time it gave (`wanted_for` first) is up, and at least every
+/// [`WANTED_RECHECK`] (a shard handed back is disowned before its deadline).
 async fn no_longer_wanted(
     wanted: &(dyn Fn() -> Option<Duration> + Sync),
     mut wanted_for: Duration,
 ) {
     loop {
-        tokio::time::sleep(wanted_for).await;
+        tokio::time::sleep(wanted_for.min(WANTED_RECHECK)).await;
         match wanted() {
             Some(more) => wanted_for = more,
             None => return,
@@ -534,7 +541,7 @@ mod tests {
         }
     }
 
-    /// A cluster node's page whose shard's lease runs out while the receiver
+    /// A cluster node's page whose shard is handed back while the receiver
     /// holds the request: cut then, not left to land after the next owner's
     /// pages (the request timeout is longer than the lease's margin).
     #[tokio::test(start_paused = true)]
@@ -549,8 +556,9 @@ mod tests {
             let _ = tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut sink).await;
         });
         let asked = AtomicU32::new(0);
+        // The lease has seconds left, then the shard is handed back.
         let lease_left = || match asked.fetch_add(1, Ordering::Relaxed) {
-            0 => Some(Duration::from_secs(1)),
+            0 => Some(Duration::from_secs(4)),
             _ => None,
         };
         let payload = Payload {
@@ -575,8 +583,8 @@ mod tests {
         );
         assert_eq!(
             started.elapsed(),
-            Duration::from_secs(1),
-            "cut when the time wanted ran out, not at the request timeout"
+            WANTED_RECHECK,
+            "cut at the first check after it was no longer wanted"
         );
         receiver.abort();
     }
