@@ -156,7 +156,9 @@ impl Clone for Event {
         for (tag, source_tag) in self.tags.iter_mut().zip(&source.tags) {
             assign(tag, source_tag);
         }
-        self.tags.extend_from_slice(&source.tags[kept..]);
+        if kept < source.tags.len() {
+            self.tags.extend_from_slice(&source.tags[kept..]);
+        }
         self.metric = source.metric;
         self.ttl = source.ttl;
         self.attributes.truncate(source.attributes.len());
@@ -165,8 +167,10 @@ impl Clone for Event {
             assign(k, sk);
             assign(v, sv);
         }
-        self.attributes
-            .extend_from_slice(&source.attributes[kept..]);
+        if kept < source.attributes.len() {
+            self.attributes
+                .extend_from_slice(&source.attributes[kept..]);
+        }
     }
 }
 
