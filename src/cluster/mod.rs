@@ -26,6 +26,7 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message as _;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -118,6 +119,9 @@ const NOT_CONNECTED_TO_ASK: &str =
 
 pub struct Cluster {
     config: ClusterConfig,
+    /// A random nonce of this process, in its heartbeat: another process
+    /// with the same `--node-id` writes another.
+    instance: String,
     client: async_nats::Client,
     js: jetstream::Context,
     /// Publishes ingest per shard, coalescing concurrent senders.
@@ -158,9 +162,21 @@ impl fmt::Debug for Cluster {
 pub struct Running {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Resolves if another process with this node's id is found running.
+    ousted: oneshot::Receiver<ownership::DuplicateNodeId>,
 }
 
 impl Running {
+    /// Resolves once this node found another process running with its
+    /// `--node-id`: its shards are dropped already, and it must stop.
+    /// Pending otherwise.
+    pub async fn ousted(&mut self) -> ownership::DuplicateNodeId {
+        match (&mut self.ousted).await {
+            Ok(duplicate) => duplicate,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
         let all = futures_util::future::join_all(self.tasks);
@@ -224,6 +240,8 @@ impl Cluster {
         }
         let buckets = ownership::Buckets::open(&js, &config).await?;
         buckets.check_shards(&config).await?;
+        let instance = format!("{:016x}", rand::random::<u64>());
+        buckets.check_node_id(&config, &instance).await?;
         let shards = config.shards;
         holds.set_sharding(Box::new(move |page| shard_of(page.host_str(), shards)));
         let leases = Arc::new(lease::Leases::new(
@@ -236,6 +254,7 @@ impl Cluster {
         let lease_left = Arc::clone(&leases);
         holds.set_lease_left(Box::new(move |shard| lease_left.remaining(shard)));
         let cluster = Arc::new(Cluster {
+            instance,
             client,
             batcher: Arc::new(batcher::Batcher::new(js.clone(), config.shards)),
             js,
@@ -250,6 +269,7 @@ impl Cluster {
             config,
         });
         let stop = CancellationToken::new();
+        let (oust, ousted) = oneshot::channel();
         let responder = cluster
             .client
             .subscribe(QUERY_SUBJECT)
@@ -276,6 +296,7 @@ impl Cluster {
                 streams,
                 clock,
                 stop.clone(),
+                oust,
             )),
         ];
         tracing::info!(
@@ -284,7 +305,12 @@ impl Cluster {
             url = %cluster.config.url,
             "Joined the cluster."
         );
-        Ok((cluster, Running { stop, tasks }))
+        let running = Running {
+            stop,
+            tasks,
+            ousted,
+        };
+        Ok((cluster, running))
     }
 
     /// Publishes `events` (grouped per shard) and returns once JetStream has

@@ -1,10 +1,13 @@
 //! Who owns which shard, and feeding the owned shards through the local rules.
 //!
 //! Three KV buckets:
-//! - `vigil_nodes`: `<node id>` = the node's `--shards`, its heartbeat; a
-//!   bucket TTL makes a dead node's key lapse, so the live keys are the
-//!   membership. A node refuses to join nodes with another shard count: a
-//!   host would then belong to a shard on each side, and page twice.
+//! - `vigil_nodes`: `<node id>` = `<shards> <instance>`, the node's heartbeat:
+//!   its `--shards` and a random nonce of its process. A bucket TTL makes a
+//!   dead node's key lapse, so the live keys are the membership. A node
+//!   refuses to join nodes with another shard count (a host would then
+//!   belong to a shard on each side, and page twice), or to start while
+//!   another process renews a heartbeat of its id; one that finds its
+//!   heartbeat rewritten by another process stops ([`DuplicateNodeId`]).
 //! - `vigil_leases`: `shard.<n>` = owner's node id. Taken with `create` (only if
 //!   absent), renewed with `update` at the revision we hold, so two nodes can
 //!   never both renew one lease; an unrenewed lease lapses with the bucket TTL.
@@ -36,6 +39,7 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use prost::Message as _;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -126,9 +130,53 @@ impl Buckets {
         }
         Ok(())
     }
+
+    /// Waits until no other process renews a heartbeat of this node's id:
+    /// one found is watched until it lapses (a process that died, e.g. a
+    /// crash just before this restart) or is renewed (a live one: refused).
+    pub async fn check_node_id(
+        &self,
+        config: &ClusterConfig,
+        instance: &str,
+    ) -> Result<(), NatsError> {
+        let node = &config.node_id;
+        let doing = || format!("checking that no live node runs with --node-id {node}");
+        let Some(found) = self.live_heartbeat(node).await.doing(doing())? else {
+            return Ok(());
+        };
+        tracing::info!(
+            node = %node,
+            "A heartbeat of this node id is there: waiting until it lapses (its process died) \
+             or is renewed (another process runs with this id)."
+        );
+        loop {
+            tokio::time::sleep(config.renew).await;
+            match self.live_heartbeat(node).await.doing(doing())? {
+                None => return Ok(()),
+                Some(now) if now.revision == found.revision => continue,
+                Some(now) => {
+                    let theirs = instance_of(&now.value).unwrap_or("of an older vigil");
+                    return Err(DuplicateNodeId {
+                        node: node.clone(),
+                        ours: instance.to_owned(),
+                        theirs: theirs.to_owned(),
+                    })
+                    .doing(doing());
+                }
+            }
+        }
+    }
+
+    /// The heartbeat of `node`, unless lapsed or deleted.
+    async fn live_heartbeat(
+        &self,
+        node: &str,
+    ) -> Result<Option<jetstream::kv::Entry>, jetstream::kv::EntryError> {
+        let entry = self.nodes.entry(node).await?;
+        Ok(entry.filter(|entry| entry.operation == Operation::Put))
+    }
 }
 
-/// A heartbeat's shard count.
 /// The keys a bucket holds now (deleted ones are not listed).
 async fn keys_of(store: &Store, doing: &str) -> Result<BTreeSet<String>, NatsError> {
     store
@@ -140,8 +188,36 @@ async fn keys_of(store: &Store, doing: &str) -> Result<BTreeSet<String>, NatsErr
         .doing(doing)
 }
 
+/// A heartbeat's value: the node's shard count and its process's nonce.
+fn heartbeat(shards: u32, instance: &str) -> Bytes {
+    format!("{shards} {instance}").into()
+}
+
+/// A heartbeat's shard count.
 fn shards_of(heartbeat: &[u8]) -> Option<u32> {
-    std::str::from_utf8(heartbeat).ok()?.parse().ok()
+    let text = std::str::from_utf8(heartbeat).ok()?;
+    text.split(' ').next()?.parse().ok()
+}
+
+/// A heartbeat's process nonce (an older vigil's has none).
+fn instance_of(heartbeat: &[u8]) -> Option<&str> {
+    std::str::from_utf8(heartbeat).ok()?.split(' ').nth(1)
+}
+
+/// Two live processes run with one `--node-id`: each skips the other's query
+/// questions (a node answers its own part itself), so answers miss parts
+/// silently, and each takes the other's leases for its own, so both run (and
+/// page for) the same shards.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another vigil process runs with --node-id {node}: its heartbeat was \
+     rewritten by instance {theirs} (this process is {ours}); every node \
+     needs its own --node-id"
+)]
+pub struct DuplicateNodeId {
+    node: String,
+    ours: String,
+    theirs: String,
 }
 
 fn key(shard: u32) -> String {
@@ -224,15 +300,31 @@ struct Owner {
     owned: BTreeMap<u32, Owned>,
     /// Whether the last heartbeat went through.
     reaching: bool,
+    /// The revision of this process's heartbeat, renewed at it (a
+    /// compare-and-set, as leases are); `None` until written, or once lapsed.
+    heartbeat: Option<u64>,
 }
 
-/// The ownership loop; on `stop` it hands every shard back and leaves.
+/// Why an ownership round stopped.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error(transparent)]
+    Duplicate(#[from] DuplicateNodeId),
+}
+
+/// The ownership loop; on `stop` it hands every shard back and leaves. On
+/// finding another process with this node's id it drops every shard at
+/// once, without a word to NATS (the leases and the heartbeat are as much
+/// the other's), and says so on `ousted`.
 pub(super) async fn run(
     cluster: Arc<Cluster>,
     buckets: Buckets,
     streams: Arc<dyn Streams>,
     clock: SharedClock,
     stop: CancellationToken,
+    ousted: oneshot::Sender<DuplicateNodeId>,
 ) {
     let mut tick = tokio::time::interval(cluster.config.renew);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -243,14 +335,24 @@ pub(super) async fn run(
         clock,
         owned: BTreeMap::new(),
         reaching: false,
+        heartbeat: None,
     };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = stop.cancelled() => break,
         }
-        if let Err(e) = owner.round().await {
-            tracing::warn!(error = %e, "Cluster ownership round failed; retrying.");
+        match owner.round().await {
+            Ok(()) => {}
+            Err(RoundError::Nats(e)) => {
+                tracing::warn!(error = %e, "Cluster ownership round failed; retrying.");
+            }
+            Err(RoundError::Duplicate(duplicate)) => {
+                tracing::error!(error = %duplicate, "Dropping every shard and leaving.");
+                owner.drop_all().await;
+                let _ = ousted.send(duplicate);
+                return;
+            }
         }
     }
     let shards: Vec<u32> = owner.owned.keys().copied().collect();
@@ -267,13 +369,13 @@ impl Owner {
         &self.cluster.config.node_id
     }
 
-    async fn round(&mut self) -> Result<(), NatsError> {
-        let node = self.node().to_owned();
+    async fn round(&mut self) -> Result<(), RoundError> {
         let shards = self.cluster.config.shards;
-        let heartbeat = self.buckets.nodes.put(&node, shards.to_string().into());
-        if let Err(e) = heartbeat.await {
-            self.reaching = false;
-            return Err(e).doing("heartbeat");
+        if let Err(e) = self.heartbeat().await {
+            if let RoundError::Nats(_) = e {
+                self.reaching = false;
+            }
+            return Err(e);
         }
         if !self.reaching {
             self.reaching = true;
@@ -304,6 +406,69 @@ impl Owner {
             self.acquire(target).await;
         }
         Ok(())
+    }
+
+    /// Writes this process's heartbeat at the revision it last wrote: found
+    /// written by another process of this node's id, it is a
+    /// [`DuplicateNodeId`]; lapsed (this node was cut off or paused), it is
+    /// written afresh.
+    async fn heartbeat(&mut self) -> Result<(), RoundError> {
+        let (node, nodes) = (self.node().to_owned(), &self.buckets.nodes);
+        let instance = &self.cluster.instance;
+        let value = heartbeat(self.cluster.config.shards, instance);
+        let written: Result<u64, async_nats::Error> = match self.heartbeat {
+            Some(revision) => {
+                (nodes.update(&node, value.clone(), revision).await).map_err(Into::into)
+            }
+            None => (nodes.create(&node, value.clone()).await).map_err(Into::into),
+        };
+        let refused = match written {
+            Ok(revision) => {
+                self.heartbeat = Some(revision);
+                return Ok(());
+            }
+            Err(refused) => refused,
+        };
+        let found = self.buckets.live_heartbeat(&node).await;
+        match found.doing("reading this node's heartbeat")? {
+            Some(entry) => match instance_of(&entry.value) {
+                // An earlier write that timed out went through.
+                Some(theirs) if theirs == instance => {
+                    self.heartbeat = Some(entry.revision);
+                    Ok(())
+                }
+                theirs => Err(DuplicateNodeId {
+                    node,
+                    ours: instance.clone(),
+                    theirs: theirs.unwrap_or("of an older vigil").to_owned(),
+                }
+                .into()),
+            },
+            None if self.heartbeat.is_some() => {
+                self.heartbeat = None;
+                let created = nodes.create(&node, value).await.doing("heartbeat")?;
+                self.heartbeat = Some(created);
+                Ok(())
+            }
+            None => Err(RoundError::Nats(NatsError {
+                doing: "heartbeat".to_owned(),
+                cause: refused,
+            })),
+        }
+    }
+
+    /// Stops running every shard at once, forgetting their entries; nothing
+    /// is saved or deleted in NATS (see [`run`]).
+    async fn drop_all(&mut self) {
+        let owned = std::mem::take(&mut self.owned);
+        for owned in owned.values() {
+            owned.stop.cancel();
+        }
+        for (shard, owned) in owned {
+            let _ = owned.task.await;
+            forget(&self.cluster, shard);
+            self.cluster.leases.dropped(shard);
+        }
     }
 
     /// Renews every lease and saves progress. A lease found held by someone
@@ -767,9 +932,13 @@ mod tests {
     }
 
     #[test]
-    fn a_heartbeat_says_its_nodes_shard_count() {
-        assert_eq!(shards_of(64.to_string().as_bytes()), Some(64));
-        assert_eq!(shards_of(b""), None, "an older vigil's");
+    fn a_heartbeat_says_its_nodes_shard_count_and_process() {
+        let ours = heartbeat(64, "00ff");
+        assert_eq!(shards_of(&ours), Some(64));
+        assert_eq!(instance_of(&ours), Some("00ff"));
+        assert_eq!(shards_of(b"64"), Some(64), "an older vigil's");
+        assert_eq!(instance_of(b"64"), None, "an older vigil's");
+        assert_eq!(shards_of(b""), None, "an even older vigil's");
         assert_eq!(shards_of(b"x"), None);
     }
 }
