@@ -236,6 +236,11 @@ impl Answers {
         }
     }
 
+    /// The counters the pool counts into: the process's.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
     /// No room yet, for an answer about to be built: see [`Room::grow`].
     pub fn room(&self) -> Room {
         Room {

@@ -72,6 +72,9 @@ counters! {
     /// cluster node could not store in JetStream: refused, for the sender to
     /// send again.
     cluster_not_stored,
+    /// Cluster query questions from other nodes refused at once because
+    /// this node already had 1 024 waiting behind the one it was answering.
+    cluster_queries_refused_waiting,
     /// Frames, datagrams, gRPC `Msg`s or gRPC query requests whose protobuf
     /// did not decode.
     decode_errors,

@@ -21,7 +21,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use common::{Vigil, wait_until};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use vigil::client::Client;
 use vigil::clock::{Clock, SystemClock};
 use vigil::event::Event;
@@ -747,6 +747,81 @@ fn an_asker_refused_as_busy_tells_the_nodes_to_stop() {
     };
     let inbox = asked.strip_prefix("true asked by ").expect("the query");
     assert_eq!(given_up, &format!("gave up {inbox}"), "{seen:?}");
+}
+
+/// A give-up is seen however many questions wait: here 1 100 behind the
+/// answer it gives up. The node read 1 024 of them ahead and then stopped
+/// reading, so the give-up waited until the answer was sent whole; now the
+/// answer stops, and the questions past 1 024 are refused at once, saying
+/// why.
+#[test]
+fn a_give_up_behind_more_questions_than_are_read_ahead_stops_the_answer() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let node = node(&nats, "n1", &[]);
+    send(&node, &(0..3_000).map(large).collect::<Vec<_>>());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_index_size") == 3_000).then_some(())
+    })
+    .expect("all 3 000 indexed");
+    const WAITING: usize = 1_100;
+    let (parts, replies) = runtime.block_on(async {
+        let asker = peer(&nats).await;
+        let (given_up, others) = (asker.new_inbox(), asker.new_inbox());
+        let mut answer = asker.subscribe(given_up.clone()).await.unwrap();
+        let mut replies = asker.subscribe(others.clone()).await.unwrap();
+        // 12 MB to scan and send: the rest arrives while it is answered.
+        let ask = |inbox: &str, query: &'static str| {
+            asker.publish_with_reply("vigil.query", inbox.to_owned(), query.into())
+        };
+        ask(&given_up, "true").await.unwrap();
+        for _ in 0..WAITING {
+            ask(&others, "false").await.unwrap();
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Vigil-Abandoned", given_up.as_str());
+        (asker.publish_with_headers("vigil.query", headers, Default::default()))
+            .await
+            .unwrap();
+        // Every other question answered (or refused): the given-up answer,
+        // sent before the last of them on the same connection, is all here.
+        let mut got = Vec::new();
+        while got.len() < WAITING {
+            got.push(replies.next().await.expect("a reply"));
+        }
+        let mut parts = Vec::new();
+        while let Some(Some(part)) = answer.next().now_or_never() {
+            parts.push(part);
+        }
+        (parts, got)
+    });
+    let last = |part: &async_nats::Message| {
+        part.headers
+            .as_ref()
+            .is_none_or(|h| h.get("Vigil-More").is_none())
+    };
+    assert!(
+        !parts.iter().any(last),
+        "the given-up answer was sent whole: {} parts",
+        parts.len()
+    );
+    let refused = replies
+        .iter()
+        .filter(|r| {
+            let text = String::from_utf8_lossy(&r.payload);
+            text.contains("node n1 has 1024 cluster queries waiting; ask again in a moment")
+        })
+        .count();
+    assert!(refused > 0, "none refused");
+    assert_eq!(
+        metric_of(
+            &runtime,
+            &node,
+            "vigil_cluster_queries_refused_waiting_total"
+        ),
+        refused as u64
+    );
 }
 
 fn from_utf8(bytes: &[u8]) -> &str {

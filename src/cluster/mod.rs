@@ -716,14 +716,17 @@ async fn tell_given_up(client: &async_nats::Client, inbox: String) {
 }
 
 /// Requests read ahead while one is answered, to see whether its asker
-/// gave it up; further ones wait in the subscription.
+/// gave it up; one more is refused at once ([`refuse_waiting`]).
 const READ_AHEAD: usize = 1024;
 
 /// Answers `vigil.query` from this node's own index, one request at a
 /// time, except this node's own (its asker scans that part itself). The
 /// requests are read on while one is answered: one its asker gave up is
 /// dropped (its scan stopped, its room given back), and one queued behind
-/// is skipped.
+/// is skipped. Reading never stops, so a give-up is always seen: with
+/// [`READ_AHEAD`] requests queued, a further one is refused instead.
+/// (Reading stopped there, and the current answer's give-up waited behind
+/// the queued requests until the answer was sent whole.)
 async fn answer_queries(
     cluster: Arc<Cluster>,
     mut requests: async_nats::Subscriber,
@@ -757,7 +760,7 @@ async fn answer_queries(
                 () = stop.cancelled() => return,
                 // First, so a flood of requests cannot starve it.
                 () = &mut answering => break,
-                next = requests.next(), if queued.len() < READ_AHEAD => {
+                next = requests.next() => {
                     let Some(next) = next else { return };
                     match header_of(&next, ABANDONED) {
                         Some(inbox) if inbox == reply.as_str() => {
@@ -767,11 +770,36 @@ async fn answer_queries(
                         Some(inbox) => queued.retain(|q: &async_nats::Message| {
                             q.reply.as_ref().is_none_or(|r| r.as_str() != inbox)
                         }),
-                        None => queued.push_back(next),
+                        None if queued.len() < READ_AHEAD => queued.push_back(next),
+                        None => refuse_waiting(&cluster, next).await,
                     }
                 }
             }
         }
+    }
+}
+
+/// Refuses `request` at once, [`READ_AHEAD`] requests waiting already: its
+/// asker refuses its query as unavailable, naming this node, rather than
+/// waiting out its timeout for an answer that would come late.
+async fn refuse_waiting(cluster: &Cluster, request: async_nats::Message) {
+    let node = &cluster.config.node_id;
+    if header_of(&request, ASKER) == Some(node.as_str()) {
+        return;
+    }
+    let Some(reply) = request.reply else { return };
+    Stats::incr(
+        &cluster
+            .index
+            .answers()
+            .stats()
+            .cluster_queries_refused_waiting,
+    );
+    let refusal = proto::error_reply(format!(
+        "node {node} has {READ_AHEAD} cluster queries waiting; ask again in a moment"
+    ));
+    if let Err(e) = cluster.client.publish(reply, refusal).await {
+        tracing::debug!(error = %e, "Could not refuse a cluster query.");
     }
 }
 
