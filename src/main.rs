@@ -693,7 +693,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let (cluster, mut cluster_tasks) = cluster.unzip();
+    let (cluster, cluster_tasks) = cluster.unzip();
     config.cluster = cluster.clone();
     // Installed before `listening`: until then SIGTERM would kill vigil outright,
     // skipping the shutdown (and its snapshot).
@@ -771,24 +771,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rules = %text.name,
         "listening"
     );
-    let ousted = async {
-        match &mut cluster_tasks {
-            Some(tasks) => tasks.ousted().await,
-            None => std::future::pending().await,
-        }
-    };
-    // Another process with this --node-id: this one stops, failing, so the
-    // duplicate shows where the process is supervised.
-    let ended = tokio::select! {
-        signal = signals.next() => {
-            tracing::info!(signal, "Shutting down; a second signal exits at once.");
-            Ok(())
-        }
-        duplicate = ousted => {
-            tracing::error!(error = %duplicate, "Shutting down: this node id is taken.");
-            Err(duplicate)
-        }
-    };
+    let signal = signals.next().await;
+    tracing::info!(signal, "Shutting down; a second signal exits at once.");
     let stopping = Stopping::Draining {
         then_writes: snapshots.is_some(),
     };
@@ -843,7 +827,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // above at 700 k groups. These hold the rules and the index (the rules
     // hold it too) whatever else let go of them first.
     std::mem::forget((index, reloader, streams));
-    ended.context("running in the cluster")?;
     snapshot.context("writing the index snapshot and the stream state")
 }
 

@@ -1612,42 +1612,6 @@ fn a_node_with_a_live_nodes_id_is_refused_and_says_why() {
     );
 }
 
-/// A node paused past its heartbeat's lapse, while a second process took its
-/// id, finds its heartbeat rewritten when it resumes: it drops its shards
-/// and exits failing, naming the id; the second runs on with every shard.
-#[test]
-fn a_node_that_finds_its_heartbeat_rewritten_by_another_process_exits() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let nats = Nats::start();
-    let mut first = node(&nats, "n1", &[]);
-    assert!(
-        first.wait_for_log("Took shards", SETTLE),
-        "n1 never took its shards:\n{}",
-        first.logs()
-    );
-    signal(&first, libc::SIGSTOP);
-    // Starts once the paused node's heartbeat lapsed.
-    let mut second = node(&nats, "n1", &[]);
-    assert!(
-        second.wait_for_log("Took shards", SETTLE),
-        "the second n1 never took the shards:\n{}",
-        second.logs()
-    );
-    signal(&first, libc::SIGCONT);
-    let status = first.wait_for_exit(SETTLE);
-    assert_eq!(status.code(), Some(1), "{}", first.logs());
-    let logs = first.logs();
-    assert!(
-        logs.contains("another vigil process runs with --node-id n1"),
-        "{logs}"
-    );
-    second.assert_alive();
-    let hosts: Vec<String> = (0..20).map(|h| format!("host-{h}")).collect();
-    send(&second, &ok_with_ttl(&hosts, "cpu", 600.0));
-    wait_until(SETTLE, || (local_keys(&second).len() == 20).then_some(()))
-        .expect("the remaining n1 runs every shard");
-}
-
 #[test]
 fn a_nats_that_does_not_answer_is_named_with_the_reason() {
     // Bound and released: nothing listens there now.

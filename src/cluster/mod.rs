@@ -26,7 +26,6 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message as _;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -162,21 +161,9 @@ impl fmt::Debug for Cluster {
 pub struct Running {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    /// Resolves if another process with this node's id is found running.
-    ousted: oneshot::Receiver<ownership::DuplicateNodeId>,
 }
 
 impl Running {
-    /// Resolves once this node found another process running with its
-    /// `--node-id`: its shards are dropped already, and it must stop.
-    /// Pending otherwise.
-    pub async fn ousted(&mut self) -> ownership::DuplicateNodeId {
-        match (&mut self.ousted).await {
-            Ok(duplicate) => duplicate,
-            Err(_) => std::future::pending().await,
-        }
-    }
-
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
         let all = futures_util::future::join_all(self.tasks);
@@ -269,7 +256,6 @@ impl Cluster {
             config,
         });
         let stop = CancellationToken::new();
-        let (oust, ousted) = oneshot::channel();
         let responder = cluster
             .client
             .subscribe(QUERY_SUBJECT)
@@ -296,7 +282,6 @@ impl Cluster {
                 streams,
                 clock,
                 stop.clone(),
-                oust,
             )),
         ];
         tracing::info!(
@@ -305,12 +290,7 @@ impl Cluster {
             url = %cluster.config.url,
             "Joined the cluster."
         );
-        let running = Running {
-            stop,
-            tasks,
-            ousted,
-        };
-        Ok((cluster, running))
+        Ok((cluster, Running { stop, tasks }))
     }
 
     /// Publishes `events` (grouped per shard) and returns once JetStream has

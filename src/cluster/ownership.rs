@@ -6,8 +6,7 @@
 //!   dead node's key lapse, so the live keys are the membership. A node
 //!   refuses to join nodes with another shard count (a host would then
 //!   belong to a shard on each side, and page twice), or to start while
-//!   another process renews a heartbeat of its id; one that finds its
-//!   heartbeat rewritten by another process stops ([`DuplicateNodeId`]).
+//!   another process renews a heartbeat of its id ([`DuplicateNodeId`]).
 //! - `vigil_leases`: `shard.<n>` = owner's node id. Taken with `create` (only if
 //!   absent), renewed with `update` at the revision we hold, so two nodes can
 //!   never both renew one lease; an unrenewed lease lapses with the bucket TTL.
@@ -39,7 +38,6 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use prost::Message as _;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -300,31 +298,15 @@ struct Owner {
     owned: BTreeMap<u32, Owned>,
     /// Whether the last heartbeat went through.
     reaching: bool,
-    /// The revision of this process's heartbeat, renewed at it (a
-    /// compare-and-set, as leases are); `None` until written, or once lapsed.
-    heartbeat: Option<u64>,
 }
 
-/// Why an ownership round stopped.
-#[derive(Debug, thiserror::Error)]
-enum RoundError {
-    #[error(transparent)]
-    Nats(#[from] NatsError),
-    #[error(transparent)]
-    Duplicate(#[from] DuplicateNodeId),
-}
-
-/// The ownership loop; on `stop` it hands every shard back and leaves. On
-/// finding another process with this node's id it drops every shard at
-/// once, without a word to NATS (the leases and the heartbeat are as much
-/// the other's), and says so on `ousted`.
+/// The ownership loop; on `stop` it hands every shard back and leaves.
 pub(super) async fn run(
     cluster: Arc<Cluster>,
     buckets: Buckets,
     streams: Arc<dyn Streams>,
     clock: SharedClock,
     stop: CancellationToken,
-    ousted: oneshot::Sender<DuplicateNodeId>,
 ) {
     let mut tick = tokio::time::interval(cluster.config.renew);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -335,24 +317,14 @@ pub(super) async fn run(
         clock,
         owned: BTreeMap::new(),
         reaching: false,
-        heartbeat: None,
     };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = stop.cancelled() => break,
         }
-        match owner.round().await {
-            Ok(()) => {}
-            Err(RoundError::Nats(e)) => {
-                tracing::warn!(error = %e, "Cluster ownership round failed; retrying.");
-            }
-            Err(RoundError::Duplicate(duplicate)) => {
-                tracing::error!(error = %duplicate, "Dropping every shard and leaving.");
-                owner.drop_all().await;
-                let _ = ousted.send(duplicate);
-                return;
-            }
+        if let Err(e) = owner.round().await {
+            tracing::warn!(error = %e, "Cluster ownership round failed; retrying.");
         }
     }
     let shards: Vec<u32> = owner.owned.keys().copied().collect();
@@ -369,13 +341,13 @@ impl Owner {
         &self.cluster.config.node_id
     }
 
-    async fn round(&mut self) -> Result<(), RoundError> {
+    async fn round(&mut self) -> Result<(), NatsError> {
+        let node = self.node().to_owned();
         let shards = self.cluster.config.shards;
-        if let Err(e) = self.heartbeat().await {
-            if let RoundError::Nats(_) = e {
-                self.reaching = false;
-            }
-            return Err(e);
+        let beat = heartbeat(shards, &self.cluster.instance);
+        if let Err(e) = self.buckets.nodes.put(&node, beat).await {
+            self.reaching = false;
+            return Err(e).doing("heartbeat");
         }
         if !self.reaching {
             self.reaching = true;
@@ -406,69 +378,6 @@ impl Owner {
             self.acquire(target).await;
         }
         Ok(())
-    }
-
-    /// Writes this process's heartbeat at the revision it last wrote: found
-    /// written by another process of this node's id, it is a
-    /// [`DuplicateNodeId`]; lapsed (this node was cut off or paused), it is
-    /// written afresh.
-    async fn heartbeat(&mut self) -> Result<(), RoundError> {
-        let (node, nodes) = (self.node().to_owned(), &self.buckets.nodes);
-        let instance = &self.cluster.instance;
-        let value = heartbeat(self.cluster.config.shards, instance);
-        let written: Result<u64, async_nats::Error> = match self.heartbeat {
-            Some(revision) => {
-                (nodes.update(&node, value.clone(), revision).await).map_err(Into::into)
-            }
-            None => (nodes.create(&node, value.clone()).await).map_err(Into::into),
-        };
-        let refused = match written {
-            Ok(revision) => {
-                self.heartbeat = Some(revision);
-                return Ok(());
-            }
-            Err(refused) => refused,
-        };
-        let found = self.buckets.live_heartbeat(&node).await;
-        match found.doing("reading this node's heartbeat")? {
-            Some(entry) => match instance_of(&entry.value) {
-                // An earlier write that timed out went through.
-                Some(theirs) if theirs == instance => {
-                    self.heartbeat = Some(entry.revision);
-                    Ok(())
-                }
-                theirs => Err(DuplicateNodeId {
-                    node,
-                    ours: instance.clone(),
-                    theirs: theirs.unwrap_or("of an older vigil").to_owned(),
-                }
-                .into()),
-            },
-            None if self.heartbeat.is_some() => {
-                self.heartbeat = None;
-                let created = nodes.create(&node, value).await.doing("heartbeat")?;
-                self.heartbeat = Some(created);
-                Ok(())
-            }
-            None => Err(RoundError::Nats(NatsError {
-                doing: "heartbeat".to_owned(),
-                cause: refused,
-            })),
-        }
-    }
-
-    /// Stops running every shard at once, forgetting their entries; nothing
-    /// is saved or deleted in NATS (see [`run`]).
-    async fn drop_all(&mut self) {
-        let owned = std::mem::take(&mut self.owned);
-        for owned in owned.values() {
-            owned.stop.cancel();
-        }
-        for (shard, owned) in owned {
-            let _ = owned.task.await;
-            forget(&self.cluster, shard);
-            self.cluster.leases.dropped(shard);
-        }
     }
 
     /// Renews every lease and saves progress. A lease found held by someone
