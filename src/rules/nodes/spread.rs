@@ -270,17 +270,39 @@ impl From<UnscaledSpread> for FixedSpread {
             squares,
             non_finite,
         } = saved.deviations;
+        let mut deviations = Deviations {
+            count,
+            mean,
+            squares,
+            non_finite,
+            scale: 0,
+        };
+        if !deviations.fits() {
+            deviations = unscaled_overflow(&saved.held, count.saturating_add(non_finite));
+        }
         FixedSpread {
-            deviations: Deviations {
-                count,
-                mean,
-                squares,
-                non_finite,
-                scale: 0,
-            },
+            deviations,
             held: saved.held,
         }
     }
+}
+
+/// Deviations in place of version 5's that passed f64's range (metrics
+/// near 1e200 squared to infinity, or ±1e308 made the mean NaN), which
+/// this build cannot make: built anew from `held` if it is all `metrics`
+/// of the window (it folds `median`), else NaN, as version 5 had them,
+/// until the window closes. Taken for a file vigil did not write, they
+/// emptied the whole window, its count and other folds too.
+fn unscaled_overflow(held: &VecDeque<Event>, metrics: u64) -> Deviations {
+    let mut deviations = Deviations::default();
+    if held.len() as u64 == metrics {
+        held.iter()
+            .filter_map(|e| e.metric)
+            .for_each(|m| deviations.add(m));
+    } else {
+        deviations.non_finite = 1;
+    }
+    deviations
 }
 
 /// A fixed window's `median` and `std_dev` so far; saved with its other

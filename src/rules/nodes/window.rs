@@ -1010,13 +1010,15 @@ mod tests {
 
     /// An entry as a state file may hold it, however this build's types
     /// let a test make one: postcard knows fields and variants by their
-    /// position (11: `ExactFixedWindow`, 14: `SpreadFixedWindow`).
+    /// position (11: `ExactFixedWindow`, 14: `SpreadFixedWindow`, 18:
+    /// `ScaledSpreadFixedWindow`).
     fn entry_from(fields: &impl serde::Serialize) -> Saved {
         postcard::from_bytes(&postcard::to_allocvec(fields).unwrap()).unwrap()
     }
 
     const EXACT_FIXED_WINDOW: u32 = 11;
     const SPREAD_FIXED_WINDOW: u32 = 14;
+    const SCALED_SPREAD_FIXED_WINDOW: u32 = 18;
 
     /// A fixed window's folds, field by field.
     type Folds = (
@@ -1067,14 +1069,51 @@ mod tests {
     }
 
     /// A NaN mean restored made every standard deviation of the window
-    /// NaN: the window starts empty.
+    /// NaN: as version 6 saved it (scaled), which cannot make one, the
+    /// window starts empty.
     #[test]
     fn a_nan_deviation_restored_is_dropped() {
-        let spread = ((1u64, f64::NAN, 0.0f64, 0u64), Vec::<Event>::new());
+        let spread = ((1u64, f64::NAN, 0.0f64, 0u64, 0i32), Vec::<Event>::new());
         let folds = folds(1, 1, Some(Sum::Float(1.0)));
-        let entry = (SPREAD_FIXED_WINDOW, folds, spread, None::<Micros>);
+        let entry = (SCALED_SPREAD_FIXED_WINDOW, folds, spread, None::<Micros>);
         let window = restored(FIXED[1], entry_from(&entry));
         assert_eq!(fold_of(&window, FoldKind::StdDev), None);
+    }
+
+    /// Version 5 saved the squares of metrics near 1e200 as they passed
+    /// f64's range (1e200 and -1e200: infinite), as this build cannot: the
+    /// window lost its count and every other fold with them.
+    #[test]
+    fn a_spread_version_5_saved_overflowed_keeps_its_window() {
+        let held = [1e200, -1e200].map(|m| Event {
+            metric: Some(Metric::Float(m)),
+            ..Event::default()
+        });
+        let spread = ((2u64, 0.0f64, f64::INFINITY, 0u64), held.to_vec());
+        let folds = folds(2, 2, Some(Sum::Float(0.0)));
+        let entry = (SPREAD_FIXED_WINDOW, folds, spread, None::<Micros>);
+        let window = restored(FIXED[1], entry_from(&entry));
+        assert_eq!(fold_of(&window, FoldKind::Count), Some(Metric::Int(2)));
+        // Built anew from the events held for the median: all of them.
+        let std_dev = fold_of(&window, FoldKind::StdDev);
+        assert_eq!(std_dev, Some(Metric::Float(1e200)));
+    }
+
+    /// As above, with too few events held to build them anew: the
+    /// deviation is NaN, as version 5's overflow made it, until the window
+    /// closes.
+    #[test]
+    fn a_spread_version_5_saved_overflowed_without_its_events_is_nan() {
+        let spread = ((3u64, f64::NAN, f64::NAN, 0u64), Vec::<Event>::new());
+        let folds = folds(3, 3, Some(Sum::Float(1.0)));
+        let entry = (SPREAD_FIXED_WINDOW, folds, spread, None::<Micros>);
+        let window = restored(FIXED[1], entry_from(&entry));
+        assert_eq!(fold_of(&window, FoldKind::Count), Some(Metric::Int(3)));
+        let std_dev = fold_of(&window, FoldKind::StdDev);
+        assert!(
+            matches!(std_dev, Some(Metric::Float(d)) if d.is_nan()),
+            "{std_dev:?}"
+        );
     }
 
     /// A count window has no end: one restored with an end closed there,
