@@ -42,6 +42,9 @@ struct FillState {
     expires: Micros,
     /// `fill_in_last`'s latest event.
     latest: Option<Event>,
+    /// A reload changed `dt`: the next fill is no earlier than the first
+    /// tick or event after it, the new `dt` not being in force before.
+    moved: bool,
 }
 
 impl FillIn {
@@ -59,6 +62,9 @@ impl FillIn {
     fn due(&self, s: &mut FillState, now: Micros) -> Vec<Event> {
         let mut due = Vec::new();
         let mut rounds = 0;
+        if std::mem::take(&mut s.moved) {
+            s.next = s.next.map(|at| at.max(now));
+        }
         while let Some(at) = s.next.filter(|at| *at <= now) {
             if at > s.expires {
                 // Silent past its expiry: stop until an event comes.
@@ -134,10 +140,11 @@ impl Node for FillIn {
 
     /// A `dt` or fields changed keep the state: dropping it made a series
     /// silent across the reload look new, and never filled. The gap since
-    /// its latest event (or fill) is measured in the new `dt`: fills that
-    /// puts before the reload are caught up at once, as after a stall. The
-    /// children adopt theirs only if nothing changed, as below any stage
-    /// whose parameters did.
+    /// its latest event (or fill) is measured in the new `dt`, from the
+    /// reload on: a fill that puts before it comes at the reload, once, not
+    /// caught up as after a stall (those moments the old `dt` was in force,
+    /// and said the series was not silent). The children adopt theirs only
+    /// if nothing changed, as below any stage whose parameters did.
     fn adopt(&self, old: &dyn Node) {
         let Some(old) = same::<FillIn>(old).filter(|o| o.last == self.last) else {
             return;
@@ -152,6 +159,7 @@ impl Node for FillIn {
             at.saturating_sub(old.interval)
                 .saturating_add(self.interval)
         });
+        s.moved = old.interval != self.interval;
     }
 
     fn save(&self, out: &mut dyn Saver) {
@@ -182,6 +190,7 @@ impl Node for FillIn {
                     next: next.map(|at| from.due_within(at, self.interval).max(resumed)),
                     expires,
                     latest: latest.filter(|_| self.last),
+                    moved: false,
                 }
             }
             other => return Err(RestoreError::mismatch("fill_in", &other)),

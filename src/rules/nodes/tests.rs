@@ -1849,6 +1849,23 @@ fn a_reload_changing_a_fill_ins_arguments_keeps_its_series() {
     assert_eq!(fills, [fill(20.0), fill(40.0)]);
 }
 
+/// A reload shrinking `dt` when the series has been silent longer than
+/// the new one: the first fill is at the reload's tick, where the gaps the new
+/// `dt` puts before it were filled at once, stamped when the old `dt`
+/// said the series was not yet silent (10 s and 20 s, at 30 s).
+#[test]
+fn a_reload_shrinking_a_fill_ins_dt_fills_from_the_reload_on() {
+    let b = bench(r#"by(host) { fill_in(60s, {service: "gap"}) { out } }"#);
+    send(&b, with_ttl(int_ev(&b, 1), 3600.0));
+    b.advance_to(at(30.0));
+    reload_to(&b, r#"by(host) { fill_in(10s, {service: "gap"}) { out } }"#);
+    b.advance_to(at(45.0));
+    // At the first tick after the reload (the bench's next, 30.1 s), then
+    // every 10 s.
+    let times: Vec<Micros> = out(&b)[1..].iter().map(|e| e.time).collect();
+    assert_eq!(times, [at(30.1), at(40.1)]);
+}
+
 /// Riemann's `apdex`: over each `dt`, (satisfied + tolerated / 2) / all,
 /// on the latest event, when the `dt` ends (by the timer); expired events
 /// are not counted; a whole score is an integer, as Riemann's ratio.
