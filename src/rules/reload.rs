@@ -25,10 +25,10 @@
 //! - `counter`: the count; `runs`: the last value and its run so far.
 //! - `fill_in`, `fill_in_last`: when the next fill is due, when the latest
 //!   event expires (and `fill_in_last`'s latest event), also when its `dt`
-//!   or fields changed (the next fill then a new `dt` after the latest
-//!   event or fill, at the earliest at the reload; its children start
-//!   fresh); `apdex`: its counts
-//!   so far, the latest event and when its `dt` ends.
+//!   or fields changed or `fill_in_last` became `fill_in` (the next fill
+//!   then a new `dt` after the latest event or fill, at the earliest at the
+//!   reload; its children start fresh); `apdex`: its counts so far, the
+//!   latest event and when its `dt` ends.
 //! - `throttle`, `stable`, `ewma`, `ewma_timeless`, `ddt`: their counters,
 //!   held events and last values.
 //! - Time, event-count, `batch` and `coalesce` windows, `percentiles`: the buffered

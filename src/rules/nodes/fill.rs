@@ -138,23 +138,29 @@ impl Node for FillIn {
         ))
     }
 
-    /// A `dt` or fields changed keep the state: dropping it made a series
-    /// silent across the reload look new, and never filled. The gap since
-    /// its latest event (or fill) is measured in the new `dt`, from the
+    /// A `dt` or fields changed (or `fill_in_last` made `fill_in`) keep the
+    /// state: dropping it made a series silent across the reload look new,
+    /// and never filled. The gap since its latest event (or fill) is measured in the new `dt`, from the
     /// reload on: a fill that puts before it comes at the reload, once, not
     /// caught up as after a stall (those moments the old `dt` was in force,
     /// and said the series was not silent). The children adopt theirs only
     /// if nothing changed, as below any stage whose parameters did.
     fn adopt(&self, old: &dyn Node) {
-        let Some(old) = same::<FillIn>(old).filter(|o| o.last == self.last) else {
+        // `fill_in_last` fills with the latest event, which `fill_in` keeps
+        // not: it starts empty; the other way, it only drops that event.
+        let Some(old) = same::<FillIn>(old).filter(|o| o.last || !self.last) else {
             return;
         };
         take_over(&self.state, &old.state);
-        if (old.interval, &old.sets) == (self.interval, &self.sets) {
+        let mut s = self.state.lock();
+        if !self.last {
+            s.latest = None;
+        }
+        if (old.interval, &old.sets, old.last) == (self.interval, &self.sets, self.last) {
+            drop(s);
             self.children.adopt(&old.children);
             return;
         }
-        let mut s = self.state.lock();
         s.next = s.next.map(|at| {
             at.saturating_sub(old.interval)
                 .saturating_add(self.interval)

@@ -1849,6 +1849,30 @@ fn a_reload_changing_a_fill_ins_arguments_keeps_its_series() {
     assert_eq!(fills, [fill(20.0), fill(40.0)]);
 }
 
+/// A reload turning `fill_in_last` into `fill_in` keeps each series, as
+/// one changing the fields does: silent across the reload, it is filled.
+/// The other way it starts empty: `fill_in` keeps no latest event to fill
+/// with.
+#[test]
+fn a_reload_from_fill_in_last_to_fill_in_keeps_its_series() {
+    let b = bench(r#"by(host) { fill_in_last(10s, {state: "gap"}) { out } }"#);
+    send(&b, with_ttl(int_ev(&b, 1), 3600.0));
+    b.advance_to(at(5.0));
+    reload_to(&b, r#"by(host) { fill_in(10s, {service: "gap"}) { out } }"#);
+    b.advance_to(at(10.0));
+    let fills: Vec<_> = out(&b)[1..]
+        .iter()
+        .map(|e| (e.service.clone(), e.metric, e.time))
+        .collect();
+    assert_eq!(fills, [(Some("gap".to_owned()), None, at(10.0))]);
+    reload_to(
+        &b,
+        r#"by(host) { fill_in_last(10s, {state: "gap"}) { out } }"#,
+    );
+    b.advance_to(at(40.0));
+    assert_eq!(out(&b).len(), 2, "no fill without a latest event");
+}
+
 /// A reload shrinking `dt` when the series has been silent longer than
 /// the new one: the first fill is at the reload's tick, where the gaps the new
 /// `dt` puts before it were filled at once, stamped when the old `dt`
