@@ -1463,6 +1463,160 @@ fn a_page_undelivered_when_its_shard_moves_is_sent_once_by_the_new_owner() {
     );
 }
 
+/// A receiver that holds the first request it gets open, never answering
+/// it, and answers every later one `200`; it logs what it sees in order:
+/// each page as its action and host (the held one marked so), and `closed`
+/// once the held request's client hung up.
+#[derive(Clone, Default)]
+struct Holding {
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Holding {
+    fn start() -> (Holding, String) {
+        let holding = Holding::default();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/page", listener.local_addr().unwrap());
+        let seen = holding.seen.clone();
+        thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let mut first = true;
+                while let Ok((conn, _)) = listener.accept().await {
+                    tokio::spawn(Holding::serve(conn, seen.clone(), first));
+                    first = false;
+                }
+            });
+        });
+        (holding, url)
+    }
+
+    /// One request per connection: `Connection: close` on each answer.
+    async fn serve(mut conn: tokio::net::TcpStream, seen: Arc<Mutex<Vec<String>>>, hold: bool) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        let body = loop {
+            let Ok(n @ 1..) = conn.read(&mut buf).await else {
+                return;
+            };
+            request.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&request).into_owned();
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if request.len() >= end + 4 + length {
+                break request[end + 4..end + 4 + length].to_vec();
+            }
+        };
+        let post: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let page = format!(
+            "{} {}",
+            post["action"].as_str().unwrap_or("?"),
+            post["event"]["host"].as_str().unwrap_or("?")
+        );
+        if hold {
+            seen.lock().unwrap().push(format!("{page} (held)"));
+            while let Ok(1..) = conn.read(&mut buf).await {}
+            seen.lock().unwrap().push("closed".to_owned());
+            return;
+        }
+        seen.lock().unwrap().push(page);
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let _ = conn.write_all(answer).await;
+        let _ = conn.shutdown().await;
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn wait_seen(&self, n: usize) -> Vec<String> {
+        wait_until(SETTLE, || (self.seen().len() >= n).then_some(()))
+            .unwrap_or_else(|| panic!("only {:?} of {n} seen", self.seen()));
+        thread::sleep(Duration::from_secs(3));
+        self.seen()
+    }
+}
+
+/// A host whose shard a node joining a single one takes (its upper half of
+/// the 64 shards), or (`upper` false) leaves it.
+fn host_in_half(upper: bool) -> String {
+    (0..)
+        .map(|i| format!("web-{i}"))
+        .find(|host| (vigil::cluster::shard_of(host, 64) >= 32) == upper)
+        .unwrap()
+}
+
+/// The old owner's trigger in flight when its shard is handed back (a node
+/// joins and takes it; the owner gets a SIGTERM) is cut, its connection
+/// closed, before the new owner's pages reach the receiver: the new owner,
+/// whose replay starts before that trigger's event, triggers and then
+/// resolves, and nothing of the old owner's lands after its resolve. The
+/// series turns `ok` on the old owner while its trigger is held, so the
+/// new owner pages as soon as it can.
+#[test]
+fn a_trigger_in_flight_when_its_shard_is_handed_back_is_cut_before_the_new_owners_pages() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for sigterm in [false, true] {
+        let nats = Nats::start();
+        let (receiver, url) = Holding::start();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paging.vigil");
+        let source = format!(
+            "output pager = paging_webhook(url: \"{url}\")\n\nstreams {{\n  index\n  \
+             where state = \"critical\" or state = \"ok\" {{ pager }}\n}}\n"
+        );
+        std::fs::write(&path, source).unwrap();
+        let rules = path.to_str().unwrap();
+        // Joining, the second node takes this host; or leaves it to the
+        // first, until that one gets a SIGTERM.
+        let host = host_in_half(!sigterm);
+        let mut first = node(&nats, "n1", &["--rules", rules]);
+        send(&first, &[event(&host, "disk", "critical")]);
+        receiver.wait_seen(1);
+        send(&first, &[event(&host, "disk", "ok")]);
+        wait_until(SETTLE, || {
+            let ok = query_all(&first)
+                .iter()
+                .any(|e| e.state.as_deref() == Some("ok"));
+            ok.then_some(())
+        })
+        .expect("the old owner ran the ok");
+        let second = node(&nats, "n2", &["--rules", rules]);
+        if sigterm {
+            assert!(second.wait_for_log("Took shards over", SETTLE));
+            first.terminate();
+        }
+        let seen = receiver.wait_seen(4);
+        assert_eq!(
+            seen,
+            [
+                format!("trigger {host} (held)"),
+                "closed".to_owned(),
+                format!("trigger {host}"),
+                format!("resolve {host}"),
+            ],
+            "sigterm: {sigterm}"
+        );
+        assert!(
+            first.logs().contains("Attempt cut in flight"),
+            "sigterm: {sigterm}"
+        );
+        drop(second);
+    }
+}
+
 fn signal(node: &Vigil, signal: libc::c_int) {
     let pid = libc::pid_t::try_from(node.pid()).unwrap();
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
