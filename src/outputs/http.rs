@@ -374,7 +374,6 @@ impl Poster {
     }
 }
 
-/// `error sending request: client error (Connect): tcp connect error: …`:
 /// How often an attempt in flight asks whether its payload is still wanted,
 /// at most: a cluster node that hands a shard back waits this long before
 /// letting another node take it, so its pages of the shard in flight are
@@ -384,10 +383,15 @@ pub const WANTED_RECHECK: Duration = Duration::from_millis(100);
 /// Returns once `wanted` says the payload is wanted no more, asking it again
 /// each time the time it gave (`wanted_for` first) is up, and at least every
 /// [`WANTED_RECHECK`] (a shard handed back is disowned before its deadline).
+/// A payload wanted for ever ([`always`]: outside a cluster, a webhook's)
+/// is never asked again: no timer per request.
 async fn no_longer_wanted(
     wanted: &(dyn Fn() -> Option<Duration> + Sync),
     mut wanted_for: Duration,
 ) {
+    if wanted_for == Duration::MAX {
+        return std::future::pending().await;
+    }
     loop {
         tokio::time::sleep(wanted_for.min(WANTED_RECHECK)).await;
         match wanted() {
@@ -397,6 +401,7 @@ async fn no_longer_wanted(
     }
 }
 
+/// `error sending request: client error (Connect): tcp connect error: …`:
 /// reqwest's own message alone rarely says what went wrong.
 fn with_causes(error: &reqwest::Error) -> String {
     let mut text = error.to_string();
@@ -587,6 +592,51 @@ mod tests {
             "cut at the first check after it was no longer wanted"
         );
         receiver.abort();
+    }
+
+    /// Outside a cluster (and for a webhook) a payload is wanted until
+    /// delivered: an attempt the receiver answers late is not watched by a
+    /// timer asking again every [`WANTED_RECHECK`].
+    #[tokio::test(start_paused = true)]
+    async fn a_payload_wanted_for_ever_is_asked_once_per_attempt() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        // Answers a second after the request came.
+        let receiver = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            conn.write_all(answer).await.unwrap();
+        });
+        let asked = AtomicU32::new(0);
+        let wanted = || {
+            asked.fetch_add(1, Ordering::Relaxed);
+            always()
+        };
+        let payload = Payload {
+            url: &url,
+            content_type: "application/json",
+            headers: &HeaderMap::new(),
+            body: Bytes::from_static(b"{}"),
+            wanted: &wanted,
+        };
+        let tally = Tally {
+            name: "webhook".into(),
+            stats: Default::default(),
+        };
+        tally.adopt(1);
+        let mut poster = Poster::new(RetryPolicy::pager(), CancellationToken::new()).unwrap();
+        assert_eq!(poster.post(&tally, &payload).await, Outcome::Delivered);
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            1,
+            "asked before the attempt only"
+        );
+        receiver.await.unwrap();
     }
 
     #[test]
