@@ -1771,6 +1771,36 @@ fn a_node_with_a_live_nodes_id_is_refused_and_says_why() {
 }
 
 #[test]
+fn of_two_processes_started_at_once_with_one_id_one_is_refused() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let url = nats.url();
+    // Spawned together, not one after the other's `listening`: both check
+    // for a heartbeat of n1 before either has written one.
+    let start = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
+        command
+            .args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(["--no-snapshot", "--cluster", &url, "--node-id", "n1"])
+            .env("RUST_BACKTRACE", "0");
+        common::Logging::spawn(command)
+    };
+    let mut both = [start(), start()];
+    let refusal = "another vigil process runs with --node-id n1";
+    let refused = wait_until(SETTLE, || {
+        (0..2).find(|&i| both[i].wait_for(refusal, Duration::from_millis(50)))
+    });
+    let Some(refused) = refused else {
+        panic!("both ran:\n{}\n---\n{}", both[0].seen, both[1].seen);
+    };
+    let code = wait_until(SETTLE, || both[refused].child.try_wait().unwrap());
+    assert_eq!(code.and_then(|c| c.code()), Some(1));
+    let kept = &mut both[1 - refused];
+    assert!(kept.wait_for("Took shards", SETTLE), "{}", kept.seen);
+    assert_eq!(kept.child.try_wait().unwrap(), None, "{}", kept.seen);
+}
+
+#[test]
 fn a_nats_that_does_not_answer_is_named_with_the_reason() {
     // Bound and released: nothing listens there now.
     let port = TcpListener::bind("127.0.0.1:0")

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use async_nats::jetstream::kv::{Operation, Store};
+use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -132,6 +132,9 @@ impl Buckets {
     /// Waits until no other process renews a heartbeat of this node's id:
     /// one found is watched until it lapses (a process that died, e.g. a
     /// crash just before this restart) or is renewed (a live one: refused).
+    /// The heartbeat is then written with `create`, so of two processes
+    /// checking at once one finds the other's. (Both read none and both
+    /// ran while it was only read.)
     pub async fn check_node_id(
         &self,
         config: &ClusterConfig,
@@ -139,20 +142,27 @@ impl Buckets {
     ) -> Result<(), NatsError> {
         let node = &config.node_id;
         let doing = || format!("checking that no live node runs with --node-id {node}");
-        let Some(found) = self.live_heartbeat(node).await.doing(doing())? else {
-            return Ok(());
-        };
-        tracing::info!(
-            node = %node,
-            "A heartbeat of this node id is there: waiting until it lapses (its process died) \
-             or is renewed (another process runs with this id)."
-        );
+        let ours = heartbeat(config.shards, instance);
+        let mut found: Option<u64> = None;
         loop {
-            tokio::time::sleep(config.renew).await;
-            match self.live_heartbeat(node).await.doing(doing())? {
-                None => return Ok(()),
-                Some(now) if now.revision == found.revision => continue,
-                Some(now) => {
+            match self.nodes.create(node, ours.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).doing(doing()),
+            }
+            match (self.live_heartbeat(node).await.doing(doing())?, found) {
+                // Lapsed since `create`: try again after a pause.
+                (None, _) => {}
+                (Some(now), None) => {
+                    tracing::info!(
+                        node = %node,
+                        "A heartbeat of this node id is there: waiting until it lapses \
+                         (its process died) or is renewed (another process runs with this id)."
+                    );
+                    found = Some(now.revision);
+                }
+                (Some(now), Some(revision)) if now.revision == revision => {}
+                (Some(now), Some(_)) => {
                     let theirs = instance_of(&now.value).unwrap_or("of an older vigil");
                     return Err(DuplicateNodeId {
                         node: node.clone(),
@@ -162,6 +172,7 @@ impl Buckets {
                     .doing(doing());
                 }
             }
+            tokio::time::sleep(config.renew).await;
         }
     }
 
