@@ -1801,6 +1801,35 @@ fn of_two_processes_started_at_once_with_one_id_one_is_refused() {
 }
 
 #[test]
+fn a_restart_started_while_the_old_process_drains_waits_for_it() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let mut old = node(&nats, "n1", &[]);
+    assert!(
+        old.wait_for_log("Took shards", SETTLE),
+        "n1 never took its shards:\n{}",
+        old.logs()
+    );
+    // A client halfway through a message: the old process drains, then
+    // hands its shards back and deletes its heartbeat, which the new waits for.
+    let mut client = std::net::TcpStream::connect(old.tcp).unwrap();
+    std::io::Write::write_all(&mut client, &[0, 0, 0, 100, 1, 2]).unwrap();
+    old.signal("TERM");
+    assert!(
+        old.wait_for_log("Shutting down", SETTLE),
+        "n1 never began shutting down:\n{}",
+        old.logs()
+    );
+    let new = node(&nats, "n1", &[]);
+    assert!(
+        new.wait_for_log("Took shards", SETTLE),
+        "the restarted n1 never took its shards:\n{}",
+        new.logs()
+    );
+    assert!(old.wait_for_exit(SETTLE).success(), "{}", old.logs());
+}
+
+#[test]
 fn a_nats_that_does_not_answer_is_named_with_the_reason() {
     // Bound and released: nothing listens there now.
     let port = TcpListener::bind("127.0.0.1:0")
