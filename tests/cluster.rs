@@ -810,7 +810,8 @@ fn a_give_up_behind_more_questions_than_are_read_ahead_stops_the_answer() {
         .iter()
         .filter(|r| {
             let text = String::from_utf8_lossy(&r.payload);
-            text.contains("node n1 has 1024 cluster queries waiting; ask again in a moment")
+            text.contains("node n1 has 1024 cluster queries waiting (")
+                && text.contains(" bytes); ask again in a moment")
         })
         .count();
     assert!(refused > 0, "none refused");
@@ -821,6 +822,50 @@ fn a_give_up_behind_more_questions_than_are_read_ahead_stops_the_answer() {
             "vigil_cluster_queries_refused_waiting_total"
         ),
         refused as u64
+    );
+}
+
+#[test]
+fn large_questions_read_ahead_are_refused_past_a_megabyte() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let node = node(&nats, "n1", &[]);
+    send(&node, &(0..3_000).map(large).collect::<Vec<_>>());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_index_size") == 3_000).then_some(())
+    })
+    .expect("all 3 000 indexed");
+    // 512 KB questions (under NATS's 1 MB payload limit), 8 of them.
+    const LARGE: usize = 8;
+    let replies = runtime.block_on(async {
+        let asker = peer(&nats).await;
+        let (scanned, others) = (asker.new_inbox(), asker.new_inbox());
+        let mut replies = asker.subscribe(others.clone()).await.unwrap();
+        // 12 MB to scan and send: the rest arrives while it is answered.
+        (asker.publish_with_reply("vigil.query", scanned, "true".into()))
+            .await
+            .unwrap();
+        let question = format!("{}false", " ".repeat(512 * 1024));
+        for _ in 0..LARGE {
+            let payload = question.clone().into();
+            (asker.publish_with_reply("vigil.query", others.clone(), payload))
+                .await
+                .unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < LARGE {
+            got.push(replies.next().await.expect("a reply"));
+        }
+        got
+    });
+    let refused = replies
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.payload).contains("cluster queries waiting"))
+        .count();
+    assert!(
+        refused > 0,
+        "none refused: {LARGE} questions of 512 KB queued"
     );
 }
 

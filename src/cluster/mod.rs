@@ -699,12 +699,18 @@ async fn tell_given_up(client: &async_nats::Client, inbox: String) {
 /// gave it up; one more is refused at once ([`refuse_waiting`]).
 const READ_AHEAD: usize = 1024;
 
+/// Bytes of requests read ahead at most, a request counted by its query:
+/// NATS lets any client send 1 MB ones, and [`READ_AHEAD`] of those held
+/// 1 GB outside every budget; a query is rarely over a few hundred bytes.
+const READ_AHEAD_BYTES: usize = 1 << 20;
+
 /// Answers `vigil.query` from this node's own index, one request at a
 /// time, except this node's own (its asker scans that part itself). The
 /// requests are read on while one is answered: one its asker gave up is
 /// dropped (its scan stopped, its room given back), and one queued behind
 /// is skipped. Reading never stops, so a give-up is always seen: with
-/// [`READ_AHEAD`] requests queued, a further one is refused instead.
+/// [`READ_AHEAD`] requests or [`READ_AHEAD_BYTES`] queued, a further one
+/// is refused instead.
 /// (Reading stopped there, and the current answer's give-up waited behind
 /// the queued requests until the answer was sent whole.)
 async fn answer_queries(
@@ -712,10 +718,14 @@ async fn answer_queries(
     mut requests: async_nats::Subscriber,
     stop: CancellationToken,
 ) {
-    let mut queued = VecDeque::new();
+    let mut queued: VecDeque<async_nats::Message> = VecDeque::new();
+    let mut queued_bytes = 0;
     loop {
         let request = match queued.pop_front() {
-            Some(request) => request,
+            Some(request) => {
+                queued_bytes -= request.payload.len();
+                request
+            }
             None => tokio::select! {
                 request = requests.next() => match request {
                     Some(request) => request,
@@ -747,11 +757,19 @@ async fn answer_queries(
                             tracing::debug!("Stopped answering a cluster query its asker gave up.");
                             break;
                         }
-                        Some(inbox) => queued.retain(|q: &async_nats::Message| {
-                            q.reply.as_ref().is_none_or(|r| r.as_str() != inbox)
-                        }),
-                        None if queued.len() < READ_AHEAD => queued.push_back(next),
-                        None => refuse_waiting(&cluster, next).await,
+                        Some(inbox) => {
+                            queued.retain(|q| {
+                                q.reply.as_ref().is_none_or(|r| r.as_str() != inbox)
+                            });
+                            queued_bytes = queued.iter().map(|q| q.payload.len()).sum();
+                        }
+                        None if queued.len() < READ_AHEAD
+                            && queued_bytes + next.payload.len() <= READ_AHEAD_BYTES =>
+                        {
+                            queued_bytes += next.payload.len();
+                            queued.push_back(next);
+                        }
+                        None => refuse_waiting(&cluster, next, queued.len(), queued_bytes).await,
                     }
                 }
             }
@@ -759,10 +777,16 @@ async fn answer_queries(
     }
 }
 
-/// Refuses `request` at once, [`READ_AHEAD`] requests waiting already: its
-/// asker refuses its query as unavailable, naming this node, rather than
-/// waiting out its timeout for an answer that would come late.
-async fn refuse_waiting(cluster: &Cluster, request: async_nats::Message) {
+/// Refuses `request` at once, `waiting` requests of `bytes` queued already
+/// ([`READ_AHEAD`], [`READ_AHEAD_BYTES`]): its asker refuses its query as
+/// unavailable, naming this node, rather than waiting out its timeout for
+/// an answer that would come late.
+async fn refuse_waiting(
+    cluster: &Cluster,
+    request: async_nats::Message,
+    waiting: usize,
+    bytes: usize,
+) {
     let node = &cluster.config.node_id;
     if header_of(&request, ASKER) == Some(node.as_str()) {
         return;
@@ -776,7 +800,7 @@ async fn refuse_waiting(cluster: &Cluster, request: async_nats::Message) {
             .cluster_queries_refused_waiting,
     );
     let refusal = proto::error_reply(format!(
-        "node {node} has {READ_AHEAD} cluster queries waiting; ask again in a moment"
+        "node {node} has {waiting} cluster queries waiting ({bytes} bytes); ask again in a moment"
     ));
     if let Err(e) = cluster.client.publish(reply, refusal).await {
         tracing::debug!(error = %e, "Could not refuse a cluster query.");
