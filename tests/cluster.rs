@@ -610,6 +610,20 @@ fn an_answer_larger_than_the_pool_takes_all_of_it_on_an_idle_cluster() {
     }
 }
 
+/// One node holding 3 000 events of 4 KB: a `true` query's answer is 12 MB
+/// to scan and send, long enough for more questions to arrive meanwhile.
+fn answering_12_mb() -> (Nats, Vigil, tokio::runtime::Runtime) {
+    let nats = Nats::start();
+    let node = node(&nats, "n1", &[]);
+    send(&node, &(0..3_000).map(large).collect::<Vec<_>>());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_index_size") == 3_000).then_some(())
+    })
+    .expect("all 3 000 indexed");
+    (nats, node, runtime)
+}
+
 /// A node stops answering a query its asker gave up (a `Vigil-Abandoned`
 /// message naming its inbox, after the question on `vigil.query`): it
 /// kept scanning and sending every part, holding its room in
@@ -620,14 +634,7 @@ fn an_answer_larger_than_the_pool_takes_all_of_it_on_an_idle_cluster() {
 #[test]
 fn a_node_stops_answering_a_query_its_asker_gave_up() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let nats = Nats::start();
-    let node = node(&nats, "n1", &[]);
-    send(&node, &(0..3_000).map(large).collect::<Vec<_>>());
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    wait_until(SETTLE, || {
-        (metric_of(&runtime, &node, "vigil_index_size") == 3_000).then_some(())
-    })
-    .expect("all 3 000 indexed");
+    let (nats, _node, runtime) = answering_12_mb();
     let parts = runtime.block_on(async {
         let client = peer(&nats).await;
         let mut answers = client.subscribe("test.>").await.unwrap();
@@ -757,14 +764,7 @@ fn an_asker_refused_as_busy_tells_the_nodes_to_stop() {
 #[test]
 fn a_give_up_behind_more_questions_than_are_read_ahead_stops_the_answer() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let nats = Nats::start();
-    let node = node(&nats, "n1", &[]);
-    send(&node, &(0..3_000).map(large).collect::<Vec<_>>());
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    wait_until(SETTLE, || {
-        (metric_of(&runtime, &node, "vigil_index_size") == 3_000).then_some(())
-    })
-    .expect("all 3 000 indexed");
+    let (nats, node, runtime) = answering_12_mb();
     const WAITING: usize = 1_100;
     let (parts, replies) = runtime.block_on(async {
         let asker = peer(&nats).await;
@@ -828,14 +828,7 @@ fn a_give_up_behind_more_questions_than_are_read_ahead_stops_the_answer() {
 #[test]
 fn large_questions_read_ahead_are_refused_past_a_megabyte() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let nats = Nats::start();
-    let node = node(&nats, "n1", &[]);
-    send(&node, &(0..3_000).map(large).collect::<Vec<_>>());
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    wait_until(SETTLE, || {
-        (metric_of(&runtime, &node, "vigil_index_size") == 3_000).then_some(())
-    })
-    .expect("all 3 000 indexed");
+    let (nats, _node, runtime) = answering_12_mb();
     // 512 KB questions (under NATS's 1 MB payload limit), 8 of them.
     const LARGE: usize = 8;
     let replies = runtime.block_on(async {
