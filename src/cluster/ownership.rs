@@ -186,15 +186,27 @@ impl Buckets {
     }
 }
 
+/// How long one listing of a bucket's keys may take before it is begun
+/// again, and how many times it is begun. async-nats ends a listing at the
+/// message its consumer counted as the last when it was made: a key written
+/// while the consumer is being made can leave it waiting for ever (seen: of
+/// two nodes starting at once, one hung here, silent, about one start in 30).
+const LISTING_PATIENCE: Duration = Duration::from_secs(2);
+const LISTING_TRIES: u32 = 3;
+
 /// The keys a bucket holds now (deleted ones are not listed).
 async fn keys_of(store: &Store, doing: &str) -> Result<BTreeSet<String>, NatsError> {
-    store
-        .keys()
-        .await
-        .doing(doing)?
-        .try_collect()
-        .await
-        .doing(doing)
+    let list = || async {
+        let keys = store.keys().await.doing(doing)?;
+        keys.try_collect().await.doing(doing)
+    };
+    for _ in 1..LISTING_TRIES {
+        if let Ok(listed) = tokio::time::timeout(LISTING_PATIENCE, list()).await {
+            return listed;
+        }
+        tracing::debug!(doing, "A listing of keys did not end; listing again.");
+    }
+    (tokio::time::timeout(LISTING_PATIENCE, list()).await).doing(doing)?
 }
 
 /// A heartbeat's value: the node's shard count and its process's nonce.
