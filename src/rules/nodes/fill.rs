@@ -190,10 +190,12 @@ impl Node for FillIn {
                 // vigil's downtime is no silence of the series: from the
                 // start it has a whole `dt` to speak, as after its first
                 // event, else each series still alive would be filled for
-                // every `dt` vigil was down, all at once.
+                // every `dt` vigil was down, all at once. Nor later: a saved
+                // fill due after that could only come from a file vigil did
+                // not write. So a saved fill is due exactly then.
                 let resumed = from.started().saturating_add(self.interval);
                 *self.state.lock() = FillState {
-                    next: next.map(|at| from.due_within(at, self.interval).max(resumed)),
+                    next: next.map(|_| resumed),
                     expires,
                     latest: latest.filter(|_| self.last),
                     moved: false,
