@@ -22,6 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream::context::{
+    CreateStreamError, CreateStreamErrorKind, GetStreamErrorKind,
+};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -74,6 +77,76 @@ impl<T, E: Into<async_nats::Error>> Doing<T> for Result<T, E> {
             cause: cause.into(),
         })
     }
+}
+
+/// Gets the stream `config` names, creating it when missing. Nodes started
+/// at once on a fresh NATS each find it missing and create it, and the
+/// server can refuse a create because another node's stream now holds the
+/// subjects (seen once: "subjects overlap with an existing stream"): the
+/// stream is then the one wanted, and is got instead.
+pub(crate) async fn get_or_create_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, async_nats::Error> {
+    let name = config.name.clone();
+    let created = js.get_or_create_stream(config).await;
+    let get = || async {
+        match js.get_stream(&name).await {
+            Ok(stream) => Ok(Some(stream)),
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    };
+    found_if_made_meanwhile(created, get).await
+}
+
+/// Gets of a stream another node made meanwhile, [`MADE_MEANWHILE_PAUSE`]
+/// apart: a NATS cluster may answer the create before every server shows
+/// the stream.
+const MADE_MEANWHILE_TRIES: u32 = 5;
+const MADE_MEANWHILE_PAUSE: Duration = Duration::from_millis(200);
+
+/// What a create that raced another node's comes to: the stream `get`
+/// finds (`None`: not found yet) when the server refused the create
+/// because the stream, or another with its subjects, exists; otherwise the
+/// create's own result. Bounded: not found after [`MADE_MEANWHILE_TRIES`]
+/// gets, it is the create's error.
+async fn found_if_made_meanwhile<T, F>(
+    created: Result<T, CreateStreamError>,
+    mut get: impl FnMut() -> F,
+) -> Result<T, async_nats::Error>
+where
+    F: Future<Output = Result<Option<T>, async_nats::Error>>,
+{
+    use jetstream::ErrorCode;
+    let refused = match created {
+        Ok(stream) => return Ok(stream),
+        Err(e) => e,
+    };
+    let exists = match refused.kind() {
+        CreateStreamErrorKind::JetStream(e) => [
+            ErrorCode::STREAM_SUBJECT_OVERLAP,
+            ErrorCode::STREAM_NAME_EXIST,
+        ]
+        .contains(&e.error_code()),
+        _ => false,
+    };
+    if !exists {
+        return Err(refused.into());
+    }
+    for _ in 0..MADE_MEANWHILE_TRIES {
+        if let Some(stream) = get().await? {
+            tracing::debug!(error = %refused, "Another node created the stream meanwhile; using it.");
+            return Ok(stream);
+        }
+        tokio::time::sleep(MADE_MEANWHILE_PAUSE).await;
+    }
+    Err(refused.into())
 }
 
 /// What `vigil run --cluster …` configures.
@@ -207,8 +280,7 @@ impl Cluster {
             storage: stream::StorageType::File,
             ..Default::default()
         };
-        let events = js
-            .get_or_create_stream(events_config.clone())
+        let events = get_or_create_stream(&js, events_config.clone())
             .await
             .doing("creating the JetStream events stream")?;
         // The stream is the cluster's: a node started with another
@@ -948,6 +1020,51 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "connecting to NATS at nats://x:4222: connection refused"
+        );
+    }
+
+    /// A create refused by the server with `err_code`, as it answers it.
+    fn refused(err_code: u64, description: &str) -> CreateStreamError {
+        let answer = serde_json::json!({
+            "code": 400, "err_code": err_code, "description": description,
+        });
+        serde_json::from_value::<jetstream::Error>(answer)
+            .unwrap()
+            .into()
+    }
+
+    /// Nodes started at once both create the stream; the server refused
+    /// the later create as overlapping the stream the other just made, and
+    /// the node failed to start.
+    #[tokio::test(start_paused = true)]
+    async fn a_create_refused_for_a_stream_made_meanwhile_gets_that_stream() {
+        let overlap = || refused(10065, "subjects overlap with an existing stream");
+        let gets = AtomicUsize::new(0);
+        let get = || async {
+            // Not found at first: a NATS cluster may not show it at once.
+            let n = gets.fetch_add(1, Ordering::Relaxed);
+            Ok((n == 2).then_some("theirs"))
+        };
+        assert_eq!(
+            found_if_made_meanwhile(Err(overlap()), get).await.unwrap(),
+            "theirs"
+        );
+        assert_eq!(gets.load(Ordering::Relaxed), 3);
+        // Never found: bounded, the create's error.
+        let never = || async { Ok(None::<&str>) };
+        let error = found_if_made_meanwhile(Err(overlap()), never)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("subjects overlap"), "{error}");
+        // Refused for another reason: no get, the create's error.
+        gets.store(0, Ordering::Relaxed);
+        let other = Err(refused(10052, "replicas > 1 not supported"));
+        let error = found_if_made_meanwhile(other, get).await.unwrap_err();
+        assert!(error.to_string().contains("replicas"), "{error}");
+        assert_eq!(gets.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            found_if_made_meanwhile(Ok("ours"), get).await.unwrap(),
+            "ours"
         );
     }
 

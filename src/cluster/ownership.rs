@@ -70,18 +70,21 @@ impl Buckets {
 /// made by hand with the KV layout (`create_key_value` first asks for account
 /// info in a form nats-server 2.9 does not answer).
 async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<Store, NatsError> {
-    js.get_or_create_stream(stream::Config {
-        name: format!("KV_{name}"),
-        subjects: vec![format!("$KV.{name}.>")],
-        max_messages_per_subject: 1,
-        max_age,
-        storage: stream::StorageType::File,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        ..Default::default()
-    })
+    super::get_or_create_stream(
+        js,
+        stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        },
+    )
     .await
     .doing(format!("creating the KV bucket {name}"))?;
     js.get_key_value(name)
