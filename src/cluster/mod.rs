@@ -546,7 +546,10 @@ impl Cluster {
         replies: &mut async_nats::Subscriber,
         expected: usize,
     ) -> Result<(Merged, usize), ClusterQueryError> {
-        let mut merged = own_part(&self.index, query, bytes).await?;
+        // Its wait for a scan turn bounded as the other nodes' answers are:
+        // with every turn taken it waited for ever.
+        let patience = self.config.query_timeout;
+        let mut merged = own_part(&self.index, query, bytes, patience).await?;
         let (mut answered, mut echoed) = (1, false);
         let deadline = tokio::time::sleep(self.config.query_timeout);
         tokio::pin!(deadline);
@@ -696,12 +699,18 @@ impl Merged {
 }
 
 /// This node's part of `query`, merged on the blocking thread that scanned
-/// it, in the room its scan took. Merged on the async worker, the 100 000
-/// events of a whole part held it for 240–400 ms (debug build), where the
-/// other nodes' parts come a thousand events at a time.
-async fn own_part(index: &Arc<Index>, query: &Query, bytes: Sizing) -> Result<Merged, QueryError> {
+/// it, in the room its scan took; refused when no scan turn comes within
+/// `patience`. Merged on the async worker, the 100 000 events of a whole
+/// part held it for 240–400 ms (debug build), where the other nodes' parts
+/// come a thousand events at a time.
+async fn own_part(
+    index: &Arc<Index>,
+    query: &Query,
+    bytes: Sizing,
+    patience: Duration,
+) -> Result<Merged, QueryError> {
     let answers = index.answers().clone();
-    let (mut merged, room) = (index.answer_then(query, bytes, move |found| {
+    let (mut merged, room) = (index.answer_within(query, bytes, patience, move |found| {
         // No room of its own: the scan's, which holds every event found,
         // replaces it.
         let mut merged = Merged::new(answers.room(), bytes);
@@ -1173,7 +1182,8 @@ mod tests {
                 ..Event::default()
             });
         }
-        let merged = own_part(&index, &Query::parse("true").unwrap(), on_thread)
+        let all = Query::parse("true").unwrap();
+        let merged = own_part(&index, &all, on_thread, Duration::from_secs(2))
             .await
             .unwrap();
         assert_eq!(merged.events.len(), 10);
@@ -1184,6 +1194,30 @@ mod tests {
             !sized_on.contains(&worker),
             "merged on the async worker: {sized_on:?}"
         );
+    }
+
+    /// The asker's own part waits for a scan turn as long as the other
+    /// nodes' answers are waited for, then refuses saying why: with every
+    /// turn taken it waited for ever.
+    #[tokio::test(start_paused = true)]
+    async fn the_askers_own_part_waits_for_a_scan_turn_no_longer_than_the_query_timeout() {
+        let index = Arc::new(Index::new(crate::index::IndexConfig::default()));
+        index.insert(&Event::default());
+        let all = Query::parse("true").unwrap();
+        let waited = Duration::from_secs(2);
+        let turns = index.take_every_scan_turn().await;
+        let part = own_part(&index, &all, proto::approx_bytes, waited);
+        // Virtual time: the bound the test gives it, not the wall clock's.
+        let refused = tokio::time::timeout(2 * waited, part).await;
+        let refused = refused.expect("still waiting for a turn").err();
+        assert_eq!(refused, Some(QueryError::NoTurn { waited }));
+        assert!(
+            refused.unwrap().to_string().contains("every scan turn"),
+            "says why"
+        );
+        drop(turns);
+        let part = own_part(&index, &all, proto::approx_bytes, waited).await;
+        assert_eq!(part.map(|merged| merged.events.len()).ok(), Some(1));
     }
 
     /// A query still asking when the runtime shuts down is dropped with its

@@ -175,7 +175,9 @@ impl Shared {
                 Status::deadline_exceeded(e.to_string())
             }
             QueryError::Abandoned => Status::cancelled(e.to_string()),
-            QueryError::ShuttingDown => Status::unavailable(e.to_string()),
+            QueryError::ShuttingDown | QueryError::NoTurn { .. } => {
+                Status::unavailable(e.to_string())
+            }
             QueryError::Busy(_) => Status::resource_exhausted(e.to_string()),
         }
     }

@@ -163,6 +163,13 @@ pub enum QueryError {
     Abandoned,
     #[error("{SHUTTING_DOWN}")]
     ShuttingDown,
+    /// Every scan turn stayed taken for as long as its asker waits: a
+    /// cluster node's own part of a query, the others' answers bounded so.
+    #[error(
+        "every scan turn of this node stayed taken for {waited:?} (one per core, all \
+         scanning); ask again in a moment"
+    )]
+    NoTurn { waited: Duration },
     /// Its answer did not fit beside those being sent: ask again soon.
     #[error(transparent)]
     Busy(#[from] Busy),
@@ -659,7 +666,7 @@ impl Index {
         query: &Query,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<T, QueryError> {
-        let (answer, _) = self.scan_then(query, None, then).await?;
+        let (answer, _) = self.scan_then(query, None, None, then).await?;
         Ok(answer)
     }
 
@@ -676,15 +683,38 @@ impl Index {
         bytes: Sizing,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<(T, Room), QueryError> {
-        self.scan_then(query, Some(bytes), then).await
+        self.scan_then(query, Some(bytes), None, then).await
+    }
+
+    /// [`Index::answer_then`], refused ([`QueryError::NoTurn`]) when no
+    /// scan turn comes within `patience`.
+    pub async fn answer_within<T: Send + 'static>(
+        self: &Arc<Self>,
+        query: &Query,
+        bytes: Sizing,
+        patience: Duration,
+        then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
+    ) -> Result<(T, Room), QueryError> {
+        self.scan_then(query, Some(bytes), Some(patience), then)
+            .await
+    }
+
+    /// Every ordinary scan turn, held until dropped: askers wait meanwhile.
+    #[cfg(test)]
+    pub(crate) async fn take_every_scan_turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        let all = self.scans.available_permits() as u32;
+        // Never closed, so acquiring fails never.
+        self.scans.acquire_many(all).await.unwrap()
     }
 
     /// [`Index::query_then`], with the answer's room: taken as the scan
-    /// goes when `metered` tells an event's size, none otherwise.
+    /// goes when `metered` tells an event's size, none otherwise; its turn
+    /// waited for up to `patience`, if bounded.
     async fn scan_then<T: Send + 'static>(
         self: &Arc<Self>,
         query: &Query,
         metered: Option<Sizing>,
+        patience: Option<Duration>,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<(T, Room), QueryError> {
         let mut room = self.answers().room();
@@ -696,8 +726,13 @@ impl Index {
             true => &self.costly_scans,
             false => &self.scans,
         };
+        let turn = match patience {
+            Some(waited) => (tokio::time::timeout(waited, lane.acquire()).await)
+                .map_err(|_| QueryError::NoTurn { waited })?,
+            None => lane.acquire().await,
+        };
         // Never closed, so acquiring fails never.
-        let _turn = (lane.acquire().await).map_err(|_| QueryError::ShuttingDown)?;
+        let _turn = turn.map_err(|_| QueryError::ShuttingDown)?;
         let abandoned = Arc::new(AtomicBool::new(false));
         let _abandon_on_drop = AbandonOnDrop(abandoned.clone());
         let (index, query) = (self.clone(), query.clone());
