@@ -485,6 +485,16 @@ fn untag_counter_and_runs_check_and_pass_their_tests() {
     );
 }
 
+/// Riemann's `predict-linear` as a ported configuration writes it:
+/// checked, and its own test passes.
+#[test]
+fn predict_linear_checks_and_passes_its_test() {
+    checks_and_passes(
+        "tests/fixtures/predict_linear.vigil",
+        &["a disk filling 1 % every 64 s pages, a flat one does not"],
+    );
+}
+
 /// `fixture` passes `vigil check` as it is, and `vigil test` runs exactly
 /// `tests`, in order, all passing.
 fn checks_and_passes(fixture: &str, tests: &[&str]) {

@@ -15,9 +15,9 @@ use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
 use super::diag::{Diagnostic, closest, line_col};
 use super::nodes::{
     Apdex, By, ByDefinition, Changed, Children, Counter, Ddt, Drop, Ewma, EwmaMode, Field,
-    FieldSet, FillIn, Fold, FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles, Rate,
-    Reinject, Rollup, Runs, Scale, Split, Stable, Tag, Tap, Throttle, Untag, Where, Window,
-    WindowKind, With,
+    FieldSet, FillIn, Fold, FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles,
+    PredictLinear, Rate, Reinject, Rollup, Runs, Scale, Split, Stable, Tag, Tap, Throttle, Untag,
+    Where, Window, WindowKind, With,
 };
 use crate::outputs::template::Template;
 use crate::outputs::{OutputKind, OutputSpec, forward, graphite, http, pager, pagerduty, webhook};
@@ -55,6 +55,7 @@ const STREAMS: &[&str] = &[
     "ewma",
     "ewma_timeless",
     "ddt",
+    "predict_linear",
     "stable",
     "scale",
     "tag",
@@ -1045,6 +1046,25 @@ impl Compiler<'_> {
                 let children = self.body(name, span, body)?;
                 Box::new(Ddt::new(children))
             }
+            "predict_linear" => {
+                let b = self.bind(n, args, &["count", "ahead"], span)?;
+                let (c, a) = (self.require(n, &b, "count"), self.require(n, &b, "ahead"));
+                let (c, a) = (c?, a?);
+                let count = match c.kind {
+                    ValueKind::Number(k) if k >= 2.0 && k.fract() == 0.0 && k <= 1e12 => k as u64,
+                    _ => {
+                        let what = "a whole number of at least 2 (a line needs two points)";
+                        return self.expected(c, what);
+                    }
+                };
+                let ahead = self.duration(a)?;
+                // Bounded as a moving event window's is: it holds as many.
+                let count = usize::try_from(count)
+                    .unwrap_or(usize::MAX)
+                    .min(super::nodes::WINDOW_MAX);
+                let children = self.body(name, span, body)?;
+                Box::new(PredictLinear::new(count, ahead, children))
+            }
             "percentiles" => {
                 let b = self.bind(n, args, &["interval", "points"], span)?;
                 let (i, p) = (
@@ -1513,7 +1533,7 @@ fn riemanns(name: &str) -> Option<&'static str> {
         "tagged_any" => "tags are tested in a `where`: `where tagged \"a\" or tagged \"b\" { … }`",
         "splitp" => "`split { when metric > 0.9 { … } when metric > 0.5 { … } else { … } }`",
         "sdo" => "list the streams side by side: each gets every event",
-        "smap" | "predict_linear" | "publish" => {
+        "smap" | "publish" => {
             "Riemann's stream of that name has no vigil stage (README, \"Rule files\": what vigil lacks)"
         }
         _ => return None,

@@ -163,9 +163,9 @@ mod tests {
     /// stage of a like name: `smap` is not `tap`.
     #[test]
     fn a_riemann_stream_vigil_lacks_is_not_taken_for_a_like_named_stage() {
-        let source = "streams {\n  smap { index }\n  predict_linear(5s) { index }\n}\n";
+        let source = "streams {\n  smap { index }\n  publish(\"t\") { index }\n}\n";
         let Err(error) = load("m.vigil", source, EnvPolicy::Strict) else {
-            panic!("`smap` and `predict_linear` compiled");
+            panic!("`smap` and `publish` compiled");
         };
         assert!(error.contains("unknown stream `smap`"), "{error}");
         assert!(!error.contains("did you mean"), "{error}");
@@ -205,6 +205,27 @@ mod tests {
                 "did you mean `state`? Events without the attribute all look alike: one run of them"
             )
         );
+    }
+
+    /// `vigil check` points at each bad argument of `predict_linear`, and
+    /// says what it takes: a window of at least two events, a duration.
+    #[test]
+    fn bad_arguments_of_predict_linear_are_refused_where_written() {
+        let source = "streams {\n  predict_linear(1, 10s) { index }\n  \
+                      predict_linear(10, 5) { index }\n  predict_linear(10) { index }\n  \
+                      predict_linear(2.5, 1m) { index }\n  predict_linear(3, 1m)\n}\n";
+        let Err(error) = load("a.vigil", source, EnvPolicy::Strict) else {
+            panic!("bad arguments compiled");
+        };
+        for expected in [
+            "a.vigil:2:18: expected a whole number of at least 2 (a line needs two points), found the number 1",
+            "a.vigil:3:22: expected a duration such as 500ms, 5s, 2m or 1h, found the number 5",
+            "a.vigil:4:3: `predict_linear` needs `ahead`",
+            "a.vigil:5:18: expected a whole number of at least 2 (a line needs two points), found the number 2.5",
+            "a.vigil:6:3: `predict_linear` needs a block of streams to pass events to",
+        ] {
+            assert!(error.contains(expected), "{expected} in\n{error}");
+        }
     }
 
     /// `vigil check` points at each bad argument of `fill_in`,

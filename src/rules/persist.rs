@@ -30,7 +30,7 @@
 //! every struct names its fields. Postcard names nothing, so fields and
 //! enum variants are known by their position: changing their order or
 //! meaning needs a new version. Kinds appended for a new stage (`counter`,
-//! `runs`, `fill_in`, `apdex`) do not: only rules with that stage save them, and a vigil
+//! `runs`, `fill_in`, `apdex`, `predict_linear`) do not: only rules with that stage save them, and a vigil
 //! without it refuses their text (which no longer compiles) before it
 //! reads an entry.
 //!
@@ -1183,7 +1183,8 @@ mod tests {
   rollup(1, 1m) { out }
   fill_in_last(1m) { out }
   apdex(1m, satisfied: "metric < 1", tolerated: "metric < 2") { out }
-  batch(10, 1m) { sum { out } }"#;
+  batch(10, 1m) { sum { out } }
+  predict_linear(3, 1m) { out }"#;
         let first = Life::start(rules, dir.path(), 0.0);
         for (i, host) in ["a", "b", "a", "c"].iter().enumerate() {
             first.advance_to(i as f64 * 0.5);
@@ -1193,7 +1194,7 @@ mod tests {
         assert_eq!(before[0], Saved::By { groups: 3 });
         assert_eq!(
             before.len(),
-            1 + 3 * 2 + 18,
+            1 + 3 * 2 + 19,
             "the by, each group and its stable, every other stateful stage"
         );
         first.stop(dir.path());

@@ -31,6 +31,7 @@
 //!   latest event and when its `dt` ends.
 //! - `throttle`, `stable`, `ewma`, `ewma_timeless`, `ddt`: their counters,
 //!   held events and last values.
+//! - `predict_linear`: the times and metrics of its window.
 //! - Time, event-count, `batch` and `coalesce` windows, `percentiles`: the buffered
 //!   events or samples (a fixed window: its folds so far) and when the
 //!   window closes; a fold keeps its place if its kind is unchanged. A `min`

@@ -32,6 +32,7 @@ mod apdex;
 mod basic;
 mod fill;
 mod numbers;
+mod predict;
 mod rollup;
 mod running;
 pub mod saved;
@@ -48,6 +49,7 @@ pub use basic::{
     Untag, Where, With,
 };
 pub use fill::FillIn;
+pub use predict::PredictLinear;
 pub use rollup::Rollup;
 pub use stateful::{
     By, ByDefinition, Changed, Counter, Ddt, Ewma, EwmaMode, Rate, Runs, Stable, Throttle,

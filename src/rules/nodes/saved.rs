@@ -131,6 +131,8 @@ pub enum Saved {
         spread: Box<FixedSpread>,
         window_end: Option<Micros>,
     },
+    /// A `predict_linear`: its points, (event time, metric), oldest first.
+    PredictLinear(Vec<(Micros, f64)>),
 }
 
 impl Saved {
@@ -155,6 +157,7 @@ impl Saved {
             Saved::Rollup { .. } => "rollup",
             Saved::FillIn { .. } => "fill_in",
             Saved::Apdex { .. } => "apdex",
+            Saved::PredictLinear(_) => "predict_linear",
         }
     }
 }

@@ -1453,6 +1453,138 @@ fn ddt_of_an_event_older_than_the_one_before_is_the_slope_back_to_it() {
     );
 }
 
+// ---- predict_linear ------------------------------------------------------------
+
+/// An event of host `h` at `secs` after the start (its own time), metric `m`.
+fn point(b: &Bench, secs: f64, m: Metric) -> Event {
+    let mut e = with_metric(ev(b, "h", "s"), m);
+    e.time = at(secs);
+    e
+}
+
+/// y = 2t + 1 sampled at t = 0..4 (epoch seconds, integer metrics): each
+/// prediction is the line's value 10 s after the latest event, a float.
+#[test]
+fn predict_linear_reads_the_fitted_line_s_after_the_latest_event() {
+    let b = bench("predict_linear(5, 10s) { out }");
+    for t in 0..5 {
+        send(
+            &b,
+            point(&b, f64::from(t), Metric::Int(2 * i64::from(t) + 1)),
+        );
+    }
+    let expected = (1..5).map(|t| Some(Metric::Float(f64::from(2 * (t + 10) + 1))));
+    assert_eq!(out_metrics(&b), expected.collect::<Vec<_>>());
+    assert_eq!(
+        out(&b)[3].time,
+        at(4.0),
+        "the latest event, its time as sent"
+    );
+}
+
+/// The window is the last `n` events: the oldest leaves it.
+#[test]
+fn predict_linear_fits_only_the_last_n_events() {
+    let b = bench("predict_linear(2, 1s) { out }");
+    for (t, m) in [(0, 0), (1, 10), (2, 10)] {
+        send(&b, point(&b, f64::from(t), Metric::Int(m)));
+    }
+    // (0, 0), (1, 10): slope 10; then (1, 10), (2, 10): flat.
+    assert_eq!(out_f64(&b), vec![20.0, 10.0]);
+}
+
+/// Events of one time give no slope (Riemann's divides by zero): nothing
+/// is emitted until the window holds two times. An event without a metric
+/// (an `expired` notice) or with a NaN or infinite one is no point and
+/// emits nothing: it would have spoilt the next `n` predictions.
+#[test]
+fn predict_linear_skips_equal_times_and_metrics_that_are_no_points() {
+    let b = bench("predict_linear(3, 10s) { out }");
+    send(&b, point(&b, 0.0, Metric::Int(1)));
+    send(&b, point(&b, 0.0, Metric::Int(1)));
+    assert!(out(&b).is_empty(), "two events of one time: no slope");
+    for m in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        send(&b, point(&b, 3.0, Metric::Float(m)));
+    }
+    send(&b, with_state(ev(&b, "h", "s"), "expired"));
+    assert!(out(&b).is_empty(), "{:?}", out(&b));
+    // (0, 1), (0, 1), (3, 7): y = 2t + 1, read at 13 s.
+    send(&b, point(&b, 3.0, Metric::Int(7)));
+    assert_eq!(out_metrics(&b), vec![Some(Metric::Float(27.0))]);
+}
+
+/// At epoch times (1.7e9 s) a point 1/64 s apart is exact: so is the
+/// prediction, to the last bit. Sums of the times' squares (~2.9e18) keep
+/// nothing of so small a spread.
+#[test]
+fn predict_linear_is_exact_at_epoch_times_a_fraction_of_a_second_apart() {
+    let b = bench("predict_linear(5, 93.75ms) { out }");
+    for k in 0..5 {
+        let mut e = point(&b, 0.0, Metric::Int(2 * k + 1));
+        e.time = TEST_EPOCH + k * 15_625;
+        send(&b, e);
+    }
+    // y = 128 x + 1 (x in seconds from the first): 6/64 s after x = 4/64.
+    assert_eq!(out_f64(&b).last(), Some(&21.0));
+}
+
+/// Each `by` group fits its own series.
+#[test]
+fn predict_linear_fits_each_by_group_apart() {
+    let b = bench("by(host) { predict_linear(2, 1s) { out } }");
+    for (t, host, m) in [(0, "a", 0), (0, "b", 100), (1, "a", 1), (1, "b", 90)] {
+        let mut e = point(&b, f64::from(t), Metric::Int(m));
+        e.host = Some(host.into());
+        send(&b, e);
+    }
+    let seen: Vec<_> = out(&b)
+        .iter()
+        .map(|e| (e.host_str().to_owned(), e.metric))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("a".into(), Some(Metric::Float(2.0))),
+            ("b".into(), Some(Metric::Float(80.0)))
+        ]
+    );
+}
+
+/// An unchanged `predict_linear` keeps its points across a reload; one
+/// whose `n` changed starts empty.
+#[test]
+fn a_reload_keeps_an_unchanged_predict_linears_points() {
+    let b = bench("predict_linear(3, 1s) { out }");
+    send(&b, point(&b, 0.0, Metric::Int(0)));
+    reload_to(&b, "predict_linear(3, 1s) { out }\n  tag(\"new\") { drop }");
+    send(&b, point(&b, 1.0, Metric::Int(1)));
+    assert_eq!(out_f64(&b), vec![2.0], "the point from before the reload");
+    reload_to(&b, "predict_linear(4, 1s) { out }");
+    send(&b, point(&b, 2.0, Metric::Int(5)));
+    assert_eq!(out_f64(&b), vec![2.0], "a changed stage starts empty");
+}
+
+/// The README's example: `fs-usage` predicted 30 minutes ahead per host
+/// pages once the line passes 95.
+#[test]
+fn predict_linear_pages_a_disk_filling_within_half_an_hour() {
+    let b = bench(
+        "where service = \"fs-usage\" { by(host) { predict_linear(10, 30m) { \
+         where metric > 95 { with(state: \"critical\") { out } } } } }",
+    );
+    for (t, m) in [(0, 49.0), (64, 50.0), (128, 54.0)] {
+        let mut e = metric_ev(&b, "fs-usage", m);
+        e.time = at(f64::from(t));
+        send(&b, e);
+    }
+    // 49, 50: 1/64 a second, 78.125 half an hour on, not paged. With 54:
+    // 5/128 a second through the mean (64, 51): 51 + 5/128 × 1864.
+    let seen = out(&b);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].state.as_deref(), Some("critical"));
+    assert_eq!(seen[0].metric, Some(Metric::Float(123.8125)));
+}
+
 // ---- stable ------------------------------------------------------------------
 
 #[test]
@@ -1681,6 +1813,7 @@ fn a_stages_events_do_not_wait_for_its_state_being_written() {
         "changed_state { drop }",
         "ewma(10s) { drop }",
         "ddt { drop }",
+        "predict_linear(3, 1m) { drop }",
         "fixed_time_window(10s) { count { drop } }",
         "moving_event_window(10) { count { drop } }",
         "percentiles(10s, [0.5]) { drop }",
