@@ -333,21 +333,33 @@ fn check_hints_a_missing_block_with_the_stage_as_written() {
 
 /// Riemann's streams that are written otherwise here say how.
 #[test]
-fn check_says_how_riemanns_tag_streams_are_written() {
+fn check_says_how_riemanns_splitp_and_sdo_are_written() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("riemann.vigil");
-    let source =
-        "streams {\n  tagged(\"x\") { index }\n  tagged_any([\"x\", \"y\"]) { index }\n}\n";
+    let source = "streams {\n  splitp(\"x\") { index }\n  sdo { index }\n}\n";
     std::fs::write(&path, source).unwrap();
     let out = vigil(&["check", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out);
     for hint in [
-        "hint: tags are tested in a `where`: `where tagged \"a\" { … }`",
-        "hint: tags are tested in a `where`: `where tagged \"a\" or tagged \"b\" { … }`",
+        "hint: `split { when metric > 0.9 { … } when metric > 0.5 { … } else { … } }`",
+        "hint: list the streams side by side: each gets every event",
     ] {
         assert!(text.contains(hint), "{hint} in\n{text}");
     }
+}
+
+/// Riemann's `tagged`, `tagged-all` and `tagged-any` as a ported
+/// configuration writes them: checked, and their own tests pass.
+#[test]
+fn tagged_tagged_all_and_tagged_any_check_and_pass_their_tests() {
+    checks_and_passes(
+        "tests/fixtures/tagged.vigil",
+        &[
+            "a production database pages; a test one does not",
+            "noisy and test events are left out of the index",
+        ],
+    );
 }
 
 #[test]

@@ -195,11 +195,34 @@ impl Query {
     }
 
     fn from_parsed(source: &str, parsed: parser::Parsed) -> Query {
+        Self::from_node(parsed.node, source[parsed.text].to_owned())
+    }
+
+    fn from_node(root: eval::Node, text: String) -> Query {
         Query {
-            costly: parsed.node.weight() > eval::CHEAP_WEIGHT,
-            root: parsed.node,
-            text: source[parsed.text].to_owned(),
+            costly: root.weight() > eval::CHEAP_WEIGHT,
+            root,
+            text,
         }
+    }
+
+    /// `tagged "a" and tagged "b" …` where `all`, else `tagged "a" or …`:
+    /// what the rule language's `tagged_all` and `tagged_any` test, equal to
+    /// that query as parsed (so a reload from one form to the other keeps
+    /// the stages below it). Built from the tags, not parsed from text in
+    /// which they would have to be escaped.
+    pub fn tagged(tags: &[String], all: bool) -> Query {
+        let terms = tags.iter().map(|tag| eval::Node::Tagged(tag.clone()));
+        let (root, joint) = match all {
+            true => (eval::Node::all(terms.collect()), " and "),
+            false => (eval::Node::any(terms.collect()), " or "),
+        };
+        let text = tags
+            .iter()
+            .map(|tag| format!("tagged {}", quoted(tag)))
+            .collect::<Vec<_>>()
+            .join(joint);
+        Self::from_node(root, text)
     }
 
     /// What the predicate at the start of `input` says that is valid but
@@ -258,6 +281,29 @@ impl PartialEq for Query {
     fn eq(&self, other: &Query) -> bool {
         self.root == other.root
     }
+}
+
+/// `text` as a string literal of the query language, which reads it back
+/// as `text` (Java's escapes, as its parser takes them).
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str(r#"\""#),
+            '\\' => out.push_str(r"\\"),
+            '\n' => out.push_str(r"\n"),
+            '\t' => out.push_str(r"\t"),
+            '\r' => out.push_str(r"\r"),
+            '\u{8}' => out.push_str(r"\b"),
+            '\u{c}' => out.push_str(r"\f"),
+            // Every control character is below U+00A0: four digits hold it.
+            c if c.is_control() => out.push_str(&format!(r"\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 impl fmt::Display for Query {
@@ -831,6 +877,35 @@ mod tests {
                 r#"tagged "prod" and tagged "dev""#,
             ],
         );
+    }
+
+    /// A query made of tags is the one its text parses to, whatever the
+    /// tags hold: it shows as it tests.
+    #[test]
+    fn tagged_of_tags_is_the_query_its_text_says() {
+        let tags = [
+            "prod",
+            "a \"quoted\" \\ tag",
+            "new\nline\t\u{1}\u{8}\u{c}\r\u{7f}é",
+        ]
+        .map(str::to_owned);
+        for all in [true, false] {
+            let query = Query::tagged(&tags, all);
+            assert_eq!(Query::parse(query.as_str()), Ok(query.clone()), "{query}");
+        }
+        let query = Query::tagged(&tags[..2], true);
+        let written = r#"tagged "prod" and tagged "a \"quoted\" \\ tag""#;
+        assert_eq!(query.as_str(), written);
+        assert_eq!(
+            Query::tagged(&tags[..1], false).as_str(),
+            r#"tagged "prod""#
+        );
+
+        let e = event();
+        let prod_dev = ["prod", "dev"].map(str::to_owned);
+        assert!(!Query::tagged(&prod_dev, true).matches(&e));
+        assert!(Query::tagged(&prod_dev, false).matches(&e));
+        assert!(Query::tagged(&prod_dev[..1], true).matches(&e));
     }
 
     #[test]

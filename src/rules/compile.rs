@@ -60,6 +60,9 @@ const STREAMS: &[&str] = &[
     "scale",
     "tag",
     "untag",
+    "tagged",
+    "tagged_all",
+    "tagged_any",
     "tap",
     "log",
     "sum",
@@ -749,11 +752,20 @@ impl Compiler<'_> {
                 else_body,
                 span,
             } => {
+                let tag_test = match name.name.as_str() {
+                    "tagged" | "tagged_all" => Some(true),
+                    "tagged_any" => Some(false),
+                    _ => None,
+                };
+                if let Some(all) = tag_test {
+                    let (args, body) = (args.as_deref(), body.as_ref());
+                    return self.tagged(name, args, body, else_body.as_ref(), span, all);
+                }
                 if let Some(else_body) = else_body {
                     self.error(
                         else_body.span.clone(),
                         format!(
-                            "`else` only follows `where` or `split`, not `{}`",
+                            "`else` only follows `where`, `split` and the `tagged` streams, not `{}`",
                             name.name
                         ),
                     );
@@ -766,6 +778,68 @@ impl Compiler<'_> {
                 )
             }
         }
+    }
+
+    /// `tagged(…)` and `tagged_all(…)` (`all`), or `tagged_any(…)`: the
+    /// `where` of `tagged "a" and tagged "b" …` (or `or`), as Riemann's
+    /// `tagged-all` and `tagged-any` (its `tagged` is `tagged-all`). The
+    /// tags come as strings, lists of them, or both.
+    fn tagged(
+        &mut self,
+        name: &Ident,
+        args: Option<&[Arg]>,
+        body: Option<&Block>,
+        else_body: Option<&Block>,
+        span: &Span,
+        all: bool,
+    ) -> Option<Box<dyn Node>> {
+        let n = name.name.as_str();
+        let mut tags = Vec::new();
+        let mut ok = true;
+        for arg in args.unwrap_or_default() {
+            if let Some(param) = &arg.name {
+                self.error_hint(
+                    param.span.clone(),
+                    format!("unknown parameter `{}` for `{n}`", param.name),
+                    format!("`{n}` takes the tags alone: `{n}(\"a\", \"b\")`"),
+                );
+                ok = false;
+                continue;
+            }
+            let found = match &arg.value.kind {
+                ValueKind::String(tag) => Some(vec![tag.clone()]),
+                ValueKind::List(items) if items.is_empty() => {
+                    self.error(
+                        arg.value.span.clone(),
+                        format!("`{n}` needs a tag, not an empty list"),
+                    );
+                    None
+                }
+                ValueKind::List(items) => self.strings(items),
+                _ => self.expected(&arg.value, "a tag or a list of tags"),
+            };
+            match found {
+                Some(found) => tags.extend(found),
+                None => ok = false,
+            }
+        }
+        if ok && tags.is_empty() {
+            self.error_hint(
+                name.span.clone(),
+                format!("`{n}` needs a tag"),
+                format!("write `{n}(\"a\") {{ … }}` or `{n}(\"a\", \"b\") {{ … }}`"),
+            );
+            ok = false;
+        }
+        // Compiled whatever the tags, so their errors are reported too.
+        let then = self.body(name, span, body);
+        let otherwise = else_body.map(|b| self.block(&b.stmts)).unwrap_or_default();
+        ok.then_some(())?;
+        Some(Box::new(Where {
+            pred: Query::tagged(&tags, all),
+            then: then?,
+            otherwise,
+        }))
     }
 
     fn call(
@@ -1528,9 +1602,6 @@ fn metric_of(x: f64) -> Metric {
 /// How a Riemann stream vigil has no stage of that name is written here.
 fn riemanns(name: &str) -> Option<&'static str> {
     Some(match name {
-        "tagged" => "tags are tested in a `where`: `where tagged \"a\" { … }`",
-        "tagged_all" => "tags are tested in a `where`: `where tagged \"a\" and tagged \"b\" { … }`",
-        "tagged_any" => "tags are tested in a `where`: `where tagged \"a\" or tagged \"b\" { … }`",
         "splitp" => "`split { when metric > 0.9 { … } when metric > 0.5 { … } else { … } }`",
         "sdo" => "list the streams side by side: each gets every event",
         "smap" | "publish" => {

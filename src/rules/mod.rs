@@ -228,6 +228,33 @@ mod tests {
         }
     }
 
+    /// `vigil check` points at a tag test without a tag, with an empty
+    /// list, or with what is not a tag, and at an `else` after any other
+    /// stream.
+    #[test]
+    fn tag_tests_without_a_tag_or_with_a_bad_one_are_refused_where_written() {
+        let source = "streams {\n  tagged { index }\n  tagged_all() { index }\n  \
+                      tagged_any([]) { index }\n  tagged(\"a\", 1) { index }\n  \
+                      tagged_all([\"a\", x]) { index }\n  tagged(tag: \"a\") { index }\n  \
+                      tagged(\"a\")\n  tag(\"a\") { index } else { drop }\n}\n";
+        let Err(error) = load("t.vigil", source, EnvPolicy::Strict) else {
+            panic!("bad tag tests compiled");
+        };
+        for expected in [
+            "t.vigil:2:3: `tagged` needs a tag",
+            "hint: write `tagged(\"a\") { … }` or `tagged(\"a\", \"b\") { … }`",
+            "t.vigil:3:3: `tagged_all` needs a tag",
+            "t.vigil:4:14: `tagged_any` needs a tag, not an empty list",
+            "t.vigil:5:15: expected a tag or a list of tags, found the number 1",
+            "t.vigil:6:20: expected a string, found a name",
+            "t.vigil:7:10: unknown parameter `tag` for `tagged`",
+            "t.vigil:8:3: `tagged` needs a block of streams to pass events to",
+            "t.vigil:9:27: `else` only follows `where`, `split` and the `tagged` streams, not `tag`",
+        ] {
+            assert!(error.contains(expected), "{expected} in\n{error}");
+        }
+    }
+
     /// `vigil check` points at each bad argument of `fill_in`,
     /// `fill_in_last`, `apdex` and `batch`, and says what it takes.
     #[test]

@@ -702,7 +702,8 @@ impl<'a> Parser<'a> {
 
     /// The error for something that cannot start a statement. A predicate-looking
     /// token after a bare name like `wher` on the same line is most likely a
-    /// misspelt `where`.
+    /// misspelt `where`; a tag after a bare `tagged`, a tag test without its
+    /// parentheses.
     fn not_a_stream(&self, input: &str, before: &[Stmt]) -> Diagnostic {
         let diagnostic = self.unexpected(input, "a stream or `}`");
         let at = self.offset(skip_trivia(input));
@@ -723,7 +724,13 @@ impl<'a> Parser<'a> {
                     args: None,
                     body: None,
                     ..
-                } => did_you_mean(&name.name, &["where"]),
+                } => match name.name.as_str() {
+                    // Riemann's `(tagged "a" …)`, or `where tagged "a"` half-changed.
+                    tag_test @ ("tagged" | "tagged_all" | "tagged_any") => Some(format!(
+                        "the tags go in parentheses: `{tag_test}(\"a\") {{ … }}`"
+                    )),
+                    other => did_you_mean(other, &["where"]),
+                },
                 _ => None,
             });
         match hint {
@@ -1833,6 +1840,27 @@ test "backlog pages" {
              \x20                 ^\n\
              \x20 hint: did you mean `where`?"
         );
+    }
+
+    /// Riemann's `(tagged "a" …)` and `where tagged "a"` are near what vigil
+    /// writes `tagged("a") { … }`: where the parentheses are left out, the
+    /// hint puts them back. With them, a tag test is a call like any.
+    #[test]
+    fn error_tag_test_without_parentheses() {
+        assert_eq!(
+            error("streams {\n  tagged_any \"a\" { index }\n}"),
+            "rules/x.vigil:2:14: expected a stream or `}`, found a string\n\
+             \x20     tagged_any \"a\" { index }\n\
+             \x20                ^\n\
+             \x20 hint: the tags go in parentheses: `tagged_any(\"a\") { … }`"
+        );
+        let src = "streams { tagged(\"a\", [\"b\"]) { index } else { drop } }";
+        let stmts = stmts(src);
+        let (name, args, body, else_body) = call(&stmts[0]);
+        assert_eq!(name, "tagged");
+        assert_eq!(args.map(Vec::len), Some(2));
+        assert_eq!(names(&body.unwrap().stmts), ["index"]);
+        assert_eq!(names(&else_body.unwrap().stmts), ["drop"]);
     }
 
     #[test]

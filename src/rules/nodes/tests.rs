@@ -930,6 +930,67 @@ fn untag_removes_every_copy_of_each_tag_and_keeps_the_rest() {
     assert_eq!(out(&b)[0].tags, vec!["y".to_owned()]);
 }
 
+/// The services of what `out` received, in order.
+fn out_services(b: &Bench) -> Vec<String> {
+    out(b).iter().map(|e| e.service_str().to_owned()).collect()
+}
+
+/// An event of service `s` carrying `tags`.
+fn tagged_ev(b: &Bench, s: &str, tags: &[&str]) -> Event {
+    let mut e = ev(b, "h", s);
+    e.tags = tags.iter().map(|t| (*t).to_owned()).collect();
+    e
+}
+
+/// As Riemann's: `tagged` is `tagged-all`, every tag present; `tagged_any`
+/// passes an event with any of them; `else` takes the rest.
+#[test]
+fn tagged_passes_events_with_every_tag_and_tagged_any_with_one() {
+    let streams = r#"tagged("a", "b") { out }
+        tagged_all(["a", "b"]) { out }
+        tagged_any(["a"], "b") { where host = "none" { out } } else { out }
+        tagged("a") { drop } else { out }"#;
+    let b = bench(streams);
+    send(&b, tagged_ev(&b, "ab", &["b", "x", "a"]));
+    send(&b, tagged_ev(&b, "a", &["a"]));
+    send(&b, tagged_ev(&b, "b", &["b"]));
+    send(&b, tagged_ev(&b, "none", &[]));
+    send(&b, tagged_ev(&b, "prefix", &["ab"]));
+    assert_eq!(
+        out_services(&b),
+        ["ab", "ab", "b", "none", "none", "prefix", "prefix"]
+    );
+}
+
+/// `tagged(…)` is the stage `where tagged … { }` compiles to: a reload
+/// from one to the other keeps the state below it, as of an unchanged
+/// `where`.
+#[test]
+fn tagged_is_the_where_it_stands_for_so_a_reload_keeps_the_state_below() {
+    let b = bench(r#"where tagged "a" and tagged "b" { counter { out } }"#);
+    send(
+        &b,
+        with_metric(tagged_ev(&b, "s", &["a", "b"]), Metric::Int(2)),
+    );
+    reload_to(&b, r#"tagged("a", "b") { counter { out } }"#);
+    send(
+        &b,
+        with_metric(tagged_ev(&b, "s", &["a", "b"]), Metric::Int(3)),
+    );
+    reload_to(&b, r#"tagged_any("a", "b") { counter { out } }"#);
+    send(
+        &b,
+        with_metric(tagged_ev(&b, "s", &["a", "b"]), Metric::Int(4)),
+    );
+    reload_to(&b, r#"where tagged "a" or tagged "b" { counter { out } }"#);
+    send(
+        &b,
+        with_metric(tagged_ev(&b, "s", &["a", "b"]), Metric::Int(5)),
+    );
+    let kept = [2, 5, 4, 9].map(|m| Some(Metric::Int(m)));
+    assert_eq!(out_metrics(&b), kept, "the `and` kept, the `or` anew, kept");
+}
+
 #[test]
 fn drop_ends_the_event() {
     let b = bench(r#"where service = "a" { drop } else { out }"#);
