@@ -4,16 +4,17 @@
 //! So are the datagrams that never reach vigil: when a burst outruns it, the
 //! kernel drops what no longer fits in the socket's receive buffer. Linux
 //! counts those per socket (the `drops` column of `/proc/net/udp`);
-//! [`ReceiveDrops`] copies that count into a counter every second
-//! (`udp_receive_drops` here, `graphite_udp_receive_drops` for the Graphite
-//! listener's socket), so a sender's losses show on `/metrics` like every
-//! other refusal.
+//! [`ReceiveDrops`] reads that count on a blocking thread and copies it into
+//! a counter every second (`udp_receive_drops` here,
+//! `graphite_udp_receive_drops` for the Graphite listener's socket), so a
+//! sender's losses show on `/metrics` like every other refusal.
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
 use tokio::time::{Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -126,19 +127,38 @@ impl Batch {
 
 /// The kernel's count of datagrams it dropped for one socket, read every
 /// [`DROPS_REFRESH`].
+///
+/// The read runs on tokio's blocking pool: the kernel writes `/proc/net/udp`
+/// out afresh on each read, a line per UDP socket of the host (tens of
+/// thousands on a busy one), which on an async worker would hold every
+/// task queued there meanwhile. One read at a time: a read under way when
+/// `next` is given up is kept and awaited by the next call, so none starts
+/// beside it, and a slow one delays the refresh instead of piling up.
 pub struct ReceiveDrops {
     /// `None` where the count cannot be read (off Linux).
     inode: Option<u64>,
     refresh: Interval,
+    /// How the count of `inode` is read: [`kernel_drops`].
+    read: Reader,
+    /// The read under way, if any.
+    reading: Option<JoinHandle<Option<u64>>>,
 }
+
+type Reader = Arc<dyn Fn(u64) -> Option<u64> + Send + Sync>;
 
 impl ReceiveDrops {
     pub fn of(socket: &UdpSocket) -> ReceiveDrops {
+        Self::reading(socket_inode(socket), Arc::new(kernel_drops))
+    }
+
+    fn reading(inode: Option<u64>, read: Reader) -> ReceiveDrops {
         let mut refresh = tokio::time::interval(DROPS_REFRESH);
         refresh.set_missed_tick_behavior(MissedTickBehavior::Skip);
         ReceiveDrops {
-            inode: socket_inode(socket),
+            inode,
             refresh,
+            read,
+            reading: None,
         }
     }
 
@@ -149,9 +169,23 @@ impl ReceiveDrops {
             return std::future::pending().await;
         };
         loop {
-            self.refresh.tick().await;
-            if let Some(drops) = kernel_drops(inode) {
-                return drops;
+            let reading = match &mut self.reading {
+                Some(reading) => reading,
+                None => {
+                    self.refresh.tick().await;
+                    let read = self.read.clone();
+                    let read = tokio::task::spawn_blocking(move || read(inode));
+                    self.reading.insert(read)
+                }
+            };
+            // Given up here, the read stays in `reading` for the next call.
+            let read = reading.await;
+            self.reading = None;
+            match read {
+                Ok(Some(drops)) => return drops,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Unreadable this time, or the runtime is shutting down.
+                Ok(None) | Err(_) => {}
             }
         }
     }
@@ -192,6 +226,8 @@ fn drops_of(table: &str, inode: u64) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::*;
 
     #[test]
@@ -204,6 +240,62 @@ mod tests {
         assert_eq!(drops_of(table, 98230), Some(1742));
         assert_eq!(drops_of(table, 98222), Some(0));
         assert_eq!(drops_of(table, 1), None);
+    }
+
+    /// Whether `future`, polled once, is still pending.
+    async fn pending_after_a_poll<F: Future>(future: std::pin::Pin<&mut F>) -> bool {
+        let mut future = Some(future);
+        std::future::poll_fn(|cx| {
+            let pending = future.take().is_some_and(|f| f.poll(cx).is_pending());
+            std::task::Poll::Ready(pending)
+        })
+        .await
+    }
+
+    /// The table is read on a blocking thread, not on the async worker
+    /// (the only one, here) that waits for its count.
+    #[tokio::test]
+    async fn the_count_is_read_off_the_async_worker() {
+        let worker = std::thread::current().id();
+        let read_on = Arc::new(std::sync::Mutex::new(None));
+        let reader = read_on.clone();
+        let read = move |_inode| {
+            *reader.lock().unwrap() = Some(std::thread::current().id());
+            Some(3)
+        };
+        let mut drops = ReceiveDrops::reading(Some(1), Arc::new(read));
+        assert_eq!(drops.next().await, 3);
+        let read_on = read_on.lock().unwrap().expect("read");
+        assert_ne!(read_on, worker);
+    }
+
+    /// A `next` given up while its read runs (a datagram came) leaves the
+    /// read to the next call: no second read starts beside it, and its
+    /// count is not lost.
+    #[tokio::test(start_paused = true)]
+    async fn a_read_under_way_outlives_a_cancelled_next() {
+        let reads = Arc::new(AtomicU64::new(0));
+        let (open, gate) = std::sync::mpsc::channel::<()>();
+        let gate = std::sync::Mutex::new(gate);
+        let counted = reads.clone();
+        let read = move |_inode| {
+            let nth = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            // Closed until the test opens it; dropped, it holds nothing back.
+            let _ = gate.lock().unwrap().recv();
+            Some(nth)
+        };
+        let mut drops = ReceiveDrops::reading(Some(1), Arc::new(read));
+        for _ in 0..2 {
+            let next = std::pin::pin!(drops.next());
+            assert!(
+                pending_after_a_poll(next).await,
+                "the read waits at the gate"
+            );
+        }
+        open.send(()).unwrap();
+        drop(open);
+        assert_eq!(drops.next().await, 1, "the first read's count");
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
     }
 
     #[cfg(target_os = "linux")]
