@@ -1020,6 +1020,32 @@ mod tests {
         );
     }
 
+    /// A group's free time restored far ahead (a clock that jumped back, a
+    /// file vigil did not write) kept it, and its `changed` state, until
+    /// then: it lives one lifetime from the start, as a fresh group whose
+    /// events came then would.
+    #[test]
+    fn a_group_restored_to_be_freed_far_ahead_lives_one_lifetime() {
+        let started = TEST_EPOCH + secs_to_micros(1_000.0);
+        let saved = vec![
+            Saved::By { groups: 1 },
+            Saved::Group {
+                key: vec![Some("a".to_owned())],
+                free_at: started + secs_to_micros(365.0 * 86_400.0),
+                lifetime: secs_to_micros(5.0),
+            },
+            Saved::Changed(Some("critical".to_owned())),
+        ];
+        let life = Life::start_from("  by(host) { changed(state) { out } }", saved, 1_000.0);
+        life.advance_to(1_000.0 + 6.0);
+        life.send("a", Some("critical"), None);
+        assert_eq!(
+            life.took(),
+            [out("a", Some("critical"), None)],
+            "freed 5 s after the start: the state is new"
+        );
+    }
+
     const GROWN: &str = "by(host) { throttle(5, 10s) { out } }";
 
     /// The file a life of [`GROWN`] with one group wrote in `dir`, and the

@@ -642,8 +642,16 @@ impl Node for By {
             children.restore(from)?;
             // As the index does with its entries: the series could not
             // report while vigil was down, so its group lives one lifetime
-            // from the start, not only what was left of it.
-            let free_at = free_at.max(from.started().saturating_add(lifetime));
+            // from the start, not only what was left of it. Nor more: a
+            // later time came from a clock that jumped back (or a file
+            // vigil did not write), and kept the group, and its state, as
+            // long. A file of before lifetimes were saved (0) keeps its own.
+            let resumed = from.started().saturating_add(lifetime);
+            let free_at = if lifetime > 0 {
+                resumed
+            } else {
+                free_at.max(resumed)
+            };
             self.insert(key.into(), free_at, lifetime, children);
         }
         Ok(())
