@@ -1046,6 +1046,19 @@ mod tests {
         );
     }
 
+    /// An earlier build let a NaN or infinite metric into an ewma's
+    /// average, which it then was for ever: restored, the average starts
+    /// again from the next metric.
+    #[test]
+    fn an_ewma_saved_nan_starts_again() {
+        for stuck in [f64::NAN, f64::INFINITY] {
+            let saved = vec![Saved::Ewma(Some((stuck, TEST_EPOCH)))];
+            let life = Life::start_from("  ewma_timeless(0.5) { out }", saved, 1_000.0);
+            life.send("a", None, Some(10.0));
+            assert_eq!(life.took(), [out("a", None, Some(10.0))], "{stuck}");
+        }
+    }
+
     const GROWN: &str = "by(host) { throttle(5, 10s) { out } }";
 
     /// The file a life of [`GROWN`] with one group wrote in `dir`, and the

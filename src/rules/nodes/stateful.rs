@@ -1096,7 +1096,8 @@ impl Node for Stable {
 
 /// `ewma(halflife)` weighs by the time between events (event time);
 /// `ewma_timeless(r)` weighs each event by `r`. Both emit every event with the
-/// smoothed metric.
+/// smoothed metric; one with a NaN or infinite metric passes as it came,
+/// left out of the average.
 pub struct Ewma {
     pub mode: EwmaMode,
     pub children: Children,
@@ -1125,6 +1126,12 @@ impl Node for Ewma {
         let Some(m) = metric_f64(event) else {
             return;
         };
+        // Data, passed on, but kept out of the average: once in it, a NaN
+        // or infinity would be every later value (Riemann's is), and an
+        // ewma has no reset to end that.
+        if !m.is_finite() {
+            return self.children.event(event, cx);
+        }
         let smoothed = {
             let mut s = self.state.lock();
             let next = match (*s, self.mode) {
@@ -1167,7 +1174,9 @@ impl Node for Ewma {
 
     fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("ewma")? {
-            Saved::Ewma(state) => *self.state.lock() = state,
+            // An earlier build let a NaN or infinity in, which it kept
+            // for ever: the average starts again from the next metric.
+            Saved::Ewma(state) => *self.state.lock() = state.filter(|(avg, _)| avg.is_finite()),
             other => return Err(RestoreError::mismatch("ewma", &other)),
         }
         self.children.restore(from)

@@ -154,6 +154,25 @@ fn rate_stops_for_an_event_timed_far_ahead_as_the_index_expires_it() {
     assert_eq!(out(&b).last().unwrap().time, at(320.0));
 }
 
+/// As a window's sum: a NaN or infinite metric makes its period's rate NaN
+/// or infinite (Riemann's too), and the next period starts from 0.
+#[test]
+fn a_nan_or_infinite_metric_spoils_only_its_rates_period() {
+    let b = bench("rate(5s) { out }");
+    let send_at = |t, m| {
+        b.advance_to(at(t));
+        send(&b, with_metric(ev(&b, "h", "s"), Metric::Float(m)));
+    };
+    send_at(0.0, 1.0);
+    send_at(1.0, f64::NAN);
+    send_at(6.0, 10.0);
+    send_at(11.0, f64::INFINITY);
+    b.advance_to(at(20.0));
+    let metrics = out_f64(&b);
+    assert!(metrics[0].is_nan(), "{metrics:?}");
+    assert_eq!(metrics[1..], [2.0, f64::INFINITY, 0.0]);
+}
+
 #[test]
 fn rate_reports_a_window_whose_latest_event_expired_before_it_closed() {
     // Two events with a 2 s TTL in a 10 s window: the window's sum is still
@@ -1472,6 +1491,33 @@ fn ewma_weighs_by_event_time_and_halflife() {
     e.time = at(30.0); // two half-lives: weight 0.75
     send(&b, e);
     assert_eq!(out_f64(&b), vec![10.0, 15.0, 30.0]);
+}
+
+/// A NaN or infinite metric passes as it came and leaves the average as it
+/// was: Riemann's stays NaN (or infinite) for ever after one, and an
+/// alert on it goes silent for good, where `counter` has a reset.
+#[test]
+fn an_ewma_passes_a_nan_or_infinite_metric_and_goes_on_without_it() {
+    let b = bench("ewma_timeless(0.5) { out }");
+    for m in [10.0, f64::NAN, 30.0, f64::INFINITY, 30.0] {
+        send(&b, with_metric(ev(&b, "h", "s"), Metric::Float(m)));
+    }
+    let metrics = out_f64(&b);
+    assert!(metrics[1].is_nan(), "{metrics:?}");
+    assert_eq!([metrics[0], metrics[2], metrics[3], metrics[4]], [10.0, 20.0, f64::INFINITY, 25.0]);
+
+    let b = bench("ewma(10s) { out }");
+    let mut e = metric_ev(&b, "s", 10.0);
+    send(&b, e.clone());
+    e.metric = Some(Metric::Float(f64::NAN));
+    e.time = at(5.0);
+    send(&b, e.clone());
+    e.metric = Some(Metric::Int(20));
+    e.time = at(10.0); // one half-life after the 10, the NaN not counted
+    send(&b, e);
+    let metrics = out_f64(&b);
+    assert!(metrics[1].is_nan(), "{metrics:?}");
+    assert_eq!([metrics[0], metrics[2]], [10.0, 15.0]);
 }
 
 #[test]
