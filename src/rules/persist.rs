@@ -694,6 +694,131 @@ mod tests {
         }
     }
 
+    /// Every timed stage restored from a clock that was ahead of this one
+    /// (times saved a year past the start) fires first within its `dt`,
+    /// once, then at its pace: no period waits longer, none is caught up
+    /// in a burst.
+    #[test]
+    fn stages_restored_from_a_clock_ahead_fire_within_a_dt_and_at_their_pace() {
+        let started = TEST_EPOCH + secs_to_micros(1_000.0);
+        let far = started + secs_to_micros(365.0 * 86_400.0);
+        let event = held_event(started, 1.0);
+        let window = |events: Vec<(Micros, Event)>, latest: Vec<Event>| Saved::Window {
+            events,
+            latest,
+            window_end: Some(far),
+        };
+        // The rules, what they saved, and how many times each fires in the
+        // first 5 dt: those that go on while their series lives, 5.
+        let cases = [
+            (
+                "  rate(10s) { out }",
+                Saved::Rate {
+                    sum: 1.0,
+                    latest: Some(Event {
+                        time: far,
+                        ..event.clone()
+                    }),
+                    window_end: far,
+                    pending: true,
+                },
+                5,
+            ),
+            (
+                r#"  apdex(10s, satisfied: "metric < 2", tolerated: "false") { out }"#,
+                Saved::Apdex {
+                    window_end: Some(far),
+                    counts: [1, 0, 0],
+                    latest: Some(event.clone()),
+                },
+                1,
+            ),
+            (
+                "  rollup(1, 10s) { out }",
+                Saved::Rollup {
+                    window_end: Some(far),
+                    sent: 1,
+                    held: vec![event.clone()],
+                },
+                1,
+            ),
+            (
+                "  percentiles(10s, [0.5]) { out }",
+                Saved::Percentiles {
+                    samples: vec![1.0],
+                    seen: 1,
+                    latest: Some(event.clone()),
+                    window_end: Some(far),
+                    rng: 1,
+                },
+                1,
+            ),
+            (
+                "  fixed_time_window(10s) { count { out } }",
+                window(vec![(far, event.clone())], Vec::new()),
+                1,
+            ),
+            (
+                "  batch(5, 10s) { count { out } }",
+                window(vec![(far, event.clone())], Vec::new()),
+                1,
+            ),
+            (
+                "  coalesce(10s) { count { out } }",
+                window(Vec::new(), vec![event.clone()]),
+                5,
+            ),
+            (
+                r#"  fill_in(10s, {service: "gap"}) { out }"#,
+                Saved::FillIn {
+                    next: Some(far),
+                    expires: far,
+                    latest: None,
+                },
+                5,
+            ),
+            (
+                "  stable(10s) { out }",
+                Saved::Stable {
+                    value: Some(Some("ok".to_owned())),
+                    since: far,
+                    held: vec![event.clone()],
+                },
+                1,
+            ),
+        ];
+        for (rules, entry, fires) in cases {
+            let life = Life::start_from(rules, vec![entry], 1_000.0);
+            life.advance_to(1_000.0 + 10.0);
+            assert_eq!(life.took().len(), 1, "{rules}: once, within the first dt");
+            life.advance_to(1_000.0 + 50.0);
+            assert_eq!(life.took().len(), fires - 1, "{rules}: then at its pace");
+        }
+    }
+
+    /// After a long restart a rate's saved period is reported once; the
+    /// periods vigil was down for are no silence of the series (as for
+    /// `fill_in`): no zeros for them, caught up in a burst.
+    #[test]
+    fn a_rate_restored_after_a_long_restart_reports_its_period_once() {
+        let started = TEST_EPOCH + secs_to_micros(10_000.0);
+        let came = started - secs_to_micros(3_600.0);
+        let saved = vec![Saved::Rate {
+            sum: 10.0,
+            latest: Some(Event {
+                ttl: Some(86_400.0),
+                ..held_event(came, 1.0)
+            }),
+            window_end: came + secs_to_micros(5.0),
+            pending: true,
+        }];
+        let life = Life::start_from("  rate(10s) { out }", saved, 10_000.0);
+        life.advance_to(10_000.0 + 9.0);
+        assert_eq!(life.took(), [out("a", Some("ok"), Some(1.0))]);
+        life.advance_to(10_000.0 + 50.0);
+        assert_eq!(life.took().len(), 5, "then every 10 s");
+    }
+
     /// A moment restored ahead of the start counts as the start: a
     /// `throttle` whose window began far ahead dropped every event until
     /// then, and a `stable` held its events as long.

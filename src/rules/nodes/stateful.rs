@@ -48,6 +48,10 @@ pub struct RateState {
     /// An event arrived in the current window: it is reported even if the
     /// series has expired by the time the window closes.
     pending: bool,
+    /// Restored: the earliest end of the period after the saved one, a
+    /// `dt` after the start. vigil's downtime is no silence of the series,
+    /// and its periods are not reported (as 0, caught up at once).
+    resumed: Option<Micros>,
 }
 
 /// When a rate reports next: the end of its window, while it reports at all.
@@ -81,6 +85,9 @@ impl Rate {
             let pending = std::mem::take(&mut s.pending);
             s.sum = 0.0;
             s.window_end = s.window_end.saturating_add(self.interval);
+            if let Some(resumed) = s.resumed.take() {
+                s.window_end = s.window_end.max(resumed);
+            }
             if expired && !pending {
                 // The series went silent (and this window got nothing): stop
                 // reporting until it speaks again.
@@ -182,6 +189,7 @@ impl Node for Rate {
                     latest,
                     window_end: from.due_within(window_end, self.interval),
                     pending,
+                    resumed: Some(from.started().saturating_add(self.interval)),
                 }
             }
             other => return Err(RestoreError::mismatch("rate", &other)),
