@@ -1504,7 +1504,10 @@ fn an_ewma_passes_a_nan_or_infinite_metric_and_goes_on_without_it() {
     }
     let metrics = out_f64(&b);
     assert!(metrics[1].is_nan(), "{metrics:?}");
-    assert_eq!([metrics[0], metrics[2], metrics[3], metrics[4]], [10.0, 20.0, f64::INFINITY, 25.0]);
+    assert_eq!(
+        [metrics[0], metrics[2], metrics[3], metrics[4]],
+        [10.0, 20.0, f64::INFINITY, 25.0]
+    );
 
     let b = bench("ewma(10s) { out }");
     let mut e = metric_ev(&b, "s", 10.0);
