@@ -2,6 +2,14 @@
 //! `expired` notice it emits, goes to each subscriber whose query matches it,
 //! through that subscriber's bounded queue.
 //!
+//! That is the [`INDEX_TOPIC`]; the rules' `publish` stage publishes to
+//! topics of their own ([`Pubsub::topic`], [`Pubsub::publish_to`]). All
+//! topics share this module's bounds: on what all queues hold, on what the
+//! queries cost, slow subscribers. A topic's state (its name and count of
+//! subscribers) lives only while a subscriber or a `publish` stage holds it,
+//! so a client subscribing to many random names makes one per subscription,
+//! and subscriptions are bounded by connections.
+//!
 //! Publishing never waits: a subscriber whose queue is full is disconnected
 //! (and counted) rather than allowed to slow ingest; a lossy subscriber (the
 //! cluster's tap, which forwards changes to other nodes) loses the event
@@ -67,7 +75,7 @@
 //! (the cluster's tap) is a client of its own, which is never
 //! disconnected: cut, its audience takes every event unevaluated.
 //!
-//! With no subscribers the cost on the ingest path is one atomic load.
+//! With no subscribers to a topic, publishing to it costs one atomic load.
 //! Nothing is published while a replay runs its batch under
 //! [`outputs::suppressed`]: subscribers see live changes only.
 
@@ -78,7 +86,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -127,6 +135,58 @@ pub const REFUSED_FOR: Duration = Duration::from_secs(60);
 /// most (texts by hash): the oldest is forgotten for a new one.
 pub const REMEMBERED: usize = 64;
 
+/// The topic of what the index stores and expires.
+pub const INDEX_TOPIC: &str = "index";
+
+/// The longest topic name: one is part of a subscriber's URL.
+pub const MAX_TOPIC_NAME: usize = 128;
+
+/// Topic names the registry holds, gone ones included, before it forgets
+/// those gone (then again at twice those left, so forgetting is amortized).
+const TOPICS_PRUNED_AT: usize = 64;
+
+/// Why `name` cannot name a topic: not 1 to [`MAX_TOPIC_NAME`] bytes of
+/// ASCII letters, digits, `_`, `-` and `.` (it stands in a URL's path as
+/// it is).
+pub fn topic_name_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("a topic's name is empty".to_owned());
+    }
+    if name.len() > MAX_TOPIC_NAME {
+        return Some(format!(
+            "a topic's name is at most {MAX_TOPIC_NAME} bytes, not {}",
+            name.len()
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    let bad = name.chars().find(|&c| !allowed(c))?;
+    Some(format!(
+        "a topic's name is ASCII letters, digits, `_`, `-` and `.`, not {bad:?}"
+    ))
+}
+
+/// One topic: its subscribers are those of the audiences naming it.
+#[derive(Debug)]
+pub struct Topic {
+    name: Box<str>,
+    /// How many subscribers it has, so publishing to it skips everything
+    /// when there are none.
+    subscribers: AtomicUsize,
+}
+
+impl Topic {
+    fn new(name: &str) -> Topic {
+        Topic {
+            name: name.into(),
+            subscribers: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// An event as its subscribers get it: one copy shared by all of them, with
 /// its JSON encoded once, by the first of them that needs it.
 #[derive(Debug)]
@@ -173,9 +233,13 @@ pub struct PubsubStats {
 
 pub struct Pubsub {
     audiences: RwLock<Vec<Audience>>,
-    /// How many subscribers the audiences have, so publishing can skip the
-    /// lock when there are none.
+    /// How many subscribers the audiences have, all topics together.
     count: AtomicUsize,
+    /// The [`INDEX_TOPIC`].
+    index: Arc<Topic>,
+    /// The other topics by name, while a subscriber or a publisher holds
+    /// them, and how many names it may hold before it forgets those gone.
+    topics: Mutex<(HashMap<Box<str>, Weak<Topic>>, usize)>,
     next_id: AtomicU64,
     max_held: usize,
     /// What a costly query may take per event ([`QUERY_BUDGET`]).
@@ -195,6 +259,8 @@ impl Default for Pubsub {
         Pubsub {
             audiences: RwLock::default(),
             count: AtomicUsize::new(0),
+            index: Arc::new(Topic::new(INDEX_TOPIC)),
+            topics: Mutex::new((HashMap::new(), TOPICS_PRUNED_AT)),
             next_id: AtomicU64::new(0),
             max_held: DEFAULT_MAX_HELD,
             query_budget: QUERY_BUDGET,
@@ -206,9 +272,11 @@ impl Default for Pubsub {
     }
 }
 
-/// The subscribers of one query text: it is evaluated once per event for
-/// all of them (a dashboard opened by many people asks the same).
+/// The subscribers of one topic with one query text: it is evaluated once
+/// per event for all of them (a dashboard opened by many people asks the
+/// same).
 struct Audience {
+    topic: Arc<Topic>,
     query: Query,
     members: Vec<Subscriber>,
     /// The query overran its budget and only lossy subscribers (which
@@ -496,8 +564,13 @@ impl Client {
     }
 
     pub fn subscribe(&self, query: Query, capacity: usize) -> Subscription {
+        self.subscribe_to(self.pubsub.index.clone(), query, capacity)
+    }
+
+    /// Like [`Client::subscribe`], to `topic` instead of the index's.
+    pub fn subscribe_to(&self, topic: Arc<Topic>, query: Query, capacity: usize) -> Subscription {
         let queue = Backlog::new(Queue::default(), capacity);
-        self.pubsub.add(self.peer, query, queue, false)
+        self.pubsub.add(topic, self.peer, query, queue, false)
     }
 
     /// Like [`Client::subscribe`], but the queue holds the latest event of
@@ -505,7 +578,8 @@ impl Client {
     /// of the latest states, which is not too slow for the events it skips.
     pub fn subscribe_latest(&self, query: Query, max_series: usize) -> Subscription {
         let queue = Backlog::new(Queue::coalescing(), max_series);
-        self.pubsub.add(self.peer, query, queue, false)
+        self.pubsub
+            .add(self.pubsub.index.clone(), self.peer, query, queue, false)
     }
 }
 
@@ -682,7 +756,8 @@ impl Pubsub {
     /// event instead of disconnecting: for a forwarder that must stay
     /// attached. It is never disconnected for its query's cost either.
     pub fn subscribe_lossy(self: &Arc<Self>, query: Query, capacity: usize) -> Subscription {
-        self.add(None, query, Backlog::new(Queue::default(), capacity), true)
+        let queue = Backlog::new(Queue::default(), capacity);
+        self.add(self.index.clone(), None, query, queue, true)
     }
 
     /// Like [`Pubsub::subscribe`], the queue holding the latest event of
@@ -726,6 +801,7 @@ impl Pubsub {
 
     fn add(
         self: &Arc<Self>,
+        topic: Arc<Topic>,
         peer: Option<ClientAddr>,
         query: Query,
         queue: Backlog,
@@ -741,13 +817,17 @@ impl Pubsub {
             lossy,
         };
         let mut audiences = self.audiences.write();
-        match (audiences.iter_mut()).find(|a| a.query.as_str() == query.as_str()) {
+        let same =
+            |a: &&mut Audience| Arc::ptr_eq(&a.topic, &topic) && a.query.as_str() == query.as_str();
+        topic.subscribers.fetch_add(1, Ordering::AcqRel);
+        match audiences.iter_mut().find(same) {
             // Not lossy, it wants the query evaluated again.
             Some(audience) => {
                 audience.unfiltered &= lossy;
                 audience.members.push(subscriber);
             }
             None => audiences.push(Audience {
+                topic,
                 query,
                 members: vec![subscriber],
                 unfiltered: false,
@@ -819,18 +899,46 @@ impl Pubsub {
         self.count.load(Ordering::Acquire)
     }
 
-    /// The distinct queries of the current subscribers, as text.
+    /// The distinct queries of the index topic's subscribers, as text.
     pub fn queries(&self) -> Vec<String> {
         let mut queries: Vec<String> = (self.audiences.read().iter())
+            .filter(|a| Arc::ptr_eq(&a.topic, &self.index))
             .map(|a| a.query.as_str().to_owned())
             .collect();
         queries.sort_unstable();
         queries
     }
 
-    /// Offers `event` to every subscriber whose query matches it.
+    /// The topic named `name` ([`INDEX_TOPIC`]: the index's), the same for
+    /// everyone holding it, made if nobody does. The caller checked the
+    /// name ([`topic_name_error`]).
+    pub fn topic(&self, name: &str) -> Arc<Topic> {
+        if name == INDEX_TOPIC {
+            return self.index.clone();
+        }
+        let mut topics = self.topics.lock();
+        let (names, prune_at) = &mut *topics;
+        if let Some(topic) = names.get(name).and_then(Weak::upgrade) {
+            return topic;
+        }
+        let topic = Arc::new(Topic::new(name));
+        names.insert(name.into(), Arc::downgrade(&topic));
+        if names.len() > *prune_at {
+            names.retain(|_, topic| topic.strong_count() > 0);
+            *prune_at = (names.len() * 2).max(TOPICS_PRUNED_AT);
+        }
+        topic
+    }
+
+    /// Offers `event` to every subscriber of the index's topic whose query
+    /// matches it.
     pub fn publish(&self, event: &Event) {
-        if self.count.load(Ordering::Acquire) == 0 || outputs::is_suppressed() {
+        self.publish_to(&self.index, event);
+    }
+
+    /// Offers `event` to every subscriber of `topic` whose query matches it.
+    pub fn publish_to(&self, topic: &Arc<Topic>, event: &Event) {
+        if topic.subscribers.load(Ordering::Acquire) == 0 || outputs::is_suppressed() {
             return;
         }
         let held = &self.stats.bytes_held;
@@ -839,7 +947,12 @@ impl Pubsub {
         let mut shared = None;
         let audiences = self.audiences.read();
         let mut timer = self.sampler.due().map(Timer::start);
+        let mut laps = 0u32;
         for audience in audiences.iter() {
+            if !Arc::ptr_eq(&audience.topic, topic) {
+                continue;
+            }
+            laps = laps.saturating_add(1);
             if let Some(timer) = &mut timer {
                 timer.lap(&audience.spent);
             }
@@ -878,7 +991,6 @@ impl Pubsub {
             }
         }
         let cost = timer.map(Timer::stop);
-        let laps = u32::try_from(audiences.len()).unwrap_or(u32::MAX);
         drop(audiences);
         for (query, spent) in costly {
             self.too_costly(&query, spent);
@@ -1041,6 +1153,7 @@ impl Pubsub {
             }
             queries.push(audience.query.as_str().to_owned());
             let (lossy, taken): (Vec<_>, Vec<_>) = chosen.into_iter().partition(|s| s.lossy);
+            (audience.topic.subscribers).fetch_sub(taken.len(), Ordering::AcqRel);
             gone.extend(taken);
             taps += lossy.len();
             if !lossy.is_empty() && audience.members.iter().all(|s| s.lossy) {
@@ -1086,6 +1199,7 @@ impl Pubsub {
         let audience = &mut audiences[a];
         let sub = audience.members.swap_remove(at);
         let query = audience.query.as_str().to_owned();
+        audience.topic.subscribers.fetch_sub(1, Ordering::AcqRel);
         if audience.members.is_empty() {
             audiences.swap_remove(a);
         }
@@ -1692,5 +1806,118 @@ mod tests {
         drop(sub);
         assert_eq!(pubsub.subscribers(), 0);
         pubsub.publish(&event("x"));
+    }
+
+    /// A topic's events reach its subscribers only: not the index's, nor
+    /// another topic's, though they ask the same query; and the index's
+    /// reach none of the topic's.
+    #[test]
+    fn a_topic_reaches_its_own_subscribers_only() {
+        let pubsub = Pubsub::new();
+        let all = || Query::parse("true").unwrap();
+        let (alerts, other) = (pubsub.topic("alerts"), pubsub.topic("other"));
+        assert!(
+            Arc::ptr_eq(&alerts, &pubsub.topic("alerts")),
+            "one topic per name"
+        );
+        let anyone = pubsub.client(None);
+        let mut to_alerts = anyone.subscribe_to(pubsub.topic("alerts"), all(), 10);
+        let mut to_other = anyone.subscribe_to(other.clone(), all(), 10);
+        let mut to_index = pubsub.subscribe(all(), 10);
+        assert_eq!(
+            pubsub.queries(),
+            vec!["true".to_owned()],
+            "the index's only"
+        );
+        pubsub.publish_to(&alerts, &event("alert"));
+        pubsub.publish(&event("indexed"));
+        assert_eq!(
+            to_alerts.try_recv().unwrap().service.as_deref(),
+            Some("alert")
+        );
+        assert!(to_alerts.try_recv().is_err());
+        assert!(to_other.try_recv().is_err());
+        assert_eq!(
+            to_index.try_recv().unwrap().service.as_deref(),
+            Some("indexed")
+        );
+        assert!(to_index.try_recv().is_err());
+        assert_eq!(pubsub.topic(INDEX_TOPIC).name(), INDEX_TOPIC);
+        drop(to_index);
+        // A topic without subscribers is skipped, whoever else listens.
+        pubsub.publish(&event("nobody"));
+        assert_eq!(pubsub.stats.delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(alerts.subscribers.load(Ordering::Acquire), 1);
+        drop(to_alerts);
+        assert_eq!(alerts.subscribers.load(Ordering::Acquire), 0);
+        assert_eq!(other.subscribers.load(Ordering::Acquire), 1);
+    }
+
+    /// A topic's subscribers are within the bound on what all hold: one
+    /// reading nothing is disconnected as furthest behind, as the index's.
+    #[test]
+    fn a_topic_subscriber_counts_in_what_all_hold() {
+        let one = event("x").approx_bytes();
+        let pubsub = Pubsub::with_max_held(3 * one);
+        let topic = pubsub.topic("t");
+        let mut reader = pubsub.subscribe(Query::parse("true").unwrap(), 100);
+        let idle =
+            (pubsub.client(None)).subscribe_to(topic.clone(), Query::parse("true").unwrap(), 100);
+        for _ in 0..4 {
+            pubsub.publish_to(&topic, &event("x"));
+            pubsub.publish(&event("x"));
+            assert!(reader.try_recv().is_ok());
+        }
+        assert!(idle.lagged() && !reader.lagged());
+        assert_eq!(topic.subscribers.load(Ordering::Acquire), 0);
+        assert_eq!(pubsub.stats.bytes_held.load(Ordering::Acquire), 0);
+    }
+
+    /// Subscribing to one random topic name after another leaves no state
+    /// behind: a name is forgotten once nobody holds its topic, and the
+    /// registry keeps at most twice the live topics (or
+    /// [`TOPICS_PRUNED_AT`]); a topic a publisher holds stays the same.
+    #[test]
+    fn topics_nobody_holds_are_forgotten() {
+        let pubsub = Pubsub::new();
+        let published = pubsub.topic("published");
+        let anyone = pubsub.client(None);
+        let mut held = Vec::new();
+        for n in 0..10_000 {
+            let topic = pubsub.topic(&format!("random{n}"));
+            let sub = anyone.subscribe_to(topic, Query::parse("true").unwrap(), 1);
+            if n % 1_000 == 0 {
+                held.push(sub);
+            }
+            assert!(pubsub.topics.lock().0.len() <= TOPICS_PRUNED_AT + 2 * (held.len() + 1));
+        }
+        assert!(Arc::ptr_eq(&published, &pubsub.topic("published")));
+        assert_eq!(pubsub.subscribers(), held.len());
+        drop(held);
+        assert_eq!(pubsub.audiences.read().len(), 0);
+    }
+
+    #[test]
+    fn topic_names_are_checked() {
+        for good in [
+            "alerts",
+            "a",
+            "team-1.critical_pages",
+            &"x".repeat(MAX_TOPIC_NAME),
+        ] {
+            assert_eq!(topic_name_error(good), None, "{good}");
+        }
+        let why = |name: &str| topic_name_error(name).expect(name);
+        assert_eq!(why(""), "a topic's name is empty");
+        assert_eq!(
+            why(&"x".repeat(MAX_TOPIC_NAME + 1)),
+            "a topic's name is at most 128 bytes, not 129"
+        );
+        assert_eq!(
+            why("a/b"),
+            "a topic's name is ASCII letters, digits, `_`, `-` and `.`, not '/'"
+        );
+        assert!(why("é").ends_with("not 'é'"));
+        assert!(why("a b").ends_with("not ' '"));
     }
 }
