@@ -139,6 +139,31 @@ tests/fixtures/broken.vigil:8:13: expected a TTL in seconds (0 to 3.4e38), found
     assert_eq!(stdout(&out), expected);
 }
 
+/// A `publish` topic that no WebSocket URL could name, or the index's
+/// own, is an error where it is written; a good one checks clean.
+#[test]
+fn check_points_at_a_bad_publish_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topics.vigil");
+    let source = "streams {\n  publish(\"pages\")\n  publish(\"on call\")\n  publish(index)\n}\n";
+    std::fs::write(&file, source).unwrap();
+    let out = vigil(&["check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let path = file.display();
+    let expected = format!(
+        "\
+{path}:3:11: a topic's name is ASCII letters, digits, `_`, `-` and `.`, not ' '
+      publish(\"on call\")
+              ^^^^^^^^^
+{path}:4:11: `index` is the index's own topic: its subscribers get what the index stores and expires
+      publish(index)
+              ^^^^^
+  hint: `index` the events, or publish them to a topic of another name
+"
+    );
+    assert_eq!(stdout(&out), expected);
+}
+
 /// A file that cannot be read is one error among the others: the files
 /// after it are checked (and tested) all the same.
 #[test]

@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::clock::Micros;
 use crate::event::Metric;
+use crate::pubsub::{INDEX_TOPIC, topic_name_error};
 use crate::query::Query;
 use crate::tls::{ClientTls, TlsError};
 
@@ -16,8 +17,8 @@ use super::diag::{Diagnostic, closest, line_col};
 use super::nodes::{
     Apdex, By, ByDefinition, Changed, Children, Counter, Ddt, Drop, Ewma, EwmaMode, Field,
     FieldSet, FillIn, Fold, FoldKind, IndexNode, Log, MetricTest, Node, Output, Percentiles,
-    PredictLinear, Rate, Reinject, Rollup, Runs, Scale, Split, Stable, Tag, Tap, Throttle, Untag,
-    Where, Window, WindowKind, With,
+    PredictLinear, Publish, Rate, Reinject, Rollup, Runs, Scale, Split, Stable, Tag, Tap, Throttle,
+    Untag, Where, Window, WindowKind, With,
 };
 use crate::outputs::template::Template;
 use crate::outputs::{OutputKind, OutputSpec, forward, graphite, http, pager, pagerduty, webhook};
@@ -26,6 +27,7 @@ use crate::outputs::{OutputKind, OutputSpec, forward, graphite, http, pager, pag
 const STREAMS: &[&str] = &[
     "index",
     "reinject",
+    "publish",
     "drop",
     "with",
     "default",
@@ -863,6 +865,39 @@ impl Compiler<'_> {
                 self.leaf(name, args, body)?;
                 Box::new(Reinject {})
             }
+            "publish" => {
+                if let Some(b) = body {
+                    self.error_hint(
+                        b.span.clone(),
+                        "`publish` takes no block: events end here",
+                        "to send events on as well, list the next stream beside it",
+                    );
+                }
+                let b = self.bind(n, args, &["topic"], span)?;
+                let v = self.require(n, &b, "topic")?;
+                let (ValueKind::Ident(topic) | ValueKind::String(topic)) = &v.kind else {
+                    return self.expected(v, "a topic's name, e.g. `publish(\"alerts\")`");
+                };
+                if topic == INDEX_TOPIC {
+                    self.error_hint(
+                        v.span.clone(),
+                        "`index` is the index's own topic: its subscribers get what the index stores and expires",
+                        "`index` the events, or publish them to a topic of another name",
+                    );
+                    return None;
+                }
+                if let Some(why) = topic_name_error(topic) {
+                    self.error(v.span.clone(), why);
+                    return None;
+                }
+                if body.is_some() {
+                    return None;
+                }
+                Box::new(Publish {
+                    name: topic.as_str().into(),
+                    topic: OnceLock::new(),
+                })
+            }
             "drop" => {
                 self.leaf(name, args, body)?;
                 Box::new(Drop {})
@@ -1604,7 +1639,7 @@ fn riemanns(name: &str) -> Option<&'static str> {
     Some(match name {
         "splitp" => "`split { when metric > 0.9 { … } when metric > 0.5 { … } else { … } }`",
         "sdo" => "list the streams side by side: each gets every event",
-        "smap" | "publish" => {
+        "smap" => {
             "Riemann's stream of that name has no vigil stage (README, \"Rule files\": what vigil lacks)"
         }
         _ => return None,

@@ -175,6 +175,30 @@ mod tests {
         );
     }
 
+    /// `publish` takes one topic name, checked where written: not empty,
+    /// of the allowed characters, not the index's own, and no block.
+    #[test]
+    fn publish_topics_are_checked_where_written() {
+        let source = "streams {\n  publish(\"\")\n  publish(\"a/b\")\n  publish(index)\n  \
+                      publish(5)\n  publish(\"x\") { index }\n  publish\n  publish(\"ok-1.a_b\")\n}\n";
+        let Err(error) = load("p.vigil", source, EnvPolicy::Strict) else {
+            panic!("bad topics compiled");
+        };
+        for expected in [
+            "p.vigil:2:11: a topic's name is empty",
+            "p.vigil:3:11: a topic's name is ASCII letters, digits, `_`, `-` and `.`, not '/'",
+            "p.vigil:4:11: `index` is the index's own topic",
+            "p.vigil:5:11: expected a topic's name",
+            "p.vigil:6:16: `publish` takes no block: events end here",
+            "p.vigil:7:3: `publish` needs `topic`",
+        ] {
+            assert!(error.contains(expected), "{expected} in\n{error}");
+        }
+        assert!(!error.contains(":8:"), "{error}");
+        let source = "streams {\n  publish(\"alerts\")\n  publish(pages)\n}\n";
+        load("p.vigil", source, EnvPolicy::Strict).expect("good topics compile");
+    }
+
     /// `vigil check` points at each bad argument of `untag`, `counter` and
     /// `runs`, and says what it takes.
     #[test]

@@ -1,10 +1,13 @@
 //! Stateless stages: filters (`where`, `split`, `over`…), field edits (`with`,
-//! `default`, `scale`, `tag`, `untag`) and sinks (`index`, `reinject`,
+//! `default`, `scale`, `tag`, `untag`) and sinks (`index`, `publish`, `reinject`,
 //! outputs, `log`, `drop`). None of them holds state, so none of them locks; on reload they
 //! only pass [`Node::adopt`] on to their children when their own definition is
 //! unchanged.
 
+use std::sync::{Arc, OnceLock};
+
 use crate::event::{Event, Metric};
+use crate::pubsub::Topic;
 use crate::query::Query;
 
 use super::saved::{RestoreError, Restorer, Saver};
@@ -473,6 +476,15 @@ macro_rules! leaf {
 
 leaf!(Index; |self, event, cx| {
     cx.index.insert_hashed(event, cx.key_hash(event), cx.now);
+});
+
+// The topic is looked up at the first event, not per event: publishing
+// to a topic nobody subscribes to is then one atomic load. Held, it
+// stays the topic that subscribers connected before find.
+leaf!(Publish, name: Arc<str>, topic: OnceLock<Arc<Topic>>; |self, event, cx| {
+    let pubsub = cx.index.pubsub();
+    let topic = self.topic.get_or_init(|| pubsub.topic(&self.name));
+    pubsub.publish_to(topic, event);
 });
 
 leaf!(Reinject; |self, event, cx| {

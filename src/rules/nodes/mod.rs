@@ -45,8 +45,8 @@ mod tests;
 
 pub use apdex::Apdex;
 pub use basic::{
-    Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Reinject, Scale, Split, Tag, Tap,
-    Untag, Where, With,
+    Drop, FieldSet, Index as IndexNode, Log, MetricTest, Output, Publish, Reinject, Scale, Split,
+    Tag, Tap, Untag, Where, With,
 };
 pub use fill::FillIn;
 pub use predict::PredictLinear;

@@ -1759,6 +1759,47 @@ fn index_stores_and_expired_entries_come_back_through_the_rules() {
     assert_eq!(out(&b).len(), 1);
 }
 
+// ---- publish -----------------------------------------------------------------
+
+/// `publish` hands each event to its topic's subscribers only, and ends
+/// the stream there: the index and the output see nothing of it.
+#[test]
+fn publish_reaches_its_topics_subscribers_only() {
+    let b = bench("where service = \"disk\" { publish(\"alerts\") }\nelse { publish(other) }");
+    let pubsub = b.index.pubsub();
+    let all = || crate::query::Query::parse("true").unwrap();
+    let anyone = pubsub.client(None);
+    let mut alerts = anyone.subscribe_to(pubsub.topic("alerts"), all(), 10);
+    let mut other = anyone.subscribe_to(pubsub.topic("other"), all(), 10);
+    let mut index = pubsub.subscribe(all(), 10);
+    send(&b, metric_ev(&b, "disk", 1.0));
+    send(&b, metric_ev(&b, "cpu", 2.0));
+    let got = alerts.try_recv().expect("published to alerts");
+    assert_eq!(got.service.as_deref(), Some("disk"));
+    assert!(alerts.try_recv().is_err());
+    assert_eq!(other.try_recv().unwrap().service.as_deref(), Some("cpu"));
+    assert!(other.try_recv().is_err());
+    assert!(index.try_recv().is_err());
+    assert!(b.seen_by("index").is_empty() && out(&b).is_empty());
+}
+
+/// A subscriber connected before a reload that adds the `publish` gets
+/// what it publishes from then on.
+#[test]
+fn a_reload_adding_publish_reaches_subscribers_already_there() {
+    let b = bench("out");
+    let pubsub = b.index.pubsub();
+    let query = crate::query::Query::parse("true").unwrap();
+    let mut early = pubsub
+        .client(None)
+        .subscribe_to(pubsub.topic("late"), query, 10);
+    send(&b, ev(&b, "h", "before"));
+    assert!(early.try_recv().is_err());
+    reload_to(&b, "publish(late)");
+    send(&b, ev(&b, "h", "after"));
+    assert_eq!(early.try_recv().unwrap().service.as_deref(), Some("after"));
+}
+
 /// Hosts that report again while a mass expiry's notices go out (on other
 /// threads in vigil; here between two batches of notices): the rules see
 /// them come back, and never expire after that, and the index keeps them.
