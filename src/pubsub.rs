@@ -187,6 +187,13 @@ impl Topic {
     }
 }
 
+/// The topics other than the index's, by name.
+struct Topics {
+    names: HashMap<Box<str>, Weak<Topic>>,
+    /// How many names it may hold before it forgets those gone.
+    prune_at: usize,
+}
+
 /// An event as its subscribers get it: one copy shared by all of them, with
 /// its JSON encoded once, by the first of them that needs it.
 #[derive(Debug)]
@@ -238,8 +245,8 @@ pub struct Pubsub {
     /// The [`INDEX_TOPIC`].
     index: Arc<Topic>,
     /// The other topics by name, while a subscriber or a publisher holds
-    /// them, and how many names it may hold before it forgets those gone.
-    topics: Mutex<(HashMap<Box<str>, Weak<Topic>>, usize)>,
+    /// them.
+    topics: Mutex<Topics>,
     next_id: AtomicU64,
     max_held: usize,
     /// What a costly query may take per event ([`QUERY_BUDGET`]).
@@ -260,7 +267,10 @@ impl Default for Pubsub {
             audiences: RwLock::default(),
             count: AtomicUsize::new(0),
             index: Arc::new(Topic::new(INDEX_TOPIC)),
-            topics: Mutex::new((HashMap::new(), TOPICS_PRUNED_AT)),
+            topics: Mutex::new(Topics {
+                names: HashMap::new(),
+                prune_at: TOPICS_PRUNED_AT,
+            }),
             next_id: AtomicU64::new(0),
             max_held: DEFAULT_MAX_HELD,
             query_budget: QUERY_BUDGET,
@@ -577,9 +587,18 @@ impl Client {
     /// each series (host, service), up to `max_series` series: for a view
     /// of the latest states, which is not too slow for the events it skips.
     pub fn subscribe_latest(&self, query: Query, max_series: usize) -> Subscription {
+        self.subscribe_latest_to(self.pubsub.index.clone(), query, max_series)
+    }
+
+    /// Like [`Client::subscribe_latest`], to `topic` instead of the index's.
+    pub fn subscribe_latest_to(
+        &self,
+        topic: Arc<Topic>,
+        query: Query,
+        max_series: usize,
+    ) -> Subscription {
         let queue = Backlog::new(Queue::coalescing(), max_series);
-        self.pubsub
-            .add(self.pubsub.index.clone(), self.peer, query, queue, false)
+        self.pubsub.add(topic, self.peer, query, queue, false)
     }
 }
 
@@ -916,8 +935,7 @@ impl Pubsub {
         if name == INDEX_TOPIC {
             return self.index.clone();
         }
-        let mut topics = self.topics.lock();
-        let (names, prune_at) = &mut *topics;
+        let Topics { names, prune_at } = &mut *self.topics.lock();
         if let Some(topic) = names.get(name).and_then(Weak::upgrade) {
             return topic;
         }
@@ -1889,7 +1907,7 @@ mod tests {
             if n % 1_000 == 0 {
                 held.push(sub);
             }
-            assert!(pubsub.topics.lock().0.len() <= TOPICS_PRUNED_AT + 2 * (held.len() + 1));
+            assert!(pubsub.topics.lock().names.len() <= TOPICS_PRUNED_AT + 2 * (held.len() + 1));
         }
         assert!(Arc::ptr_eq(&published, &pubsub.topic("published")));
         assert_eq!(pubsub.subscribers(), held.len());

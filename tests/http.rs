@@ -148,8 +148,8 @@ async fn websocket_sends_the_snapshot_then_live_matches_and_expiry() {
     assert_eq!(closed.map(|c| c.0), Some(1000));
 }
 
-/// Riemann's `/pubsub/index`: live matches only, no snapshot first; any
-/// other topic is unknown (vigil's rules have no `publish`).
+/// Riemann's `/pubsub/index`: live matches only, no snapshot first; a
+/// topic name no rule could publish to is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn pubsub_index_sends_live_matches_without_a_snapshot() {
     let v = Vigil::start(&[]);
@@ -174,14 +174,77 @@ async fn pubsub_index_sends_live_matches_without_a_snapshot() {
     assert_eq!(key(&first), ("ps", "live", "ok"), "no snapshot: {first}");
     ws.close(None).await.unwrap();
 
-    let other = url("http", http_addr(&v), "/pubsub/metrics", &query);
-    let answer = reqwest::get(other).await.unwrap();
-    assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+    let bad = url("http", http_addr(&v), "/pubsub/a%20b", &query);
+    let answer = reqwest::get(bad).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
     let body: Value = answer.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().contains("`metrics`"),
-        "{body}"
+    assert_eq!(
+        body["error"],
+        "a topic's name is ASCII letters, digits, `_`, `-` and `.`, not ' '"
     );
+}
+
+/// `/pubsub/<topic>` gets what the rules `publish` to that topic, from
+/// then on: not what they publish to another, nor what the index stores.
+#[tokio::test(flavor = "multi_thread")]
+async fn pubsub_topic_sends_what_the_rules_publish_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("publish.vigil");
+    let source = "streams {\n  index\n  where service = \"disk\" { publish(alerts) }\n  \
+                  where service = \"cpu\" { publish(\"other\") }\n}\n";
+    std::fs::write(&rules, source).unwrap();
+    let v = Vigil::start(&["--rules", rules.to_str().unwrap()]);
+    let all = [("query", "true")];
+    let open = |topic: &str| {
+        let address = url("ws", http_addr(&v), &format!("/pubsub/{topic}"), &all);
+        async move {
+            let (ws, _) = tokio_tungstenite::connect_async(address.as_str())
+                .await
+                .expect("websocket handshake");
+            ws
+        }
+    };
+    let mut alerts = open("alerts").await;
+    let mut other = open("other").await;
+    let mut index = open("index").await;
+    scrape_until(http_addr(&v), "three subscribers", |s| {
+        value(s, "vigil_subscribers", None) == Some(3.0)
+    })
+    .await;
+    send(
+        &v,
+        &[
+            event("h", "cpu", 60.0, 1),
+            event("h", "mem", 60.0, 2),
+            event("h", "disk", 60.0, 3),
+        ],
+    )
+    .await;
+    send(&v, &[event("h", "disk", 60.0, 4)]).await;
+    let first = next_json(&mut alerts).await.expect("a published frame");
+    assert_eq!(
+        (key(&first), &first["metric"]),
+        (("h", "disk", "ok"), &json!(3))
+    );
+    let second = next_json(&mut alerts).await.expect("a published frame");
+    assert_eq!(
+        (key(&second), &second["metric"]),
+        (("h", "disk", "ok"), &json!(4))
+    );
+    let theirs = next_json(&mut other).await.expect("a published frame");
+    assert_eq!(key(&theirs), ("h", "cpu", "ok"));
+    let mut services = Vec::new();
+    for _ in 0..4 {
+        let frame = next_json(&mut index).await.expect("an indexed frame");
+        services.push(frame["service"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(services, ["cpu", "mem", "disk", "disk"]);
+    // Anything else for `other` would have come before this: it got the
+    // cpu events only (and `alerts` its disk events first: none of the
+    // index's).
+    send(&v, &[event("h", "cpu", 60.0, 5)]).await;
+    let next = next_json(&mut other).await.expect("a published frame");
+    assert_eq!(next["metric"], 5);
 }
 
 /// Reads `data:` payloads from a streaming response.

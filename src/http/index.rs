@@ -4,8 +4,9 @@
 //! is indexed or expires; `Accept: text/event-stream` gets the same as SSE
 //! (`data: <json>`), snapshot then live; `coalesce=250ms` makes the live part
 //! the latest event of each series per interval ([`Live::Latest`]), for views
-//! that cannot take every event. `/pubsub/index` (WebSocket) is Riemann's
-//! live-only form: no snapshot. In a cluster the snapshot and the
+//! that cannot take every event. `/pubsub/<topic>` (WebSocket) is Riemann's
+//! live-only form: no snapshot; `index` is the index's topic, another is
+//! what the rules `publish` to it. In a cluster the snapshot and the
 //! live updates cover every node (`local=true`: this node's index only, for
 //! plain requests). A plain request's answer holds its room in
 //! `--max-answer-memory` from its scan until hyper has sent it; one that
@@ -48,7 +49,7 @@ use crate::forwarded::ClientAddr;
 use crate::index::QueryError;
 use crate::json;
 use crate::limits::start_of;
-use crate::pubsub::{HeldSnapshot, Published};
+use crate::pubsub::{HeldSnapshot, INDEX_TOPIC, Published, topic_name_error};
 use crate::query::Query;
 use crate::stats::Stats;
 
@@ -66,9 +67,13 @@ pub(super) struct IndexParams {
     /// `coalesce`, read.
     #[serde(skip)]
     every: Option<Duration>,
-    /// Set for `/pubsub/index`: live events only, no snapshot first.
+    /// Set for `/pubsub/<topic>`: live events only, no snapshot first.
     #[serde(skip)]
     live_only: bool,
+    /// `/pubsub/<topic>` of a topic the rules `publish` to: the index's
+    /// when `None`.
+    #[serde(skip)]
+    topic: Option<String>,
 }
 
 /// Largest message a WebSocket subscriber may send. It has nothing to say but
@@ -173,12 +178,12 @@ fn busy_answer(busy: Busy) -> Response {
     answer
 }
 
-/// The one pubsub topic vigil publishes: its rules have no `publish`.
-const INDEX_TOPIC: &str = "index";
-
-/// `GET /pubsub/index?query=…` over WebSocket, Riemann's subscription to
-/// its index's pubsub topic: every matching event as it is indexed or
-/// expires, without the snapshot `/index?subscribe=true` sends first.
+/// `GET /pubsub/<topic>?query=…` over WebSocket, Riemann's subscription to
+/// a pubsub topic: every matching event published to it from then on,
+/// without the snapshot `/index?subscribe=true` sends first. The index's
+/// topic (`index`) gets every event indexed or expired; another, what the
+/// rules' `publish` stages give it: nothing until one does, so subscribing
+/// before a reload adds the stage is allowed.
 pub(super) async fn get_pubsub(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -187,9 +192,8 @@ pub(super) async fn get_pubsub(
     headers: HeaderMap,
     params: Result<Params<IndexParams>, QueryRejection>,
 ) -> Response {
-    if topic != INDEX_TOPIC {
-        let why = format!("no topic `{topic}`: vigil publishes only `{INDEX_TOPIC}`");
-        return error(StatusCode::NOT_FOUND, json!({ "error": why }));
+    if let Some(why) = topic_name_error(&topic) {
+        return error(StatusCode::BAD_REQUEST, json!({ "error": why }));
     }
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
@@ -201,6 +205,7 @@ pub(super) async fn get_pubsub(
     };
     params.subscribe = true;
     params.live_only = true;
+    params.topic = (topic != INDEX_TOPIC).then_some(topic);
     let client = state.client(peer, &headers);
     upgrade
         .max_message_size(SUBSCRIBER_MESSAGE_MAX)
@@ -265,7 +270,12 @@ async fn websocket(
 ) {
     let subscription = match params.subscribe {
         true => match state
-            .subscribe(client, &query, params.every.is_some())
+            .subscribe(
+                client,
+                &query,
+                params.every.is_some(),
+                params.topic.as_deref(),
+            )
             .await
         {
             Ok(subscription) => Some(subscription),
@@ -454,7 +464,10 @@ async fn event_stream(
     coalesce: Option<Duration>,
 ) -> Response {
     tracing::debug!(%query, %client, "SSE subscriber connected.");
-    let subscription = match state.subscribe(client, &query, coalesce.is_some()).await {
+    let subscription = match state
+        .subscribe(client, &query, coalesce.is_some(), None)
+        .await
+    {
         Ok(subscription) => subscription,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
     };

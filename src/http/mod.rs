@@ -161,22 +161,32 @@ impl AppState {
     /// for what its subscriptions cost ([`Client::admit`]).
     ///
     /// [`Client::admit`]: crate::pubsub::Client::admit
+    ///
+    /// A `topic` other than the index's is this node's: in a cluster, what
+    /// its rules publish, of the shards it owns.
     async fn subscribe(
         &self,
         client: ClientAddr,
         query: &Query,
         coalescing: bool,
+        topic: Option<&str>,
     ) -> Result<Subscription, String> {
         Stats::incr(&self.stats().subscriptions);
         let (query, capacity, peer) = (query.clone(), self.subscriber_capacity, Some(client));
-        let pubsub = match &self.cluster {
-            Some(cluster) => cluster.feed(),
-            None => self.telemetry.index.pubsub(),
+        let pubsub = match (&self.cluster, topic) {
+            (Some(cluster), None) => cluster.feed(),
+            _ => self.telemetry.index.pubsub(),
         };
         let client = pubsub.client(peer);
         if let Err(refused) = client.admit(&query) {
             Stats::incr(&self.stats().subscriptions_refused);
             return Err(refused.to_string());
+        }
+        if let Some(topic) = topic.map(|name| pubsub.topic(name)) {
+            return Ok(match coalescing {
+                false => client.subscribe_to(topic, query, capacity),
+                true => client.subscribe_latest_to(topic, query, live::MAX_SERIES),
+            });
         }
         Ok(match (&self.cluster, coalescing) {
             (Some(cluster), false) => cluster.subscribe(peer, query, capacity).await,
