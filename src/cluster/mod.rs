@@ -1210,7 +1210,13 @@ mod tests {
         // Virtual time: the bound the test gives it, not the wall clock's.
         let refused = tokio::time::timeout(2 * waited, part).await;
         let refused = refused.expect("still waiting for a turn").err();
-        assert_eq!(refused, Some(QueryError::NoTurn { waited }));
+        assert_eq!(
+            refused,
+            Some(QueryError::NoTurn {
+                waited,
+                costly: false
+            })
+        );
         assert!(
             refused.unwrap().to_string().contains("every scan turn"),
             "says why"

@@ -163,13 +163,12 @@ pub enum QueryError {
     Abandoned,
     #[error("{SHUTTING_DOWN}")]
     ShuttingDown,
-    /// Every scan turn stayed taken for as long as its asker waits: a
-    /// cluster node's own part of a query, the others' answers bounded so.
-    #[error(
-        "every scan turn of this node stayed taken for {waited:?} (one per core, all \
-         scanning); ask again in a moment"
-    )]
-    NoTurn { waited: Duration },
+    /// Every scan turn of its lane stayed taken for as long as its asker
+    /// waits: a cluster node's own part of a query, the others' answers
+    /// bounded so. `costly`: the lane of queries of over [`COSTLY_TERMS`]
+    /// terms, one turn, where the cores may be idle.
+    #[error("{}", no_turn(*.waited, *.costly))]
+    NoTurn { waited: Duration, costly: bool },
     /// Its answer did not fit beside those being sent: ask again soon.
     #[error(transparent)]
     Busy(#[from] Busy),
@@ -280,6 +279,20 @@ pub struct Index {
     /// one at a time: each can run for up to `query_timeout`, and ordinary
     /// queries must not wait behind them.
     costly_scans: Semaphore,
+}
+
+/// Why [`QueryError::NoTurn`] refused its query.
+fn no_turn(waited: Duration, costly: bool) -> String {
+    match costly {
+        true => format!(
+            "the one scan turn of this node for queries of over {COSTLY_TERMS} terms stayed \
+             taken for {waited:?} (scanning another); ask again in a moment"
+        ),
+        false => format!(
+            "every scan turn of this node stayed taken for {waited:?} (one per core, all \
+             scanning); ask again in a moment"
+        ),
+    }
 }
 
 /// Terms beyond which a query is scanned in the lane of costly ones: an
@@ -722,13 +735,14 @@ impl Index {
             let found = self.scan(query, &ScanLimit::NONE, metered.map(|b| (&mut room, b)))?;
             return Ok((then(found), room));
         }
-        let lane = match query.terms() > COSTLY_TERMS {
+        let costly = query.terms() > COSTLY_TERMS;
+        let lane = match costly {
             true => &self.costly_scans,
             false => &self.scans,
         };
         let turn = match patience {
             Some(waited) => (tokio::time::timeout(waited, lane.acquire()).await)
-                .map_err(|_| QueryError::NoTurn { waited })?,
+                .map_err(|_| QueryError::NoTurn { waited, costly })?,
             None => lane.acquire().await,
         };
         // Never closed, so acquiring fails never.
@@ -1297,6 +1311,33 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         false
+    }
+
+    /// A query of over COSTLY_TERMS terms waits in a lane of one turn:
+    /// refused for want of it, it said every turn of each core was taken,
+    /// with the cores idle.
+    #[tokio::test(start_paused = true)]
+    async fn a_costly_query_refused_for_want_of_a_turn_names_its_lane() {
+        let index = filled(IndexConfig::default(), 1);
+        let held = index.costly_scans.acquire().await.unwrap();
+        let (costly, waited) = (costly_query(), Duration::from_secs(2));
+        let answer = || index.answer_within(&costly, proto::approx_bytes, waited, |f| f.len());
+        let refused = answer().await.unwrap_err();
+        assert_eq!(
+            refused,
+            QueryError::NoTurn {
+                waited,
+                costly: true
+            }
+        );
+        assert!(
+            refused
+                .to_string()
+                .contains("the one scan turn of this node for queries of over 100 terms"),
+            "{refused}"
+        );
+        drop(held);
+        assert_eq!(answer().await.map(|(found, _)| found).ok(), Some(0));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
