@@ -83,7 +83,9 @@ impl<T, E: Into<async_nats::Error>> Doing<T> for Result<T, E> {
 /// at once on a fresh NATS each find it missing and create it, and the
 /// server can refuse a create because another node's stream now holds the
 /// subjects (seen once: "subjects overlap with an existing stream"): the
-/// stream is then the one wanted, and is got instead.
+/// stream is then got instead. So is one made meanwhile with other
+/// settings ("stream name already in use with a different
+/// configuration"), as one found at once would be: not checked here.
 pub(crate) async fn get_or_create_stream(
     js: &jetstream::Context,
     config: stream::Config,
