@@ -1841,29 +1841,6 @@ fn of_two_processes_started_at_once_with_one_id_one_is_refused() {
     assert_eq!(kept.child.try_wait().unwrap(), None, "{}", kept.seen);
 }
 
-/// Nodes started at the same moment on a fresh NATS each find the events
-/// stream and the buckets' streams missing and create them: the server
-/// refuses each create but the first ("subjects overlap with an existing
-/// stream"), and a node refused so must take the stream the other made.
-#[test]
-fn nodes_started_at_once_on_a_fresh_nats_all_start() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let nats = Nats::start();
-    let url = nats.url();
-    let start = |id: String| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
-        command
-            .args(["run", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-            .args(["--no-snapshot", "--cluster", &url, "--node-id", &id])
-            .env("RUST_BACKTRACE", "0");
-        common::Logging::spawn(command)
-    };
-    let mut nodes: Vec<_> = (1..=4).map(|i| start(format!("n{i}"))).collect();
-    for node in &mut nodes {
-        assert!(node.wait_for("Joined the cluster", SETTLE), "{}", node.seen);
-    }
-}
-
 #[test]
 fn a_restart_started_while_the_old_process_drains_waits_for_it() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
