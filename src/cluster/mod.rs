@@ -719,7 +719,12 @@ async fn own_part(
         merged.insert(found);
         merged
     }))
-    .await?;
+    .await
+    .inspect_err(|e| {
+        if let QueryError::NoTurn { .. } = e {
+            Stats::incr(&index.answers().stats().cluster_queries_refused_no_turn);
+        }
+    })?;
     merged.room = room;
     merged.room.grow(merged.bytes)?;
     Ok(merged)
@@ -1219,6 +1224,8 @@ mod tests {
                 costly: false
             })
         );
+        let stats = index.answers().stats();
+        assert_eq!(Stats::get(&stats.cluster_queries_refused_no_turn), 1);
         assert!(
             refused.unwrap().to_string().contains("every scan turn"),
             "says why"
