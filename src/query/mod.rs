@@ -908,6 +908,80 @@ mod tests {
         assert!(Query::tagged(&prod_dev[..1], true).matches(&e));
     }
 
+    /// A random tag: mostly what a query's text must escape or could read
+    /// otherwise (quotes, backslashes, `\u`, control characters, spaces,
+    /// keywords, parentheses), some any character, a few empty or long.
+    fn random_tag(next: &mut impl FnMut() -> u64) -> String {
+        const TRICKY: &[char] = &[
+            '"', '\\', 'u', '0', 'a', ' ', ',', '(', ')', '{', '\n', '\r', '\t', '\0', '\u{8}',
+            '\u{c}', '\u{7f}', '\u{85}', '\u{9f}', '\u{a0}', '\u{2028}', '\u{feff}', 'é', '€',
+            '😀', '=', '~', '%',
+        ];
+        let len = match next() % 16 {
+            0 => 0,
+            1 => 5_000 + next() % 5_000,
+            _ => next() % 12,
+        };
+        (0..len)
+            .map(|_| match next() % 4 {
+                0 => char::from_u32((next() % 0x11_0000) as u32).unwrap_or('?'),
+                _ => TRICKY[(next() as usize) % TRICKY.len()],
+            })
+            .collect()
+    }
+
+    /// Over many random tag sets: the text of a tag query parses back to
+    /// that query and shows the same, it tests what it says, and two tag
+    /// queries are equal (a reload keeps the state below) only when they
+    /// test the same tags the same way.
+    #[test]
+    fn tagged_of_any_tags_parses_back_to_itself_and_tests_them() {
+        let mut next = crate::test_rng::xorshift(0x7a66_6564);
+        let words = ["and", "or", "not", "tagged", "a"].map(str::to_owned);
+        for round in 0..2_000 {
+            let mut tags: Vec<String> =
+                (0..1 + next() % 4).map(|_| random_tag(&mut next)).collect();
+            if round % 7 == 0 {
+                tags.push(words[(next() as usize) % words.len()].clone());
+            }
+            let all = next().is_multiple_of(2);
+            let query = Query::tagged(&tags, all);
+            let parsed = Query::parse(query.as_str())
+                .unwrap_or_else(|e| panic!("round {round}: {tags:?}: {e}"));
+            assert_eq!(parsed, query, "round {round}: {tags:?}");
+            assert_eq!(parsed.as_str(), query.as_str(), "round {round}");
+
+            let mut e = event();
+            e.tags = tags[..(next() as usize) % (tags.len() + 1)].to_vec();
+            let has = |t: &String| e.tags.contains(t);
+            let expected = match all {
+                true => tags.iter().all(has),
+                false => tags.iter().any(has),
+            };
+            assert_eq!(
+                query.matches(&e),
+                expected,
+                "round {round}: {tags:?} on {:?}",
+                e.tags
+            );
+
+            let mut other = tags.clone();
+            match next() % 4 {
+                0 => other.reverse(),
+                1 => other.push(tags[0].clone()),
+                2 => other[0].push('x'),
+                _ => {}
+            }
+            let other_all = next().is_multiple_of(2);
+            let same = other == tags && (other_all == all || tags.len() == 1);
+            assert_eq!(
+                Query::tagged(&other, other_all) == query,
+                same,
+                "round {round}: {tags:?} {all} and {other:?} {other_all}"
+            );
+        }
+    }
+
     #[test]
     fn precedence() {
         // `a or b and c` is `a or (b and c)`.
