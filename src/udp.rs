@@ -9,7 +9,9 @@
 //! `graphite_udp_receive_drops` for the Graphite listener's socket), so a
 //! sender's losses show on `/metrics` like every other refusal.
 
+use std::io::{BufRead, BufReader, Read};
 use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,24 +207,58 @@ fn socket_inode(socket: &UdpSocket) -> Option<u64> {
 /// How many datagrams the kernel dropped for the socket `inode` since it was
 /// bound (its receive buffer was full), from `/proc/net/udp` or `udp6`.
 fn kernel_drops(inode: u64) -> Option<u64> {
-    ["/proc/net/udp", "/proc/net/udp6"]
-        .iter()
-        .find_map(|table| {
-            let table = std::fs::read_to_string(table).ok()?;
-            drops_of(&table, inode)
-        })
+    drops_in(
+        &[Path::new("/proc/net/udp"), Path::new("/proc/net/udp6")],
+        inode,
+    )
+}
+
+/// The drops of the socket `inode` in the first of `tables` that lists it.
+fn drops_in(tables: &[&Path], inode: u64) -> Option<u64> {
+    tables.iter().find_map(|table| {
+        let table = std::fs::File::open(table).ok()?;
+        drops_of(BufReader::new(table), inode)
+    })
 }
 
 /// The `drops` column (the last) of the line for `inode` (the tenth column).
-fn drops_of(table: &str, inode: u64) -> Option<u64> {
-    table.lines().skip(1).find_map(|line| {
-        let columns: Vec<&str> = line.split_whitespace().collect();
-        if columns.get(9)?.parse::<u64>().ok()? != inode {
+/// Read a line at a time, up to that line: the table of a busy host is
+/// megabytes (a line of 128 to 168 bytes per UDP socket), read every second.
+fn drops_of(mut table: impl BufRead, inode: u64) -> Option<u64> {
+    // The header.
+    table.skip_until(b'\n').ok()?;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // The kernel's lines are short; a longer one is no socket's.
+        let read = Read::take(&mut table, LINE_MAX)
+            .read_until(b'\n', &mut line)
+            .ok()?;
+        if read == 0 {
             return None;
         }
-        columns.last()?.parse().ok()
-    })
+        if line.last() != Some(&b'\n') && read as u64 == LINE_MAX {
+            table.skip_until(b'\n').ok()?;
+            continue;
+        }
+        let Ok(line) = std::str::from_utf8(&line) else {
+            continue;
+        };
+        let mut columns = line.split_whitespace();
+        let Some(socket) = columns.nth(9) else {
+            continue;
+        };
+        if socket.parse::<u64>().ok() != Some(inode) {
+            continue;
+        }
+        if let Ok(drops) = columns.last().unwrap_or(socket).parse() {
+            return Some(drops);
+        }
+    }
 }
+
+/// Longer than any line of `/proc/net/udp` or `udp6`.
+const LINE_MAX: u64 = 1 << 10;
 
 #[cfg(test)]
 mod tests {
@@ -237,9 +273,77 @@ mod tests {
  4073: 0100007F:15EB 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 98222 2 00000000600115ca 0
  4074: 0100007F:15EC 00000000:0000 07 00000000:00030000 00:00000000 00000000     0        0 98230 2 00000000700115ca 1742
 ";
-        assert_eq!(drops_of(table, 98230), Some(1742));
-        assert_eq!(drops_of(table, 98222), Some(0));
-        assert_eq!(drops_of(table, 1), None);
+        assert_eq!(drops_of(table.as_bytes(), 98230), Some(1742));
+        assert_eq!(drops_of(table.as_bytes(), 98222), Some(0));
+        assert_eq!(drops_of(table.as_bytes(), 1), None);
+    }
+
+    /// A table of `lines` sockets, inodes 1 to `lines`, each socket's
+    /// drops its inode times 10.
+    fn table_of(lines: u64) -> String {
+        let mut table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n".to_owned();
+        for inode in 1..=lines {
+            table.push_str(&format!(
+                " {inode:5}: 0100007F:15EB 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 {inode} 2 00000000600115ca {}\n",
+                inode * 10
+            ));
+        }
+        table
+    }
+
+    /// How much of a table was read.
+    struct Counted<'a> {
+        table: &'a [u8],
+        read: usize,
+    }
+
+    impl std::io::Read for Counted<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.table.read(buf)?;
+            self.read += n;
+            Ok(n)
+        }
+    }
+
+    /// A host's table is megabytes (50 000 sockets here, 6 MB): it is read
+    /// a line at a time up to the socket's, not whole into memory.
+    #[test]
+    fn the_table_is_read_up_to_the_sockets_line() {
+        let table = table_of(50_000);
+        let mut counted = Counted {
+            table: table.as_bytes(),
+            read: 0,
+        };
+        let reader = BufReader::with_capacity(8 << 10, &mut counted);
+        assert_eq!(drops_of(reader, 20), Some(200));
+        assert!(
+            counted.read <= 8 << 10,
+            "read {} of {}",
+            counted.read,
+            table.len()
+        );
+
+        // A line longer than the kernel's is passed over, not held.
+        let long = table.replacen("\n", &format!("\n{}\n", "x ".repeat(1 << 20)), 1);
+        assert_eq!(drops_of(long.as_bytes(), 50_000), Some(500_000));
+        assert_eq!(drops_of(table.as_bytes(), 50_001), None);
+    }
+
+    /// Read from files as from `/proc/net/udp` and `udp6`: the count of the
+    /// socket wherever its line is, none for a socket in neither.
+    #[test]
+    fn the_count_is_read_from_the_first_table_holding_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let (udp, udp6) = (dir.path().join("udp"), dir.path().join("udp6"));
+        std::fs::write(&udp, table_of(50_000)).unwrap();
+        let six = table_of(3).replace(" 3 2 00000000600115ca 30", " 60001 2 00000000600115ca 7");
+        std::fs::write(&udp6, six).unwrap();
+        let tables = [udp.as_path(), udp6.as_path()];
+        assert_eq!(drops_in(&tables, 1), Some(10));
+        assert_eq!(drops_in(&tables, 50_000), Some(500_000));
+        assert_eq!(drops_in(&tables, 60_001), Some(7));
+        assert_eq!(drops_in(&tables, 60_002), None);
+        assert_eq!(drops_in(&[dir.path().join("none").as_path()], 1), None);
     }
 
     /// Whether `future`, polled once, is still pending.
