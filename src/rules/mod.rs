@@ -279,6 +279,23 @@ mod tests {
         }
     }
 
+    /// The tag tests are stages: an output may not take their names, as it
+    /// may not any stage's (a bare `tagged` would read as either).
+    #[test]
+    fn outputs_named_like_the_tag_tests_are_refused() {
+        let source = "output tagged = webhook(url: \"http://127.0.0.1:9/\")\n\
+                      output tagged_all = webhook(url: \"http://127.0.0.1:9/\")\n\
+                      output tagged_any = webhook(url: \"http://127.0.0.1:9/\")\n\
+                      streams { index }\n";
+        let Err(error) = load("t.vigil", source, EnvPolicy::Strict) else {
+            panic!("outputs named like stages loaded");
+        };
+        for (line, name) in [(1, "tagged"), (2, "tagged_all"), (3, "tagged_any")] {
+            let expected = format!("t.vigil:{line}:8: output name `{name}` is a stream name");
+            assert!(error.contains(&expected), "{expected} in\n{error}");
+        }
+    }
+
     /// `vigil check` points at each bad argument of `fill_in`,
     /// `fill_in_last`, `apdex` and `batch`, and says what it takes.
     #[test]
