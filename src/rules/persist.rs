@@ -329,6 +329,7 @@ fn entries(mut body: &[u8], version: u32, started: Micros) -> Restorer<'_> {
         }),
         started,
     )
+    .before_lifetimes()
 }
 
 /// Gives `roots`, compiled from `text` and not running yet, the state saved
@@ -1169,6 +1170,43 @@ mod tests {
             [out("a", Some("critical"), None)],
             "freed 5 s after the start: the state is new"
         );
+    }
+
+    /// A lifetime of 0 (an event's TTL of 0 in a block with no `dt`) is
+    /// one too: the group restored to be freed a year ahead was kept as
+    /// long. Only a file of versions 1 and 2, which may not hold it, keeps
+    /// the group until its own free time.
+    #[test]
+    fn a_group_of_lifetime_0_restored_to_be_freed_far_ahead_is_freed() {
+        let rules = "  by(host) { changed(state) { out } }";
+        let started = TEST_EPOCH + secs_to_micros(1_000.0);
+        let saved = || {
+            vec![
+                Saved::By { groups: 1 },
+                Saved::Group {
+                    key: vec![Some("a".to_owned())],
+                    free_at: started + secs_to_micros(365.0 * 86_400.0),
+                    lifetime: 0,
+                },
+                Saved::Changed(Some("critical".to_owned())),
+            ]
+        };
+        let life = Life::start_from(rules, saved(), 1_000.0);
+        life.advance_to(1_000.0 + 1.0);
+        life.send("a", Some("critical"), None);
+        assert_eq!(
+            life.took(),
+            [out("a", Some("critical"), None)],
+            "freed at the start: the state is new"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = cbor_file(2, &text(rules), &saved());
+        fs::write(dir.path().join(FILE_NAME), file).unwrap();
+        let life = Life::start(rules, dir.path(), 1_000.0);
+        life.advance_to(1_000.0 + 1.0);
+        life.send("a", Some("critical"), None);
+        assert_eq!(life.took(), [], "version 2: kept, its state known");
     }
 
     /// An earlier build let a NaN or infinite metric into an ewma's

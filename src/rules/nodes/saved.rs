@@ -208,6 +208,9 @@ pub struct Restorer<'a> {
     entries: Box<dyn Iterator<Item = Result<Saved, String>> + 'a>,
     taken: usize,
     started: Micros,
+    /// Whether a group's lifetime of 0 was saved as such: files of
+    /// versions 1 and 2 may leave it out, and then it reads as 0.
+    lifetimes_saved: bool,
 }
 
 impl<'a> Restorer<'a> {
@@ -217,7 +220,21 @@ impl<'a> Restorer<'a> {
             entries: Box::new(entries),
             taken: 0,
             started,
+            lifetimes_saved: true,
         }
+    }
+
+    /// The entries of a file whose groups may have no saved lifetime.
+    pub fn before_lifetimes(self) -> Self {
+        Restorer {
+            lifetimes_saved: false,
+            ..self
+        }
+    }
+
+    /// Whether a group's lifetime of 0 is its own, not one left unsaved.
+    pub fn lifetimes_saved(&self) -> bool {
+        self.lifetimes_saved
     }
 
     pub fn from_entries(entries: Vec<Saved>, started: Micros) -> Self {

@@ -653,9 +653,10 @@ impl Node for By {
             // from the start, not only what was left of it. Nor more: a
             // later time came from a clock that jumped back (or a file
             // vigil did not write), and kept the group, and its state, as
-            // long. A file of before lifetimes were saved (0) keeps its own.
+            // long. A lifetime of 0 counts too, but in a file of before
+            // lifetimes were saved, where it may be none: that keeps its own.
             let resumed = from.started().saturating_add(lifetime);
-            let free_at = if lifetime > 0 {
+            let free_at = if lifetime > 0 || from.lifetimes_saved() {
                 resumed
             } else {
                 free_at.max(resumed)
