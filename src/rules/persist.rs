@@ -1222,6 +1222,25 @@ mod tests {
         }
     }
 
+    /// An `ewma(halflife)`'s average restored as of a time far ahead
+    /// weighed the first metric after the start by a gap of 0, not at
+    /// all: its output was the saved average. That time counts as the
+    /// start.
+    #[test]
+    fn an_ewma_saved_far_ahead_goes_on_from_the_start() {
+        let started = TEST_EPOCH + secs_to_micros(1_000.0);
+        let far = started + secs_to_micros(365.0 * 86_400.0);
+        let saved = vec![Saved::Ewma(Some((10.0, far)))];
+        let life = Life::start_from("  ewma(10s) { out }", saved, 1_000.0);
+        life.advance_to(1_000.0 + 10.0);
+        life.send("a", None, Some(20.0));
+        assert_eq!(
+            life.took(),
+            [out("a", None, Some(15.0))],
+            "one half-life after the start"
+        );
+    }
+
     const GROWN: &str = "by(host) { throttle(5, 10s) { out } }";
 
     /// The file a life of [`GROWN`] with one group wrote in `dir`, and the

@@ -1184,8 +1184,13 @@ impl Node for Ewma {
     fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("ewma")? {
             // An earlier build let a NaN or infinity in, which it kept
-            // for ever: the average starts again from the next metric.
-            Saved::Ewma(state) => *self.state.lock() = state.filter(|(avg, _)| avg.is_finite()),
+            // for ever: the average starts again from the next metric. A
+            // time ahead of the start weighed the next metric by nothing.
+            Saved::Ewma(state) => {
+                *self.state.lock() = state
+                    .filter(|(avg, _)| avg.is_finite())
+                    .map(|(avg, at)| (avg, from.past(at)));
+            }
             other => return Err(RestoreError::mismatch("ewma", &other)),
         }
         self.children.restore(from)
