@@ -820,6 +820,45 @@ mod tests {
         assert_eq!(life.took().len(), 5, "then every 10 s");
     }
 
+    /// The saved period is reported with its true end, long past after a
+    /// long restart: with only its TTL plus `dt` it reached the index
+    /// already expired, and the index paged `expired` for a series still
+    /// alive at the next tick. It lives that long from the report, as a
+    /// restored index entry lives its TTL from the start.
+    #[test]
+    fn a_rate_restored_after_its_ttl_reports_no_expiry() {
+        let started = TEST_EPOCH + secs_to_micros(10_000.0);
+        let came = started - secs_to_micros(300.0);
+        let saved = vec![Saved::Rate {
+            sum: 10.0,
+            latest: Some(Event {
+                ttl: Some(60.0),
+                ..held_event(came, 1.0)
+            }),
+            window_end: came + secs_to_micros(5.0),
+            pending: true,
+        }];
+        let rules = "  rate(10s) { index out }\n  expired { out }";
+        let life = Life::start_from(rules, saved, 10_000.0);
+        life.advance_to(10_000.0 + 2.0);
+        assert_eq!(life.took(), [out("a", Some("ok"), Some(1.0))]);
+        let reported = life.index.get("a", "svc").unwrap();
+        assert_eq!(reported.time, came + secs_to_micros(5.0), "its true end");
+        let lives = secs_to_micros(f64::from(reported.ttl.unwrap()));
+        assert!(
+            reported.time + lives >= started + secs_to_micros(70.0),
+            "{reported:?}"
+        );
+        life.send("a", Some("ok"), Some(5.0));
+        life.advance_to(10_000.0 + 30.0);
+        let alive = out("a", Some("ok"), Some(0.0));
+        assert_eq!(
+            life.took(),
+            [out("a", Some("ok"), Some(0.5)), alive.clone(), alive],
+            "no expired: the rate's entry lived till the next"
+        );
+    }
+
     /// A moment restored ahead of the start counts as the start: a
     /// `throttle` whose window began far ahead dropped every event until
     /// then, and a `stable` held its events as long.

@@ -50,7 +50,8 @@ pub struct RateState {
     pending: bool,
     /// Restored: the earliest end of the period after the saved one, a
     /// `dt` after the start. vigil's downtime is no silence of the series,
-    /// and its periods are not reported (as 0, caught up at once).
+    /// and its periods are not reported (as 0, caught up at once). Set
+    /// until the saved period is reported, which lives from then.
     resumed: Option<Micros>,
 }
 
@@ -80,7 +81,15 @@ impl Rate {
             out.time = s.window_end;
             let ttl = cx.index.ttl_secs(latest);
             // As Riemann does: the rate stays alive until the next one is due.
-            out.ttl = Some((ttl + as_secs(self.interval)) as f32);
+            let mut lives = ttl + as_secs(self.interval);
+            if s.resumed.is_some() {
+                // The saved period, reported after a restart with its true
+                // end, long past: it lives that long from now, as a restored
+                // index entry does, not reaching the index already expired
+                // (which paged `expired` for a series still alive).
+                lives += as_secs(cx.now.saturating_sub(s.window_end));
+            }
+            out.ttl = Some(lives as f32);
             let expired = latest.time.saturating_add(secs_to_micros(ttl)) < s.window_end;
             let pending = std::mem::take(&mut s.pending);
             s.sum = 0.0;
@@ -184,12 +193,14 @@ impl Node for Rate {
                     let bound = from.started().saturating_add(MAX_TIME_AHEAD);
                     latest.time = latest.time.min(bound);
                 }
+                let resumed =
+                    (latest.is_some()).then(|| from.started().saturating_add(self.interval));
                 *self.state.lock() = RateState {
                     sum,
                     latest,
                     window_end: from.due_within(window_end, self.interval),
                     pending,
-                    resumed: Some(from.started().saturating_add(self.interval)),
+                    resumed,
                 }
             }
             other => return Err(RestoreError::mismatch("rate", &other)),
