@@ -314,13 +314,17 @@ impl Cluster {
         // passes before another node can take the lease.
         let lease_left = Arc::clone(&leases);
         holds.set_lease_left(Box::new(move |shard| lease_left.remaining(shard)));
+        // The rules' topics are this node's, but their subscribers count
+        // beside its other subscribers, in the feed's bounds and metrics.
+        let feed = Pubsub::bounded(index.pubsub().max_held(), index.pubsub().share());
+        index.publish_topics_on(feed.clone());
         let cluster = Arc::new(Cluster {
             instance,
             client,
             batcher: Arc::new(batcher::Batcher::new(js.clone(), config.shards)),
             js,
             members: AtomicUsize::new(1),
-            feed: Pubsub::bounded(index.pubsub().max_held(), index.pubsub().share()),
+            feed,
             index,
             leases,
             expired_until: AtomicI64::new(0),

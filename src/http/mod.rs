@@ -163,7 +163,10 @@ impl AppState {
     /// [`Client::admit`]: crate::pubsub::Client::admit
     ///
     /// A `topic` other than the index's is this node's: in a cluster, what
-    /// its rules publish, of the shards it owns.
+    /// its rules publish, of the shards it owns, subscribed to on the feed
+    /// ([`Index::topics`]) so that its bounds hold all subscribers.
+    ///
+    /// [`Index::topics`]: crate::index::Index::topics
     async fn subscribe(
         &self,
         client: ClientAddr,
@@ -174,8 +177,9 @@ impl AppState {
         Stats::incr(&self.stats().subscriptions);
         let (query, capacity, peer) = (query.clone(), self.subscriber_capacity, Some(client));
         let pubsub = match (&self.cluster, topic) {
+            (_, Some(_)) => self.telemetry.index.topics(),
             (Some(cluster), None) => cluster.feed(),
-            _ => self.telemetry.index.pubsub(),
+            (None, None) => self.telemetry.index.pubsub(),
         };
         let client = pubsub.client(peer);
         if let Err(refused) = client.admit(&query) {

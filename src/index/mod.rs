@@ -19,8 +19,8 @@
 
 use std::cell::Cell;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use hashbrown::DefaultHashBuilder;
@@ -256,6 +256,9 @@ pub struct Index {
     hints: Box<[SlotHint]>,
     /// Live subscribers see every stored event and every expiry.
     pubsub: Arc<Pubsub>,
+    /// Where the rules' `publish` topics are, when not `pubsub`: in a
+    /// cluster the feed, where this node's subscribers and their bounds are.
+    topics: OnceLock<Arc<Pubsub>>,
     hasher: DefaultHashBuilder,
     config: IndexConfig,
     len: AtomicUsize,
@@ -319,6 +322,7 @@ impl Index {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hints: (0..SHARDS).map(|_| SlotHint::default()).collect(),
             pubsub: Pubsub::bounded(config.max_subscriber_memory, config.subscription_share),
+            topics: OnceLock::new(),
             hasher: DefaultHashBuilder::default(),
             config,
             len: AtomicUsize::new(0),
@@ -355,6 +359,21 @@ impl Index {
     /// Where subscriptions to what the index stores and expires are made.
     pub fn pubsub(&self) -> &Arc<Pubsub> {
         &self.pubsub
+    }
+
+    /// Where the rules' `publish` stages publish and their topics'
+    /// subscribers subscribe: [`Index::pubsub`] unless
+    /// [`Index::publish_topics_on`] said otherwise.
+    pub fn topics(&self) -> &Arc<Pubsub> {
+        self.topics.get().unwrap_or(&self.pubsub)
+    }
+
+    /// Makes `pubsub` hold the topics (the cluster's feed, so that their
+    /// subscribers count beside the node's others, in one bound). Set
+    /// before any event runs through the rules: a `publish` stage keeps
+    /// the topic it finds first, and a second call changes nothing.
+    pub fn publish_topics_on(&self, pubsub: Arc<Pubsub>) {
+        let _ = self.topics.set(pubsub);
     }
 
     /// Most entries a query may match; `None` when unbounded.

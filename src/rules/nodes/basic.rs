@@ -7,7 +7,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::event::{Event, Metric};
-use crate::pubsub::Topic;
+use crate::pubsub::{Pubsub, Topic};
 use crate::query::Query;
 
 use super::saved::{RestoreError, Restorer, Saver};
@@ -478,12 +478,16 @@ leaf!(Index; |self, event, cx| {
     cx.index.insert_hashed(event, cx.key_hash(event), cx.now);
 });
 
-// The topic is looked up at the first event, not per event: publishing
-// to a topic nobody subscribes to is then one atomic load. Held, it
-// stays the topic that subscribers connected before find.
-leaf!(Publish, name: Arc<str>, topic: OnceLock<Arc<Topic>>; |self, event, cx| {
-    let pubsub = cx.index.pubsub();
-    let topic = self.topic.get_or_init(|| pubsub.topic(&self.name));
+// The topic (and where it is: the index's topics) is looked up at the
+// first event, not per event: publishing to a topic nobody subscribes to
+// is then one atomic load. Held, it stays the topic that subscribers
+// connected before find.
+leaf!(Publish, name: Arc<str>, topic: OnceLock<(Arc<Pubsub>, Arc<Topic>)>; |self, event, cx| {
+    let (pubsub, topic) = self.topic.get_or_init(|| {
+        let pubsub = cx.index.topics().clone();
+        let topic = pubsub.topic(&self.name);
+        (pubsub, topic)
+    });
     pubsub.publish_to(topic, event);
 });
 

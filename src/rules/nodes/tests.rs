@@ -1800,6 +1800,28 @@ fn a_reload_adding_publish_reaches_subscribers_already_there() {
     assert_eq!(early.try_recv().unwrap().service.as_deref(), Some("after"));
 }
 
+/// Where the index says topics are (a cluster's feed), `publish` publishes:
+/// the topic's subscribers there get its events, none reach the index's
+/// pubsub.
+#[test]
+fn publish_publishes_where_the_index_keeps_topics() {
+    let b = bench("publish(alerts)");
+    let feed = crate::pubsub::Pubsub::new();
+    b.index.publish_topics_on(feed.clone());
+    let all = || crate::query::Query::parse("true").unwrap();
+    let mut there = feed
+        .client(None)
+        .subscribe_to(feed.topic("alerts"), all(), 10);
+    let local = b.index.pubsub();
+    let mut beside = local
+        .client(None)
+        .subscribe_to(local.topic("alerts"), all(), 10);
+    send(&b, ev(&b, "h", "disk"));
+    let got = there.try_recv().expect("published where the topics are");
+    assert_eq!(got.service.as_deref(), Some("disk"));
+    assert!(beside.try_recv().is_err());
+}
+
 /// Hosts that report again while a mass expiry's notices go out (on other
 /// threads in vigil; here between two batches of notices): the rules see
 /// them come back, and never expire after that, and the index keeps them.
