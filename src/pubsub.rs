@@ -147,7 +147,7 @@ const TOPICS_PRUNED_AT: usize = 64;
 
 /// Why `name` cannot name a topic: not 1 to [`MAX_TOPIC_NAME`] bytes of
 /// ASCII letters, digits, `_`, `-` and `.` (it stands in a URL's path as
-/// it is).
+/// it is), or `.` or `..`.
 pub fn topic_name_error(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("a topic's name is empty".to_owned());
@@ -156,6 +156,13 @@ pub fn topic_name_error(name: &str) -> Option<String> {
         return Some(format!(
             "a topic's name is at most {MAX_TOPIC_NAME} bytes, not {}",
             name.len()
+        ));
+    }
+    // A client resolves these in a URL's path (`/pubsub/..` is `/`): a
+    // topic of such a name could not be subscribed to.
+    if matches!(name, "." | "..") {
+        return Some(format!(
+            "a topic's name is not `{name}`: in a URL's path it is not a name"
         ));
     }
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
@@ -1936,6 +1943,12 @@ mod tests {
             "a topic's name is ASCII letters, digits, `_`, `-` and `.`, not '/'"
         );
         assert!(why("é").ends_with("not 'é'"));
+        for dots in [".", ".."] {
+            assert_eq!(
+                why(dots),
+                format!("a topic's name is not `{dots}`: in a URL's path it is not a name")
+            );
+        }
         assert!(why("a b").ends_with("not ' '"));
     }
 }
