@@ -1091,6 +1091,50 @@ fn a_subscriber_on_one_node_sees_every_nodes_changes() {
     );
 }
 
+/// `/pubsub/<topic>` on a node gets what its rules `publish` of the shards
+/// it owns, and its subscriber is one of the node's subscribers (in
+/// `vigil_subscribers`, the feed's bounds), as a `/pubsub/index` one is.
+#[test]
+fn a_published_topics_subscriber_is_one_of_the_nodes_subscribers() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("publish.vigil");
+    let source = "streams {\n  index\n  where service = \"disk\" { publish(alerts) }\n}\n";
+    std::fs::write(&rules, source).unwrap();
+    let n1 = node(&nats, "n1", &["--rules", rules.to_str().unwrap()]);
+    // Live on its owner, not replayed (replays reach no subscriber).
+    send(&n1, &[event("pub", "cpu", "ok")]);
+    wait_partitioned(&[&n1], 1);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let address = format!(
+        "ws://{}/pubsub/alerts?query=true",
+        n1.http.expect("HTTP on")
+    );
+    let (mut ws, _) = runtime
+        .block_on(tokio_tungstenite::connect_async(address.as_str()))
+        .expect("websocket handshake");
+    let subscribed = || (metric_of(&runtime, &n1, "vigil_subscribers") == 1).then_some(());
+    wait_until(SETTLE, subscribed).expect("the topic's subscriber in vigil_subscribers");
+    send(&n1, &[event("pub", "disk", "critical")]);
+    let frame = runtime.block_on(async {
+        loop {
+            let message = tokio::time::timeout(SETTLE, ws.next())
+                .await
+                .expect("a frame within the bound")
+                .expect("the socket stays open")
+                .expect("a frame");
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                break serde_json::from_str::<serde_json::Value>(&text).unwrap();
+            }
+        }
+    });
+    assert_eq!(
+        (&frame["host"], &frame["service"]),
+        (&"pub".into(), &"disk".into())
+    );
+}
+
 #[test]
 fn http_events_are_acked_only_once_stored() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
