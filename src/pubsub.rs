@@ -289,6 +289,16 @@ impl Default for Pubsub {
     }
 }
 
+/// Where `topic`'s audiences are in `audiences`, which are kept in the
+/// order of their topics' addresses: a publish visits its own topic's
+/// only, so idle subscriptions to other topics (one per connection, to
+/// names of a client's choosing) cost ingest nothing.
+fn topic_range(audiences: &[Audience], topic: &Arc<Topic>) -> std::ops::Range<usize> {
+    let key = |a: &Audience| Arc::as_ptr(&a.topic) as usize;
+    let at = Arc::as_ptr(topic) as usize;
+    audiences.partition_point(|a| key(a) < at)..audiences.partition_point(|a| key(a) <= at)
+}
+
 /// The subscribers of one topic with one query text: it is evaluated once
 /// per event for all of them (a dashboard opened by many people asks the
 /// same).
@@ -852,13 +862,19 @@ impl Pubsub {
                 audience.unfiltered &= lossy;
                 audience.members.push(subscriber);
             }
-            None => audiences.push(Audience {
-                topic,
-                query,
-                members: vec![subscriber],
-                unfiltered: false,
-                spent: AtomicU64::new(0),
-            }),
+            None => {
+                let at = topic_range(&audiences, &topic).end;
+                audiences.insert(
+                    at,
+                    Audience {
+                        topic,
+                        query,
+                        members: vec![subscriber],
+                        unfiltered: false,
+                        spent: AtomicU64::new(0),
+                    },
+                );
+            }
         }
         self.count.fetch_add(1, Ordering::AcqRel);
         Subscription {
@@ -972,12 +988,9 @@ impl Pubsub {
         let mut shared = None;
         let audiences = self.audiences.read();
         let mut timer = self.sampler.due().map(Timer::start);
-        let mut laps = 0u32;
-        for audience in audiences.iter() {
-            if !Arc::ptr_eq(&audience.topic, topic) {
-                continue;
-            }
-            laps = laps.saturating_add(1);
+        let mine = &audiences[topic_range(&audiences, topic)];
+        let laps = u32::try_from(mine.len()).unwrap_or(u32::MAX);
+        for audience in mine {
             if let Some(timer) = &mut timer {
                 timer.lap(&audience.spent);
             }
@@ -1226,7 +1239,8 @@ impl Pubsub {
         let query = audience.query.as_str().to_owned();
         audience.topic.subscribers.fetch_sub(1, Ordering::AcqRel);
         if audience.members.is_empty() {
-            audiences.swap_remove(a);
+            // `remove`, not `swap_remove`: the audiences stay in topic order.
+            audiences.remove(a);
         }
         self.count.fetch_sub(1, Ordering::AcqRel);
         Some((sub, query))
@@ -1831,6 +1845,45 @@ mod tests {
         drop(sub);
         assert_eq!(pubsub.subscribers(), 0);
         pubsub.publish(&event("x"));
+    }
+
+    /// The audiences are kept in topic order, so a publish visits only its
+    /// own topic's: subscriptions to many topics, in any order, with some
+    /// gone again, leave each topic's audiences side by side.
+    #[test]
+    fn a_publish_visits_its_own_topics_audiences_only() {
+        let pubsub = Pubsub::new();
+        let anyone = pubsub.client(None);
+        let names = ["a", "b", INDEX_TOPIC, "c"];
+        let mut held = Vec::new();
+        for round in 0..5 {
+            for name in names {
+                let query = Query::parse(&format!("metric > {round}")).unwrap();
+                held.push(anyone.subscribe_to(pubsub.topic(name), query, 10));
+            }
+        }
+        // Every third one leaves: its audience (one subscriber) goes.
+        let mut n = 0;
+        held.retain(|_| {
+            n += 1;
+            n % 3 != 0
+        });
+        let audiences = pubsub.audiences.read();
+        for name in names {
+            let topic = pubsub.topic(name);
+            let mine = topic_range(&audiences, &topic);
+            let all = (audiences.iter())
+                .filter(|a| Arc::ptr_eq(&a.topic, &topic))
+                .count();
+            assert!(all > 0, "{name} has audiences");
+            assert_eq!(mine.len(), all, "{name}'s audiences side by side");
+            assert!(
+                audiences[mine]
+                    .iter()
+                    .all(|a| Arc::ptr_eq(&a.topic, &topic)),
+                "{name}"
+            );
+        }
     }
 
     /// A topic's events reach its subscribers only: not the index's, nor
