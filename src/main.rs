@@ -290,7 +290,8 @@ struct RunArgs {
     /// How long JetStream keeps events; must cover the longest TTL or window in the rules.
     #[arg(long, default_value = "1h", value_parser = parse_interval, requires = "cluster")]
     cluster_retention: Duration,
-    /// A node's shard leases lapse this long after its last renewal (so survivors take over).
+    /// How long this node's shard leases count as held after their last renewal; the server lets
+    /// them lapse (so survivors take over) after the longest any node of the cluster started with.
     #[arg(long, default_value = "6s", value_parser = parse_interval, requires = "cluster")]
     cluster_lease_ttl: Duration,
     /// How often leases are renewed and shards rebalanced; well under --cluster-lease-ttl.

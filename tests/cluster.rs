@@ -1954,6 +1954,66 @@ fn a_node_that_changes_the_clusters_retention_says_so() {
     );
 }
 
+/// The `max_age` of the stream of the KV bucket `bucket`.
+fn bucket_ttl(nats: &Nats, bucket: &str) -> Duration {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let js = async_nats::jetstream::new(peer(nats).await);
+        let mut stream = js.get_stream(format!("KV_{bucket}")).await.unwrap();
+        stream.info().await.unwrap().config.max_age
+    })
+}
+
+/// The server lets a lease or heartbeat lapse at its bucket's TTL, which
+/// the first node made. A node with a longer `--cluster-lease-ttl` counts
+/// its fence from its own: under a shorter bucket TTL its lease lapsed, and
+/// another node took the shard, while it still ran it. So a longer TTL
+/// raises the buckets' for every node, and a shorter one leaves it (its own
+/// fence then passes first), each saying so.
+#[test]
+fn a_longer_lease_ttl_raises_the_buckets_and_a_shorter_one_keeps_them() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let first = node(
+        &nats,
+        "n1",
+        &["--cluster-lease-ttl", "3s", "--cluster-renew", "1s"],
+    );
+    assert_eq!(bucket_ttl(&nats, "vigil_leases"), Duration::from_secs(3));
+    assert!(
+        !first.logs().contains("--cluster-lease-ttl"),
+        "{}",
+        first.logs()
+    );
+    let second = node(&nats, "n2", &["--cluster-lease-ttl", "9s"]);
+    for bucket in ["vigil_nodes", "vigil_leases"] {
+        assert_eq!(
+            bucket_ttl(&nats, bucket),
+            Duration::from_secs(9),
+            "{bucket}"
+        );
+    }
+    assert_eq!(bucket_ttl(&nats, "vigil_progress"), Duration::ZERO);
+    let raised = second.log_line("--cluster-lease-ttl is longer");
+    assert!(
+        raised.contains(r#""from":"3s""#) && raised.contains(r#""to":"9s""#),
+        "{raised}"
+    );
+    let third = node(&nats, "n3", &["--cluster-lease-ttl", "6s"]);
+    for bucket in ["vigil_nodes", "vigil_leases"] {
+        assert_eq!(
+            bucket_ttl(&nats, bucket),
+            Duration::from_secs(9),
+            "{bucket}"
+        );
+    }
+    let kept = third.log_line("--cluster-lease-ttl is shorter");
+    assert!(
+        kept.contains(r#""buckets":"9s""#) && kept.contains(r#""ours":"6s""#),
+        "{kept}"
+    );
+}
+
 /// `GET /health` and `/metrics` of `node`: status and body.
 fn get(node: &Vigil, path: &str) -> (u16, String) {
     let url = format!("http://{}{path}", node.http.expect("HTTP on"));

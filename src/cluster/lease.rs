@@ -2,8 +2,9 @@
 //! shard through its rules and outputs, and whether the shard's index expiry
 //! is paused.
 //!
-//! **Fencing.** The KV lease lapses `lease TTL` after the server received the
-//! last renewal, which is after this node sent it. So a node that counts its
+//! **Fencing.** The KV lease lapses the bucket's TTL, never shorter than this
+//! node's lease TTL (see `ownership`), after the server received the last
+//! renewal, which is after this node sent it. So a node that counts its
 //! deadline from the moment it *sent* each successful renewal, minus a safety
 //! margin, gives a shard up strictly before any other node can take its lease
 //! — even when it is cut off from NATS (or paused) and cannot learn that it

@@ -68,9 +68,10 @@ impl Buckets {
 
 /// Opens a KV bucket, creating its stream first when missing. The stream is
 /// made by hand with the KV layout (`create_key_value` first asks for account
-/// info in a form nats-server 2.9 does not answer).
+/// info in a form nats-server 2.9 does not answer). A `max_age` (zero: none)
+/// is the bucket's TTL, kept at least that long ([`lasting_at_least`]).
 async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<Store, NatsError> {
-    super::get_or_create_stream(
+    let stream = super::get_or_create_stream(
         js,
         stream::Config {
             name: format!("KV_{name}"),
@@ -87,9 +88,53 @@ async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<
     )
     .await
     .doing(format!("creating the KV bucket {name}"))?;
+    if !max_age.is_zero() {
+        lasting_at_least(js, &stream, name, max_age).await?;
+    }
     js.get_key_value(name)
         .await
         .doing(format!("opening the KV bucket {name}"))
+}
+
+/// The server lets a key of a bucket with a TTL lapse at the TTL its stream
+/// was made with, by whichever node came first, while this node fences its
+/// shards from its own `--cluster-lease-ttl`. Under a shorter bucket TTL its
+/// lease lapsed, and another node took the shard, while it still ran it. So
+/// a TTL shorter than ours is raised, for every node; a longer one stays
+/// (each node's fence then passes before the server lets its lease go, and
+/// only takeover is slower). Never lowered: that would undercut the longest
+/// TTL's nodes.
+async fn lasting_at_least(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    name: &str,
+    ttl: Duration,
+) -> Result<(), NatsError> {
+    let mut config = stream.cached_info().config.clone();
+    // Zero: nothing lapses.
+    let theirs = Some(config.max_age).filter(|age| !age.is_zero());
+    match theirs {
+        Some(theirs) if theirs < ttl => {
+            tracing::warn!(
+                bucket = name,
+                from = ?theirs,
+                to = ?ttl,
+                "--cluster-lease-ttl is longer than the bucket's TTL: raising it for every node of the cluster. A dead node's leases and heartbeat lapse after it."
+            );
+            config.max_age = ttl;
+            js.update_stream(config)
+                .await
+                .doing(format!("raising the TTL of the KV bucket {name}"))?;
+        }
+        Some(theirs) if theirs > ttl => tracing::warn!(
+            bucket = name,
+            buckets = ?theirs,
+            ours = ?ttl,
+            "--cluster-lease-ttl is shorter than the bucket's TTL, which another node set and which stays: this node renews and fences by its own, but its leases and heartbeat lapse only after the bucket's, when it dies."
+        ),
+        _ => {}
+    }
+    Ok(())
 }
 
 impl Buckets {
