@@ -2014,6 +2014,32 @@ fn a_longer_lease_ttl_raises_the_buckets_and_a_shorter_one_keeps_them() {
     );
 }
 
+/// Two nodes started at once raising the buckets' TTL, to different
+/// values, race, and the shorter may land last (as may an edit by hand):
+/// the node with the longer TTL raises it back at its next round.
+#[test]
+fn a_bucket_ttl_lowered_under_a_nodes_lease_ttl_is_raised_again() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let node = node(&nats, "n1", &["--cluster-lease-ttl", "9s"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let js = async_nats::jetstream::new(peer(&nats).await);
+        let mut stream = js.get_stream("KV_vigil_leases").await.unwrap();
+        let mut config = stream.info().await.unwrap().config.clone();
+        config.max_age = Duration::from_secs(3);
+        // The server refuses one longer than the TTL.
+        config.duplicate_window = config.max_age;
+        js.update_stream(config).await.unwrap();
+    });
+    assert_eq!(bucket_ttl(&nats, "vigil_leases"), Duration::from_secs(3));
+    let raised = wait_until(SETTLE, || {
+        let ttl = bucket_ttl(&nats, "vigil_leases");
+        (ttl == Duration::from_secs(9)).then_some(ttl)
+    });
+    assert_eq!(raised, Some(Duration::from_secs(9)), "{}", node.logs());
+}
+
 /// `GET /health` and `/metrics` of `node`: status and body.
 fn get(node: &Vigil, path: &str) -> (u16, String) {
     let url = format!("http://{}{path}", node.http.expect("HTTP on"));

@@ -25,7 +25,9 @@
 //! its leases, then moves toward its share `ceil(shards / live)`: releasing
 //! extras (gracefully: progress saved, lease deleted) or taking free shards.
 //! A shard whose local lease deadline ([`lease`](super::lease)) passes stops
-//! at once (fenced), renewed or not.
+//! at once (fenced), renewed or not. The deadline counts from this node's
+//! own lease TTL, so the lease and heartbeat buckets' TTL is kept at least
+//! that long: raised at start and whenever a round finds it lower.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -89,7 +91,16 @@ async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<
     .await
     .doing(format!("creating the KV bucket {name}"))?;
     if !max_age.is_zero() {
-        lasting_at_least(js, &stream, name, max_age).await?;
+        let config = &stream.cached_info().config;
+        if config.max_age > max_age {
+            tracing::warn!(
+                bucket = name,
+                buckets = ?config.max_age,
+                ours = ?max_age,
+                "--cluster-lease-ttl is shorter than the bucket's TTL, which another node set and which stays: this node renews and fences by its own, but its leases and heartbeat lapse only after the bucket's, when it dies."
+            );
+        }
+        lasting_at_least(js, config, name, max_age).await?;
     }
     js.get_key_value(name)
         .await
@@ -103,37 +114,29 @@ async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<
 /// a TTL shorter than ours is raised, for every node; a longer one stays
 /// (each node's fence then passes before the server lets its lease go, and
 /// only takeover is slower). Never lowered: that would undercut the longest
-/// TTL's nodes.
+/// TTL's nodes. (Zero, no TTL: nothing lapses.)
 async fn lasting_at_least(
     js: &jetstream::Context,
-    stream: &stream::Stream,
+    config: &stream::Config,
     name: &str,
     ttl: Duration,
 ) -> Result<(), NatsError> {
-    let mut config = stream.cached_info().config.clone();
-    // Zero: nothing lapses.
-    let theirs = Some(config.max_age).filter(|age| !age.is_zero());
-    match theirs {
-        Some(theirs) if theirs < ttl => {
-            tracing::warn!(
-                bucket = name,
-                from = ?theirs,
-                to = ?ttl,
-                "--cluster-lease-ttl is longer than the bucket's TTL: raising it for every node of the cluster. A dead node's leases and heartbeat lapse after it."
-            );
-            config.max_age = ttl;
-            js.update_stream(config)
-                .await
-                .doing(format!("raising the TTL of the KV bucket {name}"))?;
-        }
-        Some(theirs) if theirs > ttl => tracing::warn!(
-            bucket = name,
-            buckets = ?theirs,
-            ours = ?ttl,
-            "--cluster-lease-ttl is shorter than the bucket's TTL, which another node set and which stays: this node renews and fences by its own, but its leases and heartbeat lapse only after the bucket's, when it dies."
-        ),
-        _ => {}
+    if config.max_age.is_zero() || config.max_age >= ttl {
+        return Ok(());
     }
+    tracing::warn!(
+        bucket = name,
+        from = ?config.max_age,
+        to = ?ttl,
+        "--cluster-lease-ttl is longer than the bucket's TTL: raising it for every node of the cluster. A dead node's leases and heartbeat lapse after it."
+    );
+    let raised = stream::Config {
+        max_age: ttl,
+        ..config.clone()
+    };
+    js.update_stream(raised)
+        .await
+        .doing(format!("raising the TTL of the KV bucket {name}"))?;
     Ok(())
 }
 
@@ -143,6 +146,20 @@ impl Buckets {
     /// share and move shards back and forth.
     async fn live_nodes(&self) -> Result<BTreeSet<String>, NatsError> {
         keys_of(&self.nodes, "listing nodes").await
+    }
+
+    /// Raises the lease and heartbeat buckets' TTL again where it is found
+    /// below `ttl`: two nodes raising it at once, to different TTLs, race,
+    /// and the shorter may land last (so may an edit by hand).
+    async fn keep_lasting(&self, js: &jetstream::Context, ttl: Duration) -> Result<(), NatsError> {
+        let checks = [&self.nodes, &self.leases].map(|store| async move {
+            let mut stream = store.stream.clone();
+            let info =
+                (stream.info().await).doing(format!("reading the KV bucket {}", store.name))?;
+            lasting_at_least(js, &info.config, &store.name, ttl).await
+        });
+        futures_util::future::try_join_all(checks).await?;
+        Ok(())
     }
 
     /// The keys of the leases held now.
@@ -447,6 +464,10 @@ impl Owner {
             self.release(extras).await;
         } else if self.owned.len() < target {
             self.acquire(target).await;
+        }
+        let ttl = self.cluster.config.lease_ttl;
+        if let Err(e) = self.buckets.keep_lasting(&self.cluster.js, ttl).await {
+            tracing::warn!(error = %e, "Cannot check the lease buckets' TTL; checking next round.");
         }
         Ok(())
     }
