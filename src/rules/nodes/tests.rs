@@ -1660,6 +1660,18 @@ fn predict_linear_fits_each_by_group_apart() {
     );
 }
 
+/// `s` is how far ahead the line is read, not a span the stage waits
+/// through: a `by` group idle past its events' TTL is freed, and its window
+/// starts again, however far ahead it predicts.
+#[test]
+fn a_by_group_of_predict_linear_is_freed_after_its_ttl_not_its_horizon() {
+    let b = bench("by(host) { predict_linear(2, 1h) { out } }");
+    send(&b, with_ttl(point(&b, 0.0, Metric::Int(0)), 10.0));
+    b.advance_to(at(11.0));
+    send(&b, with_ttl(point(&b, 11.0, Metric::Int(11)), 10.0));
+    assert_eq!(out_f64(&b), Vec::<f64>::new(), "a fresh window of one point");
+}
+
 /// An unchanged `predict_linear` keeps its points across a reload; one
 /// whose `n` changed starts empty.
 #[test]
