@@ -1669,7 +1669,11 @@ fn a_by_group_of_predict_linear_is_freed_after_its_ttl_not_its_horizon() {
     send(&b, with_ttl(point(&b, 0.0, Metric::Int(0)), 10.0));
     b.advance_to(at(11.0));
     send(&b, with_ttl(point(&b, 11.0, Metric::Int(11)), 10.0));
-    assert_eq!(out_f64(&b), Vec::<f64>::new(), "a fresh window of one point");
+    assert_eq!(
+        out_f64(&b),
+        Vec::<f64>::new(),
+        "a fresh window of one point"
+    );
 }
 
 /// An unchanged `predict_linear` keeps its points across a reload; one
