@@ -1904,7 +1904,7 @@ fn kept_aside_keys(dir: &std::path::Path) -> Vec<String> {
     let mut keys = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let name = entry.file_name().into_string().unwrap();
-        if name.starts_with("pagerduty-") && name.matches('.').count() == 2 {
+        if is_kept_aside(&name) {
             let saved: Value =
                 serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
             let incidents = saved["incidents"].as_array().cloned().unwrap_or_default();
@@ -1916,6 +1916,18 @@ fn kept_aside_keys(dir: &std::path::Path) -> Vec<String> {
         }
     }
     keys
+}
+
+/// Whether `name` is a pager file kept aside,
+/// `pagerduty-<output>.<receiver hash>.json`: not the output's own file
+/// being written (`pagerduty-<output>.json.tmp`, which a save in flight
+/// holds, the current receiver's incidents in it).
+fn is_kept_aside(name: &str) -> bool {
+    let stem = name
+        .strip_prefix("pagerduty-")
+        .and_then(|n| n.strip_suffix(".json"));
+    stem.and_then(|stem| stem.rsplit_once('.'))
+        .is_some_and(|(_, hash)| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A reload changed the routing key with an incident open under the first
