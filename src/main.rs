@@ -634,7 +634,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "Bound the listeners; loading the saved state, then serving."
         );
         snapshot::remove_leftovers(&args.data_dir);
-        persist::restore(&compiled.roots, &text, &args.data_dir, started);
+        persist::restore(
+            &compiled.roots,
+            &text,
+            &args.data_dir,
+            started,
+            args.default_ttl,
+        );
     }
     // The pagers' open incidents are kept beside the index snapshot.
     let kept = if keep_state {

@@ -17,7 +17,7 @@ use vigil::clock::{Clock, MICROS_PER_SEC, ManualClock};
 use vigil::event::{Event, Metric};
 use vigil::graphite_in::{line_text, parse_line};
 use vigil::http::read_event_line;
-use vigil::index::{Index, IndexConfig};
+use vigil::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
 use vigil::json::{iso8601, to_json};
 use vigil::limits::Limits;
 use vigil::proto::{self, Msg, PbEvent};
@@ -578,7 +578,7 @@ fn restore_state_file(version: u32, rules_text: &str, data: &[u8]) {
     };
     let (_, compiled) =
         rules::load(&text.name, &text.text, EnvPolicy::Lenient).expect("state rules compile");
-    let _ = persist::restore_bytes(&compiled.roots, &text, &file, NOW);
+    let _ = persist::restore_bytes(&compiled.roots, &text, &file, NOW, DEFAULT_TTL_SECS);
     let clock = Arc::new(ManualClock::new(NOW));
     let index = Arc::new(Index::new(IndexConfig::default()));
     let rules = Rules::new(

@@ -333,14 +333,15 @@ fn entries(mut body: &[u8], version: u32, started: Micros) -> Restorer<'_> {
 }
 
 /// Gives `roots`, compiled from `text` and not running yet, the state saved
-/// in `dir`, for a vigil started at `started` (the clock's time). Never
-/// fails: a file that cannot be used is logged with the reason, and the
-/// stages start empty.
-pub fn restore(roots: &Children, text: &RuleText, dir: &Path, started: Micros) {
+/// in `dir`, for a vigil started at `started` (the clock's time) whose
+/// events without a TTL live `default_ttl` seconds. Never fails: a file
+/// that cannot be used is logged with the reason, and the stages start
+/// empty.
+pub fn restore(roots: &Children, text: &RuleText, dir: &Path, started: Micros, default_ttl: f64) {
     let loading = Instant::now();
     let path = dir.join(FILE_NAME);
     let restored = match fs::read(&path) {
-        Ok(bytes) => restore_bytes(roots, text, &bytes, started).map(Some),
+        Ok(bytes) => restore_bytes(roots, text, &bytes, started, default_ttl).map(Some),
         Err(cause) if cause.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(cause) => Err(StateError::Read {
             path: path.clone(),
@@ -382,14 +383,11 @@ pub fn restore_bytes(
     text: &RuleText,
     bytes: &[u8],
     started: Micros,
+    default_ttl: f64,
 ) -> Result<Restored, StateError> {
     let decoded = decode(bytes)?;
-    restore_from(
-        roots,
-        text,
-        &decoded.header,
-        entries(decoded.entries, decoded.version, started),
-    )
+    let from = entries(decoded.entries, decoded.version, started).default_ttl(default_ttl);
+    restore_from(roots, text, &decoded.header, from)
 }
 
 /// Restores the entries into a tree compiled from the text they were saved
@@ -420,7 +418,7 @@ mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock, Micros, SharedClock, secs_to_micros};
     use crate::event::{Event, Metric};
-    use crate::index::{Index, IndexConfig};
+    use crate::index::{DEFAULT_TTL_SECS, Index, IndexConfig};
     use crate::outputs::OutputSink;
     use crate::rules::testing::{Recorder, TEST_EPOCH, advance};
     use crate::streams::Streams;
@@ -444,7 +442,7 @@ mod tests {
     impl Life {
         fn start(streams: &str, dir: &Path, at_secs: f64) -> Life {
             Life::start_with(streams, at_secs, |roots, text, started| {
-                restore(roots, text, dir, started);
+                restore(roots, text, dir, started, DEFAULT_TTL_SECS);
             })
         }
 
@@ -857,6 +855,91 @@ mod tests {
             [out("a", Some("ok"), Some(0.5)), alive.clone(), alive],
             "no expired: the rate's entry lived till the next"
         );
+    }
+
+    /// As a rate's: every stage holding events across a restart emits them
+    /// with their own time, long past after a long restart. Each must live
+    /// at least its TTL from the start, as a restored index entry does, or
+    /// it reached the index already expired and the index paged `expired`
+    /// for a series still alive at the next tick.
+    #[test]
+    fn events_held_across_a_restart_after_their_ttl_report_no_expiry() {
+        // (stage, metrics it holds, whether another series' event closes
+        // its window after the restart)
+        let cases = [
+            (
+                "fixed_time_window(10s) { sum { index out } }",
+                &[1.0][..],
+                false,
+            ),
+            (
+                "fixed_time_window(10s) { median { index out } }",
+                &[1.0],
+                false,
+            ),
+            ("batch(5, 10s) { max { index out } }", &[1.0], false),
+            ("fixed_event_window(2) { max { index out } }", &[5.0], true),
+            ("moving_event_window(2) { max { index out } }", &[5.0], true),
+            ("moving_time_window(1d) { max { index out } }", &[5.0], true),
+            ("coalesce(10s) { max { index out } }", &[1.0], false),
+            ("percentiles(10s, [0.5]) { index out }", &[1.0], false),
+            (
+                r#"apdex(10s, satisfied: "metric < 2", tolerated: "false") { index out }"#,
+                &[1.0],
+                false,
+            ),
+            ("rollup(1, 10s) { index out }", &[1.0, 2.0], false),
+            ("stable(10s) { index out }", &[1.0], false),
+        ];
+        let at = |secs| TEST_EPOCH + secs_to_micros(secs);
+        let mut paged = Vec::new();
+        // None: the default TTL, 60 s.
+        for ttl in [Some(60.0), None] {
+            for (stage, held, closed_by_another) in cases {
+                let dir = tempfile::tempdir().unwrap();
+                let rules = &format!("  {stage}\n  expired {{ out }}");
+                let first = Life::start(rules, dir.path(), 0.0);
+                for &metric in held {
+                    first.rules.process(&[Event {
+                        ttl,
+                        ..held_event(first.clock.now(), metric)
+                    }]);
+                }
+                first.stop(dir.path());
+
+                let second = Life::start(rules, dir.path(), 10_000.0);
+                if closed_by_another {
+                    second.send("b", Some("ok"), Some(1.0));
+                }
+                second.advance_to(10_000.0 + 30.0);
+                let took = second.took();
+                assert!(
+                    took.iter().any(|(host, ..)| host == "a"),
+                    "{stage}: {took:?}"
+                );
+                if took
+                    .iter()
+                    .any(|(_, state, _)| state.as_deref() == Some("expired"))
+                {
+                    paged.push((stage, ttl));
+                    continue;
+                }
+                // A percentile is stamped with its period's end.
+                let (service, time) = if stage.starts_with("percentiles") {
+                    ("svc 0.5", at(10.0))
+                } else {
+                    ("svc", at(0.0))
+                };
+                let reported = second.index.get("a", service).unwrap();
+                assert_eq!(reported.time, time, "{stage}: its true time");
+                let lives = secs_to_micros(f64::from(reported.ttl.unwrap()));
+                assert!(
+                    reported.time + lives >= at(10_060.0),
+                    "{stage}: {reported:?}"
+                );
+            }
+        }
+        assert_eq!(paged, Vec::<(&str, Option<f32>)>::new(), "paged expired");
     }
 
     /// A moment restored ahead of the start counts as the start: a
@@ -1460,11 +1543,13 @@ mod tests {
         first.stop(dir.path());
 
         let second = Life::start(rules, dir.path(), 2.0);
-        // Each group lives at least its lifetime from the second start; the
-        // fill is due a whole `dt` (1m) after it at the earliest.
+        // Each group lives at least its lifetime from the second start, and
+        // each held event its TTL; the fill is due a whole `dt` (1m) after
+        // it at the earliest.
         let started = second.clock.now();
         let mut expected = before;
         for entry in &mut expected {
+            entry.each_held(|event| lives_an_hour_from(event, started));
             if let Saved::Group {
                 free_at, lifetime, ..
             } = entry
@@ -1744,6 +1829,13 @@ mod tests {
         file
     }
 
+    /// `event`, sent by [`Life::send`] to live an hour, as restored at
+    /// `started`: living an hour from then.
+    fn lives_an_hour_from(event: &mut Event, started: Micros) {
+        let down = (started - event.time) as f32 / 1e6;
+        event.ttl = Some(3600.0 + down);
+    }
+
     #[test]
     fn files_of_versions_1_and_2_are_still_read() {
         let dir = tempfile::tempdir().unwrap();
@@ -1770,6 +1862,7 @@ mod tests {
             let started = second.clock.now();
             let mut expected = entries_of(&first.rules);
             for entry in &mut expected {
+                entry.each_held(|event| lives_an_hour_from(event, started));
                 if let Saved::Group {
                     free_at, lifetime, ..
                 } = entry

@@ -399,6 +399,11 @@ impl FixedFolds {
         self.events
     }
 
+    /// The events it holds, which its folds emit.
+    pub fn held_mut(&mut self) -> impl Iterator<Item = &mut Event> {
+        held_mut([&mut self.min, &mut self.max, &mut self.latest])
+    }
+
     /// The fold `kind` of the events added, `spread` their median and
     /// deviations.
     pub fn fold(&self, kind: FoldKind, spread: Option<&FixedSpread>) -> Option<Event> {
@@ -430,6 +435,18 @@ pub struct FloatSumFolds {
     min: Option<Box<Event>>,
     max: Option<Box<Event>>,
     latest: Option<Box<Event>>,
+}
+
+impl FloatSumFolds {
+    /// The events it holds, which its folds emit.
+    pub fn held_mut(&mut self) -> impl Iterator<Item = &mut Event> {
+        held_mut([&mut self.min, &mut self.max, &mut self.latest])
+    }
+}
+
+/// The events of a fixed window's slots.
+fn held_mut(slots: [&mut Option<Box<Event>>; 3]) -> impl Iterator<Item = &mut Event> {
+    slots.into_iter().flatten().map(|event| &mut **event)
 }
 
 impl From<FloatSumFolds> for FixedFolds {

@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Micros;
 use crate::event::Event;
+use crate::index::DEFAULT_TTL_SECS;
 
+use super::as_secs;
 use super::numbers::Sum;
 use super::running::{FixedFolds, FloatSumFolds};
 use super::spread::{FixedSpread, UnscaledSpread};
@@ -136,6 +138,45 @@ pub enum Saved {
 }
 
 impl Saved {
+    /// Gives `revive` each event the stage held, which it emits later
+    /// with the event's own time.
+    pub(crate) fn each_held(&mut self, revive: impl FnMut(&mut Event)) {
+        // Every kind named: a new one says whether it holds events.
+        match self {
+            Saved::Stable { held, .. } | Saved::Rollup { held, .. } => {
+                held.iter_mut().for_each(revive);
+            }
+            Saved::Window { events, latest, .. } => {
+                let events = events.iter_mut().map(|(_, event)| event);
+                events.chain(latest).for_each(revive);
+            }
+            Saved::Percentiles { latest, .. } | Saved::Apdex { latest, .. } => {
+                latest.iter_mut().for_each(revive);
+            }
+            Saved::FixedWindow { folds, .. } => folds.held_mut().for_each(revive),
+            Saved::ExactFixedWindow { folds, .. } => folds.held_mut().for_each(revive),
+            Saved::SpreadFixedWindow { folds, spread, .. } => {
+                folds.held_mut().chain(spread.held_mut()).for_each(revive);
+            }
+            Saved::ScaledSpreadFixedWindow { folds, spread, .. } => {
+                folds.held_mut().chain(spread.held_mut()).for_each(revive);
+            }
+            // A rate stamps its report with its period's end, and extends
+            // the one late report itself; a fill is stamped with its own
+            // moment, and stops at `expires`.
+            Saved::Rate { .. } | Saved::FillIn { .. } => {}
+            Saved::By { .. }
+            | Saved::Group { .. }
+            | Saved::Throttle { .. }
+            | Saved::Changed(_)
+            | Saved::Ewma(_)
+            | Saved::Ddt(_)
+            | Saved::Counter(_)
+            | Saved::Runs { .. }
+            | Saved::PredictLinear(_) => {}
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Saved::Rate { .. } => "rate",
@@ -208,6 +249,8 @@ pub struct Restorer<'a> {
     entries: Box<dyn Iterator<Item = Result<Saved, String>> + 'a>,
     taken: usize,
     started: Micros,
+    /// How long an event without a TTL lives, in seconds.
+    default_ttl: f64,
     /// Whether a group's lifetime of 0 was saved as such: files of
     /// versions 1 and 2 may leave it out, and then it reads as 0.
     lifetimes_saved: bool,
@@ -220,7 +263,16 @@ impl<'a> Restorer<'a> {
             entries: Box::new(entries),
             taken: 0,
             started,
+            default_ttl: DEFAULT_TTL_SECS,
             lifetimes_saved: true,
+        }
+    }
+
+    /// The entries of a vigil whose events without a TTL live `secs`.
+    pub fn default_ttl(self, secs: f64) -> Self {
+        Restorer {
+            default_ttl: secs,
+            ..self
         }
     }
 
@@ -260,12 +312,38 @@ impl<'a> Restorer<'a> {
         at.min(self.started.saturating_add(interval))
     }
 
+    /// Lets `event`, held across the restart, live at least its TTL from
+    /// the start, as a restored index entry does: emitted later with its
+    /// own time, long past, it reached the index already expired, and the
+    /// index paged `expired` for a series still alive.
+    fn revive(&self, event: &mut Event) {
+        let down = self.started.saturating_sub(event.time);
+        if down <= 0 {
+            return;
+        }
+        let ttl = match event.ttl {
+            Some(ttl) if !ttl.is_nan() => f64::from(ttl),
+            _ => self.default_ttl,
+        };
+        let lives = ttl + as_secs(down);
+        // Rounded up: rounded down, it could expire just before its due.
+        let narrowed = lives as f32;
+        event.ttl = Some(if f64::from(narrowed) < lives {
+            narrowed.next_up()
+        } else {
+            narrowed
+        });
+    }
+
     /// The next entry, for a stage of kind `expected`.
     pub fn next(&mut self, expected: &'static str) -> Result<Saved, RestoreError> {
         let entry = self.taken;
         self.taken += 1;
         match self.entries.next() {
-            Some(Ok(saved)) => Ok(saved),
+            Some(Ok(mut saved)) => {
+                saved.each_held(|event| self.revive(event));
+                Ok(saved)
+            }
             Some(Err(cause)) => Err(RestoreError::Decode { entry, cause }),
             None => Err(RestoreError::Mismatch {
                 expected,

@@ -262,6 +262,13 @@ pub struct UnscaledSpread {
     held: VecDeque<Event>,
 }
 
+impl UnscaledSpread {
+    /// The events it holds, which its median emits.
+    pub fn held_mut(&mut self) -> impl Iterator<Item = &mut Event> {
+        self.held.iter_mut()
+    }
+}
+
 impl From<UnscaledSpread> for FixedSpread {
     fn from(saved: UnscaledSpread) -> FixedSpread {
         let UnscaledDeviations {
@@ -334,6 +341,11 @@ impl FixedSpread {
 
     pub fn median(&self) -> Option<Event> {
         median_of(self.held.iter()).cloned()
+    }
+
+    /// The events it holds, which its median emits.
+    pub fn held_mut(&mut self) -> impl Iterator<Item = &mut Event> {
+        self.held.iter_mut()
     }
 
     pub fn std_dev(&self) -> Option<f64> {
