@@ -1,8 +1,9 @@
 //! The acceptance rule file (`rules/rabbitmq.vigil`) over a 100-event batch:
 //! the per-`Msg` cost of the rules between decode and the index; the pause
 //! of a reload of rules holding many `changed_state` series; the timer's
-//! tick of a `by` holding many series; a `by` meeting new series; and
-//! `coalesce` replacing the latest event of the series it holds.
+//! tick of a `by` holding many series; a `by` meeting new series;
+//! `coalesce` replacing the latest event of the series it holds; and
+//! `predict_linear` over a full window of 100 000 points.
 
 use std::sync::Arc;
 
@@ -249,12 +250,55 @@ fn coalesce(c: &mut Criterion) {
     group.finish();
 }
 
+/// `predict_linear(100000, 30m)` with its window full: what an event costs
+/// once it enters and the oldest point leaves (a refit of the window whole
+/// would be 100 000 points an event).
+fn predict_linear(c: &mut Criterion) {
+    const N: i64 = 100_000;
+    let source = format!("streams {{\n  predict_linear({N}, 30m) {{ drop }}\n}}\n");
+    let (_, compiled) =
+        rules::load("predict.vigil", &source, EnvPolicy::Lenient).expect("compiles");
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+    let shared: SharedClock = clock.clone();
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let rules = Rules::new(compiled.roots, None, Vec::new(), index, shared);
+    // One point a second, a disk filling with some noise.
+    let point = |t: i64| Event {
+        host: Some("web1".into()),
+        service: Some("fs-usage".into()),
+        time: 1_700_000_000_000_000 + t * 1_000_000,
+        metric: Some(Metric::Float(40.0 + t as f64 * 1e-3 + (t % 7) as f64 * 0.1)),
+        ..Event::default()
+    };
+    let mut t = 0;
+    while t < N {
+        let events: Vec<Event> = (t..t + 1000).map(point).collect();
+        rules.process(&events);
+        t += 1000;
+    }
+    let mut group = c.benchmark_group("rules");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("predict_linear_100k_window_100", |b| {
+        b.iter_batched(
+            || {
+                let events: Vec<Event> = (t..t + 100).map(point).collect();
+                t += 100;
+                events
+            },
+            |events| rules.process(&events),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     acceptance_file,
     reload,
     by_tick,
     by_new_groups,
-    coalesce
+    coalesce,
+    predict_linear
 );
 criterion_main!(benches);
