@@ -100,10 +100,8 @@ impl Fit {
         }
     }
 
-    /// Seconds from the origin; i128: two times of a hostile event may be
-    /// i64's whole range apart.
     fn x(&self, t: Micros) -> f64 {
-        (i128::from(t) - i128::from(self.origin)) as f64 / 1e6
+        secs_from(self.origin, t)
     }
 
     fn enter(&mut self, x: f64, y: f64) {
@@ -239,10 +237,16 @@ impl Node for PredictLinear {
     }
 }
 
+/// Seconds from `origin` to `t`; i128: two times of a hostile event may be
+/// i64's whole range apart.
+fn secs_from(origin: Micros, t: Micros) -> f64 {
+    (i128::from(t) - i128::from(origin)) as f64 / 1e6
+}
+
 /// The means of `points`' times (in seconds from `origin`) and metrics (in
 /// units of `unit`), and their Σ(x − x̄)² and Σ(x − x̄)(y − ȳ), in two passes.
 fn moments(points: &VecDeque<(Micros, f64)>, origin: Micros, unit: f64) -> (f64, f64, f64, f64) {
-    let x = |t: Micros| (i128::from(t) - i128::from(origin)) as f64 / 1e6;
+    let x = |t: Micros| secs_from(origin, t);
     let n = points.len().max(1) as f64;
     let mean_x = points.iter().map(|&(t, _)| x(t)).sum::<f64>() / n;
     let mean_y = points.iter().map(|&(_, y)| y / unit).sum::<f64>() / n;
@@ -266,7 +270,7 @@ fn fit(points: &VecDeque<(Micros, f64)>, ahead: Micros) -> Option<f64> {
     }
     let unit = (1u128 << 64) as f64;
     let (mean_x, mean_y, sxx, sxy) = moments(points, first, unit);
-    let x_last = (i128::from(last) - i128::from(first)) as f64 / 1e6;
+    let x_last = secs_from(first, last);
     let predicted = (mean_y + sxy / sxx * (x_last - mean_x + as_secs(ahead))) * unit;
     predicted.is_finite().then_some(predicted)
 }
