@@ -1914,6 +1914,52 @@ fn a_restart_started_while_the_old_process_drains_waits_for_it() {
     assert!(old.wait_for_exit(SETTLE).success(), "{}", old.logs());
 }
 
+/// The heartbeat of `node` in `vigil_nodes`: its value, or `None` once
+/// deleted or lapsed.
+fn heartbeat_of(nats: &Nats, node: &str) -> Option<String> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let js = async_nats::jetstream::new(peer(nats).await);
+        let nodes = js.get_key_value("vigil_nodes").await.unwrap();
+        let entry = nodes.entry(node).await.unwrap()?;
+        let put = entry.operation == async_nats::jetstream::kv::Operation::Put;
+        put.then(|| from_utf8(&entry.value).to_owned())
+    })
+}
+
+/// A process taken for dead (paused past the TTL; here its heartbeat is
+/// deleted as the lapse would) sees another process take its id over: its
+/// shutdown leaves the new one's heartbeat. It deleted it, whatever it held,
+/// and the cluster counted the new process out until its next renewal.
+/// Renewals a minute apart: neither writes its heartbeat again meanwhile.
+#[test]
+fn a_process_whose_id_was_taken_over_leaves_the_new_ones_heartbeat_when_it_stops() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let slow = ["--cluster-lease-ttl", "90s", "--cluster-renew", "60s"];
+    let mut old = node(&nats, "n1", &slow);
+    assert!(
+        old.wait_for_log("Took shards", SETTLE),
+        "n1 never took its shards:\n{}",
+        old.logs()
+    );
+    let olds = heartbeat_of(&nats, "n1").expect("n1's heartbeat");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let js = async_nats::jetstream::new(peer(&nats).await);
+        let nodes = js.get_key_value("vigil_nodes").await.unwrap();
+        nodes.delete("n1").await.unwrap();
+    });
+    let mut new = node(&nats, "n1", &slow);
+    let news = heartbeat_of(&nats, "n1").expect("the new n1's heartbeat");
+    assert_ne!(news, olds, "another process, another nonce");
+    assert!(old.terminate().success(), "{}", old.logs());
+    let left = old.log_line("The heartbeat of this node id is another process's now");
+    assert!(left.contains(&news["64 ".len()..]), "{left}");
+    assert_eq!(heartbeat_of(&nats, "n1"), Some(news));
+    new.assert_alive();
+}
+
 #[test]
 fn a_nats_that_does_not_answer_is_named_with_the_reason() {
     // Bound and released: nothing listens there now.

@@ -241,6 +241,34 @@ impl Buckets {
         }
     }
 
+    /// Deletes this process's heartbeat, if it still is this process's:
+    /// taken for dead (paused past the TTL), it may have seen another
+    /// process take its id over since, and deleting that one's heartbeat
+    /// made the cluster count it out (and a third start with the id)
+    /// until its next renewal. Deleted at the revision read, so a write
+    /// in between is kept too.
+    async fn leave(&self, node: &str, instance: &str) -> Result<(), NatsError> {
+        let doing = "removing the heartbeat";
+        let Some(entry) = self.live_heartbeat(node).await.doing(doing)? else {
+            return Ok(());
+        };
+        if instance_of(&entry.value) != Some(instance) {
+            let theirs = instance_of(&entry.value).unwrap_or("of an older vigil");
+            tracing::warn!(
+                node,
+                theirs,
+                "The heartbeat of this node id is another process's now (this one was taken \
+                 for dead meanwhile): left to it."
+            );
+            return Ok(());
+        }
+        (self
+            .nodes
+            .delete_expect_revision(node, Some(entry.revision)))
+        .await
+        .doing(doing)
+    }
+
     /// The heartbeat of `node`, unless lapsed or deleted.
     async fn live_heartbeat(
         &self,
@@ -418,7 +446,7 @@ pub(super) async fn run(
     let shards: Vec<u32> = owner.owned.keys().copied().collect();
     owner.release(shards).await;
     let node = owner.cluster.config.node_id.clone();
-    if let Err(e) = owner.buckets.nodes.delete(&node).await {
+    if let Err(e) = owner.buckets.leave(&node, &owner.cluster.instance).await {
         tracing::debug!(error = %e, "Could not remove the heartbeat.");
     }
     tracing::info!(node = %node, "Left the cluster; shards handed back.");
