@@ -911,26 +911,16 @@ async fn answer(cluster: &Cluster, request: async_nats::Message, reply: async_na
         Ok(text) => (Query::parse_off_workers(text).await).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    // A refusal over the limit, or as busy, is marked, so the asking
-    // node refuses the same way (the asker's error or a busy node, to be
-    // asked again, not an unavailable cluster).
-    let mut refusal = None;
-    let refused = |e: String| (vec![proto::error_reply(e)], cluster.index.answers().room());
+    let (node, patience) = (&cluster.config.node_id, cluster.config.query_timeout);
     // Its room in --max-answer-memory is taken as the scan finds its
     // events, and kept until its parts are handed to NATS.
-    let (parts, _room) = match parsed {
-        Ok(query) => (cluster.index)
-            .answer_then(&query, proto::approx_bytes, |found| answer_parts(&found))
-            .await
-            .unwrap_or_else(|e| {
-                refusal = match &e {
-                    QueryError::TooMany { limit } => Some((TOO_MANY, limit.to_string())),
-                    QueryError::Busy(busy) => Some((BUSY, busy.max.to_string())),
-                    _ => None,
-                };
-                refused(e.to_string())
-            }),
-        Err(e) => refused(e),
+    let (parts, _room, mut refusal) = match parsed {
+        Ok(query) => answered(&cluster.index, &query, node, patience).await,
+        Err(e) => (
+            vec![proto::error_reply(e)],
+            cluster.index.answers().room(),
+            None,
+        ),
     };
     let last = parts.len() - 1;
     for (i, part) in parts.into_iter().enumerate() {
@@ -952,6 +942,50 @@ async fn answer(cluster: &Cluster, request: async_nats::Message, reply: async_na
         if let Err(e) = sent {
             tracing::debug!(error = %e, "Could not answer a cluster query.");
             break;
+        }
+    }
+}
+
+/// A header marking a refused answer: its name and value.
+type Refusal = Option<(&'static str, String)>;
+
+/// This node's answer to another node's `query`: its parts, their room in
+/// `--max-answer-memory`, and the header of a refusal its asker refuses the
+/// same way (over the limit, or busy: the asker's error or a node to ask
+/// again, not an unavailable cluster). Its scan turn is waited for no
+/// longer than the asker waits for it (`patience`, the cluster query
+/// timeout): then refused, counted, as the asker's own part is. Waited
+/// for without a bound, a node with every turn taken scanned and sent
+/// answers nobody merged any more.
+async fn answered(
+    index: &Arc<Index>,
+    query: &Query,
+    node: &str,
+    patience: Duration,
+) -> (Vec<Bytes>, Room, Refusal) {
+    let scanned = index.answer_within(query, proto::approx_bytes, patience, |found| {
+        answer_parts(&found)
+    });
+    match scanned.await {
+        Ok((parts, room)) => (parts, room, None),
+        Err(e) => {
+            let refusal = match &e {
+                QueryError::TooMany { limit } => Some((TOO_MANY, limit.to_string())),
+                QueryError::Busy(busy) => Some((BUSY, busy.max.to_string())),
+                _ => None,
+            };
+            let why = match &e {
+                QueryError::NoTurn { .. } => {
+                    Stats::incr(&index.answers().stats().cluster_queries_refused_no_turn);
+                    format!("node {node}: {e}")
+                }
+                _ => e.to_string(),
+            };
+            (
+                vec![proto::error_reply(why)],
+                index.answers().room(),
+                refusal,
+            )
         }
     }
 }
@@ -1237,6 +1271,45 @@ mod tests {
         drop(turns);
         let part = own_part(&index, &all, proto::approx_bytes, waited).await;
         assert_eq!(part.map(|merged| merged.events.len()).ok(), Some(1));
+    }
+
+    /// The answering side waits for a scan turn as long as its asker
+    /// waits for its answer, then refuses saying why, counted: it waited
+    /// for ever, and then scanned and sent an answer nobody merged.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_waits_for_a_scan_turn_no_longer_than_its_asker_waits() {
+        let index = Arc::new(Index::new(crate::index::IndexConfig::default()));
+        index.insert(&Event::default());
+        let all = Query::parse("true").unwrap();
+        let waited = Duration::from_secs(2);
+        let turns = index.take_every_scan_turn().await;
+        let answer = answered(&index, &all, "n2", waited);
+        // Virtual time: the bound the test gives it, not the wall clock's.
+        let refused = tokio::time::timeout(2 * waited, answer).await;
+        let (parts, _room, refusal) = refused.expect("still waiting for a turn");
+        let replies: Vec<Msg> = parts.into_iter().map(|p| Msg::decode(p).unwrap()).collect();
+        let [reply] = &replies[..] else {
+            panic!("{replies:?}")
+        };
+        assert_eq!(reply.ok, Some(false));
+        let turn = "every scan turn of this node stayed taken for 2s";
+        assert_eq!(
+            reply.error.as_deref(),
+            Some(
+                format!("node n2: {turn} (one per core, all scanning); ask again in a moment")
+                    .as_str()
+            )
+        );
+        assert_eq!(refusal, None, "passed on as unavailable");
+        let stats = index.answers().stats();
+        assert_eq!(Stats::get(&stats.cluster_queries_refused_no_turn), 1);
+        drop(turns);
+        let (parts, _room, refusal) = answered(&index, &all, "n2", waited).await;
+        let reply = Msg::decode(parts[0].clone()).unwrap();
+        assert_eq!(
+            (reply.ok, reply.events.len(), refusal),
+            (Some(true), 1, None)
+        );
     }
 
     /// A query still asking when the runtime shuts down is dropped with its
