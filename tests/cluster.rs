@@ -1857,9 +1857,6 @@ fn of_two_processes_started_at_once_with_one_id_one_is_refused() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let nats = Nats::start();
     let url = nats.url();
-    // The buckets made first: two nodes creating them at once can fail
-    // ("subjects overlap with an existing stream"), whatever their ids.
-    node(&nats, "n0", &[]).terminate();
     // Spawned together, not one after the other's `listening`: both check
     // for a heartbeat of n1 before either has written one.
     let start = || {
