@@ -548,6 +548,70 @@ fn a_node_without_room_for_its_answer_makes_the_query_busy_not_unavailable() {
     assert_eq!(found.len(), 3_000);
 }
 
+/// A node whose scan turn stayed taken for as long as a query waits for it
+/// answers `503` saying when to ask again, as a busy one does: it said
+/// nothing. The turn is the one of queries of over 100 terms, held by a
+/// local query costing every event 200 scans of its 40 KB description (the
+/// room its scan takes shows it scanning).
+#[test]
+fn a_query_refused_for_want_of_a_scan_turn_says_when_to_ask_again() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let node = node(&nats, "n1", &["--query-timeout", "10m"]);
+    let long = |i: usize| Event {
+        description: Some("x".repeat(40_000)),
+        ..event(&format!("host-{i}"), "long", "ok")
+    };
+    send(&node, &(0..300).map(long).collect::<Vec<_>>());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_index_size") == 300).then_some(())
+    })
+    .expect("all 300 indexed");
+    let mut terms: Vec<String> = (0..200)
+        .map(|i| format!(r#"description =~ "%q{i}zM%""#))
+        .collect();
+    terms.push(r#"description =~ "%x%""#.to_owned());
+    let costly = terms.join(" or ");
+    let url = format!("http://{}/index", node.http.unwrap());
+    let get = move |local: &'static str| {
+        let (url, costly) = (url.clone(), costly.clone());
+        async move {
+            let query = [("query", costly.as_str()), ("local", local)];
+            reqwest::Client::new().get(url).query(&query).send().await
+        }
+    };
+    let scanning = runtime.spawn(get("true"));
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &node, "vigil_answer_bytes_held") > 0).then_some(())
+    })
+    .expect("the local query scanning");
+    let refused = runtime.block_on(get("false")).unwrap();
+    scanning.abort();
+    assert_eq!(refused.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let error: serde_json::Value = runtime.block_on(refused.json()).unwrap();
+    assert_eq!(
+        error["error"],
+        "the one scan turn of this node for queries of over 100 terms stayed taken for 2s \
+         (scanning another); ask again in a moment"
+    );
+    assert_eq!(
+        metric_of(
+            &runtime,
+            &node,
+            "vigil_cluster_queries_refused_no_turn_total"
+        ),
+        1
+    );
+}
+
 /// An event of about 4 KB: 3 000 of them answer `true` with 12 MB.
 fn large(i: usize) -> Event {
     Event {

@@ -40,7 +40,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::live::{self, Live};
-use super::{AppState, error};
+use super::{AppState, RETRY_SOON, Refused, error};
 use crate::answers::{self, Busy};
 use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::cluster::ClusterQueryError;
@@ -88,10 +88,6 @@ const SUBSCRIBER_MESSAGE_MAX: usize = 64 * 1024;
 /// write timeout ends a client that reads nothing.
 const SUBSCRIBER_MESSAGES_PER_SECOND: u32 = 64;
 
-/// When to ask again after a `503` for a busy `--max-answer-memory`: the
-/// answers holding it leave as their askers read them.
-const RETRY_BUSY: header::HeaderValue = header::HeaderValue::from_static("1");
-
 pub(super) async fn get_index(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -137,7 +133,7 @@ pub(super) async fn get_index(
     let answered = match (&state.cluster, params.local) {
         (Some(cluster), false) => match cluster.query(&query, json::approx_bytes).await {
             Ok((found, room)) => (off_workers(move || (to_body(found), room)).await)
-                .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_owned())),
+                .ok_or_else(|| Refused::new(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN)),
             Err(ClusterQueryError::Refused(QueryError::Busy(busy))) => return busy_answer(busy),
             Err(e) => Err(state.cluster_refused(e)),
         },
@@ -151,7 +147,7 @@ pub(super) async fn get_index(
     };
     let body = match answered {
         Ok((body, room)) => room.hold(body.into()),
-        Err((status, e)) => return error(status, json!({ "error": e })),
+        Err(refused) => return refused.into_response(),
     };
     match body {
         // Its room in --max-answer-memory goes back once hyper has sent it,
@@ -174,7 +170,7 @@ fn busy_answer(busy: Busy) -> Response {
         StatusCode::SERVICE_UNAVAILABLE,
         json!({ "error": busy.to_string() }),
     );
-    answer.headers_mut().insert(header::RETRY_AFTER, RETRY_BUSY);
+    answer.headers_mut().insert(header::RETRY_AFTER, RETRY_SOON);
     answer
 }
 
@@ -305,13 +301,13 @@ async fn websocket(
     };
     let snapshot = match snapshot {
         Ok(snapshot) => snapshot,
-        Err((status, error)) => {
+        Err(Refused { status, why, .. }) => {
             let code = match status {
                 // The asker's: over --max-query-results.
                 StatusCode::UNPROCESSABLE_ENTITY => close_code::POLICY,
                 _ => close_code::ERROR,
             };
-            close(socket, code, close_reason(error)).await;
+            close(socket, code, close_reason(why)).await;
             return;
         }
     };
@@ -473,7 +469,7 @@ async fn event_stream(
     };
     let snapshot = match state.snapshot(&query).await {
         Ok(snapshot) => snapshot,
-        Err((status, e)) => return error(status, json!({ "error": e })),
+        Err(refused) => return refused.into_response(),
     };
     let snapshot = match state.hold(Some(&subscription), snapshot) {
         Ok(held) => held,

@@ -221,9 +221,8 @@ impl AppState {
         })
     }
 
-    /// What the index holds that matches: every node's in a cluster. The
-    /// error is the status to answer with, and why.
-    async fn snapshot(&self, query: &Query) -> Result<Vec<Event>, (StatusCode, String)> {
+    /// What the index holds that matches: every node's in a cluster.
+    async fn snapshot(&self, query: &Query) -> Result<Vec<Event>, Refused> {
         match &self.cluster {
             // Its room in --max-answer-memory, taken as the nodes' answers
             // came, goes once returned: the snapshot is then held with the
@@ -236,17 +235,17 @@ impl AppState {
         }
     }
 
-    /// The status to answer a query the cluster did not answer with, and why.
-    fn cluster_refused(&self, e: ClusterQueryError) -> (StatusCode, String) {
+    /// How to answer a query the cluster did not answer.
+    fn cluster_refused(&self, e: ClusterQueryError) -> Refused {
         match e {
             ClusterQueryError::Refused(e) => self.refused(e),
-            ClusterQueryError::Unavailable(e) => (StatusCode::SERVICE_UNAVAILABLE, e),
+            ClusterQueryError::Unavailable(e) => Refused::new(StatusCode::SERVICE_UNAVAILABLE, e),
         }
     }
 
-    /// The status to answer a refused query with, and why; a refusal for
-    /// the query's own sake counted.
-    fn refused(&self, e: QueryError) -> (StatusCode, String) {
+    /// How to answer a refused query; a refusal for the query's own sake
+    /// counted.
+    fn refused(&self, e: QueryError) -> Refused {
         let status = match e {
             QueryError::TooMany { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -254,7 +253,47 @@ impl AppState {
         if let QueryError::TooMany { .. } | QueryError::TimedOut { .. } = e {
             Stats::incr(&self.stats().query_errors);
         }
-        (status, e.to_string())
+        // Over in a moment, as a full --max-answer-memory is: the turns
+        // come back as scans end.
+        let soon = matches!(e, QueryError::NoTurn { .. } | QueryError::Busy(_));
+        Refused {
+            soon,
+            ..Refused::new(status, e.to_string())
+        }
+    }
+}
+
+/// When to ask again after a `503` a moment mends: `--max-answer-memory`
+/// full (its answers leave as their askers read them), or every scan turn
+/// taken (they come back as scans end).
+const RETRY_SOON: header::HeaderValue = header::HeaderValue::from_static("1");
+
+/// A query not answered: the status to answer with, and why.
+struct Refused {
+    status: StatusCode,
+    why: String,
+    /// Mended in a moment: the answer says when to ask again
+    /// ([`RETRY_SOON`]).
+    soon: bool,
+}
+
+impl Refused {
+    fn new(status: StatusCode, why: impl Into<String>) -> Refused {
+        Refused {
+            status,
+            why: why.into(),
+            soon: false,
+        }
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        let mut answer = error(self.status, json!({ "error": self.why }));
+        if self.soon {
+            answer.headers_mut().insert(header::RETRY_AFTER, RETRY_SOON);
+        }
+        answer
     }
 }
 
