@@ -83,7 +83,11 @@ impl Field {
     }
 
     /// The field's value as text, `None` when absent; numbers by their
-    /// canonical text, which is exact for equality (`by`, `changed`).
+    /// canonical text, equal where the metrics are (`by`, `changed`, `runs`,
+    /// `stable`): an integer and a float of the same value (1 and 1.0) and
+    /// -0.0 and 0.0 alike, as queries compare them. A NaN is the same as
+    /// another NaN here (Riemann's `=` says it differs), so a series stuck
+    /// at NaN is no change at every event.
     pub fn text(&self, e: &Event) -> Option<String> {
         self.text_ref(e).map(Cow::into_owned)
     }
@@ -97,7 +101,13 @@ impl Field {
             Field::Service => text(&e.service),
             Field::State => text(&e.state),
             Field::Description => text(&e.description),
-            Field::Metric => e.metric.map(|m| Cow::Owned(m.to_string())),
+            // `+ 0.0` makes -0.0 0.0, which would otherwise print as "-0".
+            Field::Metric => e.metric.map(|m| {
+                Cow::Owned(match m {
+                    Metric::Float(f) => (f + 0.0).to_string(),
+                    Metric::Int(i) => i.to_string(),
+                })
+            }),
             Field::Ttl => e.ttl.map(|t| Cow::Owned(t.to_string())),
             Field::Time => Some(Cow::Owned(e.time.to_string())),
             Field::Attribute(k) => e.attribute(k).map(Cow::Borrowed),

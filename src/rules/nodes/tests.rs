@@ -644,6 +644,36 @@ fn changed_passes_only_transitions() {
     );
 }
 
+/// Metrics are compared as numbers, as queries compare them: an integer
+/// and a float of the same value (two clients, `metric_sint64` and
+/// `metric_d`) and -0.0 and 0.0 are no change; a NaN after a NaN is none
+/// either. `runs` counts them as one value alike.
+#[test]
+fn changed_and_runs_compare_metrics_as_numbers() {
+    let metrics = [
+        Metric::Int(0),
+        Metric::Float(-0.0),
+        Metric::Float(0.0),
+        Metric::Int(1),
+        Metric::Float(1.0),
+        Metric::Float(f64::NAN),
+        Metric::Float(f64::NAN),
+        Metric::Int(2),
+    ];
+    let passed = |streams: &str| {
+        let b = bench(streams);
+        for (i, m) in metrics.iter().enumerate() {
+            send(&b, with_metric(ev(&b, "h", &i.to_string()), *m));
+        }
+        out(&b)
+            .iter()
+            .map(|e| e.service_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(passed("changed(metric) { out }"), ["0", "3", "5", "7"]);
+    assert_eq!(passed("runs(2, metric) { out }"), ["1", "2", "4", "6"]);
+}
+
 #[test]
 fn changed_state_is_per_host_and_service() {
     let b = bench("changed_state { out }");
