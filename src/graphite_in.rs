@@ -13,7 +13,8 @@
 //! for a value it does not know yet). A path over `--max-string` is refused.
 //! Refused lines are counted and warned about at most every 10 s.
 //!
-//! Bounds, as the Riemann TCP listener has them ([`crate::tcp`]):
+//! Bounds, as the Riemann TCP listener has them (its accept loop,
+//! [`tcp::accept_loop`]):
 //! - at most `--max-connections` open at once, a pool of its own, so a flood
 //!   of Graphite clients cannot lock Riemann agents out (nor the reverse);
 //!   one more is accepted and closed at once, counted;
@@ -49,7 +50,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bounded::{self, LogGate, RefusalLog};
+use crate::bounded::{LogGate, RefusalLog};
 use crate::clock::secs_to_micros;
 use crate::event::{Event, Metric};
 use crate::ingest::Ingest;
@@ -243,30 +244,23 @@ pub struct Graphite {
 
 /// Accepts until shutdown, each connection on a task of its own.
 pub async fn serve_tcp(listener: TcpListener, graphite: Arc<Graphite>) {
-    let stats = graphite.ingest.stats.clone();
-    loop {
-        let (socket, peer) = tokio::select! {
-            accepted = tcp::accept(&listener, "graphite") => accepted,
-            () = graphite.shutdown.cancelled() => return,
-        };
-        let Ok(permit) = graphite.permits.clone().try_acquire_owned() else {
-            let refused = &stats.graphite_connections_refused;
-            graphite.refusals.refused("graphite", peer, refused);
-            continue;
-        };
-        bounded::probe_when_idle(&socket, graphite.read_timeout);
-        Stats::incr(&stats.graphite_connections);
+    let each = tcp::Listener {
+        name: "graphite",
+        stats: &graphite.ingest.stats,
+        permits: &graphite.permits,
+        refusals: &graphite.refusals,
+        read_timeout: graphite.read_timeout,
+        shutdown: &graphite.shutdown,
+        tracker: &graphite.tracker,
+        accepted: |stats| &stats.graphite_connections,
+        open: |stats| &stats.graphite_connections_open,
+        refused: |stats| &stats.graphite_connections_refused,
+    };
+    tcp::accept_loop(listener, each, |socket, peer| {
         let conn = graphite.clone();
-        graphite.tracker.spawn(async move {
-            let stats = &conn.ingest.stats;
-            Stats::incr(&stats.graphite_connections_open);
-            if let Err(e) = conn.handle(socket, peer).await {
-                tracing::debug!(%peer, error = %e, "Graphite connection ended with an error.");
-            }
-            Stats::decr(&stats.graphite_connections_open);
-            drop(permit);
-        });
-    }
+        async move { conn.handle(socket, peer).await }
+    })
+    .await;
 }
 
 /// Takes datagrams until shutdown: each holds whole lines, the last one
@@ -587,7 +581,7 @@ mod tests {
                 cluster: None,
             }),
             read_timeout: TIMEOUT,
-            permits: bounded::connection_permits(1),
+            permits: crate::bounded::connection_permits(1),
             refusals: RefusalLog::default(),
             bad_lines: LogGate::default(),
             not_stored: LogGate::default(),

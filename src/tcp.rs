@@ -1,5 +1,6 @@
-//! Riemann over TCP, plain or TLS: the accept loops and the per-connection
-//! handler (one, generic over the stream).
+//! Riemann over TCP, plain or TLS: the accept loop (which the Graphite
+//! listener runs too) and the per-connection handler (one, generic over the
+//! stream).
 //!
 //! Framing is a 4-byte big-endian length then a protobuf `Msg`, both ways. Every
 //! `Msg` gets exactly one reply, in order; clients pipeline, so replies to all
@@ -22,9 +23,11 @@
 //!   Holding room, it must keep the pace that brings it in within that
 //!   timeout, or the connection is closed and the room goes back.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -84,33 +87,80 @@ type RiemannFramed<S> = Framed<Gated<S>, FrameCodec>;
 
 /// Accepts until shutdown; with `tls`, each connection handshakes first.
 pub async fn serve(listener: TcpListener, conns: Arc<Connections>, tls: Option<Arc<Acceptor>>) {
+    let each = Listener {
+        name: "riemann",
+        stats: &conns.ingest.stats,
+        permits: &conns.permits,
+        refusals: &conns.refusals,
+        read_timeout: conns.read_timeout,
+        shutdown: &conns.shutdown,
+        tracker: &conns.tracker,
+        accepted: |stats| &stats.tcp_connections,
+        open: |stats| &stats.tcp_connections_open,
+        refused: |stats| &stats.tcp_connections_refused,
+    };
+    accept_loop(listener, each, |socket, peer| {
+        // Only this listener writes: small replies, awaited by pipelining clients.
+        let _ = socket.set_nodelay(true);
+        let conns = conns.clone();
+        let tls = tls.as_ref().map(|tls| tls.current());
+        async move {
+            match tls {
+                None => conns.handle(socket, peer).await,
+                Some(acceptor) => conns.handle_tls(&acceptor, socket, peer).await,
+            }
+        }
+    })
+    .await;
+}
+
+/// A kind of TCP listener as [`accept_loop`] bounds and counts it.
+pub struct Listener<'a> {
+    /// As its logs name it.
+    pub name: &'static str,
+    pub stats: &'a Arc<Stats>,
+    /// One per open connection: `--max-connections`.
+    pub permits: &'a Arc<Semaphore>,
+    pub refusals: &'a RefusalLog,
+    /// Idle connections are probed by TCP keepalive after this.
+    pub read_timeout: Duration,
+    pub shutdown: &'a CancellationToken,
+    pub tracker: &'a TaskTracker,
+    pub accepted: fn(&Stats) -> &AtomicU64,
+    pub open: fn(&Stats) -> &AtomicU64,
+    pub refused: fn(&Stats) -> &AtomicU64,
+}
+
+/// Accepts until shutdown, each connection within the listener's permits
+/// handled on a task of its own (on its tracker); one more is closed at once
+/// and counted. The Riemann and the Graphite TCP listeners run this.
+pub async fn accept_loop<H, F>(listener: TcpListener, each: Listener<'_>, handle: H)
+where
+    H: Fn(TcpStream, SocketAddr) -> F,
+    F: Future<Output = io::Result<()>> + Send + 'static,
+{
+    let name = each.name;
     loop {
         let (socket, peer) = tokio::select! {
-            accepted = accept(&listener, "riemann") => accepted,
-            () = conns.shutdown.cancelled() => return,
+            accepted = accept(&listener, name) => accepted,
+            () = each.shutdown.cancelled() => return,
         };
-        let Ok(permit) = conns.permits.clone().try_acquire_owned() else {
+        let Ok(permit) = each.permits.clone().try_acquire_owned() else {
             // Dropping the socket closes it: the client sees EOF at once.
-            let refused = &conns.ingest.stats.tcp_connections_refused;
-            conns.refusals.refused("riemann", peer, refused);
+            each.refusals
+                .refused(name, peer, (each.refused)(each.stats));
             continue;
         };
-        let _ = socket.set_nodelay(true);
-        bounded::probe_when_idle(&socket, conns.read_timeout);
-        Stats::incr(&conns.ingest.stats.tcp_connections);
-        let task_conns = conns.clone();
-        let tls = tls.as_ref().map(|tls| tls.current());
-        conns.tracker.spawn(async move {
-            let stats = &task_conns.ingest.stats;
-            Stats::incr(&stats.tcp_connections_open);
-            let result = match tls {
-                None => task_conns.handle(socket, peer).await,
-                Some(acceptor) => task_conns.handle_tls(&acceptor, socket, peer).await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "Connection ended with an error.");
+        bounded::probe_when_idle(&socket, each.read_timeout);
+        Stats::incr((each.accepted)(each.stats));
+        let handled = handle(socket, peer);
+        let (stats, open) = (each.stats.clone(), each.open);
+        each.tracker.spawn(async move {
+            Stats::incr(open(&stats));
+            if let Err(e) = handled.await {
+                tracing::debug!(listener = name, %peer, error = %e, "Connection ended with an error.");
             }
-            Stats::decr(&stats.tcp_connections_open);
+            Stats::decr(open(&stats));
             drop(permit);
         });
     }
