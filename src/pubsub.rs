@@ -141,10 +141,6 @@ pub const INDEX_TOPIC: &str = "index";
 /// The longest topic name: one is part of a subscriber's URL.
 pub const MAX_TOPIC_NAME: usize = 128;
 
-/// Topic names the registry holds, gone ones included, before it forgets
-/// those gone (then again at twice those left, so forgetting is amortized).
-const TOPICS_PRUNED_AT: usize = 64;
-
 /// Why `name` cannot name a topic: not 1 to [`MAX_TOPIC_NAME`] bytes of
 /// ASCII letters, digits, `_`, `-` and `.` (it stands in a URL's path as
 /// it is), or `.` or `..`.
@@ -179,13 +175,17 @@ pub struct Topic {
     /// How many subscribers it has, so publishing to it skips everything
     /// when there are none.
     subscribers: AtomicUsize,
+    /// Where it is found by name, which forgets it when it is dropped;
+    /// none for the index's.
+    registry: Weak<Topics>,
 }
 
 impl Topic {
-    fn new(name: &str) -> Topic {
+    fn new(name: &str, registry: Weak<Topics>) -> Topic {
         Topic {
             name: name.into(),
             subscribers: AtomicUsize::new(0),
+            registry,
         }
     }
 
@@ -194,11 +194,26 @@ impl Topic {
     }
 }
 
-/// The topics other than the index's, by name.
-struct Topics {
-    names: HashMap<Box<str>, Weak<Topic>>,
-    /// How many names it may hold before it forgets those gone.
-    prune_at: usize,
+/// The topics other than the index's, by name: only those someone holds,
+/// so a client subscribing to one random name after another leaves none
+/// behind.
+type Topics = Mutex<HashMap<Box<str>, Weak<Topic>>>;
+
+impl Drop for Topic {
+    fn drop(&mut self) {
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        let mut names = registry.lock();
+        // The name may already be a new topic's, made since the last holder
+        // of this one let go and before this lock: that one stays.
+        if names
+            .get(&*self.name)
+            .is_some_and(|topic| std::ptr::eq(topic.as_ptr(), self))
+        {
+            names.remove(&*self.name);
+        }
+    }
 }
 
 /// An event as its subscribers get it: one copy shared by all of them, with
@@ -253,7 +268,7 @@ pub struct Pubsub {
     index: Arc<Topic>,
     /// The other topics by name, while a subscriber or a publisher holds
     /// them.
-    topics: Mutex<Topics>,
+    topics: Arc<Topics>,
     next_id: AtomicU64,
     max_held: usize,
     /// What a costly query may take per event ([`QUERY_BUDGET`]).
@@ -273,11 +288,8 @@ impl Default for Pubsub {
         Pubsub {
             audiences: RwLock::default(),
             count: AtomicUsize::new(0),
-            index: Arc::new(Topic::new(INDEX_TOPIC)),
-            topics: Mutex::new(Topics {
-                names: HashMap::new(),
-                prune_at: TOPICS_PRUNED_AT,
-            }),
+            index: Arc::new(Topic::new(INDEX_TOPIC, Weak::new())),
+            topics: Arc::default(),
             next_id: AtomicU64::new(0),
             max_held: DEFAULT_MAX_HELD,
             query_budget: QUERY_BUDGET,
@@ -958,16 +970,15 @@ impl Pubsub {
         if name == INDEX_TOPIC {
             return self.index.clone();
         }
-        let Topics { names, prune_at } = &mut *self.topics.lock();
+        let mut names = self.topics.lock();
         if let Some(topic) = names.get(name).and_then(Weak::upgrade) {
             return topic;
         }
-        let topic = Arc::new(Topic::new(name));
+        let topic = Arc::new(Topic::new(name, Arc::downgrade(&self.topics)));
+        // Replaces the name of a topic whose last holder let go and whose
+        // drop is yet to find it: never the drop of one it holds, as no
+        // topic is dropped under this lock.
         names.insert(name.into(), Arc::downgrade(&topic));
-        if names.len() > *prune_at {
-            names.retain(|_, topic| topic.strong_count() > 0);
-            *prune_at = (names.len() * 2).max(TOPICS_PRUNED_AT);
-        }
         topic
     }
 
@@ -1952,9 +1963,8 @@ mod tests {
     }
 
     /// Subscribing to one random topic name after another leaves no state
-    /// behind: a name is forgotten once nobody holds its topic, and the
-    /// registry keeps at most twice the live topics (or
-    /// [`TOPICS_PRUNED_AT`]); a topic a publisher holds stays the same.
+    /// behind: the registry holds the names of the topics held, and no
+    /// other, whatever their peak; a topic a publisher holds stays the same.
     #[test]
     fn topics_nobody_holds_are_forgotten() {
         let pubsub = Pubsub::new();
@@ -1967,12 +1977,18 @@ mod tests {
             if n % 1_000 == 0 {
                 held.push(sub);
             }
-            assert!(pubsub.topics.lock().names.len() <= TOPICS_PRUNED_AT + 2 * (held.len() + 1));
+            // The subscription made in this round included, held or not.
+            let live = held.len() + usize::from(n % 1_000 != 0);
+            assert_eq!(pubsub.topics.lock().len(), 1 + live, "round {n}");
         }
         assert!(Arc::ptr_eq(&published, &pubsub.topic("published")));
         assert_eq!(pubsub.subscribers(), held.len());
         drop(held);
         assert_eq!(pubsub.audiences.read().len(), 0);
+        let names: Vec<_> = pubsub.topics.lock().keys().cloned().collect();
+        assert_eq!(names, [Box::from("published")]);
+        drop(published);
+        assert_eq!(pubsub.topics.lock().len(), 0);
     }
 
     #[test]
