@@ -47,13 +47,14 @@
 //! path of every connection), so what it may cost is bounded: a query that
 //! is [`Query::costly`] (many terms, or several scanning strings) is
 //! evaluated within [`QUERY_BUDGET`] per event ([`Query::matches_within`]),
-//! and one that overruns it has its subscribers disconnected, with the
-//! reason (counted in [`PubsubStats::disconnected_costly`], logged with the
-//! query); the event does not match it. Its text is remembered for
-//! [`REFUSED_FOR`] ([`REMEMBERED`] texts at most): subscribing it again
-//! meanwhile is refused, whoever asks ([`Client::admit`]): it is the text
-//! that costs, and a dashboard reconnecting in a loop costs a budget once,
-//! not once per reconnection. A lossy
+//! and one that overruns it has its subscribers to that topic disconnected,
+//! with the reason (counted in [`PubsubStats::disconnected_costly`], logged
+//! with the query); the event does not match it. Its text is remembered
+//! with the topic for [`REFUSED_FOR`] ([`REMEMBERED`] texts at most):
+//! subscribing it to that topic again meanwhile is refused, whoever asks
+//! ([`Client::admit_to`]): it is the text that costs on the topic's events,
+//! and a dashboard reconnecting in a loop costs a budget once, not once per
+//! reconnection. Another topic's events may be small enough for it. A lossy
 //! subscriber (the cluster's tap, which filters again what it forwards)
 //! is not disconnected: its audience takes every event from then on,
 //! unevaluated. Cheap queries (`true`, a few comparisons) are evaluated
@@ -595,11 +596,17 @@ pub struct Client {
 }
 
 impl Client {
-    /// Whether `query` may be subscribed: refused (and counted) when it was
-    /// found too costly on one event within [`REFUSED_FOR`], or the client
-    /// was cut for what its queries cost together, whatever the query.
+    /// Whether `query` may be subscribed to the index's topic: refused (and
+    /// counted) when it was found too costly there on one event within
+    /// [`REFUSED_FOR`], or the client was cut for what its queries cost
+    /// together, whatever the query and topic.
     pub fn admit(&self, query: &Query) -> Result<(), TooCostly> {
-        self.pubsub.admit(self.peer, query)
+        self.admit_to(&self.pubsub.index, query)
+    }
+
+    /// Like [`Client::admit`], to `topic` instead of the index's.
+    pub fn admit_to(&self, topic: &Topic, query: &Query) -> Result<(), TooCostly> {
+        self.pubsub.admit(self.peer, topic, query)
     }
 
     pub fn subscribe(&self, query: Query, capacity: usize) -> Subscription {
@@ -654,8 +661,9 @@ enum Payer {
 /// What is refused for a while after it was found too costly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Barred {
-    /// A query text (its hash) over its budget on one event: it is the
-    /// text that costs, whoever subscribes it.
+    /// A query text over its budget on one event of a topic (the hash of
+    /// both): it is the text that costs, whoever subscribes it, on that
+    /// topic's events; another topic's may be small enough.
     Text(u64),
     /// A client cut for what its subscriptions cost together: whatever it
     /// asks for, as any text would cost as much again.
@@ -686,9 +694,10 @@ impl std::fmt::Display for Overran {
     }
 }
 
-fn text_hash(text: &str) -> u64 {
+fn text_hash(topic: &Topic, text: &str) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault};
-    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(text)
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .hash_one((topic.name(), text))
 }
 
 /// `text`'s first `max` bytes or so (at a character boundary), marked as cut.
@@ -814,11 +823,16 @@ impl Pubsub {
         self.client(None).subscribe_latest(query, max_series)
     }
 
-    /// Whether `peer` may subscribe `query`: refused (and counted) when the
-    /// query was found too costly on one event, or the client cut, within
-    /// [`REFUSED_FOR`].
-    fn admit(&self, peer: Option<ClientAddr>, query: &Query) -> Result<(), TooCostly> {
-        let text = Barred::Text(text_hash(query.as_str()));
+    /// Whether `peer` may subscribe `query` to `topic`: refused (and
+    /// counted) when the query was found too costly on one event of the
+    /// topic, or the client cut, within [`REFUSED_FOR`].
+    fn admit(
+        &self,
+        peer: Option<ClientAddr>,
+        topic: &Topic,
+        query: &Query,
+    ) -> Result<(), TooCostly> {
+        let text = Barred::Text(text_hash(topic, query.as_str()));
         let client = peer.map(|peer| Barred::Client(peer.addr));
         let mut remembered = self.too_costly.lock();
         while (remembered.front()).is_some_and(|&(_, at, _)| at.elapsed() >= REFUSED_FOR) {
@@ -1042,7 +1056,7 @@ impl Pubsub {
         let cost = timer.map(Timer::stop);
         drop(audiences);
         for (query, spent) in costly {
-            self.too_costly(&query, spent);
+            self.too_costly(topic, &query, spent);
         }
         if let Some(cost) = cost {
             self.sampler.timed(cost, laps);
@@ -1113,22 +1127,31 @@ impl Pubsub {
             .collect()
     }
 
-    /// `query` took `spent` on one event, over its budget: its subscribers
-    /// are disconnected with the reason, its lossy ones take every event
-    /// from now on, and the text is refused for [`REFUSED_FOR`].
+    /// `query` took `spent` on one event of `topic`, over its budget: its
+    /// subscribers to the topic are disconnected with the reason, its lossy
+    /// ones take every event from now on, and the text is refused on the
+    /// topic for [`REFUSED_FOR`]. On other topics it is left: their events
+    /// may be small enough (the index's holding megabyte descriptions, a
+    /// topic of alerts not), and those with events are the rules' few, so
+    /// a client trying it on each costs a budget a topic.
     #[cold]
-    fn too_costly(&self, query: &str, spent: Duration) {
+    fn too_costly(&self, topic: &Arc<Topic>, query: &str, spent: Duration) {
         let spent = Duration::from_micros(spent.as_micros().try_into().unwrap_or(u64::MAX));
         let budget = self.query_budget;
         let why: Arc<str> = format!(
             "query too costly for a live subscription: {spent:?} on one event, over {budget:?}; narrow it"
         )
         .into();
-        self.bar(Barred::Text(text_hash(query)), Overran::Event(budget));
-        let (gone, taps, _) = self.take(|a, _| a.query.as_str() == query);
+        self.bar(
+            Barred::Text(text_hash(topic, query)),
+            Overran::Event(budget),
+        );
+        let (gone, taps, _) =
+            self.take(|a, _| Arc::ptr_eq(&a.topic, topic) && a.query.as_str() == query);
         let (disconnected, freed) = self.close_all(&gone, &why);
         let shown = shorten(query, 200);
         tracing::warn!(
+            topic = topic.name(),
             query = %shown,
             query_bytes = query.len(),
             reason = %why,
@@ -1680,6 +1703,39 @@ mod tests {
                 .admit(&Query::parse("true").unwrap())
                 .is_ok()
         );
+    }
+
+    /// A query over its budget on one event of a topic is barred on that
+    /// topic, and its subscribers there disconnected; on another topic,
+    /// whose events it evaluates within its budget, its subscribers stay
+    /// and it may be subscribed again.
+    #[test]
+    fn a_query_too_costly_on_one_topic_is_barred_on_that_topic_only() {
+        let pubsub = Pubsub::with_query_budget(Duration::ZERO);
+        let alerts = pubsub.topic("alerts");
+        let anyone = pubsub.client(None);
+        let on_index = anyone.subscribe(dear(), 10);
+        let mut on_alerts = anyone.subscribe_to(alerts.clone(), dear(), 10);
+        pubsub.publish(&long("cpu"));
+        assert!(on_index.lagged());
+        assert_eq!(
+            (on_alerts.lagged(), on_alerts.why()),
+            (false, None),
+            "the subscriber to alerts stays"
+        );
+        let short = Event {
+            description: Some("q7zM".into()),
+            ..event("disk")
+        };
+        pubsub.publish_to(&alerts, &short);
+        assert_eq!(
+            on_alerts.try_recv().unwrap().service.as_deref(),
+            Some("disk")
+        );
+        assert!(anyone.admit(&dear()).is_err());
+        assert!(anyone.admit_to(&alerts, &dear()).is_ok());
+        assert_eq!(pubsub.stats.disconnected_costly.load(Ordering::Relaxed), 1);
+        assert_eq!(pubsub.stats.refused_costly.load(Ordering::Relaxed), 1);
     }
 
     /// A lossy subscriber (the cluster's tap filters again what it

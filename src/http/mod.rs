@@ -182,11 +182,16 @@ impl AppState {
             (None, None) => self.telemetry.index.pubsub(),
         };
         let client = pubsub.client(peer);
-        if let Err(refused) = client.admit(&query) {
+        let topic = topic.map(|name| pubsub.topic(name));
+        let admitted = match &topic {
+            Some(topic) => client.admit_to(topic, &query),
+            None => client.admit(&query),
+        };
+        if let Err(refused) = admitted {
             Stats::incr(&self.stats().subscriptions_refused);
             return Err(refused.to_string());
         }
-        if let Some(topic) = topic.map(|name| pubsub.topic(name)) {
+        if let Some(topic) = topic {
             return Ok(match coalescing {
                 false => client.subscribe_to(topic, query, capacity),
                 true => client.subscribe_latest_to(topic, query, live::MAX_SERIES),
