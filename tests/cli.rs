@@ -509,6 +509,40 @@ fn test_checks_what_reached_a_tap() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+/// `expect publish TOPIC` checks what `publish(TOPIC)` published; one of
+/// a topic no stage publishes to is refused where it is written, by `vigil
+/// check` and `vigil test` alike, as an undeclared output is.
+#[test]
+fn test_checks_what_was_published_and_refuses_a_topic_nobody_publishes_to() {
+    checks_and_passes(
+        "tests/fixtures/publish.vigil",
+        &["a full disk is published to its topic, a quiet one indexed"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topics.vigil");
+    let source = "streams { publish(\"disk.alerts\") }\n\
+                  test \"t\" { expect publish \"disk.alert\" {host: \"a\"} }\n";
+    std::fs::write(&file, source).unwrap();
+    let path = file.display();
+    let expected = format!(
+        "\
+{path}:2:27: `expect publish disk.alert`: no stage publishes to it
+    test \"t\" {{ expect publish \"disk.alert\" {{host: \"a\"}} }}
+                              ^^^^^^^^^^^^
+  hint: the topics published to: disk.alerts
+"
+    );
+    for command in ["check", "test"] {
+        let out = vigil(&[command, file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        assert!(
+            stdout(&out).starts_with(&expected),
+            "{command}: {}",
+            stdout(&out)
+        );
+    }
+}
+
 /// Riemann's `untag`, `counter` and `runs` as a ported configuration
 /// writes them: checked, and their own tests pass.
 #[test]

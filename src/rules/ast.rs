@@ -151,11 +151,22 @@ pub enum TestAction {
     /// `send {host: "a", metric: 1}`
     Send(Value),
     /// `expect TARGET {fields}` / `expect no TARGET {fields}`: TARGET is `index` or
-    /// an output name, or `tap NAME` (`tap` set); `negated` for `no`.
+    /// an output name, `tap NAME` or `publish TOPIC` (as `of` says); `negated` for `no`.
     Expect {
         target: Ident,
         fields: Value,
         negated: bool,
-        tap: bool,
+        of: Expected,
     },
+}
+
+/// What an `expect` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// The index or an output.
+    Output,
+    /// What reached stage `tap(NAME)`.
+    Tap,
+    /// What the `publish(TOPIC)` stages published.
+    Publish,
 }

@@ -12,7 +12,7 @@ use crate::pubsub::{INDEX_TOPIC, topic_name_error};
 use crate::query::Query;
 use crate::tls::{ClientTls, TlsError};
 
-use super::ast::{Arg, Block, Ident, RuleFile, Span, Stmt, Value, ValueKind};
+use super::ast::{Arg, Block, Expected, Ident, RuleFile, Span, Stmt, Value, ValueKind};
 use super::diag::{Diagnostic, closest, line_col};
 use super::nodes::{
     Apdex, By, ByDefinition, Changed, Children, Counter, Ddt, Drop, Ewma, EwmaMode, Field,
@@ -89,9 +89,11 @@ pub struct Compiled {
     pub outputs: Vec<OutputSpec>,
     /// The top-level streams; `Output` nodes refer to `outputs` by position.
     pub roots: Children,
-    /// The `tap(name)` stages' names: tap `i` records into the sink after
-    /// the outputs' at `outputs.len() + i`, where `vigil test` puts one.
-    pub taps: Vec<String>,
+    /// What `vigil test` records past the outputs, each tap and each topic
+    /// a `publish` stage names (once however many publish to it): the
+    /// `i`-th records into the sink at `outputs.len() + i`, where `vigil
+    /// test` puts one and `vigil run` none.
+    pub recorded: Vec<(Expected, String)>,
     /// Problems that do not stop the file from running (e.g. an unset `env(…)`
     /// when compiling for `vigil check`).
     pub warnings: Vec<Diagnostic>,
@@ -120,7 +122,7 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
         outputs: Vec::new(),
         output_names: BTreeMap::new(),
         broken_outputs: HashSet::new(),
-        taps: Vec::new(),
+        recorded: Vec::new(),
         errors: Vec::new(),
         warnings: Vec::new(),
     };
@@ -176,7 +178,9 @@ pub fn compile(file: &RuleFile, env: EnvPolicy) -> Result<Compiled, Vec<Diagnost
         Ok(Compiled {
             outputs: c.outputs,
             roots,
-            taps: c.taps.into_iter().map(|t| t.name).collect(),
+            recorded: (c.recorded.into_iter())
+                .map(|(of, name)| (of, name.name))
+                .collect(),
             warnings: c.warnings,
         })
     } else {
@@ -197,8 +201,9 @@ struct Compiler<'s> {
     /// Outputs declared with errors (already reported): naming one in the
     /// streams is not another error.
     broken_outputs: HashSet<String>,
-    /// The taps so far, in tree order, named where they are declared.
-    taps: Vec<Ident>,
+    /// The taps and topics so far, in tree order (the topics each once),
+    /// named where they are first written.
+    recorded: Vec<(Expected, Ident)>,
     errors: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
 }
@@ -404,6 +409,21 @@ impl Compiler<'_> {
             ValueKind::Ident(s) | ValueKind::String(s) => Some(s.clone()),
             _ => self.expected(v, "a field name"),
         }
+    }
+
+    /// Adds `name` (a tap's or a topic's, written at `v`) to what `vigil
+    /// test` records, returning the slot of [`Cx::outputs`] its sink takes.
+    ///
+    /// [`Cx::outputs`]: super::nodes::Cx::outputs
+    fn record(&mut self, of: Expected, name: &str, v: &Value) -> usize {
+        self.recorded.push((
+            of,
+            Ident {
+                name: name.to_owned(),
+                span: v.span.clone(),
+            },
+        ));
+        self.outputs.len() + self.recorded.len() - 1
     }
 
     fn expected<T>(&mut self, v: &Value, what: &str) -> Option<T> {
@@ -893,9 +913,16 @@ impl Compiler<'_> {
                 if body.is_some() {
                     return None;
                 }
+                let known = (self.recorded.iter())
+                    .position(|(of, t)| *of == Expected::Publish && &t.name == topic);
+                let slot = match known {
+                    Some(i) => self.outputs.len() + i,
+                    None => self.record(Expected::Publish, topic, v),
+                };
                 Box::new(Publish {
                     name: topic.as_str().into(),
                     topic: OnceLock::new(),
+                    slot,
                 })
             }
             "drop" => {
@@ -1012,7 +1039,9 @@ impl Compiler<'_> {
                 let (ValueKind::Ident(tap) | ValueKind::String(tap)) = &v.kind else {
                     return self.expected(v, "a tap's name, e.g. `tap(alerts)`");
                 };
-                if let Some(first) = self.taps.iter().find(|t| &t.name == tap) {
+                let first =
+                    (self.recorded.iter()).find(|(of, t)| *of == Expected::Tap && &t.name == tap);
+                if let Some((_, first)) = first {
                     let (line, col) = line_col(self.source, first.span.start);
                     self.error_hint(
                         v.span.clone(),
@@ -1020,11 +1049,7 @@ impl Compiler<'_> {
                         format!("the first is at {line}:{col}; `expect tap {tap}` must name one"),
                     );
                 }
-                let slot = self.outputs.len() + self.taps.len();
-                self.taps.push(Ident {
-                    name: tap.clone(),
-                    span: v.span.clone(),
-                });
+                let slot = self.record(Expected::Tap, tap, v);
                 // Without a block, the tap is where the events end.
                 let children = body.map(|b| self.block(&b.stmts)).unwrap_or_default();
                 Box::new(Tap {

@@ -23,8 +23,8 @@ use nom::multi::{fold_many0, many0_count};
 use nom::sequence::{pair, preceded, terminated, tuple};
 
 use super::ast::{
-    Arg, Block, Ident, OutputDecl, RuleFile, Span, Stmt, TestAction, TestCase, TestStep, Value,
-    ValueKind, WhenClause,
+    Arg, Block, Expected, Ident, OutputDecl, RuleFile, Span, Stmt, TestAction, TestCase, TestStep,
+    Value, ValueKind, WhenClause,
 };
 use super::diag::{Diagnostic, closest, line_col};
 use crate::clock::Micros;
@@ -493,14 +493,28 @@ impl<'a> Parser<'a> {
         })(input)
     }
 
-    /// `[no] [tap] TARGET VALUE`, after `expect`.
+    /// `[no] [tap|publish] TARGET VALUE`, after `expect`.
     fn expectation(&self, input: &'a str, depth: usize) -> PResult<'a, TestAction> {
         // `no` negates only when a target follows; `expect no {…}` targets `no`.
-        // Likewise `tap`: no output can be named `tap`, a stream's name.
+        // Likewise `tap` and `publish`, whose name may be a string (a topic
+        // may hold `-` and `.`): no output can be named either, streams' names.
         let (input, no) = opt(terminated(keyword("no"), peek(preceded(trivia, ident))))(input)?;
-        let (input, tap) = opt(terminated(keyword("tap"), peek(preceded(trivia, ident))))(input)?;
-        let (input, target) =
-            self.expect("`index` or an output name after `expect`", |i| self.name(i))(input)?;
+        let named = || peek(preceded(trivia, alt((ident, recognize(char('"'))))));
+        let (input, of) = opt(alt((
+            value(Expected::Tap, terminated(keyword("tap"), named())),
+            value(Expected::Publish, terminated(keyword("publish"), named())),
+        )))(input)?;
+        let of = of.unwrap_or(Expected::Output);
+        let quoted = |i| {
+            let (rest, (name, span)) = self.spanned(|i| self.string(i))(i)?;
+            Ok((rest, Ident { name, span }))
+        };
+        let (input, target) = match of {
+            Expected::Output => {
+                self.expect("`index` or an output name after `expect`", |i| self.name(i))(input)?
+            }
+            Expected::Tap | Expected::Publish => alt((|i| self.name(i), quoted))(input)?,
+        };
         let (input, fields) = self.value(input, depth)?;
         Ok((
             input,
@@ -508,7 +522,7 @@ impl<'a> Parser<'a> {
                 target,
                 fields,
                 negated: no.is_some(),
-                tap: tap.is_some(),
+                of,
             },
         ))
     }
@@ -1390,7 +1404,7 @@ test "backlog pages" {
             target,
             fields,
             negated: false,
-            tap: false,
+            of: Expected::Output,
         } = &steps[1].action
         else {
             panic!("not a plain expect")
@@ -1635,11 +1649,13 @@ test "backlog pages" {
         assert_eq!(&src[test.steps[3].span.clone()], "at 90s send {}");
     }
 
-    /// `tap` before a name makes the target a tap; before fields, it is the
-    /// target's name (which compiling then refuses: no output is `tap`).
+    /// `tap` or `publish` before a name or a string makes the target a tap
+    /// or a topic; before fields, it is the target's name (which compiling
+    /// then refuses: no output is `tap` or `publish`).
     #[test]
-    fn expect_tap_names_a_tap() {
-        let src = "streams {} test \"t\" { expect tap t {}; expect no tap t {}; expect tap {} }";
+    fn expect_tap_or_publish_names_a_tap_or_a_topic() {
+        let src = "streams {} test \"t\" { expect tap t {}; expect no tap \"t\" {}; expect tap {}; \
+                   expect publish \"a.b-c\" {}; expect no publish p {}; expect publish {} }";
         let file = parse_ok(src);
         let steps: Vec<_> = file.tests[0]
             .steps
@@ -1648,15 +1664,27 @@ test "backlog pages" {
                 TestAction::Expect {
                     target,
                     negated,
-                    tap,
+                    of,
                     ..
-                } => (target.name.as_str(), *negated, *tap),
+                } => (
+                    &src[target.span.clone()],
+                    target.name.as_str(),
+                    *negated,
+                    *of,
+                ),
                 TestAction::Send(_) => panic!("an expect"),
             })
             .collect();
         assert_eq!(
             steps,
-            [("t", false, true), ("t", true, true), ("tap", false, false)]
+            [
+                ("t", "t", false, Expected::Tap),
+                ("\"t\"", "t", true, Expected::Tap),
+                ("tap", "tap", false, Expected::Output),
+                ("\"a.b-c\"", "a.b-c", false, Expected::Publish),
+                ("p", "p", true, Expected::Publish),
+                ("publish", "publish", false, Expected::Output),
+            ]
         );
     }
 

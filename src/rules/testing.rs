@@ -5,7 +5,8 @@
 //! ticking the timers at each step, exactly as the server's timer would.
 //! `expect TARGET {fields}` passes when something TARGET (the index, or an
 //! output) holds or received matches every field given; `expect no` inverts it.
-//! `expect tap NAME {fields}` checks what reached stage `tap(NAME)` likewise.
+//! `expect tap NAME {fields}` checks what reached stage `tap(NAME)` likewise,
+//! `expect publish TOPIC {fields}` what the `publish(TOPIC)` stages published.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use crate::outputs::{OutputKind, OutputSink};
 use crate::query::Query;
 use crate::streams::Streams;
 
-use super::ast::{Ident, RuleFile, Stmt, TestAction, Value, ValueKind};
+use super::ast::{Expected, Ident, RuleFile, Stmt, TestAction, Value, ValueKind};
 use super::compile::{EnvPolicy, compile};
 use super::diag::Diagnostic;
 use super::engine::{MAX_REINJECT_ROUNDS, Rules};
@@ -64,8 +65,9 @@ pub fn run_tests(file: &RuleFile) -> Result<Vec<Outcome>, Vec<Diagnostic>> {
 }
 
 /// What makes a test step meaningless, found without running it (so `vigil
-/// check` reports it too): an `expect` of no such output or not given a map,
-/// a `send` of no event, an `at` earlier than the step before.
+/// check` reports it too): an `expect` of no such output, tap or topic, or
+/// not given a map, a `send` of no event, an `at` earlier than the step
+/// before.
 pub fn check_tests(file: &RuleFile) -> Vec<Diagnostic> {
     plan(file).err().unwrap_or_default()
 }
@@ -82,8 +84,8 @@ enum Action {
     Send(Vec<(Event, bool)>),
     Expect {
         target: String,
-        /// `target` names a tap.
-        tap: bool,
+        /// Whether `target` names an output, a tap or a topic.
+        of: Expected,
         wanted: Vec<(String, Json)>,
         negated: bool,
     },
@@ -92,8 +94,9 @@ enum Action {
 /// Every test's steps, read; or what makes any of them meaningless.
 fn plan(file: &RuleFile) -> Result<Vec<Vec<Step>>, Vec<Diagnostic>> {
     let outputs: Vec<String> = file.outputs.iter().map(|o| o.name.name.clone()).collect();
-    let mut taps = Vec::new();
-    taps_in(&file.streams, &mut taps);
+    let (mut taps, mut topics) = (Vec::new(), Vec::new());
+    named_in(&file.streams, "tap", &mut taps);
+    named_in(&file.streams, "publish", &mut topics);
     let mut problems = Vec::new();
     let mut plans = Vec::with_capacity(file.tests.len());
     for test in &file.tests {
@@ -131,10 +134,19 @@ fn plan(file: &RuleFile) -> Result<Vec<Vec<Step>>, Vec<Diagnostic>> {
                 }
                 .map(Action::Send),
                 TestAction::Expect {
-                    target, tap: true, ..
+                    target,
+                    of: Expected::Tap,
+                    ..
                 } if !taps.contains(&target.name) => Err(unknown_tap(target, &taps)),
                 TestAction::Expect {
-                    target, tap: false, ..
+                    target,
+                    of: Expected::Publish,
+                    ..
+                } if !topics.contains(&target.name) => Err(unknown_topic(target, &topics)),
+                TestAction::Expect {
+                    target,
+                    of: Expected::Output,
+                    ..
                 } if target.name != "index" && !outputs.contains(&target.name) => {
                     Err(unknown_target(target, &outputs))
                 }
@@ -142,10 +154,10 @@ fn plan(file: &RuleFile) -> Result<Vec<Vec<Step>>, Vec<Diagnostic>> {
                     target,
                     fields,
                     negated,
-                    tap,
+                    of,
                 } => expected_fields(fields).map(|wanted| Action::Expect {
                     target: target.name.clone(),
-                    tap: *tap,
+                    of: *of,
                     wanted,
                     negated: *negated,
                 }),
@@ -191,24 +203,39 @@ fn unknown_tap(target: &Ident, taps: &[String]) -> Diagnostic {
     }
 }
 
-/// The names of the `tap(NAME)` stages in `stmts`, in the file's order, each
-/// once; a malformed or repeated one is compiling's to report.
-fn taps_in(stmts: &[Stmt], out: &mut Vec<String>) {
+fn unknown_topic(target: &Ident, topics: &[String]) -> Diagnostic {
+    let problem = Diagnostic::new(
+        target.span.clone(),
+        format!("`expect publish {}`: no stage publishes to it", target.name),
+    );
+    match topics {
+        [] => problem.with_hint(format!(
+            "put `publish(\"{}\")` in the streams where the events are to go",
+            target.name
+        )),
+        topics => problem.with_hint(format!("the topics published to: {}", topics.join(", "))),
+    }
+}
+
+/// The names the `stage(NAME)` stages in `stmts` take (`tap`'s, `publish`'s
+/// topics), in the file's order, each once; a malformed or repeated one is
+/// compiling's to report.
+fn named_in(stmts: &[Stmt], stage: &str, out: &mut Vec<String>) {
     for stmt in stmts {
         if let Stmt::Call {
             name,
             args: Some(args),
             ..
         } = stmt
-            && name.name == "tap"
+            && name.name == stage
             && let [arg] = args.as_slice()
-            && let ValueKind::Ident(tap) | ValueKind::String(tap) = &arg.value.kind
-            && !out.contains(tap)
+            && let ValueKind::Ident(named) | ValueKind::String(named) = &arg.value.kind
+            && !out.contains(named)
         {
-            out.push(tap.clone());
+            out.push(named.clone());
         }
         for block in stmt.blocks() {
-            taps_in(&block.stmts, out);
+            named_in(&block.stmts, stage, out);
         }
     }
 }
@@ -312,6 +339,8 @@ pub(crate) struct Bench {
     pub recorders: Vec<(String, Arc<Recorder>)>,
     /// What reached each `tap`, by name.
     pub taps: Vec<(String, Arc<Recorder>)>,
+    /// What the `publish` stages published, by topic.
+    pub topics: Vec<(String, Arc<Recorder>)>,
 }
 
 impl Bench {
@@ -334,13 +363,22 @@ impl Bench {
             .iter()
             .map(|o| (o.name.clone(), Arc::new(recorder(&o.kind))))
             .collect();
-        let taps: Vec<(String, Arc<Recorder>)> = (compiled.taps.iter())
-            .map(|name| (name.clone(), Arc::default()))
-            .collect();
-        // The taps' recorders after the outputs', where `Tap` stages look.
-        let sinks: Vec<Arc<dyn OutputSink>> = (recorders.iter().chain(&taps))
+        let mut sinks: Vec<Arc<dyn OutputSink>> = (recorders.iter())
             .map(|(_, r)| r.clone() as Arc<dyn OutputSink>)
             .collect();
+        // The taps' and topics' recorders after the outputs', in the
+        // order their stages look for them.
+        let (mut taps, mut topics) = (Vec::new(), Vec::new());
+        for (of, name) in compiled.recorded {
+            let recorder = Arc::new(Recorder::default());
+            sinks.push(recorder.clone());
+            let to = if of == Expected::Publish {
+                &mut topics
+            } else {
+                &mut taps
+            };
+            to.push((name, recorder));
+        }
         let rules = Rules::new(compiled.roots, None, sinks, index.clone(), shared);
         Ok(Bench {
             clock,
@@ -348,6 +386,7 @@ impl Bench {
             rules,
             recorders,
             taps,
+            topics,
         })
     }
 
@@ -374,17 +413,29 @@ impl Bench {
 
     /// Everything that reached tap `name`.
     pub fn tapped(&self, name: &str) -> Vec<Event> {
-        (self.taps.iter())
-            .find(|(tap, _)| tap == name)
-            .map(|(_, r)| r.events.lock().clone())
-            .unwrap_or_default()
+        recorded(&self.taps, name)
     }
 
-    /// Every recorder, outputs' and taps', with what a failure calls it.
+    /// Everything the `publish` stages published to `topic`.
+    pub fn published(&self, topic: &str) -> Vec<Event> {
+        recorded(&self.topics, topic)
+    }
+
+    /// Every recorder, outputs', taps' and topics', with what a failure calls it.
     fn all_recorders(&self) -> impl Iterator<Item = (String, &Arc<Recorder>)> {
         let outputs = (self.recorders.iter()).map(|(name, r)| (name.clone(), r));
-        outputs.chain((self.taps.iter()).map(|(name, r)| (format!("tap {name}"), r)))
+        let taps = (self.taps.iter()).map(|(name, r)| (format!("tap {name}"), r));
+        let topics = (self.topics.iter()).map(|(name, r)| (format!("publish {name}"), r));
+        outputs.chain(taps).chain(topics)
     }
+}
+
+/// What the recorder named `name` in `recorders` holds.
+fn recorded(recorders: &[(String, Arc<Recorder>)], name: &str) -> Vec<Event> {
+    (recorders.iter())
+        .find(|(named, _)| named == name)
+        .map(|(_, r)| r.events.lock().clone())
+        .unwrap_or_default()
 }
 
 fn run_one(file: &RuleFile, test_name: &str, steps: &[Step]) -> Result<Outcome, Vec<Diagnostic>> {
@@ -425,14 +476,14 @@ fn run_one(file: &RuleFile, test_name: &str, steps: &[Step]) -> Result<Outcome, 
             }
             Action::Expect {
                 target,
-                tap,
+                of,
                 wanted,
                 negated,
             } => {
-                let (seen, target) = if *tap {
-                    (bench.tapped(target), format!("tap {target}"))
-                } else {
-                    (bench.seen_by(target), target.clone())
+                let (seen, target) = match of {
+                    Expected::Tap => (bench.tapped(target), format!("tap {target}")),
+                    Expected::Publish => (bench.published(target), format!("publish {target}")),
+                    Expected::Output => (bench.seen_by(target), target.clone()),
                 };
                 if let Err(e) = expect(&seen, &target, wanted, *negated) {
                     failures.push(e);
@@ -502,7 +553,7 @@ fn advance_test(bench: &Bench, target: Micros, ticks: &mut usize) -> Advanced {
     Advanced::Reached
 }
 
-/// Whether `target` (the index, an output or `tap NAME`), which holds or
+/// Whether `target` (the index, an output, `tap NAME` or `publish TOPIC`), which holds or
 /// received `seen`, has an event matching `wanted` (none, `negated`).
 fn expect(
     seen: &[Event],
@@ -990,6 +1041,104 @@ test "fails" {
         );
     }
 
+    /// `expect publish TOPIC` checks what the `publish(TOPIC)` stages
+    /// published, from every stage and `by` group publishing to it, with
+    /// the diff of `expect`; a tap after the topics' stages still finds its
+    /// own recorder.
+    #[test]
+    fn expect_publish_checks_what_was_published_to_a_topic() {
+        let file = parse(
+            r#"output out = forward(host: "x")
+streams {
+  where metric > 3 { with(state: "critical") { publish("alerts.disk-1") } }
+  by(host) { publish(all) }
+  where service = "d" { publish(all) }
+  tap(last)
+  out
+}
+test "checks" {
+  send {host: "a", service: "b", metric: 5}
+  send {host: "c", service: "d", metric: 1}
+  expect publish "alerts.disk-1" {host: "a", state: "critical", metric: 5}
+  expect no publish "alerts.disk-1" {host: "c"}
+  expect publish all {host: "a", state: null}
+  expect publish all {host: "c"}
+  expect tap last {host: "c"}
+  expect out {host: "a"}
+}
+test "fails" {
+  send {host: "a", service: "b", metric: 5}
+  expect publish "alerts.disk-1" {state: "ok"}
+  expect no publish all {host: "a"}
+}"#,
+        )
+        .unwrap();
+        let bench = Bench::new(&file).unwrap();
+        bench.rules.process(&[Event {
+            service: Some("d".into()),
+            ..Event::default()
+        }]);
+        assert_eq!(
+            bench.published("all").len(),
+            2,
+            "the `by`'s and the `where`'s"
+        );
+        assert_eq!(
+            failures_of(&file),
+            [
+                vec![],
+                vec![
+                    "expected publish alerts.disk-1 to have an event matching\n      \
+                     {\"state\":\"ok\"}\n    \
+                     1 event(s) in publish alerts.disk-1; the closest differs in:\n      \
+                     state: expected \"ok\", got \"critical\""
+                        .to_owned(),
+                    "expected publish all to have no event matching\n      \
+                     {\"host\":\"a\"}\n    but 1 matched"
+                        .to_owned(),
+                ]
+            ]
+        );
+    }
+
+    /// A topic no stage publishes to is refused where the `expect` names
+    /// it, as an undeclared output or tap is, with the topics there are.
+    #[test]
+    fn expect_publish_of_a_topic_nobody_publishes_to_is_a_positioned_error() {
+        let source = r#"streams {
+  publish(a)
+  where metric > 1 { publish("b.c") }
+}
+test "t" {
+  expect publish "a" {host: "h"}
+  expect no publish typo {host: "h"}
+  expect publish "b.c" {}
+}
+"#;
+        let rendered = crate::rules::load("x.vigil", source, EnvPolicy::Lenient)
+            .err()
+            .unwrap();
+        let found: Vec<&str> = (rendered.lines())
+            .filter(|l| l.starts_with("x.vigil:") || l.starts_with("  hint: "))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "x.vigil:7:21: `expect publish typo`: no stage publishes to it",
+                "  hint: the topics published to: a, b.c",
+            ],
+            "{rendered}"
+        );
+        let none = parse("streams { index }\ntest \"t\" { expect publish \"c\" {} }").unwrap();
+        let hints: Vec<_> = (check_tests(&none).into_iter())
+            .map(|d| d.hint.unwrap_or_default())
+            .collect();
+        assert_eq!(
+            hints,
+            ["put `publish(\"c\")` in the streams where the events are to go"]
+        );
+    }
+
     /// Without a recorder after the outputs (`vigil run`), a tap only passes
     /// events on.
     #[test]
@@ -1000,7 +1149,7 @@ streams { tap(t) { out } }"#,
         )
         .unwrap();
         let compiled = compile(&file, EnvPolicy::Lenient).unwrap();
-        assert_eq!(compiled.taps, ["t"]);
+        assert_eq!(compiled.recorded, [(Expected::Tap, "t".to_owned())]);
         let out = Arc::new(Recorder::default());
         let clock: SharedClock = Arc::new(ManualClock::new(TEST_EPOCH));
         let index = Arc::new(Index::new(IndexConfig::default()));

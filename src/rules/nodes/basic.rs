@@ -481,8 +481,12 @@ leaf!(Index; |self, event, cx| {
 // The topic (and where it is: the index's topics) is looked up at the
 // first event, not per event: publishing to a topic nobody subscribes to
 // is then one atomic load. Held, it stays the topic that subscribers
-// connected before find.
-leaf!(Publish, name: Arc<str>, topic: OnceLock<(Arc<Pubsub>, Arc<Topic>)>; |self, event, cx| {
+// connected before find. Under `vigil test` the sink at `slot`, past the
+// outputs, records what it publishes for `expect publish`, as a `Tap`'s.
+leaf!(Publish, name: Arc<str>, topic: OnceLock<(Arc<Pubsub>, Arc<Topic>)>, slot: usize; |self, event, cx| {
+    if let Some(recorder) = cx.outputs.get(self.slot) {
+        recorder.push(event.clone());
+    }
     let (pubsub, topic) = self.topic.get_or_init(|| {
         let pubsub = cx.index.topics().clone();
         let topic = pubsub.topic(&self.name);

@@ -63,7 +63,7 @@ pub struct Cx<'a> {
     pub now: Micros,
     pub index: &'a Index,
     /// The declared outputs, in order; under `vigil test` then a recorder
-    /// for each `tap` (see [`Tap`]).
+    /// for each `tap` and each topic published to (see [`Tap`], [`Publish`]).
     pub outputs: &'a [Arc<dyn OutputSink>],
     /// Events `reinject` sent back to the top; the engine runs them after the batch.
     pub reinjected: &'a mut Vec<Event>,
