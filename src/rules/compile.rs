@@ -1369,8 +1369,10 @@ impl Compiler<'_> {
         self.duration(v)
     }
 
+    /// The strings of a list, each bad item reported (not only the first).
     fn strings(&mut self, items: &[Value]) -> Option<Vec<String>> {
-        items.iter().map(|v| self.string(v)).collect()
+        let found: Vec<Option<String>> = items.iter().map(|v| self.string(v)).collect();
+        found.into_iter().collect()
     }
 
     fn folds(&mut self, name: &Ident, written: &Span, body: Option<&Block>) -> Option<Vec<Fold>> {

@@ -279,6 +279,36 @@ mod tests {
         }
     }
 
+    /// Every bad item of a tag list is reported, as every bad argument is,
+    /// not only the first: in the tag tests, `tag`, `untag` and `with(tags: …)`.
+    #[test]
+    fn every_bad_item_of_a_tag_list_is_reported() {
+        let source = "streams {\n  tagged([\"a\", 1, x, [\"b\"]]) { index }\n  \
+                      tagged_any(\"a\", [2, \"b\", null]) { index }\n  \
+                      untag([3, 4]) { index }\n  with(tags: [true, \"c\", 5]) { index }\n}\n";
+        let Err(error) = load("t.vigil", source, EnvPolicy::Strict) else {
+            panic!("bad tag lists compiled");
+        };
+        let found: Vec<&str> = (error.lines())
+            .filter(|l| l.starts_with("t.vigil:"))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "t.vigil:2:16: expected a string, found the number 1",
+                "t.vigil:2:19: expected a string, found a name",
+                "t.vigil:2:22: expected a string, found a list",
+                "t.vigil:3:20: expected a string, found the number 2",
+                "t.vigil:3:28: expected a string, found null",
+                "t.vigil:4:10: expected a string, found the number 3",
+                "t.vigil:4:13: expected a string, found the number 4",
+                "t.vigil:5:15: expected a string, found a boolean",
+                "t.vigil:5:26: expected a string, found the number 5",
+            ],
+            "{error}"
+        );
+    }
+
     /// The tag tests are stages: an output may not take their names, as it
     /// may not any stage's (a bare `tagged` would read as either).
     #[test]
