@@ -805,7 +805,8 @@ impl Compiler<'_> {
     /// `tagged(…)` and `tagged_all(…)` (`all`), or `tagged_any(…)`: the
     /// `where` of `tagged "a" and tagged "b" …` (or `or`), as Riemann's
     /// `tagged-all` and `tagged-any` (its `tagged` is `tagged-all`). The
-    /// tags come as strings, lists of them, or both.
+    /// tags come as strings, lists of them, or both; or as the keyword
+    /// `tags` alone, as `tag` and `untag` take theirs.
     fn tagged(
         &mut self,
         name: &Ident,
@@ -818,12 +819,27 @@ impl Compiler<'_> {
         let n = name.name.as_str();
         let mut tags = Vec::new();
         let mut ok = true;
-        for arg in args.unwrap_or_default() {
-            if let Some(param) = &arg.name {
+        let args = args.unwrap_or_default();
+        let keyword = |arg: &Arg| arg.name.as_ref().is_some_and(|p| p.name == "tags");
+        for (i, arg) in args.iter().enumerate() {
+            if let Some(param) = arg.name.as_ref().filter(|p| p.name != "tags") {
                 self.error_hint(
                     param.span.clone(),
                     format!("unknown parameter `{}` for `{n}`", param.name),
-                    format!("`{n}` takes the tags alone: `{n}(\"a\", \"b\")`"),
+                    format!("did you mean `tags`? (`{n}` takes `tags`)"),
+                );
+                ok = false;
+                continue;
+            }
+            // The keyword names every tag given: any other argument gives
+            // them again, as a second argument to `tag` would.
+            if i > 0 && (keyword(arg) || keyword(&args[0])) {
+                self.error_hint(
+                    arg.span.clone(),
+                    "`tags` is given twice",
+                    format!(
+                        "give the tags by position, `{n}(\"a\", \"b\")`, or as `tags: [\"a\", \"b\"]` alone"
+                    ),
                 );
                 ok = false;
                 continue;

@@ -309,6 +309,34 @@ mod tests {
         );
     }
 
+    /// `tags` given by keyword and by position is given twice, as `tag`'s
+    /// is; another keyword is refused with the one there is.
+    #[test]
+    fn a_tag_tests_tags_are_given_once_by_keyword_or_by_position() {
+        let source = "streams {\n  tagged(\"a\", tags: [\"b\"]) { index }\n  \
+                      tagged_any(tags: \"a\", \"b\") { index }\n  \
+                      tagged_all(tag: \"a\") { index }\n  tag(\"a\", tags: \"b\") { index }\n}\n";
+        let Err(error) = load("t.vigil", source, EnvPolicy::Strict) else {
+            panic!("tags given twice compiled");
+        };
+        let found: Vec<&str> = (error.lines())
+            .filter(|l| l.starts_with("t.vigil:") || l.starts_with("  hint: "))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "t.vigil:2:15: `tags` is given twice",
+                "  hint: give the tags by position, `tagged(\"a\", \"b\")`, or as `tags: [\"a\", \"b\"]` alone",
+                "t.vigil:3:25: `tags` is given twice",
+                "  hint: give the tags by position, `tagged_any(\"a\", \"b\")`, or as `tags: [\"a\", \"b\"]` alone",
+                "t.vigil:4:14: unknown parameter `tag` for `tagged_all`",
+                "  hint: did you mean `tags`? (`tagged_all` takes `tags`)",
+                "t.vigil:5:12: `tags` is given twice",
+            ],
+            "{error}"
+        );
+    }
+
     /// The tag tests are stages: an output may not take their names, as it
     /// may not any stage's (a bare `tagged` would read as either).
     #[test]

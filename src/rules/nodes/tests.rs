@@ -1011,6 +1011,20 @@ fn tagged_passes_events_with_every_tag_and_tagged_any_with_one() {
     );
 }
 
+/// The tags may be given as the keyword `tags`, as `tag` and `untag` take
+/// theirs: the same test as given by position.
+#[test]
+fn tagged_takes_its_tags_by_keyword_as_tag_does() {
+    let streams = r#"tagged(tags: ["a", "b"]) { out }
+        tagged_any(tags: "b") { out }
+        tagged_all(tags: ["x"]) { drop } else { out }"#;
+    let b = bench(streams);
+    send(&b, tagged_ev(&b, "ab", &["b", "a"]));
+    send(&b, tagged_ev(&b, "a", &["a"]));
+    send(&b, tagged_ev(&b, "x", &["x"]));
+    assert_eq!(out_services(&b), ["ab", "ab", "ab", "a"]);
+}
+
 /// `tagged(…)` is the stage `where tagged … { }` compiles to: a reload
 /// from one to the other keeps the state below it, as of an unchanged
 /// `where`.
