@@ -1,7 +1,10 @@
 //! `predict_linear(n, s)`, Riemann's `predict-linear`: a least-squares line
 //! through the last `n` metrics against their events' own times, read `s`
-//! after the latest event. It keeps each event's time and metric, not the
-//! event: the event it emits is always the one that just came.
+//! after the time of the event that just came, as Riemann's reads it after
+//! `(last events)`: a late event, older than others in the window, is read
+//! at its own time, which the event emitted carries. It keeps each event's
+//! time and metric, not the event: the event it emits is always the one
+//! that just came.
 //!
 //! [`Fit`] keeps the line's means and co-moments as points enter and leave
 //! (Welford's, which do not cancel as sums of squares do), so an event costs
@@ -134,7 +137,8 @@ impl Fit {
         self.since_refit = if self.huge > 0 { usize::MAX } else { 0 };
     }
 
-    /// The metric the line gives `ahead` after the latest point's time;
+    /// The metric the line gives `ahead` after the time of the point that
+    /// came last (not the latest time: a late point's own);
     /// `None` with fewer than two points, where all their times are equal
     /// (no slope: Riemann's divides by zero, 0 / 0 here), or where the
     /// prediction is not finite. It is read from the means

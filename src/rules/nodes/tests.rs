@@ -1636,6 +1636,24 @@ fn predict_linear_reads_the_fitted_line_s_after_the_latest_event() {
     );
 }
 
+/// An event that comes late (older than one already in the window) is
+/// read at its own time, as Riemann's reads `(:time (last events))`, the
+/// event that came: the event emitted carries its own time, and a metric
+/// for `s` after it, not after the latest time the window holds. The
+/// window is the last `n` to come, whatever their times: the first one
+/// leaves, the late one stays.
+#[test]
+fn predict_linear_reads_a_late_event_s_after_its_own_time() {
+    let b = bench("predict_linear(3, 1s) { out }");
+    for (t, m) in [(0, 0), (10, 10), (5, 5), (11, 11)] {
+        send(&b, point(&b, f64::from(t), Metric::Int(m)));
+    }
+    // Every point on y = t: read 1 s after 10, after 5 (late), after 11.
+    assert_eq!(out_f64(&b), vec![11.0, 6.0, 12.0]);
+    let times: Vec<_> = out(&b).iter().map(|e| e.time).collect();
+    assert_eq!(times, [at(10.0), at(5.0), at(11.0)]);
+}
+
 /// The window is the last `n` events: the oldest leaves it.
 #[test]
 fn predict_linear_fits_only_the_last_n_events() {
