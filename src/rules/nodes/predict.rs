@@ -32,6 +32,11 @@ const EXACT_BUFFER_UP_TO: usize = 256;
 /// event, as [`fit`] does.
 const RUNNING_UP_TO: f64 = f64::from_bits((1023 + 960) << 52);
 
+/// Whether the running fit must leave out `y` ([`RUNNING_UP_TO`]).
+fn too_huge_to_run(y: f64) -> bool {
+    y.abs() > RUNNING_UP_TO
+}
+
 /// Where the running Σ(x − x̄)² has fallen this far below its peak since
 /// the last refit, rounding as points left may be much of what is left
 /// (times now all equal read a slope of it): the window is refitted. Each
@@ -84,7 +89,7 @@ impl Fit {
         }
         self.points.push_back((time, y));
         self.since_refit = self.since_refit.saturating_add(1);
-        if y.abs() > RUNNING_UP_TO {
+        if too_huge_to_run(y) {
             self.huge += 1;
         }
         self.enter(self.x(time), y);
@@ -92,7 +97,7 @@ impl Fit {
             let Some((t, y)) = self.points.pop_front() else {
                 break;
             };
-            if y.abs() > RUNNING_UP_TO {
+            if too_huge_to_run(y) {
                 self.huge -= 1;
             }
             self.leave(self.x(t), y);
@@ -230,7 +235,7 @@ impl Node for PredictLinear {
                 fit.huge = fit
                     .points
                     .iter()
-                    .filter(|(_, y)| y.abs() > RUNNING_UP_TO)
+                    .filter(|(_, y)| too_huge_to_run(*y))
                     .count();
                 fit.refit();
                 *self.fit.lock() = fit;
