@@ -710,7 +710,7 @@ mod tests {
                 r#"  fill_in(10s, {service: "gap"}) { out }"#,
                 Saved::FillIn {
                     next: Some(far),
-                    expires: far,
+                    expires: far + secs_to_micros(3_600.0),
                     latest: None,
                 },
                 5,
@@ -1120,6 +1120,28 @@ mod tests {
             [out("f", Some("gap"), Some(1.0))],
             "a gap of its own after the restart is filled"
         );
+    }
+
+    /// A `fill_in`'s next fill and expiry saved far ahead (a clock that
+    /// jumped back, a file vigil did not write) filled the series until
+    /// that expiry, a year on: its last fill counts as the start, and the
+    /// series keeps from the start the time it had left after it.
+    #[test]
+    fn a_fill_ins_expiry_restored_far_ahead_counts_from_the_start() {
+        let started = TEST_EPOCH + secs_to_micros(1_000.0);
+        let far = started + secs_to_micros(365.0 * 86_400.0);
+        // Last filled at `far` less 10 s, alive 40 s after it.
+        let saved = vec![Saved::FillIn {
+            next: Some(far),
+            expires: far + secs_to_micros(30.0),
+            latest: None,
+        }];
+        let rules = r#"  fill_in(10s, {service: "gap"}) { out }"#;
+        let life = Life::start_from(rules, saved, 1_000.0);
+        life.advance_to(1_000.0 + 100.0);
+        let filled: Vec<Micros> = life.out.events.lock().drain(..).map(|e| e.time).collect();
+        let expected = [10.0, 20.0, 30.0, 40.0].map(|secs| started + secs_to_micros(secs));
+        assert_eq!(filled, expected, "filled until 40 s after the start");
     }
 
     #[test]

@@ -194,6 +194,16 @@ impl Node for FillIn {
                 // fill due after that could only come from a file vigil did
                 // not write. So a saved fill is due exactly then.
                 let resumed = from.started().saturating_add(self.interval);
+                // The series' latest event or fill came a `dt` before its
+                // next fill. Saved after the start (a clock that jumped
+                // back), it counts as the start, as every restored moment
+                // does, and the time the series had left after it with it:
+                // kept as saved, a far-ahead expiry filled the series,
+                // silent or dead, until then.
+                let expires = next.map_or(expires, |next| {
+                    let last = next.saturating_sub(self.interval);
+                    expires.saturating_sub(last.saturating_sub(from.past(last)))
+                });
                 *self.state.lock() = FillState {
                     next: next.map(|_| resumed),
                     expires,
