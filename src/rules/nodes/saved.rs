@@ -251,8 +251,8 @@ pub struct Restorer<'a> {
     started: Micros,
     /// How long an event without a TTL lives, in seconds.
     default_ttl: f64,
-    /// Whether a group's lifetime of 0 was saved as such: files of
-    /// versions 1 and 2 may leave it out, and then it reads as 0.
+    /// Whether a group's lifetime of 0 was saved as such: a file of
+    /// version 1 may leave it out, and then it reads as 0.
     lifetimes_saved: bool,
 }
 
