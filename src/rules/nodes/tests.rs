@@ -1738,6 +1738,19 @@ fn a_by_group_of_predict_linear_is_freed_after_its_ttl_not_its_horizon() {
     );
 }
 
+/// Unlike `predict_linear`'s `s`, an `ewma`'s half-life is how long its
+/// past counts, as a moving time window's `dt` is: a `by` group lives that
+/// long after its last event, past a shorter TTL, so a series back within
+/// it goes on from its average (half of it after one half-life).
+#[test]
+fn a_by_group_of_ewma_lives_its_half_life_as_a_moving_windows_dt() {
+    let b = bench("by(host) { ewma(20s) { out } }");
+    send(&b, with_ttl(point(&b, 0.0, Metric::Int(0)), 10.0));
+    b.advance_to(at(20.0));
+    send(&b, with_ttl(point(&b, 20.0, Metric::Int(8)), 10.0));
+    assert_eq!(out_f64(&b), vec![0.0, 4.0], "half the average before");
+}
+
 /// An unchanged `predict_linear` keeps its points across a reload; one
 /// whose `n` changed starts empty.
 #[test]
