@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use vigil::answers::{self, Answers};
 use vigil::client::{Client, ClientError};
-use vigil::clock::{Clock, SharedClock, SystemClock};
+use vigil::clock::{Clock, Micros, SharedClock, SystemClock};
 use vigil::cluster::{Cluster, ClusterConfig};
 use vigil::event::{Event, Metric};
 use vigil::forwarded::{TrustedProxies, TrustedProxy};
@@ -656,13 +656,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let outputs_shutdown = CancellationToken::new();
     let pages_held = kept.holds();
     let outputs = Outputs::start(&compiled.outputs, kept, outputs_shutdown.clone());
-    let streams = Arc::new(Rules::new(
-        compiled.roots,
-        Some(text.clone()),
-        outputs.sinks(),
-        index.clone(),
-        clock.clone(),
-    ));
+    let streams = Arc::new(
+        Rules::new(
+            compiled.roots,
+            Some(text.clone()),
+            outputs.sinks(),
+            index.clone(),
+            clock.clone(),
+        )
+        .with_tick(Micros::try_from(args.tick.as_micros()).unwrap_or(Micros::MAX)),
+    );
     // Loaded before the server starts: each entry lives at least one TTL
     // from now, then expires through the rules unless its agent reports.
     let snapshots = if keep_state {

@@ -124,8 +124,15 @@ pub struct Rules {
     ticking: Mutex<()>,
     index: Arc<Index>,
     clock: SharedClock,
+    /// How often the timer ticks (`--tick`): a stage due longer ago than
+    /// that was not ticked because vigil was stalled ([`Cx::tick`]).
+    tick: Micros,
     pub stats: RuleStats,
 }
+
+/// The server timer's period unless `--tick` says otherwise, and the
+/// virtual clock's step.
+pub const DEFAULT_TICK: Micros = 100_000;
 
 impl Rules {
     /// `outputs` must be in the order of the compiled file's declarations.
@@ -148,8 +155,14 @@ impl Rules {
             ticking: Mutex::new(()),
             index,
             clock,
+            tick: DEFAULT_TICK,
             stats: RuleStats::default(),
         }
+    }
+
+    /// The rules of a timer that ticks every `tick`.
+    pub fn with_tick(self, tick: Micros) -> Self {
+        Rules { tick, ..self }
     }
 
     /// Waits for a state write under way to end (a periodic one gives way,
@@ -247,6 +260,7 @@ impl Rules {
             reinjected: &mut reinjected,
             hashed: None,
             due: Micros::MAX,
+            tick: self.tick,
             stats: &self.stats,
         };
         work(&mut cx);
@@ -273,6 +287,7 @@ impl Rules {
                 reinjected: &mut reinjected,
                 hashed: None,
                 due: Micros::MAX,
+                tick: self.tick,
                 stats: &self.stats,
             };
             for event in &round {

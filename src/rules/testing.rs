@@ -32,7 +32,7 @@ use super::engine::{MAX_REINJECT_ROUNDS, Rules};
 pub const TEST_EPOCH: Micros = 1_704_067_200 * MICROS_PER_SEC;
 
 /// The timer's step while virtual time advances.
-pub const TICK: Micros = 100_000;
+pub const TICK: Micros = super::engine::DEFAULT_TICK;
 
 #[derive(Debug)]
 pub struct Outcome {

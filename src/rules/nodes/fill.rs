@@ -10,8 +10,9 @@
 //! the latter, and fills for ever after an event that never expires by
 //! state). It starts with the first event: Riemann's starts when the rules
 //! load, and with no event yet there is nothing whose expiry would stop it.
-//! After a restart, the gap is measured from the start again: vigil was
-//! not listening meanwhile, which says nothing of the series.
+//! After a restart, or a stall of the process, the gap is measured from
+//! the start again, or the stall's end: vigil was not listening
+//! meanwhile, which says nothing of the series.
 
 use parking_lot::Mutex;
 
@@ -20,7 +21,8 @@ use crate::event::Event;
 use crate::index::expires_at;
 
 use super::saved::{RestoreError, Restorer, Saved, Saver};
-// Missed gaps caught up on after a stall, as `rate` catches up its windows.
+// Gaps that ended between two ticks, caught up on as `rate` catches up its
+// windows.
 use super::stateful::MAX_CATCH_UP;
 use super::{Children, Cx, FieldSet, Node, same, take_over};
 
@@ -58,8 +60,9 @@ impl FillIn {
         }
     }
 
-    /// The fills due by `now`.
-    fn due(&self, s: &mut FillState, now: Micros) -> Vec<Event> {
+    /// The fills due by `cx.now`.
+    fn due(&self, s: &mut FillState, cx: &Cx) -> Vec<Event> {
+        let now = cx.now;
         let mut due = Vec::new();
         let mut rounds = 0;
         if std::mem::take(&mut s.moved) {
@@ -69,6 +72,12 @@ impl FillIn {
             if at > s.expires {
                 // Silent past its expiry: stop until an event comes.
                 *s = FillState::default();
+                break;
+            }
+            if cx.stalled(at, self.interval) {
+                // The process was stalled, not the series silent: as after
+                // a restart, it has a whole `dt` from now to speak.
+                s.next = Some(now.saturating_add(self.interval));
                 break;
             }
             let mut fill = match (&s.latest, self.last) {
@@ -101,7 +110,7 @@ impl Node for FillIn {
     fn event(&self, event: &Event, cx: &mut Cx) {
         let (due, next) = {
             let mut s = self.state.lock();
-            let due = self.due(&mut s, cx.now);
+            let due = self.due(&mut s, cx);
             if event.is_expired_state() {
                 *s = FillState::default();
             } else {
@@ -122,7 +131,7 @@ impl Node for FillIn {
     fn tick(&self, cx: &mut Cx) {
         let (due, next) = {
             let mut s = self.state.lock();
-            (self.due(&mut s, cx.now), s.next)
+            (self.due(&mut s, cx), s.next)
         };
         cx.schedule(next);
         self.emit(due, cx);

@@ -75,11 +75,25 @@ pub struct Cx<'a> {
     /// at ([`Cx::schedule`]); `by` reads it so it ticks only the groups with
     /// something due. `Micros::MAX`: nothing asked.
     pub due: Micros,
+    /// How often the timer ticks: a stage due more than a tick ago (give
+    /// or take a tick that ran long) was not ticked because vigil was
+    /// stalled ([`Cx::stalled`]).
+    pub tick: Micros,
     /// Where a stage counts what it had to let go of.
     pub stats: &'a RuleStats,
 }
 
 impl Cx<'_> {
+    /// Whether a period of `interval` that ended at `end` missed the next
+    /// one too, by more than the timer's lateness: the process was stalled
+    /// (a VM paused, the clock stepped ahead) from about its end until now,
+    /// and nothing could come meanwhile. Its periods are no silence of the
+    /// series, as a restart's are not.
+    pub fn stalled(&self, end: Micros, interval: Micros) -> bool {
+        let late = self.now.saturating_sub(end);
+        late >= interval && late > self.tick.saturating_mul(2)
+    }
+
     /// A stage that the timer drives says when its next tick is needed, after
     /// each event and each tick; `None`: nothing pending.
     pub fn schedule(&mut self, at: Option<Micros>) {
@@ -137,6 +151,7 @@ impl Scratch {
             reinjected: &mut self.reinjected,
             hashed: None,
             due: Micros::MAX,
+            tick: crate::rules::engine::DEFAULT_TICK,
             stats: &self.stats,
         }
     }

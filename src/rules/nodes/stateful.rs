@@ -25,8 +25,9 @@ use super::numbers::Sum;
 use super::saved::{RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Field, Node, as_secs, metric_f64, same, take_over};
 
-/// How many missed intervals a timer catches up on after a stall (one event each)
-/// before skipping ahead: a frozen process must not wake up to a flood.
+/// How many intervals that ended between two ticks (a `dt` shorter than the
+/// tick's) a timer catches up on, one event each, before skipping ahead. A
+/// stall is caught up on by none ([`Cx::stalled`]).
 pub(super) const MAX_CATCH_UP: u32 = 16;
 
 /// `rate(dt)`: the sum of metrics per second over each `dt`, emitted every `dt`
@@ -82,11 +83,12 @@ impl Rate {
             let ttl = cx.index.ttl_secs(latest);
             // As Riemann does: the rate stays alive until the next one is due.
             let mut lives = ttl + as_secs(self.interval);
-            if s.resumed.is_some() {
-                // The saved period, reported after a restart with its true
-                // end, long past: it lives that long from now, as a restored
-                // index entry does, not reaching the index already expired
-                // (which paged `expired` for a series still alive).
+            let stalled = cx.stalled(s.window_end, self.interval);
+            if s.resumed.is_some() || stalled {
+                // The period before a restart or a stall, reported with its
+                // true end, long past: it lives that long from now, as a
+                // restored index entry does, not reaching the index already
+                // expired (which paged `expired` for a series still alive).
                 lives += as_secs(cx.now.saturating_sub(s.window_end));
             }
             out.ttl = Some(lives as f32);
@@ -96,6 +98,12 @@ impl Rate {
             s.window_end = s.window_end.saturating_add(self.interval);
             if let Some(resumed) = s.resumed.take() {
                 s.window_end = s.window_end.max(resumed);
+            } else if stalled {
+                // Reported once, then at its pace from now, as after a
+                // restart: not a 0 for each period the process was stalled
+                // (Riemann's timer runs each, back to back), as nothing
+                // could come meanwhile.
+                s.window_end = cx.now.saturating_add(self.interval);
             }
             if expired && !pending {
                 // The series went silent (and this window got nothing): stop

@@ -186,6 +186,40 @@ fn rate_reports_a_window_whose_latest_event_expired_before_it_closed() {
     assert_eq!(out(&b)[0].time, at(10.0));
 }
 
+/// A stall of the process (a VM paused for an hour, the clock stepped
+/// ahead between two ticks) is no silence of the series: nothing could
+/// come meanwhile. As after a restart, the period it began in is reported
+/// once, with its true end and living its TTL plus `dt` from the report,
+/// then the rate goes on at its pace from there: not a 0 for each period
+/// missed, 16 of them at once.
+#[test]
+fn a_rate_reports_once_after_a_stall_then_at_its_pace() {
+    let b = bench("rate(10s) { out }");
+    send(&b, with_ttl(metric_ev(&b, "req", 20.0), 7_200.0));
+    b.clock.set(at(3_600.0));
+    b.rules.tick_scheduled();
+    let reported: Vec<_> = out(&b).iter().map(|e| (e.time, e.metric, e.ttl)).collect();
+    let lives = 7_200.0 + 10.0 + 3_590.0;
+    assert_eq!(
+        reported,
+        [(at(10.0), Some(Metric::Float(2.0)), Some(lives))],
+        "once"
+    );
+    b.advance_to(at(3_630.0));
+    let times: Vec<Micros> = out(&b).iter().map(|e| e.time).collect();
+    assert_eq!(times, [at(10.0), at(3_610.0), at(3_620.0), at(3_630.0)]);
+}
+
+/// A `dt` shorter than the timer's tick is no stall: each period that
+/// ended between two ticks is reported at the next, 0 where nothing came.
+#[test]
+fn a_rate_shorter_than_the_tick_reports_each_period() {
+    let b = bench("rate(20ms) { out }");
+    send(&b, with_ttl(metric_ev(&b, "req", 1.0), 60.0));
+    b.advance_to(at(0.1));
+    assert_eq!(out_f64(&b), [50.0, 0.0, 0.0, 0.0, 0.0]);
+}
+
 // ---- where / split -----------------------------------------------------------
 
 #[test]
@@ -2159,6 +2193,20 @@ fn fill_in_emits_its_event_in_each_gap_until_the_latest_expires() {
 }
 
 /// An `expired` event stops the filling, and passes on itself.
+/// As a restart, a stall of the process is no gap in a series: nothing
+/// could come meanwhile. The series has a whole `dt` from the end of the
+/// stall to speak, not a fill for each `dt` missed, 16 of them at once.
+#[test]
+fn a_fill_in_fills_no_stall_of_the_process() {
+    let b = bench(r#"fill_in(10s, {service: "gap"}) { out }"#);
+    send(&b, with_ttl(ev(&b, "h", "s"), 7_200.0));
+    b.clock.set(at(3_600.0));
+    b.rules.tick_scheduled();
+    b.advance_to(at(3_625.0));
+    let times: Vec<Micros> = out(&b).iter().map(|e| e.time).collect();
+    assert_eq!(times, [at(0.0), at(3_610.0), at(3_620.0)]);
+}
+
 #[test]
 fn fill_in_stops_at_an_expired_event() {
     let b = bench(r#"fill_in(1s, {service: "gap"}) { out }"#);
