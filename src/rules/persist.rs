@@ -320,7 +320,7 @@ fn entries(mut body: &[u8], version: u32, started: Micros) -> Restorer<'_> {
     // The size `ciborium::from_reader` gives the buffer it zeroes on every
     // call, once per entry: millions of times for a big `by`.
     let mut scratch = vec![0; 4096];
-    let restorer = Restorer::new(
+    Restorer::new(
         std::iter::from_fn(move || {
             (!body.is_empty()).then(|| {
                 ciborium::de::from_reader_with_buffer(&mut body, &mut scratch)
@@ -328,14 +328,7 @@ fn entries(mut body: &[u8], version: u32, started: Micros) -> Restorer<'_> {
             })
         }),
         started,
-    );
-    // Groups saved their lifetime during version 1: a file of it may hold
-    // none. Every vigil that wrote version 2 saved it.
-    if version == FIRST_VERSION {
-        restorer.before_lifetimes()
-    } else {
-        restorer
-    }
+    )
 }
 
 /// Gives `roots`, compiled from `text` and not running yet, the state saved
@@ -1263,9 +1256,9 @@ mod tests {
 
     /// A lifetime of 0 (an event's TTL of 0 in a block with no `dt`) is
     /// one too: the group restored to be freed a year ahead was kept as
-    /// long. Only a file of version 1, which may not hold it, keeps the
-    /// group until its own free time: every vigil that wrote version 2
-    /// saved it.
+    /// long, also from a CBOR file (versions 1 and 2). Only a group that
+    /// holds no lifetime (a version 1 file written before lifetimes were
+    /// saved) keeps its own free time.
     #[test]
     fn a_group_of_lifetime_0_restored_to_be_freed_far_ahead_is_freed() {
         let rules = "  by(host) { changed(state) { out } }";
@@ -1290,15 +1283,24 @@ mod tests {
             "freed at the start: the state is new"
         );
 
+        let as_cbor = |entry: &Saved| ciborium::Value::serialized(entry).unwrap();
+        let mut unsaved: Vec<_> = saved().iter().map(as_cbor).collect();
+        // {"Group": {"key": …, "free_at": …}}, as before lifetimes.
+        let group = unsaved[1].as_map_mut().unwrap()[0].1.as_map_mut().unwrap();
+        group.retain(|(field, _)| field.as_text() != Some("lifetime"));
+        assert_eq!(group.len(), 2);
+        let saved: Vec<_> = saved().iter().map(as_cbor).collect();
         let dir = tempfile::tempdir().unwrap();
-        for (version, kept) in [(1, true), (2, false)] {
-            let file = cbor_file(version, &text(rules), &saved());
+        for (version, entries, kept) in
+            [(1, &saved, false), (2, &saved, false), (1, &unsaved, true)]
+        {
+            let file = cbor_file(version, &text(rules), entries);
             fs::write(dir.path().join(FILE_NAME), file).unwrap();
             let life = Life::start(rules, dir.path(), 1_000.0);
             life.advance_to(1_000.0 + 1.0);
             life.send("a", Some("critical"), None);
             let paged = !life.took().is_empty();
-            assert_eq!(paged, !kept, "version {version}: paged as new");
+            assert_eq!(paged, !kept, "version {version}, kept: {kept}");
         }
     }
 
@@ -1784,7 +1786,7 @@ mod tests {
     }
 
     /// A state file as versions 1 and 2 wrote it: CBOR throughout.
-    fn cbor_file(version: u32, text: &RuleText, entries: &[Saved]) -> Vec<u8> {
+    fn cbor_file<T: Serialize>(version: u32, text: &RuleText, entries: &[T]) -> Vec<u8> {
         let mut file = MAGIC.to_vec();
         file.extend_from_slice(&version.to_le_bytes());
         let header = Header {

@@ -44,9 +44,9 @@ pub enum Saved {
     Group {
         key: Vec<Option<String>>,
         free_at: Micros,
-        /// How long the group lives after an event. Absent in files of
-        /// earlier versions: they restore as before, with no extension.
-        #[serde(default)]
+        /// How long the group lives after an event. Absent from a file of
+        /// version 1 written before it was saved: [`LIFETIME_UNSAVED`].
+        #[serde(default = "lifetime_unsaved")]
         lifetime: Micros,
     },
     Throttle {
@@ -135,6 +135,14 @@ pub enum Saved {
     },
     /// A `predict_linear`: its points, (event time, metric), oldest first.
     PredictLinear(Vec<(Micros, f64)>),
+}
+
+/// A group's lifetime where its file holds none (version 1, written before
+/// lifetimes were saved), told from a saved 0: no lifetime vigil makes.
+pub const LIFETIME_UNSAVED: Micros = Micros::MIN;
+
+fn lifetime_unsaved() -> Micros {
+    LIFETIME_UNSAVED
 }
 
 impl Saved {
@@ -251,9 +259,6 @@ pub struct Restorer<'a> {
     started: Micros,
     /// How long an event without a TTL lives, in seconds.
     default_ttl: f64,
-    /// Whether a group's lifetime of 0 was saved as such: a file of
-    /// version 1 may leave it out, and then it reads as 0.
-    lifetimes_saved: bool,
 }
 
 impl<'a> Restorer<'a> {
@@ -264,7 +269,6 @@ impl<'a> Restorer<'a> {
             taken: 0,
             started,
             default_ttl: DEFAULT_TTL_SECS,
-            lifetimes_saved: true,
         }
     }
 
@@ -274,19 +278,6 @@ impl<'a> Restorer<'a> {
             default_ttl: secs,
             ..self
         }
-    }
-
-    /// The entries of a file whose groups may have no saved lifetime.
-    pub fn before_lifetimes(self) -> Self {
-        Restorer {
-            lifetimes_saved: false,
-            ..self
-        }
-    }
-
-    /// Whether a group's lifetime of 0 is its own, not one left unsaved.
-    pub fn lifetimes_saved(&self) -> bool {
-        self.lifetimes_saved
     }
 
     pub fn from_entries(entries: Vec<Saved>, started: Micros) -> Self {

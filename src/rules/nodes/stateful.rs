@@ -22,7 +22,7 @@ use crate::event::{Event, Metric};
 use crate::index::MAX_TIME_AHEAD;
 
 use super::numbers::Sum;
-use super::saved::{RestoreError, Restorer, Saved, Saver};
+use super::saved::{LIFETIME_UNSAVED, RestoreError, Restorer, Saved, Saver};
 use super::{Children, Cx, Field, Node, as_secs, metric_f64, same, take_over};
 
 /// How many intervals that ended between two ticks (a `dt` shorter than the
@@ -672,13 +672,12 @@ impl Node for By {
             // from the start, not only what was left of it. Nor more: a
             // later time came from a clock that jumped back (or a file
             // vigil did not write), and kept the group, and its state, as
-            // long. A lifetime of 0 counts too, but in a file of before
-            // lifetimes were saved, where it may be none: that keeps its own.
-            let resumed = from.started().saturating_add(lifetime);
-            let free_at = if lifetime > 0 || from.lifetimes_saved() {
-                resumed
+            // long. A lifetime of 0 counts too; a file of before lifetimes
+            // were saved, which holds none, keeps its own free time.
+            let (free_at, lifetime) = if lifetime == LIFETIME_UNSAVED {
+                (free_at.max(from.started()), 0)
             } else {
-                free_at.max(resumed)
+                (from.started().saturating_add(lifetime), lifetime)
             };
             self.insert(key.into(), free_at, lifetime, children);
         }
