@@ -687,6 +687,8 @@ impl<'a> Reader<'a> {
         Ok(Some((field, wire)))
     }
 
+    /// Inlined, the longer forms called: this is on every key and length.
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, DecodeError> {
         // Keys and most lengths fit in one byte: skip the general loop for them.
         if let Some((&byte, rest)) = self.buf.split_first()
@@ -698,7 +700,40 @@ impl<'a> Reader<'a> {
         self.long_varint()
     }
 
+    #[inline(never)]
     fn long_varint(&mut self) -> Result<u64, DecodeError> {
+        // A varint of up to 8 bytes, with 8 bytes to read (a time in
+        // microseconds takes 8), is gathered from one word: the byte byte
+        // loop below cost ~95 instructions for it (callgrind, stop 50).
+        if let Some(word) = self.buf.first_chunk::<8>() {
+            let word = u64::from_le_bytes(*word);
+            let ends = !word & 0x8080_8080_8080_8080;
+            if ends != 0 {
+                // The high bit of the last byte: bit 8k + 7 of byte k.
+                let last_bit = ends.trailing_zeros();
+                return Ok(self.gathered(word, last_bit));
+            }
+        }
+        self.general_varint()
+    }
+
+    /// The varint whose last byte's (clear) high bit is bit `last_bit` of
+    /// `word`, the buffer's first 8 bytes: its 7-bit groups put together, and
+    /// its bytes consumed.
+    #[inline(always)]
+    fn gathered(&mut self, word: u64, last_bit: u32) -> u64 {
+        // The varint's bytes only, without their continuation bits.
+        let mut x = word & (u64::MAX >> (63 - last_bit)) & 0x7f7f_7f7f_7f7f_7f7f;
+        // Pairs of 7-bit groups into 14 bits, then 28, then 56.
+        x = (x & 0x007f_007f_007f_007f) | ((x & 0x7f00_7f00_7f00_7f00) >> 1);
+        x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
+        x = (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4);
+        self.buf = &self.buf[(last_bit / 8 + 1) as usize..];
+        x
+    }
+
+    /// Any varint, a byte at a time.
+    fn general_varint(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for (i, &byte) in self.buf.iter().enumerate().take(10) {
             value |= u64::from(byte & 0x7f) << (7 * i);
@@ -1025,6 +1060,39 @@ mod tests {
             agreed_ok > 1000,
             "the mutations must also exercise successful decodes"
         );
+    }
+
+    /// The word-at-a-time path agrees with the byte loop on every varint
+    /// length (1 to 10 bytes, and 11, over), whatever follows it (nothing,
+    /// or bytes with and without their high bit) and cut short anywhere.
+    #[test]
+    fn varints_of_every_length_read_as_the_byte_loop_reads_them() {
+        let mut next = crate::test_rng::xorshift(0x2545_f491_4f6c_dd1d);
+        for len in 1..=11usize {
+            for round in 0..200 {
+                let random = next();
+                // Continuation bits on all but the last byte; the payload
+                // random, or all ones (the largest value of each length).
+                let mut bytes: Vec<u8> = (0..len)
+                    .map(|i| {
+                        let payload = if round % 2 == 0 {
+                            0x7f
+                        } else {
+                            (random >> (7 * i % 57)) as u8 & 0x7f
+                        };
+                        payload | if i + 1 < len { 0x80 } else { 0 }
+                    })
+                    .collect();
+                bytes.extend((0..round % 12).map(|i| if i % 2 == 0 { 0x80 } else { 0x01 }));
+                for cut in 0..=bytes.len() {
+                    let buf = &bytes[..cut];
+                    let (mut fast, mut slow) = (reader(buf), reader(buf));
+                    let (got, expected) = (fast.varint(), slow.general_varint());
+                    assert_eq!(got, expected, "bytes {buf:02x?}");
+                    assert_eq!(fast.buf.len(), slow.buf.len(), "bytes {buf:02x?}");
+                }
+            }
+        }
     }
 
     #[test]
