@@ -30,7 +30,7 @@ use tokio::sync::Semaphore;
 use crate::answers::{Answers, Busy, Room};
 use crate::blocking::{SHUTTING_DOWN, off_workers};
 use crate::clock::{MICROS_PER_SEC, Micros, secs_to_micros};
-use crate::event::{Event, same_bytes};
+use crate::event::Event;
 use crate::pubsub::Pubsub;
 use crate::query::{Budget, Exceeded, Query};
 
@@ -1270,8 +1270,7 @@ fn is_notice_being_emitted(event: &Event) -> bool {
 
 /// Whether `packed` is stored under `key`.
 fn is_key(packed: &Packed, key: (&[u8], &[u8])) -> bool {
-    let (host, service) = packed.key();
-    same_bytes(service, key.1) && same_bytes(host, key.0)
+    packed.has_key(key.0, key.1)
 }
 
 #[cfg(test)]

@@ -90,6 +90,29 @@ impl Packed {
         (r.bytes(), r.bytes())
     }
 
+    /// Whether the stored key is `(host, service)` (as [`Packed::key`]
+    /// reads it). Names under 128 bytes, nearly all, have one-byte lengths:
+    /// their encoding is compared where it lies, without reading the
+    /// stored key's lengths first (callgrind, stop 50: 64 instructions per
+    /// message in `key` on the 1-event path).
+    #[inline]
+    pub fn has_key(&self, host: &[u8], service: &[u8]) -> bool {
+        let (h, s) = (host.len(), service.len());
+        if h >= 0x80 || s >= 0x80 {
+            let (held_host, held_service) = self.key();
+            return same_bytes(held_service, service) && same_bytes(held_host, host);
+        }
+        // A stored length of 128 or more starts with a byte of 128 or more:
+        // never equal to `h` or `s` then.
+        let Some(stored) = self.0.get(HEADER..HEADER + 2 + h + s) else {
+            return false;
+        };
+        stored[0] as usize == h
+            && stored[1 + h] as usize == s
+            && same_bytes(&stored[2 + h..], service)
+            && same_bytes(&stored[1..1 + h], host)
+    }
+
     /// Where what follows `(host, service)` starts.
     fn key_end(&self) -> usize {
         let mut r = Reader::at(&self.0, HEADER);
@@ -722,6 +745,38 @@ mod tests {
             assert_eq!(packed.to_event(), event);
             assert_eq!(packed.0.len(), packed_len(&event), "exactly sized");
             assert_eq!(packed.scheduled(), 7);
+        }
+    }
+
+    /// `has_key` answers as comparing with `key` does, for names on either
+    /// side of a one-byte length, empty ones, and keys whose bytes run on
+    /// into what follows (a shorter host, a service split differently).
+    #[test]
+    fn has_key_agrees_with_the_key_read_back() {
+        let names: Vec<String> = ["", "a", "ab", "b", "bc", "c", "ok", "collectd"]
+            .into_iter()
+            .map(String::from)
+            .chain([126, 127, 128, 129, 300].map(|n| "x".repeat(n)))
+            .collect();
+        for stored_host in &names {
+            for stored_service in &names {
+                let event = Event {
+                    host: Some(stored_host.clone()),
+                    service: Some(stored_service.clone()),
+                    ..full()
+                };
+                let packed = Packed::new(&event, 0);
+                for host in &names {
+                    for service in &names {
+                        let (h, s) = (host.as_bytes(), service.as_bytes());
+                        assert_eq!(
+                            packed.has_key(h, s),
+                            packed.key() == (h, s),
+                            "stored ({stored_host:.9}, {stored_service:.9}), asked ({host:.9}, {service:.9})"
+                        );
+                    }
+                }
+            }
         }
     }
 
