@@ -577,6 +577,7 @@ fn a_query_refused_for_want_of_a_scan_turn_says_when_to_ask_again() {
         .collect();
     terms.push(r#"description =~ "%x%""#.to_owned());
     let costly = terms.join(" or ");
+    let costly_text = costly.clone();
     let url = format!("http://{}/index", node.http.unwrap());
     let get = move |local: &'static str| {
         let (url, costly) = (url.clone(), costly.clone());
@@ -599,7 +600,6 @@ fn a_query_refused_for_want_of_a_scan_turn_says_when_to_ask_again() {
             .unwrap()
             .map(|answer| answer.status())
     );
-    scanning.abort();
     assert_eq!(refused.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         refused
@@ -608,19 +608,44 @@ fn a_query_refused_for_want_of_a_scan_turn_says_when_to_ask_again() {
             .map(|v| v.to_str().unwrap()),
         Some("1")
     );
+    let no_turn = "the one scan turn of this node for queries of over 100 terms stayed taken \
+                   for 2s (scanning another); ask again in a moment";
     let error: serde_json::Value = runtime.block_on(refused.json()).unwrap();
-    assert_eq!(
-        error["error"],
-        "the one scan turn of this node for queries of over 100 terms stayed taken for 2s \
-         (scanning another); ask again in a moment"
+    assert_eq!(error["error"], no_turn);
+    // A WebSocket's snapshot refused so is closed "try again later" (1013),
+    // as one without room in --max-subscriber-memory is: it was closed as
+    // failed (1011).
+    let address = format!("ws://{}/index", node.http.unwrap());
+    let address = reqwest::Url::parse_with_params(&address, [("query", costly_text.as_str())]);
+    let (mut ws, _) = runtime
+        .block_on(tokio_tungstenite::connect_async(address.unwrap().as_str()))
+        .expect("websocket handshake");
+    let closed = runtime.block_on(async {
+        loop {
+            let message = tokio::time::timeout(SETTLE, ws.next())
+                .await
+                .expect("a frame within the bound")
+                .expect("a close frame")
+                .expect("a frame");
+            if let tokio_tungstenite::tungstenite::Message::Close(frame) = message {
+                break frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+        }
+    });
+    assert!(
+        !scanning.is_finished(),
+        "the local query no longer held the turn"
     );
+    scanning.abort();
+    let reason = no_turn.get(..123).unwrap_or(no_turn).to_owned();
+    assert_eq!(closed, Some((1013, reason)));
     assert_eq!(
         metric_of(
             &runtime,
             &node,
             "vigil_cluster_queries_refused_no_turn_total"
         ),
-        1
+        2
     );
 }
 

@@ -301,10 +301,13 @@ async fn websocket(
     };
     let snapshot = match snapshot {
         Ok(snapshot) => snapshot,
-        Err(Refused { status, why, .. }) => {
-            let code = match status {
+        Err(Refused { status, why, soon }) => {
+            let code = match (status, soon) {
                 // The asker's: over --max-query-results.
-                StatusCode::UNPROCESSABLE_ENTITY => close_code::POLICY,
+                (StatusCode::UNPROCESSABLE_ENTITY, _) => close_code::POLICY,
+                // Mended in a moment (a plain GET's `Retry-After`): "try
+                // again later", as a snapshot without room is closed.
+                (_, true) => close_code::AGAIN,
                 _ => close_code::ERROR,
             };
             close(socket, code, close_reason(why)).await;
