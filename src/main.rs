@@ -705,6 +705,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (cluster, cluster_tasks) = cluster.unzip();
     config.cluster = cluster.clone();
+    let fenced = cluster.clone();
     // Installed before `listening`: until then SIGTERM would kill vigil outright,
     // skipping the shutdown (and its snapshot).
     let mut signals =
@@ -781,7 +782,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rules = %text.name,
         "listening"
     );
-    let signal = signals.next().await;
+    // A node whose id another process took over stops as if told to, and
+    // exits as one refused at start does.
+    let stepped_down = async {
+        match &fenced {
+            Some(cluster) => cluster.stepped_down().await.to_string(),
+            None => std::future::pending().await,
+        }
+    };
+    let (signal, taken_over) = tokio::select! {
+        signal = signals.next() => (signal, None),
+        why = stepped_down => ("none: its node id was taken over", Some(why)),
+    };
     tracing::info!(signal, "Shutting down; a second signal exits at once.");
     let stopping = Stopping::Draining {
         then_writes: snapshots.is_some(),
@@ -837,7 +849,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // above at 700 k groups. These hold the rules and the index (the rules
     // hold it too) whatever else let go of them first.
     std::mem::forget((index, reloader, streams));
-    snapshot.context("writing the index snapshot and the stream state")
+    snapshot.context("writing the index snapshot and the stream state")?;
+    match taken_over {
+        Some(why) => Err(anyhow::anyhow!(why)).context("stepped down from the cluster"),
+        None => Ok(()),
+    }
 }
 
 /// Raises the soft limit on open files to the hard one, as a server that

@@ -21,7 +21,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use common::{Vigil, wait_until};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use vigil::client::Client;
 use vigil::clock::{Clock, SystemClock};
 use vigil::event::Event;
@@ -2056,6 +2056,52 @@ fn a_process_whose_id_was_taken_over_leaves_the_new_ones_heartbeat_when_it_stops
     assert!(left.contains(&news["64 ".len()..]), "{left}");
     assert_eq!(heartbeat_of(&nats, "n1"), Some(news));
     new.assert_alive();
+}
+
+/// A process taken for dead (paused or cut off past the TTL) whose id
+/// another process took meanwhile steps down at its next renewal, an
+/// update at the revision it last wrote: it leaves the other's heartbeat
+/// (here written by hand, as the other's `create` after the lapse would),
+/// hands its shards back and exits, status 1, naming both processes, as one
+/// refused at start does. Its renewal was a plain `put`: it wrote its nonce
+/// over the other's and ran on beside it under the same id.
+#[test]
+fn a_process_whose_heartbeat_another_took_steps_down_and_exits() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let mut old = node(&nats, "n1", &["--cluster-renew", "500ms"]);
+    assert!(
+        old.wait_for_log("Took shards", SETTLE),
+        "n1 never took its shards:\n{}",
+        old.logs()
+    );
+    let theirs = "64 00000000deadbeef";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let leases = runtime.block_on(async {
+        let js = async_nats::jetstream::new(peer(&nats).await);
+        let nodes = js.get_key_value("vigil_nodes").await.unwrap();
+        nodes.put("n1", theirs.into()).await.unwrap();
+        js.get_key_value("vigil_leases").await.unwrap()
+    });
+    let seen = wait_until(SETTLE, || {
+        let now = heartbeat_of(&nats, "n1");
+        let stepped = old.logs().contains("Stepped down");
+        (stepped || now.as_deref() != Some(theirs)).then_some(now)
+    });
+    assert_eq!(seen, Some(Some(theirs.to_owned())), "{}", old.logs());
+    let status = old.wait_for_exit(SETTLE);
+    assert_eq!(status.code(), Some(1), "{}", old.logs());
+    let why = old.log_line("another vigil process runs with --node-id n1");
+    assert!(
+        why.contains("rewritten by instance 00000000deadbeef"),
+        "{why}"
+    );
+    let held: Vec<String> = runtime.block_on(async {
+        let keys = leases.keys().await.unwrap();
+        keys.try_collect().await.unwrap()
+    });
+    assert_eq!(held, Vec::<String>::new(), "its leases handed back");
+    assert_eq!(heartbeat_of(&nats, "n1").as_deref(), Some(theirs));
 }
 
 #[test]

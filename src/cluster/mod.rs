@@ -220,6 +220,10 @@ pub struct Cluster {
     /// While NATS is down every message of every agent is refused: warned
     /// about at most every 10 s.
     not_stored_log: LogGate,
+    /// Why this node stepped down, once another process took its id over
+    /// ([`Cluster::stepped_down`]).
+    taken_over: std::sync::OnceLock<ownership::DuplicateNodeId>,
+    stepping_down: CancellationToken,
 }
 
 impl fmt::Debug for Cluster {
@@ -302,7 +306,7 @@ impl Cluster {
         let buckets = ownership::Buckets::open(&js, &config).await?;
         buckets.check_shards(&config).await?;
         let instance = format!("{:016x}", rand::random::<u64>());
-        buckets.check_node_id(&config, &instance).await?;
+        let beat = buckets.check_node_id(&config, &instance).await?;
         let shards = config.shards;
         holds.set_sharding(Box::new(move |page| shard_of(page.host_str(), shards)));
         let leases = Arc::new(lease::Leases::new(
@@ -331,6 +335,8 @@ impl Cluster {
             reaching_since: AtomicI64::new(0),
             holds,
             not_stored_log: LogGate::default(),
+            taken_over: std::sync::OnceLock::new(),
+            stepping_down: CancellationToken::new(),
             config,
         });
         let stop = CancellationToken::new();
@@ -357,6 +363,7 @@ impl Cluster {
             tokio::spawn(ownership::run(
                 cluster.clone(),
                 buckets,
+                beat,
                 streams,
                 clock,
                 stop.clone(),
@@ -617,6 +624,20 @@ impl Cluster {
         let expired = self.index.expire_where(now, may_expire, emit);
         self.expired_until.store(now, Ordering::Release);
         expired
+    }
+
+    /// Another process with this node's id rewrote its heartbeat (this one
+    /// was taken for dead): its shards were handed back, and it owns none
+    /// from now on. Returns once so, with why: the process then stops, as
+    /// one refused at start does.
+    pub async fn stepped_down(&self) -> &ownership::DuplicateNodeId {
+        self.stepping_down.cancelled().await;
+        self.taken_over.get().expect("set before the token")
+    }
+
+    fn step_down(&self, taken: ownership::DuplicateNodeId) {
+        let _ = self.taken_over.set(taken);
+        self.stepping_down.cancel();
     }
 
     fn expired_until(&self) -> Micros {

@@ -6,7 +6,9 @@
 //!   dead node's key lapse, so the live keys are the membership. A node
 //!   refuses to join nodes with another shard count (a host would then
 //!   belong to a shard on each side, and page twice), or to start while
-//!   another process renews a heartbeat of its id ([`DuplicateNodeId`]).
+//!   another process renews a heartbeat of its id ([`DuplicateNodeId`]),
+//!   and steps down when a renewal (an update at the revision it last
+//!   wrote) finds another process's there.
 //! - `vigil_leases`: `shard.<n>` = owner's node id. Taken with `create` (only if
 //!   absent), renewed with `update` at the revision we hold, so two nodes can
 //!   never both renew one lease; an unrenewed lease lapses with the bucket TTL.
@@ -35,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store};
+use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKind};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -200,18 +202,19 @@ impl Buckets {
     /// The heartbeat is then written with `create`, so of two processes
     /// checking at once one finds the other's. (Both read none and both
     /// ran while it was only read.)
+    /// Returns the heartbeat's revision, which each renewal updates at.
     pub async fn check_node_id(
         &self,
         config: &ClusterConfig,
         instance: &str,
-    ) -> Result<(), NatsError> {
+    ) -> Result<u64, NatsError> {
         let node = &config.node_id;
         let doing = || format!("checking that no live node runs with --node-id {node}");
         let ours = heartbeat(config.shards, instance);
         let mut found: Option<u64> = None;
         loop {
             match self.nodes.create(node, ours.clone()).await {
-                Ok(_) => return Ok(()),
+                Ok(revision) => return Ok(revision),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e).doing(doing()),
             }
@@ -238,6 +241,50 @@ impl Buckets {
                 }
             }
             tokio::time::sleep(config.renew).await;
+        }
+    }
+
+    /// Renews this process's heartbeat, an update at `revision`, the last
+    /// it wrote: a compare-and-set, as a lease's renewal is. A heartbeat
+    /// found rewritten by another process (this one was taken for dead,
+    /// paused or cut off past the TTL, and a process with its id started)
+    /// is left to it: [`Beat::Taken`]. (Put, this process wrote its nonce
+    /// over the other's and ran on beside it under the same id.) Ours at
+    /// another revision (an update that timed out went through) is written
+    /// again at it; lapsed or deleted, with `create`, only while absent.
+    async fn renew_heartbeat(
+        &self,
+        node: &str,
+        shards: u32,
+        instance: &str,
+        revision: u64,
+    ) -> Result<Beat, NatsError> {
+        let doing = "heartbeat";
+        let beat = heartbeat(shards, instance);
+        match self.nodes.update(node, beat.clone(), revision).await {
+            Ok(renewed) => return Ok(Beat::Ours(renewed)),
+            // Cut off: no read after it to wait out as well (a round, and a
+            // shutdown behind it, took two request timeouts).
+            Err(e) if e.kind() != UpdateErrorKind::WrongLastRevision => {
+                return Err(e).doing(doing);
+            }
+            Err(_) => {}
+        }
+        let Some(entry) = self.live_heartbeat(node).await.doing(doing)? else {
+            return Ok(Beat::Ours(
+                self.nodes.create(node, beat).await.doing(doing)?,
+            ));
+        };
+        match instance_of(&entry.value) {
+            Some(ours) if ours == instance => {
+                let renewed = (self.nodes.update(node, beat, entry.revision).await).doing(doing)?;
+                Ok(Beat::Ours(renewed))
+            }
+            theirs => Ok(Beat::Taken(DuplicateNodeId {
+                node: node.to_owned(),
+                ours: instance.to_owned(),
+                theirs: theirs.unwrap_or("of an older vigil").to_owned(),
+            })),
         }
     }
 
@@ -316,6 +363,14 @@ fn shards_of(heartbeat: &[u8]) -> Option<u32> {
 /// A heartbeat's process nonce (an older vigil's has none).
 fn instance_of(heartbeat: &[u8]) -> Option<&str> {
     std::str::from_utf8(heartbeat).ok()?.split(' ').nth(1)
+}
+
+/// What renewing the heartbeat found.
+enum Beat {
+    /// Renewed: its revision now.
+    Ours(u64),
+    /// Another process with this node's id wrote it.
+    Taken(DuplicateNodeId),
 }
 
 /// Two live processes run with one `--node-id`: each skips the other's query
@@ -414,12 +469,15 @@ struct Owner {
     owned: BTreeMap<u32, Owned>,
     /// Whether the last heartbeat went through.
     reaching: bool,
+    /// The revision of the last heartbeat this process wrote.
+    beat: u64,
 }
 
 /// The ownership loop; on `stop` it hands every shard back and leaves.
 pub(super) async fn run(
     cluster: Arc<Cluster>,
     buckets: Buckets,
+    beat: u64,
     streams: Arc<dyn Streams>,
     clock: SharedClock,
     stop: CancellationToken,
@@ -433,19 +491,29 @@ pub(super) async fn run(
         clock,
         owned: BTreeMap::new(),
         reaching: false,
+        beat,
     };
-    loop {
+    let taken = loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = stop.cancelled() => break,
+            () = stop.cancelled() => break None,
         }
-        if let Err(e) = owner.round().await {
-            tracing::warn!(error = %e, "Cluster ownership round failed; retrying.");
+        match owner.round().await {
+            Ok(Some(taken)) => break Some(taken),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "Cluster ownership round failed; retrying."),
         }
-    }
+    };
     let shards: Vec<u32> = owner.owned.keys().copied().collect();
     owner.release(shards).await;
     let node = owner.cluster.config.node_id.clone();
+    if let Some(taken) = taken {
+        // The other process's heartbeat stays; this one stops as one
+        // refused at start does.
+        tracing::info!(node = %node, "Stepped down; shards handed back.");
+        owner.cluster.step_down(taken);
+        return;
+    }
     if let Err(e) = owner.buckets.leave(&node, &owner.cluster.instance).await {
         tracing::debug!(error = %e, "Could not remove the heartbeat.");
     }
@@ -457,13 +525,30 @@ impl Owner {
         &self.cluster.config.node_id
     }
 
-    async fn round(&mut self) -> Result<(), NatsError> {
+    /// One round; `Some` when another process took this node's id over:
+    /// this one then stops owning anything.
+    async fn round(&mut self) -> Result<Option<DuplicateNodeId>, NatsError> {
         let node = self.node().to_owned();
         let shards = self.cluster.config.shards;
-        let beat = heartbeat(shards, &self.cluster.instance);
-        if let Err(e) = self.buckets.nodes.put(&node, beat).await {
-            self.reaching = false;
-            return Err(e).doing("heartbeat");
+        let instance = &self.cluster.instance;
+        let renewed = (self.buckets)
+            .renew_heartbeat(&node, shards, instance, self.beat)
+            .await;
+        match renewed {
+            Ok(Beat::Ours(revision)) => self.beat = revision,
+            Ok(Beat::Taken(taken)) => {
+                tracing::error!(
+                    error = %taken,
+                    "This node's heartbeat was rewritten by another process with its id (this \
+                     one was taken for dead meanwhile): stepping down, handing its shards back, \
+                     and exiting."
+                );
+                return Ok(Some(taken));
+            }
+            Err(e) => {
+                self.reaching = false;
+                return Err(e);
+            }
         }
         if !self.reaching {
             self.reaching = true;
@@ -497,7 +582,7 @@ impl Owner {
         if let Err(e) = self.buckets.keep_lasting(&self.cluster.js, ttl).await {
             tracing::warn!(error = %e, "Cannot check the lease buckets' TTL; checking next round.");
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Renews every lease and saves progress. A lease found held by someone
