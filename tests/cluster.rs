@@ -649,6 +649,81 @@ fn a_query_refused_for_want_of_a_scan_turn_says_when_to_ask_again() {
     );
 }
 
+/// A node answering another's query that gets no scan turn refuses its
+/// part soon enough for its asker, still waiting, to pass the refusal on,
+/// saying when to ask again. Its turn is held as in
+/// `a_query_refused_for_want_of_a_scan_turn_says_when_to_ask_again`; the
+/// asked query is cheap (101 tests of a missing metric) but of its lane.
+/// The node waited for its turn as long as the asker waits for answers:
+/// the asker answered `200` without the node's part about as often as it
+/// refused, and refused `503` without `Retry-After`.
+#[test]
+fn a_node_refusing_its_part_for_want_of_a_scan_turn_makes_the_query_say_when_to_ask_again() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = Nats::start();
+    let n1 = node(&nats, "n1", &["--query-timeout", "10m"]);
+    let n2 = node(&nats, "n2", &["--query-timeout", "10m"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let both = |name| metric_of(&runtime, &n1, name) + metric_of(&runtime, &n2, name);
+    wait_until(SETTLE, || {
+        (both("vigil_cluster_members") == 4 && both("vigil_cluster_shards_owned") == 64)
+            .then_some(())
+    })
+    .expect("two members sharing the shards");
+    let long = |i: usize| Event {
+        description: Some("x".repeat(40_000)),
+        ..event(&format!("host-{i}"), "long", "ok")
+    };
+    send(&n1, &(0..300).map(long).collect::<Vec<_>>());
+    wait_until(SETTLE, || (both("vigil_index_size") == 300).then_some(())).expect("all indexed");
+    let mut terms: Vec<String> = (0..1_200)
+        .map(|i| format!(r#"description =~ "%q{i}%""#))
+        .collect();
+    terms.push(r#"description =~ "%x%""#.to_owned());
+    let costly = terms.join(" or ");
+    let get = |node: &Vigil, query: String, local: &'static str| {
+        let url = format!("http://{}/index", node.http.unwrap());
+        async move {
+            let query = [("query", query.as_str()), ("local", local)];
+            reqwest::Client::new().get(url).query(&query).send().await
+        }
+    };
+    let scanning = runtime.spawn(get(&n2, costly, "true"));
+    wait_until(SETTLE, || {
+        (metric_of(&runtime, &n2, "vigil_answer_bytes_held") > 0).then_some(())
+    })
+    .expect("n2's local query scanning");
+    let cheap: Vec<String> = (0..101).map(|i| format!("metric > {i}")).collect();
+    let refused = runtime.block_on(get(&n1, cheap.join(" or "), "false"));
+    let refused = refused.unwrap();
+    assert!(
+        !scanning.is_finished(),
+        "n2's local query no longer held the turn"
+    );
+    scanning.abort();
+    let status = refused.status();
+    let again = refused.headers().get("retry-after").cloned();
+    let error: serde_json::Value = runtime.block_on(refused.json()).unwrap();
+    assert_eq!(
+        (status, again.as_ref().map(|v| v.to_str().unwrap())),
+        (reqwest::StatusCode::SERVICE_UNAVAILABLE, Some("1")),
+        "{error}"
+    );
+    assert_eq!(
+        error["error"],
+        "node n2: the one scan turn of this node for queries of over 100 terms stayed taken \
+         for 1.6s (scanning another); ask again in a moment"
+    );
+    let refusals = |node| {
+        metric_of(
+            &runtime,
+            node,
+            "vigil_cluster_queries_refused_no_turn_total",
+        )
+    };
+    assert_eq!((refusals(&n1), refusals(&n2)), (0, 1));
+}
+
 /// An event of about 4 KB: 3 000 of them answer `true` with 12 MB.
 fn large(i: usize) -> Event {
     Event {

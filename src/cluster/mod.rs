@@ -590,13 +590,16 @@ impl Cluster {
             if let Some(max) = header(BUSY).and_then(|m| m.as_str().parse().ok()) {
                 return Err(QueryError::Busy(Busy { max }).into());
             }
+            let again = header(AGAIN).is_some();
             let msg = Msg::decode(reply.payload).map_err(|e| {
                 ClusterQueryError::Unavailable(format!("bad cluster query answer: {e}"))
             })?;
             if msg.ok != Some(true) {
-                return Err(ClusterQueryError::Unavailable(
-                    msg.error.unwrap_or_default(),
-                ));
+                let why = msg.error.unwrap_or_default();
+                return Err(match again {
+                    true => ClusterQueryError::Again(why),
+                    false => ClusterQueryError::Unavailable(why),
+                });
             }
             (merged.add(msg.events.into_iter().map(|pb| proto::from_pb(pb, 0))))
                 .map_err(|busy| ClusterQueryError::Refused(busy.into()))?;
@@ -915,7 +918,10 @@ async fn refuse_waiting(
     let refusal = proto::error_reply(format!(
         "node {node} has {waiting} cluster queries waiting ({bytes} bytes); ask again in a moment"
     ));
-    if let Err(e) = cluster.client.publish(reply, refusal).await {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(AGAIN, "1");
+    let refused = cluster.client.publish_with_headers(reply, headers, refusal);
+    if let Err(e) = refused.await {
         tracing::debug!(error = %e, "Could not refuse a cluster query.");
     }
 }
@@ -932,7 +938,7 @@ async fn answer(cluster: &Cluster, request: async_nats::Message, reply: async_na
         Ok(text) => (Query::parse_off_workers(text).await).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let (node, patience) = (&cluster.config.node_id, cluster.config.query_timeout);
+    let (node, patience) = (&cluster.config.node_id, answering_patience(&cluster.config));
     // Its room in --max-answer-memory is taken as the scan finds its
     // events, and kept until its parts are handed to NATS.
     let (parts, _room, mut refusal) = match parsed {
@@ -970,6 +976,16 @@ async fn answer(cluster: &Cluster, request: async_nats::Message, reply: async_na
 /// A header marking a refused answer: its name and value.
 type Refusal = Option<(&'static str, String)>;
 
+/// How long a node answering another's query waits for a scan turn: a
+/// fifth less than its asker waits for its answer (at least the cluster
+/// query timeout, counted once its own part is scanned), so the refusal
+/// reaches an asker still waiting. Waited for as long, it came about when
+/// the asker stopped waiting, which then answered without the node's part
+/// (`200` with what the others found) as often as it refused.
+fn answering_patience(config: &ClusterConfig) -> Duration {
+    config.query_timeout - config.query_timeout / 5
+}
+
 /// This node's answer to another node's `query`: its parts, their room in
 /// `--max-answer-memory`, and the header of a refusal its asker refuses the
 /// same way (over the limit, or busy: the asker's error or a node to ask
@@ -993,6 +1009,7 @@ async fn answered(
             let refusal = match &e {
                 QueryError::TooMany { limit } => Some((TOO_MANY, limit.to_string())),
                 QueryError::Busy(busy) => Some((BUSY, busy.max.to_string())),
+                QueryError::NoTurn { .. } => Some((AGAIN, "1".to_owned())),
                 _ => None,
             };
             let why = match &e {
@@ -1027,6 +1044,9 @@ const TOO_MANY: &str = "Vigil-Too-Many";
 /// Header on a node's refusal of a query as busy: its `--max-answer-memory`
 /// (the value, in bytes) had no room for its answer.
 const BUSY: &str = "Vigil-Busy";
+/// Header on a node's refusal of a query that a moment mends: no scan turn
+/// came, or too many questions were waiting ([`ClusterQueryError::Again`]).
+const AGAIN: &str = "Vigil-Again";
 /// Events per part of a query answer or of forwarded changes; a part is also
 /// cut at [`batcher::MAX_MESSAGE_BYTES`] ([`parts`]), under NATS's max
 /// payload (1 MiB by default).
@@ -1043,6 +1063,11 @@ pub enum ClusterQueryError {
     /// NATS, the nodes, or their answers failed.
     #[error("{0}")]
     Unavailable(String),
+    /// A node refused its part for a moment (no scan turn came, or too
+    /// many questions were waiting): unavailable, to be asked again soon
+    /// (HTTP `Retry-After`).
+    #[error("{0}")]
+    Again(String),
 }
 
 /// A query answer split into [`parts`]; at least one, so an empty answer
@@ -1321,7 +1346,11 @@ mod tests {
                     .as_str()
             )
         );
-        assert_eq!(refusal, None, "passed on as unavailable");
+        let again = Some((AGAIN, "1".to_owned()));
+        assert_eq!(
+            refusal, again,
+            "passed on as unavailable, to ask again soon"
+        );
         let stats = index.answers().stats();
         assert_eq!(Stats::get(&stats.cluster_queries_refused_no_turn), 1);
         drop(turns);

@@ -186,7 +186,9 @@ impl Shared {
     fn cluster_refused(&self, e: ClusterQueryError) -> Status {
         match e {
             ClusterQueryError::Refused(e) => self.refused(e),
-            ClusterQueryError::Unavailable(e) => Status::unavailable(e),
+            ClusterQueryError::Unavailable(e) | ClusterQueryError::Again(e) => {
+                Status::unavailable(e)
+            }
         }
     }
 }

@@ -245,6 +245,10 @@ impl AppState {
         match e {
             ClusterQueryError::Refused(e) => self.refused(e),
             ClusterQueryError::Unavailable(e) => Refused::new(StatusCode::SERVICE_UNAVAILABLE, e),
+            ClusterQueryError::Again(e) => Refused {
+                soon: true,
+                ..Refused::new(StatusCode::SERVICE_UNAVAILABLE, e)
+            },
         }
     }
 
