@@ -75,9 +75,9 @@ counters! {
     /// Cluster query questions from other nodes refused at once because
     /// this node already had 1 024 waiting behind the one it was answering.
     cluster_queries_refused_waiting,
-    /// Cluster queries refused because this node got no scan turn within
-    /// the cluster query timeout: for its own part of a query it asked, or
-    /// for its answer to another node's.
+    /// Cluster queries refused because this node got no scan turn in time:
+    /// within the cluster query timeout for its own part of a query it
+    /// asked, a fifth less for its answer to another node's.
     cluster_queries_refused_no_turn,
     /// Frames, datagrams, gRPC `Msg`s or gRPC query requests whose protobuf
     /// did not decode.
