@@ -92,6 +92,17 @@ impl Field {
         self.text_ref(e).map(Cow::into_owned)
     }
 
+    /// A value of this field as a state file holds it ([`Field::text`] of
+    /// the vigil that saved it): a metric of -0.0, which vigil wrote "-0"
+    /// until metrics compared as numbers, is 0's, as [`Field::text`] now
+    /// writes it; any other value is as saved.
+    pub fn restored(&self, text: Option<String>) -> Option<String> {
+        match (self, text) {
+            (Field::Metric, Some(text)) if text == "-0" => Some("0".to_owned()),
+            (_, text) => text,
+        }
+    }
+
     /// [`Field::text`], borrowed from the event where it can be: only numbers
     /// are written out.
     pub fn text_ref<'e>(&self, e: &'e Event) -> Option<Cow<'e, str>> {

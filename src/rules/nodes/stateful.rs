@@ -665,6 +665,14 @@ impl Node for By {
                 } => (key, free_at, lifetime),
                 other => return Err(RestoreError::mismatch("group", &other)),
             };
+            // Its key as this vigil writes it: a group of a metric of
+            // -0.0 saved as "-0" is the group of the next -0.0.
+            let key: GroupKey = (key.into_iter().enumerate())
+                .map(|(i, value)| match self.fields.get(i) {
+                    Some(field) => field.restored(value),
+                    None => value,
+                })
+                .collect();
             let children = self.prototype.fresh();
             children.restore(from)?;
             // As the index does with its entries: the series could not
@@ -679,7 +687,7 @@ impl Node for By {
             } else {
                 (from.started().saturating_add(lifetime), lifetime)
             };
-            self.insert(key.into(), free_at, lifetime, children);
+            self.insert(key, free_at, lifetime, children);
         }
         Ok(())
     }
@@ -822,7 +830,7 @@ impl Node for Changed {
 
     fn restore(&self, from: &mut Restorer<'_>) -> Result<(), RestoreError> {
         match from.next("changed")? {
-            Saved::Changed(last) => *self.last.lock() = last,
+            Saved::Changed(last) => *self.last.lock() = self.field.restored(last),
             other => return Err(RestoreError::mismatch("changed", &other)),
         }
         self.children.restore(from)
@@ -987,6 +995,7 @@ impl Node for Runs {
             Saved::Runs { value, seen } => {
                 // The file is vigil's own, but a run is at most its length.
                 let seen = seen.min(self.length);
+                let value = value.map(|value| self.field.restored(value));
                 *self.state.lock() = RunState { value, seen };
             }
             other => return Err(RestoreError::mismatch("runs", &other)),
@@ -1113,6 +1122,7 @@ impl Node for Stable {
                 // The file is vigil's own, but its bound is this build's.
                 held.drain(..held.len().saturating_sub(STABLE_BUFFER_MAX));
                 let since = from.past(since);
+                let value = value.map(|value| self.field.restored(value));
                 *self.state.lock() = StableState { value, since, held };
             }
             other => return Err(RestoreError::mismatch("stable", &other)),
@@ -1351,5 +1361,60 @@ mod tests {
         cx.now += 1;
         by.tick(&mut cx);
         assert_eq!(by.groups.load(Ordering::Relaxed), 0);
+    }
+
+    /// A state file of a vigil that wrote a metric of -0.0 as "-0" (before
+    /// metrics compared as numbers, -0.0 as 0.0): restored, that value is
+    /// 0's, so the next -0.0 is the same value to `changed`, `runs` and
+    /// `stable`, and in the same group of a `by(metric)`, as it was before
+    /// the restart.
+    #[test]
+    fn a_metric_saved_as_minus_zero_is_restored_as_zero() {
+        let minus_zero = || Some("-0".to_owned());
+        let event = Event {
+            metric: Some(Metric::Float(-0.0)),
+            state: Some("ok".into()),
+            time: 2_000_000,
+            ..Event::default()
+        };
+        let passed = |stage: &str, saved: Vec<Saved>| {
+            let source = format!("streams {{\n  {stage}\n}}\n");
+            let (_, compiled) =
+                crate::rules::load("t.vigil", &source, crate::rules::EnvPolicy::Lenient)
+                    .unwrap_or_else(|e| panic!("{stage}: {e}"));
+            let roots = compiled.roots;
+            roots
+                .restore(&mut Restorer::from_entries(saved, 0))
+                .unwrap_or_else(|e| panic!("{stage}: {e}"));
+            let mut scratch = Scratch::default();
+            roots.event(&event, &mut scratch.cx(2_000_000));
+            scratch.reinjected.len()
+        };
+        let changed = vec![Saved::Changed(minus_zero())];
+        let runs = vec![Saved::Runs {
+            value: Some(minus_zero()),
+            seen: 1,
+        }];
+        let stable = vec![Saved::Stable {
+            value: Some(minus_zero()),
+            since: 0,
+            held: Vec::new(),
+        }];
+        let by = vec![
+            Saved::By { groups: 1 },
+            Saved::Group {
+                key: vec![minus_zero()],
+                free_at: Micros::MAX,
+                lifetime: 60_000_000,
+            },
+            Saved::Changed(Some("ok".into())),
+        ];
+        let passed = [
+            passed("changed(metric) { reinject }", changed),
+            passed("runs(2, metric) { reinject }", runs),
+            passed("stable(1s, metric) { reinject }", stable),
+            passed("by(metric) { changed(state) { reinject } }", by),
+        ];
+        assert_eq!(passed, [0, 1, 1, 0], "changed, runs, stable, by");
     }
 }
