@@ -2077,3 +2077,49 @@ mod tests {
         assert!(why("a b").ends_with("not ' '"));
     }
 }
+
+/// Topics made and dropped by many threads at once, by the same names.
+#[cfg(test)]
+mod topic_races {
+    use super::*;
+
+    /// While one holds a topic, looking its name up finds that topic, and
+    /// a publish to it reaches its subscribers, however many other threads
+    /// make and drop the topic of that name meanwhile (its last holder's
+    /// drop, racing a new lookup, never takes a live topic's name); once
+    /// nobody holds them the registry is empty, and no drop waited forever
+    /// for the registry's lock.
+    #[test]
+    fn a_topic_held_is_the_one_its_name_finds_whoever_drops_one() {
+        let pubsub = Pubsub::new();
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let pubsub = pubsub.clone();
+                scope.spawn(move || {
+                    let anyone = pubsub.client(None);
+                    for n in 0..5_000 {
+                        let name = ["a", "b"][(n + thread) % 2];
+                        let topic = pubsub.topic(name);
+                        let all = Query::parse("true").unwrap();
+                        // Room for every thread's events meanwhile.
+                        let mut sub = anyone.subscribe_to(topic.clone(), all, 1_000_000);
+                        drop(topic);
+                        let publisher = pubsub.topic(name);
+                        let mine = Event {
+                            service: Some(format!("{thread}-{n}")),
+                            ..Event::default()
+                        };
+                        pubsub.publish_to(&publisher, &mine);
+                        drop(publisher);
+                        let got = std::iter::from_fn(|| sub.try_recv().ok())
+                            .filter(|event| event.service == mine.service)
+                            .count();
+                        assert_eq!((got, sub.lagged()), (1, false), "{name} round {n}");
+                    }
+                });
+            }
+        });
+        assert_eq!(pubsub.topics.lock().len(), 0);
+        assert_eq!(pubsub.subscribers(), 0);
+    }
+}
