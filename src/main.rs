@@ -69,7 +69,7 @@ enum Command {
     Run(Box<RunArgs>),
     /// Send one event over TCP and wait for the server's acknowledgement.
     Send(SendArgs),
-    /// Check rule files: prints every error as FILE:LINE:COL with the source line (every syntax error first; the rest once the file parses); exit 1 if any.
+    /// Check rule files: prints every error as FILE:LINE:COL with the source line (every syntax error first; the rest once the file parses; of either, the first 20, then where the rest start); exit 1 if any.
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,

@@ -35,6 +35,12 @@ pub const DEFAULT_RULES_NAME: &str = "<embedded rules/default.vigil>";
 /// file still being written, cannot make vigil read without end.
 pub const MAX_RULE_FILE: u64 = 64 * 1024 * 1024;
 
+/// The most errors of a file that parses that are rendered (after them,
+/// where the rest start and how many there are), as the parser stops after
+/// 20 syntax errors: rendering one reads its whole line, so a long line of
+/// bad items would cost its length once per item.
+pub const MAX_ERRORS: usize = 20;
+
 /// Why a rule file could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -83,6 +89,14 @@ pub fn load(name: &str, source: &str, env: EnvPolicy) -> Result<(ast::RuleFile, 
     let mut errors = compiled.as_ref().err().cloned().unwrap_or_default();
     errors.extend(testing::check_tests(&file));
     errors.sort_by_key(|d| d.span.start);
+    if let Some(next) = errors.get(MAX_ERRORS) {
+        let (at, more) = (next.span.start, errors.len() - MAX_ERRORS);
+        errors.truncate(MAX_ERRORS);
+        errors.push(Diagnostic::new(
+            at..at,
+            format!("stopped after {MAX_ERRORS} errors: {more} more not shown"),
+        ));
+    }
     match compiled {
         Ok(compiled) if errors.is_empty() => Ok((file, compiled)),
         _ => Err(render_all(&errors, name, source)),
@@ -306,6 +320,32 @@ mod tests {
                 "t.vigil:5:26: expected a string, found the number 5",
             ],
             "{error}"
+        );
+    }
+
+    /// However many errors a file has, at most [`MAX_ERRORS`] are rendered,
+    /// then where the rest start and how many there are: rendering one
+    /// reads its whole line, so a long line of bad items (a list of 16 000
+    /// took 29 s) would cost its length once per item.
+    #[test]
+    fn the_errors_rendered_are_bounded() {
+        let items = vec!["1"; 1000].join(", ");
+        let source =
+            format!("streams {{\n  tag([{items}]) {{ index }}\n  over(\"a\") {{ index }}\n}}\n");
+        let Err(error) = load("t.vigil", &source, EnvPolicy::Strict) else {
+            panic!("bad tag lists compiled");
+        };
+        let found: Vec<&str> = (error.lines())
+            .filter(|l| l.starts_with("t.vigil:"))
+            .collect();
+        assert_eq!(found.len(), MAX_ERRORS + 1);
+        assert_eq!(
+            found[MAX_ERRORS - 1],
+            "t.vigil:2:65: expected a string, found the number 1"
+        );
+        assert_eq!(
+            found[MAX_ERRORS],
+            "t.vigil:2:68: stopped after 20 errors: 981 more not shown"
         );
     }
 
