@@ -845,7 +845,10 @@ impl Compiler<'_> {
                 continue;
             }
             let found = match &arg.value.kind {
-                ValueKind::String(tag) => Some(vec![tag.clone()]),
+                // A tag alone is read as one in a list is: `env(…)` too.
+                ValueKind::String(_) | ValueKind::Env(_) => {
+                    self.string(&arg.value).map(|tag| vec![tag])
+                }
                 ValueKind::List(items) if items.is_empty() => {
                     self.error(
                         arg.value.span.clone(),
@@ -1038,7 +1041,7 @@ impl Compiler<'_> {
                 let b = self.bind(n, args, &["tags"], span)?;
                 let v = self.require(n, &b, "tags")?;
                 let tags = match &v.kind {
-                    ValueKind::String(s) => vec![s.clone()],
+                    ValueKind::String(_) | ValueKind::Env(_) => vec![self.string(v)?],
                     ValueKind::List(items) => self.strings(items)?,
                     _ => return self.expected(v, "a tag or a list of tags"),
                 };

@@ -349,6 +349,37 @@ mod tests {
         );
     }
 
+    /// A tag test takes a tag from `env(…)` given directly, as in a list
+    /// and as `tag` and `untag` do: unset, `vigil check` warns of it where
+    /// it is written and `vigil run` refuses it there.
+    #[test]
+    fn a_tag_test_takes_a_tag_from_the_environment_as_tag_does() {
+        let source = "streams {\n  tagged(env(\"VIGIL_UNSET_TAG_A\")) { index }\n  \
+                      tagged_any([env(\"VIGIL_UNSET_TAG_B\")], \"c\") { index }\n  \
+                      tag(env(\"VIGIL_UNSET_TAG_D\")) { index }\n}\n";
+        let lenient = load("t.vigil", source, EnvPolicy::Lenient);
+        let (_, compiled) = lenient.unwrap_or_else(|e| panic!("{e}"));
+        let warned: Vec<_> = (compiled.warnings.iter())
+            .map(|w| diag::line_col(source, w.span.start))
+            .collect();
+        assert_eq!(warned, [(2, 10), (3, 15), (4, 7)]);
+        let Err(error) = load("t.vigil", source, EnvPolicy::Strict) else {
+            panic!("unset variables compiled");
+        };
+        let found: Vec<&str> = (error.lines())
+            .filter(|l| l.starts_with("t.vigil:"))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "t.vigil:2:10: environment variable `VIGIL_UNSET_TAG_A` is not set",
+                "t.vigil:3:15: environment variable `VIGIL_UNSET_TAG_B` is not set",
+                "t.vigil:4:7: environment variable `VIGIL_UNSET_TAG_D` is not set",
+            ],
+            "{error}"
+        );
+    }
+
     /// `tags` given by keyword and by position is given twice, as `tag`'s
     /// is; another keyword is refused with the one there is.
     #[test]
