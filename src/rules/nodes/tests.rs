@@ -1925,6 +1925,46 @@ fn a_reload_adding_publish_reaches_subscribers_already_there() {
     assert_eq!(early.try_recv().unwrap().service.as_deref(), Some("after"));
 }
 
+/// A reload that adds a tap and a topic before an unchanged `by`, which
+/// hands its groups over with their stages, moves the recorder slots past
+/// the outputs of the stages in its block: under `vigil run`'s outputs
+/// (none past them) the groups' `tap` and `publish` record nowhere, their
+/// `publish` still publishes to its own topic and not to the new one, each
+/// event reaches `out` once, and the group's count goes on.
+#[test]
+fn a_reload_adding_taps_and_topics_before_a_by_hands_its_groups_over_whole() {
+    let by = "by(host) { counter { out tap(inner) publish(t) } }";
+    let b = bench(&format!("where service = \"x\" {{ drop }}\n{by}"));
+    let pubsub = b.index.pubsub();
+    let all = || crate::query::Query::parse("true").unwrap();
+    let mut t = (pubsub.client(None)).subscribe_to(pubsub.topic("t"), all(), 10);
+    let mut first = (pubsub.client(None)).subscribe_to(pubsub.topic("first"), all(), 10);
+    send(&b, int_ev(&b, 2));
+    assert_eq!((b.published("t").len(), b.tapped("inner").len()), (1, 1));
+    reload_to(
+        &b,
+        &format!("where service = \"x\" {{ tap(new) publish(first) }}\n{by}"),
+    );
+    send(&b, int_ev(&b, 3));
+    send(&b, ev(&b, "x", "x"));
+    // Host `x`'s event, without a metric, passes its own group's counter.
+    let counted = [Some(Metric::Int(2)), Some(Metric::Int(5)), None];
+    assert_eq!(out_metrics(&b), counted, "the group's count kept");
+    let published: Vec<_> = std::iter::from_fn(|| t.try_recv().ok())
+        .map(|e| e.metric)
+        .collect();
+    assert_eq!(published, counted);
+    let first: Vec<_> = std::iter::from_fn(|| first.try_recv().ok())
+        .map(|e| e.host.clone())
+        .collect();
+    assert_eq!(
+        first,
+        [Some("x".to_owned())],
+        "only the new `publish`'s event"
+    );
+    assert_eq!((b.published("t").len(), b.tapped("inner").len()), (1, 1));
+}
+
 /// Where the index says topics are (a cluster's feed), `publish` publishes:
 /// the topic's subscribers there get its events, none reach the index's
 /// pubsub.
