@@ -17,7 +17,7 @@ use nom::IResult;
 use nom::branch::alt;
 use nom::bytes::complete::{take_till, take_while, take_while1};
 use nom::character::complete::{char, digit1, none_of, one_of, satisfy};
-use nom::combinator::{cond, cut, eof, map, map_res, opt, peek, recognize, value, verify};
+use nom::combinator::{cond, cut, eof, map, map_res, not, opt, peek, recognize, value, verify};
 use nom::error::{ErrorKind, FromExternalError, ParseError};
 use nom::multi::{fold_many0, many0_count};
 use nom::sequence::{pair, preceded, terminated, tuple};
@@ -499,7 +499,9 @@ impl<'a> Parser<'a> {
         // Likewise `tap` and `publish`, whose name may be a string (a topic
         // may hold `-` and `.`): no output can be named either, streams' names.
         let (input, no) = opt(terminated(keyword("no"), peek(preceded(trivia, ident))))(input)?;
-        let named = || peek(preceded(trivia, alt((ident, recognize(char('"'))))));
+        // Before the fields `tap` and `publish` are the target's name; before
+        // anything else the kind of target, whose name is then required.
+        let named = || peek(preceded(trivia, not(char('{'))));
         let (input, of) = opt(alt((
             value(Expected::Tap, terminated(keyword("tap"), named())),
             value(Expected::Publish, terminated(keyword("publish"), named())),
@@ -513,7 +515,16 @@ impl<'a> Parser<'a> {
             Expected::Output => {
                 self.expect("`index` or an output name after `expect`", |i| self.name(i))(input)?
             }
-            Expected::Tap | Expected::Publish => alt((|i| self.name(i), quoted))(input)?,
+            Expected::Tap | Expected::Publish => {
+                let after = if of == Expected::Tap {
+                    "tap"
+                } else {
+                    "publish"
+                };
+                let what =
+                    format!("a tap's or topic's name (a word or a string) after `expect {after}`");
+                self.expect(what, alt((|i| self.name(i), quoted)))(input)?
+            }
         };
         let (input, fields) = self.value(input, depth)?;
         Ok((
@@ -1647,6 +1658,44 @@ test "backlog pages" {
         );
         assert_eq!(test.steps[3].at, Some(90_000_000));
         assert_eq!(&src[test.steps[3].span.clone()], "at 90s send {}");
+    }
+
+    /// `tap` or `publish` followed by anything but the fields is a tap's or
+    /// a topic's name missing or misspelt, said where it is: it was read as
+    /// the target `tap` or `publish`, the next token as its fields, and the
+    /// error fell on what came after.
+    #[test]
+    fn expect_tap_or_publish_without_a_name_says_so_where_it_is() {
+        let cases = [
+            (
+                "expect publish 5 {}",
+                (1, 38),
+                "expected a tap's or topic's name (a word or a string) after `expect publish`, found `5`",
+            ),
+            (
+                "expect no tap 5 {}",
+                (1, 37),
+                "expected a tap's or topic's name (a word or a string) after `expect tap`, found `5`",
+            ),
+            (
+                "expect publish\n}",
+                (2, 1),
+                "expected a tap's or topic's name (a word or a string) after `expect publish`, found `}`",
+            ),
+            (
+                "expect publish [] {}",
+                (1, 38),
+                "expected a tap's or topic's name (a word or a string) after `expect publish`, found `[`",
+            ),
+        ];
+        for (step, at, message) in cases {
+            let src = format!("streams {{}} test \"t\" {{ {step} }}");
+            let errors = parse(&src).unwrap_err();
+            let found: Vec<_> = (errors.iter())
+                .map(|d| (line_col(&src, d.span.start), d.message.as_str()))
+                .collect();
+            assert_eq!(found, [(at, message)], "{step}");
+        }
     }
 
     /// `tap` or `publish` before a name or a string makes the target a tap
