@@ -523,7 +523,20 @@ impl<'a> Parser<'a> {
                 };
                 let what =
                     format!("a tap's or topic's name (a word or a string) after `expect {after}`");
-                self.expect(what, alt((|i| self.name(i), quoted)))(input)?
+                let (rest, target) = self.expect(what, alt((|i| self.name(i), quoted)))(input)?;
+                // `publish(a.b)` is refused too; a topic may hold them quoted.
+                if rest.starts_with(['.', '-']) && !self.src[target.span.clone()].starts_with('"') {
+                    let start = target.span.start;
+                    let name_chars = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
+                    let len = self.src[start..].find(|c| !name_chars(c));
+                    let span = start..len.map_or(self.src.len(), |len| start + len);
+                    let name = &self.src[span.clone()];
+                    return fail(
+                        Diagnostic::new(span.clone(), format!("`{name}` is not one name unquoted"))
+                            .with_hint(format!("quote a name holding `.` or `-`: \"{name}\"")),
+                    );
+                }
+                (rest, target)
             }
         };
         let (input, fields) = self.value(input, depth)?;
@@ -1695,6 +1708,25 @@ test "backlog pages" {
                 .map(|d| (line_col(&src, d.span.start), d.message.as_str()))
                 .collect();
             assert_eq!(found, [(at, message)], "{step}");
+        }
+    }
+
+    /// A topic's name holding `.` or `-` (as `publish` allows) must be
+    /// quoted after `expect publish`, as in `publish(…)`: unquoted, the
+    /// error says so at the name, not "expected a value" at the `.`.
+    #[test]
+    fn an_unquoted_dotted_topic_after_expect_publish_is_told_to_be_quoted() {
+        for (step, name) in [
+            ("expect publish a.b {}", "a.b"),
+            ("expect no tap x-1 {}", "x-1"),
+        ] {
+            let src = format!("streams {{}} test \"t\" {{ {step} }}");
+            let errors = parse(&src).unwrap_err();
+            let found: Vec<_> = (errors.iter())
+                .map(|d| (&src[d.span.clone()], d.hint.as_deref().unwrap_or_default()))
+                .collect();
+            let hint = format!("quote a name holding `.` or `-`: \"{name}\"");
+            assert_eq!(found, [(name, hint.as_str())], "{step}");
         }
     }
 
