@@ -1095,6 +1095,193 @@ mod tests {
         }
     }
 
+    /// A varint of `v`, `pad` bytes longer than its shortest form (never
+    /// past 10 bytes): protobuf allows these, and prost reads them.
+    fn put_varint(out: &mut Vec<u8>, mut v: u64, pad: usize) {
+        let start = out.len();
+        while v >= 0x80 {
+            out.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+        let pad = pad.min(10 - (out.len() - start));
+        if pad > 0 {
+            *out.last_mut().expect("a byte") |= 0x80;
+            out.extend(std::iter::repeat_n(0x80, pad - 1));
+            out.push(0);
+        }
+    }
+
+    /// A random u64 of any bit width 0-64: varints of every length 1-10.
+    fn any_width(next: &mut impl FnMut() -> u64) -> u64 {
+        match next() % 8 {
+            0 => u64::MAX,
+            1 => 1 << 63,
+            2 => (next() % 3).wrapping_sub(1), // u64::MAX, 0 or 1
+            _ => next() >> (next() % 64),
+        }
+    }
+
+    /// A hand-encoded event whose varints (keys too) are of every length,
+    /// some overlong, in random field order, with unknown varint fields
+    /// (keys of up to 5 bytes) and a varint often the event's last bytes.
+    fn varint_heavy_event(next: &mut impl FnMut() -> u64) -> Vec<u8> {
+        let mut e = Vec::new();
+        let pad = |next: &mut dyn FnMut() -> u64| {
+            if next().is_multiple_of(4) {
+                (next() % 10) as usize
+            } else {
+                0
+            }
+        };
+        for _ in 0..next() % 9 {
+            match next() % 9 {
+                0 | 1 => {
+                    // time, time_micros, metric_sint64 (zigzag of any i64)
+                    let field = [1u64, 10, 13][(next() % 3) as usize];
+                    put_varint(&mut e, field << 3, pad(next));
+                    let v = any_width(next);
+                    let v = if field == 13 && next().is_multiple_of(2) {
+                        let i = v as i64;
+                        ((i << 1) ^ (i >> 63)) as u64
+                    } else {
+                        v
+                    };
+                    put_varint(&mut e, v, pad(next));
+                }
+                2 => {
+                    // An unknown varint field, its key up to 5 bytes.
+                    let field =
+                        [6u64, 11, 12, 16, 2047, 1 << 20, (1 << 29) - 1][(next() % 7) as usize];
+                    put_varint(&mut e, field << 3, pad(next));
+                    put_varint(&mut e, any_width(next), pad(next));
+                }
+                3 => {
+                    let field = 2 + next() % 4; // state, service, host, description
+                    let len = (next() % 12) as usize;
+                    put_varint(&mut e, field << 3 | 2, pad(next));
+                    put_varint(&mut e, len as u64, pad(next));
+                    e.extend((0..len).map(|_| b'a' + (next() % 26) as u8));
+                }
+                4 => {
+                    // An attribute whose last bytes are an unknown varint.
+                    let mut a = vec![0x0a, 1, b'k'];
+                    put_varint(&mut a, 3 << 3, pad(next));
+                    put_varint(&mut a, any_width(next), pad(next));
+                    put_varint(&mut e, 9 << 3 | 2, 0);
+                    put_varint(&mut e, a.len() as u64, pad(next));
+                    e.extend(a);
+                }
+                5 => {
+                    put_varint(&mut e, 14 << 3 | 1, 0); // metric_d
+                    e.extend(next().to_le_bytes());
+                }
+                6 => {
+                    put_varint(&mut e, 8 << 3 | 5, 0); // ttl
+                    e.extend((next() as u32).to_le_bytes());
+                }
+                _ => {
+                    put_varint(&mut e, 7 << 3 | 2, 0); // a tag
+                    put_varint(&mut e, 1, pad(next));
+                    e.push(b't');
+                }
+            }
+        }
+        e
+    }
+
+    /// Messages of such events (with unknown varints between them) agree
+    /// with prost, whole, cut anywhere, with continuation bits flipped,
+    /// with a varint's 10th byte over 1 or an 11th byte, and with an
+    /// event's length cut inside its last varint while the frame goes on
+    /// (the 8-byte window must end at the event's end, not the frame's).
+    #[test]
+    fn agrees_with_prost_on_varints_of_every_length_and_bound() {
+        let mut next = crate::test_rng::xorshift(0xd1b5_4a32_d192_ed03);
+        let mut events = Vec::new();
+        let (mut agreed_ok, mut agreed_err) = (0, 0);
+        let mut check = |body: &[u8], events: &mut Vec<Event>| {
+            let expected = reference(body, 9);
+            let got = ours(body, 9, events);
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{expected:?}"),
+                "input {body:02x?}"
+            );
+            if expected.is_some() {
+                agreed_ok += 1;
+            } else {
+                agreed_err += 1;
+            }
+        };
+        for _ in 0..6_000 {
+            let mut body = Vec::new();
+            let mut last_event = None;
+            for _ in 0..1 + next() % 4 {
+                if next().is_multiple_of(3) {
+                    // Msg.ok (a bool) or an unknown field, any varint.
+                    let field = [2u64, 8, 100][(next() % 3) as usize];
+                    put_varint(&mut body, field << 3, 0);
+                    put_varint(&mut body, any_width(&mut next), (next() % 3) as usize);
+                }
+                let event = varint_heavy_event(&mut next);
+                last_event = Some((body.len(), event.len()));
+                body.push(6 << 3 | 2);
+                put_varint(&mut body, event.len() as u64, 0);
+                body.extend(&event);
+            }
+            check(&body, &mut events);
+            for _ in 0..4 {
+                let cut = (next() as usize) % (body.len() + 1);
+                check(&body[..cut], &mut events);
+            }
+            for _ in 0..4 {
+                let mut b = body.clone();
+                for _ in 0..1 + next() % 3 {
+                    let at = (next() as usize) % b.len();
+                    b[at] ^= 0x80;
+                }
+                check(&b, &mut events);
+            }
+            // The last varint of the whole message, made overlong: a 10th
+            // byte of 2-0xff, or an 11th byte.
+            if let Some(at) = body.iter().rposition(|&c| c >= 0x80)
+                && body.len() - at <= 2
+            {
+                let mut b = body[..at].to_vec();
+                b.extend([0xff; 9]);
+                b.push(if next().is_multiple_of(2) {
+                    2 + (next() % 254) as u8
+                } else {
+                    1
+                });
+                check(&b, &mut events);
+                b.pop();
+                b.extend([0x80, 0x00]);
+                check(&b, &mut events);
+            }
+            // The last event's length cut by 1-8 bytes, its tail left in
+            // the frame: mostly bytes without a high bit that would end a
+            // varint read past the event's end.
+            let (key_at, len) = last_event.expect("an event");
+            let start = body.len() - len;
+            for short in 1..=8.min(len) {
+                let mut b = body[..key_at].to_vec();
+                b.push(6 << 3 | 2);
+                put_varint(&mut b, (len - short) as u64, 0);
+                b.extend(&body[start..]);
+                check(&b, &mut events);
+                // And the tail followed by more bytes, ending every varint.
+                b.extend([0x00; 8]);
+                check(&b, &mut events);
+            }
+        }
+        assert!(
+            agreed_ok > 10_000 && agreed_err > 10_000,
+            "{agreed_ok} ok, {agreed_err} refused"
+        );
+    }
+
     #[test]
     fn short_ascii_sees_a_high_bit_at_every_byte_of_every_length() {
         for len in 0..48usize {
