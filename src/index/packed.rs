@@ -710,6 +710,31 @@ mod tests {
         assert_eq!(empty_host.to_event(), no_host);
     }
 
+    /// An entry whose event shrinks from a 1 MB description keeps no
+    /// block of that size (the in-place rewrite must end at the block's
+    /// end), and one that grows again gets a new block, not a write past
+    /// its end.
+    #[test]
+    fn a_huge_event_replaced_by_a_small_one_leaves_a_small_block() {
+        let huge = Event {
+            description: Some("d".repeat(1 << 20)),
+            ..full()
+        };
+        let small = Event {
+            description: Some("d".into()),
+            ..full()
+        };
+        let mut packed = Packed::new(&huge, 3);
+        packed.replace(&small);
+        assert_eq!(packed.0.len(), packed_len(&small));
+        assert!(packed.0.len() < 1_000, "{} bytes kept", packed.0.len());
+        assert_eq!(packed.to_event(), small);
+        packed.replace(&huge);
+        assert_eq!(packed.0.len(), packed_len(&huge));
+        assert_eq!(packed.to_event(), huge);
+        assert_eq!(packed.scheduled(), 3);
+    }
+
     /// Whatever follows the key, of the same packed length as before or
     /// not, and split differently between state, tags and attributes, a
     /// replaced entry reads back as the new event, exactly sized.
