@@ -1115,12 +1115,7 @@ test "t" {
   expect publish "b.c" {}
 }
 "#;
-        let rendered = crate::rules::load("x.vigil", source, EnvPolicy::Lenient)
-            .err()
-            .unwrap();
-        let found: Vec<&str> = (rendered.lines())
-            .filter(|l| l.starts_with("x.vigil:") || l.starts_with("  hint: "))
-            .collect();
+        let (rendered, found) = refused_with_hints(source);
         assert_eq!(
             found,
             [
@@ -1129,14 +1124,31 @@ test "t" {
             ],
             "{rendered}"
         );
-        let none = parse("streams { index }\ntest \"t\" { expect publish \"c\" {} }").unwrap();
-        let hints: Vec<_> = (check_tests(&none).into_iter())
-            .map(|d| d.hint.unwrap_or_default())
-            .collect();
         assert_eq!(
-            hints,
+            hints_without_streams_for("expect publish \"c\" {}"),
             ["put `publish(\"c\")` in the streams where the events are to go"]
         );
+    }
+
+    /// The positioned errors and hints `vigil check` renders for `source`,
+    /// which must not load, with the whole rendering for a failure message.
+    fn refused_with_hints(source: &str) -> (String, Vec<String>) {
+        let rendered = crate::rules::load("x.vigil", source, EnvPolicy::Lenient)
+            .err()
+            .unwrap();
+        let found = (rendered.lines())
+            .filter(|l| l.starts_with("x.vigil:") || l.starts_with("  hint: "))
+            .map(str::to_owned)
+            .collect();
+        (rendered, found)
+    }
+
+    /// The hints for `expect` in a test of a file whose streams only index.
+    fn hints_without_streams_for(expect: &str) -> Vec<String> {
+        let none = parse(&format!("streams {{ index }}\ntest \"t\" {{ {expect} }}")).unwrap();
+        (check_tests(&none).into_iter())
+            .map(|d| d.hint.unwrap_or_default())
+            .collect()
     }
 
     /// Without a recorder after the outputs (`vigil run`), a tap only passes
@@ -1174,12 +1186,7 @@ test "t" {
   expect no tap a {host: "h"}
 }
 "#;
-        let rendered = crate::rules::load("x.vigil", source, EnvPolicy::Lenient)
-            .err()
-            .unwrap();
-        let found: Vec<&str> = (rendered.lines())
-            .filter(|l| l.starts_with("x.vigil:") || l.starts_with("  hint: "))
-            .collect();
+        let (rendered, found) = refused_with_hints(source);
         assert_eq!(
             found,
             [
@@ -1190,12 +1197,8 @@ test "t" {
             ],
             "{rendered}"
         );
-        let none = parse("streams { index }\ntest \"t\" { expect tap c {} }").unwrap();
-        let hints: Vec<_> = (check_tests(&none).into_iter())
-            .map(|d| d.hint.unwrap_or_default())
-            .collect();
         assert_eq!(
-            hints,
+            hints_without_streams_for("expect tap c {}"),
             ["put `tap(c)` in the streams where the events are to be seen"]
         );
     }
