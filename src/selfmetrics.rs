@@ -200,6 +200,10 @@ pub struct Sample {
     pub counters: Vec<(&'static str, u64)>,
     pub index_size: u64,
     pub expired: u64,
+    /// Stalls of the process the timer saw (a VM paused, the clock stepped
+    /// ahead), and their length in all.
+    pub stalls: u64,
+    pub stalled_seconds: f64,
     pub refused: u64,
     /// Events stored with a `time` far ahead of vigil's clock.
     pub time_ahead: u64,
@@ -251,6 +255,8 @@ impl Telemetry {
             counters: self.stats.snapshot(),
             index_size: self.index.len() as u64,
             expired: self.index.expired_total(),
+            stalls: self.index.stalls_total(),
+            stalled_seconds: self.index.stalled_seconds_total(),
             refused: self.index.refused_total(),
             time_ahead: self.index.time_ahead_total(),
             arrived_expired: self.index.arrived_expired_total(),

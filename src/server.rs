@@ -19,10 +19,10 @@ use tokio_util::task::TaskTracker;
 use crate::blocking::off_workers;
 use crate::bounded::{self, LogGate, RefusalLog};
 use crate::budget::{self, Budget};
-use crate::clock::SharedClock;
+use crate::clock::{Micros, SharedClock};
 use crate::cluster::Cluster;
 use crate::graphite_in::{self, Graphite};
-use crate::index::{Index, Notices};
+use crate::index::{Index, Notices, StallWatch};
 use crate::ingest::Ingest;
 use crate::limits::Limits;
 use crate::stats::Stats;
@@ -299,6 +299,9 @@ async fn run_timers(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stalls = Arc::new(StallWatch::new(
+        Micros::try_from(interval.as_micros()).unwrap_or(Micros::MAX),
+    ));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -307,20 +310,25 @@ async fn run_timers(
         // On a blocking thread: a mass expiry (a rack going silent) runs
         // thousands of notices through the rules, which must not hold an
         // async worker and the connections queued on it.
-        let (index, cluster, streams, clock) = (
+        let (index, cluster, streams, clock, stalls) = (
             index.clone(),
             cluster.clone(),
             streams.clone(),
             clock.clone(),
+            stalls.clone(),
         );
         let ticked = off_workers(move || {
             let started = std::time::Instant::now();
+            let now = clock.now();
+            // Before the expiry, as a restart restores before it.
+            stalls.tick_starts(&index, now);
             let emit = |notices: Notices<'_>| streams.process_expired(notices);
             let expired = match &cluster {
-                Some(cluster) => cluster.expire(clock.now(), emit),
-                None => index.expire_batches(clock.now(), emit),
+                Some(cluster) => cluster.expire(now, emit),
+                None => index.expire_batches(now, emit),
             };
             streams.tick();
+            stalls.ended(clock.now());
             (expired, started.elapsed())
         });
         // `None`: the runtime is shutting down.

@@ -51,6 +51,17 @@ fn render(s: &Sample) -> String {
     );
     let expired = "Index entries removed by TTL expiry.";
     out.single("vigil_index_expired_total", "counter", expired, s.expired);
+    let stalls = "Stalls of the process the timer saw (a VM paused, SIGSTOP, the clock stepped \
+                  ahead by more than two ticks), after which the index entries whose TTL ran out \
+                  meanwhile lived their TTL again.";
+    out.single("vigil_stalls_total", "counter", stalls, s.stalls);
+    let stalled = "How long the stalls of vigil_stalls_total lasted in all.";
+    out.single(
+        "vigil_stalled_seconds_total",
+        "counter",
+        stalled,
+        s.stalled_seconds,
+    );
     let refused = "New index keys refused because the index was full.";
     out.single("vigil_index_refused_total", "counter", refused, s.refused);
     let ahead = "Events indexed whose time was over 5 minutes ahead of vigil's clock.";
@@ -312,6 +323,8 @@ mod tests {
             latency: h.snapshot(),
             rules: vec![("window_overflow", 5)],
             expired_came_back: 8,
+            stalls: 0,
+            stalled_seconds: 0.0,
             ..Sample::default()
         };
         let text = render(&sample);

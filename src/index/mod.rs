@@ -97,6 +97,49 @@ pub fn expires_at(time: Micros, ttl: Micros, now: Micros) -> Micros {
     time.saturating_add(ttl).min(latest)
 }
 
+/// The expiry timer's view of its own ticks, to tell a stall of the
+/// process from a tick a little late. The timer ticks every `tick` from
+/// the end of the previous tick's work, however long that took (a mass
+/// expiry, the rules' timers, a reload holding them): a tick that starts
+/// more than two ticks after the previous one ended did not run because
+/// the process did not (a VM paused, SIGSTOP), or the clock was stepped
+/// ahead, as the rules judge a stage's lateness (`Cx::stalled`).
+pub struct StallWatch {
+    tick: Micros,
+    /// When the previous tick's work ended; `Micros::MIN` before the first.
+    ended: AtomicI64,
+}
+
+impl StallWatch {
+    pub fn new(tick: Micros) -> Self {
+        StallWatch {
+            tick,
+            ended: AtomicI64::new(Micros::MIN),
+        }
+    }
+
+    /// A tick starts at `now`: since when the process was stalled, if it was.
+    pub fn starts(&self, now: Micros) -> Option<Micros> {
+        let ended = self.ended.load(Ordering::Relaxed);
+        let late = now.saturating_sub(ended);
+        (ended != Micros::MIN && late > self.tick.saturating_mul(2)).then_some(ended)
+    }
+
+    /// What the timer does first at a tick at `now`, before the expiry:
+    /// after a stall, the index entries whose TTL ran out meanwhile get it
+    /// again ([`Index::resume_after_stall`]).
+    pub fn tick_starts(&self, index: &Index, now: Micros) {
+        if let Some(since) = self.starts(now) {
+            index.resume_after_stall(since, now);
+        }
+    }
+
+    /// The tick's work ended at `now`.
+    pub fn ended(&self, now: Micros) {
+        self.ended.store(now, Ordering::Relaxed);
+    }
+}
+
 const SHARDS: usize = 64;
 
 /// How many due deadlines an expiry pass handles per shard lock, so a mass expiry
@@ -264,6 +307,10 @@ pub struct Index {
     len: AtomicUsize,
     refused: AtomicU64,
     expired: AtomicU64,
+    /// Stalls of the process, and their length in all
+    /// ([`Index::resume_after_stall`]).
+    stalls: AtomicU64,
+    stalled_micros: AtomicU64,
     /// Expiry notices dropped because their key was stored again first.
     came_back: AtomicU64,
     /// Events stored whose `time` was more than [`MAX_TIME_AHEAD`] ahead.
@@ -328,6 +375,8 @@ impl Index {
             len: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
+            stalled_micros: AtomicU64::new(0),
             came_back: AtomicU64::new(0),
             ahead: TimeOff::new(),
             arrived_expired: TimeOff::new(),
@@ -871,6 +920,54 @@ impl Index {
             }
         }
         (extended, latest)
+    }
+
+    /// Gives each entry whose deadline fell inside a stall of the process
+    /// (a VM paused, SIGSTOP, the clock stepped ahead), from `since`, when
+    /// vigil was last seen running, to `now`, its TTL from `now`, as
+    /// [`Index::restore`] does after a restart: its agent could not be
+    /// heard meanwhile, and expiring it at the resume paged `expired` for
+    /// every such series at once, hosts alive. One whose deadline passed
+    /// before `since` still expires. Logs and counts the stall; returns
+    /// how many entries got their TTL again.
+    pub fn resume_after_stall(&self, since: Micros, now: Micros) -> usize {
+        let mut extended = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock();
+            for entry in shard.entries.iter_mut() {
+                // Due at this pass (`expire` takes a deadline before `now`)
+                // and not before the stall.
+                if entry.deadline >= now || entry.deadline < since {
+                    continue;
+                }
+                let ttl = secs_to_micros(self.ttl_secs_of(entry.packed.ttl()));
+                // Its slot in the deadline set stays early: when it comes
+                // due, the entry is re-armed at this deadline.
+                entry.deadline = now.saturating_add(ttl);
+                extended += 1;
+            }
+        }
+        let stalled = now.saturating_sub(since);
+        self.stalls.fetch_add(1, Ordering::Relaxed);
+        (self.stalled_micros).fetch_add(stalled.max(0) as u64, Ordering::Relaxed);
+        tracing::warn!(
+            stalled_secs = stalled as f64 / MICROS_PER_SEC as f64,
+            given_their_ttl = extended,
+            "The process was stalled (a VM paused, SIGSTOP, the clock stepped ahead): the index \
+             entries whose TTL ran out meanwhile live their TTL from now, as after a restart, \
+             and the rules report no silence of a series for it."
+        );
+        extended
+    }
+
+    /// Stalls of the process seen by the timer ([`StallWatch`]), since start.
+    pub fn stalls_total(&self) -> u64 {
+        self.stalls.load(Ordering::Relaxed)
+    }
+
+    /// How long those stalls lasted in all, in seconds.
+    pub fn stalled_seconds_total(&self) -> f64 {
+        self.stalled_micros.load(Ordering::Relaxed) as f64 / MICROS_PER_SEC as f64
     }
 
     /// The first time at which [`Index::expire`] may have something to do

@@ -1884,6 +1884,57 @@ fn index_stores_and_expired_entries_come_back_through_the_rules() {
     assert_eq!(out(&b).len(), 1);
 }
 
+/// A stall of the process (a VM paused for a minute, the clock stepped
+/// ahead between two ticks) is no silence of the series: their agents
+/// could not be heard meanwhile. As after a restart, an entry whose TTL
+/// ran out during it lives its TTL from the resume, not expired at once
+/// with every other (an `expired` page for each host, all alive); one
+/// whose TTL ran out before the stall, while vigil ran, still expires.
+#[test]
+fn a_stall_of_the_process_expires_only_what_ran_out_before_it() {
+    let b = bench("index\nexpired { out }");
+    for (service, ttl) in [("before", 3.0), ("before the stall", 4.92), ("in it", 10.0)] {
+        send(&b, with_ttl(ev(&b, "h", service), ttl));
+    }
+    b.advance_to(at(4.9));
+    let watch = crate::index::StallWatch::new(crate::rules::testing::TICK);
+    // The tick at 4.9 s ended at 4.95 s; the next came a minute later.
+    watch.ended(at(4.95));
+    b.clock.set(at(60.0));
+    let now = b.clock.now();
+    watch.tick_starts(&b.index, now);
+    b.index
+        .expire_batches(now, |notices| b.rules.process_expired(notices));
+    b.rules.tick_scheduled();
+    let expired = |b: &Bench| -> Vec<(String, Micros)> {
+        (out(b).iter())
+            .map(|e| (e.service.clone().unwrap_or_default(), e.time))
+            .collect()
+    };
+    let before = [
+        ("before".to_owned(), at(3.1)),
+        ("before the stall".to_owned(), at(60.0)),
+    ];
+    assert_eq!(expired(&b), before, "at the resume");
+    assert_eq!(b.index.stalls_total(), 1);
+    assert_eq!(b.index.stalled_seconds_total(), 55.05);
+    b.advance_to(at(70.0));
+    assert_eq!(expired(&b).len(), 2, "in it: its TTL from the resume");
+    b.advance_to(at(70.1));
+    assert_eq!(expired(&b)[2], ("in it".to_owned(), at(70.1)));
+}
+
+/// The timer's tick is a stall only past two ticks after the previous one
+/// ended, however long that one took.
+#[test]
+fn a_tick_is_a_stall_past_two_ticks_after_the_previous_one_ended() {
+    let watch = crate::index::StallWatch::new(crate::rules::testing::TICK);
+    assert_eq!(watch.starts(at(3_600.0)), None, "the first tick");
+    watch.ended(at(10.0));
+    assert_eq!(watch.starts(at(10.2)), None);
+    assert_eq!(watch.starts(at(10.200_001)), Some(at(10.0)));
+}
+
 // ---- publish -----------------------------------------------------------------
 
 /// `publish` hands each event to its topic's subscribers only, and ends
