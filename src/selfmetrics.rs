@@ -160,6 +160,10 @@ impl Streams for TimedStreams {
     fn tick(&self) {
         self.inner.tick();
     }
+
+    fn stalls(&self) -> Option<Arc<crate::index::StallWatch>> {
+        self.inner.stalls()
+    }
 }
 
 /// Where every number vigil reports about itself is read from.

@@ -299,9 +299,12 @@ async fn run_timers(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stalls = Arc::new(StallWatch::new(
-        Micros::try_from(interval.as_micros()).unwrap_or(Micros::MAX),
-    ));
+    // The rules' own, which their batches tell too.
+    let stalls = streams.stalls().unwrap_or_else(|| {
+        Arc::new(StallWatch::new(
+            Micros::try_from(interval.as_micros()).unwrap_or(Micros::MAX),
+        ))
+    });
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -328,7 +331,7 @@ async fn run_timers(
                 None => index.expire_batches(now, emit),
             };
             streams.tick();
-            stalls.ended(clock.now());
+            stalls.seen(clock.now());
             (expired, started.elapsed())
         });
         // `None`: the runtime is shutting down.

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::event::Event;
-use crate::index::{Index, Notices};
+use crate::index::{Index, Notices, StallWatch};
 
 pub trait Streams: Send + Sync + 'static {
     /// Runs one batch through the pipeline. Must not block on I/O: it is called
@@ -29,6 +29,12 @@ pub trait Streams: Send + Sync + 'static {
     /// Time has passed: time-based stages (rates, windows) emit what is due.
     /// Called periodically by the server's timer, and by tests on a virtual clock.
     fn tick(&self) {}
+
+    /// When vigil was last seen running, which the timer reads to tell a
+    /// stall of the process; `None`: the timer's own ticks tell.
+    fn stalls(&self) -> Option<Arc<StallWatch>> {
+        None
+    }
 }
 
 /// The pipeline with no rules: every event goes to the index.

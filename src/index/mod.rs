@@ -97,46 +97,69 @@ pub fn expires_at(time: Micros, ttl: Micros, now: Micros) -> Micros {
     time.saturating_add(ttl).min(latest)
 }
 
-/// The expiry timer's view of its own ticks, to tell a stall of the
-/// process from a tick a little late. The timer ticks every `tick` from
-/// the end of the previous tick's work, however long that took (a mass
-/// expiry, the rules' timers, a reload holding them): a tick that starts
-/// more than two ticks after the previous one ended did not run because
-/// the process did not (a VM paused, SIGSTOP), or the clock was stepped
-/// ahead, as the rules judge a stage's lateness (`Cx::stalled`).
+/// When vigil was last seen running, to tell a stall of the process (a VM
+/// paused, SIGSTOP, the clock stepped ahead) from a timer a little late.
+/// The end of each tick's work and of each batch the rules ran counts as
+/// seen running: a tick, or a batch, that starts more than two ticks after
+/// that, found the process stalled since. Not a tick that ran long (a mass
+/// expiry, a million `by` groups), which the next one waits for, nor a
+/// timer held up (a reload, a busy machine) while batches went on. Shared
+/// by the timer, which gives the index entries whose TTL ran out during
+/// the stall their TTL again, and the rules, whose `rate` and `fill_in`
+/// report no silence for it (`Cx::stalled`).
 pub struct StallWatch {
     tick: Micros,
-    /// When the previous tick's work ended; `Micros::MIN` before the first.
-    ended: AtomicI64,
+    /// The latest end of a tick's work or of a batch; `Micros::MIN`
+    /// before the first.
+    alive: AtomicI64,
+    /// The latest stall: from when vigil was last seen running, until it
+    /// was seen running again. `Micros::MIN` for none.
+    since: AtomicI64,
+    until: AtomicI64,
+    /// The latest stall whose index entries got their TTL again, by `until`.
+    resumed: AtomicI64,
 }
 
 impl StallWatch {
     pub fn new(tick: Micros) -> Self {
         StallWatch {
             tick,
-            ended: AtomicI64::new(Micros::MIN),
+            alive: AtomicI64::new(Micros::MIN),
+            since: AtomicI64::new(Micros::MIN),
+            until: AtomicI64::new(Micros::MIN),
+            resumed: AtomicI64::new(Micros::MIN),
         }
     }
 
-    /// A tick starts at `now`: since when the process was stalled, if it was.
-    pub fn starts(&self, now: Micros) -> Option<Micros> {
-        let ended = self.ended.load(Ordering::Relaxed);
-        let late = now.saturating_sub(ended);
-        (ended != Micros::MIN && late > self.tick.saturating_mul(2)).then_some(ended)
+    /// A tick or a batch starts at `now`: the latest stall of the process,
+    /// `(since, until)`, this one if vigil was last seen running more than
+    /// two ticks ago (`(Micros::MIN, Micros::MIN)` if none yet).
+    pub fn runs(&self, now: Micros) -> (Micros, Micros) {
+        let alive = self.alive.load(Ordering::Relaxed);
+        if alive != Micros::MIN && now.saturating_sub(alive) > self.tick.saturating_mul(2) {
+            self.since.store(alive, Ordering::Relaxed);
+            self.until.store(now, Ordering::Relaxed);
+        }
+        let until = self.until.load(Ordering::Relaxed);
+        (self.since.load(Ordering::Relaxed), until)
+    }
+
+    /// A tick's work or a batch ended at `now`: vigil ran until then.
+    pub fn seen(&self, now: Micros) {
+        if now > self.alive.load(Ordering::Relaxed) {
+            self.alive.fetch_max(now, Ordering::Relaxed);
+        }
     }
 
     /// What the timer does first at a tick at `now`, before the expiry:
-    /// after a stall, the index entries whose TTL ran out meanwhile get it
-    /// again ([`Index::resume_after_stall`]).
+    /// after a stall (seen by this tick, or by a batch that ran first),
+    /// the index entries whose TTL ran out since it began get it again
+    /// ([`Index::resume_after_stall`]), once.
     pub fn tick_starts(&self, index: &Index, now: Micros) {
-        if let Some(since) = self.starts(now) {
+        let (since, until) = self.runs(now);
+        if until != Micros::MIN && self.resumed.swap(until, Ordering::Relaxed) != until {
             index.resume_after_stall(since, now);
         }
-    }
-
-    /// The tick's work ended at `now`.
-    pub fn ended(&self, now: Micros) {
-        self.ended.store(now, Ordering::Relaxed);
     }
 }
 

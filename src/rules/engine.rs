@@ -22,7 +22,7 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::clock::{Micros, SharedClock};
 use crate::event::Event;
-use crate::index::{Index, KeyHash, Notices};
+use crate::index::{Index, KeyHash, Notices, StallWatch};
 use crate::streams::Streams;
 
 use crate::outputs::OutputSink;
@@ -127,6 +127,9 @@ pub struct Rules {
     /// How often the timer ticks (`--tick`): a stage due longer ago than
     /// that was not ticked because vigil was stalled ([`Cx::tick`]).
     tick: Micros,
+    /// When the rules last ran (a batch or a tick), and the latest stall of
+    /// the process, shared with the timer ([`Rules::with_tick`]).
+    stalls: Arc<StallWatch>,
     pub stats: RuleStats,
 }
 
@@ -156,13 +159,24 @@ impl Rules {
             index,
             clock,
             tick: DEFAULT_TICK,
+            stalls: Arc::new(StallWatch::new(DEFAULT_TICK)),
             stats: RuleStats::default(),
         }
     }
 
     /// The rules of a timer that ticks every `tick`.
     pub fn with_tick(self, tick: Micros) -> Self {
-        Rules { tick, ..self }
+        let stalls = Arc::new(StallWatch::new(tick));
+        Rules {
+            tick,
+            stalls,
+            ..self
+        }
+    }
+
+    /// When the rules last ran, and the latest stall of the process.
+    pub fn stalls(&self) -> &Arc<StallWatch> {
+        &self.stalls
     }
 
     /// Waits for a state write under way to end (a periodic one gives way,
@@ -253,14 +267,17 @@ impl Rules {
     /// `Micros::MAX`: none).
     fn run(&self, tree: &Tree, batch: usize, work: impl FnOnce(&mut Cx)) -> Micros {
         let mut reinjected = Vec::new();
+        let now = self.clock.now();
+        let stall = self.stalls.runs(now);
         let mut cx = Cx {
-            now: self.clock.now(),
+            now,
             index: &self.index,
             outputs: &tree.outputs,
             reinjected: &mut reinjected,
             hashed: None,
             due: Micros::MAX,
             tick: self.tick,
+            stall,
             stats: &self.stats,
         };
         work(&mut cx);
@@ -288,6 +305,7 @@ impl Rules {
                 hashed: None,
                 due: Micros::MAX,
                 tick: self.tick,
+                stall,
                 stats: &self.stats,
             };
             for event in &round {
@@ -295,6 +313,7 @@ impl Rules {
             }
             due = due.min(cx.due);
         }
+        self.stalls.seen(self.clock.now());
         if dropped > 0 {
             self.stats
                 .reinject_overflow
@@ -369,6 +388,10 @@ impl Streams for Rules {
 
     fn tick(&self) {
         self.tick_scheduled();
+    }
+
+    fn stalls(&self) -> Option<Arc<StallWatch>> {
+        Some(self.stalls.clone())
     }
 }
 

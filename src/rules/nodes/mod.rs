@@ -79,6 +79,11 @@ pub struct Cx<'a> {
     /// or take a tick that ran long) was not ticked because vigil was
     /// stalled ([`Cx::stalled`]).
     pub tick: Micros,
+    /// The latest stall of the process, `(since, until)`: from when vigil
+    /// was last seen running until it ran again ([`StallWatch`]).
+    ///
+    /// [`StallWatch`]: crate::index::StallWatch
+    pub stall: (Micros, Micros),
     /// Where a stage counts what it had to let go of.
     pub stats: &'a RuleStats,
 }
@@ -91,7 +96,11 @@ impl Cx<'_> {
     /// series, as a restart's are not.
     pub fn stalled(&self, end: Micros, interval: Micros) -> bool {
         let late = self.now.saturating_sub(end);
-        late >= interval && late > self.tick.saturating_mul(2)
+        // And it ended while vigil ran nothing ([`Cx::stall`]), not while
+        // its batches went on and only the timer was late (a tick that ran
+        // long, a reload, a busy machine): the series was silent then.
+        let (since, until) = self.stall;
+        late >= interval && late > self.tick.saturating_mul(2) && since < end && end <= until
     }
 
     /// A stage that the timer drives says when its next tick is needed, after
@@ -152,6 +161,7 @@ impl Scratch {
             hashed: None,
             due: Micros::MAX,
             tick: crate::rules::engine::DEFAULT_TICK,
+            stall: (Micros::MIN, Micros::MIN),
             stats: &self.stats,
         }
     }

@@ -210,6 +210,64 @@ fn a_rate_reports_once_after_a_stall_then_at_its_pace() {
     assert_eq!(times, [at(10.0), at(3_610.0), at(3_620.0), at(3_630.0)]);
 }
 
+/// A stall is one still when a batch ran before the timer's tick at the
+/// resume (the queued events of another series): the rate and the fill
+/// not yet reached by that batch report none of its periods either.
+#[test]
+fn a_stall_seen_by_a_batch_first_is_one_for_the_tick_after() {
+    let b = bench(
+        r#"where service = "a" { rate(10s) { out } }
+           where service = "f" { fill_in(10s, {service: "gap"}) { out } }"#,
+    );
+    send(&b, with_ttl(metric_ev(&b, "a", 20.0), 7_200.0));
+    send(&b, with_ttl(ev(&b, "h", "f"), 7_200.0));
+    b.clock.set(at(3_600.0));
+    send(&b, ev(&b, "h", "other"));
+    b.clock.set(at(3_600.05));
+    b.rules.tick_scheduled();
+    let seen: Vec<_> = (out(&b).iter())
+        .map(|e| (e.service.clone().unwrap_or_default(), e.time))
+        .collect();
+    let expected = [("f", 0.0), ("a", 10.0)].map(|(service, secs)| (service.to_owned(), at(secs)));
+    assert_eq!(seen, expected, "once, no fill");
+}
+
+/// A timer late while vigil ran its batches (a reload holding the timer,
+/// a tick that ran long, a busy machine) is no stall: the series was
+/// silent meanwhile, and each period gets its report, 0 where nothing came,
+/// and `fill_in` its fills, none swallowed.
+#[test]
+fn a_late_tick_while_batches_ran_swallows_no_report_nor_fill() {
+    let b = bench(
+        r#"where service = "a" { rate(200ms) { out } }
+           where service = "f" { fill_in(200ms, {service: "gap"}) { out } }"#,
+    );
+    send(&b, with_ttl(metric_ev(&b, "a", 1.0), 60.0));
+    send(&b, with_ttl(ev(&b, "h", "f"), 60.0));
+    b.advance_to(at(0.2));
+    // The timer held from 0.2 s to 0.7 s; batches of another series ran.
+    for secs in [0.3, 0.4, 0.5, 0.6] {
+        b.clock.set(at(secs));
+        send(&b, ev(&b, "h", "other"));
+    }
+    b.clock.set(at(0.7));
+    b.rules.tick_scheduled();
+    let seen: Vec<_> = (out(&b).iter())
+        .map(|e| (e.service.clone().unwrap_or_default(), e.time))
+        .collect();
+    let expected = [
+        ("f", 0.0),
+        ("a", 0.2),
+        ("gap", 0.2),
+        ("a", 0.4),
+        ("a", 0.6),
+        ("gap", 0.4),
+        ("gap", 0.6),
+    ]
+    .map(|(service, secs)| (service.to_owned(), at(secs)));
+    assert_eq!(seen, expected);
+}
+
 /// A `dt` shorter than the timer's tick is no stall: each period that
 /// ended between two ticks is reported at the next, 0 where nothing came.
 #[test]
@@ -1897,9 +1955,9 @@ fn a_stall_of_the_process_expires_only_what_ran_out_before_it() {
         send(&b, with_ttl(ev(&b, "h", service), ttl));
     }
     b.advance_to(at(4.9));
-    let watch = crate::index::StallWatch::new(crate::rules::testing::TICK);
+    let watch = b.rules.stalls();
     // The tick at 4.9 s ended at 4.95 s; the next came a minute later.
-    watch.ended(at(4.95));
+    watch.seen(at(4.95));
     b.clock.set(at(60.0));
     let now = b.clock.now();
     watch.tick_starts(&b.index, now);
@@ -1924,15 +1982,22 @@ fn a_stall_of_the_process_expires_only_what_ran_out_before_it() {
     assert_eq!(expired(&b)[2], ("in it".to_owned(), at(70.1)));
 }
 
-/// The timer's tick is a stall only past two ticks after the previous one
-/// ended, however long that one took.
+/// vigil is stalled only when neither a tick nor a batch ran for more
+/// than two ticks: not when a tick ran long, which the next waits for.
 #[test]
-fn a_tick_is_a_stall_past_two_ticks_after_the_previous_one_ended() {
+fn a_stall_is_more_than_two_ticks_after_vigil_last_ran() {
     let watch = crate::index::StallWatch::new(crate::rules::testing::TICK);
-    assert_eq!(watch.starts(at(3_600.0)), None, "the first tick");
-    watch.ended(at(10.0));
-    assert_eq!(watch.starts(at(10.2)), None);
-    assert_eq!(watch.starts(at(10.200_001)), Some(at(10.0)));
+    let none = (Micros::MIN, Micros::MIN);
+    assert_eq!(watch.runs(at(3_600.0)), none, "the first run");
+    watch.seen(at(10.0));
+    assert_eq!(watch.runs(at(10.2)), none);
+    assert_eq!(watch.runs(at(10.200_001)), (at(10.0), at(10.200_001)));
+    watch.seen(at(10.3));
+    assert_eq!(
+        watch.runs(at(10.4)),
+        (at(10.0), at(10.200_001)),
+        "the latest"
+    );
 }
 
 // ---- publish -----------------------------------------------------------------
