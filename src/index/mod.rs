@@ -145,9 +145,15 @@ impl StallWatch {
     }
 
     /// A tick's work or a batch ended at `now`: vigil ran until then.
+    /// Stored as the clock says, back too: kept at its latest, a clock
+    /// stepped back hid every stall until it caught up. Only when it moved
+    /// by more than an eighth of a tick, so that batches on every core do
+    /// not write it each time; batches ending out of order move it back by
+    /// as little, far below the two ticks a stall takes.
     pub fn seen(&self, now: Micros) {
-        if now > self.alive.load(Ordering::Relaxed) {
-            self.alive.fetch_max(now, Ordering::Relaxed);
+        let alive = self.alive.load(Ordering::Relaxed);
+        if alive == Micros::MIN || now.abs_diff(alive) > (self.tick / 8).unsigned_abs() {
+            self.alive.store(now, Ordering::Relaxed);
         }
     }
 

@@ -1998,6 +1998,10 @@ fn a_stall_is_more_than_two_ticks_after_vigil_last_ran() {
         (at(10.0), at(10.200_001)),
         "the latest"
     );
+    // The clock stepped back a minute, then vigil stalled for 30 s.
+    watch.seen(at(100.0));
+    watch.seen(at(40.0));
+    assert_eq!(watch.runs(at(70.0)), (at(40.0), at(70.0)), "stepped back");
 }
 
 // ---- publish -----------------------------------------------------------------
