@@ -601,6 +601,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tls,
         graphite: args.graphite,
         tick: args.tick,
+        resume_after_stalls: true,
     };
     let mut http_config = HttpConfig {
         addr: (!args.no_http).then_some(args.http),

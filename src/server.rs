@@ -53,6 +53,11 @@ pub struct ServerConfig {
     pub graphite: Option<SocketAddr>,
     /// How often timers run: index expiry, then the time-based rule stages.
     pub tick: Duration,
+    /// Whether the index entries whose TTL ran out during a stall of the
+    /// process (the clock stepped ahead among them) get it again
+    /// ([`StallWatch::tick_starts`]); off in tests that step a manual
+    /// clock ahead to expire entries.
+    pub resume_after_stalls: bool,
     /// `--cluster`: events go to the cluster (acked once stored), queries fan out.
     pub cluster: Option<Arc<Cluster>>,
     /// The counters, shared with what else the process counts in them.
@@ -73,6 +78,7 @@ impl Default for ServerConfig {
             tls: None,
             graphite: None,
             tick: Duration::from_millis(100),
+            resume_after_stalls: true,
             cluster: None,
             stats: Arc::default(),
         }
@@ -225,6 +231,7 @@ impl Server {
             streams,
             clock,
             config.tick,
+            config.resume_after_stalls,
             shutdown.clone(),
         ));
         Server {
@@ -295,6 +302,7 @@ async fn run_timers(
     streams: Arc<dyn Streams>,
     clock: SharedClock,
     interval: Duration,
+    resume_after_stalls: bool,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
@@ -324,7 +332,9 @@ async fn run_timers(
             let started = std::time::Instant::now();
             let now = clock.now();
             // Before the expiry, as a restart restores before it.
-            stalls.tick_starts(&index, now);
+            if resume_after_stalls {
+                stalls.tick_starts(&index, now);
+            }
             let emit = |notices: Notices<'_>| streams.process_expired(notices);
             let expired = match &cluster {
                 Some(cluster) => cluster.expire(now, emit),

@@ -43,6 +43,8 @@ impl Harness {
         let config = ServerConfig {
             tcp: "127.0.0.1:0".parse().unwrap(),
             tick: Duration::from_millis(10),
+            // The tests step the clock ahead to expire entries.
+            resume_after_stalls: false,
             ..config
         };
         let shared: SharedClock = clock.clone();
