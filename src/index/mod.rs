@@ -103,10 +103,17 @@ pub fn expires_at(time: Micros, ttl: Micros, now: Micros) -> Micros {
 /// seen running: a tick, or a batch, that starts more than two ticks after
 /// that, found the process stalled since. Not a tick that ran long (a mass
 /// expiry, a million `by` groups), which the next one waits for, nor a
-/// timer held up (a reload, a busy machine) while batches went on. Shared
+/// timer held up (a reload, a busy machine) while batches went on, nor
+/// one put off less than [`STALL_AT_LEAST`]. Shared
 /// by the timer, which gives the index entries whose TTL ran out during
 /// the stall their TTL again, and the rules, whose `rate` and `fill_in`
 /// report no silence for it (`Cx::stalled`).
+/// The least a stall lasts, whatever the tick: an idle vigil (no batch)
+/// whose timer a busy machine put off a few hundred milliseconds did not
+/// stall, and its entries whose TTL ran out meanwhile expire; a VM paused
+/// or a SIGSTOP lasts seconds.
+pub const STALL_AT_LEAST: Micros = MICROS_PER_SEC;
+
 pub struct StallWatch {
     tick: Micros,
     /// The latest end of a tick's work or of a batch; `Micros::MIN`
@@ -136,7 +143,8 @@ impl StallWatch {
     /// two ticks ago (`(Micros::MIN, Micros::MIN)` if none yet).
     pub fn runs(&self, now: Micros) -> (Micros, Micros) {
         let alive = self.alive.load(Ordering::Relaxed);
-        if alive != Micros::MIN && now.saturating_sub(alive) > self.tick.saturating_mul(2) {
+        let stall = self.tick.saturating_mul(2).max(STALL_AT_LEAST);
+        if alive != Micros::MIN && now.saturating_sub(alive) > stall {
             self.since.store(alive, Ordering::Relaxed);
             self.until.store(now, Ordering::Relaxed);
         }
