@@ -278,6 +278,25 @@ fn a_rate_shorter_than_the_tick_reports_each_period() {
     assert_eq!(out_f64(&b), [50.0, 0.0, 0.0, 0.0, 0.0]);
 }
 
+/// An event closes the windows due when it arrives, with no timer tick
+/// between (the clock set, not advanced): one arriving a microsecond before
+/// the end is counted in the window, one arriving exactly at the end first
+/// reports the window and then starts the next.
+#[test]
+fn an_event_at_a_windows_end_reports_it_before_being_counted() {
+    let b = bench("rate(5s) { out }");
+    send(&b, metric_ev(&b, "req", 1.0));
+    b.clock.set(at(5.0) - 1);
+    send(&b, metric_ev(&b, "req", 2.0));
+    assert!(out(&b).is_empty(), "the window is still open");
+    b.clock.set(at(5.0));
+    send(&b, metric_ev(&b, "req", 4.0));
+    assert_eq!(out_f64(&b), [0.6], "1 + 2 over 5 s, reported on the event");
+    assert_eq!(out(&b)[0].time, at(5.0));
+    b.advance_to(at(10.0));
+    assert_eq!(out_f64(&b), [0.6, 0.8], "the 4 in the next window");
+}
+
 // ---- where / split -----------------------------------------------------------
 
 #[test]
