@@ -625,7 +625,10 @@ fn reallocate(target: &mut String, value: &str) {
     *target = value.to_owned();
 }
 
-/// Decodes the optional string `field` of an event into `target`.
+/// Decodes the optional string `field` of an event into `target`. Inlined:
+/// host, service and state come in every event, and the three calls cost
+/// some 48 instructions per 1-event message (callgrind).
+#[inline(always)]
 fn set_text(
     target: &mut Option<String>,
     seen: &mut bool,
