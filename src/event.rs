@@ -165,6 +165,9 @@ impl Clone for Event {
         }
     }
 
+    /// Inlined: `rate` calls it on every event it counts, and the call's
+    /// prologue and epilogue cost some 30 instructions per event (callgrind).
+    #[inline(always)]
     fn clone_from(&mut self, source: &Self) {
         assign_optional(&mut self.host, &source.host);
         assign_optional(&mut self.service, &source.service);
