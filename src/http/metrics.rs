@@ -53,7 +53,7 @@ fn render(s: &Sample) -> String {
     out.single("vigil_index_expired_total", "counter", expired, s.expired);
     let stalls = "Stalls of the process the timer saw (a VM paused, SIGSTOP, the clock stepped \
                   ahead by more than two ticks), after which the index entries whose TTL ran out \
-                  meanwhile lived their TTL again.";
+                  meanwhile got back what the stall took of their TTL.";
     out.single("vigil_stalls_total", "counter", stalls, s.stalls);
     let stalled = "How long the stalls of vigil_stalls_total lasted in all.";
     out.single(

@@ -97,6 +97,12 @@ pub fn expires_at(time: Micros, ttl: Micros, now: Micros) -> Micros {
     time.saturating_add(ttl).min(latest)
 }
 
+/// The least a stall lasts, whatever the tick: an idle vigil (no batch)
+/// whose timer a busy machine put off a few hundred milliseconds did not
+/// stall, and its entries whose TTL ran out meanwhile expire; a VM paused
+/// or a SIGSTOP lasts seconds.
+pub const STALL_AT_LEAST: Micros = MICROS_PER_SEC;
+
 /// When vigil was last seen running, to tell a stall of the process (a VM
 /// paused, SIGSTOP, the clock stepped ahead) from a timer a little late.
 /// The end of each tick's work and of each batch the rules ran counts as
@@ -106,14 +112,8 @@ pub fn expires_at(time: Micros, ttl: Micros, now: Micros) -> Micros {
 /// timer held up (a reload, a busy machine) while batches went on, nor
 /// one put off less than [`STALL_AT_LEAST`]. Shared
 /// by the timer, which gives the index entries whose TTL ran out during
-/// the stall their TTL again, and the rules, whose `rate` and `fill_in`
+/// the stall back what it took of their TTL, and the rules, whose `rate` and `fill_in`
 /// report no silence for it (`Cx::stalled`).
-/// The least a stall lasts, whatever the tick: an idle vigil (no batch)
-/// whose timer a busy machine put off a few hundred milliseconds did not
-/// stall, and its entries whose TTL ran out meanwhile expire; a VM paused
-/// or a SIGSTOP lasts seconds.
-pub const STALL_AT_LEAST: Micros = MICROS_PER_SEC;
-
 pub struct StallWatch {
     tick: Micros,
     /// The latest end of a tick's work or of a batch; `Micros::MIN`
@@ -123,7 +123,7 @@ pub struct StallWatch {
     /// was seen running again. `Micros::MIN` for none.
     since: AtomicI64,
     until: AtomicI64,
-    /// The latest stall whose index entries got their TTL again, by `until`.
+    /// The latest stall whose index entries got time back, by `until`.
     resumed: AtomicI64,
 }
 
@@ -961,12 +961,19 @@ impl Index {
 
     /// Gives each entry whose deadline fell inside a stall of the process
     /// (a VM paused, SIGSTOP, the clock stepped ahead), from `since`, when
-    /// vigil was last seen running, to `now`, its TTL from `now`, as
-    /// [`Index::restore`] does after a restart: its agent could not be
-    /// heard meanwhile, and expiring it at the resume paged `expired` for
-    /// every such series at once, hosts alive. One whose deadline passed
-    /// before `since` still expires. Logs and counts the stall; returns
-    /// how many entries got their TTL again.
+    /// vigil was last seen running, to `now`, back what the stall took of
+    /// its TTL (from `since` to its deadline, at most its TTL), from `now`:
+    /// its agent could not be heard meanwhile, and expiring it at the
+    /// resume paged `expired` for every such series at once, hosts alive.
+    /// An agent alive reports by its deadline, so in the stall: it has as
+    /// long after the resume as it had before its deadline. Not its whole
+    /// TTL from `now`, as [`Index::restore`] gives after a restart: an
+    /// entry whose new deadline fell in the next stall got it again, and
+    /// again, and a dead host under stalls every few seconds (a noisy VM)
+    /// never expired; given back only what each stall took, an entry
+    /// expires once vigil ran its TTL. One whose deadline passed before
+    /// `since` still expires. Logs and counts the stall; returns how many
+    /// entries got time back.
     pub fn resume_after_stall(&self, since: Micros, now: Micros) -> usize {
         let mut extended = 0;
         for shard in &self.shards {
@@ -978,9 +985,10 @@ impl Index {
                     continue;
                 }
                 let ttl = secs_to_micros(self.ttl_secs_of(entry.packed.ttl()));
+                let taken = entry.deadline.saturating_sub(since).min(ttl);
                 // Its slot in the deadline set stays early: when it comes
                 // due, the entry is re-armed at this deadline.
-                entry.deadline = now.saturating_add(ttl);
+                entry.deadline = now.saturating_add(taken);
                 extended += 1;
             }
         }
@@ -989,10 +997,10 @@ impl Index {
         (self.stalled_micros).fetch_add(stalled.max(0) as u64, Ordering::Relaxed);
         tracing::warn!(
             stalled_secs = stalled as f64 / MICROS_PER_SEC as f64,
-            given_their_ttl = extended,
+            given_time_back = extended,
             "The process was stalled (a VM paused, SIGSTOP, the clock stepped ahead): the index \
-             entries whose TTL ran out meanwhile live their TTL from now, as after a restart, \
-             and the rules report no silence of a series for it."
+             entries whose TTL ran out meanwhile get back, from now, what the stall took of \
+             it, and the rules report no silence of a series for it."
         );
         extended
     }

@@ -1995,10 +1995,51 @@ fn a_stall_of_the_process_expires_only_what_ran_out_before_it() {
     assert_eq!(expired(&b), before, "at the resume");
     assert_eq!(b.index.stalls_total(), 1);
     assert_eq!(b.index.stalled_seconds_total(), 55.05);
-    b.advance_to(at(70.0));
-    assert_eq!(expired(&b).len(), 2, "in it: its TTL from the resume");
-    b.advance_to(at(70.1));
-    assert_eq!(expired(&b)[2], ("in it".to_owned(), at(70.1)));
+    // Due at 10 s, 5.05 s after vigil last ran: as long after the resume.
+    b.advance_to(at(65.0));
+    assert_eq!(
+        expired(&b).len(),
+        2,
+        "in it: what the stall took of its TTL"
+    );
+    b.advance_to(at(65.1));
+    assert_eq!(expired(&b)[2], ("in it".to_owned(), at(65.1)));
+}
+
+/// A host that died is noticed however often vigil stalls: a stall gives
+/// back only what it took of an entry's TTL, so an entry expires once
+/// vigil ran its TTL since it was stored. Given its whole TTL again at
+/// each resume, an entry whose new deadline fell in the next stall (a VM
+/// paused 2 s every 5 s, a TTL of 3 s) never expired.
+#[test]
+fn a_dead_host_expires_however_often_vigil_stalls() {
+    let b = bench("index\nexpired { out }");
+    send(&b, with_ttl(ev(&b, "h", "dead"), 3.0));
+    let watch = b.rules.stalls();
+    // The timer's tick at `t`, as the server runs it.
+    let tick = |t: f64| {
+        let now = at(t);
+        b.clock.set(now);
+        watch.tick_starts(&b.index, now);
+        b.index
+            .expire_batches(now, |notices| b.rules.process_expired(notices));
+        b.rules.tick_scheduled();
+    };
+    // vigil runs 2.9 s, then stalls 2.1 s, every 5 s, for a minute.
+    for cycle in 0..12 {
+        let start = f64::from(cycle) * 5.0;
+        for step in 0..=29 {
+            tick(start + f64::from(step) / 10.0);
+        }
+    }
+    tick(60.0);
+    let expired: Vec<(String, Micros)> = (out(&b).iter())
+        .map(|e| (e.service.clone().unwrap_or_default(), e.time))
+        .collect();
+    // Stored at 0, it ran 2.9 s, then 0.1 s after the resume at 5 s: due
+    // at 5.1 s, expired by the tick after.
+    assert_eq!(expired, [("dead".to_owned(), at(5.2))], "expired");
+    assert_eq!(b.index.stalls_total(), 12);
 }
 
 /// vigil is stalled only when neither a tick nor a batch ran for more
