@@ -332,9 +332,7 @@ async fn run_timers(
             let started = std::time::Instant::now();
             let now = clock.now();
             // Before the expiry, as a restart restores before it.
-            if resume_after_stalls {
-                stalls.tick_starts(&index, now);
-            }
+            let ticking = stalls.tick_starts(resume_after_stalls.then_some(&*index), now);
             let emit = |notices: Notices<'_>| streams.process_expired(notices);
             let expired = match &cluster {
                 Some(cluster) => cluster.expire(now, emit),
@@ -342,6 +340,7 @@ async fn run_timers(
             };
             streams.tick();
             stalls.seen(clock.now());
+            drop(ticking);
             (expired, started.elapsed())
         });
         // `None`: the runtime is shutting down.

@@ -125,6 +125,18 @@ pub struct StallWatch {
     until: AtomicI64,
     /// The latest stall whose index entries got time back, by `until`.
     resumed: AtomicI64,
+    /// Ticks under way ([`StallWatch::tick_starts`]): vigil runs, however
+    /// long one takes.
+    ticking: AtomicUsize,
+}
+
+/// A tick under way, from [`StallWatch::tick_starts`] until dropped.
+pub struct Ticking<'a>(&'a StallWatch);
+
+impl Drop for Ticking<'_> {
+    fn drop(&mut self) {
+        self.0.ticking.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl StallWatch {
@@ -135,16 +147,26 @@ impl StallWatch {
             since: AtomicI64::new(Micros::MIN),
             until: AtomicI64::new(Micros::MIN),
             resumed: AtomicI64::new(Micros::MIN),
+            ticking: AtomicUsize::new(0),
         }
     }
 
     /// A tick or a batch starts at `now`: the latest stall of the process,
     /// `(since, until)`, this one if vigil was last seen running more than
-    /// two ticks ago (`(Micros::MIN, Micros::MIN)` if none yet).
+    /// two ticks ago (`(Micros::MIN, Micros::MIN)` if none yet). Not while
+    /// a tick is under way ([`StallWatch::tick_starts`]): vigil runs,
+    /// though it was last seen when the previous work ended; taken for a
+    /// stall, a batch that came while a tick was held by a reload, or
+    /// ticked a million `by` groups, gave the entries that came due
+    /// meanwhile (a dead host's) time back, and swallowed the rules' 0
+    /// rates and fills.
     pub fn runs(&self, now: Micros) -> (Micros, Micros) {
         let alive = self.alive.load(Ordering::Relaxed);
         let stall = self.tick.saturating_mul(2).max(STALL_AT_LEAST);
-        if alive != Micros::MIN && now.saturating_sub(alive) > stall {
+        if alive != Micros::MIN
+            && now.saturating_sub(alive) > stall
+            && self.ticking.load(Ordering::Relaxed) == 0
+        {
             self.since.store(alive, Ordering::Relaxed);
             self.until.store(now, Ordering::Relaxed);
         }
@@ -167,13 +189,21 @@ impl StallWatch {
 
     /// What the timer does first at a tick at `now`, before the expiry:
     /// after a stall (seen by this tick, or by a batch that ran first),
-    /// the index entries whose TTL ran out since it began get it again
-    /// ([`Index::resume_after_stall`]), once.
-    pub fn tick_starts(&self, index: &Index, now: Micros) {
+    /// the index entries whose TTL ran out since it began get time back
+    /// ([`Index::resume_after_stall`]), once, with `index` (`None`: the
+    /// stall is only told the rules). The tick is under way until the
+    /// guard is dropped, after [`StallWatch::seen`] at its end.
+    pub fn tick_starts(&self, index: Option<&Index>, now: Micros) -> Ticking<'_> {
         let (since, until) = self.runs(now);
-        if until != Micros::MIN && self.resumed.swap(until, Ordering::Relaxed) != until {
+        self.ticking.fetch_add(1, Ordering::Relaxed);
+        let ticking = Ticking(self);
+        if let Some(index) = index
+            && until != Micros::MIN
+            && self.resumed.swap(until, Ordering::Relaxed) != until
+        {
             index.resume_after_stall(since, now);
         }
+        ticking
     }
 }
 
