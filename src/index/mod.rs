@@ -123,7 +123,12 @@ pub struct StallWatch {
     /// was seen running again. `Micros::MIN` for none.
     since: AtomicI64,
     until: AtomicI64,
-    /// The latest stall whose index entries got time back, by `until`.
+    /// The latest stall whose index entries got time back, by `since`:
+    /// every run that saw it (the tick at the resume, the batches queued
+    /// meanwhile, which may start before the first of them ends) saw vigil
+    /// last running then, each with its own `until`. By `until`, one that
+    /// stored its own after the tick gave time back had the next tick give
+    /// it again.
     resumed: AtomicI64,
     /// Ticks under way ([`StallWatch::tick_starts`]): vigil runs, however
     /// long one takes.
@@ -199,7 +204,7 @@ impl StallWatch {
         let ticking = Ticking(self);
         if let Some(index) = index
             && until != Micros::MIN
-            && self.resumed.swap(until, Ordering::Relaxed) != until
+            && self.resumed.swap(since, Ordering::Relaxed) != since
         {
             index.resume_after_stall(since, now);
         }

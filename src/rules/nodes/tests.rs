@@ -2078,6 +2078,42 @@ fn a_batch_during_a_long_tick_is_no_stall() {
     assert_eq!(b.index.stalls_total(), 0);
 }
 
+/// A stall gives entries time back once, however many runs saw it: the
+/// batches queued during it, which run at the resume beside the tick
+/// that gives it, see the same stall (vigil last seen at the same time),
+/// not another to give again at the next tick, which gave an entry given
+/// little (due just after vigil last ran) most of the stall again.
+#[test]
+fn a_stall_gives_time_back_once() {
+    let b = bench("index\nexpired { out }");
+    let watch = b.rules.stalls();
+    b.clock.set(at(9.0));
+    watch.seen(at(9.0));
+    // Due 0.05 s after vigil last ran; a 10 s stall.
+    let mut dead = with_ttl(ev(&b, "h", "dead"), 10.0);
+    dead.time = at(-0.95);
+    send(&b, dead);
+    b.clock.set(at(19.0));
+    let ticking = watch.tick_starts(Some(&b.index), at(19.0));
+    // A batch queued during the stall, before the tick's own end.
+    watch.runs(at(19.01));
+    b.index
+        .expire_batches(at(19.0), |notices| b.rules.process_expired(notices));
+    watch.seen(at(19.02));
+    drop(ticking);
+    for t in [19.1, 19.2] {
+        let _ticking = watch.tick_starts(Some(&b.index), at(t));
+        b.index
+            .expire_batches(at(t), |notices| b.rules.process_expired(notices));
+        watch.seen(at(t));
+    }
+    let expired: Vec<(String, Micros)> = (out(&b).iter())
+        .map(|e| (e.service.clone().unwrap_or_default(), e.time))
+        .collect();
+    assert_eq!(expired, [("dead".to_owned(), at(19.1))], "expired");
+    assert_eq!(b.index.stalls_total(), 1);
+}
+
 /// vigil is stalled only when neither a tick nor a batch ran for more
 /// than two ticks and a second: not when a tick ran long, which the next
 /// waits for, nor when a busy machine put an idle vigil's timer off.
