@@ -706,7 +706,7 @@ impl<'a> Reader<'a> {
     #[inline(never)]
     fn long_varint(&mut self) -> Result<u64, DecodeError> {
         // A varint of up to 8 bytes, with 8 bytes to read (a time in
-        // microseconds takes 8), is gathered from one word: the byte byte
+        // microseconds takes 8), is gathered from one word: the byte
         // loop below cost ~95 instructions for it (callgrind, stop 50).
         if let Some(word) = self.buf.first_chunk::<8>() {
             let word = u64::from_le_bytes(*word);
