@@ -747,12 +747,7 @@ async fn own_part(
         merged.insert(found);
         merged
     }))
-    .await
-    .inspect_err(|e| {
-        if let QueryError::NoTurn { .. } = e {
-            Stats::incr(&index.answers().stats().cluster_queries_refused_no_turn);
-        }
-    })?;
+    .await?;
     merged.room = room;
     merged.room.grow(merged.bytes)?;
     Ok(merged)
@@ -1013,10 +1008,7 @@ async fn answered(
                 _ => None,
             };
             let why = match &e {
-                QueryError::NoTurn { .. } => {
-                    Stats::incr(&index.answers().stats().cluster_queries_refused_no_turn);
-                    format!("node {node}: {e}")
-                }
+                QueryError::NoTurn { .. } => format!("node {node}: {e}"),
                 _ => e.to_string(),
             };
             (

@@ -840,7 +840,9 @@ impl Index {
     }
 
     /// [`Index::answer_then`], refused ([`QueryError::NoTurn`]) when no
-    /// scan turn comes within `patience`.
+    /// scan turn comes within `patience`, and counted: only a cluster's
+    /// queries, the asker's own part and the answers to other nodes, wait
+    /// so.
     pub async fn answer_within<T: Send + 'static>(
         self: &Arc<Self>,
         query: &Query,
@@ -848,8 +850,11 @@ impl Index {
         patience: Duration,
         then: impl FnOnce(Vec<Event>) -> T + Send + 'static,
     ) -> Result<(T, Room), QueryError> {
-        self.scan_then(query, Some(bytes), Some(patience), then)
-            .await
+        let answered = (self.scan_then(query, Some(bytes), Some(patience), then)).await;
+        if let Err(QueryError::NoTurn { .. }) = answered {
+            crate::stats::Stats::incr(&self.answers().stats().cluster_queries_refused_no_turn);
+        }
+        answered
     }
 
     /// Every ordinary scan turn, held until dropped: askers wait meanwhile.
