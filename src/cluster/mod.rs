@@ -1311,9 +1311,10 @@ mod tests {
         assert_eq!(part.map(|merged| merged.events.len()).ok(), Some(1));
     }
 
-    /// The answering side waits for a scan turn as long as its asker
-    /// waits for its answer, then refuses saying why, counted: it waited
-    /// for ever, and then scanned and sent an answer nobody merged.
+    /// The answering side waits for a scan turn no longer than its
+    /// patience (a fifth less than its asker waits for its answer), then
+    /// refuses saying why, counted: it waited for ever, and then scanned
+    /// and sent an answer nobody merged.
     #[tokio::test(start_paused = true)]
     async fn an_answer_waits_for_a_scan_turn_no_longer_than_its_asker_waits() {
         let index = Arc::new(Index::new(crate::index::IndexConfig::default()));
